@@ -1,0 +1,34 @@
+# edgeci — `make run` runs the main job, `make test` runs lint, types and the test suite.
+# Both create .venv and install everything on a fresh machine (Debian: mosquitto via apt).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.edgeci-installed
+APT_PACKAGES := mosquitto xvfb xdotool
+
+.PHONY: run test setup lint clean-venv
+run: setup
+	$(PY) -m demos.cli run
+
+test: setup lint
+	$(PY) -m pytest -q
+
+lint: setup
+	$(PY) -m ruff check edge_sdk coordinator devices demos tests benchmarks
+	$(PY) -m mypy
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+clean-venv:
+	rm -rf $(VENV)

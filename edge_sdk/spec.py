@@ -1,0 +1,142 @@
+"""Model representation: one contiguous float32 vector plus a :class:`ModelSpec`.
+
+The spec names every parameter, its shape and its offset into the vector, and groups
+parameters into named *layer groups* (``extractor``, ``classifier``, …). Groups are
+contiguous slices of the vector, in the order the spec lists them, so a partial sync
+(LASP) sends one slice and aggregation is plain vector arithmetic on the buffer.
+
+This module is pure numpy; the torch bridge lives in :mod:`edge_sdk.torchbridge`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from edge_sdk.errors import ConfigError, NonFiniteWeights, ShapeMismatch
+
+Vector = npt.NDArray[np.float32]
+
+FULL = "full"
+"""Group name that stands for the whole vector."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ParamSpec:
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+    group: str
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelSpec:
+    """Names, shapes, offsets and layer groups of one model's flat float32 vector."""
+
+    model_id: str
+    params: tuple[ParamSpec, ...]
+    size: int = field(init=False)
+    group_slices: Mapping[str, slice] = field(init=False)
+    fingerprint: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not self.model_id:
+            raise ConfigError("model_id must not be empty")
+        offset = 0
+        slices: dict[str, slice] = {}
+        seen: set[str] = set()
+        for p in self.params:
+            if p.name in seen:
+                raise ConfigError(f"duplicate parameter name {p.name!r}")
+            seen.add(p.name)
+            if p.offset != offset:
+                raise ConfigError(f"parameter {p.name!r} at offset {p.offset}, expected {offset}")
+            if p.group == FULL:
+                raise ConfigError(f"{FULL!r} is reserved and cannot name a group")
+            if p.group in slices:
+                if slices[p.group].stop != offset:
+                    raise ConfigError(f"group {p.group!r} is not contiguous")
+                slices[p.group] = slice(slices[p.group].start, offset + p.size)
+            else:
+                slices[p.group] = slice(offset, offset + p.size)
+            offset += p.size
+        object.__setattr__(self, "size", offset)
+        object.__setattr__(self, "group_slices", dict(slices))
+        digest = hashlib.sha256(
+            json.dumps(self.to_dict(), sort_keys=True).encode()
+        ).hexdigest()
+        object.__setattr__(self, "fingerprint", digest[:16])
+
+    @classmethod
+    def build(cls, model_id: str, entries: Iterable[tuple[str, tuple[int, ...], str]]) -> ModelSpec:
+        """Lay out ``(name, shape, group)`` entries; groups must already be contiguous."""
+        params = []
+        offset = 0
+        for name, shape, group in entries:
+            p = ParamSpec(name=name, shape=tuple(int(s) for s in shape), offset=offset, group=group)
+            params.append(p)
+            offset += p.size
+        return cls(model_id=model_id, params=tuple(params))
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        return tuple(self.group_slices)
+
+    def group_slice(self, group: str) -> slice:
+        if group == FULL:
+            return slice(0, self.size)
+        try:
+            return self.group_slices[group]
+        except KeyError:
+            raise ShapeMismatch(f"model {self.model_id!r} has no group {group!r}") from None
+
+    def group_size(self, group: str) -> int:
+        s = self.group_slice(group)
+        return int(s.stop - s.start)
+
+    def check(self, weights: npt.NDArray[Any], group: str = FULL) -> Vector:
+        """Validate weights for ``group``: 1-D float32 of the right length, all finite."""
+        expected = self.group_size(group)
+        if weights.dtype != np.float32 or weights.ndim != 1:
+            raise ShapeMismatch(f"weights must be a 1-D float32 vector, got {weights.dtype}{weights.shape}")
+        if weights.shape[0] != expected:
+            raise ShapeMismatch(
+                f"{self.model_id}/{group}: expected {expected} values, got {weights.shape[0]}"
+            )
+        if not np.isfinite(weights).all():
+            raise NonFiniteWeights(f"{self.model_id}/{group}: weights contain NaN or Inf")
+        return weights
+
+    def zeros(self) -> Vector:
+        return np.zeros(self.size, dtype=np.float32)
+
+    def view(self, vector: Vector, name: str) -> Vector:
+        """A reshaped view (no copy) of one named parameter inside ``vector``."""
+        for p in self.params:
+            if p.name == name:
+                return vector[p.offset : p.offset + p.size].reshape(p.shape)
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model_id": self.model_id,
+            "params": [[p.name, list(p.shape), p.group] for p in self.params],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelSpec:
+        try:
+            entries = [(str(n), tuple(int(s) for s in shape), str(g)) for n, shape, g in data["params"]]
+            return cls.build(str(data["model_id"]), entries)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"not a model spec: {exc}") from exc

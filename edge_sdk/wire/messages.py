@@ -1,0 +1,206 @@
+"""Protocol messages: frozen, slotted, keyword-only dataclasses that validate themselves.
+
+Every message travels as msgpack ``{"v": 1, "type": <TYPE>, ...}`` (see :mod:`.codec`).
+Weights are a 1-D float32 vector: the whole model (``group == "full"``) or one layer
+group's slice of it (LASP partial sync).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+from edge_sdk.errors import MalformedMessage
+from edge_sdk.spec import FULL, Vector
+
+AckStatus = Literal["accepted", "duplicate", "rejected", "deferred"]
+ACK_STATUSES: tuple[str, ...] = ("accepted", "duplicate", "rejected", "deferred")
+MAX_ID_LEN = 64
+NO_VERSION = -1
+
+
+def _need(cond: bool, what: str) -> None:
+    if not cond:
+        raise MalformedMessage(what)
+
+
+def _check_id(value: object, what: str) -> None:
+    _need(isinstance(value, str) and 0 < len(value) <= MAX_ID_LEN, f"{what} must be a 1-64 char string")
+
+
+def _check_int(value: object, what: str, lo: int = 0) -> None:
+    _need(isinstance(value, int) and not isinstance(value, bool) and lo <= value < 2**63, f"{what} must be an int >= {lo}")
+
+
+def _check_weights(value: object) -> None:
+    _need(
+        isinstance(value, np.ndarray) and value.dtype == np.float32 and value.ndim == 1,
+        "weights must be a 1-D float32 vector",
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Pull:
+    """Device asks for the current model (SPIN: after its sample threshold / each new sample)."""
+
+    TYPE: ClassVar[str] = "pull"
+    device: str
+    seq: int
+    model_id: str
+    have_version: int = NO_VERSION
+    n_samples: int = 0
+    invite_round: int = NO_VERSION
+
+    def __post_init__(self) -> None:
+        _check_id(self.device, "device")
+        _check_id(self.model_id, "model_id")
+        _check_int(self.seq, "seq")
+        _check_int(self.have_version, "have_version", lo=NO_VERSION)
+        _check_int(self.n_samples, "n_samples")
+        _check_int(self.invite_round, "invite_round", lo=NO_VERSION)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelMsg:
+    """Coordinator pushes a model version, in reply to pull ``reply_to``."""
+
+    TYPE: ClassVar[str] = "model"
+    model_id: str
+    version: int
+    reply_to: int
+    weights: Vector
+    group: str = FULL
+    spec_fingerprint: str = ""
+    hints: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_id(self.model_id, "model_id")
+        _check_int(self.version, "version")
+        _check_int(self.reply_to, "reply_to", lo=NO_VERSION)
+        _check_id(self.group, "group")
+        _check_weights(self.weights)
+        _need(isinstance(self.spec_fingerprint, str) and len(self.spec_fingerprint) <= 64, "bad spec_fingerprint")
+        _need(isinstance(self.hints, dict) and len(self.hints) <= 32, "hints must be a small dict")
+        for k, v in self.hints.items():
+            _need(isinstance(k, str) and isinstance(v, int | float) and math.isfinite(v), "hints are finite numbers")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Update:
+    """Device pushes locally trained weights that started from ``base_version``.
+
+    ``(device, seq)`` is the idempotency key: QoS 1 may deliver twice, and retries resend
+    the same seq, so the coordinator applies each key at most once.
+    """
+
+    TYPE: ClassVar[str] = "update"
+    device: str
+    seq: int
+    model_id: str
+    base_version: int
+    n_samples: int
+    weights: Vector
+    group: str = FULL
+    loss: float = 0.0
+    train_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_id(self.device, "device")
+        _check_id(self.model_id, "model_id")
+        _check_id(self.group, "group")
+        _check_int(self.seq, "seq")
+        _check_int(self.base_version, "base_version")
+        _check_int(self.n_samples, "n_samples", lo=1)
+        _check_weights(self.weights)
+        for name in ("loss", "train_seconds"):
+            v = getattr(self, name)
+            _need(isinstance(v, int | float) and math.isfinite(v), f"{name} must be finite")
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.device, self.seq)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ack:
+    """Coordinator answers an update (or defers a pull) — ``seq`` echoes the request."""
+
+    TYPE: ClassVar[str] = "ack"
+    device: str
+    seq: int
+    status: AckStatus
+    version: int
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        _check_id(self.device, "device")
+        _check_int(self.seq, "seq")
+        _check_int(self.version, "version", lo=NO_VERSION)
+        _need(self.status in ACK_STATUSES, f"status must be one of {ACK_STATUSES}")
+        _need(isinstance(self.reason, str) and len(self.reason) <= 256, "reason must be a short string")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Invite:
+    """Coordinator selects a device for round ``round`` (server-driven strategies)."""
+
+    TYPE: ClassVar[str] = "invite"
+    device: str
+    round: int
+    version: int
+
+    def __post_init__(self) -> None:
+        _check_id(self.device, "device")
+        _check_int(self.round, "round")
+        _check_int(self.version, "version")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Status:
+    """Coordinator health and progress; published retained (as JSON) on the status topic."""
+
+    TYPE: ClassVar[str] = "status"
+    region: str
+    coordinator: str
+    version: int
+    updates_accepted: int
+    updates_rejected: int
+    updates_duplicate: int
+    devices_seen: int
+    buffered: int
+    strategy: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_id(self.region, "region")
+        _check_id(self.coordinator, "coordinator")
+        for name in ("version", "updates_accepted", "updates_rejected", "updates_duplicate", "devices_seen", "buffered"):
+            _check_int(getattr(self, name), name)
+        _need(isinstance(self.extra, dict), "extra must be a dict")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PeerMsg:
+    """Coordinator ↔ coordinator exchange (tokens, model broadcasts). Body is strategy-defined."""
+
+    TYPE: ClassVar[str] = "peer"
+    sender: str
+    kind: str
+    body: dict[str, Any]
+    weights: Vector | None = None
+
+    def __post_init__(self) -> None:
+        _check_id(self.sender, "sender")
+        _check_id(self.kind, "kind")
+        _need(isinstance(self.body, dict), "body must be a dict")
+        if self.weights is not None:
+            _check_weights(self.weights)
+
+
+Message = Pull | ModelMsg | Update | Ack | Invite | Status | PeerMsg
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls for cls in (Pull, ModelMsg, Update, Ack, Invite, Status, PeerMsg)
+}

@@ -1,0 +1,79 @@
+"""MQTT topic layout. Topics are built and parsed *only* here.
+
+Per-device subtrees let a broker ACL confine a device to its own topics::
+
+    edgeci/v1/{region}/dev/{device}/pull     device → coordinator
+    edgeci/v1/{region}/dev/{device}/update   device → coordinator
+    edgeci/v1/{region}/dev/{device}/model    coordinator → device
+    edgeci/v1/{region}/dev/{device}/ack      coordinator → device
+    edgeci/v1/{region}/dev/{device}/invite   coordinator → device
+    edgeci/v1/{region}/status                coordinator, retained JSON
+    edgeci/v1/peer/{coordinator}/{kind}      coordinator → coordinator
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from edge_sdk.errors import ConfigError, MalformedMessage
+
+ROOT = "edgeci/v1"
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+
+DeviceLeaf = Literal["pull", "update", "model", "ack", "invite"]
+UPSTREAM: tuple[DeviceLeaf, ...] = ("pull", "update")
+DOWNSTREAM: tuple[DeviceLeaf, ...] = ("model", "ack", "invite")
+
+
+def check_id(value: str, what: str = "id") -> str:
+    """Region, device and coordinator ids: 1–64 of ``[A-Za-z0-9_.-]``, no MQTT wildcards."""
+    if not isinstance(value, str) or not _ID.match(value):
+        raise ConfigError(f"invalid {what} {value!r}: use 1-64 characters of A-Z a-z 0-9 _ . -")
+    return value
+
+
+def device_topic(region: str, device: str, leaf: DeviceLeaf) -> str:
+    return f"{ROOT}/{check_id(region, 'region')}/dev/{check_id(device, 'device id')}/{leaf}"
+
+
+def device_filter(region: str, leaf: DeviceLeaf) -> str:
+    """Subscription filter for one leaf of every device in a region (coordinator side)."""
+    return f"{ROOT}/{check_id(region, 'region')}/dev/+/{leaf}"
+
+
+def status_topic(region: str) -> str:
+    return f"{ROOT}/{check_id(region, 'region')}/status"
+
+
+def peer_topic(coordinator: str, kind: str) -> str:
+    return f"{ROOT}/peer/{check_id(coordinator, 'coordinator id')}/{check_id(kind, 'peer kind')}"
+
+
+def peer_filter() -> str:
+    return f"{ROOT}/peer/+/+"
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedTopic:
+    kind: Literal["device", "status", "peer"]
+    region: str = ""
+    device: str = ""
+    leaf: str = ""
+    coordinator: str = ""
+
+
+def parse(topic: str) -> ParsedTopic:
+    """Inverse of the builders; raises :class:`MalformedMessage` for anything else."""
+    parts = topic.split("/")
+    if len(parts) >= 3 and "/".join(parts[:2]) == ROOT:
+        rest = parts[2:]
+        if len(rest) == 4 and rest[1] == "dev" and rest[3] in UPSTREAM + DOWNSTREAM:
+            if _ID.match(rest[0]) and _ID.match(rest[2]):
+                return ParsedTopic("device", region=rest[0], device=rest[2], leaf=rest[3])
+        if len(rest) == 2 and rest[1] == "status" and _ID.match(rest[0]):
+            return ParsedTopic("status", region=rest[0])
+        if len(rest) == 3 and rest[0] == "peer" and _ID.match(rest[1]) and _ID.match(rest[2]):
+            return ParsedTopic("peer", coordinator=rest[1], leaf=rest[2])
+    raise MalformedMessage(f"not an edgeci topic: {topic[:120]!r}")
