@@ -50,7 +50,7 @@ def encode_tensor(weights: Vector, encoding: Encoding = "f4") -> dict[str, Any]:
         q = np.clip(np.rint(weights / scale), -127, 127).astype(np.int8)
         return {"dt": "i1", "n": int(weights.size), "b": q.tobytes(), "s": scale}
     arr = weights.astype(ENCODINGS[encoding], copy=False)
-    return {"dt": encoding, "n": int(weights.size), "b": memoryview(np.ascontiguousarray(arr)).cast("B")}
+    return {"dt": encoding, "n": int(weights.size), "b": np.ascontiguousarray(arr).data.cast("B")}
 
 
 def decode_tensor(obj: Any) -> Vector:

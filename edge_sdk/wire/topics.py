@@ -69,9 +69,14 @@ def parse(topic: str) -> ParsedTopic:
     parts = topic.split("/")
     if len(parts) >= 3 and "/".join(parts[:2]) == ROOT:
         rest = parts[2:]
-        if len(rest) == 4 and rest[1] == "dev" and rest[3] in UPSTREAM + DOWNSTREAM:
-            if _ID.match(rest[0]) and _ID.match(rest[2]):
-                return ParsedTopic("device", region=rest[0], device=rest[2], leaf=rest[3])
+        if (
+            len(rest) == 4
+            and rest[1] == "dev"
+            and rest[3] in UPSTREAM + DOWNSTREAM
+            and _ID.match(rest[0])
+            and _ID.match(rest[2])
+        ):
+            return ParsedTopic("device", region=rest[0], device=rest[2], leaf=rest[3])
         if len(rest) == 2 and rest[1] == "status" and _ID.match(rest[0]):
             return ParsedTopic("status", region=rest[0])
         if len(rest) == 3 and rest[0] == "peer" and _ID.match(rest[1]) and _ID.match(rest[2]):

@@ -1,0 +1,56 @@
+"""Aggregation maths: pure functions over flat float32 vectors.
+
+Updates may carry the whole vector or one layer group's slice (LASP). Each slice of the
+new global model is the weighted mean over the updates that carry it; slices no update
+carries keep their current values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from coordinator.strategies.base import BufferedUpdate
+from edge_sdk.spec import ModelSpec, Vector
+
+
+def staleness_weight(staleness: int, a: float = 0.5) -> float:
+    """Polynomial staleness damping s(τ) = (τ + 1)^(−a) (FedAsync, Spyker)."""
+    return float((max(staleness, 0) + 1.0) ** (-a))
+
+
+def weighted_average(
+    current: Vector, updates: Sequence[BufferedUpdate], weights: Sequence[float], spec: ModelSpec
+) -> Vector:
+    """Σ p_k w_k per slice, p normalised over the updates carrying that slice."""
+    out = np.array(current, dtype=np.float32, copy=True)
+    by_group: dict[str, list[tuple[BufferedUpdate, float]]] = {}
+    for u, p in zip(updates, weights, strict=True):
+        by_group.setdefault(u.group, []).append((u, p))
+    # Full-vector updates first, then group slices overwrite their part: a slice-only
+    # update is the fresher word on its slice within the same buffer.
+    for group in sorted(by_group, key=lambda g: g != "full"):
+        members = by_group[group]
+        total = float(sum(p for _, p in members))
+        if total <= 0:
+            continue
+        sl = spec.group_slice(group)
+        acc = np.zeros(sl.stop - sl.start, dtype=np.float64)
+        for u, p in members:
+            acc += (p / total) * u.weights
+        out[sl] = acc.astype(np.float32)
+    return out
+
+
+def fedavg(current: Vector, updates: Sequence[BufferedUpdate], spec: ModelSpec) -> Vector:
+    """FedAvg over the buffer with p_k = |D_k| / Σ|D| (SPIN Algorithm 2, line 10)."""
+    return weighted_average(current, updates, [float(u.n_samples) for u in updates], spec)
+
+
+def mix(current: Vector, update: BufferedUpdate, alpha: float, spec: ModelSpec) -> Vector:
+    """w ← (1 − α) w + α w_k on the update's slice (FedAsync-style mixing)."""
+    out = np.array(current, dtype=np.float32, copy=True)
+    sl = spec.group_slice(update.group)
+    out[sl] = (1.0 - alpha) * out[sl] + alpha * update.weights
+    return out

@@ -1,0 +1,74 @@
+"""SPIN buffered-timeout aggregation (paper 000, Algorithm 2).
+
+Every pull is answered at once with the current model. Updates are buffered; the buffer is
+aggregated (FedAvg weighted by sample count) when it holds ``k`` updates, or when the
+timeout ``timeout_s`` (π) has passed. The paper states π as a bound on how far behind the
+model a fast client receives may be, measured from the last aggregation. We start π's
+clock at ``max(last aggregation, first update entering an empty buffer)``: after a quiet
+period a lone update then still waits π for company instead of replacing the model on
+arrival, and the timeout never fires on an empty buffer. ``timeout_s=None`` is
+SPIN-without-timeout (the paper's ablation).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from coordinator.strategies.aggregate import fedavg
+from coordinator.strategies.base import BufferedUpdate, CoordinatorView, Plan, Strategy
+from edge_sdk.errors import ConfigError
+from edge_sdk.spec import Vector
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SpinConfig:
+    k: int = 10
+    timeout_s: float | None = 30.0
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ConfigError("k must be >= 1")
+        if self.timeout_s is not None and not self.timeout_s > 0:
+            raise ConfigError("timeout_s must be > 0 (or None to disable the timeout)")
+
+
+class SpinStrategy(Strategy):
+    name: ClassVar[str] = "spin"
+
+    def __init__(self, config: SpinConfig | None = None) -> None:
+        self.config = config or SpinConfig()
+
+    def deadline(self, view: CoordinatorView) -> float | None:
+        first = view.first_buffered_at
+        if self.config.timeout_s is None or first is None:
+            return None
+        return max(view.last_aggregation_at, first) + self.config.timeout_s
+
+    def plan(self, view: CoordinatorView, now: float, rng: random.Random) -> Plan:
+        if len(view.buffer) >= self.config.k:
+            return Plan(aggregate=True)
+        deadline = self.deadline(view)
+        if deadline is None:
+            return Plan()
+        if now >= deadline:
+            return Plan(aggregate=True)
+        return Plan(wake_at=deadline)
+
+    def aggregate(self, view: CoordinatorView, updates: Sequence[BufferedUpdate]) -> Vector:
+        return fedavg(view.weights, updates, view.spec)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "k": self.config.k, "timeout_s": self.config.timeout_s}
+
+
+class SpinNoTimeoutStrategy(SpinStrategy):
+    """SPIN with the timeout disabled: aggregate only when ``k`` updates are buffered."""
+
+    name: ClassVar[str] = "spin-notimeout"
+
+    def __init__(self, config: SpinConfig | None = None) -> None:
+        k = config.k if config else SpinConfig().k
+        super().__init__(SpinConfig(k=k, timeout_s=None))

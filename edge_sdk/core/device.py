@@ -1,0 +1,369 @@
+"""DeviceCore — the SPIN device protocol as a pure state machine.
+
+Theory of operation
+-------------------
+A device keeps every labelled sample. It pulls the current model once it holds at least
+``min_samples`` (D_min) samples, trains E epochs over *all* of them, pushes the result
+tagged with the version it started from, and waits for the coordinator's ack. After that
+every new sample triggers the next pull; samples that arrive while a pull, training or
+push is in flight only raise ``total`` and are picked up by the next cycle.
+
+One rule covers both cases: the device wants a pull when
+``total >= min_samples and total > trained_upto``, where ``trained_upto`` is the number
+of samples it held when its last training started.
+
+Requests are retried with capped exponential backoff (jittered by the injected rng) until
+answered. A retried pull or update reuses its sequence number, so the coordinator's
+idempotency key ``(device, seq)`` makes a retry harmless. The counters ``next_seq`` and
+``trained_upto`` are persisted (``PersistDeviceState``) before the message that uses them
+leaves, so a restarted device never reuses a sequence number.
+
+Server-driven strategies (FedBuff, FedAvg) answer a pull with ``Ack(status="deferred")``;
+the device then waits in DEFERRED until an ``Invite`` arrives (or a long re-announce timer
+fires, in case the coordinator restarted and forgot it).
+
+Transitions (event → action, new phase)::
+
+    IDLE      SampleAdded and wants_pull   → Publish(pull)                 PULLING
+    PULLING   Model(reply_to = pull seq)   → DeployModel, Persist, StartTraining  TRAINING
+    PULLING   Ack(deferred)                → ScheduleTimer(re-announce)    DEFERRED
+    PULLING   TimerFired (deadline)        → Publish(pull, same seq)       PULLING
+    DEFERRED  Invite                       → Publish(pull, invite_round)   PULLING
+    DEFERRED  TimerFired (deadline)        → Publish(pull, same seq)       PULLING
+    TRAINING  TrainingFinished(job)        → Persist, Publish(update)      PUSHING
+    TRAINING  TrainingFailed(job)          → Notify                        IDLE
+    PUSHING   Ack(update seq)              → Notify, then pull if wanted   IDLE / PULLING
+    PUSHING   TimerFired (deadline)        → Publish(update, same seq)     PUSHING
+    any       Model newer than deployed    → DeployModel                   (unchanged)
+    any       bad bytes                    → Notify(rejected)              (unchanged)
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge_sdk.core.events import (
+    DeployModel,
+    MessageReceived,
+    Notify,
+    PersistDeviceState,
+    Publish,
+    SampleAdded,
+    ScheduleTimer,
+    StartTraining,
+    TimerFired,
+    TrainingFailed,
+    TrainingFinished,
+    TrainingJob,
+)
+from edge_sdk.errors import (
+    ConfigError,
+    LocalProtocolError,
+    RemoteProtocolError,
+    TopicMismatch,
+    UnknownModel,
+)
+from edge_sdk.spec import FULL, ModelSpec, Vector
+from edge_sdk.wire import topics
+from edge_sdk.wire.codec import DEFAULT_MAX_BYTES, Encoding, decode, encode
+from edge_sdk.wire.messages import NO_VERSION, Ack, Invite, ModelMsg, Pull, Update
+
+DeviceEvent = SampleAdded | MessageReceived | TrainingFinished | TrainingFailed | TimerFired
+DeviceAction = Publish | ScheduleTimer | StartTraining | DeployModel | PersistDeviceState | Notify
+
+
+class Phase(enum.Enum):
+    IDLE = "idle"
+    PULLING = "pulling"
+    DEFERRED = "deferred"
+    TRAINING = "training"
+    PUSHING = "pushing"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeviceConfig:
+    device_id: str
+    region: str
+    spec: ModelSpec
+    min_samples: int = 16
+    request_timeout_s: float = 10.0
+    max_backoff_s: float = 300.0
+    reannounce_s: float = 600.0
+    encoding: Encoding = "f4"
+    max_message_bytes: int = DEFAULT_MAX_BYTES
+
+    def __post_init__(self) -> None:
+        topics.check_id(self.device_id, "device id")
+        topics.check_id(self.region, "region")
+        if self.min_samples < 1:
+            raise ConfigError("min_samples must be >= 1")
+        if not 0 < self.request_timeout_s <= self.max_backoff_s:
+            raise ConfigError("need 0 < request_timeout_s <= max_backoff_s")
+
+
+@dataclass(slots=True)
+class DeviceState:
+    """Read-only view for callers; the core mutates it."""
+
+    phase: Phase = Phase.IDLE
+    total: int = 0
+    trained_upto: int = 0
+    next_seq: int = 0
+    deployed_version: int = NO_VERSION
+    deployed: Vector | None = None
+    pending_seq: int = NO_VERSION
+    pending_payload: bytes = b""
+    deadline: float | None = None
+    attempts: int = 0
+    job_id: int = 0
+    job_base_version: int = NO_VERSION
+    job_n_samples: int = 0
+    prev_trained_upto: int = 0
+    updates_acked: int = 0
+    rejected_messages: int = 0
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+class DeviceCore:
+    """Sans-IO SPIN device: ``handle(event) -> list[action]``. See the module docstring."""
+
+    def __init__(
+        self,
+        config: DeviceConfig,
+        *,
+        rng: random.Random,
+        next_seq: int = 0,
+        trained_upto: int = 0,
+        total: int = 0,
+    ) -> None:
+        self.config = config
+        self._rng = rng
+        self._s = DeviceState(next_seq=next_seq, trained_upto=trained_upto, total=total)
+        cfg = config
+        self._t_pull = topics.device_topic(cfg.region, cfg.device_id, "pull")
+        self._t_update = topics.device_topic(cfg.region, cfg.device_id, "update")
+
+    @property
+    def state(self) -> DeviceState:
+        return self._s
+
+    def wants_pull(self) -> bool:
+        s = self._s
+        return s.total >= self.config.min_samples and s.total > s.trained_upto
+
+    def subscriptions(self) -> list[str]:
+        c = self.config
+        return [topics.device_topic(c.region, c.device_id, leaf) for leaf in topics.DOWNSTREAM]
+
+    # ------------------------------------------------------------------ dispatch
+
+    def handle(self, event: DeviceEvent) -> list[DeviceAction]:
+        if isinstance(event, SampleAdded):
+            return self._on_sample(event)
+        if isinstance(event, MessageReceived):
+            return self._on_message(event)
+        if isinstance(event, TrainingFinished):
+            return self._on_trained(event)
+        if isinstance(event, TrainingFailed):
+            return self._on_train_failed(event)
+        if isinstance(event, TimerFired):
+            return self._on_timer(event)
+        raise LocalProtocolError(f"DeviceCore cannot handle {type(event).__name__}")
+
+    def start(self, now: float) -> list[DeviceAction]:
+        """Kick off after (re)start: pull if samples are already waiting."""
+        return self._maybe_pull(now)
+
+    # ------------------------------------------------------------------ handlers
+
+    def _on_sample(self, ev: SampleAdded) -> list[DeviceAction]:
+        if ev.total < self._s.total:
+            raise LocalProtocolError(f"sample total went backwards: {self._s.total} -> {ev.total}")
+        self._s.total = ev.total
+        return self._maybe_pull(ev.now)
+
+    def _on_message(self, ev: MessageReceived) -> list[DeviceAction]:
+        s = self._s
+        try:
+            parsed = topics.parse(ev.topic)
+            msg = decode(ev.payload, max_bytes=self.config.max_message_bytes)
+            if parsed.kind != "device" or parsed.device != self.config.device_id:
+                raise TopicMismatch(f"message for {parsed.device!r} reached {self.config.device_id!r}")
+            if isinstance(msg, ModelMsg):
+                return self._on_model(msg, ev.now)
+            if isinstance(msg, Ack):
+                return self._on_ack(msg, ev.now)
+            if isinstance(msg, Invite):
+                return self._on_invite(msg, ev.now)
+            raise TopicMismatch(f"a {msg.TYPE} message is not for devices")
+        except RemoteProtocolError as exc:
+            s.rejected_messages += 1
+            return [Notify(kind="message_rejected", data={"reason": exc.reason, "detail": str(exc)})]
+
+    def _on_model(self, msg: ModelMsg, now: float) -> list[DeviceAction]:
+        s, cfg = self._s, self.config
+        if msg.model_id != cfg.spec.model_id:
+            raise UnknownModel(f"model {msg.model_id!r} is not {cfg.spec.model_id!r}")
+        cfg.spec.check(msg.weights, msg.group)
+        actions: list[DeviceAction] = []
+        full = self._assemble(msg)
+        if full is not None and msg.version > s.deployed_version:
+            s.deployed_version, s.deployed = msg.version, full
+            actions.append(DeployModel(version=msg.version, weights=full))
+            actions.append(Notify(kind="model", data={"version": msg.version, "group": msg.group}))
+        answers_pull = s.phase is Phase.PULLING and msg.reply_to == s.pending_seq
+        if not answers_pull:
+            return actions
+        if full is None:
+            # A partial model we cannot patch (we hold no full base): ask for a full one.
+            s.deployed_version = NO_VERSION
+            return actions + self._send_pull(now, fresh=True)
+        s.prev_trained_upto = s.trained_upto
+        s.trained_upto = s.total
+        s.job_id += 1
+        s.job_base_version = msg.version
+        s.job_n_samples = s.total
+        s.phase, s.deadline, s.pending_seq, s.pending_payload = Phase.TRAINING, None, NO_VERSION, b""
+        job = TrainingJob(
+            job_id=s.job_id,
+            base_version=msg.version,
+            weights=full,
+            n_samples=s.total,
+            group=msg.group,
+            hints=dict(msg.hints),
+        )
+        actions.append(PersistDeviceState(next_seq=s.next_seq, trained_upto=s.trained_upto))
+        actions.append(StartTraining(job=job))
+        return actions
+
+    def _assemble(self, msg: ModelMsg) -> Vector | None:
+        """Full weights for a model message: itself, or a group patched onto our copy."""
+        if msg.group == FULL:
+            return msg.weights
+        s = self._s
+        if s.deployed is None:
+            return None
+        full = np.array(s.deployed, dtype=np.float32, copy=True)
+        full[self.config.spec.group_slice(msg.group)] = msg.weights
+        return full
+
+    def _on_ack(self, msg: Ack, now: float) -> list[DeviceAction]:
+        s = self._s
+        if msg.seq != s.pending_seq:
+            return []  # an answer to a request we already gave up on or retried past
+        if s.phase is Phase.PULLING and msg.status == "deferred":
+            s.phase = Phase.DEFERRED
+            s.attempts = 0
+            s.deadline = now + self.config.reannounce_s
+            return [ScheduleTimer(at=s.deadline), Notify(kind="deferred", data={"seq": msg.seq})]
+        if s.phase is not Phase.PUSHING:
+            return []
+        s.phase, s.deadline, s.pending_seq, s.pending_payload, s.attempts = Phase.IDLE, None, NO_VERSION, b"", 0
+        if msg.status in ("accepted", "duplicate"):
+            s.updates_acked += 1
+        note = Notify(
+            kind="update_acked" if msg.status != "rejected" else "update_rejected",
+            data={"seq": msg.seq, "status": msg.status, "version": msg.version, "reason": msg.reason},
+        )
+        return [note, *self._maybe_pull(now)]
+
+    def _on_invite(self, msg: Invite, now: float) -> list[DeviceAction]:
+        s = self._s
+        if s.phase is not Phase.DEFERRED:
+            return []
+        return self._send_pull(now, fresh=True, invite_round=msg.round)
+
+    def _on_trained(self, ev: TrainingFinished) -> list[DeviceAction]:
+        s, cfg = self._s, self.config
+        if s.phase is not Phase.TRAINING or ev.job_id != s.job_id:
+            return []
+        weights = np.ascontiguousarray(ev.weights, dtype=np.float32)
+        cfg.spec.check(weights)  # our own trainer must not produce NaN: that is a local bug
+        seq = s.next_seq
+        s.next_seq += 1
+        update = Update(
+            device=cfg.device_id,
+            seq=seq,
+            model_id=cfg.spec.model_id,
+            base_version=s.job_base_version,
+            n_samples=ev.n_samples,
+            weights=weights,
+            loss=float(ev.loss),
+            train_seconds=float(ev.seconds),
+        )
+        s.phase = Phase.PUSHING
+        s.pending_seq, s.pending_payload, s.attempts = seq, encode(update, encoding=cfg.encoding), 0
+        s.deadline = ev.now + self._timeout()
+        return [
+            PersistDeviceState(next_seq=s.next_seq, trained_upto=s.trained_upto),
+            Publish(topic=self._t_update, payload=s.pending_payload, qos=1),
+            ScheduleTimer(at=s.deadline),
+            Notify(kind="trained", data={"seq": seq, "loss": float(ev.loss), "seconds": float(ev.seconds)}),
+        ]
+
+    def _on_train_failed(self, ev: TrainingFailed) -> list[DeviceAction]:
+        s = self._s
+        if s.phase is not Phase.TRAINING or ev.job_id != s.job_id:
+            return []
+        s.phase = Phase.IDLE
+        s.trained_upto = s.prev_trained_upto  # the samples were not learned: retry on the next one
+        return [Notify(kind="training_failed", data={"error": ev.error})]
+
+    def _on_timer(self, ev: TimerFired) -> list[DeviceAction]:
+        s = self._s
+        if s.deadline is None or ev.now < s.deadline:
+            return [] if s.deadline is None else [ScheduleTimer(at=s.deadline)]
+        if s.phase in (Phase.PULLING, Phase.DEFERRED):
+            return self._send_pull(ev.now, fresh=False)
+        if s.phase is Phase.PUSHING:
+            s.attempts += 1
+            s.deadline = ev.now + self._timeout()
+            return [
+                Publish(topic=self._t_update, payload=s.pending_payload, qos=1),
+                ScheduleTimer(at=s.deadline),
+                Notify(kind="retry", data={"what": "update", "seq": s.pending_seq, "attempt": s.attempts}),
+            ]
+        s.deadline = None
+        return []
+
+    # ------------------------------------------------------------------ helpers
+
+    def _maybe_pull(self, now: float) -> list[DeviceAction]:
+        if self._s.phase is Phase.IDLE and self.wants_pull():
+            return self._send_pull(now, fresh=True)
+        return []
+
+    def _send_pull(self, now: float, *, fresh: bool, invite_round: int = NO_VERSION) -> list[DeviceAction]:
+        s, cfg = self._s, self.config
+        actions: list[DeviceAction] = []
+        if fresh or s.pending_seq == NO_VERSION:
+            s.pending_seq = s.next_seq
+            s.next_seq += 1
+            s.attempts = 0
+            actions.append(PersistDeviceState(next_seq=s.next_seq, trained_upto=s.trained_upto))
+            pull = Pull(
+                device=cfg.device_id,
+                seq=s.pending_seq,
+                model_id=cfg.spec.model_id,
+                have_version=s.deployed_version,
+                n_samples=s.total,
+                invite_round=invite_round,
+            )
+            s.pending_payload = encode(pull)
+        else:
+            s.attempts += 1
+        s.phase = Phase.PULLING
+        s.deadline = now + self._timeout()
+        actions += [Publish(topic=self._t_pull, payload=s.pending_payload, qos=1), ScheduleTimer(at=s.deadline)]
+        if s.attempts:
+            actions.append(Notify(kind="retry", data={"what": "pull", "seq": s.pending_seq, "attempt": s.attempts}))
+        return actions
+
+    def _timeout(self) -> float:
+        cfg = self.config
+        base = min(cfg.request_timeout_s * (2 ** min(self._s.attempts, 16)), cfg.max_backoff_s)
+        return float(base * (1.0 + 0.1 * self._rng.random()))

@@ -1,0 +1,151 @@
+"""Events and actions shared by the sans-IO cores.
+
+Events are past-tense facts fed *into* a core; actions are commands a core hands back to
+its driver, which performs them **in order** (a core may rely on that: e.g. persist an
+update before acknowledging it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from edge_sdk.errors import LocalProtocolError
+from edge_sdk.spec import FULL, Vector
+
+
+def _check_time(now: float) -> None:
+    if not isinstance(now, int | float) or not math.isfinite(now):
+        raise LocalProtocolError(f"event time must be a finite number, got {now!r}")
+
+
+# ---------------------------------------------------------------- events (shared)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MessageReceived:
+    """Raw bytes arrived on ``topic``. The core decodes and validates them itself."""
+
+    now: float
+    topic: str
+    payload: bytes
+
+    def __post_init__(self) -> None:
+        _check_time(self.now)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TimerFired:
+    now: float
+
+    def __post_init__(self) -> None:
+        _check_time(self.now)
+
+
+# ---------------------------------------------------------------- actions (shared)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Publish:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = False
+
+    def __post_init__(self) -> None:
+        if self.qos not in (0, 1, 2):
+            raise LocalProtocolError(f"qos must be 0, 1 or 2, got {self.qos}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScheduleTimer:
+    """Deliver ``TimerFired`` at (or after) ``at``. A later ScheduleTimer replaces it."""
+
+    at: float
+
+    def __post_init__(self) -> None:
+        _check_time(self.at)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Notify:
+    """Something an application may want to hear about (drivers route it to callbacks)."""
+
+    kind: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- device side
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SampleAdded:
+    """The device's store now holds ``total`` labelled samples (durably)."""
+
+    now: float
+    total: int
+
+    def __post_init__(self) -> None:
+        _check_time(self.now)
+        if self.total < 0:
+            raise LocalProtocolError("total must be >= 0")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainingJob:
+    job_id: int
+    base_version: int
+    weights: Vector
+    n_samples: int
+    group: str = FULL
+    hints: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StartTraining:
+    """Fine-tune ``job.weights`` on all local samples, then report ``TrainingFinished``."""
+
+    job: TrainingJob
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainingFinished:
+    now: float
+    job_id: int
+    weights: Vector
+    n_samples: int
+    loss: float = 0.0
+    seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_time(self.now)
+        if self.n_samples < 1:
+            raise LocalProtocolError("a finished training job must have used >= 1 sample")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainingFailed:
+    now: float
+    job_id: int
+    error: str
+
+    def __post_init__(self) -> None:
+        _check_time(self.now)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeployModel:
+    """A newer global model arrived: serve it for inference."""
+
+    version: int
+    weights: Vector
+    group: str = FULL
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PersistDeviceState:
+    """Durably store the device's counters before the message that depends on them leaves."""
+
+    next_seq: int
+    trained_upto: int

@@ -1,0 +1,132 @@
+"""CoordinatorCore with the SPIN strategy: buffering, timeout, idempotency, rejection, restart."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from coordinator.core import CommitVersion, PersistUpdate, Snapshot
+from coordinator.strategies import make_strategy
+from edge_sdk.core.events import MessageReceived, Publish, ScheduleTimer, TimerFired
+from edge_sdk.errors import ConfigError
+from edge_sdk.wire import topics
+from edge_sdk.wire.codec import decode, encode, parse_status_json
+from edge_sdk.wire.messages import Ack, ModelMsg, Pull, Update
+from tests.helpers import SPEC, make_coordinator
+
+
+def upd(device: str, seq: int, value: float = 1.0, *, base: int = 0, n: int = 1, **kw: object) -> MessageReceived:
+    weights = kw.pop("weights", np.full(SPEC.size, value, dtype=np.float32))
+    msg = Update(device=device, seq=seq, model_id="toy", base_version=base, n_samples=n, weights=weights)  # type: ignore[arg-type]
+    return MessageReceived(now=float(kw.get("now", 0.0)), topic=topics.device_topic("r1", device, "update"), payload=encode(msg))
+
+
+def acks(actions: list[object]) -> list[Ack]:
+    out = []
+    for a in actions:
+        if isinstance(a, Publish) and a.topic.endswith("/ack"):
+            m = decode(a.payload)
+            assert isinstance(m, Ack)
+            out.append(m)
+    return out
+
+
+def commits(actions: list[object]) -> list[CommitVersion]:
+    return [a for a in actions if isinstance(a, CommitVersion)]
+
+
+def test_pull_is_answered_immediately_with_current_model() -> None:
+    c = make_coordinator(k=3, timeout_s=10)
+    pull = Pull(device="d1", seq=4, model_id="toy")
+    acts = c.handle(MessageReceived(now=0.0, topic=topics.device_topic("r1", "d1", "pull"), payload=encode(pull)))
+    reply = decode(next(a for a in acts if isinstance(a, Publish) and a.topic.endswith("/model")).payload)
+    assert isinstance(reply, ModelMsg) and reply.version == 0 and reply.reply_to == 4
+    assert reply.spec_fingerprint == SPEC.fingerprint
+
+
+def test_aggregates_at_k_with_sample_weights() -> None:
+    c = make_coordinator(k=2, timeout_s=None)
+    a1 = c.handle(upd("d1", 0, 1.0, n=1))
+    assert isinstance(a1[0], PersistUpdate) and acks(a1)[0].status == "accepted"
+    assert not commits(a1)
+    a2 = c.handle(upd("d2", 0, 4.0, n=3))
+    (commit,) = commits(a2)
+    assert commit.version == 1 and c.version == 1
+    np.testing.assert_allclose(commit.weights, (1 * 1.0 + 3 * 4.0) / 4)
+    assert set(commit.consumed) == {("d1", 0), ("d2", 0)}
+    assert dict(commit.applied_upto) == {"d1": 0, "d2": 0}
+    status = parse_status_json(next(a for a in a2 if isinstance(a, Publish) and a.retain).payload)
+    assert status["version"] == 1 and status["updates_accepted"] == 2 and status["buffered"] == 0
+
+
+def test_timeout_fires_only_with_a_buffered_update() -> None:
+    c = make_coordinator(k=10, timeout_s=5.0)
+    assert not [a for a in c.start(0.0) if isinstance(a, ScheduleTimer)]  # empty buffer: no timer
+    acts = c.handle(upd("d1", 0, 2.0, now=1.0))
+    (timer,) = [a for a in acts if isinstance(a, ScheduleTimer)]
+    assert timer.at == pytest.approx(6.0)
+    assert not commits(c.handle(TimerFired(now=5.9)))
+    (commit,) = commits(c.handle(TimerFired(now=6.0)))
+    np.testing.assert_allclose(commit.weights, 2.0)
+    assert not commits(c.handle(TimerFired(now=20.0)))  # empty buffer: nothing to do
+
+
+def test_duplicate_update_is_acked_but_applied_once() -> None:
+    c = make_coordinator(k=2, timeout_s=None)
+    c.handle(upd("d1", 5, 1.0))
+    dup = c.handle(upd("d1", 5, 1.0))
+    assert [a.status for a in acks(dup)] == ["duplicate"]
+    assert not any(isinstance(a, PersistUpdate) for a in dup)
+    assert len(c.buffer) == 1 and c.counters["duplicate"] == 1
+    older = c.handle(upd("d1", 3, 9.0))
+    assert [a.status for a in acks(older)] == ["duplicate"]
+
+
+@pytest.mark.parametrize(
+    ("event", "reason"),
+    [
+        (MessageReceived(now=0.0, topic=topics.device_topic("r1", "d1", "update"), payload=b"\x00garbage"), "malformed"),
+        (upd("d1", 0, weights=np.zeros(SPEC.size - 1, np.float32)), "shape_mismatch"),
+        (upd("d1", 0, weights=np.full(SPEC.size, np.nan, np.float32)), "non_finite"),
+        (upd("d1", 0, base=7), "unknown_version"),
+        (MessageReceived(now=0.0, topic=topics.device_topic("r1", "d2", "update"), payload=upd("d1", 0).payload), "topic_mismatch"),
+    ],
+)
+def test_bad_updates_are_rejected_counted_and_never_applied(event: MessageReceived, reason: str) -> None:
+    c = make_coordinator(k=1, timeout_s=None)
+    before = c.weights.copy()
+    acts = c.handle(event)
+    assert c.counters["rejected"] == 1 and c.counters[f"reject:{reason}"] == 1
+    assert not commits(acts) and not any(isinstance(a, PersistUpdate) for a in acts)
+    assert c.version == 0 and not c.buffer
+    np.testing.assert_array_equal(c.weights, before)
+    if reason != "malformed":
+        assert [a.status for a in acks(acts)] == ["rejected"]
+    # the coordinator keeps working afterwards
+    assert commits(c.handle(upd("d9", 0, 3.0)))
+
+
+def test_restart_drops_applied_and_keeps_pending() -> None:
+    c = make_coordinator(k=2, timeout_s=None)
+    persisted = []
+    for ev in (upd("d1", 0, 1.0), upd("d2", 0, 1.0), upd("d3", 0, 5.0)):
+        persisted += [a.update for a in c.handle(ev) if isinstance(a, PersistUpdate)]
+    assert c.version == 1 and len(c.buffer) == 1
+    # crash: the registry still holds all three update files (cleanup never ran)
+    snap = Snapshot(version=1, weights=c.weights.copy(), applied_upto=c.applied_upto, buffer=persisted)
+    r = make_coordinator(k=2, timeout_s=None, snapshot=snap)
+    assert [u.key for u in r.buffer] == [("d3", 0)]
+    assert [a.status for a in acks(r.handle(upd("d1", 0)))] == ["duplicate"]
+    assert [a.status for a in acks(r.handle(upd("d3", 0)))] == ["duplicate"]
+    (commit,) = commits(r.handle(upd("d4", 0, 5.0)))
+    assert commit.version == 2
+    np.testing.assert_allclose(commit.weights, 5.0)
+
+
+def test_unknown_strategy_and_bad_params() -> None:
+    with pytest.raises(ConfigError, match="known: "):
+        make_strategy("nope")
+    with pytest.raises(ConfigError):
+        make_strategy("spin", k=0)
+    with pytest.raises(ConfigError):
+        make_strategy("spin", bogus=1)

@@ -1,0 +1,193 @@
+"""Table-driven transition tests for DeviceCore (events in, actions out)."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from edge_sdk.core.device import DeviceConfig, DeviceCore, Phase
+from edge_sdk.core.events import (
+    DeployModel,
+    MessageReceived,
+    Notify,
+    PersistDeviceState,
+    Publish,
+    SampleAdded,
+    ScheduleTimer,
+    StartTraining,
+    TimerFired,
+    TrainingFailed,
+    TrainingFinished,
+)
+from edge_sdk.errors import LocalProtocolError
+from edge_sdk.wire import topics
+from edge_sdk.wire.codec import decode, encode
+from edge_sdk.wire.messages import Ack, Invite, ModelMsg, Pull, Update
+from tests.helpers import SPEC
+
+DEV = "d1"
+
+
+def core(min_samples: int = 3) -> DeviceCore:
+    cfg = DeviceConfig(device_id=DEV, region="r1", spec=SPEC, min_samples=min_samples, request_timeout_s=5.0)
+    return DeviceCore(cfg, rng=random.Random(0))
+
+
+def recv(now: float, leaf: str, msg: object) -> MessageReceived:
+    return MessageReceived(now=now, topic=topics.device_topic("r1", DEV, leaf), payload=encode(msg))  # type: ignore[arg-type]
+
+
+def model(version: int, reply_to: int, group: str = "full") -> ModelMsg:
+    n = SPEC.group_size(group)
+    return ModelMsg(model_id="toy", version=version, reply_to=reply_to, weights=np.full(n, float(version), dtype=np.float32), group=group)
+
+
+def kinds(actions: list[object]) -> list[str]:
+    return [type(a).__name__ for a in actions]
+
+
+def published(actions: list[object]) -> list[object]:
+    return [decode(a.payload) for a in actions if isinstance(a, Publish)]
+
+
+def to_training(c: DeviceCore, total: int = 3) -> int:
+    acts = c.handle(SampleAdded(now=0.0, total=total))
+    pull = published(acts)[0]
+    assert isinstance(pull, Pull)
+    acts = c.handle(recv(0.1, "model", model(1, pull.seq)))
+    assert c.state.phase is Phase.TRAINING
+    return next(a for a in acts if isinstance(a, StartTraining)).job.job_id
+
+
+@pytest.mark.parametrize(
+    ("totals", "expect_pull"),
+    [([1], False), ([1, 2], False), ([1, 2, 3], True), ([5], True)],
+)
+def test_threshold_before_first_pull(totals: list[int], expect_pull: bool) -> None:
+    c = core(min_samples=3)
+    acts: list[object] = []
+    for t in totals:
+        acts = c.handle(SampleAdded(now=float(t), total=t))  # type: ignore[assignment]
+    assert (c.state.phase is Phase.PULLING) == expect_pull
+    assert any(isinstance(m, Pull) for m in published(acts)) == expect_pull
+
+
+def test_full_cycle_and_every_new_sample_pulls_after_first() -> None:
+    c = core()
+    job = to_training(c)
+    acts = c.handle(TrainingFinished(now=2.0, job_id=job, weights=np.ones(SPEC.size, np.float32), n_samples=3, loss=0.3))
+    assert kinds(acts)[:3] == ["PersistDeviceState", "Publish", "ScheduleTimer"]
+    upd = published(acts)[0]
+    assert isinstance(upd, Update) and upd.base_version == 1 and upd.n_samples == 3
+    acts = c.handle(recv(2.1, "ack", Ack(device=DEV, seq=upd.seq, status="accepted", version=1)))
+    assert c.state.phase is Phase.IDLE and c.state.updates_acked == 1
+    assert not any(isinstance(a, Publish) for a in acts)  # no new samples: stay idle
+    acts = c.handle(SampleAdded(now=3.0, total=4))  # one new sample is enough now
+    assert c.state.phase is Phase.PULLING
+    assert isinstance(published(acts)[0], Pull)
+
+
+def test_samples_during_training_queue_next_pull() -> None:
+    c = core()
+    job = to_training(c)
+    assert c.handle(SampleAdded(now=1.0, total=4)) == []  # training: just counted
+    acts = c.handle(TrainingFinished(now=2.0, job_id=job, weights=np.ones(SPEC.size, np.float32), n_samples=3))
+    upd = published(acts)[0]
+    acts = c.handle(recv(2.1, "ack", Ack(device=DEV, seq=upd.seq, status="accepted", version=2)))
+    pulls = [m for m in published(acts) if isinstance(m, Pull)]
+    assert len(pulls) == 1 and pulls[0].n_samples == 4
+
+
+def test_pull_retry_reuses_seq_with_backoff() -> None:
+    c = core()
+    acts = c.handle(SampleAdded(now=0.0, total=3))
+    first = published(acts)[0]
+    t1 = next(a for a in acts if isinstance(a, ScheduleTimer)).at
+    assert c.handle(TimerFired(now=t1 - 0.01)) == [ScheduleTimer(at=t1)]  # early wake-up: re-arm only
+    acts = c.handle(TimerFired(now=t1))
+    again = published(acts)[0]
+    assert isinstance(again, Pull) and isinstance(first, Pull) and again.seq == first.seq
+    t2 = next(a for a in acts if isinstance(a, ScheduleTimer)).at
+    assert t2 - t1 > (t1 - 0.0) * 1.5  # exponential backoff
+
+
+def test_update_retry_and_duplicate_ack() -> None:
+    c = core()
+    job = to_training(c)
+    acts = c.handle(TrainingFinished(now=2.0, job_id=job, weights=np.ones(SPEC.size, np.float32), n_samples=3))
+    upd = published(acts)[0]
+    t = next(a for a in acts if isinstance(a, ScheduleTimer)).at
+    acts = c.handle(TimerFired(now=t))
+    again = published(acts)[0]
+    assert isinstance(again, Update) and isinstance(upd, Update) and again.seq == upd.seq
+    c.handle(recv(t + 1, "ack", Ack(device=DEV, seq=upd.seq, status="duplicate", version=1)))
+    assert c.state.phase is Phase.IDLE and c.state.updates_acked == 1
+
+
+def test_stale_replies_are_ignored_but_newer_model_deploys() -> None:
+    c = core()
+    c.handle(SampleAdded(now=0.0, total=3))
+    acts = c.handle(recv(0.1, "model", model(5, reply_to=999)))
+    assert c.state.phase is Phase.PULLING  # not our pull: no training
+    assert [a.version for a in acts if isinstance(a, DeployModel)] == [5]
+    acts = c.handle(recv(0.2, "model", model(4, reply_to=999)))
+    assert not any(isinstance(a, DeployModel) for a in acts)  # older: ignored
+    assert c.handle(recv(0.3, "ack", Ack(device=DEV, seq=12345, status="accepted", version=1))) == []
+
+
+def test_deferred_then_invite() -> None:
+    c = core()
+    acts = c.handle(SampleAdded(now=0.0, total=3))
+    pull = published(acts)[0]
+    assert isinstance(pull, Pull)
+    acts = c.handle(recv(0.1, "ack", Ack(device=DEV, seq=pull.seq, status="deferred", version=0)))
+    assert c.state.phase is Phase.DEFERRED
+    acts = c.handle(recv(5.0, "invite", Invite(device=DEV, round=7, version=0)))
+    again = published(acts)[0]
+    assert isinstance(again, Pull) and again.invite_round == 7 and again.seq > pull.seq
+
+
+def test_training_failure_retries_on_next_sample() -> None:
+    c = core()
+    job = to_training(c)
+    acts = c.handle(TrainingFailed(now=1.0, job_id=job, error="boom"))
+    assert c.state.phase is Phase.IDLE and any(isinstance(a, Notify) and a.kind == "training_failed" for a in acts)
+    assert c.wants_pull()  # the samples were never learned
+
+
+def test_partial_model_patches_deployed_copy() -> None:
+    c = core()
+    to_training(c)  # deployed v1 = all ones
+    acts = c.handle(recv(1.0, "model", model(2, reply_to=999, group="classifier")))
+    dep = next(a for a in acts if isinstance(a, DeployModel))
+    np.testing.assert_array_equal(dep.weights[SPEC.group_slice("extractor")], 1.0)
+    np.testing.assert_array_equal(dep.weights[SPEC.group_slice("classifier")], 2.0)
+
+
+def test_garbage_and_foreign_messages_are_counted_not_fatal() -> None:
+    c = core()
+    acts = c.handle(MessageReceived(now=0.0, topic=topics.device_topic("r1", DEV, "model"), payload=b"\xc1garbage"))
+    assert c.state.rejected_messages == 1 and isinstance(acts[0], Notify)
+    acts = c.handle(recv(0.0, "model", ModelMsg(model_id="other", version=1, reply_to=0, weights=np.zeros(SPEC.size, np.float32))))
+    assert c.state.rejected_messages == 2
+    wrong = ModelMsg(model_id="toy", version=1, reply_to=0, weights=np.zeros(3, np.float32))
+    c.handle(recv(0.0, "model", wrong))
+    assert c.state.rejected_messages == 3 and c.state.deployed is None
+
+
+def test_persist_precedes_every_publish_that_uses_a_new_seq() -> None:
+    c = core()
+    acts = c.handle(SampleAdded(now=0.0, total=3))
+    assert isinstance(acts[0], PersistDeviceState) and acts[0].next_seq == 1
+    assert isinstance(acts[1], Publish)
+
+
+def test_api_misuse_is_local_error() -> None:
+    c = core()
+    c.handle(SampleAdded(now=0.0, total=5))
+    with pytest.raises(LocalProtocolError):
+        c.handle(SampleAdded(now=1.0, total=4))
+    with pytest.raises(LocalProtocolError):
+        TimerFired(now=float("nan"))
