@@ -7,7 +7,7 @@ carries keep their current values.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -53,4 +53,33 @@ def mix(current: Vector, update: BufferedUpdate, alpha: float, spec: ModelSpec) 
     out = np.array(current, dtype=np.float32, copy=True)
     sl = spec.group_slice(update.group)
     out[sl] = (1.0 - alpha) * out[sl] + alpha * update.weights
+    return out
+
+
+def fedavg_deltas(
+    current: Vector,
+    updates: Sequence[BufferedUpdate],
+    spec: ModelSpec,
+    base_of: Callable[[int], Vector | None],
+    server_lr: float = 1.0,
+) -> Vector:
+    """w ← w + η Σ p_k (w_k − w_base(k)), p_k ∝ |D_k| (FedBuff-style, per slice).
+
+    Equal to :func:`fedavg` when every update starts from the current version and η = 1;
+    with stale updates it keeps the progress made since their base instead of dragging the
+    model back to it. An update whose base is no longer retained falls back to
+    ``w_k − w`` (model averaging) for its share.
+    """
+    out = np.array(current, dtype=np.float32, copy=True)
+    totals: dict[str, float] = {}
+    for u in updates:
+        totals[u.group] = totals.get(u.group, 0.0) + float(u.n_samples)
+    for u in updates:
+        total = totals[u.group]
+        if total <= 0:
+            continue
+        sl = spec.group_slice(u.group)
+        base = base_of(u.base_version)
+        reference = current[sl] if base is None else base[sl]
+        out[sl] += np.float32(server_lr * u.n_samples / total) * (u.weights - reference)
     return out

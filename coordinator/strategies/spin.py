@@ -8,6 +8,11 @@ clock at ``max(last aggregation, first update entering an empty buffer)``: after
 period a lone update then still waits π for company instead of replacing the model on
 arrival, and the timeout never fires on an empty buffer. ``timeout_s=None`` is
 SPIN-without-timeout (the paper's ablation).
+
+``combine="models"`` is the paper's rule: the new model *is* the sample-weighted average of
+the buffered models. With stale or very few updates that replaces the model by a few
+devices' views of an old version; ``combine="deltas"`` instead applies each update's change
+from its own base version to the current model (identical when nothing is stale).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from coordinator.strategies.aggregate import fedavg
+from coordinator.strategies.aggregate import fedavg, fedavg_deltas
 from coordinator.strategies.base import BufferedUpdate, CoordinatorView, Plan, Strategy
 from edge_sdk.errors import ConfigError
 from edge_sdk.spec import Vector
@@ -27,8 +32,14 @@ from edge_sdk.spec import Vector
 class SpinConfig:
     k: int = 10
     timeout_s: float | None = 30.0
+    combine: str = "models"
+    server_lr: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.combine not in ("models", "deltas"):
+            raise ConfigError(f"combine must be 'models' (paper) or 'deltas', got {self.combine!r}")
+        if not 0 < self.server_lr <= 1:
+            raise ConfigError("server_lr must be in (0, 1]")
         if self.k < 1:
             raise ConfigError("k must be >= 1")
         if self.timeout_s is not None and not self.timeout_s > 0:
@@ -58,10 +69,13 @@ class SpinStrategy(Strategy):
         return Plan(wake_at=deadline)
 
     def aggregate(self, view: CoordinatorView, updates: Sequence[BufferedUpdate]) -> Vector:
+        if self.config.combine == "deltas":
+            return fedavg_deltas(view.weights, updates, view.spec, view.weights_at, self.config.server_lr)
         return fedavg(view.weights, updates, view.spec)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "k": self.config.k, "timeout_s": self.config.timeout_s}
+        c = self.config
+        return {"name": self.name, "k": c.k, "timeout_s": c.timeout_s, "combine": c.combine}
 
 
 class SpinNoTimeoutStrategy(SpinStrategy):
@@ -70,5 +84,5 @@ class SpinNoTimeoutStrategy(SpinStrategy):
     name: ClassVar[str] = "spin-notimeout"
 
     def __init__(self, config: SpinConfig | None = None) -> None:
-        k = config.k if config else SpinConfig().k
-        super().__init__(SpinConfig(k=k, timeout_s=None))
+        c = config or SpinConfig()
+        super().__init__(SpinConfig(k=c.k, timeout_s=None, combine=c.combine, server_lr=c.server_lr))

@@ -302,7 +302,10 @@ class DeviceCore:
             PersistDeviceState(next_seq=s.next_seq, trained_upto=s.trained_upto),
             Publish(topic=self._t_update, payload=s.pending_payload, qos=1),
             ScheduleTimer(at=s.deadline),
-            Notify(kind="trained", data={"seq": seq, "loss": float(ev.loss), "seconds": float(ev.seconds)}),
+            Notify(
+                kind="trained",
+                data={"seq": seq, "job_id": ev.job_id, "loss": float(ev.loss), "seconds": float(ev.seconds)},
+            ),
         ]
 
     def _on_train_failed(self, ev: TrainingFailed) -> list[DeviceAction]:

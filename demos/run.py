@@ -1,0 +1,220 @@
+"""``edgeci run`` — the main job: one coordinator and a fleet of devices on real MQTT.
+
+Starts the embedded broker (amqtt, in-process) unless ``--broker`` is given, a SPIN
+coordinator, and N emulated devices whose users label their Dirichlet(α) share of the
+digits pool at Poisson times. A progress bar shows the deployed version and its held-out
+accuracy; the job ends with one summary line and an accuracy-over-time PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import queue
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from coordinator.broker import EmbeddedBroker
+from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
+from devices.live import LabellingLoop, LabellingUser
+from devices.partition import partition
+from edge_sdk.client import EdgeClient
+from edge_sdk.spec import Vector
+from edge_sdk.tasks import get_task
+from edge_sdk.tasks.base import Split, TrainConfig
+
+log = logging.getLogger("edgeci.run")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--broker", help="use this broker (mqtt://HOST:PORT) instead of the embedded one")
+    p.add_argument("--model", default="digits", help="task / model (default: digits)")
+    p.add_argument("--devices", type=int, default=20, help="number of devices (default: 20)")
+    p.add_argument("--duration", type=float, default=60.0, help="wall seconds of labelling (default: 60)")
+    p.add_argument("--rate", type=float, default=1.0, help="labels per second per device, Poisson (default: 1.0)")
+    p.add_argument("--alpha", type=float, default=1.0, help="Dirichlet α of the non-IID partition (default: 1)")
+    p.add_argument("--min-samples", type=int, default=8, help="D_min before a device's first pull (default: 8)")
+    p.add_argument("--k", type=int, default=5, help="SPIN: aggregate when K updates are buffered (default: 5)")
+    p.add_argument("--timeout", type=float, default=3.0, help="SPIN: timeout π in seconds (default: 3)")
+    p.add_argument("--combine", choices=["models", "deltas"], default="models", help="SPIN: average the buffered models (paper) or apply their deltas to the current model")
+    p.add_argument("--epochs", type=int, default=2, help="local epochs over all samples (default: 2)")
+    p.add_argument("--lr", type=float, default=0.05, help="local learning rate (default: 0.05)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("runs/latest"), help="where the plot and metrics go")
+    p.add_argument("--state-dir", type=Path, help="coordinator state dir (default: a fresh temp dir)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+
+
+@dataclass
+class Timeline:
+    """(wall seconds, version, accuracy) points, filled by the evaluator thread."""
+
+    t0: float
+    points: list[tuple[float, int, float]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, version: int, accuracy: float) -> None:
+        with self.lock:
+            self.points.append((time.monotonic() - self.t0, version, accuracy))
+
+    def last(self) -> tuple[float, int, float]:
+        with self.lock:
+            return self.points[-1]
+
+
+class Evaluator:
+    """Evaluates each committed version on the held-out split, off the coordinator's thread."""
+
+    def __init__(self, task: Any, timeline: Timeline) -> None:
+        self.task, self.timeline = task, timeline
+        self._q: queue.Queue[tuple[int, Vector] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="evaluator", daemon=True)
+
+    def start(self) -> Evaluator:
+        self._thread.start()
+        return self
+
+    def submit(self, version: int, weights: Vector) -> None:
+        self._q.put((version, np.array(weights, copy=True)))
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join(60)
+
+    def _run(self) -> None:
+        while (item := self._q.get()) is not None:
+            latest = item
+            while not self._q.empty():  # under load, skip to the newest version
+                nxt = self._q.get()
+                if nxt is None:
+                    self._q.put(None)
+                    break
+                latest = nxt
+            version, weights = latest
+            self.timeline.add(version, float(self.task.evaluate(weights)["accuracy"]))
+
+
+def plot(timeline: Timeline, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = [p[0] for p in timeline.points]
+    acc = [100 * p[2] for p in timeline.points]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    ax.step(t, acc, where="post", label="deployed model (held-out accuracy)")
+    ax.set_xlabel("wall time (s)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    task = get_task(args.model)
+    data = task.data()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.TemporaryDirectory(prefix="edgeci-run-")
+    state_dir = args.state_dir or Path(tmp.name) / "coordinator"
+    broker = None if args.broker else EmbeddedBroker().start()
+    url = args.broker or broker.url  # type: ignore[union-attr]
+    timeline = Timeline(t0=time.monotonic())
+    evaluator = Evaluator(task, timeline).start()
+    parts = partition(data.pool.y, args.devices, "dirichlet", alpha=args.alpha, seed=args.seed)
+    clients: list[EdgeClient] = []
+    coordinator = None
+    loop = None
+    try:
+        coordinator = CoordinatorDaemon(
+            CoordinatorOptions(
+                broker=url,
+                region="demo",
+                state_dir=state_dir,
+                model=args.model,
+                strategy_params={"k": args.k, "timeout_s": args.timeout, "combine": args.combine},
+                seed=args.seed,
+            ),
+            task=task,
+            on_commit=evaluator.submit,
+        )
+        v0 = coordinator.core.version
+        w0 = coordinator.core.weights
+        acc0 = float(task.evaluate(w0)["accuracy"])
+        timeline.add(v0, acc0)
+        coordinator.start()
+        train = TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed)
+        users = []
+        for i, idx in enumerate(parts):
+            client = EdgeClient(
+                broker=url,
+                device_id=f"device-{i:03d}",
+                region="demo",
+                task=task,
+                data_dir=Path(tmp.name) / f"device-{i:03d}",
+                min_samples=args.min_samples,
+                train=train,
+                seed=args.seed + i,
+            ).start()
+            clients.append(client)
+            users.append(LabellingUser(name=f"device-{i:03d}", stream=Split(x=data.pool.x[idx], y=data.pool.y[idx]), add=client.add_sample, rate=args.rate))
+        loop = LabellingLoop(users, seed=args.seed).start()
+        _watch(args, timeline, coordinator, loop)
+        loop.stop()
+        _drain(coordinator, timeline, settle_s=max(2.0, args.timeout * 1.5))
+    finally:
+        if loop is not None:
+            loop.stop()
+        for c in clients:
+            c.stop()
+        if coordinator is not None:
+            coordinator.stop()
+        evaluator.close()
+        if broker is not None:
+            broker.stop()
+    status = coordinator.core.status()
+    _, v_end, acc_end = timeline.last()
+    png = out / "accuracy.png"
+    plot(timeline, png, f"edgeci run: SPIN (K={args.k}, π={args.timeout:g} s), {args.devices} devices, {task.name}")
+    (out / "metrics.json").write_text(json.dumps({"points": timeline.points, "status": dataclasses.asdict(status)}, indent=1))
+    wall = time.monotonic() - timeline.t0
+    print(
+        f"deployed accuracy {100 * acc0:.1f}% → {100 * acc_end:.1f}% | versions {v0} → {v_end} | "
+        f"updates accepted {status.updates_accepted} (rejected {status.updates_rejected}, duplicates {status.updates_duplicate}) | "
+        f"samples labelled {loop.labelled if loop else 0} | wall {wall:.1f} s | plot {png}"
+    )
+    tmp.cleanup()
+    return 0
+
+
+def _watch(args: argparse.Namespace, timeline: Timeline, coordinator: CoordinatorDaemon, loop: LabellingLoop) -> None:
+    from tqdm import tqdm
+
+    with tqdm(total=int(args.duration), unit="s", disable=args.no_progress, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} s {postfix}") as bar:
+        start = time.monotonic()
+        while (elapsed := time.monotonic() - start) < args.duration:
+            time.sleep(min(1.0, args.duration - elapsed))
+            _, version, acc = timeline.last()
+            bar.n = min(int(time.monotonic() - start), int(args.duration))
+            bar.set_postfix_str(f"version {version} | accuracy {100 * acc:.1f}% | labelled {loop.labelled}")
+            if all(u.exhausted for u in loop.users):
+                break
+
+
+def _drain(coordinator: CoordinatorDaemon, timeline: Timeline, settle_s: float) -> None:
+    """Let in-flight training and the last timeout finish so the final version is evaluated."""
+    deadline = time.monotonic() + settle_s
+    while time.monotonic() < deadline:
+        time.sleep(0.2)

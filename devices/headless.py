@@ -1,0 +1,86 @@
+"""``edgeci device`` — one headless device whose emulated user labels its share of the
+task's pool at Poisson times, through the real SDK (store, core, MQTT, trainer)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+
+from devices.live import LabellingLoop, LabellingUser, device_index
+from devices.partition import partition
+from edge_sdk.client import EdgeClient
+from edge_sdk.tasks import get_task
+from edge_sdk.tasks.base import Split, TrainConfig
+
+log = logging.getLogger("edgeci.device")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="MQTT broker URL")
+    p.add_argument("--region", default="default", help="region of the coordinator to use")
+    p.add_argument("--device-id", required=True, help="this device's id (1-64 of A-Z a-z 0-9 _ . -)")
+    p.add_argument("--dataset", "--model", dest="model", default="digits", help="task whose pool is labelled")
+    p.add_argument("--data-dir", type=Path, help="SDK data dir (default: ~/.edgeci/devices/DEVICE_ID)")
+    p.add_argument("--fleet-size", type=int, default=20, help="the pool is split into this many partitions")
+    p.add_argument("--partition", type=int, help="partition index (default: from the device id)")
+    p.add_argument("--alpha", type=float, default=1.0, help="Dirichlet α of the partition")
+    p.add_argument("--rate", type=float, default=0.5, help="labels per second (Poisson)")
+    p.add_argument("--min-samples", type=int, default=8, help="D_min before the first pull")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: run until the partition is labelled, then keep serving)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.getLogger("edgeci").setLevel(logging.INFO)
+    task = get_task(args.model)
+    data = task.data()
+    index = args.partition if args.partition is not None else device_index(args.device_id, args.fleet_size)
+    parts = partition(data.pool.y, args.fleet_size, "dirichlet", alpha=args.alpha, seed=args.seed)
+    idx = parts[index]
+    data_dir = args.data_dir or Path("~/.edgeci/devices").expanduser() / args.device_id
+    client = EdgeClient(
+        broker=args.broker,
+        device_id=args.device_id,
+        region=args.region,
+        task=task,
+        data_dir=data_dir,
+        min_samples=args.min_samples,
+        train=TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed),
+        seed=args.seed,
+    )
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+
+    def show(kind: str, data: dict[str, object]) -> None:
+        print(f"[{args.device_id}] {kind}: {data}", flush=True)
+
+    for kind in ("model", "trained", "update_acked", "update_rejected", "deferred", "training_failed"):
+        client.on(kind, show)
+    already = client.store.stats().added
+    user = LabellingUser(
+        name=args.device_id,
+        stream=Split(x=data.pool.x[idx[already:]], y=data.pool.y[idx[already:]]),
+        add=client.add_sample,
+        rate=args.rate,
+    )
+    client.start()
+    print(
+        f"device {args.device_id}: partition {index}/{args.fleet_size} ({len(idx)} samples, {already} already labelled), "
+        f"D_min {args.min_samples}, {args.rate:g} labels/s, broker {args.broker}",
+        flush=True,
+    )
+    loop = LabellingLoop([user], seed=args.seed + index).start()
+    t0 = time.monotonic()
+    while not done.wait(1.0):
+        if args.duration and time.monotonic() - t0 >= args.duration:
+            break
+    loop.stop()
+    client.stop()
+    return 0

@@ -1,0 +1,245 @@
+"""EdgeClient — what a device app embeds.
+
+    with EdgeClient(broker="mqtt://127.0.0.1:1883", device_id="headset-7", task="digits",
+                    data_dir="~/.edgeci") as client:
+        client.add_sample(x, label)      # durable when it returns; may trigger a pull
+        client.predict(batch)            # with the latest deployed model
+        client.version                   # its version
+
+Behind it: the durable :class:`~edge_sdk.store.SampleStore`, the sans-IO
+:class:`~edge_sdk.core.device.DeviceCore` on an actor thread, the paho transport, and a
+single trainer thread so that local fine-tuning never blocks the protocol.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from edge_sdk.core.device import DeviceConfig, DeviceCore
+from edge_sdk.core.events import (
+    DeployModel,
+    MessageReceived,
+    Notify,
+    PersistDeviceState,
+    Publish,
+    SampleAdded,
+    StartTraining,
+    TrainingFailed,
+    TrainingFinished,
+    TrainingJob,
+)
+from edge_sdk.errors import LocalProtocolError
+from edge_sdk.modelio import load_model, save_model
+from edge_sdk.mqtt import MqttTransport
+from edge_sdk.runtime import Actor, Clock, WallClock
+from edge_sdk.spec import Vector
+from edge_sdk.store import SampleStore
+from edge_sdk.tasks import get_task
+from edge_sdk.tasks.base import Task, TrainConfig
+from edge_sdk.wire.codec import Encoding
+
+log = logging.getLogger("edgeci.device")
+Callback = Callable[[str, dict[str, Any]], None]
+
+
+class EdgeClient:
+    """A device's SDK handle. Thread-safe: call it from the app's threads."""
+
+    def __init__(
+        self,
+        *,
+        broker: str,
+        device_id: str,
+        data_dir: str | Path,
+        region: str = "default",
+        task: str | Task = "digits",
+        min_samples: int = 16,
+        train: TrainConfig | None = None,
+        encoding: Encoding = "f4",
+        request_timeout_s: float = 10.0,
+        clock: Clock | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.task: Task = get_task(task) if isinstance(task, str) else task
+        self.data_dir = Path(data_dir).expanduser()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.train_config = train or TrainConfig(seed=seed)
+        self.clock = clock or WallClock()
+        sample_shape = tuple(self.task.data().test.x.shape[1:])
+        self.store = SampleStore.open(
+            self.data_dir / "samples.sqlite3", sample_shape=sample_shape, n_classes=self.task.data().n_classes
+        )
+        self._model_path = self.data_dir / "deployed.npz"
+        self._lock = threading.Lock()
+        self._deployed: tuple[int, Vector] | None = self._load_deployed()
+        self._callbacks: dict[str, list[Callback]] = defaultdict(list)
+        self._job_ids: dict[int, list[int]] = {}
+        self._version_changed = threading.Condition()
+        cfg = DeviceConfig(
+            device_id=device_id,
+            region=region,
+            spec=self.task.spec,
+            min_samples=min_samples,
+            encoding=encoding,
+            request_timeout_s=request_timeout_s,
+        )
+        next_seq = int(self.store.get_meta("next_seq", 0) or 0)
+        trained_upto = int(self.store.get_meta("trained_upto", 0) or 0)
+        self.core = DeviceCore(cfg, rng=random.Random(seed), next_seq=next_seq, trained_upto=trained_upto, total=self._added())
+        if self._deployed is not None:
+            self.core.state.deployed_version, self.core.state.deployed = self._deployed
+        self.actor = Actor(f"device-{device_id}", self.core.handle, self._perform, clock=self.clock)
+        self._trainer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"train-{device_id}")
+        self.transport = MqttTransport(
+            broker, client_id=f"dev-{region}-{device_id}", subscriptions=self.core.subscriptions(), on_message=self._on_message
+        )
+        self._started = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, timeout: float = 15.0) -> EdgeClient:
+        self.actor.start()
+        self.transport.start(timeout)
+        self._started = True
+        self.actor.call(lambda: self.actor.run_actions(self.core.start(self.clock.now())))
+        return self
+
+    def stop(self) -> None:
+        if self._started:
+            self.transport.stop()
+            self._started = False
+        self.actor.stop()
+        self._trainer.shutdown(wait=True, cancel_futures=True)
+        self.store.close()
+
+    def __enter__(self) -> EdgeClient:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ app API
+
+    def add_sample(self, x: npt.NDArray[Any], label: int, *, timestamp: float | None = None) -> int:
+        """Store one labelled sample durably (typed ``InvalidSample`` on bad input), then let
+        the protocol react (the first pull waits for ``min_samples``)."""
+        sample_id = self.store.add(np.asarray(x, dtype=np.float32), label, timestamp=timestamp)
+        total = self._added()
+        self.actor.submit(lambda now: SampleAdded(now=now, total=total))
+        return sample_id
+
+    @property
+    def version(self) -> int | None:
+        with self._lock:
+            return None if self._deployed is None else self._deployed[0]
+
+    @property
+    def weights(self) -> Vector | None:
+        with self._lock:
+            return None if self._deployed is None else self._deployed[1]
+
+    def predict(self, x: npt.NDArray[Any]) -> npt.NDArray[np.int64]:
+        """Class labels for a batch, from the latest deployed model."""
+        with self._lock:
+            deployed = self._deployed
+        if deployed is None:
+            raise LocalProtocolError("no model deployed yet: add samples until the first pull completes")
+        logits = self.task.logits(deployed[1], np.asarray(x, dtype=np.float32))  # type: ignore[attr-defined]
+        return np.asarray(np.argmax(logits, axis=1), dtype=np.int64)
+
+    def on(self, kind: str, callback: Callback) -> None:
+        """Subscribe to notifications: ``model``, ``trained``, ``update_acked``, ``update_rejected``,
+        ``deferred``, ``retry``, ``training_failed``, ``message_rejected`` (or ``*`` for all)."""
+        self._callbacks[kind].append(callback)
+
+    def wait_for_version(self, version: int, timeout: float) -> bool:
+        """Block until a model of at least ``version`` is deployed (for scripts and tests)."""
+        with self._version_changed:
+            return self._version_changed.wait_for(lambda: (self.version or -1) >= version, timeout)
+
+    # ------------------------------------------------------------------ internals
+
+    def _added(self) -> int:
+        return self.store.stats().added
+
+    def _load_deployed(self) -> tuple[int, Vector] | None:
+        if not self._model_path.exists():
+            return None
+        _, weights, meta = load_model(self._model_path, expect=self.task.spec)
+        return int(meta.get("version", 0)), weights
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        self.actor.submit(lambda now: MessageReceived(now=now, topic=topic, payload=payload))
+
+    def _emit(self, kind: str, data: dict[str, Any]) -> None:
+        for cb in (*self._callbacks.get(kind, ()), *self._callbacks.get("*", ())):
+            try:
+                cb(kind, data)
+            except Exception:
+                log.exception("callback for %s failed", kind)
+
+    def _perform(self, action: object) -> None:
+        if isinstance(action, Publish):
+            self.transport.publish(action.topic, action.payload, qos=action.qos, retain=action.retain)
+        elif isinstance(action, PersistDeviceState):
+            self.store.set_meta_many({"next_seq": action.next_seq, "trained_upto": action.trained_upto})
+        elif isinstance(action, StartTraining):
+            self._trainer.submit(self._train, action.job)
+        elif isinstance(action, DeployModel):
+            save_model(self._model_path, self.task.spec, action.weights, {"version": action.version})
+            with self._lock:
+                self._deployed = (action.version, np.array(action.weights, dtype=np.float32))
+            with self._version_changed:
+                self._version_changed.notify_all()
+        elif isinstance(action, Notify):
+            self._on_notify(action)
+        else:
+            raise TypeError(f"unknown action {action!r}")
+
+    def _on_notify(self, note: Notify) -> None:
+        if note.kind == "trained":
+            ids = self._job_ids.pop(int(note.data["job_id"]), [])
+            self.store.mark_used(ids, int(note.data["seq"]))
+        elif note.kind == "update_acked":
+            self.store.mark_acked(int(note.data["seq"]))
+        self._emit(note.kind, dict(note.data))
+
+    def _train(self, job: TrainingJob) -> None:
+        """Trainer thread: fine-tune on all local samples, hand the result to the actor."""
+        try:
+            snap = self.store.snapshot("array")
+            cfg = self.train_config
+            hints = job.hints
+            config = TrainConfig(
+                epochs=int(hints.get("epochs", cfg.epochs)),
+                batch_size=int(hints.get("batch_size", cfg.batch_size)),
+                lr=float(hints.get("lr", cfg.lr)),
+                seed=cfg.seed + job.job_id,
+                group=job.group,
+            )
+            result = self.task.local_update(job.weights, snap.x, snap.y, config)
+            self._job_ids[job.job_id] = [int(i) for i in snap.ids]
+            self.actor.submit(
+                lambda now: TrainingFinished(
+                    now=now,
+                    job_id=job.job_id,
+                    weights=result.weights,
+                    n_samples=result.n_samples,
+                    loss=result.loss,
+                    seconds=result.seconds,
+                )
+            )
+        except Exception as exc:
+            log.exception("local training failed")
+            err = f"{type(exc).__name__}: {exc}"
+            self.actor.submit(lambda now: TrainingFailed(now=now, job_id=job.job_id, error=err))
