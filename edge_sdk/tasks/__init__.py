@@ -1,0 +1,48 @@
+"""Learning tasks by name. Modules are imported only when their task is asked for, so a
+device that runs digits never imports the detection stack.
+
+Adding a task is one line in :data:`TASKS`: ``"name": "module.path:ClassName"``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from edge_sdk.errors import ConfigError
+from edge_sdk.tasks.base import Split, Task, TaskData, TrainConfig, TrainResult
+
+__all__ = [
+    "TASKS",
+    "Split",
+    "Task",
+    "TaskData",
+    "TrainConfig",
+    "TrainResult",
+    "get_task",
+    "known_tasks",
+]
+
+TASKS: dict[str, str] = {
+    "digits": "edge_sdk.tasks.digits:DigitsTask",
+    "gestures": "edge_sdk.tasks.gestures:GestureTask",
+}
+
+
+def known_tasks() -> tuple[str, ...]:
+    """Registered task names, sorted."""
+    return tuple(sorted(TASKS))
+
+
+def get_task(name: str, **kwargs: Any) -> Task:
+    """A new instance of the task registered as ``name``; ``kwargs`` go to its constructor
+    (``device=`` for the torch tasks)."""
+    try:
+        target = TASKS[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown task {name!r}; known tasks: {', '.join(known_tasks())}"
+        ) from None
+    module_name, _, class_name = target.partition(":")
+    task: Task = getattr(importlib.import_module(module_name), class_name)(**kwargs)
+    return task

@@ -1,0 +1,109 @@
+"""Milliseconds per local update (SPIN: E epochs over a device's samples), per task.
+
+Compares :meth:`Task.local_update` (cached per-thread module bound zero-copy to the
+vector, index-sliced batches) against a naive baseline run in the same process (build the
+module, load a state dict, DataLoader, copy weights back), and prints the ratio.
+
+    .venv/bin/python benchmarks/local_update_speed.py [--samples 50] [--epochs 2] [--repeats 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from time import perf_counter
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from edge_sdk.tasks import get_task
+from edge_sdk.tasks.base import TrainConfig
+from edge_sdk.torchbridge import module_to_vector
+from edge_sdk.trainer import ClassifierTask
+
+
+def naive_update(
+    task: ClassifierTask, weights: np.ndarray, x: np.ndarray, y: np.ndarray, config: TrainConfig
+) -> np.ndarray:
+    """What a straightforward implementation does on every call."""
+    module = task.build_module()
+    state = {
+        p.name: torch.from_numpy(task.spec.view(weights, p.name).copy()) for p in task.spec.params
+    }
+    module.load_state_dict(state)
+    loader = DataLoader(
+        TensorDataset(torch.from_numpy(x), torch.from_numpy(y)),
+        batch_size=config.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+    optimizer = torch.optim.SGD(module.parameters(), lr=config.lr)
+    module.train()
+    for _ in range(config.epochs):
+        for xb, yb in loader:
+            optimizer.zero_grad()
+            F.cross_entropy(module(xb), yb).backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+    return module_to_vector(module, task.spec)
+
+
+def interleaved_ms(fns: dict[str, Callable[[int], object]], repeats: int) -> dict[str, float]:
+    """Median ms per call of each function, calls alternating so that load from other
+    processes drifts over all of them alike (the ratio is what is meant to be read)."""
+    for i in range(min(10, repeats)):  # warm-up: allocator, caches, lazy init
+        for fn in fns.values():
+            fn(i)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for i in range(repeats):
+        for name, fn in fns.items():
+            started = perf_counter()
+            fn(i)
+            samples[name].append(perf_counter() - started)
+    return {name: float(np.median(s) * 1e3) for name, s in samples.items()}
+
+
+def bench_task(name: str, args: argparse.Namespace) -> None:
+    task = get_task(name, device="cpu")
+    assert isinstance(task, ClassifierTask)
+    pool = task.data().pool
+    x, y = pool.x[: args.samples], pool.y[: args.samples]
+    weights = task.pretrained(seed=0)
+
+    def config(i: int) -> TrainConfig:
+        return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=i)
+
+    ms = interleaved_ms(
+        {
+            "ours": lambda i: task.local_update(weights, x, y, config(i)),
+            "naive": lambda i: naive_update(task, weights, x, y, config(i)),
+        },
+        args.repeats,
+    )
+    ours_ms, naive_ms = ms["ours"], ms["naive"]
+    print(
+        f"{name:9s} ({task.spec.size:6d} params): local_update {ours_ms:6.2f} ms, "
+        f"naive {naive_ms:6.2f} ms, naive/ours = {naive_ms / ours_ms:4.2f}x"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=50)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(
+        f"{args.samples} samples x {args.epochs} epochs, batch {args.batch_size}, "
+        f"{args.threads} thread(s), median of {args.repeats}"
+    )
+    for name in ("digits", "gestures"):
+        bench_task(name, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,335 @@
+"""Tasks (digits, gestures), the registry, and the trainer they share."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edge_sdk import trainer
+from edge_sdk.errors import ConfigError, InvalidSample, NonFiniteWeights, ShapeMismatch
+from edge_sdk.tasks import get_task, known_tasks
+from edge_sdk.tasks.base import Task, TrainConfig
+from edge_sdk.tasks.digits import DigitsTask
+from edge_sdk.tasks.gestures import GESTURES, GestureTask, make_gestures, user_style
+from edge_sdk.trainer import ClassifierTask, select_device, stratified_split
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def digits() -> DigitsTask:
+    return DigitsTask(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def gestures() -> GestureTask:
+    return GestureTask(device="cpu")
+
+
+@pytest.fixture(scope="module", params=["digits", "gestures"])
+def task(
+    request: pytest.FixtureRequest, digits: DigitsTask, gestures: GestureTask
+) -> ClassifierTask:
+    return digits if request.param == "digits" else gestures
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def test_registry_builds_tasks_by_name() -> None:
+    assert {"digits", "gestures"} <= set(known_tasks())
+    task = get_task("digits", device="cpu")
+    assert isinstance(task, DigitsTask)
+    assert isinstance(task, Task)
+    assert task.spec.model_id == "digits-cnn"
+    assert get_task("gestures", device="cpu").spec.model_id == "gesture-cnn1d"
+
+
+def test_unknown_task_error_lists_known_names() -> None:
+    with pytest.raises(ConfigError, match="digits, gestures"):
+        get_task("mnist")
+
+
+# ----------------------------------------------------------------------------- data splits
+
+
+def test_stratified_split_is_disjoint_complete_and_deterministic() -> None:
+    y = np.repeat(np.arange(5), [30, 31, 29, 40, 20]).astype(np.int64)
+    pretrain, pool, test = stratified_split(y, n_test=30, pretrain_per_class=3, seed=1)
+    everything = np.concatenate([pretrain, pool, test])
+    assert len(everything) == len(set(everything.tolist())) == len(y)
+    assert len(test) == 30
+    assert np.bincount(y[pretrain]).tolist() == [3] * 5
+    assert np.bincount(y[test]).min() >= 3  # every class is tested
+    again = stratified_split(y, n_test=30, pretrain_per_class=3, seed=1)
+    for a, b in zip((pretrain, pool, test), again):
+        np.testing.assert_array_equal(a, b)
+    other = stratified_split(y, n_test=30, pretrain_per_class=3, seed=2)
+    assert not np.array_equal(other[1], pool)
+
+
+def test_task_splits_are_deterministic_across_instances(task: ClassifierTask) -> None:
+    fresh = type(task)(device="cpu").data()
+    for name in ("pretrain", "pool", "test"):
+        mine, theirs = getattr(task.data(), name), getattr(fresh, name)
+        np.testing.assert_array_equal(mine.x, theirs.x)
+        np.testing.assert_array_equal(mine.y, theirs.y)
+
+
+def test_digits_split_shapes(digits: DigitsTask) -> None:
+    data = digits.data()
+    assert len(data.test) == 360
+    assert np.bincount(data.pretrain.y).tolist() == [4] * 10
+    assert len(data.pretrain) + len(data.pool) + len(data.test) == 1797
+    assert data.pool.x.dtype == np.float32 and data.pool.x.shape[1:] == (1, 8, 8)
+    assert data.pool.x.min() >= 0.0 and data.pool.x.max() <= 1.0
+    # The sklearn digits contain no exact duplicate images, so row sets must not meet.
+    rows = {
+        name: {r.tobytes() for r in getattr(data, name).x} for name in ("pretrain", "pool", "test")
+    }
+    assert not rows["pretrain"] & rows["pool"]
+    assert not rows["pretrain"] & rows["test"]
+    assert not rows["pool"] & rows["test"]
+
+
+def test_gesture_split_shapes_and_users(gestures: GestureTask) -> None:
+    data = gestures.data()
+    assert data.n_classes == len(GESTURES) == 8
+    assert data.pool.x.shape[1:] == (32, 4) and data.pool.x.dtype == np.float32
+    assert len(data.test) == 400
+    assert np.bincount(data.pretrain.y).tolist() == [4] * 8
+    pool_users = gestures.users("pool")
+    assert pool_users.shape == data.pool.y.shape
+    assert len(np.unique(pool_users)) == gestures.n_users
+    with pytest.raises(ConfigError):
+        gestures.users("train")
+
+
+# ----------------------------------------------------------------------------- gesture generator
+
+
+def test_gesture_generator_shapes_and_determinism() -> None:
+    labels = np.arange(8).repeat(2)
+    x = make_gestures(labels, user_id=3, seed=5)
+    assert x.shape == (16, 32, 4) and x.dtype == np.float32
+    assert np.isfinite(x).all()
+    np.testing.assert_array_equal(x, make_gestures(labels, user_id=3, seed=5))
+    assert not np.array_equal(x, make_gestures(labels, user_id=3, seed=6))
+    assert make_gestures([0], user_id=0, length=48).shape == (1, 48, 4)
+
+
+def test_users_draw_differently() -> None:
+    assert user_style(1) == user_style(1)
+    assert user_style(1) != user_style(2)
+    a = make_gestures([4] * 20, user_id=1, seed=0)
+    b = make_gestures([4] * 20, user_id=2, seed=0)
+    # Style (scale, offset, speed) moves the per-user mean path, not just the noise.
+    gap = np.abs(a[:, :, :2].mean(axis=0) - b[:, :, :2].mean(axis=0)).mean()
+    spread = a[:, :, :2].std(axis=0).mean()
+    assert gap > spread / 2
+
+
+def test_gesture_velocity_channels_are_scaled_position_differences() -> None:
+    x = make_gestures([1], user_id=0)[0]
+    np.testing.assert_allclose(x[1:, 2:], np.diff(x[:, :2], axis=0) * 8.0, atol=1e-5)
+
+
+def test_swipes_move_in_their_direction() -> None:
+    x = make_gestures(np.arange(4).repeat(10), user_id=0, seed=0)
+    net = (x[:, -1, :2] - x[:, 0, :2]).reshape(4, 10, 2).mean(axis=1)
+    assert net[0, 0] < -0.3 and net[1, 0] > 0.3  # left, right
+    assert net[2, 1] > 0.3 and net[3, 1] < -0.3  # up, down
+
+
+def test_generator_rejects_bad_arguments() -> None:
+    with pytest.raises(ConfigError):
+        make_gestures([8], user_id=0)
+    with pytest.raises(ConfigError):
+        make_gestures([0], user_id=-1)
+    with pytest.raises(ConfigError):
+        make_gestures([0], user_id=0, length=4)
+
+
+# ----------------------------------------------------------------------------- pretrained model
+
+
+@pytest.mark.parametrize(("name", "low", "high"), [("digits", 0.6, 0.85), ("gestures", 0.6, 0.85)])
+def test_pretrained_accuracy_leaves_headroom(
+    name: str, low: float, high: float, digits: DigitsTask, gestures: GestureTask
+) -> None:
+    task = digits if name == "digits" else gestures
+    metrics = task.evaluate(task.pretrained(seed=0))
+    assert low <= metrics["accuracy"] <= high
+    assert np.isfinite(metrics["loss"]) and metrics["loss"] > 0
+    assert metrics["n"] == len(task.data().test)
+
+
+def test_pretrained_is_deterministic_and_not_shared(task: ClassifierTask) -> None:
+    first = task.pretrained(seed=0)
+    first[:] = 0.0  # a caller mutating its copy must not poison the cache
+    again = task.pretrained(seed=0)
+    fresh = type(task)(device="cpu").pretrained(seed=0)
+    np.testing.assert_array_equal(again, fresh)
+    assert not np.array_equal(again, first)
+    assert not np.array_equal(fresh, task.pretrained(seed=1))
+
+
+# ----------------------------------------------------------------------------- local updates
+
+
+def test_local_update_on_pool_samples_improves_accuracy(task: ClassifierTask) -> None:
+    weights = task.pretrained(seed=0)
+    pool = task.data().pool
+    before = task.evaluate(weights)["accuracy"]
+    result = task.local_update(weights, pool.x[:300], pool.y[:300], TrainConfig(epochs=3))
+    after = task.evaluate(result.weights)["accuracy"]
+    assert after >= before + 0.05
+    assert result.n_samples == 300
+    assert np.isfinite(result.loss) and result.seconds > 0
+
+
+def test_local_update_never_modifies_its_input(task: ClassifierTask) -> None:
+    weights = task.pretrained(seed=0)
+    keep = weights.copy()
+    pool = task.data().pool
+    result = task.local_update(weights, pool.x[:20], pool.y[:20], TrainConfig(epochs=1))
+    np.testing.assert_array_equal(weights, keep)
+    assert not np.shares_memory(result.weights, weights)
+    assert not np.array_equal(result.weights, weights)
+
+
+def test_local_update_is_deterministic(task: ClassifierTask) -> None:
+    weights = task.pretrained(seed=0)
+    pool = task.data().pool
+    config = TrainConfig(epochs=2, seed=7)
+    a = task.local_update(weights, pool.x[:40], pool.y[:40], config)
+    b = task.local_update(weights, pool.x[:40], pool.y[:40], config)
+    np.testing.assert_array_equal(a.weights, b.weights)
+    assert a.loss == b.loss
+    c = task.local_update(weights, pool.x[:40], pool.y[:40], TrainConfig(epochs=2, seed=8))
+    assert not np.array_equal(a.weights, c.weights)
+
+
+@pytest.mark.parametrize(
+    ("trained", "frozen"), [("classifier", "extractor"), ("extractor", "classifier")]
+)
+def test_group_training_leaves_the_other_group_bit_identical(
+    task: ClassifierTask, trained: str, frozen: str
+) -> None:
+    weights = task.pretrained(seed=0)
+    pool = task.data().pool
+    result = task.local_update(
+        weights, pool.x[:64], pool.y[:64], TrainConfig(epochs=2, group=trained)
+    )
+    kept, moved = task.spec.group_slice(frozen), task.spec.group_slice(trained)
+    assert result.weights[kept].tobytes() == weights[kept].tobytes()
+    assert not np.array_equal(result.weights[moved], weights[moved])
+    # the cached module must come back fully trainable for the next full update
+    full = task.local_update(weights, pool.x[:64], pool.y[:64], TrainConfig(epochs=1))
+    assert not np.array_equal(full.weights[kept], weights[kept])
+
+
+def test_local_update_accepts_read_only_weights_and_samples(digits: DigitsTask) -> None:
+    weights = digits.pretrained(seed=0)
+    decoded = np.frombuffer(weights.tobytes(), dtype=np.float32)  # as the wire codec returns
+    pool = digits.data().pool
+    x = pool.x[:16].copy()
+    x.setflags(write=False)
+    result = digits.local_update(decoded, x, pool.y[:16], TrainConfig(epochs=1))
+    assert result.weights.flags.writeable
+    assert digits.evaluate(decoded)["accuracy"] == digits.evaluate(weights)["accuracy"]
+
+
+def test_invalid_samples_and_weights_are_rejected(digits: DigitsTask) -> None:
+    weights = digits.pretrained(seed=0)
+    pool = digits.data().pool
+    config = TrainConfig(epochs=1)
+    with pytest.raises(InvalidSample):
+        digits.local_update(weights, pool.x[:4, :, :4], pool.y[:4], config)
+    with pytest.raises(InvalidSample):
+        digits.local_update(weights, pool.x[:4], np.array([0, 1, 2, 10]), config)
+    with pytest.raises(InvalidSample):
+        digits.local_update(weights, pool.x[:4], pool.y[:3], config)
+    with pytest.raises(InvalidSample):
+        digits.local_update(weights, pool.x[:0], pool.y[:0], config)
+    with pytest.raises(ShapeMismatch):
+        digits.local_update(weights[:-1], pool.x[:4], pool.y[:4], config)
+    bad = weights.copy()
+    bad[0] = np.nan
+    with pytest.raises(NonFiniteWeights):
+        digits.local_update(bad, pool.x[:4], pool.y[:4], config)
+    with pytest.raises(ConfigError):
+        digits.local_update(weights, pool.x[:4], pool.y[:4], TrainConfig(group="decoder"))
+
+
+# ----------------------------------------------------------------------------- features and logits
+
+
+def test_features_feed_the_classifier_to_give_the_logits(task: ClassifierTask) -> None:
+    weights = task.pretrained(seed=0)
+    x = task.data().test.x[:50]
+    z = task.features(weights, x)
+    assert z.shape == (50, 32) and z.dtype == np.float32
+    w = task.spec.view(weights, "classifier.weight")
+    b = task.spec.view(weights, "classifier.bias")
+    np.testing.assert_allclose(z @ w.T + b, task.logits(weights, x), rtol=1e-5, atol=1e-5)
+    # the extractor alone determines z: changing the classifier leaves it alone
+    other = weights.copy()
+    other[task.spec.group_slice("classifier")] += 1.0
+    np.testing.assert_array_equal(task.features(other, x), z)
+
+
+def test_evaluate_counts_correct_predictions(digits: DigitsTask) -> None:
+    weights = digits.pretrained(seed=0)
+    test = digits.data().test
+    predicted = digits.logits(weights, test.x).argmax(axis=1)
+    assert digits.evaluate(weights)["accuracy"] == pytest.approx(
+        float((predicted == test.y).mean())
+    )
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+def test_select_device_follows_argument_then_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(trainer.DEVICE_ENV, "cpu")
+    assert select_device() == torch.device("cpu")
+    assert select_device("cpu") == torch.device("cpu")
+    monkeypatch.setenv(trainer.DEVICE_ENV, "tpu")
+    with pytest.raises(ConfigError):
+        select_device()
+    assert select_device("cpu") == torch.device("cpu")  # the argument wins over the env
+    monkeypatch.delenv(trainer.DEVICE_ENV)
+    auto = select_device()
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert auto.type in (expected, "mps")
+
+
+def test_unavailable_cuda_is_a_config_error() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(ConfigError, match="CUDA"):
+        select_device("cuda")
+
+
+def test_configure_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv(trainer.THREADS_ENV, "1")
+        assert trainer.configure_threads() == 1
+        with pytest.raises(ConfigError):
+            trainer.configure_threads(0)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_seeded_restores_the_global_generator() -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    with trainer.seeded(5):
+        inside = torch.rand(3)
+    np.testing.assert_array_equal(torch.rand(3).numpy(), expected.numpy())
+    with trainer.seeded(5):
+        np.testing.assert_array_equal(torch.rand(3).numpy(), inside.numpy())
