@@ -165,7 +165,7 @@ class EdgeClient:
     def wait_for_version(self, version: int, timeout: float) -> bool:
         """Block until a model of at least ``version`` is deployed (for scripts and tests)."""
         with self._version_changed:
-            return self._version_changed.wait_for(lambda: (self.version or -1) >= version, timeout)
+            return self._version_changed.wait_for(lambda: (v := self.version) is not None and v >= version, timeout)
 
     # ------------------------------------------------------------------ internals
 

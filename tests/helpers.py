@@ -12,7 +12,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from coordinator.core import CommitVersion, CoordinatorConfig, CoordinatorCore, PersistUpdate, Snapshot
+from coordinator.core import (
+    CommitVersion,
+    CoordinatorConfig,
+    CoordinatorCore,
+    PersistUpdate,
+    Snapshot,
+)
 from coordinator.strategies import Strategy, make_strategy
 from edge_sdk.core.device import DeviceConfig, DeviceCore
 from edge_sdk.core.events import (

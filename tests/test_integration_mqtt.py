@@ -106,7 +106,8 @@ def coordinator_process(url: str, state_dir: Path, *, k: int = 5, timeout: float
         assert proc.poll() is None, "".join(lines)
         yield proc
     finally:
-        if proc.poll() is None:
+        terminated = proc.poll() is None
+        if terminated:
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(20)
@@ -116,6 +117,9 @@ def coordinator_process(url: str, state_dir: Path, *, k: int = 5, timeout: float
         pumper.join(10)
         assert proc.stdout is not None
         proc.stdout.close()
+    if terminated:
+        assert proc.returncode == 0, "SIGTERM must shut the coordinator down cleanly:\n" + "".join(lines[-20:])
+        assert any("stopped cleanly" in line for line in lines), "".join(lines[-20:])
 
 
 class Fleet:

@@ -1,0 +1,83 @@
+"""The zero-setup path: the embedded amqtt broker, the in-process coordinator and devices
+(the `edgeci run` main job, shortened)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from coordinator.broker import EmbeddedBroker
+from coordinator.cli_status import read_status
+from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
+from edge_sdk.client import EdgeClient
+from edge_sdk.errors import InvalidSample, LocalProtocolError
+from edge_sdk.tasks import get_task
+from edge_sdk.tasks.base import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _wait(predicate: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_main_job_on_embedded_broker_improves_accuracy(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "demos.cli", "run", "--devices", "8", "--duration", "25", "--rate", "3",
+         "--no-progress", "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = out.stdout.strip().splitlines()[-1]
+    m = re.search(r"deployed accuracy ([\d.]+)% → ([\d.]+)% \| versions 0 → (\d+) \| updates accepted (\d+)", line)
+    assert m, line
+    before, after, versions, accepted = float(m[1]), float(m[2]), int(m[3]), int(m[4])
+    assert after > before + 5.0, line
+    assert versions >= 3 and accepted >= versions
+    png = tmp_path / "run" / "accuracy.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"]["version"] == versions
+
+
+def test_sdk_round_trip_on_embedded_broker(tmp_path: Path) -> None:
+    """One device through the SDK: threshold, pull, train, push, ack, deploy, predict."""
+    task = get_task("digits")
+    pool = task.data().pool
+    with EmbeddedBroker() as broker:
+        daemon = CoordinatorDaemon(
+            CoordinatorOptions(broker=broker.url, region="emb", state_dir=tmp_path / "c", strategy_params={"k": 1, "timeout_s": 5.0}),
+            task=task,
+        )
+        with daemon:
+            client = EdgeClient(broker=broker.url, device_id="solo", region="emb", task=task, data_dir=tmp_path / "d", min_samples=4, train=TrainConfig(epochs=1))
+            acked: list[dict[str, object]] = []
+            client.on("update_acked", lambda kind, data: acked.append(data))
+            with client:
+                with pytest.raises(LocalProtocolError):
+                    client.predict(pool.x[:2])  # nothing deployed before the first pull
+                with pytest.raises(InvalidSample):
+                    client.add_sample(pool.x[0][:, :4], 1)  # wrong shape: typed, nothing stored
+                assert client.store.count() == 0
+                for i in range(4):
+                    client.add_sample(pool.x[i], int(pool.y[i]))
+                assert client.wait_for_version(0, timeout=60), "the first pull was never answered"
+                _wait(lambda: bool(acked), 60)
+                assert acked[0]["status"] == "accepted"
+                # SPIN devices receive new versions on their next pull: one more label.
+                client.add_sample(pool.x[4], int(pool.y[4]))
+                assert client.wait_for_version(1, timeout=60), "the device never received version 1"
+                assert client.predict(pool.x[:5]).shape == (5,)
+            status = read_status(broker.url, "emb")
+            assert status["version"] >= 1 and status["updates_accepted"] >= 1 and status["devices_seen"] == 1
