@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from coordinator.peering.base import BROADCAST, Peering, PeerPlan
 from coordinator.strategies.base import BufferedUpdate, Plan, Strategy
 from edge_sdk.core.events import MessageReceived, Notify, Publish, ScheduleTimer, TimerFired
 from edge_sdk.errors import (
@@ -61,7 +62,7 @@ from edge_sdk.errors import (
 from edge_sdk.spec import FULL, ModelSpec, Vector
 from edge_sdk.wire import topics
 from edge_sdk.wire.codec import DEFAULT_MAX_BYTES, Encoding, decode, encode, status_json
-from edge_sdk.wire.messages import Ack, Invite, Message, ModelMsg, Pull, Status, Update
+from edge_sdk.wire.messages import Ack, Invite, Message, ModelMsg, PeerMsg, Pull, Status, Update
 
 CoordinatorEvent = MessageReceived | TimerFired
 
@@ -98,12 +99,22 @@ class CoordinatorConfig:
     """Training hints sent with every model (e.g. epochs, lr)."""
     keep_versions: int = 8
     """How many past global vectors stay in memory for staleness-aware strategies."""
+    full_sync_every: int = 0
+    """LASP (HFedMS): every T-th version is a full sync; versions in between change only
+    ``partial_group`` and devices exchange only that group. 0 disables LASP."""
+    partial_group: str = "classifier"
 
     def __post_init__(self) -> None:
         topics.check_id(self.region, "region")
         topics.check_id(self.coordinator_id, "coordinator id")
+        if self.coordinator_id == BROADCAST:
+            raise ConfigError(f"{BROADCAST!r} is reserved for peer broadcasts")
         if self.keep_versions < 1:
             raise ConfigError("keep_versions must be >= 1")
+        if self.full_sync_every < 0:
+            raise ConfigError("full_sync_every must be >= 0 (0 disables LASP)")
+        if self.full_sync_every and self.partial_group not in self.spec.group_slices:
+            raise ConfigError(f"LASP needs a {self.partial_group!r} layer group; {self.spec.model_id} has {self.spec.groups}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -117,15 +128,28 @@ class Snapshot:
     devices_seen: Sequence[str] = ()
     last_aggregation_at: float = 0.0
     counters: Mapping[str, int] = field(default_factory=dict)
+    last_full_version: int = 0
+    peer_state: Mapping[str, Any] = field(default_factory=dict)
 
 
 class CoordinatorCore:
     """Sans-IO coordinator: ``handle(event) -> list[action]``. See the module docstring."""
 
-    def __init__(self, config: CoordinatorConfig, strategy: Strategy, snapshot: Snapshot, *, rng: random.Random) -> None:
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        strategy: Strategy,
+        snapshot: Snapshot,
+        *,
+        rng: random.Random,
+        peering: Peering | None = None,
+    ) -> None:
         self.config = config
         self.strategy = strategy
+        self.peering = peering or Peering()
+        self.peering.restore(snapshot.peer_state)
         self._rng = rng
+        self._last_full_version = int(snapshot.last_full_version)
         spec = config.spec
         self._weights = np.array(spec.check(np.asarray(snapshot.weights, dtype=np.float32)), copy=True)
         self._version = int(snapshot.version)
@@ -146,10 +170,6 @@ class CoordinatorCore:
             if u.seq <= self._applied_upto.get(u.device, -1):
                 continue  # applied by the last commit; its file outlived the crash
             self._buffer_update(u)
-
-    @classmethod
-    def restore(cls, config: CoordinatorConfig, strategy: Strategy, snapshot: Snapshot, *, rng: random.Random) -> CoordinatorCore:
-        return cls(config, strategy, snapshot, rng=rng)
 
     # ------------------------------------------------------------------ view (for strategies)
 
@@ -194,7 +214,18 @@ class CoordinatorCore:
 
     def subscriptions(self) -> list[str]:
         r = self.config.region
-        return [topics.device_filter(r, "pull"), topics.device_filter(r, "update")]
+        subs = [topics.device_filter(r, "pull"), topics.device_filter(r, "update")]
+        if self.peering.name != "none":
+            subs += [topics.peer_filter(self.config.coordinator_id), topics.peer_filter(BROADCAST)]
+        return subs
+
+    @property
+    def last_full_version(self) -> int:
+        return self._last_full_version
+
+    def next_version_is_full(self) -> bool:
+        t = self.config.full_sync_every
+        return t == 0 or (self._version + 1) % t == 0
 
     def status(self) -> Status:
         c = self.counters
@@ -220,6 +251,9 @@ class CoordinatorCore:
                 "staleness_histogram": {str(k): v for k, v in sorted(self.staleness_hist.items())},
                 "last_aggregation_at": self._last_aggregation_at,
                 "strategy_params": self.strategy.describe(),
+                "peering": self.peering.describe(),
+                "full_sync_every": self.config.full_sync_every,
+                "last_full_version": self._last_full_version,
             },
         )
 
@@ -250,6 +284,8 @@ class CoordinatorCore:
         leaf = ""
         try:
             parsed = topics.parse(ev.topic)
+            if parsed.kind == "peer":
+                return self._on_peer(ev)
             if parsed.kind != "device" or parsed.region != self.config.region:
                 raise TopicMismatch(f"not one of this region's device topics: {ev.topic[:120]!r}")
             leaf = parsed.leaf
@@ -294,20 +330,29 @@ class CoordinatorCore:
         if msg.invite_round >= 0 or self.strategy.serve_pull(self, msg.device, now):
             self._deferred.pop(msg.device, None)
             self.counters["pulls_served"] += 1
-            return [self._model_reply(msg.device, msg.seq)]
+            return [self._model_reply(msg.device, msg.seq, self._group_for(msg.have_version))]
         self._deferred[msg.device] = now
         self.counters["pulls_deferred"] += 1
         ack = Ack(device=msg.device, seq=msg.seq, status="deferred", version=self._version)
         return [self._publish(topics.device_topic(self.config.region, msg.device, "ack"), encode(ack))]
 
-    def _model_reply(self, device: str, reply_to: int) -> Publish:
+    def _group_for(self, have_version: int) -> str:
+        """LASP: a device already holding the current extractor gets only the partial group,
+        and trains only it unless the next version is a full sync."""
+        if not self.config.full_sync_every or self.next_version_is_full():
+            return FULL
+        if have_version < self._last_full_version or have_version > self._version:
+            return FULL
+        return self.config.partial_group
+
+    def _model_reply(self, device: str, reply_to: int, group: str = FULL) -> Publish:
         cfg = self.config
         msg = ModelMsg(
             model_id=cfg.spec.model_id,
             version=self._version,
             reply_to=reply_to,
-            weights=self._weights,
-            group=FULL,
+            weights=self._weights[cfg.spec.group_slice(group)],
+            group=group,
             spec_fingerprint=cfg.spec.fingerprint,
             hints=dict(cfg.hints),
         )
@@ -356,55 +401,121 @@ class CoordinatorCore:
 
     def _after(self, now: float) -> list[CoordinatorAction]:
         actions: list[CoordinatorAction] = []
+        peer_wake = self.peering.wake_at()
+        if peer_wake is not None and now >= peer_wake:
+            actions += self._run_peer_plan(self.peering.on_timer(self, now), now)
         for _ in range(4):  # an aggregation may enable another decision (e.g. new invites)
             plan: Plan = self.strategy.plan(self, now, self._rng)
-            if plan.aggregate and self._buffer:
+            aggregated = plan.aggregate and bool(self._buffer)
+            if aggregated:
                 actions.append(self._aggregate(now))
+                actions += self._run_peer_plan(self.peering.on_version(self, now), now)
             for device in plan.invite:
                 actions.extend(self._invite(device))
-            if not (plan.aggregate and self._buffer) and not plan.invite:
-                if plan.wake_at != self._wake_at:
-                    self._wake_at = plan.wake_at
-                    if plan.wake_at is not None:
-                        actions.append(ScheduleTimer(at=plan.wake_at))
+            if not aggregated and not plan.invite:
+                wakes = [t for t in (plan.wake_at, self.peering.wake_at()) if t is not None]
+                wake = min(wakes) if wakes else None
+                if wake != self._wake_at:
+                    self._wake_at = wake
+                    if wake is not None:
+                        actions.append(ScheduleTimer(at=wake))
                 break
         return actions
 
     def _aggregate(self, now: float) -> CommitVersion:
         updates = tuple(self._buffer)
-        new = np.ascontiguousarray(self.strategy.aggregate(self, updates), dtype=np.float32)
-        self.config.spec.check(new)  # a strategy bug must never deploy NaN
-        self._version += 1
-        self._weights = new
-        self._history[self._version] = new
-        for old in sorted(self._history)[: -self.config.keep_versions]:
-            del self._history[old]
+        full = self.next_version_is_full()
+        used = updates if full else tuple(self._partial(u) for u in updates)
+        new = np.ascontiguousarray(self.strategy.aggregate(self, used), dtype=np.float32)
+        if not full:  # LASP: between full syncs only the partial group may change
+            keep = np.array(self._weights, copy=True)
+            sl = self.config.spec.group_slice(self.config.partial_group)
+            keep[sl] = new[sl]
+            new = keep
         for u in updates:
             self._applied_upto[u.device] = max(self._applied_upto.get(u.device, -1), u.seq)
         self._buffer.clear()
         self._first_buffered_at = None
         self._last_aggregation_at = now
         self.counters["aggregations"] += 1
-        self._status_dirty = True
-        self.strategy.on_aggregated(self, now)
         stal = [u.staleness for u in updates]
-        return CommitVersion(
-            version=self._version,
-            weights=new,
-            applied_upto=dict(self._applied_upto),
+        commit = self._commit(
+            new,
+            now,
             consumed=tuple(u.key for u in updates),
-            metadata={
-                "created_at": now,
-                "strategy": self.strategy.name,
+            meta={
+                "source": "aggregation",
                 "n_updates": len(updates),
                 "n_samples": int(sum(u.n_samples for u in updates)),
                 "devices": sorted({u.device for u in updates}),
                 "mean_staleness": float(np.mean(stal)) if stal else 0.0,
                 "max_staleness": int(max(stal)) if stal else 0,
-                "counters": dict(self.counters),
-                "devices_seen": list(self._devices),
+                "full_sync": full,
             },
         )
+        self.strategy.on_aggregated(self, now)
+        return commit
+
+    def _partial(self, u: BufferedUpdate) -> BufferedUpdate:
+        group = self.config.partial_group
+        if u.group == group:
+            return u
+        sl = self.config.spec.group_slice(group)
+        return BufferedUpdate(
+            device=u.device, seq=u.seq, base_version=u.base_version, staleness=u.staleness, n_samples=u.n_samples,
+            weights=u.weights[sl], group=group, arrived_at=u.arrived_at, loss=u.loss,
+        )
+
+    def _commit(self, weights: Vector, now: float, *, consumed: tuple[tuple[str, int], ...], meta: Mapping[str, Any]) -> CommitVersion:
+        """Make ``weights`` the next version (validated: a bug must never deploy NaN)."""
+        self.config.spec.check(weights)
+        self._version += 1
+        self._weights = weights
+        self._history[self._version] = weights
+        for old in sorted(self._history)[: -self.config.keep_versions]:
+            del self._history[old]
+        if meta.get("full_sync", True):
+            self._last_full_version = self._version
+        self._status_dirty = True
+        return CommitVersion(
+            version=self._version,
+            weights=weights,
+            applied_upto=dict(self._applied_upto),
+            consumed=consumed,
+            metadata={
+                "created_at": now,
+                "strategy": self.strategy.name,
+                **meta,
+                "last_full_version": self._last_full_version,
+                "counters": dict(self.counters),
+                "devices_seen": list(self._devices),
+                "peering": self.peering.checkpoint(),
+            },
+        )
+
+    # ------------------------------------------------------------------ peering
+
+    def _on_peer(self, ev: MessageReceived) -> list[CoordinatorAction]:
+        msg = decode(ev.payload, max_bytes=self.config.max_message_bytes)
+        if not isinstance(msg, PeerMsg):
+            raise TopicMismatch(f"a {msg.TYPE} message does not belong on a peer topic")
+        if msg.sender == self.config.coordinator_id:
+            return []  # our own broadcast, echoed by the broker
+        if msg.weights is not None:
+            self.config.spec.check(msg.weights)
+        self.counters["peer_messages"] += 1
+        return self._run_peer_plan(self.peering.on_message(self, msg, ev.now), ev.now)
+
+    def _run_peer_plan(self, plan: PeerPlan, now: float) -> list[CoordinatorAction]:
+        actions: list[CoordinatorAction] = []
+        for send in plan.sends:
+            msg = PeerMsg(sender=self.config.coordinator_id, kind=send.kind, body=send.body, weights=send.weights)
+            actions.append(self._publish(topics.peer_topic(send.to, send.kind), encode(msg)))
+        if plan.merged is not None:
+            merged = np.ascontiguousarray(plan.merged, dtype=np.float32)
+            self.counters["peer_merges"] += 1
+            actions.append(self._commit(merged, now, consumed=(), meta={"source": "peer", **plan.meta}))
+        return actions
 
     def _invite(self, device: str) -> list[CoordinatorAction]:
         if self._deferred.pop(device, None) is None:

@@ -190,4 +190,6 @@ class Registry:
             devices_seen=list(meta.get("devices_seen", [])),
             last_aggregation_at=float(meta.get("created_at", 0.0)),
             counters={str(k): int(v) for k, v in meta.get("counters", {}).items()},
+            last_full_version=int(meta.get("last_full_version", latest)),
+            peer_state=dict(meta.get("peering", {})),
         )

@@ -130,3 +130,42 @@ def test_unknown_strategy_and_bad_params() -> None:
         make_strategy("spin", k=0)
     with pytest.raises(ConfigError):
         make_strategy("spin", bogus=1)
+
+
+def _pull(c: object, device: str, seq: int, have: int) -> ModelMsg:
+    acts = c.handle(MessageReceived(now=0.0, topic=topics.device_topic("r1", device, "pull"),  # type: ignore[attr-defined]
+                                    payload=encode(Pull(device=device, seq=seq, model_id="toy", have_version=have))))
+    reply = decode(next(a for a in acts if isinstance(a, Publish) and a.topic.endswith("/model")).payload)
+    assert isinstance(reply, ModelMsg)
+    return reply
+
+
+def test_lasp_partial_versions_change_only_the_classifier() -> None:
+    import random
+
+    from coordinator.core import CoordinatorConfig, CoordinatorCore
+    from tests.helpers import toy_snapshot
+
+    cfg = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, full_sync_every=3)
+    c = CoordinatorCore(cfg, make_strategy("spin", k=1, timeout_s=None), toy_snapshot(), rng=random.Random(0))
+    assert _pull(c, "d1", 0, have=-1).group == "full"  # no extractor yet: full model
+    assert _pull(c, "d1", 1, have=0).group == "classifier"  # current extractor: head only
+    ext, head = SPEC.group_slice("extractor"), SPEC.group_slice("classifier")
+    # a full update during a partial round contributes only its classifier slice
+    (commit,) = commits(c.handle(upd("d1", 2, 5.0)))
+    assert commit.version == 1 and not commit.metadata["full_sync"]
+    np.testing.assert_array_equal(commit.weights[ext], 0.0)
+    np.testing.assert_array_equal(commit.weights[head], 5.0)
+    # a classifier-only update is accepted and applied
+    head_only = Update(device="d2", seq=0, model_id="toy", base_version=1, n_samples=1, weights=np.full(3, 2.0, np.float32), group="classifier")
+    (commit,) = commits(c.handle(MessageReceived(now=0.0, topic=topics.device_topic("r1", "d2", "update"), payload=encode(head_only))))
+    assert commit.version == 2
+    np.testing.assert_array_equal(commit.weights[head], 2.0)
+    # version 3 is a full sync: devices get (and train) the whole model, the extractor moves
+    assert _pull(c, "d3", 0, have=2).group == "full"
+    (commit,) = commits(c.handle(upd("d3", 1, 9.0, base=2)))
+    assert commit.version == 3 and commit.metadata["full_sync"]
+    np.testing.assert_array_equal(commit.weights, 9.0)
+    assert c.last_full_version == 3
+    assert _pull(c, "d1", 9, have=1).group == "full"  # its extractor predates the full sync
+    assert c.counters["bytes_out"] > 0

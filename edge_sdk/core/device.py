@@ -122,6 +122,7 @@ class DeviceState:
     job_id: int = 0
     job_base_version: int = NO_VERSION
     job_n_samples: int = 0
+    job_group: str = FULL
     prev_trained_upto: int = 0
     updates_acked: int = 0
     rejected_messages: int = 0
@@ -227,6 +228,7 @@ class DeviceCore:
         s.job_id += 1
         s.job_base_version = msg.version
         s.job_n_samples = s.total
+        s.job_group = msg.group
         s.phase, s.deadline, s.pending_seq, s.pending_payload = Phase.TRAINING, None, NO_VERSION, b""
         job = TrainingJob(
             job_id=s.job_id,
@@ -283,6 +285,8 @@ class DeviceCore:
             return []
         weights = np.ascontiguousarray(ev.weights, dtype=np.float32)
         cfg.spec.check(weights)  # our own trainer must not produce NaN: that is a local bug
+        if s.job_group != FULL:  # LASP: only the group we were asked to train travels
+            weights = np.ascontiguousarray(weights[cfg.spec.group_slice(s.job_group)])
         seq = s.next_seq
         s.next_seq += 1
         update = Update(
@@ -292,6 +296,7 @@ class DeviceCore:
             base_version=s.job_base_version,
             n_samples=ev.n_samples,
             weights=weights,
+            group=s.job_group,
             loss=float(ev.loss),
             train_seconds=float(ev.seconds),
         )

@@ -47,12 +47,14 @@ def status_topic(region: str) -> str:
     return f"{ROOT}/{check_id(region, 'region')}/status"
 
 
-def peer_topic(coordinator: str, kind: str) -> str:
-    return f"{ROOT}/peer/{check_id(coordinator, 'coordinator id')}/{check_id(kind, 'peer kind')}"
+def peer_topic(recipient: str, kind: str) -> str:
+    """Coordinator → coordinator: ``recipient`` is a coordinator id, or ``all`` for everyone."""
+    return f"{ROOT}/peer/{check_id(recipient, 'coordinator id')}/{check_id(kind, 'peer kind')}"
 
 
-def peer_filter() -> str:
-    return f"{ROOT}/peer/+/+"
+def peer_filter(recipient: str | None = None) -> str:
+    """Every peer message addressed to ``recipient`` (any recipient when None)."""
+    return f"{ROOT}/peer/{'+' if recipient is None else check_id(recipient, 'coordinator id')}/+"
 
 
 @dataclass(frozen=True, slots=True)
