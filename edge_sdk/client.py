@@ -38,7 +38,7 @@ from edge_sdk.core.events import (
     TrainingFinished,
     TrainingJob,
 )
-from edge_sdk.errors import LocalProtocolError
+from edge_sdk.errors import ConfigError, LocalProtocolError
 from edge_sdk.modelio import load_model, save_model
 from edge_sdk.mqtt import MqttTransport
 from edge_sdk.runtime import Actor, Clock, WallClock
@@ -69,16 +69,26 @@ class EdgeClient:
         request_timeout_s: float = 10.0,
         clock: Clock | None = None,
         seed: int = 0,
+        inference: str = "onnx",
     ) -> None:
+        if inference not in ("onnx", "torch"):
+            raise ConfigError(f"inference must be 'onnx' or 'torch', got {inference!r}")
         self.task: Task = get_task(task) if isinstance(task, str) else task
         self.data_dir = Path(data_dir).expanduser()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.train_config = train or TrainConfig(seed=seed)
         self.clock = clock or WallClock()
-        sample_shape = tuple(self.task.data().test.x.shape[1:])
+        shape = tuple(self.task.data().test.x.shape[1:])
+        # Gesture tasks store (T, D) sequences; everything else fixed-shape arrays.
+        self.sample_kind = "gesture" if self.task.name == "gestures" else "array"
         self.store = SampleStore.open(
-            self.data_dir / "samples.sqlite3", sample_shape=sample_shape, n_classes=self.task.data().n_classes
+            self.data_dir / "samples.sqlite3",
+            sample_shape=shape if self.sample_kind == "array" else None,
+            gesture_shape=shape if self.sample_kind == "gesture" else None,
+            n_classes=self.task.data().n_classes,
         )
+        self.inference = inference
+        self._engine: Any = None
         self._model_path = self.data_dir / "deployed.npz"
         self._lock = threading.Lock()
         self._deployed: tuple[int, Vector] | None = self._load_deployed()
@@ -133,7 +143,7 @@ class EdgeClient:
     def add_sample(self, x: npt.NDArray[Any], label: int, *, timestamp: float | None = None) -> int:
         """Store one labelled sample durably (typed ``InvalidSample`` on bad input), then let
         the protocol react (the first pull waits for ``min_samples``)."""
-        sample_id = self.store.add(np.asarray(x, dtype=np.float32), label, timestamp=timestamp)
+        sample_id = self.store.add_sample(self.sample_kind, np.asarray(x, dtype=np.float32), label, timestamp=timestamp)
         total = self._added()
         self.actor.submit(lambda now: SampleAdded(now=now, total=total))
         return sample_id
@@ -149,13 +159,31 @@ class EdgeClient:
             return None if self._deployed is None else self._deployed[1]
 
     def predict(self, x: npt.NDArray[Any]) -> npt.NDArray[np.int64]:
-        """Class labels for a batch, from the latest deployed model."""
+        """Class labels for a batch, from the latest deployed model.
+
+        With ``inference="onnx"`` (default) an onnxruntime session serves the model; a new
+        version is hot-swapped in without failing or blocking a concurrent ``predict``.
+        The first call exports the architecture once (seconds), later swaps patch weights.
+        """
         with self._lock:
             deployed = self._deployed
         if deployed is None:
             raise LocalProtocolError("no model deployed yet: add samples until the first pull completes")
-        logits = self.task.logits(deployed[1], np.asarray(x, dtype=np.float32))  # type: ignore[attr-defined]
-        return np.asarray(np.argmax(logits, axis=1), dtype=np.int64)
+        batch = np.asarray(x, dtype=np.float32)
+        if self.inference == "torch":
+            logits = self.task.logits(deployed[1], batch)  # type: ignore[attr-defined]
+            return np.asarray(np.argmax(logits, axis=1), dtype=np.int64)
+        engine = self._engine
+        if engine is None:
+            from edge_sdk.inference import InferenceEngine
+
+            with self._lock:
+                if self._engine is None:
+                    self._engine = InferenceEngine(self.task, deployed[1], version=deployed[0])  # type: ignore[arg-type]
+                engine = self._engine
+        elif engine.version < deployed[0]:
+            engine.swap(deployed[0], deployed[1])
+        return np.asarray(engine.predict(batch).labels, dtype=np.int64)
 
     def on(self, kind: str, callback: Callback) -> None:
         """Subscribe to notifications: ``model``, ``trained``, ``update_acked``, ``update_rejected``,
@@ -197,8 +225,12 @@ class EdgeClient:
             self._trainer.submit(self._train, action.job)
         elif isinstance(action, DeployModel):
             save_model(self._model_path, self.task.spec, action.weights, {"version": action.version})
+            weights = np.array(action.weights, dtype=np.float32)
             with self._lock:
-                self._deployed = (action.version, np.array(action.weights, dtype=np.float32))
+                self._deployed = (action.version, weights)
+                engine = self._engine
+            if engine is not None:
+                engine.swap(action.version, weights)  # built aside; predict never waits
             with self._version_changed:
                 self._version_changed.notify_all()
         elif isinstance(action, Notify):
@@ -217,7 +249,7 @@ class EdgeClient:
     def _train(self, job: TrainingJob) -> None:
         """Trainer thread: fine-tune on all local samples, hand the result to the actor."""
         try:
-            snap = self.store.snapshot("array")
+            snap = self.store.snapshot(self.sample_kind)
             cfg = self.train_config
             hints = job.hints
             config = TrainConfig(

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from coordinator.broker import EmbeddedBroker
@@ -81,3 +82,29 @@ def test_sdk_round_trip_on_embedded_broker(tmp_path: Path) -> None:
                 assert client.predict(pool.x[:5]).shape == (5,)
             status = read_status(broker.url, "emb")
             assert status["version"] >= 1 and status["updates_accepted"] >= 1 and status["devices_seen"] == 1
+
+
+def test_gesture_device_predicts_with_onnx_and_hot_swaps(tmp_path: Path) -> None:
+    """A gesture device: (T, D) sequences through the same SDK; ONNX serves predictions and
+    follows each new version; torch and onnxruntime agree on the deployed model."""
+    task = get_task("gestures")
+    pool = task.data().pool
+    with EmbeddedBroker() as broker:
+        daemon = CoordinatorDaemon(
+            CoordinatorOptions(broker=broker.url, region="g", state_dir=tmp_path / "c", model="gestures", strategy_params={"k": 1, "timeout_s": 5.0}),
+            task=task,
+        )
+        with daemon, EdgeClient(broker=broker.url, device_id="glove", region="g", task=task, data_dir=tmp_path / "d", min_samples=4, train=TrainConfig(epochs=1)) as client:
+            assert client.sample_kind == "gesture"
+            for i in range(4):
+                client.add_sample(pool.x[i], int(pool.y[i]))
+            assert client.wait_for_version(0, timeout=60)
+            onnx_labels = client.predict(pool.x[:64])
+            torch_labels = np.argmax(task.logits(client.weights, pool.x[:64]), axis=1)  # type: ignore[attr-defined]
+            assert (onnx_labels == torch_labels).mean() >= 0.98
+            assert client.store.count("gesture") == 4
+            _wait(lambda: client.store.unused_count() == 0, 60)  # trained on and marked
+            client.add_sample(pool.x[4], int(pool.y[4]))
+            assert client.wait_for_version(1, timeout=60)
+            client.predict(pool.x[:8])
+            assert client._engine is not None and client._engine.version == client.version
