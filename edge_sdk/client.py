@@ -53,14 +53,18 @@ Callback = Callable[[str, dict[str, Any]], None]
 
 
 class EdgeClient:
-    """A device's SDK handle. Thread-safe: call it from the app's threads."""
+    """A device's SDK handle. Thread-safe: call it from the app's threads.
+
+    ``durable=False`` keeps samples and the deployed model in memory only — for emulated
+    fleets of hundreds of devices in one process, never for a real device.
+    """
 
     def __init__(
         self,
         *,
         broker: str,
         device_id: str,
-        data_dir: str | Path,
+        data_dir: str | Path | None = None,
         region: str = "default",
         task: str | Task = "digits",
         min_samples: int = 16,
@@ -70,26 +74,31 @@ class EdgeClient:
         clock: Clock | None = None,
         seed: int = 0,
         inference: str = "onnx",
+        durable: bool = True,
     ) -> None:
         if inference not in ("onnx", "torch"):
             raise ConfigError(f"inference must be 'onnx' or 'torch', got {inference!r}")
         self.task: Task = get_task(task) if isinstance(task, str) else task
-        self.data_dir = Path(data_dir).expanduser()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if durable and data_dir is None:
+            raise ConfigError("a durable EdgeClient needs a data_dir (or pass durable=False for emulation)")
+        self.durable = durable
+        self.data_dir = Path(data_dir).expanduser() if data_dir is not None else None
+        if self.data_dir is not None:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
         self.train_config = train or TrainConfig(seed=seed)
         self.clock = clock or WallClock()
         shape = tuple(self.task.data().test.x.shape[1:])
         # Gesture tasks store (T, D) sequences; everything else fixed-shape arrays.
         self.sample_kind = "gesture" if self.task.name == "gestures" else "array"
         self.store = SampleStore.open(
-            self.data_dir / "samples.sqlite3",
+            self.data_dir / "samples.sqlite3" if self.data_dir is not None and durable else ":memory:",
             sample_shape=shape if self.sample_kind == "array" else None,
             gesture_shape=shape if self.sample_kind == "gesture" else None,
             n_classes=self.task.data().n_classes,
         )
         self.inference = inference
         self._engine: Any = None
-        self._model_path = self.data_dir / "deployed.npz"
+        self._model_path = self.data_dir / "deployed.npz" if self.data_dir is not None and durable else None
         self._lock = threading.Lock()
         self._deployed: tuple[int, Vector] | None = self._load_deployed()
         self._callbacks: dict[str, list[Callback]] = defaultdict(list)
@@ -201,7 +210,7 @@ class EdgeClient:
         return self.store.stats().added
 
     def _load_deployed(self) -> tuple[int, Vector] | None:
-        if not self._model_path.exists():
+        if self._model_path is None or not self._model_path.exists():
             return None
         _, weights, meta = load_model(self._model_path, expect=self.task.spec)
         return int(meta.get("version", 0)), weights
@@ -224,7 +233,8 @@ class EdgeClient:
         elif isinstance(action, StartTraining):
             self._trainer.submit(self._train, action.job)
         elif isinstance(action, DeployModel):
-            save_model(self._model_path, self.task.spec, action.weights, {"version": action.version})
+            if self._model_path is not None:
+                save_model(self._model_path, self.task.spec, action.weights, {"version": action.version})
             weights = np.array(action.weights, dtype=np.float32)
             with self._lock:
                 self._deployed = (action.version, weights)

@@ -90,6 +90,8 @@ Boxes: TypeAlias = npt.NDArray[np.float32]
 
 SCHEMA_VERSION: Final = 1
 DEFAULT_FILENAME: Final = "samples.sqlite3"
+MEMORY: Final = ":memory:"
+"""Open with this path for a non-durable in-memory store (fleet emulation only)."""
 DEFAULT_MAX_FRAME_BYTES: Final = 1920 * 1080 * 3
 DEFAULT_QUOTA_BYTES: Final = 512 * 1024 * 1024
 _INT64_MAX: Final = 2**63 - 1
@@ -301,9 +303,12 @@ class SampleStore:
             raise ConfigError("frame_encoding='png' needs OpenCV (cv2), which does not import")
 
         db_path = Path(path)
-        if db_path.is_dir():
+        if str(path) == MEMORY:
+            pass  # non-durable, for emulated fleets: no files, no fsync
+        elif db_path.is_dir():
             db_path = db_path / DEFAULT_FILENAME
-        db_path.parent.mkdir(parents=True, exist_ok=True)
+        else:
+            db_path.parent.mkdir(parents=True, exist_ok=True)
         try:
             conn = sqlite3.connect(
                 str(db_path), timeout=10.0, isolation_level=None, check_same_thread=False
@@ -805,7 +810,9 @@ def _prepare(conn: sqlite3.Connection, path: Path) -> None:
                 f"versions up to {SCHEMA_VERSION}: upgrade edgeci (never downgrade a device's store)"
             )
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
+        if str(path) == MEMORY:
+            pass
+        elif str(mode).lower() != "wal":
             raise ConfigError(f"{path}: SQLite refused WAL mode (got {mode!r}); use a local disk")
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("BEGIN IMMEDIATE")

@@ -727,3 +727,12 @@ def test_sigkill_loses_no_acknowledged_sample(tmp_path: Path) -> None:
             check(sample, int(sample.timestamp))
         last_i = s.get_meta("last_i")
         assert isinstance(last_i, int) and last_i >= acknowledged[-1][1]
+
+
+def test_memory_store_for_emulated_fleets_needs_no_files() -> None:
+    from edge_sdk.store import MEMORY
+
+    with SampleStore.open(MEMORY, sample_shape=(1, 8, 8), n_classes=10) as mem:
+        sid = mem.add(np.zeros((1, 8, 8), np.float32), 3)
+        x, y = mem.arrays()
+        assert mem.count() == 1 and y.tolist() == [3] and x.shape == (1, 1, 8, 8) and sid >= 1
