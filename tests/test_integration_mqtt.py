@@ -264,3 +264,36 @@ def test_status_cli_reads_retained_status(mosquitto: MosquittoProcess, tmp_path:
         assert out.returncode == 0, out.stderr
         status = json.loads(out.stdout)
         assert status["region"] == REGION and status["version"] == 0 and status["strategy"] == "spin"
+
+
+def test_broker_restart_drivers_reconnect_and_resubscribe(tmp_path: Path) -> None:
+    """mosquitto goes away and comes back on the same port (empty: no sessions kept): the
+    paho drivers reconnect with backoff and re-subscribe in their connect handler, and the
+    device's retried pull is answered."""
+    from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
+
+    task = get_task("digits")
+    pool = task.data().pool
+    broker = MosquittoProcess().start()
+    port = broker.port
+    try:
+        daemon = CoordinatorDaemon(
+            CoordinatorOptions(broker=broker.url, region=REGION, state_dir=tmp_path / "c", strategy_params={"k": 1, "timeout_s": 5.0}),
+            task=task,
+        ).start()
+        client = EdgeClient(broker=broker.url, device_id="phoenix", region=REGION, task=task, data_dir=tmp_path / "d",
+                            min_samples=2, train=TrainConfig(epochs=1), request_timeout_s=1.0, inference="torch").start()
+        try:
+            broker.stop()
+            wait_until(lambda: not client.transport.connected and not daemon.transport.connected, 20, "both sides to notice")
+            client.add_sample(pool.x[0], int(pool.y[0]))
+            client.add_sample(pool.x[1], int(pool.y[1]))  # pull is sent (queued/retried) while offline
+            broker = MosquittoProcess(port=port).start()
+            wait_until(lambda: client.transport.connected and daemon.transport.connected, 60, "reconnection")
+            assert client.wait_for_version(0, timeout=60), "the retried pull was never answered"
+            wait_until(lambda: daemon.core.version >= 1, 60, "the device's update to be aggregated")
+        finally:
+            client.stop()
+            daemon.stop()
+    finally:
+        broker.stop()
