@@ -1,0 +1,96 @@
+"""FedAvg (McMahan et al., 2017) in synchronous rounds over devices that have data.
+
+Every pull is deferred: a device with new data waits to be invited. When no round is in
+progress and at least ``min_devices`` devices are waiting, a round starts: up to
+``select`` of the waiting devices are drawn uniformly at random and invited. The round
+ends when every invited device has reported; the buffer is then aggregated (FedAvg,
+p_k = |D_k| / Σ|D|) and the next round may start at once. Updates are therefore never
+stale, and the round lasts as long as its slowest participant — the price of synchrony.
+
+``round_timeout_s`` (default off) closes a round after that long with whatever arrived,
+for real fleets where an invited device may vanish.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from coordinator.strategies.aggregate import fedavg
+from coordinator.strategies.base import BufferedUpdate, CoordinatorView, Plan, Strategy
+from edge_sdk.errors import ConfigError
+from edge_sdk.spec import Vector
+
+__all__ = ["FedAvgConfig", "FedAvgStrategy"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FedAvgConfig:
+    select: int = 20
+    """At most this many devices per round."""
+    min_devices: int = 1
+    """Start a round only once this many devices are waiting with data."""
+    round_timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.select < 1 or self.min_devices < 1:
+            raise ConfigError("select and min_devices must be >= 1")
+        if self.round_timeout_s is not None and not self.round_timeout_s > 0:
+            raise ConfigError("round_timeout_s must be > 0 (or None)")
+
+
+class FedAvgStrategy(Strategy):
+    """Synchronous rounds over invited devices. See the module docstring."""
+
+    name: ClassVar[str] = "fedavg"
+
+    def __init__(self, config: FedAvgConfig | None = None) -> None:
+        self.config = config or FedAvgConfig()
+        self.round = 0
+        self.participants: set[str] = set()
+        """Invited this round and not yet reported."""
+        self.round_started_at: float | None = None
+
+    def serve_pull(self, view: CoordinatorView, device: str, now: float) -> bool:
+        return device in self.participants  # a retried pull of a participant
+
+    def on_update(self, view: CoordinatorView, update: BufferedUpdate, now: float) -> None:
+        self.participants.discard(update.device)
+
+    def plan(self, view: CoordinatorView, now: float, rng: random.Random) -> Plan:
+        cfg = self.config
+        if self.round_started_at is not None:
+            deadline = None if cfg.round_timeout_s is None else self.round_started_at + cfg.round_timeout_s
+            timed_out = deadline is not None and now >= deadline
+            if self.participants and not timed_out:
+                return Plan(wake_at=deadline)
+            # Round over: every participant reported, or the round timed out.
+            self.participants.clear()
+            self.round_started_at = None
+            if view.buffer:
+                return Plan(aggregate=True)
+        if view.buffer:
+            return Plan(aggregate=True)  # e.g. updates restored after a restart
+        waiting = sorted(view.deferred)
+        if len(waiting) < cfg.min_devices:
+            return Plan()
+        chosen = rng.sample(waiting, min(cfg.select, len(waiting)))
+        self.participants = set(chosen)
+        self.round_started_at = now
+        self.round += 1
+        return Plan(invite=tuple(chosen))
+
+    def aggregate(self, view: CoordinatorView, updates: Sequence[BufferedUpdate]) -> Vector:
+        return fedavg(view.weights, updates, view.spec)
+
+    def describe(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "name": self.name,
+            "select": c.select,
+            "min_devices": c.min_devices,
+            "round_timeout_s": c.round_timeout_s,
+            "round": self.round,
+        }

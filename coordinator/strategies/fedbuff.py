@@ -1,0 +1,180 @@
+"""FedBuff (Nguyen et al., AISTATS 2022) as the SPIN paper ran it: server-side selection.
+
+The SPIN paper's baseline (000, §V-B6): "FedBuff and PORT randomly select 20 clients to
+join the training in each round, and use the same minimum number of clients K = 10 before
+aggregation; but if a selected client has no data sample generated recently, it cannot
+participate in the current round." FedBuff itself has no timeout.
+
+How that maps onto the coordinator core's defer/invite path:
+
+* A device pulls when it has new data (the SPIN device protocol). Unless it is taking
+  part in the current round, the pull is *deferred* (``serve_pull`` → False): the core
+  acks ``deferred`` and lists the device in ``view.deferred`` — it has data and waits.
+* A **round** begins with a draw: ``select − |in flight|`` devices uniformly at random
+  from the population not in flight (``population`` = N devices, known or not yet seen;
+  by default the devices seen so far). Drawn devices that are waiting with data are
+  invited; drawn devices without new data cannot participate in this round (with
+  ``late_join`` they may still join if they pull before the round ends). Only the draw
+  invites: a device that starts waiting mid-round waits for a later draw.
+* Aggregation (FedAvg by sample count over the buffer) happens when K updates are
+  buffered, or when nobody invited is still training and the buffer is not empty — so a
+  round in which fewer than K drawn devices had data still completes (no deadlock;
+  ``strict_k`` instead carries the short buffer into the next round).
+  Each aggregation ends the round; the next draw refills the in-flight set up to
+  ``select`` (FedBuff's fixed concurrency). Stragglers of a round land in the next buffer
+  with staleness ≥ 1.
+* A round in which nobody could participate is redrawn when the next pull arrives (a
+  device with new data, or one re-announcing itself) — event-driven, no timer.
+
+``forget_after_s`` (default off, as in the paper) lets a real daemon stop waiting for an
+invited device that vanished; the emulator never loses one, so it is not needed there.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from coordinator.strategies.aggregate import fedavg
+from coordinator.strategies.base import BufferedUpdate, CoordinatorView, Plan, Strategy
+from edge_sdk.errors import ConfigError
+from edge_sdk.spec import Vector
+
+__all__ = ["FedBuffConfig", "FedBuffStrategy", "draw_round"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FedBuffConfig:
+    k: int = 10
+    """Aggregate once this many updates are buffered."""
+    select: int = 20
+    """Devices in flight per round (the paper: 20 of 100)."""
+    population: int | None = None
+    """N, the population the draw samples from; unseen devices count as drawn-without-data.
+    ``None`` = the devices that have pulled so far."""
+    late_join: bool = False
+    """Let a drawn device that gets data during its round join it (the paper: no)."""
+    forget_after_s: float | None = None
+    """Stop waiting for an invited device after this long (None = wait for ever)."""
+    strict_k: bool = False
+    """Aggregate only at K: a round that ends with fewer updates carries its buffer into
+    the next draw. Closer to "no timeout" literally, but the model never changes while
+    fewer than K devices ever get data (off by default for that reason)."""
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or self.select < 1:
+            raise ConfigError("k and select must be >= 1")
+        if self.population is not None and self.population < 1:
+            raise ConfigError("population must be >= 1 (or None for the devices seen)")
+        if self.forget_after_s is not None and not self.forget_after_s > 0:
+            raise ConfigError("forget_after_s must be > 0 (or None)")
+
+
+def draw_round(
+    candidates: Sequence[str], population: int, slots: int, rng: random.Random
+) -> list[str]:
+    """Sample ``slots`` members uniformly without replacement from a population of
+    ``population`` of which ``candidates`` are the known ones (the rest are devices the
+    server knows nothing about yet); return the known devices drawn, in draw order."""
+    size = max(population, len(candidates))
+    picks = rng.sample(range(size), min(max(slots, 0), size))
+    return [candidates[i] for i in picks if i < len(candidates)]
+
+
+class FedBuffStrategy(Strategy):
+    """Server-selected buffered asynchronous aggregation. See the module docstring."""
+
+    name: ClassVar[str] = "fedbuff"
+
+    def __init__(self, config: FedBuffConfig | None = None) -> None:
+        self.config = config or FedBuffConfig()
+        self.round = 0
+        self.late_joiners: list[str] = []
+        """Drawn this round without new data; with ``late_join`` they may still join it."""
+        self.in_flight: dict[str, float] = {}
+        """Devices invited (or let in) and not yet reported, with the time they were let in."""
+        self._need_draw = True
+        self._drawn_at = float("-inf")
+
+    # ------------------------------------------------------------------ hooks
+
+    def serve_pull(self, view: CoordinatorView, device: str, now: float) -> bool:
+        if device in self.in_flight:
+            return True  # a retried pull of a device already taking part
+        if device in self.late_joiners:  # only ever filled with late_join on
+            self.late_joiners.remove(device)
+            self.in_flight[device] = now
+            return True
+        return False
+
+    def on_update(self, view: CoordinatorView, update: BufferedUpdate, now: float) -> None:
+        self.in_flight.pop(update.device, None)
+        if self.config.strict_k and not self.in_flight:
+            self._need_draw = True  # the round ended short of K: draw the next one now
+
+    def on_aggregated(self, view: CoordinatorView, now: float) -> None:
+        self._need_draw = True
+
+    # ------------------------------------------------------------------ plan
+
+    def plan(self, view: CoordinatorView, now: float, rng: random.Random) -> Plan:
+        wake_at = self._forget_stragglers(now)
+        buffered = len(view.buffer)
+        strict = self.config.strict_k
+        if buffered >= self.config.k or (buffered and not self.in_flight and not strict):
+            return Plan(aggregate=True)
+        deferred = view.deferred
+        empty_round = not self.in_flight and (strict or not buffered)
+        invite: tuple[str, ...] = ()
+        if self._need_draw or (empty_round and any(t > self._drawn_at for t in deferred.values())):
+            invite = self._draw(view, now, rng)
+        if invite and self.config.forget_after_s is not None:
+            wake_at = min(self.in_flight.values()) + self.config.forget_after_s
+        return Plan(invite=invite, wake_at=wake_at)
+
+    def _draw(self, view: CoordinatorView, now: float, rng: random.Random) -> tuple[str, ...]:
+        """Start a round: draw devices; those waiting with data are invited (and in flight
+        from now), the others cannot take part in this round (unless ``late_join``)."""
+        cfg = self.config
+        candidates = [d for d in view.devices_seen if d not in self.in_flight]
+        population = (cfg.population if cfg.population is not None else len(view.devices_seen)) - len(self.in_flight)
+        drawn = draw_round(candidates, population, cfg.select - len(self.in_flight), rng)
+        deferred = view.deferred
+        invite = tuple(d for d in drawn if d in deferred)
+        for device in invite:
+            self.in_flight[device] = now
+        self.late_joiners = [d for d in drawn if d not in deferred] if cfg.late_join else []
+        self.round += 1
+        self._need_draw = False
+        self._drawn_at = now
+        return invite
+
+    def _forget_stragglers(self, now: float) -> float | None:
+        limit = self.config.forget_after_s
+        if limit is None or not self.in_flight:
+            return None
+        for device, since in list(self.in_flight.items()):
+            if now - since >= limit:
+                del self.in_flight[device]
+        return min(self.in_flight.values()) + limit if self.in_flight else None
+
+    # ------------------------------------------------------------------ maths
+
+    def aggregate(self, view: CoordinatorView, updates: Sequence[BufferedUpdate]) -> Vector:
+        return fedavg(view.weights, updates, view.spec)
+
+    def describe(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "name": self.name,
+            "k": c.k,
+            "select": c.select,
+            "population": c.population,
+            "late_join": c.late_join,
+            "forget_after_s": c.forget_after_s,
+            "strict_k": c.strict_k,
+            "round": self.round,
+            "in_flight": len(self.in_flight),
+        }

@@ -1,0 +1,490 @@
+"""Scenarios: one TOML file says which fleet, which data, which strategies, how long.
+
+A scenario is validated completely when it is loaded (every run, with its overrides), so
+a typo fails in the first second with the file, the key and what was expected — not an
+hour into a sweep. Layout (every table but ``[[runs]]`` is optional)::
+
+    name = "headline"                     # defaults to the file name
+    description = "…"
+    task = "digits"                       # edge_sdk task name
+    duration_s = 3600                     # virtual seconds per run
+    eval_every_s = 30                     # accuracy of the deployed model on this schedule
+    target_accuracy = 0.90                # for the time-to-target table
+    seeds = [0, 1, 2]
+
+    [fleet]
+    devices = 100
+    mix = { headset = 0.5, phone = 0.3, camera = 0.2 }   # shares of device profiles
+
+    [profiles.headset]                    # override a built-in profile, or define one
+    compute = { sample_epoch_s = 0.4 }    # a name from devices.profiles.COMPUTE or a table
+    link = "wifi"                         # a name from LINKS or a table
+    availability = "night"                # a name from AVAILABILITY or a table
+
+    [data]
+    partition = "dirichlet"               # iid | dirichlet | labels
+    alpha = 1.0                           # Dirichlet concentration
+    labels_each = 2                       # for partition = "labels"
+    arrival_rate_per_h = 20               # λ: labels per device per hour (Poisson)
+    order = "shuffled"                    # shuffled | by-class | given
+
+    [device]
+    min_samples = 4                       # D_min
+    request_timeout_s = 10.0
+    reannounce_s = 600.0
+
+    [training]
+    epochs = 5
+    batch_size = 16
+    lr = 0.05
+
+    [coordinator]
+    keep_versions = 32                    # global versions kept for staleness-aware strategies
+    encoding = "f4"                       # f4 | f2 | i1 (model and update payloads)
+
+    [quick]                               # what --quick changes (dotted keys)
+    duration_s = 900
+    seeds = [0]
+
+    [[runs]]
+    strategy = "spin"                     # a name from coordinator.strategies
+    label = "SPIN K=10 π=20s"             # defaults to the strategy name; must be unique
+    params = { k = 10, timeout_s = 20.0 }
+    overrides = { "data.arrival_rate_per_h" = 40 }   # per-run changes to the settings above
+
+:func:`materialise` turns settings + a seed into the concrete fleet (profiles drawn,
+data partitioned, labelling times drawn) that a driver — the virtual-clock simulator
+here, or a real-MQTT fleet — then plays.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import math
+import random
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from coordinator.strategies import make_strategy, strategy_names
+from devices.labelling import STREAM_ORDERS, arrival_times, stream_order
+from devices.partition import partition
+from devices.profiles import (
+    AVAILABILITY,
+    COMPUTE,
+    LINKS,
+    PROFILES,
+    Availability,
+    ComputeProfile,
+    DeviceInstance,
+    DeviceProfile,
+    LinkProfile,
+    fleet_counts,
+)
+from edge_sdk.errors import ConfigError
+
+__all__ = [
+    "DevicePlan",
+    "RunSpec",
+    "Scenario",
+    "ScenarioError",
+    "Settings",
+    "load_scenario",
+    "materialise",
+    "parse_scenario",
+]
+
+
+class ScenarioError(ConfigError):
+    """A scenario file is missing, unreadable or has an invalid value (message says where)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """Everything a run needs besides its strategy: validated, immutable."""
+
+    task: str = "digits"
+    duration_s: float = 3600.0
+    eval_every_s: float = 30.0
+    target_accuracy: float = 0.9
+    seeds: tuple[int, ...] = (0,)
+    devices: int = 100
+    mix: Mapping[str, float] = field(default_factory=lambda: {"phone": 1.0})
+    profiles: Mapping[str, DeviceProfile] = field(default_factory=lambda: dict(PROFILES))
+    partition: str = "dirichlet"
+    alpha: float = 1.0
+    labels_each: int = 2
+    arrival_rate_per_h: float = 20.0
+    order: str = "shuffled"
+    min_samples: int = 4
+    request_timeout_s: float = 10.0
+    reannounce_s: float = 600.0
+    epochs: int = 5
+    batch_size: int = 16
+    lr: float = 0.05
+    keep_versions: int = 32
+    encoding: str = "f4"
+
+    @property
+    def arrival_rate_per_s(self) -> float:
+        return self.arrival_rate_per_h / 3600.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunSpec:
+    """One line of a comparison: a strategy with its parameters, on (possibly overridden) settings."""
+
+    label: str
+    strategy: str
+    params: Mapping[str, Any]
+    settings: Settings
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Scenario:
+    name: str
+    description: str
+    settings: Settings
+    runs: tuple[RunSpec, ...]
+    raw: Mapping[str, Any]
+    source: str = "<string>"
+
+    def quick(self) -> Scenario:
+        """The ``[quick]`` variant (shorter, fewer seeds) of this scenario."""
+        quick = self.raw.get("quick", {})
+        raw = _apply_overrides(self.raw, quick, f"{self.source}: [quick]")
+        raw.pop("quick", None)
+        return parse_scenario(raw, source=f"{self.source} (quick)")
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Scenario:
+        """This scenario with dotted-key overrides applied to every run (validated again)."""
+        raw = _apply_overrides(self.raw, overrides, f"{self.source}: overrides")
+        names = [r.label for r in self.runs]
+        return parse_scenario(raw, source=self.source).select(names)
+
+    def with_seeds(self, seeds: Sequence[int]) -> Scenario:
+        return self.with_overrides({"seeds": list(seeds)})
+
+    def select(self, names: Sequence[str]) -> Scenario:
+        """Only the runs whose label or strategy name is in ``names`` (order of ``names``)."""
+        chosen: list[RunSpec] = []
+        for name in names:
+            hits = [r for r in self.runs if name in (r.label, r.strategy) and r not in chosen]
+            if not hits:
+                known = sorted({r.label for r in self.runs} | {r.strategy for r in self.runs})
+                raise ScenarioError(f"{self.source}: no run named {name!r}; runs: {', '.join(known)}")
+            chosen.extend(hits)
+        return Scenario(
+            name=self.name,
+            description=self.description,
+            settings=self.settings,
+            runs=tuple(chosen),
+            raw=self.raw,
+            source=self.source,
+        )
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Read and validate a scenario file. Raises :class:`ScenarioError` with the location."""
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ScenarioError(f"scenario file not found: {p}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ScenarioError(f"cannot read scenario {p}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError(f"{p}: not valid TOML: {exc}") from exc
+    raw.setdefault("name", p.stem)
+    return parse_scenario(raw, source=str(p))
+
+
+_TOP = {"name", "description", "task", "duration_s", "eval_every_s", "target_accuracy", "seeds",
+        "fleet", "profiles", "data", "device", "training", "coordinator", "quick", "runs"}
+_SECTIONS: dict[str, set[str]] = {
+    "fleet": {"devices", "mix"},
+    "data": {"partition", "alpha", "labels_each", "arrival_rate_per_h", "order"},
+    "device": {"min_samples", "request_timeout_s", "reannounce_s"},
+    "training": {"epochs", "batch_size", "lr"},
+    "coordinator": {"keep_versions", "encoding"},
+}
+_RUN_KEYS = {"strategy", "label", "params", "overrides"}
+
+
+def parse_scenario(raw: Mapping[str, Any], *, source: str = "<string>") -> Scenario:
+    """Validate a scenario given as the dict a TOML file parses to."""
+    _check_keys(raw, _TOP, source, "top level")
+    settings = _settings(raw, source)
+    runs_raw = raw.get("runs")
+    if not isinstance(runs_raw, list) or not runs_raw:
+        raise ScenarioError(f"{source}: needs at least one [[runs]] table (strategy = \"spin\", …)")
+    runs: list[RunSpec] = []
+    labels: set[str] = set()
+    for i, run in enumerate(runs_raw):
+        where = f"{source}: [[runs]] #{i + 1}"
+        if not isinstance(run, dict):
+            raise ScenarioError(f"{where}: must be a table")
+        _check_keys(run, _RUN_KEYS, where, "[[runs]]")
+        strategy = run.get("strategy")
+        if not isinstance(strategy, str):
+            raise ScenarioError(f"{where}: strategy must be one of {', '.join(strategy_names())}")
+        params = run.get("params", {})
+        if not isinstance(params, dict):
+            raise ScenarioError(f"{where}: params must be a table")
+        try:
+            make_strategy(strategy, **params)  # validates names, parameter names and ranges
+        except ConfigError as exc:
+            raise ScenarioError(f"{where}: {exc}") from None
+        label = run.get("label", strategy)
+        if not isinstance(label, str) or not label:
+            raise ScenarioError(f"{where}: label must be a non-empty string")
+        if label in labels:
+            raise ScenarioError(f"{where}: duplicate label {label!r} (give each run its own label)")
+        labels.add(label)
+        overrides = run.get("overrides", {})
+        if not isinstance(overrides, dict):
+            raise ScenarioError(f"{where}: overrides must be a table of dotted keys")
+        run_settings = settings
+        if overrides:
+            patched = _apply_overrides(raw, overrides, f"{where}: overrides")
+            run_settings = _settings(patched, f"{where} (with overrides)")
+        runs.append(RunSpec(label=label, strategy=strategy, params=dict(params), settings=run_settings, overrides=dict(overrides)))
+    name = raw.get("name", "scenario")
+    description = raw.get("description", "")
+    if not isinstance(name, str) or not isinstance(description, str):
+        raise ScenarioError(f"{source}: name and description must be strings")
+    if "quick" in raw:
+        if not isinstance(raw["quick"], dict):
+            raise ScenarioError(f"{source}: [quick] must be a table of dotted keys")
+        quick_raw = _apply_overrides(raw, raw["quick"], f"{source}: [quick]")
+        _settings(quick_raw, f"{source}: [quick]")
+    return Scenario(name=name, description=description, settings=settings, runs=tuple(runs), raw=copy.deepcopy(dict(raw)), source=source)
+
+
+def _check_keys(table: Mapping[str, Any], allowed: set[str], source: str, where: str) -> None:
+    for key in table:
+        if key not in allowed:
+            hint = difflib.get_close_matches(key, sorted(allowed), n=1)
+            extra = f"; did you mean {hint[0]!r}?" if hint else f"; allowed: {', '.join(sorted(allowed))}"
+            raise ScenarioError(f"{source}: {where}: unknown key {key!r}{extra}")
+
+
+def _apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """A deep copy of ``raw`` with ``{"section.key": value}`` (or nested tables) applied."""
+    out: dict[str, Any] = copy.deepcopy(dict(raw))
+    for dotted, value in overrides.items():
+        if isinstance(value, dict) and dotted in _SECTIONS:
+            for k, v in value.items():
+                out.setdefault(dotted, {})[k] = v
+            continue
+        parts = dotted.split(".")
+        if parts[0] in ("runs", "quick"):
+            raise ScenarioError(f"{where}: cannot override {dotted!r}")
+        node = out
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ScenarioError(f"{where}: {dotted!r}: {part!r} is not a table")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _num(table: Mapping[str, Any], key: str, default: float, where: str, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> float:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ScenarioError(f"{where}: {key} must be a finite number, got {value!r}")
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        raise ScenarioError(f"{where}: {key} must be {'>' if lo_open else '>='} {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise ScenarioError(f"{where}: {key} must be <= {hi}, got {value}")
+    return float(value)
+
+
+def _int(table: Mapping[str, Any], key: str, default: int, where: str, *, lo: int = 0) -> int:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ScenarioError(f"{where}: {key} must be an integer, got {value!r}")
+    if value < lo:
+        raise ScenarioError(f"{where}: {key} must be >= {lo}, got {value}")
+    return value
+
+
+def _choice(table: Mapping[str, Any], key: str, default: str, options: Sequence[str], where: str) -> str:
+    value = table.get(key, default)
+    if value not in options:
+        raise ScenarioError(f"{where}: {key} must be one of {', '.join(options)}, got {value!r}")
+    return str(value)
+
+
+def _section(raw: Mapping[str, Any], name: str, source: str) -> Mapping[str, Any]:
+    table = raw.get(name, {})
+    if not isinstance(table, dict):
+        raise ScenarioError(f"{source}: [{name}] must be a table")
+    _check_keys(table, _SECTIONS[name], source, f"[{name}]")
+    return table
+
+
+def _settings(raw: Mapping[str, Any], source: str) -> Settings:
+    d = Settings()
+    top = source
+    task = raw.get("task", d.task)
+    if not isinstance(task, str) or not task:
+        raise ScenarioError(f"{top}: task must be a task name such as 'digits'")
+    seeds = raw.get("seeds", list(d.seeds))
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+        raise ScenarioError(f"{top}: seeds must be a non-empty list of integers >= 0, got {seeds!r}")
+    duration = _num(raw, "duration_s", d.duration_s, top, lo=0, lo_open=True)
+    eval_every = _num(raw, "eval_every_s", d.eval_every_s, top, lo=0, lo_open=True)
+    target = _num(raw, "target_accuracy", d.target_accuracy, top, lo=0, hi=1, lo_open=True)
+
+    fleet = _section(raw, "fleet", source)
+    where = f"{source}: [fleet]"
+    devices = _int(fleet, "devices", d.devices, where, lo=1)
+    profiles = _profiles(raw.get("profiles", {}), source)
+    mix_raw = fleet.get("mix", dict(d.mix))
+    if isinstance(mix_raw, str):
+        mix_raw = {mix_raw: 1.0}
+    if not isinstance(mix_raw, dict) or not mix_raw:
+        raise ScenarioError(f"{where}: mix must be a table of profile = share")
+    mix: dict[str, float] = {}
+    for name in mix_raw:
+        if name not in profiles:
+            raise ScenarioError(f"{where}: mix names unknown profile {name!r}; known: {', '.join(sorted(profiles))}")
+        mix[name] = _num(mix_raw, name, 0.0, where + " mix", lo=0)
+    if sum(mix.values()) <= 0:
+        raise ScenarioError(f"{where}: mix shares must add up to more than 0")
+
+    data = _section(raw, "data", source)
+    where = f"{source}: [data]"
+    part = _choice(data, "partition", d.partition, ("iid", "dirichlet", "labels"), where)
+    alpha = _num(data, "alpha", d.alpha, where, lo=0, lo_open=True)
+    labels_each = _int(data, "labels_each", d.labels_each, where, lo=1)
+    rate = _num(data, "arrival_rate_per_h", d.arrival_rate_per_h, where, lo=0)
+    order = _choice(data, "order", d.order, STREAM_ORDERS, where)
+
+    dev = _section(raw, "device", source)
+    where = f"{source}: [device]"
+    min_samples = _int(dev, "min_samples", d.min_samples, where, lo=1)
+    request_timeout = _num(dev, "request_timeout_s", d.request_timeout_s, where, lo=0, lo_open=True)
+    reannounce = _num(dev, "reannounce_s", d.reannounce_s, where, lo=0, lo_open=True)
+
+    tr = _section(raw, "training", source)
+    where = f"{source}: [training]"
+    epochs = _int(tr, "epochs", d.epochs, where, lo=1)
+    batch = _int(tr, "batch_size", d.batch_size, where, lo=1)
+    lr = _num(tr, "lr", d.lr, where, lo=0, lo_open=True)
+
+    co = _section(raw, "coordinator", source)
+    where = f"{source}: [coordinator]"
+    keep = _int(co, "keep_versions", d.keep_versions, where, lo=1)
+    encoding = _choice(co, "encoding", d.encoding, ("f4", "f2", "i1"), where)
+
+    return Settings(
+        task=task, duration_s=duration, eval_every_s=eval_every, target_accuracy=target,
+        seeds=tuple(int(s) for s in seeds), devices=devices, mix=mix, profiles=profiles,
+        partition=part, alpha=alpha, labels_each=labels_each, arrival_rate_per_h=rate, order=order,
+        min_samples=min_samples, request_timeout_s=request_timeout, reannounce_s=reannounce,
+        epochs=epochs, batch_size=batch, lr=lr, keep_versions=keep, encoding=encoding,
+    )
+
+
+def _part(value: Any, catalogue: Mapping[str, Any], base: Any, cls: type, where: str, name: str) -> Any:
+    """A profile part given as a catalogue name or a table of fields over ``base``."""
+    if isinstance(value, str):
+        if value not in catalogue:
+            raise ScenarioError(f"{where}: unknown name {value!r}; known: {', '.join(sorted(catalogue))}")
+        return catalogue[value]
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise ScenarioError(f"{where}: must be a name or a table")
+    fields = dict(value)
+    start = catalogue.get(fields.pop("base", ""), base)
+    if start is None:
+        fields.setdefault("name", name)
+        try:
+            return cls(**fields)
+        except (TypeError, ConfigError) as exc:
+            raise ScenarioError(f"{where}: {exc}") from None
+    try:
+        return dataclasses.replace(start, **fields)
+    except (TypeError, ConfigError) as exc:
+        raise ScenarioError(f"{where}: {exc}") from None
+
+
+def _profiles(raw: Any, source: str) -> dict[str, DeviceProfile]:
+    out = dict(PROFILES)
+    if not isinstance(raw, dict):
+        raise ScenarioError(f"{source}: [profiles] must be a table of profile tables")
+    for name, table in raw.items():
+        where = f"{source}: [profiles.{name}]"
+        if not isinstance(table, dict):
+            raise ScenarioError(f"{where}: must be a table")
+        _check_keys(table, {"base", "compute", "link", "availability"}, source, f"[profiles.{name}]")
+        base_name = str(table.get("base", name))
+        base = PROFILES.get(base_name)
+        if base is None and base_name != name:
+            raise ScenarioError(f"{where}: unknown base profile {base_name!r}; known: {', '.join(sorted(PROFILES))}")
+        if base is None and not {"compute", "link"} <= set(table):
+            raise ScenarioError(f"{where}: a new profile needs compute and link (or base = one of {', '.join(sorted(PROFILES))})")
+        compute: ComputeProfile = _part(table.get("compute", base.compute if base else None), COMPUTE, base.compute if base else None, ComputeProfile, f"{where} compute", name)
+        link: LinkProfile = _part(table.get("link", base.link if base else None), LINKS, base.link if base else None, LinkProfile, f"{where} link", name)
+        avail_default = base.availability if base else AVAILABILITY["always"]
+        availability: Availability = _part(table.get("availability", avail_default), AVAILABILITY, avail_default, Availability, f"{where} availability", name)
+        out[name] = DeviceProfile(name=name, compute=compute, link=link, availability=availability)
+    return out
+
+
+# --------------------------------------------------------------------------- materialising
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DevicePlan:
+    """One concrete device for one seed: who it is, what it will label, and when."""
+
+    index: int
+    instance: DeviceInstance
+    samples: npt.NDArray[np.int64]
+    """Pool indices in the order the user labels them."""
+    label_times: npt.NDArray[np.float64]
+    """Virtual times of the labels (``len(label_times) <= len(samples)``)."""
+
+    @property
+    def device_id(self) -> str:
+        return self.instance.device_id
+
+
+def device_id(index: int) -> str:
+    return f"d{index:04d}"
+
+
+def materialise(settings: Settings, seed: int, pool_labels: npt.NDArray[np.int64]) -> list[DevicePlan]:
+    """Draw the fleet for ``seed``: profile per device, its speed and offline windows, its
+    data partition, streaming order and labelling times. Pure function of its arguments."""
+    counts = fleet_counts(settings.devices, settings.mix)
+    names = [name for name in sorted(counts) for _ in range(counts[name])]
+    random.Random(f"{seed}:profiles").shuffle(names)
+    parts = partition(
+        pool_labels, settings.devices, settings.partition,
+        seed=seed, alpha=settings.alpha, labels_each=settings.labels_each,
+    )
+    plans: list[DevicePlan] = []
+    for i, (name, part) in enumerate(zip(names, parts)):
+        instance = settings.profiles[name].instantiate(device_id(i), settings.duration_s, random.Random(f"{seed}:device:{i}"))
+        rng = np.random.default_rng([seed, 7, i])
+        order = stream_order(part, pool_labels, settings.order, rng)
+        times = arrival_times(settings.arrival_rate_per_s, settings.duration_s, instance.offline, rng, limit=int(order.shape[0]))
+        plans.append(DevicePlan(index=i, instance=instance, samples=order, label_times=times))
+    return plans

@@ -1,0 +1,556 @@
+"""Discrete-event fleet simulator: the real cores on a virtual clock and an in-memory broker.
+
+Theory of operation
+-------------------
+The simulator is a *driver*: it owns one real :class:`~coordinator.core.CoordinatorCore`
+and one real :class:`~edge_sdk.core.device.DeviceCore` per device, feeds them events
+and performs their actions exactly as the MQTT drivers do — only time and the network
+are emulated:
+
+* **Clock.** A :class:`VirtualClock` that only moves forward; a heap of timed events
+  ordered by ``(time, sequence number)``, so equal times keep their scheduling order
+  and a run is a pure function of (scenario, strategy, seed).
+* **Broker.** :class:`InMemoryBroker` routes each ``Publish`` by topic (the layout of
+  :mod:`edge_sdk.wire.topics`) and delivers it after
+  ``sender uplink (FIFO) + sender latency + receiver downlink (FIFO) + receiver latency``,
+  where each link leg takes ``bytes × 8 / bandwidth`` and a link carries one message at a
+  time (slots are reserved in publish order). Every byte is counted per endpoint; nothing
+  is dropped (QoS 1 with a persistent session: messages for an offline device wait at the
+  broker).
+* **Devices** (:class:`EmulatedDevice`). Labels arrive at the scenario's Poisson times
+  (``SampleAdded``). ``StartTraining`` really runs ``Task.local_update`` on the device's
+  samples so far — accuracy is real — and ``TrainingFinished`` is delivered after the
+  profile's *virtual* duration. While a device is offline (night, dropout) nothing
+  happens on it: its messages and timers wait until it is back, its training pauses.
+* **Coordinator.** ``PersistUpdate`` / ``CommitVersion`` go to an in-memory registry
+  (commit times give each version's deployment time), retained status is kept.
+* **Metrics.** Every ``eval_every_s`` the deployed (latest committed) model is evaluated
+  on the task's held-out split — only when the version changed since the last
+  evaluation — together with bytes, versions, updates and staleness.
+
+Speed: a local update of the digits CNN is the hot path (~1 ms); keep torch at one
+thread (``edge_sdk.trainer.configure_threads(1)``), and evaluate on the schedule, not
+per event.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from coordinator.core import (
+    CommitVersion,
+    CoordinatorConfig,
+    CoordinatorCore,
+    PersistUpdate,
+    Snapshot,
+)
+from coordinator.strategies import Strategy, make_strategy
+from coordinator.strategies.base import BufferedUpdate
+from devices.profiles import COORDINATOR_LINK, LinkProfile
+from devices.scenario import DevicePlan, RunSpec, Settings, materialise
+from edge_sdk.core.device import DeviceConfig, DeviceCore
+from edge_sdk.core.events import (
+    DeployModel,
+    MessageReceived,
+    Notify,
+    PersistDeviceState,
+    Publish,
+    SampleAdded,
+    ScheduleTimer,
+    StartTraining,
+    TimerFired,
+    TrainingFailed,
+    TrainingFinished,
+    TrainingJob,
+)
+from edge_sdk.errors import EdgeciError, LocalProtocolError
+from edge_sdk.tasks.base import Task, TrainConfig, TrainResult
+from edge_sdk.wire import topics
+
+__all__ = [
+    "REGION",
+    "EmulatedDevice",
+    "InMemoryBroker",
+    "RunResult",
+    "Simulation",
+    "VirtualClock",
+    "run_spec",
+    "time_to_target",
+]
+
+REGION = "sim"
+COORDINATOR_ID = "coordinator"
+
+# Event kinds in the heap: (time, seq, kind, target endpoint, data).
+_MSG, _TIMER, _SAMPLE, _TRAINED, _TRAIN_FAILED, _EVAL = range(6)
+
+
+class VirtualClock:
+    """Virtual seconds since the run began; can only jump forward."""
+
+    __slots__ = ("_now",)
+
+    def __init__(self, start: float = 0.0) -> None:
+        self._now = float(start)
+
+    @property
+    def now(self) -> float:
+        return self._now
+
+    def advance_to(self, t: float) -> None:
+        if t < self._now:
+            raise LocalProtocolError(f"virtual clock cannot go back from {self._now} to {t}")
+        self._now = t
+
+
+class InMemoryBroker:
+    """Topic routing, link delays and byte accounting between ``n`` devices (endpoints
+    ``0..n-1``) and the coordinator (endpoint ``n``)."""
+
+    def __init__(self, device_ids: Sequence[str], links: Sequence[LinkProfile], *, region: str = REGION,
+                 coordinator_link: LinkProfile = COORDINATOR_LINK) -> None:
+        if len(device_ids) != len(links):
+            raise LocalProtocolError("one link per device")
+        n = len(device_ids)
+        self.coordinator = n
+        self.links: list[LinkProfile] = [*links, coordinator_link]
+        self._routes: dict[str, int] = {}
+        for i, dev in enumerate(device_ids):
+            for leaf in topics.UPSTREAM:
+                self._routes[topics.device_topic(region, dev, leaf)] = n
+            for leaf in topics.DOWNSTREAM:
+                self._routes[topics.device_topic(region, dev, leaf)] = i
+        self._up_free = [0.0] * (n + 1)
+        self._down_free = [0.0] * (n + 1)
+        self.sent = [0] * (n + 1)
+        self.received = [0] * (n + 1)
+        self.in_flight = [0] * (n + 1)
+        self.messages = 0
+        self.retained: dict[str, bytes] = {}
+        self.retained_bytes = 0
+        self.unroutable = 0
+
+    def route(self, sender: int, topic: str, payload: bytes, retain: bool, now: float) -> tuple[int, float] | None:
+        """Account for one publish; return ``(receiver, arrival time)``, or None for a
+        message nobody subscribes to (retained status, a stray topic)."""
+        size = len(payload)
+        if retain:
+            self.retained[topic] = payload
+        receiver = self._routes.get(topic)
+        if receiver is None or receiver == sender:
+            if retain:
+                self.retained_bytes += size
+            else:
+                self.unroutable += 1
+            return None
+        up, down = self.links[sender], self.links[receiver]
+        start = max(now, self._up_free[sender])
+        self._up_free[sender] = start + size * 8.0 / up.up_bps
+        at_broker = self._up_free[sender] + up.latency_s
+        start = max(at_broker, self._down_free[receiver])
+        self._down_free[receiver] = start + size * 8.0 / down.down_bps
+        self.sent[sender] += size
+        self.in_flight[receiver] += size
+        self.messages += 1
+        return receiver, self._down_free[receiver] + down.latency_s
+
+    def delivered(self, receiver: int, size: int) -> None:
+        self.in_flight[receiver] -= size
+        self.received[receiver] += size
+
+    @property
+    def device_bytes_up(self) -> int:
+        return sum(self.sent[: self.coordinator])
+
+    @property
+    def device_bytes_down(self) -> int:
+        return sum(self.received[: self.coordinator])
+
+
+@dataclass(slots=True)
+class EmulatedDevice:
+    """What a device app does around its core: label samples, train when told.
+
+    Clock- and transport-free, so a real-MQTT fleet can drive the same objects.
+    """
+
+    plan: DevicePlan
+    core: DeviceCore
+    x: npt.NDArray[Any]
+    y: npt.NDArray[np.int64]
+    seed: int
+    defaults: TrainConfig
+    timer_at: float | None = None
+    deployed_version: int = -1
+    trainings: int = 0
+    train_seconds: float = 0.0
+
+    def training_config(self, job: TrainingJob) -> TrainConfig:
+        """Hyper-parameters for ``job``: the coordinator's hints, else the scenario's."""
+        h, d = job.hints, self.defaults
+        return TrainConfig(
+            epochs=int(h.get("epochs", d.epochs)),
+            batch_size=int(h.get("batch_size", d.batch_size)),
+            lr=float(h.get("lr", d.lr)),
+            seed=(self.seed * 1_000_003 + self.plan.index * 10_007 + job.job_id) % (2**31),
+            group=job.group,
+        )
+
+    def train(self, task: Task, job: TrainingJob) -> tuple[TrainResult, float]:
+        """Run the local update for real; return it with its *virtual* duration."""
+        cfg = self.training_config(job)
+        n = job.n_samples
+        result = task.local_update(job.weights, self.x[:n], self.y[:n], cfg)
+        seconds = self.plan.instance.train_seconds(n, cfg.epochs)
+        self.trainings += 1
+        self.train_seconds += seconds
+        return result, seconds
+
+
+def time_to_target(rows: Sequence[Mapping[str, Any]], target: float) -> float | None:
+    """Virtual time at which the first model reaching ``target`` accuracy was deployed
+    (its commit time), from the evaluation schedule; None if never reached."""
+    for row in rows:
+        if row["accuracy"] >= target:
+            return float(row["committed_at_s"])
+    return None
+
+
+@dataclass(slots=True)
+class RunResult:
+    """Metrics of one run: the evaluation rows and a summary."""
+
+    label: str
+    strategy: str
+    params: Mapping[str, Any]
+    seed: int
+    target_accuracy: float
+    rows: list[dict[str, float]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def time_to_target(self) -> float | None:
+        return time_to_target(self.rows, self.target_accuracy)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "strategy": self.strategy,
+            "params": dict(self.params),
+            "seed": self.seed,
+            "target_accuracy": self.target_accuracy,
+            "time_to_target_s": self.time_to_target,
+            "summary": self.summary,
+            "rows": self.rows,
+        }
+
+
+Progress = Callable[[float, Mapping[str, float]], None]
+
+
+class Simulation:
+    """One run: a fleet drawn from ``settings`` and ``seed``, a coordinator with ``strategy``."""
+
+    def __init__(
+        self,
+        task: Task,
+        settings: Settings,
+        strategy: Strategy,
+        *,
+        seed: int,
+        label: str = "",
+        params: Mapping[str, Any] | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        self.task = task
+        self.settings = settings
+        self.strategy = strategy
+        self.seed = seed
+        self.label = label or strategy.name
+        self.params = dict(params or {})
+        self.progress = progress
+        self.clock = VirtualClock()
+        s = settings
+        data = task.data()
+        pool = data.pool
+        self.plans = materialise(s, seed, pool.y)
+        spec = task.spec
+        self.initial = task.pretrained(seed=seed)
+        hints = {"epochs": float(s.epochs), "batch_size": float(s.batch_size), "lr": float(s.lr)}
+        ccfg = CoordinatorConfig(
+            region=REGION, coordinator_id=COORDINATOR_ID, spec=spec,
+            encoding=s.encoding,  # type: ignore[arg-type]
+            hints=hints, keep_versions=s.keep_versions,
+        )
+        self.coordinator = CoordinatorCore(ccfg, strategy, Snapshot(version=0, weights=self.initial), rng=random.Random(f"{seed}:coordinator"))
+        defaults = TrainConfig(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr)
+        self.devices: list[EmulatedDevice] = []
+        for plan in self.plans:
+            dcfg = DeviceConfig(
+                device_id=plan.device_id, region=REGION, spec=spec, min_samples=s.min_samples,
+                request_timeout_s=s.request_timeout_s, max_backoff_s=max(300.0, s.request_timeout_s),
+                reannounce_s=s.reannounce_s,
+                encoding=s.encoding,  # type: ignore[arg-type]
+            )
+            core = DeviceCore(dcfg, rng=random.Random(f"{seed}:core:{plan.index}"))
+            self.devices.append(
+                EmulatedDevice(plan=plan, core=core, x=np.ascontiguousarray(pool.x[plan.samples]),
+                               y=np.ascontiguousarray(pool.y[plan.samples]), seed=seed, defaults=defaults)
+            )
+        self.broker = InMemoryBroker([p.device_id for p in self.plans], [p.instance.link for p in self.plans])
+        self._coord = len(self.devices)
+        self._heap: list[tuple[float, int, int, int, Any]] = []
+        self._seq = itertools.count()
+        self._coord_timer: float | None = None
+        self.commit_times: dict[int, float] = {0: 0.0}
+        self.persisted: dict[tuple[str, int], BufferedUpdate] = {}
+        self.coord_notes: Counter[str] = Counter()
+        self.device_notes: Counter[str] = Counter()
+        self.labels = 0
+        self.rows: list[dict[str, float]] = []
+        self._eval_cache: tuple[int, dict[str, float]] | None = None
+        self.events = 0
+        self._index = {p.device_id: p.index for p in self.plans}
+        self._integrated = [0] * len(self.plans)
+        self.latencies: list[float] = []
+        """Per label: virtual seconds from labelling to the first deployed version built on it."""
+        self.trace: Callable[[float, int, int, Any], None] | None = None
+        """Optional hook ``(now, kind, target, data)`` called for every event (tests)."""
+
+    # ------------------------------------------------------------------ scheduling
+
+    def _push(self, at: float, kind: int, target: int, data: Any) -> None:
+        heapq.heappush(self._heap, (at, next(self._seq), kind, target, data))
+
+    def run(self) -> RunResult:
+        """Play the whole run (once) and return its metrics."""
+        if self.events or self.rows:
+            raise LocalProtocolError("a Simulation runs once; make a new one for another run")
+        started = time.perf_counter()
+        s = self.settings
+        for dev in self.devices:
+            for k, t in enumerate(dev.plan.label_times):
+                self._push(float(t), _SAMPLE, dev.plan.index, k + 1)
+        n_evals = int(np.floor(s.duration_s / s.eval_every_s))
+        for k in range(n_evals + 1):
+            self._push(k * s.eval_every_s, _EVAL, self._coord, None)
+        if n_evals * s.eval_every_s < s.duration_s:
+            self._push(s.duration_s, _EVAL, self._coord, None)
+        self._coordinator_actions(self.coordinator.start(0.0))
+
+        heap, end, clock = self._heap, s.duration_s, self.clock
+        while heap and heap[0][0] <= end:
+            at, _, kind, target, data = heapq.heappop(heap)
+            clock.advance_to(at)
+            self.events += 1
+            if self.trace is not None:
+                self.trace(at, kind, target, data)
+            if target == self._coord:
+                self._coordinator_event(at, kind, data)
+            else:
+                self._device_event(at, kind, target, data)
+        wall = time.perf_counter() - started
+        return self._result(wall)
+
+    # ------------------------------------------------------------------ coordinator
+
+    def _coordinator_event(self, now: float, kind: int, data: Any) -> None:
+        if kind == _MSG:
+            topic, payload = data
+            self.broker.delivered(self._coord, len(payload))
+            self._coordinator_actions(self.coordinator.handle(MessageReceived(now=now, topic=topic, payload=payload)))
+        elif kind == _TIMER:
+            if self._coord_timer != data:
+                return  # replaced by a later ScheduleTimer
+            self._coord_timer = None
+            self._coordinator_actions(self.coordinator.handle(TimerFired(now=now)))
+        elif kind == _EVAL:
+            self._evaluate(now)
+
+    def _coordinator_actions(self, actions: Sequence[object]) -> None:
+        now = self.clock.now
+        for a in actions:
+            if isinstance(a, Publish):
+                self._publish(self._coord, a, now)
+            elif isinstance(a, ScheduleTimer):
+                self._coord_timer = a.at
+                self._push(max(a.at, now), _TIMER, self._coord, a.at)
+            elif isinstance(a, PersistUpdate):
+                self.persisted[a.update.key] = a.update
+            elif isinstance(a, CommitVersion):
+                self.commit_times[a.version] = now
+                for key in a.consumed:
+                    update = self.persisted.pop(key, None)
+                    if update is not None:
+                        self._integrate(update, now)
+            elif isinstance(a, Notify):
+                self.coord_notes[a.kind] += 1
+
+    def _integrate(self, update: BufferedUpdate, now: float) -> None:
+        """Label-to-model latency: the labels this update trained on that no earlier
+        aggregated update of its device covered are now in the deployed model."""
+        i = self._index[update.device]
+        times = self.devices[i].plan.label_times
+        done = self._integrated[i]
+        if update.n_samples > done:
+            self.latencies.extend(now - float(t) for t in times[done : update.n_samples])
+            self._integrated[i] = update.n_samples
+
+    # ------------------------------------------------------------------ devices
+
+    def _device_event(self, now: float, kind: int, i: int, data: Any) -> None:
+        dev = self.devices[i]
+        offline = dev.plan.instance.offline
+        if kind in (_MSG, _TIMER) and offline.offline_at(now):
+            self._push(offline.next_online(now), kind, i, data)  # waits at the broker / sleeps
+            return
+        core = dev.core
+        if kind == _MSG:
+            topic, payload = data
+            self.broker.delivered(i, len(payload))
+            actions = core.handle(MessageReceived(now=now, topic=topic, payload=payload))
+        elif kind == _TIMER:
+            if dev.timer_at != data:
+                return
+            dev.timer_at = None
+            actions = core.handle(TimerFired(now=now))
+        elif kind == _SAMPLE:
+            self.labels += 1
+            actions = core.handle(SampleAdded(now=now, total=data))
+        elif kind == _TRAINED:
+            job_id, result, seconds = data
+            actions = core.handle(TrainingFinished(
+                now=now, job_id=job_id, weights=result.weights, n_samples=result.n_samples,
+                loss=result.loss, seconds=seconds,
+            ))
+        elif kind == _TRAIN_FAILED:
+            job_id, error = data
+            actions = core.handle(TrainingFailed(now=now, job_id=job_id, error=error))
+        else:  # pragma: no cover - kinds are private
+            raise LocalProtocolError(f"unknown event kind {kind}")
+        self._device_actions(dev, actions, now)
+
+    def _device_actions(self, dev: EmulatedDevice, actions: Sequence[object], now: float) -> None:
+        i = dev.plan.index
+        for a in actions:
+            if isinstance(a, Publish):
+                self._publish(i, a, now)
+            elif isinstance(a, ScheduleTimer):
+                dev.timer_at = a.at
+                self._push(max(a.at, now), _TIMER, i, a.at)
+            elif isinstance(a, StartTraining):
+                self._start_training(dev, a.job, now)
+            elif isinstance(a, DeployModel):
+                dev.deployed_version = a.version
+            elif isinstance(a, Notify):
+                self.device_notes[a.kind] += 1
+            elif isinstance(a, PersistDeviceState):
+                pass  # in-memory devices never restart
+
+    def _start_training(self, dev: EmulatedDevice, job: TrainingJob, now: float) -> None:
+        i = dev.plan.index
+        try:
+            result, seconds = dev.train(self.task, job)
+        except EdgeciError as exc:
+            self._push(now, _TRAIN_FAILED, i, (job.job_id, str(exc)[:200]))
+            return
+        finish = dev.plan.instance.offline.after_online(now, seconds)
+        self._push(finish, _TRAINED, i, (job.job_id, result, seconds))
+
+    def _publish(self, sender: int, action: Publish, now: float) -> None:
+        routed = self.broker.route(sender, action.topic, action.payload, action.retain, now)
+        if routed is not None:
+            receiver, at = routed
+            self._push(at, _MSG, receiver, (action.topic, action.payload))
+
+    # ------------------------------------------------------------------ metrics
+
+    def _evaluate(self, now: float) -> None:
+        c = self.coordinator
+        version = c.version
+        if self._eval_cache is None or self._eval_cache[0] != version:
+            self._eval_cache = (version, self.task.evaluate(c.weights))
+        metrics = self._eval_cache[1]
+        counters = c.counters
+        hist = c.staleness_hist
+        n_stale = sum(hist.values())
+        row = {
+            "t_s": now,
+            "version": float(version),
+            "committed_at_s": self.commit_times.get(version, now),
+            "accuracy": float(metrics["accuracy"]),
+            "bytes_up": float(self.broker.device_bytes_up),
+            "bytes_down": float(self.broker.device_bytes_down),
+            "updates": float(counters["accepted"]),
+            "aggregations": float(counters["aggregations"]),
+            "pulls_served": float(counters["pulls_served"]),
+            "pulls_deferred": float(counters["pulls_deferred"]),
+            "labels": float(self.labels),
+            "labels_integrated": float(len(self.latencies)),
+            "trainings": float(sum(d.trainings for d in self.devices)),
+            "mean_staleness": float(sum(k * v for k, v in hist.items()) / n_stale) if n_stale else 0.0,
+            "devices_online": float(sum(not d.plan.instance.offline.offline_at(now) for d in self.devices)),
+        }
+        if "loss" in metrics:
+            row["loss"] = float(metrics["loss"])
+        self.rows.append(row)
+        if self.progress is not None:
+            self.progress(now, row)
+
+    def _result(self, wall_s: float) -> RunResult:
+        s = self.settings
+        c = self.coordinator
+        rows = self.rows
+        result = RunResult(label=self.label, strategy=self.strategy.name, params=self.params, seed=self.seed,
+                           target_accuracy=s.target_accuracy, rows=rows)
+        ttt = result.time_to_target
+        accs = [r["accuracy"] for r in rows]
+        trainings = sum(d.trainings for d in self.devices)
+        lat = np.array(self.latencies) if self.latencies else None
+        result.summary = {
+            "time_to_target_s": ttt,
+            "initial_accuracy": accs[0] if accs else None,
+            "final_accuracy": accs[-1] if accs else None,
+            "best_accuracy": max(accs) if accs else None,
+            "versions": c.version,
+            "updates_accepted": c.counters["accepted"],
+            "updates_rejected": c.counters["rejected"],
+            "messages_rejected": c.counters["messages_rejected"] + self.device_notes["message_rejected"],
+            "pulls_served": c.counters["pulls_served"],
+            "pulls_deferred": c.counters["pulls_deferred"],
+            "labels": self.labels,
+            "trainings": trainings,
+            "mean_train_s": (sum(d.train_seconds for d in self.devices) / trainings) if trainings else None,
+            "labels_integrated": len(self.latencies),
+            "label_latency_mean_s": float(lat.mean()) if lat is not None else None,
+            "label_latency_p50_s": float(np.percentile(lat, 50)) if lat is not None else None,
+            "label_latency_p90_s": float(np.percentile(lat, 90)) if lat is not None else None,
+            "bytes_up": self.broker.device_bytes_up,
+            "bytes_down": self.broker.device_bytes_down,
+            "messages": self.broker.messages,
+            "staleness_histogram": {str(k): v for k, v in sorted(c.staleness_hist.items())},
+            "events": self.events,
+            "virtual_s": s.duration_s,
+            "wall_s": wall_s,
+            "virtual_per_wall": s.duration_s / wall_s if wall_s > 0 else None,
+            "device_notes": dict(sorted(self.device_notes.items())),
+            "strategy": self.strategy.describe(),
+        }
+        return result
+
+
+def run_spec(task: Task, run: RunSpec, seed: int, *, progress: Progress | None = None) -> RunResult:
+    """Run one scenario line (strategy + settings) for one seed."""
+    strategy = make_strategy(run.strategy, **run.params)
+    return Simulation(task, run.settings, strategy, seed=seed, label=run.label, params=run.params, progress=progress).run()
+

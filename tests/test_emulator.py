@@ -1,0 +1,378 @@
+"""The fleet emulator: determinism, a forward-only clock, exact byte accounting, offline
+windows honoured, scenario validation, the CLI, and real learning on the digits task.
+
+Most tests use a tiny numpy softmax-regression task (a working stand-in implementing the
+Task protocol) so they stay fast; one runs SPIN on the real digits CNN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from coordinator.strategies import make_strategy
+from demos import emulate
+from devices.profiles import LinkProfile
+from devices.scenario import ScenarioError, load_scenario, materialise, parse_scenario
+from devices.simulator import (
+    _MSG,
+    _SAMPLE,
+    _TIMER,
+    _TRAINED,
+    InMemoryBroker,
+    Simulation,
+    VirtualClock,
+    run_spec,
+)
+from edge_sdk.errors import ConfigError, LocalProtocolError
+from edge_sdk.spec import ModelSpec, Vector
+from edge_sdk.tasks.base import Split, TaskData, TrainConfig, TrainResult
+
+SCENARIOS = Path(__file__).resolve().parents[1] / "demos" / "scenarios"
+
+
+class BlobTask:
+    """Softmax regression on Gaussian blobs: the Task protocol in a few lines of numpy."""
+
+    name = "blobs"
+
+    def __init__(self, n_classes: int = 4, dim: int = 6) -> None:
+        self.n_classes, self.dim = n_classes, dim
+        self.spec = ModelSpec.build("blobs", [("w", (dim, n_classes), "extractor"), ("b", (n_classes,), "classifier")])
+        rng = np.random.default_rng(0)
+        centers = rng.normal(0.0, 1.5, (n_classes, dim))
+        y = rng.integers(0, n_classes, 1000).astype(np.int64)
+        x = (centers[y] + rng.normal(0.0, 1.5, (1000, dim))).astype(np.float32)
+        def split(a: int, b: int) -> Split:
+            return Split(x=x[a:b], y=y[a:b])
+
+        self._data = TaskData(pretrain=split(0, 20), pool=split(20, 700), test=split(700, 1000), n_classes=n_classes)
+
+    def data(self) -> TaskData:
+        return self._data
+
+    def _fit(self, weights: Vector, x: npt.NDArray[Any], y: npt.NDArray[np.int64], epochs: int, lr: float, seed: int, batch: int) -> tuple[Vector, float]:
+        w = weights.astype(np.float64).copy()
+        rng = np.random.default_rng(seed)
+        loss = 0.0
+        for _ in range(epochs):
+            order = rng.permutation(y.shape[0])
+            for s in range(0, y.shape[0], batch):
+                idx = order[s : s + batch]
+                W, b = w[: self.dim * self.n_classes].reshape(self.dim, self.n_classes), w[self.dim * self.n_classes :]
+                logits = x[idx] @ W + b
+                p = np.exp(logits - logits.max(axis=1, keepdims=True))
+                p /= p.sum(axis=1, keepdims=True)
+                loss = float(-np.log(p[np.arange(idx.shape[0]), y[idx]] + 1e-12).mean())
+                p[np.arange(idx.shape[0]), y[idx]] -= 1.0
+                grad_w = x[idx].T @ p / idx.shape[0]
+                w[: self.dim * self.n_classes] -= lr * grad_w.ravel()
+                w[self.dim * self.n_classes :] -= lr * p.mean(axis=0)
+        return w.astype(np.float32), loss
+
+    def pretrained(self, *, seed: int = 0) -> Vector:
+        d = self._data.pretrain
+        return self._fit(self.spec.zeros(), d.x, d.y, 3, 0.05, seed, 8)[0]
+
+    def local_update(self, weights: Vector, x: npt.NDArray[Any], y: npt.NDArray[np.int64], config: TrainConfig) -> TrainResult:
+        w, loss = self._fit(weights, x, y, config.epochs, config.lr, config.seed, config.batch_size)
+        return TrainResult(weights=w, n_samples=int(y.shape[0]), loss=loss, seconds=0.0)
+
+    def evaluate(self, weights: Vector, split: Split | None = None) -> dict[str, float]:
+        s = split or self._data.test
+        W, b = weights[: self.dim * self.n_classes].reshape(self.dim, self.n_classes), weights[self.dim * self.n_classes :]
+        return {"accuracy": float(((s.x @ W + b).argmax(axis=1) == s.y).mean())}
+
+
+def small_scenario(**extra: Any) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "name": "small",
+        "task": "blobs",
+        "duration_s": 900,
+        "eval_every_s": 60,
+        "target_accuracy": 0.8,
+        "seeds": [3],
+        "fleet": {"devices": 12, "mix": {"phone": 1, "camera": 1, "sensor": 1}},
+        "data": {"partition": "dirichlet", "alpha": 1.0, "arrival_rate_per_h": 120},
+        "device": {"min_samples": 3},
+        "training": {"epochs": 2, "batch_size": 8, "lr": 0.1},
+        "runs": [{"strategy": "spin", "params": {"k": 3, "timeout_s": 10.0}}],
+    }
+    raw.update(extra)
+    return raw
+
+
+def simulate(raw: dict[str, Any], strategy: str = "spin", **params: Any) -> Simulation:
+    sc = parse_scenario(raw)
+    return Simulation(BlobTask(), sc.settings, make_strategy(strategy, **params), seed=sc.settings.seeds[0])
+
+
+# ------------------------------------------------------------------ determinism & clock
+
+
+@pytest.mark.parametrize(("strategy", "params"), [("spin", {"k": 3, "timeout_s": 10.0}), ("fedbuff", {"k": 3, "select": 4, "population": 12})])
+def test_same_scenario_and_seed_give_identical_metrics(strategy: str, params: dict[str, Any]) -> None:
+    runs = []
+    for _ in range(2):
+        result = simulate(small_scenario(), strategy, **params).run()
+        summary = {k: v for k, v in result.summary.items() if k not in ("wall_s", "virtual_per_wall")}
+        runs.append((result.rows, summary))
+    assert runs[0] == runs[1]
+    assert runs[0][1]["updates_accepted"] > 5, "the run must actually do something"
+    other = simulate(small_scenario(seeds=[4]), strategy, **params).run()
+    assert other.rows != runs[0][0], "a different seed is a different run"
+
+
+def test_virtual_clock_only_moves_forward() -> None:
+    clock = VirtualClock()
+    clock.advance_to(5.0)
+    clock.advance_to(5.0)
+    with pytest.raises(LocalProtocolError):
+        clock.advance_to(4.999)
+    sim = simulate(small_scenario())
+    seen: list[float] = []
+    sim.trace = lambda now, kind, target, data: seen.append(now)
+    sim.run()
+    assert len(seen) > 100
+    assert all(a <= b for a, b in itertools.pairwise(seen))
+    assert seen[-1] <= sim.settings.duration_s
+
+
+# ------------------------------------------------------------------ bytes
+
+
+def test_broker_delay_is_latency_plus_size_over_bandwidth_per_link_in_fifo_order() -> None:
+    slow = LinkProfile(name="slow", latency_s=0.1, up_bps=1e6, down_bps=2e6)
+    fast = LinkProfile(name="fast", latency_s=0.01, up_bps=8e9, down_bps=8e9)
+    broker = InMemoryBroker(["a"], [slow], coordinator_link=fast)
+    up = "edgeci/v1/sim/dev/a/update"
+    receiver, at = broker.route(0, up, b"x" * 125_000, False, now=0.0)  # type: ignore[misc]
+    # 1 Mbit up = 1 s, + 0.1 s latency, + 1 Mbit at 8 Gbit/s, + 0.01 s
+    assert receiver == broker.coordinator and at == pytest.approx(1.0 + 0.1 + 125e-6 + 0.01)
+    _, second = broker.route(0, up, b"x" * 125_000, False, now=0.5)  # type: ignore[misc]
+    assert second == pytest.approx(at + 1.0), "the uplink carries one message at a time"
+    _, down = broker.route(broker.coordinator, "edgeci/v1/sim/dev/a/model", b"y" * 250_000, False, now=0.0)  # type: ignore[misc]
+    assert down == pytest.approx(2e6 / 8e9 + 0.01 + 1.0 + 0.1)  # 2 Mbit at 2 Mbit/s down
+    assert broker.route(broker.coordinator, "edgeci/v1/sim/status", b"{}", True, now=0.0) is None
+    assert broker.sent[0] == 250_000 and broker.in_flight[broker.coordinator] == 250_000
+
+
+def test_bytes_accounting_matches_payload_sizes() -> None:
+    sim = simulate(small_scenario())
+    delivered: list[tuple[int, int]] = []
+    sim.trace = lambda now, kind, target, data: delivered.append((target, len(data[1]))) if kind == _MSG else None
+    result = sim.run()
+    b, coord, c = sim.broker, sim.broker.coordinator, sim.coordinator.counters
+    devices_sent = sum(b.sent[:coord])
+    assert devices_sent == result.summary["bytes_up"] > 0
+    assert devices_sent == c["bytes_in"] + b.in_flight[coord], "every device byte reached the coordinator or is in flight"
+    assert b.sent[coord] == c["bytes_out"] == result.summary["bytes_down"] + sum(b.in_flight[:coord])
+    assert sum(size for target, size in delivered if target == coord) == c["bytes_in"]
+    assert sum(size for target, size in delivered if target != coord) == result.summary["bytes_down"]
+    # A model reply costs about 4 bytes per parameter plus a small msgpack header.
+    model_bytes = c["bytes_out"] / max(c["pulls_served"], 1)
+    assert 4 * sim.task.spec.size < model_bytes < 4 * sim.task.spec.size + 400
+
+
+# ------------------------------------------------------------------ availability
+
+
+def test_offline_devices_neither_label_nor_act() -> None:
+    raw = small_scenario(profiles={"flaky": {"base": "phone", "availability": {"dropout_every_s": 60.0, "dropout_mean_s": 45.0}}},
+                         fleet={"devices": 10, "mix": {"flaky": 1}})
+    sim = simulate(raw)
+    windows = {p.index: p.instance.offline for p in sim.plans}
+    assert all(len(w) > 3 for w in windows.values())
+    handled: list[tuple[float, int]] = []
+    for dev in sim.devices:
+        def spy(event: Any, _i: int = dev.plan.index, _handle: Any = dev.core.handle) -> Any:
+            handled.append((event.now, _i))
+            return _handle(event)
+        dev.core.handle = spy  # type: ignore[method-assign]
+    popped: list[tuple[float, int, int]] = []
+    sim.trace = lambda now, kind, target, data: popped.append((now, kind, target)) if target != sim.broker.coordinator else None
+    result = sim.run()
+    assert len(handled) > 50 and result.summary["updates_accepted"] > 0
+    offline = [(t, i) for t, i in handled if windows[i].offline_at(t)]
+    assert not offline, f"a device core got events while offline: {offline[:5]}"
+    # Events due while a device was offline existed and were held until it came back.
+    held = [(t, i) for t, kind, i in popped if kind in (_MSG, _TIMER) and windows[i].offline_at(t)]
+    assert held
+    assert all(not windows[i].offline_at(t) for t, kind, i in popped if kind in (_SAMPLE, _TRAINED))
+
+
+# ------------------------------------------------------------------ scenarios
+
+
+def test_materialise_is_deterministic_and_covers_the_pool() -> None:
+    sc = parse_scenario(small_scenario())
+    labels = BlobTask().data().pool.y
+    a, b = materialise(sc.settings, 3, labels), materialise(sc.settings, 3, labels)
+    assert [p.instance.speed_factor for p in a] == [p.instance.speed_factor for p in b]
+    assert all(np.array_equal(p.label_times, q.label_times) for p, q in zip(a, b))
+    assert sorted(np.concatenate([p.samples for p in a]).tolist()) == list(range(labels.shape[0]))
+    assert all(len(p.label_times) <= len(p.samples) for p in a)
+    assert {p.instance.profile.name for p in a} == {"phone", "camera", "sensor"}
+
+
+@pytest.mark.parametrize(("patch", "message"), [
+    ({"fleet": {"devics": 3}}, "did you mean 'devices'"),
+    ({"fleet": {"devices": 0}}, "devices must be >= 1"),
+    ({"fleet": {"mix": {"toaster": 1}}}, "unknown profile 'toaster'"),
+    ({"data": {"partition": "zipf"}}, "partition must be one of"),
+    ({"training": {"lr": -1}}, "lr must be >"),
+    ({"seeds": []}, "seeds must be a non-empty list"),
+    ({"runs": [{"strategy": "spinn"}]}, "unknown strategy 'spinn'"),
+    ({"runs": [{"strategy": "spin", "params": {"k": 0}}]}, "k must be >= 1"),
+    ({"runs": [{"strategy": "spin"}, {"strategy": "spin"}]}, "duplicate label"),
+    ({"runs": [{"strategy": "spin", "overrides": {"data.alpha": -2}}]}, "alpha must be >"),
+    ({"runs": []}, "at least one [[runs]]"),
+    ({"profiles": {"x": {"link": "wifi"}}}, "needs compute and link"),
+])
+def test_scenario_errors_say_where_and_what(patch: dict[str, Any], message: str) -> None:
+    with pytest.raises(ScenarioError, match=None) as info:
+        parse_scenario(small_scenario(**patch), source="s.toml")
+    assert message in str(info.value) and "s.toml" in str(info.value)
+
+
+def test_overrides_quick_and_selection() -> None:
+    raw = small_scenario(quick={"duration_s": 120, "seeds": [0]}, runs=[
+        {"strategy": "spin", "label": "slow", "params": {"k": 3}},
+        {"strategy": "spin", "label": "fast", "params": {"k": 3}, "overrides": {"data.arrival_rate_per_h": 600, "device": {"min_samples": 2}}},
+    ])
+    sc = parse_scenario(raw)
+    slow, fast = sc.runs
+    assert slow.settings.arrival_rate_per_h == 120 and fast.settings.arrival_rate_per_h == 600
+    assert fast.settings.min_samples == 2 and slow.settings.min_samples == 3
+    quick = sc.quick()
+    assert quick.settings.duration_s == 120 and quick.runs[1].settings.duration_s == 120
+    assert [r.label for r in sc.select(["fast"]).runs] == ["fast"]
+    assert sc.with_seeds([5, 6]).settings.seeds == (5, 6)
+    with pytest.raises(ScenarioError, match="no run named"):
+        sc.select(["nope"])
+
+
+def test_shipped_scenarios_are_valid(tmp_path: Path) -> None:
+    files = sorted(SCENARIOS.glob("*.toml"))
+    assert len(files) >= 5
+    for f in files:
+        sc = load_scenario(f)
+        assert sc.runs and sc.quick().settings.duration_s <= sc.settings.duration_s
+    bad = tmp_path / "bad.toml"
+    bad.write_text("duration_s = [", encoding="utf-8")
+    with pytest.raises(ScenarioError, match="not valid TOML"):
+        load_scenario(bad)
+    with pytest.raises(ScenarioError, match="not found"):
+        load_scenario(tmp_path / "missing.toml")
+
+
+def test_torchvision_tasks_are_never_downloaded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(emulate.DATA_ENV, str(tmp_path))
+    with pytest.raises(ConfigError, match="never downloads"):
+        emulate.load_task("mnist")
+    (tmp_path / "MNIST" / "raw").mkdir(parents=True)
+    (tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte").write_bytes(b"")
+    with pytest.raises(ConfigError, match="no edgeci task 'mnist'"):
+        emulate.load_task("mnist")
+
+
+def test_parse_seeds() -> None:
+    assert emulate.parse_seeds("0-2,7") == [0, 1, 2, 7]
+    with pytest.raises(ConfigError):
+        emulate.parse_seeds("a")
+
+
+# ------------------------------------------------------------------ real task, CLI
+
+
+def test_small_spin_run_on_digits_improves_accuracy() -> None:
+    from edge_sdk.tasks import get_task
+
+    raw = small_scenario(task="digits", duration_s=600, fleet={"devices": 20, "mix": {"laptop": 1}},
+                         data={"partition": "iid", "arrival_rate_per_h": 120}, device={"min_samples": 6},
+                         training={"epochs": 2, "batch_size": 16, "lr": 0.05}, seeds=[0],
+                         runs=[{"strategy": "spin", "params": {"k": 5, "timeout_s": 10.0}}])
+    sc = parse_scenario(raw)
+    result = run_spec(get_task("digits", device="cpu"), sc.runs[0], 0)
+    s = result.summary
+    assert s["updates_rejected"] == 0 and s["messages_rejected"] == 0
+    assert s["versions"] >= 10
+    assert s["final_accuracy"] > s["initial_accuracy"] + 0.05, s
+
+
+def test_digits_runs_are_reproducible_too() -> None:
+    from edge_sdk.tasks import get_task
+
+    raw = small_scenario(task="digits", duration_s=300, fleet={"devices": 8, "mix": {"laptop": 1, "sensor": 1}},
+                         data={"arrival_rate_per_h": 300}, device={"min_samples": 2}, training={"epochs": 1},
+                         runs=[{"strategy": "fedasync"}])
+    spec = parse_scenario(raw).runs[0]
+    task = get_task("digits", device="cpu")
+    first, second = run_spec(task, spec, 1), run_spec(task, spec, 1)
+    assert first.summary["versions"] > 3
+    assert first.rows == second.rows
+
+
+def test_emulate_cli_writes_metrics_plots_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(
+        """
+name = "tiny"
+task = "digits"
+duration_s = 300
+eval_every_s = 60
+target_accuracy = 0.5
+seeds = [0, 1]
+[fleet]
+devices = 8
+mix = { laptop = 1 }
+[data]
+arrival_rate_per_h = 300
+[device]
+min_samples = 2
+[training]
+epochs = 1
+[[runs]]
+strategy = "spin"
+params = { k = 2, timeout_s = 5.0 }
+[[runs]]
+strategy = "fedbuff"
+params = { k = 2, select = 4 }
+""",
+        encoding="utf-8",
+    )
+    parser = argparse.ArgumentParser()
+    emulate.add_arguments(parser)
+    out = tmp_path / "out"
+    started = time.perf_counter()
+    assert emulate.run(parser.parse_args([str(scenario), "--out", str(out), "--no-progress", "--seeds", "0"])) == 0
+    assert time.perf_counter() - started < 30
+    table = (out / "time_to_target.md").read_text(encoding="utf-8")
+    assert "| spin |" in table and "fedbuff / spin" in table
+    assert "time to 50% accuracy" in capsys.readouterr().out
+    for png in ("accuracy.png", "staleness.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for label in ("spin", "fedbuff"):
+        data = json.loads((out / "runs" / f"{label}__seed0.json").read_text(encoding="utf-8"))
+        assert data["rows"][0]["t_s"] == 0.0 and data["rows"][-1]["t_s"] == 300.0
+        assert {"accuracy", "version", "bytes_up", "bytes_down"} <= set(data["rows"][0])
+        assert "staleness_histogram" in data["summary"]
+        header = (out / "runs" / f"{label}__seed0.csv").read_text(encoding="utf-8").splitlines()[0]
+        assert header.startswith("t_s,version,committed_at_s,accuracy")
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert set(summary["runs"]) == {"spin", "fedbuff"} and summary["seeds"] == [0]
+    # Re-tabulate the stored runs for another target without simulating again.
+    assert emulate.run(parser.parse_args([str(scenario), "--out", str(out), "--seeds", "0", "--replot", "--target", "0.6"])) == 0
+    assert "time to 60% accuracy" in (out / "time_to_target.md").read_text(encoding="utf-8")
+    with pytest.raises(ConfigError, match="lacks"):
+        emulate.run(parser.parse_args([str(scenario), "--out", str(out), "--seeds", "7", "--replot"]))
+    with pytest.raises(ConfigError, match="not available"):
+        emulate.run(parser.parse_args([str(scenario), "--out", str(out), "--broker", "mqtt://127.0.0.1:1"]))

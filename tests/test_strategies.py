@@ -1,0 +1,314 @@
+"""Strategies: the maths (table-driven, pure) and the plan decisions, through CoordinatorCore."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+
+from coordinator.strategies import make_strategy, strategy_names
+from coordinator.strategies.base import BufferedUpdate, Plan
+from coordinator.strategies.fedasync import fedasync_mix, mixing_weight
+from coordinator.strategies.fedavg import FedAvgConfig, FedAvgStrategy
+from coordinator.strategies.fedbuff import FedBuffConfig, FedBuffStrategy, draw_round
+from coordinator.strategies.port import PortStrategy, port_weights, update_similarity
+from edge_sdk.core.events import MessageReceived, Publish
+from edge_sdk.errors import ConfigError
+from edge_sdk.spec import ModelSpec, Vector
+from edge_sdk.wire import topics
+from edge_sdk.wire.codec import decode, encode
+from edge_sdk.wire.messages import Ack, Invite, ModelMsg, Pull, Update
+from tests.helpers import SPEC, Link, make_coordinator
+
+
+def upd(device: str, value: float | Vector, *, base: int = 0, n: int = 1, seq: int = 0, version: int | None = None) -> BufferedUpdate:
+    weights = value if isinstance(value, np.ndarray) else np.full(SPEC.size, value, dtype=np.float32)
+    stale = 0 if version is None else version - base
+    return BufferedUpdate(device=device, seq=seq, base_version=base, staleness=stale, n_samples=n, weights=weights)
+
+
+@dataclass
+class FakeView:
+    """A working CoordinatorView for direct plan/aggregate tests (what CoordinatorCore exposes)."""
+
+    version: int = 0
+    weights: Vector = field(default_factory=lambda: np.zeros(SPEC.size, dtype=np.float32))
+    buffer: Sequence[BufferedUpdate] = ()
+    devices_seen: Sequence[str] = ()
+    deferred: Mapping[str, float] = field(default_factory=dict)
+    last_aggregation_at: float = 0.0
+    first_buffered_at: float | None = None
+    history: dict[int, Vector] = field(default_factory=dict)
+    spec: ModelSpec = SPEC
+
+    def weights_at(self, version: int) -> Vector | None:
+        return self.history.get(version)
+
+
+def pull_event(device: str, seq: int, now: float = 0.0, invite_round: int = -1) -> MessageReceived:
+    msg = Pull(device=device, seq=seq, model_id="toy", n_samples=3, invite_round=invite_round)
+    return MessageReceived(now=now, topic=topics.device_topic("r1", device, "pull"), payload=encode(msg))
+
+
+def update_event(device: str, seq: int, value: float, *, base: int = 0, n: int = 1, now: float = 0.0) -> MessageReceived:
+    msg = Update(device=device, seq=seq, model_id="toy", base_version=base, n_samples=n, weights=np.full(SPEC.size, value, dtype=np.float32))
+    return MessageReceived(now=now, topic=topics.device_topic("r1", device, "update"), payload=encode(msg))
+
+
+def sent(actions: Sequence[object], leaf: str) -> list[tuple[str, object]]:
+    out: list[tuple[str, object]] = []
+    for a in actions:
+        if isinstance(a, Publish) and a.topic.endswith("/" + leaf):
+            out.append((topics.parse(a.topic).device, decode(a.payload)))
+    return out
+
+
+# ------------------------------------------------------------------ registry
+
+
+def test_every_strategy_is_registered_and_validates_its_parameters() -> None:
+    assert {"spin", "spin-notimeout", "fedbuff", "port", "fedasync", "fedavg"} <= set(strategy_names())
+    for name in strategy_names():
+        assert make_strategy(name).name == name
+    bad_params: list[tuple[str, dict[str, Any]]] = [("fedbuff", {"k": 0}), ("fedasync", {"alpha": 1.5}), ("port", {"staleness_bound": 0}),
+                      ("fedavg", {"select": 0}), ("fedbuff", {"nonsense": 1})]
+    for name, bad in bad_params:
+        with pytest.raises(ConfigError):
+            make_strategy(name, **bad)
+
+
+# ------------------------------------------------------------------ FedAsync
+
+
+@pytest.mark.parametrize(("tau", "alpha", "a", "expected"), [
+    (0, 0.6, 0.5, 0.6),
+    (3, 0.6, 0.5, 0.3),
+    (8, 1.0, 0.5, 1 / 3),
+    (5, 0.4, 0.0, 0.4),
+    (-2, 0.5, 0.5, 0.5),  # a negative staleness is treated as fresh
+])
+def test_fedasync_mixing_weight(tau: int, alpha: float, a: float, expected: float) -> None:
+    assert mixing_weight(tau, alpha, a) == pytest.approx(expected)
+
+
+def test_fedasync_mixes_sequentially_with_growing_staleness() -> None:
+    current = np.zeros(SPEC.size, dtype=np.float32)
+    out = fedasync_mix(current, 4, [upd("a", 1.0, base=4), upd("b", 1.0, base=4)], SPEC, alpha=0.5, a=0.5)
+    first = 0.5  # τ = 0
+    w2 = 0.5 * 2**-0.5  # mixed into version 5 → τ = 1
+    np.testing.assert_allclose(out, first + w2 * (1 - first), rtol=1e-6)
+    assert current.max() == 0.0, "the current vector is never modified"
+
+
+def test_fedasync_makes_a_version_per_update_through_the_core() -> None:
+    c = make_coordinator("fedasync", alpha=0.5, a=0.5)
+    c.handle(update_event("d1", 0, 1.0, base=0))
+    assert c.version == 1
+    np.testing.assert_allclose(c.weights, 0.5)
+    c.handle(update_event("d2", 0, 1.0, base=0))  # started from version 0: τ = 1
+    assert c.version == 2
+    np.testing.assert_allclose(c.weights, 0.5 + 0.5 * 2**-0.5 * 0.5, rtol=1e-6)
+    assert dict(c.staleness_hist) == {0: 1, 1: 1}
+
+
+# ------------------------------------------------------------------ PORT
+
+
+@pytest.mark.parametrize(("update", "base", "current", "expected"), [
+    ([2.0, 0.0], [1.0, 0.0], [3.0, 0.0], 1.0),   # moved the way the global model moved
+    ([0.0, 0.0], [1.0, 0.0], [3.0, 0.0], -1.0),  # moved against it
+    ([1.0, 1.0], [1.0, 0.0], [3.0, 0.0], 0.0),   # orthogonal
+    ([1.0, 0.0], [1.0, 0.0], [3.0, 0.0], 1.0),   # did not move: neutral
+    ([5.0, 5.0], None, [3.0, 0.0], 1.0),         # base no longer retained: neutral
+])
+def test_port_similarity(update: list[float], base: list[float] | None, current: list[float], expected: float) -> None:
+    def arr(v: list[float]) -> Vector:
+        return np.array(v, dtype=np.float32)
+
+    assert update_similarity(arr(update), None if base is None else arr(base), arr(current)) == pytest.approx(expected)
+
+
+def test_port_weights_favour_fresh_and_similar_updates() -> None:
+    base = np.zeros(SPEC.size, dtype=np.float32)
+    current = np.ones(SPEC.size, dtype=np.float32)  # the global model moved by +1 since version 0
+    fresh = [upd("a", 1.0, base=3, n=1), upd("b", 1.0, base=3, n=3)]
+    assert port_weights(current, 3, fresh, [None, None], SPEC) == pytest.approx([0.25, 0.75])  # fresh: ∝ n
+    aligned, opposed = upd("a", 2.0, base=0), upd("b", -1.0, base=0)
+    p = port_weights(current, 3, [aligned, opposed], [base, base], SPEC)
+    # raw: (1+1)/2 + 10/13 vs (1−1)/2 + 10/13
+    r1, r2 = 1.0 + 10 / 13, 10 / 13
+    assert p == pytest.approx([r1 / (r1 + r2), r2 / (r1 + r2)])
+    staler = port_weights(current, 30, [upd("a", 2.0, base=29), upd("b", 2.0, base=0)], [None, None], SPEC)
+    assert staler[0] > staler[1]
+
+
+def test_port_aggregates_through_the_core_with_the_version_history() -> None:
+    strategy = PortStrategy()
+    view = FakeView(version=2, weights=np.ones(SPEC.size, dtype=np.float32), history={0: np.zeros(SPEC.size, dtype=np.float32)})
+    out = strategy.aggregate(view, [upd("a", 2.0, base=0, version=2), upd("b", -1.0, base=0, version=2)])
+    r1, r2 = 1.0 + 10 / 12, 10 / 12
+    np.testing.assert_allclose(out, (2.0 * r1 - 1.0 * r2) / (r1 + r2), rtol=1e-6)
+
+
+# ------------------------------------------------------------------ FedBuff
+
+
+@pytest.mark.parametrize(("candidates", "population", "slots", "max_drawn"), [
+    (["a", "b", "c"], 100, 20, 3),
+    (["a", "b", "c"], 3, 2, 2),
+    (["a", "b"], 1, 5, 2),   # population below the devices seen: the seen ones count
+    ([], 100, 20, 0),
+])
+def test_draw_round(candidates: list[str], population: int, slots: int, max_drawn: int) -> None:
+    for seed in range(20):
+        drawn = draw_round(candidates, population, slots, random.Random(seed))
+        assert len(set(drawn)) == len(drawn) <= max_drawn
+        assert set(drawn) <= set(candidates)
+    if population <= len(candidates):
+        assert len(draw_round(candidates, population, slots, random.Random(0))) == min(slots, len(candidates))
+
+
+def test_draw_round_selects_about_s_over_n_of_the_known_devices() -> None:
+    rng = random.Random(1)
+    hits = sum(len(draw_round(["a"], 100, 20, rng)) for _ in range(4000))
+    assert 0.17 < hits / 4000 < 0.23
+
+
+@pytest.mark.parametrize(("k", "buffered", "in_flight", "aggregate"), [
+    (3, 3, 1, True),    # K reached
+    (3, 2, 1, False),   # waiting for the device still training
+    (3, 1, 0, True),    # fewer than K had data, nobody left training: close the round
+    (3, 0, 0, False),   # nothing to aggregate
+])
+def test_fedbuff_aggregation_decision(k: int, buffered: int, in_flight: int, aggregate: bool) -> None:
+    strategy = FedBuffStrategy(FedBuffConfig(k=k, select=5))
+    strategy.in_flight = {f"t{i}": 0.0 for i in range(in_flight)}
+    view = FakeView(buffer=[upd(f"d{i}", 1.0) for i in range(buffered)], devices_seen=[f"d{i}" for i in range(5)])
+    assert strategy.plan(view, 1.0, random.Random(0)).aggregate is aggregate
+
+
+def test_fedbuff_defers_pulls_and_invites_only_deferred_devices() -> None:
+    c = make_coordinator("fedbuff", k=2, select=3)
+    invited: list[str] = []
+    deferred_before: set[str] = set()
+    for i in range(6):
+        deferred_before |= set(c.deferred)
+        actions = c.handle(pull_event(f"d{i}", 0, now=float(i)))
+        for _device, ack in sent(actions, "ack"):
+            assert isinstance(ack, Ack) and ack.status == "deferred"
+        for device, msg in sent(actions, "invite"):
+            assert isinstance(msg, Invite)
+            assert device in deferred_before | {f"d{i}"}, "invited a device that is not waiting"
+            invited.append(device)
+        assert not sent(actions, "model"), "FedBuff never serves an unselected pull"
+    assert 1 <= len(invited) <= 3 and len(set(invited)) == len(invited)
+    # An invited device pulls again with its invite round and is always served.
+    served = c.handle(pull_event(invited[0], 1, now=10.0, invite_round=1))
+    ((device, model),) = sent(served, "model")
+    assert device == invited[0] and isinstance(model, ModelMsg) and model.reply_to == 1
+
+
+def test_fedbuff_with_population_counts_unseen_devices_as_drawn_without_data() -> None:
+    # One known device in a population of 1000: it is drawn (and invited) about 1 time in 1000.
+    invited = 0
+    for seed in range(300):
+        strategy = FedBuffStrategy(FedBuffConfig(k=2, select=1, population=1000))
+        invited += len(strategy.plan(FakeView(devices_seen=["a"], deferred={"a": 5.0}), 5.0, random.Random(seed)).invite)
+    assert invited <= 3
+    # An empty round is redrawn only when a device asks after the draw.
+    strategy2 = FedBuffStrategy(FedBuffConfig(k=2, select=1, population=10**6))
+    rng = random.Random(0)
+    first = strategy2.plan(FakeView(devices_seen=["a"], deferred={"a": 1.0}), 1.0, rng)
+    assert first == Plan() and strategy2.round == 1
+    strategy2.plan(FakeView(devices_seen=["a"], deferred={"a": 1.0}), 2.0, rng)
+    assert strategy2.round == 1, "no new pull, no redraw"
+    strategy2.plan(FakeView(devices_seen=["a"], deferred={"a": 3.0}), 3.0, rng)
+    assert strategy2.round == 2
+
+
+def test_fedbuff_strict_k_carries_a_short_round_into_the_next_draw() -> None:
+    strategy = FedBuffStrategy(FedBuffConfig(k=3, select=1, strict_k=True))
+    rng = random.Random(0)
+    plan = strategy.plan(FakeView(devices_seen=["a", "b"], deferred={"a": 0.0, "b": 0.0}), 0.0, rng)
+    (first,) = plan.invite
+    update = upd(first, 1.0)
+    strategy.on_update(FakeView(), update, 5.0)
+    nxt = strategy.plan(FakeView(devices_seen=["a", "b"], buffer=[update], deferred={"b": 0.0} if first == "a" else {"a": 0.0}), 5.0, rng)
+    assert not nxt.aggregate and strategy.round == 2, "strict K: no aggregation below K, a new draw instead"
+
+
+@pytest.mark.parametrize("strategy", ["fedbuff", "port"])
+def test_fedbuff_never_deadlocks_when_fewer_than_k_selected_devices_have_data(strategy: str) -> None:
+    link = Link(coordinator=make_coordinator(strategy, k=10, select=20))
+    for i in range(3):
+        link.add_device(f"d{i}", min_samples=1, seed=i)
+        link.add_sample(f"d{i}", 1, at=0.1 * i)
+    link.run_until(5_000.0)
+    assert link.commits, "a round with fewer than K participants must still aggregate"
+    assert sum(c.metadata["n_updates"] for c in link.commits) == 3
+    assert not link.coordinator.buffer
+    for core in link.devices.values():
+        assert core.state.trained_upto == 1 and core.state.phase.value == "idle"
+
+
+@pytest.mark.parametrize(("late_join", "joins"), [(True, True), (False, False)])
+def test_fedbuff_a_drawn_device_without_data_joins_only_with_late_join(late_join: bool, joins: bool) -> None:
+    strategy = FedBuffStrategy(FedBuffConfig(k=5, select=2, late_join=late_join))
+    rng = random.Random(0)
+    # Both known devices are drawn (select = population = 2); only "a" is waiting with data.
+    plan = strategy.plan(FakeView(devices_seen=["a", "b"], deferred={"a": 0.0}), 0.0, rng)
+    assert plan.invite == ("a",) and set(strategy.in_flight) == {"a"}
+    # "b" gets data mid-round and pulls: served only with late_join; never invited later.
+    assert strategy.serve_pull(FakeView(), "b", 1.0) is joins
+    later = strategy.plan(FakeView(devices_seen=["a", "b"], deferred={} if joins else {"b": 1.0}), 1.0, rng)
+    assert later.invite == ()
+    assert ("b" in strategy.in_flight) is joins
+    assert strategy.serve_pull(FakeView(), "c", 1.0) is False
+
+
+def test_fedbuff_forgets_a_vanished_device_when_configured() -> None:
+    strategy = FedBuffStrategy(FedBuffConfig(k=3, select=3, forget_after_s=100.0))
+    view = FakeView(devices_seen=["a", "b"], deferred={"a": 0.0, "b": 0.0})
+    plan = strategy.plan(view, 0.0, random.Random(0))
+    assert set(plan.invite) == {"a", "b"} and plan.wake_at == 100.0
+    after = FakeView(devices_seen=["a", "b"], buffer=[upd("a", 1.0)])
+    strategy.on_update(after, after.buffer[0], 50.0)
+    assert strategy.plan(after, 60.0, random.Random(0)).aggregate is False
+    assert strategy.plan(after, 100.0, random.Random(0)).aggregate is True
+
+
+# ------------------------------------------------------------------ FedAvg
+
+
+def test_fedavg_round_table() -> None:
+    s = FedAvgStrategy(FedAvgConfig(select=2, min_devices=2))
+    rng = random.Random(0)
+    assert s.plan(FakeView(deferred={"a": 0.0}), 0.0, rng) == Plan()  # too few waiting
+    p = s.plan(FakeView(deferred={"a": 0.0, "b": 0.0, "c": 0.0}), 1.0, rng)
+    assert len(p.invite) == 2 and set(p.invite) == s.participants and s.round == 1
+    first, second = sorted(p.invite)
+    assert s.serve_pull(FakeView(), first, 2.0) and not s.serve_pull(FakeView(), "zzz", 2.0)
+    s.on_update(FakeView(), upd(first, 1.0), 3.0)
+    assert s.plan(FakeView(buffer=[upd(first, 1.0)]), 3.0, rng) == Plan()  # still waiting for one
+    s.on_update(FakeView(), upd(second, 1.0), 4.0)
+    assert s.plan(FakeView(buffer=[upd(first, 1.0), upd(second, 1.0)]), 4.0, rng).aggregate
+
+
+def test_fedavg_rounds_are_synchronous_through_the_core() -> None:
+    link = Link(coordinator=make_coordinator("fedavg", select=3))
+    for i in range(6):
+        link.add_device(f"d{i}", min_samples=1, seed=i)
+        link.add_sample(f"d{i}", 1, at=0.5 * i)
+        link.add_sample(f"d{i}", 2, at=30.0 + i)
+    link.run_until(10_000.0)
+    assert link.commits
+    assert all(u.staleness == 0 for u in link.coordinator.buffer)
+    assert set(link.coordinator.staleness_hist) == {0}, "synchronous rounds never produce stale updates"
+    assert all(c.metadata["n_updates"] <= 3 for c in link.commits)
+    assert sum(c.metadata["n_updates"] for c in link.commits) == link.coordinator.counters["accepted"]
+    for core in link.devices.values():
+        assert core.state.trained_upto == 2
