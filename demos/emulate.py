@@ -61,6 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads for local training (1 is fastest for tiny models)")
     p.add_argument("--broker", default=None, help="real-MQTT fleet mode: play the scenario in real time against this broker")
     p.add_argument("--time-scale", type=float, default=1.0, help="real-MQTT mode: virtual seconds per wall second")
+    p.add_argument("--region", default="default", help="real-MQTT mode: the coordinator's region")
 
 
 def parse_seeds(text: str) -> list[int]:

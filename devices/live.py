@@ -40,12 +40,15 @@ class LabellingUser:
     stream: Split
     add: Callable[[npt.NDArray[np.float32], int], object]
     rate: float
+    times: npt.NDArray[np.float64] | None = None
+    """Explicit label times (seconds from start, before time scaling) instead of Poisson."""
     next_at: float = 0.0
     position: int = 0
 
     @property
     def exhausted(self) -> bool:
-        return self.position >= len(self.stream)
+        limit = len(self.stream) if self.times is None else min(len(self.stream), len(self.times))
+        return self.position >= limit
 
 
 class LabellingLoop:
@@ -76,7 +79,11 @@ class LabellingLoop:
         t0 = time.monotonic()
         heap: list[tuple[float, int]] = []
         for i, u in enumerate(self.users):
-            if u.rate > 0 and not u.exhausted:
+            if u.exhausted:
+                continue
+            if u.times is not None:
+                heapq.heappush(heap, (float(u.times[0]) / self.time_scale, i))
+            elif u.rate > 0:
                 heapq.heappush(heap, (self._gap(u.rate), i))
         while heap and not self._stop.is_set():
             at, i = heapq.heappop(heap)
@@ -89,5 +96,9 @@ class LabellingLoop:
             except Exception as exc:  # a failing device must not stop the others
                 self.errors.append(exc)
             u.position += 1
-            if not u.exhausted:
+            if u.exhausted:
+                continue
+            if u.times is not None:
+                heapq.heappush(heap, (float(u.times[u.position]) / self.time_scale, i))
+            else:
                 heapq.heappush(heap, (at + self._gap(u.rate), i))

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,7 +51,10 @@ class MqttFleet:
         region: str,
         task: Task,
         partitions: Sequence[npt.NDArray[np.int64]],
-        rate: float,
+        rate: float = 0.0,
+        label_times: Sequence[npt.NDArray[np.float64]] | None = None,
+        device_ids: Sequence[str] | None = None,
+        request_timeout_s: float = 10.0,
         min_samples: int,
         train: TrainConfig,
         time_scale: float = 1.0,
@@ -65,15 +69,16 @@ class MqttFleet:
         users = []
         self._t0 = time.monotonic()
         for i, idx in enumerate(partitions):
-            name = f"{prefix}-{i:04d}"
+            name = device_ids[i] if device_ids is not None else f"{prefix}-{i:04d}"
             client = EdgeClient(
                 broker=broker, device_id=name, region=region, task=task, durable=False,
                 min_samples=min_samples, train=TrainConfig(epochs=train.epochs, batch_size=train.batch_size, lr=train.lr, seed=seed + i),
-                seed=seed + i, inference="torch",
+                seed=seed + i, inference="torch", request_timeout_s=request_timeout_s,
             )
             client.on("*", self._on_event)
             self.clients.append(client)
-            users.append(LabellingUser(name=name, stream=Split(x=pool.x[idx], y=pool.y[idx]), add=client.add_sample, rate=rate))
+            times = None if label_times is None else label_times[i]
+            users.append(LabellingUser(name=name, stream=Split(x=pool.x[idx], y=pool.y[idx]), add=client.add_sample, rate=rate, times=times))
         self._connect_timeout = connect_timeout
         self.loop = LabellingLoop(users, seed=seed, time_scale=time_scale)
 
@@ -122,3 +127,76 @@ class MqttFleet:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def run_fleet(scenario: Any, *, broker: str, time_scale: float, args: Any) -> int:
+    """``edgeci emulate SCENARIO.toml --broker URL``: play the scenario's fleet in real time
+    (sped up by ``time_scale``) against a running coordinator, one MQTT client per device.
+
+    The fleet is :func:`devices.scenario.materialise`'s — the same profiles' partitions,
+    streaming orders and label times as the virtual-clock emulator. Accuracy is measured on
+    the newest model any device holds; a CSV, a PNG and one summary line are written.
+    """
+    import csv
+    import json
+
+    from tqdm import tqdm
+
+    from demos.run import Timeline, plot
+    from devices.scenario import materialise
+    from edge_sdk.tasks import get_task
+
+    settings = scenario.settings
+    seeds = [int(s) for s in str(getattr(args, "seeds", "") or settings.seeds[0]).replace("-", ",").split(",") if s]
+    seed = seeds[0]
+    region = getattr(args, "region", None) or "default"
+    task = get_task(settings.task)
+    pool = task.data().pool
+    plans = materialise(settings, seed, pool.y)
+    out = getattr(args, "out", None) or Path("runs/emulate") / f"{scenario.name}-mqtt"
+    out.mkdir(parents=True, exist_ok=True)
+    wall_s = settings.duration_s / time_scale
+    eval_s = max(settings.eval_every_s / time_scale, 0.5)
+    fleet = MqttFleet(
+        broker=broker, region=region, task=task,
+        partitions=[p.samples[: len(p.label_times)] for p in plans],
+        label_times=[p.label_times for p in plans],
+        device_ids=[p.device_id for p in plans],
+        min_samples=settings.min_samples,
+        train=TrainConfig(epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr, seed=seed),
+        request_timeout_s=max(settings.request_timeout_s / time_scale, 1.0),
+        time_scale=time_scale, seed=seed,
+    )
+    timeline = Timeline(t0=time.monotonic())
+    print(f"{len(plans)} devices connecting to {broker} (region {region}); {settings.duration_s:.0f} virtual s at {time_scale:g}× = {wall_s:.0f} wall s", flush=True)
+    with fleet, tqdm(total=int(wall_s), unit="s", disable=getattr(args, "no_progress", False)) as bar:
+        timeline.t0 = time.monotonic()
+        next_eval = 0.0
+        while (elapsed := time.monotonic() - timeline.t0) < wall_s:
+            if elapsed >= next_eval:
+                latest = fleet.latest_weights()
+                if latest is not None:
+                    timeline.add(latest[0], float(task.evaluate(latest[1])["accuracy"]))
+                next_eval += eval_s
+                if timeline.points:
+                    _, v, acc = timeline.last()
+                    bar.set_postfix_str(f"version {v} | accuracy {100 * acc:.1f}% | labelled {fleet.loop.labelled}")
+            bar.n = int(elapsed)
+            bar.refresh()
+            time.sleep(min(0.5, max(0.0, wall_s - elapsed)))
+    with open(out / "timeline.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["wall_s", "virtual_s", "version", "accuracy"])
+        for t, v, acc in timeline.points:
+            w.writerow([f"{t:.3f}", f"{t * time_scale:.1f}", v, f"{acc:.4f}"])
+    plot(timeline, out / "accuracy.png", f"{scenario.name}: {len(plans)} MQTT devices, {time_scale:g}× real time")
+    summary = {"devices": len(plans), "acked": fleet.stats.acked, "rejected": fleet.stats.rejected,
+               "trained": fleet.stats.trained, "labelled": fleet.loop.labelled, "points": timeline.points}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    first = timeline.points[0] if timeline.points else (0.0, -1, float("nan"))
+    last = timeline.points[-1] if timeline.points else first
+    print(
+        f"{len(plans)} MQTT devices: accuracy {100 * first[2]:.1f}% (v{first[1]}) → {100 * last[2]:.1f}% (v{last[1]}) | "
+        f"updates acked {fleet.stats.acked}, rejected {fleet.stats.rejected} | labelled {fleet.loop.labelled} | {out}"
+    )
+    return 0

@@ -191,3 +191,18 @@ def test_api_misuse_is_local_error() -> None:
         c.handle(SampleAdded(now=1.0, total=4))
     with pytest.raises(LocalProtocolError):
         TimerFired(now=float("nan"))
+
+
+def test_lasp_trains_and_sends_only_the_requested_group() -> None:
+    c = core()
+    acts = c.handle(SampleAdded(now=0.0, total=3))
+    pull = published(acts)[0]
+    assert isinstance(pull, Pull)
+    msg = ModelMsg(model_id="toy", version=4, reply_to=pull.seq, weights=np.zeros(SPEC.size, np.float32), train_group="classifier")
+    acts = c.handle(recv(0.1, "model", msg))
+    job = next(a for a in acts if isinstance(a, StartTraining)).job
+    assert job.group == "classifier" and job.weights.shape == (SPEC.size,)
+    acts = c.handle(TrainingFinished(now=1.0, job_id=job.job_id, weights=np.full(SPEC.size, 2.0, np.float32), n_samples=3))
+    upd = published(acts)[0]
+    assert isinstance(upd, Update) and upd.group == "classifier"
+    np.testing.assert_array_equal(upd.weights, np.full(SPEC.group_size("classifier"), 2.0))

@@ -228,14 +228,14 @@ class DeviceCore:
         s.job_id += 1
         s.job_base_version = msg.version
         s.job_n_samples = s.total
-        s.job_group = msg.group
+        s.job_group = msg.train_group
         s.phase, s.deadline, s.pending_seq, s.pending_payload = Phase.TRAINING, None, NO_VERSION, b""
         job = TrainingJob(
             job_id=s.job_id,
             base_version=msg.version,
             weights=full,
             n_samples=s.total,
-            group=msg.group,
+            group=msg.train_group,
             hints=dict(msg.hints),
         )
         actions.append(PersistDeviceState(next_seq=s.next_seq, trained_upto=s.trained_upto))

@@ -75,12 +75,16 @@ class ModelMsg:
     group: str = FULL
     spec_fingerprint: str = ""
     hints: dict[str, float] = field(default_factory=dict)
+    train_group: str = FULL
+    """Which layer group the device should train and send back (LASP: the classifier
+    between full syncs, even when ``group`` is full because the device's extractor is old)."""
 
     def __post_init__(self) -> None:
         _check_id(self.model_id, "model_id")
         _check_int(self.version, "version")
         _check_int(self.reply_to, "reply_to", lo=NO_VERSION)
         _check_id(self.group, "group")
+        _check_id(self.train_group, "train_group")
         _check_weights(self.weights)
         _need(isinstance(self.spec_fingerprint, str) and len(self.spec_fingerprint) <= 64, "bad spec_fingerprint")
         _need(isinstance(self.hints, dict) and len(self.hints) <= 32, "hints must be a small dict")
