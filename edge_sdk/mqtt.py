@@ -91,7 +91,9 @@ class MqttTransport:
     def start(self, timeout: float = 15.0) -> None:
         """Connect and start the network thread; raise ``TransportError`` if no CONNACK in time."""
         try:
-            self._client.connect_async(self.address.host, self.address.port, keepalive=self._keepalive)
+            # A synchronous first connect fails fast (and clearly) when nothing listens;
+            # after that paho's loop reconnects with backoff on its own.
+            self._client.connect(self.address.host, self.address.port, keepalive=self._keepalive)
             self._client.loop_start()
         except (OSError, ValueError) as exc:
             raise TransportError(f"cannot reach broker {self.address.url}: {exc}") from exc

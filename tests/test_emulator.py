@@ -32,7 +32,7 @@ from devices.simulator import (
     VirtualClock,
     run_spec,
 )
-from edge_sdk.errors import ConfigError, LocalProtocolError
+from edge_sdk.errors import ConfigError, LocalProtocolError, TransportError
 from edge_sdk.spec import ModelSpec, Vector
 from edge_sdk.tasks.base import Split, TaskData, TrainConfig, TrainResult
 
@@ -374,5 +374,5 @@ params = { k = 2, select = 4 }
     assert "time to 60% accuracy" in (out / "time_to_target.md").read_text(encoding="utf-8")
     with pytest.raises(ConfigError, match="lacks"):
         emulate.run(parser.parse_args([str(scenario), "--out", str(out), "--seeds", "7", "--replot"]))
-    with pytest.raises(ConfigError, match="not available"):
+    with pytest.raises(TransportError, match="cannot reach broker"):
         emulate.run(parser.parse_args([str(scenario), "--out", str(out), "--broker", "mqtt://127.0.0.1:1"]))

@@ -32,7 +32,7 @@ from edge_sdk.spec import Vector
 class SpinConfig:
     k: int = 10
     timeout_s: float | None = 30.0
-    combine: str = "models"
+    combine: str = "deltas"
     server_lr: float = 1.0
 
     def __post_init__(self) -> None:
