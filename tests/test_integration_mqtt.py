@@ -171,7 +171,8 @@ def test_fleet_over_mosquitto_improves_and_rejects_bad_input(mosquitto: Mosquitt
             _, w0 = latest_weights(state, task)
             acc0 = task.evaluate(w0)["accuracy"]
             fleet.loop.start()
-            wait_until(lambda: watcher.get("version") >= 8, 150, "8 aggregated versions")
+            # enough labels for a clear gain on the held-out split, through many versions
+            wait_until(lambda: watcher.get("version") >= 15 and fleet.loop.labelled >= 600, 200, "15 versions and 600 labels")
             fleet.loop.stop()
             # let in-flight updates land and the last timeout fire, then the fleet is quiet
             time.sleep(6.0)
