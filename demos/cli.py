@@ -6,6 +6,8 @@
     edgeci pretrain       make the deployed model file from the task's public split
     edgeci emulate        virtual-clock fleet emulation of one or several strategies
     edgeci status         print a coordinator's retained status from the broker
+    edgeci label          labelling app (webcam / video / synthetic): boxes and gestures
+    edgeci scc-stream     streaming experiment: semantic cache + compensation vs baselines
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "device": ("devices.headless", "run one headless device that labels its share of the dataset over time"),
     "pretrain": ("demos.pretrain", "write the pretrained deployed model to a file"),
     "emulate": ("demos.emulate", "emulate a fleet on a virtual clock: compare strategies from a scenario TOML"),
+    "scc-stream": ("demos.scc_stream", "streaming non-IID experiment: no cache vs cached features vs SCC (HFedMS), with LASP"),
     "status": ("coordinator.cli_status", "print the retained status of a region's coordinator"),
+    "label": ("demos.label", "labelling app: box objects (and draw gestures) in a webcam, video or synthetic feed; the deployed detector learns them"),
 }
 
 

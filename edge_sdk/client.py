@@ -3,29 +3,40 @@
     with EdgeClient(broker="mqtt://127.0.0.1:1883", device_id="headset-7", task="digits",
                     data_dir="~/.edgeci") as client:
         client.add_sample(x, label)      # durable when it returns; may trigger a pull
+        client.add_frame(image, boxes)   # detection devices: an RGB frame and its boxes
         client.predict(batch)            # with the latest deployed model
         client.version                   # its version
 
 Behind it: the durable :class:`~edge_sdk.store.SampleStore`, the sans-IO
 :class:`~edge_sdk.core.device.DeviceCore` on an actor thread, the paho transport, and a
 single trainer thread so that local fine-tuning never blocks the protocol.
+
+Failover: with ``regions=["eu", "us"]`` the device talks to its first region's
+coordinator and, after ``failover_after`` consecutive request timeouts, to the next
+region's (cyclically). It subscribes to its downstream topics in every listed region from
+the start, and ignores messages from regions it is not using. An update that was in
+flight is dropped (it was trained on the old region's model, whose version numbers mean
+nothing to the new coordinator) and its samples are trained again on the new region's
+model; sequence numbers keep increasing, so the idempotency keys ``(device, seq)`` stay
+valid everywhere.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import threading
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
 
-from edge_sdk.core.device import DeviceConfig, DeviceCore
+from edge_sdk.core.device import DeviceConfig, DeviceCore, Phase
 from edge_sdk.core.events import (
     DeployModel,
     MessageReceived,
@@ -43,13 +54,25 @@ from edge_sdk.modelio import load_model, save_model
 from edge_sdk.mqtt import MqttTransport
 from edge_sdk.runtime import Actor, Clock, WallClock
 from edge_sdk.spec import Vector
-from edge_sdk.store import SampleStore
+from edge_sdk.store import SampleKind, SampleStore
 from edge_sdk.tasks import get_task
 from edge_sdk.tasks.base import Task, TrainConfig
+from edge_sdk.wire import topics
 from edge_sdk.wire.codec import Encoding
 
 log = logging.getLogger("edgeci.device")
 Callback = Callable[[str, dict[str, Any]], None]
+
+SAMPLE_KINDS: dict[str, SampleKind] = {"gestures": "gesture", "yolov8n-detection": "frame"}
+"""What a task's samples are, by task name (default ``"array"``); a task may also say so
+itself with a ``sample_kind`` attribute."""
+
+
+def sample_kind_of(task: Task) -> SampleKind:
+    """``"array"`` (fixed-shape tensors), ``"gesture"`` ((T, D) sequences) or ``"frame"``
+    (camera frames with boxes, for detection tasks)."""
+    declared = getattr(task, "sample_kind", None)
+    return cast(SampleKind, declared) if declared is not None else SAMPLE_KINDS.get(task.name, "array")
 
 
 class EdgeClient:
@@ -75,9 +98,18 @@ class EdgeClient:
         seed: int = 0,
         inference: str = "onnx",
         durable: bool = True,
+        regions: Sequence[str] | None = None,
+        failover_after: int = 3,
     ) -> None:
         if inference not in ("onnx", "torch"):
             raise ConfigError(f"inference must be 'onnx' or 'torch', got {inference!r}")
+        if failover_after < 1:
+            raise ConfigError("failover_after must be >= 1")
+        self.regions: tuple[str, ...] = tuple(dict.fromkeys([region, *(regions or ())]))
+        """This device's region first, then the regions it may fail over to, in order."""
+        self.failover_after = failover_after
+        self._failures = 0
+        self._seed = seed
         self.task: Task = get_task(task) if isinstance(task, str) else task
         if durable and data_dir is None:
             raise ConfigError("a durable EdgeClient needs a data_dir (or pass durable=False for emulation)")
@@ -87,14 +119,21 @@ class EdgeClient:
             self.data_dir.mkdir(parents=True, exist_ok=True)
         self.train_config = train or TrainConfig(seed=seed)
         self.clock = clock or WallClock()
-        shape = tuple(self.task.data().test.x.shape[1:])
-        # Gesture tasks store (T, D) sequences; everything else fixed-shape arrays.
-        self.sample_kind = "gesture" if self.task.name == "gestures" else "array"
+        # Gesture tasks store (T, D) sequences, detection tasks frames of any size with
+        # boxes, everything else fixed-shape arrays.
+        self.sample_kind: SampleKind = sample_kind_of(self.task)
+        shape: tuple[int, ...] | None = None
+        if self.sample_kind == "frame":
+            # The detection task knows its class count without building its dataset (seconds).
+            n_classes = int(cast(Any, self.task).config.n_classes)
+        else:
+            shape = tuple(self.task.data().test.x.shape[1:])
+            n_classes = self.task.data().n_classes
         self.store = SampleStore.open(
             self.data_dir / "samples.sqlite3" if self.data_dir is not None and durable else ":memory:",
             sample_shape=shape if self.sample_kind == "array" else None,
             gesture_shape=shape if self.sample_kind == "gesture" else None,
-            n_classes=self.task.data().n_classes,
+            n_classes=n_classes,
         )
         self.inference = inference
         self._engine: Any = None
@@ -117,10 +156,11 @@ class EdgeClient:
         self.core = DeviceCore(cfg, rng=random.Random(seed), next_seq=next_seq, trained_upto=trained_upto, total=self._added())
         if self._deployed is not None:
             self.core.state.deployed_version, self.core.state.deployed = self._deployed
-        self.actor = Actor(f"device-{device_id}", self.core.handle, self._perform, clock=self.clock)
+        self.actor = Actor(f"device-{device_id}", self._handle, self._perform, clock=self.clock)
+        subscriptions = [topics.device_topic(r, device_id, leaf) for r in self.regions for leaf in topics.DOWNSTREAM]
         self._trainer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"train-{device_id}")
         self.transport = MqttTransport(
-            broker, client_id=f"dev-{region}-{device_id}", subscriptions=self.core.subscriptions(), on_message=self._on_message
+            broker, client_id=f"dev-{region}-{device_id}", subscriptions=subscriptions, on_message=self._on_message
         )
         self._started = False
 
@@ -152,9 +192,19 @@ class EdgeClient:
     def add_sample(self, x: npt.NDArray[Any], label: int, *, timestamp: float | None = None) -> int:
         """Store one labelled sample durably (typed ``InvalidSample`` on bad input), then let
         the protocol react (the first pull waits for ``min_samples``)."""
+        if self.sample_kind == "frame":
+            raise LocalProtocolError("a detection device stores frames with boxes: use add_frame(image, boxes)")
         sample_id = self.store.add_sample(self.sample_kind, np.asarray(x, dtype=np.float32), label, timestamp=timestamp)
-        total = self._added()
-        self.actor.submit(lambda now: SampleAdded(now=now, total=total))
+        self._sample_added()
+        return sample_id
+
+    def add_frame(self, image: npt.NDArray[np.uint8], boxes: npt.ArrayLike = (), *, timestamp: float | None = None) -> int:
+        """Detection devices: store an (H, W, 3) uint8 RGB frame with its ``(N, 5)`` boxes
+        ``class, x1, y1, x2, y2`` in that frame's pixels, durably; then as :meth:`add_sample`."""
+        if self.sample_kind != "frame":
+            raise LocalProtocolError(f"add_frame is for detection devices; this {self.task.name} device takes add_sample")
+        sample_id = self.store.add_frame(image, boxes, timestamp=timestamp)
+        self._sample_added()
         return sample_id
 
     @property
@@ -178,6 +228,8 @@ class EdgeClient:
             deployed = self._deployed
         if deployed is None:
             raise LocalProtocolError("no model deployed yet: add samples until the first pull completes")
+        if self.sample_kind == "frame":
+            raise LocalProtocolError("predict serves classifiers; for detection export `weights` with the task's export_onnx and run an OnnxDetector")
         batch = np.asarray(x, dtype=np.float32)
         if self.inference == "torch":
             logits = self.task.logits(deployed[1], batch)  # type: ignore[attr-defined]
@@ -209,14 +261,50 @@ class EdgeClient:
     def _added(self) -> int:
         return self.store.stats().added
 
+    def _sample_added(self) -> None:
+        total = self._added()
+        self.actor.submit(lambda now: SampleAdded(now=now, total=total))
+
     def _load_deployed(self) -> tuple[int, Vector] | None:
         if self._model_path is None or not self._model_path.exists():
             return None
         _, weights, meta = load_model(self._model_path, expect=self.task.spec)
         return int(meta.get("version", 0)), weights
 
+    @property
+    def region(self) -> str:
+        """The region whose coordinator the device is using now."""
+        return self.core.config.region
+
     def _on_message(self, topic: str, payload: bytes) -> None:
         self.actor.submit(lambda now: MessageReceived(now=now, topic=topic, payload=payload))
+
+    def _handle(self, event: Any) -> list[Any]:
+        """Actor thread: the current core handles the event (the core changes on failover)."""
+        if isinstance(event, MessageReceived) and len(self.regions) > 1:
+            parts = event.topic.split("/")
+            if len(parts) > 2 and parts[2] in self.regions and parts[2] != self.region:
+                return []  # a late answer from a region we left
+        return self.core.handle(event)
+
+    def _failover(self) -> None:
+        """Actor thread: switch to the next region's coordinator, keeping seq and samples."""
+        old = self.core.state
+        new_region = self.regions[(self.regions.index(self.region) + 1) % len(self.regions)]
+        # An update in flight was trained on the old region's model: train those samples again.
+        trained_upto = old.prev_trained_upto if old.phase is Phase.PUSHING else old.trained_upto
+        cfg = dataclasses.replace(self.core.config, region=new_region)
+        core = DeviceCore(cfg, rng=random.Random(f"{self._seed}:{new_region}"), next_seq=old.next_seq,
+                          trained_upto=trained_upto, total=old.total)
+        core.state.job_id = old.job_id  # job ids stay unique across the switch
+        core.state.deployed = old.deployed  # deployed_version stays unset: the new region numbers its own
+        log.warning("device %s: region %s did not answer %d times; failing over to %s",
+                    cfg.device_id, self.region, self._failures, new_region)
+        self._emit("failover", {"from": self.region, "to": new_region, "after_retries": self._failures})
+        self.core = core
+        self._failures = 0
+        self.store.set_meta_many({"next_seq": old.next_seq, "trained_upto": trained_upto})
+        self.actor.run_actions(core.start(self.clock.now()))
 
     def _emit(self, kind: str, data: dict[str, Any]) -> None:
         for cb in (*self._callbacks.get(kind, ()), *self._callbacks.get("*", ())):
@@ -249,17 +337,22 @@ class EdgeClient:
             raise TypeError(f"unknown action {action!r}")
 
     def _on_notify(self, note: Notify) -> None:
+        if note.kind == "retry":
+            self._failures += 1
+        elif note.kind in ("model", "update_acked", "update_rejected", "deferred"):
+            self._failures = 0
         if note.kind == "trained":
             ids = self._job_ids.pop(int(note.data["job_id"]), [])
             self.store.mark_used(ids, int(note.data["seq"]))
         elif note.kind == "update_acked":
             self.store.mark_acked(int(note.data["seq"]))
         self._emit(note.kind, dict(note.data))
+        if note.kind == "retry" and self._failures >= self.failover_after and len(self.regions) > 1:
+            self._failover()
 
     def _train(self, job: TrainingJob) -> None:
         """Trainer thread: fine-tune on all local samples, hand the result to the actor."""
         try:
-            snap = self.store.snapshot(self.sample_kind)
             cfg = self.train_config
             hints = job.hints
             config = TrainConfig(
@@ -269,8 +362,16 @@ class EdgeClient:
                 seed=cfg.seed + job.job_id,
                 group=job.group,
             )
-            result = self.task.local_update(job.weights, snap.x, snap.y, config)
-            self._job_ids[job.job_id] = [int(i) for i in snap.ids]
+            if self.sample_kind == "frame":
+                ids = self.store.ids("frame")
+                frames = list(self.store.frames(ids))  # ids evicted meanwhile are skipped
+                images, boxes = [f for f, _ in frames], [b for _, b in frames]
+                result = cast(Any, self.task).local_update(job.weights, images, boxes, config)
+            else:
+                snap = self.store.snapshot(self.sample_kind)
+                ids = [int(i) for i in snap.ids]
+                result = self.task.local_update(job.weights, snap.x, snap.y, config)
+            self._job_ids[job.job_id] = ids
             self.actor.submit(
                 lambda now: TrainingFinished(
                     now=now,

@@ -26,6 +26,8 @@ __all__ = [
 TASKS: dict[str, str] = {
     "digits": "edge_sdk.tasks.digits:DigitsTask",
     "gestures": "edge_sdk.tasks.gestures:GestureTask",
+    "detection": "edge_sdk.tasks.detection:DetectionTask",
+    "detection-fleet": "edge_sdk.tasks.detection_fleet:DetectionFleetTask",
 }
 
 

@@ -1,0 +1,720 @@
+"""The labelling app (``edgeci label``): its pure interaction core, its driver's checks, the
+detection device it embeds, and the app driven as a person drives it.
+
+The last test starts its own Xvfb, launches ``python -m demos.cli label --source synthetic``
+against a test mosquitto, finds the window with xdotool, drags real mouse boxes and a
+gesture and presses real keys, quits, and opens the device's sample stores. Screenshots
+are the window's pixels as the X server holds them (Pillow's ``ImageGrab`` over XCB,
+cropped to the window's geometry): ``label-window-boxes.png`` (paused frame, one labelled
+box, one pending) and ``label-window-gesture.png`` under the test's ``tmp_path``; the
+app's own ``s`` snapshot (its last rendered canvas) is checked too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import random
+import re
+import select
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+from demos.label import (
+    SyntheticSource,
+    check_broker,
+    check_display,
+    open_source,
+)
+from demos.label_ui import (
+    MAGENTA,
+    YELLOW,
+    Key,
+    LabelSession,
+    MouseDown,
+    MouseMove,
+    MouseUp,
+    Notice,
+    Overlay,
+    Phase,
+    Quit,
+    SaveFrame,
+    SaveGesture,
+    Snapshot,
+    Status,
+    View,
+    box_from_drag,
+    canvas_size,
+    class_colour,
+    fit_view,
+    panel_lines,
+    render,
+    resample_gesture,
+    wrap,
+)
+from edge_sdk.errors import ConfigError, LocalProtocolError, TransportError
+from edge_sdk.tasks.gestures import GESTURES, LENGTH, VELOCITY_GAIN, gesture_path
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMES = ("circle", "square", "triangle", "cross", "star")
+
+
+def session(scale: float = 2.0, mode: str = "box") -> LabelSession:
+    return LabelSession(view=View(frame_w=240, frame_h=180, scale=scale), n_box_classes=5,
+                        n_gesture_classes=8, gesture_length=LENGTH, gesture_gain=VELOCITY_GAIN,
+                        mode=mode)  # type: ignore[arg-type]
+
+
+def drag(s: LabelSession, a: tuple[float, float], b: tuple[float, float], t0: float = 0.0) -> list[Any]:
+    out = s.handle(MouseDown(x=a[0], y=a[1], t=t0))
+    mid = ((a[0] + b[0]) / 2, (a[1] + b[1]) / 2)
+    out += s.handle(MouseMove(x=mid[0], y=mid[1], t=t0 + 0.1))
+    out += s.handle(MouseUp(x=b[0], y=b[1], t=t0 + 0.2))
+    return out
+
+
+def key(s: LabelSession, ch: str | int) -> list[Any]:
+    return s.handle(Key(code=ord(ch) if isinstance(ch, str) else ch))
+
+
+def mode(s: LabelSession) -> str:
+    return s.state.mode
+
+
+# ---------------------------------------------------------------------- geometry
+
+
+@pytest.mark.parametrize(("size", "zoom", "scale"), [
+    ((96, 96), None, 4.0),          # tiny frames: at most 4x
+    ((240, 240), None, 2.0),        # whole factors only: crisp pixels
+    ((320, 240), None, 2.0),
+    ((640, 480), None, 1.0),
+    ((1280, 720), None, 0.5),       # HD webcams shrink to fit
+    ((240, 240), 3.0, 3.0),
+])
+def test_fit_view(size: tuple[int, int], zoom: float | None, scale: float) -> None:
+    view = fit_view(*size, zoom=zoom)
+    assert view.scale == scale
+    assert (view.image_w, view.image_h) == (round(size[0] * scale), round(size[1] * scale))
+
+
+@pytest.mark.parametrize(("scale", "start", "end", "box"), [
+    (2.0, (40, 50), (120, 130), (20, 25, 61, 66)),     # the far pixel is inside the box
+    (2.0, (120, 130), (40, 50), (20, 25, 61, 66)),     # any drag direction
+    (2.0, (41, 51), (121, 131), (20, 25, 61, 66)),     # odd pixels fall in the same frame pixel
+    (2.0, (0, 0), (479, 359), (0, 0, 240, 180)),       # the whole frame
+    (2.0, (400, 300), (900, 900), (200, 150, 240, 180)),  # clipped to the frame
+    (0.5, (10, 10), (100, 60), (20, 20, 202, 122)),    # a shrunk HD frame
+    (1.0, (10, 10), (11, 11), None),                    # a click, not a box
+    (2.0, (10, 10), (13, 200), None),                   # two frame pixels wide: too thin
+])
+def test_box_from_drag_maps_window_pixels_to_frame_pixels(
+        scale: float, start: tuple[int, int], end: tuple[int, int], box: tuple[int, int, int, int] | None) -> None:
+    view = View(frame_w=240, frame_h=180, scale=scale)
+    assert box_from_drag(view, start, end) == box
+
+
+# ---------------------------------------------------------------------- gestures
+
+
+def test_resampled_gesture_is_the_tasks_layout() -> None:
+    # a right swipe drawn slowly at first: resampling is uniform in *time*
+    pts = [(0.0, 100.0, 200.0), (0.5, 110.0, 200.0), (0.6, 300.0, 200.0)]
+    seq = resample_gesture(pts, length=LENGTH, gain=VELOCITY_GAIN)
+    assert seq is not None and seq.shape == (LENGTH, 4) and seq.dtype == np.float32
+    x, y = seq[:, 0], seq[:, 1]
+    assert x[0] == pytest.approx(-0.8) and x[-1] == pytest.approx(0.8)  # longer side spans 1.6
+    assert np.allclose(y, 0.0) and np.all(np.diff(x) >= 0)
+    assert x[LENGTH // 2] < -0.6  # half the time went into the first 10 px
+    assert np.allclose(seq[1:, 2], np.diff(x) * VELOCITY_GAIN, atol=1e-5) and seq[0, 2] == 0.0
+    up = resample_gesture([(0.0, 50.0, 300.0), (0.3, 50.0, 100.0)], length=LENGTH, gain=VELOCITY_GAIN)
+    assert up is not None and up[-1, 1] > up[0, 1]  # screen y grows downwards, the task's up
+    same_time = resample_gesture([(1.0, 0.0, 0.0), (1.0, 50.0, 0.0), (1.0, 100.0, 0.0)],
+                                 length=LENGTH, gain=VELOCITY_GAIN)
+    assert same_time is not None and np.all(np.diff(same_time[:, 0]) > 0)  # by point order
+    assert resample_gesture([(0.0, 5.0, 5.0)], length=LENGTH, gain=VELOCITY_GAIN) is None
+    assert resample_gesture([(0.0, 5.0, 5.0), (0.1, 9.0, 8.0)], length=LENGTH, gain=VELOCITY_GAIN) is None
+
+
+def test_mouse_drawn_canonical_strokes_are_recognised_by_the_deployed_gesture_model() -> None:
+    """The app's gestures speak the task's language: each class's canonical path, drawn as
+    a mouse trajectory in screen pixels, is classified as that class by the pretrained model."""
+    from edge_sdk.tasks import get_task
+
+    task = get_task("gestures")
+    weights = task.pretrained()
+    seqs = []
+    for label in range(len(GESTURES)):
+        pos = gesture_path(label, np.linspace(0.0, 1.0, 40))
+        points = [(0.02 * i, 300 + 150 * px, 300 - 150 * py) for i, (px, py) in enumerate(pos)]
+        seq = resample_gesture(points, length=LENGTH, gain=VELOCITY_GAIN)
+        assert seq is not None
+        seqs.append(seq)
+    predicted = task.logits(weights, np.stack(seqs)).argmax(axis=1)  # type: ignore[attr-defined]
+    assert (predicted == np.arange(len(GESTURES))).mean() >= 0.75, predicted
+
+
+# ---------------------------------------------------------------------- the session
+
+
+def test_drag_then_digit_saves_the_held_frame_with_one_box() -> None:
+    s = session()
+    assert not s.frozen
+    s.handle(MouseDown(x=40, y=50, t=0))
+    assert s.frozen and s.state.phase is Phase.DRAWING  # the frame on screen is held
+    s.handle(MouseMove(x=90, y=95, t=0.1))
+    assert s.state.drag_end == (90, 95)
+    out = s.handle(MouseUp(x=120, y=130, t=0.2))
+    assert s.state.pending_box == (20, 25, 61, 66) and isinstance(out[0], Notice)
+    assert s.frozen
+    assert key(s, "4") == [SaveFrame(boxes=((4, 20, 25, 61, 66),))]
+    assert not s.frozen and s.state.phase is Phase.LIVE and s.state.pending_box is None
+
+
+@pytest.mark.parametrize(("steps", "expected_phase", "expect"), [
+    # a click is not a box
+    ([("drag", (40, 40), (41, 41))], Phase.LIVE, "drag to draw"),
+    # a digit with nothing drawn
+    ([("key", "3")], Phase.LIVE, "draw a box first"),
+    # a digit beyond the classes keeps the box pending
+    ([("drag", (10, 10), (60, 60)), ("key", "7")], Phase.BOX_PENDING, "no class 7"),
+    # u drops the pending box
+    ([("drag", (10, 10), (60, 60)), ("key", "u")], Phase.LIVE, "box dropped"),
+    # g is refused while a box is pending
+    ([("drag", (10, 10), (60, 60)), ("key", "g")], Phase.BOX_PENDING, "label or undo"),
+    # space is refused while a box is pending
+    ([("drag", (10, 10), (60, 60)), ("key", " ")], Phase.BOX_PENDING, "label (0-9) or undo"),
+    # u with nothing to undo
+    ([("key", "u")], Phase.LIVE, "nothing to undo"),
+])
+def test_session_refusals_and_undo(steps: list[tuple[Any, ...]], expected_phase: Phase, expect: str) -> None:
+    s = session()
+    out: list[Any] = []
+    for step in steps:
+        out = drag(s, step[1], step[2]) if step[0] == "drag" else key(s, step[1])
+    assert s.state.phase is expected_phase
+    assert not any(isinstance(a, SaveFrame | SaveGesture) for a in out)
+    assert any(isinstance(a, Notice) and expect in a.text for a in out), out
+
+
+def test_paused_frame_collects_several_boxes_and_saves_them_together() -> None:
+    s = session()
+    key(s, " ")
+    assert s.state.paused and s.frozen
+    drag(s, (10, 10), (60, 60))
+    assert not any(isinstance(a, SaveFrame) for a in key(s, "1"))
+    drag(s, (100, 100), (200, 160))
+    key(s, "0")
+    drag(s, (300, 200), (340, 260))
+    key(s, "2")
+    assert key(s, "u")[0].text.startswith("last box dropped")  # the third one
+    assert s.state.draft == [(1, 5, 5, 31, 31), (0, 50, 50, 101, 81)]
+    assert s.frozen  # still paused: the same frame
+    assert key(s, " ") == [SaveFrame(boxes=((1, 5, 5, 31, 31), (0, 50, 50, 101, 81)))]
+    assert not s.frozen and not s.state.paused and not s.state.draft
+    key(s, " ")
+    assert key(s, " ") == [Notice(text="live")]  # an empty pause saves nothing
+
+
+def test_enter_resumes_and_quit_keeps_a_labelled_draft() -> None:
+    s = session()
+    assert key(s, 13) == []  # Enter only resumes a pause
+    key(s, " ")
+    drag(s, (10, 10), (60, 60))
+    key(s, "3")
+    assert key(s, 27) == [SaveFrame(boxes=((3, 5, 5, 31, 31),)), Quit()]
+    s2 = session()
+    drag(s2, (10, 10), (60, 60))
+    assert key(s2, "q") == [Quit()]  # an unlabelled box is not a label
+    assert key(session(), "s") == [Snapshot()]
+
+
+def test_drags_start_on_the_image_and_are_clamped_to_it() -> None:
+    s = session()  # image 480 x 360 at 2x; the panel lies to its right
+    assert s.handle(MouseDown(x=600, y=20, t=0)) == [] and s.state.phase is Phase.LIVE
+    s.handle(MouseDown(x=400, y=300, t=0))
+    s.handle(MouseUp(x=900, y=-40, t=0.1))  # released over the panel, above the window
+    assert s.state.pending_box == (200, 0, 240, 151)
+
+
+def test_gesture_mode_records_resamples_and_labels_a_stroke() -> None:
+    s = session()
+    assert key(s, "g")[0].text == "gesture mode" and mode(s) == "gesture"
+    s.handle(MouseDown(x=100, y=200, t=0.0))
+    for i in range(1, 10):
+        s.handle(MouseMove(x=100 + 20 * i, y=200, t=0.03 * i))
+    assert not s.frozen  # the feed keeps running under a gesture
+    (note,) = s.handle(MouseUp(x=300, y=200, t=0.3))
+    assert s.state.phase.value == "gesture_pending" and isinstance(note, Notice) and "press 0-7" in note.text
+    assert key(s, "9")[0].error  # 8 gesture classes
+    (saved,) = key(s, "1")
+    assert isinstance(saved, SaveGesture) and saved.label == 1 and saved.sequence.shape == (LENGTH, 4)
+    assert s.state.phase is Phase.LIVE and not s.state.trajectory
+    s.handle(MouseDown(x=10, y=10, t=1.0))
+    s.handle(MouseUp(x=12, y=11, t=1.1))
+    assert s.state.phase is Phase.LIVE  # too short: nothing pending
+    key(s, "g")
+    assert mode(s) == "box"
+
+
+# ---------------------------------------------------------------------- overlay
+
+
+def status(**over: Any) -> Status:
+    base: dict[str, Any] = dict(device="tester @ lab", source="synthetic 240x240", model_version=3,
+                                detector="v3: 2 objects, 4 ms", phase="training on local samples",
+                                last_event="update accepted (v3)", coordinator="external, mqtt://127.0.0.1:1883",
+                                frames=12, frames_min=64, gestures=20, gestures_min=16, gesture_version=1, fps=24.7)
+    base.update(over)
+    return Status(**base)
+
+
+def test_panel_reports_model_training_and_counts() -> None:
+    texts = [line.text for line in panel_lines(status(), session().state, NAMES, GESTURES, new_class=4)]
+    assert "detector  v3" in texts
+    assert "frames    12 / 64 until the first pull" in texts
+    assert "gestures  20 (D_min 16 reached)" in texts
+    assert "device  training on local samples" in texts
+    assert "  4  star  (new)" in texts and "  0  circle" in texts
+    gesture_state = session(mode="gesture").state
+    texts = [line.text for line in panel_lines(status(model_version=None), gesture_state, NAMES, GESTURES)]
+    assert "detector  no model yet" in texts and "  7  check_mark" in texts
+
+
+def test_wrap_breaks_long_panel_lines_at_spaces() -> None:
+    text = "coordinator embedded: gestures v0, detector pretraining (first run only; long on a CPU)"
+    rows = wrap(text, 300)
+    assert len(rows) == 2 and rows[1].startswith("    ")
+    assert all(cv2.getTextSize(r, cv2.FONT_HERSHEY_SIMPLEX, 0.5, 1)[0][0] <= 300 for r in rows)
+    assert wrap("short", 300) == ["short"]
+
+
+def test_render_draws_frame_detections_and_pending_box_where_they_belong() -> None:
+    frame = np.zeros((180, 240, 3), np.uint8)
+    frame[:, :, 0] = 200  # red in RGB: blue must not appear
+    s = session()
+    dets = np.array([[100, 100, 140, 150, 0.9, 4]], np.float32)
+    overlay = Overlay(status=status(), detections=dets, class_names=NAMES, gesture_names=GESTURES, new_class=4)
+    canvas = render(frame, s.view, s.state, overlay)
+    assert canvas.shape == (*canvas_size(s.view)[::-1], 3) and canvas.dtype == np.uint8
+    assert tuple(canvas[300, 20]) == (0, 0, 200)  # BGR: the frame, scaled 2x
+    assert tuple(canvas[250, 280]) == class_colour(4)  # the star's box: frame (140, 125) at 2x
+    drag(s, (40, 50), (120, 130))  # pending: detections hide, the box shows in yellow
+    held = render(frame, s.view, s.state, overlay)
+    assert tuple(held[90, 40]) == YELLOW and tuple(held[90, 121]) == YELLOW
+    assert tuple(held[250, 280]) == (0, 0, 200)
+    key(s, "4")
+    key(s, "g")
+    s.handle(MouseDown(x=50, y=100, t=0))
+    s.handle(MouseUp(x=250, y=100, t=0.3))
+    traced = render(frame, s.view, s.state, overlay)
+    assert tuple(traced[100, 150]) == MAGENTA
+
+
+# ---------------------------------------------------------------------- driver checks
+
+
+@pytest.mark.parametrize(("env", "platform", "error"), [
+    ({}, "linux", "xvfb-run"),
+    ({"DISPLAY": ":987"}, "linux", "no X server listens"),
+    ({"QT_QPA_PLATFORM": "offscreen"}, "linux", None),
+    ({}, "darwin", None),
+])
+def test_check_display(env: dict[str, str], platform: str, error: str | None) -> None:
+    if error is None:
+        check_display(env, platform)
+    else:
+        with pytest.raises(ConfigError, match=error):
+            check_display(env, platform)
+
+
+def test_sources_open_or_say_why(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="video file not found"):
+        open_source(str(tmp_path / "missing.mp4"), size=96, seed=0)
+    (tmp_path / "notavideo.mp4").write_text("hello")
+    with pytest.raises(ConfigError, match=r"cannot open video|no frame could be read"):
+        open_source(str(tmp_path / "notavideo.mp4"), size=96, seed=0)
+    with pytest.raises(ConfigError, match="camera 97 did not open"):
+        open_source("97", size=96, seed=0)
+    # a real clip: RGB frames, looping
+    path = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), 10.0, (64, 48))
+    for i in range(3):
+        writer.write(np.full((48, 64, 3), (255, 0, 40 * i), np.uint8))  # BGR: blue
+    writer.release()
+    clip = open_source(str(path), size=96, seed=0)
+    frames = [clip.read(0.01 + t * 0.1) for t in range(8)]  # 10 fps
+    clip.close()
+    assert all(f.shape == (48, 64, 3) for f in frames)
+    assert frames[0][0, 0, 2] > 200 and frames[0][0, 0, 0] < 40  # RGB now
+    assert abs(int(frames[3][0, 0, 0]) - int(frames[0][0, 0, 0])) <= 8  # looped back to the start
+
+
+def test_synthetic_source_is_animated_and_reproducible() -> None:
+    a, b = SyntheticSource(96, seed=1), SyntheticSource(96, seed=1)
+    assert a.read(0.0).shape == (96, 96, 3)
+    assert np.array_equal(a.read(1.5), b.read(1.5))
+    assert not np.array_equal(a.read(0.0), a.read(1.5))  # the camera pans
+    assert not np.array_equal(a.read(0.0), a.read(a.hold_s))  # then cuts to the next scene
+    with pytest.raises(ConfigError):
+        SyntheticSource(10)
+
+
+def test_unreachable_broker_is_a_clear_error(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                                             tmp_path: Path) -> None:
+    from coordinator.broker import free_port
+    from demos.cli import main
+
+    port = free_port()
+    with pytest.raises(TransportError, match=f"127.0.0.1:{port} is unreachable"):
+        check_broker(f"mqtt://127.0.0.1:{port}", timeout=1.0)
+    monkeypatch.setenv("QT_QPA_PLATFORM", "offscreen")  # past the display check; no window opens
+    rc = main(["label", "--source", "synthetic", "--size", "96", "--broker", f"mqtt://127.0.0.1:{port}",
+               "--data-dir", str(tmp_path)])
+    assert rc == 1
+    assert f"edgeci label: error: broker mqtt://127.0.0.1:{port} is unreachable" in capsys.readouterr().err
+    monkeypatch.delenv("QT_QPA_PLATFORM")
+    monkeypatch.delenv("DISPLAY", raising=False)
+    assert main(["label", "--source", "synthetic", "--data-dir", str(tmp_path)]) == 1
+    assert "xvfb-run" in capsys.readouterr().err
+    monkeypatch.setenv("QT_QPA_PLATFORM", "offscreen")
+    assert main(["label", "--source", str(tmp_path / "nope.mp4"), "--data-dir", str(tmp_path)]) == 1
+    assert "video file not found" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- the detection device
+
+
+@pytest.fixture(scope="module")
+def tiny_detection(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    pytest.importorskip("ultralytics")
+    from edge_sdk.tasks.detection import DetectionConfig, DetectionTask
+
+    return DetectionTask(DetectionConfig(imgsz=64, scene_size=64, pretrain_scenes=8, pretrain_epochs=1,
+                                         pool_scenes=4, test_scenes=4),
+                         data_dir=tmp_path_factory.mktemp("detection"))
+
+
+# DetectionTask.load_vector hands the read-only weights decoded from the wire to
+# torch.from_numpy, which warns (once) that it does not support read-only arrays; it only
+# reads them. Reported to the detection task's owner; the filter goes when that is fixed.
+@pytest.mark.filterwarnings("ignore:The given NumPy array is not writable:UserWarning")
+def test_detection_device_stores_frames_and_trains_through_the_sdk(tiny_detection: Any, mosquitto: Any,
+                                                                   tmp_path: Path) -> None:
+    """EdgeClient with a detection task: frames + boxes in, a pull at D_min, a local YOLO
+    fine-tune on the stored frames, an accepted update, the samples marked as used."""
+    from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
+    from edge_sdk.client import EdgeClient
+    from edge_sdk.tasks.base import TrainConfig
+    from edge_sdk.tasks.scenes import make_scenes, new_class_config
+
+    task = tiny_detection
+    scenes = make_scenes(3, seed=5, config=new_class_config(64))
+    daemon = CoordinatorDaemon(
+        CoordinatorOptions(broker=mosquitto.url, region="det", state_dir=tmp_path / "c", model="detection",
+                           strategy_params={"k": 1, "timeout_s": 5.0}),
+        task=task,
+    )
+    outcome: list[tuple[str, dict[str, Any]]] = []
+    done = threading.Event()
+
+    def on_outcome(kind: str, data: dict[str, Any]) -> None:
+        outcome.append((kind, data))
+        done.set()
+    with daemon, EdgeClient(broker=mosquitto.url, device_id="cam", region="det", task=task,
+                            data_dir=tmp_path / "d", min_samples=2,
+                            train=TrainConfig(epochs=1, batch_size=2, lr=1e-3)) as client:
+        client.on("update_acked", on_outcome)
+        client.on("training_failed", on_outcome)
+        assert client.sample_kind == "frame"
+        with pytest.raises(LocalProtocolError, match="add_frame"):
+            client.add_sample(scenes.images[0], 0)
+        for image, boxes in zip(scenes.images[:2], scenes.boxes[:2]):
+            client.add_frame(image, boxes)
+        assert done.wait(120), "no update was acknowledged"
+        kind, data = outcome[0]
+        assert kind == "update_acked" and data["status"] == "accepted", outcome
+        assert client.version is not None
+        with pytest.raises(LocalProtocolError, match="OnnxDetector"):
+            client.predict(scenes.images[:1])
+        stored = list(client.store.frames())
+        assert len(stored) == 2 and np.array_equal(stored[1][1], scenes.boxes[1])
+        assert client.store.unused_count() == 0  # both frames went into the update
+    gestures = EdgeClient(broker=mosquitto.url, device_id="g", region="det", task="gestures", durable=False)
+    try:
+        with pytest.raises(LocalProtocolError, match="add_frame is for detection devices"):
+            gestures.add_frame(scenes.images[0], scenes.boxes[0])
+    finally:
+        gestures.stop()
+
+
+# ---------------------------------------------------------------------- the app, as a person uses it
+
+
+@pytest.fixture
+def xvfb() -> Iterator[str]:
+    """A private X server, stopped afterwards. Its display number is drawn at random from a
+    high range and claimed by Xvfb's own lock file (a taken number makes Xvfb exit; we draw
+    again): ``-displayfd`` alone searches from :0 and races with concurrent test runs."""
+    exe = shutil.which("Xvfb")
+    if exe is None or shutil.which("xdotool") is None:
+        pytest.skip("needs Xvfb and xdotool (apt-get install xvfb xdotool; `make setup` does it)")
+    rng = random.Random()
+    for _ in range(20):
+        number = rng.randrange(200, 5000)
+        if Path(f"/tmp/.X{number}-lock").exists() or Path(f"/tmp/.X11-unix/X{number}").exists():
+            continue
+        read_fd, write_fd = os.pipe()
+        # -displayfd: Xvfb writes the number there once it accepts clients.
+        # -s 0 -dpms: no screen saver or power saving; -noreset: no server regeneration
+        # when the last client disconnects (each xdotool call is a client)
+        proc = subprocess.Popen(
+            [exe, f":{number}", "-displayfd", str(write_fd), "-screen", "0", "1280x900x24",
+             "-nolisten", "tcp", "-s", "0", "-dpms", "-noreset"],
+            pass_fds=(write_fd,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(write_fd)
+        try:
+            ready, _, _ = select.select([read_fd], [], [], 20)
+            started = ready and os.read(read_fd, 32).decode().strip() == str(number)
+            if started and proc.poll() is None:
+                yield f":{number}"
+                return
+        finally:
+            os.close(read_fd)
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+    pytest.fail("could not start Xvfb on a free display")
+
+
+class AppProcess:
+    """``edgeci label`` as a child process; its merged output read line by line."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def expect(self, pattern: str, timeout: float = 30.0, *, anytime: bool = False) -> re.Match[str]:
+        """The next output line matching ``pattern`` (earlier lines are consumed); with
+        ``anytime``, also a line already consumed (for output that comes asynchronously)."""
+        if anytime:
+            for earlier in self.seen:
+                if m := re.search(pattern, earlier):
+                    return m
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no line matching {pattern!r} within {timeout} s; output:\n"
+                                     + "\n".join(self.seen[-40:])) from None
+            if line is None:
+                self.lines.put(None)
+                raise AssertionError(f"the app exited ({self.proc.poll()}) before {pattern!r}; output:\n"
+                                     + "\n".join(self.seen[-40:]))
+            self.seen.append(line)
+            if m := re.search(pattern, line):
+                return m
+
+    def output(self) -> str:
+        """Everything printed so far (drains the queue into ``seen``)."""
+        while True:
+            try:
+                line = self.lines.get_nowait()
+            except queue.Empty:
+                break
+            if line is None:
+                self.lines.put(None)
+                break
+            self.seen.append(line)
+        return "\n".join(self.seen[-40:])
+
+    def close(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            rc = self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait(10)
+        self._reader.join(10)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+        return rc
+
+
+def poll(what: str, probe: Callable[[], Any], app: AppProcess, timeout: float = 20.0) -> Any:
+    """``probe()`` until it returns something other than ``None`` or ``""``, while the app runs."""
+    deadline = time.monotonic() + timeout
+    while (result := probe()) is None or (isinstance(result, str) and not result):
+        rc = app.proc.poll()
+        if rc is not None or time.monotonic() > deadline:
+            state = f"the app exited with {rc}" if rc is not None else f"timed out after {timeout} s"
+            raise AssertionError(f"waiting for {what}: {state}; its output:\n{app.output()}")
+        time.sleep(0.05)
+    return result
+
+
+def test_person_labels_boxes_and_a_gesture_in_the_window(xvfb: str, mosquitto: Any, tiny_detection: Any,
+                                                         tmp_path: Path) -> None:
+    from PIL import Image, ImageGrab  # Pillow with XCB: comes with matplotlib / ultralytics
+
+    from edge_sdk.modelio import save_model
+    from edge_sdk.store import SampleStore
+
+    data = tmp_path / "device"
+    # a deployed model already on the device (same spec as the app's detector): live
+    # detection exports it to ONNX and runs it while the person labels
+    task = tiny_detection
+    save_model(data / "detect" / "deployed.npz", task.spec, task.initial_weights(), {"version": 0})
+    env = {**os.environ, "DISPLAY": xvfb, "QT_QPA_PLATFORM": "xcb", "OMP_NUM_THREADS": "1",
+           "EDGECI_DATA_DIR": str(tmp_path / "sdk")}
+    app = AppProcess([sys.executable, "-m", "demos.cli", "-v", "label", "--source", "synthetic", "--size", "240",
+                      "--zoom", "2", "--broker", mosquitto.url, "--region", "t", "--device-id", "tester",
+                      "--data-dir", str(data), "--min-samples", "64"], env)
+
+    def xdo(*args: str, check: bool = True) -> str:
+        out = subprocess.run(["xdotool", *args], env=env, capture_output=True, text=True, timeout=20)
+        if check:
+            assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    try:
+        app.expect(r"ready: synthetic 240x240 shown at 2x", timeout=90)
+        window = poll("the window", lambda: xdo("search", "--onlyvisible", "--name", "^edgeci label$", check=False), app)
+        window = window.split()[0]
+        geometry = xdo("getwindowgeometry", "--shell", window)
+        geo = dict(line.split("=") for line in geometry.splitlines())
+        x0, y0, width, height = (int(geo[k]) for k in ("X", "Y", "WIDTH", "HEIGHT"))
+        assert width >= 480 + 300 and height >= 480  # image at 2x plus the panel
+
+        def mouse_drag(a: tuple[int, int], b: tuple[int, int], steps: int = 4) -> None:
+            moves: list[str] = []
+            for i in range(1, steps + 1):
+                px, py = (round(a[k] + (b[k] - a[k]) * i / steps) for k in (0, 1))
+                moves += ["mousemove", "--window", window, str(px), str(py), "sleep", "0.02"]
+            xdo("mousemove", "--window", window, str(a[0]), str(a[1]), "mousedown", "1", *moves, "mouseup", "1")
+
+        def press(name: str, *, check: bool = True) -> None:
+            xdo("key", "--window", window, name, check=check)
+
+        def grab_when(shows: Callable[[np.ndarray], bool]) -> Callable[[], np.ndarray | None]:
+            """A probe: the window's pixels from the X server, once they show something
+            (the last grab is kept in ``last-grab.png`` to see what it showed instead)."""
+            def probe() -> np.ndarray | None:
+                shot = ImageGrab.grab(xdisplay=xvfb).crop((x0, y0, x0 + width, y0 + height))
+                pixels = np.asarray(shot.convert("RGB"))
+                if shows(pixels):
+                    return pixels
+                shot.save(tmp_path / "last-grab.png")
+                return None
+            return probe
+
+        # Qt5 on a bare X server (no window manager) now and then misses the first Expose of a
+        # window mapped while the machine is busy, and then never draws it (seen ~1 run in 15
+        # with two test runs in parallel on 2 cores). A window manager maps windows itself;
+        # here, if nothing is drawn within 3 s, the window is mapped once more.
+        painted = grab_when(lambda px: bool(px.std() > 5))
+        try:
+            poll("the window's first paint", painted, app, timeout=3)
+        except AssertionError:
+            xdo("windowunmap", "--sync", window)
+            xdo("windowmap", "--sync", window)
+            poll("the window's first paint after mapping it again", painted, app)
+
+        # 1. live feed: drag a box, press its class -> frame + box stored at once
+        mouse_drag((40, 50), (120, 130))
+        app.expect(r"box \(20, 25, 61, 66\): press 0-4")
+        press("4")
+        first = app.expect(r"saved frame (\d+) boxes=(\[\[.*\]\]) \(star\); frames 1 / 64")
+        # 2. a box undone is not stored
+        mouse_drag((200, 200), (260, 260))
+        app.expect(r"press 0-4 for its class")
+        press("u")
+        app.expect(r"box dropped")
+        # 3. pause, box two objects of one frame, screenshot mid-way, save both
+        press("space")
+        app.expect(r"paused")
+        mouse_drag((300, 40), (400, 140))
+        app.expect(r"box \(150, 20, 201, 71\)")
+        press("1")
+        app.expect(r"1 box\(es\) on this frame")
+        mouse_drag((60, 300), (180, 420))
+        app.expect(r"box \(30, 150, 91, 211\)")
+        yellow = np.array(YELLOW[::-1])  # RGB on screen
+        shot = poll("the pending box on screen", grab_when(
+            # its 2-px edge and the "class?" tag above it, not the 1-px rubber band of the drag
+            lambda px: bool(np.abs(px[288:420, 61].astype(int) - yellow).sum(axis=1).max() < 40)), app)
+        Image.fromarray(shot).save(tmp_path / "label-window-boxes.png")
+        press("0")  # HighGUI keeps one key per waitKey: wait for each answer, as a person does
+        app.expect(r"2 box\(es\) on this frame")
+        press("space")
+        second = app.expect(r"saved frame (\d+) boxes=(\[\[.*\]\]) \(square, circle\); frames 2 / 64")
+        # 4. gesture mode: draw a right swipe, label it swipe_right
+        press("g")
+        app.expect(r"gesture mode")
+        mouse_drag((100, 240), (400, 250), steps=12)
+        app.expect(r"gesture of \d+ points: press 0-7")
+        magenta = np.array(MAGENTA[::-1])
+        gesture_shot = poll("the stroke on screen", grab_when(
+            lambda px: bool((np.abs(px[230:260, 200:300].astype(int) - magenta).sum(axis=2) < 40).any())), app)
+        Image.fromarray(gesture_shot).save(tmp_path / "label-window-gesture.png")
+        press("1")
+        app.expect(r"saved gesture (\d+) label=1 \(swipe_right\); gestures 1 / 16")
+        # 5. the app's own snapshot key, and live detection of the pre-deployed model
+        press("s")
+        snapshot = Path(app.expect(r"snapshot (\S+\.png)")[1])
+        app.expect(r"live detection: model v0 \(onnxruntime, \d+ px\)", timeout=60, anytime=True)
+        press("q", check=False)  # the window may be gone before xdotool sends the key's release
+        assert app.proc.wait(60) == 0, "\n".join(app.seen[-30:])
+    finally:
+        rc = app.close()
+    assert rc == 0
+
+    # what the person saw: a real window with the feed, the panel and the pending box
+    png = tmp_path / "label-window-boxes.png"
+    image = np.asarray(Image.open(png).convert("RGB"))
+    assert image.shape == (height, width, 3)
+    assert image.std() > 25 and len(np.unique(image.reshape(-1, 3), axis=0)) > 2000
+    assert image[:480, :480].std() > 15  # the scene, not a blank image area
+    saved = cv2.imread(str(snapshot))
+    assert saved is not None and saved.shape == (height, width, 3)
+
+    # what the device stored: frames with boxes mapped from window to frame pixels
+    with SampleStore.open(data / "detect" / "samples.sqlite3") as store:
+        frames = list(store.frames())
+        assert store.count("frame") == 2
+    assert [f.shape for f, _ in frames] == [(240, 240, 3), (240, 240, 3)]
+    assert all(f.std() > 10 for f, _ in frames)
+    expected = [np.array([[4, 20, 25, 61, 66]]), np.array([[1, 150, 20, 201, 71], [0, 30, 150, 91, 211]])]
+    for (_, boxes), want in zip(frames, expected):  # whole window pixels map exactly
+        assert np.array_equal(boxes, want), (boxes, want)
+    assert json.loads(first[2]) == [[4, 20, 25, 61, 66]] and len(json.loads(second[2])) == 2
+    with SampleStore.open(data / "gesture" / "samples.sqlite3") as store:
+        x, y = store.gestures()
+    assert x.shape == (1, LENGTH, 4) and y.tolist() == [1]
+    assert x[0, -1, 0] - x[0, 0, 0] > 1.4 and np.abs(x[0, :, 1]).max() < 0.2  # left to right, level
