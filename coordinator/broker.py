@@ -26,6 +26,7 @@ from edge_sdk.errors import ConfigError, TransportError
 log = logging.getLogger(__name__)
 
 MOSQUITTO_CONF = Path(__file__).with_name("mosquitto") / "edgeci.conf"
+BRIDGE_EXAMPLE = Path(__file__).with_name("mosquitto") / "bridge.conf.example"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -180,3 +181,25 @@ class MosquittoProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def bridge_conf(name: str, hub_host: str, hub_port: int, *, topics: tuple[str, ...] = ("edgeci/v1/peer/# both 1",)) -> str:
+    """A mosquitto bridge section joining this (spoke) broker to a hub broker.
+
+    The settings are those of ``coordinator/mosquitto/bridge.conf.example`` with its
+    address, client id and topic lines replaced; pass the result as ``extra_conf`` to
+    :class:`MosquittoProcess`.
+    """
+    from edge_sdk.wire.topics import check_id
+
+    check_id(name, "bridge name")
+    keep = []
+    for line in BRIDGE_EXAMPLE.read_text().splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#") or stripped.split()[0] in ("connection", "address", "remote_clientid", "topic"):
+            continue
+        keep.append(stripped)
+    return "\n".join(
+        [f"connection edgeci-{name}", f"address {hub_host}:{hub_port}", f"remote_clientid edgeci-bridge-{name}", *keep]
+        + [f"topic {t}" for t in topics]
+    ) + "\n"

@@ -267,6 +267,9 @@ class CoordinatorCore:
         if isinstance(event, MessageReceived):
             actions = self._on_message(event)
         elif isinstance(event, TimerFired):
+            # The driver's timer is consumed: re-arm whatever is still pending, even if the
+            # wake-up came a little early (monotonic vs wall clock) and the time is unchanged.
+            self._wake_at = None
             actions = []
         else:
             raise LocalProtocolError(f"CoordinatorCore cannot handle {type(event).__name__}")
@@ -337,11 +340,16 @@ class CoordinatorCore:
         return [self._publish(topics.device_topic(self.config.region, msg.device, "ack"), encode(ack))]
 
     def _group_for(self, have_version: int) -> str:
-        """LASP: a device already holding the current extractor gets only the partial group,
-        and trains only it unless the next version is a full sync."""
+        """LASP: a device already holding the current extractor gets only the partial group."""
         if not self.config.full_sync_every or self.next_version_is_full():
             return FULL
         if have_version < self._last_full_version or have_version > self._version:
+            return FULL
+        return self.config.partial_group
+
+    def _train_group(self) -> str:
+        """LASP: between full syncs devices train (and send) only the partial group."""
+        if not self.config.full_sync_every or self.next_version_is_full():
             return FULL
         return self.config.partial_group
 
@@ -353,8 +361,9 @@ class CoordinatorCore:
             reply_to=reply_to,
             weights=self._weights[cfg.spec.group_slice(group)],
             group=group,
+            train_group=self._train_group(),
             spec_fingerprint=cfg.spec.fingerprint,
-            hints=dict(cfg.hints),
+            hints={**cfg.hints, **self.peering.hints_for(device)},  # e.g. Spyker's per-device lr decay
         )
         return self._publish(topics.device_topic(cfg.region, device, "model"), encode(msg, encoding=cfg.encoding))
 

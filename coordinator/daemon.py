@@ -1,6 +1,10 @@
 """The coordinator daemon: CoordinatorCore + registry + MQTT, on an actor thread.
 
 ``edgeci coordinator --broker mqtt://HOST:PORT --region R --state-dir DIR --model digits``
+
+With ``peering`` other than ``none`` (``--peering spyker --peers eu,us,ap``) the daemon
+builds the peering component of :mod:`coordinator.peering` around the same strategy
+object and hands it to the core, which then also subscribes to ``edgeci/v1/peer/...``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from coordinator.core import (
     PersistUpdate,
     Snapshot,
 )
+from coordinator.peering import make_peering
 from coordinator.registry import Registry
 from coordinator.strategies import make_strategy
 from edge_sdk.core.events import Notify, Publish
@@ -48,6 +53,11 @@ class CoordinatorOptions:
     hints: Mapping[str, float] = field(default_factory=dict)
     keep_versions: int = 20
     seed: int = 0
+    peering: str = "none"
+    """``none`` | ``spyker`` | ``nebula`` | ``hierfavg`` (see :mod:`coordinator.peering`)."""
+    peers: tuple[str, ...] = ()
+    """Every coordinator id in ring order, this one included (``--peers``)."""
+    peering_params: Mapping[str, Any] = field(default_factory=dict)
 
 
 class CoordinatorDaemon:
@@ -67,6 +77,14 @@ class CoordinatorDaemon:
         self.on_commit = on_commit
         self.coordinator_id = options.coordinator_id or f"coord-{options.region}"
         self.registry = Registry(options.state_dir, self.task.spec, keep_versions=options.keep_versions)
+        strategy = make_strategy(options.strategy, **dict(options.strategy_params))
+        peering = make_peering(
+            options.peering,
+            coordinator_id=self.coordinator_id,
+            ring=options.peers or (self.coordinator_id,),
+            strategy=strategy,
+            params=options.peering_params,
+        )
         self.core = CoordinatorCore(
             CoordinatorConfig(
                 region=options.region,
@@ -75,9 +93,10 @@ class CoordinatorDaemon:
                 encoding=options.encoding,
                 hints=dict(options.hints),
             ),
-            make_strategy(options.strategy, **dict(options.strategy_params)),
+            strategy,
             self._initial_snapshot(),
             rng=random.Random(options.seed),
+            peering=peering,
         )
         self.actor = Actor(f"coordinator-{options.region}", self.core.handle, self._perform, clock=self.clock)
         self.transport = MqttTransport(
@@ -111,8 +130,9 @@ class CoordinatorDaemon:
         self.transport.start(timeout)
         self.actor.call(lambda: self.actor.run_actions(self.core.start(self.clock.now())))
         log.info(
-            "coordinator %s serving %s v%d on %s (strategy %s)",
+            "coordinator %s serving %s v%d on %s (strategy %s, peering %s)",
             self.coordinator_id, self.task.spec.model_id, self.core.version, self.options.broker, self.core.strategy.describe(),
+            self.options.peering,
         )
         return self
 
@@ -143,10 +163,14 @@ class CoordinatorDaemon:
             self.registry.persist_update(action.update)
         elif isinstance(action, CommitVersion):
             self.registry.commit(action)
-            log.info(
-                "version %d from %d updates (mean staleness %.2f)",
-                action.version, action.metadata.get("n_updates", 0), action.metadata.get("mean_staleness", 0.0),
-            )
+            if action.metadata.get("source") == "peer":
+                log.info("version %d: merged %s's model (%s)", action.version, action.metadata.get("peer", "?"),
+                         {k: v for k, v in action.metadata.items() if k in ("sid", "age", "cloud_round")})
+            else:
+                log.info(
+                    "version %d from %d updates (mean staleness %.2f)",
+                    action.version, action.metadata.get("n_updates", 0), action.metadata.get("mean_staleness", 0.0),
+                )
             if self.on_commit is not None:
                 self.on_commit(action.version, action.weights)
         elif isinstance(action, Notify):

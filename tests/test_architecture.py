@@ -13,6 +13,7 @@ CORES = [
     *sorted((ROOT / "edge_sdk" / "core").glob("*.py")),
     ROOT / "coordinator" / "core.py",
     *sorted((ROOT / "coordinator" / "strategies").glob("*.py")),
+    *sorted((ROOT / "coordinator" / "peering").glob("*.py")),
     *sorted((ROOT / "edge_sdk" / "wire").glob("*.py")),
 ]
 BANNED_IN_CORES = {"paho", "asyncio", "time", "threading", "socket", "subprocess", "sqlite3", "torch", "pickle"}

@@ -148,8 +148,10 @@ def test_lasp_partial_versions_change_only_the_classifier() -> None:
 
     cfg = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, full_sync_every=3)
     c = CoordinatorCore(cfg, make_strategy("spin", k=1, timeout_s=None), toy_snapshot(), rng=random.Random(0))
-    assert _pull(c, "d1", 0, have=-1).group == "full"  # no extractor yet: full model
-    assert _pull(c, "d1", 1, have=0).group == "classifier"  # current extractor: head only
+    first = _pull(c, "d1", 0, have=-1)
+    assert (first.group, first.train_group) == ("full", "classifier")  # old extractor: full model, train the head
+    second = _pull(c, "d1", 1, have=0)
+    assert (second.group, second.train_group) == ("classifier", "classifier")  # current extractor: head only
     ext, head = SPEC.group_slice("extractor"), SPEC.group_slice("classifier")
     # a full update during a partial round contributes only its classifier slice
     (commit,) = commits(c.handle(upd("d1", 2, 5.0)))
@@ -162,10 +164,19 @@ def test_lasp_partial_versions_change_only_the_classifier() -> None:
     assert commit.version == 2
     np.testing.assert_array_equal(commit.weights[head], 2.0)
     # version 3 is a full sync: devices get (and train) the whole model, the extractor moves
-    assert _pull(c, "d3", 0, have=2).group == "full"
+    third = _pull(c, "d3", 0, have=2)
+    assert (third.group, third.train_group) == ("full", "full")
     (commit,) = commits(c.handle(upd("d3", 1, 9.0, base=2)))
     assert commit.version == 3 and commit.metadata["full_sync"]
     np.testing.assert_array_equal(commit.weights, 9.0)
     assert c.last_full_version == 3
     assert _pull(c, "d1", 9, have=1).group == "full"  # its extractor predates the full sync
     assert c.counters["bytes_out"] > 0
+
+
+def test_an_early_timer_wake_up_re_arms_the_same_deadline() -> None:
+    c = make_coordinator(k=10, timeout_s=5.0)
+    (timer,) = [a for a in c.handle(upd("d1", 0, 2.0, now=1.0)) if isinstance(a, ScheduleTimer)]
+    early = c.handle(TimerFired(now=timer.at - 0.001))  # the driver's wait returned a hair early
+    assert [a.at for a in early if isinstance(a, ScheduleTimer)] == [timer.at]
+    assert commits(c.handle(TimerFired(now=timer.at)))

@@ -1,5 +1,99 @@
-"""Coordinator ↔ coordinator model exchange (pluggable, sans-IO): ``none`` by default."""
+"""Coordinator ↔ coordinator model exchange (pluggable, sans-IO), chosen by name.
 
-from coordinator.peering.base import Peering, PeerPlan, PeerSend
+=============  ==========================================================================
+``none``       a lone coordinator (the default)
+``spyker``     token ring, age-weighted asynchronous merges (004); pairs with strategy
+               ``spyker`` (age-damped client updates, client learning-rate decay)
+``nebula``     model rotation to coordinator (i + r) mod |C| every t_c (003); needs
+               strategy ``nebula`` (planet / stellar / master models)
+``hierfavg``   synchronous two-tier hierarchy (HierFAVG-like baseline); needs strategy
+               ``hierfavg`` (FedAvg edge rounds that wait for the cloud)
+=============  ==========================================================================
 
-__all__ = ["PeerPlan", "PeerSend", "Peering"]
+Importing this package registers the strategies ``spyker``, ``nebula`` and ``hierfavg``
+with :func:`coordinator.strategies.make_strategy` (``coordinator.core`` imports it, so
+every coordinator knows them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from coordinator.peering.base import BROADCAST, Peering, PeerPlan, PeerSend
+from coordinator.peering.hier import HierEdgeStrategy, HierPeerConfig, HierPeering
+from coordinator.peering.nebula import NebulaConfig, NebulaPeerConfig, NebulaPeering, NebulaStrategy
+from coordinator.peering.spyker import SpykerConfig, SpykerPeerConfig, SpykerPeering, SpykerStrategy
+from coordinator.strategies import register
+from coordinator.strategies.base import Strategy
+from coordinator.strategies.fedavg import FedAvgConfig
+from edge_sdk.errors import ConfigError
+
+__all__ = [
+    "BROADCAST",
+    "PEERINGS",
+    "PeerPlan",
+    "PeerSend",
+    "Peering",
+    "make_peering",
+    "peering_params",
+]
+
+PEERINGS = ("none", "spyker", "nebula", "hierfavg")
+_CONFIGS: dict[str, type] = {"spyker": SpykerPeerConfig, "nebula": NebulaPeerConfig, "hierfavg": HierPeerConfig}
+
+
+def peering_params(name: str) -> list[str]:
+    """The parameter names ``make_peering(name, ...)`` accepts."""
+    cls = _CONFIGS.get(name)
+    return [f.name for f in dataclasses.fields(cls)] if cls is not None else []
+
+
+def make_peering(
+    name: str,
+    *,
+    coordinator_id: str,
+    ring: Sequence[str] = (),
+    strategy: Strategy | None = None,
+    params: Mapping[str, Any] | None = None,
+) -> Peering:
+    """Build a peering component; unknown names or parameters raise ``ConfigError``.
+
+    ``ring`` lists every coordinator id in ring order (this one included); ``strategy`` is
+    the coordinator's strategy, whose state the peering shares when they belong together.
+    """
+    params = dict(params or {})
+    if name == "none":
+        if params:
+            raise ConfigError(f"peering 'none' takes no parameters, got {sorted(params)}")
+        return Peering()
+    if name not in _CONFIGS:
+        raise ConfigError(f"unknown peering {name!r}; known: {', '.join(PEERINGS)}")
+    ring = tuple(ring) or (coordinator_id,)
+    try:
+        config = _CONFIGS[name](**params)
+    except TypeError as exc:
+        raise ConfigError(f"peering {name!r}: {exc}; known parameters: {', '.join(peering_params(name))}") from exc
+    if name == "spyker":
+        return SpykerPeering(coordinator_id, ring, config, strategy=strategy)
+    if name == "nebula":
+        return NebulaPeering(coordinator_id, ring, config, strategy=strategy)
+    return HierPeering(coordinator_id, ring, config, strategy=strategy)
+
+
+def _spyker(**kw: Any) -> Strategy:
+    return SpykerStrategy(SpykerConfig(**kw))
+
+
+def _nebula(**kw: Any) -> Strategy:
+    return NebulaStrategy(NebulaConfig(**kw))
+
+
+def _hierfavg(**kw: Any) -> Strategy:
+    return HierEdgeStrategy(FedAvgConfig(**kw))
+
+
+register("spyker", _spyker)
+register("nebula", _nebula)
+register("hierfavg", _hierfavg)

@@ -14,12 +14,15 @@ stored with every committed version and handed back to ``restore()`` after a res
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from coordinator.strategies.base import CoordinatorView
+from edge_sdk.errors import ConfigError, MalformedMessage
 from edge_sdk.spec import Vector
+from edge_sdk.wire import topics
 from edge_sdk.wire.messages import PeerMsg
 
 BROADCAST = "all"
@@ -65,5 +68,71 @@ class Peering:
     def restore(self, state: Mapping[str, Any]) -> None:
         """Resume from what ``checkpoint()`` returned at the last committed version."""
 
+    def hints_for(self, device: str) -> Mapping[str, float]:
+        """Training hints for ``device`` that override the coordinator's (default: none)."""
+        return {}
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name}
+
+
+# ---------------------------------------------------------------- reading peer bodies
+
+
+def body_int(body: Mapping[str, Any], key: str, lo: int = 0) -> int:
+    value = body.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value < 2**63:
+        raise MalformedMessage(f"peer body: {key!r} must be an int >= {lo}")
+    return value
+
+
+def body_float(body: Mapping[str, Any], key: str) -> float:
+    value = body.get(key)
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        raise MalformedMessage(f"peer body: {key!r} must be a finite number")
+    return float(value)
+
+
+def body_str(body: Mapping[str, Any], key: str) -> str:
+    value = body.get(key)
+    if not isinstance(value, str):
+        raise MalformedMessage(f"peer body: {key!r} must be a string")
+    return value
+
+
+def body_bool(body: Mapping[str, Any], key: str) -> bool:
+    value = body.get(key)
+    if not isinstance(value, bool):
+        raise MalformedMessage(f"peer body: {key!r} must be a boolean")
+    return value
+
+
+def body_id(value: object, what: str) -> str:
+    """A coordinator id inside a body (same rules as topic ids)."""
+    if not isinstance(value, str):
+        raise MalformedMessage(f"peer body: {what} must be a coordinator id")
+    try:
+        return topics.check_id(value, what)
+    except ConfigError as exc:  # a local error type for what is a remote fault here
+        raise MalformedMessage(f"peer body: bad {what}") from exc
+
+
+def body_table(body: Mapping[str, Any], key: str, max_len: int = 4096) -> dict[str, Any]:
+    """A ``{coordinator id: value}`` map (values checked by the caller)."""
+    value = body.get(key)
+    if not isinstance(value, dict) or len(value) > max_len:
+        raise MalformedMessage(f"peer body: {key!r} must be a small map")
+    return {body_id(k, f"{key} key"): v for k, v in value.items()}
+
+
+def check_ring(coordinator_id: str, ring: tuple[str, ...]) -> tuple[str, ...]:
+    """Validate a ring of coordinator ids that contains ``coordinator_id``."""
+    for c in ring:
+        topics.check_id(c, "peer coordinator id")
+        if c == BROADCAST:
+            raise ConfigError(f"{BROADCAST!r} cannot be a coordinator id")
+    if len(set(ring)) != len(ring):
+        raise ConfigError(f"peer ring {list(ring)} names a coordinator twice")
+    if coordinator_id not in ring:
+        raise ConfigError(f"coordinator {coordinator_id!r} is not in its peer ring {list(ring)}")
+    return ring

@@ -1,0 +1,196 @@
+"""A synchronous two-tier hierarchy (HierFAVG-like, Liu et al. 2020): the baseline Spyker
+compares against.
+
+Theory of operation
+-------------------
+Every coordinator is an **edge** server running synchronous FedAvg rounds with its own
+devices (:class:`HierEdgeStrategy`, strategy ``"hierfavg"``: FedAvg's rounds plus a gate).
+After every ``kappa2`` edge rounds the edge sends its model and the number of samples
+behind it to the **cloud** (one coordinator of the ring, ``cloud``), and *stops starting
+rounds* until the cloud answers — that is what makes the hierarchy synchronous. The cloud
+waits for the models of every edge for that cloud round (or ``sync_timeout_s``),
+averages them weighted by samples, and broadcasts the result, which every edge (the
+cloud's own included) commits as its next version before resuming its rounds. An edge
+that hears nothing for ``sync_timeout_s`` resumes on its own model.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from coordinator.peering.base import Peering, PeerPlan, PeerSend, body_int, check_ring
+from coordinator.strategies.base import BufferedUpdate, CoordinatorView, Plan
+from coordinator.strategies.fedavg import FedAvgConfig, FedAvgStrategy
+from edge_sdk.errors import ConfigError, MalformedMessage
+from edge_sdk.spec import Vector
+from edge_sdk.wire.messages import PeerMsg
+
+__all__ = ["HierEdgeStrategy", "HierGate", "HierPeerConfig", "HierPeering", "weighted_mean"]
+
+
+def weighted_mean(models: Sequence[Vector], samples: Sequence[int]) -> Vector:
+    """Σ n_e W_e / Σ n_e (equal weights when no edge reports samples)."""
+    w = np.asarray(samples, dtype=np.float64)
+    if w.sum() <= 0:
+        w = np.ones_like(w)
+    acc = np.zeros(np.asarray(models[0]).shape, dtype=np.float64)
+    for m, we in zip(models, w, strict=True):
+        acc += float(we) * np.asarray(m, dtype=np.float64)
+    out: Vector = (acc / float(w.sum())).astype(np.float32)
+    return out
+
+
+class HierGate:
+    """Shared by the edge strategy and the peering: is the edge waiting for the cloud?"""
+
+    def __init__(self) -> None:
+        self.waiting = False
+        self.samples = 0
+        """Samples behind the updates aggregated since the last cloud round."""
+
+
+class HierEdgeStrategy(FedAvgStrategy):
+    """FedAvg rounds that pause while the edge waits for the cloud."""
+
+    name: ClassVar[str] = "hierfavg"
+
+    def __init__(self, config: FedAvgConfig | None = None) -> None:
+        super().__init__(config)
+        self.gate = HierGate()
+
+    def plan(self, view: CoordinatorView, now: float, rng: random.Random) -> Plan:
+        if self.gate.waiting and self.round_started_at is None:
+            return Plan()  # between edge rounds and waiting for the cloud: start nothing
+        return super().plan(view, now, rng)
+
+    def on_update(self, view: CoordinatorView, update: BufferedUpdate, now: float) -> None:
+        super().on_update(view, update, now)
+        self.gate.samples += update.n_samples
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HierPeerConfig:
+    cloud: str = ""
+    """The coordinator that aggregates edges (default: the first of the ring)."""
+    kappa2: int = 2
+    """Edge rounds per cloud round."""
+    sync_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.kappa2 < 1 or not self.sync_timeout_s > 0:
+            raise ConfigError("hierfavg: need kappa2 >= 1 and sync_timeout_s > 0")
+
+
+class HierPeering(Peering):
+    """Edge ↔ cloud synchronous exchange. See the module docstring."""
+
+    name: ClassVar[str] = "hierfavg"
+
+    def __init__(self, coordinator_id: str, ring: Sequence[str], config: HierPeerConfig | None = None,
+                 *, strategy: object = None) -> None:
+        self.me = coordinator_id
+        self.ring = check_ring(coordinator_id, tuple(ring))
+        self.config = config or HierPeerConfig()
+        self.cloud = self.config.cloud or self.ring[0]
+        if self.cloud not in self.ring:
+            raise ConfigError(f"hierfavg: cloud {self.cloud!r} is not in the ring {list(self.ring)}")
+        if not isinstance(strategy, HierEdgeStrategy):
+            raise ConfigError("peering 'hierfavg' needs strategy 'hierfavg' (the edge rounds wait for the cloud)")
+        self.gate = strategy.gate
+        self.edge_rounds = 0
+        self.cloud_round = 0
+        self.wait_started = -math.inf
+        self.collected: dict[str, tuple[int, Vector]] = {}
+        """Cloud only: the edges' models for ``cloud_round``."""
+        self.collect_started = -math.inf
+        self.cloud_syncs = 0
+        self.timeouts = 0
+
+    def on_version(self, view: CoordinatorView, now: float) -> PeerPlan:
+        self.edge_rounds += 1
+        if self.edge_rounds % self.config.kappa2 or len(self.ring) == 1:
+            return PeerPlan()
+        self.cloud_round += 1
+        self.gate.waiting = True
+        self.wait_started = now
+        samples, self.gate.samples = self.gate.samples, 0
+        weights = np.array(view.weights, dtype=np.float32, copy=True)
+        if self.me == self.cloud:
+            return self._collect(self.me, self.cloud_round, samples, weights, now)
+        body = {"round": self.cloud_round, "samples": samples}
+        return PeerPlan(sends=(PeerSend(kind="edge", to=self.cloud, body=body, weights=weights),))
+
+    def on_message(self, view: CoordinatorView, msg: PeerMsg, now: float) -> PeerPlan:
+        if msg.weights is None:
+            raise MalformedMessage("hierfavg: peer messages carry a model")
+        round_ = body_int(msg.body, "round", lo=1)
+        if msg.kind == "edge":
+            if self.me != self.cloud:
+                raise MalformedMessage("hierfavg: edge model sent to a coordinator that is not the cloud")
+            return self._collect(msg.sender, round_, body_int(msg.body, "samples"), msg.weights, now)
+        if msg.kind == "global":
+            if round_ < self.cloud_round or not self.gate.waiting:
+                return PeerPlan()  # late answer to a round we gave up on
+            return self._resume(msg.weights, round_)
+        raise MalformedMessage(f"hierfavg: unknown peer message kind {msg.kind!r}")
+
+    def _collect(self, edge: str, round_: int, samples: int, weights: Vector, now: float) -> PeerPlan:
+        if round_ < self.cloud_round:
+            return PeerPlan()  # an edge that timed out earlier catches up next round
+        if not self.collected:
+            self.collect_started = now
+        self.collected[edge] = (samples, np.array(weights, dtype=np.float32, copy=True))
+        if len(self.collected) < len(self.ring) or self.me not in self.collected:
+            return PeerPlan()
+        return self._close_cloud_round()
+
+    def _close_cloud_round(self) -> PeerPlan:
+        edges = sorted(self.collected)
+        merged = weighted_mean([self.collected[e][1] for e in edges], [self.collected[e][0] for e in edges])
+        self.collected = {}
+        self.cloud_syncs += 1
+        send = PeerSend(kind="global", body={"round": self.cloud_round}, weights=merged)
+        plan = self._resume(merged, self.cloud_round)
+        return PeerPlan(sends=(send,), merged=plan.merged, meta=plan.meta)
+
+    def _resume(self, weights: Vector, round_: int) -> PeerPlan:
+        self.gate.waiting = False
+        self.cloud_round = max(self.cloud_round, round_)
+        return PeerPlan(merged=np.array(weights, dtype=np.float32, copy=True), meta={"cloud_round": round_})
+
+    def on_timer(self, view: CoordinatorView, now: float) -> PeerPlan:
+        timeout = self.config.sync_timeout_s
+        if self.me == self.cloud and self.collected and self.me in self.collected and now >= self.collect_started + timeout:
+            self.timeouts += 1
+            return self._close_cloud_round()
+        if self.gate.waiting and now >= self.wait_started + timeout and self.me != self.cloud:
+            self.timeouts += 1
+            self.gate.waiting = False  # the cloud is silent: carry on alone
+        return PeerPlan()
+
+    def wake_at(self) -> float | None:
+        t = self.config.sync_timeout_s
+        wakes = []
+        if self.gate.waiting:
+            wakes.append(self.wait_started + t)
+        if self.collected:
+            wakes.append(self.collect_started + t)
+        return min(wakes) if wakes else None
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {"edge_rounds": self.edge_rounds, "cloud_round": self.cloud_round}
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        self.edge_rounds = int(state.get("edge_rounds", 0))
+        self.cloud_round = int(state.get("cloud_round", 0))
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "cloud": self.cloud, "kappa2": self.config.kappa2, "edge_rounds": self.edge_rounds,
+                "cloud_round": self.cloud_round, "waiting": self.gate.waiting, "cloud_syncs": self.cloud_syncs,
+                "timeouts": self.timeouts}

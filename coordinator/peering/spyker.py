@@ -1,0 +1,686 @@
+"""Spyker (paper 004): model ages, age-damped client updates, a token ring, age-weighted merges.
+
+Theory of operation
+-------------------
+Every coordinator (a Spyker *server*) keeps a model **age** ``A_i``: how many client updates
+its model embodies. Two pieces share it through one :class:`AgeLedger`:
+
+* :class:`SpykerStrategy` (strategy ``"spyker"``) mixes each client update in on arrival,
+  damped by the age gap between the current model and the model the client trained from::
+
+      w_i ← w_i + η · s(A_i − A_k) · (w_k − w_i),   s(τ) = (τ + 1)^(−a),   A_i ← A_i + 1
+
+  and keeps ``u[k]``, the number of updates per client, for the learning-rate decay that
+  :meth:`SpykerPeering.hints_for` sends to each device with its model::
+
+      η_k = η_init                                  while u[k] < ū
+      η_k = max(η_min, η_init − β (u[k] − ū))       otherwise
+
+  (ū: mean of ``u`` over this coordinator's clients; the paper's Decay() with the
+  undecayed rate η[u[k]] = η_init, so a client that falls back to the mean trains again).
+
+* :class:`SpykerPeering` exchanges models between coordinators. A **token** walks the ring
+  (``--peers`` order) carrying the age vector; only its holder *starts* a synchronisation
+  (sync id = the token's position, see below), when ``max(ages) − min(ages) ≥ h_inter``
+  (default ``n_clients / 5n``) or ``A_i − A_i,prev ≥ h_intra`` (350). A coordinator that
+  receives a model for a sync id it has not answered first broadcasts its own model for
+  that id (so each coordinator broadcasts **at most once per sync id**), then merges::
+
+      a = φ (A_j − A_i) / A_i,   w = 1 / (1 + e^−a)
+      W_i ← W_i + η_a w (W_j − W_i),   A_i ← (1 − η_a w) A_i + η_a w A_j
+
+  Each merge is committed as a new version. The holder passes the token to its ring
+  successor once every live peer's model for its sync id has arrived (or after
+  ``sync_timeout_s``). A non-holder whose own trigger fires broadcasts its age at once
+  (the paper's RcvAge), so that the holder can start a sync.
+
+The token rule (loss, regeneration, never two live tokens)
+----------------------------------------------------------
+A token has a **position** ``(epoch, created_at, origin, hop)``, compared
+lexicographically. ``(epoch, created_at, origin)`` names one token for its whole life;
+``hop`` counts its passes and doubles as the sync id.
+
+1. *Passing.* The holder sends ``hop + 1`` to the next coordinator on the ring that it
+   believes alive (heard from within ``token_timeout_s``) and stops holding at once.
+2. *Accepting.* A coordinator accepts a token message only if its position is at least the
+   largest position it knows *and* larger than any token it accepted before (QoS 1
+   duplicates and retries are ignored). On accepting it broadcasts a beat at once.
+3. *Dropping.* Every peer message carries the largest position its sender knows. A holder
+   that learns of a larger position drops its token. So of two live tokens the smaller
+   disappears as soon as one message from the other side's knowledge reaches its holder.
+4. *Beacons.* Every coordinator broadcasts a beat every ``beacon_s``; the holder's beat says
+   so. A beat from a holder whose position is not below the receiver's knowledge is
+   *evidence* of the live token.
+5. *Regeneration.* A coordinator that has had no evidence for ``token_timeout_s`` (plus
+   ``(rank − 1) × stagger_s``, where rank is its place among the live coordinators that
+   follow the last known holder on the ring) creates the token
+   ``(known epoch + 1, now, itself, 0)`` and holds it. The successor of a silent holder is
+   thus the first to regenerate; if it is dead too, the next one does, a stagger later.
+   Coordinators restart holding nothing. On a cold ring ``ring[0]`` creates the first
+   token when it starts with an empty state dir (any other start waits for the timeout,
+   ``ring[0]`` being the first in line); if that races an existing token, rule 3 keeps
+   the larger one.
+
+Safety: positions are totally ordered, and a token is only accepted when it is not below
+everything its receiver knows, so two holders of the *same* position cannot coexist
+(only a crash that loses the first one can repeat an acceptance). Two *different* tokens
+can coexist transiently (a regeneration racing a slow holder, a restart that receives a
+token queued while it was down), but every holder broadcasts its position every beacon,
+so once messages flow again every holder but the largest drops its token: the ring never
+*ends* with two live tokens. Liveness: a lost token (dead holder, dead recipient, a
+dropped message) is regenerated ``token_timeout_s`` after the last evidence.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from coordinator.peering.base import (
+    Peering,
+    PeerPlan,
+    PeerSend,
+    body_bool,
+    body_float,
+    body_id,
+    body_int,
+    body_table,
+    check_ring,
+)
+from coordinator.strategies.base import BufferedUpdate, CoordinatorView, Plan, Strategy
+from edge_sdk.errors import ConfigError, MalformedMessage
+from edge_sdk.spec import Vector
+from edge_sdk.wire.messages import PeerMsg
+
+__all__ = [
+    "AgeLedger",
+    "SpykerConfig",
+    "SpykerPeerConfig",
+    "SpykerPeering",
+    "SpykerStrategy",
+    "TokenPos",
+    "decayed_lr",
+    "merge_weight",
+    "server_merge",
+]
+
+TokenPos = tuple[int, float, str, int]
+"""(epoch, created_at, origin, hop): totally ordered; the first three name one token."""
+
+_KEEP_AGES = 64
+_KEEP_SIDS = 64
+
+
+# --------------------------------------------------------------------------- maths
+
+
+def merge_weight(age_self: float, age_other: float, phi: float) -> float:
+    """w = 1 / (1 + e^−a), a = φ (A_j − A_i) / A_i (A_i clamped to ≥ 1: a fresh model)."""
+    a = phi * (age_other - age_self) / max(age_self, 1.0)
+    if a >= 0:
+        return 1.0 / (1.0 + math.exp(-a))
+    e = math.exp(a)  # stable for very negative a
+    return e / (1.0 + e)
+
+
+def server_merge(
+    w_self: Vector, age_self: float, w_other: Vector, age_other: float, *, phi: float, eta_a: float
+) -> tuple[Vector, float]:
+    """Spyker's SERVERAGG: W_i + η_a w (W_j − W_i) and the age moved by the same share."""
+    share = eta_a * merge_weight(age_self, age_other, phi)
+    merged = np.asarray(w_self, dtype=np.float32) + np.float32(share) * (
+        np.asarray(w_other, dtype=np.float32) - np.asarray(w_self, dtype=np.float32)
+    )
+    return merged.astype(np.float32, copy=False), (1.0 - share) * age_self + share * age_other
+
+
+def decayed_lr(lr_init: float, updates: int, mean_updates: float, *, beta: float, lr_min: float) -> float:
+    """Spyker's Decay(): η_init while u[k] < ū, else max(η_min, η_init − β (u[k] − ū))."""
+    if updates < mean_updates:
+        return lr_init
+    return max(lr_min, lr_init - beta * (updates - mean_updates))
+
+
+# --------------------------------------------------------------------------- shared state
+
+
+class AgeLedger:
+    """The model age, the age of recent versions and per-client update counts."""
+
+    def __init__(self) -> None:
+        self.age = 0.0
+        self.age_at: dict[int, float] = {}
+        self.updates: dict[str, int] = {}
+
+    def record(self, version: int, age: float) -> None:
+        self.age = age
+        self.age_at[version] = age
+        if len(self.age_at) > _KEEP_AGES:
+            for v in sorted(self.age_at)[: -_KEEP_AGES]:
+                del self.age_at[v]
+
+    def age_of(self, version: int, current_version: int) -> float:
+        """Age of the model at ``version`` (what a client trained from). Versions older
+        than the ledger remembers count one unit of age per version (a lower bound on
+        the gap)."""
+        if version in self.age_at:
+            return self.age_at[version]
+        if version >= current_version:
+            return self.age
+        return max(0.0, self.age - float(current_version - version))
+
+    def mean_updates(self) -> float:
+        return sum(self.updates.values()) / len(self.updates) if self.updates else 0.0
+
+    def checkpoint(self) -> dict[str, Any]:
+        recent = sorted(self.age_at)[-8:]
+        return {"age": self.age, "age_at": {str(v): self.age_at[v] for v in recent}, "updates": dict(self.updates)}
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        self.age = float(state.get("age", 0.0))
+        self.age_at = {int(k): float(v) for k, v in dict(state.get("age_at", {})).items()}
+        self.updates = {str(k): int(v) for k, v in dict(state.get("updates", {})).items()}
+
+
+# --------------------------------------------------------------------------- client updates
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SpykerConfig:
+    eta: float = 0.6
+    """η_i: server learning rate for client updates."""
+    a: float = 0.5
+    """Staleness exponent of s(τ) = (τ + 1)^(−a) on the age gap τ."""
+    lr_init: float = 0.05
+    """η_init: the clients' undecayed learning rate (the paper's text uses 0.05)."""
+    decay_beta: float = 0.05
+    lr_min: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if not 0 < self.eta <= 1:
+            raise ConfigError("spyker: eta must be in (0, 1]")
+        if not (self.a >= 0 and math.isfinite(self.a)):
+            raise ConfigError("spyker: a must be a finite number >= 0")
+        if not (0 < self.lr_min <= self.lr_init and math.isfinite(self.lr_init)):
+            raise ConfigError("spyker: need 0 < lr_min <= lr_init")
+        if not (self.decay_beta >= 0 and math.isfinite(self.decay_beta)):
+            raise ConfigError("spyker: decay_beta must be a finite number >= 0")
+
+
+class SpykerStrategy(Strategy):
+    """Age-damped asynchronous aggregation (Spyker Alg. 1). See the module docstring."""
+
+    name: ClassVar[str] = "spyker"
+
+    def __init__(self, config: SpykerConfig | None = None, ledger: AgeLedger | None = None) -> None:
+        self.config = config or SpykerConfig()
+        self.ledger = ledger or AgeLedger()
+        self._next_age: float | None = None
+
+    def plan(self, view: CoordinatorView, now: float, rng: random.Random) -> Plan:
+        return Plan(aggregate=bool(view.buffer))
+
+    def on_update(self, view: CoordinatorView, update: BufferedUpdate, now: float) -> None:
+        self.ledger.updates[update.device] = self.ledger.updates.get(update.device, 0) + 1
+
+    def aggregate(self, view: CoordinatorView, updates: Sequence[BufferedUpdate]) -> Vector:
+        cfg, ledger = self.config, self.ledger
+        out = np.array(view.weights, dtype=np.float32, copy=True)
+        age = ledger.age
+        for u in updates:
+            tau = max(0.0, age - ledger.age_of(u.base_version, view.version))
+            share = np.float32(cfg.eta * (tau + 1.0) ** (-cfg.a))
+            sl = view.spec.group_slice(u.group)
+            out[sl] += share * (u.weights - out[sl])
+            age += 1.0
+        self._next_age = age
+        return out
+
+    def on_aggregated(self, view: CoordinatorView, now: float) -> None:
+        if self._next_age is not None:
+            self.ledger.record(view.version, self._next_age)
+            self._next_age = None
+
+    def lr_hint(self, device: str) -> Mapping[str, float]:
+        """The decayed learning rate for ``device``, or nothing while it is not decayed."""
+        cfg, ledger = self.config, self.ledger
+        u = ledger.updates.get(device, 0)
+        lr = decayed_lr(cfg.lr_init, u, ledger.mean_updates(), beta=cfg.decay_beta, lr_min=cfg.lr_min)
+        return {"lr": lr} if lr != cfg.lr_init else {}
+
+    def describe(self) -> dict[str, Any]:
+        c = self.config
+        return {"name": self.name, "eta": c.eta, "a": c.a, "lr_init": c.lr_init, "decay_beta": c.decay_beta,
+                "lr_min": c.lr_min, "age": round(self.ledger.age, 3)}
+
+
+# --------------------------------------------------------------------------- peering
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SpykerPeerConfig:
+    phi: float = 1.5
+    eta_a: float = 0.6
+    h_inter: float | None = None
+    """Age-spread trigger; None = n_clients / (5 n) with n_clients summed over the ring."""
+    h_intra: float = 350.0
+    beacon_s: float = 1.0
+    token_timeout_s: float = 5.0
+    stagger_s: float = 1.0
+    sync_timeout_s: float = 10.0
+    min_sync_interval_s: float = 0.0
+    n_clients: int | None = None
+    """Total clients for the default h_inter; None = the sum the coordinators report."""
+
+    def __post_init__(self) -> None:
+        if not (self.phi > 0 and math.isfinite(self.phi)):
+            raise ConfigError("spyker: phi must be > 0")
+        if not 0 < self.eta_a <= 1:
+            raise ConfigError("spyker: eta_a must be in (0, 1]")
+        if self.h_inter is not None and not self.h_inter > 0:
+            raise ConfigError("spyker: h_inter must be > 0 (or None for n_clients / 5n)")
+        if not self.h_intra > 0:
+            raise ConfigError("spyker: h_intra must be > 0")
+        if not 0 < self.beacon_s < self.token_timeout_s:
+            raise ConfigError("spyker: need 0 < beacon_s < token_timeout_s")
+        if not (self.stagger_s >= 0 and self.sync_timeout_s > 0 and self.min_sync_interval_s >= 0):
+            raise ConfigError("spyker: stagger_s, min_sync_interval_s must be >= 0 and sync_timeout_s > 0")
+        if self.n_clients is not None and self.n_clients < 1:
+            raise ConfigError("spyker: n_clients must be >= 1")
+
+
+@dataclass(slots=True)
+class _PeerInfo:
+    age: float = 0.0
+    age_at: float = -math.inf
+    """The sender's clock when it reported ``age`` (latest report wins)."""
+    clients: int = 0
+    heard_at: float = -math.inf
+    """Our clock when we last heard anything from it."""
+
+
+def _pos(value: object, what: str = "token position") -> TokenPos:
+    if not isinstance(value, list | tuple) or len(value) != 4:
+        raise MalformedMessage(f"peer body: {what} must be [epoch, created_at, origin, hop]")
+    epoch, created, origin, hop = value
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or not 0 <= epoch < 2**62:
+        raise MalformedMessage(f"peer body: bad epoch in {what}")
+    if not isinstance(created, int | float) or isinstance(created, bool) or not math.isfinite(created):
+        raise MalformedMessage(f"peer body: bad created_at in {what}")
+    if not isinstance(hop, int) or isinstance(hop, bool) or not 0 <= hop < 2**62:
+        raise MalformedMessage(f"peer body: bad hop in {what}")
+    return (epoch, float(created), body_id(origin, f"{what} origin"), hop)
+
+
+@dataclass(slots=True)
+class _Counters:
+    syncs_started: int = 0
+    syncs_joined: int = 0
+    syncs_timed_out: int = 0
+    merges: int = 0
+    tokens_passed: int = 0
+    tokens_accepted: int = 0
+    tokens_rejected: int = 0
+    tokens_dropped: int = 0
+    regenerations: int = 0
+    age_pushes: int = 0
+
+
+class SpykerPeering(Peering):
+    """Token-ring model exchange between coordinators. See the module docstring."""
+
+    name: ClassVar[str] = "spyker"
+
+    def __init__(
+        self,
+        coordinator_id: str,
+        ring: Sequence[str],
+        config: SpykerPeerConfig | None = None,
+        *,
+        strategy: Strategy | None = None,
+    ) -> None:
+        self.me = coordinator_id
+        self.ring = check_ring(coordinator_id, tuple(ring))
+        self.config = config or SpykerPeerConfig()
+        self.strategy = strategy if isinstance(strategy, SpykerStrategy) else None
+        self.ledger = self.strategy.ledger if self.strategy is not None else AgeLedger()
+        """Shared with a :class:`SpykerStrategy`; otherwise ours, one unit of age per local version."""
+        self.peers = tuple(c for c in self.ring if c != coordinator_id)
+        self.info: dict[str, _PeerInfo] = {c: _PeerInfo() for c in self.peers}
+        self.age_prev = 0.0
+        self.known: TokenPos | None = None
+        """The largest token position this coordinator has heard of."""
+        self.accepted: TokenPos | None = None
+        """The largest token position it ever accepted (rejects duplicates)."""
+        self.holding = False
+        self.last_holder: str | None = None
+        self.evidence_at = -math.inf
+        self.ongoing: TokenPos | None = None
+        """Sync id of the synchronisation this holder started, until it passes the token."""
+        self.sync_started_at = -math.inf
+        self.last_sync_end = -math.inf
+        self.answered: TokenPos | None = None
+        """Every sync id at or below this one counts as answered (bounded memory)."""
+        self.did_broadcast: set[TokenPos] = set()
+        self.got_models: set[str] = set()
+        self.next_beat_at = -math.inf
+        self.last_age_push = -math.inf
+        self.started = False
+        self.fresh = True
+        """No checkpoint was restored: ``ring[0]`` bootstraps the first token at once."""
+        self.now = -math.inf
+        """The time of the last hook call (wake_at has no clock of its own)."""
+        self.clients_here = 0
+        self.counters = _Counters()
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def age(self) -> float:
+        return self.ledger.age
+
+    def alive(self, peer: str, now: float) -> bool:
+        return peer == self.me or now - self.info[peer].heard_at < self.config.token_timeout_s
+
+    def h_inter(self) -> float:
+        cfg = self.config
+        if cfg.h_inter is not None:
+            return cfg.h_inter
+        total = cfg.n_clients if cfg.n_clients is not None else self.clients_here + sum(p.clients for p in self.info.values())
+        return max(1.0, total / (5.0 * len(self.ring)))
+
+    def _successor(self, of: str, now: float) -> str | None:
+        """The first coordinator after ``of`` on the ring that we believe alive (not ``of``)."""
+        i = self.ring.index(of)
+        for k in range(1, len(self.ring)):
+            c = self.ring[(i + k) % len(self.ring)]
+            if self.alive(c, now):
+                return c
+        return None
+
+    def regenerate_at(self, now: float) -> float:
+        """When this coordinator will regenerate the token if no evidence arrives."""
+        holder = self.last_holder if self.last_holder is not None else self.ring[-1]
+        i = self.ring.index(holder)
+        order = [self.ring[(i + k) % len(self.ring)] for k in range(1, len(self.ring) + 1)]
+        live = [c for c in order if self.alive(c, now)]
+        rank = live.index(self.me) + 1
+        cfg = self.config
+        return self.evidence_at + cfg.token_timeout_s + (rank - 1) * cfg.stagger_s
+
+    def _learn(self, pos: TokenPos) -> None:
+        if self.known is None or pos > self.known:
+            self.known = pos
+            if self.holding:  # rule 3: a larger position exists, ours is stale
+                self.holding = False
+                self.ongoing = None
+                self.counters.tokens_dropped += 1
+
+    def _hear(self, peer: str, now: float, body: Mapping[str, Any]) -> None:
+        info = self.info[peer]
+        info.heard_at = now
+        at = body_float(body, "at")
+        if at >= info.age_at:
+            info.age_at = at
+            info.age = body_float(body, "age")
+            info.clients = body_int(body, "clients")
+
+    def _base(self, now: float) -> dict[str, Any]:
+        return {
+            "at": now,
+            "age": self.age,
+            "clients": self.clients_here,
+            "pos": list(self.known) if self.known is not None else None,
+            "hold": self.holding,
+        }
+
+    def _beat(self, now: float) -> PeerSend:
+        self.next_beat_at = now + self.config.beacon_s
+        return PeerSend(kind="beat", body=self._base(now))
+
+    def _model(self, view: CoordinatorView, sid: TokenPos, now: float) -> PeerSend:
+        self.did_broadcast.add(sid)
+        if len(self.did_broadcast) > _KEEP_SIDS:
+            for old in sorted(self.did_broadcast)[: -_KEEP_SIDS]:
+                self.did_broadcast.discard(old)
+                self.answered = old if self.answered is None else max(self.answered, old)
+        self.age_prev = self.age
+        return PeerSend(kind="model", body={**self._base(now), "sid": list(sid)}, weights=view.weights)
+
+    def _was_answered(self, sid: TokenPos) -> bool:
+        return sid in self.did_broadcast or (self.answered is not None and sid <= self.answered)
+
+    # ------------------------------------------------------------------ hooks
+
+    def on_timer(self, view: CoordinatorView, now: float) -> PeerPlan:
+        self.now = now
+        self.clients_here = len(view.devices_seen)
+        if not self.started:
+            self.started = True
+            self.evidence_at = now
+            for info in self.info.values():
+                info.heard_at = max(info.heard_at, now)  # assume the ring is up until it is silent
+            if self.fresh and self.peers and self.me == self.ring[0]:
+                return PeerPlan(sends=(*self._regenerate(now), *self._check_sync(view, now)))
+        if not self.peers:
+            return PeerPlan()
+        sends: list[PeerSend] = []
+        if self.holding and self.ongoing is not None and now >= self.sync_started_at + self.config.sync_timeout_s:
+            self.counters.syncs_timed_out += 1
+            sends += self._finish_sync(now)
+        if not self.holding and now >= self.regenerate_at(now):
+            sends += self._regenerate(now)
+        if now >= self.next_beat_at:
+            sends.append(self._beat(now))
+        sends += self._check_sync(view, now)
+        return PeerPlan(sends=tuple(sends))
+
+    def on_version(self, view: CoordinatorView, now: float) -> PeerPlan:
+        self.now = now
+        self.clients_here = len(view.devices_seen)
+        if self.strategy is None:  # another strategy aggregates: one unit of age per version
+            self.ledger.record(view.version, self.ledger.age + 1.0)
+        if not self.peers or not self.started:
+            return PeerPlan()
+        return PeerPlan(sends=tuple(self._check_sync(view, now)))
+
+    def on_message(self, view: CoordinatorView, msg: PeerMsg, now: float) -> PeerPlan:
+        if msg.sender not in self.info:
+            raise MalformedMessage(f"spyker: {msg.sender!r} is not in this coordinator's ring")
+        self.now = now
+        self.clients_here = len(view.devices_seen)
+        body = msg.body
+        self._hear(msg.sender, now, body)
+        if msg.kind == "token":
+            return PeerPlan(sends=tuple(self._on_token(view, msg.sender, body, now)))
+        raw = body.get("pos")
+        if raw is not None:
+            self._learn(_pos(raw))
+        if msg.kind == "beat":
+            return PeerPlan(sends=tuple(self._on_beat(view, msg.sender, body, now)))
+        if msg.kind == "model":
+            return self._on_model(view, msg, now)
+        raise MalformedMessage(f"spyker: unknown peer message kind {msg.kind!r}")
+
+    def hints_for(self, device: str) -> Mapping[str, float]:
+        return self.strategy.lr_hint(device) if self.strategy is not None else {}
+
+    def wake_at(self) -> float | None:
+        if not self.started:
+            return -math.inf  # run on_timer at the first opportunity (core start)
+        if not self.peers:
+            return None
+        wakes = [self.next_beat_at]
+        if self.holding and self.ongoing is not None:
+            wakes.append(self.sync_started_at + self.config.sync_timeout_s)
+        if not self.holding:
+            # Computed at the last event; peers falling silent can only bring it forward,
+            # and our own beats re-evaluate it every beacon_s.
+            wakes.append(self.regenerate_at(self.now))
+        return min(wakes)
+
+    # ------------------------------------------------------------------ protocol
+
+    def _on_beat(self, view: CoordinatorView, sender: str, body: Mapping[str, Any], now: float) -> list[PeerSend]:
+        raw = body.get("pos")
+        if body_bool(body, "hold") and raw is not None and self.known is not None and _pos(raw) >= self.known:
+            self.last_holder = sender
+            self.evidence_at = now
+        return self._check_sync(view, now) if self.holding else []
+
+    def _on_token(self, view: CoordinatorView, sender: str, body: Mapping[str, Any], now: float) -> list[PeerSend]:
+        pos = _pos(body.get("pos"))
+        if (self.known is not None and pos < self.known) or (self.accepted is not None and pos <= self.accepted):
+            self.counters.tokens_rejected += 1  # stale or duplicate (rule 2)
+            return []
+        for peer, entry in body_table(body, "ages", max_len=len(self.ring) + 1).items():
+            if peer in self.info:
+                if not isinstance(entry, list) or len(entry) != 2:
+                    raise MalformedMessage("spyker token: ages entries are [age, at]")
+                age, at = body_float({"x": entry[0]}, "x"), body_float({"x": entry[1]}, "x")
+                info = self.info[peer]
+                if at > info.age_at:
+                    info.age, info.age_at = age, at
+        self.known = pos
+        self.accepted = pos
+        self.holding = True
+        self.ongoing = None
+        self.last_holder = self.me
+        self.evidence_at = now
+        self.counters.tokens_accepted += 1
+        return [self._beat(now), *self._check_sync(view, now)]
+
+    def _on_model(self, view: CoordinatorView, msg: PeerMsg, now: float) -> PeerPlan:
+        if msg.weights is None:
+            raise MalformedMessage("spyker: a model message needs weights")
+        body = msg.body
+        sid = _pos(body.get("sid"), "sync id")
+        self._learn(sid)
+        sends: list[PeerSend] = []
+        if not self._was_answered(sid):
+            self.counters.syncs_joined += 1
+            sends.append(self._model(view, sid, now))  # answer first, then merge (Alg. 2 l. 32-33)
+        cfg = self.config
+        age_j = body_float(body, "age")
+        merged, new_age = server_merge(view.weights, self.age, msg.weights, age_j, phi=cfg.phi, eta_a=cfg.eta_a)
+        self.ledger.record(view.version + 1, new_age)  # the core commits the merge as the next version
+        self.counters.merges += 1
+        if self.holding and self.ongoing == sid:
+            self.got_models.add(msg.sender)
+            if all(p in self.got_models for p in self.peers if self.alive(p, now)):
+                sends += self._finish_sync(now)
+        return PeerPlan(sends=tuple(sends), merged=merged, meta={"peer": msg.sender, "sid": list(sid), "age": new_age})
+
+    def _check_sync(self, view: CoordinatorView, now: float) -> list[PeerSend]:
+        live = [p for p in self.peers if self.alive(p, now)]
+        if not live:
+            return []
+        ages = [self.age, *(self.info[p].age for p in live)]
+        if max(ages) - min(ages) < self.h_inter() and self.age - self.age_prev < self.config.h_intra:
+            return []
+        if self.holding:
+            if self.ongoing is not None or now - self.last_sync_end < self.config.min_sync_interval_s:
+                return []
+            assert self.known is not None
+            sid = self.known
+            if self._was_answered(sid):
+                return []  # this holding period already synchronised (answered someone else's)
+            self.ongoing = sid
+            self.sync_started_at = now
+            self.got_models = set()
+            self.counters.syncs_started += 1
+            return [self._model(view, sid, now)]
+        if now - self.last_age_push >= self.config.beacon_s / 2:
+            self.last_age_push = now
+            self.counters.age_pushes += 1
+            return [self._beat(now)]  # RcvAge: tell the holder our age now
+        return []
+
+    def _finish_sync(self, now: float) -> list[PeerSend]:
+        self.ongoing = None
+        self.last_sync_end = now
+        assert self.known is not None
+        successor = self._successor(self.me, now)
+        epoch, created, origin, hop = self.known
+        pos: TokenPos = (epoch, created, origin, hop + 1)
+        if successor is None:  # alone: pass the token to ourselves (a fresh sync id)
+            self.known = self.accepted = pos
+            return []
+        ages = {self.me: [self.age, now], **{p: [i.age, i.age_at] for p, i in self.info.items() if math.isfinite(i.age_at)}}
+        self.holding = False
+        self.known = pos
+        self.last_holder = successor
+        self.evidence_at = now
+        self.counters.tokens_passed += 1
+        return [PeerSend(kind="token", to=successor, body={**self._base(now), "pos": list(pos), "ages": ages})]
+
+    def _regenerate(self, now: float) -> list[PeerSend]:
+        epoch = self.known[0] + 1 if self.known is not None else 0
+        pos: TokenPos = (epoch, now, self.me, 0)
+        self.known = pos
+        self.accepted = pos
+        self.holding = True
+        self.ongoing = None
+        self.last_holder = self.me
+        self.evidence_at = now
+        self.counters.regenerations += 1
+        return [self._beat(now)]
+
+    # ------------------------------------------------------------------ durability, status
+
+    def checkpoint(self) -> dict[str, Any]:
+        answered = max(self.did_broadcast, default=None)
+        if self.answered is not None and (answered is None or self.answered > answered):
+            answered = self.answered
+        return {
+            "ledger": self.ledger.checkpoint(),
+            "age_prev": self.age_prev,
+            "known": list(self.known) if self.known is not None else None,
+            "accepted": list(self.accepted) if self.accepted is not None else None,
+            "answered": list(answered) if answered is not None else None,
+            "regenerations": self.counters.regenerations,
+            "syncs_started": self.counters.syncs_started,
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Resume ages and token knowledge; never the token itself (rule 5: restart empty-handed)."""
+        if not state:
+            return
+        self.fresh = False
+        self.ledger.restore(state.get("ledger", {}))
+        self.age_prev = float(state.get("age_prev", 0.0))
+        for key in ("known", "accepted", "answered"):
+            raw = state.get(key)
+            setattr(self, key, _pos(raw) if raw is not None else None)
+        self.counters.regenerations = int(state.get("regenerations", 0))
+        self.counters.syncs_started = int(state.get("syncs_started", 0))
+
+    def describe(self) -> dict[str, Any]:
+        c = self.counters
+        return {
+            "name": self.name,
+            "ring": list(self.ring),
+            "holds_token": self.holding,
+            "token": list(self.known) if self.holding and self.known is not None else None,
+            "known_token": list(self.known) if self.known is not None else None,
+            "last_holder": self.last_holder,
+            "age": round(self.age, 3),
+            "ages": {p: round(i.age, 3) for p, i in self.info.items()},
+            "h_inter": self.h_inter(),
+            "h_intra": self.config.h_intra,
+            "syncs_started": c.syncs_started,
+            "syncs_joined": c.syncs_joined,
+            "syncs_timed_out": c.syncs_timed_out,
+            "merges": c.merges,
+            "tokens_passed": c.tokens_passed,
+            "tokens_accepted": c.tokens_accepted,
+            "tokens_rejected": c.tokens_rejected,
+            "tokens_dropped": c.tokens_dropped,
+            "regenerations": c.regenerations,
+        }
+

@@ -1,0 +1,180 @@
+"""The multi-region emulator (devices/multiregion.py): tiny fleets, a few virtual seconds."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from devices.multiregion import (
+    PAPER_LATENCY_MS,
+    PAPER_REGIONS,
+    MultiRegionRun,
+    format_tables,
+    load_multiregion,
+    main,
+    parse_multiregion,
+    summarise,
+)
+from devices.scenario import ScenarioError
+from edge_sdk.tasks import get_task
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENARIO = ROOT / "demos" / "scenarios" / "multiregion" / "digits-4regions.toml"
+
+
+def tiny(**mr: Any) -> dict[str, Any]:
+    return {
+        "name": "tiny",
+        "task": "digits",
+        "duration_s": 1.5,
+        "eval_every_s": 0.5,
+        "target_accuracy": 0.99,
+        "seeds": [0],
+        "data": {"partition": "labels", "labels_each": 2},
+        "training": {"epochs": 1, "batch_size": 16, "lr": 0.05},
+        "multiregion": {"device_counts": [8], "single_server_region": "california", **mr},
+        "quick": {},
+        "methods": [
+            {"label": "S", "kind": "spyker", "peering_params": {"beacon_s": 0.5, "token_timeout_s": 2.0}},
+            {"label": "N", "kind": "nebula", "strategy_params": {"planets": 2, "t_c": 0.5}, "peering_params": {"t_c": 0.5}},
+            {"label": "F", "kind": "single", "strategy": "fedasync"},
+            {"label": "H", "kind": "hierfavg", "peering_params": {"cloud": "california", "kappa2": 1}, "service_ms": 15},
+        ],
+    }
+
+
+def test_the_shipped_scenario_is_valid() -> None:
+    sc = load_multiregion(SCENARIO)
+    assert sc.topology.regions == PAPER_REGIONS and sc.topology.latency_ms == PAPER_LATENCY_MS
+    assert sc.device_counts == (100, 200, 300)
+    assert {m.kind for m in sc.methods} == {"spyker", "nebula", "single", "hierfavg"}
+    quick = load_multiregion(SCENARIO, quick=True)
+    assert quick.device_counts == (100,) and quick.settings.duration_s <= sc.settings.duration_s
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"multiregion": {"latency_ms": [[1.0]]}}, "matrix"),
+        ({"multiregion": {"single_server_region": "mars"}}, "single_server_region"),
+        ({"multiregion": {"typo": 1}}, "unknown keys"),
+        ({"methods": [{"kind": "gossip"}]}, "kind must be"),
+        ({"methods": [{"kind": "spyker", "peering_params": {"h_intr": 3}}]}, "known parameters"),
+        ({"methods": [{"kind": "nebula", "strategy": "spin"}]}, "needs strategy 'nebula'"),
+    ],
+)
+def test_bad_scenarios_fail_fast(change: dict[str, Any], match: str) -> None:
+    raw = tiny()
+    for key, value in change.items():
+        raw[key] = {**raw[key], **value} if isinstance(value, dict) else value
+    with pytest.raises(ScenarioError, match=match):
+        parse_multiregion(raw)
+
+
+def test_methods_are_selected_by_label_or_kind() -> None:
+    sc = parse_multiregion(tiny())
+    assert [m.label for m in sc.select(["spyker", "F"]).methods] == ["S", "F"]
+    with pytest.raises(ScenarioError, match="no method"):
+        sc.select(["gossip"])
+
+
+def test_every_method_runs_and_peers_exchange() -> None:
+    sc = parse_multiregion(tiny())
+    task = get_task("digits", device="cpu")
+    results = {}
+    for m in sc.methods:
+        run = MultiRegionRun(task, sc, m, 8, 0)
+        r = run.run()
+        results[m.label] = (r, run)
+        assert r.summary["updates"] > 0 and r.rows[0]["t_s"] == 0.0
+        assert r.summary["coordinators"] == (1 if m.kind == "single" else 4)
+    spyker = results["S"][1]
+    assert all(c.core.peering.describe()["merges"] > 0 for c in spyker.coords)
+    assert sum(c.core.peering.describe()["holds_token"] for c in spyker.coords) <= 1
+    assert results["S"][0].summary["bytes_peer"] > 0 and results["F"][0].summary["bytes_peer"] == 0
+    assert all(c.core.peering.describe()["sent"] >= 1 for c in results["N"][1].coords)
+    hier = results["H"][1]
+    assert hier.coords[3].core.peering.describe()["cloud_syncs"] >= 1  # california is the cloud
+    versions = {c.core.version for c in hier.coords}
+    assert len(versions) >= 1
+    summary = summarise(sc, [r for r, _ in results.values()])
+    table = format_tables(sc, summary)
+    assert "| S |" in table and "| F |" in table
+
+
+def test_a_local_message_does_not_queue_behind_one_crossing_an_ocean() -> None:
+    sc = parse_multiregion(tiny())
+    run = MultiRegionRun(get_task("digits", device="cpu"), sc, sc.methods[0], 8, 0)
+    from edge_sdk.core.events import Publish
+    from edge_sdk.wire import topics
+
+    n = run.n
+    big = b"x" * 100_000
+    # paris' coordinator sends to hongkong's (195 ms), then a hongkong device pulls (1.4 ms)
+    run.publish(n + 1, Publish(topic=topics.peer_topic("hongkong", "beat"), payload=big), 0.0)
+    run.publish(0, Publish(topic=topics.device_topic("hongkong", "d0000", "pull"), payload=b"y" * 100), 0.0)
+    arrivals = []
+    while run.heap:
+        at, _, kind, target, data = __import__("heapq").heappop(run.heap)
+        if kind == 5:  # hop: onto the receiver's downlink
+            run.hop(target, at, data)
+        elif target == n:
+            arrivals.append((round(at, 4), data[0].rsplit("/", 1)[-1]))
+    assert arrivals[0][1] == "pull" and arrivals[0][0] < 0.01
+    assert arrivals[1][1] == "beat" and arrivals[1][0] > 0.19
+
+
+def test_the_command_writes_a_table_and_plots(tmp_path: Path) -> None:
+    import tomllib
+
+    raw = tomllib.loads(SCENARIO.read_text())
+    raw["duration_s"] = 1.0
+    raw["multiregion"]["device_counts"] = [8, 12]
+    spyker = next(m for m in raw["methods"] if m["kind"] == "spyker")
+    raw["methods"] = [spyker, *(m for m in raw["methods"] if m["kind"] == "single")]
+    path = tmp_path / "s.toml"
+    import json
+
+    path.write_text(_toml(raw))
+    assert main([str(path), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    table = (tmp_path / "out" / "time_to_target.md").read_text()
+    assert "Scaling" in table and "1.21 / 1.43" in table
+    assert (tmp_path / "out" / "accuracy.png").stat().st_size > 10_000
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert set(summary["methods"]) == {spyker["label"], "FedAsync (1 server)"}
+    assert dataclasses.is_dataclass(load_multiregion(path))
+
+
+def _toml(raw: dict[str, Any]) -> str:
+    """Just enough TOML for the scenario's shapes (no writer in the standard library)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ") + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f'"{k}" = {value(x)}' for k, x in v.items()) + " }"
+        return repr(v)
+
+    lines = []
+    tables = []
+    for k, v in raw.items():
+        if isinstance(v, dict) and k not in ("quick",):
+            tables.append((k, v))
+        elif isinstance(v, list) and v and isinstance(v[0], dict):
+            continue
+        elif k != "quick":
+            lines.append(f"{k} = {value(v)}")
+    for k, v in tables:
+        lines.append(f"[{k}]")
+        lines += [f'"{kk}" = {value(vv)}' for kk, vv in v.items()]
+    for m in raw.get("methods", []):
+        lines.append("[[methods]]")
+        lines += [f"{kk} = {value(vv)}" for kk, vv in m.items()]
+    return "\n".join(lines) + "\n"

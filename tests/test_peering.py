@@ -1,0 +1,664 @@
+"""Peering between coordinators: Spyker, NebulaFL and the HierFAVG baseline, sans-IO.
+
+The maths are checked against the formulas of ARCHITECTURE.md; the token protocol by
+table-style tests and by Hypothesis over message orders, losses, duplicates, crashes and
+restarts (tests/peering_harness.py), ending in a quiet period after which exactly one
+token must be live.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from coordinator.core import CommitVersion, CoordinatorConfig, CoordinatorCore, Snapshot
+from coordinator.peering import PEERINGS, make_peering
+from coordinator.peering.base import Peering
+from coordinator.peering.hier import HierEdgeStrategy, HierPeerConfig, HierPeering, weighted_mean
+from coordinator.peering.nebula import (
+    NebulaConfig,
+    NebulaPeerConfig,
+    NebulaPeering,
+    NebulaStrategy,
+    decay_weight,
+    master_model,
+    planet_update,
+    rotation_target,
+)
+from coordinator.peering.spyker import (
+    AgeLedger,
+    SpykerConfig,
+    SpykerPeerConfig,
+    SpykerPeering,
+    SpykerStrategy,
+    decayed_lr,
+    merge_weight,
+    server_merge,
+)
+from coordinator.strategies import make_strategy
+from coordinator.strategies.base import BufferedUpdate
+from coordinator.strategies.fedavg import FedAvgConfig
+from edge_sdk.core.events import MessageReceived, Publish, TimerFired
+from edge_sdk.errors import ConfigError, MalformedMessage
+from edge_sdk.wire import topics
+from edge_sdk.wire.codec import decode, encode, parse_status_json, status_json
+from edge_sdk.wire.messages import ModelMsg, PeerMsg, Pull, Update
+from tests.peering_harness import SPEC, Ring, View, settle, spyker_ring
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG = SpykerPeerConfig(h_inter=3.0, h_intra=10.0, beacon_s=1.0, token_timeout_s=4.0, stagger_s=1.0, sync_timeout_s=3.0)
+INTRA_ONLY = SpykerPeerConfig(h_inter=1e9, h_intra=10.0, beacon_s=1.0, token_timeout_s=4.0, stagger_s=1.0, sync_timeout_s=3.0)
+"""Only the intra-server trigger: one sync per trigger, so the token's path is predictable."""
+
+
+def vec(value: float) -> np.ndarray:
+    return np.full(SPEC.size, value, dtype=np.float32)
+
+
+def update(device: str, seq: int, base: int, weights: np.ndarray, n: int = 4) -> BufferedUpdate:
+    return BufferedUpdate(device=device, seq=seq, base_version=base, staleness=0, n_samples=n, weights=weights)
+
+
+# --------------------------------------------------------------------------- Spyker maths
+
+
+def test_merge_weight_is_the_sigmoid_of_the_relative_age_gap() -> None:
+    assert merge_weight(100, 100, 1.5) == pytest.approx(0.5)
+    assert merge_weight(100, 200, 1.5) == pytest.approx(1 / (1 + math.exp(-1.5)))
+    assert merge_weight(100, 0, 1.5) == pytest.approx(1 / (1 + math.exp(1.5)))
+    assert merge_weight(0, 10, 1.5) == pytest.approx(1 / (1 + math.exp(-15)))  # A_i clamped to 1
+    assert 0.0 <= merge_weight(1, 1e9, 1.5) <= 1.0 and 0.0 <= merge_weight(1e9, 0, 1.5) <= 1.0
+
+
+@given(
+    st.floats(0, 1e4), st.floats(0, 1e4), st.floats(-5, 5), st.floats(-5, 5),
+    st.floats(0.1, 3), st.floats(0.05, 1),
+)
+def test_server_merge_matches_the_formula(a_i: float, a_j: float, wi: float, wj: float, phi: float, eta_a: float) -> None:
+    merged, age = server_merge(vec(wi), a_i, vec(wj), a_j, phi=phi, eta_a=eta_a)
+    share = eta_a * merge_weight(a_i, a_j, phi)
+    np.testing.assert_allclose(merged, np.float32(wi) + np.float32(share) * (np.float32(wj) - np.float32(wi)), rtol=1e-5, atol=1e-5)
+    assert age == pytest.approx((1 - share) * a_i + share * a_j)
+    assert min(a_i, a_j) - 1e-9 <= age <= max(a_i, a_j) + 1e-9  # a merged age lies between the two
+
+
+def test_lr_decay_is_the_papers_decay_function() -> None:
+    assert decayed_lr(0.05, 3, 5.0, beta=0.05, lr_min=1e-6) == 0.05  # below the mean: unchanged
+    assert decayed_lr(0.5, 7, 5.0, beta=0.05, lr_min=1e-6) == pytest.approx(0.4)
+    assert decayed_lr(0.05, 9, 5.0, beta=0.05, lr_min=1e-6) == 1e-6  # floored at η_min
+    assert decayed_lr(0.05, 5, 5.0, beta=0.05, lr_min=1e-6) == 0.05
+
+
+def test_spyker_strategy_damps_updates_by_the_age_gap() -> None:
+    strategy = make_strategy("spyker", eta=0.6, a=0.5)
+    assert isinstance(strategy, SpykerStrategy)
+    view = View(weights=vec(0.0), version=3)
+    strategy.ledger.record(1, 10.0)
+    strategy.ledger.record(3, 13.0)
+    fresh = strategy.aggregate(view, [update("d1", 0, 3, vec(1.0))])
+    np.testing.assert_allclose(fresh, 0.6)  # τ = 0: η
+    stale = strategy.aggregate(view, [update("d1", 0, 1, vec(1.0))])
+    np.testing.assert_allclose(stale, 0.6 * (3 + 1) ** -0.5, rtol=1e-6)  # τ = 13 − 10
+    two = strategy.aggregate(view, [update("d1", 0, 3, vec(1.0)), update("d2", 0, 3, vec(1.0))])
+    # the second update meets a model one unit older than the one it trained from
+    np.testing.assert_allclose(two, 0.6 + 0.4 * 0.6 * 2**-0.5, rtol=1e-6)
+    view.version = 4
+    strategy.on_aggregated(view, 0.0)
+    assert strategy.ledger.age == 15.0 and strategy.ledger.age_at[4] == 15.0
+
+
+def test_spyker_strategy_counts_updates_and_decays_fast_clients() -> None:
+    strategy = SpykerStrategy(SpykerConfig(lr_init=0.5, decay_beta=0.05))
+    view = View(weights=vec(0.0))
+    for device, n in (("fast", 9), ("slow", 1), ("mid", 5)):
+        for _ in range(n):
+            strategy.on_update(view, update(device, 0, 0, vec(0.0)), 0.0)  # type: ignore[arg-type]
+    assert strategy.ledger.mean_updates() == 5.0
+    assert strategy.lr_hint("slow") == {} and strategy.lr_hint("mid") == {}
+    assert strategy.lr_hint("fast") == {"lr": pytest.approx(0.5 - 0.05 * 4)}
+
+
+def test_age_ledger_falls_back_to_one_unit_per_version() -> None:
+    ledger = AgeLedger()
+    ledger.record(10, 50.0)
+    assert ledger.age_of(10, 10) == 50.0
+    assert ledger.age_of(7, 10) == 47.0
+    assert ledger.age_of(11, 10) == 50.0
+    for v in range(11, 200):
+        ledger.record(v, float(v))
+    assert len(ledger.age_at) <= 64
+
+
+def test_default_h_inter_is_clients_over_five_n() -> None:
+    p = SpykerPeering("a", ["a", "b", "c", "d"], SpykerPeerConfig(n_clients=100))
+    assert p.h_inter() == 5.0
+    q = SpykerPeering("a", ["a", "b", "c", "d"])
+    q.clients_here = 25
+    for info in q.info.values():
+        info.clients = 25
+    assert q.h_inter() == 5.0
+    assert SpykerPeering("a", ["a", "b"], SpykerPeerConfig(h_inter=7.0)).h_inter() == 7.0
+
+
+# --------------------------------------------------------------------------- Spyker protocol
+
+
+def msg_from(sender: str, kind: str, body: dict[str, object], weights: np.ndarray | None = None) -> PeerMsg:
+    m = decode(encode(PeerMsg(sender=sender, kind=kind, body=body, weights=weights)))
+    assert isinstance(m, PeerMsg)
+    return m
+
+
+def test_a_cold_ring_gets_one_token_from_ring0() -> None:
+    ring = spyker_ring(["a", "b", "c"])
+    assert ring.holders() == ["a"]  # fresh state dirs: ring[0] bootstraps the token
+    settle(ring, 20)
+    assert ring.holders() == ["a"]  # no trigger, no sync: the token stays put
+
+
+def test_a_restarted_ring_regenerates_after_the_timeout_from_ring0() -> None:
+    ring = spyker_ring(["a", "b", "c"], INTRA_ONLY)
+    settle(ring, 2)
+    for name in "abc":
+        ring.local_updates(name, 1)  # a commit each: every state dir holds a checkpoint
+        ring.crash(name)
+    for name in "cba":
+        ring.restart(name)  # nobody bootstraps, nobody holds
+    assert ring.holders() == []
+    settle(ring, CFG.token_timeout_s - 0.5)
+    assert ring.holders() == []
+    settle(ring, 1.0)
+    assert ring.holders() == ["a"]
+
+
+def test_intra_trigger_starts_a_sync_and_every_coordinator_answers_once() -> None:
+    ring = spyker_ring(["a", "b", "c"])
+    settle(ring, 5)
+    assert ring.holders() == ["a"]
+    ring.local_updates("a", 11)  # A_a − A_a,prev ≥ h_intra = 10
+    ring.deliver_all()
+    sids = {n: [sid for _, sid in node.broadcasts] for n, node in ring.nodes.items()}
+    first = sids["a"][0]
+    assert first[2:] == ("a", 0)  # a's token, its first holding period
+    # the merges left an age spread ≥ h_inter, so the next holders synchronised again:
+    # every sync id was answered by every coordinator, exactly once
+    assert len(set(sids["a"])) == len(sids["a"]) and sorted(sids["b"]) == sorted(sids["a"]) == sorted(sids["c"])
+    a, b, c = (ring.nodes[n].peering for n in "abc")
+    assert isinstance(a, SpykerPeering) and isinstance(b, SpykerPeering) and isinstance(c, SpykerPeering)
+    assert a.counters.merges == b.counters.merges == c.counters.merges == 2 * len(sids["a"])
+    assert ring.nodes["b"].view.version == 2 * len(sids["a"])  # every merge committed
+    assert a.counters.syncs_started + b.counters.syncs_started + c.counters.syncs_started == len(sids["a"])
+    assert len(ring.holders()) == 1
+
+
+def test_a_non_holder_pushes_its_age_and_the_holder_starts_the_sync() -> None:
+    ring = spyker_ring(["a", "b", "c"])
+    settle(ring, 5)
+    ring.local_updates("c", 4)  # spread 4 ≥ h_inter = 3, but c does not hold the token
+    c = ring.nodes["c"].peering
+    assert isinstance(c, SpykerPeering) and c.counters.age_pushes == 1
+    ring.deliver_all()
+    a = ring.nodes["a"].peering
+    assert isinstance(a, SpykerPeering) and a.counters.syncs_started == 1
+
+
+def test_each_coordinator_broadcasts_at_most_once_per_sync_id() -> None:
+    p = SpykerPeering("b", ["a", "b", "c"], CFG, strategy=SpykerStrategy())
+    view = View(weights=vec(0.0))
+    p.on_timer(view, 0.0)
+    sid = [0, 0.0, "a", 3]
+    body = {"at": 1.0, "age": 5.0, "clients": 3, "pos": sid, "hold": True, "sid": sid}
+    first = p.on_message(view, msg_from("a", "model", body, vec(1.0)), 1.0)
+    assert [s.kind for s in first.sends] == ["model"] and first.merged is not None
+    again = p.on_message(view, msg_from("c", "model", {**body, "hold": False}, vec(2.0)), 1.1)
+    assert again.sends == () and again.merged is not None  # merged, not answered twice
+    dup = p.on_message(view, msg_from("a", "model", body, vec(1.0)), 1.2)
+    assert dup.sends == ()
+
+
+def test_token_duplicates_and_stale_tokens_are_rejected_and_a_larger_position_drops_ours() -> None:
+    p = SpykerPeering("b", ["a", "b", "c"], CFG)
+    view = View(weights=vec(0.0))
+    p.on_timer(view, 0.0)
+    base = {"at": 1.0, "age": 0.0, "clients": 0, "hold": False, "ages": {}}
+    p.on_message(view, msg_from("a", "token", {**base, "pos": [1, 5.0, "a", 4]}), 1.0)
+    assert p.holding and p.counters.tokens_accepted == 1
+    p.on_message(view, msg_from("a", "token", {**base, "pos": [1, 5.0, "a", 4]}), 1.1)  # QoS 1 duplicate
+    p.on_message(view, msg_from("c", "token", {**base, "pos": [0, 9.0, "c", 40]}), 1.2)  # older epoch
+    assert p.counters.tokens_rejected == 2 and p.holding
+    # any message carrying a larger position makes the holder drop its token
+    p.on_message(view, msg_from("c", "beat", {**base, "pos": [2, 7.0, "c", 0], "hold": True}), 1.3)
+    assert not p.holding and p.counters.tokens_dropped == 1 and p.last_holder == "c"
+
+
+def test_the_successor_of_a_silent_holder_regenerates_first_with_a_higher_epoch() -> None:
+    ring = spyker_ring(["a", "b", "c", "d"])
+    settle(ring, 5)
+    ring.local_updates("a", 11)
+    settle(ring, 20)
+    names = list(ring.nodes)
+    [holder] = ring.holders()
+    successor = names[(names.index(holder) + 1) % len(names)]
+    old = ring.nodes[holder].peering
+    assert isinstance(old, SpykerPeering) and old.known is not None
+    ring.crash(holder)
+    settle(ring, CFG.token_timeout_s + 0.5)
+    assert ring.holders() == [successor]  # one timeout after the holder's last beat
+    c = ring.nodes[successor].peering
+    assert isinstance(c, SpykerPeering) and c.known is not None
+    assert c.known[0] == old.known[0] + 1 and c.counters.regenerations == 1
+    settle(ring, 20)
+    assert ring.holders() == [successor]
+    assert all(isinstance(n.peering, SpykerPeering) and n.peering.known == c.known for n in ring.live())
+
+
+def test_a_dead_successor_is_skipped_when_passing_and_when_regenerating() -> None:
+    ring = spyker_ring(["a", "b", "c", "d"], INTRA_ONLY)
+    settle(ring, 5)
+    ring.crash("b")
+    settle(ring, CFG.token_timeout_s + 1)  # everyone now knows b is silent
+    ring.local_updates("a", 11)
+    settle(ring, CFG.sync_timeout_s)
+    assert ring.holders() == ["c"]  # a passed over the dead b
+    ring.crash("c")
+    settle(ring, CFG.token_timeout_s + CFG.stagger_s + 1)
+    assert ring.holders() == ["d"]  # c's successor b is dead too: d, one stagger later
+
+
+def test_a_restarted_coordinator_resumes_its_ages_but_never_the_token() -> None:
+    ring = spyker_ring(["a", "b", "c"])
+    settle(ring, 5)
+    for _ in range(3):
+        ring.local_updates("a", 11)
+        settle(ring, 2)
+    holder = ring.holders()[0]
+    before = ring.nodes[holder].peering
+    assert isinstance(before, SpykerPeering)
+    ring.crash(holder)
+    ring.restart(holder)
+    after = ring.nodes[holder].peering
+    assert isinstance(after, SpykerPeering) and not after.holding
+    assert after.age > 0 and after.known is not None
+    settle(ring, 30)
+    assert len(ring.holders()) == 1
+
+
+def test_spyker_peer_bodies_from_other_processes_are_validated() -> None:
+    p = SpykerPeering("b", ["a", "b"], CFG)
+    view = View(weights=vec(0.0))
+    p.on_timer(view, 0.0)
+    good = {"at": 1.0, "age": 0.0, "clients": 0, "hold": False, "pos": None}
+    bad_bodies = [
+        {**good, "at": "now"},
+        {**good, "age": float("nan")},
+        {**good, "clients": -1},
+        {**good, "pos": [0, 1.0, "x/y", 0]},
+        {**good, "pos": [0, 1.0]},
+        {**good, "hold": "yes"},
+    ]
+    for body in bad_bodies:
+        with pytest.raises(MalformedMessage):
+            p.on_message(view, msg_from("a", "beat", body), 1.0)
+    with pytest.raises(MalformedMessage):
+        p.on_message(view, msg_from("a", "gossip", good), 1.0)
+    with pytest.raises(MalformedMessage):
+        p.on_message(view, msg_from("a", "model", {**good, "sid": [0, 0.0, "a", 0]}), 1.0)  # no weights
+    with pytest.raises(MalformedMessage):
+        p.on_message(view, msg_from("z", "beat", good), 1.0)  # not in our ring
+
+
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("tick"), st.sampled_from([0.1, 0.5, 1.0, 2.5, 6.0])),
+        st.tuples(st.just("deliver"), st.integers(0, 1000)),
+        st.tuples(st.just("drop"), st.integers(0, 1000)),
+        st.tuples(st.just("dup"), st.integers(0, 1000)),
+        st.tuples(st.just("crash"), st.integers(0, 3)),
+        st.tuples(st.just("crash_holder")),
+        st.tuples(st.just("lose_all")),
+        st.tuples(st.just("restart"), st.integers(0, 3)),
+        st.tuples(st.just("updates"), st.integers(0, 3), st.integers(1, 12)),
+    ),
+    min_size=10,
+    max_size=150,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=ops, stay_dead=st.sets(st.integers(0, 3), max_size=3), n=st.integers(2, 4), seed=st.integers(0, 3), persistent=st.booleans())
+def test_token_ring_survives_any_order_loss_duplicate_or_crash(
+    ops: list[tuple[object, ...]], stay_dead: set[int], n: int, seed: int, persistent: bool
+) -> None:
+    names = ["a", "b", "c", "d"][:n]
+    ring = spyker_ring(names, CFG, seed=seed, persistent=persistent)
+    for op in ops:
+        kind = op[0]
+        if kind == "tick":
+            ring.tick(float(op[1]))  # type: ignore[arg-type]
+        elif kind in ("deliver", "drop", "dup") and ring.net:
+            i = int(op[1]) % len(ring.net)  # type: ignore[call-overload]
+            if kind == "deliver":
+                ring.deliver(i)
+            elif kind == "drop":
+                ring.net.pop(i)
+            else:
+                ring.net.append(ring.net[i])
+        elif kind == "crash":
+            ring.crash(names[int(op[1]) % n])  # type: ignore[call-overload]
+        elif kind == "crash_holder":
+            for h in ring.holders():
+                ring.crash(h)
+        elif kind == "lose_all":
+            ring.net.clear()
+        elif kind == "restart":
+            ring.restart(names[int(op[1]) % n])  # type: ignore[call-overload]
+        elif kind == "updates":
+            ring.local_updates(names[int(op[1]) % n], int(op[2]))  # type: ignore[call-overload]
+        ring.tick(0.25)  # time always moves: beats, timeouts and regenerations happen mid-chaos
+        # Safety at every step: one position is never held twice.
+        positions = [ring.nodes[h].peering.known for h in ring.holders()]  # type: ignore[attr-defined]
+        assert len(positions) == len(set(positions))
+    # Quiet period: some coordinators stay dead, the others are (re)started, nothing is lost.
+    dead = {names[i % n] for i in stay_dead}
+    if len(dead) == n:
+        dead.discard(names[0])
+    for name in names:
+        if name not in dead:
+            ring.restart(name)
+        else:
+            ring.crash(name)
+    settle(ring, CFG.token_timeout_s + n * CFG.stagger_s + 3 * CFG.sync_timeout_s + 10)
+    holders = ring.holders()
+    assert len(holders) == 1, f"live tokens at {holders}"
+    token = ring.nodes[holders[0]].peering.known  # type: ignore[attr-defined]
+    assert all(node.peering.known == token for node in ring.live())  # type: ignore[attr-defined]
+    # At most one model broadcast per sync id per coordinator incarnation.
+    for node in ring.nodes.values():
+        assert len(node.broadcasts) == len(set(node.broadcasts)), node.name
+    peers = [node.peering for node in ring.nodes.values()]
+    event(f"token epoch {min(token[0], 3)}{'+' if token[0] >= 3 else ''}")
+    event(f"tokens dropped: {min(sum(p.counters.tokens_dropped for p in peers), 2)}+")  # type: ignore[attr-defined]
+    event(f"dead at the end: {len(dead)}")
+
+
+@settings(max_examples=40, deadline=None)
+@given(script=st.lists(st.tuples(st.integers(0, 2), st.integers(1, 20)), min_size=5, max_size=60))
+def test_ages_converge_when_coordinators_sync(script: list[tuple[int, int]]) -> None:
+    names = ["a", "b", "c"]
+    ring = spyker_ring(names)
+    settle(ring, 5)
+    for who, k in script:
+        ring.local_updates(names[who], k)
+        settle(ring, 0.5)
+    settle(ring, 30)
+    ages = [n.peering.age for n in ring.nodes.values()]  # type: ignore[attr-defined]
+    total = sum(k for _, k in script)
+    assert max(ages) - min(ages) < CFG.h_inter + 1e-6 or total < CFG.h_inter
+    # merged ages never exceed the largest local count, never fall below zero
+    assert all(0 <= a <= total for a in ages)
+
+
+# --------------------------------------------------------------------------- real cores
+
+
+class Bus:
+    """Three real CoordinatorCores joined by an instant in-memory broker."""
+
+    def __init__(self, names: list[str], strategy: str = "spyker", peering: str = "spyker", **peer: object) -> None:
+        self.now = 0.0
+        self.cores: dict[str, CoordinatorCore] = {}
+        self.commits: dict[str, list[CommitVersion]] = {n: [] for n in names}
+        self.queue: list[tuple[str, Publish]] = []
+        self.timers: dict[str, float] = {}
+        for n in names:
+            strat = make_strategy(strategy)
+            cfg = CoordinatorConfig(region=f"r-{n}", coordinator_id=n, spec=SPEC, hints={"lr": 0.05})
+            p = make_peering(peering, coordinator_id=n, ring=names, strategy=strat, params=peer)
+            snap = Snapshot(version=0, weights=vec(0.0))
+            self.cores[n] = CoordinatorCore(cfg, strat, snap, rng=random.Random(0), peering=p)
+        for n, core in self.cores.items():
+            self.run(n, core.start(self.now))
+
+    def run(self, name: str, actions: list[object]) -> None:
+        for a in actions:
+            if isinstance(a, Publish):
+                self.queue.append((name, a))
+            elif isinstance(a, CommitVersion):
+                self.commits[name].append(a)
+            elif hasattr(a, "at"):
+                self.timers[name] = a.at  # type: ignore[attr-defined]
+
+    def pump(self) -> list[tuple[str, Publish]]:
+        out = []
+        while self.queue:
+            sender, pub = self.queue.pop(0)
+            out.append((sender, pub))
+            parsed = topics.parse(pub.topic)
+            if parsed.kind != "peer":
+                continue
+            for n, core in self.cores.items():
+                if parsed.coordinator in (n, "all"):
+                    self.run(n, core.handle(MessageReceived(now=self.now, topic=pub.topic, payload=pub.payload)))
+        return out
+
+    def advance(self, dt: float) -> None:
+        self.now += dt
+        for n, core in self.cores.items():
+            if self.timers.get(n, math.inf) <= self.now:
+                del self.timers[n]
+                self.run(n, core.handle(TimerFired(now=self.now)))
+        self.pump()
+
+    def send_update(self, name: str, device: str, seq: int, value: float) -> list[tuple[str, Publish]]:
+        core = self.cores[name]
+        region = core.config.region
+        upd = Update(device=device, seq=seq, model_id=SPEC.model_id, base_version=core.version, n_samples=5, weights=vec(value))
+        self.run(name, core.handle(MessageReceived(now=self.now, topic=topics.device_topic(region, device, "update"), payload=encode(upd))))
+        return self.pump()
+
+
+def test_three_real_cores_exchange_models_and_commit_merges() -> None:
+    bus = Bus(["a", "b", "c"], h_inter=3.0, h_intra=10.0, beacon_s=1.0, token_timeout_s=4.0)
+    for _ in range(10):
+        bus.advance(0.5)
+    holder = [n for n, c in bus.cores.items() if c.peering.describe()["holds_token"]]
+    assert holder == ["a"]
+    for seq in range(12):
+        bus.send_update("a", "dev-a", seq, 1.0)
+    for _ in range(10):
+        bus.advance(0.5)
+    for n in bus.cores:
+        sources = [c.metadata["source"] for c in bus.commits[n]]
+        assert "peer" in sources, n
+        assert all(c.metadata["peering"]["ledger"]["age"] >= 0 for c in bus.commits[n])
+    ages = [core.peering.describe()["age"] for core in bus.cores.values()]
+    assert max(ages) - min(ages) < 12
+    assert float(bus.cores["b"].weights.mean()) > 0  # a's devices reached b's model
+    status = parse_status_json(status_json(bus.cores["a"].status()))  # what the retained status carries
+    assert status["extra"]["peering"]["name"] == "spyker" and status["extra"]["peering"]["merges"] >= 1
+    assert status["extra"]["peering"]["known_token"] is not None
+
+
+def test_decayed_learning_rate_reaches_the_device_in_the_model_hints() -> None:
+    bus = Bus(["a", "b"])
+    core = bus.cores["a"]
+    for seq in range(6):
+        bus.send_update("a", "fast", seq, 0.1)
+    bus.send_update("a", "slow", 0, 0.1)
+    pull = Pull(device="fast", seq=100, model_id=SPEC.model_id)
+    actions = core.handle(MessageReceived(now=1.0, topic=topics.device_topic("r-a", "fast", "pull"), payload=encode(pull)))
+    models = [decode(a.payload) for a in actions if isinstance(a, Publish) and a.topic.endswith("/model")]
+    assert len(models) == 1 and isinstance(models[0], ModelMsg)
+    assert models[0].hints["lr"] == pytest.approx(1e-6)  # u = 6 ≥ ū = 3.5: decayed to the floor
+    pull = Pull(device="slow", seq=100, model_id=SPEC.model_id)
+    actions = core.handle(MessageReceived(now=1.0, topic=topics.device_topic("r-a", "slow", "pull"), payload=encode(pull)))
+    slow = [decode(a.payload) for a in actions if isinstance(a, Publish) and a.topic.endswith("/model")]
+    assert isinstance(slow[0], ModelMsg) and slow[0].hints["lr"] == 0.05  # the coordinator's hint
+
+
+def test_a_malformed_peer_body_is_rejected_by_the_core_not_fatal() -> None:
+    bus = Bus(["a", "b"])
+    core = bus.cores["a"]
+    bad = encode(PeerMsg(sender="b", kind="beat", body={"at": "x"}))
+    core.handle(MessageReceived(now=0.0, topic=topics.peer_topic("all", "beat"), payload=bad))
+    assert core.counters["messages_rejected"] == 1
+    assert core.counters["reject:malformed"] == 1
+
+
+# --------------------------------------------------------------------------- NebulaFL
+
+
+def test_nebula_maths() -> None:
+    planets = [vec(1.0), vec(3.0)]
+    np.testing.assert_allclose(master_model(planets, [1, 3]), 2.5)
+    np.testing.assert_allclose(master_model(planets, [0, 0]), 2.0)  # plain mean before any version
+    np.testing.assert_allclose(planet_update(vec(1.0), vec(0.0), 20, 2, 1.0), 18 / 19)  # w = 18
+    np.testing.assert_allclose(planet_update(vec(1.0), vec(0.0), 3, 2, 0.5), 5 / 5.5)  # w floored at 5
+    assert decay_weight(0, 60) == 1.0 and decay_weight(30, 60) == 0.75 and decay_weight(600, 60) == 0.5
+    assert [rotation_target(1, r, 4) for r in range(5)] == [1, 2, 3, 0, 1]
+
+
+def test_nebula_strategy_feeds_the_lowest_version_planet() -> None:
+    strategy = NebulaStrategy(NebulaConfig(planets=3, t_c=10.0))
+    view = View(weights=vec(0.0))
+    master = strategy.aggregate(view, [update("d", 0, 0, vec(6.0))])
+    st_ = strategy.state
+    assert st_.versions == [1.0, 0.0, 0.0]
+    # planet 0 pulled toward the (initial) stellar model: (5·6 + 0.5·0) / 5.5 with d_t = 0.5 (no rotation yet)
+    assert st_.planets is not None
+    np.testing.assert_allclose(st_.planets[0], 30 / 5.5, rtol=1e-6)
+    np.testing.assert_allclose(master, 30 / 5.5, rtol=1e-6)  # versions [1, 0, 0]
+    strategy.aggregate(view, [update("d", 1, 0, vec(6.0)), update("e", 0, 0, vec(6.0))])
+    assert st_.versions == [1.0, 1.0, 1.0]
+
+
+def test_nebula_rotation_sends_to_i_plus_r_and_replaces_the_stellar_model() -> None:
+    ring = ["a", "b", "c", "d"]
+    strategies = {n: NebulaStrategy(NebulaConfig(planets=2, t_c=10.0)) for n in ring}
+    peers = {n: NebulaPeering(n, ring, NebulaPeerConfig(t_c=10.0), strategy=strategies[n]) for n in ring}
+    view = View(weights=vec(1.0))
+    targets: dict[str, list[str]] = {n: [] for n in ring}
+    for t in (0.0, 10.0, 20.0, 30.0, 40.0):
+        for n, p in peers.items():
+            plan = p.on_timer(view, t)
+            targets[n].append(plan.sends[0].to if plan.sends else n)
+    assert targets["b"] == ["b", "c", "d", "a", "b"]
+    assert targets["d"] == ["d", "a", "b", "c", "d"]
+    assert peers["a"].wake_at() == 50.0
+    msg = msg_from("b", "rotate", {"round": 3, "version": 7.5}, vec(9.0))
+    assert peers["a"].on_message(view, msg, 41.0).merged is None
+    st_ = strategies["a"].state
+    assert st_.v_stellar == 7.5 and st_.stellar_at == 41.0 and st_.stellar is not None
+    np.testing.assert_allclose(st_.stellar, 9.0)
+    with pytest.raises(MalformedMessage):
+        peers["a"].on_message(view, msg_from("b", "rotate", {"round": 3, "version": "x"}, vec(9.0)), 41.0)
+
+
+def test_nebula_restart_keeps_versions_and_the_rotation_clock() -> None:
+    ring = ["a", "b"]
+    s1 = NebulaStrategy(NebulaConfig(planets=2))
+    p1 = NebulaPeering("a", ring, NebulaPeerConfig(t_c=10.0), strategy=s1)
+    view = View(weights=vec(0.0))
+    p1.on_timer(view, 100.0)
+    s1.aggregate(view, [update("d", 0, 0, vec(1.0))])
+    state = json.loads(json.dumps(p1.checkpoint()))
+    s2 = NebulaStrategy(NebulaConfig(planets=2))
+    p2 = NebulaPeering("a", ring, NebulaPeerConfig(t_c=10.0), strategy=s2)
+    p2.restore(state)
+    assert s2.state.versions == [1.0, 0.0] and p2.wake_at() == 110.0
+    plan = p2.on_timer(view, 135.0)  # rounds missed while down are skipped, not replayed
+    assert len(plan.sends) <= 1 and p2.wake_at() == 140.0
+
+
+# --------------------------------------------------------------------------- HierFAVG
+
+
+def test_hierfavg_edges_wait_for_the_cloud_average() -> None:
+    ring = ["cloud", "e1"]
+    strategies = {n: HierEdgeStrategy(FedAvgConfig(select=5, min_devices=1)) for n in ring}
+    peers = {n: HierPeering(n, ring, HierPeerConfig(kappa2=1, sync_timeout_s=30.0), strategy=strategies[n]) for n in ring}
+    v_cloud, v_e1 = View(weights=vec(1.0)), View(weights=vec(3.0))
+    strategies["cloud"].gate.samples, strategies["e1"].gate.samples = 10, 30
+    assert peers["cloud"].on_version(v_cloud, 1.0).merged is None  # waits for e1
+    assert strategies["cloud"].gate.waiting
+    assert strategies["cloud"].plan(v_cloud, 1.5, random.Random(0)).invite == ()  # no new round while waiting
+    edge_plan = peers["e1"].on_version(v_e1, 2.0)
+    assert [s.to for s in edge_plan.sends] == ["cloud"] and strategies["e1"].gate.waiting
+    send = edge_plan.sends[0]
+    plan = peers["cloud"].on_message(v_cloud, msg_from("e1", send.kind, send.body, send.weights), 2.5)
+    assert plan.merged is not None
+    np.testing.assert_allclose(plan.merged, (10 * 1 + 30 * 3) / 40)
+    assert not strategies["cloud"].gate.waiting
+    glob = plan.sends[0]
+    back = peers["e1"].on_message(v_e1, msg_from("cloud", glob.kind, glob.body, glob.weights), 3.0)
+    assert back.merged is not None and not strategies["e1"].gate.waiting
+    np.testing.assert_allclose(weighted_mean([vec(1.0), vec(2.0)], [0, 0]), 1.5)
+
+
+def test_hierfavg_edge_gives_up_on_a_silent_cloud() -> None:
+    ring = ["cloud", "e1"]
+    s = HierEdgeStrategy(FedAvgConfig())
+    p = HierPeering("e1", ring, HierPeerConfig(kappa2=1, sync_timeout_s=5.0), strategy=s)
+    p.on_version(View(weights=vec(0.0)), 10.0)
+    assert s.gate.waiting and p.wake_at() == 15.0
+    p.on_timer(View(weights=vec(0.0)), 15.0)
+    assert not s.gate.waiting and p.timeouts == 1
+
+
+# --------------------------------------------------------------------------- construction
+
+
+def test_make_peering_validates_names_params_and_pairings() -> None:
+    assert set(PEERINGS) == {"none", "spyker", "nebula", "hierfavg"}
+    assert type(make_peering("none", coordinator_id="a")) is Peering
+    with pytest.raises(ConfigError, match="unknown peering"):
+        make_peering("gossip", coordinator_id="a")
+    with pytest.raises(ConfigError, match="known parameters"):
+        make_peering("spyker", coordinator_id="a", ring=["a", "b"], params={"h_intr": 3})
+    with pytest.raises(ConfigError, match="not in its peer ring"):
+        make_peering("spyker", coordinator_id="a", ring=["b", "c"])
+    with pytest.raises(ConfigError, match="twice"):
+        make_peering("spyker", coordinator_id="a", ring=["a", "a"])
+    with pytest.raises(ConfigError, match="needs strategy 'nebula'"):
+        make_peering("nebula", coordinator_id="a", ring=["a", "b"], strategy=make_strategy("spin"))
+    with pytest.raises(ConfigError):
+        make_peering("spyker", coordinator_id="a", ring=["a", "b"], params={"beacon_s": 10.0, "token_timeout_s": 5.0})
+    lone = make_peering("spyker", coordinator_id="a", strategy=make_strategy("spyker"))
+    assert isinstance(lone, SpykerPeering) and lone.peers == ()
+    with pytest.raises(ConfigError):
+        make_strategy("spyker", eta=0)
+
+
+def test_spyker_peering_with_another_strategy_counts_one_age_per_version() -> None:
+    p = make_peering("spyker", coordinator_id="a", ring=["a", "b"], strategy=make_strategy("fedasync"))
+    assert isinstance(p, SpykerPeering) and p.strategy is None
+    view = View(weights=vec(0.0))
+    p.on_timer(view, 0.0)
+    view.version = 1
+    p.on_version(view, 1.0)
+    view.version = 2
+    p.on_version(view, 2.0)
+    assert p.age == 2.0 and p.hints_for("d") == {}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "coordinator" / "peering").glob("*.py")), ids=lambda p: p.name)
+def test_peering_modules_are_pure(path: Path) -> None:
+    from tests.test_architecture import BANNED_IN_CORES, imports
+
+    top = {name.split(".")[0] for name in imports(path)}
+    assert not top & BANNED_IN_CORES
+    for call in ("random.random(", "random.choice(", "random.sample(", "random.shuffle(", "time.time("):
+        assert call not in path.read_text()
+
+
+def test_harness_ring_is_a_working_fake() -> None:
+    ring = Ring(["x"], lambda name: make_peering("spyker", coordinator_id=name))
+    settle(ring, 10)
+    assert ring.holders() == [] and ring.net == []  # a lone coordinator never needs a token
