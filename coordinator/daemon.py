@@ -58,6 +58,8 @@ class CoordinatorOptions:
     peers: tuple[str, ...] = ()
     """Every coordinator id in ring order, this one included (``--peers``)."""
     peering_params: Mapping[str, Any] = field(default_factory=dict)
+    full_sync_every: int = 0
+    """LASP: every T-th version is a full sync, classifier-only versions between (0: off)."""
 
 
 class CoordinatorDaemon:
@@ -92,6 +94,7 @@ class CoordinatorDaemon:
                 spec=self.task.spec,
                 encoding=options.encoding,
                 hints=dict(options.hints),
+                full_sync_every=options.full_sync_every,
             ),
             strategy,
             self._initial_snapshot(),

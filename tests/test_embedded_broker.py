@@ -108,3 +108,33 @@ def test_gesture_device_predicts_with_onnx_and_hot_swaps(tmp_path: Path) -> None
             assert client.wait_for_version(1, timeout=60)
             client.predict(pool.x[:8])
             assert client._engine is not None and client._engine.version == client.version
+
+
+def test_lasp_over_mqtt_classifier_only_versions_between_full_syncs(tmp_path: Path) -> None:
+    """`--full-sync-every 3` through the real drivers: versions between full syncs change only
+    the classifier slice, and devices upload only that slice."""
+    from coordinator.registry import Registry
+
+    task = get_task("digits")
+    pool = task.data().pool
+    with EmbeddedBroker() as broker:
+        daemon = CoordinatorDaemon(
+            CoordinatorOptions(broker=broker.url, region="lasp", state_dir=tmp_path / "c", strategy_params={"k": 1, "timeout_s": 5.0}, full_sync_every=3),
+            task=task,
+        )
+        with daemon, EdgeClient(broker=broker.url, device_id="lean", region="lasp", task=task, data_dir=tmp_path / "d", min_samples=2,
+                                train=TrainConfig(epochs=1), inference="torch") as client:
+            for i in range(7):
+                client.add_sample(pool.x[i], int(pool.y[i]))
+                if i >= 1:  # from D_min = 2 on, every new label yields one update → one version (K = 1)
+                    _wait(lambda i=i: daemon.core.version >= i, 60)
+            _wait(lambda: daemon.core.version >= 6, 60)
+        reg = Registry(tmp_path / "c", task.spec)
+        ext = task.spec.group_slice("extractor")
+        for v in range(1, 7):
+            before, after = reg.read_version(v - 1)[0], reg.read_version(v)[0]
+            full = reg.read_version(v)[1]["full_sync"]
+            assert full == (v % 3 == 0), v
+            if not full:
+                np.testing.assert_array_equal(after[ext], before[ext])
+        assert daemon.core.status().extra["full_sync_every"] == 3
