@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", default=None, choices=strategy_names(), help="aggregation strategy (default: spin, or the peering's own)")
     p.add_argument("--k", type=int, default=10, help="aggregate when K updates are buffered (SPIN, FedBuff)")
     p.add_argument("--timeout", type=float, default=30.0, help="SPIN timeout π in seconds")
-    p.add_argument("--combine", choices=["models", "deltas"], default="deltas", help="SPIN: apply each update's delta from its base version (default) or average the buffered models (the paper's rule)")
+    p.add_argument("--combine", choices=["models", "deltas"], default="models", help="SPIN: average the buffered models (the paper's rule, default) or apply each update's delta from its own base version (faster on digits, unstable with stale detection updates)")
     p.add_argument("--full-sync-every", type=int, default=0, metavar="T", help="LASP: full model every T versions, classifier-only versions (and device traffic) in between; 0 = off")
     p.add_argument("--init", type=Path, help="deployed model file (.npz from `edgeci pretrain`) for an empty state dir")
     p.add_argument("--encoding", choices=["f4", "f2", "i1"], default="f4", help="tensor encoding of models sent to devices")

@@ -44,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-samples", type=int, default=8, help="D_min before a device's first pull (default: 8)")
     p.add_argument("--k", type=int, default=5, help="SPIN: aggregate when K updates are buffered (default: 5)")
     p.add_argument("--timeout", type=float, default=3.0, help="SPIN: timeout π in seconds (default: 3)")
-    p.add_argument("--combine", choices=["models", "deltas"], default="deltas", help="SPIN: average the buffered models (paper) or apply their deltas to the current model")
+    p.add_argument("--combine", choices=["models", "deltas"], default="models", help="SPIN: average the buffered models (paper, default) or apply each update's delta from its base version (faster on digits, unstable with stale detection updates)")
     p.add_argument("--epochs", type=int, default=2, help="local epochs over all samples (default: 2)")
     p.add_argument("--lr", type=float, default=0.05, help="local learning rate (default: 0.05)")
     p.add_argument("--seed", type=int, default=0)

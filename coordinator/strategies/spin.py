@@ -9,10 +9,13 @@ period a lone update then still waits π for company instead of replacing the mo
 arrival, and the timeout never fires on an empty buffer. ``timeout_s=None`` is
 SPIN-without-timeout (the paper's ablation).
 
-``combine="models"`` is the paper's rule: the new model *is* the sample-weighted average of
-the buffered models. With stale or very few updates that replaces the model by a few
-devices' views of an old version; ``combine="deltas"`` instead applies each update's change
-from its own base version to the current model (identical when nothing is stale).
+``combine="models"`` (default) is the paper's rule: the new model *is* the sample-weighted
+average of the buffered models. With stale or very few updates that replaces the model by a
+few devices' views of an old version; ``combine="deltas"`` instead applies each update's
+change from its own base version to the current model (identical when nothing is stale).
+Measured: on the digits headline deltas reach 90 % 1.44× sooner; on the YOLOv8 detection
+scenario, with staleness 1–3, deltas re-add the same step and mAP50 collapsed mid-run while
+the paper's rule stayed stable — hence the default.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from edge_sdk.spec import Vector
 class SpinConfig:
     k: int = 10
     timeout_s: float | None = 30.0
-    combine: str = "deltas"
+    combine: str = "models"
     server_lr: float = 1.0
 
     def __post_init__(self) -> None:
