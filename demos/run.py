@@ -171,9 +171,10 @@ def run(args: argparse.Namespace) -> int:
             clients.append(client)
             users.append(LabellingUser(name=f"device-{i:03d}", stream=Split(x=data.pool.x[idx], y=data.pool.y[idx]), add=client.add_sample, rate=args.rate))
         loop = LabellingLoop(users, seed=args.seed).start()
-        _watch(args, timeline, coordinator, loop)
+        _watch(args, timeline, loop)
         loop.stop()
-        _drain(coordinator, timeline, settle_s=max(2.0, args.timeout * 1.5))
+        # let in-flight training and the last timeout finish so the final version is evaluated
+        time.sleep(max(2.0, args.timeout * 1.5))
     finally:
         if loop is not None:
             loop.stop()
@@ -199,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _watch(args: argparse.Namespace, timeline: Timeline, coordinator: CoordinatorDaemon, loop: LabellingLoop) -> None:
+def _watch(args: argparse.Namespace, timeline: Timeline, loop: LabellingLoop) -> None:
     from tqdm import tqdm
 
     with tqdm(total=int(args.duration), unit="s", disable=args.no_progress, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} s {postfix}") as bar:
@@ -211,10 +212,3 @@ def _watch(args: argparse.Namespace, timeline: Timeline, coordinator: Coordinato
             bar.set_postfix_str(f"version {version} | accuracy {100 * acc:.1f}% | labelled {loop.labelled}")
             if all(u.exhausted for u in loop.users):
                 break
-
-
-def _drain(coordinator: CoordinatorDaemon, timeline: Timeline, settle_s: float) -> None:
-    """Let in-flight training and the last timeout finish so the final version is evaluated."""
-    deadline = time.monotonic() + settle_s
-    while time.monotonic() < deadline:
-        time.sleep(0.2)

@@ -142,13 +142,14 @@ def run_fleet(scenario: Any, *, broker: str, time_scale: float, args: Any) -> in
 
     from tqdm import tqdm
 
+    from demos.emulate import parse_seeds
     from demos.run import Timeline, plot
     from devices.scenario import materialise
     from edge_sdk.tasks import get_task
 
     settings = scenario.settings
-    seeds = [int(s) for s in str(getattr(args, "seeds", "") or settings.seeds[0]).replace("-", ",").split(",") if s]
-    seed = seeds[0]
+    given = getattr(args, "seeds", "")
+    seed = parse_seeds(given)[0] if given else settings.seeds[0]
     region = getattr(args, "region", None) or "default"
     task = get_task(settings.task)
     pool = task.data().pool
