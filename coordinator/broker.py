@@ -3,16 +3,23 @@
 * :class:`EmbeddedBroker` — amqtt, in-process on its own asyncio thread: the zero-setup
   default of ``edgeci run`` (MQTT 3.1.1 only; fine for a demo fleet, slower than mosquitto
   for large models).
+  Trials only: anonymous, no TLS, so it binds to 127.0.0.1 and nothing else.
 * :class:`MosquittoProcess` — a real mosquitto bound to 127.0.0.1 with the project's
   configuration (queue limits set on purpose: mosquitto's default of 1000 queued messages
-  silently drops QoS 1 traffic to a slow subscriber).
+  silently drops QoS 1 traffic to a slow subscriber): the plain ``edgeci.conf``, or with
+  ``tls=True`` the production ``edgeci-secure.conf`` (client certificates + ACL) or
+  ``edgeci-password.conf`` (TLS + password file + ACL), rewritten by :func:`secure_conf`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import os
+import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -26,6 +33,53 @@ from edge_sdk.errors import ConfigError, TransportError
 log = logging.getLogger(__name__)
 
 MOSQUITTO_CONF = Path(__file__).with_name("mosquitto") / "edgeci.conf"
+SECURE_CONF = Path(__file__).with_name("mosquitto") / "edgeci-secure.conf"
+PASSWORD_CONF = Path(__file__).with_name("mosquitto") / "edgeci-password.conf"
+PAHO_MAX_PAYLOAD = 268_435_455
+
+
+def packet_limit(model_bytes: int) -> int:
+    """mosquitto's ``max_packet_size`` for a model of ``model_bytes`` (float32 weights): the
+    model plus 1/16 and 64 KiB for the message header, names, topic and signature; 0 means
+    no model size given (paho's own limit, 256 MiB)."""
+    if model_bytes < 0:
+        raise ConfigError("model_bytes must be >= 0")
+    if model_bytes == 0:
+        return PAHO_MAX_PAYLOAD
+    return min(PAHO_MAX_PAYLOAD, model_bytes + model_bytes // 16 + 65_536)
+
+
+def secure_conf(
+    *,
+    cafile: str | Path,
+    certfile: str | Path,
+    keyfile: str | Path,
+    acl_file: str | Path,
+    port: int = 8883,
+    host: str = "127.0.0.1",
+    model_bytes: int = 0,
+    password_file: str | Path | None = None,
+) -> str:
+    """``edgeci-secure.conf`` (or ``edgeci-password.conf`` when ``password_file`` is given)
+    with its paths, listener and ``max_packet_size`` set; comments and every other setting
+    (queue limits, ``require_certificate``, ``allow_anonymous false``) as shipped."""
+    values = {
+        "cafile": str(cafile), "certfile": str(certfile), "keyfile": str(keyfile), "acl_file": str(acl_file),
+        "listener": f"{int(port)} {host}", "max_packet_size": str(packet_limit(model_bytes)),
+    }
+    if password_file is not None:
+        values["password_file"] = str(password_file)
+    for key, value in values.items():
+        if any(c in value for c in "\n\r"):
+            raise ConfigError(f"{key} must be one line: {value!r}")
+    template = PASSWORD_CONF if password_file is not None else SECURE_CONF
+    out = []
+    for line in template.read_text().splitlines():
+        words = line.split()
+        if words and not line.startswith("#") and words[0] in values:
+            line = f"{words[0]} {values[words[0]]}"
+        out.append(line)
+    return "\n".join(out) + "\n"
 BRIDGE_EXAMPLE = Path(__file__).with_name("mosquitto") / "bridge.conf.example"
 
 
@@ -33,6 +87,15 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
@@ -48,9 +111,18 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
 
 
 class EmbeddedBroker:
-    """amqtt running on a private event loop thread. ``with EmbeddedBroker() as b: b.url``."""
+    """amqtt running on a private event loop thread. ``with EmbeddedBroker() as b: b.url``.
+
+    For trials, not production: anonymous, no TLS, no ACL — so it only ever binds a
+    loopback address (anything else is a :class:`ConfigError`).
+    """
 
     def __init__(self, host: str = "127.0.0.1", port: int | None = None) -> None:
+        if not is_loopback(host):
+            raise ConfigError(
+                f"the embedded broker is for trials on this machine only (anonymous, no TLS): it binds 127.0.0.1, "
+                f"not {host!r}; for a fleet run mosquitto with coordinator/mosquitto/edgeci-secure.conf"
+            )
         self.host = host
         self.port = port or free_port(host)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -116,6 +188,20 @@ class EmbeddedBroker:
         if self._thread:
             self._thread.join(10)
         if not loop.is_running():
+            # amqtt leaves client handlers behind: cancel them and let them close their sockets
+            # before the loop goes, or their transports are garbage-collected unclosed.
+            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for task in pending:
+                task.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            # amqtt 0.12 does not close the transports of clients that registered a last will:
+            # close whatever the selector loop still holds, then let the close callbacks run.
+            for transport in list(getattr(loop, "_transports", {}).values()):
+                if transport is not None and not transport.is_closing():
+                    transport.close()
+            loop.run_until_complete(asyncio.sleep(0))
+            loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
         self._loop = None
 
@@ -127,18 +213,114 @@ class EmbeddedBroker:
 
 
 class MosquittoProcess:
-    """A mosquitto child process on 127.0.0.1 with edgeci's configuration."""
+    """A mosquitto child process on 127.0.0.1 with edgeci's configuration.
 
-    def __init__(self, port: int | None = None, *, extra_conf: str = "", host: str = "127.0.0.1") -> None:
+    Plain (``edgeci.conf``, anonymous, for tests and trials) by default. ``tls=True`` starts
+    the production config instead: ``edgeci-secure.conf`` (client certificates, identity as
+    username, ``acl_file``) with ``cafile``/``certfile``/``keyfile``/``acl_file``, or
+    ``edgeci-password.conf`` when ``password_file`` is given too. ``model_bytes`` sets
+    ``max_packet_size`` (:func:`packet_limit`).
+    """
+
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        extra_conf: str = "",
+        host: str = "127.0.0.1",
+        tls: bool = False,
+        cafile: str | Path | None = None,
+        certfile: str | Path | None = None,
+        keyfile: str | Path | None = None,
+        acl_file: str | Path | None = None,
+        password_file: str | Path | None = None,
+        model_bytes: int = 0,
+    ) -> None:
         self.host = host
         self.port = port or free_port(host)
         self.extra_conf = extra_conf
+        self.tls = tls
+        self.model_bytes = model_bytes
+        if tls and None in (cafile, certfile, keyfile, acl_file):
+            raise ConfigError("a TLS mosquitto needs cafile, certfile, keyfile and acl_file")
+        if not tls and password_file is not None:
+            raise ConfigError("password_file needs tls=True (passwords travel inside TLS only)")
+        self.cafile, self.certfile, self.keyfile = cafile, certfile, keyfile
+        self.acl_file, self.password_file = acl_file, password_file
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
+        self.log_path: Path | None = None
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+    def _readable_copies(self, workdir: Path) -> dict[str, Path]:
+        """Started as root, mosquitto drops to the ``mosquitto`` user *before* it reads its
+        TLS, ACL and password files: hand it copies it can read (public files 0644, the
+        broker's key and the password hashes 0600 owned by that user)."""
+        if not self.tls or os.geteuid() != 0:
+            return {}
+        try:
+            account = pwd.getpwnam("mosquitto")
+        except KeyError:
+            return {}
+        os.chmod(workdir, 0o711)
+        out = {}
+        files = {"cafile": (self.cafile, False), "certfile": (self.certfile, False), "acl_file": (self.acl_file, False),
+                 "keyfile": (self.keyfile, True), "password_file": (self.password_file, True)}
+        for key, (source, secret) in files.items():
+            if source is None:
+                continue
+            copy = workdir / key
+            shutil.copyfile(source, copy)
+            if secret:
+                os.chmod(copy, 0o600)
+                os.chown(copy, account.pw_uid, account.pw_gid)
+            else:
+                os.chmod(copy, 0o644)
+            out[key] = copy
+        return out
+
+    def config_text(self, overrides: dict[str, Path] | None = None) -> str:
+        """The config mosquitto is started with (``overrides``: file paths to use instead)."""
+        overrides = overrides or {}
+        if not self.tls:
+            text = MOSQUITTO_CONF.read_text()
+            if self.model_bytes:
+                text = text.replace(f"max_packet_size {PAHO_MAX_PAYLOAD}", f"max_packet_size {packet_limit(self.model_bytes)}")
+            return f"{text}\nlistener {self.port} {self.host}\n{self.extra_conf}\n"
+        assert self.cafile and self.certfile and self.keyfile and self.acl_file
+        def path(key: str, given: str | Path) -> Path:
+            return overrides.get(key, Path(given).resolve())
+
+        text = secure_conf(
+            cafile=path("cafile", self.cafile), certfile=path("certfile", self.certfile),
+            keyfile=path("keyfile", self.keyfile), acl_file=path("acl_file", self.acl_file),
+            port=self.port, host=self.host, model_bytes=self.model_bytes,
+            password_file=None if self.password_file is None else path("password_file", self.password_file),
+        )
+        return f"{text}\n{self.extra_conf}\n"
+
+    def reload(self, timeout: float = 5.0) -> None:
+        """Re-read the ACL and password files (after ``edgeci pki issue``): SIGHUP, as an
+        operator would send it; returns once mosquitto has logged the reload."""
+        if self._proc is None or self._dir is None:
+            raise ConfigError("mosquitto is not running")
+        before = self.log_text().count("Reloading config")
+        self._readable_copies(Path(self._dir.name))
+        self._proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while self.log_text().count("Reloading config") <= before:
+            if time.monotonic() > deadline:
+                raise TransportError(f"mosquitto did not reload within {timeout:.0f} s")
+            time.sleep(0.02)
+
+    def log_text(self) -> str:
+        """mosquitto's log so far (connection refusals, ACL denials are there with -v)."""
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")
 
     @staticmethod
     def binary() -> str:
@@ -150,17 +332,16 @@ class MosquittoProcess:
     def start(self, timeout: float = 10.0) -> MosquittoProcess:
         self._dir = tempfile.TemporaryDirectory(prefix="edgeci-mosquitto-")
         conf = Path(self._dir.name) / "mosquitto.conf"
-        conf.write_text(
-            f"{MOSQUITTO_CONF.read_text()}\nlistener {self.port} {self.host}\n{self.extra_conf}\n"
-        )
-        log_path = Path(self._dir.name) / "mosquitto.log"
+        conf.write_text(self.config_text(self._readable_copies(Path(self._dir.name))))
+        log_path = self.log_path = Path(self._dir.name) / "mosquitto.log"
         with open(log_path, "wb") as log_file:
             self._proc = subprocess.Popen([self.binary(), "-c", str(conf)], stdout=log_file, stderr=subprocess.STDOUT)
         try:
             wait_for_port(self.host, self.port, timeout)
-        except TransportError:
+        except TransportError as exc:
+            text = self.log_text()
             self.stop()
-            raise
+            raise TransportError(f"{exc}; mosquitto log:\n{text[-2000:]}") from exc
         return self
 
     def stop(self) -> None:

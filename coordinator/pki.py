@@ -1,0 +1,581 @@
+"""``edgeci pki`` — a small certificate authority and per-identity provisioning bundles.
+
+An identity is a certificate whose common name is the device, coordinator or operator id;
+mosquitto maps it to the MQTT username (``use_identity_as_username``) and the ACL file this
+module generates confines each username to its own topics. Layout of a PKI directory::
+
+    PKI/ca.key  ca.crt                 the CA (ECDSA P-256; ca.key 0600, keep it offline)
+    PKI/identities.json                every issued identity: role, regions, serial, expiry
+    PKI/signing/<coordinator>.pub      coordinators' Ed25519 model-signing public keys
+    PKI/mosquitto.acl                  generated from identities.json (``pki acl``)
+    PKI/mosquitto.passwd               username/password alternative (``pki passwd``)
+    PKI/bundles/<ID>/                  what is copied to the device / coordinator host:
+        ca.crt  <ID>.crt  <ID>.key (0600)  bundle.json  trusted/<coordinator>.pub
+        signing.key (0600, coordinators only: its model-signing key)
+        password (0600, only after ``pki passwd``)
+
+Private keys are created with mode 0600 before a byte is written (``os.open`` with the
+mode), and directories holding them with 0700.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime as dt
+import hashlib
+import ipaddress
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from edge_sdk import signing
+from edge_sdk.errors import ConfigError
+from edge_sdk.wire.topics import ROOT, check_id
+
+ROLES = ("device", "coordinator", "operator", "broker")
+CA_DAYS = 3650
+LEAF_DAYS = 825
+ANY_REGION = "+"
+
+
+# ---------------------------------------------------------------- files
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a secret: created 0600 (never readable by others, not even for an instant), atomic."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if tmp.exists():
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # in case the umask or the filesystem widened it
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def write_public(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def _cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+# ---------------------------------------------------------------- the CA
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """One issued certificate, as recorded in ``identities.json``."""
+
+    name: str
+    role: str
+    regions: tuple[str, ...]
+    serial: int
+    not_after: str
+    trust: tuple[str, ...] = ()
+    """Coordinators this identity trusts by name (empty: every coordinator of the PKI)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"role": self.role, "regions": list(self.regions), "serial": self.serial,
+                "not_after": self.not_after, "trust": list(self.trust)}
+
+    @classmethod
+    def from_json(cls, name: str, d: dict[str, Any]) -> Identity:
+        return cls(name=name, role=str(d["role"]), regions=tuple(d.get("regions", ())), serial=int(d["serial"]),
+                   not_after=str(d.get("not_after", "")), trust=tuple(d.get("trust", ())))
+
+
+@dataclass
+class Pki:
+    """A PKI directory (see the module docstring). ``Pki.init(dir)`` creates one."""
+
+    root: Path
+    identities: dict[str, Identity] = field(default_factory=dict)
+
+    # -------------------------------------------------------- paths
+
+    @property
+    def ca_key_path(self) -> Path:
+        return self.root / "ca.key"
+
+    @property
+    def ca_cert_path(self) -> Path:
+        return self.root / "ca.crt"
+
+    @property
+    def acl_path(self) -> Path:
+        return self.root / "mosquitto.acl"
+
+    @property
+    def passwd_path(self) -> Path:
+        return self.root / "mosquitto.passwd"
+
+    @property
+    def signing_dir(self) -> Path:
+        return self.root / "signing"
+
+    def bundle_dir(self, name: str) -> Path:
+        return self.root / "bundles" / check_id(name, "identity")
+
+    # -------------------------------------------------------- lifecycle
+
+    @classmethod
+    def init(cls, root: str | Path, *, common_name: str = "edgeci CA", days: int = CA_DAYS, force: bool = False) -> Pki:
+        """Create the CA: an ECDSA P-256 key (0600) and a self-signed certificate."""
+        path = Path(root)
+        if (path / "ca.key").exists() and not force:
+            raise ConfigError(f"{path} already holds a CA (ca.key); pass --force to replace it and re-issue everything")
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(path, 0o700)
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "edgeci"),
+                          x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+        now = dt.datetime.now(dt.UTC)
+        ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                         crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(ski, critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        write_private(path / "ca.key", _key_pem(key))
+        write_public(path / "ca.crt", _cert_pem(cert))
+        pki = cls(path)
+        pki._save_identities()
+        return pki
+
+    @classmethod
+    def open(cls, root: str | Path) -> Pki:
+        path = Path(root)
+        if not (path / "ca.crt").exists():
+            raise ConfigError(f"{path} is not an edgeci PKI (no ca.crt): run `edgeci pki init --dir {path}` first")
+        pki = cls(path)
+        index = path / "identities.json"
+        if index.exists():
+            data = json.loads(index.read_text())
+            pki.identities = {n: Identity.from_json(n, d) for n, d in data.get("identities", {}).items()}
+        return pki
+
+    def _save_identities(self) -> None:
+        data = {"identities": {n: i.to_json() for n, i in sorted(self.identities.items())}}
+        write_public(self.root / "identities.json", (json.dumps(data, indent=1) + "\n").encode())
+
+    def ca_cert(self) -> x509.Certificate:
+        return x509.load_pem_x509_certificate(self.ca_cert_path.read_bytes())
+
+    def _ca_key(self) -> ec.EllipticCurvePrivateKey:
+        if not self.ca_key_path.exists():
+            raise ConfigError(f"the CA key {self.ca_key_path} is not here (kept offline?): issue from where it is")
+        key = serialization.load_pem_private_key(self.ca_key_path.read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ConfigError(f"{self.ca_key_path} is not an ECDSA key")
+        return key
+
+    # -------------------------------------------------------- issuing
+
+    def signing_keys(self) -> dict[str, Path]:
+        """``{coordinator id: its .pub}`` for every coordinator signing key known to the PKI."""
+        if not self.signing_dir.is_dir():
+            return {}
+        return {p.stem: p for p in sorted(self.signing_dir.glob("*.pub"))}
+
+    def issue(
+        self,
+        name: str,
+        role: str,
+        *,
+        regions: Sequence[str] = (),
+        trust: Sequence[str] = (),
+        days: int = LEAF_DAYS,
+        hosts: Sequence[str] = (),
+        force: bool = False,
+    ) -> Path:
+        """Issue a certificate and write the identity's bundle; returns the bundle directory.
+
+        ``regions``: the regions whose topics the identity may use (a device lists its
+        failover regions too); default ``default`` (operators: every region).
+        ``trust``: coordinator ids whose model-signing keys go into ``trusted/``
+        (default: every coordinator key of the PKI). ``hosts``: extra DNS names or IP
+        addresses for a broker's certificate (127.0.0.1 and localhost are always in).
+        """
+        check_id(name, "identity")
+        if role not in ROLES:
+            raise ConfigError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+        if name in self.identities and not force:
+            raise ConfigError(f"{name!r} is already issued (as {self.identities[name].role}); pass --force to re-issue")
+        if role == "broker" and (regions or trust):
+            raise ConfigError("a broker certificate takes no --region or --trust")
+        if hosts and role != "broker":
+            raise ConfigError("--host is for broker certificates")
+        if not regions:
+            regions = (ANY_REGION,) if role in ("operator", "broker") else ("default",)
+        for r in regions:
+            if r != ANY_REGION or role not in ("operator", "broker"):  # only operators may span every region
+                check_id(r, "region")
+        for c in trust:
+            check_id(c, "coordinator id")
+        ca_key, ca_cert = self._ca_key(), self.ca_cert()
+        key = ec.generate_private_key(ec.SECP256R1())
+        attrs = [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "edgeci"),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
+        ]
+        if role != "broker" and regions != (ANY_REGION,):
+            attrs.append(x509.NameAttribute(NameOID.LOCALITY_NAME, ",".join(regions)))
+        attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, name))
+        now = dt.datetime.now(dt.UTC)
+        not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
+        eku = [ExtendedKeyUsageOID.SERVER_AUTH] if role == "broker" else [ExtendedKeyUsageOID.CLIENT_AUTH]
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name(attrs))
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                                         crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage(eku), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        )
+        if role == "broker":
+            san = _san(["localhost", "127.0.0.1", *hosts])
+        else:  # RFC 5280 path validators want a SAN on client certificates too; mosquitto reads the CN
+            san = [x509.UniformResourceIdentifier(f"urn:edgeci:{role}:{name}")]
+        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        cert = builder.sign(ca_key, hashes.SHA256())
+
+        bundle = self.bundle_dir(name)
+        if bundle.exists() and force:
+            shutil.rmtree(bundle)
+        bundle.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(bundle, 0o700)
+        write_private(bundle / f"{name}.key", _key_pem(key))
+        write_public(bundle / f"{name}.crt", _cert_pem(cert))
+        shutil.copyfile(self.ca_cert_path, bundle / "ca.crt")
+        manifest: dict[str, Any] = {
+            "identity": name, "role": role, "regions": list(regions),
+            "region": regions[0] if regions[0] != ANY_REGION else None,
+            "ca": "ca.crt", "cert": f"{name}.crt", "key": f"{name}.key",
+        }
+        if role == "coordinator":
+            signer, _ = signing.load_or_create_signer(bundle / "signing.key")
+            signing.save_public_key(signer.public_raw, self.signing_dir / f"{name}.pub")
+            manifest["signing_key"] = "signing.key"
+            manifest["signing_key_id"] = signer.kid
+        identity = Identity(name=name, role=role, regions=tuple(regions), serial=cert.serial_number,
+                            not_after=not_after.isoformat(timespec="seconds"), trust=tuple(trust))
+        self.identities[name] = identity
+        self._save_identities()
+        if role != "broker":
+            manifest["trusted"] = "trusted"
+            self._write_trusted(identity)
+        write_public(bundle / "bundle.json", (json.dumps(manifest, indent=1) + "\n").encode())
+        self.write_acl()
+        return bundle
+
+    def _write_trusted(self, identity: Identity) -> list[str]:
+        """(Re)write ``trusted/`` of one bundle from the PKI's signing keys."""
+        keys = self.signing_keys()
+        names = list(identity.trust) if identity.trust else list(keys)
+        missing = [n for n in names if n not in keys]
+        if missing:
+            raise ConfigError(f"--trust names coordinators with no signing key in this PKI: {', '.join(missing)} "
+                              f"(issue them first: edgeci pki issue --role coordinator ID)")
+        trusted = self.bundle_dir(identity.name) / "trusted"
+        if trusted.exists():
+            shutil.rmtree(trusted)
+        trusted.mkdir(parents=True)
+        for n in names:
+            shutil.copyfile(keys[n], trusted / f"{n}.pub")
+        return names
+
+    def refresh_trust(self) -> dict[str, list[str]]:
+        """Rewrite every bundle's ``trusted/`` (after issuing a new coordinator)."""
+        out = {}
+        for ident in self.identities.values():
+            if ident.role != "broker" and self.bundle_dir(ident.name).is_dir():
+                out[ident.name] = self._write_trusted(ident)
+        return out
+
+    def revoke(self, name: str) -> None:
+        """Take ``name`` out of the ACL (and the password file): its certificate still
+        completes a TLS handshake until it expires, but the broker lets it read and write
+        nothing once reloaded (SIGHUP). The bundle is deleted; a coordinator's signing key
+        leaves ``signing/`` (run ``refresh_trust`` and redistribute the bundles)."""
+        ident = self.identities.pop(check_id(name, "identity"), None)
+        if ident is None:
+            raise ConfigError(f"{name!r} is not issued")
+        self._save_identities()
+        self.write_acl()
+        if self.passwd_path.exists():
+            kept = [ln for ln in self.passwd_path.read_text().splitlines() if ln and ln.split(":", 1)[0] != name]
+            write_private(self.passwd_path, ("\n".join(kept) + "\n").encode() if kept else b"")
+        (self.signing_dir / f"{name}.pub").unlink(missing_ok=True)
+        if self.bundle_dir(name).exists():
+            shutil.rmtree(self.bundle_dir(name))
+
+    # -------------------------------------------------------- broker files
+
+    def write_acl(self, path: str | Path | None = None) -> Path:
+        target = Path(path) if path is not None else self.acl_path
+        write_public(target, acl_text(self.identities.values()).encode())
+        return target
+
+    def set_password(self, name: str, password: str | None = None) -> str:
+        """Give ``name`` a password (random when None): its hash goes into ``mosquitto.passwd``
+        (mosquitto's PBKDF2-SHA512 format), the clear text into the bundle's ``password`` (0600)."""
+        if name not in self.identities:
+            raise ConfigError(f"{name!r} is not issued: edgeci pki issue first")
+        password = password or secrets.token_urlsafe(24)
+        lines = []
+        if self.passwd_path.exists():
+            lines = [ln for ln in self.passwd_path.read_text().splitlines() if ln and ln.split(":", 1)[0] != name]
+        lines.append(f"{name}:{mosquitto_hash(password)}")
+        write_private(self.passwd_path, ("\n".join(lines) + "\n").encode())
+        write_private(self.bundle_dir(name) / "password", password.encode())
+        manifest_path = self.bundle_dir(name) / "bundle.json"
+        manifest = json.loads(manifest_path.read_text())
+        manifest.update(username=name, password_file="password")
+        write_public(manifest_path, (json.dumps(manifest, indent=1) + "\n").encode())
+        return password
+
+
+def _san(hosts: Iterable[str]) -> list[x509.GeneralName]:
+    out: list[x509.GeneralName] = []
+    for h in dict.fromkeys(hosts):
+        try:
+            out.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            out.append(x509.DNSName(h))
+    return out
+
+
+def mosquitto_hash(password: str, *, iterations: int = 101, salt: bytes | None = None) -> str:
+    """A mosquitto 2 password-file hash (``$7$``: PBKDF2-HMAC-SHA512, 12-byte salt),
+    the format ``mosquitto_passwd`` writes."""
+    salt = salt if salt is not None else secrets.token_bytes(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
+    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+# ---------------------------------------------------------------- the ACL
+
+
+def acl_rules(ident: Identity) -> list[tuple[str, str]]:
+    """``[(access, topic)]`` for one identity (mosquitto ``topic`` lines). Devices write only
+    their own upstream leaves and read only their own downstream leaves and their regions'
+    status; coordinators serve their regions' devices and talk to peers; operators write
+    the control topic and read status."""
+    rules: list[tuple[str, str]] = []
+    n = ident.name
+    for r in ident.regions:
+        base = f"{ROOT}/{r}"
+        if ident.role == "device":
+            rules += [("write", f"{base}/dev/{n}/{leaf}") for leaf in ("pull", "update", "presence")]
+            rules += [("read", f"{base}/dev/{n}/{leaf}") for leaf in ("model", "ack", "invite")]
+            rules.append(("read", f"{base}/status"))
+        elif ident.role == "coordinator":
+            rules += [("write", f"{base}/dev/+/{leaf}") for leaf in ("model", "ack", "invite")]
+            rules += [("read", f"{base}/dev/+/{leaf}") for leaf in ("pull", "update", "presence")]
+            rules += [("readwrite", f"{base}/status"), ("read", f"{base}/control")]
+        elif ident.role == "operator":
+            rules += [("write", f"{base}/control"), ("read", f"{base}/status")]
+    if ident.role == "coordinator":
+        rules.append(("readwrite", f"{ROOT}/peer/#"))
+    return rules
+
+
+def acl_text(identities: Iterable[Identity]) -> str:
+    """The mosquitto ``acl_file``: one ``user`` section per identity; whatever is not
+    granted is denied (including ``$SYS``). Usernames are certificate CNs
+    (``use_identity_as_username``) or password-file usernames — the same names."""
+    lines = [
+        "# mosquitto ACL generated by `edgeci pki acl` from identities.json — do not edit by hand:",
+        "# re-run `edgeci pki acl --dir PKI --out FILE` (or `pki issue`, which rewrites PKI/mosquitto.acl)",
+        "# and send mosquitto SIGHUP to reload it. Anything not granted here is denied.",
+        "",
+    ]
+    for ident in sorted(identities, key=lambda i: (i.role, i.name)):
+        rules = acl_rules(ident)
+        if not rules:
+            continue
+        lines.append(f"# {ident.role} {ident.name} (regions {', '.join(ident.regions)})")
+        lines.append(f"user {ident.name}")
+        lines += [f"topic {access} {topic}" for access, topic in rules]
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- CLI
+
+_STEPS = """\
+operator's steps (keep PKI/ca.key offline; copy only bundles/<ID>/ to each host):
+  1. edgeci pki init   --dir PKI
+  2. edgeci pki issue  --dir PKI --role broker broker --host mqtt.example.net
+  3. edgeci pki issue  --dir PKI --role coordinator coord-eu --region eu      (coordinators first:
+                                                                              later bundles trust their keys)
+  4. edgeci pki issue  --dir PKI --role device headset-7 --region eu         (one per device)
+     edgeci pki issue  --dir PKI --role operator ops-1
+  5. mosquitto -c coordinator/mosquitto/edgeci-secure.conf with its cafile/certfile/keyfile set to
+     PKI/ca.crt and PKI/bundles/broker/broker.{crt,key}, acl_file PKI/mosquitto.acl
+     (or: edgeci pki broker-conf --dir PKI --out /etc/mosquitto/conf.d/edgeci.conf)
+  6. edgeci coordinator --broker mqtts://mqtt.example.net:8883 --bundle PKI/bundles/coord-eu ...
+     edgeci device      --broker mqtts://mqtt.example.net:8883 --bundle PKI/bundles/headset-7 ...
+Issuing a new coordinator later: `edgeci pki trust --dir PKI` rewrites every bundle's trusted/ keys;
+re-copy the bundles. A new identity: `pki issue` rewrites PKI/mosquitto.acl; SIGHUP mosquitto.
+A lost or compromised device: `edgeci pki revoke --dir PKI ID`, then SIGHUP mosquitto.
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = _STEPS
+    sub = p.add_subparsers(dest="pki_command", metavar="ACTION", required=True)
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    s = sub.add_parser("init", help="create the CA (ECDSA P-256 key, 0600, and a self-signed certificate)",
+                       description="Create the CA in --dir: ca.key (0600; keep it offline) and ca.crt "
+                                   "(goes into every bundle and the broker's cafile).", epilog=_STEPS, formatter_class=fmt)
+    s.add_argument("--dir", type=Path, required=True, help="PKI directory (created 0700)")
+    s.add_argument("--days", type=int, default=CA_DAYS, help="CA validity in days")
+    s.add_argument("--name", default="edgeci CA", help="the CA's common name")
+    s.add_argument("--force", action="store_true", help="replace an existing CA (every bundle must then be re-issued)")
+
+    s = sub.add_parser("issue", help="issue a certificate and write the identity's bundle",
+                       description="Issue a certificate (CN = ID, OU = role, L = regions) and write PKI/bundles/ID/: "
+                                   "ca.crt, ID.crt, ID.key (0600), bundle.json and trusted/<coordinator>.pub. "
+                                   "A coordinator also gets its Ed25519 model-signing key (signing.key, 0600) and "
+                                   "PKI/signing/ID.pub, so bundles issued after it trust it. A broker gets a server "
+                                   "certificate for 127.0.0.1, localhost and --host. Rewrites PKI/mosquitto.acl.",
+                       epilog=_STEPS, formatter_class=fmt)
+    s.add_argument("identity", metavar="ID", help="device / coordinator / operator id (the MQTT username), or the broker's name")
+    s.add_argument("--dir", type=Path, required=True, help="PKI directory (from `pki init`)")
+    s.add_argument("--role", choices=ROLES, required=True)
+    s.add_argument("--region", default="", help="comma-separated regions whose topics it may use (a device: its own "
+                                                "first, then failover regions). Default: 'default'; operators: all")
+    s.add_argument("--trust", default="", help="comma-separated coordinator ids to trust (default: every coordinator of the PKI)")
+    s.add_argument("--host", action="append", default=[], help="broker: extra DNS name or IP in the certificate (repeatable)")
+    s.add_argument("--days", type=int, default=LEAF_DAYS, help="certificate validity in days")
+    s.add_argument("--force", action="store_true", help="re-issue an existing identity (new key; the old bundle is replaced)")
+
+    s = sub.add_parser("acl", help="write the mosquitto ACL file for every issued identity",
+                       description="Generate the mosquitto acl_file from PKI/identities.json: devices write only their "
+                                   "own pull/update/presence and read their own model/ack/invite and their region's "
+                                   "status; coordinators serve their region and peer/#; operators write control.",
+                       formatter_class=fmt)
+    s.add_argument("--dir", type=Path, required=True)
+    s.add_argument("--out", type=Path, help="output file (default: PKI/mosquitto.acl)")
+
+    s = sub.add_parser("passwd", help="username/password alternative: give an identity a password",
+                       description="For brokers without client certificates (edgeci-password.conf): a random password "
+                                   "goes into PKI/bundles/ID/password (0600) and its hash into PKI/mosquitto.passwd "
+                                   "(mosquitto's format; `mosquitto_passwd -b FILE ID PASSWORD` writes the same). The "
+                                   "ACL is the same, keyed by username. Clients: --bundle, or --username and "
+                                   "--password-file (or EDGECI_PASSWORD); never a password on the command line.",
+                       formatter_class=fmt)
+    s.add_argument("identity", metavar="ID")
+    s.add_argument("--dir", type=Path, required=True)
+
+    s = sub.add_parser("revoke", help="take an identity out of the ACL and password file (then SIGHUP mosquitto)",
+                       description="Remove ID from identities.json, the generated ACL and the password file, and delete "
+                                   "its bundle: after `kill -HUP <mosquitto>` it can connect (its certificate is still "
+                                   "signed) but read and write nothing. A revoked coordinator's key leaves signing/: run "
+                                   "`edgeci pki trust` and redistribute the bundles.", formatter_class=fmt)
+    s.add_argument("identity", metavar="ID")
+    s.add_argument("--dir", type=Path, required=True)
+
+    s = sub.add_parser("trust", help="rewrite every bundle's trusted/ keys (after issuing a new coordinator)")
+    s.add_argument("--dir", type=Path, required=True)
+
+    s = sub.add_parser("broker-conf", help="write a ready mosquitto config (TLS + ACL) for this PKI",
+                       description="edgeci-secure.conf (or edgeci-password.conf with --password) with its paths set "
+                                   "to this PKI's files, the listener and max_packet_size.", formatter_class=fmt)
+    s.add_argument("--dir", type=Path, required=True)
+    s.add_argument("--broker-name", default="broker", help="the broker identity issued with --role broker")
+    s.add_argument("--port", type=int, default=8883)
+    s.add_argument("--bind", default="0.0.0.0", help="listen address")
+    s.add_argument("--model-bytes", type=int, default=0, help="largest model's float32 bytes: max_packet_size = this + headroom (0: paho's 256 MiB limit)")
+    s.add_argument("--password", action="store_true", help="username/password variant (server certificate only)")
+    s.add_argument("--out", type=Path, required=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    cmd = args.pki_command
+    if cmd == "init":
+        Pki.init(args.dir, common_name=args.name, days=args.days, force=args.force)
+        print(f"CA created: {args.dir / 'ca.crt'} (key {args.dir / 'ca.key'}, 0600: keep it offline)")
+        return 0
+    pki = Pki.open(args.dir)
+    if cmd == "issue":
+        regions = [r.strip() for r in args.region.split(",") if r.strip()]
+        trust = [c.strip() for c in args.trust.split(",") if c.strip()]
+        bundle = pki.issue(args.identity, args.role, regions=regions, trust=trust, days=args.days,
+                           hosts=args.host, force=args.force)
+        print(f"{args.role} {args.identity}: bundle {bundle} (ACL rewritten: {pki.acl_path})")
+        if args.role == "coordinator":
+            stale = [n for n, i in pki.identities.items() if i.role not in ("broker", "coordinator") and n != args.identity]
+            if stale:
+                print(f"note: {len(stale)} earlier bundles do not trust {args.identity} yet: run `edgeci pki trust --dir {args.dir}`")
+    elif cmd == "acl":
+        print(f"ACL written: {pki.write_acl(args.out)}")
+    elif cmd == "passwd":
+        pki.set_password(args.identity)
+        print(f"password of {args.identity}: {pki.bundle_dir(args.identity) / 'password'} (0600); hash in {pki.passwd_path}")
+    elif cmd == "revoke":
+        pki.revoke(args.identity)
+        print(f"{args.identity} revoked: ACL {pki.acl_path} rewritten; reload mosquitto (kill -HUP) to apply")
+    elif cmd == "trust":
+        for name, keys in pki.refresh_trust().items():
+            print(f"{name}: trusts {', '.join(keys) or '(no coordinator keys yet)'}")
+    elif cmd == "broker-conf":
+        from coordinator.broker import secure_conf
+
+        bundle = pki.bundle_dir(args.broker_name)
+        if not (bundle / f"{args.broker_name}.crt").exists():
+            raise ConfigError(f"no broker certificate {args.broker_name!r}: edgeci pki issue --dir {args.dir} --role broker {args.broker_name}")
+        text = secure_conf(
+            cafile=pki.ca_cert_path.resolve(), certfile=(bundle / f"{args.broker_name}.crt").resolve(),
+            keyfile=(bundle / f"{args.broker_name}.key").resolve(), acl_file=pki.acl_path.resolve(),
+            port=args.port, host=args.bind, model_bytes=args.model_bytes,
+            password_file=pki.passwd_path.resolve() if args.password else None,
+        )
+        write_public(args.out, text.encode())
+        print(f"mosquitto config written: {args.out}")
+    return 0

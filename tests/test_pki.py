@@ -1,0 +1,342 @@
+"""``edgeci pki``: key modes, certificate contents and chains, bundles, the generated ACL,
+the broker configs, and the SDK's credential plumbing (no broker needed)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+from coordinator.broker import PAHO_MAX_PAYLOAD, packet_limit, secure_conf
+from coordinator.pki import Pki, acl_text, mosquitto_hash, write_private
+from demos.cli import main as edgeci
+from edge_sdk.errors import ConfigError
+from edge_sdk.mqtt import BrokerAuth, MqttTransport, auth_from_args, parse_broker_url
+from edge_sdk.signing import key_id, load_public_key, load_signer, load_trusted_keys
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def cert(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    return Pki.init(tmp_path / "pki")
+
+
+def test_ca_key_is_private_and_ca_is_a_p256_ca(pki: Pki) -> None:
+    assert mode(pki.ca_key_path) == 0o600
+    assert mode(pki.root) == 0o700
+    ca = pki.ca_cert()
+    assert isinstance(ca.public_key(), ec.EllipticCurvePublicKey)
+    assert ca.public_key().curve.name == "secp256r1"  # type: ignore[union-attr]
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert ca.issuer == ca.subject
+    ca.verify_directly_issued_by(ca)
+    with pytest.raises(ConfigError, match="already holds a CA"):
+        Pki.init(pki.root)
+
+
+def test_private_keys_are_0600_even_with_an_open_umask(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        write_private(tmp_path / "k" / "secret.key", b"x")
+        p = Pki.init(tmp_path / "pki")
+        bundle = p.issue("coord-1", "coordinator")
+    finally:
+        os.umask(old)
+    assert mode(tmp_path / "k" / "secret.key") == 0o600
+    assert mode(p.ca_key_path) == 0o600
+    assert mode(bundle / "coord-1.key") == 0o600
+    assert mode(bundle / "signing.key") == 0o600
+    assert mode(bundle) == 0o700
+    assert not list(bundle.glob(".*.tmp"))
+
+
+def test_device_certificate_names_role_region_and_chains_to_the_ca(pki: Pki) -> None:
+    bundle = pki.issue("headset-7", "device", regions=["eu", "us"])
+    assert sorted(p.name for p in bundle.iterdir()) == ["bundle.json", "ca.crt", "headset-7.crt", "headset-7.key", "trusted"]
+    assert mode(bundle / "headset-7.key") == 0o600
+    c = cert(bundle / "headset-7.crt")
+    assert c.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "headset-7"
+    assert c.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)[0].value == "device"
+    assert c.subject.get_attributes_for_oid(NameOID.LOCALITY_NAME)[0].value == "eu,us"
+    assert list(c.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert not c.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert (bundle / "ca.crt").read_bytes() == pki.ca_cert_path.read_bytes()
+    # a real path validation, as a TLS server would do it for a client certificate
+    store = Store([pki.ca_cert()])
+    verified = PolicyBuilder().store(store).build_client_verifier().verify(c, [])
+    assert verified.chain[-1] == pki.ca_cert()
+    assert x509.UniformResourceIdentifier("urn:edgeci:device:headset-7") in (verified.subjects or [])
+    # ...and a client certificate is no server certificate
+    with pytest.raises(VerificationError):
+        PolicyBuilder().store(store).build_server_verifier(x509.DNSName("localhost")).verify(c, [])
+    # another CA's certificate does not chain to ours
+    other = Pki.init(pki.root.parent / "other")
+    stranger = cert(other.issue("headset-7", "device") / "headset-7.crt")
+    with pytest.raises(VerificationError):
+        PolicyBuilder().store(store).build_client_verifier().verify(stranger, [])
+
+
+def test_broker_certificate_serves_loopback_and_extra_hosts(pki: Pki) -> None:
+    bundle = pki.issue("broker", "broker", hosts=["mqtt.example.net", "10.0.0.5"])
+    c = cert(bundle / "broker.crt")
+    assert list(c.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    store = Store([pki.ca_cert()])
+    import ipaddress
+
+    for name in (x509.DNSName("localhost"), x509.DNSName("mqtt.example.net"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))):
+        PolicyBuilder().store(store).build_server_verifier(name).verify(c, [])
+    with pytest.raises(VerificationError):
+        PolicyBuilder().store(store).build_server_verifier(x509.DNSName("evil.example.net")).verify(c, [])
+    assert "broker" not in acl_text(pki.identities.values())  # a server identity gets no topics
+    with pytest.raises(ConfigError):
+        pki.issue("dev", "device", hosts=["x"])
+
+
+def test_coordinator_signing_key_is_trusted_by_later_bundles(pki: Pki) -> None:
+    coord = pki.issue("coord-eu", "coordinator", regions=["eu"])
+    signer = load_signer(coord / "signing.key")
+    assert load_public_key(pki.signing_dir / "coord-eu.pub") == signer.public_raw
+    pki.issue("coord-us", "coordinator", regions=["us"])
+    dev = pki.issue("headset-7", "device", regions=["eu"])
+    trusted = load_trusted_keys(dev / "trusted")
+    assert signer.kid in trusted and len(trusted) == 2
+    only = pki.issue("cam-1", "device", regions=["eu"], trust=["coord-eu"])
+    assert load_trusted_keys(only / "trusted") == {signer.kid: signer.public_raw}
+    with pytest.raises(ConfigError, match="no signing key"):
+        pki.issue("cam-2", "device", trust=["coord-ap"])
+    # a coordinator issued later reaches earlier bundles through `pki trust`
+    late = load_signer(pki.issue("coord-ap", "coordinator", regions=["ap"]) / "signing.key")
+    assert late.kid not in load_trusted_keys(dev / "trusted")
+    pki.refresh_trust()
+    assert late.kid in load_trusted_keys(dev / "trusted")
+    assert load_trusted_keys(only / "trusted") == {signer.kid: signer.public_raw}  # its --trust is kept
+    assert key_id(late.public_raw) == late.kid
+
+
+def test_identities_cannot_smuggle_wildcards_or_lines_into_the_acl(pki: Pki) -> None:
+    for bad in ("dev/+", "#", "a b", "dev\nuser coord", "", "x" * 65):
+        with pytest.raises(ConfigError):
+            pki.issue(bad, "device")
+    for bad_region in ("+", "eu/#", "eu\ntopic readwrite #"):
+        with pytest.raises(ConfigError):
+            pki.issue("dev-1", "device", regions=[bad_region])
+    pki.issue("dev-1", "device")
+    with pytest.raises(ConfigError, match="already issued"):
+        pki.issue("dev-1", "coordinator")
+    with pytest.raises(ConfigError, match="role"):
+        pki.issue("dev-2", "admin")
+
+
+def acl_sections(text: str) -> dict[str, list[str]]:
+    sections: dict[str, list[str]] = {}
+    user = None
+    for line in text.splitlines():
+        if line.startswith("user "):
+            user = line.split()[1]
+            sections[user] = []
+        elif line.startswith("topic "):
+            assert user is not None, "a topic line outside a user section would apply to everyone"
+            sections[user].append(line)
+    return sections
+
+
+def test_acl_confines_each_identity(pki: Pki) -> None:
+    pki.issue("coord-eu", "coordinator", regions=["eu"])
+    pki.issue("devA", "device", regions=["eu"])
+    pki.issue("devB", "device", regions=["eu", "us"])
+    pki.issue("ops", "operator")
+    text = pki.acl_path.read_text()
+    assert text == acl_text(pki.identities.values())
+    s = acl_sections(text)
+    assert s["devA"] == [
+        "topic write edgeci/v1/eu/dev/devA/pull",
+        "topic write edgeci/v1/eu/dev/devA/update",
+        "topic write edgeci/v1/eu/dev/devA/presence",
+        "topic read edgeci/v1/eu/dev/devA/model",
+        "topic read edgeci/v1/eu/dev/devA/ack",
+        "topic read edgeci/v1/eu/dev/devA/invite",
+        "topic read edgeci/v1/eu/status",
+    ]
+    assert {line.split()[2].split("/")[2] for line in s["devB"]} == {"eu", "us"}  # failover region too
+    assert all("/dev/devB/" in line or line.endswith("/status") for line in s["devB"])
+    coord = s["coord-eu"]
+    for leaf in ("model", "ack", "invite"):
+        assert f"topic write edgeci/v1/eu/dev/+/{leaf}" in coord
+    for leaf in ("pull", "update", "presence"):
+        assert f"topic read edgeci/v1/eu/dev/+/{leaf}" in coord
+    assert "topic readwrite edgeci/v1/peer/#" in coord and "topic read edgeci/v1/eu/control" in coord
+    assert not any("/us/" in line for line in coord)
+    assert s["ops"] == ["topic write edgeci/v1/+/control", "topic read edgeci/v1/+/status"]
+    # nothing grants '#' at the root, $SYS, or another device's subtree to a device
+    assert not any(line.endswith(" #") or "$SYS" in line for lines in s.values() for line in lines)
+    out = pki.root / "elsewhere.acl"
+    assert pki.write_acl(out).read_text() == text
+
+
+def test_revoke_takes_an_identity_out_of_acl_password_file_and_trust(pki: Pki) -> None:
+    pki.issue("coord-eu", "coordinator", regions=["eu"])
+    pki.issue("devA", "device", regions=["eu"])
+    pki.issue("devB", "device", regions=["eu"])
+    pki.set_password("devB")
+    pki.revoke("devB")
+    s = acl_sections(pki.acl_path.read_text())
+    assert "devB" not in s and "devA" in s
+    assert "devB" not in pki.passwd_path.read_text() and not pki.bundle_dir("devB").exists()
+    assert "devB" not in Pki.open(pki.root).identities
+    pki.revoke("coord-eu")
+    assert pki.signing_keys() == {}
+    pki.refresh_trust()
+    assert load_trusted_keys(pki.bundle_dir("devA") / "trusted") == {}
+    with pytest.raises(ConfigError, match="not issued"):
+        pki.revoke("devB")
+
+
+def test_secure_conf_and_packet_limit(tmp_path: Path) -> None:
+    files = {k: tmp_path / k for k in ("ca", "crt", "key", "acl", "pw")}
+    conf = secure_conf(cafile=files["ca"], certfile=files["crt"], keyfile=files["key"], acl_file=files["acl"],
+                       port=18883, host="127.0.0.1", model_bytes=1_000_000)
+    lines = set(conf.splitlines())
+    for expected in ("require_certificate true", "use_identity_as_username true", "allow_anonymous false",
+                     f"acl_file {files['acl']}", f"cafile {files['ca']}", "listener 18883 127.0.0.1",
+                     f"max_packet_size {packet_limit(1_000_000)}", "max_queued_messages 100000"):
+        assert expected in lines, expected
+    assert 1_000_000 < packet_limit(1_000_000) < 1_200_000
+    assert packet_limit(0) == PAHO_MAX_PAYLOAD and packet_limit(10**12) == PAHO_MAX_PAYLOAD
+    pw = secure_conf(cafile=files["ca"], certfile=files["crt"], keyfile=files["key"], acl_file=files["acl"],
+                     password_file=files["pw"])
+    pw_lines = set(pw.splitlines())
+    assert f"password_file {files['pw']}" in pw_lines and "allow_anonymous false" in pw_lines
+    assert "require_certificate false" in pw_lines and "use_identity_as_username true" not in pw_lines
+    with pytest.raises(ConfigError):
+        secure_conf(cafile="a\nlistener 1883", certfile="b", keyfile="c", acl_file="d")
+
+
+@pytest.mark.skipif(shutil.which("mosquitto_passwd") is None, reason="mosquitto_passwd not installed")
+def test_password_hash_matches_mosquitto_passwd(tmp_path: Path) -> None:
+    import base64
+
+    f = tmp_path / "pw"
+    subprocess.run(["mosquitto_passwd", "-c", "-b", str(f), "dev-1", "s3cret pass"], check=True, capture_output=True)
+    user, hashed = f.read_text().strip().split(":", 1)
+    _, kind, iterations, salt, _ = hashed.split("$")
+    assert (user, kind) == ("dev-1", "7")
+    assert mosquitto_hash("s3cret pass", iterations=int(iterations), salt=base64.b64decode(salt)) == hashed
+    assert mosquitto_hash("other", iterations=int(iterations), salt=base64.b64decode(salt)) != hashed
+
+
+def test_password_bundle_and_auth_from_args(pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bundle = pki.issue("devA", "device")
+    auth = BrokerAuth.from_bundle(bundle)
+    assert (auth.ca_file, auth.cert_file, auth.key_file) == (bundle / "ca.crt", bundle / "devA.crt", bundle / "devA.key")
+    assert auth.username is None and auth.password is None
+    password = pki.set_password("devA")
+    assert mode(bundle / "password") == 0o600 and mode(pki.passwd_path) == 0o600
+    assert pki.passwd_path.read_text().startswith("devA:$7$101$")
+    auth = BrokerAuth.from_bundle(bundle)
+    assert (auth.username, auth.password) == ("devA", password)
+    assert password not in repr(auth)
+
+    def ns(**kw: object) -> argparse.Namespace:
+        base: dict[str, object] = {"bundle": None, "ca": None, "cert": None, "key": None, "username": None, "password_file": None}
+        return argparse.Namespace(**{**base, **kw})
+
+    assert auth_from_args(ns()) is None
+    assert auth_from_args(ns(bundle=bundle)) == auth
+    pw_file = tmp_path / "pw.txt"
+    pw_file.write_text("from-file\n")
+    assert auth_from_args(ns(username="u", password_file=pw_file)) == BrokerAuth(username="u", password="from-file")
+    monkeypatch.setenv("EDGECI_PASSWORD", "from-env")
+    assert auth_from_args(ns(username="u")) == BrokerAuth(username="u", password="from-env")
+    other_ca = pki.root / "ca.crt"
+    explicit = auth_from_args(ns(bundle=bundle, ca=other_ca))
+    assert explicit is not None and explicit.ca_file == other_ca  # explicit flags win
+    with pytest.raises(ConfigError, match="not an edgeci bundle"):
+        BrokerAuth.from_bundle(tmp_path)
+    with pytest.raises(ConfigError, match="both"):
+        BrokerAuth(cert_file=bundle / "devA.crt")
+
+
+def test_broker_urls_and_transport_safety(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    assert parse_broker_url("mqtts://mqtt.example.net").port == 8883
+    assert parse_broker_url("mqtts://h:9000").url == "mqtts://h:9000"
+    assert parse_broker_url("mqtt://h").port == 1883 and not parse_broker_url("h:1").tls
+    for bad in ("http://h", "mqtts://user:pw@h:8883", "mqtt://"):
+        with pytest.raises(ConfigError):
+            parse_broker_url(bad)
+    bundle = pki.issue("devA", "device")
+    certs = BrokerAuth.from_bundle(bundle)
+
+    def transport(url: str, auth: BrokerAuth | None = None) -> MqttTransport:
+        return MqttTransport(url, client_id="t", subscriptions=[], on_message=lambda t, p: None, auth=auth)
+
+    with pytest.raises(ConfigError, match="needs TLS"):
+        transport("mqtt://127.0.0.1:1883", certs)
+    with pytest.raises(ConfigError, match="clear text"):
+        transport("mqtt://10.1.2.3:1883", BrokerAuth(username="u", password="p"))
+    with caplog.at_level(logging.WARNING, logger="edge_sdk.mqtt"):
+        transport("mqtt://127.0.0.1:1883")
+        assert not caplog.records
+        transport("mqtt://10.1.2.3:1883")
+        assert any("not encrypted" in r.getMessage() for r in caplog.records)
+    transport("mqtts://127.0.0.1:8883", certs)  # builds its TLS context without connecting
+    import ssl
+
+    ctx = certs.ssl_context()  # verification cannot be turned off: chain and host name, TLS >= 1.2
+    assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+    assert ctx.minimum_version >= ssl.TLSVersion.TLSv1_2
+
+
+def test_cli_init_issue_acl_passwd(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    d = tmp_path / "pki"
+    assert edgeci(["pki", "init", "--dir", str(d)]) == 0
+    assert edgeci(["pki", "issue", "--dir", str(d), "--role", "coordinator", "coord-eu", "--region", "eu"]) == 0
+    assert edgeci(["pki", "issue", "--dir", str(d), "--role", "device", "cam-1", "--region", "eu"]) == 0
+    assert edgeci(["pki", "issue", "--dir", str(d), "--role", "device", "cam-1"]) == 1  # already issued: an error, not a crash
+    assert "already issued" in capsys.readouterr().err
+    assert edgeci(["pki", "acl", "--dir", str(d), "--out", str(tmp_path / "acl")]) == 0
+    assert "user cam-1" in (tmp_path / "acl").read_text()
+    assert edgeci(["pki", "passwd", "--dir", str(d), "cam-1"]) == 0
+    assert edgeci(["pki", "issue", "--dir", str(d), "--role", "broker", "broker"]) == 0
+    assert edgeci(["pki", "broker-conf", "--dir", str(d), "--out", str(tmp_path / "m.conf"), "--model-bytes", "4096"]) == 0
+    conf = (tmp_path / "m.conf").read_text()
+    assert f"acl_file {(d / 'mosquitto.acl').resolve()}" in conf and f"max_packet_size {packet_limit(4096)}" in conf
+    manifest = Pki.open(d).bundle_dir("cam-1") / "bundle.json"
+    assert '"username": "cam-1"' in manifest.read_text()
+
+
+def test_emulated_fleet_takes_a_folder_of_bundles_or_one_bundle(pki: Pki) -> None:
+    from devices.mqtt_fleet import _fleet_credentials
+
+    pki.issue("fleet-0000", "device")
+    base = {"bundle": None, "ca": None, "cert": None, "key": None, "username": None, "password_file": None}
+    folder = _fleet_credentials(argparse.Namespace(**{**base, "bundle": pki.root / "bundles"}))
+    assert folder == {"bundles": pki.root / "bundles", "auth": None}  # each device its own identity
+    one = _fleet_credentials(argparse.Namespace(**{**base, "bundle": pki.bundle_dir("fleet-0000")}))
+    assert one == {"auth": BrokerAuth.from_bundle(pki.bundle_dir("fleet-0000"))}
+    assert _fleet_credentials(argparse.Namespace()) == {"auth": None}
+
+
+def test_embedded_trial_broker_binds_loopback_only() -> None:
+    from coordinator.broker import EmbeddedBroker
+
+    for host in ("0.0.0.0", "10.0.0.5", "mqtt.example.net", "::"):
+        with pytest.raises(ConfigError, match="trials"):
+            EmbeddedBroker(host=host)
+    assert EmbeddedBroker().host == "127.0.0.1" and EmbeddedBroker(host="localhost").host == "localhost"
