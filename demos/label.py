@@ -65,6 +65,9 @@ from demos.label_ui import (
     render,
 )
 from edge_sdk.errors import ConfigError, EdgeciError, TransportError
+from edge_sdk.mqtt import add_broker_arguments
+from edge_sdk.paths import HOME_ENV, device_dir
+from edge_sdk.tasks.registry import TASK_INFO
 
 log = logging.getLogger("edgeci.label")
 
@@ -78,14 +81,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a webcam index (0, 1, ...), a video file, or 'synthetic' (animated procedural scenes)")
     p.add_argument("--mode", choices=["detect", "gesture"], default="detect",
                    help="start boxing objects (detect) or drawing gestures; g switches")
-    p.add_argument("--broker", help="mqtt://HOST:PORT of a broker with running coordinators (default: start an embedded broker and coordinators)")
+    p.add_argument("--broker", help="mqtts://HOST[:8883] (or mqtt://HOST:PORT on a trusted network) of a broker with running coordinators (default: start an embedded trial broker on 127.0.0.1 and coordinators)")
+    add_broker_arguments(p)  # --bundle etc.: with --broker only
     p.add_argument("--region", default="default", help="region of the detection coordinator")
     p.add_argument("--gesture-region", help="region of the gesture coordinator (default: REGION-gestures)")
     p.add_argument("--device-id", default="labeller", help="this device's id (A-Z a-z 0-9 _ . -)")
     p.add_argument("--data-dir", type=Path,
-                   help="where this device keeps its samples, models and caches (default: $EDGECI_DATA_DIR or ~/.cache/edgeci, then label/DEVICE_ID)")
-    p.add_argument("--min-samples", type=int, default=64, help="D_min: frames before the first pull (the paper's 64 for YOLOv8)")
-    p.add_argument("--gesture-min-samples", type=int, default=16, help="D_min for gestures")
+                   help="where this device keeps its samples, models and caches (default: $EDGECI_HOME/devices/DEVICE_ID, EDGECI_HOME defaulting to ~/.edgeci)")
+    p.add_argument("--min-samples", type=int, default=TASK_INFO["detection"].min_samples,
+                   help="D_min: frames before the first pull (default: the task's, the paper's 64 for YOLOv8)")
+    p.add_argument("--gesture-min-samples", type=int, default=TASK_INFO["gestures"].min_samples, help="D_min for gestures")
     p.add_argument("--init", type=Path, help="embedded coordinator: deploy this detector model file instead of pretraining one")
     p.add_argument("--size", type=int, default=320, help="side of the synthetic scenes in pixels")
     p.add_argument("--zoom", type=float, help="display scale of the frame (default: fit about 640 px)")
@@ -348,7 +353,7 @@ def coordinator_process(what: str, model: str, *, broker: str, region: str, data
     if init is not None:
         argv += ["--init", str(init.expanduser().resolve())]
     env = dict(os.environ)
-    env["EDGECI_DATA_DIR"] = str(data_dir)  # the detection task's cache and ultralytics' files
+    env[HOME_ENV] = str(data_dir)  # the detection task's cache and ultralytics' files
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) - 1)))  # a core for the window
     return CoordinatorProcess(what, argv, env=env, log_path=data_dir / "coordinator" / f"{model}.log")
 
@@ -494,6 +499,19 @@ def start_backend(args: argparse.Namespace, data_dir: Path) -> Backend:
     return backend
 
 
+def _credentials(args: argparse.Namespace) -> dict[str, Any]:
+    """Broker credentials for the clients: only for an external ``--broker`` (the bundle's
+    regions must include both the detection and the gesture region)."""
+    from edge_sdk.mqtt import auth_from_args
+
+    auth = auth_from_args(args)
+    if not args.broker:
+        if auth is not None:
+            raise ConfigError("--bundle/--cert/--username are for an external --broker; the embedded one is anonymous")
+        return {}
+    return {"auth": auth, "bundle": args.bundle}
+
+
 def _start_clients(backend: Backend, args: argparse.Namespace, data_dir: Path, *,
                    region: str, gesture_region: str) -> None:
     from edge_sdk.client import EdgeClient
@@ -508,14 +526,14 @@ def _start_clients(backend: Backend, args: argparse.Namespace, data_dir: Path, *
         data_dir=data_dir / "detect", min_samples=args.min_samples,
         train=TrainConfig(epochs=DEFAULT_TRAIN.epochs, batch_size=DEFAULT_TRAIN.batch_size,
                           lr=DEFAULT_TRAIN.lr, seed=args.seed),
-        seed=args.seed,
+        seed=args.seed, **_credentials(args),
     )
     backend.detect.on("*", backend.events.listener("detect"))
     backend.detect.start(timeout=10.0)
     backend.gesture = EdgeClient(
         broker=backend.broker_url, device_id=args.device_id, region=gesture_region,
         task=get_task("gestures"), data_dir=data_dir / "gesture",
-        min_samples=args.gesture_min_samples, train=TrainConfig(seed=args.seed), seed=args.seed,
+        min_samples=args.gesture_min_samples, train=TrainConfig(seed=args.seed), seed=args.seed, **_credentials(args),
     )
     backend.gesture.on("*", backend.events.listener("gesture"))
     backend.gesture.start(timeout=10.0)
@@ -707,9 +725,7 @@ class LabelApp:
 
 
 def default_data_dir(device_id: str) -> Path:
-    from edge_sdk.tasks._ultralytics import default_data_dir as sdk_data_dir
-
-    return sdk_data_dir() / "label" / device_id
+    return device_dir(device_id)  # the SDK's convention: $EDGECI_HOME/devices/<id>
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,13 +1,25 @@
-"""ONNX export of a task's model and onnxruntime inference with hot-swappable versions.
+"""ONNX graphs of a task's model and onnxruntime inference with hot-swappable versions.
 
-Exporting through torch costs ~1 s per model (torch.export + ONNX translation), but a new
-*version* changes only numbers, never the graph. So a model is exported once per
-architecture (cached by model id and spec fingerprint) and each version is made by writing
-its weights into the graph's initializers (~0.3 ms) and opening a session on the bytes
-(~1 ms for the tiny models): about a thousand times cheaper than re-exporting
-(``benchmarks/inference_latency.py``). Overriding initializers through
-``SessionOptions.add_initializer`` instead gave outputs that disagreed with torch in
-onnxruntime 1.32, so the proto itself is patched.
+A new *version* changes only numbers, never the graph. So each architecture has one
+*template* — a serialized ONNX graph whose initializers hold the weights — and a version
+is made by writing its weights over the template's initializer bytes (one ~60 KB copy)
+and opening a session on the result (~1 ms for the tiny models): about a thousand times
+cheaper than re-exporting through torch (~1 s; ``benchmarks/inference_latency.py``).
+
+Where a template comes from:
+
+* **shipped** — the built-in tasks' graphs are exported once by the project and ship with
+  the SDK (``edge_sdk/tasks/graphs/<model_id>.onnx``, zeros as weights, next to the spec
+  they were exported from). A ``[device]`` install serves with them: no torch, no onnx
+  package; the initializers are found by walking the protobuf wire format (below).
+  ``tests/test_inference.py`` proves each shipped graph computes what the torch module
+  computes, and ``python -m edge_sdk.tasks.registry --write-graphs`` rebuilds them.
+* **exported** — any other task with a ``module_for(weights)`` (needs ``[train]``): exported
+  through torch once per process and architecture.
+
+Overriding initializers through ``SessionOptions.add_initializer`` instead gave outputs
+that disagreed with torch in onnxruntime 1.32 (max |Δlogit| 0.1 on digits), so the bytes
+themselves are patched.
 
 :class:`InferenceEngine` serves ``predict`` from whatever version it holds and
 ``swap``s to a newer one by building the new session aside and then replacing one
@@ -17,30 +29,39 @@ call ever waits for, or fails because of, a swap.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
-import onnx
 import onnxruntime as ort
-import torch
-from torch import nn
 
+from edge_sdk._extras import require
 from edge_sdk.errors import ConfigError, InvalidSample, LocalProtocolError
 from edge_sdk.spec import ModelSpec, Vector
+from edge_sdk.tasks.registry import GRAPHS_DIR
+
+if TYPE_CHECKING:
+    import onnx
+    from torch import nn
 
 __all__ = [
+    "FEATURES_NAME",
+    "GRAPHS_DIR",
     "INPUT_NAME",
     "OPSET",
     "OUTPUT_NAME",
     "ExportableTask",
     "InferenceEngine",
+    "OnnxTemplate",
     "Prediction",
+    "ServableTask",
     "export_onnx",
     "onnx_template",
+    "shipped_template",
     "with_weights",
 ]
 
@@ -48,26 +69,34 @@ OPSET = 18
 INPUT_NAME = "x"
 OUTPUT_NAME = "logits"
 
+_FLOAT = 1  # onnx.TensorProto.FLOAT
 
-class ExportableTask(Protocol):
-    """What export needs from a task: its spec, input shape and a module for weights."""
+
+class ServableTask(Protocol):
+    """What serving needs from a task: its spec and the shape of one input sample."""
 
     spec: ModelSpec
 
     @property
     def input_shape(self) -> tuple[int, ...]: ...
 
+
+class ExportableTask(ServableTask, Protocol):
+    """A task that can also build a torch module holding given weights (for export)."""
+
     def module_for(self, weights: Vector) -> nn.Module: ...
 
 
 def export_onnx(task: ExportableTask, weights: Vector, *, opset: int = OPSET) -> onnx.ModelProto:
-    """Export ``task``'s model holding ``weights`` with a dynamic batch dimension.
+    """Export ``task``'s model holding ``weights`` with a dynamic batch dimension (needs
+    ``[train]``: torch, onnx, onnxscript).
 
     Uses the torch.export-based exporter (``dynamo=True``): in torch 2.14 the TorchScript
     exporter raises a DeprecationWarning, which ``filterwarnings = error`` turns into a
-    failure. Initializers keep the module's parameter names, which :func:`with_weights`
-    relies on.
+    failure. Initializers keep the module's parameter names, which patching relies on.
     """
+    torch = require("torch", purpose="exporting a model to ONNX")
+    require("onnxscript", "train", purpose="exporting a model to ONNX")
     module = task.module_for(weights)
     example = torch.zeros((1, *task.input_shape), dtype=torch.float32)
     program = torch.onnx.export(
@@ -83,68 +112,235 @@ def export_onnx(task: ExportableTask, weights: Vector, *, opset: int = OPSET) ->
     )
     if program is None:  # the signature allows it for the legacy exporter only
         raise LocalProtocolError("torch.onnx.export returned no program")
-    return program.model_proto
+    proto: onnx.ModelProto = program.model_proto
+    return proto
 
 
-def _initializer_index(proto: onnx.ModelProto, spec: ModelSpec) -> dict[str, int] | None:
-    """Map each spec parameter to its initializer, or None when the exporter renamed,
-    reshaped or folded any of them (then every version needs a real export)."""
-    by_name = {init.name: i for i, init in enumerate(proto.graph.initializer)}
-    index: dict[str, int] = {}
-    for p in spec.params:
-        i = by_name.get(p.name)
-        if i is None:
-            return None
-        init = proto.graph.initializer[i]
-        if tuple(init.dims) != p.shape or init.data_type != onnx.TensorProto.FLOAT:
-            return None
-        index[p.name] = i
-    return index
+FEATURES_NAME = "features"
+
+
+def export_features_onnx(task: ExportableTask, weights: Vector, *, opset: int = OPSET) -> onnx.ModelProto:
+    """Export the extractor half of a split model (``extractor``/``classifier`` groups) with
+    the features z = h(x, φ) as output ``features``: what a ``[device]`` install runs to train
+    the classifier head in numpy. Initializers keep the full model's parameter names."""
+    require("torch", purpose="exporting a model to ONNX")
+    require("onnxscript", "train", purpose="exporting a model to ONNX")
+    import torch
+    from torch import nn as torch_nn
+
+    split = task.module_for(weights)
+
+    class Features(torch_nn.Module):
+        def __init__(self, extractor: torch_nn.Module) -> None:
+            super().__init__()
+            self.extractor = extractor  # same attribute name: same initializer names
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = self.extractor(x)
+            return out
+
+    example = torch.zeros((1, *task.input_shape), dtype=torch.float32)
+    program = torch.onnx.export(
+        Features(split.get_submodule("extractor")).eval(),
+        (example,),
+        dynamo=True,
+        opset_version=opset,
+        input_names=[INPUT_NAME],
+        output_names=[FEATURES_NAME],
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+        external_data=False,
+        verbose=False,
+    )
+    if program is None:
+        raise LocalProtocolError("torch.onnx.export returned no program")
+    proto: onnx.ModelProto = program.model_proto
+    return proto
+
+
+# --------------------------------------------------------------------------- wire walking
+
+
+def _varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise ConfigError("not an ONNX model: truncated protobuf varint")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(buf: bytes | memoryview, start: int, stop: int) -> list[tuple[int, int, int, int]]:
+    """``(field number, wire type, value or payload start, payload stop)`` of one message
+    in ``buf[start:stop]`` (protobuf wire format; groups are not used by ONNX)."""
+    out: list[tuple[int, int, int, int]] = []
+    pos = start
+    while pos < stop:
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+            out.append((number, wire, value, pos))
+        elif wire == 2:
+            length, pos = _varint(buf, pos)
+            if pos + length > stop:
+                raise ConfigError("not an ONNX model: a field runs past its message")
+            out.append((number, wire, pos, pos + length))
+            pos += length
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            out.append((number, wire, pos, pos + size))
+            pos += size
+        else:
+            raise ConfigError(f"not an ONNX model: protobuf wire type {wire}")
+    if pos != stop:
+        raise ConfigError("not an ONNX model: a field runs past its message")
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class _Initializer:
+    dims: tuple[int, ...]
+    data_type: int
+    raw: tuple[int, int] | None
+    """Byte span of ``raw_data`` in the serialized model, if the tensor keeps it there."""
+
+
+def _initializers(model: bytes) -> dict[str, _Initializer]:
+    """The graph initializers of a serialized ``ModelProto``, by name (ModelProto.graph = 7,
+    GraphProto.initializer = 5; TensorProto dims = 1, data_type = 2, name = 8, raw_data = 9)."""
+    view = memoryview(model)
+    found: dict[str, _Initializer] = {}
+    for number, wire, start, stop in _fields(view, 0, len(model)):
+        if number != 7 or wire != 2:
+            continue
+        for g_number, g_wire, g_start, g_stop in _fields(view, start, stop):
+            if g_number != 5 or g_wire != 2:
+                continue
+            dims: list[int] = []
+            data_type = 0
+            name = ""
+            raw: tuple[int, int] | None = None
+            for t_number, t_wire, t_start, t_stop in _fields(view, g_start, g_stop):
+                if t_number == 1 and t_wire == 0:
+                    dims.append(t_start)
+                elif t_number == 1 and t_wire == 2:  # packed dims
+                    pos = t_start
+                    while pos < t_stop:
+                        dim, pos = _varint(view, pos)
+                        dims.append(dim)
+                elif t_number == 2 and t_wire == 0:
+                    data_type = t_start
+                elif t_number == 8 and t_wire == 2:
+                    name = bytes(view[t_start:t_stop]).decode("utf-8", "replace")
+                elif t_number == 9 and t_wire == 2:
+                    raw = (t_start, t_stop)
+            found[name] = _Initializer(dims=tuple(dims), data_type=data_type, raw=raw)
+    return found
+
+
+class OnnxTemplate:
+    """A serialized graph plus where each of ``spec``'s parameters sits in its bytes.
+
+    ``patchable`` is False when the graph does not keep every parameter as a float32
+    ``raw_data`` initializer of the spec's name and shape (an exporter renamed, reshaped or
+    folded one): then every version needs a real export.
+    """
+
+    def __init__(self, model: bytes, spec: ModelSpec) -> None:
+        self.model = bytes(model)
+        self.spec = spec
+        inits = _initializers(self.model)
+        spans: dict[str, tuple[int, int]] = {}
+        for p in spec.params:
+            init = inits.get(p.name)
+            if (
+                init is None
+                or init.raw is None
+                or init.dims != p.shape
+                or init.data_type != _FLOAT
+                or init.raw[1] - init.raw[0] != 4 * p.size
+            ):
+                break
+            spans[p.name] = init.raw
+        else:
+            self._spans: dict[str, tuple[int, int]] | None = spans
+            return
+        self._spans = None
+
+    @property
+    def patchable(self) -> bool:
+        return self._spans is not None
+
+    def patched(self, weights: Vector) -> bytes:
+        """The model with ``weights`` (checked against the spec) as its initializers."""
+        if self._spans is None:
+            raise ConfigError(f"{self.spec.model_id}: ONNX initializers do not match the spec")
+        self.spec.check(weights)
+        out = bytearray(self.model)
+        little = weights.astype("<f4", copy=False)
+        for p in self.spec.params:
+            start, stop = self._spans[p.name]
+            out[start:stop] = little[p.offset : p.offset + p.size].tobytes()
+        return bytes(out)
 
 
 def with_weights(template: onnx.ModelProto, spec: ModelSpec, weights: Vector) -> bytes:
     """Serialized ONNX model: ``template``'s graph with ``weights`` as its initializers."""
-    index = _initializer_index(template, spec)
-    if index is None:
-        raise ConfigError(f"{spec.model_id}: ONNX initializers do not match the spec")
-    proto = onnx.ModelProto()
-    proto.CopyFrom(template)
-    little = weights.astype("<f4", copy=False)
-    for p in spec.params:
-        init = proto.graph.initializer[index[p.name]]
-        init.ClearField("float_data")
-        init.raw_data = little[p.offset : p.offset + p.size].tobytes()
-    serialized: bytes = proto.SerializeToString()
-    return serialized
+    return OnnxTemplate(template.SerializeToString(), spec).patched(weights)
 
 
-@dataclass(frozen=True, slots=True)
-class _Template:
-    proto: onnx.ModelProto
-    patchable: bool
+def shipped_template(spec: ModelSpec, *, opset: int = OPSET) -> bytes | None:
+    """The shipped graph of ``spec``'s architecture (``GRAPHS_DIR/<model_id>.onnx``), or
+    None when none ships for exactly this spec (same model id and layout) and opset."""
+    graph = GRAPHS_DIR / f"{spec.model_id}.onnx"
+    sidecar = GRAPHS_DIR / f"{spec.model_id}.spec.json"
+    if not graph.is_file() or not sidecar.is_file():
+        return None
+    meta = json.loads(sidecar.read_text(encoding="utf-8"))
+    if int(meta.get("opset", -1)) != opset:
+        return None
+    if ModelSpec.from_dict(meta["spec"]).fingerprint != spec.fingerprint:
+        return None
+    return graph.read_bytes()
 
 
-_templates: dict[tuple[str, str, int], _Template] = {}
+_exports: dict[tuple[str, str, int], onnx.ModelProto] = {}
+_templates: dict[tuple[str, str, int], OnnxTemplate] = {}
 _templates_lock = threading.Lock()
 
 
 def onnx_template(task: ExportableTask, weights: Vector, *, opset: int = OPSET) -> onnx.ModelProto:
-    """The exported graph for ``task``'s architecture, exported once per process (keyed by
+    """The torch export of ``task``'s architecture, exported once per process (keyed by
     model id, spec fingerprint and opset) — a fleet of engines shares one export."""
-    return _template(task, weights, opset).proto
+    key = (task.spec.model_id, task.spec.fingerprint, opset)
+    with _templates_lock:
+        cached = _exports.get(key)
+        if cached is None:
+            cached = _exports[key] = export_onnx(task, weights, opset=opset)
+    return cached
 
 
-def _template(task: ExportableTask, weights: Vector, opset: int) -> _Template:
+def _template(task: ServableTask, weights: Vector, opset: int) -> OnnxTemplate:
+    """The shipped graph for this spec if there is one, else the torch export."""
     key = (task.spec.model_id, task.spec.fingerprint, opset)
     with _templates_lock:
         cached = _templates.get(key)
-        if cached is None:
-            proto = export_onnx(task, weights, opset=opset)
-            cached = _Template(
-                proto=proto, patchable=_initializer_index(proto, task.spec) is not None
+    if cached is not None:
+        return cached
+    model = shipped_template(task.spec, opset=opset)
+    if model is None:
+        if not hasattr(task, "module_for"):
+            raise ConfigError(
+                f"no shipped ONNX graph for {task.spec.model_id!r} and the task cannot export one"
             )
-            _templates[key] = cached
-    return cached
+        model = onnx_template(task, weights, opset=opset).SerializeToString()  # type: ignore[arg-type]
+    template = OnnxTemplate(model, task.spec)
+    with _templates_lock:
+        return _templates.setdefault(key, template)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -182,7 +378,7 @@ class InferenceEngine:
 
     def __init__(
         self,
-        task: ExportableTask,
+        task: ServableTask,
         weights: Vector,
         *,
         version: int = 0,
@@ -211,9 +407,10 @@ class InferenceEngine:
 
     def _session(self, weights: Vector) -> ort.InferenceSession:
         if self._template.patchable:
-            model = with_weights(self._template.proto, self._spec, weights)
+            model = self._template.patched(weights)
         else:  # slow path: the exporter transformed a parameter, so export this version
-            model = export_onnx(self._task, weights, opset=self._opset).SerializeToString()
+            task: Any = self._task
+            model = export_onnx(task, weights, opset=self._opset).SerializeToString()
         return ort.InferenceSession(model, self._options, providers=self._providers)
 
     def swap(self, version: int, weights: Vector) -> bool:

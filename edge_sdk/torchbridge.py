@@ -16,8 +16,14 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
-from torch import nn
+
+from edge_sdk._extras import missing
+
+try:
+    import torch
+    from torch import nn
+except ImportError as exc:
+    raise missing("torch", "train", purpose="the torch bridge", cause=exc) from exc
 
 from edge_sdk.errors import ConfigError, LocalProtocolError
 from edge_sdk.spec import ModelSpec, Vector

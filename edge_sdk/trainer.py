@@ -23,9 +23,15 @@ from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
-import torch
-import torch.nn.functional as F
-from torch import nn
+
+from edge_sdk._extras import missing
+
+try:
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+except ImportError as exc:  # a [device] install serves with onnxruntime and trains with [train]
+    raise missing("torch", "train", purpose="local training", cause=exc) from exc
 
 from edge_sdk.errors import ConfigError, InvalidSample
 from edge_sdk.spec import FULL, ModelSpec, Vector

@@ -356,7 +356,7 @@ print(json.dumps({"attempts": attempts, "settings_dir": str(uu.USER_CONFIG_DIR),
     ("script", "data_subdir"),
     [
         pytest.param(_TRAIN_EXPORT, "edgeci-data", id="import-train-export"),
-        pytest.param(_EARLY_IMPORT, ".cache/edgeci", id="ultralytics-imported-first"),
+        pytest.param(_EARLY_IMPORT, ".edgeci", id="ultralytics-imported-first"),
     ],
 )
 def test_stays_offline_and_writes_only_inside_the_data_dir(

@@ -9,11 +9,22 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edge_sdk.errors import ConfigError, InvalidSample, NonFiniteWeights, ShapeMismatch
-from edge_sdk.inference import OPSET, InferenceEngine, onnx_template, with_weights
+from edge_sdk.inference import (
+    OPSET,
+    InferenceEngine,
+    OnnxTemplate,
+    onnx_template,
+    shipped_template,
+    with_weights,
+)
+from edge_sdk.spec import ModelSpec
 from edge_sdk.tasks.digits import DigitsTask
 from edge_sdk.tasks.gestures import GestureTask
+from edge_sdk.tasks.registry import TASK_INFO, DeclaredTask
 from edge_sdk.trainer import ClassifierTask
 
 torch.set_num_threads(1)
@@ -172,3 +183,95 @@ def test_hot_swap_under_concurrent_predicts(task: ClassifierTask) -> None:
     assert engine.version == 8
     np.testing.assert_allclose(engine.logits(x), expected[8], atol=1e-4)
     np.testing.assert_array_equal(engine.predict(x).labels, expected[8].argmax(axis=1))
+
+
+# --------------------------------------------------------------------------- shipped graphs
+
+
+def _run(model: bytes, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(["logits"], {"x": x})[0], dtype=np.float32)
+
+
+def test_shipped_graph_is_the_torch_export(task: ClassifierTask) -> None:
+    """The graph a [device] install serves with is what ``--write-graphs`` exports from torch
+    today: same nodes, opset and parameter initializers, and the same outputs for any weights."""
+    import onnx
+
+    shipped = shipped_template(task.spec)
+    assert shipped is not None, f"no shipped graph for {task.spec.model_id}: run --write-graphs"
+    fresh = onnx_template(task, task.pretrained(seed=0))
+    ours = onnx.load_from_string(shipped)
+
+    def nodes(m: onnx.ModelProto) -> list[tuple[str, int, int]]:
+        return [(n.op_type, len(n.input), len(n.output)) for n in m.graph.node]
+
+    assert nodes(ours) == nodes(fresh)
+    assert {o.domain: o.version for o in ours.opset_import} == {o.domain: o.version for o in fresh.opset_import}
+    dims = {i.name: tuple(i.dims) for i in ours.graph.initializer}
+    assert dims == {i.name: tuple(i.dims) for i in fresh.graph.initializer}
+    # shipped with zeros; constants that are not parameters (shapes, Affine) kept as exported
+    params = {p.name for p in task.spec.params}
+    assert all(not np.frombuffer(i.raw_data, np.float32).any() for i in ours.graph.initializer if i.name in params)
+
+    x = task.data().test.x[:64]
+    for seed in (1, 2):
+        weights = perturbed(task.pretrained(seed=0), seed=seed, scale=0.1)
+        from_shipped = _run(OnnxTemplate(shipped, task.spec).patched(weights), x)
+        np.testing.assert_allclose(from_shipped, _run(with_weights(fresh, task.spec, weights), x), atol=1e-5)
+        np.testing.assert_allclose(from_shipped, task.logits(weights, x), atol=1e-4)
+
+
+def test_engine_serves_a_declared_task_from_the_shipped_graph(task: ClassifierTask) -> None:
+    """A task with no torch half (what a [device] install builds) serves what torch computes."""
+    declared = DeclaredTask(TASK_INFO[task.name])
+    assert not hasattr(declared, "module_for")
+    weights = perturbed(task.pretrained(seed=0), seed=4)
+    engine = InferenceEngine(declared, weights, version=2)
+    x = task.data().test.x[:32]
+    np.testing.assert_allclose(engine.logits(x), task.logits(weights, x), atol=1e-4)
+    other = perturbed(weights, seed=5)
+    assert engine.swap(3, other)
+    np.testing.assert_allclose(engine.logits(x), task.logits(other, x), atol=1e-4)
+
+
+def test_shipped_graph_is_only_used_for_its_exact_spec() -> None:
+    digits = DigitsTask(device="cpu")
+    assert shipped_template(digits.spec) is not None
+    assert shipped_template(digits.spec, opset=OPSET + 1) is None
+    renamed = ModelSpec.build("digits-cnn", [(p.name, p.shape, p.group) for p in digits.spec.params][:-1])
+    assert shipped_template(renamed) is None
+    other = ModelSpec.build("not-shipped", [("w", (2, 2), "classifier")])
+    assert shipped_template(other) is None
+    with pytest.raises(ConfigError, match="no shipped ONNX graph"):
+        InferenceEngine(_SpecOnly(other, (2,)), other.zeros())
+
+
+class _SpecOnly:
+    def __init__(self, spec: ModelSpec, input_shape: tuple[int, ...]) -> None:
+        self.spec = spec
+        self.input_shape = input_shape
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=256), st.integers(min_value=0, max_value=4000))
+def test_template_parser_never_crashes_on_garbage(garbage: bytes, cut: int) -> None:
+    """Any bytes (random, or a truncated real graph) either parse or raise ConfigError."""
+    spec = _digits_spec()
+    shipped = shipped_template(spec)
+    assert shipped is not None
+    for blob in (garbage, shipped[:cut], shipped[:cut] + garbage):
+        try:
+            template = OnnxTemplate(blob, spec)
+        except ConfigError:
+            continue
+        if template.patchable:  # every parameter found in place: patching keeps the layout
+            assert len(template.patched(spec.zeros())) == len(blob)
+
+
+def _digits_spec() -> ModelSpec:
+    from edge_sdk.tasks.registry import declared_spec
+
+    return declared_spec("digits-cnn")

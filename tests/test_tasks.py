@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -333,3 +335,150 @@ def test_seeded_restores_the_global_generator() -> None:
     np.testing.assert_array_equal(torch.rand(3).numpy(), expected.numpy())
     with trainer.seeded(5):
         np.testing.assert_array_equal(torch.rand(3).numpy(), inside.numpy())
+
+
+# ----------------------------------------------------------------------------- declarations
+
+
+def test_declarations_match_the_torch_tasks(task: ClassifierTask) -> None:
+    """What a [device] install knows without torch (edge_sdk/tasks/registry.py) is what the
+    torch task is: spec, class count, input shape, sample kind; and its data obey the contract."""
+    from edge_sdk.client import sample_kind_of
+    from edge_sdk.tasks.registry import DeclaredTask, input_contract, task_info
+
+    info = task_info(task.name)
+    assert info is not None and info.contract is not None
+    assert info.spec.fingerprint == task.spec.fingerprint
+    assert (info.model_id, info.n_classes, info.contract.shape) == (task.model_id, task.n_classes, task.input_shape)
+    assert info.sample_kind == sample_kind_of(task) == sample_kind_of(DeclaredTask(info))  # type: ignore[arg-type]
+    assert input_contract(task) is info.contract
+    data = task.data()
+    for split in (data.pretrain, data.pool, data.test):
+        np.testing.assert_array_equal(info.contract.batch(split.x), split.x)
+
+
+def test_detection_declaration_matches_the_yolo_task(tmp_path: Path) -> None:
+    from edge_sdk.tasks.detection import DetectionTask
+    from edge_sdk.tasks.registry import TASK_INFO
+
+    detection = DetectionTask(data_dir=tmp_path)
+    info = TASK_INFO["detection"]
+    assert info.spec.fingerprint == detection.spec.fingerprint
+    assert (info.task_name, info.n_classes, info.class_names) == (
+        detection.name, detection.config.n_classes, detection.config.class_names)
+
+
+def test_digits_contract_accepts_its_shapes_and_explains_rejections() -> None:
+    from edge_sdk.tasks.registry import TASK_INFO
+
+    contract = TASK_INFO["digits"].contract
+    assert contract is not None
+    image = np.linspace(0, 1, 64, dtype=np.float64).reshape(8, 8)
+    assert contract.sample(image).shape == (1, 8, 8) and contract.sample(image).dtype == np.float32
+    assert contract.sample(image[None]).shape == (1, 8, 8)
+    assert contract.batch(image).shape == (1, 1, 8, 8)
+    assert contract.batch(np.stack([image] * 3)).shape == (3, 1, 8, 8)
+    assert contract.batch(np.stack([image[None]] * 3)).shape == (3, 1, 8, 8)
+    with pytest.raises(InvalidSample, match=r"values in \[0, 1\].*got values in \[0, 16\]"):
+        contract.sample(image * 16)  # raw scikit-learn pixel counts
+    expected = r"digits: expected float32 samples of shape \(1, 8, 8\) \(or \(8, 8\)\)"
+    for bad in (image[:, :4], np.zeros((2, 8, 8)), image.astype(np.int64), np.full((8, 8), np.inf)):
+        with pytest.raises(InvalidSample, match=expected):
+            contract.sample(bad)
+    for bad in (np.zeros((0, 1, 8, 8)), np.zeros((2, 2, 8, 8)), np.zeros((2, 8, 8), dtype=np.uint8)):
+        with pytest.raises(InvalidSample, match=expected):
+            contract.batch(bad)
+
+
+def test_gesture_contract_has_no_range_and_no_compact_form() -> None:
+    from edge_sdk.tasks.registry import TASK_INFO
+
+    contract = TASK_INFO["gestures"].contract
+    assert contract is not None and contract.compact_shape == contract.shape == (32, 4)
+    wild = np.full((32, 4), 40.0)
+    assert contract.sample(wild).shape == (32, 4)
+    with pytest.raises(InvalidSample, match="got shape"):
+        contract.sample(wild.T)
+
+
+def test_one_default_min_samples_per_task() -> None:
+    from edge_sdk.tasks.registry import TASK_INFO, default_min_samples
+
+    assert {n: i.min_samples for n, i in TASK_INFO.items()} == {"digits": 8, "gestures": 16, "detection": 64}
+    assert default_min_samples("yolov8n-detection") == 64  # by the task object's name too
+    assert default_min_samples("an-apps-own-task", fallback=5) == 5
+
+
+def test_edgeci_home_is_the_one_data_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from edge_sdk.paths import device_dir, edgeci_home
+    from edge_sdk.tasks._ultralytics import ultralytics_home
+
+    monkeypatch.delenv("EDGECI_HOME", raising=False)
+    assert edgeci_home() == Path.home() / ".edgeci"
+    monkeypatch.setenv("EDGECI_HOME", str(tmp_path))
+    assert device_dir("headset-7") == tmp_path / "devices" / "headset-7"
+    assert ultralytics_home() == tmp_path / "ultralytics"
+    for bad in ("", "..", "a/b"):
+        with pytest.raises(ConfigError):
+            device_dir(bad)
+
+
+# ----------------------------------------------------------------------------- without torch
+
+
+def test_numpy_head_training_matches_a_torch_classifier_round(task: ClassifierTask) -> None:
+    """A [device] install's classifier-only update (onnxruntime features + numpy softmax
+    regression) is the torch device's update: same head to float precision, extractor untouched."""
+    from edge_sdk.tasks.registry import DeclaredTask, task_info
+
+    info = task_info(task.name)
+    assert info is not None
+    lean = DeclaredTask(info)
+    weights = task.pretrained(seed=0)
+    pool = task.data().pool
+    x, y = pool.x[:40], pool.y[:40]
+    config = TrainConfig(epochs=3, batch_size=16, lr=0.05, seed=7, group="classifier")
+    expected = task.local_update(weights, x, y, config)
+    got = lean.local_update(np.frombuffer(weights.tobytes(), dtype=np.float32), x, y, config)  # read-only, as decoded
+    head = task.spec.group_slice("classifier")
+    np.testing.assert_array_equal(got.weights[: head.start], weights[: head.start])
+    np.testing.assert_array_equal(got.weights[head.stop :], weights[head.stop :])
+    assert not np.array_equal(got.weights[head], weights[head])
+    np.testing.assert_allclose(got.weights[head], expected.weights[head], atol=2e-5)
+    assert got.loss == pytest.approx(expected.loss, rel=1e-4)
+    assert got.n_samples == 40
+    np.testing.assert_allclose(lean.features(weights, x), task.features(weights, x), atol=1e-5)
+
+
+def test_declared_task_refuses_full_rounds_and_bad_labels(digits: DigitsTask) -> None:
+    from edge_sdk.errors import MissingExtra
+    from edge_sdk.tasks.registry import TASK_INFO, DeclaredTask
+
+    lean = DeclaredTask(TASK_INFO["digits"])
+    weights = digits.pretrained(seed=0)
+    x = digits.data().pool.x[:4]
+    with pytest.raises(MissingExtra, match=r"pip install 'edgeci\[train\]'"):
+        lean.local_update(weights, x, np.arange(4), TrainConfig())  # a full round
+    head = TrainConfig(group="classifier")
+    with pytest.raises(InvalidSample):
+        lean.local_update(weights, x, np.array([0, 1, 2, 10]), head)
+    with pytest.raises(InvalidSample):
+        lean.local_update(weights, x * 16, np.arange(4), head)
+    with pytest.raises(MissingExtra):
+        lean.pretrained()
+
+
+def test_an_undeclared_task_keeps_its_own_shape_and_any_numeric_dtype() -> None:
+    from edge_sdk.tasks.registry import input_contract
+
+    class AppTask:
+        name = "apps-own"
+        input_shape = (3, 2)
+
+    contract = input_contract(AppTask())
+    assert contract.shape == (3, 2) and contract.value_range is None
+    assert contract.sample(np.arange(6, dtype=np.uint8).reshape(3, 2)).dtype == np.float32
+    with pytest.raises(InvalidSample, match=r"apps-own: expected float32 samples of shape \(3, 2\)"):
+        contract.sample(np.zeros((2, 3)))
+    with pytest.raises(InvalidSample):
+        contract.sample(np.array([["a", "b"]] * 3))

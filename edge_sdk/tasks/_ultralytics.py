@@ -28,8 +28,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-DATA_DIR_ENV = "EDGECI_DATA_DIR"
-"""Environment variable naming the SDK data dir when the caller gives none."""
+from edge_sdk._extras import require
+from edge_sdk.paths import HOME_ENV, edgeci_home
+
+DATA_DIR_ENV = HOME_ENV
+"""Environment variable naming the SDK data dir when the caller gives none (``EDGECI_HOME``,
+the one edgeci root: :mod:`edge_sdk.paths`)."""
 
 _SUBDIR = "ultralytics"
 
@@ -59,9 +63,8 @@ def disable_onnxruntime_telemetry() -> bool:
 
 
 def default_data_dir() -> Path:
-    """``$EDGECI_DATA_DIR`` if set, else ``~/.cache/edgeci``."""
-    env = os.environ.get(DATA_DIR_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "edgeci"
+    """``$EDGECI_HOME`` if set, else ``~/.edgeci``."""
+    return edgeci_home()
 
 
 def ultralytics_home(data_dir: Path | str | None = None) -> Path:
@@ -127,7 +130,7 @@ def import_ultralytics(data_dir: Path | str | None = None) -> ModuleType:
         config_dir = ultralytics_home(data_dir) / "config"
         config_dir.mkdir(parents=True, exist_ok=True)
         _prewrite_settings(config_dir, _settings_values(ultralytics_home(data_dir)))
-    import ultralytics
+    ultralytics = require("ultralytics", "detection", purpose="the YOLOv8 detection task")
 
     settings: Any = importlib.import_module("ultralytics.utils").SETTINGS  # untyped upstream
 

@@ -46,11 +46,17 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, TypeAlias
 
-import cv2
 import numpy as np
 import numpy.typing as npt
-import torch
-from torch import nn
+
+from edge_sdk._extras import missing
+
+try:
+    import cv2
+    import torch
+    from torch import nn
+except ImportError as exc:
+    raise missing(exc.name or "torch", "detection", purpose="the detection task", cause=exc) from exc
 
 from edge_sdk.errors import ConfigError, InvalidSample
 from edge_sdk.spec import FULL, ModelSpec, Vector

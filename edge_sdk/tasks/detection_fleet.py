@@ -40,7 +40,13 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
+
+from edge_sdk._extras import missing
+
+try:
+    import torch
+except ImportError as exc:
+    raise missing("torch", "detection", purpose="the detection fleet task", cause=exc) from exc
 
 from edge_sdk.errors import InvalidSample
 from edge_sdk.spec import ModelSpec, Vector

@@ -11,7 +11,13 @@ from typing import ClassVar
 
 import numpy as np
 import numpy.typing as npt
-from torch import nn
+
+from edge_sdk._extras import missing, require
+
+try:
+    from torch import nn
+except ImportError as exc:  # declared without torch in edge_sdk.tasks.registry
+    raise missing("torch", "train", purpose="the digits model", cause=exc) from exc
 
 from edge_sdk.tasks.base import TaskData, TrainConfig
 from edge_sdk.trainer import Affine, ClassifierTask, SplitModel, stratified_split, take
@@ -25,9 +31,9 @@ DATA_SEED = 20_240_531
 def _load_digits() -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     """All 1797 digits as float32 (N, 1, 8, 8) in [0, 1] and int64 labels (read once per
     process; callers take copies)."""
-    from sklearn.datasets import load_digits  # local: importing sklearn costs ~1 s
-
-    bunch = load_digits()
+    # local: importing sklearn costs ~1 s, and a device never needs the dataset
+    datasets = require("sklearn.datasets", "coordinator", purpose="the digits dataset")
+    bunch = datasets.load_digits()
     x = (np.asarray(bunch.images, dtype=np.float32) / 16.0).reshape(-1, 1, 8, 8)
     return x, np.asarray(bunch.target, dtype=np.int64)
 

@@ -16,8 +16,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
-import torch
-from torch import nn
+
+from edge_sdk._extras import missing
+
+try:
+    import torch
+    from torch import nn
+except ImportError as exc:  # declared without torch in edge_sdk.tasks.registry
+    raise missing("torch", "train", purpose="the gestures model", cause=exc) from exc
 
 from edge_sdk.errors import ConfigError
 from edge_sdk.tasks.base import TaskData, TrainConfig

@@ -18,9 +18,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 import numpy.typing as npt
+
+from edge_sdk._extras import missing
+
+try:
+    import cv2
+except ImportError as exc:
+    raise missing("cv2", "detection", purpose="drawing detection scenes", cause=exc) from exc
 
 from edge_sdk.errors import ConfigError
 

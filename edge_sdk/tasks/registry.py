@@ -1,0 +1,398 @@
+"""What each built-in task *is*, declared without torch: the one place for its input
+contract, class count, sample kind, default D_min and model spec.
+
+A device app needs these to store and serve samples; it should not have to import torch
+and load a dataset to learn that a digit is a ``(1, 8, 8)`` float in ``[0, 1]``. So every
+built-in task is described here by a :class:`TaskInfo` (numpy only), its
+:class:`~edge_sdk.spec.ModelSpec` is read from the spec file shipped next to its ONNX graph
+(``graphs/<model_id>.spec.json``), and :class:`DeclaredTask` stands in for the torch task
+on a ``[device]`` install: it stores, labels and serves, and says which extra to install
+when asked to train. ``tests/test_tasks.py`` checks every declaration against the torch
+task it describes.
+
+The input contract (README, "In an app"): ``add_sample`` takes one sample of exactly
+``contract.shape``, ``predict`` one sample or a batch ``(N, *contract.shape)``; floating
+point, finite, inside ``contract.value_range`` when the task has one. One convenience: a
+sample may leave out the shape's size-1 axes (an ``(8, 8)`` digit gets its channel axis).
+Anything else is an :class:`~edge_sdk.errors.InvalidSample` that says what was expected —
+raw 0–16 digit pixels included.
+
+    python -m edge_sdk.tasks.registry --write-graphs   # rebuild graphs/ (needs [train])
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from time import perf_counter
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from edge_sdk._extras import missing
+from edge_sdk.errors import ConfigError, InvalidSample
+from edge_sdk.spec import ModelSpec, Vector
+from edge_sdk.tasks.base import Split, TaskData, TrainConfig, TrainResult
+from edge_sdk.tasks.linear_head import HeadLayout, fit_head
+
+__all__ = [
+    "GRAPHS_DIR",
+    "TASK_INFO",
+    "DeclaredTask",
+    "InputContract",
+    "TaskInfo",
+    "declared_spec",
+    "default_min_samples",
+    "input_contract",
+    "task_info",
+]
+
+GRAPHS_DIR = Path(__file__).resolve().parent / "graphs"
+EXTRACTOR, CLASSIFIER = "extractor", "classifier"
+SampleKind = Literal["array", "frame", "gesture"]  # as edge_sdk.store.SampleKind
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InputContract:
+    """What one sample of a task is: shape, float dtype, value range."""
+
+    task: str
+    shape: tuple[int, ...]
+    value_range: tuple[float, float] | None = None
+    """Inclusive bounds every value must lie in (None: any finite value)."""
+    hint: str = ""
+    """How to get there from the usual raw form, shown in errors (e.g. ``pixels / 16``)."""
+    floats_only: bool = True
+    """Refuse integer and boolean arrays (False: cast any numeric array to float32, for an
+    app's own task that declares no contract)."""
+
+    @property
+    def compact_shape(self) -> tuple[int, ...]:
+        """The shape without its size-1 axes: also accepted for one sample."""
+        return tuple(d for d in self.shape if d != 1)
+
+    def describe(self) -> str:
+        text = f"float32 samples of shape {self.shape}"
+        if self.compact_shape != self.shape:
+            text += f" (or {self.compact_shape})"
+        if self.value_range is not None:
+            lo, hi = self.value_range
+            text += f" with values in [{lo:g}, {hi:g}]"
+        return text + (f" ({self.hint})" if self.hint else "")
+
+    def _fail(self, problem: str) -> InvalidSample:
+        return InvalidSample(f"{self.task}: expected {self.describe()}; {problem}")
+
+    def _values(self, xs: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+        numeric = np.issubdtype(xs.dtype, np.number) and not np.issubdtype(xs.dtype, np.complexfloating)
+        if not (np.issubdtype(xs.dtype, np.floating) or (numeric and not self.floats_only)):
+            raise self._fail(f"got dtype {xs.dtype}")
+        out = np.ascontiguousarray(xs, dtype=np.float32)
+        if not np.isfinite(out).all():
+            raise self._fail("got NaN or Inf")
+        if self.value_range is not None and out.size:
+            lo, hi = self.value_range
+            seen_lo, seen_hi = float(out.min()), float(out.max())
+            if seen_lo < lo or seen_hi > hi:
+                raise self._fail(f"got values in [{seen_lo:g}, {seen_hi:g}]")
+        return out
+
+    def sample(self, x: npt.ArrayLike) -> npt.NDArray[np.float32]:
+        """One validated sample of exactly :attr:`shape`."""
+        xs = np.asarray(x)
+        if xs.shape != self.shape:
+            if xs.shape != self.compact_shape:
+                raise self._fail(f"got shape {xs.shape}")
+            xs = xs.reshape(self.shape)
+        return self._values(xs)
+
+    def batch(self, x: npt.ArrayLike) -> npt.NDArray[np.float32]:
+        """A validated ``(N, *shape)`` batch from a batch or one sample (either shape)."""
+        xs = np.asarray(x)
+        if xs.shape in (self.shape, self.compact_shape):
+            xs = xs.reshape((1, *self.shape))
+        elif xs.ndim >= 1 and xs.shape[0] > 0 and xs.shape[1:] in (self.shape, self.compact_shape):
+            xs = xs.reshape((xs.shape[0], *self.shape))
+        else:
+            raise self._fail(f"got shape {xs.shape} (a batch is (N, *shape) with N >= 1)")
+        return self._values(xs)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskInfo:
+    """A built-in task as a device sees it (see the module docstring)."""
+
+    name: str
+    """Registry name (``get_task(name)``)."""
+    task_name: str
+    """The task object's ``name`` (what its updates and logs say)."""
+    model_id: str
+    sample_kind: SampleKind
+    n_classes: int
+    min_samples: int
+    """The default D_min: labelled samples before the first training pull."""
+    contract: InputContract | None
+    """None for frames (any size; boxes say where the objects are)."""
+    class_names: tuple[str, ...] = ()
+    train_extra: str = "train"
+    """What local training needs installed."""
+    notes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        if self.contract is None:
+            raise ConfigError(f"{self.name}: frames have no fixed input shape")
+        return self.contract.shape
+
+    @property
+    def spec(self) -> ModelSpec:
+        return declared_spec(self.model_id)
+
+
+TASK_INFO: dict[str, TaskInfo] = {
+    "digits": TaskInfo(
+        name="digits",
+        task_name="digits",
+        model_id="digits-cnn",
+        sample_kind="array",
+        n_classes=10,
+        min_samples=8,
+        contract=InputContract(
+            task="digits", shape=(1, 8, 8), value_range=(0.0, 1.0),
+            hint="scikit-learn's 0-16 pixel counts divided by 16",
+        ),
+        class_names=tuple(str(d) for d in range(10)),
+    ),
+    "gestures": TaskInfo(
+        name="gestures",
+        task_name="gestures",
+        model_id="gesture-cnn1d",
+        sample_kind="gesture",
+        n_classes=8,
+        min_samples=16,
+        contract=InputContract(
+            task="gestures", shape=(32, 4),
+            hint="32 steps of x, y in about [-1.5, 1.5] and 8 x their per-step differences",
+        ),
+        class_names=(
+            "swipe_left", "swipe_right", "swipe_up", "swipe_down",
+            "circle_cw", "circle_ccw", "zigzag", "check_mark",
+        ),
+    ),
+    "detection": TaskInfo(
+        name="detection",
+        task_name="yolov8n-detection",
+        model_id="yolov8n-detection",
+        sample_kind="frame",
+        n_classes=5,
+        min_samples=64,  # the paper's D_min for YOLOv8
+        contract=None,
+        class_names=("circle", "square", "triangle", "cross", "star"),
+        train_extra="detection",
+    ),
+}
+"""Built-in tasks by registry name; ``detection-fleet`` is an emulator adapter, not a device task."""
+
+
+def task_info(task: str | Any) -> TaskInfo | None:
+    """The declaration of a registry name, a task's ``name``, or a task object (None for
+    tasks declared nowhere, e.g. an app's own)."""
+    name = task if isinstance(task, str) else getattr(task, "name", None)
+    if name in TASK_INFO:
+        return TASK_INFO[name]
+    return next((info for info in TASK_INFO.values() if info.task_name == name), None)
+
+
+def default_min_samples(task: str | Any, fallback: int = 16) -> int:
+    """The task's declared D_min (``fallback`` for undeclared tasks)."""
+    info = task_info(task)
+    return info.min_samples if info is not None else fallback
+
+
+def input_contract(task: Any) -> InputContract:
+    """The contract of a task object: its declaration when the shapes agree, else its own
+    ``input_shape`` with no value range and any numeric dtype (an app's own task), else —
+    for a task that declares neither — the shape of its test split."""
+    info = task_info(task)
+    shape = getattr(task, "input_shape", None)
+    if (
+        info is not None
+        and info.contract is not None
+        and (shape is None or tuple(shape) == info.contract.shape)
+    ):
+        return info.contract
+    if shape is None:
+        shape = task.data().test.x.shape[1:]
+    return InputContract(task=str(getattr(task, "name", "task")), shape=tuple(int(d) for d in shape),
+                         floats_only=False)
+
+
+@cache
+def declared_spec(model_id: str) -> ModelSpec:
+    """The spec shipped as ``graphs/<model_id>.spec.json`` (written from the torch model)."""
+    path = GRAPHS_DIR / f"{model_id}.spec.json"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"no shipped spec for {model_id!r} ({path}): {exc}") from exc
+    return ModelSpec.from_dict(meta["spec"])
+
+
+class DeclaredTask:
+    """A built-in task without its torch half: what a ``[device]`` install runs.
+
+    It has the task's name, spec, input contract and class count, so the SDK can store,
+    label and serve (with the shipped ONNX graph). In classifier-only rounds
+    (``config.group == "classifier"``) it trains the linear head in numpy on features from
+    the shipped extractor graph (:mod:`edge_sdk.tasks.linear_head`); full training,
+    pretraining and the dataset raise :class:`~edge_sdk.errors.MissingExtra` naming the
+    extra that provides them.
+    """
+
+    def __init__(self, info: TaskInfo) -> None:
+        self.info = info
+        self.name = info.task_name
+        self.spec = info.spec
+        self.n_classes = info.n_classes
+        self.sample_kind: SampleKind = info.sample_kind
+        self._features_template: Any = None
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.info.input_shape
+
+    def _unavailable(self, what: str) -> Exception:
+        module = "ultralytics" if self.info.train_extra == "detection" else "torch"
+        return missing(module, self.info.train_extra, purpose=f"{what} ({self.info.name})")
+
+    def data(self) -> TaskData:
+        raise self._unavailable("the task's dataset")
+
+    def pretrained(self, *, seed: int = 0) -> Vector:
+        raise self._unavailable("pretraining")
+
+    def local_update(
+        self, weights: Vector, x: npt.NDArray[Any], y: npt.NDArray[np.int64], config: TrainConfig
+    ) -> TrainResult:
+        """Classifier-only rounds: the head fitted in numpy, every other value of ``weights``
+        returned bit-identical. Other rounds need ``[train]`` (:class:`MissingExtra`)."""
+        if config.group != CLASSIFIER or self.info.contract is None:
+            raise self._unavailable(f"training group {config.group!r}")
+        started = perf_counter()
+        self.spec.check(weights)
+        layout = HeadLayout.of(self.spec, CLASSIFIER)
+        xs = self.info.contract.batch(x)
+        ys = np.asarray(y)
+        if ys.ndim != 1 or ys.shape[0] != xs.shape[0] or not np.issubdtype(ys.dtype, np.integer):
+            raise InvalidSample(f"{self.name}: y must be {xs.shape[0]} integer labels, got {ys.dtype}{ys.shape}")
+        head_w, head_b, loss = fit_head(
+            self.features(weights, xs),
+            ys.astype(np.int64, copy=False),
+            weights[layout.weight].reshape(layout.n_classes, layout.feature_dim),
+            weights[layout.bias],
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            seed=config.seed,
+        )
+        updated = weights.copy()
+        updated[layout.weight] = head_w.reshape(-1)
+        updated[layout.bias] = head_b
+        return TrainResult(
+            weights=updated,
+            n_samples=int(ys.shape[0]),
+            loss=loss,
+            seconds=perf_counter() - started,
+            extra={"device": "numpy", "group": CLASSIFIER},
+        )
+
+    def features(self, weights: Vector, x: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+        """The extractor's output z = h(x, φ) for a batch, by onnxruntime on the shipped
+        ``<model_id>.features.onnx`` with the extractor slice of ``weights``."""
+        import onnxruntime as ort
+
+        from edge_sdk.inference import FEATURES_NAME, INPUT_NAME, OnnxTemplate
+
+        self.spec.check(weights)
+        if self.info.contract is None:
+            raise self._unavailable("features of frames")
+        xs = self.info.contract.batch(x)
+        extractor = self.spec.group_slice(EXTRACTOR)
+        if self._features_template is None:
+            path = GRAPHS_DIR / f"{self.spec.model_id}.features.onnx"
+            if extractor.start != 0 or not path.is_file():
+                raise self._unavailable("features without a shipped extractor graph")
+            entries = [(p.name, p.shape, p.group) for p in self.spec.params if p.group == EXTRACTOR]
+            self._features_template = OnnxTemplate(path.read_bytes(), ModelSpec.build(self.spec.model_id, entries))
+        model = self._features_template.patched(np.ascontiguousarray(weights[extractor]))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.log_severity_level = 3
+        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        (z,) = session.run([FEATURES_NAME], {INPUT_NAME: xs})
+        return np.asarray(z, dtype=np.float32)
+
+    def evaluate(self, weights: Vector, split: Split | None = None) -> dict[str, float]:
+        raise self._unavailable("evaluation")
+
+
+def write_graphs(out: Path = GRAPHS_DIR, names: tuple[str, ...] = ("digits", "gestures")) -> list[Path]:
+    """Export each task's graph (zeros as weights) and spec from torch into ``out``; the
+    detection task ships its spec only (it has its own exporter). Needs ``[train]``."""
+    from edge_sdk.inference import (
+        OPSET,
+        OnnxTemplate,
+        export_features_onnx,
+        export_onnx,
+        with_weights,
+    )
+    from edge_sdk.tasks import get_task
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in (*names, "detection"):
+        info = TASK_INFO[name]
+        task: Any = get_task(name)
+        params = ",\n".join(json.dumps(entry) for entry in task.spec.to_dict()["params"])
+        text = (
+            f'{{"model_id": {json.dumps(info.model_id)}, "opset": {OPSET}, "spec": {{\n'
+            f'"model_id": {json.dumps(task.spec.model_id)}, "params": [\n{params}\n]}}}}\n'
+        )
+        if name != "detection":
+            # Export with real weights (the exporter folds away all-zero biases), ship zeros.
+            proto = export_onnx(task, task.initial_weights(seed=0))
+            graph = out / f"{info.model_id}.onnx"
+            graph.write_bytes(with_weights(proto, task.spec, task.spec.zeros()))
+            written.append(graph)
+            # The extractor alone (output "features"), for head-only training without torch.
+            extractor = [(p.name, p.shape, p.group) for p in task.spec.params if p.group == EXTRACTOR]
+            ext_spec = ModelSpec.build(task.spec.model_id, extractor)
+            features = export_features_onnx(task, task.initial_weights(seed=0)).SerializeToString()
+            graph = out / f"{info.model_id}.features.onnx"
+            graph.write_bytes(OnnxTemplate(features, ext_spec).patched(ext_spec.zeros()))
+            written.append(graph)
+        sidecar = out / f"{info.model_id}.spec.json"
+        sidecar.write_text(text, encoding="utf-8")
+        written.append(sidecar)
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--write-graphs", action="store_true", help="rebuild graphs/ from torch")
+    args = parser.parse_args(argv)
+    if args.write_graphs:
+        for path in write_graphs():
+            print(path, path.stat().st_size, "bytes")
+    else:
+        for info in TASK_INFO.values():
+            shape = info.contract.describe() if info.contract else "frames with boxes"
+            print(f"{info.name}: {shape}; {info.n_classes} classes; D_min {info.min_samples}")
+
+
+if __name__ == "__main__":
+    main()
