@@ -13,6 +13,7 @@ from pathlib import Path
 from devices.live import LabellingLoop, LabellingUser, device_index
 from devices.partition import partition
 from edge_sdk.client import EdgeClient
+from edge_sdk.mqtt import add_broker_arguments, auth_from_args
 from edge_sdk.tasks import get_task
 from edge_sdk.tasks.base import Split, TrainConfig
 
@@ -20,16 +21,17 @@ log = logging.getLogger("edgeci.device")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="MQTT broker URL")
+    p.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="MQTT broker URL: mqtts://HOST[:8883] with --bundle in production")
+    add_broker_arguments(p)
     p.add_argument("--region", default="default", help="region of the coordinator to use")
     p.add_argument("--device-id", required=True, help="this device's id (1-64 of A-Z a-z 0-9 _ . -)")
     p.add_argument("--dataset", "--model", dest="model", default="digits", help="task whose pool is labelled")
-    p.add_argument("--data-dir", type=Path, help="SDK data dir (default: ~/.edgeci/devices/DEVICE_ID)")
+    p.add_argument("--data-dir", type=Path, help="SDK data dir (default: $EDGECI_HOME/devices/DEVICE_ID, EDGECI_HOME defaulting to ~/.edgeci)")
     p.add_argument("--fleet-size", type=int, default=20, help="the pool is split into this many partitions")
     p.add_argument("--partition", type=int, help="partition index (default: from the device id)")
     p.add_argument("--alpha", type=float, default=1.0, help="Dirichlet α of the partition")
     p.add_argument("--rate", type=float, default=0.5, help="labels per second (Poisson)")
-    p.add_argument("--min-samples", type=int, default=8, help="D_min before the first pull")
+    p.add_argument("--min-samples", type=int, help="D_min before the first pull (default: the task's, edge_sdk/tasks/registry.py)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: run until the partition is labelled, then keep serving)")
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     index = args.partition if args.partition is not None else device_index(args.device_id, args.fleet_size)
     parts = partition(data.pool.y, args.fleet_size, "dirichlet", alpha=args.alpha, seed=args.seed)
     idx = parts[index]
-    data_dir = args.data_dir or Path("~/.edgeci/devices").expanduser() / args.device_id
+    data_dir = args.data_dir  # None: the SDK's $EDGECI_HOME/devices/<id>
     client = EdgeClient(
         broker=args.broker,
         device_id=args.device_id,
@@ -53,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
         min_samples=args.min_samples,
         train=TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed),
         seed=args.seed,
+        auth=auth_from_args(args),
+        bundle=args.bundle,
     )
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
@@ -73,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     client.start()
     print(
         f"device {args.device_id}: partition {index}/{args.fleet_size} ({len(idx)} samples, {already} already labelled), "
-        f"D_min {args.min_samples}, {args.rate:g} labels/s, broker {args.broker}",
+        f"D_min {client.core.config.min_samples}, {args.rate:g} labels/s, broker {args.broker}",
         flush=True,
     )
     loop = LabellingLoop([user], seed=args.seed + index).start()

@@ -2,21 +2,22 @@
 
 Used by ``edgeci device`` (one headless device) and ``edgeci run`` (a fleet of in-process
 devices on real MQTT). Arrivals are a Poisson process per device (rate λ samples/s); one
-scheduler thread serves the whole fleet from a heap of next-arrival times.
+scheduler thread serves the whole fleet: the engine's event queue on a wall clock
+(:class:`devices.engine.ScaledWallClock`).
 """
 
 from __future__ import annotations
 
-import heapq
 import threading
-import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from devices.engine import Driver, Kind, ScaledWallClock
 from edge_sdk.tasks.base import Split
 
 
@@ -76,29 +77,39 @@ class LabellingLoop:
         return float(self._rng.exponential(1.0 / rate)) / self.time_scale
 
     def _run(self) -> None:
-        t0 = time.monotonic()
-        heap: list[tuple[float, int]] = []
+        """The engine's loop on a wall clock: label events in time order, sleeping between
+        them (interrupted by ``stop()``)."""
+        driver = _LabelDriver(self)
         for i, u in enumerate(self.users):
             if u.exhausted:
                 continue
             if u.times is not None:
-                heapq.heappush(heap, (float(u.times[0]) / self.time_scale, i))
+                driver.push(float(u.times[0]) / self.time_scale, Kind.SAMPLE, i)
             elif u.rate > 0:
-                heapq.heappush(heap, (self._gap(u.rate), i))
-        while heap and not self._stop.is_set():
-            at, i = heapq.heappop(heap)
-            if self._stop.wait(max(0.0, at - (time.monotonic() - t0))):
-                return
-            u = self.users[i]
-            try:
-                u.add(u.stream.x[u.position], int(u.stream.y[u.position]))
-                self.labelled += 1
-            except Exception as exc:  # a failing device must not stop the others
-                self.errors.append(exc)
-            u.position += 1
-            if u.exhausted:
-                continue
-            if u.times is not None:
-                heapq.heappush(heap, (float(u.times[u.position]) / self.time_scale, i))
-            else:
-                heapq.heappush(heap, (at + self._gap(u.rate), i))
+                driver.push(self._gap(u.rate), Kind.SAMPLE, i)
+        while driver.step() is not None:
+            pass
+
+
+class _LabelDriver(Driver):
+    def __init__(self, loop: LabellingLoop) -> None:
+        super().__init__(ScaledWallClock(1.0, sleep=loop._stop.wait))
+        self.loop = loop
+
+    def halted(self) -> bool:
+        return self.loop._stop.is_set()
+
+    def dispatch(self, now: float, kind: Kind, target: int, data: Any) -> None:
+        loop, u = self.loop, self.loop.users[target]
+        try:
+            u.add(u.stream.x[u.position], int(u.stream.y[u.position]))
+            loop.labelled += 1
+        except Exception as exc:  # a failing device must not stop the others
+            loop.errors.append(exc)
+        u.position += 1
+        if u.exhausted:
+            return
+        if u.times is not None:
+            self.push(float(u.times[u.position]) / loop.time_scale, Kind.SAMPLE, target)
+        else:
+            self.push(now + loop._gap(u.rate), Kind.SAMPLE, target)

@@ -10,6 +10,7 @@ time can be measured without asking the coordinator.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import threading
 import time
@@ -23,6 +24,7 @@ import numpy.typing as npt
 
 from devices.live import LabellingLoop, LabellingUser
 from edge_sdk.client import EdgeClient
+from edge_sdk.mqtt import BrokerAuth
 from edge_sdk.spec import Vector
 from edge_sdk.tasks.base import Split, Task, TrainConfig
 
@@ -61,7 +63,12 @@ class MqttFleet:
         seed: int = 0,
         prefix: str = "fleet",
         connect_timeout: float = 30.0,
+        auth: BrokerAuth | None = None,
+        bundles: Path | None = None,
     ) -> None:
+        """``auth``: one set of credentials for every device; ``bundles``: a folder of
+        per-device provisioning bundles named by device id (``PKI/bundles``, from
+        ``edgeci pki issue --role device ID``), so that each device is its own identity."""
         self.task = task
         self.stats = FleetStats()
         pool = task.data().pool
@@ -74,6 +81,7 @@ class MqttFleet:
                 broker=broker, device_id=name, region=region, task=task, durable=False,
                 min_samples=min_samples, train=TrainConfig(epochs=train.epochs, batch_size=train.batch_size, lr=train.lr, seed=seed + i),
                 seed=seed + i, inference="torch", request_timeout_s=request_timeout_s,
+                auth=auth, bundle=bundles / name if bundles is not None else None,
             )
             client.on("*", self._on_event)
             self.clients.append(client)
@@ -129,6 +137,18 @@ class MqttFleet:
         self.stop()
 
 
+def _fleet_credentials(args: Any) -> dict[str, Any]:
+    """``--bundle PKI/bundles`` (a folder of per-device bundles: each device its own
+    certificate) or one bundle / ``--cert``/``--username`` for all devices."""
+    from edge_sdk.mqtt import auth_from_args
+
+    bundle = getattr(args, "bundle", None)
+    if bundle is not None and not (Path(bundle) / "bundle.json").exists():
+        args = argparse.Namespace(**{**vars(args), "bundle": None})
+        return {"bundles": Path(bundle), "auth": auth_from_args(args)}
+    return {"auth": auth_from_args(args)}
+
+
 def run_fleet(scenario: Any, *, broker: str, time_scale: float, args: Any) -> int:
     """``edgeci emulate SCENARIO.toml --broker URL``: play the scenario's fleet in real time
     (sped up by ``time_scale``) against a running coordinator, one MQTT client per device.
@@ -142,8 +162,7 @@ def run_fleet(scenario: Any, *, broker: str, time_scale: float, args: Any) -> in
 
     from tqdm import tqdm
 
-    from demos.emulate import parse_seeds
-    from demos.run import Timeline, plot
+    from devices.report import parse_seeds, plot_timeline
     from devices.scenario import materialise
     from edge_sdk.tasks import get_task
 
@@ -166,21 +185,21 @@ def run_fleet(scenario: Any, *, broker: str, time_scale: float, args: Any) -> in
         min_samples=settings.min_samples,
         train=TrainConfig(epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr, seed=seed),
         request_timeout_s=max(settings.request_timeout_s / time_scale, 1.0),
-        time_scale=time_scale, seed=seed,
+        time_scale=time_scale, seed=seed, **_fleet_credentials(args),
     )
-    timeline = Timeline(t0=time.monotonic())
+    points: list[tuple[float, int, float]] = []  # (wall s, version, accuracy), this thread only
     print(f"{len(plans)} devices connecting to {broker} (region {region}); {settings.duration_s:.0f} virtual s at {time_scale:g}× = {wall_s:.0f} wall s", flush=True)
     with fleet, tqdm(total=int(wall_s), unit="s", disable=getattr(args, "no_progress", False)) as bar:
-        timeline.t0 = time.monotonic()
+        t0 = time.monotonic()
         next_eval = 0.0
-        while (elapsed := time.monotonic() - timeline.t0) < wall_s:
+        while (elapsed := time.monotonic() - t0) < wall_s:
             if elapsed >= next_eval:
                 latest = fleet.latest_weights()
                 if latest is not None:
-                    timeline.add(latest[0], float(task.evaluate(latest[1])["accuracy"]))
+                    points.append((time.monotonic() - t0, latest[0], float(task.evaluate(latest[1])["accuracy"])))
                 next_eval += eval_s
-                if timeline.points:
-                    _, v, acc = timeline.last()
+                if points:
+                    _, v, acc = points[-1]
                     bar.set_postfix_str(f"version {v} | accuracy {100 * acc:.1f}% | labelled {fleet.loop.labelled}")
             bar.n = int(elapsed)
             bar.refresh()
@@ -188,14 +207,14 @@ def run_fleet(scenario: Any, *, broker: str, time_scale: float, args: Any) -> in
     with open(out / "timeline.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["wall_s", "virtual_s", "version", "accuracy"])
-        for t, v, acc in timeline.points:
+        for t, v, acc in points:
             w.writerow([f"{t:.3f}", f"{t * time_scale:.1f}", v, f"{acc:.4f}"])
-    plot(timeline, out / "accuracy.png", f"{scenario.name}: {len(plans)} MQTT devices, {time_scale:g}× real time")
+    plot_timeline(points, out / "accuracy.png", f"{scenario.name}: {len(plans)} MQTT devices, {time_scale:g}× real time")
     summary = {"devices": len(plans), "acked": fleet.stats.acked, "rejected": fleet.stats.rejected,
-               "trained": fleet.stats.trained, "labelled": fleet.loop.labelled, "points": timeline.points}
+               "trained": fleet.stats.trained, "labelled": fleet.loop.labelled, "points": points}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    first = timeline.points[0] if timeline.points else (0.0, -1, float("nan"))
-    last = timeline.points[-1] if timeline.points else first
+    first = points[0] if points else (0.0, -1, float("nan"))
+    last = points[-1] if points else first
     print(
         f"{len(plans)} MQTT devices: accuracy {100 * first[2]:.1f}% (v{first[1]}) → {100 * last[2]:.1f}% (v{last[1]}) | "
         f"updates acked {fleet.stats.acked}, rejected {fleet.stats.rejected} | labelled {fleet.loop.labelled} | {out}"

@@ -6,10 +6,12 @@ virtual clock, the Spyker paper's inter-region latencies.
 
 Theory of operation
 -------------------
-This driver composes the pieces of :mod:`devices.simulator` (virtual clock, heap of timed
-events, the real :class:`~edge_sdk.core.device.DeviceCore` and
-:class:`~coordinator.core.CoordinatorCore`, real local training, ``time_to_target``) into
-a fleet with **several coordinators**, which the single-coordinator simulator cannot host:
+This driver runs on :mod:`devices.engine` (virtual clock, event queue, the
+:class:`~devices.engine.RegionNetwork`, the training seed and hints) with the real
+:class:`~edge_sdk.core.device.DeviceCore` and :class:`~coordinator.core.CoordinatorCore`
+and real local training, in a fleet with **several coordinators** (strategy + peering per
+coordinator from :func:`coordinator.methods.make_method`); tables and plots are
+:mod:`devices.report`'s:
 
 * **Regions.** Devices are spread evenly over the regions (device ``i`` lives in region
   ``i mod R``). A *multi-server* method (``spyker``, ``nebula``, ``hierfavg``) runs one
@@ -48,14 +50,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import heapq
-import itertools
 import json
 import math
 import random
 import sys
 import time
-import tomllib
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -72,11 +71,11 @@ from coordinator.core import (
     PersistUpdate,
     Snapshot,
 )
-from coordinator.peering import make_peering
-from coordinator.strategies import make_strategy
+from coordinator.methods import make_method
+from devices.engine import Driver, Kind, RegionNetwork, job_seed, train_config
 from devices.partition import partition
-from devices.scenario import ScenarioError, Settings, parse_scenario
-from devices.simulator import RunResult, VirtualClock
+from devices.scenario import ScenarioError, Settings, parse_settings, read_toml, with_quick
+from devices.simulator import RunResult
 from edge_sdk.core.device import DeviceConfig, DeviceCore
 from edge_sdk.core.events import (
     DeployModel,
@@ -91,17 +90,16 @@ from edge_sdk.core.events import (
     TrainingFinished,
 )
 from edge_sdk.errors import ConfigError, LocalProtocolError
+from edge_sdk.signing import Signer
 from edge_sdk.tasks.base import Task, TrainConfig
 from edge_sdk.wire import topics
 
 __all__ = [
     "PAPER_LATENCY_MS",
     "PAPER_REGIONS",
-    "PAPER_SCALING",
     "Method",
     "MultiRegionScenario",
     "Topology",
-    "format_tables",
     "load_multiregion",
     "main",
     "run_method",
@@ -115,19 +113,9 @@ PAPER_LATENCY_MS = (
     (155.13, 142.25, 138.47, 2.14),
 )
 """Spyker's Table 4 (upper triangle, made symmetric), one-way milliseconds."""
-PAPER_SCALING = {
-    "spyker": (1.21, 1.43),
-    "fedasync": (2.42, 5.99),
-    "hierfavg": (1.64, 1.75),
-}
-"""Spyker's Table 5: time to 90 % with 200 and 300 clients over 100 clients (MNIST)."""
 KINDS = ("spyker", "nebula", "single", "hierfavg")
 SINGLE_ID = "server"
 SINGLE_REGION = "global"
-
-# Event kinds in the heap: (time, seq, kind, target endpoint, data).
-_MSG, _TIMER, _TRAINED, _EVAL, _KICK, _HOP = range(6)
-
 
 # --------------------------------------------------------------------------- scenario
 
@@ -212,22 +200,8 @@ def load_multiregion(path: str | Path, *, quick: bool = False) -> MultiRegionSce
     """Read a multi-region scenario: the usual sections (``task``, ``[fleet]``, ``[data]``,
     ``[training]``, …; see :mod:`devices.scenario`) plus ``[multiregion]`` and
     ``[[methods]]``; ``[quick]`` overrides apply with ``quick=True``."""
-    p = Path(path)
-    try:
-        raw = tomllib.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ScenarioError(f"scenario file not found: {p}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ScenarioError(f"{p}: not valid TOML: {exc}") from exc
-    raw.setdefault("name", p.stem)
-    if quick:
-        for dotted, value in raw.get("quick", {}).items():
-            node = raw
-            parts = dotted.split(".")
-            for part in parts[:-1]:
-                node = node.setdefault(part, {})
-            node[parts[-1]] = value
-    return parse_multiregion(raw, source=str(p))
+    raw = read_toml(path)
+    return parse_multiregion(with_quick(raw, source=str(path)) if quick else raw, source=str(path))
 
 
 def parse_multiregion(raw_in: Mapping[str, Any], *, source: str = "<string>") -> MultiRegionScenario:
@@ -240,14 +214,14 @@ def parse_multiregion(raw_in: Mapping[str, Any], *, source: str = "<string>") ->
     unknown = set(mr) - _MR_KEYS
     if unknown:
         raise ScenarioError(f"{source}: [multiregion]: unknown keys {sorted(unknown)}; allowed: {sorted(_MR_KEYS)}")
-    base = parse_scenario({**raw, "runs": [{"strategy": "fedasync"}]}, source=source)
+    settings = parse_settings(raw, source=source)
     try:
         regions = tuple(mr.get("regions", PAPER_REGIONS))
         latency = tuple(tuple(float(x) for x in row) for row in mr.get("latency_ms", PAPER_LATENCY_MS))
         topology = Topology(regions=regions, latency_ms=latency, bandwidth_mbps=float(mr.get("bandwidth_mbps", 100.0)))
     except (ConfigError, TypeError, ValueError) as exc:
         raise ScenarioError(f"{source}: [multiregion]: {exc}") from None
-    counts = tuple(int(n) for n in mr.get("device_counts", [base.settings.devices]))
+    counts = tuple(int(n) for n in mr.get("device_counts", [settings.devices]))
     if not counts or any(n < len(regions) for n in counts):
         raise ScenarioError(f"{source}: device_counts must each be >= the number of regions")
     server = str(mr.get("single_server_region", regions[-1]))
@@ -272,16 +246,16 @@ def parse_multiregion(raw_in: Mapping[str, Any], *, source: str = "<string>") ->
             service_ms=float(m.get("service_ms", 2.0)), msg_ms=float(m.get("msg_ms", 0.05)),
         )
         try:  # validate names and parameters now, not an hour into a sweep
-            strat = make_strategy(method.strategy_name, **_strategy_params(method, base.settings, devices_per_region=1))
-            if kind != "single":
-                make_peering(kind, coordinator_id=regions[0], ring=regions, strategy=strat, params=method.peering_params)
+            make_method(method.strategy_name, peering=None if kind == "single" else kind, coordinator_id=regions[0],
+                        ring=regions if kind != "single" else (), peering_params=method.peering_params,
+                        strategy_params=_strategy_params(method, settings, devices_per_region=1))
         except ConfigError as exc:
             raise ScenarioError(f"{where}: {exc}") from None
         methods.append(method)
     if len({m.label for m in methods}) != len(methods):
         raise ScenarioError(f"{source}: method labels must be unique")
     return MultiRegionScenario(
-        name=str(raw.get("name", "multiregion")), description=str(raw.get("description", "")), settings=base.settings,
+        name=str(raw.get("name", "multiregion")), description=str(raw.get("description", "")), settings=settings,
         topology=topology, methods=tuple(methods), device_counts=counts, single_server_region=server,
         train_delay_mean_s=float(delay["mean"]), train_delay_sd_s=float(delay.get("sd", 0.0)),
         stop_at_target=bool(mr.get("stop_at_target", True)), source=source, raw=raw,
@@ -327,7 +301,7 @@ class _Coordinator:
     busy_s: float = 0.0
 
 
-class MultiRegionRun:
+class MultiRegionRun(Driver):
     """One method, one fleet size, one seed."""
 
     def __init__(self, task: Task, sc: MultiRegionScenario, method: Method, n_devices: int, seed: int,
@@ -335,8 +309,8 @@ class MultiRegionRun:
         self.task, self.sc, self.method, self.seed, self.progress = task, sc, method, seed, progress
         s = sc.settings
         topo = sc.topology
-        self.clock = VirtualClock()
-        self.bandwidth = topo.bandwidth_mbps * 1e6
+        super().__init__()  # the engine's loop on a virtual clock
+        self.defaults = TrainConfig(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr)
         regions = topo.regions
         multi = method.kind != "single"
         data = task.data()
@@ -351,15 +325,16 @@ class MultiRegionRun:
         names = list(regions) if multi else [SINGLE_ID]
         for k, name in enumerate(names):
             region_index = k if multi else regions.index(sc.single_server_region)
-            strategy = make_strategy(method.strategy_name, **_strategy_params(
-                method, s, devices_per_region=per_region[k] if multi else n_devices))
-            peering = make_peering(method.kind, coordinator_id=name, ring=names, strategy=strategy,
-                                   params=method.peering_params) if multi else None
+            built = make_method(method.strategy_name, peering=method.kind if multi else None, coordinator_id=name,
+                                ring=names, peering_params=method.peering_params, strategy_params=_strategy_params(
+                                    method, s, devices_per_region=per_region[k] if multi else n_devices))
+            strategy, peering = built.strategy, built.peering
             cfg = CoordinatorConfig(
                 region=name if multi else SINGLE_REGION, coordinator_id=name, spec=task.spec,
                 encoding=s.encoding,  # type: ignore[arg-type]
                 hints={"epochs": float(s.epochs), "batch_size": float(s.batch_size), "lr": float(s.lr)},
                 keep_versions=s.keep_versions,
+                signer=Signer.generate(),  # peers verify each other's messages
             )
             core = CoordinatorCore(cfg, strategy, Snapshot(version=0, weights=initial),
                                    rng=random.Random(f"{seed}:coordinator:{name}"), peering=peering)
@@ -371,7 +346,8 @@ class MultiRegionRun:
             topic_region = regions[home] if multi else SINGLE_REGION
             dcfg = DeviceConfig(device_id=f"d{i:04d}", region=topic_region, spec=task.spec, min_samples=1,
                                 request_timeout_s=s.request_timeout_s, max_backoff_s=max(60.0, s.request_timeout_s),
-                                encoding=s.encoding)  # type: ignore[arg-type]
+                                encoding=s.encoding,  # type: ignore[arg-type]
+                                require_signature=False, serve_on_start=False)  # one trusted process
             train_s = max(0.01, rng.gauss(sc.train_delay_mean_s, sc.train_delay_sd_s))
             self.devices.append(_Device(
                 index=i, device_id=dcfg.device_id, region=home, core=DeviceCore(dcfg, rng=random.Random(f"{seed}:core:{i}")),
@@ -379,76 +355,66 @@ class MultiRegionRun:
             ))
         # Endpoints: devices 0..N-1, coordinators N..N+C-1.
         self.n = len(self.devices)
-        self.endpoint_region = [d.region for d in self.devices] + [c.region for c in self.coords]
-        self.up_free = [0.0] * (self.n + len(self.coords))
-        self.down_free = [0.0] * (self.n + len(self.coords))
-        self.routes: dict[str, list[int]] = {}
+        self.network = RegionNetwork([d.region for d in self.devices] + [c.region for c in self.coords],
+                                     topo.latency_ms, topo.bandwidth_mbps * 1e6)
         coord_of = {c.core.config.region: self.n + k for k, c in enumerate(self.coords)}
         for d in self.devices:
             r = d.core.config.region
             for leaf in topics.UPSTREAM:
-                self.routes[topics.device_topic(r, d.device_id, leaf)] = [coord_of[r]]
+                self.network.subscribe(topics.device_topic(r, d.device_id, leaf), [coord_of[r]])
             for leaf in topics.DOWNSTREAM:
-                self.routes[topics.device_topic(r, d.device_id, leaf)] = [d.index]
+                self.network.subscribe(topics.device_topic(r, d.device_id, leaf), [d.index])
         for k, c in enumerate(self.coords):
             for kind in ("beat", "model", "token", "rotate", "edge", "global"):
-                self.routes[topics.peer_topic(c.name, kind)] = [self.n + k]
-                self.routes[topics.peer_topic("all", kind)] = [self.n + j for j in range(len(self.coords))]
-        self.heap: list[tuple[float, int, int, int, Any]] = []
-        self.seq = itertools.count()
+                self.network.subscribe(topics.peer_topic(c.name, kind), [self.n + k])
+                self.network.subscribe(topics.peer_topic("all", kind), [self.n + j for j in range(len(self.coords))])
         self.rows: list[dict[str, float]] = []
         self.eval_cache: dict[tuple[int, int], float] = {}
         self.bytes_device = 0
         self.bytes_peer = 0
-        self.messages = 0
         self.updates = 0
         self.done_at: float | None = None
-        self.events = 0
 
     # ------------------------------------------------------------------ plumbing
 
-    def push(self, at: float, kind: int, target: int, data: Any) -> None:
-        heapq.heappush(self.heap, (at, next(self.seq), kind, target, data))
-
     def publish(self, sender: int, action: Publish, now: float) -> None:
-        receivers = self.routes.get(action.topic)
-        if receivers is None:
-            return  # retained status: nobody listens in the emulation
+        """Send a core's publish into the network (retained status: nobody listens here)."""
         size = len(action.payload)
-        seconds = size * 8.0 / self.bandwidth
         peer = sender >= self.n and action.topic.startswith(f"{topics.ROOT}/peer/")
-        for receiver in receivers:
-            if receiver == sender:
-                continue
-            start = max(now, self.up_free[sender])
-            self.up_free[sender] = start + seconds
-            at_broker = self.up_free[sender] + self.sc.topology.latency_s(self.endpoint_region[sender], self.endpoint_region[receiver])
-            self.messages += 1
+        for receiver, at_broker in self.network.send(sender, action.topic, size, now):
             if peer:
                 self.bytes_peer += size
             else:
                 self.bytes_device += size
-            self.push(at_broker, _HOP, receiver, (action.topic, action.payload))
+            self.push(at_broker, Kind.HOP, receiver, (action.topic, action.payload))
 
     def hop(self, receiver: int, now: float, data: tuple[str, bytes]) -> None:
         """At the receiver's side of the network: queue on its downlink in arrival order."""
-        start = max(now, self.down_free[receiver])
-        self.down_free[receiver] = start + len(data[1]) * 8.0 / self.bandwidth
-        self.push(self.down_free[receiver], _MSG, receiver, data)
+        self.push(self.network.arrive(receiver, len(data[1]), now), Kind.MSG, receiver, data)
+
+    def dispatch(self, now: float, kind: Kind, target: int, data: Any) -> None:
+        if kind == Kind.EVAL:
+            self.evaluate(now)
+        elif kind == Kind.HOP:
+            self.hop(target, now, data)
+        elif target >= self.n:
+            self.coordinator_event(target - self.n, now, kind, data)
+        else:
+            self.device_event(target, now, kind, data)
 
     # ------------------------------------------------------------------ coordinators
 
-    def coordinator_event(self, k: int, now: float, kind: int, data: Any) -> None:
+    def coordinator_event(self, k: int, now: float, kind: Kind, data: Any) -> None:
         c = self.coords[k]
         if now < c.busy_until:  # the coordinator's CPU is busy: queue behind the current work
             self.push(c.busy_until, kind, self.n + k, data)
             return
-        if kind == _TIMER:
+        if kind == Kind.TIMER:
             if c.timer_at != data:
                 return
             c.timer_at = None
             actions = c.core.handle(TimerFired(now=now))
-        elif kind == _KICK:
+        elif kind == Kind.KICK:
             actions = c.core.start(now)
         else:
             topic, payload = data
@@ -463,7 +429,7 @@ class MultiRegionRun:
                 self.publish(self.n + k, a, done)
             elif isinstance(a, ScheduleTimer):
                 c.timer_at = a.at
-                self.push(max(a.at, done), _TIMER, self.n + k, a.at)
+                self.push(max(a.at, done), Kind.TIMER, self.n + k, a.at)
             elif isinstance(a, CommitVersion):
                 c.commit_times[a.version] = done
                 if a.metadata.get("source") == "aggregation":
@@ -473,21 +439,21 @@ class MultiRegionRun:
 
     # ------------------------------------------------------------------ devices
 
-    def device_event(self, i: int, now: float, kind: int, data: Any) -> None:
+    def device_event(self, i: int, now: float, kind: Kind, data: Any) -> None:
         d = self.devices[i]
-        if kind == _MSG:
+        if kind == Kind.MSG:
             topic, payload = data
             actions = d.core.handle(MessageReceived(now=now, topic=topic, payload=payload))
-        elif kind == _TIMER:
+        elif kind == Kind.TIMER:
             if d.timer_at != data:
                 return
             d.timer_at = None
             actions = d.core.handle(TimerFired(now=now))
-        elif kind == _TRAINED:
+        elif kind == Kind.TRAINED:
             job_id, result = data
             actions = d.core.handle(TrainingFinished(now=now, job_id=job_id, weights=result.weights,
                                                      n_samples=result.n_samples, loss=result.loss, seconds=d.train_s))
-        elif kind == _KICK:
+        elif kind == Kind.KICK:
             d.total = int(d.y.shape[0])
             actions = d.core.handle(SampleAdded(now=now, total=d.total))
         else:  # pragma: no cover - kinds are private
@@ -501,17 +467,13 @@ class MultiRegionRun:
                 self.publish(d.index, a, now)
             elif isinstance(a, ScheduleTimer):
                 d.timer_at = a.at
-                self.push(max(a.at, now), _TIMER, d.index, a.at)
+                self.push(max(a.at, now), Kind.TIMER, d.index, a.at)
             elif isinstance(a, StartTraining):
                 job = a.job
-                h = job.hints
-                cfg = TrainConfig(epochs=int(h.get("epochs", self.sc.settings.epochs)),
-                                  batch_size=int(h.get("batch_size", self.sc.settings.batch_size)),
-                                  lr=float(h.get("lr", self.sc.settings.lr)),
-                                  seed=(self.seed * 1_000_003 + d.index * 10_007 + job.job_id) % 2**31, group=job.group)
+                cfg = train_config(job.hints, self.defaults, seed=job_seed(self.seed, d.index, job.job_id), group=job.group)
                 result = self.task.local_update(job.weights, d.x, d.y, cfg)
                 d.trainings += 1
-                self.push(now + d.train_s, _TRAINED, d.index, (job.job_id, result))
+                self.push(now + d.train_s, Kind.TRAINED, d.index, (job.job_id, result))
             elif isinstance(a, Notify) and a.kind in ("update_acked", "update_rejected"):
                 again = True
             elif isinstance(a, DeployModel | PersistDeviceState | Notify):
@@ -555,27 +517,18 @@ class MultiRegionRun:
         s = self.sc.settings
         jitter = random.Random(f"{self.seed}:start")
         for k in range(len(self.coords)):
-            self.push(0.0, _KICK, self.n + k, None)
+            self.push(0.0, Kind.KICK, self.n + k, None)
         for d in self.devices:
-            self.push(jitter.uniform(0, 0.05), _KICK, d.index, None)
+            self.push(jitter.uniform(0, 0.05), Kind.KICK, d.index, None)
         n_evals = int(s.duration_s // s.eval_every_s)
         for k in range(n_evals + 1):
-            self.push(k * s.eval_every_s, _EVAL, -1, None)
+            self.push(k * s.eval_every_s, Kind.EVAL, -1, None)
         end = s.duration_s
-        while self.heap and self.heap[0][0] <= end:
-            at, _, kind, target, data = heapq.heappop(self.heap)
-            self.clock.advance_to(at)
-            self.events += 1
-            if kind == _EVAL:
-                self.evaluate(at)
-                if self.sc.stop_at_target and self.done_at is not None and at >= self.done_at + 2 * s.eval_every_s:
-                    break
-            elif kind == _HOP:
-                self.hop(target, at, data)
-            elif target >= self.n:
-                self.coordinator_event(target - self.n, at, kind, data)
-            else:
-                self.device_event(target, at, kind, data)
+        linger = 2 * s.eval_every_s
+        while (kind := self.step(end)) is not None:
+            if kind == Kind.EVAL and self.sc.stop_at_target and self.done_at is not None \
+                    and self.clock.now >= self.done_at + linger:
+                break
         wall = time.perf_counter() - started
         result = RunResult(label=self.method.label, strategy=self.method.kind, params=dict(self.method.strategy_params),
                            seed=self.seed, target_accuracy=s.target_accuracy, rows=self.rows)
@@ -590,7 +543,7 @@ class MultiRegionRun:
             "virtual_s": self.clock.now,
             "updates": self.updates,
             "trainings": sum(d.trainings for d in self.devices),
-            "messages": self.messages,
+            "messages": self.network.messages,
             "bytes_device": self.bytes_device,
             "bytes_peer": self.bytes_peer,
             "coordinator_utilisation": self.rows[-1]["coordinator_utilisation"] if self.rows else None,
@@ -606,152 +559,6 @@ def run_method(task: Task, sc: MultiRegionScenario, method: Method, n_devices: i
     return MultiRegionRun(task, sc, method, n_devices, seed, progress).run()
 
 
-# --------------------------------------------------------------------------- reporting
-
-
-def _mean_ttt(results: Sequence[RunResult], duration: float) -> tuple[float, bool]:
-    ttts = [r.time_to_target for r in results]
-    return float(np.mean([t if t is not None else duration for t in ttts])), all(t is not None for t in ttts)
-
-
-def summarise(sc: MultiRegionScenario, results: Sequence[RunResult]) -> dict[str, Any]:
-    duration = sc.settings.duration_s
-    base = sc.device_counts[0]
-    out: dict[str, Any] = {"scenario": sc.name, "target_accuracy": sc.settings.target_accuracy, "duration_s": duration,
-                           "device_counts": list(sc.device_counts), "seeds": list(sc.settings.seeds), "methods": {}}
-    for m in sc.methods:
-        entry: dict[str, Any] = {"kind": m.kind, "by_devices": {}}
-        for n in sc.device_counts:
-            mine = [r for r in results if r.label == m.label and r.summary["devices"] == n]
-            if not mine:
-                continue
-            mean, reached = _mean_ttt(mine, duration)
-            entry["by_devices"][str(n)] = {
-                "time_to_target_s": [r.time_to_target for r in mine],
-                "mean_time_to_target_s": mean,
-                "all_reached": reached,
-                "final_accuracy": float(np.mean([r.summary["final_accuracy"] for r in mine])),
-                "updates": float(np.mean([r.summary["updates"] for r in mine])),
-                "updates_to_target": float(np.mean([_updates_at(r) for r in mine])),
-                "mb_peer": float(np.mean([r.summary["bytes_peer"] for r in mine])) / 1e6,
-                "mb_device": float(np.mean([r.summary["bytes_device"] for r in mine])) / 1e6,
-                "utilisation": float(np.mean([r.summary["coordinator_utilisation"] or 0 for r in mine])),
-                "wall_s": float(np.mean([r.summary["wall_s"] for r in mine])),
-            }
-        b = entry["by_devices"].get(str(base))
-        entry["scaling"] = {}
-        if b is not None:
-            for n in sc.device_counts[1:]:
-                e = entry["by_devices"].get(str(n))
-                if e is not None and b["mean_time_to_target_s"] > 0:
-                    kind = "exact" if e["all_reached"] and b["all_reached"] else ("lower_bound" if b["all_reached"] else "undefined")
-                    entry["scaling"][str(n)] = {"time": e["mean_time_to_target_s"] / b["mean_time_to_target_s"],
-                                                "updates": e["updates_to_target"] / b["updates_to_target"] if b["updates_to_target"] else None,
-                                                "kind": kind}
-        out["methods"][m.label] = entry
-    return out
-
-
-def _updates_at(r: RunResult) -> float:
-    t = r.time_to_target
-    for row in r.rows:
-        if t is not None and row["committed_at_s"] >= t and row["accuracy"] >= r.target_accuracy:
-            return row["updates"]
-    return r.rows[-1]["updates"] if r.rows else 0.0
-
-
-def format_tables(sc: MultiRegionScenario, summary: Mapping[str, Any]) -> str:
-    target = summary["target_accuracy"]
-    base = sc.device_counts[0]
-    lat = ", ".join(f"{a}–{b} {sc.topology.latency_ms[i][j]:g}" for i, a in enumerate(sc.topology.regions)
-                    for j, b in enumerate(sc.topology.regions) if j >= i)
-    lines = [
-        f"### {sc.name}: time to {target:.0%} accuracy, {len(sc.topology.regions)} regions",
-        "",
-        sc.description.strip(),
-        "",
-        f"One-way latency (ms): {lat}. Seeds {', '.join(map(str, summary['seeds']))}; "
-        f"virtual seconds; a run that never reached the target counts as its duration ({summary['duration_s']:,.0f} s, shown as ≥).",
-        "",
-        f"| method | time to {target:.0%} at {base} devices (s) | updates to target | final acc. | coordinator CPU | MB between coordinators | MB devices |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for label, m in summary["methods"].items():
-        b = m["by_devices"].get(str(base))
-        if b is None:
-            continue
-        ttt = ("" if b["all_reached"] else "≥ ") + f"{b['mean_time_to_target_s']:.1f}"
-        lines.append(f"| {label} | {ttt} | {b['updates_to_target']:,.0f} | {b['final_accuracy']:.3f} | {b['utilisation']:.0%} | "
-                     f"{b['mb_peer']:.1f} | {b['mb_device']:.1f} |")
-    others = sc.device_counts[1:]
-    if others:
-        head = " | ".join(f"{n} devices: time (×), updates (×)" for n in others)
-        lines += ["", f"Scaling: time to {target:.0%} with more devices over the same method's time at {base} devices "
-                      f"(paper, Spyker Table 5, MNIST: Spyker 1.21 / 1.43, HierFAVG 1.64 / 1.75, FedAsync 2.42 / 5.99 for 200 / 300).",
-                  "", f"| method | {head} | paper (200 / 300) |", "|---|" + "---:|" * len(others) + "---|"]
-        for label, m in summary["methods"].items():
-            cells = []
-            for n in others:
-                s = m["scaling"].get(str(n))
-                if s is None or s["kind"] == "undefined":
-                    cells.append("—")
-                else:
-                    bound = "≥ " if s["kind"] == "lower_bound" else ""
-                    upd = f"{s['updates']:.2f}" if s["updates"] else "—"
-                    cells.append(f"{bound}{s['time']:.2f} ({upd})")
-            paper = PAPER_SCALING.get("fedasync" if m["kind"] == "single" else m["kind"])
-            lines.append(f"| {label} | {' | '.join(cells)} | {f'{paper[0]} / {paper[1]}' if paper else '—'} |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(sc: MultiRegionScenario, results: Sequence[RunResult], summary: Mapping[str, Any], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    base = sc.device_counts[0]
-    fig, axes = plt.subplots(1, 2 if len(sc.device_counts) > 1 else 1, figsize=(13, 5), dpi=120, squeeze=False)
-    ax = axes[0][0]
-    for m in sc.methods:
-        mine = [r for r in results if r.label == m.label and r.summary["devices"] == base and r.rows]
-        if not mine:
-            continue
-        r = mine[0]
-        t = [row["t_s"] for row in r.rows]
-        (line,) = ax.plot(t, [row["accuracy"] for row in r.rows], label=f"{m.label}", linewidth=1.8)
-        if r.summary["coordinators"] > 1:
-            ax.fill_between(t, [row["accuracy_min"] for row in r.rows], [row["accuracy_max"] for row in r.rows],
-                            color=line.get_color(), alpha=0.15, linewidth=0)
-    ax.axhline(sc.settings.target_accuracy, color="0.3", linestyle="--", linewidth=1, label=f"target {sc.settings.target_accuracy:.0%}")
-    ax.set_xlabel("virtual time (s)")
-    ax.set_ylabel("held-out accuracy (mean over coordinators)")
-    ax.set_title(f"{base} devices, {len(sc.topology.regions)} regions, seed {results[0].seed if results else 0} (band: min–max over coordinators)", fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    if len(sc.device_counts) > 1:
-        ax2 = axes[0][1]
-        labels = list(summary["methods"])
-        width = 0.8 / max(len(sc.device_counts) - 1, 1)
-        for j, n in enumerate(sc.device_counts[1:]):
-            vals = [summary["methods"][lab]["scaling"].get(str(n), {}).get("time", np.nan) for lab in labels]
-            ax2.bar([i + j * width for i in range(len(labels))], vals, width=width, label=f"{n} vs {base} devices")
-        for j in range(min(len(sc.device_counts) - 1, 2)):
-            paper = [PAPER_SCALING.get("fedasync" if summary["methods"][lab]["kind"] == "single" else summary["methods"][lab]["kind"], (np.nan, np.nan))[j]
-                     for lab in labels]
-            ax2.scatter([i + j * width for i in range(len(labels))], paper, marker="x", color="k", zorder=3,
-                        label="paper (Table 5)" if j == 0 else None)
-        ax2.set_xticks([i + width * (len(sc.device_counts) - 2) / 2 for i in range(len(labels))], labels, rotation=15, fontsize=8)
-        ax2.axhline(1.0, color="0.5", linewidth=0.8)
-        ax2.set_ylabel(f"time to {sc.settings.target_accuracy:.0%} ÷ time at {base} devices")
-        ax2.set_title("scaling with the number of devices (lower is better)")
-        ax2.legend(fontsize=8)
-        ax2.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-
-
 # --------------------------------------------------------------------------- command line
 
 
@@ -760,7 +567,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("scenario", type=Path)
     p.add_argument("--methods", default="", help="comma-separated method labels or kinds (default: all)")
     p.add_argument("--devices", default="", help="fleet sizes, e.g. 100,200,300 (default: the scenario's device_counts)")
-    p.add_argument("--seeds", default="", help="comma-separated seeds (default: the scenario's)")
+    p.add_argument("--seeds", default="", help="seeds, e.g. 0,1 or 0-4 (default: the scenario's)")
     p.add_argument("--duration", type=float, help="virtual seconds per run (cap)")
     p.add_argument("--quick", action="store_true", help="the scenario's [quick] variant")
     p.add_argument("--out", type=Path, help="output directory (default: runs/multiregion/<name>)")
@@ -768,7 +575,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--report-only", action="store_true",
                    help="only rebuild the table and plots from the run JSONs already in --out/runs (e.g. after parallel sweeps)")
     args = p.parse_args(argv)
-    from demos.emulate import load_task
+    from devices.report import (
+        json_default,
+        load_region_runs,
+        load_task,
+        parse_seeds,
+        write_region_report,
+    )
     from edge_sdk.trainer import configure_threads
 
     sc = load_multiregion(args.scenario, quick=args.quick)
@@ -781,14 +594,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         settings = sc.settings
         if args.seeds:
-            settings = dataclasses.replace(settings, seeds=tuple(int(x) for x in args.seeds.split(",")))
+            settings = dataclasses.replace(settings, seeds=tuple(parse_seeds(args.seeds)))
         if args.duration:
             settings = dataclasses.replace(settings, duration_s=float(args.duration))
         sc = _replace(sc, settings=settings)
     out: Path = args.out or Path("runs") / "multiregion" / sc.name
     (out / "runs").mkdir(parents=True, exist_ok=True)
     if args.report_only:
-        return _report(sc, _load_runs(out / "runs", sc), out)
+        return write_region_report(sc, load_region_runs(out / "runs", sc), out)
     configure_threads(1)
     task = load_task(sc.settings.task)
     results: list[RunResult] = []
@@ -809,38 +622,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"{'—' if ttt is None else f'{ttt:.1f} s'}, final {r.summary['final_accuracy']:.3f}, "
                       f"wall {r.summary['wall_s']:.0f} s", file=sys.stderr)
                 slug = f"{m.label}__{n}__seed{seed}".replace(" ", "-").replace("/", "-")
-                (out / "runs" / f"{slug}.json").write_text(json.dumps(r.to_json(), indent=1, default=_json_default), encoding="utf-8")
-    return _report(sc, results, out)
-
-
-def _report(sc: MultiRegionScenario, results: Sequence[RunResult], out: Path) -> int:
-    summary = summarise(sc, results)
-    table = format_tables(sc, summary)
-    (out / "time_to_target.md").write_text(table, encoding="utf-8")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default), encoding="utf-8")
-    plot(sc, results, summary, out / "accuracy.png")
-    print(table)
-    print(f"wrote {out / 'time_to_target.md'}, {out / 'accuracy.png'}, {out / 'runs'}/", file=sys.stderr)
-    return 0
-
-
-def _load_runs(directory: Path, sc: MultiRegionScenario) -> list[RunResult]:
-    """The runs of ``sc``'s methods, fleet sizes and seeds found in ``directory``."""
-    out = []
-    labels = {m.label for m in sc.methods}
-    for path in sorted(directory.glob("*.json")):
-        d = json.loads(path.read_text(encoding="utf-8"))
-        if d["label"] not in labels or d["summary"]["devices"] not in sc.device_counts or d["seed"] not in sc.settings.seeds:
-            continue
-        out.append(RunResult(label=d["label"], strategy=d["strategy"], params=d["params"], seed=d["seed"],
-                             target_accuracy=d["target_accuracy"], rows=d["rows"], summary=d["summary"]))
-    return out
-
-
-def _json_default(value: object) -> object:
-    if hasattr(value, "item"):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+                (out / "runs" / f"{slug}.json").write_text(json.dumps(r.to_json(), indent=1, default=json_default), encoding="utf-8")
+    return write_region_report(sc, results, out)
 
 
 if __name__ == "__main__":

@@ -73,7 +73,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from coordinator.strategies import make_strategy, strategy_names
+from coordinator.methods import make_method
+from coordinator.strategies import strategy_names
 from devices.labelling import STREAM_ORDERS, arrival_times, stream_order
 from devices.partition import partition
 from devices.profiles import (
@@ -159,10 +160,7 @@ class Scenario:
 
     def quick(self) -> Scenario:
         """The ``[quick]`` variant (shorter, fewer seeds) of this scenario."""
-        quick = self.raw.get("quick", {})
-        raw = _apply_overrides(self.raw, quick, f"{self.source}: [quick]")
-        raw.pop("quick", None)
-        return parse_scenario(raw, source=f"{self.source} (quick)")
+        return parse_scenario(with_quick(self.raw, source=self.source), source=f"{self.source} (quick)")
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> Scenario:
         """This scenario with dotted-key overrides applied to every run (validated again)."""
@@ -197,6 +195,12 @@ class Scenario:
 
 def load_scenario(path: str | Path) -> Scenario:
     """Read and validate a scenario file. Raises :class:`ScenarioError` with the location."""
+    return parse_scenario(read_toml(path), source=str(Path(path)))
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A scenario file's table (``name`` defaults to the file's stem); every scenario
+    flavour (single- and multi-region) reads its file through here."""
     p = Path(path)
     try:
         raw = tomllib.loads(p.read_text(encoding="utf-8"))
@@ -207,7 +211,21 @@ def load_scenario(path: str | Path) -> Scenario:
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(f"{p}: not valid TOML: {exc}") from exc
     raw.setdefault("name", p.stem)
-    return parse_scenario(raw, source=str(p))
+    return raw
+
+
+def parse_settings(raw: Mapping[str, Any], *, source: str = "<string>") -> Settings:
+    """The fleet, data, device, training and coordinator settings shared by every scenario
+    flavour (a multi-region scenario has no ``[[runs]]``)."""
+    _check_keys(raw, _TOP, source, "top level")
+    return _settings(raw, source)
+
+
+def with_quick(raw: Mapping[str, Any], *, source: str = "<string>") -> dict[str, Any]:
+    """``raw`` with its ``[quick]`` dotted-key overrides applied (and the table removed)."""
+    out = _apply_overrides(raw, raw.get("quick", {}), f"{source}: [quick]")
+    out.pop("quick", None)
+    return out
 
 
 _TOP = {"name", "description", "task", "duration_s", "eval_every_s", "target_accuracy", "seeds",
@@ -224,8 +242,7 @@ _RUN_KEYS = {"strategy", "label", "params", "overrides"}
 
 def parse_scenario(raw: Mapping[str, Any], *, source: str = "<string>") -> Scenario:
     """Validate a scenario given as the dict a TOML file parses to."""
-    _check_keys(raw, _TOP, source, "top level")
-    settings = _settings(raw, source)
+    settings = parse_settings(raw, source=source)
     runs_raw = raw.get("runs")
     if not isinstance(runs_raw, list) or not runs_raw:
         raise ScenarioError(f"{source}: needs at least one [[runs]] table (strategy = \"spin\", …)")
@@ -243,7 +260,7 @@ def parse_scenario(raw: Mapping[str, Any], *, source: str = "<string>") -> Scena
         if not isinstance(params, dict):
             raise ScenarioError(f"{where}: params must be a table")
         try:
-            make_strategy(strategy, **params)  # validates names, parameter names and ranges
+            make_method(strategy, params=params)  # validates names, parameter names, ranges and pairing
         except ConfigError as exc:
             raise ScenarioError(f"{where}: {exc}") from None
         label = run.get("label", strategy)

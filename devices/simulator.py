@@ -7,16 +7,11 @@ and one real :class:`~edge_sdk.core.device.DeviceCore` per device, feeds them ev
 and performs their actions exactly as the MQTT drivers do — only time and the network
 are emulated:
 
-* **Clock.** A :class:`VirtualClock` that only moves forward; a heap of timed events
-  ordered by ``(time, sequence number)``, so equal times keep their scheduling order
-  and a run is a pure function of (scenario, strategy, seed).
-* **Broker.** :class:`InMemoryBroker` routes each ``Publish`` by topic (the layout of
-  :mod:`edge_sdk.wire.topics`) and delivers it after
-  ``sender uplink (FIFO) + sender latency + receiver downlink (FIFO) + receiver latency``,
-  where each link leg takes ``bytes × 8 / bandwidth`` and a link carries one message at a
-  time (slots are reserved in publish order). Every byte is counted per endpoint; nothing
-  is dropped (QoS 1 with a persistent session: messages for an offline device wait at the
-  broker).
+* **Clock, events, network** come from :mod:`devices.engine`: a
+  :class:`~devices.engine.VirtualClock` that only moves forward, an
+  :class:`~devices.engine.EventQueue` ordered by ``(time, sequence number)`` (a run is a pure
+  function of scenario, strategy and seed) and a :class:`~devices.engine.LinkNetwork`
+  (per-device links through one broker, every byte counted, nothing dropped).
 * **Devices** (:class:`EmulatedDevice`). Labels arrive at the scenario's Poisson times
   (``SampleAdded``). ``StartTraining`` really runs ``Task.local_update`` on the device's
   samples so far — accuracy is real — and ``TrainingFinished`` is delivered after the
@@ -35,8 +30,6 @@ per event.
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import random
 import time
 from collections import Counter
@@ -54,9 +47,11 @@ from coordinator.core import (
     PersistUpdate,
     Snapshot,
 )
-from coordinator.strategies import Strategy, make_strategy
+from coordinator.methods import make_method
+from coordinator.peering import Peering
+from coordinator.strategies import Strategy
 from coordinator.strategies.base import BufferedUpdate
-from devices.profiles import COORDINATOR_LINK, LinkProfile
+from devices.engine import Driver, Kind, LinkNetwork, job_seed, train_config
 from devices.scenario import DevicePlan, RunSpec, Settings, materialise
 from edge_sdk.core.device import DeviceConfig, DeviceCore
 from edge_sdk.core.events import (
@@ -75,107 +70,19 @@ from edge_sdk.core.events import (
 )
 from edge_sdk.errors import EdgeciError, LocalProtocolError
 from edge_sdk.tasks.base import Task, TrainConfig, TrainResult
-from edge_sdk.wire import topics
 
 __all__ = [
     "REGION",
     "EmulatedDevice",
-    "InMemoryBroker",
+    "LinkNetwork",
     "RunResult",
     "Simulation",
-    "VirtualClock",
     "run_spec",
     "time_to_target",
 ]
 
 REGION = "sim"
 COORDINATOR_ID = "coordinator"
-
-# Event kinds in the heap: (time, seq, kind, target endpoint, data).
-_MSG, _TIMER, _SAMPLE, _TRAINED, _TRAIN_FAILED, _EVAL = range(6)
-
-
-class VirtualClock:
-    """Virtual seconds since the run began; can only jump forward."""
-
-    __slots__ = ("_now",)
-
-    def __init__(self, start: float = 0.0) -> None:
-        self._now = float(start)
-
-    @property
-    def now(self) -> float:
-        return self._now
-
-    def advance_to(self, t: float) -> None:
-        if t < self._now:
-            raise LocalProtocolError(f"virtual clock cannot go back from {self._now} to {t}")
-        self._now = t
-
-
-class InMemoryBroker:
-    """Topic routing, link delays and byte accounting between ``n`` devices (endpoints
-    ``0..n-1``) and the coordinator (endpoint ``n``)."""
-
-    def __init__(self, device_ids: Sequence[str], links: Sequence[LinkProfile], *, region: str = REGION,
-                 coordinator_link: LinkProfile = COORDINATOR_LINK) -> None:
-        if len(device_ids) != len(links):
-            raise LocalProtocolError("one link per device")
-        n = len(device_ids)
-        self.coordinator = n
-        self.links: list[LinkProfile] = [*links, coordinator_link]
-        self._routes: dict[str, int] = {}
-        for i, dev in enumerate(device_ids):
-            for leaf in topics.UPSTREAM:
-                self._routes[topics.device_topic(region, dev, leaf)] = n
-            for leaf in topics.DOWNSTREAM:
-                self._routes[topics.device_topic(region, dev, leaf)] = i
-        self._up_free = [0.0] * (n + 1)
-        self._down_free = [0.0] * (n + 1)
-        self.sent = [0] * (n + 1)
-        self.received = [0] * (n + 1)
-        self.in_flight = [0] * (n + 1)
-        self.messages = 0
-        self.retained: dict[str, bytes] = {}
-        self.retained_bytes = 0
-        self.unroutable = 0
-
-    def route(self, sender: int, topic: str, payload: bytes, retain: bool, now: float) -> tuple[int, float] | None:
-        """Account for one publish; return ``(receiver, arrival time)``, or None for a
-        message nobody subscribes to (retained status, a stray topic)."""
-        size = len(payload)
-        if retain:
-            self.retained[topic] = payload
-        receiver = self._routes.get(topic)
-        if receiver is None or receiver == sender:
-            if retain:
-                self.retained_bytes += size
-            else:
-                self.unroutable += 1
-            return None
-        up, down = self.links[sender], self.links[receiver]
-        start = max(now, self._up_free[sender])
-        self._up_free[sender] = start + size * 8.0 / up.up_bps
-        at_broker = self._up_free[sender] + up.latency_s
-        start = max(at_broker, self._down_free[receiver])
-        self._down_free[receiver] = start + size * 8.0 / down.down_bps
-        self.sent[sender] += size
-        self.in_flight[receiver] += size
-        self.messages += 1
-        return receiver, self._down_free[receiver] + down.latency_s
-
-    def delivered(self, receiver: int, size: int) -> None:
-        self.in_flight[receiver] -= size
-        self.received[receiver] += size
-
-    @property
-    def device_bytes_up(self) -> int:
-        return sum(self.sent[: self.coordinator])
-
-    @property
-    def device_bytes_down(self) -> int:
-        return sum(self.received[: self.coordinator])
-
 
 @dataclass(slots=True)
 class EmulatedDevice:
@@ -197,14 +104,7 @@ class EmulatedDevice:
 
     def training_config(self, job: TrainingJob) -> TrainConfig:
         """Hyper-parameters for ``job``: the coordinator's hints, else the scenario's."""
-        h, d = job.hints, self.defaults
-        return TrainConfig(
-            epochs=int(h.get("epochs", d.epochs)),
-            batch_size=int(h.get("batch_size", d.batch_size)),
-            lr=float(h.get("lr", d.lr)),
-            seed=(self.seed * 1_000_003 + self.plan.index * 10_007 + job.job_id) % (2**31),
-            group=job.group,
-        )
+        return train_config(job.hints, self.defaults, seed=job_seed(self.seed, self.plan.index, job.job_id), group=job.group)
 
     def train(self, task: Task, job: TrainingJob) -> tuple[TrainResult, float]:
         """Run the local update for real; return it with its *virtual* duration."""
@@ -258,7 +158,7 @@ class RunResult:
 Progress = Callable[[float, Mapping[str, float]], None]
 
 
-class Simulation:
+class Simulation(Driver):
     """One run: a fleet drawn from ``settings`` and ``seed``, a coordinator with ``strategy``."""
 
     def __init__(
@@ -268,6 +168,7 @@ class Simulation:
         strategy: Strategy,
         *,
         seed: int,
+        peering: Peering | None = None,
         label: str = "",
         params: Mapping[str, Any] | None = None,
         progress: Progress | None = None,
@@ -279,7 +180,7 @@ class Simulation:
         self.label = label or strategy.name
         self.params = dict(params or {})
         self.progress = progress
-        self.clock = VirtualClock()
+        super().__init__()  # the engine's loop on a virtual clock
         s = settings
         data = task.data()
         pool = data.pool
@@ -292,7 +193,8 @@ class Simulation:
             encoding=s.encoding,  # type: ignore[arg-type]
             hints=hints, keep_versions=s.keep_versions,
         )
-        self.coordinator = CoordinatorCore(ccfg, strategy, Snapshot(version=0, weights=self.initial), rng=random.Random(f"{seed}:coordinator"))
+        self.coordinator = CoordinatorCore(ccfg, strategy, Snapshot(version=0, weights=self.initial), rng=random.Random(f"{seed}:coordinator"),
+                                           peering=peering)
         defaults = TrainConfig(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr)
         self.devices: list[EmulatedDevice] = []
         for plan in self.plans:
@@ -301,16 +203,17 @@ class Simulation:
                 request_timeout_s=s.request_timeout_s, max_backoff_s=max(300.0, s.request_timeout_s),
                 reannounce_s=s.reannounce_s,
                 encoding=s.encoding,  # type: ignore[arg-type]
+                # One trusted process: signatures are exercised by the unit and broker tests;
+                # a serving pull at start would add events the published results never had.
+                require_signature=False, serve_on_start=False,
             )
             core = DeviceCore(dcfg, rng=random.Random(f"{seed}:core:{plan.index}"))
             self.devices.append(
                 EmulatedDevice(plan=plan, core=core, x=np.ascontiguousarray(pool.x[plan.samples]),
                                y=np.ascontiguousarray(pool.y[plan.samples]), seed=seed, defaults=defaults)
             )
-        self.broker = InMemoryBroker([p.device_id for p in self.plans], [p.instance.link for p in self.plans])
+        self.broker = LinkNetwork([p.device_id for p in self.plans], [p.instance.link for p in self.plans], region=REGION)
         self._coord = len(self.devices)
-        self._heap: list[tuple[float, int, int, int, Any]] = []
-        self._seq = itertools.count()
         self._coord_timer: float | None = None
         self.commit_times: dict[int, float] = {0: 0.0}
         self.persisted: dict[tuple[str, int], BufferedUpdate] = {}
@@ -319,18 +222,12 @@ class Simulation:
         self.labels = 0
         self.rows: list[dict[str, float]] = []
         self._eval_cache: tuple[int, dict[str, float]] | None = None
-        self.events = 0
         self._index = {p.device_id: p.index for p in self.plans}
         self._integrated = [0] * len(self.plans)
         self.latencies: list[float] = []
         """Per label: virtual seconds from labelling to the first deployed version built on it."""
-        self.trace: Callable[[float, int, int, Any], None] | None = None
-        """Optional hook ``(now, kind, target, data)`` called for every event (tests)."""
 
-    # ------------------------------------------------------------------ scheduling
-
-    def _push(self, at: float, kind: int, target: int, data: Any) -> None:
-        heapq.heappush(self._heap, (at, next(self._seq), kind, target, data))
+    # ------------------------------------------------------------------ the loop
 
     def run(self) -> RunResult:
         """Play the whole run (once) and return its metrics."""
@@ -340,41 +237,38 @@ class Simulation:
         s = self.settings
         for dev in self.devices:
             for k, t in enumerate(dev.plan.label_times):
-                self._push(float(t), _SAMPLE, dev.plan.index, k + 1)
+                self.push(float(t), Kind.SAMPLE, dev.plan.index, k + 1)
         n_evals = int(np.floor(s.duration_s / s.eval_every_s))
         for k in range(n_evals + 1):
-            self._push(k * s.eval_every_s, _EVAL, self._coord, None)
+            self.push(k * s.eval_every_s, Kind.EVAL, self._coord, None)
         if n_evals * s.eval_every_s < s.duration_s:
-            self._push(s.duration_s, _EVAL, self._coord, None)
+            self.push(s.duration_s, Kind.EVAL, self._coord, None)
         self._coordinator_actions(self.coordinator.start(0.0))
 
-        heap, end, clock = self._heap, s.duration_s, self.clock
-        while heap and heap[0][0] <= end:
-            at, _, kind, target, data = heapq.heappop(heap)
-            clock.advance_to(at)
-            self.events += 1
-            if self.trace is not None:
-                self.trace(at, kind, target, data)
-            if target == self._coord:
-                self._coordinator_event(at, kind, data)
-            else:
-                self._device_event(at, kind, target, data)
+        while self.step(s.duration_s) is not None:
+            pass
         wall = time.perf_counter() - started
         return self._result(wall)
 
+    def dispatch(self, now: float, kind: Kind, target: int, data: Any) -> None:
+        if target == self._coord:
+            self._coordinator_event(now, kind, data)
+        else:
+            self._device_event(now, kind, target, data)
+
     # ------------------------------------------------------------------ coordinator
 
-    def _coordinator_event(self, now: float, kind: int, data: Any) -> None:
-        if kind == _MSG:
+    def _coordinator_event(self, now: float, kind: Kind, data: Any) -> None:
+        if kind == Kind.MSG:
             topic, payload = data
             self.broker.delivered(self._coord, len(payload))
             self._coordinator_actions(self.coordinator.handle(MessageReceived(now=now, topic=topic, payload=payload)))
-        elif kind == _TIMER:
+        elif kind == Kind.TIMER:
             if self._coord_timer != data:
                 return  # replaced by a later ScheduleTimer
             self._coord_timer = None
             self._coordinator_actions(self.coordinator.handle(TimerFired(now=now)))
-        elif kind == _EVAL:
+        elif kind == Kind.EVAL:
             self._evaluate(now)
 
     def _coordinator_actions(self, actions: Sequence[object]) -> None:
@@ -384,7 +278,7 @@ class Simulation:
                 self._publish(self._coord, a, now)
             elif isinstance(a, ScheduleTimer):
                 self._coord_timer = a.at
-                self._push(max(a.at, now), _TIMER, self._coord, a.at)
+                self.push(max(a.at, now), Kind.TIMER, self._coord, a.at)
             elif isinstance(a, PersistUpdate):
                 self.persisted[a.update.key] = a.update
             elif isinstance(a, CommitVersion):
@@ -408,32 +302,32 @@ class Simulation:
 
     # ------------------------------------------------------------------ devices
 
-    def _device_event(self, now: float, kind: int, i: int, data: Any) -> None:
+    def _device_event(self, now: float, kind: Kind, i: int, data: Any) -> None:
         dev = self.devices[i]
         offline = dev.plan.instance.offline
-        if kind in (_MSG, _TIMER) and offline.offline_at(now):
-            self._push(offline.next_online(now), kind, i, data)  # waits at the broker / sleeps
+        if kind in (Kind.MSG, Kind.TIMER) and offline.offline_at(now):
+            self.push(offline.next_online(now), kind, i, data)  # waits at the broker / sleeps
             return
         core = dev.core
-        if kind == _MSG:
+        if kind == Kind.MSG:
             topic, payload = data
             self.broker.delivered(i, len(payload))
             actions = core.handle(MessageReceived(now=now, topic=topic, payload=payload))
-        elif kind == _TIMER:
+        elif kind == Kind.TIMER:
             if dev.timer_at != data:
                 return
             dev.timer_at = None
             actions = core.handle(TimerFired(now=now))
-        elif kind == _SAMPLE:
+        elif kind == Kind.SAMPLE:
             self.labels += 1
             actions = core.handle(SampleAdded(now=now, total=data))
-        elif kind == _TRAINED:
+        elif kind == Kind.TRAINED:
             job_id, result, seconds = data
             actions = core.handle(TrainingFinished(
                 now=now, job_id=job_id, weights=result.weights, n_samples=result.n_samples,
                 loss=result.loss, seconds=seconds,
             ))
-        elif kind == _TRAIN_FAILED:
+        elif kind == Kind.TRAIN_FAILED:
             job_id, error = data
             actions = core.handle(TrainingFailed(now=now, job_id=job_id, error=error))
         else:  # pragma: no cover - kinds are private
@@ -447,7 +341,7 @@ class Simulation:
                 self._publish(i, a, now)
             elif isinstance(a, ScheduleTimer):
                 dev.timer_at = a.at
-                self._push(max(a.at, now), _TIMER, i, a.at)
+                self.push(max(a.at, now), Kind.TIMER, i, a.at)
             elif isinstance(a, StartTraining):
                 self._start_training(dev, a.job, now)
             elif isinstance(a, DeployModel):
@@ -462,16 +356,16 @@ class Simulation:
         try:
             result, seconds = dev.train(self.task, job)
         except EdgeciError as exc:
-            self._push(now, _TRAIN_FAILED, i, (job.job_id, str(exc)[:200]))
+            self.push(now, Kind.TRAIN_FAILED, i, (job.job_id, str(exc)[:200]))
             return
         finish = dev.plan.instance.offline.after_online(now, seconds)
-        self._push(finish, _TRAINED, i, (job.job_id, result, seconds))
+        self.push(finish, Kind.TRAINED, i, (job.job_id, result, seconds))
 
     def _publish(self, sender: int, action: Publish, now: float) -> None:
         routed = self.broker.route(sender, action.topic, action.payload, action.retain, now)
         if routed is not None:
             receiver, at = routed
-            self._push(at, _MSG, receiver, (action.topic, action.payload))
+            self.push(at, Kind.MSG, receiver, (action.topic, action.payload))
 
     # ------------------------------------------------------------------ metrics
 
@@ -551,6 +445,7 @@ class Simulation:
 
 def run_spec(task: Task, run: RunSpec, seed: int, *, progress: Progress | None = None) -> RunResult:
     """Run one scenario line (strategy + settings) for one seed."""
-    strategy = make_strategy(run.strategy, **run.params)
-    return Simulation(task, run.settings, strategy, seed=seed, label=run.label, params=run.params, progress=progress).run()
+    method = make_method(run.strategy, params=run.params, coordinator_id=COORDINATOR_ID)
+    return Simulation(task, run.settings, method.strategy, peering=method.peering, seed=seed, label=run.label,
+                      params=run.params, progress=progress).run()
 

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from coordinator.peering.base import BROADCAST, Peering, PeerPlan
-from coordinator.peering.spyker import SpykerPeerConfig, SpykerPeering, SpykerStrategy
+from coordinator.peering.spyker import SpykerPeerConfig, SpykerPeering
+from coordinator.strategies.spyker import SpykerStrategy
 from edge_sdk.spec import ModelSpec, Vector
 from edge_sdk.wire.codec import decode, encode
 from edge_sdk.wire.messages import PeerMsg

@@ -130,8 +130,13 @@ def test_evaluate_reports_map50_as_accuracy(task: DetectionFleetTask) -> None:
     assert on_pool["n_images"] == len(pool) and "ap50_new" in on_pool
 
 
-def test_deployed_model_is_the_same_for_every_run_seed(task: DetectionFleetTask) -> None:
-    np.testing.assert_array_equal(task.pretrained(seed=0), task.pretrained(seed=3))
+def test_the_deployed_seed_picks_the_model_and_the_run_seed_does_not(task: DetectionFleetTask) -> None:
+    """A fleet has one deployed detector: every emulator run seed starts from it, while the
+    adapter's ``deployed_seed`` (what does choose the model) gives another one."""
+    other = DetectionFleetTask(TINY, data_dir=task.detection.data_dir, deployed_seed=1)
+    assert not np.array_equal(other.pretrained(seed=0), task.pretrained(seed=0))
+    np.testing.assert_array_equal(task.pretrained(seed=3), task.pretrained(seed=0))
+    np.testing.assert_array_equal(other.pretrained(seed=3), other.pretrained(seed=0))
 
 
 def test_the_emulator_drives_it(task: DetectionFleetTask) -> None:

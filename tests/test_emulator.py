@@ -20,18 +20,10 @@ import pytest
 
 from coordinator.strategies import make_strategy
 from demos import emulate
+from devices.engine import Kind, LinkNetwork, VirtualClock
 from devices.profiles import LinkProfile
 from devices.scenario import ScenarioError, load_scenario, materialise, parse_scenario
-from devices.simulator import (
-    _MSG,
-    _SAMPLE,
-    _TIMER,
-    _TRAINED,
-    InMemoryBroker,
-    Simulation,
-    VirtualClock,
-    run_spec,
-)
+from devices.simulator import REGION, Simulation, run_spec
 from edge_sdk.errors import ConfigError, LocalProtocolError, TransportError
 from edge_sdk.spec import ModelSpec, Vector
 from edge_sdk.tasks.base import Split, TaskData, TrainConfig, TrainResult
@@ -152,7 +144,7 @@ def test_virtual_clock_only_moves_forward() -> None:
 def test_broker_delay_is_latency_plus_size_over_bandwidth_per_link_in_fifo_order() -> None:
     slow = LinkProfile(name="slow", latency_s=0.1, up_bps=1e6, down_bps=2e6)
     fast = LinkProfile(name="fast", latency_s=0.01, up_bps=8e9, down_bps=8e9)
-    broker = InMemoryBroker(["a"], [slow], coordinator_link=fast)
+    broker = LinkNetwork(["a"], [slow], region=REGION, coordinator_link=fast)
     up = "edgeci/v1/sim/dev/a/update"
     receiver, at = broker.route(0, up, b"x" * 125_000, False, now=0.0)  # type: ignore[misc]
     # 1 Mbit up = 1 s, + 0.1 s latency, + 1 Mbit at 8 Gbit/s, + 0.01 s
@@ -168,7 +160,7 @@ def test_broker_delay_is_latency_plus_size_over_bandwidth_per_link_in_fifo_order
 def test_bytes_accounting_matches_payload_sizes() -> None:
     sim = simulate(small_scenario())
     delivered: list[tuple[int, int]] = []
-    sim.trace = lambda now, kind, target, data: delivered.append((target, len(data[1]))) if kind == _MSG else None
+    sim.trace = lambda now, kind, target, data: delivered.append((target, len(data[1]))) if kind == Kind.MSG else None
     result = sim.run()
     b, coord, c = sim.broker, sim.broker.coordinator, sim.coordinator.counters
     devices_sent = sum(b.sent[:coord])
@@ -204,9 +196,9 @@ def test_offline_devices_neither_label_nor_act() -> None:
     offline = [(t, i) for t, i in handled if windows[i].offline_at(t)]
     assert not offline, f"a device core got events while offline: {offline[:5]}"
     # Events due while a device was offline existed and were held until it came back.
-    held = [(t, i) for t, kind, i in popped if kind in (_MSG, _TIMER) and windows[i].offline_at(t)]
+    held = [(t, i) for t, kind, i in popped if kind in (Kind.MSG, Kind.TIMER) and windows[i].offline_at(t)]
     assert held
-    assert all(not windows[i].offline_at(t) for t, kind, i in popped if kind in (_SAMPLE, _TRAINED))
+    assert all(not windows[i].offline_at(t) for t, kind, i in popped if kind in (Kind.SAMPLE, Kind.TRAINED))
 
 
 # ------------------------------------------------------------------ scenarios
@@ -376,3 +368,31 @@ params = { k = 2, select = 4 }
         emulate.run(parser.parse_args([str(scenario), "--out", str(out), "--seeds", "7", "--replot"]))
     with pytest.raises(TransportError, match="cannot reach broker"):
         emulate.run(parser.parse_args([str(scenario), "--out", str(out), "--broker", "mqtt://127.0.0.1:1"]))
+
+
+# ------------------------------------------------------------------ live mode (same queue, wall clock)
+
+
+def test_the_live_labelling_loop_runs_the_engine_queue_on_the_wall_clock() -> None:
+    from devices.live import LabellingLoop, LabellingUser
+
+    stream = Split(x=np.zeros((3, 2), dtype=np.float32), y=np.array([0, 1, 2], dtype=np.int64))
+    got: list[tuple[str, int, float]] = []
+    t0 = time.monotonic()
+    users = [
+        LabellingUser(name=name, stream=stream, add=lambda x, y, n=name: got.append((n, y, time.monotonic() - t0)),
+                      rate=0.0, times=np.array(times))
+        for name, times in (("late", [0.06, 0.08, 0.10]), ("early", [0.0, 0.02, 0.04]))
+    ]
+    loop = LabellingLoop(users, time_scale=1.0).start()
+    deadline = time.monotonic() + 5.0
+    while loop.labelled < 6 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    loop.stop()
+    assert [(n, y) for n, y, _ in got] == [("early", 0), ("early", 1), ("early", 2), ("late", 0), ("late", 1), ("late", 2)]
+    assert got[-1][2] >= 0.10, "the loop waited for each label's wall time"
+    stopped = LabellingLoop([LabellingUser(name="slow", stream=stream, add=lambda x, y: None, rate=0.0,
+                                           times=np.array([30.0, 31.0, 32.0]))]).start()
+    started = time.monotonic()
+    stopped.stop()
+    assert time.monotonic() - started < 5.0 and stopped.labelled == 0, "stop() interrupts the wall-clock wait"

@@ -21,32 +21,24 @@ from hypothesis import strategies as st
 from coordinator.core import CommitVersion, CoordinatorConfig, CoordinatorCore, Snapshot
 from coordinator.peering import PEERINGS, make_peering
 from coordinator.peering.base import Peering
-from coordinator.peering.hier import HierEdgeStrategy, HierPeerConfig, HierPeering, weighted_mean
-from coordinator.peering.nebula import (
+from coordinator.peering.hier import HierPeerConfig, HierPeering, weighted_mean
+from coordinator.peering.nebula import NebulaPeerConfig, NebulaPeering, rotation_target
+from coordinator.peering.spyker import SpykerPeerConfig, SpykerPeering, merge_weight, server_merge
+from coordinator.strategies import make_strategy
+from coordinator.strategies.base import BufferedUpdate
+from coordinator.strategies.fedavg import FedAvgConfig
+from coordinator.strategies.hierfavg import HierEdgeStrategy
+from coordinator.strategies.nebula import (
     NebulaConfig,
-    NebulaPeerConfig,
-    NebulaPeering,
     NebulaStrategy,
     decay_weight,
     master_model,
     planet_update,
-    rotation_target,
 )
-from coordinator.peering.spyker import (
-    AgeLedger,
-    SpykerConfig,
-    SpykerPeerConfig,
-    SpykerPeering,
-    SpykerStrategy,
-    decayed_lr,
-    merge_weight,
-    server_merge,
-)
-from coordinator.strategies import make_strategy
-from coordinator.strategies.base import BufferedUpdate
-from coordinator.strategies.fedavg import FedAvgConfig
+from coordinator.strategies.spyker import AgeLedger, SpykerConfig, SpykerStrategy, decayed_lr
 from edge_sdk.core.events import MessageReceived, Publish, TimerFired
 from edge_sdk.errors import ConfigError, MalformedMessage
+from edge_sdk.signing import Signer
 from edge_sdk.wire import topics
 from edge_sdk.wire.codec import decode, encode, parse_status_json, status_json
 from edge_sdk.wire.messages import ModelMsg, PeerMsg, Pull, Update
@@ -419,7 +411,7 @@ class Bus:
         self.timers: dict[str, float] = {}
         for n in names:
             strat = make_strategy(strategy)
-            cfg = CoordinatorConfig(region=f"r-{n}", coordinator_id=n, spec=SPEC, hints={"lr": 0.05})
+            cfg = CoordinatorConfig(region=f"r-{n}", coordinator_id=n, spec=SPEC, hints={"lr": 0.05}, signer=Signer.generate())
             p = make_peering(peering, coordinator_id=n, ring=names, strategy=strat, params=peer)
             snap = Snapshot(version=0, weights=vec(0.0))
             self.cores[n] = CoordinatorCore(cfg, strat, snap, rng=random.Random(0), peering=p)
@@ -506,7 +498,8 @@ def test_decayed_learning_rate_reaches_the_device_in_the_model_hints() -> None:
 def test_a_malformed_peer_body_is_rejected_by_the_core_not_fatal() -> None:
     bus = Bus(["a", "b"])
     core = bus.cores["a"]
-    bad = encode(PeerMsg(sender="b", kind="beat", body={"at": "x"}))
+    b_signer = bus.cores["b"].config.signer
+    bad = encode(PeerMsg(sender="b", kind="beat", body={"at": "x"}), signer=b_signer)
     core.handle(MessageReceived(now=0.0, topic=topics.peer_topic("all", "beat"), payload=bad))
     assert core.counters["messages_rejected"] == 1
     assert core.counters["reject:malformed"] == 1
@@ -646,16 +639,6 @@ def test_spyker_peering_with_another_strategy_counts_one_age_per_version() -> No
     view.version = 2
     p.on_version(view, 2.0)
     assert p.age == 2.0 and p.hints_for("d") == {}
-
-
-@pytest.mark.parametrize("path", sorted((ROOT / "coordinator" / "peering").glob("*.py")), ids=lambda p: p.name)
-def test_peering_modules_are_pure(path: Path) -> None:
-    from tests.test_architecture import BANNED_IN_CORES, imports
-
-    top = {name.split(".")[0] for name in imports(path)}
-    assert not top & BANNED_IN_CORES
-    for call in ("random.random(", "random.choice(", "random.sample(", "random.shuffle(", "time.time("):
-        assert call not in path.read_text()
 
 
 def test_harness_ring_is_a_working_fake() -> None:

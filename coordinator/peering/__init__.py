@@ -1,18 +1,17 @@
-"""Coordinator ↔ coordinator model exchange (pluggable, sans-IO), chosen by name.
+"""Coordinator ↔ coordinator model exchange (pluggable, sans-IO), chosen by name: protocol only.
 
 =============  ==========================================================================
 ``none``       a lone coordinator (the default)
-``spyker``     token ring, age-weighted asynchronous merges (004); pairs with strategy
-               ``spyker`` (age-damped client updates, client learning-rate decay)
+``spyker``     token ring, age-weighted asynchronous merges (004); shares the age ledger
+               of strategy ``spyker`` (any other strategy: one unit of age per version)
 ``nebula``     model rotation to coordinator (i + r) mod |C| every t_c (003); needs
-               strategy ``nebula`` (planet / stellar / master models)
+               strategy ``nebula`` (the planets live there)
 ``hierfavg``   synchronous two-tier hierarchy (HierFAVG-like baseline); needs strategy
                ``hierfavg`` (FedAvg edge rounds that wait for the cloud)
 =============  ==========================================================================
 
-Importing this package registers the strategies ``spyker``, ``nebula`` and ``hierfavg``
-with :func:`coordinator.strategies.make_strategy` (``coordinator.core`` imports it, so
-every coordinator knows them).
+The strategies live in :mod:`coordinator.strategies`; a strategy and its peering are wired
+together, once, by :func:`coordinator.methods.make_method`.
 """
 
 from __future__ import annotations
@@ -22,12 +21,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from coordinator.peering.base import BROADCAST, Peering, PeerPlan, PeerSend
-from coordinator.peering.hier import HierEdgeStrategy, HierPeerConfig, HierPeering
-from coordinator.peering.nebula import NebulaConfig, NebulaPeerConfig, NebulaPeering, NebulaStrategy
-from coordinator.peering.spyker import SpykerConfig, SpykerPeerConfig, SpykerPeering, SpykerStrategy
-from coordinator.strategies import register
+from coordinator.peering.hier import HierPeerConfig, HierPeering
+from coordinator.peering.nebula import NebulaPeerConfig, NebulaPeering
+from coordinator.peering.spyker import SpykerPeerConfig, SpykerPeering
 from coordinator.strategies.base import Strategy
-from coordinator.strategies.fedavg import FedAvgConfig
 from edge_sdk.errors import ConfigError
 
 __all__ = [
@@ -62,6 +59,7 @@ def make_peering(
 
     ``ring`` lists every coordinator id in ring order (this one included); ``strategy`` is
     the coordinator's strategy, whose state the peering shares when they belong together.
+    Drivers call :func:`coordinator.methods.make_method`, which also checks the pairing.
     """
     params = dict(params or {})
     if name == "none":
@@ -80,20 +78,3 @@ def make_peering(
     if name == "nebula":
         return NebulaPeering(coordinator_id, ring, config, strategy=strategy)
     return HierPeering(coordinator_id, ring, config, strategy=strategy)
-
-
-def _spyker(**kw: Any) -> Strategy:
-    return SpykerStrategy(SpykerConfig(**kw))
-
-
-def _nebula(**kw: Any) -> Strategy:
-    return NebulaStrategy(NebulaConfig(**kw))
-
-
-def _hierfavg(**kw: Any) -> Strategy:
-    return HierEdgeStrategy(FedAvgConfig(**kw))
-
-
-register("spyker", _spyker)
-register("nebula", _nebula)
-register("hierfavg", _hierfavg)

@@ -4,7 +4,7 @@ compares against.
 Theory of operation
 -------------------
 Every coordinator is an **edge** server running synchronous FedAvg rounds with its own
-devices (:class:`HierEdgeStrategy`, strategy ``"hierfavg"``: FedAvg's rounds plus a gate).
+devices (strategy ``"hierfavg"``, :mod:`coordinator.strategies.hierfavg`: FedAvg's rounds plus a gate).
 After every ``kappa2`` edge rounds the edge sends its model and the number of samples
 behind it to the **cloud** (one coordinator of the ring, ``cloud``), and *stops starting
 rounds* until the cloud answers — that is what makes the hierarchy synchronous. The cloud
@@ -17,7 +17,6 @@ that hears nothing for ``sync_timeout_s`` resumes on its own model.
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -25,13 +24,13 @@ from typing import Any, ClassVar
 import numpy as np
 
 from coordinator.peering.base import Peering, PeerPlan, PeerSend, body_int, check_ring
-from coordinator.strategies.base import BufferedUpdate, CoordinatorView, Plan
-from coordinator.strategies.fedavg import FedAvgConfig, FedAvgStrategy
+from coordinator.strategies.base import CoordinatorView
+from coordinator.strategies.hierfavg import HierEdgeStrategy
 from edge_sdk.errors import ConfigError, MalformedMessage
 from edge_sdk.spec import Vector
 from edge_sdk.wire.messages import PeerMsg
 
-__all__ = ["HierEdgeStrategy", "HierGate", "HierPeerConfig", "HierPeering", "weighted_mean"]
+__all__ = ["HierPeerConfig", "HierPeering", "weighted_mean"]
 
 
 def weighted_mean(models: Sequence[Vector], samples: Sequence[int]) -> Vector:
@@ -44,34 +43,6 @@ def weighted_mean(models: Sequence[Vector], samples: Sequence[int]) -> Vector:
         acc += float(we) * np.asarray(m, dtype=np.float64)
     out: Vector = (acc / float(w.sum())).astype(np.float32)
     return out
-
-
-class HierGate:
-    """Shared by the edge strategy and the peering: is the edge waiting for the cloud?"""
-
-    def __init__(self) -> None:
-        self.waiting = False
-        self.samples = 0
-        """Samples behind the updates aggregated since the last cloud round."""
-
-
-class HierEdgeStrategy(FedAvgStrategy):
-    """FedAvg rounds that pause while the edge waits for the cloud."""
-
-    name: ClassVar[str] = "hierfavg"
-
-    def __init__(self, config: FedAvgConfig | None = None) -> None:
-        super().__init__(config)
-        self.gate = HierGate()
-
-    def plan(self, view: CoordinatorView, now: float, rng: random.Random) -> Plan:
-        if self.gate.waiting and self.round_started_at is None:
-            return Plan()  # between edge rounds and waiting for the cloud: start nothing
-        return super().plan(view, now, rng)
-
-    def on_update(self, view: CoordinatorView, update: BufferedUpdate, now: float) -> None:
-        super().on_update(view, update, now)
-        self.gate.samples += update.n_samples
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,4 +1,8 @@
-"""Spyker (paper 004): model ages, age-damped client updates, a token ring, age-weighted merges.
+"""Spyker's peering (paper 004): a token ring and age-weighted merges between coordinators.
+
+The client-update half (the age ledger, age-damped mixing, the learning-rate decay) is the
+strategy :mod:`coordinator.strategies.spyker`; :func:`coordinator.methods.make_method`
+wires both around one :class:`~coordinator.strategies.spyker.AgeLedger`.
 
 Theory of operation
 -------------------
@@ -74,7 +78,6 @@ dropped message) is regenerated ``token_timeout_s`` after the last evidence.
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -92,27 +95,17 @@ from coordinator.peering.base import (
     body_table,
     check_ring,
 )
-from coordinator.strategies.base import BufferedUpdate, CoordinatorView, Plan, Strategy
+from coordinator.strategies.base import CoordinatorView, Strategy
+from coordinator.strategies.spyker import AgeLedger, SpykerStrategy
 from edge_sdk.errors import ConfigError, MalformedMessage
 from edge_sdk.spec import Vector
 from edge_sdk.wire.messages import PeerMsg
 
-__all__ = [
-    "AgeLedger",
-    "SpykerConfig",
-    "SpykerPeerConfig",
-    "SpykerPeering",
-    "SpykerStrategy",
-    "TokenPos",
-    "decayed_lr",
-    "merge_weight",
-    "server_merge",
-]
+__all__ = ["SpykerPeerConfig", "SpykerPeering", "TokenPos", "merge_weight", "server_merge"]
 
 TokenPos = tuple[int, float, str, int]
 """(epoch, created_at, origin, hop): totally ordered; the first three name one token."""
 
-_KEEP_AGES = 64
 _KEEP_SIDS = 64
 
 
@@ -137,126 +130,6 @@ def server_merge(
         np.asarray(w_other, dtype=np.float32) - np.asarray(w_self, dtype=np.float32)
     )
     return merged.astype(np.float32, copy=False), (1.0 - share) * age_self + share * age_other
-
-
-def decayed_lr(lr_init: float, updates: int, mean_updates: float, *, beta: float, lr_min: float) -> float:
-    """Spyker's Decay(): η_init while u[k] < ū, else max(η_min, η_init − β (u[k] − ū))."""
-    if updates < mean_updates:
-        return lr_init
-    return max(lr_min, lr_init - beta * (updates - mean_updates))
-
-
-# --------------------------------------------------------------------------- shared state
-
-
-class AgeLedger:
-    """The model age, the age of recent versions and per-client update counts."""
-
-    def __init__(self) -> None:
-        self.age = 0.0
-        self.age_at: dict[int, float] = {}
-        self.updates: dict[str, int] = {}
-
-    def record(self, version: int, age: float) -> None:
-        self.age = age
-        self.age_at[version] = age
-        if len(self.age_at) > _KEEP_AGES:
-            for v in sorted(self.age_at)[: -_KEEP_AGES]:
-                del self.age_at[v]
-
-    def age_of(self, version: int, current_version: int) -> float:
-        """Age of the model at ``version`` (what a client trained from). Versions older
-        than the ledger remembers count one unit of age per version (a lower bound on
-        the gap)."""
-        if version in self.age_at:
-            return self.age_at[version]
-        if version >= current_version:
-            return self.age
-        return max(0.0, self.age - float(current_version - version))
-
-    def mean_updates(self) -> float:
-        return sum(self.updates.values()) / len(self.updates) if self.updates else 0.0
-
-    def checkpoint(self) -> dict[str, Any]:
-        recent = sorted(self.age_at)[-8:]
-        return {"age": self.age, "age_at": {str(v): self.age_at[v] for v in recent}, "updates": dict(self.updates)}
-
-    def restore(self, state: Mapping[str, Any]) -> None:
-        self.age = float(state.get("age", 0.0))
-        self.age_at = {int(k): float(v) for k, v in dict(state.get("age_at", {})).items()}
-        self.updates = {str(k): int(v) for k, v in dict(state.get("updates", {})).items()}
-
-
-# --------------------------------------------------------------------------- client updates
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SpykerConfig:
-    eta: float = 0.6
-    """η_i: server learning rate for client updates."""
-    a: float = 0.5
-    """Staleness exponent of s(τ) = (τ + 1)^(−a) on the age gap τ."""
-    lr_init: float = 0.05
-    """η_init: the clients' undecayed learning rate (the paper's text uses 0.05)."""
-    decay_beta: float = 0.05
-    lr_min: float = 1e-6
-
-    def __post_init__(self) -> None:
-        if not 0 < self.eta <= 1:
-            raise ConfigError("spyker: eta must be in (0, 1]")
-        if not (self.a >= 0 and math.isfinite(self.a)):
-            raise ConfigError("spyker: a must be a finite number >= 0")
-        if not (0 < self.lr_min <= self.lr_init and math.isfinite(self.lr_init)):
-            raise ConfigError("spyker: need 0 < lr_min <= lr_init")
-        if not (self.decay_beta >= 0 and math.isfinite(self.decay_beta)):
-            raise ConfigError("spyker: decay_beta must be a finite number >= 0")
-
-
-class SpykerStrategy(Strategy):
-    """Age-damped asynchronous aggregation (Spyker Alg. 1). See the module docstring."""
-
-    name: ClassVar[str] = "spyker"
-
-    def __init__(self, config: SpykerConfig | None = None, ledger: AgeLedger | None = None) -> None:
-        self.config = config or SpykerConfig()
-        self.ledger = ledger or AgeLedger()
-        self._next_age: float | None = None
-
-    def plan(self, view: CoordinatorView, now: float, rng: random.Random) -> Plan:
-        return Plan(aggregate=bool(view.buffer))
-
-    def on_update(self, view: CoordinatorView, update: BufferedUpdate, now: float) -> None:
-        self.ledger.updates[update.device] = self.ledger.updates.get(update.device, 0) + 1
-
-    def aggregate(self, view: CoordinatorView, updates: Sequence[BufferedUpdate]) -> Vector:
-        cfg, ledger = self.config, self.ledger
-        out = np.array(view.weights, dtype=np.float32, copy=True)
-        age = ledger.age
-        for u in updates:
-            tau = max(0.0, age - ledger.age_of(u.base_version, view.version))
-            share = np.float32(cfg.eta * (tau + 1.0) ** (-cfg.a))
-            sl = view.spec.group_slice(u.group)
-            out[sl] += share * (u.weights - out[sl])
-            age += 1.0
-        self._next_age = age
-        return out
-
-    def on_aggregated(self, view: CoordinatorView, now: float) -> None:
-        if self._next_age is not None:
-            self.ledger.record(view.version, self._next_age)
-            self._next_age = None
-
-    def lr_hint(self, device: str) -> Mapping[str, float]:
-        """The decayed learning rate for ``device``, or nothing while it is not decayed."""
-        cfg, ledger = self.config, self.ledger
-        u = ledger.updates.get(device, 0)
-        lr = decayed_lr(cfg.lr_init, u, ledger.mean_updates(), beta=cfg.decay_beta, lr_min=cfg.lr_min)
-        return {"lr": lr} if lr != cfg.lr_init else {}
-
-    def describe(self) -> dict[str, Any]:
-        c = self.config
-        return {"name": self.name, "eta": c.eta, "a": c.a, "lr_init": c.lr_init, "decay_beta": c.decay_beta,
-                "lr_min": c.lr_min, "age": round(self.ledger.age, 3)}
 
 
 # --------------------------------------------------------------------------- peering

@@ -10,11 +10,25 @@ a frozen dataclass; adding one is one :func:`register` call (or one entry in ``_
 ``port``                  FedBuff's selection + staleness/similarity-aware weights (PORT)
 ``fedasync``              serve every pull; mix each update in on arrival, α·(τ+1)^−a
 ``fedavg``                synchronous rounds over invited devices that have data
+``spyker``                age-damped mixing on arrival + per-device lr decay (004); its
+                          peering ``spyker`` shares the age ledger
+``nebula``                planets / stellar / master models (003); peering ``nebula`` rotates
+``hierfavg``              FedAvg edge rounds that wait for the cloud (peering ``hierfavg``)
 ========================  =====================================================================
+
+A strategy that shares state with a peering protocol is wired to it by
+:func:`coordinator.methods.make_method`, never built alone by a driver. Staleness
+discounts go through :mod:`coordinator.strategies.staleness` (one function, policies by name).
+
+The averaging strategies (spin, fedbuff, port, fedavg, hierfavg)
+fold updates on arrival and share the robust defences of :mod:`coordinator.strategies.robust`,
+configured through their configs: ``combiner`` (mean | median | trimmed-mean | krum |
+multi-krum), ``clip_multiplier``, ``max_staleness``, ``sample_weight_cap``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -22,8 +36,11 @@ from coordinator.strategies.base import BufferedUpdate, CoordinatorView, Plan, S
 from coordinator.strategies.fedasync import FedAsyncConfig, FedAsyncStrategy
 from coordinator.strategies.fedavg import FedAvgConfig, FedAvgStrategy
 from coordinator.strategies.fedbuff import FedBuffConfig, FedBuffStrategy
+from coordinator.strategies.hierfavg import HierEdgeStrategy
+from coordinator.strategies.nebula import NebulaConfig, NebulaStrategy
 from coordinator.strategies.port import PortConfig, PortStrategy
 from coordinator.strategies.spin import SpinConfig, SpinNoTimeoutStrategy, SpinStrategy
+from coordinator.strategies.spyker import SpykerConfig, SpykerStrategy
 from edge_sdk.errors import ConfigError
 
 
@@ -51,6 +68,18 @@ def _fedavg(**kw: Any) -> Strategy:
     return FedAvgStrategy(FedAvgConfig(**kw))
 
 
+def _spyker(**kw: Any) -> Strategy:
+    return SpykerStrategy(SpykerConfig(**kw))
+
+
+def _nebula(**kw: Any) -> Strategy:
+    return NebulaStrategy(NebulaConfig(**kw))
+
+
+def _hierfavg(**kw: Any) -> Strategy:
+    return HierEdgeStrategy(FedAvgConfig(**kw))
+
+
 _FACTORIES: dict[str, Callable[..., Strategy]] = {
     "spin": _spin,
     "spin-notimeout": _spin_notimeout,
@@ -58,15 +87,40 @@ _FACTORIES: dict[str, Callable[..., Strategy]] = {
     "port": _port,
     "fedasync": _fedasync,
     "fedavg": _fedavg,
+    "spyker": _spyker,
+    "nebula": _nebula,
+    "hierfavg": _hierfavg,
 }
+
+CONFIGS: dict[str, type] = {
+    "spin": SpinConfig, "spin-notimeout": SpinConfig, "fedbuff": FedBuffConfig, "port": PortConfig,
+    "fedasync": FedAsyncConfig, "fedavg": FedAvgConfig, "spyker": SpykerConfig, "nebula": NebulaConfig,
+    "hierfavg": FedAvgConfig,
+}
+"""Each strategy's config dataclass: the parameters ``make_strategy(name, ...)`` accepts."""
+
+COMPANIONS: dict[str, str] = {"spyker": "spyker", "nebula": "nebula", "hierfavg": "hierfavg"}
+"""Strategy → the peering protocol whose state it shares: it never runs without it
+(:func:`coordinator.methods.make_method` adds it, on a lone coordinator a ring of one)."""
+
+
+def strategy_params(name: str) -> list[str]:
+    """The parameter names strategy ``name`` accepts (its config dataclass's fields)."""
+    cls = CONFIGS.get(name)
+    return [f.name for f in dataclasses.fields(cls)] if cls is not None else []
 
 
 def strategy_names() -> list[str]:
     return sorted(_FACTORIES)
 
 
-def register(name: str, factory: Callable[..., Strategy]) -> None:
+def register(name: str, factory: Callable[..., Strategy], config: type | None = None, *,
+             companion: str | None = None) -> None:
     _FACTORIES[name] = factory
+    if config is not None:
+        CONFIGS[name] = config
+    if companion is not None:
+        COMPANIONS[name] = companion
 
 
 def make_strategy(name: str, **params: Any) -> Strategy:
@@ -78,10 +132,13 @@ def make_strategy(name: str, **params: Any) -> Strategy:
     try:
         return factory(**params)
     except TypeError as exc:
-        raise ConfigError(f"strategy {name!r}: {exc}") from exc
+        known = strategy_params(name)
+        raise ConfigError(f"strategy {name!r}: {exc}" + (f"; known parameters: {', '.join(known)}" if known else "")) from exc
 
 
 __all__ = [
+    "COMPANIONS",
+    "CONFIGS",
     "BufferedUpdate",
     "CoordinatorView",
     "FedAsyncStrategy",
@@ -94,4 +151,5 @@ __all__ = [
     "make_strategy",
     "register",
     "strategy_names",
+    "strategy_params",
 ]

@@ -3,6 +3,11 @@
 Updates may carry the whole vector or one layer group's slice (LASP). Each slice of the
 new global model is the weighted mean over the updates that carry it; slices no update
 carries keep their current values.
+
+The averaging strategies no longer call ``weighted_average`` / ``fedavg`` / ``fedavg_deltas``
+on the hot path: they fold each update on arrival (:mod:`coordinator.strategies.robust`).
+These functions stay as the reference implementations the fold is tested against
+(``tests/test_robust.py``) and the baseline of ``benchmarks/aggregation.py``.
 """
 
 from __future__ import annotations
@@ -12,12 +17,13 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from coordinator.strategies.base import BufferedUpdate
+from coordinator.strategies.staleness import polynomial
 from edge_sdk.spec import ModelSpec, Vector
 
 
 def staleness_weight(staleness: int, a: float = 0.5) -> float:
-    """Polynomial staleness damping s(τ) = (τ + 1)^(−a) (FedAsync, Spyker)."""
-    return float((max(staleness, 0) + 1.0) ** (-a))
+    """Polynomial staleness damping s(τ) = (τ + 1)^(−a) (see :mod:`coordinator.strategies.staleness`)."""
+    return polynomial(staleness, a)
 
 
 def weighted_average(

@@ -36,6 +36,7 @@ class BufferedUpdate:
     group: str = FULL
     arrived_at: float = 0.0
     loss: float = 0.0
+    nonce: int = 0
 
     @property
     def key(self) -> tuple[str, int]:
@@ -91,11 +92,80 @@ class Strategy:
         raise NotImplementedError
 
     def on_update(self, view: CoordinatorView, update: BufferedUpdate, now: float) -> None:
-        """Bookkeeping hook (e.g. an invited device finished)."""
+        """Bookkeeping hook (e.g. an invited device finished); averaging strategies also fold
+        the update into their running sum here."""
+
+    def on_restore(self, view: CoordinatorView, update: BufferedUpdate) -> None:
+        """A persisted, not yet applied update put back into the buffer at restart (no
+        bookkeeping: it is not a new arrival). Averaging strategies rebuild their fold."""
 
     def on_aggregated(self, view: CoordinatorView, now: float) -> None:
         """Bookkeeping hook after a new version is committed."""
 
+    def checkpoint(self) -> dict[str, Any]:
+        """JSON-able state worth keeping across a restart (e.g. robust aggregation's windows
+        and counters); the core may store it with each commit."""
+        return {}
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        """Undo :meth:`checkpoint` at start, before pending updates are restored."""
+
     def describe(self) -> dict[str, Any]:
         """Parameters for status and logs."""
         return {"name": self.name}
+
+
+class ReadOnlyView:
+    """A :class:`CoordinatorView` over a core that exposes only the view's properties, so a
+    strategy or peering cannot reach the core's mutators (``handle``, the buffer's list,
+    counters). Vectors are handed out as read-only numpy views.
+
+    The core builds one at start (``self._view = ReadOnlyView(self)``) and passes it
+    wherever it now passes ``self`` to ``strategy.*`` and ``peering.*``."""
+
+    __slots__ = ("_core",)
+
+    def __init__(self, core: CoordinatorView) -> None:
+        self._core = core
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self._core.spec
+
+    @property
+    def version(self) -> int:
+        return self._core.version
+
+    @property
+    def weights(self) -> Vector:
+        return _frozen(self._core.weights)
+
+    @property
+    def buffer(self) -> Sequence[BufferedUpdate]:
+        return tuple(self._core.buffer)
+
+    @property
+    def last_aggregation_at(self) -> float:
+        return self._core.last_aggregation_at
+
+    @property
+    def first_buffered_at(self) -> float | None:
+        return self._core.first_buffered_at
+
+    @property
+    def devices_seen(self) -> Sequence[str]:
+        return tuple(self._core.devices_seen)
+
+    @property
+    def deferred(self) -> Mapping[str, float]:
+        return dict(self._core.deferred)
+
+    def weights_at(self, version: int) -> Vector | None:
+        w = self._core.weights_at(version)
+        return None if w is None else _frozen(w)
+
+
+def _frozen(w: Vector) -> Vector:
+    out = w.view()
+    out.flags.writeable = False
+    return out

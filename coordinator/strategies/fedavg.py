@@ -14,12 +14,12 @@ for real fleets where an invited device may vanish.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from coordinator.strategies.aggregate import fedavg
 from coordinator.strategies.base import BufferedUpdate, CoordinatorView, Plan, Strategy
+from coordinator.strategies.robust import RobustAggregator, RobustConfig
 from edge_sdk.errors import ConfigError
 from edge_sdk.spec import Vector
 
@@ -27,7 +27,7 @@ __all__ = ["FedAvgConfig", "FedAvgStrategy"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class FedAvgConfig:
+class FedAvgConfig(RobustConfig):
     select: int = 20
     """At most this many devices per round."""
     min_devices: int = 1
@@ -35,6 +35,7 @@ class FedAvgConfig:
     round_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
+        RobustConfig.__post_init__(self)
         if self.select < 1 or self.min_devices < 1:
             raise ConfigError("select and min_devices must be >= 1")
         if self.round_timeout_s is not None and not self.round_timeout_s > 0:
@@ -52,12 +53,25 @@ class FedAvgStrategy(Strategy):
         self.participants: set[str] = set()
         """Invited this round and not yet reported."""
         self.round_started_at: float | None = None
+        self.robust = RobustAggregator(self.config, expected=self.config.select)
 
     def serve_pull(self, view: CoordinatorView, device: str, now: float) -> bool:
         return device in self.participants  # a retried pull of a participant
 
     def on_update(self, view: CoordinatorView, update: BufferedUpdate, now: float) -> None:
+        self.robust.observe(view, update)
         self.participants.discard(update.device)
+
+    def on_restore(self, view: CoordinatorView, update: BufferedUpdate) -> None:
+        self.robust.observe(view, update)
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {"robust": self.robust.checkpoint()}
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        robust = state.get("robust")
+        if isinstance(robust, Mapping):
+            self.robust.restore(robust)
 
     def plan(self, view: CoordinatorView, now: float, rng: random.Random) -> Plan:
         cfg = self.config
@@ -83,7 +97,7 @@ class FedAvgStrategy(Strategy):
         return Plan(invite=tuple(chosen))
 
     def aggregate(self, view: CoordinatorView, updates: Sequence[BufferedUpdate]) -> Vector:
-        return fedavg(view.weights, updates, view.spec)
+        return self.robust.combine(view, updates)
 
     def describe(self) -> dict[str, Any]:
         c = self.config
@@ -93,4 +107,5 @@ class FedAvgStrategy(Strategy):
             "min_devices": c.min_devices,
             "round_timeout_s": c.round_timeout_s,
             "round": self.round,
+            "robust": self.robust.describe(),
         }

@@ -33,12 +33,12 @@ invited device that vanished; the emulator never loses one, so it is not needed 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from coordinator.strategies.aggregate import fedavg
 from coordinator.strategies.base import BufferedUpdate, CoordinatorView, Plan, Strategy
+from coordinator.strategies.robust import RobustAggregator, RobustConfig
 from edge_sdk.errors import ConfigError
 from edge_sdk.spec import Vector
 
@@ -46,7 +46,7 @@ __all__ = ["FedBuffConfig", "FedBuffStrategy", "draw_round"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class FedBuffConfig:
+class FedBuffConfig(RobustConfig):
     k: int = 10
     """Aggregate once this many updates are buffered."""
     select: int = 20
@@ -64,6 +64,7 @@ class FedBuffConfig:
     fewer than K devices ever get data (off by default for that reason)."""
 
     def __post_init__(self) -> None:
+        RobustConfig.__post_init__(self)
         if self.k < 1 or self.select < 1:
             raise ConfigError("k and select must be >= 1")
         if self.population is not None and self.population < 1:
@@ -97,6 +98,10 @@ class FedBuffStrategy(Strategy):
         """Devices invited (or let in) and not yet reported, with the time they were let in."""
         self._need_draw = True
         self._drawn_at = float("-inf")
+        self.robust = self._make_robust()
+
+    def _make_robust(self) -> RobustAggregator:
+        return RobustAggregator(self.config, expected=max(self.config.k, self.config.select))
 
     # ------------------------------------------------------------------ hooks
 
@@ -110,9 +115,21 @@ class FedBuffStrategy(Strategy):
         return False
 
     def on_update(self, view: CoordinatorView, update: BufferedUpdate, now: float) -> None:
+        self.robust.observe(view, update)
         self.in_flight.pop(update.device, None)
         if self.config.strict_k and not self.in_flight:
             self._need_draw = True  # the round ended short of K: draw the next one now
+
+    def on_restore(self, view: CoordinatorView, update: BufferedUpdate) -> None:
+        self.robust.observe(view, update)
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {"robust": self.robust.checkpoint()}
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        robust = state.get("robust")
+        if isinstance(robust, Mapping):
+            self.robust.restore(robust)
 
     def on_aggregated(self, view: CoordinatorView, now: float) -> None:
         self._need_draw = True
@@ -163,7 +180,7 @@ class FedBuffStrategy(Strategy):
     # ------------------------------------------------------------------ maths
 
     def aggregate(self, view: CoordinatorView, updates: Sequence[BufferedUpdate]) -> Vector:
-        return fedavg(view.weights, updates, view.spec)
+        return self.robust.combine(view, updates)
 
     def describe(self) -> dict[str, Any]:
         c = self.config
@@ -177,4 +194,5 @@ class FedBuffStrategy(Strategy):
             "strict_k": c.strict_k,
             "round": self.round,
             "in_flight": len(self.in_flight),
+            "robust": self.robust.describe(),
         }

@@ -30,19 +30,20 @@ Not modelled: PORT's server-initiated early push of very slow clients' partial w
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
-from coordinator.strategies.aggregate import weighted_average
 from coordinator.strategies.base import BufferedUpdate, CoordinatorView
 from coordinator.strategies.fedbuff import FedBuffConfig, FedBuffStrategy
+from coordinator.strategies.robust import RobustAggregator, UpdateStats
 from edge_sdk.errors import ConfigError
 from edge_sdk.spec import ModelSpec, Vector
 
-__all__ = ["PortConfig", "PortStrategy", "port_weights", "update_similarity"]
+__all__ = ["PortConfig", "PortStrategy", "port_raw_weight", "port_weights", "update_similarity"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -99,8 +100,20 @@ def port_weights(
     return [r / total for r in raw]
 
 
+def port_raw_weight(stats: UpdateStats, config: PortConfig) -> float:
+    """r_k / share_k·Σn from an update's fold-time stats (``port_weights`` normalises the same
+    terms; the Σn factor cancels in the normalisation, so p_k ∝ n_k·(…) is foldable)."""
+    cos = 1.0
+    norm = math.sqrt(stats.dd) * math.sqrt(stats.gg)
+    if stats.staleness > 0 and stats.has_base and norm > 0.0 and math.isfinite(norm):
+        cos = min(1.0, max(-1.0, stats.dg / norm))
+    tau, beta = stats.staleness, config.staleness_bound
+    return stats.n_weight * (config.similarity_weight * (1.0 + cos) / 2.0 + config.staleness_weight * beta / (tau + beta))
+
+
 class PortStrategy(FedBuffStrategy):
-    """FedBuff's selection and K-buffer with PORT's weighting."""
+    """FedBuff's selection and K-buffer with PORT's weighting, folded on arrival (the weight
+    of an update depends only on it, its base and the current model, all known then)."""
 
     name: ClassVar[str] = "port"
     config: PortConfig
@@ -108,20 +121,14 @@ class PortStrategy(FedBuffStrategy):
     def __init__(self, config: PortConfig | None = None) -> None:
         super().__init__(config or PortConfig())
 
-    def aggregate(self, view: CoordinatorView, updates: Sequence[BufferedUpdate]) -> Vector:
+    def _make_robust(self) -> RobustAggregator:
         c = self.config
-        bases = [view.weights_at(u.base_version) for u in updates]
-        p = port_weights(
-            view.weights,
-            view.version,
-            updates,
-            bases,
-            view.spec,
-            similarity_weight=c.similarity_weight,
-            staleness_weight=c.staleness_weight,
-            staleness_bound=c.staleness_bound,
+        return RobustAggregator(
+            c, expected=max(c.k, c.select), weigher=lambda stats: port_raw_weight(stats, c), wants_similarity=True
         )
-        return weighted_average(view.weights, updates, p, view.spec)
+
+    def aggregate(self, view: CoordinatorView, updates: Sequence[BufferedUpdate]) -> Vector:
+        return self.robust.combine(view, updates)
 
     def describe(self) -> dict[str, Any]:
         c = self.config

@@ -16,29 +16,38 @@ change from its own base version to the current model (identical when nothing is
 Measured: on the digits headline deltas reach 90 % 1.44× sooner; on the YOLOv8 detection
 scenario, with staleness 1–3, deltas re-add the same step and mAP50 collapsed mid-run while
 the paper's rule stayed stable — hence the default.
+
+Aggregation folds each update on arrival (:mod:`coordinator.strategies.robust`), so the
+K-th update plus the trigger cost about one pass over the model; the robust defences
+(clipping by the recent median change norm, the sample-weight cap, an optional staleness
+bound, a selectable combiner) sit before the combiner. ``max_staleness`` is off by default:
+SPIN's staleness is already bounded by how many versions K and π produce while a device
+trains, which grows with the fleet, so a fixed bound would silently discard the work of
+honest slow devices on large fleets; clipping bounds what a stale update can do meanwhile.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
-from coordinator.strategies.aggregate import fedavg, fedavg_deltas
 from coordinator.strategies.base import BufferedUpdate, CoordinatorView, Plan, Strategy
+from coordinator.strategies.robust import RobustAggregator, RobustConfig
 from edge_sdk.errors import ConfigError
 from edge_sdk.spec import Vector
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class SpinConfig:
+class SpinConfig(RobustConfig):
     k: int = 10
     timeout_s: float | None = 30.0
     combine: str = "models"
     server_lr: float = 1.0
 
     def __post_init__(self) -> None:
+        RobustConfig.__post_init__(self)
         if self.combine not in ("models", "deltas"):
             raise ConfigError(f"combine must be 'models' (paper) or 'deltas', got {self.combine!r}")
         if not 0 < self.server_lr <= 1:
@@ -54,6 +63,33 @@ class SpinStrategy(Strategy):
 
     def __init__(self, config: SpinConfig | None = None) -> None:
         self.config = config or SpinConfig()
+        c = self.config
+        self.robust = RobustAggregator(c, deltas=c.combine == "deltas", server_lr=c.server_lr, expected=c.k)
+
+    def reconfigure(self, **changes: Any) -> None:
+        """Change parameters live (SIGHUP); ConfigError if invalid, and nothing changes."""
+        if "timeout_s" in changes and self.config.timeout_s is None and changes["timeout_s"] is not None:
+            raise ConfigError(f"{self.name} has no timeout")
+        try:
+            new = replace(self.config, **changes)
+        except TypeError as exc:
+            raise ConfigError(f"strategy {self.name!r}: {exc}") from exc
+        self.config = new
+        self.robust.reconfigure(new, deltas=new.combine == "deltas", server_lr=new.server_lr, expected=new.k)
+
+    def on_update(self, view: CoordinatorView, update: BufferedUpdate, now: float) -> None:
+        self.robust.observe(view, update)
+
+    def on_restore(self, view: CoordinatorView, update: BufferedUpdate) -> None:
+        self.robust.observe(view, update)
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {"robust": self.robust.checkpoint()}
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        robust = state.get("robust")
+        if isinstance(robust, Mapping):
+            self.robust.restore(robust)
 
     def deadline(self, view: CoordinatorView) -> float | None:
         first = view.first_buffered_at
@@ -72,13 +108,11 @@ class SpinStrategy(Strategy):
         return Plan(wake_at=deadline)
 
     def aggregate(self, view: CoordinatorView, updates: Sequence[BufferedUpdate]) -> Vector:
-        if self.config.combine == "deltas":
-            return fedavg_deltas(view.weights, updates, view.spec, view.weights_at, self.config.server_lr)
-        return fedavg(view.weights, updates, view.spec)
+        return self.robust.combine(view, updates)
 
     def describe(self) -> dict[str, Any]:
         c = self.config
-        return {"name": self.name, "k": c.k, "timeout_s": c.timeout_s, "combine": c.combine}
+        return {"name": self.name, "k": c.k, "timeout_s": c.timeout_s, "combine": c.combine, "robust": self.robust.describe()}
 
 
 class SpinNoTimeoutStrategy(SpinStrategy):
@@ -88,4 +122,4 @@ class SpinNoTimeoutStrategy(SpinStrategy):
 
     def __init__(self, config: SpinConfig | None = None) -> None:
         c = config or SpinConfig()
-        super().__init__(SpinConfig(k=c.k, timeout_s=None, combine=c.combine, server_lr=c.server_lr))
+        super().__init__(replace(c, timeout_s=None))

@@ -1,0 +1,672 @@
+"""Fold-on-arrival aggregation with robust defences, shared by the averaging strategies.
+
+Theory of operation
+-------------------
+Each accepted update is *assessed* and *folded* when it arrives (``observe``, called from the
+strategy's ``on_update`` / ``on_restore``), so the aggregation trigger costs at most one pass
+over the model (``combine``):
+
+1. **Staleness bound.** ``τ = version − base_version``; with ``max_staleness`` set, an update
+   with ``τ > max_staleness`` is dropped (weight 0, counted ``dropped_stale``). It stays in the
+   core's buffer and is consumed by the next aggregation, so watermarks stay exact.
+2. **Sample-weight cap.** The weight from the claimed ``n_samples`` is clamped to
+   ``sample_weight_cap × median`` of the recent claims (window of ``window`` accepted updates,
+   active once ``min_known`` claims are known; counted ``samples_clamped``): one device
+   claiming 2^62 samples cannot outweigh the fleet.
+3. **Adaptive clipping.** The change ``d = w_k − w_base`` (the global vector at the update's
+   base version, or the current one when the base is no longer retained) is scaled so that
+   ``|d| ≤ clip_multiplier × median`` of the recent change norms of that layer group (window
+   of ``window``, active once ``min_known`` norms are known; counted ``clipped``). Clip, never
+   reject: an honest outlier still contributes, bounded. The norm window keeps raw norms; the
+   median is robust while attackers are a minority of the window.
+4. **Combiner.** ``mean`` (default) keeps Σ a_k x_k per layer group in one preallocated
+   float32 accumulator (a_k = p_k / max p ≤ 1 keeps magnitudes near the data's; a new largest
+   weight rescales the sum, about ln K times per buffer; the total weight Σ p_k is float64); ``median``, ``trimmed-mean``, ``krum`` and ``multi-krum`` keep x_k as a
+   row of one preallocated (K, N) float32 matrix and reduce it at the trigger.
+
+Here ``x_k`` is the (clipped) model ``w_base + c·d`` (``models``: the paper's SPIN rule) or the
+(clipped) change ``c·d`` (``deltas``). Group semantics follow
+:func:`coordinator.strategies.aggregate.weighted_average` / ``fedavg_deltas`` exactly: models —
+full updates first, then each layer group's slice overwrites its part; deltas — every group's
+mean change is added.
+
+The fold is used only if it was built from exactly the updates the core hands to the trigger
+(same keys, groups, version and current vector); otherwise — updates restored without the
+hook, a LASP version that narrows full updates to one group, a peer merge in between, PORT's
+all-zero weights — it is rebuilt from the handed updates at the trigger. Correctness never
+depends on the hook, only speed. Counters count each (reason, update) once; the windows
+record each update once.
+
+Float32 accumulation: the fold adds (and rescales) at most K terms, so its error is at most
+about 2K·2⁻²⁴·Σ a_k|x_k| per coordinate (``tests/test_robust.py`` checks the bound against float64);
+float64 accumulation measured slower (more memory traffic) and cannot hand its buffer over.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import numpy as np
+
+from coordinator.strategies.base import BufferedUpdate, CoordinatorView
+from coordinator.strategies.staleness import make_policy, staleness_factor
+from edge_sdk.errors import ConfigError
+from edge_sdk.spec import FULL, Vector
+
+__all__ = [
+    "COMBINERS",
+    "RobustAggregator",
+    "RobustConfig",
+    "UpdateStats",
+    "coordinate_median",
+    "krum_select",
+    "sorting_network",
+    "trimmed_mean",
+]
+
+COMBINERS = ("mean", "median", "trimmed-mean", "krum", "multi-krum")
+_CHUNK = 65536
+"""Elements per block of the fused loops (two float32 scratch blocks stay in L2)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RobustConfig:
+    """Robust-aggregation parameters; the averaging strategies' configs extend this."""
+
+    combiner: str = "mean"
+    """``mean`` (the fold), ``median``, ``trimmed-mean``, ``krum``, ``multi-krum``."""
+    clip_multiplier: float = 3.0
+    """Clip each change to this × the median recent change norm; 0 disables clipping."""
+    max_staleness: int | None = None
+    """Drop updates staler than this many versions; None = keep all (see SpinConfig)."""
+    staleness: str = "none"
+    """Staleness policy on each update's weight (coordinator.strategies.staleness): none |
+    damped (× (τ + 1)^(−a)) | drop-beyond (= none with max_staleness)."""
+    a: float = 0.5
+    """Exponent of the ``damped`` policy."""
+    sample_weight_cap: float = 4.0
+    """Clamp the weight from n_samples to this × the median recent claim; 0 disables."""
+    trim_fraction: float = 0.1
+    """trimmed-mean: fraction of the rows dropped on each side, per coordinate."""
+    krum_f: int | None = None
+    """krum / multi-krum: assumed Byzantine updates per buffer (None = (K − 3) // 2)."""
+    window: int = 50
+    """Recent accepted updates whose norms and claims set the bounds."""
+    min_known: int = 5
+    """No clipping / clamping until this many norms / claims are known."""
+
+    def __post_init__(self) -> None:
+        if self.combiner not in COMBINERS:
+            raise ConfigError(f"combiner must be one of {', '.join(COMBINERS)}; got {self.combiner!r}")
+        if not (self.clip_multiplier >= 0 and math.isfinite(self.clip_multiplier)):
+            raise ConfigError("clip_multiplier must be a finite number >= 0 (0 disables clipping)")
+        if self.clip_multiplier and self.clip_multiplier < 1:
+            raise ConfigError("clip_multiplier below 1 would clip the median honest update; use >= 1 or 0")
+        if self.max_staleness is not None and self.max_staleness < 0:
+            raise ConfigError("max_staleness must be >= 0 (or None)")
+        make_policy(self.staleness, a=self.a, bound=self.max_staleness)  # validates the name and a
+        if not (self.sample_weight_cap >= 0 and math.isfinite(self.sample_weight_cap)):
+            raise ConfigError("sample_weight_cap must be a finite number >= 0 (0 disables the cap)")
+        if self.sample_weight_cap and self.sample_weight_cap < 1:
+            raise ConfigError("sample_weight_cap below 1 would clamp the median device; use >= 1 or 0")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ConfigError("trim_fraction must be in [0, 0.5)")
+        if self.krum_f is not None and self.krum_f < 0:
+            raise ConfigError("krum_f must be >= 0 (or None)")
+        if self.window < 1 or self.min_known < 1:
+            raise ConfigError("window and min_known must be >= 1")
+
+    def robust_params(self) -> dict[str, Any]:
+        return {
+            "combiner": self.combiner,
+            "clip_multiplier": self.clip_multiplier,
+            "max_staleness": self.max_staleness,
+            **({"staleness": self.staleness, "a": self.a} if self.staleness != "none" else {}),
+            "sample_weight_cap": self.sample_weight_cap,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateStats:
+    """What a weigher may use: staleness, clamped sample weight, and (on request) the
+    similarity terms d·d, d·g, g·g with d = w_k − w_base, g = w_current − w_base."""
+
+    staleness: int
+    n_weight: float
+    has_base: bool
+    dd: float = 0.0
+    dg: float = 0.0
+    gg: float = 0.0
+
+
+Weigher = Callable[[UpdateStats], float]
+"""p_k from an update's stats (default: the clamped sample count)."""
+
+
+def _default_weight(stats: UpdateStats) -> float:
+    return stats.n_weight
+
+
+# ------------------------------------------------------------------ pure combiners
+
+
+@cache
+def sorting_network(n: int) -> tuple[tuple[int, int], ...]:
+    """Batcher's odd–even merge sort comparators for ``n`` inputs (any n ≥ 1): applying
+    ``(i, j)`` as (min → i, max → j) in order sorts. Elementwise min/max over rows is
+    ~15× faster than ``np.median(axis=0)`` on (10, 11.7 M)."""
+    pairs: list[tuple[int, int]] = []
+    p = 1
+    while p < n:
+        k = p
+        while k >= 1:
+            for j in range(k % p, n - k, 2 * k):
+                for i in range(min(k, n - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
+                        pairs.append((i + j, i + j + k))
+            k //= 2
+        p *= 2
+    return tuple(pairs)
+
+
+def _sorted_blocks(rows: np.ndarray, reduce: Callable[[list[np.ndarray], np.ndarray], None], out: np.ndarray) -> None:
+    """Sort each column of ``rows`` (K, n) block by block and ``reduce(sorted_rows, out_block)``."""
+    k, n = rows.shape
+    pairs = sorting_network(k)
+    buf = np.empty((k + 1, min(n, _CHUNK) or 1), dtype=np.float32)
+    for a in range(0, n, _CHUNK):
+        b = min(a + _CHUNK, n)
+        block = [buf[r, : b - a] for r in range(k + 1)]
+        for r in range(k):
+            np.copyto(block[r], rows[r, a:b])
+        spare = block[k]
+        for i, j in pairs:
+            np.minimum(block[i], block[j], out=spare)
+            np.maximum(block[i], block[j], out=block[j])
+            block[i], spare = spare, block[i]
+        reduce(block[:k], out[a:b])
+
+
+def coordinate_median(rows: np.ndarray, out: np.ndarray | None = None) -> Vector:
+    """Coordinate-wise median of the rows of ``rows`` (K, n), as ``np.median(axis=0)``."""
+    k, n = rows.shape
+    res: Vector = np.empty(n, dtype=np.float32) if out is None else out
+
+    def mid(block: list[np.ndarray], dst: np.ndarray) -> None:
+        if k % 2:
+            np.copyto(dst, block[k // 2])
+        else:
+            np.add(block[k // 2 - 1], block[k // 2], out=dst)
+            np.multiply(dst, np.float32(0.5), out=dst)
+
+    _sorted_blocks(rows, mid, res)
+    return res
+
+
+def trim_count(k: int, fraction: float) -> int:
+    """Rows trimmed per side: ⌊fraction·K⌋, leaving at least one."""
+    return min(int(fraction * k), (k - 1) // 2)
+
+
+def trimmed_mean(rows: np.ndarray, fraction: float, out: np.ndarray | None = None) -> Vector:
+    """Per coordinate, the mean after dropping the ⌊fraction·K⌋ lowest and highest values."""
+    k, n = rows.shape
+    t = trim_count(k, fraction)
+    res: Vector = np.empty(n, dtype=np.float32) if out is None else out
+    inv = np.float32(1.0 / (k - 2 * t))
+
+    def middle(block: list[np.ndarray], dst: np.ndarray) -> None:
+        np.copyto(dst, block[t])
+        for r in range(t + 1, k - t):
+            np.add(dst, block[r], out=dst)
+        np.multiply(dst, inv, out=dst)
+
+    _sorted_blocks(rows, middle, res)
+    return res
+
+
+def krum_select(rows: np.ndarray, f: int | None, multi: bool) -> list[int]:
+    """Krum (Blanchard et al. 2017): score each row by the summed squared distances to its
+    K − f − 2 nearest rows; Krum keeps the best row, Multi-Krum the K − f best."""
+    k = rows.shape[0]
+    if k <= 2:
+        return list(range(k))
+    byz = max(0, (k - 3) // 2) if f is None else min(f, k - 1)
+    gram = np.asarray(np.dot(rows, rows.T), dtype=np.float64)
+    sq = np.diag(gram)
+    dist = np.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0)
+    nearest = max(1, k - byz - 2)
+    scores = [float(np.sort(np.delete(dist[i], i))[:nearest].sum()) for i in range(k)]
+    order = sorted(range(k), key=lambda i: (scores[i], i))
+    return order[: max(1, k - byz)] if multi else order[:1]
+
+
+# ------------------------------------------------------------------ the stateful aggregator
+
+
+def _same_array(held: np.ndarray | None, other: np.ndarray) -> bool:
+    """``other`` is ``held`` or a view of all of it (we hold ``held``, so its memory cannot be
+    reused by another array while we compare)."""
+    if held is None:
+        return False
+    return held is other or (
+        held.shape == other.shape and held.__array_interface__["data"][0] == other.__array_interface__["data"][0]
+    )
+
+
+@dataclass(slots=True)
+class _Entry:
+    key: tuple[str, int]
+    group: str
+    weight: float
+    row: int = -1
+    """Row of the (K, N) matrix (non-mean combiners), -1 for none or dropped."""
+
+
+class _Window:
+    """The last ``size`` values, each recorded once per update key."""
+
+    __slots__ = ("size", "values")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.values: OrderedDict[tuple[str, int], float] = OrderedDict()
+
+    def median(self, min_known: int) -> float | None:
+        if len(self.values) < min_known:
+            return None
+        return float(np.median(np.fromiter(self.values.values(), dtype=np.float64, count=len(self.values))))
+
+    def record(self, key: tuple[str, int], value: float) -> None:
+        if key in self.values:
+            return
+        self.values[key] = value
+        while len(self.values) > self.size:
+            self.values.popitem(last=False)
+
+
+class RobustAggregator:
+    """Assess and fold updates on arrival; combine at the trigger. See the module docstring."""
+
+    def __init__(
+        self,
+        config: RobustConfig,
+        *,
+        deltas: bool = False,
+        server_lr: float = 1.0,
+        expected: int = 10,
+        weigher: Weigher | None = None,
+        wants_similarity: bool = False,
+    ) -> None:
+        self.config = config
+        self.deltas = deltas
+        self.server_lr = server_lr
+        self.expected = max(1, expected)
+        self.weigher = weigher or _default_weight
+        self.wants_similarity = wants_similarity
+        self.counters: Counter[str] = Counter()
+        self._claims = _Window(config.window)
+        self._norms: dict[str, _Window] = {}
+        self._counted: set[tuple[str, tuple[str, int]]] = set()
+        self._entries: list[_Entry] = []
+        self._version: int | None = None
+        self._current: Vector | None = None
+        self._acc: dict[str, np.ndarray] = {}
+        self._acc_started: set[str] = set()
+        self._total: dict[str, float] = {}
+        self._scale: dict[str, float] = {}
+        self._rows: np.ndarray | None = None
+        self._n_rows = 0
+        self.rebuilds = 0
+        """Triggers whose fold did not match the handed updates and was rebuilt there."""
+        self._scratch = np.empty(_CHUNK, dtype=np.float32)
+        self._scratch2 = np.empty(_CHUNK, dtype=np.float32)
+
+    def reconfigure(self, config: RobustConfig, *, deltas: bool, server_lr: float, expected: int) -> None:
+        """New parameters (SIGHUP): the fold in progress is dropped and rebuilt at the
+        trigger under the new ones; the windows and counters are kept."""
+        self.config, self.deltas, self.server_lr, self.expected = config, deltas, server_lr, max(1, expected)
+        for window in (self._claims, *self._norms.values()):
+            window.size = config.window
+        self._reset()
+
+    @property
+    def folded(self) -> int:
+        """Updates folded since the last trigger."""
+        return len(self._entries)
+
+    # ------------------------------------------------------------------ arrival
+
+    def observe(self, view: CoordinatorView, update: BufferedUpdate) -> None:
+        """Assess ``update`` and fold it in (the strategy's ``on_update`` / ``on_restore``)."""
+        if self._version != view.version or not _same_array(self._current, view.weights):
+            self._reset()
+            self._version, self._current = view.version, view.weights
+        self._observe(view, update, uniform=False)
+
+    def _count(self, reason: str, key: tuple[str, int]) -> None:
+        if (reason, key) not in self._counted:
+            self._counted.add((reason, key))
+            self.counters[reason] += 1
+
+    def _observe(self, view: CoordinatorView, u: BufferedUpdate, *, uniform: bool) -> None:
+        cfg = self.config
+        tau = max(view.version - u.base_version, 0)
+        factor = staleness_factor(make_policy(cfg.staleness, a=cfg.a, bound=cfg.max_staleness), tau)
+        if factor is None:
+            self._count("dropped_stale", u.key)
+            self._entries.append(_Entry(key=u.key, group=u.group, weight=0.0))
+            return
+        n_weight = float(u.n_samples)
+        if cfg.sample_weight_cap:
+            median_claim = self._claims.median(cfg.min_known)
+            self._claims.record(u.key, float(u.n_samples))
+            if median_claim is not None and n_weight > cfg.sample_weight_cap * median_claim:
+                n_weight = cfg.sample_weight_cap * median_claim
+                self._count("samples_clamped", u.key)
+        sl = view.spec.group_slice(u.group)
+        base = view.weights_at(u.base_version)
+        has_base = base is not None
+        current = view.weights[sl]
+        ref = current if base is None else base[sl]
+        w = np.asarray(u.weights, dtype=np.float32)
+        clip = bool(cfg.clip_multiplier)
+        similarity = self.wants_similarity and has_base and tau > 0
+        need_d = clip or self.deltas or similarity
+        mean = cfg.combiner == "mean"
+        row: np.ndarray | None = None
+        if not mean:
+            row = self._new_row()[sl]
+        weight: float | None = None
+        if not similarity:
+            weight = 1.0 if uniform else self.weigher(UpdateStats(staleness=tau, n_weight=n_weight, has_base=has_base))
+            weight = weight * factor if factor != 1.0 else weight
+        # Pass 1: the change's norm (and PORT's similarity terms), fused with the optimistic
+        # (unclipped) fold when the weight is already known.
+        acc, a, first = self._acc_target(u.group, sl, weight) if mean and weight is not None else (None, 0.0, False)
+        dd, dg, gg = self._scan(w, ref, current if similarity else None, need_d, acc, a, first, row)
+        if similarity:
+            weight = 1.0 if uniform else self.weigher(
+                UpdateStats(staleness=tau, n_weight=n_weight, has_base=True, dd=dd, dg=dg, gg=gg)
+            )
+            weight = weight * factor if factor != 1.0 else weight
+        assert weight is not None
+        c = 1.0
+        if clip:
+            norms = self._norms.setdefault(u.group, _Window(cfg.window))
+            median_norm = norms.median(cfg.min_known)
+            norm = math.sqrt(dd)
+            norms.record(u.key, norm)
+            if median_norm is not None and norm > cfg.clip_multiplier * median_norm:
+                c = cfg.clip_multiplier * median_norm / norm if math.isfinite(norm) else 0.0
+                self._count("clipped", u.key)
+        entry = _Entry(key=u.key, group=u.group, weight=weight)
+        self._entries.append(entry)
+        if mean:
+            if acc is None:  # the weight needed pass 1: fold now, clipped
+                acc, a, first = self._acc_target(u.group, sl, weight)
+                self._fold(w, ref, acc, a, c, first)
+            elif c != 1.0:  # pass 2 only for a clipped update
+                self._fold(w, ref, acc, a * (c - 1.0), 1.0, False, change_only=True)
+        else:
+            assert row is not None
+            entry.row = self._n_rows - 1
+            if c != 1.0:
+                if self.deltas:
+                    np.multiply(row, np.float32(c), out=row)
+                else:
+                    self._blend_row(row, ref, c)
+
+    def _acc_target(self, group: str, sl: slice, weight: float) -> tuple[np.ndarray, float, bool]:
+        """The group's accumulator and a_k = p_k / max p (≤ 1: the float32 sum cannot overflow
+        where the float64 reference would not, short of |x| near float32's max / K)."""
+        self._total[group] = self._total.get(group, 0.0) + weight
+        acc = self._acc.get(group)
+        if acc is None or acc.shape[0] != sl.stop - sl.start:
+            acc = self._acc[group] = np.empty(sl.stop - sl.start, dtype=np.float32)
+        first = group not in self._acc_started
+        self._acc_started.add(group)
+        scale = self._scale.get(group)
+        if weight > 0 and (scale is None or weight > scale):
+            if scale is not None and not first:  # a new largest weight: rescale the sum (rare)
+                np.multiply(acc, np.float32(scale / weight), out=acc)
+            scale = self._scale[group] = weight
+        return acc, (weight / scale if scale else 0.0), first
+
+    def _scan(
+        self,
+        w: np.ndarray,
+        ref: np.ndarray,
+        current: np.ndarray | None,
+        need_d: bool,
+        acc: np.ndarray | None,
+        a: float,
+        first: bool,
+        row: np.ndarray | None,
+    ) -> tuple[float, float, float]:
+        """One blocked pass: d = w − ref, Σd², [d·g, g·g], acc (=|+=) a·x, row = x."""
+        dd = dg = gg = 0.0
+        af = np.float32(a)
+        n = w.shape[0]
+        for s in range(0, n, _CHUNK):
+            e = min(s + _CHUNK, n)
+            d = self._scratch[: e - s]
+            t = self._scratch2[: e - s]
+            if need_d:
+                np.subtract(w[s:e], ref[s:e], out=d)
+                dd += float(np.dot(d, d))
+                if current is not None:
+                    np.subtract(current[s:e], ref[s:e], out=t)
+                    dg += float(np.dot(d, t))
+                    gg += float(np.dot(t, t))
+            x = d if self.deltas else w[s:e]
+            if acc is not None:
+                if first:
+                    np.multiply(x, af, out=acc[s:e])
+                else:
+                    np.multiply(x, af, out=t)
+                    np.add(acc[s:e], t, out=acc[s:e])
+            if row is not None:
+                np.copyto(row[s:e], x)
+        if need_d and not math.isfinite(dd):  # float32 squares overflowed: redo in float64
+            diff = np.asarray(w, dtype=np.float64) - ref
+            dd = float(np.dot(diff, diff))
+        return dd, dg, gg
+
+    def _fold(self, w: np.ndarray, ref: np.ndarray, acc: np.ndarray, a: float, c: float, first: bool,
+              change_only: bool = False) -> None:
+        """acc (=|+=) a·x with x = c·d (deltas or ``change_only``) or ref + c·d (models)."""
+        n = w.shape[0]
+        af, cf = np.float32(a), np.float32(c)
+        for s in range(0, n, _CHUNK):
+            e = min(s + _CHUNK, n)
+            d = self._scratch[: e - s]
+            np.subtract(w[s:e], ref[s:e], out=d)
+            np.multiply(d, cf * af, out=d)
+            if not (self.deltas or change_only):
+                np.multiply(ref[s:e], af, out=self._scratch2[: e - s])
+                np.add(d, self._scratch2[: e - s], out=d)
+            if first:
+                np.copyto(acc[s:e], d)
+            else:
+                np.add(acc[s:e], d, out=acc[s:e])
+
+    def _blend_row(self, row: np.ndarray, ref: np.ndarray, c: float) -> None:
+        cf = np.float32(c)
+        for s in range(0, row.shape[0], _CHUNK):
+            e = min(s + _CHUNK, row.shape[0])
+            r = row[s:e]
+            np.subtract(r, ref[s:e], out=r)
+            np.multiply(r, cf, out=r)
+            np.add(r, ref[s:e], out=r)
+
+    def _new_row(self) -> np.ndarray:
+        assert self._current is not None
+        n = self._current.shape[0]
+        if self._rows is None or self._rows.shape[1] != n:
+            self._rows = np.empty((self.expected, n), dtype=np.float32)
+        elif self._n_rows == self._rows.shape[0]:  # more than expected: grow (rare)
+            grown = np.empty((2 * self._rows.shape[0], n), dtype=np.float32)
+            grown[: self._n_rows] = self._rows[: self._n_rows]
+            self._rows = grown
+        self._n_rows += 1
+        row: np.ndarray = self._rows[self._n_rows - 1]
+        return row
+
+    def _reset(self) -> None:
+        self._entries = []
+        self._acc_started.clear()
+        self._total.clear()
+        self._scale.clear()
+        self._n_rows = 0
+        self._version = None
+        self._current = None
+
+    # ------------------------------------------------------------------ trigger
+
+    def combine(self, view: CoordinatorView, updates: Sequence[BufferedUpdate]) -> Vector:
+        """The new global vector from the folded ``updates`` (rebuilt first if the fold
+        does not match them exactly)."""
+        if not updates:
+            return np.array(view.weights, dtype=np.float32, copy=True)
+        matches = (
+            self._version == view.version
+            and _same_array(self._current, view.weights)
+            and len(self._entries) == len(updates)
+            and all(e.key == u.key and e.group == u.group for e, u in zip(self._entries, updates, strict=True))
+        )
+        if not matches:
+            self._refold(view, updates, uniform=False)
+        if self.wants_similarity and not any(e.weight > 0 for e in self._entries):
+            # PORT: all raw weights zero → uniform (as ``port_weights``); dropped stay out.
+            self._refold(view, updates, uniform=True)
+        try:
+            return self._finish(view)
+        finally:
+            self._reset()
+            self._counted.clear()
+
+    def _refold(self, view: CoordinatorView, updates: Sequence[BufferedUpdate], *, uniform: bool) -> None:
+        self.rebuilds += 1
+        self._reset()
+        self._version, self._current = view.version, view.weights
+        for u in updates:
+            self._observe(view, u, uniform=uniform)
+
+    def _groups(self) -> list[str]:
+        seen = dict.fromkeys(e.group for e in self._entries if e.weight > 0 or e.row >= 0)
+        return sorted(seen, key=lambda g: g != FULL)  # full first, then groups in arrival order
+
+    def _finish(self, view: CoordinatorView) -> Vector:
+        current = view.weights
+        spec = view.spec
+        groups = self._groups()
+        out: Vector | None = None
+        if self.config.combiner == "mean":
+            full_total = self._total.get(FULL, 0.0)
+            if FULL in groups and full_total > 0:
+                out = self._acc.pop(FULL)  # handed over: the next round allocates afresh
+                self._scale_into(out, out, current, self._scale[FULL] / full_total)
+            else:
+                out = np.array(current, dtype=np.float32, copy=True)
+            for g in groups:
+                if g == FULL or self._total.get(g, 0.0) <= 0:
+                    continue
+                sl = spec.group_slice(g)
+                target = out[sl]
+                self._scale_into(self._acc[g], target, current[sl], self._scale[g] / self._total[g],
+                                 add_to=target if self.deltas else None)
+            return out
+        out = np.array(current, dtype=np.float32, copy=True)
+        assert self._rows is not None or not groups
+        for g in groups:
+            members = [e for e in self._entries if e.group == g and e.row >= 0]
+            if not members:
+                continue
+            sl = spec.group_slice(g)
+            rows = self._member_rows(members, sl)
+            combined = self._reduce(rows, [e.weight for e in members])
+            if self.deltas:
+                out[sl] += np.float32(self.server_lr) * combined
+            else:
+                out[sl] = combined
+        return out
+
+    def _scale_into(self, acc: np.ndarray, out: np.ndarray, current: np.ndarray, factor: float,
+                    add_to: np.ndarray | None = None) -> None:
+        """out = acc·factor (models) or base + η·acc·factor (deltas; base = ``add_to`` or current)."""
+        if not self.deltas:
+            np.multiply(acc, np.float32(factor), out=out)
+            return
+        base = current if add_to is None else add_to
+        f = np.float32(self.server_lr * factor)
+        for s in range(0, acc.shape[0], _CHUNK):
+            e = min(s + _CHUNK, acc.shape[0])
+            t = self._scratch[: e - s]
+            np.multiply(acc[s:e], f, out=t)
+            np.add(t, base[s:e], out=out[s:e])
+
+    def _member_rows(self, members: list[_Entry], sl: slice) -> np.ndarray:
+        assert self._rows is not None
+        idx = [e.row for e in members]
+        if idx == list(range(idx[0], idx[0] + len(idx))):
+            return self._rows[idx[0] : idx[0] + len(idx), sl]
+        return self._rows[idx][:, sl]
+
+    def _reduce(self, rows: np.ndarray, weights: list[float]) -> np.ndarray:
+        name = self.config.combiner
+        if name == "median":
+            return coordinate_median(rows)
+        if name == "trimmed-mean":
+            return trimmed_mean(rows, self.config.trim_fraction)
+        chosen = krum_select(np.ascontiguousarray(rows), self.config.krum_f, multi=name == "multi-krum")
+        p = np.array([weights[i] for i in chosen], dtype=np.float64)
+        p = p / p.sum() if p.sum() > 0 else np.full(len(chosen), 1.0 / len(chosen))
+        acc = np.zeros(rows.shape[1], dtype=np.float32)
+        for i, pi in zip(chosen, p, strict=True):
+            acc += np.float32(pi) * rows[i]
+        return acc
+
+    # ------------------------------------------------------------------ durability
+
+    def checkpoint(self) -> dict[str, Any]:
+        """The windows and counters, JSON-able, for a commit's metadata: restored with
+        :meth:`restore`, clipping and clamping resume at once after a restart instead of
+        after ``min_known`` updates."""
+        def rows(w: _Window) -> list[list[Any]]:
+            return [[d, s, v] for (d, s), v in w.values.items()]
+
+        return {
+            "claims": rows(self._claims),
+            "norms": {g: rows(w) for g, w in self._norms.items()},
+            "counts": dict(self.counters),
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Undo :meth:`checkpoint` (before the pending updates are restored). Malformed
+        entries are skipped: this is our own metadata, but a bad file must not stop a start."""
+        def fill(window: _Window, rows: object) -> None:
+            for row in rows if isinstance(rows, list) else []:
+                if isinstance(row, list) and len(row) == 3 and isinstance(row[0], str) and isinstance(row[1], int):
+                    value = float(row[2])
+                    if math.isfinite(value) and value >= 0:
+                        window.record((row[0], row[1]), value)
+
+        fill(self._claims, state.get("claims"))
+        norms = state.get("norms")
+        for group, rows in (norms.items() if isinstance(norms, Mapping) else ()):
+            fill(self._norms.setdefault(str(group), _Window(self.config.window)), rows)
+        counts = state.get("counts")
+        for reason, n in (counts.items() if isinstance(counts, Mapping) else ()):
+            if isinstance(n, int) and n >= 0:
+                self.counters[str(reason)] = n
+
+    # ------------------------------------------------------------------ status
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.config.robust_params(), "counts": dict(sorted(self.counters.items()))}

@@ -1,0 +1,564 @@
+"""Reporting for every emulation driver (above the engine, below ``demos/``): seed parsing,
+task loading for a scenario, the accuracy-timeline plot, and the multi-region tables,
+plots and run JSONs.
+
+``demos/emulate.py`` (the CLI), ``devices/multiregion.py`` and ``devices/mqtt_fleet.py``
+use these; nothing here runs a fleet.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from devices.scenario import Scenario
+from devices.simulator import RunResult, time_to_target
+from edge_sdk.errors import ConfigError
+from edge_sdk.tasks.base import Task
+
+if TYPE_CHECKING:
+    from devices.multiregion import MultiRegionScenario
+
+__all__ = [
+    "DATA_ENV",
+    "PAPER_SCALING",
+    "TORCHVISION_DATASETS",
+    "format_region_tables",
+    "format_table",
+    "json_default",
+    "load_region_runs",
+    "load_runs",
+    "load_task",
+    "parse_seeds",
+    "plot_accuracy",
+    "plot_regions",
+    "plot_staleness",
+    "plot_timeline",
+    "slug",
+    "summarise",
+    "summarise_regions",
+    "write_region_report",
+    "write_run",
+]
+
+PAPER_SCALING = {
+    "spyker": (1.21, 1.43),
+    "fedasync": (2.42, 5.99),
+    "hierfavg": (1.64, 1.75),
+}
+"""Spyker's Table 5: time to 90 % with 200 and 300 clients over 100 clients (MNIST)."""
+
+TORCHVISION_DATASETS = {
+    "mnist": ("MNIST", ["MNIST/raw/train-images-idx3-ubyte", "MNIST/raw/train-images-idx3-ubyte.gz"]),
+    "emnist": ("EMNIST", ["EMNIST/raw/emnist-balanced-train-images-idx3-ubyte", "EMNIST/raw/gzip.zip"]),
+    "cifar10": ("CIFAR-10", ["cifar-10-batches-py/data_batch_1", "cifar-10-python.tar.gz"]),
+}
+DATA_ENV = "EDGECI_DATA"
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` or ``"0-4"`` or a mix (``"0-2,7"``) → list of seeds."""
+    seeds: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m:
+            raise ConfigError(f"--seeds: {part!r} is not a seed or a range like 0-4")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise ConfigError(f"--seeds: empty range {part!r}")
+        seeds.extend(range(lo, hi + 1))
+    return seeds
+
+
+def load_task(name: str) -> Task:
+    """The task for a scenario. Torchvision datasets are used only if their files are
+    already on disk (under ``$EDGECI_DATA``); edgeci never downloads datasets."""
+    from edge_sdk.tasks import get_task, known_tasks
+
+    if name in known_tasks():
+        return get_task(name, device="cpu")
+    if name in TORCHVISION_DATASETS:
+        title, files = TORCHVISION_DATASETS[name]
+        import os
+
+        root = Path(os.environ.get(DATA_ENV, Path.home() / ".cache" / "edgeci" / "data"))
+        found = [root / f for f in files if (root / f).exists()]
+        if not found:
+            raise ConfigError(
+                f"task {name!r} needs the {title} files of torchvision under {root} "
+                f"(e.g. {root / files[0]}); none found. edgeci never downloads datasets: "
+                f"copy them there (or set ${DATA_ENV}) — or use task = \"digits\", which ships with scikit-learn."
+            )
+        raise ConfigError(
+            f"found {title} files at {found[0]}, but no edgeci task {name!r} is registered "
+            f"(known: {', '.join(known_tasks())}); add one to edge_sdk.tasks.TASKS."
+        )
+    raise ConfigError(f"unknown task {name!r}; known: {', '.join(known_tasks())}")
+
+
+def plot_timeline(points: Sequence[tuple[float, int, float]], path: Path, title: str, *, xlabel: str = "wall time (s)") -> None:
+    """Step plot of ``(seconds, version, accuracy)`` points (accuracy in [0, 1])."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    ax.step([p[0] for p in points], [100 * p[2] for p in points], where="post", label="held-out accuracy of the newest model")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- multi-region reports
+
+
+def _mean_ttt(results: Sequence[RunResult], duration: float) -> tuple[float, bool]:
+    ttts = [r.time_to_target for r in results]
+    return float(np.mean([t if t is not None else duration for t in ttts])), all(t is not None for t in ttts)
+
+
+def summarise_regions(sc: MultiRegionScenario, results: Sequence[RunResult]) -> dict[str, Any]:
+    duration = sc.settings.duration_s
+    base = sc.device_counts[0]
+    out: dict[str, Any] = {"scenario": sc.name, "target_accuracy": sc.settings.target_accuracy, "duration_s": duration,
+                           "device_counts": list(sc.device_counts), "seeds": list(sc.settings.seeds), "methods": {}}
+    for m in sc.methods:
+        entry: dict[str, Any] = {"kind": m.kind, "by_devices": {}}
+        for n in sc.device_counts:
+            mine = [r for r in results if r.label == m.label and r.summary["devices"] == n]
+            if not mine:
+                continue
+            mean, reached = _mean_ttt(mine, duration)
+            entry["by_devices"][str(n)] = {
+                "time_to_target_s": [r.time_to_target for r in mine],
+                "mean_time_to_target_s": mean,
+                "all_reached": reached,
+                "final_accuracy": float(np.mean([r.summary["final_accuracy"] for r in mine])),
+                "updates": float(np.mean([r.summary["updates"] for r in mine])),
+                "updates_to_target": float(np.mean([_updates_at(r) for r in mine])),
+                "mb_peer": float(np.mean([r.summary["bytes_peer"] for r in mine])) / 1e6,
+                "mb_device": float(np.mean([r.summary["bytes_device"] for r in mine])) / 1e6,
+                "utilisation": float(np.mean([r.summary["coordinator_utilisation"] or 0 for r in mine])),
+                "wall_s": float(np.mean([r.summary["wall_s"] for r in mine])),
+            }
+        b = entry["by_devices"].get(str(base))
+        entry["scaling"] = {}
+        if b is not None:
+            for n in sc.device_counts[1:]:
+                e = entry["by_devices"].get(str(n))
+                if e is not None and b["mean_time_to_target_s"] > 0:
+                    kind = "exact" if e["all_reached"] and b["all_reached"] else ("lower_bound" if b["all_reached"] else "undefined")
+                    entry["scaling"][str(n)] = {"time": e["mean_time_to_target_s"] / b["mean_time_to_target_s"],
+                                                "updates": e["updates_to_target"] / b["updates_to_target"] if b["updates_to_target"] else None,
+                                                "kind": kind}
+        out["methods"][m.label] = entry
+    return out
+
+
+def _updates_at(r: RunResult) -> float:
+    t = r.time_to_target
+    for row in r.rows:
+        if t is not None and row["committed_at_s"] >= t and row["accuracy"] >= r.target_accuracy:
+            return row["updates"]
+    return r.rows[-1]["updates"] if r.rows else 0.0
+
+
+def format_region_tables(sc: MultiRegionScenario, summary: Mapping[str, Any]) -> str:
+    target = summary["target_accuracy"]
+    base = sc.device_counts[0]
+    lat = ", ".join(f"{a}–{b} {sc.topology.latency_ms[i][j]:g}" for i, a in enumerate(sc.topology.regions)
+                    for j, b in enumerate(sc.topology.regions) if j >= i)
+    lines = [
+        f"### {sc.name}: time to {target:.0%} accuracy, {len(sc.topology.regions)} regions",
+        "",
+        sc.description.strip(),
+        "",
+        f"One-way latency (ms): {lat}. Seeds {', '.join(map(str, summary['seeds']))}; "
+        f"virtual seconds; a run that never reached the target counts as its duration ({summary['duration_s']:,.0f} s, shown as ≥).",
+        "",
+        f"| method | time to {target:.0%} at {base} devices (s) | updates to target | final acc. | coordinator CPU | MB between coordinators | MB devices |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, m in summary["methods"].items():
+        b = m["by_devices"].get(str(base))
+        if b is None:
+            continue
+        ttt = ("" if b["all_reached"] else "≥ ") + f"{b['mean_time_to_target_s']:.1f}"
+        lines.append(f"| {label} | {ttt} | {b['updates_to_target']:,.0f} | {b['final_accuracy']:.3f} | {b['utilisation']:.0%} | "
+                     f"{b['mb_peer']:.1f} | {b['mb_device']:.1f} |")
+    others = sc.device_counts[1:]
+    if others:
+        head = " | ".join(f"{n} devices: time (×), updates (×)" for n in others)
+        lines += ["", f"Scaling: time to {target:.0%} with more devices over the same method's time at {base} devices "
+                      f"(paper, Spyker Table 5, MNIST: Spyker 1.21 / 1.43, HierFAVG 1.64 / 1.75, FedAsync 2.42 / 5.99 for 200 / 300).",
+                  "", f"| method | {head} | paper (200 / 300) |", "|---|" + "---:|" * len(others) + "---|"]
+        for label, m in summary["methods"].items():
+            cells = []
+            for n in others:
+                s = m["scaling"].get(str(n))
+                if s is None or s["kind"] == "undefined":
+                    cells.append("—")
+                else:
+                    bound = "≥ " if s["kind"] == "lower_bound" else ""
+                    upd = f"{s['updates']:.2f}" if s["updates"] else "—"
+                    cells.append(f"{bound}{s['time']:.2f} ({upd})")
+            paper = PAPER_SCALING.get("fedasync" if m["kind"] == "single" else m["kind"])
+            lines.append(f"| {label} | {' | '.join(cells)} | {f'{paper[0]} / {paper[1]}' if paper else '—'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_regions(sc: MultiRegionScenario, results: Sequence[RunResult], summary: Mapping[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = sc.device_counts[0]
+    fig, axes = plt.subplots(1, 2 if len(sc.device_counts) > 1 else 1, figsize=(13, 5), dpi=120, squeeze=False)
+    ax = axes[0][0]
+    for m in sc.methods:
+        mine = [r for r in results if r.label == m.label and r.summary["devices"] == base and r.rows]
+        if not mine:
+            continue
+        r = mine[0]
+        t = [row["t_s"] for row in r.rows]
+        (line,) = ax.plot(t, [row["accuracy"] for row in r.rows], label=f"{m.label}", linewidth=1.8)
+        if r.summary["coordinators"] > 1:
+            ax.fill_between(t, [row["accuracy_min"] for row in r.rows], [row["accuracy_max"] for row in r.rows],
+                            color=line.get_color(), alpha=0.15, linewidth=0)
+    ax.axhline(sc.settings.target_accuracy, color="0.3", linestyle="--", linewidth=1, label=f"target {sc.settings.target_accuracy:.0%}")
+    ax.set_xlabel("virtual time (s)")
+    ax.set_ylabel("held-out accuracy (mean over coordinators)")
+    ax.set_title(f"{base} devices, {len(sc.topology.regions)} regions, seed {results[0].seed if results else 0} (band: min–max over coordinators)", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    if len(sc.device_counts) > 1:
+        ax2 = axes[0][1]
+        labels = list(summary["methods"])
+        width = 0.8 / max(len(sc.device_counts) - 1, 1)
+        for j, n in enumerate(sc.device_counts[1:]):
+            vals = [summary["methods"][lab]["scaling"].get(str(n), {}).get("time", np.nan) for lab in labels]
+            ax2.bar([i + j * width for i in range(len(labels))], vals, width=width, label=f"{n} vs {base} devices")
+        for j in range(min(len(sc.device_counts) - 1, 2)):
+            paper = [PAPER_SCALING.get("fedasync" if summary["methods"][lab]["kind"] == "single" else summary["methods"][lab]["kind"], (np.nan, np.nan))[j]
+                     for lab in labels]
+            ax2.scatter([i + j * width for i in range(len(labels))], paper, marker="x", color="k", zorder=3,
+                        label="paper (Table 5)" if j == 0 else None)
+        ax2.set_xticks([i + width * (len(sc.device_counts) - 2) / 2 for i in range(len(labels))], labels, rotation=15, fontsize=8)
+        ax2.axhline(1.0, color="0.5", linewidth=0.8)
+        ax2.set_ylabel(f"time to {sc.settings.target_accuracy:.0%} ÷ time at {base} devices")
+        ax2.set_title("scaling with the number of devices (lower is better)")
+        ax2.legend(fontsize=8)
+        ax2.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def write_region_report(sc: MultiRegionScenario, results: Sequence[RunResult], out: Path) -> int:
+    summary = summarise_regions(sc, results)
+    table = format_region_tables(sc, summary)
+    (out / "time_to_target.md").write_text(table, encoding="utf-8")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=json_default), encoding="utf-8")
+    plot_regions(sc, results, summary, out / "accuracy.png")
+    print(table)
+    print(f"wrote {out / 'time_to_target.md'}, {out / 'accuracy.png'}, {out / 'runs'}/", file=sys.stderr)
+    return 0
+
+
+def load_region_runs(directory: Path, sc: MultiRegionScenario) -> list[RunResult]:
+    """The runs of ``sc``'s methods, fleet sizes and seeds found in ``directory``."""
+    out = []
+    labels = {m.label for m in sc.methods}
+    for path in sorted(directory.glob("*.json")):
+        d = json.loads(path.read_text(encoding="utf-8"))
+        if d["label"] not in labels or d["summary"]["devices"] not in sc.device_counts or d["seed"] not in sc.settings.seeds:
+            continue
+        out.append(RunResult(label=d["label"], strategy=d["strategy"], params=d["params"], seed=d["seed"],
+                             target_accuracy=d["target_accuracy"], rows=d["rows"], summary=d["summary"]))
+    return out
+
+
+def json_default(value: object) -> object:
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+# --------------------------------------------------------------------------- single-region reports
+
+
+def slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-") or "run"
+
+
+def write_run(directory: Path, result: RunResult) -> None:
+    stem = f"{slug(result.label)}__seed{result.seed}"
+    (directory / f"{stem}.json").write_text(json.dumps(result.to_json(), indent=1, default=json_default), encoding="utf-8")
+    if result.rows:
+        with (directory / f"{stem}.csv").open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(result.rows[0]))
+            writer.writeheader()
+            writer.writerows(result.rows)
+
+
+def load_runs(directory: Path, scenario: Scenario) -> list[RunResult]:
+    """The stored runs of ``scenario`` (its run labels and seeds) from an earlier ``--out``."""
+    results: list[RunResult] = []
+    missing: list[str] = []
+    for spec in scenario.runs:
+        for seed in scenario.settings.seeds:
+            path = directory / f"{slug(spec.label)}__seed{seed}.json"
+            if not path.exists():
+                missing.append(path.name)
+                continue
+            data = json.loads(path.read_text(encoding="utf-8"))
+            results.append(RunResult(label=data["label"], strategy=data["strategy"], params=data["params"], seed=data["seed"],
+                                     target_accuracy=spec.settings.target_accuracy, rows=data["rows"], summary=data["summary"]))
+    if missing:
+        raise ConfigError(f"--replot: {directory} lacks {len(missing)} run file(s), e.g. {missing[0]}; run without --replot first")
+    return results
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def summarise(scenario: Scenario, results: Sequence[RunResult]) -> dict[str, Any]:
+    """Per run label: time to target per seed (None = not reached), its mean (censored at
+    the duration when a seed never reached it), and mean final metrics."""
+    per_run: dict[str, Any] = {}
+    for spec in scenario.runs:
+        mine = [r for r in results if r.label == spec.label]
+        if not mine:
+            continue
+        duration = spec.settings.duration_s
+        ttts = [time_to_target(r.rows, spec.settings.target_accuracy) for r in mine]
+        reached = [t for t in ttts if t is not None]
+        censored = [t if t is not None else duration for t in ttts]
+        sensitivity = {}
+        for target in sensitivity_targets(spec.settings.target_accuracy):
+            times = [time_to_target(r.rows, target) for r in mine]
+            sensitivity[f"{target:.2f}"] = {
+                "mean_s": sum(t if t is not None else duration for t in times) / len(times),
+                "reached": sum(t is not None for t in times),
+                "runs": len(times),
+            }
+
+        def mean(key: str, rs: Sequence[RunResult] = mine) -> float | None:
+            vals = [r.summary[key] for r in rs if r.summary.get(key) is not None]
+            return sum(vals) / len(vals) if vals else None
+
+        per_run[spec.label] = {
+            "strategy": spec.strategy,
+            "params": dict(spec.params),
+            "overrides": dict(spec.overrides),
+            "seeds": [r.seed for r in mine],
+            "time_to_target_s": ttts,
+            "reached": len(reached),
+            "mean_time_to_target_s": sum(censored) / len(censored),
+            "all_reached": len(reached) == len(ttts),
+            "sensitivity": sensitivity,
+            "initial_accuracy": mean("initial_accuracy"),
+            "final_accuracy": mean("final_accuracy"),
+            "best_accuracy": mean("best_accuracy"),
+            "versions": mean("versions"),
+            "updates": mean("updates_accepted"),
+            "label_latency_mean_s": mean("label_latency_mean_s"),
+            "mean_staleness": _mean_staleness(mine),
+            "bytes_up": mean("bytes_up"),
+            "bytes_down": mean("bytes_down"),
+            "mean_train_s": mean("mean_train_s"),
+            "virtual_per_wall": mean("virtual_per_wall"),
+        }
+    return {
+        "scenario": scenario.name,
+        "source": scenario.source,
+        "target_accuracy": scenario.settings.target_accuracy,
+        "duration_s": scenario.settings.duration_s,
+        "seeds": list(scenario.settings.seeds),
+        "runs": per_run,
+        "ratios": _ratios(per_run),
+    }
+
+
+def sensitivity_targets(target: float) -> list[float]:
+    """A few accuracies around the scenario's target: the ranking can flip with the target."""
+    return sorted({round(t, 2) for t in (target - 0.05, target, target + 0.03, target + 0.05) if 0 < t <= 1})
+
+
+def _mean_staleness(results: Sequence[RunResult]) -> float | None:
+    total = count = 0
+    for r in results:
+        for k, v in r.summary.get("staleness_histogram", {}).items():
+            total += int(k) * v
+            count += v
+    return total / count if count else None
+
+
+def _ratios(per_run: Mapping[str, Any]) -> dict[str, Any]:
+    """Time-to-target of each baseline over SPIN's (how many times faster SPIN is). Each
+    baseline is paired with the SPIN run that has the same per-run overrides (e.g. the
+    same λ), else with the first SPIN run."""
+    out: dict[str, Any] = {}
+    for label, v in per_run.items():
+        spin = _partner(per_run, label)
+        if spin is None or v["strategy"] in ("spin", "spin-notimeout"):
+            continue
+        s = per_run[spin]
+        ratio = v["mean_time_to_target_s"] / s["mean_time_to_target_s"] if s["mean_time_to_target_s"] > 0 else None
+        # A censored baseline only gives a lower bound; a censored SPIN makes the ratio meaningless.
+        kind = "exact" if v["all_reached"] and s["all_reached"] else ("lower_bound" if s["all_reached"] else "undefined")
+        out[f"{label} / {spin}"] = {"ratio": ratio, "kind": kind}
+    return out
+
+
+def _partner(per_run: Mapping[str, Any], label: str) -> str | None:
+    """The SPIN run a run is compared with: same per-run overrides, else the first SPIN run."""
+    spins = [k for k, v in per_run.items() if v["strategy"] == "spin"]
+    if not spins:
+        return None
+    return next((k for k in spins if per_run[k]["overrides"] == per_run[label]["overrides"]), spins[0])
+
+
+def _fmt_s(t: float | None) -> str:
+    return "—" if t is None else f"{t:,.0f}"
+
+
+def format_table(scenario: Scenario, summary: Mapping[str, Any]) -> str:
+    """The markdown time-to-target table (plus the SPIN-vs-baseline ratios)."""
+    target = summary["target_accuracy"]
+    lines = [
+        f"### {scenario.name}: time to {target:.0%} accuracy",
+        "",
+        f"{scenario.description}".strip(),
+        "",
+        f"Virtual time in seconds (commit time of the first evaluated model at or above the target); "
+        f"seeds {', '.join(map(str, summary['seeds']))}; duration {summary['duration_s']:,.0f} s. "
+        f"Mean: never-reached seeds count as the full duration (shown as ≥).",
+        "",
+        "| run | strategy | time to target per seed (s) | mean (s) | acc. start → end | versions | updates | mean staleness | label→model latency (s) | MB up / down |",
+        "|---|---|---|---:|---|---:|---:|---:|---:|---|",
+    ]
+    for label, v in summary["runs"].items():
+        per_seed = ", ".join(_fmt_s(t) for t in v["time_to_target_s"])
+        mean = ("" if v["all_reached"] else "≥ ") + _fmt_s(v["mean_time_to_target_s"])
+        acc = f"{v['initial_accuracy']:.3f} → {v['final_accuracy']:.3f}" if v["final_accuracy"] is not None else "—"
+        stale = "—" if v["mean_staleness"] is None else f"{v['mean_staleness']:.2f}"
+        lat = _fmt_s(v["label_latency_mean_s"])
+        mb = f"{(v['bytes_up'] or 0) / 1e6:.1f} / {(v['bytes_down'] or 0) / 1e6:.1f}"
+        lines.append(
+            f"| {label} | {v['strategy']} | {per_seed} | {mean} | {acc} | {v['versions']:.0f} | {v['updates']:.0f} | {stale} | {lat} | {mb} |"
+        )
+    runs = summary["runs"]
+    targets = next(iter(runs.values()))["sensitivity"].keys() if runs else []
+    spin = next((k for k, v in runs.items() if v["strategy"] == "spin"), None)
+    if targets:
+        lines += [
+            "",
+            "Mean time to other targets (s; ≥ = some seed never reached it"
+            + ("; in brackets: ÷ the matching SPIN run, n/a where SPIN itself missed it" if spin else "") + "):",
+            "",
+            "| run | " + " | ".join(f"{float(t):.0%}" for t in targets) + " |",
+            "|---|" + "---:|" * len(targets),
+        ]
+        for label, v in runs.items():
+            partner = _partner(runs, label)
+            cells = []
+            for t in targets:
+                sens = v["sensitivity"][t]
+                cell = ("" if sens["reached"] == sens["runs"] else "≥ ") + _fmt_s(sens["mean_s"])
+                ref = runs[partner]["sensitivity"][t] if partner is not None and partner != label else None
+                if ref is not None and ref["reached"] == ref["runs"] and ref["mean_s"] > 0:
+                    bound = "" if sens["reached"] == sens["runs"] else "≥ "
+                    cell += f" ({bound}{sens['mean_s'] / ref['mean_s']:.2f}×)"
+                elif ref is not None:
+                    cell += " (n/a)"
+                cells.append(cell)
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if summary["ratios"]:
+        lines += ["", "Time to target relative to SPIN (baseline ÷ SPIN; > 1 means SPIN is faster):", ""]
+        for name, r in summary["ratios"].items():
+            if r["ratio"] is None or r["kind"] == "undefined":
+                lines.append(f"- {name}: undefined (SPIN did not reach the target on every seed)")
+            else:
+                bound = "≥ " if r["kind"] == "lower_bound" else ""
+                lines.append(f"- {name}: {bound}{r['ratio']:.2f}×")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def plot_accuracy(scenario: Scenario, results: Sequence[RunResult], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
+    long = max(spec.settings.duration_s for spec in scenario.runs) >= 3 * 3600
+    unit, scale = ("h", 3600.0) if long else ("min", 60.0)
+    for spec in scenario.runs:
+        mine = [r for r in results if r.label == spec.label and r.rows]
+        if not mine:
+            continue
+        n = min(len(r.rows) for r in mine)
+        t = np.array([row["t_s"] for row in mine[0].rows[:n]]) / scale
+        acc = np.array([[row["accuracy"] for row in r.rows[:n]] for r in mine])
+        (line,) = ax.plot(t, acc.mean(axis=0), label=f"{spec.label} (n={len(mine)})", linewidth=1.8)
+        if len(mine) > 1:
+            ax.fill_between(t, acc.min(axis=0), acc.max(axis=0), color=line.get_color(), alpha=0.10, linewidth=0)
+    target = scenario.settings.target_accuracy
+    ax.axhline(target, color="0.3", linestyle="--", linewidth=1, label=f"target {target:.0%}")
+    ax.set_xlabel(f"virtual time ({unit})")
+    ax.set_ylabel("accuracy of the deployed model on the held-out split")
+    ax.set_title(f"{scenario.name}: accuracy vs virtual time (mean over seeds, band = min–max)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_staleness(results: Sequence[RunResult], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(r.label for r in results))
+    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=120)
+    width = 0.8 / max(len(labels), 1)
+    for j, label in enumerate(labels):
+        hist: dict[int, int] = {}
+        for r in results:
+            if r.label == label:
+                for k, v in r.summary.get("staleness_histogram", {}).items():
+                    hist[int(k)] = hist.get(int(k), 0) + v
+        total = sum(hist.values())
+        if not total:
+            continue
+        xs = sorted(k for k in hist if k <= 30)
+        ax.bar([x + j * width for x in xs], [hist[x] / total for x in xs], width=width, label=label)
+    ax.set_xlabel("staleness τ (versions between an update's base and the model it joins; ≤ 30 shown)")
+    ax.set_ylabel("fraction of accepted updates")
+    ax.set_title("staleness of accepted updates")
+    ax.legend(fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
