@@ -1,15 +1,18 @@
 # edgeci — `make run` runs the main job, `make test` runs lint, types and the test suite.
-# Both create .venv and install everything on a fresh machine (Debian: mosquitto via apt).
+# Both create .venv and install everything on a fresh machine (Debian: mosquitto and
+# rabbitmq-server via apt). `make test` also builds a device-only virtualenv (`.[device]`,
+# no torch) and runs a device from it against a real coordinator (tests/device_venv/).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.edgeci-installed
-APT_PACKAGES := mosquitto xvfb xdotool
+APT_PACKAGES := mosquitto xvfb xdotool rabbitmq-server
 
 .PHONY: run test setup lint clean-venv
 run: setup
 	$(PY) -m demos.cli run
 
 test: setup lint
+	MAIN_VENV=$(VENV) tests/device_venv/run_device_venv.sh
 	$(PY) -m pytest -q
 
 lint: setup
@@ -18,7 +21,7 @@ lint: setup
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt pyproject.toml Makefile
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages:$$missing"; \

@@ -1,44 +1,193 @@
-"""``edgeci status`` — read a region's retained status from the broker and print it."""
+"""``edgeci status`` — a region's coordinator, as an operator reads it.
+
+Reads the retained status from the broker and renders it (``--json``: the raw JSON). Exit
+code 0 when the coordinator is alive, 2 when none is: no retained status, a status whose
+``alive`` is false (the coordinator stopped, or the broker published its last will), or a
+status older than a few heartbeats (``published_at``, ``heartbeat_s``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from edge_sdk.errors import TransportError
-from edge_sdk.mqtt import MqttTransport
+from edge_sdk.errors import MalformedMessage, TransportError
+from edge_sdk.mqtt import BrokerAuth, MqttTransport, add_broker_arguments, auth_from_args
 from edge_sdk.wire import topics
 from edge_sdk.wire.codec import parse_status_json
 
+log = logging.getLogger("edgeci.status")
 
-def read_status(broker: str, region: str, timeout: float = 5.0) -> dict[str, object]:
+CONFIG_LAYERS = "env"
+ENV_OPTIONS = ("broker", "region", "bundle", "ca", "cert", "key", "username", "password_file")
+"""The coordinator's ``EDGECI_BROKER``, ``EDGECI_REGION`` and broker credentials apply here
+too (not ``EDGECI_TIMEOUT``: that is the coordinator's SPIN timeout)."""
+NOT_ALIVE = 2
+
+
+class NoStatus(TransportError):
+    """The broker answered but holds no retained status for the region."""
+
+
+def read_status(broker: str, region: str, timeout: float = 5.0, *, auth: BrokerAuth | None = None) -> dict[str, object]:
     """The retained status JSON of ``region`` (raises TransportError if none arrives)."""
     got: list[bytes] = []
     event = threading.Event()
 
     def on_message(topic: str, payload: bytes) -> None:
+        if topic != topics.status_topic(region):
+            return
+        try:
+            parse_status_json(payload)
+        except MalformedMessage:
+            log.warning("ignoring a message on %s that is not a status (%d bytes)", topic, len(payload))
+            return
         got.append(payload)
         event.set()
 
-    import uuid
-
-    t = MqttTransport(broker, client_id=f"edgeci-status-{uuid.uuid4().hex[:8]}", subscriptions=[topics.status_topic(region)], on_message=on_message, clean_session=True)
+    t = MqttTransport(broker, client_id=f"edgeci-status-{uuid.uuid4().hex[:8]}", subscriptions=[topics.status_topic(region)], on_message=on_message, clean_session=True, auth=auth)
     t.start(timeout)
     try:
         if not event.wait(timeout):
-            raise TransportError(f"no status for region {region!r} on {broker} within {timeout:.0f} s")
+            raise NoStatus(f"no status for region {region!r} on {broker} within {timeout:.0f} s")
     finally:
         t.stop()
     return parse_status_json(got[-1])
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--broker", default="mqtt://127.0.0.1:1883")
-    p.add_argument("--region", default="default")
-    p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="mqtts://HOST[:8883] with an operator's --bundle in production")
+    add_broker_arguments(p)
+    p.add_argument("--region", default="default", help="the coordinator's region")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the retained status")
+    p.add_argument("--json", action="store_true", help="print the status JSON (machine form)")
+    p.add_argument("--stale-after", type=float, help="call a status this many seconds old dead (default: 3 heartbeats + 10 s)")
+
+
+# ---------------------------------------------------------------------- liveness
+
+
+def liveness(status: Mapping[str, Any], now: float, stale_after: float | None = None) -> tuple[bool | None, str]:
+    """``(alive, why)``: True / False, or None when the status carries no liveness fields."""
+    published = status.get("published_at")
+    age = None if not isinstance(published, int | float) else max(0.0, now - float(published))
+    when = "" if age is None else f" (status {_ago(age)})"
+    if status.get("alive") is False:
+        return False, f"{status.get('reason') or 'stopped'}{when}"
+    if age is not None:
+        beat = status.get("heartbeat_s")
+        limit = stale_after if stale_after is not None else 3 * float(beat if isinstance(beat, int | float) else 30.0) + 10.0
+        if age > limit:
+            return False, f"last status {_ago(age)}, more than {limit:.0f} s: the coordinator is gone or cut off"
+    if status.get("alive") is True:
+        return True, f"alive{when}"
+    return None, "liveness unknown (this coordinator does not stamp its status)"
+
+
+# ---------------------------------------------------------------------- rendering
+
+
+def _ago(seconds: float) -> str:
+    s = round(seconds)
+    if s < 120:
+        return f"{s} s ago"
+    if s < 7200:
+        return f"{s // 60} min ago"
+    if s < 172800:
+        return f"{s // 3600} h ago"
+    return f"{s // 86400} d ago"
+
+
+def _bytes(n: Any) -> str:
+    v = float(n or 0)
+    for unit in ("B", "kB", "MB", "GB"):
+        if v < 1000 or unit == "GB":
+            return f"{v:.0f} {unit}" if unit == "B" else f"{v:.1f} {unit}"
+        v /= 1000
+    return f"{v:.1f} GB"  # pragma: no cover
+
+
+def _value(v: Any, nested: bool = False) -> str:
+    if isinstance(v, Mapping):
+        inner = ", ".join(f"{k}={_value(x, True)}" for k, x in v.items() if k != "name" and x not in (None, "", {}, []))
+        return inner if not nested else f"({inner})"
+    if isinstance(v, list | tuple):
+        return ", ".join(_value(x) for x in v)
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def _table(rows: Sequence[Sequence[str]], indent: str = "  ") -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def render(status: Mapping[str, Any], now: float, stale_after: float | None = None) -> str:
+    """The readable view. Keys added later (release, training line, recent versions) are
+    shown when present."""
+    x: Mapping[str, Any] = status.get("extra") or {}
+    alive, why = liveness(status, now, stale_after)
+    state = {True: "ALIVE", False: "NOT ALIVE", None: "UNKNOWN"}[alive]
+    out = [f"coordinator {status.get('coordinator', '?')} · region {status.get('region', '?')} · {state}: {why}"]
+    if "version" not in status:  # e.g. only the last will is retained
+        return "\n".join(out)
+    params = x.get("strategy_params")
+    strategy = str(status.get("strategy", "?")) + (f" ({_value(params)})" if isinstance(params, Mapping) and params else "")
+    out.append(f"model     {x.get('model_id', '?')} · version {status.get('version')} · strategy {strategy}")
+    lines = {k: v for k, v in x.items() if ("release" in k or "training" in k) and v not in (None, "", {})}
+    for k, v in sorted(lines.items()):
+        out.append(f"{k.replace('_', ' '):<9} {_value(v)}")
+    storage = "ok" if x.get("storage_ok", True) else f"FAILING: {x.get('storage_detail') or 'unknown'}"
+    out.append(f"storage   {storage}")
+    reasons = x.get("rejected_by_reason") or {}
+    why_rej = f" (by reason: {', '.join(f'{k} {v}' for k, v in sorted(reasons.items()))})" if reasons else ""
+    out.append(f"updates   accepted {status.get('updates_accepted', 0)} · duplicate {status.get('updates_duplicate', 0)} · "
+               f"rejected {status.get('updates_rejected', 0)} · buffered {status.get('buffered', 0)} · "
+               f"other messages rejected {x.get('messages_rejected', 0)}{why_rej}")
+    extra_pulls = "".join(f" · {k} {x[f'pulls_{k}']}" for k in ("serving", "unchanged") if f"pulls_{k}" in x)
+    out.append(f"pulls     served {x.get('pulls_served', 0)} · deferred {x.get('pulls_deferred', 0)}{extra_pulls} · "
+               f"aggregations {x.get('aggregations', 0)} · traffic in {_bytes(x.get('bytes_in'))}, out {_bytes(x.get('bytes_out'))}")
+    online = x.get("devices_online")
+    out.append(f"devices   seen {status.get('devices_seen', 0)}" + (f" · online {online}" if online is not None else ""))
+    devices = x.get("devices") or []
+    if devices:
+        rows = [["device", "online", "version", "last seen"]]
+        for d in devices:
+            on = d.get("online")
+            version = d.get("version", -1)
+            seen = d.get("last_seen")
+            rows.append([str(d.get("id", "?")), {True: "yes", False: "no"}.get(on, "?"),
+                         str(version) if isinstance(version, int) and version >= 0 else "-",
+                         _ago(now - float(seen)) if isinstance(seen, int | float) else "-"])
+        out += _table(rows)
+        tracked = x.get("devices_tracked")
+        if isinstance(tracked, int) and tracked > len(devices):
+            out.append(f"  … {tracked - len(devices)} more (least recently seen)")
+    recent = x.get("recent_versions")
+    if isinstance(recent, list) and recent and all(isinstance(r, Mapping) for r in recent):
+        out.append("recent versions")
+        keys = list(dict.fromkeys(k for r in recent for k in r))
+        out += _table([keys, *[[_value(r.get(k, "")) for k in keys] for r in recent]])
+    return "\n".join(out)
 
 
 def run(args: argparse.Namespace) -> int:
-    print(json.dumps(read_status(args.broker, args.region, args.timeout), indent=2, sort_keys=True))
-    return 0
+    try:
+        status = read_status(args.broker, args.region, args.timeout, auth=auth_from_args(args))
+    except NoStatus:  # (an unreachable broker is a TransportError: exit 1 with its message)
+        print(f"NOT ALIVE: no coordinator status for region {args.region!r} on {args.broker} "
+              f"(no coordinator has published there, or the broker lost its retained messages)")
+        return NOT_ALIVE
+    alive, _ = liveness(status, time.time(), args.stale_after)
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+    else:
+        print(render(status, time.time(), args.stale_after))
+    return NOT_ALIVE if alive is False else 0

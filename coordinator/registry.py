@@ -3,29 +3,61 @@
 Layout::
 
     STATE_DIR/
+      lock                              flock'ed by the running coordinator (pid, host inside)
       spec.json                         the ModelSpec (checked on every start)
       versions/000000007/weights.npy    one directory per committed version,
       versions/000000007/meta.json      written aside and renamed into place (atomic)
-      pending/<device>.<seq>.upd        accepted updates not yet aggregated (msgpack)
+      pending/000000000042.log          the write-ahead log in segments: accepted updates and
+                                        committed versions (group commit, one fsync per batch)
+      pending/<device>.<seq>.upd        the older one-file-per-update layout (still read)
 
-Durability rules, which together give "no accepted update lost, none applied twice":
+Durability rules, which together give "no accepted update lost, none applied twice, no
+version number reused":
 
-1. An update is written to ``pending/`` (tmp file, fsync, rename, fsync dir) *before* the
-   coordinator acknowledges it.
-2. A version directory holds the weights and the per-device ``applied_upto`` watermarks of
-   every update folded into it; it appears atomically by ``rename``.
-3. Only then are the consumed pending files deleted. A crash in between leaves files whose
-   keys are at or below the watermark; the core drops those on restore.
+1. Accepted updates are appended to the pending log and the log is fsynced *before* the
+   coordinator acknowledges any of them. The driver appends a whole batch and fsyncs once
+   (:meth:`Registry.append_updates`).
+2. A version is a log record too (weights, the per-device ``applied_upto`` watermarks of
+   every update folded into it, its metadata), appended after the updates it consumed and
+   durable with the same fsync (:meth:`Registry.stage_version`, :meth:`Registry.flush`).
+   Only then is it published, and its directory put in place (written aside, renamed; not
+   fsynced: the log holds it). Every ``CHECKPOINT_EVERY`` versions the newest directory is
+   fsynced; a release (``record_release``) is fsynced when recorded.
+3. Log segments are deleted once every update in them is at or below the watermarks and
+   every version in them is at or below the last checkpoint. Records left by a crash in
+   between are dropped on restore (by :meth:`Registry.load` and again by the core); a
+   version directory lost or torn by a crash is rewritten from its log record.
+4. A version number is claimed before anything is written and never written again in this
+   process (``version_floor``); a version that never reached the disk was never published.
+
+Log record format: ``<u32 length><u32 crc32(body)><body>``, little-endian, ``body`` a
+msgpack map (an update's fields, or ``kind: version``; weights as a raw f4 tensor). A
+segment starts with an 8-byte magic. A torn or corrupt record ends the segment: it and
+everything after it are ignored (and, when this registry holds the state-dir lock,
+truncated away) with a warning. A failed append is cut back at once.
+
+Recovery: :meth:`Registry.load` uses the newest *readable* version; an unreadable newer one
+(truncated ``weights.npy``, bad ``meta.json``) is logged loudly and reported in the snapshot
+(``recovered_from``), and ``version_floor`` keeps the next version number above it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
+import fcntl
 import json
+import logging
 import os
 import shutil
+import socket
+import struct
 import tempfile
+import threading
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import msgpack
 import numpy as np
@@ -36,9 +68,36 @@ from edge_sdk.errors import ConfigError, EdgeciError
 from edge_sdk.spec import ModelSpec, Vector
 from edge_sdk.wire.codec import decode_tensor, encode_tensor
 
+log = logging.getLogger("edgeci.registry")
+
+SEGMENT_MAGIC = b"EDGLOG1\n"
+_HEADER = struct.Struct("<II")
+_MAX_RECORD = 1 << 30
+SEGMENT_BYTES = 64 << 20
+"""A new segment is started once the current one is this large."""
+_UPDATE_FIELDS = tuple(f.name for f in dataclasses.fields(BufferedUpdate))
+CHECKPOINT_EVERY = 16
+"""Versions committed through the log between two checkpoints (fsync of the newest version dir)."""
+
+
+RELEASE_FILE = "release.json"
+
+
+def read_release_record(state_dir: str | Path) -> dict[str, Any]:
+    """``release.json`` of a state dir (``{}`` when absent or unreadable)."""
+    try:
+        data = json.loads((Path(state_dir) / RELEASE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
 
 class RegistryError(EdgeciError):
     """The state dir is unreadable or belongs to another model."""
+
+
+class StateDirLocked(RegistryError):
+    """Another coordinator process holds this state dir."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -59,10 +118,62 @@ def _write_atomic(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def _update_body(u: BufferedUpdate) -> bytes:
+    body: dict[str, Any] = {name: getattr(u, name) for name in _UPDATE_FIELDS if name != "weights"}
+    body["weights"] = encode_tensor(u.weights, "f4")
+    return bytes(msgpack.packb(body, use_bin_type=True))
+
+
+def _update_from(body: bytes) -> BufferedUpdate:
+    fields = msgpack.unpackb(body, raw=False)
+    if not isinstance(fields, dict):
+        raise ValueError("a pending record must be a map")
+    weights = decode_tensor(fields.pop("weights"))
+    known = {k: v for k, v in fields.items() if k in _UPDATE_FIELDS}
+    return BufferedUpdate(weights=np.array(weights, dtype=np.float32), **known)
+
+
+def encode_record(u: BufferedUpdate) -> bytes:
+    """One log record: length, crc32 and the msgpack body."""
+    body = _update_body(u)
+    return _HEADER.pack(len(body), zlib.crc32(body)) + body
+
+
+def _record(body: bytes) -> bytes:
+    return _HEADER.pack(len(body), zlib.crc32(body)) + body
+
+
+def _version_body(version: int, weights: Vector, meta_json: bytes) -> bytes:
+    body = {"kind": "version", "version": version, "meta": meta_json, "weights": encode_tensor(weights, "f4")}
+    return bytes(msgpack.packb(body, use_bin_type=True))
+
+
+def _meta_json(version: int, meta: Mapping[str, Any]) -> bytes:
+    # compact: with ``indent`` json falls back to its pure-Python encoder (ms per commit)
+    return json.dumps({"version": version, **meta}, sort_keys=True).encode()
+
+
+def _scan(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """``(end offset, body)`` of each intact record after the magic; stops at the first bad one."""
+    pos = len(SEGMENT_MAGIC)
+    while pos + _HEADER.size <= len(data):
+        length, crc = _HEADER.unpack_from(data, pos)
+        start, end = pos + _HEADER.size, pos + _HEADER.size + length
+        if length > _MAX_RECORD or end > len(data):
+            return
+        body = data[start:end]
+        if zlib.crc32(body) != crc:
+            return
+        yield end, body
+        pos = end
+
+
 class Registry:
     """Reads and writes one coordinator's state dir. Not thread-safe: one owner (the driver)."""
 
-    def __init__(self, state_dir: str | Path, spec: ModelSpec, *, keep_versions: int = 20) -> None:
+    def __init__(self, state_dir: str | Path, spec: ModelSpec, *, keep_versions: int = 20, background_prune: bool = False) -> None:
+        """``background_prune``: old versions are deleted by a thread of the registry (the
+        daemon's choice: the actor never waits for it); :meth:`close` stops it."""
         if keep_versions < 1:
             raise ConfigError("keep_versions must be >= 1")
         self.root = Path(state_dir)
@@ -70,6 +181,29 @@ class Registry:
         self.keep_versions = keep_versions
         self.versions_dir = self.root / "versions"
         self.pending_dir = self.root / "pending"
+        self._lock_file: IO[str] | None = None
+        self._segment_path: Path | None = None
+        """The segment appends go to (opened per batch: no handle outlives a call)."""
+        self._segment_size = 0
+        self._segment_keys: dict[Path, dict[str, int]] = {}
+        """Per log segment: the highest seq of each device it holds (to know when it is applied)."""
+        self._highest_written = -1
+        """The highest version number this process tried to write (never reused, even on failure)."""
+        self._segment_versions: dict[Path, int] = {}
+        """Per log segment: the highest version record it holds."""
+        self._staged: list[BufferedUpdate] = []
+        """Updates to be appended with the next write (a commit writes them with its version)."""
+        self._unsynced: list[int] = []
+        """Versions committed through the log whose directories are not fsynced yet."""
+        self._durable_version = -1
+        """Every version up to this one is durable outside the log (its directory fsynced)."""
+        self._logged: dict[int, tuple[Vector, bytes]] = {}
+        """Versions in the log (maybe not fsynced yet) whose directories are not written yet."""
+        self._dirty_from: int | None = None
+        """Size of the active segment at its last fsync, while appends after it are unsynced."""
+        self._janitor: threading.Thread | None = None
+        self._janitor_wake = threading.Event()
+        self._janitor_stop = False
         for d in (self.root, self.versions_dir, self.pending_dir):
             d.mkdir(parents=True, exist_ok=True)
         spec_path = self.root / "spec.json"
@@ -82,8 +216,73 @@ class Registry:
                 )
         else:
             _write_atomic(spec_path, json.dumps(spec.to_dict(), indent=1).encode())
+        if background_prune:
+            self._janitor = threading.Thread(target=self._janitor_loop, name=f"registry-prune-{self.root.name}", daemon=True)
+            self._janitor.start()
+
+    # ------------------------------------------------------------------ lock
+
+    def acquire_lock(self) -> None:
+        """Hold ``STATE_DIR/lock`` (flock, non-blocking) until :meth:`close`; refuse a second holder."""
+        if self._lock_file is not None:
+            return
+        path = self.root / "lock"
+        f = open(path, "a+")  # noqa: SIM115 - held for the registry's life
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            f.seek(0)
+            holder = f.read().strip() or "unknown process"
+            f.close()
+            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
+                raise StateDirLocked(
+                    f"state dir {self.root} is in use by another coordinator ({holder}); "
+                    "stop it first or use another --state-dir"
+                ) from exc
+            raise RegistryError(f"cannot lock {path}: {exc}") from exc
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        self._lock_file = f
+
+    @property
+    def locked(self) -> bool:
+        return self._lock_file is not None
+
+    def close(self) -> None:
+        """Close the open log segment, stop the pruning thread and release the lock."""
+        try:
+            self.flush()
+        except OSError as exc:
+            log.warning("closing the registry: the last appends are not durable: %s", exc)
+        self._close_segment()
+        if self._janitor is not None:
+            self._janitor_stop = True
+            self._janitor_wake.set()
+            self._janitor.join(30)
+            self._janitor = None
+        if self._lock_file is not None:
+            f, self._lock_file = self._lock_file, None
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            f.close()
+
+    def probe(self, nbytes: int) -> None:
+        """Write, fsync and delete ``nbytes`` in the state dir: raises ``OSError`` while
+        storage fails (the driver probes with at least one model's size)."""
+        path = self.root / ".storage-probe"
+        try:
+            with open(path, "wb") as f:
+                f.write(bytes(nbytes))
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ versions
+
+    def _version_dirs(self) -> list[int]:
+        return sorted(int(p.name) for p in self.versions_dir.iterdir() if p.name.isdigit())
 
     def versions(self) -> list[int]:
         out = []
@@ -98,98 +297,447 @@ class Registry:
 
     def read_version(self, version: int) -> tuple[Vector, dict[str, Any]]:
         d = self.versions_dir / f"{version:09d}"
+        path = d / "meta.json"
         try:
-            meta = json.loads((d / "meta.json").read_text())
-            weights = np.load(d / "weights.npy", allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise RegistryError(f"version {version} in {self.root} is unreadable: {exc}") from exc
-        return self.spec.check(np.ascontiguousarray(weights, dtype=np.float32)), meta
+            meta = json.loads(path.read_text())
+            if not isinstance(meta, dict):
+                raise ValueError("meta.json is not an object")
+            path = d / "weights.npy"
+            weights = np.load(path, allow_pickle=False)
+            return self.spec.check(np.ascontiguousarray(weights, dtype=np.float32)), meta
+        except (OSError, ValueError, EdgeciError) as exc:
+            raise RegistryError(f"version {version} is unreadable: {path}: {exc}") from exc
 
     def write_version(self, version: int, weights: Vector, meta: dict[str, Any]) -> None:
-        final = self.versions_dir / f"{version:09d}"
-        if final.exists():
-            raise RegistryError(f"version {version} already exists in {self.root}")
-        tmp = Path(tempfile.mkdtemp(prefix=f".v{version}-", dir=self.versions_dir))
-        with open(tmp / "weights.npy", "wb") as f:
-            np.save(f, np.ascontiguousarray(weights, dtype=np.float32), allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        with open(tmp / "meta.json", "w") as f:
-            json.dump({"version": version, **meta}, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        os.rename(tmp, final)
-        _fsync_dir(self.versions_dir)
+        """Write a version directory durably (fsyncs), bypassing the log (``initialise``, tests)."""
+        self._claim(version)
+        self._materialise(version, weights, _meta_json(version, meta), durable=True)
+        self._durable_version = max(self._durable_version, version)
         self._prune()
 
+    def _claim(self, version: int) -> None:
+        final = self.versions_dir / f"{version:09d}"
+        if version <= self._highest_written or final.exists():
+            raise RegistryError(f"version {version} already exists in {self.root} (or was attempted)")
+        self._highest_written = version  # attempted: never write this number again
+
+    def _materialise(self, version: int, weights: Vector, meta_json: bytes, *, durable: bool) -> None:
+        """``versions/<n>/{weights.npy,meta.json}`` written aside and renamed into place; with
+        ``durable`` every file and directory is fsynced (else the log record is the durable copy)."""
+        final = self.versions_dir / f"{version:09d}"
+        tmp = Path(tempfile.mkdtemp(prefix=f".v{version}-", dir=self.versions_dir))
+        renamed = False
+        try:
+            with open(tmp / "weights.npy", "wb") as f:
+                np.save(f, np.ascontiguousarray(weights, dtype=np.float32), allow_pickle=False)
+                f.flush()
+                if durable:
+                    os.fsync(f.fileno())
+            with open(tmp / "meta.json", "wb") as f:
+                f.write(meta_json)
+                f.flush()
+                if durable:
+                    os.fsync(f.fileno())
+            if durable:
+                _fsync_dir(tmp)
+            os.rename(tmp, final)
+            renamed = True
+            if durable:
+                _fsync_dir(self.versions_dir)
+        except BaseException:
+            # Not durable: it must not be loaded (and served) by a restart of this process.
+            shutil.rmtree(final if renamed else tmp, ignore_errors=True)
+            raise
+
+    def _sync_version(self, version: int) -> None:
+        """fsync a version directory written without (a checkpoint, or the release)."""
+        d = self.versions_dir / f"{version:09d}"
+        for name in ("weights.npy", "meta.json"):
+            fd = os.open(d / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(d)
+        _fsync_dir(self.versions_dir)
+
+    def checkpoint(self) -> None:
+        """Make the newest version durable outside the log, so that log segments holding only
+        older versions and applied updates can be deleted."""
+        if not self._unsynced:
+            return
+        newest = self._unsynced[-1]
+        self._sync_version(newest)
+        self._durable_version = max(self._durable_version, newest)
+        self._unsynced.clear()
+
     def _prune(self) -> None:
-        for v in self.versions()[: -self.keep_versions]:
+        if self._janitor is not None:
+            self._janitor_wake.set()  # deleting directories costs as much as writing them
+            return
+        self._prune_now()
+
+    def _prune_now(self) -> None:
+        """Delete versions beyond ``keep_versions`` (never the newest ones, never the release)."""
+        versions = self.versions()
+        if len(versions) < self.keep_versions + max(1, self.keep_versions // 4):
+            return  # prune in steps
+        release = read_release_record(self.root).get("release")
+        for v in versions[: -self.keep_versions]:
+            if v == release:
+                continue  # the release stays, however old: devices predict with it
             shutil.rmtree(self.versions_dir / f"{v:09d}", ignore_errors=True)
-        for p in self.versions_dir.glob(".v*"):  # leftovers of a crash mid-write
+
+    def _janitor_loop(self) -> None:
+        while True:
+            self._janitor_wake.wait()
+            self._janitor_wake.clear()
+            if self._janitor_stop:
+                return
+            try:
+                self._prune_now()
+            except OSError as exc:
+                log.warning("pruning old versions: %s", exc)
+
+    def _remove_leftovers(self) -> None:
+        """Temp directories of a crash mid-write (only while nothing is being written)."""
+        for p in self.versions_dir.glob(".v*"):
             shutil.rmtree(p, ignore_errors=True)
 
     def initialise(self, weights: Vector, *, now: float, source: str) -> None:
         """Write version 0 (the deployed model) into an empty state dir."""
-        if self.latest() is not None:
+        if self._version_dirs():
             raise RegistryError(f"{self.root} already holds versions")
         self.write_version(0, self.spec.check(weights), {"created_at": now, "source": source, "applied_upto": {}})
 
-    def commit(self, action: CommitVersion) -> None:
+    def record_release(self, release: int, pinned: bool, event: Mapping[str, Any]) -> None:
+        """Durably record a gate decision or operator action and the release it leaves
+        (``release.json``: the release, the pin, the last 200 events)."""
+        if release in self._unsynced:  # the release must survive a power cut as a directory
+            self._sync_version(release)
+            self._unsynced.remove(release)
+        record = read_release_record(self.root)
+        history = [*record.get("history", [])[-199:], dict(event)]
+        _write_atomic(self.root / RELEASE_FILE, json.dumps({"release": release, "pinned": pinned, "history": history}, indent=1).encode())
+
+    def stage(self, updates: Iterable[BufferedUpdate]) -> None:
+        """Updates to write with the next append or commit (same fsync). Not durable yet."""
+        self._staged.extend(updates)
+
+    def stage_version(self, action: CommitVersion) -> None:
+        """Append the staged updates and the version to the log *without* fsync: the next
+        :meth:`flush` (or :meth:`commit`) makes them durable together. Nothing that depends on
+        them may leave before that (the driver holds it)."""
         meta = dict(action.metadata)
         meta["applied_upto"] = dict(action.applied_upto)
         meta["consumed"] = [[device, seq] for device, seq in action.consumed]
-        self.write_version(action.version, action.weights, meta)
-        for device, seq in action.consumed:
-            self._pending_path(device, seq).unlink(missing_ok=True)
-        _fsync_dir(self.pending_dir)
+        version = action.version
+        staged, self._staged = self._staged, []
+        self._claim(version)
+        meta_json = _meta_json(version, meta)
+        weights = self.spec.check(np.ascontiguousarray(action.weights, dtype=np.float32))
+        records = [encode_record(u) for u in staged] + [_record(_version_body(version, weights, meta_json))]
+        self._append(records, staged, version, sync=False)
+        self._logged[version] = (weights, meta_json)
 
-    # ------------------------------------------------------------------ pending updates
+    @property
+    def unflushed(self) -> bool:
+        """Something was staged or appended without fsync."""
+        return bool(self._staged) or self._dirty_from is not None
 
-    def _pending_path(self, device: str, seq: int) -> Path:
-        return self.pending_dir / f"{device}.{seq:020d}.upd"
+    def flush(self) -> None:
+        """fsync what :meth:`stage_version` appended; on failure cut it away and raise."""
+        path, start = self._segment_path, self._dirty_from
+        if path is None or start is None:
+            return
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.fsync(fd)
+        except BaseException:
+            self._logged.clear()
+            self._cut(fd, path, start)
+            raise
+        finally:
+            os.close(fd)
+        self._dirty_from = None
+
+    def commit(self, action: CommitVersion) -> None:
+        """Make the version durable with one log append (and one fsync) together with the
+        staged updates (unless :meth:`stage_version` and :meth:`flush` did), then put its
+        directory in place (no fsync: the log holds it until a checkpoint), and drop log
+        segments whose content is applied and checkpointed."""
+        version = action.version
+        if version not in self._logged:
+            self.stage_version(action)
+        self.flush()
+        weights, meta_json = self._logged.pop(version)
+        self._materialise(version, weights, meta_json, durable=False)  # durable from here on, by the log
+        self._unsynced.append(version)
+        if len(self._unsynced) >= CHECKPOINT_EVERY or self._segment_path is None:
+            self.checkpoint()
+        self._prune()
+        self._drop_applied(action.applied_upto)
+
+    def _drop_applied(self, applied_upto: Any) -> None:
+        def applied(keys: dict[str, int]) -> bool:
+            return all(seq <= applied_upto.get(device, -1) for device, seq in keys.items())
+
+        for path, keys in list(self._segment_keys.items()):
+            checkpointed = self._segment_versions.get(path, -1) <= self._durable_version
+            if path != self._segment_path and applied(keys) and checkpointed:
+                path.unlink(missing_ok=True)  # a resurrected segment is dropped again on load
+                del self._segment_keys[path]
+                self._segment_versions.pop(path, None)
+        active = self._segment_path
+        if active is not None and self._segment_size >= SEGMENT_BYTES // 4 and applied(self._segment_keys.get(active, {})):
+            self.checkpoint()
+            self._close_segment()  # start afresh; the next commit deletes this one
+        for p in self.pending_dir.glob("*.upd"):  # the older layout
+            device, _, seq = p.name[:-4].rpartition(".")
+            if seq.isdigit() and int(seq) <= applied_upto.get(device, -1):
+                p.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ pending updates (log)
+
+    def _new_segment(self) -> Path:
+        numbers = [int(p.stem) for p in self.pending_dir.glob("*.log") if p.stem.isdigit()]
+        path = self.pending_dir / f"{max(numbers, default=0) + 1:012d}.log"
+        try:
+            with open(path, "xb") as f:
+                f.write(SEGMENT_MAGIC)
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_dir(self.pending_dir)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        self._segment_path, self._segment_size = path, len(SEGMENT_MAGIC)
+        self._segment_keys[path] = {}
+        return path
+
+    def _close_segment(self) -> None:
+        """Appends go to a new segment from now on (after :meth:`flush`, or :meth:`_cut`)."""
+        self._segment_path, self._segment_size, self._dirty_from = None, 0, None
+
+    def append_updates(self, updates: Iterable[BufferedUpdate]) -> None:
+        """Durably append accepted updates: one write and one fsync for all of them.
+
+        On failure (``OSError``: ENOSPC, EIO, ...) the segment is cut back to where it was, so
+        that no partial record stays in the middle of the log, and the error propagates: none
+        of these updates may be acknowledged. Later appends go to a new segment.
+        """
+        batch = [*self._staged, *updates]
+        self._staged = []
+        if batch:
+            self._append([encode_record(u) for u in batch], batch, None)
+        else:
+            self.flush()
+
+    def _append(self, records: list[bytes], updates: list[BufferedUpdate], version: int | None, *, sync: bool = True) -> None:
+        """One write of ``records`` and (``sync``) one fsync, which also covers earlier unsynced
+        appends; on failure the segment is cut back to its last durable size (see above)."""
+        data = b"".join(records)
+        path = self._segment_path
+        if path is None or self._segment_size >= SEGMENT_BYTES:
+            self.flush()
+            path = self._new_segment()
+        start = self._segment_size
+        durable_size = start if self._dirty_from is None else self._dirty_from
+        fd = os.open(path, os.O_WRONLY)  # unbuffered: nothing is left to be written at close
+        try:
+            view, offset = memoryview(data), 0
+            while offset < len(data):
+                offset += os.pwrite(fd, view[offset:], start + offset)
+            if sync:
+                os.fsync(fd)
+        except BaseException:
+            self._logged.clear()
+            self._cut(fd, path, durable_size)
+            raise
+        finally:
+            os.close(fd)
+        self._dirty_from = None if sync else durable_size
+        self._segment_size = start + len(data)
+        keys = self._segment_keys[path]
+        for u in updates:
+            if u.seq > keys.get(u.device, -1):
+                keys[u.device] = u.seq
+        if version is not None:
+            self._segment_versions[path] = max(self._segment_versions.get(path, -1), version)
+
+    def _cut(self, fd: int, path: Path, size: int) -> None:
+        """After a failed append: truncate to ``size`` (best effort) and never append there again."""
+        try:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        except OSError as exc:
+            log.warning("could not cut %s back to %d bytes (%s); its torn tail is dropped on load", path, size, exc)
+        self._close_segment()
 
     def persist_update(self, u: BufferedUpdate) -> None:
-        body = {
-            "device": u.device,
-            "seq": u.seq,
-            "base_version": u.base_version,
-            "staleness": u.staleness,
-            "n_samples": u.n_samples,
-            "group": u.group,
-            "arrived_at": u.arrived_at,
-            "loss": u.loss,
-            "weights": encode_tensor(u.weights, "f4"),
-        }
-        _write_atomic(self._pending_path(u.device, u.seq), msgpack.packb(body, use_bin_type=True))
+        """One update, durably (one fsync): :meth:`append_updates` of one."""
+        self.append_updates([u])
 
-    def pending(self) -> list[BufferedUpdate]:
-        out = []
+    def persist_update_file(self, u: BufferedUpdate) -> None:
+        """The older layout: one file per update (tmp, fsync, rename, fsync dir). Kept for the
+        commit-throughput baseline and for tests of reading an old state dir."""
+        device_seq = f"{u.device}.{u.seq:020d}.upd"
+        _write_atomic(self.pending_dir / device_seq, _update_body(u))
+
+    def _read_segment(self, path: Path) -> tuple[list[BufferedUpdate], list[tuple[int, bytes]]]:
+        """The intact records of a segment: updates, and ``(version, body)`` of version records."""
+        data = path.read_bytes()
+        if len(data) < len(SEGMENT_MAGIC):
+            if self.locked and path != self._segment_path:
+                path.unlink(missing_ok=True)  # created, never written: a crash at creation
+            return [], []
+        if not data.startswith(SEGMENT_MAGIC):
+            raise RegistryError(f"{path} is not an edgeci pending-update log")
+        updates: list[BufferedUpdate] = []
+        versions: list[tuple[int, bytes]] = []
+        good = len(SEGMENT_MAGIC)
+        for end, body in _scan(data):
+            try:
+                if body[:16].find(b"kind") >= 0:
+                    fields = msgpack.unpackb(body, raw=False)
+                    if not isinstance(fields, dict) or fields.get("kind") != "version":
+                        raise ValueError("unknown record kind")
+                    versions.append((int(fields["version"]), body))
+                else:
+                    updates.append(_update_from(body))
+            except Exception as exc:  # checksum fine but unusable: treat as the corrupt tail
+                log.warning("%s: unreadable record at byte %d: %s", path, good, exc)
+                break
+            good = end
+        if good < len(data):
+            log.warning(
+                "%s: ignoring a torn or corrupt tail of %d bytes after %d intact records%s",
+                path, len(data) - good, len(updates) + len(versions), " (truncated)" if self.locked else "",
+            )
+            if self.locked and path != self._segment_path:
+                with open(path, "r+b") as f:
+                    f.truncate(good)
+                    os.fsync(f.fileno())
+        return updates, versions
+
+    def _scan_log(self) -> tuple[list[BufferedUpdate], dict[int, bytes]]:
+        """Every update in the log (and older per-update files), oldest first, each key once;
+        and the version records, by version."""
+        out: list[BufferedUpdate] = []
+        records: dict[int, bytes] = {}
+        seen: set[tuple[str, int]] = set()
         for p in sorted(self.pending_dir.glob("*.upd")):
             try:
-                body = msgpack.unpackb(p.read_bytes(), raw=False)
-                weights = decode_tensor(body.pop("weights"))
-                out.append(BufferedUpdate(weights=np.array(weights, dtype=np.float32), **body))
+                u = _update_from(p.read_bytes())
             except Exception as exc:
                 raise RegistryError(f"pending update {p} is unreadable: {exc}") from exc
-        return out
+            if u.key not in seen:
+                seen.add(u.key)
+                out.append(u)
+        segments = sorted((p for p in self.pending_dir.glob("*.log") if p.stem.isdigit()), key=lambda p: int(p.stem))
+        for path in segments:
+            keys = self._segment_keys.setdefault(path, {})
+            updates, versions = self._read_segment(path)
+            for u in updates:
+                if u.seq > keys.get(u.device, -1):
+                    keys[u.device] = u.seq
+                if u.key not in seen:
+                    seen.add(u.key)
+                    out.append(u)
+            for version, body in versions:
+                records[version] = body
+                self._segment_versions[path] = max(self._segment_versions.get(path, -1), version)
+        return out, records
+
+    def pending(self) -> list[BufferedUpdate]:
+        """Every update in the log (and older per-update files), oldest first, each key once."""
+        return self._scan_log()[0]
+
+    def _from_record(self, body: bytes) -> tuple[Vector, dict[str, Any], bytes]:
+        fields = msgpack.unpackb(body, raw=False)
+        meta_json = bytes(fields["meta"])
+        weights = np.array(decode_tensor(fields["weights"]), dtype=np.float32)
+        meta = json.loads(meta_json)
+        if not isinstance(meta, dict):
+            raise RegistryError("a version record's meta is not an object")
+        return self.spec.check(weights), meta, meta_json
+
+    def _repair(self, records: dict[int, bytes]) -> None:
+        """Put back (durably) version directories that a crash lost or tore but the log holds."""
+        for version, body in sorted(records.items()):
+            d = self.versions_dir / f"{version:09d}"
+            if d.exists():
+                try:
+                    self.read_version(version)
+                    continue
+                except RegistryError:
+                    pass
+            if not self.locked:
+                continue
+            weights, _, meta_json = self._from_record(body)
+            try:
+                shutil.rmtree(d, ignore_errors=True)
+                self._materialise(version, weights, meta_json, durable=True)
+                log.warning("version %d restored from the pending log into %s", version, d)
+            except OSError as exc:
+                log.warning("could not restore version %d from the pending log into %s: %s", version, d, exc)
 
     # ------------------------------------------------------------------ restore
 
     def load(self) -> Snapshot | None:
-        """The latest committed version plus pending updates, or None for an empty dir."""
-        latest = self.latest()
-        if latest is None:
+        """The newest readable committed version plus pending updates, or None for an empty dir.
+
+        An unreadable newer version is skipped with a warning; the snapshot then names it in
+        ``recovered_from`` and its ``version_floor`` keeps the next version number above it.
+        """
+        updates, records = self._scan_log()
+        if self.locked:
+            self._remove_leftovers()
+        self._repair(records)
+        present = self._version_dirs()
+        if not present and not records:
             return None
-        weights, meta = self.read_version(latest)
+        skipped: list[str] = []
+        for version in sorted(set(present) | set(records), reverse=True):
+            try:
+                if version in records:  # the log's copy is checksummed: it wins over the directory
+                    weights, meta, _ = self._from_record(records[version])
+                else:
+                    weights, meta = self.read_version(version)
+            except RegistryError as exc:
+                log.warning("RECOVERY: %s; falling back to an older version", exc)
+                skipped.append(f"{version}: {exc}"[:300])
+                continue
+            break
+        else:
+            raise RegistryError(f"no readable version in {self.root}: {'; '.join(skipped)}")
+        if skipped:
+            log.warning("RECOVERY: resuming %s from version %d; %d newer version(s) unreadable", self.root, version, len(skipped))
+        applied_upto = {str(k): int(v) for k, v in meta.get("applied_upto", {}).items()}
+        buffer = [u for u in updates if u.seq > applied_upto.get(u.device, -1)]
+        record = read_release_record(self.root)
+        release = int(record.get("release", meta.get("release", version)))
+        release_weights = None
+        if release != version:
+            try:
+                release_weights = self.read_version(release)[0]
+            except RegistryError as exc:
+                log.warning("RECOVERY: the release (version %d) is unreadable (%s): version %d is the release", release, exc, version)
+                release = version
         return Snapshot(
-            version=latest,
+            release_version=release,
+            release_weights=release_weights,
+            pinned=bool(record.get("pinned", meta.get("pinned", False))),
+            gate_history=list(record.get("history", []))[-20:],
+            version=version,
             weights=weights,
-            applied_upto={str(k): int(v) for k, v in meta.get("applied_upto", {}).items()},
-            buffer=self.pending(),
+            applied_upto=applied_upto,
+            buffer=buffer,
             devices_seen=list(meta.get("devices_seen", [])),
             last_aggregation_at=float(meta.get("created_at", 0.0)),
             counters={str(k): int(v) for k, v in meta.get("counters", {}).items()},
-            last_full_version=int(meta.get("last_full_version", latest)),
+            last_full_version=int(meta.get("last_full_version", version)),
             peer_state=dict(meta.get("peering", {})),
+            recovered_from=tuple(skipped),
+            version_floor=max(max(present, default=-1), max(records, default=-1), self._highest_written),
         )

@@ -51,6 +51,17 @@ every sample whose latest update is the acknowledged one, and the flag sticks. A
 re-used by a newer update before the older update's ack arrives is flagged only when the
 newer one is acknowledged — conservative: it may stay longer, it never leaves early.
 
+Integrity
+---------
+:meth:`SampleStore.open` runs ``PRAGMA quick_check``. A file that is not SQLite or is
+corrupt raises :class:`CorruptStore`, unless ``recover=True`` (what the SDK client uses):
+then the file (with its ``-wal``/``-shm``) is moved aside to
+``samples.sqlite3.corrupt-<UTC time>``, the counters that can still be read are carried
+over (the caller's meta such as ``next_seq``, the ``added`` total, the last sample id, so
+no counter goes backwards; integer meta is also mirrored in ``samples.sqlite3.counters`` at
+every ``set_meta*``, for a file whose every page is garbage), a WARNING says so, and the store starts clean;
+``store.recovered_from`` describes what happened.
+
 Threads
 -------
 One SQLite connection guarded by a lock, so any thread may call any method. Validation and
@@ -59,9 +70,11 @@ frame encoding/decoding run outside the lock.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import io
 import json
+import logging
 import math
 import os
 import sqlite3
@@ -105,6 +118,13 @@ class SchemaVersionError(ConfigError):
 
 class StorageError(EdgeciError):
     """The database could not be read or written: not SQLite, corrupt, disk full, I/O error."""
+
+
+class CorruptStore(StorageError):
+    """The file is not an SQLite database, or SQLite's integrity check fails."""
+
+
+log = logging.getLogger("edgeci.store")
 
 
 class StoreClosed(LocalProtocolError):
@@ -264,6 +284,9 @@ class SampleStore:
         self._quota_bytes = quota_bytes
         self._frame_encoding = frame_encoding
         self._clock = clock
+        self.recovered_from: dict[str, Any] | None = None
+        """Set when :meth:`open` found the file corrupt and started clean (``recover=True``):
+        where the old file went, why, and which counters were carried over."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -280,6 +303,7 @@ class SampleStore:
         quota_bytes: int | None = DEFAULT_QUOTA_BYTES,
         frame_encoding: FrameEncoding = "auto",
         clock: Callable[[], float] = time.time,
+        recover: bool = False,
     ) -> SampleStore:
         """Open (creating if needed) the store at ``path``: the database file, or an
         existing directory (the SDK's data dir) to hold :data:`DEFAULT_FILENAME`.
@@ -290,6 +314,8 @@ class SampleStore:
         bounds a frame's raw pixels (H*W*3). ``None`` disables a quota. ``frame_encoding``
         ``"auto"`` is PNG when OpenCV imports, else ``"npy"``; decoding follows each
         stored sample's own encoding. ``clock`` supplies default timestamps.
+        ``recover``: a corrupt file is moved aside and the store starts clean, keeping the
+        counters it can read (see *Integrity* above) instead of raising :class:`CorruptStore`.
         """
         sample_shape_t = _check_shape("sample_shape", sample_shape, ndim=None)
         gesture_shape_t = _check_shape("gesture_shape", gesture_shape, ndim=2)
@@ -309,6 +335,43 @@ class SampleStore:
             db_path = db_path / DEFAULT_FILENAME
         else:
             db_path.parent.mkdir(parents=True, exist_ok=True)
+        settings: dict[str, Any] = dict(
+            sample_shape=sample_shape_t,
+            gesture_shape=gesture_shape_t,
+            n_classes=n_classes,
+            max_frame_bytes=max_frame_bytes,
+            quota_samples=quota_samples,
+            quota_bytes=quota_bytes,
+            frame_encoding=frame_encoding,
+            clock=clock,
+        )
+        try:
+            return cls._open_file(db_path, settings)
+        except CorruptStore as exc:
+            if not recover or str(path) == MEMORY:
+                raise
+            reason = str(exc)
+        aside = _move_aside(db_path)
+        salvaged = _salvage(aside)
+        mirrored = _read_counters(db_path)  # never below the mirrored counters
+        meta = salvaged.setdefault("meta", {})
+        for key, value in mirrored.get("meta", {}).items():
+            if not isinstance(meta.get(key, 0), int) or value > meta.get(key, 0):
+                meta[key] = value
+        for key in ("added", "last_id"):
+            salvaged[key] = max(int(salvaged.get(key, 0)), int(mirrored.get(key, 0)))
+        log.warning(
+            "sample store %s was corrupt (%s): moved it aside to %s and started a clean store; "
+            "kept counters %s; its samples are lost to training",
+            db_path, reason, aside, salvaged.get("meta", {}),
+        )
+        store = cls._open_file(db_path, settings)
+        store._carry_over(salvaged)
+        store.recovered_from = {"path": str(aside), "reason": reason, "salvaged": salvaged}
+        return store
+
+    @classmethod
+    def _open_file(cls, db_path: Path, settings: dict[str, Any]) -> SampleStore:
         try:
             conn = sqlite3.connect(
                 str(db_path), timeout=10.0, isolation_level=None, check_same_thread=False
@@ -317,18 +380,8 @@ class SampleStore:
             raise StorageError(f"cannot open {db_path}: {exc}") from exc
         try:
             _prepare(conn, db_path)
-            store = cls(
-                conn,
-                db_path,
-                sample_shape=sample_shape_t,
-                gesture_shape=gesture_shape_t,
-                n_classes=n_classes,
-                max_frame_bytes=max_frame_bytes,
-                quota_samples=quota_samples,
-                quota_bytes=quota_bytes,
-                frame_encoding=frame_encoding,
-                clock=clock,
-            )
+            _check_integrity(conn, db_path)
+            store = cls(conn, db_path, **settings)
             with store._write() as c:
                 store._reconcile_settings(c)
                 store._evict(c, protect=None)
@@ -336,6 +389,17 @@ class SampleStore:
             conn.close()
             raise
         return store
+
+    def _carry_over(self, salvaged: Mapping[str, Any]) -> None:
+        """After a recovery: counters never go backwards (meta, added total, sample ids)."""
+        meta = {str(k): v for k, v in salvaged.get("meta", {}).items()}
+        added, last_id = int(salvaged.get("added", 0)), int(salvaged.get("last_id", 0))
+        with self._write() as c:
+            c.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", list(meta.items()))
+            c.execute("UPDATE totals SET added = ?, evicted = ?", (added, added))
+            if last_id > 0:
+                c.execute("DELETE FROM sqlite_sequence WHERE name = 'samples'")
+                c.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('samples', ?)", (last_id,))
 
     @property
     def path(self) -> Path:
@@ -612,6 +676,12 @@ class SampleStore:
         checked = [(_check_meta_key(k), _check_meta_value(k, v)) for k, v in items.items()]
         with self._write() as c:
             c.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", checked)
+            meta = {str(k): v for k, v in c.execute("SELECT key, value FROM meta") if type(v) is int}
+            last_id = c.execute("SELECT seq FROM sqlite_sequence WHERE name = 'samples'").fetchone()
+            counters = {"meta": meta, "added": int(c.execute("SELECT added FROM totals").fetchone()[0]),
+                        "last_id": int(last_id[0]) if last_id else 0}
+        if str(self._path) != MEMORY:
+            _write_counters(self._path, counters)
 
     # ------------------------------------------------------------------ internals
 
@@ -831,7 +901,113 @@ def _prepare(conn: sqlite3.Connection, path: Path) -> None:
                 conn.execute("ROLLBACK")
             raise
     except sqlite3.Error as exc:
-        raise StorageError(f"cannot use {path} as a sample store: {exc}") from exc
+        error = CorruptStore if _is_corruption(exc) else StorageError
+        raise error(f"cannot use {path} as a sample store: {exc}") from exc
+
+
+def _is_corruption(exc: sqlite3.Error) -> bool:
+    """Not a database / malformed image, as opposed to a full disk, I/O error or a lock."""
+    name = getattr(exc, "sqlite_errorname", "")
+    if name:
+        return str(name) in ("SQLITE_CORRUPT", "SQLITE_NOTADB") or str(name).startswith("SQLITE_CORRUPT_")
+    text = str(exc).lower()
+    return "not a database" in text or "malformed" in text
+
+
+def _check_integrity(conn: sqlite3.Connection, path: Path) -> None:
+    """``PRAGMA quick_check`` (O(size), no index cross-check): raise CorruptStore unless ok."""
+    try:
+        rows = conn.execute("PRAGMA quick_check").fetchall()
+    except sqlite3.DatabaseError as exc:
+        if _is_corruption(exc) or not isinstance(exc, sqlite3.OperationalError):
+            raise CorruptStore(f"{path} failed its integrity check: {exc}") from exc
+        raise StorageError(f"{path}: {exc}") from exc
+    if [tuple(r) for r in rows] != [("ok",)]:
+        problems = "; ".join(str(r[0]) for r in rows[:3])
+        raise CorruptStore(f"{path} failed its integrity check: {problems[:300]}")
+
+
+def _salvage(path: Path) -> dict[str, Any]:
+    """Whatever counters a corrupt store still yields, read-only, each table on its own."""
+    out: dict[str, Any] = {}
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=1.0)
+    except sqlite3.Error:
+        return out
+    queries = {
+        "meta": "SELECT key, value FROM meta",
+        "added": "SELECT added FROM totals",
+        "last_id": "SELECT seq FROM sqlite_sequence WHERE name = 'samples'",
+    }
+    try:
+        for key, sql in queries.items():
+            try:
+                rows = conn.execute(sql).fetchall()
+            except sqlite3.Error:
+                continue
+            if key == "meta":
+                meta = {}
+                for k, v in rows:
+                    try:
+                        meta[_check_meta_key(k)] = _check_meta_value(str(k), v)
+                    except EdgeciError:
+                        continue
+                out[key] = meta
+            elif rows and isinstance(rows[0][0], int) and rows[0][0] >= 0:
+                out[key] = int(rows[0][0])
+    finally:
+        conn.close()
+    return out
+
+
+def _counters_path(path: Path) -> Path:
+    return path.with_name(path.name + ".counters")
+
+
+def _write_counters(path: Path, counters: Mapping[str, Any]) -> None:
+    """Mirror the integer meta (``next_seq``...) outside SQLite, so that even a store whose
+    every page is garbage can hand its counters over (tmp, fsync, rename)."""
+    target = _counters_path(path)
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(dict(counters), f, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except OSError as exc:  # the database holds the truth; the mirror is a fallback
+        log.warning("could not mirror the store's counters to %s: %s", target, exc)
+
+
+def _read_counters(path: Path) -> dict[str, Any]:
+    """The mirrored counters: ``{"meta": {key: int}, "added": int, "last_id": int}`` (those readable)."""
+    try:
+        data = json.loads(_counters_path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+
+    def ok(v: object) -> bool:
+        return type(v) is int and 0 <= v <= _INT64_MAX
+
+    out: dict[str, Any] = {k: data[k] for k in ("added", "last_id") if ok(data.get(k))}
+    meta = data.get("meta")
+    if isinstance(meta, dict):
+        out["meta"] = {str(k): v for k, v in meta.items() if ok(v)}
+    return out
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename the database and its -wal / -shm to ``<name>.corrupt-<UTC time>[-wal|-shm]``."""
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+    for suffix in ("-wal", "-shm"):
+        extra = path.with_name(path.name + suffix)
+        if extra.exists():
+            os.replace(extra, aside.with_name(aside.name + suffix))
+    os.replace(path, aside)
+    return aside
 
 
 def _split_sql(script: str) -> list[str]:

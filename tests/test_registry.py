@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from coordinator.core import CommitVersion
-from coordinator.registry import Registry, RegistryError
+from coordinator.registry import Registry, RegistryError, StateDirLocked, encode_record
 from coordinator.strategies.base import BufferedUpdate
 from edge_sdk.errors import ShapeMismatch
 from edge_sdk.spec import ModelSpec
@@ -69,3 +69,271 @@ def test_refuses_another_models_state_dir_and_bad_weights(tmp_path) -> None:  # 
         Registry(tmp_path, other)
     with pytest.raises(ShapeMismatch):
         Registry(tmp_path, SPEC).initialise(np.zeros(3, np.float32), now=0.0, source="bad")
+
+
+# ---------------------------------------------------------------------- group commit log
+
+
+def test_a_batch_is_one_fsync_and_reads_back_in_order(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    reg.append_updates([upd("warm", 1, 0.5)])  # creates the segment (its own fsyncs)
+    calls: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd))[1])
+    reg.append_updates([upd(f"d{i}", 1, float(i)) for i in range(50)])
+    assert len(calls) == 1
+    reg.append_updates([upd(f"d{i}", 2, float(i)) for i in range(50)])
+    assert len(calls) == 2
+    monkeypatch.setattr(os, "fsync", real)
+    snap = Registry(tmp_path, SPEC).load()
+    assert snap is not None
+    assert [u.key for u in snap.buffer] == [("warm", 1)] + [(f"d{i}", 1) for i in range(50)] + [(f"d{i}", 2) for i in range(50)]
+    np.testing.assert_array_equal(snap.buffer[7].weights, 6.0)
+
+
+def test_torn_or_corrupt_tail_record_is_ignored_and_truncated(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    reg.append_updates([upd("a", 1, 1.0), upd("a", 2, 2.0)])
+    (segment,) = sorted(reg.pending_dir.glob("*.log"))
+    intact = segment.stat().st_size
+    with open(segment, "ab") as f:  # a crash in the middle of the next batch's write
+        f.write(encode_record(upd("a", 3, 3.0))[:-7])
+    assert [u.key for u in Registry(tmp_path, SPEC).pending()] == [("a", 1), ("a", 2)]
+    assert segment.stat().st_size > intact  # an unlocked reader leaves the file alone
+    owner = Registry(tmp_path, SPEC)
+    owner.acquire_lock()
+    try:
+        assert [u.key for u in owner.pending()] == [("a", 1), ("a", 2)]
+        assert segment.stat().st_size == intact  # the lock holder cuts the torn tail
+        # a flipped byte inside the last record: its checksum fails, the record is dropped
+        data = bytearray(segment.read_bytes())
+        data[-100] ^= 0xFF
+        segment.write_bytes(bytes(data))
+        assert [u.key for u in owner.pending()] == [("a", 1)]
+        owner.append_updates([upd("a", 4, 4.0)])  # appends go to a fresh segment
+        assert [u.key for u in Registry(tmp_path, SPEC).pending()] == [("a", 1), ("a", 4)]
+    finally:
+        owner.close()
+
+
+def test_failed_append_leaves_no_partial_record(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import errno
+    import os
+
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    reg.append_updates([upd("a", 1, 1.0)])
+    real = os.pwrite
+
+    def full_disk(fd: int, data: bytes, offset: int) -> int:
+        real(fd, bytes(data)[:100], offset)  # part of the batch reaches the file, then ENOSPC
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full_disk)
+    with pytest.raises(OSError):
+        reg.append_updates([upd("b", 1, 2.0), upd("c", 1, 3.0)])
+    monkeypatch.setattr(os, "pwrite", real)
+    reg.append_updates([upd("d", 1, 4.0)])
+    assert [u.key for u in Registry(tmp_path, SPEC).pending()] == [("a", 1), ("d", 1)]
+
+
+def test_commit_drops_applied_segments_and_restore_drops_applied_records(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import coordinator.registry as registry_module
+
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    reg.append_updates([upd("a", 1, 1.0), upd("b", 1, 1.0)])
+    reg._close_segment()  # as after a rotation: the next batch starts another segment
+    reg.append_updates([upd("a", 2, 2.0)])
+    assert len(list(reg.pending_dir.glob("*.log"))) == 2
+    reg.commit(CommitVersion(version=1, weights=np.full(SPEC.size, 7.0, np.float32), applied_upto={"a": 1, "b": 1},
+                             consumed=(("a", 1), ("b", 1)), metadata={}))
+    assert len(list(reg.pending_dir.glob("*.log"))) == 1  # the first segment was all applied
+    # a commit can land before the segment holding its updates is deleted (crash in between):
+    reg.commit(CommitVersion(version=2, weights=np.full(SPEC.size, 8.0, np.float32), applied_upto={"a": 2, "b": 1},
+                             consumed=(("a", 2),), metadata={}))
+    assert len(list(reg.pending_dir.glob("*.log"))) == 1  # the open segment stays (it is small)
+    snap = Registry(tmp_path, SPEC).load()
+    assert snap is not None and snap.version == 2 and list(snap.buffer) == []
+    assert sorted(reg.pending_dir.glob("*.log"))[0].read_bytes()[:8] == registry_module.SEGMENT_MAGIC
+
+
+def test_old_one_file_per_update_layout_is_still_read(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    reg.persist_update_file(upd("old", 1, 1.0))
+    reg.append_updates([upd("new", 1, 2.0)])
+    snap = Registry(tmp_path, SPEC).load()
+    assert snap is not None and sorted(u.key for u in snap.buffer) == [("new", 1), ("old", 1)]
+    reg.commit(CommitVersion(version=1, weights=np.zeros(SPEC.size, np.float32), applied_upto={"old": 1, "new": 1},
+                             consumed=(("old", 1), ("new", 1)), metadata={}))
+    assert not list(reg.pending_dir.glob("*.upd"))
+
+
+# ---------------------------------------------------------------------- lock, numbering, recovery
+
+
+def test_second_holder_of_the_state_dir_is_refused_naming_the_first(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    first = Registry(tmp_path, SPEC)
+    first.acquire_lock()
+    try:
+        with pytest.raises(StateDirLocked, match=f"pid {os.getpid()}"):
+            Registry(tmp_path, SPEC).acquire_lock()
+    finally:
+        first.close()
+    second = Registry(tmp_path, SPEC)
+    second.acquire_lock()  # released: a restart takes it
+    second.close()
+
+
+def test_a_failed_version_write_never_reuses_its_number(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import errno
+    import os
+
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    real = os.pwrite
+
+    def full(*args: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)  # the log append fails: version 1 is not durable
+    with pytest.raises(OSError):
+        reg.commit(CommitVersion(version=1, weights=np.ones(SPEC.size, np.float32), applied_upto={}, consumed=(), metadata={}))
+    monkeypatch.setattr(os, "pwrite", real)
+    assert reg.versions() == [0] and not list(reg.versions_dir.glob(".v*"))
+    snap = reg.load()
+    assert snap is not None and snap.version == 0 and snap.version_floor == 1
+    with pytest.raises(RegistryError):
+        reg.write_version(1, np.ones(SPEC.size, np.float32), {})
+    reg.commit(CommitVersion(version=2, weights=np.full(SPEC.size, 2.0, np.float32), applied_upto={}, consumed=(), metadata={}))
+    assert reg.versions() == [0, 2]
+
+
+def test_a_version_is_durable_once_in_the_log_and_its_directory_is_repaired(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import errno
+    import os
+    import shutil
+
+    reg = Registry(tmp_path, SPEC)
+    reg.acquire_lock()
+    try:
+        reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+        real = os.rename
+
+        def rename_fails(*args: object) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "rename", rename_fails)  # the log append worked, the directory did not
+        with pytest.raises(OSError):
+            reg.commit(CommitVersion(version=1, weights=np.ones(SPEC.size, np.float32), applied_upto={"a": 3}, consumed=(), metadata={}))
+        monkeypatch.setattr(os, "rename", real)
+        assert reg.versions() == [0]
+        snap = reg.load()  # durable in the log: the directory is put back
+        assert snap is not None and snap.version == 1 and dict(snap.applied_upto) == {"a": 3} and not snap.recovered_from
+        assert reg.versions() == [0, 1]
+        np.testing.assert_array_equal(reg.read_version(1)[0], 1.0)
+        # a crash that tears a directory written without fsync: the log's copy wins, silently
+        reg.commit(CommitVersion(version=2, weights=np.full(SPEC.size, 2.0, np.float32), applied_upto={"a": 3}, consumed=(), metadata={}))
+        shutil.rmtree(reg.versions_dir / f"{2:09d}")
+        snap = reg.load()
+        assert snap is not None and snap.version == 2 and not snap.recovered_from
+        np.testing.assert_array_equal(reg.read_version(2)[0], 2.0)
+    finally:
+        reg.close()
+
+
+def test_commits_cost_one_fsync_each_between_checkpoints(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    import coordinator.registry as registry_module
+
+    reg = Registry(tmp_path, SPEC, keep_versions=100)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    reg.append_updates([upd("a", 0, 0.0)])  # the segment exists
+    calls: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd))[1])
+    n = registry_module.CHECKPOINT_EVERY
+    for v in range(1, n):
+        reg.stage([upd("a", v, float(v))])
+        reg.commit(CommitVersion(version=v, weights=np.full(SPEC.size, v, np.float32), applied_upto={"a": v}, consumed=(("a", v),), metadata={}))
+    assert len(calls) == n - 1  # updates and version in one append, one fsync; directories unsynced
+    reg.commit(CommitVersion(version=n, weights=np.full(SPEC.size, n, np.float32), applied_upto={"a": n - 1}, consumed=(), metadata={}))
+    assert len(calls) > n  # the checkpoint fsyncs the newest version's directory
+    monkeypatch.setattr(os, "fsync", real)
+    snap = Registry(tmp_path, SPEC).load()
+    assert snap is not None and snap.version == n and list(snap.buffer) == []
+
+
+def test_truncated_newest_version_falls_back_and_numbers_above_it(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    from tests.helpers import make_coordinator
+
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    for v in (1, 2):  # checkpointed directories (no copy left in the log)
+        reg.write_version(v, np.full(SPEC.size, v, np.float32), {"applied_upto": {"a": v}})
+    weights = reg.versions_dir / f"{2:09d}" / "weights.npy"
+    weights.write_bytes(weights.read_bytes()[:40])
+    with caplog.at_level("WARNING", logger="edgeci.registry"):
+        snap = Registry(tmp_path, SPEC).load()
+    assert snap is not None and snap.version == 1 and dict(snap.applied_upto) == {"a": 1}
+    np.testing.assert_array_equal(snap.weights, 1.0)
+    assert snap.version_floor == 2 and snap.recovered_from and snap.recovered_from[0].startswith("2:")
+    assert any("000000002" in r.getMessage() or "version 2" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    core = make_coordinator("spin", snapshot=snap, k=1)
+    assert core.status().extra["recovered_from"] == list(snap.recovered_from)
+    commit = core._commit(np.full(SPEC.size, 3.0, np.float32), 1.0, consumed=(), meta={})
+    assert commit.version == 3  # above the unreadable version 2, never 2 again
+    (reg.versions_dir / f"{1:09d}" / "meta.json").write_text("{not json")
+    older = Registry(tmp_path, SPEC).load()  # bad meta too: back to version 0, floor still 2
+    assert older is not None and older.version == 0 and older.version_floor == 2 and len(older.recovered_from) == 2
+    for v in (0, 1, 2):
+        (reg.versions_dir / f"{v:09d}" / "weights.npy").write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(RegistryError, match="no readable version"):
+        Registry(tmp_path, SPEC).load()
+
+
+def test_a_batch_with_several_versions_is_still_one_fsync(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import errno
+    import os
+
+    reg = Registry(tmp_path, SPEC, keep_versions=100)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    reg.append_updates([upd("a", 0, 0.0)])
+    calls: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd))[1])
+    actions = []
+    for v in (1, 2, 3):  # what the driver does within one batch: updates, a version, updates...
+        reg.stage([upd("a", v, float(v))])
+        action = CommitVersion(version=v, weights=np.full(SPEC.size, v, np.float32), applied_upto={"a": v}, consumed=(("a", v),), metadata={})
+        reg.stage_version(action)
+        actions.append(action)
+    reg.append_updates([upd("b", 1, 9.0)])  # the end of the batch
+    assert len(calls) == 1
+    for action in actions:  # after the fsync: directories (no fsync) and bookkeeping
+        reg.commit(action)
+    assert len(calls) == 1 and reg.versions() == [0, 1, 2, 3]
+    monkeypatch.setattr(os, "fsync", real)
+    # and when the batch's fsync fails, none of it is there
+    reg.stage([upd("a", 4, 4.0)])
+    reg.stage_version(CommitVersion(version=4, weights=np.full(SPEC.size, 4.0, np.float32), applied_upto={"a": 4}, consumed=(("a", 4),), metadata={}))
+
+    def eio(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", eio)
+    with pytest.raises(OSError):
+        reg.append_updates([upd("c", 1, 1.0)])
+    monkeypatch.setattr(os, "fsync", real)
+    snap = Registry(tmp_path, SPEC).load()  # another process: version 4 never existed
+    assert snap is not None and snap.version == 3 and sorted(u.key for u in snap.buffer) == [("b", 1)]
+    again = reg.load()  # this process attempted version 4: it is never written again
+    assert again is not None and again.version == 3 and again.version_floor == 4

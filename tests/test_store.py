@@ -736,3 +736,58 @@ def test_memory_store_for_emulated_fleets_needs_no_files() -> None:
         sid = mem.add(np.zeros((1, 8, 8), np.float32), 3)
         x, y = mem.arrays()
         assert mem.count() == 1 and y.tolist() == [3] and x.shape == (1, 1, 8, 8) and sid >= 1
+
+
+# ---------------------------------------------------------------------- integrity at open
+
+
+def test_random_bytes_are_a_corrupt_store_or_a_clean_restart(workdir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from edge_sdk.store import CorruptStore
+
+    path = workdir / DEFAULT_FILENAME
+    path.write_bytes(np.random.default_rng(3).bytes(64 * 1024))
+    with pytest.raises(CorruptStore):
+        open_store(path)
+    assert path.read_bytes()[:4] != b"SQLi"  # refused without recover: nothing touched
+    with caplog.at_level("WARNING", logger="edgeci.store"):
+        s = open_store(workdir, recover=True)
+    with s:
+        assert s.recovered_from is not None and "not a database" in s.recovered_from["reason"]
+        aside = Path(s.recovered_from["path"])
+        assert aside.name.startswith(f"{DEFAULT_FILENAME}.corrupt-") and aside.stat().st_size == 64 * 1024
+        assert any("corrupt" in r.getMessage() and str(aside) in r.getMessage() for r in caplog.records)
+        assert len(s) == 0 and s.add(digit(1), 3) >= 1  # a clean, working store
+    with open_store(workdir) as again:  # and it stays healthy
+        assert again.recovered_from is None and len(again) == 1
+
+
+def test_corrupt_pages_keep_the_counters_that_can_be_read(workdir: Path) -> None:
+    path = workdir / DEFAULT_FILENAME
+    with open_store(path) as s:
+        for i in range(300):
+            s.add(digit(i), i % N_CLASSES)
+        s.set_meta_many({"next_seq": 41, "trained_upto": 250})
+        added = s.stats().added
+    size = path.stat().st_size
+    with open(path, "r+b") as f:  # the newest pages (sample payloads) are overwritten
+        f.seek(size - 16 * 4096)
+        f.write(np.random.default_rng(0).bytes(12 * 4096))
+    with open_store(path, recover=True) as s:
+        assert s.recovered_from is not None, "quick_check must catch the damaged pages"
+        assert s.get_meta("next_seq") == 41 and s.get_meta("trained_upto") == 250
+        assert s.stats().added == added and len(s) == 0
+        assert s.add(digit(999), 1) > 300  # ids are never reused either
+
+
+def test_counters_survive_a_store_that_is_all_garbage(workdir: Path) -> None:
+    path = workdir / DEFAULT_FILENAME
+    with open_store(path) as s:
+        for i in range(5):
+            s.add(digit(i), 1)
+        s.set_meta_many({"next_seq": 77, "trained_upto": 5, "name": "kept only in SQLite"})
+    path.write_bytes(np.random.default_rng(1).bytes(path.stat().st_size))
+    with open_store(path, recover=True) as s:
+        assert s.recovered_from is not None
+        assert s.get_meta("next_seq") == 77 and s.get_meta("trained_upto") == 5
+        assert s.get_meta("name") is None  # unreadable, and not an integer counter
+        assert s.stats().added == 5 and s.add(digit(9), 2) == 6  # totals and ids carry on too

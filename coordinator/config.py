@@ -1,0 +1,258 @@
+"""Layered configuration for the daemons: flags > ``EDGECI_*`` environment > TOML file > defaults.
+
+One naming rule links the three: the flag ``--foo-bar`` is the environment variable
+``EDGECI_FOO_BAR`` and the TOML key ``foo_bar`` (or ``foo-bar``). ``--config PATH`` (or
+``EDGECI_CONFIG``) names the TOML file. A ``[strategy]`` table holds the strategy's ``name``
+and its parameters, passed through to the strategy, whose config dataclass validates them. An unknown TOML key
+is an error naming the key and the valid ones.
+
+Pure: :func:`resolve` takes the parser, ``argv``, an environment mapping and a file reader,
+so tests need neither a process nor a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tomllib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from edge_sdk.errors import ConfigError
+
+ENV_PREFIX = "EDGECI_"
+CONFIG_ENV = "EDGECI_CONFIG"
+STRATEGY_TABLE = "strategy"
+NOT_LAYERED = frozenset({"help", "version", "config", "command"})
+"""Dests that never come from the environment or the file."""
+
+Source = Literal["flag", "env", "file", "default"]
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One layered option: its dest, the long flag's name (without ``--``) and the action."""
+
+    dest: str
+    name: str
+    action: argparse.Action
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper().replace("-", "_")
+
+    @property
+    def key(self) -> str:
+        return self.name.replace("-", "_")
+
+
+@dataclass(slots=True)
+class Layered:
+    """The resolved namespace and where each value came from."""
+
+    args: argparse.Namespace
+    sources: dict[str, Source] = field(default_factory=dict)
+    strategy_params: dict[str, Any] = field(default_factory=dict)
+    """The file's ``[strategy]`` table (flags for the same parameters win, see :func:`merge_strategy_params`)."""
+    config_path: Path | None = None
+
+    def given(self, dest: str) -> bool:
+        """Set by a flag or the environment (stronger than the file's ``[strategy]`` table)."""
+        return self.sources.get(dest) in ("flag", "env")
+
+
+def options_of(parser: argparse.ArgumentParser, only: Iterable[str] | None = None) -> list[Option]:
+    """The parser's options that the environment and file may set (long flags only)."""
+    keep = set(only) if only is not None else None
+    out: list[Option] = []
+    for action in parser._actions:
+        if action.dest in NOT_LAYERED or isinstance(action, argparse._SubParsersAction | argparse._HelpAction):
+            continue
+        if keep is not None and action.dest not in keep:
+            continue
+        longs = [s for s in action.option_strings if s.startswith("--")]
+        if not longs:
+            continue
+        if isinstance(action, argparse._StoreConstAction) and not isinstance(action.const, bool):
+            continue  # e.g. -v/--verbose as a shorthand for --log-level debug
+        out.append(Option(action.dest, longs[0][2:], action))
+    return out
+
+
+def given_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """Dests set explicitly on the command line (parsed again with every default suppressed)."""
+    saved: list[tuple[argparse.Action, Any, bool]] = []
+    for p in _parsers(parser):
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                continue
+            saved.append((a, a.default, a.required))
+            a.default, a.required = argparse.SUPPRESS, False
+    saved_defaults = [(p, dict(p._defaults)) for p in _parsers(parser)]
+    for p, _ in saved_defaults:
+        p._defaults.clear()
+    try:
+        ns, _ = parser.parse_known_args(list(argv))
+    finally:
+        for a, default, required in saved:
+            a.default, a.required = default, required
+        for p, defaults in saved_defaults:
+            p._defaults.update(defaults)
+    return set(vars(ns))
+
+
+def _parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    out = [parser]
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for sub in dict.fromkeys(a.choices.values()):
+                out += _parsers(sub)
+    return out
+
+
+def parse_toml(text: str, *, name: str = "config") -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{name}: not valid TOML: {exc}") from exc
+
+
+def convert(option: Option, value: Any, where: str) -> Any:
+    """Check and convert one value from the environment (a string) or the file (TOML types)."""
+    action = option.action
+    if isinstance(action, argparse._StoreConstAction) and isinstance(action.const, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    typ: Callable[[Any], Any] | None = action.type if callable(action.type) else None
+    if isinstance(value, list) and all(isinstance(v, str) for v in value) and typ is None:
+        value = ",".join(value)  # e.g. peers = ["eu", "us"] for --peers eu,us
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ConfigError(f"{where}: expected {_type_name(typ)}, got {value!r}")
+    if isinstance(value, str):
+        try:
+            out = typ(value) if typ is not None else value
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}: expected {_type_name(typ)}, got {value!r}") from exc
+    elif typ is float:
+        out = float(value)
+    elif typ is int and isinstance(value, int):
+        out = value
+    else:
+        raise ConfigError(f"{where}: expected {_type_name(typ)}, got {value!r}")
+    if action.choices is not None and out not in action.choices:
+        raise ConfigError(f"{where}: {out!r} is not one of {', '.join(map(str, action.choices))}")
+    return out
+
+
+def _type_name(typ: Callable[[Any], Any] | None) -> str:
+    if typ is None:
+        return "a string"
+    if typ is Path:
+        return "a path"
+    return f"{'an' if getattr(typ, '__name__', '')[:1] in 'aeiou' else 'a'} {getattr(typ, '__name__', 'value')}"
+
+
+def file_values(options: Sequence[Option], data: Mapping[str, Any], *, name: str = "config",
+                strategy_table: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``({dest: value}, strategy params)`` from a parsed TOML document; unknown keys are errors.
+    The ``[strategy]`` table's ``name`` is the strategy (``--strategy``), its other keys its parameters."""
+    by_key: dict[str, Option] = {}
+    for o in options:
+        by_key[o.key] = o
+        by_key[o.name] = o
+    values: dict[str, Any] = {}
+    strategy: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == STRATEGY_TABLE and strategy_table and isinstance(value, dict):
+            strategy = dict(value)
+            chosen = strategy.pop("name", None)  # TOML cannot have both strategy = "x" and [strategy]
+            option = by_key.get(STRATEGY_TABLE)
+            if chosen is not None and option is not None:
+                values[option.dest] = convert(option, chosen, f"{name}: [{STRATEGY_TABLE}] name")
+            continue
+        option = by_key.get(key)
+        if option is None:
+            valid = sorted({o.key for o in options} | ({f"[{STRATEGY_TABLE}]"} if strategy_table else set()))
+            raise ConfigError(f"{name}: unknown key {key!r}; valid keys: {', '.join(valid)}")
+        if option.dest in values:
+            raise ConfigError(f"{name}: {key!r} is set twice (as {option.key!r} and {option.name!r})")
+        values[option.dest] = convert(option, value, f"{name}: {key}")
+    return values, strategy
+
+
+def env_values(options: Sequence[Option], env: Mapping[str, str]) -> dict[str, Any]:
+    """``{dest: value}`` from the ``EDGECI_*`` variables that name an option (others are ignored)."""
+    out: dict[str, Any] = {}
+    for o in options:
+        if o.env in env and env[o.env] != "":
+            out[o.dest] = convert(o, env[o.env], o.env)
+    return out
+
+
+def resolve(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    *,
+    options_parser: argparse.ArgumentParser | None = None,
+    only: Iterable[str] | None = None,
+    use_file: bool = True,
+    read_text: Callable[[Path], str] = Path.read_text,
+) -> Layered:
+    """Parse ``argv`` and fill every option not given as a flag from ``env``, then the file.
+
+    ``options_parser`` is the (sub)parser whose options are layered (default: ``parser``);
+    ``only`` restricts the layered dests (e.g. to the logging options)."""
+    args = parser.parse_args(list(argv))
+    options = options_of(options_parser or parser, only)
+    given = given_dests(parser, argv)
+    path: Path | None = None
+    file_vals: dict[str, Any] = {}
+    strategy: dict[str, Any] = {}
+    if use_file:
+        raw = getattr(args, "config", None) or env.get(CONFIG_ENV) or None
+        if raw:
+            path = Path(raw).expanduser()
+            try:
+                text = read_text(path)
+            except OSError as exc:
+                raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+            file_vals, strategy = file_values(options, parse_toml(text, name=str(path)), name=str(path))
+    env_vals = env_values(options, env)
+    sources: dict[str, Source] = {}
+    for o in options:
+        if o.dest in given:
+            sources[o.dest] = "flag"
+        elif o.dest in env_vals:
+            setattr(args, o.dest, env_vals[o.dest])
+            sources[o.dest] = "env"
+        elif o.dest in file_vals:
+            setattr(args, o.dest, file_vals[o.dest])
+            sources[o.dest] = "file"
+        else:
+            sources[o.dest] = "default"
+    if use_file:
+        args.config = path
+    return Layered(args=args, sources=sources, strategy_params=strategy, config_path=path)
+
+
+def merge_strategy_params(from_flags: Mapping[str, Any], table: Mapping[str, Any],
+                          flag_of: Mapping[str, str], layered: Layered) -> dict[str, Any]:
+    """Strategy parameters: the file's ``[strategy]`` table over the flags' defaults, but a
+    parameter whose flag (``flag_of[param]`` is its dest) was given explicitly keeps it."""
+    out = dict(from_flags)
+    for key, value in table.items():
+        dest = flag_of.get(key)
+        source = layered.sources.get(dest, "default") if dest is not None else "default"
+        if source == "file":
+            raise ConfigError(f"the config file sets both {dest!r} and [{STRATEGY_TABLE}] {key!r}: keep one")
+        if source in ("flag", "env"):
+            continue  # --k 7 (or EDGECI_K) beats [strategy] k
+        out[key] = value
+    return out

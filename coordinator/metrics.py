@@ -1,0 +1,213 @@
+"""Prometheus metrics and health probes for the coordinator daemon.
+
+The actor thread owns the core; it publishes a *snapshot* (the core's :class:`Status`, a
+fresh object per call that nobody mutates afterwards) with :meth:`CoordinatorMetrics.publish`.
+The HTTP thread only reads the latest snapshot reference, so a scrape never touches the core.
+Latencies are observed by the daemon around the work it does (``prometheus_client``
+histograms are thread-safe).
+
+``/metrics``  Prometheus text format
+``/healthz``  200 while the process and its actor thread are alive, else 503
+``/readyz``   200 when connected to the broker and storage is ok, else 503 (JSON says why)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from edge_sdk.errors import ConfigError
+from edge_sdk.wire.messages import Status
+
+log = logging.getLogger("edgeci.metrics")
+
+STALENESS_BUCKETS = (0, 1, 2, 3, 5, 8, 13, 21, 34)
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+Probe = Callable[[], tuple[bool, Mapping[str, Any]]]
+
+
+class CoordinatorMetrics:
+    """The daemon's metrics: latency histograms plus a collector over the latest snapshot."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.aggregation_seconds = Histogram(
+            "edgeci_aggregation_seconds", "Time to handle an event that produced a new version (strategy combine included)",
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.commit_seconds = Histogram(
+            "edgeci_commit_seconds", "Time to make a new version durable in the registry",
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self._snapshot: Status | None = None
+        self.registry.register(_SnapshotCollector(self))
+
+    def publish(self, status: Status) -> None:
+        """Actor thread: the latest view (a reference swap: atomic for the readers)."""
+        self._snapshot = status
+
+    @property
+    def snapshot(self) -> Status | None:
+        return self._snapshot
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _SnapshotCollector:
+    def __init__(self, metrics: CoordinatorMetrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> list[Metric]:
+        return []  # families depend on the snapshot; nothing to pre-register
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._metrics.snapshot
+        if s is None:
+            return
+        x = s.extra
+        info = GaugeMetricFamily("edgeci_coordinator_info", "The coordinator's identity (value 1)",
+                                 labels=["region", "coordinator", "strategy", "model_id"])
+        info.add_metric([s.region, s.coordinator, s.strategy, str(x.get("model_id", ""))], 1)
+        yield info
+        yield GaugeMetricFamily("edgeci_version", "Current model version", value=s.version)
+        updates = CounterMetricFamily("edgeci_updates", "Device updates by outcome", labels=["outcome"])
+        updates.add_metric(["accepted"], s.updates_accepted)
+        updates.add_metric(["duplicate"], s.updates_duplicate)
+        updates.add_metric(["rejected"], s.updates_rejected)
+        yield updates
+        reasons = CounterMetricFamily("edgeci_rejections", "Rejected messages (updates and others) by reason",
+                                      labels=["reason"])
+        for reason, n in sorted(dict(x.get("rejected_by_reason", {})).items()):
+            reasons.add_metric([str(reason)], n)
+        yield reasons
+        yield CounterMetricFamily("edgeci_messages_rejected", "Rejected messages other than updates",
+                                  value=x.get("messages_rejected", 0))
+        pulls = CounterMetricFamily("edgeci_pulls", "Pulls by result", labels=["result"])
+        for result in ("served", "deferred", "serving", "unchanged"):
+            if f"pulls_{result}" in x:
+                pulls.add_metric([result], x[f"pulls_{result}"])
+        yield pulls
+        traffic = CounterMetricFamily("edgeci_bytes", "Payload bytes", labels=["direction"])
+        traffic.add_metric(["in"], x.get("bytes_in", 0))
+        traffic.add_metric(["out"], x.get("bytes_out", 0))
+        yield traffic
+        yield CounterMetricFamily("edgeci_aggregations", "Aggregations (new versions from updates)",
+                                  value=x.get("aggregations", 0))
+        yield GaugeMetricFamily("edgeci_buffered_updates", "Accepted updates waiting for aggregation", value=s.buffered)
+        yield GaugeMetricFamily("edgeci_devices_seen", "Devices that pulled or pushed since the state dir began",
+                                value=s.devices_seen)
+        yield GaugeMetricFamily("edgeci_devices_online", "Devices whose presence says online (MQTT last will)",
+                                value=x.get("devices_online", 0))
+        yield GaugeMetricFamily("edgeci_storage_ok", "1 while storage accepts writes", value=1 if x.get("storage_ok", True) else 0)
+        yield _staleness(x.get("staleness_histogram", {}))
+
+
+def _staleness(hist: Mapping[str, int]) -> HistogramMetricFamily:
+    counts = {int(k): int(v) for k, v in hist.items()}
+    buckets: list[tuple[str, float]] = []
+    for bound in STALENESS_BUCKETS:
+        buckets.append((str(float(bound)), float(sum(n for k, n in counts.items() if k <= bound))))
+    buckets.append(("+Inf", float(sum(counts.values()))))
+    fam = HistogramMetricFamily("edgeci_staleness", "Staleness (versions behind) of accepted updates")
+    fam.add_metric([], buckets, sum_value=float(sum(k * n for k, n in counts.items())))
+    return fam
+
+
+class MetricsServer:
+    """``/metrics``, ``/healthz`` and ``/readyz`` on one small threaded HTTP server."""
+
+    def __init__(self, metrics: CoordinatorMetrics, host: str, port: int, *, health: Probe, ready: Probe) -> None:
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"metrics port must be 0..65535, got {port}")
+        self.metrics, self.health, self.ready = metrics, health, ready
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                server._serve(self)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                log.debug("%s %s", self.address_string(), format % args)
+
+        try:
+            self._httpd = ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:
+            raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from exc
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics-http", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
+
+    @property
+    def url(self) -> str:
+        host = self._httpd.server_address[0]
+        return f"http://{host!s}:{self.port}"
+
+    def start(self) -> MetricsServer:
+        self._thread.start()
+        log.info("metrics on %s/metrics, probes %s/healthz and %s/readyz", self.url, self.url, self.url)
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(5)
+
+    def _serve(self, req: BaseHTTPRequestHandler) -> None:
+        path = req.path.split("?", 1)[0]
+        if path == "/metrics":
+            body, status, ctype = self.metrics.exposition(), 200, CONTENT_TYPE_LATEST
+        elif path in ("/healthz", "/readyz"):
+            try:
+                ok, detail = (self.health if path == "/healthz" else self.ready)()
+            except Exception as exc:  # a probe must answer, never hang or kill the server thread
+                ok, detail = False, {"error": f"{type(exc).__name__}: {exc}"}
+            body = json.dumps({"ok": ok, **detail}, sort_keys=True).encode()
+            status, ctype = (200 if ok else 503), "application/json"
+        else:
+            body, status, ctype = b"not found: try /metrics, /healthz or /readyz\n", 404, "text/plain"
+        req.send_response(status)
+        req.send_header("Content-Type", ctype)
+        req.send_header("Content-Length", str(len(body)))
+        req.end_headers()
+        req.wfile.write(body)
+
+
+# ---------------------------------------------------------------------- liveness on the status topic
+
+
+def stamp_status(payload: bytes, *, alive: bool, now: float, heartbeat_s: float, reason: str = "") -> bytes:
+    """Add ``alive``, ``published_at`` and ``heartbeat_s`` to a status JSON object (a byte
+    splice: the status is published often and is already valid JSON)."""
+    head: dict[str, object] = {"alive": alive, "heartbeat_s": heartbeat_s, "published_at": round(now, 3)}
+    if reason:
+        head["reason"] = reason
+    prefix = json.dumps(head, sort_keys=True)[:-1].encode()
+    body = payload.strip()
+    if body[:1] != b"{":
+        raise ValueError("status payload is not a JSON object")
+    return prefix + (b"}" if body == b"{}" else b", " + body[1:])
+
+
+def status_will(region: str, coordinator: str) -> bytes:
+    """The coordinator's MQTT last will on its status topic: ``alive: false``."""
+    return json.dumps({
+        "v": 1, "type": "status", "region": region, "coordinator": coordinator, "alive": False,
+        "reason": "connection lost (last will)",
+    }, sort_keys=True).encode()

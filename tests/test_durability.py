@@ -1,0 +1,645 @@
+"""Durability with real processes: a coordinator *process* whose state dir fills up (a small
+tmpfs), a second coordinator on a locked state dir, a truncated newest checkpoint, a device
+whose sample store is garbage. Everything over a real mosquitto on 127.0.0.1.
+
+What must hold: an update is acknowledged as accepted only once it is durable, and then it
+is applied exactly once; a version number never names two different models; the
+coordinator stops accepting while storage fails, keeps serving the last committed model,
+and resumes by itself when space returns."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from coordinator.broker import MosquittoProcess
+from coordinator.registry import Registry
+from devices.live import LabellingLoop, LabellingUser
+from devices.partition import partition
+from edge_sdk.client import EdgeClient
+from edge_sdk.mqtt import MqttTransport
+from edge_sdk.spec import FULL
+from edge_sdk.tasks import get_task
+from edge_sdk.tasks.base import Split, TrainConfig
+from edge_sdk.wire import topics
+from edge_sdk.wire.codec import decode, encode, parse_status_json
+from edge_sdk.wire.messages import Ack, ModelMsg, Update
+from tests.helpers import wait_until
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+REGION = "dur"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+
+class Coordinator:
+    """``python -m demos.cli coordinator ...`` as a child process, its output collected."""
+
+    def __init__(self, url: str, state_dir: Path, *, k: int = 4, timeout: float = 1.5) -> None:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        cmd = [
+            sys.executable, "-m", "demos.cli", "coordinator", "--broker", url, "--region", REGION,
+            "--state-dir", str(state_dir), "--model", "digits", "--k", str(k), "--timeout", str(timeout),
+        ]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+        self.lines: list[str] = []
+        self._pump = threading.Thread(target=self._read, daemon=True)
+        self._pump.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_ready(self) -> Coordinator:
+        wait_until(lambda: any("ready" in line for line in self.lines) or self.proc.poll() is not None, 120, "coordinator ready")
+        assert self.proc.poll() is None, self.output
+        return self
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._pump.join(10)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+        return int(self.proc.returncode)
+
+
+@contextmanager
+def coordinator(url: str, state_dir: Path, **kwargs: Any) -> Iterator[Coordinator]:
+    c = Coordinator(url, state_dir, **kwargs).wait_ready()
+    try:
+        yield c
+    finally:
+        rc = c.stop()
+    assert rc == 0, c.output[-3000:]
+
+
+class BrokerWatch:
+    """A raw MQTT client: the retained status, every model message to any device (version →
+    weight hashes), and the acks of a probe device."""
+
+    def __init__(self, url: str, name: str = "watch") -> None:
+        self.status: dict[str, Any] = {}
+        self.statuses: list[dict[str, Any]] = []
+        self.models: dict[int, set[str]] = {}
+        self.acks: list[Ack] = []
+        self._lock = threading.Lock()
+        self.t = MqttTransport(
+            url, client_id=name, clean_session=True, on_message=self._on,
+            subscriptions=[topics.status_topic(REGION), topics.device_filter(REGION, "model"), topics.device_filter(REGION, "ack")],
+        )
+        self.t.start()
+
+    def _on(self, topic: str, payload: bytes) -> None:
+        with self._lock:
+            if topic.endswith("/status"):
+                self.status = parse_status_json(payload)
+                self.statuses.append(self.status)
+            elif topic.endswith("/model"):
+                msg = decode(payload)
+                assert isinstance(msg, ModelMsg)
+                if msg.group == FULL:
+                    digest = hashlib.sha256(np.ascontiguousarray(msg.weights, dtype=np.float32).tobytes()).hexdigest()
+                    self.models.setdefault(msg.version, set()).add(digest)
+            elif topic.endswith("/probe-1/ack"):
+                msg = decode(payload)
+                assert isinstance(msg, Ack)
+                self.acks.append(msg)
+
+    def get(self, key: str, default: Any = 0) -> Any:
+        with self._lock:
+            return self.status.get(key, default)
+
+    def extra(self, key: str, default: Any = None) -> Any:
+        with self._lock:
+            return self.status.get("extra", {}).get(key, default)
+
+    def ever(self, predicate: Callable[[dict[str, Any]], bool]) -> bool:
+        with self._lock:
+            return any(predicate(s) for s in self.statuses)
+
+    def send_update(self, msg: Update) -> None:
+        self.t.publish(topics.device_topic(REGION, msg.device, "update"), encode(msg))
+
+    def close(self) -> None:
+        self.t.stop()
+
+
+class DiskWatch:
+    """Polls the state dir and remembers every version seen (weights hash, consumed keys):
+    versions are pruned later, what was committed must still be checked."""
+
+    def __init__(self, state_dir: Path, spec: Any) -> None:
+        self.registry = Registry(state_dir, spec)
+        self.versions: dict[int, tuple[str, list[tuple[str, int]], dict[str, int]]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def poll(self) -> None:
+        for v in self.registry.versions():
+            if v in self.versions:
+                continue
+            try:
+                weights, meta = self.registry.read_version(v)
+            except Exception:
+                continue  # being pruned; or unreadable, which load() reports
+            digest = hashlib.sha256(weights.tobytes()).hexdigest()
+            consumed = [(str(d), int(s)) for d, s in meta.get("consumed", [])]
+            self.versions[v] = (digest, consumed, {str(k): int(x) for k, x in meta.get("applied_upto", {}).items()})
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            self.poll()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.poll()
+
+
+class Fleet:
+    """In-process devices on the real SDK (no local files), labelling Dirichlet shares."""
+
+    def __init__(self, url: str, n: int, *, rate: float, seed: int = 0) -> None:
+        self.task = get_task("digits")
+        pool = self.task.data().pool
+        parts = partition(pool.y, n, "dirichlet", alpha=1.0, seed=seed)
+        self.accepted: list[tuple[str, int]] = []
+        self.deferred = 0
+        self.clients: list[EdgeClient] = []
+        users = []
+        for i, idx in enumerate(parts):
+            name = f"dev{i:02d}"
+            c = EdgeClient(
+                broker=url, device_id=name, region=REGION, task=self.task, durable=False, inference="torch",
+                min_samples=4, train=TrainConfig(epochs=1, lr=0.05, seed=i), request_timeout_s=2.0, seed=i,
+            )
+            c.on("update_acked", functools.partial(self._acked, name))
+            c.on("deferred", lambda kind, d: self._deferred(d))
+            self.clients.append(c.start())
+            users.append(LabellingUser(name=name, stream=Split(x=pool.x[idx], y=pool.y[idx]), add=c.add_sample, rate=rate))
+        self.loop = LabellingLoop(users, seed=seed)
+
+    def _acked(self, name: str, kind: str, data: dict[str, Any]) -> None:
+        if data["status"] == "accepted":
+            self.accepted.append((name, int(data["seq"])))
+
+    def _deferred(self, data: dict[str, Any]) -> None:
+        if data.get("reason") == "storage":
+            self.deferred += 1
+
+    def close(self) -> None:
+        self.loop.stop()
+        for c in self.clients:
+            c.stop()
+        assert not self.loop.errors, self.loop.errors
+
+
+@contextmanager
+def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        pytest.skip(f"cannot mount a tmpfs to fill up ({exc}): needs root and mount(8)")
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill up: {done.stderr.strip()} (needs root / CAP_SYS_ADMIN)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=20)
+
+
+def fill(path: Path) -> int:
+    """Write zeros into ``path`` until the file system is full; the bytes written."""
+    written = 0
+    chunk = bytes(64 << 10)
+    with open(path, "wb", buffering=0) as f:
+        while True:
+            try:
+                n = f.write(chunk)
+            except OSError:
+                break
+            if not n:
+                break
+            written += n
+        for size in (4096, 512, 1):  # the last partial chunks too
+            try:
+                while f.write(bytes(size)):
+                    written += size
+            except OSError:
+                pass
+    return written
+
+
+# ---------------------------------------------------------------------- full disk
+
+
+def test_full_disk_loses_no_acked_update_and_never_reuses_a_version(mosquitto: MosquittoProcess, tmp_path: Path) -> None:
+    task = get_task("digits")
+    with small_tmpfs(tmp_path / "state", "6m") as state:
+        watch = BrokerWatch(mosquitto.url)
+        fleet: Fleet | None = None
+        disk: DiskWatch | None = None
+        try:
+            with coordinator(mosquitto.url, state, k=4, timeout=1.5) as coord:
+                disk = DiskWatch(state, task.spec)
+                fleet = Fleet(mosquitto.url, 8, rate=5.0)
+                fleet.loop.start()
+                wait_until(lambda: watch.get("version") >= 3, 120, "3 versions before the disk fills")
+                filler = state / "filler"
+                fill(filler)
+                wait_until(lambda: watch.extra("storage_ok") is False, 60, "status storage_ok: false")
+                v_full = watch.get("version")
+                deferred_before = fleet.deferred
+                wait_until(lambda: fleet is not None and fleet.deferred > deferred_before, 30, "updates deferred for storage")
+                assert watch.get("version") == v_full, "no version may be committed while the disk is full"
+                filler.unlink()
+                wait_until(lambda: watch.extra("storage_ok") is True, 30, "storage to recover (probe)")
+                wait_until(lambda: watch.get("version") >= v_full + 2, 120, "progress after space is freed")
+                fleet.loop.stop()
+                time.sleep(5.0)  # retries land
+                assert "storage failure" in coord.output
+                storage_log = [line.strip()[:220] for line in coord.lines if "storage" in line or "rebuilt" in line]
+            # a restart on the same state dir: what was acked and is still buffered is applied
+            with coordinator(mosquitto.url, state, k=4, timeout=1.0):
+                wait_until(lambda: watch.get("buffered", 1) == 0 and fleet is not None and watch.get("updates_accepted") > 0, 60, "buffer drained")
+                time.sleep(2.0)
+        finally:
+            if fleet is not None:
+                fleet.close()
+            if disk is not None:
+                disk.close()
+            watch.close()
+        assert fleet is not None and disk is not None
+        # every version number names one model: on the broker, and the same one on disk
+        for version, digests in watch.models.items():
+            assert len(digests) == 1, f"version {version} was published with {len(digests)} different weights"
+            if version in disk.versions:
+                assert digests == {disk.versions[version][0]}, f"version {version} on the broker is not version {version} on disk"
+        # every acked update applied exactly once
+        consumed = [key for _, keys, _ in disk.versions.values() for key in keys]
+        assert len(consumed) == len(set(consumed)), "an update was applied twice"
+        lost = sorted(set(fleet.accepted) - set(consumed))
+        assert not lost, f"acknowledged but never applied: {lost[:10]} (versions seen {sorted(disk.versions)})"
+        assert watch.ever(lambda s: s.get("extra", {}).get("storage_ok") is False)
+        print(f"\nfull disk at v{v_full}; {len(fleet.accepted)} accepted updates applied once each; versions on the broker "
+              f"{min(watch.models)}..{max(watch.models)}; {fleet.deferred} deferrals for storage")
+        print("\n".join(storage_log[:12]))
+
+
+# ---------------------------------------------------------------------- lock and recovery
+
+
+def test_second_coordinator_on_a_locked_state_dir_is_refused(mosquitto: MosquittoProcess, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    with coordinator(mosquitto.url, state) as first:
+        second = Coordinator(mosquitto.url, state)
+        assert second.proc.wait(120) == 1, second.output
+        second.stop()
+        assert f"pid {first.proc.pid}" in second.output and "in use by another coordinator" in second.output, second.output
+        assert first.proc.poll() is None
+
+
+def test_truncated_newest_checkpoint_falls_back_and_numbers_above_it(mosquitto: MosquittoProcess, tmp_path: Path) -> None:
+    task = get_task("digits")
+    state = tmp_path / "state"
+    reg = Registry(state, task.spec)
+    w0 = task.pretrained(seed=0)
+    reg.initialise(w0, now=0.0, source="test")
+    for v in (1, 2, 3):  # checkpointed directories (no copy left in the pending log)
+        reg.write_version(v, w0 + np.float32(v * 1e-3), {"created_at": 1.0, "applied_upto": {}})
+    newest = state / "versions" / f"{3:09d}" / "weights.npy"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    watch = BrokerWatch(mosquitto.url)
+    try:
+        with coordinator(mosquitto.url, state, k=1, timeout=1.0) as coord:
+            wait_until(lambda: watch.get("version", -1) == 2, 30, "the coordinator to serve version 2")
+            assert watch.extra("recovered_from") and str(watch.extra("recovered_from")[0]).startswith("3:")
+            assert "RECOVERY" in coord.output and "000000003" in coord.output
+            w2, _ = Registry(state, task.spec).read_version(2)
+            watch.send_update(Update(device="probe-1", seq=1, model_id=task.spec.model_id, base_version=2, n_samples=4, weights=w2.copy()))
+            wait_until(lambda: watch.get("version") >= 4, 30, "the next version")
+            assert watch.get("version") == 4 and [a.status for a in watch.acks] == ["accepted"]
+    finally:
+        watch.close()
+    reg = Registry(state, task.spec)
+    assert reg.versions()[-2:] == [3, 4]
+    assert reg.read_version(4)[1]["consumed"] == [["probe-1", 1]]
+
+
+def test_corrupt_device_store_recovers_with_a_warning_and_seq_moving_on(mosquitto: MosquittoProcess, tmp_path: Path) -> None:
+    from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
+
+    task = get_task("digits")
+    pool = task.data().pool
+    data_dir = tmp_path / "device"
+
+    def client() -> EdgeClient:
+        return EdgeClient(broker=mosquitto.url, device_id="phoenix", region=REGION, task=task, data_dir=data_dir,
+                          min_samples=2, train=TrainConfig(epochs=1), request_timeout_s=2.0, inference="torch")
+
+    daemon = CoordinatorDaemon(
+        CoordinatorOptions(broker=mosquitto.url, region=REGION, state_dir=tmp_path / "c", strategy_params={"k": 1, "timeout_s": 5.0}),
+        task=task,
+    ).start()
+    try:
+        acked: list[int] = []
+        first = client()
+        first.on("update_acked", lambda kind, d: acked.append(int(d["seq"])))
+        first.start()
+        for i in range(3):
+            first.add_sample(pool.x[i], int(pool.y[i]))
+        wait_until(lambda: len(acked) >= 1, 60, "a first accepted update")
+        first.stop()
+        db = data_dir / "samples.sqlite3"
+        db.write_bytes(np.random.default_rng(0).bytes(db.stat().st_size))  # every page garbage
+        notes: list[dict[str, Any]] = []
+        acked_after: list[int] = []
+        second = client()
+        second.on("store_recovered", lambda kind, d: notes.append(d))
+        second.on("update_acked", lambda kind, d: acked_after.append(int(d["seq"])) if d["status"] == "accepted" else None)
+        second.start()
+        try:
+            wait_until(lambda: bool(notes), 10, "a store_recovered notification")
+            assert Path(notes[0]["path"]).name.startswith("samples.sqlite3.corrupt-")
+            for i in range(3, 6):
+                second.add_sample(pool.x[i], int(pool.y[i]))
+            wait_until(lambda: bool(acked_after), 60, "an accepted update from the recovered device")
+            assert min(acked_after) > max(acked), (acked, acked_after)
+        finally:
+            second.stop()
+    finally:
+        daemon.stop()
+
+
+# ---------------------------------------------------------------------- the driver, no broker
+
+
+class FakeTransport:
+    """Stands in for MqttTransport inside the daemon: records what would be published."""
+
+    connected = False
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, Any]] = []
+        self._lock = threading.Lock()
+
+    def start(self, timeout: float = 0.0) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        msg: Any = parse_status_json(payload) if topic.endswith("/status") else decode(payload)
+        with self._lock:
+            self.sent.append((topic, msg))
+
+    def acks(self, status: str | None = None) -> list[Ack]:
+        with self._lock:
+            return [m for _, m in self.sent if isinstance(m, Ack) and (status is None or m.status == status)]
+
+    def models(self) -> list[ModelMsg]:
+        with self._lock:
+            return [m for _, m in self.sent if isinstance(m, ModelMsg)]
+
+    def last_status(self) -> dict[str, Any]:
+        with self._lock:
+            return next((m for t, m in reversed(self.sent) if t.endswith("/status")), {})
+
+
+@contextmanager
+def driver(tmp_path: Path, *, k: int) -> Iterator[tuple[Any, FakeTransport]]:
+    from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
+
+    daemon = CoordinatorDaemon(
+        CoordinatorOptions(broker="mqtt://127.0.0.1:1", region=REGION, state_dir=tmp_path / "c",
+                           strategy_params={"k": k, "timeout_s": 3600.0}, storage_probe_s=0.05),
+        task=get_task("digits"),
+    )
+    fake = FakeTransport()
+    daemon.transport = fake  # type: ignore[assignment]
+    daemon.start()
+    try:
+        yield daemon, fake
+    finally:
+        daemon.stop()
+
+
+def in_one_batch(daemon: Any, messages: list[tuple[str, bytes]]) -> None:
+    """Hold the actor, queue the messages, let go: they are handled as one batch."""
+    gate = threading.Event()
+    daemon.actor.call(lambda: gate.wait(10))
+    for topic, payload in messages:
+        daemon._on_message(topic, payload)
+    gate.set()
+
+
+def update(device: str, seq: int, weights: np.ndarray, base: int = 0) -> tuple[str, bytes]:
+    msg = Update(device=device, seq=seq, model_id="digits-cnn", base_version=base, n_samples=4, weights=weights)
+    return topics.device_topic(REGION, device, "update"), encode(msg)
+
+
+def test_a_failed_log_append_acks_nothing_and_storage_recovers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    w = get_task("digits").pretrained(seed=0)
+    with driver(tmp_path, k=10) as (daemon, fake):
+        def full(batch: Any) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(daemon.registry, "append_updates", full)
+        monkeypatch.setattr(daemon.registry, "probe", full)
+        in_one_batch(daemon, [update(f"d{i}", 1, w) for i in range(3)])
+        wait_until(lambda: fake.last_status().get("extra", {}).get("storage_ok") is False, 10, "storage_ok false")
+        assert fake.acks() == [], "nothing may be acknowledged that is not durable"
+        assert daemon.core.buffer == () and daemon.core.counters["accepted"] == 0  # rebuilt from disk
+        in_one_batch(daemon, [update("d0", 1, w)])  # the device retries while the disk is full
+        wait_until(lambda: len(fake.acks()) == 1, 10, "an answer to the retry")
+        assert (fake.acks()[0].status, fake.acks()[0].reason) == ("deferred", "storage")
+        monkeypatch.undo()  # space is back; the probe notices
+        wait_until(lambda: fake.last_status().get("extra", {}).get("storage_ok") is True, 10, "storage_ok true")
+        in_one_batch(daemon, [update(f"d{i}", 1, w) for i in range(3)])
+        wait_until(lambda: len(fake.acks("accepted")) == 3, 10, "three accepted acks")
+        assert not daemon.actor.errors
+    snap = Registry(tmp_path / "c", get_task("digits").spec).load()
+    assert snap is not None and sorted(u.key for u in snap.buffer) == [("d0", 1), ("d1", 1), ("d2", 1)]
+
+
+def test_a_failed_commit_publishes_nothing_after_it_and_burns_its_number(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from edge_sdk.wire.messages import Pull
+
+    spec = get_task("digits").spec
+    w = get_task("digits").pretrained(seed=0)
+    pull_topic = topics.device_topic(REGION, "watcher", "pull")
+    with driver(tmp_path, k=2) as (daemon, fake):
+        attempts: list[int] = []
+
+        def full(*args: Any) -> int:
+            attempts.append(len(args))
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "pwrite", full)  # the log append of the commit (with a1, b1) fails
+        monkeypatch.setattr(daemon.registry, "probe", full)
+        in_one_batch(daemon, [update("a", 1, w), update("b", 1, w + 1e-3), (pull_topic, encode(Pull(device="watcher", seq=1, model_id=spec.model_id)))])
+        wait_until(lambda: fake.last_status().get("extra", {}).get("storage_ok") is False, 10, "storage_ok false")
+        assert attempts[0] == 3  # os.pwrite(fd, data, offset): the commit's append was attempted
+        assert fake.acks() == [] and all(m.version == 0 for m in fake.models()), "nothing after a failed commit leaves"
+        assert daemon.core.version == 0 and fake.last_status()["version"] == 0
+        assert all(n == 1 for n in attempts[1:]), "while degraded the core must not try to commit again"
+        monkeypatch.undo()
+        wait_until(lambda: fake.last_status().get("extra", {}).get("storage_ok") is True, 10, "storage to recover")
+        # the devices retry; version 1 was attempted, so the aggregation is version 2
+        in_one_batch(daemon, [update("a", 1, w), update("b", 1, w + 1e-3)])
+        wait_until(lambda: daemon.core.version == 2 and len(fake.acks("accepted")) == 2, 10, "version 2 and two acks")
+        in_one_batch(daemon, [update("a", 1, w), (pull_topic, encode(Pull(device="watcher", seq=2, model_id=spec.model_id)))])
+        wait_until(lambda: len(fake.acks()) == 3 and any(m.version == 2 for m in fake.models()), 10, "the retry's ack and a model")
+        assert fake.acks()[-1].status == "duplicate"
+        assert {m.version for m in fake.models()} == {0, 2}
+    reg = Registry(tmp_path / "c", spec)
+    assert reg.versions() == [0, 2]
+    assert sorted(map(tuple, reg.read_version(2)[1]["consumed"])) == [("a", 1), ("b", 1)]
+
+
+# ---------------------------------------------------------------------- lost messages (part 6)
+
+
+def broker_log(broker: MosquittoProcess) -> str:
+    """mosquitto's own log (it says when it drops messages to a client)."""
+    return (Path(broker._dir.name) / "mosquitto.log").read_text() if broker._dir is not None else ""
+
+
+def test_a_broker_that_drops_qos1_messages_loses_nothing_and_applies_nothing_twice(tmp_path: Path) -> None:
+    """mosquitto with a tiny per-client queue (``max_queued_messages 2``, one message in
+    flight) silently drops QoS 1 messages to the coordinator under a burst of devices. Devices
+    time out and retry; the coordinator answers retries idempotently: every update a device
+    saw accepted is applied exactly once."""
+    from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
+
+    broker = MosquittoProcess(extra_conf="max_queued_messages 2\nmax_inflight_messages 1\n").start()
+    task = get_task("digits")
+    pool = task.data().pool
+    state = tmp_path / "c"
+    accepted: list[tuple[str, int]] = []
+    answered: dict[str, int] = {}
+    retries: list[str] = []
+    lock = threading.Lock()
+
+    def on_ack(name: str, kind: str, data: dict[str, Any]) -> None:
+        with lock:
+            answered[name] = answered.get(name, 0) + 1
+            if data["status"] == "accepted":
+                accepted.append((name, int(data["seq"])))
+
+    def all_answered(target: int) -> bool:
+        with lock:
+            return all(answered.get(f"burst{i:02d}", 0) >= target for i in range(40))
+
+    def on_retry(name: str, kind: str, data: dict[str, Any]) -> None:
+        with lock:
+            retries.append(name)
+
+    try:
+        daemon = CoordinatorDaemon(
+            CoordinatorOptions(broker=broker.url, region=REGION, state_dir=state, strategy_params={"k": 5, "timeout_s": 1.0}),
+            task=task,
+        ).start()
+        disk = DiskWatch(state, task.spec)
+        clients: list[EdgeClient] = []
+        try:
+            for i in range(40):
+                name = f"burst{i:02d}"
+                c = EdgeClient(broker=broker.url, device_id=name, region=REGION, task=task, durable=False, inference="torch",
+                               min_samples=2, train=TrainConfig(epochs=1, seed=i), request_timeout_s=2.0, seed=i)
+                c.on("update_acked", functools.partial(on_ack, name))
+                c.on("retry", functools.partial(on_retry, name))
+                clients.append(c.start())
+            for wave in range(4):  # everyone at once, until the broker has dropped something
+                if wave >= 2 and retries and "dropped" in broker_log(broker):
+                    break
+                for i, c in enumerate(clients):
+                    for j in range(3):
+                        n = (wave * 3 + j) * len(clients) + i
+                        c.add_sample(pool.x[n], int(pool.y[n]))
+                wait_until(functools.partial(all_answered, wave + 1), 150, f"every device's update of wave {wave + 1} to be answered")
+            wait_until(lambda: daemon.core.buffer == (), 30, "the last updates to be aggregated")
+            time.sleep(1.0)
+        finally:
+            for c in clients:
+                c.stop()
+            daemon.stop()
+            disk.close()
+        log_text = broker_log(broker)
+    finally:
+        broker.stop()
+    assert retries and "dropped" in log_text, "the broker dropped nothing: the test did not exercise lost messages"
+    assert len(accepted) == len(set(accepted)), "a device saw the same update accepted twice"
+    consumed = [key for _, keys, _ in disk.versions.values() for key in keys]
+    assert len(consumed) == len(set(consumed)), "an update was applied twice"
+    lost = sorted(set(accepted) - set(consumed))
+    assert not lost, f"accepted but never applied: {lost[:10]}"
+    print(f"\n{len(retries)} retries after dropped messages ({log_text.count('dropped')} drop notices from mosquitto); "
+          f"{len(accepted)} accepted updates applied once each in {len(disk.versions) - 1} versions")
+
+
+# ---------------------------------------------------------------------- the actor's batches
+
+
+def test_actor_drains_what_has_arrived_into_one_batch_and_can_stop_before_a_backlog() -> None:
+    from edge_sdk.runtime import Actor
+
+    handled: list[int] = []
+    log: list[str] = []
+
+    def handle(event: Any) -> list[Any]:
+        handled.append(event)
+        return [f"act{event}"]
+
+    actor = Actor("batches", handle, lambda action: log.append(action), on_batch_end=lambda: log.append("|"), max_batch=4)
+    gate = threading.Event()
+    actor.call(lambda: gate.wait(10))
+    for i in range(6):
+        actor.submit(functools.partial(lambda i, now: i, i))
+    actor.start()
+    gate.set()
+    wait_until(lambda: len(handled) == 6, 10, "six events")
+    actor.stop()
+    # the call and 3 events, then the other 3: each batch ends once, after its actions
+    assert log == ["act0", "act1", "act2", "|", "act3", "act4", "act5", "|"]
+    # stop(drain=False): queued work is abandoned, the batch in hand still ends
+    slow = Actor("backlog", handle, lambda action: time.sleep(0.01), on_batch_end=lambda: log.append("end"), max_batch=4)
+    handled.clear()
+    for i in range(1000):
+        slow.submit(functools.partial(lambda i, now: i, i))
+    slow.start()
+    wait_until(lambda: len(handled) >= 1, 10, "the first batch to start")
+    t0 = time.monotonic()
+    slow.stop(drain=False)
+    assert time.monotonic() - t0 < 5 and len(handled) <= 8 and log[-1] == "end"
