@@ -8,58 +8,137 @@ Several regions, each with its own coordinator, exchange models with ``--peering
 
 ``--peers`` is the ring order (every coordinator lists the same ring). With a peering and
 no ``--strategy``, the strategy of the same name is used (spyker, nebula, hierfavg).
+
+Every flag can also come from the environment (``--state-dir`` is ``EDGECI_STATE_DIR``) or
+a TOML file (``--config``, key ``state_dir``; a ``[strategy]`` table holds the strategy's
+``name`` and parameters); flags win over the environment, which wins over the file
+(``deploy/edgeci-coordinator.toml.example``).
+
+Signals: SIGTERM / SIGINT stop cleanly; SIGHUP re-reads the config file and applies what
+can change live (log level and format; SPIN's k / timeout / combine) and logs, per key,
+what needs a restart. ``--metrics-port`` serves ``/metrics``, ``/healthz`` and ``/readyz``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import logging
+import os
 import signal
 import threading
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
+from coordinator.config import Layered, merge_strategy_params
 from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
+from coordinator.methods import resolve_names, split_params
+from coordinator.metrics import MetricsServer
 from coordinator.peering import PEERINGS
-from coordinator.strategies import strategy_names
-from edge_sdk.errors import ConfigError
+from coordinator.strategies import Strategy, strategy_names
+from coordinator.strategies.robust import COMBINERS
+from coordinator.strategies.spin import SpinNoTimeoutStrategy, SpinStrategy
+from edge_sdk.errors import ConfigError, EdgeciError
+from edge_sdk.mqtt import add_broker_arguments, auth_from_args
 
 log = logging.getLogger("edgeci.coordinator")
 
+CONFIG_LAYERS = "env+file"
+"""``edgeci`` resolves this command's flags from flags > EDGECI_* > --config file > defaults."""
+DEFAULT_LOG_LEVEL = "info"
+
+LIVE_STRATEGY_PARAMS: dict[type[Strategy], frozenset[str]] = {
+    SpinStrategy: frozenset({"k", "timeout_s", "combine", "server_lr"}),
+    SpinNoTimeoutStrategy: frozenset({"k", "combine", "server_lr"}),
+}
+"""Strategies whose config dataclass is read afresh on every decision, so that replacing it
+on the actor thread changes behaviour at once. A strategy may instead offer
+``reconfigure(**params) -> None`` (raising ConfigError for what it cannot change)."""
+
+# strategy parameter -> the flag (dest) that sets it; the file's [strategy] table loses to these
+STRATEGY_FLAGS = {"k": "k", "timeout_s": "timeout", "combine": "combine", **{p: p for p in (
+    "combiner", "clip_multiplier", "max_staleness", "sample_weight_cap")}}
+AVERAGING = ("spin", "spin-notimeout", "fedbuff", "port", "fedavg", "hierfavg")
+"""Strategies with robust aggregation (coordinator/strategies/robust.py)."""
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="MQTT broker URL")
+    p.add_argument("--config", type=Path, help="TOML config file (keys are the flags' names; a [strategy] table for the strategy's name and parameters); also EDGECI_CONFIG")
+    p.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="MQTT broker URL: mqtts://HOST[:8883] (TLS) in production, mqtt:// for trials on this machine")
+    add_broker_arguments(p)
     p.add_argument("--region", default="default", help="region id; devices of this region talk to this coordinator")
-    p.add_argument("--state-dir", type=Path, required=True, help="durable state: versions, pending updates (resumed on restart)")
+    p.add_argument("--state-dir", type=Path, help="durable state: versions, pending updates (resumed on restart); required")
     p.add_argument("--model", default="digits", help="task / model served")
     p.add_argument("--id", dest="coordinator_id", default="", help="coordinator id (default: coord-REGION)")
     p.add_argument("--strategy", default=None, choices=strategy_names(), help="aggregation strategy (default: spin, or the peering's own)")
     p.add_argument("--k", type=int, default=10, help="aggregate when K updates are buffered (SPIN, FedBuff)")
     p.add_argument("--timeout", type=float, default=30.0, help="SPIN timeout π in seconds")
-    p.add_argument("--combine", choices=["models", "deltas"], default="models", help="SPIN: average the buffered models (the paper's rule, default) or apply each update's delta from its own base version (faster on digits, unstable with stale detection updates)")
+    p.add_argument("--param", action="append", default=None, metavar="NAME=VALUE", help="a strategy or peering parameter by its config name (repeatable; e.g. --param k=10 --param phi=2); the named flags are aliases")
+    p.add_argument("--combine", choices=["models", "deltas"], default="models", help="SPIN: average the buffered models (the paper's rule) or apply each update's delta from its own base version (faster on digits, unstable with stale detection updates)")
+    r = p.add_argument_group("robust aggregation (spin, fedbuff, port, fedavg, hierfavg)")
+    r.add_argument("--combiner", choices=list(COMBINERS), help="combine the buffer by weighted mean (default), coordinate-wise median, trimmed mean, krum or multi-krum")
+    r.add_argument("--clip-multiplier", type=float, help="clip each update's change to this × the median recent change norm (default 3; 0 disables)")
+    r.add_argument("--max-staleness", type=int, help="drop updates staler than this many versions (default: keep all)")
+    r.add_argument("--sample-weight-cap", type=float, help="clamp an update's sample-count weight to this × the median recent claim (default 4; 0 disables)")
     p.add_argument("--full-sync-every", type=int, default=0, metavar="T", help="LASP: full model every T versions, classifier-only versions (and device traffic) in between; 0 = off")
     p.add_argument("--init", type=Path, help="deployed model file (.npz from `edgeci pretrain`) for an empty state dir")
     p.add_argument("--encoding", choices=["f4", "f2", "i1"], default="f4", help="tensor encoding of models sent to devices")
     p.add_argument("--epochs", type=float, help="training hint sent to devices: local epochs")
     p.add_argument("--lr", type=float, help="training hint sent to devices: learning rate")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the coordinator's random choices (and of the pretrained model)")
+    gate = p.add_argument_group("release gate (what devices predict with)")
+    gate.add_argument("--validation", type=Path, help="validation set (.npz with x and y): every new version is a candidate, "
+                      "released only if its accuracy there is not worse than the release's by more than --gate-margin; "
+                      "a worse one is rejected and the training line rolled back. Default: no gate, every version is released")
+    gate.add_argument("--gate-margin", type=float, default=0.02, help="accuracy a candidate may lose against the release and still be promoted")
+    gate.add_argument("--rollback-margin", type=float, default=0.10, help="a candidate worse than the release by more than this is "
+                      "rejected and the training line rolled back; between the two margins it is held (not released, training goes on)")
+    gate.add_argument("--operator-keys", type=Path, help="folder of operator *.pub keys that may sign rollback/pin commands "
+                      "(besides this coordinator's own signing key)")
+    o = p.add_argument_group("operations")
+    o.add_argument("--metrics-port", type=int, default=0, help="serve /metrics, /healthz and /readyz on this port; 0 = off")
+    o.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics server binds")
+    o.add_argument("--status-interval", type=float, default=30.0, help="republish the retained status at least every this many seconds (liveness for `edgeci status`)")
     g = p.add_argument_group("peering between regional coordinators")
     g.add_argument("--peering", default="none", choices=PEERINGS, help="model exchange with other coordinators")
     g.add_argument("--peers", default="", help="comma-separated coordinator ids in ring order, this one included")
-    g.add_argument("--eta", type=float, help="spyker: server rate η_i for client updates (0.6)")
-    g.add_argument("--decay-beta", type=float, help="spyker: client learning-rate decay β (0.05)")
+    g.add_argument("--eta", type=float, help="spyker: server rate η_i for client updates (default 0.6)")
+    g.add_argument("--decay-beta", type=float, help="spyker: client learning-rate decay β (default 0.05)")
     g.add_argument("--h-inter", type=float, help="spyker: age-spread trigger (default n_clients / 5n)")
-    g.add_argument("--h-intra", type=float, help="spyker: own-age trigger since the last sync (350)")
-    g.add_argument("--phi", type=float, help="spyker: sigmoid activation φ (1.5)")
-    g.add_argument("--eta-a", type=float, help="spyker: server aggregation rate η_a (0.6)")
+    g.add_argument("--h-intra", type=float, help="spyker: own-age trigger since the last sync (default 350)")
+    g.add_argument("--phi", type=float, help="spyker: sigmoid activation φ (default 1.5)")
+    g.add_argument("--eta-a", type=float, help="spyker: server aggregation rate η_a (default 0.6)")
     g.add_argument("--n-clients", type=int, help="spyker: total clients for the default h_inter")
-    g.add_argument("--beacon", type=float, help="spyker: seconds between beats (1.0)")
-    g.add_argument("--token-timeout", type=float, help="spyker: regenerate the token after this silence (5.0)")
-    g.add_argument("--stagger", type=float, help="spyker: extra wait per ring rank when regenerating (1.0)")
+    g.add_argument("--beacon", type=float, help="spyker: seconds between beats (default 1.0)")
+    g.add_argument("--token-timeout", type=float, help="spyker: regenerate the token after this silence (default 5.0)")
+    g.add_argument("--stagger", type=float, help="spyker: extra wait per ring rank when regenerating (default 1.0)")
     g.add_argument("--sync-timeout", type=float, help="spyker / hierfavg: stop waiting for peers' models after this long")
-    g.add_argument("--rotation", type=float, help="nebula: rotation interval t_c in seconds (60)")
-    g.add_argument("--planets", type=int, help="nebula: planet models per coordinator (4)")
+    g.add_argument("--rotation", type=float, help="nebula: rotation interval t_c in seconds (default 60)")
+    g.add_argument("--planets", type=int, help="nebula: planet models per coordinator (default 4)")
     g.add_argument("--cloud", help="hierfavg: the coordinator that averages the edges (default: first of --peers)")
-    g.add_argument("--kappa2", type=int, help="hierfavg: edge rounds per cloud round (2)")
+    g.add_argument("--kappa2", type=int, help="hierfavg: edge rounds per cloud round (default 2)")
+
+
+def parse_params(items: Iterable[str]) -> dict[str, object]:
+    """``--param NAME=VALUE`` items: VALUE read as a TOML value (10, 1.5, true, "x"),
+    ``none`` as None, anything else as a string; the config dataclasses validate."""
+    out: dict[str, object] = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        name, raw = name.strip(), raw.strip()
+        if not sep or not name.isidentifier():
+            raise ConfigError(f"--param expects NAME=VALUE, got {item!r}")
+        if raw.lower() in ("none", "null"):
+            out[name] = None
+            continue
+        try:
+            out[name] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[name] = raw
+    return out
 
 
 def _given(args: argparse.Namespace, pairs: tuple[tuple[str, str], ...]) -> dict[str, object]:
@@ -67,9 +146,10 @@ def _given(args: argparse.Namespace, pairs: tuple[tuple[str, str], ...]) -> dict
     return {param: getattr(args, attr) for param, attr in pairs if getattr(args, attr, None) is not None}
 
 
-def options_from(args: argparse.Namespace) -> CoordinatorOptions:
-    peering = args.peering
-    strategy = args.strategy or (peering if peering in ("spyker", "nebula", "hierfavg") else "spin")
+def options_from(args: argparse.Namespace, layered: Layered | None = None) -> CoordinatorOptions:
+    if getattr(args, "state_dir", None) is None:
+        raise ConfigError("--state-dir is required (or EDGECI_STATE_DIR, or state_dir in the --config file)")
+    strategy, peering = resolve_names(args.strategy, args.peering)  # e.g. --strategy spyker brings its peering
     params: dict[str, object] = {}
     if strategy in ("spin", "spin-notimeout", "fedbuff", "port"):
         params["k"] = args.k
@@ -80,6 +160,12 @@ def options_from(args: argparse.Namespace) -> CoordinatorOptions:
         params.update(_given(args, (("eta", "eta"), ("decay_beta", "decay_beta"), ("lr_init", "lr"))))
     elif strategy == "nebula":
         params.update(_given(args, (("planets", "planets"), ("t_c", "rotation"))))
+    if strategy in AVERAGING:
+        params.update(_given(args, tuple((k, k) for k in ("combiner", "clip_multiplier", "max_staleness", "sample_weight_cap"))))
+    if layered is not None and layered.strategy_params:
+        params = merge_strategy_params(params, layered.strategy_params, STRATEGY_FLAGS, layered)
+    params.update(parse_params(getattr(args, "param", None) or ()))
+    params, generic_peer_params = split_params(strategy, peering, params, strict=False)  # [strategy] / --param: by name
     peers = tuple(c.strip() for c in args.peers.split(",") if c.strip())
     if peering == "none" and peers:
         raise ConfigError("--peers needs --peering spyker|nebula|hierfavg")
@@ -93,7 +179,11 @@ def options_from(args: argparse.Namespace) -> CoordinatorOptions:
         peer_params = _given(args, (("t_c", "rotation"),))
     elif peering == "hierfavg":
         peer_params = _given(args, (("cloud", "cloud"), ("kappa2", "kappa2"), ("sync_timeout_s", "sync_timeout")))
+    peer_params.update(generic_peer_params)
     hints = {k: float(v) for k, v in (("epochs", args.epochs), ("lr", args.lr)) if v is not None}
+    interval = float(getattr(args, "status_interval", 30.0))
+    if not interval > 0:
+        raise ConfigError("--status-interval must be > 0")
     return CoordinatorOptions(
         broker=args.broker,
         region=args.region,
@@ -110,27 +200,207 @@ def options_from(args: argparse.Namespace) -> CoordinatorOptions:
         peers=peers,
         peering_params=peer_params,
         full_sync_every=args.full_sync_every,
+        validation=getattr(args, "validation", None),
+        gate_margin=getattr(args, "gate_margin", 0.02),
+        rollback_margin=getattr(args, "rollback_margin", 0.10),
+        operator_keys_dir=getattr(args, "operator_keys", None),
+        status_interval_s=interval,
+        auth=auth_from_args(args),
+        bundle=args.bundle,
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    if not logging.getLogger().isEnabledFor(logging.INFO):
-        logging.getLogger("edgeci").setLevel(logging.INFO)
-        if not logging.getLogger().handlers:
-            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    daemon = CoordinatorDaemon(options_from(args))
+# ---------------------------------------------------------------------- SIGHUP
+
+
+_SECRET_FIELDS = frozenset({"auth"})
+"""CoordinatorOptions fields whose values never appear in a log line."""
+
+
+def reconfigure_strategy(strategy: Strategy, changes: Mapping[str, Any]) -> None:
+    """Apply strategy parameter ``changes`` live, or raise ConfigError naming what cannot be.
+    Call on the actor thread (the strategy belongs to the core)."""
+    hook = getattr(strategy, "reconfigure", None)
+    if callable(hook):
+        hook(**changes)
+        return
+    live = LIVE_STRATEGY_PARAMS.get(type(strategy), frozenset())
+    fixed = sorted(set(changes) - live)
+    if fixed:
+        raise ConfigError(f"strategy {strategy.name!r} cannot change {', '.join(fixed)} while running")
+    config = getattr(strategy, "config", None)
+    if config is None or not dataclasses.is_dataclass(config):
+        raise ConfigError(f"strategy {strategy.name!r} has no config to change")
+    try:
+        new = dataclasses.replace(config, **changes)  # type: ignore[type-var]  # validates in __post_init__
+    except TypeError as exc:
+        raise ConfigError(f"strategy {strategy.name!r}: {exc}") from exc
+    strategy.config = new  # type: ignore[attr-defined]
+
+
+def _on_actor(daemon: CoordinatorDaemon, fn: Callable[[], None], timeout: float = 10.0) -> None:
+    """Run ``fn`` on the daemon's actor thread and wait for it; re-raise its error here."""
     done = threading.Event()
+    errors: list[BaseException] = []
 
-    def _stop(signum: int, frame: object) -> None:
-        log.info("signal %d: shutting down", signum)
-        done.set()
+    def call() -> None:
+        try:
+            fn()
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            done.set()
 
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    daemon.start()
-    print(f"coordinator {daemon.coordinator_id} ready: region {args.region}, version {daemon.core.version}, "
-          f"peering {daemon.options.peering}", flush=True)
-    done.wait()
-    daemon.stop()
+    daemon.actor.call(call)
+    if not done.wait(timeout):
+        raise ConfigError(f"the coordinator did not apply the change within {timeout:.0f} s (busy); try again")
+    if errors:
+        raise errors[0]
+
+
+def reload(daemon: CoordinatorDaemon, layered: Layered,
+           resolve_again: Callable[[], Layered], apply_logging: Callable[[str | None, str | None], None]) -> Layered:
+    """SIGHUP: re-read the config file; apply what can change live, log what cannot. Never raises."""
+    try:
+        fresh = resolve_again()
+        new = options_from(fresh.args, fresh)
+    except (EdgeciError, OSError, ValueError) as exc:
+        log.error("SIGHUP: config not reloaded, keeping the running one: %s", exc)
+        return layered
+    old_args = layered.args
+    for key in ("log_level", "log_format"):
+        before, after = getattr(old_args, key, None), getattr(fresh.args, key, None)
+        if after != before:
+            apply_logging(fresh.args.log_level, fresh.args.log_format)
+            log.warning("SIGHUP: %s changed from %s to %s", key, before, after)
+    current = daemon.options
+    changes = {k: v for k, v in new.strategy_params.items() if current.strategy_params.get(k) != v}
+    removed = sorted(set(current.strategy_params) - set(new.strategy_params))
+    for k in removed:
+        log.warning("SIGHUP: cannot reload strategy parameter %s (removed) without a restart", k)
+    if changes:
+        strategy = daemon.core.strategy
+
+        def apply() -> None:
+            reconfigure_strategy(strategy, changes)
+            daemon.actor.run_actions(daemon.core.start(daemon.clock.now()))  # re-plan, re-arm, new status
+
+        try:
+            _on_actor(daemon, apply)
+        except (EdgeciError, ValueError) as exc:
+            for k in sorted(changes):
+                log.warning("SIGHUP: cannot reload strategy parameter %s without a restart (%s)", k, exc)
+        else:
+            current = dataclasses.replace(current, strategy_params={**current.strategy_params, **changes})
+            daemon.options = current
+            for k, v in sorted(changes.items()):
+                log.warning("SIGHUP: strategy parameter %s is now %r", k, v)
+    for f in dataclasses.fields(CoordinatorOptions):
+        if f.name == "strategy_params":
+            continue
+        if getattr(new, f.name) != getattr(current, f.name):
+            if f.name in _SECRET_FIELDS:  # never log credentials
+                log.warning("SIGHUP: cannot reload %s without a restart", f.name)
+            else:
+                log.warning("SIGHUP: cannot reload %s without a restart (running %r, file says %r)",
+                            f.name, getattr(current, f.name), getattr(new, f.name))
+    metrics_keys = ("metrics_port", "metrics_host")
+    for key in metrics_keys:
+        if getattr(fresh.args, key, None) != getattr(old_args, key, None):
+            log.warning("SIGHUP: cannot reload %s without a restart", key)
+    log.info("SIGHUP: config reloaded%s", f" from {fresh.config_path}" if fresh.config_path else " (no config file)")
+    return fresh
+
+
+# ---------------------------------------------------------------------- run
+
+
+def _shutdown(daemon: CoordinatorDaemon) -> None:
+    """SIGTERM is served before queued work: stop without draining the inbox (what is not
+    acknowledged yet is retried by the devices), where the daemon offers it."""
+    stop: Callable[..., None] = daemon.stop
+    if "drain" in inspect.signature(stop).parameters:
+        stop(drain=False)
+    else:
+        stop()
+
+
+def _probes(daemon: CoordinatorDaemon) -> tuple[Callable[[], tuple[bool, dict[str, Any]]], Callable[[], tuple[bool, dict[str, Any]]]]:
+    def health() -> tuple[bool, dict[str, Any]]:
+        alive = daemon.actor.alive
+        return alive, {"actor_alive": alive, "coordinator": daemon.coordinator_id}
+
+    def ready() -> tuple[bool, dict[str, Any]]:
+        snap = daemon.metrics.snapshot
+        storage_ok = bool(snap.extra.get("storage_ok", True)) if snap is not None else False
+        connected = daemon.transport.connected
+        why = [w for w, bad in (("not connected to the broker", not connected), ("storage is failing", not storage_ok),
+                                ("actor thread is dead", not daemon.actor.alive), ("not started", snap is None)) if bad]
+        detail: dict[str, Any] = {"broker_connected": connected, "storage_ok": storage_ok, "why": why}
+        if snap is not None:
+            detail["storage_detail"] = snap.extra.get("storage_detail", "")
+            detail["version"] = snap.version
+        return not why, detail
+
+    return health, ready
+
+
+def run(args: argparse.Namespace) -> int:
+    layered: Layered = getattr(args, "_layered", None) or Layered(args=args)
+    resolve_again: Callable[[], Layered] | None = getattr(args, "_resolve_again", None)
+    apply_logging: Callable[[str | None, str | None], None] = getattr(args, "_apply_logging", lambda level, fmt: None)
+    # Signals arrive as bytes on a pipe (set_wakeup_fd): no lock is taken inside a handler,
+    # and SIGHUP is handled on this thread, where it can never kill the process.
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    previous_fd = signal.set_wakeup_fd(wake_w)
+    previous = {sig: signal.signal(sig, _ignore) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        return _serve(args, layered, resolve_again, apply_logging, wake_r)
+    finally:
+        signal.set_wakeup_fd(previous_fd)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        os.close(wake_r)
+        os.close(wake_w)
+
+
+def _ignore(signum: int, frame: object) -> None:
+    """The wakeup fd carries the signal; the Python-level handler has nothing to do."""
+
+
+def _serve(args: argparse.Namespace, layered: Layered, resolve_again: Callable[[], Layered] | None,
+           apply_logging: Callable[[str | None, str | None], None], wake_fd: int) -> int:
+    options = options_from(args, layered)
+    if layered.config_path is not None:
+        log.info("config file %s", layered.config_path)
+    from_env = sorted(k for k, v in layered.sources.items() if v == "env")
+    if from_env:
+        log.info("from the environment: %s", ", ".join(from_env))
+    daemon = CoordinatorDaemon(options)
+    server: MetricsServer | None = None
+    try:
+        if args.metrics_port:
+            health, ready = _probes(daemon)
+            server = MetricsServer(daemon.metrics, args.metrics_host, args.metrics_port, health=health, ready=ready).start()
+        daemon.start()
+        print(f"coordinator {daemon.coordinator_id} ready: region {options.region}, version {daemon.core.version}, "
+              f"peering {daemon.options.peering}", flush=True)
+        stop = False
+        while not stop:
+            for signum in os.read(wake_fd, 64):
+                if signum == signal.SIGHUP:
+                    if resolve_again is None:
+                        log.warning("SIGHUP: nothing to reload (no config resolver)")
+                    else:
+                        layered = reload(daemon, layered, resolve_again, apply_logging)
+                elif signum in (signal.SIGTERM, signal.SIGINT):
+                    log.info("signal %s: shutting down", signal.Signals(signum).name)
+                    stop = True
+                    break
+    finally:
+        _shutdown(daemon)
+        if server is not None:
+            server.stop()
     log.info("stopped cleanly at version %d", daemon.core.version)
     return 0

@@ -7,7 +7,13 @@ flat float32 ``weights``. Devices talk to it over per-device topics (``edge_sdk.
 
 * A **pull** is answered with the current model (``reply_to`` = the pull's seq), unless the
   strategy defers it (server-driven strategies); deferred devices are later *invited* and
-  pull again.
+  pull again. A pull that names an invitation is served only if this coordinator sent that
+  invitation to that device and it is unused; a *serving* pull (``serve``: the device wants
+  a model to predict with) is always answered and never counts as training. A device that
+  already holds the current version gets an ``unchanged`` reply without weights. Model
+  replies are rate-limited per device (a token bucket): a flood from one client costs a
+  decode each and nothing else. Each (version, group, encoding) is encoded once; every
+  reply only builds and signs its small header (``CoordinatorConfig.signer``).
 * An **update** is validated (topic ↔ device id, model id, base version ≤ current version,
   shape against the spec, finite values). A bad one is rejected with a typed reason,
   counted, answered with ``Ack(rejected)`` when its sender is known, and never applied.
@@ -15,7 +21,25 @@ flat float32 ``weights``. Devices talk to it over per-device topics (``edge_sdk.
   strictly increasing ``seq``, so the per-device watermark ``accepted_upto[device]`` is an
   exact, bounded encoding of "the set of accepted update keys": an update with
   ``seq <= accepted_upto[device]`` is a duplicate (QoS 1 redelivery or a retry) and is
-  acknowledged again as ``duplicate`` without being applied.
+  acknowledged again as ``duplicate`` without being applied; the ack echoes the accepted
+  update's ``nonce`` so the device can tell its own update from a forged one. An update
+  whose seq jumps more than ``max_seq_jump`` above the device's watermark (or, for a device
+  without one, above its last pull) is rejected (``seq_jump``) and moves nothing; so is one
+  claiming more than ``max_samples_per_update`` samples (``n_samples``).
+* Release gate (``CoordinatorConfig.gate``, see :mod:`coordinator.gate`): every commit is
+  a *candidate* on the training line; devices predict with the *release*. With a gate, the
+  core asks the driver to score each candidate against the release (``EvaluateCandidate``)
+  and promotes or rejects it on the answer (``CandidateEvaluated``); a rejection rolls the
+  training line back to the release as a new version. Without a gate every commit is the
+  release at once. Serving pulls get the release, training pulls the training line; every
+  model says which version is the release. ``RecordRelease`` makes each decision durable.
+* Operator control (``edgeci/v1/{region}/control``): ``rollback`` / ``pin`` / ``unpin``,
+  signed by an operator key (or this coordinator's own), fresh and never replayed. A
+  rollback asks the driver for the old weights (``LoadVersion``) and commits them as a new
+  version that is also the release.
+* Storage: when the driver reports ``StorageChanged(ok=False)`` updates are answered
+  ``Ack(deferred, reason="storage")`` and not persisted; pulls keep being served from the
+  last committed model. ``StorageChanged(ok=True)`` resumes accepting.
 * An accepted update is first persisted (``PersistUpdate``), *then* acknowledged: the
   driver performs actions in order, so nothing acknowledged is lost by a crash.
 * After every event the strategy's ``plan`` decides whether to aggregate now, whom to
@@ -29,10 +53,13 @@ flat float32 ``weights``. Devices talk to it over per-device topics (``edge_sdk.
 Transitions::
 
     Pull (valid)          serve → Publish(model)            | defer → Ack(deferred)
+    Pull (over the rate)  dropped, counted
     Update (valid, new)   PersistUpdate, Publish(ack accepted), then plan
-    Update (duplicate)    Publish(ack duplicate)
+    Update (storage down) Publish(ack deferred, reason storage)
+    Update (duplicate)    Publish(ack duplicate, nonce of the accepted one)
     Update (invalid)      Publish(ack rejected) if sender known; counted
     TimerFired            plan
+    StorageChanged        accept / stop accepting updates
     plan.aggregate        CommitVersion(version + 1), Publish(status, retained)
     plan.invite           Publish(invite) per device
     plan.wake_at          ScheduleTimer
@@ -48,23 +75,87 @@ from typing import Any
 
 import numpy as np
 
+from coordinator.gate import Gate, GateConfig
 from coordinator.peering.base import BROADCAST, Peering, PeerPlan
 from coordinator.strategies.base import BufferedUpdate, Plan, Strategy
 from edge_sdk.core.events import MessageReceived, Notify, Publish, ScheduleTimer, TimerFired
 from edge_sdk.errors import (
+    BadSignature,
     ConfigError,
     LocalProtocolError,
+    MalformedMessage,
+    RateLimited,
     RemoteProtocolError,
+    ReplayedMessage,
+    SeqJump,
+    TooManyDevices,
+    TooManySamples,
     TopicMismatch,
     UnknownModel,
     UnknownVersion,
+    UnsignedMessage,
 )
+from edge_sdk.signing import Signer, verify
 from edge_sdk.spec import FULL, ModelSpec, Vector
 from edge_sdk.wire import topics
-from edge_sdk.wire.codec import DEFAULT_MAX_BYTES, Encoding, decode, encode, status_json
-from edge_sdk.wire.messages import Ack, Invite, Message, ModelMsg, PeerMsg, Pull, Status, Update
+from edge_sdk.wire.codec import (
+    DEFAULT_MAX_BYTES,
+    EncodedTensor,
+    Encoding,
+    SignatureInfo,
+    decode,
+    decode_frame,
+    encode,
+    encode_spliced,
+    status_json,
+)
+from edge_sdk.wire.messages import (
+    NO_VERSION,
+    UNCHANGED,
+    Ack,
+    Control,
+    Invite,
+    Message,
+    ModelMsg,
+    PeerMsg,
+    Pull,
+    Status,
+    Update,
+)
 
-CoordinatorEvent = MessageReceived | TimerFired
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StorageChanged:
+    """The driver found its storage failing (``ok=False``) or working again (``ok=True``)."""
+
+    now: float
+    ok: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CandidateEvaluated:
+    """The driver scored candidate ``version`` and the release on the validation set."""
+
+    now: float
+    version: int
+    candidate_metric: float
+    release_metric: float
+    release_version: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VersionLoaded:
+    """The driver read an old version's weights for a rollback / pin (None: unreadable)."""
+
+    now: float
+    version: int
+    weights: Vector | None
+    command: str
+    detail: str = ""
+
+
+CoordinatorEvent = MessageReceived | TimerFired | StorageChanged | CandidateEvaluated | VersionLoaded
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -85,7 +176,39 @@ class CommitVersion:
     metadata: Mapping[str, Any]
 
 
-CoordinatorAction = Publish | ScheduleTimer | PersistUpdate | CommitVersion | Notify
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EvaluateCandidate:
+    """Score ``weights`` (candidate ``version``) and the release's on the validation set."""
+
+    version: int
+    weights: Vector
+    release_version: int
+    release_weights: Vector
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecordRelease:
+    """Durably record a gate decision or operator action and the release it leaves."""
+
+    release: int
+    pinned: bool
+    event: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoadVersion:
+    """Read version ``version``'s weights from the registry and answer ``VersionLoaded``."""
+
+    version: int
+    command: str
+
+
+CoordinatorAction = Publish | ScheduleTimer | PersistUpdate | CommitVersion | Notify | EvaluateCandidate | RecordRelease | LoadVersion
+PRESENCE_LIMIT = 10_000
+"""Devices whose presence (online flag, last seen) is tracked; the least recent are forgotten."""
+RECENT_DEVICES = 50
+"""Per-device rows in the status (the most recently seen)."""
+_NO_WEIGHTS: Vector = np.zeros(0, dtype=np.float32)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -103,6 +226,27 @@ class CoordinatorConfig:
     """LASP (HFedMS): every T-th version is a full sync; versions in between change only
     ``partial_group`` and devices exchange only that group. 0 disables LASP."""
     partial_group: str = "classifier"
+    signer: Signer | None = None
+    """Signs every model and peer message (Ed25519). Devices refuse unsigned models."""
+    peer_keys: Mapping[str, bytes] = field(default_factory=dict)
+    """Trusted peer coordinators' public keys by key id; empty: pin each peer's first key."""
+    max_seq_jump: int = 100_000
+    """An update's seq may exceed the device's watermark (or last pull) by at most this."""
+    max_samples_per_update: int = 1_000_000
+    """Hard cap on the sample count an update may claim (robust weighting bounds the rest)."""
+    pull_burst: float = 8.0
+    pull_refill_s: float = 0.5
+    """Per-device token bucket for model replies: ``pull_burst`` at once, one more per
+    ``pull_refill_s`` seconds; pulls beyond it are dropped and counted (``rate_limited``)."""
+    max_devices: int = 1_000_000
+    """Devices tracked at once; messages from further new ids are rejected (memory bound)."""
+    status_interval_s: float = 0.25
+    """Publish the retained status at most this often (immediately when the version changes)."""
+    gate: GateConfig | None = None
+    """Promote candidates to the release only on evidence (None: every version is released)."""
+    operator_keys: Mapping[str, bytes] = field(default_factory=dict)
+    """Keys that may sign control commands, besides this coordinator's own signing key."""
+    control_max_age_s: float = 300.0
 
     def __post_init__(self) -> None:
         topics.check_id(self.region, "region")
@@ -115,6 +259,10 @@ class CoordinatorConfig:
             raise ConfigError("full_sync_every must be >= 0 (0 disables LASP)")
         if self.full_sync_every and self.partial_group not in self.spec.group_slices:
             raise ConfigError(f"LASP needs a {self.partial_group!r} layer group; {self.spec.model_id} has {self.spec.groups}")
+        if self.max_seq_jump < 1 or self.max_samples_per_update < 1 or self.max_devices < 1:
+            raise ConfigError("max_seq_jump, max_samples_per_update and max_devices must be >= 1")
+        if self.pull_burst < 1 or self.pull_refill_s < 0:
+            raise ConfigError("need pull_burst >= 1 and pull_refill_s >= 0")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -130,6 +278,15 @@ class Snapshot:
     counters: Mapping[str, int] = field(default_factory=dict)
     last_full_version: int = 0
     peer_state: Mapping[str, Any] = field(default_factory=dict)
+    recovered_from: Sequence[str] = ()
+    """Newer versions the registry could not read and skipped (shown in status)."""
+    version_floor: int = -1
+    """The highest version number that may exist: the next commit is numbered above it."""
+    release_version: int = -1
+    """The release (what devices predict with); -1: the snapshot's version."""
+    release_weights: Vector | None = None
+    pinned: bool = False
+    gate_history: Sequence[Mapping[str, Any]] = ()
 
 
 class CoordinatorCore:
@@ -153,23 +310,55 @@ class CoordinatorCore:
         spec = config.spec
         self._weights = np.array(spec.check(np.asarray(snapshot.weights, dtype=np.float32)), copy=True)
         self._version = int(snapshot.version)
+        self._version_floor = int(snapshot.version_floor)
+        self._recovered_from = tuple(snapshot.recovered_from)
         self._history: dict[int, Vector] = {self._version: self._weights}
+        if snapshot.release_version >= 0 and snapshot.release_weights is not None and snapshot.release_version != self._version:
+            self._release_version = int(snapshot.release_version)
+            self._release_weights = np.array(spec.check(np.asarray(snapshot.release_weights, dtype=np.float32)), copy=True)
+            self._history[self._release_version] = self._release_weights
+        else:
+            self._release_version, self._release_weights = self._version, self._weights
+        self._pinned = bool(snapshot.pinned)
+        self._gate = Gate(config.gate) if config.gate is not None else None
+        self._gate_history: list[dict[str, Any]] = [dict(h) for h in snapshot.gate_history][-20:]
+        self._candidate_devices: dict[int, tuple[str, ...]] = {}
+        self._control_seen: dict[tuple[str, int], float] = {}
+        self._pending_actions: list[CoordinatorAction] = []
         self._applied_upto: dict[str, int] = dict(snapshot.applied_upto)
         self._accepted_upto: dict[str, int] = dict(snapshot.applied_upto)
         self._buffer: list[BufferedUpdate] = []
         self._first_buffered_at: float | None = None
         self._last_aggregation_at = float(snapshot.last_aggregation_at)
         self._devices: dict[str, None] = dict.fromkeys(snapshot.devices_seen)
+        # Presence (MQTT last will) and last seen, ordered by recency; bookkeeping only, never
+        # an input to protocol decisions. device -> (online or None if unknown, last seen, version)
+        self._presence: dict[str, tuple[bool | None, float, int]] = {}
+        self._online: set[str] = set()
         self._deferred: dict[str, float] = {}
+        self._invites: dict[str, int] = {}
         self._invite_round = 0
+        self._last_nonce: dict[str, tuple[int, int]] = {}
+        self._last_pull_seq: dict[str, int] = {}
+        self._tokens: dict[str, tuple[float, float]] = {}
+        self._encoded: dict[tuple[Any, ...], bytes] = {}
+        self._tensors: dict[tuple[int, str, str], EncodedTensor] = {}
+        self._peer_pins: dict[str, bytes] = {}
+        self._storage_ok = True
+        self._storage_detail = ""
+        # The decoder's cap follows the model: a full model plus header room, never more.
+        self._max_bytes = min(config.max_message_bytes, 4 * config.spec.size + (1 << 20))
         self._wake_at: float | None = None
         self._status_dirty = False
+        self._status_next_at = float("-inf")
+        self._status_version = self._version
         self.counters: Counter[str] = Counter(snapshot.counters)
         self.staleness_hist: Counter[int] = Counter()
         for u in sorted(snapshot.buffer, key=lambda u: (u.arrived_at, u.device, u.seq)):
             if u.seq <= self._applied_upto.get(u.device, -1):
                 continue  # applied by the last commit; its file outlived the crash
             self._buffer_update(u)
+            self.strategy.on_restore(self, u)  # averaging strategies rebuild their fold
 
     # ------------------------------------------------------------------ view (for strategies)
 
@@ -184,6 +373,11 @@ class CoordinatorCore:
     @property
     def weights(self) -> Vector:
         return self._weights
+
+    @property
+    def release(self) -> tuple[int, Vector]:
+        """The release: the version (and weights) devices predict with."""
+        return self._release_version, self._release_weights
 
     @property
     def buffer(self) -> Sequence[BufferedUpdate]:
@@ -214,7 +408,8 @@ class CoordinatorCore:
 
     def subscriptions(self) -> list[str]:
         r = self.config.region
-        subs = [topics.device_filter(r, "pull"), topics.device_filter(r, "update")]
+        subs = [topics.device_filter(r, "pull"), topics.device_filter(r, "update"), topics.device_filter(r, "presence"),
+                topics.control_topic(r)]
         if self.peering.name != "none":
             subs += [topics.peer_filter(self.config.coordinator_id), topics.peer_filter(BROADCAST)]
         return subs
@@ -254,6 +449,27 @@ class CoordinatorCore:
                 "peering": self.peering.describe(),
                 "full_sync_every": self.config.full_sync_every,
                 "last_full_version": self._last_full_version,
+                "release": self._release_version,
+                "training_version": self._version,
+                "pinned": self._pinned,
+                "gate": None if self._gate is None else {
+                    "margin": self._gate.config.margin,
+                    "pending": sorted(self._gate.pending),
+                    "promoted": c["gate_promoted"],
+                    "held": c["gate_held"],
+                    "rejected": c["gate_rejected"],
+                    "rejected_devices": c["rejected_devices"],
+                    "rolled_back_updates": c["rolled_back_updates"],
+                },
+                "recent_versions": self._gate_history[-10:],
+                "storage_ok": self._storage_ok,
+                "storage_detail": self._storage_detail,
+                "recovered_from": list(self._recovered_from),
+                **self._presence_status(),
+                "pulls_serving": c["pulls_serving"],
+                "pulls_unchanged": c["pulls_unchanged"],
+                "signed": self.config.signer is not None,
+                "signing_key": self.config.signer.kid if self.config.signer is not None else "",
             },
         )
 
@@ -261,21 +477,38 @@ class CoordinatorCore:
 
     def start(self, now: float) -> list[CoordinatorAction]:
         """Announce status and re-arm timers after (re)start."""
-        return [*self._after(now), self._status_action()]
+        return [*self._after(now), self._status_action(now)]
 
     def handle(self, event: CoordinatorEvent) -> list[CoordinatorAction]:
         if isinstance(event, MessageReceived):
             actions = self._on_message(event)
+        elif isinstance(event, StorageChanged):
+            actions = []
+            if event.ok != self._storage_ok:
+                self._storage_ok, self._storage_detail = event.ok, "" if event.ok else event.detail[:200]
+                self.counters["storage_failures" if not event.ok else "storage_recoveries"] += 1
+                self._status_dirty = True
+                actions.append(Notify(kind="storage", data={"ok": event.ok, "detail": event.detail[:200]}))
         elif isinstance(event, TimerFired):
             # The driver's timer is consumed: re-arm whatever is still pending, even if the
             # wake-up came a little early (monotonic vs wall clock) and the time is unchanged.
             self._wake_at = None
             actions = []
+        elif isinstance(event, CandidateEvaluated):
+            actions = self._on_evaluated(event)
+        elif isinstance(event, VersionLoaded):
+            actions = self._on_version_loaded(event)
         else:
             raise LocalProtocolError(f"CoordinatorCore cannot handle {type(event).__name__}")
-        actions += self._after(event.now)
-        if self._status_dirty:
-            actions.append(self._status_action())
+        now = event.now
+        if self._status_dirty and (now >= self._status_next_at or self._version != self._status_version):
+            actions.append(self._status_action(now))  # a new version is announced at once
+        actions += self._after(now)
+        if self._pending_actions:  # evaluations and release records asked for by commits
+            actions += self._pending_actions
+            self._pending_actions = []
+        if self._status_dirty and (self._version != self._status_version):
+            actions.append(self._status_action(now))
         return actions
 
     # ------------------------------------------------------------------ messages
@@ -289,10 +522,15 @@ class CoordinatorCore:
             parsed = topics.parse(ev.topic)
             if parsed.kind == "peer":
                 return self._on_peer(ev)
+            if parsed.kind == "control" and parsed.region == self.config.region:
+                return self._on_control(ev)
             if parsed.kind != "device" or parsed.region != self.config.region:
                 raise TopicMismatch(f"not one of this region's device topics: {ev.topic[:120]!r}")
             leaf = parsed.leaf
-            msg = decode(ev.payload, max_bytes=self.config.max_message_bytes)
+            if leaf == "presence":
+                return self._on_presence(parsed.device, ev.payload, ev.now)
+            msg = decode(ev.payload, max_bytes=self._max_bytes)
+            self._track(parsed.device, None, msg, ev.now)
             device = parsed.device
             if isinstance(msg, Pull | Update):
                 seq = msg.seq
@@ -303,6 +541,8 @@ class CoordinatorCore:
     def _dispatch(self, device: str, leaf: str, msg: Message, now: float) -> list[CoordinatorAction]:
         if getattr(msg, "device", device) != device:
             raise TopicMismatch(f"message claims device {getattr(msg, 'device', '')!r} on {device!r}'s topic")
+        if device not in self._devices and len(self._devices) >= self.config.max_devices:
+            raise TooManyDevices(f"already tracking {len(self._devices)} devices")
         if leaf == "pull" and isinstance(msg, Pull):
             return self._on_pull(msg, now)
         if leaf == "update" and isinstance(msg, Update):
@@ -313,6 +553,8 @@ class CoordinatorCore:
         self.counters["rejected" if leaf == "update" else "messages_rejected"] += 1
         self.counters[f"reject:{exc.reason}"] += 1
         self._status_dirty = True
+        if isinstance(exc, RateLimited):
+            return []  # a flood must not turn into a flood of notifications
         actions: list[CoordinatorAction] = [
             Notify(kind="rejected", data={"reason": exc.reason, "detail": str(exc)[:200], "device": device})
         ]
@@ -321,19 +563,92 @@ class CoordinatorCore:
             actions.append(self._publish(topics.device_topic(self.config.region, device, "ack"), encode(ack)))
         return actions
 
+    def _on_presence(self, device: str, payload: bytes, now: float) -> list[CoordinatorAction]:
+        """A device's retained ``online`` / ``offline`` (its last will); empty clears it."""
+        if payload not in (b"online", b"offline", b""):
+            raise MalformedMessage(f"presence must be 'online' or 'offline', got {payload[:20]!r}")
+        if payload == b"":
+            self._presence.pop(device, None)
+            if device in self._online:
+                self._online.discard(device)
+                self._status_dirty = True
+            return []
+        online = payload == b"online"
+        if online != (device in self._online):
+            self._status_dirty = True
+        self._track(device, online, None, now)
+        return []
+
+    def _track(self, device: str, online: bool | None, msg: Message | None, now: float) -> None:
+        """Presence bookkeeping: online flag (None keeps it), last seen, the version it runs."""
+        old_online, _, version = self._presence.pop(device, (None, 0.0, NO_VERSION))
+        if isinstance(msg, Pull) and msg.have_version != NO_VERSION:
+            version = msg.have_version
+        elif isinstance(msg, Update):
+            version = msg.base_version
+        flag = old_online if online is None else online
+        self._presence[device] = (flag, now, version)
+        if flag:
+            self._online.add(device)
+        else:
+            self._online.discard(device)
+        while len(self._presence) > PRESENCE_LIMIT:
+            oldest = next(iter(self._presence))
+            del self._presence[oldest]
+            self._online.discard(oldest)
+
+    @property
+    def presence(self) -> Mapping[str, tuple[bool | None, float, int]]:
+        """``{device: (online or None, last seen, version it runs or -1)}``, least recent first."""
+        return dict(self._presence)
+
+    def _presence_status(self) -> dict[str, Any]:
+        recent: list[dict[str, Any]] = []
+        for device, (online, seen, version) in reversed(self._presence.items()):
+            if len(recent) >= RECENT_DEVICES:
+                break
+            recent.append({"id": device, "online": online, "last_seen": seen, "version": version})
+        return {"devices_online": len(self._online), "devices_tracked": len(self._presence), "devices": recent}
+
     def _see(self, device: str) -> None:
         if device not in self._devices:
             self._devices[device] = None
             self._status_dirty = True
 
+    def _take_token(self, device: str, now: float) -> None:
+        """Per-device token bucket for replies; raises ``RateLimited`` when it is empty."""
+        cfg = self.config
+        tokens, last = self._tokens.get(device, (cfg.pull_burst, now))
+        if cfg.pull_refill_s > 0:
+            tokens = min(cfg.pull_burst, tokens + max(0.0, now - last) / cfg.pull_refill_s)
+        else:
+            tokens = cfg.pull_burst
+        if tokens < 1.0:
+            self._tokens[device] = (tokens, now)
+            raise RateLimited(f"{device} pulls faster than one per {cfg.pull_refill_s} s")
+        self._tokens[device] = (tokens - 1.0, now)
+
     def _on_pull(self, msg: Pull, now: float) -> list[CoordinatorAction]:
         if msg.model_id != self.config.spec.model_id:
             raise UnknownModel(f"this coordinator serves {self.config.spec.model_id!r}, not {msg.model_id!r}")
+        ref = self._accepted_upto.get(msg.device, self._last_pull_seq.get(msg.device))
+        if ref is not None and msg.seq > ref + self.config.max_seq_jump:
+            raise SeqJump(f"pull seq {msg.seq} is more than {self.config.max_seq_jump} above {ref}")
+        self._take_token(msg.device, now)
         self._see(msg.device)
-        if msg.invite_round >= 0 or self.strategy.serve_pull(self, msg.device, now):
+        self._last_pull_seq[msg.device] = max(self._last_pull_seq.get(msg.device, -1), msg.seq)
+        if msg.serve:
+            self.counters["pulls_serving"] += 1
+            return [self._model_reply(msg.device, msg.seq, FULL, msg.have_version, serve=True)]
+        invited = msg.invite_round >= 0 and self._invites.get(msg.device) == msg.invite_round
+        if msg.invite_round >= 0 and not invited:
+            self.counters["invite_unknown"] += 1  # forged, replayed or from before a restart
+        if invited or self.strategy.serve_pull(self, msg.device, now):
+            if invited:
+                del self._invites[msg.device]
             self._deferred.pop(msg.device, None)
             self.counters["pulls_served"] += 1
-            return [self._model_reply(msg.device, msg.seq, self._group_for(msg.have_version))]
+            return [self._model_reply(msg.device, msg.seq, self._group_for(msg.have_version), msg.have_version)]
         self._deferred[msg.device] = now
         self.counters["pulls_deferred"] += 1
         ack = Ack(device=msg.device, seq=msg.seq, status="deferred", version=self._version)
@@ -353,34 +668,73 @@ class CoordinatorCore:
             return FULL
         return self.config.partial_group
 
-    def _model_reply(self, device: str, reply_to: int, group: str = FULL) -> Publish:
+    def _model_reply(
+        self, device: str, reply_to: int, group: str = FULL, have_version: int = NO_VERSION, *, serve: bool = False
+    ) -> Publish:
+        """The signed model reply: the training line for training pulls, the release for
+        serving pulls. It carries ``reply_to = -1`` ("answers your pull"), so the same bytes
+        serve every device that asks for this (version, group, hints): encoded, hashed and
+        signed once, then only published; devices never accept a reply older than what they
+        hold."""
         cfg = self.config
-        msg = ModelMsg(
-            model_id=cfg.spec.model_id,
-            version=self._version,
-            reply_to=reply_to,
-            weights=self._weights[cfg.spec.group_slice(group)],
-            group=group,
-            train_group=self._train_group(),
-            spec_fingerprint=cfg.spec.fingerprint,
-            hints={**cfg.hints, **self.peering.hints_for(device)},  # e.g. Spyker's per-device lr decay
-        )
-        return self._publish(topics.device_topic(cfg.region, device, "model"), encode(msg, encoding=cfg.encoding))
+        version, weights = (self._release_version, self._release_weights) if serve else (self._version, self._weights)
+        if serve:
+            group = FULL
+        if have_version == version and group == FULL:
+            group = UNCHANGED  # the device holds this very version: no weights need to travel
+            self.counters["pulls_unchanged"] += 1
+        hints = {**cfg.hints, **self.peering.hints_for(device)}  # e.g. Spyker's per-device lr decay
+        train_group = self._train_group()
+        key = (version, self._release_version, group, train_group, cfg.encoding, tuple(sorted(hints.items())))
+        payload = self._encoded.get(key)
+        if payload is None:
+            msg = ModelMsg(
+                model_id=cfg.spec.model_id,
+                version=version,
+                reply_to=NO_VERSION,
+                weights=_NO_WEIGHTS if group == UNCHANGED else weights[cfg.spec.group_slice(group)],
+                group=group,
+                train_group=train_group,
+                spec_fingerprint=cfg.spec.fingerprint,
+                hints=hints,
+                release=self._release_version,
+            )
+            tail = self._tensors.get((version, group, cfg.encoding))
+            if tail is None:  # one encoding + digest per (version, group, encoding)
+                tail = EncodedTensor.of(msg.weights, cfg.encoding)
+                self._tensors[(version, group, cfg.encoding)] = tail
+            payload = encode_spliced(msg, tail, signer=cfg.signer)
+            if len(self._encoded) >= 64:  # per-device hints could grow it: keep it bounded
+                self._encoded.clear()
+            self._encoded[key] = payload
+        return self._publish(topics.device_topic(cfg.region, device, "model"), payload)
 
     def _on_update(self, msg: Update, now: float) -> list[CoordinatorAction]:
         cfg = self.config
         ack_topic = topics.device_topic(cfg.region, msg.device, "ack")
         if msg.model_id != cfg.spec.model_id:
             raise UnknownModel(f"this coordinator serves {cfg.spec.model_id!r}, not {msg.model_id!r}")
-        self._see(msg.device)
-        if msg.seq <= self._accepted_upto.get(msg.device, -1):
+        watermark = self._accepted_upto.get(msg.device, NO_VERSION)
+        if msg.seq <= watermark:
             self.counters["duplicate"] += 1
             self._status_dirty = True
-            ack = Ack(device=msg.device, seq=msg.seq, status="duplicate", version=self._version)
+            seq_nonce = self._last_nonce.get(msg.device)
+            nonce = seq_nonce[1] if seq_nonce is not None and seq_nonce[0] == msg.seq else 0
+            ack = Ack(device=msg.device, seq=msg.seq, status="duplicate", version=self._version, nonce=nonce, watermark=watermark)
             return [self._publish(ack_topic, encode(ack))]
+        ref = watermark if watermark != NO_VERSION else self._last_pull_seq.get(msg.device)
+        if ref is not None and msg.seq > ref + cfg.max_seq_jump:
+            raise SeqJump(f"update seq {msg.seq} is more than {cfg.max_seq_jump} above {ref}")
+        if msg.n_samples > cfg.max_samples_per_update:
+            raise TooManySamples(f"{msg.n_samples} samples claimed; the cap is {cfg.max_samples_per_update}")
         if msg.base_version > self._version:
             raise UnknownVersion(f"base version {msg.base_version} is newer than current {self._version}")
         cfg.spec.check(msg.weights, msg.group)
+        if not self._storage_ok:
+            self.counters["deferred_storage"] += 1
+            self._status_dirty = True
+            ack = Ack(device=msg.device, seq=msg.seq, status="deferred", version=self._version, reason="storage")
+            return [self._publish(ack_topic, encode(ack))]
         update = BufferedUpdate(
             device=msg.device,
             seq=msg.seq,
@@ -391,6 +745,7 @@ class CoordinatorCore:
             group=msg.group,
             arrived_at=now,
             loss=msg.loss,
+            nonce=msg.nonce,
         )
         self._buffer_update(update)
         self.counters["accepted"] += 1
@@ -404,7 +759,9 @@ class CoordinatorCore:
             self._first_buffered_at = update.arrived_at
         self._buffer.append(update)
         self._status_dirty = True
-        self._accepted_upto[update.device] = max(self._accepted_upto.get(update.device, -1), update.seq)
+        if update.seq > self._accepted_upto.get(update.device, -1):
+            self._accepted_upto[update.device] = update.seq
+            self._last_nonce[update.device] = (update.seq, update.nonce)
 
     # ------------------------------------------------------------------ planning
 
@@ -422,7 +779,8 @@ class CoordinatorCore:
             for device in plan.invite:
                 actions.extend(self._invite(device))
             if not aggregated and not plan.invite:
-                wakes = [t for t in (plan.wake_at, self.peering.wake_at()) if t is not None]
+                status_due = self._status_next_at if self._status_dirty and self._status_next_at > now else None
+                wakes = [t for t in (plan.wake_at, self.peering.wake_at(), status_due) if t is not None]
                 wake = min(wakes) if wakes else None
                 if wake != self._wake_at:
                     self._wake_at = wake
@@ -478,14 +836,31 @@ class CoordinatorCore:
     def _commit(self, weights: Vector, now: float, *, consumed: tuple[tuple[str, int], ...], meta: Mapping[str, Any]) -> CommitVersion:
         """Make ``weights`` the next version (validated: a bug must never deploy NaN)."""
         self.config.spec.check(weights)
-        self._version += 1
+        self._version = max(self._version, self._version_floor) + 1  # never reuse a number
         self._weights = weights
+        self._encoded.clear()
+        self._tensors.clear()
         self._history[self._version] = weights
         for old in sorted(self._history)[: -self.config.keep_versions]:
             del self._history[old]
         if meta.get("full_sync", True):
             self._last_full_version = self._version
         self._status_dirty = True
+        source = meta.get("source")
+        if source in ("rollback", "operator"):
+            pass  # the caller decides what the release is
+        elif self._gate is not None:
+            devices = tuple(meta.get("devices", ()))
+            self._candidate_devices[self._version] = devices
+            for old in self._gate.add_candidate(self._version, self._release_version, devices):
+                self._candidate_devices.pop(old, None)
+                self.counters["gate_superseded"] += 1
+            self._pending_actions.append(EvaluateCandidate(
+                version=self._version, weights=weights,
+                release_version=self._release_version, release_weights=self._release_weights,
+            ))
+        elif not self._pinned:
+            self._release_version, self._release_weights = self._version, weights
         return CommitVersion(
             version=self._version,
             weights=weights,
@@ -499,27 +874,160 @@ class CoordinatorCore:
                 "counters": dict(self.counters),
                 "devices_seen": list(self._devices),
                 "peering": self.peering.checkpoint(),
+                "release": self._release_version,
+                "pinned": self._pinned,
             },
         )
+
+    # ------------------------------------------------------------------ the release gate
+
+    def _record(self, now: float, action: str, version: int, **extra: Any) -> RecordRelease:
+        event = {"at": now, "action": action, "version": version, "release": self._release_version, **extra}
+        self._gate_history = [*self._gate_history[-19:], event]
+        self._status_dirty = True
+        return RecordRelease(release=self._release_version, pinned=self._pinned, event=event)
+
+    def _on_evaluated(self, ev: CandidateEvaluated) -> list[CoordinatorAction]:
+        if self._gate is None:
+            return []
+        if ev.release_version != self._release_version:
+            # Scored against a release that has moved on: judge it again against the new one.
+            weights = self._history.get(ev.version)
+            if ev.version in self._gate.pending and weights is not None and ev.version > self._release_version:
+                return [EvaluateCandidate(version=ev.version, weights=weights, release_version=self._release_version,
+                                          release_weights=self._release_weights)]
+            self._gate.take(ev.version)
+            self._candidate_devices.pop(ev.version, None)
+            return []
+        decision = self._gate.record_validation(ev.version, ev.candidate_metric, ev.release_metric)
+        if decision is None:
+            return []
+        evidence = self._gate.take(ev.version)
+        assert evidence is not None
+        metrics = {"candidate_metric": round(ev.candidate_metric, 5), "release_metric": round(ev.release_metric, 5)}
+        devices = self._candidate_devices.pop(ev.version, ())
+        if decision == "promote":
+            weights = self._history.get(ev.version)
+            if self._pinned or weights is None or ev.version <= self._release_version:
+                self.counters["gate_passed_not_promoted"] += 1
+                return [self._record(ev.now, "passed", ev.version, pinned=self._pinned, **metrics)]
+            self._release_version, self._release_weights = ev.version, weights
+            self.counters["gate_promoted"] += 1
+            for older in [v for v in self._gate.pending if v < ev.version]:  # superseded by a newer release
+                self._gate.take(older)
+                self._candidate_devices.pop(older, None)
+            return [self._record(ev.now, "promote", ev.version, **metrics),
+                    Notify(kind="release", data={"version": ev.version, **metrics})]
+        if decision == "hold":  # slightly worse: not released, but the training line goes on
+            self.counters["gate_held"] += 1
+            return [self._record(ev.now, "hold", ev.version, **metrics)]
+        # Rejected: the training line goes back to the release; candidates built on it go too.
+        self.counters["gate_rejected"] += 1
+        self.counters["rejected_devices"] += len(devices)
+        for v in self._gate.drop_above(ev.version):
+            self._candidate_devices.pop(v, None)
+        record = self._record(ev.now, "reject", ev.version, devices=len(devices), **metrics)
+        rollback = self._rollback_training_line(ev.now, rejected=ev.version)
+        return [record, rollback, Notify(kind="rejected_candidate", data={"version": ev.version, "devices": list(devices)[:50], **metrics})]
+
+    def _rollback_training_line(self, now: float, *, rejected: int) -> CommitVersion:
+        """Commit the release's weights as the next training version, discarding the buffer
+        (those updates were trained from the rejected lineage; their keys count as applied)."""
+        consumed = tuple(u.key for u in self._buffer)
+        for u in self._buffer:
+            self._applied_upto[u.device] = max(self._applied_upto.get(u.device, -1), u.seq)
+        self.counters["rolled_back_updates"] += len(self._buffer)
+        self._buffer.clear()
+        self._first_buffered_at = None
+        commit = self._commit(np.array(self._release_weights, copy=True), now, consumed=consumed,
+                              meta={"source": "rollback", "rejected": rejected, "of": self._release_version})
+        self.strategy.on_aggregated(self, now)
+        return commit
+
+    # ------------------------------------------------------------------ operator control
+
+    def _on_control(self, ev: MessageReceived) -> list[CoordinatorAction]:
+        cfg = self.config
+        frame = decode_frame(ev.payload, max_bytes=64 * 1024)
+        msg = frame.message
+        if not isinstance(msg, Control):
+            raise TopicMismatch(f"a {msg.TYPE} message does not belong on the control topic")
+        sig = frame.signature
+        if sig is None:
+            raise UnsignedMessage("control commands must be signed by an operator key")
+        allowed = dict(cfg.operator_keys)
+        if cfg.signer is not None:
+            allowed[cfg.signer.kid] = cfg.signer.public_raw
+        if allowed.get(sig.kid) != sig.public_raw or not verify(sig.public_raw, sig.signature, sig.signed):
+            raise BadSignature(f"control command signed by key {sig.kid}, which may not command this coordinator")
+        if abs(ev.now - msg.issued_at) > cfg.control_max_age_s:
+            raise ReplayedMessage(f"control command issued {ev.now - msg.issued_at:.0f} s from now: too old or from the future")
+        self._control_seen = {k: t for k, t in self._control_seen.items() if ev.now - t <= cfg.control_max_age_s}
+        if (msg.operator, msg.nonce) in self._control_seen:
+            raise ReplayedMessage("control command already executed")
+        self._control_seen[(msg.operator, msg.nonce)] = ev.now
+        self.counters[f"control:{msg.command}"] += 1
+        note = Notify(kind="control", data={"command": msg.command, "version": msg.version, "operator": msg.operator})
+        if msg.command == "unpin":
+            self._pinned = False
+            return [note, self._record(ev.now, "unpin", self._release_version, operator=msg.operator)]
+        if not 0 <= msg.version <= max(self._version, self._version_floor):
+            raise UnknownVersion(f"no version {msg.version} (latest is {self._version})")
+        return [note, LoadVersion(version=msg.version, command=msg.command)]
+
+    def _on_version_loaded(self, ev: VersionLoaded) -> list[CoordinatorAction]:
+        if ev.weights is None:
+            return [Notify(kind="control_failed", data={"command": ev.command, "version": ev.version, "detail": ev.detail[:200]})]
+        weights = np.array(self.config.spec.check(np.asarray(ev.weights, dtype=np.float32)), copy=True)
+        consumed = tuple(u.key for u in self._buffer)
+        for u in self._buffer:
+            self._applied_upto[u.device] = max(self._applied_upto.get(u.device, -1), u.seq)
+        self.counters["rolled_back_updates"] += len(self._buffer)
+        self._buffer.clear()
+        self._first_buffered_at = None
+        commit = self._commit(weights, ev.now, consumed=consumed, meta={"source": "operator", "command": ev.command, "of": ev.version})
+        self.strategy.on_aggregated(self, ev.now)
+        self._release_version, self._release_weights = commit.version, weights
+        self._pinned = ev.command == "pin" or (self._pinned and ev.command == "rollback")
+        if self._gate is not None:
+            for v in self._gate.drop_above(-1):
+                self._candidate_devices.pop(v, None)
+        return [commit, self._record(ev.now, ev.command, commit.version, of=ev.version)]
 
     # ------------------------------------------------------------------ peering
 
     def _on_peer(self, ev: MessageReceived) -> list[CoordinatorAction]:
-        msg = decode(ev.payload, max_bytes=self.config.max_message_bytes)
+        frame = decode_frame(ev.payload, max_bytes=self._max_bytes)
+        msg = frame.message
         if not isinstance(msg, PeerMsg):
             raise TopicMismatch(f"a {msg.TYPE} message does not belong on a peer topic")
         if msg.sender == self.config.coordinator_id:
             return []  # our own broadcast, echoed by the broker
+        self._check_peer_signature(msg.sender, frame.signature)
         if msg.weights is not None:
             self.config.spec.check(msg.weights)
         self.counters["peer_messages"] += 1
         return self._run_peer_plan(self.peering.on_message(self, msg, ev.now), ev.now)
 
+    def _check_peer_signature(self, sender: str, sig: SignatureInfo | None) -> None:
+        """Peers sign everything; trust the provisioned keys, or pin each sender's first key."""
+        if sig is None:
+            raise UnsignedMessage(f"peer message from {sender!r} is not signed")
+        trusted = self.config.peer_keys
+        if trusted:
+            if trusted.get(sig.kid) != sig.public_raw:
+                raise BadSignature(f"peer {sender!r} signed with key {sig.kid}, which is not provisioned here")
+        elif self._peer_pins.get(sender, sig.public_raw) != sig.public_raw:
+            raise BadSignature(f"peer {sender!r} signed with key {sig.kid}, not the key pinned for it")
+        if not verify(sig.public_raw, sig.signature, sig.signed):
+            raise BadSignature(f"peer message from {sender!r} has an invalid signature")
+        self._peer_pins.setdefault(sender, sig.public_raw)
+
     def _run_peer_plan(self, plan: PeerPlan, now: float) -> list[CoordinatorAction]:
         actions: list[CoordinatorAction] = []
         for send in plan.sends:
             msg = PeerMsg(sender=self.config.coordinator_id, kind=send.kind, body=send.body, weights=send.weights)
-            actions.append(self._publish(topics.peer_topic(send.to, send.kind), encode(msg)))
+            actions.append(self._publish(topics.peer_topic(send.to, send.kind), encode(msg, signer=self.config.signer)))
         if plan.merged is not None:
             merged = np.ascontiguousarray(plan.merged, dtype=np.float32)
             self.counters["peer_merges"] += 1
@@ -530,6 +1038,7 @@ class CoordinatorCore:
         if self._deferred.pop(device, None) is None:
             return []
         self._invite_round += 1
+        self._invites[device] = self._invite_round
         invite = Invite(device=device, round=self._invite_round, version=self._version)
         return [self._publish(topics.device_topic(self.config.region, device, "invite"), encode(invite))]
 
@@ -537,6 +1046,11 @@ class CoordinatorCore:
         self.counters["bytes_out"] += len(payload)
         return Publish(topic=topic, payload=payload, qos=1, retain=retain)
 
-    def _status_action(self) -> Publish:
+    def _status_action(self, now: float | None = None) -> Publish:
+        """The retained status; at most one per ``status_interval_s`` unless the version changed
+        (a flood of rejected messages must not become a flood of status publishes)."""
         self._status_dirty = False
+        self._status_version = self._version
+        if now is not None:
+            self._status_next_at = now + self.config.status_interval_s
         return Publish(topic=topics.status_topic(self.config.region), payload=status_json(self.status()), qos=1, retain=True)

@@ -9,11 +9,14 @@ object and hands it to the core, which then also subscribes to ``edgeci/v1/peer/
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +24,30 @@ from coordinator.core import (
     CommitVersion,
     CoordinatorConfig,
     CoordinatorCore,
+    EvaluateCandidate,
+    LoadVersion,
     PersistUpdate,
+    RecordRelease,
     Snapshot,
+    StorageChanged,
+    VersionLoaded,
 )
-from coordinator.peering import make_peering
-from coordinator.registry import Registry
-from coordinator.strategies import make_strategy
+from coordinator.gate import GateConfig
+from coordinator.methods import make_method
+from coordinator.metrics import CoordinatorMetrics, stamp_status, status_will
+from coordinator.registry import Registry, RegistryError
+from coordinator.strategies.base import BufferedUpdate
+from coordinator.validation import Validator, load_validation
 from edge_sdk.core.events import Notify, Publish
 from edge_sdk.modelio import load_model
-from edge_sdk.mqtt import MqttTransport
+from edge_sdk.mqtt import BrokerAuth, MqttTransport
 from edge_sdk.runtime import Actor, Clock, WallClock
+from edge_sdk.signing import Signer, load_or_create_signer, load_trusted_keys
 from edge_sdk.spec import Vector
 from edge_sdk.tasks import get_task
 from edge_sdk.tasks.base import Task
-from edge_sdk.wire.codec import Encoding
+from edge_sdk.wire import topics
+from edge_sdk.wire.codec import Encoding, status_json
 
 log = logging.getLogger("edgeci.coordinator")
 
@@ -60,6 +73,29 @@ class CoordinatorOptions:
     peering_params: Mapping[str, Any] = field(default_factory=dict)
     full_sync_every: int = 0
     """LASP: every T-th version is a full sync, classifier-only versions between (0: off)."""
+    max_batch: int = 256
+    """Group commit: events handled per batch, whose accepted updates share one log fsync."""
+    storage_probe_s: float = 2.0
+    """While storage is failing, try a model-sized probe write this often; resume when it works."""
+    signing_key: Path | None = None
+    """Ed25519 key that signs every model and peer message (default: STATE_DIR/signing.key)."""
+    peer_keys_dir: Path | None = None
+    """Folder of trusted peer coordinators' ``*.pub`` keys (default: pin each peer's first key)."""
+    status_interval_s: float = 30.0
+    """Republish the retained status (``published_at``) at least this often: a liveness beat."""
+    auth: BrokerAuth | None = None
+    """Broker credentials for an ``mqtts://`` broker (default: the bundle's, if any)."""
+    bundle: Path | None = None
+    """Provisioning bundle (``edgeci pki issue --role coordinator``): broker credentials, its
+    ``signing.key`` (used unless ``signing_key`` is given) and ``trusted/`` peer keys."""
+    validation: Path | None = None
+    """Operator validation set (.npz with x, y): turns the release gate on."""
+    gate_margin: float = 0.02
+    """Promote a candidate unless its validation accuracy is this much below the release's."""
+    rollback_margin: float = 0.10
+    """Reject a candidate and roll the training line back when it is this much worse."""
+    operator_keys_dir: Path | None = None
+    """Folder of operator ``*.pub`` keys allowed to sign control commands (besides our own key)."""
 
 
 class CoordinatorDaemon:
@@ -72,22 +108,80 @@ class CoordinatorDaemon:
         task: Task | None = None,
         clock: Clock | None = None,
         on_commit: Callable[[int, Vector], None] | None = None,
+        on_release: Callable[[int, Vector], None] | None = None,
     ) -> None:
         self.options = options
         self.task = task or get_task(options.model)
         self.clock = clock or WallClock()
         self.on_commit = on_commit
+        self.on_release = on_release
+        self.validator: Validator | None = None
+        self.operator_keys = load_trusted_keys(options.operator_keys_dir) if options.operator_keys_dir else {}
         self.coordinator_id = options.coordinator_id or f"coord-{options.region}"
-        self.registry = Registry(options.state_dir, self.task.spec, keep_versions=options.keep_versions)
-        strategy = make_strategy(options.strategy, **dict(options.strategy_params))
-        peering = make_peering(
-            options.peering,
+        self.registry = Registry(options.state_dir, self.task.spec, keep_versions=options.keep_versions, background_prune=True)
+        try:
+            self.registry.acquire_lock()  # a second coordinator on this state dir stops here
+            self.signer = self._signing_key()
+            peer_dir = options.peer_keys_dir or (options.bundle / "trusted" if options.bundle is not None else None)
+            self.peer_keys = load_trusted_keys(peer_dir) if peer_dir is not None and Path(peer_dir).is_dir() else {}
+            self.core = self._build_core(self._initial_snapshot())
+        except BaseException:
+            self.registry.close()
+            raise
+        # Group commit (driver state, actor thread only): accepted updates of the batch wait
+        # in _log; once the batch has one, every later action waits in _held until the log
+        # is fsynced at the end of the batch (or before a commit). See _perform.
+        self._log: list[BufferedUpdate] = []
+        self._held: list[object] = []
+        self._discarding = False
+        self._rebuild: str | None = None
+        self._storage_ok = True
+        self.storage_failures = 0
+        self._probe_stop = threading.Event()
+        self._probe_thread = threading.Thread(target=self._probe_loop, name=f"storage-probe-{options.region}", daemon=True)
+        # ops: metrics snapshot after handled events, liveness stamps and last will on the status topic
+        self.metrics = CoordinatorMetrics()
+        self._status_topic = topics.status_topic(options.region)
+        self._snapshot_at = 0.0
+        self._closing = threading.Event()
+        self.actor = Actor(
+            f"coordinator-{options.region}", self._handle, self._perform, clock=self.clock,
+            on_batch_end=self._end_batch, max_batch=options.max_batch,
+        )
+        self.transport = MqttTransport(
+            options.broker,
+            client_id=self.coordinator_id,
+            subscriptions=self.core.subscriptions(),
+            on_message=self._on_message,
+            will=(self._status_topic, status_will(options.region, self.coordinator_id)),
+            auth=options.auth or (BrokerAuth.from_bundle(options.bundle) if options.bundle is not None else None),
+        )
+        self.stopped = threading.Event()
+
+    def _signing_key(self) -> Signer:
+        """The model-signing key: ``--signing-key`` (e.g. from a PKI bundle), else the state
+        dir's own ``signing.key``, created (0600) on first start."""
+        bundled = self.options.bundle / "signing.key" if self.options.bundle is not None else None
+        path = self.options.signing_key or (bundled if bundled is not None and bundled.exists() else None) \
+            or Path(self.options.state_dir) / "signing.key"
+        signer, created = load_or_create_signer(path)
+        log.info("%s model-signing key %s (%s)%s", "created" if created else "using", signer.kid, path,
+                 ": devices without a provisioned key will pin it on first use" if created else "")
+        return signer
+
+    def _build_core(self, snapshot: Snapshot) -> CoordinatorCore:
+        """A core resumed from ``snapshot`` with a fresh strategy and peering, as at a restart."""
+        options = self.options
+        method = make_method(  # strategy + peering, checked together (coordinator/methods.py)
+            options.strategy,
+            peering=options.peering,
             coordinator_id=self.coordinator_id,
             ring=options.peers or (self.coordinator_id,),
-            strategy=strategy,
-            params=options.peering_params,
+            strategy_params=options.strategy_params,
+            peering_params=options.peering_params,
         )
-        self.core = CoordinatorCore(
+        strategy, peering = method.strategy, method.peering
+        return CoordinatorCore(
             CoordinatorConfig(
                 region=options.region,
                 coordinator_id=self.coordinator_id,
@@ -95,20 +189,17 @@ class CoordinatorDaemon:
                 encoding=options.encoding,
                 hints=dict(options.hints),
                 full_sync_every=options.full_sync_every,
+                signer=self.signer,  # every model and peer message is signed
+                peer_keys=self.peer_keys,
+                gate=GateConfig(margin=options.gate_margin, rollback_margin=max(options.rollback_margin, options.gate_margin))
+                if options.validation is not None else None,
+                operator_keys=self.operator_keys,
             ),
             strategy,
-            self._initial_snapshot(),
+            snapshot,
             rng=random.Random(options.seed),
             peering=peering,
         )
-        self.actor = Actor(f"coordinator-{options.region}", self.core.handle, self._perform, clock=self.clock)
-        self.transport = MqttTransport(
-            options.broker,
-            client_id=self.coordinator_id,
-            subscriptions=self.core.subscriptions(),
-            on_message=self._on_message,
-        )
-        self.stopped = threading.Event()
 
     def _initial_snapshot(self) -> Snapshot:
         snap = self.registry.load()
@@ -129,9 +220,17 @@ class CoordinatorDaemon:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self, timeout: float = 15.0) -> CoordinatorDaemon:
+        if self.options.validation is not None:
+            split = load_validation(self.options.validation, self.task)
+            self.validator = Validator(self.task, split, self.actor.submit).start()
+            log.info("release gate on: candidates are scored on %d validation samples (%s), margin %.3f",
+                     len(split), self.options.validation, self.options.gate_margin)
         self.actor.start()
+        self._probe_thread.start()
         self.transport.start(timeout)
         self.actor.call(lambda: self.actor.run_actions(self.core.start(self.clock.now())))
+        self.actor.call(self._refresh_snapshot)
+        threading.Thread(target=self._beat, name=f"status-beat-{self.options.region}", daemon=True).start()
         log.info(
             "coordinator %s serving %s v%d on %s (strategy %s, peering %s)",
             self.coordinator_id, self.task.spec.model_id, self.core.version, self.options.broker, self.core.strategy.describe(),
@@ -142,8 +241,18 @@ class CoordinatorDaemon:
     def stop(self) -> None:
         if self.stopped.is_set():
             return
+        self._closing.set()  # from here on every status says alive: false
+        snap = self.metrics.snapshot
+        if snap is not None and self.transport.connected:  # straight out: _perform is the actor's
+            self.transport.publish(self._status_topic, stamp_status(
+                status_json(snap), alive=False, now=self.clock.now(), heartbeat_s=self.options.status_interval_s,
+                reason="stopped"), qos=1, retain=True)
+        self._probe_stop.set()
         self.transport.stop()
+        if self.validator is not None:
+            self.validator.stop()
         self.actor.stop()
+        self.registry.close()
         self.stopped.set()
 
     def __enter__(self) -> CoordinatorDaemon:
@@ -159,13 +268,160 @@ class CoordinatorDaemon:
 
         self.actor.submit(lambda now: MessageReceived(now=now, topic=topic, payload=payload))
 
+    def _handle(self, event: Any) -> list[Any]:
+        """Actor thread: the core handles the event; then the metrics snapshot is refreshed
+        (at most every 0.2 s; the beat refreshes an idle one every second)."""
+        if self._rebuild is not None:  # storage failed in the previous event (see _perform)
+            self._rebuild_core()
+        self._discarding = False
+        if self._rebuild is not None:
+            return []  # the durable state cannot even be read: answer nothing
+        t0 = time.perf_counter()
+        actions = self.core.handle(event)
+        t1 = time.perf_counter()
+        if any(isinstance(a, CommitVersion) for a in actions):
+            self.metrics.aggregation_seconds.observe(t1 - t0)
+        if t1 - self._snapshot_at >= 0.2:  # status() costs ~25 us: not on every event under load
+            self._refresh_snapshot()
+        return actions
+
+    def _refresh_snapshot(self) -> None:
+        self._snapshot_at = time.perf_counter()
+        self.metrics.publish(self.core.status())
+
+    def _beat(self) -> None:
+        """Refresh the snapshot every second and republish the status every status_interval_s."""
+        last = time.monotonic()
+        while not self._closing.wait(1.0):
+            if time.monotonic() - last >= self.options.status_interval_s:
+                last = time.monotonic()
+                self.actor.call(lambda: self._perform(
+                    Publish(topic=self._status_topic, payload=status_json(self.core.status()), qos=1, retain=True)))
+            self.actor.call(self._refresh_snapshot)
+
     def _perform(self, action: object) -> None:
+        """Actor thread. Group commit: an accepted update is appended to the batch's log;
+        from then on every action of the batch is held until the log is fsynced (at the end
+        of the batch, or before a commit). A storage failure drops what was held."""
+        if self._discarding:
+            return  # the rest of an event whose storage write failed
+        if isinstance(action, PersistUpdate):
+            self._log.append(action.update)
+        elif isinstance(action, CommitVersion):
+            try:  # into the log after the batch's updates, without fsync: the batch's one fsync covers it
+                self.registry.stage(self._log)
+                self.registry.stage_version(action)
+                self._log = []
+            except OSError as exc:
+                self._storage_failed(f"writing version {action.version}: {exc}")
+                return
+            self._held.append(action)  # the directory, logs and on_commit after the fsync
+        elif self._log or self._held:
+            self._held.append(action)  # after an update or a version that is not durable yet
+        else:
+            self._do(action)
+
+    def _flush_log(self) -> None:
+        if self._log or self.registry.unflushed:
+            self.registry.append_updates(self._log)  # one write, one fsync (also of staged versions)
+            self._log = []
+
+    def _end_batch(self) -> None:
+        """Actor thread, after each batch: one fsync for the batch's updates, then the acks."""
+        if self._rebuild is None:
+            try:
+                self._flush_log()
+            except OSError as exc:
+                self._storage_failed(f"appending to the pending log: {exc}")
+        if self._rebuild is not None:
+            self._rebuild_core()
+            return
+        held, self._held = self._held, []
+        for i, action in enumerate(held):
+            try:
+                self._do(action)
+            except OSError as exc:  # a version directory (the version itself is durable in the log)
+                self._held = held[i + 1:]
+                self._storage_failed(f"writing version {getattr(action, 'version', '?')}'s directory: {exc}")
+            if self._rebuild is not None:  # nothing after a storage failure leaves
+                self._held = []
+                self._rebuild_core()
+                return
+
+    def _storage_failed(self, detail: str) -> None:
+        """Nothing that waited for durability may leave: drop it, rebuild the core next."""
+        log.error("storage failure: %s; dropping %d unacknowledged updates and %d held actions, "
+                  "deferring updates until storage works again", detail, len(self._log), len(self._held))
+        self.storage_failures += 1
+        self._log, self._held = [], []
+        self._discarding = True
+        self._storage_ok = False
+        self._rebuild = detail
+
+    def _rebuild_core(self) -> None:
+        """Replace the core by one rebuilt from the durable state, exactly as at a restart.
+
+        While storage fails the core gets no buffered updates (they stay in the log), so it
+        has nothing to aggregate and never tries to commit; they come back on recovery.
+        """
+        detail = self._rebuild or ""
+        self._discarding = False
+        try:
+            snapshot = self.registry.load()
+        except (OSError, RegistryError) as exc:
+            log.error("storage failure: cannot reload %s (%s); dropping events until it can", self.registry.root, exc)
+            return
+        assert snapshot is not None
+        if not self._storage_ok:
+            snapshot = dataclasses.replace(snapshot, buffer=())
+        self.core = self._build_core(snapshot)
+        self._rebuild = None
+        now = self.clock.now()
+        self.actor.run_actions(self.core.start(now))
+        self.actor.run_actions(self.core.handle(StorageChanged(now=now, ok=self._storage_ok, detail=detail)))
+        log.warning("core rebuilt from %s at version %d; storage %s", self.registry.root, self.core.version,
+                    "ok" if self._storage_ok else f"failing ({detail})")
+
+    def _probe_loop(self) -> None:
+        """Probe thread: while storage fails, try a model-sized write + fsync every few seconds."""
+        size = 4 * self.task.spec.size + (64 << 10)
+        while not self._probe_stop.wait(self.options.storage_probe_s):
+            if self._storage_ok:
+                continue
+            try:
+                self.registry.probe(size)
+            except OSError as exc:
+                log.info("storage still failing: %s", exc)
+                continue
+            self.actor.call(self._storage_recovered)
+
+    def _storage_recovered(self) -> None:
+        """Actor thread: the probe worked; resume from the durable state, buffer included."""
+        if self._storage_ok or self._rebuild is not None:
+            return
+        log.warning("storage works again: resuming")
+        self._storage_ok = True
+        self._rebuild = "recovered"
+        self._rebuild_core()
+
+    @staticmethod
+    def _version_loaded(action: LoadVersion, weights: Vector | None, detail: str, now: float) -> VersionLoaded:
+        return VersionLoaded(now=now, version=action.version, weights=weights, command=action.command, detail=detail)
+
+    def _do(self, action: object) -> None:
         if isinstance(action, Publish):
-            self.transport.publish(action.topic, action.payload, qos=action.qos, retain=action.retain)
+            payload = action.payload
+            if action.topic == self._status_topic:
+                closing = self._closing.is_set()
+                payload = stamp_status(payload, alive=not closing, now=self.clock.now(),
+                                       heartbeat_s=self.options.status_interval_s, reason="stopped" if closing else "")
+            self.transport.publish(action.topic, payload, qos=action.qos, retain=action.retain)
         elif isinstance(action, PersistUpdate):
             self.registry.persist_update(action.update)
         elif isinstance(action, CommitVersion):
+            t0 = time.perf_counter()
             self.registry.commit(action)
+            self.metrics.commit_seconds.observe(time.perf_counter() - t0)
             if action.metadata.get("source") == "peer":
                 log.info("version %d: merged %s's model (%s)", action.version, action.metadata.get("peer", "?"),
                          {k: v for k, v in action.metadata.items() if k in ("sid", "age", "cloud_round")})
@@ -176,6 +432,28 @@ class CoordinatorDaemon:
                 )
             if self.on_commit is not None:
                 self.on_commit(action.version, action.weights)
+        elif isinstance(action, EvaluateCandidate):
+            if self.validator is not None:
+                self.validator.submit(action)
+        elif isinstance(action, RecordRelease):
+            try:
+                self.registry.record_release(action.release, action.pinned, action.event)
+            except OSError as exc:
+                self._storage_failed(f"recording the release: {exc}")
+                return
+            event = action.event
+            log.info("gate: %s version %s → release %d%s %s", event.get("action"), event.get("version"), action.release,
+                     " (pinned)" if action.pinned else "",
+                     {k: v for k, v in event.items() if k in ("candidate_metric", "release_metric", "devices", "of", "operator")})
+            if self.on_release is not None:
+                version, weights = self.core.release
+                self.on_release(version, weights)
+        elif isinstance(action, LoadVersion):
+            try:
+                weights, detail = self.registry.read_version(action.version)[0], ""
+            except RegistryError as exc:
+                weights, detail = None, str(exc)
+            self.actor.submit(partial(self._version_loaded, action, weights, detail))
         elif isinstance(action, Notify):
             if action.kind == "rejected":
                 log.warning("rejected a message: %s", action.data)

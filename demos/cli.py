@@ -5,52 +5,163 @@
     edgeci device         a headless device that labels its partition over time
     edgeci pretrain       make the deployed model file from the task's public split
     edgeci emulate        virtual-clock fleet emulation of one or several strategies
-    edgeci status         print a coordinator's retained status from the broker
+    edgeci status         a coordinator's status, readable (or --json); exit 2 if none is alive
+    edgeci pki            provisioning: CA, identity certificates and bundles, the broker's ACL
     edgeci label          labelling app (webcam / video / synthetic): boxes and gestures
     edgeci scc-stream     streaming experiment: semantic cache + compensation vs baselines
+
+Every subcommand takes --log-level debug|info|warning|error (-v: debug) and
+--log-format text|json, before or after its name (also EDGECI_LOG_LEVEL, EDGECI_LOG_FORMAT).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
+import os
 import sys
-from collections.abc import Sequence
+import tomllib
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 from edge_sdk.errors import EdgeciError
 
 # subcommand -> (module, one-line help). Modules are imported lazily: `edgeci --help`
 # must not pay for torch.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("demos.run", "main job: embedded broker, one SPIN coordinator, a fleet of devices; prints before → after accuracy and writes a plot"),
+    "run": ("demos.run", "main job, a trial (the embedded broker is anonymous, 127.0.0.1 only: not for production): embedded broker, one SPIN coordinator, a fleet of devices; prints before → after accuracy and writes a plot"),
     "coordinator": ("coordinator.cli", "run a regional coordinator daemon (resumes from --state-dir)"),
     "device": ("devices.headless", "run one headless device that labels its share of the dataset over time"),
     "pretrain": ("demos.pretrain", "write the pretrained deployed model to a file"),
     "emulate": ("demos.emulate", "emulate a fleet on a virtual clock: compare strategies from a scenario TOML"),
     "scc-stream": ("demos.scc_stream", "streaming non-IID experiment: no cache vs cached features vs SCC (HFedMS), with LASP"),
-    "status": ("coordinator.cli_status", "print the retained status of a region's coordinator"),
+    "status": ("coordinator.cli_status", "show a region's coordinator status (readable, or --json); exit 2 when none is alive"),
+    "versions": ("coordinator.cli_control", "a coordinator's versions with the release gate's verdicts (reads --state-dir)"),
+    "rollback": ("coordinator.cli_control", "make an earlier version the release again on a running coordinator (signed command)"),
+    "pin": ("coordinator.cli_control", "release a version and hold it: no promotions until unpin (signed command)"),
+    "unpin": ("coordinator.cli_control", "let the gate promote candidates again (signed command)"),
+    "pki": ("coordinator.pki", "certificates and provisioning bundles: a small CA, per-device/coordinator/operator certificates, the mosquitto ACL"),
     "label": ("demos.label", "labelling app: box objects (and draw gestures) in a webcam, video or synthetic feed; the deployed detector learns them"),
 }
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_DESTS = ("log_level", "log_format")
+NOISY_LOGGERS = ("matplotlib", "PIL", "amqtt", "transitions", "passlib", "urllib3", "asyncio", "onnxscript")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(argv)
-    args = parser.parse_args(argv)
-    if not getattr(args, "command", None):
-        parser.print_help()
-        return 2
-    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    module = importlib.import_module(args._module)
+# ---------------------------------------------------------------------- version
+
+
+def edgeci_version() -> str:
+    """The installed distribution's version, else the packages' ``__version__``, else pyproject's."""
+    from importlib import metadata
+
     try:
-        return int(module.run(args) or 0)
-    except EdgeciError as exc:
-        print(f"edgeci {args.command}: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+        return metadata.version("edgeci")
+    except metadata.PackageNotFoundError:
+        pass
+    for package in ("demos", "edge_sdk"):
+        declared = getattr(importlib.import_module(package), "__version__", None)
+        if isinstance(declared, str):
+            return declared
+    try:
+        data = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+        return str(data["project"]["version"])
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return "unknown"
+
+
+# ---------------------------------------------------------------------- logging
+
+
+def _iso(created: float) -> str:
+    """``2026-12-02T11:20:03.123Z``: ISO 8601, UTC, milliseconds."""
+    t = datetime.fromtimestamp(created, tz=UTC)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
+
+
+class IsoFormatter(logging.Formatter):
+    """``2026-12-02T11:20:03.123Z INFO edgeci.coordinator: message``"""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return _iso(record.created)
+
+
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, plus any ``extra=`` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": _iso(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD and not key.startswith("_"):
+                out[key] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            out["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(out, default=str, ensure_ascii=False)
+
+
+def setup_logging(level: str, fmt: str = "text") -> None:
+    """One stderr handler on the root logger; called again (SIGHUP) it changes level / format.
+    Like ``logging.basicConfig``, it adds no handler where the host already configured one
+    (``main()`` called inside an app or a test run): there only the level is set."""
+    if level not in LOG_LEVELS:
+        raise EdgeciError(f"log level must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
+    root = logging.getLogger()
+    handler = next((h for h in root.handlers if getattr(h, "_edgeci", False)), None)
+    if handler is None and not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler._edgeci = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    if handler is not None:
+        handler.setFormatter(JsonFormatter() if fmt == "json" else IsoFormatter())
+    numeric = getattr(logging, level.upper())
+    root.setLevel(numeric)
+    logging.getLogger("edgeci").setLevel(logging.NOTSET)
+    for name in NOISY_LOGGERS:  # third-party debug output drowns ours
+        logging.getLogger(name).setLevel(max(numeric, logging.INFO))
+
+
+def _add_log_flags(p: argparse.ArgumentParser, *, top: bool) -> None:
+    """On the top-level parser with defaults; on subparsers with SUPPRESS so that a value given
+    before the subcommand is not overwritten by the subparser's default."""
+    d: dict[str, Any] = {} if top else {"default": argparse.SUPPRESS}
+    g = p.add_argument_group("logging")
+    g.add_argument("--log-level", choices=LOG_LEVELS, **({"default": None} if top else d),
+                   help="debug, info, warning or error (default: the command's; info for the coordinator)")
+    g.add_argument("--log-format", choices=("text", "json"), **({"default": "text"} if top else d),
+                   help="text lines with ISO-8601 UTC times, or one JSON object per line (default: text)")
+    g.add_argument("-v", "--verbose", dest="log_level", action="store_const", const="debug",
+                   **({} if top else d), help="shorthand for --log-level debug")
+
+
+# ---------------------------------------------------------------------- parser
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` once: not when the help already names its default, nor for
+    None / False defaults that mean "not set"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return super()._get_help_string(action)
 
 
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
@@ -61,15 +172,98 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(__doc__ or "").split("\n\n", 1)[-1],
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("--version", action="version", version=f"edgeci {edgeci_version()}")
+    _add_log_flags(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    chosen = next((a for a in argv if not a.startswith("-")), None)
+    chosen = _chosen(argv)
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         p.set_defaults(_module=module)
         if name == chosen:
             importlib.import_module(module).add_arguments(p)
+            _add_log_flags(p, top=False)
+            if name == "emulate":  # its real-MQTT fleet mode (--broker) connects like a device
+                from edge_sdk.mqtt import add_broker_arguments
+
+                add_broker_arguments(p)
     return parser
+
+
+def _chosen(argv: Sequence[str]) -> str | None:
+    """The subcommand's name: the first word that is not an option or an option's value."""
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--log-level", "--log-format"):
+            skip = True
+            continue
+        if not a.startswith("-"):
+            return a
+    return None
+
+
+def resolve_args(parser: argparse.ArgumentParser, argv: Sequence[str], env: Mapping[str, str]) -> argparse.Namespace:
+    """Parse, then fill unset options from ``EDGECI_*`` and (coordinator) the ``--config`` file."""
+    from coordinator.config import Layered, resolve
+
+    args = parser.parse_args(list(argv))
+    command = getattr(args, "command", None)
+    if not command:
+        return args
+    module = importlib.import_module(args._module)
+    layers = getattr(module, "CONFIG_LAYERS", "")
+    sub = _subparser(parser, command)
+
+    default_level = getattr(module, "DEFAULT_LOG_LEVEL", "warning")
+
+    # env+file: every option; env: the module's ENV_OPTIONS (or all); else only the logging flags
+    only = None if layers == "env+file" else (*LOG_DESTS, *getattr(module, "ENV_OPTIONS", ())) if layers else LOG_DESTS
+
+    def layer(environ: Mapping[str, str]) -> Layered:
+        layered = resolve(parser, argv, environ, options_parser=sub, use_file=layers == "env+file", only=only)
+        if layered.args.log_level is None:
+            layered.args.log_level = default_level
+        return layered
+
+    layered = layer(env)
+    out = layered.args
+    out._layered = layered
+    out._resolve_again = lambda: layer(os.environ)  # SIGHUP: the file again, same flags
+    out._apply_logging = lambda level, fmt: setup_logging(level or default_level, fmt or "text")
+    return out
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found = action.choices.get(command)
+            if isinstance(found, argparse.ArgumentParser):
+                return found
+    raise KeyError(command)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    try:
+        args = resolve_args(parser, argv, os.environ)
+    except EdgeciError as exc:
+        print(f"edgeci: error: {exc}", file=sys.stderr)
+        return 2
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    setup_logging(args.log_level, args.log_format)
+    module = importlib.import_module(args._module)
+    try:
+        return int(module.run(args) or 0)
+    except EdgeciError as exc:
+        print(f"edgeci {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

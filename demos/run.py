@@ -1,9 +1,17 @@
 """``edgeci run`` — the main job: one coordinator and a fleet of devices on real MQTT.
 
 Starts the embedded broker (amqtt, in-process) unless ``--broker`` is given, a SPIN
-coordinator, and N emulated devices whose users label their Dirichlet(α) share of the
-digits pool at Poisson times. A progress bar shows the deployed version and its held-out
-accuracy; the job ends with one summary line and an accuracy-over-time PNG.
+coordinator with the release gate on, and N emulated devices whose users label their
+Dirichlet(α) share of the digits pool at Poisson times. The coordinator keeps a validation
+set carved out of the pool (no device labels it): each aggregated version is a candidate,
+released to the devices only if it is not worse there than the release. A progress bar
+shows the release and its held-out accuracy; the job ends with one summary line and an
+accuracy-over-time PNG (release and training line).
+
+A trial, not a deployment: the embedded broker is anonymous, unencrypted and bound to
+127.0.0.1 only; devices pin the coordinator's model-signing key on first use. Production
+fleets run mosquitto with ``coordinator/mosquitto/edgeci-secure.conf`` and ``edgeci pki``
+bundles (README, *Security*).
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ log = logging.getLogger("edgeci.run")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--broker", help="use this broker (mqtt://HOST:PORT) instead of the embedded one")
+    p.add_argument("--broker", help="use this broker (mqtt://HOST:PORT) instead of the embedded trial broker (anonymous, 127.0.0.1 only)")
     p.add_argument("--model", default="digits", help="task / model (default: digits)")
     p.add_argument("--devices", type=int, default=20, help="number of devices (default: 20)")
     p.add_argument("--duration", type=float, default=60.0, help="wall seconds of labelling (default: 60)")
@@ -51,6 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/latest"), help="where the plot and metrics go")
     p.add_argument("--state-dir", type=Path, help="coordinator state dir (default: a fresh temp dir)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.add_argument("--validation-size", type=int, default=200, help="pool samples kept at the coordinator for the release gate")
+    p.add_argument("--gate-margin", type=float, default=0.02, help="accuracy a candidate may lose against the release and still be released")
+    p.add_argument("--no-gate", action="store_true", help="release every aggregated version (no validation set)")
 
 
 @dataclass
@@ -102,7 +113,7 @@ class Evaluator:
             self.timeline.add(version, float(self.task.evaluate(weights)["accuracy"]))
 
 
-def plot(timeline: Timeline, path: Path, title: str) -> None:
+def plot(timeline: Timeline, path: Path, title: str, training: Timeline | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,7 +122,10 @@ def plot(timeline: Timeline, path: Path, title: str) -> None:
     t = [p[0] for p in timeline.points]
     acc = [100 * p[2] for p in timeline.points]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    ax.step(t, acc, where="post", label="deployed model (held-out accuracy)")
+    if training is not None and training.points:
+        ax.step([p[0] for p in training.points], [100 * p[2] for p in training.points], where="post", color="0.6",
+                lw=0.8, label="training line (candidates)")
+    ax.step(t, acc, where="post", label="release: what devices predict with (held-out accuracy)")
     ax.set_xlabel("wall time (s)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
@@ -132,8 +146,20 @@ def run(args: argparse.Namespace) -> int:
     broker = None if args.broker else EmbeddedBroker().start()
     url = args.broker or broker.url  # type: ignore[union-attr]
     timeline = Timeline(t0=time.monotonic())
+    training = Timeline(t0=timeline.t0)
     evaluator = Evaluator(task, timeline).start()
-    parts = partition(data.pool.y, args.devices, "dirichlet", alpha=args.alpha, seed=args.seed)
+    training_evaluator = Evaluator(task, training).start()
+    # The coordinator's validation set: a slice of the pool that no device will label.
+    order = np.random.default_rng(args.seed).permutation(len(data.pool.y))
+    n_val = 0 if args.no_gate else min(max(args.validation_size, 0), len(order) // 4)
+    val_idx, label_idx = order[:n_val], order[n_val:]
+    validation = None
+    if n_val:
+        from coordinator.validation import save_validation
+
+        validation = Path(tmp.name) / "validation.npz"
+        save_validation(validation, Split(x=data.pool.x[val_idx], y=data.pool.y[val_idx]))
+    parts = [label_idx[p] for p in partition(data.pool.y[label_idx], args.devices, "dirichlet", alpha=args.alpha, seed=args.seed)]
     clients: list[EdgeClient] = []
     coordinator = None
     loop = None
@@ -146,14 +172,18 @@ def run(args: argparse.Namespace) -> int:
                 model=args.model,
                 strategy_params={"k": args.k, "timeout_s": args.timeout, "combine": args.combine},
                 seed=args.seed,
+                validation=validation,
+                gate_margin=args.gate_margin,
             ),
             task=task,
-            on_commit=evaluator.submit,
+            on_commit=training_evaluator.submit if validation is not None else evaluator.submit,
+            on_release=evaluator.submit,
         )
         v0 = coordinator.core.version
         w0 = coordinator.core.weights
         acc0 = float(task.evaluate(w0)["accuracy"])
         timeline.add(v0, acc0)
+        training.add(v0, acc0)
         coordinator.start()
         train = TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed)
         users = []
@@ -183,16 +213,22 @@ def run(args: argparse.Namespace) -> int:
         if coordinator is not None:
             coordinator.stop()
         evaluator.close()
+        training_evaluator.close()
         if broker is not None:
             broker.stop()
     status = coordinator.core.status()
     _, v_end, acc_end = timeline.last()
     png = out / "accuracy.png"
-    plot(timeline, png, f"edgeci run: SPIN (K={args.k}, π={args.timeout:g} s), {args.devices} devices, {task.name}")
-    (out / "metrics.json").write_text(json.dumps({"points": timeline.points, "status": dataclasses.asdict(status)}, indent=1))
+    gate_note = "no gate" if validation is None else f"gate on {n_val} validation samples, margin {args.gate_margin:g}"
+    plot(timeline, png, f"edgeci run: SPIN (K={args.k}, π={args.timeout:g} s), {args.devices} devices, {task.name}, {gate_note}",
+         training if validation is not None else None)
+    (out / "metrics.json").write_text(json.dumps({"release": timeline.points, "training": training.points,
+                                                  "status": dataclasses.asdict(status)}, indent=1))
     wall = time.monotonic() - timeline.t0
+    gate = status.extra.get("gate") or {}
     print(
-        f"deployed accuracy {100 * acc0:.1f}% → {100 * acc_end:.1f}% | versions {v0} → {v_end} | "
+        f"release accuracy {100 * acc0:.1f}% → {100 * acc_end:.1f}% | release v{v0} → v{v_end} (training line v{status.version}) | "
+        f"candidates promoted {gate.get('promoted', 0)}, held {gate.get('held', 0)}, rejected {gate.get('rejected', 0)} | "
         f"updates accepted {status.updates_accepted} (rejected {status.updates_rejected}, duplicates {status.updates_duplicate}) | "
         f"samples labelled {loop.labelled if loop else 0} | wall {wall:.1f} s | plot {png}"
     )

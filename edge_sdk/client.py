@@ -1,7 +1,6 @@
 """EdgeClient — what a device app embeds.
 
-    with EdgeClient(broker="mqtt://127.0.0.1:1883", device_id="headset-7", task="digits",
-                    data_dir="~/.edgeci") as client:
+    with EdgeClient(broker="mqtt://127.0.0.1:1883", device_id="headset-7", task="digits") as client:
         client.add_sample(x, label)      # durable when it returns; may trigger a pull
         client.add_frame(image, boxes)   # detection devices: an RGB frame and its boxes
         client.predict(batch)            # with the latest deployed model
@@ -10,6 +9,13 @@
 Behind it: the durable :class:`~edge_sdk.store.SampleStore`, the sans-IO
 :class:`~edge_sdk.core.device.DeviceCore` on an actor thread, the paho transport, and a
 single trainer thread so that local fine-tuning never blocks the protocol.
+
+Samples follow the task's input contract (``client.contract``, declared in
+:mod:`edge_sdk.tasks.registry`: digits are ``(1, 8, 8)`` floats in ``[0, 1]``, an ``(8, 8)``
+image is accepted too); the data dir defaults to ``$EDGECI_HOME/devices/<device_id>``
+(``~/.edgeci/devices/<device_id>``) and D_min to the task's declared default. With only
+``pip install edgeci`` (the ``[device]`` role: no torch) a built-in task stores, labels
+and predicts with its shipped ONNX graph; local training needs ``edgeci[train]``.
 
 Failover: with ``regions=["eu", "us"]`` the device talks to its first region's
 coordinator and, after ``failover_after`` consecutive request timeouts, to the next
@@ -24,11 +30,12 @@ valid everywhere.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import random
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
@@ -42,6 +49,7 @@ from edge_sdk.core.events import (
     MessageReceived,
     Notify,
     PersistDeviceState,
+    PinKey,
     Publish,
     SampleAdded,
     StartTraining,
@@ -49,14 +57,22 @@ from edge_sdk.core.events import (
     TrainingFinished,
     TrainingJob,
 )
-from edge_sdk.errors import ConfigError, LocalProtocolError
+from edge_sdk.errors import ConfigError, LocalProtocolError, MissingExtra
 from edge_sdk.modelio import load_model, save_model
-from edge_sdk.mqtt import MqttTransport
+from edge_sdk.mqtt import BrokerAuth, MqttTransport, read_bundle
+from edge_sdk.paths import device_dir
 from edge_sdk.runtime import Actor, Clock, WallClock
 from edge_sdk.spec import Vector
 from edge_sdk.store import SampleKind, SampleStore
 from edge_sdk.tasks import get_task
 from edge_sdk.tasks.base import Task, TrainConfig
+from edge_sdk.tasks.registry import (
+    DeclaredTask,
+    InputContract,
+    default_min_samples,
+    input_contract,
+    task_info,
+)
 from edge_sdk.wire import topics
 from edge_sdk.wire.codec import Encoding
 
@@ -75,6 +91,19 @@ def sample_kind_of(task: Task) -> SampleKind:
     return cast(SampleKind, declared) if declared is not None else SAMPLE_KINDS.get(task.name, "array")
 
 
+def _resolve_task(name: str) -> Task:
+    """The registered task ``name``; on an install without its training stack (``[device]``:
+    no torch) a built-in task's declaration, which stores, labels and serves but cannot train."""
+    try:
+        return get_task(name)
+    except MissingExtra:
+        info = task_info(name)
+        if info is None:
+            raise
+        log.info("task %s: %s not installed, serving only", name, info.train_extra)
+        return cast(Task, DeclaredTask(info))
+
+
 class EdgeClient:
     """A device's SDK handle. Thread-safe: call it from the app's threads.
 
@@ -90,7 +119,7 @@ class EdgeClient:
         data_dir: str | Path | None = None,
         region: str = "default",
         task: str | Task = "digits",
-        min_samples: int = 16,
+        min_samples: int | None = None,
         train: TrainConfig | None = None,
         encoding: Encoding = "f4",
         request_timeout_s: float = 10.0,
@@ -100,6 +129,9 @@ class EdgeClient:
         durable: bool = True,
         regions: Sequence[str] | None = None,
         failover_after: int = 3,
+        auth: BrokerAuth | None = None,
+        bundle: str | Path | None = None,
+        trusted_keys: Mapping[str, bytes] | None = None,
     ) -> None:
         if inference not in ("onnx", "torch"):
             raise ConfigError(f"inference must be 'onnx' or 'torch', got {inference!r}")
@@ -110,10 +142,12 @@ class EdgeClient:
         self.failover_after = failover_after
         self._failures = 0
         self._seed = seed
-        self.task: Task = get_task(task) if isinstance(task, str) else task
-        if durable and data_dir is None:
-            raise ConfigError("a durable EdgeClient needs a data_dir (or pass durable=False for emulation)")
+        self.task: Task = _resolve_task(task) if isinstance(task, str) else task
+        if min_samples is None:  # the task's declared D_min (edge_sdk/tasks/registry.py)
+            min_samples = default_min_samples(self.task)
         self.durable = durable
+        if durable and data_dir is None:
+            data_dir = device_dir(device_id)  # $EDGECI_HOME/devices/<id> (edge_sdk/paths.py)
         self.data_dir = Path(data_dir).expanduser() if data_dir is not None else None
         if self.data_dir is not None:
             self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -122,18 +156,25 @@ class EdgeClient:
         # Gesture tasks store (T, D) sequences, detection tasks frames of any size with
         # boxes, everything else fixed-shape arrays.
         self.sample_kind: SampleKind = sample_kind_of(self.task)
+        # Shape, value range and class count come from the task's declaration, never from
+        # loading its dataset (a [device] install has neither torch nor scikit-learn).
         shape: tuple[int, ...] | None = None
+        self.contract: InputContract | None = None
+        """What ``add_sample``/``predict`` accept (None for frames)."""
         if self.sample_kind == "frame":
-            # The detection task knows its class count without building its dataset (seconds).
-            n_classes = int(cast(Any, self.task).config.n_classes)
+            config = getattr(self.task, "config", None)
+            n_classes = int(config.n_classes) if config is not None else int(cast(Any, self.task).n_classes)
         else:
-            shape = tuple(self.task.data().test.x.shape[1:])
-            n_classes = self.task.data().n_classes
+            self.contract = input_contract(self.task)
+            shape = self.contract.shape
+            declared = getattr(self.task, "n_classes", None)
+            n_classes = int(declared) if declared is not None else self.task.data().n_classes
         self.store = SampleStore.open(
             self.data_dir / "samples.sqlite3" if self.data_dir is not None and durable else ":memory:",
             sample_shape=shape if self.sample_kind == "array" else None,
             gesture_shape=shape if self.sample_kind == "gesture" else None,
             n_classes=n_classes,
+            recover=True,  # a corrupt file is moved aside (counters kept); ``store_recovered`` says so
         )
         self.inference = inference
         self._engine: Any = None
@@ -143,6 +184,22 @@ class EdgeClient:
         self._callbacks: dict[str, list[Callback]] = defaultdict(list)
         self._job_ids: dict[int, list[int]] = {}
         self._version_changed = threading.Condition()
+        # Provisioning bundle (`edgeci pki issue`): broker credentials, and the coordinators'
+        # model-signing keys this device trusts (bundle/trusted/*.pub).
+        self.bundle: Path | None = Path(bundle).expanduser() if bundle is not None else None
+        if self.bundle is not None and (who := read_bundle(self.bundle).get("identity")) != device_id:
+            raise ConfigError(f"bundle {self.bundle} is {who!r}'s, not device {device_id!r}'s (the broker would refuse every topic)")
+        self.auth: BrokerAuth | None = auth or (BrokerAuth.from_bundle(self.bundle) if self.bundle is not None else None)
+        self.trusted_keys: dict[str, bytes] | None = None
+        if self.bundle is not None and (self.bundle / "trusted").is_dir():
+            from edge_sdk.signing import load_trusted_keys
+
+            self.trusted_keys = load_trusted_keys(self.bundle / "trusted")
+        if trusted_keys is not None:
+            self.trusted_keys = dict(trusted_keys)
+        if not self.trusted_keys:
+            log.info("device %s: no provisioned coordinator keys; it will pin the first key that signs a model "
+                     "(trust on first use). Provision a bundle (`edgeci pki issue`) for fleets.", device_id)
         cfg = DeviceConfig(
             device_id=device_id,
             region=region,
@@ -150,17 +207,24 @@ class EdgeClient:
             min_samples=min_samples,
             encoding=encoding,
             request_timeout_s=request_timeout_s,
+            trusted_keys=self.trusted_keys or {},
         )
         next_seq = int(self.store.get_meta("next_seq", 0) or 0)
         trained_upto = int(self.store.get_meta("trained_upto", 0) or 0)
-        self.core = DeviceCore(cfg, rng=random.Random(seed), next_seq=next_seq, trained_upto=trained_upto, total=self._added())
+        self.core = DeviceCore(cfg, rng=random.Random(seed), next_seq=next_seq, trained_upto=trained_upto,
+                               total=self._added(), pinned=self._pins(region))
         if self._deployed is not None:
             self.core.state.deployed_version, self.core.state.deployed = self._deployed
         self.actor = Actor(f"device-{device_id}", self._handle, self._perform, clock=self.clock)
         subscriptions = [topics.device_topic(r, device_id, leaf) for r in self.regions for leaf in topics.DOWNSTREAM]
         self._trainer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"train-{device_id}")
+        # Presence: retained "online" after every (re)connect, the broker's last will says "offline".
+        self._presence_topic = topics.device_topic(region, device_id, "presence")
         self.transport = MqttTransport(
-            broker, client_id=f"dev-{region}-{device_id}", subscriptions=subscriptions, on_message=self._on_message
+            broker, client_id=f"dev-{region}-{device_id}", subscriptions=subscriptions, on_message=self._on_message,
+            will=(self._presence_topic, b"offline"),
+            on_connection=self._on_connection,
+            auth=self.auth,
         )
         self._started = False
 
@@ -170,11 +234,15 @@ class EdgeClient:
         self.actor.start()
         self.transport.start(timeout)
         self._started = True
+        if self.store.recovered_from is not None:
+            recovered = dict(self.store.recovered_from)
+            self.actor.call(lambda: self._emit("store_recovered", recovered))
         self.actor.call(lambda: self.actor.run_actions(self.core.start(self.clock.now())))
         return self
 
     def stop(self) -> None:
         if self._started:
+            self.transport.publish(self._presence_topic, b"offline", retain=True)  # a clean exit sends no will
             self.transport.stop()
             self._started = False
         self.actor.stop()
@@ -190,11 +258,13 @@ class EdgeClient:
     # ------------------------------------------------------------------ app API
 
     def add_sample(self, x: npt.NDArray[Any], label: int, *, timestamp: float | None = None) -> int:
-        """Store one labelled sample durably (typed ``InvalidSample`` on bad input), then let
-        the protocol react (the first pull waits for ``min_samples``)."""
+        """Store one labelled sample durably, then let the protocol react (the first pull
+        waits for ``min_samples``). ``x`` follows :attr:`contract`; anything else (wrong
+        shape, dtype or value range) is a typed ``InvalidSample`` saying what was expected."""
         if self.sample_kind == "frame":
             raise LocalProtocolError("a detection device stores frames with boxes: use add_frame(image, boxes)")
-        sample_id = self.store.add_sample(self.sample_kind, np.asarray(x, dtype=np.float32), label, timestamp=timestamp)
+        assert self.contract is not None
+        sample_id = self.store.add_sample(self.sample_kind, self.contract.sample(x), label, timestamp=timestamp)
         self._sample_added()
         return sample_id
 
@@ -208,6 +278,12 @@ class EdgeClient:
         return sample_id
 
     @property
+    def ready(self) -> bool:
+        """True once the device holds a model to predict with: the one saved from its last run,
+        or the one its coordinator sends in answer to the serving request made at start."""
+        return self.version is not None
+
+    @property
     def version(self) -> int | None:
         with self._lock:
             return None if self._deployed is None else self._deployed[0]
@@ -218,19 +294,24 @@ class EdgeClient:
             return None if self._deployed is None else self._deployed[1]
 
     def predict(self, x: npt.NDArray[Any]) -> npt.NDArray[np.int64]:
-        """Class labels for a batch, from the latest deployed model.
+        """Class labels for a batch ``(N, *contract.shape)`` or one sample, from the latest
+        deployed model (input validated as in :meth:`add_sample`).
 
         With ``inference="onnx"`` (default) an onnxruntime session serves the model; a new
         version is hot-swapped in without failing or blocking a concurrent ``predict``.
-        The first call exports the architecture once (seconds), later swaps patch weights.
+        Built-in tasks use their shipped graph; others export theirs once (seconds, torch).
         """
         with self._lock:
             deployed = self._deployed
         if deployed is None:
-            raise LocalProtocolError("no model deployed yet: add samples until the first pull completes")
+            raise LocalProtocolError(
+                "no model to predict with yet: the device asks its coordinator for the current one when it "
+                "starts; check `client.ready` or wait with `client.wait_for_version(0, timeout)`"
+            )
         if self.sample_kind == "frame":
             raise LocalProtocolError("predict serves classifiers; for detection export `weights` with the task's export_onnx and run an OnnxDetector")
-        batch = np.asarray(x, dtype=np.float32)
+        assert self.contract is not None
+        batch = self.contract.batch(x)  # InvalidSample says what the task expects
         if self.inference == "torch":
             logits = self.task.logits(deployed[1], batch)  # type: ignore[attr-defined]
             return np.asarray(np.argmax(logits, axis=1), dtype=np.int64)
@@ -248,7 +329,9 @@ class EdgeClient:
 
     def on(self, kind: str, callback: Callback) -> None:
         """Subscribe to notifications: ``model``, ``trained``, ``update_acked``, ``update_rejected``,
-        ``deferred``, ``retry``, ``training_failed``, ``message_rejected`` (or ``*`` for all)."""
+        ``deferred``, ``retry``, ``training_failed``, ``training_unavailable`` (a round this
+        install cannot train: full rounds without ``[train]``), ``message_rejected``, ``store_recovered``
+        (the sample store was corrupt and started clean; ``path``, ``reason``) (or ``*`` for all)."""
         self._callbacks[kind].append(callback)
 
     def wait_for_version(self, version: int, timeout: float) -> bool:
@@ -276,6 +359,10 @@ class EdgeClient:
         """The region whose coordinator the device is using now."""
         return self.core.config.region
 
+    def _on_connection(self, up: bool) -> None:
+        if up:  # paho's thread: one retained publish, no domain logic
+            self.transport.publish(self._presence_topic, b"online", retain=True)
+
     def _on_message(self, topic: str, payload: bytes) -> None:
         self.actor.submit(lambda now: MessageReceived(now=now, topic=topic, payload=payload))
 
@@ -295,7 +382,7 @@ class EdgeClient:
         trained_upto = old.prev_trained_upto if old.phase is Phase.PUSHING else old.trained_upto
         cfg = dataclasses.replace(self.core.config, region=new_region)
         core = DeviceCore(cfg, rng=random.Random(f"{self._seed}:{new_region}"), next_seq=old.next_seq,
-                          trained_upto=trained_upto, total=old.total)
+                          trained_upto=trained_upto, total=old.total, pinned=self._pins(new_region))
         core.state.job_id = old.job_id  # job ids stay unique across the switch
         core.state.deployed = old.deployed  # deployed_version stays unset: the new region numbers its own
         log.warning("device %s: region %s did not answer %d times; failing over to %s",
@@ -305,6 +392,17 @@ class EdgeClient:
         self._failures = 0
         self.store.set_meta_many({"next_seq": old.next_seq, "trained_upto": trained_upto})
         self.actor.run_actions(core.start(self.clock.now()))
+
+    def _pins(self, region: str) -> dict[str, bytes]:
+        """Coordinator keys this device pinned on first use for ``region`` (durable)."""
+        raw = self.store.get_meta(f"pins.{region}")
+        if not isinstance(raw, str):
+            return {}
+        try:
+            return {str(k): bytes.fromhex(v) for k, v in json.loads(raw).items()}
+        except (ValueError, AttributeError, TypeError):
+            log.error("device store holds unreadable key pins for region %s: ignoring them", region)
+            return {}
 
     def _emit(self, kind: str, data: dict[str, Any]) -> None:
         for cb in (*self._callbacks.get(kind, ()), *self._callbacks.get("*", ())):
@@ -318,6 +416,11 @@ class EdgeClient:
             self.transport.publish(action.topic, action.payload, qos=action.qos, retain=action.retain)
         elif isinstance(action, PersistDeviceState):
             self.store.set_meta_many({"next_seq": action.next_seq, "trained_upto": action.trained_upto})
+        elif isinstance(action, PinKey):
+            pins = {**self._pins(action.region), action.kid: action.public_raw}
+            self.store.set_meta(f"pins.{action.region}", json.dumps({k: v.hex() for k, v in pins.items()}))
+            log.info("device %s: pinned coordinator key %s for region %s (trust on first use); models signed by "
+                        "any other key will be refused", self.core.config.device_id, action.kid, action.region)
         elif isinstance(action, StartTraining):
             self._trainer.submit(self._train, action.job)
         elif isinstance(action, DeployModel):
@@ -382,6 +485,12 @@ class EdgeClient:
                     seconds=result.seconds,
                 )
             )
+        except MissingExtra as exc:  # a [device] install: classifier-only rounds only
+            info = {"job_id": job.job_id, "group": job.group, "reason": str(exc)}
+            log.info("device %s: skipping a %s round: %s", self.core.config.device_id, job.group, exc)
+            self.actor.call(lambda: self._emit("training_unavailable", info))
+            err = f"{type(exc).__name__}: {exc}"
+            self.actor.submit(lambda now: TrainingFailed(now=now, job_id=job.job_id, error=err))
         except Exception as exc:
             log.exception("local training failed")
             err = f"{type(exc).__name__}: {exc}"

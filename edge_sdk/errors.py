@@ -79,5 +79,52 @@ class TopicMismatch(RemoteProtocolError):
     reason = "topic_mismatch"
 
 
+class SeqJump(RemoteProtocolError):
+    """An update's seq is further above the device's watermark than any honest device gets."""
+
+    reason = "seq_jump"
+
+
+class TooManySamples(RemoteProtocolError):
+    """An update claims more training samples than the coordinator's cap."""
+
+    reason = "n_samples"
+
+
+class UnsignedMessage(RemoteProtocolError):
+    """A model (or peer message) arrived without the signature this side requires."""
+
+    reason = "unsigned"
+
+
+class BadSignature(RemoteProtocolError):
+    """A signature that does not verify, or one by a key this side does not trust."""
+
+    reason = "bad_signature"
+
+
+class ReplayedMessage(RemoteProtocolError):
+    """A signed command seen before, or outside its time window."""
+
+    reason = "replayed"
+
+
+class RateLimited(RemoteProtocolError):
+    """A device asked more often than the coordinator answers; the request is dropped."""
+
+    reason = "rate_limited"
+
+
+class TooManyDevices(RemoteProtocolError):
+    """A message from a new device id once the coordinator tracks its maximum of devices."""
+
+    reason = "too_many_devices"
+
+
 class TransportError(EdgeciError):
     """The broker could not be reached or refused us (raised by drivers, never by cores)."""
+
+
+class MissingExtra(ConfigError, ImportError):
+    """An optional dependency of one role is not installed; the message names the extra
+    (``pip install 'edgeci[train]'``). Also an ``ImportError``, so import fallbacks work."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -33,9 +34,12 @@ from edge_sdk.core.events import (
     TimerFired,
     TrainingFinished,
 )
+from edge_sdk.signing import Signer
 from edge_sdk.spec import ModelSpec
 
 SPEC = ModelSpec.build("toy", [("body.w", (6,), "extractor"), ("head.w", (3,), "classifier")])
+SIGNER = Signer.generate()
+"""The test coordinator's model-signing key; devices pin it on first use."""
 
 
 def toy_snapshot(version: int = 0) -> Snapshot:
@@ -173,5 +177,15 @@ class Link:
 
 def make_coordinator(strategy: str | Strategy = "spin", *, snapshot: Snapshot | None = None, seed: int = 0, **params: object) -> CoordinatorCore:
     strat = make_strategy(strategy, **params) if isinstance(strategy, str) else strategy
-    cfg = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC)
+    cfg = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, signer=SIGNER)
     return CoordinatorCore(cfg, strat, snapshot or toy_snapshot(), rng=random.Random(seed))
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str, poll: float = 0.05) -> None:
+    """Poll ``predicate`` until it holds; fail naming ``what`` after ``timeout`` seconds
+    (integration tests only: the cores' tests never wait)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(poll)

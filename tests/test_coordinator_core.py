@@ -40,8 +40,12 @@ def test_pull_is_answered_immediately_with_current_model() -> None:
     pull = Pull(device="d1", seq=4, model_id="toy")
     acts = c.handle(MessageReceived(now=0.0, topic=topics.device_topic("r1", "d1", "pull"), payload=encode(pull)))
     reply = decode(next(a for a in acts if isinstance(a, Publish) and a.topic.endswith("/model")).payload)
-    assert isinstance(reply, ModelMsg) and reply.version == 0 and reply.reply_to == 4
+    assert isinstance(reply, ModelMsg) and reply.version == 0 and reply.reply_to == -1  # "answers your pull"
     assert reply.spec_fingerprint == SPEC.fingerprint
+    # every device asking for the same model gets the very same signed bytes (encoded once)
+    again = c.handle(MessageReceived(now=0.1, topic=topics.device_topic("r1", "d2", "pull"), payload=encode(Pull(device="d2", seq=9, model_id="toy"))))
+    first = next(a for a in acts if isinstance(a, Publish) and a.topic.endswith("/model")).payload
+    assert next(a for a in again if isinstance(a, Publish) and a.topic.endswith("/model")).payload is first
 
 
 def test_aggregates_at_k_with_sample_weights() -> None:
@@ -164,8 +168,11 @@ def test_lasp_partial_versions_change_only_the_classifier() -> None:
     assert commit.version == 2
     np.testing.assert_array_equal(commit.weights[head], 2.0)
     # version 3 is a full sync: devices get (and train) the whole model, the extractor moves
-    third = _pull(c, "d3", 0, have=2)
+    third = _pull(c, "d3", 0, have=1)
     assert (third.group, third.train_group) == ("full", "full")
+    # a device already holding the current version gets no weights, only the instructions
+    same = _pull(c, "d4", 0, have=2)
+    assert (same.group, same.train_group, same.weights.size) == ("unchanged", "full", 0)
     (commit,) = commits(c.handle(upd("d3", 1, 9.0, base=2)))
     assert commit.version == 3 and commit.metadata["full_sync"]
     np.testing.assert_array_equal(commit.weights, 9.0)

@@ -25,7 +25,7 @@ from edge_sdk.errors import LocalProtocolError
 from edge_sdk.wire import topics
 from edge_sdk.wire.codec import decode, encode
 from edge_sdk.wire.messages import Ack, Invite, ModelMsg, Pull, Update
-from tests.helpers import SPEC
+from tests.helpers import SIGNER, SPEC
 
 DEV = "d1"
 
@@ -36,7 +36,8 @@ def core(min_samples: int = 3) -> DeviceCore:
 
 
 def recv(now: float, leaf: str, msg: object) -> MessageReceived:
-    return MessageReceived(now=now, topic=topics.device_topic("r1", DEV, leaf), payload=encode(msg))  # type: ignore[arg-type]
+    signer = SIGNER if isinstance(msg, ModelMsg) else None  # the coordinator signs every model
+    return MessageReceived(now=now, topic=topics.device_topic("r1", DEV, leaf), payload=encode(msg, signer=signer))  # type: ignore[arg-type]
 
 
 def model(version: int, reply_to: int, group: str = "full") -> ModelMsg:

@@ -18,7 +18,7 @@ from coordinator.broker import EmbeddedBroker
 from coordinator.cli_status import read_status
 from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
 from edge_sdk.client import EdgeClient
-from edge_sdk.errors import InvalidSample, LocalProtocolError
+from edge_sdk.errors import InvalidSample
 from edge_sdk.tasks import get_task
 from edge_sdk.tasks.base import TrainConfig
 
@@ -41,15 +41,22 @@ def test_main_job_on_embedded_broker_improves_accuracy(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr[-3000:]
     line = out.stdout.strip().splitlines()[-1]
-    m = re.search(r"deployed accuracy ([\d.]+)% → ([\d.]+)% \| versions 0 → (\d+) \| updates accepted (\d+)", line)
+    m = re.search(
+        r"release accuracy ([\d.]+)% → ([\d.]+)% \| release v0 → v(\d+) \(training line v(\d+)\) \| "
+        r"candidates promoted (\d+), held (\d+), rejected (\d+) \| updates accepted (\d+)", line)
     assert m, line
-    before, after, versions, accepted = float(m[1]), float(m[2]), int(m[3]), int(m[4])
+    before, after, release, training = float(m[1]), float(m[2]), int(m[3]), int(m[4])
+    promoted, held, rejected, accepted = (int(m[i]) for i in range(5, 9))
     assert after > before + 5.0, line
-    assert versions >= 3 and accepted >= versions
+    # the gate judged the candidates; every promotion moved the release, which never exceeds the training line
+    assert promoted >= 1 and release <= training and promoted + held + rejected <= training, line
+    assert accepted >= training - rejected
+    # the release never ends worse than the deployed start by more than the gate's margin
+    assert after >= before - 2.0
     png = tmp_path / "run" / "accuracy.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["status"]["version"] == versions
+    assert metrics["status"]["version"] == training and metrics["status"]["extra"]["release"] == release
 
 
 def test_sdk_round_trip_on_embedded_broker(tmp_path: Path) -> None:
@@ -66,8 +73,9 @@ def test_sdk_round_trip_on_embedded_broker(tmp_path: Path) -> None:
             acked: list[dict[str, object]] = []
             client.on("update_acked", lambda kind, data: acked.append(data))
             with client:
-                with pytest.raises(LocalProtocolError):
-                    client.predict(pool.x[:2])  # nothing deployed before the first pull
+                # a new device asks for the release when it starts: it predicts before any label
+                assert client.wait_for_version(0, timeout=60), "the serving request was never answered"
+                assert client.ready and client.predict(pool.x[:2]).shape == (2,)
                 with pytest.raises(InvalidSample):
                     client.add_sample(pool.x[0][:, :4], 1)  # wrong shape: typed, nothing stored
                 assert client.store.count() == 0

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -29,18 +29,12 @@ from edge_sdk.tasks.base import Split, TrainConfig
 from edge_sdk.wire import topics
 from edge_sdk.wire.codec import decode, encode, parse_status_json
 from edge_sdk.wire.messages import Ack, Update
+from tests.helpers import wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 REGION = "it"
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.1)
 
 
 class Watcher:
@@ -259,7 +253,7 @@ def test_sigkill_restart_loses_nothing_and_applies_nothing_twice(mosquitto: Mosq
 def test_status_cli_reads_retained_status(mosquitto: MosquittoProcess, tmp_path: Path) -> None:
     with coordinator_process(mosquitto.url, tmp_path / "c"):
         out = subprocess.run(
-            [sys.executable, "-m", "demos.cli", "status", "--broker", mosquitto.url, "--region", REGION],
+            [sys.executable, "-m", "demos.cli", "status", "--broker", mosquitto.url, "--region", REGION, "--json"],
             capture_output=True, text=True, timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
         assert out.returncode == 0, out.stderr

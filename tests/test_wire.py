@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import struct
 
 import msgpack
 import numpy as np
@@ -21,12 +22,23 @@ from edge_sdk.errors import (
     ShapeMismatch,
     UnsupportedProtocol,
 )
+from edge_sdk.signing import Signer, verify
 from edge_sdk.spec import ModelSpec
 from edge_sdk.wire import topics
-from edge_sdk.wire.codec import decode, encode, parse_status_json, status_json
+from edge_sdk.wire.codec import (
+    MAGIC,
+    EncodedTensor,
+    decode,
+    decode_frame,
+    encode,
+    encode_spliced,
+    parse_status_json,
+    status_json,
+)
 from edge_sdk.wire.messages import Ack, Invite, ModelMsg, PeerMsg, Pull, Status, Update
 
 SPEC = ModelSpec.build("m", [("a", (2, 3), "extractor"), ("b", (4,), "classifier")])
+_SIGNER = Signer.generate()
 
 
 def _update(weights: np.ndarray, **kw: object) -> Update:
@@ -64,6 +76,7 @@ def test_f4_decode_is_zero_copy_view() -> None:
     assert isinstance(out, Update)
     assert not out.weights.flags.owndata  # a view into the payload, not a copy
     assert not out.weights.flags.writeable
+    assert out.weights.ctypes.data % 4 == 0  # the tail is aligned
 
 
 @pytest.mark.parametrize(("encoding", "tol"), [("f2", 1e-3), ("i1", 1.0 / 127)])
@@ -83,33 +96,84 @@ def test_size_cap() -> None:
         decode(payload, max_bytes=len(payload) - 1)
 
 
+def frame(header: object, tail: bytes = b"", trailer: bytes = b"") -> bytes:
+    """A v2 frame around any header (for rejection and fuzz tests)."""
+    packed = msgpack.packb(header, use_bin_type=True)
+    start = 8 + len(packed)
+    return MAGIC + struct.pack("<I", len(packed)) + packed + b"\0" * (-start % 16) + tail + trailer
+
+
+def test_f4_decode_shares_memory_with_payload() -> None:
+    w = np.arange(1000, dtype=np.float32)
+    payload = encode(_update(w))
+    out = decode(payload)
+    assert isinstance(out, Update)
+    buf = np.frombuffer(payload, dtype=np.uint8)
+    assert np.shares_memory(out.weights, buf)
+    np.testing.assert_array_equal(out.weights, w)
+
+
+def test_v1_messages_are_refused_with_a_clear_error() -> None:
+    v1 = msgpack.packb({"v": 1, "type": "pull", "device": "d", "seq": 1, "model_id": "m"}, use_bin_type=True)
+    with pytest.raises(UnsupportedProtocol, match="v1"):
+        decode(v1)
+    with pytest.raises(UnsupportedProtocol, match="version 3"):
+        decode(b"ECI\x03" + encode(MESSAGES[0])[4:])
+
+
+def test_signed_frames_verify_and_tampering_is_detected() -> None:
+    signer = Signer.generate()
+    msg = ModelMsg(model_id="m", version=4, reply_to=1, weights=np.arange(10, dtype=np.float32))
+    payload = encode(msg, signer=signer)
+    f = decode_frame(payload)
+    assert f.signature is not None and f.signature.kid == signer.kid
+    assert verify(f.signature.public_raw, f.signature.signature, f.signature.signed)
+    # Flip one byte of the weights, then one of the header: the signature no longer holds.
+    for pos in (len(payload) - 64 - 3, 12):
+        bad = bytearray(payload)
+        bad[pos] ^= 0x01
+        try:
+            g = decode_frame(bytes(bad))
+        except RemoteProtocolError:
+            continue  # a header byte may break the framing instead: rejected either way
+        assert g.signature is not None
+        assert not verify(g.signature.public_raw, g.signature.signature, g.signature.signed)
+    assert decode_frame(encode(msg)).signature is None
+
+
+def test_spliced_encoding_equals_encode_and_reuses_the_tail() -> None:
+    signer = Signer.generate()
+    w = np.random.default_rng(1).normal(size=500).astype(np.float32)
+    tensor = EncodedTensor.of(w)
+    for reply_to in (1, 2):
+        msg = ModelMsg(model_id="m", version=4, reply_to=reply_to, weights=w)
+        assert encode_spliced(msg, tensor, signer=signer) == encode(msg, signer=signer)
+
+
 @pytest.mark.parametrize(
-    ("body", "error"),
+    ("payload", "error"),
     [
-        ({"v": 2, "type": "pull"}, UnsupportedProtocol),
-        ({"v": 1, "type": "nope"}, MalformedMessage),
-        ({"v": 1, "type": "pull", "device": "d"}, MalformedMessage),
-        ({"v": 1, "type": "ack", "device": "d", "seq": 1, "status": "maybe", "version": 1}, MalformedMessage),
-        ({"v": 1, "type": "ack", "device": "d", "seq": -3, "status": "accepted", "version": 1}, MalformedMessage),
-        ({"v": 1, "type": "ack", "device": 5, "seq": 1, "status": "accepted", "version": 1}, MalformedMessage),
-        (
-            {"v": 1, "type": "model", "model_id": "m", "version": 1, "reply_to": 0, "weights": {"dt": "f8", "n": 1, "b": b"\0" * 8}},
-            BadTensor,
-        ),
-        (
-            {"v": 1, "type": "model", "model_id": "m", "version": 1, "reply_to": 0, "weights": {"dt": "f4", "n": 3, "b": b"\0" * 8}},
-            BadTensor,
-        ),
-        (
-            {"v": 1, "type": "model", "model_id": "m", "version": 1, "reply_to": 0, "weights": {"dt": "i1", "n": 1, "b": b"\0", "s": float("nan")}},
-            BadTensor,
-        ),
-        ([1, 2, 3], MalformedMessage),
+        (frame({"type": "nope"}), MalformedMessage),
+        (frame({"type": "pull", "device": "d"}), MalformedMessage),
+        (frame({"type": "ack", "device": "d", "seq": 1, "status": "maybe", "version": 1}), MalformedMessage),
+        (frame({"type": "ack", "device": "d", "seq": -3, "status": "accepted", "version": 1}), MalformedMessage),
+        (frame({"type": "ack", "device": 5, "seq": 1, "status": "accepted", "version": 1}), MalformedMessage),
+        (frame({"type": "model", "model_id": "m", "version": 1, "reply_to": 0, "w": {"dt": "f8", "n": 1, "l": 8}}, b"\0" * 8), BadTensor),
+        (frame({"type": "model", "model_id": "m", "version": 1, "reply_to": 0, "w": {"dt": "f4", "n": 3, "l": 8}}, b"\0" * 8), BadTensor),
+        (frame({"type": "model", "model_id": "m", "version": 1, "reply_to": 0, "w": {"dt": "i1", "n": 1, "l": 1, "s": float("nan")}}, b"\0"), BadTensor),
+        # the tail must be exactly what the header says: no trailing bytes, no short tail
+        (frame({"type": "model", "model_id": "m", "version": 1, "reply_to": 0, "w": {"dt": "f4", "n": 2, "l": 8}}, b"\0" * 12), MalformedMessage),
+        (frame({"type": "model", "model_id": "m", "version": 1, "reply_to": 0, "w": {"dt": "f4", "n": 2, "l": 8}}, b"\0" * 4), MalformedMessage),
+        (frame({"type": "pull", "device": "d", "seq": 1, "model_id": "m", "w": {"dt": "f4", "n": 1, "l": 4}}, b"\0" * 4), MalformedMessage),
+        (frame({"type": "pull", "device": "d", "seq": 1, "model_id": "m", "sg": {"kid": "x", "pk": b"1" * 32}}, b"", b"s" * 64), MalformedMessage),
+        (frame([1, 2, 3]), MalformedMessage),
+        (MAGIC + struct.pack("<I", 1 << 30), MalformedMessage),
+        (b"\x00\x01", MalformedMessage),
     ],
 )
-def test_typed_rejections(body: object, error: type[Exception]) -> None:
+def test_typed_rejections(payload: bytes, error: type[Exception]) -> None:
     with pytest.raises(error):
-        decode(msgpack.packb(body, use_bin_type=True))
+        decode(payload)
 
 
 @settings(max_examples=300, deadline=None)
@@ -130,13 +194,26 @@ _leaf = st.recursive(
 @given(
     st.sampled_from(["pull", "model", "update", "ack", "invite", "status", "peer"]),
     st.dictionaries(
-        st.sampled_from(["device", "seq", "model_id", "weights", "version", "reply_to", "status", "n_samples", "base_version", "group", "hints", "body", "sender", "kind"]),
+        st.sampled_from(["device", "seq", "model_id", "w", "sg", "version", "reply_to", "status", "n_samples", "base_version", "group", "hints", "body", "sender", "kind", "nonce", "serve"]),
         _leaf,
     ),
 )
 def test_fuzz_structured_maps(kind: str, fields: dict[str, object]) -> None:
     with contextlib.suppress(RemoteProtocolError):
-        decode(msgpack.packb({"v": 1, "type": kind, **fields}, use_bin_type=True))
+        decode(frame({"type": kind, **fields}))
+    with contextlib.suppress(RemoteProtocolError):
+        decode(frame({"type": kind, **fields}, b"\0" * 16))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=1, max_size=256), st.integers(0, 300))
+def test_fuzz_mutated_real_frames(noise: bytes, pos: int) -> None:
+    """Corrupting any byte range of a real, signed frame decodes or raises the remote error."""
+    good = bytearray(encode(MESSAGES[1], signer=_SIGNER))
+    at = pos % len(good)
+    good[at : at + len(noise)] = noise
+    with contextlib.suppress(RemoteProtocolError):
+        decode_frame(bytes(good))
 
 
 def test_spec_layout_groups_and_checks() -> None:

@@ -22,26 +22,56 @@ Server-driven strategies (FedBuff, FedAvg) answer a pull with ``Ack(status="defe
 the device then waits in DEFERRED until an ``Invite`` arrives (or a long re-announce timer
 fires, in case the coordinator restarted and forgot it).
 
+Release and training line. A model message says which version is the coordinator's
+release. The device deploys (predicts with) release versions only; a newer training-line
+model that answers its pull is trained from but not served, and a newer release it hears
+of is fetched with a serving pull when the device is idle.
+
+Trust. Every model must carry a valid Ed25519 signature by a key the device trusts: the
+provisioned ``trusted_keys``, or — without any — the first key it sees (trust on first
+use: ``PinKey`` makes the pin durable before the model is used). Anything else is rejected
+(``unsigned`` / ``bad_signature``), counted, reported, never deployed. A model that answers
+none of the device's requests is deployed only if it is signed and newer than the deployed
+one. On start the device sends a *serving* pull so it can predict with the current model
+before it has labelled anything; that request never starts training.
+
+Idempotency under attack. Each update carries a random ``nonce``; a ``duplicate`` ack
+counts as success only when it echoes that nonce (or the coordinator no longer knows it).
+Otherwise someone else took the seq: the device moves past the coordinator's watermark and
+sends the same weights again under a fresh seq (``seq_conflicts``). An update deferred for
+the coordinator's storage stays pending and is retried with back-off. A training job that
+fails — or returns non-finite weights — returns the device to IDLE with a back-off.
+
 Transitions (event → action, new phase)::
 
     IDLE      SampleAdded and wants_pull   → Publish(pull)                 PULLING
-    PULLING   Model(reply_to = pull seq)   → DeployModel, Persist, StartTraining  TRAINING
+    PULLING   Model(reply_to = pull seq or -1, not older than deployed)
+                                           → DeployModel, Persist, StartTraining  TRAINING
     PULLING   Ack(deferred)                → ScheduleTimer(re-announce)    DEFERRED
     PULLING   TimerFired (deadline)        → Publish(pull, same seq)       PULLING
     DEFERRED  Invite                       → Publish(pull, invite_round)   PULLING
     DEFERRED  TimerFired (deadline)        → Publish(pull, same seq)       PULLING
+    IDLE      start                        → Publish(pull, serve)          PULLING (serving)
+    PULLING   Model answering a serve pull → DeployModel if newer          IDLE, then pull if wanted
     TRAINING  TrainingFinished(job)        → Persist, Publish(update)      PUSHING
-    TRAINING  TrainingFailed(job)          → Notify                        IDLE
-    PUSHING   Ack(update seq)              → Notify, then pull if wanted   IDLE / PULLING
+    TRAINING  TrainingFinished(non-finite) → Notify, back-off              IDLE
+    TRAINING  TrainingFailed(job)          → Notify, back-off              IDLE
+    PUSHING   Ack(accepted | own duplicate)→ Notify, then pull if wanted   IDLE / PULLING
+    PUSHING   Ack(duplicate, other nonce)  → Persist, Publish(update, new seq)  PUSHING
+    PUSHING   Ack(deferred: storage)       → retry later, same seq         PUSHING
+    PUSHING   Ack(rejected)                → Notify                        IDLE
     PUSHING   TimerFired (deadline)        → Publish(update, same seq)     PUSHING
-    any       Model newer than deployed    → DeployModel                   (unchanged)
-    any       bad bytes                    → Notify(rejected)              (unchanged)
+    IDLE      TimerFired (back-off over)   → pull if wanted                IDLE / PULLING
+    any       signed Model newer than deployed → DeployModel               (unchanged)
+    any       unsigned / badly signed / bad bytes → Notify(rejected)       (unchanged)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,6 +81,7 @@ from edge_sdk.core.events import (
     MessageReceived,
     Notify,
     PersistDeviceState,
+    PinKey,
     Publish,
     SampleAdded,
     ScheduleTimer,
@@ -61,19 +92,23 @@ from edge_sdk.core.events import (
     TrainingJob,
 )
 from edge_sdk.errors import (
+    BadSignature,
     ConfigError,
     LocalProtocolError,
     RemoteProtocolError,
+    ShapeMismatch,
     TopicMismatch,
     UnknownModel,
+    UnsignedMessage,
 )
+from edge_sdk.signing import trusted_from, verify
 from edge_sdk.spec import FULL, ModelSpec, Vector
 from edge_sdk.wire import topics
-from edge_sdk.wire.codec import DEFAULT_MAX_BYTES, Encoding, decode, encode
-from edge_sdk.wire.messages import NO_VERSION, Ack, Invite, ModelMsg, Pull, Update
+from edge_sdk.wire.codec import DEFAULT_MAX_BYTES, Encoding, SignatureInfo, decode_frame, encode
+from edge_sdk.wire.messages import NO_VERSION, UNCHANGED, Ack, Invite, ModelMsg, Pull, Update
 
 DeviceEvent = SampleAdded | MessageReceived | TrainingFinished | TrainingFailed | TimerFired
-DeviceAction = Publish | ScheduleTimer | StartTraining | DeployModel | PersistDeviceState | Notify
+DeviceAction = Publish | ScheduleTimer | StartTraining | DeployModel | PersistDeviceState | PinKey | Notify
 
 
 class Phase(enum.Enum):
@@ -95,9 +130,18 @@ class DeviceConfig:
     reannounce_s: float = 600.0
     encoding: Encoding = "f4"
     max_message_bytes: int = DEFAULT_MAX_BYTES
+    trusted_keys: Mapping[str, bytes] = field(default_factory=dict)
+    """Coordinator model-signing keys by key id (from the provisioning bundle)."""
+    pin_first: bool = True
+    """Without ``trusted_keys``: trust the first key that signs a model (and say so)."""
+    require_signature: bool = True
+    """Refuse unsigned models. Only the in-process emulator turns this off."""
+    serve_on_start: bool = True
+    """Ask for the current model to predict with as soon as the device starts."""
 
     def __post_init__(self) -> None:
         topics.check_id(self.device_id, "device id")
+        object.__setattr__(self, "trusted_keys", trusted_from(self.trusted_keys))
         topics.check_id(self.region, "region")
         if self.min_samples < 1:
             raise ConfigError("min_samples must be >= 1")
@@ -127,6 +171,16 @@ class DeviceState:
     updates_acked: int = 0
     rejected_messages: int = 0
     counters: dict[str, int] = field(default_factory=dict)
+    serving: bool = False
+    """The request in flight is a serving pull (no training follows)."""
+    pending_update: Update | None = None
+    hold_until: float = 0.0
+    """After a failed training job: no new pull before this time (back-off)."""
+    train_failures: int = 0
+    pins: dict[str, bytes] = field(default_factory=dict)
+    seq_conflicts: int = 0
+    release_wanted: int = NO_VERSION
+    """A release newer than the deployed model was announced: fetch it when idle."""
 
 
 class DeviceCore:
@@ -140,10 +194,11 @@ class DeviceCore:
         next_seq: int = 0,
         trained_upto: int = 0,
         total: int = 0,
+        pinned: Mapping[str, bytes] | None = None,
     ) -> None:
         self.config = config
         self._rng = rng
-        self._s = DeviceState(next_seq=next_seq, trained_upto=trained_upto, total=total)
+        self._s = DeviceState(next_seq=next_seq, trained_upto=trained_upto, total=total, pins=trusted_from(pinned))
         cfg = config
         self._t_pull = topics.device_topic(cfg.region, cfg.device_id, "pull")
         self._t_update = topics.device_topic(cfg.region, cfg.device_id, "update")
@@ -176,8 +231,12 @@ class DeviceCore:
         raise LocalProtocolError(f"DeviceCore cannot handle {type(event).__name__}")
 
     def start(self, now: float) -> list[DeviceAction]:
-        """Kick off after (re)start: pull if samples are already waiting."""
-        return self._maybe_pull(now)
+        """Kick off after (re)start: pull if samples are already waiting, else ask for the
+        current model to serve predictions with (``serve_on_start``)."""
+        actions = self._maybe_pull(now)
+        if not actions and self.config.serve_on_start and self._s.phase is Phase.IDLE:
+            actions = self._send_pull(now, fresh=True, serve=True)
+        return actions
 
     # ------------------------------------------------------------------ handlers
 
@@ -191,11 +250,13 @@ class DeviceCore:
         s = self._s
         try:
             parsed = topics.parse(ev.topic)
-            msg = decode(ev.payload, max_bytes=self.config.max_message_bytes)
+            frame = decode_frame(ev.payload, max_bytes=self.config.max_message_bytes)
+            msg = frame.message
             if parsed.kind != "device" or parsed.device != self.config.device_id:
                 raise TopicMismatch(f"message for {parsed.device!r} reached {self.config.device_id!r}")
             if isinstance(msg, ModelMsg):
-                return self._on_model(msg, ev.now)
+                pin = self._check_signature(frame.signature)
+                return pin + self._on_model(msg, ev.now)
             if isinstance(msg, Ack):
                 return self._on_ack(msg, ev.now)
             if isinstance(msg, Invite):
@@ -203,26 +264,65 @@ class DeviceCore:
             raise TopicMismatch(f"a {msg.TYPE} message is not for devices")
         except RemoteProtocolError as exc:
             s.rejected_messages += 1
+            s.counters[f"rejected:{exc.reason}"] = s.counters.get(f"rejected:{exc.reason}", 0) + 1
             return [Notify(kind="message_rejected", data={"reason": exc.reason, "detail": str(exc)})]
+
+    def _check_signature(self, sig: SignatureInfo | None) -> list[DeviceAction]:
+        """Raise unless the model is signed by a trusted (or, first time, pinnable) key."""
+        cfg, s = self.config, self._s
+        if sig is None:
+            if cfg.require_signature:
+                raise UnsignedMessage("model is not signed")
+            return []
+        trusted = cfg.trusted_keys or s.pins
+        if trusted and trusted.get(sig.kid) != sig.public_raw:
+            raise BadSignature(f"model signed by key {sig.kid}, which this device does not trust ({sorted(trusted)})")
+        if not trusted and not cfg.pin_first:
+            raise BadSignature("no trusted coordinator keys are configured")
+        if not verify(sig.public_raw, sig.signature, sig.signed):
+            raise BadSignature(f"model signature by key {sig.kid} does not verify")
+        if trusted:
+            return []
+        s.pins[sig.kid] = sig.public_raw
+        return [
+            PinKey(region=cfg.region, kid=sig.kid, public_raw=sig.public_raw),
+            Notify(kind="key_pinned", data={"kid": sig.kid, "region": cfg.region}),
+        ]
 
     def _on_model(self, msg: ModelMsg, now: float) -> list[DeviceAction]:
         s, cfg = self._s, self.config
         if msg.model_id != cfg.spec.model_id:
             raise UnknownModel(f"model {msg.model_id!r} is not {cfg.spec.model_id!r}")
-        cfg.spec.check(msg.weights, msg.group)
+        if msg.group != UNCHANGED:
+            cfg.spec.check(msg.weights, msg.group)
+        elif msg.weights.size:
+            raise ShapeMismatch("an 'unchanged' model reply carries no weights")
         actions: list[DeviceAction] = []
         full = self._assemble(msg)
-        if full is not None and msg.version > s.deployed_version:
+        # Devices predict with the release only; a newer training-line model is for training.
+        is_release = msg.release in (NO_VERSION, msg.version)
+        if full is not None and is_release and msg.version > s.deployed_version:
             s.deployed_version, s.deployed = msg.version, full
             actions.append(DeployModel(version=msg.version, weights=full))
             actions.append(Notify(kind="model", data={"version": msg.version, "group": msg.group}))
-        answers_pull = s.phase is Phase.PULLING and msg.reply_to == s.pending_seq
+        if msg.release > s.deployed_version and not is_release:
+            s.release_wanted = max(s.release_wanted, msg.release)  # fetched by a serving pull when idle
+        # A coordinator answers with the bytes it sends every device that asks for the same
+        # model (reply_to = -1); such an answer must not be older than what the device holds.
+        answers_pull = s.phase is Phase.PULLING and (
+            msg.reply_to == s.pending_seq
+            or (msg.reply_to == NO_VERSION and msg.version >= s.deployed_version)
+        )
         if not answers_pull:
             return actions
         if full is None:
             # A partial model we cannot patch (we hold no full base): ask for a full one.
             s.deployed_version = NO_VERSION
-            return actions + self._send_pull(now, fresh=True)
+            return actions + self._send_pull(now, fresh=True, serve=s.serving)
+        if s.serving:
+            s.serving = False
+            s.phase, s.deadline, s.pending_seq, s.pending_payload, s.attempts = Phase.IDLE, None, NO_VERSION, b"", 0
+            return actions + self._maybe_pull(now)
         s.prev_trained_upto = s.trained_upto
         s.trained_upto = s.total
         s.job_id += 1
@@ -247,6 +347,8 @@ class DeviceCore:
         if msg.group == FULL:
             return msg.weights
         s = self._s
+        if msg.group == UNCHANGED:
+            return s.deployed if s.deployed_version == msg.version else None
         if s.deployed is None:
             return None
         full = np.array(s.deployed, dtype=np.float32, copy=True)
@@ -264,7 +366,15 @@ class DeviceCore:
             return [ScheduleTimer(at=s.deadline), Notify(kind="deferred", data={"seq": msg.seq})]
         if s.phase is not Phase.PUSHING:
             return []
+        pending = s.pending_update
+        if msg.status == "deferred":  # the coordinator cannot store updates now: retry later
+            s.attempts += 1
+            s.deadline = now + self._timeout()
+            return [ScheduleTimer(at=s.deadline), Notify(kind="deferred", data={"seq": msg.seq, "what": "update", "reason": msg.reason})]
+        if msg.status == "duplicate" and pending is not None and msg.nonce not in (0, pending.nonce):
+            return self._resend_under_new_seq(pending, msg, now)
         s.phase, s.deadline, s.pending_seq, s.pending_payload, s.attempts = Phase.IDLE, None, NO_VERSION, b"", 0
+        s.pending_update = None
         if msg.status in ("accepted", "duplicate"):
             s.updates_acked += 1
         note = Notify(
@@ -272,6 +382,26 @@ class DeviceCore:
             data={"seq": msg.seq, "status": msg.status, "version": msg.version, "reason": msg.reason},
         )
         return [note, *self._maybe_pull(now)]
+
+    def _resend_under_new_seq(self, pending: Update, ack: Ack, now: float) -> list[DeviceAction]:
+        """Someone else's message holds our seq at the coordinator: move past its watermark."""
+        s, cfg = self._s, self.config
+        s.seq_conflicts += 1
+        seq = max(s.next_seq, ack.watermark + 1)
+        s.next_seq = seq + 1
+        update = dataclasses.replace(pending, seq=seq, nonce=self._nonce())
+        s.pending_update, s.pending_seq, s.attempts = update, seq, 0
+        s.pending_payload = encode(update, encoding=cfg.encoding)
+        s.deadline = now + self._timeout()
+        return [
+            PersistDeviceState(next_seq=s.next_seq, trained_upto=s.trained_upto),
+            Publish(topic=self._t_update, payload=s.pending_payload, qos=1),
+            ScheduleTimer(at=s.deadline),
+            Notify(kind="seq_conflict", data={"old_seq": pending.seq, "new_seq": seq, "watermark": ack.watermark}),
+        ]
+
+    def _nonce(self) -> int:
+        return self._rng.randrange(1, 2**63)
 
     def _on_invite(self, msg: Invite, now: float) -> list[DeviceAction]:
         s = self._s
@@ -284,7 +414,11 @@ class DeviceCore:
         if s.phase is not Phase.TRAINING or ev.job_id != s.job_id:
             return []
         weights = np.ascontiguousarray(ev.weights, dtype=np.float32)
-        cfg.spec.check(weights)  # our own trainer must not produce NaN: that is a local bug
+        try:
+            cfg.spec.check(weights)
+        except RemoteProtocolError as exc:  # e.g. a diverged run (NaN): never send it
+            return self._training_failed(ev.now, f"trainer returned unusable weights: {exc}")
+        s.train_failures = 0
         if s.job_group != FULL:  # LASP: only the group we were asked to train travels
             weights = np.ascontiguousarray(weights[cfg.spec.group_slice(s.job_group)])
         seq = s.next_seq
@@ -297,10 +431,12 @@ class DeviceCore:
             n_samples=ev.n_samples,
             weights=weights,
             group=s.job_group,
-            loss=float(ev.loss),
+            loss=float(ev.loss) if np.isfinite(ev.loss) else 0.0,
             train_seconds=float(ev.seconds),
+            nonce=self._nonce(),
         )
         s.phase = Phase.PUSHING
+        s.pending_update = update
         s.pending_seq, s.pending_payload, s.attempts = seq, encode(update, encoding=cfg.encoding), 0
         s.deadline = ev.now + self._timeout()
         return [
@@ -317,9 +453,20 @@ class DeviceCore:
         s = self._s
         if s.phase is not Phase.TRAINING or ev.job_id != s.job_id:
             return []
+        return self._training_failed(ev.now, ev.error)
+
+    def _training_failed(self, now: float, error: str) -> list[DeviceAction]:
+        """Back to IDLE; the samples were not learned, so retry them after a back-off."""
+        s, cfg = self._s, self.config
         s.phase = Phase.IDLE
-        s.trained_upto = s.prev_trained_upto  # the samples were not learned: retry on the next one
-        return [Notify(kind="training_failed", data={"error": ev.error})]
+        s.trained_upto = s.prev_trained_upto
+        s.train_failures += 1
+        backoff = min(cfg.request_timeout_s * 2 ** min(s.train_failures - 1, 16), cfg.max_backoff_s)
+        s.hold_until = s.deadline = now + backoff
+        return [
+            ScheduleTimer(at=s.deadline),
+            Notify(kind="training_failed", data={"error": error[:500], "retry_in_s": backoff, "failures": s.train_failures}),
+        ]
 
     def _on_timer(self, ev: TimerFired) -> list[DeviceAction]:
         s = self._s
@@ -336,22 +483,30 @@ class DeviceCore:
                 Notify(kind="retry", data={"what": "update", "seq": s.pending_seq, "attempt": s.attempts}),
             ]
         s.deadline = None
-        return []
+        return self._maybe_pull(ev.now)  # e.g. a training back-off is over
 
     # ------------------------------------------------------------------ helpers
 
     def _maybe_pull(self, now: float) -> list[DeviceAction]:
-        if self._s.phase is Phase.IDLE and self.wants_pull():
+        s = self._s
+        if s.phase is Phase.IDLE and s.release_wanted > s.deployed_version:
+            s.release_wanted = NO_VERSION
+            return self._send_pull(now, fresh=True, serve=True)  # a newer release to predict with
+        if s.phase is Phase.IDLE and self.wants_pull():
+            if now < s.hold_until:  # a training back-off: the timer pulls when it is over
+                s.deadline = s.hold_until
+                return [ScheduleTimer(at=s.deadline)]
             return self._send_pull(now, fresh=True)
         return []
 
-    def _send_pull(self, now: float, *, fresh: bool, invite_round: int = NO_VERSION) -> list[DeviceAction]:
+    def _send_pull(self, now: float, *, fresh: bool, invite_round: int = NO_VERSION, serve: bool = False) -> list[DeviceAction]:
         s, cfg = self._s, self.config
         actions: list[DeviceAction] = []
         if fresh or s.pending_seq == NO_VERSION:
             s.pending_seq = s.next_seq
             s.next_seq += 1
             s.attempts = 0
+            s.serving = serve
             actions.append(PersistDeviceState(next_seq=s.next_seq, trained_upto=s.trained_upto))
             pull = Pull(
                 device=cfg.device_id,
@@ -360,6 +515,7 @@ class DeviceCore:
                 have_version=s.deployed_version,
                 n_samples=s.total,
                 invite_round=invite_round,
+                serve=serve,
             )
             s.pending_payload = encode(pull)
         else:

@@ -144,6 +144,15 @@ class DeployModel:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PinKey:
+    """Trust on first use: durably remember ``region``'s coordinator key before relying on it."""
+
+    region: str
+    kid: str
+    public_raw: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PersistDeviceState:
     """Durably store the device's counters before the message that depends on them leaves."""
 

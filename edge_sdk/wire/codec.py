@@ -1,20 +1,40 @@
-"""msgpack codec for every protocol message. Never pickle.
+"""Wire format v2: a small msgpack header plus the raw tensor tail. Never pickle.
 
-Layout: ``{"v": 1, "type": "<type>", <fields>...}``; a weights vector travels as
-``{"dt": "f4"|"f2"|"i1", "n": <len>, "b": <raw little-endian bytes>, "s": <scale>}``.
+Frame layout (all integers little-endian)::
 
-* ``f4`` decodes zero-copy: the returned vector is a read-only view into the payload.
-* ``f2`` halves the bytes (lossy, ~3 significant digits).
-* ``i1`` quarters them: symmetric per-tensor int8 with scale ``s = max|w| / 127``.
+    0       4 bytes   magic  b"ECI" + protocol version (2)
+    4       4 bytes   H = length of the header
+    8       H bytes   msgpack map {"type": ..., <fields>..., "w": <tensor>, "sg": <signer>}
+    ...     padding   zero bytes up to the next multiple of 16: the tail's offset ``o``
+    o       l bytes   the weights, raw (``"w": {"dt": "f4"|"f2"|"i1", "n": N, "l": l, "s": scale}``)
+    o + l   64 bytes  Ed25519 signature, present exactly when the header has ``"sg"``
 
-:func:`decode` either returns a valid message or raises a
-:class:`~edge_sdk.errors.RemoteProtocolError` subclass — whatever the bytes.
+* Decode of ``f4`` weights is ``np.frombuffer(payload, offset=o)``: a read-only view whose
+  cost does not depend on the model's size. ``f2`` halves the bytes, ``i1`` (symmetric
+  per-tensor int8, ``s = max|w| / 127``) quarters them; both decode to a float32 copy.
+* Encode copies the tensor at most once (``bytes.join`` of header and tail).
+* A signature covers ``DOMAIN || sha256(frame[:o]) || sha256(tail)`` — the header with every
+  field, and the weights through their digest. So a model's tail can be encoded (and
+  hashed) once per (version, group, encoding) and every pull only re-signs its own small
+  header (:class:`EncodedTensor`, :func:`encode_spliced`). Who must have signed what is the
+  cores' decision (:mod:`edge_sdk.core.device`); the codec only checks the framing and
+  reports the signer.
+
+Validation: size cap first, then the frame's lengths (exact: no overlap, no trailing
+bytes), the header's msgpack limits, the dtype whitelist, the message's own checks. Any
+bytes either decode or raise a :class:`~edge_sdk.errors.RemoteProtocolError` (fuzzed).
+Shape against the model spec and finiteness (one full pass) are checked by the receiving
+core with :meth:`~edge_sdk.spec.ModelSpec.check`. A v1 frame (a bare msgpack map) is
+refused with :class:`~edge_sdk.errors.UnsupportedProtocol`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import struct
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import msgpack
@@ -28,10 +48,16 @@ from edge_sdk.errors import (
     RemoteProtocolError,
     UnsupportedProtocol,
 )
+from edge_sdk.signing import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Signer, key_id
 from edge_sdk.spec import Vector
 from edge_sdk.wire.messages import MESSAGE_TYPES, Message, Status
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+MAGIC = b"ECI" + bytes([PROTOCOL_VERSION])
+_PREFIX = struct.Struct("<4sI")
+MAX_HEADER_BYTES = 64 * 1024
+ALIGN = 16
+SIG_DOMAIN = b"edgeci/v2/signature\x00"
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # paho refuses payloads over 268,435,455 bytes
 Encoding = Literal["f4", "f2", "i1"]
 ENCODINGS: dict[str, np.dtype[Any]] = {
@@ -39,95 +65,242 @@ ENCODINGS: dict[str, np.dtype[Any]] = {
     "f2": np.dtype("<f2"),
     "i1": np.dtype("i1"),
 }
+_EMPTY_DIGEST = hashlib.sha256(b"").digest()
 
 
-def encode_tensor(weights: Vector, encoding: Encoding = "f4") -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class EncodedTensor:
+    """A weights vector encoded once: its header entry, raw tail bytes and their digest."""
+
+    meta: dict[str, Any]
+    tail: bytes
+    digest: bytes
+
+    @classmethod
+    def of(cls, weights: Vector, encoding: Encoding = "f4") -> EncodedTensor:
+        meta, tail = _tensor_parts(weights, encoding)
+        data = bytes(tail)
+        return cls(meta=meta, tail=data, digest=hashlib.sha256(data).digest())
+
+
+@dataclass(frozen=True, slots=True)
+class SignatureInfo:
+    """Who claims to have signed a frame, and the bytes a verifier must check."""
+
+    kid: str
+    public_raw: bytes
+    signature: bytes
+    signed: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    message: Message
+    signature: SignatureInfo | None
+
+
+def _tensor_parts(weights: Vector, encoding: Encoding) -> tuple[dict[str, Any], Any]:
     if encoding not in ENCODINGS:
         raise ConfigError(f"unknown tensor encoding {encoding!r}; use one of {sorted(ENCODINGS)}")
     if encoding == "i1":
         peak = float(np.max(np.abs(weights))) if weights.size else 0.0
         scale = peak / 127.0 if peak > 0 else 1.0
         q = np.clip(np.rint(weights / scale), -127, 127).astype(np.int8)
-        return {"dt": "i1", "n": int(weights.size), "b": q.tobytes(), "s": scale}
-    arr = weights.astype(ENCODINGS[encoding], copy=False)
-    return {"dt": encoding, "n": int(weights.size), "b": np.ascontiguousarray(arr).data.cast("B")}
+        return {"dt": "i1", "n": int(weights.size), "l": int(q.nbytes), "s": scale}, q.data.cast("B")
+    arr = np.ascontiguousarray(weights.astype(ENCODINGS[encoding], copy=False))
+    return {"dt": encoding, "n": int(weights.size), "l": int(arr.nbytes)}, arr.data.cast("B")
 
 
-def decode_tensor(obj: Any) -> Vector:
-    if not isinstance(obj, dict):
+def _is_count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _tensor_from(meta: Any, payload: Any, offset: int) -> Vector:
+    if not isinstance(meta, dict):
         raise BadTensor("tensor must be a map")
-    dt, n, raw = obj.get("dt"), obj.get("n"), obj.get("b")
+    dt, n, length = meta.get("dt"), meta.get("n"), meta.get("l")
     if dt not in ENCODINGS:
         raise BadTensor(f"dtype {dt!r} not in whitelist {sorted(ENCODINGS)}")
-    if not isinstance(n, int) or isinstance(n, bool) or n < 0 or not isinstance(raw, bytes):
-        raise BadTensor("tensor needs an int length and raw bytes")
+    if not (_is_count(n) and _is_count(length)):
+        raise BadTensor("tensor needs int length fields")
+    assert isinstance(n, int)
     dtype = ENCODINGS[dt]
-    if len(raw) != n * dtype.itemsize:
-        raise BadTensor(f"tensor of {n} {dt} values needs {n * dtype.itemsize} bytes, got {len(raw)}")
-    arr = np.frombuffer(raw, dtype=dtype)
+    if length != n * dtype.itemsize:
+        raise BadTensor(f"tensor of {n} {dt} values needs {n * dtype.itemsize} bytes, got {length}")
+    arr = np.frombuffer(payload, dtype=dtype, count=n, offset=offset)
     if dt == "f4":
-        return arr.astype(np.float32, copy=False)  # zero-copy view (little-endian hosts)
+        return arr  # zero-copy, read-only view into the payload
     if dt == "f2":
         return arr.astype(np.float32)
-    scale = obj.get("s")
+    scale = meta.get("s")
     if not isinstance(scale, float | int) or isinstance(scale, bool) or not np.isfinite(scale) or scale <= 0:
         raise BadTensor("int8 tensor needs a positive finite scale")
     return arr.astype(np.float32) * np.float32(scale)
 
 
-def encode(msg: Message, *, encoding: Encoding = "f4") -> bytes:
-    """Serialise a message; ``encoding`` applies to its weights, if any."""
-    body: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": msg.TYPE}
+# ---------------------------------------------------------------- encode
+
+
+def _fields(msg: Message) -> dict[str, Any]:
+    body: dict[str, Any] = {"type": msg.TYPE}
     for f in dataclasses.fields(msg):
-        value = getattr(msg, f.name)
-        if f.name == "weights" and value is not None:
-            value = encode_tensor(value, encoding)
-        body[f.name] = value
-    out = msgpack.packb(body, use_bin_type=True)
-    assert isinstance(out, bytes)
-    return out
+        if f.name != "weights":
+            body[f.name] = getattr(msg, f.name)
+    return body
+
+
+def _frame(header: dict[str, Any], tail: Any, tail_digest: bytes, signer: Signer | None) -> bytes:
+    if signer is not None:
+        header["sg"] = {"kid": signer.kid, "pk": signer.public_raw}
+    packed = msgpack.packb(header, use_bin_type=True)
+    assert isinstance(packed, bytes)
+    start = _PREFIX.size + len(packed)
+    pad = b"\0" * (-start % ALIGN)
+    prefix = _PREFIX.pack(MAGIC, len(packed)) + packed + pad
+    parts = [prefix, tail]
+    if signer is not None:
+        parts.append(signer.sign(_signed_bytes(prefix, tail_digest)))
+    return b"".join(parts)
+
+
+def _signed_bytes(prefix: bytes | memoryview, tail_digest: bytes) -> bytes:
+    return SIG_DOMAIN + hashlib.sha256(prefix).digest() + tail_digest
+
+
+def encode(msg: Message, *, encoding: Encoding = "f4", signer: Signer | None = None) -> bytes:
+    """Serialise a message; ``encoding`` applies to its weights, ``signer`` signs the frame."""
+    header = _fields(msg)
+    weights = getattr(msg, "weights", None)
+    if weights is None:
+        return _frame(header, b"", _EMPTY_DIGEST, signer)
+    meta, tail = _tensor_parts(weights, encoding)
+    header["w"] = meta
+    digest = hashlib.sha256(tail).digest() if signer is not None else b""
+    return _frame(header, tail, digest, signer)
+
+
+def encode_spliced(msg: Message, tensor: EncodedTensor, *, signer: Signer | None = None) -> bytes:
+    """As :func:`encode`, reusing a tensor encoded once (``msg.weights`` is ignored)."""
+    header = _fields(msg)
+    header["w"] = tensor.meta
+    return _frame(header, tensor.tail, tensor.digest, signer)
+
+
+# ---------------------------------------------------------------- decode
 
 
 def decode(payload: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
     """Parse and validate one message. Raises a ``RemoteProtocolError`` on anything wrong."""
-    if len(payload) > max_bytes:
-        raise MessageTooLarge(f"{len(payload)} bytes exceeds the cap of {max_bytes}")
+    return decode_frame(payload, max_bytes=max_bytes).message
+
+
+def decode_frame(payload: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Frame:
+    """The message and, when the frame is signed, what a verifier needs to check it."""
+    size = len(payload)
+    if size > max_bytes:
+        raise MessageTooLarge(f"{size} bytes exceeds the cap of {max_bytes}")
+    if size < _PREFIX.size:
+        raise MalformedMessage("frame too short")
+    view = memoryview(payload)
+    magic, hlen = _PREFIX.unpack_from(view, 0)
+    if magic != MAGIC:
+        if magic[:3] == MAGIC[:3]:
+            raise UnsupportedProtocol(f"protocol version {magic[3]}, this side speaks {PROTOCOL_VERSION}")
+        if view[0] in (0xDE, 0xDF) or 0x80 <= view[0] <= 0x8F:
+            raise UnsupportedProtocol(f"a protocol v1 (bare msgpack) message; this side speaks {PROTOCOL_VERSION}")
+        raise MalformedMessage("not an edgeci frame")
+    if hlen > min(MAX_HEADER_BYTES, size - _PREFIX.size):
+        raise MalformedMessage(f"header length {hlen} out of bounds")
     try:
-        body = msgpack.unpackb(
-            payload,
+        header = msgpack.unpackb(
+            view[_PREFIX.size : _PREFIX.size + hlen],
             raw=False,
             strict_map_key=True,
-            max_bin_len=max_bytes,
-            max_str_len=1 << 16,
-            max_array_len=1 << 16,
-            max_map_len=1 << 12,
+            max_bin_len=MAX_HEADER_BYTES,
+            max_str_len=1 << 14,
+            max_array_len=1 << 12,
+            max_map_len=1 << 10,
             max_ext_len=0,
         )
     except Exception as exc:  # msgpack raises many unrelated types on garbage
-        raise MalformedMessage(f"not msgpack: {type(exc).__name__}") from exc
-    if not isinstance(body, dict):
-        raise MalformedMessage("message must be a map")
-    if body.get("v") != PROTOCOL_VERSION:
-        raise UnsupportedProtocol(f"protocol version {body.get('v')!r}, this side speaks {PROTOCOL_VERSION}")
-    cls = MESSAGE_TYPES.get(body.get("type"))  # type: ignore[arg-type]
+        raise MalformedMessage(f"header is not msgpack: {type(exc).__name__}") from exc
+    if not isinstance(header, dict):
+        raise MalformedMessage("header must be a map")
+    offset = _PREFIX.size + hlen
+    offset += -offset % ALIGN
+    cls = MESSAGE_TYPES.get(header.get("type"))  # type: ignore[arg-type]
     if cls is None:
-        raise MalformedMessage(f"unknown message type {body.get('type')!r}")
+        raise MalformedMessage(f"unknown message type {header.get('type')!r}")
+    signer = header.get("sg")
+    sig_len = SIGNATURE_BYTES if signer is not None else 0
+    tensor = header.get("w")
+    tail_len = tensor.get("l") if isinstance(tensor, dict) else 0
+    if not isinstance(tail_len, int) or isinstance(tail_len, bool) or tail_len < 0:
+        raise BadTensor("tensor needs an int byte length")
+    if offset + tail_len + sig_len != size:
+        raise MalformedMessage(f"frame of {size} bytes does not hold header, {tail_len} tensor bytes and {sig_len} signature bytes")
     kwargs: dict[str, Any] = {}
+    field_names = set()
     for f in dataclasses.fields(cls):
-        if f.name not in body:
+        field_names.add(f.name)
+        if f.name == "weights":
+            if tensor is not None:
+                kwargs["weights"] = _tensor_from(tensor, payload, offset)
+            elif f.default is dataclasses.MISSING:
+                raise MalformedMessage(f"{cls.TYPE}: missing weights")
+            continue
+        if f.name not in header:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise MalformedMessage(f"{cls.TYPE}: missing field {f.name!r}")
             continue
-        value = body[f.name]
-        if f.name == "weights" and value is not None:
-            value = decode_tensor(value)
-        kwargs[f.name] = value
+        kwargs[f.name] = header[f.name]
+    if tensor is not None and "weights" not in field_names:
+        raise MalformedMessage(f"a {cls.TYPE} message carries no weights")
     try:
-        return cls(**kwargs)
+        message = cls(**kwargs)
     except RemoteProtocolError:
         raise
     except Exception as exc:  # e.g. a TypeError from a field of the wrong type
         raise MalformedMessage(f"{cls.TYPE}: {exc}") from exc
+    info = None
+    if signer is not None:
+        if not isinstance(signer, dict) or not isinstance(signer.get("kid"), str) or not isinstance(signer.get("pk"), bytes):
+            raise MalformedMessage("signer must be {kid: str, pk: bytes}")
+        pk = signer["pk"]
+        if len(pk) != PUBLIC_KEY_BYTES or key_id(pk) != signer["kid"]:
+            raise MalformedMessage("signer key id does not match its public key")
+        tail = view[offset : offset + tail_len]
+        info = SignatureInfo(
+            kid=signer["kid"],
+            public_raw=pk,
+            signature=bytes(view[size - SIGNATURE_BYTES :]),
+            signed=_signed_bytes(view[:offset], hashlib.sha256(tail).digest() if tail_len else _EMPTY_DIGEST),
+        )
+    return Frame(message=message, signature=info)
+
+
+# ---------------------------------------------------------------- tensors at rest
+
+
+def encode_tensor(weights: Vector, encoding: Encoding = "f4") -> dict[str, Any]:
+    """A self-contained msgpack-able tensor ``{"dt", "n", "b", "s"}`` (for files, not frames)."""
+    meta, tail = _tensor_parts(weights, encoding)
+    out = {"dt": meta["dt"], "n": meta["n"], "b": bytes(tail)}
+    if "s" in meta:
+        out["s"] = meta["s"]
+    return out
+
+
+def decode_tensor(obj: Any) -> Vector:
+    """Inverse of :func:`encode_tensor`; raises ``BadTensor`` on anything wrong."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("b"), bytes):
+        raise BadTensor("tensor must be a map with raw bytes")
+    meta = {k: obj.get(k) for k in ("dt", "n", "s")}
+    meta["l"] = len(obj["b"])
+    return _tensor_from(meta, obj["b"], 0)
+
+
+# ---------------------------------------------------------------- status (JSON)
 
 
 def status_json(status: Status) -> bytes:

@@ -1,8 +1,9 @@
 """Protocol messages: frozen, slotted, keyword-only dataclasses that validate themselves.
 
-Every message travels as msgpack ``{"v": 1, "type": <TYPE>, ...}`` (see :mod:`.codec`).
-Weights are a 1-D float32 vector: the whole model (``group == "full"``) or one layer
-group's slice of it (LASP partial sync).
+Every message travels as a v2 frame: a msgpack header ``{"type": <TYPE>, ...}`` plus the
+raw weights (see :mod:`.codec`). Weights are a 1-D float32 vector: the whole model
+(``group == "full"``), one layer group's slice of it (LASP partial sync), or nothing
+(``group == "unchanged"``: "you already hold this version").
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ AckStatus = Literal["accepted", "duplicate", "rejected", "deferred"]
 ACK_STATUSES: tuple[str, ...] = ("accepted", "duplicate", "rejected", "deferred")
 MAX_ID_LEN = 64
 NO_VERSION = -1
+UNCHANGED = "unchanged"
+"""Model group meaning "the version you already hold": no weights travel."""
+MAX_NONCE = 2**63 - 1
 
 
 def _need(cond: bool, what: str) -> None:
@@ -53,6 +57,9 @@ class Pull:
     have_version: int = NO_VERSION
     n_samples: int = 0
     invite_round: int = NO_VERSION
+    serve: bool = False
+    """A serving request: the device wants the model to *predict* with (e.g. right after it
+    connects); it does not count as a training pull and is never deferred."""
 
     def __post_init__(self) -> None:
         _check_id(self.device, "device")
@@ -61,6 +68,7 @@ class Pull:
         _check_int(self.have_version, "have_version", lo=NO_VERSION)
         _check_int(self.n_samples, "n_samples")
         _check_int(self.invite_round, "invite_round", lo=NO_VERSION)
+        _need(isinstance(self.serve, bool), "serve must be a bool")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,10 +86,15 @@ class ModelMsg:
     train_group: str = FULL
     """Which layer group the device should train and send back (LASP: the classifier
     between full syncs, even when ``group`` is full because the device's extractor is old)."""
+    release: int = NO_VERSION
+    """The coordinator's release (the version devices predict with). A model whose
+    ``version`` equals it is the release; a newer one is a training-line candidate that the
+    device trains from but does not serve. ``-1``: no gate, every version is a release."""
 
     def __post_init__(self) -> None:
         _check_id(self.model_id, "model_id")
         _check_int(self.version, "version")
+        _check_int(self.release, "release", lo=NO_VERSION)
         _check_int(self.reply_to, "reply_to", lo=NO_VERSION)
         _check_id(self.group, "group")
         _check_id(self.train_group, "train_group")
@@ -97,7 +110,9 @@ class Update:
     """Device pushes locally trained weights that started from ``base_version``.
 
     ``(device, seq)`` is the idempotency key: QoS 1 may deliver twice, and retries resend
-    the same seq, so the coordinator applies each key at most once.
+    the same seq, so the coordinator applies each key at most once. ``nonce`` (random per
+    update, the same on retries) lets the device tell its own accepted update from someone
+    else's message that took its seq: the coordinator echoes it in a ``duplicate`` ack.
     """
 
     TYPE: ClassVar[str] = "update"
@@ -110,12 +125,14 @@ class Update:
     group: str = FULL
     loss: float = 0.0
     train_seconds: float = 0.0
+    nonce: int = 0
 
     def __post_init__(self) -> None:
         _check_id(self.device, "device")
         _check_id(self.model_id, "model_id")
         _check_id(self.group, "group")
         _check_int(self.seq, "seq")
+        _check_int(self.nonce, "nonce")
         _check_int(self.base_version, "base_version")
         _check_int(self.n_samples, "n_samples", lo=1)
         _check_weights(self.weights)
@@ -130,7 +147,12 @@ class Update:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Ack:
-    """Coordinator answers an update (or defers a pull) — ``seq`` echoes the request."""
+    """Coordinator answers an update (or defers a pull) — ``seq`` echoes the request.
+
+    For ``duplicate``: ``nonce`` is the nonce of the update the coordinator accepted under
+    that seq (0 when it no longer knows) and ``watermark`` its highest accepted seq for the
+    device, so a device whose seq was taken by someone else can tell and move past it.
+    """
 
     TYPE: ClassVar[str] = "ack"
     device: str
@@ -138,10 +160,14 @@ class Ack:
     status: AckStatus
     version: int
     reason: str = ""
+    nonce: int = 0
+    watermark: int = NO_VERSION
 
     def __post_init__(self) -> None:
         _check_id(self.device, "device")
         _check_int(self.seq, "seq")
+        _check_int(self.nonce, "nonce")
+        _check_int(self.watermark, "watermark", lo=NO_VERSION)
         _check_int(self.version, "version", lo=NO_VERSION)
         _need(self.status in ACK_STATUSES, f"status must be one of {ACK_STATUSES}")
         _need(isinstance(self.reason, str) and len(self.reason) <= 256, "reason must be a short string")
@@ -204,7 +230,36 @@ class PeerMsg:
             _check_weights(self.weights)
 
 
-Message = Pull | ModelMsg | Update | Ack | Invite | Status | PeerMsg
+CONTROL_COMMANDS: tuple[str, ...] = ("rollback", "pin", "unpin")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Control:
+    """An operator's command to a running coordinator (signed; see ``CoordinatorCore``).
+
+    ``rollback`` makes version ``version`` the release and the training line again (as a
+    new version number); ``pin`` does the same and stops promotions until ``unpin``.
+    ``issued_at`` and ``nonce`` bound replays: the coordinator accepts a command once, and
+    only within a few minutes of its time.
+    """
+
+    TYPE: ClassVar[str] = "control"
+    command: str
+    operator: str
+    issued_at: float
+    nonce: int
+    version: int = NO_VERSION
+
+    def __post_init__(self) -> None:
+        _need(self.command in CONTROL_COMMANDS, f"command must be one of {CONTROL_COMMANDS}")
+        _check_id(self.operator, "operator")
+        _need(isinstance(self.issued_at, int | float) and math.isfinite(self.issued_at), "issued_at must be finite")
+        _check_int(self.nonce, "nonce")
+        _check_int(self.version, "version", lo=NO_VERSION)
+        _need(self.command == "unpin" or self.version >= 0, f"{self.command} needs a version")
+
+
+Message = Pull | ModelMsg | Update | Ack | Invite | Status | PeerMsg | Control
 MESSAGE_TYPES: dict[str, type[Message]] = {
-    cls.TYPE: cls for cls in (Pull, ModelMsg, Update, Ack, Invite, Status, PeerMsg)
+    cls.TYPE: cls for cls in (Pull, ModelMsg, Update, Ack, Invite, Status, PeerMsg, Control)
 }

@@ -4,10 +4,12 @@ Per-device subtrees let a broker ACL confine a device to its own topics::
 
     edgeci/v1/{region}/dev/{device}/pull     device → coordinator
     edgeci/v1/{region}/dev/{device}/update   device → coordinator
+    edgeci/v1/{region}/dev/{device}/presence device → coordinator, retained online|offline (last will)
     edgeci/v1/{region}/dev/{device}/model    coordinator → device
     edgeci/v1/{region}/dev/{device}/ack      coordinator → device
     edgeci/v1/{region}/dev/{device}/invite   coordinator → device
     edgeci/v1/{region}/status                coordinator, retained JSON
+    edgeci/v1/{region}/control               operator → coordinator (signed commands)
     edgeci/v1/peer/{coordinator}/{kind}      coordinator → coordinator
 """
 
@@ -22,8 +24,8 @@ from edge_sdk.errors import ConfigError, MalformedMessage
 ROOT = "edgeci/v1"
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
-DeviceLeaf = Literal["pull", "update", "model", "ack", "invite"]
-UPSTREAM: tuple[DeviceLeaf, ...] = ("pull", "update")
+DeviceLeaf = Literal["pull", "update", "presence", "model", "ack", "invite"]
+UPSTREAM: tuple[DeviceLeaf, ...] = ("pull", "update", "presence")
 DOWNSTREAM: tuple[DeviceLeaf, ...] = ("model", "ack", "invite")
 
 
@@ -47,6 +49,11 @@ def status_topic(region: str) -> str:
     return f"{ROOT}/{check_id(region, 'region')}/status"
 
 
+def control_topic(region: str) -> str:
+    """Operator → coordinator commands (rollback, pin); only operator identities may write."""
+    return f"{ROOT}/{check_id(region, 'region')}/control"
+
+
 def peer_topic(recipient: str, kind: str) -> str:
     """Coordinator → coordinator: ``recipient`` is a coordinator id, or ``all`` for everyone."""
     return f"{ROOT}/peer/{check_id(recipient, 'coordinator id')}/{check_id(kind, 'peer kind')}"
@@ -59,7 +66,7 @@ def peer_filter(recipient: str | None = None) -> str:
 
 @dataclass(frozen=True, slots=True)
 class ParsedTopic:
-    kind: Literal["device", "status", "peer"]
+    kind: Literal["device", "status", "control", "peer"]
     region: str = ""
     device: str = ""
     leaf: str = ""
@@ -81,6 +88,8 @@ def parse(topic: str) -> ParsedTopic:
             return ParsedTopic("device", region=rest[0], device=rest[2], leaf=rest[3])
         if len(rest) == 2 and rest[1] == "status" and _ID.match(rest[0]):
             return ParsedTopic("status", region=rest[0])
+        if len(rest) == 2 and rest[1] == "control" and _ID.match(rest[0]):
+            return ParsedTopic("control", region=rest[0])
         if len(rest) == 3 and rest[0] == "peer" and _ID.match(rest[1]) and _ID.match(rest[2]):
             return ParsedTopic("peer", coordinator=rest[1], leaf=rest[2])
     raise MalformedMessage(f"not an edgeci topic: {topic[:120]!r}")

@@ -1,0 +1,180 @@
+"""``edgeci versions`` / ``rollback`` / ``pin`` / ``unpin`` — see and steer the release.
+
+``versions`` reads a coordinator's state dir (safe while it runs: it only reads files that
+are written atomically) and prints each version with its time, updates, staleness, source
+and the gate's verdicts (validation metrics; promoted, rejected, rolled back, pinned).
+
+``rollback --to N``, ``pin N`` and ``unpin`` act on a *running* coordinator: they publish
+a signed command on ``edgeci/v1/{region}/control`` and wait until the coordinator's
+retained status shows the result. The command is signed with an operator key (an
+``edgeci pki issue --role operator`` bundle's ``signing.key``, or ``--key``) — or, on the
+coordinator's own machine, with its state dir's ``signing.key``. The coordinator accepts
+each command once, within five minutes of its time, from keys it trusts; on a broker with
+the project's ACL only operator identities may publish there at all. Both the command and
+its outcome are recorded durably in the state dir and survive restarts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from edge_sdk.errors import ConfigError, EdgeciError
+from edge_sdk.mqtt import MqttTransport, add_broker_arguments, auth_from_args
+from edge_sdk.signing import load_signer
+from edge_sdk.wire import topics
+from edge_sdk.wire.codec import encode, parse_status_json
+from edge_sdk.wire.messages import Control
+
+ENV_OPTIONS = ("broker", "region", "state_dir")
+CONFIG_LAYERS = "env"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    command = p.prog.split()[-1]
+    if command == "versions":
+        p.add_argument("--state-dir", type=Path, required=True, help="the coordinator's state dir")
+        p.add_argument("--last", type=int, default=30, help="show this many most recent versions")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        return
+    if command == "rollback":
+        p.add_argument("--to", dest="version", type=int, required=True, metavar="N", help="version to make the release again")
+    elif command == "pin":
+        p.add_argument("version", type=int, metavar="N", help="version to release and hold (no promotions until unpin)")
+    p.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="MQTT broker URL of the running coordinator")
+    p.add_argument("--region", default="default", help="the coordinator's region")
+    p.add_argument("--key", type=Path, help="operator signing key (PEM); default: --bundle's signing.key, else STATE_DIR/signing.key")
+    p.add_argument("--state-dir", type=Path, help="the coordinator's state dir (for its signing key when run on its machine)")
+    p.add_argument("--operator", default="operator", help="who you are, recorded with the command")
+    p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the coordinator to confirm")
+    add_broker_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    command = args.command
+    if command == "versions":
+        return _versions(args)
+    return _control(args, command)
+
+
+# ---------------------------------------------------------------------- versions
+
+
+def _iso(t: float | None) -> str:
+    return "-" if not t else datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def version_rows(state_dir: Path, last: int = 30) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Each kept version's metadata joined with the gate's history, and the release record."""
+    from coordinator.registry import read_release_record
+
+    versions_dir = state_dir / "versions"
+    if not versions_dir.is_dir():
+        raise ConfigError(f"{state_dir} is not a coordinator state dir (no versions/)")
+    release = read_release_record(state_dir)
+    verdicts: dict[int, list[dict[str, Any]]] = {}
+    for event in release.get("history", []):
+        verdicts.setdefault(int(event.get("version", -1)), []).append(event)
+    rows = []
+    for d in sorted((p for p in versions_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))[-last:]:
+        try:
+            meta = json.loads((d / "meta.json").read_text())
+        except (OSError, ValueError):
+            rows.append({"version": int(d.name), "unreadable": True})
+            continue
+        v = int(d.name)
+        events = verdicts.get(v, [])
+        row: dict[str, Any] = {
+            "version": v,
+            "created_at": meta.get("created_at"),
+            "source": meta.get("source", "?"),
+            "updates": meta.get("n_updates", 0),
+            "mean_staleness": meta.get("mean_staleness", 0.0),
+            "verdict": ", ".join(e.get("action", "?") for e in events) or ("release" if v == release.get("release") else ""),
+            "candidate_metric": next((e["candidate_metric"] for e in events if "candidate_metric" in e), None),
+            "release_metric": next((e["release_metric"] for e in events if "release_metric" in e), None),
+            "of": meta.get("of", meta.get("rejected")),
+        }
+        rows.append(row)
+    return rows, release
+
+
+def _versions(args: argparse.Namespace) -> int:
+    rows, release = version_rows(args.state_dir, args.last)
+    if args.json:
+        print(json.dumps({"release": release.get("release"), "pinned": release.get("pinned", False), "versions": rows}, indent=1))
+        return 0
+    print(f"release: {release.get('release', '?')}{' (pinned)' if release.get('pinned') else ''}")
+    print(f"{'version':>8}  {'time (UTC)':20}  {'source':12}  {'updates':>7}  {'staleness':>9}  {'cand.':>6}  {'release':>7}  verdict")
+    for r in rows:
+        if r.get("unreadable"):
+            print(f"{r['version']:>8}  (unreadable)")
+            continue
+        cm = "-" if r["candidate_metric"] is None else f"{r['candidate_metric']:.3f}"
+        rm = "-" if r["release_metric"] is None else f"{r['release_metric']:.3f}"
+        src = r["source"] + (f" of {r['of']}" if r.get("of") is not None else "")
+        print(f"{r['version']:>8}  {_iso(r['created_at']):20}  {src:12}  {r['updates']:>7}  {r['mean_staleness']:>9.2f}  "
+              f"{cm:>6}  {rm:>7}  {r['verdict']}")
+    return 0
+
+
+# ---------------------------------------------------------------------- control
+
+
+def _key_path(args: argparse.Namespace) -> Path:
+    if args.key is not None:
+        return Path(args.key)
+    if getattr(args, "bundle", None) and (Path(args.bundle) / "signing.key").exists():
+        return Path(args.bundle) / "signing.key"
+    if args.state_dir is not None:
+        return Path(args.state_dir) / "signing.key"
+    raise ConfigError("no signing key: pass --key, an operator --bundle, or the coordinator's --state-dir")
+
+
+def _control(args: argparse.Namespace, command: str) -> int:
+    signer = load_signer(_key_path(args))
+    version = getattr(args, "version", -1)
+    msg = Control(command=command, operator=args.operator, issued_at=time.time(), nonce=random.SystemRandom().randrange(1, 2**63),
+                  version=-1 if version is None else version)
+    statuses: list[dict[str, Any]] = []
+    seen = threading.Event()
+
+    def on_message(topic: str, payload: bytes) -> None:
+        try:
+            statuses.append(parse_status_json(payload))
+        except EdgeciError:
+            return
+        seen.set()
+
+    transport = MqttTransport(args.broker, client_id=f"operator-{args.operator}-{random.getrandbits(32):08x}",
+                              subscriptions=[topics.status_topic(args.region)], on_message=on_message,
+                              clean_session=True, auth=auth_from_args(args))
+    transport.start()
+    try:
+        if not seen.wait(10.0):
+            print(f"no coordinator status on region {args.region!r}: is it running?")
+            return 2
+        before = statuses[-1].get("extra", {})
+        transport.publish(topics.control_topic(args.region), encode(msg, signer=signer))
+        deadline = time.monotonic() + args.wait
+        while time.monotonic() < deadline:
+            seen.clear()
+            seen.wait(max(0.0, deadline - time.monotonic()))
+            extra = statuses[-1].get("extra", {})
+            done = any(e.get("action") == command and e.get("at", 0) >= msg.issued_at - 1
+                       for e in extra.get("recent_versions", []))
+            if done:
+                print(f"{command} done: release {extra.get('release')}{' (pinned)' if extra.get('pinned') else ''}, "
+                      f"training line {extra.get('training_version')} (was release {before.get('release')})")
+                return 0
+        print(f"the coordinator did not confirm {command} within {args.wait:.0f} s (rejected? see its log: "
+              "unknown key, stale clock, or a version it no longer has)")
+        return 1
+    finally:
+        transport.stop()

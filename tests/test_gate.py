@@ -1,0 +1,214 @@
+"""Issue 10 in the cores: training line and release, the validation gate, rollback on a
+rejected candidate, and signed operator control (rollback / pin / unpin)."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from coordinator.core import (
+    CandidateEvaluated,
+    CommitVersion,
+    CoordinatorConfig,
+    CoordinatorCore,
+    EvaluateCandidate,
+    LoadVersion,
+    RecordRelease,
+    Snapshot,
+    VersionLoaded,
+)
+from coordinator.gate import GateConfig
+from coordinator.strategies import make_strategy
+from edge_sdk.core.device import DeviceConfig, DeviceCore
+from edge_sdk.core.events import (
+    DeployModel,
+    MessageReceived,
+    Publish,
+    SampleAdded,
+    StartTraining,
+    TrainingFinished,
+)
+from edge_sdk.errors import ConfigError
+from edge_sdk.signing import Signer
+from edge_sdk.wire import topics
+from edge_sdk.wire.codec import decode, encode
+from edge_sdk.wire.messages import Control, ModelMsg, Pull, Update
+from tests.helpers import SIGNER, SPEC, toy_snapshot
+
+OPERATOR = Signer.generate()
+
+
+def gated(k: int = 1, snapshot: Snapshot | None = None, **cfg: object) -> CoordinatorCore:
+    config = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, signer=SIGNER, gate=GateConfig(margin=0.02),
+                               operator_keys={OPERATOR.kid: OPERATOR.public_raw}, **cfg)  # type: ignore[arg-type]
+    return CoordinatorCore(config, make_strategy("spin", k=k, timeout_s=None, clip_multiplier=0.0), snapshot or toy_snapshot(),
+                           rng=random.Random(0))
+
+
+def update(dev: str, seq: int, value: float, base: int = 0) -> MessageReceived:
+    msg = Update(device=dev, seq=seq, model_id="toy", base_version=base, n_samples=1,
+                 weights=np.full(SPEC.size, value, dtype=np.float32))
+    return MessageReceived(now=float(seq), topic=topics.device_topic("r1", dev, "update"), payload=encode(msg))
+
+
+def pull(dev: str, seq: int, *, serve: bool = False, have: int = -1) -> MessageReceived:
+    msg = Pull(device=dev, seq=seq, model_id="toy", serve=serve, have_version=have)
+    return MessageReceived(now=100.0 + seq, topic=topics.device_topic("r1", dev, "pull"), payload=encode(msg))
+
+
+def reply(actions: list[object]) -> ModelMsg:
+    (msg,) = [decode(a.payload) for a in actions if isinstance(a, Publish) and a.topic.endswith("/model")]
+    assert isinstance(msg, ModelMsg)
+    return msg
+
+
+def of(actions: list[object], kind: type) -> list:  # type: ignore[type-arg]
+    return [a for a in actions if isinstance(a, kind)]
+
+
+def control(command: str, version: int = -1, *, signer: Signer | None = OPERATOR, at: float = 50.0, nonce: int = 1) -> MessageReceived:
+    msg = Control(command=command, operator="alice", issued_at=at, nonce=nonce, version=version)
+    return MessageReceived(now=50.0, topic=topics.control_topic("r1"), payload=encode(msg, signer=signer))
+
+
+def test_without_a_gate_every_version_is_the_release() -> None:
+    c = CoordinatorCore(CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, signer=SIGNER),
+                        make_strategy("spin", k=1, timeout_s=None), toy_snapshot(), rng=random.Random(0))
+    acts = c.handle(update("d1", 0, 1.0))
+    assert of(acts, CommitVersion) and not of(acts, EvaluateCandidate)
+    assert c.status().extra["release"] == 1 == c.version
+
+
+def test_a_candidate_is_served_to_training_only_until_it_passes() -> None:
+    c = gated()
+    acts = c.handle(update("d1", 0, 1.0))
+    (ev,) = of(acts, EvaluateCandidate)
+    assert ev.version == 1 and ev.release_version == 0
+    np.testing.assert_array_equal(ev.release_weights, 0.0)
+    training, serving = reply(c.handle(pull("d2", 0))), reply(c.handle(pull("d3", 0, serve=True)))
+    assert (training.version, training.release) == (1, 0) and (serving.version, serving.release) == (0, 0)
+    acts = c.handle(CandidateEvaluated(now=2.0, version=1, candidate_metric=0.9, release_metric=0.8, release_version=0))
+    (rec,) = of(acts, RecordRelease)
+    assert rec.release == 1 and rec.event["action"] == "promote"
+    served = reply(c.handle(pull("d4", 0, serve=True)))
+    assert served.version == served.release == 1
+    np.testing.assert_array_equal(served.weights, 1.0)
+
+
+def test_a_regressing_candidate_is_rejected_and_the_training_line_rolls_back() -> None:
+    c = gated(k=1)
+    c.handle(update("bad", 0, 50.0))  # candidate 1
+    acts = c.handle(update("d2", 0, 2.0, base=1))  # candidate 2, built on 1
+    assert [e.version for e in of(acts, EvaluateCandidate)] == [2]
+    c.handle(update("d3", 0, 3.0, base=2))  # candidate 3
+    c.handle(update("d4", 0, 4.0, base=3))  # buffered? k=1: candidate 4
+    acts = c.handle(CandidateEvaluated(now=9.0, version=2, candidate_metric=0.3, release_metric=0.8, release_version=0))
+    (rec,) = of(acts, RecordRelease)
+    assert rec.event["action"] == "reject" and rec.release == 0
+    (rollback,) = of(acts, CommitVersion)
+    assert rollback.version == 5 and rollback.metadata["source"] == "rollback"
+    np.testing.assert_array_equal(rollback.weights, 0.0)  # the release's weights, under a new number
+    assert c.status().extra["gate"]["pending"] == [1]  # 3 and 4 were built on 2: gone; 1 is older
+    assert c.counters["gate_rejected"] == 1 and c.counters["rejected_devices"] == 1
+    # a late pass for the dropped lineage changes nothing
+    assert not of(c.handle(CandidateEvaluated(now=10.0, version=3, candidate_metric=1.0, release_metric=0.8,
+                                              release_version=0)), RecordRelease)
+    assert reply(c.handle(pull("d9", 0, serve=True))).version == 0
+
+
+def test_evidence_against_an_old_release_is_asked_again() -> None:
+    c = gated(k=1)
+    c.handle(update("d1", 0, 1.0))
+    c.handle(update("d2", 0, 2.0, base=1))
+    c.handle(CandidateEvaluated(now=3.0, version=2, candidate_metric=0.9, release_metric=0.5, release_version=0))
+    acts = c.handle(CandidateEvaluated(now=4.0, version=1, candidate_metric=0.9, release_metric=0.5, release_version=0))
+    assert not of(acts, EvaluateCandidate) and c.status().extra["release"] == 2  # 1 was superseded by 2
+
+
+def test_device_predicts_with_the_release_and_fetches_a_newer_one() -> None:
+    c = gated()
+    d = DeviceCore(DeviceConfig(device_id="d1", region="r1", spec=SPEC, min_samples=1, request_timeout_s=5.0),
+                   rng=random.Random(0))
+    now = [1.0]
+
+    def exchange(actions: list[object]) -> list[object]:
+        """Deliver the device's publishes to the coordinator and the replies back."""
+        out: list[object] = []
+        for a in actions:
+            if isinstance(a, Publish) and "/dev/d1/" in a.topic:
+                now[0] += 0.1
+                for r in c.handle(MessageReceived(now=now[0], topic=a.topic, payload=a.payload)):
+                    if isinstance(r, Publish) and r.topic.startswith(topics.device_topic("r1", "d1", "model")[:-5]):
+                        out += d.handle(MessageReceived(now=now[0], topic=r.topic, payload=r.payload))
+        return out
+
+    c.handle(update("x", 0, 1.0))  # candidate 1; the release is still 0
+    acts = exchange(d.handle(SampleAdded(now=0.0, total=1)))
+    (start,) = of(acts, StartTraining)
+    assert start.job.base_version == 1 and not of(acts, DeployModel)  # trains from the candidate, never serves it
+    assert d.state.release_wanted == 0  # it heard of release 0 and holds nothing
+    done = d.handle(TrainingFinished(now=2.0, job_id=start.job.job_id, weights=start.job.weights + 1, n_samples=1))
+    acts = exchange(exchange(done))  # update → ack → serving pull → release
+    assert [a.version for a in of(acts, DeployModel)] == [0]
+    c.handle(CandidateEvaluated(now=3.0, version=1, candidate_metric=0.9, release_metric=0.8, release_version=0))
+    acts = exchange(d.handle(SampleAdded(now=4.0, total=2)))  # the next training pull announces release 1
+    assert d.state.release_wanted == 1
+    (start,) = of(acts, StartTraining)
+    done = d.handle(TrainingFinished(now=5.0, job_id=start.job.job_id, weights=start.job.weights + 1, n_samples=2))
+    acts = exchange(exchange(done))
+    assert [a.version for a in of(acts, DeployModel)] == [1]
+    np.testing.assert_array_equal(d.state.deployed, 1.0)
+
+
+def test_control_must_be_signed_fresh_and_new() -> None:
+    c = gated()
+    for bad, reason in [
+        (control("pin", 0, signer=None), "unsigned"),
+        (control("pin", 0, signer=Signer.generate()), "bad_signature"),
+        (control("pin", 0, at=50.0 - 3600), "replayed"),
+    ]:
+        assert not of(c.handle(bad), LoadVersion)
+        assert c.counters[f"reject:{reason}"] == 1
+    assert of(c.handle(control("pin", 0, nonce=7)), LoadVersion)
+    assert not of(c.handle(control("pin", 0, nonce=7)), LoadVersion)  # the same command again
+    assert c.counters["reject:replayed"] == 2
+    assert of(c.handle(control("pin", 0, signer=SIGNER, nonce=8)), LoadVersion)  # the coordinator's own key
+
+
+def test_rollback_and_pin_make_an_old_version_the_release_under_a_new_number() -> None:
+    c = gated(k=1)
+    c.handle(update("d1", 0, 1.0))
+    c.handle(CandidateEvaluated(now=2.0, version=1, candidate_metric=0.9, release_metric=0.8, release_version=0))
+    (load,) = of(c.handle(control("pin", 0)), LoadVersion)
+    assert load.version == 0 and load.command == "pin"
+    acts = c.handle(VersionLoaded(now=51.0, version=0, weights=np.zeros(SPEC.size, np.float32), command="pin"))
+    (commit,) = of(acts, CommitVersion)
+    assert commit.version == 2 and c.status().extra["release"] == 2 and c.status().extra["pinned"]
+    # pinned: a passing candidate is recorded, not promoted
+    c.handle(update("d2", 0, 3.0, base=2))
+    acts = c.handle(CandidateEvaluated(now=60.0, version=3, candidate_metric=0.99, release_metric=0.8, release_version=2))
+    assert of(acts, RecordRelease)[0].event["action"] == "passed" and c.status().extra["release"] == 2
+    c.handle(control("unpin", nonce=2))
+    assert not c.status().extra["pinned"]
+    with pytest.raises(ConfigError):
+        GateConfig(validation=False)
+
+
+def test_release_survives_a_restart() -> None:
+    snap = Snapshot(version=7, weights=np.full(SPEC.size, 7.0, np.float32), release_version=5,
+                    release_weights=np.full(SPEC.size, 5.0, np.float32), pinned=True)
+    c = gated(snapshot=snap)
+    served = reply(c.handle(pull("d1", 0, serve=True)))
+    assert served.version == 5 and c.status().extra["pinned"]
+    np.testing.assert_array_equal(served.weights, 5.0)
+    assert reply(c.handle(pull("d2", 0))).version == 7
+
+
+def test_a_slightly_worse_candidate_is_held_not_rolled_back() -> None:
+    c = gated(k=1)
+    c.handle(update("d1", 0, 1.0))
+    acts = c.handle(CandidateEvaluated(now=2.0, version=1, candidate_metric=0.75, release_metric=0.8, release_version=0))
+    assert [r.event["action"] for r in of(acts, RecordRelease)] == ["hold"] and not of(acts, CommitVersion)
+    assert c.version == 1 and c.status().extra["release"] == 0 and c.counters["gate_held"] == 1

@@ -1,0 +1,339 @@
+"""Issue 9 in the sans-IO cores: signed models and pinned keys, and a protocol that a hostile
+client cannot break — without TLS (the broker tests add TLS + ACL on top).
+
+Each attack from the issue is a test: a forged model is not deployed and is counted; a seq
+far above the watermark is refused and moves nothing; someone else's message under a
+device's next seq cannot make the device drop its update; a forged invitation does not
+bypass selection; an absurd sample count is refused; a pull flood is answered at a bounded
+rate while an honest device is served; storage failure defers instead of losing updates.
+"""
+
+from __future__ import annotations
+
+import random
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from coordinator.core import CoordinatorConfig, CoordinatorCore, PersistUpdate, StorageChanged
+from coordinator.strategies import make_strategy
+from edge_sdk.core.device import DeviceConfig, DeviceCore, Phase
+from edge_sdk.core.events import (
+    DeployModel,
+    MessageReceived,
+    Notify,
+    PinKey,
+    Publish,
+    SampleAdded,
+    ScheduleTimer,
+    StartTraining,
+    TimerFired,
+    TrainingFinished,
+)
+from edge_sdk.errors import ConfigError
+from edge_sdk.signing import Signer
+from edge_sdk.wire import topics
+from edge_sdk.wire.codec import decode, encode
+from edge_sdk.wire.messages import Ack, ModelMsg, PeerMsg, Pull, Update
+from tests.helpers import SIGNER, SPEC, make_coordinator, toy_snapshot
+
+DEV = "d1"
+
+
+def device(**kw: object) -> DeviceCore:
+    cfg = DeviceConfig(device_id=DEV, region="r1", spec=SPEC, min_samples=2, request_timeout_s=5.0, **kw)  # type: ignore[arg-type]
+    return DeviceCore(cfg, rng=random.Random(0))
+
+
+def to_dev(now: float, leaf: str, payload: bytes, dev: str = DEV) -> MessageReceived:
+    return MessageReceived(now=now, topic=topics.device_topic("r1", dev, leaf), payload=payload)
+
+
+def to_coord(now: float, dev: str, leaf: str, msg: object) -> MessageReceived:
+    return MessageReceived(now=now, topic=topics.device_topic("r1", dev, leaf), payload=encode(msg))  # type: ignore[arg-type]
+
+
+def model(version: int, reply_to: int = -1, value: float | None = None, signer: Signer | None = SIGNER) -> bytes:
+    w = np.full(SPEC.size, float(version if value is None else value), dtype=np.float32)
+    return encode(ModelMsg(model_id="toy", version=version, reply_to=reply_to, weights=w), signer=signer)
+
+
+def published(actions: list[object], leaf: str = "") -> list[object]:
+    return [decode(a.payload) for a in actions if isinstance(a, Publish) and a.topic.endswith(leaf)]
+
+
+def notes(actions: list[object], kind: str) -> list[Notify]:
+    return [a for a in actions if isinstance(a, Notify) and a.kind == kind]
+
+
+def update(dev: str, seq: int, *, n: int = 1, nonce: int = 0, value: float = 1.0, base: int = 0) -> Update:
+    w = np.full(SPEC.size, value, dtype=np.float32)
+    return Update(device=dev, seq=seq, model_id="toy", base_version=base, n_samples=n, weights=w, nonce=nonce)
+
+
+def train_and_push(d: DeviceCore, now: float = 0.0) -> Update:
+    """Drive a fresh device (serving pull, samples, pull, training) to its first update."""
+    d.handle(SampleAdded(now=now, total=2))
+    pull = published(d.handle(TimerFired(now=now)) or [], "pull")  # nothing pending: no-op
+    assert not pull
+    seq = d.state.pending_seq
+    acts = d.handle(to_dev(now, "model", model(0, seq)))
+    job = next(a for a in acts if isinstance(a, StartTraining)).job
+    acts = d.handle(TrainingFinished(now=now + 1, job_id=job.job_id, weights=job.weights + 1, n_samples=2))
+    (upd,) = published(acts, "update")
+    assert isinstance(upd, Update)
+    return upd
+
+
+# ------------------------------------------------------------------ signed models
+
+
+def test_forged_unsigned_model_is_refused_counted_and_never_deployed() -> None:
+    d = device()
+    acts = d.handle(to_dev(0.0, "model", model(10**9, value=0.0, signer=None)))
+    assert not [a for a in acts if isinstance(a, DeployModel)]
+    assert notes(acts, "message_rejected")[0].data["reason"] == "unsigned"
+    assert d.state.deployed is None and d.state.counters["rejected:unsigned"] == 1
+
+
+def test_first_key_is_pinned_durably_and_another_key_is_refused() -> None:
+    d = device()
+    acts = d.handle(to_dev(0.0, "model", model(3)))
+    pins = [a for a in acts if isinstance(a, PinKey)]
+    assert pins and pins[0].kid == SIGNER.kid
+    assert acts.index(pins[0]) < next(i for i, a in enumerate(acts) if isinstance(a, DeployModel))  # pin is durable first
+    attacker = Signer.generate()
+    acts = d.handle(to_dev(1.0, "model", model(10**9, value=0.0, signer=attacker)))
+    assert notes(acts, "message_rejected")[0].data["reason"] == "bad_signature"
+    assert d.state.deployed_version == 3
+    np.testing.assert_array_equal(d.state.deployed, 3.0)
+
+
+def test_provisioned_keys_are_the_only_ones_trusted() -> None:
+    d = device(trusted_keys={SIGNER.kid: SIGNER.public_raw})
+    acts = d.handle(to_dev(0.0, "model", model(5, signer=Signer.generate())))  # no first-use pinning
+    assert notes(acts, "message_rejected")[0].data["reason"] == "bad_signature"
+    assert not [a for a in acts if isinstance(a, PinKey)]
+    assert [a.version for a in d.handle(to_dev(1.0, "model", model(5))) if isinstance(a, DeployModel)] == [5]
+    with pytest.raises(ConfigError):
+        device(trusted_keys={"0" * 16: SIGNER.public_raw})
+
+
+def test_a_tampered_signed_model_is_refused() -> None:
+    d = device()
+    d.handle(to_dev(0.0, "model", model(1)))
+    good = bytearray(model(7))
+    good[-64 - 8] ^= 0x40  # a weight byte inside the signed tail
+    acts = d.handle(to_dev(1.0, "model", bytes(good)))
+    assert notes(acts, "message_rejected")[0].data["reason"] == "bad_signature"
+    assert d.state.deployed_version == 1
+
+
+def test_unsolicited_signed_model_deploys_only_if_newer() -> None:
+    d = device()
+    d.handle(to_dev(0.0, "model", model(4)))
+    assert not [a for a in d.handle(to_dev(1.0, "model", model(2))) if isinstance(a, DeployModel)]
+    assert [a.version for a in d.handle(to_dev(2.0, "model", model(6))) if isinstance(a, DeployModel)] == [6]
+    assert d.state.phase is Phase.IDLE  # an unsolicited model never starts training
+
+
+def test_serving_pull_on_start_deploys_without_training() -> None:
+    d = device()
+    (pull,) = published(d.start(0.0), "pull")
+    assert isinstance(pull, Pull) and pull.serve
+    c = make_coordinator(k=5, timeout_s=None)
+    reply = [a for a in c.handle(to_coord(0.1, DEV, "pull", pull)) if isinstance(a, Publish) and a.topic.endswith("/model")]
+    acts = d.handle(to_dev(0.2, "model", reply[0].payload))
+    assert [a.version for a in acts if isinstance(a, DeployModel)] == [0]
+    assert not [a for a in acts if isinstance(a, StartTraining)]
+    assert d.state.phase is Phase.IDLE and c.counters["pulls_serving"] == 1 and c.counters["pulls_served"] == 0
+
+
+def test_device_holding_the_current_version_trains_from_its_own_copy() -> None:
+    c = make_coordinator(k=5, timeout_s=None)
+    d = device()
+    d.handle(to_dev(0.0, "model", model(0, value=0.0)))  # holds version 0
+    (pull,) = published(d.handle(SampleAdded(now=1.0, total=2)), "pull")
+    (reply,) = [a for a in c.handle(to_coord(1.0, DEV, "pull", pull)) if isinstance(a, Publish) and a.topic.endswith("/model")]
+    msg = decode(reply.payload)
+    assert isinstance(msg, ModelMsg) and msg.group == "unchanged" and msg.weights.size == 0
+    assert len(reply.payload) < 400  # no weights travelled
+    acts = d.handle(to_dev(1.1, "model", reply.payload))
+    (start,) = [a for a in acts if isinstance(a, StartTraining)]
+    np.testing.assert_array_equal(start.job.weights, 0.0)
+
+
+# ------------------------------------------------------------------ the coordinator under attack
+
+
+def test_seq_jump_is_rejected_and_does_not_move_the_watermark() -> None:
+    c = make_coordinator(k=10, timeout_s=None)
+    c.handle(to_coord(0.0, DEV, "update", update(DEV, 3)))
+    acts = c.handle(to_coord(0.1, DEV, "update", update(DEV, 10**15)))
+    (ack,) = published(acts, "ack")
+    assert isinstance(ack, Ack) and ack.status == "rejected" and ack.reason == "seq_jump"
+    assert c.applied_upto == {} and c.counters["reject:seq_jump"] == 1
+    (ack,) = published(c.handle(to_coord(0.2, DEV, "update", update(DEV, 4))), "ack")
+    assert isinstance(ack, Ack) and ack.status == "accepted"
+
+
+def test_a_new_device_cannot_be_poisoned_beyond_its_last_pull() -> None:
+    c = make_coordinator(k=10, timeout_s=None)
+    c.handle(to_coord(0.0, DEV, "pull", Pull(device=DEV, seq=7, model_id="toy")))
+    (ack,) = published(c.handle(to_coord(0.1, DEV, "update", update(DEV, 7 + 100_001))), "ack")
+    assert isinstance(ack, Ack) and ack.reason == "seq_jump"
+
+
+def test_forged_update_under_the_devices_next_seq_cannot_make_it_drop_its_own() -> None:
+    c = make_coordinator(k=10, timeout_s=None)
+    d = device()
+    honest = train_and_push(d)
+    # The attacker got there first with the same seq and its own nonce.
+    c.handle(to_coord(0.5, DEV, "update", update(DEV, honest.seq, nonce=12345, value=-50.0)))
+    (dup,) = published(c.handle(to_coord(1.0, DEV, "update", honest)), "ack")
+    assert isinstance(dup, Ack) and dup.status == "duplicate" and dup.nonce == 12345
+    acts = d.handle(to_dev(1.1, "ack", encode(dup)))
+    assert notes(acts, "seq_conflict") and not notes(acts, "update_acked")
+    (again,) = published(acts, "update")
+    assert isinstance(again, Update) and again.seq > honest.seq and again.nonce != honest.nonce
+    np.testing.assert_array_equal(again.weights, honest.weights)
+    (ack,) = published(c.handle(to_coord(1.2, DEV, "update", again)), "ack")
+    assert isinstance(ack, Ack) and ack.status == "accepted"
+    acts = d.handle(to_dev(1.3, "ack", encode(ack)))
+    assert notes(acts, "update_acked") and d.state.updates_acked == 1
+    # its own retry (QoS 1 redelivery) is still recognised as its own
+    (dup,) = published(c.handle(to_coord(1.4, DEV, "update", again)), "ack")
+    assert isinstance(dup, Ack) and dup.nonce == again.nonce
+
+
+def test_forged_invitation_does_not_bypass_selection() -> None:
+    c = make_coordinator("fedbuff", k=2, select=1, population=3)
+    acts = c.handle(to_coord(0.0, DEV, "pull", Pull(device=DEV, seq=0, model_id="toy", invite_round=5)))
+    (ack,) = published(acts, "ack")
+    assert isinstance(ack, Ack) and ack.status == "deferred"
+    assert c.counters["invite_unknown"] == 1 and not published(acts, "model")
+
+
+def test_a_real_invitation_is_served_once() -> None:
+    c = make_coordinator("fedbuff", k=2, select=1, population=1)
+    acts = c.handle(to_coord(0.0, DEV, "pull", Pull(device=DEV, seq=0, model_id="toy")))
+    invites = published(acts, "invite")
+    assert invites, "a population of one draws its only device"
+    rnd = invites[0].round  # type: ignore[attr-defined]
+    served = published(c.handle(to_coord(0.1, DEV, "pull", Pull(device=DEV, seq=1, model_id="toy", invite_round=rnd))), "model")
+    assert len(served) == 1
+    c.strategy.in_flight.clear()  # type: ignore[attr-defined]  # round over: a replay must not be served
+    replay = c.handle(to_coord(0.2, DEV, "pull", Pull(device=DEV, seq=2, model_id="toy", invite_round=rnd)))
+    assert not published(replay, "model") and c.counters["invite_unknown"] == 1
+
+
+def test_huge_sample_count_is_refused() -> None:
+    c = make_coordinator(k=2, timeout_s=None)
+    (ack,) = published(c.handle(to_coord(0.0, DEV, "update", update(DEV, 0, n=2**62))), "ack")
+    assert isinstance(ack, Ack) and ack.status == "rejected" and ack.reason == "n_samples"
+    assert not c.buffer
+
+
+def test_pull_flood_from_one_client_is_bounded_and_an_honest_device_is_served() -> None:
+    c = make_coordinator(k=10, timeout_s=None)
+    pull = encode(Pull(device="mallory", seq=1, model_id="toy"))
+    topic = topics.device_topic("r1", "mallory", "pull")
+    tracemalloc.start()
+    replies = 0
+    for i in range(20_000):  # 20,000 pulls in 0.4 s of virtual time
+        acts = c.handle(MessageReceived(now=i * 0.00002, topic=topic, payload=pull))
+        replies += sum(isinstance(a, Publish) and a.topic.endswith("/model") for a in acts)
+        if i == 1000:
+            tracemalloc.reset_peak()
+            base = tracemalloc.get_traced_memory()[0]
+    peak = tracemalloc.get_traced_memory()[1] - base
+    tracemalloc.stop()
+    burst, refill = c.config.pull_burst, c.config.pull_refill_s
+    assert replies <= burst + 0.4 / refill + 1
+    assert c.counters["reject:rate_limited"] >= 20_000 - replies
+    assert peak < 1_000_000, f"memory grew by {peak} bytes under the flood"
+    honest = c.handle(to_coord(0.5, "honest", "pull", Pull(device="honest", seq=0, model_id="toy")))
+    assert len(published(honest, "model")) == 1
+
+
+def test_new_device_ids_beyond_the_cap_are_refused() -> None:
+    cfg = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, signer=SIGNER, max_devices=3)
+    c = CoordinatorCore(cfg, make_strategy("spin", k=10, timeout_s=None), toy_snapshot(), rng=random.Random(0))
+    for i in range(10):
+        c.handle(to_coord(float(i), f"x{i}", "pull", Pull(device=f"x{i}", seq=0, model_id="toy")))
+    assert len(c.devices_seen) == 3 and c.counters["reject:too_many_devices"] == 7
+
+
+# ------------------------------------------------------------------ storage failure and training failure
+
+
+def test_storage_failure_defers_updates_and_the_device_retries_later() -> None:
+    c = make_coordinator(k=1, timeout_s=None)
+    d = device()
+    c.handle(StorageChanged(now=0.0, ok=False, detail="ENOSPC"))
+    upd = train_and_push(d)
+    acts = c.handle(to_coord(1.0, DEV, "update", upd))
+    assert not [a for a in acts if isinstance(a, PersistUpdate)]
+    (ack,) = published(acts, "ack")
+    assert isinstance(ack, Ack) and ack.status == "deferred" and ack.reason == "storage"
+    assert c.status().extra["storage_ok"] is False and c.applied_upto == {} and not c.buffer
+    dev_acts = d.handle(to_dev(1.1, "ack", encode(ack)))
+    assert d.state.phase is Phase.PUSHING and d.state.updates_acked == 0
+    (timer,) = [a for a in dev_acts if isinstance(a, ScheduleTimer)]
+    c.handle(StorageChanged(now=2.0, ok=True))
+    (retry,) = published(d.handle(TimerFired(now=timer.at)), "update")
+    assert isinstance(retry, Update) and retry.seq == upd.seq
+    acts = c.handle(to_coord(timer.at, DEV, "update", retry))
+    assert [a for a in acts if isinstance(a, PersistUpdate)] and c.version == 1
+
+
+def test_nan_training_returns_the_device_to_idle_with_a_back_off() -> None:
+    d = device()
+    d.handle(SampleAdded(now=0.0, total=2))
+    acts = d.handle(to_dev(0.1, "model", model(1, d.state.pending_seq)))
+    job = next(a for a in acts if isinstance(a, StartTraining)).job
+    bad = np.full(SPEC.size, np.nan, dtype=np.float32)
+    acts = d.handle(TrainingFinished(now=1.0, job_id=job.job_id, weights=bad, n_samples=2))
+    assert d.state.phase is Phase.IDLE and notes(acts, "training_failed")
+    assert not published(acts, "update")
+    (timer,) = [a for a in acts if isinstance(a, ScheduleTimer)]
+    assert timer.at > 1.0
+    assert not published(d.handle(SampleAdded(now=1.5, total=3)), "pull")  # still backing off
+    assert published(d.handle(TimerFired(now=timer.at)), "pull")  # then it tries again
+
+
+# ------------------------------------------------------------------ peers
+
+
+def _peer(sender: str, signer: Signer | None) -> MessageReceived:
+    msg = PeerMsg(sender=sender, kind="beat", body={"age": 1})
+    return MessageReceived(now=0.0, topic=topics.peer_topic("c1", "beat"), payload=encode(msg, signer=signer))
+
+
+def test_peer_messages_must_be_signed_by_a_provisioned_or_pinned_key() -> None:
+    peer_key = Signer.generate()
+    cfg = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, signer=SIGNER,
+                            peer_keys={peer_key.kid: peer_key.public_raw})
+    c = CoordinatorCore(cfg, make_strategy("spin", k=10, timeout_s=None), toy_snapshot(), rng=random.Random(0))
+    c.handle(_peer("c2", None))
+    c.handle(_peer("c2", Signer.generate()))
+    assert c.counters["reject:unsigned"] == 1 and c.counters["reject:bad_signature"] == 1
+    c.handle(_peer("c2", peer_key))
+    assert c.counters["peer_messages"] == 1
+    # without provisioned peer keys: the first key a peer signs with is pinned for that peer
+    tofu = make_coordinator(k=10, timeout_s=None)
+    tofu.handle(_peer("c2", peer_key))
+    tofu.handle(_peer("c2", Signer.generate()))
+    assert tofu.counters["peer_messages"] == 1 and tofu.counters["reject:bad_signature"] == 1
+
+
+def test_a_replayed_older_model_is_not_taken_as_the_answer_to_a_pull() -> None:
+    d = device()
+    d.handle(to_dev(0.0, "model", model(5)))  # holds version 5
+    d.handle(SampleAdded(now=1.0, total=2))
+    assert d.state.phase is Phase.PULLING
+    acts = d.handle(to_dev(1.1, "model", model(3)))  # a captured reply of an older version
+    assert not [a for a in acts if isinstance(a, StartTraining)] and d.state.phase is Phase.PULLING
+    acts = d.handle(to_dev(1.2, "model", model(5)))  # the coordinator's answer (reply_to = -1)
+    assert [a for a in acts if isinstance(a, StartTraining)]
