@@ -7,7 +7,7 @@ and the gate's verdicts (validation metrics; promoted, rejected, rolled back, pi
 ``rollback --to N``, ``pin N`` and ``unpin`` act on a *running* coordinator: they publish
 a signed command on ``edgeci/v1/{region}/control`` and wait until the coordinator's
 retained status shows the result. The command is signed with an operator key (an
-``edgeci pki issue --role operator`` bundle's ``signing.key``, or ``--key``) — or, on the
+``edgeci pki issue --role operator`` bundle's ``signing.key``, or ``--signing-key``) — or, on the
 coordinator's own machine, with its state dir's ``signing.key``. The coordinator accepts
 each command once, within five minutes of its time, from keys it trusts; on a broker with
 the project's ACL only operator identities may publish there at all. Both the command and
@@ -49,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("version", type=int, metavar="N", help="version to release and hold (no promotions until unpin)")
     p.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="MQTT broker URL of the running coordinator")
     p.add_argument("--region", default="default", help="the coordinator's region")
-    p.add_argument("--key", type=Path, help="operator signing key (PEM); default: --bundle's signing.key, else STATE_DIR/signing.key")
+    p.add_argument("--signing-key", type=Path, help="operator signing key (PEM, Ed25519); default: --bundle's signing.key, else STATE_DIR/signing.key")
     p.add_argument("--state-dir", type=Path, help="the coordinator's state dir (for its signing key when run on its machine)")
     p.add_argument("--operator", default="operator", help="who you are, recorded with the command")
     p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the coordinator to confirm")
@@ -128,13 +128,13 @@ def _versions(args: argparse.Namespace) -> int:
 
 
 def _key_path(args: argparse.Namespace) -> Path:
-    if args.key is not None:
-        return Path(args.key)
+    if args.signing_key is not None:
+        return Path(args.signing_key)
     if getattr(args, "bundle", None) and (Path(args.bundle) / "signing.key").exists():
         return Path(args.bundle) / "signing.key"
     if args.state_dir is not None:
         return Path(args.state_dir) / "signing.key"
-    raise ConfigError("no signing key: pass --key, an operator --bundle, or the coordinator's --state-dir")
+    raise ConfigError("no signing key: pass --signing-key, an operator --bundle, or the coordinator's --state-dir")
 
 
 def _control(args: argparse.Namespace, command: str) -> int:

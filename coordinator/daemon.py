@@ -116,7 +116,8 @@ class CoordinatorDaemon:
         self.on_commit = on_commit
         self.on_release = on_release
         self.validator: Validator | None = None
-        self.operator_keys = load_trusted_keys(options.operator_keys_dir) if options.operator_keys_dir else {}
+        operator_dir = options.operator_keys_dir or (options.bundle / "operators" if options.bundle is not None else None)
+        self.operator_keys = load_trusted_keys(operator_dir) if operator_dir is not None and Path(operator_dir).is_dir() else {}
         self.coordinator_id = options.coordinator_id or f"coord-{options.region}"
         self.registry = Registry(options.state_dir, self.task.spec, keep_versions=options.keep_versions, background_prune=True)
         try:
@@ -238,7 +239,9 @@ class CoordinatorDaemon:
         )
         return self
 
-    def stop(self) -> None:
+    def stop(self, *, drain: bool = True) -> None:
+        """Stop serving. ``drain=False`` (SIGTERM) abandons queued events after the batch in
+        hand: nothing unacknowledged is lost (devices retry), and a backlog cannot delay it."""
         if self.stopped.is_set():
             return
         self._closing.set()  # from here on every status says alive: false
@@ -251,7 +254,7 @@ class CoordinatorDaemon:
         self.transport.stop()
         if self.validator is not None:
             self.validator.stop()
-        self.actor.stop()
+        self.actor.stop(drain=drain)
         self.registry.close()
         self.stopped.set()
 

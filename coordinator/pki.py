@@ -137,6 +137,11 @@ class Pki:
     def signing_dir(self) -> Path:
         return self.root / "signing"
 
+    @property
+    def operators_dir(self) -> Path:
+        """Operators' Ed25519 command-signing public keys (``<operator>.pub``)."""
+        return self.root / "operators"
+
     def bundle_dir(self, name: str) -> Path:
         return self.root / "bundles" / check_id(name, "identity")
 
@@ -294,9 +299,11 @@ class Pki:
             "region": regions[0] if regions[0] != ANY_REGION else None,
             "ca": "ca.crt", "cert": f"{name}.crt", "key": f"{name}.key",
         }
-        if role == "coordinator":
+        if role in ("coordinator", "operator"):
+            # coordinators sign models; operators sign control commands (rollback, pin)
             signer, _ = signing.load_or_create_signer(bundle / "signing.key")
-            signing.save_public_key(signer.public_raw, self.signing_dir / f"{name}.pub")
+            pub_dir = self.signing_dir if role == "coordinator" else self.operators_dir
+            signing.save_public_key(signer.public_raw, pub_dir / f"{name}.pub")
             manifest["signing_key"] = "signing.key"
             manifest["signing_key_id"] = signer.kid
         identity = Identity(name=name, role=role, regions=tuple(regions), serial=cert.serial_number,
@@ -324,6 +331,13 @@ class Pki:
         trusted.mkdir(parents=True)
         for n in names:
             shutil.copyfile(keys[n], trusted / f"{n}.pub")
+        if identity.role == "coordinator":  # the operators whose signed commands it obeys
+            operators = self.bundle_dir(identity.name) / "operators"
+            if operators.exists():
+                shutil.rmtree(operators)
+            operators.mkdir(parents=True)
+            for pub in sorted(self.operators_dir.glob("*.pub")) if self.operators_dir.is_dir() else []:
+                shutil.copyfile(pub, operators / pub.name)
         return names
 
     def refresh_trust(self) -> dict[str, list[str]]:

@@ -715,8 +715,14 @@ class Registry:
             log.warning("RECOVERY: resuming %s from version %d; %d newer version(s) unreadable", self.root, version, len(skipped))
         applied_upto = {str(k): int(v) for k, v in meta.get("applied_upto", {}).items()}
         buffer = [u for u in updates if u.seq > applied_upto.get(u.device, -1)]
+        # Release numbers only grow (a rollback releases a *new* version), so the newer of the
+        # two records is the larger: release.json (gate decisions, operator commands) or the
+        # newest commit's metadata (a version released on commit, without a gate).
         record = read_release_record(self.root)
-        release = int(record.get("release", meta.get("release", version)))
+        meta_release = int(meta.get("release", version))
+        newer_meta = meta_release > int(record.get("release", -1))
+        release = meta_release if newer_meta else int(record["release"])
+        pinned = bool(meta.get("pinned", False)) if newer_meta else bool(record.get("pinned", False))
         release_weights = None
         if release != version:
             try:
@@ -727,7 +733,7 @@ class Registry:
         return Snapshot(
             release_version=release,
             release_weights=release_weights,
-            pinned=bool(record.get("pinned", meta.get("pinned", False))),
+            pinned=pinned,
             gate_history=list(record.get("history", []))[-20:],
             version=version,
             weights=weights,

@@ -45,6 +45,7 @@ float64 accumulation measured slower (more memory traffic) and cannot hand its b
 from __future__ import annotations
 
 import math
+import statistics
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -280,7 +281,7 @@ class _Window:
     def median(self, min_known: int) -> float | None:
         if len(self.values) < min_known:
             return None
-        return float(np.median(np.fromiter(self.values.values(), dtype=np.float64, count=len(self.values))))
+        return float(statistics.median(self.values.values()))  # ~50 floats: faster than numpy's call overhead
 
     def record(self, key: tuple[str, int], value: float) -> None:
         if key in self.values:
