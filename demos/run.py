@@ -128,7 +128,7 @@ def plot(timeline: Timeline, path: Path, title: str, training: Timeline | None =
     ax.step(t, acc, where="post", label="release: what devices predict with (held-out accuracy)")
     ax.set_xlabel("wall time (s)")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
@@ -220,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
     _, v_end, acc_end = timeline.last()
     png = out / "accuracy.png"
     gate_note = "no gate" if validation is None else f"gate on {n_val} validation samples, margin {args.gate_margin:g}"
-    plot(timeline, png, f"edgeci run: SPIN (K={args.k}, π={args.timeout:g} s), {args.devices} devices, {task.name}, {gate_note}",
+    plot(timeline, png, f"edgeci run: SPIN (K={args.k}, π={args.timeout:g} s), {args.devices} devices, {task.name}\n{gate_note}",
          training if validation is not None else None)
     (out / "metrics.json").write_text(json.dumps({"release": timeline.points, "training": training.points,
                                                   "status": dataclasses.asdict(status)}, indent=1))
@@ -245,6 +245,6 @@ def _watch(args: argparse.Namespace, timeline: Timeline, loop: LabellingLoop) ->
             time.sleep(min(1.0, args.duration - elapsed))
             _, version, acc = timeline.last()
             bar.n = min(int(time.monotonic() - start), int(args.duration))
-            bar.set_postfix_str(f"version {version} | accuracy {100 * acc:.1f}% | labelled {loop.labelled}")
+            bar.set_postfix_str(f"release v{version} | accuracy {100 * acc:.1f}% | labelled {loop.labelled}")
             if all(u.exhausted for u in loop.users):
                 break

@@ -404,7 +404,7 @@ def test_gesture_contract_has_no_range_and_no_compact_form() -> None:
 def test_one_default_min_samples_per_task() -> None:
     from edge_sdk.tasks.registry import TASK_INFO, default_min_samples
 
-    assert {n: i.min_samples for n, i in TASK_INFO.items()} == {"digits": 8, "gestures": 16, "detection": 64}
+    assert {n: i.min_samples for n, i in TASK_INFO.items()} == {"digits": 8, "gestures": 16, "procdigits": 8, "detection": 64}
     assert default_min_samples("yolov8n-detection") == 64  # by the task object's name too
     assert default_min_samples("an-apps-own-task", fallback=5) == 5
 

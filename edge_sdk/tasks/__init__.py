@@ -25,6 +25,7 @@ __all__ = [
 
 TASKS: dict[str, str] = {
     "digits": "edge_sdk.tasks.digits:DigitsTask",
+    "procdigits": "edge_sdk.tasks.procdigits:ProcDigitsTask",
     "gestures": "edge_sdk.tasks.gestures:GestureTask",
     "detection": "edge_sdk.tasks.detection:DetectionTask",
     "detection-fleet": "edge_sdk.tasks.detection_fleet:DetectionFleetTask",

@@ -183,6 +183,19 @@ TASK_INFO: dict[str, TaskInfo] = {
             "circle_cw", "circle_ccw", "zigzag", "check_mark",
         ),
     ),
+    "procdigits": TaskInfo(
+        name="procdigits",
+        task_name="procdigits",
+        model_id="procdigits-lenet5",
+        sample_kind="array",
+        n_classes=10,
+        min_samples=8,
+        contract=InputContract(
+            task="procdigits", shape=(1, 28, 28), value_range=(0.0, 1.0),
+            hint="28x28 MNIST-style 0-255 pixels divided by 255",
+        ),
+        class_names=tuple(str(d) for d in range(10)),
+    ),
     "detection": TaskInfo(
         name="detection",
         task_name="yolov8n-detection",
@@ -340,7 +353,9 @@ class DeclaredTask:
         raise self._unavailable("evaluation")
 
 
-def write_graphs(out: Path = GRAPHS_DIR, names: tuple[str, ...] = ("digits", "gestures")) -> list[Path]:
+def write_graphs(
+    out: Path = GRAPHS_DIR, names: tuple[str, ...] = ("digits", "gestures", "procdigits")
+) -> list[Path]:
     """Export each task's graph (zeros as weights) and spec from torch into ``out``; the
     detection task ships its spec only (it has its own exporter). Needs ``[train]``."""
     from edge_sdk.inference import (
