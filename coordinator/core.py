@@ -77,7 +77,7 @@ import numpy as np
 
 from coordinator.gate import Gate, GateConfig
 from coordinator.peering.base import BROADCAST, Peering, PeerPlan
-from coordinator.strategies.base import BufferedUpdate, Plan, Strategy
+from coordinator.strategies.base import BufferedUpdate, Plan, ReadOnlyView, Strategy
 from edge_sdk.core.events import MessageReceived, Notify, Publish, ScheduleTimer, TimerFired
 from edge_sdk.errors import (
     BadSignature,
@@ -325,6 +325,7 @@ class CoordinatorCore:
         self._candidate_devices: dict[int, tuple[str, ...]] = {}
         self._control_seen: dict[tuple[str, int], float] = {}
         self._pending_actions: list[CoordinatorAction] = []
+        self._view = ReadOnlyView(self)  # what strategies and peerings see: no mutators, read-only vectors
         self._applied_upto: dict[str, int] = dict(snapshot.applied_upto)
         self._accepted_upto: dict[str, int] = dict(snapshot.applied_upto)
         self._buffer: list[BufferedUpdate] = []
@@ -358,7 +359,7 @@ class CoordinatorCore:
             if u.seq <= self._applied_upto.get(u.device, -1):
                 continue  # applied by the last commit; its file outlived the crash
             self._buffer_update(u)
-            self.strategy.on_restore(self, u)  # averaging strategies rebuild their fold
+            self.strategy.on_restore(self._view, u)  # averaging strategies rebuild their fold
 
     # ------------------------------------------------------------------ view (for strategies)
 
@@ -643,7 +644,7 @@ class CoordinatorCore:
         invited = msg.invite_round >= 0 and self._invites.get(msg.device) == msg.invite_round
         if msg.invite_round >= 0 and not invited:
             self.counters["invite_unknown"] += 1  # forged, replayed or from before a restart
-        if invited or self.strategy.serve_pull(self, msg.device, now):
+        if invited or self.strategy.serve_pull(self._view, msg.device, now):
             if invited:
                 del self._invites[msg.device]
             self._deferred.pop(msg.device, None)
@@ -750,7 +751,7 @@ class CoordinatorCore:
         self._buffer_update(update)
         self.counters["accepted"] += 1
         self.staleness_hist[update.staleness] += 1
-        self.strategy.on_update(self, update, now)
+        self.strategy.on_update(self._view, update, now)
         ack = Ack(device=msg.device, seq=msg.seq, status="accepted", version=self._version)
         return [PersistUpdate(update=update), self._publish(ack_topic, encode(ack))]
 
@@ -769,13 +770,13 @@ class CoordinatorCore:
         actions: list[CoordinatorAction] = []
         peer_wake = self.peering.wake_at()
         if peer_wake is not None and now >= peer_wake:
-            actions += self._run_peer_plan(self.peering.on_timer(self, now), now)
+            actions += self._run_peer_plan(self.peering.on_timer(self._view, now), now)
         for _ in range(4):  # an aggregation may enable another decision (e.g. new invites)
-            plan: Plan = self.strategy.plan(self, now, self._rng)
+            plan: Plan = self.strategy.plan(self._view, now, self._rng)
             aggregated = plan.aggregate and bool(self._buffer)
             if aggregated:
                 actions.append(self._aggregate(now))
-                actions += self._run_peer_plan(self.peering.on_version(self, now), now)
+                actions += self._run_peer_plan(self.peering.on_version(self._view, now), now)
             for device in plan.invite:
                 actions.extend(self._invite(device))
             if not aggregated and not plan.invite:
@@ -793,7 +794,7 @@ class CoordinatorCore:
         updates = tuple(self._buffer)
         full = self.next_version_is_full()
         used = updates if full else tuple(self._partial(u) for u in updates)
-        new = np.ascontiguousarray(self.strategy.aggregate(self, used), dtype=np.float32)
+        new = np.ascontiguousarray(self.strategy.aggregate(self._view, used), dtype=np.float32)
         if not full:  # LASP: between full syncs only the partial group may change
             keep = np.array(self._weights, copy=True)
             sl = self.config.spec.group_slice(self.config.partial_group)
@@ -820,7 +821,7 @@ class CoordinatorCore:
                 "full_sync": full,
             },
         )
-        self.strategy.on_aggregated(self, now)
+        self.strategy.on_aggregated(self._view, now)
         return commit
 
     def _partial(self, u: BufferedUpdate) -> BufferedUpdate:
@@ -941,7 +942,7 @@ class CoordinatorCore:
         self._first_buffered_at = None
         commit = self._commit(np.array(self._release_weights, copy=True), now, consumed=consumed,
                               meta={"source": "rollback", "rejected": rejected, "of": self._release_version})
-        self.strategy.on_aggregated(self, now)
+        self.strategy.on_aggregated(self._view, now)
         return commit
 
     # ------------------------------------------------------------------ operator control
@@ -986,7 +987,7 @@ class CoordinatorCore:
         self._buffer.clear()
         self._first_buffered_at = None
         commit = self._commit(weights, ev.now, consumed=consumed, meta={"source": "operator", "command": ev.command, "of": ev.version})
-        self.strategy.on_aggregated(self, ev.now)
+        self.strategy.on_aggregated(self._view, ev.now)
         self._release_version, self._release_weights = commit.version, weights
         self._pinned = ev.command == "pin" or (self._pinned and ev.command == "rollback")
         if self._gate is not None:
@@ -1007,7 +1008,7 @@ class CoordinatorCore:
         if msg.weights is not None:
             self.config.spec.check(msg.weights)
         self.counters["peer_messages"] += 1
-        return self._run_peer_plan(self.peering.on_message(self, msg, ev.now), ev.now)
+        return self._run_peer_plan(self.peering.on_message(self._view, msg, ev.now), ev.now)
 
     def _check_peer_signature(self, sender: str, sig: SignatureInfo | None) -> None:
         """Peers sign everything; trust the provisioned keys, or pin each sender's first key."""
