@@ -33,7 +33,7 @@ from edge_sdk.errors import EdgeciError
 # subcommand -> (module, one-line help). Modules are imported lazily: `edgeci --help`
 # must not pay for torch.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("demos.run", "main job, a trial (the embedded broker is anonymous, 127.0.0.1 only: not for production): embedded broker, one SPIN coordinator, a fleet of devices; prints before → after accuracy and writes a plot"),
+    "run": ("demos.run", "main job, a trial (the embedded broker is anonymous, 127.0.0.1 only: not for production): embedded broker, one SPIN coordinator with the release gate, a fleet of devices; prints the release's accuracy before → after and writes a plot"),
     "coordinator": ("coordinator.cli", "run a regional coordinator daemon (resumes from --state-dir)"),
     "device": ("devices.headless", "run one headless device that labels its share of the dataset over time"),
     "pretrain": ("demos.pretrain", "write the pretrained deployed model to a file"),

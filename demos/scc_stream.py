@@ -35,7 +35,16 @@ device's samples so far (SPIN keeps every sample), builds its coordinator withou
 ``full_sync_every``, and has no hook for per-device training logic such as SCC; this
 runner keeps the real coordinator core and wire codec and replaces only the device side.
 
+``--client``: the devices are :class:`~edge_sdk.client.EdgeClient` objects with SCC on
+(``SccConfig(keep_raw=0, compensate=...)``, methods ``cache`` and ``scc``), never connected:
+each round's batch goes in with ``add_sample`` and the job runs through
+``EdgeClient.run_training_job`` (what the client's trainer thread runs: compensation, numpy
+head calibration on current + cached features, age-out into the cache). Its accuracy curves
+match the standalone devices' exactly (checked on seed 0). ``--quick`` is ``--client`` on a
+smaller fleet and run, 3 seeds.
+
     edgeci scc-stream --seeds 0-4          (or: python -m demos.scc_stream --seeds 0-4)
+    edgeci scc-stream --quick
 """
 
 from __future__ import annotations
@@ -57,9 +66,10 @@ import numpy.typing as npt
 from coordinator.core import CoordinatorConfig, CoordinatorCore, Snapshot
 from coordinator.strategies import make_strategy
 from devices.partition import dirichlet, iid
-from edge_sdk.core.events import MessageReceived, Publish, TimerFired
+from edge_sdk.client import EdgeClient
+from edge_sdk.core.events import MessageReceived, Publish, TimerFired, TrainingJob
 from edge_sdk.errors import ConfigError
-from edge_sdk.scc import SemanticCache
+from edge_sdk.scc import SccConfig, SemanticCache
 from edge_sdk.spec import FULL, Vector
 from edge_sdk.tasks import get_task
 from edge_sdk.tasks.base import Split, TrainConfig
@@ -91,6 +101,10 @@ METHODS: dict[str, str] = {
     "oracle": "LASP + exactly re-extracted cache (upper bound)",
 }
 CACHE_METHODS = ("cache", "scc", "oracle")
+CLIENT_METHODS = ("cache", "scc")
+"""What ``--client`` runs through :class:`~edge_sdk.client.EdgeClient` (``SccConfig(compensate=...)``)."""
+QUICK = {"devices": 4, "rounds": 19, "seeds": "0-2", "methods": "cache,scc"}
+"""``--quick``: the client path on a smaller fleet and run (what tests/test_scc_client.py runs)."""
 REGION = "scc"
 ROUND_S = 10.0
 """Virtual seconds per round; the coordinator closes a round 1 s after it starts."""
@@ -208,10 +222,18 @@ def run_method(
     streams: Streams,
     *,
     initial: Vector,
+    via_client: bool = False,
 ) -> MethodRun:
-    """One method on one seed's streams: ``s.rounds`` synchronous rounds, evaluated after each."""
+    """One method on one seed's streams: ``s.rounds`` synchronous rounds, evaluated after each.
+
+    ``via_client``: each device is an :class:`~edge_sdk.client.EdgeClient` (in memory, not
+    connected): its batch goes in with ``add_sample``, and the job runs through
+    ``EdgeClient.run_training_job`` — the trainer thread's code, with the client's SCC
+    (``SccConfig(keep_raw=0)``: the batch ages out into the cache after training)."""
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    if via_client and method not in CLIENT_METHODS:
+        raise ConfigError(f"--client runs {', '.join(CLIENT_METHODS)}, not {method!r}")
     data = task.data()
     pool, test = data.pool, data.test
     spec = task.spec
@@ -230,7 +252,26 @@ def run_method(
     )
     coordinator.start(0.0)
     devices = [_Device(device_id=f"d{i:03d}") for i in range(s.devices)]
-    if method in CACHE_METHODS:
+    clients: list[EdgeClient] = []
+    if via_client:
+        scc_config = SccConfig(
+            capacity=s.capacity,
+            keep_raw=0,
+            compensate=method == "scc",
+            fallback="none" if s.fallback == "none" else "global",
+        )
+        clients = [
+            EdgeClient(
+                broker="mqtt://127.0.0.1:1",  # never started: no connection is made
+                device_id=dev.device_id,
+                task=task,
+                durable=False,
+                seed=seed,
+                scc=scc_config,
+            )
+            for dev in devices
+        ]
+    elif method in CACHE_METHODS:
         for dev in devices:
             dev.scc = SemanticCache(
                 task, capacity=s.capacity, fallback="none" if s.fallback == "none" else "global"
@@ -294,7 +335,21 @@ def run_method(
                 received = np.array(dev.weights, copy=True)
                 received[spec.group_slice(msg.group)] = msg.weights
             scc = dev.scc
-            if scc is not None and dev.weights is not None and not scc.is_current(received):
+            seed_k = (seed * 1_000_003 + i * 10_007 + r) % (2**31)
+            if clients:
+                client = clients[i]
+                for xi, yi in zip(x, y):
+                    client.add_sample(xi, int(yi))
+                job = TrainingJob(
+                    job_id=r,
+                    base_version=msg.version,
+                    weights=received,
+                    n_samples=int(idx.shape[0]),
+                    group=train_group,
+                )
+                cfg = _with_seed(full_cfg if train_group == FULL else head_cfg, seed_k)
+                trained, _ = client.run_training_job(job, cfg)
+            elif scc is not None and dev.weights is not None and not scc.is_current(received):
                 # A new extractor arrived: hold the old one until the batch compensates.
                 scc.hold_extractor(dev.weights)
                 if method == "scc":
@@ -306,8 +361,9 @@ def run_method(
                 else:  # oracle: the raw samples behind the cached rows, re-extracted
                     scc.reextract(received, pool.x[np.array(scc.cache.ids)])
             dev.weights, dev.version = received, msg.version
-            seed_k = (seed * 1_000_003 + i * 10_007 + r) % (2**31)
-            if train_group == FULL:
+            if clients:
+                pass  # trained above, by the client
+            elif train_group == FULL:
                 trained = task.local_update(received, x, y, _with_seed(full_cfg, seed_k))
             elif scc is None:
                 trained = task.local_update(received, x, y, _with_seed(head_cfg, seed_k))
@@ -336,6 +392,8 @@ def run_method(
             )
         coordinator.handle(TimerFired(now=now + 1.0))  # the round closes: aggregate
         evaluate(r, full_round)
+    for client in clients:
+        client.stop()
     result.summary = _summary(result.rows, streams, s)
     result.summary.update(
         {"fallback_class_shifts": fallback_shifts, "per_class_shifts": class_shifts}
@@ -554,6 +612,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", type=Path, default=Path("runs/scc_stream"), help="output directory")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument(
+        "--client",
+        action="store_true",
+        help=f"devices are EdgeClients with SCC (methods {', '.join(CLIENT_METHODS)})",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="--client with " + ", ".join(f"--{k} {v}" for k, v in QUICK.items()),
+    )
 
 
 def _seeds(text: str) -> list[int]:
@@ -594,6 +662,7 @@ def experiment(
     seeds: Sequence[int],
     *,
     progress: Callable[[MethodRun], None] | None = None,
+    via_client: bool = False,
 ) -> tuple[list[MethodRun], list[int]]:
     """Every method on every seed (streams shared by the methods of a seed)."""
     task = get_task(s.task, device="cpu")
@@ -607,7 +676,7 @@ def experiment(
         learned.append(streams.learned_round)
         initial = task.pretrained(seed=seed)
         for method in methods:
-            run_ = run_method(task, s, method, seed, streams, initial=initial)
+            run_ = run_method(task, s, method, seed, streams, initial=initial, via_client=via_client)
             runs.append(run_)
             if progress is not None:
                 progress(run_)
@@ -616,6 +685,10 @@ def experiment(
 
 def run(args: argparse.Namespace) -> int:
     configure_threads(args.threads)
+    if args.quick:
+        args.client = True
+        for key, value in QUICK.items():
+            setattr(args, key, value)
     s = settings_from(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -632,12 +705,12 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    runs, learned = experiment(s, methods, seeds, progress=progress)
+    runs, learned = experiment(s, methods, seeds, progress=progress, via_client=args.client)
     stats = summarise(runs)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     title = (
-        f"{s.task}: {s.devices} devices, {s.rounds} rounds, LASP T={s.full_sync_every}, "
+        f"{s.task}{' via EdgeClient' if args.client else ''}: {s.devices} devices, {s.rounds} rounds, LASP T={s.full_sync_every}, "
         f"{'IID split' if s.alpha == 0 else f'Dirichlet α={s.alpha}'}, cache Q={s.capacity}; "
         f"mean ± std over {len(seeds)} seeds"
     )

@@ -62,10 +62,11 @@ from edge_sdk.modelio import load_model, save_model
 from edge_sdk.mqtt import BrokerAuth, MqttTransport, read_bundle
 from edge_sdk.paths import device_dir
 from edge_sdk.runtime import Actor, Clock, WallClock
+from edge_sdk.scc import DeviceScc, SccConfig
 from edge_sdk.spec import Vector
 from edge_sdk.store import SampleKind, SampleStore
 from edge_sdk.tasks import get_task
-from edge_sdk.tasks.base import Task, TrainConfig
+from edge_sdk.tasks.base import Task, TrainConfig, TrainResult
 from edge_sdk.tasks.registry import (
     DeclaredTask,
     InputContract,
@@ -132,6 +133,7 @@ class EdgeClient:
         auth: BrokerAuth | None = None,
         bundle: str | Path | None = None,
         trusted_keys: Mapping[str, bytes] | None = None,
+        scc: bool | SccConfig = False,
     ) -> None:
         if inference not in ("onnx", "torch"):
             raise ConfigError(f"inference must be 'onnx' or 'torch', got {inference!r}")
@@ -176,6 +178,15 @@ class EdgeClient:
             n_classes=n_classes,
             recover=True,  # a corrupt file is moved aside (counters kept); ``store_recovered`` says so
         )
+        self.scc: DeviceScc | None = None
+        """SCC (opt-in, ``scc=True`` or an :class:`~edge_sdk.scc.SccConfig`): samples older than
+        the newest ``keep_raw`` age out into a feature cache kept in the store, compensated
+        when a new extractor arrives and used in classifier-only rounds."""
+        if scc:
+            if self.sample_kind == "frame":
+                raise ConfigError("SCC caches classifier features; detection devices cannot use it")
+            self.scc = DeviceScc(scc if isinstance(scc, SccConfig) else SccConfig(), self.task, self.store,
+                                 kind=self.sample_kind)
         self.inference = inference
         self._engine: Any = None
         self._model_path = self.data_dir / "deployed.npz" if self.data_dir is not None and durable else None
@@ -237,6 +248,9 @@ class EdgeClient:
         if self.store.recovered_from is not None:
             recovered = dict(self.store.recovered_from)
             self.actor.call(lambda: self._emit("store_recovered", recovered))
+        if self.scc is not None and self.scc.dropped is not None:
+            dropped = {"reason": self.scc.dropped}
+            self.actor.call(lambda: self._emit("scc_cache_dropped", dropped))
         self.actor.call(lambda: self.actor.run_actions(self.core.start(self.clock.now())))
         return self
 
@@ -331,7 +345,8 @@ class EdgeClient:
         """Subscribe to notifications: ``model``, ``trained``, ``update_acked``, ``update_rejected``,
         ``deferred``, ``retry``, ``training_failed``, ``training_unavailable`` (a round this
         install cannot train: full rounds without ``[train]``), ``message_rejected``, ``store_recovered``
-        (the sample store was corrupt and started clean; ``path``, ``reason``) (or ``*`` for all)."""
+        (the sample store was corrupt and started clean; ``path``, ``reason``), ``scc_cache_dropped``
+        (SCC's stored feature cache was unreadable and starts empty; ``reason``) (or ``*`` for all)."""
         self._callbacks[kind].append(callback)
 
     def wait_for_version(self, version: int, timeout: float) -> bool:
@@ -453,6 +468,27 @@ class EdgeClient:
         if note.kind == "retry" and self._failures >= self.failover_after and len(self.regions) > 1:
             self._failover()
 
+    def run_training_job(self, job: TrainingJob, config: TrainConfig) -> tuple[TrainResult, list[int]]:
+        """What the trainer thread runs for one job: the result and the sample ids it used.
+        Public for emulators that drive a fleet of clients round by round without a broker."""
+        if self.sample_kind == "frame":
+            ids = self.store.ids("frame")
+            frames = list(self.store.frames(ids))  # ids evicted meanwhile are skipped
+            images, boxes = [f for f, _ in frames], [b for _, b in frames]
+            return cast(Any, self.task).local_update(job.weights, images, boxes, config), ids
+        snap = self.store.snapshot(self.sample_kind)
+        ids = [int(i) for i in snap.ids]
+        scc = self.scc
+        if scc is None:
+            return self.task.local_update(job.weights, snap.x, snap.y, config), ids
+        scc.prepare(job.weights, snap.x, snap.y)  # compensate the cache for a new extractor
+        if job.group == scc.classifier_group:
+            result = scc.calibrate(job.weights, snap.x, snap.y, config)
+        else:
+            result = self.task.local_update(job.weights, snap.x, snap.y, config)
+        scc.age_out(job.weights, snap.ids, snap.x, snap.y)  # older samples live on as features
+        return result, ids
+
     def _train(self, job: TrainingJob) -> None:
         """Trainer thread: fine-tune on all local samples, hand the result to the actor."""
         try:
@@ -465,15 +501,7 @@ class EdgeClient:
                 seed=cfg.seed + job.job_id,
                 group=job.group,
             )
-            if self.sample_kind == "frame":
-                ids = self.store.ids("frame")
-                frames = list(self.store.frames(ids))  # ids evicted meanwhile are skipped
-                images, boxes = [f for f, _ in frames], [b for _, b in frames]
-                result = cast(Any, self.task).local_update(job.weights, images, boxes, config)
-            else:
-                snap = self.store.snapshot(self.sample_kind)
-                ids = [int(i) for i in snap.ids]
-                result = self.task.local_update(job.weights, snap.x, snap.y, config)
+            result, ids = self.run_training_job(job, config)
             self._job_ids[job.job_id] = ids
             self.actor.submit(
                 lambda now: TrainingFinished(

@@ -40,18 +40,27 @@ old extractor, and the app has to compensate with the old weights if it kept the
 compensation, or clear the cache.
 
 Not thread-safe: one :class:`SemanticCache` per device, used by the device's trainer.
+
+In the SDK client: :class:`DeviceScc` (``EdgeClient(..., scc=SccConfig(...))``) runs the same
+maths (:class:`FeatureCache`, :func:`drift_deltas`) on the device's sample store: samples
+older than the newest ``keep_raw`` age out into the cache, which lives in the store with the
+extractor it belongs to (so compensation works across restarts), and the head is calibrated
+in numpy (:func:`~edge_sdk.tasks.linear_head.fit_head`), so a ``[device]`` install (no
+torch) runs SCC too. Only :class:`SemanticCache` needs torch (imported when it is built).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from time import perf_counter
-from typing import Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -59,15 +68,23 @@ import numpy.typing as npt
 from edge_sdk.errors import ConfigError, InvalidSample, LocalProtocolError
 from edge_sdk.spec import FULL, ModelSpec, Vector
 from edge_sdk.tasks.base import TrainConfig, TrainResult
-from edge_sdk.torchbridge import spec_from_module
-from edge_sdk.trainer import ClassifierTask, fit, seeded
+from edge_sdk.tasks.linear_head import HeadLayout, fit_head
+
+if TYPE_CHECKING:  # torch only where SemanticCache is used; DeviceScc runs on [device]
+    from edge_sdk.store import SampleStore
+    from edge_sdk.trainer import ClassifierTask
+
+log = logging.getLogger("edgeci.scc")
 
 __all__ = [
     "DEFAULT_CAPACITY",
     "Compensation",
+    "DeviceScc",
     "FeatureCache",
+    "SccConfig",
     "SemanticCache",
     "balanced_quotas",
+    "drift_deltas",
     "extractor_digest",
     "select_representatives",
 ]
@@ -295,32 +312,62 @@ class FeatureCache:
             return
         path = self.path
         path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"format": FILE_FORMAT, "feature_dim": self._dim, "tag": self._tag}
         tmp = path.with_name(f".{path.name}.tmp")
         with open(tmp, "wb") as f:
-            np.savez(
-                f,
-                features=self._features,
-                labels=self._labels,
-                ids=self._ids,
-                meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-            )
+            self._write_npz(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
 
+    def dumps(self, **extra: npt.NDArray[Any]) -> bytes:
+        """The cache as ``.npz`` bytes (no pickle), with ``extra`` arrays alongside (e.g. the
+        extractor the features belong to); :meth:`loads` reads it back."""
+        buf = io.BytesIO()
+        self._write_npz(buf, extra)
+        return buf.getvalue()
+
+    @classmethod
+    def loads(
+        cls, data: bytes, *, capacity: int = DEFAULT_CAPACITY, extra: tuple[str, ...] = ()
+    ) -> tuple[FeatureCache, dict[str, npt.NDArray[Any]]]:
+        """A cache (without a path) from :meth:`dumps` bytes, and the ``extra`` arrays named.
+        Anything unreadable or inconsistent raises :class:`ConfigError`."""
+        cache = cls(capacity=capacity)
+        extras = cache._read_npz(io.BytesIO(data), "feature cache blob", extra)
+        if len(cache) > cache.capacity:
+            cache._keep(select_representatives(cache._features, cache._labels, cache.capacity))
+        return cache, extras
+
+    def _write_npz(self, f: IO[bytes], extra: Mapping[str, npt.NDArray[Any]] | None = None) -> None:
+        meta = {"format": FILE_FORMAT, "feature_dim": self._dim, "tag": self._tag}
+        arrays: dict[str, Any] = {
+            "features": self._features,
+            "labels": self._labels,
+            "ids": self._ids,
+            "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+            **{f"x_{k}": v for k, v in (extra or {}).items()},
+        }
+        np.savez(f, **arrays)
+
     def _load(self, path: Path) -> None:
+        with open(path, "rb") as f:
+            self._read_npz(f, str(path), ())
+
+    def _read_npz(
+        self, f: IO[bytes], what: str, extra: tuple[str, ...]
+    ) -> dict[str, npt.NDArray[Any]]:
         try:
-            with np.load(path, allow_pickle=False) as z:
+            with np.load(f, allow_pickle=False) as z:
                 meta = json.loads(z["meta"].tobytes())
                 features = np.asarray(z["features"])
                 labels = np.asarray(z["labels"])
                 ids = np.asarray(z["ids"])
-        except (OSError, ValueError, KeyError) as exc:
-            raise ConfigError(
-                f"{path} is not a feature cache ({exc}); delete it to start empty"
-            ) from exc
+                extras = {k: np.asarray(z[f"x_{k}"]) for k in extra}
+        except Exception as exc:  # zipfile.BadZipFile, CRC errors, ValueError, KeyError, ...
+            raise ConfigError(f"{what} is not a feature cache ({exc}); delete it to start empty") from exc
+        if not isinstance(meta, dict):
+            raise ConfigError(f"{what} is not a feature cache of format {FILE_FORMAT}")
         dim = meta.get("feature_dim")
         ok = (
             meta.get("format") == FILE_FORMAT
@@ -329,21 +376,21 @@ class FeatureCache:
             and labels.dtype == np.int64
             and ids.dtype == np.int64
             and labels.shape == ids.shape == (features.shape[0],)
-            and (dim is None or features.shape[1] == dim)
+            and (dim is None or (isinstance(dim, int) and features.shape[1] == dim))
+            and bool(np.isfinite(features).all())
         )
         if not ok:
             raise ConfigError(
-                f"{path} is not a feature cache of format {FILE_FORMAT}; delete it to start empty"
+                f"{what} is not a feature cache of format {FILE_FORMAT}; delete it to start empty"
             )
         if self._dim is not None and dim is not None and dim != self._dim:
-            raise ConfigError(
-                f"{path} holds {dim}-d features, this cache was opened for {self._dim}"
-            )
+            raise ConfigError(f"{what} holds {dim}-d features, this cache was opened for {self._dim}")
         self._dim = self._dim if dim is None else int(dim)
         self._features = np.ascontiguousarray(features)
         self._labels = np.ascontiguousarray(labels)
         self._ids = np.ascontiguousarray(ids)
         self._tag = str(meta.get("tag", NO_TAG))
+        return extras
 
     # ------------------------------------------------------------------ helpers
 
@@ -387,6 +434,40 @@ class Compensation:
     n_current: int = 0
 
 
+def drift_deltas(
+    z_new: npt.NDArray[Any],
+    z_old: npt.NDArray[Any],
+    y_current: npt.NDArray[Any],
+    cached_classes: Mapping[int, int] | tuple[int, ...],
+    fallback: Fallback = "global",
+) -> Compensation:
+    """The compensation shifts (eq. 12–15): for each cached class c, Δ_c = mean over the
+    current samples of class c of ``z_new − z_old`` (their features under the new and the
+    old extractor); a class with no current sample gets the drift over all current samples
+    (``fallback="global"``) or nothing (``"none"``)."""
+    drift = np.asarray(z_new, dtype=np.float32) - np.asarray(z_old, dtype=np.float32)
+    ys = np.asarray(y_current)
+    deltas: dict[int, F32] = {}
+    fallback_classes: list[int] = []
+    untouched: list[int] = []
+    overall = drift.mean(axis=0, dtype=np.float32)
+    for c in cached_classes:
+        mask = ys == c
+        if mask.any():
+            deltas[int(c)] = drift[mask].mean(axis=0, dtype=np.float32)
+        elif fallback == "global":
+            deltas[int(c)] = overall
+            fallback_classes.append(int(c))
+        else:
+            untouched.append(int(c))
+    return Compensation(
+        deltas=deltas,
+        fallback_classes=tuple(fallback_classes),
+        uncompensated_classes=tuple(untouched),
+        n_current=int(ys.shape[0]),
+    )
+
+
 class SemanticCache:
     """SCC for one device: a :class:`FeatureCache` plus drift compensation and classifier
     calibration for a :class:`~edge_sdk.trainer.ClassifierTask` (a ``SplitModel`` with
@@ -420,6 +501,9 @@ class SemanticCache:
         self.cache = FeatureCache(capacity=capacity, path=path)
         self._held: F32 | None = None
         self._held_tag = NO_TAG
+        from edge_sdk.torchbridge import spec_from_module
+        from edge_sdk.trainer import seeded
+
         with seeded(0):  # its init is overwritten by bind; leave torch's global stream alone
             head = task.build_module().classifier
         self._head = head
@@ -545,31 +629,17 @@ class SemanticCache:
             raise LocalProtocolError(
                 "no previous extractor: call hold_extractor before the model changes"
             )
-        z_new = self.task.features(weights_new, xs)
-        z_old = self.task.features(old, xs)
-        drift = z_new - z_old
-        deltas: dict[int, F32] = {}
-        fallback: list[int] = []
-        untouched: list[int] = []
-        overall = drift.mean(axis=0, dtype=np.float32)
-        for c in self.cache.class_counts():
-            mask = ys == c
-            if mask.any():
-                deltas[c] = drift[mask].mean(axis=0, dtype=np.float32)
-            elif self.fallback == "global":
-                deltas[c] = overall
-                fallback.append(c)
-            else:
-                untouched.append(c)
-        self.cache.shift(deltas)
+        comp = drift_deltas(
+            self.task.features(weights_new, xs),
+            self.task.features(old, xs),
+            ys,
+            self.cache.class_counts(),
+            self.fallback,
+        )
+        self.cache.shift(comp.deltas)
         self.cache.retag(new_tag)
         self.release_extractor()
-        return Compensation(
-            deltas=deltas,
-            fallback_classes=tuple(fallback),
-            uncompensated_classes=tuple(untouched),
-            n_current=int(ys.shape[0]),
-        )
+        return comp
 
     def reextract(self, weights_new: Vector, x_cached: npt.NDArray[Any]) -> None:
         """Exact compensation: replace the cached features by h(x, φ_new) of the raw
@@ -635,6 +705,8 @@ class SemanticCache:
         head_config = TrainConfig(
             epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, seed=config.seed
         )
+        from edge_sdk.trainer import fit
+
         sl = self.spec.group_slice(self.classifier_group)
         head = fit(
             self._head,
@@ -659,3 +731,229 @@ class SemanticCache:
                 "current_rows": n_current,
             },
         )
+
+
+# --------------------------------------------------------------------------- in EdgeClient
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SccConfig:
+    """SCC inside :class:`~edge_sdk.client.EdgeClient` (``EdgeClient(..., scc=SccConfig())``).
+
+    The device keeps its newest ``keep_raw`` raw samples; after each training job the older
+    ones *age out*: their features under the job's extractor go into the cache (at most
+    ``capacity`` rows, Q in the paper) and the raw samples leave the store."""
+
+    capacity: int = DEFAULT_CAPACITY
+    keep_raw: int = 64
+    compensate: bool = True
+    """False: cached features are carried over to a new extractor unchanged (the paper's
+    no-compensation ablation)."""
+    fallback: Fallback = "global"
+
+    def __post_init__(self) -> None:
+        if self.capacity < 1 or self.keep_raw < 0:
+            raise ConfigError("SCC needs capacity >= 1 and keep_raw >= 0")
+        if self.fallback not in ("global", "none"):
+            raise ConfigError(f"fallback must be 'global' or 'none', got {self.fallback!r}")
+
+
+class DeviceScc:
+    """SCC as the SDK client runs it, on one device's :class:`~edge_sdk.store.SampleStore`.
+
+    Per training job (trainer thread): :meth:`prepare` compensates the cache if the job's
+    extractor differs from the one the cache belongs to (Δ_c over the current raw samples,
+    :func:`drift_deltas`); classifier-only jobs :meth:`calibrate` the linear head in numpy
+    (:func:`~edge_sdk.tasks.linear_head.fit_head`, so a ``[device]`` install runs it) on the
+    current samples' features plus the cached ones, extractor frozen; then :meth:`age_out`
+    moves samples older than the newest ``keep_raw`` into the cache.
+
+    Durability: the cache and the extractor slice its features belong to are one ``.npz``
+    blob in the store's meta table (``scc.cache``), written in one transaction before the
+    aged-out samples are deleted (a crash in between leaves a sample both cached and raw,
+    never neither). Unlike :class:`SemanticCache` the previous extractor is therefore kept
+    across restarts. A blob that does not read back (corrupt, or its extractor does not
+    match its tag) is dropped with a warning; :attr:`dropped` says why.
+    """
+
+    META_KEY = "scc.cache"
+
+    def __init__(
+        self,
+        config: SccConfig,
+        task: Any,
+        store: SampleStore,
+        *,
+        kind: str = "array",
+        extractor_group: str = "extractor",
+        classifier_group: str = "classifier",
+    ) -> None:
+        spec: ModelSpec = task.spec
+        for group in (extractor_group, classifier_group):
+            if group not in spec.group_slices:
+                raise ConfigError(f"SCC needs a {group!r} group; {spec.model_id} has {spec.groups}")
+        if not callable(getattr(task, "features", None)):
+            raise ConfigError(f"SCC needs a task with features(weights, x); {spec.model_id} has none")
+        self.config = config
+        self.task = task
+        self.spec = spec
+        self.store = store
+        self.kind = kind
+        self.classifier_group = classifier_group
+        self.head = HeadLayout.of(spec, classifier_group)
+        self._ext = spec.group_slice(extractor_group)
+        self.cache = FeatureCache(capacity=config.capacity)
+        self._extractor: F32 | None = None
+        self.dropped: str | None = None
+        """Why a stored cache was dropped at open (None: it loaded, or there was none)."""
+        self._load()
+
+    # ------------------------------------------------------------------ durability
+
+    def _load(self) -> None:
+        raw = self.store.get_meta(self.META_KEY)
+        if raw is None or raw == b"":
+            return
+        try:
+            if not isinstance(raw, bytes):
+                raise ConfigError(f"{self.META_KEY} holds a {type(raw).__name__}, not a blob")
+            cache, extras = FeatureCache.loads(raw, capacity=self.config.capacity, extra=("extractor",))
+            extractor = np.asarray(extras["extractor"])
+            if len(cache):
+                size = self._ext.stop - self._ext.start
+                if extractor.dtype != np.float32 or extractor.shape != (size,):
+                    raise ConfigError("the cached extractor does not fit this model")
+                if _digest(extractor) != cache.tag:
+                    raise ConfigError("the cached extractor does not match the cache's tag")
+                if cache.feature_dim != self.head.feature_dim:
+                    raise ConfigError(f"cached features have {cache.feature_dim} values, the head takes {self.head.feature_dim}")
+                if int(cache.labels.min()) < 0 or int(cache.labels.max()) >= self.head.n_classes:
+                    raise ConfigError("cached labels outside the model's classes")
+        except ConfigError as exc:
+            log.warning("SCC feature cache in the device store is unreadable, dropping it: %s", exc)
+            self.dropped = str(exc)
+            self.store.set_meta(self.META_KEY, b"")
+            return
+        self.cache = cache
+        self._extractor = np.ascontiguousarray(extractor) if len(cache) else None
+
+    def _persist(self) -> None:
+        extractor = self._extractor if self._extractor is not None else np.zeros(0, np.float32)
+        self.store.set_meta(self.META_KEY, self.cache.dumps(extractor=extractor))
+
+    # ------------------------------------------------------------------ the job
+
+    def digest(self, weights: Vector) -> str:
+        return _digest(self.spec.check(weights)[self._ext])
+
+    def is_current(self, weights: Vector) -> bool:
+        return len(self.cache) == 0 or self.cache.tag == self.digest(weights)
+
+    def prepare(self, weights: Vector, x: npt.NDArray[Any], y: npt.NDArray[Any]) -> Compensation | None:
+        """Before training on ``weights``: if its extractor is new to the cache, shift each
+        cached class by Δ_c measured on the current samples (x, y), or carry the features
+        over unchanged (``compensate=False``, or no current sample to measure on)."""
+        if self.is_current(weights):
+            return None
+        assert self._extractor is not None
+        ys = np.asarray(y, dtype=np.int64)
+        comp = Compensation()
+        if self.config.compensate and ys.shape[0]:
+            old = np.array(weights, copy=True)
+            old[self._ext] = self._extractor
+            comp = drift_deltas(
+                self.task.features(weights, x),
+                self.task.features(old, x),
+                ys,
+                self.cache.class_counts(),
+                self.config.fallback,
+            )
+            self.cache.shift(comp.deltas)
+        elif self.config.compensate:
+            log.warning("SCC: a new extractor but no current sample to measure drift on; cache carried over")
+        self._retag(weights)
+        self._persist()
+        return comp
+
+    def calibration_set(
+        self, weights: Vector, x: npt.NDArray[Any], y: npt.NDArray[Any]
+    ) -> tuple[F32, I64]:
+        """Features of the current samples under ``weights``' extractor ∪ the cache (eq. 16)."""
+        if not self.is_current(weights):
+            raise LocalProtocolError("cached features belong to another extractor: prepare() first")
+        ys = np.asarray(y, dtype=np.int64)
+        parts_z: list[F32] = []
+        parts_y: list[I64] = []
+        if ys.shape[0]:
+            parts_z.append(np.asarray(self.task.features(weights, x), dtype=np.float32))
+            parts_y.append(ys)
+        if len(self.cache):
+            parts_z.append(self.cache.features.astype(np.float32))
+            parts_y.append(np.array(self.cache.labels))
+        if not parts_y:
+            raise InvalidSample("nothing to calibrate on: no current samples and an empty cache")
+        return np.concatenate(parts_z), np.concatenate(parts_y)
+
+    def calibrate(
+        self, weights: Vector, x: npt.NDArray[Any], y: npt.NDArray[Any], config: TrainConfig
+    ) -> TrainResult:
+        """Fit only the linear head on current + cached features; every value outside the
+        head comes back bit-identical. ``n_samples`` counts the current samples only (the
+        cached rows already contributed to earlier updates)."""
+        started = perf_counter()
+        self.spec.check(weights)
+        z, ys = self.calibration_set(weights, x, y)
+        h = self.head
+        w, b, loss = fit_head(
+            z,
+            ys,
+            weights[h.weight].reshape(h.n_classes, h.feature_dim),
+            weights[h.bias],
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            seed=config.seed,
+        )
+        out = np.array(weights, copy=True)
+        out[h.weight] = w.reshape(-1)
+        out[h.bias] = b
+        n_current = int(np.asarray(y).shape[0])
+        return TrainResult(
+            weights=out,
+            n_samples=n_current,
+            loss=loss,
+            seconds=perf_counter() - started,
+            extra={"device": "numpy", "group": self.classifier_group, "cached_rows": len(self.cache),
+                   "current_rows": n_current},
+        )
+
+    def age_out(
+        self, weights: Vector, ids: npt.NDArray[Any], x: npt.NDArray[Any], y: npt.NDArray[Any]
+    ) -> int:
+        """Move the samples among ``ids`` (with their x, y) that are not among the store's
+        newest ``keep_raw`` into the cache, features under ``weights``' extractor, then delete
+        them from the store. Returns how many left the store."""
+        held = self.store.ids(self.kind)
+        keep = set(held[len(held) - self.config.keep_raw :]) if self.config.keep_raw else set()
+        ids = np.asarray(ids, dtype=np.int64)
+        mask = np.array([int(i) not in keep for i in ids], dtype=bool)
+        if not mask.any():
+            return 0
+        if not self.is_current(weights):
+            raise LocalProtocolError("cached features belong to another extractor: prepare() first")
+        z = self.task.features(weights, np.asarray(x)[mask])
+        self.cache.add(z, np.asarray(y, dtype=np.int64)[mask], ids[mask])
+        self._retag(weights)
+        self._persist()  # durable before the raw samples go
+        return self.store.remove(int(i) for i in ids[mask])
+
+    def _retag(self, weights: Vector) -> None:
+        tag = self.digest(weights)
+        if self.cache.tag != tag:
+            self.cache.retag(tag)
+        self._extractor = np.array(weights[self._ext], dtype=np.float32, copy=True)
+
+
+def _digest(extractor: npt.NDArray[Any]) -> str:
+    """Same digest as :func:`extractor_digest`, from the extractor slice itself."""
+    return hashlib.blake2b(np.ascontiguousarray(extractor).tobytes(), digest_size=8).hexdigest()

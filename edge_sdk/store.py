@@ -658,6 +658,14 @@ class SampleStore:
             cur = c.execute("UPDATE samples SET acked = 1 WHERE used_seq = ? AND acked = 0", (seq,))
             return max(cur.rowcount, 0)
 
+    def remove(self, ids: Iterable[int]) -> int:
+        """Delete samples on purpose (e.g. aged out into SCC's feature cache); they count as
+        evicted. Ids not held are ignored. Returns how many were removed."""
+        unique = sorted({_check_id(i) for i in ids})
+        with self._write() as c:
+            cur = c.executemany("DELETE FROM samples WHERE id = ?", [(sid,) for sid in unique])
+            return max(cur.rowcount, 0)
+
     # ------------------------------------------------------------------ metadata
 
     def get_meta(self, key: str, default: MetaValue | None = None) -> MetaValue | None:
