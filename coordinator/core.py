@@ -913,6 +913,7 @@ class CoordinatorCore:
                 self.counters["gate_passed_not_promoted"] += 1
                 return [self._record(ev.now, "passed", ev.version, pinned=self._pinned, **metrics)]
             self._release_version, self._release_weights = ev.version, weights
+            self._gate.promoted(ev.candidate_metric)
             self.counters["gate_promoted"] += 1
             for older in [v for v in self._gate.pending if v < ev.version]:  # superseded by a newer release
                 self._gate.take(older)
@@ -993,6 +994,7 @@ class CoordinatorCore:
         if self._gate is not None:
             for v in self._gate.drop_above(-1):
                 self._candidate_devices.pop(v, None)
+            self._gate.best = None  # the operator chose this release: it is the new bar
         return [commit, self._record(ev.now, ev.command, commit.version, of=ev.version)]
 
     # ------------------------------------------------------------------ peering

@@ -8,6 +8,8 @@ is not worse than the release by more than ``margin``:
 * **validation** — the driver scores candidate and release on an operator-provided
   validation set (``--validation PATH``) and reports both metrics (``CandidateEvaluated``).
 
+A candidate must also come within ``margin`` of the best release score seen so far (reset by
+an operator's rollback or pin), so that releases cannot ratchet down one margin at a time.
 A candidate that shows a clear regression (worse than the release by more than
 ``rollback_margin``) is *rejected*: the coordinator rolls the training line back to the
 release (as a new version number) and drops the candidates built on the bad one. One in
@@ -65,6 +67,9 @@ class Gate:
 
     config: GateConfig
     pending: dict[int, Evidence] = field(default_factory=dict)
+    best: float | None = None
+    """The best validation score of any release so far: a candidate must also come within
+    ``margin`` of it, so releases cannot ratchet down one margin at a time."""
 
     def add_candidate(self, version: int, release: int, devices: tuple[str, ...]) -> list[int]:
         """Register a candidate; returns versions dropped because too many were pending."""
@@ -87,12 +92,20 @@ class Gate:
         ev = self.pending.get(version)
         if ev is None or ev.candidate_metric is None or ev.release_metric is None:
             return None
-        if ev.candidate_metric >= ev.release_metric - self.config.margin:
+        bar = max(ev.release_metric, self.best if self.best is not None else ev.release_metric)
+        if ev.candidate_metric >= bar - self.config.margin:
             return "promote"
         return "hold" if ev.candidate_metric >= ev.release_metric - self.config.rollback_margin else "reject"
 
     def take(self, version: int) -> Evidence | None:
-        return self.pending.pop(version, None)
+        ev = self.pending.pop(version, None)
+        if ev is not None and ev.release_metric is not None:  # the release as scored: a floor for later ones
+            self.best = max(self.best if self.best is not None else ev.release_metric, ev.release_metric)
+        return ev
+
+    def promoted(self, score: float) -> None:
+        """A candidate with this validation score became the release."""
+        self.best = score if self.best is None else max(self.best, score)
 
     def drop_above(self, version: int) -> list[int]:
         """Forget every candidate newer than ``version`` (after a rollback): returns them."""

@@ -12,7 +12,11 @@ virtual clock — with a progress bar per run, then writes to ``--out``:
   min–max), the target accuracy dashed;
 * ``staleness.png`` — staleness histogram per run;
 * ``time_to_target.md`` — the table (also printed), with SPIN vs FedBuff as a ratio;
-* ``summary.json`` — everything in the table, machine-readable.
+* ``summary.json`` — everything in the table, machine-readable;
+* with ``reference = "<run label>"`` in the scenario: ``release.md`` / ``release.json`` /
+  ``release.png`` — the release's accuracy (what devices predict with) per run and seed:
+  worst drop below its start, time to the reference run's target
+  (:mod:`devices.release_report`).
 
 ``--broker mqtt://…`` is the real-MQTT fleet mode (issue 3, item 6): the same scenario
 played in real time against a running coordinator. It is delegated to
@@ -105,6 +109,16 @@ def run(args: argparse.Namespace) -> int:
     plot_accuracy(scenario, results, out / "accuracy.png")
     plot_staleness(results, out / "staleness.png")
     print(table)
+    if scenario.reference:  # the release report (e.g. attacks.toml): what devices would see
+        from devices.release_report import format_release_table, plot_release, release_summary
+
+        release = release_summary(scenario, results)
+        release_table = format_release_table(release)
+        (out / "release.md").write_text(release_table, encoding="utf-8")
+        (out / "release.json").write_text(json.dumps(release, indent=2, sort_keys=True, default=json_default), encoding="utf-8")
+        plot_release(scenario, results, out / "release.png")
+        print(release_table)
+        print(f"wrote {out / 'release.png'}, {out / 'release.md'}, {out / 'release.json'}", file=sys.stderr)
     print(f"wrote {out / 'accuracy.png'}, {out / 'staleness.png'}, {out / 'time_to_target.md'}, {out / 'runs'}/", file=sys.stderr)
     return 0
 

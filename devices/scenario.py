@@ -41,6 +41,21 @@ hour into a sweep. Layout (every table but ``[[runs]]`` is optional)::
     [coordinator]
     keep_versions = 32                    # global versions kept for staleness-aware strategies
     encoding = "f4"                       # f4 | f2 | i1 (model and update payloads)
+    validation_size = 0                   # pool samples kept at the coordinator (no device labels them)
+    gate = false                          # release gate: promote candidates only if not worse on validation
+    gate_margin = 0.02                    # promote when candidate >= release - margin
+    rollback_margin = 0.10                # reject (roll the training line back) below release - this
+    gate_delay_s = 0.0                    # virtual seconds from a commit to its validation score
+
+    [attack]                              # attacker devices (devices.attacks); disjoint fractions
+    label_flip = 0.0                      # fraction training on flipped labels
+    flip = "shift"                        # shift: y' = (y + 1) mod C | permutation: a fixed derangement
+    scale = 0.0                           # fraction sending base + scale_factor * (trained - base)
+    scale_factor = 1000.0
+    huge_samples = 0.0                    # fraction claiming claimed_samples samples
+    claimed_samples = 1000000
+
+    reference = "honest"                  # a run label: the release report compares every run with it
 
     [quick]                               # what --quick changes (dotted keys)
     duration_s = 900
@@ -73,8 +88,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from coordinator.gate import GateConfig
 from coordinator.methods import make_method
 from coordinator.strategies import strategy_names
+from devices.attacks import AttackPlan
 from devices.labelling import STREAM_ORDERS, arrival_times, stream_order
 from devices.partition import partition
 from devices.profiles import (
@@ -97,6 +114,7 @@ __all__ = [
     "Scenario",
     "ScenarioError",
     "Settings",
+    "holdout",
     "load_scenario",
     "materialise",
     "parse_scenario",
@@ -132,6 +150,12 @@ class Settings:
     lr: float = 0.05
     keep_versions: int = 32
     encoding: str = "f4"
+    validation_size: int = 0
+    gate: bool = False
+    gate_margin: float = 0.02
+    rollback_margin: float = 0.10
+    gate_delay_s: float = 0.0
+    attack: AttackPlan = field(default_factory=AttackPlan)
 
     @property
     def arrival_rate_per_s(self) -> float:
@@ -157,6 +181,8 @@ class Scenario:
     runs: tuple[RunSpec, ...]
     raw: Mapping[str, Any]
     source: str = "<string>"
+    reference: str = ""
+    """A run label the release report compares every run with ("" = no release report)."""
 
     def quick(self) -> Scenario:
         """The ``[quick]`` variant (shorter, fewer seeds) of this scenario."""
@@ -187,6 +213,7 @@ class Scenario:
             runs=tuple(chosen),
             raw=self.raw,
             source=self.source,
+            reference=self.reference,
         )
 
 
@@ -229,13 +256,15 @@ def with_quick(raw: Mapping[str, Any], *, source: str = "<string>") -> dict[str,
 
 
 _TOP = {"name", "description", "task", "duration_s", "eval_every_s", "target_accuracy", "seeds",
-        "fleet", "profiles", "data", "device", "training", "coordinator", "quick", "runs"}
+        "fleet", "profiles", "data", "device", "training", "coordinator", "attack", "quick", "runs",
+        "reference"}
 _SECTIONS: dict[str, set[str]] = {
     "fleet": {"devices", "mix"},
     "data": {"partition", "alpha", "labels_each", "arrival_rate_per_h", "order"},
     "device": {"min_samples", "request_timeout_s", "reannounce_s"},
     "training": {"epochs", "batch_size", "lr"},
-    "coordinator": {"keep_versions", "encoding"},
+    "coordinator": {"keep_versions", "encoding", "validation_size", "gate", "gate_margin", "rollback_margin", "gate_delay_s"},
+    "attack": {"label_flip", "flip", "scale", "scale_factor", "huge_samples", "claimed_samples"},
 }
 _RUN_KEYS = {"strategy", "label", "params", "overrides"}
 
@@ -286,7 +315,11 @@ def parse_scenario(raw: Mapping[str, Any], *, source: str = "<string>") -> Scena
             raise ScenarioError(f"{source}: [quick] must be a table of dotted keys")
         quick_raw = _apply_overrides(raw, raw["quick"], f"{source}: [quick]")
         _settings(quick_raw, f"{source}: [quick]")
-    return Scenario(name=name, description=description, settings=settings, runs=tuple(runs), raw=copy.deepcopy(dict(raw)), source=source)
+    reference = raw.get("reference", "")
+    if not isinstance(reference, str) or (reference and reference not in labels):
+        raise ScenarioError(f"{source}: reference must be one of the run labels ({', '.join(sorted(labels))}), got {reference!r}")
+    return Scenario(name=name, description=description, settings=settings, runs=tuple(runs), raw=copy.deepcopy(dict(raw)), source=source,
+                    reference=reference)
 
 
 def _check_keys(table: Mapping[str, Any], allowed: set[str], source: str, where: str) -> None:
@@ -407,6 +440,37 @@ def _settings(raw: Mapping[str, Any], source: str) -> Settings:
     where = f"{source}: [coordinator]"
     keep = _int(co, "keep_versions", d.keep_versions, where, lo=1)
     encoding = _choice(co, "encoding", d.encoding, ("f4", "f2", "i1"), where)
+    validation_size = _int(co, "validation_size", d.validation_size, where)
+    gate = co.get("gate", d.gate)
+    if not isinstance(gate, bool):
+        raise ScenarioError(f"{where}: gate must be true or false, got {gate!r}")
+    gate_margin = _num(co, "gate_margin", d.gate_margin, where, lo=0, hi=1)
+    rollback_margin = _num(co, "rollback_margin", max(d.rollback_margin, gate_margin), where, lo=0, hi=1)
+    gate_delay = _num(co, "gate_delay_s", d.gate_delay_s, where, lo=0)
+    if gate:
+        try:
+            GateConfig(margin=gate_margin, rollback_margin=rollback_margin)
+        except ConfigError as exc:
+            raise ScenarioError(f"{where}: {exc}") from None
+        if validation_size < 1:
+            raise ScenarioError(f"{where}: gate = true needs validation_size >= 1 (the coordinator's validation set)")
+
+    at = _section(raw, "attack", source)
+    where = f"{source}: [attack]"
+    a = AttackPlan()
+    claimed = _int(at, "claimed_samples", a.claimed_samples, where, lo=1)
+    if claimed >= 2**63:
+        raise ScenarioError(f"{where}: claimed_samples must fit in a signed 64-bit integer")
+    attack = AttackPlan(
+        label_flip=_num(at, "label_flip", a.label_flip, where, lo=0, hi=1),
+        flip=_choice(at, "flip", a.flip, ("shift", "permutation"), where),  # type: ignore[arg-type]
+        scale=_num(at, "scale", a.scale, where, lo=0, hi=1),
+        scale_factor=_num(at, "scale_factor", a.scale_factor, where),
+        huge_samples=_num(at, "huge_samples", a.huge_samples, where, lo=0, hi=1),
+        claimed_samples=claimed,
+    )
+    if attack.label_flip + attack.scale + attack.huge_samples > 1:
+        raise ScenarioError(f"{where}: label_flip + scale + huge_samples must be <= 1")
 
     return Settings(
         task=task, duration_s=duration, eval_every_s=eval_every, target_accuracy=target,
@@ -414,6 +478,8 @@ def _settings(raw: Mapping[str, Any], source: str) -> Settings:
         partition=part, alpha=alpha, labels_each=labels_each, arrival_rate_per_h=rate, order=order,
         min_samples=min_samples, request_timeout_s=request_timeout, reannounce_s=reannounce,
         epochs=epochs, batch_size=batch, lr=lr, keep_versions=keep, encoding=encoding,
+        validation_size=validation_size, gate=gate, gate_margin=gate_margin, rollback_margin=rollback_margin,
+        gate_delay_s=gate_delay, attack=attack,
     )
 
 
@@ -493,10 +559,11 @@ def materialise(settings: Settings, seed: int, pool_labels: npt.NDArray[np.int64
     counts = fleet_counts(settings.devices, settings.mix)
     names = [name for name in sorted(counts) for _ in range(counts[name])]
     random.Random(f"{seed}:profiles").shuffle(names)
-    parts = partition(
-        pool_labels, settings.devices, settings.partition,
+    _, label_idx = holdout(settings, seed, len(pool_labels))
+    parts = [label_idx[p] for p in partition(
+        pool_labels[label_idx], settings.devices, settings.partition,
         seed=seed, alpha=settings.alpha, labels_each=settings.labels_each,
-    )
+    )]
     plans: list[DevicePlan] = []
     for i, (name, part) in enumerate(zip(names, parts)):
         instance = settings.profiles[name].instantiate(device_id(i), settings.duration_s, random.Random(f"{seed}:device:{i}"))
@@ -505,3 +572,17 @@ def materialise(settings: Settings, seed: int, pool_labels: npt.NDArray[np.int64
         times = arrival_times(settings.arrival_rate_per_s, settings.duration_s, instance.offline, rng, limit=int(order.shape[0]))
         plans.append(DevicePlan(index=i, instance=instance, samples=order, label_times=times))
     return plans
+
+
+def holdout(settings: Settings, seed: int, n_pool: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """``(validation, labelled)`` pool indices: ``validation_size`` samples kept at the
+    coordinator (drawn from the seed; no device ever labels them) and the rest, in order.
+    With ``validation_size = 0`` the whole pool is labelled, exactly as before."""
+    everything = np.arange(n_pool, dtype=np.int64)
+    n_val = settings.validation_size
+    if n_val == 0:
+        return everything[:0], everything
+    if n_val > n_pool // 4:
+        raise ScenarioError(f"validation_size {n_val} is over a quarter of the {n_pool}-sample pool")
+    order = np.random.default_rng([seed, 11]).permutation(n_pool)
+    return np.sort(order[:n_val]).astype(np.int64), np.sort(order[n_val:]).astype(np.int64)

@@ -21,7 +21,13 @@ are emulated:
   (commit times give each version's deployment time), retained status is kept.
 * **Metrics.** Every ``eval_every_s`` the deployed (latest committed) model is evaluated
   on the task's held-out split — only when the version changed since the last
-  evaluation — together with bytes, versions, updates and staleness.
+  evaluation — together with bytes, versions, updates and staleness — and so is the
+  *release* (``release_accuracy``: what devices predict with).
+* **Release gate** (``[coordinator] gate = true``): ``EvaluateCandidate`` is scored on the
+  validation set carved out of the pool (``scenario.holdout``: no device labels it) and
+  ``CandidateEvaluated`` is fed back ``gate_delay_s`` virtual seconds later; ``RecordRelease``
+  decisions are kept in ``Simulation.releases``. **Attackers** (``[attack]``,
+  :mod:`devices.attacks`) change only what the emulated app feeds its honest device core.
 
 Speed: a local update of the digits CNN is the hot path (~1 ms); keep torch at one
 thread (``edge_sdk.trainer.configure_threads(1)``), and evaluate on the schedule, not
@@ -41,18 +47,25 @@ import numpy as np
 import numpy.typing as npt
 
 from coordinator.core import (
+    CandidateEvaluated,
     CommitVersion,
     CoordinatorConfig,
     CoordinatorCore,
+    EvaluateCandidate,
+    LoadVersion,
     PersistUpdate,
+    RecordRelease,
     Snapshot,
+    VersionLoaded,
 )
+from coordinator.gate import GateConfig
 from coordinator.methods import make_method
 from coordinator.peering import Peering
 from coordinator.strategies import Strategy
 from coordinator.strategies.base import BufferedUpdate
+from devices.attacks import Attack, assign
 from devices.engine import Driver, Kind, LinkNetwork, job_seed, train_config
-from devices.scenario import DevicePlan, RunSpec, Settings, materialise
+from devices.scenario import DevicePlan, RunSpec, Settings, holdout, materialise
 from edge_sdk.core.device import DeviceConfig, DeviceCore
 from edge_sdk.core.events import (
     DeployModel,
@@ -69,7 +82,7 @@ from edge_sdk.core.events import (
     TrainingJob,
 )
 from edge_sdk.errors import EdgeciError, LocalProtocolError
-from edge_sdk.tasks.base import Task, TrainConfig, TrainResult
+from edge_sdk.tasks.base import Split, Task, TrainConfig, TrainResult
 
 __all__ = [
     "REGION",
@@ -101,6 +114,8 @@ class EmulatedDevice:
     deployed_version: int = -1
     trainings: int = 0
     train_seconds: float = 0.0
+    attack: Attack | None = None
+    """An attacker's behaviour (:mod:`devices.attacks`); None: an honest device."""
 
     def training_config(self, job: TrainingJob) -> TrainConfig:
         """Hyper-parameters for ``job``: the coordinator's hints, else the scenario's."""
@@ -111,6 +126,8 @@ class EmulatedDevice:
         cfg = self.training_config(job)
         n = job.n_samples
         result = task.local_update(job.weights, self.x[:n], self.y[:n], cfg)
+        if self.attack is not None:
+            result = self.attack.result(job.weights, result)
         seconds = self.plan.instance.train_seconds(n, cfg.epochs)
         self.trainings += 1
         self.train_seconds += seconds
@@ -188,14 +205,20 @@ class Simulation(Driver):
         spec = task.spec
         self.initial = task.pretrained(seed=seed)
         hints = {"epochs": float(s.epochs), "batch_size": float(s.batch_size), "lr": float(s.lr)}
+        # The coordinator's validation set: pool samples no device labels (scenario.holdout).
+        val_idx, _ = holdout(s, seed, len(pool.y))
+        self.validation: Split | None = Split(x=pool.x[val_idx], y=pool.y[val_idx]) if len(val_idx) else None
         ccfg = CoordinatorConfig(
             region=REGION, coordinator_id=COORDINATOR_ID, spec=spec,
             encoding=s.encoding,  # type: ignore[arg-type]
             hints=hints, keep_versions=s.keep_versions,
+            gate=GateConfig(margin=s.gate_margin, rollback_margin=s.rollback_margin) if s.gate else None,
         )
         self.coordinator = CoordinatorCore(ccfg, strategy, Snapshot(version=0, weights=self.initial), rng=random.Random(f"{seed}:coordinator"),
                                            peering=peering)
         defaults = TrainConfig(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr)
+        n_classes = int(max(int(pool.y.max()), int(data.test.y.max()))) + 1
+        self.attacks = assign(s.attack, len(self.plans), n_classes, seed) if s.attack.active else {}
         self.devices: list[EmulatedDevice] = []
         for plan in self.plans:
             dcfg = DeviceConfig(
@@ -208,9 +231,12 @@ class Simulation(Driver):
                 require_signature=False, serve_on_start=False,
             )
             core = DeviceCore(dcfg, rng=random.Random(f"{seed}:core:{plan.index}"))
+            attack = self.attacks.get(plan.index)
+            y = pool.y[plan.samples]
             self.devices.append(
                 EmulatedDevice(plan=plan, core=core, x=np.ascontiguousarray(pool.x[plan.samples]),
-                               y=np.ascontiguousarray(pool.y[plan.samples]), seed=seed, defaults=defaults)
+                               y=np.ascontiguousarray(attack.labels(y) if attack is not None else y), seed=seed,
+                               defaults=defaults, attack=attack)
             )
         self.broker = LinkNetwork([p.device_id for p in self.plans], [p.instance.link for p in self.plans], region=REGION)
         self._coord = len(self.devices)
@@ -226,6 +252,10 @@ class Simulation(Driver):
         self._integrated = [0] * len(self.plans)
         self.latencies: list[float] = []
         """Per label: virtual seconds from labelling to the first deployed version built on it."""
+        self.releases: list[dict[str, Any]] = []
+        """The gate's decisions (``RecordRelease`` events) with their virtual times."""
+        self._scores: dict[int, float] = {}
+        self._release_eval: tuple[int, dict[str, float]] | None = None
 
     # ------------------------------------------------------------------ the loop
 
@@ -270,6 +300,8 @@ class Simulation(Driver):
             self._coordinator_actions(self.coordinator.handle(TimerFired(now=now)))
         elif kind == Kind.EVAL:
             self._evaluate(now)
+        elif kind == Kind.GATE:
+            self._coordinator_actions(self.coordinator.handle(data(now)))
 
     def _coordinator_actions(self, actions: Sequence[object]) -> None:
         now = self.clock.now
@@ -289,6 +321,33 @@ class Simulation(Driver):
                         self._integrate(update, now)
             elif isinstance(a, Notify):
                 self.coord_notes[a.kind] += 1
+            elif isinstance(a, EvaluateCandidate):
+                self._score_candidate(a, now)
+            elif isinstance(a, RecordRelease):
+                self.releases.append({"t_s": now, "release": a.release, **a.event})
+            elif isinstance(a, LoadVersion):  # operator rollback / pin: the emulator keeps no old versions
+                self.push(now, Kind.GATE, self._coord, lambda t, a=a: VersionLoaded(
+                    now=t, version=a.version, weights=None, command=a.command, detail="the emulator keeps no registry"))
+
+    def _score(self, version: int, weights: Any) -> float:
+        """Accuracy of a version on the coordinator's validation set (cached per version)."""
+        if version not in self._scores:
+            assert self.validation is not None
+            with np.errstate(over="ignore", invalid="ignore"):  # an attacked model's logits may overflow
+                self._scores[version] = float(self.task.evaluate(np.asarray(weights, dtype=np.float32), self.validation)["accuracy"])
+        return self._scores[version]
+
+    def _score_candidate(self, job: EvaluateCandidate, now: float) -> None:
+        """What ``coordinator.validation.Validator`` does, on the virtual clock: score now,
+        answer ``CandidateEvaluated`` after ``gate_delay_s``."""
+        release = self._score(job.release_version, job.release_weights)
+        candidate = self._score(job.version, job.weights)
+
+        def evaluated(t: float) -> CandidateEvaluated:
+            return CandidateEvaluated(now=t, version=job.version, candidate_metric=candidate, release_metric=release,
+                                      release_version=job.release_version)
+
+        self.push(now + self.settings.gate_delay_s, Kind.GATE, self._coord, evaluated)
 
     def _integrate(self, update: BufferedUpdate, now: float) -> None:
         """Label-to-model latency: the labels this update trained on that no earlier
@@ -373,8 +432,17 @@ class Simulation(Driver):
         c = self.coordinator
         version = c.version
         if self._eval_cache is None or self._eval_cache[0] != version:
-            self._eval_cache = (version, self.task.evaluate(c.weights))
+            with np.errstate(over="ignore", invalid="ignore"):  # an attacked model's logits may overflow
+                self._eval_cache = (version, self.task.evaluate(c.weights))
         metrics = self._eval_cache[1]
+        release_version, release_weights = c.release
+        if release_version == version:
+            release_metrics = metrics
+        else:
+            if self._release_eval is None or self._release_eval[0] != release_version:
+                with np.errstate(over="ignore", invalid="ignore"):
+                    self._release_eval = (release_version, self.task.evaluate(release_weights))
+            release_metrics = self._release_eval[1]
         counters = c.counters
         hist = c.staleness_hist
         n_stale = sum(hist.values())
@@ -383,6 +451,8 @@ class Simulation(Driver):
             "version": float(version),
             "committed_at_s": self.commit_times.get(version, now),
             "accuracy": float(metrics["accuracy"]),
+            "release_version": float(release_version),
+            "release_accuracy": float(release_metrics["accuracy"]),
             "bytes_up": float(self.broker.device_bytes_up),
             "bytes_down": float(self.broker.device_bytes_down),
             "updates": float(counters["accepted"]),
@@ -409,12 +479,22 @@ class Simulation(Driver):
                            target_accuracy=s.target_accuracy, rows=rows)
         ttt = result.time_to_target
         accs = [r["accuracy"] for r in rows]
+        release_accs = [r["release_accuracy"] for r in rows]
         trainings = sum(d.trainings for d in self.devices)
         lat = np.array(self.latencies) if self.latencies else None
         result.summary = {
             "time_to_target_s": ttt,
             "initial_accuracy": accs[0] if accs else None,
             "final_accuracy": accs[-1] if accs else None,
+            "initial_release_accuracy": release_accs[0] if release_accs else None,
+            "min_release_accuracy": min(release_accs) if release_accs else None,
+            "final_release_accuracy": release_accs[-1] if release_accs else None,
+            "release_version": c.release[0],
+            "gate": {k: int(c.counters[k]) for k in ("gate_promoted", "gate_held", "gate_rejected", "gate_superseded",
+                                                      "rejected_devices", "rolled_back_updates")} if s.gate else None,
+            "gate_decisions": self.releases,
+            "attackers": {kind: sum(1 for a in self.attacks.values() if a.kind == kind) for kind in ("flip", "scale", "claim")},
+            "rejected_by_reason": {k.removeprefix("reject:"): int(v) for k, v in sorted(c.counters.items()) if k.startswith("reject:")},
             "best_accuracy": max(accs) if accs else None,
             "versions": c.version,
             "updates_accepted": c.counters["accepted"],

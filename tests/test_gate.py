@@ -212,3 +212,16 @@ def test_a_slightly_worse_candidate_is_held_not_rolled_back() -> None:
     acts = c.handle(CandidateEvaluated(now=2.0, version=1, candidate_metric=0.75, release_metric=0.8, release_version=0))
     assert [r.event["action"] for r in of(acts, RecordRelease)] == ["hold"] and not of(acts, CommitVersion)
     assert c.version == 1 and c.status().extra["release"] == 0 and c.counters["gate_held"] == 1
+
+
+def test_releases_cannot_ratchet_down_one_margin_at_a_time() -> None:
+    c = gated(k=1)
+    for seq in range(3):
+        c.handle(update("d1", seq, float(seq + 1), base=seq))
+    decide = [("promote", 1, 0.90, 0.80, 0), ("promote", 2, 0.885, 0.90, 1), ("hold", 3, 0.87, 0.885, 2)]
+    for expected, version, cand, rel, rel_version in decide:
+        acts = c.handle(CandidateEvaluated(now=10.0 + version, version=version, candidate_metric=cand,
+                                           release_metric=rel, release_version=rel_version))
+        assert [r.event["action"] for r in of(acts, RecordRelease)] == [expected], version
+    # 0.87 is within the margin of release 2 (0.885) but not of the best release so far (0.90)
+    assert c.status().extra["release"] == 2

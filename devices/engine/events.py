@@ -26,6 +26,8 @@ class Kind(IntEnum):
     """Start an endpoint (a coordinator's ``start``, a continuously training device)."""
     HOP = 7
     """A message reached the receiver's side of the network (RegionNetwork's downlink queue)."""
+    GATE = 8
+    """A driver's answer to a coordinator action (data = ``now -> event``), e.g. a validation score."""
 
 
 Event = tuple[float, int, Kind, int, Any]

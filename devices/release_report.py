@@ -1,0 +1,201 @@
+"""The release report: what devices would see, run by run, against a reference run.
+
+For scenarios with ``reference = "<run label>"`` (e.g. ``demos/scenarios/attacks.toml``),
+``edgeci emulate`` adds, per run and seed, from the evaluation rows' ``release_accuracy``
+(the release — what devices predict with — on the task's held-out split):
+
+* **start** — the release's accuracy at t = 0, and its **worst drop** below that start
+  (points; 0 when it never fell below);
+* **target** — per seed, the release accuracy the reference run has at ``target_at`` (80 %)
+  of the run; **time to target** — the first evaluation at which the release reaches it,
+  and its ratio to the reference run's time on the same seed;
+* the gate's decisions and the robust aggregator's counters.
+
+``release.md`` (table with per-seed values), ``release.json`` and ``release.png`` (release
+accuracy over virtual time, mean over seeds, band = min–max; the training line dotted).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from devices.scenario import Scenario
+from devices.simulator import RunResult
+
+__all__ = ["TARGET_AT", "format_release_table", "plot_release", "release_summary", "target_of"]
+
+TARGET_AT = 0.8
+"""The reference's target is its release accuracy at this fraction of the run."""
+
+
+def _release(row: Mapping[str, Any]) -> float:
+    return float(row.get("release_accuracy", row["accuracy"]))
+
+
+def target_of(
+    rows: Sequence[Mapping[str, Any]], duration_s: float, at: float = TARGET_AT
+) -> float | None:
+    """The release accuracy of the last evaluation at or before ``at × duration_s``."""
+    before = [r for r in rows if float(r["t_s"]) <= at * duration_s + 1e-9]
+    return _release(before[-1]) if before else None
+
+
+def release_time_to(rows: Sequence[Mapping[str, Any]], target: float) -> float | None:
+    """Virtual time of the first evaluation at which the release reaches ``target``."""
+    for row in rows:
+        if _release(row) >= target - 1e-12:
+            return float(row["t_s"])
+    return None
+
+
+def release_summary(
+    scenario: Scenario, results: Sequence[RunResult], *, target_at: float = TARGET_AT
+) -> dict[str, Any]:
+    """Per run label: per-seed start, worst drop, final, time to the reference's target and
+    its ratio to the reference's time; worst values over seeds."""
+    reference = scenario.reference
+    refs = {r.seed: r for r in results if r.label == reference}
+    targets: dict[int, tuple[float, float | None]] = {}
+    for seed, ref in refs.items():
+        duration = next(s.settings.duration_s for s in scenario.runs if s.label == reference)
+        target = target_of(ref.rows, duration, target_at)
+        if target is not None:
+            targets[seed] = (target, release_time_to(ref.rows, target))
+    out: dict[str, Any] = {"reference": reference, "target_at": target_at, "runs": {}}
+    for spec in scenario.runs:
+        mine = sorted(
+            (r for r in results if r.label == spec.label and r.rows), key=lambda r: r.seed
+        )
+        if not mine:
+            continue
+        seeds: list[dict[str, Any]] = []
+        for r in mine:
+            rel = [_release(row) for row in r.rows]
+            start = rel[0]
+            target, ref_time = targets.get(r.seed, (math.nan, None))
+            ttt = release_time_to(r.rows, target) if not math.isnan(target) else None
+            summary = r.summary
+            robust = (summary.get("strategy") or {}).get("robust") or {}
+            seeds.append(
+                {
+                    "seed": r.seed,
+                    "start": start,
+                    "min": min(rel),
+                    "drop_points": round(100 * max(0.0, start - min(rel)), 2),
+                    "final": rel[-1],
+                    "final_training": float(r.rows[-1]["accuracy"]),
+                    "target": None if math.isnan(target) else target,
+                    "time_to_target_s": ttt,
+                    "reference_time_s": ref_time,
+                    "ratio": (ttt / ref_time) if ttt is not None and ref_time else None,
+                    "gate": summary.get("gate"),
+                    "robust_counts": robust.get("counts", {}),
+                    "rejected_by_reason": summary.get("rejected_by_reason", {}),
+                    "attackers": summary.get("attackers", {}),
+                }
+            )
+        ratios = [s["ratio"] for s in seeds]
+        out["runs"][spec.label] = {
+            "seeds": seeds,
+            "worst_drop_points": max(s["drop_points"] for s in seeds),
+            "worst_ratio": None if any(x is None for x in ratios) else max(ratios),
+            "reached": sum(s["time_to_target_s"] is not None for s in seeds),
+            "mean_final": sum(s["final"] for s in seeds) / len(seeds),
+        }
+    return out
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}"
+
+
+def _minutes(x: float | None) -> str:
+    return "never" if x is None else f"{x / 60:.1f}"
+
+
+def format_release_table(summary: Mapping[str, Any]) -> str:
+    """Markdown: one line per run (worst over seeds, then per-seed values)."""
+    runs = summary["runs"]
+    lines = [
+        f"Release accuracy (% on the held-out split; reference = {summary['reference']!r}, target = its release "
+        f"accuracy at {summary['target_at']:.0%} of the run, per seed)",
+        "",
+        "| run | worst drop below start (points) | time to target / reference (worst) | reached | final release (mean) "
+        "| per seed: start → min → final, time to target (min), ratio | gate promoted/held/rejected | clipped |",
+        "|---|---:|---:|---:|---:|---|---|---:|",
+    ]
+    for label, run in runs.items():
+        per_seed = "; ".join(
+            f"s{s['seed']}: {_pct(s['start'])} → {_pct(s['min'])} → {_pct(s['final'])}, "
+            f"{_minutes(s['time_to_target_s'])}"
+            + (f" ({s['ratio']:.2f}×)" if s["ratio"] is not None else "")
+            for s in run["seeds"]
+        )
+        gates = [s["gate"] for s in run["seeds"] if s["gate"]]
+        gate = (
+            "—"
+            if not gates
+            else ", ".join(
+                f"{g['gate_promoted']}/{g['gate_held']}/{g['gate_rejected']}" for g in gates
+            )
+        )
+        clipped = sum(int(s["robust_counts"].get("clipped", 0)) for s in run["seeds"])
+        ratio = "—" if run["worst_ratio"] is None else f"{run['worst_ratio']:.2f}×"
+        lines.append(
+            f"| {label} | {run['worst_drop_points']:.1f} | {ratio} | {run['reached']}/{len(run['seeds'])} "
+            f"| {_pct(run['mean_final'])} | {per_seed} | {gate} | {clipped} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_release(scenario: Scenario, results: Sequence[RunResult], path: Path) -> None:
+    """Release accuracy (solid) and training-line accuracy (dotted) vs virtual time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
+    for spec in scenario.runs:
+        mine = [r for r in results if r.label == spec.label and r.rows]
+        if not mine:
+            continue
+        n = min(len(r.rows) for r in mine)
+        t = np.array([row["t_s"] for row in mine[0].rows[:n]]) / 60.0
+        rel = 100 * np.array([[_release(row) for row in r.rows[:n]] for r in mine])
+        train = 100 * np.array([[float(row["accuracy"]) for row in r.rows[:n]] for r in mine])
+        (line,) = ax.step(
+            t,
+            rel.mean(axis=0),
+            where="post",
+            label=f"{spec.label}: release (n={len(mine)})",
+            linewidth=1.8,
+        )
+        ax.plot(
+            t, train.mean(axis=0), color=line.get_color(), linestyle=":", linewidth=1.0, alpha=0.8
+        )
+        if len(mine) > 1:
+            ax.fill_between(
+                t,
+                rel.min(axis=0),
+                rel.max(axis=0),
+                step="post",
+                color=line.get_color(),
+                alpha=0.10,
+                linewidth=0,
+            )
+    ax.set_xlabel("virtual time (min)")
+    ax.set_ylabel("accuracy on the held-out split (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(
+        f"{scenario.name}: release accuracy (solid; dotted = training line), mean over seeds"
+    )
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

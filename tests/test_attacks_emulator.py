@@ -1,0 +1,258 @@
+"""Attacks and defences in the emulator (issue 10, part 5): attacker devices, the release
+gate driven on the virtual clock, the validation hold-out, and the attacks scenario's
+quick form — without defences the release collapses, with robust aggregation + the gate it
+never falls more than 2 points below its start."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from coordinator.strategies import make_strategy
+from demos import emulate
+from devices.attacks import Attack, AttackPlan, assign, flip_labels
+from devices.release_report import release_time_to, target_of
+from devices.scenario import ScenarioError, holdout, load_scenario, materialise, parse_scenario
+from devices.simulator import Simulation
+from edge_sdk.tasks import get_task
+from edge_sdk.tasks.base import TrainResult
+
+SCENARIO = Path(__file__).resolve().parents[1] / "demos" / "scenarios" / "attacks.toml"
+
+
+@pytest.fixture(scope="module")
+def digits() -> Any:
+    from edge_sdk.trainer import configure_threads
+
+    configure_threads(1)
+    return get_task("digits", device="cpu")
+
+
+def small(**extra: Any) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "task": "digits",
+        "duration_s": 600,
+        "eval_every_s": 60,
+        "seeds": [1],
+        "fleet": {"devices": 16, "mix": {"laptop": 1}},
+        "data": {"partition": "dirichlet", "alpha": 1.0, "arrival_rate_per_h": 90},
+        "device": {"min_samples": 4},
+        "training": {"epochs": 2, "batch_size": 16, "lr": 0.05},
+        "runs": [{"strategy": "spin", "params": {"k": 4, "timeout_s": 10.0}}],
+    }
+    raw.update(extra)
+    return raw
+
+
+# ------------------------------------------------------------------ attackers
+
+
+def test_assign_is_disjoint_sized_and_a_function_of_the_seed() -> None:
+    plan = AttackPlan(label_flip=0.1, scale=0.1, huge_samples=0.05)
+    a = assign(plan, 100, 10, seed=3)
+    kinds = [x.kind for x in a.values()]
+    assert (kinds.count("flip"), kinds.count("scale"), kinds.count("claim")) == (10, 10, 5)
+    assert a == assign(plan, 100, 10, seed=3)
+    assert set(assign(plan, 100, 10, seed=4)) != set(a)
+    # the flippers are the same devices whatever else attacks: the seed alone decides who
+    assert {i for i, x in a.items() if x.kind == "flip"} == set(
+        assign(AttackPlan(label_flip=0.1), 100, 10, seed=3)
+    )
+
+
+def test_flip_maps_are_derangements() -> None:
+    import random
+
+    assert flip_labels(4, "shift", random.Random(0)) == (1, 2, 3, 0)
+    for seed in range(20):
+        perm = flip_labels(10, "permutation", random.Random(seed))
+        assert sorted(perm) == list(range(10)) and all(p != c for c, p in enumerate(perm))
+    attack = Attack(kind="flip", permutation=(1, 2, 0))
+    assert attack.labels(np.array([0, 1, 2, 2], dtype=np.int64)).tolist() == [1, 2, 0, 0]
+
+
+def test_scaled_and_claiming_results() -> None:
+    base = np.array([1.0, -2.0, 0.5], dtype=np.float32)
+    honest = TrainResult(
+        weights=np.array([1.5, -2.0, 0.25], dtype=np.float32), n_samples=7, loss=0.3, seconds=0.1
+    )
+    scaled = Attack(kind="scale", scale_factor=1000.0).result(base, honest)
+    np.testing.assert_allclose(scaled.weights, [501.0, -2.0, -249.5])
+    assert scaled.n_samples == 7 and np.isfinite(scaled.weights).all()
+    claim = Attack(kind="claim", claimed_samples=2**62).result(base, honest)
+    assert claim.n_samples == 2**62 and claim.weights is honest.weights
+    assert Attack(kind="flip", permutation=(1, 0)).result(base, honest) is honest
+
+
+# ------------------------------------------------------------------ scenario keys
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ({"coordinator": {"gate": True}}, "validation_size"),
+        ({"coordinator": {"gate": 1, "validation_size": 50}}, "gate must be"),
+        (
+            {
+                "coordinator": {
+                    "gate": True,
+                    "validation_size": 50,
+                    "gate_margin": 0.2,
+                    "rollback_margin": 0.1,
+                }
+            },
+            "rollback_margin",
+        ),
+        ({"attack": {"label_flip": 0.6, "scale": 0.5}}, "<= 1"),
+        ({"attack": {"flip": "reverse"}}, "flip must be"),
+        ({"attack": {"scale_factor": float("inf")}}, "finite"),
+        ({"attack": {"claimed": 5}}, "claimed_samples"),
+        ({"reference": "nobody"}, "reference"),
+    ],
+)
+def test_bad_attack_and_gate_keys_fail_at_load(patch: dict[str, Any], message: str) -> None:
+    with pytest.raises(ScenarioError, match=message):
+        parse_scenario(small(**patch))
+
+
+def test_attacks_scenario_parses_with_its_runs() -> None:
+    sc = load_scenario(SCENARIO)
+    by = {r.label: r for r in sc.runs}
+    assert sc.reference == "honest"
+    assert not by["honest"].settings.attack.active
+    attacked = by["attacked: no defence"].settings
+    assert (attacked.attack.label_flip, attacked.attack.scale, attacked.attack.scale_factor) == (
+        0.1,
+        0.1,
+        1000.0,
+    )
+    assert by["attacked: robust + gate"].settings.gate and not attacked.gate
+    quick = sc.quick()
+    assert quick.settings.duration_s < sc.settings.duration_s and quick.reference == "honest"
+
+
+def test_validation_holdout_is_never_labelled(digits: Any) -> None:
+    pool_y = digits.data().pool.y
+    s = parse_scenario(small(coordinator={"validation_size": 120})).settings
+    val, labelled = holdout(s, 1, len(pool_y))
+    assert len(val) == 120 and len(labelled) == len(pool_y) - 120
+    assert not set(val.tolist()) & set(labelled.tolist())
+    used = np.concatenate([p.samples for p in materialise(s, 1, pool_y)])
+    assert used.size > 0 and not set(used.tolist()) & set(val.tolist())
+    # without a hold-out the whole pool is partitioned, exactly as before
+    plain = parse_scenario(small()).settings
+    assert np.array_equal(holdout(plain, 1, len(pool_y))[1], np.arange(len(pool_y)))
+    with pytest.raises(ScenarioError, match="quarter"):
+        holdout(
+            parse_scenario(small(coordinator={"validation_size": 1000})).settings, 1, len(pool_y)
+        )
+
+
+# ------------------------------------------------------------------ the simulator
+
+
+def test_gate_scores_after_the_virtual_delay_and_tracks_the_release(digits: Any) -> None:
+    sc = parse_scenario(
+        small(coordinator={"validation_size": 100, "gate": True, "gate_delay_s": 25.0})
+    )
+    sim = Simulation(digits, sc.settings, make_strategy("spin", k=4, timeout_s=10.0), seed=1)
+    result = sim.run()
+    decisions = sim.releases
+    assert decisions, "the gate must decide something"
+    for d in decisions:
+        assert d["t_s"] >= sim.commit_times[d["version"]] + 25.0 - 1e-9
+    gate = result.summary["gate"]
+    assert gate["gate_promoted"] >= 1
+    # the release is a promoted version (or the start), and the rows report it
+    promoted = {0} | {d["version"] for d in decisions if d["action"] == "promote"}
+    assert {int(r["release_version"]) for r in result.rows} <= promoted
+    assert result.rows[-1]["version"] > result.rows[-1]["release_version"] or gate["gate_held"] == 0
+
+
+def test_huge_sample_claims_are_capped_or_clamped(digits: Any) -> None:
+    # 2^62: the core's hard cap rejects every such update; the honest fleet goes on
+    sc = parse_scenario(small(attack={"huge_samples": 0.25, "claimed_samples": 2**62}))
+    result = Simulation(
+        digits, sc.settings, make_strategy("spin", k=4, timeout_s=10.0), seed=1
+    ).run()
+    assert result.summary["attackers"]["claim"] == 4
+    assert result.summary["rejected_by_reason"].get("n_samples", 0) >= 4
+    assert (
+        result.summary["versions"] >= 5
+        and result.summary["final_release_accuracy"] > result.summary["initial_release_accuracy"]
+    )
+    # 10^6: at the cap, accepted — and clamped by the robust sample-weight cap
+    sc = parse_scenario(small(attack={"huge_samples": 0.25, "claimed_samples": 10**6}))
+    result = Simulation(
+        digits, sc.settings, make_strategy("spin", k=4, timeout_s=10.0), seed=1
+    ).run()
+    assert "n_samples" not in result.summary["rejected_by_reason"]
+    assert result.summary["strategy"]["robust"]["counts"].get("samples_clamped", 0) >= 4
+
+
+def test_release_report_helpers() -> None:
+    rows = [
+        {"t_s": 0.0, "accuracy": 0.5, "release_accuracy": 0.5},
+        {"t_s": 60.0, "accuracy": 0.9, "release_accuracy": 0.7},
+        {"t_s": 120.0, "accuracy": 0.9, "release_accuracy": 0.8},
+    ]
+    assert target_of(rows, 150.0) == 0.8 and target_of(rows, 100.0) == 0.7
+    assert release_time_to(rows, 0.7) == 60.0 and release_time_to(rows, 0.95) is None
+
+
+def test_quick_attacks_scenario_defences_hold_and_no_defence_collapses(tmp_path: Path) -> None:
+    """``edgeci emulate demos/scenarios/attacks.toml --quick`` (three of its runs, same seed)."""
+    chosen = ["honest", "attacked: no defence", "attacked: robust + gate"]
+    p = argparse.ArgumentParser()
+    emulate.add_arguments(p)
+    args = p.parse_args(
+        [
+            str(SCENARIO),
+            "--quick",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+            "--strategies",
+            ",".join(chosen),
+        ]
+    )
+    assert emulate.run(args) == 0
+    summary = json.loads((tmp_path / "release.json").read_text(encoding="utf-8"))
+    table = (tmp_path / "release.md").read_text(encoding="utf-8")
+    assert (tmp_path / "release.png").stat().st_size > 10_000
+    runs = summary["runs"]
+    assert set(runs) == set(chosen)
+    none, gated = runs["attacked: no defence"], runs["attacked: robust + gate"]
+    assert none["seeds"][0]["attackers"] == {"flip": 3, "scale": 3, "claim": 0}
+    assert runs["honest"]["seeds"][0]["attackers"] == {"flip": 0, "scale": 0, "claim": 0}
+    # without defences the release collapses; with robust aggregation + the gate it holds
+    assert none["worst_drop_points"] > 10, table
+    assert none["reached"] == 0, table
+    assert gated["worst_drop_points"] <= 2, table
+    assert all(s["gate"]["gate_promoted"] >= 1 for s in gated["seeds"]), table
+    # ... and still learns: the quick run is too short for the honest target, so ask for progress
+    assert all(s["final"] >= s["start"] + 0.05 for s in gated["seeds"]), table
+
+
+def test_runs_of_one_seed_share_fleet_data_and_validation(digits: Any) -> None:
+    """Only the defences differ between the attacks scenario's runs on one seed."""
+    sc = load_scenario(SCENARIO).quick()
+    sims = {
+        r.label: Simulation(digits, r.settings, make_strategy("spin", k=10, timeout_s=16.0), seed=0)
+        for r in sc.runs
+    }
+    honest, attacked = sims["honest"], sims["attacked: robust + gate"]
+    for a, b in zip(honest.plans, attacked.plans, strict=True):
+        assert np.array_equal(a.samples, b.samples) and np.array_equal(a.label_times, b.label_times)
+    assert honest.validation is not None and attacked.validation is not None
+    assert np.array_equal(honest.validation.y, attacked.validation.y)
+    assert not honest.attacks and attacked.attacks == sims["attacked: no defence"].attacks
+    flipped = [i for i, a in attacked.attacks.items() if a.kind == "flip"]
+    assert flipped
+    for i in flipped:  # a flipper trains on y + 1 mod 10, the honest twin on y
+        assert np.array_equal(attacked.devices[i].y, (honest.devices[i].y + 1) % 10)
