@@ -141,11 +141,25 @@ def _tensor_from(meta: Any, payload: Any, offset: int) -> Vector:
 # ---------------------------------------------------------------- encode
 
 
+_LAYOUTS: dict[str, tuple[tuple[str, bool], ...]] = {}
+
+
+def _layout(cls: type[Message]) -> tuple[tuple[str, bool], ...]:
+    """``(field name, required)`` per field of a message class (computed once per class)."""
+    layout = _LAYOUTS.get(cls.TYPE)
+    if layout is None:
+        layout = _LAYOUTS[cls.TYPE] = tuple(
+            (f.name, f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+            for f in dataclasses.fields(cls)
+        )
+    return layout
+
+
 def _fields(msg: Message) -> dict[str, Any]:
     body: dict[str, Any] = {"type": msg.TYPE}
-    for f in dataclasses.fields(msg):
-        if f.name != "weights":
-            body[f.name] = getattr(msg, f.name)
+    for name, _ in _layout(type(msg)):
+        if name != "weights":
+            body[name] = getattr(msg, name)
     return body
 
 
@@ -240,21 +254,21 @@ def decode_frame(payload: bytes | bytearray | memoryview, *, max_bytes: int = DE
     if offset + tail_len + sig_len != size:
         raise MalformedMessage(f"frame of {size} bytes does not hold header, {tail_len} tensor bytes and {sig_len} signature bytes")
     kwargs: dict[str, Any] = {}
-    field_names = set()
-    for f in dataclasses.fields(cls):
-        field_names.add(f.name)
-        if f.name == "weights":
+    has_weights = False
+    for name, required in _layout(cls):
+        if name == "weights":
+            has_weights = True
             if tensor is not None:
                 kwargs["weights"] = _tensor_from(tensor, payload, offset)
-            elif f.default is dataclasses.MISSING:
+            elif required:
                 raise MalformedMessage(f"{cls.TYPE}: missing weights")
             continue
-        if f.name not in header:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise MalformedMessage(f"{cls.TYPE}: missing field {f.name!r}")
+        if name not in header:
+            if required:
+                raise MalformedMessage(f"{cls.TYPE}: missing field {name!r}")
             continue
-        kwargs[f.name] = header[f.name]
-    if tensor is not None and "weights" not in field_names:
+        kwargs[name] = header[name]
+    if tensor is not None and not has_weights:
         raise MalformedMessage(f"a {cls.TYPE} message carries no weights")
     try:
         message = cls(**kwargs)
