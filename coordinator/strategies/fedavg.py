@@ -14,12 +14,12 @@ for real fleets where an invited device may vanish.
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from coordinator.strategies.base import BufferedUpdate, CoordinatorView, Plan, Strategy
-from coordinator.strategies.robust import RobustAggregator, RobustConfig
+from coordinator.strategies.base import BufferedUpdate, CoordinatorView, Plan
+from coordinator.strategies.robust import RobustAggregator, RobustConfig, RobustStrategy
 from edge_sdk.errors import ConfigError
 from edge_sdk.spec import Vector
 
@@ -42,7 +42,7 @@ class FedAvgConfig(RobustConfig):
             raise ConfigError("round_timeout_s must be > 0 (or None)")
 
 
-class FedAvgStrategy(Strategy):
+class FedAvgStrategy(RobustStrategy):
     """Synchronous rounds over invited devices. See the module docstring."""
 
     name: ClassVar[str] = "fedavg"
@@ -61,17 +61,6 @@ class FedAvgStrategy(Strategy):
     def on_update(self, view: CoordinatorView, update: BufferedUpdate, now: float) -> None:
         self.robust.observe(view, update)
         self.participants.discard(update.device)
-
-    def on_restore(self, view: CoordinatorView, update: BufferedUpdate) -> None:
-        self.robust.observe(view, update)
-
-    def checkpoint(self) -> dict[str, Any]:
-        return {"robust": self.robust.checkpoint()}
-
-    def restore_state(self, state: Mapping[str, Any]) -> None:
-        robust = state.get("robust")
-        if isinstance(robust, Mapping):
-            self.robust.restore(robust)
 
     def plan(self, view: CoordinatorView, now: float, rng: random.Random) -> Plan:
         cfg = self.config

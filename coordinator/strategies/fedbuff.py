@@ -33,12 +33,12 @@ invited device that vanished; the emulator never loses one, so it is not needed 
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from coordinator.strategies.base import BufferedUpdate, CoordinatorView, Plan, Strategy
-from coordinator.strategies.robust import RobustAggregator, RobustConfig
+from coordinator.strategies.base import BufferedUpdate, CoordinatorView, Plan
+from coordinator.strategies.robust import RobustAggregator, RobustConfig, RobustStrategy
 from edge_sdk.errors import ConfigError
 from edge_sdk.spec import Vector
 
@@ -84,7 +84,7 @@ def draw_round(
     return [candidates[i] for i in picks if i < len(candidates)]
 
 
-class FedBuffStrategy(Strategy):
+class FedBuffStrategy(RobustStrategy):
     """Server-selected buffered asynchronous aggregation. See the module docstring."""
 
     name: ClassVar[str] = "fedbuff"
@@ -119,17 +119,6 @@ class FedBuffStrategy(Strategy):
         self.in_flight.pop(update.device, None)
         if self.config.strict_k and not self.in_flight:
             self._need_draw = True  # the round ended short of K: draw the next one now
-
-    def on_restore(self, view: CoordinatorView, update: BufferedUpdate) -> None:
-        self.robust.observe(view, update)
-
-    def checkpoint(self) -> dict[str, Any]:
-        return {"robust": self.robust.checkpoint()}
-
-    def restore_state(self, state: Mapping[str, Any]) -> None:
-        robust = state.get("robust")
-        if isinstance(robust, Mapping):
-            self.robust.restore(robust)
 
     def on_aggregated(self, view: CoordinatorView, now: float) -> None:
         self._need_draw = True

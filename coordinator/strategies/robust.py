@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.strategies.base import BufferedUpdate, CoordinatorView
+from coordinator.strategies.base import BufferedUpdate, CoordinatorView, Strategy
 from coordinator.strategies.staleness import make_policy, staleness_factor
 from edge_sdk.errors import ConfigError
 from edge_sdk.spec import FULL, Vector
@@ -671,3 +671,21 @@ class RobustAggregator:
 
     def describe(self) -> dict[str, Any]:
         return {**self.config.robust_params(), "counts": dict(sorted(self.counters.items()))}
+
+
+class RobustStrategy(Strategy):
+    """Base of the averaging strategies: their fold and defences live in ``self.robust``,
+    which a restart rebuilds from the restored updates and a checkpoint carries."""
+
+    robust: RobustAggregator
+
+    def on_restore(self, view: CoordinatorView, update: BufferedUpdate) -> None:
+        self.robust.observe(view, update)
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {"robust": self.robust.checkpoint()}
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        robust = state.get("robust")
+        if isinstance(robust, Mapping):
+            self.robust.restore(robust)

@@ -29,12 +29,12 @@ honest slow devices on large fleets; clipping bounds what a stale update can do 
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
-from coordinator.strategies.base import BufferedUpdate, CoordinatorView, Plan, Strategy
-from coordinator.strategies.robust import RobustAggregator, RobustConfig
+from coordinator.strategies.base import BufferedUpdate, CoordinatorView, Plan
+from coordinator.strategies.robust import RobustAggregator, RobustConfig, RobustStrategy
 from edge_sdk.errors import ConfigError
 from edge_sdk.spec import Vector
 
@@ -58,7 +58,7 @@ class SpinConfig(RobustConfig):
             raise ConfigError("timeout_s must be > 0 (or None to disable the timeout)")
 
 
-class SpinStrategy(Strategy):
+class SpinStrategy(RobustStrategy):
     name: ClassVar[str] = "spin"
 
     def __init__(self, config: SpinConfig | None = None) -> None:
@@ -79,17 +79,6 @@ class SpinStrategy(Strategy):
 
     def on_update(self, view: CoordinatorView, update: BufferedUpdate, now: float) -> None:
         self.robust.observe(view, update)
-
-    def on_restore(self, view: CoordinatorView, update: BufferedUpdate) -> None:
-        self.robust.observe(view, update)
-
-    def checkpoint(self) -> dict[str, Any]:
-        return {"robust": self.robust.checkpoint()}
-
-    def restore_state(self, state: Mapping[str, Any]) -> None:
-        robust = state.get("robust")
-        if isinstance(robust, Mapping):
-            self.robust.restore(robust)
 
     def deadline(self, view: CoordinatorView) -> float | None:
         first = view.first_buffered_at
