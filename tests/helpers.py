@@ -6,10 +6,16 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import os
 import random
+import signal
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -189,3 +195,48 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str, poll: f
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(poll)
+
+
+class CoordinatorProcess:
+    """``edgeci coordinator ARGS`` as a child process, its output collected in ``lines``;
+    the constructor returns once it printed "ready" (or fails with its output)."""
+
+    def __init__(self, *args: str) -> None:
+        root = Path(__file__).resolve().parents[1]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "demos.cli", "coordinator", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
+        )
+        self.lines: list[str] = []
+        self._pump = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout or []), daemon=True)
+        self._pump.start()
+        try:
+            wait_until(lambda: any("ready" in ln for ln in self.lines) or self.proc.poll() is not None, 120, "coordinator ready")
+            assert self.proc.poll() is None, "".join(self.lines)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def close(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Signal it (if still running) and wait; kill it after ``timeout``. Its exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._pump.join(10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        return int(self.proc.returncode)
+
+    def __enter__(self) -> CoordinatorProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +27,7 @@ from edge_sdk.tasks.base import Split, TrainConfig
 from edge_sdk.wire import topics
 from edge_sdk.wire.codec import encode, parse_status_json
 from edge_sdk.wire.messages import Update
-from tests.helpers import wait_until
+from tests.helpers import CoordinatorProcess, wait_until
 
 pytestmark = [pytest.mark.broker]
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,25 +113,9 @@ def test_one_malicious_client_cannot_lower_the_release(mosquitto: MosquittoProce
     assert all(c.version is None or c.version <= final_release for c in clients)
 
 
-@contextmanager
-def coordinator(url: str, state: Path, *extra: str) -> Iterator[subprocess.Popen[str]]:
-    cmd = [sys.executable, "-m", "demos.cli", "coordinator", "--broker", url, "--region", REGION, "--state-dir", str(state),
-           "--k", "1", "--timeout", "1", "--status-interval", "1", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
-    lines: list[str] = []
-    pump = threading.Thread(target=lambda: lines.extend(proc.stdout or []), daemon=True)
-    pump.start()
-    try:
-        wait_until(lambda: any("ready" in ln for ln in lines) or proc.poll() is not None, 120, "coordinator ready")
-        assert proc.poll() is None, "".join(lines)
-        yield proc
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
-        pump.join(10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+def coordinator(url: str, state: Path, *extra: str) -> CoordinatorProcess:
+    return CoordinatorProcess("--broker", url, "--region", REGION, "--state-dir", str(state),
+                              "--k", "1", "--timeout", "1", "--status-interval", "1", *extra)
 
 
 def edgeci(*args: str) -> subprocess.CompletedProcess[str]:

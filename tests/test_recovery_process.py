@@ -4,11 +4,7 @@ itself, and a coordinator under a backlog stops within seconds on SIGTERM."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +22,7 @@ from edge_sdk.tasks.base import TrainConfig
 from edge_sdk.wire import topics
 from edge_sdk.wire.codec import encode
 from edge_sdk.wire.messages import Update
-from tests.helpers import wait_until
+from tests.helpers import CoordinatorProcess, wait_until
 
 pytestmark = [pytest.mark.broker]
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,16 +75,9 @@ def test_nan_in_local_training_sends_the_device_back_to_idle_and_it_recovers(mos
 def test_sigterm_under_a_backlog_exits_within_seconds(mosquitto: MosquittoProcess, tmp_path: Path) -> None:
     spec = get_task("digits").spec
     state = tmp_path / "coord"
-    cmd = [sys.executable, "-m", "demos.cli", "coordinator", "--broker", mosquitto.url, "--region", REGION,
-           "--state-dir", str(state), "--k", "50", "--timeout", "30"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
-    lines: list[str] = []
-    pump = threading.Thread(target=lambda: lines.extend(proc.stdout or []), daemon=True)
-    pump.start()
+    coord = CoordinatorProcess("--broker", mosquitto.url, "--region", REGION, "--state-dir", str(state),
+                               "--k", "50", "--timeout", "30")
     try:
-        wait_until(lambda: any("ready" in ln for ln in lines) or proc.poll() is not None, 120, "coordinator ready")
-        assert proc.poll() is None, "".join(lines)
         flood = MqttTransport(mosquitto.url, client_id="flood", subscriptions=[], on_message=lambda *_: None, clean_session=True)
         flood.start()
         n = 6000
@@ -99,17 +88,12 @@ def test_sigterm_under_a_backlog_exits_within_seconds(mosquitto: MosquittoProces
         flood.stop()
         time.sleep(1.0)  # the backlog is in the coordinator's inbox now
         t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        returncode = coord.close(signal.SIGTERM)
         exit_s = time.monotonic() - t0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        pump.join(10)
-        if proc.stdout is not None:
-            proc.stdout.close()
-    assert proc.returncode == 0, "".join(lines[-20:])
+        coord.close(signal.SIGKILL)
+    lines = coord.lines
+    assert returncode == 0, "".join(lines[-20:])
     assert any("stopped cleanly" in ln for ln in lines), "".join(lines[-20:])
     persisted = len(Registry(state, spec).pending())
     print(f"SIGTERM with a backlog: exited in {exit_s:.2f} s; {persisted} of {n} updates had been made durable")

@@ -13,8 +13,6 @@ also shows honest devices being served, so a coordinator that ignores everything
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -33,7 +31,7 @@ from edge_sdk.tasks.base import TrainConfig
 from edge_sdk.wire import topics
 from edge_sdk.wire.codec import decode, encode, parse_status_json
 from edge_sdk.wire.messages import Ack, ModelMsg, Pull, Update
-from tests.helpers import wait_until
+from tests.helpers import CoordinatorProcess, wait_until
 from tests.secure_broker import SECURE_REGION, SecureBroker
 
 pytestmark = [pytest.mark.broker]
@@ -198,25 +196,18 @@ def rss_mb(pid: int, key: str = "VmRSS") -> float:
 
 @pytest.mark.slow
 def test_pull_flood_leaves_memory_bounded_and_honest_devices_served(secure_broker: SecureBroker, tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "demos.cli", "coordinator", "--broker", secure_broker.url, "--region", R,
-           "--id", "coord-sec", "--bundle", str(secure_broker.bundle("coord-sec", "coordinator")),
-           "--state-dir", str(tmp_path / "coord"), "--k", "2", "--timeout", "1", "--status-interval", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
-    lines: list[str] = []
-    pump = threading.Thread(target=lambda: lines.extend(proc.stdout or []), daemon=True)
-    pump.start()
     task = get_task("digits")
     watcher = Raw(secure_broker, "ops", "operator", subscriptions=[topics.status_topic(R)])
+    coord = CoordinatorProcess("--broker", secure_broker.url, "--region", R, "--id", "coord-sec",
+                               "--bundle", str(secure_broker.bundle("coord-sec", "coordinator")),
+                               "--state-dir", str(tmp_path / "coord"), "--k", "2", "--timeout", "1", "--status-interval", "1")
     try:
-        wait_until(lambda: any("ready" in ln for ln in lines) or proc.poll() is not None, 120, "coordinator ready")
-        assert proc.poll() is None, "".join(lines)
         with EdgeClient(broker=secure_broker.url, device_id="devA", region=R, task=task, data_dir=tmp_path / "devA",
                         min_samples=2, train=TrainConfig(epochs=1), request_timeout_s=3.0, inference="torch",
                         bundle=secure_broker.bundle("devA")) as honest:
             wait_until(lambda: honest.ready, 30, "the honest device's first model")
             time.sleep(1.0)
-            before = rss_mb(proc.pid)
+            before = rss_mb(coord.pid)
             mallory = Raw(secure_broker, "mallory")
             pull = encode(Pull(device="mallory", seq=1, model_id=task.spec.model_id))
             topic = topics.device_topic(R, "mallory", "pull")
@@ -241,15 +232,11 @@ def test_pull_flood_leaves_memory_bounded_and_honest_devices_served(secure_broke
                 return int(extra.get("rejected_by_reason", {}).get("rate_limited", 0))
 
             wait_until(lambda: rate_limited() >= 19_000, 120, "the coordinator to drop the flood (rate_limited)")
-            after, peak = rss_mb(proc.pid), rss_mb(proc.pid, "VmHWM")
+            after, peak = rss_mb(coord.pid), rss_mb(coord.pid, "VmHWM")
             mallory.close()
         print(f"flood of 20,000 pulls sent in {flood_s:.2f} s; coordinator RSS {before:.0f} → {after:.0f} MB "
               f"(peak {peak:.0f}); the honest device's update was accepted {served_s:.1f} s after labelling")
         assert after - before < 150, f"coordinator memory grew by {after - before:.0f} MB under the flood"
     finally:
         watcher.close()
-        proc.terminate()
-        proc.wait(30)
-        pump.join(10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        coord.close()
