@@ -155,7 +155,19 @@ class VersionLoaded:
     detail: str = ""
 
 
-CoordinatorEvent = MessageReceived | TimerFired | StorageChanged | CandidateEvaluated | VersionLoaded
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpdateConverted:
+    """The driver's answer to :class:`ConvertUpdate` ``ticket``: the estimated fresh update
+    (based on ``target_version``), or None when the conversion failed."""
+
+    now: float
+    ticket: int
+    weights: Vector | None
+    elapsed_s: float = 0.0
+    detail: str = ""
+
+
+CoordinatorEvent = MessageReceived | TimerFired | StorageChanged | CandidateEvaluated | VersionLoaded | UpdateConverted
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -203,7 +215,29 @@ class LoadVersion:
     command: str
 
 
-CoordinatorAction = Publish | ScheduleTimer | PersistUpdate | CommitVersion | Notify | EvaluateCandidate | RecordRelease | LoadVersion
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConvertUpdate:
+    """Convert a very stale update (staleness policy ``kind``, e.g. gradient inversion) into an
+    estimate of the update the device would have sent from ``target_weights``; answer with
+    :class:`UpdateConverted` (same ``ticket``). The core falls back to the policy's damped
+    update at ``deadline`` (core clock) and ignores a later answer. The update is already
+    durable and acknowledged; nothing here may be published."""
+
+    ticket: int
+    device: str
+    kind: str
+    stale_weights: Vector
+    base_version: int
+    base_weights: Vector
+    target_version: int
+    target_weights: Vector
+    n_samples: int
+    staleness: int
+    hints: Mapping[str, float]
+    deadline: float
+
+
+CoordinatorAction = Publish | ScheduleTimer | PersistUpdate | CommitVersion | Notify | EvaluateCandidate | RecordRelease | LoadVersion | ConvertUpdate
 PRESENCE_LIMIT = 10_000
 """Devices whose presence (online flag, last seen) is tracked; the least recent are forgotten."""
 RECENT_DEVICES = 50

@@ -24,14 +24,13 @@ from coordinator.strategies.staleness import (
     Damp,
     Drop,
     Use,
-    Verdict,
     make_policy,
     needs_driver,
     policy_of,
     staleness_factor,
 )
 from edge_sdk.core.events import MessageReceived, Publish
-from edge_sdk.errors import ConfigError, LocalProtocolError
+from edge_sdk.errors import ConfigError
 from edge_sdk.spec import ModelSpec, Vector
 from edge_sdk.wire import topics
 from edge_sdk.wire.codec import decode, encode
@@ -378,22 +377,21 @@ def test_staleness_policies_by_name(name: str, params: dict[str, Any], tau: int,
     assert staleness_factor(make_policy(name, **params), tau) == factor
 
 
-def test_staleness_policies_reject_bad_names_and_async_verdicts_inside_strategies() -> None:
+def test_staleness_policies_reject_bad_names_and_unconverted_updates_fall_back_to_damping() -> None:
     with pytest.raises(ConfigError, match="unknown staleness policy"):
-        make_policy("gradient-inversion")
+        make_policy("gradient-inversions")
     with pytest.raises(ConfigError, match="needs a bound"):
         make_policy("drop-beyond")
-
-    class Inverting:  # what issue 15's policy will answer: only the core may resolve it
-        name = "gradient-inversion"
-        asynchronous = True
-
-        def judge(self, staleness: float) -> Verdict:
-            return Convert("gradient-inversion")
-
-    assert needs_driver(Inverting()) and not needs_driver(make_policy("damped"))
-    with pytest.raises(LocalProtocolError, match="core must resolve"):
-        staleness_factor(Inverting(), 3)
+    with pytest.raises(ConfigError, match="convert_beyond"):
+        make_policy("gradient-inversion", convert_beyond=-1)
+    gi = make_policy("gradient-inversion", convert_beyond=4, a=0.5)
+    assert needs_driver(gi) and not needs_driver(make_policy("damped"))
+    assert gi.judge(4) == Damp(5 ** -0.5)  # at the bound: damped, not converted
+    assert gi.judge(8) == Convert("gradient-inversion", 9 ** -0.5)
+    # An update that reaches a strategy unconverted (deadline missed, restart) is damped.
+    assert staleness_factor(gi, 8) == pytest.approx(1 / 3)
+    bounded = make_policy("dc-asgd", convert_beyond=2, bound=6)
+    assert staleness_factor(bounded, 7) is None and bounded.judge(3) == Convert("dc-asgd", 0.5)
 
 
 def test_every_damping_strategy_obeys_its_staleness_policy() -> None:

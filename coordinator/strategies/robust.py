@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 
 from coordinator.strategies.base import BufferedUpdate, CoordinatorView, Strategy
-from coordinator.strategies.staleness import make_policy, staleness_factor
+from coordinator.strategies.staleness import CONVERSIONS, make_policy, staleness_factor
 from edge_sdk.errors import ConfigError
 from edge_sdk.spec import FULL, Vector
 
@@ -87,9 +87,12 @@ class RobustConfig:
     """Drop updates staler than this many versions; None = keep all (see SpinConfig)."""
     staleness: str = "none"
     """Staleness policy on each update's weight (coordinator.strategies.staleness): none |
-    damped (× (τ + 1)^(−a)) | drop-beyond (= none with max_staleness)."""
+    damped (× (τ + 1)^(−a)) | drop-beyond (= none with max_staleness) | gradient-inversion |
+    dc-asgd (convert updates staler than ``convert_beyond``, damped otherwise)."""
     a: float = 0.5
     """Exponent of the ``damped`` policy."""
+    convert_beyond: int = 10
+    """Converting policies: updates staler than this many versions are converted."""
     sample_weight_cap: float = 4.0
     """Clamp the weight from n_samples to this × the median recent claim; 0 disables."""
     trim_fraction: float = 0.1
@@ -110,7 +113,7 @@ class RobustConfig:
             raise ConfigError("clip_multiplier below 1 would clip the median honest update; use >= 1 or 0")
         if self.max_staleness is not None and self.max_staleness < 0:
             raise ConfigError("max_staleness must be >= 0 (or None)")
-        make_policy(self.staleness, a=self.a, bound=self.max_staleness)  # validates the name and a
+        make_policy(self.staleness, a=self.a, bound=self.max_staleness, convert_beyond=self.convert_beyond)  # validates
         if not (self.sample_weight_cap >= 0 and math.isfinite(self.sample_weight_cap)):
             raise ConfigError("sample_weight_cap must be a finite number >= 0 (0 disables the cap)")
         if self.sample_weight_cap and self.sample_weight_cap < 1:
@@ -128,6 +131,7 @@ class RobustConfig:
             "clip_multiplier": self.clip_multiplier,
             "max_staleness": self.max_staleness,
             **({"staleness": self.staleness, "a": self.a} if self.staleness != "none" else {}),
+            **({"convert_beyond": self.convert_beyond} if self.staleness in CONVERSIONS else {}),
             "sample_weight_cap": self.sample_weight_cap,
         }
 
@@ -358,7 +362,7 @@ class RobustAggregator:
     def _observe(self, view: CoordinatorView, u: BufferedUpdate, *, uniform: bool) -> None:
         cfg = self.config
         tau = max(view.version - u.base_version, 0)
-        factor = staleness_factor(make_policy(cfg.staleness, a=cfg.a, bound=cfg.max_staleness), tau)
+        factor = staleness_factor(make_policy(cfg.staleness, a=cfg.a, bound=cfg.max_staleness, convert_beyond=cfg.convert_beyond), tau)
         if factor is None:
             self._count("dropped_stale", u.key)
             self._entries.append(_Entry(key=u.key, group=u.group, weight=0.0))

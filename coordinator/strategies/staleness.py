@@ -15,6 +15,11 @@ for most strategies, model age for Spyker) and returns a :data:`Verdict`:
 ``none``                  :class:`Use` for every τ
 ``damped``                :class:`Damp` by s(τ) = (τ + 1)^(−a) (FedAsync, Spyker, NebulaFL)
 ``drop-beyond``           :class:`Drop` when τ > ``bound``, else :class:`Use`
+``gradient-inversion``    :class:`Convert` when τ > ``convert_beyond`` (paper 001: recover a
+                          synthetic set from the stale update, retrain it on the current
+                          model; run by the driver on a worker), else ``damped``
+``dc-asgd``               :class:`Convert` when τ > ``convert_beyond`` (first-order delay
+                          compensation, DC-ASGD; cheap, the core computes it), else ``damped``
 ========================  ============================================================
 
 Any policy takes an optional ``bound`` (``max_staleness``): beyond it the update is dropped
@@ -37,12 +42,16 @@ from typing import ClassVar, Protocol
 from edge_sdk.errors import ConfigError, LocalProtocolError
 
 __all__ = [
+    "CONVERSIONS",
     "POLICIES",
     "Convert",
+    "Converting",
     "Damp",
     "Damped",
+    "DcAsgd",
     "Drop",
     "DropBeyond",
+    "GradientInversion",
     "NoStaleness",
     "StalenessPolicy",
     "Use",
@@ -80,9 +89,11 @@ class Drop:
 
 @dataclass(frozen=True, slots=True)
 class Convert:
-    """Ask the driver to convert the update (asynchronous; the core's business)."""
+    """Ask for the update to be converted (the core's business, before the strategy sees it);
+    ``fallback`` is the damping weight used when no conversion arrives in time."""
 
     kind: str
+    fallback: float = 1.0
 
 
 Verdict = Use | Damp | Drop | Convert
@@ -144,6 +155,46 @@ class DropBeyond:
         return self.inner.judge(staleness)
 
 
+@dataclass(frozen=True, slots=True)
+class Converting:
+    """Convert updates staler than ``beyond``; damp every update by s(τ) otherwise and when
+    a conversion does not arrive in time. Subclasses name the conversion."""
+
+    beyond: float = 10.0
+    a: float = 0.5
+    name: ClassVar[str] = "converting"
+    asynchronous: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if not (self.beyond >= 0 and math.isfinite(self.beyond)):
+            raise ConfigError(f"staleness {self.name!r}: convert_beyond must be a finite number >= 0")
+        if not (self.a >= 0 and math.isfinite(self.a)):
+            raise ConfigError(f"staleness {self.name!r}: a must be a finite number >= 0")
+
+    def judge(self, staleness: float) -> Verdict:
+        damp = polynomial(staleness, self.a)
+        if staleness > self.beyond:
+            return Convert(self.name, damp)
+        return Damp(damp)
+
+
+@dataclass(frozen=True, slots=True)
+class GradientInversion(Converting):
+    """Paper 001: the driver inverts the stale update into a synthetic set on a worker."""
+
+    name: ClassVar[str] = "gradient-inversion"
+
+
+@dataclass(frozen=True, slots=True)
+class DcAsgd(Converting):
+    """DC-ASGD first-order delay compensation, computed by the core (cheap)."""
+
+    name: ClassVar[str] = "dc-asgd"
+
+
+CONVERTING: dict[str, type[Converting]] = {GradientInversion.name: GradientInversion, DcAsgd.name: DcAsgd}
+CONVERSIONS = tuple(CONVERTING)
+
 POLICIES: dict[str, Callable[[float], StalenessPolicy]] = {
     "none": lambda a: NoStaleness(),
     "damped": lambda a: Damped(a),
@@ -152,29 +203,36 @@ POLICIES: dict[str, Callable[[float], StalenessPolicy]] = {
 
 
 def policy_names() -> list[str]:
-    return sorted([*POLICIES, DropBeyond.name])
+    return sorted([*POLICIES, DropBeyond.name, *CONVERSIONS])
 
 
-def make_policy(name: str, *, a: float = 0.5, bound: float | None = None) -> StalenessPolicy:
-    """``none`` / ``damped`` (exponent ``a``) / ``drop-beyond`` (needs ``bound``); a
-    ``bound`` with any other policy drops beyond it first. Unknown names raise ConfigError."""
+def make_policy(name: str, *, a: float = 0.5, bound: float | None = None, convert_beyond: float = 10.0) -> StalenessPolicy:
+    """``none`` / ``damped`` (exponent ``a``) / ``drop-beyond`` (needs ``bound``) /
+    ``gradient-inversion`` and ``dc-asgd`` (convert beyond ``convert_beyond``); a ``bound``
+    with any other policy drops beyond it first. Unknown names raise ConfigError."""
     if name == DropBeyond.name:
         if bound is None:
             raise ConfigError("staleness 'drop-beyond' needs a bound (max_staleness)")
         return DropBeyond(bound)
-    try:
-        factory = POLICIES[name]
-    except KeyError:
-        raise ConfigError(f"unknown staleness policy {name!r}; known: {', '.join(policy_names())}") from None
-    policy = factory(a)
+    policy: StalenessPolicy
+    if name in CONVERSIONS:
+        policy = CONVERTING[name](convert_beyond, a)
+    else:
+        try:
+            factory = POLICIES[name]
+        except KeyError:
+            raise ConfigError(f"unknown staleness policy {name!r}; known: {', '.join(policy_names())}") from None
+        policy = factory(a)
     return DropBeyond(bound, policy) if bound is not None else policy
 
 
 def staleness_factor(policy: StalenessPolicy, staleness: float) -> float | None:
     """The weight multiplier for an update ``staleness`` behind, or None to drop it.
 
-    Synchronous policies only: a :class:`Convert` verdict must have been resolved by the
-    core before the strategy sees the update, so meeting one here is a wiring bug."""
+    A :class:`Convert` verdict met here means the update reached the strategy unconverted
+    (the conversion missed its deadline or failed, or the update was restored after a
+    restart): its fallback damping applies. Converted updates arrive with the staleness of
+    the model they were converted to."""
     verdict = policy.judge(staleness)
     if isinstance(verdict, Use):
         return 1.0
@@ -182,10 +240,7 @@ def staleness_factor(policy: StalenessPolicy, staleness: float) -> float | None:
         return verdict.weight
     if isinstance(verdict, Drop):
         return None
-    raise LocalProtocolError(
-        f"staleness policy {policy.name!r} asks the driver to {verdict.kind!r} an update; "
-        "the core must resolve that before the strategy aggregates"
-    )
+    return verdict.fallback
 
 
 def needs_driver(policy: StalenessPolicy) -> bool:
@@ -201,4 +256,5 @@ def policy_of(strategy: object) -> StalenessPolicy:
     name = getattr(config, "staleness", None)
     if not isinstance(name, str):
         return NoStaleness()
-    return make_policy(name, a=float(getattr(config, "a", 0.5)), bound=getattr(config, "max_staleness", None))
+    return make_policy(name, a=float(getattr(config, "a", 0.5)), bound=getattr(config, "max_staleness", None),
+                       convert_beyond=float(getattr(config, "convert_beyond", 10.0)))
