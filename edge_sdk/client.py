@@ -4,6 +4,7 @@
         client.add_sample(x, label)      # durable when it returns; may trigger a pull
         client.add_frame(image, boxes)   # detection devices: an RGB frame and its boxes
         client.predict(batch)            # with the latest deployed model
+        client.detect(image)             # detection devices: boxes, served by onnxruntime
         client.version                   # its version
 
 Behind it: the durable :class:`~edge_sdk.store.SampleStore`, the sans-IO
@@ -18,18 +19,16 @@ image is accepted too); the data dir defaults to ``$EDGECI_HOME/devices/<device_
 and predicts with its shipped ONNX graph; local training needs ``edgeci[train]``.
 
 Failover: with ``regions=["eu", "us"]`` the device talks to its first region's
-coordinator and, after ``failover_after`` consecutive request timeouts, to the next
-region's (cyclically). It subscribes to its downstream topics in every listed region from
-the start, and ignores messages from regions it is not using. An update that was in
-flight is dropped (it was trained on the old region's model, whose version numbers mean
-nothing to the new coordinator) and its samples are trained again on the new region's
-model; sequence numbers keep increasing, so the idempotency keys ``(device, seq)`` stay
-valid everywhere.
+coordinator and, after ``failover_after`` consecutive request timeouts or when that
+coordinator's status says it is gone, to the next region's; it comes back home when the
+home coordinator is alive again (after ``failback_after_s``). The rule lives in
+:class:`~edge_sdk.core.device.DeviceCore` (see "Failover" there); this driver subscribes
+to every listed region's topics from the start and reports each ``SwitchRegion`` as a
+``failover`` event.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import random
@@ -38,12 +37,12 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from edge_sdk.core.device import DeviceConfig, DeviceCore, Phase
+from edge_sdk.core.device import DeviceConfig, DeviceCore
 from edge_sdk.core.events import (
     DeployModel,
     MessageReceived,
@@ -53,6 +52,7 @@ from edge_sdk.core.events import (
     Publish,
     SampleAdded,
     StartTraining,
+    SwitchRegion,
     TrainingFailed,
     TrainingFinished,
     TrainingJob,
@@ -72,6 +72,7 @@ from edge_sdk.tasks.registry import (
     InputContract,
     default_min_samples,
     input_contract,
+    sample_kind_of,
     task_info,
 )
 from edge_sdk.wire import topics
@@ -79,17 +80,6 @@ from edge_sdk.wire.codec import Encoding
 
 log = logging.getLogger("edgeci.device")
 Callback = Callable[[str, dict[str, Any]], None]
-
-SAMPLE_KINDS: dict[str, SampleKind] = {"gestures": "gesture", "yolov8n-detection": "frame"}
-"""What a task's samples are, by task name (default ``"array"``); a task may also say so
-itself with a ``sample_kind`` attribute."""
-
-
-def sample_kind_of(task: Task) -> SampleKind:
-    """``"array"`` (fixed-shape tensors), ``"gesture"`` ((T, D) sequences) or ``"frame"``
-    (camera frames with boxes, for detection tasks)."""
-    declared = getattr(task, "sample_kind", None)
-    return cast(SampleKind, declared) if declared is not None else SAMPLE_KINDS.get(task.name, "array")
 
 
 def _resolve_task(name: str) -> Task:
@@ -102,7 +92,7 @@ def _resolve_task(name: str) -> Task:
         if info is None:
             raise
         log.info("task %s: %s not installed, serving only", name, info.train_extra)
-        return cast(Task, DeclaredTask(info))
+        return DeclaredTask(info)
 
 
 class EdgeClient:
@@ -130,6 +120,7 @@ class EdgeClient:
         durable: bool = True,
         regions: Sequence[str] | None = None,
         failover_after: int = 3,
+        failback_after_s: float = 60.0,
         auth: BrokerAuth | None = None,
         bundle: str | Path | None = None,
         trusted_keys: Mapping[str, bytes] | None = None,
@@ -137,13 +128,8 @@ class EdgeClient:
     ) -> None:
         if inference not in ("onnx", "torch"):
             raise ConfigError(f"inference must be 'onnx' or 'torch', got {inference!r}")
-        if failover_after < 1:
-            raise ConfigError("failover_after must be >= 1")
         self.regions: tuple[str, ...] = tuple(dict.fromkeys([region, *(regions or ())]))
         """This device's region first, then the regions it may fail over to, in order."""
-        self.failover_after = failover_after
-        self._failures = 0
-        self._seed = seed
         self.task: Task = _resolve_task(task) if isinstance(task, str) else task
         if min_samples is None:  # the task's declared D_min (edge_sdk/tasks/registry.py)
             min_samples = default_min_samples(self.task)
@@ -155,22 +141,19 @@ class EdgeClient:
             self.data_dir.mkdir(parents=True, exist_ok=True)
         self.train_config = train or TrainConfig(seed=seed)
         self.clock = clock or WallClock()
-        # Gesture tasks store (T, D) sequences, detection tasks frames of any size with
-        # boxes, everything else fixed-shape arrays.
+        # The task declares its sample kind (edge_sdk/tasks/base.py): "gesture" tasks store
+        # (T, D) sequences, "frame" tasks frames of any size with boxes, "array" fixed shapes.
         self.sample_kind: SampleKind = sample_kind_of(self.task)
         # Shape, value range and class count come from the task's declaration, never from
         # loading its dataset (a [device] install has neither torch nor scikit-learn).
         shape: tuple[int, ...] | None = None
         self.contract: InputContract | None = None
         """What ``add_sample``/``predict`` accept (None for frames)."""
-        if self.sample_kind == "frame":
-            config = getattr(self.task, "config", None)
-            n_classes = int(config.n_classes) if config is not None else int(cast(Any, self.task).n_classes)
-        else:
+        if self.sample_kind != "frame":
             self.contract = input_contract(self.task)
             shape = self.contract.shape
-            declared = getattr(self.task, "n_classes", None)
-            n_classes = int(declared) if declared is not None else self.task.data().n_classes
+        declared = getattr(self.task, "n_classes", None)
+        n_classes = int(declared) if declared is not None else self.task.data().n_classes
         self.store = SampleStore.open(
             self.data_dir / "samples.sqlite3" if self.data_dir is not None and durable else ":memory:",
             sample_shape=shape if self.sample_kind == "array" else None,
@@ -189,6 +172,10 @@ class EdgeClient:
                                  kind=self.sample_kind)
         self.inference = inference
         self._engine: Any = None
+        self._detector: tuple[int, Any] | None = None
+        """(version, OnnxDetector) serving ``detect``; exported on the first call per version."""
+        self._export_lock = threading.Lock()
+        self._scratch_dir: Path | None = None
         self._model_path = self.data_dir / "deployed.npz" if self.data_dir is not None and durable else None
         self._lock = threading.Lock()
         self._deployed: tuple[int, Vector] | None = self._load_deployed()
@@ -219,15 +206,20 @@ class EdgeClient:
             encoding=encoding,
             request_timeout_s=request_timeout_s,
             trusted_keys=self.trusted_keys or {},
+            fallback_regions=self.regions[1:],
+            failover_after=failover_after,
+            failback_after_s=failback_after_s,
         )
         next_seq = int(self.store.get_meta("next_seq", 0) or 0)
         trained_upto = int(self.store.get_meta("trained_upto", 0) or 0)
         self.core = DeviceCore(cfg, rng=random.Random(seed), next_seq=next_seq, trained_upto=trained_upto,
-                               total=self._added(), pinned=self._pins(region))
+                               total=self._added(), pinned_by_region={r: self._pins(r) for r in self.regions})
         if self._deployed is not None:
             self.core.state.deployed_version, self.core.state.deployed = self._deployed
-        self.actor = Actor(f"device-{device_id}", self._handle, self._perform, clock=self.clock)
-        subscriptions = [topics.device_topic(r, device_id, leaf) for r in self.regions for leaf in topics.DOWNSTREAM]
+        self.actor = Actor(f"device-{device_id}", self.core.handle, self._perform, clock=self.clock)
+        # Every region's topics from the start (MqttTransport's subscriptions are fixed): the
+        # core ignores replies from regions it is not using.
+        subscriptions = self.core.subscriptions()
         self._trainer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"train-{device_id}")
         # Presence: retained "online" after every (re)connect, the broker's last will says "offline".
         self._presence_topic = topics.device_topic(region, device_id, "presence")
@@ -262,6 +254,11 @@ class EdgeClient:
         self.actor.stop()
         self._trainer.shutdown(wait=True, cancel_futures=True)
         self.store.close()
+        if self._scratch_dir is not None:
+            import shutil
+
+            shutil.rmtree(self._scratch_dir, ignore_errors=True)
+            self._scratch_dir = None
 
     def __enter__(self) -> EdgeClient:
         return self.start()
@@ -323,7 +320,7 @@ class EdgeClient:
                 "starts; check `client.ready` or wait with `client.wait_for_version(0, timeout)`"
             )
         if self.sample_kind == "frame":
-            raise LocalProtocolError("predict serves classifiers; for detection export `weights` with the task's export_onnx and run an OnnxDetector")
+            raise LocalProtocolError("predict serves classifiers; a detection device serves boxes with detect(image) (an OnnxDetector)")
         assert self.contract is not None
         batch = self.contract.batch(x)  # InvalidSample says what the task expects
         if self.inference == "torch":
@@ -341,12 +338,62 @@ class EdgeClient:
             engine.swap(deployed[0], deployed[1])
         return np.asarray(engine.predict(batch).labels, dtype=np.int64)
 
+    def detect(self, image: npt.NDArray[np.uint8], *, conf: float = 0.25) -> npt.NDArray[np.float32]:
+        """Detection devices: the objects in one RGB uint8 ``(H, W, 3)`` frame as ``(k, 6)``
+        ``x1, y1, x2, y2, score, class`` in that frame's pixels, scoring above ``conf``, from
+        the latest deployed model.
+
+        onnxruntime serves it (letterbox and NMS without torch); each new version is exported
+        to ONNX once, on the first ``detect`` after it arrives (seconds; the task's
+        ``export_onnx`` needs ``edgeci[detection]``). Concurrent calls keep using the previous
+        version's session until the new one is ready.
+        """
+        if self.sample_kind != "frame":
+            raise LocalProtocolError(f"detect serves detectors; this {self.task.name} device predicts classes with predict(x)")
+        with self._lock:
+            deployed, current = self._deployed, self._detector
+        if deployed is None:
+            raise LocalProtocolError("no model to detect with yet: check `client.ready` or wait with `client.wait_for_version(0, timeout)`")
+        if current is None or current[0] != deployed[0]:  # != : after a region switch versions restart
+            current = self._export_detector(*deployed)
+        return np.asarray(current[1].detect(image, conf=conf), dtype=np.float32)
+
+    def _export_detector(self, version: int, weights: Vector) -> tuple[int, Any]:
+        """Export ``weights`` to ONNX and open an onnxruntime session on it (one export at a time)."""
+        export = getattr(self.task, "export_onnx", None)
+        if export is None:
+            raise MissingExtra(f"task {self.task.name} cannot export its detector to ONNX here: install edgeci[detection]")
+        from edge_sdk.tasks.detection import OnnxDetector
+
+        with self._export_lock:
+            with self._lock:
+                current = self._detector
+            if current is not None and current[0] == version:
+                return current  # another thread exported it meanwhile
+            folder = self.data_dir if self.data_dir is not None and self.durable else self._scratch()
+            path = Path(export(weights, folder / f"deployed-v{version}.onnx"))
+            detector = (version, OnnxDetector(path, threads=1))
+            with self._lock:
+                self._detector = detector
+            if current is not None:
+                (folder / f"deployed-v{current[0]}.onnx").unlink(missing_ok=True)
+            return detector
+
+    def _scratch(self) -> Path:
+        """A temporary folder for in-memory clients' exports (removed by ``stop``)."""
+        if self._scratch_dir is None:
+            import tempfile
+
+            self._scratch_dir = Path(tempfile.mkdtemp(prefix="edgeci-detect-"))
+        return self._scratch_dir
+
     def on(self, kind: str, callback: Callback) -> None:
         """Subscribe to notifications: ``model``, ``trained``, ``update_acked``, ``update_rejected``,
         ``deferred``, ``retry``, ``training_failed``, ``training_unavailable`` (a round this
         install cannot train: full rounds without ``[train]``), ``message_rejected``, ``store_recovered``
         (the sample store was corrupt and started clean; ``path``, ``reason``), ``scc_cache_dropped``
-        (SCC's stored feature cache was unreadable and starts empty; ``reason``) (or ``*`` for all)."""
+        (SCC's stored feature cache was unreadable and starts empty; ``reason``), ``failover`` (the device
+        switched regions: ``from``, ``to``, ``reason``, ``after_timeouts``) (or ``*`` for all)."""
         self._callbacks[kind].append(callback)
 
     def wait_for_version(self, version: int, timeout: float) -> bool:
@@ -372,7 +419,7 @@ class EdgeClient:
     @property
     def region(self) -> str:
         """The region whose coordinator the device is using now."""
-        return self.core.config.region
+        return self.core.state.region
 
     def _on_connection(self, up: bool) -> None:
         if up:  # paho's thread: one retained publish, no domain logic
@@ -380,33 +427,6 @@ class EdgeClient:
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         self.actor.submit(lambda now: MessageReceived(now=now, topic=topic, payload=payload))
-
-    def _handle(self, event: Any) -> list[Any]:
-        """Actor thread: the current core handles the event (the core changes on failover)."""
-        if isinstance(event, MessageReceived) and len(self.regions) > 1:
-            parts = event.topic.split("/")
-            if len(parts) > 2 and parts[2] in self.regions and parts[2] != self.region:
-                return []  # a late answer from a region we left
-        return self.core.handle(event)
-
-    def _failover(self) -> None:
-        """Actor thread: switch to the next region's coordinator, keeping seq and samples."""
-        old = self.core.state
-        new_region = self.regions[(self.regions.index(self.region) + 1) % len(self.regions)]
-        # An update in flight was trained on the old region's model: train those samples again.
-        trained_upto = old.prev_trained_upto if old.phase is Phase.PUSHING else old.trained_upto
-        cfg = dataclasses.replace(self.core.config, region=new_region)
-        core = DeviceCore(cfg, rng=random.Random(f"{self._seed}:{new_region}"), next_seq=old.next_seq,
-                          trained_upto=trained_upto, total=old.total, pinned=self._pins(new_region))
-        core.state.job_id = old.job_id  # job ids stay unique across the switch
-        core.state.deployed = old.deployed  # deployed_version stays unset: the new region numbers its own
-        log.warning("device %s: region %s did not answer %d times; failing over to %s",
-                    cfg.device_id, self.region, self._failures, new_region)
-        self._emit("failover", {"from": self.region, "to": new_region, "after_retries": self._failures})
-        self.core = core
-        self._failures = 0
-        self.store.set_meta_many({"next_seq": old.next_seq, "trained_upto": trained_upto})
-        self.actor.run_actions(core.start(self.clock.now()))
 
     def _pins(self, region: str) -> dict[str, bytes]:
         """Coordinator keys this device pinned on first use for ``region`` (durable)."""
@@ -445,37 +465,36 @@ class EdgeClient:
             with self._lock:
                 self._deployed = (action.version, weights)
                 engine = self._engine
-            if engine is not None:
-                engine.swap(action.version, weights)  # built aside; predict never waits
+            if engine is not None and not engine.swap(action.version, weights):  # built aside; predict never waits
+                with self._lock:  # not "newer": another region's numbering (failover); rebuilt on the next predict
+                    if self._engine is engine:
+                        self._engine = None
             with self._version_changed:
                 self._version_changed.notify_all()
         elif isinstance(action, Notify):
             self._on_notify(action)
+        elif isinstance(action, SwitchRegion):
+            log.warning("device %s: %s; now using region %s instead of %s", self.core.config.device_id,
+                        action.reason, action.region, action.previous)
         else:
             raise TypeError(f"unknown action {action!r}")
 
     def _on_notify(self, note: Notify) -> None:
-        if note.kind == "retry":
-            self._failures += 1
-        elif note.kind in ("model", "update_acked", "update_rejected", "deferred"):
-            self._failures = 0
         if note.kind == "trained":
             ids = self._job_ids.pop(int(note.data["job_id"]), [])
             self.store.mark_used(ids, int(note.data["seq"]))
         elif note.kind == "update_acked":
             self.store.mark_acked(int(note.data["seq"]))
         self._emit(note.kind, dict(note.data))
-        if note.kind == "retry" and self._failures >= self.failover_after and len(self.regions) > 1:
-            self._failover()
 
     def run_training_job(self, job: TrainingJob, config: TrainConfig) -> tuple[TrainResult, list[int]]:
         """What the trainer thread runs for one job: the result and the sample ids it used.
         Public for emulators that drive a fleet of clients round by round without a broker."""
-        if self.sample_kind == "frame":
+        if self.sample_kind == "frame":  # (x, y) = frames and their boxes
             ids = self.store.ids("frame")
             frames = list(self.store.frames(ids))  # ids evicted meanwhile are skipped
             images, boxes = [f for f, _ in frames], [b for _, b in frames]
-            return cast(Any, self.task).local_update(job.weights, images, boxes, config), ids
+            return self.task.local_update(job.weights, images, boxes, config), ids
         snap = self.store.snapshot(self.sample_kind)
         ids = [int(i) for i in snap.ids]
         scc = self.scc

@@ -308,6 +308,45 @@ def test_onnx_export_matches_torch_and_detects_in_frame_pixels(
     assert (np.diff(dets[:, 4]) <= 0).all()  # best first
 
 
+def test_a_detection_device_serves_boxes_with_onnxruntime(
+    task: DetectionTask, data_dir: Path, tmp_path: Path
+) -> None:
+    """``EdgeClient.detect`` exports the deployed version once and answers as the task's own
+    ONNX detector does; a detection device has no ``predict``/``add_sample``, a classifier
+    device no ``detect``."""
+    from edge_sdk.client import EdgeClient
+    from edge_sdk.errors import LocalProtocolError
+    from edge_sdk.modelio import save_model
+
+    w = task.pretrained(seed=0)
+    save_model(tmp_path / "deployed.npz", task.spec, w, {"version": 3})  # as a previous run left it
+    client = EdgeClient(broker="mqtt://127.0.0.1:1883", device_id="cam-1", data_dir=tmp_path, task=task)
+    try:
+        assert client.sample_kind == "frame" and client.version == 3
+        scenes = make_scenes(4, seed=9, config=new_class_config(SIZE))
+        reference = OnnxDetector(task.export_onnx(w, data_dir / "exports" / "ref.onnx", imgsz=SIZE))
+        found = 0
+        for frame in scenes.images:
+            wide = np.concatenate([frame, frame], axis=1)  # any frame size
+            got = client.detect(wide, conf=0.0005)  # the tiny pretraining is not confident
+            np.testing.assert_array_equal(got, reference.detect(wide, conf=0.0005))
+            found += got.shape[0]
+        assert found > 0
+        assert (tmp_path / "deployed-v3.onnx").is_file()  # exported once, next to the model
+        with pytest.raises(LocalProtocolError):
+            client.predict(scenes.images[0])
+        with pytest.raises(LocalProtocolError):
+            client.add_sample(scenes.images[0], 1)
+    finally:
+        client.stop()
+    digits = EdgeClient(broker="mqtt://127.0.0.1:1883", device_id="d-1", task="digits", durable=False)
+    try:
+        with pytest.raises(LocalProtocolError):
+            digits.detect(scenes.images[0])
+    finally:
+        digits.stop()
+
+
 # ---------------------------------------------------------------- offline, data dir
 _GUARD = r"""
 import json, socket, sys

@@ -340,11 +340,24 @@ def test_seeded_restores_the_global_generator() -> None:
 # ----------------------------------------------------------------------------- declarations
 
 
+def test_a_task_declares_its_sample_kind_or_the_registry_does() -> None:
+    from types import SimpleNamespace
+
+    from edge_sdk.errors import ConfigError
+    from edge_sdk.tasks.registry import sample_kind_of
+
+    assert sample_kind_of(SimpleNamespace(name="gestures")) == "gesture"  # declared in the registry
+    assert sample_kind_of(SimpleNamespace(name="yolov8n-detection")) == "frame"
+    assert sample_kind_of(SimpleNamespace(name="an-apps-own")) == "array"  # declared nowhere
+    assert sample_kind_of(SimpleNamespace(name="gestures", sample_kind="frame")) == "frame"  # its own word wins
+    with pytest.raises(ConfigError):
+        sample_kind_of(SimpleNamespace(name="x", sample_kind="video"))
+
+
 def test_declarations_match_the_torch_tasks(task: ClassifierTask) -> None:
     """What a [device] install knows without torch (edge_sdk/tasks/registry.py) is what the
     torch task is: spec, class count, input shape, sample kind; and its data obey the contract."""
-    from edge_sdk.client import sample_kind_of
-    from edge_sdk.tasks.registry import DeclaredTask, input_contract, task_info
+    from edge_sdk.tasks.registry import DeclaredTask, input_contract, sample_kind_of, task_info
 
     info = task_info(task.name)
     assert info is not None and info.contract is not None

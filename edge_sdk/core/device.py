@@ -42,6 +42,22 @@ sends the same weights again under a fresh seq (``seq_conflicts``). An update de
 the coordinator's storage stays pending and is retried with back-off. A training job that
 fails — or returns non-finite weights — returns the device to IDLE with a back-off.
 
+Failover. A device may list ``fallback_regions`` after its home ``region``. It reads its
+downstream topics and the coordinators' retained status in all of them, and uses one region
+at a time (``state.region``); device messages from the others are ignored. It moves on to
+the next region (cyclically, preferring one not known to be down) after ``failover_after``
+consecutive request timeouts, or at once when the region's status says ``alive: false``
+(the coordinator's last will). It goes back home when the home coordinator's status says
+``alive: true`` again after the device left, once ``failback_after_s`` have passed since it
+left and the device is not in the middle of a training round (a round in flight finishes
+where it started). A switch (``SwitchRegion``) keeps ``next_seq`` (persisted first), so the
+idempotency keys ``(device, seq)`` stay unique everywhere and nothing is applied twice by a
+coordinator. A pull in flight is sent again to the new region under a fresh seq; a model in
+training or an unacknowledged update came from the old region's line, whose version numbers
+mean nothing to the new coordinator, so it is dropped and its samples are trained again there
+(``trained_upto`` rolls back); an acknowledged update is never undone. ``deployed_version`` is
+forgotten (the new region numbers its own) but the deployed weights keep serving.
+
 Transitions (event → action, new phase)::
 
     IDLE      SampleAdded and wants_pull   → Publish(pull)                 PULLING
@@ -64,6 +80,13 @@ Transitions (event → action, new phase)::
     IDLE      TimerFired (back-off over)   → pull if wanted                IDLE / PULLING
     any       signed Model newer than deployed → DeployModel               (unchanged)
     any       unsigned / badly signed / bad bytes → Notify(rejected)       (unchanged)
+    PULLING/DEFERRED/PUSHING  failover_after-th timeout in a row
+                                           → Persist, SwitchRegion(next), pull  PULLING
+    any       status(current region, alive: false)
+                                           → Persist, SwitchRegion(next), pull  PULLING
+    IDLE/PULLING/DEFERRED  status(home, alive: true), away ≥ failback_after_s
+                                           → Persist, SwitchRegion(home), pull  PULLING
+    any       device message from a region not in use → ignored            (unchanged)
 """
 
 from __future__ import annotations
@@ -86,6 +109,7 @@ from edge_sdk.core.events import (
     SampleAdded,
     ScheduleTimer,
     StartTraining,
+    SwitchRegion,
     TimerFired,
     TrainingFailed,
     TrainingFinished,
@@ -95,6 +119,7 @@ from edge_sdk.errors import (
     BadSignature,
     ConfigError,
     LocalProtocolError,
+    MalformedMessage,
     RemoteProtocolError,
     ShapeMismatch,
     TopicMismatch,
@@ -104,11 +129,20 @@ from edge_sdk.errors import (
 from edge_sdk.signing import trusted_from, verify
 from edge_sdk.spec import FULL, ModelSpec, Vector
 from edge_sdk.wire import topics
-from edge_sdk.wire.codec import DEFAULT_MAX_BYTES, Encoding, SignatureInfo, decode_frame, encode
+from edge_sdk.wire.codec import (
+    DEFAULT_MAX_BYTES,
+    Encoding,
+    SignatureInfo,
+    decode_frame,
+    encode,
+    parse_status_json,
+)
 from edge_sdk.wire.messages import NO_VERSION, UNCHANGED, Ack, Invite, ModelMsg, Pull, Update
 
 DeviceEvent = SampleAdded | MessageReceived | TrainingFinished | TrainingFailed | TimerFired
-DeviceAction = Publish | ScheduleTimer | StartTraining | DeployModel | PersistDeviceState | PinKey | Notify
+DeviceAction = Publish | ScheduleTimer | StartTraining | DeployModel | PersistDeviceState | PinKey | Notify | SwitchRegion
+MAX_STATUS_BYTES = 65_536
+"""A coordinator status larger than this is not read (it is a few hundred bytes)."""
 
 
 class Phase(enum.Enum):
@@ -138,11 +172,23 @@ class DeviceConfig:
     """Refuse unsigned models. Only the in-process emulator turns this off."""
     serve_on_start: bool = True
     """Ask for the current model to predict with as soon as the device starts."""
+    fallback_regions: tuple[str, ...] = ()
+    """Regions to fail over to, in order of preference (``region`` is home)."""
+    failover_after: int = 3
+    """Consecutive request timeouts in the current region before moving to the next one."""
+    failback_after_s: float = 60.0
+    """Stay at least this long in a fallback region before going home (damps flapping)."""
 
     def __post_init__(self) -> None:
         topics.check_id(self.device_id, "device id")
         object.__setattr__(self, "trusted_keys", trusted_from(self.trusted_keys))
         topics.check_id(self.region, "region")
+        fallbacks = tuple(dict.fromkeys(topics.check_id(r, "region") for r in self.fallback_regions if r != self.region))
+        object.__setattr__(self, "fallback_regions", fallbacks)
+        if self.failover_after < 1:
+            raise ConfigError("failover_after must be >= 1")
+        if not 0 <= self.failback_after_s < float("inf"):
+            raise ConfigError("failback_after_s must be a finite number >= 0")
         if self.min_samples < 1:
             raise ConfigError("min_samples must be >= 1")
         if not 0 < self.request_timeout_s <= self.max_backoff_s:
@@ -181,6 +227,14 @@ class DeviceState:
     seq_conflicts: int = 0
     release_wanted: int = NO_VERSION
     """A release newer than the deployed model was announced: fetch it when idle."""
+    region: str = ""
+    """The region whose coordinator the device uses now (home unless it failed over)."""
+    timeouts: int = 0
+    """Request timeouts in a row in the current region (reset by any answer from it)."""
+    region_alive: dict[str, bool] = field(default_factory=dict)
+    """Last word on each region's coordinator: its status, or our own verdict when we left it."""
+    left_home_at: float | None = None
+    failovers: int = 0
 
 
 class DeviceCore:
@@ -195,13 +249,22 @@ class DeviceCore:
         trained_upto: int = 0,
         total: int = 0,
         pinned: Mapping[str, bytes] | None = None,
+        pinned_by_region: Mapping[str, Mapping[str, bytes]] | None = None,
     ) -> None:
+        """``pinned``: the home region's trust-on-first-use keys; ``pinned_by_region``: any
+        region's (for devices with fallback regions)."""
         self.config = config
         self._rng = rng
-        self._s = DeviceState(next_seq=next_seq, trained_upto=trained_upto, total=total, pins=trusted_from(pinned))
-        cfg = config
-        self._t_pull = topics.device_topic(cfg.region, cfg.device_id, "pull")
-        self._t_update = topics.device_topic(cfg.region, cfg.device_id, "update")
+        self._pins_by_region = {r: trusted_from(p) for r, p in (pinned_by_region or {}).items()}
+        if pinned:
+            self._pins_by_region[config.region] = trusted_from(pinned)
+        self._s = DeviceState(next_seq=next_seq, trained_upto=trained_upto, total=total,
+                              pins=self._pins_by_region.setdefault(config.region, {}), region=config.region)
+        self._address(config.region)
+
+    def _address(self, region: str) -> None:
+        self._t_pull = topics.device_topic(region, self.config.device_id, "pull")
+        self._t_update = topics.device_topic(region, self.config.device_id, "update")
 
     @property
     def state(self) -> DeviceState:
@@ -211,9 +274,27 @@ class DeviceCore:
         s = self._s
         return s.total >= self.config.min_samples and s.total > s.trained_upto
 
+    @property
+    def regions(self) -> tuple[str, ...]:
+        """Home first, then the fallback regions in order."""
+        return (self.config.region, *self.config.fallback_regions)
+
     def subscriptions(self) -> list[str]:
-        c = self.config
-        return [topics.device_topic(c.region, c.device_id, leaf) for leaf in topics.DOWNSTREAM]
+        """Every topic this device may read, in any of its regions: what a driver with a
+        fixed subscription list subscribes to (replies from regions not in use are ignored)."""
+        return [t for r in self.regions for t in self._region_topics(r)] + self._watched()
+
+    def active_subscriptions(self) -> list[str]:
+        """What the device needs right now: for a driver that follows ``SwitchRegion``'s
+        ``subscribe`` / ``unsubscribe``."""
+        return self._region_topics(self._s.region) + self._watched()
+
+    def _region_topics(self, region: str) -> list[str]:
+        return [topics.device_topic(region, self.config.device_id, leaf) for leaf in topics.DOWNSTREAM]
+
+    def _watched(self) -> list[str]:
+        """Coordinators' retained status, watched only by devices that can fail over."""
+        return [topics.status_topic(r) for r in self.regions] if self.config.fallback_regions else []
 
     # ------------------------------------------------------------------ dispatch
 
@@ -233,6 +314,9 @@ class DeviceCore:
     def start(self, now: float) -> list[DeviceAction]:
         """Kick off after (re)start: pull if samples are already waiting, else ask for the
         current model to serve predictions with (``serve_on_start``)."""
+        return self._kick_off(now)
+
+    def _kick_off(self, now: float) -> list[DeviceAction]:
         actions = self._maybe_pull(now)
         if not actions and self.config.serve_on_start and self._s.phase is Phase.IDLE:
             actions = self._send_pull(now, fresh=True, serve=True)
@@ -250,18 +334,28 @@ class DeviceCore:
         s = self._s
         try:
             parsed = topics.parse(ev.topic)
-            frame = decode_frame(ev.payload, max_bytes=self.config.max_message_bytes)
-            msg = frame.message
+            if parsed.kind == "status" and parsed.region in self.regions and self.config.fallback_regions:
+                return self._on_status(parsed.region, ev.payload, ev.now)
             if parsed.kind != "device" or parsed.device != self.config.device_id:
                 raise TopicMismatch(f"message for {parsed.device!r} reached {self.config.device_id!r}")
+            if parsed.region != s.region:
+                if parsed.region not in self.regions:
+                    raise TopicMismatch(f"region {parsed.region!r} is none of this device's {list(self.regions)}")
+                s.counters["ignored:other_region"] = s.counters.get("ignored:other_region", 0) + 1
+                return []  # e.g. a late answer from the region we left
+            frame = decode_frame(ev.payload, max_bytes=self.config.max_message_bytes)
+            msg = frame.message
             if isinstance(msg, ModelMsg):
                 pin = self._check_signature(frame.signature)
-                return pin + self._on_model(msg, ev.now)
-            if isinstance(msg, Ack):
-                return self._on_ack(msg, ev.now)
-            if isinstance(msg, Invite):
-                return self._on_invite(msg, ev.now)
-            raise TopicMismatch(f"a {msg.TYPE} message is not for devices")
+                actions = pin + self._on_model(msg, ev.now)
+            elif isinstance(msg, Ack):
+                actions = self._on_ack(msg, ev.now)
+            elif isinstance(msg, Invite):
+                actions = self._on_invite(msg, ev.now)
+            else:
+                raise TopicMismatch(f"a {msg.TYPE} message is not for devices")
+            s.timeouts = 0  # the coordinator we use answers
+            return actions + self._maybe_fail_back(ev.now)
         except RemoteProtocolError as exc:
             s.rejected_messages += 1
             s.counters[f"rejected:{exc.reason}"] = s.counters.get(f"rejected:{exc.reason}", 0) + 1
@@ -285,8 +379,8 @@ class DeviceCore:
             return []
         s.pins[sig.kid] = sig.public_raw
         return [
-            PinKey(region=cfg.region, kid=sig.kid, public_raw=sig.public_raw),
-            Notify(kind="key_pinned", data={"kid": sig.kid, "region": cfg.region}),
+            PinKey(region=s.region, kid=sig.kid, public_raw=sig.public_raw),
+            Notify(kind="key_pinned", data={"kid": sig.kid, "region": s.region}),
         ]
 
     def _on_model(self, msg: ModelMsg, now: float) -> list[DeviceAction]:
@@ -472,6 +566,10 @@ class DeviceCore:
         s = self._s
         if s.deadline is None or ev.now < s.deadline:
             return [] if s.deadline is None else [ScheduleTimer(at=s.deadline)]
+        if s.phase in (Phase.PULLING, Phase.DEFERRED, Phase.PUSHING):
+            s.timeouts += 1
+            if self.config.fallback_regions and s.timeouts >= self.config.failover_after:
+                return self._switch(ev.now, self._next_region(), "timeouts")
         if s.phase in (Phase.PULLING, Phase.DEFERRED):
             return self._send_pull(ev.now, fresh=False)
         if s.phase is Phase.PUSHING:
@@ -485,10 +583,71 @@ class DeviceCore:
         s.deadline = None
         return self._maybe_pull(ev.now)  # e.g. a training back-off is over
 
+    # ------------------------------------------------------------------ failover
+
+    def _on_status(self, region: str, payload: bytes, now: float) -> list[DeviceAction]:
+        """A coordinator's retained status (JSON): only its ``alive`` flag matters here."""
+        s = self._s
+        if len(payload) > MAX_STATUS_BYTES:
+            raise MalformedMessage(f"status of {len(payload)} bytes (cap {MAX_STATUS_BYTES})")
+        alive = parse_status_json(payload).get("alive", True)  # a status without the flag: someone published it
+        if not isinstance(alive, bool):
+            raise MalformedMessage(f"status 'alive' must be true or false, got {alive!r}")
+        if not alive:
+            s.region_alive[region] = False
+            if region == s.region:
+                return self._switch(now, self._next_region(), "coordinator_offline")
+            return []
+        s.region_alive[region] = True  # (again): home may take the device back
+        return self._maybe_fail_back(now)
+
+    def _next_region(self) -> str:
+        """The next region after the current one, cyclically, preferring one not known down."""
+        regions, s = self.regions, self._s
+        i = regions.index(s.region)
+        order = [regions[(i + k) % len(regions)] for k in range(1, len(regions))]
+        return next((r for r in order if s.region_alive.get(r) is not False), order[0])
+
+    def _maybe_fail_back(self, now: float) -> list[DeviceAction]:
+        s, cfg = self._s, self.config
+        if (s.region == cfg.region or s.region_alive.get(cfg.region) is not True
+                or s.phase in (Phase.TRAINING, Phase.PUSHING)
+                or (s.left_home_at is not None and now < s.left_home_at + cfg.failback_after_s)):
+            return []
+        return self._switch(now, cfg.region, "home_back")
+
+    def _switch(self, now: float, region: str, reason: str) -> list[DeviceAction]:
+        """Use ``region``'s coordinator from now on; keep seq, re-train what was not acked."""
+        s, cfg = self._s, self.config
+        previous, timeouts = s.region, s.timeouts
+        if region == previous:
+            return []
+        if reason != "home_back":
+            s.region_alive[previous] = False  # our verdict, until its status says otherwise
+        if s.phase in (Phase.TRAINING, Phase.PUSHING):
+            s.trained_upto = s.prev_trained_upto  # trained on the old line: train those samples again
+        s.phase, s.deadline, s.pending_seq, s.pending_payload, s.attempts = Phase.IDLE, None, NO_VERSION, b"", 0
+        s.pending_update, s.serving, s.timeouts, s.release_wanted = None, False, 0, NO_VERSION
+        s.deployed_version = NO_VERSION  # the new region numbers its own versions; the weights keep serving
+        s.region = region
+        s.pins = self._pins_by_region.setdefault(region, {})
+        s.failovers += 1
+        s.left_home_at = None if region == cfg.region else (s.left_home_at if previous != cfg.region else now)
+        self._address(region)
+        actions: list[DeviceAction] = [
+            PersistDeviceState(next_seq=s.next_seq, trained_upto=s.trained_upto),
+            SwitchRegion(region=region, previous=previous, reason=reason,
+                         subscribe=tuple(self._region_topics(region)), unsubscribe=tuple(self._region_topics(previous))),
+            Notify(kind="failover", data={"from": previous, "to": region, "reason": reason, "after_timeouts": timeouts}),
+        ]
+        return actions + self._kick_off(now)
+
     # ------------------------------------------------------------------ helpers
 
     def _maybe_pull(self, now: float) -> list[DeviceAction]:
         s = self._s
+        if s.phase is Phase.IDLE and (back := self._maybe_fail_back(now)):
+            return back
         if s.phase is Phase.IDLE and s.release_wanted > s.deployed_version:
             s.release_wanted = NO_VERSION
             return self._send_pull(now, fresh=True, serve=True)  # a newer release to predict with

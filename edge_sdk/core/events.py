@@ -153,6 +153,23 @@ class PinKey:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SwitchRegion:
+    """The device now talks to ``region``'s coordinator instead of ``previous``'s (failover,
+    or back home). The core already re-addressed its requests and filters replies by region;
+    the driver tells the application and may narrow its subscriptions."""
+
+    region: str
+    previous: str
+    reason: str
+    subscribe: tuple[str, ...] = ()
+    unsubscribe: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.region == self.previous:
+            raise LocalProtocolError(f"a region switch needs two regions, got {self.region!r} twice")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PersistDeviceState:
     """Durably store the device's counters before the message that depends on them leaves."""
 

@@ -4,17 +4,33 @@ A task owns its model architecture (and so its :class:`~edge_sdk.spec.ModelSpec`
 to make the pretrained *deployed* model without any download, how to fine-tune locally on
 a device's samples, and how to evaluate on its fixed held-out split. Everything crosses
 this interface as flat float32 vectors, so cores and strategies never see torch.
+
+Samples come in one of three declared kinds (``Task.sample_kind``; a built-in task that
+does not say is looked up in :mod:`edge_sdk.tasks.registry`, anything else is ``"array"``),
+and every method that takes samples takes them as ``(x, y)`` of that kind:
+
+==========  =========================================  ==========================================
+kind        ``x``                                      ``y``
+==========  =========================================  ==========================================
+array       ``(N, *input_shape)`` float32              ``(N,)`` int64 class labels
+gesture     ``(N, T, D)`` float32 sequences            ``(N,)`` int64 class labels
+frame       N RGB uint8 ``(H, W, 3)`` frames, any size N ``(k, 5)`` float32 boxes
+                                                       ``class, x1, y1, x2, y2`` in frame pixels
+==========  =========================================  ==========================================
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 
 from edge_sdk.spec import FULL, ModelSpec, Vector
+
+SampleKind = Literal["array", "frame", "gesture"]
+"""What a task's samples are (the table in the module docstring); as ``edge_sdk.store``'s."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -69,8 +85,9 @@ class Task(Protocol):
         """The deployed model: a short pretraining on ``data().pretrain`` (no downloads)."""
         ...
 
-    def local_update(self, weights: Vector, x: npt.NDArray[Any], y: npt.NDArray[np.int64], config: TrainConfig) -> TrainResult:
-        """Fine-tune a copy of ``weights`` on (x, y); never modifies ``weights``."""
+    def local_update(self, weights: Vector, x: Any, y: Any, config: TrainConfig) -> TrainResult:
+        """Fine-tune a copy of ``weights`` on the samples ``(x, y)`` of the task's kind (module
+        docstring); never modifies ``weights``."""
         ...
 
     def evaluate(self, weights: Vector, split: Split | None = None) -> dict[str, float]:

@@ -65,7 +65,7 @@ from edge_sdk.tasks._ultralytics import (
     prepare_environment,
     ultralytics_home,
 )
-from edge_sdk.tasks.base import TrainConfig, TrainResult
+from edge_sdk.tasks.base import SampleKind, TrainConfig, TrainResult
 from edge_sdk.tasks.scenes import (
     CLASS_NAMES,
     KNOWN_CLASSES,
@@ -311,6 +311,8 @@ class DetectionTask:
     """
 
     name = "yolov8n-detection"
+    sample_kind: SampleKind = "frame"
+    """Samples are frames with boxes (the Task protocol's ``(x, y)`` for frames)."""
 
     def __init__(
         self,
@@ -327,6 +329,10 @@ class DetectionTask:
         self._head_index = len(self._template.model) - 1
         self.spec = ModelSpec.build(self.name, self._spec_entries(self._template))
         self._data: DetectionData | None = None
+
+    @property
+    def n_classes(self) -> int:
+        return self.config.n_classes
 
     # ----------------------------------------------------------------- model <-> vector
     def _build(self, seed: int) -> YoloModel:
@@ -508,16 +514,18 @@ class DetectionTask:
     def local_update(
         self,
         weights: Vector,
-        images: Sequence[npt.NDArray[np.uint8]] | npt.NDArray[np.uint8],
-        boxes: Sequence[npt.NDArray[Any]],
+        x: Sequence[npt.NDArray[np.uint8]] | npt.NDArray[np.uint8],
+        y: Sequence[npt.NDArray[Any]],
         config: TrainConfig = DEFAULT_TRAIN,
     ) -> TrainResult:
         """Fine-tune a copy of ``weights`` on a device's labelled frames; ``weights`` is untouched.
 
-        ``images`` are RGB uint8 ``(H, W, 3)`` frames of any size (letterboxed to
-        ``imgsz``), ``boxes`` one ``(k, 5)`` array per frame: ``class, x1, y1, x2, y2`` in
-        that frame's pixels. ``config.group`` trains one layer group only (LASP: the head).
+        The Task protocol's ``(x, y)`` for ``sample_kind = "frame"``: ``x`` are RGB uint8
+        ``(H, W, 3)`` frames of any size (letterboxed to ``imgsz``), ``y`` one ``(k, 5)``
+        array per frame: ``class, x1, y1, x2, y2`` in that frame's pixels.
+        ``config.group`` trains one layer group only (LASP: the head).
         """
+        images, boxes = x, y
         self.spec.check(weights)
         if len(images) == 0:
             raise InvalidSample("no samples to train on")
@@ -815,7 +823,9 @@ class OnnxDetector:
         out = self._session.run(None, {self._input: batch})[0]
         return np.asarray(out, dtype=np.float32)
 
-    def detect(self, image: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+    def detect(self, image: npt.NDArray[np.uint8], *, conf: float | None = None) -> npt.NDArray[np.float32]:
+        """Detections in ``image`` scoring above ``conf`` (default: the detector's)."""
+        conf = self.conf if conf is None else conf
         _check_frames([image], None, 1)
         boxed, scale, (dx, dy) = letterbox(image, self.imgsz)
         batch = np.ascontiguousarray(boxed.transpose(2, 0, 1)[None], dtype=np.float32) / 255.0
@@ -823,14 +833,14 @@ class OnnxDetector:
         scores = pred[:, 4:]
         cls = scores.argmax(1)
         best = scores[np.arange(scores.shape[0]), cls]
-        keep = best > self.conf
+        keep = best > conf
         pred, cls, best = pred[keep], cls[keep], best[keep]
         if pred.shape[0] == 0:
             return np.zeros((0, 6), dtype=np.float32)
         xywh = np.concatenate([pred[:, :2] - pred[:, 2:4] / 2, pred[:, 2:4]], 1)
         idx = np.asarray(
             cv2.dnn.NMSBoxesBatched(
-                xywh.tolist(), best.tolist(), cls.tolist(), self.conf, self.iou
+                xywh.tolist(), best.tolist(), cls.tolist(), conf, self.iou
             ),
             dtype=np.int64,
         ).reshape(-1)

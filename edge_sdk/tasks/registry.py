@@ -48,6 +48,7 @@ __all__ = [
     "declared_spec",
     "default_min_samples",
     "input_contract",
+    "sample_kind_of",
     "task_info",
 ]
 
@@ -218,6 +219,19 @@ def task_info(task: str | Any) -> TaskInfo | None:
     if name in TASK_INFO:
         return TASK_INFO[name]
     return next((info for info in TASK_INFO.values() if info.task_name == name), None)
+
+
+def sample_kind_of(task: Any) -> SampleKind:
+    """What a task's samples are: its own ``sample_kind``, else its declaration here, else
+    ``"array"`` (see :class:`~edge_sdk.tasks.base.Task`)."""
+    declared = getattr(task, "sample_kind", None)
+    if declared is None:
+        info = task_info(task)
+        declared = info.sample_kind if info is not None else "array"
+    if declared not in ("array", "frame", "gesture"):
+        raise ConfigError(f"task {getattr(task, 'name', task)!r} declares an unknown sample kind {declared!r}")
+    kind: SampleKind = declared
+    return kind
 
 
 def default_min_samples(task: str | Any, fallback: int = 16) -> int:

@@ -1,0 +1,400 @@
+"""Region failover as a rule of DeviceCore: events in, ``SwitchRegion`` out.
+
+The device (home ``r1``, fallbacks ``r2``, ``r3``) moves on after ``failover_after``
+request timeouts in a row or when its coordinator's status says ``alive: false`` (the
+daemon's last will), and goes home when the home status says ``alive: true`` again. Across
+every switch sequence numbers only grow (persisted first), nothing acknowledged is undone,
+and replies from regions the device is not using are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+from typing import Any, cast
+
+import numpy as np
+import pytest
+
+from coordinator.metrics import stamp_status, status_will
+from edge_sdk.core.device import DeviceConfig, DeviceCore, Phase
+from edge_sdk.core.events import (
+    MessageReceived,
+    Notify,
+    PersistDeviceState,
+    PinKey,
+    Publish,
+    SampleAdded,
+    ScheduleTimer,
+    StartTraining,
+    SwitchRegion,
+    TimerFired,
+    TrainingFinished,
+)
+from edge_sdk.errors import ConfigError, LocalProtocolError
+from edge_sdk.signing import Signer
+from edge_sdk.wire import topics
+from edge_sdk.wire.codec import decode, encode, status_json
+from edge_sdk.wire.messages import Ack, ModelMsg, Pull, Status, Update
+from tests.helpers import SIGNER, SPEC
+
+DEV = "d1"
+
+
+def core(fallbacks: tuple[str, ...] = ("r2",), *, failover_after: int = 2, failback_after_s: float = 30.0,
+         min_samples: int = 1, serve_on_start: bool = False) -> DeviceCore:
+    cfg = DeviceConfig(device_id=DEV, region="r1", spec=SPEC, min_samples=min_samples, request_timeout_s=5.0,
+                       fallback_regions=fallbacks, failover_after=failover_after, failback_after_s=failback_after_s,
+                       serve_on_start=serve_on_start)
+    return DeviceCore(cfg, rng=random.Random(0))
+
+
+def recv(now: float, region: str, leaf: topics.DeviceLeaf, msg: Any, signer: Signer | None = SIGNER) -> MessageReceived:
+    sig = signer if isinstance(msg, ModelMsg) else None
+    return MessageReceived(now=now, topic=topics.device_topic(region, DEV, leaf), payload=encode(msg, signer=sig))
+
+
+def status(now: float, region: str, *, alive: bool) -> MessageReceived:
+    """What the coordinator daemon really publishes: a stamped status, or its last will."""
+    if alive:
+        body = status_json(Status(region=region, coordinator=f"c-{region}", version=3, updates_accepted=0,
+                                  updates_rejected=0, updates_duplicate=0, devices_seen=1, buffered=0))
+        payload = stamp_status(body, alive=True, now=now, heartbeat_s=30.0)
+    else:
+        payload = status_will(region, f"c-{region}")
+    return MessageReceived(now=now, topic=topics.status_topic(region), payload=payload)
+
+
+def model(version: int, reply_to: int) -> ModelMsg:
+    return ModelMsg(model_id="toy", version=version, reply_to=reply_to, weights=np.full(SPEC.size, float(version), np.float32))
+
+
+def sent(actions: list[Any]) -> list[tuple[str, Any]]:
+    """(region, message) for every publish."""
+    return [(topics.parse(a.topic).region, decode(a.payload)) for a in actions if isinstance(a, Publish)]
+
+
+def switches(actions: list[Any]) -> list[SwitchRegion]:
+    return [a for a in actions if isinstance(a, SwitchRegion)]
+
+
+def pending(c: DeviceCore) -> Any:
+    """The request the device has in flight."""
+    return decode(c.state.pending_payload)
+
+
+def expire(c: DeviceCore) -> list[Any]:
+    """Let the pending request time out."""
+    assert c.state.deadline is not None
+    return c.handle(TimerFired(now=c.state.deadline))
+
+
+def test_config_checks_fallback_regions() -> None:
+    cfg = DeviceConfig(device_id=DEV, region="r1", spec=SPEC, fallback_regions=("r2", "r1", "r2", "r3"))
+    assert cfg.fallback_regions == ("r2", "r3")  # home and repeats dropped, order kept
+    with pytest.raises(ConfigError):
+        DeviceConfig(device_id=DEV, region="r1", spec=SPEC, fallback_regions=("bad/region",))
+    with pytest.raises(ConfigError):
+        DeviceConfig(device_id=DEV, region="r1", spec=SPEC, fallback_regions=("r2",), failover_after=0)
+    with pytest.raises(LocalProtocolError):
+        SwitchRegion(region="r1", previous="r1", reason="x")
+
+
+def test_a_single_region_device_retries_forever_and_watches_no_status() -> None:
+    c = core(fallbacks=())
+    assert c.subscriptions() == [topics.device_topic("r1", DEV, leaf) for leaf in topics.DOWNSTREAM]
+    c.handle(SampleAdded(now=0.0, total=1))
+    for _ in range(6):
+        acts = expire(c)
+        assert not switches(acts) and {r for r, _ in sent(acts)} == {"r1"}
+    assert c.state.region == "r1" and c.state.timeouts == 6
+
+
+def test_timeouts_move_a_pull_to_the_next_region_under_a_fresh_seq() -> None:
+    c = core()
+    [(_, pull)] = sent(c.handle(SampleAdded(now=0.0, total=1)))
+    assert isinstance(pull, Pull)
+    acts = expire(c)  # first timeout: retried in r1, same seq
+    assert sent(acts) == [("r1", pull)] and not switches(acts)
+    acts = expire(c)  # second: fail over
+    [sw] = switches(acts)
+    assert (sw.region, sw.previous, sw.reason) == ("r2", "r1", "timeouts")
+    assert next(a for a in acts if isinstance(a, Notify) and a.kind == "failover").data["after_timeouts"] == 2
+    [(region, pull2)] = sent(acts)
+    assert region == "r2" and isinstance(pull2, Pull) and pull2.seq > pull.seq and not pull2.serve
+    # the seq counter is durable before the pull that uses it leaves
+    persist = [i for i, a in enumerate(acts) if isinstance(a, PersistDeviceState) and a.next_seq > pull2.seq]
+    assert persist and persist[0] < next(i for i, a in enumerate(acts) if isinstance(a, Publish))
+    assert c.state.region == "r2" and c.state.phase is Phase.PULLING
+    # a late answer from r1 is ignored (not trained, not counted as hostile); r2's is used
+    assert c.handle(recv(30.0, "r1", "model", model(5, pull.seq))) == []
+    assert c.state.counters["ignored:other_region"] == 1 and c.state.rejected_messages == 0
+    acts = c.handle(recv(30.0, "r2", "model", model(1, pull2.seq)))
+    assert c.state.phase is Phase.TRAINING and any(isinstance(a, StartTraining) for a in acts)
+
+
+def test_only_timeouts_in_a_row_count() -> None:
+    c = core(failover_after=2)
+    [(_, pull)] = sent(c.handle(SampleAdded(now=0.0, total=1)))
+    expire(c)
+    c.handle(recv(20.0, "r1", "model", model(1, pull.seq)))  # r1 answers: the count starts again
+    c.handle(TrainingFinished(now=21.0, job_id=c.state.job_id, weights=np.ones(SPEC.size, np.float32), n_samples=1))
+    assert not switches(expire(c)) and c.state.region == "r1"
+    assert switches(expire(c)) and c.state.region == "r2"
+
+
+def test_an_unacked_update_is_trained_again_in_the_new_region_and_an_acked_one_is_not() -> None:
+    c = core()
+    [(_, pull)] = sent(c.handle(SampleAdded(now=0.0, total=1)))
+    c.handle(recv(0.1, "r1", "model", model(1, pull.seq)))
+    acts = c.handle(TrainingFinished(now=1.0, job_id=c.state.job_id, weights=np.ones(SPEC.size, np.float32), n_samples=1))
+    [(_, upd1)] = sent(acts)
+    assert isinstance(upd1, Update)
+    c.handle(recv(1.1, "r1", "ack", Ack(device=DEV, seq=upd1.seq, status="accepted", version=2, nonce=upd1.nonce)))
+    assert c.state.updates_acked == 1 and c.state.trained_upto == 1
+    # a second sample: pull, train, push — and r1 goes silent with the update in flight
+    [(_, pull2)] = sent(c.handle(SampleAdded(now=2.0, total=2)))
+    c.handle(recv(2.1, "r1", "model", model(2, pull2.seq)))
+    acts = c.handle(TrainingFinished(now=3.0, job_id=c.state.job_id, weights=np.ones(SPEC.size, np.float32), n_samples=2))
+    [(_, upd2)] = sent(acts)
+    expire(c)
+    acts = expire(c)
+    assert switches(acts) and c.state.region == "r2"
+    # the first update stays acknowledged; the second's samples are trained again in r2
+    assert c.state.updates_acked == 1 and c.state.trained_upto == 1 and c.wants_pull()
+    [(region, pull3)] = sent(acts)
+    assert region == "r2" and isinstance(pull3, Pull) and not pull3.serve and pull3.seq > upd2.seq
+    # r1's late ack for the dropped update changes nothing
+    c.handle(recv(40.0, "r1", "ack", Ack(device=DEV, seq=upd2.seq, status="accepted", version=3, nonce=upd2.nonce)))
+    assert c.state.updates_acked == 1 and c.state.phase is Phase.PULLING
+    c.handle(recv(41.0, "r2", "model", model(7, pull3.seq)))
+    assert c.state.job_base_version == 7 and c.state.job_n_samples == 2
+    acts = c.handle(TrainingFinished(now=42.0, job_id=c.state.job_id, weights=np.ones(SPEC.size, np.float32), n_samples=2))
+    [(region, upd3)] = sent(acts)
+    assert region == "r2" and isinstance(upd3, Update) and upd3.seq > pull3.seq and upd3.base_version == 7
+    c.handle(recv(42.5, "r2", "ack", Ack(device=DEV, seq=upd3.seq, status="accepted", version=8, nonce=upd3.nonce)))
+    assert c.state.updates_acked == 2 and c.state.phase is Phase.IDLE
+
+
+def test_a_training_job_from_the_old_region_is_dropped() -> None:
+    c = core()
+    [(_, pull)] = sent(c.handle(SampleAdded(now=0.0, total=1)))
+    c.handle(recv(0.1, "r1", "model", model(1, pull.seq)))
+    old_job = c.state.job_id
+    acts = c.handle(status(0.5, "r1", alive=False))  # r1's coordinator died while we train
+    assert switches(acts)[0].reason == "coordinator_offline" and c.state.region == "r2"
+    [(_, pull2)] = sent(acts)
+    assert isinstance(pull2, Pull) and not pull2.serve  # the samples still need training
+    late = c.handle(TrainingFinished(now=1.0, job_id=old_job, weights=np.ones(SPEC.size, np.float32), n_samples=1))
+    assert late == [] and c.state.phase is Phase.PULLING
+
+
+def test_a_dead_coordinator_is_left_at_once_and_a_dead_fallback_is_skipped() -> None:
+    c = core(fallbacks=("r2", "r3"), serve_on_start=True)
+    assert set(c.subscriptions()) >= {topics.status_topic(r) for r in ("r1", "r2", "r3")}
+    c.start(0.0)
+    assert c.handle(status(0.1, "r2", alive=False)) == []  # not ours: only remembered
+    held = set(c.active_subscriptions())
+    acts = c.handle(status(0.2, "r1", alive=False))
+    [sw] = switches(acts)
+    assert sw.region == "r3" and sw.reason == "coordinator_offline"
+    [(region, pull)] = sent(acts)
+    assert region == "r3" and isinstance(pull, Pull) and pull.serve  # nothing to train: ask for a model to serve
+    # a driver that follows subscribe / unsubscribe ends with what the core needs now
+    assert (held - set(sw.unsubscribe)) | set(sw.subscribe) == set(c.active_subscriptions())
+    assert set(sw.subscribe) == {topics.device_topic("r3", DEV, leaf) for leaf in topics.DOWNSTREAM}
+
+
+def test_home_takes_the_device_back_after_the_hold_and_not_mid_round() -> None:
+    c = core(failback_after_s=30.0)
+    c.handle(SampleAdded(now=0.0, total=1))
+    c.handle(status(1.0, "r1", alive=False))
+    assert c.state.region == "r2"
+    pull = pending(c)
+    c.handle(recv(2.0, "r2", "model", model(4, pull.seq)))
+    assert c.state.phase is Phase.TRAINING
+    assert c.handle(status(10.0, "r1", alive=True)) == []  # too soon, and mid-round
+    assert c.handle(status(40.0, "r1", alive=True)) == []  # hold over, but the round is not
+    acts = c.handle(TrainingFinished(now=41.0, job_id=c.state.job_id, weights=np.ones(SPEC.size, np.float32), n_samples=1))
+    [(region, upd)] = sent(acts)
+    assert region == "r2"  # the round ends where it started
+    acts = c.handle(recv(41.5, "r2", "ack", Ack(device=DEV, seq=upd.seq, status="accepted", version=5, nonce=upd.nonce)))
+    assert c.state.updates_acked == 1
+    [sw] = switches(acts)
+    assert (sw.region, sw.reason) == ("r1", "home_back") and c.state.region == "r1"
+    assert c.state.deployed_version == -1 and c.state.deployed is not None  # r1 numbers its own versions
+    assert [r for r, _ in sent(c.handle(SampleAdded(now=42.0, total=2)))] == ["r1"]
+
+
+def test_an_idle_device_goes_home_on_the_next_sample_after_the_hold() -> None:
+    c = core(failback_after_s=30.0, min_samples=5)
+    c.handle(SampleAdded(now=0.0, total=1))
+    expire_at = c.handle(status(1.0, "r1", alive=False))
+    assert c.state.region == "r2" and not any(isinstance(a, Publish) for a in expire_at)  # idle, nothing to ask
+    assert c.handle(status(5.0, "r1", alive=True)) == []
+    acts = c.handle(SampleAdded(now=31.5, total=2))
+    assert [s.region for s in switches(acts)] == ["r1"]
+
+
+def test_each_region_pins_its_own_coordinator_key() -> None:
+    c = core()
+    [(_, pull)] = sent(c.handle(SampleAdded(now=0.0, total=1)))
+    acts = c.handle(recv(0.1, "r1", "model", model(1, pull.seq)))
+    assert [(a.region, a.kid) for a in acts if isinstance(a, PinKey)] == [("r1", SIGNER.kid)]
+    c.handle(status(1.0, "r1", alive=False))
+    other = Signer.generate()
+    pull2 = pending(c)
+    acts = c.handle(recv(2.0, "r2", "model", model(1, pull2.seq), signer=other))
+    assert [(a.region, a.kid) for a in acts if isinstance(a, PinKey)] == [("r2", other.kid)]
+    # r1's key is not r2's: a model for r2 signed by it is refused
+    c.handle(TrainingFinished(now=3.0, job_id=c.state.job_id, weights=np.ones(SPEC.size, np.float32), n_samples=1))
+    before = c.state.rejected_messages
+    c.handle(recv(3.5, "r2", "model", model(9, -1)))
+    assert c.state.rejected_messages == before + 1 and c.state.counters["rejected:bad_signature"] == 1
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"not json", b"[1, 2]", json.dumps({"v": 1, "type": "status", "alive": "no"}).encode(),
+     json.dumps({"v": 1, "type": "ack", "alive": False}).encode(), b"{" + b" " * 70_000 + b"}"],
+)
+def test_a_hostile_status_is_counted_and_changes_nothing(payload: bytes) -> None:
+    c = core()
+    c.handle(SampleAdded(now=0.0, total=1))
+    acts = c.handle(MessageReceived(now=0.5, topic=topics.status_topic("r1"), payload=payload))
+    assert [a.kind for a in acts if isinstance(a, Notify)] == ["message_rejected"]
+    assert c.state.region == "r1" and c.state.rejected_messages == 1 and c.state.phase is Phase.PULLING
+
+
+def test_topics_of_regions_the_device_does_not_use_are_rejected() -> None:
+    c = core()
+    for topic in (topics.status_topic("r9"), topics.device_topic("r9", DEV, "model")):
+        acts = c.handle(MessageReceived(now=0.0, topic=topic, payload=status_will("r9", "c9")))
+        assert [a.kind for a in acts if isinstance(a, Notify)] == ["message_rejected"]
+    assert c.state.rejected_messages == 2 and c.state.counters["rejected:topic_mismatch"] == 2
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_outages_keep_seqs_fresh_and_acks_counted_once(seed: int) -> None:
+    """Random samples, answers, silences, deaths and returns: every new seq is persisted
+    before it leaves and is larger than every earlier one; every ack the device counts
+    answers an update it sent to the region it was using; it never talks to two regions
+    in one step."""
+    rng = random.Random(seed)
+    c = core(fallbacks=("r2", "r3"), failback_after_s=5.0)
+    now, total, versions = 0.0, 0, {"r1": 0, "r2": 0, "r3": 0}
+    highest, persisted, acked = -1, -1, 0
+    for _ in range(300):
+        now += rng.uniform(0.1, 4.0)
+        s = c.state
+        roll = rng.random()
+        if roll < 0.25:
+            total += 1
+            acts = c.handle(SampleAdded(now=now, total=total))
+        elif roll < 0.35:
+            acts = c.handle(status(now, rng.choice(("r1", "r2", "r3")), alive=rng.random() < 0.6))
+        elif roll < 0.5 and s.deadline is not None:
+            acts = c.handle(TimerFired(now=max(now, s.deadline)))
+            now = max(now, s.deadline)
+        elif roll < 0.6 and s.phase is Phase.TRAINING:
+            acts = c.handle(TrainingFinished(now=now, job_id=s.job_id, weights=np.ones(SPEC.size, np.float32), n_samples=max(1, s.job_n_samples)))
+        elif s.pending_seq >= 0 and rng.random() < 0.8:
+            region = s.region if rng.random() < 0.85 else rng.choice(("r1", "r2", "r3"))
+            if s.phase is Phase.PUSHING and s.pending_update is not None:
+                versions[region] += 1
+                ack = Ack(device=DEV, seq=s.pending_seq, status="accepted", version=versions[region], nonce=s.pending_update.nonce)
+                if region == s.region:
+                    acked += 1
+                acts = c.handle(recv(now, region, "ack", ack))
+            else:
+                acts = c.handle(recv(now, region, "model", model(versions[region], s.pending_seq)))
+        else:
+            continue
+        regions = {r for r, _ in sent(acts)}
+        assert len(regions) <= 1 and regions <= {c.state.region}
+        for a in acts:
+            if isinstance(a, PersistDeviceState):
+                persisted = max(persisted, a.next_seq)
+            elif isinstance(a, Publish):
+                seq = cast(Pull | Update, decode(a.payload)).seq
+                assert seq < persisted
+                if seq > highest:
+                    highest = seq
+                else:  # a retry re-sends the request in flight, never an older one
+                    assert seq == c.state.pending_seq
+            elif isinstance(a, ScheduleTimer):
+                assert a.at >= now
+        assert c.state.updates_acked == acked
+    assert c.state.failovers > 0  # the walk did exercise switches
+
+
+# ---------------------------------------------------------------- the driver, real broker
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_an_sdk_device_fails_over_to_a_live_region_and_comes_home(mosquitto: Any, tmp_path: Any) -> None:
+    """Two ``edgeci coordinator`` processes (r1 home, r2) on one mosquitto and a real
+    ``EdgeClient``: SIGKILL r1 (its last will says ``alive: false``), the device trains in r2;
+    restart r1 on its state dir, the device comes home and trains there again. Every acked
+    update has a larger seq than the one before, whichever region acked it."""
+    import threading
+
+    from edge_sdk.client import EdgeClient
+    from edge_sdk.modelio import save_model
+    from edge_sdk.tasks import get_task
+    from edge_sdk.tasks.base import TrainConfig
+    from tests.helpers import CoordinatorProcess, wait_until
+
+    task = get_task("digits")
+    init = tmp_path / "deployed.npz"
+    save_model(init, task.spec, np.random.default_rng(0).normal(0, 0.1, task.spec.size).astype(np.float32), {"version": 0})
+
+    def coordinator(region: str) -> CoordinatorProcess:
+        return CoordinatorProcess("--broker", mosquitto.url, "--region", region, "--id", f"c-{region}", "--state-dir",
+                                  str(tmp_path / region), "--model", "digits", "--init", str(init), "--k", "1", "--timeout", "1")
+
+    events: list[tuple[str, dict[str, Any]]] = []
+    r2 = coordinator("r2")
+    r1 = coordinator("r1")
+    client = EdgeClient(broker=mosquitto.url, device_id="sdk-1", region="r1", regions=["r1", "r2"], failover_after=2,
+                        failback_after_s=1.0, task=task, data_dir=tmp_path / "dev", min_samples=2,
+                        train=TrainConfig(epochs=1, lr=0.05, seed=0), request_timeout_s=1.0, inference="torch")
+    client.on("*", lambda kind, data: events.append((kind, {**data, "in": client.region})))
+    stop = threading.Event()
+    pool = task.data().pool
+
+    def feed() -> None:
+        k = 0
+        while not stop.is_set():
+            client.add_sample(pool.x[k % len(pool)], int(pool.y[k % len(pool)]))
+            k += 1
+            stop.wait(0.3)
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    try:
+        client.start()
+        feeder.start()
+
+        def acked_in(region: str, after: int = 0) -> bool:
+            return any(k == "update_acked" and d["in"] == region for k, d in events[after:])
+
+        wait_until(lambda: acked_in("r1"), 60, "an update acked at home")
+        r1.close(signal.SIGKILL)
+        wait_until(lambda: any(k == "failover" and d["to"] == "r2" for k, d in events), 30, "failover to r2")
+        [(_, first)] = [(k, d) for k, d in events if k == "failover"]
+        assert first["reason"] in ("coordinator_offline", "timeouts")
+        wait_until(lambda: acked_in("r2"), 60, "an update acked in r2")
+        r1 = coordinator("r1")
+        wait_until(lambda: any(k == "failover" and d["to"] == "r1" for k, d in events), 60, "coming home to r1")
+        home = next(i for i, (k, d) in enumerate(events) if k == "failover" and d["to"] == "r1")
+        assert events[home][1]["reason"] == "home_back"
+        wait_until(lambda: acked_in("r1", home), 60, "an update acked at home again")
+    finally:
+        stop.set()
+        client.stop()
+        r1.close()
+        r2.close()
+    seqs = [int(d["seq"]) for k, d in events if k == "update_acked"]
+    assert seqs == sorted(set(seqs)), seqs
