@@ -44,24 +44,31 @@ REGION = "bench"
 
 
 class CountingTransport:
-    """Stands in for MqttTransport: counts accepted acks, drops everything else."""
+    """Stands in for MqttTransport: keeps the acks, drops everything else. Acks are decoded
+    after the clock stops (:meth:`tally`): decoding them is the devices' work, not the
+    coordinator's (it cost ~6 % of the actor's time when done inside ``publish``)."""
 
     connected = False
 
     def __init__(self, expect: int) -> None:
         self.expect = expect
+        self.acks: list[bytes] = []
         self.accepted = 0
         self.other_acks = 0
         self.done = threading.Event()
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
         if topic.endswith("/ack"):
+            self.acks.append(payload)
+            if len(self.acks) >= self.expect:
+                self.done.set()
+
+    def tally(self) -> None:
+        for payload in self.acks:
             ack = decode(payload)
             assert isinstance(ack, Ack)
             if ack.status == "accepted":
                 self.accepted += 1
-                if self.accepted >= self.expect:
-                    self.done.set()
             else:
                 self.other_acks += 1
 
@@ -101,10 +108,16 @@ def run(variant: str, messages: list[tuple[str, bytes]], state_dir: Path, k: int
             for u in batch:
                 registry.persist_update_file(u)
 
-        def commit_with_fsyncs(action: Any) -> None:
-            meta = {**action.metadata, "applied_upto": dict(action.applied_upto), "consumed": [list(k) for k in action.consumed]}
+        applied: dict[str, int] = {}
+        seen: dict[str, None] = {}
+
+        def commit_with_fsyncs(action: Any) -> None:  # full watermarks in every version, as then
+            applied.update(action.applied_changed)
+            seen.update(dict.fromkeys(action.devices_added))
+            meta = {**action.metadata, "applied_upto": dict(applied), "devices_seen": list(seen),
+                    "consumed": [list(k) for k in action.consumed]}
             registry.write_version(action.version, action.weights, meta)  # 4 fsyncs
-            registry._drop_applied(action.applied_upto)
+            registry._drop_applied()
 
         daemon.registry.append_updates = one_file_each  # type: ignore[method-assign,assignment]
         daemon.registry.stage = one_file_each  # type: ignore[method-assign,assignment]
@@ -120,7 +133,9 @@ def run(variant: str, messages: list[tuple[str, bytes]], state_dir: Path, k: int
     batches = daemon.actor.batches
     version = daemon.core.version
     daemon.stop()
-    assert ok and not daemon.actor.errors, (fake.accepted, daemon.actor.errors[:3])
+    fake.tally()
+    assert ok and not daemon.actor.errors, (len(fake.acks), daemon.actor.errors[:3])
+    assert fake.accepted == len(messages) and not fake.other_acks, (fake.accepted, fake.other_acks)
     # durability check: every accepted update is in the state dir, applied or pending
     snap = Registry(state_dir, task.spec).load()
     assert snap is not None

@@ -17,12 +17,12 @@ version number reused":
 1. Accepted updates are appended to the pending log and the log is fsynced *before* the
    coordinator acknowledges any of them. The driver appends a whole batch and fsyncs once
    (:meth:`Registry.append_updates`).
-2. A version is a log record too (weights, the per-device ``applied_upto`` watermarks of
-   every update folded into it, its metadata), appended after the updates it consumed and
-   durable with the same fsync (:meth:`Registry.stage_version`, :meth:`Registry.flush`).
-   Only then is it published, and its directory put in place (written aside, renamed; not
-   fsynced: the log holds it). Every ``CHECKPOINT_EVERY`` versions the newest directory is
-   fsynced; a release (``record_release``) is fsynced when recorded.
+2. A version is a log record too (weights, the watermarks its commit raised, its metadata),
+   appended after the updates it consumed and durable with the same fsync
+   (:meth:`Registry.stage_version`, :meth:`Registry.flush`). Only then is it published, and
+   its directory put in place (written aside, renamed; not fsynced: the log holds it). Every
+   ``CHECKPOINT_EVERY`` versions one is a *base* and its directory is fsynced (the
+   checkpoint); a release (``record_release``) is fsynced when recorded.
 3. Log segments are deleted once every update in them is at or below the watermarks and
    every version in them is at or below the last checkpoint. Records left by a crash in
    between are dropped on restore (by :meth:`Registry.load` and again by the core); a
@@ -36,6 +36,14 @@ segment starts with an 8-byte magic. A torn or corrupt record ends the segment: 
 everything after it are ignored (and, when this registry holds the state-dir lock,
 truncated away) with a warning. A failed append is cut back at once.
 
+Watermarks: a commit costs O(devices it changed), not O(devices known). A version's meta
+holds either the full cumulative ``applied_upto`` and ``devices_seen`` (a *base*: every
+``CHECKPOINT_EVERY``-th version, the first one after a restart, version 0, and every version
+written by older releases) or only ``parent`` (the version it was built on),
+``applied_changed`` and ``devices_added``. The registry keeps the cumulative maps in memory;
+a restore walks the parents back to a base (log records first, then directories) and
+replays the changes. Pruning keeps every kept version's chain back to its base.
+
 Recovery: :meth:`Registry.load` uses the newest *readable* version; an unreadable newer one
 (truncated ``weights.npy``, bad ``meta.json``) is logged loudly and reported in the snapshot
 (``recovered_from``), and ``version_floor`` keeps the next version number above it.
@@ -46,13 +54,13 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
+import io
 import json
 import logging
 import os
 import shutil
 import socket
 import struct
-import tempfile
 import threading
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
@@ -100,7 +108,7 @@ class StateDirLocked(RegistryError):
     """Another coordinator process holds this state dir."""
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -116,6 +124,20 @@ def _write_atomic(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def _write_file(path: str, chunks: Iterable[bytes | memoryview], *, durable: bool) -> None:
+    """Create ``path`` with unbuffered writes (no Python file object), fsynced if ``durable``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view):]
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _update_body(u: BufferedUpdate) -> bytes:
@@ -201,6 +223,27 @@ class Registry:
         """Versions in the log (maybe not fsynced yet) whose directories are not written yet."""
         self._dirty_from: int | None = None
         """Size of the active segment at its last fsync, while appends after it are unsynced."""
+        self._applied: dict[str, int] = {}
+        """Cumulative watermarks at ``_state_version`` (the newest version staged or loaded)."""
+        self._seen: dict[str, None] = {}
+        """Cumulative devices seen at ``_state_version``, in the order first seen."""
+        self._state_version: int | None = None
+        """The version whose state ``_applied`` and ``_seen`` hold; None until known."""
+        self._base_every = min(CHECKPOINT_EVERY, keep_versions)
+        """A base every this many versions: a chain never reaches below the kept versions."""
+        self._since_base = self._base_every
+        """Versions staged since the last base (a full one is due: the next is a base)."""
+        self._bases: set[int] = set()
+        """Bases staged and not checkpointed yet: committing one fsyncs its directory."""
+        self._is_base: dict[int, bool] = {}
+        """Known kinds of versions (base or not), for pruning without reading every meta."""
+        self._undo: list[tuple[int | None, dict[str, int | None], int, int, bool]] = []
+        """Per version staged since the last fsync, what to put back if that fsync fails."""
+        self._outstanding: dict[Path, set[str]] = {}
+        """Per log segment: devices with an update in it above their watermark (not applied)."""
+        self._upd_files = True
+        """Older one-file-per-update files may exist (until a commit finds none left)."""
+        self._npy_header: bytes | None = None
         self._janitor: threading.Thread | None = None
         self._janitor_wake = threading.Event()
         self._janitor_stop = False
@@ -296,6 +339,17 @@ class Registry:
         return v[-1] if v else None
 
     def read_version(self, version: int) -> tuple[Vector, dict[str, Any]]:
+        """Weights and metadata of a version directory; the metadata with the cumulative
+        ``applied_upto`` and ``devices_seen`` at that version (when its chain is readable)."""
+        weights, meta = self._read_dir(version)
+        if "parent" in meta:
+            try:
+                meta["applied_upto"], meta["devices_seen"] = self._state_of(version, meta, {})
+            except RegistryError as exc:
+                log.debug("version %d: no cumulative watermarks (%s)", version, exc)
+        return weights, meta
+
+    def _read_dir(self, version: int) -> tuple[Vector, dict[str, Any]]:
         d = self.versions_dir / f"{version:09d}"
         path = d / "meta.json"
         try:
@@ -313,31 +367,33 @@ class Registry:
         self._claim(version)
         self._materialise(version, weights, _meta_json(version, meta), durable=True)
         self._durable_version = max(self._durable_version, version)
+        base = "parent" not in meta
+        self._is_base[version] = base
+        if base and version > (self._state_version if self._state_version is not None else -1):
+            self._set_state(version, meta.get("applied_upto", {}), meta.get("devices_seen", []))
+            self._since_base = 0
         self._prune()
 
     def _claim(self, version: int) -> None:
-        final = self.versions_dir / f"{version:09d}"
-        if version <= self._highest_written or final.exists():
+        if version <= self._highest_written or os.path.exists(f"{self.versions_dir}/{version:09d}"):
             raise RegistryError(f"version {version} already exists in {self.root} (or was attempted)")
         self._highest_written = version  # attempted: never write this number again
 
     def _materialise(self, version: int, weights: Vector, meta_json: bytes, *, durable: bool) -> None:
         """``versions/<n>/{weights.npy,meta.json}`` written aside and renamed into place; with
         ``durable`` every file and directory is fsynced (else the log record is the durable copy)."""
-        final = self.versions_dir / f"{version:09d}"
-        tmp = Path(tempfile.mkdtemp(prefix=f".v{version}-", dir=self.versions_dir))
+        root = str(self.versions_dir)  # str paths, a fixed temp name: this runs for every version
+        final, tmp = f"{root}/{version:09d}", f"{root}/.v{version}.tmp"
+        try:
+            os.mkdir(tmp)
+        except FileExistsError:  # left by a crash (or a failed write) of this very version
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.mkdir(tmp)
         renamed = False
         try:
-            with open(tmp / "weights.npy", "wb") as f:
-                np.save(f, np.ascontiguousarray(weights, dtype=np.float32), allow_pickle=False)
-                f.flush()
-                if durable:
-                    os.fsync(f.fileno())
-            with open(tmp / "meta.json", "wb") as f:
-                f.write(meta_json)
-                f.flush()
-                if durable:
-                    os.fsync(f.fileno())
+            w = np.ascontiguousarray(weights, dtype="<f4")
+            _write_file(f"{tmp}/weights.npy", (self._weights_header(w), w.data.cast("B")), durable=durable)
+            _write_file(f"{tmp}/meta.json", (meta_json,), durable=durable)
             if durable:
                 _fsync_dir(tmp)
             os.rename(tmp, final)
@@ -361,15 +417,29 @@ class Registry:
         _fsync_dir(d)
         _fsync_dir(self.versions_dir)
 
+    def _weights_header(self, w: np.ndarray) -> bytes:
+        """The ``.npy`` header of a weights vector (computed once: every version has the same)."""
+        if self._npy_header is None or w.shape != (self.spec.size,):
+            buf = io.BytesIO()
+            np.save(buf, np.zeros(w.shape, dtype="<f4"), allow_pickle=False)
+            header = buf.getvalue()[: len(buf.getvalue()) - w.nbytes]
+            if w.shape != (self.spec.size,):
+                return header
+            self._npy_header = header
+        return self._npy_header
+
     def checkpoint(self) -> None:
-        """Make the newest version durable outside the log, so that log segments holding only
-        older versions and applied updates can be deleted."""
-        if not self._unsynced:
-            return
-        newest = self._unsynced[-1]
-        self._sync_version(newest)
-        self._durable_version = max(self._durable_version, newest)
-        self._unsynced.clear()
+        """Make the newest committed base durable outside the log (fsync its directory), so
+        that log segments holding only older versions and applied updates can be deleted."""
+        bases = [v for v in self._unsynced if v in self._bases]
+        if bases:
+            self._checkpoint(bases[-1])
+
+    def _checkpoint(self, version: int) -> None:
+        self._sync_version(version)
+        self._durable_version = max(self._durable_version, version)
+        self._unsynced = [v for v in self._unsynced if v > version]
+        self._bases = {v for v in self._bases if v > version}
 
     def _prune(self) -> None:
         if self._janitor is not None:
@@ -382,11 +452,28 @@ class Registry:
         versions = self.versions()
         if len(versions) < self.keep_versions + max(1, self.keep_versions // 4):
             return  # prune in steps
+        keep_from = len(versions) - self.keep_versions
+        while keep_from > 0 and not self._base_on_disk(versions[keep_from]):
+            keep_from -= 1  # the oldest kept version's watermarks chain back to a base: keep it
         release = read_release_record(self.root).get("release")
-        for v in versions[: -self.keep_versions]:
-            if v == release:
+        for v in versions[:keep_from]:
+            if v == release or v == self._durable_version:
                 continue  # the release stays, however old: devices predict with it
             shutil.rmtree(self.versions_dir / f"{v:09d}", ignore_errors=True)
+            self._is_base.pop(v, None)
+
+    def _base_on_disk(self, version: int) -> bool:
+        """Whether a version directory holds full watermarks (an unreadable one counts as a
+        base: no chain passes through it)."""
+        known = self._is_base.get(version)
+        if known is None:
+            try:
+                meta = json.loads((self.versions_dir / f"{version:09d}" / "meta.json").read_bytes())
+                known = not isinstance(meta, dict) or "parent" not in meta
+            except (OSError, ValueError):
+                known = True
+            self._is_base[version] = known
+        return known
 
     def _janitor_loop(self) -> None:
         while True:
@@ -428,8 +515,18 @@ class Registry:
         """Append the staged updates and the version to the log *without* fsync: the next
         :meth:`flush` (or :meth:`commit`) makes them durable together. Nothing that depends on
         them may leave before that (the driver holds it)."""
-        meta = dict(action.metadata)
-        meta["applied_upto"] = dict(action.applied_upto)
+        self._ensure_state()
+        meta = {k: v for k, v in action.metadata.items() if k not in ("applied_upto", "devices_seen", "parent")}
+        changed = {str(d): int(seq) for d, seq in action.applied_changed.items()}
+        added = [d for d in dict.fromkeys(action.devices_added) if d not in self._seen]
+        base = self._since_base + 1 >= self._base_every
+        if base:  # every so often the full maps (O(devices)): a chain's start, and a checkpoint
+            meta["applied_upto"] = {**self._applied, **changed}
+            meta["devices_seen"] = [*self._seen, *added]
+        else:  # O(changed)
+            meta["parent"] = self._state_version
+            meta["applied_changed"] = changed
+            meta["devices_added"] = added
         meta["consumed"] = [[device, seq] for device, seq in action.consumed]
         version = action.version
         staged, self._staged = self._staged, []
@@ -439,6 +536,107 @@ class Registry:
         records = [encode_record(u) for u in staged] + [_record(_version_body(version, weights, meta_json))]
         self._append(records, staged, version, sync=False)
         self._logged[version] = (weights, meta_json)
+        self._advance(version, changed, added, base)
+
+    # ------------------------------------------------------------------ cumulative watermarks
+
+    def watermarks(self) -> tuple[dict[str, int], list[str]]:
+        """Copies of the cumulative ``applied_upto`` and ``devices_seen`` (O(devices))."""
+        self._ensure_state()
+        return dict(self._applied), list(self._seen)
+
+    def _ensure_state(self) -> None:
+        if self._state_version is None and self.load() is None:  # used without load(): resume as a restart would
+            self._set_state(-1, {}, [])
+
+    def _set_state(self, version: int, applied: Mapping[str, Any], seen: Iterable[Any]) -> None:
+        self._applied = {str(k): int(v) for k, v in applied.items()}
+        self._seen = dict.fromkeys(str(d) for d in seen)
+        self._state_version = version
+        self._undo.clear()
+        self._bases.clear()
+        self._outstanding = {
+            path: {d for d, seq in keys.items() if seq > self._applied.get(d, -1)} for path, keys in self._segment_keys.items()
+        }
+
+    def _advance(self, version: int, changed: Mapping[str, int], added: list[str], base: bool) -> None:
+        """Apply a staged version to the cumulative state (undone if its fsync fails)."""
+        self._undo.append((self._state_version, {d: self._applied.get(d) for d in changed}, len(self._seen), self._since_base, base))
+        self._applied.update(changed)
+        for d in added:
+            self._seen[d] = None
+        self._state_version = version
+        self._since_base = 0 if base else self._since_base + 1
+        self._is_base[version] = base
+        if base:
+            self._bases.add(version)
+        self._settle(changed)
+
+    def _rollback_state(self) -> None:
+        """The appends since the last fsync were cut away: so are their versions' changes."""
+        while self._undo:
+            previous, old, n_seen, since_base, base = self._undo.pop()
+            if base and self._state_version is not None:
+                self._bases.discard(self._state_version)
+            for d, seq in old.items():
+                if seq is None:
+                    self._applied.pop(d, None)
+                else:
+                    self._applied[d] = seq
+            while len(self._seen) > n_seen:
+                self._seen.popitem()
+            self._state_version, self._since_base = previous, since_base
+            self._settle(old)
+
+    def _settle(self, devices: Iterable[str]) -> None:
+        """Recheck which log segments still hold unapplied updates of ``devices``: O(changed)."""
+        devices = list(devices)
+        for path, outstanding in self._outstanding.items():
+            keys = self._segment_keys.get(path, {})
+            for d in devices:
+                if keys.get(d, -1) > self._applied.get(d, -1):
+                    outstanding.add(d)
+                else:
+                    outstanding.discard(d)
+
+    def _meta_of(self, version: int, records: Mapping[int, bytes]) -> dict[str, Any]:
+        """A version's metadata: its log record's, else its directory's."""
+        try:
+            if version in records:
+                meta = json.loads(bytes(msgpack.unpackb(records[version], raw=False)["meta"]))
+            else:
+                meta = json.loads((self.versions_dir / f"{version:09d}" / "meta.json").read_bytes())
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise RegistryError(f"version {version}'s metadata is unreadable: {exc}") from exc
+        if not isinstance(meta, dict):
+            raise RegistryError(f"version {version}'s metadata is not an object")
+        return meta
+
+    def _state_of(self, version: int, meta: Mapping[str, Any], records: Mapping[int, bytes]) -> tuple[dict[str, int], list[str]]:
+        """Cumulative ``applied_upto`` and ``devices_seen`` at ``version``: back along the
+        parents to a base, then the changes replayed. Raises ``RegistryError`` when a link
+        of the chain is unreadable (the version cannot be resumed from)."""
+        chain: list[Mapping[str, Any]] = []
+        v = version
+        try:
+            while "parent" in meta:
+                chain.append(meta)
+                parent = int(meta["parent"])
+                if parent < 0:
+                    meta = {}
+                    break
+                if parent >= v:
+                    raise RegistryError(f"version {v} names parent {parent}, which is not older")
+                v = parent
+                meta = self._meta_of(v, records)
+            applied = {str(k): int(x) for k, x in meta.get("applied_upto", {}).items()}
+            seen = dict.fromkeys(str(d) for d in meta.get("devices_seen", []))
+            for m in reversed(chain):
+                applied.update({str(k): int(x) for k, x in m.get("applied_changed", {}).items()})
+                seen.update(dict.fromkeys(str(d) for d in m.get("devices_added", [])))
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise RegistryError(f"version {version}: bad watermarks in its chain (at version {v}): {exc}") from exc
+        return applied, list(seen)
 
     @property
     def unflushed(self) -> bool:
@@ -455,11 +653,13 @@ class Registry:
             os.fsync(fd)
         except BaseException:
             self._logged.clear()
+            self._rollback_state()
             self._cut(fd, path, start)
             raise
         finally:
             os.close(fd)
         self._dirty_from = None
+        self._undo.clear()
 
     def commit(self, action: CommitVersion) -> None:
         """Make the version durable with one log append (and one fsync) together with the
@@ -473,29 +673,35 @@ class Registry:
         weights, meta_json = self._logged.pop(version)
         self._materialise(version, weights, meta_json, durable=False)  # durable from here on, by the log
         self._unsynced.append(version)
-        if len(self._unsynced) >= CHECKPOINT_EVERY or self._segment_path is None:
-            self.checkpoint()
+        if version in self._bases:
+            self._checkpoint(version)
         self._prune()
-        self._drop_applied(action.applied_upto)
+        self._drop_applied()
 
-    def _drop_applied(self, applied_upto: Any) -> None:
-        def applied(keys: dict[str, int]) -> bool:
-            return all(seq <= applied_upto.get(device, -1) for device, seq in keys.items())
-
-        for path, keys in list(self._segment_keys.items()):
+    def _drop_applied(self) -> None:
+        """Delete log segments whose updates are all applied and whose versions are all at or
+        below the last checkpoint: O(segments), the watermarks are tracked per segment."""
+        for path in list(self._segment_keys):
+            outstanding = self._outstanding.get(path)
             checkpointed = self._segment_versions.get(path, -1) <= self._durable_version
-            if path != self._segment_path and applied(keys) and checkpointed:
+            if path != self._segment_path and outstanding is not None and not outstanding and checkpointed:
                 path.unlink(missing_ok=True)  # a resurrected segment is dropped again on load
                 del self._segment_keys[path]
                 self._segment_versions.pop(path, None)
+                self._outstanding.pop(path, None)
         active = self._segment_path
-        if active is not None and self._segment_size >= SEGMENT_BYTES // 4 and applied(self._segment_keys.get(active, {})):
-            self.checkpoint()
-            self._close_segment()  # start afresh; the next commit deletes this one
-        for p in self.pending_dir.glob("*.upd"):  # the older layout
-            device, _, seq = p.name[:-4].rpartition(".")
-            if seq.isdigit() and int(seq) <= applied_upto.get(device, -1):
-                p.unlink(missing_ok=True)
+        if active is not None and self._segment_size >= SEGMENT_BYTES // 4 and self._outstanding.get(active) == set():
+            self._since_base = self._base_every  # the next version is a base, checkpointed when committed
+            self._close_segment()  # start afresh; the commit after that base deletes this one
+        if self._upd_files:  # the older layout
+            left = False
+            for p in self.pending_dir.glob("*.upd"):
+                device, _, seq = p.name[:-4].rpartition(".")
+                if seq.isdigit() and int(seq) <= self._applied.get(device, -1):
+                    p.unlink(missing_ok=True)
+                else:
+                    left = True
+            self._upd_files = left
 
     # ------------------------------------------------------------------ pending updates (log)
 
@@ -513,6 +719,7 @@ class Registry:
             raise
         self._segment_path, self._segment_size = path, len(SEGMENT_MAGIC)
         self._segment_keys[path] = {}
+        self._outstanding[path] = set()
         return path
 
     def _close_segment(self) -> None:
@@ -552,16 +759,22 @@ class Registry:
                 os.fsync(fd)
         except BaseException:
             self._logged.clear()
+            self._rollback_state()
             self._cut(fd, path, durable_size)
             raise
         finally:
             os.close(fd)
         self._dirty_from = None if sync else durable_size
+        if sync:
+            self._undo.clear()
         self._segment_size = start + len(data)
         keys = self._segment_keys[path]
+        outstanding = self._outstanding.setdefault(path, set())
         for u in updates:
             if u.seq > keys.get(u.device, -1):
                 keys[u.device] = u.seq
+            if u.seq > self._applied.get(u.device, -1):
+                outstanding.add(u.device)
         if version is not None:
             self._segment_versions[path] = max(self._segment_versions.get(path, -1), version)
 
@@ -583,6 +796,7 @@ class Registry:
         commit-throughput baseline and for tests of reading an old state dir."""
         device_seq = f"{u.device}.{u.seq:020d}.upd"
         _write_atomic(self.pending_dir / device_seq, _update_body(u))
+        self._upd_files = True
 
     def _read_segment(self, path: Path) -> tuple[list[BufferedUpdate], list[tuple[int, bytes]]]:
         """The intact records of a segment: updates, and ``(version, body)`` of version records."""
@@ -703,7 +917,8 @@ class Registry:
                 if version in records:  # the log's copy is checksummed: it wins over the directory
                     weights, meta, _ = self._from_record(records[version])
                 else:
-                    weights, meta = self.read_version(version)
+                    weights, meta = self._read_dir(version)
+                applied_upto, devices_seen = self._state_of(version, meta, records)
             except RegistryError as exc:
                 log.warning("RECOVERY: %s; falling back to an older version", exc)
                 skipped.append(f"{version}: {exc}"[:300])
@@ -713,7 +928,8 @@ class Registry:
             raise RegistryError(f"no readable version in {self.root}: {'; '.join(skipped)}")
         if skipped:
             log.warning("RECOVERY: resuming %s from version %d; %d newer version(s) unreadable", self.root, version, len(skipped))
-        applied_upto = {str(k): int(v) for k, v in meta.get("applied_upto", {}).items()}
+        self._set_state(version, applied_upto, devices_seen)
+        self._since_base = self._base_every  # the next version is a base: chains stay short
         buffer = [u for u in updates if u.seq > applied_upto.get(u.device, -1)]
         # Release numbers only grow (a rollback releases a *new* version), so the newer of the
         # two records is the larger: release.json (gate decisions, operator commands) or the
@@ -726,7 +942,7 @@ class Registry:
         release_weights = None
         if release != version:
             try:
-                release_weights = self.read_version(release)[0]
+                release_weights = self._read_dir(release)[0]
             except RegistryError as exc:
                 log.warning("RECOVERY: the release (version %d) is unreadable (%s): version %d is the release", release, exc, version)
                 release = version
@@ -739,11 +955,12 @@ class Registry:
             weights=weights,
             applied_upto=applied_upto,
             buffer=buffer,
-            devices_seen=list(meta.get("devices_seen", [])),
+            devices_seen=devices_seen,
             last_aggregation_at=float(meta.get("created_at", 0.0)),
             counters={str(k): int(v) for k, v in meta.get("counters", {}).items()},
             last_full_version=int(meta.get("last_full_version", version)),
             peer_state=dict(meta.get("peering", {})),
+            conversion_state=dict(meta.get("conversion", {})),
             recovered_from=tuple(skipped),
             version_floor=max(max(present, default=-1), max(records, default=-1), self._highest_written),
         )

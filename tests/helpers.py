@@ -4,8 +4,6 @@ messages really are encoded, delivered and decoded; only training is a cheap sta
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import os
 import random
 import signal
@@ -13,9 +11,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -27,6 +25,7 @@ from coordinator.core import (
     Snapshot,
 )
 from coordinator.strategies import Strategy, make_strategy
+from devices.engine import Driver, Kind
 from edge_sdk.core.device import DeviceConfig, DeviceCore
 from edge_sdk.core.events import (
     DeployModel,
@@ -59,74 +58,86 @@ def topic_matches(pattern: str, topic: str) -> bool:
     return all(a in ("+", b) for a, b in zip(p, t))
 
 
-@dataclass
-class Link:
-    """A virtual-clock message bus between one coordinator core and many device cores."""
+class Link(Driver):
+    """A virtual-clock message bus between one coordinator core and many device cores, run
+    by the emulator's event engine (:mod:`devices.engine`: the one loop every fleet uses).
+    Endpoint 0 is the coordinator, device ``i`` (in the order added) is ``i + 1``."""
 
-    coordinator: CoordinatorCore
-    latency: float = 0.01
-    train_seconds: float = 1.0
-    duplicate_every: int = 0
-    """Deliver every n-th message twice (QoS 1 redelivery); 0 = never."""
-    drop: Callable[[str, bytes], bool] = lambda topic, payload: False
-    now: float = 0.0
-    devices: dict[str, DeviceCore] = field(default_factory=dict)
-    commits: list[CommitVersion] = field(default_factory=list)
-    persisted: list[PersistUpdate] = field(default_factory=list)
-    notes: list[tuple[str, Notify]] = field(default_factory=list)
-    deployed: dict[str, int] = field(default_factory=dict)
-    retained: dict[str, bytes] = field(default_factory=dict)
-    _queue: list[tuple[float, int, str, object]] = field(default_factory=list)
-    _seq: itertools.count[int] = field(default_factory=itertools.count)
-    _timers: dict[str, float] = field(default_factory=dict)
-    _published: int = 0
+    def __init__(
+        self,
+        coordinator: CoordinatorCore,
+        *,
+        latency: float = 0.01,
+        train_seconds: float = 1.0,
+        duplicate_every: int = 0,
+        drop: Callable[[str, bytes], bool] = lambda topic, payload: False,
+    ) -> None:
+        super().__init__()
+        self.coordinator = coordinator
+        self.latency, self.train_seconds = latency, train_seconds
+        self.duplicate_every = duplicate_every
+        """Deliver every n-th message twice (QoS 1 redelivery); 0 = never."""
+        self.drop = drop
+        self.devices: dict[str, DeviceCore] = {}
+        self._index: dict[str, int] = {}
+        self._ids: list[str] = []
+        self.commits: list[CommitVersion] = []
+        self.persisted: list[PersistUpdate] = []
+        self.notes: list[tuple[str, Notify]] = []
+        self.deployed: dict[str, int] = {}
+        self.retained: dict[str, bytes] = {}
+        self._timers: dict[int, float] = {}
+        self._published = 0
+
+    @property
+    def now(self) -> float:
+        return self.clock.now
 
     def add_device(self, device_id: str, *, min_samples: int = 2, region: str = "r1", seed: int = 0) -> DeviceCore:
         cfg = DeviceConfig(device_id=device_id, region=region, spec=SPEC, min_samples=min_samples, request_timeout_s=5.0)
         core = DeviceCore(cfg, rng=random.Random(seed))
         self.devices[device_id] = core
+        self._ids.append(device_id)
+        self._index[device_id] = len(self._ids)
         return core
 
-    # -------------------------------------------------------------- scheduling
-
-    def _push(self, at: float, target: str, item: object) -> None:
-        heapq.heappush(self._queue, (at, next(self._seq), target, item))
-
     def add_sample(self, device_id: str, total: int, at: float | None = None) -> None:
-        self._push(self.now if at is None else at, device_id, SampleAdded(now=0.0, total=total))
+        self.push(self.now if at is None else max(at, self.now), Kind.SAMPLE, self._index[device_id], total)
 
     def run_until(self, t_end: float) -> None:
-        while self._queue and self._queue[0][0] <= t_end:
-            at, _, target, item = heapq.heappop(self._queue)
-            self.now = at
-            self._deliver(target, item)
-        self.now = max(self.now, t_end)
+        while self.step(t_end) is not None:
+            pass
+        self.clock.advance_to(max(self.now, t_end))
 
-    def _deliver(self, target: str, item: object) -> None:
-        now = self.now
-        if target == "coordinator":
-            if isinstance(item, TimerFired):
-                if self._timers.get(target) != item.now:
-                    return
-                del self._timers[target]
-                ev: object = TimerFired(now=now)
-            else:
-                ev = item
-            self._run_coordinator(self.coordinator.handle(ev))  # type: ignore[arg-type]
-            return
-        core = self.devices[target]
-        if isinstance(item, SampleAdded):
-            ev = SampleAdded(now=now, total=item.total)
-        elif isinstance(item, TimerFired):
-            if self._timers.get(target) != item.now:
-                return
+    def restart(self, coordinator: CoordinatorCore) -> None:
+        """Replace the coordinator (a crash and restart from its snapshot) and start it."""
+        self.coordinator = coordinator
+        self._timers.pop(0, None)
+        self._run_coordinator(coordinator.start(self.now))
+
+    # -------------------------------------------------------------- the engine's events
+
+    def dispatch(self, now: float, kind: Kind, target: int, data: Any) -> None:
+        ev: Any
+        if kind == Kind.TIMER:
+            if self._timers.get(target) != data:
+                return  # superseded by a later ScheduleTimer
             del self._timers[target]
             ev = TimerFired(now=now)
-        elif isinstance(item, TrainingFinished):
-            ev = TrainingFinished(now=now, job_id=item.job_id, weights=item.weights, n_samples=item.n_samples)
+        elif kind == Kind.MSG:
+            ev = MessageReceived(now=now, topic=data[0], payload=data[1])
+        elif kind == Kind.SAMPLE:
+            ev = SampleAdded(now=now, total=data)
+        elif kind == Kind.TRAINED:
+            job_id, weights, n_samples = data
+            ev = TrainingFinished(now=now, job_id=job_id, weights=weights, n_samples=n_samples)
         else:
-            ev = item
-        self._run_device(target, core.handle(ev))  # type: ignore[arg-type]
+            raise AssertionError(f"unexpected event {kind!r}")
+        if target == 0:
+            self._run_coordinator(self.coordinator.handle(ev))
+        else:
+            device_id = self._ids[target - 1]
+            self._run_device(device_id, target, self.devices[device_id].handle(ev))
 
     def _route(self, action: Publish) -> None:
         if self.drop(action.topic, action.payload):
@@ -135,22 +146,23 @@ class Link:
         copies = 2 if self.duplicate_every and self._published % self.duplicate_every == 0 else 1
         if action.retain:
             self.retained[action.topic] = action.payload
+        at = self.now + self.latency
         for pattern in self.coordinator.subscriptions():
             if topic_matches(pattern, action.topic):
                 for _ in range(copies):
-                    self._push(self.now + self.latency, "coordinator", MessageReceived(now=self.now + self.latency, topic=action.topic, payload=action.payload))
-        for device_id, core in self.devices.items():
-            if action.topic in core.subscriptions():
+                    self.push(at, Kind.MSG, 0, (action.topic, action.payload))
+        for i, device_id in enumerate(self._ids, start=1):
+            if action.topic in self.devices[device_id].subscriptions():
                 for _ in range(copies):
-                    self._push(self.now + self.latency, device_id, MessageReceived(now=self.now + self.latency, topic=action.topic, payload=action.payload))
+                    self.push(at, Kind.MSG, i, (action.topic, action.payload))
 
-    def _run_coordinator(self, actions: list[object]) -> None:
+    def _run_coordinator(self, actions: Sequence[object]) -> None:
         for a in actions:
             if isinstance(a, Publish):
                 self._route(a)
             elif isinstance(a, ScheduleTimer):
-                self._timers["coordinator"] = a.at
-                self._push(a.at, "coordinator", TimerFired(now=a.at))
+                self._timers[0] = a.at
+                self.push(a.at, Kind.TIMER, 0, a.at)
             elif isinstance(a, CommitVersion):
                 self.commits.append(a)
             elif isinstance(a, PersistUpdate):
@@ -158,21 +170,17 @@ class Link:
             elif isinstance(a, Notify):
                 self.notes.append(("coordinator", a))
 
-    def _run_device(self, device_id: str, actions: list[object]) -> None:
+    def _run_device(self, device_id: str, index: int, actions: Sequence[object]) -> None:
         for a in actions:
             if isinstance(a, Publish):
                 self._route(a)
             elif isinstance(a, ScheduleTimer):
-                self._timers[device_id] = a.at
-                self._push(a.at, device_id, TimerFired(now=a.at))
+                self._timers[index] = a.at
+                self.push(a.at, Kind.TIMER, index, a.at)
             elif isinstance(a, StartTraining):
                 job = a.job
                 trained = np.array(job.weights, copy=True) + 1.0  # stand-in for SGD
-                self._push(
-                    self.now + self.train_seconds,
-                    device_id,
-                    TrainingFinished(now=0.0, job_id=job.job_id, weights=trained, n_samples=job.n_samples),
-                )
+                self.push(self.now + self.train_seconds, Kind.TRAINED, index, (job.job_id, trained, job.n_samples))
             elif isinstance(a, DeployModel):
                 self.deployed[device_id] = a.version
             elif isinstance(a, Notify):

@@ -58,7 +58,7 @@ def test_aggregates_at_k_with_sample_weights() -> None:
     assert commit.version == 1 and c.version == 1
     np.testing.assert_allclose(commit.weights, (1 * 1.0 + 3 * 4.0) / 4)
     assert set(commit.consumed) == {("d1", 0), ("d2", 0)}
-    assert dict(commit.applied_upto) == {"d1": 0, "d2": 0}
+    assert dict(commit.applied_changed) == {"d1": 0, "d2": 0}
     status = parse_status_json(next(a for a in a2 if isinstance(a, Publish) and a.retain).payload)
     assert status["version"] == 1 and status["updates_accepted"] == 2 and status["buffered"] == 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -526,6 +527,39 @@ def test_a_failed_commit_publishes_nothing_after_it_and_burns_its_number(tmp_pat
     reg = Registry(tmp_path / "c", spec)
     assert reg.versions() == [0, 2]
     assert sorted(map(tuple, reg.read_version(2)[1]["consumed"])) == [("a", 1), ("b", 1)]
+
+
+def test_a_restart_resumes_the_same_watermarks_and_devices_after_many_small_commits(tmp_path: Path) -> None:
+    """Commits carry only the watermarks they changed; the registry's log records and
+    checkpoints must still give a restarted daemon exactly the maps the running one had."""
+    import coordinator.registry as registry_module
+    from edge_sdk.wire.messages import Pull
+
+    spec = get_task("digits").spec
+    w = get_task("digits").pretrained(seed=0)
+    devices = [f"dev{i:03d}" for i in range(60)]
+    with driver(tmp_path, k=2) as (daemon, fake):
+        in_one_batch(daemon, [(topics.device_topic(REGION, d, "pull"), encode(Pull(device=d, seq=1, model_id=spec.model_id)))
+                              for d in devices])
+        sent = 0
+        for seq in (1, 2):  # 60 updates per round, a version every 2: well past a checkpoint
+            in_one_batch(daemon, [update(d, seq, w) for d in devices[: 50 + 10 * (seq - 1)]])
+            sent += 50 + 10 * (seq - 1)
+            wait_until(lambda n=sent: len(fake.acks("accepted")) == n, 30, "every update accepted")
+        wait_until(lambda: daemon.core.version == sent // 2, 30, "every version committed")
+        applied, seen, version = dict(daemon.core.applied_upto), list(daemon.core.devices_seen), daemon.core.version
+    assert version > 2 * registry_module.CHECKPOINT_EVERY and len(applied) == 60 and seen == devices
+    reg = Registry(tmp_path / "c", spec)
+    metas = [json.loads((reg.versions_dir / f"{v:09d}" / "meta.json").read_bytes()) for v in reg.versions()[1:]]
+    small = [m for m in metas if "parent" in m]
+    assert len(small) > len(metas) // 2 and all(len(m["applied_changed"]) <= 2 and "devices_seen" not in m for m in small)
+    snap = reg.load()
+    assert snap is not None and (snap.version, dict(snap.applied_upto), list(snap.devices_seen)) == (version, applied, seen)
+    with driver(tmp_path, k=2) as (daemon, fake):  # the restarted daemon: same maps, duplicates recognised
+        assert (daemon.core.version, dict(daemon.core.applied_upto), list(daemon.core.devices_seen)) == (version, applied, seen)
+        in_one_batch(daemon, [update("dev000", 2, w), update("dev059", 3, w)])
+        wait_until(lambda: len(fake.acks()) == 2, 10, "two answers")
+        assert sorted(a.status for a in fake.acks()) == ["accepted", "duplicate"]
 
 
 # ---------------------------------------------------------------------- lost messages (part 6)

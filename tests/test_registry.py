@@ -39,8 +39,8 @@ def test_pending_updates_survive_and_commit_consumes_them(tmp_path) -> None:  # 
     b = next(u for u in again.buffer if u.key == ("b", 4))
     np.testing.assert_array_equal(b.weights, 2.0)
     assert b.arrived_at == 1.5 and b.n_samples == 2
-    reg.commit(CommitVersion(version=1, weights=np.full(SPEC.size, 7.0, np.float32), applied_upto={"a": 1, "b": 4},
-                             consumed=(("a", 1), ("b", 4)), metadata={"created_at": 5.0, "devices_seen": ["a", "b"]}))
+    reg.commit(CommitVersion(version=1, weights=np.full(SPEC.size, 7.0, np.float32), applied_changed={"a": 1, "b": 4},
+                             consumed=(("a", 1), ("b", 4)), metadata={"created_at": 5.0}, devices_added=("a", "b")))
     snap = Registry(tmp_path, SPEC).load()
     assert snap is not None and snap.version == 1
     assert [u.key for u in snap.buffer] == [("a", 2)]
@@ -54,7 +54,7 @@ def test_versions_are_pruned_and_never_overwritten(tmp_path) -> None:  # type: i
     reg = Registry(tmp_path, SPEC, keep_versions=3)
     reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
     for v in range(1, 6):
-        reg.commit(CommitVersion(version=v, weights=np.full(SPEC.size, v, np.float32), applied_upto={}, consumed=(), metadata={}))
+        reg.commit(CommitVersion(version=v, weights=np.full(SPEC.size, v, np.float32), applied_changed={}, consumed=(), metadata={}))
     assert reg.versions() == [3, 4, 5]
     with pytest.raises(RegistryError):
         reg.write_version(5, np.zeros(SPEC.size, np.float32), {})
@@ -150,11 +150,11 @@ def test_commit_drops_applied_segments_and_restore_drops_applied_records(tmp_pat
     reg._close_segment()  # as after a rotation: the next batch starts another segment
     reg.append_updates([upd("a", 2, 2.0)])
     assert len(list(reg.pending_dir.glob("*.log"))) == 2
-    reg.commit(CommitVersion(version=1, weights=np.full(SPEC.size, 7.0, np.float32), applied_upto={"a": 1, "b": 1},
+    reg.commit(CommitVersion(version=1, weights=np.full(SPEC.size, 7.0, np.float32), applied_changed={"a": 1, "b": 1},
                              consumed=(("a", 1), ("b", 1)), metadata={}))
     assert len(list(reg.pending_dir.glob("*.log"))) == 1  # the first segment was all applied
     # a commit can land before the segment holding its updates is deleted (crash in between):
-    reg.commit(CommitVersion(version=2, weights=np.full(SPEC.size, 8.0, np.float32), applied_upto={"a": 2, "b": 1},
+    reg.commit(CommitVersion(version=2, weights=np.full(SPEC.size, 8.0, np.float32), applied_changed={"a": 2, "b": 1},
                              consumed=(("a", 2),), metadata={}))
     assert len(list(reg.pending_dir.glob("*.log"))) == 1  # the open segment stays (it is small)
     snap = Registry(tmp_path, SPEC).load()
@@ -169,7 +169,7 @@ def test_old_one_file_per_update_layout_is_still_read(tmp_path) -> None:  # type
     reg.append_updates([upd("new", 1, 2.0)])
     snap = Registry(tmp_path, SPEC).load()
     assert snap is not None and sorted(u.key for u in snap.buffer) == [("new", 1), ("old", 1)]
-    reg.commit(CommitVersion(version=1, weights=np.zeros(SPEC.size, np.float32), applied_upto={"old": 1, "new": 1},
+    reg.commit(CommitVersion(version=1, weights=np.zeros(SPEC.size, np.float32), applied_changed={"old": 1, "new": 1},
                              consumed=(("old", 1), ("new", 1)), metadata={}))
     assert not list(reg.pending_dir.glob("*.upd"))
 
@@ -205,14 +205,14 @@ def test_a_failed_version_write_never_reuses_its_number(tmp_path, monkeypatch) -
 
     monkeypatch.setattr(os, "pwrite", full)  # the log append fails: version 1 is not durable
     with pytest.raises(OSError):
-        reg.commit(CommitVersion(version=1, weights=np.ones(SPEC.size, np.float32), applied_upto={}, consumed=(), metadata={}))
+        reg.commit(CommitVersion(version=1, weights=np.ones(SPEC.size, np.float32), applied_changed={}, consumed=(), metadata={}))
     monkeypatch.setattr(os, "pwrite", real)
     assert reg.versions() == [0] and not list(reg.versions_dir.glob(".v*"))
     snap = reg.load()
     assert snap is not None and snap.version == 0 and snap.version_floor == 1
     with pytest.raises(RegistryError):
         reg.write_version(1, np.ones(SPEC.size, np.float32), {})
-    reg.commit(CommitVersion(version=2, weights=np.full(SPEC.size, 2.0, np.float32), applied_upto={}, consumed=(), metadata={}))
+    reg.commit(CommitVersion(version=2, weights=np.full(SPEC.size, 2.0, np.float32), applied_changed={}, consumed=(), metadata={}))
     assert reg.versions() == [0, 2]
 
 
@@ -232,7 +232,7 @@ def test_a_version_is_durable_once_in_the_log_and_its_directory_is_repaired(tmp_
 
         monkeypatch.setattr(os, "rename", rename_fails)  # the log append worked, the directory did not
         with pytest.raises(OSError):
-            reg.commit(CommitVersion(version=1, weights=np.ones(SPEC.size, np.float32), applied_upto={"a": 3}, consumed=(), metadata={}))
+            reg.commit(CommitVersion(version=1, weights=np.ones(SPEC.size, np.float32), applied_changed={"a": 3}, consumed=(), metadata={}))
         monkeypatch.setattr(os, "rename", real)
         assert reg.versions() == [0]
         snap = reg.load()  # durable in the log: the directory is put back
@@ -240,7 +240,7 @@ def test_a_version_is_durable_once_in_the_log_and_its_directory_is_repaired(tmp_
         assert reg.versions() == [0, 1]
         np.testing.assert_array_equal(reg.read_version(1)[0], 1.0)
         # a crash that tears a directory written without fsync: the log's copy wins, silently
-        reg.commit(CommitVersion(version=2, weights=np.full(SPEC.size, 2.0, np.float32), applied_upto={"a": 3}, consumed=(), metadata={}))
+        reg.commit(CommitVersion(version=2, weights=np.full(SPEC.size, 2.0, np.float32), applied_changed={"a": 3}, consumed=(), metadata={}))
         shutil.rmtree(reg.versions_dir / f"{2:09d}")
         snap = reg.load()
         assert snap is not None and snap.version == 2 and not snap.recovered_from
@@ -263,9 +263,9 @@ def test_commits_cost_one_fsync_each_between_checkpoints(tmp_path, monkeypatch) 
     n = registry_module.CHECKPOINT_EVERY
     for v in range(1, n):
         reg.stage([upd("a", v, float(v))])
-        reg.commit(CommitVersion(version=v, weights=np.full(SPEC.size, v, np.float32), applied_upto={"a": v}, consumed=(("a", v),), metadata={}))
+        reg.commit(CommitVersion(version=v, weights=np.full(SPEC.size, v, np.float32), applied_changed={"a": v}, consumed=(("a", v),), metadata={}))
     assert len(calls) == n - 1  # updates and version in one append, one fsync; directories unsynced
-    reg.commit(CommitVersion(version=n, weights=np.full(SPEC.size, n, np.float32), applied_upto={"a": n - 1}, consumed=(), metadata={}))
+    reg.commit(CommitVersion(version=n, weights=np.full(SPEC.size, n, np.float32), applied_changed={"a": n - 1}, consumed=(), metadata={}))
     assert len(calls) > n  # the checkpoint fsyncs the newest version's directory
     monkeypatch.setattr(os, "fsync", real)
     snap = Registry(tmp_path, SPEC).load()
@@ -313,7 +313,7 @@ def test_a_batch_with_several_versions_is_still_one_fsync(tmp_path, monkeypatch)
     actions = []
     for v in (1, 2, 3):  # what the driver does within one batch: updates, a version, updates...
         reg.stage([upd("a", v, float(v))])
-        action = CommitVersion(version=v, weights=np.full(SPEC.size, v, np.float32), applied_upto={"a": v}, consumed=(("a", v),), metadata={})
+        action = CommitVersion(version=v, weights=np.full(SPEC.size, v, np.float32), applied_changed={"a": v}, consumed=(("a", v),), metadata={})
         reg.stage_version(action)
         actions.append(action)
     reg.append_updates([upd("b", 1, 9.0)])  # the end of the batch
@@ -324,7 +324,7 @@ def test_a_batch_with_several_versions_is_still_one_fsync(tmp_path, monkeypatch)
     monkeypatch.setattr(os, "fsync", real)
     # and when the batch's fsync fails, none of it is there
     reg.stage([upd("a", 4, 4.0)])
-    reg.stage_version(CommitVersion(version=4, weights=np.full(SPEC.size, 4.0, np.float32), applied_upto={"a": 4}, consumed=(("a", 4),), metadata={}))
+    reg.stage_version(CommitVersion(version=4, weights=np.full(SPEC.size, 4.0, np.float32), applied_changed={"a": 4}, consumed=(("a", 4),), metadata={}))
 
     def eio(fd: int) -> None:
         raise OSError(errno.EIO, "Input/output error")
@@ -337,3 +337,148 @@ def test_a_batch_with_several_versions_is_still_one_fsync(tmp_path, monkeypatch)
     assert snap is not None and snap.version == 3 and sorted(u.key for u in snap.buffer) == [("b", 1)]
     again = reg.load()  # this process attempted version 4: it is never written again
     assert again is not None and again.version == 3 and again.version_floor == 4
+
+
+# ---------------------------------------------------------------------- O(changed) commits
+
+
+def _commit(reg: Registry, v: int, changed: dict[str, int], added: tuple[str, ...] = ()) -> None:
+    reg.commit(CommitVersion(version=v, weights=np.full(SPEC.size, v, np.float32), applied_changed=changed,
+                             consumed=tuple(changed.items()), metadata={"created_at": float(v)}, devices_added=added))
+
+
+def _log_bytes(reg: Registry) -> int:
+    return sum(p.stat().st_size for p in reg.pending_dir.glob("*.log"))
+
+
+def _commit_cost(root, known: int) -> tuple[int, bytes]:  # type: ignore[no-untyped-def]
+    """Log bytes and meta.json of a commit changing 2 devices, with ``known`` devices known."""
+    reg = Registry(root, SPEC, keep_versions=100)
+    everyone = [f"dev{i:05d}" for i in range(known)]
+    reg.write_version(0, np.zeros(SPEC.size, np.float32), {"applied_upto": dict.fromkeys(everyone, 1), "devices_seen": everyone})
+    reg.append_updates([upd("dev00001", 2, 1.0)])  # the segment exists
+    before = _log_bytes(reg)
+    _commit(reg, 1, {"dev00001": 2, "new": 0}, ("new",))
+    record = _log_bytes(reg) - before
+    meta = (reg.versions_dir / f"{1:09d}" / "meta.json").read_bytes()
+    snap = Registry(root, SPEC).load()  # and the cumulative maps are all there after a restart
+    assert snap is not None and snap.version == 1
+    assert dict(snap.applied_upto) == {**dict.fromkeys(everyone, 1), "dev00001": 2, "new": 0}
+    assert list(snap.devices_seen) == [*everyone, "new"]
+    return record, meta
+
+
+def test_a_commit_record_does_not_grow_with_devices_that_did_not_change(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    few_record, few_meta = _commit_cost(tmp_path / "few", 10)
+    many_record, many_meta = _commit_cost(tmp_path / "many", 10_000)
+    # the same two changes cost the same bytes whether 10 or 10,000 devices are known
+    assert (many_record, many_meta) == (few_record, few_meta)
+    assert few_record < 4 * SPEC.size + 400 and b"dev00002" not in many_meta
+
+
+def test_a_core_commit_carries_only_the_changed_watermarks_and_new_devices() -> None:
+    from coordinator.core import Snapshot
+    from edge_sdk.core.events import MessageReceived
+    from edge_sdk.wire import topics
+    from edge_sdk.wire.codec import encode
+    from edge_sdk.wire.messages import Pull, Update
+    from tests.helpers import make_coordinator
+
+    known = [f"old{i}" for i in range(10_000)]
+    snap = Snapshot(version=3, weights=np.zeros(SPEC.size, np.float32), applied_upto=dict.fromkeys(known, 5), devices_seen=known)
+    core = make_coordinator("spin", snapshot=snap, k=2, timeout_s=None)
+    for device in ("old7", "fresh"):
+        core.handle(MessageReceived(now=1.0, topic=topics.device_topic("r1", device, "pull"),
+                                    payload=encode(Pull(device=device, seq=6, model_id=SPEC.model_id))))
+    actions = [a for device in ("old7", "fresh") for a in core.handle(MessageReceived(
+        now=2.0, topic=topics.device_topic("r1", device, "update"),
+        payload=encode(Update(device=device, seq=6, model_id=SPEC.model_id, base_version=3, n_samples=2,
+                              weights=np.ones(SPEC.size, np.float32)))))]
+    (commit,) = [a for a in actions if isinstance(a, CommitVersion)]
+    assert dict(commit.applied_changed) == {"old7": 6, "fresh": 6} and commit.devices_added == ("fresh",)
+    assert "devices_seen" not in commit.metadata and "applied_upto" not in commit.metadata
+    assert core.applied_upto["old9"] == 5 and len(core.devices_seen) == 10_001
+
+
+def test_watermarks_survive_restarts_across_many_small_commits_checkpoints_and_a_failed_fsync(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import errno
+    import os
+    import shutil
+
+    import coordinator.registry as registry_module
+
+    reg = Registry(tmp_path, SPEC, keep_versions=100)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    applied: dict[str, int] = {}
+    seen: list[str] = []
+    at: dict[int, tuple[dict[str, int], list[str]]] = {}
+    v = failed = 0
+    n = 3 * registry_module.CHECKPOINT_EVERY + 5
+    for step in range(n):
+        v += 1
+        changed = {f"d{(step * 7 + j) % 50}": step for j in range(2)}
+        added = tuple(d for d in changed if d not in seen)
+        reg.stage([upd(d, s, 0.5) for d, s in changed.items()])
+        _commit(reg, v, changed, added)
+        applied.update(changed)
+        seen.extend(added)
+        at[v] = (dict(applied), list(seen))
+        if step == 20:  # a restart in the middle: the next commit is a base again
+            reg.close()
+            reg = Registry(tmp_path, SPEC, keep_versions=100)
+            snap = reg.load()
+            assert snap is not None and (snap.version, dict(snap.applied_upto), list(snap.devices_seen)) == (v, applied, seen)
+        if step == 30:  # a batch whose fsync fails: its version and watermarks never happened
+            reg.stage([upd("gone", 1, 0.5)])
+            reg.stage_version(CommitVersion(version=v + 1, weights=np.ones(SPEC.size, np.float32), applied_changed={"gone": 1},
+                                            consumed=(("gone", 1),), metadata={}, devices_added=("gone",)))
+
+            def eio(fd: int) -> None:
+                raise OSError(errno.EIO, "Input/output error")
+
+            monkeypatch.setattr(os, "fsync", eio)
+            with pytest.raises(OSError):
+                reg.flush()
+            monkeypatch.undo()
+            v += 1  # burnt; the registry goes on without a reload
+            failed = v
+    metas = [json_meta(reg, version) for version in range(1, v + 1) if version in reg.versions()]
+    assert sum("parent" in m for m in metas) > len(metas) // 2  # most versions carry only their changes
+    assert any("parent" not in m for m in metas)  # and every so often a base (a checkpoint)
+    assert reg._durable_version > failed  # checkpointed since the failure
+    reg.close()
+    snap = Registry(tmp_path, SPEC).load()
+    assert snap is not None and (snap.version, dict(snap.applied_upto), list(snap.devices_seen)) == (v, applied, seen)
+    assert "gone" not in snap.applied_upto and not snap.buffer
+    # without the log (all applied, checkpointed, or lost): the directories alone chain back to a base
+    shutil.rmtree(reg.pending_dir)
+    again = Registry(tmp_path, SPEC)
+    snap = again.load()
+    assert snap is not None and (snap.version, dict(snap.applied_upto), list(snap.devices_seen)) == (v, applied, seen)
+    for version in (5, 21, 22, 40):  # any kept version's cumulative maps, as they were then
+        meta = again.read_version(version)[1]
+        assert (meta["applied_upto"], meta["devices_seen"]) == at[version], version
+
+
+def json_meta(reg: Registry, version: int) -> dict[str, object]:
+    import json
+
+    meta = json.loads((reg.versions_dir / f"{version:09d}" / "meta.json").read_bytes())
+    assert isinstance(meta, dict)
+    return meta
+
+
+def test_pruning_keeps_each_kept_versions_chain_back_to_its_base(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    reg = Registry(tmp_path, SPEC, keep_versions=4)  # a base every 4 versions
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    expected: dict[int, dict[str, int]] = {}
+    applied: dict[str, int] = {}
+    for v in range(1, 31):
+        applied[f"d{v % 9}"] = v
+        _commit(reg, v, {f"d{v % 9}": v})
+        expected[v] = dict(applied)
+    kept = reg.versions()
+    assert 4 <= len(kept) < 4 + 4 + 4 and kept[-1] == 30
+    assert "parent" not in json_meta(reg, kept[0])  # the oldest kept is a base
+    for v in kept:
+        assert reg.read_version(v)[1]["applied_upto"] == expected[v]
