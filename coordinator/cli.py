@@ -89,6 +89,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=float, help="training hint sent to devices: local epochs")
     p.add_argument("--lr", type=float, help="training hint sent to devices: learning rate")
     p.add_argument("--seed", type=int, default=0, help="seed of the coordinator's random choices (and of the pretrained model)")
+    st = p.add_argument_group("stale updates (the staleness policy is a strategy parameter: --param staleness=NAME)")
+    st.add_argument("--conversion-deadline", type=float, default=60.0, metavar="S",
+                    help="with --param staleness=gradient-inversion (or dc-asgd) and --param convert_beyond=N: updates "
+                    "staler than N versions are converted before aggregation; gradient inversion runs on a worker thread "
+                    "(needs the [train] extra) and a conversion not back within S seconds falls back to the damped update")
+    st.add_argument("--inversion", action="append", default=None, metavar="NAME=VALUE",
+                    help="gradient-inversion setting by name (repeatable): iterations, time_budget_s, max_samples, "
+                    "samples_fraction, inversion_lr, epochs, lr, momentum, seed")
     gate = p.add_argument_group("release gate (what devices predict with)")
     gate.add_argument("--validation", type=Path, help="validation set (.npz with x and y): every new version is a candidate, "
                       "released only if its accuracy there is not worse than the release's by more than --gate-margin; "
@@ -96,6 +104,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     gate.add_argument("--gate-margin", type=float, default=0.02, help="accuracy a candidate may lose against the release and still be promoted")
     gate.add_argument("--rollback-margin", type=float, default=0.10, help="a candidate worse than the release by more than this is "
                       "rejected and the training line rolled back; between the two margins it is held (not released, training goes on)")
+    gate.add_argument("--gate-z", type=float, default=1.0, help="classifiers: the margins are applied to a one-sided bound on the paired "
+                      "accuracy difference on the same validation samples, d ∓ z·se (1.0 ≈ 84 %% confidence; 0 = the point estimate)")
     gate.add_argument("--operator-keys", type=Path, help="folder of operator *.pub keys that may sign rollback/pin commands "
                       "(besides this coordinator's own signing key)")
     o = p.add_argument_group("operations")
@@ -203,7 +213,10 @@ def options_from(args: argparse.Namespace, layered: Layered | None = None) -> Co
         validation=getattr(args, "validation", None),
         gate_margin=getattr(args, "gate_margin", 0.02),
         rollback_margin=getattr(args, "rollback_margin", 0.10),
+        gate_z=float(getattr(args, "gate_z", 1.0)),
         operator_keys_dir=getattr(args, "operator_keys", None),
+        conversion_deadline_s=float(getattr(args, "conversion_deadline", 60.0)),
+        inversion_params=parse_params(getattr(args, "inversion", None) or ()),
         status_interval_s=interval,
         auth=auth_from_args(args),
         bundle=args.bundle,

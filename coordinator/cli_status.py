@@ -154,6 +154,19 @@ def render(status: Mapping[str, Any], now: float, stale_after: float | None = No
     extra_pulls = "".join(f" · {k} {x[f'pulls_{k}']}" for k in ("serving", "unchanged") if f"pulls_{k}" in x)
     out.append(f"pulls     served {x.get('pulls_served', 0)} · deferred {x.get('pulls_deferred', 0)}{extra_pulls} · "
                f"aggregations {x.get('aggregations', 0)} · traffic in {_bytes(x.get('bytes_in'))}, out {_bytes(x.get('bytes_out'))}")
+    conv = x.get("conversion")
+    if isinstance(conv, Mapping):
+        mode = str(conv.get("mode", "?"))
+        if mode == "blending":
+            mode += f" since version {conv.get('switch_version')} (α {_value(conv.get('alpha'))})"
+        elif mode == "switched-off":
+            mode += f" at version {conv.get('switch_version')} (stale updates are damped)"
+        evidence = "" if conv.get("e1_l1") is None else (
+            f" · estimate vs stale error (L1) {_value(conv.get('e1_l1'))} vs {_value(conv.get('e2_l1'))}"
+            f" over {conv.get('observations', 0)} devices")
+        out.append(f"stale     {conv.get('policy', '?')}: {mode} · requested {conv.get('requested', 0)} · applied "
+                   f"{conv.get('applied', 0)} · late {conv.get('late', 0)} · failed {conv.get('failed', 0)} · "
+                   f"parked {conv.get('parked', 0)}{evidence}")
     online = x.get("devices_online")
     out.append(f"devices   seen {status.get('devices_seen', 0)}" + (f" · online {online}" if online is not None else ""))
     devices = x.get("devices") or []

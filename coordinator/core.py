@@ -75,9 +75,11 @@ from typing import Any
 
 import numpy as np
 
+from coordinator.conversion import ConversionConfig, SwitchTracker, dc_asgd
 from coordinator.gate import Gate, GateConfig
 from coordinator.peering.base import BROADCAST, Peering, PeerPlan
 from coordinator.strategies.base import BufferedUpdate, Plan, ReadOnlyView, Strategy
+from coordinator.strategies.staleness import Convert, needs_driver, policy_of
 from edge_sdk.core.events import MessageReceived, Notify, Publish, ScheduleTimer, TimerFired
 from edge_sdk.errors import (
     BadSignature,
@@ -142,6 +144,9 @@ class CandidateEvaluated:
     candidate_metric: float
     release_metric: float
     release_version: int
+    paired: tuple[int, int, int] | None = None
+    """(better, worse, n) on the same samples: only the candidate right, only the release right
+    (see :func:`coordinator.gate.paired_counts`); None when the task cannot say."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -179,12 +184,17 @@ class PersistUpdate:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CommitVersion:
-    """Atomically write a new version with the watermarks of every update applied so far."""
+    """Atomically write a new version with the watermarks this commit raised. O(changed
+    devices): the registry keeps the cumulative ``applied_upto`` and ``devices_seen``
+    (applying ``applied_changed`` and ``devices_added`` to its copy) and restores them."""
 
     version: int
     weights: Vector
-    applied_upto: Mapping[str, int]
+    applied_changed: Mapping[str, int]
+    """The new watermark of each device whose updates this commit consumed (only those)."""
     consumed: tuple[tuple[str, int], ...]
+    devices_added: tuple[str, ...] = ()
+    """Devices first seen since the previous commit, in the order they were seen."""
     metadata: Mapping[str, Any]
 
 
@@ -237,6 +247,17 @@ class ConvertUpdate:
     deadline: float
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Parked:
+    """An accepted update waiting for its conversion (durable and acknowledged already)."""
+
+    update: BufferedUpdate
+    deadline: float
+    base: Vector
+    target_version: int
+    target: Vector
+
+
 CoordinatorAction = Publish | ScheduleTimer | PersistUpdate | CommitVersion | Notify | EvaluateCandidate | RecordRelease | LoadVersion | ConvertUpdate
 PRESENCE_LIMIT = 10_000
 """Devices whose presence (online flag, last seen) is tracked; the least recent are forgotten."""
@@ -276,11 +297,17 @@ class CoordinatorConfig:
     """Devices tracked at once; messages from further new ids are rejected (memory bound)."""
     status_interval_s: float = 0.25
     """Publish the retained status at most this often (immediately when the version changes)."""
+    status_payload: bool = True
+    """Build the status JSON for each status publish. False (the in-process emulator, where no
+    one subscribes to it): on the same schedule the core only says ``Notify(kind="status")``,
+    and whoever wants the status calls :meth:`CoordinatorCore.status`."""
     gate: GateConfig | None = None
     """Promote candidates to the release only on evidence (None: every version is released)."""
     operator_keys: Mapping[str, bytes] = field(default_factory=dict)
     """Keys that may sign control commands, besides this coordinator's own signing key."""
     control_max_age_s: float = 300.0
+    conversion: ConversionConfig = field(default_factory=ConversionConfig)
+    """Converting staleness policies (gradient-inversion, dc-asgd): deadline, switch back."""
 
     def __post_init__(self) -> None:
         topics.check_id(self.region, "region")
@@ -321,6 +348,8 @@ class Snapshot:
     release_weights: Vector | None = None
     pinned: bool = False
     gate_history: Sequence[Mapping[str, Any]] = ()
+    conversion_state: Mapping[str, Any] = field(default_factory=dict)
+    """The converting policy's switch point (see coordinator.conversion)."""
 
 
 class CoordinatorCore:
@@ -359,6 +388,14 @@ class CoordinatorCore:
         self._candidate_devices: dict[int, tuple[str, ...]] = {}
         self._control_seen: dict[tuple[str, int], float] = {}
         self._pending_actions: list[CoordinatorAction] = []
+        # Converting staleness policies: parked updates wait for the driver's conversion; a
+        # device's later updates queue behind its parked one (applied in seq order).
+        self._policy = policy_of(strategy)
+        self._converting = needs_driver(self._policy)
+        self._switch = SwitchTracker(config.conversion, dict(snapshot.conversion_state))
+        self._parked: dict[int, _Parked] = {}
+        self._parked_devices: dict[str, list[BufferedUpdate]] = {}  # device -> updates queued behind its parked one
+        self._next_ticket = 1
         self._view = ReadOnlyView(self)  # what strategies and peerings see: no mutators, read-only vectors
         self._applied_upto: dict[str, int] = dict(snapshot.applied_upto)
         self._accepted_upto: dict[str, int] = dict(snapshot.applied_upto)
@@ -366,6 +403,7 @@ class CoordinatorCore:
         self._first_buffered_at: float | None = None
         self._last_aggregation_at = float(snapshot.last_aggregation_at)
         self._devices: dict[str, None] = dict.fromkeys(snapshot.devices_seen)
+        self._devices_committed = len(self._devices)  # the first ones are in the registry already
         # Presence (MQTT last will) and last seen, ordered by recency; bookkeeping only, never
         # an input to protocol decisions. device -> (online or None if unknown, last seen, version)
         self._presence: dict[str, tuple[bool | None, float, int]] = {}
@@ -417,6 +455,11 @@ class CoordinatorCore:
     @property
     def buffer(self) -> Sequence[BufferedUpdate]:
         return tuple(self._buffer)
+
+    @property
+    def conversion_policy(self) -> str | None:
+        """The converting staleness policy's name (a driver must run its conversions), else None."""
+        return self._policy.name if self._converting else None
 
     @property
     def last_aggregation_at(self) -> float:
@@ -497,6 +540,12 @@ class CoordinatorCore:
                     "rolled_back_updates": c["rolled_back_updates"],
                 },
                 "recent_versions": self._gate_history[-10:],
+                "conversion": None if not needs_driver(self._policy) else {
+                    "policy": self._policy.name,
+                    **self._switch.describe(self._version),
+                    "parked": len(self._parked),
+                    **{k: c[f"conversion_{k}"] for k in ("requested", "applied", "late", "failed", "no_base", "switched_off")},
+                },
                 "storage_ok": self._storage_ok,
                 "storage_detail": self._storage_detail,
                 "recovered_from": list(self._recovered_from),
@@ -533,9 +582,13 @@ class CoordinatorCore:
             actions = self._on_evaluated(event)
         elif isinstance(event, VersionLoaded):
             actions = self._on_version_loaded(event)
+        elif isinstance(event, UpdateConverted):
+            actions = self._on_converted(event)
         else:
             raise LocalProtocolError(f"CoordinatorCore cannot handle {type(event).__name__}")
         now = event.now
+        if self._parked:
+            actions += self._expire_conversions(now)
         if self._status_dirty and (now >= self._status_next_at or self._version != self._status_version):
             actions.append(self._status_action(now))  # a new version is announced at once
         actions += self._after(now)
@@ -782,21 +835,136 @@ class CoordinatorCore:
             loss=msg.loss,
             nonce=msg.nonce,
         )
-        self._buffer_update(update)
         self.counters["accepted"] += 1
         self.staleness_hist[update.staleness] += 1
-        self.strategy.on_update(self._view, update, now)
+        actions: list[CoordinatorAction] = [PersistUpdate(update=update)]
+        if self._converting:
+            actions += self._admit(update, now)
+        else:
+            self._buffer_update(update)
+            self.strategy.on_update(self._view, update, now)
         ack = Ack(device=msg.device, seq=msg.seq, status="accepted", version=self._version)
-        return [PersistUpdate(update=update), self._publish(ack_topic, encode(ack))]
+        return [*actions, self._publish(ack_topic, encode(ack))]
 
     def _buffer_update(self, update: BufferedUpdate) -> None:
         if not self._buffer:
             self._first_buffered_at = update.arrived_at
         self._buffer.append(update)
+        self._note_accepted(update)
+
+    def _note_accepted(self, update: BufferedUpdate) -> None:
         self._status_dirty = True
         if update.seq > self._accepted_upto.get(update.device, -1):
             self._accepted_upto[update.device] = update.seq
             self._last_nonce[update.device] = (update.seq, update.nonce)
+
+    # ------------------------------------------------------------------ converting stale updates
+
+    def _admit(self, update: BufferedUpdate, now: float) -> list[CoordinatorAction]:
+        """A converting staleness policy is on: buffer the update, converting it first when
+        the policy says so. A device's updates stay in seq order behind a parked one."""
+        self._note_accepted(update)
+        if update.group == FULL and self._switch.tracking(update.device):
+            base = self._history.get(update.base_version)
+            if base is not None:  # the device's true change: evidence for the switch back
+                delta = np.subtract(update.weights, base, dtype=np.float32)
+                self._switch.observe(update.device, update.base_version, delta, self._version)
+        queue = self._parked_devices.get(update.device)
+        if queue is not None:
+            queue.append(update)
+            return []
+        return self._convert_or_buffer(update, now)
+
+    def _convert_or_buffer(self, update: BufferedUpdate, now: float) -> list[CoordinatorAction]:
+        verdict = self._policy.judge(update.staleness)
+        cc = self.config.conversion
+        if isinstance(verdict, Convert) and update.group == FULL:
+            base = self._history.get(update.base_version)
+            if not self._switch.converting(self._version):
+                self.counters["conversion_switched_off"] += 1
+            elif base is None:
+                self.counters["conversion_no_base"] += 1  # keep_versions too small for this staleness
+            elif verdict.kind == "dc-asgd":
+                lr = float(self.config.hints.get("lr", cc.default_lr))
+                weights = dc_asgd(update.weights, base, self._weights, lr=lr, lam=cc.dc_lambda)
+                if bool(np.isfinite(weights).all()):
+                    self.counters["conversion_applied"] += 1
+                    update = self._as_fresh(update, weights, self._version, now)
+                else:
+                    self.counters["conversion_failed"] += 1
+            else:
+                ticket = self._next_ticket
+                self._next_ticket += 1
+                parked = _Parked(update=update, deadline=now + cc.deadline_s, base=base,
+                                 target_version=self._version, target=self._weights)
+                self._parked[ticket] = parked
+                self._parked_devices[update.device] = []
+                self.counters["conversion_requested"] += 1
+                self._status_dirty = True
+                return [ConvertUpdate(
+                    ticket=ticket, device=update.device, kind=verdict.kind, stale_weights=update.weights,
+                    base_version=update.base_version, base_weights=base, target_version=self._version,
+                    target_weights=self._weights, n_samples=update.n_samples, staleness=update.staleness,
+                    hints=dict(self.config.hints), deadline=parked.deadline,
+                )]
+        self._buffer_update(update)
+        self.strategy.on_update(self._view, update, now)
+        return []
+
+    def _as_fresh(self, update: BufferedUpdate, weights: Vector, target_version: int, now: float) -> BufferedUpdate:
+        return BufferedUpdate(
+            device=update.device, seq=update.seq, base_version=target_version,
+            staleness=self._version - target_version, n_samples=update.n_samples, weights=weights,
+            group=FULL, arrived_at=now, loss=update.loss, nonce=update.nonce,
+        )
+
+    def _on_converted(self, ev: UpdateConverted) -> list[CoordinatorAction]:
+        parked = self._parked.pop(ev.ticket, None)
+        if parked is None:  # past its deadline (fallen back already), or abandoned by a rollback
+            self.counters["conversion_late_answers"] += 1
+            return []
+        update = parked.update
+        w = ev.weights
+        if w is not None and w.shape == parked.target.shape and w.dtype == np.float32 and bool(np.isfinite(w).all()):
+            estimate = np.subtract(w, parked.target, dtype=np.float32)
+            stale_delta = np.subtract(update.weights, parked.base, dtype=np.float32)
+            self._switch.record(update.device, parked.target_version, estimate, stale_delta)
+            merged = parked.target + self._switch.blend(estimate, stale_delta, self._version)
+            self.counters["conversion_applied"] += 1
+            update = self._as_fresh(update, merged.astype(np.float32, copy=False), parked.target_version, ev.now)
+        else:
+            self.counters["conversion_failed"] += 1
+        return self._release_device(update, ev.now)
+
+    def _release_device(self, update: BufferedUpdate, now: float) -> list[CoordinatorAction]:
+        """Buffer a device's (converted or fallen-back) update and the ones queued behind it."""
+        queue = self._parked_devices.pop(update.device, [])
+        self._buffer_update(update)
+        self.strategy.on_update(self._view, update, now)
+        actions: list[CoordinatorAction] = []
+        while queue:
+            actions += self._convert_or_buffer(queue.pop(0), now)
+            if update.device in self._parked_devices:  # parked again: the rest waits behind it
+                self._parked_devices[update.device].extend(queue)
+                break
+        return actions
+
+    def _expire_conversions(self, now: float) -> list[CoordinatorAction]:
+        actions: list[CoordinatorAction] = []
+        for ticket in [t for t, p in self._parked.items() if p.deadline <= now]:
+            parked = self._parked.pop(ticket)
+            self.counters["conversion_late"] += 1  # the damped fallback applies (staleness_factor)
+            actions += self._release_device(parked.update, now)
+        return actions
+
+    def _abandon_conversions(self) -> None:
+        """A rollback consumes the buffer: parked and queued updates go with it, unconverted."""
+        for parked in self._parked.values():
+            self._buffer.append(parked.update)
+        for queue in self._parked_devices.values():
+            self._buffer.extend(queue)
+        self._parked.clear()
+        self._parked_devices.clear()
 
     # ------------------------------------------------------------------ planning
 
@@ -815,7 +983,8 @@ class CoordinatorCore:
                 actions.extend(self._invite(device))
             if not aggregated and not plan.invite:
                 status_due = self._status_next_at if self._status_dirty and self._status_next_at > now else None
-                wakes = [t for t in (plan.wake_at, self.peering.wake_at(), status_due) if t is not None]
+                conversion_due = min((p.deadline for p in self._parked.values()), default=None)
+                wakes = [t for t in (plan.wake_at, self.peering.wake_at(), status_due, conversion_due) if t is not None]
                 wake = min(wakes) if wakes else None
                 if wake != self._wake_at:
                     self._wake_at = wake
@@ -868,6 +1037,19 @@ class CoordinatorCore:
             weights=u.weights[sl], group=group, arrived_at=u.arrived_at, loss=u.loss,
         )
 
+    def _take_devices_added(self) -> tuple[str, ...]:
+        """Devices first seen since the previous commit (``_devices`` only grows, in order): O(new)."""
+        n = len(self._devices) - self._devices_committed
+        self._devices_committed = len(self._devices)
+        if n <= 0:
+            return ()
+        newest: list[str] = []
+        for device in reversed(self._devices):
+            if len(newest) == n:
+                break
+            newest.append(device)
+        return tuple(reversed(newest))
+
     def _commit(self, weights: Vector, now: float, *, consumed: tuple[tuple[str, int], ...], meta: Mapping[str, Any]) -> CommitVersion:
         """Make ``weights`` the next version (validated: a bug must never deploy NaN)."""
         self.config.spec.check(weights)
@@ -899,16 +1081,17 @@ class CoordinatorCore:
         return CommitVersion(
             version=self._version,
             weights=weights,
-            applied_upto=dict(self._applied_upto),
+            applied_changed={device: self._applied_upto[device] for device, _ in consumed if device in self._applied_upto},
             consumed=consumed,
+            devices_added=self._take_devices_added(),
             metadata={
                 "created_at": now,
                 "strategy": self.strategy.name,
                 **meta,
                 "last_full_version": self._last_full_version,
                 "counters": dict(self.counters),
-                "devices_seen": list(self._devices),
                 "peering": self.peering.checkpoint(),
+                **({"conversion": self._switch.checkpoint()} if self._converting else {}),
                 "release": self._release_version,
                 "pinned": self._pinned,
             },
@@ -934,12 +1117,14 @@ class CoordinatorCore:
             self._gate.take(ev.version)
             self._candidate_devices.pop(ev.version, None)
             return []
-        decision = self._gate.record_validation(ev.version, ev.candidate_metric, ev.release_metric)
+        decision = self._gate.record_validation(ev.version, ev.candidate_metric, ev.release_metric, ev.paired)
         if decision is None:
             return []
         evidence = self._gate.take(ev.version)
         assert evidence is not None
-        metrics = {"candidate_metric": round(ev.candidate_metric, 5), "release_metric": round(ev.release_metric, 5)}
+        metrics: dict[str, Any] = {"candidate_metric": round(ev.candidate_metric, 5), "release_metric": round(ev.release_metric, 5)}
+        if evidence.paired is not None:
+            metrics["paired"] = list(evidence.paired)  # better, worse, n
         devices = self._candidate_devices.pop(ev.version, ())
         if decision == "promote":
             weights = self._history.get(ev.version)
@@ -969,6 +1154,7 @@ class CoordinatorCore:
     def _rollback_training_line(self, now: float, *, rejected: int) -> CommitVersion:
         """Commit the release's weights as the next training version, discarding the buffer
         (those updates were trained from the rejected lineage; their keys count as applied)."""
+        self._abandon_conversions()
         consumed = tuple(u.key for u in self._buffer)
         for u in self._buffer:
             self._applied_upto[u.device] = max(self._applied_upto.get(u.device, -1), u.seq)
@@ -1015,6 +1201,7 @@ class CoordinatorCore:
         if ev.weights is None:
             return [Notify(kind="control_failed", data={"command": ev.command, "version": ev.version, "detail": ev.detail[:200]})]
         weights = np.array(self.config.spec.check(np.asarray(ev.weights, dtype=np.float32)), copy=True)
+        self._abandon_conversions()
         consumed = tuple(u.key for u in self._buffer)
         for u in self._buffer:
             self._applied_upto[u.device] = max(self._applied_upto.get(u.device, -1), u.seq)
@@ -1083,11 +1270,13 @@ class CoordinatorCore:
         self.counters["bytes_out"] += len(payload)
         return Publish(topic=topic, payload=payload, qos=1, retain=retain)
 
-    def _status_action(self, now: float | None = None) -> Publish:
+    def _status_action(self, now: float | None = None) -> Publish | Notify:
         """The retained status; at most one per ``status_interval_s`` unless the version changed
         (a flood of rejected messages must not become a flood of status publishes)."""
         self._status_dirty = False
         self._status_version = self._version
         if now is not None:
             self._status_next_at = now + self.config.status_interval_s
+        if not self.config.status_payload:
+            return Notify(kind="status", data={"version": self._version})  # built lazily, by whoever asks
         return Publish(topic=topics.status_topic(self.config.region), payload=status_json(self.status()), qos=1, retain=True)

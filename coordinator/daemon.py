@@ -20,8 +20,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from coordinator.conversion import ConversionConfig
+from coordinator.conversion_worker import ConversionWorker, Converter
 from coordinator.core import (
     CommitVersion,
+    ConvertUpdate,
     CoordinatorConfig,
     CoordinatorCore,
     EvaluateCandidate,
@@ -30,6 +33,7 @@ from coordinator.core import (
     RecordRelease,
     Snapshot,
     StorageChanged,
+    UpdateConverted,
     VersionLoaded,
 )
 from coordinator.gate import GateConfig
@@ -37,6 +41,7 @@ from coordinator.methods import make_method
 from coordinator.metrics import CoordinatorMetrics, stamp_status, status_will
 from coordinator.registry import Registry, RegistryError
 from coordinator.strategies.base import BufferedUpdate
+from coordinator.strategies.staleness import needs_driver, policy_of
 from coordinator.validation import Validator, load_validation
 from edge_sdk.core.events import Notify, Publish
 from edge_sdk.modelio import load_model
@@ -94,8 +99,16 @@ class CoordinatorOptions:
     """Promote a candidate unless its validation accuracy is this much below the release's."""
     rollback_margin: float = 0.10
     """Reject a candidate and roll the training line back when it is this much worse."""
+    gate_z: float = 1.0
+    """The gate's one-sided bound on the paired accuracy difference (``GateConfig.paired_z``)."""
     operator_keys_dir: Path | None = None
     """Folder of operator ``*.pub`` keys allowed to sign control commands (besides our own key)."""
+    conversion_deadline_s: float = 60.0
+    """Converting staleness policies: a conversion not back within this falls back to damping."""
+    conversion_history: int = 48
+    """Converting policies: past versions kept in memory; staler updates cannot be converted (damped, counted)."""
+    inversion_params: Mapping[str, Any] = field(default_factory=dict)
+    """gradient-inversion: ``coordinator.inversion.InversionConfig`` fields (iterations, time_budget_s, ...)."""
 
 
 class CoordinatorDaemon:
@@ -109,6 +122,7 @@ class CoordinatorDaemon:
         clock: Clock | None = None,
         on_commit: Callable[[int, Vector], None] | None = None,
         on_release: Callable[[int, Vector], None] | None = None,
+        converter: Converter | None = None,
     ) -> None:
         self.options = options
         self.task = task or get_task(options.model)
@@ -116,6 +130,8 @@ class CoordinatorDaemon:
         self.on_commit = on_commit
         self.on_release = on_release
         self.validator: Validator | None = None
+        self._converter = converter
+        self.conversions: ConversionWorker | None = None
         operator_dir = options.operator_keys_dir or (options.bundle / "operators" if options.bundle is not None else None)
         self.operator_keys = load_trusted_keys(operator_dir) if operator_dir is not None and Path(operator_dir).is_dir() else {}
         self.coordinator_id = options.coordinator_id or f"coord-{options.region}"
@@ -136,6 +152,7 @@ class CoordinatorDaemon:
         self._held: list[object] = []
         self._discarding = False
         self._rebuild: str | None = None
+        self._status_due = False
         self._storage_ok = True
         self.storage_failures = 0
         self._probe_stop = threading.Event()
@@ -192,9 +209,14 @@ class CoordinatorDaemon:
                 full_sync_every=options.full_sync_every,
                 signer=self.signer,  # every model and peer message is signed
                 peer_keys=self.peer_keys,
-                gate=GateConfig(margin=options.gate_margin, rollback_margin=max(options.rollback_margin, options.gate_margin))
+                gate=GateConfig(margin=options.gate_margin, rollback_margin=max(options.rollback_margin, options.gate_margin),
+                                paired_z=options.gate_z)
                 if options.validation is not None else None,
                 operator_keys=self.operator_keys,
+                conversion=ConversionConfig(deadline_s=options.conversion_deadline_s),
+                status_payload=False,  # the status JSON is built once per batch (_end_batch), not per version
+                # a converting staleness policy needs the base version of the stale updates it converts
+                keep_versions=options.conversion_history if needs_driver(policy_of(strategy)) else 8,
             ),
             strategy,
             snapshot,
@@ -226,6 +248,16 @@ class CoordinatorDaemon:
             self.validator = Validator(self.task, split, self.actor.submit).start()
             log.info("release gate on: candidates are scored on %d validation samples (%s), margin %.3f",
                      len(split), self.options.validation, self.options.gate_margin)
+        if self.core.conversion_policy == "gradient-inversion":
+            converter = self._converter
+            if converter is None:
+                from coordinator.inversion import make_inverter  # needs torch (the [train] extra)
+
+                converter = make_inverter(self.task.name, self.task.spec, **dict(self.options.inversion_params))
+            self.conversions = ConversionWorker(converter, self.actor.submit, self.clock.now).start()
+            log.info("staleness policy gradient-inversion: updates staler than %s versions are converted on a worker "
+                     "(deadline %.0f s, then damped)", self.core.strategy.describe().get("convert_beyond"),
+                     self.options.conversion_deadline_s)
         self.actor.start()
         self._probe_thread.start()
         self.transport.start(timeout)
@@ -254,6 +286,8 @@ class CoordinatorDaemon:
         self.transport.stop()
         if self.validator is not None:
             self.validator.stop()
+        if self.conversions is not None:
+            self.conversions.stop()
         self.actor.stop(drain=drain)
         self.registry.close()
         self.stopped.set()
@@ -350,6 +384,9 @@ class CoordinatorDaemon:
                 self._held = []
                 self._rebuild_core()
                 return
+        if self._status_due:  # the core asked for a status (new version, or due): the batch's last state, once
+            self._status_due = False
+            self._do(Publish(topic=self._status_topic, payload=status_json(self.core.status()), qos=1, retain=True))
 
     def _storage_failed(self, detail: str) -> None:
         """Nothing that waited for durability may leave: drop it, rebuild the core next."""
@@ -451,6 +488,11 @@ class CoordinatorDaemon:
             if self.on_release is not None:
                 version, weights = self.core.release
                 self.on_release(version, weights)
+        elif isinstance(action, ConvertUpdate):
+            if self.conversions is not None:
+                self.conversions.submit(action)
+            else:  # no worker (e.g. dc-asgd never asks): answer at once, the core falls back
+                self.actor.submit(lambda now: UpdateConverted(now=now, ticket=action.ticket, weights=None, detail="no converter"))
         elif isinstance(action, LoadVersion):
             try:
                 weights, detail = self.registry.read_version(action.version)[0], ""
@@ -458,7 +500,9 @@ class CoordinatorDaemon:
                 weights, detail = None, str(exc)
             self.actor.submit(partial(self._version_loaded, action, weights, detail))
         elif isinstance(action, Notify):
-            if action.kind == "rejected":
+            if action.kind == "status":
+                self._status_due = True  # built once, at the end of the batch
+            elif action.kind == "rejected":
                 log.warning("rejected a message: %s", action.data)
             else:
                 log.debug("%s %s", action.kind, action.data)

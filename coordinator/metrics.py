@@ -114,6 +114,16 @@ class _SnapshotCollector:
                                 value=x.get("devices_online", 0))
         yield GaugeMetricFamily("edgeci_storage_ok", "1 while storage accepts writes", value=1 if x.get("storage_ok", True) else 0)
         yield _staleness(x.get("staleness_histogram", {}))
+        conv = x.get("conversion")
+        if isinstance(conv, dict):  # a converting staleness policy (gradient-inversion, dc-asgd)
+            outcomes = CounterMetricFamily("edgeci_conversions", "Stale-update conversions by outcome", labels=["outcome"])
+            for outcome in ("requested", "applied", "late", "failed", "no_base", "switched_off"):
+                outcomes.add_metric([outcome], conv.get(outcome, 0))
+            yield outcomes
+            yield GaugeMetricFamily("edgeci_conversion_alpha", "Weight of converted estimates (1 before the switch back, "
+                                    "falling to 0 after it)", value=float(conv.get("alpha", 1.0)))
+            yield GaugeMetricFamily("edgeci_conversions_parked", "Updates waiting for their conversion",
+                                    value=conv.get("parked", 0))
 
 
 def _staleness(hist: Mapping[str, int]) -> HistogramMetricFamily:

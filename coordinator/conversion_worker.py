@@ -1,0 +1,95 @@
+"""Runs the core's :class:`~coordinator.core.ConvertUpdate` requests off the actor thread.
+
+Gradient inversion takes seconds; the coordinator's actor must keep serving pulls and
+acknowledging updates meanwhile. One worker thread (on a 2-core machine one conversion at a
+time is the most that helps) takes requests from a bounded queue, runs the converter and
+hands :class:`~coordinator.core.UpdateConverted` back to the actor. A request that cannot be
+queued, that is already past its deadline when its turn comes, or whose conversion raises is
+answered with ``weights=None`` — the core then applies the stale update damped (counted).
+A late answer is harmless: the core has fallen back already and ignores it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any, Protocol
+
+import numpy as np
+
+from coordinator.core import ConvertUpdate, UpdateConverted
+from edge_sdk.spec import Vector
+
+log = logging.getLogger("edgeci.coordinator")
+
+__all__ = ["ConversionWorker", "Converter"]
+
+
+class Converter(Protocol):
+    """What the worker runs: ``coordinator.inversion.GradientInverter`` (or a test's stand-in)."""
+
+    def convert(self, request: ConvertUpdate) -> Any: ...
+
+
+def _answer(request: ConvertUpdate, weights: Vector | None, elapsed: float, detail: str, now: float) -> UpdateConverted:
+    return UpdateConverted(now=now, ticket=request.ticket, weights=weights, elapsed_s=elapsed, detail=detail)
+
+
+class ConversionWorker:
+    """``submit(ConvertUpdate)`` → later ``deliver(callable(now) -> UpdateConverted)``."""
+
+    def __init__(self, converter: Converter, deliver: Callable[[Callable[[float], Any]], None],
+                 now: Callable[[], float], *, max_queue: int = 8) -> None:
+        self.converter, self._deliver, self._now = converter, deliver, now
+        self._queue: queue.Queue[ConvertUpdate | None] = queue.Queue(maxsize=max_queue)
+        self._thread = threading.Thread(target=self._run, name="staleness-converter", daemon=True)
+        self.done = 0
+        self.failed = 0
+        self.busy_s = 0.0
+
+    def start(self) -> ConversionWorker:
+        self._thread.start()
+        return self
+
+    def submit(self, request: ConvertUpdate) -> None:
+        try:
+            self._queue.put_nowait(request)
+        except queue.Full:
+            self.failed += 1
+            log.warning("conversion queue full: device %s's update (staleness %d) is applied damped", request.device, request.staleness)
+            self._deliver(partial(_answer, request, None, 0.0, "conversion queue full"))
+
+    def stop(self) -> None:
+        with contextlib.suppress(queue.Full):
+            self._queue.put(None, timeout=5)
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        while (request := self._queue.get()) is not None:
+            if self._now() >= request.deadline:
+                self.failed += 1
+                self._deliver(partial(_answer, request, None, 0.0, "deadline passed while queued"))
+                continue
+            t0 = time.perf_counter()
+            try:
+                result = self.converter.convert(request)
+                weights = getattr(result, "weights", result)
+                weights = None if weights is None else np.asarray(weights, dtype=np.float32)
+                detail = ""
+            except Exception as exc:  # a converter bug must not kill the worker: fall back, logged
+                log.exception("converting device %s's update failed", request.device)
+                weights, detail = None, f"{type(exc).__name__}: {exc}"[:200]
+            elapsed = time.perf_counter() - t0
+            self.busy_s += elapsed
+            if weights is None:
+                self.failed += 1
+            else:
+                self.done += 1
+            log.info("converted device %s's update (staleness %d → version %d) in %.2f s%s", request.device,
+                     request.staleness, request.target_version, elapsed, f" [{detail}]" if detail else "")
+            self._deliver(partial(_answer, request, weights, elapsed, detail))

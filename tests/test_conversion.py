@@ -1,0 +1,211 @@
+"""Converting very stale updates (issue 15): the core's park / convert / fall back rules,
+DC-ASGD, and the switch back to plain aggregation (E1 vs E2, α blending)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from coordinator.conversion import ConversionConfig, SwitchTracker, dc_asgd, disparity
+from coordinator.core import (
+    CommitVersion,
+    ConvertUpdate,
+    CoordinatorCore,
+    PersistUpdate,
+    Snapshot,
+    UpdateConverted,
+)
+from edge_sdk.core.events import MessageReceived, Publish, ScheduleTimer, TimerFired
+from edge_sdk.errors import ConfigError
+from edge_sdk.wire import topics
+from edge_sdk.wire.codec import decode, encode, parse_status_json
+from edge_sdk.wire.messages import Ack, Update
+from tests.helpers import SPEC, make_coordinator
+
+
+def upd(device: str, seq: int, value: float, *, base: int, now: float = 0.0) -> MessageReceived:
+    msg = Update(device=device, seq=seq, model_id="toy", base_version=base, n_samples=4,
+                 weights=np.full(SPEC.size, value, dtype=np.float32))
+    return MessageReceived(now=now, topic=topics.device_topic("r1", device, "update"), payload=encode(msg))
+
+
+def acks(actions: Sequence[object]) -> list[Ack]:
+    out = []
+    for a in actions:
+        if isinstance(a, Publish) and a.topic.endswith("/ack"):
+            m = decode(a.payload)
+            assert isinstance(m, Ack)
+            out.append(m)
+    return out
+
+
+def converting_core(policy: str = "gradient-inversion", *, snapshot: Snapshot | None = None) -> CoordinatorCore:
+    """A SPIN core (no clipping) whose staleness policy converts updates staler than 2."""
+    c = make_coordinator(k=2, timeout_s=None, snapshot=snapshot, clip_multiplier=0, sample_weight_cap=0,
+                         staleness=policy, convert_beyond=2)
+    start = c.version
+    for i in range(4):  # four versions from two fresh devices
+        c.handle(upd("fresh", 2 * i, 1.0 + i, base=c.version))
+        c.handle(upd("fresh2", 2 * i, 1.0 + i, base=c.version))
+    assert c.version == start + 4
+    return c
+
+
+def test_a_very_stale_update_is_made_durable_acked_and_parked_until_converted() -> None:
+    c = converting_core()
+    acts = c.handle(upd("slow", 0, 9.0, base=0, now=10.0))  # staleness 4 > 2
+    kinds = [type(a).__name__ for a in acts]
+    assert kinds.index("PersistUpdate") < kinds.index("Publish")  # durable before the ack
+    assert [a.status for a in acks(acts)] == ["accepted"]
+    (req,) = [a for a in acts if isinstance(a, ConvertUpdate)]
+    assert (req.device, req.kind, req.base_version, req.target_version, req.staleness) == ("slow", "gradient-inversion", 0, 4, 4)
+    np.testing.assert_array_equal(req.target_weights, c.weights)
+    np.testing.assert_array_equal(req.stale_weights, 9.0)
+    assert not c.buffer  # parked, not aggregated
+    assert any(isinstance(a, ScheduleTimer) and a.at == pytest.approx(10.0 + 60.0) for a in acts)  # deadline armed
+    # a retransmission of the parked update is a duplicate (not converted twice)
+    assert [a.status for a in acks(c.handle(upd("slow", 0, 9.0, base=0, now=11.0)))] == ["duplicate"]
+
+    converted = np.full(SPEC.size, 5.0, dtype=np.float32)
+    c.handle(UpdateConverted(now=12.0, ticket=req.ticket, weights=converted, elapsed_s=2.0))
+    (u,) = c.buffer
+    assert (u.device, u.seq, u.base_version, u.staleness) == ("slow", 0, 4, 0)  # based on the target version now
+    np.testing.assert_allclose(u.weights, 5.0)
+    status = c.status().extra["conversion"]
+    assert status["policy"] == "gradient-inversion" and status["requested"] == 1 and status["applied"] == 1
+    assert status["mode"] == "converting" and status["parked"] == 0
+
+
+def test_a_conversion_past_its_deadline_falls_back_to_the_damped_update_and_a_late_answer_is_ignored() -> None:
+    c = converting_core()
+    (req,) = [a for a in c.handle(upd("slow", 0, 9.0, base=0, now=10.0)) if isinstance(a, ConvertUpdate)]
+    c.handle(TimerFired(now=69.0))
+    assert not c.buffer
+    c.handle(TimerFired(now=70.0))  # the deadline: the stale update itself, damped by the strategy
+    (u,) = c.buffer
+    assert (u.base_version, u.staleness) == (0, 4)
+    np.testing.assert_allclose(u.weights, 9.0)
+    assert c.counters["conversion_late"] == 1
+    c.handle(UpdateConverted(now=71.0, ticket=req.ticket, weights=np.zeros(SPEC.size, dtype=np.float32)))
+    assert c.counters["conversion_late_answers"] == 1 and len(c.buffer) == 1  # applied once, not twice
+
+
+@pytest.mark.parametrize("bad", [None, np.full(SPEC.size, np.nan, dtype=np.float32), np.zeros(3, dtype=np.float32)])
+def test_a_failed_or_invalid_conversion_falls_back(bad: object) -> None:
+    c = converting_core()
+    (req,) = [a for a in c.handle(upd("slow", 0, 9.0, base=0)) if isinstance(a, ConvertUpdate)]
+    c.handle(UpdateConverted(now=1.0, ticket=req.ticket, weights=bad))  # type: ignore[arg-type]
+    (u,) = c.buffer
+    np.testing.assert_allclose(u.weights, 9.0)
+    assert c.counters["conversion_failed"] == 1
+
+
+def test_a_devices_later_updates_queue_behind_its_parked_one_in_seq_order() -> None:
+    c = converting_core()  # K = 2: the two released updates make the next version together
+    (req,) = [a for a in c.handle(upd("slow", 0, 9.0, base=0)) if isinstance(a, ConvertUpdate)]
+    later = c.handle(upd("slow", 1, 7.0, base=4))  # fresh, but must not overtake seq 0
+    assert [a.status for a in acks(later)] == ["accepted"] and any(isinstance(a, PersistUpdate) for a in later)
+    assert not c.buffer and not [a for a in later if isinstance(a, CommitVersion)]
+    acts = c.handle(UpdateConverted(now=1.0, ticket=req.ticket, weights=np.full(SPEC.size, 5.0, dtype=np.float32)))
+    (commit,) = [a for a in acts if isinstance(a, CommitVersion)]
+    assert commit.consumed == (("slow", 0), ("slow", 1)) and commit.applied_changed["slow"] == 1
+    np.testing.assert_allclose(commit.weights, 6.0)  # (5 + 7) / 2: the converted update, then the queued one
+
+
+def test_a_rollback_takes_parked_updates_with_the_buffer() -> None:
+    c = converting_core()
+    (req,) = [a for a in c.handle(upd("slow", 0, 9.0, base=0)) if isinstance(a, ConvertUpdate)]
+    c._abandon_conversions()
+    assert [u.seq for u in c.buffer] == [0] and not c.status().extra["conversion"]["parked"]
+    c.handle(UpdateConverted(now=1.0, ticket=req.ticket, weights=np.zeros(SPEC.size, dtype=np.float32)))
+    assert len(c.buffer) == 1 and c.counters["conversion_late_answers"] == 1
+
+
+def test_dc_asgd_is_computed_by_the_core_without_asking_the_driver() -> None:
+    c = converting_core("dc-asgd")
+    acts = c.handle(upd("slow", 0, 9.0, base=0))
+    assert not [a for a in acts if isinstance(a, ConvertUpdate)]
+    (u,) = c.buffer
+    base, current = np.full(SPEC.size, 0.0, np.float32), c.weights
+    assert u.base_version == c.version and u.staleness == 0
+    np.testing.assert_allclose(u.weights, dc_asgd(np.full(SPEC.size, 9.0, np.float32), base, current, lr=0.01, lam=0.04), rtol=1e-6)
+
+
+def test_dc_asgd_formula() -> None:
+    stale, base, current = (np.array(v, dtype=np.float32) for v in ([1.0, 2.0], [0.5, 1.0], [0.7, 1.5]))
+    delta, drift = stale - base, current - base
+    expect = current + delta - (0.04 / 0.1) * delta * delta * drift
+    np.testing.assert_allclose(dc_asgd(stale, base, current, lr=0.1, lam=0.04), expect, rtol=1e-6)
+    np.testing.assert_allclose(dc_asgd(stale, base, base, lr=0.1, lam=0.04), stale)  # no drift: the update as is
+
+
+def test_updates_below_the_bound_and_partial_groups_are_not_converted() -> None:
+    c = converting_core()
+    acts = c.handle(upd("ok", 0, 3.0, base=2))  # staleness 2: damped, not converted
+    assert not [a for a in acts if isinstance(a, ConvertUpdate)] and len(c.buffer) == 1
+
+
+def vec(*xs: float) -> np.ndarray:
+    return np.array(xs, dtype=np.float32)
+
+
+def test_the_tracker_switches_when_the_estimate_is_worse_than_the_stale_update_and_blends_down() -> None:
+    t = SwitchTracker(ConversionConfig(min_observations=2, window=4, blend_versions=4))
+    truth = vec(1.0, 0.0, 0.0)
+    # First: estimates closer to the truth than the stale change (E1 < E2): keep converting.
+    for i, dev in enumerate(("a", "b")):
+        t.record(dev, 10, estimate=vec(0.9, 0.1, 0.0), stale_delta=vec(0.0, 1.0, 0.0))
+        assert t.tracking(dev)
+        obs = t.observe(dev, 11, truth, version=12 + i)  # based on 11: within the slack of 10
+        assert obs is not None and obs.e1_l1 < obs.e2_l1 and obs.e1_cos < obs.e2_cos
+        assert not t.tracking(dev)
+    assert t.switch_version is None and t.converting(20) and t.alpha(20) == 1.0
+    # Then: estimates worse than the stale change, enough to flip both averages over the window.
+    for i, dev in enumerate(("c", "d", "e")):
+        t.record(dev, 20, estimate=vec(-1.0, 0.0, 1.0), stale_delta=vec(0.95, 0.05, 0.0))
+        t.observe(dev, 20, truth, version=30 + i)
+    assert t.switch_version is not None
+    sv = t.switch_version
+    assert [t.alpha(sv + k) for k in range(6)] == [1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
+    assert t.converting(sv + 3) and not t.converting(sv + 4)
+    np.testing.assert_allclose(t.blend(vec(1.0, 1.0), vec(0.0, 2.0), sv + 1), [0.75, 1.25])
+    assert t.describe(sv + 1)["mode"] == "blending" and t.describe(sv + 9)["mode"] == "switched-off"
+    restored = SwitchTracker(t.config, t.checkpoint())
+    assert restored.switch_version == sv and not restored.converting(sv + 4)
+
+
+def test_the_tracker_ignores_updates_far_from_the_estimates_version_and_bounds_its_memory() -> None:
+    t = SwitchTracker(ConversionConfig(max_tracked=2))
+    t.record("a", 10, vec(1.0), vec(1.0))
+    assert t.observe("a", 20, vec(1.0), version=21) is None and t.tracking("a")  # too far from 10
+    t.record("b", 10, vec(1.0), vec(1.0))
+    t.record("c", 10, vec(1.0), vec(1.0))
+    assert not t.tracking("a") and t.tracking("b") and t.tracking("c")
+
+
+def test_disparity_and_config_validation() -> None:
+    l1, cos = disparity(vec(1.0, 0.0), vec(0.0, 1.0))
+    assert l1 == pytest.approx(1.0) and cos == pytest.approx(1.0)
+    assert disparity(vec(2.0, 2.0), vec(1.0, 1.0))[1] == pytest.approx(0.0, abs=1e-7)
+    for bad in ({"deadline_s": 0}, {"window": 0}, {"dc_lambda": float("nan")}, {"max_tracked": 0}):
+        with pytest.raises(ConfigError):
+            ConversionConfig(**bad)
+
+
+def test_the_switch_point_survives_a_commit_and_restart() -> None:
+    c = converting_core()
+    c._switch.switch_version = 3
+    c.handle(upd("fresh", 100, 2.0, base=c.version))
+    acts = c.handle(upd("fresh2", 100, 2.0, base=c.version))
+    (commit,) = [a for a in acts if isinstance(a, CommitVersion)]
+    assert commit.metadata["conversion"] == {"switch_version": 3}
+    status = parse_status_json(next(a for a in acts if isinstance(a, Publish) and a.retain).payload)
+    assert status["extra"]["conversion"]["switch_version"] == 3
+    # restarted from that commit: switched off (3 + 5 blend versions < 9), the update is not converted
+    again = converting_core(snapshot=Snapshot(version=commit.version, weights=commit.weights,
+                                               conversion_state=commit.metadata["conversion"]))
+    assert again.status().extra["conversion"]["mode"] == "switched-off"
+    assert not [a for a in again.handle(upd("slow", 0, 9.0, base=0)) if isinstance(a, ConvertUpdate)]
+    assert again.counters["conversion_switched_off"] == 1
