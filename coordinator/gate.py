@@ -6,7 +6,18 @@ is a *candidate*. With a gate configured, a candidate is promoted only on eviden
 is not worse than the release by more than ``margin``:
 
 * **validation** — the driver scores candidate and release on an operator-provided
-  validation set (``--validation PATH``) and reports both metrics (``CandidateEvaluated``).
+  validation set (``--validation PATH``) and reports both metrics (``CandidateEvaluated``),
+  and — for classifiers — the *paired* counts on the same samples: how many the candidate
+  gets right that the release gets wrong (``better``), the reverse (``worse``), and ``n``.
+
+With paired counts the rule is a one-sided bound on the accuracy difference d = (better −
+worse) / n, whose standard error sqrt(((better + worse)/n − d²)/n) is small when the two
+models mostly agree (an incremental step) and large when they disagree on many samples (a
+damaged or very different model): promote when d − z·se ≥ −margin (``paired_z`` = z; not
+worse than the margin, with that confidence), reject when d + z·se < −rollback_margin
+(worse than the rollback margin, with that confidence), hold in between. Without paired
+counts (a task that cannot say which samples it got right) the point estimate is used,
+which is the same rule with z = 0.
 
 A candidate must also come within ``margin`` of the best release score seen so far (reset by
 an operator's rollback or pin), so that releases cannot ratchet down one margin at a time.
@@ -24,8 +35,12 @@ the planned second evidence source; it is not implemented yet.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
 
 from edge_sdk.errors import ConfigError
 
@@ -42,14 +57,24 @@ class GateConfig:
     """Require a validation score from the driver for every candidate."""
     max_pending: int = 32
     """Candidates waiting for evidence at once; older ones are dropped as superseded."""
+    paired_z: float = 1.0
+    """With paired counts: the one-sided bound's z (1.0 ≈ 84 % confidence; 0 = point estimate)."""
+    best_floor: bool = True
+    """Also require candidate ≥ best release score so far − margin (point estimates)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.margin < 1 or not self.margin <= self.rollback_margin < 1:
             raise ConfigError("need 0 <= margin <= rollback_margin < 1")
+        if not (math.isfinite(self.paired_z) and 0 <= self.paired_z <= 10):
+            raise ConfigError("paired_z must be in [0, 10]")
         if not self.validation:
             raise ConfigError("the gate needs an evidence source: validation (canary evaluation is not implemented yet)")
         if self.max_pending < 1:
             raise ConfigError("max_pending must be >= 1")
+
+
+Paired = tuple[int, int, int]
+"""(better, worse, n): samples only the candidate / only the release gets right, of n."""
 
 
 @dataclass(slots=True)
@@ -59,6 +84,37 @@ class Evidence:
     devices: tuple[str, ...] = ()
     candidate_metric: float | None = None
     release_metric: float | None = None
+    paired: Paired | None = None
+
+
+def paired_counts(candidate_right: npt.ArrayLike, release_right: npt.ArrayLike) -> Paired:
+    """``(better, worse, n)`` from per-sample correctness of candidate and release on the
+    same samples (boolean arrays of equal length)."""
+    cand = np.asarray(candidate_right, dtype=bool).ravel()
+    rel = np.asarray(release_right, dtype=bool).ravel()
+    if cand.shape != rel.shape or cand.size == 0:
+        raise ValueError(f"paired correctness needs two equal, non-empty arrays, got {cand.shape} and {rel.shape}")
+    return int((cand & ~rel).sum()), int((~cand & rel).sum()), int(cand.size)
+
+
+def valid_paired(paired: object) -> Paired | None:
+    """The counts if they are three integers with better + worse <= n, n >= 1; else None."""
+    if not isinstance(paired, tuple) or len(paired) != 3:
+        return None
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in paired):
+        return None
+    better, worse, n = paired
+    return (better, worse, n) if n >= 1 and better >= 0 and worse >= 0 and better + worse <= n else None
+
+
+def difference_bounds(paired: Paired, z: float) -> tuple[float, float, float]:
+    """``(d, lower, upper)``: the paired accuracy difference (candidate − release) and its
+    one-sided z bounds (normal approximation on the per-sample differences in {−1, 0, 1})."""
+    better, worse, n = paired
+    d = (better - worse) / n
+    var = max(0.0, (better + worse) / n - d * d)
+    se = math.sqrt(var / n)
+    return d, d - z * se, d + z * se
 
 
 @dataclass(slots=True)
@@ -81,21 +137,31 @@ class Gate:
             dropped.append(oldest)
         return dropped
 
-    def record_validation(self, version: int, candidate: float, release: float) -> Decision | None:
+    def record_validation(self, version: int, candidate: float, release: float,
+                          paired: Paired | None = None) -> Decision | None:
+        """Evidence for ``version``; ``paired`` counts that are malformed are ignored (the
+        point estimates decide)."""
         ev = self.pending.get(version)
         if ev is None:
             return None  # superseded or already decided
         ev.candidate_metric, ev.release_metric = float(candidate), float(release)
+        ev.paired = valid_paired(paired) if paired is not None else None
         return self.decide(version)
 
     def decide(self, version: int) -> Decision | None:
         ev = self.pending.get(version)
         if ev is None or ev.candidate_metric is None or ev.release_metric is None:
             return None
-        bar = max(ev.release_metric, self.best if self.best is not None else ev.release_metric)
-        if ev.candidate_metric >= bar - self.config.margin:
+        cfg = self.config
+        if ev.paired is not None:
+            _, lower, upper = difference_bounds(ev.paired, cfg.paired_z)
+        else:
+            lower = upper = ev.candidate_metric - ev.release_metric
+        floor_ok = (not cfg.best_floor or self.best is None
+                    or ev.candidate_metric >= self.best - cfg.margin - 1e-12)
+        if lower >= -cfg.margin - 1e-12 and floor_ok:
             return "promote"
-        return "hold" if ev.candidate_metric >= ev.release_metric - self.config.rollback_margin else "reject"
+        return "reject" if upper < -cfg.rollback_margin else "hold"
 
     def take(self, version: int) -> Evidence | None:
         ev = self.pending.pop(version, None)

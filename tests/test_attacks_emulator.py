@@ -132,6 +132,9 @@ def test_attacks_scenario_parses_with_its_runs() -> None:
         1000.0,
     )
     assert by["attacked: robust + gate"].settings.gate and not attacked.gate
+    trimmed = by["attacked: trimmed + gate"]
+    assert trimmed.settings.gate and trimmed.params["combiner"] == "trimmed-mean"
+    assert trimmed.settings.attack == attacked.attack
     quick = sc.quick()
     assert quick.settings.duration_s < sc.settings.duration_s and quick.reference == "honest"
 
@@ -166,6 +169,10 @@ def test_gate_scores_after_the_virtual_delay_and_tracks_the_release(digits: Any)
     assert decisions, "the gate must decide something"
     for d in decisions:
         assert d["t_s"] >= sim.commit_times[d["version"]] + 25.0 - 1e-9
+        # paired counts on the same 100 validation samples, as the daemon's validator hands them
+        better, worse, n = d["paired"]
+        assert n == 100 and better + worse <= n
+        assert round(d["candidate_metric"] - d["release_metric"], 4) == round((better - worse) / n, 4)
     gate = result.summary["gate"]
     assert gate["gate_promoted"] >= 1
     # the release is a promoted version (or the start), and the rows report it

@@ -4,6 +4,7 @@ rejected candidate, and signed operator control (rollback / pin / unpin)."""
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -19,8 +20,10 @@ from coordinator.core import (
     Snapshot,
     VersionLoaded,
 )
-from coordinator.gate import GateConfig
+from coordinator.gate import Gate, GateConfig, difference_bounds, paired_counts, valid_paired
 from coordinator.strategies import make_strategy
+from coordinator.validation import compare
+from coordinator.validation import score as validation_score
 from edge_sdk.core.device import DeviceConfig, DeviceCore
 from edge_sdk.core.events import (
     DeployModel,
@@ -32,6 +35,7 @@ from edge_sdk.core.events import (
 )
 from edge_sdk.errors import ConfigError
 from edge_sdk.signing import Signer
+from edge_sdk.tasks.base import Split
 from edge_sdk.wire import topics
 from edge_sdk.wire.codec import decode, encode
 from edge_sdk.wire.messages import Control, ModelMsg, Pull, Update
@@ -58,13 +62,13 @@ def pull(dev: str, seq: int, *, serve: bool = False, have: int = -1) -> MessageR
     return MessageReceived(now=100.0 + seq, topic=topics.device_topic("r1", dev, "pull"), payload=encode(msg))
 
 
-def reply(actions: list[object]) -> ModelMsg:
+def reply(actions: Sequence[object]) -> ModelMsg:
     (msg,) = [decode(a.payload) for a in actions if isinstance(a, Publish) and a.topic.endswith("/model")]
     assert isinstance(msg, ModelMsg)
     return msg
 
 
-def of(actions: list[object], kind: type) -> list:  # type: ignore[type-arg]
+def of(actions: Sequence[object], kind: type) -> list:  # type: ignore[type-arg]
     return [a for a in actions if isinstance(a, kind)]
 
 
@@ -133,7 +137,7 @@ def test_device_predicts_with_the_release_and_fetches_a_newer_one() -> None:
                    rng=random.Random(0))
     now = [1.0]
 
-    def exchange(actions: list[object]) -> list[object]:
+    def exchange(actions: Sequence[object]) -> list[object]:
         """Deliver the device's publishes to the coordinator and the replies back."""
         out: list[object] = []
         for a in actions:
@@ -225,3 +229,105 @@ def test_releases_cannot_ratchet_down_one_margin_at_a_time() -> None:
         assert [r.event["action"] for r in of(acts, RecordRelease)] == [expected], version
     # 0.87 is within the margin of release 2 (0.885) but not of the best release so far (0.90)
     assert c.status().extra["release"] == 2
+
+
+# ------------------------------------------------------------------ paired evidence
+
+
+def paired_gate(**cfg: object) -> Gate:
+    return Gate(GateConfig(margin=0.02, rollback_margin=0.10, **cfg))  # type: ignore[arg-type]
+
+
+def test_paired_counts_come_from_per_sample_correctness() -> None:
+    cand = np.array([1, 1, 0, 0, 1, 0], dtype=bool)
+    rel = np.array([1, 0, 1, 0, 0, 0], dtype=bool)
+    assert paired_counts(cand, rel) == (2, 1, 6)
+    with pytest.raises(ValueError, match="equal"):
+        paired_counts(cand, rel[:5])
+    d, lower, upper = difference_bounds((2, 1, 6), 1.0)
+    assert d == pytest.approx(cand.mean() - rel.mean())
+    diffs = cand.astype(float) - rel.astype(float)  # the bound is the normal one on the differences
+    assert upper - d == pytest.approx(d - lower) == pytest.approx(diffs.std() / np.sqrt(len(diffs)))
+
+
+def test_the_same_score_gap_promotes_on_agreement_and_holds_on_disagreement() -> None:
+    # candidate 0.79 vs release 0.80 on 200 samples: within the 2-point margin either way, but
+    # a model that differs from the release on 78 samples may well be much worse
+    for paired, expected in [((0, 2, 200), "promote"), ((38, 40, 200), "hold"), (None, "promote")]:
+        g = paired_gate()
+        g.add_candidate(1, 0, ())
+        assert g.record_validation(1, 0.79, 0.80, paired) == expected, paired
+
+
+def test_rejection_needs_a_confident_regression() -> None:
+    g = paired_gate()
+    for version, cand, paired, expected in [
+        (1, 0.68, (40, 64, 200), "hold"),  # 12 points worse, but the bound reaches −7
+        (2, 0.65, (0, 30, 200), "reject"),  # 15 points worse on 30 samples, none better
+        (3, 0.68, None, "reject"),  # no paired counts: the point estimate decides
+    ]:
+        g.add_candidate(version, 0, ())
+        assert g.record_validation(version, cand, 0.80, paired) == expected, version
+
+
+def test_malformed_paired_counts_fall_back_to_the_point_estimate() -> None:
+    for bad in [(150, 60, 200), (-1, 0, 200), (1, 1, 0), (True, 0, 2), (1, 2)]:
+        assert valid_paired(bad) is None, bad
+        g = paired_gate()
+        g.add_candidate(1, 0, ())
+        assert g.record_validation(1, 0.79, 0.80, bad) == "promote"  # type: ignore[arg-type]
+        assert g.take(1) is not None and g.best == 0.80
+    assert valid_paired((3, 4, 10)) == (3, 4, 10)
+
+
+def test_z_zero_is_the_fixed_margin_and_the_floor_can_be_turned_off() -> None:
+    g = paired_gate(paired_z=0.0)
+    g.add_candidate(1, 0, ())
+    assert g.record_validation(1, 0.79, 0.80, (38, 40, 200)) == "promote"
+    g = paired_gate(best_floor=False)
+    g.best = 0.95
+    g.add_candidate(1, 0, ())
+    assert g.record_validation(1, 0.80, 0.80, (0, 0, 200)) == "promote"
+    g = paired_gate()
+    g.best = 0.95
+    g.add_candidate(1, 0, ())
+    assert g.record_validation(1, 0.80, 0.80, (0, 0, 200)) == "hold"
+    with pytest.raises(ConfigError):
+        GateConfig(paired_z=-1.0)
+
+
+def test_the_core_hands_paired_counts_to_the_gate_and_records_them() -> None:
+    c = gated(k=1)
+    c.handle(update("d1", 0, 1.0))
+    acts = c.handle(CandidateEvaluated(now=2.0, version=1, candidate_metric=0.79, release_metric=0.80,
+                                       release_version=0, paired=(38, 40, 200)))
+    (rec,) = of(acts, RecordRelease)
+    assert rec.event["action"] == "hold" and rec.event["paired"] == [38, 40, 200] and rec.release == 0
+    c.handle(update("d1", 1, 2.0, base=1))
+    acts = c.handle(CandidateEvaluated(now=3.0, version=2, candidate_metric=0.79, release_metric=0.80,
+                                       release_version=0, paired=(0, 2, 200)))
+    assert of(acts, RecordRelease)[0].event["action"] == "promote" and c.status().extra["release"] == 2
+
+
+class _Logits:
+    """A classifier whose logits pick class ``weights[i] mod 3`` for sample i."""
+
+    def logits(self, weights: np.ndarray, x: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(x), 3), np.float32)
+        out[np.arange(len(x)), weights[: len(x)].astype(int) % 3] = 1.0
+        return out
+
+
+class _NoLogits:
+    def evaluate(self, weights: np.ndarray, split: Split) -> dict[str, float]:
+        return {"accuracy": float(weights[0])}
+
+
+def test_validation_scores_per_sample_and_pairs_them() -> None:
+    split = Split(x=np.zeros((4, 2), np.float32), y=np.array([0, 1, 2, 0]))
+    cand = validation_score(_Logits(), np.array([0, 1, 0, 0], np.float32), split)  # type: ignore[arg-type]
+    rel = validation_score(_Logits(), np.array([1, 1, 2, 1], np.float32), split)  # type: ignore[arg-type]
+    assert cand[0] == 0.75 and rel[0] == 0.5
+    assert compare(cand, rel) == (2, 1, 4)
+    plain = validation_score(_NoLogits(), np.array([0.6], np.float32), split)  # type: ignore[arg-type]
+    assert plain[0] == pytest.approx(0.6) and plain[1] is None and compare(cand, plain) is None

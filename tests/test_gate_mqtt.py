@@ -105,6 +105,9 @@ def test_one_malicious_client_cannot_lower_the_release(mosquitto: MosquittoProce
     history = json.loads((tmp_path / "coord" / "release.json").read_text())["history"]
     rejected = [e for e in history if e["action"] == "reject"]
     assert rejected and all(e["candidate_metric"] < e["release_metric"] - 0.10 for e in rejected)
+    # the validator handed the gate paired counts on the same 200 samples (better, worse, n)
+    decided = [e for e in history if e["action"] in ("promote", "hold", "reject")]
+    assert all(e["paired"][2] == 200 and e["paired"][0] + e["paired"][1] <= 200 for e in decided), decided
     assert releases, "no candidate was ever promoted"
     # the release (what devices predict with) never fell below its start by more than the margin
     assert min(acc for _, acc in releases) >= acc0 - 0.02, (acc0, releases)
