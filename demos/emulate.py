@@ -18,6 +18,10 @@ virtual clock — with a progress bar per run, then writes to ``--out``:
   worst drop below its start, time to the reference run's target
   (:mod:`devices.release_report`).
 
+A scenario with a ``[stream]`` table (``demos/scenarios/scc-stream.toml``) is the SCC stream
+experiment instead: EdgeClient devices with SCC on the same engine (:mod:`devices.scc_fleet`),
+reported as a per-seed and a mean ± std table of its arms.
+
 ``--broker mqtt://…`` is the real-MQTT fleet mode (issue 3, item 6): the same scenario
 played in real time against a running coordinator. It is delegated to
 ``devices.mqtt_fleet.run_fleet(scenario, broker=…, time_scale=…, args=…)``.
@@ -46,7 +50,7 @@ from devices.report import (
     summarise,
     write_run,
 )
-from devices.scenario import RunSpec, Scenario, ScenarioError, load_scenario
+from devices.scenario import RunSpec, Scenario, ScenarioError, load_scenario, read_toml
 from devices.simulator import RunResult, run_spec
 from edge_sdk.tasks.base import Task
 
@@ -70,6 +74,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if "stream" in read_toml(args.scenario):  # the SCC stream experiment: its own fleet
+        return _stream_mode(args)
     scenario = load_scenario(args.scenario)
     if args.quick:
         scenario = scenario.quick()
@@ -89,14 +95,14 @@ def run(args: argparse.Namespace) -> int:
         results = load_runs(out / "runs", scenario)
     else:
         # Resolve every task first: a missing dataset fails before any run starts.
-        tasks = {name: load_task(name) for name in dict.fromkeys(r.settings.task for r in scenario.runs)}
+        tasks = {_task_key(r): load_task(r.settings.task, r.settings.task_options) for r in scenario.runs}
         from edge_sdk.trainer import configure_threads
 
         configure_threads(args.threads)
         (out / "runs").mkdir(parents=True, exist_ok=True)
         print(f"scenario {scenario.name}: {len(scenario.runs)} run(s) × {len(seeds)} seed(s) → {out}", file=sys.stderr)
         for spec in scenario.runs:
-            task = tasks[spec.settings.task]
+            task = tasks[_task_key(spec)]
             for seed in seeds:
                 result = _one(task, spec, seed, quiet=args.no_progress)
                 results.append(result)
@@ -119,8 +125,17 @@ def run(args: argparse.Namespace) -> int:
         plot_release(scenario, results, out / "release.png")
         print(release_table)
         print(f"wrote {out / 'release.png'}, {out / 'release.md'}, {out / 'release.json'}", file=sys.stderr)
+    if scenario.settings.delay.active:  # delayed devices (issue 15): policy × τ × α, class-c accuracy
+        from devices.staleness_report import write_staleness_report
+
+        print(write_staleness_report(scenario, results, out))
     print(f"wrote {out / 'accuracy.png'}, {out / 'staleness.png'}, {out / 'time_to_target.md'}, {out / 'runs'}/", file=sys.stderr)
     return 0
+
+
+def _task_key(spec: RunSpec) -> str:
+    """Runs share a task object when name and ``task_options`` agree."""
+    return json.dumps([spec.settings.task, dict(spec.settings.task_options)], sort_keys=True)
 
 
 def _one(task: Task, spec: RunSpec, seed: int, *, quiet: bool) -> RunResult:
@@ -136,6 +151,20 @@ def _one(task: Task, spec: RunSpec, seed: int, *, quiet: bool) -> RunResult:
 
         result = run_spec(task, spec, seed, progress=progress)
     return result
+
+
+def _stream_mode(args: argparse.Namespace) -> int:
+    """A scenario with a ``[stream]`` table: the SCC experiment (``devices.scc_fleet``)."""
+    from devices.scc_fleet import parse_scc_scenario, run_cli
+    from edge_sdk.trainer import configure_threads
+
+    if args.broker or args.replot or args.strategies or args.target is not None or args.duration is not None:
+        raise ScenarioError("a [stream] scenario takes --quick, --seeds, --out, --threads and --no-progress only")
+    sc = parse_scc_scenario(read_toml(args.scenario), source=str(args.scenario))
+    sc = sc.quick() if args.quick else sc
+    sc = sc.with_seeds(parse_seeds(args.seeds)) if args.seeds else sc
+    configure_threads(args.threads)
+    return run_cli(sc, args.out or Path("runs") / "emulate" / slug(sc.name), quiet=args.no_progress)
 
 
 # --------------------------------------------------------------------------- real-MQTT seam

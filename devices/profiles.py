@@ -46,6 +46,7 @@ __all__ = [
     "OfflineWindows",
     "expected_train_seconds",
     "fleet_counts",
+    "measure_compute",
     "with_overrides",
 ]
 
@@ -237,6 +238,7 @@ LINKS: Mapping[str, LinkProfile] = {
     "ltem": LinkProfile(name="ltem", latency_s=0.1, up_bps=1e6, down_bps=1e6),
     "lte": LinkProfile(name="lte", latency_s=0.05, up_bps=10e6, down_bps=30e6),
     "wifi": LinkProfile(name="wifi", latency_s=0.01, up_bps=20e6, down_bps=50e6),
+    "lan": LinkProfile(name="lan", latency_s=0.0005, up_bps=1e9, down_bps=1e9),
 }
 COORDINATOR_LINK = LinkProfile(name="datacenter", latency_s=0.001, up_bps=1e9, down_bps=1e9)
 
@@ -246,6 +248,12 @@ COMPUTE: Mapping[str, ComputeProfile] = {
     "headset": ComputeProfile(name="headset", sample_epoch_s=0.5, overhead_s=2.0, spread=0.3),
     "camera": ComputeProfile(name="camera", sample_epoch_s=1.0, overhead_s=2.0, spread=0.4),
     "mcu": ComputeProfile(name="mcu", sample_epoch_s=3.0, overhead_s=5.0, spread=0.5),
+    # The SPIN paper's testbed (000, §V-B1): every client is the same process type on one
+    # GPU server, so devices are uniform and a training's time is what the hardware takes.
+    # Measured here with `python -m devices.profiles --measure` (procdigits LeNet-5, E = 5,
+    # B = 16, one CPU thread, 20–240 samples × 6 repeats): 0.23 ms per sample·epoch, 8 ms
+    # overhead, log-spread of repeated runs 0.07–0.14. Virtual seconds are these seconds.
+    "paper": ComputeProfile(name="paper", sample_epoch_s=2.3e-4, overhead_s=0.008, spread=0.1),
 }
 
 AVAILABILITY: Mapping[str, Availability] = {
@@ -264,6 +272,7 @@ PROFILES: Mapping[str, DeviceProfile] = {
     "camera": DeviceProfile(name="camera", compute=COMPUTE["camera"], link=LINKS["ltem"], availability=_FLAKY),
     "sensor": DeviceProfile(name="sensor", compute=COMPUTE["mcu"], link=LINKS["nbiot"], availability=_FLAKY),
     "laptop": DeviceProfile(name="laptop", compute=COMPUTE["laptop"], link=LINKS["wifi"], availability=_ALWAYS),
+    "paper": DeviceProfile(name="paper", compute=COMPUTE["paper"], link=LINKS["lan"], availability=_ALWAYS),
 }
 """Built-in device classes; scenarios may override any field or add their own."""
 
@@ -301,3 +310,47 @@ def expected_train_seconds(profiles: Sequence[DeviceInstance], n_samples: int, e
     if not profiles:
         return 0.0
     return sum(d.train_seconds(n_samples, epochs) for d in profiles) / len(profiles)
+
+
+def measure_compute(task_name: str = "procdigits", sizes: Sequence[int] = (20, 60, 120, 240), *, epochs: int = 5,
+                    batch_size: int = 16, lr: float = 0.05, repeats: int = 6, seed: int = 0) -> ComputeProfile:
+    """Time the task's real local update (one thread) and fit ``overhead + s × n × E`` by
+    least squares; ``spread`` is the median σ of log-times over repeats at one size (the
+    run-to-run jitter of identical devices). How the ``paper`` preset was obtained."""
+    import time
+
+    import numpy as np
+
+    from edge_sdk.tasks import get_task
+    from edge_sdk.tasks.base import TrainConfig
+    from edge_sdk.trainer import configure_threads
+
+    configure_threads(1)
+    task = get_task(task_name)
+    data = task.data()
+    weights = task.pretrained(seed=seed)
+    rng = np.random.default_rng(seed)
+    xs: list[float] = []
+    ys: list[float] = []
+    spreads: list[float] = []
+    for n in sizes:
+        times = []
+        for rep in range(repeats):
+            idx = rng.choice(len(data.pool.y), n, replace=False)
+            cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=rep)
+            t0 = time.perf_counter()
+            task.local_update(weights, data.pool.x[idx], data.pool.y[idx], cfg)
+            times.append(time.perf_counter() - t0)
+        xs.extend([float(n * epochs)] * repeats)
+        ys.extend(times)
+        spreads.append(float(np.std(np.log(times))))
+    slope, intercept = np.polyfit(np.array(xs), np.array(ys), 1)
+    return ComputeProfile(name=f"measured-{task_name}", sample_epoch_s=float(slope), overhead_s=max(float(intercept), 0.0),
+                          spread=float(np.median(spreads)))
+
+
+if __name__ == "__main__":
+    import sys
+
+    if "--measure" in sys.argv:
+        print(measure_compute())

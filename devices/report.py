@@ -77,13 +77,17 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def load_task(name: str) -> Task:
-    """The task for a scenario. Torchvision datasets are used only if their files are
-    already on disk (under ``$EDGECI_DATA``); edgeci never downloads datasets."""
+def load_task(name: str, options: Mapping[str, Any] | None = None) -> Task:
+    """The task for a scenario (``options``: its ``task_options``, keyword arguments of the
+    task). Torchvision datasets are used only if their files are already on disk (under
+    ``$EDGECI_DATA``); edgeci never downloads datasets."""
     from edge_sdk.tasks import get_task, known_tasks
 
     if name in known_tasks():
-        return get_task(name, device="cpu")
+        try:
+            return get_task(name, device="cpu", **dict(options or {}))
+        except TypeError as exc:
+            raise ConfigError(f"task {name!r}: bad task_options {dict(options or {})!r}: {exc}") from None
     if name in TORCHVISION_DATASETS:
         title, files = TORCHVISION_DATASETS[name]
         import os

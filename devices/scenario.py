@@ -27,6 +27,7 @@ hour into a sweep. Layout (every table but ``[[runs]]`` is optional)::
     labels_each = 2                       # for partition = "labels"
     arrival_rate_per_h = 20               # λ: labels per device per hour (Poisson)
     order = "shuffled"                    # shuffled | by-class | given
+    initial_samples = 0                   # labels each device already holds at t = 0
 
     [device]
     min_samples = 4                       # D_min
@@ -56,6 +57,19 @@ hour into a sweep. Layout (every table but ``[[runs]]`` is optional)::
     claimed_samples = 1000000
 
     reference = "honest"                  # a run label: the release report compares every run with it
+
+    task_options = { size = [12000, 2000] }   # keyword arguments of the task (procdigits: train/test images)
+    # [device] continuous = true: every sample from the start, a new round as soon as an update is acked
+
+    [delay]                               # devices.stragglers (issue 15): late uploads of the class-c holders
+    devices = 10                          # the devices holding the most samples of class c; 0 = off
+    versions = 20                         # τ: their updates are held until the coordinator is τ versions past the base
+    class = 8                             # class c (its accuracy is recorded for every committed version)
+    report_versions = [25, 35]            # the report reads accuracy here; the run stops at the last one
+    class_target = 0.5                    # time to this class-c accuracy
+
+    [inversion]                           # coordinator.inversion.InversionConfig for gradient-inversion
+    iterations = 100
 
     [quick]                               # what --quick changes (dotted keys)
     duration_s = 900
@@ -89,6 +103,7 @@ import numpy as np
 import numpy.typing as npt
 
 from coordinator.gate import GateConfig
+from coordinator.inversion import InversionConfig
 from coordinator.methods import make_method
 from coordinator.strategies import strategy_names
 from devices.attacks import AttackPlan
@@ -106,6 +121,7 @@ from devices.profiles import (
     LinkProfile,
     fleet_counts,
 )
+from devices.stragglers import DelayPlan
 from edge_sdk.errors import ConfigError
 
 __all__ = [
@@ -142,6 +158,8 @@ class Settings:
     labels_each: int = 2
     arrival_rate_per_h: float = 20.0
     order: str = "shuffled"
+    initial_samples: int = 0
+    """Labels each device already holds at t = 0 (the SPIN paper's clients own their partition)."""
     min_samples: int = 4
     request_timeout_s: float = 10.0
     reannounce_s: float = 600.0
@@ -156,6 +174,13 @@ class Settings:
     rollback_margin: float = 0.10
     gate_delay_s: float = 0.0
     attack: AttackPlan = field(default_factory=AttackPlan)
+    task_options: Mapping[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the task (e.g. procdigits ``size = [train, test]``)."""
+    continuous: bool = False
+    """Devices hold all their samples from the start and pull again as soon as an update is acked."""
+    delay: DelayPlan = field(default_factory=DelayPlan)
+    inversion: Mapping[str, Any] = field(default_factory=dict)
+    """``coordinator.inversion.InversionConfig`` fields for the gradient-inversion converter."""
 
     @property
     def arrival_rate_per_s(self) -> float:
@@ -257,14 +282,17 @@ def with_quick(raw: Mapping[str, Any], *, source: str = "<string>") -> dict[str,
 
 _TOP = {"name", "description", "task", "duration_s", "eval_every_s", "target_accuracy", "seeds",
         "fleet", "profiles", "data", "device", "training", "coordinator", "attack", "quick", "runs",
+        "task_options", "delay", "inversion",
         "reference"}
 _SECTIONS: dict[str, set[str]] = {
     "fleet": {"devices", "mix"},
-    "data": {"partition", "alpha", "labels_each", "arrival_rate_per_h", "order"},
-    "device": {"min_samples", "request_timeout_s", "reannounce_s"},
+    "data": {"partition", "alpha", "labels_each", "arrival_rate_per_h", "order", "initial_samples"},
+    "device": {"min_samples", "request_timeout_s", "reannounce_s", "continuous"},
     "training": {"epochs", "batch_size", "lr"},
     "coordinator": {"keep_versions", "encoding", "validation_size", "gate", "gate_margin", "rollback_margin", "gate_delay_s"},
     "attack": {"label_flip", "flip", "scale", "scale_factor", "huge_samples", "claimed_samples"},
+    "delay": {"devices", "versions", "class", "report_versions", "class_target"},
+    "inversion": {f.name for f in dataclasses.fields(InversionConfig)},
 }
 _RUN_KEYS = {"strategy", "label", "params", "overrides"}
 
@@ -423,12 +451,16 @@ def _settings(raw: Mapping[str, Any], source: str) -> Settings:
     labels_each = _int(data, "labels_each", d.labels_each, where, lo=1)
     rate = _num(data, "arrival_rate_per_h", d.arrival_rate_per_h, where, lo=0)
     order = _choice(data, "order", d.order, STREAM_ORDERS, where)
+    initial = _int(data, "initial_samples", d.initial_samples, where)
 
     dev = _section(raw, "device", source)
     where = f"{source}: [device]"
     min_samples = _int(dev, "min_samples", d.min_samples, where, lo=1)
     request_timeout = _num(dev, "request_timeout_s", d.request_timeout_s, where, lo=0, lo_open=True)
     reannounce = _num(dev, "reannounce_s", d.reannounce_s, where, lo=0, lo_open=True)
+    continuous = dev.get("continuous", d.continuous)
+    if not isinstance(continuous, bool):
+        raise ScenarioError(f"{where}: continuous must be true or false, got {continuous!r}")
 
     tr = _section(raw, "training", source)
     where = f"{source}: [training]"
@@ -475,12 +507,37 @@ def _settings(raw: Mapping[str, Any], source: str) -> Settings:
     return Settings(
         task=task, duration_s=duration, eval_every_s=eval_every, target_accuracy=target,
         seeds=tuple(int(s) for s in seeds), devices=devices, mix=mix, profiles=profiles,
-        partition=part, alpha=alpha, labels_each=labels_each, arrival_rate_per_h=rate, order=order,
+        partition=part, alpha=alpha, labels_each=labels_each, arrival_rate_per_h=rate, order=order, initial_samples=initial,
         min_samples=min_samples, request_timeout_s=request_timeout, reannounce_s=reannounce,
         epochs=epochs, batch_size=batch, lr=lr, keep_versions=keep, encoding=encoding,
         validation_size=validation_size, gate=gate, gate_margin=gate_margin, rollback_margin=rollback_margin,
-        gate_delay_s=gate_delay, attack=attack,
+        gate_delay_s=gate_delay, attack=attack, continuous=continuous, **_staleness_settings(raw, source),
     )
+
+
+def _staleness_settings(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """``task_options``, ``[delay]`` and ``[inversion]`` (the staleness experiments, issue 15)."""
+    options = raw.get("task_options", {})
+    if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+        raise ScenarioError(f"{source}: task_options must be a table of keyword arguments for the task")
+    dl = _section(raw, "delay", source)
+    where = f"{source}: [delay]"
+    versions = dl.get("report_versions", [])
+    if not isinstance(versions, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in versions):
+        raise ScenarioError(f"{where}: report_versions must be a list of versions, got {versions!r}")
+    fields: dict[str, Any] = {"devices": _int(dl, "devices", 0, where), "versions": _int(dl, "versions", 10, where, lo=1),
+              "target_class": _int(dl, "class", 0, where), "report_versions": tuple(versions),
+              "class_target": _num(dl, "class_target", 0.8, where, lo=0, hi=1, lo_open=True)}
+    try:
+        delay = DelayPlan(**fields)
+    except ConfigError as exc:
+        raise ScenarioError(f"{source}: {exc}") from None
+    inv = _section(raw, "inversion", source)
+    try:
+        InversionConfig(**inv)
+    except (TypeError, ConfigError) as exc:
+        raise ScenarioError(f"{source}: [inversion]: {exc}") from None
+    return {"task_options": dict(options), "delay": delay, "inversion": dict(inv)}
 
 
 def _part(value: Any, catalogue: Mapping[str, Any], base: Any, cls: type, where: str, name: str) -> Any:
@@ -570,6 +627,9 @@ def materialise(settings: Settings, seed: int, pool_labels: npt.NDArray[np.int64
         rng = np.random.default_rng([seed, 7, i])
         order = stream_order(part, pool_labels, settings.order, rng)
         times = arrival_times(settings.arrival_rate_per_s, settings.duration_s, instance.offline, rng, limit=int(order.shape[0]))
+        if settings.initial_samples:
+            held = min(settings.initial_samples, int(order.shape[0]))
+            times = np.concatenate([np.zeros(held), times[: int(order.shape[0]) - held]])
         plans.append(DevicePlan(index=i, instance=instance, samples=order, label_times=times))
     return plans
 

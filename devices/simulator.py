@@ -18,7 +18,8 @@ are emulated:
   profile's *virtual* duration. While a device is offline (night, dropout) nothing
   happens on it: its messages and timers wait until it is back, its training pauses.
 * **Coordinator.** ``PersistUpdate`` / ``CommitVersion`` go to an in-memory registry
-  (commit times give each version's deployment time), retained status is kept.
+  (commit times give each version's deployment time); the status is not built on its
+  schedule (``status_payload=False``: nobody subscribes) — ``coordinator.status()`` on demand.
 * **Metrics.** Every ``eval_every_s`` the deployed (latest committed) model is evaluated
   on the task's held-out split — only when the version changed since the last
   evaluation — together with bytes, versions, updates and staleness — and so is the
@@ -40,7 +41,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -49,6 +50,7 @@ import numpy.typing as npt
 from coordinator.core import (
     CandidateEvaluated,
     CommitVersion,
+    ConvertUpdate,
     CoordinatorConfig,
     CoordinatorCore,
     EvaluateCandidate,
@@ -56,6 +58,7 @@ from coordinator.core import (
     PersistUpdate,
     RecordRelease,
     Snapshot,
+    UpdateConverted,
     VersionLoaded,
 )
 from coordinator.gate import GateConfig
@@ -63,9 +66,12 @@ from coordinator.methods import make_method
 from coordinator.peering import Peering
 from coordinator.strategies import Strategy
 from coordinator.strategies.base import BufferedUpdate
+from coordinator.validation import Scored, compare
+from coordinator.validation import score as validation_score
 from devices.attacks import Attack, assign
 from devices.engine import Driver, Kind, LinkNetwork, job_seed, train_config
 from devices.scenario import DevicePlan, RunSpec, Settings, holdout, materialise
+from devices.stragglers import Stragglers
 from edge_sdk.core.device import DeviceConfig, DeviceCore
 from edge_sdk.core.events import (
     DeployModel,
@@ -124,7 +130,7 @@ class EmulatedDevice:
     def train(self, task: Task, job: TrainingJob) -> tuple[TrainResult, float]:
         """Run the local update for real; return it with its *virtual* duration."""
         cfg = self.training_config(job)
-        n = job.n_samples
+        n = min(job.n_samples, int(self.y.shape[0]))  # a continuous device claims one more each round
         result = task.local_update(job.weights, self.x[:n], self.y[:n], cfg)
         if self.attack is not None:
             result = self.attack.result(job.weights, result)
@@ -213,6 +219,7 @@ class Simulation(Driver):
             encoding=s.encoding,  # type: ignore[arg-type]
             hints=hints, keep_versions=s.keep_versions,
             gate=GateConfig(margin=s.gate_margin, rollback_margin=s.rollback_margin) if s.gate else None,
+            status_payload=False,  # nobody here reads the retained status: build it only on demand
         )
         self.coordinator = CoordinatorCore(ccfg, strategy, Snapshot(version=0, weights=self.initial), rng=random.Random(f"{seed}:coordinator"),
                                            peering=peering)
@@ -250,12 +257,35 @@ class Simulation(Driver):
         self._eval_cache: tuple[int, dict[str, float]] | None = None
         self._index = {p.device_id: p.index for p in self.plans}
         self._integrated = [0] * len(self.plans)
+        # Evaluation rows without scans over the fleet: every offline window of every device,
+        # sorted (devices offline at t = windows started by t - windows ended by t), and a
+        # running count of trainings.
+        self._offline_starts = np.sort(np.array([t for p in self.plans for t in p.instance.offline.starts], dtype=np.float64))
+        self._offline_ends = np.sort(np.array([t for p in self.plans for t in p.instance.offline.ends], dtype=np.float64))
+        self._trainings = 0
         self.latencies: list[float] = []
         """Per label: virtual seconds from labelling to the first deployed version built on it."""
         self.releases: list[dict[str, Any]] = []
         """The gate's decisions (``RecordRelease`` events) with their virtual times."""
-        self._scores: dict[int, float] = {}
+        self._scores: dict[int, Scored] = {}
         self._release_eval: tuple[int, dict[str, float]] | None = None
+        # Delayed uplinks and class-c metrics ([delay], devices.stragglers); conversions (issue 15).
+        self.stragglers = (Stragglers(s.delay, [p.samples for p in self.plans], pool.y, [p.device_id for p in self.plans],
+                                      REGION, data.test) if s.delay.active else None)
+        if self.stragglers is not None:
+            self.stragglers.committed(task, 0, self.initial, 0.0)
+        self.converter: Callable[[ConvertUpdate], Any] | None = None
+        """Runs a ``ConvertUpdate`` and returns an object with ``weights`` (default: gradient
+        inversion, ``coordinator.inversion``, built on first use with ``settings.inversion``)."""
+        self.conversion_clock: Callable[[], float] = time.process_time
+        """Measures a conversion's compute (CPU seconds of this process: not inflated by other load)."""
+        self.conversions: list[dict[str, Any]] = []
+        self._convert_free_at = 0.0
+        self._training: dict[int, tuple[TrainingJob, float, float, TrainResult]] = {}
+        """Per device training now: (job, started at, virtual seconds, the result that counts)."""
+        self._take_requests: Callable[[], Sequence[str]] | None = getattr(strategy, "take_update_requests", None)
+        self.update_requests_served = 0
+        """PORT's push-pull: trainings cut short at the coordinator's request."""
 
     # ------------------------------------------------------------------ the loop
 
@@ -265,9 +295,22 @@ class Simulation(Driver):
             raise LocalProtocolError("a Simulation runs once; make a new one for another run")
         started = time.perf_counter()
         s = self.settings
+        # Every label is known in advance: preloaded (first at equal times, in this order).
+        at: list[float] = []
+        targets: list[int] = []
+        totals: list[int] = []
         for dev in self.devices:
-            for k, t in enumerate(dev.plan.label_times):
-                self.push(float(t), Kind.SAMPLE, dev.plan.index, k + 1)
+            if s.continuous:  # every sample from the start; the device retrains after each ack
+                if dev.y.shape[0]:
+                    at.append(0.0)
+                    targets.append(dev.plan.index)
+                    totals.append(int(dev.y.shape[0]))
+                continue
+            n = len(dev.plan.label_times)
+            at.extend(dev.plan.label_times.tolist())
+            targets.extend([dev.plan.index] * n)
+            totals.extend(range(1, n + 1))
+        self.preload(Kind.SAMPLE, at, targets, totals)
         n_evals = int(np.floor(s.duration_s / s.eval_every_s))
         for k in range(n_evals + 1):
             self.push(k * s.eval_every_s, Kind.EVAL, self._coord, None)
@@ -279,6 +322,10 @@ class Simulation(Driver):
             pass
         wall = time.perf_counter() - started
         return self._result(wall)
+
+    def halted(self) -> bool:
+        """A delay experiment ends at its last report version (``[delay] report_versions``)."""
+        return self.stragglers is not None and self.stragglers.finished(self.coordinator.version)
 
     def dispatch(self, now: float, kind: Kind, target: int, data: Any) -> None:
         if target == self._coord:
@@ -319,22 +366,54 @@ class Simulation(Driver):
                     update = self.persisted.pop(key, None)
                     if update is not None:
                         self._integrate(update, now)
+                if self.stragglers is not None:
+                    self._release_held(a.version, a.weights, now)
             elif isinstance(a, Notify):
                 self.coord_notes[a.kind] += 1
             elif isinstance(a, EvaluateCandidate):
                 self._score_candidate(a, now)
             elif isinstance(a, RecordRelease):
                 self.releases.append({"t_s": now, "release": a.release, **a.event})
+            elif isinstance(a, ConvertUpdate):
+                self._convert(a, now)
             elif isinstance(a, LoadVersion):  # operator rollback / pin: the emulator keeps no old versions
                 self.push(now, Kind.GATE, self._coord, lambda t, a=a: VersionLoaded(
                     now=t, version=a.version, weights=None, command=a.command, detail="the emulator keeps no registry"))
+        if self._take_requests is not None:
+            for device in self._take_requests():
+                self._request_update(self._index[device], now)
 
-    def _score(self, version: int, weights: Any) -> float:
-        """Accuracy of a version on the coordinator's validation set (cached per version)."""
+    def _request_update(self, i: int, now: float) -> None:
+        """PORT's push-pull (PLATO's urgent update request): a device still training sends
+        its model as of its last completed epoch now (after its first epoch at the earliest)."""
+        live = self._training.get(i)
+        if live is None:
+            return  # not training yet (model in transit): nothing to cut short
+        job, started, seconds, _ = live
+        dev = self.devices[i]
+        cfg = dev.training_config(job)
+        done = int(cfg.epochs * (now - started) / seconds) if seconds > 0 else cfg.epochs
+        if done >= cfg.epochs:
+            return
+        epochs = max(done, 1)
+        try:
+            result = self.task.local_update(job.weights, dev.x[:job.n_samples], dev.y[:job.n_samples], replace(cfg, epochs=epochs))
+        except EdgeciError:
+            return  # the full training goes on
+        if dev.attack is not None:
+            result = dev.attack.result(job.weights, result)
+        at = max(now, started + seconds * epochs / cfg.epochs)
+        dev.train_seconds -= seconds - (at - started)
+        self._training[i] = (job, started, at - started, result)
+        self.update_requests_served += 1
+        self.push(at, Kind.TRAINED, i, (job.job_id, result, at - started))
+
+    def _score(self, version: int, weights: Any) -> Scored:
+        """Accuracy and per-sample correctness of a version on the coordinator's validation
+        set (cached per version): ``coordinator.validation.score``, as the daemon computes it."""
         if version not in self._scores:
             assert self.validation is not None
-            with np.errstate(over="ignore", invalid="ignore"):  # an attacked model's logits may overflow
-                self._scores[version] = float(self.task.evaluate(np.asarray(weights, dtype=np.float32), self.validation)["accuracy"])
+            self._scores[version] = validation_score(self.task, weights, self.validation)
         return self._scores[version]
 
     def _score_candidate(self, job: EvaluateCandidate, now: float) -> None:
@@ -344,8 +423,8 @@ class Simulation(Driver):
         candidate = self._score(job.version, job.weights)
 
         def evaluated(t: float) -> CandidateEvaluated:
-            return CandidateEvaluated(now=t, version=job.version, candidate_metric=candidate, release_metric=release,
-                                      release_version=job.release_version)
+            return CandidateEvaluated(now=t, version=job.version, candidate_metric=candidate[0], release_metric=release[0],
+                                      release_version=job.release_version, paired=compare(candidate, release))
 
         self.push(now + self.settings.gate_delay_s, Kind.GATE, self._coord, evaluated)
 
@@ -382,6 +461,10 @@ class Simulation(Driver):
             actions = core.handle(SampleAdded(now=now, total=data))
         elif kind == Kind.TRAINED:
             job_id, result, seconds = data
+            live = self._training.get(i)
+            if live is None or live[3] is not result:
+                return  # superseded: the coordinator asked for this training's work early
+            del self._training[i]
             actions = core.handle(TrainingFinished(
                 now=now, job_id=job_id, weights=result.weights, n_samples=result.n_samples,
                 loss=result.loss, seconds=seconds,
@@ -407,6 +490,8 @@ class Simulation(Driver):
                 dev.deployed_version = a.version
             elif isinstance(a, Notify):
                 self.device_notes[a.kind] += 1
+                if self.settings.continuous and a.kind in ("update_acked", "update_rejected"):
+                    self.push(now, Kind.SAMPLE, i, dev.core.state.total + 1)  # retrain on the next model
             elif isinstance(a, PersistDeviceState):
                 pass  # in-memory devices never restart
 
@@ -417,14 +502,54 @@ class Simulation(Driver):
         except EdgeciError as exc:
             self.push(now, Kind.TRAIN_FAILED, i, (job.job_id, str(exc)[:200]))
             return
+        self._trainings += 1  # == sum(d.trainings for d in self.devices), without the scan
         finish = dev.plan.instance.offline.after_online(now, seconds)
+        self._training[i] = (job, now, seconds, result)
         self.push(finish, Kind.TRAINED, i, (job.job_id, result, seconds))
 
     def _publish(self, sender: int, action: Publish, now: float) -> None:
+        if self.stragglers is not None and self.stragglers.hold(sender, action, self.coordinator.version):
+            return  # a delayed device's update waits in its link until τ versions have passed
         routed = self.broker.route(sender, action.topic, action.payload, action.retain, now)
         if routed is not None:
             receiver, at = routed
             self.push(at, Kind.MSG, receiver, (action.topic, action.payload))
+
+    def _release_held(self, version: int, weights: Any, now: float) -> None:
+        """A commit: record class-c accuracy; send the delayed updates whose τ has passed."""
+        assert self.stragglers is not None
+        self.stragglers.committed(self.task, version, weights, now)
+        for sender, action in self.stragglers.due(version):
+            routed = self.broker.route(sender, action.topic, action.payload, action.retain, now)
+            if routed is not None:
+                self.push(routed[1], Kind.MSG, routed[0], (action.topic, action.payload))
+
+    def _convert(self, job: ConvertUpdate, now: float) -> None:
+        """Convert a stale update for real, now; charge its measured compute on the virtual
+        clock: the answer (``UpdateConverted``) arrives that much later, and conversions run
+        one at a time, queued behind each other (the daemon's single worker)."""
+        if self.converter is None:
+            from coordinator.inversion import GradientInverter, InversionConfig
+
+            self.converter = GradientInverter(self.task, self.task.spec, InversionConfig(**self.settings.inversion)).convert  # type: ignore[arg-type]
+        started = self.conversion_clock()
+        weights, detail, extra = None, "", {}
+        try:
+            result = self.converter(job)
+            weights = result.weights
+            extra = {k: getattr(result, k) for k in ("iterations", "l1_before", "l1_after", "warm") if hasattr(result, k)}
+        except EdgeciError as exc:
+            detail = str(exc)[:200]
+        elapsed = max(0.0, self.conversion_clock() - started)
+        done = max(now, self._convert_free_at) + elapsed
+        self._convert_free_at = done
+        self.conversions.append({"t_s": now, "done_s": done, "elapsed_s": elapsed, "device": job.device, "staleness": job.staleness,
+                                 "ok": weights is not None, **extra})
+
+        def converted(t: float) -> UpdateConverted:
+            return UpdateConverted(now=t, ticket=job.ticket, weights=weights, elapsed_s=elapsed, detail=detail)
+
+        self.push(done, Kind.GATE, self._coord, converted)
 
     # ------------------------------------------------------------------ metrics
 
@@ -461,15 +586,22 @@ class Simulation(Driver):
             "pulls_deferred": float(counters["pulls_deferred"]),
             "labels": float(self.labels),
             "labels_integrated": float(len(self.latencies)),
-            "trainings": float(sum(d.trainings for d in self.devices)),
+            "trainings": float(self._trainings),
             "mean_staleness": float(sum(k * v for k, v in hist.items()) / n_stale) if n_stale else 0.0,
-            "devices_online": float(sum(not d.plan.instance.offline.offline_at(now) for d in self.devices)),
+            "devices_online": float(self._devices_online(now)),
         }
         if "loss" in metrics:
             row["loss"] = float(metrics["loss"])
+        if self.stragglers is not None:
+            row["class_accuracy"] = self.stragglers.class_accuracy(self.task, version, c.weights)
         self.rows.append(row)
         if self.progress is not None:
             self.progress(now, row)
+
+    def _devices_online(self, now: float) -> int:
+        """Devices not inside an offline window at ``now`` (windows are disjoint per device)."""
+        offline = int(np.searchsorted(self._offline_starts, now, side="right")) - int(np.searchsorted(self._offline_ends, now, side="right"))
+        return len(self.devices) - offline
 
     def _result(self, wall_s: float) -> RunResult:
         s = self.settings
@@ -518,7 +650,11 @@ class Simulation(Driver):
             "wall_s": wall_s,
             "virtual_per_wall": s.duration_s / wall_s if wall_s > 0 else None,
             "device_notes": dict(sorted(self.device_notes.items())),
+            "update_requests_served": self.update_requests_served,
             "strategy": self.strategy.describe(),
+            "stragglers": self.stragglers.summary() if self.stragglers is not None else None,
+            "conversions": self.conversions,
+            "conversion_counters": {k: int(v) for k, v in sorted(c.counters.items()) if k.startswith("conversion")},
         }
         return result
 

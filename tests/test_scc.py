@@ -24,34 +24,9 @@ from edge_sdk.spec import Vector
 from edge_sdk.tasks.base import Split, TrainConfig
 from edge_sdk.tasks.digits import DigitsTask
 
-# --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def task() -> DigitsTask:
-    return DigitsTask(device="cpu")
-
-
-@pytest.fixture(scope="module")
-def w_old(task: DigitsTask) -> Vector:
-    return task.pretrained(seed=0)
-
-
-@pytest.fixture(scope="module")
-def w_new(task: DigitsTask, w_old: Vector) -> Vector:
-    """w_old after a full local update: a different extractor (and classifier)."""
-    pool = task.data().pool
-    cfg = TrainConfig(epochs=3, batch_size=16, lr=0.05, seed=1)
-    return task.local_update(w_old, pool.x[:120], pool.y[:120], cfg).weights
-
-
-def of_classes(task: DigitsTask, classes: list[int], per_class: int, offset: int = 0) -> Split:
-    pool = task.data().pool
-    idx = np.concatenate(
-        [np.flatnonzero(pool.y == c)[offset : offset + per_class] for c in classes]
-    )
-    return Split(x=pool.x[idx], y=pool.y[idx])
-
+pytest_plugins = ("tests.scc_fixtures",)  # task, w_old, w_new
+pytest.register_assert_rewrite("tests.scc_fixtures")
+from tests.scc_fixtures import of_classes  # noqa: E402
 
 # --------------------------------------------------------------------------- selection
 
@@ -347,31 +322,22 @@ def test_scc_recovers_old_classes_better_than_no_cache(task: DigitsTask, w_old: 
     assert min(margins) > 0.08 and float(np.mean(margins)) > 0.12, margins
 
 
-# --------------------------------------------------------------------------- the stream runner
+# --------------------------------------------------------------------------- the stream
 
 
-def test_stream_runner_sees_each_sample_once_and_lasp_moves_fewer_bytes(
-    task: DigitsTask, w_old: Vector
-) -> None:
-    from demos.scc_stream import (
-        METHODS,
-        StreamSettings,
-        format_table,
-        make_streams,
-        run_method,
-        summarise,
-    )
+def test_stream_sees_each_sample_once_in_its_classs_season(task: DigitsTask) -> None:
+    from devices.scc_fleet import StreamSettings, make_streams
+    from devices.scenario import Settings
 
-    s = StreamSettings(devices=3, rounds=7, full_sync_every=5, capacity=20)
+    s = StreamSettings(rounds=7, drift_noise=0.0)
     pool = task.data().pool
-    streams = make_streams(pool.y, 10, s, seed=0)
+    streams = make_streams(pool.y, 10, Settings(devices=3), s, seed=0)
+    assert len(streams.batches) == 3 and all(len(b) == s.rounds for b in streams.batches)
     seen = np.concatenate([b for device in streams.batches for b in device])
     assert np.array_equal(np.sort(seen), np.arange(pool.y.shape[0]))  # every sample once
-    assert len(streams.early) == 3 and 0 <= streams.learned_round < s.rounds
-    runs = [run_method(task, s, m, 0, streams, initial=w_old) for m in METHODS]
-    for r in runs:
-        assert len(r.rows) == s.rounds + 1
-        assert 0.0 <= r.summary["final_accuracy"] <= 1.0
-    by = {r.method: r for r in runs}
-    assert by["scc"].summary["bytes"] < 0.6 * by["fedavg"].summary["bytes"]
-    assert "| scc (" in format_table(summarise(runs))
+    assert len(streams.early) == 3 and streams.early == streams.class_order[:3]
+    # without noise a class arrives in one round, and in season order
+    first = [int(min(r for d in streams.batches for r in range(s.rounds) if (pool.y[d[r]] == c).any()))
+             for c in streams.class_order]
+    assert first == sorted(first) and first[0] == 0 and first[-1] == s.rounds - 1
+    assert 0 <= streams.learned_round < s.rounds

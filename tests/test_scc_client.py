@@ -2,7 +2,7 @@
 feature cache, the cache survives a restart (with the extractor it belongs to), a new
 extractor shifts each cached class by its Δ_c, classifier-only rounds calibrate on current +
 cached features, a corrupt cache is dropped with a warning, it is off by default, and the
-quick client-path experiment keeps SCC's edge over the uncompensated cache."""
+SCC stream scenario runs EdgeClient devices through the emulation engine (devices/scc_fleet.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from demos.scc_stream import StreamSettings, experiment, paired
 from edge_sdk.client import EdgeClient
 from edge_sdk.core.events import TrainingJob
 from edge_sdk.errors import ConfigError
@@ -27,27 +26,14 @@ from edge_sdk.tasks.linear_head import HeadLayout, fit_head
 HEAD = TrainConfig(epochs=2, batch_size=8, lr=0.05, seed=3, group="classifier")
 
 
-@pytest.fixture(scope="module")
-def task() -> DigitsTask:
-    return DigitsTask(device="cpu")
+pytest_plugins = ("tests.scc_fixtures",)  # task, w_old, w_new
+pytest.register_assert_rewrite("tests.scc_fixtures")
+from tests.scc_fixtures import of_classes  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def w_old(task: DigitsTask) -> Vector:
-    return task.pretrained(seed=0)
-
-
-@pytest.fixture(scope="module")
-def w_new(task: DigitsTask, w_old: Vector) -> Vector:
-    """w_old after a full local update: another extractor."""
-    pool = task.data().pool
-    return task.local_update(w_old, pool.x[:120], pool.y[:120], TrainConfig(epochs=3, batch_size=16, lr=0.05, seed=1)).weights
-
-
-def of_classes(task: DigitsTask, classes: list[int], per_class: int, offset: int = 0) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-    pool = task.data().pool
-    idx = np.concatenate([np.flatnonzero(pool.y == c)[offset : offset + per_class] for c in classes])
-    return pool.x[idx], pool.y[idx]
+def xy(task: DigitsTask, classes: list[int], per_class: int, offset: int = 0) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    split = of_classes(task, classes, per_class, offset)
+    return split.x, split.y
 
 
 def client(tmp_path: Path, task: DigitsTask, scc: bool | SccConfig = False) -> EdgeClient:
@@ -67,7 +53,7 @@ def test_off_by_default(tmp_path: Path, task: DigitsTask, w_old: Vector) -> None
     c = client(tmp_path, task)
     try:
         assert c.scc is None
-        x, y = of_classes(task, [0, 1], 5)
+        x, y = xy(task, [0, 1], 5)
         add(c, x, y)
         result, ids = c.run_training_job(job(w_old), HEAD)
         assert result.n_samples == 10 and len(ids) == 10
@@ -87,7 +73,7 @@ def test_config_is_validated() -> None:
 
 
 def test_samples_age_out_into_the_cache_and_it_survives_a_restart(tmp_path: Path, task: DigitsTask, w_old: Vector) -> None:
-    x, y = of_classes(task, [0, 1, 2], 4)
+    x, y = xy(task, [0, 1, 2], 4)
     c = client(tmp_path, task, SccConfig(capacity=6, keep_raw=4))
     try:
         add(c, x, y)
@@ -121,7 +107,7 @@ def _cache_under(tmp_path: Path, task: DigitsTask, w_old: Vector) -> None:
     """A stopped client whose cache holds classes 0, 1, 2 under w_old's extractor."""
     c = client(tmp_path, task, SccConfig(capacity=30, keep_raw=0))
     try:
-        add(c, *of_classes(task, [0, 1, 2], 5))
+        add(c, *xy(task, [0, 1, 2], 5))
         c.run_training_job(job(w_old), HEAD)
         assert c.scc is not None and len(c.scc.cache) == 15 and c.store.count() == 0
     finally:
@@ -138,7 +124,7 @@ def test_new_extractor_shifts_each_cached_class_by_its_delta_after_a_restart(
         assert scc is not None and not scc.is_current(w_new)
         before = scc.cache.features.astype(np.float32)
         labels = scc.cache.labels.copy()
-        x, y = of_classes(task, [0, 1], 6, offset=10)  # current samples; no class 2
+        x, y = xy(task, [0, 1], 6, offset=10)  # current samples; no class 2
         add(c, x, y)
         drift = task.features(w_new, x) - task.features(w_old, x)
         deltas = {0: drift[y == 0].mean(axis=0), 1: drift[y == 1].mean(axis=0), 2: drift.mean(axis=0)}  # 2: global fallback
@@ -162,7 +148,7 @@ def test_without_compensation_the_cache_is_carried_over_unchanged(
         scc = c.scc
         assert scc is not None
         before = scc.cache.features.copy()
-        add(c, *of_classes(task, [0, 1], 6, offset=10))
+        add(c, *xy(task, [0, 1], 6, offset=10))
         c.run_training_job(job(w_new), HEAD)
         np.testing.assert_array_equal(scc.cache.features, before)
         assert scc.is_current(w_new)
@@ -178,7 +164,7 @@ def test_calibration_fits_the_head_on_current_plus_cached_features(
     try:
         scc = c.scc
         assert scc is not None
-        x, y = of_classes(task, [3, 4], 5)
+        x, y = xy(task, [3, 4], 5)
         add(c, x, y)
         scc.prepare(w_new, x, y)  # what the job does first; a second prepare is a no-op
         z = np.concatenate([task.features(w_new, x), scc.cache.features.astype(np.float32)])
@@ -237,31 +223,75 @@ def test_a_corrupt_cache_is_dropped_with_a_warning(
         c.stop()
 
 
-def test_client_devices_reproduce_the_standalone_scc_runner_exactly() -> None:
-    """``demos.scc_stream --client`` (EdgeClients as devices: add_sample, run_training_job with
-    the client's SCC) gives the standalone runner's accuracy after every round, for both the
-    compensated and the uncompensated cache — so the runner's 20-seed result holds for the
-    client path too."""
-    s = StreamSettings(devices=3, rounds=7)  # a full sync at version 5, then calibration rounds
-    standalone, _ = experiment(s, ["cache", "scc"], [0])
-    client_runs, _ = experiment(s, ["cache", "scc"], [0], via_client=True)
-    for a, b in zip(standalone, client_runs, strict=True):
-        assert (a.method, a.seed) == (b.method, b.seed)
-        assert [r["accuracy"] for r in a.rows] == [r["accuracy"] for r in b.rows]
-        assert [r["bytes"] for r in a.rows] == [r["bytes"] for r in b.rows]
-    scc_acc = [r["accuracy"] for r in client_runs[1].rows]
-    assert scc_acc != [r["accuracy"] for r in client_runs[0].rows]  # compensation changed something
+# --------------------------------------------------------------------------- the stream fleet
+
+SMALL_STREAM = """
+name = "scc-small"
+task = "digits"
+seeds = [0]
+[fleet]
+devices = 3
+mix = { laptop = 1.0 }
+[training]
+epochs = 2
+batch_size = 8
+lr = 0.05
+[stream]
+rounds = 7            # a full sync at version 5, then calibration rounds
+capacity = 50
+arms = ["lasp", "cache", "scc"]
+"""
 
 
-def test_quick_client_experiment_scc_beats_the_uncompensated_cache() -> None:
-    """``edgeci scc-stream --quick`` (4 client devices, 19 rounds, seeds 0-2): SCC's final
-    accuracy is above the uncompensated cache's on at least 2 of 3 seeds. Measured: 3/3 on
-    seeds 0-2 (+5.1 pp mean); over seeds 0-9 at these settings SCC is higher on 6, equal on 1,
-    lower on 3 — short runs are noisy; the default 29-round run is higher on 5/5 (README)."""
-    s = StreamSettings(devices=4, rounds=19)
-    runs, _ = experiment(s, ["cache", "scc"], [0, 1, 2], via_client=True)
-    diff = paired(runs, "scc", "cache", "final_accuracy")
-    assert diff["n"] == 3 and diff["wins"] >= 2, diff
+def test_stream_scenario_runs_edge_clients_through_the_engine(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``edgeci emulate`` on a ``[stream]`` scenario: EdgeClient devices (SCC in the client)
+    and the coordinator core exchange real, signed messages over the engine's network; every
+    round closes; the compensated cache moved with each new extractor, the uncompensated one
+    did not; the report has the per-seed and the mean ± std table for all three arms."""
+    import json
+
+    from demos.cli import main
+
+    scenario = tmp_path / "small.toml"
+    scenario.write_text(SMALL_STREAM)
+    assert main(["emulate", str(scenario), "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    for arm in ("lasp", "cache", "scc"):
+        assert f"| {arm} (" in printed  # the mean ± std row
+    assert "| seed | lasp | cache | scc | scc − cache |" in printed and "| scc minus |" in printed
+    runs = {r["arm"]: r for r in json.loads((tmp_path / "out" / "summary.json").read_text())["runs"]}
+    assert set(runs) == {"lasp", "cache", "scc"}
+    for arm, run in runs.items():
+        sm, counts = run["summary"], run["summary"]["counts"]
+        assert sm["versions"] == 7 and [r["version"] for r in run["rows"]] == list(range(8))  # a version per round
+        assert sm["min_device_version"] >= 5, arm  # every device's core deployed versions that came over the network
+        assert counts["device:key_pinned"] == 3  # the coordinator's signed models, verified by each device
+        assert counts["jobs:full"] >= 3 and counts["jobs:classifier"] >= 3  # LASP: both kinds of round
+        assert "unfinished_rounds" not in counts and "device:message_rejected" not in counts
+        assert run["rows"][-1]["bytes"] > 0
+    assert "compensations" not in runs["lasp"]["summary"]["counts"]
+    cache, scc = runs["cache"]["summary"]["counts"], runs["scc"]["summary"]["counts"]
+    assert cache["compensations"] >= 3 and cache.get("shifted", 0) == 0  # carried over unchanged
+    assert scc["compensations"] >= 3 and scc["shifted"] == scc["compensations"]  # shifted by Δ_c each time
+    assert [r["accuracy"] for r in runs["scc"]["rows"]] != [r["accuracy"] for r in runs["cache"]["rows"]]
+
+
+def test_stream_scenarios_are_validated() -> None:
+    import tomllib
+
+    from demos.scc_stream import SCENARIO
+    from devices.scc_fleet import parse_scc_scenario
+    from devices.scenario import ScenarioError, read_toml
+
+    shipped = parse_scc_scenario(read_toml(SCENARIO), source=str(SCENARIO))
+    quick = shipped.quick()
+    assert (quick.settings.devices, quick.stream.rounds, quick.settings.seeds) == (4, 19, (0, 1, 2))
+    assert set(quick.stream.arms) == {"lasp", "cache", "scc"}
+    raw = tomllib.loads(SMALL_STREAM)
+    for bad in ({"arms": ["scc", "oracle"]}, {"arms": []}, {"timeout_s": 40.0, "round_s": 60.0}, {"rounds": 0},
+                {"capacity": 0}, {"fallback": "mean"}, {"roundz": 3}):
+        with pytest.raises(ScenarioError):
+            parse_scc_scenario({**raw, "stream": {**raw["stream"], **bad}})
 
 
 @pytest.mark.broker
@@ -351,8 +381,8 @@ def test_scc_runs_on_a_device_install_without_torch(tmp_path: Path, task: Digits
 
     from tests.test_lean_sdk import _lean
 
-    x1, y1 = of_classes(task, [0, 1], 3)
-    x2, y2 = of_classes(task, [0, 1], 2, offset=5)
+    x1, y1 = xy(task, [0, 1], 3)
+    x2, y2 = xy(task, [0, 1], 2, offset=5)
     np.savez(tmp_path / "in.npz", x1=x1, y1=y1, x2=x2, y2=y2, w_old=w_old, w_new=w_new)
     proc = _lean(_LEAN_SCC, tmp_path, str(tmp_path / "in.npz"), str(tmp_path / "lean"))
     assert proc.returncode == 0, proc.stderr[-3000:]

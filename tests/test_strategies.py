@@ -194,11 +194,11 @@ def test_draw_round_selects_about_s_over_n_of_the_known_devices() -> None:
 @pytest.mark.parametrize(("k", "buffered", "in_flight", "aggregate"), [
     (3, 3, 1, True),    # K reached
     (3, 2, 1, False),   # waiting for the device still training
-    (3, 1, 0, True),    # fewer than K had data, nobody left training: close the round
+    (3, 1, 0, True),    # strict_k=False: fewer than K had data, nobody left training: close the round
     (3, 0, 0, False),   # nothing to aggregate
 ])
 def test_fedbuff_aggregation_decision(k: int, buffered: int, in_flight: int, aggregate: bool) -> None:
-    strategy = FedBuffStrategy(FedBuffConfig(k=k, select=5))
+    strategy = FedBuffStrategy(FedBuffConfig(k=k, select=5, strict_k=False))
     strategy.in_flight = {f"t{i}": 0.0 for i in range(in_flight)}
     view = FakeView(buffer=[upd(f"d{i}", 1.0) for i in range(buffered)], devices_seen=[f"d{i}" for i in range(5)])
     assert strategy.plan(view, 1.0, random.Random(0)).aggregate is aggregate
@@ -257,7 +257,8 @@ def test_fedbuff_strict_k_carries_a_short_round_into_the_next_draw() -> None:
 
 @pytest.mark.parametrize("strategy", ["fedbuff", "port"])
 def test_fedbuff_never_deadlocks_when_fewer_than_k_selected_devices_have_data(strategy: str) -> None:
-    link = Link(coordinator=make_coordinator(strategy, k=10, select=20))
+    # strict_k=False (the pre-issue-16 default); strict K waits for K by design (tests/test_reproductions.py)
+    link = Link(coordinator=make_coordinator(strategy, k=10, select=20, strict_k=False))
     for i in range(3):
         link.add_device(f"d{i}", min_samples=1, seed=i)
         link.add_sample(f"d{i}", 1, at=0.1 * i)
@@ -285,7 +286,7 @@ def test_fedbuff_a_drawn_device_without_data_joins_only_with_late_join(late_join
 
 
 def test_fedbuff_forgets_a_vanished_device_when_configured() -> None:
-    strategy = FedBuffStrategy(FedBuffConfig(k=3, select=3, forget_after_s=100.0))
+    strategy = FedBuffStrategy(FedBuffConfig(k=3, select=3, forget_after_s=100.0, strict_k=False))
     view = FakeView(devices_seen=["a", "b"], deferred={"a": 0.0, "b": 0.0})
     plan = strategy.plan(view, 0.0, random.Random(0))
     assert set(plan.invite) == {"a", "b"} and plan.wake_at == 100.0
@@ -477,3 +478,15 @@ def test_the_core_can_ask_any_strategy_for_its_staleness_policy() -> None:
     assert policy_of(make_strategy("spin", max_staleness=2)).judge(3) == Drop("stale")
     assert policy_of(make_strategy("fedbuff")).judge(50) == Use()
     assert policy_of(object()).judge(50) == Use()
+
+
+def test_fedbuff_forgets_a_straggler_at_the_wake_up_it_asked_for() -> None:
+    """`now - since >= limit` can be false at `now = since + limit` in floating point, which
+    asked for the same wake-up forever; the straggler must be gone at that very time."""
+    strategy = make_strategy("fedbuff", k=2, select=2, forget_after_s=30.0)
+    since = 4072.33431645668  # (since + 30) - since < 30 in floating point
+    assert (since + 30.0) - since < 30.0
+    strategy.in_flight["slow"] = since
+    wake = strategy._forget_stragglers(since + 1.0)
+    assert wake == since + 30.0 and "slow" in strategy.in_flight
+    assert strategy._forget_stragglers(wake) is None and not strategy.in_flight

@@ -6,8 +6,10 @@ a frozen dataclass; adding one is one :func:`register` call (or one entry in ``_
 ========================  =====================================================================
 ``spin``                  serve every pull; aggregate at K updates or after timeout π (000)
 ``spin-notimeout``        SPIN without π (the paper's ablation)
-``fedbuff``               server draws ``select`` of N devices per round; aggregate at K
-``port``                  FedBuff's selection + staleness/similarity-aware weights (PORT)
+``fedbuff``               server draws ``select`` of N devices per round; aggregate at K (strictly;
+                          ``strict_k = false`` also closes a round when nobody drawn still trains)
+``port``                  FedBuff's selection + staleness/similarity-aware weights (PORT), and
+                          push-pull: very stale in-flight devices are asked for their work so far
 ``fedasync``              serve every pull; mix each update in on arrival, α·(τ+1)^−a
 ``fedavg``                synchronous rounds over invited devices that have data
 ``spyker``                age-damped mixing on arrival + per-device lr decay (004); its

@@ -17,9 +17,13 @@ How that maps onto the coordinator core's defer/invite path:
   ``late_join`` they may still join if they pull before the round ends). Only the draw
   invites: a device that starts waiting mid-round waits for a later draw.
 * Aggregation (FedAvg by sample count over the buffer) happens when K updates are
-  buffered, or when nobody invited is still training and the buffer is not empty — so a
-  round in which fewer than K drawn devices had data still completes (no deadlock;
-  ``strict_k`` instead carries the short buffer into the next round).
+  buffered — and only then (``strict_k``, the default: "FedBuff and PORT … lack a timeout
+  mechanism", §V-B6). A round that ends with fewer than K updates (fewer than K drawn
+  devices had data) carries its buffer into the next draw, which happens at once.
+  With ``strict_k = false`` (the behaviour before issue 16, kept for the scenarios whose
+  README figures were measured with it) a round also closes when nobody invited is still
+  training and the buffer is not empty — an event-driven timeout of its own, so a fleet
+  in which fewer than K devices ever get data still aggregates.
   Each aggregation ends the round; the next draw refills the in-flight set up to
   ``select`` (FedBuff's fixed concurrency). Stragglers of a round land in the next buffer
   with staleness ≥ 1.
@@ -58,10 +62,11 @@ class FedBuffConfig(RobustConfig):
     """Let a drawn device that gets data during its round join it (the paper: no)."""
     forget_after_s: float | None = None
     """Stop waiting for an invited device after this long (None = wait for ever)."""
-    strict_k: bool = False
-    """Aggregate only at K: a round that ends with fewer updates carries its buffer into
-    the next draw. Closer to "no timeout" literally, but the model never changes while
-    fewer than K devices ever get data (off by default for that reason)."""
+    strict_k: bool = True
+    """Aggregate only at K (the paper's FedBuff: no timeout): a round that ends with fewer
+    updates carries its buffer into the next draw. The model never changes while fewer
+    than K devices ever get data. ``False``: also close a round once no invited device is
+    still training (the pre-issue-16 default; an implicit, event-driven timeout)."""
 
     def __post_init__(self) -> None:
         RobustConfig.__post_init__(self)
@@ -162,7 +167,7 @@ class FedBuffStrategy(RobustStrategy):
         if limit is None or not self.in_flight:
             return None
         for device, since in list(self.in_flight.items()):
-            if now - since >= limit:
+            if since + limit <= now:  # the same sum as the wake-up time below: a wake-up at it always forgets
                 del self.in_flight[device]
         return min(self.in_flight.values()) + limit if self.in_flight else None
 

@@ -24,20 +24,34 @@ default 10) discounts stale updates smoothly. λ_sim = λ_stale = 1 by default. 
 global model at the update's base comes from the coordinator's version history
 (``CoordinatorConfig.keep_versions``); older than that, the similarity term is neutral.
 
-Not modelled: PORT's server-initiated early push of very slow clients' partial work
-(the SPIN paper notes it matters little when few clients are extremely slow).
+**Push-pull for slow clients** (``request_update``, on by default as in PLATO's PORT
+config). The SPIN paper: PORT's "related 'timeout' mechanism … not measured by time, but by
+the training state of the stale clients … assists clients with extremely slow training
+speeds in shortening their training time … and prevents overly stale model updates from
+being aggregated." PLATO's rule (``servers/base.py: should_request_update``): when the
+server aggregates, every selected client still training whose staleness (rounds since it
+started) exceeds ``staleness_bound`` gets an *urgent update request* and answers at once
+with its model as of its last completed local epoch. Here: after each aggregation, every
+in-flight device whose base is more than ``staleness_bound`` versions old is put on the
+request list once; a driver that can cut a device's training short drains it with
+:meth:`PortStrategy.take_update_requests` (the fleet emulator does: the device sends the
+epochs it has completed, at least one). Difference from PLATO: its server holds the
+aggregation until the requested clients answer; ours lets their partial updates join the
+next buffer (so a daemon whose devices cannot be interrupted never stalls on a request).
+The MQTT protocol has no urgent-request message yet, so a real daemon ignores the list.
 """
 
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
-from coordinator.strategies.base import BufferedUpdate, CoordinatorView
+from coordinator.strategies.base import BufferedUpdate, CoordinatorView, Plan
 from coordinator.strategies.fedbuff import FedBuffConfig, FedBuffStrategy
 from coordinator.strategies.robust import RobustAggregator, UpdateStats
 from edge_sdk.errors import ConfigError
@@ -51,6 +65,9 @@ class PortConfig(FedBuffConfig):
     similarity_weight: float = 1.0
     staleness_weight: float = 1.0
     staleness_bound: float = 10.0
+    request_update: bool = True
+    """Push-pull: ask in-flight devices more than ``staleness_bound`` versions behind for
+    the work they have done so far (see the module docstring)."""
 
     def __post_init__(self) -> None:
         FedBuffConfig.__post_init__(self)
@@ -120,6 +137,47 @@ class PortStrategy(FedBuffStrategy):
 
     def __init__(self, config: PortConfig | None = None) -> None:
         super().__init__(config or PortConfig())
+        self.started_version: dict[str, int] = {}
+        """In-flight devices: the global version they were let in at (their base)."""
+        self.requested: set[str] = set()
+        self._requests: list[str] = []
+        self.update_requests = 0
+
+    # ------------------------------------------------------------------ push-pull
+
+    def serve_pull(self, view: CoordinatorView, device: str, now: float) -> bool:
+        served = super().serve_pull(view, device, now)
+        if served:
+            self.started_version.setdefault(device, view.version)
+        return served
+
+    def plan(self, view: CoordinatorView, now: float, rng: random.Random) -> Plan:
+        plan = super().plan(view, now, rng)
+        for device in plan.invite:
+            self.started_version[device] = view.version
+        return plan
+
+    def on_update(self, view: CoordinatorView, update: BufferedUpdate, now: float) -> None:
+        super().on_update(view, update, now)
+        self.started_version.pop(update.device, None)
+        self.requested.discard(update.device)
+
+    def on_aggregated(self, view: CoordinatorView, now: float) -> None:
+        super().on_aggregated(view, now)
+        if not self.config.request_update:
+            return
+        bound = self.config.staleness_bound
+        for device in self.in_flight:  # insertion order: deterministic
+            started = self.started_version.get(device, view.version)
+            if device not in self.requested and view.version - started > bound:
+                self.requested.add(device)
+                self._requests.append(device)
+                self.update_requests += 1
+
+    def take_update_requests(self) -> tuple[str, ...]:
+        """Devices to ask for their work so far (each once per local update); drained."""
+        out, self._requests = tuple(self._requests), []
+        return out
 
     def _make_robust(self) -> RobustAggregator:
         c = self.config
@@ -137,4 +195,6 @@ class PortStrategy(FedBuffStrategy):
             "similarity_weight": c.similarity_weight,
             "staleness_weight": c.staleness_weight,
             "staleness_bound": c.staleness_bound,
+            "request_update": c.request_update,
+            "update_requests": self.update_requests,
         }

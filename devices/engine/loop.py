@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
+
+import numpy as np
 
 from devices.engine.clock import VirtualClock
 from devices.engine.events import EventQueue, Kind
+from edge_sdk.errors import LocalProtocolError
 
 __all__ = ["Clock", "Driver"]
 
@@ -30,9 +33,30 @@ class Driver:
         self.events = 0
         self.trace: Callable[[float, Kind, int, Any], None] | None = None
         """Optional hook ``(now, kind, target, data)`` called for every event (tests)."""
+        # Events known before the run (preload): sorted lists and a cursor, not heap entries.
+        self._pre_at: list[float] = []
+        self._pre_target: list[int] = []
+        self._pre_data: list[Any] = []
+        self._pre_kind = Kind.SAMPLE
+        self._pre_next = 0
 
     def push(self, at: float, kind: Kind, target: int, data: Any = None) -> None:
         self.queue.push(at, kind, target, data)
+
+    def preload(self, kind: Kind, at: Sequence[float], targets: Sequence[int], data: Sequence[Any]) -> None:
+        """Schedule events of one ``kind`` that are known before the run starts (labels at
+        their drawn times), as if each were pushed, in the given order, before anything else:
+        at equal times they come first, and among themselves in the given order. They are kept
+        as one sorted list with a cursor, so the heap holds only what the run schedules and a
+        step costs O(log events in flight), not O(log of the whole fleet's labels)."""
+        if self.events or self._pre_at or not len(at) == len(targets) == len(data):
+            raise LocalProtocolError("preload once, before the run, with one target and one datum per time")
+        order = np.argsort(np.asarray(at, dtype=np.float64), kind="stable").tolist()
+        self._pre_at = [float(at[i]) for i in order]
+        self._pre_target = [int(targets[i]) for i in order]
+        self._pre_data = [data[i] for i in order]
+        self._pre_kind = kind
+        self._pre_next = 0
 
     def dispatch(self, now: float, kind: Kind, target: int, data: Any) -> None:
         raise NotImplementedError
@@ -44,9 +68,16 @@ class Driver:
     def step(self, until: float = math.inf) -> Kind | None:
         """Handle the next event if it is due by ``until``; return its kind (None: none is,
         or the driver halted while waiting for it)."""
-        if not self.queue.due(until):
+        i = self._pre_next
+        pre = self._pre_at[i] if i < len(self._pre_at) else None
+        heap = self.queue.next_time()
+        if pre is not None and pre <= until and (heap is None or pre <= heap):  # a preloaded event wins a tie
+            at, kind, target, data = pre, self._pre_kind, self._pre_target[i], self._pre_data[i]
+            self._pre_next = i + 1
+        elif heap is not None and heap <= until:
+            at, _, kind, target, data = self.queue.pop()
+        else:
             return None
-        at, _, kind, target, data = self.queue.pop()
         self.clock.advance_to(at)
         if self.halted():
             return None

@@ -53,6 +53,8 @@ class LinkNetwork:
         self.received = [0] * (n + 1)
         self.in_flight = [0] * (n + 1)
         self.messages = 0
+        self._device_up = 0
+        self._device_down = 0
         self.retained: dict[str, bytes] = {}
         self.retained_bytes = 0
         self.unroutable = 0
@@ -77,6 +79,8 @@ class LinkNetwork:
         start = max(at_broker, self._down_free[receiver])
         self._down_free[receiver] = start + size * 8.0 / down.down_bps
         self.sent[sender] += size
+        if sender != self.coordinator:
+            self._device_up += size
         self.in_flight[receiver] += size
         self.messages += 1
         return receiver, self._down_free[receiver] + down.latency_s
@@ -84,14 +88,18 @@ class LinkNetwork:
     def delivered(self, receiver: int, size: int) -> None:
         self.in_flight[receiver] -= size
         self.received[receiver] += size
+        if receiver != self.coordinator:
+            self._device_down += size
 
     @property
     def device_bytes_up(self) -> int:
-        return sum(self.sent[: self.coordinator])
+        """Bytes all devices have sent (a running total: no scan over the fleet)."""
+        return self._device_up
 
     @property
     def device_bytes_down(self) -> int:
-        return sum(self.received[: self.coordinator])
+        """Bytes delivered to all devices (a running total)."""
+        return self._device_down
 
 
 class RegionNetwork:
