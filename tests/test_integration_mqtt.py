@@ -29,7 +29,7 @@ from edge_sdk.tasks.base import Split, TrainConfig
 from edge_sdk.wire import topics
 from edge_sdk.wire.codec import decode, encode, parse_status_json
 from edge_sdk.wire.messages import Ack, Update
-from tests.helpers import wait_until
+from tests.helpers import CoordinatorProcess, wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 REGION = "it"
@@ -80,40 +80,19 @@ class Watcher:
 
 @contextmanager
 def coordinator_process(url: str, state_dir: Path, *, k: int = 5, timeout: float = 2.0) -> Iterator[subprocess.Popen[str]]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable, "-m", "demos.cli", "coordinator", "--broker", url, "--region", REGION,
-        "--state-dir", str(state_dir), "--model", "digits", "--k", str(k), "--timeout", str(timeout),
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
-    lines: list[str] = []
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-
-    pumper = threading.Thread(target=pump, daemon=True)
-    pumper.start()
+    """``edgeci coordinator`` as a child process; on leaving, SIGTERM must stop it cleanly
+    (unless the test killed it itself)."""
+    coord = CoordinatorProcess("--broker", url, "--region", REGION, "--state-dir", str(state_dir), "--model", "digits",
+                               "--k", str(k), "--timeout", str(timeout))
+    terminated = False
     try:
-        wait_until(lambda: any("ready" in line for line in lines) or proc.poll() is not None, 120, "coordinator ready")
-        assert proc.poll() is None, "".join(lines)
-        yield proc
+        yield coord.proc
     finally:
-        terminated = proc.poll() is None
-        if terminated:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        pumper.join(10)
-        assert proc.stdout is not None
-        proc.stdout.close()
+        terminated = coord.proc.poll() is None
+        code = coord.close()
     if terminated:
-        assert proc.returncode == 0, "SIGTERM must shut the coordinator down cleanly:\n" + "".join(lines[-20:])
-        assert any("stopped cleanly" in line for line in lines), "".join(lines[-20:])
+        assert code == 0, "SIGTERM must shut the coordinator down cleanly:\n" + "".join(coord.lines[-20:])
+        assert any("stopped cleanly" in line for line in coord.lines), "".join(coord.lines[-20:])
 
 
 class Fleet:

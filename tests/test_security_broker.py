@@ -22,7 +22,7 @@ from coordinator.pki import Pki
 from edge_sdk.errors import TransportError
 from edge_sdk.mqtt import BrokerAuth, MqttTransport, read_bundle
 from edge_sdk.wire import topics
-from tests.helpers import wait_until
+from tests.helpers import CoordinatorProcess, wait_until
 from tests.secure_broker import SECURE_REGION, SecureBroker
 
 pytestmark = [pytest.mark.broker]
@@ -307,37 +307,20 @@ def test_main_flow_over_tls_with_bundles(secure_broker: SecureBroker, tmp_path: 
 def test_coordinator_cli_and_device_with_bundles(secure_broker: SecureBroker, tmp_path: Path) -> None:
     """The real ``edgeci coordinator --broker mqtts://… --bundle DIR`` process serves a
     device that connects with its own bundle."""
-    import os
-    import subprocess
-    import sys
-
     from edge_sdk.client import EdgeClient
     from edge_sdk.tasks import get_task
     from edge_sdk.tasks.base import TrainConfig
 
-    root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "demos.cli", "coordinator", "--broker", secure_broker.url, "--region", R,
-           "--id", "coord-sec", "--bundle", str(secure_broker.bundle("coord-sec", "coordinator")),
-           "--state-dir", str(tmp_path / "coord"), "--k", "1", "--timeout", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=root,
-                            env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
-    lines: list[str] = []
-    pump = threading.Thread(target=lambda: lines.extend(proc.stdout or []), daemon=True)
-    pump.start()
     task = get_task("digits")
     pool = task.data().pool
-    try:
-        wait_until(lambda: any("ready" in ln for ln in lines) or proc.poll() is not None, 120, "coordinator ready")
-        assert proc.poll() is None, "".join(lines)
-        with EdgeClient(broker=secure_broker.url, device_id="devA", region=R, task=task, data_dir=tmp_path / "devA",
-                        min_samples=2, train=TrainConfig(epochs=1), request_timeout_s=3.0, inference="torch",
-                        bundle=secure_broker.bundle("devA")) as client:
-            for i in range(2):
-                client.add_sample(pool.x[i], int(pool.y[i]))
-            assert client.wait_for_version(0, timeout=60), "".join(lines[-20:])
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        pump.join(10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+    with (
+        CoordinatorProcess("--broker", secure_broker.url, "--region", R, "--id", "coord-sec", "--bundle",
+                           str(secure_broker.bundle("coord-sec", "coordinator")), "--state-dir", str(tmp_path / "coord"),
+                           "--k", "1", "--timeout", "1") as coord,
+        EdgeClient(broker=secure_broker.url, device_id="devA", region=R, task=task, data_dir=tmp_path / "devA",
+                   min_samples=2, train=TrainConfig(epochs=1), request_timeout_s=3.0, inference="torch",
+                   bundle=secure_broker.bundle("devA")) as client,
+    ):
+        for i in range(2):
+            client.add_sample(pool.x[i], int(pool.y[i]))
+        assert client.wait_for_version(0, timeout=60), "".join(coord.lines[-20:])
