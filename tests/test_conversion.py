@@ -3,8 +3,6 @@ DC-ASGD, and the switch back to plain aggregation (E1 vs E2, α blending)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import pytest
 
@@ -20,25 +18,16 @@ from coordinator.core import (
 from edge_sdk.core.events import MessageReceived, Publish, ScheduleTimer, TimerFired
 from edge_sdk.errors import ConfigError
 from edge_sdk.wire import topics
-from edge_sdk.wire.codec import decode, encode, parse_status_json
-from edge_sdk.wire.messages import Ack, Update
+from edge_sdk.wire.codec import encode, parse_status_json
+from edge_sdk.wire.messages import Update
 from tests.helpers import SPEC, make_coordinator
+from tests.test_coordinator_core import acks
 
 
 def upd(device: str, seq: int, value: float, *, base: int, now: float = 0.0) -> MessageReceived:
     msg = Update(device=device, seq=seq, model_id="toy", base_version=base, n_samples=4,
                  weights=np.full(SPEC.size, value, dtype=np.float32))
     return MessageReceived(now=now, topic=topics.device_topic("r1", device, "update"), payload=encode(msg))
-
-
-def acks(actions: Sequence[object]) -> list[Ack]:
-    out = []
-    for a in actions:
-        if isinstance(a, Publish) and a.topic.endswith("/ack"):
-            m = decode(a.payload)
-            assert isinstance(m, Ack)
-            out.append(m)
-    return out
 
 
 def converting_core(policy: str = "gradient-inversion", *, snapshot: Snapshot | None = None) -> CoordinatorCore:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pytest
 
@@ -21,7 +23,7 @@ def upd(device: str, seq: int, value: float = 1.0, *, base: int = 0, n: int = 1,
     return MessageReceived(now=float(kw.get("now", 0.0)), topic=topics.device_topic("r1", device, "update"), payload=encode(msg))
 
 
-def acks(actions: list[object]) -> list[Ack]:
+def acks(actions: Sequence[object]) -> list[Ack]:
     out = []
     for a in actions:
         if isinstance(a, Publish) and a.topic.endswith("/ack"):
