@@ -1154,6 +1154,12 @@ class CoordinatorCore:
     def _rollback_training_line(self, now: float, *, rejected: int) -> CommitVersion:
         """Commit the release's weights as the next training version, discarding the buffer
         (those updates were trained from the rejected lineage; their keys count as applied)."""
+        return self._replace_training_line(np.array(self._release_weights, copy=True), now,
+                                           {"source": "rollback", "rejected": rejected, "of": self._release_version})
+
+    def _replace_training_line(self, weights: Vector, now: float, meta: Mapping[str, Any]) -> CommitVersion:
+        """Commit ``weights`` (a rollback or an operator's version) as the next training
+        version; the buffered and parked updates are discarded, their keys counted as applied."""
         self._abandon_conversions()
         consumed = tuple(u.key for u in self._buffer)
         for u in self._buffer:
@@ -1161,8 +1167,7 @@ class CoordinatorCore:
         self.counters["rolled_back_updates"] += len(self._buffer)
         self._buffer.clear()
         self._first_buffered_at = None
-        commit = self._commit(np.array(self._release_weights, copy=True), now, consumed=consumed,
-                              meta={"source": "rollback", "rejected": rejected, "of": self._release_version})
+        commit = self._commit(weights, now, consumed=consumed, meta=meta)
         self.strategy.on_aggregated(self._view, now)
         return commit
 
@@ -1201,15 +1206,7 @@ class CoordinatorCore:
         if ev.weights is None:
             return [Notify(kind="control_failed", data={"command": ev.command, "version": ev.version, "detail": ev.detail[:200]})]
         weights = np.array(self.config.spec.check(np.asarray(ev.weights, dtype=np.float32)), copy=True)
-        self._abandon_conversions()
-        consumed = tuple(u.key for u in self._buffer)
-        for u in self._buffer:
-            self._applied_upto[u.device] = max(self._applied_upto.get(u.device, -1), u.seq)
-        self.counters["rolled_back_updates"] += len(self._buffer)
-        self._buffer.clear()
-        self._first_buffered_at = None
-        commit = self._commit(weights, ev.now, consumed=consumed, meta={"source": "operator", "command": ev.command, "of": ev.version})
-        self.strategy.on_aggregated(self._view, ev.now)
+        commit = self._replace_training_line(weights, ev.now, {"source": "operator", "command": ev.command, "of": ev.version})
         self._release_version, self._release_weights = commit.version, weights
         self._pinned = ev.command == "pin" or (self._pinned and ev.command == "rollback")
         if self._gate is not None:
