@@ -26,13 +26,12 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from functools import reduce
 
 import numpy as np
 
 from coordinator.strategies.aggregate import fedavg
-from coordinator.strategies.base import BufferedUpdate
+from coordinator.strategies.base import BufferedUpdate, StaticView
 from coordinator.strategies.spin import SpinConfig, SpinStrategy
 from edge_sdk.spec import ModelSpec, Vector
 
@@ -56,22 +55,6 @@ SHAPES = resnet18_shapes()
 N = sum(int(np.prod(s)) for s in SHAPES)
 assert N == 11_689_512, N
 SPEC = ModelSpec.build("resnet18", [("flat", (N,), "extractor")])
-
-
-@dataclass
-class View:
-    spec: ModelSpec
-    version: int
-    weights: Vector
-    history: dict[int, Vector] = field(default_factory=dict)
-    buffer: Sequence[BufferedUpdate] = ()
-    devices_seen: Sequence[str] = ()
-    last_aggregation_at: float = 0.0
-    first_buffered_at: float | None = None
-    deferred: dict[str, float] = field(default_factory=dict)
-
-    def weights_at(self, version: int) -> Vector | None:
-        return self.weights if version == self.version else self.history.get(version)
 
 
 def flower_aggregate(results: list[tuple[list[np.ndarray], int]]) -> list[np.ndarray]:
@@ -122,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         BufferedUpdate(device=f"d{i}", seq=1, base_version=5, staleness=0, n_samples=n_samples[i], weights=matrix[i])
         for i in range(k)
     ]
-    view = View(spec=SPEC, version=5, weights=current)
+    view = StaticView(spec=SPEC, version=5, weights=current)
     print(f"K = {k} updates of N = {N:,} float32 ({N * 4 / 1e6:.1f} MB each), medians of {reps}")
 
     def new_path(**params: object) -> tuple[float, Vector]:

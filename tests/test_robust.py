@@ -8,7 +8,6 @@ and ``port.port_weights``: the fold must give their results within float32 round
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from hypothesis import strategies as st
 from coordinator.core import CommitVersion, PersistUpdate, Snapshot
 from coordinator.strategies import make_strategy
 from coordinator.strategies.aggregate import fedavg, fedavg_deltas, weighted_average
-from coordinator.strategies.base import BufferedUpdate, Strategy
+from coordinator.strategies.base import BufferedUpdate, StaticView, Strategy
 from coordinator.strategies.port import PortConfig, PortStrategy, port_weights
 from coordinator.strategies.robust import (
     RobustAggregator,
@@ -40,24 +39,6 @@ BIG = ModelSpec.build("big", [("body.w", (2 * 65536 + 17,), "extractor"), ("head
 """Larger than two fold blocks, so the blocked loops' edges are exercised."""
 
 
-@dataclass
-class View:
-    """A working CoordinatorView (what CoordinatorCore exposes to strategies)."""
-
-    spec: ModelSpec
-    version: int
-    weights: Vector
-    history: dict[int, Vector] = field(default_factory=dict)
-    buffer: Sequence[BufferedUpdate] = ()
-    devices_seen: Sequence[str] = ()
-    last_aggregation_at: float = 0.0
-    first_buffered_at: float | None = None
-    deferred: dict[str, float] = field(default_factory=dict)
-
-    def weights_at(self, version: int) -> Vector | None:
-        return self.weights if version == self.version else self.history.get(version)
-
-
 def make_update(spec: ModelSpec, rng: np.random.Generator, i: int, *, group: str = FULL, base: int = 0,
                 version: int = 0, n: int = 1, scale: float = 1.0) -> BufferedUpdate:
     sl = spec.group_slice(group)
@@ -65,7 +46,7 @@ def make_update(spec: ModelSpec, rng: np.random.Generator, i: int, *, group: str
     return BufferedUpdate(device=f"d{i}", seq=i, base_version=base, staleness=version - base, n_samples=n, weights=w, group=group)
 
 
-def folded(strategy: Strategy, view: View, updates: Sequence[BufferedUpdate]) -> Vector:
+def folded(strategy: Strategy, view: StaticView, updates: Sequence[BufferedUpdate]) -> Vector:
     """Deliver ``updates`` one by one (the core's on_update), then trigger on the fold."""
     for u in updates:
         strategy.on_update(view, u, 0.0)
@@ -92,10 +73,10 @@ buffers = st.lists(
 )
 
 
-def world(seed: int, version: int = 4) -> tuple[View, np.random.Generator]:
+def world(seed: int, version: int = 4) -> tuple[StaticView, np.random.Generator]:
     rng = np.random.default_rng(seed)
     history = {v: rng.standard_normal(SPEC.size).astype(np.float32) for v in range(version + 1)}
-    return View(spec=SPEC, version=version, weights=history[version], history=history), rng
+    return StaticView(spec=SPEC, version=version, weights=history[version], history=history), rng
 
 
 # ------------------------------------------------------------------ fold == reference
@@ -152,7 +133,7 @@ def test_fold_on_a_large_model_matches_the_reference_and_the_float32_error_bound
     """Float32 accumulation: |fold − exact| ≤ 2(K + 1)·2⁻²⁴·Σ p_k|w_k| / Σ p_k per coordinate."""
     rng = np.random.default_rng(7)
     current = rng.standard_normal(BIG.size).astype(np.float32)
-    view = View(spec=BIG, version=3, weights=current, history={2: current + np.float32(0.01)})
+    view = StaticView(spec=BIG, version=3, weights=current, history={2: current + np.float32(0.01)})
     ns = [1, 7, 300, 12, 5, 9999, 3, 40, 2, 64]
     updates = [make_update(BIG, rng, i, n=n, base=3 - i % 2, version=3, scale=1.0 + i) for i, n in enumerate(ns)]
     updates.append(make_update(BIG, rng, 99, group="classifier", n=50, base=3, version=3))
@@ -183,7 +164,7 @@ def test_a_fold_that_does_not_match_the_buffer_is_rebuilt_at_the_trigger() -> No
     # a version committed in between (a peer merge): the fold is stale and rebuilt too
     for u in updates:
         strategy.on_update(view, u, 0.0)
-    merged = View(spec=SPEC, version=5, weights=np.ones(SPEC.size, np.float32), history=view.history)
+    merged = StaticView(spec=SPEC, version=5, weights=np.ones(SPEC.size, np.float32), history=view.history)
     np.testing.assert_allclose(strategy.aggregate(merged, updates), fedavg(merged.weights, updates, SPEC), rtol=2e-6)
     assert strategy.robust.rebuilds == 2
 
@@ -213,7 +194,7 @@ def test_restart_rebuilds_the_fold_and_gives_the_same_next_version() -> None:
 # ------------------------------------------------------------------ defences
 
 
-def honest_then(strategy: Strategy, view: View, rng: np.random.Generator, step: float = 0.0, rounds: int = 2, k: int = 5) -> None:
+def honest_then(strategy: Strategy, view: StaticView, rng: np.random.Generator, step: float = 0.0, rounds: int = 2, k: int = 5) -> None:
     """Warm the windows with honest rounds (changes of ``step`` + noise from the current model)."""
     for r in range(rounds):
         updates = [
@@ -229,7 +210,7 @@ def test_clipping_bounds_a_x1000_update() -> None:
     base = rng.standard_normal(SPEC.size).astype(np.float32)
     results = {}
     for clip in (3.0, 0.0):
-        view = View(spec=SPEC, version=2, weights=base)
+        view = StaticView(spec=SPEC, version=2, weights=base)
         strategy = make_strategy("spin", clip_multiplier=clip)
         honest_then(strategy, view, rng)
         honest = [base + (0.01 * rng.standard_normal(SPEC.size)).astype(np.float32) for _ in range(4)]
@@ -247,7 +228,7 @@ def test_clipping_bounds_a_x1000_update() -> None:
 
 def test_sample_cap_bounds_a_2_62_claim_without_non_finite_weights() -> None:
     rng = np.random.default_rng(4)
-    view = View(spec=SPEC, version=1, weights=np.zeros(SPEC.size, np.float32))
+    view = StaticView(spec=SPEC, version=1, weights=np.zeros(SPEC.size, np.float32))
     strategy = make_strategy("spin")
     honest_then(strategy, view, rng, step=1.0)
     honest = [np.full(SPEC.size, 1.0, np.float32) for _ in range(4)]
@@ -278,7 +259,7 @@ def test_max_staleness_drops_and_counts() -> None:
 @pytest.mark.parametrize("combiner", ["median", "trimmed-mean", "krum", "multi-krum"])
 def test_robust_combiners_resist_one_outlier(combiner: str) -> None:
     rng = np.random.default_rng(6)
-    view = View(spec=BIG, version=0, weights=np.zeros(BIG.size, np.float32))
+    view = StaticView(spec=BIG, version=0, weights=np.zeros(BIG.size, np.float32))
     honest = [(1.0 + 0.1 * rng.standard_normal(BIG.size)).astype(np.float32) for _ in range(6)]
     outlier = np.full(BIG.size, 1e6, np.float32)
     updates = [BufferedUpdate(device=f"x{i}", seq=0, base_version=0, staleness=0, n_samples=10, weights=w)

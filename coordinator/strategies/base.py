@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from edge_sdk.spec import FULL, ModelSpec, Vector
@@ -75,6 +75,25 @@ class CoordinatorView(Protocol):
     def weights_at(self, version: int) -> Vector | None:
         """An older global vector if still retained (staleness-aware strategies), else None."""
         ...
+
+
+@dataclass
+class StaticView:
+    """A :class:`CoordinatorView` over fixed state, without a core: what a strategy sees when
+    it aggregates offline (benchmarks, tests). ``history`` holds older global vectors."""
+
+    spec: ModelSpec
+    version: int
+    weights: Vector
+    history: dict[int, Vector] = field(default_factory=dict)
+    buffer: Sequence[BufferedUpdate] = ()
+    devices_seen: Sequence[str] = ()
+    last_aggregation_at: float = 0.0
+    first_buffered_at: float | None = None
+    deferred: dict[str, float] = field(default_factory=dict)
+
+    def weights_at(self, version: int) -> Vector | None:
+        return self.weights if version == self.version else self.history.get(version)
 
 
 class Strategy:
