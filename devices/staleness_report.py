@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,17 @@ def policy_of(spec: RunSpec) -> str:
 def cell_of(spec: RunSpec) -> tuple[str, int, float]:
     """(policy, τ, α) of a run line."""
     return policy_of(spec), spec.settings.delay.versions, spec.settings.alpha
+
+
+def _delayed_runs(scenario: Scenario, results: Sequence[RunResult]) -> Iterator[tuple[RunResult, RunSpec, Mapping[str, Any]]]:
+    """Each result of one of the scenario's runs that recorded its delayed devices, with its
+    run line and its ``stragglers`` summary."""
+    specs = {spec.label: spec for spec in scenario.runs}
+    for r in results:
+        spec = specs.get(r.label)
+        st = r.summary.get("stragglers")
+        if spec is not None and st:
+            yield r, spec, st
 
 
 def _class_at(per_version: Sequence[Mapping[str, float]], version: int) -> float | None:
@@ -69,13 +80,8 @@ def staleness_summary(scenario: Scenario, results: Sequence[RunResult], *, class
     accuracy at the last one, time to the class-c target (the scenario's, or ``class_target``),
     conversions; and wins vs damped."""
     target = scenario.settings.delay.class_target if class_target is None else class_target
-    specs = {spec.label: spec for spec in scenario.runs}
     cells: dict[tuple[float, int, str], dict[int, dict[str, Any]]] = {}
-    for r in results:
-        spec = specs.get(r.label)
-        st = r.summary.get("stragglers")
-        if spec is None or not st:
-            continue
+    for r, spec, st in _delayed_runs(scenario, results):
         policy, tau, alpha = cell_of(spec)
         pv = st["per_version"]
         versions = list(spec.settings.delay.report_versions)
@@ -183,13 +189,8 @@ def plot_class_accuracy(scenario: Scenario, results: Sequence[RunResult], path: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    specs = {spec.label: spec for spec in scenario.runs}
     series: dict[tuple[float, int], dict[str, list[dict[int, float]]]] = {}
-    for r in results:
-        spec = specs.get(r.label)
-        st = r.summary.get("stragglers")
-        if spec is None or not st:
-            continue
+    for _, spec, st in _delayed_runs(scenario, results):
         policy, tau, alpha = cell_of(spec)
         curve = {int(row["version"]): float(row["class_accuracy"]) for row in st["per_version"]}
         series.setdefault((alpha, tau), {}).setdefault(policy, []).append(curve)
