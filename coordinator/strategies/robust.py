@@ -309,6 +309,7 @@ class RobustAggregator:
         wants_similarity: bool = False,
     ) -> None:
         self.config = config
+        self._policy = make_policy(config.staleness, a=config.a, bound=config.max_staleness, convert_beyond=config.convert_beyond)
         self.deltas = deltas
         self.server_lr = server_lr
         self.expected = max(1, expected)
@@ -362,7 +363,7 @@ class RobustAggregator:
     def _observe(self, view: CoordinatorView, u: BufferedUpdate, *, uniform: bool) -> None:
         cfg = self.config
         tau = max(view.version - u.base_version, 0)
-        factor = staleness_factor(make_policy(cfg.staleness, a=cfg.a, bound=cfg.max_staleness, convert_beyond=cfg.convert_beyond), tau)
+        factor = staleness_factor(self._policy, tau)  # the config is frozen: one policy, built once
         if factor is None:
             self._count("dropped_stale", u.key)
             self._entries.append(_Entry(key=u.key, group=u.group, weight=0.0))
