@@ -427,3 +427,14 @@ def test_live_reconfigure_switches_the_rule_and_rejects_bad_values() -> None:
     assert strategy.config.combiner == "mean" and strategy.config.combine == "deltas"
     with pytest.raises(ConfigError):
         make_strategy("spin-notimeout").reconfigure(timeout_s=3.0)  # type: ignore[attr-defined]
+
+
+def test_live_reconfigure_changes_the_staleness_policy_the_fold_applies() -> None:
+    view, rng = world(12, version=6)
+    stale = make_update(SPEC, rng, 0, base=1, version=6)  # 5 versions behind
+    strategy = make_strategy("spin", staleness="none", **OFF)
+    assert isinstance(strategy, SpinStrategy)
+    strategy.reconfigure(staleness="drop-beyond", max_staleness=2)  # SIGHUP: from now on, drop it
+    strategy.on_update(view, stale, 0.0)
+    np.testing.assert_array_equal(strategy.aggregate(view, [stale]), view.weights)
+    assert strategy.robust.counters["dropped_stale"] == 1

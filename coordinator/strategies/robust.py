@@ -55,7 +55,12 @@ from typing import Any
 import numpy as np
 
 from coordinator.strategies.base import BufferedUpdate, CoordinatorView, Strategy
-from coordinator.strategies.staleness import CONVERSIONS, make_policy, staleness_factor
+from coordinator.strategies.staleness import (
+    CONVERSIONS,
+    StalenessPolicy,
+    make_policy,
+    staleness_factor,
+)
 from edge_sdk.errors import ConfigError
 from edge_sdk.spec import FULL, Vector
 
@@ -295,6 +300,10 @@ class _Window:
             self.values.popitem(last=False)
 
 
+def _policy(config: RobustConfig) -> StalenessPolicy:
+    return make_policy(config.staleness, a=config.a, bound=config.max_staleness, convert_beyond=config.convert_beyond)
+
+
 class RobustAggregator:
     """Assess and fold updates on arrival; combine at the trigger. See the module docstring."""
 
@@ -309,7 +318,7 @@ class RobustAggregator:
         wants_similarity: bool = False,
     ) -> None:
         self.config = config
-        self._policy = make_policy(config.staleness, a=config.a, bound=config.max_staleness, convert_beyond=config.convert_beyond)
+        self._policy = _policy(config)
         self.deltas = deltas
         self.server_lr = server_lr
         self.expected = max(1, expected)
@@ -337,6 +346,7 @@ class RobustAggregator:
         """New parameters (SIGHUP): the fold in progress is dropped and rebuilt at the
         trigger under the new ones; the windows and counters are kept."""
         self.config, self.deltas, self.server_lr, self.expected = config, deltas, server_lr, max(1, expected)
+        self._policy = _policy(config)
         for window in (self._claims, *self._norms.values()):
             window.size = config.window
         self._reset()
@@ -363,7 +373,7 @@ class RobustAggregator:
     def _observe(self, view: CoordinatorView, u: BufferedUpdate, *, uniform: bool) -> None:
         cfg = self.config
         tau = max(view.version - u.base_version, 0)
-        factor = staleness_factor(self._policy, tau)  # the config is frozen: one policy, built once
+        factor = staleness_factor(self._policy, tau)  # built with the config (and again on reconfigure)
         if factor is None:
             self._count("dropped_stale", u.key)
             self._entries.append(_Entry(key=u.key, group=u.group, weight=0.0))
