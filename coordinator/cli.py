@@ -132,7 +132,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kappa2", type=int, help="hierfavg: edge rounds per cloud round (default 2)")
 
 
-def parse_params(items: Iterable[str]) -> dict[str, object]:
+def parse_params(items: Iterable[str], flag: str = "--param") -> dict[str, object]:
     """``--param NAME=VALUE`` items: VALUE read as a TOML value (10, 1.5, true, "x"),
     ``none`` as None, anything else as a string; the config dataclasses validate."""
     out: dict[str, object] = {}
@@ -140,7 +140,7 @@ def parse_params(items: Iterable[str]) -> dict[str, object]:
         name, sep, raw = item.partition("=")
         name, raw = name.strip(), raw.strip()
         if not sep or not name.isidentifier():
-            raise ConfigError(f"--param expects NAME=VALUE, got {item!r}")
+            raise ConfigError(f"{flag} expects NAME=VALUE, got {item!r}")
         if raw.lower() in ("none", "null"):
             out[name] = None
             continue
@@ -216,7 +216,7 @@ def options_from(args: argparse.Namespace, layered: Layered | None = None) -> Co
         gate_z=float(getattr(args, "gate_z", 1.0)),
         operator_keys_dir=getattr(args, "operator_keys", None),
         conversion_deadline_s=float(getattr(args, "conversion_deadline", 60.0)),
-        inversion_params=parse_params(getattr(args, "inversion", None) or ()),
+        inversion_params=parse_params(getattr(args, "inversion", None) or (), "--inversion"),
         status_interval_s=interval,
         auth=auth_from_args(args),
         bundle=args.bundle,

@@ -49,6 +49,9 @@ class ConversionConfig:
     """No switch before this many observations."""
     match_slack: int = 2
     """An update based on version b is compared with the estimate made for version t when |b − t| ≤ this."""
+    max_queued: int = 4
+    """A device's updates accepted while one of its updates is being converted (held in memory,
+    applied in seq order after it); further ones are answered ``deferred`` (the device retries)."""
     max_tracked: int = 256
     """Estimates kept (one per device, the least recent forgotten): memory is 2 × model per entry."""
     dc_lambda: float = 0.04
@@ -61,8 +64,8 @@ class ConversionConfig:
             raise ConfigError("conversion deadline_s must be a finite number > 0")
         if self.blend_versions < 0 or self.window < 1 or self.min_observations < 1 or self.match_slack < 0:
             raise ConfigError("need blend_versions >= 0, window >= 1, min_observations >= 1, match_slack >= 0")
-        if self.max_tracked < 1:
-            raise ConfigError("max_tracked must be >= 1")
+        if self.max_tracked < 1 or self.max_queued < 0:
+            raise ConfigError("need max_tracked >= 1 and max_queued >= 0")
         if not (self.dc_lambda >= 0 and math.isfinite(self.dc_lambda)):
             raise ConfigError("dc_lambda must be a finite number >= 0")
         if not (self.default_lr > 0 and math.isfinite(self.default_lr)):

@@ -545,6 +545,7 @@ class CoordinatorCore:
                     **self._switch.describe(self._version),
                     "parked": len(self._parked),
                     **{k: c[f"conversion_{k}"] for k in ("requested", "applied", "late", "failed", "no_base", "switched_off")},
+                    "deferred": c["deferred_converting"],
                 },
                 "storage_ok": self._storage_ok,
                 "storage_detail": self._storage_detail,
@@ -822,6 +823,13 @@ class CoordinatorCore:
             self.counters["deferred_storage"] += 1
             self._status_dirty = True
             ack = Ack(device=msg.device, seq=msg.seq, status="deferred", version=self._version, reason="storage")
+            return [self._publish(ack_topic, encode(ack))]
+        queued = self._parked_devices.get(msg.device)
+        if queued is not None and len(queued) >= cfg.conversion.max_queued:
+            # Behind a conversion a device's updates wait in memory: a bounded few, then "retry later".
+            self.counters["deferred_converting"] += 1
+            self._status_dirty = True
+            ack = Ack(device=msg.device, seq=msg.seq, status="deferred", version=self._version, reason="converting")
             return [self._publish(ack_topic, encode(ack))]
         update = BufferedUpdate(
             device=msg.device,

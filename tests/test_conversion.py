@@ -103,6 +103,18 @@ def test_a_devices_later_updates_queue_behind_its_parked_one_in_seq_order() -> N
     np.testing.assert_allclose(commit.weights, 6.0)  # (5 + 7) / 2: the converted update, then the queued one
 
 
+def test_a_device_flooding_updates_behind_a_conversion_is_deferred_not_buffered() -> None:
+    c = converting_core()
+    (req,) = [a for a in c.handle(upd("slow", 0, 9.0, base=0)) if isinstance(a, ConvertUpdate)]
+    for seq in range(1, 5):  # max_queued = 4 accepted and held behind the parked update
+        assert [a.status for a in acks(c.handle(upd("slow", seq, 7.0, base=4)))] == ["accepted"]
+    flood = c.handle(upd("slow", 5, 7.0, base=4))
+    assert [(a.status, a.reason) for a in acks(flood)] == [("deferred", "converting")]
+    assert not any(isinstance(a, PersistUpdate) for a in flood) and c.counters["deferred_converting"] == 1
+    c.handle(UpdateConverted(now=1.0, ticket=req.ticket, weights=np.full(SPEC.size, 5.0, dtype=np.float32)))
+    assert [a.status for a in acks(c.handle(upd("slow", 5, 7.0, base=4)))] == ["accepted"]  # the retry
+
+
 def test_a_rollback_takes_parked_updates_with_the_buffer() -> None:
     c = converting_core()
     (req,) = [a for a in c.handle(upd("slow", 0, 9.0, base=0)) if isinstance(a, ConvertUpdate)]
@@ -178,7 +190,7 @@ def test_disparity_and_config_validation() -> None:
     l1, cos = disparity(vec(1.0, 0.0), vec(0.0, 1.0))
     assert l1 == pytest.approx(1.0) and cos == pytest.approx(1.0)
     assert disparity(vec(2.0, 2.0), vec(1.0, 1.0))[1] == pytest.approx(0.0, abs=1e-7)
-    for bad in ({"deadline_s": 0}, {"window": 0}, {"dc_lambda": float("nan")}, {"max_tracked": 0}):
+    for bad in ({"deadline_s": 0}, {"window": 0}, {"dc_lambda": float("nan")}, {"max_tracked": 0}, {"max_queued": -1}):
         with pytest.raises(ConfigError):
             ConversionConfig(**bad)
 
