@@ -54,6 +54,8 @@ class ConversionConfig:
     applied in seq order after it); further ones are answered ``deferred`` (the device retries)."""
     max_tracked: int = 256
     """Estimates kept (one per device, the least recent forgotten): memory is 2 × model per entry."""
+    max_tracked_bytes: int = 256 << 20
+    """...and at most this many bytes of them (a large model keeps fewer)."""
     dc_lambda: float = 0.04
     """DC-ASGD's variance-control parameter λ."""
     default_lr: float = 0.01
@@ -64,8 +66,8 @@ class ConversionConfig:
             raise ConfigError("conversion deadline_s must be a finite number > 0")
         if self.blend_versions < 0 or self.window < 1 or self.min_observations < 1 or self.match_slack < 0:
             raise ConfigError("need blend_versions >= 0, window >= 1, min_observations >= 1, match_slack >= 0")
-        if self.max_tracked < 1 or self.max_queued < 0:
-            raise ConfigError("need max_tracked >= 1 and max_queued >= 0")
+        if self.max_tracked < 1 or self.max_queued < 0 or self.max_tracked_bytes < 0:
+            raise ConfigError("need max_tracked >= 1, max_tracked_bytes >= 0 and max_queued >= 0")
         if not (self.dc_lambda >= 0 and math.isfinite(self.dc_lambda)):
             raise ConfigError("dc_lambda must be a finite number >= 0")
         if not (self.default_lr > 0 and math.isfinite(self.default_lr)):
@@ -110,6 +112,7 @@ class SwitchTracker:
         self.config = config
         self._estimates: OrderedDict[str, tuple[int, Vector, Vector]] = OrderedDict()
         self._window: deque[Observation] = deque(maxlen=config.window)
+        self._bytes = 0
         state = state or {}
         sv = state.get("switch_version")
         self.switch_version: int | None = int(sv) if isinstance(sv, int) and sv >= 0 else None
@@ -140,10 +143,13 @@ class SwitchTracker:
     # -- evidence
     def record(self, device: str, target_version: int, estimate: Vector, stale_delta: Vector) -> None:
         """Remember a conversion's estimated change (made for ``target_version``) and the stale change."""
-        self._estimates.pop(device, None)
+        self.forget(device)
         self._estimates[device] = (target_version, estimate, stale_delta)
-        while len(self._estimates) > self.config.max_tracked:
-            self._estimates.popitem(last=False)
+        self._bytes += estimate.nbytes + stale_delta.nbytes
+        while self._estimates and (len(self._estimates) > self.config.max_tracked
+                                   or self._bytes > self.config.max_tracked_bytes):
+            _, (_, est, stale) = self._estimates.popitem(last=False)
+            self._bytes -= est.nbytes + stale.nbytes
 
     def observe(self, device: str, base_version: int, delta: Vector, version: int) -> Observation | None:
         """The device's true change from ``base_version``: compare it with the estimate made for
@@ -151,7 +157,7 @@ class SwitchTracker:
         entry = self._estimates.get(device)
         if entry is None or abs(entry[0] - base_version) > self.config.match_slack:
             return None
-        del self._estimates[device]
+        self.forget(device)
         target, estimate, stale_delta = entry
         e1_l1, e1_cos = disparity(estimate, delta)
         e2_l1, e2_cos = disparity(stale_delta, delta)
@@ -173,7 +179,9 @@ class SwitchTracker:
         return device in self._estimates
 
     def forget(self, device: str) -> None:
-        self._estimates.pop(device, None)
+        entry = self._estimates.pop(device, None)
+        if entry is not None:
+            self._bytes -= entry[1].nbytes + entry[2].nbytes
 
     # -- reporting / persistence
     def describe(self, version: int) -> dict[str, Any]:

@@ -184,6 +184,13 @@ def test_the_tracker_ignores_updates_far_from_the_estimates_version_and_bounds_i
     t.record("b", 10, vec(1.0), vec(1.0))
     t.record("c", 10, vec(1.0), vec(1.0))
     assert not t.tracking("a") and t.tracking("b") and t.tracking("c")
+    small = SwitchTracker(ConversionConfig(max_tracked_bytes=12))  # an entry: 2 vectors of one float32 = 8 bytes
+    small.record("a", 10, vec(1.0), vec(1.0))
+    small.record("b", 10, vec(1.0), vec(1.0))
+    assert not small.tracking("a") and small.tracking("b")  # 8 + 8 bytes would exceed 12
+    small.forget("b")
+    small.record("c", 10, vec(1.0), vec(1.0))
+    assert small.tracking("c")  # forgetting released b's bytes
 
 
 def test_disparity_and_config_validation() -> None:
