@@ -32,6 +32,7 @@ Privacy: D_rec never leaves this object (no logging, no accessor except
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import zlib
@@ -422,8 +423,9 @@ class GradientInverter:
 def make_inverter(task_name: str, spec: ModelSpec, **config: Any) -> GradientInverter:
     """A :class:`GradientInverter` for registry task ``task_name``; ``config`` are
     :class:`InversionConfig` fields (unknown ones raise ConfigError)."""
-    try:
-        cfg = InversionConfig(**config)
-    except TypeError as exc:
-        raise ConfigError(f"inversion: {exc}") from None
+    known = {f.name for f in dataclasses.fields(InversionConfig)}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ConfigError(f"inversion: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    cfg = InversionConfig(**config)
     return GradientInverter(task_name, spec, cfg)

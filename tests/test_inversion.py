@@ -211,7 +211,7 @@ def test_config_and_factory_checks(case: Case) -> None:
         InversionConfig(epochs=0)
     with pytest.raises(ConfigError):
         InversionConfig(momentum=1.5)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"unknown parameter\(s\) no_such_field; known: .*iterations"):
         make_inverter("digits", case.task.spec, no_such_field=1)
     with pytest.raises(ConfigError):
         make_inverter("procdigits", case.task.spec)  # spec of another model
