@@ -363,12 +363,11 @@ class LiveDetector:
     window never waits for inference, and a new model version (exported to ONNX once,
     a second or two) replaces the old one between frames."""
 
-    def __init__(self, client: Any, task: Any, out_dir: Path) -> None:
-        self._client, self._task, self._out = client, task, out_dir
+    def __init__(self, client: Any) -> None:
+        self._client = client
         self._cond = threading.Condition()
         self._frame: Frame | None = None
         self._stop = False
-        self._detector: Any = None
         self._version: int | None = None
         self._failed_version: int | None = None
         self.state = "no model yet"
@@ -406,32 +405,25 @@ class LiveDetector:
                 self.state = f"failed: {type(exc).__name__}"
 
     def _step(self, frame: Frame) -> None:
-        from edge_sdk.tasks.detection import OnnxDetector
-
-        version, weights = self._client.version, self._client.weights
-        if version is None or weights is None or version != self._client.version:
-            self.state = "no model yet" if version is None else self.state
+        version = self._client.version
+        if version is None:
+            self.state = "no model yet"
             return
-        if version != self._version and version != self._failed_version:
+        if version == self._failed_version:
+            return
+        if version != self._version:
             self.state = f"exporting v{version} to ONNX..."
-            self._out.mkdir(parents=True, exist_ok=True)
-            try:
-                path = self._task.export_onnx(weights, self._out / f"deployed-v{version}.onnx")
-                self._detector = OnnxDetector(path, threads=1)
-            except Exception:
-                self._failed_version = version
-                raise
-            self._version = version
-            for old in self._out.glob("deployed-v*.onnx"):
-                if old != path:
-                    old.unlink(missing_ok=True)
-            print(f"live detection: model v{version} (onnxruntime, {self._detector.imgsz} px)", flush=True)
-        if self._detector is None:
-            return
         started = time.perf_counter()
-        dets = self._detector.detect(frame)
-        self.result = (int(self._version or 0), dets)
-        self.state = f"v{self._version}: {len(dets)} objects, {1000 * (time.perf_counter() - started):.0f} ms"
+        try:
+            dets = self._client.detect(frame)  # exports a new version once (onnxruntime serves it)
+        except Exception:
+            self._failed_version = version
+            raise
+        if version != self._version:
+            self._version = version
+            print(f"live detection: model v{version} (onnxruntime)", flush=True)
+        self.result = (version, dets)
+        self.state = f"v{version}: {len(dets)} objects, {1000 * (time.perf_counter() - started):.0f} ms"
 
 
 @dataclass
@@ -555,7 +547,7 @@ class LabelApp:
         self.class_names = tuple(detection.class_names[: detection.n_classes])
         self.gesture_names = tuple(GESTURES)
         self.new_class = int(detection.new_class)
-        self.detector = LiveDetector(backend.detect, backend.detect_task, data_dir / "detect" / "onnx")
+        self.detector = LiveDetector(backend.detect)
         self.shown: Frame | None = None
         self.held: Frame | None = None
         self.canvas: npt.NDArray[np.uint8] | None = None
