@@ -37,6 +37,7 @@ from coordinator.core import (
     VersionLoaded,
 )
 from coordinator.gate import GateConfig
+from coordinator.inversion import inversion_config  # the module needs no torch (the inverter does)
 from coordinator.methods import make_method
 from coordinator.metrics import CoordinatorMetrics, stamp_status, status_will
 from coordinator.registry import Registry, RegistryError
@@ -141,6 +142,7 @@ class CoordinatorDaemon:
             self.signer = self._signing_key()
             peer_dir = options.peer_keys_dir or (options.bundle / "trusted" if options.bundle is not None else None)
             self.peer_keys = load_trusted_keys(peer_dir) if peer_dir is not None and Path(peer_dir).is_dir() else {}
+            self._check_options()  # before an empty state dir is pretrained (minutes) and initialised
             self.core = self._build_core(self._initial_snapshot())
         except BaseException:
             self.registry.close()
@@ -223,6 +225,18 @@ class CoordinatorDaemon:
             rng=random.Random(options.seed),
             peering=peering,
         )
+
+    def _check_options(self) -> None:
+        """Refuse bad strategy/peering parameters, --inversion fields and --validation files
+        now, with the ConfigError the later use would raise — not after pretraining."""
+        options = self.options
+        make_method(options.strategy, peering=options.peering, coordinator_id=self.coordinator_id,
+                    ring=options.peers or (self.coordinator_id,), strategy_params=options.strategy_params,
+                    peering_params=options.peering_params)
+        if options.inversion_params:
+            inversion_config(**dict(options.inversion_params))
+        if options.validation is not None:
+            load_validation(options.validation, self.task)
 
     def _initial_snapshot(self) -> Snapshot:
         snap = self.registry.load()

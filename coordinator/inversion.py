@@ -423,9 +423,13 @@ class GradientInverter:
 def make_inverter(task_name: str, spec: ModelSpec, **config: Any) -> GradientInverter:
     """A :class:`GradientInverter` for registry task ``task_name``; ``config`` are
     :class:`InversionConfig` fields (unknown ones raise ConfigError)."""
+    return GradientInverter(task_name, spec, inversion_config(**config))
+
+
+def inversion_config(**config: Any) -> InversionConfig:
+    """``InversionConfig(**config)``; an unknown field is a ConfigError naming the known ones."""
     known = {f.name for f in dataclasses.fields(InversionConfig)}
     unknown = sorted(set(config) - known)
     if unknown:
         raise ConfigError(f"inversion: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    cfg = InversionConfig(**config)
-    return GradientInverter(task_name, spec, cfg)
+    return InversionConfig(**config)

@@ -1,0 +1,58 @@
+"""A coordinator refuses bad options before it pretrains and initialises an empty state dir."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
+from edge_sdk.errors import ConfigError
+from edge_sdk.tasks import get_task
+
+
+class Pretrained(Exception):
+    """Raised by the stub task's pretraining: reaching it means the options were checked too late."""
+
+
+@pytest.fixture
+def task(monkeypatch: pytest.MonkeyPatch) -> Any:
+    task = get_task("digits")
+
+    def pretrained(**_: Any) -> None:
+        raise Pretrained
+
+    monkeypatch.setattr(task, "pretrained", pretrained)
+    return task
+
+
+def options(tmp_path: Path, **changes: Any) -> CoordinatorOptions:
+    return CoordinatorOptions(broker="mqtt://127.0.0.1:1", region="r", state_dir=tmp_path / "state", **changes)
+
+
+@pytest.mark.parametrize(("changes", "needle"), [
+    ({"strategy_params": {"k": 0}}, "k"),
+    ({"strategy": "fedbuff", "strategy_params": {"no_such": 1}}, "no_such"),
+    ({"inversion_params": {"bogus": 1}}, "unknown parameter(s) bogus"),
+    ({"inversion_params": {"iterations": -5}}, "iterations"),
+])
+def test_bad_options_are_refused_before_pretraining(tmp_path: Path, task: Any, changes: dict[str, Any], needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        CoordinatorDaemon(options(tmp_path, **changes), task=task)
+    assert needle in str(err.value)
+    assert not list((tmp_path / "state").glob("versions/*"))  # nothing initialised
+
+
+def test_bad_validation_file_is_refused_before_pretraining(tmp_path: Path, task: Any) -> None:
+    bad = tmp_path / "val.npz"
+    np.savez(bad, x=np.zeros((4, 3), np.float32), y=np.zeros(4, np.int64))  # wrong input shape for digits
+    with pytest.raises(ConfigError, match="--validation"):
+        CoordinatorDaemon(options(tmp_path, validation=bad), task=task)
+
+
+def test_good_options_reach_pretraining(tmp_path: Path, task: Any) -> None:
+    """The check is not a blanket refusal: valid options go on to pretrain the empty state dir."""
+    with pytest.raises(Pretrained):
+        CoordinatorDaemon(options(tmp_path, strategy_params={"k": 3}, inversion_params={"iterations": 5}), task=task)
