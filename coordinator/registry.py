@@ -19,10 +19,13 @@ version number reused":
    (:meth:`Registry.append_updates`).
 2. A version is a log record too (weights, the watermarks its commit raised, its metadata),
    appended after the updates it consumed and durable with the same fsync
-   (:meth:`Registry.stage_version`, :meth:`Registry.flush`). Only then is it published, and
-   its directory put in place (written aside, renamed; not fsynced: the log holds it). Every
-   ``CHECKPOINT_EVERY`` versions one is a *base* and its directory is fsynced (the
-   checkpoint); a release (``record_release``) is fsynced when recorded.
+   (:meth:`Registry.stage_version`, :meth:`Registry.flush`); updates of the same write that
+   the version applies (seq at or below its watermarks) are not written at all: every restore
+   would drop them, and they are acknowledged only after that fsync. Only then is the version
+   published, and its directory put in place (written aside, renamed; not fsynced: the log
+   holds it). Every ``CHECKPOINT_EVERY`` versions one is a *base* and its directory is fsynced
+   (the checkpoint; by the pruning thread when the registry has one, so the committing thread
+   never waits for it); a release (``record_release``) is fsynced when recorded.
 3. Log segments are deleted once every update in them is at or below the watermarks and
    every version in them is at or below the last checkpoint. Records left by a crash in
    between are dropped on restore (by :meth:`Registry.load` and again by the core); a
@@ -211,6 +214,10 @@ class Registry:
         """Per log segment: the highest seq of each device it holds (to know when it is applied)."""
         self._highest_written = -1
         """The highest version number this process tried to write (never reused, even on failure)."""
+        self._listed_max: int | None = None
+        """The newest version directory on disk when first listed under the lock (see :meth:`_disk_max`)."""
+        self._prune_at = -2
+        """List the versions to prune once ``_highest_written`` reaches this (a listing costs ~0.2 ms)."""
         self._segment_versions: dict[Path, int] = {}
         """Per log segment: the highest version record it holds."""
         self._staged: list[BufferedUpdate] = []
@@ -247,6 +254,10 @@ class Registry:
         self._janitor: threading.Thread | None = None
         self._janitor_wake = threading.Event()
         self._janitor_stop = False
+        self._checkpoint_due = -1
+        """With the pruning thread: the base it is to fsync next (the actor never waits for it)."""
+        self._checkpoint_done = -1
+        """With the pruning thread: the newest base it has fsynced (picked up by the next commit)."""
         for d in (self.root, self.versions_dir, self.pending_dir):
             d.mkdir(parents=True, exist_ok=True)
         spec_path = self.root / "spec.json"
@@ -375,9 +386,22 @@ class Registry:
         self._prune()
 
     def _claim(self, version: int) -> None:
-        if version <= self._highest_written or os.path.exists(f"{self.versions_dir}/{version:09d}"):
+        if version <= self._highest_written or (
+            version <= self._disk_max() and os.path.exists(f"{self.versions_dir}/{version:09d}")
+        ):
             raise RegistryError(f"version {version} already exists in {self.root} (or was attempted)")
         self._highest_written = version  # attempted: never write this number again
+
+    def _disk_max(self) -> float:
+        """Above this no version directory exists that this process did not write: the newest
+        on disk when the lock was taken (listed once; a stat per commit costs up to a ms while
+        the pruning thread deletes in the same directory). Unlocked: unknown (another process
+        may write), so every claim looks."""
+        if not self.locked:
+            return float("inf")
+        if self._listed_max is None:
+            self._listed_max = max(self._version_dirs(), default=-1)
+        return self._listed_max
 
     def _materialise(self, version: int, weights: Vector, meta_json: bytes, *, durable: bool) -> None:
         """``versions/<n>/{weights.npy,meta.json}`` written aside and renamed into place; with
@@ -437,6 +461,10 @@ class Registry:
 
     def _checkpoint(self, version: int) -> None:
         self._sync_version(version)
+        self._checkpointed(version)
+
+    def _checkpointed(self, version: int) -> None:
+        """``version``'s directory is fsynced: the log before it may go (see :meth:`_drop_applied`)."""
         self._durable_version = max(self._durable_version, version)
         self._unsynced = [v for v in self._unsynced if v > version]
         self._bases = {v for v in self._bases if v > version}
@@ -449,18 +477,33 @@ class Registry:
 
     def _prune_now(self) -> None:
         """Delete versions beyond ``keep_versions`` (never the newest ones, never the release)."""
+        step = self.keep_versions + max(1, self.keep_versions // 4)
+        highest = self._highest_written
+        if highest < self._prune_at:
+            return  # no listing: too few versions written since the last one for a prune to delete any
         versions = self.versions()
-        if len(versions) < self.keep_versions + max(1, self.keep_versions // 4):
-            return  # prune in steps
-        keep_from = len(versions) - self.keep_versions
-        while keep_from > 0 and not self._base_on_disk(versions[keep_from]):
-            keep_from -= 1  # the oldest kept version's watermarks chain back to a base: keep it
         release = read_release_record(self.root).get("release")
-        for v in versions[:keep_from]:
-            if v == release or v == self._durable_version:
-                continue  # the release stays, however old: devices predict with it
-            shutil.rmtree(self.versions_dir / f"{v:09d}", ignore_errors=True)
-            self._is_base.pop(v, None)
+        protected = (release, self._durable_version)
+        if len(versions) >= step:  # prune in steps
+            keep_from = len(versions) - self.keep_versions
+            while keep_from > 0 and not self._base_on_disk(versions[keep_from]):
+                keep_from -= 1  # the oldest kept version's watermarks chain back to a base: keep it
+            for v in versions[:keep_from]:
+                if v in protected:
+                    continue  # the release stays, however old: devices predict with it
+                shutil.rmtree(self.versions_dir / f"{v:09d}", ignore_errors=True)
+                self._is_base.pop(v, None)
+            versions = [v for v in versions if v >= versions[keep_from] or v in protected]
+        # A prune deletes something only with ``step`` versions and its oldest kept one (walked
+        # down to a base) above a deletable one: at the first base with a deletable version
+        # below it (or a base still to come). List again only once that can be so.
+        nxt, deletable = len(versions), False
+        for j, v in enumerate(versions):
+            if deletable and self._base_on_disk(v):
+                nxt = j
+                break
+            deletable = deletable or v not in protected
+        self._prune_at = highest + max(1, max(step, self.keep_versions + nxt) - len(versions))
 
     def _base_on_disk(self, version: int) -> bool:
         """Whether a version directory holds full watermarks (an unreadable one counts as a
@@ -476,11 +519,20 @@ class Registry:
         return known
 
     def _janitor_loop(self) -> None:
+        failed = -1
         while True:
             self._janitor_wake.wait()
             self._janitor_wake.clear()
             if self._janitor_stop:
                 return
+            due = self._checkpoint_due
+            if due > self._checkpoint_done and due != failed:
+                try:  # four fsyncs, off the committing thread: the log holds the version meanwhile
+                    self._sync_version(due)
+                    self._checkpoint_done = due
+                except OSError as exc:
+                    failed = due  # not retried: the next base is
+                    log.warning("checkpoint of version %d: %s (the pending log is kept until a later one)", due, exc)
             try:
                 self._prune_now()
             except OSError as exc:
@@ -529,7 +581,13 @@ class Registry:
             meta["devices_added"] = added
         meta["consumed"] = [[device, seq] for device, seq in action.consumed]
         version = action.version
-        staged, self._staged = self._staged, []
+        # A staged update at or below the watermarks this version leaves is applied by it: any
+        # restore that reads this record drops it (``load`` keeps seq > applied_upto only), and
+        # both become durable in the same write and fsync (the record after the updates, which
+        # are acknowledged only after that fsync). Its record would be dead weight: not written.
+        applied = self._applied
+        staged = [u for u in self._staged if u.seq > changed.get(u.device, applied.get(u.device, -1))]
+        self._staged = []
         self._claim(version)
         meta_json = _meta_json(version, meta)
         weights = self.spec.check(np.ascontiguousarray(action.weights, dtype=np.float32))
@@ -674,13 +732,18 @@ class Registry:
         self._materialise(version, weights, meta_json, durable=False)  # durable from here on, by the log
         self._unsynced.append(version)
         if version in self._bases:
-            self._checkpoint(version)
+            if self._janitor is not None:  # fsynced by the pruning thread; picked up by a later commit
+                self._checkpoint_due = version
+            else:
+                self._checkpoint(version)
         self._prune()
         self._drop_applied()
 
     def _drop_applied(self) -> None:
         """Delete log segments whose updates are all applied and whose versions are all at or
         below the last checkpoint: O(segments), the watermarks are tracked per segment."""
+        if self._checkpoint_done > self._durable_version:  # the pruning thread fsynced a base
+            self._checkpointed(self._checkpoint_done)
         for path in list(self._segment_keys):
             outstanding = self._outstanding.get(path)
             checkpointed = self._segment_versions.get(path, -1) <= self._durable_version
@@ -908,6 +971,8 @@ class Registry:
         if self.locked:
             self._remove_leftovers()
         self._repair(records)
+        self._listed_max = None  # listed again at the next claim (repair may have written some)
+        self._prune_at = -2  # and at the next prune
         present = self._version_dirs()
         if not present and not records:
             return None

@@ -482,3 +482,105 @@ def test_pruning_keeps_each_kept_versions_chain_back_to_its_base(tmp_path) -> No
     assert "parent" not in json_meta(reg, kept[0])  # the oldest kept is a base
     for v in kept:
         assert reg.read_version(v)[1]["applied_upto"] == expected[v]
+
+
+# ---------------------------------------------------------------------- group-commit costs
+
+
+def test_updates_a_version_applies_in_the_same_write_are_not_logged_and_restore_is_unchanged(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    reg = Registry(tmp_path, SPEC, keep_versions=100)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    reg.append_updates([upd("warm", 1, 0.5)])  # the segment exists
+    # one batch: a1, b1, a2 accepted; a version consumes a1 and b1 (a2 arrived after the trigger)
+    reg.stage([upd("a", 1, 1.0), upd("b", 1, 2.0), upd("a", 2, 3.0)])
+    action = CommitVersion(version=1, weights=np.full(SPEC.size, 5.0, np.float32), applied_changed={"a": 1, "b": 1},
+                           consumed=(("a", 1), ("b", 1)), metadata={}, devices_added=("a", "b"))
+    reg.stage_version(action)
+    reg.append_updates([upd("c", 1, 4.0)])  # the end of the batch: one fsync for all of it
+    # a2 and c1 are in the log, a1 and b1 are not (the version record carries their watermarks)
+    assert [u.key for u in Registry(tmp_path, SPEC).pending()] == [("warm", 1), ("a", 2), ("c", 1)]
+    snap = Registry(tmp_path, SPEC).load()  # a crash before the commit's directory: the log alone
+    assert snap is not None and snap.version == 1 and dict(snap.applied_upto) == {"a": 1, "b": 1}
+    assert [u.key for u in snap.buffer] == [("warm", 1), ("a", 2), ("c", 1)]
+    np.testing.assert_array_equal(snap.weights, 5.0)
+    reg.commit(action)
+    again = Registry(tmp_path, SPEC).load()
+    assert again is not None and (again.version, [u.key for u in again.buffer]) == (1, [("warm", 1), ("a", 2), ("c", 1)])
+
+
+def test_with_a_pruning_thread_checkpoints_are_fsynced_off_the_committing_thread(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import threading
+    import time
+
+    import coordinator.registry as registry_module
+
+    reg = Registry(tmp_path, SPEC, keep_versions=100, background_prune=True)
+    reg.acquire_lock()
+    n = registry_module.CHECKPOINT_EVERY
+    try:
+        reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+        for v in range(1, n):  # versions 1 .. n-1 (not bases) in the first segment
+            reg.stage([upd("a", v, float(v))])
+            _commit(reg, v, {"a": v})
+        reg._close_segment()  # rotated: that segment may go once a newer base is checkpointed
+        mine: list[int] = []
+        real = os.fsync
+        me = threading.get_ident()
+        monkeypatch.setattr(os, "fsync", lambda fd: ((mine.append(fd) if threading.get_ident() == me else None), real(fd))[1])
+        reg.stage([upd("a", n, float(n))])
+        _commit(reg, n, {"a": n})  # a base
+        assert len(mine) == 3  # the new segment (file, directory) and the log: no checkpoint fsync here
+        deadline = time.monotonic() + 10
+        while reg._checkpoint_done < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert reg._checkpoint_done == n  # the pruning thread fsynced the base's directory
+        assert len(list(reg.pending_dir.glob("*.log"))) == 2
+        _commit(reg, n + 1, {"a": n})  # picks the checkpoint up: the first segment goes
+        assert reg._durable_version == n and len(list(reg.pending_dir.glob("*.log"))) == 1
+        monkeypatch.setattr(os, "fsync", real)
+    finally:
+        reg.close()
+    snap = Registry(tmp_path, SPEC).load()
+    assert snap is not None and snap.version == n + 1 and dict(snap.applied_upto) == {"a": n} and not snap.buffer
+
+
+def test_a_locked_registry_claims_without_a_stat_and_still_refuses_numbers_on_disk(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    old = Registry(tmp_path, SPEC)
+    old.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    old.write_version(3, np.ones(SPEC.size, np.float32), {"applied_upto": {}})  # left by an earlier process
+    reg = Registry(tmp_path, SPEC)
+    reg.acquire_lock()
+    try:
+        for v in (0, 3):
+            with pytest.raises(RegistryError, match="already exists"):
+                reg.write_version(v, np.ones(SPEC.size, np.float32), {})
+        real = os.path.exists
+        looked: list[str] = []
+        monkeypatch.setattr(os.path, "exists", lambda p: (looked.append(str(p)), real(p))[1])
+        _commit(reg, 4, {"a": 1})
+        _commit(reg, 5, {"a": 2})
+        assert not [p for p in looked if p.startswith(str(reg.versions_dir))]
+        monkeypatch.setattr(os.path, "exists", real)
+        with pytest.raises(RegistryError, match="already exists"):
+            reg.write_version(5, np.ones(SPEC.size, np.float32), {})
+    finally:
+        reg.close()
+    assert Registry(tmp_path, SPEC).versions() == [0, 3, 4, 5]
+
+
+def test_pruning_lists_the_versions_once_per_step_not_on_every_commit(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    reg = Registry(tmp_path, SPEC, keep_versions=8)  # prune in steps of 2 above 8
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    listings: list[int] = []
+    real = reg.versions
+    monkeypatch.setattr(reg, "versions", lambda: (listings.append(1), real())[1])
+    for v in range(1, 61):
+        _commit(reg, v, {"a": v})
+        assert len(real()) < 8 + 2 + 8  # never more than a step (and a chain back to a base) above
+    assert len(listings) <= 60 // 2  # was one listing (a stat per version) per commit
+    kept = real()
+    assert kept[-1] == 60 and 8 <= len(kept) < 8 + 2 + 8
+    assert "parent" not in json_meta(reg, kept[0])  # the oldest kept is a base
