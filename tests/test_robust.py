@@ -46,14 +46,15 @@ def make_update(spec: ModelSpec, rng: np.random.Generator, i: int, *, group: str
     return BufferedUpdate(device=f"d{i}", seq=i, base_version=base, staleness=version - base, n_samples=n, weights=w, group=group)
 
 
-def folded(strategy: Strategy, view: StaticView, updates: Sequence[BufferedUpdate]) -> Vector:
-    """Deliver ``updates`` one by one (the core's on_update), then trigger on the fold."""
+def folded(strategy: Strategy, view: StaticView, updates: Sequence[BufferedUpdate], *, refold: bool = False) -> Vector:
+    """Deliver ``updates`` one by one (the core's on_update), then trigger on the fold
+    (``refold``: the trigger must rebuild it exactly — an update clipped by far)."""
     for u in updates:
         strategy.on_update(view, u, 0.0)
     robust = getattr(strategy, "robust")  # noqa: B009 - every averaging strategy has one
     rebuilds = robust.rebuilds
     out = strategy.aggregate(view, updates)
-    assert robust.rebuilds == rebuilds, "the trigger used the fold built on arrival"
+    assert robust.rebuilds == rebuilds + refold, "the trigger used the fold built on arrival" if not refold else "no refold"
     return out
 
 
@@ -217,13 +218,30 @@ def test_clipping_bounds_a_x1000_update() -> None:
         attack = base + 1000 * (honest[0] - base)
         updates = [BufferedUpdate(device=f"x{i}", seq=9, base_version=2, staleness=0, n_samples=10, weights=w)
                    for i, w in enumerate([*honest, attack])]
-        results[clip] = (folded(strategy, view, updates), strategy.describe()["robust"]["counts"])
+        results[clip] = (folded(strategy, view, updates, refold=clip > 0), strategy.describe()["robust"]["counts"])
     clipped, counts = results[3.0]
     unclipped, _ = results[0.0]
     assert counts == {"clipped": 1}
     # the attacker's change is at most 3× the median honest norm (≈ 0.01·√9), shared by 5
     assert float(np.linalg.norm(clipped - base)) < 3 * 0.01 * 3 * 2
     assert float(np.linalg.norm(unclipped - base)) > 50 * float(np.linalg.norm(clipped - base))
+
+
+def test_a_change_whose_float32_square_overflows_is_clipped_without_a_warning() -> None:
+    """|Δ|² of a finite update near float32's range overflows in float32 (pytest turns the
+    RuntimeWarning into an error): the norm is redone in float64 and the update clipped."""
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal(SPEC.size).astype(np.float32)
+    view = StaticView(spec=SPEC, version=2, weights=base)
+    strategy = make_strategy("spin", clip_multiplier=3.0)
+    honest_then(strategy, view, rng)
+    honest = [base + (0.01 * rng.standard_normal(SPEC.size)).astype(np.float32) for _ in range(4)]
+    attack = np.full(SPEC.size, 1e30, dtype=np.float32)  # finite; its square is not
+    updates = [BufferedUpdate(device=f"x{i}", seq=9, base_version=2, staleness=0, n_samples=10, weights=w)
+               for i, w in enumerate([*honest, attack])]
+    clipped = folded(strategy, view, updates, refold=True)  # folded unclipped, 1e30 cancelled the honest sum away
+    assert strategy.describe()["robust"]["counts"] == {"clipped": 1}
+    assert np.isfinite(clipped).all() and float(np.linalg.norm(clipped - base)) < 3 * 0.01 * 3 * 2
 
 
 def test_sample_cap_bounds_a_2_62_claim_without_non_finite_weights() -> None:
