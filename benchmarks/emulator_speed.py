@@ -12,11 +12,19 @@ seconds per wall second, peak RSS; then the ratio of the per-event cost at the l
 to the smallest (baseline measured in the same run). Goals (issue 13): 100,000 devices ≥
 100× real time, peak RSS ≤ 2 GB, cost per event within 1.5× from 1,000 to 100,000 devices.
 
+Two transports, one table each (``--transport``): ``codec`` encodes and decodes every
+message with the v2 codec, as between processes; ``carried`` is the in-process transport
+(:func:`edge_sdk.wire.codec.carry_decoded`): every frame is still encoded (the exact bytes
+and sizes the network model charges), but a receiver in the same process skips parsing it
+and gets the message the sender validated at construction (unsigned Pull / Model / Update /
+Ack / Invite only). The cores, the events and the results are the same in both (asserted by
+``tests/test_inprocess_transport.py``); only the decode is skipped.
+
 **Headline** (``--headline``): the digits headline scenario (100 devices, 20 labels/h) with
 real local training on one torch thread, SPIN and FedAsync, against the same run with
 training stubbed out. Goal ≥ 100× real time on 2 cores.
 
-    .venv/bin/python benchmarks/emulator_speed.py [--sizes 1000,10000,100000] [--duration 1800] [--rate 2]
+    .venv/bin/python benchmarks/emulator_speed.py [--sizes 1000,10000,100000] [--duration 1800] [--rate 2] [--transport codec,carried]
     .venv/bin/python benchmarks/emulator_speed.py --profile 100000      # cProfile of one size
     .venv/bin/python benchmarks/emulator_speed.py --headline [--duration 3600]
 """
@@ -24,6 +32,7 @@ training stubbed out. Goal ≥ 100× real time on 2 cores.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import json
 import pstats
@@ -46,6 +55,7 @@ from devices.simulator import RunResult, Simulation, run_spec  # noqa: E402
 from edge_sdk.spec import Vector  # noqa: E402
 from edge_sdk.tasks import Split, Task, TaskData, TrainConfig, TrainResult, get_task  # noqa: E402
 from edge_sdk.trainer import configure_threads  # noqa: E402
+from edge_sdk.wire.codec import carry_decoded  # noqa: E402
 
 GOAL_SPEED = 100.0
 GOAL_RSS_MB = 2048.0
@@ -98,8 +108,10 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def one_size(devices: int, duration_s: float, rate_per_h: float, seed: int, profile: bool) -> dict[str, Any]:
-    """Build and run one fleet in this process; return its measurements."""
+def one_size(devices: int, duration_s: float, rate_per_h: float, seed: int, profile: bool, carried: bool = False) -> dict[str, Any]:
+    """Build and run one fleet in this process; return its measurements. ``carried``: the
+    in-process transport (:func:`edge_sdk.wire.codec.carry_decoded`): frames are encoded as
+    always, receivers skip parsing them."""
     configure_threads(1)
     spec = fleet_scenario(devices, duration_s, rate_per_h)
     # Enough pool for every label the Poisson stream can ask for (mean rate × duration, plus slack).
@@ -124,7 +136,8 @@ def one_size(devices: int, duration_s: float, rate_per_h: float, seed: int, prof
 
     sim._evaluate = timed_evaluate  # type: ignore[method-assign]
     cpu0 = time.process_time()
-    result = sim.run()
+    with carry_decoded() if carried else contextlib.nullcontext():
+        result = sim.run()
     cpu = time.process_time() - cpu0
     if prof is not None:
         prof.disable()
@@ -174,36 +187,51 @@ def print_breakdown(stats: pstats.Stats) -> None:
     print(f"  {'simulator + engine + network (the rest)':58s} {rest:7.2f} s  {100 * rest / total:5.1f} %", file=sys.stderr)
 
 
+TRANSPORTS = {
+    "codec": "every message encoded and decoded by the v2 codec (as between processes)",
+    "carried": "frames encoded as always (exact bytes and sizes); receivers skip parsing them "
+               "(codec.carry_decoded: the in-process transport; same cores, same results)",
+}
+
+
 def fleet(args: argparse.Namespace) -> int:
     sizes = [int(x) for x in args.sizes.split(",")]
+    transports = [t.strip() for t in args.transport.split(",") if t.strip()]
+    unknown = [t for t in transports if t not in TRANSPORTS]
+    if unknown:
+        raise SystemExit(f"unknown transport(s) {unknown}; use {sorted(TRANSPORTS)}")
     print(f"emulator at fleet scale: stub training, digits model, {args.rate:g} labels/h per device, "
           f"{args.duration:,.0f} virtual s, SPIN K=10, one subprocess per size")
     print("  (events/s, µs/event and virtual/CPU use the loop's CPU time, which a shared machine does not inflate;"
           " virtual/wall is the same run's wall clock)")
-    print(f"  {'devices':>8} {'events':>10} {'labels':>9} {'versions':>8} {'setup s':>8} {'loop CPU s':>10} {'loop wall s':>11} "
-          f"{'eval CPU s':>10} {'events/s':>9} {'µs/event':>9} {'excl. eval':>10} {'virtual/CPU':>11} {'virtual/wall':>12} {'peak RSS MB':>11}")
-    rows: list[dict[str, Any]] = []
-    for n in sizes:
-        cmd = [sys.executable, __file__, "--one", str(n), "--duration", str(args.duration), "--rate", str(args.rate),
-               "--seed", str(args.seed)]
-        out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
-        row = json.loads(out.stdout.strip().splitlines()[-1])
-        rows.append(row)
-        print(f"  {n:>8,} {row['events']:>10,} {row['labels']:>9,} {row['versions']:>8,} {row['setup_s']:>8.1f} "
-              f"{row['cpu_s']:>10.1f} {row['wall_s']:>11.1f} {row['eval_cpu_s']:>10.1f} {row['events_per_s']:>9,.0f} "
-              f"{row['us_per_event']:>9.1f} {row['us_per_event_excl_eval']:>10.1f} "
-              f"{row['virtual_per_cpu']:>10.0f}× {row['virtual_per_wall']:>11.0f}× {row['peak_rss_mb']:>11,.0f}", flush=True)
-    base, big = rows[0], rows[-1]
-    flat = big["us_per_event"] / base["us_per_event"]
-    flat_excl = big["us_per_event_excl_eval"] / base["us_per_event_excl_eval"]
-    ok_flat = max(flat, flat_excl) <= GOAL_FLAT
-    ok_speed = big["virtual_per_cpu"] >= GOAL_SPEED
-    ok_rss = big["peak_rss_mb"] <= GOAL_RSS_MB
-    print(f"  per-event cost {big['devices']:,} vs {base['devices']:,} devices: {flat:.2f}× ({flat_excl:.2f}× without the "
-          f"evaluation schedule) — {'meets' if ok_flat else 'MISSES'} ≤ {GOAL_FLAT}×")
-    print(f"  {big['devices']:,} devices: {big['virtual_per_cpu']:.0f}× real time on one core ({'meets' if ok_speed else 'MISSES'} ≥ "
-          f"{GOAL_SPEED:.0f}×), peak RSS {big['peak_rss_mb']:,.0f} MB ({'meets' if ok_rss else 'MISSES'} ≤ {GOAL_RSS_MB:,.0f} MB)")
-    return 0 if ok_flat and ok_speed and ok_rss else 1
+    ok_all = True
+    for transport in transports:
+        print(f"transport {transport}: {TRANSPORTS[transport]}")
+        print(f"  {'devices':>8} {'events':>10} {'labels':>9} {'versions':>8} {'setup s':>8} {'loop CPU s':>10} {'loop wall s':>11} "
+              f"{'eval CPU s':>10} {'events/s':>9} {'µs/event':>9} {'excl. eval':>10} {'virtual/CPU':>11} {'virtual/wall':>12} {'peak RSS MB':>11}")
+        rows: list[dict[str, Any]] = []
+        for n in sizes:
+            cmd = [sys.executable, __file__, "--one", str(n), "--duration", str(args.duration), "--rate", str(args.rate),
+                   "--seed", str(args.seed), "--transport", transport]
+            out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(f"  {n:>8,} {row['events']:>10,} {row['labels']:>9,} {row['versions']:>8,} {row['setup_s']:>8.1f} "
+                  f"{row['cpu_s']:>10.1f} {row['wall_s']:>11.1f} {row['eval_cpu_s']:>10.1f} {row['events_per_s']:>9,.0f} "
+                  f"{row['us_per_event']:>9.1f} {row['us_per_event_excl_eval']:>10.1f} "
+                  f"{row['virtual_per_cpu']:>10.0f}× {row['virtual_per_wall']:>11.0f}× {row['peak_rss_mb']:>11,.0f}", flush=True)
+        base, big = rows[0], rows[-1]
+        flat = big["us_per_event"] / base["us_per_event"]
+        flat_excl = big["us_per_event_excl_eval"] / base["us_per_event_excl_eval"]
+        ok_flat = max(flat, flat_excl) <= GOAL_FLAT
+        ok_speed = big["virtual_per_cpu"] >= GOAL_SPEED
+        ok_rss = big["peak_rss_mb"] <= GOAL_RSS_MB
+        ok_all = ok_all and ok_flat and ok_speed and ok_rss
+        print(f"  [{transport}] per-event cost {big['devices']:,} vs {base['devices']:,} devices: {flat:.2f}× ({flat_excl:.2f}× without the "
+              f"evaluation schedule) — {'meets' if ok_flat else 'MISSES'} ≤ {GOAL_FLAT}×")
+        print(f"  [{transport}] {big['devices']:,} devices: {big['virtual_per_cpu']:.0f}× real time on one core ({'meets' if ok_speed else 'MISSES'} ≥ "
+              f"{GOAL_SPEED:.0f}×), peak RSS {big['peak_rss_mb']:,.0f} MB ({'meets' if ok_rss else 'MISSES'} ≤ {GOAL_RSS_MB:,.0f} MB)")
+    return 0 if ok_all else 1
 
 
 def timed(task: Task, spec: RunSpec, seed: int) -> tuple[RunResult, float]:
@@ -247,6 +275,9 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--headline", action="store_true", help="the 100-device headline scenario with real training instead")
     p.add_argument("--profile", type=int, default=None, metavar="DEVICES", help="cProfile one fleet size (to stderr)")
+    p.add_argument("--transport", default="codec,carried",
+                   help="fleet scale: comma-separated transports, each a table (codec: encode + decode every message; "
+                        "carried: the in-process transport, receivers skip the decode; --one/--profile use the first)")
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.headline:
@@ -255,7 +286,11 @@ def main() -> int:
     args.duration = args.duration or 1800.0
     if args.one is not None or args.profile is not None:
         n = args.one if args.one is not None else args.profile
-        row = one_size(n, args.duration, args.rate, args.seed, profile=args.profile is not None)
+        transport = args.transport.split(",")[0].strip()
+        if transport not in TRANSPORTS:
+            raise SystemExit(f"unknown transport {transport!r}; use {sorted(TRANSPORTS)}")
+        row = one_size(n, args.duration, args.rate, args.seed, profile=args.profile is not None, carried=transport == "carried")
+        row["transport"] = transport
         print(json.dumps(row))
         return 0
     return fleet(args)

@@ -106,6 +106,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       "rejected and the training line rolled back; between the two margins it is held (not released, training goes on)")
     gate.add_argument("--gate-z", type=float, default=1.0, help="classifiers: the margins are applied to a one-sided bound on the paired "
                       "accuracy difference on the same validation samples, d ∓ z·se (1.0 ≈ 84 %% confidence; 0 = the point estimate)")
+    gate.add_argument("--canary", type=float, default=0.0, metavar="FRACTION",
+                      help="federated evaluation: ask this share of recently seen devices (at least --canary-min-reports) to score "
+                      "each candidate against the release on their next new labels before training on them (test-then-train) and "
+                      "report only paired counts; the gate pools them with --validation's, or decides on them alone. 0 = off")
+    gate.add_argument("--canary-samples", type=int, default=20, help="new labels each canary device scores per candidate")
+    gate.add_argument("--canary-max-per-device", type=int, default=0,
+                      help="most labels one device's canary report may count (0 = --canary-samples); bounds any one device's weight")
+    gate.add_argument("--canary-min-reports", type=int, default=3,
+                      help="device reports needed before canary evidence decides (>= 3: the most favourable and the most "
+                      "unfavourable report are dropped before pooling, so one lying device cannot decide or block)")
+    gate.add_argument("--canary-deadline", type=float, default=600.0,
+                      help="seconds a canary round lasts; then the reports in decide (too few: the candidate is held)")
     gate.add_argument("--operator-keys", type=Path, help="folder of operator *.pub keys that may sign rollback/pin commands "
                       "(besides this coordinator's own signing key)")
     o = p.add_argument_group("operations")
@@ -214,6 +226,11 @@ def options_from(args: argparse.Namespace, layered: Layered | None = None) -> Co
         gate_margin=getattr(args, "gate_margin", 0.02),
         rollback_margin=getattr(args, "rollback_margin", 0.10),
         gate_z=float(getattr(args, "gate_z", 1.0)),
+        canary=float(getattr(args, "canary", 0.0)),
+        canary_samples=int(getattr(args, "canary_samples", 20)),
+        canary_max_per_device=int(getattr(args, "canary_max_per_device", 0)),
+        canary_min_reports=int(getattr(args, "canary_min_reports", 3)),
+        canary_deadline_s=float(getattr(args, "canary_deadline", 600.0)),
         operator_keys_dir=getattr(args, "operator_keys", None),
         conversion_deadline_s=float(getattr(args, "conversion_deadline", 60.0)),
         inversion_params=parse_params(getattr(args, "inversion", None) or (), "--inversion"),

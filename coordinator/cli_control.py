@@ -99,6 +99,7 @@ def version_rows(state_dir: Path, last: int = 30) -> tuple[list[dict[str, Any]],
             "verdict": ", ".join(e.get("action", "?") for e in events) or ("release" if v == release.get("release") else ""),
             "candidate_metric": next((e["candidate_metric"] for e in events if "candidate_metric" in e), None),
             "release_metric": next((e["release_metric"] for e in events if "release_metric" in e), None),
+            "canary": next((e["canary"] for e in events if isinstance(e.get("canary"), dict)), None),
             "of": meta.get("of", meta.get("rejected")),
         }
         rows.append(row)
@@ -111,7 +112,8 @@ def _versions(args: argparse.Namespace) -> int:
         print(json.dumps({"release": release.get("release"), "pinned": release.get("pinned", False), "versions": rows}, indent=1))
         return 0
     print(f"release: {release.get('release', '?')}{' (pinned)' if release.get('pinned') else ''}")
-    print(f"{'version':>8}  {'time (UTC)':20}  {'source':12}  {'updates':>7}  {'staleness':>9}  {'cand.':>6}  {'release':>7}  verdict")
+    print(f"{'version':>8}  {'time (UTC)':20}  {'source':12}  {'updates':>7}  {'staleness':>9}  {'cand.':>6}  {'release':>7}  "
+          f"{'canary cand/rel (reports, labels)':33}  verdict")
     for r in rows:
         if r.get("unreadable"):
             print(f"{r['version']:>8}  (unreadable)")
@@ -119,8 +121,10 @@ def _versions(args: argparse.Namespace) -> int:
         cm = "-" if r["candidate_metric"] is None else f"{r['candidate_metric']:.3f}"
         rm = "-" if r["release_metric"] is None else f"{r['release_metric']:.3f}"
         src = r["source"] + (f" of {r['of']}" if r.get("of") is not None else "")
+        c = r.get("canary")
+        canary = "-" if not c else f"{c.get('candidate', 0):.3f}/{c.get('release', 0):.3f} ({c.get('reports', 0)}, {c.get('n', 0)})"
         print(f"{r['version']:>8}  {_iso(r['created_at']):20}  {src:12}  {r['updates']:>7}  {r['mean_staleness']:>9.2f}  "
-              f"{cm:>6}  {rm:>7}  {r['verdict']}")
+              f"{cm:>6}  {rm:>7}  {canary:33}  {r['verdict']}")
     return 0
 
 

@@ -129,6 +129,24 @@ def _table(rows: Sequence[Sequence[str]], indent: str = "  ") -> list[str]:
     return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
 
+def _gate_line(gate: Mapping[str, Any]) -> str:
+    """The release gate's counts and, with --canary, its open round."""
+    line = (f"gate      margin {_value(gate.get('margin'))} · pending {len(gate.get('pending') or ())} · promoted "
+            f"{gate.get('promoted', 0)} · held {gate.get('held', 0)} · rejected {gate.get('rejected', 0)}")
+    canary = gate.get("canary")
+    if not isinstance(canary, Mapping):
+        return line
+    reasons = canary.get("rejected_by_reason") or {}
+    why = f" ({', '.join(f'{k} {v}' for k, v in sorted(reasons.items()))})" if reasons else ""
+    line += (f"\ncanary    {_value(canary.get('fraction'))} of devices × {canary.get('samples', '?')} labels · rounds "
+             f"{canary.get('rounds', 0)} · reports {canary.get('reports', 0)} · rejected {canary.get('rejected', 0)}{why}")
+    rnd = canary.get("round")
+    if isinstance(rnd, Mapping):
+        line += (f" · open: v{rnd.get('candidate')} vs release v{rnd.get('release')}, "
+                 f"{rnd.get('reports', 0)}/{rnd.get('cohort', 0)} reports")
+    return line
+
+
 def render(status: Mapping[str, Any], now: float, stale_after: float | None = None) -> str:
     """The readable view. Keys added later (release, training line, recent versions) are
     shown when present."""
@@ -154,6 +172,9 @@ def render(status: Mapping[str, Any], now: float, stale_after: float | None = No
     extra_pulls = "".join(f" · {k} {x[f'pulls_{k}']}" for k in ("serving", "unchanged") if f"pulls_{k}" in x)
     out.append(f"pulls     served {x.get('pulls_served', 0)} · deferred {x.get('pulls_deferred', 0)}{extra_pulls} · "
                f"aggregations {x.get('aggregations', 0)} · traffic in {_bytes(x.get('bytes_in'))}, out {_bytes(x.get('bytes_out'))}")
+    gate = x.get("gate")
+    if isinstance(gate, Mapping):
+        out.append(_gate_line(gate))
     conv = x.get("conversion")
     if isinstance(conv, Mapping):
         mode = str(conv.get("mode", "?"))

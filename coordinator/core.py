@@ -33,6 +33,10 @@ flat float32 ``weights``. Devices talk to it over per-device topics (``edge_sdk.
   training line back to the release as a new version. Without a gate every commit is the
   release at once. Serving pulls get the release, training pulls the training line; every
   model says which version is the release. ``RecordRelease`` makes each decision durable.
+  With a canary cohort (``GateConfig.canary``, see :mod:`coordinator.canary`) one candidate
+  at a time is also scored by devices (test-then-train): a signed ``Canary`` on each cohort
+  member's invite topic, a canary pull for the candidate's weights, a ``CanaryReport`` of
+  paired counts on its update topic — checked, counted by reason when bad, pooled by the gate.
 * Operator control (``edgeci/v1/{region}/control``): ``rollback`` / ``pin`` / ``unpin``,
   signed by an operator key (or this coordinator's own), fresh and never replayed. A
   rollback asks the driver for the old weights (``LoadVersion``) and commits them as a new
@@ -58,7 +62,9 @@ Transitions::
     Update (storage down) Publish(ack deferred, reason storage)
     Update (duplicate)    Publish(ack duplicate, nonce of the accepted one)
     Update (invalid)      Publish(ack rejected) if sender known; counted
-    TimerFired            plan
+    TimerFired            plan (and a canary round's deadline: the gate decides on what came in)
+    CanaryReport (valid)  gate evidence; a decision → RecordRelease (+ rollback), next round's Canary
+    Commit (canary on)    Publish(canary) per cohort device, when no round is open
     StorageChanged        accept / stop accepting updates
     plan.aggregate        CommitVersion(version + 1), Publish(status, retained)
     plan.invite           Publish(invite) per device
@@ -75,17 +81,20 @@ from typing import Any
 
 import numpy as np
 
+from coordinator.canary import CanaryRound, eligible, pick_cohort
 from coordinator.conversion import ConversionConfig, SwitchTracker, dc_asgd
-from coordinator.gate import Gate, GateConfig
+from coordinator.gate import Decision, Gate, GateConfig
 from coordinator.peering.base import BROADCAST, Peering, PeerPlan
 from coordinator.strategies.base import BufferedUpdate, Plan, ReadOnlyView, Strategy
 from coordinator.strategies.staleness import Convert, needs_driver, policy_of
 from edge_sdk.core.events import MessageReceived, Notify, Publish, ScheduleTimer, TimerFired
 from edge_sdk.errors import (
+    BadCanaryReport,
     BadSignature,
     ConfigError,
     LocalProtocolError,
     MalformedMessage,
+    NotInCohort,
     RateLimited,
     RemoteProtocolError,
     ReplayedMessage,
@@ -93,6 +102,7 @@ from edge_sdk.errors import (
     TooManyDevices,
     TooManySamples,
     TopicMismatch,
+    UnknownCandidate,
     UnknownModel,
     UnknownVersion,
     UnsignedMessage,
@@ -115,6 +125,8 @@ from edge_sdk.wire.messages import (
     NO_VERSION,
     UNCHANGED,
     Ack,
+    Canary,
+    CanaryReport,
     Control,
     Invite,
     Message,
@@ -386,6 +398,8 @@ class CoordinatorCore:
         self._gate = Gate(config.gate) if config.gate is not None else None
         self._gate_history: list[dict[str, Any]] = [dict(h) for h in snapshot.gate_history][-20:]
         self._candidate_devices: dict[int, tuple[str, ...]] = {}
+        self._canary_round: CanaryRound | None = None  # the candidate under canary evaluation (one at a time)
+        self._canary_weights: Vector = _NO_WEIGHTS
         self._control_seen: dict[tuple[str, int], float] = {}
         self._pending_actions: list[CoordinatorAction] = []
         # Converting staleness policies: parked updates wait for the driver's conversion; a
@@ -538,6 +552,7 @@ class CoordinatorCore:
                     "rejected": c["gate_rejected"],
                     "rejected_devices": c["rejected_devices"],
                     "rolled_back_updates": c["rolled_back_updates"],
+                    "canary": self._canary_status(),
                 },
                 "recent_versions": self._gate_history[-10:],
                 "conversion": None if not needs_driver(self._policy) else {
@@ -590,6 +605,10 @@ class CoordinatorCore:
         now = event.now
         if self._parked:
             actions += self._expire_conversions(now)
+        if self._canary_round is not None:
+            actions += self._canary_expire(now)
+        elif isinstance(event, TimerFired) and self._gate is not None and self._gate.config.canary is not None:
+            actions += self._canary_start(now)  # e.g. no device was recent enough at the last commit
         if self._status_dirty and (now >= self._status_next_at or self._version != self._status_version):
             actions.append(self._status_action(now))  # a new version is announced at once
         actions += self._after(now)
@@ -636,6 +655,8 @@ class CoordinatorCore:
             return self._on_pull(msg, now)
         if leaf == "update" and isinstance(msg, Update):
             return self._on_update(msg, now)
+        if leaf == "update" and isinstance(msg, CanaryReport):
+            return self._on_canary_report(msg, now)
         raise TopicMismatch(f"a {msg.TYPE} message does not belong on the {leaf!r} topic")
 
     def _reject(self, exc: RemoteProtocolError, leaf: str, device: str | None, seq: int | None) -> list[CoordinatorAction]:
@@ -726,6 +747,8 @@ class CoordinatorCore:
         self._take_token(msg.device, now)
         self._see(msg.device)
         self._last_pull_seq[msg.device] = max(self._last_pull_seq.get(msg.device, -1), msg.seq)
+        if msg.canary != NO_VERSION:
+            return [self._canary_fetch(msg)]
         if msg.serve:
             self.counters["pulls_serving"] += 1
             return [self._model_reply(msg.device, msg.seq, FULL, msg.have_version, serve=True)]
@@ -758,7 +781,8 @@ class CoordinatorCore:
         return self.config.partial_group
 
     def _model_reply(
-        self, device: str, reply_to: int, group: str = FULL, have_version: int = NO_VERSION, *, serve: bool = False
+        self, device: str, reply_to: int, group: str = FULL, have_version: int = NO_VERSION, *, serve: bool = False,
+        candidate: tuple[int, Vector] | None = None,
     ) -> Publish:
         """The signed model reply: the training line for training pulls, the release for
         serving pulls. It carries ``reply_to = -1`` ("answers your pull"), so the same bytes
@@ -767,6 +791,8 @@ class CoordinatorCore:
         hold."""
         cfg = self.config
         version, weights = (self._release_version, self._release_weights) if serve else (self._version, self._weights)
+        if candidate is not None:  # a canary fetch: the candidate under evaluation
+            version, weights = candidate
         if serve:
             group = FULL
         if have_version == version and group == FULL:
@@ -992,7 +1018,8 @@ class CoordinatorCore:
             if not aggregated and not plan.invite:
                 status_due = self._status_next_at if self._status_dirty and self._status_next_at > now else None
                 conversion_due = min((p.deadline for p in self._parked.values()), default=None)
-                wakes = [t for t in (plan.wake_at, self.peering.wake_at(), status_due, conversion_due) if t is not None]
+                canary_due = self._canary_round.deadline if self._canary_round is not None else None
+                wakes = [t for t in (plan.wake_at, self.peering.wake_at(), status_due, conversion_due, canary_due) if t is not None]
                 wake = min(wakes) if wakes else None
                 if wake != self._wake_at:
                     self._wake_at = wake
@@ -1080,10 +1107,12 @@ class CoordinatorCore:
             for old in self._gate.add_candidate(self._version, self._release_version, devices):
                 self._candidate_devices.pop(old, None)
                 self.counters["gate_superseded"] += 1
-            self._pending_actions.append(EvaluateCandidate(
-                version=self._version, weights=weights,
-                release_version=self._release_version, release_weights=self._release_weights,
-            ))
+            if self._gate.config.validation:
+                self._pending_actions.append(EvaluateCandidate(
+                    version=self._version, weights=weights,
+                    release_version=self._release_version, release_weights=self._release_weights,
+                ))
+            self._pending_actions += self._canary_start(now)
         elif not self._pinned:
             self._release_version, self._release_weights = self._version, weights
         return CommitVersion(
@@ -1128,36 +1157,155 @@ class CoordinatorCore:
         decision = self._gate.record_validation(ev.version, ev.candidate_metric, ev.release_metric, ev.paired)
         if decision is None:
             return []
-        evidence = self._gate.take(ev.version)
+        return self._decided(ev.version, decision, ev.now)
+
+    def _decided(self, version: int, decision: Decision, now: float) -> list[CoordinatorAction]:
+        """Carry out the gate's decision on candidate ``version`` (validation and/or canary evidence)."""
+        assert self._gate is not None
+        actions = self._apply_decision(version, decision, now)
+        return actions + self._canary_refresh(now)
+
+    def _apply_decision(self, version: int, decision: Decision, now: float) -> list[CoordinatorAction]:
+        assert self._gate is not None
+        evidence = self._gate.take(version)
         assert evidence is not None
-        metrics: dict[str, Any] = {"candidate_metric": round(ev.candidate_metric, 5), "release_metric": round(ev.release_metric, 5)}
+        metrics: dict[str, Any] = {}
+        if evidence.candidate_metric is not None and evidence.release_metric is not None:
+            metrics = {"candidate_metric": round(evidence.candidate_metric, 5), "release_metric": round(evidence.release_metric, 5)}
         if evidence.paired is not None:
             metrics["paired"] = list(evidence.paired)  # better, worse, n
-        devices = self._candidate_devices.pop(ev.version, ())
+        if evidence.canary:
+            metrics["canary"] = evidence.canary_summary()  # reports, n, paired, candidate / release accuracy
+        devices = self._candidate_devices.pop(version, ())
         if decision == "promote":
-            weights = self._history.get(ev.version)
-            if self._pinned or weights is None or ev.version <= self._release_version:
+            weights = self._history.get(version)
+            if self._pinned or weights is None or version <= self._release_version:
                 self.counters["gate_passed_not_promoted"] += 1
-                return [self._record(ev.now, "passed", ev.version, pinned=self._pinned, **metrics)]
-            self._release_version, self._release_weights = ev.version, weights
-            self._gate.promoted(ev.candidate_metric)
+                return [self._record(now, "passed", version, pinned=self._pinned, **metrics)]
+            self._release_version, self._release_weights = version, weights
+            if evidence.candidate_metric is not None:
+                self._gate.promoted(evidence.candidate_metric)
             self.counters["gate_promoted"] += 1
-            for older in [v for v in self._gate.pending if v < ev.version]:  # superseded by a newer release
+            for older in [v for v in self._gate.pending if v < version]:  # superseded by a newer release
                 self._gate.take(older)
                 self._candidate_devices.pop(older, None)
-            return [self._record(ev.now, "promote", ev.version, **metrics),
-                    Notify(kind="release", data={"version": ev.version, **metrics})]
+            return [self._record(now, "promote", version, **metrics),
+                    Notify(kind="release", data={"version": version, **metrics})]
         if decision == "hold":  # slightly worse: not released, but the training line goes on
             self.counters["gate_held"] += 1
-            return [self._record(ev.now, "hold", ev.version, **metrics)]
+            return [self._record(now, "hold", version, **metrics)]
         # Rejected: the training line goes back to the release; candidates built on it go too.
         self.counters["gate_rejected"] += 1
         self.counters["rejected_devices"] += len(devices)
-        for v in self._gate.drop_above(ev.version):
+        for v in self._gate.drop_above(version):
             self._candidate_devices.pop(v, None)
-        record = self._record(ev.now, "reject", ev.version, devices=len(devices), **metrics)
-        rollback = self._rollback_training_line(ev.now, rejected=ev.version)
-        return [record, rollback, Notify(kind="rejected_candidate", data={"version": ev.version, "devices": list(devices)[:50], **metrics})]
+        record = self._record(now, "reject", version, devices=len(devices), **metrics)
+        rollback = self._rollback_training_line(now, rejected=version)
+        return [record, rollback, Notify(kind="rejected_candidate", data={"version": version, "devices": list(devices)[:50], **metrics})]
+
+    # ------------------------------------------------------------------ canary evaluation (coordinator.canary)
+
+    def _canary_start(self, now: float) -> list[CoordinatorAction]:
+        """Open a canary round on the newest pending candidate, if none is open: pick the
+        cohort among recently seen devices and ask each (signed, on its invite topic)."""
+        gate = self._gate
+        cfg = gate.config.canary if gate is not None else None
+        if gate is None or cfg is None or self._canary_round is not None:
+            return []
+        versions = [v for v in gate.pending if v > self._release_version and v in self._history]
+        if not versions:
+            return []
+        version = max(versions)
+        # A device does not judge a candidate built from its own update (unless too few others are around).
+        recent = eligible(self._presence, now, cfg.recent_s)
+        judges = [d for d in recent if d not in set(self._candidate_devices.get(version, ()))]
+        cohort = pick_cohort(judges if len(judges) >= cfg.min_reports else recent, version, cfg)
+        if not cohort:
+            self.counters["canary_no_cohort"] += 1
+            return []
+        gate.reset_canary(version, expected=len(cohort))
+        self._canary_round = CanaryRound(candidate=version, release=self._release_version, cohort=frozenset(cohort),
+                                         deadline=now + cfg.deadline_s)
+        self._canary_weights = self._history[version]
+        self.counters["canary_rounds"] += 1
+        self.counters["canary_invited"] += len(cohort)
+        self._status_dirty = True
+        actions: list[CoordinatorAction] = []
+        for device in cohort:
+            ask = Canary(device=device, candidate=version, release=self._release_version, samples=cfg.samples,
+                         deadline_s=cfg.deadline_s)
+            actions.append(self._publish(topics.device_topic(self.config.region, device, "invite"),
+                                         encode(ask, signer=self.config.signer)))
+        return actions
+
+    def _canary_refresh(self, now: float) -> list[CoordinatorAction]:
+        """After a decision or a release change: end the round if its candidate is decided or its
+        release has moved (its counts compared against the old release), then open the next one."""
+        rnd = self._canary_round
+        if rnd is not None and self._gate is not None:
+            if rnd.candidate in self._gate.pending and rnd.release != self._release_version:
+                self._gate.reset_canary(rnd.candidate)
+            if rnd.candidate not in self._gate.pending or rnd.release != self._release_version:
+                self._canary_round, self._canary_weights = None, _NO_WEIGHTS
+        return self._canary_start(now)
+
+    def _canary_expire(self, now: float) -> list[CoordinatorAction]:
+        """The round's deadline passed: the gate decides with the reports that came in."""
+        rnd = self._canary_round
+        if rnd is None or self._gate is None or now < rnd.deadline:
+            return []
+        self._canary_round, self._canary_weights = None, _NO_WEIGHTS
+        self.counters["canary_rounds_expired"] += 1
+        decision = self._gate.close_canary(rnd.candidate)
+        if decision is None:  # e.g. still waiting for the validation score
+            return self._canary_start(now)
+        return self._decided(rnd.candidate, decision, now)
+
+    def _on_canary_report(self, msg: CanaryReport, now: float) -> list[CoordinatorAction]:
+        """A cohort member's paired counts: checked, then evidence for the gate. A bad one is
+        counted by reason and changes nothing."""
+        try:
+            rnd = self._canary_round
+            if self._gate is None or self._gate.config.canary is None or rnd is None:
+                raise UnknownCandidate("no canary round is open")
+            counts = rnd.check(msg, self._gate.config.canary.cap)
+        except BadCanaryReport as exc:
+            self.counters["canary_rejected"] += 1
+            self.counters[f"canary_reject:{exc.reason}"] += 1
+            self._status_dirty = True
+            return [Notify(kind="rejected", data={"reason": exc.reason, "detail": str(exc)[:200], "device": msg.device})]
+        rnd.reports[msg.device] = counts
+        self.counters["canary_reports"] += 1
+        self._status_dirty = True
+        decision = self._gate.record_canary(rnd.candidate, msg.device, counts)
+        return [] if decision is None else self._decided(rnd.candidate, decision, now)
+
+    def _canary_fetch(self, msg: Pull) -> Publish:
+        """A cohort member fetches the candidate it was asked to evaluate (never a training pull)."""
+        rnd = self._canary_round
+        if rnd is None or msg.canary != rnd.candidate:
+            raise UnknownCandidate(f"candidate {msg.canary} is not under canary evaluation")
+        if msg.device not in rnd.cohort:
+            raise NotInCohort(f"{msg.device} was not asked to evaluate candidate {msg.canary}")
+        self.counters["canary_fetches"] += 1
+        return self._model_reply(msg.device, msg.seq, FULL, msg.have_version, serve=True,
+                                 candidate=(rnd.candidate, self._canary_weights))
+
+    def _canary_status(self) -> dict[str, Any] | None:
+        cfg = self._gate.config.canary if self._gate is not None else None
+        if cfg is None:
+            return None
+        c, rnd = self.counters, self._canary_round
+        return {
+            "fraction": cfg.fraction,
+            "samples": cfg.samples,
+            "min_reports": cfg.min_reports,
+            "round": None if rnd is None else {"candidate": rnd.candidate, "release": rnd.release, "cohort": len(rnd.cohort),
+                                               "reports": len(rnd.reports), "deadline": rnd.deadline},
+            **{k: c[f"canary_{k}"] for k in ("rounds", "invited", "fetches", "reports", "rejected", "rounds_expired", "no_cohort")},
+            "rejected_by_reason": {k.split(":", 1)[1].removeprefix("canary_"): v
+                                   for k, v in c.items() if k.startswith("canary_reject:")},
+        }
 
     def _rollback_training_line(self, now: float, *, rejected: int) -> CommitVersion:
         """Commit the release's weights as the next training version, discarding the buffer
@@ -1221,7 +1369,7 @@ class CoordinatorCore:
             for v in self._gate.drop_above(-1):
                 self._candidate_devices.pop(v, None)
             self._gate.best = None  # the operator chose this release: it is the new bar
-        return [commit, self._record(ev.now, ev.command, commit.version, of=ev.version)]
+        return [commit, self._record(ev.now, ev.command, commit.version, of=ev.version), *self._canary_refresh(ev.now)]
 
     # ------------------------------------------------------------------ peering
 

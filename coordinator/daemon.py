@@ -20,6 +20,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from coordinator.canary import CanaryConfig
 from coordinator.conversion import ConversionConfig
 from coordinator.conversion_worker import ConversionWorker, Converter
 from coordinator.core import (
@@ -45,6 +46,7 @@ from coordinator.strategies.base import BufferedUpdate
 from coordinator.strategies.staleness import needs_driver, policy_of
 from coordinator.validation import Validator, load_validation
 from edge_sdk.core.events import Notify, Publish
+from edge_sdk.errors import ConfigError
 from edge_sdk.modelio import load_model
 from edge_sdk.mqtt import BrokerAuth, MqttTransport
 from edge_sdk.runtime import Actor, Clock, WallClock
@@ -102,6 +104,18 @@ class CoordinatorOptions:
     """Reject a candidate and roll the training line back when it is this much worse."""
     gate_z: float = 1.0
     """The gate's one-sided bound on the paired accuracy difference (``GateConfig.paired_z``)."""
+    canary: float = 0.0
+    """Federated evaluation: share of recently seen devices asked to score each candidate
+    (test-then-train, see :mod:`coordinator.canary`); 0 = off. Turns the gate on by itself."""
+    canary_samples: int = 20
+    """New labels each canary device scores per candidate."""
+    canary_max_per_device: int = 0
+    """Most labels one device's report may count (0: ``canary_samples``)."""
+    canary_min_reports: int = 3
+    """Devices whose reports must be in before the canary evidence decides (>= 3: the most
+    favourable and the most unfavourable report are dropped before pooling)."""
+    canary_deadline_s: float = 600.0
+    """A canary round lasts at most this long; then the reports that came in decide."""
     operator_keys_dir: Path | None = None
     """Folder of operator ``*.pub`` keys allowed to sign control commands (besides our own key)."""
     conversion_deadline_s: float = 60.0
@@ -212,8 +226,9 @@ class CoordinatorDaemon:
                 signer=self.signer,  # every model and peer message is signed
                 peer_keys=self.peer_keys,
                 gate=GateConfig(margin=options.gate_margin, rollback_margin=max(options.rollback_margin, options.gate_margin),
-                                paired_z=options.gate_z)
-                if options.validation is not None else None,
+                                paired_z=options.gate_z, validation=options.validation is not None,
+                                canary=self._canary_config())
+                if options.validation is not None or options.canary > 0 else None,
                 operator_keys=self.operator_keys,
                 conversion=ConversionConfig(deadline_s=options.conversion_deadline_s),
                 status_payload=False,  # the status JSON is built once per batch (_end_batch), not per version
@@ -226,10 +241,22 @@ class CoordinatorDaemon:
             peering=peering,
         )
 
+    def _canary_config(self) -> CanaryConfig | None:
+        """``--canary`` and its settings (None: off); a ConfigError names what is wrong."""
+        options = self.options
+        if not 0 <= options.canary <= 1:
+            raise ConfigError(f"--canary must be a fraction in [0, 1] (0 = off), got {options.canary}")
+        if options.canary == 0:
+            return None
+        return CanaryConfig(fraction=options.canary, samples=options.canary_samples, max_per_device=options.canary_max_per_device,
+                            min_reports=options.canary_min_reports, deadline_s=options.canary_deadline_s,
+                            recent_s=max(600.0, options.canary_deadline_s))
+
     def _check_options(self) -> None:
         """Refuse bad strategy/peering parameters, --inversion fields and --validation files
         now, with the ConfigError the later use would raise — not after pretraining."""
         options = self.options
+        self._canary_config()
         make_method(options.strategy, peering=options.peering, coordinator_id=self.coordinator_id,
                     ring=options.peers or (self.coordinator_id,), strategy_params=options.strategy_params,
                     peering_params=options.peering_params)
@@ -262,6 +289,10 @@ class CoordinatorDaemon:
             self.validator = Validator(self.task, split, self.actor.submit).start()
             log.info("release gate on: candidates are scored on %d validation samples (%s), margin %.3f",
                      len(split), self.options.validation, self.options.gate_margin)
+        if self.options.canary > 0:
+            log.info("canary evaluation on: %.0f%% of recent devices (at least %d) score each candidate on %d new labels "
+                     "(test-then-train), margin %.3f", 100 * self.options.canary, self.options.canary_min_reports,
+                     self.options.canary_samples, self.options.gate_margin)
         if self.core.conversion_policy == "gradient-inversion":
             converter = self._converter
             if converter is None:
@@ -498,7 +529,7 @@ class CoordinatorDaemon:
             event = action.event
             log.info("gate: %s version %s → release %d%s %s", event.get("action"), event.get("version"), action.release,
                      " (pinned)" if action.pinned else "",
-                     {k: v for k, v in event.items() if k in ("candidate_metric", "release_metric", "devices", "of", "operator")})
+                     {k: v for k, v in event.items() if k in ("candidate_metric", "release_metric", "canary", "devices", "of", "operator")})
             if self.on_release is not None:
                 version, weights = self.core.release
                 self.on_release(version, weights)

@@ -29,8 +29,21 @@ set a slightly worse score is mostly noise, and rolling back on noise would thro
 fleet's progress. Candidates superseded before any evidence arrived are simply skipped. This module
 holds the decision rule and the evidence only: pure, no IO, no clock.
 
-Federated evaluation by a canary cohort of devices (test-then-train on their new labels) is
-the planned second evidence source; it is not implemented yet.
+* **canary** (``GateConfig.canary``, see :mod:`coordinator.canary`) — a cohort of devices
+  scores candidate and release on their next new labels before training on them
+  (test-then-train) and reports the four paired counts per device (``record_canary``).
+
+With both sources the paired counts are pooled. Canary evidence decides once at least
+``min_reports`` devices reported (or, at the round's deadline, with what came in: fewer
+reports than that leave the decision to the validation set, or hold the candidate). The
+``trim`` most favourable and most unfavourable reports are dropped before pooling (a trimmed
+mean over devices): one lying device can neither promote, reject nor block a candidate. And
+enough reports must agree: no promotion while half the devices or more see a clear regression
+(worse than ``rollback_margin``) on their own labels, no rejection unless more than half see
+one (worse than ``margin``) — colluding liars short of a majority can at most hold a candidate.
+Each report is capped in size (``CanaryConfig.max_per_device``). Split evidence ("hold") waits for the rest of the cohort
+or the deadline before it holds the candidate. A clear regression on the validation set rejects at once,
+without waiting for the cohort.
 """
 
 from __future__ import annotations
@@ -42,6 +55,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
+from coordinator.canary import CanaryConfig, Counts, accuracies, paired_of, trimmed
 from edge_sdk.errors import ConfigError
 
 Decision = Literal["promote", "hold", "reject"]
@@ -61,14 +75,16 @@ class GateConfig:
     """With paired counts: the one-sided bound's z (1.0 ≈ 84 % confidence; 0 = point estimate)."""
     best_floor: bool = True
     """Also require candidate ≥ best release score so far − margin (point estimates)."""
+    canary: CanaryConfig | None = None
+    """Federated evaluation by a canary cohort (None: off)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.margin < 1 or not self.margin <= self.rollback_margin < 1:
             raise ConfigError("need 0 <= margin <= rollback_margin < 1")
         if not (math.isfinite(self.paired_z) and 0 <= self.paired_z <= 10):
             raise ConfigError("paired_z must be in [0, 10]")
-        if not self.validation:
-            raise ConfigError("the gate needs an evidence source: validation (canary evaluation is not implemented yet)")
+        if not self.validation and self.canary is None:
+            raise ConfigError("the gate needs an evidence source: a validation set, a canary cohort, or both")
         if self.max_pending < 1:
             raise ConfigError("max_pending must be >= 1")
 
@@ -85,6 +101,33 @@ class Evidence:
     candidate_metric: float | None = None
     release_metric: float | None = None
     paired: Paired | None = None
+    canary: dict[str, Counts] = field(default_factory=dict)
+    """Accepted canary reports by device (the core validates them: :meth:`CanaryRound.check`)."""
+    canary_closed: bool = False
+    """The canary round ended (deadline): decide with what came in."""
+    canary_expected: int = 0
+    """Devices asked: while the pooled evidence says "hold", wait for all of them (or the deadline)."""
+
+    def canary_summary(self) -> dict[str, object]:
+        """What the history records of the canary evidence: reports, labels, pooled counts, accuracies."""
+        cand, rel, n = accuracies(self.canary.values())
+        return {"reports": len(self.canary), "n": n, "paired": list(paired_of(self.canary.values())),
+                "candidate": round(cand, 5), "release": round(rel, 5)}
+
+
+def _rule(paired: Paired, z: float, margin: float, rollback_margin: float) -> Decision:
+    """The paired rule on pooled counts (see the module doc): promote / hold / reject."""
+    _, lower, upper = difference_bounds(paired, z)
+    if lower >= -margin - 1e-12:
+        return "promote"
+    return "reject" if upper < -rollback_margin else "hold"
+
+
+def _pool(*parts: Paired | None) -> Paired | None:
+    present = [p for p in parts if p is not None]
+    if not present or sum(p[2] for p in present) == 0:
+        return None
+    return (sum(p[0] for p in present), sum(p[1] for p in present), sum(p[2] for p in present))
 
 
 def paired_counts(candidate_right: npt.ArrayLike, release_right: npt.ArrayLike) -> Paired:
@@ -148,18 +191,82 @@ class Gate:
         ev.paired = valid_paired(paired) if paired is not None else None
         return self.decide(version)
 
+    def record_canary(self, version: int, device: str, counts: Counts) -> Decision | None:
+        """One device's accepted canary report for ``version`` (validated by the caller)."""
+        ev = self.pending.get(version)
+        if ev is None:
+            return None
+        ev.canary[device] = counts
+        return self.decide(version)
+
+    def close_canary(self, version: int) -> Decision | None:
+        """The canary round on ``version`` is over: decide with what came in."""
+        ev = self.pending.get(version)
+        if ev is None:
+            return None
+        ev.canary_closed = True
+        return self.decide(version)
+
+    def reset_canary(self, version: int, expected: int = 0) -> None:
+        """A canary round on ``version`` opens, asking ``expected`` devices: forget any earlier
+        canary evidence (it was against a release that has moved on)."""
+        ev = self.pending.get(version)
+        if ev is not None:
+            ev.canary, ev.canary_closed, ev.canary_expected = {}, False, expected
+
     def decide(self, version: int) -> Decision | None:
         ev = self.pending.get(version)
-        if ev is None or ev.candidate_metric is None or ev.release_metric is None:
+        if ev is None:
             return None
         cfg = self.config
+        scored = ev.candidate_metric is not None and ev.release_metric is not None
+        if cfg.validation and not scored:
+            return None
+        validation = self._validation_decision(ev) if scored else None
+        if validation is not None and (cfg.canary is None or validation == "reject"):
+            return validation  # a clear regression on the validation set needs no cohort
+        canary = cfg.canary
+        assert canary is not None
+        if len(ev.canary) < canary.min_reports:
+            if not ev.canary_closed:
+                return None  # wait for the cohort
+            return validation or "hold"
+        # Pooled evidence: validation's paired counts and the trimmed canary reports.
+        pooled = _pool(ev.paired, paired_of(trimmed(ev.canary, canary.trim)))
+        assert pooled is not None
+        verdict = _rule(pooled, cfg.paired_z, cfg.margin, cfg.rollback_margin)
+        # ... and enough reports must agree: no release while half the devices see a clear
+        # regression on their own labels, no rollback unless most of them see one.
+        own = [(c[1] - c[2]) / max(1, sum(c)) for c in ev.canary.values()]
+        if verdict == "promote" and 2 * sum(d < -cfg.rollback_margin for d in own) >= len(own):
+            verdict = "hold"
+        if verdict == "reject" and 2 * sum(d < -cfg.margin for d in own) <= len(own):
+            verdict = "hold"
+        verdicts: set[Decision] = {verdict}
+        if validation is not None and ev.paired is None:  # a point-estimate validation score decides alongside
+            verdicts.add(validation)
+        if verdicts == {"promote"} and (not scored or self._floor_ok(ev)):
+            return "promote"
+        if verdicts == {"reject"}:
+            return "reject"
+        if not ev.canary_closed and len(ev.canary) < ev.canary_expected:
+            return None  # split evidence: wait for the rest of the cohort (or the deadline)
+        return "hold"
+
+    def _floor_ok(self, ev: Evidence) -> bool:
+        cfg = self.config
+        return (not cfg.best_floor or self.best is None or ev.candidate_metric is None
+                or ev.candidate_metric >= self.best - cfg.margin - 1e-12)
+
+    def _validation_decision(self, ev: Evidence) -> Decision:
+        """The validation set's own verdict (paired bound, or the point estimate)."""
+        cfg = self.config
+        assert ev.candidate_metric is not None and ev.release_metric is not None
         if ev.paired is not None:
             _, lower, upper = difference_bounds(ev.paired, cfg.paired_z)
         else:
             lower = upper = ev.candidate_metric - ev.release_metric
-        floor_ok = (not cfg.best_floor or self.best is None
-                    or ev.candidate_metric >= self.best - cfg.margin - 1e-12)
-        if lower >= -cfg.margin - 1e-12 and floor_ok:
+        if lower >= -cfg.margin - 1e-12 and self._floor_ok(ev):
             return "promote"
         return "reject" if upper < -cfg.rollback_margin else "hold"
 

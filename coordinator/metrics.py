@@ -124,6 +124,16 @@ class _SnapshotCollector:
                                     "falling to 0 after it)", value=float(conv.get("alpha", 1.0)))
             yield GaugeMetricFamily("edgeci_conversions_parked", "Updates waiting for their conversion",
                                     value=conv.get("parked", 0))
+        gate = x.get("gate")
+        canary = gate.get("canary") if isinstance(gate, dict) else None
+        if isinstance(canary, dict):  # federated (canary) evaluation for the release gate
+            reports = CounterMetricFamily("edgeci_canary_reports", "Canary reports by outcome (rejected: by reason)",
+                                          labels=["outcome"])
+            reports.add_metric(["accepted"], canary.get("reports", 0))
+            for reason, n in sorted(dict(canary.get("rejected_by_reason", {})).items()):
+                reports.add_metric([f"rejected:{reason}"], n)
+            yield reports
+            yield CounterMetricFamily("edgeci_canary_rounds", "Canary rounds opened", value=canary.get("rounds", 0))
 
 
 def _staleness(hist: Mapping[str, int]) -> HistogramMetricFamily:

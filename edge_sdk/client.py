@@ -29,6 +29,7 @@ to every listed region's topics from the start and reports each ``SwitchRegion``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -44,6 +45,7 @@ import numpy.typing as npt
 
 from edge_sdk.core.device import DeviceConfig, DeviceCore
 from edge_sdk.core.events import (
+    CanaryScored,
     DeployModel,
     MessageReceived,
     Notify,
@@ -51,7 +53,9 @@ from edge_sdk.core.events import (
     PinKey,
     Publish,
     SampleAdded,
+    StartCanary,
     StartTraining,
+    StopCanary,
     SwitchRegion,
     TrainingFailed,
     TrainingFinished,
@@ -71,6 +75,7 @@ from edge_sdk.tasks.registry import (
     DeclaredTask,
     InputContract,
     default_min_samples,
+    default_train_config,
     input_contract,
     sample_kind_of,
     task_info,
@@ -139,7 +144,8 @@ class EdgeClient:
         self.data_dir = Path(data_dir).expanduser() if data_dir is not None else None
         if self.data_dir is not None:
             self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.train_config = train or TrainConfig(seed=seed)
+        # the task's own training defaults (detection: AdamW 1e-3, not the classifiers' SGD 0.05)
+        self.train_config = train or dataclasses.replace(default_train_config(self.task), seed=seed)
         self.clock = clock or WallClock()
         # The task declares its sample kind (edge_sdk/tasks/base.py): "gesture" tasks store
         # (T, D) sequences, "frame" tasks frames of any size with boxes, "array" fixed shapes.
@@ -179,6 +185,8 @@ class EdgeClient:
         self._model_path = self.data_dir / "deployed.npz" if self.data_dir is not None and durable else None
         self._lock = threading.Lock()
         self._deployed: tuple[int, Vector] | None = self._load_deployed()
+        self._canary: tuple[int, int, Any] | None = None
+        """(candidate, release, its predictor): a canary request being scored (test-then-train)."""
         self._callbacks: dict[str, list[Callback]] = defaultdict(list)
         self._job_ids: dict[int, list[int]] = {}
         self._version_changed = threading.Condition()
@@ -275,7 +283,10 @@ class EdgeClient:
         if self.sample_kind == "frame":
             raise LocalProtocolError("a detection device stores frames with boxes: use add_frame(image, boxes)")
         assert self.contract is not None
-        sample_id = self.store.add_sample(self.sample_kind, self.contract.sample(x), label, timestamp=timestamp)
+        sample = self.contract.sample(x)
+        if self._canary is not None:  # test, then train: score it before it joins the training set
+            self._canary_score(sample, label)
+        sample_id = self.store.add_sample(self.sample_kind, sample, label, timestamp=timestamp)
         self._sample_added()
         return sample_id
 
@@ -393,7 +404,9 @@ class EdgeClient:
         install cannot train: full rounds without ``[train]``), ``message_rejected``, ``store_recovered``
         (the sample store was corrupt and started clean; ``path``, ``reason``), ``scc_cache_dropped``
         (SCC's stored feature cache was unreadable and starts empty; ``reason``), ``failover`` (the device
-        switched regions: ``from``, ``to``, ``reason``, ``after_timeouts``) (or ``*`` for all)."""
+        switched regions: ``from``, ``to``, ``reason``, ``after_timeouts``), ``canary`` (asked to score a candidate
+        on new labels before training on them), ``canary_reported`` (the paired ``counts`` sent), ``canary_dropped``
+        (``reason``) (or ``*`` for all)."""
         self._callbacks[kind].append(callback)
 
     def wait_for_version(self, version: int, timeout: float) -> bool:
@@ -409,6 +422,31 @@ class EdgeClient:
     def _sample_added(self) -> None:
         total = self._added()
         self.actor.submit(lambda now: SampleAdded(now=now, total=total))
+
+    def _canary_score(self, sample: npt.NDArray[Any], label: int) -> None:
+        """Canary evaluation: predict a new label with the release (exactly as :meth:`predict`
+        does) and with the candidate, and hand the two verdicts to the core."""
+        with self._lock:
+            canary, deployed = self._canary, self._deployed
+        if canary is None or deployed is None or deployed[0] != canary[1]:
+            return  # not holding the release the request names (yet): this label is not scored
+        candidate, release, predictor = canary
+        try:
+            release_label = int(self.predict(sample)[0])
+            if self.version != release:
+                return  # a newer release arrived meanwhile: the prediction was not the named release's
+            batch = self.contract.batch(sample) if self.contract is not None else sample
+            if self.inference == "torch":
+                candidate_label = int(np.argmax(self.task.logits(predictor, batch), axis=1)[0])  # type: ignore[attr-defined]
+            else:
+                candidate_label = int(predictor.predict(batch).labels[0])
+        except Exception:  # scoring must never cost the label itself
+            log.exception("canary scoring of candidate %d failed", candidate)
+            return
+        truth = int(label)
+        self.actor.submit(lambda now: CanaryScored(now=now, candidate=candidate, release=release,
+                                                   candidate_right=candidate_label == truth,
+                                                   release_right=release_label == truth))
 
     def _load_deployed(self) -> tuple[int, Vector] | None:
         if self._model_path is None or not self._model_path.exists():
@@ -471,6 +509,12 @@ class EdgeClient:
                         self._engine = None
             with self._version_changed:
                 self._version_changed.notify_all()
+        elif isinstance(action, StartCanary):
+            self._start_canary(action)
+        elif isinstance(action, StopCanary):
+            with self._lock:
+                if self._canary is not None and self._canary[0] == action.candidate:
+                    self._canary = None
         elif isinstance(action, Notify):
             self._on_notify(action)
         elif isinstance(action, SwitchRegion):
@@ -478,6 +522,23 @@ class EdgeClient:
                         action.reason, action.region, action.previous)
         else:
             raise TypeError(f"unknown action {action!r}")
+
+    def _start_canary(self, action: StartCanary) -> None:
+        """Hold the candidate's predictor (the same inference path :meth:`predict` uses) while scoring."""
+        if self.sample_kind == "frame":
+            return  # detection devices have no per-label correctness: they send no canary report
+        weights = np.array(action.weights, dtype=np.float32)
+        predictor: Any = weights
+        if self.inference != "torch":
+            from edge_sdk.inference import InferenceEngine
+
+            try:
+                predictor = InferenceEngine(self.task, weights, version=action.candidate)  # type: ignore[arg-type]
+            except Exception:
+                log.exception("cannot serve canary candidate %d", action.candidate)
+                return
+        with self._lock:
+            self._canary = (action.candidate, action.release, predictor)
 
     def _on_notify(self, note: Notify) -> None:
         if note.kind == "trained":
@@ -517,6 +578,7 @@ class EdgeClient:
                 epochs=int(hints.get("epochs", cfg.epochs)),
                 batch_size=int(hints.get("batch_size", cfg.batch_size)),
                 lr=float(hints.get("lr", cfg.lr)),
+                mu=float(hints.get("mu", cfg.mu)),  # FedProx's proximal term, when the coordinator asks
                 seed=cfg.seed + job.job_id,
                 group=job.group,
             )

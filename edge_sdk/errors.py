@@ -121,6 +121,29 @@ class TooManyDevices(RemoteProtocolError):
     reason = "too_many_devices"
 
 
+class BadCanaryReport(RemoteProtocolError):
+    """A canary report (or canary fetch) the coordinator cannot accept; ``reason`` says why:
+    no such candidate round, not from its cohort, a second report, more labels than allowed."""
+
+    reason = "canary"
+
+
+class UnknownCandidate(BadCanaryReport):
+    reason = "canary_unknown_candidate"
+
+
+class NotInCohort(BadCanaryReport):
+    reason = "canary_not_in_cohort"
+
+
+class DuplicateReport(BadCanaryReport):
+    reason = "canary_duplicate"
+
+
+class ReportTooLarge(BadCanaryReport):
+    reason = "canary_too_many_labels"
+
+
 class TransportError(EdgeciError):
     """The broker could not be reached or refused us (raised by drivers, never by cores)."""
 

@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CORES = [
     *sorted((ROOT / "edge_sdk" / "core").glob("*.py")),
     ROOT / "coordinator" / "core.py",
+    ROOT / "coordinator" / "gate.py",
+    ROOT / "coordinator" / "canary.py",
     ROOT / "coordinator" / "methods.py",
     *sorted((ROOT / "coordinator" / "strategies").glob("*.py")),
     *sorted((ROOT / "coordinator" / "peering").glob("*.py")),

@@ -308,3 +308,19 @@ def test_readme_sdk_snippet_runs_as_written(
     assert re.search(r"\[\d( \d)*\]", proc.stdout), proc.stdout  # the printed labels
     devices = tmp_path / "edgeci" / "devices"
     assert [p.name for p in devices.iterdir()] and all((p / "samples.sqlite3").is_file() for p in devices.iterdir())
+
+
+def test_edge_client_trains_with_the_task_s_own_defaults(tmp_path: Path) -> None:
+    """A device app that passes no TrainConfig gets its task's defaults (detection declares
+    AdamW 1e-3), with the client's seed; classifiers keep the generic ones."""
+    from edge_sdk.client import EdgeClient
+    from edge_sdk.tasks import get_task
+    from edge_sdk.tasks.base import TrainConfig
+
+    digits = EdgeClient(broker="mqtt://127.0.0.1:9", device_id="d", task="digits", data_dir=tmp_path / "a", seed=7)
+    assert digits.train_config == TrainConfig(seed=7)
+    task = get_task("digits")
+    own = TrainConfig(epochs=3, batch_size=8, lr=1e-3)
+    task.default_train = own  # type: ignore[attr-defined]  # a fresh instance: nothing else sees it
+    client = EdgeClient(broker="mqtt://127.0.0.1:9", device_id="e", task=task, data_dir=tmp_path / "b", seed=7)
+    assert (client.train_config.epochs, client.train_config.lr, client.train_config.seed) == (3, 1e-3, 7)

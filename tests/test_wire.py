@@ -35,7 +35,17 @@ from edge_sdk.wire.codec import (
     parse_status_json,
     status_json,
 )
-from edge_sdk.wire.messages import Ack, Invite, ModelMsg, PeerMsg, Pull, Status, Update
+from edge_sdk.wire.messages import (
+    Ack,
+    Canary,
+    CanaryReport,
+    Invite,
+    ModelMsg,
+    PeerMsg,
+    Pull,
+    Status,
+    Update,
+)
 
 SPEC = ModelSpec.build("m", [("a", (2, 3), "extractor"), ("b", (4,), "classifier")])
 _SIGNER = Signer.generate()
@@ -55,6 +65,9 @@ MESSAGES = [
     Invite(device="d1", round=3, version=4),
     Status(region="r", coordinator="c", version=1, updates_accepted=1, updates_rejected=0, updates_duplicate=0, devices_seen=2, buffered=0),
     PeerMsg(sender="c2", kind="token", body={"ages": [1, 2]}, weights=np.ones(3, dtype=np.float32)),
+    Pull(device="d1", seq=2, model_id="m", serve=True, canary=5),
+    Canary(device="d1", candidate=5, release=4, samples=20, deadline_s=600.0),
+    CanaryReport(device="d1", candidate=5, release=4, both_right=15, only_candidate=2, only_release=1, both_wrong=2),
 ]
 
 
@@ -154,6 +167,7 @@ def test_spliced_encoding_equals_encode_and_reuses_the_tail() -> None:
     ("payload", "error"),
     [
         (frame({"type": "nope"}), MalformedMessage),
+        (frame({"type": ["pull"]}), MalformedMessage),  # unhashable: was a TypeError
         (frame({"type": "pull", "device": "d"}), MalformedMessage),
         (frame({"type": "ack", "device": "d", "seq": 1, "status": "maybe", "version": 1}), MalformedMessage),
         (frame({"type": "ack", "device": "d", "seq": -3, "status": "accepted", "version": 1}), MalformedMessage),
@@ -166,6 +180,18 @@ def test_spliced_encoding_equals_encode_and_reuses_the_tail() -> None:
         (frame({"type": "model", "model_id": "m", "version": 1, "reply_to": 0, "w": {"dt": "f4", "n": 2, "l": 8}}, b"\0" * 4), MalformedMessage),
         (frame({"type": "pull", "device": "d", "seq": 1, "model_id": "m", "w": {"dt": "f4", "n": 1, "l": 4}}, b"\0" * 4), MalformedMessage),
         (frame({"type": "pull", "device": "d", "seq": 1, "model_id": "m", "sg": {"kid": "x", "pk": b"1" * 32}}, b"", b"s" * 64), MalformedMessage),
+        # canary reports: counts are non-negative ints summing to 1..10000; requests ask for 1..10000 labels
+        (frame({"type": "canary_report", "device": "d", "candidate": 2, "release": 1, "both_right": -1, "only_candidate": 0,
+                "only_release": 0, "both_wrong": 5}), MalformedMessage),
+        (frame({"type": "canary_report", "device": "d", "candidate": 2, "release": 1, "both_right": 0, "only_candidate": 0,
+                "only_release": 0, "both_wrong": 0}), MalformedMessage),
+        (frame({"type": "canary_report", "device": "d", "candidate": 2, "release": 1, "both_right": 2**40, "only_candidate": 0,
+                "only_release": 0, "both_wrong": 0}), MalformedMessage),
+        (frame({"type": "canary_report", "device": "d", "candidate": 2, "release": 1, "both_right": True, "only_candidate": 0,
+                "only_release": 0, "both_wrong": 1}), MalformedMessage),
+        (frame({"type": "canary", "device": "d", "candidate": 2, "release": 1, "samples": 0, "deadline_s": 10.0}), MalformedMessage),
+        (frame({"type": "canary", "device": "d", "candidate": 2, "release": 1, "samples": 5, "deadline_s": float("inf")}), MalformedMessage),
+        (frame({"type": "pull", "device": "d", "seq": 1, "model_id": "m", "canary": -2}), MalformedMessage),
         (frame([1, 2, 3]), MalformedMessage),
         (MAGIC + struct.pack("<I", 1 << 30), MalformedMessage),
         (b"\x00\x01", MalformedMessage),
@@ -192,9 +218,10 @@ _leaf = st.recursive(
 
 @settings(max_examples=300, deadline=None)
 @given(
-    st.sampled_from(["pull", "model", "update", "ack", "invite", "status", "peer"]),
+    st.sampled_from(["pull", "model", "update", "ack", "invite", "status", "peer", "canary", "canary_report"]),
     st.dictionaries(
-        st.sampled_from(["device", "seq", "model_id", "w", "sg", "version", "reply_to", "status", "n_samples", "base_version", "group", "hints", "body", "sender", "kind", "nonce", "serve"]),
+        st.sampled_from(["device", "seq", "model_id", "w", "sg", "version", "reply_to", "status", "n_samples", "base_version", "group", "hints", "body", "sender", "kind", "nonce", "serve",
+                         "canary", "candidate", "release", "samples", "deadline_s", "both_right", "only_candidate", "only_release", "both_wrong"]),
         _leaf,
     ),
 )
@@ -259,3 +286,20 @@ def test_status_json_round_trip() -> None:
     assert data["version"] == 1 and data["devices_seen"] == 2
     with pytest.raises(MalformedMessage):
         parse_status_json(b"{not json")
+
+
+def test_a_field_added_later_is_absent_at_its_default_so_old_frames_keep_their_bytes() -> None:
+    """``Pull.canary`` came after protocol v2 shipped: a plain pull's frame does not carry it
+    (the emulator's byte counts, and every existing frame, stay as they were) and decodes to
+    the default; a canary pull carries it."""
+    plain, fetch = Pull(device="d1", seq=2, model_id="m"), Pull(device="d1", seq=2, model_id="m", canary=5)
+
+    def header(payload: bytes) -> dict[str, object]:
+        (n,) = struct.unpack_from("<I", payload, 4)
+        out = msgpack.unpackb(payload[8 : 8 + n], raw=False)
+        assert isinstance(out, dict)
+        return out
+
+    assert "canary" not in header(encode(plain)) and header(encode(fetch))["canary"] == 5
+    assert decode(encode(plain)) == plain and decode(encode(fetch)) == fetch
+    assert len(encode(fetch)) > len(encode(plain))

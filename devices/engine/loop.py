@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -70,12 +71,13 @@ class Driver:
         or the driver halted while waiting for it)."""
         i = self._pre_next
         pre = self._pre_at[i] if i < len(self._pre_at) else None
-        heap = self.queue.next_time()
-        if pre is not None and pre <= until and (heap is None or pre <= heap):  # a preloaded event wins a tie
+        heap = self.queue._heap  # the hot path: no method calls for the peek and the pop
+        top = heap[0][0] if heap else None
+        if pre is not None and pre <= until and (top is None or pre <= top):  # a preloaded event wins a tie
             at, kind, target, data = pre, self._pre_kind, self._pre_target[i], self._pre_data[i]
             self._pre_next = i + 1
-        elif heap is not None and heap <= until:
-            at, _, kind, target, data = self.queue.pop()
+        elif top is not None and top <= until:
+            at, _, kind, target, data = heapq.heappop(heap)
         else:
             return None
         self.clock.advance_to(at)

@@ -58,6 +58,16 @@ mean nothing to the new coordinator, so it is dropped and its samples are traine
 (``trained_upto`` rolls back); an acknowledged update is never undone. ``deployed_version`` is
 forgotten (the new region numbers its own) but the deployed weights keep serving.
 
+Canary evaluation (test-then-train). A signed ``Canary`` on the device's invite topic asks
+it to score candidate C against release R (see :mod:`coordinator.canary`). When idle (after
+fetching R if it lacks it) the device fetches C with a canary pull (``Pull(canary=C)``, never a
+training pull) and hands it to the driver (``StartCanary``); for each new label the driver
+predicts with both models before storing the label and feeds back ``CanaryScored``. After
+``samples`` labels, or at the request's deadline with what it has (checked on every event),
+the device publishes a ``CanaryReport`` — four counts, never data — on its update topic and
+emits ``StopCanary``. A newer request replaces the current one; a canary fetch unanswered
+after three tries, or a region switch, abandons it.
+
 Transitions (event → action, new phase)::
 
     IDLE      SampleAdded and wants_pull   → Publish(pull)                 PULLING
@@ -87,6 +97,10 @@ Transitions (event → action, new phase)::
     IDLE/PULLING/DEFERRED  status(home, alive: true), away ≥ failback_after_s
                                            → Persist, SwitchRegion(home), pull  PULLING
     any       device message from a region not in use → ignored            (unchanged)
+    any       Canary(C, R) newer than the current one → (release pull,) then when IDLE:
+    IDLE      canary wanted                → Publish(pull, canary=C)        PULLING
+    PULLING   Model(version C) answering it → StartCanary                  IDLE
+    any       CanaryScored; samples reached / deadline → Publish(report), StopCanary
 """
 
 from __future__ import annotations
@@ -100,6 +114,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge_sdk.core.events import (
+    CanaryScored,
     DeployModel,
     MessageReceived,
     Notify,
@@ -108,7 +123,9 @@ from edge_sdk.core.events import (
     Publish,
     SampleAdded,
     ScheduleTimer,
+    StartCanary,
     StartTraining,
+    StopCanary,
     SwitchRegion,
     TimerFired,
     TrainingFailed,
@@ -137,10 +154,23 @@ from edge_sdk.wire.codec import (
     encode,
     parse_status_json,
 )
-from edge_sdk.wire.messages import NO_VERSION, UNCHANGED, Ack, Invite, ModelMsg, Pull, Update
+from edge_sdk.wire.messages import (
+    NO_VERSION,
+    UNCHANGED,
+    Ack,
+    Canary,
+    CanaryReport,
+    Invite,
+    ModelMsg,
+    Pull,
+    Update,
+)
 
-DeviceEvent = SampleAdded | MessageReceived | TrainingFinished | TrainingFailed | TimerFired
-DeviceAction = Publish | ScheduleTimer | StartTraining | DeployModel | PersistDeviceState | PinKey | Notify | SwitchRegion
+DeviceEvent = SampleAdded | MessageReceived | TrainingFinished | TrainingFailed | TimerFired | CanaryScored
+DeviceAction = (Publish | ScheduleTimer | StartTraining | DeployModel | PersistDeviceState | PinKey | Notify | SwitchRegion
+                | StartCanary | StopCanary)
+CANARY_FETCH_TRIES = 3
+"""A canary fetch unanswered after this many tries abandons the canary request."""
 MAX_STATUS_BYTES = 65_536
 """A coordinator status larger than this is not read (it is a few hundred bytes)."""
 
@@ -235,6 +265,14 @@ class DeviceState:
     """Last word on each region's coordinator: its status, or our own verdict when we left it."""
     left_home_at: float | None = None
     failovers: int = 0
+    canary: Canary | None = None
+    """The canary request being served (candidate vs release), if any."""
+    canary_state: str = ""
+    """``fetch`` (wants the candidate), ``fetching`` (canary pull in flight), ``scoring``."""
+    canary_deadline: float = 0.0
+    canary_counts: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
+    """both right, only the candidate right, only the release right, both wrong."""
+    canary_reports: int = 0
 
 
 class DeviceCore:
@@ -265,6 +303,7 @@ class DeviceCore:
     def _address(self, region: str) -> None:
         self._t_pull = topics.device_topic(region, self.config.device_id, "pull")
         self._t_update = topics.device_topic(region, self.config.device_id, "update")
+        self._inbox = self._t_pull[: -len("pull")]  # this device's topics in this region, less the leaf
 
     @property
     def state(self) -> DeviceState:
@@ -299,6 +338,10 @@ class DeviceCore:
     # ------------------------------------------------------------------ dispatch
 
     def handle(self, event: DeviceEvent) -> list[DeviceAction]:
+        due = self._canary_due(event.now) if self._s.canary is not None else []
+        return due + self._handle(event)
+
+    def _handle(self, event: DeviceEvent) -> list[DeviceAction]:
         if isinstance(event, SampleAdded):
             return self._on_sample(event)
         if isinstance(event, MessageReceived):
@@ -309,6 +352,8 @@ class DeviceCore:
             return self._on_train_failed(event)
         if isinstance(event, TimerFired):
             return self._on_timer(event)
+        if isinstance(event, CanaryScored):
+            return self._on_canary_scored(event)
         raise LocalProtocolError(f"DeviceCore cannot handle {type(event).__name__}")
 
     def start(self, now: float) -> list[DeviceAction]:
@@ -333,16 +378,19 @@ class DeviceCore:
     def _on_message(self, ev: MessageReceived) -> list[DeviceAction]:
         s = self._s
         try:
-            parsed = topics.parse(ev.topic)
-            if parsed.kind == "status" and parsed.region in self.regions and self.config.fallback_regions:
-                return self._on_status(parsed.region, ev.payload, ev.now)
-            if parsed.kind != "device" or parsed.device != self.config.device_id:
-                raise TopicMismatch(f"message for {parsed.device!r} reached {self.config.device_id!r}")
-            if parsed.region != s.region:
-                if parsed.region not in self.regions:
-                    raise TopicMismatch(f"region {parsed.region!r} is none of this device's {list(self.regions)}")
-                s.counters["ignored:other_region"] = s.counters.get("ignored:other_region", 0) + 1
-                return []  # e.g. a late answer from the region we left
+            topic = ev.topic
+            if not (topic.startswith(self._inbox) and topic[len(self._inbox) :] in topics.DOWNSTREAM):
+                # Not one of our downstream topics in the region we use (those pass every check below).
+                parsed = topics.parse(topic)
+                if parsed.kind == "status" and parsed.region in self.regions and self.config.fallback_regions:
+                    return self._on_status(parsed.region, ev.payload, ev.now)
+                if parsed.kind != "device" or parsed.device != self.config.device_id:
+                    raise TopicMismatch(f"message for {parsed.device!r} reached {self.config.device_id!r}")
+                if parsed.region != s.region:
+                    if parsed.region not in self.regions:
+                        raise TopicMismatch(f"region {parsed.region!r} is none of this device's {list(self.regions)}")
+                    s.counters["ignored:other_region"] = s.counters.get("ignored:other_region", 0) + 1
+                    return []  # e.g. a late answer from the region we left
             frame = decode_frame(ev.payload, max_bytes=self.config.max_message_bytes)
             msg = frame.message
             if isinstance(msg, ModelMsg):
@@ -352,6 +400,9 @@ class DeviceCore:
                 actions = self._on_ack(msg, ev.now)
             elif isinstance(msg, Invite):
                 actions = self._on_invite(msg, ev.now)
+            elif isinstance(msg, Canary):
+                self._check_canary_signature(frame.signature)
+                actions = self._on_canary(msg, ev.now)
             else:
                 raise TopicMismatch(f"a {msg.TYPE} message is not for devices")
             s.timeouts = 0  # the coordinator we use answers
@@ -409,6 +460,8 @@ class DeviceCore:
         )
         if not answers_pull:
             return actions
+        if s.canary_state == "fetching":
+            return actions + self._on_canary_model(msg, full, now)
         if full is None:
             # A partial model we cannot patch (we hold no full base): ask for a full one.
             s.deployed_version = NO_VERSION
@@ -570,6 +623,10 @@ class DeviceCore:
             s.timeouts += 1
             if self.config.fallback_regions and s.timeouts >= self.config.failover_after:
                 return self._switch(ev.now, self._next_region(), "timeouts")
+        if s.phase is Phase.PULLING and s.canary_state == "fetching" and s.attempts + 1 >= CANARY_FETCH_TRIES:
+            s.phase, s.deadline, s.pending_seq, s.pending_payload, s.attempts = Phase.IDLE, None, NO_VERSION, b"", 0
+            s.serving = False
+            return self._canary_end("unanswered") + self._maybe_pull(ev.now)
         if s.phase in (Phase.PULLING, Phase.DEFERRED):
             return self._send_pull(ev.now, fresh=False)
         if s.phase is Phase.PUSHING:
@@ -629,6 +686,7 @@ class DeviceCore:
         s.phase, s.deadline, s.pending_seq, s.pending_payload, s.attempts = Phase.IDLE, None, NO_VERSION, b"", 0
         s.pending_update, s.serving, s.timeouts, s.release_wanted = None, False, 0, NO_VERSION
         s.deployed_version = NO_VERSION  # the new region numbers its own versions; the weights keep serving
+        dropped = self._canary_end("region_switch") if s.canary is not None else []  # its versions mean nothing there
         s.region = region
         s.pins = self._pins_by_region.setdefault(region, {})
         s.failovers += 1
@@ -639,8 +697,89 @@ class DeviceCore:
             SwitchRegion(region=region, previous=previous, reason=reason,
                          subscribe=tuple(self._region_topics(region)), unsubscribe=tuple(self._region_topics(previous))),
             Notify(kind="failover", data={"from": previous, "to": region, "reason": reason, "after_timeouts": timeouts}),
+            *dropped,
         ]
         return actions + self._kick_off(now)
+
+    # ------------------------------------------------------------------ canary evaluation
+
+    def _check_canary_signature(self, sig: SignatureInfo | None) -> None:
+        """A canary request must be signed by a key already trusted or pinned: it never pins one."""
+        cfg, s = self.config, self._s
+        if sig is None:
+            if cfg.require_signature:
+                raise UnsignedMessage("canary request is not signed")
+            return
+        trusted = cfg.trusted_keys or s.pins
+        if trusted.get(sig.kid) != sig.public_raw or not verify(sig.public_raw, sig.signature, sig.signed):
+            raise BadSignature(f"canary request signed by key {sig.kid}, which this device does not trust")
+
+    def _on_canary(self, msg: Canary, now: float) -> list[DeviceAction]:
+        s = self._s
+        if msg.device != self.config.device_id:
+            raise TopicMismatch(f"canary request for {msg.device!r} reached {self.config.device_id!r}")
+        current = s.canary
+        if current is not None and (msg.candidate, msg.release) <= (current.candidate, current.release):
+            return []  # a redelivery, or older than what we evaluate
+        actions = self._canary_end("replaced") if current is not None else []
+        s.canary, s.canary_state, s.canary_deadline, s.canary_counts = msg, "fetch", now + msg.deadline_s, [0, 0, 0, 0]
+        if msg.release > s.deployed_version:
+            s.release_wanted = max(s.release_wanted, msg.release)  # score against the release it names
+        actions.append(Notify(kind="canary", data={"candidate": msg.candidate, "release": msg.release, "samples": msg.samples}))
+        return actions + self._maybe_pull(now)
+
+    def _on_canary_model(self, msg: ModelMsg, full: Vector | None, now: float) -> list[DeviceAction]:
+        """The reply to a canary fetch: the candidate to score, or (another model) not ours."""
+        s = self._s
+        if s.canary is None or msg.version != s.canary.candidate:
+            return []  # not the answer: keep waiting (the fetch times out and is retried)
+        s.serving = False
+        s.phase, s.deadline, s.pending_seq, s.pending_payload, s.attempts = Phase.IDLE, None, NO_VERSION, b"", 0
+        if full is None:
+            return self._canary_end("unusable_model") + self._maybe_pull(now)
+        s.canary_state = "scoring"
+        return [StartCanary(candidate=s.canary.candidate, release=s.canary.release, weights=full), *self._maybe_pull(now)]
+
+    def _on_canary_scored(self, ev: CanaryScored) -> list[DeviceAction]:
+        s = self._s
+        ask = s.canary
+        if ask is None or s.canary_state != "scoring" or (ev.candidate, ev.release) != (ask.candidate, ask.release):
+            return []  # scored for a request that is over, or against another release
+        cand, rel = bool(ev.candidate_right), bool(ev.release_right)
+        s.canary_counts[0 if cand and rel else 1 if cand else 2 if rel else 3] += 1
+        return self._canary_report(ev.now) if sum(s.canary_counts) >= ask.samples else []
+
+    def _canary_due(self, now: float) -> list[DeviceAction]:
+        """The request's deadline passed: report what was scored, or give it up."""
+        s = self._s
+        if s.canary is None or now < s.canary_deadline:
+            return []
+        return self._canary_report(now) if sum(s.canary_counts) else self._canary_end("deadline")
+
+    def _canary_report(self, now: float) -> list[DeviceAction]:
+        s, cfg = self._s, self.config
+        ask = s.canary
+        assert ask is not None
+        both, cand, rel, neither = s.canary_counts
+        report = CanaryReport(device=cfg.device_id, candidate=ask.candidate, release=ask.release, both_right=both,
+                              only_candidate=cand, only_release=rel, both_wrong=neither)
+        s.canary_reports += 1
+        return [Publish(topic=self._t_update, payload=encode(report), qos=1),
+                Notify(kind="canary_reported", data={"candidate": ask.candidate, "release": ask.release,
+                                                     "counts": list(report.counts)}),
+                *self._canary_end("")]
+
+    def _canary_end(self, why: str) -> list[DeviceAction]:
+        s = self._s
+        ask = s.canary
+        if ask is None:
+            return []
+        started = s.canary_state == "scoring"
+        s.canary, s.canary_state, s.canary_counts = None, "", [0, 0, 0, 0]
+        actions: list[DeviceAction] = [StopCanary(candidate=ask.candidate)] if started else []
+        if why:
+            actions.append(Notify(kind="canary_dropped", data={"candidate": ask.candidate, "reason": why}))
+        return actions
 
     # ------------------------------------------------------------------ helpers
 
@@ -651,6 +790,9 @@ class DeviceCore:
         if s.phase is Phase.IDLE and s.release_wanted > s.deployed_version:
             s.release_wanted = NO_VERSION
             return self._send_pull(now, fresh=True, serve=True)  # a newer release to predict with
+        if s.phase is Phase.IDLE and s.canary is not None and s.canary_state == "fetch":
+            s.canary_state = "fetching"
+            return self._send_pull(now, fresh=True, serve=True, canary=s.canary.candidate)
         if s.phase is Phase.IDLE and self.wants_pull():
             if now < s.hold_until:  # a training back-off: the timer pulls when it is over
                 s.deadline = s.hold_until
@@ -658,7 +800,8 @@ class DeviceCore:
             return self._send_pull(now, fresh=True)
         return []
 
-    def _send_pull(self, now: float, *, fresh: bool, invite_round: int = NO_VERSION, serve: bool = False) -> list[DeviceAction]:
+    def _send_pull(self, now: float, *, fresh: bool, invite_round: int = NO_VERSION, serve: bool = False,
+                   canary: int = NO_VERSION) -> list[DeviceAction]:
         s, cfg = self._s, self.config
         actions: list[DeviceAction] = []
         if fresh or s.pending_seq == NO_VERSION:
@@ -675,6 +818,7 @@ class DeviceCore:
                 n_samples=s.total,
                 invite_round=invite_round,
                 serve=serve,
+                canary=canary,
             )
             s.pending_payload = encode(pull)
         else:

@@ -175,3 +175,38 @@ class PersistDeviceState:
 
     next_seq: int
     trained_upto: int
+
+
+# ---------------------------------------------------------------- canary evaluation (device side)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CanaryScored:
+    """The driver scored one new label with the candidate and the release *before* adding it
+    to the training set (test-then-train): whether each model predicted it right."""
+
+    now: float
+    candidate: int
+    release: int
+    candidate_right: bool
+    release_right: bool
+
+    def __post_init__(self) -> None:
+        _check_time(self.now)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StartCanary:
+    """Score each new label with ``weights`` (candidate ``candidate``) and with the deployed
+    release ``release`` before storing it, and report each as ``CanaryScored``."""
+
+    candidate: int
+    release: int
+    weights: Vector
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StopCanary:
+    """Stop scoring for ``candidate`` (reported, abandoned or replaced); drop its weights."""
+
+    candidate: int

@@ -26,6 +26,10 @@ bytes either decode or raise a :class:`~edge_sdk.errors.RemoteProtocolError` (fu
 Shape against the model spec and finiteness (one full pass) are checked by the receiving
 core with :meth:`~edge_sdk.spec.ModelSpec.check`. A v1 frame (a bare msgpack map) is
 refused with :class:`~edge_sdk.errors.UnsupportedProtocol`.
+
+In-process emulation (:func:`carry_decoded`): frames still encoded byte for byte, but a
+receiver in the same process gets the message its sender built (:class:`CarriedFrame`)
+instead of parsing it again; the emulator's results are identical either way.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ import dataclasses
 import hashlib
 import json
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -50,7 +56,7 @@ from edge_sdk.errors import (
 )
 from edge_sdk.signing import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Signer, key_id
 from edge_sdk.spec import Vector
-from edge_sdk.wire.messages import MESSAGE_TYPES, Message, Status
+from edge_sdk.wire.messages import MESSAGE_TYPES, Message, ModelMsg, Status
 
 PROTOCOL_VERSION = 2
 MAGIC = b"ECI" + bytes([PROTOCOL_VERSION])
@@ -70,17 +76,26 @@ _EMPTY_DIGEST = hashlib.sha256(b"").digest()
 
 @dataclass(frozen=True, slots=True)
 class EncodedTensor:
-    """A weights vector encoded once: its header entry, raw tail bytes and their digest."""
+    """A weights vector encoded once: its header entry, raw tail bytes and their digest
+    (hashed on first use: only signed frames need it)."""
 
     meta: dict[str, Any]
     tail: bytes
-    digest: bytes
+    _digest: bytes | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @classmethod
     def of(cls, weights: Vector, encoding: Encoding = "f4") -> EncodedTensor:
         meta, tail = _tensor_parts(weights, encoding)
-        data = bytes(tail)
-        return cls(meta=meta, tail=data, digest=hashlib.sha256(data).digest())
+        return cls(meta=meta, tail=bytes(tail))
+
+    @property
+    def digest(self) -> bytes:
+        """``sha256(tail)``, computed once."""
+        digest = self._digest
+        if digest is None:
+            digest = hashlib.sha256(self.tail).digest()
+            object.__setattr__(self, "_digest", digest)
+        return digest
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,11 +170,46 @@ def _layout(cls: type[Message]) -> tuple[tuple[str, bool], ...]:
     return layout
 
 
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    """A message class's layout, precompiled for the hot paths: its header fields (all but
+    the weights) in order, the required ones as a set, and how it carries weights."""
+
+    cls: type[Message]
+    names: tuple[str, ...]
+    required: frozenset[str]
+    has_weights: bool
+    weights_required: bool
+
+
+def _compile(cls: type[Message]) -> _Compiled:
+    layout = _layout(cls)
+    return _Compiled(
+        cls=cls,
+        names=tuple(name for name, _ in layout if name != "weights"),
+        required=frozenset(name for name, req in layout if req and name != "weights"),
+        has_weights=any(name == "weights" for name, _ in layout),
+        weights_required=any(name == "weights" and req for name, req in layout),
+    )
+
+
+_COMPILED: dict[str, _Compiled] = {name: _compile(cls) for name, cls in MESSAGE_TYPES.items()}
+
+
+def _compiled(cls: type[Message]) -> _Compiled:
+    c = _COMPILED.get(cls.TYPE)
+    if c is None or c.cls is not cls:  # a message class registered after import (tests)
+        c = _COMPILED[cls.TYPE] = _compile(cls)
+    return c
+
+
 def _fields(msg: Message) -> dict[str, Any]:
     body: dict[str, Any] = {"type": msg.TYPE}
-    for name, _ in _layout(type(msg)):
-        if name != "weights":
-            body[name] = getattr(msg, name)
+    for name in _compiled(type(msg)).names:
+        body[name] = getattr(msg, name)
+    for name, default in getattr(msg, "OMIT_AT_DEFAULT", ()):
+        if body[name] == default:  # a field added later: absent at its default, so older frames keep their bytes
+            del body[name]
     return body
 
 
@@ -186,18 +236,79 @@ def encode(msg: Message, *, encoding: Encoding = "f4", signer: Signer | None = N
     header = _fields(msg)
     weights = getattr(msg, "weights", None)
     if weights is None:
-        return _frame(header, b"", _EMPTY_DIGEST, signer)
+        payload = _frame(header, b"", _EMPTY_DIGEST, signer)
+        return _carry(msg, payload, None) if _CARRY and signer is None else payload
     meta, tail = _tensor_parts(weights, encoding)
     header["w"] = meta
     digest = hashlib.sha256(tail).digest() if signer is not None else b""
-    return _frame(header, tail, digest, signer)
+    payload = _frame(header, tail, digest, signer)
+    return _carry(msg, payload, meta) if _CARRY and signer is None else payload
 
 
 def encode_spliced(msg: Message, tensor: EncodedTensor, *, signer: Signer | None = None) -> bytes:
     """As :func:`encode`, reusing a tensor encoded once (``msg.weights`` is ignored)."""
     header = _fields(msg)
     header["w"] = tensor.meta
-    return _frame(header, tensor.tail, tensor.digest, signer)
+    payload = _frame(header, tensor.tail, tensor.digest if signer is not None else b"", signer)
+    return _carry(msg, payload, tensor.meta) if _CARRY and signer is None else payload
+
+
+# ---------------------------------------------------------------- in-process emulation
+
+
+class CarriedFrame(bytes):
+    """A frame's exact bytes that also carry the :class:`Frame` decoding them returns.
+
+    Made by :func:`encode` only inside :func:`carry_decoded` (the in-process emulator's
+    transport, where sender and receiver share one process): :func:`decode_frame` then
+    checks the size cap and returns ``frame`` instead of parsing the bytes again. Carried
+    are unsigned Pull / Model / Update / Ack / Invite messages whose fields are str, int,
+    float, bool, a str → number dict (copied) and ``f4`` weights — for which ``frame`` is
+    what decoding returns: the message validated at construction, its weights a read-only
+    float32 view into an equal copy of these bytes (shared by every receiver of this frame).
+    Everything else is decoded as usual. The bytes are the real frame (sizes, retries and any
+    other reader see exactly what the wire would)."""
+
+    frame: Frame
+
+
+_CARRY = False
+_CARRIED_TYPES = frozenset({"pull", "model", "update", "ack", "invite"})
+
+
+@contextmanager
+def carry_decoded(enabled: bool = True) -> Iterator[None]:
+    """Within this block, frames encoded without a signer carry their decoded message
+    (:class:`CarriedFrame`): receivers in this process skip parsing them. For the in-process
+    emulator only; the cores, the bytes and every other check stay the same."""
+    global _CARRY
+    previous, _CARRY = _CARRY, enabled
+    try:
+        yield
+    finally:
+        _CARRY = previous
+
+
+def _carry(msg: Message, payload: bytes, meta: dict[str, Any] | None) -> bytes:
+    if msg.TYPE not in _CARRIED_TYPES or (meta is not None and meta["dt"] != "f4"):
+        return payload
+    carried = CarriedFrame(payload)
+    message: Message = msg  # weightless: every field is an immutable str / int / bool
+    if meta is not None:
+        offset = _PREFIX.size + _PREFIX.unpack_from(carried, 0)[1]
+        offset += -offset % ALIGN
+        # A copy of the (validated, frozen) message whose weights are the view decoding gives;
+        # set slot by slot: the values are the validated ones, the view equals them.
+        message = object.__new__(type(msg))
+        for name in _compiled(type(msg)).names:
+            object.__setattr__(message, name, getattr(msg, name))
+        # The view is into ``payload``, an equal copy: a view into ``carried`` would make a
+        # reference cycle (carried → frame → weights → carried) that only the GC could free.
+        object.__setattr__(message, "weights", np.frombuffer(payload, dtype=ENCODINGS["f4"], count=meta["n"], offset=offset))
+        if isinstance(msg, ModelMsg):
+            object.__setattr__(message, "hints", dict(msg.hints))  # a receiver's own dict, as decoding makes
+    carried.frame = Frame(message=message, signature=None)
+    return carried
 
 
 # ---------------------------------------------------------------- decode
@@ -213,9 +324,13 @@ def decode_frame(payload: bytes | bytearray | memoryview, *, max_bytes: int = DE
     size = len(payload)
     if size > max_bytes:
         raise MessageTooLarge(f"{size} bytes exceeds the cap of {max_bytes}")
+    if type(payload) is CarriedFrame:  # in-process emulation: parsed already (see carry_decoded)
+        return payload.frame
     if size < _PREFIX.size:
         raise MalformedMessage("frame too short")
-    view = memoryview(payload)
+    # bytes are sliced directly (the header is small: a copy is cheaper than a view); anything
+    # else through a memoryview. The tail is never copied (see _tensor_from and the signature).
+    view = payload if type(payload) is bytes else memoryview(payload)
     magic, hlen = _PREFIX.unpack_from(view, 0)
     if magic != MAGIC:
         if magic[:3] == MAGIC[:3]:
@@ -238,59 +353,63 @@ def decode_frame(payload: bytes | bytearray | memoryview, *, max_bytes: int = DE
         )
     except Exception as exc:  # msgpack raises many unrelated types on garbage
         raise MalformedMessage(f"header is not msgpack: {type(exc).__name__}") from exc
-    if not isinstance(header, dict):
+    if type(header) is not dict:
         raise MalformedMessage("header must be a map")
     offset = _PREFIX.size + hlen
     offset += -offset % ALIGN
-    cls = MESSAGE_TYPES.get(header.get("type"))  # type: ignore[arg-type]
+    type_name = header.get("type")
+    cls = MESSAGE_TYPES.get(type_name) if type(type_name) is str else None  # an unhashable "type" is unknown too
     if cls is None:
-        raise MalformedMessage(f"unknown message type {header.get('type')!r}")
+        raise MalformedMessage(f"unknown message type {type_name!r}")
+    compiled = _compiled(cls)
     signer = header.get("sg")
     sig_len = SIGNATURE_BYTES if signer is not None else 0
     tensor = header.get("w")
-    tail_len = tensor.get("l") if isinstance(tensor, dict) else 0
-    if not isinstance(tail_len, int) or isinstance(tail_len, bool) or tail_len < 0:
+    tail_len = tensor.get("l") if type(tensor) is dict else 0
+    if type(tail_len) is not int or tail_len < 0:
         raise BadTensor("tensor needs an int byte length")
     if offset + tail_len + sig_len != size:
         raise MalformedMessage(f"frame of {size} bytes does not hold header, {tail_len} tensor bytes and {sig_len} signature bytes")
-    kwargs: dict[str, Any] = {}
-    has_weights = False
-    for name, required in _layout(cls):
-        if name == "weights":
-            has_weights = True
-            if tensor is not None:
-                kwargs["weights"] = _tensor_from(tensor, payload, offset)
-            elif required:
-                raise MalformedMessage(f"{cls.TYPE}: missing weights")
-            continue
-        if name not in header:
-            if required:
-                raise MalformedMessage(f"{cls.TYPE}: missing field {name!r}")
-            continue
-        kwargs[name] = header[name]
-    if tensor is not None and not has_weights:
-        raise MalformedMessage(f"a {cls.TYPE} message carries no weights")
+    if not compiled.required <= header.keys() or (tensor is None and compiled.weights_required):
+        _missing(compiled, header, tensor)
+    kwargs = {name: header[name] for name in compiled.names if name in header}
+    if tensor is not None:
+        if not compiled.has_weights:
+            raise MalformedMessage(f"a {cls.TYPE} message carries no weights")
+        kwargs["weights"] = _tensor_from(tensor, payload, offset)
     try:
         message = cls(**kwargs)
     except RemoteProtocolError:
         raise
     except Exception as exc:  # e.g. a TypeError from a field of the wrong type
         raise MalformedMessage(f"{cls.TYPE}: {exc}") from exc
-    info = None
-    if signer is not None:
-        if not isinstance(signer, dict) or not isinstance(signer.get("kid"), str) or not isinstance(signer.get("pk"), bytes):
-            raise MalformedMessage("signer must be {kid: str, pk: bytes}")
-        pk = signer["pk"]
-        if len(pk) != PUBLIC_KEY_BYTES or key_id(pk) != signer["kid"]:
-            raise MalformedMessage("signer key id does not match its public key")
-        tail = view[offset : offset + tail_len]
-        info = SignatureInfo(
-            kid=signer["kid"],
-            public_raw=pk,
-            signature=bytes(view[size - SIGNATURE_BYTES :]),
-            signed=_signed_bytes(view[:offset], hashlib.sha256(tail).digest() if tail_len else _EMPTY_DIGEST),
-        )
+    if signer is None:
+        return Frame(message=message, signature=None)
+    if type(signer) is not dict or type(signer.get("kid")) is not str or type(signer.get("pk")) is not bytes:
+        raise MalformedMessage("signer must be {kid: str, pk: bytes}")
+    pk = signer["pk"]
+    if len(pk) != PUBLIC_KEY_BYTES or key_id(pk) != signer["kid"]:
+        raise MalformedMessage("signer key id does not match its public key")
+    whole = memoryview(payload)
+    tail = whole[offset : offset + tail_len]
+    info = SignatureInfo(
+        kid=signer["kid"],
+        public_raw=pk,
+        signature=bytes(whole[size - SIGNATURE_BYTES :]),
+        signed=_signed_bytes(whole[:offset], hashlib.sha256(tail).digest() if tail_len else _EMPTY_DIGEST),
+    )
     return Frame(message=message, signature=info)
+
+
+def _missing(compiled: _Compiled, header: dict[Any, Any], tensor: object) -> None:
+    """Raise for the first missing required field, in the message's field order."""
+    cls = compiled.cls
+    for name, required in _layout(cls):
+        if name == "weights":
+            if tensor is None and required:
+                raise MalformedMessage(f"{cls.TYPE}: missing weights")
+        elif required and name not in header:
+            raise MalformedMessage(f"{cls.TYPE}: missing field {name!r}")
 
 
 # ---------------------------------------------------------------- tensors at rest

@@ -26,20 +26,40 @@ UNCHANGED = "unchanged"
 MAX_NONCE = 2**63 - 1
 
 
+_INT_END = 2**63
+_F32 = np.dtype(np.float32)
+
+# Each check tests the common exact types first (no message is built unless it fails); the
+# general rule after it decides everything else, so the accepted set is unchanged.
+
+
 def _need(cond: bool, what: str) -> None:
     if not cond:
         raise MalformedMessage(what)
 
 
 def _check_id(value: object, what: str) -> None:
+    if type(value) is str and 0 < len(value) <= MAX_ID_LEN:
+        return
     _need(isinstance(value, str) and 0 < len(value) <= MAX_ID_LEN, f"{what} must be a 1-64 char string")
 
 
 def _check_int(value: object, what: str, lo: int = 0) -> None:
+    if type(value) is int and lo <= value < _INT_END:
+        return
     _need(isinstance(value, int) and not isinstance(value, bool) and lo <= value < 2**63, f"{what} must be an int >= {lo}")
 
 
+def _check_finite(value: object, what: str) -> None:
+    """A finite int or float (bools are ints here, as ``isinstance`` has it)."""
+    if type(value) is float and math.isfinite(value):
+        return
+    _need(isinstance(value, int | float) and math.isfinite(value), what)
+
+
 def _check_weights(value: object) -> None:
+    if type(value) is np.ndarray and value.dtype is _F32 and value.ndim == 1:
+        return
     _need(
         isinstance(value, np.ndarray) and value.dtype == np.float32 and value.ndim == 1,
         "weights must be a 1-D float32 vector",
@@ -60,6 +80,12 @@ class Pull:
     serve: bool = False
     """A serving request: the device wants the model to *predict* with (e.g. right after it
     connects); it does not count as a training pull and is never deferred."""
+    canary: int = NO_VERSION
+    """A canary fetch: the device, asked to evaluate candidate ``canary`` (see :class:`Canary`),
+    wants that candidate's weights to score it. Never a training pull; ``-1``: not one."""
+    OMIT_AT_DEFAULT: ClassVar[tuple[tuple[str, object], ...]] = (("canary", NO_VERSION),)
+    """Fields the codec leaves out at their default (added after protocol v2 first shipped:
+    frames without them are byte-identical to before, and decode to the default)."""
 
     def __post_init__(self) -> None:
         _check_id(self.device, "device")
@@ -69,6 +95,7 @@ class Pull:
         _check_int(self.n_samples, "n_samples")
         _check_int(self.invite_round, "invite_round", lo=NO_VERSION)
         _need(isinstance(self.serve, bool), "serve must be a bool")
+        _check_int(self.canary, "canary", lo=NO_VERSION)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -102,7 +129,8 @@ class ModelMsg:
         _need(isinstance(self.spec_fingerprint, str) and len(self.spec_fingerprint) <= 64, "bad spec_fingerprint")
         _need(isinstance(self.hints, dict) and len(self.hints) <= 32, "hints must be a small dict")
         for k, v in self.hints.items():
-            _need(isinstance(k, str) and isinstance(v, int | float) and math.isfinite(v), "hints are finite numbers")
+            _need(isinstance(k, str), "hints are finite numbers")
+            _check_finite(v, "hints are finite numbers")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -136,9 +164,8 @@ class Update:
         _check_int(self.base_version, "base_version")
         _check_int(self.n_samples, "n_samples", lo=1)
         _check_weights(self.weights)
-        for name in ("loss", "train_seconds"):
-            v = getattr(self, name)
-            _need(isinstance(v, int | float) and math.isfinite(v), f"{name} must be finite")
+        _check_finite(self.loss, "loss must be finite")
+        _check_finite(self.train_seconds, "train_seconds must be finite")
 
     @property
     def key(self) -> tuple[str, int]:
@@ -259,7 +286,67 @@ class Control:
         _need(self.command == "unpin" or self.version >= 0, f"{self.command} needs a version")
 
 
-Message = Pull | ModelMsg | Update | Ack | Invite | Status | PeerMsg | Control
+MAX_CANARY_SAMPLES = 10_000
+"""The most labels a canary request may ask one device to score (a report's counts sum to at most this)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Canary:
+    """Coordinator asks a device of the canary cohort (on its ``invite`` topic) to evaluate
+    candidate ``candidate`` against release ``release`` by test-then-train: score both on
+    its next ``samples`` new labels *before* training on them, then send a
+    :class:`CanaryReport` — within ``deadline_s`` seconds, with what it has by then."""
+
+    TYPE: ClassVar[str] = "canary"
+    device: str
+    candidate: int
+    release: int
+    samples: int
+    deadline_s: float
+
+    def __post_init__(self) -> None:
+        _check_id(self.device, "device")
+        _check_int(self.candidate, "candidate")
+        _check_int(self.release, "release")
+        _check_int(self.samples, "samples", lo=1)
+        _need(self.samples <= MAX_CANARY_SAMPLES, f"samples must be <= {MAX_CANARY_SAMPLES}")
+        _need(isinstance(self.deadline_s, int | float) and not isinstance(self.deadline_s, bool)
+              and math.isfinite(self.deadline_s) and 0 < self.deadline_s <= 86_400, "deadline_s must be in (0, 86400]")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CanaryReport:
+    """A canary device's verdict on candidate ``candidate`` vs release ``release`` (on its
+    ``update`` topic): *paired counts only*, never data. Of the labels it scored, how many
+    both models got right, only the candidate, only the release, and neither."""
+
+    TYPE: ClassVar[str] = "canary_report"
+    device: str
+    candidate: int
+    release: int
+    both_right: int
+    only_candidate: int
+    only_release: int
+    both_wrong: int
+
+    def __post_init__(self) -> None:
+        _check_id(self.device, "device")
+        _check_int(self.candidate, "candidate")
+        _check_int(self.release, "release")
+        for name in ("both_right", "only_candidate", "only_release", "both_wrong"):
+            _check_int(getattr(self, name), name)
+        _need(0 < self.n <= MAX_CANARY_SAMPLES, f"a canary report counts 1-{MAX_CANARY_SAMPLES} labels")
+
+    @property
+    def n(self) -> int:
+        return self.both_right + self.only_candidate + self.only_release + self.both_wrong
+
+    @property
+    def counts(self) -> tuple[int, int, int, int]:
+        return (self.both_right, self.only_candidate, self.only_release, self.both_wrong)
+
+
+Message = Pull | ModelMsg | Update | Ack | Invite | Status | PeerMsg | Control | Canary | CanaryReport
 MESSAGE_TYPES: dict[str, type[Message]] = {
-    cls.TYPE: cls for cls in (Pull, ModelMsg, Update, Ack, Invite, Status, PeerMsg, Control)
+    cls.TYPE: cls for cls in (Pull, ModelMsg, Update, Ack, Invite, Status, PeerMsg, Control, Canary, CanaryReport)
 }

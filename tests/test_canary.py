@@ -1,0 +1,516 @@
+"""Issue 10 §3, federated (canary) evaluation by test-then-train, in the cores: the cohort
+rule, the gate's decision on pooled paired counts (one lying device cannot decide), hostile
+reports (typed, counted, change nothing), and a device that fetches the candidate, scores
+its next labels before training on them and reports only counts."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from coordinator.canary import (
+    CanaryConfig,
+    CanaryRound,
+    draw,
+    eligible,
+    paired_of,
+    pick_cohort,
+    trimmed,
+)
+from coordinator.core import (
+    CandidateEvaluated,
+    CommitVersion,
+    CoordinatorConfig,
+    CoordinatorCore,
+    EvaluateCandidate,
+    RecordRelease,
+)
+from coordinator.gate import Gate, GateConfig
+from coordinator.strategies import make_strategy
+from edge_sdk.core.device import DeviceConfig, DeviceCore, Phase
+from edge_sdk.core.events import (
+    CanaryScored,
+    MessageReceived,
+    Notify,
+    Publish,
+    ScheduleTimer,
+    StartCanary,
+    StopCanary,
+    TimerFired,
+)
+from edge_sdk.errors import (
+    ConfigError,
+    DuplicateReport,
+    NotInCohort,
+    ReportTooLarge,
+    UnknownCandidate,
+)
+from edge_sdk.signing import Signer
+from edge_sdk.wire import topics
+from edge_sdk.wire.codec import decode, encode
+from edge_sdk.wire.messages import Canary, CanaryReport, ModelMsg, Pull, Update
+from tests.helpers import SIGNER, SPEC, toy_snapshot
+
+CFG = CanaryConfig(fraction=0.5, samples=20, min_reports=3, deadline_s=100.0, recent_s=1000.0)
+
+
+def of(actions: Sequence[object], kind: type) -> list:  # type: ignore[type-arg]
+    return [a for a in actions if isinstance(a, kind)]
+
+
+# ---------------------------------------------------------------------- the cohort rule
+
+
+def test_cohort_is_deterministic_per_candidate_bounded_and_never_too_small() -> None:
+    fleet = [f"dev{i}" for i in range(1000)]
+    cfg = CanaryConfig(fraction=0.05, min_reports=3, max_cohort=64)
+    a = pick_cohort(fleet, 7, cfg)
+    assert a == pick_cohort(reversed(fleet), 7, cfg)  # deterministic, order-free
+    assert all(draw(d, 7) < 0.05 for d in a) and 30 <= len(a) <= 70  # ≈ 5 % of 1000
+    assert set(a) != set(pick_cohort(fleet, 8, cfg))  # a new candidate draws anew
+    assert len(pick_cohort(fleet, 7, CanaryConfig(fraction=0.5, min_reports=3, max_cohort=64))) == 64  # capped
+    small = pick_cohort(["a", "b", "c", "d"], 7, CanaryConfig(fraction=0.01, min_reports=3))
+    assert len(small) == 3  # a small fleet still yields min_reports devices: the lowest draws
+    assert set(small) == set(sorted(["a", "b", "c", "d"], key=lambda d: draw(d, 7))[:3])
+    presence = {"on": (True, 95.0, 1), "unknown": (None, 90.0, 1), "off": (False, 99.0, 1), "stale": (True, 10.0, 1)}
+    assert sorted(eligible(presence, 100.0, 30.0)) == ["on", "unknown"]
+
+
+@pytest.mark.parametrize("bad", [dict(fraction=0.0), dict(fraction=1.5), dict(min_reports=1), dict(min_reports=2),
+                                 dict(trim=2, min_reports=4), dict(samples=0),
+                                 dict(samples=20, max_per_device=10), dict(deadline_s=0.0), dict(recent_s=float("inf"))])
+def test_canary_config_is_validated(bad: dict[str, float]) -> None:
+    with pytest.raises(ConfigError):
+        CanaryConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_a_gate_needs_a_source_and_canary_alone_is_one() -> None:
+    with pytest.raises(ConfigError):
+        GateConfig(validation=False)
+    assert GateConfig(validation=False, canary=CFG).canary is CFG
+
+
+def test_round_checks_every_report() -> None:
+    rnd = CanaryRound(candidate=3, release=2, cohort=frozenset({"a", "b"}), deadline=10.0)
+    ok = CanaryReport(device="a", candidate=3, release=2, both_right=10, only_candidate=2, only_release=1, both_wrong=7)
+    assert rnd.check(ok, 20) == (10, 2, 1, 7)
+    rnd.reports["a"] = ok.counts
+    for report, error in [
+        (ok, DuplicateReport),
+        (CanaryReport(device="c", candidate=3, release=2, both_right=1, only_candidate=0, only_release=0, both_wrong=0), NotInCohort),
+        (CanaryReport(device="b", candidate=4, release=2, both_right=1, only_candidate=0, only_release=0, both_wrong=0), UnknownCandidate),
+        (CanaryReport(device="b", candidate=3, release=1, both_right=1, only_candidate=0, only_release=0, both_wrong=0), UnknownCandidate),
+        (CanaryReport(device="b", candidate=3, release=2, both_right=21, only_candidate=0, only_release=0, both_wrong=0), ReportTooLarge),
+    ]:
+        with pytest.raises(error):
+            rnd.check(report, 20)
+
+
+# ---------------------------------------------------------------------- the gate's decision
+
+GOOD = (17, 2, 0, 1)  # a candidate as good as the release: agrees on almost every label
+BAD = (2, 0, 16, 2)  # a ×1000-scaled candidate: the release right on most labels, the candidate on few
+
+
+def canary_gate(validation: bool = False, min_reports: int = 3) -> Gate:
+    gate = Gate(GateConfig(validation=validation, canary=CanaryConfig(min_reports=min_reports, samples=20)))
+    gate.add_candidate(1, 0, ("x",))
+    return gate
+
+
+def test_canary_alone_waits_for_enough_reports_then_decides() -> None:
+    gate = canary_gate()
+    assert gate.record_canary(1, "a", BAD) is None  # one report never decides
+    assert gate.record_canary(1, "b", BAD) is None
+    assert gate.record_canary(1, "c", BAD) == "reject"
+    gate = canary_gate()
+    gate.record_canary(1, "a", GOOD)
+    gate.record_canary(1, "b", GOOD)
+    assert gate.record_canary(1, "c", GOOD) == "promote"
+    assert paired_of([GOOD, BAD]) == (2, 16, 40)
+    assert trimmed({"a": GOOD, "b": BAD, "c": (10, 5, 5, 0), "d": (0, 20, 0, 0)}, 1) == [(10, 5, 5, 0), GOOD]
+
+
+PRAISE = (0, 20, 0, 0)  # a liar: "only the candidate was right, on every label"
+BLAME = (0, 0, 20, 0)  # a liar: "only the release was right, on every label"
+
+
+@pytest.mark.parametrize(("honest", "liar", "expected"), [
+    (BAD, PRAISE, "reject"),  # cannot get a bad candidate released, nor stop its rollback
+    (GOOD, BLAME, "promote"),  # cannot get a good candidate rolled back, nor block it
+    (BAD, BLAME, "reject"),
+    (GOOD, PRAISE, "promote"),
+])
+def test_one_lying_device_can_neither_decide_nor_block(honest: tuple[int, int, int, int], liar: tuple[int, int, int, int],
+                                                       expected: str) -> None:
+    for order in (["liar", "h1", "h2"], ["h1", "liar", "h2"], ["h1", "h2", "liar"]):
+        gate = canary_gate()
+        decisions = [gate.record_canary(1, d, liar if d == "liar" else honest) for d in order]
+        assert decisions == [None, None, expected], order
+
+
+def test_colluding_liars_short_of_a_majority_can_at_most_hold() -> None:
+    for honest, liar in ((BAD, PRAISE), (GOOD, BLAME)):
+        gate = canary_gate()  # trim 1: two liars survive trimming, but half the reports disagree with them
+        for d, counts in {"h1": honest, "h2": honest, "l1": liar, "l2": liar}.items():
+            gate.pending[1].canary[d] = counts
+        assert gate.decide(1) == "hold"
+    # with trim 2 (min_reports 5) two liars are trimmed and three honest devices decide
+    gate = Gate(GateConfig(validation=False, canary=CanaryConfig(trim=2, min_reports=5)))
+    gate.add_candidate(1, 0, ())
+    for d, counts in {"h1": BAD, "h2": BAD, "h3": BAD, "l1": PRAISE, "l2": PRAISE}.items():
+        gate.pending[1].canary[d] = counts
+    assert gate.decide(1) == "reject"
+
+
+MEH = (15, 1, 3, 1)  # slightly worse, within the noise of 20 labels
+
+
+def test_inconclusive_evidence_waits_for_the_rest_of_the_cohort() -> None:
+    gate = canary_gate()
+    gate.reset_canary(1, expected=4)
+    for d in ("a", "b", "c"):
+        assert gate.record_canary(1, d, MEH) is None  # neither promote nor reject: one more to come
+    assert gate.record_canary(1, "d", MEH) == "hold"  # everyone asked has spoken
+    gate = canary_gate()
+    gate.reset_canary(1, expected=5)
+    for d in ("a", "b", "c"):
+        gate.record_canary(1, d, MEH)
+    assert gate.decide(1) is None and gate.close_canary(1) == "hold"  # the deadline ends the wait
+
+
+def test_validation_and_canary_pool_their_paired_counts() -> None:
+    gate = canary_gate(validation=True)
+    for d in ("a", "b", "c"):
+        gate.record_canary(1, d, GOOD)
+    assert gate.decide(1) is None  # waits for the validation score too
+    assert gate.record_validation(1, 0.90, 0.90, (2, 2, 200)) == "promote"
+    # a clear regression on the validation set rejects at once, without the cohort
+    gate = canary_gate(validation=True)
+    assert gate.record_validation(1, 0.10, 0.90, (0, 160, 200)) == "reject"
+    # validation fine but the cohort sees a regression: the pooled evidence holds it (or rejects)
+    gate = canary_gate(validation=True)
+    gate.record_validation(1, 0.90, 0.90, (2, 2, 200))
+    gate.record_canary(1, "a", BAD)
+    gate.record_canary(1, "b", BAD)
+    assert gate.record_canary(1, "c", BAD) in ("hold", "reject")
+    assert gate.decide(1) != "promote"
+    # too few reports by the deadline: the validation set decides alone
+    gate = canary_gate(validation=True)
+    gate.record_validation(1, 0.90, 0.90, (2, 2, 200))
+    gate.record_canary(1, "a", BAD)
+    assert gate.close_canary(1) == "promote"
+    gate = canary_gate()  # canary alone, too few reports: held
+    gate.record_canary(1, "a", GOOD)
+    assert gate.close_canary(1) == "hold"
+
+
+# ---------------------------------------------------------------------- the coordinator core
+
+
+def core(validation: bool = False, cfg: CanaryConfig = CFG) -> CoordinatorCore:
+    config = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, signer=SIGNER,
+                               gate=GateConfig(validation=validation, canary=cfg))
+    return CoordinatorCore(config, make_strategy("spin", k=1, timeout_s=None, clip_multiplier=0.0), toy_snapshot(),
+                           rng=random.Random(0))
+
+
+def msg(dev: str, leaf: str, message: object, now: float, signer: Signer | None = None) -> MessageReceived:
+    return MessageReceived(now=now, topic=topics.device_topic("r1", dev, leaf), payload=encode(message, signer=signer))  # type: ignore[arg-type, call-arg]
+
+
+def seen(c: CoordinatorCore, devices: Sequence[str], now: float = 1.0) -> None:
+    for i, d in enumerate(devices):  # a serving pull each: recently seen
+        c.handle(msg(d, "pull", Pull(device=d, seq=0, model_id="toy", serve=True), now + 0.01 * i))
+
+
+def candidate(c: CoordinatorCore, value: float, now: float, dev: str = "trainer") -> list[object]:
+    base = c.version
+    update = Update(device=dev, seq=base + 10, model_id="toy", base_version=base, n_samples=1,
+                    weights=np.full(SPEC.size, value, dtype=np.float32))
+    return list(c.handle(msg(dev, "update", update, now)))
+
+
+def invites(actions: Sequence[object]) -> dict[str, Canary]:
+    out = {}
+    for a in of(actions, Publish):
+        if a.topic.endswith("/invite"):
+            m = decode(a.payload)
+            assert isinstance(m, Canary)
+            out[m.device] = m
+    return out
+
+
+def report(dev: str, counts: tuple[int, int, int, int], candidate: int = 1, release: int = 0, now: float = 20.0) -> MessageReceived:
+    both, cand, rel, neither = counts
+    r = CanaryReport(device=dev, candidate=candidate, release=release, both_right=both, only_candidate=cand,
+                     only_release=rel, both_wrong=neither)
+    return msg(dev, "update", r, now)
+
+
+DEVICES = [f"d{i}" for i in range(8)]
+
+
+def test_a_commit_opens_a_round_with_signed_requests_to_the_cohort() -> None:
+    c = core()
+    seen(c, DEVICES)
+    acts = candidate(c, 1.0, 5.0)
+    assert not of(acts, EvaluateCandidate)  # no validation set: no validation job
+    asked = invites(acts)
+    # the device whose update built the candidate does not judge it
+    assert set(asked) == set(pick_cohort(DEVICES, 1, CFG)) and len(asked) >= CFG.min_reports and "trainer" not in asked
+    assert all((m.candidate, m.release, m.samples) == (1, 0, 20) for m in asked.values())
+    wakes = [a.at for a in of(acts, ScheduleTimer)]
+    for _ in range(5):  # one timer at a time: the earliest wake first, then the round's deadline
+        if 5.0 + CFG.deadline_s in wakes:
+            break
+        wakes = [a.at for a in of(c.handle(TimerFired(now=wakes[-1])), ScheduleTimer)]
+    assert 5.0 + CFG.deadline_s in wakes
+    status = c.status().extra["gate"]["canary"]
+    assert status["round"]["candidate"] == 1 and status["round"]["cohort"] == len(asked)
+    # a second candidate waits: one round at a time
+    assert not invites(candidate(c, 2.0, 6.0, dev="t2"))
+
+
+def test_canary_fetch_serves_the_candidate_to_cohort_members_only() -> None:
+    c = core()
+    seen(c, DEVICES)
+    asked = invites(candidate(c, 1.0, 5.0))
+    member = sorted(asked)[0]
+    outsider = next(d for d in DEVICES if d not in asked)
+    (pub,) = of(c.handle(msg(member, "pull", Pull(device=member, seq=1, model_id="toy", serve=True, canary=1, have_version=0), 6.0)), Publish)
+    model = decode(pub.payload)
+    assert isinstance(model, ModelMsg) and (model.version, model.release) == (1, 0)
+    np.testing.assert_array_equal(model.weights, 1.0)
+    acts = c.handle(msg(outsider, "pull", Pull(device=outsider, seq=1, model_id="toy", serve=True, canary=1), 6.1))
+    assert not [a for a in of(acts, Publish) if a.topic.endswith("/model")]
+    assert c.counters["reject:canary_not_in_cohort"] == 1
+
+
+def test_hostile_reports_are_typed_counted_and_change_nothing() -> None:
+    c = core()
+    seen(c, DEVICES)
+    asked = sorted(invites(candidate(c, 1.0, 5.0)))
+    outsider = next(d for d in DEVICES if d not in asked)
+    hostile = [
+        (report(outsider, (0, 20, 0, 0)), "canary_not_in_cohort"),
+        (report(asked[0], (0, 20, 0, 0), candidate=2), "canary_unknown_candidate"),
+        (report(asked[0], (0, 20, 0, 0), release=1), "canary_unknown_candidate"),
+        (report(asked[0], (0, 21, 0, 0)), "canary_too_many_labels"),
+    ]
+    for event, reason in hostile:
+        acts = c.handle(event)
+        assert not of(acts, RecordRelease) and not of(acts, CommitVersion)
+        assert c.counters[f"canary_reject:{reason}"] >= 1
+    assert c.handle(report(asked[0], GOOD)) == []  # the first real one is taken
+    assert c.handle(report(asked[0], GOOD))[0].data["reason"] == "canary_duplicate"  # type: ignore[attr-defined]
+    gate = c.status().extra["gate"]
+    assert gate["canary"]["reports"] == 1 and gate["canary"]["rejected"] == 5
+    assert gate["canary"]["rejected_by_reason"] == {"not_in_cohort": 1, "unknown_candidate": 2, "too_many_labels": 1, "duplicate": 1}
+    assert gate["pending"] == [1] and c.release[0] == 0
+    assert c.counters["rejected"] == 0  # canary reports are not counted as rejected updates
+
+
+def test_metrics_count_canary_reports_by_outcome() -> None:
+    from coordinator.metrics import CoordinatorMetrics
+
+    c = core()
+    seen(c, DEVICES)
+    asked = sorted(invites(candidate(c, 1.0, 5.0)))
+    c.handle(report(next(d for d in DEVICES if d not in asked), GOOD))
+    c.handle(report(asked[0], GOOD))
+    metrics = CoordinatorMetrics()
+    metrics.publish(c.status())
+    text = metrics.exposition().decode()
+    assert 'edgeci_canary_reports_total{outcome="accepted"} 1.0' in text
+    assert 'edgeci_canary_reports_total{outcome="rejected:not_in_cohort"} 1.0' in text
+    assert "edgeci_canary_rounds_total 1.0" in text
+
+
+def test_canary_evidence_alone_rejects_and_rolls_back_or_promotes() -> None:
+    c = core()
+    seen(c, DEVICES)
+    asked = sorted(invites(candidate(c, 50.0, 5.0)))
+    c.handle(report(asked[0], BAD))
+    c.handle(report(asked[1], BAD))
+    acts = c.handle(report(asked[2], BAD))
+    (rec,) = of(acts, RecordRelease)
+    assert rec.event["action"] == "reject" and rec.release == 0
+    assert rec.event["canary"] == {"reports": 3, "n": 60, "paired": [0, 48, 60], "candidate": 0.1, "release": 0.9}
+    (rollback,) = of(acts, CommitVersion)
+    assert rollback.metadata["source"] == "rollback"
+    np.testing.assert_array_equal(rollback.weights, 0.0)
+    assert c.status().extra["gate"]["canary"]["round"] is None
+    # the next candidate gets its own round; good reports promote it
+    asked = sorted(invites(candidate(c, 1.0, 30.0)))
+    v = c.version
+    assert asked
+    c.handle(report(asked[0], GOOD, candidate=v, now=31.0))
+    c.handle(report(asked[1], GOOD, candidate=v, now=31.5))
+    acts = c.handle(report(asked[2], GOOD, candidate=v, now=32.0))
+    assert of(acts, RecordRelease)[0].event["action"] == "promote" and c.release[0] == v
+
+
+def test_the_deadline_ends_a_round_and_the_next_candidate_is_canaried() -> None:
+    c = core(cfg=CanaryConfig(fraction=0.5, samples=20, min_reports=3, deadline_s=100.0, recent_s=50.0))
+    seen(c, DEVICES)
+    asked = sorted(invites(candidate(c, 1.0, 5.0)))
+    candidate(c, 2.0, 6.0, dev="t2")  # candidate 2 waits
+    c.handle(report(asked[0], GOOD))
+    acts = c.handle(TimerFired(now=5.0 + CFG.deadline_s))
+    assert of(acts, RecordRelease)[0].event["action"] == "hold"  # one report is not enough
+    assert c.release[0] == 0 and c.counters["canary_rounds_expired"] == 1
+    # devices seen long ago are not asked again; recent ones are (candidate 2's round)
+    assert invites(acts) == {} and c.counters["canary_no_cohort"] == 1
+    seen(c, DEVICES, now=5.0 + CFG.deadline_s + 1)
+    nxt = invites(c.handle(TimerFired(now=5.0 + CFG.deadline_s + 2)))
+    assert nxt and all(m.candidate == 2 for m in nxt.values())
+
+
+def test_a_validation_promotion_waits_for_the_cohort_and_a_validation_reject_does_not() -> None:
+    c = core(validation=True)
+    seen(c, DEVICES)
+    acts = candidate(c, 1.0, 5.0)
+    assert of(acts, EvaluateCandidate) and invites(acts)
+    asked = sorted(invites(acts))
+    assert not of(c.handle(CandidateEvaluated(now=6.0, version=1, candidate_metric=0.9, release_metric=0.9,
+                                              release_version=0, paired=(1, 1, 200))), RecordRelease)
+    c.handle(report(asked[0], GOOD))
+    c.handle(report(asked[1], GOOD))
+    acts = c.handle(report(asked[2], GOOD))
+    assert of(acts, RecordRelease)[0].event["action"] == "promote"
+    event = of(acts, RecordRelease)[0].event
+    assert event["paired"] == [1, 1, 200] and event["canary"]["reports"] == 3
+    acts = candidate(c, 9.0, 40.0)
+    acts = c.handle(CandidateEvaluated(now=41.0, version=c.version, candidate_metric=0.1, release_metric=0.9,
+                                       release_version=1, paired=(0, 160, 200)))
+    assert of(acts, RecordRelease)[0].event["action"] == "reject"  # no need to wait for the cohort
+
+
+# ---------------------------------------------------------------------- the device core, end to end
+
+
+def device(dev: str, *, signed: bool = True) -> DeviceCore:
+    trusted = {SIGNER.kid: SIGNER.public_raw} if signed else {}
+    return DeviceCore(DeviceConfig(device_id=dev, region="r1", spec=SPEC, min_samples=1000, request_timeout_s=5.0,
+                                   trusted_keys=trusted, serve_on_start=False), rng=random.Random(0))
+
+
+def relay(c: CoordinatorCore, d: DeviceCore, actions: Sequence[object], now: float) -> list[object]:
+    """Deliver the device's publishes to the coordinator and its replies for this device back."""
+    out: list[object] = []
+    prefix = topics.device_topic("r1", d.config.device_id, "model")[: -len("model")]
+    for a in actions:
+        if isinstance(a, Publish) and a.topic.startswith(prefix):
+            for r in c.handle(MessageReceived(now=now, topic=a.topic, payload=a.payload)):
+                if isinstance(r, Publish) and r.topic.startswith(prefix):
+                    out += d.handle(MessageReceived(now=now, topic=r.topic, payload=r.payload))
+        out.append(a)
+    return out
+
+
+def test_a_device_fetches_the_candidate_scores_new_labels_and_reports_counts_only() -> None:
+    c = core()
+    fleet = {name: device(name) for name in DEVICES}
+    for i, d in enumerate(fleet.values()):  # each device fetches the release: seen, and holds release 0
+        d.state.release_wanted = 0
+        relay(c, d, d.start(1.0 + 0.01 * i), 1.0 + 0.01 * i)
+        assert d.state.deployed_version == 0 and d.state.phase is Phase.IDLE
+    acts = candidate(c, 1.0, 5.0)
+    asked = invites(acts)
+    reports = []
+    for name, ask in sorted(asked.items()):
+        d = fleet[name]
+        t = topics.device_topic("r1", name, "invite")
+        out = relay(c, d, d.handle(MessageReceived(now=6.0, topic=t, payload=encode(ask, signer=SIGNER))), 6.0)
+        (start,) = of(out, StartCanary)
+        assert (start.candidate, start.release) == (1, 0) and d.state.phase is Phase.IDLE
+        np.testing.assert_array_equal(start.weights, 1.0)
+        # a redelivered request changes nothing
+        assert d.handle(MessageReceived(now=6.5, topic=t, payload=encode(ask, signer=SIGNER))) == []
+        out = []
+        for k in range(20):  # 20 new labels, each scored before training: the candidate right on 3, the release on 19
+            out += d.handle(CanaryScored(now=7.0 + k, candidate=1, release=0, candidate_right=k < 3, release_right=k > 0))
+        (pub,) = of(out, Publish)
+        rep = decode(pub.payload)
+        assert isinstance(rep, CanaryReport) and pub.topic == topics.device_topic("r1", name, "update")
+        assert rep.counts == (2, 1, 17, 0) and of(out, StopCanary)
+        reports.append(pub)
+        assert d.handle(CanaryScored(now=30.0, candidate=1, release=0, candidate_right=True, release_right=True)) == []
+    decided = []
+    for pub in reports:
+        decided += c.handle(MessageReceived(now=40.0, topic=pub.topic, payload=pub.payload))
+    assert of(decided, RecordRelease)[0].event["action"] == "reject"
+
+
+def test_a_device_reports_what_it_has_at_the_deadline_and_refuses_unsigned_requests() -> None:
+    d = device("a")
+    ask = Canary(device="a", candidate=3, release=2, samples=20, deadline_s=50.0)
+    t = topics.device_topic("r1", "a", "invite")
+    unsigned = d.handle(MessageReceived(now=1.0, topic=t, payload=encode(ask)))
+    assert of(unsigned, Notify)[0].data["reason"] == "unsigned" and d.state.canary is None
+    forged = d.handle(MessageReceived(now=1.0, topic=t, payload=encode(ask, signer=Signer.generate())))
+    assert of(forged, Notify)[0].data["reason"] == "bad_signature" and d.state.canary is None
+    d.state.deployed_version = 2
+    (pull,) = [decode(a.payload) for a in of(d.handle(MessageReceived(now=1.0, topic=t, payload=encode(ask, signer=SIGNER))), Publish)]
+    assert isinstance(pull, Pull) and pull.canary == 3 and pull.serve
+    model = ModelMsg(model_id="toy", version=3, reply_to=-1, weights=np.ones(SPEC.size, np.float32), release=2)
+    out = d.handle(MessageReceived(now=2.0, topic=topics.device_topic("r1", "a", "model"), payload=encode(model, signer=SIGNER)))
+    assert of(out, StartCanary)
+    d.handle(CanaryScored(now=3.0, candidate=3, release=2, candidate_right=True, release_right=False))
+    d.handle(CanaryScored(now=4.0, candidate=3, release=1, candidate_right=True, release_right=True))  # another release: ignored
+    out = d.handle(TimerFired(now=60.0))  # past the deadline: report the one label scored
+    (pub,) = [a for a in of(out, Publish) if a.topic.endswith("/update")]
+    rep = decode(pub.payload)
+    assert isinstance(rep, CanaryReport) and rep.counts == (0, 1, 0, 0) and d.state.canary is None
+
+
+def test_an_unanswered_canary_fetch_is_given_up() -> None:
+    d = device("a")
+    d.state.deployed_version = 2
+    ask = Canary(device="a", candidate=3, release=2, samples=5, deadline_s=500.0)
+    d.handle(MessageReceived(now=1.0, topic=topics.device_topic("r1", "a", "invite"), payload=encode(ask, signer=SIGNER)))
+    now, out = 1.0, []
+    for _ in range(5):
+        now += 400.0 if d.state.deadline is None else d.state.deadline - now + 0.1
+        out = d.handle(TimerFired(now=min(now, 450.0)))
+        if d.state.canary is None:
+            break
+    assert d.state.canary is None and d.state.phase is Phase.IDLE
+    assert any(n.data.get("reason") == "unanswered" for n in of(out, Notify))
+
+
+@pytest.mark.parametrize(("fraction", "extra"), [(1.5, {}), (-0.1, {}), (0.2, {"canary_min_reports": 1}), (0.2, {"canary_samples": 0})])
+def test_the_daemon_refuses_bad_canary_options_before_pretraining(tmp_path: object, fraction: float, extra: dict[str, int]) -> None:
+    from pathlib import Path
+
+    from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
+
+    state = Path(str(tmp_path)) / "coord"
+    with pytest.raises(ConfigError):
+        CoordinatorDaemon(CoordinatorOptions(broker="mqtt://127.0.0.1:1", region="r1", state_dir=state, canary=fraction,
+                                             **extra))  # type: ignore[arg-type]
+    assert not any((state / "versions").glob("*"))  # refused before anything was pretrained or committed
+
+
+def test_edgeci_status_shows_the_gate_and_the_open_canary_round() -> None:
+    from coordinator.cli_status import render
+    from edge_sdk.wire.codec import status_json
+
+    c = core()
+    seen(c, DEVICES)
+    asked = sorted(invites(candidate(c, 1.0, 5.0)))
+    c.handle(report(asked[0], (10, 5, 3, 2)))
+    c.handle(report("d-unknown", (0, 20, 0, 0)))  # refused: not in the cohort
+    status = json.loads(status_json(c.status()))
+    status.update(alive=True, published_at=20.0)
+    text = render(status, 21.0)
+    gate_line = next(ln for ln in text.splitlines() if ln.startswith("gate "))
+    canary_line = next(ln for ln in text.splitlines() if ln.startswith("canary "))
+    assert "pending 1" in gate_line and "promoted 0" in gate_line
+    assert f"open: v1 vs release v0, 1/{len(asked)} reports" in canary_line
+    assert "reports 1" in canary_line and "rejected 1 (not_in_cohort 1)" in canary_line

@@ -1,0 +1,100 @@
+"""The in-process transport (``codec.carry_decoded``): frames keep their exact bytes, receivers
+in the same process skip parsing them, and an emulator run gives the same results with and
+without it."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edge_sdk.errors import MessageTooLarge
+from edge_sdk.signing import Signer
+from edge_sdk.wire import codec
+from edge_sdk.wire.messages import Ack, Invite, Message, ModelMsg, Pull, Status, Update
+from tests.test_emulator import simulate, small_scenario
+
+W = np.linspace(-1, 1, 10, dtype=np.float32)
+CARRIED: list[Message] = [
+    Pull(device="d1", seq=1, model_id="m", have_version=2, n_samples=10),
+    ModelMsg(model_id="m", version=4, reply_to=1, weights=W, hints={"lr": 0.1, "epochs": 2}),
+    Update(device="d1", seq=7, model_id="m", base_version=3, n_samples=5, weights=W, loss=0.5, train_seconds=1.5, nonce=9),
+    Ack(device="d1", seq=7, status="accepted", version=4),
+    Invite(device="d1", round=3, version=4),
+]
+
+
+def _fields(msg: Message) -> dict[str, Any]:
+    out = {name: getattr(msg, name) for name in msg.__dataclass_fields__}
+    if "weights" in out:
+        out["weights"] = out["weights"].tolist()
+    return out
+
+
+@pytest.mark.parametrize("msg", CARRIED, ids=lambda m: m.TYPE)
+def test_a_carried_frame_has_the_exact_bytes_and_decodes_to_what_parsing_gives(msg: Message) -> None:
+    plain = codec.encode(msg)
+    with codec.carry_decoded():
+        carried = codec.encode(msg)
+    assert type(carried) is codec.CarriedFrame and type(plain) is bytes
+    assert carried == plain, "the bytes on the (emulated) wire are the real frame"
+    got, parsed = codec.decode_frame(carried), codec.decode_frame(plain)
+    assert type(got.message) is type(parsed.message) and got.signature is None
+    assert _fields(got.message) == _fields(parsed.message)
+    weights = getattr(got.message, "weights", None)
+    if weights is not None:
+        assert weights.dtype == np.float32 and not weights.flags.writeable, "read-only, as a decoded view"
+        assert weights is not getattr(msg, "weights", None), "never the sender's own array"
+    if isinstance(msg, ModelMsg):
+        assert isinstance(got.message, ModelMsg) and got.message.hints is not msg.hints
+
+
+def test_the_size_cap_still_applies_and_other_frames_are_parsed_as_usual() -> None:
+    with codec.carry_decoded():
+        carried = codec.encode(CARRIED[2])
+        signed = codec.encode(CARRIED[1], signer=Signer.generate())
+        half = codec.encode(CARRIED[2], encoding="f2")
+        status = codec.encode(Status(region="r", coordinator="c", version=1, updates_accepted=1, updates_rejected=0,
+                                     updates_duplicate=0, devices_seen=2, buffered=0))
+    with pytest.raises(MessageTooLarge):
+        codec.decode_frame(carried, max_bytes=len(carried) - 1)
+    for payload in (signed, half, status):
+        assert type(payload) is bytes, "signed, non-f4 and other message types are not carried"
+    assert codec.decode_frame(signed).signature is not None
+    assert type(codec.encode(CARRIED[0])) is bytes, "outside the block frames are plain bytes"
+
+
+def test_a_carried_frame_is_freed_by_reference_counting_alone() -> None:
+    gc.collect()
+    gc.disable()
+    try:
+        with codec.carry_decoded():
+            payload = codec.encode(CARRIED[2])
+        weights = codec.decode_frame(payload).message.weights  # type: ignore[union-attr]
+        alive = weakref.ref(weights)
+        del weights, payload
+        assert alive() is None, "a reference cycle would keep every carried update until the next GC"
+    finally:
+        gc.enable()
+
+
+def _result(carried: bool, strategy: str, **params: Any) -> tuple[Any, Any]:
+    sim = simulate(small_scenario(), strategy, **params)
+    if carried:
+        with codec.carry_decoded():
+            result = sim.run()
+    else:
+        result = sim.run()
+    summary = {k: v for k, v in result.summary.items() if k not in ("wall_s", "virtual_per_wall")}
+    return result.rows, summary
+
+
+@pytest.mark.parametrize(("strategy", "params"), [("spin", {"k": 3, "timeout_s": 10.0}), ("fedbuff", {"k": 3, "select": 4, "population": 12})])
+def test_an_emulator_run_is_identical_with_the_in_process_transport(strategy: str, params: dict[str, Any]) -> None:
+    codec_run = _result(False, strategy, **params)
+    carried_run = _result(True, strategy, **params)
+    assert codec_run[1]["updates_accepted"] > 5, "the run must actually do something"
+    assert carried_run == codec_run
