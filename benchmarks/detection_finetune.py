@@ -102,7 +102,7 @@ def bench_map(task: DetectionTask, seed: int) -> np.ndarray:
     started = time.perf_counter()
     deployed = task.pretrained(seed=seed)
     print(f"  pretrained (or loaded from cache) in {time.perf_counter() - started:.1f} s")
-    pool = task.data().pool[:SAMPLES]
+    pool = task.scenes().pool[:SAMPLES]
     counts = pool.class_counts(c.n_classes)
     print(
         f"  fine-tune set: {SAMPLES} user frames, objects per class {counts.tolist()} "
@@ -139,7 +139,7 @@ def main() -> None:
         "--data-dir",
         type=Path,
         default=None,
-        help="SDK data dir (default: $EDGECI_DATA_DIR or ~/.cache/edgeci)",
+        help="SDK data dir (default: $EDGECI_HOME or ~/.edgeci)",
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(

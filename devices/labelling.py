@@ -12,6 +12,9 @@ The *streaming order* says which of the device's partition samples comes next:
   camera at one kind of object for a while: the hardest case for a local learner);
 * ``"given"`` — the partition's own order.
 
+``labels`` is the pool's ``y`` of any sample kind; frames (box arrays, no one class label
+each) stream ``"shuffled"`` or ``"given"``, and ``"by-class"`` is refused for them.
+
 All functions are pure functions of their ``numpy.random.Generator``.
 """
 
@@ -22,6 +25,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from devices.partition import class_labels
 from devices.profiles import OfflineWindows
 from edge_sdk.errors import ConfigError
 
@@ -69,14 +73,20 @@ def arrival_times(
     return raw if limit is None else raw[:limit]
 
 
-def stream_order(indices: npt.NDArray[Any], labels: npt.NDArray[np.int64], order: str, rng: np.random.Generator) -> npt.NDArray[np.int64]:
-    """The order in which a device's user labels the pool samples ``indices``."""
+def stream_order(indices: npt.NDArray[Any], labels: npt.NDArray[Any], order: str, rng: np.random.Generator) -> npt.NDArray[np.int64]:
+    """The order in which a device's user labels the pool samples ``indices`` (``labels``:
+    the pool's ``y``)."""
     idx = np.asarray(indices, dtype=np.int64)
     if order == "given":
         return idx.copy()
     if order == "shuffled":
         return rng.permutation(idx)
     if order == "by-class":
+        y = class_labels(labels)
+        if y is None:
+            raise ConfigError('[data] order = "by-class" streams samples class by class, but these samples are frames '
+                              'with boxes (no one label each): use order = "shuffled" or "given"')
+        labels = y
         classes = np.unique(labels[idx]) if idx.size else np.zeros(0, dtype=np.int64)
         parts = [rng.permutation(idx[labels[idx] == c]) for c in rng.permutation(classes)]
         return np.concatenate(parts) if parts else idx.copy()

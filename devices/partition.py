@@ -6,6 +6,11 @@ device's user), and they depend only on the labels, the device count, the parame
 the seed. Dirichlet(α) is the usual non-IID benchmark split (SPIN's paper uses α = 1):
 for each class, the proportions of that class given to each device are one draw from
 Dir(α, …, α), so small α concentrates each class on few devices.
+
+What is split is a task's pool ``y`` of any sample kind (:mod:`edge_sdk.tasks.base`): class
+labels, or for frames an object array of box arrays. A frame shows several classes and so
+has no one label to skew by: frames are split IID only, and a label-aware partition of
+them is refused (:func:`class_labels`).
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from edge_sdk.errors import ConfigError
 
 Partition = list[npt.NDArray[np.int64]]
 
-__all__ = ["Partition", "dirichlet", "iid", "label_skew", "labels_per_device", "partition"]
+__all__ = ["PARTITIONS", "Partition", "class_labels", "dirichlet", "iid", "label_skew", "labels_per_device", "partition"]
+
+PARTITIONS: tuple[str, ...] = ("iid", "dirichlet", "labels")
 
 
 def _check(labels: npt.NDArray[Any], n_devices: int) -> npt.NDArray[np.int64]:
@@ -93,15 +100,37 @@ def labels_per_device(labels: npt.NDArray[Any], n_devices: int, *, labels_each: 
     return [np.sort(np.concatenate(p)).astype(np.int64) if p else np.zeros(0, np.int64) for p in parts]
 
 
+def class_labels(y: npt.NDArray[Any]) -> npt.NDArray[np.int64] | None:
+    """A split's ``y`` as one class label per sample, or None for samples without one
+    (frames: ``y`` is an object array of box arrays). Anything else is a :class:`ConfigError`."""
+    arr = np.asarray(y)
+    if arr.dtype == object and arr.ndim == 1:
+        return None
+    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+        raise ConfigError("labels must be a 1-D integer array (or, for frames, an object array of box arrays)")
+    return arr.astype(np.int64, copy=False)
+
+
 def partition(labels: npt.NDArray[Any], n_devices: int, kind: str, *, seed: int, alpha: float = 1.0, labels_each: int = 2) -> Partition:
-    """Dispatch by name: ``"iid"``, ``"dirichlet"`` (``alpha``) or ``"labels"`` (``labels_each``)."""
+    """Dispatch by name: ``"iid"``, ``"dirichlet"`` (``alpha``) or ``"labels"`` (``labels_each``).
+
+    ``labels`` is the pool's ``y`` of any sample kind; samples without a class label
+    (frames) are split ``"iid"`` only — by count, exactly as labelled samples would be."""
+    if kind not in PARTITIONS:
+        raise ConfigError(f"unknown partition {kind!r}; use iid, dirichlet or labels")
+    y = class_labels(labels)
+    if y is None:
+        if kind != "iid":
+            raise ConfigError(
+                f'[data] partition = "{kind}" splits the pool by class label, but these samples are frames '
+                'with boxes (a frame shows several classes, it has no one label): use partition = "iid"'
+            )
+        y = np.zeros(len(labels), dtype=np.int64)  # iid depends on the count only
     if kind == "iid":
-        return iid(labels, n_devices, seed=seed)
+        return iid(y, n_devices, seed=seed)
     if kind == "dirichlet":
-        return dirichlet(labels, n_devices, alpha=alpha, seed=seed)
-    if kind == "labels":
-        return labels_per_device(labels, n_devices, labels_each=labels_each, seed=seed)
-    raise ConfigError(f"unknown partition {kind!r}; use iid, dirichlet or labels")
+        return dirichlet(y, n_devices, alpha=alpha, seed=seed)
+    return labels_per_device(y, n_devices, labels_each=labels_each, seed=seed)
 
 
 def label_skew(labels: npt.NDArray[Any], parts: Sequence[npt.NDArray[np.int64]]) -> float:

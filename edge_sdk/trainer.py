@@ -13,6 +13,7 @@ data caching, deterministic pretraining, local updates, evaluation and features.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 from abc import ABC, abstractmethod
@@ -157,8 +158,8 @@ def fit(
     n = int(y.shape[0])
     if n == 0 or x.shape[0] != n:
         raise InvalidSample(f"need matching non-empty x and y, got {x.shape[0]} and {n} samples")
-    if config.epochs < 1 or config.batch_size < 1 or not config.lr > 0:
-        raise ConfigError(f"epochs, batch_size and lr must be positive: {config}")
+    if config.epochs < 1 or config.batch_size < 1 or not config.lr > 0 or not 0 <= config.mu < math.inf:
+        raise ConfigError(f"epochs, batch_size and lr must be positive and mu finite and >= 0: {config}")
     if config.group != FULL and config.group not in spec.group_slices:
         raise ConfigError(f"{spec.model_id} has no group {config.group!r}; groups: {spec.groups}")
     dev = select_device(device)
@@ -176,6 +177,7 @@ def fit(
     xs = _as_tensor(x).to(dev)
     ys = _as_tensor(y).to(dev)
     optimizer = torch.optim.SGD(trainable, lr=config.lr, momentum=momentum)
+    anchor = [p.detach().clone() for p in trainable] if config.mu > 0 else []  # FedProx
     rng = np.random.default_rng(config.seed)
     # Balanced batches (50 samples, B=16 → 13+13+12+12, not 16+16+16+2): a 2-sample tail
     # batch would take a full-size step on a very noisy gradient.
@@ -189,7 +191,8 @@ def fit(
         for idx in torch.tensor_split(order, n_batches):
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(module(xs[idx]), ys[idx])
-            loss.backward()  # type: ignore[no-untyped-call]
+            objective = loss + 0.5 * config.mu * sum(((p - a) ** 2).sum() for p, a in zip(trainable, anchor, strict=True)) if anchor else loss
+            objective.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
             epoch_loss += loss.detach() * idx.shape[0]
     module.eval()

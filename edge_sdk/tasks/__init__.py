@@ -28,7 +28,6 @@ TASKS: dict[str, str] = {
     "procdigits": "edge_sdk.tasks.procdigits:ProcDigitsTask",
     "gestures": "edge_sdk.tasks.gestures:GestureTask",
     "detection": "edge_sdk.tasks.detection:DetectionTask",
-    "detection-fleet": "edge_sdk.tasks.detection_fleet:DetectionFleetTask",
 }
 
 

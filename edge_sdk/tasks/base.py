@@ -17,6 +17,11 @@ gesture     ``(N, T, D)`` float32 sequences            ``(N,)`` int64 class labe
 frame       N RGB uint8 ``(H, W, 3)`` frames, any size N ``(k, 5)`` float32 boxes
                                                        ``class, x1, y1, x2, y2`` in frame pixels
 ==========  =========================================  ==========================================
+
+A :class:`Split` holds samples of that kind: for frames ``x`` is ``(N, H, W, 3)`` uint8 and
+``y`` an object array of the N box arrays, so both index like any other split's. A task
+may also carry ``default_train``, its own :class:`TrainConfig` defaults
+(:func:`edge_sdk.tasks.registry.default_train_config`).
 """
 
 from __future__ import annotations
@@ -24,7 +29,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
-import numpy as np
 import numpy.typing as npt
 
 from edge_sdk.spec import FULL, ModelSpec, Vector
@@ -43,6 +47,8 @@ class TrainConfig:
     seed: int = 0
     group: str = FULL
     """Train only this layer group (``"classifier"`` for LASP / SCC calibration)."""
+    mu: float = 0.0
+    """FedProx proximal weight: the local loss gains (μ/2)·‖w − w_received‖² (0: plain SGD)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,7 +63,8 @@ class TrainResult:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Split:
     x: npt.NDArray[Any]
-    y: npt.NDArray[np.int64]
+    y: npt.NDArray[Any]
+    """``(N,)`` int64 class labels, or for frames an ``(N,)`` object array of box arrays."""
 
     def __len__(self) -> int:
         return int(self.y.shape[0])

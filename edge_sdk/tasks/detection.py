@@ -19,7 +19,14 @@ detector to the SDK as a flat float32 vector (see :mod:`edge_sdk.spec`):
   download a model on CUDA, and takes seconds to set up per call; a device fine-tunes on
   64 frames at a time, so tensors in memory are both faster and free of those failure
   modes. Augmentation is a random horizontal flip (``hflip``); the optimiser is AdamW at ``TrainConfig.lr``
-  (see :data:`DEFAULT_TRAIN` — the classification default of 0.05 is far too high here).
+  (see :data:`DEFAULT_TRAIN`, declared in :mod:`edge_sdk.tasks.registry` and served as the task's
+  ``default_train`` — the classification default of 0.05 is far too high here).
+* **Samples.** The Task protocol's ``sample_kind = "frame"``: :meth:`DetectionTask.data`
+  gives splits of ``x`` = ``(N, H, W, 3)`` uint8 frames and ``y`` = an object array of their
+  ``(k, 5)`` box arrays, which index and partition like any split (only by sample: a frame
+  has no one class label, so label-skewed partitions of frames are refused);
+  :meth:`DetectionTask.scenes` is the same data as scene sets
+  (:class:`~edge_sdk.tasks.scenes.SceneSet`).
 * **Evaluation.** ultralytics' NMS and ``ap_per_class`` (COCO 101-point AP) on a held-out
   synthetic split: ``mAP50``, ``mAP50_95``, precision, recall, per-class AP50.
 * **Deployment.** ONNX export through ultralytics' ``Exporter`` and :class:`OnnxDetector`,
@@ -41,7 +48,7 @@ import os
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, TypeAlias
@@ -65,7 +72,8 @@ from edge_sdk.tasks._ultralytics import (
     prepare_environment,
     ultralytics_home,
 )
-from edge_sdk.tasks.base import SampleKind, TrainConfig, TrainResult
+from edge_sdk.tasks.base import SampleKind, Split, TaskData, TrainConfig, TrainResult
+from edge_sdk.tasks.registry import default_train_config
 from edge_sdk.tasks.scenes import (
     CLASS_NAMES,
     KNOWN_CLASSES,
@@ -86,8 +94,9 @@ _LOG = logging.getLogger(__name__)
 
 EXTRACTOR = "extractor"
 CLASSIFIER = "classifier"
-DEFAULT_TRAIN = TrainConfig(epochs=5, batch_size=16, lr=1e-3)
-"""Local fine-tuning defaults for YOLOv8n: SPIN's E = 5 epochs, AdamW at 1e-3."""
+DEFAULT_TRAIN = default_train_config("detection")
+"""Local fine-tuning defaults for YOLOv8n (declared in the registry): SPIN's E = 5 epochs,
+AdamW at 1e-3."""
 
 _PAD_VALUE = 114  # ultralytics' letterbox grey, so exported models see what they trained on
 _IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
@@ -186,7 +195,7 @@ def letterbox(
 
 def _check_frames(
     images: Sequence[npt.NDArray[Any]] | npt.NDArray[Any],
-    boxes: Sequence[npt.NDArray[Any]] | None,
+    boxes: Sequence[npt.NDArray[Any]] | npt.NDArray[Any] | None,
     n_classes: int,
 ) -> None:
     """Raise :class:`InvalidSample` unless frames are RGB uint8 and boxes ``(k, 5)`` sane."""
@@ -214,7 +223,7 @@ def _check_frames(
 
 def _prepare(
     images: Sequence[npt.NDArray[np.uint8]] | npt.NDArray[np.uint8],
-    boxes: Sequence[npt.NDArray[Any]],
+    boxes: Sequence[npt.NDArray[Any]] | npt.NDArray[Any],
     imgsz: int,
 ) -> _Prepared:
     """Letterbox every frame and turn its pixel xyxy boxes into normalised cxcywh targets."""
@@ -300,6 +309,37 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
+def _with_options(config: DetectionConfig, options: dict[str, Any]) -> DetectionConfig:
+    """``config`` with ``options`` (field = value; TOML lists become tuples) applied."""
+    known = {f.name for f in fields(DetectionConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"unknown detection option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    try:
+        changes: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+        return replace(config, **changes)
+    except TypeError as exc:
+        raise ConfigError(f"bad detection options {options!r}: {exc}") from None
+
+
+def frame_split(scenes: SceneSet) -> Split:
+    """``scenes`` as a Task-protocol split: frames ``x`` and an object array ``y`` of their boxes."""
+    y = np.empty(len(scenes), dtype=object)
+    for i, b in enumerate(scenes.boxes):
+        y[i] = b
+    return Split(x=scenes.images, y=y)
+
+
+def as_scenes(split: Split | SceneSet) -> SceneSet:
+    """The frames and boxes of a split of the task's kind (a :class:`SceneSet` as is)."""
+    if isinstance(split, SceneSet):
+        return split
+    x = np.asarray(split.x)
+    if len(x) != len(split.y):
+        raise InvalidSample(f"{len(x)} frames but {len(split.y)} box arrays")
+    return SceneSet(x, tuple(np.asarray(b) for b in split.y))
+
+
 class DetectionTask:
     """YOLOv8n as an edgeci task: spec, deployed model, local fine-tune, mAP50, ONNX.
 
@@ -308,11 +348,18 @@ class DetectionTask:
     (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``); training and evaluation run there.
     Calls never share torch modules (each works on its own copy), so one task may be
     used from several threads.
+
+    ``options`` are :class:`DetectionConfig` fields over ``config`` (a scenario's
+    ``task_options``, e.g. ``pool_scenes = 480``). ``deployed_seed`` fixes the deployed
+    model: :meth:`pretrained` then returns that seed's model whatever seed it is asked
+    for — a fleet has one deployed detector, and each seed's pretraining takes ~20 min on
+    two cores.
     """
 
     name = "yolov8n-detection"
     sample_kind: SampleKind = "frame"
     """Samples are frames with boxes (the Task protocol's ``(x, y)`` for frames)."""
+    default_train: TrainConfig = DEFAULT_TRAIN
 
     def __init__(
         self,
@@ -320,15 +367,21 @@ class DetectionTask:
         *,
         data_dir: Path | str | None = None,
         device: str | torch.device = "cpu",
+        deployed_seed: int | None = None,
+        **options: Any,
     ) -> None:
-        self.config = config or DetectionConfig()
+        self.config = _with_options(config or DetectionConfig(), options)
+        if deployed_seed is not None and (isinstance(deployed_seed, bool) or not isinstance(deployed_seed, int)):
+            raise ConfigError(f"deployed_seed must be an integer, got {deployed_seed!r}")
+        self.deployed_seed = deployed_seed
         import_ultralytics(data_dir)
         self.data_dir = ultralytics_home(data_dir).parent
         self.device = _resolve_device(device)
         self._template = self._build(seed=0)
         self._head_index = len(self._template.model) - 1
         self.spec = ModelSpec.build(self.name, self._spec_entries(self._template))
-        self._data: DetectionData | None = None
+        self._scenes: DetectionData | None = None
+        self._data: TaskData | None = None
 
     @property
     def n_classes(self) -> int:
@@ -407,13 +460,22 @@ class DetectionTask:
         return self.to_vector(self._build(seed) if seed else self._template)
 
     # ----------------------------------------------------------------------- data
-    def data(self) -> DetectionData:
-        """The task's synthetic splits (generated once per task, deterministic)."""
+    def data(self) -> TaskData:
+        """The Task protocol's splits: frames ``x`` with an object array ``y`` of their boxes
+        (the same frames as :meth:`scenes`, generated once per task)."""
         if self._data is None:
+            d = self.scenes()
+            self._data = TaskData(pretrain=frame_split(d.pretrain), pool=frame_split(d.pool),
+                                  test=frame_split(d.test), n_classes=d.n_classes)
+        return self._data
+
+    def scenes(self) -> DetectionData:
+        """The task's synthetic splits as scene sets (generated once per task, deterministic)."""
+        if self._scenes is None:
             c = self.config
             size = c.scene_size
             all_classes = tuple(sorted({*c.known_classes, c.new_class}))
-            self._data = DetectionData(
+            self._scenes = DetectionData(
                 pretrain=make_scenes(
                     c.pretrain_scenes,
                     seed=c.data_seed,
@@ -431,7 +493,7 @@ class DetectionTask:
                 ),
                 n_classes=c.n_classes,
             )
-        return self._data
+        return self._scenes
 
     # ------------------------------------------------------------------- training
     def _fit(
@@ -515,15 +577,15 @@ class DetectionTask:
         self,
         weights: Vector,
         x: Sequence[npt.NDArray[np.uint8]] | npt.NDArray[np.uint8],
-        y: Sequence[npt.NDArray[Any]],
+        y: Sequence[npt.NDArray[Any]] | npt.NDArray[Any],
         config: TrainConfig = DEFAULT_TRAIN,
     ) -> TrainResult:
         """Fine-tune a copy of ``weights`` on a device's labelled frames; ``weights`` is untouched.
 
         The Task protocol's ``(x, y)`` for ``sample_kind = "frame"``: ``x`` are RGB uint8
         ``(H, W, 3)`` frames of any size (letterboxed to ``imgsz``), ``y`` one ``(k, 5)``
-        array per frame: ``class, x1, y1, x2, y2`` in that frame's pixels.
-        ``config.group`` trains one layer group only (LASP: the head).
+        array per frame: ``class, x1, y1, x2, y2`` in that frame's pixels (a list, or the
+        object array a :meth:`data` split holds). ``config.group`` trains one layer group only (LASP: the head).
         """
         images, boxes = x, y
         self.spec.check(weights)
@@ -592,9 +654,11 @@ class DetectionTask:
 
         Cached under ``data_dir/detection`` keyed by everything that shapes the result
         (spec, data, pretraining schedule, seed), so a second call — or the test suite's
-        next run on the same data dir — loads instead of retraining.
+        next run on the same data dir — loads instead of retraining. With a
+        ``deployed_seed`` that seed's model is returned whatever ``seed`` says.
         """
         c = self.config
+        seed = self.deployed_seed if self.deployed_seed is not None else seed
         key_fields = {
             "version": _CACHE_VERSION,
             "spec": self.spec.fingerprint,
@@ -621,7 +685,7 @@ class DetectionTask:
             c.imgsz,
             cache,
         )
-        pre = self.data().pretrain
+        pre = self.scenes().pretrain
         model = self.model(self.initial_weights(seed=seed))
         prep = _prepare(pre.images, pre.boxes, c.imgsz)
         losses, _ = self._fit(
@@ -680,7 +744,7 @@ class DetectionTask:
                 out.extend(d.cpu().numpy().astype(np.float32) for d in dets)
         return out
 
-    def evaluate(self, weights: Vector, split: SceneSet | None = None) -> dict[str, float]:
+    def evaluate(self, weights: Vector, split: Split | SceneSet | None = None) -> dict[str, float]:
         """COCO-style detection metrics on ``split`` (default: the held-out test split).
 
         ``mAP50`` (also under ``accuracy``, the key every task reports), ``mAP50_95``,
@@ -691,7 +755,7 @@ class DetectionTask:
         from ultralytics.utils.metrics import ap_per_class, box_iou
 
         self.spec.check(weights)
-        split = split if split is not None else self.data().test
+        split = as_scenes(split) if split is not None else self.scenes().test
         _check_frames(split.images, split.boxes, self.config.n_classes)
         model = self.model(weights).eval()
         # ultralytics' validator settings: keep nearly every candidate so AP sees the whole PR curve

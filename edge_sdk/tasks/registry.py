@@ -1,5 +1,5 @@
 """What each built-in task *is*, declared without torch: the one place for its input
-contract, class count, sample kind, default D_min and model spec.
+contract, class count, sample kind, default D_min, local-training defaults and model spec.
 
 A device app needs these to store and serve samples; it should not have to import torch
 and load a dataset to learn that a digit is a ``(1, 8, 8)`` float in ``[0, 1]``. So every
@@ -47,6 +47,7 @@ __all__ = [
     "TaskInfo",
     "declared_spec",
     "default_min_samples",
+    "default_train_config",
     "input_contract",
     "sample_kind_of",
     "task_info",
@@ -141,6 +142,8 @@ class TaskInfo:
     class_names: tuple[str, ...] = ()
     train_extra: str = "train"
     """What local training needs installed."""
+    train: TrainConfig | None = None
+    """The task's own local-training defaults (None: the generic :class:`TrainConfig` values)."""
     notes: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -207,9 +210,11 @@ TASK_INFO: dict[str, TaskInfo] = {
         contract=None,
         class_names=("circle", "square", "triangle", "cross", "star"),
         train_extra="detection",
+        # SPIN's E = 5; AdamW at 1e-3 (the generic lr of 0.05 destroys a YOLO in one update)
+        train=TrainConfig(epochs=5, batch_size=16, lr=1e-3),
     ),
 }
-"""Built-in tasks by registry name; ``detection-fleet`` is an emulator adapter, not a device task."""
+"""Built-in tasks by registry name."""
 
 
 def task_info(task: str | Any) -> TaskInfo | None:
@@ -238,6 +243,18 @@ def default_min_samples(task: str | Any, fallback: int = 16) -> int:
     """The task's declared D_min (``fallback`` for undeclared tasks)."""
     info = task_info(task)
     return info.min_samples if info is not None else fallback
+
+
+def default_train_config(task: str | Any, fallback: TrainConfig | None = None) -> TrainConfig:
+    """The task's own local-training defaults: its ``default_train`` attribute, else its
+    declaration here, else ``fallback`` (default: the generic :class:`TrainConfig`)."""
+    own = None if isinstance(task, str) else getattr(task, "default_train", None)
+    if isinstance(own, TrainConfig):
+        return own
+    info = task_info(task)
+    if info is not None and info.train is not None:
+        return info.train
+    return fallback if fallback is not None else TrainConfig()
 
 
 def input_contract(task: Any) -> InputContract:
