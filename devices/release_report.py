@@ -12,7 +12,9 @@ For scenarios with ``reference = "<run label>"`` (e.g. ``demos/scenarios/attacks
 * the gate's decisions and the robust aggregator's counters.
 
 ``release.md`` (table with per-seed values), ``release.json`` and ``release.png`` (release
-accuracy over virtual time, mean over seeds, band = min–max; the training line dotted).
+accuracy over virtual time, mean over seeds, band = min–max; the training line dotted;
+ungated runs left (0–100 %, no bands), gated runs right (50–100 %), the reference dashed grey
+in both).
 """
 
 from __future__ import annotations
@@ -152,50 +154,62 @@ def format_release_table(summary: Mapping[str, Any]) -> str:
 
 
 def plot_release(scenario: Scenario, results: Sequence[RunResult], path: Path) -> None:
-    """Release accuracy (solid) and training-line accuracy (dotted) vs virtual time."""
+    """Release accuracy (solid) and training-line accuracy (dotted) vs virtual time: ungated
+    runs on the left, gated runs on the right (the reference run, dashed grey, in both)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
-    for spec in scenario.runs:
-        mine = [r for r in results if r.label == spec.label and r.rows]
-        if not mine:
-            continue
-        n = min(len(r.rows) for r in mine)
-        t = np.array([row["t_s"] for row in mine[0].rows[:n]]) / 60.0
-        rel = 100 * np.array([[_release(row) for row in r.rows[:n]] for r in mine])
-        train = 100 * np.array([[float(row["accuracy"]) for row in r.rows[:n]] for r in mine])
-        (line,) = ax.step(
-            t,
-            rel.mean(axis=0),
-            where="post",
-            label=f"{spec.label}: release (n={len(mine)})",
-            linewidth=1.8,
-        )
-        ax.plot(
-            t, train.mean(axis=0), color=line.get_color(), linestyle=":", linewidth=1.0, alpha=0.8
-        )
-        if len(mine) > 1:
-            ax.fill_between(
+    panels = [("without the gate", [s for s in scenario.runs if not s.settings.gate]),
+              ("with the release gate", [s for s in scenario.runs if s.settings.gate])]
+    panels = [(title, specs) for title, specs in panels if specs]
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 5.5), dpi=120, squeeze=False)
+    for ax, (title, specs) in zip(axes[0], panels, strict=True):
+        gated = any(s.settings.gate for s in specs)
+        if scenario.reference and all(s.label != scenario.reference for s in specs):
+            specs = [*(s for s in scenario.runs if s.label == scenario.reference), *specs]
+        for spec in specs:
+            mine = [r for r in results if r.label == spec.label and r.rows]
+            if not mine:
+                continue
+            n = min(len(r.rows) for r in mine)
+            t = np.array([row["t_s"] for row in mine[0].rows[:n]]) / 60.0
+            rel = 100 * np.array([[_release(row) for row in r.rows[:n]] for r in mine])
+            train = 100 * np.array([[float(row["accuracy"]) for row in r.rows[:n]] for r in mine])
+            ref = spec.label == scenario.reference
+            (line,) = ax.step(
                 t,
-                rel.min(axis=0),
-                rel.max(axis=0),
-                step="post",
-                color=line.get_color(),
-                alpha=0.10,
-                linewidth=0,
+                rel.mean(axis=0),
+                where="post",
+                label=f"{spec.label}: release (n={len(mine)})",
+                linewidth=1.2 if ref else 1.8,
+                linestyle="--" if ref else "-",
+                color="0.45" if ref else None,
             )
-    ax.set_xlabel("virtual time (min)")
-    ax.set_ylabel("accuracy on the held-out split (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(
-        f"{scenario.name}: release accuracy (solid; dotted = training line), mean over seeds"
-    )
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+            if not ref:
+                ax.plot(
+                    t, train.mean(axis=0), color=line.get_color(), linestyle=":", linewidth=1.0, alpha=0.8
+                )
+            if len(mine) > 1 and gated:  # ungated attacked runs span 10–90 %: bands would hide the means
+                ax.fill_between(
+                    t,
+                    rel.min(axis=0),
+                    rel.max(axis=0),
+                    step="post",
+                    color=line.get_color(),
+                    alpha=0.06 if ref else 0.10,
+                    linewidth=0,
+                )
+        ax.set_xlabel("virtual time (min)")
+        ax.set_ylabel("accuracy on the held-out split (%)")
+        ax.set_ylim(50 if gated else 0, 100)
+        band = ", band = min–max over seeds" if gated else ""
+        ax.set_title(f"{title}: release (solid; dotted = training line), mean{band}", fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="lower right", fontsize=7)
+    fig.suptitle(f"{scenario.name}: release accuracy vs virtual time")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -38,6 +38,7 @@ hour into a sweep. Layout (every table but ``[[runs]]`` is optional)::
     epochs = 5
     batch_size = 16
     lr = 0.05
+    mu = 0.0                              # FedProx proximal weight (a training hint; 0 = none)
 
     [coordinator]
     keep_versions = 32                    # global versions kept for staleness-aware strategies
@@ -47,6 +48,8 @@ hour into a sweep. Layout (every table but ``[[runs]]`` is optional)::
     gate_margin = 0.02                    # promote when candidate >= release - margin
     rollback_margin = 0.10                # reject (roll the training line back) below release - this
     gate_delay_s = 0.0                    # virtual seconds from a commit to its validation score
+    pull_refill_s = 0.5                   # per-device pull token bucket (default: the coordinator's; 0 = no limit)
+    pull_burst = 8
 
     [attack]                              # attacker devices (devices.attacks); disjoint fractions
     label_flip = 0.0                      # fraction training on flipped labels
@@ -81,9 +84,30 @@ hour into a sweep. Layout (every table but ``[[runs]]`` is optional)::
     params = { k = 10, timeout_s = 20.0 }
     overrides = { "data.arrival_rate_per_h" = 40 }   # per-run changes to the settings above
 
-:func:`materialise` turns settings + a seed into the concrete fleet (profiles drawn,
-data partitioned, labelling times drawn) that a driver — the virtual-clock simulator
-here, or a real-MQTT fleet — then plays.
+A *regional* scenario (several coordinators, :class:`Regions`) has ``[multiregion]`` and
+``[[methods]]`` instead of ``[[runs]]`` (both kinds of line are a :class:`RunSpec`)::
+
+    [multiregion]
+    regions = ["hongkong", "paris"]       # default: the Spyker paper's four
+    latency_ms = [[1.4, 194.9], [194.9, 0.9]]   # one-way, region × region
+    bandwidth_mbps = 100
+    device_counts = [100, 200]            # one run per fleet size (device i in region i mod R)
+    single_server_region = "paris"        # where a method without peering runs its one server
+    train_delay_s = { mean = 0.15, sd = 0.0075 }   # virtual seconds per local update
+    stop_at_target = true
+
+    [[methods]]
+    label = "Spyker"
+    kind = "spyker"                       # spyker | nebula | hierfavg (a coordinator per region) | single
+    strategy = ""                         # default: the kind's own (single: fedasync)
+    strategy_params = { eta = 0.6 }
+    peering_params = { beacon_s = 1.0 }
+    service_ms = 2                        # coordinator CPU per committed version
+    msg_ms = 0.05                         # coordinator CPU per event
+
+:func:`materialise` (:func:`materialise_regions`) turns settings + a seed into the concrete
+fleet (profiles drawn, data partitioned, labelling times drawn) that a driver — the
+virtual-clock fleet runner :mod:`devices.simulator`, or a real-MQTT fleet — then plays.
 """
 
 from __future__ import annotations
@@ -105,6 +129,7 @@ import numpy.typing as npt
 from coordinator.gate import GateConfig
 from coordinator.inversion import InversionConfig
 from coordinator.methods import make_method
+from coordinator.peering import PEERINGS
 from coordinator.strategies import strategy_names
 from devices.attacks import AttackPlan
 from devices.labelling import STREAM_ORDERS, arrival_times, stream_order
@@ -119,20 +144,30 @@ from devices.profiles import (
     DeviceInstance,
     DeviceProfile,
     LinkProfile,
+    OfflineWindows,
     fleet_counts,
 )
 from devices.stragglers import DelayPlan
 from edge_sdk.errors import ConfigError
+from edge_sdk.tasks.base import TrainConfig
+from edge_sdk.tasks.registry import default_train_config, sample_kind_of
+from edge_sdk.wire import topics
 
 __all__ = [
+    "PAPER_LATENCY_MS",
+    "PAPER_REGIONS",
     "DevicePlan",
+    "Method",
+    "Regions",
     "RunSpec",
     "Scenario",
     "ScenarioError",
     "Settings",
+    "Topology",
     "holdout",
     "load_scenario",
     "materialise",
+    "materialise_regions",
     "parse_scenario",
 ]
 
@@ -166,6 +201,8 @@ class Settings:
     epochs: int = 5
     batch_size: int = 16
     lr: float = 0.05
+    mu: float = 0.0
+    """FedProx proximal weight sent to devices as the ``mu`` hint (0: none, no hint)."""
     keep_versions: int = 32
     encoding: str = "f4"
     validation_size: int = 0
@@ -173,6 +210,8 @@ class Settings:
     gate_margin: float = 0.02
     rollback_margin: float = 0.10
     gate_delay_s: float = 0.0
+    pull_limits: Mapping[str, float] = field(default_factory=dict)
+    """``pull_burst`` / ``pull_refill_s`` for the coordinators when the scenario sets them."""
     attack: AttackPlan = field(default_factory=AttackPlan)
     task_options: Mapping[str, Any] = field(default_factory=dict)
     """Keyword arguments of the task (e.g. procdigits ``size = [train, test]``)."""
@@ -189,13 +228,96 @@ class Settings:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RunSpec:
-    """One line of a comparison: a strategy with its parameters, on (possibly overridden) settings."""
+    """One line of a comparison: a strategy with its parameters, on (possibly overridden)
+    settings — a ``[[runs]]`` table, or a ``[[methods]]`` table of a regional scenario."""
 
     label: str
     strategy: str
     params: Mapping[str, Any]
     settings: Settings
     overrides: Mapping[str, Any] = field(default_factory=dict)
+    peering: str | None = None
+    """Regional scenarios: one coordinator per region joined by this peering (``spyker``,
+    ``nebula``, ``hierfavg``); None: one coordinator for every device."""
+    peering_params: Mapping[str, Any] = field(default_factory=dict)
+    service_ms: float = 0.0
+    """Coordinator CPU per committed version (virtual ms); 0: a coordinator is never busy."""
+    msg_ms: float = 0.0
+    """Coordinator CPU per handled event (virtual ms)."""
+    regional: bool = False
+    """A ``[[methods]]`` line: runs on the scenario's regions (:class:`Regions`)."""
+
+    @property
+    def kind(self) -> str:
+        """``spyker`` | ``nebula`` | ``hierfavg`` (one coordinator per region) | ``single``."""
+        return self.peering or "single"
+
+    @property
+    def strategy_params(self) -> Mapping[str, Any]:
+        return self.params
+
+    def coordinator_params(self, devices_served: int) -> dict[str, Any]:
+        """The strategy's parameters in a regional run, with the defaults that depend on
+        the fleet: Spyker's η_init is the scenario's lr; a synchronous round (``hierfavg``,
+        ``fedavg``) waits for every device the coordinator serves."""
+        params = dict(self.params)
+        if self.strategy == "spyker":
+            params.setdefault("lr_init", self.settings.lr)
+        if self.strategy in ("hierfavg", "fedavg"):
+            params.setdefault("select", devices_served)
+            params.setdefault("min_devices", devices_served)
+        return params
+
+
+Method = RunSpec
+"""A regional scenario's ``[[methods]]`` line (the same type as a ``[[runs]]`` line)."""
+
+PAPER_REGIONS = ("hongkong", "paris", "sydney", "california")
+PAPER_LATENCY_MS = (
+    (1.41, 194.9, 132.28, 155.13),
+    (194.9, 0.9, 278.83, 142.25),
+    (132.28, 278.83, 2.56, 138.47),
+    (155.13, 142.25, 138.47, 2.14),
+)
+"""Spyker's Table 4 (upper triangle, made symmetric), one-way milliseconds."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Topology:
+    regions: tuple[str, ...] = PAPER_REGIONS
+    latency_ms: tuple[tuple[float, ...], ...] = PAPER_LATENCY_MS
+    bandwidth_mbps: float = 100.0
+
+    def __post_init__(self) -> None:
+        n = len(self.regions)
+        if n < 1 or len(set(self.regions)) != n:
+            raise ConfigError("regions must be distinct and at least one")
+        for r in self.regions:
+            topics.check_id(r, "region")
+        if len(self.latency_ms) != n or any(len(row) != n for row in self.latency_ms):
+            raise ConfigError(f"latency_ms must be a {n}×{n} matrix")
+        if not all(x >= 0 and math.isfinite(x) for row in self.latency_ms for x in row):
+            raise ConfigError("latencies must be finite and >= 0")
+        if not self.bandwidth_mbps > 0:
+            raise ConfigError("bandwidth_mbps must be > 0")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Regions:
+    """``[multiregion]``: where devices and coordinators live and how the fleet trains.
+
+    Devices are spread evenly (device ``i`` in region ``i mod R``), hold their partition
+    from the start and train continuously, ``train_delay_s`` per local update; a run with
+    a peering runs one coordinator per region, one without runs a single coordinator in
+    ``single_server_region``; a run stops ``2 × eval_every_s`` after it reaches the target
+    when ``stop_at_target``."""
+
+    topology: Topology
+    device_counts: tuple[int, ...]
+    single_server_region: str
+    train_delay_mean_s: float = 0.15
+    train_delay_sd_s: float = 0.0075
+    stop_at_target: bool = True
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -208,6 +330,20 @@ class Scenario:
     source: str = "<string>"
     reference: str = ""
     """A run label the release report compares every run with ("" = no release report)."""
+    regions: Regions | None = None
+    """A regional scenario's ``[multiregion]`` (None: one region, one coordinator)."""
+
+    @property
+    def methods(self) -> tuple[RunSpec, ...]:
+        return self.runs
+
+    def _regions(self) -> Regions:
+        if self.regions is None:
+            raise ScenarioError(f"{self.source}: not a regional scenario (no [multiregion])")
+        return self.regions
+
+    topology = property(lambda self: self._regions().topology)
+    device_counts = property(lambda self: self._regions().device_counts)
 
     def quick(self) -> Scenario:
         """The ``[quick]`` variant (shorter, fewer seeds) of this scenario."""
@@ -222,24 +358,20 @@ class Scenario:
     def with_seeds(self, seeds: Sequence[int]) -> Scenario:
         return self.with_overrides({"seeds": list(seeds)})
 
+    def with_device_counts(self, counts: Sequence[int]) -> Scenario:
+        return dataclasses.replace(self, regions=dataclasses.replace(self._regions(), device_counts=tuple(counts)))
+
     def select(self, names: Sequence[str]) -> Scenario:
-        """Only the runs whose label or strategy name is in ``names`` (order of ``names``)."""
+        """Only the runs whose label, strategy or kind is in ``names`` (order of ``names``)."""
         chosen: list[RunSpec] = []
         for name in names:
-            hits = [r for r in self.runs if name in (r.label, r.strategy) and r not in chosen]
+            hits = [r for r in self.runs if name in (r.label, r.strategy, r.kind if self.regions else r.label) and r not in chosen]
             if not hits:
                 known = sorted({r.label for r in self.runs} | {r.strategy for r in self.runs})
-                raise ScenarioError(f"{self.source}: no run named {name!r}; runs: {', '.join(known)}")
+                what = "method" if self.regions else "run"
+                raise ScenarioError(f"{self.source}: no {what} named {name!r}; {what}s: {', '.join(known)}")
             chosen.extend(hits)
-        return Scenario(
-            name=self.name,
-            description=self.description,
-            settings=self.settings,
-            runs=tuple(chosen),
-            raw=self.raw,
-            source=self.source,
-            reference=self.reference,
-        )
+        return dataclasses.replace(self, runs=tuple(chosen))
 
 
 # --------------------------------------------------------------------------- loading
@@ -283,13 +415,14 @@ def with_quick(raw: Mapping[str, Any], *, source: str = "<string>") -> dict[str,
 _TOP = {"name", "description", "task", "duration_s", "eval_every_s", "target_accuracy", "seeds",
         "fleet", "profiles", "data", "device", "training", "coordinator", "attack", "quick", "runs",
         "task_options", "delay", "inversion",
-        "reference"}
+        "reference", "multiregion", "methods"}
 _SECTIONS: dict[str, set[str]] = {
     "fleet": {"devices", "mix"},
     "data": {"partition", "alpha", "labels_each", "arrival_rate_per_h", "order", "initial_samples"},
     "device": {"min_samples", "request_timeout_s", "reannounce_s", "continuous"},
-    "training": {"epochs", "batch_size", "lr"},
-    "coordinator": {"keep_versions", "encoding", "validation_size", "gate", "gate_margin", "rollback_margin", "gate_delay_s"},
+    "training": {"epochs", "batch_size", "lr", "mu"},
+    "coordinator": {"keep_versions", "encoding", "validation_size", "gate", "gate_margin", "rollback_margin", "gate_delay_s",
+                    "pull_burst", "pull_refill_s"},
     "attack": {"label_flip", "flip", "scale", "scale_factor", "huge_samples", "claimed_samples"},
     "delay": {"devices", "versions", "class", "report_versions", "class_target"},
     "inversion": {f.name for f in dataclasses.fields(InversionConfig)},
@@ -298,8 +431,11 @@ _RUN_KEYS = {"strategy", "label", "params", "overrides"}
 
 
 def parse_scenario(raw: Mapping[str, Any], *, source: str = "<string>") -> Scenario:
-    """Validate a scenario given as the dict a TOML file parses to."""
+    """Validate a scenario given as the dict a TOML file parses to: ``[[runs]]`` (one region,
+    one coordinator), or ``[multiregion]`` with ``[[methods]]`` (regions, see :class:`Regions`)."""
     settings = parse_settings(raw, source=source)
+    if "multiregion" in raw or "methods" in raw:
+        return _parse_regional(raw, settings, source)
     runs_raw = raw.get("runs")
     if not isinstance(runs_raw, list) or not runs_raw:
         raise ScenarioError(f"{source}: needs at least one [[runs]] table (strategy = \"spin\", …)")
@@ -348,6 +484,68 @@ def parse_scenario(raw: Mapping[str, Any], *, source: str = "<string>") -> Scena
         raise ScenarioError(f"{source}: reference must be one of the run labels ({', '.join(sorted(labels))}), got {reference!r}")
     return Scenario(name=name, description=description, settings=settings, runs=tuple(runs), raw=copy.deepcopy(dict(raw)), source=source,
                     reference=reference)
+
+
+_MR_KEYS = {"regions", "latency_ms", "bandwidth_mbps", "device_counts", "single_server_region", "train_delay_s", "stop_at_target"}
+_METHOD_KEYS = {"label", "kind", "strategy", "strategy_params", "peering_params", "service_ms", "msg_ms"}
+KINDS = (*(p for p in PEERINGS if p != "none"), "single")
+"""A regional method's ``kind``: a peering (a coordinator per region), or ``single`` (one server)."""
+
+
+def _parse_regional(raw: Mapping[str, Any], settings: Settings, source: str) -> Scenario:
+    mr = raw.get("multiregion", {})
+    if not isinstance(mr, dict):
+        raise ScenarioError(f"{source}: [multiregion] must be a table")
+    unknown = set(mr) - _MR_KEYS
+    if unknown:
+        raise ScenarioError(f"{source}: [multiregion]: unknown keys {sorted(unknown)}; allowed: {sorted(_MR_KEYS)}")
+    try:
+        regions = tuple(mr.get("regions", PAPER_REGIONS))
+        latency = tuple(tuple(float(x) for x in row) for row in mr.get("latency_ms", PAPER_LATENCY_MS))
+        topology = Topology(regions=regions, latency_ms=latency, bandwidth_mbps=float(mr.get("bandwidth_mbps", 100.0)))
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise ScenarioError(f"{source}: [multiregion]: {exc}") from None
+    counts = tuple(int(n) for n in mr.get("device_counts", [settings.devices]))
+    if not counts or any(n < len(regions) for n in counts):
+        raise ScenarioError(f"{source}: device_counts must each be >= the number of regions")
+    server = str(mr.get("single_server_region", regions[-1]))
+    if server not in regions:
+        raise ScenarioError(f"{source}: single_server_region {server!r} is not one of {list(regions)}")
+    delay = mr.get("train_delay_s", {"mean": 0.15, "sd": 0.0075})
+    if not isinstance(delay, dict) or not float(delay.get("mean", 0)) > 0 or float(delay.get("sd", 0)) < 0:
+        raise ScenarioError(f"{source}: train_delay_s must be {{ mean = > 0, sd = >= 0 }}")
+    methods_raw = raw.get("methods")
+    if not isinstance(methods_raw, list) or not methods_raw:
+        raise ScenarioError(f"{source}: needs at least one [[methods]] table")
+    methods: list[RunSpec] = []
+    for i, m in enumerate(methods_raw):
+        where = f"{source}: [[methods]] #{i + 1}"
+        if not isinstance(m, dict) or set(m) - _METHOD_KEYS:
+            raise ScenarioError(f"{where}: allowed keys are {sorted(_METHOD_KEYS)}")
+        kind = m.get("kind")
+        if kind not in KINDS:
+            raise ScenarioError(f"{where}: kind must be one of {KINDS}")
+        peering = None if kind == "single" else str(kind)
+        method = RunSpec(
+            label=str(m.get("label", kind)), strategy=str(m.get("strategy", "")) or ("fedasync" if peering is None else peering),
+            params=dict(m.get("strategy_params", {})), settings=settings, peering=peering, regional=True,
+            peering_params=dict(m.get("peering_params", {})), service_ms=float(m.get("service_ms", 2.0)), msg_ms=float(m.get("msg_ms", 0.05)),
+        )
+        try:  # validate names and parameters now, not an hour into a sweep
+            make_method(method.strategy, peering=peering, coordinator_id=regions[0], ring=regions if peering else (),
+                        peering_params=method.peering_params, strategy_params=method.coordinator_params(1))
+        except ConfigError as exc:
+            raise ScenarioError(f"{where}: {exc}") from None
+        methods.append(method)
+    if len({m.label for m in methods}) != len(methods):
+        raise ScenarioError(f"{source}: method labels must be unique")
+    return Scenario(
+        name=str(raw.get("name", "multiregion")), description=str(raw.get("description", "")), settings=settings,
+        runs=tuple(methods), raw=copy.deepcopy(dict(raw)), source=source,
+        regions=Regions(topology=topology, device_counts=counts, single_server_region=server,
+                        train_delay_mean_s=float(delay["mean"]), train_delay_sd_s=float(delay.get("sd", 0.0)),
+                        stop_at_target=bool(mr.get("stop_at_target", True))),
+    )
 
 
 def _check_keys(table: Mapping[str, Any], allowed: set[str], source: str, where: str) -> None:
@@ -464,9 +662,11 @@ def _settings(raw: Mapping[str, Any], source: str) -> Settings:
 
     tr = _section(raw, "training", source)
     where = f"{source}: [training]"
-    epochs = _int(tr, "epochs", d.epochs, where, lo=1)
-    batch = _int(tr, "batch_size", d.batch_size, where, lo=1)
-    lr = _num(tr, "lr", d.lr, where, lo=0, lo_open=True)
+    td = default_train_config(task, TrainConfig(epochs=d.epochs, batch_size=d.batch_size, lr=d.lr))  # the task's own
+    epochs = _int(tr, "epochs", td.epochs, where, lo=1)
+    batch = _int(tr, "batch_size", td.batch_size, where, lo=1)
+    lr = _num(tr, "lr", td.lr, where, lo=0, lo_open=True)
+    mu = _num(tr, "mu", d.mu, where, lo=0)
 
     co = _section(raw, "coordinator", source)
     where = f"{source}: [coordinator]"
@@ -479,6 +679,7 @@ def _settings(raw: Mapping[str, Any], source: str) -> Settings:
     gate_margin = _num(co, "gate_margin", d.gate_margin, where, lo=0, hi=1)
     rollback_margin = _num(co, "rollback_margin", max(d.rollback_margin, gate_margin), where, lo=0, hi=1)
     gate_delay = _num(co, "gate_delay_s", d.gate_delay_s, where, lo=0)
+    pull_limits = {k: _num(co, k, 0.0, where, lo=1 if k == "pull_burst" else 0) for k in ("pull_burst", "pull_refill_s") if k in co}
     if gate:
         try:
             GateConfig(margin=gate_margin, rollback_margin=rollback_margin)
@@ -504,15 +705,23 @@ def _settings(raw: Mapping[str, Any], source: str) -> Settings:
     if attack.label_flip + attack.scale + attack.huge_samples > 1:
         raise ScenarioError(f"{where}: label_flip + scale + huge_samples must be <= 1")
 
-    return Settings(
+    settings = Settings(
         task=task, duration_s=duration, eval_every_s=eval_every, target_accuracy=target,
         seeds=tuple(int(s) for s in seeds), devices=devices, mix=mix, profiles=profiles,
         partition=part, alpha=alpha, labels_each=labels_each, arrival_rate_per_h=rate, order=order, initial_samples=initial,
         min_samples=min_samples, request_timeout_s=request_timeout, reannounce_s=reannounce,
-        epochs=epochs, batch_size=batch, lr=lr, keep_versions=keep, encoding=encoding,
+        epochs=epochs, batch_size=batch, lr=lr, mu=mu, keep_versions=keep, encoding=encoding,
         validation_size=validation_size, gate=gate, gate_margin=gate_margin, rollback_margin=rollback_margin,
-        gate_delay_s=gate_delay, attack=attack, continuous=continuous, **_staleness_settings(raw, source),
+        gate_delay_s=gate_delay, pull_limits=pull_limits, attack=attack, continuous=continuous, **_staleness_settings(raw, source),
     )
+    if sample_kind_of(task) == "frame":  # a frame shows several classes: nothing may need one label per sample
+        by_label = {f'[data] partition = "{part}"': part != "iid", f'[data] order = "{order}"': order == "by-class",
+                    "[attack] label_flip": attack.label_flip > 0, "[delay] devices": settings.delay.active}
+        bad = [key for key, used in by_label.items() if used]
+        if bad:
+            raise ScenarioError(f"{source}: {bad[0]} needs one class label per sample, but task {task!r} has frames with boxes "
+                                '(use partition = "iid", order = "shuffled" or "given", no label flips or [delay])')
+    return settings
 
 
 def _staleness_settings(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
@@ -600,6 +809,12 @@ class DevicePlan:
     """Pool indices in the order the user labels them."""
     label_times: npt.NDArray[np.float64]
     """Virtual times of the labels (``len(label_times) <= len(samples)``)."""
+    region: int = 0
+    """Index of the device's home region (:class:`Topology`; 0 in a one-region scenario)."""
+    train_s: float | None = None
+    """A fixed virtual duration per local update (regional fleets); None: the profile's."""
+    start_s: float = 0.0
+    """When a continuously training device starts (it holds all its samples then)."""
 
     @property
     def device_id(self) -> str:
@@ -631,6 +846,30 @@ def materialise(settings: Settings, seed: int, pool_labels: npt.NDArray[np.int64
             held = min(settings.initial_samples, int(order.shape[0]))
             times = np.concatenate([np.zeros(held), times[: int(order.shape[0]) - held]])
         plans.append(DevicePlan(index=i, instance=instance, samples=order, label_times=times))
+    return plans
+
+
+_REGIONAL = DeviceProfile(name="regional", compute=COMPUTE["paper"], link=LINKS["lan"], availability=AVAILABILITY["always"])
+"""Nominal profile of a regional fleet's devices: always online; the training time is the
+plan's ``train_s`` and the network is the region latency matrix."""
+
+
+def materialise_regions(settings: Settings, regions: Regions, n_devices: int, seed: int,
+                        pool_labels: npt.NDArray[Any]) -> list[DevicePlan]:
+    """Draw a regional fleet for ``seed``: device ``i`` in region ``i mod R`` holds its
+    partition from the start (no labelling), trains ``train_delay_s`` (N(mean, sd), at
+    least 10 ms) per local update and starts within the first 50 ms."""
+    _, label_idx = holdout(settings, seed, len(pool_labels))
+    parts = [label_idx[p] for p in partition(pool_labels[label_idx], n_devices, settings.partition,
+                                             seed=seed, alpha=settings.alpha, labels_each=settings.labels_each)]
+    rng, jitter = random.Random(f"{seed}:multiregion"), random.Random(f"{seed}:start")
+    n_regions = len(regions.topology.regions)
+    plans = []
+    for i, part in enumerate(parts):
+        train_s = max(0.01, rng.gauss(regions.train_delay_mean_s, regions.train_delay_sd_s))
+        instance = DeviceInstance(device_id=device_id(i), profile=_REGIONAL, speed_factor=1.0, offline=OfflineWindows())
+        plans.append(DevicePlan(index=i, instance=instance, samples=part, label_times=np.zeros(0), region=i % n_regions,
+                                train_s=train_s, start_s=jitter.uniform(0, 0.05)))
     return plans
 
 

@@ -1,34 +1,50 @@
-"""Discrete-event fleet simulator: the real cores on a virtual clock and an in-memory broker.
+"""The fleet runner: the real cores on a virtual clock, one region or several.
+
+    edgeci emulate demos/scenarios/digits-headline.toml --quick          # one region ([[runs]])
+    python -m devices.multiregion demos/scenarios/multiregion/digits-4regions.toml --quick   # [[methods]]
 
 Theory of operation
 -------------------
-The simulator is a *driver*: it owns one real :class:`~coordinator.core.CoordinatorCore`
-and one real :class:`~edge_sdk.core.device.DeviceCore` per device, feeds them events
-and performs their actions exactly as the MQTT drivers do — only time and the network
-are emulated:
+A :class:`Simulation` is a *driver* on :mod:`devices.engine`: it owns real
+:class:`~coordinator.core.CoordinatorCore` objects and one real
+:class:`~edge_sdk.core.device.DeviceCore` per device, feeds them events and performs their
+actions exactly as the MQTT drivers do — only time and the network are emulated. A
+one-region scenario is the case of one coordinator on per-device links; a regional one
+(``[multiregion]``, :class:`~devices.scenario.Regions`) has several. Endpoints are devices
+``0..n-1``, then coordinators ``n..n+C-1``.
 
-* **Clock, events, network** come from :mod:`devices.engine`: a
-  :class:`~devices.engine.VirtualClock` that only moves forward, an
-  :class:`~devices.engine.EventQueue` ordered by ``(time, sequence number)`` (a run is a pure
-  function of scenario, strategy and seed) and a :class:`~devices.engine.LinkNetwork`
-  (per-device links through one broker, every byte counted, nothing dropped).
+* **Clock, events, network** come from the engine: a :class:`~devices.engine.VirtualClock`
+  that only moves forward, an :class:`~devices.engine.EventQueue` ordered by ``(time,
+  sequence number)`` (a run is a pure function of scenario, strategy and seed) and a network
+  model — one region: :class:`~devices.engine.LinkNetwork` (per-device links through one
+  broker, every byte counted); regions: :class:`~devices.engine.RegionNetwork` (the region
+  latency matrix; a message reaches the receiver's side as a ``HOP``, then queues on its
+  downlink in arrival order). Nothing is dropped.
 * **Devices** (:class:`EmulatedDevice`). Labels arrive at the scenario's Poisson times
-  (``SampleAdded``). ``StartTraining`` really runs ``Task.local_update`` on the device's
-  samples so far — accuracy is real — and ``TrainingFinished`` is delivered after the
-  profile's *virtual* duration. While a device is offline (night, dropout) nothing
-  happens on it: its messages and timers wait until it is back, its training pauses.
-* **Coordinator.** ``PersistUpdate`` / ``CommitVersion`` go to an in-memory registry
-  (commit times give each version's deployment time); the status is not built on its
-  schedule (``status_payload=False``: nobody subscribes) — ``coordinator.status()`` on demand.
-* **Metrics.** Every ``eval_every_s`` the deployed (latest committed) model is evaluated
-  on the task's held-out split — only when the version changed since the last
-  evaluation — together with bytes, versions, updates and staleness — and so is the
-  *release* (``release_accuracy``: what devices predict with).
+  (``SampleAdded``); a continuous device (``[device] continuous``, every regional fleet) holds
+  all its samples from its start and pulls again as soon as an update is acked.
+  ``StartTraining`` really runs ``Task.local_update`` — accuracy is real — and
+  ``TrainingFinished`` comes after the *virtual* duration (the profile's, or a regional
+  device's fixed ``train_s``). While a device is offline (night, dropout) nothing happens on
+  it: its messages and timers wait until it is back, its training pauses.
+* **Coordinators.** One, or one per region (the run's peering joins them; a regional run
+  without a peering has one server in ``single_server_region``), each built by
+  :func:`coordinator.methods.make_method`. A coordinator's CPU costs ``msg_ms`` per event
+  plus ``service_ms`` per committed version (a regional method's; 0 in one region): events
+  queue while it is busy and its messages leave when the work is done. ``PersistUpdate`` /
+  ``CommitVersion`` go to memory (commit times give each version's deployment time); the
+  status is built only on demand (``status_payload=False``).
+* **Metrics.** Every ``eval_every_s`` each coordinator's deployed model is evaluated on the
+  task's held-out split (only when its version changed): one region records the release too
+  (``release_accuracy``), bytes, staleness and label latency; regions record the mean,
+  minimum and maximum over coordinators and their CPU use, and may stop
+  ``2 × eval_every_s`` after the target.
 * **Release gate** (``[coordinator] gate = true``): ``EvaluateCandidate`` is scored on the
   validation set carved out of the pool (``scenario.holdout``: no device labels it) and
-  ``CandidateEvaluated`` is fed back ``gate_delay_s`` virtual seconds later; ``RecordRelease``
-  decisions are kept in ``Simulation.releases``. **Attackers** (``[attack]``,
-  :mod:`devices.attacks`) change only what the emulated app feeds its honest device core.
+  ``CandidateEvaluated`` is fed back ``gate_delay_s`` virtual seconds later. **Attackers**
+  (``[attack]``, :mod:`devices.attacks`) change only what the emulated app feeds its honest
+  core. **Delayed devices** (``[delay]``, :mod:`devices.stragglers`) and **conversions** of
+  stale updates (charged on the virtual clock, one at a time) are the staleness experiment's.
 
 Speed: a local update of the digits CNN is the hot path (~1 ms); keep torch at one
 thread (``edge_sdk.trainer.configure_threads(1)``), and evaluate on the schedule, not
@@ -69,8 +85,18 @@ from coordinator.strategies.base import BufferedUpdate
 from coordinator.validation import Scored, compare
 from coordinator.validation import score as validation_score
 from devices.attacks import Attack, assign
-from devices.engine import Driver, Kind, LinkNetwork, job_seed, train_config
-from devices.scenario import DevicePlan, RunSpec, Settings, holdout, materialise
+from devices.engine import Driver, Kind, LinkNetwork, RegionNetwork, job_seed, train_config
+from devices.scenario import (
+    DevicePlan,
+    Regions,
+    RunSpec,
+    Scenario,
+    ScenarioError,
+    Settings,
+    holdout,
+    materialise,
+    materialise_regions,
+)
 from devices.stragglers import Stragglers
 from edge_sdk.core.device import DeviceConfig, DeviceCore
 from edge_sdk.core.events import (
@@ -88,20 +114,27 @@ from edge_sdk.core.events import (
     TrainingJob,
 )
 from edge_sdk.errors import EdgeciError, LocalProtocolError
+from edge_sdk.signing import Signer
 from edge_sdk.tasks.base import Split, Task, TrainConfig, TrainResult
+from edge_sdk.wire import topics
 
 __all__ = [
     "REGION",
+    "EmulatedCoordinator",
     "EmulatedDevice",
     "LinkNetwork",
     "RunResult",
     "Simulation",
+    "run_regional",
     "run_spec",
     "time_to_target",
 ]
 
 REGION = "sim"
 COORDINATOR_ID = "coordinator"
+SINGLE_ID, SINGLE_REGION = "server", "global"
+"""A regional run without a peering: its one coordinator's id and topic region."""
+
 
 @dataclass(slots=True)
 class EmulatedDevice:
@@ -134,10 +167,27 @@ class EmulatedDevice:
         result = task.local_update(job.weights, self.x[:n], self.y[:n], cfg)
         if self.attack is not None:
             result = self.attack.result(job.weights, result)
-        seconds = self.plan.instance.train_seconds(n, cfg.epochs)
+        fixed = self.plan.train_s
+        seconds = fixed if fixed is not None else self.plan.instance.train_seconds(n, cfg.epochs)
         self.trainings += 1
         self.train_seconds += seconds
         return result, seconds
+
+
+@dataclass(slots=True)
+class EmulatedCoordinator:
+    """A coordinator core with what the driver keeps for it: its timer, its CPU, its commits."""
+
+    core: CoordinatorCore
+    region: int
+    """Index of its region in the topology (0 in one region)."""
+    timer_at: float | None = None
+    busy_until: float = 0.0
+    busy_s: float = 0.0
+    commit_times: dict[int, float] = field(default_factory=lambda: {0: 0.0})
+    take_requests: Callable[[], Sequence[str]] | None = None
+    """PORT's push-pull: the devices whose in-progress work the strategy asks for now."""
+    evaluated: tuple[int, dict[str, float]] | None = None
 
 
 def time_to_target(rows: Sequence[Mapping[str, Any]], target: float) -> float | None:
@@ -182,81 +232,132 @@ Progress = Callable[[float, Mapping[str, float]], None]
 
 
 class Simulation(Driver):
-    """One run: a fleet drawn from ``settings`` and ``seed``, a coordinator with ``strategy``."""
+    """One run. One region: a fleet drawn from ``settings`` and ``seed``, one coordinator with
+    ``strategy`` (and ``peering``). Regions (``regions``, ``method``, ``devices``; see
+    :meth:`regional`): ``devices`` devices spread over the regions and the method's
+    coordinators."""
 
     def __init__(
         self,
         task: Task,
         settings: Settings,
-        strategy: Strategy,
+        strategy: Strategy | None = None,
         *,
         seed: int,
         peering: Peering | None = None,
         label: str = "",
         params: Mapping[str, Any] | None = None,
         progress: Progress | None = None,
+        regions: Regions | None = None,
+        method: RunSpec | None = None,
+        devices: int | None = None,
     ) -> None:
-        self.task = task
-        self.settings = settings
-        self.strategy = strategy
-        self.seed = seed
-        self.label = label or strategy.name
+        if (strategy is None) == (regions is None or method is None):
+            raise LocalProtocolError("give a strategy (one region), or regions and a method")
+        self.task, self.settings, self.seed, self.progress = task, settings, seed, progress
+        self.regions, self.method = regions, method
+        self.label = label or (method.label if method is not None else strategy.name if strategy is not None else "")
         self.params = dict(params or {})
-        self.progress = progress
         super().__init__()  # the engine's loop on a virtual clock
         s = settings
         data = task.data()
         pool = data.pool
-        self.plans = materialise(s, seed, pool.y)
         spec = task.spec
         self.initial = task.pretrained(seed=seed)
+        self.plans = (materialise(s, seed, pool.y) if regions is None else
+                      materialise_regions(s, regions, devices or s.devices, seed, pool.y))
+        self.n = n = len(self.plans)
         hints = {"epochs": float(s.epochs), "batch_size": float(s.batch_size), "lr": float(s.lr)}
+        if s.mu:
+            hints["mu"] = float(s.mu)  # FedProx (HFedMS comparison, issue 16)
         # The coordinator's validation set: pool samples no device labels (scenario.holdout).
         val_idx, _ = holdout(s, seed, len(pool.y))
         self.validation: Split | None = Split(x=pool.x[val_idx], y=pool.y[val_idx]) if len(val_idx) else None
-        ccfg = CoordinatorConfig(
-            region=REGION, coordinator_id=COORDINATOR_ID, spec=spec,
-            encoding=s.encoding,  # type: ignore[arg-type]
-            hints=hints, keep_versions=s.keep_versions,
-            gate=GateConfig(margin=s.gate_margin, rollback_margin=s.rollback_margin) if s.gate else None,
-            status_payload=False,  # nobody here reads the retained status: build it only on demand
-        )
-        self.coordinator = CoordinatorCore(ccfg, strategy, Snapshot(version=0, weights=self.initial), rng=random.Random(f"{seed}:coordinator"),
-                                           peering=peering)
+        # Coordinators: (id, topic region, region index) and their strategy + peering.
+        if regions is None:
+            assert strategy is not None
+            places, methods = [(COORDINATOR_ID, REGION, 0)], [(strategy, peering)]
+        else:
+            assert method is not None
+            names = regions.topology.regions
+            if method.peering is not None:
+                places = [(r, r, k) for k, r in enumerate(names)]
+                served = Counter(plan.region for plan in self.plans)
+            else:
+                places = [(SINGLE_ID, SINGLE_REGION, names.index(regions.single_server_region))]
+                served = Counter({0: n})
+            ring = [p[0] for p in places]
+            built = [make_method(method.strategy, peering=method.peering, coordinator_id=name, ring=ring,
+                                 peering_params=method.peering_params, strategy_params=method.coordinator_params(served[k]))
+                     for k, name in enumerate(ring)]
+            methods = [(b.strategy, b.peering) for b in built]
+        self.strategy = methods[0][0]
+        self.coords: list[EmulatedCoordinator] = []
+        for (name, topic_region, region), (strat, peer) in zip(places, methods, strict=True):
+            ccfg = CoordinatorConfig(
+                region=topic_region, coordinator_id=name, spec=spec,
+                encoding=s.encoding,  # type: ignore[arg-type]
+                hints=hints, keep_versions=s.keep_versions,
+                gate=GateConfig(margin=s.gate_margin, rollback_margin=s.rollback_margin) if s.gate else None,
+                status_payload=False,  # nobody here reads the retained status: build it only on demand
+                signer=Signer.generate() if regions is not None else None,  # peers verify each other's messages
+                **s.pull_limits,  # type: ignore[arg-type]
+            )
+            rng = random.Random(f"{seed}:coordinator" if regions is None else f"{seed}:coordinator:{name}")
+            core = CoordinatorCore(ccfg, strat, Snapshot(version=0, weights=self.initial), rng=rng, peering=peer)
+            self.coords.append(EmulatedCoordinator(core=core, region=region, take_requests=getattr(strat, "take_update_requests", None)))
+        # Devices, each served by the coordinator of its region (or the only one).
+        serving = {c.region: k for k, c in enumerate(self.coords)} if len(self.coords) > 1 else {}
+        self._serving = [serving.get(p.region, 0) for p in self.plans]
         defaults = TrainConfig(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr)
-        n_classes = int(max(int(pool.y.max()), int(data.test.y.max()))) + 1
-        self.attacks = assign(s.attack, len(self.plans), n_classes, seed) if s.attack.active else {}
+        self.attacks = assign(s.attack, n, data.n_classes, seed) if s.attack.active else {}
         self.devices: list[EmulatedDevice] = []
         for plan in self.plans:
             dcfg = DeviceConfig(
-                device_id=plan.device_id, region=REGION, spec=spec, min_samples=s.min_samples,
-                request_timeout_s=s.request_timeout_s, max_backoff_s=max(300.0, s.request_timeout_s),
+                device_id=plan.device_id, region=self.coords[self._serving[plan.index]].core.config.region, spec=spec,
+                min_samples=s.min_samples if regions is None else 1,  # a regional device holds its data from the start
+                request_timeout_s=s.request_timeout_s, max_backoff_s=max(300.0 if regions is None else 60.0, s.request_timeout_s),
                 reannounce_s=s.reannounce_s,
                 encoding=s.encoding,  # type: ignore[arg-type]
                 # One trusted process: signatures are exercised by the unit and broker tests;
                 # a serving pull at start would add events the published results never had.
                 require_signature=False, serve_on_start=False,
             )
-            core = DeviceCore(dcfg, rng=random.Random(f"{seed}:core:{plan.index}"))
             attack = self.attacks.get(plan.index)
             y = pool.y[plan.samples]
-            self.devices.append(
-                EmulatedDevice(plan=plan, core=core, x=np.ascontiguousarray(pool.x[plan.samples]),
-                               y=np.ascontiguousarray(attack.labels(y) if attack is not None else y), seed=seed,
-                               defaults=defaults, attack=attack)
-            )
-        self.broker = LinkNetwork([p.device_id for p in self.plans], [p.instance.link for p in self.plans], region=REGION)
-        self._coord = len(self.devices)
-        self._coord_timer: float | None = None
-        self.commit_times: dict[int, float] = {0: 0.0}
+            self.devices.append(EmulatedDevice(
+                plan=plan, core=DeviceCore(dcfg, rng=random.Random(f"{seed}:core:{plan.index}")),
+                x=np.ascontiguousarray(pool.x[plan.samples]), y=np.ascontiguousarray(attack.labels(y) if attack is not None else y),
+                seed=seed, defaults=defaults, attack=attack))
+        self.continuous = s.continuous or regions is not None
+        # The network: per-device links through one broker, or the region latency matrix.
+        self.links: LinkNetwork | None = None
+        self.network: RegionNetwork | None = None
+        if regions is None:
+            self.links = LinkNetwork([p.device_id for p in self.plans], [p.instance.link for p in self.plans], region=REGION)
+        else:
+            topo = regions.topology
+            self.network = network = RegionNetwork([p.region for p in self.plans] + [c.region for c in self.coords],
+                                                   topo.latency_ms, topo.bandwidth_mbps * 1e6)
+            for dev in self.devices:
+                r = dev.core.config.region
+                for leaf in topics.UPSTREAM:
+                    network.subscribe(topics.device_topic(r, dev.plan.device_id, leaf), [n + self._serving[dev.plan.index]])
+                for leaf in topics.DOWNSTREAM:
+                    network.subscribe(topics.device_topic(r, dev.plan.device_id, leaf), [dev.plan.index])
+        self.bytes_device = 0
+        self.bytes_peer = 0
+        """Regions: bytes on device links and between coordinators (one region: ``links``)."""
+        self.aggregated_updates = 0
+        self.done_at: float | None = None
+        """When the (mean) accuracy first reached the target on the evaluation schedule."""
         self.persisted: dict[tuple[str, int], BufferedUpdate] = {}
         self.coord_notes: Counter[str] = Counter()
         self.device_notes: Counter[str] = Counter()
         self.labels = 0
         self.rows: list[dict[str, float]] = []
-        self._eval_cache: tuple[int, dict[str, float]] | None = None
         self._index = {p.device_id: p.index for p in self.plans}
-        self._integrated = [0] * len(self.plans)
+        self._integrated = [0] * n
         # Evaluation rows without scans over the fleet: every offline window of every device,
         # sorted (devices offline at t = windows started by t - windows ended by t), and a
         # running count of trainings.
@@ -283,9 +384,33 @@ class Simulation(Driver):
         self._convert_free_at = 0.0
         self._training: dict[int, tuple[TrainingJob, float, float, TrainResult]] = {}
         """Per device training now: (job, started at, virtual seconds, the result that counts)."""
-        self._take_requests: Callable[[], Sequence[str]] | None = getattr(strategy, "take_update_requests", None)
         self.update_requests_served = 0
         """PORT's push-pull: trainings cut short at the coordinator's request."""
+        self._acting = (0, 0.0)
+
+    @classmethod
+    def regional(cls, task: Task, sc: Scenario, method: RunSpec, n_devices: int, seed: int,
+                 progress: Progress | None = None) -> Simulation:
+        """One method of a regional scenario with ``n_devices`` devices."""
+        assert sc.regions is not None
+        return cls(task, sc.settings, seed=seed, label=method.label, params=method.params, progress=progress,
+                   regions=sc.regions, method=method, devices=n_devices)
+
+    @property
+    def coordinator(self) -> CoordinatorCore:
+        """The first (in one region: the only) coordinator's core."""
+        return self.coords[0].core
+
+    @property
+    def commit_times(self) -> dict[int, float]:
+        return self.coords[0].commit_times
+
+    @property
+    def broker(self) -> LinkNetwork:
+        """One region's network (per-device links through one broker)."""
+        if self.links is None:
+            raise LocalProtocolError("a regional run has no single broker (see .network)")
+        return self.links
 
     # ------------------------------------------------------------------ the loop
 
@@ -300,9 +425,9 @@ class Simulation(Driver):
         targets: list[int] = []
         totals: list[int] = []
         for dev in self.devices:
-            if s.continuous:  # every sample from the start; the device retrains after each ack
+            if self.continuous:  # every sample from the start; the device retrains after each ack
                 if dev.y.shape[0]:
-                    at.append(0.0)
+                    at.append(dev.plan.start_s)
                     targets.append(dev.plan.index)
                     totals.append(int(dev.y.shape[0]))
                 continue
@@ -313,13 +438,16 @@ class Simulation(Driver):
         self.preload(Kind.SAMPLE, at, targets, totals)
         n_evals = int(np.floor(s.duration_s / s.eval_every_s))
         for k in range(n_evals + 1):
-            self.push(k * s.eval_every_s, Kind.EVAL, self._coord, None)
+            self.push(k * s.eval_every_s, Kind.EVAL, self.n, None)
         if n_evals * s.eval_every_s < s.duration_s:
-            self.push(s.duration_s, Kind.EVAL, self._coord, None)
-        self._coordinator_actions(self.coordinator.start(0.0))
-
-        while self.step(s.duration_s) is not None:
-            pass
+            self.push(s.duration_s, Kind.EVAL, self.n, None)
+        for k in range(len(self.coords)):
+            self._coordinator_event(k, 0.0, Kind.KICK, None)
+        stop = self.regions is not None and self.regions.stop_at_target
+        linger = 2 * s.eval_every_s
+        while (kind := self.step(s.duration_s)) is not None:
+            if stop and kind == Kind.EVAL and self.done_at is not None and self.clock.now >= self.done_at + linger:
+                break
         wall = time.perf_counter() - started
         return self._result(wall)
 
@@ -328,40 +456,66 @@ class Simulation(Driver):
         return self.stragglers is not None and self.stragglers.finished(self.coordinator.version)
 
     def dispatch(self, now: float, kind: Kind, target: int, data: Any) -> None:
-        if target == self._coord:
-            self._coordinator_event(now, kind, data)
+        if kind == Kind.EVAL:
+            self._evaluate(now)
+        elif kind == Kind.HOP:  # at the receiver's side of the network: queue on its downlink in arrival order
+            assert self.network is not None
+            self.push(self.network.arrive(target, len(data[1]), now), Kind.MSG, target, data)
+        elif target >= self.n:
+            self._coordinator_event(target - self.n, now, kind, data)
         else:
             self._device_event(now, kind, target, data)
 
-    # ------------------------------------------------------------------ coordinator
+    # ------------------------------------------------------------------ coordinators
 
-    def _coordinator_event(self, now: float, kind: Kind, data: Any) -> None:
+    def _coordinator_event(self, k: int, now: float, kind: Kind, data: Any) -> None:
+        c = self.coords[k]
+        if now < c.busy_until:  # the coordinator's CPU is busy: queue behind the current work
+            self.push(c.busy_until, kind, self.n + k, data)
+            return
         if kind == Kind.MSG:
             topic, payload = data
-            self.broker.delivered(self._coord, len(payload))
-            self._coordinator_actions(self.coordinator.handle(MessageReceived(now=now, topic=topic, payload=payload)))
+            if self.links is not None:
+                self.links.delivered(self.n + k, len(payload))
+            actions = c.core.handle(MessageReceived(now=now, topic=topic, payload=payload))
         elif kind == Kind.TIMER:
-            if self._coord_timer != data:
+            if c.timer_at != data:
                 return  # replaced by a later ScheduleTimer
-            self._coord_timer = None
-            self._coordinator_actions(self.coordinator.handle(TimerFired(now=now)))
-        elif kind == Kind.EVAL:
-            self._evaluate(now)
+            c.timer_at = None
+            actions = c.core.handle(TimerFired(now=now))
         elif kind == Kind.GATE:
-            self._coordinator_actions(self.coordinator.handle(data(now)))
+            actions = c.core.handle(data(now))
+        elif kind == Kind.KICK:
+            actions = c.core.start(now)
+        else:  # pragma: no cover - kinds are private
+            raise LocalProtocolError(f"unknown event kind {kind}")
+        m = self.method
+        if m is not None and (m.msg_ms or m.service_ms):  # the coordinator's CPU (regional methods)
+            cost = (m.msg_ms + m.service_ms * sum(isinstance(a, CommitVersion) for a in actions)) / 1000.0
+            now = c.busy_until = now + cost
+            c.busy_s += cost
+        self._acting = (k, now)
+        self._coordinator_actions(actions)
 
     def _coordinator_actions(self, actions: Sequence[object]) -> None:
-        now = self.clock.now
+        """Carry out the acting coordinator's actions (``_acting``: its index, and the time
+        its CPU is done with the event: now, or later when it was busy)."""
+        k, now = self._acting
+        c = self.coords[k]
+        me = self.n + k
         for a in actions:
             if isinstance(a, Publish):
-                self._publish(self._coord, a, now)
+                self._publish(me, a, now)
             elif isinstance(a, ScheduleTimer):
-                self._coord_timer = a.at
-                self.push(max(a.at, now), Kind.TIMER, self._coord, a.at)
+                c.timer_at = a.at
+                self.push(max(a.at, now), Kind.TIMER, me, a.at)
             elif isinstance(a, PersistUpdate):
-                self.persisted[a.update.key] = a.update
+                if self.regions is None:  # kept for label latency until a commit consumes it
+                    self.persisted[a.update.key] = a.update
             elif isinstance(a, CommitVersion):
-                self.commit_times[a.version] = now
+                c.commit_times[a.version] = now
+                if a.metadata.get("source") == "aggregation":
+                    self.aggregated_updates += int(a.metadata.get("n_updates", 0))
                 for key in a.consumed:
                     update = self.persisted.pop(key, None)
                     if update is not None:
@@ -371,16 +525,16 @@ class Simulation(Driver):
             elif isinstance(a, Notify):
                 self.coord_notes[a.kind] += 1
             elif isinstance(a, EvaluateCandidate):
-                self._score_candidate(a, now)
+                self._score_candidate(a, me, now)
             elif isinstance(a, RecordRelease):
                 self.releases.append({"t_s": now, "release": a.release, **a.event})
             elif isinstance(a, ConvertUpdate):
-                self._convert(a, now)
+                self._convert(a, me, now)
             elif isinstance(a, LoadVersion):  # operator rollback / pin: the emulator keeps no old versions
-                self.push(now, Kind.GATE, self._coord, lambda t, a=a: VersionLoaded(
+                self.push(now, Kind.GATE, me, lambda t, a=a: VersionLoaded(
                     now=t, version=a.version, weights=None, command=a.command, detail="the emulator keeps no registry"))
-        if self._take_requests is not None:
-            for device in self._take_requests():
+        if c.take_requests is not None:
+            for device in c.take_requests():
                 self._request_update(self._index[device], now)
 
     def _request_update(self, i: int, now: float) -> None:
@@ -416,7 +570,7 @@ class Simulation(Driver):
             self._scores[version] = validation_score(self.task, weights, self.validation)
         return self._scores[version]
 
-    def _score_candidate(self, job: EvaluateCandidate, now: float) -> None:
+    def _score_candidate(self, job: EvaluateCandidate, me: int, now: float) -> None:
         """What ``coordinator.validation.Validator`` does, on the virtual clock: score now,
         answer ``CandidateEvaluated`` after ``gate_delay_s``."""
         release = self._score(job.release_version, job.release_weights)
@@ -426,7 +580,7 @@ class Simulation(Driver):
             return CandidateEvaluated(now=t, version=job.version, candidate_metric=candidate[0], release_metric=release[0],
                                       release_version=job.release_version, paired=compare(candidate, release))
 
-        self.push(now + self.settings.gate_delay_s, Kind.GATE, self._coord, evaluated)
+        self.push(now + self.settings.gate_delay_s, Kind.GATE, me, evaluated)
 
     def _integrate(self, update: BufferedUpdate, now: float) -> None:
         """Label-to-model latency: the labels this update trained on that no earlier
@@ -437,6 +591,33 @@ class Simulation(Driver):
         if update.n_samples > done:
             self.latencies.extend(now - float(t) for t in times[done : update.n_samples])
             self._integrated[i] = update.n_samples
+
+    def _convert(self, job: ConvertUpdate, me: int, now: float) -> None:
+        """Convert a stale update for real, now; charge its measured compute on the virtual
+        clock: the answer (``UpdateConverted``) arrives that much later, and conversions run
+        one at a time, queued behind each other (the daemon's single worker)."""
+        if self.converter is None:
+            from coordinator.inversion import GradientInverter, InversionConfig
+
+            self.converter = GradientInverter(self.task, self.task.spec, InversionConfig(**self.settings.inversion)).convert  # type: ignore[arg-type]
+        started = self.conversion_clock()
+        weights, detail, extra = None, "", {}
+        try:
+            result = self.converter(job)
+            weights = result.weights
+            extra = {k: getattr(result, k) for k in ("iterations", "l1_before", "l1_after", "warm") if hasattr(result, k)}
+        except EdgeciError as exc:
+            detail = str(exc)[:200]
+        elapsed = max(0.0, self.conversion_clock() - started)
+        done = max(now, self._convert_free_at) + elapsed
+        self._convert_free_at = done
+        self.conversions.append({"t_s": now, "done_s": done, "elapsed_s": elapsed, "device": job.device, "staleness": job.staleness,
+                                 "ok": weights is not None, **extra})
+
+        def converted(t: float) -> UpdateConverted:
+            return UpdateConverted(now=t, ticket=job.ticket, weights=weights, elapsed_s=elapsed, detail=detail)
+
+        self.push(done, Kind.GATE, me, converted)
 
     # ------------------------------------------------------------------ devices
 
@@ -449,7 +630,8 @@ class Simulation(Driver):
         core = dev.core
         if kind == Kind.MSG:
             topic, payload = data
-            self.broker.delivered(i, len(payload))
+            if self.links is not None:
+                self.links.delivered(i, len(payload))
             actions = core.handle(MessageReceived(now=now, topic=topic, payload=payload))
         elif kind == Kind.TIMER:
             if dev.timer_at != data:
@@ -490,7 +672,7 @@ class Simulation(Driver):
                 dev.deployed_version = a.version
             elif isinstance(a, Notify):
                 self.device_notes[a.kind] += 1
-                if self.settings.continuous and a.kind in ("update_acked", "update_rejected"):
+                if self.continuous and a.kind in ("update_acked", "update_rejected"):
                     self.push(now, Kind.SAMPLE, i, dev.core.state.total + 1)  # retrain on the next model
             elif isinstance(a, PersistDeviceState):
                 pass  # in-memory devices never restart
@@ -507,59 +689,68 @@ class Simulation(Driver):
         self._training[i] = (job, now, seconds, result)
         self.push(finish, Kind.TRAINED, i, (job.job_id, result, seconds))
 
+    # ------------------------------------------------------------------ network
+
     def _publish(self, sender: int, action: Publish, now: float) -> None:
         if self.stragglers is not None and self.stragglers.hold(sender, action, self.coordinator.version):
             return  # a delayed device's update waits in its link until τ versions have passed
-        routed = self.broker.route(sender, action.topic, action.payload, action.retain, now)
-        if routed is not None:
-            receiver, at = routed
-            self.push(at, Kind.MSG, receiver, (action.topic, action.payload))
+        self._send(sender, action, now)
+
+    publish = _publish
+
+    def _send(self, sender: int, action: Publish, now: float) -> None:
+        """Into the network model: a delivery (``MSG``) per subscriber, or a ``HOP`` first
+        across regions (retained status and stray topics: nobody listens here)."""
+        if self.links is not None:
+            routed = self.links.route(sender, action.topic, action.payload, action.retain, now)
+            if routed is not None:
+                self.push(routed[1], Kind.MSG, routed[0], (action.topic, action.payload))
+            return
+        network = self.network
+        assert network is not None
+        size = len(action.payload)
+        peer = action.topic.startswith(f"{topics.ROOT}/peer/")
+        if peer and action.topic not in network.routes:  # a peer topic's first message: its recipient, or all
+            to = topics.parse(action.topic).coordinator
+            network.subscribe(action.topic, [self.n + k for k, c in enumerate(self.coords) if to in ("all", c.core.config.coordinator_id)])
+        peer = peer and sender >= self.n
+        for receiver, at in network.send(sender, action.topic, size, now):
+            if peer:
+                self.bytes_peer += size
+            else:
+                self.bytes_device += size
+            self.push(at, Kind.HOP, receiver, (action.topic, action.payload))
 
     def _release_held(self, version: int, weights: Any, now: float) -> None:
         """A commit: record class-c accuracy; send the delayed updates whose τ has passed."""
         assert self.stragglers is not None
         self.stragglers.committed(self.task, version, weights, now)
         for sender, action in self.stragglers.due(version):
-            routed = self.broker.route(sender, action.topic, action.payload, action.retain, now)
-            if routed is not None:
-                self.push(routed[1], Kind.MSG, routed[0], (action.topic, action.payload))
-
-    def _convert(self, job: ConvertUpdate, now: float) -> None:
-        """Convert a stale update for real, now; charge its measured compute on the virtual
-        clock: the answer (``UpdateConverted``) arrives that much later, and conversions run
-        one at a time, queued behind each other (the daemon's single worker)."""
-        if self.converter is None:
-            from coordinator.inversion import GradientInverter, InversionConfig
-
-            self.converter = GradientInverter(self.task, self.task.spec, InversionConfig(**self.settings.inversion)).convert  # type: ignore[arg-type]
-        started = self.conversion_clock()
-        weights, detail, extra = None, "", {}
-        try:
-            result = self.converter(job)
-            weights = result.weights
-            extra = {k: getattr(result, k) for k in ("iterations", "l1_before", "l1_after", "warm") if hasattr(result, k)}
-        except EdgeciError as exc:
-            detail = str(exc)[:200]
-        elapsed = max(0.0, self.conversion_clock() - started)
-        done = max(now, self._convert_free_at) + elapsed
-        self._convert_free_at = done
-        self.conversions.append({"t_s": now, "done_s": done, "elapsed_s": elapsed, "device": job.device, "staleness": job.staleness,
-                                 "ok": weights is not None, **extra})
-
-        def converted(t: float) -> UpdateConverted:
-            return UpdateConverted(now=t, ticket=job.ticket, weights=weights, elapsed_s=elapsed, detail=detail)
-
-        self.push(done, Kind.GATE, self._coord, converted)
+            self._send(sender, action, now)
 
     # ------------------------------------------------------------------ metrics
 
+    def _metrics(self, c: EmulatedCoordinator) -> dict[str, float]:
+        """The task's metrics of ``c``'s deployed model (evaluated once per version)."""
+        version = c.core.version
+        if c.evaluated is None or c.evaluated[0] != version:
+            with np.errstate(over="ignore", invalid="ignore"):  # an attacked model's logits may overflow
+                c.evaluated = (version, self.task.evaluate(c.core.weights))
+        return c.evaluated[1]
+
     def _evaluate(self, now: float) -> None:
+        row = self._row(now) if self.regions is None else self._regions_row(now)
+        self.rows.append(row)
+        if self.progress is not None:
+            self.progress(now, row)
+        if self.done_at is None and row["accuracy"] >= self.settings.target_accuracy:
+            self.done_at = now
+
+    def _row(self, now: float) -> dict[str, float]:
+        """One region's row: the deployed model and the release, traffic, staleness, labels."""
         c = self.coordinator
         version = c.version
-        if self._eval_cache is None or self._eval_cache[0] != version:
-            with np.errstate(over="ignore", invalid="ignore"):  # an attacked model's logits may overflow
-                self._eval_cache = (version, self.task.evaluate(c.weights))
-        metrics = self._eval_cache[1]
+        metrics = self._metrics(self.coords[0])
         release_version, release_weights = c.release
         if release_version == version:
             release_metrics = metrics
@@ -571,6 +762,7 @@ class Simulation(Driver):
         counters = c.counters
         hist = c.staleness_hist
         n_stale = sum(hist.values())
+        links = self.broker
         row = {
             "t_s": now,
             "version": float(version),
@@ -578,8 +770,8 @@ class Simulation(Driver):
             "accuracy": float(metrics["accuracy"]),
             "release_version": float(release_version),
             "release_accuracy": float(release_metrics["accuracy"]),
-            "bytes_up": float(self.broker.device_bytes_up),
-            "bytes_down": float(self.broker.device_bytes_down),
+            "bytes_up": float(links.device_bytes_up),
+            "bytes_down": float(links.device_bytes_down),
             "updates": float(counters["accepted"]),
             "aggregations": float(counters["aggregations"]),
             "pulls_served": float(counters["pulls_served"]),
@@ -594,9 +786,26 @@ class Simulation(Driver):
             row["loss"] = float(metrics["loss"])
         if self.stragglers is not None:
             row["class_accuracy"] = self.stragglers.class_accuracy(self.task, version, c.weights)
-        self.rows.append(row)
-        if self.progress is not None:
-            self.progress(now, row)
+        return row
+
+    def _regions_row(self, now: float) -> dict[str, float]:
+        """Regions: mean, min and max over the coordinators' deployed models; the latest
+        commit among them; traffic on device links and between coordinators; CPU use."""
+        accs = [float(self._metrics(c)["accuracy"]) for c in self.coords]
+        committed = max([0.0, *(c.commit_times.get(c.core.version, now) for c in self.coords)])
+        return {
+            "t_s": now,
+            "committed_at_s": committed,
+            "accuracy": float(np.mean(accs)),
+            "accuracy_min": float(np.min(accs)),
+            "accuracy_max": float(np.max(accs)),
+            "version": float(np.mean([c.core.version for c in self.coords])),
+            "updates": float(self.aggregated_updates),
+            "trainings": float(self._trainings),
+            "bytes_device": float(self.bytes_device),
+            "bytes_peer": float(self.bytes_peer),
+            "coordinator_utilisation": float(np.mean([c.busy_s for c in self.coords]) / now) if now > 0 else 0.0,
+        }
 
     def _devices_online(self, now: float) -> int:
         """Devices not inside an offline window at ``now`` (windows are disjoint per device)."""
@@ -605,17 +814,39 @@ class Simulation(Driver):
 
     def _result(self, wall_s: float) -> RunResult:
         s = self.settings
-        c = self.coordinator
         rows = self.rows
-        result = RunResult(label=self.label, strategy=self.strategy.name, params=self.params, seed=self.seed,
-                           target_accuracy=s.target_accuracy, rows=rows)
-        ttt = result.time_to_target
+        method = self.method
+        result = RunResult(label=self.label, strategy=self.strategy.name if method is None else method.kind, params=self.params,
+                           seed=self.seed, target_accuracy=s.target_accuracy, rows=rows)
         accs = [r["accuracy"] for r in rows]
-        release_accs = [r["release_accuracy"] for r in rows]
         trainings = sum(d.trainings for d in self.devices)
+        if self.regions is not None:
+            assert self.network is not None
+            result.summary = {
+                "devices": self.n,
+                "coordinators": len(self.coords),
+                "time_to_target_s": result.time_to_target,
+                "initial_accuracy": float(self.task.evaluate(self.initial)["accuracy"]),
+                "final_accuracy": accs[-1] if accs else None,
+                "best_accuracy": max(accs) if accs else None,
+                "virtual_s": self.clock.now,
+                "updates": self.aggregated_updates,
+                "trainings": trainings,
+                "messages": self.network.messages,
+                "bytes_device": self.bytes_device,
+                "bytes_peer": self.bytes_peer,
+                "coordinator_utilisation": rows[-1]["coordinator_utilisation"] if rows else None,
+                "peering": [c.core.peering.describe() for c in self.coords],
+                "wall_s": wall_s,
+                "events": self.events,
+            }
+            return result
+        c = self.coordinator
+        release_accs = [r["release_accuracy"] for r in rows]
         lat = np.array(self.latencies) if self.latencies else None
+        links = self.broker
         result.summary = {
-            "time_to_target_s": ttt,
+            "time_to_target_s": result.time_to_target,
             "initial_accuracy": accs[0] if accs else None,
             "final_accuracy": accs[-1] if accs else None,
             "initial_release_accuracy": release_accs[0] if release_accs else None,
@@ -641,9 +872,9 @@ class Simulation(Driver):
             "label_latency_mean_s": float(lat.mean()) if lat is not None else None,
             "label_latency_p50_s": float(np.percentile(lat, 50)) if lat is not None else None,
             "label_latency_p90_s": float(np.percentile(lat, 90)) if lat is not None else None,
-            "bytes_up": self.broker.device_bytes_up,
-            "bytes_down": self.broker.device_bytes_down,
-            "messages": self.broker.messages,
+            "bytes_up": links.device_bytes_up,
+            "bytes_down": links.device_bytes_down,
+            "messages": links.messages,
             "staleness_histogram": {str(k): v for k, v in sorted(c.staleness_hist.items())},
             "events": self.events,
             "virtual_s": s.duration_s,
@@ -661,7 +892,14 @@ class Simulation(Driver):
 
 def run_spec(task: Task, run: RunSpec, seed: int, *, progress: Progress | None = None) -> RunResult:
     """Run one scenario line (strategy + settings) for one seed."""
+    if run.regional:
+        raise ScenarioError(f"{run.label!r} is a regional method: run its scenario with `python -m devices.multiregion`")
     method = make_method(run.strategy, params=run.params, coordinator_id=COORDINATOR_ID)
     return Simulation(task, run.settings, method.strategy, peering=method.peering, seed=seed, label=run.label,
                       params=run.params, progress=progress).run()
 
+
+def run_regional(task: Task, sc: Scenario, method: RunSpec, n_devices: int, seed: int,
+                 progress: Progress | None = None) -> RunResult:
+    """Run one method of a regional scenario with ``n_devices`` devices for one seed."""
+    return Simulation.regional(task, sc, method, n_devices, seed, progress).run()

@@ -190,3 +190,40 @@ def _toml(raw: dict[str, Any]) -> str:
         lines.append("[[methods]]")
         lines += [f"{kk} = {value(vv)}" for kk, vv in m.items()]
     return "\n".join(lines) + "\n"
+
+
+def test_regional_and_single_region_scenarios_share_one_schema() -> None:
+    from devices.scenario import RunSpec, load_scenario
+    from devices.simulator import run_spec
+
+    sc = load_scenario(SCENARIO)  # the one loader reads [[methods]] as it reads [[runs]]
+    assert sc.regions is not None and all(isinstance(m, RunSpec) and m.regional for m in sc.runs)
+    assert {m.kind: m.strategy for m in sc.methods}["single"] == "fedasync"
+    assert sc.with_seeds([3, 4]).settings.seeds == (3, 4) and sc.with_seeds([3]).device_counts == sc.device_counts
+    with pytest.raises(ScenarioError, match="regional method"):
+        run_spec(get_task("digits", device="cpu"), sc.runs[0], 0)
+    plain = load_scenario(ROOT / "demos" / "scenarios" / "digits-headline.toml")
+    assert plain.regions is None and not any(r.regional for r in plain.runs)
+    with pytest.raises(ScenarioError, match="not a regional scenario"):
+        _ = plain.topology
+
+
+def test_a_single_region_without_peering_is_one_coordinator_on_the_region_matrix() -> None:
+    sc = parse_multiregion({**tiny(regions=["solo"], latency_ms=[[5.0]], single_server_region="solo"),
+                            "methods": [{"label": "one", "kind": "single", "strategy": "spin", "strategy_params": {"k": 2}}]})
+    run = MultiRegionRun(get_task("digits", device="cpu"), sc, sc.methods[0], 5, 0)
+    r = run.run()
+    assert len(run.coords) == 1 and r.summary["bytes_peer"] == 0 and r.summary["updates"] >= 2
+    # A pull, its model and the update each cross the 5 ms one-way latency (plus ~150 ms of training).
+    assert min(t for t in run.coords[0].commit_times.values() if t > 0) > 0.015 + 0.1
+
+
+def test_the_coordinators_pull_limits_come_from_the_scenario() -> None:
+    raw = {**tiny(), "coordinator": {"pull_refill_s": 0.0, "pull_burst": 3}}
+    sc = parse_multiregion(raw)
+    run = MultiRegionRun(get_task("digits", device="cpu"), sc, sc.methods[0], 8, 0)
+    assert all((c.core.config.pull_refill_s, c.core.config.pull_burst) == (0.0, 3.0) for c in run.coords)
+    default = MultiRegionRun(get_task("digits", device="cpu"), parse_multiregion(tiny()), sc.methods[0], 8, 0)
+    assert default.coords[0].core.config.pull_refill_s > 0, "unset: the coordinator's own limit"
+    with pytest.raises(ScenarioError, match="pull_burst must be >= 1"):
+        parse_multiregion({**tiny(), "coordinator": {"pull_burst": 0}})

@@ -12,9 +12,9 @@
 ``training``    the per-device training seed and hints → ``TrainConfig``, written once
 ==============  ===================================================================
 
-Drivers (``devices.simulator`` for one region, ``devices.multiregion`` for several) own
-the cores and decide what each event means; the engine owns time, ordering, the network
-and the training plumbing. Reporting (tables, plots, seeds) is ``devices.report``.
+Drivers (``devices.simulator``, the one fleet runner for one region or several;
+``devices.scc_fleet``; ``devices.live``) own the cores and decide what each event means;
+the engine owns time, ordering, the network and the training plumbing. Reporting is ``devices.report``.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ def train_config(hints: Mapping[str, float], defaults: TrainConfig, *, seed: int
         epochs=int(hints.get("epochs", defaults.epochs)),
         batch_size=int(hints.get("batch_size", defaults.batch_size)),
         lr=float(hints.get("lr", defaults.lr)),
+        mu=float(hints.get("mu", defaults.mu)),
         seed=seed,
         group=group,
     )
