@@ -135,6 +135,17 @@ def test_attacks_scenario_parses_with_its_runs() -> None:
     trimmed = by["attacked: trimmed + gate"]
     assert trimmed.settings.gate and trimmed.params["combiner"] == "trimmed-mean"
     assert trimmed.settings.attack == attacked.attack
+    # the recommended defence, and "honest + gate" is that very coordinator without attackers
+    chosen = by["attacked: clipping + deltas + gate"]
+    assert chosen.settings.gate and chosen.settings.attack == attacked.attack
+    assert (chosen.params["combine"], chosen.params["combiner"], chosen.params["clip_multiplier"]) == (
+        "deltas",
+        "mean",
+        3.0,
+    )
+    cost = by["honest + gate"]
+    assert cost.params == chosen.params and cost.settings.gate and not cost.settings.attack.active
+    assert 0 in sc.settings.seeds and len(sc.settings.seeds) >= 5
     quick = sc.quick()
     assert quick.settings.duration_s < sc.settings.duration_s and quick.reference == "honest"
 
@@ -213,8 +224,8 @@ def test_release_report_helpers() -> None:
 
 
 def test_quick_attacks_scenario_defences_hold_and_no_defence_collapses(tmp_path: Path) -> None:
-    """``edgeci emulate demos/scenarios/attacks.toml --quick`` (three of its runs, same seed)."""
-    chosen = ["honest", "attacked: no defence", "attacked: robust + gate"]
+    """``edgeci emulate demos/scenarios/attacks.toml --quick`` (four of its runs, same seed)."""
+    chosen = ["honest", "attacked: no defence", "attacked: robust + gate", "attacked: clipping + deltas + gate"]
     p = argparse.ArgumentParser()
     emulate.add_arguments(p)
     args = p.parse_args(
@@ -234,16 +245,18 @@ def test_quick_attacks_scenario_defences_hold_and_no_defence_collapses(tmp_path:
     assert (tmp_path / "release.png").stat().st_size > 10_000
     runs = summary["runs"]
     assert set(runs) == set(chosen)
-    none, gated = runs["attacked: no defence"], runs["attacked: robust + gate"]
+    none = runs["attacked: no defence"]
     assert none["seeds"][0]["attackers"] == {"flip": 3, "scale": 3, "claim": 0}
     assert runs["honest"]["seeds"][0]["attackers"] == {"flip": 0, "scale": 0, "claim": 0}
-    # without defences the release collapses; with robust aggregation + the gate it holds
+    # without defences the release collapses; behind the gate (median or clipping + deltas) it holds
     assert none["worst_drop_points"] > 10, table
     assert none["reached"] == 0, table
-    assert gated["worst_drop_points"] <= 2, table
-    assert all(s["gate"]["gate_promoted"] >= 1 for s in gated["seeds"]), table
-    # ... and still learns: the quick run is too short for the honest target, so ask for progress
-    assert all(s["final"] >= s["start"] + 0.05 for s in gated["seeds"]), table
+    for label in ("attacked: robust + gate", "attacked: clipping + deltas + gate"):
+        gated = runs[label]
+        assert gated["worst_drop_points"] <= 2, table
+        assert all(s["gate"]["gate_promoted"] >= 1 for s in gated["seeds"]), table
+        # ... and still learns: the quick run is short, so ask for progress, not the target
+        assert all(s["final"] >= s["start"] + 0.05 for s in gated["seeds"]), table
 
 
 def test_runs_of_one_seed_share_fleet_data_and_validation(digits: Any) -> None:

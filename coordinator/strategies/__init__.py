@@ -16,6 +16,9 @@ a frozen dataclass; adding one is one :func:`register` call (or one entry in ``_
                           peering ``spyker`` shares the age ledger
 ``nebula``                planets / stellar / master models (003); peering ``nebula`` rotates
 ``hierfavg``              FedAvg edge rounds that wait for the cloud (peering ``hierfavg``)
+``fedopt`` / ``fedadam``  synchronous rounds + server optimizer over the mean pseudo-gradient
+                          (``sgd`` η = 1 is FedAvg; ``fedadam``: Reddi et al.'s FedAdam)
+``hfedms``                HFedMS-S: sequential chains in ICG label-mix groups, f(r) groups (002)
 ========================  =====================================================================
 
 A strategy that shares state with a peering protocol is wired to it by
@@ -38,6 +41,8 @@ from coordinator.strategies.base import BufferedUpdate, CoordinatorView, Plan, S
 from coordinator.strategies.fedasync import FedAsyncConfig, FedAsyncStrategy
 from coordinator.strategies.fedavg import FedAvgConfig, FedAvgStrategy
 from coordinator.strategies.fedbuff import FedBuffConfig, FedBuffStrategy
+from coordinator.strategies.fedopt import FedAdamStrategy, FedOptConfig, FedOptStrategy
+from coordinator.strategies.hfedms import HFedMSConfig, HFedMSStrategy
 from coordinator.strategies.hierfavg import HierEdgeStrategy
 from coordinator.strategies.nebula import NebulaConfig, NebulaStrategy
 from coordinator.strategies.port import PortConfig, PortStrategy
@@ -82,6 +87,20 @@ def _hierfavg(**kw: Any) -> Strategy:
     return HierEdgeStrategy(FedAvgConfig(**kw))
 
 
+def _fedopt(**kw: Any) -> Strategy:
+    return FedOptStrategy(FedOptConfig(**kw))
+
+
+def _fedadam(**kw: Any) -> Strategy:
+    kw.setdefault("server_opt", "adam")
+    kw.setdefault("server_lr", 0.01)
+    return FedAdamStrategy(FedOptConfig(**kw))
+
+
+def _hfedms(**kw: Any) -> Strategy:
+    return HFedMSStrategy(HFedMSConfig(**kw))
+
+
 _FACTORIES: dict[str, Callable[..., Strategy]] = {
     "spin": _spin,
     "spin-notimeout": _spin_notimeout,
@@ -92,12 +111,15 @@ _FACTORIES: dict[str, Callable[..., Strategy]] = {
     "spyker": _spyker,
     "nebula": _nebula,
     "hierfavg": _hierfavg,
+    "fedopt": _fedopt,
+    "fedadam": _fedadam,
+    "hfedms": _hfedms,
 }
 
 CONFIGS: dict[str, type] = {
     "spin": SpinConfig, "spin-notimeout": SpinConfig, "fedbuff": FedBuffConfig, "port": PortConfig,
     "fedasync": FedAsyncConfig, "fedavg": FedAvgConfig, "spyker": SpykerConfig, "nebula": NebulaConfig,
-    "hierfavg": FedAvgConfig,
+    "hierfavg": FedAvgConfig, "fedopt": FedOptConfig, "fedadam": FedOptConfig, "hfedms": HFedMSConfig,
 }
 """Each strategy's config dataclass: the parameters ``make_strategy(name, ...)`` accepts."""
 

@@ -1,0 +1,350 @@
+"""HFedMS-S (002, §III-B/C): sequential-to-parallel training (STP) over inter-cluster groups (ICG).
+
+**ICG** (Algorithm 3). Every ``regroup_every`` = T rounds the waiting devices are put into
+M = f(r) groups, f the paper's growth function at r = kT (k = 1, 2, … the regroup index):
+
+    log     f = β ⌊α ln(r/T) + 1⌋        (the paper's choice, α = 2, β = 10)
+    linear  f = β ⌊α (r/T − 1) + 1⌋
+    exp     f = β ⌊(1 + α)^(r/T − 1)⌋
+
+capped at the number of devices. The devices are clustered into L = ⌊K/M⌋ clusters of
+(near-)equal size by their label mix — balanced k-means (greedy capacity-constrained
+assignment; the paper solves the same assignment as a min-cost flow) — and each group takes
+one device from every cluster (leftovers round-robin), then is shuffled. κ·M of the groups
+(at least one) are drawn to train for the next T rounds.
+
+*What the strategy knows of a device's label mix*: devices report no label counts, and the
+brief keeps them unchanged, so the mix is estimated from what every device already sends,
+its update: the change of the classifier's bias, Δb_c ∝ Σ_i (y_ic − p_ic) for softmax
+cross-entropy, is positive for the classes the device holds more of than the model
+predicts. Each device's latest Δb (unit norm) is its clustering vector; a device that has
+not reported yet clusters as the zero vector (groups are then random, as at the very first
+regroup). Never raw data.
+
+**STP** (Algorithm 2). Inside a group the model travels: the first device trains the round's
+global model, the next continues from its result, …; the last device's model is the group's
+result; the round's model is the sample-weighted mean of the group results (``weighted =
+false``: the paper's plain 1/(κM) mean). The coordinator core serves exactly one training line
+(the current version) to every pull, and devices stay unchanged, so the chain is carried by
+the training line itself: each chain step is committed as a version (the next device of the
+chain is invited only once its predecessor's update is in, and is served that version), and
+at a chain's end the line is reset to the round's start model for the next group. Groups
+therefore run one after another, not side by side — the model sequence (and so accuracy per
+round, the paper's metric) is exactly STP's, but virtual time is the serial sum of every
+step. ``describe()`` reports both that serial time and the time the same steps would take
+with the groups in parallel (per round, the longest chain). Versions between round ends are
+intermediate chain models; ``describe()["round_versions"]`` lists the round-end versions.
+
+``population`` gates each regroup until that many devices, and all devices seen, wait (as
+``fedopt``'s); ``rounds`` stops after R
+rounds (the paper reports accuracy after R = 500 rounds).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import numpy.typing as npt
+
+from coordinator.strategies.base import BufferedUpdate, CoordinatorView, Plan, Strategy
+from edge_sdk.errors import ConfigError
+from edge_sdk.spec import FULL, ModelSpec, Vector
+
+__all__ = ["HFedMSConfig", "HFedMSStrategy", "group_count", "head_signal", "inter_cluster_groups"]
+
+GROWTH = ("log", "linear", "exp")
+GROUPING = ("icg", "random")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HFedMSConfig:
+    alpha: float = 2.0
+    beta: int = 10
+    growth: str = "log"
+    regroup_every: int = 1
+    """T. HFedMS-S (STP + ICG, no SCC/LASP) regroups every round (the paper: "HFedMS-D with
+    T = 1 is actually HFedMS-S")."""
+    kappa: float = 0.3
+    """Share of the groups drawn to train."""
+    grouping: str = "icg"
+    """``icg`` (clusters by label mix) or ``random`` (the ablation: random groups)."""
+    weighted: bool = True
+    """Average group results by their samples (False: plain mean, Algorithm 2 line 19)."""
+    population: int | None = None
+    """Regroup only when this many devices wait (None: whoever waits, at least one)."""
+    rounds: int | None = None
+    cluster_iters: int = 10
+    head_group: str = "classifier"
+    """The layer group whose 1-D parameter (the bias) gives the label-mix signal."""
+
+    def __post_init__(self) -> None:
+        if self.growth not in GROWTH:
+            raise ConfigError(f"growth must be one of {GROWTH}, got {self.growth!r}")
+        if self.grouping not in GROUPING:
+            raise ConfigError(f"grouping must be one of {GROUPING}, got {self.grouping!r}")
+        if not self.alpha >= 0 or self.beta < 1 or self.regroup_every < 1 or not 0 < self.kappa <= 1:
+            raise ConfigError("need alpha >= 0, beta >= 1, regroup_every >= 1 and 0 < kappa <= 1")
+        if self.population is not None and self.population < 1:
+            raise ConfigError("population must be >= 1 (or None)")
+        if self.rounds is not None and self.rounds < 1:
+            raise ConfigError("rounds must be >= 1 (or None)")
+        if self.cluster_iters < 1:
+            raise ConfigError("cluster_iters must be >= 1")
+
+
+def group_count(regroup_index: int, *, alpha: float, beta: int, growth: str = "log", devices: int | None = None) -> int:
+    """M = f(r) at the ``regroup_index``-th regroup (r/T = index, 1-based), in [1, devices]."""
+    if regroup_index < 1:
+        raise ConfigError("regroup_index is 1-based")
+    x = float(regroup_index)
+    if growth == "log":
+        m = beta * math.floor(alpha * math.log(x) + 1.0)
+    elif growth == "linear":
+        m = beta * math.floor(alpha * (x - 1.0) + 1.0)
+    elif growth == "exp":
+        m = beta * math.floor((1.0 + alpha) ** min(x - 1.0, 60.0))
+    else:
+        raise ConfigError(f"growth must be one of {GROWTH}, got {growth!r}")
+    m = max(1, m)
+    return min(m, devices) if devices is not None else m
+
+
+def head_signal(spec: ModelSpec, head_group: str, before: Vector, after: Vector) -> npt.NDArray[np.float64] | None:
+    """The unit-norm change of ``head_group``'s 1-D parameter (the classifier bias), or None
+    when the model has no such parameter or nothing changed."""
+    bias = [p for p in spec.params if p.group == head_group and len(p.shape) == 1]
+    if not bias:
+        return None
+    p = bias[-1]
+    sl = slice(p.offset, p.offset + p.size)
+    d = np.asarray(after[sl], dtype=np.float64) - np.asarray(before[sl], dtype=np.float64)
+    norm = float(np.linalg.norm(d))
+    if not math.isfinite(norm) or norm == 0.0:
+        return None
+    return d / norm
+
+
+def _balanced_assign(x: npt.NDArray[np.float64], centroids: npt.NDArray[np.float64], sizes: Sequence[int]) -> list[int]:
+    """Each point to a cluster, cluster c taking exactly ``sizes[c]`` points: greedy over
+    (distance, point, cluster) ascending."""
+    d = ((x[:, None, :] - centroids[None, :, :]) ** 2).sum(axis=2)
+    order = np.lexsort((np.arange(d.size) % d.shape[1], np.arange(d.size) // d.shape[1], d.ravel()))
+    room = list(sizes)
+    out = [-1] * x.shape[0]
+    left = x.shape[0]
+    for flat in order:
+        i, c = divmod(int(flat), d.shape[1])
+        if out[i] < 0 and room[c] > 0:
+            out[i] = c
+            room[c] -= 1
+            left -= 1
+            if not left:
+                break
+    return out
+
+
+def inter_cluster_groups(
+    devices: Sequence[str], features: Mapping[str, npt.NDArray[np.float64]], m: int, rng: random.Random, *, iters: int = 10
+) -> list[list[str]]:
+    """ICG: ``m`` groups of ``devices``, each one device from every label-mix cluster.
+
+    L = ⌊K/m⌋ clusters of sizes ⌊K/L⌋ or ⌈K/L⌉ (≥ m each) by balanced k-means on ``features``
+    (missing → zeros); group j takes member j of every cluster, leftovers round-robin; every
+    group is shuffled. Group sizes differ by at most one."""
+    devs = list(devices)
+    rng.shuffle(devs)
+    k = len(devs)
+    if k == 0:
+        return []
+    m = max(1, min(m, k))
+    n_clusters = max(1, k // m)
+    dim = max((len(v) for v in features.values()), default=1)
+    x = np.zeros((k, dim), dtype=np.float64)
+    for i, d in enumerate(devs):
+        v = features.get(d)
+        if v is not None and len(v) == dim:
+            x[i] = v
+    sizes = [k // n_clusters + (1 if c < k % n_clusters else 0) for c in range(n_clusters)]
+    centroids = x[rng.sample(range(k), n_clusters)].copy()
+    assign = _balanced_assign(x, centroids, sizes)
+    for _ in range(iters):
+        for c in range(n_clusters):
+            idx = [i for i, a in enumerate(assign) if a == c]
+            centroids[c] = x[idx].mean(axis=0) if idx else centroids[c]
+        new = _balanced_assign(x, centroids, sizes)
+        if new == assign:
+            break
+        assign = new
+    clusters = [[devs[i] for i, a in enumerate(assign) if a == c] for c in range(n_clusters)]
+    groups: list[list[str]] = [[] for _ in range(m)]
+    spill = 0
+    for members in clusters:
+        rng.shuffle(members)
+        for j, d in enumerate(members):
+            if j < m:
+                groups[j].append(d)
+            else:
+                groups[spill % m].append(d)
+                spill += 1
+    for g in groups:
+        rng.shuffle(g)
+    return groups
+
+
+class HFedMSStrategy(Strategy):
+    """STP over ICG groups, serialised on the core's training line. See the module docstring."""
+
+    name: ClassVar[str] = "hfedms"
+
+    def __init__(self, config: HFedMSConfig | None = None) -> None:
+        self.config = config or HFedMSConfig()
+        self.round = 0
+        """Completed rounds."""
+        self.regroups = 0
+        self.groups: list[list[str]] = []
+        self.selected: list[list[str]] = []
+        """The drawn groups (chains) of this regroup period."""
+        self.features: dict[str, npt.NDArray[np.float64]] = {}
+        self.in_round = False
+        self._chain = 0
+        self._pos = 0
+        self._chain_samples = 0
+        self._start: Vector | None = None
+        self._results: list[tuple[Vector, int]] = []
+        self.expecting: str | None = None
+        self._invited_at = 0.0
+        self._invite_version = -1
+        self._chain_s = 0.0
+        self._round_parallel_s = 0.0
+        self.serial_s = 0.0
+        """Virtual seconds of every chain step, end to end (how this strategy runs)."""
+        self.parallel_s = 0.0
+        """The same steps with the groups in parallel: Σ over rounds of the longest chain."""
+        self.round_versions: list[int] = []
+        self.group_sizes: list[int] = []
+        """Groups per round (M), for the growth curve."""
+        self.chain_breaks = 0
+        """Chain steps whose update was not built on the version served for it (must stay 0)."""
+        self.ignored = 0
+
+    # ------------------------------------------------------------------ hooks
+
+    def serve_pull(self, view: CoordinatorView, device: str, now: float) -> bool:
+        return False  # only an invitation serves: the chain decides who trains on what
+
+    def on_update(self, view: CoordinatorView, update: BufferedUpdate, now: float) -> None:
+        if update.device == self.expecting:
+            if update.base_version != self._invite_version:
+                self.chain_breaks += 1
+            step = max(0.0, now - self._invited_at)
+            self._chain_s += step
+            self.serial_s += step
+
+    def done(self) -> bool:
+        return self.config.rounds is not None and self.round >= self.config.rounds and not self.in_round
+
+    def plan(self, view: CoordinatorView, now: float, rng: random.Random) -> Plan:
+        buffer = view.buffer
+        if buffer and (self.expecting is None or any(u.device == self.expecting for u in buffer)):
+            return Plan(aggregate=True)
+        if self.expecting is not None or self.done():
+            return Plan()
+        deferred = view.deferred
+        if not self.in_round and not self._start_round(view, deferred, rng):
+            return Plan()
+        device = self.selected[self._chain][self._pos]
+        if device not in deferred:
+            return Plan()  # its pull (after its previous update's ack) is still on the way
+        self.expecting = device
+        self._invited_at = now
+        self._invite_version = view.version
+        return Plan(invite=(device,))
+
+    def _start_round(self, view: CoordinatorView, deferred: Mapping[str, float], rng: random.Random) -> bool:
+        cfg = self.config
+        if self.round % cfg.regroup_every == 0 or not self.selected:
+            need = cfg.population if cfg.population is not None else 1
+            if len(deferred) < need or (cfg.population is not None and len(deferred) < len(view.devices_seen)):
+                return False
+            self.regroups += 1
+            waiting = sorted(deferred)
+            m = group_count(self.regroups, alpha=cfg.alpha, beta=cfg.beta, growth=cfg.growth, devices=len(waiting))
+            feats = self.features if cfg.grouping == "icg" else {}
+            self.groups = [g for g in inter_cluster_groups(waiting, feats, m, rng, iters=cfg.cluster_iters) if g]
+            n_sel = max(1, min(len(self.groups), round(cfg.kappa * len(self.groups))))
+            self.selected = [self.groups[i] for i in sorted(rng.sample(range(len(self.groups)), n_sel))]
+        self.group_sizes.append(len(self.groups))
+        self.in_round = True
+        self._chain = 0
+        self._pos = 0
+        self._chain_samples = 0
+        self._chain_s = 0.0
+        self._round_parallel_s = 0.0
+        self._results = []
+        self._start = np.array(view.weights, dtype=np.float32, copy=True)
+        return True
+
+    # ------------------------------------------------------------------ the chain
+
+    def aggregate(self, view: CoordinatorView, updates: Sequence[BufferedUpdate]) -> Vector:
+        current = np.array(view.weights, dtype=np.float32, copy=True)
+        mine = [u for u in updates if u.device == self.expecting and u.group == FULL]
+        self.ignored += len(updates) - len(mine)
+        if not mine or self._start is None:
+            return current  # nothing of the chain arrived: the line stays where it is
+        u = max(mine, key=lambda b: b.seq)
+        base = view.weights_at(u.base_version)
+        sig = head_signal(view.spec, self.config.head_group, current if base is None else base, u.weights)
+        if sig is not None:
+            self.features[u.device] = sig
+        self.expecting = None
+        self._chain_samples += max(int(u.n_samples), 0)
+        self._pos += 1
+        chain = self.selected[self._chain]
+        if self._pos < len(chain):
+            return np.array(u.weights, dtype=np.float32, copy=True)  # the next device continues from here
+        self._results.append((np.array(u.weights, dtype=np.float32, copy=True), self._chain_samples))
+        self._round_parallel_s = max(self._round_parallel_s, self._chain_s)
+        self._chain += 1
+        self._pos = 0
+        self._chain_samples = 0
+        self._chain_s = 0.0
+        if self._chain < len(self.selected):
+            return self._start.copy()  # the next group starts from the round's model
+        self.in_round = False
+        self.round += 1
+        self.parallel_s += self._round_parallel_s
+        self.round_versions.append(view.version + 1)
+        return _mean(self._results, weighted=self.config.weighted)
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {"round": self.round, "regroups": self.regroups}
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        for key in ("round", "regroups"):
+            v = state.get(key)
+            if isinstance(v, int) and v >= 0:
+                setattr(self, key, v)
+
+    def describe(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "name": self.name, "alpha": c.alpha, "beta": c.beta, "growth": c.growth, "regroup_every": c.regroup_every,
+            "kappa": c.kappa, "grouping": c.grouping, "weighted": c.weighted, "population": c.population,
+            "rounds": c.rounds, "round": self.round, "regroups": self.regroups, "groups_per_round": list(self.group_sizes),
+            "round_versions": list(self.round_versions), "serial_s": self.serial_s, "parallel_s": self.parallel_s,
+            "chain_breaks": self.chain_breaks, "ignored": self.ignored, "devices_with_signal": len(self.features),
+        }
+
+
+def _mean(results: Sequence[tuple[Vector, int]], *, weighted: bool) -> Vector:
+    total = sum(n for _w, n in results)
+    acc = np.zeros(results[0][0].shape, dtype=np.float64)
+    for w, n in results:
+        acc += np.asarray(w, dtype=np.float64) * ((n / total) if weighted and total > 0 else 1.0 / len(results))
+    return acc.astype(np.float32)
