@@ -156,6 +156,8 @@ def summarise_regions(sc: MultiRegionScenario, results: Sequence[RunResult]) -> 
                 "mb_peer": float(np.mean([r.summary["bytes_peer"] for r in mine])) / 1e6,
                 "mb_device": float(np.mean([r.summary["bytes_device"] for r in mine])) / 1e6,
                 "utilisation": float(np.mean([r.summary["coordinator_utilisation"] or 0 for r in mine])),
+                "queue_mean": float(np.mean([r.summary.get("coordinator_queue_mean") or 0 for r in mine])),
+                "queue_max": float(max(r.summary.get("coordinator_queue_max") or 0 for r in mine)),
                 "wall_s": float(np.mean([r.summary["wall_s"] for r in mine])),
             }
         b = entry["by_devices"].get(str(base))
@@ -193,8 +195,8 @@ def format_region_tables(sc: MultiRegionScenario, summary: Mapping[str, Any]) ->
         f"One-way latency (ms): {lat}. Seeds {', '.join(map(str, summary['seeds']))}; "
         f"virtual seconds; a run that never reached the target counts as its duration ({summary['duration_s']:,.0f} s, shown as ≥).",
         "",
-        f"| method | time to {target:.0%} at {base} devices (s) | updates to target | final acc. | coordinator CPU | MB between coordinators | MB devices |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| method | time to {target:.0%} at {base} devices (s) | updates to target | final acc. | coordinator CPU | CPU queue mean / max | MB between coordinators | MB devices |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, m in summary["methods"].items():
         b = m["by_devices"].get(str(base))
@@ -202,7 +204,7 @@ def format_region_tables(sc: MultiRegionScenario, summary: Mapping[str, Any]) ->
             continue
         ttt = ("" if b["all_reached"] else "≥ ") + f"{b['mean_time_to_target_s']:.1f}"
         lines.append(f"| {label} | {ttt} | {b['updates_to_target']:,.0f} | {b['final_accuracy']:.3f} | {b['utilisation']:.0%} | "
-                     f"{b['mb_peer']:.1f} | {b['mb_device']:.1f} |")
+                     f"{b.get('queue_mean', 0):.1f} / {b.get('queue_max', 0):.0f} | {b['mb_peer']:.1f} | {b['mb_device']:.1f} |")
     others = sc.device_counts[1:]
     if others:
         head = " | ".join(f"{n} devices: time (×), updates (×)" for n in others)

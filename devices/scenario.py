@@ -126,6 +126,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from coordinator.canary import CanaryConfig
 from coordinator.gate import GateConfig
 from coordinator.inversion import InversionConfig
 from coordinator.methods import make_method
@@ -164,6 +165,7 @@ __all__ = [
     "ScenarioError",
     "Settings",
     "Topology",
+    "gate_config",
     "holdout",
     "load_scenario",
     "materialise",
@@ -210,6 +212,13 @@ class Settings:
     gate_margin: float = 0.02
     rollback_margin: float = 0.10
     gate_delay_s: float = 0.0
+    gate_z: float = 1.0
+    """The gate's paired one-sided bound z (``GateConfig.paired_z``; the daemon's ``--gate-z``)."""
+    canary: float = 0.0
+    """Canary cohort fraction (federated test-then-train evaluation; 0: off)."""
+    canary_samples: int = 20
+    canary_min_reports: int = 3
+    canary_deadline_s: float = 600.0
     pull_limits: Mapping[str, float] = field(default_factory=dict)
     """``pull_burst`` / ``pull_refill_s`` for the coordinators when the scenario sets them."""
     attack: AttackPlan = field(default_factory=AttackPlan)
@@ -422,7 +431,7 @@ _SECTIONS: dict[str, set[str]] = {
     "device": {"min_samples", "request_timeout_s", "reannounce_s", "continuous"},
     "training": {"epochs", "batch_size", "lr", "mu"},
     "coordinator": {"keep_versions", "encoding", "validation_size", "gate", "gate_margin", "rollback_margin", "gate_delay_s",
-                    "pull_burst", "pull_refill_s"},
+                    "pull_burst", "pull_refill_s", "gate_z", "canary", "canary_samples", "canary_min_reports", "canary_deadline_s"},
     "attack": {"label_flip", "flip", "scale", "scale_factor", "huge_samples", "claimed_samples"},
     "delay": {"devices", "versions", "class", "report_versions", "class_target"},
     "inversion": {f.name for f in dataclasses.fields(InversionConfig)},
@@ -680,13 +689,21 @@ def _settings(raw: Mapping[str, Any], source: str) -> Settings:
     rollback_margin = _num(co, "rollback_margin", max(d.rollback_margin, gate_margin), where, lo=0, hi=1)
     gate_delay = _num(co, "gate_delay_s", d.gate_delay_s, where, lo=0)
     pull_limits = {k: _num(co, k, 0.0, where, lo=1 if k == "pull_burst" else 0) for k in ("pull_burst", "pull_refill_s") if k in co}
+    gate_keys: dict[str, Any] = {
+        "gate_z": _num(co, "gate_z", d.gate_z, where, lo=0, hi=10),
+        "canary": _num(co, "canary", d.canary, where, lo=0, hi=1),
+        "canary_samples": _int(co, "canary_samples", d.canary_samples, where, lo=1),
+        "canary_min_reports": _int(co, "canary_min_reports", d.canary_min_reports, where, lo=2),
+        "canary_deadline_s": _num(co, "canary_deadline_s", d.canary_deadline_s, where, lo=0, lo_open=True),
+    }
     if gate:
+        if validation_size < 1 and not gate_keys["canary"]:
+            raise ScenarioError(f"{where}: gate = true needs validation_size >= 1 (the coordinator's validation set) or canary > 0")
         try:
-            GateConfig(margin=gate_margin, rollback_margin=rollback_margin)
+            gate_config(Settings(task=task, validation_size=validation_size, gate_margin=gate_margin,
+                                 rollback_margin=rollback_margin, **gate_keys))
         except ConfigError as exc:
             raise ScenarioError(f"{where}: {exc}") from None
-        if validation_size < 1:
-            raise ScenarioError(f"{where}: gate = true needs validation_size >= 1 (the coordinator's validation set)")
 
     at = _section(raw, "attack", source)
     where = f"{source}: [attack]"
@@ -712,7 +729,7 @@ def _settings(raw: Mapping[str, Any], source: str) -> Settings:
         min_samples=min_samples, request_timeout_s=request_timeout, reannounce_s=reannounce,
         epochs=epochs, batch_size=batch, lr=lr, mu=mu, keep_versions=keep, encoding=encoding,
         validation_size=validation_size, gate=gate, gate_margin=gate_margin, rollback_margin=rollback_margin,
-        gate_delay_s=gate_delay, pull_limits=pull_limits, attack=attack, continuous=continuous, **_staleness_settings(raw, source),
+        gate_delay_s=gate_delay, **gate_keys, pull_limits=pull_limits, attack=attack, continuous=continuous, **_staleness_settings(raw, source),
     )
     if sample_kind_of(task) == "frame":  # a frame shows several classes: nothing may need one label per sample
         by_label = {f'[data] partition = "{part}"': part != "iid", f'[data] order = "{order}"': order == "by-class",
@@ -871,6 +888,16 @@ def materialise_regions(settings: Settings, regions: Regions, n_devices: int, se
         plans.append(DevicePlan(index=i, instance=instance, samples=part, label_times=np.zeros(0), region=i % n_regions,
                                 train_s=train_s, start_s=jitter.uniform(0, 0.05)))
     return plans
+
+
+def gate_config(settings: Settings) -> GateConfig:
+    """The release gate of a scenario's coordinators: validation when ``validation_size`` > 0,
+    a canary cohort when ``canary`` > 0 (federated test-then-train evaluation)."""
+    s = settings
+    canary = (CanaryConfig(fraction=s.canary, samples=s.canary_samples, min_reports=s.canary_min_reports,
+                           deadline_s=s.canary_deadline_s) if s.canary > 0 else None)
+    return GateConfig(margin=s.gate_margin, rollback_margin=s.rollback_margin, paired_z=s.gate_z,
+                      validation=s.validation_size > 0, canary=canary)
 
 
 def holdout(settings: Settings, seed: int, n_pool: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:

@@ -77,7 +77,6 @@ from coordinator.core import (
     UpdateConverted,
     VersionLoaded,
 )
-from coordinator.gate import GateConfig
 from coordinator.methods import make_method
 from coordinator.peering import Peering
 from coordinator.strategies import Strategy
@@ -93,6 +92,7 @@ from devices.scenario import (
     Scenario,
     ScenarioError,
     Settings,
+    gate_config,
     holdout,
     materialise,
     materialise_regions,
@@ -100,6 +100,7 @@ from devices.scenario import (
 from devices.stragglers import Stragglers
 from edge_sdk.core.device import DeviceConfig, DeviceCore
 from edge_sdk.core.events import (
+    CanaryScored,
     DeployModel,
     MessageReceived,
     Notify,
@@ -107,7 +108,9 @@ from edge_sdk.core.events import (
     Publish,
     SampleAdded,
     ScheduleTimer,
+    StartCanary,
     StartTraining,
+    StopCanary,
     TimerFired,
     TrainingFailed,
     TrainingFinished,
@@ -151,6 +154,10 @@ class EmulatedDevice:
     defaults: TrainConfig
     timer_at: float | None = None
     deployed_version: int = -1
+    deployed_weights: Any = None
+    """The weights it predicts with (the release it was last given: ``DeployModel``)."""
+    canary: tuple[int, int, Any] | None = None
+    """While scoring a canary request: (candidate, release, candidate weights)."""
     trainings: int = 0
     train_seconds: float = 0.0
     attack: Attack | None = None
@@ -184,6 +191,12 @@ class EmulatedCoordinator:
     timer_at: float | None = None
     busy_until: float = 0.0
     busy_s: float = 0.0
+    queued: dict[int, int] = field(default_factory=dict)
+    """Events waiting for the CPU (by ``id`` of their data: a re-deferred event counts once)."""
+    queue_len: int = 0
+    queue_area: float = 0.0
+    queue_t: float = 0.0
+    queue_max: int = 0
     commit_times: dict[int, float] = field(default_factory=lambda: {0: 0.0})
     take_requests: Callable[[], Sequence[str]] | None = None
     """PORT's push-pull: the devices whose in-progress work the strategy asks for now."""
@@ -298,7 +311,7 @@ class Simulation(Driver):
                 region=topic_region, coordinator_id=name, spec=spec,
                 encoding=s.encoding,  # type: ignore[arg-type]
                 hints=hints, keep_versions=s.keep_versions,
-                gate=GateConfig(margin=s.gate_margin, rollback_margin=s.rollback_margin) if s.gate else None,
+                gate=gate_config(s) if s.gate else None,
                 status_payload=False,  # nobody here reads the retained status: build it only on demand
                 signer=Signer.generate() if regions is not None else None,  # peers verify each other's messages
                 **s.pull_limits,  # type: ignore[arg-type]
@@ -355,6 +368,8 @@ class Simulation(Driver):
         self.coord_notes: Counter[str] = Counter()
         self.device_notes: Counter[str] = Counter()
         self.labels = 0
+        self.canary_scored = 0
+        """Labels scored for a canary request (release and candidate) before joining training."""
         self.rows: list[dict[str, float]] = []
         self._index = {p.device_id: p.index for p in self.plans}
         self._integrated = [0] * n
@@ -471,8 +486,16 @@ class Simulation(Driver):
     def _coordinator_event(self, k: int, now: float, kind: Kind, data: Any) -> None:
         c = self.coords[k]
         if now < c.busy_until:  # the coordinator's CPU is busy: queue behind the current work
+            if id(data) not in c.queued:  # a first deferral: the queue grows (time-weighted length kept)
+                c.queue_area += c.queue_len * (now - c.queue_t)
+                c.queue_t, c.queue_len = now, c.queue_len + 1
+                c.queue_max = max(c.queue_max, c.queue_len)
+                c.queued[id(data)] = 1
             self.push(c.busy_until, kind, self.n + k, data)
             return
+        if c.queued.pop(id(data), 0):  # a deferred event reaches the CPU: the queue shrinks
+            c.queue_area += c.queue_len * (now - c.queue_t)
+            c.queue_t, c.queue_len = now, c.queue_len - 1
         if kind == Kind.MSG:
             topic, payload = data
             if self.links is not None:
@@ -640,6 +663,8 @@ class Simulation(Driver):
             actions = core.handle(TimerFired(now=now))
         elif kind == Kind.SAMPLE:
             self.labels += 1
+            if dev.canary is not None and not self.continuous:  # test, then train: score the new label first
+                self._canary_score(dev, int(data) - 1, now)
             actions = core.handle(SampleAdded(now=now, total=data))
         elif kind == Kind.TRAINED:
             job_id, result, seconds = data
@@ -669,13 +694,37 @@ class Simulation(Driver):
             elif isinstance(a, StartTraining):
                 self._start_training(dev, a.job, now)
             elif isinstance(a, DeployModel):
-                dev.deployed_version = a.version
+                dev.deployed_version, dev.deployed_weights = a.version, a.weights
+            elif isinstance(a, StartCanary):
+                if callable(getattr(self.task, "logits", None)):  # per-label correctness (not detection): as the client
+                    dev.canary = (a.candidate, a.release, np.asarray(a.weights, dtype=np.float32))
+            elif isinstance(a, StopCanary):
+                if dev.canary is not None and dev.canary[0] == a.candidate:
+                    dev.canary = None
             elif isinstance(a, Notify):
                 self.device_notes[a.kind] += 1
                 if self.continuous and a.kind in ("update_acked", "update_rejected"):
                     self.push(now, Kind.SAMPLE, i, dev.core.state.total + 1)  # retrain on the next model
             elif isinstance(a, PersistDeviceState):
                 pass  # in-memory devices never restart
+
+    def _canary_score(self, dev: EmulatedDevice, index: int, now: float) -> None:
+        """What ``edge_sdk.client`` does with a new label while a canary request is open:
+        predict it with the deployed release and with the candidate (argmax of the task's
+        logits, one sample) and feed the two verdicts to the core, before the label is stored."""
+        assert dev.canary is not None
+        candidate, release, weights = dev.canary
+        if dev.deployed_weights is None or dev.deployed_version != release or not 0 <= index < len(dev.y):
+            return  # not holding the release the request names: this label is not scored (as the client)
+        x = dev.x[index : index + 1]
+        with np.errstate(over="ignore", invalid="ignore"):  # an attacked candidate's logits may overflow
+            release_label = int(np.argmax(self.task.logits(np.asarray(dev.deployed_weights, dtype=np.float32), x), axis=1)[0])  # type: ignore[attr-defined]
+            candidate_label = int(np.argmax(self.task.logits(weights, x), axis=1)[0])  # type: ignore[attr-defined]
+        truth = int(dev.y[index])
+        self.canary_scored += 1
+        actions = dev.core.handle(CanaryScored(now=now, candidate=candidate, release=release,
+                                               candidate_right=candidate_label == truth, release_right=release_label == truth))
+        self._device_actions(dev, actions, now)
 
     def _start_training(self, dev: EmulatedDevice, job: TrainingJob, now: float) -> None:
         i = dev.plan.index
@@ -805,6 +854,8 @@ class Simulation(Driver):
             "bytes_device": float(self.bytes_device),
             "bytes_peer": float(self.bytes_peer),
             "coordinator_utilisation": float(np.mean([c.busy_s for c in self.coords]) / now) if now > 0 else 0.0,
+            "coordinator_queue_mean": float(np.mean([c.queue_area + c.queue_len * (now - c.queue_t) for c in self.coords]) / now) if now > 0 else 0.0,
+            "coordinator_queue_max": float(max(c.queue_max for c in self.coords)),
         }
 
     def _devices_online(self, now: float) -> int:
@@ -836,6 +887,8 @@ class Simulation(Driver):
                 "bytes_device": self.bytes_device,
                 "bytes_peer": self.bytes_peer,
                 "coordinator_utilisation": rows[-1]["coordinator_utilisation"] if rows else None,
+                "coordinator_queue_mean": rows[-1]["coordinator_queue_mean"] if rows else None,
+                "coordinator_queue_max": rows[-1]["coordinator_queue_max"] if rows else None,
                 "peering": [c.core.peering.describe() for c in self.coords],
                 "wall_s": wall_s,
                 "events": self.events,
@@ -856,6 +909,8 @@ class Simulation(Driver):
             "gate": {k: int(c.counters[k]) for k in ("gate_promoted", "gate_held", "gate_rejected", "gate_superseded",
                                                       "rejected_devices", "rolled_back_updates")} if s.gate else None,
             "gate_decisions": self.releases,
+            **({"canary": {k: int(v) for k, v in sorted(c.counters.items()) if k.startswith("canary")} | {"labels_scored": self.canary_scored}}
+               if s.gate and s.canary > 0 else {}),
             "attackers": {kind: sum(1 for a in self.attacks.values() if a.kind == kind) for kind in ("flip", "scale", "claim")},
             "rejected_by_reason": {k.removeprefix("reject:"): int(v) for k, v in sorted(c.counters.items()) if k.startswith("reject:")},
             "best_accuracy": max(accs) if accs else None,

@@ -248,3 +248,30 @@ class CoordinatorProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def digits_scenario(*, duration_s: int, devices: int, arrival_rate_per_h: float, **extra: Any) -> dict[str, Any]:
+    """A small digits scenario for the emulator tests (laptops, Dirichlet α = 1, SPIN k = 4);
+    ``extra`` replaces whole top-level sections."""
+    raw: dict[str, Any] = {
+        "task": "digits",
+        "duration_s": duration_s,
+        "eval_every_s": 60,
+        "seeds": [1],
+        "fleet": {"devices": devices, "mix": {"laptop": 1}},
+        "data": {"partition": "dirichlet", "alpha": 1.0, "arrival_rate_per_h": arrival_rate_per_h},
+        "device": {"min_samples": 4},
+        "training": {"epochs": 2, "batch_size": 16, "lr": 0.05},
+        "runs": [{"strategy": "spin", "params": {"k": 4, "timeout_s": 10.0}}],
+    }
+    raw.update(extra)
+    return raw
+
+
+def single_threaded_digits() -> Any:
+    """The digits task on the CPU with torch limited to one thread (emulator tests)."""
+    from edge_sdk.tasks import get_task
+    from edge_sdk.trainer import configure_threads
+
+    configure_threads(1)
+    return get_task("digits", device="cpu")

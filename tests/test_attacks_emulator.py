@@ -19,34 +19,19 @@ from devices.attacks import Attack, AttackPlan, assign, flip_labels
 from devices.release_report import release_time_to, target_of
 from devices.scenario import ScenarioError, holdout, load_scenario, materialise, parse_scenario
 from devices.simulator import Simulation
-from edge_sdk.tasks import get_task
 from edge_sdk.tasks.base import TrainResult
+from tests.helpers import digits_scenario, single_threaded_digits
 
 SCENARIO = Path(__file__).resolve().parents[1] / "demos" / "scenarios" / "attacks.toml"
 
 
 @pytest.fixture(scope="module")
 def digits() -> Any:
-    from edge_sdk.trainer import configure_threads
-
-    configure_threads(1)
-    return get_task("digits", device="cpu")
+    return single_threaded_digits()
 
 
 def small(**extra: Any) -> dict[str, Any]:
-    raw: dict[str, Any] = {
-        "task": "digits",
-        "duration_s": 600,
-        "eval_every_s": 60,
-        "seeds": [1],
-        "fleet": {"devices": 16, "mix": {"laptop": 1}},
-        "data": {"partition": "dirichlet", "alpha": 1.0, "arrival_rate_per_h": 90},
-        "device": {"min_samples": 4},
-        "training": {"epochs": 2, "batch_size": 16, "lr": 0.05},
-        "runs": [{"strategy": "spin", "params": {"k": 4, "timeout_s": 10.0}}],
-    }
-    raw.update(extra)
-    return raw
+    return digits_scenario(duration_s=600, devices=16, arrival_rate_per_h=90, **extra)
 
 
 # ------------------------------------------------------------------ attackers
