@@ -66,7 +66,9 @@ class CanaryConfig:
     trim: int = 1
     """Reports dropped from each end before pooling: the number of lying devices tolerated."""
     deadline_s: float = 600.0
-    """A round lasts at most this long; then what came in decides (or the candidate is held)."""
+    """A round lasts at most this long; then what came in decides (or the candidate is held).
+    Devices are told :attr:`report_by_s` (a tenth less), counted from when the request reaches
+    them, so a device that scored fewer than ``samples`` labels reports inside the round."""
     recent_s: float = 600.0
     """Only devices seen within this long are asked."""
     max_cohort: int = 64
@@ -90,6 +92,12 @@ class CanaryConfig:
     @property
     def cap(self) -> int:
         return self.max_per_device or self.samples
+
+    @property
+    def report_by_s(self) -> float:
+        """The deadline a cohort device is given: ``deadline_s`` less a tenth (at most 60 s) for
+        the request's and the report's way over the network."""
+        return self.deadline_s - min(0.1 * self.deadline_s, 60.0)
 
 
 def draw(device: str, version: int) -> float:

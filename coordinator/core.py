@@ -1233,7 +1233,7 @@ class CoordinatorCore:
         actions: list[CoordinatorAction] = []
         for device in cohort:
             ask = Canary(device=device, candidate=version, release=self._release_version, samples=cfg.samples,
-                         deadline_s=cfg.deadline_s)
+                         deadline_s=cfg.report_by_s)
             actions.append(self._publish(topics.device_topic(self.config.region, device, "invite"),
                                          encode(ask, signer=self.config.signer)))
         return actions

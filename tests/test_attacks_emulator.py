@@ -31,7 +31,7 @@ def digits() -> Any:
 
 
 def small(**extra: Any) -> dict[str, Any]:
-    return digits_scenario(duration_s=600, devices=16, arrival_rate_per_h=90, **extra)
+    return digits_scenario(**{"duration_s": 600, "devices": 16, "arrival_rate_per_h": 90, **extra})
 
 
 # ------------------------------------------------------------------ attackers

@@ -264,6 +264,10 @@ def test_a_commit_opens_a_round_with_signed_requests_to_the_cohort() -> None:
     # the device whose update built the candidate does not judge it
     assert set(asked) == set(pick_cohort(DEVICES, 1, CFG)) and len(asked) >= CFG.min_reports and "trainer" not in asked
     assert all((m.candidate, m.release, m.samples) == (1, 0, 20) for m in asked.values())
+    # devices count their deadline from the request's arrival: they are told less than the round
+    # lasts, so a device short of `samples` labels still reports inside the round
+    assert all(m.deadline_s == CFG.report_by_s == 90.0 for m in asked.values())
+    assert CanaryConfig(deadline_s=3600.0).report_by_s == 3540.0
     wakes = [a.at for a in of(acts, ScheduleTimer)]
     for _ in range(5):  # one timer at a time: the earliest wake first, then the round's deadline
         if 5.0 + CFG.deadline_s in wakes:
