@@ -1,14 +1,17 @@
-"""Spyker as in the paper (issue 16 §5): the scenario's parameters, its quick form, and the
-single server's CPU queue in the regional summary."""
+"""Spyker as in the paper (issue 16 §5): the scenario's parameters, its quick form, the
+single server's CPU queue in the regional summary, Sync-Spyker in the emulator, and the
+``devices.paper_spyker`` command (link queues, per-seed wins) in its --quick form."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
 
 from devices.multiregion import PAPER_LATENCY_MS, MultiRegionRun, load_multiregion
+from devices.paper_spyker import LinkQueue, format_table, main, summarise
 from devices.report import format_region_tables, load_task, summarise_regions
 from devices.scenario import Scenario
 from devices.simulator import RunResult
@@ -28,6 +31,9 @@ def test_the_scenario_has_the_papers_parameters() -> None:
     assert (fedasync.kind, fedasync.strategy, fedasync.service_ms) == ("single", "fedasync", 2.0)
     assert (fedavg.kind, fedavg.strategy, fedavg.service_ms) == ("single", "fedavg", 15.0)
     assert all(m.msg_ms == 0.4 for m in sc.methods)
+    sync = by["Sync-Spyker (η_init = 0.05)"]
+    assert sync.kind == "spyker" and sync.peering_params["mode"] == "sync" and sync.peering_params["h_intra"] == 350.0
+    assert sync.params == by["Spyker (η_init = 0.05)"].params and sync.service_ms == 2.0
     quick = load_multiregion(SCENARIO, quick=True)
     assert quick.device_counts == (8,) and quick.settings.duration_s <= 2
 
@@ -62,3 +68,55 @@ def test_a_slow_server_queues_and_a_free_one_does_not(service_ms: float) -> None
     else:  # 60 ms per commit with 8 devices updating every ~0.45 s: the server is saturated and updates wait
         assert r.summary["coordinator_utilisation"] > 0.5
         assert r.summary["coordinator_queue_max"] >= 2 and r.summary["coordinator_queue_mean"] > 0.3
+
+
+def test_sync_spyker_synchronises_in_the_emulator_and_holds_updates_meanwhile() -> None:
+    sc = load_multiregion(SCENARIO, quick=True)
+    label = "Sync-Spyker (η_init = 0.05)"
+    methods = tuple(dataclasses.replace(m, peering_params={**m.peering_params, "h_intra": 6.0}) if m.label == label else m
+                    for m in sc.methods)
+    r = _run(dataclasses.replace(sc, runs=methods), label, 8)
+    peering = r.summary["peering"]
+    assert all(p["mode"] == "sync" for p in peering)
+    rounds = [p["round"] for p in peering]
+    assert min(rounds) >= 1 and max(rounds) - min(rounds) <= 1  # every server took part in the rounds
+    assert r.summary["updates"] > 0
+
+
+def test_link_queue_is_the_time_weighted_number_waiting() -> None:
+    q = LinkQueue([7])
+    q.arrived(7, 0.0, 1.0)  # crossing from 0 to 1
+    q.arrived(7, 0.5, 2.0)  # waits behind it, crosses 1 to 2
+    q.arrived(3, 0.5, 9.0)  # not a watched endpoint
+    mean, peak = q.stats(4.0)
+    assert peak == 2 and mean == (1 * 0.5 + 2 * 0.5 + 1 * 1.0) / 4.0
+
+
+def _fake(label: str, n: int, seed: int, ttt: float | None) -> dict[str, object]:
+    summary = {"devices": n, "link_queue_mean": 1.0, "link_queue_max": 3, "uplink_queue_mean": 2.0, "uplink_queue_max": 5,
+               "coordinator_queue_mean": 0.5, "coordinator_queue_max": 4, "coordinator_utilisation": 0.2, "updates": 10,
+               "final_accuracy": 0.9}
+    return {"label": label, "seed": seed, "time_to_target_s": ttt, "summary": summary}
+
+
+def test_summary_counts_per_seed_wins_and_a_miss_as_the_duration() -> None:
+    runs = [_fake("FedAsync", 100, 0, 20.0), _fake("FedAsync", 100, 1, None), _fake("FedAsync", 100, 2, 10.0),
+            _fake("Spyker", 100, 0, 10.0), _fake("Spyker", 100, 1, 50.0), _fake("Spyker", 100, 2, None)]
+    out = summarise(runs, 60.0, "FedAsync")
+    row = out["methods"]["Spyker"]["100"]
+    assert row["wins"] == 2 and row["paired"] == 3 and not row["all_reached"]
+    assert row["mean"] == 40.0 and abs(row["saving_mean"] - (0.5 + (1 - 50 / 60) + (1 - 6.0)) / 3) < 1e-12
+    table = format_table(out)
+    assert "| Spyker | 100 | 10.0, 50.0, ≥ 60 | ≥ 40.0 ± 26.5 |" in table and "| 2/3 |" in table
+
+
+def test_the_paper_spyker_command_quick_form(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert main([str(SCENARIO), "--quick", "--methods", "Sync-Spyker (η_init = 0.05),FedAsync (1 server)", "--out", str(out)]) == 0
+    runs = sorted((out / "runs").glob("*.json"))
+    assert len(runs) == 2
+    for path in runs:
+        summary = json.loads(path.read_text(encoding="utf-8"))["summary"]
+        assert summary["uplink_queue_max"] >= 1 and summary["link_queue_max"] >= 1  # models went out and came in
+    table = (out / "paper_spyker.md").read_text(encoding="utf-8")
+    assert "| Sync-Spyker (η_init = 0.05) | 8 |" in table and "| FedAsync (1 server) | 8 |" in table

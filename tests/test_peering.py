@@ -23,7 +23,14 @@ from coordinator.peering import PEERINGS, make_peering
 from coordinator.peering.base import Peering
 from coordinator.peering.hier import HierPeerConfig, HierPeering, weighted_mean
 from coordinator.peering.nebula import NebulaPeerConfig, NebulaPeering, rotation_target
-from coordinator.peering.spyker import SpykerPeerConfig, SpykerPeering, merge_weight, server_merge
+from coordinator.peering.spyker import (
+    SpykerPeerConfig,
+    SpykerPeering,
+    SyncSpykerPeering,
+    merge_in_order,
+    merge_weight,
+    server_merge,
+)
 from coordinator.strategies import make_strategy
 from coordinator.strategies.base import BufferedUpdate
 from coordinator.strategies.fedavg import FedAvgConfig
@@ -645,3 +652,135 @@ def test_harness_ring_is_a_working_fake() -> None:
     ring = Ring(["x"], lambda name: make_peering("spyker", coordinator_id=name))
     settle(ring, 10)
     assert ring.holders() == [] and ring.net == []  # a lone coordinator never needs a token
+
+
+# --------------------------------------------------------------------------- Sync-Spyker (the paper's baseline)
+
+
+def sync_server(name: str, ring: list[str], **params: object) -> tuple[SyncSpykerPeering, SpykerStrategy, View]:
+    strat = SpykerStrategy(SpykerConfig())
+    p = make_peering("spyker", coordinator_id=name, ring=ring, strategy=strat,
+                     params={"mode": "sync", "h_intra": 3.0, "sync_timeout_s": 2.0, **params})
+    assert isinstance(p, SyncSpykerPeering)
+    return p, strat, View(weights=vec(0.0))
+
+
+def test_merge_in_order_is_serveragg_in_id_order_whatever_the_arrival_order() -> None:
+    models = {"c": (30.0, vec(3.0)), "a": (10.0, vec(1.0)), "b": (20.0, vec(2.0))}
+    w, age = merge_in_order(models, phi=1.5, eta_a=0.6)
+    w1, a1 = server_merge(vec(1.0), 10.0, vec(2.0), 20.0, phi=1.5, eta_a=0.6)
+    w2, a2 = server_merge(w1, a1, vec(3.0), 30.0, phi=1.5, eta_a=0.6)
+    np.testing.assert_allclose(w, w2)
+    assert age == pytest.approx(a2)
+    w_rev, age_rev = merge_in_order(dict(reversed(list(models.items()))), phi=1.5, eta_a=0.6)
+    np.testing.assert_array_equal(w, w_rev)
+    assert age == age_rev
+
+
+def test_sync_spyker_holds_client_updates_until_every_servers_model_is_merged() -> None:
+    a, strat, view = sync_server("a", ["a", "b", "c"])
+    rng = random.Random(0)
+    for seq in range(3):  # three client updates: age 3 ≥ h_intra
+        strat.on_update(view, update("d1", seq, 0, vec(1.0)), 0.1)
+        view.weights = strat.aggregate(view, [update("d1", seq, view.version, vec(1.0))])
+        view.version += 1
+        strat.on_aggregated(view, 0.1)
+        plan = a.on_version(view, 0.1)
+    assert [s.kind for s in plan.sends] == ["model"] and plan.sends[0].body == {"round": 1, "age": 3.0}
+    assert a.syncing and a.wake_at() == pytest.approx(2.1)
+    view.buffer = (update("d1", 9, view.version, vec(5.0)),)
+    assert not strat.plan(view, 0.2, rng).aggregate  # stored, not processed, while the servers sync
+    assert a.on_version(view, 0.2).sends == ()  # no second broadcast for the round
+    plan = a.on_message(view, msg_from("c", "model", {"round": 1, "age": 2.0}, vec(2.0)), 0.3)
+    assert plan.merged is None and plan.sends == () and a.syncing
+    plan = a.on_message(view, msg_from("b", "model", {"round": 1, "age": 4.0}, vec(3.0)), 0.4)
+    expect, age = merge_in_order({"a": (3.0, view.weights), "b": (4.0, vec(3.0)), "c": (2.0, vec(2.0))}, phi=1.5, eta_a=0.6)
+    assert plan.merged is not None
+    np.testing.assert_array_equal(plan.merged, expect)
+    assert plan.meta["round"] == 1 and plan.meta["models"] == ["a", "b", "c"]
+    assert not a.syncing and strat.plan(view, 0.4, rng).aggregate  # the stored update is processed now
+    assert strat.ledger.age_of(view.version + 1, view.version + 1) == pytest.approx(age) and a.age_prev == pytest.approx(age)
+    assert a.describe()["syncs"] == 1
+
+
+def test_a_sync_spyker_server_joins_on_a_peers_model_and_all_end_with_one_model() -> None:
+    servers = {n: sync_server(n, ["a", "b", "c"]) for n in "abc"}
+    for n, (_, _, view) in servers.items():
+        view.weights = vec({"a": 1.0, "b": 2.0, "c": 4.0}[n])
+    pa, sa, va = servers["a"]
+    sa.ledger.record(0, 5.0)
+    sends = list(pa.on_version(va, 1.0).sends)
+    merged: dict[str, np.ndarray] = {}
+    inbox = [("a", s) for s in sends]
+    while inbox:
+        sender, send = inbox.pop(0)
+        for n, (p, _, view) in servers.items():
+            if n == sender:
+                continue
+            plan = p.on_message(view, msg_from(sender, send.kind, send.body, send.weights), 1.1)
+            inbox += [(n, s) for s in plan.sends]
+            if plan.merged is not None:
+                merged[n] = plan.merged
+    assert sorted(merged) == ["a", "b", "c"]
+    np.testing.assert_array_equal(merged["a"], merged["b"])
+    np.testing.assert_array_equal(merged["a"], merged["c"])
+    assert all(not p.syncing and p.round == 1 for p, _, _ in servers.values())
+
+
+def test_sync_spyker_times_out_on_a_silent_server_and_ignores_its_late_model() -> None:
+    a, _, view = sync_server("a", ["a", "b", "c"], period_s=5.0)
+    assert a.wake_at() == 5.0 and a.on_timer(view, 4.0).sends == ()
+    plan = a.on_timer(view, 5.0)  # the period elapsed: a synchronisation starts without h_intra
+    assert [s.kind for s in plan.sends] == ["model"] and a.syncing
+    a.on_message(view, msg_from("b", "model", {"round": 1, "age": 1.0}, vec(1.0)), 5.5)
+    assert a.on_timer(view, 6.9).merged is None
+    plan = a.on_timer(view, 7.0)  # c silent for sync_timeout_s: merge what arrived
+    assert plan.merged is not None and plan.meta["models"] == ["a", "b"] and not a.syncing
+    assert a.describe()["timeouts"] == 1 and a.wake_at() == 12.0
+    late = a.on_message(view, msg_from("c", "model", {"round": 1, "age": 1.0}, vec(1.0)), 7.5)
+    assert late.merged is None and late.sends == () and a.describe()["ignored"] == 1
+    plan = a.on_message(view, msg_from("c", "model", {"round": 3, "age": 1.0}, vec(1.0)), 8.0)  # c is ahead: catch up
+    assert [s.body["round"] for s in plan.sends] == [3] and a.syncing and a.round == 2
+
+
+def test_sync_spyker_config_and_bodies_are_checked() -> None:
+    with pytest.raises(ConfigError, match="mode"):
+        make_peering("spyker", coordinator_id="a", ring=["a", "b"], params={"mode": "lockstep"})
+    with pytest.raises(ConfigError, match="period_s"):
+        SpykerPeerConfig(mode="sync", period_s=-1.0)
+    assert isinstance(make_peering("spyker", coordinator_id="a", ring=["a", "b"]), SpykerPeering)
+    a, _, view = sync_server("a", ["a", "b"])
+    with pytest.raises(MalformedMessage):
+        a.on_message(view, msg_from("z", "model", {"round": 1, "age": 1.0}, vec(1.0)), 0.0)
+    with pytest.raises(MalformedMessage):
+        a.on_message(view, msg_from("b", "model", {"round": 1, "age": 1.0}), 0.0)
+    with pytest.raises(MalformedMessage):
+        a.on_message(view, msg_from("b", "token", {"round": 1}, vec(1.0)), 0.0)
+    with pytest.raises(MalformedMessage):
+        a.on_message(view, msg_from("b", "model", {"round": 0, "age": 1.0}, vec(1.0)), 0.0)
+
+
+def test_sync_spyker_restarts_from_its_checkpoint_without_holding() -> None:
+    a, strat, view = sync_server("a", ["a", "b"])
+    strat.ledger.record(0, 4.0)
+    a.on_version(view, 0.0)
+    assert a.syncing
+    a.on_message(view, msg_from("b", "model", {"round": 1, "age": 2.0}, vec(1.0)), 0.1)
+    state = json.loads(json.dumps(a.checkpoint()))
+    b, strat2, _ = sync_server("a", ["a", "b"])
+    b.restore(state)
+    assert b.round == 1 and not b.syncing and strat2.ledger.age == pytest.approx(a.age)
+
+
+def test_sync_spyker_on_real_cores_commits_one_model_everywhere() -> None:
+    bus = Bus(["a", "b", "c"], mode="sync", h_intra=3.0, sync_timeout_s=5.0)
+    for seq in range(3):
+        bus.send_update("a", "dev-a", seq, 1.0)
+    for _ in range(4):
+        bus.advance(0.5)
+    peer_commits = {n: [c for c in bus.commits[n] if c.metadata["source"] == "peer"] for n in bus.cores}
+    assert all(len(v) == 1 for v in peer_commits.values())
+    np.testing.assert_array_equal(bus.cores["a"].weights, bus.cores["b"].weights)
+    np.testing.assert_array_equal(bus.cores["b"].weights, bus.cores["c"].weights)
+    assert float(bus.cores["c"].weights.mean()) > 0  # a's devices reached c's model
+    assert bus.cores["b"].peering.describe()["mode"] == "sync"

@@ -3,7 +3,8 @@
 =============  ==========================================================================
 ``none``       a lone coordinator (the default)
 ``spyker``     token ring, age-weighted asynchronous merges (004); shares the age ledger
-               of strategy ``spyker`` (any other strategy: one unit of age per version)
+               of strategy ``spyker`` (any other strategy: one unit of age per version);
+               ``mode = "sync"``: Sync-Spyker, the paper's synchronous server exchange
 ``nebula``     model rotation to coordinator (i + r) mod |C| every t_c (003); needs
                strategy ``nebula`` (the planets live there)
 ``hierfavg``   synchronous two-tier hierarchy (HierFAVG-like baseline); needs strategy
@@ -23,7 +24,7 @@ from typing import Any
 from coordinator.peering.base import BROADCAST, Peering, PeerPlan, PeerSend
 from coordinator.peering.hier import HierPeerConfig, HierPeering
 from coordinator.peering.nebula import NebulaPeerConfig, NebulaPeering
-from coordinator.peering.spyker import SpykerPeerConfig, SpykerPeering
+from coordinator.peering.spyker import SpykerPeerConfig, SpykerPeering, SyncSpykerPeering
 from coordinator.strategies.base import Strategy
 from edge_sdk.errors import ConfigError
 
@@ -74,6 +75,8 @@ def make_peering(
     except TypeError as exc:
         raise ConfigError(f"peering {name!r}: {exc}; known parameters: {', '.join(peering_params(name))}") from exc
     if name == "spyker":
+        if config.mode == "sync":
+            return SyncSpykerPeering(coordinator_id, ring, config, strategy=strategy)
         return SpykerPeering(coordinator_id, ring, config, strategy=strategy)
     if name == "nebula":
         return NebulaPeering(coordinator_id, ring, config, strategy=strategy)

@@ -101,7 +101,7 @@ from edge_sdk.errors import ConfigError, MalformedMessage
 from edge_sdk.spec import Vector
 from edge_sdk.wire.messages import PeerMsg
 
-__all__ = ["SpykerPeerConfig", "SpykerPeering", "TokenPos", "merge_weight", "server_merge"]
+__all__ = ["SpykerPeerConfig", "SpykerPeering", "SyncSpykerPeering", "TokenPos", "merge_in_order", "merge_weight", "server_merge"]
 
 TokenPos = tuple[int, float, str, int]
 """(epoch, created_at, origin, hop): totally ordered; the first three name one token."""
@@ -132,6 +132,19 @@ def server_merge(
     return merged.astype(np.float32, copy=False), (1.0 - share) * age_self + share * age_other
 
 
+def merge_in_order(models: Mapping[str, tuple[float, Vector]], *, phi: float, eta_a: float) -> tuple[Vector, float]:
+    """Sync-Spyker's deterministic aggregation: start from the model of the smallest server id
+    and SERVERAGG the others into it in id order. Every server that holds the same models
+    gets the same model and age."""
+    ids = sorted(models)
+    age, weights = models[ids[0]]
+    out = np.asarray(weights, dtype=np.float32)
+    for j in ids[1:]:
+        age_j, w_j = models[j]
+        out, age = server_merge(out, age, w_j, age_j, phi=phi, eta_a=eta_a)
+    return np.array(out, dtype=np.float32, copy=True), age
+
+
 # --------------------------------------------------------------------------- peering
 
 
@@ -149,6 +162,11 @@ class SpykerPeerConfig:
     min_sync_interval_s: float = 0.0
     n_clients: int | None = None
     """Total clients for the default h_inter; None = the sum the coordinators report."""
+    mode: str = "async"
+    """``async``: Spyker (token ring, asynchronous merges); ``sync``: Sync-Spyker (the paper's
+    baseline, :class:`SyncSpykerPeering`: every server broadcasts, waits for all, merges)."""
+    period_s: float = 0.0
+    """Sync-Spyker only: also start a synchronisation this long after the last (0: only h_intra)."""
 
     def __post_init__(self) -> None:
         if not (self.phi > 0 and math.isfinite(self.phi)):
@@ -165,6 +183,10 @@ class SpykerPeerConfig:
             raise ConfigError("spyker: stagger_s, min_sync_interval_s must be >= 0 and sync_timeout_s > 0")
         if self.n_clients is not None and self.n_clients < 1:
             raise ConfigError("spyker: n_clients must be >= 1")
+        if self.mode not in ("async", "sync"):
+            raise ConfigError("spyker: mode must be 'async' (Spyker) or 'sync' (Sync-Spyker)")
+        if not (self.period_s >= 0 and math.isfinite(self.period_s)):
+            raise ConfigError("spyker: period_s must be a finite number >= 0")
 
 
 @dataclass(slots=True)
@@ -557,3 +579,152 @@ class SpykerPeering(Peering):
             "regenerations": c.regenerations,
         }
 
+
+
+# --------------------------------------------------------------------------- Sync-Spyker
+
+
+class SyncSpykerPeering(Peering):
+    """Sync-Spyker, the paper's synchronous baseline (§6.1; ``mode = "sync"``).
+
+    Clients are served exactly as in Spyker (the same strategy, age ledger and lr decay).
+    Servers synchronise in numbered **rounds**, triggered without h_inter: when a server's age
+    has grown by ``h_intra`` since its last synchronisation (or ``period_s`` after it, when
+    set), it broadcasts its model and age for round ``r + 1`` and stops processing client
+    updates — they wait in the buffer (``AgeLedger.hold``). A server that receives a model for
+    a round it has not joined broadcasts its own and holds too. Once a server holds the models
+    of every server for the round (its own included) it aggregates them in server-id order
+    (:func:`merge_in_order`), so every server commits the same model and age; then it
+    processes the stored client updates. A server missing models ``sync_timeout_s`` after it
+    joined merges those it has and resumes; a model of a round already closed is ignored.
+    """
+
+    name: ClassVar[str] = "spyker"
+
+    def __init__(self, coordinator_id: str, ring: Sequence[str], config: SpykerPeerConfig | None = None,
+                 *, strategy: Strategy | None = None) -> None:
+        self.me = coordinator_id
+        self.ring = check_ring(coordinator_id, tuple(ring))
+        self.config = config or SpykerPeerConfig(mode="sync")
+        self.strategy = strategy if isinstance(strategy, SpykerStrategy) else None
+        self.ledger = self.strategy.ledger if self.strategy is not None else AgeLedger()
+        self.peers = tuple(c for c in self.ring if c != coordinator_id)
+        self.round = 0
+        """The last round this server closed."""
+        self.models: dict[str, tuple[float, Vector]] = {}
+        """Models (age, weights) received for round ``round + 1``."""
+        self.joined_at = -math.inf
+        self.age_prev = 0.0
+        self.last_sync_end = 0.0
+        self.syncs = 0
+        self.timeouts = 0
+        self.ignored = 0
+
+    @property
+    def age(self) -> float:
+        return self.ledger.age
+
+    @property
+    def syncing(self) -> bool:
+        return self.ledger.hold
+
+    def _due(self, now: float) -> bool:
+        cfg = self.config
+        if self.age - self.age_prev >= cfg.h_intra:
+            return True
+        return cfg.period_s > 0 and now - self.last_sync_end >= cfg.period_s
+
+    def _join(self, view: CoordinatorView, now: float) -> list[PeerSend]:
+        """Broadcast our model for round ``round + 1`` and stop processing client updates."""
+        self.ledger.hold = True
+        self.joined_at = now
+        weights = np.array(view.weights, dtype=np.float32, copy=True)
+        self.models[self.me] = (self.age, weights)
+        return [PeerSend(kind="model", body={"round": self.round + 1, "age": self.age}, weights=weights)]
+
+    def _close(self, view: CoordinatorView, now: float) -> PeerPlan:
+        cfg = self.config
+        merged, age = merge_in_order(self.models, phi=cfg.phi, eta_a=cfg.eta_a)
+        got = sorted(self.models)
+        self.round += 1
+        self.models = {}
+        self.ledger.hold = False
+        self.ledger.record(view.version + 1, age)  # the core commits the merge as the next version
+        self.age_prev = age
+        self.last_sync_end = now
+        self.syncs += 1
+        return PeerPlan(merged=merged, meta={"round": self.round, "models": got, "age": age})
+
+    def on_version(self, view: CoordinatorView, now: float) -> PeerPlan:
+        if self.strategy is None:  # another strategy aggregates: one unit of age per version
+            self.ledger.record(view.version, self.ledger.age + 1.0)
+        if not self.peers or self.syncing or not self._due(now):
+            return PeerPlan()
+        return PeerPlan(sends=tuple(self._join(view, now)))
+
+    def on_timer(self, view: CoordinatorView, now: float) -> PeerPlan:
+        if not self.peers:
+            return PeerPlan()
+        if self.syncing:
+            if now >= self.joined_at + self.config.sync_timeout_s:
+                self.timeouts += 1
+                return self._close(view, now)
+            return PeerPlan()
+        if self._due(now):
+            return PeerPlan(sends=tuple(self._join(view, now)))
+        return PeerPlan()
+
+    def on_message(self, view: CoordinatorView, msg: PeerMsg, now: float) -> PeerPlan:
+        if msg.sender not in self.peers:
+            raise MalformedMessage(f"sync-spyker: {msg.sender!r} is not in this coordinator's ring")
+        if msg.kind != "model":
+            raise MalformedMessage(f"sync-spyker: unknown peer message kind {msg.kind!r}")
+        if msg.weights is None:
+            raise MalformedMessage("sync-spyker: a model message needs weights")
+        round_ = body_int(msg.body, "round", lo=1)
+        age = body_float(msg.body, "age")
+        if round_ <= self.round:
+            self.ignored += 1  # a round we already closed (we timed out on it)
+            return PeerPlan()
+        sends: list[PeerSend] = []
+        if round_ > self.round + 1:  # the others closed rounds without us: catch up
+            if self.syncing:
+                self.models = {self.me: self.models[self.me]}
+            self.round = round_ - 1
+            self.ledger.hold = False
+        if not self.syncing:
+            sends += self._join(view, now)
+        self.models[msg.sender] = (age, np.array(msg.weights, dtype=np.float32, copy=True))
+        if all(p in self.models for p in self.ring):
+            plan = self._close(view, now)
+            return PeerPlan(sends=tuple(sends), merged=plan.merged, meta=plan.meta)
+        return PeerPlan(sends=tuple(sends))
+
+    def hints_for(self, device: str) -> Mapping[str, float]:
+        return self.strategy.lr_hint(device) if self.strategy is not None else {}
+
+    def wake_at(self) -> float | None:
+        if not self.peers:
+            return None
+        if self.syncing:
+            return self.joined_at + self.config.sync_timeout_s
+        return self.last_sync_end + self.config.period_s if self.config.period_s > 0 else None
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {"ledger": self.ledger.checkpoint(), "age_prev": self.age_prev, "round": self.round, "syncs": self.syncs}
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Resume ages and the round count; a synchronisation in progress is not resumed
+        (the peers time out on it, or this server catches up at the next round's model)."""
+        if not state:
+            return
+        self.ledger.restore(state.get("ledger", {}))
+        self.ledger.hold = False
+        self.age_prev = float(state.get("age_prev", 0.0))
+        self.round = int(state.get("round", 0))
+        self.syncs = int(state.get("syncs", 0))
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "mode": "sync", "ring": list(self.ring), "round": self.round, "syncing": self.syncing,
+                "age": round(self.age, 3), "h_intra": self.config.h_intra, "period_s": self.config.period_s,
+                "syncs": self.syncs, "timeouts": self.timeouts, "ignored": self.ignored}

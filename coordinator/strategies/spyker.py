@@ -18,6 +18,10 @@ each device with its model (:meth:`SpykerStrategy.lr_hint`)::
 
 (ū: mean of ``u`` over this coordinator's clients; the paper's Decay() with the
 undecayed rate η[u[k]] = η_init, so a client that falls back to the mean trains again).
+
+Under Sync-Spyker (peering ``spyker`` with ``mode = "sync"``) the ledger's ``hold`` is set
+while the servers synchronise: client updates are stored, not aggregated, until the merged
+model is committed (the paper's §6.1).
 """
 
 from __future__ import annotations
@@ -58,6 +62,8 @@ class AgeLedger:
         self.age = 0.0
         self.age_at: dict[int, float] = {}
         self.updates: dict[str, int] = {}
+        self.hold = False
+        """Sync-Spyker: a server synchronisation is in progress; client updates wait in the buffer."""
 
     def record(self, version: int, age: float) -> None:
         self.age = age
@@ -132,7 +138,7 @@ class SpykerStrategy(Strategy):
         self.dropped_stale = 0
 
     def plan(self, view: CoordinatorView, now: float, rng: random.Random) -> Plan:
-        return Plan(aggregate=bool(view.buffer))
+        return Plan(aggregate=bool(view.buffer) and not self.ledger.hold)
 
     def on_update(self, view: CoordinatorView, update: BufferedUpdate, now: float) -> None:
         self.ledger.updates[update.device] = self.ledger.updates.get(update.device, 0) + 1

@@ -1,0 +1,270 @@
+"""Spyker as in its paper (paper 004, issue 16 §5): every method × fleet size × seed of a
+regional scenario, with the servers' update queues, per-seed times and wins.
+
+    python -m devices.paper_spyker demos/scenarios/multiregion/paper-spyker.toml --seeds 0-4 --jobs 2
+    python -m devices.paper_spyker demos/scenarios/multiregion/paper-spyker.toml --quick   # seconds
+
+The runs are :func:`devices.simulator.Simulation.regional` runs (the scenario's
+``task_options`` are honoured). What this command adds is the paper's *server queue*
+(Fig. 9). In the emulator (:class:`devices.engine.RegionNetwork`) every endpoint has a
+100 Mbps uplink and downlink on which messages wait in order, and a coordinator's CPU spends
+``msg_ms`` per event plus ``service_ms`` per commit. Per coordinator this command counts the
+model-sized messages (> 50 kB: client updates, models sent to clients, peer models) waiting
+on or crossing its **downlink** (updates coming in) and its **uplink** (models going out),
+exactly (time-weighted mean, maximum), by watching the network's ``arrive`` and ``send``;
+the simulator reports the CPU queue. The table (``paper_spyker.md``) gives, per method and
+fleet size, time to target per seed, mean ± std, the three queues, and each line's per-seed
+wins over the baseline line (default: the single-server FedAsync).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import deque
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from devices.scenario import Scenario, load_scenario
+
+__all__ = ["LinkQueue", "format_table", "main", "run_one", "summarise"]
+
+MODEL_SIZED = 50_000
+"""Bytes from which a message counts as a model (an update or a peer model): LeNet-5 is ~247 kB,
+a pull or a token is < 1 kB."""
+
+
+class LinkQueue:
+    """Model-sized messages waiting on (or crossing) each watched endpoint's downlink."""
+
+    def __init__(self, endpoints: Sequence[int]) -> None:
+        self.q: dict[int, deque[float]] = {e: deque() for e in endpoints}
+        self.t = dict.fromkeys(endpoints, 0.0)
+        self.area = dict.fromkeys(endpoints, 0.0)
+        self.max = dict.fromkeys(endpoints, 0)
+
+    def _advance(self, e: int, now: float) -> None:
+        q, t = self.q[e], self.t[e]
+        while q and q[0] <= now:
+            done = q.popleft()
+            self.area[e] += (len(q) + 1) * (done - t)
+            t = done
+        self.area[e] += len(q) * (now - t)
+        self.t[e] = now
+
+    def arrived(self, e: int, now: float, delivered_at: float) -> None:
+        if e not in self.q:
+            return
+        self._advance(e, now)
+        self.q[e].append(delivered_at)
+        self.max[e] = max(self.max[e], len(self.q[e]))
+
+    def stats(self, now: float) -> tuple[float, int]:
+        """(mean over endpoints of the time-weighted queue length, the largest queue seen)."""
+        for e in self.q:
+            self._advance(e, now)
+        mean = sum(self.area.values()) / len(self.area) / now if now > 0 else 0.0
+        return mean, max(self.max.values(), default=0)
+
+
+_TASKS: dict[str, Any] = {}
+
+
+def run_one(path: str, quick: bool, overrides: Mapping[str, Any], label: str, n: int, seed: int,
+            out_dir: str | None = None) -> dict[str, Any]:
+    """One run; returns ``RunResult.to_json()`` with ``link_queue_mean`` / ``link_queue_max`` in
+    its summary (also written to ``out_dir`` as soon as it is done, when given)."""
+    from devices.report import json_default, load_task
+    from devices.simulator import Simulation
+    from edge_sdk.trainer import configure_threads
+
+    configure_threads(1)
+    sc = _load(path, quick, overrides)
+    method = next(m for m in sc.methods if m.label == label)
+    key = json.dumps([sc.settings.task, dict(sc.settings.task_options)], sort_keys=True)
+    if key not in _TASKS:
+        _TASKS[key] = load_task(sc.settings.task, sc.settings.task_options)
+    sim = Simulation.regional(_TASKS[key], sc, method, n, seed)
+    network = sim.network
+    assert network is not None
+    servers = range(sim.n, sim.n + len(sim.coords))
+    down, up = LinkQueue(servers), LinkQueue(servers)
+    arrive, send = network.arrive, network.send
+
+    def arrived(receiver: int, size: int, now: float) -> float:
+        at = arrive(receiver, size, now)
+        if size >= MODEL_SIZED:
+            down.arrived(receiver, now, at)
+        return at
+
+    def sent(sender: int, topic: str, size: int, now: float) -> list[tuple[int, float]]:
+        out = send(sender, topic, size, now)
+        if size >= MODEL_SIZED:
+            for receiver, at in out:
+                up.arrived(sender, now, at - network.latency_s(sender, receiver))
+        return out
+
+    network.arrive = arrived  # type: ignore[method-assign]
+    network.send = sent  # type: ignore[method-assign]
+    result = sim.run()
+    (down_mean, down_max), (up_mean, up_max) = down.stats(sim.clock.now), up.stats(sim.clock.now)
+    out = result.to_json()
+    out["summary"] |= {"link_queue_mean": down_mean, "link_queue_max": down_max,
+                       "uplink_queue_mean": up_mean, "uplink_queue_max": up_max, "devices": n}
+    print(f"{label} · {n} devices · seed {seed}: time to target "
+          f"{'—' if result.time_to_target is None else f'{result.time_to_target:.1f} s'}, "
+          f"server downlink queue {down_mean:.1f} / {down_max}, uplink queue {up_mean:.1f} / {up_max}, "
+          f"CPU queue {out['summary']['coordinator_queue_mean']:.1f} / "
+          f"{out['summary']['coordinator_queue_max']:.0f}, wall {out['summary']['wall_s']:.0f} s", file=sys.stderr, flush=True)
+    if out_dir is not None:
+        slug = f"{label}__{n}__seed{seed}".replace(" ", "-").replace("/", "-")
+        (Path(out_dir) / f"{slug}.json").write_text(json.dumps(out, default=json_default), encoding="utf-8")
+    return out
+
+
+def _load(path: str, quick: bool, overrides: Mapping[str, Any]) -> Scenario:
+    sc = load_scenario(path)
+    sc = sc.quick() if quick else sc
+    return sc.with_overrides(dict(overrides)) if overrides else sc
+
+
+def _stats(xs: Sequence[float]) -> tuple[float, float]:
+    mean = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return mean, sd
+
+
+def summarise(runs: Sequence[Mapping[str, Any]], duration: float, baseline: str) -> dict[str, Any]:
+    """Per method and fleet size: times per seed (None: not reached), mean ± std (a miss counts
+    as the run's duration), queues; per Spyker-like line its per-seed wins over ``baseline``."""
+    by: dict[str, dict[int, dict[int, Mapping[str, Any]]]] = {}
+    for r in runs:
+        by.setdefault(r["label"], {}).setdefault(int(r["summary"]["devices"]), {})[int(r["seed"])] = r
+    out: dict[str, Any] = {"baseline": baseline, "duration_s": duration, "methods": {}}
+    for label, sizes in by.items():
+        entry: dict[str, Any] = {}
+        for n, seeds in sorted(sizes.items()):
+            times = {s: seeds[s]["time_to_target_s"] for s in sorted(seeds)}
+            vals = [t if t is not None else duration for t in times.values()]
+            mean, sd = _stats(vals)
+            summ = [seeds[s]["summary"] for s in sorted(seeds)]
+            row: dict[str, Any] = {
+                "times": times, "mean": mean, "sd": sd, "all_reached": all(t is not None for t in times.values()),
+                "link_queue_mean": _stats([x["link_queue_mean"] for x in summ])[0],
+                "link_queue_max": max(x["link_queue_max"] for x in summ),
+                "uplink_queue_mean": _stats([x["uplink_queue_mean"] for x in summ])[0],
+                "uplink_queue_max": max(x["uplink_queue_max"] for x in summ),
+                "cpu_queue_mean": _stats([x["coordinator_queue_mean"] for x in summ])[0],
+                "cpu_queue_max": max(x["coordinator_queue_max"] for x in summ),
+                "cpu_busy": _stats([x["coordinator_utilisation"] for x in summ])[0],
+                "updates": _stats([float(x["updates"]) for x in summ])[0],
+                "final_accuracy": _stats([float(x["final_accuracy"]) for x in summ])[0],
+            }
+            base = by.get(baseline, {}).get(n)
+            if base is not None and label != baseline:
+                common = [s for s in seeds if s in base]
+                b = {s: base[s]["time_to_target_s"] for s in common}
+                mine = {s: times[s] for s in common}
+                row["wins"] = sum(1 for s in common if _won(mine[s], b[s]))
+                row["paired"] = len(common)
+                savings = [1 - (mine[s] if mine[s] is not None else duration) / (b[s] if b[s] is not None else duration)
+                           for s in common]
+                row["saving_mean"], row["saving_sd"] = _stats(savings) if savings else (math.nan, math.nan)
+            entry[str(n)] = row
+        out["methods"][label] = entry
+    return out
+
+
+def _won(mine: float | None, base: float | None) -> bool:
+    return mine is not None and (base is None or mine < base)
+
+
+def _t(t: float | None, duration: float) -> str:
+    return f"≥ {duration:g}" if t is None else f"{t:.1f}"
+
+
+def format_table(summary: Mapping[str, Any]) -> str:
+    duration, baseline = summary["duration_s"], summary["baseline"]
+    lines = [
+        f"| method | devices | time to target per seed (s) | mean ± std (s) | saving vs {baseline} (mean ± std) | wins | "
+        "queue in: updates on the server downlink, mean / max | queue out: models on the server uplink, mean / max | "
+        "CPU queue mean / max | CPU busy | updates | final acc. |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    sizes = sorted({int(n) for e in summary["methods"].values() for n in e})
+    for n in sizes:
+        for label, entry in summary["methods"].items():
+            row = entry.get(str(n))
+            if row is None:
+                continue
+            per_seed = ", ".join(_t(t, duration) for t in row["times"].values())
+            mean = f"{'' if row['all_reached'] else '≥ '}{row['mean']:.1f} ± {row['sd']:.1f}"
+            saving = f"{100 * row['saving_mean']:+.0f} ± {100 * row['saving_sd']:.0f} %" if "saving_mean" in row else "—"
+            wins = f"{row['wins']}/{row['paired']}" if "wins" in row else "—"
+            lines.append(
+                f"| {label} | {n} | {per_seed} | {mean} | {saving} | {wins} | {row['link_queue_mean']:.1f} / {row['link_queue_max']} | "
+                f"{row['uplink_queue_mean']:.1f} / {row['uplink_queue_max']} | "
+                f"{row['cpu_queue_mean']:.1f} / {row['cpu_queue_max']:.0f} | {100 * row['cpu_busy']:.0f}% | {row['updates']:,.0f} | "
+                f"{row['final_accuracy']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from devices.report import json_default, parse_seeds
+
+    p = argparse.ArgumentParser(prog="python -m devices.paper_spyker", description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("scenario", type=Path)
+    p.add_argument("--methods", default="", help="comma-separated method labels or kinds (default: all)")
+    p.add_argument("--devices", default="", help="fleet sizes, e.g. 100,200,300 (default: the scenario's)")
+    p.add_argument("--seeds", default="", help="seeds, e.g. 0-4 (default: the scenario's)")
+    p.add_argument("--duration", type=float, help="virtual seconds per run (cap)")
+    p.add_argument("--baseline", default="FedAsync (1 server)", help="the label wins are counted against")
+    p.add_argument("--quick", action="store_true", help="the scenario's [quick] variant")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
+    p.add_argument("--out", type=Path, help="output directory (default: runs/paper-spyker/<name>)")
+    p.add_argument("--report-only", action="store_true", help="rebuild the table from the run JSONs in --out/runs")
+    args = p.parse_args(argv)
+    overrides: dict[str, Any] = {}
+    if args.seeds:
+        overrides["seeds"] = parse_seeds(args.seeds)
+    if args.duration is not None:
+        overrides["duration_s"] = args.duration
+    sc = _load(str(args.scenario), args.quick, overrides)
+    if sc.regions is None:
+        p.error(f"{args.scenario} has no [multiregion]")
+    if args.methods:
+        sc = sc.select([m.strip() for m in args.methods.split(",") if m.strip()])
+    if args.devices:
+        sc = sc.with_device_counts([int(n) for n in args.devices.split(",")])
+    out: Path = args.out or Path("runs") / "paper-spyker" / (sc.name + ("-quick" if args.quick else ""))
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    jobs = [(str(args.scenario), args.quick, overrides, m.label, n, seed, str(out / "runs"))
+            for seed in sc.settings.seeds for n in sc.device_counts for m in sc.methods]
+    if not args.report_only:
+        print(f"{sc.name}: {len(jobs)} run(s) → {out}", file=sys.stderr)
+        if args.jobs > 1:
+            with ProcessPoolExecutor(args.jobs) as pool:
+                for f in [pool.submit(run_one, *job) for job in jobs]:
+                    f.result()
+        else:
+            for job in jobs:
+                run_one(*job)
+    wanted = {(m.label, n, s) for m in sc.methods for n in sc.device_counts for s in sc.settings.seeds}
+    runs = [r for r in (json.loads(f.read_text(encoding="utf-8")) for f in sorted((out / "runs").glob("*.json")))
+            if (r["label"], int(r["summary"]["devices"]), int(r["seed"])) in wanted]
+    order = {m.label: i for i, m in enumerate(sc.methods)}
+    runs.sort(key=lambda r: (order[r["label"]], int(r["summary"]["devices"]), int(r["seed"])))
+    summary = summarise(runs, sc.settings.duration_s, args.baseline)
+    table = format_table(summary)
+    (out / "paper_spyker.md").write_text(table, encoding="utf-8")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=json_default), encoding="utf-8")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
