@@ -126,8 +126,10 @@ def test_attacks_scenario_parses_with_its_runs() -> None:
     assert (chosen.params["combine"], chosen.params["combiner"], chosen.params["clip_multiplier"]) == (
         "deltas",
         "mean",
-        3.0,
+        2.0,
     )
+    looser = by["attacked: clipping 3x + deltas + gate"]
+    assert looser.params == {**chosen.params, "clip_multiplier": 3.0} and looser.settings == chosen.settings
     cost = by["honest + gate"]
     assert cost.params == chosen.params and cost.settings.gate and not cost.settings.attack.active
     assert 0 in sc.settings.seeds and len(sc.settings.seeds) >= 5
