@@ -31,9 +31,9 @@ def test_the_scenario_has_the_papers_parameters() -> None:
     assert (fedasync.kind, fedasync.strategy, fedasync.service_ms) == ("single", "fedasync", 2.0)
     assert (fedavg.kind, fedavg.strategy, fedavg.service_ms) == ("single", "fedavg", 15.0)
     assert all(m.msg_ms == 0.4 for m in sc.methods)
-    sync = by["Sync-Spyker (η_init = 0.05)"]
+    sync = by["Sync-Spyker (η_init = 0.05 / β = 0.005)"]
     assert sync.kind == "spyker" and sync.peering_params["mode"] == "sync" and sync.peering_params["h_intra"] == 350.0
-    assert sync.params == by["Spyker (η_init = 0.05)"].params and sync.service_ms == 2.0
+    assert sync.params == by["Spyker (η_init = 0.05 / β = 0.005)"].params and sync.service_ms == 2.0
     quick = load_multiregion(SCENARIO, quick=True)
     assert quick.device_counts == (8,) and quick.settings.duration_s <= 2
 
@@ -72,7 +72,7 @@ def test_a_slow_server_queues_and_a_free_one_does_not(service_ms: float) -> None
 
 def test_sync_spyker_synchronises_in_the_emulator_and_holds_updates_meanwhile() -> None:
     sc = load_multiregion(SCENARIO, quick=True)
-    label = "Sync-Spyker (η_init = 0.05)"
+    label = "Sync-Spyker (η_init = 0.05 / β = 0.005)"
     methods = tuple(dataclasses.replace(m, peering_params={**m.peering_params, "h_intra": 6.0}) if m.label == label else m
                     for m in sc.methods)
     r = _run(dataclasses.replace(sc, runs=methods), label, 8)
@@ -112,11 +112,11 @@ def test_summary_counts_per_seed_wins_and_a_miss_as_the_duration() -> None:
 
 def test_the_paper_spyker_command_quick_form(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    assert main([str(SCENARIO), "--quick", "--methods", "Sync-Spyker (η_init = 0.05),FedAsync (1 server)", "--out", str(out)]) == 0
+    assert main([str(SCENARIO), "--quick", "--methods", "Sync-Spyker (η_init = 0.05 / β = 0.005),FedAsync (1 server)", "--out", str(out)]) == 0
     runs = sorted((out / "runs").glob("*.json"))
     assert len(runs) == 2
     for path in runs:
         summary = json.loads(path.read_text(encoding="utf-8"))["summary"]
         assert summary["uplink_queue_max"] >= 1 and summary["link_queue_max"] >= 1  # models went out and came in
     table = (out / "paper_spyker.md").read_text(encoding="utf-8")
-    assert "| Sync-Spyker (η_init = 0.05) | 8 |" in table and "| FedAsync (1 server) | 8 |" in table
+    assert "| Sync-Spyker (η_init = 0.05 / β = 0.005) | 8 |" in table and "| FedAsync (1 server) | 8 |" in table
