@@ -35,6 +35,7 @@ import argparse
 import contextlib
 import cProfile
 import json
+import os
 import pstats
 import resource
 import subprocess
@@ -208,18 +209,20 @@ def fleet(args: argparse.Namespace) -> int:
     for transport in transports:
         print(f"transport {transport}: {TRANSPORTS[transport]}")
         print(f"  {'devices':>8} {'events':>10} {'labels':>9} {'versions':>8} {'setup s':>8} {'loop CPU s':>10} {'loop wall s':>11} "
-              f"{'eval CPU s':>10} {'events/s':>9} {'µs/event':>9} {'excl. eval':>10} {'virtual/CPU':>11} {'virtual/wall':>12} {'peak RSS MB':>11}")
+              f"{'eval CPU s':>10} {'events/s':>9} {'µs/event':>9} {'excl. eval':>10} {'virtual/CPU':>11} {'virtual/wall':>12} {'peak RSS MB':>11} "
+              f"{'load avg':>8}")
         rows: list[dict[str, Any]] = []
         for n in sizes:
             cmd = [sys.executable, __file__, "--one", str(n), "--duration", str(args.duration), "--rate", str(args.rate),
                    "--seed", str(args.seed), "--transport", transport]
             out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
             row = json.loads(out.stdout.strip().splitlines()[-1])
+            load = os.getloadavg()[0]  # the machine's 1-minute load when the size finished (it may be shared)
             rows.append(row)
             print(f"  {n:>8,} {row['events']:>10,} {row['labels']:>9,} {row['versions']:>8,} {row['setup_s']:>8.1f} "
                   f"{row['cpu_s']:>10.1f} {row['wall_s']:>11.1f} {row['eval_cpu_s']:>10.1f} {row['events_per_s']:>9,.0f} "
                   f"{row['us_per_event']:>9.1f} {row['us_per_event_excl_eval']:>10.1f} "
-                  f"{row['virtual_per_cpu']:>10.0f}× {row['virtual_per_wall']:>11.0f}× {row['peak_rss_mb']:>11,.0f}", flush=True)
+                  f"{row['virtual_per_cpu']:>10.0f}× {row['virtual_per_wall']:>11.0f}× {row['peak_rss_mb']:>11,.0f} {load:>8.1f}", flush=True)
         base, big = rows[0], rows[-1]
         flat = big["us_per_event"] / base["us_per_event"]
         flat_excl = big["us_per_event_excl_eval"] / base["us_per_event_excl_eval"]

@@ -436,6 +436,8 @@ class CoordinatorCore:
         # The decoder's cap follows the model: a full model plus header room, never more.
         self._max_bytes = min(config.max_message_bytes, 4 * config.spec.size + (1 << 20))
         self._wake_at: float | None = None
+        self._inbox: tuple[str, str] | None = None
+        """(device, its topics' prefix) of the last device message parsed (see _device_topic)."""
         self._status_dirty = False
         self._status_next_at = float("-inf")
         self._status_version = self._version
@@ -638,6 +640,9 @@ class CoordinatorCore:
             if leaf == "presence":
                 return self._on_presence(parsed.device, ev.payload, ev.now)
             msg = decode(ev.payload, max_bytes=self._max_bytes)
+            # The topic's prefix names this device in this region: parse validated both ids
+            # in this very string, so replies to the device reuse it (see _device_topic).
+            self._inbox = (parsed.device, ev.topic[: len(ev.topic) - len(leaf)])
             self._track(parsed.device, None, msg, ev.now)
             device = parsed.device
             if isinstance(msg, Pull | Update):
@@ -764,7 +769,7 @@ class CoordinatorCore:
         self._deferred[msg.device] = now
         self.counters["pulls_deferred"] += 1
         ack = Ack(device=msg.device, seq=msg.seq, status="deferred", version=self._version)
-        return [self._publish(topics.device_topic(self.config.region, msg.device, "ack"), encode(ack))]
+        return [self._publish(self._device_topic(msg.device, "ack"), encode(ack))]
 
     def _group_for(self, have_version: int) -> str:
         """LASP: a device already holding the current extractor gets only the partial group."""
@@ -822,11 +827,11 @@ class CoordinatorCore:
             if len(self._encoded) >= 64:  # per-device hints could grow it: keep it bounded
                 self._encoded.clear()
             self._encoded[key] = payload
-        return self._publish(topics.device_topic(cfg.region, device, "model"), payload)
+        return self._publish(self._device_topic(device, "model"), payload)
 
     def _on_update(self, msg: Update, now: float) -> list[CoordinatorAction]:
         cfg = self.config
-        ack_topic = topics.device_topic(cfg.region, msg.device, "ack")
+        ack_topic = self._device_topic(msg.device, "ack")
         if msg.model_id != cfg.spec.model_id:
             raise UnknownModel(f"this coordinator serves {cfg.spec.model_id!r}, not {msg.model_id!r}")
         watermark = self._accepted_upto.get(msg.device, NO_VERSION)
@@ -1017,7 +1022,7 @@ class CoordinatorCore:
                 actions.extend(self._invite(device))
             if not aggregated and not plan.invite:
                 status_due = self._status_next_at if self._status_dirty and self._status_next_at > now else None
-                conversion_due = min((p.deadline for p in self._parked.values()), default=None)
+                conversion_due = min((p.deadline for p in self._parked.values()), default=None) if self._parked else None
                 canary_due = self._canary_round.deadline if self._canary_round is not None else None
                 wakes = [t for t in (plan.wake_at, self.peering.wake_at(), status_due, conversion_due, canary_due) if t is not None]
                 wake = min(wakes) if wakes else None
@@ -1418,6 +1423,15 @@ class CoordinatorCore:
         self._invites[device] = self._invite_round
         invite = Invite(device=device, round=self._invite_round, version=self._version)
         return [self._publish(topics.device_topic(self.config.region, device, "invite"), encode(invite))]
+
+    def _device_topic(self, device: str, leaf: topics.DeviceLeaf) -> str:
+        """``topics.device_topic(region, device, leaf)``. For the device whose message is
+        being handled (the common case: its reply) the prefix of that message's topic, which
+        ``topics.parse`` validated (ids, layout) and found to be ours: the same string."""
+        inbox = self._inbox
+        if inbox is not None and inbox[0] == device:
+            return inbox[1] + leaf
+        return topics.device_topic(self.config.region, device, leaf)
 
     def _publish(self, topic: str, payload: bytes, *, retain: bool = False) -> Publish:
         self.counters["bytes_out"] += len(payload)

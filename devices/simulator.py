@@ -137,6 +137,11 @@ REGION = "sim"
 COORDINATOR_ID = "coordinator"
 SINGLE_ID, SINGLE_REGION = "server", "global"
 """A regional run without a peering: its one coordinator's id and topic region."""
+_MSG, _TIMER, _SAMPLE, _TRAINED, _TRAIN_FAILED, _EVAL, _KICK, _HOP, _GATE = (
+    Kind.MSG, Kind.TIMER, Kind.SAMPLE, Kind.TRAINED, Kind.TRAIN_FAILED, Kind.EVAL, Kind.KICK, Kind.HOP, Kind.GATE)
+"""The event kinds as module constants (the dispatch compares them on every event)."""
+_WAITS_ONLINE = frozenset({Kind.MSG, Kind.TIMER})
+"""What waits while a device is offline (at the broker / asleep)."""
 
 
 @dataclass(slots=True)
@@ -458,11 +463,12 @@ class Simulation(Driver):
             self.push(s.duration_s, Kind.EVAL, self.n, None)
         for k in range(len(self.coords)):
             self._coordinator_event(k, 0.0, Kind.KICK, None)
-        stop = self.regions is not None and self.regions.stop_at_target
         linger = 2 * s.eval_every_s
-        while (kind := self.step(s.duration_s)) is not None:
-            if stop and kind == Kind.EVAL and self.done_at is not None and self.clock.now >= self.done_at + linger:
-                break
+
+        def reached(kind: Kind) -> bool:  # a regional run may stop 2 evaluations after its target
+            return kind == _EVAL and self.done_at is not None and self.clock.now >= self.done_at + linger
+
+        self.run_until(s.duration_s, reached if self.regions is not None and self.regions.stop_at_target else None)
         wall = time.perf_counter() - started
         return self._result(wall)
 
@@ -471,15 +477,15 @@ class Simulation(Driver):
         return self.stragglers is not None and self.stragglers.finished(self.coordinator.version)
 
     def dispatch(self, now: float, kind: Kind, target: int, data: Any) -> None:
-        if kind == Kind.EVAL:
-            self._evaluate(now)
-        elif kind == Kind.HOP:  # at the receiver's side of the network: queue on its downlink in arrival order
-            assert self.network is not None
-            self.push(self.network.arrive(target, len(data[1]), now), Kind.MSG, target, data)
-        elif target >= self.n:
-            self._coordinator_event(target - self.n, now, kind, data)
-        else:
+        if target < self.n and kind != _HOP and kind != _EVAL:  # the common case first
             self._device_event(now, kind, target, data)
+        elif kind == _EVAL:
+            self._evaluate(now)
+        elif kind == _HOP:  # at the receiver's side of the network: queue on its downlink in arrival order
+            assert self.network is not None
+            self.push(self.network.arrive(target, len(data[1]), now), _MSG, target, data)
+        else:
+            self._coordinator_event(target - self.n, now, kind, data)
 
     # ------------------------------------------------------------------ coordinators
 
@@ -493,22 +499,22 @@ class Simulation(Driver):
                 c.queued[id(data)] = 1
             self.push(c.busy_until, kind, self.n + k, data)
             return
-        if c.queued.pop(id(data), 0):  # a deferred event reaches the CPU: the queue shrinks
+        if c.queued and c.queued.pop(id(data), 0):  # a deferred event reaches the CPU: the queue shrinks
             c.queue_area += c.queue_len * (now - c.queue_t)
             c.queue_t, c.queue_len = now, c.queue_len - 1
-        if kind == Kind.MSG:
+        if kind == _MSG:
             topic, payload = data
             if self.links is not None:
                 self.links.delivered(self.n + k, len(payload))
             actions = c.core.handle(MessageReceived(now=now, topic=topic, payload=payload))
-        elif kind == Kind.TIMER:
+        elif kind == _TIMER:
             if c.timer_at != data:
                 return  # replaced by a later ScheduleTimer
             c.timer_at = None
             actions = c.core.handle(TimerFired(now=now))
-        elif kind == Kind.GATE:
+        elif kind == _GATE:
             actions = c.core.handle(data(now))
-        elif kind == Kind.KICK:
+        elif kind == _KICK:
             actions = c.core.start(now)
         else:  # pragma: no cover - kinds are private
             raise LocalProtocolError(f"unknown event kind {kind}")
@@ -531,7 +537,7 @@ class Simulation(Driver):
                 self._publish(me, a, now)
             elif isinstance(a, ScheduleTimer):
                 c.timer_at = a.at
-                self.push(max(a.at, now), Kind.TIMER, me, a.at)
+                self.push(max(a.at, now), _TIMER, me, a.at)
             elif isinstance(a, PersistUpdate):
                 if self.regions is None:  # kept for label latency until a commit consumes it
                     self.persisted[a.update.key] = a.update
@@ -646,27 +652,28 @@ class Simulation(Driver):
 
     def _device_event(self, now: float, kind: Kind, i: int, data: Any) -> None:
         dev = self.devices[i]
-        offline = dev.plan.instance.offline
-        if kind in (Kind.MSG, Kind.TIMER) and offline.offline_at(now):
-            self.push(offline.next_online(now), kind, i, data)  # waits at the broker / sleeps
-            return
+        if kind in _WAITS_ONLINE:
+            offline = dev.plan.instance.offline
+            if offline.offline_at(now):
+                self.push(offline.next_online(now), kind, i, data)  # waits at the broker / sleeps
+                return
         core = dev.core
-        if kind == Kind.MSG:
+        if kind == _MSG:
             topic, payload = data
             if self.links is not None:
                 self.links.delivered(i, len(payload))
             actions = core.handle(MessageReceived(now=now, topic=topic, payload=payload))
-        elif kind == Kind.TIMER:
+        elif kind == _TIMER:
             if dev.timer_at != data:
                 return
             dev.timer_at = None
             actions = core.handle(TimerFired(now=now))
-        elif kind == Kind.SAMPLE:
+        elif kind == _SAMPLE:
             self.labels += 1
             if dev.canary is not None and not self.continuous:  # test, then train: score the new label first
                 self._canary_score(dev, int(data) - 1, now)
             actions = core.handle(SampleAdded(now=now, total=data))
-        elif kind == Kind.TRAINED:
+        elif kind == _TRAINED:
             job_id, result, seconds = data
             live = self._training.get(i)
             if live is None or live[3] is not result:
@@ -676,7 +683,7 @@ class Simulation(Driver):
                 now=now, job_id=job_id, weights=result.weights, n_samples=result.n_samples,
                 loss=result.loss, seconds=seconds,
             ))
-        elif kind == Kind.TRAIN_FAILED:
+        elif kind == _TRAIN_FAILED:
             job_id, error = data
             actions = core.handle(TrainingFailed(now=now, job_id=job_id, error=error))
         else:  # pragma: no cover - kinds are private
@@ -685,12 +692,14 @@ class Simulation(Driver):
 
     def _device_actions(self, dev: EmulatedDevice, actions: Sequence[object], now: float) -> None:
         i = dev.plan.index
-        for a in actions:
+        for a in actions:  # the action types are unrelated classes: the order of the tests is by frequency
             if isinstance(a, Publish):
                 self._publish(i, a, now)
             elif isinstance(a, ScheduleTimer):
                 dev.timer_at = a.at
-                self.push(max(a.at, now), Kind.TIMER, i, a.at)
+                self.push(max(a.at, now), _TIMER, i, a.at)
+            elif isinstance(a, PersistDeviceState):
+                pass  # in-memory devices never restart
             elif isinstance(a, StartTraining):
                 self._start_training(dev, a.job, now)
             elif isinstance(a, DeployModel):
@@ -705,8 +714,6 @@ class Simulation(Driver):
                 self.device_notes[a.kind] += 1
                 if self.continuous and a.kind in ("update_acked", "update_rejected"):
                     self.push(now, Kind.SAMPLE, i, dev.core.state.total + 1)  # retrain on the next model
-            elif isinstance(a, PersistDeviceState):
-                pass  # in-memory devices never restart
 
     def _canary_score(self, dev: EmulatedDevice, index: int, now: float) -> None:
         """What ``edge_sdk.client`` does with a new label while a canary request is open:
@@ -751,9 +758,10 @@ class Simulation(Driver):
         """Into the network model: a delivery (``MSG``) per subscriber, or a ``HOP`` first
         across regions (retained status and stray topics: nobody listens here)."""
         if self.links is not None:
-            routed = self.links.route(sender, action.topic, action.payload, action.retain, now)
+            topic, payload = action.topic, action.payload
+            routed = self.links.route(sender, topic, payload, action.retain, now)
             if routed is not None:
-                self.push(routed[1], Kind.MSG, routed[0], (action.topic, action.payload))
+                self.push(routed[1], _MSG, routed[0], (topic, payload))
             return
         network = self.network
         assert network is not None
@@ -768,7 +776,7 @@ class Simulation(Driver):
                 self.bytes_peer += size
             else:
                 self.bytes_device += size
-            self.push(at, Kind.HOP, receiver, (action.topic, action.payload))
+            self.push(at, _HOP, receiver, (action.topic, action.payload))
 
     def _release_held(self, version: int, weights: Any, now: float) -> None:
         """A commit: record class-c accuracy; send the delayed updates whose τ has passed."""

@@ -207,3 +207,29 @@ def test_lasp_trains_and_sends_only_the_requested_group() -> None:
     upd = published(acts)[0]
     assert isinstance(upd, Update) and upd.group == "classifier"
     np.testing.assert_array_equal(upd.weights, np.full(SPEC.group_size("classifier"), 2.0))
+
+
+def test_a_received_model_s_check_is_skipped_only_for_the_same_immutable_array() -> None:
+    """``_check_received``: shape, dtype and finiteness are checked for every model, except
+    the very same read-only array over ``bytes`` that passed before (one carried frame handed
+    to many devices); an array that can change, or changed shape, is checked again."""
+    from edge_sdk.core import device
+    from edge_sdk.errors import NonFiniteWeights, ShapeMismatch
+
+    good = np.frombuffer(np.ones(SPEC.size, np.float32).tobytes(), dtype=np.float32)
+    device._check_received(SPEC, good, "full")
+    assert any(ref() is good for ref, *_ in device._PROVEN)
+    device._check_received(SPEC, good, "full")  # the same object: proven
+    with pytest.raises(ShapeMismatch):
+        device._check_received(SPEC, good, "classifier")  # another group: checked
+    nan = np.frombuffer(np.full(SPEC.size, np.nan, np.float32).tobytes(), dtype=np.float32)
+    with pytest.raises(NonFiniteWeights):
+        device._check_received(SPEC, nan, "full")
+    good.shape = (1, SPEC.size)  # the same object, reshaped in place: checked again
+    with pytest.raises(ShapeMismatch):
+        device._check_received(SPEC, good, "full")
+    mutable = np.ones(SPEC.size, np.float32)
+    device._check_received(SPEC, mutable, "full")
+    mutable[0] = np.inf
+    with pytest.raises(NonFiniteWeights):
+        device._check_received(SPEC, mutable, "full")

@@ -279,6 +279,38 @@ def test_topics_round_trip_and_reject_wildcards() -> None:
             topics.parse(bad_topic)
 
 
+def _device_topic_by_the_general_rules(topic: str) -> tuple[str, str, str] | None:
+    """What ``topics.parse`` accepted as a device topic before its one-regex fast path."""
+    parts = topic.split("/")
+    rest = parts[2:]
+    if parts[:2] == ["edgeci", "v1"] and len(rest) == 4 and rest[1] == "dev" and rest[3] in topics.UPSTREAM + topics.DOWNSTREAM \
+            and topics._ID.match(rest[0]) and topics._ID.match(rest[2]):
+        return rest[0], rest[2], rest[3]
+    return None
+
+
+def test_the_device_topic_fast_path_accepts_exactly_what_the_general_rules_accept() -> None:
+    """``topics.parse`` matches device topics with one regex; the same topics (and the same
+    fields) as the per-part rules, ``_ID``'s trailing-newline quirk included."""
+    rng = np.random.default_rng(7)
+    pieces = ["edgeci", "v1", "eu", "dev", "d-1", "pull", "ack", "update", "", "\n", "x" * 64, "x" * 65, "a\n", "a\n\n",
+              "_a", ".b", "peer", "status", "control", "presence", "pull\n", "+", "#", "é"]
+    for _ in range(20_000):
+        parts = ["edgeci", "v1", *(str(rng.choice(pieces)) for _ in range(4))]
+        parts[3] = "dev" if rng.random() < 0.7 else parts[3]
+        if rng.random() < 0.3:
+            i = int(rng.integers(len(parts)))
+            parts[i] += str(rng.choice(pieces))
+        topic = "/".join(parts[: int(rng.integers(2, 8))] if rng.random() < 0.2 else parts)
+        want = _device_topic_by_the_general_rules(topic)
+        try:
+            p = topics.parse(topic)
+            got = (p.region, p.device, p.leaf) if p.kind == "device" else None
+        except MalformedMessage:
+            got = None
+        assert got == want, topic
+
+
 def test_status_json_round_trip() -> None:
     s = MESSAGES[5]
     assert isinstance(s, Status)
@@ -286,6 +318,16 @@ def test_status_json_round_trip() -> None:
     assert data["version"] == 1 and data["devices_seen"] == 2
     with pytest.raises(MalformedMessage):
         parse_status_json(b"{not json")
+
+
+def test_a_reused_packer_gives_packb_s_bytes_even_after_a_failed_pack() -> None:
+    from edge_sdk.wire import codec
+
+    header = {"type": "ack", "device": "d1", "seq": 3, "hints": {"lr": 0.1}, "b": b"xy"}
+    assert codec._packb(header) == msgpack.packb(header, use_bin_type=True)
+    with pytest.raises(TypeError):
+        codec._packb({"x": object()})
+    assert codec._packb(header) == msgpack.packb(header, use_bin_type=True)
 
 
 def test_a_field_added_later_is_absent_at_its_default_so_old_frames_keep_their_bytes() -> None:

@@ -142,10 +142,13 @@ class ReadOnlyView:
     The core builds one at start (``self._view = ReadOnlyView(self)``) and passes it
     wherever it now passes ``self`` to ``strategy.*`` and ``peering.*``."""
 
-    __slots__ = ("_core",)
+    __slots__ = ("_core", "_held")
 
     def __init__(self, core: CoordinatorView) -> None:
         self._core = core
+        self._held: list[tuple[Vector, Vector]] = []
+        """(vector, its read-only view) for the last two vectors handed out: the view is
+        made once per vector, not per access (it is read-only: sharing it changes nothing)."""
 
     @property
     def spec(self) -> ModelSpec:
@@ -157,7 +160,7 @@ class ReadOnlyView:
 
     @property
     def weights(self) -> Vector:
-        return _frozen(self._core.weights)
+        return self._read_only(self._core.weights)
 
     @property
     def buffer(self) -> Sequence[BufferedUpdate]:
@@ -181,7 +184,18 @@ class ReadOnlyView:
 
     def weights_at(self, version: int) -> Vector | None:
         w = self._core.weights_at(version)
-        return None if w is None else _frozen(w)
+        return None if w is None else self._read_only(w)
+
+    def _read_only(self, w: Vector) -> Vector:
+        held = self._held
+        for vector, view in held:
+            if vector is w:  # the very same array (held here, so its id cannot be reused)
+                return view
+        view = _frozen(w)
+        held.append((w, view))
+        if len(held) > 2:
+            del held[0]
+        return view
 
 
 def _frozen(w: Vector) -> Vector:

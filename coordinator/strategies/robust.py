@@ -380,17 +380,19 @@ class RobustAggregator:
 
     def observe(self, view: CoordinatorView, update: BufferedUpdate) -> None:
         """Assess ``update`` and fold it in (the strategy's ``on_update`` / ``on_restore``)."""
-        if self._version != view.version or not _same_array(self._current, view.weights):
+        weights = view.weights  # one read-only view for the check and the fold
+        if self._version != view.version or not _same_array(self._current, weights):
             self._reset()
-            self._version, self._current = view.version, view.weights
-        self._observe(view, update, uniform=False)
+            self._version, self._current = view.version, weights
+        self._observe(view, update, uniform=False, weights=weights)
 
     def _count(self, reason: str, key: tuple[str, int]) -> None:
         if (reason, key) not in self._counted:
             self._counted.add((reason, key))
             self.counters[reason] += 1
 
-    def _observe(self, view: CoordinatorView, u: BufferedUpdate, *, uniform: bool) -> None:
+    def _observe(self, view: CoordinatorView, u: BufferedUpdate, *, uniform: bool, weights: Vector | None = None) -> None:
+        """``weights``: ``view.weights`` when the caller has it already."""
         cfg = self.config
         tau = max(view.version - u.base_version, 0)
         factor = staleness_factor(self._policy, tau)  # built with the config (and again on reconfigure)
@@ -408,7 +410,7 @@ class RobustAggregator:
         sl = view.spec.group_slice(u.group)
         base = view.weights_at(u.base_version)
         has_base = base is not None
-        current = view.weights[sl]
+        current = (view.weights if weights is None else weights)[sl]
         ref = current if base is None else base[sl]
         w = np.asarray(u.weights, dtype=np.float32)
         clip = bool(cfg.clip_multiplier)
@@ -420,7 +422,12 @@ class RobustAggregator:
             row = self._new_row()[sl]
         weight: float | None = None
         if not similarity:
-            weight = 1.0 if uniform else self.weigher(UpdateStats(staleness=tau, n_weight=n_weight, has_base=has_base))
+            if uniform:
+                weight = 1.0
+            elif self.weigher is _default_weight:  # what it would return, without building the stats
+                weight = n_weight
+            else:
+                weight = self.weigher(UpdateStats(staleness=tau, n_weight=n_weight, has_base=has_base))
             weight = weight * factor if factor != 1.0 else weight
         # Pass 1: the change's norm (and PORT's similarity terms), fused with the optimistic
         # (unclipped) fold when the weight is already known.

@@ -58,6 +58,10 @@ class SpinConfig(RobustConfig):
             raise ConfigError("timeout_s must be > 0 (or None to disable the timeout)")
 
 
+_NOTHING, _AGGREGATE = Plan(), Plan(aggregate=True)
+"""The two plans without a time (immutable: shared, not built per event)."""
+
+
 class SpinStrategy(RobustStrategy):
     name: ClassVar[str] = "spin"
 
@@ -88,12 +92,12 @@ class SpinStrategy(RobustStrategy):
 
     def plan(self, view: CoordinatorView, now: float, rng: random.Random) -> Plan:
         if len(view.buffer) >= self.config.k:
-            return Plan(aggregate=True)
+            return _AGGREGATE
         deadline = self.deadline(view)
         if deadline is None:
-            return Plan()
+            return _NOTHING
         if now >= deadline:
-            return Plan(aggregate=True)
+            return _AGGREGATE
         return Plan(wake_at=deadline)
 
     def aggregate(self, view: CoordinatorView, updates: Sequence[BufferedUpdate]) -> Vector:

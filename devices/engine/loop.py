@@ -42,7 +42,8 @@ class Driver:
         self._pre_next = 0
 
     def push(self, at: float, kind: Kind, target: int, data: Any = None) -> None:
-        self.queue.push(at, kind, target, data)
+        queue = self.queue  # EventQueue.push, inlined (the hot path)
+        heapq.heappush(queue._heap, (at, next(queue._seq), kind, target, data))
 
     def preload(self, kind: Kind, at: Sequence[float], targets: Sequence[int], data: Sequence[Any]) -> None:
         """Schedule events of one ``kind`` that are known before the run starts (labels at
@@ -65,6 +66,44 @@ class Driver:
     def halted(self) -> bool:
         """Checked after each wait for the clock (a live loop's ``stop()``)."""
         return False
+
+    def run_until(self, until: float, stop: Callable[[Kind], bool] | None = None) -> None:
+        """Handle every event due by ``until``: the same as ``while self.step(until) is not
+        None`` (and ``stop(kind)`` after each event, ending the loop when true), without a
+        method call and the attribute look-ups per event."""
+        pre_at, pre_target, pre_data, pre_kind = self._pre_at, self._pre_target, self._pre_data, self._pre_kind
+        n_pre = len(pre_at)
+        heap = self.queue._heap
+        heappop = heapq.heappop
+        clock = self.clock
+        advance = clock.advance_to
+        virtual = type(clock) is VirtualClock  # its advance_to inlined: the same check, the same error
+        halted = self.halted
+        dispatch = self.dispatch
+        i = self._pre_next
+        while True:
+            pre = pre_at[i] if i < n_pre else None
+            top = heap[0][0] if heap else None
+            if pre is not None and pre <= until and (top is None or pre <= top):  # a preloaded event wins a tie
+                at, kind, target, data = pre, pre_kind, pre_target[i], pre_data[i]
+                i += 1
+                self._pre_next = i
+            elif top is not None and top <= until:
+                at, _, kind, target, data = heappop(heap)
+            else:
+                return
+            if virtual and at >= clock._now:  # type: ignore[attr-defined]
+                clock._now = at  # type: ignore[attr-defined]
+            else:
+                advance(at)
+            if halted():
+                return
+            self.events += 1
+            if self.trace is not None:
+                self.trace(at, kind, target, data)
+            dispatch(at, kind, target, data)
+            if stop is not None and stop(kind):
+                return
 
     def step(self, until: float = math.inf) -> Kind | None:
         """Handle the next event if it is due by ``until``; return its kind (None: none is,

@@ -73,17 +73,21 @@ class LinkNetwork:
                 self.unroutable += 1
             return None
         up, down = self.links[sender], self.links[receiver]
-        start = max(now, self._up_free[sender])
-        self._up_free[sender] = start + size * 8.0 / up.up_bps
-        at_broker = self._up_free[sender] + up.latency_s
-        start = max(at_broker, self._down_free[receiver])
-        self._down_free[receiver] = start + size * 8.0 / down.down_bps
+        up_free, down_free = self._up_free, self._down_free
+        bits = size * 8.0
+        free = up_free[sender]
+        start = now if now >= free else free  # max(now, free), the same float
+        up_free[sender] = sent = start + bits / up.up_bps
+        at_broker = sent + up.latency_s
+        free = down_free[receiver]
+        start = at_broker if at_broker >= free else free
+        down_free[receiver] = done = start + bits / down.down_bps
         self.sent[sender] += size
         if sender != self.coordinator:
             self._device_up += size
         self.in_flight[receiver] += size
         self.messages += 1
-        return receiver, self._down_free[receiver] + down.latency_s
+        return receiver, done + down.latency_s
 
     def delivered(self, receiver: int, size: int) -> None:
         self.in_flight[receiver] -= size

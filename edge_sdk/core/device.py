@@ -107,11 +107,15 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import random
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from edge_sdk.core.events import (
     CanaryScored,
@@ -175,12 +179,40 @@ MAX_STATUS_BYTES = 65_536
 """A coordinator status larger than this is not read (it is a few hundred bytes)."""
 
 
+_PROVEN: list[tuple[weakref.ref[npt.NDArray[Any]], ModelSpec, str, tuple[int, ...], np.dtype[Any], tuple[int, ...]]] = []
+"""The last few received weight vectors that passed ``spec.check`` in this process, with
+the spec, group, shape, dtype and strides they passed with (see :func:`_check_received`)."""
+
+
+def _check_received(spec: ModelSpec, weights: npt.NDArray[Any], group: str) -> None:
+    """``spec.check(weights, group)`` (shape, dtype, finiteness), skipped only for the very
+    same array object that passed it before in this process (a weak reference to it is
+    alive) with the same spec and group and still the same shape, dtype and strides: a
+    read-only ``ndarray`` whose memory is a ``bytes`` object, which nothing can change. That
+    is one model frame handed to many devices by the in-process transport
+    (``codec.carry_decoded``); every other array is checked every time."""
+    for ref, s, g, shape, dtype, strides in _PROVEN:
+        if ref() is weights and s is spec and g == group and weights.shape == shape and weights.dtype == dtype \
+                and weights.strides == strides:
+            return
+    spec.check(weights, group)
+    base: object = weights.base
+    if type(weights) is np.ndarray and not weights.flags.writeable and type(base) is bytes:
+        _PROVEN.append((weakref.ref(weights), spec, group, weights.shape, weights.dtype, weights.strides))
+        if len(_PROVEN) > 4:
+            del _PROVEN[0]
+
+
 class Phase(enum.Enum):
     IDLE = "idle"
     PULLING = "pulling"
     DEFERRED = "deferred"
     TRAINING = "training"
     PUSHING = "pushing"
+
+
+_IDLE, _PULLING, _DEFERRED, _TRAINING, _PUSHING = Phase.IDLE, Phase.PULLING, Phase.DEFERRED, Phase.TRAINING, Phase.PUSHING
+"""The phases as module constants (the same members; read on every event without the enum's class look-up)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -338,20 +370,22 @@ class DeviceCore:
     # ------------------------------------------------------------------ dispatch
 
     def handle(self, event: DeviceEvent) -> list[DeviceAction]:
-        due = self._canary_due(event.now) if self._s.canary is not None else []
-        return due + self._handle(event)
+        if self._s.canary is None:
+            return self._handle(event)
+        return self._canary_due(event.now) + self._handle(event)
 
     def _handle(self, event: DeviceEvent) -> list[DeviceAction]:
-        if isinstance(event, SampleAdded):
-            return self._on_sample(event)
+        # Unrelated event classes: tested in the order of their frequency.
         if isinstance(event, MessageReceived):
             return self._on_message(event)
+        if isinstance(event, TimerFired):
+            return self._on_timer(event)
+        if isinstance(event, SampleAdded):
+            return self._on_sample(event)
         if isinstance(event, TrainingFinished):
             return self._on_trained(event)
         if isinstance(event, TrainingFailed):
             return self._on_train_failed(event)
-        if isinstance(event, TimerFired):
-            return self._on_timer(event)
         if isinstance(event, CanaryScored):
             return self._on_canary_scored(event)
         raise LocalProtocolError(f"DeviceCore cannot handle {type(event).__name__}")
@@ -363,7 +397,7 @@ class DeviceCore:
 
     def _kick_off(self, now: float) -> list[DeviceAction]:
         actions = self._maybe_pull(now)
-        if not actions and self.config.serve_on_start and self._s.phase is Phase.IDLE:
+        if not actions and self.config.serve_on_start and self._s.phase is _IDLE:
             actions = self._send_pull(now, fresh=True, serve=True)
         return actions
 
@@ -439,7 +473,7 @@ class DeviceCore:
         if msg.model_id != cfg.spec.model_id:
             raise UnknownModel(f"model {msg.model_id!r} is not {cfg.spec.model_id!r}")
         if msg.group != UNCHANGED:
-            cfg.spec.check(msg.weights, msg.group)
+            _check_received(cfg.spec, msg.weights, msg.group)
         elif msg.weights.size:
             raise ShapeMismatch("an 'unchanged' model reply carries no weights")
         actions: list[DeviceAction] = []
@@ -454,7 +488,7 @@ class DeviceCore:
             s.release_wanted = max(s.release_wanted, msg.release)  # fetched by a serving pull when idle
         # A coordinator answers with the bytes it sends every device that asks for the same
         # model (reply_to = -1); such an answer must not be older than what the device holds.
-        answers_pull = s.phase is Phase.PULLING and (
+        answers_pull = s.phase is _PULLING and (
             msg.reply_to == s.pending_seq
             or (msg.reply_to == NO_VERSION and msg.version >= s.deployed_version)
         )
@@ -468,7 +502,7 @@ class DeviceCore:
             return actions + self._send_pull(now, fresh=True, serve=s.serving)
         if s.serving:
             s.serving = False
-            s.phase, s.deadline, s.pending_seq, s.pending_payload, s.attempts = Phase.IDLE, None, NO_VERSION, b"", 0
+            s.phase, s.deadline, s.pending_seq, s.pending_payload, s.attempts = _IDLE, None, NO_VERSION, b"", 0
             return actions + self._maybe_pull(now)
         s.prev_trained_upto = s.trained_upto
         s.trained_upto = s.total
@@ -476,7 +510,7 @@ class DeviceCore:
         s.job_base_version = msg.version
         s.job_n_samples = s.total
         s.job_group = msg.train_group
-        s.phase, s.deadline, s.pending_seq, s.pending_payload = Phase.TRAINING, None, NO_VERSION, b""
+        s.phase, s.deadline, s.pending_seq, s.pending_payload = _TRAINING, None, NO_VERSION, b""
         job = TrainingJob(
             job_id=s.job_id,
             base_version=msg.version,
@@ -506,12 +540,12 @@ class DeviceCore:
         s = self._s
         if msg.seq != s.pending_seq:
             return []  # an answer to a request we already gave up on or retried past
-        if s.phase is Phase.PULLING and msg.status == "deferred":
-            s.phase = Phase.DEFERRED
+        if s.phase is _PULLING and msg.status == "deferred":
+            s.phase = _DEFERRED
             s.attempts = 0
             s.deadline = now + self.config.reannounce_s
             return [ScheduleTimer(at=s.deadline), Notify(kind="deferred", data={"seq": msg.seq})]
-        if s.phase is not Phase.PUSHING:
+        if s.phase is not _PUSHING:
             return []
         pending = s.pending_update
         if msg.status == "deferred":  # the coordinator cannot store updates now: retry later
@@ -520,7 +554,7 @@ class DeviceCore:
             return [ScheduleTimer(at=s.deadline), Notify(kind="deferred", data={"seq": msg.seq, "what": "update", "reason": msg.reason})]
         if msg.status == "duplicate" and pending is not None and msg.nonce not in (0, pending.nonce):
             return self._resend_under_new_seq(pending, msg, now)
-        s.phase, s.deadline, s.pending_seq, s.pending_payload, s.attempts = Phase.IDLE, None, NO_VERSION, b"", 0
+        s.phase, s.deadline, s.pending_seq, s.pending_payload, s.attempts = _IDLE, None, NO_VERSION, b"", 0
         s.pending_update = None
         if msg.status in ("accepted", "duplicate"):
             s.updates_acked += 1
@@ -552,13 +586,13 @@ class DeviceCore:
 
     def _on_invite(self, msg: Invite, now: float) -> list[DeviceAction]:
         s = self._s
-        if s.phase is not Phase.DEFERRED:
+        if s.phase is not _DEFERRED:
             return []
         return self._send_pull(now, fresh=True, invite_round=msg.round)
 
     def _on_trained(self, ev: TrainingFinished) -> list[DeviceAction]:
         s, cfg = self._s, self.config
-        if s.phase is not Phase.TRAINING or ev.job_id != s.job_id:
+        if s.phase is not _TRAINING or ev.job_id != s.job_id:
             return []
         weights = np.ascontiguousarray(ev.weights, dtype=np.float32)
         try:
@@ -578,11 +612,11 @@ class DeviceCore:
             n_samples=ev.n_samples,
             weights=weights,
             group=s.job_group,
-            loss=float(ev.loss) if np.isfinite(ev.loss) else 0.0,
+            loss=float(ev.loss) if (math.isfinite(ev.loss) if type(ev.loss) is float else np.isfinite(ev.loss)) else 0.0,
             train_seconds=float(ev.seconds),
             nonce=self._nonce(),
         )
-        s.phase = Phase.PUSHING
+        s.phase = _PUSHING
         s.pending_update = update
         s.pending_seq, s.pending_payload, s.attempts = seq, encode(update, encoding=cfg.encoding), 0
         s.deadline = ev.now + self._timeout()
@@ -598,14 +632,14 @@ class DeviceCore:
 
     def _on_train_failed(self, ev: TrainingFailed) -> list[DeviceAction]:
         s = self._s
-        if s.phase is not Phase.TRAINING or ev.job_id != s.job_id:
+        if s.phase is not _TRAINING or ev.job_id != s.job_id:
             return []
         return self._training_failed(ev.now, ev.error)
 
     def _training_failed(self, now: float, error: str) -> list[DeviceAction]:
         """Back to IDLE; the samples were not learned, so retry them after a back-off."""
         s, cfg = self._s, self.config
-        s.phase = Phase.IDLE
+        s.phase = _IDLE
         s.trained_upto = s.prev_trained_upto
         s.train_failures += 1
         backoff = min(cfg.request_timeout_s * 2 ** min(s.train_failures - 1, 16), cfg.max_backoff_s)
@@ -619,17 +653,17 @@ class DeviceCore:
         s = self._s
         if s.deadline is None or ev.now < s.deadline:
             return [] if s.deadline is None else [ScheduleTimer(at=s.deadline)]
-        if s.phase in (Phase.PULLING, Phase.DEFERRED, Phase.PUSHING):
+        if s.phase in (_PULLING, _DEFERRED, _PUSHING):
             s.timeouts += 1
             if self.config.fallback_regions and s.timeouts >= self.config.failover_after:
                 return self._switch(ev.now, self._next_region(), "timeouts")
-        if s.phase is Phase.PULLING and s.canary_state == "fetching" and s.attempts + 1 >= CANARY_FETCH_TRIES:
-            s.phase, s.deadline, s.pending_seq, s.pending_payload, s.attempts = Phase.IDLE, None, NO_VERSION, b"", 0
+        if s.phase is _PULLING and s.canary_state == "fetching" and s.attempts + 1 >= CANARY_FETCH_TRIES:
+            s.phase, s.deadline, s.pending_seq, s.pending_payload, s.attempts = _IDLE, None, NO_VERSION, b"", 0
             s.serving = False
             return self._canary_end("unanswered") + self._maybe_pull(ev.now)
-        if s.phase in (Phase.PULLING, Phase.DEFERRED):
+        if s.phase in (_PULLING, _DEFERRED):
             return self._send_pull(ev.now, fresh=False)
-        if s.phase is Phase.PUSHING:
+        if s.phase is _PUSHING:
             s.attempts += 1
             s.deadline = ev.now + self._timeout()
             return [
@@ -668,7 +702,7 @@ class DeviceCore:
     def _maybe_fail_back(self, now: float) -> list[DeviceAction]:
         s, cfg = self._s, self.config
         if (s.region == cfg.region or s.region_alive.get(cfg.region) is not True
-                or s.phase in (Phase.TRAINING, Phase.PUSHING)
+                or s.phase in (_TRAINING, _PUSHING)
                 or (s.left_home_at is not None and now < s.left_home_at + cfg.failback_after_s)):
             return []
         return self._switch(now, cfg.region, "home_back")
@@ -681,9 +715,9 @@ class DeviceCore:
             return []
         if reason != "home_back":
             s.region_alive[previous] = False  # our verdict, until its status says otherwise
-        if s.phase in (Phase.TRAINING, Phase.PUSHING):
+        if s.phase in (_TRAINING, _PUSHING):
             s.trained_upto = s.prev_trained_upto  # trained on the old line: train those samples again
-        s.phase, s.deadline, s.pending_seq, s.pending_payload, s.attempts = Phase.IDLE, None, NO_VERSION, b"", 0
+        s.phase, s.deadline, s.pending_seq, s.pending_payload, s.attempts = _IDLE, None, NO_VERSION, b"", 0
         s.pending_update, s.serving, s.timeouts, s.release_wanted = None, False, 0, NO_VERSION
         s.deployed_version = NO_VERSION  # the new region numbers its own versions; the weights keep serving
         dropped = self._canary_end("region_switch") if s.canary is not None else []  # its versions mean nothing there
@@ -734,7 +768,7 @@ class DeviceCore:
         if s.canary is None or msg.version != s.canary.candidate:
             return []  # not the answer: keep waiting (the fetch times out and is retried)
         s.serving = False
-        s.phase, s.deadline, s.pending_seq, s.pending_payload, s.attempts = Phase.IDLE, None, NO_VERSION, b"", 0
+        s.phase, s.deadline, s.pending_seq, s.pending_payload, s.attempts = _IDLE, None, NO_VERSION, b"", 0
         if full is None:
             return self._canary_end("unusable_model") + self._maybe_pull(now)
         s.canary_state = "scoring"
@@ -785,15 +819,15 @@ class DeviceCore:
 
     def _maybe_pull(self, now: float) -> list[DeviceAction]:
         s = self._s
-        if s.phase is Phase.IDLE and (back := self._maybe_fail_back(now)):
+        if s.phase is _IDLE and (back := self._maybe_fail_back(now)):
             return back
-        if s.phase is Phase.IDLE and s.release_wanted > s.deployed_version:
+        if s.phase is _IDLE and s.release_wanted > s.deployed_version:
             s.release_wanted = NO_VERSION
             return self._send_pull(now, fresh=True, serve=True)  # a newer release to predict with
-        if s.phase is Phase.IDLE and s.canary is not None and s.canary_state == "fetch":
+        if s.phase is _IDLE and s.canary is not None and s.canary_state == "fetch":
             s.canary_state = "fetching"
             return self._send_pull(now, fresh=True, serve=True, canary=s.canary.candidate)
-        if s.phase is Phase.IDLE and self.wants_pull():
+        if s.phase is _IDLE and self.wants_pull():
             if now < s.hold_until:  # a training back-off: the timer pulls when it is over
                 s.deadline = s.hold_until
                 return [ScheduleTimer(at=s.deadline)]
@@ -823,7 +857,7 @@ class DeviceCore:
             s.pending_payload = encode(pull)
         else:
             s.attempts += 1
-        s.phase = Phase.PULLING
+        s.phase = _PULLING
         s.deadline = now + self._timeout()
         actions += [Publish(topic=self._t_pull, payload=s.pending_payload, qos=1), ScheduleTimer(at=s.deadline)]
         if s.attempts:

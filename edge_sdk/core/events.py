@@ -16,6 +16,8 @@ from edge_sdk.spec import FULL, Vector
 
 
 def _check_time(now: float) -> None:
+    if type(now) is float and now - now == 0.0:  # the common case, fast: a finite float (inf - inf and NaN are NaN)
+        return
     if not isinstance(now, int | float) or not math.isfinite(now):
         raise LocalProtocolError(f"event time must be a finite number, got {now!r}")
 

@@ -213,10 +213,27 @@ def _fields(msg: Message) -> dict[str, Any]:
     return body
 
 
+_PACKERS: list[msgpack.Packer] = []
+"""Idle packers: a caller takes one (``list.pop`` and ``append`` are atomic, so no two
+threads share one) and puts it back when done."""
+
+
+def _packb(header: dict[str, Any]) -> bytes:
+    """``msgpack.packb(header, use_bin_type=True)`` (the same bytes), reusing a packer
+    instead of building one per frame. One that raised is not reused."""
+    try:
+        packer = _PACKERS.pop()
+    except IndexError:
+        packer = msgpack.Packer(use_bin_type=True)
+    packed: bytes = packer.pack(header)
+    _PACKERS.append(packer)
+    return packed
+
+
 def _frame(header: dict[str, Any], tail: Any, tail_digest: bytes, signer: Signer | None) -> bytes:
     if signer is not None:
         header["sg"] = {"kid": signer.kid, "pk": signer.public_raw}
-    packed = msgpack.packb(header, use_bin_type=True)
+    packed = _packb(header)
     assert isinstance(packed, bytes)
     start = _PREFIX.size + len(packed)
     pad = b"\0" * (-start % ALIGN)

@@ -196,7 +196,8 @@ class Ack:
         _check_int(self.nonce, "nonce")
         _check_int(self.watermark, "watermark", lo=NO_VERSION)
         _check_int(self.version, "version", lo=NO_VERSION)
-        _need(self.status in ACK_STATUSES, f"status must be one of {ACK_STATUSES}")
+        if self.status not in ACK_STATUSES:  # the message is formatted only when it fails
+            raise MalformedMessage(f"status must be one of {ACK_STATUSES}")
         _need(isinstance(self.reason, str) and len(self.reason) <= 256, "reason must be a short string")
 
 
