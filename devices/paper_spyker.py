@@ -31,7 +31,7 @@ from typing import Any
 
 from devices.scenario import Scenario, load_scenario
 
-__all__ = ["LinkQueue", "format_table", "main", "run_one", "summarise"]
+__all__ = ["LinkQueue", "format_table", "main", "run_one", "summarise", "time_to"]
 
 MODEL_SIZED = 50_000
 """Bytes from which a message counts as a model (an update or a peer model): LeNet-5 is ~247 kB,
@@ -138,9 +138,17 @@ def _stats(xs: Sequence[float]) -> tuple[float, float]:
     return mean, sd
 
 
-def summarise(runs: Sequence[Mapping[str, Any]], duration: float, baseline: str) -> dict[str, Any]:
+def time_to(rows: Sequence[Mapping[str, Any]], accuracy: float) -> float | None:
+    """Commit time of the first evaluated model at ``accuracy`` or more (None: never)."""
+    return next((float(r["committed_at_s"]) for r in rows if r["accuracy"] >= accuracy), None)
+
+
+def summarise(runs: Sequence[Mapping[str, Any]], duration: float, baseline: str,
+              also: Sequence[float] = ()) -> dict[str, Any]:
     """Per method and fleet size: times per seed (None: not reached), mean ± std (a miss counts
-    as the run's duration), queues; per Spyker-like line its per-seed wins over ``baseline``."""
+    as the run's duration), queues; per line its per-seed wins over ``baseline``; for each
+    accuracy in ``also`` the mean ± std time to it (a run stops soon after the target, so
+    only accuracies below the target are meaningful)."""
     by: dict[str, dict[int, dict[int, Mapping[str, Any]]]] = {}
     for r in runs:
         by.setdefault(r["label"], {}).setdefault(int(r["summary"]["devices"]), {})[int(r["seed"])] = r
@@ -174,6 +182,10 @@ def summarise(runs: Sequence[Mapping[str, Any]], duration: float, baseline: str)
                 savings = [1 - (mine[s] if mine[s] is not None else duration) / (b[s] if b[s] is not None else duration)
                            for s in common]
                 row["saving_mean"], row["saving_sd"] = _stats(savings) if savings else (math.nan, math.nan)
+            for acc in also:
+                at = [time_to(seeds[s].get("rows", ()), acc) for s in sorted(seeds)]
+                m, d = _stats([t if t is not None else duration for t in at])
+                row.setdefault("also", {})[f"{acc:g}"] = {"mean": m, "sd": d, "all_reached": None not in at}
             entry[str(n)] = row
         out["methods"][label] = entry
     return out
@@ -189,11 +201,13 @@ def _t(t: float | None, duration: float) -> str:
 
 def format_table(summary: Mapping[str, Any]) -> str:
     duration, baseline = summary["duration_s"], summary["baseline"]
+    also = sorted({a for e in summary["methods"].values() for row in e.values() for a in row.get("also", {})}, key=float)
     lines = [
         f"| method | devices | time to target per seed (s) | mean ± std (s) | saving vs {baseline} (mean ± std) | wins | "
+        + "".join(f"time to {float(a):.0%}, mean ± std (s) | " for a in also) +
         "queue in: updates on the server downlink, mean / max | queue out: models on the server uplink, mean / max | "
         "CPU queue mean / max | CPU busy | updates | final acc. |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---|---:|---:|---:|" + "---:|" * (len(also) + 6),
     ]
     sizes = sorted({int(n) for e in summary["methods"].values() for n in e})
     for n in sizes:
@@ -205,8 +219,10 @@ def format_table(summary: Mapping[str, Any]) -> str:
             mean = f"{'' if row['all_reached'] else '≥ '}{row['mean']:.1f} ± {row['sd']:.1f}"
             saving = f"{100 * row['saving_mean']:+.0f} ± {100 * row['saving_sd']:.0f} %" if "saving_mean" in row else "—"
             wins = f"{row['wins']}/{row['paired']}" if "wins" in row else "—"
+            extra = "".join(f"{'' if row['also'][a]['all_reached'] else '≥ '}{row['also'][a]['mean']:.1f} ± {row['also'][a]['sd']:.1f} | "
+                            for a in also)
             lines.append(
-                f"| {label} | {n} | {per_seed} | {mean} | {saving} | {wins} | {row['link_queue_mean']:.1f} / {row['link_queue_max']} | "
+                f"| {label} | {n} | {per_seed} | {mean} | {saving} | {wins} | {extra}{row['link_queue_mean']:.1f} / {row['link_queue_max']} | "
                 f"{row['uplink_queue_mean']:.1f} / {row['uplink_queue_max']} | "
                 f"{row['cpu_queue_mean']:.1f} / {row['cpu_queue_max']:.0f} | {100 * row['cpu_busy']:.0f}% | {row['updates']:,.0f} | "
                 f"{row['final_accuracy']:.3f} |")
@@ -223,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seeds", default="", help="seeds, e.g. 0-4 (default: the scenario's)")
     p.add_argument("--duration", type=float, help="virtual seconds per run (cap)")
     p.add_argument("--baseline", default="FedAsync (1 server)", help="the label wins are counted against")
+    p.add_argument("--also", default="0.85", help="lower accuracies to report the time to, e.g. 0.8,0.85 ('' for none)")
     p.add_argument("--quick", action="store_true", help="the scenario's [quick] variant")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
     p.add_argument("--out", type=Path, help="output directory (default: runs/paper-spyker/<name>)")
@@ -258,7 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if (r["label"], int(r["summary"]["devices"]), int(r["seed"])) in wanted]
     order = {m.label: i for i, m in enumerate(sc.methods)}
     runs.sort(key=lambda r: (order[r["label"]], int(r["summary"]["devices"]), int(r["seed"])))
-    summary = summarise(runs, sc.settings.duration_s, args.baseline)
+    also = [float(a) for a in args.also.split(",") if a.strip()]
+    summary = summarise(runs, sc.settings.duration_s, args.baseline, also)
     table = format_table(summary)
     (out / "paper_spyker.md").write_text(table, encoding="utf-8")
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=json_default), encoding="utf-8")

@@ -96,18 +96,20 @@ def _fake(label: str, n: int, seed: int, ttt: float | None) -> dict[str, object]
     summary = {"devices": n, "link_queue_mean": 1.0, "link_queue_max": 3, "uplink_queue_mean": 2.0, "uplink_queue_max": 5,
                "coordinator_queue_mean": 0.5, "coordinator_queue_max": 4, "coordinator_utilisation": 0.2, "updates": 10,
                "final_accuracy": 0.9}
-    return {"label": label, "seed": seed, "time_to_target_s": ttt, "summary": summary}
+    rows = [{"accuracy": 0.5, "committed_at_s": 1.0}, {"accuracy": 0.86, "committed_at_s": 4.0 + seed}]
+    return {"label": label, "seed": seed, "time_to_target_s": ttt, "summary": summary, "rows": rows}
 
 
 def test_summary_counts_per_seed_wins_and_a_miss_as_the_duration() -> None:
     runs = [_fake("FedAsync", 100, 0, 20.0), _fake("FedAsync", 100, 1, None), _fake("FedAsync", 100, 2, 10.0),
             _fake("Spyker", 100, 0, 10.0), _fake("Spyker", 100, 1, 50.0), _fake("Spyker", 100, 2, None)]
-    out = summarise(runs, 60.0, "FedAsync")
+    out = summarise(runs, 60.0, "FedAsync", also=[0.85, 0.9])
     row = out["methods"]["Spyker"]["100"]
     assert row["wins"] == 2 and row["paired"] == 3 and not row["all_reached"]
     assert row["mean"] == 40.0 and abs(row["saving_mean"] - (0.5 + (1 - 50 / 60) + (1 - 6.0)) / 3) < 1e-12
+    assert row["also"]["0.85"] == {"mean": 5.0, "sd": 1.0, "all_reached": True} and row["also"]["0.9"]["mean"] == 60.0
     table = format_table(out)
-    assert "| Spyker | 100 | 10.0, 50.0, ≥ 60 | ≥ 40.0 ± 26.5 |" in table and "| 2/3 |" in table
+    assert "| Spyker | 100 | 10.0, 50.0, ≥ 60 | ≥ 40.0 ± 26.5 |" in table and "| 2/3 | 5.0 ± 1.0 | ≥ 60.0 ± 0.0 |" in table
 
 
 def test_the_paper_spyker_command_quick_form(tmp_path: Path) -> None:
