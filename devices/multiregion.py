@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.report_only:
         return write_region_report(sc, load_region_runs(out / "runs", sc), out)
     configure_threads(1)
-    task = load_task(sc.settings.task)
+    task = load_task(sc.settings.task, sc.settings.task_options)
     results: list[RunResult] = []
     total = len(sc.methods) * len(sc.device_counts) * len(sc.settings.seeds)
     print(f"{sc.name}: {total} run(s) → {out}", file=sys.stderr)

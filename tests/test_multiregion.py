@@ -227,3 +227,24 @@ def test_the_coordinators_pull_limits_come_from_the_scenario() -> None:
     assert default.coords[0].core.config.pull_refill_s > 0, "unset: the coordinator's own limit"
     with pytest.raises(ScenarioError, match="pull_burst must be >= 1"):
         parse_multiregion({**tiny(), "coordinator": {"pull_burst": 0}})
+
+
+def test_the_command_loads_the_task_with_the_scenarios_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # paper-spyker.toml asks for procdigits at 6,000 / 1,000; the command once ignored task_options and
+    # built the full 60,000-image set.
+    import devices.report
+
+    seen: list[tuple[str, Any]] = []
+
+    class Stop(Exception):
+        pass
+
+    def record(name: str, options: Any = None) -> Any:
+        seen.append((name, options))
+        raise Stop
+
+    monkeypatch.setattr(devices.report, "load_task", record)
+    scenario = ROOT / "demos" / "scenarios" / "multiregion" / "paper-spyker.toml"
+    with pytest.raises(Stop):
+        main([str(scenario), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert seen == [("procdigits", {"size": [6000, 1000]})]
