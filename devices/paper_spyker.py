@@ -24,14 +24,14 @@ import json
 import math
 import sys
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from devices.scenario import Scenario, load_scenario
 
-__all__ = ["LinkQueue", "format_table", "main", "run_one", "summarise", "time_to"]
+__all__ = ["LinkQueue", "format_table", "main", "parser", "run_one", "summarise", "sweep", "time_to"]
 
 MODEL_SIZED = 50_000
 """Bytes from which a message counts as a model (an update or a peer model): LeNet-5 is ~247 kB,
@@ -229,21 +229,30 @@ def format_table(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from devices.report import json_default, parse_seeds
-
-    p = argparse.ArgumentParser(prog="python -m devices.paper_spyker", description=(__doc__ or "").split("\n\n")[0])
+def parser(prog: str, description: str, baseline: str, also: str = "0.85") -> argparse.ArgumentParser:
+    """The sweep's command line (shared with :mod:`devices.paper_nebula`)."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("scenario", type=Path)
     p.add_argument("--methods", default="", help="comma-separated method labels or kinds (default: all)")
     p.add_argument("--devices", default="", help="fleet sizes, e.g. 100,200,300 (default: the scenario's)")
     p.add_argument("--seeds", default="", help="seeds, e.g. 0-4 (default: the scenario's)")
     p.add_argument("--duration", type=float, help="virtual seconds per run (cap)")
-    p.add_argument("--baseline", default="FedAsync (1 server)", help="the label wins are counted against")
-    p.add_argument("--also", default="0.85", help="lower accuracies to report the time to, e.g. 0.8,0.85 ('' for none)")
+    p.add_argument("--baseline", default=baseline, help="the label wins are counted against")
+    p.add_argument("--also", default=also, help="lower accuracies to report the time to, e.g. 0.8,0.85 ('' for none)")
     p.add_argument("--quick", action="store_true", help="the scenario's [quick] variant")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
-    p.add_argument("--out", type=Path, help="output directory (default: runs/paper-spyker/<name>)")
+    p.add_argument("--out", type=Path, help="output directory (default: runs/<command>/<name>)")
     p.add_argument("--report-only", action="store_true", help="rebuild the table from the run JSONs in --out/runs")
+    return p
+
+
+def sweep(p: argparse.ArgumentParser, argv: Sequence[str] | None, out_root: str,
+          report: Callable[[Sequence[Mapping[str, Any]], float, str, Sequence[float]], tuple[dict[str, Any], str]],
+          table_name: str) -> int:
+    """Run every method × fleet size × seed (``--jobs`` processes, one JSON per run), then
+    write ``report(runs, duration, baseline, also)``'s summary and table under ``--out``."""
+    from devices.report import json_default, parse_seeds
+
     args = p.parse_args(argv)
     overrides: dict[str, Any] = {}
     if args.seeds:
@@ -257,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sc = sc.select([m.strip() for m in args.methods.split(",") if m.strip()])
     if args.devices:
         sc = sc.with_device_counts([int(n) for n in args.devices.split(",")])
-    out: Path = args.out or Path("runs") / "paper-spyker" / (sc.name + ("-quick" if args.quick else ""))
+    out: Path = args.out or Path("runs") / out_root / (sc.name + ("-quick" if args.quick else ""))
     (out / "runs").mkdir(parents=True, exist_ok=True)
     jobs = [(str(args.scenario), args.quick, overrides, m.label, n, seed, str(out / "runs"))
             for seed in sc.settings.seeds for n in sc.device_counts for m in sc.methods]
@@ -276,12 +285,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     order = {m.label: i for i, m in enumerate(sc.methods)}
     runs.sort(key=lambda r: (order[r["label"]], int(r["summary"]["devices"]), int(r["seed"])))
     also = [float(a) for a in args.also.split(",") if a.strip()]
-    summary = summarise(runs, sc.settings.duration_s, args.baseline, also)
-    table = format_table(summary)
-    (out / "paper_spyker.md").write_text(table, encoding="utf-8")
+    summary, table = report(runs, sc.settings.duration_s, args.baseline, also)
+    (out / table_name).write_text(table, encoding="utf-8")
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=json_default), encoding="utf-8")
     print(table)
     return 0
+
+
+def _report(runs: Sequence[Mapping[str, Any]], duration: float, baseline: str, also: Sequence[float]) -> tuple[dict[str, Any], str]:
+    summary = summarise(runs, duration, baseline, also)
+    return summary, format_table(summary)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = parser("python -m devices.paper_spyker", (__doc__ or "").split("\n\n")[0], "FedAsync (1 server)")
+    return sweep(p, argv, "paper-spyker", _report, "paper_spyker.md")
 
 
 if __name__ == "__main__":

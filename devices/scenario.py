@@ -96,6 +96,13 @@ A *regional* scenario (several coordinators, :class:`Regions`) has ``[multiregio
     train_delay_s = { mean = 0.15, sd = 0.0075 }   # virtual seconds per local update
     stop_at_target = true
 
+    [multiregion.cost]                    # optional: a cost model (summaries then report cost)
+    resources = ["a100", "rtx4090"]       # what a device may train on (NebulaFL's resources)
+    speed = [2.0, 1.0]                    # × the device's train_delay_s speed
+    price_per_s = [[3e-4, 1e-4], [3.3e-4, 1.1e-4]]   # per compute second: region × resource (or one row for all)
+    transfer_per_gb = 0.02                # per GB moved between regions (or a region × region matrix)
+    default_resource = "rtx4090"          # a device's resource when its coordinator sends no ``resource`` hint
+
     [[methods]]
     label = "Spyker"
     kind = "spyker"                       # spyker | nebula | hierfavg (a coordinator per region) | single
@@ -157,6 +164,7 @@ from edge_sdk.wire import topics
 __all__ = [
     "PAPER_LATENCY_MS",
     "PAPER_REGIONS",
+    "CostModel",
     "DevicePlan",
     "Method",
     "Regions",
@@ -170,6 +178,7 @@ __all__ = [
     "load_scenario",
     "materialise",
     "materialise_regions",
+    "parse_cost",
     "parse_scenario",
 ]
 
@@ -265,11 +274,15 @@ class RunSpec:
     def strategy_params(self) -> Mapping[str, Any]:
         return self.params
 
-    def coordinator_params(self, devices_served: int) -> dict[str, Any]:
+    def coordinator_params(self, devices_served: int, *, cost: CostModel | None = None, region: int = 0) -> dict[str, Any]:
         """The strategy's parameters in a regional run, with the defaults that depend on
         the fleet: Spyker's η_init is the scenario's lr; a synchronous round (``hierfavg``,
-        ``fedavg``) waits for every device the coordinator serves."""
+        ``fedavg``) waits for every device the coordinator serves; NebulaFL's cost-aware
+        resource choice gets the cost model's catalogue (speeds, ``region``'s prices)."""
         params = dict(self.params)
+        if self.strategy == "nebula" and params.get("resources") == "cost" and cost is not None:
+            params.setdefault("resource_speeds", cost.speed)
+            params.setdefault("resource_prices", cost.price_per_s[region])
         if self.strategy == "spyker":
             params.setdefault("lr_init", self.settings.lr)
         if self.strategy in ("hierfavg", "fedavg"):
@@ -327,6 +340,84 @@ class Regions:
     train_delay_mean_s: float = 0.15
     train_delay_sd_s: float = 0.0075
     stop_at_target: bool = True
+    cost: CostModel | None = None
+    """``[multiregion.cost]``: what compute and inter-region transfer cost (None: not modelled)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CostModel:
+    """``[multiregion.cost]``: resources a device may train on (a speed factor each), their
+    price per compute second in each region, and the price per GB moved between regions.
+    A device trains ``train_s / speed`` on its resource: the one its coordinator names in the
+    ``resource`` training hint (NebulaFL's cost-aware assignment), else ``default_resource``.
+    Compute is charged when a training starts (its whole duration: the resource is rented for
+    it); transfer per message that crosses regions, by size."""
+
+    resources: tuple[str, ...]
+    speed: tuple[float, ...]
+    price_per_s: tuple[tuple[float, ...], ...]
+    """Region × resource."""
+    transfer_per_gb: tuple[tuple[float, ...], ...]
+    """Region × region (the diagonal is free: only traffic between regions is charged)."""
+    default_resource: int = 0
+
+    def resource(self, hints: Mapping[str, float]) -> int:
+        """The resource a job runs on: its ``resource`` hint if it names one, else the default."""
+        raw = hints.get("resource")
+        if raw is None or not float(raw).is_integer() or not 0 <= int(raw) < len(self.resources):
+            return self.default_resource
+        return int(raw)
+
+    def compute(self, region: int, resource: int, seconds: float) -> float:
+        return seconds * self.price_per_s[region][resource]
+
+    def transfer(self, src: int, dst: int, size: int) -> float:
+        return 0.0 if src == dst else size / 1e9 * self.transfer_per_gb[src][dst]
+
+
+def parse_cost(raw: Any, n_regions: int, where: str) -> CostModel:
+    """Validate a ``[multiregion.cost]`` table for ``n_regions`` regions."""
+    if not isinstance(raw, dict):
+        raise ScenarioError(f"{where} must be a table")
+    _check_keys(raw, {"resources", "speed", "price_per_s", "transfer_per_gb", "default_resource"}, where, "keys")
+    names = raw.get("resources")
+    if not isinstance(names, list) or not names or len(set(map(str, names))) != len(names):
+        raise ScenarioError(f"{where}: resources must be a non-empty list of distinct names")
+    k = len(names)
+
+    def numbers(value: Any, what: str, lo_open: bool) -> tuple[float, ...]:
+        try:
+            out = tuple(float(x) for x in value)
+        except (TypeError, ValueError):
+            raise ScenarioError(f"{where}: {what} must be numbers") from None
+        if not all(math.isfinite(x) and (x > 0 if lo_open else x >= 0) for x in out):
+            raise ScenarioError(f"{where}: {what} must be finite and {'> 0' if lo_open else '>= 0'}")
+        return out
+
+    def matrix(value: Any, what: str, cols: int) -> tuple[tuple[float, ...], ...]:
+        if isinstance(value, int | float):
+            one = numbers([value], what, False)[0]
+            return tuple((one,) * cols for _ in range(n_regions))
+        if isinstance(value, list) and value and not isinstance(value[0], list):
+            value = [value] * n_regions
+        if not isinstance(value, list) or len(value) != n_regions:
+            raise ScenarioError(f"{where}: {what} must have one row per region ({n_regions})")
+        rows = tuple(numbers(row, what, False) for row in value)
+        if any(len(row) != cols for row in rows):
+            raise ScenarioError(f"{where}: each row of {what} needs {cols} entries")
+        return rows
+
+    speed = numbers(raw.get("speed", [1.0] * k), "speed", True)
+    if len(speed) != k:
+        raise ScenarioError(f"{where}: speed needs one entry per resource ({k})")
+    if "price_per_s" not in raw:
+        raise ScenarioError(f"{where}: price_per_s is required")
+    default = str(raw.get("default_resource", names[0]))
+    if default not in names:
+        raise ScenarioError(f"{where}: default_resource {default!r} is not one of {names}")
+    return CostModel(resources=tuple(map(str, names)), speed=speed, price_per_s=matrix(raw["price_per_s"], "price_per_s", k),
+                     transfer_per_gb=matrix(raw.get("transfer_per_gb", 0.0), "transfer_per_gb", n_regions),
+                     default_resource=names.index(default))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -495,7 +586,7 @@ def parse_scenario(raw: Mapping[str, Any], *, source: str = "<string>") -> Scena
                     reference=reference)
 
 
-_MR_KEYS = {"regions", "latency_ms", "bandwidth_mbps", "device_counts", "single_server_region", "train_delay_s", "stop_at_target"}
+_MR_KEYS = {"regions", "latency_ms", "bandwidth_mbps", "device_counts", "single_server_region", "train_delay_s", "stop_at_target", "cost"}
 _METHOD_KEYS = {"label", "kind", "strategy", "strategy_params", "peering_params", "service_ms", "msg_ms"}
 KINDS = (*(p for p in PEERINGS if p != "none"), "single")
 """A regional method's ``kind``: a peering (a coordinator per region), or ``single`` (one server)."""
@@ -523,6 +614,7 @@ def _parse_regional(raw: Mapping[str, Any], settings: Settings, source: str) -> 
     delay = mr.get("train_delay_s", {"mean": 0.15, "sd": 0.0075})
     if not isinstance(delay, dict) or not float(delay.get("mean", 0)) > 0 or float(delay.get("sd", 0)) < 0:
         raise ScenarioError(f"{source}: train_delay_s must be {{ mean = > 0, sd = >= 0 }}")
+    cost = parse_cost(mr["cost"], len(regions), f"{source}: [multiregion.cost]") if "cost" in mr else None
     methods_raw = raw.get("methods")
     if not isinstance(methods_raw, list) or not methods_raw:
         raise ScenarioError(f"{source}: needs at least one [[methods]] table")
@@ -542,7 +634,7 @@ def _parse_regional(raw: Mapping[str, Any], settings: Settings, source: str) -> 
         )
         try:  # validate names and parameters now, not an hour into a sweep
             make_method(method.strategy, peering=peering, coordinator_id=regions[0], ring=regions if peering else (),
-                        peering_params=method.peering_params, strategy_params=method.coordinator_params(1))
+                        peering_params=method.peering_params, strategy_params=method.coordinator_params(1, cost=cost))
         except ConfigError as exc:
             raise ScenarioError(f"{where}: {exc}") from None
         methods.append(method)
@@ -553,7 +645,7 @@ def _parse_regional(raw: Mapping[str, Any], settings: Settings, source: str) -> 
         runs=tuple(methods), raw=copy.deepcopy(dict(raw)), source=source,
         regions=Regions(topology=topology, device_counts=counts, single_server_region=server,
                         train_delay_mean_s=float(delay["mean"]), train_delay_sd_s=float(delay.get("sd", 0.0)),
-                        stop_at_target=bool(mr.get("stop_at_target", True))),
+                        stop_at_target=bool(mr.get("stop_at_target", True)), cost=cost),
     )
 
 

@@ -86,6 +86,7 @@ from coordinator.validation import score as validation_score
 from devices.attacks import Attack, assign
 from devices.engine import Driver, Kind, LinkNetwork, RegionNetwork, job_seed, train_config
 from devices.scenario import (
+    CostModel,
     DevicePlan,
     Regions,
     RunSpec,
@@ -306,7 +307,8 @@ class Simulation(Driver):
                 served = Counter({0: n})
             ring = [p[0] for p in places]
             built = [make_method(method.strategy, peering=method.peering, coordinator_id=name, ring=ring,
-                                 peering_params=method.peering_params, strategy_params=method.coordinator_params(served[k]))
+                                 peering_params=method.peering_params,
+                                 strategy_params=method.coordinator_params(served[k], cost=regions.cost, region=places[k][2]))
                      for k, name in enumerate(ring)]
             methods = [(b.strategy, b.peering) for b in built]
         self.strategy = methods[0][0]
@@ -366,6 +368,14 @@ class Simulation(Driver):
         self.bytes_device = 0
         self.bytes_peer = 0
         """Regions: bytes on device links and between coordinators (one region: ``links``)."""
+        self.cost: CostModel | None = regions.cost if regions is not None else None
+        """The regional cost model (``[multiregion.cost]``); None: nothing is charged."""
+        self._endpoint_region = [p.region for p in self.plans] + [c.region for c in self.coords]
+        self.bytes_inter_region = 0
+        self.cost_compute = 0.0
+        self.cost_transfer = 0.0
+        self.compute_s = 0.0
+        self.resource_use: Counter[str] = Counter()
         self.aggregated_updates = 0
         self.done_at: float | None = None
         """When the (mean) accuracy first reached the target on the evaluation schedule."""
@@ -741,6 +751,15 @@ class Simulation(Driver):
             self.push(now, Kind.TRAIN_FAILED, i, (job.job_id, str(exc)[:200]))
             return
         self._trainings += 1  # == sum(d.trainings for d in self.devices), without the scan
+        cost = self.cost
+        if cost is not None:  # the resource the job runs on: its speed and its price (charged now)
+            r = cost.resource(job.hints)
+            scaled = seconds / cost.speed[r]
+            dev.train_seconds += scaled - seconds
+            seconds = scaled
+            self.compute_s += seconds
+            self.cost_compute += cost.compute(dev.plan.region, r, seconds)
+            self.resource_use[cost.resources[r]] += 1
         finish = dev.plan.instance.offline.after_online(now, seconds)
         self._training[i] = (job, now, seconds, result)
         self.push(finish, Kind.TRAINED, i, (job.job_id, result, seconds))
@@ -771,11 +790,17 @@ class Simulation(Driver):
             to = topics.parse(action.topic).coordinator
             network.subscribe(action.topic, [self.n + k for k, c in enumerate(self.coords) if to in ("all", c.core.config.coordinator_id)])
         peer = peer and sender >= self.n
+        regions_of, cost = self._endpoint_region, self.cost
         for receiver, at in network.send(sender, action.topic, size, now):
             if peer:
                 self.bytes_peer += size
             else:
                 self.bytes_device += size
+            src, dst = regions_of[sender], regions_of[receiver]
+            if src != dst:
+                self.bytes_inter_region += size
+                if cost is not None:
+                    self.cost_transfer += cost.transfer(src, dst, size)
             self.push(at, _HOP, receiver, (action.topic, action.payload))
 
     def _release_held(self, version: int, weights: Any, now: float) -> None:
@@ -850,7 +875,10 @@ class Simulation(Driver):
         commit among them; traffic on device links and between coordinators; CPU use."""
         accs = [float(self._metrics(c)["accuracy"]) for c in self.coords]
         committed = max([0.0, *(c.commit_times.get(c.core.version, now) for c in self.coords)])
-        return {
+        costs = ({"bytes_inter_region": float(self.bytes_inter_region), "cost_compute": self.cost_compute,
+                  "cost_transfer": self.cost_transfer, "cost": self.cost_compute + self.cost_transfer}
+                 if self.cost is not None else {})
+        return costs | {
             "t_s": now,
             "committed_at_s": committed,
             "accuracy": float(np.mean(accs)),
@@ -901,6 +929,19 @@ class Simulation(Driver):
                 "wall_s": wall_s,
                 "events": self.events,
             }
+            if self.cost is not None:
+                at_target = next((r for r in rows if r["accuracy"] >= s.target_accuracy), None)
+                result.summary |= {
+                    "bytes_inter_region": self.bytes_inter_region,
+                    "compute_s": self.compute_s,
+                    "cost_compute": self.cost_compute,
+                    "cost_transfer": self.cost_transfer,
+                    "cost_total": self.cost_compute + self.cost_transfer,
+                    "cost_to_target": at_target["cost"] if at_target is not None else None,
+                    "bytes_inter_region_to_target": at_target["bytes_inter_region"] if at_target is not None else None,
+                    "resource_use": dict(sorted(self.resource_use.items())),
+                    "strategies": [c.core.strategy.describe() for c in self.coords],
+                }
             return result
         c = self.coordinator
         release_accs = [r["release_accuracy"] for r in rows]

@@ -40,8 +40,11 @@ registry's size), so after a restart every planet and the stellar model restart 
 deployed master — a soft reset that keeps the version weighting.
 
 The paper's reward-guided container selection and cost-aware resource assignment
-(eq. 4–9) schedule cloud containers; edge devices here choose themselves when to train,
-so they are not part of this adaptation.
+(eq. 4–9) are the strategy's ``selection`` / ``resources`` parameters (off by default: then
+edge devices choose themselves when to train). The peering's part: it records the mean
+planet version when it sends its master (eq. 4's v_avg, for the version offset v_os), and
+hands the strategy's per-device resource choice to the core as a training hint
+(:meth:`NebulaPeering.hints_for`).
 """
 
 from __future__ import annotations
@@ -119,6 +122,7 @@ class NebulaPeering(Peering):
         target = self.ring[rotation_target(self.index, self.round, len(self.ring))]
         self.round += 1
         master, mean_v = st.master(), st.mean_version()
+        st.v_rotation_avg = mean_v
         if target == self.me:
             st.stellar, st.v_stellar, st.stellar_at = master, mean_v, now
             return PeerPlan()
@@ -140,6 +144,9 @@ class NebulaPeering(Peering):
         st.v_stellar, st.stellar_at = version, now
         self.received += 1
         return PeerPlan()
+
+    def hints_for(self, device: str) -> Mapping[str, float]:
+        return self.strategy.hints_for(device)
 
     def checkpoint(self) -> dict[str, Any]:
         st = self.state

@@ -22,13 +22,60 @@ s(τ) = (τ + 1)^(−a), τ = master versions since the device's base) as in Fed
 The planets live in a :class:`NebulaState` that :class:`coordinator.peering.nebula.NebulaPeering`
 (rotation of masters between coordinators) shares; :func:`coordinator.methods.make_method`
 wires the two. See the peering module for the rotation and restart rules.
+
+Device selection and resources (§III-B.3, eq. 4–9; ``selection`` / ``resources``)
+-------------------------------------------------------------------------------
+``selection = "none"`` (the default, the behaviour before issue 16) serves every pull: each
+device trains when it wants and its update goes to the lowest-version planet. With
+``"reward"`` or ``"uniform"`` the coordinator plays NebulaFL's container manager, mapped on
+the defer/invite path FedBuff uses (:mod:`coordinator.strategies.fedbuff`): every pull is
+deferred, and each planet is trained by **one device at a time** (Algorithm 1's per-planet
+loop, so ``planets`` = the paper's active containers per data centre). When planet ``p`` is
+free, a waiting device is drawn for it and invited; its update is folded into planet ``p``
+(not the lowest-version one). ``"uniform"`` draws uniformly (the ablation "w RC");
+``"reward"`` draws with eq. 7::
+
+    Δv_p = v_p − v_i − v_os,   v_os = v_avg(at the last rotation sent) − v_s     (eq. 4)
+    R_p(ct) = PSc/max PSc · Δv_p                      if Δv_p > 0               (eq. 5)
+            = (1 − (min PSc − PSc)/max PSc) · Δv_p    otherwise
+    R_c(ct) = 1 / sqrt(Cnt(ct) + 1)                                              (eq. 6)
+    P(ct)   = (R_p + R_c) / Σ (R_p + R_c)                                        (eq. 7)
+
+Adaptations, each forced by something eq. 4–7 leave open: PSc(ct) (the performance score,
+"historical training time") is the mean time from invite to update of the device, divided
+by the speed factor of the resource it ran on (so scores on different resources compare);
+a device never selected gets the mean score of those seen (1 before any). Cnt + 1 in eq. 6
+keeps a never-selected device finite (the paper's 1/sqrt(Cnt) is infinite at 0). Eq. 7 is a
+probability only while every R_p + R_c > 0; with Δv_p < 0, R_p is negative and can outweigh
+R_c, so the scores are then shifted so that the lowest equals the lowest curiosity among
+the candidates (every device keeps a chance; their order is kept).
+
+``resources = "cost"`` is the resource manager (eq. 8–9) over a catalogue given as
+``resource_speeds`` (× a reference resource) and ``resource_prices`` (per compute second,
+this coordinator's region)::
+
+    F_cost(r)  = (Pr(r) − mean Pr) / max Pr                                       (eq. 8)
+    F_time(r)  = (RTime(r) − mean RTime) / max RTime · (−Δv_p)                    (eq. 9, sign flipped)
+    r*         = argmin F_cost + F_time
+
+with RTime(r, ct) = the device's mean observed time on r, else PSc(ct) / speed(r). The sign:
+eq. 9 as printed multiplies by Δv_p, and minimised that gives a *low*-version planet
+(Δv_p < 0) the *slow* resource — the opposite of the paper's stated rule ("assign
+high-performance resources to … the planet model with a lower version", §III-B.3), which
+the flipped sign implements. The choice reaches the device as the training hint
+``resource`` (an index into the catalogue) with its model (:meth:`NebulaStrategy.hints_for`,
+sent by the peering's ``hints_for``); a device runtime that has one resource ignores it, the
+emulator (:mod:`devices.simulator`, ``[multiregion.cost]``) scales the training time by its
+speed and charges its price. ``resources = "fixed"`` sends no hint (the device runs on its
+default resource: the ablation "w RR" without randomness). An invited device that never
+reports keeps its planet busy (the emulator loses none; a daemon would need a timeout).
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -39,7 +86,8 @@ from coordinator.strategies.staleness import make_policy, staleness_factor
 from edge_sdk.errors import ConfigError
 from edge_sdk.spec import Vector
 
-__all__ = ["NebulaConfig", "NebulaState", "NebulaStrategy", "decay_weight", "master_model", "planet_update"]
+__all__ = ["NebulaConfig", "NebulaState", "NebulaStrategy", "choose_resource", "cost_factor", "curiosity", "decay_weight",
+           "master_model", "performance_reward", "planet_update", "selection_probabilities", "time_factor", "version_gap"]
 
 
 # --------------------------------------------------------------------------- maths
@@ -70,6 +118,57 @@ def decay_weight(since_rotation_s: float, t_c: float, lo: float = 0.5) -> float:
     return 1.0 - (1.0 - lo) * frac
 
 
+def version_gap(v_planet: float, v_mean: float, v_offset: float) -> float:
+    """Δv_p = v_p − v_i − v_os (eq. 4)."""
+    return v_planet - v_mean - v_offset
+
+
+def performance_reward(score: float, scores: Sequence[float], gap: float) -> float:
+    """R_p (eq. 5): a slower device (higher score) for a planet ahead (Δv_p > 0), a faster one
+    for a planet behind."""
+    top = max(scores)
+    if top <= 0:
+        return gap
+    if gap > 0:
+        return score / top * gap
+    return (1.0 - (min(scores) - score) / top) * gap
+
+
+def curiosity(count: int) -> float:
+    """R_c = 1 / sqrt(Cnt + 1) (eq. 6, finite for a device never selected)."""
+    return 1.0 / math.sqrt(count + 1)
+
+
+def selection_probabilities(rewards: Sequence[float], curiosities: Sequence[float]) -> list[float]:
+    """P(ct) ∝ R_p + R_c (eq. 7); if some total is <= 0, all are shifted so that the lowest
+    equals the lowest curiosity (see the module docstring)."""
+    totals = [r + c for r, c in zip(rewards, curiosities, strict=True)]
+    low = min(totals)
+    if low <= 0:
+        shift = min(curiosities) - low
+        totals = [t + shift for t in totals]
+    norm = sum(totals)
+    return [t / norm for t in totals]
+
+
+def cost_factor(prices: Sequence[float]) -> list[float]:
+    """F_cost per resource (eq. 8): (Pr − mean Pr) / max Pr."""
+    mean, top = sum(prices) / len(prices), max(prices)
+    return [(p - mean) / top if top > 0 else 0.0 for p in prices]
+
+
+def time_factor(times: Sequence[float], gap: float) -> list[float]:
+    """F_time per resource (eq. 9 with −Δv_p: a planet behind prefers the fast resource)."""
+    mean, top = sum(times) / len(times), max(times)
+    return [(t - mean) / top * -gap if top > 0 else 0.0 for t in times]
+
+
+def choose_resource(prices: Sequence[float], times: Sequence[float], gap: float) -> int:
+    """argmin F_cost + F_time (ties: the lower index)."""
+    total = [c + t for c, t in zip(cost_factor(prices), time_factor(times, gap), strict=True)]
+    return min(range(len(total)), key=lambda r: (total[r], r))
+
+
 # --------------------------------------------------------------------------- shared state
 
 
@@ -83,6 +182,8 @@ class NebulaState:
         self.stellar: Vector | None = None
         self.v_stellar = 0.0
         self.stellar_at: float | None = None
+        self.v_rotation_avg: float | None = None
+        """Mean planet version when this coordinator last sent its master (eq. 4's v_avg)."""
 
     def ensure(self, master: Vector) -> None:
         """Seed planets and the stellar model from the deployed master (start, restart)."""
@@ -98,9 +199,17 @@ class NebulaState:
     def mean_version(self) -> float:
         return float(sum(self.versions) / self.k)
 
+    def version_offset(self) -> float:
+        """v_os = v_avg − v_s (eq. 4); 0 until a rotation was sent and a stellar model received."""
+        if self.v_rotation_avg is None or self.stellar_at is None:
+            return 0.0
+        return self.v_rotation_avg - self.v_stellar
+
 
 
 # --------------------------------------------------------------------------- client updates
+
+SELECTIONS = ("none", "uniform", "reward")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -117,8 +226,32 @@ class NebulaConfig:
     """Staleness policy on a device's progress: none | damped | drop-beyond."""
     max_staleness: int | None = None
     """Drop updates staler than this many versions (any policy); None = keep all."""
+    selection: str = "none"
+    """none (every device trains when it wants) | uniform | reward (eq. 4–7): one invited device per planet."""
+    resources: str = "fixed"
+    """fixed (no hint: the device's own resource) | cost (eq. 8–9 over the catalogue below)."""
+    resource_speeds: tuple[float, ...] = ()
+    """Speed of each resource, × the reference one (the catalogue for ``resources = "cost"``)."""
+    resource_prices: tuple[float, ...] = ()
+    """Price of each resource per compute second in this coordinator's region."""
 
     def __post_init__(self) -> None:
+        if self.selection not in SELECTIONS:
+            raise ConfigError(f"nebula: selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        if self.resources not in ("fixed", "cost"):
+            raise ConfigError(f"nebula: resources must be 'fixed' or 'cost', got {self.resources!r}")
+        speeds, prices = tuple(self.resource_speeds), tuple(self.resource_prices)
+        if len(speeds) != len(prices):
+            raise ConfigError("nebula: resource_speeds and resource_prices need one entry per resource")
+        if not all(isinstance(x, int | float) and math.isfinite(x) for x in (*speeds, *prices)):
+            raise ConfigError("nebula: resource speeds and prices must be finite numbers")
+        if any(x <= 0 for x in speeds) or any(x < 0 for x in prices):
+            raise ConfigError("nebula: resource speeds must be > 0 and prices >= 0")
+        if self.resources == "cost" and (not speeds or self.selection == "none"):
+            raise ConfigError("nebula: resources = 'cost' needs selection 'reward' or 'uniform' and a resource catalogue "
+                              "(resource_speeds, resource_prices)")
+        object.__setattr__(self, "resource_speeds", tuple(float(x) for x in speeds))
+        object.__setattr__(self, "resource_prices", tuple(float(x) for x in prices))
         make_policy(self.staleness, a=self.a, bound=self.max_staleness)  # validates
         if not (self.a >= 0 and math.isfinite(self.a)):
             raise ConfigError("nebula: a must be a finite number >= 0")
@@ -131,16 +264,107 @@ class NebulaConfig:
 
 
 class NebulaStrategy(Strategy):
-    """Version-weighted planets folded into the deployed master. See the module docstring."""
+    """Version-weighted planets folded into the deployed master; with ``selection`` on, one
+    invited device per planet and (``resources = "cost"``) a resource per invitation. See the
+    module docstring."""
 
     name: ClassVar[str] = "nebula"
 
     def __init__(self, config: NebulaConfig | None = None) -> None:
         self.config = config or NebulaConfig()
         self.state = NebulaState(self.config.planets)
+        self.in_flight: dict[str, tuple[int, float, int | None]] = {}
+        """Invited device → (its planet, invited at, its resource or None)."""
+        self.fold_into: dict[tuple[str, int], int] = {}
+        """An arrived update (device, seq) → the planet it trained."""
+        self.count: dict[str, int] = {}
+        """Cnt(ct): times each device was selected."""
+        self.score: dict[str, tuple[float, int]] = {}
+        """PSc(ct): (sum, n) of the device's invite-to-update times, ÷ its resource's speed."""
+        self.rtime: dict[tuple[str, int], tuple[float, int]] = {}
+        """RTime(r, ct): (sum, n) of the device's invite-to-update times on resource r."""
+        self.used: dict[int, int] = {}
+        """Invitations per resource (reported by describe)."""
+
+    # ------------------------------------------------------------------ selection
+
+    def serve_pull(self, view: CoordinatorView, device: str, now: float) -> bool:
+        return self.config.selection == "none" or device in self.in_flight
+
+    def on_update(self, view: CoordinatorView, update: BufferedUpdate, now: float) -> None:
+        slot = self.in_flight.pop(update.device, None)
+        if slot is None:
+            return
+        planet, invited_at, resource = slot
+        self.fold_into[update.key] = planet
+        took = max(now - invited_at, 0.0)
+        speed = self.config.resource_speeds[resource] if resource is not None else 1.0
+        total, n = self.score.get(update.device, (0.0, 0))
+        self.score[update.device] = (total + took * speed, n + 1)
+        if resource is not None:
+            total, n = self.rtime.get((update.device, resource), (0.0, 0))
+            self.rtime[(update.device, resource)] = (total + took, n + 1)
+
+    def hints_for(self, device: str) -> Mapping[str, float]:
+        """The resource chosen for an invited device (``resources = "cost"``), else none."""
+        slot = self.in_flight.get(device)
+        return {"resource": float(slot[2])} if slot is not None and slot[2] is not None else {}
+
+    def performance_score(self, device: str) -> float:
+        seen = self.score.get(device)
+        if seen is not None:
+            return seen[0] / seen[1]
+        known = [t / n for t, n in self.score.values()]
+        return sum(known) / len(known) if known else 1.0
+
+    def gap(self, planet: int) -> float:
+        st = self.state
+        return version_gap(st.versions[planet], st.mean_version(), st.version_offset())
+
+    def probabilities(self, candidates: Sequence[str], planet: int) -> list[float]:
+        """Eq. 7 over ``candidates`` for ``planet`` (``selection = "reward"``)."""
+        gap = self.gap(planet)
+        scores = [self.performance_score(d) for d in candidates]
+        rewards = [performance_reward(sc, scores, gap) for sc in scores]
+        return selection_probabilities(rewards, [curiosity(self.count.get(d, 0)) for d in candidates])
+
+    def resource_for(self, device: str, planet: int) -> int | None:
+        """Eq. 8–9 (``resources = "cost"``), else None (no hint)."""
+        cfg = self.config
+        if cfg.resources != "cost":
+            return None
+        psc = self.performance_score(device)
+        times = []
+        for r, speed in enumerate(cfg.resource_speeds):
+            seen = self.rtime.get((device, r))
+            times.append(seen[0] / seen[1] if seen is not None else psc / speed)
+        return choose_resource(cfg.resource_prices, times, self.gap(planet))
 
     def plan(self, view: CoordinatorView, now: float, rng: random.Random) -> Plan:
-        return Plan(aggregate=bool(view.buffer))
+        if self.config.selection == "none":
+            return Plan(aggregate=bool(view.buffer))
+        self.state.ensure(view.weights)
+        busy = {slot[0] for slot in self.in_flight.values()}
+        free = sorted((j for j in range(self.state.k) if j not in busy), key=lambda j: (self.state.versions[j], j))
+        waiting = sorted(d for d in view.deferred if d not in self.in_flight)
+        invite: list[str] = []
+        for planet in free:
+            if not waiting:
+                break
+            if self.config.selection == "uniform":
+                device = waiting[rng.randrange(len(waiting))]
+            else:
+                device = rng.choices(waiting, weights=self.probabilities(waiting, planet))[0]
+            waiting.remove(device)
+            resource = self.resource_for(device, planet)
+            self.in_flight[device] = (planet, now, resource)
+            self.count[device] = self.count.get(device, 0) + 1
+            if resource is not None:
+                self.used[resource] = self.used.get(resource, 0) + 1
+            invite.append(device)
+        return Plan(aggregate=bool(view.buffer), invite=tuple(invite))
+
+    # ------------------------------------------------------------------ aggregation
 
     def aggregate(self, view: CoordinatorView, updates: Sequence[BufferedUpdate]) -> Vector:
         st, cfg = self.state, self.config
@@ -148,10 +372,11 @@ class NebulaStrategy(Strategy):
         assert st.planets is not None and st.stellar is not None
         policy = make_policy(cfg.staleness, a=cfg.a, bound=cfg.max_staleness)
         for u in updates:
+            assigned = self.fold_into.pop(u.key, None)
             factor = staleness_factor(policy, max(view.version - u.base_version, 0))
             if factor is None:
                 continue
-            j = min(range(st.k), key=lambda i: (st.versions[i], i))
+            j = assigned if assigned is not None else min(range(st.k), key=lambda i: (st.versions[i], i))
             base = view.weights_at(u.base_version)
             sl = view.spec.group_slice(u.group)
             reference = (base if base is not None else view.weights)[sl]
@@ -166,6 +391,9 @@ class NebulaStrategy(Strategy):
 
     def describe(self) -> dict[str, Any]:
         st = self.state
-        return {"name": self.name, "planets": st.k, "t_c": self.config.t_c, "versions": list(st.versions),
-                "v_stellar": st.v_stellar}
-
+        out = {"name": self.name, "planets": st.k, "t_c": self.config.t_c, "versions": list(st.versions),
+               "v_stellar": st.v_stellar}
+        if self.config.selection != "none":
+            out |= {"selection": self.config.selection, "resources": self.config.resources, "selected": sum(self.count.values()),
+                    "devices_selected": len(self.count), "resource_use": {str(k): v for k, v in sorted(self.used.items())}}
+        return out
