@@ -45,7 +45,7 @@ from coordinator.registry import Registry, RegistryError
 from coordinator.strategies.base import BufferedUpdate
 from coordinator.strategies.staleness import needs_driver, policy_of
 from coordinator.validation import Validator, load_validation
-from edge_sdk.core.events import Notify, Publish
+from edge_sdk.core.events import MessageReceived, Notify, Publish
 from edge_sdk.errors import ConfigError
 from edge_sdk.modelio import load_model
 from edge_sdk.mqtt import BrokerAuth, MqttTransport
@@ -178,10 +178,7 @@ class CoordinatorDaemon:
         self._status_topic = topics.status_topic(options.region)
         self._snapshot_at = 0.0
         self._closing = threading.Event()
-        self.actor = Actor(
-            f"coordinator-{options.region}", self._handle, self._perform, clock=self.clock,
-            on_batch_end=self._end_batch, max_batch=options.max_batch,
-        )
+        # One thread reads, handles and answers (own_loop): the actor drives paho's loop.
         self.transport = MqttTransport(
             options.broker,
             client_id=self.coordinator_id,
@@ -189,6 +186,11 @@ class CoordinatorDaemon:
             on_message=self._on_message,
             will=(self._status_topic, status_will(options.region, self.coordinator_id)),
             auth=options.auth or (BrokerAuth.from_bundle(options.bundle) if options.bundle is not None else None),
+            own_loop=True,
+        )
+        self.actor = Actor(
+            f"coordinator-{options.region}", self._handle, self._perform, clock=self.clock,
+            on_batch_end=self._end_batch, max_batch=options.max_batch, io=self.transport,
         )
         self.stopped = threading.Event()
 
@@ -346,8 +348,6 @@ class CoordinatorDaemon:
     # ------------------------------------------------------------------ IO
 
     def _on_message(self, topic: str, payload: bytes) -> None:
-        from edge_sdk.core.events import MessageReceived
-
         self.actor.submit(lambda now: MessageReceived(now=now, topic=topic, payload=payload))
 
     def _handle(self, event: Any) -> list[Any]:

@@ -14,6 +14,14 @@ refuses (unknown certificate, not authorised, bad password) makes :meth:`MqttTra
 raise a ``TransportError`` that says why, at once, instead of waiting for a CONNACK that
 never comes. Plain ``mqtt://`` stays for tests and the embedded trial broker; to a
 non-loopback host it logs a warning.
+
+``own_loop=True`` (the coordinator daemon): no paho network thread. The transport is the
+:class:`~edge_sdk.runtime.ActorIO` of the actor that owns the core, which waits on its socket
+and calls paho's ``loop_read`` / ``loop_write`` / ``loop_misc`` itself, so a message is
+read, handled and answered on one thread, and a publish from that thread is written to the
+socket at once (no socketpair wake-up). Reconnects keep the same capped exponential backoff
+(1 s doubling to 30 s), attempted from the actor's loop. A lock serialises every paho call,
+so ``publish`` and ``stop`` from other threads stay safe.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import os
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,13 +43,20 @@ from typing import Any, NoReturn
 from urllib.parse import urlparse
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.exception import MalformedPacket
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_sdk.errors import ConfigError, TransportError
 
 log = logging.getLogger(__name__)
 
 PASSWORD_ENV = "EDGECI_PASSWORD"
+RECONNECT_MIN_S, RECONNECT_MAX_S = 1, 30
+MISC_EVERY_S = 0.5
+"""own_loop: paho's keepalive bookkeeping (``loop_misc``) at least this often."""
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 
 
@@ -200,8 +216,17 @@ class MqttTransport:
         on_connection: Callable[[bool], None] | None = None,
         will: tuple[str, bytes] | None = None,
         auth: BrokerAuth | None = None,
+        own_loop: bool = False,
     ) -> None:
         self.address = parse_broker_url(url)
+        self.own_loop = own_loop
+        self._lock = threading.RLock()  # own_loop: every paho call (paho's own thread is not there)
+        self._wake: Callable[[], None] = _nothing
+        self._started = False
+        self._stopping = False
+        self._reconnect_at: float | None = None
+        self._reconnect_delay = RECONNECT_MIN_S
+        self._misc_at = 0.0
         self.auth = auth
         self._subs = list(subscriptions)
         self._on_message = on_message
@@ -214,7 +239,7 @@ class MqttTransport:
         """Filters the broker refused (SUBACK failure: its ACL does not let us read them)."""
         self._last_error: str | None = None
         self._keepalive = keepalive
-        self._client = paho.Client(
+        self._client = _Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=MQTTProtocolVersion.MQTTv311,
@@ -223,13 +248,12 @@ class MqttTransport:
         self._configure_security(auth)
         self._client.max_inflight_messages_set(64)
         self._client.max_queued_messages_set(0)  # never drop outgoing messages locally
-        self._client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self._client.reconnect_delay_set(min_delay=RECONNECT_MIN_S, max_delay=RECONNECT_MAX_S)
         if will is not None:
             self._client.will_set(will[0], will[1], qos=1, retain=True)
         self._client.on_connect = self._handle_connect
         self._client.on_disconnect = self._handle_disconnect
         self._client.on_message = self._handle_message
-        self._client.on_log = self._handle_log
         self._client.on_subscribe = self._handle_subscribe
         self._client.on_socket_open = _no_delay
 
@@ -255,11 +279,18 @@ class MqttTransport:
         """Connect and start the network thread; raise ``TransportError`` if no CONNACK in time."""
         self._refusal = self._last_error = None
         self._settled.clear()
+        self._stopping = False
+        self._client.on_log = self._handle_log
         try:
             # A synchronous first connect fails fast (and clearly) when nothing listens or
             # the TLS handshake fails; after that paho's loop reconnects with backoff.
-            self._client.connect(self.address.host, self.address.port, keepalive=self._keepalive)
-            self._client.loop_start()
+            with self._lock:
+                self._client.connect(self.address.host, self.address.port, keepalive=self._keepalive)
+                self._started = True
+            if self.own_loop:
+                self._wake()  # the actor waits on the new socket from now on (CONNACK)
+            else:
+                self._client.loop_start()
         except (OSError, ValueError) as exc:
             _close_sockets_of(exc)
             self._raise_connect_error(exc)
@@ -270,6 +301,10 @@ class MqttTransport:
             if refusal is not None:
                 raise TransportError(f"broker {self.address.url} refused the connection: {refusal}")
             raise TransportError(f"no connection to broker {self.address.url} within {timeout:.0f} s")
+        # paho formats a log line for every packet while on_log is set (4 per served pull);
+        # its error text only explains a first connection that fails (_handle_disconnect).
+        with self._lock:
+            self._client.on_log = None
 
     def _raise_connect_error(self, exc: BaseException) -> NoReturn:
         url = self.address.url
@@ -280,19 +315,100 @@ class MqttTransport:
         raise TransportError(f"cannot reach broker {url}: {exc}") from exc
 
     def stop(self) -> None:
+        self._stopping = True
         try:
-            self._client.disconnect()
+            with self._lock:
+                self._client.disconnect()
+            if self.own_loop:
+                self._finish_disconnect()
         finally:
-            self._client.loop_stop()
+            if not self.own_loop:
+                self._client.loop_stop()
             self._connected.clear()
+            self._started = False
+
+    def _finish_disconnect(self, timeout: float = 2.0) -> None:
+        """own_loop: write what is queued (the DISCONNECT last; paho then closes the socket)
+        whether or not the actor still runs; close the socket after ``timeout`` regardless."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                sock = self._client.socket()
+                if sock is None:
+                    return
+                if time.monotonic() >= deadline:
+                    with contextlib.suppress(OSError):
+                        sock.close()
+                    self._client.loop_read()  # sees the closed socket: paho's disconnect bookkeeping
+                    return
+                self._client.loop_write()
+            time.sleep(0.005)
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
-        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        with self._lock:  # own_loop: paho writes it to the socket now when nothing is queued before it
+            info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             # NO_CONN: paho keeps QoS>0 messages queued and sends them after reconnecting.
             raise TransportError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
 
-    # paho callbacks (network thread): no domain logic here.
+    # own_loop: the ActorIO side (edge_sdk.runtime.Actor calls these on its thread).
+
+    def bind(self, wake: Callable[[], None]) -> None:
+        if not self.own_loop:
+            raise ValueError("MqttTransport(own_loop=False) runs paho's own network thread")
+        self._wake = wake
+
+    def wait_sockets(self) -> tuple[list[Any], list[Any], float | None]:
+        sock = self._client.socket()
+        now = time.monotonic()
+        if sock is None:
+            if self._reconnect_at is None or not self._started or self._stopping:
+                return [], [], None
+            return [], [], max(0.0, self._reconnect_at - now)
+        pending = getattr(sock, "pending", None)  # TLS: decrypted bytes select cannot see
+        if pending is not None and pending() > 0:
+            return [], [], 0.0
+        return [sock], [sock] if self._client.want_write() else [], max(0.0, self._misc_at - now)
+
+    def service(self, readable: list[Any], writable: list[Any]) -> None:
+        client = self._client
+        with self._lock:
+            sock = client.socket()
+            if sock is None:
+                self._maybe_reconnect()
+                return
+            pending = getattr(sock, "pending", None)
+            if sock in readable or (pending is not None and pending() > 0):
+                client.loop_read()  # packets up to paho's count of messages in flight; the rest next time
+            if client.socket() is not None and client.want_write():
+                client.loop_write()
+            now = time.monotonic()
+            if client.socket() is not None and now >= self._misc_at:
+                self._misc_at = now + MISC_EVERY_S
+                client.loop_misc()  # keepalive: PINGREQ when due, drop a silent broker
+            if client.socket() is None and not self._stopping and self._reconnect_at is None:
+                self._reconnect_at = time.monotonic() + self._reconnect_delay
+
+    def _maybe_reconnect(self) -> None:
+        """own_loop, under the lock, not connected: try again once the backoff has passed."""
+        if not self._started or self._stopping:
+            return
+        now = time.monotonic()
+        if self._reconnect_at is None:
+            self._reconnect_at = now + self._reconnect_delay
+        if now < self._reconnect_at:
+            return
+        self._reconnect_delay = min(RECONNECT_MAX_S, 2 * self._reconnect_delay)
+        self._reconnect_at = now + self._reconnect_delay
+        try:
+            self._client.reconnect()  # the CONNACK comes through loop_read; _handle_connect resubscribes
+        except (OSError, ValueError) as exc:
+            _close_sockets_of(exc)
+            log.info("reconnecting to broker %s failed (%s); next try in %.0f s", self.address.url, exc, self._reconnect_delay)
+            return
+        self._misc_at = 0.0
+
+    # paho callbacks (network thread; the actor's with own_loop): no domain logic here.
 
     def _handle_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if getattr(reason, "is_failure", False):
@@ -301,6 +417,7 @@ class MqttTransport:
                 self._refusal = f"{reason}{_refusal_hint(str(reason))}"
                 self._settled.set()
             return
+        self._reconnect_at, self._reconnect_delay = None, RECONNECT_MIN_S
         if self._subs:
             _, mid = client.subscribe([(t, 1) for t in self._subs])
             if mid is not None:
@@ -340,6 +457,33 @@ class MqttTransport:
     def _handle_log(self, client: paho.Client, userdata: Any, level: int, message: str) -> None:
         if level == paho.MQTT_LOG_ERR:
             self._last_error = message
+
+
+class _Client(paho.Client):
+    """paho's client, one decoding shortcut: an MQTT 3.1.1 PUBACK (two bytes, the mid)
+    skips paho's per-packet construction of MQTT 5 ``ReasonCode`` and ``Properties`` objects
+    (measured ~24 us of dict building per PUBACK, one PUBACK per model sent). The bookkeeping
+    after it is paho's own (``_do_on_publish``); anything else goes to paho unchanged."""
+
+    _PUBACK_REASON = ReasonCode(PacketTypes.PUBACK)  # Success: all a 3.1.1 PUBACK can say
+    _PUBACK_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]  # 3.1.1 has none
+
+    def _handle_pubackcomp(self, cmd: Any) -> MQTTErrorCode:
+        if cmd != "PUBACK" or self._protocol == MQTTProtocolVersion.MQTTv5:
+            return super()._handle_pubackcomp(cmd)
+        packet = self._in_packet["packet"]
+        if len(packet) != 2:
+            raise MalformedPacket("wrong size of packet")  # as paho's decode_puback
+        mid = (packet[0] << 8) | packet[1]
+        self._easy_log(paho.MQTT_LOG_DEBUG, "Received %s (Mid: %d)", cmd, mid)
+        with self._out_message_mutex:
+            if mid in self._out_messages:
+                return self._do_on_publish(mid, self._PUBACK_REASON, self._PUBACK_PROPERTIES)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+
+def _nothing() -> None:
+    pass
 
 
 def _no_delay(client: paho.Client, userdata: Any, sock: Any) -> None:

@@ -8,14 +8,25 @@ Batches: after waking, the actor drains what has already arrived (up to ``max_ba
 items), handles each in order, and then calls ``on_batch_end`` once. A driver that holds
 back some actions until they are durable (the coordinator's group commit) flushes there.
 Without ``on_batch_end`` every action is performed as soon as its event is handled, as before.
+
+One thread for the network too (``io``): an actor given an :class:`ActorIO` (the coordinator
+passes its :class:`~edge_sdk.mqtt.MqttTransport` in ``own_loop`` mode) waits in ``select`` on
+the IO's sockets and a wake-up socket instead of on a queue, and services the IO itself.
+Messages read there reach the inbox on this very thread: no hand-off to and from a network
+thread (a queue put, a condition notify, a GIL switch and a socketpair wake-up per message).
+Other threads still submit work; the first item submitted while the actor sleeps wakes it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
+import select
+import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -33,6 +44,20 @@ class WallClock:
 
     def now(self) -> float:
         return time.time()
+
+
+class ActorIO(Protocol):
+    """Network IO that an :class:`Actor` drives from its own thread."""
+
+    def bind(self, wake: Callable[[], None]) -> None:
+        """Called once by the actor: ``wake()`` (any thread) makes it look at the IO again."""
+
+    def wait_sockets(self) -> tuple[list[Any], list[Any], float | None]:
+        """(sockets to read, sockets to write, the longest wait in seconds before
+        :meth:`service` is due anyway; None: no limit)."""
+
+    def service(self, readable: list[Any], writable: list[Any]) -> None:
+        """Actor thread: read, write and keep the connection alive; callbacks may submit."""
 
 
 _STOP = object()
@@ -54,6 +79,7 @@ class Actor:
         clock: Clock | None = None,
         on_batch_end: Callable[[], None] | None = None,
         max_batch: int = 256,
+        io: ActorIO | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
@@ -70,16 +96,42 @@ class Actor:
         self.errors: list[BaseException] = []
         self.batches = 0
         """Batches handled so far (for tests and metrics)."""
+        self._io = io
+        self._pending: deque[Any] = deque()  # the inbox with io (appends are atomic)
+        self._asleep = False
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+        if io is not None:
+            io.bind(self.wake)
 
     def start(self) -> None:
+        if self._io is not None:  # the wake-up socket; closed when the thread ends
+            self._wake_r, self._wake_w = socket.socketpair()
+            self._wake_r.setblocking(False)
+            self._wake_w.setblocking(False)
         self._thread.start()
 
     def submit(self, make_event: Callable[[float], Any]) -> None:
-        self._inbox.put(make_event)
+        self._put(make_event)
 
     def call(self, fn: Callable[[], Any]) -> None:
         """Run ``fn`` on the actor thread (e.g. to read core state consistently)."""
-        self._inbox.put(("call", fn))
+        self._put(("call", fn))
+
+    def _put(self, item: Any) -> None:
+        if self._io is None:
+            self._inbox.put(item)
+            return
+        self._pending.append(item)
+        if self._asleep:  # set before the actor's last look at the inbox: it may be in select
+            self.wake()
+
+    def wake(self) -> None:
+        """Make an actor with ``io`` leave its wait (any thread; a no-op without io)."""
+        wake_w = self._wake_w
+        if wake_w is not None:
+            with contextlib.suppress(OSError):  # full (a wake-up is pending anyway) or closed
+                wake_w.send(b"\0")
 
     def stop(self, timeout: float = 10.0, *, drain: bool = True) -> None:
         """Stop after the queued work (``drain``) or after the batch in hand (``drain=False``:
@@ -87,7 +139,8 @@ class Actor:
         still ends with ``on_batch_end``)."""
         if not drain:
             self._abandon.set()
-        self._inbox.put(_STOP)
+        self._put(_STOP)
+        self.wake()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
@@ -98,7 +151,7 @@ class Actor:
     @property
     def backlog(self) -> int:
         """Items waiting in the inbox (approximate)."""
-        return self._inbox.qsize()
+        return len(self._pending) if self._io is not None else self._inbox.qsize()
 
     def run_actions(self, actions: list[Any]) -> None:
         for action in actions:
@@ -108,6 +161,8 @@ class Actor:
                 self._perform(action)
 
     def _next_batch(self) -> list[Any]:
+        if self._io is not None:
+            return self._next_batch_io(self._io)
         timeout = None if self._deadline is None else max(0.0, self._deadline - self.clock.now())
         try:
             first = self._inbox.get(timeout=timeout)
@@ -122,7 +177,53 @@ class Actor:
                 break
         return batch
 
+    def _next_batch_io(self, io: ActorIO) -> list[Any]:
+        """Wait for the inbox, the IO's sockets, the wake-up socket or the timer; service
+        the IO (its callbacks fill the inbox on this thread); return what the inbox holds."""
+        pending = self._pending
+        while not pending:
+            rlist, wlist, timeout = io.wait_sockets()
+            if self._deadline is not None:
+                left = max(0.0, self._deadline - self.clock.now())
+                if left == 0.0:
+                    self._deadline = None
+                    return [TimerFired]
+                timeout = left if timeout is None else min(timeout, left)
+            self._asleep = True
+            try:
+                if pending:  # submitted before _asleep was visible: no wake-up was sent
+                    break
+                readable, writable, _ = select.select([self._wake_r, *rlist], wlist, [], timeout)
+            except (OSError, ValueError):  # a socket closed by another thread (stop): look again
+                readable, writable = [], []
+            finally:
+                self._asleep = False
+            if self._wake_r in readable:
+                with contextlib.suppress(OSError):
+                    self._wake_r.recv(4096)  # type: ignore[union-attr]
+            try:
+                io.service(readable, writable)
+            except Exception as exc:  # the loop must survive; the IO reconnects by itself
+                log.exception("%s: error in the network loop", self.name)
+                self.errors.append(exc)
+        batch: list[Any] = []
+        while pending and len(batch) < self.max_batch:
+            item = pending.popleft()
+            batch.append(item)
+            if item is _STOP:
+                break
+        return batch
+
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            wake_r, wake_w, self._wake_r, self._wake_w = self._wake_r, self._wake_w, None, None
+            for s in (wake_r, wake_w):
+                if s is not None:
+                    s.close()
+
+    def _loop(self) -> None:
         while True:
             batch = self._next_batch()
             stop = False
