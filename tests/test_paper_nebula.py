@@ -11,6 +11,7 @@ import pytest
 
 from devices.multiregion import PAPER_LATENCY_MS, load_multiregion
 from devices.paper_nebula import BASELINE, cost_summary, format_table, main, report
+from devices.paper_spyker import method_names
 
 SCENARIO = Path(__file__).resolve().parents[1] / "demos" / "scenarios" / "multiregion" / "paper-nebula.toml"
 
@@ -78,3 +79,11 @@ def test_cost_wins_and_savings_from_fixed_summaries() -> None:
     line = next(x for x in table.splitlines() if x.startswith("| N |"))
     assert "10.0, ≥ 60" in line and "1.00, ≥ 4.00" in line and "1/2" in line and "a 75%, b 25%" in line
     assert table == format_table(summary)
+
+
+def test_methods_whose_labels_hold_commas_can_be_selected() -> None:
+    sc = load_multiregion(SCENARIO)
+    names = method_names("NebulaFL (uniform, fixed resource),spin,NebulaFL (reward, fixed resource)", sc)
+    assert names == ["NebulaFL (uniform, fixed resource)", "spin", "NebulaFL (reward, fixed resource)"]
+    assert [m.label for m in sc.select(names).methods][:2] == ["NebulaFL (uniform, fixed resource)", BASELINE]
+    assert method_names("nebula,bogus,x", sc) == ["nebula", "bogus", "x"]
