@@ -92,6 +92,16 @@ def _report(s: NebulaStrategy, device: str, seq: int, now: float) -> int:
     return s.fold_into.pop(update.key)
 
 
+def test_the_sign_of_the_version_offset() -> None:
+    for sign, expected in ((-1, -3.0), (1, 1.0), (0, -1.0)):
+        s = NebulaStrategy(NebulaConfig(planets=2, selection="reward", offset_sign=sign))
+        s.state.versions = [4.0, 6.0]  # planet 0 is 1 behind the mean
+        s.state.v_rotation_avg, s.state.v_stellar, s.state.stellar_at = 5.0, 3.0, 1.0  # v_os = 2: this centre is ahead
+        assert s.gap(0) == expected
+    s.state.stellar_at = None  # nothing received yet: no offset
+    assert s.gap(0) == -1.0
+
+
 def test_selection_none_serves_everyone_and_invites_nobody() -> None:
     s = NebulaStrategy(NebulaConfig())
     assert s.serve_pull(_view([]), "d1", 0.0)
@@ -191,6 +201,7 @@ def test_performance_score_is_the_time_per_unit_speed() -> None:
     {"selection": "reward", "resource_speeds": [0.0], "resource_prices": [1.0]},
     {"selection": "reward", "resource_speeds": [1.0], "resource_prices": [-1.0]},
     {"selection": "reward", "resource_speeds": [float("nan")], "resource_prices": [1.0]},
+    {"selection": "reward", "offset_sign": 2},
 ])
 def test_bad_parameters_are_config_errors(params: dict[str, object]) -> None:
     with pytest.raises(ConfigError):

@@ -37,7 +37,7 @@ def test_the_scenario() -> None:
 def test_the_quick_form_end_to_end(tmp_path: Path) -> None:
     assert main([str(SCENARIO), "--quick", "--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
-    labels = ["NebulaFL (reward + cost)", "NebulaFL (uniform, fixed resource)", "NebulaFL (reward, fixed resource)",
+    labels = ["NebulaFL (reward + cost)", "NebulaFL (reward + cost, +v_os)", "NebulaFL (uniform, fixed resource)", "NebulaFL (reward, fixed resource)",
               "NebulaFL (uniform + cost)", "NebulaFL (every device)", BASELINE, "FedSA-like (1 server, 0.5 s window)"]
     assert list(summary["methods"]) == labels and summary["baseline"] == BASELINE
     runs = {r["label"]: r for r in (json.loads(f.read_text(encoding="utf-8")) for f in (tmp_path / "runs").glob("*.json"))}

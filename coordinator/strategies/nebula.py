@@ -41,6 +41,12 @@ free, a waiting device is drawn for it and invited; its update is folded into pl
     R_c(ct) = 1 / sqrt(Cnt(ct) + 1)                                              (eq. 6)
     P(ct)   = (R_p + R_c) / Σ (R_p + R_c)                                        (eq. 7)
 
+Eq. 4 as printed subtracts v_os, so a centre whose planets are ahead of the model it last
+received (v_os > 0) sees its planets as *behind* and, with ``resources = "cost"``, gives them
+the fast resources, which puts it further ahead (a feedback loop: measured, one centre ran
+half its jobs on the A100 while another ran 4 %). ``offset_sign = +1`` adds v_os instead
+(the planet's lead over the other centres); the default keeps the printed sign.
+
 Adaptations, each forced by something eq. 4–7 leave open: PSc(ct) (the performance score,
 "historical training time") is the mean time from invite to update of the device, divided
 by the speed factor of the resource it ran on (so scores on different resources compare);
@@ -234,10 +240,15 @@ class NebulaConfig:
     """Speed of each resource, × the reference one (the catalogue for ``resources = "cost"``)."""
     resource_prices: tuple[float, ...] = ()
     """Price of each resource per compute second in this coordinator's region."""
+    offset_sign: int = -1
+    """Eq. 4's sign on v_os: −1 as printed (Δv_p = v_p − v_i − v_os); +1 counts a centre ahead of
+    the others as ahead (v_p − v_i + v_os: the planet's lead over the other centres); 0 ignores v_os."""
 
     def __post_init__(self) -> None:
         if self.selection not in SELECTIONS:
             raise ConfigError(f"nebula: selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        if self.offset_sign not in (-1, 0, 1):
+            raise ConfigError(f"nebula: offset_sign must be -1, 0 or 1, got {self.offset_sign!r}")
         if self.resources not in ("fixed", "cost"):
             raise ConfigError(f"nebula: resources must be 'fixed' or 'cost', got {self.resources!r}")
         speeds, prices = tuple(self.resource_speeds), tuple(self.resource_prices)
@@ -319,7 +330,7 @@ class NebulaStrategy(Strategy):
 
     def gap(self, planet: int) -> float:
         st = self.state
-        return version_gap(st.versions[planet], st.mean_version(), st.version_offset())
+        return version_gap(st.versions[planet], st.mean_version(), -self.config.offset_sign * st.version_offset())
 
     def probabilities(self, candidates: Sequence[str], planet: int) -> list[float]:
         """Eq. 7 over ``candidates`` for ``planet`` (``selection = "reward"``)."""
