@@ -10,7 +10,11 @@ model replies they receive and the coordinator's CPU time is read from ``/proc``
 per offered rate: pulls served per second, the coordinator's CPU share, and its CPU time
 per served pull; then the baseline / this-tree ratio of CPU per pull.
 
-    .venv/bin/python benchmarks/pull_load.py [--baseline REV] [--rates 1000,2000,4000]
+    .venv/bin/python benchmarks/pull_load.py [--baseline REV] [--rates 1000,2000,4000] [--repeat 3]
+
+On a shared machine the other processes' load moves both trees' figures a lot from one
+measurement to the next: ``--repeat N`` measures each tree N times per rate, alternating
+which goes first, and prints the median of each (and the 1-minute load average).
 
 Issue 13's target: ≥ 5,000 digits pulls/s on one coordinator with load from separate
 processes — or, where the generators and the broker saturate these 2 cores first, the
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -132,11 +137,17 @@ def measure(tree: Path, rate: float, args: argparse.Namespace) -> dict[str, floa
             coord.wait(30)
             pump.join(5)
     served = received / args.seconds
-    print(f"  [{tree.name}] offered {rate:.0f}/s: generators sent {sent} pulls, received {received} models in the "
-          f"{args.seconds:.0f} s window", file=sys.stderr, flush=True)
     cpu = c1 - c0
+    print(f"  [{tree.name}] offered {rate:.0f}/s: generators sent {sent} pulls, received {received} models in the "
+          f"{args.seconds:.0f} s window; {1e6 * cpu / max(received, 1):.1f} us/pull; load average {os.getloadavg()[0]:.2f}",
+          file=sys.stderr, flush=True)
     return {"offered": rate, "served_per_s": served, "cpu_share": cpu / args.seconds,
             "cpu_us_per_pull": 1e6 * cpu / received if received else float("nan"), "sent": sent}
+
+
+def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Each figure's median over the runs of one tree at one rate."""
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
 def main() -> int:
@@ -146,6 +157,7 @@ def main() -> int:
     p.add_argument("--generators", type=int, default=2, help="load-generator processes")
     p.add_argument("--seconds", type=float, default=10.0, help="measuring window per rate")
     p.add_argument("--warmup", type=float, default=3.0, help="seconds of load before the window")
+    p.add_argument("--repeat", type=int, default=1, help="measurements per tree and rate (alternating; medians printed)")
     args = p.parse_args()
     rates = [float(r) for r in args.rates.split(",") if r.strip()]
     with tempfile.TemporaryDirectory() as tmp:
@@ -155,13 +167,20 @@ def main() -> int:
         try:
             rows = []
             for rate in rates:
-                new = measure(ROOT, rate, args)
-                old = measure(base, rate, args)
+                news: list[dict[str, float]] = []
+                olds: list[dict[str, float]] = []
+                for i in range(max(1, args.repeat)):
+                    order = [(ROOT, news), (base, olds)]
+                    for tree, into in order if i % 2 == 0 else order[::-1]:
+                        into.append(measure(tree, rate, args))
+                old, new = median_of(olds), median_of(news)
                 rows.append((rate, old, new))
-                print(f"offered {rate:6.0f}/s | baseline {args.baseline}: served {old['served_per_s']:7.0f}/s, CPU "
+                n = f" (median of {len(news)})" if len(news) > 1 else ""
+                print(f"offered {rate:6.0f}/s{n} | baseline {args.baseline}: served {old['served_per_s']:7.0f}/s, CPU "
                       f"{100 * old['cpu_share']:5.1f} %, {old['cpu_us_per_pull']:6.1f} us/pull | this tree: served "
                       f"{new['served_per_s']:7.0f}/s, CPU {100 * new['cpu_share']:5.1f} %, {new['cpu_us_per_pull']:6.1f} us/pull "
-                      f"| CPU per pull {old['cpu_us_per_pull'] / new['cpu_us_per_pull']:4.2f}x lower", flush=True)
+                      f"| CPU per pull {old['cpu_us_per_pull'] / new['cpu_us_per_pull']:4.2f}x lower "
+                      f"| load average {os.getloadavg()[0]:.2f}", flush=True)
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)], capture_output=True)
     best = max(new["served_per_s"] for _, _, new in rows)

@@ -16,7 +16,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from coordinator.broker import MosquittoProcess
 from edge_sdk.core.events import MessageReceived, Publish, ScheduleTimer, TimerFired
-from edge_sdk.mqtt import MqttTransport
+from edge_sdk.mqtt import MqttTransport, _Corked
 from edge_sdk.runtime import Actor
 from tests.helpers import wait_until
 
@@ -97,6 +97,7 @@ def test_one_thread_reads_handles_and_answers_in_order(mosquitto: MosquittoProce
     echo = Echo(mosquitto.url).start()
     try:
         assert not any(t.name.startswith("paho-mqtt-client-echo-loop") for t in threading.enumerate())
+        assert isinstance(echo.transport._client.socket(), _Corked)  # plain TCP: read ahead, writes held per batch
         n = 300
         for i in range(n):
             peer.client.publish(f"in/{i}", f"m{i:04d}".encode(), qos=1)
@@ -151,11 +152,12 @@ def test_survives_a_broker_restart() -> None:
         broker.stop()
 
 
-def test_stop_leaves_no_thread_or_socket(mosquitto: MosquittoProcess) -> None:
+def test_stop_leaves_no_thread_or_socket(mosquitto: MosquittoProcess, peer: Peer) -> None:
     before = set(threading.enumerate())
     echo = Echo(mosquitto.url, name="echo-stopping").start()
-    echo.transport.publish("out/last", b"bye")
+    echo.transport.publish("out/last", b"bye")  # from this thread, just before stopping (the daemon's last status)
     echo.stop()
+    wait_until(lambda: ("out/last", b"bye") in peer.got, 10, "the last publish before stop")
     assert not echo.actor.alive
     assert not echo.transport.connected
     assert echo.transport._client.socket() is None
@@ -196,3 +198,63 @@ def test_the_puback_shortcut_does_paho_s_bookkeeping() -> None:
     client._in_packet["packet"] = bytearray(b"\x00\x01\x00")
     with pytest.raises(MalformedPacket):
         client._handle_pubackcomp("PUBACK")
+
+
+def test_corked_socket_reads_ahead_and_writes_everything_in_order() -> None:
+    import select
+    import socket
+
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # the kernel takes little at a time
+    corked = _Corked(a)
+    try:
+        chunks = [bytes([i % 251]) * (1000 + 37 * i) for i in range(300)]
+        for c in chunks:
+            assert corked.send(c) == len(c)
+        assert corked.unflushed
+        want = b"".join(chunks)
+        got = bytearray()
+
+        def read() -> None:
+            while len(got) < len(want):
+                got.extend(b.recv(1 << 16))
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        while corked.unflushed:
+            try:
+                corked.flush()
+            except BlockingIOError:
+                select.select([], [a], [], 1.0)
+        reader.join(10)
+        assert bytes(got) == want
+
+        b.sendall(b"\x40\x02\x00\x07\x30\x03\x00\x01x")  # a PUBACK and a small PUBLISH in one segment
+        select.select([a], [], [], 5.0)
+        assert corked.recv(1) == b"\x40" and corked.pending() == 8
+        assert corked.recv(1) == b"\x02" and corked.recv(2) == b"\x00\x07"
+        assert corked.recv(100) == b"\x30\x03\x00\x01x"  # a short read: what was read ahead
+        assert corked.pending() == 0
+        with pytest.raises(BlockingIOError):
+            corked.recv(1)
+        corked.send(b"held")
+        corked.close()  # writes what it holds, then closes
+        assert b.recv(16) == b"held" and b.recv(16) == b""
+    finally:
+        b.close()
+        a.close()
+
+
+def test_corked_socket_drops_held_writes_when_the_connection_is_gone() -> None:
+    import socket
+
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    corked = _Corked(a)
+    b.close()
+    corked.send(b"x" * 100)
+    corked.flush()  # EPIPE: dropped (QoS 1 stays in flight in paho and is resent after reconnecting)
+    assert not corked.unflushed
+    assert corked.recv(1) == b""  # shut down: paho's next read sees the loss
+    corked.close()
