@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 PASSWORD_ENV = "EDGECI_PASSWORD"
 RECONNECT_MIN_S, RECONNECT_MAX_S = 1, 30
 IOV_MAX = 1024
+READS_PER_WAKEUP = 64
+"""own_loop: most ``loop_read`` calls per wake-up while read-ahead bytes remain."""
 MISC_EVERY_S = 0.5
 """own_loop: paho's keepalive bookkeeping (``loop_misc``) at least this often."""
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
@@ -396,7 +398,14 @@ class MqttTransport:
             if sock in writable:
                 self._flush()
             if sock in readable or (pending is not None and pending() > 0):
-                client.loop_read()  # packets up to paho's count of messages in flight; the rest next time
+                # loop_read reads as many packets as paho has messages in flight (at least one):
+                # go on while bytes already read remain, so one wake-up takes what has arrived
+                for _ in range(READS_PER_WAKEUP):
+                    client.loop_read()
+                    sock = client.socket()
+                    pending = getattr(sock, "pending", None)
+                    if pending is None or pending() <= 0:
+                        break
             if client.socket() is not None and client.want_write():
                 client.loop_write()
             now = time.monotonic()
