@@ -49,6 +49,7 @@ from typing import Any, NoReturn
 from urllib.parse import urlparse
 
 import paho.mqtt.client as paho
+from paho.mqtt import __version__ as PAHO_VERSION
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
@@ -56,6 +57,12 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_sdk.errors import ConfigError, TransportError
+
+PAHO_FAST_PATHS = PAHO_VERSION.split(".")[:2] == ["2", "2"]
+"""The coordinator's two shortcuts through paho's internals (:class:`_Corked` replaces paho's
+socket attribute; :class:`_Client` its PUBACK handler) are taken only with the paho release they
+were written and tested against (2.2.x); with any other release paho's own code runs (slower,
+same behaviour), so an upgrade of paho cannot break a coordinator through them."""
 
 log = logging.getLogger(__name__)
 
@@ -446,7 +453,7 @@ class MqttTransport:
 
     def _socket_opened(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         _no_delay(client, userdata, sock)
-        if self.own_loop and type(sock) is socket.socket:  # plain TCP (not TLS, not a websocket)
+        if self.own_loop and PAHO_FAST_PATHS and type(sock) is socket.socket:  # plain TCP (not TLS, not a websocket)
             client._sock = _Corked(sock)  # paho sends the CONNECT through it next
 
     def _handle_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
@@ -508,7 +515,7 @@ class _Client(paho.Client):
     _PUBACK_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]  # 3.1.1 has none
 
     def _handle_pubackcomp(self, cmd: Any) -> MQTTErrorCode:
-        if cmd != "PUBACK" or self._protocol == MQTTProtocolVersion.MQTTv5:
+        if not PAHO_FAST_PATHS or cmd != "PUBACK" or self._protocol == MQTTProtocolVersion.MQTTv5:
             return super()._handle_pubackcomp(cmd)
         packet = self._in_packet["packet"]
         if len(packet) != 2:

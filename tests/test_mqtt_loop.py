@@ -258,3 +258,31 @@ def test_corked_socket_drops_held_writes_when_the_connection_is_gone() -> None:
     assert not corked.unflushed
     assert corked.recv(1) == b""  # shut down: paho's next read sees the loss
     corked.close()
+
+
+def test_another_paho_release_runs_paho_s_own_socket_and_puback_code(
+    mosquitto: MosquittoProcess, peer: Peer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The shortcuts lean on paho 2.2's internals; any other release must still serve, through paho's own code.
+    import edge_sdk.mqtt
+
+    monkeypatch.setattr(edge_sdk.mqtt, "PAHO_FAST_PATHS", False)
+    calls: list[tuple[object, str]] = []
+    original = paho.Client._handle_pubackcomp
+    def counted(self: paho.Client, cmd: str) -> Any:
+        calls.append((self, cmd))
+        return original(self, cmd)
+
+    monkeypatch.setattr(paho.Client, "_handle_pubackcomp", counted)
+    echo = Echo(mosquitto.url).start()
+    try:
+        assert not isinstance(echo.transport._client.socket(), _Corked)
+        for i in range(50):
+            peer.client.publish(f"in/{i}", f"m{i:04d}".encode(), qos=1)
+        wait_until(lambda: len(peer.got) == 50, 30, "every answer")
+        assert [p for _, p in peer.got] == [f"m{i:04d}".encode()[::-1] for i in range(50)]
+        ours = (echo.transport._client, "PUBACK")  # (the peer's own PUBACKs go through paho too)
+        wait_until(lambda: calls.count(ours) == 50, 10, f"paho's own handling of the 50 answers' PUBACKs (saw {calls.count(ours)})")
+        assert not echo.actor.errors
+    finally:
+        echo.stop()
