@@ -124,6 +124,30 @@ def test_one_invited_device_per_planet_and_its_update_goes_to_that_planet() -> N
     assert len(again.invite) == 1 and s.in_flight[again.invite[0]][0] == freed  # only the freed planet gets a device
 
 
+def test_an_invited_device_that_never_reports_is_forgotten_and_its_planet_drawn_for_again() -> None:
+    s = NebulaStrategy(NebulaConfig(planets=1, selection="uniform", forget_after_s=30.0))
+    first = s.plan(_view(["a", "b"]), 0.0, random.Random(0))
+    assert len(first.invite) == 1 and first.wake_at == 30.0  # the core wakes the strategy then
+    gone = first.invite[0]
+    other = "b" if gone == "a" else "a"
+    assert s.plan(_view([other], 10.0), 29.9, random.Random(0)).invite == ()  # the one planet is still busy
+    later = s.plan(_view([other], 10.0), 30.0, random.Random(0))
+    assert later.invite == (other,) and gone not in s.in_flight and s.describe()["forgotten"] == 1
+    assert later.wake_at == 60.0
+    # the forgotten device's late update is an uninvited one: not folded into the planet it was given
+    update = BufferedUpdate(device=gone, seq=1, base_version=0, staleness=0, n_samples=10,
+                            weights=np.zeros(SPEC.size, dtype=np.float32), arrived_at=31.0)
+    s.on_update(_view([]), update, 31.0)
+    assert update.key not in s.fold_into and other in s.in_flight
+
+
+def test_without_forget_after_s_an_invited_device_is_waited_for_for_ever() -> None:
+    s = NebulaStrategy(NebulaConfig(planets=1, selection="uniform"))
+    first = s.plan(_view(["a", "b"]), 0.0, random.Random(0))
+    assert first.wake_at is None
+    assert s.plan(_view(["a", "b"]), 1e9, random.Random(0)).invite == ()
+
+
 def test_the_update_is_folded_into_its_planet() -> None:
     s = NebulaStrategy(NebulaConfig(planets=3, selection="uniform"))
     plan = s.plan(_view(["a", "b", "c"]), 0.0, random.Random(0))
@@ -202,6 +226,8 @@ def test_performance_score_is_the_time_per_unit_speed() -> None:
     {"selection": "reward", "resource_speeds": [1.0], "resource_prices": [-1.0]},
     {"selection": "reward", "resource_speeds": [float("nan")], "resource_prices": [1.0]},
     {"selection": "reward", "offset_sign": 2},
+    {"selection": "uniform", "forget_after_s": 0.0},
+    {"selection": "uniform", "forget_after_s": float("inf")},
 ])
 def test_bad_parameters_are_config_errors(params: dict[str, object]) -> None:
     with pytest.raises(ConfigError):

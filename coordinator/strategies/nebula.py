@@ -74,7 +74,9 @@ sent by the peering's ``hints_for``); a device runtime that has one resource ign
 emulator (:mod:`devices.simulator`, ``[multiregion.cost]``) scales the training time by its
 speed and charges its price. ``resources = "fixed"`` sends no hint (the device runs on its
 default resource: the ablation "w RR" without randomness). An invited device that never
-reports keeps its planet busy (the emulator loses none; a daemon would need a timeout).
+reports keeps its planet busy until ``forget_after_s`` (as FedBuff's): then its planet is
+drawn for again, and an update it still sends is buffered as an uninvited one (into the
+lowest-version planet). Off by default (the emulator loses no device); a daemon wants it.
 """
 
 from __future__ import annotations
@@ -240,6 +242,9 @@ class NebulaConfig:
     """Speed of each resource, × the reference one (the catalogue for ``resources = "cost"``)."""
     resource_prices: tuple[float, ...] = ()
     """Price of each resource per compute second in this coordinator's region."""
+    forget_after_s: float | None = None
+    """With selection on: stop waiting for an invited device after this long and free its
+    planet (None = wait for ever, as the emulator's runs do)."""
     offset_sign: int = -1
     """Eq. 4's sign on v_os: −1 as printed (Δv_p = v_p − v_i − v_os); +1 counts a centre ahead of
     the others as ahead (v_p − v_i + v_os: the planet's lead over the other centres); 0 ignores v_os."""
@@ -247,6 +252,9 @@ class NebulaConfig:
     def __post_init__(self) -> None:
         if self.selection not in SELECTIONS:
             raise ConfigError(f"nebula: selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        if self.forget_after_s is not None and not (isinstance(self.forget_after_s, int | float)
+                                                    and math.isfinite(self.forget_after_s) and self.forget_after_s > 0):
+            raise ConfigError("nebula: forget_after_s must be a finite number > 0 (or None)")
         if self.offset_sign not in (-1, 0, 1):
             raise ConfigError(f"nebula: offset_sign must be -1, 0 or 1, got {self.offset_sign!r}")
         if self.resources not in ("fixed", "cost"):
@@ -296,6 +304,8 @@ class NebulaStrategy(Strategy):
         """RTime(r, ct): (sum, n) of the device's invite-to-update times on resource r."""
         self.used: dict[int, int] = {}
         """Invitations per resource (reported by describe)."""
+        self.forgotten = 0
+        """Invited devices given up on after ``forget_after_s``."""
 
     # ------------------------------------------------------------------ selection
 
@@ -355,6 +365,11 @@ class NebulaStrategy(Strategy):
         if self.config.selection == "none":
             return Plan(aggregate=bool(view.buffer))
         self.state.ensure(view.weights)
+        limit = self.config.forget_after_s
+        if limit is not None:  # the same sum as the wake-up below: a wake-up at it always forgets
+            for device in [d for d, slot in self.in_flight.items() if slot[1] + limit <= now]:
+                del self.in_flight[device]
+                self.forgotten += 1
         busy = {slot[0] for slot in self.in_flight.values()}
         free = sorted((j for j in range(self.state.k) if j not in busy), key=lambda j: (self.state.versions[j], j))
         waiting = sorted(d for d in view.deferred if d not in self.in_flight)
@@ -373,7 +388,8 @@ class NebulaStrategy(Strategy):
             if resource is not None:
                 self.used[resource] = self.used.get(resource, 0) + 1
             invite.append(device)
-        return Plan(aggregate=bool(view.buffer), invite=tuple(invite))
+        wake_at = min(slot[1] for slot in self.in_flight.values()) + limit if limit is not None and self.in_flight else None
+        return Plan(aggregate=bool(view.buffer), invite=tuple(invite), wake_at=wake_at)
 
     # ------------------------------------------------------------------ aggregation
 
@@ -406,5 +422,6 @@ class NebulaStrategy(Strategy):
                "v_stellar": st.v_stellar}
         if self.config.selection != "none":
             out |= {"selection": self.config.selection, "resources": self.config.resources, "selected": sum(self.count.values()),
-                    "devices_selected": len(self.count), "resource_use": {str(k): v for k, v in sorted(self.used.items())}}
+                    "devices_selected": len(self.count), "resource_use": {str(k): v for k, v in sorted(self.used.items())},
+                    "forget_after_s": self.config.forget_after_s, "forgotten": self.forgotten}
         return out
