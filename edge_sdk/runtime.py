@@ -61,6 +61,8 @@ class ActorIO(Protocol):
 
 
 _STOP = object()
+MAX_KEPT_ERRORS = 100
+"""Exceptions an :class:`Actor` keeps in ``errors`` (it counts all of them)."""
 
 
 class Actor:
@@ -94,6 +96,10 @@ class Actor:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._abandon = threading.Event()
         self.errors: list[BaseException] = []
+        """The first ``MAX_KEPT_ERRORS`` exceptions the actor survived (for tests and
+        diagnosis); ``error_count`` counts them all, so a fault that repeats on every loop
+        turn cannot grow memory."""
+        self.error_count = 0
         self.batches = 0
         """Batches handled so far (for tests and metrics)."""
         self._io = io
@@ -205,7 +211,7 @@ class Actor:
                 io.service(readable, writable)
             except Exception as exc:  # the loop must survive; the IO reconnects by itself
                 log.exception("%s: error in the network loop", self.name)
-                self.errors.append(exc)
+                self._record_error(exc)
         batch: list[Any] = []
         while pending and len(batch) < self.max_batch:
             item = pending.popleft()
@@ -242,9 +248,14 @@ class Actor:
                         self._on_batch_end()
                     except Exception as exc:
                         log.exception("%s: error at the end of a batch", self.name)
-                        self.errors.append(exc)
+                        self._record_error(exc)
             if stop:
                 return
+
+    def _record_error(self, exc: BaseException) -> None:
+        self.error_count += 1
+        if len(self.errors) < MAX_KEPT_ERRORS:
+            self.errors.append(exc)
 
     def _run_one(self, item: Any) -> None:
         try:
@@ -255,4 +266,4 @@ class Actor:
             self.run_actions(self._handle(event))
         except Exception as exc:  # a driver must survive one bad event; record it loudly
             log.exception("%s: error while handling an event", self.name)
-            self.errors.append(exc)
+            self._record_error(exc)

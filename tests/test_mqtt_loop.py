@@ -286,3 +286,21 @@ def test_another_paho_release_runs_paho_s_own_socket_and_puback_code(
         assert not echo.actor.errors
     finally:
         echo.stop()
+
+
+def test_an_actor_that_survives_a_repeating_fault_keeps_a_bounded_record() -> None:
+    from edge_sdk.runtime import MAX_KEPT_ERRORS
+
+    def broken(event: Any) -> list[Any]:
+        raise RuntimeError("handler fault")
+
+    actor = Actor("faulty", broken, lambda action: None)
+    actor.start()
+    try:
+        for _ in range(MAX_KEPT_ERRORS + 50):
+            actor.submit(lambda now: now)
+        wait_until(lambda: actor.error_count == MAX_KEPT_ERRORS + 50, 10, "every fault counted")
+        assert len(actor.errors) == MAX_KEPT_ERRORS
+        assert all(isinstance(e, RuntimeError) for e in actor.errors)
+    finally:
+        actor.stop()
