@@ -24,16 +24,11 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from devices.paper_spyker import parser, summarise, sweep
+from devices.paper_spyker import mean_sd, parser, summarise, sweep
 
 __all__ = ["cost_summary", "format_table", "main", "report"]
 
 BASELINE = "FedSA-like (1 server, 1 s window)"
-
-
-def _stats(xs: Sequence[float]) -> tuple[float, float]:
-    mean = sum(xs) / len(xs)
-    return mean, (math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
 
 
 def _cost(run: Mapping[str, Any]) -> tuple[float, bool]:
@@ -62,11 +57,12 @@ def cost_summary(runs: Sequence[Mapping[str, Any]], baseline: str) -> dict[str, 
             used: Counter[str] = Counter()
             for x in summ:
                 used.update(x.get("resource_use", {}))
+            mean, sd = mean_sd([c for c, _ in costs.values()])
             row: dict[str, Any] = {
                 "costs": {s: c for s, (c, _) in costs.items()}, "reached": {s: ok for s, (_, ok) in costs.items()},
-                "mean": _stats([c for c, _ in costs.values()])[0], "sd": _stats([c for c, _ in costs.values()])[1],
-                "inter_region_mb_to_target": _stats([b / 1e6 for b in inter])[0],
-                "compute_share": _stats([x["cost_compute"] / x["cost_total"] if x["cost_total"] else 0.0 for x in summ])[0],
+                "mean": mean, "sd": sd,
+                "inter_region_mb_to_target": mean_sd([b / 1e6 for b in inter])[0],
+                "compute_share": mean_sd([x["cost_compute"] / x["cost_total"] if x["cost_total"] else 0.0 for x in summ])[0],
                 "resource_use": {k: v / sum(used.values()) for k, v in sorted(used.items())},
             }
             base = by.get(baseline, {}).get(n)
@@ -77,7 +73,7 @@ def cost_summary(runs: Sequence[Mapping[str, Any]], baseline: str) -> dict[str, 
                 row["wins"] = sum(1 for s in common if mine[s][1] and (not theirs[s][1] or mine[s][0] < theirs[s][0]))
                 row["paired"] = len(common)
                 savings = [1 - mine[s][0] / theirs[s][0] for s in common if theirs[s][0] > 0]
-                row["saving_mean"], row["saving_sd"] = _stats(savings) if savings else (math.nan, math.nan)
+                row["saving_mean"], row["saving_sd"] = mean_sd(savings) if savings else (math.nan, math.nan)
             out.setdefault(label, {})[str(n)] = row
     return out
 

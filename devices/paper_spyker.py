@@ -31,7 +31,7 @@ from typing import Any
 
 from devices.scenario import Scenario, load_scenario
 
-__all__ = ["LinkQueue", "format_table", "main", "method_names", "parser", "run_one", "summarise", "sweep", "time_to"]
+__all__ = ["LinkQueue", "format_table", "main", "mean_sd", "method_names", "parser", "run_one", "summarise", "sweep", "time_to"]
 
 MODEL_SIZED = 50_000
 """Bytes from which a message counts as a model (an update or a peer model): LeNet-5 is ~247 kB,
@@ -132,7 +132,7 @@ def _load(path: str, quick: bool, overrides: Mapping[str, Any]) -> Scenario:
     return sc.with_overrides(dict(overrides)) if overrides else sc
 
 
-def _stats(xs: Sequence[float]) -> tuple[float, float]:
+def mean_sd(xs: Sequence[float]) -> tuple[float, float]:
     mean = sum(xs) / len(xs)
     sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
     return mean, sd
@@ -158,19 +158,19 @@ def summarise(runs: Sequence[Mapping[str, Any]], duration: float, baseline: str,
         for n, seeds in sorted(sizes.items()):
             times = {s: seeds[s]["time_to_target_s"] for s in sorted(seeds)}
             vals = [t if t is not None else duration for t in times.values()]
-            mean, sd = _stats(vals)
+            mean, sd = mean_sd(vals)
             summ = [seeds[s]["summary"] for s in sorted(seeds)]
             row: dict[str, Any] = {
                 "times": times, "mean": mean, "sd": sd, "all_reached": all(t is not None for t in times.values()),
-                "link_queue_mean": _stats([x["link_queue_mean"] for x in summ])[0],
+                "link_queue_mean": mean_sd([x["link_queue_mean"] for x in summ])[0],
                 "link_queue_max": max(x["link_queue_max"] for x in summ),
-                "uplink_queue_mean": _stats([x["uplink_queue_mean"] for x in summ])[0],
+                "uplink_queue_mean": mean_sd([x["uplink_queue_mean"] for x in summ])[0],
                 "uplink_queue_max": max(x["uplink_queue_max"] for x in summ),
-                "cpu_queue_mean": _stats([x["coordinator_queue_mean"] for x in summ])[0],
+                "cpu_queue_mean": mean_sd([x["coordinator_queue_mean"] for x in summ])[0],
                 "cpu_queue_max": max(x["coordinator_queue_max"] for x in summ),
-                "cpu_busy": _stats([x["coordinator_utilisation"] for x in summ])[0],
-                "updates": _stats([float(x["updates"]) for x in summ])[0],
-                "final_accuracy": _stats([float(x["final_accuracy"]) for x in summ])[0],
+                "cpu_busy": mean_sd([x["coordinator_utilisation"] for x in summ])[0],
+                "updates": mean_sd([float(x["updates"]) for x in summ])[0],
+                "final_accuracy": mean_sd([float(x["final_accuracy"]) for x in summ])[0],
             }
             base = by.get(baseline, {}).get(n)
             if base is not None and label != baseline:
@@ -181,10 +181,10 @@ def summarise(runs: Sequence[Mapping[str, Any]], duration: float, baseline: str,
                 row["paired"] = len(common)
                 savings = [1 - (mine[s] if mine[s] is not None else duration) / (b[s] if b[s] is not None else duration)
                            for s in common]
-                row["saving_mean"], row["saving_sd"] = _stats(savings) if savings else (math.nan, math.nan)
+                row["saving_mean"], row["saving_sd"] = mean_sd(savings) if savings else (math.nan, math.nan)
             for acc in also:
                 at = [time_to(seeds[s].get("rows", ()), acc) for s in sorted(seeds)]
-                m, d = _stats([t if t is not None else duration for t in at])
+                m, d = mean_sd([t if t is not None else duration for t in at])
                 row.setdefault("also", {})[f"{acc:g}"] = {"mean": m, "sd": d, "all_reached": None not in at}
             entry[str(n)] = row
         out["methods"][label] = entry

@@ -159,16 +159,20 @@ def selection_probabilities(rewards: Sequence[float], curiosities: Sequence[floa
     return [t / norm for t in totals]
 
 
+def _centred(xs: Sequence[float]) -> list[float]:
+    """(x − mean x) / max x per entry (0 where max x <= 0): eq. 8 and eq. 9's common form."""
+    mean, top = sum(xs) / len(xs), max(xs)
+    return [(x - mean) / top if top > 0 else 0.0 for x in xs]
+
+
 def cost_factor(prices: Sequence[float]) -> list[float]:
     """F_cost per resource (eq. 8): (Pr − mean Pr) / max Pr."""
-    mean, top = sum(prices) / len(prices), max(prices)
-    return [(p - mean) / top if top > 0 else 0.0 for p in prices]
+    return _centred(prices)
 
 
 def time_factor(times: Sequence[float], gap: float) -> list[float]:
     """F_time per resource (eq. 9 with −Δv_p: a planet behind prefers the fast resource)."""
-    mean, top = sum(times) / len(times), max(times)
-    return [(t - mean) / top * -gap if top > 0 else 0.0 for t in times]
+    return [f * -gap for f in _centred(times)]
 
 
 def choose_resource(prices: Sequence[float], times: Sequence[float], gap: float) -> int:
