@@ -612,7 +612,7 @@ class DeviceCore:
             n_samples=ev.n_samples,
             weights=weights,
             group=s.job_group,
-            loss=float(ev.loss) if (math.isfinite(ev.loss) if type(ev.loss) is float else np.isfinite(ev.loss)) else 0.0,
+            loss=float(ev.loss) if math.isfinite(ev.loss) else 0.0,
             train_seconds=float(ev.seconds),
             nonce=self._nonce(),
         )
