@@ -291,7 +291,7 @@ def _device_topic_by_the_general_rules(topic: str) -> tuple[str, str, str] | Non
 
 def test_the_device_topic_fast_path_accepts_exactly_what_the_general_rules_accept() -> None:
     """``topics.parse`` matches device topics with one regex; the same topics (and the same
-    fields) as the per-part rules, ``_ID``'s trailing-newline quirk included."""
+    fields) as the per-part rules."""
     rng = np.random.default_rng(7)
     pieces = ["edgeci", "v1", "eu", "dev", "d-1", "pull", "ack", "update", "", "\n", "x" * 64, "x" * 65, "a\n", "a\n\n",
               "_a", ".b", "peer", "status", "control", "presence", "pull\n", "+", "#", "é"]
@@ -309,6 +309,20 @@ def test_the_device_topic_fast_path_accepts_exactly_what_the_general_rules_accep
         except MalformedMessage:
             got = None
         assert got == want, topic
+
+
+def test_an_id_with_a_trailing_newline_is_refused() -> None:
+    # "$" in the id pattern used to match before a final newline: "d1\n" passed as a device id
+    # (a distinct device, and a forged line in any log that prints it).
+    for bad in ("d1\n", "eu\n"):
+        with pytest.raises(ConfigError):
+            topics.device_topic(bad, "d1", "update")
+        with pytest.raises(ConfigError):
+            topics.device_topic("eu", bad, "update")
+    for topic in ("edgeci/v1/eu/dev/d1\n/update", "edgeci/v1/eu\n/dev/d1/update", "edgeci/v1/eu\n/status",
+                  "edgeci/v1/eu/dev/d1/update\n"):
+        with pytest.raises(MalformedMessage):
+            topics.parse(topic)
 
 
 def test_status_json_round_trip() -> None:

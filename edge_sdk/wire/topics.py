@@ -22,7 +22,7 @@ from typing import Literal
 from edge_sdk.errors import ConfigError, MalformedMessage
 
 ROOT = "edgeci/v1"
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}\Z")  # \Z: "$" would also take a final newline
 
 DeviceLeaf = Literal["pull", "update", "presence", "model", "ack", "invite"]
 UPSTREAM: tuple[DeviceLeaf, ...] = ("pull", "update", "presence")
@@ -73,8 +73,8 @@ class ParsedTopic:
     coordinator: str = ""
 
 
-_ID_BODY = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}\n?"
-"""What ``_ID.match`` accepts, as part of a larger pattern (its ``$`` also matches before one final newline)."""
+_ID_BODY = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}"
+"""What ``_ID.match`` accepts, as part of a larger pattern."""
 _DEVICE_TOPIC = re.compile(
     rf"{re.escape(ROOT)}/({_ID_BODY})/dev/({_ID_BODY})/({'|'.join(UPSTREAM + DOWNSTREAM)})"
 )
