@@ -486,6 +486,9 @@ class Simulation(Driver):
         """A delay experiment ends at its last report version (``[delay] report_versions``)."""
         return self.stragglers is not None and self.stragglers.finished(self.coordinator.version)
 
+    def halt_check(self) -> Callable[[], bool] | None:
+        return self.halted if self.stragglers is not None else None  # only a delay experiment halts
+
     def dispatch(self, now: float, kind: Kind, target: int, data: Any) -> None:
         if target < self.n and kind != _HOP and kind != _EVAL:  # the common case first
             self._device_event(now, kind, target, data)
@@ -677,6 +680,8 @@ class Simulation(Driver):
             if dev.timer_at != data:
                 return
             dev.timer_at = None
+            if core.timer_is_idle():  # the core would answer [] and change nothing: skip the call
+                return
             actions = core.handle(TimerFired(now=now))
         elif kind == _SAMPLE:
             self.labels += 1
@@ -702,28 +707,47 @@ class Simulation(Driver):
 
     def _device_actions(self, dev: EmulatedDevice, actions: Sequence[object], now: float) -> None:
         i = dev.plan.index
-        for a in actions:  # the action types are unrelated classes: the order of the tests is by frequency
-            if isinstance(a, Publish):
-                self._publish(i, a, now)
-            elif isinstance(a, ScheduleTimer):
-                dev.timer_at = a.at
-                self.push(max(a.at, now), _TIMER, i, a.at)
-            elif isinstance(a, PersistDeviceState):
-                pass  # in-memory devices never restart
-            elif isinstance(a, StartTraining):
-                self._start_training(dev, a.job, now)
-            elif isinstance(a, DeployModel):
-                dev.deployed_version, dev.deployed_weights = a.version, a.weights
-            elif isinstance(a, StartCanary):
-                if callable(getattr(self.task, "logits", None)):  # per-label correctness (not detection): as the client
-                    dev.canary = (a.candidate, a.release, np.asarray(a.weights, dtype=np.float32))
-            elif isinstance(a, StopCanary):
-                if dev.canary is not None and dev.canary[0] == a.candidate:
-                    dev.canary = None
-            elif isinstance(a, Notify):
-                self.device_notes[a.kind] += 1
-                if self.continuous and a.kind in ("update_acked", "update_rejected"):
-                    self.push(now, Kind.SAMPLE, i, dev.core.state.total + 1)  # retrain on the next model
+        for a in actions:
+            t = type(a)  # the four common types by identity (by frequency); the rest, subclasses included, by isinstance
+            if t is PersistDeviceState:
+                continue  # in-memory devices never restart
+            if t is Notify:
+                self._device_note(dev, i, a, now)  # type: ignore[arg-type]
+            elif t is Publish:
+                self._publish(i, a, now)  # type: ignore[arg-type]
+            elif t is ScheduleTimer:
+                self._device_timer(dev, i, a.at, now)  # type: ignore[attr-defined]
+            else:
+                self._device_action(dev, i, a, now)
+
+    def _device_action(self, dev: EmulatedDevice, i: int, a: object, now: float) -> None:
+        if isinstance(a, Publish):
+            self._publish(i, a, now)
+        elif isinstance(a, ScheduleTimer):
+            self._device_timer(dev, i, a.at, now)
+        elif isinstance(a, PersistDeviceState):
+            pass  # in-memory devices never restart
+        elif isinstance(a, StartTraining):
+            self._start_training(dev, a.job, now)
+        elif isinstance(a, DeployModel):
+            dev.deployed_version, dev.deployed_weights = a.version, a.weights
+        elif isinstance(a, StartCanary):
+            if callable(getattr(self.task, "logits", None)):  # per-label correctness (not detection): as the client
+                dev.canary = (a.candidate, a.release, np.asarray(a.weights, dtype=np.float32))
+        elif isinstance(a, StopCanary):
+            if dev.canary is not None and dev.canary[0] == a.candidate:
+                dev.canary = None
+        elif isinstance(a, Notify):
+            self._device_note(dev, i, a, now)
+
+    def _device_timer(self, dev: EmulatedDevice, i: int, at: float, now: float) -> None:
+        dev.timer_at = at
+        self.push(at if at >= now else now, _TIMER, i, at)  # max(at, now): the same float
+
+    def _device_note(self, dev: EmulatedDevice, i: int, a: Notify, now: float) -> None:
+        self.device_notes[a.kind] += 1
+        if self.continuous and a.kind in ("update_acked", "update_rejected"):
+            self.push(now, Kind.SAMPLE, i, dev.core.state.total + 1)  # retrain on the next model
 
     def _canary_score(self, dev: EmulatedDevice, index: int, now: float) -> None:
         """What ``edge_sdk.client`` does with a new label while a canary request is open:

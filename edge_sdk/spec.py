@@ -25,6 +25,8 @@ Vector = npt.NDArray[np.float32]
 
 FULL = "full"
 """Group name that stands for the whole vector."""
+_F32 = np.dtype(np.float32)
+_all_true = np.logical_and.reduce
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -106,14 +108,14 @@ class ModelSpec:
 
     def check(self, weights: npt.NDArray[Any], group: str = FULL) -> Vector:
         """Validate weights for ``group``: 1-D float32 of the right length, all finite."""
-        expected = self.group_size(group)
-        if weights.dtype != np.float32 or weights.ndim != 1:
+        expected = self.size if group == FULL else self.group_size(group)
+        if (weights.dtype is not _F32 and weights.dtype != np.float32) or weights.ndim != 1:
             raise ShapeMismatch(f"weights must be a 1-D float32 vector, got {weights.dtype}{weights.shape}")
         if weights.shape[0] != expected:
             raise ShapeMismatch(
                 f"{self.model_id}/{group}: expected {expected} values, got {weights.shape[0]}"
             )
-        if not np.isfinite(weights).all():
+        if not _all_true(np.isfinite(weights)):  # 1-D: all() without its Python-level wrapper
             raise NonFiniteWeights(f"{self.model_id}/{group}: weights contain NaN or Inf")
         return weights
 

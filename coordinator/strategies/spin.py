@@ -69,6 +69,7 @@ class SpinStrategy(RobustStrategy):
         self.config = config or SpinConfig()
         c = self.config
         self.robust = RobustAggregator(c, deltas=c.combine == "deltas", server_lr=c.server_lr, expected=c.k)
+        self._wake_plan: Plan | None = None
 
     def reconfigure(self, **changes: Any) -> None:
         """Change parameters live (SIGHUP); ConfigError if invalid, and nothing changes."""
@@ -98,7 +99,10 @@ class SpinStrategy(RobustStrategy):
             return _NOTHING
         if now >= deadline:
             return _AGGREGATE
-        return Plan(wake_at=deadline)
+        last = self._wake_plan
+        if last is None or last.wake_at != deadline:  # plans are immutable: the same deadline, the same plan
+            last = self._wake_plan = Plan(wake_at=deadline)
+        return last
 
     def aggregate(self, view: CoordinatorView, updates: Sequence[BufferedUpdate]) -> Vector:
         return self.robust.combine(view, updates)

@@ -67,6 +67,11 @@ class Driver:
         """Checked after each wait for the clock (a live loop's ``stop()``)."""
         return False
 
+    def halt_check(self) -> Callable[[], bool] | None:
+        """What :meth:`run_until` calls after each wait: :meth:`halted`, or None for a driver
+        that cannot halt during this run (no call per event)."""
+        return self.halted
+
     def run_until(self, until: float, stop: Callable[[Kind], bool] | None = None) -> None:
         """Handle every event due by ``until``: the same as ``while self.step(until) is not
         None`` (and ``stop(kind)`` after each event, ending the loop when true), without a
@@ -78,7 +83,7 @@ class Driver:
         clock = self.clock
         advance = clock.advance_to
         virtual = type(clock) is VirtualClock  # its advance_to inlined: the same check, the same error
-        halted = self.halted
+        halted = self.halt_check()
         dispatch = self.dispatch
         i = self._pre_next
         while True:
@@ -96,7 +101,7 @@ class Driver:
                 clock._now = at  # type: ignore[attr-defined]
             else:
                 advance(at)
-            if halted():
+            if halted is not None and halted():
                 return
             self.events += 1
             if self.trace is not None:

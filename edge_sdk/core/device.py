@@ -341,6 +341,12 @@ class DeviceCore:
     def state(self) -> DeviceState:
         return self._s
 
+    def timer_is_idle(self) -> bool:
+        """True when ``handle(TimerFired(...))`` now would return ``[]`` and change nothing
+        (no deadline, no canary request open): a driver may skip the call."""
+        s = self._s
+        return s.deadline is None and s.canary is None
+
     def wants_pull(self) -> bool:
         s = self._s
         return s.total >= self.config.min_samples and s.total > s.trained_upto

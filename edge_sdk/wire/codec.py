@@ -37,8 +37,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import operator
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -180,16 +181,29 @@ class _Compiled:
     required: frozenset[str]
     has_weights: bool
     weights_required: bool
+    values: Callable[[Any], tuple[Any, ...]]
+    """The header fields' values of a message, in ``names`` order (one C-level call)."""
+    omit: tuple[tuple[str, object], ...]
+    """The class's ``OMIT_AT_DEFAULT``."""
 
 
 def _compile(cls: type[Message]) -> _Compiled:
     layout = _layout(cls)
+    names = tuple(name for name, _ in layout if name != "weights")
+    values: Callable[[Any], tuple[Any, ...]]
+    if len(names) == 1:  # attrgetter of one name returns the value, not a tuple
+        one = operator.attrgetter(names[0])
+        values = lambda msg: (one(msg),)  # noqa: E731
+    else:
+        values = operator.attrgetter(*names)
     return _Compiled(
         cls=cls,
-        names=tuple(name for name, _ in layout if name != "weights"),
+        names=names,
         required=frozenset(name for name, req in layout if req and name != "weights"),
         has_weights=any(name == "weights" for name, _ in layout),
         weights_required=any(name == "weights" and req for name, req in layout),
+        values=values,
+        omit=tuple(getattr(cls, "OMIT_AT_DEFAULT", ())),
     )
 
 
@@ -205,9 +219,9 @@ def _compiled(cls: type[Message]) -> _Compiled:
 
 def _fields(msg: Message) -> dict[str, Any]:
     body: dict[str, Any] = {"type": msg.TYPE}
-    for name in _compiled(type(msg)).names:
-        body[name] = getattr(msg, name)
-    for name, default in getattr(msg, "OMIT_AT_DEFAULT", ()):
+    c = _compiled(type(msg))
+    body.update(zip(c.names, c.values(msg)))
+    for name, default in c.omit:
         if body[name] == default:  # a field added later: absent at its default, so older frames keep their bytes
             del body[name]
     return body
@@ -237,6 +251,8 @@ def _frame(header: dict[str, Any], tail: Any, tail_digest: bytes, signer: Signer
     assert isinstance(packed, bytes)
     start = _PREFIX.size + len(packed)
     pad = b"\0" * (-start % ALIGN)
+    if signer is None:  # the same bytes, one join
+        return b"".join((_PREFIX.pack(MAGIC, len(packed)), packed, pad, tail))
     prefix = _PREFIX.pack(MAGIC, len(packed)) + packed + pad
     parts = [prefix, tail]
     if signer is not None:
@@ -317,8 +333,9 @@ def _carry(msg: Message, payload: bytes, meta: dict[str, Any] | None) -> bytes:
         # A copy of the (validated, frozen) message whose weights are the view decoding gives;
         # set slot by slot: the values are the validated ones, the view equals them.
         message = object.__new__(type(msg))
-        for name in _compiled(type(msg)).names:
-            object.__setattr__(message, name, getattr(msg, name))
+        c = _compiled(type(msg))
+        for name, value in zip(c.names, c.values(msg)):
+            object.__setattr__(message, name, value)
         # The view is into ``payload``, an equal copy: a view into ``carried`` would make a
         # reference cycle (carried → frame → weights → carried) that only the GC could free.
         object.__setattr__(message, "weights", np.frombuffer(payload, dtype=ENCODINGS["f4"], count=meta["n"], offset=offset))
