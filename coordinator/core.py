@@ -107,6 +107,7 @@ from edge_sdk.errors import (
     UnknownVersion,
     UnsignedMessage,
 )
+from edge_sdk.fastinit import fast_init
 from edge_sdk.signing import Signer, verify
 from edge_sdk.spec import FULL, ModelSpec, Vector
 from edge_sdk.wire import topics
@@ -138,6 +139,7 @@ from edge_sdk.wire.messages import (
 )
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StorageChanged:
     """The driver found its storage failing (``ok=False``) or working again (``ok=True``)."""
@@ -147,6 +149,7 @@ class StorageChanged:
     detail: str = ""
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CandidateEvaluated:
     """The driver scored candidate ``version`` and the release on the validation set."""
@@ -161,6 +164,7 @@ class CandidateEvaluated:
     (see :func:`coordinator.gate.paired_counts`); None when the task cannot say."""
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class VersionLoaded:
     """The driver read an old version's weights for a rollback / pin (None: unreadable)."""
@@ -172,6 +176,7 @@ class VersionLoaded:
     detail: str = ""
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class UpdateConverted:
     """The driver's answer to :class:`ConvertUpdate` ``ticket``: the estimated fresh update
@@ -187,6 +192,7 @@ class UpdateConverted:
 CoordinatorEvent = MessageReceived | TimerFired | StorageChanged | CandidateEvaluated | VersionLoaded | UpdateConverted
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PersistUpdate:
     """Make an accepted update durable. Performed before the ack that follows it."""
@@ -194,6 +200,7 @@ class PersistUpdate:
     update: BufferedUpdate
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CommitVersion:
     """Atomically write a new version with the watermarks this commit raised. O(changed
@@ -210,6 +217,7 @@ class CommitVersion:
     metadata: Mapping[str, Any]
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EvaluateCandidate:
     """Score ``weights`` (candidate ``version``) and the release's on the validation set."""
@@ -220,6 +228,7 @@ class EvaluateCandidate:
     release_weights: Vector
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RecordRelease:
     """Durably record a gate decision or operator action and the release it leaves."""
@@ -229,6 +238,7 @@ class RecordRelease:
     event: Mapping[str, Any]
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LoadVersion:
     """Read version ``version``'s weights from the registry and answer ``VersionLoaded``."""
@@ -237,6 +247,7 @@ class LoadVersion:
     command: str
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ConvertUpdate:
     """Convert a very stale update (staleness policy ``kind``, e.g. gradient inversion) into an
@@ -259,6 +270,7 @@ class ConvertUpdate:
     deadline: float
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class _Parked:
     """An accepted update waiting for its conversion (durable and acknowledged already)."""
@@ -278,6 +290,7 @@ RECENT_DEVICES = 50
 _NO_WEIGHTS: Vector = np.zeros(0, dtype=np.float32)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CoordinatorConfig:
     region: str
@@ -338,6 +351,7 @@ class CoordinatorConfig:
             raise ConfigError("need pull_burst >= 1 and pull_refill_s >= 0")
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Snapshot:
     """Everything needed to resume: the last commit plus updates accepted since."""

@@ -20,9 +20,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
+from edge_sdk.fastinit import fast_init
 from edge_sdk.spec import FULL, ModelSpec, Vector
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BufferedUpdate:
     """An accepted update waiting for aggregation (durable before it was acknowledged)."""
@@ -43,6 +45,7 @@ class BufferedUpdate:
         return (self.device, self.seq)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Plan:
     aggregate: bool = False

@@ -361,6 +361,7 @@ class RobustAggregator:
         self._inexact = False  # an update clipped by far was folded optimistically: refold at the trigger
         self._scratch = np.empty(_CHUNK, dtype=np.float32)
         self._scratch2 = np.empty(_CHUNK, dtype=np.float32)
+        self._scratch_views: tuple[int, np.ndarray, np.ndarray] | None = None
 
     def reconfigure(self, config: RobustConfig, *, deltas: bool, server_lr: float, expected: int) -> None:
         """New parameters (SIGHUP): the fold in progress is dropped and rebuilt at the
@@ -502,25 +503,30 @@ class RobustAggregator:
         n = w.shape[0]
         for s in range(0, n, _CHUNK):
             e = min(s + _CHUNK, n)
-            d = self._scratch[: e - s]
-            t = self._scratch2[: e - s]
+            d, t = self._scratches(e - s)
+            if e - s == n:  # one block: the whole vectors (the same memory as [0:n], without the slices)
+                w_se, ref_se, acc_se, row_se = w, ref, acc, row
+            else:
+                w_se, ref_se = w[s:e], ref[s:e]
+                acc_se = acc[s:e] if acc is not None else None
+                row_se = row[s:e] if row is not None else None
             if need_d:
-                np.subtract(w[s:e], ref[s:e], out=d)
+                np.subtract(w_se, ref_se, out=d)
                 with np.errstate(over="ignore", invalid="ignore"):  # an overflow is redone in float64 below
                     dd += float(np.dot(d, d))
                     if current is not None:
-                        np.subtract(current[s:e], ref[s:e], out=t)
+                        np.subtract(current[s:e], ref_se, out=t)
                         dg += float(np.dot(d, t))
                         gg += float(np.dot(t, t))
-            x = d if self.deltas else w[s:e]
-            if acc is not None:
+            x = d if self.deltas else w_se
+            if acc_se is not None:
                 if first:
-                    np.multiply(x, af, out=acc[s:e])
+                    np.multiply(x, af, out=acc_se)
                 else:
                     np.multiply(x, af, out=t)
-                    np.add(acc[s:e], t, out=acc[s:e])
-            if row is not None:
-                np.copyto(row[s:e], x)
+                    np.add(acc_se, t, out=acc_se)
+            if row_se is not None:
+                np.copyto(row_se, x)
         if need_d and not (math.isfinite(dd) and math.isfinite(dg) and math.isfinite(gg)):
             with np.errstate(over="ignore", invalid="ignore"):  # float32 squares overflowed: redo in float64
                 diff = np.asarray(w, dtype=np.float64) - ref
@@ -529,6 +535,13 @@ class RobustAggregator:
                     g = np.asarray(current, dtype=np.float64) - ref
                     dg, gg = float(np.dot(diff, g)), float(np.dot(g, g))
         return dd, dg, gg
+
+    def _scratches(self, m: int) -> tuple[np.ndarray, np.ndarray]:
+        """The two scratch buffers' first ``m`` values (views made once per length)."""
+        cached = self._scratch_views
+        if cached is None or cached[0] != m:
+            cached = self._scratch_views = (m, self._scratch[:m], self._scratch2[:m])
+        return cached[1], cached[2]
 
     def _fold(self, w: np.ndarray, ref: np.ndarray, acc: np.ndarray, a: float, c: float, first: bool,
               change_only: bool = False) -> None:

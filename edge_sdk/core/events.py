@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edge_sdk.errors import LocalProtocolError
+from edge_sdk.fastinit import fast_init
 from edge_sdk.spec import FULL, Vector
 
 
@@ -25,6 +26,7 @@ def _check_time(now: float) -> None:
 # ---------------------------------------------------------------- events (shared)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MessageReceived:
     """Raw bytes arrived on ``topic``. The core decodes and validates them itself."""
@@ -37,6 +39,7 @@ class MessageReceived:
         _check_time(self.now)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TimerFired:
     now: float
@@ -48,6 +51,7 @@ class TimerFired:
 # ---------------------------------------------------------------- actions (shared)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Publish:
     topic: str
@@ -60,6 +64,7 @@ class Publish:
             raise LocalProtocolError(f"qos must be 0, 1 or 2, got {self.qos}")
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ScheduleTimer:
     """Deliver ``TimerFired`` at (or after) ``at``. A later ScheduleTimer replaces it."""
@@ -70,6 +75,7 @@ class ScheduleTimer:
         _check_time(self.at)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Notify:
     """Something an application may want to hear about (drivers route it to callbacks)."""
@@ -81,6 +87,7 @@ class Notify:
 # ---------------------------------------------------------------- device side
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SampleAdded:
     """The device's store now holds ``total`` labelled samples (durably)."""
@@ -94,6 +101,7 @@ class SampleAdded:
             raise LocalProtocolError("total must be >= 0")
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TrainingJob:
     job_id: int
@@ -104,6 +112,7 @@ class TrainingJob:
     hints: dict[str, float] = field(default_factory=dict)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StartTraining:
     """Fine-tune ``job.weights`` on all local samples, then report ``TrainingFinished``."""
@@ -111,6 +120,7 @@ class StartTraining:
     job: TrainingJob
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TrainingFinished:
     now: float
@@ -126,6 +136,7 @@ class TrainingFinished:
             raise LocalProtocolError("a finished training job must have used >= 1 sample")
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TrainingFailed:
     now: float
@@ -136,6 +147,7 @@ class TrainingFailed:
         _check_time(self.now)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DeployModel:
     """A newer global model arrived: serve it for inference."""
@@ -145,6 +157,7 @@ class DeployModel:
     group: str = FULL
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PinKey:
     """Trust on first use: durably remember ``region``'s coordinator key before relying on it."""
@@ -154,6 +167,7 @@ class PinKey:
     public_raw: bytes
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SwitchRegion:
     """The device now talks to ``region``'s coordinator instead of ``previous``'s (failover,
@@ -171,6 +185,7 @@ class SwitchRegion:
             raise LocalProtocolError(f"a region switch needs two regions, got {self.region!r} twice")
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PersistDeviceState:
     """Durably store the device's counters before the message that depends on them leaves."""
@@ -182,6 +197,7 @@ class PersistDeviceState:
 # ---------------------------------------------------------------- canary evaluation (device side)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CanaryScored:
     """The driver scored one new label with the candidate and the release *before* adding it
@@ -197,6 +213,7 @@ class CanaryScored:
         _check_time(self.now)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StartCanary:
     """Score each new label with ``weights`` (candidate ``candidate``) and with the deployed
@@ -207,6 +224,7 @@ class StartCanary:
     weights: Vector
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StopCanary:
     """Stop scoring for ``candidate`` (reported, abandoned or replaced); drop its weights."""

@@ -55,6 +55,7 @@ from edge_sdk.errors import (
     RemoteProtocolError,
     UnsupportedProtocol,
 )
+from edge_sdk.fastinit import fast_init
 from edge_sdk.signing import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Signer, key_id
 from edge_sdk.spec import Vector
 from edge_sdk.wire.messages import MESSAGE_TYPES, Message, ModelMsg, Status
@@ -75,6 +76,7 @@ ENCODINGS: dict[str, np.dtype[Any]] = {
 _EMPTY_DIGEST = hashlib.sha256(b"").digest()
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class EncodedTensor:
     """A weights vector encoded once: its header entry, raw tail bytes and their digest
@@ -99,6 +101,7 @@ class EncodedTensor:
         return digest
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class SignatureInfo:
     """Who claims to have signed a frame, and the bytes a verifier must check."""
@@ -109,6 +112,7 @@ class SignatureInfo:
     signed: bytes
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Frame:
     message: Message
@@ -171,6 +175,7 @@ def _layout(cls: type[Message]) -> tuple[tuple[str, bool], ...]:
     return layout
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class _Compiled:
     """A message class's layout, precompiled for the hot paths: its header fields (all but

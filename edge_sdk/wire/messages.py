@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from edge_sdk.errors import MalformedMessage
+from edge_sdk.fastinit import fast_init
 from edge_sdk.spec import FULL, Vector
 
 AckStatus = Literal["accepted", "duplicate", "rejected", "deferred"]
@@ -66,6 +67,7 @@ def _check_weights(value: object) -> None:
     )
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Pull:
     """Device asks for the current model (SPIN: after its sample threshold / each new sample)."""
@@ -98,6 +100,7 @@ class Pull:
         _check_int(self.canary, "canary", lo=NO_VERSION)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ModelMsg:
     """Coordinator pushes a model version, in reply to pull ``reply_to``."""
@@ -133,6 +136,7 @@ class ModelMsg:
             _check_finite(v, "hints are finite numbers")
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Update:
     """Device pushes locally trained weights that started from ``base_version``.
@@ -172,6 +176,7 @@ class Update:
         return (self.device, self.seq)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Ack:
     """Coordinator answers an update (or defers a pull) — ``seq`` echoes the request.
@@ -201,6 +206,7 @@ class Ack:
         _need(isinstance(self.reason, str) and len(self.reason) <= 256, "reason must be a short string")
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Invite:
     """Coordinator selects a device for round ``round`` (server-driven strategies)."""
@@ -216,6 +222,7 @@ class Invite:
         _check_int(self.version, "version")
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Status:
     """Coordinator health and progress; published retained (as JSON) on the status topic."""
@@ -240,6 +247,7 @@ class Status:
         _need(isinstance(self.extra, dict), "extra must be a dict")
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PeerMsg:
     """Coordinator ↔ coordinator exchange (tokens, model broadcasts). Body is strategy-defined."""
@@ -261,6 +269,7 @@ class PeerMsg:
 CONTROL_COMMANDS: tuple[str, ...] = ("rollback", "pin", "unpin")
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Control:
     """An operator's command to a running coordinator (signed; see ``CoordinatorCore``).
@@ -291,6 +300,7 @@ MAX_CANARY_SAMPLES = 10_000
 """The most labels a canary request may ask one device to score (a report's counts sum to at most this)."""
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Canary:
     """Coordinator asks a device of the canary cohort (on its ``invite`` topic) to evaluate
@@ -315,6 +325,7 @@ class Canary:
               and math.isfinite(self.deadline_s) and 0 < self.deadline_s <= 86_400, "deadline_s must be in (0, 86400]")
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CanaryReport:
     """A canary device's verdict on candidate ``candidate`` vs release ``release`` (on its

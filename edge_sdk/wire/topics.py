@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from edge_sdk.errors import ConfigError, MalformedMessage
+from edge_sdk.fastinit import fast_init
 
 ROOT = "edgeci/v1"
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}\Z")  # \Z: "$" would also take a final newline
@@ -64,6 +65,7 @@ def peer_filter(recipient: str | None = None) -> str:
     return f"{ROOT}/peer/{'+' if recipient is None else check_id(recipient, 'coordinator id')}/+"
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class ParsedTopic:
     kind: Literal["device", "status", "control", "peer"]
