@@ -90,11 +90,11 @@ print(count[0], sent, flush=True)
 '''
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (and its reaped children) from /proc, in seconds."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU time of a process (and its reaped children) from /proc, in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = sum(int(f) for f in fields[11:15])
-    return ticks / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[13])) / tick, (int(fields[12]) + int(fields[14])) / tick
 
 
 def measure(tree: Path, rate: float, args: argparse.Namespace) -> dict[str, float]:
@@ -137,10 +137,12 @@ def measure(tree: Path, rate: float, args: argparse.Namespace) -> dict[str, floa
             coord.wait(30)
             pump.join(5)
     served = received / args.seconds
-    cpu = c1 - c0
+    user, system = c1[0] - c0[0], c1[1] - c0[1]
+    cpu = user + system
+    n = max(received, 1)
     print(f"  [{tree.name}] offered {rate:.0f}/s: generators sent {sent} pulls, received {received} models in the "
-          f"{args.seconds:.0f} s window; {1e6 * cpu / max(received, 1):.1f} us/pull; load average {os.getloadavg()[0]:.2f}",
-          file=sys.stderr, flush=True)
+          f"{args.seconds:.0f} s window; {1e6 * cpu / n:.1f} us/pull (user {1e6 * user / n:.1f}, system {1e6 * system / n:.1f}); "
+          f"load average {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
     return {"offered": rate, "served_per_s": served, "cpu_share": cpu / args.seconds,
             "cpu_us_per_pull": 1e6 * cpu / received if received else float("nan"), "sent": sent}
 

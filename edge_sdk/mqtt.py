@@ -25,6 +25,23 @@ so ``publish`` and ``stop`` from other threads stay safe. Over plain TCP the soc
 sees reads ahead and holds the packets paho sends until the loop is about to wait (or a
 publish from another thread returns): one ``recv`` and one ``sendmsg`` per batch instead of
 three ``recv`` per packet read and one ``send`` per packet written.
+
+The fast path (own_loop, plain TCP, paho 2.2.x: ``PAHO_FAST_PATHS``): the data traffic, MQTT
+3.1.1 PUBLISH (QoS 0 and 1) and PUBACK, bypasses paho's per-packet machinery. Incoming
+packets are parsed straight from the read-ahead buffer and handed to ``on_message`` in
+stream order, each QoS 1 one followed by its PUBACK (held with the batch's other writes, as
+paho's was); outgoing PUBLISH packets are a small header plus the caller's payload bytes in
+the batch's one ``sendmsg`` (no copy). QoS 1 messages we send stay in our own in-flight
+table until their PUBACK (packet ids from paho's own counter, so never one paho uses), at most
+``FAST_MAX_INFLIGHT`` unacknowledged (later ones wait, in order), and are all resent, DUP set,
+after a reconnect, before anything newer. paho still does CONNECT, SUBSCRIBE, keepalive,
+reconnect and every other packet (CONNACK, SUBACK, PINGRESP, QoS 2), read by its own
+``loop_read`` in stream order; TLS connections and other paho releases keep paho's path for
+everything. A malformed packet (a remaining length over 4 bytes, QoS 3, a PUBLISH shorter
+than its topic, a topic that is not UTF-8, packet id 0, a PUBACK that is not 2 bytes, a
+reserved packet type) is counted in ``malformed_packets`` (:class:`MalformedPacketError`) and
+drops the connection, which is re-established with the usual backoff. Once subscribed, the
+socket's receive low-water mark (``RECV_LOW_WATER``) keeps a lone PUBACK from waking the loop.
 """
 
 from __future__ import annotations
@@ -73,7 +90,18 @@ READS_PER_WAKEUP = 64
 """own_loop: most ``loop_read`` calls per wake-up while read-ahead bytes remain."""
 MISC_EVERY_S = 0.5
 """own_loop: paho's keepalive bookkeeping (``loop_misc``) at least this often."""
+FAST_MAX_INFLIGHT = 256
+"""Fast path: QoS 1 messages sent and not yet acknowledged by the broker; later ones wait (in
+order) in memory, as paho's own queue did beyond its in-flight limit (64, which a pull burst of
+39 KB models reaches while the broker waits for CPU)."""
+MAX_RECV = 1 << 20
+"""Fast path: the most one ``recv`` asks for while a large packet is being read."""
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+
+
+class MalformedPacketError(TransportError):
+    """The broker sent bytes that are not MQTT 3.1.1 (fast path): the connection is dropped
+    (and re-established with backoff) and the error counted in ``malformed_packets``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,12 +278,21 @@ class MqttTransport:
         self._on_connection = on_connection
         self._connected = threading.Event()
         self._settled = threading.Event()  # first CONNACK, or the broker turned us away
+        self._subscribed = threading.Event()  # the broker answered our subscriptions (SUBACK)
         self._refusal: str | None = None
         self._pending_subs: dict[int, list[str]] = {}
         self.refused_subscriptions: set[str] = set()
         """Filters the broker refused (SUBACK failure: its ACL does not let us read them)."""
         self._last_error: str | None = None
         self._keepalive = keepalive
+        self._fast = own_loop and PAHO_FAST_PATHS and not self.address.tls
+        """MQTT 3.1.1 data traffic on plain TCP without paho's per-packet code (see :class:`_Corked`)."""
+        self._flight: dict[int, list[Any]] = {}  # fast path, QoS 1 out: mid -> [header, payload, sent before]
+        self._unsent: deque[int] = deque()  # fast path: mids of _flight not sent on this connection, in order
+        self.malformed_packets = 0
+        """Fast path: packets from the broker that were not valid MQTT 3.1.1 (each dropped the connection)."""
+        self.last_malformed: MalformedPacketError | None = None
+        self._sock_list: list[Any] = [None]
         self._client = _Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -296,6 +333,8 @@ class MqttTransport:
         """Connect and start the network thread; raise ``TransportError`` if no CONNACK in time."""
         self._refusal = self._last_error = None
         self._settled.clear()
+        self._subscribed.clear()
+        deadline = time.monotonic() + timeout
         self._stopping = False
         self._client.on_log = self._handle_log
         try:
@@ -319,6 +358,10 @@ class MqttTransport:
             if refusal is not None:
                 raise TransportError(f"broker {self.address.url} refused the connection: {refusal}")
             raise TransportError(f"no connection to broker {self.address.url} within {timeout:.0f} s")
+        # Messages published to us before the broker has our subscriptions are not ours: a
+        # started transport receives from the moment start() returns.
+        if not self._subscribed.wait(max(0.0, deadline - time.monotonic())):
+            log.warning("broker %s has not answered our subscriptions within %.0f s", self.address.url, timeout)
         # paho formats a log line for every packet while on_log is set (4 per served pull);
         # its error text only explains a first connection that fails (_handle_disconnect).
         with self._lock:
@@ -363,6 +406,12 @@ class MqttTransport:
             time.sleep(0.005)
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        if self._fast and qos < 2:
+            with self._lock:
+                self._publish_fast(topic, payload, qos, retain)
+                if threading.get_ident() != self._loop_ident:
+                    self._flush()  # the loop thread flushes before it waits; another thread now
+            return
         with self._lock:  # own_loop: paho writes it to the socket now when nothing is queued before it
             info = self._client.publish(topic, payload, qos=qos, retain=retain)
             if self.own_loop and threading.get_ident() != self._loop_ident:
@@ -380,6 +429,20 @@ class MqttTransport:
 
     def wait_sockets(self) -> tuple[list[Any], list[Any], float | None]:
         self._loop_ident = threading.get_ident()
+        if self._fast:
+            with self._lock:
+                sock = self._client._sock
+                if type(sock) is _Corked:
+                    out = sock._out
+                    if out:  # everything the batch sent, in one sendmsg, before the loop waits
+                        with contextlib.suppress(BlockingIOError):  # the rest when writable
+                            sock.flush()
+                    if sock.pending() > 0:
+                        return [], [], 0.0
+                    if self._sock_list[0] is not sock:
+                        self._sock_list = [sock]
+                    socks = self._sock_list
+                    return socks, socks if out or self._client._out_packet else [], max(0.0, self._misc_at - time.monotonic())
         with self._lock:
             self._flush()  # everything the batch sent, in one sendmsg, before the loop waits
         sock = self._client.socket()
@@ -396,6 +459,25 @@ class MqttTransport:
 
     def service(self, readable: list[Any], writable: list[Any]) -> None:
         client = self._client
+        if self._fast:
+            with self._lock:
+                sock = client._sock
+                if type(sock) is _Corked:
+                    if sock._out and sock in writable:
+                        self._flush()
+                    now = time.monotonic()
+                    tick = now >= self._misc_at
+                    # the tick also reads: below the low-water mark (see _low_water) select stays quiet
+                    if tick or sock in readable or sock.pending() > 0:
+                        self._read_fast(client, sock)
+                    if client._out_packet and client._sock is not None:
+                        client.loop_write()  # paho's own packets (SUBSCRIBE, PINGREQ, ...)
+                    if tick and client._sock is not None:
+                        self._misc_at = now + MISC_EVERY_S
+                        client.loop_misc()  # keepalive: PINGREQ when due, drop a silent broker
+                    if client._sock is None and not self._stopping and self._reconnect_at is None:
+                        self._reconnect_at = time.monotonic() + self._reconnect_delay
+                    return
         with self._lock:
             sock = client.socket()
             if sock is None:
@@ -404,7 +486,10 @@ class MqttTransport:
             pending = getattr(sock, "pending", None)
             if sock in writable:
                 self._flush()
-            if sock in readable or (pending is not None and pending() > 0):
+            if self._fast and isinstance(sock, _Corked):
+                if sock in readable or sock.pending() > 0:
+                    self._read_fast(client, sock)
+            elif sock in readable or (pending is not None and pending() > 0):
                 # loop_read reads as many packets as paho has messages in flight (at least one):
                 # go on while bytes already read remain, so one wake-up takes what has arrived
                 for _ in range(READS_PER_WAKEUP):
@@ -421,6 +506,74 @@ class MqttTransport:
                 client.loop_misc()  # keepalive: PINGREQ when due, drop a silent broker
             if client.socket() is None and not self._stopping and self._reconnect_at is None:
                 self._reconnect_at = time.monotonic() + self._reconnect_delay
+
+    # own_loop + plain TCP + paho 2.2 (``_fast``): MQTT 3.1.1 PUBLISH / PUBACK without paho.
+
+    def _read_fast(self, client: paho.Client, sock: _Corked) -> None:
+        """Under the lock: the PUBLISH and PUBACK packets that have arrived, parsed from the
+        read-ahead buffer; any other packet (CONNACK, SUBACK, PINGRESP, QoS 2) and a lost
+        connection are left to paho's ``loop_read``, one packet at a time, in stream order."""
+        received = sock.received
+        try:
+            for _ in range(READS_PER_WAKEUP):
+                if client._in_packet["command"] == 0 and not sock.take(self._on_message, self._acked):
+                    break  # nothing complete left: wait for the socket
+                client.loop_read()  # the packet take() stopped at (nothing of ours is in paho's flight set: one)
+                if client.socket() is not sock:
+                    return  # lost; paho told _handle_disconnect
+                if client._in_packet["command"] != 0 and sock.pending() <= 0:
+                    break  # paho waits for the rest of its packet
+        except MalformedPacketError as exc:
+            self.malformed_packets += 1
+            self.last_malformed = exc
+            log.error("broker %s: %s; dropping the connection (reconnecting with backoff)", self.address.url, exc)
+            client._loop_rc_handle(MQTTErrorCode.MQTT_ERR_PROTOCOL)  # as paho does with a malformed packet
+            return
+        if sock.received != received:
+            client._last_bytes_received = time.monotonic()  # paho's keepalive bookkeeping
+
+    def _publish_fast(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        """Under the lock. QoS 1 messages stay in ``_flight`` until their PUBACK, are sent
+        in publish order (at most ``FAST_MAX_INFLIGHT`` unacknowledged) and all resent, DUP
+        set, after a reconnect; a QoS 0 message is sent only while connected (as paho)."""
+        if not isinstance(payload, bytes):
+            payload = bytes(payload)  # kept until acknowledged: never a buffer the caller reuses
+        if qos:
+            client = self._client
+            flight = self._flight
+            mid = client._mid_generate()  # paho's counter: never a mid paho uses (SUBSCRIBE, ...)
+            while mid in flight:
+                mid = client._mid_generate()
+            flight[mid] = [_publish_header(topic, len(payload), 1, retain, mid), payload, False]
+            self._unsent.append(mid)
+            self._send_unsent()
+        elif self._connected.is_set() and isinstance(self._client._sock, _Corked):
+            self._client._sock.send_parts(_publish_header(topic, len(payload), 0, retain, 0), payload)
+
+    def _send_unsent(self) -> None:
+        """Under the lock: write waiting QoS 1 messages while connected and under the cap."""
+        sock = self._client._sock
+        if not isinstance(sock, _Corked) or not self._connected.is_set():
+            return
+        flight, unsent = self._flight, self._unsent
+        while unsent and len(flight) - len(unsent) < FAST_MAX_INFLIGHT:
+            entry = flight[unsent.popleft()]
+            header = entry[0]
+            if entry[2]:  # sent on an earlier connection: DUP
+                header = bytes((header[0] | 0x08,)) + header[1:]
+            entry[2] = True
+            sock.send_parts(header, entry[1])
+        self._client._last_msg_out = time.monotonic()  # paho's keepalive bookkeeping
+
+    def _acked(self, mid: int) -> bool:
+        """A PUBACK: True when it was for one of ours (False: paho's, it handles it)."""
+        if self._flight.pop(mid, None) is None:
+            return False
+        if self._unsent:
+            if mid in self._unsent:  # acknowledged before we resent it (not seen from brokers)
+                self._unsent.remove(mid)
+            self._send_unsent()
+        return True
 
     def _maybe_reconnect(self) -> None:
         """own_loop, under the lock, not connected: try again once the backoff has passed."""
@@ -468,7 +621,12 @@ class MqttTransport:
             _, mid = client.subscribe([(t, 1) for t in self._subs])
             if mid is not None:
                 self._pending_subs[mid] = list(self._subs)
+        else:
+            self._subscribed.set()
         self._connected.set()
+        if self._fast:  # every unacknowledged QoS 1 message again, in order (paho does its own next)
+            self._unsent = deque(self._flight)
+            self._send_unsent()
         self._settled.set()
         if self._on_connection:
             self._on_connection(True)
@@ -499,6 +657,10 @@ class MqttTransport:
             if getattr(reason, "is_failure", False):
                 self.refused_subscriptions.add(topic)
                 log.warning("broker %s refused our subscription to %s (not allowed by its ACL?)", self.address.url, topic)
+        if not self._pending_subs:
+            self._subscribed.set()
+            if self._fast:
+                _low_water(client.socket())
 
     def _handle_log(self, client: paho.Client, userdata: Any, level: int, message: str) -> None:
         if level == paho.MQTT_LOG_ERR:
@@ -543,6 +705,11 @@ class _Corked:
         self._rbuf = b""
         self._rpos = 0
         self._out: deque[Any] = deque()
+        self._starved = False  # take(): what is read ahead is at most part of a packet
+        self._parts: list[bytes] = []  # take(): the pieces of a large packet read so far
+        self._have = 0
+        self.received = 0
+        """recv calls that returned data (the owner's keepalive bookkeeping)."""
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -550,7 +717,12 @@ class _Corked:
     def recv(self, n: int) -> bytes:
         rbuf, rpos = self._rbuf, self._rpos
         if rpos >= len(rbuf):
+            if self._parts:  # take() holds the start of a packet: paho reads it first
+                self._join()
+                return self.recv(n)
             data = self.sock.recv(max(n, self.READ_AHEAD))  # BlockingIOError etc. go to paho as before
+            self.received += 1
+            self._starved = False
             if len(data) <= n:
                 return data
             rbuf, rpos = self._rbuf, self._rpos = data, 0
@@ -559,12 +731,135 @@ class _Corked:
         return rbuf[rpos:end]
 
     def pending(self) -> int:
-        """Bytes read ahead that select cannot see."""
-        return max(0, len(self._rbuf) - self._rpos)
+        """Bytes read ahead that select cannot see (0 when they are only part of a packet
+        and take() waits for the rest)."""
+        if self._starved:
+            return 0
+        return max(0, len(self._rbuf) - self._rpos) + self._have
 
     def send(self, data: Any) -> int:
         self._out.append(data)  # paho hands over a fresh slice or bytes: never changed later
         return len(data)
+
+    def send_parts(self, header: bytes, payload: bytes) -> None:
+        """The fast path's PUBLISH: header and payload as two buffers of one sendmsg (no copy)."""
+        self._out.append(header)
+        if payload:
+            self._out.append(payload)
+
+    def _join(self) -> None:
+        self._rbuf, self._rpos = b"".join(self._parts), 0
+        self._parts, self._have = [], 0
+
+    def take(self, deliver: Callable[[str, bytes], None], acked: Callable[[int], bool]) -> bool:
+        """The fast path's reader (MQTT 3.1.1). Every complete PUBLISH (QoS 0 or 1) read
+        ahead goes to ``deliver(topic, payload)`` in order, a QoS 1 one followed by its
+        PUBACK (held with the other writes, like paho's); every PUBACK goes to ``acked(mid)``.
+        Reads the socket while it has data (a short read: drained). Returns True when paho
+        must read next: a complete packet of another kind (or a PUBACK ``acked`` refuses)
+        is at the head, or the connection is lost (paho reads the loss, as before); False
+        when nothing complete is left. Raises :class:`MalformedPacketError`."""
+        may_read = True
+        while True:
+            if self._parse(deliver, acked):
+                return True  # a complete packet for paho is at the head
+            # what is left is at most part of a packet: read more while the socket has some
+            if not may_read:
+                self._starved = True
+                return False
+            try:
+                data = self.sock.recv(max(self.READ_AHEAD, min(MAX_RECV, self._need() - self._have)))
+            except BlockingIOError:
+                self._starved = True
+                return False
+            except OSError:
+                if self._parts:
+                    self._join()
+                return True  # paho's read sees the error too and reconnects
+            if not data:
+                if self._parts:
+                    self._join()
+                return True  # the broker closed: paho reads what is left, then the loss
+            self.received += 1
+            self._starved = False
+            may_read = len(data) >= self.READ_AHEAD  # a short read: the socket is drained
+            rest = self._rbuf[self._rpos:]
+            if self._parts or (rest and self._need() - len(rest) > 4 * self.READ_AHEAD):
+                if not self._parts:  # a large packet: pieces, one join when it is complete
+                    self._parts, self._have = [rest], len(rest)
+                    self._rbuf, self._rpos = b"", 0
+                self._parts.append(data)
+                self._have += len(data)
+                if self._have < self._need():
+                    continue
+                self._join()
+            else:
+                self._rbuf, self._rpos = (rest + data if rest else data), 0
+
+    def _parse(self, deliver: Callable[[str, bytes], None], acked: Callable[[int], bool]) -> bool:
+        """take()'s packets from the read-ahead buffer: True when it stopped at a complete
+        packet that is paho's, False when what is left is at most part of a packet."""
+        buf, pos = self._rbuf, self._rpos
+        n = len(buf)
+        out = self._out
+        while pos + 1 < n:
+            first = buf[pos]
+            length = buf[pos + 1]
+            body = pos + 2
+            if length & 0x80:
+                length, body = _remaining_length(buf, pos + 1)
+                if body < 0:
+                    return False  # the length itself is not complete yet
+            end = body + length
+            if end > n:
+                return False
+            kind = first >> 4
+            if kind == 3:  # PUBLISH
+                qos = (first >> 1) & 3
+                if qos == 2:
+                    return True  # paho's (exactly-once needs its state machine)
+                if length < 2 or qos == 3:
+                    raise MalformedPacketError(f"PUBLISH with {'QoS 3' if qos == 3 else 'no topic length'}")
+                topic_end = body + 2 + ((buf[body] << 8) | buf[body + 1])
+                start = topic_end + 2 if qos else topic_end
+                if start > end:
+                    raise MalformedPacketError("PUBLISH shorter than its topic and packet id")
+                try:
+                    topic = buf[body + 2:topic_end].decode()
+                except UnicodeDecodeError:
+                    raise MalformedPacketError("PUBLISH topic is not UTF-8") from None
+                if qos:
+                    mid = (buf[topic_end] << 8) | buf[topic_end + 1]
+                    if mid == 0:
+                        raise MalformedPacketError("QoS 1 PUBLISH with packet id 0")
+                    self._rpos = end
+                    deliver(topic, buf[start:end])
+                    out.append(bytes((0x40, 2, mid >> 8, mid & 0xFF)))  # its PUBACK, as paho's: after the callback
+                else:
+                    self._rpos = end
+                    deliver(topic, buf[start:end])
+            elif kind == 4:  # PUBACK
+                if first != 0x40 or length != 2:
+                    raise MalformedPacketError(f"PUBACK of {length} bytes (flags {first & 0x0F})")
+                if not acked((buf[body] << 8) | buf[body + 1]):
+                    return True  # not one of ours: paho's
+                self._rpos = end
+            elif kind == 0 or kind == 15:
+                raise MalformedPacketError(f"reserved packet type {kind}")
+            else:
+                return True  # CONNACK, SUBACK, PINGRESP, ...: paho's
+            pos = end
+        return False
+
+    def _need(self) -> int:
+        """Bytes of the packet at the head (its pieces included), or 0 while unknown."""
+        head = self._parts[0] if self._parts else self._rbuf[self._rpos:self._rpos + 5]
+        if len(head) < 2:
+            return 0
+        if not head[1] & 0x80:
+            return 2 + head[1]
+        length, body = _remaining_length(head, 1)
+        return body + length if body >= 0 else 0
 
     @property
     def unflushed(self) -> bool:
@@ -609,8 +904,61 @@ class _Corked:
         return getattr(self.sock, name)
 
 
+def _remaining_length(buf: bytes, at: int) -> tuple[int, int]:
+    """MQTT's variable-length "remaining length" starting at ``buf[at]``: (value, offset of
+    the byte after it), or (0, -1) while incomplete; more than 4 bytes is malformed."""
+    value, shift = 0, 0
+    for i in range(at, min(at + 4, len(buf))):
+        byte = buf[i]
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, i + 1
+        shift += 7
+    if len(buf) >= at + 4:
+        raise MalformedPacketError("remaining length longer than 4 bytes")
+    return 0, -1
+
+
+def _publish_header(topic: str, payload_len: int, qos: int, retain: bool, mid: int) -> bytes:
+    """A PUBLISH packet's bytes before its payload (MQTT 3.1.1, DUP clear)."""
+    tb = topic.encode()
+    n = len(tb)
+    if not n or n > 65535 or b"+" in tb or b"#" in tb:
+        raise ValueError(f"invalid topic to publish to: {topic!r}")  # as paho's publish
+    length = 4 + n + payload_len if qos else 2 + n + payload_len
+    if length < 0x80:
+        size = bytes((length,))
+    elif length < 0x4000:
+        size = bytes((length & 0x7F | 0x80, length >> 7))
+    elif length < 0x200000:
+        size = bytes((length & 0x7F | 0x80, (length >> 7) & 0x7F | 0x80, length >> 14))
+    elif length <= 268_435_455:
+        size = bytes((length & 0x7F | 0x80, (length >> 7) & 0x7F | 0x80, (length >> 14) & 0x7F | 0x80, length >> 21))
+    else:
+        raise ValueError("Payload too large.")
+    first = bytes((0x32 | retain if qos else 0x30 | retain,))
+    if qos:
+        return b"".join((first, size, n.to_bytes(2, "big"), tb, mid.to_bytes(2, "big")))
+    return b"".join((first, size, n.to_bytes(2, "big"), tb))
+
+
 def _nothing() -> None:
     pass
+
+
+RECV_LOW_WATER = 5
+"""Fast path, once subscribed: select reports the socket readable from this many bytes on (or
+at EOF). Every PUBLISH is at least 5 bytes, so none waits; a lone PUBACK (4 bytes, the broker's
+answer to a message we sent) or PINGRESP (2) waits for the next packet or the loop's 0.5 s
+tick, which reads too: answering a pull costs one wake-up instead of two (its reply's PUBACK
+is read with the next message). Only our in-flight table notices (entries leave up to 0.5 s
+later; resends happen only after a reconnect)."""
+
+
+def _low_water(sock: Any) -> None:
+    if isinstance(sock, _Corked):
+        with contextlib.suppress(OSError):
+            sock.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, RECV_LOW_WATER)
 
 
 def _no_delay(client: paho.Client, userdata: Any, sock: Any) -> None:

@@ -304,3 +304,277 @@ def test_an_actor_that_survives_a_repeating_fault_keeps_a_bounded_record() -> No
         assert all(isinstance(e, RuntimeError) for e in actor.errors)
     finally:
         actor.stop()
+
+
+# ---------------------------------------------------------------- the fast path (own_loop, plain TCP, paho 2.2)
+
+
+def _count_calls(monkeypatch: pytest.MonkeyPatch, cls: Any, name: str) -> list[Any]:
+    """The instances whose ``name`` method was called, one entry per call."""
+    calls: list[Any] = []
+    original = getattr(cls, name)
+
+    def counted(self: Any, *a: Any, **k: Any) -> Any:
+        calls.append(self)
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(cls, name, counted)
+    return calls
+
+
+def test_fast_path_reads_and_answers_in_order_without_paho_s_packet_code(
+    mosquitto: MosquittoProcess, peer: Peer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paho_reads = _count_calls(monkeypatch, paho.Client, "_handle_publish")
+    paho_sends = _count_calls(monkeypatch, paho.Client, "publish")
+    echo = Echo(mosquitto.url).start()
+    try:
+        assert echo.transport._fast
+        big = bytes(range(256)) * 2000  # 512 KB: read in pieces, joined once
+        sent = [(f"in/{i}", big if i % 50 == 7 else f"m{i:04d}".encode(), i % 3 == 0) for i in range(400)]
+        for topic, payload, qos0 in sent:
+            peer.client.publish(topic, payload, qos=0 if qos0 else 1)
+        wait_until(lambda: len(peer.got) == len(sent), 30, f"every answer (got {len(peer.got)})")
+        want = {qos0: [("out/" + t.split("/", 1)[1], p[::-1]) for t, p, q in sent if q == qos0] for qos0 in (False, True)}
+        qos0_topics = {t for t, _ in want[True]}
+        # intact, and in order per QoS (the peer's paho holds QoS 1 messages beyond its in-flight window, not QoS 0)
+        assert [m for m in peer.got if m[0] not in qos0_topics] == want[False]
+        assert [m for m in peer.got if m[0] in qos0_topics] == want[True]
+        wait_until(lambda: not echo.transport._flight, 10, "the broker's PUBACK of every answer")
+        ours = echo.transport._client
+        assert ours not in paho_reads and ours not in paho_sends  # none of ours went through paho's per-packet code
+        assert echo.transport.malformed_packets == 0 and not echo.actor.errors
+        assert set(echo.read_on) == {"echo-actor"}
+    finally:
+        echo.stop()
+
+
+def test_corked_take_parses_packets_split_anywhere() -> None:
+    import select
+    import socket
+
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    corked = _Corked(a)
+    got: list[tuple[str, bytes]] = []
+    acked: list[int] = []
+
+    def deliver(topic: str, payload: bytes) -> None:
+        got.append((topic, payload))
+
+    def ack(mid: int) -> bool:
+        acked.append(mid)
+        return mid != 99  # 99: "paho's" (take stops before it)
+
+    try:
+        big = b"x" * 700_000  # remaining length in 3 bytes; read in pieces
+        stream = (b"\x32\x0c\x00\x03a/b\x00\x05hello"  # QoS 1, mid 5
+                  + b"\x30\x07\x00\x01cdata"  # QoS 0
+                  + b"\x40\x02\x00\x07"  # PUBACK 7
+                  + _publish_packet("d", big, None)  # QoS 0, remaining length in 3 bytes
+                  + b"\x40\x02\x00\x63")  # PUBACK 99: not ours
+        assert stream[28:31] == bytes((0xE3, 0xDC, 0x2A))  # 700,003 = 0x63 + (0x5C << 7) + (0x2A << 14)
+        fed = 0
+        more = False
+        for cut in (1, 3, 8, 14, 20, 24, 26, 27, 28, 30, 29, 60_000, 400_000, len(stream) - 2, len(stream)):
+            cut = max(cut, fed)
+            writer = threading.Thread(target=b.sendall, args=(stream[fed:cut],))  # more than the socket buffer holds
+            writer.start()
+            while True:  # what the loop does on each wake-up: take until nothing complete is left
+                select.select([a], [], [], 0.05)
+                more = corked.take(deliver, ack)
+                if more or (not writer.is_alive() and corked.pending() <= 0 and not select.select([a], [], [], 0)[0]):
+                    break
+            writer.join()
+            fed = cut
+            if cut < len(stream):
+                assert not more and corked.pending() == 0  # starved: the loop waits in select
+        assert got == [("a/b", b"hello"), ("c", b"data"), ("d", big)]
+        assert acked == [7, 99] and corked.recv(4) == b"\x40\x02\x00\x63"  # paho reads the one it refused
+        assert list(corked._out) == [b"\x40\x02\x00\x05"]  # the QoS 1 message's PUBACK, held for the batch's sendmsg
+    finally:
+        a.close()
+        b.close()
+
+
+class FakeBroker:
+    """Just enough of an MQTT 3.1.1 broker to script byte streams: answers CONNECT and
+    SUBSCRIBE, then hands each connection to the test."""
+
+    def __init__(self) -> None:
+        import queue
+        import socket
+
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(4)
+        self.port = self.server.getsockname()[1]
+        self.sessions: queue.Queue[Any] = queue.Queue()
+        self.early: list[list[tuple[int, bytes]]] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            conn.settimeout(10)
+            first, _ = read_packet(conn)
+            assert first >> 4 == 1  # CONNECT
+            conn.sendall(b"\x20\x02\x00\x00")
+            early = []  # what the client sends before its SUBSCRIBE (messages it resends at once)
+            while True:
+                first, body = read_packet(conn)
+                if first >> 4 == 8:  # SUBSCRIBE
+                    break
+                early.append((first, body))
+            conn.sendall(b"\x90\x03" + body[:2] + b"\x01")
+            self.early.append(early)
+            self.sessions.put(conn)
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def read_packet(conn: Any) -> tuple[int, bytes]:
+    def exactly(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = conn.recv(n - len(data))
+            if not chunk:
+                raise EOFError
+            data += chunk
+        return data
+
+    first = exactly(1)[0]
+    length, shift = 0, 0
+    while True:
+        byte = exactly(1)[0]
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            break
+    return first, exactly(length)
+
+
+def _publish_packet(topic: str, payload: bytes, mid: int | None) -> bytes:
+    from edge_sdk.mqtt import _publish_header
+
+    return _publish_header(topic, len(payload), 1 if mid else 0, False, mid or 0) + payload
+
+
+def test_fast_path_acks_after_delivery_and_survives_split_and_malformed_packets() -> None:
+    broker = FakeBroker()
+    seen_out: list[list[bytes]] = []
+    echo = Echo(f"mqtt://127.0.0.1:{broker.port}")
+    deliver = echo._on_message
+
+    def on_message(topic: str, payload: bytes) -> None:
+        seen_out.append([bytes(x) for x in echo.transport._client.socket()._out])  # what is held when it is delivered
+        deliver(topic, payload)
+
+    echo.transport._on_message = on_message
+    try:
+        echo.start()
+        conn = broker.sessions.get(timeout=10)
+        packet = _publish_packet("in/split", b"first", 0x0102)
+        for i in range(len(packet)):  # one byte per segment (TCP_NODELAY on neither side needed: sendall per byte + pause)
+            conn.sendall(packet[i:i + 1])
+            threading.Event().wait(0.002)
+        first, body = read_packet(conn)
+        assert (first, body) == (0x40, b"\x01\x02")  # its PUBACK
+        assert seen_out == [[]]  # not held before the message was delivered to the actor
+        first, body = read_packet(conn)  # the answer (QoS 1): acknowledge it
+        assert first & 0xF6 == 0x32 and body.endswith(b"tsrif")
+        conn.sendall(b"\x40\x02" + body[2 + int.from_bytes(body[:2], "big"):][:2])
+        wait_until(lambda: not echo.transport._flight, 10, "our answer acknowledged")
+
+        # a malformed packet (QoS 3) after a good one: the good one is handled, the connection dropped
+        conn.sendall(_publish_packet("in/ok", b"good", 0x0203) + b"\x36\x05\x00\x01zab")
+        with pytest.raises(EOFError):
+            while True:
+                read_packet(conn)
+        conn.close()
+        assert echo.transport.malformed_packets == 1
+        assert "QoS 3" in str(echo.transport.last_malformed)
+        conn = broker.sessions.get(timeout=15)  # it reconnects (backoff) ...
+        [(first, body)] = broker.early[-1]  # the answer to in/ok, unacknowledged (sent before the drop or not: DUP or not)
+        assert first & 0xF7 == 0x32 and body.endswith(b"doog")
+        conn.sendall(_publish_packet("in/again", b"after", 0x0304))  # ... and serves again
+        wait_until(lambda: [t for t, *_ in echo.handled] == ["in/split", "in/ok", "in/again"], 10, "every good message")
+        assert not echo.actor.errors
+        conn.close()
+    finally:
+        echo.stop()
+        broker.close()
+
+
+def test_fast_path_resends_unacknowledged_messages_after_a_reconnect_in_order() -> None:
+    broker = FakeBroker()
+    t = MqttTransport(f"mqtt://127.0.0.1:{broker.port}", "resend", ["in/#"], on_message=lambda tp, p: None, own_loop=True)
+    actor = Actor("resend-actor", lambda e: [], lambda a: None, io=t)
+    try:
+        actor.start()
+        t.start()
+        conn = broker.sessions.get(timeout=10)
+        t.publish("out/a", b"A", qos=1)  # from this (non-loop) thread: written at once
+        first, body = read_packet(conn)
+        assert first == 0x32 and body == b"\x00\x05out/a" + body[7:9] + b"A"
+        mid_a = body[7:9]
+        conn.close()  # gone without acknowledging A
+        wait_until(lambda: not t.connected, 10, "the loss noticed")
+        t.publish("out/b", b"B", qos=1)  # while disconnected: waits, in order behind A
+        t.publish("out/zero", b"Z", qos=0)  # QoS 0 while disconnected: dropped, as paho does
+        conn = broker.sessions.get(timeout=15)
+        [(first, body), (first_b, body_b)] = broker.early[-1]  # at once, before the SUBSCRIBE
+        assert first == 0x3A and body[7:9] == mid_a and body.endswith(b"A")  # A again, DUP set, same id
+        first, body = first_b, body_b
+        assert first == 0x32 and body.startswith(b"\x00\x05out/b") and body.endswith(b"B")
+        mid_b = body[7:9]
+        assert mid_b != mid_a
+        conn.sendall(b"\x40\x02" + mid_a + b"\x40\x02" + mid_b)
+        wait_until(lambda: not t._flight, 10, "both acknowledged")
+        assert t.malformed_packets == 0
+        conn.close()
+    finally:
+        t.stop()
+        actor.stop()
+        broker.close()
+
+
+def test_a_tls_transport_stays_on_paho_s_path(secure_broker: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ssl
+
+    from edge_sdk.mqtt import BrokerAuth
+    from edge_sdk.wire import topics
+    from tests.secure_broker import SECURE_REGION as R
+
+    paho_reads = _count_calls(monkeypatch, paho.Client, "_handle_publish")
+    got: list[bytes] = []
+    pull, model = topics.device_topic(R, "devA", "pull"), topics.device_topic(R, "devA", "model")
+    coord = MqttTransport(secure_broker.url, "coord-sec", [topics.device_filter(R, "pull")], on_message=lambda tp, p: None,
+                          own_loop=True, auth=BrokerAuth.from_bundle(secure_broker.bundle("coord-sec", "coordinator")))
+
+    def answer(topic: str, payload: bytes, now: float) -> list[Any]:
+        return [Publish(topic=model, payload=payload[::-1], qos=1)]
+
+    actor = Actor("tls-actor", lambda e: e, lambda a: coord.publish(a.topic, a.payload, qos=a.qos), io=coord)
+    coord._on_message = lambda tp, p: actor.submit(partial(answer, tp, p))
+    dev = MqttTransport(secure_broker.url, "devA", [model], on_message=lambda tp, p: got.append(p),
+                        auth=BrokerAuth.from_bundle(secure_broker.bundle("devA")))
+    try:
+        actor.start()
+        coord.start()
+        dev.start()
+        assert not coord._fast and isinstance(coord._client.socket(), ssl.SSLSocket)
+        for i in range(20):
+            dev.publish(pull, f"p{i:02d}".encode(), qos=1)
+        wait_until(lambda: len(got) == 20, 20, "every answer over TLS")
+        assert got == [f"p{i:02d}".encode()[::-1] for i in range(20)]
+        assert paho_reads.count(coord._client) == 20 and paho_reads.count(dev._client) == 20  # both read through paho
+        assert not actor.errors
+    finally:
+        dev.stop()
+        coord.stop()
+        actor.stop()
