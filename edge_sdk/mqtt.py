@@ -557,7 +557,9 @@ class MqttTransport:
             return
         flight, unsent = self._flight, self._unsent
         while unsent and len(flight) - len(unsent) < FAST_MAX_INFLIGHT:
-            entry = flight[unsent.popleft()]
+            entry = flight.get(unsent.popleft())
+            if entry is None:
+                continue  # acknowledged before it was resent (see _acked)
             header = entry[0]
             if entry[2]:  # sent on an earlier connection: DUP
                 header = bytes((header[0] | 0x08,)) + header[1:]
@@ -569,10 +571,8 @@ class MqttTransport:
         """A PUBACK: True when it was for one of ours (False: paho's, it handles it)."""
         if self._flight.pop(mid, None) is None:
             return False
-        if self._unsent:
-            if mid in self._unsent:  # acknowledged before we resent it (not seen from brokers)
-                self._unsent.remove(mid)
-            self._send_unsent()
+        if self._unsent:  # (a mid still in _unsent, acknowledged before we resent it, is skipped there:
+            self._send_unsent()  # no O(backlog) search per PUBACK under overload)
         return True
 
     def _maybe_reconnect(self) -> None:
@@ -768,7 +768,10 @@ class _Corked:
                 self._starved = True
                 return False
             try:
-                data = self.sock.recv(max(self.READ_AHEAD, min(MAX_RECV, self._need() - self._have)))
+                size = self.READ_AHEAD
+                if self._parts or self._rpos < len(self._rbuf):  # part of a packet: ask for its rest at once
+                    size = max(size, min(MAX_RECV, self._need() - self._have))
+                data = self.sock.recv(size)
             except BlockingIOError:
                 self._starved = True
                 return False
