@@ -486,10 +486,7 @@ class MqttTransport:
             pending = getattr(sock, "pending", None)
             if sock in writable:
                 self._flush()
-            if self._fast and isinstance(sock, _Corked):
-                if sock in readable or sock.pending() > 0:
-                    self._read_fast(client, sock)
-            elif sock in readable or (pending is not None and pending() > 0):
+            if sock in readable or (pending is not None and pending() > 0):  # (the fast path's socket returned above)
                 # loop_read reads as many packets as paho has messages in flight (at least one):
                 # go on while bytes already read remain, so one wake-up takes what has arrived
                 for _ in range(READS_PER_WAKEUP):

@@ -259,10 +259,7 @@ def _frame(header: dict[str, Any], tail: Any, tail_digest: bytes, signer: Signer
     if signer is None:  # the same bytes, one join
         return b"".join((_PREFIX.pack(MAGIC, len(packed)), packed, pad, tail))
     prefix = _PREFIX.pack(MAGIC, len(packed)) + packed + pad
-    parts = [prefix, tail]
-    if signer is not None:
-        parts.append(signer.sign(_signed_bytes(prefix, tail_digest)))
-    return b"".join(parts)
+    return b"".join((prefix, tail, signer.sign(_signed_bytes(prefix, tail_digest))))
 
 
 def _signed_bytes(prefix: bytes | memoryview, tail_digest: bytes) -> bytes:
