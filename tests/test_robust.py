@@ -456,3 +456,37 @@ def test_live_reconfigure_changes_the_staleness_policy_the_fold_applies() -> Non
     strategy.on_update(view, stale, 0.0)
     np.testing.assert_array_equal(strategy.aggregate(view, [stale]), view.weights)
     assert strategy.robust.counters["dropped_stale"] == 1
+
+
+@pytest.mark.parametrize("combine", ["models", "deltas"])
+def test_a_rebuild_after_a_far_clip_reuses_the_measured_norms_bit_for_bit(combine: str) -> None:
+    """An update clipped by far makes the trigger rebuild the fold (same version, same
+    updates): pass 1's Σd² measured on arrival stands, and the result is the very same
+    float32 vector as a rebuild that rescans every update."""
+    def run(reuse: bool) -> tuple[Vector, int]:
+        view, rng = world(7)
+        updates = [make_update(SPEC, rng, i, n=i + 1, base=4 - i % 3, version=4, scale=0.01) for i in range(8)]
+        updates.append(make_update(SPEC, rng, 8, n=3, base=4, version=4, scale=1e4))  # clipped by far: inexact fold
+        strategy = SpinStrategy(SpinConfig(combine=combine, min_known=2))  # type: ignore[arg-type]
+        scans = 0
+        scan = strategy.robust._scan
+
+        def counted(*args: object) -> tuple[float, float, float]:
+            nonlocal scans
+            scans += 1
+            return scan(*args)  # type: ignore[arg-type]
+
+        strategy.robust._scan = counted  # type: ignore[method-assign]
+        for u in updates:
+            strategy.on_update(view, u, 0.0)
+        if not reuse:
+            for e in strategy.robust._entries:
+                e.norm_of = None
+        out = strategy.aggregate(view, updates)
+        assert strategy.robust.rebuilds == 1, "a far clip makes the trigger rebuild the fold"
+        return out, scans
+
+    reused, scans_reused = run(True)
+    rescanned, scans_rescanned = run(False)
+    assert reused.tobytes() == rescanned.tobytes()
+    assert (scans_reused, scans_rescanned) == (9, 18), "the rebuild measured nothing again"

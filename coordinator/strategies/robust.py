@@ -284,6 +284,9 @@ class _Entry:
     weight: float
     row: int = -1
     """Row of the (K, N) matrix (non-mean combiners), -1 for none or dropped."""
+    norm_of: tuple[object, int, float] | None = None
+    """(the update's weights, its base version, Σd²) once pass 1 measured the change: a
+    rebuild of the same fold (same version, same weights) reuses Σd² instead of rescanning."""
 
 
 class _Window:
@@ -392,8 +395,10 @@ class RobustAggregator:
             self._counted.add((reason, key))
             self.counters[reason] += 1
 
-    def _observe(self, view: CoordinatorView, u: BufferedUpdate, *, uniform: bool, weights: Vector | None = None) -> None:
-        """``weights``: ``view.weights`` when the caller has it already."""
+    def _observe(self, view: CoordinatorView, u: BufferedUpdate, *, uniform: bool, weights: Vector | None = None,
+                 known: Mapping[tuple[str, int], tuple[object, int, float]] | None = None) -> None:
+        """``weights``: ``view.weights`` when the caller has it already; ``known``: Σd² per
+        update key measured by this fold before a rebuild (same version and weights)."""
         cfg = self.config
         tau = max(view.version - u.base_version, 0)
         factor = staleness_factor(self._policy, tau)  # built with the config (and again on reconfigure)
@@ -434,7 +439,11 @@ class RobustAggregator:
         # (unclipped) fold when the weight is already known.
         optimistic = mean and weight is not None and self._optimistic
         acc, a, first = self._acc_target(u.group, sl, weight) if optimistic and weight is not None else (None, 0.0, False)
-        dd, dg, gg = self._scan(w, ref, current if similarity else None, need_d, acc, a, first, row)
+        measured = known.get(u.key) if known is not None and need_d and acc is None and row is None and not similarity else None
+        if measured is not None and measured[0] is u.weights and measured[1] == u.base_version:
+            dd, dg, gg = measured[2], 0.0, 0.0  # pass 1 would only recompute the same Σd² (same arrays, same ops)
+        else:
+            dd, dg, gg = self._scan(w, ref, current if similarity else None, need_d, acc, a, first, row)
         if similarity:
             weight = 1.0 if uniform else self.weigher(
                 UpdateStats(staleness=tau, n_weight=n_weight, has_base=True, dd=dd, dg=dg, gg=gg)
@@ -453,7 +462,7 @@ class RobustAggregator:
                 # Folded unclipped then corrected in float32, a huge change cancels away the rest
                 # of the sum: the trigger rebuilds the fold clipping before folding (rare: attacks).
                 self._inexact = self._inexact or (optimistic and c < _EXACT_CLIP)
-        entry = _Entry(key=u.key, group=u.group, weight=weight)
+        entry = _Entry(key=u.key, group=u.group, weight=weight, norm_of=(u.weights, u.base_version, dd) if need_d else None)
         self._entries.append(entry)
         if mean:
             if acc is None:  # the weight needed pass 1: fold now, clipped
@@ -607,9 +616,11 @@ class RobustAggregator:
             and all(e.key == u.key and e.group == u.group for e, u in zip(self._entries, updates, strict=True))
         )
         if not matches or self._inexact:
+            # Same version, same updates (only the optimistic fold was inexact): their Σd² stand.
+            known = {e.key: e.norm_of for e in self._entries if e.norm_of is not None} if matches else None
             self._optimistic = False  # norms first, then the clipped fold: exact
             try:
-                self._refold(view, updates, uniform=False)
+                self._refold(view, updates, uniform=False, known=known)
             finally:
                 self._optimistic = True
         if self.wants_similarity and not any(e.weight > 0 for e in self._entries):
@@ -621,12 +632,13 @@ class RobustAggregator:
             self._reset()
             self._counted.clear()
 
-    def _refold(self, view: CoordinatorView, updates: Sequence[BufferedUpdate], *, uniform: bool) -> None:
+    def _refold(self, view: CoordinatorView, updates: Sequence[BufferedUpdate], *, uniform: bool,
+                known: Mapping[tuple[str, int], tuple[object, int, float]] | None = None) -> None:
         self.rebuilds += 1
         self._reset()
         self._version, self._current = view.version, view.weights
         for u in updates:
-            self._observe(view, u, uniform=uniform)
+            self._observe(view, u, uniform=uniform, known=known)
 
     def _groups(self) -> list[str]:
         seen = dict.fromkeys(e.group for e in self._entries if e.weight > 0 or e.row >= 0)
