@@ -7,8 +7,8 @@ received model), so what is timed is the simulator, the network model, the codec
 two real cores. Every device labels ``--rate`` samples per hour (Poisson, the headline
 scenario's device mix: headsets on Wi-Fi, phones on LTE, cameras on LTE-M with dropouts;
 IID split of a synthetic pool, D_min = 1), SPIN K = 10, π = 16 s, ``--duration`` virtual
-seconds. Printed per size: events, events/s of the event loop, µs per event, virtual
-seconds per wall second, peak RSS; then the ratio of the per-event cost at the largest size
+seconds. Printed per size: events, events/s of the event loop, µs per event, µs per label
+(loop CPU over labels: the label rate sets the work), virtual seconds per wall second, peak RSS; then the ratio of the per-event cost at the largest size
 to the smallest (baseline measured in the same run). Goals (issue 13): 100,000 devices ≥
 100× real time, peak RSS ≤ 2 GB, cost per event within 1.5× from 1,000 to 100,000 devices.
 
@@ -151,6 +151,7 @@ def one_size(devices: int, duration_s: float, rate_per_h: float, seed: int, prof
         "devices": devices, "events": int(s["events"]), "wall_s": wall, "cpu_s": cpu, "setup_s": setup_s,
         "eval_cpu_s": eval_cpu[0], "us_per_event_excl_eval": (cpu - eval_cpu[0]) / s["events"] * 1e6,
         "events_per_s": s["events"] / cpu, "us_per_event": cpu / s["events"] * 1e6,
+        "us_per_label": cpu / max(1, int(s["labels"])) * 1e6,  # the label rate sets the work: events per label vary
         "virtual_per_wall": duration_s / wall, "virtual_per_cpu": duration_s / cpu,
         "peak_rss_mb": peak_rss_mb(), "rss_after_setup_mb": rss_setup,
         "labels": int(s["labels"]), "trainings": int(s["trainings"]), "versions": int(s["versions"]),
@@ -211,7 +212,7 @@ def fleet(args: argparse.Namespace) -> int:
     for transport in transports:
         print(f"transport {transport}: {TRANSPORTS[transport]}")
         print(f"  {'devices':>8} {'events':>10} {'labels':>9} {'versions':>8} {'setup s':>8} {'loop CPU s':>10} {'loop wall s':>11} "
-              f"{'eval CPU s':>10} {'events/s':>9} {'µs/event':>9} {'excl. eval':>10} {'virtual/CPU':>11} {'virtual/wall':>12} {'peak RSS MB':>11} "
+              f"{'eval CPU s':>10} {'events/s':>9} {'µs/event':>9} {'excl. eval':>10} {'µs/label':>9} {'virtual/CPU':>11} {'virtual/wall':>12} {'peak RSS MB':>11} "
               f"{'load avg':>8}")
         rows: list[dict[str, Any]] = []
         for k, n in enumerate(sizes):
@@ -226,7 +227,7 @@ def fleet(args: argparse.Namespace) -> int:
             rows.append(row)
             print(f"  {n:>8,} {row['events']:>10,} {row['labels']:>9,} {row['versions']:>8,} {row['setup_s']:>8.1f} "
                   f"{row['cpu_s']:>10.1f} {row['wall_s']:>11.1f} {row['eval_cpu_s']:>10.1f} {row['events_per_s']:>9,.0f} "
-                  f"{row['us_per_event']:>9.1f} {row['us_per_event_excl_eval']:>10.1f} "
+                  f"{row['us_per_event']:>9.1f} {row['us_per_event_excl_eval']:>10.1f} {row['us_per_label']:>9.1f} "
                   f"{row['virtual_per_cpu']:>10.0f}× {row['virtual_per_wall']:>11.0f}× {row['peak_rss_mb']:>11,.0f} {load:>8.1f}", flush=True)
         base, big = rows[0], rows[-1]
         flat = big["us_per_event"] / base["us_per_event"]
