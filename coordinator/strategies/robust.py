@@ -452,7 +452,9 @@ class RobustAggregator:
         assert weight is not None
         c = 1.0
         if clip:
-            norms = self._norms.setdefault(u.group, _Window(cfg.window))
+            norms = self._norms.get(u.group)
+            if norms is None:  # (not setdefault: that would build a window per update)
+                norms = self._norms[u.group] = _Window(cfg.window)
             median_norm = norms.median(cfg.min_known)
             norm = math.sqrt(dd)
             norms.record(u.key, norm)
