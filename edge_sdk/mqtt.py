@@ -41,7 +41,13 @@ everything. A malformed packet (a remaining length over 4 bytes, QoS 3, a PUBLIS
 than its topic, a topic that is not UTF-8, packet id 0, a PUBACK that is not 2 bytes, a
 reserved packet type) is counted in ``malformed_packets`` (:class:`MalformedPacketError`) and
 drops the connection, which is re-established with the usual backoff. Once subscribed, the
-socket's receive low-water mark (``RECV_LOW_WATER``) keeps a lone PUBACK from waking the loop.
+socket's receive low-water mark (``RECV_LOW_WATER``) keeps a lone PUBACK from waking the loop
+(it is 1 while part of a packet is held, so the rest wakes it however short). QoS 1 messages
+the broker has not acknowledged are kept for resending, up to ``FAST_MAX_QUEUED`` (MQTT has
+65,535 packet ids): beyond that, after a long outage or with a broker that stopped
+acknowledging, the oldest one not yet sent is dropped, logged and counted in
+``dropped_messages`` (a device whose Ack or model is lost asks again). A lost connection
+closes without waiting for held writes to drain, unless what is held ends with our DISCONNECT.
 """
 
 from __future__ import annotations
@@ -94,6 +100,9 @@ FAST_MAX_INFLIGHT = 256
 """Fast path: QoS 1 messages sent and not yet acknowledged by the broker; later ones wait (in
 order) in memory, as paho's own queue did beyond its in-flight limit (64, which a pull burst of
 39 KB models reaches while the broker waits for CPU)."""
+FAST_MAX_QUEUED = 65_000
+"""Fast path: QoS 1 messages kept until acknowledged (sent or waiting); beyond it the oldest waiting one is
+dropped and counted in ``dropped_messages`` (MQTT has 65,535 packet ids)."""
 MAX_RECV = 1 << 20
 """Fast path: the most one ``recv`` asks for while a large packet is being read."""
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
@@ -291,6 +300,8 @@ class MqttTransport:
         self._unsent: deque[int] = deque()  # fast path: mids of _flight not sent on this connection, in order
         self.malformed_packets = 0
         """Fast path: packets from the broker that were not valid MQTT 3.1.1 (each dropped the connection)."""
+        self.dropped_messages = 0
+        """Fast path: QoS 1 messages dropped unsent because FAST_MAX_QUEUED were unacknowledged."""
         self.last_malformed: MalformedPacketError | None = None
         self._sock_list: list[Any] = [None]
         self._client = _Client(
@@ -385,6 +396,9 @@ class MqttTransport:
         finally:
             if not self.own_loop:
                 self._client.loop_stop()
+                reset = getattr(self._client, "_reset_sockets", None)
+                if reset is not None:  # paho's wake-up socket pair (loop_start): closed now, not by the
+                    reset()  # garbage collector, which may finalise the sockets first (ResourceWarning)
             self._connected.clear()
             self._started = False
 
@@ -538,6 +552,14 @@ class MqttTransport:
         if qos:
             client = self._client
             flight = self._flight
+            if len(flight) >= FAST_MAX_QUEUED:  # packet ids nearly all taken (a long outage): drop the oldest waiting one,
+                while self._unsent:  # or the loop below spins for ever once all 65,535 are
+                    if flight.pop(self._unsent.popleft(), None) is not None:
+                        self.dropped_messages += 1
+                        if self.dropped_messages % 1000 == 1:
+                            log.error("broker %s: %d QoS 1 messages unacknowledged; dropping the oldest unsent ones "
+                                      "(%d so far)", self.address.url, len(flight) + 1, self.dropped_messages)
+                        break
             mid = client._mid_generate()  # paho's counter: never a mid paho uses (SUBSCRIBE, ...)
             while mid in flight:
                 mid = client._mid_generate()
@@ -614,6 +636,7 @@ class MqttTransport:
                 self._settled.set()
             return
         self._reconnect_at, self._reconnect_delay = None, RECONNECT_MIN_S
+        self._pending_subs.clear()  # SUBACKs of an earlier connection never come
         if self._subs:
             _, mid = client.subscribe([(t, 1) for t in self._subs])
             if mid is not None:
@@ -705,6 +728,8 @@ class _Corked:
         self._starved = False  # take(): what is read ahead is at most part of a packet
         self._parts: list[bytes] = []  # take(): the pieces of a large packet read so far
         self._have = 0
+        self.low_water = 1  # SO_RCVLOWAT between packets (set_low_water); 1 while a packet is half read
+        self._lowat = 1  # what the socket has now (the kernel's default)
         self.received = 0
         """recv calls that returned data (the owner's keepalive bookkeeping)."""
 
@@ -762,16 +787,14 @@ class _Corked:
                 return True  # a complete packet for paho is at the head
             # what is left is at most part of a packet: read more while the socket has some
             if not may_read:
-                self._starved = True
-                return False
+                return self._starve()
             try:
                 size = self.READ_AHEAD
                 if self._parts or self._rpos < len(self._rbuf):  # part of a packet: ask for its rest at once
                     size = max(size, min(MAX_RECV, self._need() - self._have))
                 data = self.sock.recv(size)
             except BlockingIOError:
-                self._starved = True
-                return False
+                return self._starve()
             except OSError:
                 if self._parts:
                     self._join()
@@ -795,6 +818,27 @@ class _Corked:
                 self._join()
             else:
                 self._rbuf, self._rpos = (rest + data if rest else data), 0
+
+    def _starve(self) -> bool:
+        """take() found nothing complete left: wait in select (see :meth:`set_low_water`)."""
+        self._starved = True
+        self._apply_low_water()
+        return False
+
+    def set_low_water(self, n: int) -> None:
+        """The socket's receive low-water mark between packets (the owner sets it once
+        subscribed, so a lone PUBACK does not wake the loop). While take() holds part of a
+        packet it is 1: select must wake for the rest however few bytes it is, or a message
+        whose last bytes arrive on their own would wait for the next tick."""
+        self.low_water = n
+        self._apply_low_water()
+
+    def _apply_low_water(self) -> None:
+        want = 1 if self._parts or self._rpos < len(self._rbuf) else self.low_water
+        if want != self._lowat:
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
+            self._lowat = want
 
     def _parse(self, deliver: Callable[[str, bytes], None], acked: Callable[[int], bool]) -> bool:
         """take()'s packets from the read-ahead buffer: True when it stopped at a complete
@@ -890,8 +934,13 @@ class _Corked:
                     sent = 0
 
     def close(self) -> None:
-        """Write what is held (paho closes right after sending DISCONNECT), up to 2 s."""
-        deadline = time.monotonic() + 2.0
+        """Write what is held: up to 2 s when it ends with our DISCONNECT (paho closes right
+        after sending it), else one try without waiting (a lost connection: the actor must
+        not stall on a broker that stopped reading)."""
+        disconnecting = bool(self._out) and bytes(self._out[-1][:1]) == b"\xe0"
+        deadline = time.monotonic() + (2.0 if disconnecting else 0.0)
+        with contextlib.suppress(BlockingIOError):
+            self.flush()  # once, without waiting
         while self._out and time.monotonic() < deadline:
             try:
                 self.flush()
@@ -957,8 +1006,7 @@ later; resends happen only after a reconnect)."""
 
 def _low_water(sock: Any) -> None:
     if isinstance(sock, _Corked):
-        with contextlib.suppress(OSError):
-            sock.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, RECV_LOW_WATER)
+        sock.set_low_water(RECV_LOW_WATER)
 
 
 def _no_delay(client: paho.Client, userdata: Any, sock: Any) -> None:

@@ -5,6 +5,7 @@ submit and publish, the timer fires without traffic, a broker restart is survive
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from functools import partial
@@ -81,6 +82,7 @@ class Peer:
     def stop(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+        self.client._reset_sockets()  # paho's wake-up socket pair, or the GC may find it unclosed
 
 
 @pytest.fixture
@@ -401,17 +403,22 @@ class FakeBroker:
     """Just enough of an MQTT 3.1.1 broker to script byte streams: answers CONNECT and
     SUBSCRIBE, then hands each connection to the test."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, lose_before_suback: frozenset[int] = frozenset()) -> None:
         import queue
         import socket
 
+        self.lose_before_suback = lose_before_suback
+        """Connections (1 = the first) closed after their SUBSCRIBE, before the SUBACK."""
+        self.accepted = 0
+        self.conns: list[Any] = []  # every connection, closed with the broker
         self.server = socket.socket()
         self.server.bind(("127.0.0.1", 0))
         self.server.listen(4)
         self.port = self.server.getsockname()[1]
         self.sessions: queue.Queue[Any] = queue.Queue()
         self.early: list[list[tuple[int, bytes]]] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
 
     def _accept(self) -> None:
         while True:
@@ -419,6 +426,7 @@ class FakeBroker:
                 conn, _ = self.server.accept()
             except OSError:
                 return
+            self.conns.append(conn)
             conn.settimeout(10)
             first, _ = read_packet(conn)
             assert first >> 4 == 1  # CONNECT
@@ -429,12 +437,23 @@ class FakeBroker:
                 if first >> 4 == 8:  # SUBSCRIBE
                     break
                 early.append((first, body))
+            self.accepted += 1
+            if self.accepted in self.lose_before_suback:
+                conn.close()
+                continue
             conn.sendall(b"\x90\x03" + body[:2] + b"\x01")
             self.early.append(early)
             self.sessions.put(conn)
 
     def close(self) -> None:
+        import socket
+
+        with contextlib.suppress(OSError):
+            self.server.shutdown(socket.SHUT_RDWR)  # wakes the accept (close alone does not)
         self.server.close()
+        self.thread.join(15)
+        for conn in self.conns:  # a client may have reconnected after the test's last look
+            conn.close()
 
 
 def read_packet(conn: Any) -> tuple[int, bytes]:
@@ -510,10 +529,15 @@ def test_fast_path_acks_after_delivery_and_survives_split_and_malformed_packets(
         broker.close()
 
 
+def _quiet_transport(broker: FakeBroker, name: str) -> tuple[MqttTransport, Actor]:
+    """An own-loop transport to ``broker`` that ignores what it receives, and its actor."""
+    t = MqttTransport(f"mqtt://127.0.0.1:{broker.port}", name, ["in/#"], on_message=lambda tp, p: None, own_loop=True)
+    return t, Actor(f"{name}-actor", lambda e: [], lambda a: None, io=t)
+
+
 def test_fast_path_resends_unacknowledged_messages_after_a_reconnect_in_order() -> None:
     broker = FakeBroker()
-    t = MqttTransport(f"mqtt://127.0.0.1:{broker.port}", "resend", ["in/#"], on_message=lambda tp, p: None, own_loop=True)
-    actor = Actor("resend-actor", lambda e: [], lambda a: None, io=t)
+    t, actor = _quiet_transport(broker, "resend")
     try:
         actor.start()
         t.start()
@@ -578,3 +602,146 @@ def test_a_tls_transport_stays_on_paho_s_path(secure_broker: Any, monkeypatch: p
         dev.stop()
         coord.stop()
         actor.stop()
+
+
+def test_fast_path_drops_the_oldest_waiting_message_when_packet_ids_run_short(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broker that stops acknowledging (or a long outage while timers publish): the table of
+    unacknowledged QoS 1 messages is bounded below MQTT's 65,535 packet ids. Without the bound
+    the publisher spun for ever under the transport's lock looking for a free id."""
+    import edge_sdk.mqtt as mqtt
+
+    assert mqtt.FAST_MAX_INFLIGHT < mqtt.FAST_MAX_QUEUED < 65_535
+    monkeypatch.setattr(mqtt, "FAST_MAX_QUEUED", 300)
+    broker = FakeBroker()
+    t, actor = _quiet_transport(broker, "bounded")
+    try:
+        actor.start()
+        t.start()
+        broker.sessions.get(timeout=10)  # reads nothing, acknowledges nothing (closed with the broker)
+        for i in range(400):
+            t.publish("out/x", b"%d" % i, qos=1)
+        assert t.dropped_messages == 100
+        kept = sorted(int(entry[1]) for entry in t._flight.values())
+        assert kept == list(range(256)) + list(range(356, 400))  # the sent ones stay; the oldest waiting ones went
+        assert t._lock.acquire(timeout=5)  # nobody holds the transport
+        t._lock.release()
+    finally:
+        t.stop()
+        actor.stop()
+        broker.close()
+
+
+def _tcp_pair() -> tuple[Any, Any]:
+    import socket
+
+    server = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(server.getsockname())
+    peer, _ = server.accept()
+    server.close()
+    client.setblocking(False)
+    return client, peer
+
+
+def test_the_last_bytes_of_a_half_read_packet_wake_the_loop_below_the_low_water_mark() -> None:
+    import select
+    import socket
+
+    from edge_sdk.mqtt import RECV_LOW_WATER, _publish_header
+
+    ours, broker = _tcp_pair()
+    corked = _Corked(ours)
+    got: list[bytes] = []
+    try:
+        corked.set_low_water(RECV_LOW_WATER)
+        assert ours.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == RECV_LOW_WATER
+        payload = b"m" * 40_000
+        packet = _publish_header("in/x", len(payload), 1, False, 9) + payload
+        broker.sendall(packet[:-3])
+        while corked._have + len(corked._rbuf) - corked._rpos < len(packet) - 3:  # read all that was sent
+            assert select.select([ours], [], [], 5)[0]
+            assert corked.take(lambda tp, p: got.append(p), lambda mid: True) is False
+        assert got == [] and ours.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1  # part of a packet held
+        broker.sendall(packet[-3:])  # 3 bytes: under RECV_LOW_WATER, select would not have woken for them
+        assert select.select([ours], [], [], 5)[0], "the loop would wait for its tick"
+        corked.take(lambda tp, p: got.append(p), lambda mid: True)
+        assert got == [payload]
+        assert ours.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == RECV_LOW_WATER  # between packets again
+    finally:
+        ours.close()
+        broker.close()
+
+
+def test_a_lost_connection_closes_without_waiting_for_held_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broker that stopped reading: closing the socket (paho, after a keepalive timeout)
+    must not stall the actor up to 2 s on writes that cannot go out; our DISCONNECT, at stop,
+    is still waited for."""
+    import socket
+    import threading
+
+    import edge_sdk.mqtt as mqtt
+
+    waits: list[float] = []
+    real_select = mqtt.select.select
+
+    def recording_select(r: Any, w: Any, x: Any, timeout: float | None = None) -> Any:
+        if w:
+            waits.append(timeout or 0.0)
+        return real_select(r, w, x, timeout)
+
+    monkeypatch.setattr(mqtt.select, "select", recording_select)
+    ours, broker = _tcp_pair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32_768)
+    corked = _Corked(ours)
+    corked.send(b"\x30" + b"x" * 8_000_000)  # more than the kernel takes while nobody reads
+    with pytest.raises(BlockingIOError):
+        corked.flush()
+    corked.close()
+    assert waits == [] and not corked._out
+    broker.close()
+
+    ours, broker = _tcp_pair()
+    corked = _Corked(ours)
+    corked.send(b"\x30" + b"y" * 4_000_000)
+    corked.send(b"\xe0\x00")  # DISCONNECT last: stop() waits for it to go out
+    received = bytearray()
+
+    def drain() -> None:
+        while chunk := broker.recv(1 << 20):
+            received.extend(chunk)
+
+    with pytest.raises(BlockingIOError):
+        corked.flush()
+    reader = threading.Thread(target=drain)
+    reader.start()
+    corked.close()
+    reader.join(10)
+    broker.close()
+    assert bytes(received[-2:]) == b"\xe0\x00" and len(received) == 4_000_003  # all of it, DISCONNECT last
+
+
+def test_a_connection_lost_before_its_suback_leaves_no_pending_subscription() -> None:
+    """Otherwise every later connection waits for that SUBACK for ever: the low-water mark is
+    never set again (two wake-ups per pull) and one stale entry is kept per such loss."""
+    import socket
+
+    from edge_sdk.mqtt import RECV_LOW_WATER
+
+    broker = FakeBroker(lose_before_suback=frozenset({2}))
+    t, actor = _quiet_transport(broker, "subs")
+
+    def low_water() -> int:
+        with t._lock:
+            return int(t._client.socket().sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT))
+
+    try:
+        actor.start()
+        t.start()
+        broker.sessions.get(timeout=10).close()  # the first connection: subscribed, then lost
+        broker.sessions.get(timeout=30)  # the third (the second was lost before its SUBACK)
+        assert broker.accepted == 3
+        wait_until(lambda: t.connected and not t._pending_subs and low_water() == RECV_LOW_WATER, 10,
+                   "subscribed, with the low-water mark")
+    finally:
+        t.stop()
+        actor.stop()
+        broker.close()
