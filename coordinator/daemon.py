@@ -46,7 +46,7 @@ from coordinator.strategies.base import BufferedUpdate
 from coordinator.strategies.staleness import needs_driver, policy_of
 from coordinator.validation import Validator, load_validation
 from edge_sdk.core.events import MessageReceived, Notify, Publish
-from edge_sdk.errors import ConfigError
+from edge_sdk.errors import ConfigError, TransportError
 from edge_sdk.modelio import load_model
 from edge_sdk.mqtt import BrokerAuth, MqttTransport
 from edge_sdk.runtime import Actor, Clock, WallClock
@@ -171,6 +171,8 @@ class CoordinatorDaemon:
         self._status_due = False
         self._storage_ok = True
         self.storage_failures = 0
+        self.publish_failures = 0
+        """Publishes the transport refused (logged; the batch's other actions still ran)."""
         self._probe_stop = threading.Event()
         self._probe_thread = threading.Thread(target=self._probe_loop, name=f"storage-probe-{options.region}", daemon=True)
         # ops: metrics snapshot after handled events, liveness stamps and last will on the status topic
@@ -500,7 +502,11 @@ class CoordinatorDaemon:
                 closing = self._closing.is_set()
                 payload = stamp_status(payload, alive=not closing, now=self.clock.now(),
                                        heartbeat_s=self.options.status_interval_s, reason="stopped" if closing else "")
-            self.transport.publish(action.topic, payload, qos=action.qos, retain=action.retain)
+            try:
+                self.transport.publish(action.topic, payload, qos=action.qos, retain=action.retain)
+            except (TransportError, ValueError) as exc:  # one message lost (its device asks again), never
+                self.publish_failures += 1  # the acks, commits and directory writes held behind it
+                log.error("publishing to %s failed: %s", action.topic, exc)
         elif isinstance(action, PersistUpdate):
             self.registry.persist_update(action.update)
         elif isinstance(action, CommitVersion):

@@ -31,6 +31,7 @@ from coordinator.registry import Registry
 from devices.live import LabellingLoop, LabellingUser
 from devices.partition import partition
 from edge_sdk.client import EdgeClient
+from edge_sdk.errors import TransportError
 from edge_sdk.mqtt import MqttTransport
 from edge_sdk.spec import FULL
 from edge_sdk.tasks import get_task
@@ -409,6 +410,8 @@ class FakeTransport:
     def __init__(self) -> None:
         self.sent: list[tuple[str, Any]] = []
         self._lock = threading.Lock()
+        self.refuse: set[str] = set()
+        """Topics whose next publish raises TransportError (as paho's publish can)."""
 
     def start(self, timeout: float = 0.0) -> None:
         pass
@@ -417,6 +420,9 @@ class FakeTransport:
         pass
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        if topic in self.refuse:
+            self.refuse.discard(topic)
+            raise TransportError(f"publish to {topic} failed: the client is not currently connected")
         msg: Any = parse_status_json(payload) if topic.endswith("/status") else decode(payload)
         with self._lock:
             self.sent.append((topic, msg))
@@ -527,6 +533,23 @@ def test_a_failed_commit_publishes_nothing_after_it_and_burns_its_number(tmp_pat
     reg = Registry(tmp_path / "c", spec)
     assert reg.versions() == [0, 2]
     assert sorted(map(tuple, reg.read_version(2)[1]["consumed"])) == [("a", 1), ("b", 1)]
+
+
+def test_a_refused_publish_loses_only_that_message(tmp_path: Path) -> None:
+    """The transport refuses one ack of a batch that also commits a version: the other ack,
+    the version's directory and the new status still happen; the refused device's retry is
+    answered ``duplicate``. (A refused publish used to abort the batch's held actions.)"""
+    w = get_task("digits").pretrained(seed=0)
+    with driver(tmp_path, k=2) as (daemon, fake):
+        fake.refuse.add(topics.device_topic(REGION, "a", "ack"))
+        in_one_batch(daemon, [update("a", 1, w), update("b", 1, w + 1e-3)])
+        wait_until(lambda: daemon.core.version == 1 and fake.last_status().get("version") == 1, 10, "version 1 and its status")
+        assert [(m.device, m.status) for m in fake.acks()] == [("b", "accepted")]
+        assert daemon.publish_failures == 1 and not daemon.actor.errors
+        assert Registry(tmp_path / "c", get_task("digits").spec).versions() == [0, 1]  # the directory was written
+        in_one_batch(daemon, [update("a", 1, w)])  # a never heard back: it sends again
+        wait_until(lambda: len(fake.acks()) == 2, 10, "the retry's answer")
+        assert (fake.acks()[-1].device, fake.acks()[-1].status) == ("a", "duplicate")
 
 
 def test_a_restart_resumes_the_same_watermarks_and_devices_after_many_small_commits(tmp_path: Path) -> None:
