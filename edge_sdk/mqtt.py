@@ -81,11 +81,25 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_sdk.errors import ConfigError, TransportError
 
-PAHO_FAST_PATHS = PAHO_VERSION.split(".")[:2] == ["2", "2"]
+_PAHO_INTERNALS = (
+    "_sock", "_in_packet", "_out_packet", "_mid_generate", "_loop_rc_handle", "_last_msg_out",
+    "_last_bytes_received", "_out_message_mutex", "_out_messages", "_do_on_publish", "_easy_log",
+    "_handle_pubackcomp", "_protocol", "_reset_sockets",
+)
+"""What of paho's the shortcuts touch (a 2.2.x patch release that renamed one turns them off)."""
+
+
+def _paho_has_internals() -> bool:
+    probe = paho.Client(CallbackAPIVersion.VERSION2)  # no socket until it connects
+    return all(hasattr(probe, name) for name in _PAHO_INTERNALS)
+
+
+PAHO_FAST_PATHS = PAHO_VERSION.split(".")[:2] == ["2", "2"] and _paho_has_internals()
 """The coordinator's two shortcuts through paho's internals (:class:`_Corked` replaces paho's
 socket attribute; :class:`_Client` its PUBACK handler) are taken only with the paho release they
-were written and tested against (2.2.x); with any other release paho's own code runs (slower,
-same behaviour), so an upgrade of paho cannot break a coordinator through them."""
+were written and tested against (2.2.x) and only if it has every internal they use; otherwise
+paho's own code runs (slower, same behaviour), so an upgrade of paho cannot break a coordinator
+through them."""
 
 log = logging.getLogger(__name__)
 
@@ -424,12 +438,12 @@ class MqttTransport:
             with self._lock:
                 self._publish_fast(topic, payload, qos, retain)
                 if threading.get_ident() != self._loop_ident:
-                    self._flush()  # the loop thread flushes before it waits; another thread now
+                    self._flush_from_outside()  # the loop thread flushes before it waits
             return
         with self._lock:  # own_loop: paho writes it to the socket now when nothing is queued before it
             info = self._client.publish(topic, payload, qos=qos, retain=retain)
             if self.own_loop and threading.get_ident() != self._loop_ident:
-                self._flush()  # the loop thread flushes before it waits; another thread now
+                self._flush_from_outside()  # the loop thread flushes before it waits
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             # NO_CONN: paho keeps QoS>0 messages queued and sends them after reconnecting.
             raise TransportError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
@@ -613,6 +627,15 @@ class MqttTransport:
             log.info("reconnecting to broker %s failed (%s); next try in %.0f s", self.address.url, exc, self._reconnect_delay)
             return
         self._misc_at = 0.0
+
+    def _flush_from_outside(self) -> None:
+        """Under the lock, on a thread other than the loop's: write now. What the kernel does
+        not take yet wakes the loop, which then waits for the socket to be writable (it may be
+        waiting for reads only, until its next tick)."""
+        self._flush()
+        sock = self._client.socket()
+        if isinstance(sock, _Corked) and sock.unflushed:
+            self._wake()
 
     def _flush(self) -> None:
         """own_loop, under the lock: write what the socket holds back (see :class:`_Corked`)."""

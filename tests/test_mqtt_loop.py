@@ -745,3 +745,36 @@ def test_a_connection_lost_before_its_suback_leaves_no_pending_subscription() ->
         t.stop()
         actor.stop()
         broker.close()
+
+
+def test_the_fast_path_is_off_when_paho_lacks_an_internal_it_uses(monkeypatch: pytest.MonkeyPatch) -> None:
+    import edge_sdk.mqtt as mqtt
+
+    if mqtt.PAHO_VERSION.split(".")[:2] == ["2", "2"]:
+        assert mqtt._paho_has_internals() and mqtt.PAHO_FAST_PATHS  # the release the shortcuts were written for
+    monkeypatch.setattr(mqtt, "_PAHO_INTERNALS", (*mqtt._PAHO_INTERNALS, "_renamed_in_a_patch_release"))
+    assert not mqtt._paho_has_internals()
+
+
+def test_a_publish_from_another_thread_that_the_kernel_cannot_take_wakes_the_loop() -> None:
+    """What the kernel does not take at once is written by the loop when the socket is
+    writable: the publishing thread wakes it (it may be waiting for reads only)."""
+    broker = FakeBroker()
+    t, actor = _quiet_transport(broker, "wakes")
+    try:
+        actor.start()
+        t.start()
+        conn = broker.sessions.get(timeout=10)
+        wakes: list[float] = []
+        wake = t._wake
+        t._wake = lambda: (wakes.append(1.0), wake())[1]  # type: ignore[method-assign]
+        payload = b"w" * 32_000_000  # more than the kernel's buffers hold while the broker reads nothing
+        t.publish("out/big", payload, qos=0)
+        assert wakes, "the rest would wait for the loop's next tick"
+        conn.settimeout(30)
+        first, body = read_packet(conn)  # the loop writes the rest as the broker reads
+        assert first == 0x30 and body == b"\x00\x07out/big" + payload
+    finally:
+        t.stop()
+        actor.stop()
+        broker.close()
