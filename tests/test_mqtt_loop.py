@@ -529,18 +529,25 @@ def test_fast_path_acks_after_delivery_and_survives_split_and_malformed_packets(
         broker.close()
 
 
-def _quiet_transport(broker: FakeBroker, name: str) -> tuple[MqttTransport, Actor]:
-    """An own-loop transport to ``broker`` that ignores what it receives, and its actor."""
+@contextlib.contextmanager
+def _quiet_session(name: str, broker: FakeBroker | None = None) -> Iterator[tuple[MqttTransport, FakeBroker]]:
+    """An own-loop transport (and its actor) that ignores what it receives, started against
+    ``broker`` (a new FakeBroker by default); all three stopped afterwards."""
+    broker = broker or FakeBroker()
     t = MqttTransport(f"mqtt://127.0.0.1:{broker.port}", name, ["in/#"], on_message=lambda tp, p: None, own_loop=True)
-    return t, Actor(f"{name}-actor", lambda e: [], lambda a: None, io=t)
-
-
-def test_fast_path_resends_unacknowledged_messages_after_a_reconnect_in_order() -> None:
-    broker = FakeBroker()
-    t, actor = _quiet_transport(broker, "resend")
+    actor = Actor(f"{name}-actor", lambda e: [], lambda a: None, io=t)
     try:
         actor.start()
         t.start()
+        yield t, broker
+    finally:
+        t.stop()
+        actor.stop()
+        broker.close()
+
+
+def test_fast_path_resends_unacknowledged_messages_after_a_reconnect_in_order() -> None:
+    with _quiet_session("resend") as (t, broker):
         conn = broker.sessions.get(timeout=10)
         t.publish("out/a", b"A", qos=1)  # from this (non-loop) thread: written at once
         first, body = read_packet(conn)
@@ -561,10 +568,6 @@ def test_fast_path_resends_unacknowledged_messages_after_a_reconnect_in_order() 
         wait_until(lambda: not t._flight, 10, "both acknowledged")
         assert t.malformed_packets == 0
         conn.close()
-    finally:
-        t.stop()
-        actor.stop()
-        broker.close()
 
 
 def test_a_tls_transport_stays_on_paho_s_path(secure_broker: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -612,11 +615,7 @@ def test_fast_path_drops_the_oldest_waiting_message_when_packet_ids_run_short(mo
 
     assert mqtt.FAST_MAX_INFLIGHT < mqtt.FAST_MAX_QUEUED < 65_535
     monkeypatch.setattr(mqtt, "FAST_MAX_QUEUED", 300)
-    broker = FakeBroker()
-    t, actor = _quiet_transport(broker, "bounded")
-    try:
-        actor.start()
-        t.start()
+    with _quiet_session("bounded") as (t, broker):
         broker.sessions.get(timeout=10)  # reads nothing, acknowledges nothing (closed with the broker)
         for i in range(400):
             t.publish("out/x", b"%d" % i, qos=1)
@@ -625,10 +624,6 @@ def test_fast_path_drops_the_oldest_waiting_message_when_packet_ids_run_short(mo
         assert kept == list(range(256)) + list(range(356, 400))  # the sent ones stay; the oldest waiting ones went
         assert t._lock.acquire(timeout=5)  # nobody holds the transport
         t._lock.release()
-    finally:
-        t.stop()
-        actor.stop()
-        broker.close()
 
 
 def _tcp_pair() -> tuple[Any, Any]:
@@ -726,25 +721,16 @@ def test_a_connection_lost_before_its_suback_leaves_no_pending_subscription() ->
 
     from edge_sdk.mqtt import RECV_LOW_WATER
 
-    broker = FakeBroker(lose_before_suback=frozenset({2}))
-    t, actor = _quiet_transport(broker, "subs")
-
-    def low_water() -> int:
+    def low_water(t: MqttTransport) -> int:
         with t._lock:
             return int(t._client.socket().sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT))
 
-    try:
-        actor.start()
-        t.start()
+    with _quiet_session("subs", FakeBroker(lose_before_suback=frozenset({2}))) as (t, broker):
         broker.sessions.get(timeout=10).close()  # the first connection: subscribed, then lost
         broker.sessions.get(timeout=30)  # the third (the second was lost before its SUBACK)
         assert broker.accepted == 3
-        wait_until(lambda: t.connected and not t._pending_subs and low_water() == RECV_LOW_WATER, 10,
+        wait_until(lambda: t.connected and not t._pending_subs and low_water(t) == RECV_LOW_WATER, 10,
                    "subscribed, with the low-water mark")
-    finally:
-        t.stop()
-        actor.stop()
-        broker.close()
 
 
 def test_the_fast_path_is_off_when_paho_lacks_an_internal_it_uses(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -759,11 +745,7 @@ def test_the_fast_path_is_off_when_paho_lacks_an_internal_it_uses(monkeypatch: p
 def test_a_publish_from_another_thread_that_the_kernel_cannot_take_wakes_the_loop() -> None:
     """What the kernel does not take at once is written by the loop when the socket is
     writable: the publishing thread wakes it (it may be waiting for reads only)."""
-    broker = FakeBroker()
-    t, actor = _quiet_transport(broker, "wakes")
-    try:
-        actor.start()
-        t.start()
+    with _quiet_session("wakes") as (t, broker):
         conn = broker.sessions.get(timeout=10)
         wakes: list[float] = []
         wake = t._wake
@@ -774,7 +756,3 @@ def test_a_publish_from_another_thread_that_the_kernel_cannot_take_wakes_the_loo
         conn.settimeout(30)
         first, body = read_packet(conn)  # the loop writes the rest as the broker reads
         assert first == 0x30 and body == b"\x00\x07out/big" + payload
-    finally:
-        t.stop()
-        actor.stop()
-        broker.close()
