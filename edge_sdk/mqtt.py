@@ -566,14 +566,8 @@ class MqttTransport:
         if qos:
             client = self._client
             flight = self._flight
-            if len(flight) >= FAST_MAX_QUEUED:  # packet ids nearly all taken (a long outage): drop the oldest waiting one,
-                while self._unsent:  # or the loop below spins for ever once all 65,535 are
-                    if flight.pop(self._unsent.popleft(), None) is not None:
-                        self.dropped_messages += 1
-                        if self.dropped_messages % 1000 == 1:
-                            log.error("broker %s: %d QoS 1 messages unacknowledged; dropping the oldest unsent ones "
-                                      "(%d so far)", self.address.url, len(flight) + 1, self.dropped_messages)
-                        break
+            if len(flight) >= FAST_MAX_QUEUED:  # packet ids nearly all taken (a long outage): or the
+                self._drop_oldest_unsent()  # loop below spins for ever once all 65,535 are
             mid = client._mid_generate()  # paho's counter: never a mid paho uses (SUBSCRIBE, ...)
             while mid in flight:
                 mid = client._mid_generate()
@@ -582,6 +576,17 @@ class MqttTransport:
             self._send_unsent()
         elif self._connected.is_set() and isinstance(self._client._sock, _Corked):
             self._client._sock.send_parts(_publish_header(topic, len(payload), 0, retain, 0), payload)
+
+    def _drop_oldest_unsent(self) -> None:
+        """Under the lock: forget the oldest QoS 1 message not yet sent (counted, logged)."""
+        flight, unsent = self._flight, self._unsent
+        while unsent:
+            if flight.pop(unsent.popleft(), None) is not None:  # (a mid acknowledged already is skipped)
+                self.dropped_messages += 1
+                if self.dropped_messages % 1000 == 1:
+                    log.error("broker %s: %d QoS 1 messages unacknowledged; dropping the oldest unsent ones (%d so far)",
+                              self.address.url, len(flight) + 1, self.dropped_messages)
+                return
 
     def _send_unsent(self) -> None:
         """Under the lock: write waiting QoS 1 messages while connected and under the cap."""
@@ -813,7 +818,7 @@ class _Corked:
                 return self._starve()
             try:
                 size = self.READ_AHEAD
-                if self._parts or self._rpos < len(self._rbuf):  # part of a packet: ask for its rest at once
+                if self._holds_part:  # ask for the rest of the packet at once
                     size = max(size, min(MAX_RECV, self._need() - self._have))
                 data = self.sock.recv(size)
             except BlockingIOError:
@@ -856,8 +861,13 @@ class _Corked:
         self.low_water = n
         self._apply_low_water()
 
+    @property
+    def _holds_part(self) -> bool:
+        """take() holds part of a packet (read ahead, or the pieces of a large one)."""
+        return bool(self._parts) or self._rpos < len(self._rbuf)
+
     def _apply_low_water(self) -> None:
-        want = 1 if self._parts or self._rpos < len(self._rbuf) else self.low_water
+        want = 1 if self._holds_part else self.low_water
         if want != self._lowat:
             with contextlib.suppress(OSError):
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
@@ -962,13 +972,14 @@ class _Corked:
         not stall on a broker that stopped reading)."""
         disconnecting = bool(self._out) and bytes(self._out[-1][:1]) == b"\xe0"
         deadline = time.monotonic() + (2.0 if disconnecting else 0.0)
-        with contextlib.suppress(BlockingIOError):
-            self.flush()  # once, without waiting
-        while self._out and time.monotonic() < deadline:
+        while self._out:
             try:
                 self.flush()
             except BlockingIOError:
-                select.select([], [self.sock], [], max(0.0, deadline - time.monotonic()))
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                select.select([], [self.sock], [], left)
         self._out.clear()
         self.sock.close()
 
