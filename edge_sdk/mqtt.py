@@ -47,7 +47,9 @@ the broker has not acknowledged are kept for resending, up to ``FAST_MAX_QUEUED`
 65,535 packet ids): beyond that, after a long outage or with a broker that stopped
 acknowledging, the oldest one not yet sent is dropped, logged and counted in
 ``dropped_messages`` (a device whose Ack or model is lost asks again). A lost connection
-closes without waiting for held writes to drain, unless what is held ends with our DISCONNECT.
+closes without waiting for held writes to drain, unless what is held ends with our DISCONNECT;
+``stop()`` first lets messages queued behind the unacknowledged ones go out (for up to
+``STOP_DRAIN_S``), so a stop under backlog still delivers the daemon's last status.
 """
 
 from __future__ import annotations
@@ -59,7 +61,6 @@ import itertools
 import json
 import logging
 import os
-import select
 import socket
 import ssl
 import threading
@@ -80,6 +81,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_sdk.errors import ConfigError, TransportError
+from edge_sdk.runtime import wait_io
 
 _PAHO_INTERNALS = (
     "_sock", "_in_packet", "_out_packet", "_mid_generate", "_loop_rc_handle", "_last_msg_out",
@@ -117,6 +119,10 @@ order) in memory, as paho's own queue did beyond its in-flight limit (64, which 
 FAST_MAX_QUEUED = 65_000
 """Fast path: QoS 1 messages kept until acknowledged (sent or waiting); beyond it the oldest waiting one is
 dropped and counted in ``dropped_messages`` (MQTT has 65,535 packet ids)."""
+STOP_DRAIN_S = 2.0
+"""Fast path: the longest :meth:`MqttTransport.stop` waits for QoS 1 messages queued behind
+the unacknowledged ones to go out before it disconnects (a broker that stopped acknowledging
+costs a stop this long)."""
 MAX_RECV = 1 << 20
 """Fast path: the most one ``recv`` asks for while a large packet is being read."""
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
@@ -403,6 +409,8 @@ class MqttTransport:
     def stop(self) -> None:
         self._stopping = True
         try:
+            if self._fast:
+                self._drain_unsent()
             with self._lock:
                 self._client.disconnect()
             if self.own_loop:
@@ -415,6 +423,30 @@ class MqttTransport:
                     reset()  # garbage collector, which may finalise the sockets first (ResourceWarning)
             self._connected.clear()
             self._started = False
+
+    def _drain_unsent(self, timeout: float = STOP_DRAIN_S) -> None:
+        """Fast path, at :meth:`stop`: QoS 1 messages still waiting behind the
+        ``FAST_MAX_INFLIGHT`` unacknowledged ones (the daemon's final ``alive: false`` status
+        is published last) go out as PUBACKs make room, for up to ``timeout`` while connected
+        and the loop runs on another thread; the DISCONNECT follows. What is left is logged."""
+        with self._lock:
+            if not self._unsent or not self._connected.is_set() or threading.get_ident() == self._loop_ident:
+                return
+            sock = self._client._sock
+            if isinstance(sock, _Corked):
+                sock.set_low_water(1)  # every PUBACK wakes the loop from now on, not just its tick
+        self._wake()  # the loop may be waiting with the old mark
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._unsent or not self._connected.is_set():
+                    break
+            time.sleep(0.005)
+        with self._lock:
+            left = sum(1 for mid in self._unsent if mid in self._flight)
+        if left:
+            log.warning("broker %s: %d QoS 1 messages not sent before disconnecting (%d unacknowledged ahead of them)",
+                        self.address.url, left, len(self._flight) - left)
 
     def _finish_disconnect(self, timeout: float = 2.0) -> None:
         """own_loop: write what is queued (the DISCONNECT last; paho then closes the socket)
@@ -979,7 +1011,7 @@ class _Corked:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
-                select.select([], [self.sock], [], left)
+                wait_io([], [self.sock], left)
         self._out.clear()
         self.sock.close()
 

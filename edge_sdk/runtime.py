@@ -10,7 +10,7 @@ back some actions until they are durable (the coordinator's group commit) flushe
 Without ``on_batch_end`` every action is performed as soon as its event is handled, as before.
 
 One thread for the network too (``io``): an actor given an :class:`ActorIO` (the coordinator
-passes its :class:`~edge_sdk.mqtt.MqttTransport` in ``own_loop`` mode) waits in ``select`` on
+passes its :class:`~edge_sdk.mqtt.MqttTransport` in ``own_loop`` mode) waits in ``poll`` on
 the IO's sockets and a wake-up socket instead of on a queue, and services the IO itself.
 Messages read there reach the inbox on this very thread: no hand-off to and from a network
 thread (a queue put, a condition notify, a GIL switch and a socketpair wake-up per message).
@@ -59,6 +59,44 @@ class ActorIO(Protocol):
     def service(self, readable: list[Any], writable: list[Any]) -> None:
         """Actor thread: read, write and keep the connection alive; callbacks may submit."""
 
+
+def wait_io(rlist: list[Any], wlist: list[Any], timeout: float | None) -> tuple[list[Any], list[Any]]:
+    """``select.select(rlist, wlist, [], timeout)`` for descriptors of any number: ``poll``
+    where the platform has it (``select`` raises ValueError for a descriptor >= FD_SETSIZE,
+    1024 on Linux, which a process with many open files reaches). Hang-up and error count
+    as readable (and as writable for a socket waiting to write), as with ``select``: the
+    next read or write sees what happened. A closed socket (``fileno()`` -1) raises
+    ValueError, as ``select`` does."""
+    if _poll is None:  # Windows
+        ready = select.select(rlist, wlist, [], timeout)
+        return ready[0], ready[1]
+    poller = _poll()
+    by_fd: dict[int, Any] = {}
+    masks: dict[int, int] = {}
+    for objs, mask in ((rlist, _POLL_READ), (wlist, select.POLLOUT)):
+        for obj in objs:
+            fd = obj if isinstance(obj, int) else obj.fileno()
+            if fd < 0:
+                raise ValueError("file descriptor cannot be a negative integer")
+            by_fd[fd] = obj
+            masks[fd] = masks.get(fd, 0) | mask
+    for fd, mask in masks.items():
+        poller.register(fd, mask)
+    events = poller.poll(None if timeout is None else max(0.0, timeout) * 1000.0)
+    readable: list[Any] = []
+    writable: list[Any] = []
+    for fd, got in events:
+        asked = masks[fd]
+        if asked & _POLL_READ and got & (_POLL_READ | _POLL_FAIL):
+            readable.append(by_fd[fd])
+        if asked & select.POLLOUT and got & (select.POLLOUT | _POLL_FAIL):
+            writable.append(by_fd[fd])
+    return readable, writable
+
+
+_poll = getattr(select, "poll", None)
+_POLL_READ = getattr(select, "POLLIN", 0) | getattr(select, "POLLPRI", 0)
+_POLL_FAIL = getattr(select, "POLLHUP", 0) | getattr(select, "POLLERR", 0) | getattr(select, "POLLNVAL", 0)
 
 _STOP = object()
 MAX_KEPT_ERRORS = 100
@@ -199,7 +237,7 @@ class Actor:
             try:
                 if pending:  # submitted before _asleep was visible: no wake-up was sent
                     break
-                readable, writable, _ = select.select([self._wake_r, *rlist], wlist, [], timeout)
+                readable, writable = wait_io([self._wake_r, *rlist], wlist, timeout)
             except (OSError, ValueError):  # a socket closed by another thread (stop): look again
                 readable, writable = [], []
             finally:

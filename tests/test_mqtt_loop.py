@@ -676,14 +676,14 @@ def test_a_lost_connection_closes_without_waiting_for_held_writes(monkeypatch: p
     import edge_sdk.mqtt as mqtt
 
     waits: list[float] = []
-    real_select = mqtt.select.select
+    real_wait = mqtt.wait_io
 
-    def recording_select(r: Any, w: Any, x: Any, timeout: float | None = None) -> Any:
+    def recording_wait(r: Any, w: Any, timeout: float | None) -> Any:
         if w:
             waits.append(timeout or 0.0)
-        return real_select(r, w, x, timeout)
+        return real_wait(r, w, timeout)
 
-    monkeypatch.setattr(mqtt.select, "select", recording_select)
+    monkeypatch.setattr(mqtt, "wait_io", recording_wait)
     ours, broker = _tcp_pair()
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32_768)
     corked = _Corked(ours)
@@ -756,3 +756,101 @@ def test_a_publish_from_another_thread_that_the_kernel_cannot_take_wakes_the_loo
         conn.settimeout(30)
         first, body = read_packet(conn)  # the loop writes the rest as the broker reads
         assert first == 0x30 and body == b"\x00\x07out/big" + payload
+
+
+def test_stop_sends_the_messages_waiting_behind_the_unacknowledged_ones_first() -> None:
+    """The daemon publishes its final ``alive: false`` status just before it stops; under a
+    backlog that message waits behind FAST_MAX_INFLIGHT unacknowledged ones. stop() lets the
+    PUBACKs that arrive meanwhile release it before the DISCONNECT (it used to disconnect at
+    once, leaving the status unsent and the retained one saying alive)."""
+    import edge_sdk.mqtt as mqtt
+
+    n = mqtt.FAST_MAX_INFLIGHT + 4
+    with _quiet_session("drain") as (t, broker):
+        conn = broker.sessions.get(timeout=10)
+        for i in range(n):
+            t.publish("out/x", b"%d" % i, qos=1)
+        mids = []
+        for _ in range(mqtt.FAST_MAX_INFLIGHT):
+            first, body = read_packet(conn)
+            assert first >> 4 == 3
+            mids.append(body[7:9])
+        stopper = threading.Thread(target=t.stop)
+        stopper.start()
+        wait_until(lambda: t._stopping, 5, "stop() to begin")
+        conn.sendall(b"".join(b"\x40\x02" + mid for mid in mids))  # the broker catches up
+        rest = []
+        while True:
+            first, body = read_packet(conn)
+            if first == 0xE0:  # DISCONNECT
+                break
+            rest.append(body[9:])
+        stopper.join(10)
+        assert rest == [b"%d" % i for i in range(mqtt.FAST_MAX_INFLIGHT, n)]  # all of them, in order, before the DISCONNECT
+
+
+def test_the_loop_serves_sockets_numbered_above_select_s_limit(
+        mosquitto: MosquittoProcess, peer: Peer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """select() refuses a descriptor >= 1024 (ValueError, which the loop caught, so it spun
+    reading only at its keepalive ticks); a process with many open files hands out such
+    descriptors. The ticks are pushed out of the test's reach, so only a working wait serves."""
+    import os
+    import resource
+    import select
+
+    import edge_sdk.mqtt as mqtt
+
+    monkeypatch.setattr(mqtt, "MISC_EVERY_S", 3600.0)
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        if hard != resource.RLIM_INFINITY and hard < 1200:
+            pytest.skip(f"the open-files limit ({hard}) is below 1,200")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1200, hard))
+    fillers = []
+    try:
+        while not fillers or fillers[-1] < 1040:
+            fillers.append(os.open(os.devnull, os.O_RDONLY))
+        echo = Echo(mosquitto.url)  # the actor's wake-up pair and the broker socket: above 1040
+        try:
+            echo.start()
+            sock = echo.transport._client.socket()
+            assert sock.fileno() > 1024 and echo.actor._wake_r.fileno() > 1024
+            with pytest.raises(ValueError):
+                select.select([sock], [], [], 0)
+            for i in range(20):
+                peer.client.publish(f"in/{i}", b"m%d" % i, qos=1)
+            wait_until(lambda: len(peer.got) == 20, 20, "every answer")
+            assert sorted(p for _, p in peer.got) == sorted((b"m%d" % i)[::-1] for i in range(20))
+            echo.actor.submit(lambda now: [Publish(topic="out/woken", payload=b"w", qos=1)])  # the wake-up socket works
+            wait_until(lambda: ("out/woken", b"w") in peer.got, 10, "the submitted publish")
+            assert not echo.actor.errors
+        finally:
+            echo.stop()
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_wait_io_reports_like_select() -> None:
+    """The loop's wait (poll) answers as select did: data or a hang-up is readable, a socket
+    with room is writable, a closed socket raises ValueError (the loop looks again)."""
+    import socket
+
+    from edge_sdk.runtime import wait_io
+
+    a, b = socket.socketpair()
+    try:
+        assert wait_io([a], [], 0) == ([], [])
+        assert wait_io([a], [a], 0) == ([], [a])
+        b.send(b"x")
+        assert wait_io([a], [], 1.0) == ([a], [])
+        b.close()
+        a.recv(1)
+        assert wait_io([a], [], 1.0) == ([a], [])  # EOF: the next recv sees it
+    finally:
+        a.close()
+        b.close()
+    with pytest.raises(ValueError):
+        wait_io([a], [], 0)
