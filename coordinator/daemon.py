@@ -176,7 +176,7 @@ class CoordinatorDaemon:
         self._probe_stop = threading.Event()
         self._probe_thread = threading.Thread(target=self._probe_loop, name=f"storage-probe-{options.region}", daemon=True)
         # ops: metrics snapshot after handled events, liveness stamps and last will on the status topic
-        self.metrics = CoordinatorMetrics()
+        self.metrics = CoordinatorMetrics(problems=self._problems)
         self._status_topic = topics.status_topic(options.region)
         self._snapshot_at = 0.0
         self._closing = threading.Event()
@@ -195,6 +195,13 @@ class CoordinatorDaemon:
             on_batch_end=self._end_batch, max_batch=options.max_batch, io=self.transport,
         )
         self.stopped = threading.Event()
+
+    def _problems(self) -> dict[str, int]:
+        """For the metrics endpoint (its thread): counters that only ever grow."""
+        return {"publish_refused": self.publish_failures, "storage_failures": self.storage_failures,
+                "messages_dropped": getattr(self.transport, "dropped_messages", 0),
+                "malformed_packets": getattr(self.transport, "malformed_packets", 0),
+                "actor_errors": self.actor.error_count}
 
     def _signing_key(self) -> Signer:
         """The model-signing key: ``--signing-key`` (e.g. from a PKI bundle), else the state

@@ -42,7 +42,9 @@ Probe = Callable[[], tuple[bool, Mapping[str, Any]]]
 class CoordinatorMetrics:
     """The daemon's metrics: latency histograms plus a collector over the latest snapshot."""
 
-    def __init__(self) -> None:
+    def __init__(self, problems: Callable[[], Mapping[str, int]] | None = None) -> None:
+        self.problems = problems
+        """Counts of what the process survived, by kind (read at each scrape; any thread)."""
         self.registry = CollectorRegistry(auto_describe=True)
         self.aggregation_seconds = Histogram(
             "edgeci_aggregation_seconds", "Time to handle an event that produced a new version (strategy combine included)",
@@ -75,6 +77,15 @@ class _SnapshotCollector:
         return []  # families depend on the snapshot; nothing to pre-register
 
     def collect(self) -> Iterator[Metric]:
+        problems = self._metrics.problems
+        if problems is not None:
+            fam = CounterMetricFamily(
+                "edgeci_problems", "What the coordinator process survived, by kind: publishes the transport refused, "
+                "storage failures, QoS 1 messages dropped after too many went unacknowledged, malformed packets "
+                "from the broker, errors caught in the actor", labels=["kind"])
+            for kind, n in sorted(problems().items()):
+                fam.add_metric([kind], n)
+            yield fam
         s = self._metrics.snapshot
         if s is None:
             return

@@ -546,6 +546,7 @@ def test_a_refused_publish_loses_only_that_message(tmp_path: Path) -> None:
         wait_until(lambda: daemon.core.version == 1 and fake.last_status().get("version") == 1, 10, "version 1 and its status")
         assert [(m.device, m.status) for m in fake.acks()] == [("b", "accepted")]
         assert daemon.publish_failures == 1 and not daemon.actor.errors
+        assert b'edgeci_problems_total{kind="publish_refused"} 1.0' in daemon.metrics.exposition()
         assert Registry(tmp_path / "c", get_task("digits").spec).versions() == [0, 1]  # the directory was written
         in_one_batch(daemon, [update("a", 1, w)])  # a never heard back: it sends again
         wait_until(lambda: len(fake.acks()) == 2, 10, "the retry's answer")
