@@ -10,7 +10,7 @@ back some actions until they are durable (the coordinator's group commit) flushe
 Without ``on_batch_end`` every action is performed as soon as its event is handled, as before.
 
 One thread for the network too (``io``): an actor given an :class:`ActorIO` (the coordinator
-passes its :class:`~edge_sdk.mqtt.MqttTransport` in ``own_loop`` mode) waits in ``poll`` on
+passes its :class:`~edge_sdk.mqtt.MqttTransport` in ``own_loop`` mode) waits in ``select`` (``poll`` for descriptors above its limit) on
 the IO's sockets and a wake-up socket instead of on a queue, and services the IO itself.
 Messages read there reach the inbox on this very thread: no hand-off to and from a network
 thread (a queue put, a condition notify, a GIL switch and a socketpair wake-up per message).
@@ -61,31 +61,32 @@ class ActorIO(Protocol):
 
 
 def wait_io(rlist: list[Any], wlist: list[Any], timeout: float | None) -> tuple[list[Any], list[Any]]:
-    """``select.select(rlist, wlist, [], timeout)`` for descriptors of any number: ``poll``
-    where the platform has it (``select`` raises ValueError for a descriptor >= FD_SETSIZE,
-    1024 on Linux, which a process with many open files reaches). Hang-up and error count
-    as readable (and as writable for a socket waiting to write), as with ``select``: the
-    next read or write sees what happened. A closed socket (``fileno()`` -1) raises
-    ValueError, as ``select`` does."""
-    if _poll is None:  # Windows
+    """``select.select(rlist, wlist, [], timeout)`` for descriptors of any number: ``select``
+    raises ValueError for a descriptor >= FD_SETSIZE (1024 on Linux), which a process with
+    many open files reaches; then ``poll`` answers instead (where the platform has it), as
+    ``select`` would: hang-up and error count as readable (and as writable for a socket
+    waiting to write), so the next read or write sees what happened. A closed socket
+    (``fileno()`` -1) still raises ValueError, as with ``select``."""
+    try:
         ready = select.select(rlist, wlist, [], timeout)
         return ready[0], ready[1]
-    poller = _poll()
+    except ValueError:
+        fds = [obj if isinstance(obj, int) else obj.fileno() for obj in (*rlist, *wlist)]
+        if _poll is None or min(fds, default=0) < 0:
+            raise
     by_fd: dict[int, Any] = {}
     masks: dict[int, int] = {}
     for objs, mask in ((rlist, _POLL_READ), (wlist, select.POLLOUT)):
         for obj in objs:
             fd = obj if isinstance(obj, int) else obj.fileno()
-            if fd < 0:
-                raise ValueError("file descriptor cannot be a negative integer")
             by_fd[fd] = obj
             masks[fd] = masks.get(fd, 0) | mask
+    poller = _poll()
     for fd, mask in masks.items():
         poller.register(fd, mask)
-    events = poller.poll(None if timeout is None else max(0.0, timeout) * 1000.0)
     readable: list[Any] = []
     writable: list[Any] = []
-    for fd, got in events:
+    for fd, got in poller.poll(None if timeout is None else max(0.0, timeout) * 1000.0):
         asked = masks[fd]
         if asked & _POLL_READ and got & (_POLL_READ | _POLL_FAIL):
             readable.append(by_fd[fd])
