@@ -685,14 +685,17 @@ def test_a_lost_connection_closes_without_waiting_for_held_writes(monkeypatch: p
 
     monkeypatch.setattr(mqtt, "wait_io", recording_wait)
     ours, broker = _tcp_pair()
-    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32_768)
-    corked = _Corked(ours)
-    corked.send(b"\x30" + b"x" * 8_000_000)  # more than the kernel takes while nobody reads
-    with pytest.raises(BlockingIOError):
-        corked.flush()
-    corked.close()
-    assert waits == [] and not corked._out
-    broker.close()
+    try:
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32_768)
+        corked = _Corked(ours)
+        corked.send(b"\x30" + b"x" * 8_000_000)  # more than the kernel takes while nobody reads
+        with pytest.raises(BlockingIOError):
+            corked.flush()
+        corked.close()
+        assert waits == [] and not corked._out
+    finally:
+        ours.close()
+        broker.close()
 
     ours, broker = _tcp_pair()
     corked = _Corked(ours)
