@@ -29,6 +29,9 @@ log = logging.getLogger("edgeci.coordinator")
 
 __all__ = ["ConversionWorker", "Converter"]
 
+STOP_WAIT_S = 2.0
+"""How long :meth:`ConversionWorker.stop` waits for a conversion that is already running."""
+
 
 class Converter(Protocol):
     """What the worker runs: ``coordinator.inversion.GradientInverter`` (or a test's stand-in)."""
@@ -51,6 +54,7 @@ class ConversionWorker:
         self.done = 0
         self.failed = 0
         self.busy_s = 0.0
+        self._stopping = False
 
     def start(self) -> ConversionWorker:
         self._thread.start()
@@ -64,13 +68,28 @@ class ConversionWorker:
             log.warning("conversion queue full: device %s's update (staleness %d) is applied damped", request.device, request.staleness)
             self._deliver(partial(_answer, request, None, 0.0, "conversion queue full"))
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = STOP_WAIT_S) -> None:
+        """Stop without converting what is still queued: those updates are durable and
+        acknowledged, and a restart buffers them again (so a SIGTERM is not held up by up to
+        ``max_queue`` conversions of seconds each). A conversion already running may finish
+        within ``timeout``; after that the thread (a daemon thread) is left to end by itself."""
+        self._stopping = True
+        dropped = 0
+        with contextlib.suppress(queue.Empty):
+            while True:
+                dropped += self._queue.get_nowait() is not None
+        if dropped:
+            log.info("stopping: %d queued conversions not run (their updates are durable and are buffered again at the next start)", dropped)
         with contextlib.suppress(queue.Full):
-            self._queue.put(None, timeout=5)
-        self._thread.join(30)
+            self._queue.put_nowait(None)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("stopping: a conversion still running after %.0f s is abandoned", timeout)
 
     def _run(self) -> None:
         while (request := self._queue.get()) is not None:
+            if self._stopping:
+                continue
             if self._now() >= request.deadline:
                 self.failed += 1
                 self._deliver(partial(_answer, request, None, 0.0, "deadline passed while queued"))

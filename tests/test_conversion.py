@@ -3,6 +3,8 @@ DC-ASGD, and the switch back to plain aggregation (E1 vs E2, α blending)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -217,3 +219,37 @@ def test_the_switch_point_survives_a_commit_and_restart() -> None:
     assert again.status().extra["conversion"]["mode"] == "switched-off"
     assert not [a for a in again.handle(upd("slow", 0, 9.0, base=0)) if isinstance(a, ConvertUpdate)]
     assert again.counters["conversion_switched_off"] == 1
+
+
+def test_the_worker_stops_without_running_the_queued_conversions() -> None:
+    """SIGTERM must not wait for every queued gradient inversion (seconds each; 8 queued took
+    8 s at 1 s each, up to 35 s at the default budget, past systemd's TimeoutStopSec=30).
+    Queued updates are durable and acknowledged: the next start buffers them again."""
+    import threading
+    import time
+    import types
+
+    from coordinator.conversion_worker import ConversionWorker
+
+    started = threading.Event()
+    release = threading.Event()
+    runs: list[int] = []
+
+    class Slow:
+        def convert(self, request: Any) -> None:
+            runs.append(request.ticket)
+            started.set()
+            release.wait(10)
+
+    delivered: list[object] = []
+    worker = ConversionWorker(Slow(), delivered.append, time.time).start()
+    for i in range(8):
+        worker.submit(types.SimpleNamespace(ticket=i, device=f"d{i}", staleness=5, target_version=9, deadline=time.time() + 60))
+    assert started.wait(10)  # the first one runs; 7 wait in the queue
+    stopper = threading.Thread(target=worker.stop)
+    stopper.start()
+    time.sleep(0.2)
+    release.set()  # the running conversion ends
+    stopper.join(10)
+    assert not stopper.is_alive() and not worker._thread.is_alive()
+    assert runs == [0]  # none of the queued ones ran
