@@ -172,6 +172,10 @@ class CoordinatorDaemon:
         self._storage_ok = True
         self.storage_failures = 0
         self.publish_failures = 0
+        self.core_failures = 0
+        """Events the core raised on (the core was rebuilt from the durable state each time)."""
+        self._last_status: bytes | None = None
+        """The last status JSON published (durable by then), unstamped: the final one repeats it."""
         """Publishes the transport refused (logged; the batch's other actions still ran)."""
         self._probe_stop = threading.Event()
         self._probe_thread = threading.Thread(target=self._probe_loop, name=f"storage-probe-{options.region}", daemon=True)
@@ -199,6 +203,7 @@ class CoordinatorDaemon:
     def _problems(self) -> dict[str, int]:
         """For the metrics endpoint (its thread): counters that only ever grow."""
         return {"publish_refused": self.publish_failures, "storage_failures": self.storage_failures,
+                "core_failures": self.core_failures,
                 "messages_dropped": getattr(self.transport, "dropped_messages", 0),
                 "malformed_packets": getattr(self.transport, "malformed_packets", 0),
                 "actor_errors": self.actor.error_count}
@@ -226,7 +231,7 @@ class CoordinatorDaemon:
             peering_params=options.peering_params,
         )
         strategy, peering = method.strategy, method.peering
-        return CoordinatorCore(
+        core = CoordinatorCore(
             CoordinatorConfig(
                 region=options.region,
                 coordinator_id=self.coordinator_id,
@@ -251,6 +256,10 @@ class CoordinatorDaemon:
             rng=random.Random(options.seed),
             peering=peering,
         )
+        # The gate may promote any version the core still holds (a canary round lasts minutes;
+        # a converting policy keeps 48): the registry must not have pruned its directory by then.
+        self.registry.keep_versions = max(options.keep_versions, core.config.keep_versions)
+        return core
 
     def _canary_config(self) -> CanaryConfig | None:
         """``--canary`` and its settings (None: off); a ConfigError names what is wrong."""
@@ -333,10 +342,13 @@ class CoordinatorDaemon:
         if self.stopped.is_set():
             return
         self._closing.set()  # from here on every status says alive: false
-        snap = self.metrics.snapshot
-        if snap is not None and self.transport.connected:  # straight out: _perform is the actor's
+        # The last status that went out, not the metrics snapshot: that is refreshed before the
+        # batch's fsync, so it may name a version that never becomes durable (the next run would
+        # then publish other weights under that number).
+        last = self._last_status
+        if last is not None and self.transport.connected:  # straight out: _perform is the actor's
             self.transport.publish(self._status_topic, stamp_status(
-                status_json(snap), alive=False, now=self.clock.now(), heartbeat_s=self.options.status_interval_s,
+                last, alive=False, now=self.clock.now(), heartbeat_s=self.options.status_interval_s,
                 reason="stopped"), qos=1, retain=True)
         self._probe_stop.set()
         self.transport.stop()
@@ -368,7 +380,11 @@ class CoordinatorDaemon:
         if self._rebuild is not None:
             return []  # the durable state cannot even be read: answer nothing
         t0 = time.perf_counter()
-        actions = self.core.handle(event)
+        try:
+            actions = self.core.handle(event)
+        except Exception as exc:
+            self._core_failed(exc)
+            raise  # the actor logs and counts it
         t1 = time.perf_counter()
         if any(isinstance(a, CommitVersion) for a in actions):
             self.metrics.aggregation_seconds.observe(t1 - t0)
@@ -442,6 +458,18 @@ class CoordinatorDaemon:
             self._status_due = False
             self._do(Publish(topic=self._status_topic, payload=status_json(self.core.status()), qos=1, retain=True))
 
+    def _core_failed(self, exc: BaseException) -> None:
+        """The core raised part-way through an event: its memory may no longer match what is
+        durable (an update counted as applied, a buffer cleared). Nothing of the batch that
+        waited for durability leaves (its devices ask again) and the core is rebuilt from the
+        durable state before anything else, exactly as at a restart."""
+        self.core_failures += 1
+        log.error("the core failed handling an event (%s: %s); dropping %d unacknowledged updates and %d held "
+                  "actions and rebuilding it from %s", type(exc).__name__, exc, len(self._log), len(self._held), self.registry.root)
+        self._log, self._held = [], []
+        self._discarding = True
+        self._rebuild = f"core error ({type(exc).__name__})"
+
     def _storage_failed(self, detail: str) -> None:
         """Nothing that waited for durability may leave: drop it, rebuild the core next."""
         log.error("storage failure: %s; dropping %d unacknowledged updates and %d held actions, "
@@ -506,6 +534,7 @@ class CoordinatorDaemon:
         if isinstance(action, Publish):
             payload = action.payload
             if action.topic == self._status_topic:
+                self._last_status = payload
                 closing = self._closing.is_set()
                 payload = stamp_status(payload, alive=not closing, now=self.clock.now(),
                                        heartbeat_s=self.options.status_interval_s, reason="stopped" if closing else "")

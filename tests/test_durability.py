@@ -701,3 +701,85 @@ def test_actor_drains_what_has_arrived_into_one_batch_and_can_stop_before_a_back
     t0 = time.monotonic()
     slow.stop(drain=False)
     assert time.monotonic() - t0 < 5 and len(handled) <= 8 and log[-1] == "end"
+
+
+def test_the_final_status_names_only_a_durable_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM while the fsync of a batch that commits version 1 hangs and then fails: the
+    final (alive: false) status must not say version 1 — it never became durable, and the
+    next run publishes other weights under that number. It used to repeat the metrics
+    snapshot, which is refreshed before the batch's fsync."""
+    import errno
+    import os
+
+    w = get_task("digits").pretrained(seed=0)
+    in_fsync = threading.Event()
+    real_fsync = os.fsync
+    with driver(tmp_path, k=2) as (daemon, fake):
+        fake.connected = True  # stop() publishes its final status only when connected
+        actor_thread = daemon.actor._thread
+        failing = threading.Event()
+
+        def fsync(fd: int) -> None:
+            if failing.is_set() and threading.current_thread() is actor_thread:
+                in_fsync.set()
+                time.sleep(0.5)  # a slow disk ...
+                raise OSError(errno.EIO, "Input/output error")  # ... that fails
+            real_fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(daemon.registry, "probe", lambda n: (_ for _ in ()).throw(OSError(errno.EIO, "still failing")))
+        in_one_batch(daemon, [update("a", 1, w)])
+        wait_until(lambda: len(fake.acks()) == 1, 10, "a's ack")
+        failing.set()
+        daemon._snapshot_at = float("-inf")  # refresh the snapshot with the next event
+        daemon._on_message(*update("b", 1, w + 1e-3))  # completes k = 2: version 1, in memory
+        assert in_fsync.wait(10)
+        assert daemon.metrics.snapshot is not None and daemon.metrics.snapshot.version == 1
+        daemon.stop(drain=False)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    final = [m for t, m in fake.sent if t.endswith("/status")][-1]
+    assert final["alive"] is False and final["version"] == 0
+    assert Registry(tmp_path / "c", get_task("digits").spec).versions() == [0]
+
+
+def test_an_error_in_the_core_rebuilds_it_from_the_durable_state(tmp_path: Path) -> None:
+    """An exception part-way through an event may leave the core's memory ahead of what is
+    durable (an update counted as applied but never persisted or acknowledged): the core is
+    rebuilt from the state dir, so the device's retry is accepted, not answered duplicate."""
+    w = get_task("digits").pretrained(seed=0)
+    with driver(tmp_path, k=10) as (daemon, fake):
+        in_one_batch(daemon, [update("a", 1, w)])
+        wait_until(lambda: len(fake.acks()) == 1, 10, "a's ack")
+        broken = daemon.core
+        real = broken.handle
+
+        def handle_then_fail(event: Any) -> list[Any]:
+            real(event)  # the core takes the update (in memory) ...
+            raise RuntimeError("boom")  # ... and fails before its actions leave
+
+        broken.handle = handle_then_fail  # type: ignore[method-assign]
+        in_one_batch(daemon, [update("b", 1, w + 1e-3)])
+        wait_until(lambda: daemon.core is not broken, 10, "the core rebuilt")
+        assert [a.device for a in fake.acks()] == ["a"] and daemon.actor.error_count == 1
+        in_one_batch(daemon, [update("b", 1, w + 1e-3)])  # b heard nothing: it sends again
+        wait_until(lambda: len(fake.acks()) == 2, 10, "the retry's answer")
+        assert (fake.acks()[-1].device, fake.acks()[-1].status) == ("b", "accepted")
+        assert b'edgeci_problems_total{kind="core_failures"} 1.0' in daemon.metrics.exposition()
+
+
+def test_the_registry_keeps_every_version_the_gate_may_still_promote(tmp_path: Path) -> None:
+    """A converting staleness policy keeps 48 versions in the core, and the gate may promote
+    any of them (a canary round lasts minutes): the registry, which kept 20, could prune the
+    candidate first, and after a restart an ungated version became the release."""
+    from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
+
+    daemon = CoordinatorDaemon(
+        CoordinatorOptions(broker="mqtt://127.0.0.1:1", region=REGION, state_dir=tmp_path / "c", keep_versions=20,
+                           strategy_params={"k": 2, "timeout_s": 3600.0, "staleness": "gradient-inversion"}),
+        task=get_task("digits"),
+    )
+    try:
+        assert daemon.core.config.keep_versions == 48
+        assert daemon.registry.keep_versions >= daemon.core.config.keep_versions
+    finally:
+        daemon.registry.close()
