@@ -126,6 +126,11 @@ class CoordinatorOptions:
     """gradient-inversion: ``coordinator.inversion.InversionConfig`` fields (iterations, time_budget_s, ...)."""
 
 
+ACTOR_STOP_S = 10.0
+"""How long :meth:`CoordinatorDaemon.stop` waits for the actor to finish; after that the state
+dir is left locked and its files open (the process's exit releases them), never closed under it."""
+
+
 class CoordinatorDaemon:
     """Start with :meth:`start`, stop with :meth:`stop` (SIGTERM handler in the CLI)."""
 
@@ -356,8 +361,11 @@ class CoordinatorDaemon:
             self.validator.stop()
         if self.conversions is not None:
             self.conversions.stop()
-        self.actor.stop(drain=drain)
-        self.registry.close()
+        self.actor.stop(ACTOR_STOP_S, drain=drain)
+        if self.actor.alive:  # still in an event (a long backlog with drain): it may write yet
+            log.error("the actor did not stop within %.0f s; the state dir stays locked until this process exits", ACTOR_STOP_S)
+        else:
+            self.registry.close()  # (only the actor's thread touches the registry while it runs)
         self.stopped.set()
 
     def __enter__(self) -> CoordinatorDaemon:

@@ -783,3 +783,23 @@ def test_the_registry_keeps_every_version_the_gate_may_still_promote(tmp_path: P
         assert daemon.registry.keep_versions >= daemon.core.config.keep_versions
     finally:
         daemon.registry.close()
+
+
+def test_a_stop_that_outlasts_the_actor_leaves_the_state_dir_locked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """stop() waits ACTOR_STOP_S for the actor; one still busy may write yet, so the registry
+    is not closed under it: its lock used to be released, and a second coordinator could open
+    the state dir while the first still wrote to it."""
+    import coordinator.daemon as daemon_module
+    from coordinator.registry import StateDirLocked
+
+    monkeypatch.setattr(daemon_module, "ACTOR_STOP_S", 0.3)
+    busy = threading.Event()
+    with driver(tmp_path, k=10) as (daemon, _fake):
+        daemon.actor.call(lambda: busy.wait(10))  # an event that takes long (a backlog, a slow disk)
+        daemon.stop(drain=True)
+        assert daemon.actor.alive
+        with pytest.raises(StateDirLocked):
+            Registry(tmp_path / "c", get_task("digits").spec).acquire_lock()
+        busy.set()
+        wait_until(lambda: not daemon.actor.alive, 10, "the actor to finish")
+        daemon.registry.close()
