@@ -836,19 +836,31 @@ def test_the_loop_serves_sockets_numbered_above_select_s_limit(
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-def test_wait_io_reports_like_select() -> None:
-    """The loop's wait (poll) answers as select did: data or a hang-up is readable, a socket
-    with room is writable, a closed socket raises ValueError (the loop looks again)."""
+@pytest.mark.parametrize("high", [False, True], ids=["select", "poll above select's limit"])
+def test_wait_io_reports_like_select(high: bool) -> None:
+    """The loop's wait answers as select does, through select and through its poll fallback
+    (descriptors >= 1024): data or a hang-up is readable, a socket with room is writable, a
+    closed socket raises ValueError (the loop looks again)."""
+    import os
+    import resource
     import socket
 
     from edge_sdk.runtime import wait_io
 
+    if high and resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 2100:
+        pytest.skip(f"the open-files limit ({resource.getrlimit(resource.RLIMIT_NOFILE)[0]}) is below 2,100")
     a, b = socket.socketpair()
+    if high:
+        moved = socket.socket(fileno=os.dup2(a.fileno(), 2000))
+        a.close()
+        a = moved
+        assert a.fileno() == 2000
     try:
         assert wait_io([a], [], 0) == ([], [])
         assert wait_io([a], [a], 0) == ([], [a])
         b.send(b"x")
         assert wait_io([a], [], 1.0) == ([a], [])
+        assert wait_io([a], [a], 1.0) == ([a], [a])
         b.close()
         a.recv(1)
         assert wait_io([a], [], 1.0) == ([a], [])  # EOF: the next recv sees it
