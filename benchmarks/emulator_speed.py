@@ -14,11 +14,12 @@ to the smallest (baseline measured in the same run). Goals (issue 13): 100,000 d
 
 Two transports, one table each (``--transport``): ``codec`` encodes and decodes every
 message with the v2 codec, as between processes; ``carried`` is the in-process transport
-(:func:`edge_sdk.wire.codec.carry_decoded`): every frame is still encoded (the exact bytes
-and sizes the network model charges), but a receiver in the same process skips parsing it
-and gets the message the sender validated at construction (unsigned Pull / Model / Update /
-Ack / Invite only). The cores, the events and the results are the same in both (asserted by
-``tests/test_inprocess_transport.py``); only the decode is skipped.
+(:func:`edge_sdk.wire.codec.carry_decoded`): every frame's header is still encoded and its
+exact size is what the network model charges, but the weights are not copied into a frame
+(its bytes are built only if someone asks for them) and a receiver in the same process gets
+the message the sender validated at construction instead of parsing it (unsigned Pull /
+Model / Update / Ack / Invite only). The cores, the events and the results are the same in
+both (asserted by ``tests/test_inprocess_transport.py``).
 
 **Headline** (``--headline``): the digits headline scenario (100 devices, 20 labels/h) with
 real local training on one torch thread, SPIN and FedAsync, against the same run with
@@ -87,7 +88,10 @@ class NoTraining:
         return self._task.pretrained(seed=seed)
 
     def local_update(self, weights: Vector, x: npt.NDArray[Any], y: npt.NDArray[np.int64], config: TrainConfig) -> TrainResult:
-        return TrainResult(weights=np.array(weights, dtype=np.float32, copy=True), n_samples=int(y.shape[0]), loss=0.0, seconds=0.0)
+        # One copy, kept immutable (a read-only vector over a bytes object), as a decoded frame
+        # is: the in-process transport then hands this very array to the coordinator.
+        copy = np.frombuffer(np.ascontiguousarray(weights, dtype=np.float32).tobytes(), dtype=np.float32)
+        return TrainResult(weights=copy, n_samples=int(y.shape[0]), loss=0.0, seconds=0.0)
 
     def evaluate(self, weights: Vector, split: Split | None = None) -> dict[str, float]:
         return self._task.evaluate(weights, split)
@@ -111,8 +115,8 @@ def peak_rss_mb() -> float:
 
 def one_size(devices: int, duration_s: float, rate_per_h: float, seed: int, profile: bool, carried: bool = False) -> dict[str, Any]:
     """Build and run one fleet in this process; return its measurements. ``carried``: the
-    in-process transport (:func:`edge_sdk.wire.codec.carry_decoded`): frames are encoded as
-    always, receivers skip parsing them."""
+    in-process transport (:func:`edge_sdk.wire.codec.carry_decoded`): exact frame sizes,
+    receivers skip parsing them."""
     configure_threads(1)
     spec = fleet_scenario(devices, duration_s, rate_per_h)
     # Enough pool for every label the Poisson stream can ask for (mean rate × duration, plus slack).
@@ -191,7 +195,7 @@ def print_breakdown(stats: pstats.Stats) -> None:
 
 TRANSPORTS = {
     "codec": "every message encoded and decoded by the v2 codec (as between processes)",
-    "carried": "frames encoded as always (exact bytes and sizes); receivers skip parsing them "
+    "carried": "exact frame sizes, the weights never copied into a frame; receivers skip parsing "
                "(codec.carry_decoded: the in-process transport; same cores, same results)",
 }
 

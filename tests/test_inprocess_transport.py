@@ -52,6 +52,40 @@ def test_a_carried_frame_has_the_exact_bytes_and_decodes_to_what_parsing_gives(m
         assert isinstance(got.message, ModelMsg) and got.message.hints is not msg.hints
 
 
+@pytest.mark.parametrize("msg", CARRIED, ids=lambda m: m.TYPE)
+def test_a_carried_frame_has_the_exact_size_and_builds_its_bytes_only_on_demand(msg: Message) -> None:
+    plain = codec.encode(msg)
+    with codec.carry_decoded():
+        carried = codec.encode(msg)
+    assert len(carried) == len(plain), "the network model charges the real size"
+    assert bytes(carried) == plain and hash(carried) == hash(plain)
+    assert not isinstance(carried, bytes | bytearray | memoryview)
+    with pytest.raises(TypeError):
+        memoryview(carried)  # a reader that wants a buffer gets an error, never other bytes
+    with pytest.raises(TypeError):
+        carried[:4]
+
+
+def test_an_immutable_sender_array_is_shared_and_any_other_is_copied_once() -> None:
+    """A read-only vector over ``bytes`` cannot change: the receiver gets that very array
+    (and, for an Update, the sender's message); a writeable one is copied for the receiver."""
+    frozen = np.frombuffer(W.tobytes(), dtype=np.float32)
+    update = Update(device="d1", seq=7, model_id="m", base_version=3, n_samples=5, weights=frozen, loss=0.5, nonce=9)
+    model = ModelMsg(model_id="m", version=4, reply_to=1, weights=frozen, hints={"lr": 0.1})
+    with codec.carry_decoded():
+        carried_update, carried_model = codec.encode(update), codec.encode(model)
+        copied = codec.encode(CARRIED[2])
+    assert codec.decode(carried_update) is update
+    got_model = codec.decode(carried_model)
+    assert isinstance(got_model, ModelMsg) and got_model.weights is frozen and got_model.hints is not model.hints
+    got_update = codec.decode(copied)
+    assert isinstance(got_update, Update)
+    weights = got_update.weights
+    assert weights is not W and not weights.flags.writeable and type(weights.base) is bytes
+    np.testing.assert_array_equal(weights, W)
+    assert bytes(carried_update) == codec.encode(update) and bytes(carried_model) == codec.encode(model)
+
+
 def test_the_size_cap_still_applies_and_other_frames_are_parsed_as_usual() -> None:
     with codec.carry_decoded():
         carried = codec.encode(CARRIED[2])

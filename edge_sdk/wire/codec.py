@@ -27,7 +27,8 @@ Shape against the model spec and finiteness (one full pass) are checked by the r
 core with :meth:`~edge_sdk.spec.ModelSpec.check`. A v1 frame (a bare msgpack map) is
 refused with :class:`~edge_sdk.errors.UnsupportedProtocol`.
 
-In-process emulation (:func:`carry_decoded`): frames still encoded byte for byte, but a
+In-process emulation (:func:`carry_decoded`): a frame's header is still encoded and its size
+is exact, but the weights are not copied into it (its bytes are built only on demand) and a
 receiver in the same process gets the message its sender built (:class:`CarriedFrame`)
 instead of parsing it again; the emulator's results are identical either way.
 """
@@ -42,7 +43,7 @@ import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import msgpack
 import numpy as np
@@ -249,16 +250,19 @@ def _packb(header: dict[str, Any]) -> bytes:
     return packed
 
 
-def _frame(header: dict[str, Any], tail: Any, tail_digest: bytes, signer: Signer | None) -> bytes:
-    if signer is not None:
-        header["sg"] = {"kid": signer.kid, "pk": signer.public_raw}
+def _prefix(header: dict[str, Any]) -> bytes:
+    """A frame's bytes before its tail: magic, header length, the packed header, padding."""
     packed = _packb(header)
     assert isinstance(packed, bytes)
-    start = _PREFIX.size + len(packed)
-    pad = b"\0" * (-start % ALIGN)
-    if signer is None:  # the same bytes, one join
-        return b"".join((_PREFIX.pack(MAGIC, len(packed)), packed, pad, tail))
-    prefix = _PREFIX.pack(MAGIC, len(packed)) + packed + pad
+    pad = b"\0" * (-(_PREFIX.size + len(packed)) % ALIGN)
+    return b"".join((_PREFIX.pack(MAGIC, len(packed)), packed, pad))
+
+
+def _frame(header: dict[str, Any], tail: Any, tail_digest: bytes, signer: Signer | None) -> bytes:
+    if signer is None:
+        return b"".join((_prefix(header), tail))
+    header["sg"] = {"kid": signer.kid, "pk": signer.public_raw}
+    prefix = _prefix(header)
     return b"".join((prefix, tail, signer.sign(_signed_bytes(prefix, tail_digest))))
 
 
@@ -270,52 +274,90 @@ def encode(msg: Message, *, encoding: Encoding = "f4", signer: Signer | None = N
     """Serialise a message; ``encoding`` applies to its weights, ``signer`` signs the frame."""
     header = _fields(msg)
     weights = getattr(msg, "weights", None)
+    carry = _CARRY and signer is None and msg.TYPE in _CARRIED_TYPES
     if weights is None:
-        payload = _frame(header, b"", _EMPTY_DIGEST, signer)
-        return _carry(msg, payload, None) if _CARRY and signer is None else payload
+        return _carried(msg, header, None) if carry else _frame(header, b"", _EMPTY_DIGEST, signer)
+    if carry and encoding == "f4":
+        return _carried(msg, header, _receiver_weights(weights))
     meta, tail = _tensor_parts(weights, encoding)
     header["w"] = meta
     digest = hashlib.sha256(tail).digest() if signer is not None else b""
-    payload = _frame(header, tail, digest, signer)
-    return _carry(msg, payload, meta) if _CARRY and signer is None else payload
+    return _frame(header, tail, digest, signer)
 
 
 def encode_spliced(msg: Message, tensor: EncodedTensor, *, signer: Signer | None = None) -> bytes:
     """As :func:`encode`, reusing a tensor encoded once (``msg.weights`` is ignored)."""
     header = _fields(msg)
+    if _CARRY and signer is None and msg.TYPE in _CARRIED_TYPES and tensor.meta["dt"] == "f4":
+        return _carried(msg, header, np.frombuffer(tensor.tail, dtype=ENCODINGS["f4"], count=tensor.meta["n"]))
     header["w"] = tensor.meta
-    payload = _frame(header, tensor.tail, tensor.digest if signer is not None else b"", signer)
-    return _carry(msg, payload, tensor.meta) if _CARRY and signer is None else payload
+    return _frame(header, tensor.tail, tensor.digest if signer is not None else b"", signer)
 
 
 # ---------------------------------------------------------------- in-process emulation
 
 
-class CarriedFrame(bytes):
-    """A frame's exact bytes that also carry the :class:`Frame` decoding them returns.
+class CarriedFrame:
+    """A frame encoded inside :func:`carry_decoded` (the in-process emulator's transport,
+    where sender and receiver share one process): the :class:`Frame` decoding it returns,
+    its exact size, and its bytes built on demand.
 
-    Made by :func:`encode` only inside :func:`carry_decoded` (the in-process emulator's
-    transport, where sender and receiver share one process): :func:`decode_frame` then
-    checks the size cap and returns ``frame`` instead of parsing the bytes again. Carried
-    are unsigned Pull / Model / Update / Ack / Invite messages whose fields are str, int,
-    float, bool, a str → number dict (copied) and ``f4`` weights — for which ``frame`` is
-    what decoding returns: the message validated at construction, its weights a read-only
-    float32 view into an equal copy of these bytes (shared by every receiver of this frame).
-    Everything else is decoded as usual. The bytes are the real frame (sizes, retries and any
-    other reader see exactly what the wire would)."""
+    The emulator's network model needs only a frame's size, so the tensor tail is never
+    copied into a frame: ``len()`` is the exact length of the frame :func:`encode` would
+    have built, ``bytes()`` builds those very bytes (for a reader that wants them), and
+    ``==`` / ``hash`` compare them. It is not a ``bytes`` object: anything else a reader
+    might do with a payload (slice it, take a buffer, write it to a socket) raises instead
+    of seeing other bytes. :func:`decode_frame` checks the size cap and returns ``frame``.
 
-    frame: Frame
+    Carried are unsigned Pull / Model / Update / Ack / Invite messages whose fields are
+    str, int, float, bool, a str → number dict (copied) and ``f4`` weights — for which
+    ``frame`` is what decoding returns: the message validated at construction, its weights
+    a read-only float32 vector over a ``bytes`` object equal to the frame's tail (shared by
+    every receiver of this frame; the sender's own array when that one is such a vector
+    already, since nothing can change it). Everything else is encoded as plain bytes and
+    decoded as usual."""
+
+    __slots__ = ("_head", "_size", "frame")
+
+    def __init__(self, head: bytes, frame: Frame) -> None:
+        self._head = head
+        weights = getattr(frame.message, "weights", None)
+        self._size = len(head) + (0 if weights is None else weights.nbytes)
+        self.frame = frame
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __bytes__(self) -> bytes:
+        weights = getattr(self.frame.message, "weights", None)
+        if weights is None:
+            return self._head
+        return b"".join((self._head, memoryview(weights).cast("B")))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, CarriedFrame):
+            other = bytes(other)
+        if isinstance(other, bytes | bytearray | memoryview):
+            return bytes(self) == other
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(bytes(self))
+
+    def __repr__(self) -> str:
+        return f"CarriedFrame({self.frame.message.TYPE}, {self._size} bytes)"
 
 
 _CARRY = False
 _CARRIED_TYPES = frozenset({"pull", "model", "update", "ack", "invite"})
+_F4 = ENCODINGS["f4"]
 
 
 @contextmanager
 def carry_decoded(enabled: bool = True) -> Iterator[None]:
     """Within this block, frames encoded without a signer carry their decoded message
     (:class:`CarriedFrame`): receivers in this process skip parsing them. For the in-process
-    emulator only; the cores, the bytes and every other check stay the same."""
+    emulator only; the cores and every check stay the same, sizes are exact."""
     global _CARRY
     previous, _CARRY = _CARRY, enabled
     try:
@@ -324,43 +366,57 @@ def carry_decoded(enabled: bool = True) -> Iterator[None]:
         _CARRY = previous
 
 
-def _carry(msg: Message, payload: bytes, meta: dict[str, Any] | None) -> bytes:
-    if msg.TYPE not in _CARRIED_TYPES or (meta is not None and meta["dt"] != "f4"):
-        return payload
-    carried = CarriedFrame(payload)
+def _immutable_f4(weights: Vector) -> bool:
+    """A contiguous little-endian float32 ndarray, read-only, whose memory is a ``bytes``
+    object: nothing can change its values (numpy refuses to make it writeable)."""
+    base: object = weights.base
+    return (type(weights) is np.ndarray and weights.dtype == _F4 and not weights.flags.writeable
+            and weights.flags.c_contiguous and type(base) is bytes)
+
+
+def _receiver_weights(weights: Vector) -> Vector:
+    """What decoding an ``f4`` frame of ``weights`` gives the receiver: the sender's array
+    itself when it is immutable, else a read-only vector over a copy of its bytes."""
+    if _immutable_f4(weights):
+        return weights
+    return np.frombuffer(bytes(_tensor_parts(weights, "f4")[1]), dtype=_F4)
+
+
+def _carried(msg: Message, header: dict[str, Any], weights: Vector | None) -> bytes:
+    if weights is not None:
+        header["w"] = {"dt": "f4", "n": int(weights.size), "l": int(weights.nbytes)}  # as _tensor_parts
     message: Message = msg  # weightless: every field is an immutable str / int / bool
-    if meta is not None:
-        offset = _PREFIX.size + _PREFIX.unpack_from(carried, 0)[1]
-        offset += -offset % ALIGN
-        # A copy of the (validated, frozen) message whose weights are the view decoding gives;
-        # set slot by slot: the values are the validated ones, the view equals them.
+    if weights is not None and (weights is not getattr(msg, "weights", None) or isinstance(msg, ModelMsg)):
+        # A copy of the (validated, frozen) message with the receiver's weights; set slot by
+        # slot: the values are the validated ones, the weights equal them.
         message = object.__new__(type(msg))
         c = _compiled(type(msg))
         for name, value in zip(c.names, c.values(msg)):
             object.__setattr__(message, name, value)
-        # The view is into ``payload``, an equal copy: a view into ``carried`` would make a
-        # reference cycle (carried → frame → weights → carried) that only the GC could free.
-        object.__setattr__(message, "weights", np.frombuffer(payload, dtype=ENCODINGS["f4"], count=meta["n"], offset=offset))
+        object.__setattr__(message, "weights", weights)
         if isinstance(msg, ModelMsg):
             object.__setattr__(message, "hints", dict(msg.hints))  # a receiver's own dict, as decoding makes
-    carried.frame = Frame(message=message, signature=None)
-    return carried
+    carried = CarriedFrame(_prefix(header), Frame(message=message, signature=None))
+    # The cores hold a payload as ``bytes`` (Publish, MessageReceived); in this block it is a
+    # CarriedFrame, which supports what the emulator does with one (len, bytes, ==) and
+    # raises on anything else rather than serving other bytes.
+    return cast(bytes, carried)
 
 
 # ---------------------------------------------------------------- decode
 
 
-def decode(payload: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
+def decode(payload: bytes | bytearray | memoryview | CarriedFrame, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
     """Parse and validate one message. Raises a ``RemoteProtocolError`` on anything wrong."""
     return decode_frame(payload, max_bytes=max_bytes).message
 
 
-def decode_frame(payload: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Frame:
+def decode_frame(payload: bytes | bytearray | memoryview | CarriedFrame, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Frame:
     """The message and, when the frame is signed, what a verifier needs to check it."""
     size = len(payload)
     if size > max_bytes:
         raise MessageTooLarge(f"{size} bytes exceeds the cap of {max_bytes}")
-    if type(payload) is CarriedFrame:  # in-process emulation: parsed already (see carry_decoded)
+    if isinstance(payload, CarriedFrame):  # in-process emulation: parsed already (see carry_decoded)
         return payload.frame
     if size < _PREFIX.size:
         raise MalformedMessage("frame too short")
