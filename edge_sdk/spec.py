@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +29,52 @@ FULL = "full"
 """Group name that stands for the whole vector."""
 _F32 = np.dtype(np.float32)
 _all_true = np.logical_and.reduce
+
+FINITE_PROOFS = 16_384
+"""How many immutable vectors :meth:`ModelSpec.check` remembers having found all finite (see
+:func:`_proven_finite`): the most recent, whatever became of them (a weak reference each)."""
+
+
+class _Proof(weakref.ref[npt.NDArray[Any]]):
+    """A weak reference to a vector found all finite, with its id, shape and strides then."""
+
+    __slots__ = ("key", "shape", "strides")
+    key: int
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+
+
+_FINITE: dict[int, _Proof] = {}
+_FINITE_ORDER: deque[_Proof] = deque()
+
+
+def _proven_finite(weights: npt.NDArray[Any]) -> bool:
+    """True for the very array object found all finite before, still alive and with the same
+    shape and strides: a read-only ``ndarray`` whose memory is a ``bytes`` object, which
+    nothing can change (numpy refuses to make it writeable). One model frame handed to many
+    devices, or an update checked by its device and again by a coordinator in the same
+    process (the in-process transport, ``codec.carry_decoded``)."""
+    proof = _FINITE.get(id(weights))
+    return proof is not None and proof() is weights and proof.shape == weights.shape and proof.strides == weights.strides
+
+
+def _remember_finite(weights: npt.NDArray[Any]) -> None:
+    """Remember ``weights`` if it is a whole ``bytes`` object seen as a read-only vector: what
+    the in-process transport hands its receivers, the only arrays that get checked again. A
+    view into a received frame (the header before it) is checked once and dropped, so it is
+    not remembered: that would cost every decoded message a proof that never pays."""
+    base: object = weights.base
+    if type(base) is not bytes or len(base) != weights.nbytes or type(weights) is not np.ndarray \
+            or weights.flags.writeable:
+        return
+    proof = _Proof(weights)
+    proof.key, proof.shape, proof.strides = id(weights), weights.shape, weights.strides
+    _FINITE[proof.key] = proof  # a dead array's id reused: its proof is replaced (it never matched)
+    _FINITE_ORDER.append(proof)
+    while len(_FINITE_ORDER) > FINITE_PROOFS:  # bounded, no callback per array: forget the oldest
+        old = _FINITE_ORDER.popleft()
+        if _FINITE.get(old.key) is old:
+            del _FINITE[old.key]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -107,7 +155,9 @@ class ModelSpec:
         return int(s.stop - s.start)
 
     def check(self, weights: npt.NDArray[Any], group: str = FULL) -> Vector:
-        """Validate weights for ``group``: 1-D float32 of the right length, all finite."""
+        """Validate weights for ``group``: 1-D float32 of the right length, all finite. The
+        finiteness pass is skipped for an immutable array that passed it before (see
+        :func:`_proven_finite`); shape and dtype are checked every time."""
         expected = self.size if group == FULL else self.group_size(group)
         if (weights.dtype is not _F32 and weights.dtype != np.float32) or weights.ndim != 1:
             raise ShapeMismatch(f"weights must be a 1-D float32 vector, got {weights.dtype}{weights.shape}")
@@ -115,8 +165,14 @@ class ModelSpec:
             raise ShapeMismatch(
                 f"{self.model_id}/{group}: expected {expected} values, got {weights.shape[0]}"
             )
+        proof = _FINITE.get(id(weights))  # _proven_finite, inlined (every message's check)
+        if proof is not None and proof() is weights and proof.shape == weights.shape and proof.strides == weights.strides:
+            return weights
         if not _all_true(np.isfinite(weights)):  # 1-D: all() without its Python-level wrapper
             raise NonFiniteWeights(f"{self.model_id}/{group}: weights contain NaN or Inf")
+        base: object = weights.base
+        if type(base) is bytes and len(base) == weights.nbytes:  # else never remembered: no call
+            _remember_finite(weights)
         return weights
 
     def zeros(self) -> Vector:

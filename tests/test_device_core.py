@@ -209,27 +209,47 @@ def test_lasp_trains_and_sends_only_the_requested_group() -> None:
     np.testing.assert_array_equal(upd.weights, np.full(SPEC.group_size("classifier"), 2.0))
 
 
-def test_a_received_model_s_check_is_skipped_only_for_the_same_immutable_array() -> None:
-    """``_check_received``: shape, dtype and finiteness are checked for every model, except
-    the very same read-only array over ``bytes`` that passed before (one carried frame handed
-    to many devices); an array that can change, or changed shape, is checked again."""
-    from edge_sdk.core import device
+def test_the_finite_proofs_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the most recent ``FINITE_PROOFS`` proofs are kept: no growth, no callback per array."""
+    from edge_sdk import spec as spec_module
+
+    monkeypatch.setattr(spec_module, "FINITE_PROOFS", 3)
+    arrays = [np.frombuffer(np.full(SPEC.size, i, np.float32).tobytes(), dtype=np.float32) for i in range(5)]
+    for a in arrays:
+        SPEC.check(a)
+    assert [spec_module._proven_finite(a) for a in arrays] == [False, False, True, True, True]
+    assert len(spec_module._FINITE_ORDER) == 3
+
+
+def test_a_check_s_finiteness_pass_is_skipped_only_for_the_same_immutable_array() -> None:
+    """``ModelSpec.check``: shape and dtype are checked every time; the finiteness pass is
+    skipped only for the very same read-only array over ``bytes`` that passed it before (one
+    carried model frame handed to many devices, an update checked by its device and by the
+    coordinator); an array that can change, or changed shape, is checked again."""
+    from edge_sdk import spec as spec_module
     from edge_sdk.errors import NonFiniteWeights, ShapeMismatch
 
     good = np.frombuffer(np.ones(SPEC.size, np.float32).tobytes(), dtype=np.float32)
-    device._check_received(SPEC, good, "full")
-    assert any(ref() is good for ref, *_ in device._PROVEN)
-    device._check_received(SPEC, good, "full")  # the same object: proven
+    assert not spec_module._proven_finite(good)
+    SPEC.check(good, "full")
+    assert spec_module._proven_finite(good)
+    SPEC.check(good, "full")  # the same object: proven
     with pytest.raises(ShapeMismatch):
-        device._check_received(SPEC, good, "classifier")  # another group: checked
+        SPEC.check(good, "classifier")  # another group: the shape is still checked
     nan = np.frombuffer(np.full(SPEC.size, np.nan, np.float32).tobytes(), dtype=np.float32)
     with pytest.raises(NonFiniteWeights):
-        device._check_received(SPEC, nan, "full")
+        SPEC.check(nan, "full")
+    assert not spec_module._proven_finite(nan)
     good.shape = (1, SPEC.size)  # the same object, reshaped in place: checked again
+    assert not spec_module._proven_finite(good)
     with pytest.raises(ShapeMismatch):
-        device._check_received(SPEC, good, "full")
+        SPEC.check(good, "full")
+    del good  # its proof stays behind, dead: an array that takes its id is not proven
+    fresh = np.frombuffer(np.ones(SPEC.size, np.float32).tobytes(), dtype=np.float32)
+    assert not spec_module._proven_finite(fresh)
     mutable = np.ones(SPEC.size, np.float32)
-    device._check_received(SPEC, mutable, "full")
+    SPEC.check(mutable, "full")
+    assert not spec_module._proven_finite(mutable)
     mutable[0] = np.inf
     with pytest.raises(NonFiniteWeights):
-        device._check_received(SPEC, mutable, "full")
+        SPEC.check(mutable, "full")

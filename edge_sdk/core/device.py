@@ -109,13 +109,10 @@ import dataclasses
 import enum
 import math
 import random
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from edge_sdk.core.events import (
     CanaryScored,
@@ -177,30 +174,6 @@ CANARY_FETCH_TRIES = 3
 """A canary fetch unanswered after this many tries abandons the canary request."""
 MAX_STATUS_BYTES = 65_536
 """A coordinator status larger than this is not read (it is a few hundred bytes)."""
-
-
-_PROVEN: list[tuple[weakref.ref[npt.NDArray[Any]], ModelSpec, str, tuple[int, ...], np.dtype[Any], tuple[int, ...]]] = []
-"""The last few received weight vectors that passed ``spec.check`` in this process, with
-the spec, group, shape, dtype and strides they passed with (see :func:`_check_received`)."""
-
-
-def _check_received(spec: ModelSpec, weights: npt.NDArray[Any], group: str) -> None:
-    """``spec.check(weights, group)`` (shape, dtype, finiteness), skipped only for the very
-    same array object that passed it before in this process (a weak reference to it is
-    alive) with the same spec and group and still the same shape, dtype and strides: a
-    read-only ``ndarray`` whose memory is a ``bytes`` object, which nothing can change. That
-    is one model frame handed to many devices by the in-process transport
-    (``codec.carry_decoded``); every other array is checked every time."""
-    for ref, s, g, shape, dtype, strides in _PROVEN:
-        if ref() is weights and s is spec and g == group and weights.shape == shape and weights.dtype == dtype \
-                and weights.strides == strides:
-            return
-    spec.check(weights, group)
-    base: object = weights.base
-    if type(weights) is np.ndarray and not weights.flags.writeable and type(base) is bytes:
-        _PROVEN.append((weakref.ref(weights), spec, group, weights.shape, weights.dtype, weights.strides))
-        if len(_PROVEN) > 4:
-            del _PROVEN[0]
 
 
 class Phase(enum.Enum):
@@ -479,7 +452,7 @@ class DeviceCore:
         if msg.model_id != cfg.spec.model_id:
             raise UnknownModel(f"model {msg.model_id!r} is not {cfg.spec.model_id!r}")
         if msg.group != UNCHANGED:
-            _check_received(cfg.spec, msg.weights, msg.group)
+            cfg.spec.check(msg.weights, msg.group)  # skips finiteness for one frame's array seen before
         elif msg.weights.size:
             raise ShapeMismatch("an 'unchanged' model reply carries no weights")
         actions: list[DeviceAction] = []
