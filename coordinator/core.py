@@ -1073,7 +1073,9 @@ class CoordinatorCore:
                 "n_updates": len(updates),
                 "n_samples": int(sum(u.n_samples for u in updates)),
                 "devices": sorted({u.device for u in updates}),
-                "mean_staleness": float(np.mean(stal)) if stal else 0.0,
+                # sum / len: the exact sum of the ints, one correctly rounded division: the very
+                # float np.mean gives (its float64 sum of ints < 2**53 is exact too); 0.13 us, not 6.6
+                "mean_staleness": sum(stal) / len(stal) if stal else 0.0,
                 "max_staleness": int(max(stal)) if stal else 0,
                 "full_sync": full,
             },
