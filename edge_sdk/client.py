@@ -184,6 +184,7 @@ class EdgeClient:
         self._scratch_dir: Path | None = None
         self._model_path = self.data_dir / "deployed.npz" if self.data_dir is not None and durable else None
         self._lock = threading.Lock()
+        self._deployed_region: str | None = None
         self._deployed: tuple[int, Vector] | None = self._load_deployed()
         self._canary: tuple[int, int, Any] | None = None
         """(candidate, release, its predictor): a canary request being scored (test-then-train)."""
@@ -223,7 +224,12 @@ class EdgeClient:
         self.core = DeviceCore(cfg, rng=random.Random(seed), next_seq=next_seq, trained_upto=trained_upto,
                                total=self._added(), pinned_by_region={r: self._pins(r) for r in self.regions})
         if self._deployed is not None:
-            self.core.state.deployed_version, self.core.state.deployed = self._deployed
+            version, self.core.state.deployed = self._deployed
+            if self._deployed_region in (None, self.core.state.region):  # (None: saved before regions were recorded)
+                self.core.state.deployed_version = version
+            else:  # saved after a failover: the weights keep serving, their number is the other region's
+                log.info("device %s: the saved model is v%d of region %s; asking %s for its current one",
+                         device_id, version, self._deployed_region, self.core.state.region)
         self.actor = Actor(f"device-{device_id}", self.core.handle, self._perform, clock=self.clock)
         # Every region's topics from the start (MqttTransport's subscriptions are fixed): the
         # core ignores replies from regions it is not using.
@@ -449,9 +455,17 @@ class EdgeClient:
                                                    release_right=release_label == truth))
 
     def _load_deployed(self) -> tuple[int, Vector] | None:
+        """The model saved at the last deployment (served until the coordinator answers), and
+        the region whose numbering its version is in (``_deployed_region``); a file that cannot
+        be read is reported and ignored (the device pulls the current model)."""
         if self._model_path is None or not self._model_path.exists():
             return None
-        _, weights, meta = load_model(self._model_path, expect=self.task.spec)
+        try:
+            _, weights, meta = load_model(self._model_path, expect=self.task.spec)
+        except ConfigError as exc:
+            log.warning("device: ignoring the saved model (%s); serving nothing until the coordinator sends one", exc)
+            return None
+        self._deployed_region = str(meta["region"]) if "region" in meta else None
         return int(meta.get("version", 0)), weights
 
     @property
@@ -498,7 +512,12 @@ class EdgeClient:
             self._trainer.submit(self._train, action.job)
         elif isinstance(action, DeployModel):
             if self._model_path is not None:
-                save_model(self._model_path, self.task.spec, action.weights, {"version": action.version})
+                try:  # a cache for the next start: failing to write it must not stop this deployment
+                    save_model(self._model_path, self.task.spec, action.weights,
+                               {"version": action.version, "region": self.core.state.region})
+                except OSError as exc:
+                    log.warning("device %s: could not save v%d to %s (%s); serving it from memory",
+                                self.core.config.device_id, action.version, self._model_path, exc)
             weights = np.array(action.weights, dtype=np.float32)
             with self._lock:
                 self._deployed = (action.version, weights)

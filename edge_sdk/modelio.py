@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ def load_model(path: str | Path, expect: ModelSpec | None = None) -> tuple[Model
             spec = ModelSpec.from_dict(json.loads(z["spec"].tobytes()))
             weights = np.ascontiguousarray(z["weights"], dtype=np.float32)
             meta = json.loads(z["meta"].tobytes()) if "meta" in z else {}
-    except (OSError, KeyError, ValueError) as exc:
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # (a truncated or foreign file)
         raise ConfigError(f"{path} is not an edgeci model file (.npz with weights + spec): {exc}") from exc
     spec.check(weights)
     if expect is not None and spec.fingerprint != expect.fingerprint:

@@ -398,3 +398,87 @@ def test_an_sdk_device_fails_over_to_a_live_region_and_comes_home(mosquitto: Any
         r2.close()
     seqs = [int(d["seq"]) for k, d in events if k == "update_acked"]
     assert seqs == sorted(set(seqs)), seqs
+
+
+def _offline_client(tmp_path: Any, **kw: Any) -> Any:
+    """An EdgeClient that is never started (no broker): its actor's per-event step is driven
+    by hand and what it would publish or train is recorded."""
+    from edge_sdk.client import EdgeClient
+
+    c = EdgeClient(broker="mqtt://127.0.0.1:1", device_id="d1", data_dir=tmp_path, task="digits", min_samples=1, **kw)
+    c.published = []
+    c.transport.publish = lambda topic, payload, **_: c.published.append(topic)
+    c.started = []
+    c._trainer.submit = lambda fn, job: c.started.append(job.job_id)
+    return c
+
+
+def _close(c: Any) -> None:
+    c.actor.stop()
+    c._trainer.shutdown(wait=False)
+    c.store.close()
+
+
+def test_a_restart_after_a_failover_does_not_take_the_other_region_s_version_for_home_s(tmp_path: Any) -> None:
+    """deployed.npz saved in the fallback region (which numbers its versions its own way): after
+    a restart at home the weights keep serving, but the core holds no version, so home's
+    current model is pulled and deployed (it used to refuse home's releases as 'not newer', or
+    train on the other region's weights labelled with home's version)."""
+    from edge_sdk.core.device import NO_VERSION
+    from edge_sdk.modelio import save_model
+    from edge_sdk.tasks import get_task
+
+    spec = get_task("digits").spec
+    away = np.full(spec.size, 0.5, np.float32)
+    save_model(tmp_path / "deployed.npz", spec, away, {"version": 40, "region": "away"})
+    c = _offline_client(tmp_path, region="home", regions=["home", "away"])
+    try:
+        assert c.core.state.region == "home" and c.core.state.deployed_version == NO_VERSION
+        np.testing.assert_array_equal(c.core.state.deployed, away)  # still served until home answers
+    finally:
+        _close(c)
+    save_model(tmp_path / "deployed.npz", spec, away, {"version": 40, "region": "home"})
+    c = _offline_client(tmp_path, region="home", regions=["home", "away"])
+    try:
+        assert c.core.state.deployed_version == 40  # home's own numbering: kept
+    finally:
+        _close(c)
+
+
+def test_a_model_that_cannot_be_saved_is_still_deployed_and_trained_on(tmp_path: Any, monkeypatch: Any) -> None:
+    """A full disk while saving deployed.npz raised out of the DeployModel action and took the
+    StartTraining after it down: the device sat in TRAINING with no job and no timer until
+    restarted. The model is now served from memory and training starts."""
+    import errno
+
+    import edge_sdk.client as client_module
+    from edge_sdk.core.events import MessageReceived, SampleAdded
+    from edge_sdk.signing import Signer
+    from edge_sdk.wire.codec import encode
+    from edge_sdk.wire.messages import ModelMsg
+
+    def full_disk(*_: Any, **__: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(client_module, "save_model", full_disk)
+    signer = Signer.generate()
+    c = _offline_client(tmp_path, trusted_keys={signer.kid: signer.public_raw})
+    try:
+        c.store.add_sample("array", c.contract.sample(np.zeros(c.contract.shape, np.float32)), 3)
+        c.actor._run_one(lambda now: SampleAdded(now=1.0, total=1))
+        spec = c.task.spec
+        m = ModelMsg(model_id=spec.model_id, version=1, reply_to=-1, weights=np.zeros(spec.size, np.float32))
+        payload = encode(m, signer=signer)
+        c.actor._run_one(lambda now: MessageReceived(now=2.0, topic=topics.device_topic("default", "d1", "model"), payload=payload))
+        assert c.actor.error_count == 0 and len(c.started) == 1 and c.version == 1
+    finally:
+        _close(c)
+
+
+def test_an_unreadable_saved_model_is_ignored(tmp_path: Any) -> None:
+    (tmp_path / "deployed.npz").write_bytes(b"PK\x03\x04 truncated")
+    c = _offline_client(tmp_path)
+    try:
+        assert c.version is None
+    finally:
+        _close(c)
