@@ -65,6 +65,12 @@ class NonFiniteWeights(RemoteProtocolError):
     reason = "non_finite"
 
 
+class UnknownPeer(RemoteProtocolError):
+    """A peer message from a coordinator that is not in this coordinator's ring."""
+
+    reason = "unknown_peer"
+
+
 class UnknownModel(RemoteProtocolError):
     reason = "unknown_model"
 

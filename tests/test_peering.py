@@ -12,6 +12,7 @@ import json
 import math
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -485,6 +486,42 @@ def test_three_real_cores_exchange_models_and_commit_merges() -> None:
     assert status["extra"]["peering"]["known_token"] is not None
 
 
+def test_a_replayed_or_redelivered_peer_model_is_not_merged_again() -> None:
+    """A peer's model message for a sync it was merged for (a replay, a QoS 1 redelivery) used
+    to be merged and committed again each time, dragging the model back toward the peer's old
+    weights; it is ignored and counted, across a restart too."""
+    from edge_sdk.core.events import MessageReceived
+
+    bus = Bus(["a", "b", "c"], h_inter=3.0, h_intra=10.0, beacon_s=1.0, token_timeout_s=4.0)
+    for _ in range(10):
+        bus.advance(0.5)
+    captured: list[Any] = []
+    pump = bus.pump
+
+    def recording_pump() -> Any:
+        out = pump()
+        captured.extend(pub for sender, pub in out if sender == "b" and pub.topic.endswith("/model"))
+        return out
+
+    bus.pump = recording_pump  # type: ignore[method-assign]
+    for seq in range(12):
+        bus.send_update("a", "dev-a", seq, 1.0)
+    for _ in range(10):
+        bus.advance(0.5)
+    assert captured, "b sent no model"
+    core = bus.cores["a"]
+    version, weights, merges = core.version, core.weights.copy(), core.peering.describe()["merges"]
+    for _ in range(3):
+        bus.now += 60.0
+        bus.run("a", core.handle(MessageReceived(now=bus.now, topic=captured[0].topic, payload=captured[0].payload)))
+    assert core.version == version and core.peering.describe()["merges"] == merges
+    np.testing.assert_array_equal(core.weights, weights)
+    assert core.peering.describe()["models_ignored"] == 3
+    restored = type(core.peering)("a", ["a", "b", "c"], core.peering.config)
+    restored.restore(core.peering.checkpoint())
+    assert restored.merged == core.peering.merged and restored.merged["b"]
+
+
 def test_decayed_learning_rate_reaches_the_device_in_the_model_hints() -> None:
     bus = Bus(["a", "b"])
     core = bus.cores["a"]
@@ -559,6 +596,47 @@ def test_nebula_rotation_sends_to_i_plus_r_and_replaces_the_stellar_model() -> N
     np.testing.assert_allclose(st_.stellar, 9.0)
     with pytest.raises(MalformedMessage):
         peers["a"].on_message(view, msg_from("b", "rotate", {"round": 3, "version": "x"}, vec(9.0)), 41.0)
+
+
+def test_nebula_takes_a_rotation_only_from_the_ring_member_due_to_send_it_and_only_once() -> None:
+    """Any sender's rotate used to replace the stellar model: one from outside the ring, one
+    the round does not send here, and an old one replayed (also after a restart)."""
+    from edge_sdk.errors import UnknownPeer
+
+    ring = ["a", "b", "c", "d"]
+    strategy = NebulaStrategy(NebulaConfig(planets=2, t_c=10.0))
+    peer = NebulaPeering("a", ring, NebulaPeerConfig(t_c=10.0), strategy=strategy)
+    view = View(weights=vec(1.0))
+    with pytest.raises(UnknownPeer):
+        peer.on_message(view, msg_from("mallory", "rotate", {"round": 3, "version": 1e300}, vec(50.0)), 41.0)
+    with pytest.raises(MalformedMessage, match="rotates to another"):  # in round 2, b sends to d
+        peer.on_message(view, msg_from("b", "rotate", {"round": 2, "version": 7.0}, vec(50.0)), 41.0)
+    assert strategy.state.stellar is None and peer.received == 0
+    peer.on_message(view, msg_from("b", "rotate", {"round": 3, "version": 7.5}, vec(9.0)), 41.0)
+    peer.on_message(view, msg_from("c", "rotate", {"round": 2, "version": 8.0}, vec(8.0)), 51.0)
+    restored = NebulaPeering("a", ring, NebulaPeerConfig(t_c=10.0), strategy=strategy)
+    restored.restore(json.loads(json.dumps(peer.checkpoint())))
+    for p in (peer, restored):
+        p.on_message(view, msg_from("b", "rotate", {"round": 3, "version": 7.5}, vec(9.0)), 90.0)  # replayed
+        assert p.ignored == 1
+    assert strategy.state.v_stellar == 8.0 and peer.received == 2
+    np.testing.assert_allclose(strategy.state.stellar, 8.0)
+
+
+def test_hierfavg_refuses_a_sender_outside_the_ring() -> None:
+    """An outsider's edge model counted toward the cloud's quorum and was averaged in."""
+    from edge_sdk.errors import UnknownPeer
+
+    ring = ["cloud", "e1", "e2"]
+    strategy = HierEdgeStrategy(FedAvgConfig(select=5, min_devices=1))
+    cloud = HierPeering("cloud", ring, HierPeerConfig(kappa2=1, sync_timeout_s=30.0), strategy=strategy)
+    view = View(weights=vec(1.0))
+    strategy.gate.samples = 10
+    cloud.on_version(view, 1.0)
+    with pytest.raises(UnknownPeer):
+        cloud.on_message(view, msg_from("x", "edge", {"round": 1, "samples": 10**6}, vec(100.0)), 2.0)
+    assert sorted(cloud.collected) == ["cloud"]
+    assert cloud.on_message(view, msg_from("e1", "edge", {"round": 1, "samples": 10}, vec(3.0)), 3.0).merged is None  # e2 missing
 
 
 def test_nebula_restart_keeps_versions_and_the_rotation_clock() -> None:

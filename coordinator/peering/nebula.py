@@ -56,10 +56,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from coordinator.peering.base import Peering, PeerPlan, PeerSend, body_float, check_ring
+from coordinator.peering.base import Peering, PeerPlan, PeerSend, body_float, body_int, check_ring
 from coordinator.strategies.base import CoordinatorView, Strategy
 from coordinator.strategies.nebula import NebulaStrategy
-from edge_sdk.errors import ConfigError, MalformedMessage
+from edge_sdk.errors import ConfigError, MalformedMessage, UnknownPeer
 from edge_sdk.wire.messages import PeerMsg
 
 __all__ = ["NebulaPeerConfig", "NebulaPeering", "rotation_target"]
@@ -104,6 +104,9 @@ class NebulaPeering(Peering):
         self.round = 0
         self.received = 0
         self.sent = 0
+        self.ignored = 0
+        self.rotations_from: dict[str, int] = {}
+        """The newest rotation round accepted from each peer (an older or equal one is ignored)."""
 
     def wake_at(self) -> float | None:
         if self.t0 is None:
@@ -135,9 +138,19 @@ class NebulaPeering(Peering):
             raise MalformedMessage(f"nebula: unknown peer message kind {msg.kind!r}")
         if msg.weights is None:
             raise MalformedMessage("nebula: a rotation carries a master model")
+        if msg.sender not in self.ring or msg.sender == self.me:
+            raise UnknownPeer(f"nebula: {msg.sender!r} is not another coordinator of the ring {list(self.ring)}")
         version = body_float(msg.body, "version")
         if version < 0:
             raise MalformedMessage("nebula: negative version")
+        round_ = body_int(msg.body, "round")
+        sender = self.ring.index(msg.sender)
+        if self.ring[rotation_target(sender, round_, len(self.ring))] != self.me:
+            raise MalformedMessage(f"nebula: in round {round_} {msg.sender} rotates to another coordinator")
+        if round_ <= self.rotations_from.get(msg.sender, -1):
+            self.ignored += 1  # a replay, or a redelivered rotation: the stellar model moved on since
+            return PeerPlan()
+        self.rotations_from[msg.sender] = round_
         st = self.state
         st.ensure(view.weights)
         st.stellar = np.array(msg.weights, dtype=np.float32, copy=True)
@@ -150,7 +163,8 @@ class NebulaPeering(Peering):
 
     def checkpoint(self) -> dict[str, Any]:
         st = self.state
-        return {"t0": self.t0, "round": self.round, "versions": list(st.versions), "v_stellar": st.v_stellar}
+        return {"t0": self.t0, "round": self.round, "versions": list(st.versions), "v_stellar": st.v_stellar,
+                "rotations_from": dict(self.rotations_from)}
 
     def restore(self, state: Mapping[str, Any]) -> None:
         if not state:
@@ -162,8 +176,11 @@ class NebulaPeering(Peering):
         if len(versions) == self.state.k:
             self.state.versions = versions
         self.state.v_stellar = float(state.get("v_stellar", 0.0))
+        self.rotations_from = {str(p): int(r) for p, r in dict(state.get("rotations_from", {})).items() if p in self.ring}
 
     def describe(self) -> dict[str, Any]:
         st = self.state
         return {"name": self.name, "ring": list(self.ring), "t_c": self.config.t_c, "round": self.round,
-                "sent": self.sent, "received": self.received, "versions": list(st.versions), "v_stellar": st.v_stellar}
+                "sent": self.sent, "received": self.received, "versions": list(st.versions), "v_stellar": st.v_stellar,
+                # only once it happens: the status (and the emulator's message sizes) stay as they were
+                **({"ignored": self.ignored} if self.ignored else {})}

@@ -224,6 +224,7 @@ class _Counters:
     tokens_dropped: int = 0
     regenerations: int = 0
     age_pushes: int = 0
+    models_ignored: int = 0
 
 
 class SpykerPeering(Peering):
@@ -262,6 +263,11 @@ class SpykerPeering(Peering):
         self.answered: TokenPos | None = None
         """Every sync id at or below this one counts as answered (bounded memory)."""
         self.did_broadcast: set[TokenPos] = set()
+        self.merged: dict[str, set[TokenPos]] = {}
+        """Per peer, the sync ids whose model was merged (its newest ``_KEEP_SIDS``): a model for
+        one of them (a replay, a QoS 1 redelivery), or for a sync older than all of them once
+        that many are kept, is ignored, not merged again. (Models of different syncs may
+        arrive out of order: a set, not a watermark.)"""
         self.got_models: set[str] = set()
         self.next_beat_at = -math.inf
         self.last_age_push = -math.inf
@@ -455,6 +461,10 @@ class SpykerPeering(Peering):
             raise MalformedMessage("spyker: a model message needs weights")
         body = msg.body
         sid = _pos(body.get("sid"), "sync id")
+        done = self.merged.setdefault(msg.sender, set())
+        if sid in done or (len(done) >= _KEEP_SIDS and sid < min(done)):
+            self.counters.models_ignored += 1  # merged already
+            return PeerPlan()
         self._learn(sid)
         sends: list[PeerSend] = []
         if not self._was_answered(sid):
@@ -464,6 +474,9 @@ class SpykerPeering(Peering):
         age_j = body_float(body, "age")
         merged, new_age = server_merge(view.weights, self.age, msg.weights, age_j, phi=cfg.phi, eta_a=cfg.eta_a)
         self.ledger.record(view.version + 1, new_age)  # the core commits the merge as the next version
+        done.add(sid)
+        if len(done) > _KEEP_SIDS:
+            done.discard(min(done))
         self.counters.merges += 1
         if self.holding and self.ongoing == sid:
             self.got_models.add(msg.sender)
@@ -538,6 +551,7 @@ class SpykerPeering(Peering):
             "known": list(self.known) if self.known is not None else None,
             "accepted": list(self.accepted) if self.accepted is not None else None,
             "answered": list(answered) if answered is not None else None,
+            "merged": {peer: sorted(list(sid) for sid in sids) for peer, sids in self.merged.items()},
             "regenerations": self.counters.regenerations,
             "syncs_started": self.counters.syncs_started,
         }
@@ -552,6 +566,8 @@ class SpykerPeering(Peering):
         for key in ("known", "accepted", "answered"):
             raw = state.get(key)
             setattr(self, key, _pos(raw) if raw is not None else None)
+        self.merged = {str(peer): {_pos(sid) for sid in list(sids)[-_KEEP_SIDS:]}
+                       for peer, sids in dict(state.get("merged", {})).items() if peer in self.info}
         self.counters.regenerations = int(state.get("regenerations", 0))
         self.counters.syncs_started = int(state.get("syncs_started", 0))
 
@@ -577,6 +593,8 @@ class SpykerPeering(Peering):
             "tokens_rejected": c.tokens_rejected,
             "tokens_dropped": c.tokens_dropped,
             "regenerations": c.regenerations,
+            # only once it happens: the status (and the emulator's message sizes) stay as they were
+            **({"models_ignored": c.models_ignored} if c.models_ignored else {}),
         }
 
 
