@@ -863,7 +863,7 @@ class CoordinatorCore:
             raise TooManySamples(f"{msg.n_samples} samples claimed; the cap is {cfg.max_samples_per_update}")
         if msg.base_version > self._version:
             raise UnknownVersion(f"base version {msg.base_version} is newer than current {self._version}")
-        cfg.spec.check(msg.weights, msg.group)
+        cfg.spec.check_update(msg.weights, msg.group)
         if not self._storage_ok:
             self.counters["deferred_storage"] += 1
             self._status_dirty = True

@@ -71,6 +71,13 @@ class UnknownPeer(RemoteProtocolError):
     reason = "unknown_peer"
 
 
+class WeightsOutOfRange(RemoteProtocolError):
+    """Finite weights too large for any model (a hostile update whose sum with others would
+    overflow float32 in the coordinator's fold): see :data:`edge_sdk.spec.MAX_UPDATE_NORM`."""
+
+    reason = "out_of_range"
+
+
 class UnknownModel(RemoteProtocolError):
     reason = "unknown_model"
 

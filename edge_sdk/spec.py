@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from edge_sdk.errors import ConfigError, NonFiniteWeights, ShapeMismatch
+from edge_sdk.errors import ConfigError, NonFiniteWeights, ShapeMismatch, WeightsOutOfRange
 
 Vector = npt.NDArray[np.float32]
 
@@ -29,6 +29,14 @@ FULL = "full"
 """Group name that stands for the whole vector."""
 _F32 = np.dtype(np.float32)
 _all_true = np.logical_and.reduce
+
+MAX_UPDATE_NORM = 1e15
+"""The largest L2 norm of a device's weights that :meth:`ModelSpec.check_update` accepts.
+Trained models are many orders of magnitude below it (a ResNet-18's norm is about 1e2); above
+it, finite float32 values can overflow the coordinator's weighted sums (3e38 everywhere
+did), and with the change norms' squares below float32's maximum every clipping and
+weighting step stays finite."""
+_MAX_UPDATE_SQ = MAX_UPDATE_NORM * MAX_UPDATE_NORM
 
 FINITE_PROOFS = 16_384
 """How many immutable vectors :meth:`ModelSpec.check` remembers having found all finite (see
@@ -38,10 +46,12 @@ FINITE_PROOFS = 16_384
 class _Proof(weakref.ref[npt.NDArray[Any]]):
     """A weak reference to a vector found all finite, with its id, shape and strides then."""
 
-    __slots__ = ("key", "shape", "strides")
+    __slots__ = ("bounded", "key", "shape", "strides")
     key: int
     shape: tuple[int, ...]
     strides: tuple[int, ...]
+    bounded: bool
+    """Its norm was found within :data:`MAX_UPDATE_NORM` too (:meth:`ModelSpec.check_update`)."""
 
 
 _FINITE: dict[int, _Proof] = {}
@@ -58,7 +68,7 @@ def _proven_finite(weights: npt.NDArray[Any]) -> bool:
     return proof is not None and proof() is weights and proof.shape == weights.shape and proof.strides == weights.strides
 
 
-def _remember_finite(weights: npt.NDArray[Any]) -> None:
+def _remember_finite(weights: npt.NDArray[Any], *, bounded: bool = False) -> None:
     """Remember ``weights`` if it is a whole ``bytes`` object seen as a read-only vector: what
     the in-process transport hands its receivers, the only arrays that get checked again. A
     view into a received frame (the header before it) is checked once and dropped, so it is
@@ -68,7 +78,7 @@ def _remember_finite(weights: npt.NDArray[Any]) -> None:
             or weights.flags.writeable:
         return
     proof = _Proof(weights)
-    proof.key, proof.shape, proof.strides = id(weights), weights.shape, weights.strides
+    proof.key, proof.shape, proof.strides, proof.bounded = id(weights), weights.shape, weights.strides, bounded
     _FINITE[proof.key] = proof  # a dead array's id reused: its proof is replaced (it never matched)
     _FINITE_ORDER.append(proof)
     while len(_FINITE_ORDER) > FINITE_PROOFS:  # bounded, no callback per array: forget the oldest
@@ -158,13 +168,7 @@ class ModelSpec:
         """Validate weights for ``group``: 1-D float32 of the right length, all finite. The
         finiteness pass is skipped for an immutable array that passed it before (see
         :func:`_proven_finite`); shape and dtype are checked every time."""
-        expected = self.size if group == FULL else self.group_size(group)
-        if (weights.dtype is not _F32 and weights.dtype != np.float32) or weights.ndim != 1:
-            raise ShapeMismatch(f"weights must be a 1-D float32 vector, got {weights.dtype}{weights.shape}")
-        if weights.shape[0] != expected:
-            raise ShapeMismatch(
-                f"{self.model_id}/{group}: expected {expected} values, got {weights.shape[0]}"
-            )
+        self._check_shape(weights, group)
         proof = _FINITE.get(id(weights))  # _proven_finite, inlined (every message's check)
         if proof is not None and proof() is weights and proof.shape == weights.shape and proof.strides == weights.strides:
             return weights
@@ -174,6 +178,37 @@ class ModelSpec:
         if type(base) is bytes and len(base) == weights.nbytes:  # else never remembered: no call
             _remember_finite(weights)
         return weights
+
+    def check_update(self, weights: npt.NDArray[Any], group: str = FULL) -> Vector:
+        """What a coordinator accepts from a device, and a device sends: :meth:`check`, and a
+        norm of at most :data:`MAX_UPDATE_NORM` (:class:`~edge_sdk.errors.WeightsOutOfRange`).
+        One pass: the sum of squares is NaN or inf for NaN or Inf values, so it checks those
+        too (skipped, as in :meth:`check`, for an immutable array that passed it before)."""
+        self._check_shape(weights, group)
+        proof = _FINITE.get(id(weights))
+        if proof is not None and proof.bounded and proof() is weights and proof.shape == weights.shape \
+                and proof.strides == weights.strides:
+            return weights
+        with np.errstate(over="ignore", invalid="ignore"):  # hostile values' squares overflow: refused below
+            squares = float(np.dot(weights, weights))
+        if not squares <= _MAX_UPDATE_SQ:
+            if not _all_true(np.isfinite(weights)):
+                raise NonFiniteWeights(f"{self.model_id}/{group}: weights contain NaN or Inf")
+            raise WeightsOutOfRange(f"{self.model_id}/{group}: weights' norm "
+                                    f"{'overflows float32' if squares == np.inf else f'{squares ** 0.5:.3g}'} exceeds {MAX_UPDATE_NORM:g}")
+        base: object = weights.base
+        if type(base) is bytes and len(base) == weights.nbytes:
+            _remember_finite(weights, bounded=True)
+        return weights
+
+    def _check_shape(self, weights: npt.NDArray[Any], group: str) -> None:
+        expected = self.size if group == FULL else self.group_size(group)
+        if (weights.dtype is not _F32 and weights.dtype != np.float32) or weights.ndim != 1:
+            raise ShapeMismatch(f"weights must be a 1-D float32 vector, got {weights.dtype}{weights.shape}")
+        if weights.shape[0] != expected:
+            raise ShapeMismatch(
+                f"{self.model_id}/{group}: expected {expected} values, got {weights.shape[0]}"
+            )
 
     def zeros(self) -> Vector:
         return np.zeros(self.size, dtype=np.float32)

@@ -94,6 +94,7 @@ def test_duplicate_update_is_acked_but_applied_once() -> None:
         (MessageReceived(now=0.0, topic=topics.device_topic("r1", "d1", "update"), payload=b"\x00garbage"), "malformed"),
         (upd("d1", 0, weights=np.zeros(SPEC.size - 1, np.float32)), "shape_mismatch"),
         (upd("d1", 0, weights=np.full(SPEC.size, np.nan, np.float32)), "non_finite"),
+        (upd("d1", 0, weights=np.full(SPEC.size, 3e38, np.float32)), "out_of_range"),  # finite, but sums overflow
         (upd("d1", 0, base=7), "unknown_version"),
         (MessageReceived(now=0.0, topic=topics.device_topic("r1", "d2", "update"), payload=upd("d1", 0).payload), "topic_mismatch"),
     ],
@@ -189,3 +190,26 @@ def test_an_early_timer_wake_up_re_arms_the_same_deadline() -> None:
     early = c.handle(TimerFired(now=timer.at - 0.001))  # the driver's wait returned a hair early
     assert [a.at for a in early if isinstance(a, ScheduleTimer)] == [timer.at]
     assert commits(c.handle(TimerFired(now=timer.at)))
+
+
+def test_an_update_is_checked_for_its_norm_in_the_same_pass_as_for_nan() -> None:
+    """check_update: NaN and Inf are NonFiniteWeights (as from check), a finite vector whose
+    norm exceeds MAX_UPDATE_NORM is WeightsOutOfRange, anything a model really holds passes."""
+    from edge_sdk.errors import NonFiniteWeights, WeightsOutOfRange
+    from edge_sdk.spec import MAX_UPDATE_NORM
+
+    ok = np.full(SPEC.size, 1e3, np.float32)
+    assert SPEC.check_update(ok) is ok
+    for bad in (np.nan, np.inf, -np.inf):
+        w = ok.copy()
+        w[7] = bad
+        with pytest.raises(NonFiniteWeights):
+            SPEC.check_update(w)
+    at_limit = np.zeros(SPEC.size, np.float32)
+    at_limit[0] = MAX_UPDATE_NORM * 0.999
+    SPEC.check_update(at_limit)
+    at_limit[1] = MAX_UPDATE_NORM * 0.1
+    with pytest.raises(WeightsOutOfRange, match="exceeds"):
+        SPEC.check_update(at_limit)
+    with pytest.raises(WeightsOutOfRange, match="overflows float32"):
+        SPEC.check_update(np.full(SPEC.size, 3e38, np.float32))

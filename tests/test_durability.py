@@ -803,3 +803,22 @@ def test_a_stop_that_outlasts_the_actor_leaves_the_state_dir_locked(tmp_path: Pa
         busy.set()
         wait_until(lambda: not daemon.actor.alive, 10, "the actor to finish")
         daemon.registry.close()
+def test_finite_updates_whose_sum_overflows_are_refused_and_the_next_honest_one_counts(tmp_path: Path) -> None:
+    """3e38 everywhere is finite float32 and passed the check; two such updates overflowed the
+    fold, the aggregation raised after consuming the buffer, and an honest update that completed
+    it was lost (its retry answered duplicate) — after every restart again, as the hostile
+    records stayed in the log. They are refused at intake now (out_of_range), never persisted."""
+    w = get_task("digits").pretrained(seed=0)
+    big = np.full_like(w, 3.0e38)
+    with driver(tmp_path, k=2) as (daemon, fake):
+        in_one_batch(daemon, [update("evil", 1, big), update("evil", 2, big), update("victim", 1, w)])
+        wait_until(lambda: len(fake.acks()) == 3, 10, "three answers")
+        assert [(a.device, a.status, a.reason) for a in fake.acks()] == [
+            ("evil", "rejected", "out_of_range"), ("evil", "rejected", "out_of_range"), ("victim", "accepted", "")]
+        in_one_batch(daemon, [update("honest", 1, w + 1e-3)])
+        wait_until(lambda: daemon.core.version == 1, 10, "version 1")
+        assert not daemon.actor.errors and daemon.core_failures == 0
+        assert daemon.core.counters["reject:out_of_range"] == 2
+    snap = Registry(tmp_path / "c", get_task("digits").spec).load()
+    assert snap is not None and snap.version == 1 and not snap.buffer  # nothing hostile in the log
+    assert np.isfinite(snap.weights).all() and float(np.abs(snap.weights).max()) < 1e3

@@ -575,8 +575,8 @@ class DeviceCore:
             return []
         weights = np.ascontiguousarray(ev.weights, dtype=np.float32)
         try:
-            cfg.spec.check(weights)
-        except RemoteProtocolError as exc:  # e.g. a diverged run (NaN): never send it
+            cfg.spec.check_update(weights)
+        except RemoteProtocolError as exc:  # e.g. a diverged run (NaN, or a norm no coordinator takes): never send it
             return self._training_failed(ev.now, f"trainer returned unusable weights: {exc}")
         s.train_failures = 0
         if s.job_group != FULL:  # LASP: only the group we were asked to train travels
