@@ -253,3 +253,51 @@ def test_a_check_s_finiteness_pass_is_skipped_only_for_the_same_immutable_array(
     mutable[0] = np.inf
     with pytest.raises(NonFiniteWeights):
         SPEC.check(mutable, "full")
+
+
+def _pushing(c: DeviceCore) -> Update:
+    job = to_training(c)
+    upd = published(c.handle(TrainingFinished(now=2.0, job_id=job, weights=np.ones(SPEC.size, np.float32), n_samples=3)))[0]
+    assert isinstance(upd, Update) and c.state.phase is Phase.PUSHING
+    return upd
+
+
+def test_another_device_s_ack_replayed_onto_ours_is_refused() -> None:
+    """Acks are unsigned and name their device: another device's (genuine) ack for the same
+    seq, replayed by the broker onto our topic, made the device drop its pending update as
+    acknowledged although the coordinator never had it."""
+    c = core()
+    upd = _pushing(c)
+    acts = c.handle(recv(3.0, "ack", Ack(device="someone-else", seq=upd.seq, status="duplicate", version=1)))
+    assert c.state.phase is Phase.PUSHING and c.state.pending_update is not None and c.state.updates_acked == 0
+    assert c.state.counters["rejected:topic_mismatch"] == 1 and kinds(acts) == ["Notify"]
+    c.handle(recv(4.0, "ack", Ack(device=DEV, seq=upd.seq, status="accepted", version=1)))
+    assert c.state.phase is Phase.IDLE and c.state.updates_acked == 1
+
+
+def test_a_duplicate_ack_cannot_move_the_seq_beyond_what_a_coordinator_accepts() -> None:
+    """A forged duplicate ack with a watermark of 2^62 moved (and persisted) next_seq there:
+    every later request was then a seq_jump at the coordinator, for ever."""
+    from edge_sdk.core.device import MAX_WATERMARK_JUMP
+
+    c = core()
+    upd = _pushing(c)
+    forged = Ack(device=DEV, seq=upd.seq, status="duplicate", version=1, nonce=12345, watermark=2**62)
+    assert c.handle(recv(3.0, "ack", forged)) == []
+    assert c.state.next_seq == upd.seq + 1 and c.state.phase is Phase.PUSHING
+    assert c.state.counters["ignored:watermark_jump"] == 1
+    near = Ack(device=DEV, seq=upd.seq, status="duplicate", version=1, nonce=12345, watermark=upd.seq + MAX_WATERMARK_JUMP)
+    resent = published(c.handle(recv(4.0, "ack", near)))  # a real conflict: sent again above the watermark
+    assert isinstance(resent[0], Update) and resent[0].seq == upd.seq + MAX_WATERMARK_JUMP + 1
+
+
+def test_a_model_naming_a_group_the_device_lacks_is_refused_before_training() -> None:
+    """The unknown train_group raised ShapeMismatch out of handle() when training finished,
+    leaving the core in TRAINING with no timer: dead to the protocol."""
+    c = core()
+    pull = published(c.handle(SampleAdded(now=0.0, total=3)))[0]
+    assert isinstance(pull, Pull)
+    m = ModelMsg(model_id="toy", version=1, reply_to=pull.seq, weights=np.ones(SPEC.size, np.float32), train_group="classifier_v2")
+    acts = c.handle(recv(0.1, "model", m))
+    assert not any(isinstance(a, StartTraining) for a in acts) and c.state.phase is Phase.PULLING
+    assert c.state.counters["rejected:shape_mismatch"] == 1

@@ -170,6 +170,10 @@ from edge_sdk.wire.messages import (
 DeviceEvent = SampleAdded | MessageReceived | TrainingFinished | TrainingFailed | TimerFired | CanaryScored
 DeviceAction = (Publish | ScheduleTimer | StartTraining | DeployModel | PersistDeviceState | PinKey | Notify | SwitchRegion
                 | StartCanary | StopCanary)
+MAX_WATERMARK_JUMP = 100_000
+"""The furthest a ``duplicate`` ack may move the device's seq past its own (the coordinator's
+``max_seq_jump``): a forged ack with a huge watermark would otherwise make every later request
+a ``seq_jump`` there, for ever (acks are not signed)."""
 CANARY_FETCH_TRIES = 3
 """A canary fetch unanswered after this many tries abandons the canary request."""
 MAX_STATUS_BYTES = 65_536
@@ -410,6 +414,8 @@ class DeviceCore:
                 pin = self._check_signature(frame.signature)
                 actions = pin + self._on_model(msg, ev.now)
             elif isinstance(msg, Ack):
+                if msg.device != self.config.device_id:  # another device's answer, replayed onto our topic
+                    raise TopicMismatch(f"an ack for device {msg.device!r} reached {self.config.device_id!r}")
                 actions = self._on_ack(msg, ev.now)
             elif isinstance(msg, Invite):
                 actions = self._on_invite(msg, ev.now)
@@ -455,6 +461,8 @@ class DeviceCore:
             cfg.spec.check(msg.weights, msg.group)  # skips finiteness for one frame's array seen before
         elif msg.weights.size:
             raise ShapeMismatch("an 'unchanged' model reply carries no weights")
+        if msg.train_group != FULL:
+            cfg.spec.group_slice(msg.train_group)  # ShapeMismatch now, not out of handle() after training
         actions: list[DeviceAction] = []
         full = self._assemble(msg)
         # Devices predict with the release only; a newer training-line model is for training.
@@ -532,6 +540,9 @@ class DeviceCore:
             s.deadline = now + self._timeout()
             return [ScheduleTimer(at=s.deadline), Notify(kind="deferred", data={"seq": msg.seq, "what": "update", "reason": msg.reason})]
         if msg.status == "duplicate" and pending is not None and msg.nonce not in (0, pending.nonce):
+            if msg.watermark > s.next_seq + MAX_WATERMARK_JUMP:  # forged: moving there would make every later
+                s.counters["ignored:watermark_jump"] = s.counters.get("ignored:watermark_jump", 0) + 1  # request a
+                return []  # seq_jump at the coordinator, for ever; the update is sent again at its timeout
             return self._resend_under_new_seq(pending, msg, now)
         s.phase, s.deadline, s.pending_seq, s.pending_payload, s.attempts = _IDLE, None, NO_VERSION, b"", 0
         s.pending_update = None
