@@ -35,7 +35,7 @@ def load_model(path: str | Path, expect: ModelSpec | None = None) -> tuple[Model
     """Load a model file; with ``expect``, refuse a model of another architecture."""
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:  # (np.load leaves its own file open when it fails)
             spec = ModelSpec.from_dict(json.loads(z["spec"].tobytes()))
             weights = np.ascontiguousarray(z["weights"], dtype=np.float32)
             meta = json.loads(z["meta"].tobytes()) if "meta" in z else {}
