@@ -301,3 +301,16 @@ def test_a_model_naming_a_group_the_device_lacks_is_refused_before_training() ->
     acts = c.handle(recv(0.1, "model", m))
     assert not any(isinstance(a, StartTraining) for a in acts) and c.state.phase is Phase.PULLING
     assert c.state.counters["rejected:shape_mismatch"] == 1
+
+
+def test_a_model_of_another_layout_under_the_same_id_is_refused() -> None:
+    """The coordinator sends its spec's fingerprint; a device of another task version (same
+    model id and size, parameters laid out differently) deployed it silently."""
+    c = core()
+    pull = published(c.handle(SampleAdded(now=0.0, total=3)))[0]
+    assert isinstance(pull, Pull)
+    other = ModelMsg(model_id="toy", version=1, reply_to=pull.seq, weights=np.ones(SPEC.size, np.float32), spec_fingerprint="0" * 16)
+    acts = c.handle(recv(0.1, "model", other))
+    assert not any(isinstance(a, (DeployModel, StartTraining)) for a in acts) and c.state.counters["rejected:shape_mismatch"] == 1
+    same = ModelMsg(model_id="toy", version=1, reply_to=pull.seq, weights=np.ones(SPEC.size, np.float32), spec_fingerprint=SPEC.fingerprint)
+    assert any(isinstance(a, StartTraining) for a in c.handle(recv(0.2, "model", same)))

@@ -457,6 +457,8 @@ class DeviceCore:
         s, cfg = self._s, self.config
         if msg.model_id != cfg.spec.model_id:
             raise UnknownModel(f"model {msg.model_id!r} is not {cfg.spec.model_id!r}")
+        if msg.spec_fingerprint and msg.spec_fingerprint != cfg.spec.fingerprint:  # same id, another layout
+            raise ShapeMismatch(f"model {msg.model_id!r} has layout {msg.spec_fingerprint}, this device's is {cfg.spec.fingerprint}")
         if msg.group != UNCHANGED:
             cfg.spec.check(msg.weights, msg.group)  # skips finiteness for one frame's array seen before
         elif msg.weights.size:
