@@ -314,3 +314,27 @@ def test_a_model_of_another_layout_under_the_same_id_is_refused() -> None:
     assert not any(isinstance(a, (DeployModel, StartTraining)) for a in acts) and c.state.counters["rejected:shape_mismatch"] == 1
     same = ModelMsg(model_id="toy", version=1, reply_to=pull.seq, weights=np.ones(SPEC.size, np.float32), spec_fingerprint=SPEC.fingerprint)
     assert any(isinstance(a, StartTraining) for a in c.handle(recv(0.2, "model", same)))
+
+
+def test_a_round_s_samples_stay_untrained_on_disk_until_its_update_is_acknowledged() -> None:
+    """trained_upto was made durable when training started: a crash or stop while training
+    or pushing restarted with the samples counted as trained, and they reached no update
+    (until the user labelled again, or never). Now the durable watermark moves at the ack."""
+    c = core()
+    durable: list[int] = []
+
+    def run(actions: list[object]) -> list[object]:
+        durable.extend(a.trained_upto for a in actions if isinstance(a, PersistDeviceState))
+        return actions
+
+    pull = published(run(c.handle(SampleAdded(now=0.0, total=3))))[0]
+    assert isinstance(pull, Pull)
+    acts = run(c.handle(recv(0.1, "model", model(1, pull.seq))))
+    job = next(a for a in acts if isinstance(a, StartTraining)).job.job_id
+    assert durable[-1] == 0  # training: on disk the samples are not trained yet
+    upd = published(run(c.handle(TrainingFinished(now=2.0, job_id=job, weights=np.ones(SPEC.size, np.float32), n_samples=3))))[0]
+    assert isinstance(upd, Update) and durable[-1] == 0  # pushing: nor yet
+    restarted = DeviceCore(c.config, rng=random.Random(1), next_seq=c.state.next_seq, trained_upto=durable[-1], total=3)
+    assert isinstance(published(restarted.handle(SampleAdded(now=9.0, total=3)))[0], Pull)  # trains them again
+    run(c.handle(recv(3.0, "ack", Ack(device=DEV, seq=upd.seq, status="accepted", version=1))))
+    assert durable[-1] == 3 and c.state.phase is Phase.IDLE

@@ -508,7 +508,7 @@ class DeviceCore:
             group=msg.train_group,
             hints=dict(msg.hints),
         )
-        actions.append(PersistDeviceState(next_seq=s.next_seq, trained_upto=s.trained_upto))
+        actions.append(self._persist())
         actions.append(StartTraining(job=job))
         return actions
 
@@ -550,11 +550,12 @@ class DeviceCore:
         s.pending_update = None
         if msg.status in ("accepted", "duplicate"):
             s.updates_acked += 1
+        persist = self._persist()  # the round's samples are in an acknowledged update (or were refused): done
         note = Notify(
             kind="update_acked" if msg.status != "rejected" else "update_rejected",
             data={"seq": msg.seq, "status": msg.status, "version": msg.version, "reason": msg.reason},
         )
-        return [note, *self._maybe_pull(now)]
+        return [persist, note, *self._maybe_pull(now)]
 
     def _resend_under_new_seq(self, pending: Update, ack: Ack, now: float) -> list[DeviceAction]:
         """Someone else's message holds our seq at the coordinator: move past its watermark."""
@@ -567,11 +568,20 @@ class DeviceCore:
         s.pending_payload = encode(update, encoding=cfg.encoding)
         s.deadline = now + self._timeout()
         return [
-            PersistDeviceState(next_seq=s.next_seq, trained_upto=s.trained_upto),
+            self._persist(),
             Publish(topic=self._t_update, payload=s.pending_payload, qos=1),
             ScheduleTimer(at=s.deadline),
             Notify(kind="seq_conflict", data={"old_seq": pending.seq, "new_seq": seq, "watermark": ack.watermark}),
         ]
+
+    def _persist(self) -> PersistDeviceState:
+        """The state to make durable: while a round's samples are being trained or pushed, the
+        watermark from before it — a crash or stop then trains them again after the restart
+        (they were lost: ``trained_upto`` was made durable when training started); the round's
+        own once its update is acknowledged."""
+        s = self._s
+        upto = s.prev_trained_upto if s.phase is _TRAINING or s.phase is _PUSHING else s.trained_upto
+        return PersistDeviceState(next_seq=s.next_seq, trained_upto=upto)
 
     def _nonce(self) -> int:
         return self._rng.randrange(1, 2**63)
@@ -613,7 +623,7 @@ class DeviceCore:
         s.pending_seq, s.pending_payload, s.attempts = seq, encode(update, encoding=cfg.encoding), 0
         s.deadline = ev.now + self._timeout()
         return [
-            PersistDeviceState(next_seq=s.next_seq, trained_upto=s.trained_upto),
+            self._persist(),
             Publish(topic=self._t_update, payload=s.pending_payload, qos=1),
             ScheduleTimer(at=s.deadline),
             Notify(
@@ -719,7 +729,7 @@ class DeviceCore:
         s.left_home_at = None if region == cfg.region else (s.left_home_at if previous != cfg.region else now)
         self._address(region)
         actions: list[DeviceAction] = [
-            PersistDeviceState(next_seq=s.next_seq, trained_upto=s.trained_upto),
+            self._persist(),
             SwitchRegion(region=region, previous=previous, reason=reason,
                          subscribe=tuple(self._region_topics(region)), unsubscribe=tuple(self._region_topics(previous))),
             Notify(kind="failover", data={"from": previous, "to": region, "reason": reason, "after_timeouts": timeouts}),
@@ -835,7 +845,7 @@ class DeviceCore:
             s.next_seq += 1
             s.attempts = 0
             s.serving = serve
-            actions.append(PersistDeviceState(next_seq=s.next_seq, trained_upto=s.trained_upto))
+            actions.append(self._persist())
             pull = Pull(
                 device=cfg.device_id,
                 seq=s.pending_seq,
