@@ -174,6 +174,9 @@ class VersionLoaded:
     weights: Vector | None
     command: str
     detail: str = ""
+    operator: str = ""
+    nonce: int = 0
+    """The command's operator and nonce (recorded with the release, so a restart still knows it ran)."""
 
 
 @fast_init
@@ -245,6 +248,8 @@ class LoadVersion:
 
     version: int
     command: str
+    operator: str = ""
+    nonce: int = 0
 
 
 @fast_init
@@ -414,7 +419,11 @@ class CoordinatorCore:
         self._candidate_devices: dict[int, tuple[str, ...]] = {}
         self._canary_round: CanaryRound | None = None  # the candidate under canary evaluation (one at a time)
         self._canary_weights: Vector = _NO_WEIGHTS
-        self._control_seen: dict[tuple[str, int], float] = {}
+        # Executed operator commands (within their age window a replay is refused): seeded from the
+        # durable release record, so a restart or a rebuilt core does not run a replayed one again.
+        self._control_seen: dict[tuple[str, int], float] = {
+            (str(h["operator"]), int(h["nonce"])): float(h.get("at", 0.0))
+            for h in snapshot.gate_history if isinstance(h, Mapping) and "nonce" in h and "operator" in h}
         self._pending_actions: list[CoordinatorAction] = []
         # Converting staleness policies: parked updates wait for the driver's conversion; a
         # device's later updates queue behind its parked one (applied in seq order).
@@ -1374,10 +1383,10 @@ class CoordinatorCore:
         note = Notify(kind="control", data={"command": msg.command, "version": msg.version, "operator": msg.operator})
         if msg.command == "unpin":
             self._pinned = False
-            return [note, self._record(ev.now, "unpin", self._release_version, operator=msg.operator)]
+            return [note, self._record(ev.now, "unpin", self._release_version, operator=msg.operator, nonce=msg.nonce)]
         if not 0 <= msg.version <= max(self._version, self._version_floor):
             raise UnknownVersion(f"no version {msg.version} (latest is {self._version})")
-        return [note, LoadVersion(version=msg.version, command=msg.command)]
+        return [note, LoadVersion(version=msg.version, command=msg.command, operator=msg.operator, nonce=msg.nonce)]
 
     def _on_version_loaded(self, ev: VersionLoaded) -> list[CoordinatorAction]:
         if ev.weights is None:
@@ -1390,7 +1399,8 @@ class CoordinatorCore:
             for v in self._gate.drop_above(-1):
                 self._candidate_devices.pop(v, None)
             self._gate.best = None  # the operator chose this release: it is the new bar
-        return [commit, self._record(ev.now, ev.command, commit.version, of=ev.version), *self._canary_refresh(ev.now)]
+        control = {"operator": ev.operator, "nonce": ev.nonce} if ev.operator else {}
+        return [commit, self._record(ev.now, ev.command, commit.version, of=ev.version, **control), *self._canary_refresh(ev.now)]
 
     # ------------------------------------------------------------------ peering
 

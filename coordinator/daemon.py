@@ -536,7 +536,8 @@ class CoordinatorDaemon:
 
     @staticmethod
     def _version_loaded(action: LoadVersion, weights: Vector | None, detail: str, now: float) -> VersionLoaded:
-        return VersionLoaded(now=now, version=action.version, weights=weights, command=action.command, detail=detail)
+        return VersionLoaded(now=now, version=action.version, weights=weights, command=action.command, detail=detail,
+                             operator=action.operator, nonce=action.nonce)
 
     def _do(self, action: object) -> None:
         if isinstance(action, Publish):

@@ -1015,7 +1015,7 @@ class Registry:
             release_version=release,
             release_weights=release_weights,
             pinned=pinned,
-            gate_history=list(record.get("history", []))[-20:],
+            gate_history=list(record.get("history", [])),  # (the core shows the last 20; operator commands in all)
             version=version,
             weights=weights,
             applied_upto=applied_upto,

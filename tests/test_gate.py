@@ -331,3 +331,29 @@ def test_validation_scores_per_sample_and_pairs_them() -> None:
     assert compare(cand, rel) == (2, 1, 4)
     plain = validation_score(_NoLogits(), np.array([0.6], np.float32), split)  # type: ignore[arg-type]
     assert plain[0] == pytest.approx(0.6) and plain[1] is None and compare(cand, plain) is None
+
+
+def test_an_operator_command_replayed_after_a_restart_is_refused() -> None:
+    """Executed commands were remembered in memory only: after a restart (or a rebuilt core)
+    the same signed pin, replayed within its 300 s, pinned the old model again. They are in the
+    release record now (what the registry stores and a restart reads back)."""
+    import json
+
+    from coordinator.core import LoadVersion, RecordRelease, VersionLoaded
+
+    c = gated(k=1)
+    c.handle(update("d1", 0, 1.0))
+    pin = control("pin", 0, nonce=7)
+    (load,) = of(c.handle(pin), LoadVersion)
+    records = of(c.handle(VersionLoaded(now=51.0, version=0, weights=np.zeros(SPEC.size, np.float32), command="pin",
+                                        operator=load.operator, nonce=load.nonce)), RecordRelease)
+    records += of(c.handle(control("unpin", nonce=8)), RecordRelease)
+    assert not c.status().extra["pinned"]
+    history = json.loads(json.dumps([r.event for r in records]))  # as release.json holds them
+    snap = Snapshot(version=c.version, weights=c.weights.copy(), release_version=c.status().extra["release"],
+                    release_weights=c.weights.copy(), pinned=False, gate_history=history)
+    restarted = gated(k=1, snapshot=snap)
+    acts = restarted.handle(pin)  # the same bytes again
+    assert not of(acts, LoadVersion) and restarted.counters["reject:replayed"] == 1
+    assert not of(restarted.handle(control("unpin", nonce=8)), RecordRelease)
+    assert of(restarted.handle(control("pin", 0, nonce=9)), LoadVersion)  # a new command still runs
