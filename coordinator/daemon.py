@@ -177,11 +177,11 @@ class CoordinatorDaemon:
         self._storage_ok = True
         self.storage_failures = 0
         self.publish_failures = 0
+        """Publishes the transport refused (logged; the batch's other actions still ran)."""
         self.core_failures = 0
         """Events the core raised on (the core was rebuilt from the durable state each time)."""
         self._last_status: bytes | None = None
         """The last status JSON published (durable by then), unstamped: the final one repeats it."""
-        """Publishes the transport refused (logged; the batch's other actions still ran)."""
         self._probe_stop = threading.Event()
         self._probe_thread = threading.Thread(target=self._probe_loop, name=f"storage-probe-{options.region}", daemon=True)
         # ops: metrics snapshot after handled events, liveness stamps and last will on the status topic
@@ -474,19 +474,22 @@ class CoordinatorDaemon:
         self.core_failures += 1
         log.error("the core failed handling an event (%s: %s); dropping %d unacknowledged updates and %d held "
                   "actions and rebuilding it from %s", type(exc).__name__, exc, len(self._log), len(self._held), self.registry.root)
-        self._log, self._held = [], []
-        self._discarding = True
-        self._rebuild = f"core error ({type(exc).__name__})"
+        self._abandon_batch(f"core error ({type(exc).__name__})")
 
     def _storage_failed(self, detail: str) -> None:
         """Nothing that waited for durability may leave: drop it, rebuild the core next."""
         log.error("storage failure: %s; dropping %d unacknowledged updates and %d held actions, "
                   "deferring updates until storage works again", detail, len(self._log), len(self._held))
         self.storage_failures += 1
+        self._storage_ok = False
+        self._abandon_batch(detail)
+
+    def _abandon_batch(self, reason: str) -> None:
+        """Drop what the batch held for durability (the rest of the event's actions too) and
+        rebuild the core from the durable state before the next event."""
         self._log, self._held = [], []
         self._discarding = True
-        self._storage_ok = False
-        self._rebuild = detail
+        self._rebuild = reason
 
     def _rebuild_core(self) -> None:
         """Replace the core by one rebuilt from the durable state, exactly as at a restart.
