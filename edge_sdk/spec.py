@@ -58,14 +58,15 @@ _FINITE: dict[int, _Proof] = {}
 _FINITE_ORDER: deque[_Proof] = deque()
 
 
-def _proven_finite(weights: npt.NDArray[Any]) -> bool:
-    """True for the very array object found all finite before, still alive and with the same
-    shape and strides: a read-only ``ndarray`` whose memory is a ``bytes`` object, which
-    nothing can change (numpy refuses to make it writeable). One model frame handed to many
-    devices, or an update checked by its device and again by a coordinator in the same
-    process (the in-process transport, ``codec.carry_decoded``)."""
+def _proven_finite(weights: npt.NDArray[Any], *, bounded: bool = False) -> bool:
+    """True for the very array object found all finite before (``bounded``: within
+    :data:`MAX_UPDATE_NORM` too), still alive and with the same shape and strides: a read-only
+    ``ndarray`` whose memory is a ``bytes`` object, which nothing can change (numpy refuses to
+    make it writeable). One model frame handed to many devices, or an update checked by its
+    device and again by a coordinator in the same process (``codec.carry_decoded``)."""
     proof = _FINITE.get(id(weights))
-    return proof is not None and proof() is weights and proof.shape == weights.shape and proof.strides == weights.strides
+    return proof is not None and (proof.bounded or not bounded) and proof() is weights and proof.shape == weights.shape \
+        and proof.strides == weights.strides
 
 
 def _remember_finite(weights: npt.NDArray[Any], *, bounded: bool = False) -> None:
@@ -185,20 +186,15 @@ class ModelSpec:
         One pass: the sum of squares is NaN or inf for NaN or Inf values, so it checks those
         too (skipped, as in :meth:`check`, for an immutable array that passed it before)."""
         self._check_shape(weights, group)
-        proof = _FINITE.get(id(weights))
-        if proof is not None and proof.bounded and proof() is weights and proof.shape == weights.shape \
-                and proof.strides == weights.strides:
+        if _proven_finite(weights, bounded=True):
             return weights
         with np.errstate(over="ignore", invalid="ignore"):  # hostile values' squares overflow: refused below
             squares = float(np.dot(weights, weights))
         if not squares <= _MAX_UPDATE_SQ:
-            if not _all_true(np.isfinite(weights)):
-                raise NonFiniteWeights(f"{self.model_id}/{group}: weights contain NaN or Inf")
+            self.check(weights, group)  # NaN or Inf: NonFiniteWeights, as from check()
             raise WeightsOutOfRange(f"{self.model_id}/{group}: weights' norm "
                                     f"{'overflows float32' if squares == np.inf else f'{squares ** 0.5:.3g}'} exceeds {MAX_UPDATE_NORM:g}")
-        base: object = weights.base
-        if type(base) is bytes and len(base) == weights.nbytes:
-            _remember_finite(weights, bounded=True)
+        _remember_finite(weights, bounded=True)
         return weights
 
     def _check_shape(self, weights: npt.NDArray[Any], group: str) -> None:
