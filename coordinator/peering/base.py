@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from coordinator.strategies.base import CoordinatorView
-from edge_sdk.errors import ConfigError, MalformedMessage
+from edge_sdk.errors import ConfigError, MalformedMessage, UnknownPeer
 from edge_sdk.spec import Vector
 from edge_sdk.wire import topics
 from edge_sdk.wire.messages import PeerMsg
@@ -123,6 +123,12 @@ def body_table(body: Mapping[str, Any], key: str, max_len: int = 4096) -> dict[s
     if not isinstance(value, dict) or len(value) > max_len:
         raise MalformedMessage(f"peer body: {key!r} must be a small map")
     return {body_id(k, f"{key} key"): v for k, v in value.items()}
+
+
+def check_sender(name: str, coordinator_id: str, ring: tuple[str, ...], sender: str) -> None:
+    """Raise :class:`~edge_sdk.errors.UnknownPeer` unless ``sender`` is another member of ``ring``."""
+    if sender not in ring or sender == coordinator_id:
+        raise UnknownPeer(f"{name}: {sender!r} is not another coordinator of the ring {list(ring)}")
 
 
 def check_ring(coordinator_id: str, ring: tuple[str, ...]) -> tuple[str, ...]:

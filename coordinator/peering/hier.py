@@ -23,10 +23,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from coordinator.peering.base import Peering, PeerPlan, PeerSend, body_int, check_ring
+from coordinator.peering.base import Peering, PeerPlan, PeerSend, body_int, check_ring, check_sender
 from coordinator.strategies.base import CoordinatorView
 from coordinator.strategies.hierfavg import HierEdgeStrategy
-from edge_sdk.errors import ConfigError, MalformedMessage, UnknownPeer
+from edge_sdk.errors import ConfigError, MalformedMessage
 from edge_sdk.spec import Vector
 from edge_sdk.wire.messages import PeerMsg
 
@@ -98,8 +98,7 @@ class HierPeering(Peering):
         return PeerPlan(sends=(PeerSend(kind="edge", to=self.cloud, body=body, weights=weights),))
 
     def on_message(self, view: CoordinatorView, msg: PeerMsg, now: float) -> PeerPlan:
-        if msg.sender not in self.ring or msg.sender == self.me:
-            raise UnknownPeer(f"hierfavg: {msg.sender!r} is not another coordinator of the ring {list(self.ring)}")
+        check_sender("hierfavg", self.me, self.ring, msg.sender)
         if msg.weights is None:
             raise MalformedMessage("hierfavg: peer messages carry a model")
         round_ = body_int(msg.body, "round", lo=1)

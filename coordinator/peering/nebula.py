@@ -56,10 +56,18 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from coordinator.peering.base import Peering, PeerPlan, PeerSend, body_float, body_int, check_ring
+from coordinator.peering.base import (
+    Peering,
+    PeerPlan,
+    PeerSend,
+    body_float,
+    body_int,
+    check_ring,
+    check_sender,
+)
 from coordinator.strategies.base import CoordinatorView, Strategy
 from coordinator.strategies.nebula import NebulaStrategy
-from edge_sdk.errors import ConfigError, MalformedMessage, UnknownPeer
+from edge_sdk.errors import ConfigError, MalformedMessage
 from edge_sdk.wire.messages import PeerMsg
 
 __all__ = ["NebulaPeerConfig", "NebulaPeering", "rotation_target"]
@@ -138,8 +146,7 @@ class NebulaPeering(Peering):
             raise MalformedMessage(f"nebula: unknown peer message kind {msg.kind!r}")
         if msg.weights is None:
             raise MalformedMessage("nebula: a rotation carries a master model")
-        if msg.sender not in self.ring or msg.sender == self.me:
-            raise UnknownPeer(f"nebula: {msg.sender!r} is not another coordinator of the ring {list(self.ring)}")
+        check_sender("nebula", self.me, self.ring, msg.sender)
         version = body_float(msg.body, "version")
         if version < 0:
             raise MalformedMessage("nebula: negative version")

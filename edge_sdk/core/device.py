@@ -542,9 +542,9 @@ class DeviceCore:
             s.deadline = now + self._timeout()
             return [ScheduleTimer(at=s.deadline), Notify(kind="deferred", data={"seq": msg.seq, "what": "update", "reason": msg.reason})]
         if msg.status == "duplicate" and pending is not None and msg.nonce not in (0, pending.nonce):
-            if msg.watermark > s.next_seq + MAX_WATERMARK_JUMP:  # forged: moving there would make every later
-                s.counters["ignored:watermark_jump"] = s.counters.get("ignored:watermark_jump", 0) + 1  # request a
-                return []  # seq_jump at the coordinator, for ever; the update is sent again at its timeout
+            if msg.watermark > s.next_seq + MAX_WATERMARK_JUMP:  # forged (see MAX_WATERMARK_JUMP): ignored,
+                s.counters["ignored:watermark_jump"] = s.counters.get("ignored:watermark_jump", 0) + 1
+                return []  # and the update is sent again at its timeout
             return self._resend_under_new_seq(pending, msg, now)
         s.phase, s.deadline, s.pending_seq, s.pending_payload, s.attempts = _IDLE, None, NO_VERSION, b"", 0
         s.pending_update = None
