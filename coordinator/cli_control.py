@@ -165,7 +165,8 @@ def _control(args: argparse.Namespace, command: str) -> int:
             print(f"no coordinator status on region {args.region!r}: is it running?")
             return 2
         before = statuses[-1].get("extra", {})
-        transport.publish(topics.control_topic(args.region), encode(msg, signer=signer))
+        topic = topics.control_topic(args.region)
+        transport.publish(topic, encode(msg, signer=signer, scope=topics.signing_scope(topic)))
         deadline = time.monotonic() + args.wait
         while time.monotonic() < deadline:
             seen.clear()

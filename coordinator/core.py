@@ -846,7 +846,7 @@ class CoordinatorCore:
             if tail is None:  # one encoding + digest per (version, group, encoding)
                 tail = EncodedTensor.of(msg.weights, cfg.encoding)
                 self._tensors[(version, group, cfg.encoding)] = tail
-            payload = encode_spliced(msg, tail, signer=cfg.signer)
+            payload = encode_spliced(msg, tail, signer=cfg.signer, scope=topics.device_scope(cfg.region, "model"))
             if len(self._encoded) >= 64:  # per-device hints could grow it: keep it bounded
                 self._encoded.clear()
             self._encoded[key] = payload
@@ -1265,7 +1265,7 @@ class CoordinatorCore:
             ask = Canary(device=device, candidate=version, release=self._release_version, samples=cfg.samples,
                          deadline_s=cfg.report_by_s)
             actions.append(self._publish(topics.device_topic(self.config.region, device, "invite"),
-                                         encode(ask, signer=self.config.signer)))
+                                         encode(ask, signer=self.config.signer, scope=topics.device_scope(self.config.region, "invite"))))
         return actions
 
     def _canary_refresh(self, now: float) -> list[CoordinatorAction]:
@@ -1371,8 +1371,10 @@ class CoordinatorCore:
         allowed = dict(cfg.operator_keys)
         if cfg.signer is not None:
             allowed[cfg.signer.kid] = cfg.signer.public_raw
-        if allowed.get(sig.kid) != sig.public_raw or not verify(sig.public_raw, sig.signature, sig.signed):
+        if allowed.get(sig.kid) != sig.public_raw:
             raise BadSignature(f"control command signed by key {sig.kid}, which may not command this coordinator")
+        if not verify(sig.public_raw, sig.signature, sig.signed_for(topics.signing_scope(ev.topic))):
+            raise BadSignature(f"control command signed by key {sig.kid} does not verify for {ev.topic!r} (another region's?)")
         if abs(ev.now - msg.issued_at) > cfg.control_max_age_s:
             raise ReplayedMessage(f"control command issued {ev.now - msg.issued_at:.0f} s from now: too old or from the future")
         self._control_seen = {k: t for k, t in self._control_seen.items() if ev.now - t <= cfg.control_max_age_s}
@@ -1411,14 +1413,16 @@ class CoordinatorCore:
             raise TopicMismatch(f"a {msg.TYPE} message does not belong on a peer topic")
         if msg.sender == self.config.coordinator_id:
             return []  # our own broadcast, echoed by the broker
-        self._check_peer_signature(msg.sender, frame.signature)
+        self._check_peer_signature(msg.sender, frame.signature, topics.signing_scope(ev.topic))
         if msg.weights is not None:
             self.config.spec.check(msg.weights)
         self.counters["peer_messages"] += 1
         return self._run_peer_plan(self.peering.on_message(self._view, msg, ev.now), ev.now)
 
-    def _check_peer_signature(self, sender: str, sig: SignatureInfo | None) -> None:
-        """Peers sign everything; trust the provisioned keys, or pin each sender's first key."""
+    def _check_peer_signature(self, sender: str, sig: SignatureInfo | None, scope: str) -> None:
+        """Peers sign everything, for the topic they send to (recipient and kind: a message
+        re-routed to another coordinator does not verify there); trust the provisioned keys,
+        or pin each sender's first key."""
         if sig is None:
             raise UnsignedMessage(f"peer message from {sender!r} is not signed")
         trusted = self.config.peer_keys
@@ -1427,15 +1431,16 @@ class CoordinatorCore:
                 raise BadSignature(f"peer {sender!r} signed with key {sig.kid}, which is not provisioned here")
         elif self._peer_pins.get(sender, sig.public_raw) != sig.public_raw:
             raise BadSignature(f"peer {sender!r} signed with key {sig.kid}, not the key pinned for it")
-        if not verify(sig.public_raw, sig.signature, sig.signed):
-            raise BadSignature(f"peer message from {sender!r} has an invalid signature")
+        if not verify(sig.public_raw, sig.signature, sig.signed_for(scope)):
+            raise BadSignature(f"peer message from {sender!r} has an invalid signature for {scope!r} (re-routed?)")
         self._peer_pins.setdefault(sender, sig.public_raw)
 
     def _run_peer_plan(self, plan: PeerPlan, now: float) -> list[CoordinatorAction]:
         actions: list[CoordinatorAction] = []
         for send in plan.sends:
             msg = PeerMsg(sender=self.config.coordinator_id, kind=send.kind, body=send.body, weights=send.weights)
-            actions.append(self._publish(topics.peer_topic(send.to, send.kind), encode(msg, signer=self.config.signer)))
+            topic = topics.peer_topic(send.to, send.kind)
+            actions.append(self._publish(topic, encode(msg, signer=self.config.signer, scope=topics.signing_scope(topic))))
         if plan.merged is not None:
             merged = np.ascontiguousarray(plan.merged, dtype=np.float32)
             self.counters["peer_merges"] += 1

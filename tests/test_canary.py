@@ -220,7 +220,8 @@ def core(validation: bool = False, cfg: CanaryConfig = CFG) -> CoordinatorCore:
 
 
 def msg(dev: str, leaf: str, message: object, now: float, signer: Signer | None = None) -> MessageReceived:
-    return MessageReceived(now=now, topic=topics.device_topic("r1", dev, leaf), payload=encode(message, signer=signer))  # type: ignore[arg-type, call-arg]
+    topic = topics.device_topic("r1", dev, leaf)
+    return MessageReceived(now=now, topic=topic, payload=encode(message, signer=signer, scope=topics.signing_scope(topic)))  # type: ignore[arg-type, call-arg]
 
 
 def seen(c: CoordinatorCore, devices: Sequence[str], now: float = 1.0) -> None:
@@ -430,12 +431,12 @@ def test_a_device_fetches_the_candidate_scores_new_labels_and_reports_counts_onl
     for name, ask in sorted(asked.items()):
         d = fleet[name]
         t = topics.device_topic("r1", name, "invite")
-        out = relay(c, d, d.handle(MessageReceived(now=6.0, topic=t, payload=encode(ask, signer=SIGNER))), 6.0)
+        out = relay(c, d, d.handle(MessageReceived(now=6.0, topic=t, payload=encode(ask, signer=SIGNER, scope=topics.device_scope("r1", "invite")))), 6.0)
         (start,) = of(out, StartCanary)
         assert (start.candidate, start.release) == (1, 0) and d.state.phase is Phase.IDLE
         np.testing.assert_array_equal(start.weights, 1.0)
         # a redelivered request changes nothing
-        assert d.handle(MessageReceived(now=6.5, topic=t, payload=encode(ask, signer=SIGNER))) == []
+        assert d.handle(MessageReceived(now=6.5, topic=t, payload=encode(ask, signer=SIGNER, scope=topics.device_scope("r1", "invite")))) == []
         out = []
         for k in range(20):  # 20 new labels, each scored before training: the candidate right on 3, the release on 19
             out += d.handle(CanaryScored(now=7.0 + k, candidate=1, release=0, candidate_right=k < 3, release_right=k > 0))
@@ -457,13 +458,13 @@ def test_a_device_reports_what_it_has_at_the_deadline_and_refuses_unsigned_reque
     t = topics.device_topic("r1", "a", "invite")
     unsigned = d.handle(MessageReceived(now=1.0, topic=t, payload=encode(ask)))
     assert of(unsigned, Notify)[0].data["reason"] == "unsigned" and d.state.canary is None
-    forged = d.handle(MessageReceived(now=1.0, topic=t, payload=encode(ask, signer=Signer.generate())))
+    forged = d.handle(MessageReceived(now=1.0, topic=t, payload=encode(ask, signer=Signer.generate(), scope=topics.device_scope("r1", "invite"))))
     assert of(forged, Notify)[0].data["reason"] == "bad_signature" and d.state.canary is None
     d.state.deployed_version = 2
-    (pull,) = [decode(a.payload) for a in of(d.handle(MessageReceived(now=1.0, topic=t, payload=encode(ask, signer=SIGNER))), Publish)]
+    (pull,) = [decode(a.payload) for a in of(d.handle(MessageReceived(now=1.0, topic=t, payload=encode(ask, signer=SIGNER, scope=topics.device_scope("r1", "invite")))), Publish)]
     assert isinstance(pull, Pull) and pull.canary == 3 and pull.serve
     model = ModelMsg(model_id="toy", version=3, reply_to=-1, weights=np.ones(SPEC.size, np.float32), release=2)
-    out = d.handle(MessageReceived(now=2.0, topic=topics.device_topic("r1", "a", "model"), payload=encode(model, signer=SIGNER)))
+    out = d.handle(MessageReceived(now=2.0, topic=topics.device_topic("r1", "a", "model"), payload=encode(model, signer=SIGNER, scope=topics.device_scope("r1", "model"))))
     assert of(out, StartCanary)
     d.handle(CanaryScored(now=3.0, candidate=3, release=2, candidate_right=True, release_right=False))
     d.handle(CanaryScored(now=4.0, candidate=3, release=1, candidate_right=True, release_right=True))  # another release: ignored
@@ -477,7 +478,7 @@ def test_an_unanswered_canary_fetch_is_given_up() -> None:
     d = device("a")
     d.state.deployed_version = 2
     ask = Canary(device="a", candidate=3, release=2, samples=5, deadline_s=500.0)
-    d.handle(MessageReceived(now=1.0, topic=topics.device_topic("r1", "a", "invite"), payload=encode(ask, signer=SIGNER)))
+    d.handle(MessageReceived(now=1.0, topic=topics.device_topic("r1", "a", "invite"), payload=encode(ask, signer=SIGNER, scope=topics.device_scope("r1", "invite"))))
     now, out = 1.0, []
     for _ in range(5):
         now += 400.0 if d.state.deadline is None else d.state.deadline - now + 0.1

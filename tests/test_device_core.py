@@ -37,7 +37,8 @@ def core(min_samples: int = 3) -> DeviceCore:
 
 def recv(now: float, leaf: str, msg: object) -> MessageReceived:
     signer = SIGNER if isinstance(msg, ModelMsg) else None  # the coordinator signs every model
-    return MessageReceived(now=now, topic=topics.device_topic("r1", DEV, leaf), payload=encode(msg, signer=signer))  # type: ignore[arg-type]
+    topic = topics.device_topic("r1", DEV, leaf)  # type: ignore[arg-type]
+    return MessageReceived(now=now, topic=topic, payload=encode(msg, signer=signer, scope=topics.signing_scope(topic)))  # type: ignore[arg-type]
 
 
 def model(version: int, reply_to: int, group: str = "full") -> ModelMsg:

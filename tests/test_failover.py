@@ -52,7 +52,8 @@ def core(fallbacks: tuple[str, ...] = ("r2",), *, failover_after: int = 2, failb
 
 def recv(now: float, region: str, leaf: topics.DeviceLeaf, msg: Any, signer: Signer | None = SIGNER) -> MessageReceived:
     sig = signer if isinstance(msg, ModelMsg) else None
-    return MessageReceived(now=now, topic=topics.device_topic(region, DEV, leaf), payload=encode(msg, signer=sig))
+    topic = topics.device_topic(region, DEV, leaf)
+    return MessageReceived(now=now, topic=topic, payload=encode(msg, signer=sig, scope=topics.signing_scope(topic)))
 
 
 def status(now: float, region: str, *, alive: bool) -> MessageReceived:
@@ -468,7 +469,7 @@ def test_a_model_that_cannot_be_saved_is_still_deployed_and_trained_on(tmp_path:
         c.actor._run_one(lambda now: SampleAdded(now=1.0, total=1))
         spec = c.task.spec
         m = ModelMsg(model_id=spec.model_id, version=1, reply_to=-1, weights=np.zeros(spec.size, np.float32))
-        payload = encode(m, signer=signer)
+        payload = encode(m, signer=signer, scope=topics.device_scope("default", "model"))
         c.actor._run_one(lambda now: MessageReceived(now=2.0, topic=topics.device_topic("default", "d1", "model"), payload=payload))
         assert c.actor.error_count == 0 and len(c.started) == 1 and c.version == 1
     finally:

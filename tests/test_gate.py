@@ -74,7 +74,8 @@ def of(actions: Sequence[object], kind: type) -> list:  # type: ignore[type-arg]
 
 def control(command: str, version: int = -1, *, signer: Signer | None = OPERATOR, at: float = 50.0, nonce: int = 1) -> MessageReceived:
     msg = Control(command=command, operator="alice", issued_at=at, nonce=nonce, version=version)
-    return MessageReceived(now=50.0, topic=topics.control_topic("r1"), payload=encode(msg, signer=signer))
+    topic = topics.control_topic("r1")
+    return MessageReceived(now=50.0, topic=topic, payload=encode(msg, signer=signer, scope=topics.signing_scope(topic)))
 
 
 def test_without_a_gate_every_version_is_the_release() -> None:
@@ -179,6 +180,18 @@ def test_control_must_be_signed_fresh_and_new() -> None:
     assert not of(c.handle(control("pin", 0, nonce=7)), LoadVersion)  # the same command again
     assert c.counters["reject:replayed"] == 2
     assert of(c.handle(control("pin", 0, signer=SIGNER, nonce=8)), LoadVersion)  # the coordinator's own key
+
+
+def test_a_command_signed_for_another_regions_control_topic_is_refused() -> None:
+    """An operator key commands every region; a command is signed for one region's control
+    topic, so the same bytes replayed onto another region's do not run there."""
+    c = gated()
+    msg = Control(command="pin", operator="alice", issued_at=50.0, nonce=3, version=0)
+    for_r2 = encode(msg, signer=OPERATOR, scope=topics.signing_scope(topics.control_topic("r2")))
+    assert not of(c.handle(MessageReceived(now=50.0, topic=topics.control_topic("r1"), payload=for_r2)), LoadVersion)
+    assert c.counters["reject:bad_signature"] == 1
+    for_r1 = encode(msg, signer=OPERATOR, scope=topics.signing_scope(topics.control_topic("r1")))
+    assert of(c.handle(MessageReceived(now=50.0, topic=topics.control_topic("r1"), payload=for_r1)), LoadVersion)
 
 
 def test_rollback_and_pin_make_an_old_version_the_release_under_a_new_number() -> None:

@@ -89,7 +89,7 @@ def test_an_immutable_sender_array_is_shared_and_any_other_is_copied_once() -> N
 def test_the_size_cap_still_applies_and_other_frames_are_parsed_as_usual() -> None:
     with codec.carry_decoded():
         carried = codec.encode(CARRIED[2])
-        signed = codec.encode(CARRIED[1], signer=Signer.generate())
+        signed = codec.encode(CARRIED[1], signer=Signer.generate(), scope="r/dev/model")
         half = codec.encode(CARRIED[2], encoding="f2")
         status = codec.encode(Status(region="r", coordinator="c", version=1, updates_accepted=1, updates_rejected=0,
                                      updates_duplicate=0, devices_seen=2, buffered=0))

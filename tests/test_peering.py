@@ -486,6 +486,38 @@ def test_three_real_cores_exchange_models_and_commit_merges() -> None:
     assert status["extra"]["peering"]["known_token"] is not None
 
 
+def test_a_token_re_routed_to_a_third_coordinator_gives_no_second_holder() -> None:
+    """A token a passed to b, re-delivered by the broker on c's topic, made c a holder of the
+    same position too (review finding F13). It is signed for b's topic: c refuses it."""
+    bus = Bus(["a", "b", "c"], h_inter=3.0, h_intra=10.0, beacon_s=1.0, token_timeout_s=4.0)
+    tokens: list[Publish] = []
+    pump = bus.pump
+
+    def recording_pump() -> Any:
+        out = pump()
+        tokens.extend(pub for _, pub in out if pub.topic.endswith("/token"))
+        return out
+
+    bus.pump = recording_pump  # type: ignore[method-assign]
+    for _ in range(10):
+        bus.advance(0.5)
+    for seq in range(12):
+        bus.send_update("a", "dev-a", seq, 1.0)
+    for _ in range(4):
+        bus.advance(0.5)
+    assert tokens, "no token was passed"
+    token = tokens[-1]
+    to = topics.parse(token.topic).coordinator
+    holders = [n for n, c in bus.cores.items() if c.peering.describe()["holds_token"]]
+    assert holders == [to]
+    third = next(n for n in bus.cores if n != to and n != "a")
+    core = bus.cores[third]
+    before = core.counters["reject:bad_signature"]
+    bus.run(third, core.handle(MessageReceived(now=bus.now, topic=topics.peer_topic(third, "token"), payload=token.payload)))
+    assert core.counters["reject:bad_signature"] == before + 1
+    assert [n for n, c in bus.cores.items() if c.peering.describe()["holds_token"]] == [to]
+
+
 def test_a_replayed_or_redelivered_peer_model_is_not_merged_again() -> None:
     """A peer's model message for a sync it was merged for (a replay, a QoS 1 redelivery) used
     to be merged and committed again each time, dragging the model back toward the peer's old
@@ -543,8 +575,9 @@ def test_a_malformed_peer_body_is_rejected_by_the_core_not_fatal() -> None:
     bus = Bus(["a", "b"])
     core = bus.cores["a"]
     b_signer = bus.cores["b"].config.signer
-    bad = encode(PeerMsg(sender="b", kind="beat", body={"at": "x"}), signer=b_signer)
-    core.handle(MessageReceived(now=0.0, topic=topics.peer_topic("all", "beat"), payload=bad))
+    topic = topics.peer_topic("all", "beat")
+    bad = encode(PeerMsg(sender="b", kind="beat", body={"at": "x"}), signer=b_signer, scope=topics.signing_scope(topic))
+    core.handle(MessageReceived(now=0.0, topic=topic, payload=bad))
     assert core.counters["messages_rejected"] == 1
     assert core.counters["reject:malformed"] == 1
 

@@ -116,7 +116,7 @@ def test_forged_models_are_not_deployed_and_are_counted(secure_broker: SecureBro
         forged = ModelMsg(model_id=spec.model_id, version=10**9, reply_to=-1,
                           weights=np.random.default_rng(0).normal(size=spec.size).astype(np.float32), release=10**9)
         topic = topics.device_topic(R, "devA", "model")
-        rogue.t.publish(topic, encode(forged, signer=Signer.generate()))  # a key devA does not trust
+        rogue.t.publish(topic, encode(forged, signer=Signer.generate(), scope=topics.signing_scope(topic)))  # a key devA does not trust
         rogue.t.publish(topic, encode(forged))  # unsigned
         wait_until(lambda: len(rejected) >= 2, 15, "devA to reject both forged models")
     finally:

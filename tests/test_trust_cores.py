@@ -56,7 +56,8 @@ def to_coord(now: float, dev: str, leaf: str, msg: object) -> MessageReceived:
 
 def model(version: int, reply_to: int = -1, value: float | None = None, signer: Signer | None = SIGNER) -> bytes:
     w = np.full(SPEC.size, float(version if value is None else value), dtype=np.float32)
-    return encode(ModelMsg(model_id="toy", version=version, reply_to=reply_to, weights=w), signer=signer)
+    return encode(ModelMsg(model_id="toy", version=version, reply_to=reply_to, weights=w), signer=signer,
+                  scope=topics.device_scope("r1", "model"))
 
 
 def published(actions: list[object], leaf: str = "") -> list[object]:
@@ -128,6 +129,24 @@ def test_a_tampered_signed_model_is_refused() -> None:
     acts = d.handle(to_dev(1.0, "model", bytes(good)))
     assert notes(acts, "message_rejected")[0].data["reason"] == "bad_signature"
     assert d.state.deployed_version == 1
+
+
+def test_a_model_signed_for_another_region_or_leaf_is_refused_and_pins_nothing() -> None:
+    """A coordinator's genuine model replayed where it was not published (review finding F2):
+    region r0's v50 on a region-r1 device's topic was deployed, after which the device refused
+    r1's own releases as "not newer" and could not train until r1 numbered past 50."""
+    def signed_for(scope: str) -> bytes:
+        w = np.full(SPEC.size, 50.0, dtype=np.float32)
+        return encode(ModelMsg(model_id="toy", version=50, reply_to=-1, weights=w), signer=SIGNER, scope=scope)
+
+    for trusted in ({}, {SIGNER.kid: SIGNER.public_raw}):  # first-use pinning, provisioned keys
+        d = device(trusted_keys=trusted)
+        for payload in (signed_for(topics.device_scope("r0", "model")), signed_for(topics.device_scope("r1", "invite"))):
+            acts = d.handle(to_dev(0.0, "model", payload))
+            assert notes(acts, "message_rejected")[0].data["reason"] == "bad_signature"
+            assert not [a for a in acts if isinstance(a, DeployModel | PinKey)]
+        assert d.state.deployed is None and not d.state.pins and d.state.counters["rejected:bad_signature"] == 2
+        assert [a.version for a in d.handle(to_dev(1.0, "model", model(3))) if isinstance(a, DeployModel)] == [3]
 
 
 def test_unsolicited_signed_model_deploys_only_if_newer() -> None:
@@ -308,7 +327,8 @@ def test_nan_training_returns_the_device_to_idle_with_a_back_off() -> None:
 
 def _peer(sender: str, signer: Signer | None) -> MessageReceived:
     msg = PeerMsg(sender=sender, kind="beat", body={"age": 1})
-    return MessageReceived(now=0.0, topic=topics.peer_topic("c1", "beat"), payload=encode(msg, signer=signer))
+    topic = topics.peer_topic("c1", "beat")
+    return MessageReceived(now=0.0, topic=topic, payload=encode(msg, signer=signer, scope=topics.signing_scope(topic)))
 
 
 def test_peer_messages_must_be_signed_by_a_provisioned_or_pinned_key() -> None:
@@ -326,6 +346,23 @@ def test_peer_messages_must_be_signed_by_a_provisioned_or_pinned_key() -> None:
     tofu.handle(_peer("c2", peer_key))
     tofu.handle(_peer("c2", Signer.generate()))
     assert tofu.counters["peer_messages"] == 1 and tofu.counters["reject:bad_signature"] == 1
+
+
+def test_a_peer_message_re_routed_to_another_coordinator_or_kind_is_refused() -> None:
+    """Peer messages are signed for their topic: one meant for c3, or for another kind,
+    delivered to c1 does not verify (review finding F13: a Spyker token re-routed to a third
+    coordinator gave two holders the same position)."""
+    peer_key = Signer.generate()
+    cfg = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, signer=SIGNER,
+                            peer_keys={peer_key.kid: peer_key.public_raw})
+    c = CoordinatorCore(cfg, make_strategy("spin", k=10, timeout_s=None), toy_snapshot(), rng=random.Random(0))
+    msg = PeerMsg(sender="c2", kind="beat", body={"age": 1})
+    for wrong in (topics.peer_topic("c3", "beat"), topics.peer_topic("c1", "token"), topics.peer_topic("all", "beat")):
+        c.handle(MessageReceived(now=0.0, topic=topics.peer_topic("c1", "beat"),
+                                 payload=encode(msg, signer=peer_key, scope=topics.signing_scope(wrong))))
+    assert c.counters["reject:bad_signature"] == 3 and c.counters["peer_messages"] == 0
+    c.handle(_peer("c2", peer_key))
+    assert c.counters["peer_messages"] == 1
 
 
 def test_a_replayed_older_model_is_not_taken_as_the_answer_to_a_pull() -> None:

@@ -130,17 +130,25 @@ def test_v1_messages_are_refused_with_a_clear_error() -> None:
     v1 = msgpack.packb({"v": 1, "type": "pull", "device": "d", "seq": 1, "model_id": "m"}, use_bin_type=True)
     with pytest.raises(UnsupportedProtocol, match="v1"):
         decode(v1)
-    with pytest.raises(UnsupportedProtocol, match="version 3"):
-        decode(b"ECI\x03" + encode(MESSAGES[0])[4:])
+    with pytest.raises(UnsupportedProtocol, match="version 2, this side speaks 3"):
+        decode(b"ECI\x02" + encode(MESSAGES[0])[4:])  # v2 signatures bound no scope
+    with pytest.raises(UnsupportedProtocol, match="version 4"):
+        decode(b"ECI\x04" + encode(MESSAGES[0])[4:])
 
 
 def test_signed_frames_verify_and_tampering_is_detected() -> None:
     signer = Signer.generate()
     msg = ModelMsg(model_id="m", version=4, reply_to=1, weights=np.arange(10, dtype=np.float32))
-    payload = encode(msg, signer=signer)
+    scope = topics.device_scope("r1", "model")
+    payload = encode(msg, signer=signer, scope=scope)
     f = decode_frame(payload)
     assert f.signature is not None and f.signature.kid == signer.kid
-    assert verify(f.signature.public_raw, f.signature.signature, f.signature.signed)
+    assert verify(f.signature.public_raw, f.signature.signature, f.signature.signed_for(scope))
+    # The same bytes read where they were not published for: another region, leaf or peer.
+    for other in ("r2/dev/model", "r1/dev/invite", "r1/control", "peer/c1/beat", "r1/dev/mode"):
+        assert not verify(f.signature.public_raw, f.signature.signature, f.signature.signed_for(other))
+    with pytest.raises(TypeError, match="scope"):
+        encode(msg, signer=signer)  # a signed frame must say where it goes
     # Flip one byte of the weights, then one of the header: the signature no longer holds.
     for pos in (len(payload) - 64 - 3, 12):
         bad = bytearray(payload)
@@ -150,7 +158,7 @@ def test_signed_frames_verify_and_tampering_is_detected() -> None:
         except RemoteProtocolError:
             continue  # a header byte may break the framing instead: rejected either way
         assert g.signature is not None
-        assert not verify(g.signature.public_raw, g.signature.signature, g.signature.signed)
+        assert not verify(g.signature.public_raw, g.signature.signature, g.signature.signed_for(scope))
     assert decode_frame(encode(msg)).signature is None
 
 
@@ -160,7 +168,7 @@ def test_spliced_encoding_equals_encode_and_reuses_the_tail() -> None:
     tensor = EncodedTensor.of(w)
     for reply_to in (1, 2):
         msg = ModelMsg(model_id="m", version=4, reply_to=reply_to, weights=w)
-        assert encode_spliced(msg, tensor, signer=signer) == encode(msg, signer=signer)
+        assert encode_spliced(msg, tensor, signer=signer, scope="r/dev/model") == encode(msg, signer=signer, scope="r/dev/model")
 
 
 @pytest.mark.parametrize(
@@ -236,7 +244,7 @@ def test_fuzz_structured_maps(kind: str, fields: dict[str, object]) -> None:
 @given(st.binary(min_size=1, max_size=256), st.integers(0, 300))
 def test_fuzz_mutated_real_frames(noise: bytes, pos: int) -> None:
     """Corrupting any byte range of a real, signed frame decodes or raises the remote error."""
-    good = bytearray(encode(MESSAGES[1], signer=_SIGNER))
+    good = bytearray(encode(MESSAGES[1], signer=_SIGNER, scope="r/dev/model"))
     at = pos % len(good)
     good[at : at + len(noise)] = noise
     with contextlib.suppress(RemoteProtocolError):
@@ -278,6 +286,18 @@ def test_topics_round_trip_and_reject_wildcards() -> None:
         with pytest.raises(MalformedMessage):
             topics.parse(bad_topic)
 
+
+def test_signing_scopes_name_where_a_frame_goes_without_the_device() -> None:
+    assert topics.signing_scope(topics.device_topic("eu", "dev-1", "model")) == "eu/dev/model"
+    assert topics.signing_scope(topics.device_topic("eu", "dev-2", "model")) == topics.device_scope("eu", "model")
+    assert topics.signing_scope(topics.device_topic("us", "dev-1", "model")) == "us/dev/model"
+    assert topics.signing_scope(topics.device_topic("eu", "dev-1", "invite")) == "eu/dev/invite"
+    assert topics.signing_scope(topics.control_topic("eu")) == "eu/control"
+    assert topics.signing_scope(topics.status_topic("eu")) == "eu/status"
+    assert topics.signing_scope(topics.peer_topic("c1", "token")) == "peer/c1/token"
+    assert topics.signing_scope(topics.peer_topic("all", "token")) == "peer/all/token"
+    with pytest.raises(MalformedMessage):
+        topics.signing_scope("edgeci/v1/eu/dev/+/model")
 
 def _device_topic_by_the_general_rules(topic: str) -> tuple[str, str, str] | None:
     """What ``topics.parse`` accepted as a device topic before its one-regex fast path."""

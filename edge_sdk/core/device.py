@@ -411,7 +411,7 @@ class DeviceCore:
             frame = decode_frame(ev.payload, max_bytes=self.config.max_message_bytes)
             msg = frame.message
             if isinstance(msg, ModelMsg):
-                pin = self._check_signature(frame.signature)
+                pin = self._check_signature(frame.signature, topic)
                 actions = pin + self._on_model(msg, ev.now)
             elif isinstance(msg, Ack):
                 if msg.device != self.config.device_id:  # another device's answer, replayed onto our topic
@@ -420,7 +420,7 @@ class DeviceCore:
             elif isinstance(msg, Invite):
                 actions = self._on_invite(msg, ev.now)
             elif isinstance(msg, Canary):
-                self._check_canary_signature(frame.signature)
+                self._check_canary_signature(frame.signature, topic)
                 actions = self._on_canary(msg, ev.now)
             else:
                 raise TopicMismatch(f"a {msg.TYPE} message is not for devices")
@@ -431,8 +431,10 @@ class DeviceCore:
             s.counters[f"rejected:{exc.reason}"] = s.counters.get(f"rejected:{exc.reason}", 0) + 1
             return [Notify(kind="message_rejected", data={"reason": exc.reason, "detail": str(exc)})]
 
-    def _check_signature(self, sig: SignatureInfo | None) -> list[DeviceAction]:
-        """Raise unless the model is signed by a trusted (or, first time, pinnable) key."""
+    def _check_signature(self, sig: SignatureInfo | None, topic: str) -> list[DeviceAction]:
+        """Raise unless the model is signed by a trusted (or, first time, pinnable) key, for
+        the topic it came on: another region's model replayed here does not verify (and so
+        pins no key either)."""
         cfg, s = self.config, self._s
         if sig is None:
             if cfg.require_signature:
@@ -443,8 +445,8 @@ class DeviceCore:
             raise BadSignature(f"model signed by key {sig.kid}, which this device does not trust ({sorted(trusted)})")
         if not trusted and not cfg.pin_first:
             raise BadSignature("no trusted coordinator keys are configured")
-        if not verify(sig.public_raw, sig.signature, sig.signed):
-            raise BadSignature(f"model signature by key {sig.kid} does not verify")
+        if not verify(sig.public_raw, sig.signature, sig.signed_for(topics.signing_scope(topic))):
+            raise BadSignature(f"model signature by key {sig.kid} does not verify for {topic!r} (another region's model?)")
         if trusted:
             return []
         s.pins[sig.kid] = sig.public_raw
@@ -739,7 +741,7 @@ class DeviceCore:
 
     # ------------------------------------------------------------------ canary evaluation
 
-    def _check_canary_signature(self, sig: SignatureInfo | None) -> None:
+    def _check_canary_signature(self, sig: SignatureInfo | None, topic: str) -> None:
         """A canary request must be signed by a key already trusted or pinned: it never pins one."""
         cfg, s = self.config, self._s
         if sig is None:
@@ -747,7 +749,7 @@ class DeviceCore:
                 raise UnsignedMessage("canary request is not signed")
             return
         trusted = cfg.trusted_keys or s.pins
-        if trusted.get(sig.kid) != sig.public_raw or not verify(sig.public_raw, sig.signature, sig.signed):
+        if trusted.get(sig.kid) != sig.public_raw or not verify(sig.public_raw, sig.signature, sig.signed_for(topics.signing_scope(topic))):
             raise BadSignature(f"canary request signed by key {sig.kid}, which this device does not trust")
 
     def _on_canary(self, msg: Canary, now: float) -> list[DeviceAction]:

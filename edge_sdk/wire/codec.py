@@ -1,8 +1,8 @@
-"""Wire format v2: a small msgpack header plus the raw tensor tail. Never pickle.
+"""Wire format v3: a small msgpack header plus the raw tensor tail. Never pickle.
 
 Frame layout (all integers little-endian)::
 
-    0       4 bytes   magic  b"ECI" + protocol version (2)
+    0       4 bytes   magic  b"ECI" + protocol version (3)
     4       4 bytes   H = length of the header
     8       H bytes   msgpack map {"type": ..., <fields>..., "w": <tensor>, "sg": <signer>}
     ...     padding   zero bytes up to the next multiple of 16: the tail's offset ``o``
@@ -13,19 +13,24 @@ Frame layout (all integers little-endian)::
   cost does not depend on the model's size. ``f2`` halves the bytes, ``i1`` (symmetric
   per-tensor int8, ``s = max|w| / 127``) quarters them; both decode to a float32 copy.
 * Encode copies the tensor at most once (``bytes.join`` of header and tail).
-* A signature covers ``DOMAIN || sha256(frame[:o]) || sha256(tail)`` — the header with every
-  field, and the weights through their digest. So a model's tail can be encoded (and
-  hashed) once per (version, group, encoding) and every pull only re-signs its own small
-  header (:class:`EncodedTensor`, :func:`encode_spliced`). Who must have signed what is the
-  cores' decision (:mod:`edge_sdk.core.device`); the codec only checks the framing and
-  reports the signer.
+* A signature covers ``DOMAIN || len(scope) || scope || sha256(frame[:o]) || sha256(tail)``
+  — the header with every field, the weights through their digest, and the **scope**: where
+  the frame was published (:func:`~edge_sdk.wire.topics.signing_scope`: the region and leaf
+  of a device topic, a region's control topic, a peer topic's recipient and kind). The scope
+  does not travel; the receiver derives it from the topic the frame arrived on, so a signed
+  frame replayed onto another region's, leaf's or peer's topic does not verify (protocol v3;
+  v2 signatures bound no scope: region A's model was deployed from region B's topic). A
+  model's tail is encoded (and hashed) once per (version, group, encoding) and every pull
+  only re-signs its own small header (:class:`EncodedTensor`, :func:`encode_spliced`). Who
+  must have signed what is the cores' decision (:mod:`edge_sdk.core.device`); the codec only
+  checks the framing and reports the signer.
 
 Validation: size cap first, then the frame's lengths (exact: no overlap, no trailing
 bytes), the header's msgpack limits, the dtype whitelist, the message's own checks. Any
 bytes either decode or raise a :class:`~edge_sdk.errors.RemoteProtocolError` (fuzzed).
 Shape against the model spec and finiteness (one full pass) are checked by the receiving
 core with :meth:`~edge_sdk.spec.ModelSpec.check`. A v1 frame (a bare msgpack map) is
-refused with :class:`~edge_sdk.errors.UnsupportedProtocol`.
+refused with :class:`~edge_sdk.errors.UnsupportedProtocol`, and so is a v2 frame.
 
 In-process emulation (:func:`carry_decoded`): a frame's header is still encoded and its size
 is exact, but the weights are not copied into it (its bytes are built only on demand) and a
@@ -61,12 +66,12 @@ from edge_sdk.signing import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Signer, key_id
 from edge_sdk.spec import Vector
 from edge_sdk.wire.messages import MESSAGE_TYPES, Message, ModelMsg, Status
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAGIC = b"ECI" + bytes([PROTOCOL_VERSION])
 _PREFIX = struct.Struct("<4sI")
 MAX_HEADER_BYTES = 64 * 1024
 ALIGN = 16
-SIG_DOMAIN = b"edgeci/v2/signature\x00"
+SIG_DOMAIN = b"edgeci/v3/signature\x00"
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # paho refuses payloads over 268,435,455 bytes
 Encoding = Literal["f4", "f2", "i1"]
 ENCODINGS: dict[str, np.dtype[Any]] = {
@@ -105,12 +110,18 @@ class EncodedTensor:
 @fast_init
 @dataclass(frozen=True, slots=True)
 class SignatureInfo:
-    """Who claims to have signed a frame, and the bytes a verifier must check."""
+    """Who claims to have signed a frame, and what a verifier must check."""
 
     kid: str
     public_raw: bytes
     signature: bytes
-    signed: bytes
+    digests: bytes
+    """``sha256(header) || sha256(tail)``: the signed bytes less the domain and the scope."""
+
+    def signed_for(self, scope: str) -> bytes:
+        """The bytes the signature must cover if the frame was published for ``scope``
+        (:func:`~edge_sdk.wire.topics.signing_scope` of the topic it arrived on)."""
+        return _scoped(scope) + self.digests
 
 
 @fast_init
@@ -258,40 +269,46 @@ def _prefix(header: dict[str, Any]) -> bytes:
     return b"".join((_PREFIX.pack(MAGIC, len(packed)), packed, pad))
 
 
-def _frame(header: dict[str, Any], tail: Any, tail_digest: bytes, signer: Signer | None) -> bytes:
+def _frame(header: dict[str, Any], tail: Any, tail_digest: bytes, signer: Signer | None, scope: str | None) -> bytes:
     if signer is None:
         return b"".join((_prefix(header), tail))
+    if scope is None:
+        raise TypeError("a signed frame needs the scope it is published for: topics.signing_scope(topic)")
     header["sg"] = {"kid": signer.kid, "pk": signer.public_raw}
     prefix = _prefix(header)
-    return b"".join((prefix, tail, signer.sign(_signed_bytes(prefix, tail_digest))))
+    return b"".join((prefix, tail, signer.sign(_scoped(scope) + hashlib.sha256(prefix).digest() + tail_digest)))
 
 
-def _signed_bytes(prefix: bytes | memoryview, tail_digest: bytes) -> bytes:
-    return SIG_DOMAIN + hashlib.sha256(prefix).digest() + tail_digest
+def _scoped(scope: str) -> bytes:
+    raw = scope.encode()
+    if not 0 < len(raw) < 256:
+        raise ValueError(f"a signing scope is 1-255 bytes, not {len(raw)}")
+    return SIG_DOMAIN + bytes((len(raw),)) + raw
 
 
-def encode(msg: Message, *, encoding: Encoding = "f4", signer: Signer | None = None) -> bytes:
-    """Serialise a message; ``encoding`` applies to its weights, ``signer`` signs the frame."""
+def encode(msg: Message, *, encoding: Encoding = "f4", signer: Signer | None = None, scope: str | None = None) -> bytes:
+    """Serialise a message; ``encoding`` applies to its weights, ``signer`` signs the frame
+    for ``scope`` (required with a signer: ``topics.signing_scope`` of the topic it goes to)."""
     header = _fields(msg)
     weights = getattr(msg, "weights", None)
     carry = _CARRY and signer is None and msg.TYPE in _CARRIED_TYPES
     if weights is None:
-        return _carried(msg, header, None) if carry else _frame(header, b"", _EMPTY_DIGEST, signer)
+        return _carried(msg, header, None) if carry else _frame(header, b"", _EMPTY_DIGEST, signer, scope)
     if carry and encoding == "f4":
         return _carried(msg, header, _receiver_weights(weights))
     meta, tail = _tensor_parts(weights, encoding)
     header["w"] = meta
     digest = hashlib.sha256(tail).digest() if signer is not None else b""
-    return _frame(header, tail, digest, signer)
+    return _frame(header, tail, digest, signer, scope)
 
 
-def encode_spliced(msg: Message, tensor: EncodedTensor, *, signer: Signer | None = None) -> bytes:
+def encode_spliced(msg: Message, tensor: EncodedTensor, *, signer: Signer | None = None, scope: str | None = None) -> bytes:
     """As :func:`encode`, reusing a tensor encoded once (``msg.weights`` is ignored)."""
     header = _fields(msg)
     if _CARRY and signer is None and msg.TYPE in _CARRIED_TYPES and tensor.meta["dt"] == "f4":
         return _carried(msg, header, np.frombuffer(tensor.tail, dtype=ENCODINGS["f4"], count=tensor.meta["n"]))
     header["w"] = tensor.meta
-    return _frame(header, tensor.tail, tensor.digest if signer is not None else b"", signer)
+    return _frame(header, tensor.tail, tensor.digest if signer is not None else b"", signer, scope)
 
 
 # ---------------------------------------------------------------- in-process emulation
@@ -488,7 +505,7 @@ def decode_frame(payload: bytes | bytearray | memoryview | CarriedFrame, *, max_
         kid=signer["kid"],
         public_raw=pk,
         signature=bytes(whole[size - SIGNATURE_BYTES :]),
-        signed=_signed_bytes(whole[:offset], hashlib.sha256(tail).digest() if tail_len else _EMPTY_DIGEST),
+        digests=hashlib.sha256(whole[:offset]).digest() + (hashlib.sha256(tail).digest() if tail_len else _EMPTY_DIGEST),
     )
     return Frame(message=message, signature=info)
 

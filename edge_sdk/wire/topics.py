@@ -11,6 +11,9 @@ Per-device subtrees let a broker ACL confine a device to its own topics::
     edgeci/v1/{region}/status                coordinator, retained JSON
     edgeci/v1/{region}/control               operator → coordinator (signed commands)
     edgeci/v1/peer/{coordinator}/{kind}      coordinator → coordinator
+
+A signed message binds its topic's :func:`signing_scope` (the topic less the root and the
+device id), so it verifies only where it was meant to be published.
 """
 
 from __future__ import annotations
@@ -108,3 +111,23 @@ def parse(topic: str) -> ParsedTopic:
         if len(rest) == 3 and rest[0] == "peer" and _ID.match(rest[1]) and _ID.match(rest[2]):
             return ParsedTopic("peer", coordinator=rest[1], leaf=rest[2])
     raise MalformedMessage(f"not an edgeci topic: {topic[:120]!r}")
+
+
+def signing_scope(topic: str) -> str:
+    """What a signature on a message published to ``topic`` binds (see the codec): the
+    topic without its root and without the device id — ``{region}/dev/{leaf}``,
+    ``{region}/status``, ``{region}/control``, ``peer/{recipient}/{kind}``. The device id is
+    left out because a coordinator signs a model reply once for every device of its region
+    that asks; the region, the leaf and a peer message's recipient are in. Raises
+    :class:`MalformedMessage` for a topic that is not an edgeci topic."""
+    p = parse(topic)
+    if p.kind == "device":
+        return device_scope(p.region, p.leaf)
+    if p.kind == "peer":
+        return f"peer/{p.coordinator}/{p.leaf}"
+    return f"{p.region}/{p.kind}"
+
+
+def device_scope(region: str, leaf: str) -> str:
+    """:func:`signing_scope` of every device's ``leaf`` topic in ``region``."""
+    return f"{region}/dev/{leaf}"
