@@ -38,7 +38,7 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -70,7 +70,7 @@ from edge_sdk.scc import DeviceScc, SccConfig
 from edge_sdk.spec import Vector
 from edge_sdk.store import SampleKind, SampleStore
 from edge_sdk.tasks import get_task
-from edge_sdk.tasks.base import Task, TrainConfig, TrainResult
+from edge_sdk.tasks.base import Task, TrainConfig, TrainResult, hints_out_of_bounds, train_config
 from edge_sdk.tasks.registry import (
     DeclaredTask,
     InputContract,
@@ -98,6 +98,16 @@ def _resolve_task(name: str) -> Task:
             raise
         log.info("task %s: %s not installed, serving only", name, info.train_extra)
         return DeclaredTask(info)
+
+
+class _Exported(NamedTuple):
+    """A detection device's exported model: its ONNX file and session, and the weights (by
+    identity) it was exported from."""
+
+    version: int
+    detector: Any
+    weights: Vector
+    path: Path
 
 
 class EdgeClient:
@@ -178,7 +188,7 @@ class EdgeClient:
                                  kind=self.sample_kind)
         self.inference = inference
         self._engine: Any = None
-        self._detector: tuple[int, Any] | None = None
+        self._detector: _Exported | None = None
         """(version, OnnxDetector) serving ``detect``; exported on the first call per version."""
         self._export_lock = threading.Lock()
         self._scratch_dir: Path | None = None
@@ -348,8 +358,9 @@ class EdgeClient:
             from edge_sdk.inference import InferenceEngine
 
             with self._lock:
-                if self._engine is None:
-                    self._engine = InferenceEngine(self.task, deployed[1], version=deployed[0])  # type: ignore[arg-type]
+                if self._engine is None:  # the pair deployed now: another region's lower version may have come meanwhile
+                    version, weights = self._deployed if self._deployed is not None else deployed
+                    self._engine = InferenceEngine(self.task, weights, version=version)  # type: ignore[arg-type]
                 engine = self._engine
         elif engine.version < deployed[0]:
             engine.swap(deployed[0], deployed[1])
@@ -371,11 +382,11 @@ class EdgeClient:
             deployed, current = self._deployed, self._detector
         if deployed is None:
             raise LocalProtocolError("no model to detect with yet: check `client.ready` or wait with `client.wait_for_version(0, timeout)`")
-        if current is None or current[0] != deployed[0]:  # != : after a region switch versions restart
+        if current is None or current.weights is not deployed[1]:  # by identity: after a region switch numbers repeat
             current = self._export_detector(*deployed)
-        return np.asarray(current[1].detect(image, conf=conf), dtype=np.float32)
+        return np.asarray(current.detector.detect(image, conf=conf), dtype=np.float32)
 
-    def _export_detector(self, version: int, weights: Vector) -> tuple[int, Any]:
+    def _export_detector(self, version: int, weights: Vector) -> _Exported:
         """Export ``weights`` to ONNX and open an onnxruntime session on it (one export at a time)."""
         export = getattr(self.task, "export_onnx", None)
         if export is None:
@@ -385,16 +396,19 @@ class EdgeClient:
         with self._export_lock:
             with self._lock:
                 current = self._detector
-            if current is not None and current[0] == version:
+            if current is not None and current.weights is weights:
                 return current  # another thread exported it meanwhile
             folder = self.data_dir if self.data_dir is not None and self.durable else self._scratch()
-            path = Path(export(weights, folder / f"deployed-v{version}.onnx"))
-            detector = (version, OnnxDetector(path, threads=1))
+            name = f"deployed-v{version}.onnx"
+            if current is not None and current.path.name == name:  # the same number from another region
+                name = f"deployed-v{version}-{self.core.state.region}.onnx"
+            path = Path(export(weights, folder / name))
+            exported = _Exported(version, OnnxDetector(path, threads=1), weights, path)
             with self._lock:
-                self._detector = detector
-            if current is not None:
-                (folder / f"deployed-v{current[0]}.onnx").unlink(missing_ok=True)
-            return detector
+                self._detector = exported
+            if current is not None and current.path != path:
+                current.path.unlink(missing_ok=True)
+            return exported
 
     def _scratch(self) -> Path:
         """A temporary folder for in-memory clients' exports (removed by ``stop``)."""
@@ -559,6 +573,13 @@ class EdgeClient:
         with self._lock:
             self._canary = (action.candidate, action.release, predictor)
 
+    def _remember_job(self, job_id: int, ids: list[int]) -> None:
+        """The sample ids job ``job_id`` trained on, until its ``trained`` notify marks them
+        used. The core runs one job at a time, so an older entry is a job that will never
+        say ``trained`` (its weights were unusable, or a region switch made it stale)."""
+        self._job_ids = {k: v for k, v in self._job_ids.items() if k > job_id}
+        self._job_ids[job_id] = ids
+
     def _on_notify(self, note: Notify) -> None:
         if note.kind == "trained":
             ids = self._job_ids.pop(int(note.data["job_id"]), [])
@@ -592,27 +613,19 @@ class EdgeClient:
         """Trainer thread: fine-tune on all local samples, hand the result to the actor."""
         try:
             cfg = self.train_config
-            hints = job.hints
-            config = TrainConfig(
-                epochs=int(hints.get("epochs", cfg.epochs)),
-                batch_size=int(hints.get("batch_size", cfg.batch_size)),
-                lr=float(hints.get("lr", cfg.lr)),
-                mu=float(hints.get("mu", cfg.mu)),  # FedProx's proximal term, when the coordinator asks
-                seed=cfg.seed + job.job_id,
-                group=job.group,
-            )
+            clamped = hints_out_of_bounds(job.hints)
+            if clamped:
+                log.warning("device %s: training hints out of bounds, clamped: %s", self.core.config.device_id, clamped)
+            # epochs, batch size, lr and FedProx's mu from the coordinator's hints, else ours
+            config = train_config(job.hints, cfg, seed=cfg.seed + job.job_id, group=job.group)
             result, ids = self.run_training_job(job, config)
-            self._job_ids[job.job_id] = ids
-            self.actor.submit(
-                lambda now: TrainingFinished(
-                    now=now,
-                    job_id=job.job_id,
-                    weights=result.weights,
-                    n_samples=result.n_samples,
-                    loss=result.loss,
-                    seconds=result.seconds,
-                )
-            )
+
+            def finished(now: float) -> TrainingFinished:
+                self._remember_job(job.job_id, ids)  # in the actor thread, as _on_notify reads it
+                return TrainingFinished(now=now, job_id=job.job_id, weights=result.weights, n_samples=result.n_samples,
+                                        loss=result.loss, seconds=result.seconds)
+
+            self.actor.submit(finished)
         except MissingExtra as exc:  # a [device] install: classifier-only rounds only
             info = {"job_id": job.job_id, "group": job.group, "reason": str(exc)}
             log.info("device %s: skipping a %s round: %s", self.core.config.device_id, job.group, exc)

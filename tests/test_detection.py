@@ -335,6 +335,17 @@ def test_a_detection_device_serves_boxes_with_onnxruntime(
             found += got.shape[0]
         assert found > 0
         assert (tmp_path / "deployed-v3.onnx").is_file()  # exported once, next to the model
+        # After a failover the other region's release may carry the same number: it is served
+        # (the export was keyed by version only and kept serving the old region's weights).
+        from edge_sdk.core.events import DeployModel
+
+        other = (w * np.float32(0.5)).astype(np.float32)
+        client._perform(DeployModel(version=3, weights=other))
+        wide = np.concatenate([scenes.images[0], scenes.images[0]], axis=1)
+        theirs = OnnxDetector(task.export_onnx(other, data_dir / "exports" / "other.onnx", imgsz=SIZE)).detect(wide, conf=0.0005)
+        assert not np.array_equal(theirs, reference.detect(wide, conf=0.0005))
+        np.testing.assert_array_equal(client.detect(wide, conf=0.0005), theirs)
+        assert (tmp_path / "deployed-v3-default.onnx").is_file() and not (tmp_path / "deployed-v3.onnx").exists()
         with pytest.raises(LocalProtocolError):
             client.predict(scenes.images[0])
         with pytest.raises(LocalProtocolError):

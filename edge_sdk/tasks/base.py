@@ -26,6 +26,7 @@ may also carry ``default_train``, its own :class:`TrainConfig` defaults
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -49,6 +50,40 @@ class TrainConfig:
     """Train only this layer group (``"classifier"`` for LASP / SCC calibration)."""
     mu: float = 0.0
     """FedProx proximal weight: the local loss gains (μ/2)·‖w − w_received‖² (0: plain SGD)."""
+
+
+HINT_BOUNDS: dict[str, tuple[float, float]] = {
+    "epochs": (1, 100),
+    "batch_size": (1, 65_536),
+    "lr": (0.0, 10.0),
+    "mu": (0.0, 10_000.0),
+}
+"""The training hints a device takes from its coordinator, and their bounds: a value outside is
+clamped to the nearest bound (a coordinator's bug such as ``epochs = 1e9`` must not occupy a
+device for ever). Hints not named here are not training parameters and are ignored."""
+
+
+def hints_out_of_bounds(hints: Mapping[str, float]) -> dict[str, float]:
+    """The hints :func:`train_config` clamps (name → the value asked for)."""
+    return {k: v for k, v in hints.items() if k in HINT_BOUNDS and not HINT_BOUNDS[k][0] <= v <= HINT_BOUNDS[k][1]}
+
+
+def train_config(hints: Mapping[str, float], defaults: TrainConfig, *, seed: int, group: str) -> TrainConfig:
+    """Hyper-parameters for one job: the coordinator's hints (within :data:`HINT_BOUNDS`), else
+    ``defaults``. The one rule for devices and every fleet driver."""
+
+    def hint(name: str, default: float) -> float:
+        lo, hi = HINT_BOUNDS[name]
+        return min(max(float(hints.get(name, default)), lo), hi)
+
+    return TrainConfig(
+        epochs=int(hint("epochs", defaults.epochs)),
+        batch_size=int(hint("batch_size", defaults.batch_size)),
+        lr=hint("lr", defaults.lr),
+        mu=hint("mu", defaults.mu),
+        seed=seed,
+        group=group,
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,0 +1,128 @@
+"""EdgeClient against a misbehaving coordinator or an unlucky interleaving, without a broker:
+training hints are bounded, the sample ids of jobs that never finish are not kept, and a
+model deployed while ``predict`` builds its engine is the one served."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edge_sdk.core.events import Notify, TrainingJob
+from edge_sdk.tasks.base import (
+    HINT_BOUNDS,
+    TrainConfig,
+    TrainResult,
+    hints_out_of_bounds,
+    train_config,
+)
+
+
+def test_training_hints_are_clamped_to_their_bounds() -> None:
+    defaults = TrainConfig(epochs=2, batch_size=16, lr=0.05, mu=0.0)
+    wild = {"epochs": 1e9, "batch_size": 0.0, "lr": -1.0, "mu": 1e12, "staleness": 7.0}
+    cfg = train_config(wild, defaults, seed=3, group="classifier")
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.mu) == (100, 1, 0.0, 10_000.0)
+    assert (cfg.seed, cfg.group) == (3, "classifier")
+    assert hints_out_of_bounds(wild) == {"epochs": 1e9, "batch_size": 0.0, "lr": -1.0, "mu": 1e12}
+    sane = {"epochs": 5, "batch_size": 8, "lr": 0.01, "mu": 0.1}
+    assert train_config(sane, defaults, seed=0, group="full") == TrainConfig(epochs=5, batch_size=8, lr=0.01, mu=0.1)
+    assert train_config({}, defaults, seed=0, group="full") == defaults
+    assert not hints_out_of_bounds(sane)
+    for name, (lo, hi) in HINT_BOUNDS.items():
+        assert not hints_out_of_bounds({name: lo}) and not hints_out_of_bounds({name: hi})
+
+
+def _client(tmp_path: Any) -> Any:
+    from edge_sdk.client import EdgeClient
+
+    c = EdgeClient(broker="mqtt://127.0.0.1:1", device_id="d1", data_dir=tmp_path, task="digits", min_samples=1)
+    c.submitted = []
+    c.actor.submit = c.submitted.append  # the actor is never started: run what it was given by hand
+    return c
+
+
+def _close(c: Any) -> None:
+    c.actor.stop()
+    c._trainer.shutdown(wait=False)
+    c.store.close()
+
+
+def _job(c: Any, job_id: int, hints: dict[str, float] | None = None) -> TrainingJob:
+    w = np.zeros(c.task.spec.size, np.float32)
+    return TrainingJob(job_id=job_id, base_version=0, weights=w, n_samples=1, hints=hints or {})
+
+
+def test_the_client_trains_with_bounded_hints_and_says_so(tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    c = _client(tmp_path)
+    seen: list[TrainConfig] = []
+
+    def run(job: TrainingJob, config: TrainConfig) -> tuple[TrainResult, list[int]]:
+        seen.append(config)
+        return TrainResult(weights=job.weights, n_samples=1, loss=0.0, seconds=0.0), [1]
+
+    c.run_training_job = run
+    try:
+        with caplog.at_level(logging.WARNING, logger="edge_sdk.client"):
+            c._train(_job(c, 1, {"epochs": 1e9, "lr": 0.01}))
+        assert (seen[0].epochs, seen[0].lr) == (100, 0.01)  # epochs=1e9 occupied the device for ever
+        assert "clamped" in caplog.text and "epochs" in caplog.text
+    finally:
+        _close(c)
+
+
+def test_sample_ids_of_jobs_that_never_report_trained_are_not_kept(tmp_path: Any) -> None:
+    """The client kept the ids of every job until its ``trained`` notify; a job whose weights
+    were unusable, or one a region switch made stale, never sends one, so each retry leaked a
+    list of all the device's sample ids."""
+    c = _client(tmp_path)
+    c.run_training_job = lambda job, config: (TrainResult(weights=job.weights, n_samples=3, loss=0.0, seconds=0.0),
+                                              [1, 2, 3])
+    try:
+        for job_id in range(1, 6):  # five jobs; none is reported trained (e.g. each diverged)
+            c._train(_job(c, job_id))
+            c.submitted.pop()(float(job_id))  # the actor takes the TrainingFinished
+        assert list(c._job_ids) == [5]  # only the job that may still report
+        c._on_notify(Notify(kind="trained", data={"job_id": 5, "seq": 0}))
+        assert c._job_ids == {}
+    finally:
+        _close(c)
+
+
+def test_a_model_deployed_while_predict_builds_its_engine_is_the_one_served(tmp_path: Any) -> None:
+    """After a failover versions go down: predict read (5, home's weights), the other region's
+    v3 was deployed (no engine to reset yet), then predict built its engine from the stale pair
+    and served it until a version above 5 came."""
+    from edge_sdk.core.events import DeployModel
+
+    c = _client(tmp_path)
+    task = c.task
+    home = task.pretrained(seed=0)
+    away = np.zeros_like(home)
+    c._deployed = (5, home)
+
+    class Interleaving:
+        """The client's lock; the first time predict lets go of it, v3 is deployed."""
+
+        def __init__(self, lock: Any) -> None:
+            self.lock, self.fired = lock, False
+
+        def __enter__(self) -> None:
+            self.lock.acquire()
+
+        def __exit__(self, *exc: object) -> None:
+            self.lock.release()
+            if not self.fired:
+                self.fired = True
+                c._perform(DeployModel(version=3, weights=away))
+
+    c._lock = Interleaving(c._lock)
+    try:
+        x = np.zeros((1, *c.contract.shape), np.float32)
+        c.predict(x)
+        assert c._engine.version == 3
+        np.testing.assert_array_equal(c.predict(x), np.argmax(task.logits(away, x), axis=1))
+    finally:
+        _close(c)
