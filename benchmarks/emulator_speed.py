@@ -13,7 +13,7 @@ to the smallest (baseline measured in the same run). Goals (issue 13): 100,000 d
 100× real time, peak RSS ≤ 2 GB, cost per event within 1.5× from 1,000 to 100,000 devices.
 
 Two transports, one table each (``--transport``): ``codec`` encodes and decodes every
-message with the v2 codec, as between processes; ``carried`` is the in-process transport
+message with the codec, as between processes; ``carried`` is the in-process transport
 (:func:`edge_sdk.wire.codec.carry_decoded`): every frame's header is still encoded and its
 exact size is what the network model charges, but the weights are not copied into a frame
 (its bytes are built only if someone asks for them) and a receiver in the same process gets
@@ -194,7 +194,7 @@ def print_breakdown(stats: pstats.Stats) -> None:
 
 
 TRANSPORTS = {
-    "codec": "every message encoded and decoded by the v2 codec (as between processes)",
+    "codec": "every message encoded and decoded by the codec (as between processes)",
     "carried": "exact frame sizes, the weights never copied into a frame; receivers skip parsing "
                "(codec.carry_decoded: the in-process transport; same cores, same results)",
 }

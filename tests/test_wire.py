@@ -110,7 +110,7 @@ def test_size_cap() -> None:
 
 
 def frame(header: object, tail: bytes = b"", trailer: bytes = b"") -> bytes:
-    """A v2 frame around any header (for rejection and fuzz tests)."""
+    """A frame of this protocol around any header (for rejection and fuzz tests)."""
     packed = msgpack.packb(header, use_bin_type=True)
     start = 8 + len(packed)
     return MAGIC + struct.pack("<I", len(packed)) + packed + b"\0" * (-start % 16) + tail + trailer

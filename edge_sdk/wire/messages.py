@@ -1,6 +1,6 @@
 """Protocol messages: frozen, slotted, keyword-only dataclasses that validate themselves.
 
-Every message travels as a v2 frame: a msgpack header ``{"type": <TYPE>, ...}`` plus the
+Every message travels as a frame of the codec (protocol v3): a msgpack header ``{"type": <TYPE>, ...}`` plus the
 raw weights (see :mod:`.codec`). Weights are a 1-D float32 vector: the whole model
 (``group == "full"``), one layer group's slice of it (LASP partial sync), or nothing
 (``group == "unchanged"``: "you already hold this version").
