@@ -31,6 +31,11 @@ class ConfigError(LocalProtocolError):
     """A configuration value is out of range or inconsistent."""
 
 
+class UnsafeCheckpoint(ConfigError):
+    """A model file would run code to load (a pickle of objects beyond tensors and known
+    model classes); refused without loading it."""
+
+
 class RemoteProtocolError(EdgeciError):
     """A peer sent something that cannot be accepted. ``reason`` is a short stable code."""
 

@@ -28,7 +28,7 @@ if importlib.util.find_spec("ultralytics") is None:
 
 import torch
 
-from edge_sdk.errors import ConfigError, InvalidSample
+from edge_sdk.errors import ConfigError, InvalidSample, UnsafeCheckpoint
 from edge_sdk.tasks.base import TrainConfig
 from edge_sdk.tasks.detection import (
     CLASSIFIER,
@@ -174,14 +174,45 @@ def test_vector_round_trip_through_the_yolo_model(task: DetectionTask) -> None:
 
 def test_weights_from_a_local_checkpoint(task: DetectionTask, data_dir: Path) -> None:
     w = task.initial_weights(seed=5)
-    path = data_dir / "user-checkpoint.pt"
-    torch.save({"model": task.model(w)}, path)
-    seeded = DetectionTask(
-        DetectionConfig(imgsz=SIZE, scene_size=SIZE, weights_path=str(path)), data_dir=data_dir
-    )
-    assert np.array_equal(seeded.initial_weights(), w)
+    model = task.model(w)
+    model.args = vars(model.args)  # as ultralytics saves its models: plain-dict args
+    checkpoints = {
+        "state-dict.pt": model.state_dict(),
+        "under-model.pt": {"model": model.state_dict(), "epoch": 3},
+        "ultralytics.pt": {"model": model, "ema": None, "train_args": {"epochs": 3}},
+    }
+    for name, contents in checkpoints.items():
+        path = data_dir / name
+        torch.save(contents, path)
+        seeded = DetectionTask(
+            DetectionConfig(imgsz=SIZE, scene_size=SIZE, weights_path=str(path)), data_dir=data_dir
+        )
+        assert np.array_equal(seeded.initial_weights(), w), name
     with pytest.raises(ConfigError):
         DetectionTask(DetectionConfig(weights_path=str(data_dir / "missing.pt")), data_dir=data_dir)
+    (data_dir / "truncated.pt").write_bytes((data_dir / "state-dict.pt").read_bytes()[:1000])
+    with pytest.raises(ConfigError, match="not a readable torch checkpoint"):
+        DetectionTask(DetectionConfig(weights_path=str(data_dir / "truncated.pt")), data_dir=data_dir)
+
+
+class _RunsAShellCommand:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unrun(tmp_path: Path, data_dir: Path) -> None:
+    # A .pt is a pickle: loaded as one, this file runs `touch` (H4's F5 ran os.system).
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "downloaded-yolov8n.pt"
+    torch.save({"model": _RunsAShellCommand(marker)}, path)
+    with pytest.raises(UnsafeCheckpoint, match="refused without running it"):
+        DetectionTask(
+            DetectionConfig(imgsz=SIZE, scene_size=SIZE, weights_path=str(path)), data_dir=data_dir
+        )
+    assert not marker.exists()
 
 
 # --------------------------------------------------------------------------- training

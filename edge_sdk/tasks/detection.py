@@ -7,8 +7,9 @@ detector to the SDK as a flat float32 vector (see :mod:`edge_sdk.spec`):
 * **Model.** YOLOv8n built from the ``yolov8n.yaml`` that ships inside ultralytics, with
   ``n_classes`` outputs fixed up front — the class the users will label later already has
   a (so far untrained) slot, because the vector layout must never change in a federation.
-  A local ultralytics ``.pt`` checkpoint can seed it: every tensor whose name and shape
-  match is copied.
+  A local checkpoint (a state dict, or ultralytics' own ``.pt``) can seed it: every tensor
+  whose name and shape match is copied. It is unpickled with ``weights_only=True``, never
+  as arbitrary objects (see :func:`read_checkpoint`).
 * **Vector.** Every float tensor of the ``state_dict`` (parameters *and* BatchNorm running
   statistics — an aggregated YOLO without them is broken), in module order. Layers 0–21
   (backbone + neck) form the ``extractor`` group and layer 22 (the ``Detect`` head) the
@@ -45,9 +46,10 @@ import json
 import logging
 import math
 import os
+import pickle  # noqa: TID251  (only for UnpicklingError: what a weights_only load raises)
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -65,7 +67,7 @@ try:
 except ImportError as exc:
     raise missing(exc.name or "torch", "detection", purpose="the detection task", cause=exc) from exc
 
-from edge_sdk.errors import ConfigError, InvalidSample
+from edge_sdk.errors import ConfigError, InvalidSample, UnsafeCheckpoint
 from edge_sdk.spec import FULL, ModelSpec, Vector
 from edge_sdk.tasks._ultralytics import (
     import_ultralytics,
@@ -104,6 +106,52 @@ _GRAD_CLIP = 10.0  # as ultralytics' trainer
 _CACHE_VERSION = "det-v1"  # bump when pretraining changes in a way the config does not show
 
 
+def read_checkpoint(path: Path) -> nn.Module | dict[str, torch.Tensor]:
+    """The model (an ultralytics module) or state dict in the checkpoint at ``path``.
+
+    A ``.pt`` is a pickle, and unpickling runs whatever the file names, so the file is loaded
+    with ``weights_only=True``: tensors and plain containers, plus, for ultralytics' own
+    checkpoints, the model classes on ultralytics' allow-list (its ``safe_only`` load). Not
+    through ``torch_safe_load``: that unpickles arbitrary objects by default, and on a name
+    it does not find (or renames, ``yolov5s.pt`` -> ``yolov5su.pt``) downloads one.
+    """
+    try:
+        loaded = _torch_load(path)
+    except pickle.UnpicklingError as exc:  # a global beyond torch's own: ultralytics' classes?
+        allow_list = getattr(importlib.import_module("ultralytics.nn.tasks"), "_SafeLoad", None)
+        if allow_list is None or not getattr(allow_list, "SUPPORTED", False):
+            raise UnsafeCheckpoint(
+                f"{path} holds pickled objects, and this ultralytics/torch has no allow-list "
+                "to load them safely; save a state dict instead (model.state_dict())"
+            ) from exc
+        try:
+            with allow_list.loading(str(path)):
+                loaded = _torch_load(path)
+        except pickle.UnpicklingError as refused:
+            raise UnsafeCheckpoint(
+                f"{path} pickles objects other than tensors and ultralytics' model classes; "
+                f"refused without running it ({str(refused).splitlines()[-1][:200]})"
+            ) from refused
+    if isinstance(loaded, Mapping) and ("ema" in loaded or "model" in loaded):
+        ema = loaded.get("ema")
+        loaded = ema if ema is not None else loaded.get("model")  # ultralytics': EMA first
+    if isinstance(loaded, nn.Module):
+        return loaded.float()
+    if isinstance(loaded, Mapping) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
+    ):
+        return {k: v.float() if v.is_floating_point() else v for k, v in loaded.items()}
+    raise ConfigError(f"{path} holds neither a state dict nor an ultralytics model")
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load`` with ``weights_only=True``; a global it refuses is its UnpicklingError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:  # truncated, not a zip
+        raise ConfigError(f"{path} is not a readable torch checkpoint: {exc}") from exc
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DetectionConfig:
     """What the detection task builds, how it pretrains the deployed model, its data."""
@@ -117,7 +165,11 @@ class DetectionConfig:
     imgsz: int = 96
     """Square input side for training and evaluation (multiple of 32); frames are letterboxed."""
     weights_path: str | None = None
-    """A local ultralytics YOLOv8n ``.pt`` to start from instead of random init."""
+    """A local YOLOv8n checkpoint to start from instead of random init: a ``.pt`` holding a
+    state dict (``torch.save(model.state_dict(), ...)``, bare or under ``"model"``/``"ema"``),
+    or an ultralytics checkpoint (``yolov8n.pt``) made of ultralytics' and torch's own model
+    classes. It is loaded with ``weights_only=True`` (nothing in the file runs); a file that
+    pickles anything else is refused (:class:`~edge_sdk.errors.UnsafeCheckpoint`)."""
     hflip: float = 0.5
     """Probability of mirroring a training frame (0 for scenes with a handedness, e.g. text)."""
     scene_size: int = 96
@@ -399,10 +451,17 @@ class DetectionTask:
             model = tasks.DetectionModel(cfg, ch=3, nc=self.config.n_classes, verbose=False)
         if self.config.weights_path is not None:
             path = Path(self.config.weights_path).expanduser()
-            if not path.is_file():  # ultralytics would otherwise try to download a missing name
+            if not path.is_file():
                 raise ConfigError(f"weights file not found: {path}")
-            ckpt, _ = tasks.torch_safe_load(str(path))
-            model.load(ckpt, verbose=False)
+            ckpt = read_checkpoint(path)
+            if isinstance(ckpt, nn.Module):  # ultralytics' own transfer (adapts the class count)
+                model.load(ckpt, verbose=False)
+            else:
+                own = model.state_dict()
+                fits = {k: v for k, v in ckpt.items() if k in own and v.shape == own[k].shape}
+                if not fits:
+                    raise ConfigError(f"no tensor in {path} fits a YOLOv8n: not its checkpoint")
+                model.load_state_dict(fits, strict=False)
         model.names = dict(enumerate(self.config.class_names[: self.config.n_classes]))
         model.args = SimpleNamespace(
             **{k: utils.DEFAULT_CFG_DICT[k] for k in ("box", "cls", "dfl")}
