@@ -49,6 +49,16 @@ def packet_limit(model_bytes: int) -> int:
     return min(PAHO_MAX_PAYLOAD, model_bytes + model_bytes // 16 + 65_536)
 
 
+def queue_limit(model_bytes: int) -> int:
+    """mosquitto's ``max_queued_bytes`` per client: 32 of the largest messages, at least
+    256 MiB, at most 4 GiB; 1 GiB without a model size. Bounded, so that one device flooding
+    its own update topic while the coordinator is slow or offline cannot exhaust the broker;
+    what is dropped was never acknowledged by the coordinator, so devices send it again."""
+    if model_bytes <= 0:
+        return 1 << 30
+    return min(max(32 * packet_limit(model_bytes), 256 << 20), 4 << 30)
+
+
 def secure_conf(
     *,
     cafile: str | Path,
@@ -59,16 +69,25 @@ def secure_conf(
     host: str = "127.0.0.1",
     model_bytes: int = 0,
     password_file: str | Path | None = None,
+    crlfile: str | Path | None = None,
 ) -> str:
     """``edgeci-secure.conf`` (or ``edgeci-password.conf`` when ``password_file`` is given)
-    with its paths, listener and ``max_packet_size`` set; comments and every other setting
-    (queue limits, ``require_certificate``, ``allow_anonymous false``) as shipped."""
+    with its paths, listener, ``max_packet_size`` and ``max_queued_bytes`` set; comments and
+    every other setting (``require_certificate``, ``allow_anonymous false``, client id = user)
+    as shipped. ``crlfile``: the PKI's ``ca.crl`` (revoked certificates); a client-certificate
+    config without one refuses no revoked certificate, which is logged."""
     values = {
         "cafile": str(cafile), "certfile": str(certfile), "keyfile": str(keyfile), "acl_file": str(acl_file),
         "listener": f"{int(port)} {host}", "max_packet_size": str(packet_limit(model_bytes)),
+        "max_queued_bytes": str(queue_limit(model_bytes)),
     }
     if password_file is not None:
         values["password_file"] = str(password_file)
+    if crlfile is not None:
+        values["crlfile"] = str(crlfile)
+    elif password_file is None:
+        log.warning("mosquitto config without a crlfile: revoked client certificates are refused only by the ACL, "
+                    "which is keyed by name (an identity issued again admits its old certificate)")
     for key, value in values.items():
         if any(c in value for c in "\n\r"):
             raise ConfigError(f"{key} must be one line: {value!r}")
@@ -76,6 +95,8 @@ def secure_conf(
     out = []
     for line in template.read_text().splitlines():
         words = line.split()
+        if words and not line.startswith("#") and words[0] == "crlfile" and "crlfile" not in values:
+            continue
         if words and not line.startswith("#") and words[0] in values:
             line = f"{words[0]} {values[words[0]]}"
         out.append(line)
@@ -234,6 +255,7 @@ class MosquittoProcess:
         keyfile: str | Path | None = None,
         acl_file: str | Path | None = None,
         password_file: str | Path | None = None,
+        crlfile: str | Path | None = None,
         model_bytes: int = 0,
     ) -> None:
         self.host = host
@@ -246,7 +268,7 @@ class MosquittoProcess:
         if not tls and password_file is not None:
             raise ConfigError("password_file needs tls=True (passwords travel inside TLS only)")
         self.cafile, self.certfile, self.keyfile = cafile, certfile, keyfile
-        self.acl_file, self.password_file = acl_file, password_file
+        self.acl_file, self.password_file, self.crlfile = acl_file, password_file, crlfile
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
         self.log_path: Path | None = None
@@ -268,7 +290,7 @@ class MosquittoProcess:
         os.chmod(workdir, 0o711)
         out = {}
         files = {"cafile": (self.cafile, False), "certfile": (self.certfile, False), "acl_file": (self.acl_file, False),
-                 "keyfile": (self.keyfile, True), "password_file": (self.password_file, True)}
+                 "crlfile": (self.crlfile, False), "keyfile": (self.keyfile, True), "password_file": (self.password_file, True)}
         for key, (source, secret) in files.items():
             if source is None:
                 continue
@@ -299,12 +321,13 @@ class MosquittoProcess:
             keyfile=path("keyfile", self.keyfile), acl_file=path("acl_file", self.acl_file),
             port=self.port, host=self.host, model_bytes=self.model_bytes,
             password_file=None if self.password_file is None else path("password_file", self.password_file),
+            crlfile=None if self.crlfile is None else path("crlfile", self.crlfile),
         )
         return f"{text}\n{self.extra_conf}\n"
 
     def reload(self, timeout: float = 5.0) -> None:
-        """Re-read the ACL and password files (after ``edgeci pki issue``): SIGHUP, as an
-        operator would send it; returns once mosquitto has logged the reload."""
+        """Re-read the ACL, password and CRL files (after ``edgeci pki issue`` / ``revoke``):
+        SIGHUP, as an operator would send it; returns once mosquitto has logged the reload."""
         if self._proc is None or self._dir is None:
             raise ConfigError("mosquitto is not running")
         before = self.log_text().count("Reloading config")

@@ -17,8 +17,14 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from edge_sdk.errors import MalformedMessage, TransportError
-from edge_sdk.mqtt import BrokerAuth, MqttTransport, add_broker_arguments, auth_from_args
+from edge_sdk.errors import ConfigError, MalformedMessage, TransportError
+from edge_sdk.mqtt import (
+    BrokerAuth,
+    MqttTransport,
+    add_broker_arguments,
+    auth_from_args,
+    read_bundle,
+)
 from edge_sdk.wire import topics
 from edge_sdk.wire.codec import parse_status_json
 
@@ -33,6 +39,23 @@ NOT_ALIVE = 2
 
 class NoStatus(TransportError):
     """The broker answered but holds no retained status for the region."""
+
+
+def operator_auth(args: argparse.Namespace) -> BrokerAuth | None:
+    """The broker credentials of an operator's command (``status``, ``rollback``, ``pin``).
+    A coordinator's or device's bundle is refused: the broker makes a certificate's name its
+    client id, so connecting with it would replace that coordinator's (or device's) own
+    connection — the coordinator drops off the broker while you read its status."""
+    bundle = getattr(args, "bundle", None)
+    if bundle is not None:
+        manifest = read_bundle(bundle)
+        role = manifest.get("role")
+        if role in ("coordinator", "device"):
+            raise ConfigError(
+                f"{bundle} is {manifest['identity']!r}'s {role} bundle: connecting with it would replace {role} "
+                f"{manifest['identity']!r}'s own connection to the broker (its certificate name is its client id). "
+                f"Use an operator's bundle: edgeci pki issue --dir PKI --role operator NAME (check EDGECI_BUNDLE)")
+    return auth_from_args(args)
 
 
 def read_status(broker: str, region: str, timeout: float = 5.0, *, auth: BrokerAuth | None = None) -> dict[str, object]:
@@ -214,7 +237,7 @@ def render(status: Mapping[str, Any], now: float, stale_after: float | None = No
 
 def run(args: argparse.Namespace) -> int:
     try:
-        status = read_status(args.broker, args.region, args.timeout, auth=auth_from_args(args))
+        status = read_status(args.broker, args.region, args.timeout, auth=operator_auth(args))
     except NoStatus:  # (an unreachable broker is a TransportError: exit 1 with its message)
         print(f"NOT ALIVE: no coordinator status for region {args.region!r} on {args.broker} "
               f"(no coordinator has published there, or the broker lost its retained messages)")

@@ -5,7 +5,9 @@ mosquitto maps it to the MQTT username (``use_identity_as_username``) and the AC
 module generates confines each username to its own topics. Layout of a PKI directory::
 
     PKI/ca.key  ca.crt                 the CA (ECDSA P-256; ca.key 0600, keep it offline)
-    PKI/identities.json                every issued identity: role, regions, serial, expiry
+    PKI/identities.json                every issued identity: role, regions, serial, expiry;
+                                       and every revoked or superseded certificate's serial
+    PKI/ca.crl                         the revocation list (mosquitto's crlfile; re-read on SIGHUP)
     PKI/signing/<coordinator>.pub      coordinators' Ed25519 model-signing public keys
     PKI/mosquitto.acl                  generated from identities.json (``pki acl``)
     PKI/mosquitto.passwd               username/password alternative (``pki passwd``)
@@ -15,7 +17,13 @@ module generates confines each username to its own topics. Layout of a PKI direc
         password (0600, only after ``pki passwd``)
 
 Private keys are created with mode 0600 before a byte is written (``os.open`` with the
-mode), and directories holding them with 0700.
+mode), and directories holding them with 0700; public files 0644 and their directories 0755,
+whatever the umask.
+
+Revocation is by certificate and by name: ``revoke`` puts the certificate's serial on the CRL
+and takes the name out of the ACL (and the password file); issuing a name again (``--force``,
+or after a revocation) puts the old certificate on the CRL too, so a stolen copy of it stays
+refused although the ACL admits the name again.
 """
 
 from __future__ import annotations
@@ -69,10 +77,27 @@ def write_private(path: Path, data: bytes) -> None:
 
 
 def write_public(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a public file (certificate, key, ACL, CRL): 0644 whatever the umask, atomic."""
+    public_dir(path.parent)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
+    if tmp.exists():
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.fchmod(fd, 0o644)  # a umask of 000 made trust anchors world-writable
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
+
+
+def public_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) if missing; a directory created here is 0755 whatever the umask."""
+    if not path.is_dir():
+        path.mkdir(parents=True, exist_ok=True)
+        os.chmod(path, 0o755)
+    return path
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -114,6 +139,9 @@ class Pki:
 
     root: Path
     identities: dict[str, Identity] = field(default_factory=dict)
+    revoked: list[dict[str, Any]] = field(default_factory=list)
+    """Certificates that must stay refused: ``{serial, name, at, reason}`` (``revoked`` or
+    ``superseded``); the CRL lists them all."""
 
     # -------------------------------------------------------- paths
 
@@ -128,6 +156,10 @@ class Pki:
     @property
     def acl_path(self) -> Path:
         return self.root / "mosquitto.acl"
+
+    @property
+    def crl_path(self) -> Path:
+        return self.root / "ca.crl"
 
     @property
     def passwd_path(self) -> Path:
@@ -179,6 +211,7 @@ class Pki:
         write_public(path / "ca.crt", _cert_pem(cert))
         pki = cls(path)
         pki._save_identities()
+        pki.write_crl()
         return pki
 
     @classmethod
@@ -191,11 +224,36 @@ class Pki:
         if index.exists():
             data = json.loads(index.read_text())
             pki.identities = {n: Identity.from_json(n, d) for n, d in data.get("identities", {}).items()}
+            pki.revoked = [dict(r) for r in data.get("revoked", [])]
         return pki
 
     def _save_identities(self) -> None:
-        data = {"identities": {n: i.to_json() for n, i in sorted(self.identities.items())}}
+        data = {"identities": {n: i.to_json() for n, i in sorted(self.identities.items())}, "revoked": self.revoked}
         write_public(self.root / "identities.json", (json.dumps(data, indent=1) + "\n").encode())
+
+    def write_crl(self) -> Path:
+        """(Re)write ``ca.crl``: every revoked or superseded serial, signed by the CA (whose
+        key must be here). Valid until the CA expires: an expired CRL would make mosquitto
+        refuse every client."""
+        ca_key, ca_cert = self._ca_key(), self.ca_cert()
+        now = dt.datetime.now(dt.UTC)
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(ca_cert.subject)
+            .last_update(now - dt.timedelta(minutes=5))
+            .next_update(max(ca_cert.not_valid_after_utc, now + dt.timedelta(days=1)))
+        )
+        for entry in self.revoked:
+            at = dt.datetime.fromisoformat(str(entry["at"]))
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(int(entry["serial"])).revocation_date(at).build())
+        crl = builder.sign(ca_key, hashes.SHA256())
+        write_public(self.crl_path, crl.public_bytes(serialization.Encoding.PEM))
+        return self.crl_path
+
+    def _revoke_serial(self, ident: Identity, reason: str) -> None:
+        self.revoked.append({"serial": ident.serial, "name": ident.name, "role": ident.role, "reason": reason,
+                             "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
 
     def ca_cert(self) -> x509.Certificate:
         return x509.load_pem_x509_certificate(self.ca_cert_path.read_bytes())
@@ -238,7 +296,8 @@ class Pki:
         check_id(name, "identity")
         if role not in ROLES:
             raise ConfigError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
-        if name in self.identities and not force:
+        previous = self.identities.get(name)
+        if previous is not None and not force:
             raise ConfigError(f"{name!r} is already issued (as {self.identities[name].role}); pass --force to re-issue")
         if role == "broker" and (regions or trust):
             raise ConfigError("a broker certificate takes no --region or --trust")
@@ -293,7 +352,7 @@ class Pki:
         os.chmod(bundle, 0o700)
         write_private(bundle / f"{name}.key", _key_pem(key))
         write_public(bundle / f"{name}.crt", _cert_pem(cert))
-        shutil.copyfile(self.ca_cert_path, bundle / "ca.crt")
+        write_public(bundle / "ca.crt", self.ca_cert_path.read_bytes())
         manifest: dict[str, Any] = {
             "identity": name, "role": role, "regions": list(regions),
             "region": regions[0] if regions[0] != ANY_REGION else None,
@@ -303,13 +362,17 @@ class Pki:
             # coordinators sign models; operators sign control commands (rollback, pin)
             signer, _ = signing.load_or_create_signer(bundle / "signing.key")
             pub_dir = self.signing_dir if role == "coordinator" else self.operators_dir
-            signing.save_public_key(signer.public_raw, pub_dir / f"{name}.pub")
+            write_public(pub_dir / f"{name}.pub", signing.public_pem(signer.public_raw))
             manifest["signing_key"] = "signing.key"
             manifest["signing_key_id"] = signer.kid
         identity = Identity(name=name, role=role, regions=tuple(regions), serial=cert.serial_number,
                             not_after=not_after.isoformat(timespec="seconds"), trust=tuple(trust))
         self.identities[name] = identity
+        if previous is not None:  # the old certificate (maybe a stolen copy) must not ride on the name
+            self._revoke_serial(previous, "superseded")
         self._save_identities()
+        if previous is not None:
+            self.write_crl()
         if role != "broker":
             manifest["trusted"] = "trusted"
             self._write_trusted(identity)
@@ -328,16 +391,16 @@ class Pki:
         trusted = self.bundle_dir(identity.name) / "trusted"
         if trusted.exists():
             shutil.rmtree(trusted)
-        trusted.mkdir(parents=True)
+        public_dir(trusted)
         for n in names:
-            shutil.copyfile(keys[n], trusted / f"{n}.pub")
+            write_public(trusted / f"{n}.pub", keys[n].read_bytes())
         if identity.role == "coordinator":  # the operators whose signed commands it obeys
             operators = self.bundle_dir(identity.name) / "operators"
             if operators.exists():
                 shutil.rmtree(operators)
-            operators.mkdir(parents=True)
+            public_dir(operators)
             for pub in sorted(self.operators_dir.glob("*.pub")) if self.operators_dir.is_dir() else []:
-                shutil.copyfile(pub, operators / pub.name)
+                write_public(operators / pub.name, pub.read_bytes())
         return names
 
     def refresh_trust(self) -> dict[str, list[str]]:
@@ -348,22 +411,31 @@ class Pki:
                 out[ident.name] = self._write_trusted(ident)
         return out
 
-    def revoke(self, name: str) -> None:
-        """Take ``name`` out of the ACL (and the password file): its certificate still
-        completes a TLS handshake until it expires, but the broker lets it read and write
-        nothing once reloaded (SIGHUP). The bundle is deleted; a coordinator's signing key
-        leaves ``signing/`` (run ``refresh_trust`` and redistribute the bundles)."""
+    def revoke(self, name: str) -> bool:
+        """Put ``name``'s certificate on the CRL and take the name out of the ACL (and the
+        password file): once the broker is reloaded (SIGHUP) the certificate no longer
+        completes a TLS handshake, and the name may read and write nothing. The bundle is
+        deleted; a coordinator's model-signing key leaves ``signing/`` and an operator's
+        command-signing key ``operators/`` (run ``refresh_trust`` and redistribute the
+        coordinators' and devices' bundles). Returns False when the CRL could not be written
+        here (the CA key is kept elsewhere: run ``edgeci pki crl`` where it is)."""
         ident = self.identities.pop(check_id(name, "identity"), None)
         if ident is None:
             raise ConfigError(f"{name!r} is not issued")
+        self._revoke_serial(ident, "revoked")
         self._save_identities()
         self.write_acl()
         if self.passwd_path.exists():
             kept = [ln for ln in self.passwd_path.read_text().splitlines() if ln and ln.split(":", 1)[0] != name]
             write_private(self.passwd_path, ("\n".join(kept) + "\n").encode() if kept else b"")
         (self.signing_dir / f"{name}.pub").unlink(missing_ok=True)
+        (self.operators_dir / f"{name}.pub").unlink(missing_ok=True)  # its signed commands must stop too
         if self.bundle_dir(name).exists():
             shutil.rmtree(self.bundle_dir(name))
+        if not self.ca_key_path.exists():
+            return False
+        self.write_crl()
+        return True
 
     # -------------------------------------------------------- broker files
 
@@ -463,18 +535,23 @@ _STEPS = """\
 operator's steps (keep PKI/ca.key offline; copy only bundles/<ID>/ to each host):
   1. edgeci pki init   --dir PKI
   2. edgeci pki issue  --dir PKI --role broker broker --host mqtt.example.net
-  3. edgeci pki issue  --dir PKI --role coordinator coord-eu --region eu      (coordinators first:
-                                                                              later bundles trust their keys)
+  3. edgeci pki issue  --dir PKI --role operator ops-1                       (operators, then coordinators:
+     edgeci pki issue  --dir PKI --role coordinator coord-eu --region eu      a coordinator obeys the operators
+                                                                              issued before it, devices trust
+                                                                              the coordinators issued before them)
   4. edgeci pki issue  --dir PKI --role device headset-7 --region eu         (one per device)
-     edgeci pki issue  --dir PKI --role operator ops-1
   5. mosquitto -c coordinator/mosquitto/edgeci-secure.conf with its cafile/certfile/keyfile set to
-     PKI/ca.crt and PKI/bundles/broker/broker.{crt,key}, acl_file PKI/mosquitto.acl
+     PKI/ca.crt and PKI/bundles/broker/broker.{crt,key}, acl_file PKI/mosquitto.acl, crlfile PKI/ca.crl
      (or: edgeci pki broker-conf --dir PKI --out /etc/mosquitto/conf.d/edgeci.conf)
   6. edgeci coordinator --broker mqtts://mqtt.example.net:8883 --bundle PKI/bundles/coord-eu ...
      edgeci device      --broker mqtts://mqtt.example.net:8883 --bundle PKI/bundles/headset-7 ...
-Issuing a new coordinator later: `edgeci pki trust --dir PKI` rewrites every bundle's trusted/ keys;
-re-copy the bundles. A new identity: `pki issue` rewrites PKI/mosquitto.acl; SIGHUP mosquitto.
-A lost or compromised device: `edgeci pki revoke --dir PKI ID`, then SIGHUP mosquitto.
+Issuing a new coordinator or operator later: `edgeci pki trust --dir PKI` rewrites every bundle's
+trusted/ (and coordinators' operators/) keys; re-copy the bundles. A new identity: `pki issue`
+rewrites PKI/mosquitto.acl; SIGHUP mosquitto. A lost or compromised identity: `edgeci pki revoke
+--dir PKI ID` (its certificate goes on PKI/ca.crl, its name out of the ACL), then SIGHUP mosquitto;
+issuing the same ID again later is safe (the old certificate stays on the CRL), as is `--force`.
+Every connection of one identity replaces its previous one (mosquitto uses the name as client id):
+run `edgeci status` / `rollback` with an operator's bundle, never a coordinator's or a device's.
 """
 
 
@@ -507,7 +584,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--trust", default="", help="comma-separated coordinator ids to trust (default: every coordinator of the PKI)")
     s.add_argument("--host", action="append", default=[], help="broker: extra DNS name or IP in the certificate (repeatable)")
     s.add_argument("--days", type=int, default=LEAF_DAYS, help="certificate validity in days")
-    s.add_argument("--force", action="store_true", help="re-issue an existing identity (new key; the old bundle is replaced)")
+    s.add_argument("--force", action="store_true", help="re-issue an existing identity (new key; the old bundle is replaced "
+                                                        "and the old certificate goes on the CRL: SIGHUP mosquitto)")
 
     s = sub.add_parser("acl", help="write the mosquitto ACL file for every issued identity",
                        description="Generate the mosquitto acl_file from PKI/identities.json: devices write only their "
@@ -527,12 +605,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("identity", metavar="ID")
     s.add_argument("--dir", type=Path, required=True)
 
-    s = sub.add_parser("revoke", help="take an identity out of the ACL and password file (then SIGHUP mosquitto)",
-                       description="Remove ID from identities.json, the generated ACL and the password file, and delete "
-                                   "its bundle: after `kill -HUP <mosquitto>` it can connect (its certificate is still "
-                                   "signed) but read and write nothing. A revoked coordinator's key leaves signing/: run "
-                                   "`edgeci pki trust` and redistribute the bundles.", formatter_class=fmt)
+    s = sub.add_parser("revoke", help="put an identity's certificate on the CRL and take it out of the ACL (then SIGHUP mosquitto)",
+                       description="Put ID's certificate on PKI/ca.crl, remove ID from identities.json, the generated ACL "
+                                   "and the password file, and delete its bundle: after `kill -HUP <mosquitto>` its "
+                                   "certificate no longer completes a TLS handshake, and its name may read and write "
+                                   "nothing (also if the name is issued again later). A revoked coordinator's model-signing "
+                                   "key leaves signing/ and an operator's command-signing key operators/: run `edgeci pki "
+                                   "trust` and redistribute the bundles. The CRL needs the CA key: without it here, run "
+                                   "`edgeci pki crl` where it is.", formatter_class=fmt)
     s.add_argument("identity", metavar="ID")
+    s.add_argument("--dir", type=Path, required=True)
+
+    s = sub.add_parser("crl", help="rewrite PKI/ca.crl from the revoked certificates (needs the CA key)",
+                       description="Sign PKI/ca.crl again from identities.json's revoked and superseded certificates "
+                                   "(after a revocation made without the CA key at hand, or for a PKI made before CRLs); "
+                                   "copy it to the broker's crlfile and SIGHUP mosquitto.", formatter_class=fmt)
     s.add_argument("--dir", type=Path, required=True)
 
     s = sub.add_parser("trust", help="rewrite every bundle's trusted/ keys (after issuing a new coordinator)")
@@ -563,18 +650,35 @@ def run(args: argparse.Namespace) -> int:
         bundle = pki.issue(args.identity, args.role, regions=regions, trust=trust, days=args.days,
                            hosts=args.host, force=args.force)
         print(f"{args.role} {args.identity}: bundle {bundle} (ACL rewritten: {pki.acl_path})")
+        if args.force:
+            print(f"the previous certificate of {args.identity} is on {pki.crl_path}: reload mosquitto (kill -HUP) to refuse it")
         if args.role == "coordinator":
             stale = [n for n, i in pki.identities.items() if i.role not in ("broker", "coordinator") and n != args.identity]
             if stale:
                 print(f"note: {len(stale)} earlier bundles do not trust {args.identity} yet: run `edgeci pki trust --dir {args.dir}`")
+        if args.role == "operator":
+            stale = [n for n, i in pki.identities.items() if i.role == "coordinator"]
+            if stale:
+                print(f"note: {len(stale)} coordinators do not obey {args.identity} yet: run `edgeci pki trust --dir {args.dir}` "
+                      "and re-copy their bundles")
     elif cmd == "acl":
         print(f"ACL written: {pki.write_acl(args.out)}")
     elif cmd == "passwd":
         pki.set_password(args.identity)
         print(f"password of {args.identity}: {pki.bundle_dir(args.identity) / 'password'} (0600); hash in {pki.passwd_path}")
     elif cmd == "revoke":
-        pki.revoke(args.identity)
-        print(f"{args.identity} revoked: ACL {pki.acl_path} rewritten; reload mosquitto (kill -HUP) to apply")
+        role = pki.identities[args.identity].role if args.identity in pki.identities else ""
+        if pki.revoke(args.identity):
+            print(f"{args.identity} revoked: certificate on {pki.crl_path}, ACL {pki.acl_path} rewritten; "
+                  "reload mosquitto (kill -HUP) to apply")
+        else:
+            print(f"{args.identity} revoked from the ACL {pki.acl_path}, but {pki.crl_path} was NOT updated (no CA key "
+                  f"here): run `edgeci pki crl` where ca.key is, copy ca.crl to the broker, then reload mosquitto")
+        if role in ("coordinator", "operator"):
+            print(f"its signing key is no longer trusted by new bundles: run `edgeci pki trust --dir {args.dir}` "
+                  "and re-copy the bundles")
+    elif cmd == "crl":
+        print(f"CRL written: {pki.write_crl()} ({len(pki.revoked)} certificates); reload mosquitto (kill -HUP)")
     elif cmd == "trust":
         for name, keys in pki.refresh_trust().items():
             print(f"{name}: trusts {', '.join(keys) or '(no coordinator keys yet)'}")
@@ -584,11 +688,14 @@ def run(args: argparse.Namespace) -> int:
         bundle = pki.bundle_dir(args.broker_name)
         if not (bundle / f"{args.broker_name}.crt").exists():
             raise ConfigError(f"no broker certificate {args.broker_name!r}: edgeci pki issue --dir {args.dir} --role broker {args.broker_name}")
+        if not args.password and not pki.crl_path.exists():  # a PKI made before CRLs
+            pki.write_crl()
         text = secure_conf(
             cafile=pki.ca_cert_path.resolve(), certfile=(bundle / f"{args.broker_name}.crt").resolve(),
             keyfile=(bundle / f"{args.broker_name}.key").resolve(), acl_file=pki.acl_path.resolve(),
             port=args.port, host=args.bind, model_bytes=args.model_bytes,
             password_file=pki.passwd_path.resolve() if args.password else None,
+            crlfile=None if args.password else pki.crl_path.resolve(),
         )
         write_public(args.out, text.encode())
         print(f"mosquitto config written: {args.out}")

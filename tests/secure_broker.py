@@ -33,6 +33,7 @@ class SecureBroker:
             tls=True, cafile=self.pki.ca_cert_path, certfile=broker_bundle / "broker.crt",
             keyfile=broker_bundle / "broker.key", acl_file=self.pki.acl_path,
             password_file=self.pki.passwd_path if password else None, model_bytes=model_bytes,
+            crlfile=None if password else self.pki.crl_path,
         ).start()
 
     @property

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from coordinator.broker import PAHO_MAX_PAYLOAD, packet_limit, secure_conf
+from coordinator.broker import PAHO_MAX_PAYLOAD, packet_limit, queue_limit, secure_conf
 from coordinator.pki import Pki, acl_text, mosquitto_hash, write_private
 from demos.cli import main as edgeci
 from edge_sdk.errors import ConfigError
@@ -65,6 +65,13 @@ def test_private_keys_are_0600_even_with_an_open_umask(tmp_path: Path) -> None:
     assert mode(bundle / "signing.key") == 0o600
     assert mode(bundle) == 0o700
     assert not list(bundle.glob(".*.tmp"))
+    # public files (trust anchors, the ACL, the CRL) are not world-writable either: under umask 000
+    # they were 0666, and anyone on the host could swap the devices' trusted keys or the ACL
+    for public in (p.ca_cert_path, p.crl_path, p.root / "identities.json", p.acl_path, bundle / "ca.crt",
+                   bundle / "coord-1.crt", p.signing_dir / "coord-1.pub"):
+        assert mode(public) == 0o644, public
+    for folder in (p.signing_dir, bundle / "trusted", bundle / "operators"):
+        assert mode(folder) == 0o755, folder
 
 
 def test_device_certificate_names_role_region_and_chains_to_the_ca(pki: Pki) -> None:
@@ -202,10 +209,42 @@ def test_revoke_takes_an_identity_out_of_acl_password_file_and_trust(pki: Pki) -
     assert "devB" not in Pki.open(pki.root).identities
     pki.revoke("coord-eu")
     assert pki.signing_keys() == {}
+    pki.issue("ops-1", "operator")
+    assert (pki.operators_dir / "ops-1.pub").exists()
+    pki.revoke("ops-1")  # its command-signing key stops being trusted by the next coordinator bundles
+    assert not (pki.operators_dir / "ops-1.pub").exists()
     pki.refresh_trust()
     assert load_trusted_keys(pki.bundle_dir("devA") / "trusted") == {}
     with pytest.raises(ConfigError, match="not issued"):
         pki.revoke("devB")
+
+
+def test_revoked_and_superseded_certificates_are_on_the_crl(pki: Pki) -> None:
+    crl = x509.load_pem_x509_crl(pki.crl_path.read_bytes())  # init writes an empty one
+    assert list(crl) == [] and crl.is_signature_valid(pki.ca_cert().public_key())  # type: ignore[arg-type]
+    first = pki.issue("devA", "device", regions=["eu"])
+    first_serial = x509.load_pem_x509_certificate((first / "devA.crt").read_bytes()).serial_number
+    pki.issue("devB", "device", regions=["eu"])
+    second = pki.issue("devA", "device", regions=["eu"], force=True)  # the old certificate is superseded
+    serial_b = pki.identities["devB"].serial
+    assert pki.revoke("devB") is True
+    crl = x509.load_pem_x509_crl(pki.crl_path.read_bytes())
+    assert sorted(r.serial_number for r in crl) == sorted([first_serial, serial_b])
+    assert crl.is_signature_valid(pki.ca_cert().public_key())  # type: ignore[arg-type]
+    assert crl.next_update_utc is not None and crl.next_update_utc >= pki.ca_cert().not_valid_after_utc
+    live = x509.load_pem_x509_certificate((second / "devA.crt").read_bytes()).serial_number
+    assert crl.get_revoked_certificate_by_serial_number(live) is None
+    assert [r["reason"] for r in Pki.open(pki.root).revoked] == ["superseded", "revoked"]  # survives a reopen
+    # the CA key kept elsewhere: the revocation is recorded, the CRL waits for `pki crl` there
+    pki.issue("devC", "device", regions=["eu"])
+    moved = pki.ca_key_path.rename(pki.root.parent / "offline-ca.key")
+    try:
+        assert Pki.open(pki.root).revoke("devC") is False
+    finally:
+        moved.rename(pki.ca_key_path)
+    reopened = Pki.open(pki.root)
+    reopened.write_crl()
+    assert pki.identities["devC"].serial in {r.serial_number for r in x509.load_pem_x509_crl(pki.crl_path.read_bytes())}
 
 
 def test_secure_conf_and_packet_limit(tmp_path: Path) -> None:
@@ -215,8 +254,19 @@ def test_secure_conf_and_packet_limit(tmp_path: Path) -> None:
     lines = set(conf.splitlines())
     for expected in ("require_certificate true", "use_identity_as_username true", "allow_anonymous false",
                      f"acl_file {files['acl']}", f"cafile {files['ca']}", "listener 18883 127.0.0.1",
-                     f"max_packet_size {packet_limit(1_000_000)}", "max_queued_messages 100000"):
+                     f"max_packet_size {packet_limit(1_000_000)}", "max_queued_messages 100000",
+                     f"max_queued_bytes {queue_limit(1_000_000)}", "use_username_as_clientid true",
+                     "check_retain_source true"):
         assert expected in lines, expected
+    assert not any(ln.startswith("crlfile") for ln in lines)  # none given: the line is dropped (and logged)
+    assert f"crlfile {files['ca']}.crl" in secure_conf(cafile=files["ca"], certfile=files["crt"], keyfile=files["key"],
+                                                       acl_file=files["acl"], crlfile=f"{files['ca']}.crl").splitlines()
+    # the listener settings follow the listener line (before it, mosquitto opens a default listener on 1883)
+    order = [ln.split()[0] for ln in conf.splitlines() if ln and not ln.startswith("#")]
+    assert order.index("listener") < order.index("use_username_as_clientid")
+    # a queue per client holds 32 of the largest messages, within 256 MiB .. 4 GiB (1 GiB without a model size)
+    assert queue_limit(1_000_000) == 256 << 20 and queue_limit(0) == 1 << 30
+    assert queue_limit(50_000_000) == 32 * packet_limit(50_000_000) and queue_limit(10**12) == 4 << 30
     assert 1_000_000 < packet_limit(1_000_000) < 1_200_000
     assert packet_limit(0) == PAHO_MAX_PAYLOAD and packet_limit(10**12) == PAHO_MAX_PAYLOAD
     pw = secure_conf(cafile=files["ca"], certfile=files["crt"], keyfile=files["key"], acl_file=files["acl"],

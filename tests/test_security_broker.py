@@ -167,28 +167,119 @@ def test_operator_writes_control_devices_do_not(secure_broker: SecureBroker) -> 
     assert read_status(secure_broker.url, R, timeout=10, auth=ops_auth)["version"] == 3
 
 
-def test_revoked_device_can_do_nothing_after_reload(secure_broker: SecureBroker, tmp_path: Path) -> None:
+def test_status_refuses_a_coordinators_bundle(secure_broker: SecureBroker, capsys: pytest.CaptureFixture[str]) -> None:
+    """The client id is the certificate's name, so `edgeci status --bundle <the coordinator's>`
+    (or EDGECI_BUNDLE left set on its host) would knock the coordinator off the broker."""
+    from demos.cli import main as edgeci
+
+    events: list[bool] = []
+    coord = MqttTransport(secure_broker.url, client_id="coord-sec", subscriptions=[], on_message=lambda t, p: None,
+                          on_connection=events.append, auth=BrokerAuth.from_bundle(secure_broker.bundle("coord-sec", "coordinator")))
+    coord.start(10)
+    try:
+        coord.publish(topics.status_topic(R), b'{"type": "status", "version": 4}', retain=True)
+        base = ["status", "--broker", secure_broker.url, "--region", R, "--timeout", "10"]
+        assert edgeci([*base, "--bundle", str(secure_broker.bundle("coord-sec", "coordinator"))]) != 0
+        assert "operator's bundle" in capsys.readouterr().err
+        assert edgeci([*base, "--bundle", str(secure_broker.bundle("ops", "operator")), "--json"]) == 0
+        assert '"version": 4' in capsys.readouterr().out
+        time.sleep(0.3)
+        assert events == [True] and coord.connected
+    finally:
+        coord.stop()
+
+
+def test_a_revoked_certificate_is_refused_also_after_its_name_is_issued_again(secure_broker: SecureBroker, tmp_path: Path) -> None:
+    """Revocation is by certificate (the CRL) as well as by name (the ACL). With the ACL alone
+    the stolen certificate still connected, and once the name was issued again for the
+    replacement device (the natural workflow) its updates reached the coordinator again."""
     up_b = topics.device_topic(R, "devB", "update")
     stolen_copy = tmp_path / "stolen"  # what the stolen device still holds
     shutil.copytree(secure_broker.bundle("devB"), stolen_copy)
     auth_b = BrokerAuth.from_bundle(stolen_copy)
+
+    def stolen_connects() -> bool:
+        stolen = MqttTransport(secure_broker.url, client_id="stolen", subscriptions=[], on_message=lambda t, p: None,
+                               clean_session=True, auth=auth_b)
+        try:
+            stolen.start(10)
+        except TransportError as exc:
+            assert "did not accept our client certificate" in str(exc)
+            return False
+        try:
+            stolen.publish(up_b, b"from the stolen certificate")
+        finally:
+            stolen.stop()
+        return True
+
     with raw(secure_broker, "coord-sec", "coordinator", [topics.device_filter(R, "update")]) as coord:
         with raw(secure_broker, "devB") as dev_b:
             dev_b.t.publish(up_b, b"before")
             wait_until(lambda: coord.got(up_b) == [b"before"], 10, "B's update before the revocation")
         secure_broker.revoke("devB")
-        stolen = MqttTransport(secure_broker.url, client_id="stolen", subscriptions=[], on_message=lambda t, p: None,
-                               clean_session=True, auth=auth_b)
-        stolen.start(10)  # its certificate is still signed by the CA...
+        assert not stolen_connects()
+        secure_broker.bundle("devB")  # the replacement device, under the same id (issue + SIGHUP)
+        assert not stolen_connects()
+        with raw(secure_broker, "devB") as replacement:  # the new certificate works
+            replacement.t.publish(up_b, b"replacement")
+            wait_until(lambda: coord.got(up_b) == [b"before", b"replacement"], 10, "the replacement's update")
+        replaced = tmp_path / "replaced"
+        shutil.copytree(secure_broker.pki.bundle_dir("devB"), replaced)
+        secure_broker.pki.issue("devB", "device", regions=[R], force=True)  # --force: the old one goes on the CRL too
+        secure_broker.broker.reload()
+        auth_b = BrokerAuth.from_bundle(replaced)
+        assert not stolen_connects()
+        with raw(secure_broker, "devB") as reissued:
+            reissued.t.publish(up_b, b"re-issued")
+            wait_until(lambda: coord.got(up_b) == [b"before", b"replacement", b"re-issued"], 10, "the re-issued one's update")
+
+
+def test_a_client_cannot_take_over_another_identitys_session(secure_broker: SecureBroker) -> None:
+    """The client id is the certificate's name (``use_username_as_clientid``). Before, devB
+    connecting with the coordinator's client id took over the coordinator's session: the broker
+    disconnected the coordinator and discarded the updates queued for it."""
+    events: list[bool] = []
+    got: list[bytes] = []
+    up_a = topics.device_topic(R, "devA", "update")
+    coord = MqttTransport(secure_broker.url, client_id="coord-sec", subscriptions=[topics.device_filter(R, "update")],
+                          on_message=lambda t, p: got.append(p), clean_session=False, on_connection=events.append,
+                          auth=BrokerAuth.from_bundle(secure_broker.bundle("coord-sec", "coordinator")))
+    coord.start(10)
+    try:
+        thief = MqttTransport(secure_broker.url, client_id="coord-sec", subscriptions=[], on_message=lambda t, p: None,
+                              clean_session=True, auth=BrokerAuth.from_bundle(secure_broker.bundle("devB")))
+        thief.start(10)  # it may connect, as devB
         try:
-            stolen.publish(up_b, b"after")
+            with raw(secure_broker, "devA") as dev_a:
+                dev_a.t.publish(up_a, b"A's update")
+                wait_until(lambda: got == [b"A's update"], 10, "A's update at the coordinator")
+            time.sleep(0.5)
+            assert thief.connected
         finally:
-            stolen.stop()
-        with raw(secure_broker, "devA") as dev_a:  # ...but nothing it sends gets through
-            up_a = topics.device_topic(R, "devA", "update")
-            dev_a.t.publish(up_a, b"A after")
-            wait_until(lambda: coord.got(up_a) == [b"A after"], 10, "A's update")
-        assert coord.got(up_b) == [b"before"]
+            thief.stop()
+        assert events == [True], events  # connected once, never kicked off
+        # a listener setting above the listener line opens a default listener on 1883 instead
+        assert "port 1883" not in secure_broker.broker.log_text()
+    finally:
+        coord.stop()
+
+
+def test_a_revoked_devices_retained_presence_is_not_delivered(secure_broker: SecureBroker) -> None:
+    """``check_retain_source``: a retained message is delivered only while its publisher may
+    still publish it, so a revoked device's retained presence does not reach the next
+    subscriber (it did, for ever, while nothing overwrote it)."""
+    presence = {name: topics.device_topic(R, name, "presence") for name in ("devA", "devB")}
+    for name in presence:
+        with raw(secure_broker, name) as dev:
+            dev.t.publish(presence[name], f"{name} online".encode(), retain=True)
+    view = [topics.device_filter(R, "presence")]
+    with raw(secure_broker, "coord-sec", "coordinator", view) as coord:
+        wait_until(lambda: len(coord.messages) == 2, 10, "both retained presences")
+    secure_broker.revoke("devB")
+    with raw(secure_broker, "coord-sec", "coordinator", view) as coord:
+        wait_until(lambda: coord.got(presence["devA"]) == [b"devA online"], 10, "A's retained presence")
+        time.sleep(0.5)
+        assert coord.got(presence["devB"]) == []
 
 
 def test_password_file_variant_keeps_the_same_acl(tmp_path: Path) -> None:
