@@ -9,18 +9,29 @@ histograms are thread-safe).
 ``/metrics``  Prometheus text format
 ``/healthz``  200 while the process and its actor thread are alive, else 503
 ``/readyz``   200 when connected to the broker and storage is ok, else 503 (JSON says why)
+
+The server faces whoever reaches its port: each connection has ``timeout_s`` in all to send its
+request (a silent or byte-a-second client cannot hold a thread), the request line and headers
+``MAX_REQUEST_BYTES`` together, at most ``max_connections`` are served at once (more are closed
+on accept, without a thread), and a client that hangs up costs one debug line, not a traceback.
+Each of these is counted in ``edgeci_metrics_http_problems_total{kind}``.
 """
 
 from __future__ import annotations
 
+import http.client
+import io
 import json
 import logging
+import socket
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -37,6 +48,13 @@ log = logging.getLogger("edgeci.metrics")
 STALENESS_BUCKETS = (0, 1, 2, 3, 5, 8, 13, 21, 34)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 Probe = Callable[[], tuple[bool, Mapping[str, Any]]]
+HTTP_PROBLEMS = ("timeout", "too_large", "refused", "disconnect", "bad_request", "error")
+"""Kinds of ``edgeci_metrics_http_problems_total``: no complete request within the timeout; a
+request line + headers over ``MAX_REQUEST_BYTES``; a connection over ``max_connections``,
+closed on accept; the client hung up (reset, broken pipe); a malformed request or a method
+other than GET; anything else that failed while serving."""
+MAX_REQUEST_BYTES = 32 * 1024
+"""Request line plus headers: a scrape or probe sends a few hundred bytes."""
 
 
 class CoordinatorMetrics:
@@ -54,6 +72,12 @@ class CoordinatorMetrics:
             "edgeci_commit_seconds", "Time to make a new version durable in the registry",
             buckets=LATENCY_BUCKETS, registry=self.registry,
         )
+        self.http_problems = Counter(
+            "edgeci_metrics_http_problems", "Clients of this metrics / probes server that misbehaved or failed, by kind",
+            ["kind"], registry=self.registry,
+        )
+        for kind in HTTP_PROBLEMS:
+            self.http_problems.labels(kind)  # exported at 0 from the start
         self._snapshot: Status | None = None
         self.registry.register(_SnapshotCollector(self))
 
@@ -158,28 +182,119 @@ def _staleness(hist: Mapping[str, int]) -> HistogramMetricFamily:
     return fam
 
 
-class MetricsServer:
-    """``/metrics``, ``/healthz`` and ``/readyz`` on one small threaded HTTP server."""
+class _RequestReader(io.RawIOBase):
+    """A connection's incoming bytes within one deadline and one size budget: the whole
+    request, not each read, must arrive in time (a client sending a byte a second never trips
+    a per-read timeout), and its line and headers cannot grow without bound."""
 
-    def __init__(self, metrics: CoordinatorMetrics, host: str, port: int, *, health: Probe, ready: Probe) -> None:
+    def __init__(self, sock: socket.socket, deadline: float, budget: int, problem: Callable[[str], None]) -> None:
+        self._sock, self._deadline, self._budget, self._problem = sock, deadline, budget, problem
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self._deadline - time.monotonic()
+        if self._budget <= 0:
+            raise _RequestTooLarge(f"request line and headers over {MAX_REQUEST_BYTES} bytes")
+        try:
+            if left <= 0:
+                raise TimeoutError("no complete request in time")
+            self._sock.settimeout(left)
+            n = self._sock.recv_into(memoryview(buffer)[: self._budget])
+        except TimeoutError:
+            self._problem("timeout")  # BaseHTTPRequestHandler closes the connection on it
+            raise
+        self._budget -= n
+        return n
+
+
+class _RequestTooLarge(http.client.LineTooLong):
+    """Raised by the reader past the budget; BaseHTTPRequestHandler answers a LineTooLong in the
+    headers with 431 itself, and ``handle_one_request`` below does for the request line."""
+
+
+class MetricsServer:
+    """``/metrics``, ``/healthz`` and ``/readyz`` on one small threaded HTTP server (GET only)."""
+
+    def __init__(self, metrics: CoordinatorMetrics, host: str, port: int, *, health: Probe, ready: Probe,
+                 timeout_s: float = 10.0, max_connections: int = 32) -> None:
         if not 0 <= port <= 65535:
             raise ConfigError(f"metrics port must be 0..65535, got {port}")
+        if not timeout_s > 0 or max_connections < 1:
+            raise ConfigError(f"metrics server needs timeout_s > 0 and max_connections >= 1, got {timeout_s}, {max_connections}")
         self.metrics, self.health, self.ready = metrics, health, ready
+        self.timeout_s = timeout_s
         server = self
+        problem = self._problem
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = timeout_s  # also bounds each write of the answer
+
+            def setup(self) -> None:
+                super().setup()
+                self.rfile.close()  # an open makefile would keep the socket's descriptor alive after close
+                self.rfile = io.BufferedReader(_RequestReader(self.connection, time.monotonic() + timeout_s,
+                                                              MAX_REQUEST_BYTES, problem))
+
+            def handle_one_request(self) -> None:
+                try:
+                    super().handle_one_request()
+                except _RequestTooLarge:  # in the request line (in the headers the base class answers 431)
+                    self.close_connection = True
+                    self.requestline, self.request_version, self.command = "", "", ""
+                    self.send_error(431)
+
             def do_GET(self) -> None:
+                self.connection.settimeout(timeout_s)  # the answer gets its own time, not what is left of the request's
                 server._serve(self)
+
+            def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+                problem("too_large" if code in (414, 431) else "bad_request")
+                super().send_error(code, message, explain)
 
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("%s %s", self.address_string(), format % args)
 
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            request_queue_size = 128  # the default 5 dropped the SYN of a burst's 6th client (it retried after 1 s)
+            slots = threading.BoundedSemaphore(max_connections)
+
+            def process_request(self, request: Any, client_address: Any) -> None:
+                if not self.slots.acquire(blocking=False):
+                    problem("refused")  # closed on accept: no thread, no read
+                    self.shutdown_request(request)
+                    return
+                try:
+                    super().process_request(request, client_address)
+                except BaseException:
+                    self.slots.release()
+                    raise
+
+            def process_request_thread(self, request: Any, client_address: Any) -> None:
+                try:
+                    super().process_request_thread(request, client_address)
+                finally:
+                    self.slots.release()
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                exc = sys.exc_info()[1]
+                if isinstance(exc, ConnectionError):  # reset, broken pipe: the client left
+                    problem("disconnect")
+                    log.debug("metrics client %s went away: %s", client_address, exc)
+                else:
+                    problem("error")
+                    log.warning("metrics: serving %s failed: %s: %s", client_address, type(exc).__name__, exc)
+
         try:
-            self._httpd = ThreadingHTTPServer((host, port), Handler)
+            self._httpd = Server((host, port), Handler)
         except OSError as exc:
             raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from exc
-        self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics-http", daemon=True)
+
+    def _problem(self, kind: str) -> None:
+        self.metrics.http_problems.labels(kind).inc()
 
     @property
     def port(self) -> int:

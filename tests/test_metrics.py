@@ -1,0 +1,137 @@
+"""The metrics / probes HTTP server against clients that misbehave: silent, slow, oversized,
+too many at once, or gone before the answer (review H4, F7/F8)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from coordinator.metrics import CoordinatorMetrics, MetricsServer
+from tests.helpers import wait_until
+
+
+@pytest.fixture
+def server() -> Iterator[MetricsServer]:
+    s = MetricsServer(CoordinatorMetrics(), "127.0.0.1", 0, health=lambda: (True, {}), ready=lambda: (True, {}),
+                      timeout_s=1.0, max_connections=8).start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def get(s: MetricsServer, path: str = "/metrics") -> tuple[int, bytes]:
+    with urllib.request.urlopen(s.url + path, timeout=5) as r:
+        return r.status, r.read()
+
+
+def problems(s: MetricsServer) -> dict[str, float]:
+    code, body = get(s)
+    assert code == 200
+    return {sample.labels["kind"]: sample.value for fam in text_string_to_metric_families(body.decode())
+            for sample in fam.samples if sample.name == "edgeci_metrics_http_problems_total"}
+
+
+def connect(s: MetricsServer) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", s.port), timeout=5)
+
+
+def closed_within(sock: socket.socket, seconds: float) -> float:
+    """Seconds until the server closed ``sock`` (reading whatever it answered); fails after ``seconds``."""
+    t0 = time.monotonic()
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(4096):
+            pass
+    except TimeoutError:
+        pytest.fail(f"the server kept the connection open for {seconds} s")
+    except ConnectionResetError:
+        pass
+    return time.monotonic() - t0
+
+
+def test_a_silent_connection_is_closed_after_the_timeout_and_counted(server: MetricsServer) -> None:
+    with connect(server) as sock:
+        assert 0.5 < closed_within(sock, 5.0) < 3.0
+    wait_until(lambda: problems(server)["timeout"] == 1, 5, "the timeout counted")
+
+
+def test_a_slow_request_gets_one_deadline_not_a_timeout_per_byte(server: MetricsServer) -> None:
+    """One byte every 0.2 s never trips a 1 s per-read timeout; the whole request has 1 s."""
+    with connect(server) as sock:
+        sock.settimeout(0.2)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 5.0:
+            try:
+                sock.sendall(b"G")
+                if not sock.recv(1):
+                    break
+            except TimeoutError:
+                continue  # still open
+            except OSError:
+                break  # reset
+        assert time.monotonic() - t0 < 3.0
+
+
+def test_an_oversized_header_block_is_refused_and_counted(server: MetricsServer) -> None:
+    with connect(server) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.0\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"a" * 500) for i in range(90)) + b"\r\n")
+        answer = b""
+        try:
+            while chunk := sock.recv(4096):
+                answer += chunk
+        except ConnectionResetError:
+            pass
+    assert answer.startswith(b"HTTP/1.0 431") or answer == b""
+    assert problems(server)["too_large"] == 1
+
+
+def test_idle_connections_are_capped_and_the_server_keeps_answering(server: MetricsServer) -> None:
+    t0 = time.monotonic()
+    t0 = time.monotonic()
+    idle = [connect(server) for _ in range(6)]  # below the cap of 8: scrapes are served meanwhile
+    try:
+        assert get(server, "/healthz")[0] == 200
+        assert time.monotonic() - t0 < 0.5  # no SYN dropped by a full listen backlog (retried after 1 s)
+        idle += [connect(server) for _ in range(2)]
+        with connect(server) as extra:  # the ninth: closed at once, no thread
+            assert closed_within(extra, 0.5) < 0.5
+    finally:
+        for sock in idle:
+            sock.close()
+    wait_until(lambda: _served(server), 5, "scrapes served again")
+    assert problems(server)["refused"] >= 1
+
+
+def _served(s: MetricsServer) -> bool:
+    try:
+        return get(s, "/healthz")[0] == 200
+    except OSError:
+        return False
+
+
+def test_a_client_that_resets_prints_no_traceback(server: MetricsServer, capsys: pytest.CaptureFixture[str]) -> None:
+    sock = connect(server)
+    sock.sendall(b"GET /met")  # the server waits in recv for the rest of the line
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    time.sleep(0.1)
+    sock.close()  # RST
+    wait_until(lambda: problems(server)["disconnect"] == 1, 5, "the reset counted")
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_only_get_is_served(server: MetricsServer, capsys: pytest.CaptureFixture[str]) -> None:
+    req = urllib.request.Request(server.url + "/metrics", data=b"x", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=5)
+    err.value.close()
+    assert err.value.code in (405, 501)
+    assert problems(server)["bad_request"] == 1
+    assert capsys.readouterr().err == ""
