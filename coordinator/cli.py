@@ -118,8 +118,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       "unfavourable report are dropped before pooling, so one lying device cannot decide or block)")
     gate.add_argument("--canary-deadline", type=float, default=600.0,
                       help="seconds a canary round lasts; then the reports in decide (too few: the candidate is held)")
-    gate.add_argument("--operator-keys", type=Path, help="folder of operator *.pub keys that may sign rollback/pin commands "
-                      "(besides this coordinator's own signing key)")
+    gate.add_argument("--operator-keys", type=Path, help="folder of operator NAME.pub keys: each may sign rollback/pin "
+                      "commands in its NAME only (besides this coordinator's own signing key, in its id); default: the "
+                      "bundle's operators/")
     o = p.add_argument_group("operations")
     o.add_argument("--metrics-port", type=int, default=0, help="serve /metrics, /healthz and /readyz on this port; 0 = off")
     o.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics server binds")

@@ -9,7 +9,8 @@ a signed command on ``edgeci/v1/{region}/control`` and wait until the coordinato
 retained status shows the result. The command is signed with an operator key (an
 ``edgeci pki issue --role operator`` bundle's ``signing.key``, or ``--signing-key``) — or, on the
 coordinator's own machine, with its state dir's ``signing.key``. The coordinator accepts
-each command once, within five minutes of its time, from keys it trusts; on a broker with
+each command once, within five minutes of its time, from keys it trusts and only in the name
+it knows the key by (``operators/<name>.pub``; its own key: its id); on a broker with
 the project's ACL only operator identities may publish there at all. Both the command and
 its outcome are recorded durably in the state dir and survive restarts.
 """
@@ -26,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from edge_sdk.errors import ConfigError, EdgeciError
-from edge_sdk.mqtt import MqttTransport, add_broker_arguments, auth_from_args
-from edge_sdk.signing import load_signer
+from edge_sdk.mqtt import MqttTransport, add_broker_arguments, auth_from_args, read_bundle
+from edge_sdk.signing import Signer, load_signer
 from edge_sdk.wire import topics
 from edge_sdk.wire.codec import encode, parse_status_json
 from edge_sdk.wire.messages import Control
@@ -51,7 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--region", default="default", help="the coordinator's region")
     p.add_argument("--signing-key", type=Path, help="operator signing key (PEM, Ed25519); default: --bundle's signing.key, else STATE_DIR/signing.key")
     p.add_argument("--state-dir", type=Path, help="the coordinator's state dir (for its signing key when run on its machine)")
-    p.add_argument("--operator", default="operator", help="who you are, recorded with the command")
+    p.add_argument("--operator", help="who you are, recorded with the command; the coordinator refuses any name but the "
+                   "one it knows the signing key by (default: the identity the operator bundle was issued for; with the "
+                   "coordinator's own key, its id; else the key file's name without .key)")
     p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the coordinator to confirm")
     add_broker_arguments(p)
 
@@ -141,11 +144,28 @@ def _key_path(args: argparse.Namespace) -> Path:
     raise ConfigError("no signing key: pass --signing-key, an operator --bundle, or the coordinator's --state-dir")
 
 
+def _bundle_identity(key_path: Path) -> str | None:
+    """The identity of the bundle a key sits in (``edgeci pki issue`` writes ``signing.key`` beside ``bundle.json``)."""
+    return str(read_bundle(key_path.parent)["identity"]) if (key_path.parent / "bundle.json").is_file() else None
+
+
+def default_operator(key_path: Path, signer: Signer, status: dict[str, Any]) -> str:
+    """The name a command signed with ``signer`` must give: the operator bundle's identity (the
+    coordinator has its key as ``operators/<identity>.pub``), the coordinator's id when it is
+    the coordinator's own key (``status``: its retained status), else the key file's stem."""
+    identity = _bundle_identity(key_path)
+    if identity:
+        return identity
+    if status.get("extra", {}).get("signing_key") == signer.kid and status.get("coordinator"):
+        return str(status["coordinator"])
+    return key_path.stem
+
+
 def _control(args: argparse.Namespace, command: str) -> int:
-    signer = load_signer(_key_path(args))
+    key_path = _key_path(args)
+    signer = load_signer(key_path)
     version = getattr(args, "version", -1)
-    msg = Control(command=command, operator=args.operator, issued_at=time.time(), nonce=random.SystemRandom().randrange(1, 2**63),
-                  version=-1 if version is None else version)
+    operator = args.operator or _bundle_identity(key_path)
     statuses: list[dict[str, Any]] = []
     seen = threading.Event()
 
@@ -156,7 +176,7 @@ def _control(args: argparse.Namespace, command: str) -> int:
             return
         seen.set()
 
-    transport = MqttTransport(args.broker, client_id=f"operator-{args.operator}-{random.getrandbits(32):08x}",
+    transport = MqttTransport(args.broker, client_id=f"operator-{operator or 'cli'}-{random.getrandbits(32):08x}",
                               subscriptions=[topics.status_topic(args.region)], on_message=on_message,
                               clean_session=True, auth=auth_from_args(args))
     transport.start()
@@ -165,6 +185,9 @@ def _control(args: argparse.Namespace, command: str) -> int:
             print(f"no coordinator status on region {args.region!r}: is it running?")
             return 2
         before = statuses[-1].get("extra", {})
+        msg = Control(command=command, operator=operator or default_operator(key_path, signer, statuses[-1]),
+                      issued_at=time.time(), nonce=random.SystemRandom().randrange(1, 2**63),
+                      version=-1 if version is None else version)
         topic = topics.control_topic(args.region)
         transport.publish(topic, encode(msg, signer=signer, scope=topics.signing_scope(topic)))
         deadline = time.monotonic() + args.wait

@@ -38,7 +38,9 @@ flat float32 ``weights``. Devices talk to it over per-device topics (``edge_sdk.
   member's invite topic, a canary pull for the candidate's weights, a ``CanaryReport`` of
   paired counts on its update topic — checked, counted by reason when bad, pooled by the gate.
 * Operator control (``edgeci/v1/{region}/control``): ``rollback`` / ``pin`` / ``unpin``,
-  signed by an operator key (or this coordinator's own), fresh and never replayed. A
+  signed by an operator key (or this coordinator's own), in the name that key belongs to
+  (``CoordinatorConfig.operators``; the coordinator's own key: its id), fresh and never
+  replayed; the release record keeps the operator and the key id. A
   rollback asks the driver for the old weights (``LoadVersion``) and commits them as a new
   version that is also the release.
 * Storage: when the driver reports ``StorageChanged(ok=False)`` updates are answered
@@ -95,6 +97,7 @@ from edge_sdk.errors import (
     LocalProtocolError,
     MalformedMessage,
     NotInCohort,
+    OperatorMismatch,
     RateLimited,
     RemoteProtocolError,
     ReplayedMessage,
@@ -108,7 +111,7 @@ from edge_sdk.errors import (
     UnsignedMessage,
 )
 from edge_sdk.fastinit import fast_init
-from edge_sdk.signing import Signer, verify
+from edge_sdk.signing import PUBLIC_KEY_BYTES, Signer, key_id, verify
 from edge_sdk.spec import FULL, ModelSpec, Vector
 from edge_sdk.wire import topics
 from edge_sdk.wire.codec import (
@@ -177,6 +180,8 @@ class VersionLoaded:
     operator: str = ""
     nonce: int = 0
     """The command's operator and nonce (recorded with the release, so a restart still knows it ran)."""
+    kid: str = ""
+    """The key id that signed the command (recorded with the release)."""
 
 
 @fast_init
@@ -250,6 +255,7 @@ class LoadVersion:
     command: str
     operator: str = ""
     nonce: int = 0
+    kid: str = ""
 
 
 @fast_init
@@ -333,8 +339,10 @@ class CoordinatorConfig:
     and whoever wants the status calls :meth:`CoordinatorCore.status`."""
     gate: GateConfig | None = None
     """Promote candidates to the release only on evidence (None: every version is released)."""
-    operator_keys: Mapping[str, bytes] = field(default_factory=dict)
-    """Keys that may sign control commands, besides this coordinator's own signing key."""
+    operators: Mapping[str, bytes] = field(default_factory=dict)
+    """Operator name → the Ed25519 public key that may sign control commands in that name
+    (``operators/<name>.pub``). This coordinator's own signing key may too, in the name
+    ``coordinator_id``; a command in any other name than its key's is refused."""
     control_max_age_s: float = 300.0
     conversion: ConversionConfig = field(default_factory=ConversionConfig)
     """Converting staleness policies (gradient-inversion, dc-asgd): deadline, switch back."""
@@ -354,6 +362,9 @@ class CoordinatorConfig:
             raise ConfigError("max_seq_jump, max_samples_per_update and max_devices must be >= 1")
         if self.pull_burst < 1 or self.pull_refill_s < 0:
             raise ConfigError("need pull_burst >= 1 and pull_refill_s >= 0")
+        for name, raw in self.operators.items():
+            if not name or len(raw) != PUBLIC_KEY_BYTES:
+                raise ConfigError(f"operator {name!r}: need a name and a {PUBLIC_KEY_BYTES}-byte Ed25519 public key")
 
 
 @fast_init
@@ -421,6 +432,10 @@ class CoordinatorCore:
         self._canary_weights: Vector = _NO_WEIGHTS
         # Executed operator commands (within their age window a replay is refused): seeded from the
         # durable release record, so a restart or a rebuilt core does not run a replayed one again.
+        # Who may command, by key id: (the name commands signed with it must give, the key).
+        self._commanders = {key_id(raw): (name, bytes(raw)) for name, raw in config.operators.items()}
+        if config.signer is not None:
+            self._commanders.setdefault(config.signer.kid, (config.coordinator_id, config.signer.public_raw))
         self._control_seen: dict[tuple[str, int], float] = {
             (str(h["operator"]), int(h["nonce"])): float(h.get("at", 0.0))
             for h in snapshot.gate_history if isinstance(h, Mapping) and "nonce" in h and "operator" in h}
@@ -1368,13 +1383,13 @@ class CoordinatorCore:
         sig = frame.signature
         if sig is None:
             raise UnsignedMessage("control commands must be signed by an operator key")
-        allowed = dict(cfg.operator_keys)
-        if cfg.signer is not None:
-            allowed[cfg.signer.kid] = cfg.signer.public_raw
-        if allowed.get(sig.kid) != sig.public_raw:
+        name, raw = self._commanders.get(sig.kid, ("", b""))
+        if raw != sig.public_raw:
             raise BadSignature(f"control command signed by key {sig.kid}, which may not command this coordinator")
         if not verify(sig.public_raw, sig.signature, sig.signed_for(topics.signing_scope(ev.topic))):
             raise BadSignature(f"control command signed by key {sig.kid} does not verify for {ev.topic!r} (another region's?)")
+        if msg.operator != name:
+            raise OperatorMismatch(f"control command in the name of {msg.operator!r} signed by key {sig.kid}, which is {name!r}'s")
         if abs(ev.now - msg.issued_at) > cfg.control_max_age_s:
             raise ReplayedMessage(f"control command issued {ev.now - msg.issued_at:.0f} s from now: too old or from the future")
         self._control_seen = {k: t for k, t in self._control_seen.items() if ev.now - t <= cfg.control_max_age_s}
@@ -1385,10 +1400,11 @@ class CoordinatorCore:
         note = Notify(kind="control", data={"command": msg.command, "version": msg.version, "operator": msg.operator})
         if msg.command == "unpin":
             self._pinned = False
-            return [note, self._record(ev.now, "unpin", self._release_version, operator=msg.operator, nonce=msg.nonce)]
+            return [note, self._record(ev.now, "unpin", self._release_version, operator=msg.operator, nonce=msg.nonce,
+                                       kid=sig.kid)]
         if not 0 <= msg.version <= max(self._version, self._version_floor):
             raise UnknownVersion(f"no version {msg.version} (latest is {self._version})")
-        return [note, LoadVersion(version=msg.version, command=msg.command, operator=msg.operator, nonce=msg.nonce)]
+        return [note, LoadVersion(version=msg.version, command=msg.command, operator=msg.operator, nonce=msg.nonce, kid=sig.kid)]
 
     def _on_version_loaded(self, ev: VersionLoaded) -> list[CoordinatorAction]:
         if ev.weights is None:
@@ -1401,7 +1417,7 @@ class CoordinatorCore:
             for v in self._gate.drop_above(-1):
                 self._candidate_devices.pop(v, None)
             self._gate.best = None  # the operator chose this release: it is the new bar
-        control = {"operator": ev.operator, "nonce": ev.nonce} if ev.operator else {}
+        control = {"operator": ev.operator, "nonce": ev.nonce, **({"kid": ev.kid} if ev.kid else {})} if ev.operator else {}
         return [commit, self._record(ev.now, ev.command, commit.version, of=ev.version, **control), *self._canary_refresh(ev.now)]
 
     # ------------------------------------------------------------------ peering

@@ -50,7 +50,7 @@ from edge_sdk.errors import ConfigError, TransportError
 from edge_sdk.modelio import load_model
 from edge_sdk.mqtt import BrokerAuth, MqttTransport
 from edge_sdk.runtime import Actor, Clock, WallClock
-from edge_sdk.signing import Signer, load_or_create_signer, load_trusted_keys
+from edge_sdk.signing import Signer, load_named_keys, load_or_create_signer, load_trusted_keys
 from edge_sdk.spec import Vector
 from edge_sdk.tasks import get_task
 from edge_sdk.tasks.base import Task
@@ -153,7 +153,8 @@ class CoordinatorDaemon:
         self._converter = converter
         self.conversions: ConversionWorker | None = None
         operator_dir = options.operator_keys_dir or (options.bundle / "operators" if options.bundle is not None else None)
-        self.operator_keys = load_trusted_keys(operator_dir) if operator_dir is not None and Path(operator_dir).is_dir() else {}
+        # operators/<name>.pub: the key that may sign control commands in that name
+        self.operators = load_named_keys(operator_dir) if operator_dir is not None and Path(operator_dir).is_dir() else {}
         self.coordinator_id = options.coordinator_id or f"coord-{options.region}"
         self.registry = Registry(options.state_dir, self.task.spec, keep_versions=options.keep_versions, background_prune=True)
         try:
@@ -250,7 +251,7 @@ class CoordinatorDaemon:
                                 paired_z=options.gate_z, validation=options.validation is not None,
                                 canary=self._canary_config())
                 if options.validation is not None or options.canary > 0 else None,
-                operator_keys=self.operator_keys,
+                operators=self.operators,
                 conversion=ConversionConfig(deadline_s=options.conversion_deadline_s),
                 status_payload=False,  # the status JSON is built once per batch (_end_batch), not per version
                 # a converting staleness policy needs the base version of the stale updates it converts
@@ -540,7 +541,7 @@ class CoordinatorDaemon:
     @staticmethod
     def _version_loaded(action: LoadVersion, weights: Vector | None, detail: str, now: float) -> VersionLoaded:
         return VersionLoaded(now=now, version=action.version, weights=weights, command=action.command, detail=detail,
-                             operator=action.operator, nonce=action.nonce)
+                             operator=action.operator, nonce=action.nonce, kid=action.kid)
 
     def _do(self, action: object) -> None:
         if isinstance(action, Publish):
@@ -583,7 +584,7 @@ class CoordinatorDaemon:
             event = action.event
             log.info("gate: %s version %s → release %d%s %s", event.get("action"), event.get("version"), action.release,
                      " (pinned)" if action.pinned else "",
-                     {k: v for k, v in event.items() if k in ("candidate_metric", "release_metric", "canary", "devices", "of", "operator")})
+                     {k: v for k, v in event.items() if k in ("candidate_metric", "release_metric", "canary", "devices", "of", "operator", "kid")})
             if self.on_release is not None:
                 version, weights = self.core.release
                 self.on_release(version, weights)

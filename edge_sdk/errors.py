@@ -121,6 +121,12 @@ class BadSignature(RemoteProtocolError):
     reason = "bad_signature"
 
 
+class OperatorMismatch(BadSignature):
+    """A control command whose ``operator`` is not the name of the key that signed it."""
+
+    reason = "operator_mismatch"
+
+
 class ReplayedMessage(RemoteProtocolError):
     """A signed command seen before, or outside its time window."""
 

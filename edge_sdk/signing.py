@@ -138,16 +138,18 @@ def load_public_key(path: str | Path) -> bytes:
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-def load_trusted_keys(directory: str | Path) -> dict[str, bytes]:
-    """Every ``*.pub`` in ``directory`` as ``{key id: raw public key}``."""
+def load_named_keys(directory: str | Path) -> dict[str, bytes]:
+    """Every ``<name>.pub`` in ``directory`` as ``{name: raw public key}`` (operators' keys:
+    the name is who signs with it)."""
     d = Path(directory)
     if not d.is_dir():
         raise ConfigError(f"trusted-keys directory {d} does not exist")
-    keys = {}
-    for p in sorted(d.glob("*.pub")):
-        raw = load_public_key(p)
-        keys[key_id(raw)] = raw
-    return keys
+    return {p.stem: load_public_key(p) for p in sorted(d.glob("*.pub"))}
+
+
+def load_trusted_keys(directory: str | Path) -> dict[str, bytes]:
+    """Every ``*.pub`` in ``directory`` as ``{key id: raw public key}``."""
+    return {key_id(raw): raw for raw in load_named_keys(directory).values()}
 
 
 def trusted_from(keys: Mapping[str, bytes] | None) -> dict[str, bytes]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,8 +46,9 @@ OPERATOR = Signer.generate()
 
 
 def gated(k: int = 1, snapshot: Snapshot | None = None, **cfg: object) -> CoordinatorCore:
+    cfg.setdefault("operators", {"alice": OPERATOR.public_raw})
     config = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, signer=SIGNER, gate=GateConfig(margin=0.02),
-                               operator_keys={OPERATOR.kid: OPERATOR.public_raw}, **cfg)  # type: ignore[arg-type]
+                               **cfg)  # type: ignore[arg-type]
     return CoordinatorCore(config, make_strategy("spin", k=k, timeout_s=None, clip_multiplier=0.0), snapshot or toy_snapshot(),
                            rng=random.Random(0))
 
@@ -72,8 +74,9 @@ def of(actions: Sequence[object], kind: type) -> list:  # type: ignore[type-arg]
     return [a for a in actions if isinstance(a, kind)]
 
 
-def control(command: str, version: int = -1, *, signer: Signer | None = OPERATOR, at: float = 50.0, nonce: int = 1) -> MessageReceived:
-    msg = Control(command=command, operator="alice", issued_at=at, nonce=nonce, version=version)
+def control(command: str, version: int = -1, *, signer: Signer | None = OPERATOR, at: float = 50.0, nonce: int = 1,
+            operator: str = "alice") -> MessageReceived:
+    msg = Control(command=command, operator=operator, issued_at=at, nonce=nonce, version=version)
     topic = topics.control_topic("r1")
     return MessageReceived(now=50.0, topic=topic, payload=encode(msg, signer=signer, scope=topics.signing_scope(topic)))
 
@@ -179,7 +182,69 @@ def test_control_must_be_signed_fresh_and_new() -> None:
     assert of(c.handle(control("pin", 0, nonce=7)), LoadVersion)
     assert not of(c.handle(control("pin", 0, nonce=7)), LoadVersion)  # the same command again
     assert c.counters["reject:replayed"] == 2
-    assert of(c.handle(control("pin", 0, signer=SIGNER, nonce=8)), LoadVersion)  # the coordinator's own key
+    assert of(c.handle(control("pin", 0, signer=SIGNER, nonce=8, operator="c1")), LoadVersion)  # the coordinator's own key
+
+
+def test_an_operator_cannot_sign_a_command_in_another_operators_name() -> None:
+    """The operator name is recorded in the release history and the status; it was whatever the
+    command said, so alice's key could pin a version as "bob". The name is now the one the
+    coordinator knows the signing key by (``operators/<name>.pub``; its own key: its own id)."""
+    bob = Signer.generate()
+    c = gated(k=1, operators={"alice": OPERATOR.public_raw, "bob": bob.public_raw})
+    c.handle(update("d1", 0, 1.0))
+    c.handle(CandidateEvaluated(now=2.0, version=1, candidate_metric=0.9, release_metric=0.8, release_version=0))
+    before = (c.version, c.status().extra["release"], c.status().extra["pinned"], c.status().extra["recent_versions"])
+    for forged in (control("pin", 0, operator="bob"),  # alice's key, bob's name
+                   control("pin", 0, signer=SIGNER, operator="bob"),  # the coordinator's own key, bob's name
+                   control("unpin", operator="c1")):  # alice's key, the coordinator's name
+        acts = c.handle(forged)
+        assert not of(acts, LoadVersion) and not of(acts, RecordRelease) and not of(acts, CommitVersion)
+    assert c.counters["reject:operator_mismatch"] == 3
+    assert (c.version, c.status().extra["release"], c.status().extra["pinned"], c.status().extra["recent_versions"]) == before
+    # bob's own command with the same nonce still runs (the forgery did not use it up), and the record says which key
+    (load,) = of(c.handle(control("pin", 0, signer=bob, operator="bob")), LoadVersion)
+    assert (load.operator, load.kid) == ("bob", bob.kid)
+    (rec,) = of(c.handle(VersionLoaded(now=51.0, version=0, weights=np.zeros(SPEC.size, np.float32), command="pin",
+                                       operator=load.operator, nonce=load.nonce, kid=load.kid)), RecordRelease)
+    assert (rec.event["operator"], rec.event["kid"]) == ("bob", bob.kid)
+    (rec,) = of(c.handle(control("unpin", nonce=2)), RecordRelease)
+    assert (rec.event["operator"], rec.event["kid"]) == ("alice", OPERATOR.kid)
+
+
+def test_operator_names_come_from_the_key_files(tmp_path: Path) -> None:
+    """``operators/<name>.pub`` (what ``edgeci pki`` puts in a coordinator's bundle) names each key."""
+    from edge_sdk.signing import load_named_keys, load_trusted_keys, save_public_key
+
+    save_public_key(OPERATOR.public_raw, tmp_path / "alice.pub")
+    assert load_named_keys(tmp_path) == {"alice": OPERATOR.public_raw}
+    assert load_trusted_keys(tmp_path) == {OPERATOR.kid: OPERATOR.public_raw}
+
+
+def test_the_cli_commands_in_the_name_its_key_belongs_to(tmp_path: Path) -> None:
+    """``edgeci rollback/pin/unpin`` without ``--operator`` said "operator", which no key is
+    named; now: an operator bundle's identity, the coordinator's id for its own key, else the
+    key file's name (``alice.key`` beside the coordinator's ``operators/alice.pub``)."""
+    from coordinator.cli_control import default_operator
+    from coordinator.pki import Pki
+    from edge_sdk.signing import load_signer
+
+    pki = Pki.init(tmp_path / "pki")
+    bundle = pki.issue("ops-1", "operator")
+    ops = load_signer(bundle / "signing.key")
+    status = {"coordinator": "c1", "extra": {"signing_key": SIGNER.kid}}
+    assert default_operator(bundle / "signing.key", ops, status) == "ops-1"
+    assert default_operator(tmp_path / "state" / "signing.key", SIGNER, status) == "c1"
+    assert default_operator(tmp_path / "alice.key", OPERATOR, status) == "alice"
+
+
+def test_release_records_without_a_key_id_still_load() -> None:
+    """State dirs written before the key id was recorded: their operator commands still count as executed."""
+    old = [{"at": 50.0, "action": "pin", "version": 2, "release": 2, "of": 0, "operator": "alice", "nonce": 7}]
+    snap = Snapshot(version=2, weights=np.zeros(SPEC.size, np.float32), release_version=2,
+                    release_weights=np.zeros(SPEC.size, np.float32), pinned=True, gate_history=old)
+    c = gated(k=1, snapshot=snap)
+    assert c.status().extra["recent_versions"] == old
+    assert not of(c.handle(control("pin", 0, nonce=7)), LoadVersion) and c.counters["reject:replayed"] == 1
 
 
 def test_a_command_signed_for_another_regions_control_topic_is_refused() -> None:
