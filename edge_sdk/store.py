@@ -92,6 +92,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edge_sdk.errors import ConfigError, EdgeciError, InvalidSample, LocalProtocolError
+from edge_sdk.tasks.base import MAX_BOXES
 
 SampleKind = Literal["array", "frame", "gesture"]
 KINDS: Final[tuple[str, ...]] = get_args(SampleKind)
@@ -840,6 +841,8 @@ class SampleStore:
             raise InvalidSample(
                 f"boxes must be (N, 5) rows of class_id, x1, y1, x2, y2; got {arr.shape}"
             )
+        if arr.shape[0] > MAX_BOXES:
+            raise InvalidSample(f"{arr.shape[0]} boxes; a frame has at most {MAX_BOXES} boxes")
         classes = arr[:, 0].astype(np.float64)
         if not (np.isfinite(classes).all() and (classes == np.floor(classes)).all()):
             raise InvalidSample("box class ids must be integers")

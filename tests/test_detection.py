@@ -29,7 +29,7 @@ if importlib.util.find_spec("ultralytics") is None:
 import torch
 
 from edge_sdk.errors import ConfigError, InvalidSample, UnsafeCheckpoint
-from edge_sdk.tasks.base import TrainConfig
+from edge_sdk.tasks.base import MAX_BOXES, TrainConfig
 from edge_sdk.tasks.detection import (
     CLASSIFIER,
     EXTRACTOR,
@@ -289,6 +289,9 @@ def test_bad_samples_and_configs_are_refused(task: DetectionTask, frames: SceneS
         task.local_update(w, [img], [np.array([[0, 5, 5, 5, 9]], np.float32)], ok)  # zero width
     with pytest.raises(InvalidSample):
         task.local_update(w, [img, img], [box], ok)
+    crowd = np.tile(np.array([[0, 1, 1, 9, 9]], np.float32), (MAX_BOXES + 1, 1))  # 10^6 boxes: 35 s, 3.7 GB at 64 px
+    with pytest.raises(InvalidSample, match=f"at most {MAX_BOXES} boxes"):
+        task.local_update(w, [img], [crowd], ok)
     with pytest.raises(ConfigError):
         task.local_update(w, [img], [box], TrainConfig(epochs=1, group="backbone"))
     with pytest.raises(ConfigError):

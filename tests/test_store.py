@@ -358,6 +358,18 @@ BAD_ADDS: dict[str, Callable[[SampleStore], object]] = {
 }
 
 
+def test_a_frame_has_at_most_max_boxes(db: Path) -> None:
+    """A label with 10^6 boxes was stored (0.9 s) and then trained on; now MAX_BOXES per frame."""
+    from edge_sdk.tasks.base import MAX_BOXES
+
+    box = [1, 1, 1, 5, 5]
+    with open_store(db) as s:
+        assert s.add_frame(frame(0), [box] * MAX_BOXES) == 1
+        with pytest.raises(InvalidSample, match=f"at most {MAX_BOXES} boxes"):
+            s.add_frame(frame(1), [box] * (MAX_BOXES + 1))
+        assert s.count("frame") == 1
+
+
 @pytest.mark.parametrize("case", sorted(BAD_ADDS))
 def test_rejected_add_is_typed_and_changes_nothing(db: Path, case: str) -> None:
     with open_store(db, max_frame_bytes=64 * 64 * 3, quota_bytes=10_000) as s:

@@ -74,7 +74,7 @@ from edge_sdk.tasks._ultralytics import (
     prepare_environment,
     ultralytics_home,
 )
-from edge_sdk.tasks.base import SampleKind, Split, TaskData, TrainConfig, TrainResult
+from edge_sdk.tasks.base import MAX_BOXES, SampleKind, Split, TaskData, TrainConfig, TrainResult
 from edge_sdk.tasks.registry import default_train_config
 from edge_sdk.tasks.scenes import (
     CLASS_NAMES,
@@ -250,7 +250,8 @@ def _check_frames(
     boxes: Sequence[npt.NDArray[Any]] | npt.NDArray[Any] | None,
     n_classes: int,
 ) -> None:
-    """Raise :class:`InvalidSample` unless frames are RGB uint8 and boxes ``(k, 5)`` sane."""
+    """Raise :class:`InvalidSample` unless frames are RGB uint8 and boxes ``(k, 5)`` sane, at
+    most :data:`~edge_sdk.tasks.base.MAX_BOXES` a frame."""
     if boxes is not None and len(images) != len(boxes):
         raise InvalidSample(f"{len(images)} images but {len(boxes)} box arrays")
     for i, img in enumerate(images):
@@ -264,7 +265,11 @@ def _check_frames(
         if boxes is None:
             continue
         b = np.asarray(boxes[i])
-        if b.ndim != 2 or b.shape[1] != 5 or not np.isfinite(b).all():
+        if b.ndim != 2 or b.shape[1] != 5:
+            raise InvalidSample(f"boxes {i} must be a finite (k, 5) array: class, x1, y1, x2, y2")
+        if len(b) > MAX_BOXES:
+            raise InvalidSample(f"boxes {i}: {len(b)} boxes; a frame has at most {MAX_BOXES} boxes")
+        if not np.isfinite(b).all():
             raise InvalidSample(f"boxes {i} must be a finite (k, 5) array: class, x1, y1, x2, y2")
         cls = b[:, 0]
         if (cls != np.round(cls)).any() or (cls < 0).any() or (cls >= n_classes).any():
