@@ -7,6 +7,15 @@
 #
 # Configuration: EDGECI_* variables (the flags' names), or mount a TOML file and set
 # EDGECI_CONFIG (see deploy/edgeci-coordinator.toml.example).
+#
+# The example above is a trial: over plain mqtt:// and without a bundle, devices (and peer
+# coordinators) trust the first model-signing key they see (trust on first use). That is
+# insecure: anyone who can publish on the broker before this coordinator does becomes the key
+# they trust. For a fleet, issue identities with `edgeci pki issue` (README, Security), mount
+# this coordinator's bundle read-only and use TLS:
+#   -v /etc/edgeci/PKI/bundles/coord-eu:/bundle:ro -e EDGECI_BUNDLE=/bundle \
+#   -e EDGECI_BROKER=mqtts://broker:8883
+# and give each device its own bundle: its trusted/ folder holds the coordinators' keys.
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 \

@@ -42,7 +42,7 @@ from coordinator.strategies import Strategy, strategy_names
 from coordinator.strategies.robust import COMBINERS
 from coordinator.strategies.spin import SpinNoTimeoutStrategy, SpinStrategy
 from edge_sdk.errors import ConfigError, EdgeciError
-from edge_sdk.mqtt import add_broker_arguments, auth_from_args
+from edge_sdk.mqtt import TOFU_PEERS, add_broker_arguments, auth_from_args
 
 log = logging.getLogger("edgeci.coordinator")
 
@@ -68,7 +68,7 @@ AVERAGING = ("spin", "spin-notimeout", "fedbuff", "port", "fedavg", "hierfavg")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="TOML config file (keys are the flags' names; a [strategy] table for the strategy's name and parameters); also EDGECI_CONFIG")
     p.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="MQTT broker URL: mqtts://HOST[:8883] (TLS) in production, mqtt:// for trials on this machine")
-    add_broker_arguments(p)
+    add_broker_arguments(p, trust=TOFU_PEERS)
     p.add_argument("--region", default="default", help="region id; devices of this region talk to this coordinator")
     p.add_argument("--state-dir", type=Path, help="durable state: versions, pending updates (resumed on restart); required")
     p.add_argument("--model", default="digits", help="task / model served")

@@ -183,9 +183,9 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
             importlib.import_module(module).add_arguments(p)
             _add_log_flags(p, top=False)
             if name == "emulate":  # its real-MQTT fleet mode (--broker) connects like a device
-                from edge_sdk.mqtt import add_broker_arguments
+                from edge_sdk.mqtt import TOFU_DEVICES, add_broker_arguments
 
-                add_broker_arguments(p)
+                add_broker_arguments(p, trust=TOFU_DEVICES)
     return parser
 
 

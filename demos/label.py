@@ -65,7 +65,7 @@ from demos.label_ui import (
     render,
 )
 from edge_sdk.errors import ConfigError, EdgeciError, TransportError
-from edge_sdk.mqtt import add_broker_arguments
+from edge_sdk.mqtt import TOFU_DEVICES, add_broker_arguments
 from edge_sdk.paths import HOME_ENV, device_dir
 from edge_sdk.tasks.registry import TASK_INFO
 
@@ -81,8 +81,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a webcam index (0, 1, ...), a video file, or 'synthetic' (animated procedural scenes)")
     p.add_argument("--mode", choices=["detect", "gesture"], default="detect",
                    help="start boxing objects (detect) or drawing gestures; g switches")
-    p.add_argument("--broker", help="mqtts://HOST[:8883] (or mqtt://HOST:PORT on a trusted network) of a broker with running coordinators (default: start an embedded trial broker on 127.0.0.1 and coordinators)")
-    add_broker_arguments(p)  # --bundle etc.: with --broker only
+    p.add_argument("--broker", help="mqtts://HOST[:8883] (or mqtt://HOST:PORT on a trusted network) of a broker with running coordinators (default: start an embedded trial broker on 127.0.0.1 and coordinators, whose keys the device trusts on first use)")
+    add_broker_arguments(p, trust=TOFU_DEVICES)  # --bundle etc.: with --broker only
     p.add_argument("--region", default="default", help="region of the detection coordinator")
     p.add_argument("--gesture-region", help="region of the gesture coordinator (default: REGION-gestures)")
     p.add_argument("--device-id", default="labeller", help="this device's id (A-Z a-z 0-9 _ . -)")

@@ -43,7 +43,11 @@ log = logging.getLogger("edgeci.run")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--broker", help="use this broker (mqtt://HOST:PORT) instead of the embedded trial broker (anonymous, 127.0.0.1 only)")
+    p.add_argument("--broker", help="use this broker (mqtt://HOST:PORT) instead of the embedded trial broker (anonymous, "
+                   "127.0.0.1 only). Either way a trial: its devices have no bundle, so each trusts the first key that "
+                   "signs a model (trust on first use), which is insecure on any broker others can publish to (they "
+                   "become the trusted key if they publish first); fleets pass each device a bundle from `edgeci pki "
+                   "issue`, whose trusted/ holds the coordinators' keys (README, Security)")
     p.add_argument("--model", default="digits", help="task / model (default: digits)")
     p.add_argument("--devices", type=int, default=20, help="number of devices (default: 20)")
     p.add_argument("--duration", type=float, default=60.0, help="wall seconds of labelling (default: 60)")

@@ -13,7 +13,7 @@ from pathlib import Path
 from devices.live import LabellingLoop, LabellingUser, device_index
 from devices.partition import partition
 from edge_sdk.client import EdgeClient
-from edge_sdk.mqtt import add_broker_arguments, auth_from_args
+from edge_sdk.mqtt import TOFU_DEVICES, add_broker_arguments, auth_from_args
 from edge_sdk.tasks import get_task
 from edge_sdk.tasks.base import Split, TrainConfig
 
@@ -22,7 +22,7 @@ log = logging.getLogger("edgeci.device")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="MQTT broker URL: mqtts://HOST[:8883] with --bundle in production")
-    add_broker_arguments(p)
+    add_broker_arguments(p, trust=TOFU_DEVICES)
     p.add_argument("--region", default="default", help="region of the coordinator to use")
     p.add_argument("--device-id", required=True, help="this device's id (1-64 of A-Z a-z 0-9 _ . -)")
     p.add_argument("--dataset", "--model", dest="model", default="digits", help="task whose pool is labelled")

@@ -115,6 +115,12 @@ class EdgeClient:
 
     ``durable=False`` keeps samples and the deployed model in memory only — for emulated
     fleets of hundreds of devices in one process, never for a real device.
+
+    ``bundle`` (``edgeci pki issue``): broker credentials and the coordinators' model-signing
+    keys this device trusts (``trusted/``; a bundle with none is a ConfigError). Without a
+    bundle or ``trusted_keys`` the device trusts the first key that signs a model (trust on
+    first use): insecure wherever others can publish to the broker — whoever does so before
+    the coordinator becomes the trusted key. Trials only.
     """
 
     def __init__(
@@ -214,9 +220,15 @@ class EdgeClient:
             self.trusted_keys = load_trusted_keys(self.bundle / "trusted")
         if trusted_keys is not None:
             self.trusted_keys = dict(trusted_keys)
+        if not self.trusted_keys and self.bundle is not None:
+            # A bundle promises provisioned trust; falling back to trust on first use behind it is
+            # what an attacker on the broker would want (a bundle issued before any coordinator).
+            raise ConfigError(f"bundle {self.bundle} holds no coordinator keys (trusted/ is empty: it was issued before "
+                              "any coordinator); run `edgeci pki trust --dir PKI` and copy the bundle again")
         if not self.trusted_keys:
             log.info("device %s: no provisioned coordinator keys; it will pin the first key that signs a model "
-                     "(trust on first use). Provision a bundle (`edgeci pki issue`) for fleets.", device_id)
+                     "(trust on first use: insecure, whoever publishes a signed model first becomes that key). "
+                     "Provision a bundle (`edgeci pki issue`) for fleets.", device_id)
         cfg = DeviceConfig(
             device_id=device_id,
             region=region,

@@ -236,13 +236,30 @@ def read_bundle(directory: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def add_broker_arguments(p: argparse.ArgumentParser) -> None:
+TOFU_DEVICES = (
+    "Without a bundle a device trusts the first key that signs a model (trust on first use), and keeps it: insecure, "
+    "since whoever publishes a signed model on the broker before the coordinator does becomes the key the device "
+    "trusts. For anything but a trial on your own machine, issue bundles with `edgeci pki issue` and pass --bundle: "
+    "its trusted/ folder holds the coordinators' keys."
+)
+"""What ``--help`` says about trust on first use for commands that run devices (H4's F12)."""
+TOFU_PEERS = (
+    "Without a bundle whose trusted/ holds keys, a coordinator with --peers trusts the first key "
+    "each peer signs with (trust on first use): insecure, since whoever publishes on peer/... before that peer "
+    "becomes it. Issue every coordinator with `edgeci pki issue --role coordinator` and pass --bundle: its trusted/ "
+    "folder holds the other coordinators' keys."
+)
+
+
+def add_broker_arguments(p: argparse.ArgumentParser, *, trust: str = "") -> None:
     """``--bundle``, ``--ca``, ``--cert``, ``--key``, ``--username``, ``--password-file``
-    (``--broker`` stays with each command). Never a password on the command line."""
+    (``--broker`` stays with each command). Never a password on the command line.
+    ``trust``: what the command does without a bundle's trusted keys (``TOFU_DEVICES``)."""
     g = p.add_argument_group(
         "broker authentication",
         "Use an mqtts://HOST[:8883] --broker URL: the broker's certificate is always verified. "
-        "A password is read from --password-file or the EDGECI_PASSWORD environment variable, never from the command line.",
+        "A password is read from --password-file or the EDGECI_PASSWORD environment variable, never from the command line."
+        + (" " + trust if trust else ""),
     )
     g.add_argument("--bundle", type=Path, metavar="DIR", help="provisioning bundle from `edgeci pki issue` (CA, certificate, key, trusted coordinator keys)")
     g.add_argument("--ca", type=Path, metavar="FILE", help="CA certificate that signed the broker's certificate (default: the bundle's, else the system's)")

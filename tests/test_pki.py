@@ -390,3 +390,29 @@ def test_embedded_trial_broker_binds_loopback_only() -> None:
         with pytest.raises(ConfigError, match="trials"):
             EmbeddedBroker(host=host)
     assert EmbeddedBroker().host == "127.0.0.1" and EmbeddedBroker(host="localhost").host == "localhost"
+
+
+def test_trust_on_first_use_is_called_insecure_where_it_can_happen() -> None:
+    """H4's F12: a device without a bundle trusts the first key that signs a model; the help of
+    each command that runs devices, and of the coordinator (its peers), says that is insecure
+    and what to do instead."""
+    from demos.cli import build_parser
+
+    for command in ("device", "label", "emulate", "run", "coordinator"):
+        parser = build_parser([command])
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+        text = " ".join(sub.format_help().split())
+        assert "trust on first use" in text and "insecure" in text and "trusted/" in text, command
+    dockerfile = (Path(__file__).resolve().parents[1] / "Dockerfile").read_text()
+    assert "insecure" in dockerfile and "trusted/" in dockerfile
+
+
+def test_a_device_bundle_without_coordinator_keys_is_refused(pki: Pki, tmp_path: Path) -> None:
+    """A device given a bundle fell back to trust on first use when the bundle had no
+    coordinator keys (issued before any coordinator); now that is a ConfigError naming the fix."""
+    from edge_sdk.client import EdgeClient
+
+    bundle = pki.issue("devA", "device")
+    with pytest.raises(ConfigError, match="pki trust"):
+        EdgeClient(broker="mqtts://127.0.0.1:1", device_id="devA", task="digits", bundle=bundle, durable=False,
+                   data_dir=tmp_path / "devA")
