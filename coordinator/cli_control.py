@@ -26,8 +26,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from coordinator.cli_status import operator_auth
 from edge_sdk.errors import ConfigError, EdgeciError
-from edge_sdk.mqtt import MqttTransport, add_broker_arguments, auth_from_args, read_bundle
+from edge_sdk.mqtt import MqttTransport, add_broker_arguments, read_bundle
 from edge_sdk.signing import Signer, load_signer
 from edge_sdk.wire import topics
 from edge_sdk.wire.codec import encode, parse_status_json
@@ -178,7 +179,7 @@ def _control(args: argparse.Namespace, command: str) -> int:
 
     transport = MqttTransport(args.broker, client_id=f"operator-{operator or 'cli'}-{random.getrandbits(32):08x}",
                               subscriptions=[topics.status_topic(args.region)], on_message=on_message,
-                              clean_session=True, auth=auth_from_args(args))
+                              clean_session=True, auth=operator_auth(args))
     transport.start()
     try:
         if not seen.wait(10.0):

@@ -167,7 +167,7 @@ def test_operator_writes_control_devices_do_not(secure_broker: SecureBroker) -> 
     assert read_status(secure_broker.url, R, timeout=10, auth=ops_auth)["version"] == 3
 
 
-def test_status_refuses_a_coordinators_bundle(secure_broker: SecureBroker, capsys: pytest.CaptureFixture[str]) -> None:
+def test_status_and_rollback_refuse_a_coordinators_bundle(secure_broker: SecureBroker, capsys: pytest.CaptureFixture[str]) -> None:
     """The client id is the certificate's name, so `edgeci status --bundle <the coordinator's>`
     (or EDGECI_BUNDLE left set on its host) would knock the coordinator off the broker."""
     from demos.cli import main as edgeci
@@ -180,6 +180,9 @@ def test_status_refuses_a_coordinators_bundle(secure_broker: SecureBroker, capsy
         coord.publish(topics.status_topic(R), b'{"type": "status", "version": 4}', retain=True)
         base = ["status", "--broker", secure_broker.url, "--region", R, "--timeout", "10"]
         assert edgeci([*base, "--bundle", str(secure_broker.bundle("coord-sec", "coordinator"))]) != 0
+        assert "operator's bundle" in capsys.readouterr().err
+        rollback = ["rollback", "--to", "1", "--broker", secure_broker.url, "--region", R, "--wait", "1"]
+        assert edgeci([*rollback, "--bundle", str(secure_broker.bundle("coord-sec", "coordinator"))]) != 0
         assert "operator's bundle" in capsys.readouterr().err
         assert edgeci([*base, "--bundle", str(secure_broker.bundle("ops", "operator")), "--json"]) == 0
         assert '"version": 4' in capsys.readouterr().out
