@@ -31,7 +31,13 @@ flat float32 ``weights``. Devices talk to it over per-device topics (``edge_sdk.
   core asks the driver to score each candidate against the release (``EvaluateCandidate``)
   and promotes or rejects it on the answer (``CandidateEvaluated``); a rejection rolls the
   training line back to the release as a new version. Without a gate every commit is the
-  release at once. Serving pulls get the release, training pulls the training line; every
+  release at once. The versions a rollback abandons (the rejected candidate and every version
+  built on it; for an operator's rollback or pin, every version after the one restored) are
+  remembered as ranges, carried in each commit's metadata (durable with the commit that
+  abandoned them). An update trained from one of them is refused (``base_rejected``):
+  under ``combine="models"`` its weights — the abandoned model plus a step, which clipping
+  measures from that very base — would become the next version and undo the rollback. The
+  device trains those samples again from the current training line. Serving pulls get the release, training pulls the training line; every
   model says which version is the release. ``RecordRelease`` makes each decision durable.
   With a canary cohort (``GateConfig.canary``, see :mod:`coordinator.canary`) one candidate
   at a time is also scored by devices (test-then-train): a signed ``Canary`` on each cohort
@@ -64,6 +70,7 @@ Transitions::
     Update (storage down) Publish(ack deferred, reason storage)
     Update (duplicate)    Publish(ack duplicate, nonce of the accepted one)
     Update (invalid)      Publish(ack rejected) if sender known; counted
+    Update (abandoned base) Publish(ack rejected, reason base_rejected); counted, nothing kept
     TimerFired            plan (and a canary round's deadline: the gate decides on what came in)
     CanaryReport (valid)  gate evidence; a decision → RecordRelease (+ rollback), next round's Canary
     Commit (canary on)    Publish(canary) per cohort device, when no round is open
@@ -76,6 +83,7 @@ Transitions::
 from __future__ import annotations
 
 import random
+from bisect import bisect_right
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -99,6 +107,7 @@ from edge_sdk.errors import (
     NotInCohort,
     OperatorMismatch,
     RateLimited,
+    RejectedBase,
     RemoteProtocolError,
     ReplayedMessage,
     SeqJump,
@@ -299,6 +308,24 @@ PRESENCE_LIMIT = 10_000
 RECENT_DEVICES = 50
 """Per-device rows in the status (the most recently seen)."""
 _NO_WEIGHTS: Vector = np.zeros(0, dtype=np.float32)
+ABANDONED_RANGES = 256
+"""Ranges of abandoned training versions remembered (one per rejection or operator rollback,
+merged when they touch); beyond it the oldest are forgotten. 256 ranges are < 8 KB of metadata."""
+VersionRange = tuple[int, int]
+
+
+def abandon(ranges: Sequence[Sequence[int]], first: int, last: int) -> list[VersionRange]:
+    """``ranges`` (inclusive ``(first, last)`` pairs) with ``first..last`` added: sorted,
+    disjoint, touching ones merged, the newest ``ABANDONED_RANGES`` kept."""
+    merged: list[VersionRange] = []
+    for lo, hi in sorted([*((int(r[0]), int(r[1])) for r in ranges), (first, last)]):
+        if lo > hi:
+            continue
+        if merged and lo <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+        else:
+            merged.append((lo, hi))
+    return merged[-ABANDONED_RANGES:]
 
 
 @fast_init
@@ -392,6 +419,8 @@ class Snapshot:
     gate_history: Sequence[Mapping[str, Any]] = ()
     conversion_state: Mapping[str, Any] = field(default_factory=dict)
     """The converting policy's switch point (see coordinator.conversion)."""
+    abandoned: Sequence[Sequence[int]] = ()
+    """Inclusive ranges of versions a rollback abandoned (updates based on them are refused)."""
 
 
 class CoordinatorCore:
@@ -425,6 +454,10 @@ class CoordinatorCore:
         else:
             self._release_version, self._release_weights = self._version, self._weights
         self._pinned = bool(snapshot.pinned)
+        # Versions a rollback abandoned: an update trained from one is refused (see _on_update).
+        self._abandoned: list[VersionRange] = []
+        for r in snapshot.abandoned:
+            self._abandoned = abandon(self._abandoned, int(r[0]), int(r[1]))
         self._gate = Gate(config.gate) if config.gate is not None else None
         self._gate_history: list[dict[str, Any]] = [dict(h) for h in snapshot.gate_history][-20:]
         self._candidate_devices: dict[int, tuple[str, ...]] = {}
@@ -538,6 +571,12 @@ class CoordinatorCore:
     def weights_at(self, version: int) -> Vector | None:
         return self._history.get(version)
 
+    def abandoned(self, version: int) -> bool:
+        """Whether a rollback abandoned ``version`` (an update trained from it is refused)."""
+        ranges = self._abandoned
+        i = bisect_right(ranges, version, key=lambda r: r[0])
+        return i > 0 and version <= ranges[i - 1][1]
+
     def subscriptions(self) -> list[str]:
         r = self.config.region
         subs = [topics.device_filter(r, "pull"), topics.device_filter(r, "update"), topics.device_filter(r, "presence"),
@@ -592,6 +631,8 @@ class CoordinatorCore:
                     "rejected": c["gate_rejected"],
                     "rejected_devices": c["rejected_devices"],
                     "rolled_back_updates": c["rolled_back_updates"],
+                    "abandoned": [list(r) for r in self._abandoned[-10:]],
+                    "refused_abandoned_base": c["reject:base_rejected"],
                     "canary": self._canary_status(),
                 },
                 "recent_versions": self._gate_history[-10:],
@@ -887,6 +928,8 @@ class CoordinatorCore:
             raise TooManySamples(f"{msg.n_samples} samples claimed; the cap is {cfg.max_samples_per_update}")
         if msg.base_version > self._version:
             raise UnknownVersion(f"base version {msg.base_version} is newer than current {self._version}")
+        if self._abandoned and self.abandoned(msg.base_version):
+            raise RejectedBase(f"base version {msg.base_version} was abandoned by a rollback; train from {self._version}")
         cfg.spec.check_update(msg.weights, msg.group)
         if not self._storage_ok:
             self.counters["deferred_storage"] += 1
@@ -1174,6 +1217,7 @@ class CoordinatorCore:
                 "counters": dict(self.counters),
                 "peering": self.peering.checkpoint(),
                 **({"conversion": self._switch.checkpoint()} if self._converting else {}),
+                **({"abandoned": [list(r) for r in self._abandoned]} if self._abandoned else {}),
                 "release": self._release_version,
                 "pinned": self._pinned,
             },
@@ -1356,11 +1400,16 @@ class CoordinatorCore:
         """Commit the release's weights as the next training version, discarding the buffer
         (those updates were trained from the rejected lineage; their keys count as applied)."""
         return self._replace_training_line(np.array(self._release_weights, copy=True), now,
-                                           {"source": "rollback", "rejected": rejected, "of": self._release_version})
+                                           {"source": "rollback", "rejected": rejected, "of": self._release_version},
+                                           abandon_from=rejected)
 
-    def _replace_training_line(self, weights: Vector, now: float, meta: Mapping[str, Any]) -> CommitVersion:
+    def _replace_training_line(self, weights: Vector, now: float, meta: Mapping[str, Any], *,
+                               abandon_from: int) -> CommitVersion:
         """Commit ``weights`` (a rollback or an operator's version) as the next training
-        version; the buffered and parked updates are discarded, their keys counted as applied."""
+        version; the buffered and parked updates are discarded, their keys counted as applied.
+        Versions ``abandon_from`` .. the current one leave the line: updates based on them are
+        refused from now on, recorded in this very commit's metadata (durable with it)."""
+        self._abandoned = abandon(self._abandoned, abandon_from, self._version)
         self._abandon_conversions()
         consumed = tuple(u.key for u in self._buffer)
         for u in self._buffer:
@@ -1410,7 +1459,9 @@ class CoordinatorCore:
         if ev.weights is None:
             return [Notify(kind="control_failed", data={"command": ev.command, "version": ev.version, "detail": ev.detail[:200]})]
         weights = np.array(self.config.spec.check(np.asarray(ev.weights, dtype=np.float32)), copy=True)
-        commit = self._replace_training_line(weights, ev.now, {"source": "operator", "command": ev.command, "of": ev.version})
+        # Every version after the restored one leaves the training line (what the operator rolled back).
+        commit = self._replace_training_line(weights, ev.now, {"source": "operator", "command": ev.command, "of": ev.version},
+                                             abandon_from=ev.version + 1)
         self._release_version, self._release_weights = commit.version, weights
         self._pinned = ev.command == "pin" or (self._pinned and ev.command == "rollback")
         if self._gate is not None:

@@ -1026,6 +1026,7 @@ class Registry:
             last_full_version=int(meta.get("last_full_version", version)),
             peer_state=dict(meta.get("peering", {})),
             conversion_state=dict(meta.get("conversion", {})),
+            abandoned=[(int(r[0]), int(r[1])) for r in meta.get("abandoned", [])],
             recovered_from=tuple(skipped),
             version_floor=max(max(present, default=-1), max(records, default=-1), self._highest_written),
         )

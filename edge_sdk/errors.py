@@ -91,6 +91,14 @@ class UnknownVersion(RemoteProtocolError):
     reason = "unknown_version"
 
 
+class RejectedBase(RemoteProtocolError):
+    """An update trained from a version the coordinator abandoned (a candidate the release gate
+    rejected, one built on it, or a line an operator rolled back past): its weights would bring
+    that model back. Its device trains the same samples again from the current training line."""
+
+    reason = "base_rejected"
+
+
 class TopicMismatch(RemoteProtocolError):
     """The message claims a device id other than the topic it arrived on."""
 

@@ -339,3 +339,30 @@ def test_a_round_s_samples_stay_untrained_on_disk_until_its_update_is_acknowledg
     assert isinstance(published(restarted.handle(SampleAdded(now=9.0, total=3)))[0], Pull)  # trains them again
     run(c.handle(recv(3.0, "ack", Ack(device=DEV, seq=upd.seq, status="accepted", version=1))))
     assert durable[-1] == 3 and c.state.phase is Phase.IDLE
+
+
+@pytest.mark.parametrize(("reason", "trained_again"), [("base_rejected", True), ("out_of_range", False)])
+def test_an_update_refused_for_its_abandoned_base_is_trained_again(reason: str, trained_again: bool) -> None:
+    """F11: the coordinator refuses an update trained from a version a rollback abandoned (the
+    gate rejected that candidate). Its samples are in no model the coordinator keeps: the device
+    pulls the current training line and trains the same samples again, and the durable watermark
+    says they are untrained. Other refusals end the round as before."""
+    c = core()
+    upd = _pushing(c)
+    acts = c.handle(recv(3.0, "ack", Ack(device=DEV, seq=upd.seq, status="rejected", version=5, reason=reason)))
+    persisted = [a.trained_upto for a in acts if isinstance(a, PersistDeviceState)]
+    pulls = [m for m in published(acts) if isinstance(m, Pull)]
+    assert c.state.updates_acked == 0
+    if not trained_again:
+        assert persisted == [3] and not pulls and c.state.phase is Phase.IDLE
+        return
+    assert set(persisted) == {0} and c.state.trained_upto == 0  # durable too: the samples are untrained
+    assert kinds(acts).index("PersistDeviceState") < kinds(acts).index("Publish")
+    assert c.state.counters["retrain:base_rejected"] == 1
+    (pull,) = pulls
+    assert pull.seq > upd.seq and not pull.serve and c.state.phase is Phase.PULLING
+    acts = c.handle(recv(3.1, "model", model(7, pull.seq)))  # the current training line
+    (start,) = [a for a in acts if isinstance(a, StartTraining)]
+    assert (start.job.base_version, start.job.n_samples) == (7, 3)  # the same three samples, from the new line
+    again = published(c.handle(TrainingFinished(now=4.0, job_id=start.job.job_id, weights=np.ones(SPEC.size, np.float32), n_samples=3)))
+    assert isinstance(again[0], Update) and again[0].base_version == 7 and again[0].seq > pull.seq

@@ -17,11 +17,13 @@ from coordinator.core import (
     CoordinatorCore,
     EvaluateCandidate,
     LoadVersion,
+    PersistUpdate,
     RecordRelease,
     Snapshot,
     VersionLoaded,
 )
 from coordinator.gate import Gate, GateConfig, difference_bounds, paired_counts, valid_paired
+from coordinator.registry import Registry
 from coordinator.strategies import make_strategy
 from coordinator.validation import compare
 from coordinator.validation import score as validation_score
@@ -435,3 +437,101 @@ def test_an_operator_command_replayed_after_a_restart_is_refused() -> None:
     assert not of(acts, LoadVersion) and restarted.counters["reject:replayed"] == 1
     assert not of(restarted.handle(control("unpin", nonce=8)), RecordRelease)
     assert of(restarted.handle(control("pin", 0, nonce=9)), LoadVersion)  # a new command still runs
+
+
+def _ack(actions: Sequence[object]) -> tuple[str, str]:
+    (ack,) = [decode(a.payload) for a in actions if isinstance(a, Publish) and a.topic.endswith("/ack")]
+    return ack.status, ack.reason
+
+
+def rejected_lineage(c: CoordinatorCore) -> tuple[int, int, np.ndarray]:
+    """Release 1; candidate 2 (bad), candidate 3 built on it; 2 rejected, the line rolled back
+    (version 4). Returns (the rejected candidate, the one dropped with it, its weights)."""
+    c.handle(update("h", 0, 0.05))
+    c.handle(CandidateEvaluated(now=1.0, version=1, candidate_metric=0.9, release_metric=0.8, release_version=0))
+    c.handle(update("bad", 0, 80.0, base=1))
+    bad, bad_weights = c.version, c.weights.copy()
+    c.handle(update("d2", 0, 81.0, base=bad))
+    built_on_bad = c.version
+    acts = c.handle(CandidateEvaluated(now=9.0, version=bad, candidate_metric=0.1, release_metric=0.9, release_version=1))
+    assert [r.event["action"] for r in of(acts, RecordRelease)] == ["reject"] and c.version == 4
+    return bad, built_on_bad, bad_weights
+
+
+def test_an_update_trained_from_a_rejected_candidate_is_refused() -> None:
+    """F11: after the gate rejected a candidate and rolled the training line back, an update
+    whose base was that candidate (a device that pulled it before the verdict) was accepted, and
+    with the default combine="models" the next training version *was* its weights: the rejected
+    model plus a step (repro: rejected candidate mean 0.080, after the rollback 0.050, then
+    version 8 at 0.081). Clipping measures the change from the update's own base, so it cannot
+    see it. Such an update, and one based on a candidate dropped with it, is refused now
+    (base_rejected), counted, and changes nothing; updates from the release are taken."""
+    c = CoordinatorCore(CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, signer=SIGNER, gate=GateConfig(margin=0.02)),
+                        make_strategy("spin", k=1, timeout_s=None), toy_snapshot(), rng=random.Random(0))  # default clipping
+    bad, built_on_bad, bad_weights = rejected_lineage(c)
+    line, line_weights = c.version, c.weights.copy()
+    for dev, base in (("d7", bad), ("d8", built_on_bad)):
+        acts = c.handle(update(dev, 0, float(bad_weights.mean()) + 0.001, base=base))
+        assert _ack(acts) == ("rejected", "base_rejected")
+        assert not of(acts, PersistUpdate) and not of(acts, CommitVersion)
+    assert c.version == line and not c.buffer
+    np.testing.assert_array_equal(c.weights, line_weights)  # still the release's weights
+    assert c.counters["reject:base_rejected"] == 2 and c.counters["accepted"] == 3
+    assert c.status().extra["gate"]["abandoned"] == [[bad, line - 1]]
+    assert _ack(c.handle(update("d7", 0, 1.0, base=bad))) == ("rejected", "base_rejected")  # its retry: the same answer
+    assert _ack(c.handle(update("d7", 1, 0.06, base=line))) == ("accepted", "")  # trained again from the line
+    assert _ack(c.handle(update("d9", 0, 0.06, base=1))) == ("accepted", "")  # the release is no abandoned base
+
+
+def test_an_operator_rollback_abandons_the_versions_after_the_one_it_restores() -> None:
+    c = gated(k=1)
+    c.handle(update("d1", 0, 1.0))
+    c.handle(update("d2", 0, 2.0, base=1))
+    (load,) = of(c.handle(control("rollback", 1)), LoadVersion)
+    (commit,) = of(c.handle(VersionLoaded(now=51.0, version=1, weights=np.ones(SPEC.size, np.float32), command="rollback",
+                                          operator=load.operator, nonce=load.nonce)), CommitVersion)
+    assert commit.version == 3 and commit.metadata["abandoned"] == [[2, 2]]
+    assert _ack(c.handle(update("d3", 0, 2.5, base=2))) == ("rejected", "base_rejected")
+    assert _ack(c.handle(update("d4", 0, 1.5, base=1))) == ("accepted", "")  # the restored version itself is fine
+
+
+def test_the_refusal_survives_a_restart(tmp_path: Path) -> None:
+    """The abandoned versions ride in the rollback commit's metadata (durable with it, and in
+    every later commit's): a core rebuilt from the state dir still refuses them."""
+    registry = Registry(tmp_path, SPEC)
+    registry.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    c = gated(k=1)
+    real = c.handle
+
+    def handle(event: object) -> list[object]:  # the registry's half of the driver
+        actions = real(event)  # type: ignore[arg-type]
+        for a in actions:
+            if isinstance(a, CommitVersion):
+                registry.commit(a)
+            elif isinstance(a, RecordRelease):
+                registry.record_release(a.release, a.pinned, a.event)
+        return actions
+
+    c.handle = handle  # type: ignore[method-assign]
+    bad, built_on_bad, _ = rejected_lineage(c)
+    c.handle(update("d9", 0, 0.06, base=c.version))  # one more commit after the rollback
+    registry.close()
+    snap = Registry(tmp_path, SPEC).load()
+    assert snap is not None and snap.version == c.version == 5 and snap.release_version == 1
+    restarted = gated(k=1, snapshot=snap)
+    for dev, base in (("d7", bad), ("d8", built_on_bad)):
+        assert _ack(restarted.handle(update(dev, 0, 80.0, base=base))) == ("rejected", "base_rejected")
+    assert restarted.version == 5 and restarted.counters["reject:base_rejected"] == 2
+
+
+def test_abandoned_ranges_merge_and_stay_bounded() -> None:
+    from coordinator.core import ABANDONED_RANGES, abandon
+
+    assert abandon([(2, 4)], 5, 7) == [(2, 7)] and abandon([(2, 4)], 9, 8) == [(2, 4)]
+    assert abandon([[9, 12]], 2, 3) == [(2, 3), (9, 12)]  # as JSON metadata holds them
+    ranges: list[tuple[int, int]] = []
+    for v in range(0, 3 * ABANDONED_RANGES, 3):
+        ranges = abandon(ranges, v, v + 1)
+    assert len(ranges) == ABANDONED_RANGES and ranges[-1] == (3 * ABANDONED_RANGES - 3, 3 * ABANDONED_RANGES - 2)
+    c = gated(snapshot=Snapshot(version=20, weights=np.zeros(SPEC.size, np.float32), abandoned=[[3, 5], [9, 9]]))
+    assert [v for v in range(12) if c.abandoned(v)] == [3, 4, 5, 9]

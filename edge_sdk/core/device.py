@@ -40,7 +40,11 @@ counts as success only when it echoes that nonce (or the coordinator no longer k
 Otherwise someone else took the seq: the device moves past the coordinator's watermark and
 sends the same weights again under a fresh seq (``seq_conflicts``). An update deferred for
 the coordinator's storage stays pending and is retried with back-off. A training job that
-fails — or returns non-finite weights — returns the device to IDLE with a back-off.
+fails — or returns non-finite weights — returns the device to IDLE with a back-off. An update
+refused because its base version was abandoned by a rollback (``base_rejected``: the release
+gate rejected that candidate, or an operator rolled back past it) was trained from a model the
+coordinator will not build on; its samples are trained again from the current training line
+(``trained_upto`` rolls back, as after a failed job). Other refusals end the round.
 
 Failover. A device may list ``fallback_regions`` after its home ``region``. It reads its
 downstream topics and the coordinators' retained status in all of them, and uses one region
@@ -85,7 +89,8 @@ Transitions (event → action, new phase)::
     PUSHING   Ack(accepted | own duplicate)→ Notify, then pull if wanted   IDLE / PULLING
     PUSHING   Ack(duplicate, other nonce)  → Persist, Publish(update, new seq)  PUSHING
     PUSHING   Ack(deferred: storage)       → retry later, same seq         PUSHING
-    PUSHING   Ack(rejected)                → Notify                        IDLE
+    PUSHING   Ack(rejected: base_rejected) → Persist, Notify, pull (same samples again)  PULLING
+    PUSHING   Ack(rejected, other reason)  → Persist, Notify                IDLE
     PUSHING   TimerFired (deadline)        → Publish(update, same seq)     PUSHING
     IDLE      TimerFired (back-off over)   → pull if wanted                IDLE / PULLING
     any       signed Model newer than deployed → DeployModel               (unchanged)
@@ -138,6 +143,7 @@ from edge_sdk.errors import (
     ConfigError,
     LocalProtocolError,
     MalformedMessage,
+    RejectedBase,
     RemoteProtocolError,
     ShapeMismatch,
     TopicMismatch,
@@ -552,7 +558,12 @@ class DeviceCore:
         s.pending_update = None
         if msg.status in ("accepted", "duplicate"):
             s.updates_acked += 1
-        persist = self._persist()  # the round's samples are in an acknowledged update (or were refused): done
+        elif msg.status == "rejected" and msg.reason == RejectedBase.reason:
+            # Trained from a version a rollback abandoned: the samples are in no model the
+            # coordinator keeps. Train them again from the current line (the pull below).
+            s.trained_upto = s.prev_trained_upto
+            s.counters["retrain:base_rejected"] = s.counters.get("retrain:base_rejected", 0) + 1
+        persist = self._persist()  # the round is over: its samples acknowledged, refused, or to train again
         note = Notify(
             kind="update_acked" if msg.status != "rejected" else "update_rejected",
             data={"seq": msg.seq, "status": msg.status, "version": msg.version, "reason": msg.reason},
