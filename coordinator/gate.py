@@ -23,7 +23,9 @@ A candidate must also come within ``margin`` of the best release score seen so f
 an operator's rollback or pin), so that releases cannot ratchet down one margin at a time.
 A candidate that shows a clear regression (worse than the release by more than
 ``rollback_margin``) is *rejected*: the coordinator rolls the training line back to the
-release (as a new version number) and drops the candidates built on the bad one. One in
+release (as a new version number), drops the candidates built on the bad one, and from then
+on refuses updates trained from any of them (``base_rejected``; the core keeps those versions,
+see :mod:`coordinator.core`). One in
 between is *held*: not released, but the training line goes on — on a small validation
 set a slightly worse score is mostly noise, and rolling back on noise would throw away the
 fleet's progress. Candidates superseded before any evidence arrived are simply skipped. This module
