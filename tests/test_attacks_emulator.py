@@ -179,6 +179,22 @@ def test_gate_scores_after_the_virtual_delay_and_tracks_the_release(digits: Any)
     assert result.rows[-1]["version"] > result.rows[-1]["release_version"] or gate["gate_held"] == 0
 
 
+def test_a_delayed_gate_refuses_updates_trained_from_a_rejected_candidate(digits: Any) -> None:
+    """F11 in the fleet: with the verdict 25 virtual s after each commit, devices pull and train
+    from a candidate that is then rejected. Their updates are refused (base_rejected) instead of
+    becoming the next version under combine="models", and each such device trains its samples
+    again from the rolled-back line."""
+    sc = parse_scenario(small(coordinator={"validation_size": 100, "gate": True, "gate_delay_s": 25.0},
+                              attack={"scale": 0.25, "scale_factor": 1000.0}))
+    strategy = make_strategy("spin", k=4, timeout_s=10.0, clip_multiplier=0, sample_weight_cap=0)
+    sim = Simulation(digits, sc.settings, strategy, seed=1)
+    result = sim.run()
+    refused = result.summary["rejected_by_reason"].get("base_rejected", 0)
+    retrained = sum(d.core.state.counters.get("retrain:base_rejected", 0) for d in sim.devices)
+    assert result.summary["gate"]["gate_rejected"] >= 1 and refused >= 1, result.summary
+    assert 1 <= retrained <= refused
+
+
 def test_huge_sample_claims_are_capped_or_clamped(digits: Any) -> None:
     # 2^62: the core's hard cap rejects every such update; the honest fleet goes on
     sc = parse_scenario(small(attack={"huge_samples": 0.25, "claimed_samples": 2**62}))
