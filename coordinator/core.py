@@ -347,7 +347,9 @@ class CoordinatorConfig:
     signer: Signer | None = None
     """Signs every model and peer message (Ed25519). Devices refuse unsigned models."""
     peer_keys: Mapping[str, bytes] = field(default_factory=dict)
-    """Trusted peer coordinators' public keys by key id; empty: pin each peer's first key."""
+    """Peer coordinator id → its Ed25519 public key (a bundle's ``trusted/<id>.pub``): a peer
+    message's ``sender`` must be the name of the key that signed it. Empty: pin each peer's
+    first key (trust on first use: insecure, see the daemon's ``--peers`` help)."""
     max_seq_jump: int = 100_000
     """An update's seq may exceed the device's watermark (or last pull) by at most this."""
     max_samples_per_update: int = 1_000_000
@@ -1489,13 +1491,17 @@ class CoordinatorCore:
     def _check_peer_signature(self, sender: str, sig: SignatureInfo | None, scope: str) -> None:
         """Peers sign everything, for the topic they send to (recipient and kind: a message
         re-routed to another coordinator does not verify there); trust the provisioned keys,
-        or pin each sender's first key."""
+        each for the coordinator it is named after, or pin each sender's first key."""
         if sig is None:
             raise UnsignedMessage(f"peer message from {sender!r} is not signed")
         trusted = self.config.peer_keys
         if trusted:
-            if trusted.get(sig.kid) != sig.public_raw:
-                raise BadSignature(f"peer {sender!r} signed with key {sig.kid}, which is not provisioned here")
+            # By name, not by key id: any provisioned coordinator's key used to be accepted for
+            # any sender, so one coordinator could speak as another (hold its Spyker token, send
+            # its HierFAVG edge model or its Nebula rotation).
+            if trusted.get(sender) != sig.public_raw:
+                raise BadSignature(f"peer message from {sender!r} signed with key {sig.kid}, which is not "
+                                   f"{sender!r}'s provisioned key")
         elif self._peer_pins.get(sender, sig.public_raw) != sig.public_raw:
             raise BadSignature(f"peer {sender!r} signed with key {sig.kid}, not the key pinned for it")
         if not verify(sig.public_raw, sig.signature, sig.signed_for(scope)):

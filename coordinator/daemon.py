@@ -50,7 +50,7 @@ from edge_sdk.errors import ConfigError, TransportError
 from edge_sdk.modelio import load_model
 from edge_sdk.mqtt import BrokerAuth, MqttTransport
 from edge_sdk.runtime import Actor, Clock, WallClock
-from edge_sdk.signing import Signer, load_named_keys, load_or_create_signer, load_trusted_keys
+from edge_sdk.signing import Signer, load_named_keys, load_or_create_signer
 from edge_sdk.spec import Vector
 from edge_sdk.tasks import get_task
 from edge_sdk.tasks.base import Task
@@ -88,7 +88,8 @@ class CoordinatorOptions:
     signing_key: Path | None = None
     """Ed25519 key that signs every model and peer message (default: STATE_DIR/signing.key)."""
     peer_keys_dir: Path | None = None
-    """Folder of trusted peer coordinators' ``*.pub`` keys (default: pin each peer's first key)."""
+    """Folder of trusted peer coordinators' keys, ``<coordinator id>.pub`` (a bundle's ``trusted/``):
+    each key speaks only for the coordinator it is named after. Default: pin each peer's first key."""
     status_interval_s: float = 30.0
     """Republish the retained status (``published_at``) at least this often: a liveness beat."""
     auth: BrokerAuth | None = None
@@ -161,7 +162,7 @@ class CoordinatorDaemon:
             self.registry.acquire_lock()  # a second coordinator on this state dir stops here
             self.signer = self._signing_key()
             peer_dir = options.peer_keys_dir or (options.bundle / "trusted" if options.bundle is not None else None)
-            self.peer_keys = load_trusted_keys(peer_dir) if peer_dir is not None and Path(peer_dir).is_dir() else {}
+            self.peer_keys = load_named_keys(peer_dir) if peer_dir is not None and Path(peer_dir).is_dir() else {}
             self._check_options()  # before an empty state dir is pretrained (minutes) and initialised
             self.core = self._build_core(self._initial_snapshot())
         except BaseException:

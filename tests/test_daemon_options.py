@@ -56,3 +56,26 @@ def test_good_options_reach_pretraining(tmp_path: Path, task: Any) -> None:
     """The check is not a blanket refusal: valid options go on to pretrain the empty state dir."""
     with pytest.raises(Pretrained):
         CoordinatorDaemon(options(tmp_path, strategy_params={"k": 3}, inversion_params={"iterations": 5}), task=task)
+
+
+def test_peer_keys_are_trusted_by_coordinator_name(tmp_path: Path, task: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bundle's ``trusted/<coordinator id>.pub`` keys reach the core by name: each speaks only
+    for the coordinator it is named after (keyed by key id, any of them spoke for every peer)."""
+    from coordinator.pki import Pki
+    from edge_sdk.signing import load_public_key
+
+    pki = Pki.init(tmp_path / "pki")
+    pki.issue("coord-a", "coordinator", regions=["a"])
+    pki.issue("coord-b", "coordinator", regions=["b"])
+    pki.refresh_trust()
+    seen: dict[str, bytes] = {}
+
+    def capture(self: CoordinatorDaemon) -> None:
+        seen.update(self.peer_keys)
+        raise Pretrained
+
+    monkeypatch.setattr(CoordinatorDaemon, "_check_options", capture)
+    with pytest.raises(Pretrained):
+        CoordinatorDaemon(options(tmp_path, bundle=pki.bundle_dir("coord-a")), task=task)
+    assert seen["coord-b"] == load_public_key(pki.signing_dir / "coord-b.pub")
+    assert set(seen) <= {"coord-a", "coord-b"}

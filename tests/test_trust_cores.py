@@ -334,7 +334,7 @@ def _peer(sender: str, signer: Signer | None) -> MessageReceived:
 def test_peer_messages_must_be_signed_by_a_provisioned_or_pinned_key() -> None:
     peer_key = Signer.generate()
     cfg = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, signer=SIGNER,
-                            peer_keys={peer_key.kid: peer_key.public_raw})
+                            peer_keys={"c2": peer_key.public_raw})
     c = CoordinatorCore(cfg, make_strategy("spin", k=10, timeout_s=None), toy_snapshot(), rng=random.Random(0))
     c.handle(_peer("c2", None))
     c.handle(_peer("c2", Signer.generate()))
@@ -348,13 +348,29 @@ def test_peer_messages_must_be_signed_by_a_provisioned_or_pinned_key() -> None:
     assert tofu.counters["peer_messages"] == 1 and tofu.counters["reject:bad_signature"] == 1
 
 
+def test_a_provisioned_peer_key_speaks_only_for_its_own_coordinator() -> None:
+    """Peer keys are trusted by name (``trusted/<id>.pub``): c3's key, provisioned, signing a
+    message that claims to come from c2 is refused (it was accepted: any provisioned key for any
+    sender, so c3 could hold c2's Spyker token or send c2's edge model) and changes nothing."""
+    c2_key, c3_key = Signer.generate(), Signer.generate()
+    cfg = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, signer=SIGNER,
+                            peer_keys={"c2": c2_key.public_raw, "c3": c3_key.public_raw})
+    c = CoordinatorCore(cfg, make_strategy("spin", k=10, timeout_s=None), toy_snapshot(), rng=random.Random(0))
+    c.handle(_peer("c2", c3_key))
+    c.handle(_peer("c9", c3_key))  # a name with no provisioned key
+    assert c.counters["reject:bad_signature"] == 2 and c.counters["peer_messages"] == 0
+    c.handle(_peer("c3", c3_key))
+    c.handle(_peer("c2", c2_key))
+    assert c.counters["peer_messages"] == 2
+
+
 def test_a_peer_message_re_routed_to_another_coordinator_or_kind_is_refused() -> None:
     """Peer messages are signed for their topic: one meant for c3, or for another kind,
     delivered to c1 does not verify (review finding F13: a Spyker token re-routed to a third
     coordinator gave two holders the same position)."""
     peer_key = Signer.generate()
     cfg = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, signer=SIGNER,
-                            peer_keys={peer_key.kid: peer_key.public_raw})
+                            peer_keys={"c2": peer_key.public_raw})
     c = CoordinatorCore(cfg, make_strategy("spin", k=10, timeout_s=None), toy_snapshot(), rng=random.Random(0))
     msg = PeerMsg(sender="c2", kind="beat", body={"age": 1})
     for wrong in (topics.peer_topic("c3", "beat"), topics.peer_topic("c1", "token"), topics.peer_topic("all", "beat")):
