@@ -63,32 +63,27 @@ ANY_REGION = "+"
 def write_private(path: Path, data: bytes) -> None:
     """Write a secret: created 0600 (never readable by others, not even for an instant), atomic."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.tmp")
-    if tmp.exists():
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # in case the umask or the filesystem widened it
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    _write_atomic(path, data, 0o600)
 
 
 def write_public(path: Path, data: bytes) -> None:
     """Write a public file (certificate, key, ACL, CRL): 0644 whatever the umask, atomic."""
     public_dir(path.parent)
+    _write_atomic(path, data, 0o644)  # under a umask of 000 trust anchors were world-writable
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """``data`` to a temporary file created with ``mode`` (set again in case the umask or the
+    filesystem changed it), synced, then renamed over ``path``."""
     tmp = path.with_name(f".{path.name}.tmp")
     if tmp.exists():
         tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        os.fchmod(fd, 0o644)  # a umask of 000 made trust anchors world-writable
-        os.write(fd, data)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as f:  # closes fd; write() writes every byte
+        os.fchmod(fd, mode)
+        f.write(data)
+        f.flush()
         os.fsync(fd)
-    finally:
-        os.close(fd)
     os.replace(tmp, path)
 
 

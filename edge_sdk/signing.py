@@ -139,8 +139,8 @@ def load_public_key(path: str | Path) -> bytes:
 
 
 def load_named_keys(directory: str | Path) -> dict[str, bytes]:
-    """Every ``<name>.pub`` in ``directory`` as ``{name: raw public key}`` (operators' keys:
-    the name is who signs with it)."""
+    """Every ``<name>.pub`` in ``directory`` as ``{name: raw public key}`` (operators' and peer
+    coordinators' keys: the name is who may sign with it)."""
     d = Path(directory)
     if not d.is_dir():
         raise ConfigError(f"trusted-keys directory {d} does not exist")
