@@ -185,7 +185,9 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
             if name == "emulate":  # its real-MQTT fleet mode (--broker) connects like a device
                 from edge_sdk.mqtt import TOFU_DEVICES, add_broker_arguments
 
-                add_broker_arguments(p, trust=TOFU_DEVICES)
+                add_broker_arguments(p, trust=TOFU_DEVICES, bundle_help=(
+                    "with --broker: the folder of per-device bundles (PKI/bundles), one per device id of the scenario "
+                    "(`edgeci pki issue --role device ID`); a single device's bundle only for a fleet of that one device"))
     return parser
 
 

@@ -24,6 +24,7 @@ import numpy.typing as npt
 
 from devices.live import LabellingLoop, LabellingUser
 from edge_sdk.client import EdgeClient
+from edge_sdk.errors import ConfigError
 from edge_sdk.mqtt import BrokerAuth
 from edge_sdk.spec import Vector
 from edge_sdk.tasks.base import Split, Task, TrainConfig
@@ -137,16 +138,34 @@ class MqttFleet:
         self.stop()
 
 
-def _fleet_credentials(args: Any) -> dict[str, Any]:
+def _fleet_credentials(args: Any, device_ids: Sequence[str] | None = None) -> dict[str, Any]:
     """``--bundle PKI/bundles`` (a folder of per-device bundles: each device its own
-    certificate) or one bundle / ``--cert``/``--username`` for all devices."""
-    from edge_sdk.mqtt import auth_from_args
+    certificate and trusted keys) or ``--cert``/``--username`` for all devices. One device's
+    bundle (a folder with ``bundle.json``) is that device's identity: it runs only a fleet of
+    exactly that device. Shared by many, the secure broker would give them one client id
+    (each connection replacing the last), its ACL one device's topics, and the devices would
+    not get the bundle's trusted keys: a ConfigError saying what to pass instead."""
+    from edge_sdk.mqtt import auth_from_args, read_bundle
 
     bundle = getattr(args, "bundle", None)
-    if bundle is not None and not (Path(bundle) / "bundle.json").exists():
-        args = argparse.Namespace(**{**vars(args), "bundle": None})
-        return {"bundles": Path(bundle), "auth": auth_from_args(args)}
-    return {"auth": auth_from_args(args)}
+    if bundle is None:
+        return {"auth": auth_from_args(args)}
+    bundle = Path(bundle).expanduser()
+    flags = auth_from_args(argparse.Namespace(**{**vars(args), "bundle": None}))  # explicit flags override the bundles'
+    if not (bundle / "bundle.json").exists():
+        if not bundle.is_dir():
+            raise ConfigError(f"--bundle {bundle}: no such folder (a folder of per-device bundles, e.g. PKI/bundles)")
+        return {"bundles": bundle, "auth": flags}
+    identity = read_bundle(bundle).get("identity")
+    ids = list(device_ids) if device_ids is not None else []
+    if ids == [identity] and bundle.name == identity:
+        return {"bundles": bundle.parent, "auth": flags}
+    raise ConfigError(
+        f"--bundle {bundle} is one device's bundle ({identity!r}) and this fleet has {len(ids)} device(s)"
+        f"{' (' + ', '.join(ids[:3]) + (', ...' if len(ids) > 3 else '') + ')' if ids else ''}: each device needs its own "
+        "identity. Issue one per device id (`edgeci pki issue --role device ID`) and pass the folder that holds them "
+        "(--bundle PKI/bundles)"
+    )
 
 
 def run_fleet(scenario: Any, *, broker: str, time_scale: float, args: Any) -> int:
@@ -185,7 +204,7 @@ def run_fleet(scenario: Any, *, broker: str, time_scale: float, args: Any) -> in
         min_samples=settings.min_samples,
         train=TrainConfig(epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr, seed=seed),
         request_timeout_s=max(settings.request_timeout_s / time_scale, 1.0),
-        time_scale=time_scale, seed=seed, **_fleet_credentials(args),
+        time_scale=time_scale, seed=seed, **_fleet_credentials(args, [p.device_id for p in plans]),
     )
     points: list[tuple[float, int, float]] = []  # (wall s, version, accuracy), this thread only
     print(f"{len(plans)} devices connecting to {broker} (region {region}); {settings.duration_s:.0f} virtual s at {time_scale:g}× = {wall_s:.0f} wall s", flush=True)

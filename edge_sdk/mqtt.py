@@ -251,17 +251,19 @@ TOFU_PEERS = (
 )
 
 
-def add_broker_arguments(p: argparse.ArgumentParser, *, trust: str = "") -> None:
+def add_broker_arguments(p: argparse.ArgumentParser, *, trust: str = "", bundle_help: str = "") -> None:
     """``--bundle``, ``--ca``, ``--cert``, ``--key``, ``--username``, ``--password-file``
     (``--broker`` stays with each command). Never a password on the command line.
-    ``trust``: what the command does without a bundle's trusted keys (``TOFU_DEVICES``)."""
+    ``trust``: what the command does without a bundle's trusted keys (``TOFU_DEVICES``);
+    ``bundle_help``: ``--bundle``'s help where it means something else (a fleet's folder)."""
     g = p.add_argument_group(
         "broker authentication",
         "Use an mqtts://HOST[:8883] --broker URL: the broker's certificate is always verified. "
         "A password is read from --password-file or the EDGECI_PASSWORD environment variable, never from the command line."
         + (" " + trust if trust else ""),
     )
-    g.add_argument("--bundle", type=Path, metavar="DIR", help="provisioning bundle from `edgeci pki issue` (CA, certificate, key, trusted coordinator keys)")
+    g.add_argument("--bundle", type=Path, metavar="DIR",
+                   help=bundle_help or "provisioning bundle from `edgeci pki issue` (CA, certificate, key, trusted coordinator keys)")
     g.add_argument("--ca", type=Path, metavar="FILE", help="CA certificate that signed the broker's certificate (default: the bundle's, else the system's)")
     g.add_argument("--cert", type=Path, metavar="FILE", help="client certificate (PEM); its CN is the MQTT username")
     g.add_argument("--key", type=Path, metavar="FILE", help="client private key (PEM)")

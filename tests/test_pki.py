@@ -371,15 +371,23 @@ def test_cli_init_issue_acl_passwd(tmp_path: Path, capsys: pytest.CaptureFixture
     assert '"username": "cam-1"' in manifest.read_text()
 
 
-def test_emulated_fleet_takes_a_folder_of_bundles_or_one_bundle(pki: Pki) -> None:
+def test_emulated_fleet_takes_a_folder_of_bundles_or_one_devices_own_bundle(pki: Pki) -> None:
     from devices.mqtt_fleet import _fleet_credentials
 
     pki.issue("fleet-0000", "device")
     base = {"bundle": None, "ca": None, "cert": None, "key": None, "username": None, "password_file": None}
-    folder = _fleet_credentials(argparse.Namespace(**{**base, "bundle": pki.root / "bundles"}))
+    folder = _fleet_credentials(argparse.Namespace(**{**base, "bundle": pki.root / "bundles"}), ["fleet-0000", "fleet-0001"])
     assert folder == {"bundles": pki.root / "bundles", "auth": None}  # each device its own identity
-    one = _fleet_credentials(argparse.Namespace(**{**base, "bundle": pki.bundle_dir("fleet-0000")}))
-    assert one == {"auth": BrokerAuth.from_bundle(pki.bundle_dir("fleet-0000"))}
+    one = pki.bundle_dir("fleet-0000")
+    # a fleet of exactly that device: it is that device's own bundle (its trusted keys included)
+    assert _fleet_credentials(argparse.Namespace(**{**base, "bundle": one}), ["fleet-0000"]) == {"bundles": one.parent, "auth": None}
+    # shared by a fleet, one identity would make the devices replace each other on the broker and trust on first use
+    with pytest.raises(ConfigError, match=r"one device's bundle \('fleet-0000'\) and this fleet has 2 device"):
+        _fleet_credentials(argparse.Namespace(**{**base, "bundle": one}), ["fleet-0000", "fleet-0001"])
+    with pytest.raises(ConfigError, match="one device's bundle"):  # another device's bundle
+        _fleet_credentials(argparse.Namespace(**{**base, "bundle": one}), ["cam-9"])
+    with pytest.raises(ConfigError, match="no such folder"):
+        _fleet_credentials(argparse.Namespace(**{**base, "bundle": pki.root / "nope"}), ["fleet-0000"])
     assert _fleet_credentials(argparse.Namespace()) == {"auth": None}
 
 
