@@ -22,11 +22,12 @@ import json
 import random
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from coordinator.cli_status import operator_auth
+from coordinator.cli_status import liveness, operator_auth
 from edge_sdk.errors import ConfigError, EdgeciError
 from edge_sdk.mqtt import MqttTransport, add_broker_arguments, read_bundle
 from edge_sdk.signing import Signer, load_signer
@@ -42,13 +43,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     command = p.prog.split()[-1]
     if command == "versions":
         p.add_argument("--state-dir", type=Path, required=True, help="the coordinator's state dir")
-        p.add_argument("--last", type=int, default=30, help="show this many most recent versions")
+        p.add_argument("--last", type=_positive, default=30, help="show this many most recent versions (≥ 1)")
         p.add_argument("--json", action="store_true", help="machine-readable output")
         return
     if command == "rollback":
-        p.add_argument("--to", dest="version", type=int, required=True, metavar="N", help="version to make the release again")
+        p.add_argument("--to", dest="version", type=_version, required=True, metavar="N", help="version to make the release again")
     elif command == "pin":
-        p.add_argument("version", type=int, metavar="N", help="version to release and hold (no promotions until unpin)")
+        p.add_argument("version", type=_version, metavar="N", help="version to release and hold (no promotions until unpin)")
     p.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="MQTT broker URL of the running coordinator")
     p.add_argument("--region", default="default", help="the coordinator's region")
     p.add_argument("--signing-key", type=Path, help="operator signing key (PEM, Ed25519); default: --bundle's signing.key, else STATE_DIR/signing.key")
@@ -58,6 +59,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "coordinator's own key, its id; else the key file's name without .key)")
     p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the coordinator to confirm")
     add_broker_arguments(p)
+
+
+def _whole(minimum: int, below: str) -> Callable[[str], int]:
+    """An argparse type: a whole number ≥ ``minimum`` (``below``: the error's words for one that is not)."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"{below}, got {n}")
+        return n
+    return parse
+
+
+_version = _whole(0, "versions start at 0")
+_positive = _whole(1, "expected at least 1")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -185,6 +203,10 @@ def _control(args: argparse.Namespace, command: str) -> int:
         if not seen.wait(10.0):
             print(f"no coordinator status on region {args.region!r}: is it running?")
             return 2
+        alive, why = liveness(statuses[-1], time.time(), None)
+        if alive is False:
+            print(f"the coordinator of region {args.region!r} is not running ({why}): nothing to {command}")
+            return 2
         before = statuses[-1].get("extra", {})
         msg = Control(command=command, operator=operator or default_operator(key_path, signer, statuses[-1]),
                       issued_at=time.time(), nonce=random.SystemRandom().randrange(1, 2**63),
@@ -195,15 +217,26 @@ def _control(args: argparse.Namespace, command: str) -> int:
         while time.monotonic() < deadline:
             seen.clear()
             seen.wait(max(0.0, deadline - time.monotonic()))
-            extra = statuses[-1].get("extra", {})
-            done = any(e.get("action") == command and e.get("at", 0) >= msg.issued_at - 1
-                       for e in extra.get("recent_versions", []))
+            status = statuses[-1]
+            extra = status.get("extra", {})
+            done = any(e.get("action") == command and e.get("nonce") == msg.nonce for e in extra.get("recent_versions", []))
             if done:
-                print(f"{command} done: release {extra.get('release')}{' (pinned)' if extra.get('pinned') else ''}, "
+                was = "" if command != "unpin" or before.get("pinned") else " (it was not pinned)"
+                print(f"{command} done{was}: release {extra.get('release')}{' (pinned)' if extra.get('pinned') else ''}, "
                       f"training line {extra.get('training_version')} (was release {before.get('release')})")
                 return 0
-        print(f"the coordinator did not confirm {command} within {args.wait:.0f} s (rejected? see its log: "
-              "unknown key, stale clock, or a version it no longer has)")
+            refused = extra.get("control_refused") or {}
+            if refused.get("nonce") == msg.nonce:
+                print(f"the coordinator refused {command}: {refused.get('reason')}: {refused.get('detail')}")
+                return 1
+            if status.get("alive") is False:
+                print(f"the coordinator of region {args.region!r} stopped before confirming {command}")
+                return 1
+        reasons = (statuses[-1].get("extra", {}).get("rejected_by_reason") or {})
+        grew = sorted(k for k, n in reasons.items() if n > (before.get("rejected_by_reason") or {}).get(k, 0))
+        hint = (f"it rejected messages meanwhile ({', '.join(grew)})" if grew else
+                "a key it does not trust, a clock more than 5 minutes off, or a broker ACL that refused the publish")
+        print(f"the coordinator did not confirm {command} within {args.wait:.0f} s: {hint}; see its log")
         return 1
     finally:
         transport.stop()

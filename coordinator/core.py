@@ -474,6 +474,10 @@ class CoordinatorCore:
         self._control_seen: dict[tuple[str, int], float] = {
             (str(h["operator"]), int(h["nonce"])): float(h.get("at", 0.0))
             for h in snapshot.gate_history if isinstance(h, Mapping) and "nonce" in h and "operator" in h}
+        # The last control message refused, for the operator's CLI (status ``control_refused``):
+        # its reason and detail at once instead of a timeout. The nonce is the refused message's
+        # own (unauthenticated when the signature is what failed): it only says which try this was.
+        self._control_refused: dict[str, Any] | None = None
         self._pending_actions: list[CoordinatorAction] = []
         # Converting staleness policies: parked updates wait for the driver's conversion; a
         # device's later updates queue behind its parked one (applied in seq order).
@@ -638,6 +642,7 @@ class CoordinatorCore:
                     "canary": self._canary_status(),
                 },
                 "recent_versions": self._gate_history[-10:],
+                "control_refused": self._control_refused,
                 "conversion": None if not needs_driver(self._policy) else {
                     "policy": self._policy.name,
                     **self._switch.describe(self._version),
@@ -1426,12 +1431,20 @@ class CoordinatorCore:
     # ------------------------------------------------------------------ operator control
 
     def _on_control(self, ev: MessageReceived) -> list[CoordinatorAction]:
+        nonce: int | None = None
+        try:
+            frame = decode_frame(ev.payload, max_bytes=64 * 1024)
+            msg = frame.message
+            if not isinstance(msg, Control):
+                raise TopicMismatch(f"a {msg.TYPE} message does not belong on the control topic")
+            nonce = msg.nonce
+            return self._run_control(ev, msg, frame.signature)
+        except RemoteProtocolError as exc:
+            self._control_refused = {"at": ev.now, "reason": exc.reason, "detail": str(exc)[:200], "nonce": nonce}
+            raise
+
+    def _run_control(self, ev: MessageReceived, msg: Control, sig: SignatureInfo | None) -> list[CoordinatorAction]:
         cfg = self.config
-        frame = decode_frame(ev.payload, max_bytes=64 * 1024)
-        msg = frame.message
-        if not isinstance(msg, Control):
-            raise TopicMismatch(f"a {msg.TYPE} message does not belong on the control topic")
-        sig = frame.signature
         if sig is None:
             raise UnsignedMessage("control commands must be signed by an operator key")
         name, raw = self._commanders.get(sig.kid, ("", b""))
@@ -1459,6 +1472,8 @@ class CoordinatorCore:
 
     def _on_version_loaded(self, ev: VersionLoaded) -> list[CoordinatorAction]:
         if ev.weights is None:
+            self._control_refused = {"at": ev.now, "reason": "version_unavailable", "detail": ev.detail[:200], "nonce": ev.nonce}
+            self._status_dirty = True
             return [Notify(kind="control_failed", data={"command": ev.command, "version": ev.version, "detail": ev.detail[:200]})]
         weights = np.array(self.config.spec.check(np.asarray(ev.weights, dtype=np.float32)), copy=True)
         # Every version after the restored one leaves the training line (what the operator rolled back).

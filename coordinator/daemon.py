@@ -187,7 +187,7 @@ class CoordinatorDaemon:
         self._probe_stop = threading.Event()
         self._probe_thread = threading.Thread(target=self._probe_loop, name=f"storage-probe-{options.region}", daemon=True)
         # ops: metrics snapshot after handled events, liveness stamps and last will on the status topic
-        self.metrics = CoordinatorMetrics(problems=self._problems)
+        self.metrics = CoordinatorMetrics(problems=self._problems, connected=lambda: self.transport.connected)
         self._status_topic = topics.status_topic(options.region)
         self._snapshot_at = 0.0
         self._closing = threading.Event()
@@ -605,6 +605,11 @@ class CoordinatorDaemon:
                 self._status_due = True  # built once, at the end of the batch
             elif action.kind == "rejected":
                 log.warning("rejected a message: %s", action.data)
+            elif action.kind == "control_failed":  # an operator's rollback / pin of a version the registry cannot read
+                log.warning("operator %s of version %s failed: %s", action.data.get("command"), action.data.get("version"),
+                            action.data.get("detail"))
+            elif action.kind == "control":
+                log.info("operator command: %s", action.data)
             else:
                 log.debug("%s %s", action.kind, action.data)
         else:

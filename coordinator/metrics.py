@@ -60,9 +60,12 @@ MAX_REQUEST_BYTES = 32 * 1024
 class CoordinatorMetrics:
     """The daemon's metrics: latency histograms plus a collector over the latest snapshot."""
 
-    def __init__(self, problems: Callable[[], Mapping[str, int]] | None = None) -> None:
+    def __init__(self, problems: Callable[[], Mapping[str, int]] | None = None,
+                 connected: Callable[[], bool] | None = None) -> None:
         self.problems = problems
         """Counts of what the process survived, by kind (read at each scrape; any thread)."""
+        self.connected = connected
+        """Whether the broker connection is up now (``edgeci_broker_connected``; any thread)."""
         self.registry = CollectorRegistry(auto_describe=True)
         self.aggregation_seconds = Histogram(
             "edgeci_aggregation_seconds", "Time to handle an event that produced a new version (strategy combine included)",
@@ -110,6 +113,9 @@ class _SnapshotCollector:
             for kind, n in sorted(problems().items()):
                 fam.add_metric([kind], n)
             yield fam
+        if self._metrics.connected is not None:
+            yield GaugeMetricFamily("edgeci_broker_connected", "1 while the coordinator is connected to its broker",
+                                    value=1 if self._metrics.connected() else 0)
         s = self._metrics.snapshot
         if s is None:
             return

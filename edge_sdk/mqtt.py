@@ -325,6 +325,7 @@ class MqttTransport:
         self._on_message = on_message
         self._on_connection = on_connection
         self._connected = threading.Event()
+        self._lost_at: float | None = None  # when an established connection dropped (for the reconnect's log line)
         self._settled = threading.Event()  # first CONNACK, or the broker turned us away
         self._subscribed = threading.Event()  # the broker answered our subscriptions (SUBACK)
         self._refusal: str | None = None
@@ -715,6 +716,9 @@ class MqttTransport:
                 self._settled.set()
             return
         self._reconnect_at, self._reconnect_delay = None, RECONNECT_MIN_S
+        if self._lost_at is not None:
+            log.warning("reconnected to broker %s after %.1f s", self.address.url, time.monotonic() - self._lost_at)
+            self._lost_at = None
         self._pending_subs.clear()  # SUBACKs of an earlier connection never come
         if self._subs:
             _, mid = client.subscribe([(t, 1) for t in self._subs])
@@ -731,6 +735,9 @@ class MqttTransport:
             self._on_connection(True)
 
     def _handle_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if self._connected.is_set() and not self._stopping:  # an outage, or another client took our id
+            self._lost_at = time.monotonic()
+            log.warning("lost the connection to broker %s (%s); reconnecting", self.address.url, reason)
         self._connected.clear()
         if not self._settled.is_set():
             # Closed before any CONNACK: with TLS 1.3 a rejected client certificate shows

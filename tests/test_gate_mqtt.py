@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -171,9 +172,25 @@ def test_rollback_and_pin_on_a_running_coordinator_survive_its_restart(mosquitto
         from edge_sdk.signing import Signer, save_signer
 
         save_signer(Signer.generate(), rogue_key)
-        with coordinator(url, state):
-            out = edgeci("rollback", "--to", "1", "--broker", url, "--region", REGION, "--signing-key", str(rogue_key), "--wait", "5")
-            assert out.returncode == 1 and "did not confirm" in out.stdout, out.stdout + out.stderr
+        with coordinator(url, state) as proc:
+            # refused commands say why at once (the coordinator's status names the refused nonce), not after --wait
+            started = time.monotonic()
+            out = edgeci("rollback", "--to", "1", "--broker", url, "--region", REGION, "--signing-key", str(rogue_key), "--wait", "30")
+            assert out.returncode == 1 and "refused rollback: bad_signature" in out.stdout, out.stdout + out.stderr
+            out = edgeci("rollback", "--to", "99", "--broker", url, "--region", REGION, "--state-dir", str(state), "--wait", "30")
+            assert out.returncode == 1 and "refused rollback: unknown_version: no version 99" in out.stdout, out.stdout + out.stderr
+            assert time.monotonic() - started < 25, "a refusal waited for the timeout"
+            lost = next(d for d in (state / "versions").iterdir() if d.name.isdigit() and int(d.name) == 3)
+            shutil.move(lost, tmp_path / "v3")  # a version the registry no longer has (pruned, lost)
+            out = edgeci("rollback", "--to", "3", "--broker", url, "--region", REGION, "--state-dir", str(state), "--wait", "30")
+            assert out.returncode == 1 and "refused rollback: version_unavailable" in out.stdout, out.stdout + out.stderr
+            assert any("WARNING" in ln and "operator rollback of version 3 failed" in ln for ln in proc.lines), proc.lines[-5:]
+            out = edgeci("unpin", "--broker", url, "--region", REGION, "--state-dir", str(state))
+            assert out.returncode == 0 and "unpin done (it was not pinned)" in out.stdout, out.stdout + out.stderr
             assert watcher.extra("release") == 7
+        out = edgeci("pin", "-1", "--broker", url, "--region", REGION, "--state-dir", str(state))
+        assert out.returncode == 2 and "versions start at 0" in out.stderr, out.stdout + out.stderr
+        out = edgeci("rollback", "--to", "1", "--broker", url, "--region", REGION, "--state-dir", str(state), "--wait", "30")
+        assert out.returncode == 2 and "is not running" in out.stdout, out.stdout + out.stderr  # its last will says stopped
     finally:
         watcher.close()

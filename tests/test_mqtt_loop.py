@@ -6,6 +6,7 @@ submit and publish, the timer fires without traffic, a broker restart is survive
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Iterator
 from functools import partial
@@ -131,7 +132,8 @@ def test_other_threads_submit_and_publish_and_the_timer_fires(mosquitto: Mosquit
         echo.stop()
 
 
-def test_survives_a_broker_restart() -> None:
+def test_survives_a_broker_restart(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="edge_sdk.mqtt")
     broker = MosquittoProcess().start()
     port = broker.port
     echo = Echo(broker.url).start()
@@ -147,6 +149,10 @@ def test_survives_a_broker_restart() -> None:
         peer.client.publish("in/after", b"again", qos=1)
         wait_until(lambda: peer is not None and ("out/after", b"niaga") in peer.got, 20, "an answer after the restart")
         assert not echo.actor.errors
+        # an operator sees the outage at WARNING, not only the reconnect attempts at INFO
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any("lost the connection to broker" in m for m in warned), warned
+        assert any("reconnected to broker" in m for m in warned), warned
     finally:
         if peer is not None:
             peer.stop()
