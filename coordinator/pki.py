@@ -524,6 +524,61 @@ def acl_text(identities: Iterable[Identity]) -> str:
     return "\n".join(lines)
 
 
+def broker_files(pki: Pki, broker_name: str, dest: Path, *, password: bool = False,
+                 user: str | None = None) -> dict[str, Path]:
+    """Copy what the broker reads into ``dest`` (the folder that goes to the broker's host with
+    its config): CA certificate, its certificate and key, the ACL and the CRL (or the password
+    hashes). Public files 0644, secrets 0600, the folder 0755. ``user``: the account mosquitto
+    runs as once started as root (it drops privileges *before* reading these files): the
+    secrets are chowned to it, which only root can do. Running again refreshes the copies
+    (after ``pki issue`` / ``revoke``)."""
+    bundle = pki.bundle_dir(broker_name)
+    if not (bundle / f"{broker_name}.crt").exists():
+        raise ConfigError(f"no broker certificate {broker_name!r}: edgeci pki issue --dir {pki.root} --role broker {broker_name}")
+    account = None
+    if user:
+        import pwd
+
+        try:
+            account = pwd.getpwnam(user)
+        except KeyError:
+            raise ConfigError(f"--user {user}: no such account on this machine") from None
+        if os.geteuid() != 0 and account.pw_uid != os.geteuid():
+            raise ConfigError(f"--user {user}: only root can hand the broker's key to another account")
+    if not password and not pki.crl_path.exists():  # a PKI made before CRLs
+        pki.write_crl()
+    sources = {"cafile": (pki.ca_cert_path, False), "certfile": (bundle / f"{broker_name}.crt", False),
+               "keyfile": (bundle / f"{broker_name}.key", True), "acl_file": (pki.acl_path, False)}
+    if password:
+        sources["password_file"] = (pki.passwd_path, True)
+    else:
+        sources["crlfile"] = (pki.crl_path, False)
+    public_dir(dest)
+    os.chmod(dest, 0o755)
+    out = {}
+    for key, (source, secret) in sources.items():
+        if not source.is_file():
+            raise ConfigError(f"{source} is missing ({'edgeci pki passwd' if key == 'password_file' else 'edgeci pki issue'} writes it)")
+        copy = dest / source.name
+        (write_private if secret else write_public)(copy, source.read_bytes())
+        if secret and account is not None:
+            os.chown(copy, account.pw_uid, account.pw_gid)
+        out[key] = copy.resolve()
+    return out
+
+
+def _default_broker_user() -> str | None:
+    """Started as root, Debian's mosquitto runs as ``mosquitto``: the default ``--user`` then."""
+    if os.geteuid() != 0:
+        return None
+    import pwd
+
+    try:
+        return pwd.getpwnam("mosquitto").pw_name
+    except KeyError:
+        return None
+
+
 # ---------------------------------------------------------------- CLI
 
 _STEPS = """\
@@ -535,15 +590,14 @@ operator's steps (keep PKI/ca.key offline; copy only bundles/<ID>/ to each host)
                                                                               issued before it, devices trust
                                                                               the coordinators issued before them)
   4. edgeci pki issue  --dir PKI --role device headset-7 --region eu         (one per device)
-  5. mosquitto -c coordinator/mosquitto/edgeci-secure.conf with its cafile/certfile/keyfile set to
-     PKI/ca.crt and PKI/bundles/broker/broker.{crt,key}, acl_file PKI/mosquitto.acl, crlfile PKI/ca.crl
-     (or: edgeci pki broker-conf --dir PKI --out /etc/mosquitto/conf.d/edgeci.conf)
+  5. edgeci pki broker-conf --dir PKI --out /etc/mosquitto/conf.d/edgeci.conf   (the config, and its files
+     in edgeci-files/ beside it: CA and broker certificates, broker key, ACL, CRL), then mosquitto -c it
   6. edgeci coordinator --broker mqtts://mqtt.example.net:8883 --bundle PKI/bundles/coord-eu ...
      edgeci device      --broker mqtts://mqtt.example.net:8883 --bundle PKI/bundles/headset-7 ...
 Issuing a new coordinator or operator later: `edgeci pki trust --dir PKI` rewrites every bundle's
 trusted/ (and coordinators' operators/) keys; re-copy the bundles. A new identity: `pki issue`
-rewrites PKI/mosquitto.acl; SIGHUP mosquitto. A lost or compromised identity: `edgeci pki revoke
---dir PKI ID` (its certificate goes on PKI/ca.crl, its name out of the ACL), then SIGHUP mosquitto;
+rewrites PKI/mosquitto.acl; run broker-conf again, SIGHUP mosquitto. A lost or compromised identity: `edgeci pki
+revoke --dir PKI ID` (its certificate goes on PKI/ca.crl, its name out of the ACL), broker-conf, SIGHUP mosquitto;
 issuing the same ID again later is safe (the old certificate stays on the CRL), as is `--force`.
 Every connection of one identity replaces its previous one (mosquitto uses the name as client id):
 run `edgeci status` / `rollback` with an operator's bundle, never a coordinator's or a device's.
@@ -620,16 +674,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s = sub.add_parser("trust", help="rewrite every bundle's trusted/ keys (after issuing a new coordinator)")
     s.add_argument("--dir", type=Path, required=True)
 
-    s = sub.add_parser("broker-conf", help="write a ready mosquitto config (TLS + ACL) for this PKI",
-                       description="edgeci-secure.conf (or edgeci-password.conf with --password) with its paths set "
-                                   "to this PKI's files, the listener and max_packet_size.", formatter_class=fmt)
+    s = sub.add_parser("broker-conf", help="write a ready mosquitto config (TLS + ACL) and the files it reads",
+                       description="edgeci-secure.conf (or edgeci-password.conf with --password) with the listener and "
+                                   "max_packet_size set, and beside it a folder OUT-files/ with copies of what the broker "
+                                   "reads (CA certificate, the broker's certificate and key, the ACL, the CRL or the "
+                                   "password hashes): copy both to the broker's host, the rest of PKI/ stays with the "
+                                   "operator. After `pki issue` / `revoke` run broker-conf again (it refreshes the copies) "
+                                   "and SIGHUP mosquitto.", formatter_class=fmt)
     s.add_argument("--dir", type=Path, required=True)
     s.add_argument("--broker-name", default="broker", help="the broker identity issued with --role broker")
     s.add_argument("--port", type=int, default=8883)
     s.add_argument("--bind", default="0.0.0.0", help="listen address")
     s.add_argument("--model-bytes", type=int, default=0, help="largest model's float32 bytes: max_packet_size = this + headroom (0: paho's 256 MiB limit)")
     s.add_argument("--password", action="store_true", help="username/password variant (server certificate only)")
-    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--user", default=None, help="account mosquitto runs as (started as root, it reads its files only "
+                   "after dropping to it): the key and password copies are chowned to it. Default: 'mosquitto' when "
+                   "run as root and that account exists; '' for none")
+    s.add_argument("--out", type=Path, required=True, help="the config file to write (its files go to OUT-files/ beside it)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -644,7 +705,8 @@ def run(args: argparse.Namespace) -> int:
         trust = [c.strip() for c in args.trust.split(",") if c.strip()]
         bundle = pki.issue(args.identity, args.role, regions=regions, trust=trust, days=args.days,
                            hosts=args.host, force=args.force)
-        print(f"{args.role} {args.identity}: bundle {bundle} (ACL rewritten: {pki.acl_path})")
+        print(f"{args.role} {args.identity}: bundle {bundle} (ACL rewritten: {pki.acl_path}; a running broker needs "
+              "`edgeci pki broker-conf` again and a SIGHUP)")
         if args.force:
             print(f"the previous certificate of {args.identity} is on {pki.crl_path}: reload mosquitto (kill -HUP) to refuse it")
         if args.role == "coordinator":
@@ -665,7 +727,7 @@ def run(args: argparse.Namespace) -> int:
         role = pki.identities[args.identity].role if args.identity in pki.identities else ""
         if pki.revoke(args.identity):
             print(f"{args.identity} revoked: certificate on {pki.crl_path}, ACL {pki.acl_path} rewritten; "
-                  "reload mosquitto (kill -HUP) to apply")
+                  "refresh the broker's copies (`edgeci pki broker-conf` again) and reload mosquitto (kill -HUP) to apply")
         else:
             print(f"{args.identity} revoked from the ACL {pki.acl_path}, but {pki.crl_path} was NOT updated (no CA key "
                   f"here): run `edgeci pki crl` where ca.key is, copy ca.crl to the broker, then reload mosquitto")
@@ -680,18 +742,10 @@ def run(args: argparse.Namespace) -> int:
     elif cmd == "broker-conf":
         from coordinator.broker import secure_conf
 
-        bundle = pki.bundle_dir(args.broker_name)
-        if not (bundle / f"{args.broker_name}.crt").exists():
-            raise ConfigError(f"no broker certificate {args.broker_name!r}: edgeci pki issue --dir {args.dir} --role broker {args.broker_name}")
-        if not args.password and not pki.crl_path.exists():  # a PKI made before CRLs
-            pki.write_crl()
-        text = secure_conf(
-            cafile=pki.ca_cert_path.resolve(), certfile=(bundle / f"{args.broker_name}.crt").resolve(),
-            keyfile=(bundle / f"{args.broker_name}.key").resolve(), acl_file=pki.acl_path.resolve(),
-            port=args.port, host=args.bind, model_bytes=args.model_bytes,
-            password_file=pki.passwd_path.resolve() if args.password else None,
-            crlfile=None if args.password else pki.crl_path.resolve(),
-        )
+        user = _default_broker_user() if args.user is None else (args.user or None)
+        files = broker_files(pki, args.broker_name, args.out.parent / f"{args.out.stem}-files", password=args.password, user=user)
+        text = secure_conf(port=args.port, host=args.bind, model_bytes=args.model_bytes, **files)
         write_public(args.out, text.encode())
-        print(f"mosquitto config written: {args.out}")
+        print(f"mosquitto config written: {args.out}, its files in {files['cafile'].parent}"
+              f"{f' (key readable by {user})' if user else ''}; after `pki issue` / `revoke`, run this again and SIGHUP mosquitto")
     return 0

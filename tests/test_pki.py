@@ -366,7 +366,7 @@ def test_cli_init_issue_acl_passwd(tmp_path: Path, capsys: pytest.CaptureFixture
     assert edgeci(["pki", "issue", "--dir", str(d), "--role", "broker", "broker"]) == 0
     assert edgeci(["pki", "broker-conf", "--dir", str(d), "--out", str(tmp_path / "m.conf"), "--model-bytes", "4096"]) == 0
     conf = (tmp_path / "m.conf").read_text()
-    assert f"acl_file {(d / 'mosquitto.acl').resolve()}" in conf and f"max_packet_size {packet_limit(4096)}" in conf
+    assert f"acl_file {(tmp_path / 'm-files' / 'mosquitto.acl').resolve()}" in conf and f"max_packet_size {packet_limit(4096)}" in conf
     manifest = Pki.open(d).bundle_dir("cam-1") / "bundle.json"
     assert '"username": "cam-1"' in manifest.read_text()
 

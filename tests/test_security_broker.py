@@ -418,3 +418,65 @@ def test_coordinator_cli_and_device_with_bundles(secure_broker: SecureBroker, tm
         for i in range(2):
             client.add_sample(pool.x[i], int(pool.y[i]))
         assert client.wait_for_version(0, timeout=60), "".join(coord.lines[-20:])
+
+
+def test_broker_conf_starts_the_secure_broker_as_root_with_its_own_copies(tmp_path: Path) -> None:
+    """``edgeci pki broker-conf`` as the README runs it: mosquitto started with it as root drops
+    to its own account before reading its files. It referred to PKI/ (0700, root's) and exited
+    with 'Unable to open acl_file'; now the files it reads are copies beside the config."""
+    import os
+    import pwd
+    import stat
+    import subprocess
+    import tempfile
+
+    from coordinator.broker import MosquittoProcess, free_port
+    from demos.cli import main as edgeci
+
+    pki = Pki.init(tmp_path / "PKI")
+    pki.issue("broker", "broker")
+    pki.issue("coord-eu", "coordinator", regions=[R])
+    pki.issue("headset-7", "device", regions=[R])
+    etc = Path(tempfile.mkdtemp(prefix="edgeci-etc-"))  # like /etc/mosquitto/conf.d: reachable by every account
+    os.chmod(etc, 0o755)
+    port = free_port()
+    out = etc / "edgeci.conf"
+    proc = None
+    try:
+        assert edgeci(["pki", "broker-conf", "--dir", str(pki.root), "--out", str(out), "--port", str(port), "--bind", "127.0.0.1"]) == 0
+        files = etc / "edgeci-files"
+        assert {p.name for p in files.iterdir()} == {"ca.crt", "broker.crt", "broker.key", "mosquitto.acl", "ca.crl"}
+        assert stat.S_IMODE((files / "broker.key").stat().st_mode) == 0o600
+        assert stat.S_IMODE((files / "mosquitto.acl").stat().st_mode) == 0o644
+        text = out.read_text()
+        assert f"acl_file {(files / 'mosquitto.acl').resolve()}" in text and str(pki.root) not in text
+        as_root_dropping = os.geteuid() == 0 and any(p.pw_name == "mosquitto" for p in pwd.getpwall())
+        if as_root_dropping:
+            assert pwd.getpwuid((files / "broker.key").stat().st_uid).pw_name == "mosquitto"
+        proc = subprocess.Popen([MosquittoProcess.binary(), "-c", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        device = MqttTransport(f"mqtts://127.0.0.1:{port}", client_id="headset-7", subscriptions=[], on_message=lambda t, p: None,
+                               clean_session=True, auth=BrokerAuth.from_bundle(pki.bundle_dir("headset-7")))
+        deadline = time.monotonic() + 20
+        while True:  # the broker takes a moment to listen
+            assert proc.poll() is None, (proc.stdout.read() if proc.stdout else b"").decode(errors="replace")
+            try:
+                device.start(5)
+                break
+            except TransportError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        assert device.connected
+        device.stop()
+        # a new device after the broker started: broker-conf again refreshes the ACL copy (then SIGHUP)
+        pki.issue("headset-8", "device", regions=[R])
+        assert "user headset-8" not in (files / "mosquitto.acl").read_text()
+        assert edgeci(["pki", "broker-conf", "--dir", str(pki.root), "--out", str(out), "--port", str(port), "--bind", "127.0.0.1"]) == 0
+        assert "user headset-8" in (files / "mosquitto.acl").read_text()
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(10)
+            if proc.stdout is not None:
+                proc.stdout.close()
+        shutil.rmtree(etc, ignore_errors=True)
