@@ -13,7 +13,8 @@ from pathlib import Path
 from devices.live import LabellingLoop, LabellingUser, device_index
 from devices.partition import partition
 from edge_sdk.client import EdgeClient
-from edge_sdk.mqtt import TOFU_DEVICES, add_broker_arguments, auth_from_args
+from edge_sdk.errors import ConfigError
+from edge_sdk.mqtt import TOFU_DEVICES, add_broker_arguments, auth_from_args, read_bundle
 from edge_sdk.tasks import get_task
 from edge_sdk.tasks.base import Split, TrainConfig
 
@@ -32,14 +33,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=1.0, help="Dirichlet α of the partition")
     p.add_argument("--rate", type=float, default=0.5, help="labels per second (Poisson)")
     p.add_argument("--min-samples", type=int, help="D_min before the first pull (default: the task's, edge_sdk/tasks/registry.py)")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--epochs", type=int, default=2, help="local epochs per round, unless the coordinator's hints say otherwise")
+    p.add_argument("--lr", type=float, default=0.05, help="local learning rate, unless the coordinator's hints say otherwise")
     p.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: run until the partition is labelled, then keep serving)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the partition, the labelling times and local training")
 
 
 def run(args: argparse.Namespace) -> int:
     logging.getLogger("edgeci").setLevel(logging.INFO)
+    if args.bundle is not None:  # the broker's ACL gives the bundle's identity its regions' topics only
+        regions = read_bundle(args.bundle).get("regions") or []
+        if args.region not in regions:
+            raise ConfigError(f"bundle {args.bundle} is for region(s) {', '.join(map(str, regions)) or '(none)'}, not "
+                              f"{args.region!r}: the broker would refuse every topic (--region {regions[0] if regions else 'R'}?)")
     task = get_task(args.model)
     data = task.data()
     index = args.partition if args.partition is not None else device_index(args.device_id, args.fleet_size)
@@ -65,8 +71,16 @@ def run(args: argparse.Namespace) -> int:
     def show(kind: str, data: dict[str, object]) -> None:
         print(f"[{args.device_id}] {kind}: {data}", flush=True)
 
-    for kind in ("model", "trained", "update_acked", "update_rejected", "deferred", "training_failed"):
+    for kind in ("model", "trained", "update_acked", "update_rejected", "deferred", "training_failed", "failover"):
         client.on(kind, show)
+
+    def unanswered(kind: str, data: dict[str, object]) -> None:  # say so once, not silence for ever
+        attempt = data.get("attempt")
+        if isinstance(attempt, int) and attempt in (1, 10, 100):
+            print(f"[{args.device_id}] no answer to its {data.get('what')} from a coordinator of region {args.region!r} "
+                  f"yet (attempt {attempt}); is one running there? `edgeci status --region {args.region}`", flush=True)
+
+    client.on("retry", unanswered)
     already = client.store.stats().added
     user = LabellingUser(
         name=args.device_id,

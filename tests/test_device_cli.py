@@ -1,0 +1,41 @@
+"""``edgeci device``: a device CLI that cannot work says so (a bundle for another region: an
+error before anything connects; no coordinator answering: a line pointing at ``edgeci status``)
+instead of running silently and exiting 0."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from coordinator.broker import MosquittoProcess
+from coordinator.pki import Pki
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def device(*argv: str, home: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "demos.cli", "device", *argv], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "EDGECI_HOME": str(home)})
+
+
+def test_a_bundle_for_another_region_is_refused_before_connecting(tmp_path: Path) -> None:
+    pki = Pki.init(tmp_path / "PKI")
+    bundle = pki.issue("headset-7", "device", regions=["eu"])
+    out = device("--broker", "mqtts://127.0.0.1:1", "--region", "us", "--device-id", "headset-7", "--bundle", str(bundle),
+                 "--duration", "5", home=tmp_path / "home")
+    assert out.returncode != 0
+    assert "is for region(s) eu, not 'us'" in out.stderr, out.stdout + out.stderr
+    assert not (tmp_path / "home").exists()  # refused before the SDK made its data dir
+
+
+@pytest.mark.broker
+def test_a_device_nobody_answers_says_so(mosquitto: MosquittoProcess, tmp_path: Path) -> None:
+    out = device("--broker", mosquitto.url, "--region", "nowhere", "--device-id", "d1", "--rate", "20", "--min-samples", "2",
+                 "--duration", "14", home=tmp_path / "home")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "no answer to its pull from a coordinator of region 'nowhere' yet (attempt 1)" in out.stdout, out.stdout
+    assert "edgeci status --region nowhere" in out.stdout
