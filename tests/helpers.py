@@ -195,6 +195,26 @@ def make_coordinator(strategy: str | Strategy = "spin", *, snapshot: Snapshot | 
     return CoordinatorCore(cfg, strat, snapshot or toy_snapshot(), rng=random.Random(seed))
 
 
+def unstarted_client(data_dir: Path, **kw: Any) -> Any:
+    """An EdgeClient (digits, device ``d1`` unless given) that is never started: no broker, and
+    what it submits to its actor is collected in ``c.submitted`` for the test to run by hand."""
+    from edge_sdk.client import EdgeClient
+
+    kw.setdefault("task", "digits")
+    kw.setdefault("device_id", "d1")
+    c = EdgeClient(broker="mqtt://127.0.0.1:1", data_dir=data_dir, **kw)
+    c.submitted = []
+    c.actor.submit = c.submitted.append
+    return c
+
+
+def close_unstarted(c: Any) -> None:
+    """Undo :func:`unstarted_client`: its actor, trainer and store."""
+    c.actor.stop()
+    c._trainer.shutdown(wait=False)
+    c.store.close()
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str, poll: float = 0.05) -> None:
     """Poll ``predicate`` until it holds; fail naming ``what`` after ``timeout`` seconds
     (integration tests only: the cores' tests never wait)."""

@@ -18,6 +18,7 @@ from edge_sdk.tasks.base import (
     hints_out_of_bounds,
     train_config,
 )
+from tests.helpers import close_unstarted, unstarted_client
 
 
 def test_training_hints_are_clamped_to_their_bounds() -> None:
@@ -36,18 +37,10 @@ def test_training_hints_are_clamped_to_their_bounds() -> None:
 
 
 def _client(tmp_path: Any) -> Any:
-    from edge_sdk.client import EdgeClient
-
-    c = EdgeClient(broker="mqtt://127.0.0.1:1", device_id="d1", data_dir=tmp_path, task="digits", min_samples=1)
-    c.submitted = []
-    c.actor.submit = c.submitted.append  # the actor is never started: run what it was given by hand
-    return c
+    return unstarted_client(tmp_path, min_samples=1)
 
 
-def _close(c: Any) -> None:
-    c.actor.stop()
-    c._trainer.shutdown(wait=False)
-    c.store.close()
+_close = close_unstarted
 
 
 def _job(c: Any, job_id: int, hints: dict[str, float] | None = None) -> TrainingJob:

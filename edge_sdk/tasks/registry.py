@@ -89,6 +89,14 @@ class InputContract:
     def _fail(self, problem: str) -> InvalidSample:
         return InvalidSample(f"{self.task}: expected {self.describe()}; {problem}")
 
+    def _array(self, x: npt.ArrayLike) -> npt.NDArray[Any]:
+        """``x`` as an array; anything numpy cannot make one of (ragged lists, an ``__array__``
+        that raises) is an :class:`InvalidSample` like any other bad input."""
+        try:
+            return np.asarray(x)
+        except Exception as exc:  # the app's object: its conversion may raise anything
+            raise self._fail(f"got {type(x).__name__} that is not an array ({type(exc).__name__}: {exc})") from exc
+
     def _values(self, xs: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
         numeric = np.issubdtype(xs.dtype, np.number) and not np.issubdtype(xs.dtype, np.complexfloating)
         if not (np.issubdtype(xs.dtype, np.floating) or (numeric and not self.floats_only)):
@@ -105,7 +113,7 @@ class InputContract:
 
     def sample(self, x: npt.ArrayLike) -> npt.NDArray[np.float32]:
         """One validated sample of exactly :attr:`shape`."""
-        xs = np.asarray(x)
+        xs = self._array(x)
         if xs.shape != self.shape:
             if xs.shape != self.compact_shape:
                 raise self._fail(f"got shape {xs.shape}")
@@ -114,7 +122,7 @@ class InputContract:
 
     def batch(self, x: npt.ArrayLike) -> npt.NDArray[np.float32]:
         """A validated ``(N, *shape)`` batch from a batch or one sample (either shape)."""
-        xs = np.asarray(x)
+        xs = self._array(x)
         if xs.shape in (self.shape, self.compact_shape):
             xs = xs.reshape((1, *self.shape))
         elif xs.ndim >= 1 and xs.shape[0] > 0 and xs.shape[1:] in (self.shape, self.compact_shape):
