@@ -70,7 +70,14 @@ from edge_sdk.scc import DeviceScc, SccConfig
 from edge_sdk.spec import Vector
 from edge_sdk.store import SampleKind, SampleStore
 from edge_sdk.tasks import get_task
-from edge_sdk.tasks.base import Task, TrainConfig, TrainResult, hints_out_of_bounds, train_config
+from edge_sdk.tasks.base import (
+    Task,
+    TrainConfig,
+    TrainResult,
+    check_detect_input,
+    hints_out_of_bounds,
+    train_config,
+)
 from edge_sdk.tasks.registry import (
     DeclaredTask,
     InputContract,
@@ -390,6 +397,7 @@ class EdgeClient:
         """
         if self.sample_kind != "frame":
             raise LocalProtocolError(f"detect serves detectors; this {self.task.name} device predicts classes with predict(x)")
+        check_detect_input(image, conf)  # before any export: a bad call costs nothing
         with self._lock:
             deployed, current = self._deployed, self._detector
         if deployed is None:

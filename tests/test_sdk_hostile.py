@@ -32,3 +32,44 @@ def test_inputs_numpy_cannot_convert_are_invalid_samples(tmp_path: Path, x: Any)
             c.contract.batch(x)  # what predict validates with
     finally:
         close_unstarted(c)
+
+
+class _FakeDetector:
+    """Stands in for the exported ONNX session: records what reached it."""
+
+    def __init__(self) -> None:
+        self.calls: list[Any] = []
+
+    def detect(self, image: Any, *, conf: Any = None) -> Any:
+        self.calls.append(conf)
+        return np.zeros((0, 6), np.float32)
+
+
+@pytest.mark.parametrize(
+    ("image", "conf"),
+    [
+        (np.zeros((0, 0, 3), np.uint8), 0.25),
+        (np.zeros((0, 5, 3), np.uint8), 0.25),
+        (np.zeros((4, 4, 3), np.uint8), "x"),
+        (np.zeros((4, 4, 3), np.uint8), float("nan")),
+        (np.zeros((4, 4, 3), np.uint8), -1.0),
+        (np.zeros((4, 4, 3), np.uint8), 1.5),
+        (np.zeros((4, 4, 3), np.uint8), True),
+    ],
+    ids=["0x0", "0x5", "conf-str", "conf-nan", "conf-negative", "conf-above-1", "conf-bool"],
+)
+def test_detect_refuses_empty_frames_and_bad_thresholds(tmp_path: Path, image: Any, conf: Any) -> None:
+    from edge_sdk.client import _Exported
+    from edge_sdk.core.events import DeployModel
+
+    c = unstarted_client(tmp_path, task="detection", min_samples=10**6)
+    try:
+        c._perform(DeployModel(version=1, weights=np.zeros(c.task.spec.size, np.float32)))
+        fake = _FakeDetector()
+        c._detector = _Exported(1, fake, c.weights, tmp_path / "deployed-v1.onnx")  # no export
+        assert c.detect(np.zeros((4, 4, 3), np.uint8), conf=0.5).shape == (0, 6) and fake.calls == [0.5]
+        with pytest.raises(InvalidSample):
+            c.detect(image, conf=conf)
+        assert fake.calls == [0.5]  # the refused call never reached the detector
+    finally:
+        close_unstarted(c)

@@ -30,8 +30,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
+import numpy as np
 import numpy.typing as npt
 
+from edge_sdk.errors import InvalidSample
 from edge_sdk.spec import FULL, ModelSpec, Vector
 
 SampleKind = Literal["array", "frame", "gesture"]
@@ -69,6 +71,26 @@ with 10^6 boxes was accepted and trained on: 35 s and 3.7 GB for two 64-pixel fr
 target assignment grows with boxes × anchors (100× the anchors at 640 pixels). Ultralytics
 keeps at most 300 detections per image (``max_det``); dense scenes (crowds, shelves) label
 hundreds of objects, so the bound leaves room above both."""
+
+
+def check_frame(image: object, what: str = "frame") -> None:
+    """InvalidSample unless ``image`` is a non-empty RGB uint8 ``(H, W, 3)`` array."""
+    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3
+            and image.shape[2] == 3 and image.shape[0] >= 1 and image.shape[1] >= 1):
+        raise InvalidSample(f"{what} must be an (H, W, 3) uint8 RGB array with H, W >= 1")
+
+
+def check_detect_input(image: object, conf: object) -> float | None:
+    """What ``detect(image, conf=...)`` accepts: one frame (:func:`check_frame`) and a score
+    threshold in ``[0, 1]`` (``None``: the detector's own); else InvalidSample."""
+    check_frame(image, "image")
+    if conf is None:
+        return None
+    if isinstance(conf, bool) or not isinstance(conf, int | float | np.integer | np.floating):
+        raise InvalidSample(f"conf must be a number in [0, 1], got {type(conf).__name__} {conf!r}")
+    if not 0.0 <= float(conf) <= 1.0:  # (NaN too: it would keep no box, silently)
+        raise InvalidSample(f"conf must be a number in [0, 1], got {conf!r}")
+    return float(conf)
 
 
 def hints_out_of_bounds(hints: Mapping[str, float]) -> dict[str, float]:

@@ -74,7 +74,16 @@ from edge_sdk.tasks._ultralytics import (
     prepare_environment,
     ultralytics_home,
 )
-from edge_sdk.tasks.base import MAX_BOXES, SampleKind, Split, TaskData, TrainConfig, TrainResult
+from edge_sdk.tasks.base import (
+    MAX_BOXES,
+    SampleKind,
+    Split,
+    TaskData,
+    TrainConfig,
+    TrainResult,
+    check_detect_input,
+    check_frame,
+)
 from edge_sdk.tasks.registry import default_train_config
 from edge_sdk.tasks.scenes import (
     CLASS_NAMES,
@@ -255,13 +264,7 @@ def _check_frames(
     if boxes is not None and len(images) != len(boxes):
         raise InvalidSample(f"{len(images)} images but {len(boxes)} box arrays")
     for i, img in enumerate(images):
-        if (
-            not isinstance(img, np.ndarray)
-            or img.dtype != np.uint8
-            or img.ndim != 3
-            or img.shape[2] != 3
-        ):
-            raise InvalidSample(f"image {i} must be an (H, W, 3) uint8 RGB array")
+        check_frame(img, f"image {i}")
         if boxes is None:
             continue
         b = np.asarray(boxes[i])
@@ -953,8 +956,8 @@ class OnnxDetector:
 
     def detect(self, image: npt.NDArray[np.uint8], *, conf: float | None = None) -> npt.NDArray[np.float32]:
         """Detections in ``image`` scoring above ``conf`` (default: the detector's)."""
-        conf = self.conf if conf is None else conf
-        _check_frames([image], None, 1)
+        checked = check_detect_input(image, conf)
+        conf = self.conf if checked is None else checked
         boxed, scale, (dx, dy) = letterbox(image, self.imgsz)
         batch = np.ascontiguousarray(boxed.transpose(2, 0, 1)[None], dtype=np.float32) / 255.0
         pred = self.raw(batch)[0].T  # (anchors, 4 + nc)
