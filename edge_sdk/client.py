@@ -319,6 +319,7 @@ class EdgeClient:
             raise LocalProtocolError("a detection device stores frames with boxes: use add_frame(image, boxes)")
         assert self.contract is not None
         sample = self.contract.sample(x)
+        label = self.store.check_label(label)  # first: a refused label must not feed the canary
         if self._canary is not None:  # test, then train: score it before it joins the training set
             self._canary_score(sample, label)
         sample_id = self.store.add_sample(self.sample_kind, sample, label, timestamp=timestamp)
@@ -483,10 +484,9 @@ class EdgeClient:
         except Exception:  # scoring must never cost the label itself
             log.exception("canary scoring of candidate %d failed", candidate)
             return
-        truth = int(label)
         self.actor.submit(lambda now: CanaryScored(now=now, candidate=candidate, release=release,
-                                                   candidate_right=candidate_label == truth,
-                                                   release_right=release_label == truth))
+                                                   candidate_right=candidate_label == label,
+                                                   release_right=release_label == label))
 
     def _load_deployed(self) -> tuple[int, Vector] | None:
         """The model saved at the last deployment (served until the coordinator answers), and

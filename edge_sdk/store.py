@@ -817,6 +817,11 @@ class SampleStore:
             raise InvalidSample(f"timestamp must be finite, got {value!r}")
         return float(value)
 
+    def check_label(self, label: object) -> int:
+        """The class label :meth:`add` would store for ``label``, or the InvalidSample it
+        would raise (for callers that act on a label before storing it)."""
+        return self._check_label(label, "label")
+
     def _check_label(self, label: object, what: str) -> int:
         if isinstance(label, bool) or not isinstance(label, int | np.integer):
             raise InvalidSample(f"{what} must be an integer, got {type(label).__name__} {label!r}")

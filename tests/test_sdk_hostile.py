@@ -73,3 +73,26 @@ def test_detect_refuses_empty_frames_and_bad_thresholds(tmp_path: Path, image: A
         assert fake.calls == [0.5]  # the refused call never reached the detector
     finally:
         close_unstarted(c)
+
+
+def test_a_refused_label_feeds_nothing_to_the_canary(tmp_path: Path) -> None:
+    from edge_sdk.core.events import CanaryScored, DeployModel, SampleAdded, StartCanary
+
+    c = unstarted_client(tmp_path, min_samples=10**6)
+    try:
+        w = c.task.pretrained(seed=0)
+        c._perform(DeployModel(version=1, weights=w))
+        c._perform(StartCanary(candidate=2, release=1, weights=w))  # scoring candidate 2 against release 1
+        for label in [99, -5, 3.7, "4"]:
+            with pytest.raises(InvalidSample):
+                c.add_sample(GOOD, label)
+        assert c.submitted == []  # no CanaryScored for labels the store refused
+        for label in ["abc", None]:  # were a ValueError and a TypeError
+            with pytest.raises(InvalidSample):
+                c.add_sample(GOOD, label)
+        assert c.submitted == [] and c.store.stats().added == 0
+        c.add_sample(GOOD, 3)
+        events = [make(0.0) for make in c.submitted]
+        assert [type(e) for e in events] == [CanaryScored, SampleAdded]
+    finally:
+        close_unstarted(c)
