@@ -461,8 +461,10 @@ class EdgeClient:
         return self.store.stats().added
 
     def _sample_added(self) -> None:
-        total = self._added()
-        self.actor.submit(lambda now: SampleAdded(now=now, total=total))
+        # The total is read when the actor makes the event, not here: the actor makes its events
+        # one at a time, so the totals it reads only grow. Read here, an app thread that stored
+        # earlier could submit after one that stored later ("sample total went backwards").
+        self.actor.submit(lambda now: SampleAdded(now=now, total=self._added()))
 
     def _canary_score(self, sample: npt.NDArray[Any], label: int) -> None:
         """Canary evaluation: predict a new label with the release (exactly as :meth:`predict`

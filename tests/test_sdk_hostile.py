@@ -96,3 +96,15 @@ def test_a_refused_label_feeds_nothing_to_the_canary(tmp_path: Path) -> None:
         assert [type(e) for e in events] == [CanaryScored, SampleAdded]
     finally:
         close_unstarted(c)
+
+
+def test_sample_totals_reach_the_core_in_order_whatever_the_threads_interleaving(tmp_path: Path) -> None:
+    c = unstarted_client(tmp_path, durable=False, min_samples=10**6)
+    try:
+        c.add_sample(GOOD, 1)  # thread A stores first ...
+        c.add_sample(GOOD, 2)  # ... thread B second, and B's SampleAdded is handled first
+        for make in reversed(c.submitted):
+            assert c.core.handle(make(0.0)) == []  # was LocalProtocolError: total went backwards 2 -> 1
+        assert c.core.state.total == 2
+    finally:
+        close_unstarted(c)
