@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import random
 import threading
 from collections import defaultdict
@@ -117,6 +118,16 @@ class _Exported(NamedTuple):
     path: Path
 
 
+def _make_data_dir(path: Path) -> None:
+    """Create the data dir (and its parents) or say, as a ConfigError, why it cannot be one."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"data_dir {path} exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create data_dir {path}: {exc}") from exc
+
+
 class EdgeClient:
     """A device's SDK handle. Thread-safe: call it from the app's threads.
 
@@ -154,66 +165,23 @@ class EdgeClient:
         trusted_keys: Mapping[str, bytes] | None = None,
         scc: bool | SccConfig = False,
     ) -> None:
+        # Everything is checked before anything touches the disk: a ConfigError leaves no data
+        # dir, store or model file behind.
         if inference not in ("onnx", "torch"):
             raise ConfigError(f"inference must be 'onnx' or 'torch', got {inference!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+            raise ConfigError(f"seed must be an int, got {seed!r}")
+        if train is not None and not isinstance(train, TrainConfig):
+            raise ConfigError(f"train must be a TrainConfig, got {type(train).__name__}")
+        if not isinstance(task, str) and not hasattr(task, "spec"):
+            raise ConfigError(f"task must be a task name or a Task, got {type(task).__name__} {task!r}")
+        if data_dir is not None and not isinstance(data_dir, str | os.PathLike):
+            raise ConfigError(f"data_dir must be a path, got {type(data_dir).__name__}")
         self.regions: tuple[str, ...] = tuple(dict.fromkeys([region, *(regions or ())]))
         """This device's region first, then the regions it may fail over to, in order."""
         self.task: Task = _resolve_task(task) if isinstance(task, str) else task
         if min_samples is None:  # the task's declared D_min (edge_sdk/tasks/registry.py)
             min_samples = default_min_samples(self.task)
-        self.durable = durable
-        if durable and data_dir is None:
-            data_dir = device_dir(device_id)  # $EDGECI_HOME/devices/<id> (edge_sdk/paths.py)
-        self.data_dir = Path(data_dir).expanduser() if data_dir is not None else None
-        if self.data_dir is not None:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-        # the task's own training defaults (detection: AdamW 1e-3, not the classifiers' SGD 0.05)
-        self.train_config = train or dataclasses.replace(default_train_config(self.task), seed=seed)
-        self.clock = clock or WallClock()
-        # The task declares its sample kind (edge_sdk/tasks/base.py): "gesture" tasks store
-        # (T, D) sequences, "frame" tasks frames of any size with boxes, "array" fixed shapes.
-        self.sample_kind: SampleKind = sample_kind_of(self.task)
-        # Shape, value range and class count come from the task's declaration, never from
-        # loading its dataset (a [device] install has neither torch nor scikit-learn).
-        shape: tuple[int, ...] | None = None
-        self.contract: InputContract | None = None
-        """What ``add_sample``/``predict`` accept (None for frames)."""
-        if self.sample_kind != "frame":
-            self.contract = input_contract(self.task)
-            shape = self.contract.shape
-        declared = getattr(self.task, "n_classes", None)
-        n_classes = int(declared) if declared is not None else self.task.data().n_classes
-        self.store = SampleStore.open(
-            self.data_dir / "samples.sqlite3" if self.data_dir is not None and durable else ":memory:",
-            sample_shape=shape if self.sample_kind == "array" else None,
-            gesture_shape=shape if self.sample_kind == "gesture" else None,
-            n_classes=n_classes,
-            recover=True,  # a corrupt file is moved aside (counters kept); ``store_recovered`` says so
-        )
-        self.scc: DeviceScc | None = None
-        """SCC (opt-in, ``scc=True`` or an :class:`~edge_sdk.scc.SccConfig`): samples older than
-        the newest ``keep_raw`` age out into a feature cache kept in the store, compensated
-        when a new extractor arrives and used in classifier-only rounds."""
-        if scc:
-            if self.sample_kind == "frame":
-                raise ConfigError("SCC caches classifier features; detection devices cannot use it")
-            self.scc = DeviceScc(scc if isinstance(scc, SccConfig) else SccConfig(), self.task, self.store,
-                                 kind=self.sample_kind)
-        self.inference = inference
-        self._engine: Any = None
-        self._detector: _Exported | None = None
-        """(version, OnnxDetector) serving ``detect``; exported on the first call per version."""
-        self._export_lock = threading.Lock()
-        self._scratch_dir: Path | None = None
-        self._model_path = self.data_dir / "deployed.npz" if self.data_dir is not None and durable else None
-        self._lock = threading.Lock()
-        self._deployed_region: str | None = None
-        self._deployed: tuple[int, Vector] | None = self._load_deployed()
-        self._canary: tuple[int, int, Any] | None = None
-        """(candidate, release, its predictor): a canary request being scored (test-then-train)."""
-        self._callbacks: dict[str, list[Callback]] = defaultdict(list)
-        self._job_ids: dict[int, list[int]] = {}
-        self._version_changed = threading.Condition()
         # Provisioning bundle (`edgeci pki issue`): broker credentials, and the coordinators'
         # model-signing keys this device trusts (bundle/trusted/*.pub).
         self.bundle: Path | None = Path(bundle).expanduser() if bundle is not None else None
@@ -232,10 +200,6 @@ class EdgeClient:
             # what an attacker on the broker would want (a bundle issued before any coordinator).
             raise ConfigError(f"bundle {self.bundle} holds no coordinator keys (trusted/ is empty: it was issued before "
                               "any coordinator); run `edgeci pki trust --dir PKI` and copy the bundle again")
-        if not self.trusted_keys:
-            log.info("device %s: no provisioned coordinator keys; it will pin the first key that signs a model "
-                     "(trust on first use: insecure, whoever publishes a signed model first becomes that key). "
-                     "Provision a bundle (`edgeci pki issue`) for fleets.", device_id)
         cfg = DeviceConfig(
             device_id=device_id,
             region=region,
@@ -248,6 +212,83 @@ class EdgeClient:
             failover_after=failover_after,
             failback_after_s=failback_after_s,
         )
+        # The task declares its sample kind (edge_sdk/tasks/base.py): "gesture" tasks store
+        # (T, D) sequences, "frame" tasks frames of any size with boxes, "array" fixed shapes.
+        self.sample_kind: SampleKind = sample_kind_of(self.task)
+        if scc and self.sample_kind == "frame":
+            raise ConfigError("SCC caches classifier features; detection devices cannot use it")
+        # Presence: retained "online" after every (re)connect, the broker's last will says "offline".
+        self._presence_topic = topics.device_topic(region, device_id, "presence")
+        # Every region's topics from the start (MqttTransport's subscriptions are fixed): the
+        # core ignores replies from regions it is not using. Built here (it opens no socket) so
+        # that a bad broker URL or credentials are refused before the disk is touched.
+        self.transport = MqttTransport(
+            broker, client_id=f"dev-{region}-{device_id}", subscriptions=cfg.subscriptions(), on_message=self._on_message,
+            will=(self._presence_topic, b"offline"),
+            on_connection=self._on_connection,
+            auth=self.auth,
+        )
+        if not self.trusted_keys:
+            log.info("device %s: no provisioned coordinator keys; it will pin the first key that signs a model "
+                     "(trust on first use: insecure, whoever publishes a signed model first becomes that key). "
+                     "Provision a bundle (`edgeci pki issue`) for fleets.", device_id)
+        self.inference = inference
+        self.durable = durable
+        if durable and data_dir is None:
+            data_dir = device_dir(device_id)  # $EDGECI_HOME/devices/<id> (edge_sdk/paths.py)
+        self.data_dir = Path(data_dir).expanduser() if data_dir is not None else None
+        # the task's own training defaults (detection: AdamW 1e-3, not the classifiers' SGD 0.05)
+        self.train_config = train or dataclasses.replace(default_train_config(self.task), seed=int(seed))
+        self.clock = clock or WallClock()
+        # Shape, value range and class count come from the task's declaration, never from
+        # loading its dataset (a [device] install has neither torch nor scikit-learn).
+        shape: tuple[int, ...] | None = None
+        self.contract: InputContract | None = None
+        """What ``add_sample``/``predict`` accept (None for frames)."""
+        if self.sample_kind != "frame":
+            self.contract = input_contract(self.task)
+            shape = self.contract.shape
+        declared = getattr(self.task, "n_classes", None)
+        n_classes = int(declared) if declared is not None else self.task.data().n_classes
+        if self.data_dir is not None:
+            _make_data_dir(self.data_dir)
+        self.store = SampleStore.open(
+            self.data_dir / "samples.sqlite3" if self.data_dir is not None and durable else ":memory:",
+            sample_shape=shape if self.sample_kind == "array" else None,
+            gesture_shape=shape if self.sample_kind == "gesture" else None,
+            n_classes=n_classes,
+            recover=True,  # a corrupt file is moved aside (counters kept); ``store_recovered`` says so
+        )
+        try:
+            self._open(cfg, scc, seed)
+        except BaseException:
+            self.store.close()
+            raise
+
+    def _open(self, cfg: DeviceConfig, scc: bool | SccConfig, seed: int) -> None:
+        """The rest of ``__init__``, once the store is open: SCC, the saved model, the core."""
+        device_id = cfg.device_id
+        self.scc: DeviceScc | None = None
+        """SCC (opt-in, ``scc=True`` or an :class:`~edge_sdk.scc.SccConfig`): samples older than
+        the newest ``keep_raw`` age out into a feature cache kept in the store, compensated
+        when a new extractor arrives and used in classifier-only rounds."""
+        if scc:
+            self.scc = DeviceScc(scc if isinstance(scc, SccConfig) else SccConfig(), self.task, self.store,
+                                 kind=self.sample_kind)
+        self._engine: Any = None
+        self._detector: _Exported | None = None
+        """(version, OnnxDetector) serving ``detect``; exported on the first call per version."""
+        self._export_lock = threading.Lock()
+        self._scratch_dir: Path | None = None
+        self._model_path = self.data_dir / "deployed.npz" if self.data_dir is not None and self.durable else None
+        self._lock = threading.Lock()
+        self._deployed_region: str | None = None
+        self._deployed: tuple[int, Vector] | None = self._load_deployed()
+        self._canary: tuple[int, int, Any] | None = None
+        """(candidate, release, its predictor): a canary request being scored (test-then-train)."""
+        self._callbacks: dict[str, list[Callback]] = defaultdict(list)
+        self._job_ids: dict[int, list[int]] = {}
+        self._version_changed = threading.Condition()
         next_seq = int(self.store.get_meta("next_seq", 0) or 0)
         trained_upto = int(self.store.get_meta("trained_upto", 0) or 0)
         self.core = DeviceCore(cfg, rng=random.Random(seed), next_seq=next_seq, trained_upto=trained_upto,
@@ -260,18 +301,7 @@ class EdgeClient:
                 log.info("device %s: the saved model is v%d of region %s; asking %s for its current one",
                          device_id, version, self._deployed_region, self.core.state.region)
         self.actor = Actor(f"device-{device_id}", self.core.handle, self._perform, clock=self.clock)
-        # Every region's topics from the start (MqttTransport's subscriptions are fixed): the
-        # core ignores replies from regions it is not using.
-        subscriptions = self.core.subscriptions()
         self._trainer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"train-{device_id}")
-        # Presence: retained "online" after every (re)connect, the broker's last will says "offline".
-        self._presence_topic = topics.device_topic(region, device_id, "presence")
-        self.transport = MqttTransport(
-            broker, client_id=f"dev-{region}-{device_id}", subscriptions=subscriptions, on_message=self._on_message,
-            will=(self._presence_topic, b"offline"),
-            on_connection=self._on_connection,
-            auth=self.auth,
-        )
         self._started = False
 
     # ------------------------------------------------------------------ lifecycle

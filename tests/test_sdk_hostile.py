@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge_sdk.errors import InvalidSample
+from edge_sdk.errors import ConfigError, InvalidSample
 from tests.helpers import close_unstarted, unstarted_client
 
 GOOD = np.full((8, 8), 0.5, np.float32)
@@ -108,3 +108,78 @@ def test_sample_totals_reach_the_core_in_order_whatever_the_threads_interleaving
         assert c.core.state.total == 2
     finally:
         close_unstarted(c)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("encoding", "xx"),
+        ("min_samples", float("nan")),
+        ("min_samples", 2.5),
+        ("min_samples", "5"),
+        ("min_samples", True),
+        ("min_samples", 0),
+        ("failover_after", 2.5),
+        ("max_message_bytes", 0),
+        ("request_timeout_s", "10"),
+        ("request_timeout_s", float("nan")),
+        ("request_timeout_s", 0),
+        ("max_backoff_s", float("inf")),
+        ("reannounce_s", -1.0),
+        ("failback_after_s", float("nan")),
+    ],
+)
+def test_device_config_refuses_nonsense_naming_the_parameter(name: str, value: Any) -> None:
+    from edge_sdk.core.device import DeviceConfig
+    from tests.helpers import SPEC
+
+    with pytest.raises(ConfigError, match=name):
+        DeviceConfig(device_id="d1", region="r1", spec=SPEC, **{name: value})
+
+
+def _other_device_bundle(folder: Path) -> Path:
+    folder.mkdir()
+    (folder / "bundle.json").write_text('{"identity": "someone-else"}')
+    return folder
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"encoding": "xx"},
+        {"min_samples": 0},
+        {"min_samples": float("nan")},
+        {"request_timeout_s": "10"},
+        {"failover_after": 0},
+        {"region": "a/b"},
+        {"device_id": "+"},
+        {"device_id": 123},
+        {"broker": "http://x:1"},
+        {"seed": "x"},
+        {"task": 123},
+        {"bundle": "other"},
+        {"task": "detection", "scc": True},
+    ],
+    ids=lambda bad: "-".join(f"{k}={v!r}" for k, v in bad.items()),
+)
+def test_a_client_configuration_error_leaves_nothing_on_disk(tmp_path: Path, bad: dict[str, Any]) -> None:
+    from edge_sdk.client import EdgeClient
+
+    data_dir = tmp_path / "device"
+    kw: dict[str, Any] = {"broker": "mqtt://127.0.0.1:1", "device_id": "d1", "task": "digits", **bad}
+    if kw.get("bundle") == "other":
+        kw["bundle"] = _other_device_bundle(tmp_path / "bundle")
+    with pytest.raises(ConfigError):
+        EdgeClient(data_dir=data_dir, **kw)
+    assert not data_dir.exists()
+
+
+def test_a_data_dir_that_cannot_be_one_is_a_config_error(tmp_path: Path) -> None:
+    from edge_sdk.client import EdgeClient
+
+    a_file = tmp_path / "file"
+    a_file.write_text("not a folder")
+    for data_dir in (a_file, a_file / "below"):
+        with pytest.raises(ConfigError, match="data_dir"):
+            EdgeClient(broker="mqtt://127.0.0.1:1", device_id="d1", data_dir=data_dir)
+    assert a_file.read_text() == "not a folder"

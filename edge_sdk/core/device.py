@@ -155,6 +155,7 @@ from edge_sdk.spec import FULL, ModelSpec, Vector
 from edge_sdk.wire import topics
 from edge_sdk.wire.codec import (
     DEFAULT_MAX_BYTES,
+    ENCODINGS,
     Encoding,
     SignatureInfo,
     decode_frame,
@@ -230,14 +231,51 @@ class DeviceConfig:
         topics.check_id(self.region, "region")
         fallbacks = tuple(dict.fromkeys(topics.check_id(r, "region") for r in self.fallback_regions if r != self.region))
         object.__setattr__(self, "fallback_regions", fallbacks)
-        if self.failover_after < 1:
-            raise ConfigError("failover_after must be >= 1")
-        if not 0 <= self.failback_after_s < float("inf"):
-            raise ConfigError("failback_after_s must be a finite number >= 0")
-        if self.min_samples < 1:
-            raise ConfigError("min_samples must be >= 1")
-        if not 0 < self.request_timeout_s <= self.max_backoff_s:
-            raise ConfigError("need 0 < request_timeout_s <= max_backoff_s")
+        if not isinstance(self.spec, ModelSpec):
+            raise ConfigError(f"spec must be a ModelSpec, got {type(self.spec).__name__}")
+        for name in ("min_samples", "failover_after", "max_message_bytes"):
+            object.__setattr__(self, name, _count(name, getattr(self, name)))
+        for name in ("request_timeout_s", "max_backoff_s", "reannounce_s", "failback_after_s"):
+            object.__setattr__(self, name, _seconds(name, getattr(self, name), zero=name == "failback_after_s"))
+        if self.request_timeout_s > self.max_backoff_s:
+            raise ConfigError("need request_timeout_s <= max_backoff_s")
+        if self.encoding not in ENCODINGS:  # else the first update fails to encode, stuck in PUSHING
+            raise ConfigError(f"encoding must be one of {sorted(ENCODINGS)}, got {self.encoding!r}")
+
+    @property
+    def regions(self) -> tuple[str, ...]:
+        """Home first, then the fallback regions in order."""
+        return (self.region, *self.fallback_regions)
+
+    def subscriptions(self) -> list[str]:
+        """Every topic this device may read, in any of its regions: what a driver with a
+        fixed subscription list subscribes to (replies from regions not in use are ignored).
+        A function of the configuration alone, so a driver can set up before its core exists."""
+        return [t for r in self.regions for t in self.region_topics(r)] + self.watched()
+
+    def region_topics(self, region: str) -> list[str]:
+        return [topics.device_topic(region, self.device_id, leaf) for leaf in topics.DOWNSTREAM]
+
+    def watched(self) -> list[str]:
+        """Coordinators' retained status, watched only by devices that can fail over."""
+        return [topics.status_topic(r) for r in self.regions] if self.fallback_regions else []
+
+
+def _count(name: str, value: object) -> int:
+    """A DeviceConfig count: an int >= 1 (a numpy int too; not a bool, a float or NaN)."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
+    return int(value)
+
+
+def _seconds(name: str, value: object, *, zero: bool) -> float:
+    """A DeviceConfig duration: a finite number of seconds, > 0 (or >= 0 with ``zero``)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise ConfigError(f"{name} must be a number of seconds, got {value!r}")
+    seconds = float(value)
+    if not (math.isfinite(seconds) and (seconds > 0 or (zero and seconds == 0))):
+        raise ConfigError(f"{name} must be a finite number {'>=' if zero else '>'} 0, got {value!r}")
+    return seconds
 
 
 @dataclass(slots=True)
@@ -337,24 +375,16 @@ class DeviceCore:
     @property
     def regions(self) -> tuple[str, ...]:
         """Home first, then the fallback regions in order."""
-        return (self.config.region, *self.config.fallback_regions)
+        return self.config.regions
 
     def subscriptions(self) -> list[str]:
-        """Every topic this device may read, in any of its regions: what a driver with a
-        fixed subscription list subscribes to (replies from regions not in use are ignored)."""
-        return [t for r in self.regions for t in self._region_topics(r)] + self._watched()
+        """Every topic this device may read (:meth:`DeviceConfig.subscriptions`)."""
+        return self.config.subscriptions()
 
     def active_subscriptions(self) -> list[str]:
         """What the device needs right now: for a driver that follows ``SwitchRegion``'s
         ``subscribe`` / ``unsubscribe``."""
-        return self._region_topics(self._s.region) + self._watched()
-
-    def _region_topics(self, region: str) -> list[str]:
-        return [topics.device_topic(region, self.config.device_id, leaf) for leaf in topics.DOWNSTREAM]
-
-    def _watched(self) -> list[str]:
-        """Coordinators' retained status, watched only by devices that can fail over."""
-        return [topics.status_topic(r) for r in self.regions] if self.config.fallback_regions else []
+        return self.config.region_topics(self._s.region) + self.config.watched()
 
     # ------------------------------------------------------------------ dispatch
 
@@ -744,7 +774,7 @@ class DeviceCore:
         actions: list[DeviceAction] = [
             self._persist(),
             SwitchRegion(region=region, previous=previous, reason=reason,
-                         subscribe=tuple(self._region_topics(region)), unsubscribe=tuple(self._region_topics(previous))),
+                         subscribe=tuple(cfg.region_topics(region)), unsubscribe=tuple(cfg.region_topics(previous))),
             Notify(kind="failover", data={"from": previous, "to": region, "reason": reason, "after_timeouts": timeouts}),
             *dropped,
         ]
