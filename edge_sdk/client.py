@@ -62,7 +62,7 @@ from edge_sdk.core.events import (
     TrainingFinished,
     TrainingJob,
 )
-from edge_sdk.errors import ConfigError, LocalProtocolError, MissingExtra
+from edge_sdk.errors import ConfigError, EdgeciError, LocalProtocolError, MissingExtra
 from edge_sdk.modelio import load_model, save_model
 from edge_sdk.mqtt import BrokerAuth, MqttTransport, read_bundle
 from edge_sdk.paths import device_dir
@@ -116,6 +116,19 @@ class _Exported(NamedTuple):
     detector: Any
     weights: Vector
     path: Path
+
+
+def _saved_meta(meta: object) -> tuple[int, str | None]:
+    """The version (>= 0; 0 if absent) and region (``None`` if absent) of the saved model's
+    meta, as :meth:`EdgeClient._perform` writes it; ConfigError for anything else."""
+    if not isinstance(meta, dict):
+        raise ConfigError(f"the saved model's meta is not an object: {meta!r:.80}")
+    version, region = meta.get("version", 0), meta.get("region")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise ConfigError(f"the saved model's version is not an int >= 0: {version!r:.80}")
+    if region is not None and not isinstance(region, str):
+        raise ConfigError(f"the saved model's region is not a string: {region!r:.80}")
+    return version, region
 
 
 def _make_data_dir(path: Path) -> None:
@@ -526,13 +539,14 @@ class EdgeClient:
         be read is reported and ignored (the device pulls the current model)."""
         if self._model_path is None or not self._model_path.exists():
             return None
-        try:
+        try:  # NaN or wrong-sized weights (RemoteProtocolError), or meta we did not write: all unreadable
             _, weights, meta = load_model(self._model_path, expect=self.task.spec)
-        except ConfigError as exc:
+            version, region = _saved_meta(meta)
+        except EdgeciError as exc:
             log.warning("device: ignoring the saved model (%s); serving nothing until the coordinator sends one", exc)
             return None
-        self._deployed_region = str(meta["region"]) if "region" in meta else None
-        return int(meta.get("version", 0)), weights
+        self._deployed_region = region
+        return version, weights
 
     @property
     def region(self) -> str:

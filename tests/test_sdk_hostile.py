@@ -183,3 +183,57 @@ def test_a_data_dir_that_cannot_be_one_is_a_config_error(tmp_path: Path) -> None
         with pytest.raises(ConfigError, match="data_dir"):
             EdgeClient(broker="mqtt://127.0.0.1:1", device_id="d1", data_dir=data_dir)
     assert a_file.read_text() == "not a folder"
+
+
+def _write_npz(path: Path, weights: Any, meta: bytes) -> None:
+    import json
+
+    from edge_sdk.tasks import get_task
+
+    spec = get_task("digits").spec
+    with open(path, "wb") as f:
+        np.savez(f, weights=weights, spec=np.frombuffer(json.dumps(spec.to_dict()).encode(), np.uint8),
+                 meta=np.frombuffer(meta, np.uint8))
+
+
+@pytest.mark.parametrize(
+    ("weights", "meta"),
+    [
+        ("nan", b'{"version": 3}'),
+        ("short", b'{"version": 3}'),
+        ("ok", b"[1, 2]"),
+        ("ok", b'{"version": "abc"}'),
+        ("ok", b'{"version": null}'),
+        ("ok", b'{"version": -7}'),
+        ("ok", b'{"version": true}'),
+        ("ok", b'{"version": 3, "region": 5}'),
+    ],
+    ids=["nan-weights", "short-weights", "meta-list", "version-str", "version-null", "version-negative",
+         "version-bool", "region-int"],
+)
+def test_an_unusable_saved_model_is_ignored_and_nothing_is_served(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, weights: str, meta: bytes
+) -> None:
+    from edge_sdk.tasks import get_task
+
+    w = get_task("digits").pretrained(seed=0)
+    w = {"nan": np.where(np.arange(w.size) == 5, np.nan, w).astype(np.float32), "short": w[:-1], "ok": w}[weights]
+    _write_npz(tmp_path / "deployed.npz", w, meta)
+    with caplog.at_level("WARNING", logger="edgeci.device"):
+        c = unstarted_client(tmp_path)
+    try:
+        assert (c.version, c.ready, c.core.state.deployed) == (None, False, None)
+        assert "ignoring the saved model" in caplog.text
+    finally:
+        close_unstarted(c)
+
+
+def test_a_sound_saved_model_is_served(tmp_path: Path) -> None:
+    from edge_sdk.tasks import get_task
+
+    _write_npz(tmp_path / "deployed.npz", get_task("digits").pretrained(seed=0), b'{"version": 3, "region": "default"}')
+    c = unstarted_client(tmp_path)
+    try:
+        assert (c.version, c.core.state.deployed_version) == (3, 3)
+    finally:
+        close_unstarted(c)
