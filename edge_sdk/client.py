@@ -271,6 +271,7 @@ class EdgeClient:
             gesture_shape=shape if self.sample_kind == "gesture" else None,
             n_classes=n_classes,
             recover=True,  # a corrupt file is moved aside (counters kept); ``store_recovered`` says so
+            counters=("next_seq", "trained_upto"),  # PersistDeviceState's: ints >= 0, or the file is corrupt
         )
         try:
             self._open(cfg, scc, seed)

@@ -53,8 +53,10 @@ newer one is acknowledged — conservative: it may stay longer, it never leaves 
 
 Integrity
 ---------
-:meth:`SampleStore.open` runs ``PRAGMA quick_check``. A file that is not SQLite or is
-corrupt raises :class:`CorruptStore`, unless ``recover=True`` (what the SDK client uses):
+:meth:`SampleStore.open` runs ``PRAGMA quick_check``, then checks what it cannot see: the
+totals row, the settings and the caller's ``counters`` meta hold values this module writes.
+A file that is not SQLite, is corrupt, or is empty (0 bytes) next to a counters mirror (see
+below) raises :class:`CorruptStore`, unless ``recover=True`` (what the SDK client uses):
 then the file (with its ``-wal``/``-shm``) is moved aside to
 ``samples.sqlite3.corrupt-<UTC time>``, the counters that can still be read are carried
 over (the caller's meta such as ``next_seq``, the ``added`` total, the last sample id, so
@@ -305,6 +307,7 @@ class SampleStore:
         frame_encoding: FrameEncoding = "auto",
         clock: Callable[[], float] = time.time,
         recover: bool = False,
+        counters: Sequence[str] = (),
     ) -> SampleStore:
         """Open (creating if needed) the store at ``path``: the database file, or an
         existing directory (the SDK's data dir) to hold :data:`DEFAULT_FILENAME`.
@@ -317,6 +320,8 @@ class SampleStore:
         stored sample's own encoding. ``clock`` supplies default timestamps.
         ``recover``: a corrupt file is moved aside and the store starts clean, keeping the
         counters it can read (see *Integrity* above) instead of raising :class:`CorruptStore`.
+        ``counters``: meta keys that, where set, must hold an int >= 0 (the caller's protocol
+        counters, e.g. ``next_seq``): any other value there means the file is corrupt.
         """
         sample_shape_t = _check_shape("sample_shape", sample_shape, ndim=None)
         gesture_shape_t = _check_shape("gesture_shape", gesture_shape, ndim=2)
@@ -346,14 +351,15 @@ class SampleStore:
             frame_encoding=frame_encoding,
             clock=clock,
         )
+        counter_keys = tuple(_check_meta_key(k) for k in counters)
         try:
-            return cls._open_file(db_path, settings)
+            return cls._open_file(db_path, settings, counter_keys)
         except CorruptStore as exc:
             if not recover or str(path) == MEMORY:
                 raise
             reason = str(exc)
         aside = _move_aside(db_path)
-        salvaged = _salvage(aside)
+        salvaged = _salvage(aside, counter_keys)
         mirrored = _read_counters(db_path)  # never below the mirrored counters
         meta = salvaged.setdefault("meta", {})
         for key, value in mirrored.get("meta", {}).items():
@@ -366,13 +372,16 @@ class SampleStore:
             "kept counters %s; its samples are lost to training",
             db_path, reason, aside, salvaged.get("meta", {}),
         )
-        store = cls._open_file(db_path, settings)
+        store = cls._open_file(db_path, settings, counter_keys)
         store._carry_over(salvaged)
         store.recovered_from = {"path": str(aside), "reason": reason, "salvaged": salvaged}
         return store
 
     @classmethod
-    def _open_file(cls, db_path: Path, settings: dict[str, Any]) -> SampleStore:
+    def _open_file(cls, db_path: Path, settings: dict[str, Any], counters: tuple[str, ...]) -> SampleStore:
+        if str(db_path) != MEMORY and db_path.is_file() and db_path.stat().st_size == 0 and _read_counters(db_path):
+            # SQLite would make a new store of it, and counters would go backwards, ids be reused
+            raise CorruptStore(f"{db_path} is empty, but its counters mirror says it held a store")
         try:
             conn = sqlite3.connect(
                 str(db_path), timeout=10.0, isolation_level=None, check_same_thread=False
@@ -382,6 +391,7 @@ class SampleStore:
         try:
             _prepare(conn, db_path)
             _check_integrity(conn, db_path)
+            _check_contents(conn, db_path, counters)
             store = cls(conn, db_path, **settings)
             with store._write() as c:
                 store._reconcile_settings(c)
@@ -771,11 +781,11 @@ class SampleStore:
 
     def _reconcile_settings(self, c: sqlite3.Connection) -> None:
         """Adopt stored shapes / n_classes, or store the declared ones; refuse a different task."""
-        stored = {k: json.loads(v) for k, v in c.execute("SELECT key, value FROM settings")}
+        stored = _stored_settings(c, self._path)
         for kind, key in (("array", "sample_shape"), ("gesture", "gesture_shape")):
             declared = self._shapes[kind]
             if key in stored:
-                previous = tuple(int(s) for s in stored[key])
+                previous = stored[key]
                 if declared is not None and declared != previous:
                     raise ConfigError(
                         f"{self._path} holds {kind} samples of shape {previous}, not {declared}: "
@@ -930,6 +940,28 @@ def _is_corruption(exc: sqlite3.Error) -> bool:
     return "not a database" in text or "malformed" in text
 
 
+def _stored_settings(c: sqlite3.Connection, path: Path) -> dict[str, Any]:
+    """The settings table, checked: shapes as tuples of ints >= 1, ``n_classes`` an int >= 1;
+    anything else (bad JSON, wrong types) is CorruptStore: we never wrote it."""
+    stored: dict[str, Any] = {}
+    for key, text in c.execute("SELECT key, value FROM settings"):
+        try:
+            value = json.loads(text)
+        except (TypeError, ValueError) as exc:
+            raise CorruptStore(f"{path}: setting {key!r} is not JSON: {text!r:.60}") from exc
+        if key == "n_classes":
+            ok = _is_count(value) and value >= 1
+        elif key in ("sample_shape", "gesture_shape"):
+            ok = isinstance(value, list) and bool(value) and all(_is_count(v) and v >= 1 for v in value)
+            value = tuple(value) if ok else value
+        else:
+            ok = True
+        if not ok:
+            raise CorruptStore(f"{path}: setting {key!r} holds {text!r:.60}")
+        stored[key] = value
+    return stored
+
+
 def _check_integrity(conn: sqlite3.Connection, path: Path) -> None:
     """``PRAGMA quick_check`` (O(size), no index cross-check): raise CorruptStore unless ok."""
     try:
@@ -943,8 +975,25 @@ def _check_integrity(conn: sqlite3.Connection, path: Path) -> None:
         raise CorruptStore(f"{path} failed its integrity check: {problems[:300]}")
 
 
-def _salvage(path: Path) -> dict[str, Any]:
-    """Whatever counters a corrupt store still yields, read-only, each table on its own."""
+def _check_contents(conn: sqlite3.Connection, path: Path, counters: tuple[str, ...]) -> None:
+    """What ``quick_check`` cannot see: the totals row and the caller's ``counters`` hold
+    what this module writes there; else CorruptStore."""
+    marks = ", ".join("?" * len(counters))
+    try:
+        totals = conn.execute("SELECT n, nbytes, added, evicted FROM totals").fetchall()
+        meta = conn.execute(f"SELECT key, value FROM meta WHERE key IN ({marks})", counters).fetchall()
+    except sqlite3.Error as exc:
+        raise StorageError(f"{path}: {exc}") from exc
+    if len(totals) != 1 or not all(_is_count(v) for v in totals[0]):
+        raise CorruptStore(f"{path}: its totals row is missing or damaged ({totals[:2]!r:.100})")
+    for key, value in meta:
+        if not _is_count(value):
+            raise CorruptStore(f"{path}: meta {key!r} holds {value!r:.60}, not a counter")
+
+
+def _salvage(path: Path, counters: tuple[str, ...]) -> dict[str, Any]:
+    """Whatever counters a corrupt store still yields, read-only, each table on its own
+    (a ``counters`` meta key only with a valid value)."""
     out: dict[str, Any] = {}
     try:
         conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=1.0)
@@ -964,6 +1013,8 @@ def _salvage(path: Path) -> dict[str, Any]:
             if key == "meta":
                 meta = {}
                 for k, v in rows:
+                    if k in counters and not _is_count(v):
+                        continue
                     try:
                         meta[_check_meta_key(k)] = _check_meta_value(str(k), v)
                     except EdgeciError:
@@ -1003,15 +1054,16 @@ def _read_counters(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         return {}
-
-    def ok(v: object) -> bool:
-        return type(v) is int and 0 <= v <= _INT64_MAX
-
-    out: dict[str, Any] = {k: data[k] for k in ("added", "last_id") if ok(data.get(k))}
+    out: dict[str, Any] = {k: data[k] for k in ("added", "last_id") if _is_count(data.get(k))}
     meta = data.get("meta")
     if isinstance(meta, dict):
-        out["meta"] = {str(k): v for k, v in meta.items() if ok(v)}
+        out["meta"] = {str(k): v for k, v in meta.items() if _is_count(v)}
     return out
+
+
+def _is_count(value: object) -> bool:
+    """A counter as this store writes them: an int in [0, 2**63)."""
+    return type(value) is int and 0 <= value <= _INT64_MAX
 
 
 def _move_aside(path: Path) -> Path:

@@ -237,3 +237,55 @@ def test_a_sound_saved_model_is_served(tmp_path: Path) -> None:
         assert (c.version, c.core.state.deployed_version) == (3, 3)
     finally:
         close_unstarted(c)
+
+
+def _device_with_history(data_dir: Path) -> None:
+    """A digits device's store: 20 samples, next_seq 7 and trained_upto 12 persisted."""
+    c = unstarted_client(data_dir, min_samples=10**6)
+    for i in range(20):
+        c.add_sample(GOOD, i % 10)
+    c.store.set_meta_many({"next_seq": 7, "trained_upto": 12})  # what PersistDeviceState writes
+    close_unstarted(c)
+
+
+def _assert_recovered_with_counters(data_dir: Path) -> None:
+    c = unstarted_client(data_dir, min_samples=10**6)
+    try:
+        assert c.store.recovered_from is not None
+        assert (c.core.state.next_seq, c.core.state.trained_upto, c.core.state.total) == (7, 12, 20)
+        assert c.store.stats().added == 20 and c.add_sample(GOOD, 1) == 21  # no id reused
+    finally:
+        close_unstarted(c)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "UPDATE meta SET value = 'abc' WHERE key = 'next_seq'",
+        "UPDATE meta SET value = -5 WHERE key = 'next_seq'",
+        "UPDATE meta SET value = 2.5 WHERE key = 'trained_upto'",
+        "UPDATE settings SET value = '{{' WHERE key = 'sample_shape'",
+        "UPDATE settings SET value = '[\"a\"]' WHERE key = 'sample_shape'",
+        "UPDATE settings SET value = '\"ten\"' WHERE key = 'n_classes'",
+        "DELETE FROM totals",
+        "UPDATE totals SET added = 'many'",
+    ],
+)
+def test_store_damage_that_passes_quick_check_is_recovered_keeping_the_counters(tmp_path: Path, damage: str) -> None:
+    import contextlib
+    import sqlite3
+
+    _device_with_history(tmp_path)
+    with contextlib.closing(sqlite3.connect(tmp_path / "samples.sqlite3")) as conn:
+        conn.execute(damage)
+        conn.commit()
+        assert conn.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+    _assert_recovered_with_counters(tmp_path)
+
+
+def test_an_empty_store_file_next_to_its_counters_mirror_is_recovered(tmp_path: Path) -> None:
+    _device_with_history(tmp_path)
+    for extra in ("samples.sqlite3-wal", "samples.sqlite3-shm"):
+        (tmp_path / extra).unlink(missing_ok=True)
+    (tmp_path / "samples.sqlite3").write_bytes(b"")  # a filesystem that lost the file's data
+    _assert_recovered_with_counters(tmp_path)
