@@ -287,6 +287,10 @@ class SampleStore:
         self._quota_bytes = quota_bytes
         self._frame_encoding = frame_encoding
         self._clock = clock
+        self.unreadable: set[int] = set()
+        """Ids of stored samples that no longer decode (bit-rot: bad bytes, NaN, a label out of
+        range): left out of :meth:`snapshot` and :meth:`frames`, each logged once, so one bad
+        row does not fail every training round. They stay until evicted."""
         self.recovered_from: dict[str, Any] | None = None
         """Set when :meth:`open` found the file corrupt and started clean (``recover=True``):
         where the old file went, why, and which counters were carried over."""
@@ -574,10 +578,18 @@ class SampleStore:
         ids = np.empty(n, dtype=np.int64)
         timestamps = np.empty(n, dtype=np.float64)
         y = np.empty(n, dtype=np.int64)
-        for i, (sid, ts, label, shape_text, encoding, data) in enumerate(rows):
-            x[i] = _decode_values(sid, shape_text, encoding, data, shape)
-            ids[i], timestamps[i], y[i] = sid, ts, label
-        return Snapshot(ids=ids, timestamps=timestamps, x=x, y=y)
+        kept = 0
+        for sid, ts, label, shape_text, encoding, data in rows:
+            try:
+                x[kept] = _decode_values(sid, shape_text, encoding, data, shape)
+                y[kept] = self._stored_label(sid, label)
+                timestamps[kept] = float(ts)
+            except (StorageError, TypeError, ValueError) as exc:
+                self._skip_unreadable(sid, exc)
+                continue
+            ids[kept] = sid
+            kept += 1
+        return Snapshot(ids=ids[:kept], timestamps=timestamps[:kept], x=x[:kept], y=y[:kept])
 
     def arrays(self, kind: str = "array") -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         """``(X, y)`` over ALL local samples of ``kind`` (what SPIN trains on), in id order."""
@@ -607,7 +619,12 @@ class SampleStore:
                 ).fetchone()
             if row is not None:
                 shape_text, encoding, data, boxes = row
-                yield _decode_frame(sid, shape_text, encoding, data), _decode_boxes(sid, boxes)
+                try:
+                    frame = _decode_frame(sid, shape_text, encoding, data), _decode_boxes(sid, boxes)
+                except StorageError as exc:
+                    self._skip_unreadable(sid, exc)
+                    continue
+                yield frame
 
     def get(self, sample_id: int) -> StoredSample | None:
         """One sample by id, decoded, or ``None`` if it is not (or no longer) held."""
@@ -811,6 +828,22 @@ class SampleStore:
                 "INSERT OR REPLACE INTO settings (key, value) VALUES ('n_classes', ?)",
                 (json.dumps(self._n_classes),),
             )
+
+    def _stored_label(self, sid: int, label: object) -> int:
+        """A stored class label, checked as :meth:`add` checked it; else StorageError."""
+        if type(label) is not int or label < 0 or (self._n_classes is not None and label >= self._n_classes):
+            raise StorageError(f"sample {sid}: stored label {label!r:.40} is not a class of this store")
+        return label
+
+    def _skip_unreadable(self, sid: int, exc: Exception) -> None:
+        """Leave a sample that no longer decodes out of training, with a WARNING once per sample."""
+        with self._lock:
+            if sid in self.unreadable:
+                return
+            self.unreadable.add(sid)
+            count = len(self.unreadable)
+        log.warning("sample store %s: leaving sample %d out, it no longer decodes (%s); %d such sample(s)",
+                    self._path, sid, exc, count)
 
     def _declared_shape(self, kind: str) -> tuple[int, ...]:
         shape = self._shapes[kind]
@@ -1189,7 +1222,10 @@ def _decode_values(
         raise StorageError(f"sample {sid}: {encoding} {shape} is not an f4 {expected} array")
     if len(data) != 4 * math.prod(shape):
         raise StorageError(f"sample {sid}: {len(data)} bytes do not make an f4 array of {shape}")
-    return np.frombuffer(data, dtype="<f4").astype(np.float32).reshape(shape)
+    values = np.frombuffer(data, dtype="<f4").astype(np.float32).reshape(shape)
+    if not np.isfinite(values).all():  # add() stores finite values only
+        raise StorageError(f"sample {sid}: stored values contain NaN or Inf")
+    return values
 
 
 def _decode_frame(sid: int, shape_text: str, encoding: str, data: bytes) -> npt.NDArray[np.uint8]:

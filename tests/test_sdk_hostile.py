@@ -289,3 +289,43 @@ def test_an_empty_store_file_next_to_its_counters_mirror_is_recovered(tmp_path: 
         (tmp_path / extra).unlink(missing_ok=True)
     (tmp_path / "samples.sqlite3").write_bytes(b"")  # a filesystem that lost the file's data
     _assert_recovered_with_counters(tmp_path)
+
+
+_NAN_SAMPLE = np.full(64, np.nan, "<f4").tobytes()
+
+
+@pytest.mark.parametrize(
+    ("sql", "params"),
+    [
+        ("UPDATE sample_data SET data = ? WHERE id = 3", (_NAN_SAMPLE,)),
+        ("UPDATE sample_data SET data = ? WHERE id = 3", (b"\0\0",)),
+        ("UPDATE samples SET label = 42 WHERE id = 3", ()),
+        ("UPDATE samples SET label = -3 WHERE id = 3", ()),
+        ("UPDATE samples SET label = NULL WHERE id = 3", ()),
+        ("UPDATE samples SET label = 'cat' WHERE id = 3", ()),
+        ("UPDATE samples SET ts = 'noon' WHERE id = 3", ()),
+    ],
+    ids=["nan-payload", "short-payload", "label-42", "label-negative", "label-null", "label-text", "ts-text"],
+)
+def test_one_rotten_sample_is_left_out_of_training_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, sql: str, params: tuple[Any, ...]
+) -> None:
+    import contextlib
+    import sqlite3
+
+    _device_with_history(tmp_path)
+    with contextlib.closing(sqlite3.connect(tmp_path / "samples.sqlite3")) as conn:
+        conn.execute(sql, params)
+        conn.commit()
+    c = unstarted_client(tmp_path, min_samples=10**6)
+    try:
+        assert c.store.recovered_from is None  # one bad row is no reason to drop the store
+        with caplog.at_level("WARNING", logger="edgeci.store"):
+            for _ in range(2):  # every training round reads a snapshot
+                snap = c.store.snapshot("array")
+                assert len(snap) == 19 and 3 not in snap.ids.tolist()
+                assert np.isfinite(snap.x).all() and ((snap.y >= 0) & (snap.y < 10)).all()
+        assert c.store.unreadable == {3}
+        assert sum("leaving sample 3 out" in r.getMessage() for r in caplog.records) == 1
+    finally:
+        close_unstarted(c)
