@@ -370,7 +370,7 @@ class EdgeClient:
         self._sample_added()
         return sample_id
 
-    def add_frame(self, image: npt.NDArray[np.uint8], boxes: npt.ArrayLike = (), *, timestamp: float | None = None) -> int:
+    def add_frame(self, image: npt.NDArray[np.uint8], boxes: npt.ArrayLike | None = (), *, timestamp: float | None = None) -> int:
         """Detection devices: store an (H, W, 3) uint8 RGB frame with its ``(N, 5)`` boxes
         ``class, x1, y1, x2, y2`` in that frame's pixels, durably; then as :meth:`add_sample`."""
         if self.sample_kind != "frame":

@@ -468,14 +468,14 @@ class SampleStore:
     def add_frame(
         self,
         image: npt.NDArray[Any],
-        boxes: npt.ArrayLike = (),
+        boxes: npt.ArrayLike | None = (),
         *,
         timestamp: float | None = None,
     ) -> int:
         """Durably add an HxWx3 uint8 frame with ``(class_id, x1, y1, x2, y2)`` pixel boxes.
 
-        ``boxes`` is ``(N, 5)`` array-like (``()`` for none); class ids are integers (integral
-        floats pass), below ``n_classes`` when set; corners satisfy ``0 <= x1 < x2 <= W``
+        ``boxes`` is ``(N, 5)`` array-like (``()`` or ``None`` for none); class ids are integers
+        (integral floats pass), below ``n_classes`` when set; corners satisfy ``0 <= x1 < x2 <= W``
         and ``0 <= y1 < y2 <= H``, checked after conversion to the stored float32.
         """
         ts = self._timestamp(timestamp)
@@ -490,7 +490,7 @@ class SampleStore:
                 f"frame of {image.nbytes} bytes exceeds max_frame_bytes={self._max_frame_bytes}"
             )
         height, width = int(image.shape[0]), int(image.shape[1])
-        box_bytes = self._check_boxes(boxes, width=width, height=height)
+        box_bytes = self._check_boxes(() if boxes is None else boxes, width=width, height=height)
         encoding, data = self._encode_frame(image)
         row = _Row("frame", ts, None, (height, width, 3), encoding, data, box_bytes)
         return self._insert(row)

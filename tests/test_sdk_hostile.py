@@ -329,3 +329,12 @@ def test_one_rotten_sample_is_left_out_of_training_with_a_warning(
         assert sum("leaving sample 3 out" in r.getMessage() for r in caplog.records) == 1
     finally:
         close_unstarted(c)
+
+
+def test_a_frame_with_boxes_none_has_no_boxes(tmp_path: Path) -> None:
+    from edge_sdk.store import SampleStore
+
+    with SampleStore.open(tmp_path, n_classes=5) as store:
+        sid = store.add_frame(np.zeros((4, 6, 3), np.uint8), None)  # was "boxes must be numeric, got dtype object"
+        stored = store.get(sid)
+        assert stored is not None and stored.boxes.shape == (0, 5)
