@@ -135,6 +135,7 @@ from edge_sdk.wire.codec import (
     status_json,
 )
 from edge_sdk.wire.messages import (
+    MAX_RECALL_RANGES,
     NO_VERSION,
     UNCHANGED,
     Ack,
@@ -146,6 +147,7 @@ from edge_sdk.wire.messages import (
     ModelMsg,
     PeerMsg,
     Pull,
+    Recall,
     Status,
     Update,
 )
@@ -478,6 +480,10 @@ class CoordinatorCore:
         # its reason and detail at once instead of a timeout. The nonce is the refused message's
         # own (unauthenticated when the signature is what failed): it only says which try this was.
         self._control_refused: dict[str, Any] | None = None
+        # The abandoned ranges last announced on the region's recall topic (retained): a device
+        # serving an abandoned version fetches the release at once (an operator's rollback
+        # reaches idle devices too, not only those that pull for training).
+        self._recalled: list[VersionRange] = []
         self._pending_actions: list[CoordinatorAction] = []
         # Converting staleness policies: parked updates wait for the driver's conversion; a
         # device's later updates queue behind its parked one (applied in seq order).
@@ -664,8 +670,19 @@ class CoordinatorCore:
     # ------------------------------------------------------------------ dispatch
 
     def start(self, now: float) -> list[CoordinatorAction]:
-        """Announce status and re-arm timers after (re)start."""
-        return [*self._after(now), self._status_action(now)]
+        """Announce status and re-arm timers after (re)start (and the recall, when there is
+        one: a broker without persistence forgot the retained one)."""
+        return [*self._after(now), self._status_action(now), *self._recall(force=True)]
+
+    def _recall(self, *, force: bool = False) -> list[CoordinatorAction]:
+        """Publish the abandoned ranges (retained) when they changed since the last recall."""
+        if not self._abandoned or (self._abandoned == self._recalled and not force):
+            return []
+        self._recalled = list(self._abandoned)
+        flat = tuple(v for r in self._abandoned[-MAX_RECALL_RANGES:] for v in r)
+        topic = topics.recall_topic(self.config.region)
+        msg = Recall(model_id=self.config.spec.model_id, release=self._release_version, abandoned=flat)
+        return [self._publish(topic, encode(msg, signer=self.config.signer, scope=topics.signing_scope(topic)), retain=True)]
 
     def handle(self, event: CoordinatorEvent) -> list[CoordinatorAction]:
         if isinstance(event, MessageReceived):
@@ -705,6 +722,8 @@ class CoordinatorCore:
             self._pending_actions = []
         if self._status_dirty and (self._version != self._status_version):
             actions.append(self._status_action(now))
+        if self._abandoned != self._recalled:  # after the commit that abandoned them (and set the release)
+            actions += self._recall()
         return actions
 
     # ------------------------------------------------------------------ messages

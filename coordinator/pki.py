@@ -482,8 +482,8 @@ def mosquitto_hash(password: str, *, iterations: int = 101, salt: bytes | None =
 def acl_rules(ident: Identity) -> list[tuple[str, str]]:
     """``[(access, topic)]`` for one identity (mosquitto ``topic`` lines). Devices write only
     their own upstream leaves and read only their own downstream leaves and their regions'
-    status; coordinators serve their regions' devices and talk to peers; operators write
-    the control topic and read status."""
+    status and recall; coordinators serve their regions' devices (and announce recalls to
+    them) and talk to peers; operators write the control topic and read status."""
     rules: list[tuple[str, str]] = []
     n = ident.name
     for r in ident.regions:
@@ -491,11 +491,11 @@ def acl_rules(ident: Identity) -> list[tuple[str, str]]:
         if ident.role == "device":
             rules += [("write", f"{base}/dev/{n}/{leaf}") for leaf in ("pull", "update", "presence")]
             rules += [("read", f"{base}/dev/{n}/{leaf}") for leaf in ("model", "ack", "invite")]
-            rules.append(("read", f"{base}/status"))
+            rules += [("read", f"{base}/status"), ("read", f"{base}/recall")]
         elif ident.role == "coordinator":
             rules += [("write", f"{base}/dev/+/{leaf}") for leaf in ("model", "ack", "invite")]
             rules += [("read", f"{base}/dev/+/{leaf}") for leaf in ("pull", "update", "presence")]
-            rules += [("readwrite", f"{base}/status"), ("read", f"{base}/control")]
+            rules += [("readwrite", f"{base}/status"), ("read", f"{base}/control"), ("write", f"{base}/recall")]
         elif ident.role == "operator":
             rules += [("write", f"{base}/control"), ("read", f"{base}/status")]
     if ident.role == "coordinator":

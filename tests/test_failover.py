@@ -104,7 +104,7 @@ def test_config_checks_fallback_regions() -> None:
 
 def test_a_single_region_device_retries_forever_and_watches_no_status() -> None:
     c = core(fallbacks=())
-    assert c.subscriptions() == [topics.device_topic("r1", DEV, leaf) for leaf in topics.DOWNSTREAM]
+    assert c.subscriptions() == [*(topics.device_topic("r1", DEV, leaf) for leaf in topics.DOWNSTREAM), topics.recall_topic("r1")]
     c.handle(SampleAdded(now=0.0, total=1))
     for _ in range(6):
         acts = expire(c)
@@ -204,7 +204,7 @@ def test_a_dead_coordinator_is_left_at_once_and_a_dead_fallback_is_skipped() -> 
     assert region == "r3" and isinstance(pull, Pull) and pull.serve  # nothing to train: ask for a model to serve
     # a driver that follows subscribe / unsubscribe ends with what the core needs now
     assert (held - set(sw.unsubscribe)) | set(sw.subscribe) == set(c.active_subscriptions())
-    assert set(sw.subscribe) == {topics.device_topic("r3", DEV, leaf) for leaf in topics.DOWNSTREAM}
+    assert set(sw.subscribe) == {*(topics.device_topic("r3", DEV, leaf) for leaf in topics.DOWNSTREAM), topics.recall_topic("r3")}
 
 
 def test_home_takes_the_device_back_after_the_hold_and_not_mid_round() -> None:

@@ -31,6 +31,7 @@ from edge_sdk.core.device import DeviceConfig, DeviceCore
 from edge_sdk.core.events import (
     DeployModel,
     MessageReceived,
+    Notify,
     Publish,
     SampleAdded,
     StartTraining,
@@ -41,7 +42,7 @@ from edge_sdk.signing import Signer
 from edge_sdk.tasks.base import Split
 from edge_sdk.wire import topics
 from edge_sdk.wire.codec import decode, encode
-from edge_sdk.wire.messages import Control, ModelMsg, Pull, Update
+from edge_sdk.wire.messages import Control, ModelMsg, Pull, Recall, Update
 from tests.helpers import SIGNER, SPEC, toy_snapshot
 
 OPERATOR = Signer.generate()
@@ -170,6 +171,57 @@ def test_device_predicts_with_the_release_and_fetches_a_newer_one() -> None:
     acts = exchange(exchange(done))
     assert [a.version for a in of(acts, DeployModel)] == [1]
     np.testing.assert_array_equal(d.state.deployed, 1.0)
+
+
+def _deliver(c: CoordinatorCore, d: DeviceCore, actions: Sequence[object], now: float) -> list[object]:
+    """The device's publishes to the coordinator, the coordinator's replies on d1's topics back."""
+    out: list[object] = []
+    for a in actions:
+        if isinstance(a, Publish) and "/dev/d1/" in a.topic:
+            for r in c.handle(MessageReceived(now=now, topic=a.topic, payload=a.payload)):
+                if isinstance(r, Publish) and "/dev/d1/" in r.topic:
+                    out += d.handle(MessageReceived(now=now, topic=r.topic, payload=r.payload))
+    return out
+
+
+def test_an_operator_rollback_recalls_the_abandoned_release_from_a_device_that_no_longer_pulls() -> None:
+    """Review hA #2: devices heard of a new release only in answer to their own pulls, so after
+    `edgeci rollback` a device with nothing new to label kept predicting with the version the
+    operator rolled back. The coordinator announces what it abandoned on the region's retained
+    recall topic; a device serving one of those versions fetches the release at once."""
+    c = gated(k=1)
+    d = DeviceCore(DeviceConfig(device_id="d1", region="r1", spec=SPEC, min_samples=100, request_timeout_s=5.0),
+                   rng=random.Random(0))
+    assert topics.recall_topic("r1") in d.subscriptions()
+    c.handle(update("x", 0, 1.0))
+    c.handle(CandidateEvaluated(now=2.0, version=1, candidate_metric=0.9, release_metric=0.8, release_version=0))
+    acts = _deliver(c, d, d.start(3.0), 3.0)  # its serving pull: release 1; then it labels nothing more
+    assert [a.version for a in of(acts, DeployModel)] == [1]
+    (load,) = of(c.handle(control("rollback", 0)), LoadVersion)
+    acts = c.handle(VersionLoaded(now=51.0, version=0, weights=np.zeros(SPEC.size, np.float32), command="rollback",
+                                  operator=load.operator, nonce=load.nonce))
+    (recall,) = [a for a in acts if isinstance(a, Publish) and a.topic == topics.recall_topic("r1")]
+    assert recall.retain and acts.index(recall) > acts.index(of(acts, CommitVersion)[0])  # after the commit
+    msg = decode(recall.payload)
+    assert isinstance(msg, Recall) and (msg.release, msg.abandoned) == (2, (1, 1))
+    out = d.handle(MessageReceived(now=52.0, topic=recall.topic, payload=recall.payload))
+    assert [n.kind for n in of(out, Notify)] == ["recalled"]
+    acts = _deliver(c, d, out, 52.0)  # the serving pull gets release 2 (version 0's weights)
+    assert [a.version for a in of(acts, DeployModel)] == [2]
+    np.testing.assert_array_equal(d.state.deployed, 0.0)
+    # the retained recall again (every reconnect delivers it): nothing to do
+    assert d.handle(MessageReceived(now=60.0, topic=recall.topic, payload=recall.payload)) == []
+    # the same abandoned ranges are not announced again; a restarted coordinator announces them
+    assert not [a for a in c.handle(update("y", 0, 3.0, base=2)) if isinstance(a, Publish) and a.topic == recall.topic]
+    assert [a.topic for a in c.start(70.0) if isinstance(a, Publish) and a.retain].count(recall.topic) == 1
+    # a recall signed by another key, or another region's replayed here, changes nothing and is counted
+    forged = encode(Recall(model_id=SPEC.model_id, release=9, abandoned=(0, 5)), signer=Signer.generate(),
+                    scope=topics.signing_scope(recall.topic))
+    replayed = encode(msg, signer=SIGNER, scope=topics.signing_scope(topics.recall_topic("r2")))
+    for payload in (forged, replayed):
+        out = d.handle(MessageReceived(now=61.0, topic=recall.topic, payload=payload))
+        assert [n.data["reason"] for n in of(out, Notify)] == ["bad_signature"] and not of(out, Publish)
+    assert d.state.deployed_version == 2
 
 
 def test_control_must_be_signed_fresh_and_new() -> None:

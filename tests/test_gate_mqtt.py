@@ -146,9 +146,20 @@ def test_rollback_and_pin_on_a_running_coordinator_survive_its_restart(mosquitto
             for seq in range(3):  # versions 1, 2, 3 (no gate: each is released)
                 push(url, spec, seq, seq, 0.01 * (seq + 1))
                 wait_until(lambda: watcher.extra("release") == seq + 1, 30, f"version {seq + 1}")  # noqa: B023
-            out = edgeci("rollback", "--to", "1", "--broker", url, "--region", REGION, "--state-dir", str(state))
-            assert out.returncode == 0, out.stdout + out.stderr
-            assert "rollback done: release 4" in out.stdout, out.stdout
+            # a device that serves release 3 and labels nothing more (it never pulls to train again)
+            idle = EdgeClient(broker=url, device_id="idle-1", region=REGION, task=get_task("digits"), durable=False,
+                              min_samples=10_000)
+            idle.start()
+            try:
+                wait_until(lambda: idle.version == 3, 30, "the idle device serving release 3")
+                out = edgeci("rollback", "--to", "1", "--broker", url, "--region", REGION, "--state-dir", str(state))
+                assert out.returncode == 0, out.stdout + out.stderr
+                assert "rollback done: release 4" in out.stdout, out.stdout
+                # the recall reaches it: it serves release 4 (version 1's weights), not the rolled-back 3
+                wait_until(lambda: idle.version == 4, 20, "the idle device to fetch release 4 after the rollback")
+                np.testing.assert_array_equal(idle.weights, np.full(spec.size, 0.01, np.float32))
+            finally:
+                idle.stop()
             out = edgeci("pin", "2", "--broker", url, "--region", REGION, "--state-dir", str(state))
             assert out.returncode == 0 and "release 5 (pinned)" in out.stdout, out.stdout + out.stderr
             push(url, spec, 3, 5, 0.5)  # training goes on; the pinned release does not move

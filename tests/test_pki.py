@@ -180,15 +180,17 @@ def test_acl_confines_each_identity(pki: Pki) -> None:
         "topic read edgeci/v1/eu/dev/devA/ack",
         "topic read edgeci/v1/eu/dev/devA/invite",
         "topic read edgeci/v1/eu/status",
+        "topic read edgeci/v1/eu/recall",
     ]
     assert {line.split()[2].split("/")[2] for line in s["devB"]} == {"eu", "us"}  # failover region too
-    assert all("/dev/devB/" in line or line.endswith("/status") for line in s["devB"])
+    assert all("/dev/devB/" in line or line.endswith(("/status", "/recall")) for line in s["devB"])
     coord = s["coord-eu"]
     for leaf in ("model", "ack", "invite"):
         assert f"topic write edgeci/v1/eu/dev/+/{leaf}" in coord
     for leaf in ("pull", "update", "presence"):
         assert f"topic read edgeci/v1/eu/dev/+/{leaf}" in coord
     assert "topic readwrite edgeci/v1/peer/#" in coord and "topic read edgeci/v1/eu/control" in coord
+    assert "topic write edgeci/v1/eu/recall" in coord
     assert not any("/us/" in line for line in coord)
     assert s["ops"] == ["topic write edgeci/v1/+/control", "topic read edgeci/v1/+/status"]
     # nothing grants '#' at the root, $SYS, or another device's subtree to a device

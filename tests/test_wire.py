@@ -43,6 +43,7 @@ from edge_sdk.wire.messages import (
     ModelMsg,
     PeerMsg,
     Pull,
+    Recall,
     Status,
     Update,
 )
@@ -68,6 +69,7 @@ MESSAGES = [
     Pull(device="d1", seq=2, model_id="m", serve=True, canary=5),
     Canary(device="d1", candidate=5, release=4, samples=20, deadline_s=600.0),
     CanaryReport(device="d1", candidate=5, release=4, both_right=15, only_candidate=2, only_release=1, both_wrong=2),
+    Recall(model_id="m", release=9, abandoned=(4, 8, 11, 11)),
 ]
 
 
@@ -294,6 +296,7 @@ def test_signing_scopes_name_where_a_frame_goes_without_the_device() -> None:
     assert topics.signing_scope(topics.device_topic("eu", "dev-1", "invite")) == "eu/dev/invite"
     assert topics.signing_scope(topics.control_topic("eu")) == "eu/control"
     assert topics.signing_scope(topics.status_topic("eu")) == "eu/status"
+    assert topics.signing_scope(topics.recall_topic("eu")) == "eu/recall"
     assert topics.signing_scope(topics.peer_topic("c1", "token")) == "peer/c1/token"
     assert topics.signing_scope(topics.peer_topic("all", "token")) == "peer/all/token"
     with pytest.raises(MalformedMessage):
@@ -343,6 +346,16 @@ def test_an_id_with_a_trailing_newline_is_refused() -> None:
                   "edgeci/v1/eu/dev/d1/update\n"):
         with pytest.raises(MalformedMessage):
             topics.parse(topic)
+
+
+def test_a_recall_names_inclusive_ranges_and_refuses_malformed_ones() -> None:
+    r = Recall(model_id="m", release=9, abandoned=[4, 8, 11, 11])  # msgpack hands lists: kept as a tuple
+    assert r.abandoned == (4, 8, 11, 11)
+    assert [v for v in range(13) if r.covers(v)] == [4, 5, 6, 7, 8, 11]
+    assert topics.parse(topics.recall_topic("eu")) == topics.ParsedTopic("recall", region="eu")
+    for bad in ([4], [8, 4], [-1, 2], [1, 2.5], list(range(34)), "12"):
+        with pytest.raises(MalformedMessage):
+            Recall(model_id="m", release=9, abandoned=bad)  # type: ignore[arg-type]
 
 
 def test_status_json_round_trip() -> None:

@@ -94,6 +94,8 @@ Transitions (event → action, new phase)::
     PUSHING   TimerFired (deadline)        → Publish(update, same seq)     PUSHING
     IDLE      TimerFired (back-off over)   → pull if wanted                IDLE / PULLING
     any       signed Model newer than deployed → DeployModel               (unchanged)
+    any       signed Recall covering the deployed version → Notify(recalled); when IDLE:
+    IDLE      release wanted               → Publish(pull, serve)          PULLING (serving)
     any       unsigned / badly signed / bad bytes → Notify(rejected)       (unchanged)
     PULLING/DEFERRED/PUSHING  failover_after-th timeout in a row
                                            → Persist, SwitchRegion(next), pull  PULLING
@@ -171,6 +173,7 @@ from edge_sdk.wire.messages import (
     Invite,
     ModelMsg,
     Pull,
+    Recall,
     Update,
 )
 
@@ -254,7 +257,8 @@ class DeviceConfig:
         return [t for r in self.regions for t in self.region_topics(r)] + self.watched()
 
     def region_topics(self, region: str) -> list[str]:
-        return [topics.device_topic(region, self.device_id, leaf) for leaf in topics.DOWNSTREAM]
+        """This device's downstream topics in ``region`` and the region's recall (retained)."""
+        return [*(topics.device_topic(region, self.device_id, leaf) for leaf in topics.DOWNSTREAM), topics.recall_topic(region)]
 
     def watched(self) -> list[str]:
         """Coordinators' retained status, watched only by devices that can fail over."""
@@ -437,6 +441,11 @@ class DeviceCore:
                 parsed = topics.parse(topic)
                 if parsed.kind == "status" and parsed.region in self.regions and self.config.fallback_regions:
                     return self._on_status(parsed.region, ev.payload, ev.now)
+                if parsed.kind == "recall" and parsed.region == s.region:
+                    return self._on_recall(ev.payload, topic, ev.now)
+                if parsed.kind == "recall" and parsed.region in self.regions:
+                    s.counters["ignored:other_region"] = s.counters.get("ignored:other_region", 0) + 1
+                    return []  # a region we do not use now: its versions are not the ones we serve
                 if parsed.kind != "device" or parsed.device != self.config.device_id:
                     raise TopicMismatch(f"message for {parsed.device!r} reached {self.config.device_id!r}")
                 if parsed.region != s.region:
@@ -456,7 +465,7 @@ class DeviceCore:
             elif isinstance(msg, Invite):
                 actions = self._on_invite(msg, ev.now)
             elif isinstance(msg, Canary):
-                self._check_canary_signature(frame.signature, topic)
+                self._check_trusted(frame.signature, topic, "canary request")
                 actions = self._on_canary(msg, ev.now)
             else:
                 raise TopicMismatch(f"a {msg.TYPE} message is not for devices")
@@ -782,16 +791,36 @@ class DeviceCore:
 
     # ------------------------------------------------------------------ canary evaluation
 
-    def _check_canary_signature(self, sig: SignatureInfo | None, topic: str) -> None:
-        """A canary request must be signed by a key already trusted or pinned: it never pins one."""
+    def _check_trusted(self, sig: SignatureInfo | None, topic: str, what: str) -> None:
+        """A canary request or a recall must be signed by a key already trusted or pinned: it never pins one."""
         cfg, s = self.config, self._s
         if sig is None:
             if cfg.require_signature:
-                raise UnsignedMessage("canary request is not signed")
+                raise UnsignedMessage(f"{what} is not signed")
             return
         trusted = cfg.trusted_keys or s.pins
         if trusted.get(sig.kid) != sig.public_raw or not verify(sig.public_raw, sig.signature, sig.signed_for(topics.signing_scope(topic))):
-            raise BadSignature(f"canary request signed by key {sig.kid}, which this device does not trust")
+            raise BadSignature(f"{what} signed by key {sig.kid}, which this device does not trust")
+
+    def _on_recall(self, payload: bytes, topic: str, now: float) -> list[DeviceAction]:
+        """The region's retained recall (versions its coordinator abandoned: an operator's
+        rollback or pin): serving one of them, fetch the release now, with a serving pull when
+        idle, instead of predicting with it until the next training round (which an idle device
+        may never start)."""
+        s = self._s
+        frame = decode_frame(payload, max_bytes=self.config.max_message_bytes)
+        msg = frame.message
+        if not isinstance(msg, Recall):
+            raise TopicMismatch(f"a {msg.TYPE} message does not belong on the recall topic")
+        self._check_trusted(frame.signature, topic, "recall")
+        if msg.model_id != self.config.spec.model_id:
+            raise UnknownModel(f"recall of model {msg.model_id!r}, not {self.config.spec.model_id!r}")
+        if not (msg.covers(s.deployed_version) and msg.release > s.deployed_version):
+            return []  # serving something else (a retained recall comes again on every connect)
+        s.release_wanted = max(s.release_wanted, msg.release)
+        s.counters["recalled"] = s.counters.get("recalled", 0) + 1
+        note = Notify(kind="recalled", data={"version": s.deployed_version, "release": msg.release})
+        return [note, *self._maybe_pull(now)]
 
     def _on_canary(self, msg: Canary, now: float) -> list[DeviceAction]:
         s = self._s

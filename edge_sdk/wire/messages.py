@@ -358,7 +358,43 @@ class CanaryReport:
         return (self.both_right, self.only_candidate, self.only_release, self.both_wrong)
 
 
-Message = Pull | ModelMsg | Update | Ack | Invite | Status | PeerMsg | Control | Canary | CanaryReport
+MAX_RECALL_RANGES = 16
+"""Abandoned ranges a recall names (the most recent: older ones are long superseded)."""
+
+
+@fast_init
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Recall:
+    """Coordinator → every device of its region, retained on ``{region}/recall``: the versions
+    it abandoned (an operator's rollback or pin, a gate rollback) as inclusive ranges, flat
+    ``(lo, hi, lo, hi, ...)``, and its current release. A device *serving* one of them asks for
+    the release at once (a serving pull) instead of at its next training round; one serving
+    anything else ignores it. Signed like models (the scope binds the region)."""
+
+    TYPE: ClassVar[str] = "recall"
+    model_id: str
+    release: int
+    abandoned: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        _check_id(self.model_id, "model_id")
+        _check_int(self.release, "release")
+        flat = self.abandoned
+        _need(isinstance(flat, list | tuple) and len(flat) % 2 == 0 and len(flat) <= 2 * MAX_RECALL_RANGES,
+              f"abandoned must be at most {MAX_RECALL_RANGES} (lo, hi) pairs, flat")
+        for v in flat:
+            _check_int(v, "abandoned version")
+        _need(all(flat[i] <= flat[i + 1] for i in range(0, len(flat), 2)), "each abandoned range needs lo <= hi")
+        if type(flat) is not tuple:
+            object.__setattr__(self, "abandoned", tuple(flat))  # msgpack decodes arrays as lists
+
+    def covers(self, version: int) -> bool:
+        """Whether ``version`` lies in one of the abandoned ranges."""
+        flat = self.abandoned
+        return any(flat[i] <= version <= flat[i + 1] for i in range(0, len(flat), 2))
+
+
+Message = Pull | ModelMsg | Update | Ack | Invite | Status | PeerMsg | Control | Canary | CanaryReport | Recall
 MESSAGE_TYPES: dict[str, type[Message]] = {
-    cls.TYPE: cls for cls in (Pull, ModelMsg, Update, Ack, Invite, Status, PeerMsg, Control, Canary, CanaryReport)
+    cls.TYPE: cls for cls in (Pull, ModelMsg, Update, Ack, Invite, Status, PeerMsg, Control, Canary, CanaryReport, Recall)
 }

@@ -10,6 +10,7 @@ Per-device subtrees let a broker ACL confine a device to its own topics::
     edgeci/v1/{region}/dev/{device}/invite   coordinator → device
     edgeci/v1/{region}/status                coordinator, retained JSON
     edgeci/v1/{region}/control               operator → coordinator (signed commands)
+    edgeci/v1/{region}/recall                coordinator → devices, retained (signed: versions abandoned)
     edgeci/v1/peer/{coordinator}/{kind}      coordinator → coordinator
 
 A signed message binds its topic's :func:`signing_scope` (the topic less the root and the
@@ -58,6 +59,11 @@ def control_topic(region: str) -> str:
     return f"{ROOT}/{check_id(region, 'region')}/control"
 
 
+def recall_topic(region: str) -> str:
+    """Coordinator → every device of the region: the versions it abandoned (see ``Recall``)."""
+    return f"{ROOT}/{check_id(region, 'region')}/recall"
+
+
 def peer_topic(recipient: str, kind: str) -> str:
     """Coordinator → coordinator: ``recipient`` is a coordinator id, or ``all`` for everyone."""
     return f"{ROOT}/peer/{check_id(recipient, 'coordinator id')}/{check_id(kind, 'peer kind')}"
@@ -71,7 +77,7 @@ def peer_filter(recipient: str | None = None) -> str:
 @fast_init
 @dataclass(frozen=True, slots=True)
 class ParsedTopic:
-    kind: Literal["device", "status", "control", "peer"]
+    kind: Literal["device", "status", "control", "recall", "peer"]
     region: str = ""
     device: str = ""
     leaf: str = ""
@@ -108,6 +114,8 @@ def parse(topic: str) -> ParsedTopic:
             return ParsedTopic("status", region=rest[0])
         if len(rest) == 2 and rest[1] == "control" and _ID.match(rest[0]):
             return ParsedTopic("control", region=rest[0])
+        if len(rest) == 2 and rest[1] == "recall" and _ID.match(rest[0]):
+            return ParsedTopic("recall", region=rest[0])
         if len(rest) == 3 and rest[0] == "peer" and _ID.match(rest[1]) and _ID.match(rest[2]):
             return ParsedTopic("peer", coordinator=rest[1], leaf=rest[2])
     raise MalformedMessage(f"not an edgeci topic: {topic[:120]!r}")
@@ -116,7 +124,7 @@ def parse(topic: str) -> ParsedTopic:
 def signing_scope(topic: str) -> str:
     """What a signature on a message published to ``topic`` binds (see the codec): the
     topic without its root and without the device id — ``{region}/dev/{leaf}``,
-    ``{region}/status``, ``{region}/control``, ``peer/{recipient}/{kind}``. The device id is
+    ``{region}/status``, ``{region}/control``, ``{region}/recall``, ``peer/{recipient}/{kind}``. The device id is
     left out because a coordinator signs a model reply once for every device of its region
     that asks; the region, the leaf and a peer message's recipient are in. Raises
     :class:`MalformedMessage` for a topic that is not an edgeci topic."""
