@@ -21,6 +21,8 @@ import importlib
 import json
 import logging
 import os
+import select
+import signal
 import sys
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -246,7 +248,37 @@ def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.Argume
     raise KeyError(command)
 
 
+SIGPIPE_EXIT = 128 + signal.SIGPIPE
+"""141: the status a shell reports for ``cat``, ``git log`` … when the reader of their output
+has gone (``| head``): they die of SIGPIPE, quietly, and ``set -o pipefail`` sees the failure."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """``edgeci``; a closed stdout (``edgeci status --json | head``) ends it quietly with 141."""
+    try:
+        try:
+            return _main(argv)
+        finally:  # (also after --help's SystemExit) the last buffered output fails here, not at exit
+            sys.stdout.flush()
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise  # a socket's broken pipe (the broker's), not the reader's: not ours to hide
+        # The interpreter flushes stdout once more at exit: let that write go nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return SIGPIPE_EXIT
+
+
+def _stdout_closed() -> bool:
+    """Whether nothing reads our stdout any more (a pipe whose reader exited)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll(), or no real stdout (a test's StringIO)
+        return False
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     try:
