@@ -229,10 +229,51 @@ def render(status: Mapping[str, Any], now: float, stale_after: float | None = No
             out.append(f"  … {tracked - len(devices)} more (least recently seen)")
     recent = x.get("recent_versions")
     if isinstance(recent, list) and recent and all(isinstance(r, Mapping) for r in recent):
-        out.append("recent versions")
-        keys = list(dict.fromkeys(k for r in recent for k in r))
-        out += _table([keys, *[[_value(r.get(k, "")) for k in keys] for r in recent]])
+        out.append("release history (newest last): the gate's verdicts on candidates, operators' commands")
+        rows = [["when", "event", "version", "release", "details"]]
+        rows += [_history_row(r, now) for r in recent]
+        out += _table(rows)
     return "\n".join(out)
+
+
+EVENTS = {"promote": "promoted", "hold": "held", "reject": "rejected", "passed": "passed, not promoted",
+          "rollback": "rollback", "pin": "pin", "unpin": "unpin"}
+OPERATOR_COMMANDS = ("rollback", "pin", "unpin")
+_SHOWN = {"at", "action", "version", "release", "of", "operator", "kid", "nonce", "pinned", "candidate_metric",
+          "release_metric", "paired", "canary", "devices"}
+
+
+def _history_row(event: Mapping[str, Any], now: float) -> list[str]:
+    """One entry of the release history (``recent_versions``, coordinator/core.py ``_record``):
+    a gate verdict on candidate ``version``, or an operator's command (``version``: the copy of
+    version ``of`` it released). ``release``: the release after it. The nonce is left out."""
+    action = str(event.get("action", "?"))
+    at = event.get("at")
+    details = []
+    if action in OPERATOR_COMMANDS:
+        if event.get("of") is not None:
+            details.append(f"copy of v{event['of']}")
+        if event.get("operator"):
+            details.append(f"by {event['operator']}" + (f" (key {event['kid']})" if event.get("kid") else ""))
+    if isinstance(event.get("candidate_metric"), int | float) and isinstance(event.get("release_metric"), int | float):
+        details.append(f"validation {event['candidate_metric']:.3f} vs release {event['release_metric']:.3f}")
+    paired = event.get("paired")
+    if isinstance(paired, list | tuple) and len(paired) == 3:
+        details.append(f"better on {paired[0]}, worse on {paired[1]} of {paired[2]}")
+    canary = event.get("canary")
+    if isinstance(canary, Mapping):
+        details.append(f"canary {_value(canary.get('candidate'))} vs {_value(canary.get('release'))} "
+                       f"({canary.get('reports', 0)} reports, {canary.get('n', 0)} labels)")
+    if event.get("devices") is not None:
+        details.append(f"built from the updates of {event['devices']} devices")
+    if event.get("pinned"):
+        details.append("release pinned")
+    details += [f"{k} {_value(v)}" for k, v in event.items() if k not in _SHOWN and v not in (None, "", {}, [])]
+    return [_ago(max(0.0, now - float(at))) if isinstance(at, int | float) else "-",
+            EVENTS.get(action, action),
+            f"v{event['version']}" if isinstance(event.get("version"), int) else "-",
+            f"v{event['release']}" if isinstance(event.get("release"), int) else "-",
+            " · ".join(details)]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -47,3 +47,27 @@ def test_a_broken_pipe_that_is_not_stdout_is_not_hidden(tmp_path: Path, monkeypa
     monkeypatch.setattr(cli_control, "run", broker_socket_broke)
     with pytest.raises(BrokenPipeError):
         main(["versions", "--state-dir", str(tmp_path)])
+
+
+# ---------------------------------------------------------------------- status: the release history
+
+
+def test_status_release_history_is_readable() -> None:
+    from coordinator.cli_status import render
+
+    now = 1796330000.0
+    status = {"type": "status", "coordinator": "coord-eu", "region": "eu", "alive": True, "published_at": now,
+              "version": 11, "extra": {"recent_versions": [  # as CoordinatorCore._record writes them
+                  {"at": now - 400.0, "action": "promote", "version": 9, "release": 9, "candidate_metric": 0.91234,
+                   "release_metric": 0.9, "paired": [5, 2, 200]},
+                  {"at": now - 300.0, "action": "reject", "version": 10, "release": 9, "devices": 3},
+                  {"at": now - 180.0, "action": "rollback", "version": 11, "release": 11, "of": 3,
+                   "operator": "coord-eu", "nonce": 3215590913792989245, "kid": "471206175629d76e"}]}}
+    text = render(status, now)
+    history = text.split("release history", 1)[1].splitlines()
+    assert "recent versions" not in text and "gate's verdicts on candidates, operators' commands" in history[0]
+    assert history[1].split() == ["when", "event", "version", "release", "details"]
+    assert "6 min ago" in history[2] and "promoted" in history[2] and "validation 0.912 vs release 0.900" in history[2]
+    assert "rejected" in history[3] and "v10" in history[3] and "from the updates of 3 devices" in history[3]
+    assert "3 min ago" in history[4] and "copy of v3" in history[4] and "by coord-eu (key 471206175629d76e)" in history[4]
+    assert "3215590913792989245" not in text and "e+09" not in text and "1796" not in text
