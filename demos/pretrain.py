@@ -3,22 +3,46 @@
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
+from edge_sdk.errors import ConfigError
 from edge_sdk.modelio import save_model
 from edge_sdk.tasks import get_task
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="digits", help="task / model")
-    p.add_argument("--out", type=Path, default=Path("deployed.npz"), help="output model file (.npz)")
+    p.add_argument("--out", type=Path, default=Path("deployed.npz"),
+                   help="output model file (.npz), in a directory that exists; an existing file is replaced")
     p.add_argument("--seed", type=int, default=0)
+
+
+def check_out(out: Path) -> None:
+    """Refuse an ``--out`` that cannot be written before the seconds of pretraining: a
+    directory, a parent that is missing (not created: a typo would make directories
+    anywhere) or not a directory, or one we cannot create files in."""
+    parent = out.parent
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a directory: give a file name, e.g. {out / 'deployed.npz'}")
+    if not parent.is_dir():
+        what = "is not a directory" if parent.exists() else "does not exist (create it first)"
+        raise ConfigError(f"cannot write --out {out}: {parent} {what}")
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{out.name}.", suffix=".probe"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot write --out {out}: cannot create a file in {parent} ({exc.strerror or exc})") from exc
 
 
 def run(args: argparse.Namespace) -> int:
     task = get_task(args.model)
+    check_out(args.out)
     weights = task.pretrained(seed=args.seed)
     metrics = task.evaluate(weights)
-    save_model(args.out, task.spec, weights, {"version": 0, "task": task.name, "seed": args.seed, **metrics})
+    try:
+        save_model(args.out, task.spec, weights, {"version": 0, "task": task.name, "seed": args.seed, **metrics})
+    except OSError as exc:  # e.g. the disk filled up while the model was pretrained
+        raise ConfigError(f"cannot write --out {args.out}: {exc.strerror or exc}") from exc
     print(f"{task.spec.model_id}: {task.spec.size} parameters, held-out accuracy {100 * metrics['accuracy']:.1f}% → {args.out}")
     return 0

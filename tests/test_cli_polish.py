@@ -71,3 +71,37 @@ def test_status_release_history_is_readable() -> None:
     assert "rejected" in history[3] and "v10" in history[3] and "from the updates of 3 devices" in history[3]
     assert "3 min ago" in history[4] and "copy of v3" in history[4] and "by coord-eu (key 471206175629d76e)" in history[4]
     assert "3215590913792989245" not in text and "e+09" not in text and "1796" not in text
+
+
+# ---------------------------------------------------------------------- pretrain --out
+
+
+@pytest.mark.parametrize("out, needle", [
+    ("missing/dir/x.npz", "missing/dir does not exist (create it first)"),
+    ("a-file/x.npz", "a-file is not a directory"),
+    ("a-dir", "is a directory: give a file name"),
+    ("/proc/x.npz", "cannot create a file in /proc"),
+])
+def test_pretrain_refuses_an_unwritable_out_before_pretraining(out: str, needle: str, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    if out.startswith("/proc") and not Path("/proc/self").is_dir():
+        pytest.skip("no /proc here")
+    from demos import pretrain
+    from edge_sdk.tasks import get_task
+
+    task = get_task("digits")
+
+    def no_pretraining(seed: int) -> None:
+        raise AssertionError("pretrained before --out was checked")
+
+    monkeypatch.setattr(task, "pretrained", no_pretraining)
+    monkeypatch.setattr(pretrain, "get_task", lambda name: task)
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "a-dir").mkdir()
+    monkeypatch.chdir(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    assert main(["pretrain", "--out", out]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("edgeci pretrain: error: ") and needle in err and "Traceback" not in err, err
+    assert sorted(tmp_path.rglob("*")) == before  # no directory made, no probe left
