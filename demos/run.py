@@ -21,6 +21,7 @@ import dataclasses
 import json
 import logging
 import queue
+import sys
 import tempfile
 import threading
 import time
@@ -42,6 +43,29 @@ from edge_sdk.tasks.base import Split, TrainConfig
 log = logging.getLogger("edgeci.run")
 
 
+def _positive(kind: type[int] | type[float]) -> Any:
+    """An argparse ``type``: a number above 0 (``--duration -5`` or ``--rate 0`` would run a
+    job that labels nothing and still overwrite --out)."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        return value
+
+    return parse
+
+
+def _validation_size(text: str) -> int:
+    if text.strip() == "0":  # (it used to turn the gate off silently)
+        raise argparse.ArgumentTypeError("0 leaves the release gate no validation set: use --no-gate to release "
+                                         "every aggregated version")
+    return int(_positive(int)(text))
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--broker", help="use this broker (mqtt://HOST:PORT) instead of the embedded trial broker (anonymous, "
                    "127.0.0.1 only). Either way a trial: its devices have no bundle, so each trusts the first key that "
@@ -49,13 +73,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "become the trusted key if they publish first); fleets pass each device a bundle from `edgeci pki "
                    "issue`, whose trusted/ holds the coordinators' keys (README, Security)")
     p.add_argument("--model", default="digits", help="task / model (default: digits)")
-    p.add_argument("--devices", type=int, default=20, help="number of devices (default: 20)")
-    p.add_argument("--duration", type=float, default=60.0, help="wall seconds of labelling (default: 60)")
-    p.add_argument("--rate", type=float, default=1.0, help="labels per second per device, Poisson (default: 1.0)")
-    p.add_argument("--alpha", type=float, default=1.0, help="Dirichlet α of the non-IID partition (default: 1)")
+    p.add_argument("--devices", type=_positive(int), default=20, help="number of devices (default: 20)")
+    p.add_argument("--duration", type=_positive(float), default=60.0, help="wall seconds of labelling (default: 60)")
+    p.add_argument("--rate", type=_positive(float), default=1.0, help="labels per second per device, Poisson (default: 1.0)")
+    p.add_argument("--alpha", type=_positive(float), default=1.0, help="Dirichlet α of the non-IID partition (default: 1)")
     p.add_argument("--min-samples", type=int, default=8, help="D_min before a device's first pull (default: 8)")
-    p.add_argument("--k", type=int, default=5, help="SPIN: aggregate when K updates are buffered (default: 5)")
-    p.add_argument("--timeout", type=float, default=3.0, help="SPIN: timeout π in seconds (default: 3)")
+    p.add_argument("--k", type=_positive(int), default=5, help="SPIN: aggregate when K updates are buffered (default: 5)")
+    p.add_argument("--timeout", type=_positive(float), default=3.0, help="SPIN: timeout π in seconds (default: 3)")
     p.add_argument("--combine", choices=["models", "deltas"], default="models", help="SPIN: average the buffered models (paper, default) or apply each update's delta from its base version (faster on digits, unstable with stale detection updates)")
     p.add_argument("--epochs", type=int, default=2, help="local epochs over all samples (default: 2)")
     p.add_argument("--lr", type=float, default=0.05, help="local learning rate (default: 0.05)")
@@ -63,7 +87,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/latest"), help="where the plot and metrics go")
     p.add_argument("--state-dir", type=Path, help="coordinator state dir (default: a fresh temp dir)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
-    p.add_argument("--validation-size", type=int, default=200, help="pool samples kept at the coordinator for the release gate")
+    p.add_argument("--validation-size", type=_validation_size, default=200,
+                   help="pool samples kept at the coordinator for the release gate, at most a quarter of the pool "
+                   "(more is capped, with a note); to run without the gate use --no-gate")
     p.add_argument("--gate-margin", type=float, default=0.02, help="accuracy a candidate may lose against the release and still be released")
     p.add_argument("--no-gate", action="store_true", help="release every aggregated version (no validation set)")
 
@@ -155,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
     training_evaluator = Evaluator(task, training).start()
     # The coordinator's validation set: a slice of the pool that no device will label.
     order = np.random.default_rng(args.seed).permutation(len(data.pool.y))
-    n_val = 0 if args.no_gate else min(max(args.validation_size, 0), len(order) // 4)
+    n_val = 0 if args.no_gate else validation_count(args.validation_size, len(order))
     val_idx, label_idx = order[:n_val], order[n_val:]
     validation = None
     if n_val:
@@ -230,14 +256,26 @@ def run(args: argparse.Namespace) -> int:
                                                   "status": dataclasses.asdict(status)}, indent=1))
     wall = time.monotonic() - timeline.t0
     gate = status.extra.get("gate") or {}
+    candidates = ("no gate: every aggregated version released" if validation is None else
+                  f"candidates promoted {gate.get('promoted', 0)}, held {gate.get('held', 0)}, rejected {gate.get('rejected', 0)}")
     print(
         f"release accuracy {100 * acc0:.1f}% → {100 * acc_end:.1f}% | release v{v0} → v{v_end} (training line v{status.version}) | "
-        f"candidates promoted {gate.get('promoted', 0)}, held {gate.get('held', 0)}, rejected {gate.get('rejected', 0)} | "
+        f"{candidates} | "
         f"updates accepted {status.updates_accepted} (rejected {status.updates_rejected}, duplicates {status.updates_duplicate}) | "
         f"samples labelled {loop.labelled if loop else 0} | wall {wall:.1f} s | plot {png}"
     )
     tmp.cleanup()
     return 0
+
+
+def validation_count(requested: int, pool: int) -> int:
+    """The validation set's size: ``requested``, capped at a quarter of the pool (the rest is
+    the devices' to label), with a note on stderr when capped."""
+    cap = pool // 4
+    if requested > cap:
+        print(f"note: --validation-size {requested} is more than a quarter of the {pool} pool samples: the gate "
+              f"validates on {cap}", file=sys.stderr)
+    return min(requested, cap)
 
 
 def _watch(args: argparse.Namespace, timeline: Timeline, loop: LabellingLoop) -> None:

@@ -105,3 +105,43 @@ def test_pretrain_refuses_an_unwritable_out_before_pretraining(out: str, needle:
     err = capsys.readouterr().err
     assert err.startswith("edgeci pretrain: error: ") and needle in err and "Traceback" not in err, err
     assert sorted(tmp_path.rglob("*")) == before  # no directory made, no probe left
+
+
+# ---------------------------------------------------------------------- run: its numbers
+
+
+@pytest.mark.parametrize("flag, value, needle", [
+    ("--duration", "-5", "argument --duration: must be above 0, got -5"),
+    ("--rate", "0", "argument --rate: must be above 0, got 0"),
+    ("--devices", "0", "argument --devices: must be above 0, got 0"),
+    ("--k", "two", "argument --k: expected an integer, got 'two'"),
+    ("--validation-size", "0", "0 leaves the release gate no validation set: use --no-gate"),
+    ("--validation-size", "-3", "argument --validation-size: must be above 0, got -3"),
+])
+def test_run_refuses_nonsense_numbers_before_writing(flag: str, value: str, needle: str, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", flag, value, "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "edgeci run: error: " in err and needle in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def tiny_run(tmp_path: Path, *flags: str) -> tuple[int, str]:
+    code = main(["run", "--devices", "2", "--duration", "1", "--timeout", "0.5", "--no-progress",
+                 "--out", str(tmp_path / "out"), *flags])
+    return code, (tmp_path / "out" / "metrics.json").read_text()
+
+
+def test_run_says_when_the_gate_is_off_or_its_validation_set_capped(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    code, _ = tiny_run(tmp_path, "--validation-size", "5000")
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert "note: --validation-size 5000 is more than a quarter of the " in err and "the gate validates on " in err, err
+    line = out.strip().splitlines()[-1]  # the default summary format, gate counts included
+    assert " | candidates promoted 0, held 0, rejected 0 | updates accepted " in line, line
+    code, _ = tiny_run(tmp_path, "--no-gate")
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert code == 0 and " | no gate: every aggregated version released | " in line and "promoted" not in line, line
