@@ -52,8 +52,8 @@ def operator_auth(args: argparse.Namespace) -> BrokerAuth | None:
         role = manifest.get("role")
         if role in ("coordinator", "device"):
             raise ConfigError(
-                f"{bundle} is {manifest['identity']!r}'s {role} bundle: connecting with it would replace {role} "
-                f"{manifest['identity']!r}'s own connection to the broker (its certificate name is its client id). "
+                f"{bundle} is the {role} bundle of {manifest['identity']!r}: connecting with it would replace the "
+                f"broker connection of {role} {manifest['identity']!r} (its certificate name is its client id). "
                 f"Use an operator's bundle: edgeci pki issue --dir PKI --role operator NAME (check EDGECI_BUNDLE)")
     return auth_from_args(args)
 

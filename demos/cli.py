@@ -6,6 +6,9 @@
     edgeci pretrain       make the deployed model file from the task's public split
     edgeci emulate        virtual-clock fleet emulation of one or several strategies
     edgeci status         a coordinator's status, readable (or --json); exit 2 if none is alive
+    edgeci versions       a coordinator's versions with the release gate's verdicts (reads its state dir)
+    edgeci rollback       make an earlier version the release again on a running coordinator
+    edgeci pin / unpin    release a version and hold it (no promotions) / let the gate promote again
     edgeci pki            provisioning: CA, identity certificates and bundles, the broker's ACL
     edgeci label          labelling app (webcam / video / synthetic): boxes and gestures
     edgeci scc-stream     streaming experiment: semantic cache + compensation vs baselines

@@ -60,9 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("scenario", type=Path, help="scenario TOML (see demos/scenarios/)")
     p.add_argument("--strategies", default="", help="comma-separated run labels or strategy names; empty = every run")
     p.add_argument("--seeds", default="", help="seeds, e.g. 0,1,2 or 0-4; empty = the scenario's")
-    p.add_argument("--out", type=Path, default=None, help="output directory; None = runs/emulate/<scenario name>")
-    p.add_argument("--target", type=float, default=None, help="target accuracy for the tables; None = the scenario's")
-    p.add_argument("--duration", type=float, default=None, help="virtual seconds per run; None = the scenario's")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default: runs/emulate/<scenario name>)")
+    p.add_argument("--target", type=float, default=None, help="target accuracy for the tables (default: the scenario's)")
+    p.add_argument("--duration", type=float, default=None, help="virtual seconds per run (default: the scenario's)")
     p.add_argument("--quick", action="store_true", help="the scenario's [quick] variant: shorter, fewer seeds")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--replot", action="store_true",

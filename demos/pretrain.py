@@ -15,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="digits", help="task / model")
     p.add_argument("--out", type=Path, default=Path("deployed.npz"),
                    help="output model file (.npz), in a directory that exists; an existing file is replaced")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the pretraining (default: 0)")
 
 
 def check_out(out: Path) -> None:

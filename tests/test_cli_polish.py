@@ -3,6 +3,7 @@ release history, ``pretrain --out`` and ``run``'s numbers, help texts."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -145,3 +146,40 @@ def test_run_says_when_the_gate_is_off_or_its_validation_set_capped(tmp_path: Pa
     code, _ = tiny_run(tmp_path, "--no-gate")
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert code == 0 and " | no gate: every aggregated version released | " in line and "promoted" not in line, line
+
+
+# ---------------------------------------------------------------------- help and messages
+
+
+def help_of(*argv: str) -> str:
+    from demos.cli import build_parser
+
+    parser = build_parser(list(argv))
+    if not argv:
+        return parser.format_help()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[argv[0]]
+    return str(sub.format_help())
+
+
+def test_help_lists_every_command_and_shows_no_python_none() -> None:
+    from demos.cli import COMMANDS
+
+    epilog = help_of().split("Every subcommand takes", 1)[0]
+    listed = " ".join(line.strip().split("  ")[0] for line in epilog.splitlines() if line.strip().startswith("edgeci "))
+    assert all(name in listed.replace("/", " ").split() for name in COMMANDS), listed
+    for command in ("emulate", "scc-stream"):
+        text = " ".join(help_of(command).split())
+        assert "None" not in text and "(default: runs/emulate/<scenario name>)" in text, text
+    assert "random seed of the pretraining" in help_of("pretrain")
+
+
+def test_status_refuses_a_coordinator_bundle_without_doubled_quotes(tmp_path: Path) -> None:
+    import json
+
+    from coordinator.cli_status import operator_auth
+    from edge_sdk.errors import ConfigError
+
+    (tmp_path / "bundle.json").write_text(json.dumps({"identity": "coord-eu", "role": "coordinator"}))
+    with pytest.raises(ConfigError) as refused:
+        operator_auth(argparse.Namespace(bundle=tmp_path))
+    assert "''" not in str(refused.value) and "the coordinator bundle of 'coord-eu'" in str(refused.value)
