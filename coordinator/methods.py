@@ -20,14 +20,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from coordinator.peering import (
+    _CONFIGS as PEERING_CONFIGS,  # the peering config dataclasses, for check_params
+)
 from coordinator.peering import PEERINGS, Peering, make_peering
 from coordinator.peering import peering_params as peering_fields
 from coordinator.strategies import COMPANIONS, Strategy, make_strategy, strategy_names
 from coordinator.strategies import strategy_params as strategy_fields
+from coordinator.strategies.params import check_params
 from edge_sdk.errors import ConfigError
 
 __all__ = ["COMPANIONS", "Method", "make_method", "method_params", "split_params"]
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +106,8 @@ def make_method(
     s_params, p_params = split_params(s_name, p_name, params or {})
     s_params.update(strategy_params or {})
     p_params.update(peering_params or {})
+    if p_name in PEERING_CONFIGS:
+        p_params = check_params(f"peering {p_name!r}", PEERING_CONFIGS[p_name], p_params)
     built = make_strategy(s_name, **s_params)
     ring = tuple(ring) or (coordinator_id,)
     peer = make_peering(p_name, coordinator_id=coordinator_id, ring=ring, strategy=built, params=p_params)

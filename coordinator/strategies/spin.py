@@ -34,6 +34,7 @@ from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 from coordinator.strategies.base import BufferedUpdate, CoordinatorView, Plan
+from coordinator.strategies.params import check_params
 from coordinator.strategies.robust import RobustAggregator, RobustConfig, RobustStrategy
 from edge_sdk.errors import ConfigError
 from edge_sdk.spec import Vector
@@ -75,6 +76,7 @@ class SpinStrategy(RobustStrategy):
         """Change parameters live (SIGHUP); ConfigError if invalid, and nothing changes."""
         if "timeout_s" in changes and self.config.timeout_s is None and changes["timeout_s"] is not None:
             raise ConfigError(f"{self.name} has no timeout")
+        changes = check_params(f"strategy {self.name!r}", SpinConfig, changes)
         try:
             new = replace(self.config, **changes)
         except TypeError as exc:
