@@ -25,24 +25,33 @@ import argparse
 import dataclasses
 import inspect
 import logging
+import math
 import os
+import shutil
 import signal
 import threading
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
 from coordinator.config import Layered, merge_strategy_params
 from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
-from coordinator.methods import resolve_names, split_params
+from coordinator.inversion import inversion_config
+from coordinator.methods import make_method, resolve_names, split_params
 from coordinator.metrics import MetricsServer
 from coordinator.peering import PEERINGS
+from coordinator.registry import StateDirLocked
 from coordinator.strategies import Strategy, strategy_names
 from coordinator.strategies.robust import COMBINERS
 from coordinator.strategies.spin import SpinNoTimeoutStrategy, SpinStrategy
+from coordinator.validation import load_validation
 from edge_sdk.errors import ConfigError, EdgeciError
-from edge_sdk.mqtt import TOFU_PEERS, add_broker_arguments, auth_from_args
+from edge_sdk.modelio import load_model
+from edge_sdk.mqtt import TOFU_PEERS, add_broker_arguments, auth_from_args, parse_broker_url
+from edge_sdk.tasks import get_task
+from edge_sdk.wire.topics import check_id
 
 log = logging.getLogger("edgeci.coordinator")
 
@@ -241,6 +250,150 @@ def options_from(args: argparse.Namespace, layered: Layered | None = None) -> Co
     )
 
 
+# ---------------------------------------------------------------------- before start
+
+
+def check_state_dir(path: Path) -> None:
+    """``--state-dir`` is a directory this process can write, or can be created as one."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--state-dir {path}: not a directory")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--state-dir {path}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--state-dir {path}: not writable: {existing} (a read-only filesystem, or another user's)")
+
+
+def _holds_versions(state_dir: Path) -> bool:
+    versions = Path(state_dir) / "versions"
+    return versions.is_dir() and any(versions.iterdir())
+
+
+def _check_init(path: Path, task_spec: Any) -> None:
+    """``--init`` is an edgeci model file of the served model (a .npz is a zip archive)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise ConfigError(f"--init {path}: cannot read it: {exc.strerror or exc}") from exc
+    if head != b"PK\x03\x04":
+        raise ConfigError(f"--init {path}: not an edgeci model file (a .npz written by `edgeci pretrain`)")
+    load_model(path, expect=task_spec)
+
+
+def _check_gate(options: CoordinatorOptions, layered: Layered) -> None:
+    """The release gate's margins and z, named by their flags (the gate's own errors name fields)."""
+    for flag, value, low, high in (("--gate-margin", options.gate_margin, 0.0, 1.0),
+                                   ("--rollback-margin", options.rollback_margin, 0.0, 1.0)):
+        if not (math.isfinite(value) and low <= value < high):
+            raise ConfigError(f"{flag} must be in [0, 1), got {value}")
+    if not (math.isfinite(options.gate_z) and 0 <= options.gate_z <= 10):
+        raise ConfigError(f"--gate-z must be in [0, 10], got {options.gate_z}")
+    if layered.sources.get("rollback_margin") not in (None, "default") and options.rollback_margin < options.gate_margin:
+        raise ConfigError(f"--rollback-margin {options.rollback_margin} is below --gate-margin {options.gate_margin}: "
+                          "a candidate worse by more than the rollback margin is rejected, so it must be >= the gate margin")
+
+
+def _check_metrics(host: str, port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--metrics-port must be 0 (off) or a port 1-65535, got {port}")
+    if port:
+        try:  # the server binds the same way (HTTPServer, SO_REUSEADDR); closed again at once
+            HTTPServer((host, port), BaseHTTPRequestHandler).server_close()
+        except OSError as exc:
+            raise ConfigError(f"--metrics-host {host} --metrics-port {port}: cannot serve metrics there: "
+                              f"{exc.strerror or exc}") from exc
+
+
+def check_before_start(options: CoordinatorOptions, layered: Layered) -> None:
+    """Everything about the options that can be checked without writing anything: the state dir,
+    broker URL, ids, metrics address, strategy and peering, gate, --validation and --init.
+    The daemon writes the state dir (lock, signing key, pretrained v0) only after this."""
+    args = layered.args
+    check_state_dir(options.state_dir)
+    parse_broker_url(options.broker)
+    check_id(options.region, "--region")
+    check_id(options.coordinator_id or f"coord-{options.region}", "--id (coordinator id)")
+    _check_metrics(str(getattr(args, "metrics_host", "127.0.0.1")), int(getattr(args, "metrics_port", 0) or 0))
+    task = get_task(options.model)
+    make_method(options.strategy, peering=options.peering, coordinator_id=options.coordinator_id or f"coord-{options.region}",
+                ring=options.peers or (options.coordinator_id or f"coord-{options.region}",),
+                strategy_params=options.strategy_params, peering_params=options.peering_params)
+    if options.inversion_params:
+        inversion_config(**dict(options.inversion_params))
+    _check_gate(options, layered)
+    if options.validation is not None:
+        load_validation(options.validation, task)
+    if options.init is not None and not _holds_versions(options.state_dir):
+        _check_init(options.init, task.spec)
+
+
+def _entries(state_dir: Path) -> set[str] | None:
+    """The state dir's entries now (None: it does not exist)."""
+    try:
+        return set(os.listdir(state_dir))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _undo_failed_init(state_dir: Path, before: set[str] | None, missing_from: Path | None) -> None:
+    """A start that failed on an empty (or missing) state dir leaves it as it was: remove what
+    this run created there (lock, spec.json, signing.key, pending/, an empty versions/), never
+    anything once a version exists or anything that was there before."""
+    if before or _holds_versions(state_dir):
+        return
+    now = _entries(state_dir)
+    if now is None:
+        return
+    for name in sorted(now - set(before or ())):
+        path = Path(state_dir) / name
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except OSError as exc:
+            log.warning("could not remove %s after the failed start: %s", path, exc)
+    if before is None and missing_from is not None:  # the directories this run created, innermost first
+        d = Path(state_dir).absolute()
+        while True:
+            try:
+                d.rmdir()
+            except OSError:
+                break
+            if d == missing_from:
+                break
+            d = d.parent
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost directory of ``path`` that does not exist yet (None: it exists)."""
+    path = Path(path).absolute()
+    if path.exists():
+        return None
+    while not path.parent.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def start_daemon(options: CoordinatorOptions, layered: Layered) -> CoordinatorDaemon:
+    """Check the options, then build the daemon; a failure while initialising an empty state
+    dir removes what it wrote there, so that a retry with other options starts afresh."""
+    check_before_start(options, layered)
+    state_dir = Path(options.state_dir)
+    before, missing_from = _entries(state_dir), _first_missing(state_dir)
+    try:
+        return CoordinatorDaemon(options)
+    except StateDirLocked:
+        raise  # another coordinator's state dir: never touch it
+    except BaseException:
+        _undo_failed_init(state_dir, before, missing_from)
+        raise
+
+
 # ---------------------------------------------------------------------- SIGHUP
 
 
@@ -408,7 +561,7 @@ def _serve(args: argparse.Namespace, layered: Layered, resolve_again: Callable[[
     from_env = sorted(k for k, v in layered.sources.items() if v == "env")
     if from_env:
         log.info("from the environment: %s", ", ".join(from_env))
-    daemon = CoordinatorDaemon(options)
+    daemon = start_daemon(options, layered)
     server: MetricsServer | None = None
     try:
         if args.metrics_port:

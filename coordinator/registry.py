@@ -259,7 +259,12 @@ class Registry:
         self._checkpoint_done = -1
         """With the pruning thread: the newest base it has fsynced (picked up by the next commit)."""
         for d in (self.root, self.versions_dir, self.pending_dir):
-            d.mkdir(parents=True, exist_ok=True)
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+            except (FileExistsError, NotADirectoryError) as exc:
+                raise RegistryError(f"state dir {self.root}: not a directory ({exc.filename})") from exc
+            except OSError as exc:
+                raise RegistryError(f"state dir {self.root}: not writable: {exc.strerror or exc}") from exc
         spec_path = self.root / "spec.json"
         if spec_path.exists():
             stored = ModelSpec.from_dict(json.loads(spec_path.read_text()))
@@ -281,7 +286,10 @@ class Registry:
         if self._lock_file is not None:
             return
         path = self.root / "lock"
-        f = open(path, "a+")  # noqa: SIM115 - held for the registry's life
+        try:
+            f = open(path, "a+")  # noqa: SIM115 - held for the registry's life
+        except OSError as exc:
+            raise RegistryError(f"state dir {self.root}: not writable: cannot open {path}: {exc.strerror or exc}") from exc
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

@@ -3,13 +3,20 @@ do not apply, the state dir, and checks that run before anything is written."""
 
 from __future__ import annotations
 
+import os
 import re
+import socket
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from coordinator.methods import make_method
+from coordinator.registry import Registry, RegistryError
 from coordinator.strategies import make_strategy
 from edge_sdk.errors import ConfigError
+from edge_sdk.modelio import save_model
+from edge_sdk.tasks import get_task
 
 # ---------------------------------------------------------------------- strategy parameters
 
@@ -52,3 +59,141 @@ def test_live_spin_reconfiguration_checks_types() -> None:
     with pytest.raises(ConfigError, match="parameter k expects an integer"):
         spin.reconfigure(k="x")  # type: ignore[attr-defined]
     assert spin.describe()["k"] == 10
+
+
+# ---------------------------------------------------------------------- before anything is written
+
+
+def edgeci(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """``edgeci coordinator ARGV`` in this process: (exit code, stderr)."""
+    from demos.cli import main
+
+    rc = main(["coordinator", *argv])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return rc, err
+
+
+@pytest.fixture
+def no_pretraining(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reaching the pretraining of an empty state dir fails the start (as a slow or broken one would)."""
+    def pretrained(self: object, **_: object) -> None:
+        raise ConfigError("pretraining failed (stub)")
+
+    monkeypatch.setattr(type(get_task("digits")), "pretrained", pretrained)  # get_task makes a new instance per call
+
+
+def digits_model(path: Path) -> Path:
+    spec = get_task("digits").spec
+    return save_model(path, spec, np.zeros(spec.size, np.float32))
+
+
+def test_state_dir_that_is_a_file_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = tmp_path / "sfile"
+    state.write_text("")
+    rc, err = edgeci(["--broker", "mqtt://127.0.0.1:1", "--state-dir", str(state)], capsys)
+    assert rc == 1 and f"--state-dir {state}: not a directory" in err
+    rc, err = edgeci(["--broker", "mqtt://127.0.0.1:1", "--state-dir", str(state / "sub")], capsys)
+    assert rc == 1 and "is not a directory" in err
+
+
+def test_read_only_state_dir_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == tmp_path else real(p, mode))  # as on a ro mount
+    rc, err = edgeci(["--broker", "mqtt://127.0.0.1:1", "--state-dir", str(tmp_path / "s")], capsys)
+    assert rc == 1 and f"--state-dir {tmp_path / 's'}: not writable" in err
+
+
+def test_registry_turns_state_dir_os_errors_into_registry_errors(tmp_path: Path) -> None:
+    spec = get_task("digits").spec
+    (tmp_path / "file").write_text("")
+    with pytest.raises(RegistryError, match="not a directory"):
+        Registry(tmp_path / "file", spec)
+    reg = Registry(tmp_path / "s", spec)
+    (tmp_path / "s" / "lock").mkdir()  # open(lock) fails like a read-only filesystem would
+    with pytest.raises(RegistryError, match="not writable: cannot open"):
+        reg.acquire_lock()
+    reg.close()
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["--broker", "http://127.0.0.1:1883"], "broker URL must look like"),
+    (["--region", "eu/#"], "invalid --region 'eu/#'"),
+    (["--id", "a b"], "invalid --id (coordinator id) 'a b'"),
+    (["--metrics-port", "99999"], "--metrics-port must be 0 (off) or a port 1-65535, got 99999"),
+    (["--metrics-port", "-1"], "--metrics-port must be 0 (off) or a port"),
+    (["--metrics-host", "no-such-host.invalid", "--metrics-port", "19999"], "cannot serve metrics there"),
+    (["--model", "gestures", "--init", "MODEL"], "expected 'gesture-cnn1d'"),
+    (["--init", "TEXT"], "not an edgeci model file (a .npz written by `edgeci pretrain`)"),
+    (["--init", "MISSING"], "--init"),
+    (["--gate-margin", "nan"], "--gate-margin must be in [0, 1), got nan"),
+    (["--gate-z", "-1"], "--gate-z must be in [0, 10], got -1.0"),
+    (["--gate-margin", "0.5", "--rollback-margin", "0.1"], "--rollback-margin 0.1 is below --gate-margin 0.5"),
+    (["--param", "k=ten"], "parameter k expects an integer, got 'ten'"),
+])
+def test_bad_options_are_refused_before_the_state_dir_is_written(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], no_pretraining: None, argv: list[str], needle: str) -> None:
+    files = {"MODEL": str(digits_model(tmp_path / "deployed.npz")), "MISSING": str(tmp_path / "missing.npz")}
+    (tmp_path / "notes.npz").write_text("not a model\n")
+    files["TEXT"] = str(tmp_path / "notes.npz")
+    argv = [files.get(a, a) for a in argv]
+    if "--broker" not in argv:
+        argv = ["--broker", "mqtt://127.0.0.1:1", *argv]
+    state = tmp_path / "state"
+    rc, err = edgeci([*argv, "--state-dir", str(state)], capsys)
+    assert rc == 1 and needle in err, err
+    assert not state.exists()  # nothing created: no lock, no signing key, no spec.json
+
+
+def test_metrics_port_in_use_is_refused_before_the_state_dir_is_written(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], no_pretraining: None) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        rc, err = edgeci(["--broker", "mqtt://127.0.0.1:1", "--metrics-port", str(port),
+                          "--state-dir", str(tmp_path / "state")], capsys)
+    assert rc == 1 and "cannot serve metrics there" in err
+    assert not (tmp_path / "state").exists()
+
+
+def test_failed_initialisation_leaves_the_state_dir_as_it_was(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], no_pretraining: None) -> None:
+    missing = tmp_path / "new" / "state"
+    rc, err = edgeci(["--broker", "mqtt://127.0.0.1:1", "--state-dir", str(missing)], capsys)
+    assert rc == 1 and "pretraining failed (stub)" in err
+    assert not (tmp_path / "new").exists()  # the dirs this run made are gone too
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rc, err = edgeci(["--broker", "mqtt://127.0.0.1:1", "--state-dir", str(empty)], capsys)
+    assert rc == 1 and list(empty.iterdir()) == []
+    # hA8: a start with the wrong --model for --init does not stamp the dir with that model; the retry works
+    model = str(digits_model(tmp_path / "deployed.npz"))
+    rc, err = edgeci(["--broker", "mqtt://127.0.0.1:1", "--model", "gestures", "--init", model, "--state-dir", str(empty)],
+                     capsys)
+    assert rc == 1 and "expected 'gesture-cnn1d'" in err and list(empty.iterdir()) == []
+    rc, err = edgeci(["--broker", "mqtt://127.0.0.1:1", "--model", "digits", "--init", model, "--state-dir", str(empty)],
+                     capsys)
+    assert rc == 1 and "cannot reach broker" in err and "holds model" not in err
+    assert list((empty / "versions").iterdir())  # initialised from --init, then the broker was down: v0 is kept
+
+
+def test_a_state_dir_that_held_anything_is_never_cleaned(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                         no_pretraining: None) -> None:
+    from coordinator.cli import _undo_failed_init
+
+    spec = get_task("digits").spec
+    held = tmp_path / "held"
+    reg = Registry(held, spec)
+    reg.initialise(np.zeros(spec.size, np.float32), now=0.0, source="test")
+    reg.close()
+    before = sorted(p.name for p in held.iterdir())
+    _undo_failed_init(held, None, held)  # even if asked to: it holds a version
+    _undo_failed_init(held, set(), held)
+    assert sorted(p.name for p in held.iterdir()) == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")  # not empty before: not ours to tidy
+    rc, _ = edgeci(["--broker", "mqtt://127.0.0.1:1", "--state-dir", str(other)], capsys)
+    assert rc == 1 and (other / "notes.txt").exists() and (other / "signing.key").exists()
