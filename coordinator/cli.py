@@ -85,7 +85,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", default=None, choices=strategy_names(), help="aggregation strategy (default: spin, or the peering's own)")
     p.add_argument("--k", type=int, default=10, help="aggregate when K updates are buffered (SPIN, FedBuff)")
     p.add_argument("--timeout", type=float, default=30.0, help="SPIN timeout π in seconds")
-    p.add_argument("--param", action="append", default=None, metavar="NAME=VALUE", help="a strategy or peering parameter by its config name (repeatable; e.g. --param k=10 --param phi=2); the named flags are aliases")
+    p.add_argument("--param", action="append", default=None, metavar="NAME=VALUE", help="a strategy or peering parameter by its config name (repeatable; e.g. --param k=10 --param phi=2); "
+                   "EDGECI_PARAM takes comma-separated items (\"k=10,phi=2\"), the file a list (param = [\"k=10\", \"phi=2\"]); "
+                   "the named flags are aliases")
     p.add_argument("--combine", choices=["models", "deltas"], default="models", help="SPIN: average the buffered models (the paper's rule) or apply each update's delta from its own base version (faster on digits, unstable with stale detection updates)")
     r = p.add_argument_group("robust aggregation (spin, fedbuff, port, fedavg, hierfavg)")
     r.add_argument("--combiner", choices=list(COMBINERS), help="combine the buffer by weighted mean (default), coordinate-wise median, trimmed mean, krum or multi-krum")
@@ -105,7 +107,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     "(needs the [train] extra) and a conversion not back within S seconds falls back to the damped update")
     st.add_argument("--inversion", action="append", default=None, metavar="NAME=VALUE",
                     help="gradient-inversion setting by name (repeatable): iterations, time_budget_s, max_samples, "
-                    "samples_fraction, inversion_lr, epochs, lr, momentum, seed")
+                    "samples_fraction, inversion_lr, epochs, lr, momentum, seed; EDGECI_INVERSION takes comma-separated items, "
+                    "the file a list")
     gate = p.add_argument_group("release gate (what devices predict with)")
     gate.add_argument("--validation", type=Path, help="validation set (.npz with x and y): every new version is a candidate, "
                       "released only if its accuracy there is not worse than the release's by more than --gate-margin; "

@@ -1,7 +1,8 @@
 """Layered configuration for the daemons: flags > ``EDGECI_*`` environment > TOML file > defaults.
 
 One naming rule links the three: the flag ``--foo-bar`` is the environment variable
-``EDGECI_FOO_BAR`` and the TOML key ``foo_bar`` (or ``foo-bar``). ``--config PATH`` (or
+``EDGECI_FOO_BAR`` and the TOML key ``foo_bar`` (or ``foo-bar``). A repeatable flag (``--param``)
+is a TOML list of strings or one comma-separated string (``EDGECI_PARAM="k=3,timeout_s=5"``). ``--config PATH`` (or
 ``EDGECI_CONFIG``) names the TOML file. A ``[strategy]`` table holds the strategy's ``name``
 and its parameters, passed through to the strategy, whose config dataclass validates them. An unknown TOML key
 is an error naming the key and the valid ones.
@@ -13,6 +14,7 @@ so tests need neither a process nor a file.
 from __future__ import annotations
 
 import argparse
+import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -130,6 +132,8 @@ def convert(option: Option, value: Any, where: str) -> Any:
             return value.strip().lower() in _TRUE
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
     typ: Callable[[Any], Any] | None = action.type if callable(action.type) else None
+    if isinstance(action, argparse._AppendAction):  # repeatable NAME=VALUE flags (--param, --inversion)
+        return _items(value, where)
     if isinstance(value, list) and all(isinstance(v, str) for v in value) and typ is None:
         value = ",".join(value)  # e.g. peers = ["eu", "us"] for --peers eu,us
     if isinstance(value, bool) or not isinstance(value, str | int | float):
@@ -148,6 +152,20 @@ def convert(option: Option, value: Any, where: str) -> Any:
     if action.choices is not None and out not in action.choices:
         raise ConfigError(f"{where}: {out!r} is not one of {', '.join(map(str, action.choices))}")
     return out
+
+
+_NEXT_ITEM = re.compile(r"\s*,\s*(?=[A-Za-z_][A-Za-z0-9_]*\s*=)")
+"""A comma that starts the next NAME=VALUE item (a comma inside a value, ``[1, 2]``, does not)."""
+
+
+def _items(value: Any, where: str) -> list[str]:
+    """A repeatable flag's items: a TOML list of strings, or one string of comma-separated
+    ``NAME=VALUE`` items (``EDGECI_PARAM="k=3,timeout_s=5"``)."""
+    if isinstance(value, str):
+        return [item for item in _NEXT_ITEM.split(value.strip()) if item]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return [v.strip() for v in value]
+    raise ConfigError(f"{where}: expected a list of \"NAME=VALUE\" strings (or one comma-separated string), got {value!r}")
 
 
 def _type_name(typ: Callable[[Any], Any] | None) -> str:

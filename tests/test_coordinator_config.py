@@ -7,10 +7,12 @@ import os
 import re
 import socket
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+from coordinator import cli as coordinator_cli
 from coordinator.methods import make_method
 from coordinator.registry import Registry, RegistryError
 from coordinator.strategies import make_strategy
@@ -197,3 +199,45 @@ def test_a_state_dir_that_held_anything_is_never_cleaned(tmp_path: Path, capsys:
     (other / "notes.txt").write_text("mine")  # not empty before: not ours to tidy
     rc, _ = edgeci(["--broker", "mqtt://127.0.0.1:1", "--state-dir", str(other)], capsys)
     assert rc == 1 and (other / "notes.txt").exists() and (other / "signing.key").exists()
+
+
+# ---------------------------------------------------------------------- layered repeatable flags
+
+
+def layered(argv: list[str], env: dict[str, str] | None = None, toml: str | None = None) -> Any:
+    """The coordinator's options resolved from flags, ``env`` and a config file holding ``toml``."""
+    import argparse
+
+    from coordinator.config import resolve
+    from demos.cli import build_parser
+
+    parser = build_parser(["coordinator"])
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["coordinator"]
+    argv = ["coordinator", "--state-dir", "s", *argv, *(["--config", "c.toml"] if toml is not None else [])]
+    return resolve(parser, argv, env or {}, options_parser=sub, read_text=lambda _: toml or "")
+
+
+def options(argv: list[str], env: dict[str, str] | None = None, toml: str | None = None) -> Any:
+    got = layered(argv, env, toml)
+    return coordinator_cli.options_from(got.args, got)
+
+
+@pytest.mark.parametrize(("env", "toml"), [
+    ({"EDGECI_PARAM": "k=3,timeout_s=5"}, None),
+    ({"EDGECI_PARAM": " k=3 , timeout_s=5 "}, None),
+    ({}, 'param = ["k=3", "timeout_s=5"]\n'),
+    ({}, 'param = "k=3, timeout_s=5"\n'),
+])
+def test_param_from_the_environment_and_the_file(env: dict[str, str], toml: str | None) -> None:
+    opts = options([], env, toml)
+    assert opts.strategy_params["k"] == 3 and opts.strategy_params["timeout_s"] == 5
+
+
+def test_param_items_keep_commas_inside_values_and_flags_win() -> None:
+    opts = options(["--strategy", "nebula"], {"EDGECI_PARAM": "resource_speeds=[1, 2],resource_prices=[1, 1]"})
+    assert list(opts.strategy_params["resource_speeds"]) == [1, 2]
+    assert options(["--param", "timeout_s=7"], {"EDGECI_PARAM": "timeout_s=5"}).strategy_params["timeout_s"] == 7
+    opts = options([], {"EDGECI_INVERSION": "iterations=5,time_budget_s=2"})
+    assert dict(opts.inversion_params) == {"iterations": 5, "time_budget_s": 2}
+    with pytest.raises(ConfigError, match=re.escape('param: expected a list of "NAME=VALUE" strings')):
+        layered([], toml="param = [1, 2]\n")
