@@ -72,6 +72,28 @@ STRATEGY_FLAGS = {"k": "k", "timeout_s": "timeout", "combine": "combine", **{p: 
     "combiner", "clip_multiplier", "max_staleness", "sample_weight_cap")}}
 AVERAGING = ("spin", "spin-notimeout", "fedbuff", "port", "fedavg", "hierfavg")
 """Strategies with robust aggregation (coordinator/strategies/robust.py)."""
+STRATEGY_FLAG_USERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "k": ("k", ("spin", "spin-notimeout", "fedbuff", "port")),
+    "timeout": ("timeout_s", ("spin",)),
+    "combine": ("combine", ("spin", "spin-notimeout")),
+    "eta": ("eta", ("spyker",)),
+    "decay_beta": ("decay_beta", ("spyker",)),
+    "planets": ("planets", ("nebula",)),
+    "rotation": ("t_c", ("nebula",)),
+    **{dest: (dest, AVERAGING) for dest in ("combiner", "clip_multiplier", "max_staleness", "sample_weight_cap")},
+}
+"""Flag (dest) -> (strategy parameter, the strategies that take it)."""
+PEERING_FLAG_USERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    **{dest: (param, ("spyker",)) for dest, param in (
+        ("h_inter", "h_inter"), ("h_intra", "h_intra"), ("phi", "phi"), ("eta_a", "eta_a"), ("n_clients", "n_clients"),
+        ("beacon", "beacon_s"), ("token_timeout", "token_timeout_s"), ("stagger", "stagger_s"))},
+    "sync_timeout": ("sync_timeout_s", ("spyker", "hierfavg")),
+    "rotation": ("t_c", ("nebula",)),
+    "cloud": ("cloud", ("hierfavg",)),
+    "kappa2": ("kappa2", ("hierfavg",)),
+}
+"""Flag (dest) -> (peering parameter, the peerings that take it). A flag given for a strategy
+and peering that use it nowhere is an error (:func:`_check_applies`), not silently dropped."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -181,39 +203,88 @@ def _given(args: argparse.Namespace, pairs: tuple[tuple[str, str], ...]) -> dict
     return {param: getattr(args, attr) for param, attr in pairs if getattr(args, attr, None) is not None}
 
 
+_DEFAULTS: dict[str, Any] = {}
+
+
+def _explicit(args: argparse.Namespace, layered: Layered | None, dest: str) -> bool:
+    """Set by a flag, the environment or the file (not the default)."""
+    if layered is not None and dest in layered.sources:
+        return layered.sources[dest] != "default"
+    if not _DEFAULTS:  # a namespace without sources (tests, drivers): anything but the default counts
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        _DEFAULTS.update(vars(parser.parse_args([])))
+    return getattr(args, dest, None) not in (None, _DEFAULTS.get(dest))
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _check_applies(args: argparse.Namespace, layered: Layered | None, strategy: str, peering: str) -> None:
+    """A strategy or peering flag given for a method that does not use it is an error, not dropped."""
+    for dest in dict.fromkeys([*STRATEGY_FLAG_USERS, *PEERING_FLAG_USERS]):
+        if not _explicit(args, layered, dest):
+            continue
+        by_strategy = STRATEGY_FLAG_USERS.get(dest, ("", ()))[1]
+        by_peering = PEERING_FLAG_USERS.get(dest, ("", ()))[1]
+        if strategy in by_strategy or peering in by_peering:
+            continue
+        users = [f"strategy {' / '.join(by_strategy)}"] if by_strategy else []
+        users += [f"peering {' / '.join(by_peering)}"] if by_peering else []
+        raise ConfigError(f"{_flag(dest)} is for {' or '.join(users)}; strategy {strategy!r} with peering {peering!r} "
+                          f"does not use it (drop it, or choose a method that does)")
+
+
+def _check_twice(args: argparse.Namespace, layered: Layered | None, by_name: Mapping[str, object]) -> None:
+    """``--k 7 --param k=3`` (or the file's ``param`` list with its ``[strategy]`` table) sets one
+    parameter twice: refused, naming both, instead of one silently winning."""
+    for dest, (param, _) in (*STRATEGY_FLAG_USERS.items(), *PEERING_FLAG_USERS.items()):
+        if param in by_name and _explicit(args, layered, dest):
+            raise ConfigError(f"{param} is given twice: {_flag(dest)} {getattr(args, dest)} and --param {param}={by_name[param]!r}; "
+                              "keep one")
+    if layered is not None and layered.sources.get("param") == "file":
+        both = sorted(set(by_name) & set(layered.strategy_params))
+        if both:
+            raise ConfigError(f"the config file sets {', '.join(both)} both in param and in [strategy]: keep one")
+
+
+def _check_finite(args: argparse.Namespace) -> None:
+    """inf / nan in a float flag (``--timeout inf`` made the status JSON carry Infinity)."""
+    for dest, value in sorted(vars(args).items()):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{_flag(dest)} must be a finite number, got {value}")
+
+
 def options_from(args: argparse.Namespace, layered: Layered | None = None) -> CoordinatorOptions:
     if getattr(args, "state_dir", None) is None:
         raise ConfigError("--state-dir is required (or EDGECI_STATE_DIR, or state_dir in the --config file)")
     strategy, peering = resolve_names(args.strategy, args.peering)  # e.g. --strategy spyker brings its peering
+    _check_finite(args)
+    _check_applies(args, layered, strategy, peering)
     params: dict[str, object] = {}
     if strategy in ("spin", "spin-notimeout", "fedbuff", "port"):
         params["k"] = args.k
     if strategy == "spin":
         params["timeout_s"] = args.timeout
         params["combine"] = args.combine
-    elif strategy == "spyker":
-        params.update(_given(args, (("eta", "eta"), ("decay_beta", "decay_beta"), ("lr_init", "lr"))))
-    elif strategy == "nebula":
-        params.update(_given(args, (("planets", "planets"), ("t_c", "rotation"))))
-    if strategy in AVERAGING:
-        params.update(_given(args, tuple((k, k) for k in ("combiner", "clip_multiplier", "max_staleness", "sample_weight_cap"))))
+    for dest, (param, users) in STRATEGY_FLAG_USERS.items():
+        if strategy in users and dest not in ("k", "timeout") and getattr(args, dest, None) is not None \
+                and (dest != "combine" or _explicit(args, layered, dest)):  # spin-notimeout: only a given --combine
+            params[param] = getattr(args, dest)
+    if strategy == "spyker":
+        params.update(_given(args, (("lr_init", "lr"),)))
     if layered is not None and layered.strategy_params:
         params = merge_strategy_params(params, layered.strategy_params, STRATEGY_FLAGS, layered)
-    params.update(parse_params(getattr(args, "param", None) or ()))
+    by_name = parse_params(getattr(args, "param", None) or ())
+    _check_twice(args, layered, by_name)
+    params.update(by_name)
     params, generic_peer_params = split_params(strategy, peering, params, strict=False)  # [strategy] / --param: by name
     peers = tuple(c.strip() for c in args.peers.split(",") if c.strip())
     if peering == "none" and peers:
         raise ConfigError("--peers needs --peering spyker|nebula|hierfavg")
-    peer_params: dict[str, object] = {}
-    if peering == "spyker":
-        peer_params = _given(args, (
-            ("h_inter", "h_inter"), ("h_intra", "h_intra"), ("phi", "phi"), ("eta_a", "eta_a"), ("n_clients", "n_clients"),
-            ("beacon_s", "beacon"), ("token_timeout_s", "token_timeout"), ("stagger_s", "stagger"), ("sync_timeout_s", "sync_timeout"),
-        ))
-    elif peering == "nebula":
-        peer_params = _given(args, (("t_c", "rotation"),))
-    elif peering == "hierfavg":
-        peer_params = _given(args, (("cloud", "cloud"), ("kappa2", "kappa2"), ("sync_timeout_s", "sync_timeout")))
+    peer_params: dict[str, object] = {param: getattr(args, dest) for dest, (param, users) in PEERING_FLAG_USERS.items()
+                                      if peering in users and getattr(args, dest, None) is not None}
     peer_params.update(generic_peer_params)
     hints = {k: float(v) for k, v in (("epochs", args.epochs), ("lr", args.lr)) if v is not None}
     interval = float(getattr(args, "status_interval", 30.0))

@@ -129,7 +129,7 @@ def test_registry_turns_state_dir_os_errors_into_registry_errors(tmp_path: Path)
     (["--model", "gestures", "--init", "MODEL"], "expected 'gesture-cnn1d'"),
     (["--init", "TEXT"], "not an edgeci model file (a .npz written by `edgeci pretrain`)"),
     (["--init", "MISSING"], "--init"),
-    (["--gate-margin", "nan"], "--gate-margin must be in [0, 1), got nan"),
+    (["--gate-margin", "1.5"], "--gate-margin must be in [0, 1), got 1.5"),
     (["--gate-z", "-1"], "--gate-z must be in [0, 10], got -1.0"),
     (["--gate-margin", "0.5", "--rollback-margin", "0.1"], "--rollback-margin 0.1 is below --gate-margin 0.5"),
     (["--param", "k=ten"], "parameter k expects an integer, got 'ten'"),
@@ -241,3 +241,59 @@ def test_param_items_keep_commas_inside_values_and_flags_win() -> None:
     assert dict(opts.inversion_params) == {"iterations": 5, "time_budget_s": 2}
     with pytest.raises(ConfigError, match=re.escape('param: expected a list of "NAME=VALUE" strings')):
         layered([], toml="param = [1, 2]\n")
+
+
+# ---------------------------------------------------------------------- flags that do not apply, twice, inf
+
+
+@pytest.mark.parametrize(("argv", "env", "toml", "needle"), [
+    (["--phi", "2"], {}, None, "--phi is for peering spyker; strategy 'spin' with peering 'none' does not use it"),
+    (["--rotation", "5"], {}, None, "--rotation is for strategy nebula or peering nebula"),
+    (["--kappa2", "3"], {}, None, "--kappa2 is for peering hierfavg"),
+    (["--eta", "0.5"], {}, None, "--eta is for strategy spyker"),
+    (["--strategy", "fedbuff", "--timeout", "5"], {}, None, "--timeout is for strategy spin; strategy 'fedbuff'"),
+    (["--strategy", "fedbuff", "--combine", "deltas"], {}, None, "--combine is for strategy spin / spin-notimeout"),
+    (["--strategy", "fedavg", "--k", "0"], {}, None, "--k is for strategy spin / spin-notimeout / fedbuff / port"),
+    (["--strategy", "fedasync", "--combiner", "median"], {}, None, "--combiner is for strategy spin / spin-notimeout"),
+    (["--strategy", "fedbuff"], {"EDGECI_TIMEOUT": "5"}, None, "--timeout is for strategy spin"),  # env counts as given
+    (["--strategy", "fedbuff"], {}, "timeout = 5\n", "--timeout is for strategy spin"),  # so does the file
+    (["--peering", "spyker", "--kappa2", "3"], {}, None, "--kappa2 is for peering hierfavg; strategy 'spyker'"),
+])
+def test_flags_that_the_method_does_not_use_are_refused(argv: list[str], env: dict[str, str], toml: str | None,
+                                                        needle: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        options(argv, env, toml)
+
+
+def test_defaults_and_flags_that_apply_are_not_refused() -> None:
+    assert options(["--strategy", "fedavg"]).strategy_params == {}  # --k / --timeout / --combine defaults: not given
+    assert options(["--strategy", "fedbuff", "--k", "4"]).strategy_params == {"k": 4}
+    opts = options(["--strategy", "spin-notimeout", "--combine", "deltas"])
+    assert opts.strategy_params == {"k": 10, "combine": "deltas"}  # spin-notimeout has SPIN's combine rule
+    opts = options(["--strategy", "hierfavg", "--kappa2", "3", "--sync-timeout", "9"])
+    assert dict(opts.peering_params) == {"kappa2": 3, "sync_timeout_s": 9.0}
+    assert options(["--strategy", "nebula", "--rotation", "5"]).strategy_params["t_c"] == 5.0
+
+
+@pytest.mark.parametrize(("argv", "env", "toml", "needle"), [
+    (["--k", "7", "--param", "k=3"], {}, None, "k is given twice: --k 7 and --param k=3; keep one"),
+    (["--param", "k=3"], {"EDGECI_K": "7"}, None, "k is given twice: --k 7 and --param k=3"),
+    (["--strategy", "spyker", "--phi", "2", "--param", "phi=3"], {}, None, "phi is given twice: --phi 2.0 and --param phi=3"),
+    ([], {}, 'param = ["k=3"]\n[strategy]\nk = 4\n', "sets k both in param and in [strategy]: keep one"),
+])
+def test_one_parameter_given_twice_is_refused(argv: list[str], env: dict[str, str], toml: str | None, needle: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        options(argv, env, toml)
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["--timeout", "inf"], "--timeout must be a finite number, got inf"),
+    (["--status-interval", "inf"], "--status-interval must be a finite number, got inf"),
+    (["--status-interval", "nan"], "--status-interval must be a finite number, got nan"),
+    (["--canary-deadline", "inf"], "--canary-deadline must be a finite number, got inf"),
+    (["--param", "timeout_s=inf"], "parameter timeout_s expects a finite number or none, got inf"),
+])
+def test_non_finite_numbers_are_refused(argv: list[str], needle: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        opts = options(argv)
+        make_method(opts.strategy, strategy_params=opts.strategy_params)
