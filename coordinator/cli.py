@@ -16,7 +16,7 @@ a TOML file (``--config``, key ``state_dir``; a ``[strategy]`` table holds the s
 
 Signals: SIGTERM / SIGINT stop cleanly; SIGHUP re-reads the config file and applies what
 can change live (log level and format; SPIN's k / timeout / combine) and logs, per key,
-what needs a restart. ``--metrics-port`` serves ``/metrics``, ``/healthz`` and ``/readyz``.
+what needs a restart; an invalid value anywhere in the file keeps the whole running config. ``--metrics-port`` serves ``/metrics``, ``/healthz`` and ``/readyz``.
 """
 
 from __future__ import annotations
@@ -382,6 +382,13 @@ def _check_metrics(host: str, port: int) -> None:
                               f"{exc.strerror or exc}") from exc
 
 
+def check_method(options: CoordinatorOptions) -> None:
+    """The strategy and peering with their parameters, built once and thrown away (names, types, ranges)."""
+    own_id = options.coordinator_id or f"coord-{options.region}"
+    make_method(options.strategy, peering=options.peering, coordinator_id=own_id, ring=options.peers or (own_id,),
+                strategy_params=options.strategy_params, peering_params=options.peering_params)
+
+
 def check_before_start(options: CoordinatorOptions, layered: Layered) -> None:
     """Everything about the options that can be checked without writing anything: the state dir,
     broker URL, ids, metrics address, strategy and peering, gate, --validation and --init.
@@ -393,9 +400,7 @@ def check_before_start(options: CoordinatorOptions, layered: Layered) -> None:
     check_id(options.coordinator_id or f"coord-{options.region}", "--id (coordinator id)")
     _check_metrics(str(getattr(args, "metrics_host", "127.0.0.1")), int(getattr(args, "metrics_port", 0) or 0))
     task = get_task(options.model)
-    make_method(options.strategy, peering=options.peering, coordinator_id=options.coordinator_id or f"coord-{options.region}",
-                ring=options.peers or (options.coordinator_id or f"coord-{options.region}",),
-                strategy_params=options.strategy_params, peering_params=options.peering_params)
+    check_method(options)
     if options.inversion_params:
         inversion_config(**dict(options.inversion_params))
     _check_gate(options, layered)
@@ -517,11 +522,15 @@ def _on_actor(daemon: CoordinatorDaemon, fn: Callable[[], None], timeout: float 
 
 
 def reload(daemon: CoordinatorDaemon, layered: Layered,
-           resolve_again: Callable[[], Layered], apply_logging: Callable[[str | None, str | None], None]) -> Layered:
-    """SIGHUP: re-read the config file; apply what can change live, log what cannot. Never raises."""
+           resolve_again: Callable[[], Layered], apply_logging: Callable[[str | None, str | None], None],
+           *, metrics: tuple[str, int] | None = None) -> Layered:
+    """SIGHUP: re-read the config file; apply what can change live, log what cannot. Never raises.
+    An invalid value anywhere (a strategy parameter too) keeps the whole running config.
+    ``metrics`` is the running metrics server's (host, port) (default: the previous file's)."""
     try:
         fresh = resolve_again()
         new = options_from(fresh.args, fresh)
+        check_method(new)  # e.g. [strategy] k = 0: invalid, not "needs a restart"
     except (EdgeciError, OSError, ValueError) as exc:
         log.error("SIGHUP: config not reloaded, keeping the running one: %s", exc)
         return layered
@@ -562,10 +571,11 @@ def reload(daemon: CoordinatorDaemon, layered: Layered,
             else:
                 log.warning("SIGHUP: cannot reload %s without a restart (running %r, file says %r)",
                             f.name, getattr(current, f.name), getattr(new, f.name))
-    metrics_keys = ("metrics_port", "metrics_host")
-    for key in metrics_keys:
-        if getattr(fresh.args, key, None) != getattr(old_args, key, None):
-            log.warning("SIGHUP: cannot reload %s without a restart", key)
+    running = metrics or (getattr(old_args, "metrics_host", None), getattr(old_args, "metrics_port", None))
+    for key, value in zip(("metrics_host", "metrics_port"), running, strict=True):
+        if getattr(fresh.args, key, None) != value:  # against the running server, not the previous file
+            log.warning("SIGHUP: cannot reload %s without a restart (running %r, file says %r)",
+                        key, value, getattr(fresh.args, key, None))
     log.info("SIGHUP: config reloaded%s", f" from {fresh.config_path}" if fresh.config_path else " (no config file)")
     return fresh
 
@@ -651,7 +661,8 @@ def _serve(args: argparse.Namespace, layered: Layered, resolve_again: Callable[[
                     if resolve_again is None:
                         log.warning("SIGHUP: nothing to reload (no config resolver)")
                     else:
-                        layered = reload(daemon, layered, resolve_again, apply_logging)
+                        layered = reload(daemon, layered, resolve_again, apply_logging,
+                                         metrics=(args.metrics_host, args.metrics_port))
                 elif signum in (signal.SIGTERM, signal.SIGINT):
                     log.info("signal %s: shutting down", signal.Signals(signum).name)
                     stop = True

@@ -297,3 +297,40 @@ def test_non_finite_numbers_are_refused(argv: list[str], needle: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(needle)):
         opts = options(argv)
         make_method(opts.strategy, strategy_params=opts.strategy_params)
+
+
+# ---------------------------------------------------------------------- SIGHUP
+
+
+def sighup(toml: str, running: Any, caplog: pytest.LogCaptureFixture, **kw: Any) -> tuple[Any, str]:
+    """Reload with the file now holding ``toml`` into a daemon stand-in running ``running``'s
+    options (no strategy change is applied, so no actor is needed)."""
+    import logging
+    from types import SimpleNamespace
+
+    daemon = SimpleNamespace(options=coordinator_cli.options_from(running.args, running))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="edgeci.coordinator"):
+        got = coordinator_cli.reload(daemon, running, lambda: layered([], {}, toml), lambda level, fmt: None,  # type: ignore[arg-type]
+                                     **kw)
+    return got, caplog.text
+
+
+@pytest.mark.parametrize("bad", ["[strategy]\nk = 0\n", '[strategy]\nk = "x"\n', "[strategy]\nbogus_key = 1\n"])
+def test_sighup_with_an_invalid_strategy_value_keeps_the_whole_running_config(
+        caplog: pytest.LogCaptureFixture, bad: str) -> None:
+    running = layered([], {}, 'log_level = "info"\n[strategy]\nk = 5\n')
+    got, text = sighup('log_level = "debug"\n' + bad, running, caplog)
+    assert got is running  # nothing applied, the log level included
+    assert "config not reloaded, keeping the running one" in text and "without a restart" not in text
+
+
+def test_sighup_compares_metrics_with_the_running_server(caplog: pytest.LogCaptureFixture) -> None:
+    running = layered([], {}, "metrics_port = 19464\n")
+    moved = layered([], {}, "metrics_port = 19465\n")  # the previous reload read 19465; the server still runs on 19464
+    _, text = sighup("metrics_port = 19465\n", moved, caplog, metrics=("127.0.0.1", 19464))
+    assert "cannot reload metrics_port without a restart (running 19464, file says 19465)" in text
+    _, text = sighup("metrics_port = 19464\n", moved, caplog, metrics=("127.0.0.1", 19464))
+    assert "metrics_port" not in text  # back to the running value: nothing to warn about
+    _, text = sighup("metrics_port = 19464\n", running, caplog, metrics=("127.0.0.1", 19464))
+    assert "metrics_port" not in text and "config reloaded" in text
