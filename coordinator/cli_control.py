@@ -103,7 +103,8 @@ def version_rows(state_dir: Path, last: int = 30) -> tuple[list[dict[str, Any]],
     verdicts: dict[int, list[dict[str, Any]]] = {}
     for event in release.get("history", []):
         verdicts.setdefault(int(event.get("version", -1)), []).append(event)
-    rows = []
+    rows: list[dict[str, Any]] = []
+    newest_release: int | None = None  # each commit records the release then (no gate: nothing in release.json)
     for d in sorted((p for p in versions_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))[-last:]:
         try:
             meta = json.loads((d / "meta.json").read_text())
@@ -111,6 +112,7 @@ def version_rows(state_dir: Path, last: int = 30) -> tuple[list[dict[str, Any]],
             rows.append({"version": int(d.name), "unreadable": True})
             continue
         v = int(d.name)
+        newest_release = meta["release"] if isinstance(meta.get("release"), int) else v
         events = verdicts.get(v, [])
         row: dict[str, Any] = {
             "version": v,
@@ -125,6 +127,11 @@ def version_rows(state_dir: Path, last: int = 30) -> tuple[list[dict[str, Any]],
             "of": meta.get("of", meta.get("rejected")),
         }
         rows.append(row)
+    if release.get("release") is None and newest_release is not None:
+        release = {**release, "release": newest_release}
+        for r in rows:
+            if r.get("version") == newest_release and not r.get("verdict") and not r.get("unreadable"):
+                r["verdict"] = "release"
     return rows, release
 
 

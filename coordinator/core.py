@@ -758,7 +758,7 @@ class CoordinatorCore:
 
     def _dispatch(self, device: str, leaf: str, msg: Message, now: float) -> list[CoordinatorAction]:
         if getattr(msg, "device", device) != device:
-            raise TopicMismatch(f"message claims device {getattr(msg, 'device', '')!r} on {device!r}'s topic")
+            raise TopicMismatch(f"message claims device {getattr(msg, 'device', '')!r} on the topic of {device!r}")
         if device not in self._devices and len(self._devices) >= self.config.max_devices:
             raise TooManyDevices(f"already tracking {len(self._devices)} devices")
         if leaf == "pull" and isinstance(msg, Pull):
@@ -1472,7 +1472,7 @@ class CoordinatorCore:
         if not verify(sig.public_raw, sig.signature, sig.signed_for(topics.signing_scope(ev.topic))):
             raise BadSignature(f"control command signed by key {sig.kid} does not verify for {ev.topic!r} (another region's?)")
         if msg.operator != name:
-            raise OperatorMismatch(f"control command in the name of {msg.operator!r} signed by key {sig.kid}, which is {name!r}'s")
+            raise OperatorMismatch(f"control command in the name of {msg.operator!r} signed by key {sig.kid}, which belongs to {name!r}")
         if abs(ev.now - msg.issued_at) > cfg.control_max_age_s:
             raise ReplayedMessage(f"control command issued {ev.now - msg.issued_at:.0f} s from now: too old or from the future")
         self._control_seen = {k: t for k, t in self._control_seen.items() if ev.now - t <= cfg.control_max_age_s}
@@ -1535,7 +1535,7 @@ class CoordinatorCore:
             # its HierFAVG edge model or its Nebula rotation).
             if trusted.get(sender) != sig.public_raw:
                 raise BadSignature(f"peer message from {sender!r} signed with key {sig.kid}, which is not "
-                                   f"{sender!r}'s provisioned key")
+                                   f"the key provisioned for {sender!r}")
         elif self._peer_pins.get(sender, sig.public_raw) != sig.public_raw:
             raise BadSignature(f"peer {sender!r} signed with key {sig.kid}, not the key pinned for it")
         if not verify(sig.public_raw, sig.signature, sig.signed_for(scope)):

@@ -221,7 +221,7 @@ class _RequestTooLarge(http.client.LineTooLong):
 
 
 class MetricsServer:
-    """``/metrics``, ``/healthz`` and ``/readyz`` on one small threaded HTTP server (GET only)."""
+    """``/metrics``, ``/healthz`` and ``/readyz`` on one small threaded HTTP server (GET and HEAD only)."""
 
     def __init__(self, metrics: CoordinatorMetrics, host: str, port: int, *, health: Probe, ready: Probe,
                  timeout_s: float = 10.0, max_connections: int = 32) -> None:
@@ -254,6 +254,10 @@ class MetricsServer:
             def do_GET(self) -> None:
                 self.connection.settimeout(timeout_s)  # the answer gets its own time, not what is left of the request's
                 server._serve(self)
+
+            def do_HEAD(self) -> None:  # load balancers and `curl -I` probe with HEAD: the status line, no body
+                self.connection.settimeout(timeout_s)
+                server._serve(self, body=False)
 
             def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
                 problem("too_large" if code in (414, 431) else "bad_request")
@@ -321,24 +325,25 @@ class MetricsServer:
         self._httpd.server_close()
         self._thread.join(5)
 
-    def _serve(self, req: BaseHTTPRequestHandler) -> None:
+    def _serve(self, req: BaseHTTPRequestHandler, *, body: bool = True) -> None:
         path = req.path.split("?", 1)[0]
         if path == "/metrics":
-            body, status, ctype = self.metrics.exposition(), 200, CONTENT_TYPE_LATEST
+            data, status, ctype = self.metrics.exposition(), 200, CONTENT_TYPE_LATEST
         elif path in ("/healthz", "/readyz"):
             try:
                 ok, detail = (self.health if path == "/healthz" else self.ready)()
             except Exception as exc:  # a probe must answer, never hang or kill the server thread
                 ok, detail = False, {"error": f"{type(exc).__name__}: {exc}"}
-            body = json.dumps({"ok": ok, **detail}, sort_keys=True).encode()
+            data = json.dumps({"ok": ok, **detail}, sort_keys=True).encode()
             status, ctype = (200 if ok else 503), "application/json"
         else:
-            body, status, ctype = b"not found: try /metrics, /healthz or /readyz\n", 404, "text/plain"
+            data, status, ctype = b"not found: try /metrics, /healthz or /readyz\n", 404, "text/plain"
         req.send_response(status)
         req.send_header("Content-Type", ctype)
-        req.send_header("Content-Length", str(len(body)))
+        req.send_header("Content-Length", str(len(data)))
         req.end_headers()
-        req.wfile.write(body)
+        if body:
+            req.wfile.write(data)
 
 
 # ---------------------------------------------------------------------- liveness on the status topic

@@ -199,7 +199,7 @@ class EdgeClient:
         # model-signing keys this device trusts (bundle/trusted/*.pub).
         self.bundle: Path | None = Path(bundle).expanduser() if bundle is not None else None
         if self.bundle is not None and (who := read_bundle(self.bundle).get("identity")) != device_id:
-            raise ConfigError(f"bundle {self.bundle} is {who!r}'s, not device {device_id!r}'s (the broker would refuse every topic)")
+            raise ConfigError(f"bundle {self.bundle} was issued for {who!r}, not for device {device_id!r} (the broker would refuse every topic)")
         self.auth: BrokerAuth | None = auth or (BrokerAuth.from_bundle(self.bundle) if self.bundle is not None else None)
         self.trusted_keys: dict[str, bytes] | None = None
         if self.bundle is not None and (self.bundle / "trusted").is_dir():

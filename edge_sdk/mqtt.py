@@ -156,11 +156,13 @@ class BrokerAddress:
 def parse_broker_url(url: str) -> BrokerAddress:
     """``mqtt://host[:port]`` (default 1883) or ``mqtts://host[:port]`` (TLS, default 8883);
     ``host:port`` is accepted too and means plain MQTT."""
+    given = url
     if "://" not in url:
         url = "mqtt://" + url
     parsed = urlparse(url)
-    if parsed.scheme not in DEFAULT_PORTS or not parsed.hostname:
-        raise ConfigError(f"broker URL must look like mqtt://HOST:PORT or mqtts://HOST:PORT, got {url!r}")
+    if parsed.scheme not in DEFAULT_PORTS or not parsed.hostname or parsed.path not in ("", "/") or parsed.query or parsed.fragment:
+        # a path: e.g. "mqtt//host:1883" (a missing colon) read as host "mqtt", path "//host:1883"
+        raise ConfigError(f"broker URL must look like mqtt://HOST:PORT or mqtts://HOST:PORT, got {given!r}")
     if parsed.username or parsed.password:
         raise ConfigError("put no credentials in the broker URL: use --username with --password-file (or EDGECI_PASSWORD)")
     try:

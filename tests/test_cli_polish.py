@@ -183,3 +183,18 @@ def test_status_refuses_a_coordinator_bundle_without_doubled_quotes(tmp_path: Pa
     with pytest.raises(ConfigError) as refused:
         operator_auth(argparse.Namespace(bundle=tmp_path))
     assert "''" not in str(refused.value) and "the coordinator bundle of 'coord-eu'" in str(refused.value)
+
+
+def test_versions_of_a_fresh_state_dir_name_its_release(tmp_path: Path) -> None:
+    """Without a gate nothing is in release.json: `versions` printed "release: ?" while v0 was
+    the release (`status` said 0). The commits record the release; a fresh dir's is v0."""
+    import numpy as np
+
+    from coordinator.cli_control import version_rows
+    from coordinator.registry import Registry
+    from edge_sdk.tasks import get_task
+
+    spec = get_task("digits").spec
+    Registry(tmp_path, spec).initialise(np.zeros(spec.size, np.float32), now=0.0, source="test")
+    rows, release = version_rows(tmp_path)
+    assert release["release"] == 0 and rows[0]["verdict"] == "release"

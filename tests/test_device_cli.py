@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,30 @@ def test_a_device_nobody_answers_says_so(mosquitto: MosquittoProcess, tmp_path: 
     assert out.returncode == 0, out.stdout + out.stderr
     assert "no answer to its pull from a coordinator of region 'nowhere' yet (attempt 1)" in out.stdout, out.stdout
     assert "edgeci status --region nowhere" in out.stdout
+
+
+@pytest.mark.broker
+def test_a_second_device_on_the_same_data_dir_is_refused(mosquitto: MosquittoProcess, tmp_path: Path) -> None:
+    """Two `edgeci device` processes with one id and EDGECI_HOME would share one store and its
+    sequence numbers: the second is refused while the first runs."""
+    first = subprocess.Popen([sys.executable, "-m", "demos.cli", "device", "--broker", mosquitto.url, "--device-id", "d1",
+                              "--duration", "30"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                             env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "EDGECI_HOME": str(tmp_path / "home")})
+    try:
+        lock = tmp_path / "home" / "devices" / "d1" / "device.lock"
+        deadline = time.monotonic() + 60
+        while not (lock.exists() and lock.read_text().startswith("pid")):
+            assert first.poll() is None and time.monotonic() < deadline, first.stdout.read() if first.stdout else ""
+            time.sleep(0.2)
+        wait = time.monotonic() + 60
+        while "partition" not in (line := first.stdout.readline() if first.stdout else ""):  # started: connected
+            assert line and time.monotonic() < wait, "the first device did not start"
+        out = device("--broker", mosquitto.url, "--device-id", "d1", "--duration", "1", home=tmp_path / "home")
+        assert out.returncode != 0 and "device d1 already runs from" in out.stderr, out.stdout + out.stderr
+    finally:
+        first.terminate()
+        first.wait(30)
+        if first.stdout is not None:
+            first.stdout.close()
+    out = device("--broker", mosquitto.url, "--device-id", "d1", "--duration", "1", home=tmp_path / "home")
+    assert out.returncode == 0 and "already runs" not in out.stderr, out.stderr  # free again once the first stopped

@@ -127,7 +127,10 @@ def test_a_client_that_resets_prints_no_traceback(server: MetricsServer, capsys:
     assert "Traceback" not in capsys.readouterr().err
 
 
-def test_only_get_is_served(server: MetricsServer, capsys: pytest.CaptureFixture[str]) -> None:
+def test_only_get_and_head_are_served(server: MetricsServer, capsys: pytest.CaptureFixture[str]) -> None:
+    for path in ("/healthz", "/metrics"):  # HEAD (load balancers, curl -I): the status and headers, no body
+        with urllib.request.urlopen(urllib.request.Request(server.url + path, method="HEAD"), timeout=5) as head:
+            assert head.status == 200 and int(head.headers["Content-Length"]) > 0 and head.read() == b""
     req = urllib.request.Request(server.url + "/metrics", data=b"x", method="POST")
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req, timeout=5)

@@ -329,7 +329,8 @@ def test_broker_urls_and_transport_safety(pki: Pki, caplog: pytest.LogCaptureFix
     assert parse_broker_url("mqtts://mqtt.example.net").port == 8883
     assert parse_broker_url("mqtts://h:9000").url == "mqtts://h:9000"
     assert parse_broker_url("mqtt://h").port == 1883 and not parse_broker_url("h:1").tls
-    for bad in ("http://h", "mqtts://user:pw@h:8883", "mqtt://"):
+    assert parse_broker_url("mqtt://h:1/").port == 1
+    for bad in ("http://h", "mqtts://user:pw@h:8883", "mqtt://", "mqtt//127.0.0.1:1883", "mqtt://h:1/x", "mqtt://h:1?q"):
         with pytest.raises(ConfigError):
             parse_broker_url(bad)
     bundle = pki.issue("devA", "device")
