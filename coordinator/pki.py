@@ -627,7 +627,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        epilog=_STEPS, formatter_class=fmt)
     s.add_argument("identity", metavar="ID", help="device / coordinator / operator id (the MQTT username), or the broker's name")
     s.add_argument("--dir", type=Path, required=True, help="PKI directory (from `pki init`)")
-    s.add_argument("--role", choices=ROLES, required=True)
+    s.add_argument("--role", choices=ROLES, required=True,
+                   help="broker: server certificate; coordinator: + model-signing key; operator: + command-signing "
+                        "key (rollback / pin); device: one per device, confined to its own topics")
     s.add_argument("--region", default="", help="comma-separated regions whose topics it may use (a device: its own "
                                                 "first, then failover regions). Default: 'default'; operators: all")
     s.add_argument("--trust", default="", help="comma-separated coordinator ids to trust (default: every coordinator of the PKI)")
@@ -641,7 +643,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                    "own pull/update/presence and read their own model/ack/invite and their region's "
                                    "status; coordinators serve their region and peer/#; operators write control.",
                        formatter_class=fmt)
-    s.add_argument("--dir", type=Path, required=True)
+    s.add_argument("--dir", type=Path, required=True, help="the PKI folder made by `edgeci pki init`")
     s.add_argument("--out", type=Path, help="output file (default: PKI/mosquitto.acl)")
 
     s = sub.add_parser("passwd", help="username/password alternative: give an identity a password",
@@ -652,7 +654,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                    "--password-file (or EDGECI_PASSWORD); never a password on the command line.",
                        formatter_class=fmt)
     s.add_argument("identity", metavar="ID")
-    s.add_argument("--dir", type=Path, required=True)
+    s.add_argument("--dir", type=Path, required=True, help="the PKI folder made by `edgeci pki init`")
 
     s = sub.add_parser("revoke", help="put an identity's certificate on the CRL and take it out of the ACL (then SIGHUP mosquitto)",
                        description="Put ID's certificate on PKI/ca.crl, remove ID from identities.json, the generated ACL "
@@ -663,16 +665,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                    "trust` and redistribute the bundles. The CRL needs the CA key: without it here, run "
                                    "`edgeci pki crl` where it is.", formatter_class=fmt)
     s.add_argument("identity", metavar="ID")
-    s.add_argument("--dir", type=Path, required=True)
+    s.add_argument("--dir", type=Path, required=True, help="the PKI folder made by `edgeci pki init`")
 
     s = sub.add_parser("crl", help="rewrite PKI/ca.crl from the revoked certificates (needs the CA key)",
                        description="Sign PKI/ca.crl again from identities.json's revoked and superseded certificates "
                                    "(after a revocation made without the CA key at hand, or for a PKI made before CRLs); "
                                    "copy it to the broker's crlfile and SIGHUP mosquitto.", formatter_class=fmt)
-    s.add_argument("--dir", type=Path, required=True)
+    s.add_argument("--dir", type=Path, required=True, help="the PKI folder made by `edgeci pki init`")
 
     s = sub.add_parser("trust", help="rewrite every bundle's trusted/ keys (after issuing a new coordinator)")
-    s.add_argument("--dir", type=Path, required=True)
+    s.add_argument("--dir", type=Path, required=True, help="the PKI folder made by `edgeci pki init`")
 
     s = sub.add_parser("broker-conf", help="write a ready mosquitto config (TLS + ACL) and the files it reads",
                        description="edgeci-secure.conf (or edgeci-password.conf with --password) with the listener and "
@@ -681,7 +683,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                    "password hashes): copy both to the broker's host, the rest of PKI/ stays with the "
                                    "operator. After `pki issue` / `revoke` run broker-conf again (it refreshes the copies) "
                                    "and SIGHUP mosquitto.", formatter_class=fmt)
-    s.add_argument("--dir", type=Path, required=True)
+    s.add_argument("--dir", type=Path, required=True, help="the PKI folder made by `edgeci pki init`")
     s.add_argument("--broker-name", default="broker", help="the broker identity issued with --role broker")
     s.add_argument("--port", type=int, default=8883)
     s.add_argument("--bind", default="0.0.0.0", help="listen address")

@@ -164,7 +164,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        default = action.default  # by identity: `0 in (None, False)` is true, and 0 is a real default
+        if "default" in text.lower() or default is None or default is False or default is argparse.SUPPRESS or not action.option_strings:
             return text
         return super()._get_help_string(action)
 
