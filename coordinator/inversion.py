@@ -427,9 +427,12 @@ def make_inverter(task_name: str, spec: ModelSpec, **config: Any) -> GradientInv
 
 
 def inversion_config(**config: Any) -> InversionConfig:
-    """``InversionConfig(**config)``; an unknown field is a ConfigError naming the known ones."""
+    """``InversionConfig(**config)``; an unknown field is a ConfigError naming the known ones, a
+    value of the wrong type one naming the field and the type it expects."""
+    from coordinator.strategies.params import check_params
+
     known = {f.name for f in dataclasses.fields(InversionConfig)}
     unknown = sorted(set(config) - known)
     if unknown:
         raise ConfigError(f"inversion: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return InversionConfig(**config)
+    return InversionConfig(**check_params("inversion", InversionConfig, config))

@@ -213,6 +213,9 @@ def test_config_and_factory_checks(case: Case) -> None:
         InversionConfig(momentum=1.5)
     with pytest.raises(ConfigError, match=r"unknown parameter\(s\) no_such_field; known: .*iterations"):
         make_inverter("digits", case.task.spec, no_such_field=1)
+    for bad in ("ten", 2.5, True):  # the type named, not a TypeError from inside (or a float count accepted)
+        with pytest.raises(ConfigError, match=r"inversion: parameter iterations expects an integer"):
+            make_inverter("digits", case.task.spec, iterations=bad)
     with pytest.raises(ConfigError):
         make_inverter("procdigits", case.task.spec)  # spec of another model
     inverter = make_inverter("digits", case.task.spec, iterations=5)
