@@ -567,10 +567,17 @@ class EdgeClient:
         if not isinstance(raw, str):
             return {}
         try:
-            return {str(k): bytes.fromhex(v) for k, v in json.loads(raw).items()}
+            pins = {str(k): bytes.fromhex(v) for k, v in json.loads(raw).items()}
         except (ValueError, AttributeError, TypeError):
             log.error("device store holds unreadable key pins for region %s: ignoring them", region)
             return {}
+        from edge_sdk.signing import key_id
+
+        bad = sorted(k for k, v in pins.items() if key_id(v) != k)
+        if bad:  # a damaged store must not stop the device from starting (the core refuses such keys)
+            log.error("device store holds key pins for region %s whose id does not match the key (%s): ignoring them",
+                      region, ", ".join(bad))
+        return {k: v for k, v in pins.items() if k not in bad}
 
     def _emit(self, kind: str, data: dict[str, Any]) -> None:
         for cb in (*self._callbacks.get(kind, ()), *self._callbacks.get("*", ())):

@@ -338,3 +338,24 @@ def test_a_frame_with_boxes_none_has_no_boxes(tmp_path: Path) -> None:
         sid = store.add_frame(np.zeros((4, 6, 3), np.uint8), None)  # was "boxes must be numeric, got dtype object"
         stored = store.get(sid)
         assert stored is not None and stored.boxes.shape == (0, 5)
+
+
+def test_a_key_pin_that_does_not_match_its_id_is_ignored_not_fatal(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A damaged pins row (key id and key bytes disagree) made EdgeClient() raise ConfigError at
+    every start: the device could not start until someone edited its store. It is dropped with an
+    error; the sound pin beside it is kept."""
+    import json
+
+    from edge_sdk.signing import Signer
+
+    good, other = Signer.generate(), Signer.generate()
+    c = unstarted_client(tmp_path)
+    c.store.set_meta("pins.default", json.dumps({good.kid: good.public_raw.hex(), "kidA": other.public_raw.hex()}))
+    close_unstarted(c)
+    with caplog.at_level("ERROR", logger="edgeci.device"):
+        c = unstarted_client(tmp_path)
+    try:
+        assert c.core.state.pins == {good.kid: good.public_raw}
+        assert "kidA" in caplog.text
+    finally:
+        close_unstarted(c)
