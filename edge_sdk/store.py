@@ -929,6 +929,13 @@ class SampleStore:
 # ---------------------------------------------------------------------- module helpers
 
 
+WAL_PAGES = 256
+"""Checkpoint the write-ahead log every this many pages (1 MiB of 4 KiB pages; measured: about
++5 % per add_sample against SQLite's 1,000, where 64 pages cost +45 %)."""
+WAL_BYTES = 1024 * 1024
+"""Size the write-ahead log file is truncated back to after a checkpoint."""
+
+
 def _prepare(conn: sqlite3.Connection, path: Path) -> None:
     """Check the schema version, switch to WAL + synchronous=FULL, create or migrate."""
     try:
@@ -944,6 +951,12 @@ def _prepare(conn: sqlite3.Connection, path: Path) -> None:
         elif str(mode).lower() != "wal":
             raise ConfigError(f"{path}: SQLite refused WAL mode (got {mode!r}); use a local disk")
         conn.execute("PRAGMA synchronous = FULL")
+        # A small WAL: SQLite's default lets it grow to ~4 MB (1,000 pages) and keeps the file at
+        # that size, so on a device's small partition the store reported "disk full" holding a few
+        # dozen samples (review hB: 68 digits on 2 MB). Checkpoint every WAL_PAGES pages and
+        # truncate the file back to WAL_BYTES after a checkpoint.
+        conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_PAGES}")
+        conn.execute(f"PRAGMA journal_size_limit = {WAL_BYTES}")
         conn.execute("BEGIN IMMEDIATE")
         try:
             version = int(conn.execute("PRAGMA user_version").fetchone()[0])  # re-read, locked
