@@ -282,6 +282,14 @@ class EdgeClient:
     def _open(self, cfg: DeviceConfig, scc: bool | SccConfig, seed: int) -> None:
         """The rest of ``__init__``, once the store is open: SCC, the saved model, the core."""
         device_id = cfg.device_id
+        # A store belongs to one device: another id adopting it would take over its samples,
+        # sequence numbers and key pins without a word (review hB).
+        owner = self.store.get_meta("device_id")
+        if owner is None:
+            self.store.set_meta("device_id", device_id)
+        elif owner != device_id:
+            raise ConfigError(f"data_dir {self.data_dir} holds the samples, sequence numbers and key pins of device "
+                              f"{owner!r}, not {device_id!r}: give each device its own data_dir")
         self.scc: DeviceScc | None = None
         """SCC (opt-in, ``scc=True`` or an :class:`~edge_sdk.scc.SccConfig`): samples older than
         the newest ``keep_raw`` age out into a feature cache kept in the store, compensated

@@ -379,3 +379,13 @@ def test_the_store_s_write_ahead_log_stays_small(tmp_path: Path) -> None:
         assert max(sizes) <= 2 * WAL_BYTES, sizes
     finally:
         store.close()
+
+
+def test_a_store_belongs_to_the_device_that_made_it(tmp_path: Path) -> None:
+    """A store written by device d1 was adopted by d2 without a word: its samples, next_seq and
+    key pins carried over. Now it is refused, and d1 still opens it."""
+    c = unstarted_client(tmp_path, device_id="d1")
+    close_unstarted(c)
+    with pytest.raises(ConfigError, match="holds the samples, sequence numbers and key pins of device 'd1', not 'd2'"):
+        unstarted_client(tmp_path, device_id="d2")
+    close_unstarted(unstarted_client(tmp_path, device_id="d1"))
