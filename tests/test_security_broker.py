@@ -167,6 +167,24 @@ def test_operator_writes_control_devices_do_not(secure_broker: SecureBroker) -> 
     assert read_status(secure_broker.url, R, timeout=10, auth=ops_auth)["version"] == 3
 
 
+def test_the_coordinator_announces_recalls_and_devices_only_read_them(secure_broker: SecureBroker) -> None:
+    """The recall topic under the generated ACL: the coordinator's retained recall reaches a
+    device that connects later; a device cannot publish one (a forged recall would be refused
+    by its signature anyway, but the broker never delivers it)."""
+    recall = topics.recall_topic(R)
+    with raw(secure_broker, "coord-sec", "coordinator") as coord:
+        coord.t.publish(recall, b"coordinator's recall", retain=True)
+        time.sleep(0.3)
+    with raw(secure_broker, "devA", subscriptions=[recall]) as dev_a:
+        wait_until(lambda: dev_a.got(recall) == [b"coordinator's recall"], 10, "the retained recall at a device")
+        dev_a.t.publish(recall, b"device's forged recall", retain=True)
+        time.sleep(0.5)
+    with raw(secure_broker, "devB", subscriptions=[recall]) as dev_b:
+        wait_until(lambda: dev_b.got(recall) == [b"coordinator's recall"], 10, "the coordinator's recall, not the forged one")
+        time.sleep(0.3)
+        assert dev_b.got(recall) == [b"coordinator's recall"]
+
+
 def test_status_and_rollback_refuse_a_coordinators_bundle(secure_broker: SecureBroker, capsys: pytest.CaptureFixture[str]) -> None:
     """The client id is the certificate's name, so `edgeci status --bundle <the coordinator's>`
     (or EDGECI_BUNDLE left set on its host) would knock the coordinator off the broker."""
