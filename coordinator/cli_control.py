@@ -22,12 +22,12 @@ import json
 import random
 import threading
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from coordinator.cli_status import liveness, operator_auth
+from coordinator.config import bounded
 from edge_sdk.errors import ConfigError, EdgeciError
 from edge_sdk.mqtt import MqttTransport, add_broker_arguments, read_bundle
 from edge_sdk.signing import Signer, load_signer
@@ -61,21 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_broker_arguments(p)
 
 
-def _whole(minimum: int, below: str) -> Callable[[str], int]:
-    """An argparse type: a whole number ≥ ``minimum`` (``below``: the error's words for one that is not)."""
-    def parse(text: str) -> int:
-        try:
-            n = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if n < minimum:
-            raise argparse.ArgumentTypeError(f"{below}, got {n}")
-        return n
-    return parse
-
-
-_version = _whole(0, "versions start at 0")
-_positive = _whole(1, "expected at least 1")
+_version = bounded(int, 0, rule="versions start at 0")
+_positive = bounded(int, 1)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -168,6 +168,24 @@ def _items(value: Any, where: str) -> list[str]:
     raise ConfigError(f"{where}: expected a list of \"NAME=VALUE\" strings (or one comma-separated string), got {value!r}")
 
 
+def bounded(kind: type[int] | type[float], minimum: float, *, strict: bool = False, rule: str = "") -> Callable[[str], Any]:
+    """An argparse ``type`` for every command: a ``kind`` (int or float) at least ``minimum``
+    (above it with ``strict``: NaN never is); ``rule``, the error's words for a value out of
+    range (default "must be above M" / "must be at least M")."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if not (value > minimum if strict else value >= minimum):
+            words = rule or f"must be {'above' if strict else 'at least'} {minimum:g}"
+            raise argparse.ArgumentTypeError(f"{words}, got {text}")
+        return value
+
+    return parse
+
+
 def _type_name(typ: Callable[[Any], Any] | None) -> str:
     if typ is None:
         return "a string"

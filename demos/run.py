@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from coordinator.broker import EmbeddedBroker
+from coordinator.config import bounded
 from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
 from devices.live import LabellingLoop, LabellingUser
 from devices.partition import partition
@@ -44,19 +45,9 @@ log = logging.getLogger("edgeci.run")
 
 
 def _positive(kind: type[int] | type[float]) -> Any:
-    """An argparse ``type``: a number above 0 (``--duration -5`` or ``--rate 0`` would run a
-    job that labels nothing and still overwrite --out)."""
-
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
-        return value
-
-    return parse
+    """A number above 0 (``--duration -5`` or ``--rate 0`` would run a job that labels nothing
+    and still overwrite --out)."""
+    return bounded(kind, 0, strict=True)
 
 
 def _validation_size(text: str) -> int:
