@@ -17,7 +17,6 @@ import asyncio
 import ipaddress
 import logging
 import os
-import pwd
 import shutil
 import signal
 import socket
@@ -281,28 +280,17 @@ class MosquittoProcess:
         """Started as root, mosquitto drops to the ``mosquitto`` user *before* it reads its
         TLS, ACL and password files: hand it copies it can read (public files 0644, the
         broker's key and the password hashes 0600 owned by that user)."""
-        if not self.tls or os.geteuid() != 0:
+        if not self.tls:
             return {}
-        try:
-            account = pwd.getpwnam("mosquitto")
-        except KeyError:
+        from coordinator.pki import copy_for_broker, mosquitto_account
+
+        account = mosquitto_account()
+        if account is None:
             return {}
         os.chmod(workdir, 0o711)
-        out = {}
         files = {"cafile": (self.cafile, False), "certfile": (self.certfile, False), "acl_file": (self.acl_file, False),
                  "crlfile": (self.crlfile, False), "keyfile": (self.keyfile, True), "password_file": (self.password_file, True)}
-        for key, (source, secret) in files.items():
-            if source is None:
-                continue
-            copy = workdir / key
-            shutil.copyfile(source, copy)
-            if secret:
-                os.chmod(copy, 0o600)
-                os.chown(copy, account.pw_uid, account.pw_gid)
-            else:
-                os.chmod(copy, 0o644)
-            out[key] = copy
-        return out
+        return copy_for_broker({k: (Path(f), secret) for k, (f, secret) in files.items() if f is not None}, workdir, account)
 
     def config_text(self, overrides: dict[str, Path] | None = None) -> str:
         """The config mosquitto is started with (``overrides``: file paths to use instead)."""

@@ -37,7 +37,7 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -553,12 +553,24 @@ def broker_files(pki: Pki, broker_name: str, dest: Path, *, password: bool = Fal
         sources["password_file"] = (pki.passwd_path, True)
     else:
         sources["crlfile"] = (pki.crl_path, False)
-    public_dir(dest)
-    os.chmod(dest, 0o755)
-    out = {}
-    for key, (source, secret) in sources.items():
+    for key, (source, _) in sources.items():  # all of them, before anything is copied
         if not source.is_file():
             raise ConfigError(f"{source} is missing ({'edgeci pki passwd' if key == 'password_file' else 'edgeci pki issue'} writes it)")
+    public_dir(dest)
+    os.chmod(dest, 0o755)
+    return copy_for_broker(sources, dest, account)
+
+
+def copy_for_broker(sources: Mapping[str, tuple[Path, bool]], dest: Path, account: Any | None) -> dict[str, Path]:
+    """``{key: (file, secret)}`` copied into the existing folder ``dest`` under their own names:
+    public files 0644, secrets 0600 and, given ``account`` (a ``pwd`` entry), chowned to it.
+    Returns ``{key: the copy's absolute path}``. Also how :class:`coordinator.broker.MosquittoProcess`
+    hands a root-started mosquitto files it can read."""
+    names = [source.name for source, _ in sources.values()]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"the broker's files need distinct names to be copied side by side, got {names}")
+    out = {}
+    for key, (source, secret) in sources.items():
         copy = dest / source.name
         (write_private if secret else write_public)(copy, source.read_bytes())
         if secret and account is not None:
@@ -567,14 +579,15 @@ def broker_files(pki: Pki, broker_name: str, dest: Path, *, password: bool = Fal
     return out
 
 
-def _default_broker_user() -> str | None:
-    """Started as root, Debian's mosquitto runs as ``mosquitto``: the default ``--user`` then."""
+def mosquitto_account() -> Any | None:
+    """Started as root, Debian's mosquitto drops to the ``mosquitto`` account: its ``pwd``
+    entry then (None when not root, or without that account)."""
     if os.geteuid() != 0:
         return None
     import pwd
 
     try:
-        return pwd.getpwnam("mosquitto").pw_name
+        return pwd.getpwnam("mosquitto")
     except KeyError:
         return None
 
@@ -604,6 +617,10 @@ run `edgeci status` / `rollback` with an operator's bundle, never a coordinator'
 """
 
 
+def _dir_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dir", type=Path, required=True, help="the PKI folder made by `edgeci pki init`")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = _STEPS
@@ -626,7 +643,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                    "certificate for 127.0.0.1, localhost and --host. Rewrites PKI/mosquitto.acl.",
                        epilog=_STEPS, formatter_class=fmt)
     s.add_argument("identity", metavar="ID", help="device / coordinator / operator id (the MQTT username), or the broker's name")
-    s.add_argument("--dir", type=Path, required=True, help="PKI directory (from `pki init`)")
+    _dir_argument(s)
     s.add_argument("--role", choices=ROLES, required=True,
                    help="broker: server certificate; coordinator: + model-signing key; operator: + command-signing "
                         "key (rollback / pin); device: one per device, confined to its own topics")
@@ -643,7 +660,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                    "own pull/update/presence and read their own model/ack/invite and their region's "
                                    "status; coordinators serve their region and peer/#; operators write control.",
                        formatter_class=fmt)
-    s.add_argument("--dir", type=Path, required=True, help="the PKI folder made by `edgeci pki init`")
+    _dir_argument(s)
     s.add_argument("--out", type=Path, help="output file (default: PKI/mosquitto.acl)")
 
     s = sub.add_parser("passwd", help="username/password alternative: give an identity a password",
@@ -654,7 +671,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                    "--password-file (or EDGECI_PASSWORD); never a password on the command line.",
                        formatter_class=fmt)
     s.add_argument("identity", metavar="ID")
-    s.add_argument("--dir", type=Path, required=True, help="the PKI folder made by `edgeci pki init`")
+    _dir_argument(s)
 
     s = sub.add_parser("revoke", help="put an identity's certificate on the CRL and take it out of the ACL (then SIGHUP mosquitto)",
                        description="Put ID's certificate on PKI/ca.crl, remove ID from identities.json, the generated ACL "
@@ -665,16 +682,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                    "trust` and redistribute the bundles. The CRL needs the CA key: without it here, run "
                                    "`edgeci pki crl` where it is.", formatter_class=fmt)
     s.add_argument("identity", metavar="ID")
-    s.add_argument("--dir", type=Path, required=True, help="the PKI folder made by `edgeci pki init`")
+    _dir_argument(s)
 
     s = sub.add_parser("crl", help="rewrite PKI/ca.crl from the revoked certificates (needs the CA key)",
                        description="Sign PKI/ca.crl again from identities.json's revoked and superseded certificates "
                                    "(after a revocation made without the CA key at hand, or for a PKI made before CRLs); "
                                    "copy it to the broker's crlfile and SIGHUP mosquitto.", formatter_class=fmt)
-    s.add_argument("--dir", type=Path, required=True, help="the PKI folder made by `edgeci pki init`")
+    _dir_argument(s)
 
     s = sub.add_parser("trust", help="rewrite every bundle's trusted/ keys (after issuing a new coordinator)")
-    s.add_argument("--dir", type=Path, required=True, help="the PKI folder made by `edgeci pki init`")
+    _dir_argument(s)
 
     s = sub.add_parser("broker-conf", help="write a ready mosquitto config (TLS + ACL) and the files it reads",
                        description="edgeci-secure.conf (or edgeci-password.conf with --password) with the listener and "
@@ -683,7 +700,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                    "password hashes): copy both to the broker's host, the rest of PKI/ stays with the "
                                    "operator. After `pki issue` / `revoke` run broker-conf again (it refreshes the copies) "
                                    "and SIGHUP mosquitto.", formatter_class=fmt)
-    s.add_argument("--dir", type=Path, required=True, help="the PKI folder made by `edgeci pki init`")
+    _dir_argument(s)
     s.add_argument("--broker-name", default="broker", help="the broker identity issued with --role broker")
     s.add_argument("--port", type=int, default=8883)
     s.add_argument("--bind", default="0.0.0.0", help="listen address")
@@ -744,7 +761,8 @@ def run(args: argparse.Namespace) -> int:
     elif cmd == "broker-conf":
         from coordinator.broker import secure_conf
 
-        user = _default_broker_user() if args.user is None else (args.user or None)
+        default = mosquitto_account()
+        user = (default.pw_name if default is not None else None) if args.user is None else (args.user or None)
         files = broker_files(pki, args.broker_name, args.out.parent / f"{args.out.stem}-files", password=args.password, user=user)
         text = secure_conf(port=args.port, host=args.bind, model_bytes=args.model_bytes, **files)
         write_public(args.out, text.encode())
