@@ -480,10 +480,10 @@ class CoordinatorCore:
         # its reason and detail at once instead of a timeout. The nonce is the refused message's
         # own (unauthenticated when the signature is what failed): it only says which try this was.
         self._control_refused: dict[str, Any] | None = None
-        # The abandoned ranges last announced on the region's recall topic (retained): a device
-        # serving an abandoned version fetches the release at once (an operator's rollback
-        # reaches idle devices too, not only those that pull for training).
-        self._recalled: list[VersionRange] = []
+        # Whether the abandoned ranges changed since the region's recall topic (retained) last
+        # announced them: a device serving an abandoned version fetches the release at once (an
+        # operator's rollback reaches idle devices too, not only those that pull for training).
+        self._recall_due = bool(self._abandoned)
         self._pending_actions: list[CoordinatorAction] = []
         # Converting staleness policies: parked updates wait for the driver's conversion; a
         # device's later updates queue behind its parked one (applied in seq order).
@@ -676,9 +676,9 @@ class CoordinatorCore:
 
     def _recall(self, *, force: bool = False) -> list[CoordinatorAction]:
         """Publish the abandoned ranges (retained) when they changed since the last recall."""
-        if not self._abandoned or (self._abandoned == self._recalled and not force):
+        if not self._abandoned or not (self._recall_due or force):
             return []
-        self._recalled = list(self._abandoned)
+        self._recall_due = False
         flat = tuple(v for r in self._abandoned[-MAX_RECALL_RANGES:] for v in r)
         topic = topics.recall_topic(self.config.region)
         msg = Recall(model_id=self.config.spec.model_id, release=self._release_version, abandoned=flat)
@@ -722,7 +722,7 @@ class CoordinatorCore:
             self._pending_actions = []
         if self._status_dirty and (self._version != self._status_version):
             actions.append(self._status_action(now))
-        if self._abandoned != self._recalled:  # after the commit that abandoned them (and set the release)
+        if self._recall_due:  # after the commit that abandoned them (and set the release)
             actions += self._recall()
         return actions
 
@@ -1435,7 +1435,8 @@ class CoordinatorCore:
         version; the buffered and parked updates are discarded, their keys counted as applied.
         Versions ``abandon_from`` .. the current one leave the line: updates based on them are
         refused from now on, recorded in this very commit's metadata (durable with it)."""
-        self._abandoned = abandon(self._abandoned, abandon_from, self._version)
+        before, self._abandoned = self._abandoned, abandon(self._abandoned, abandon_from, self._version)
+        self._recall_due = self._recall_due or self._abandoned != before
         self._abandon_conversions()
         consumed = tuple(u.key for u in self._buffer)
         for u in self._buffer:
