@@ -157,13 +157,15 @@ class CoordinatorDaemon:
         # operators/<name>.pub: the key that may sign control commands in that name
         self.operators = load_named_keys(operator_dir) if operator_dir is not None and Path(operator_dir).is_dir() else {}
         self.coordinator_id = options.coordinator_id or f"coord-{options.region}"
+        peer_dir = options.peer_keys_dir or (options.bundle / "trusted" if options.bundle is not None else None)
+        self.peer_keys = load_named_keys(peer_dir) if peer_dir is not None and Path(peer_dir).is_dir() else {}
+        # Before anything is written: the state dir (lock, signing key) and, for an empty
+        # one, its pretraining (minutes) and first version.
+        self._check_options()
         self.registry = Registry(options.state_dir, self.task.spec, keep_versions=options.keep_versions, background_prune=True)
         try:
             self.registry.acquire_lock()  # a second coordinator on this state dir stops here
             self.signer = self._signing_key()
-            peer_dir = options.peer_keys_dir or (options.bundle / "trusted" if options.bundle is not None else None)
-            self.peer_keys = load_named_keys(peer_dir) if peer_dir is not None and Path(peer_dir).is_dir() else {}
-            self._check_options()  # before an empty state dir is pretrained (minutes) and initialised
             self.core = self._build_core(self._initial_snapshot())
         except BaseException:
             self.registry.close()
@@ -248,7 +250,7 @@ class CoordinatorDaemon:
                 full_sync_every=options.full_sync_every,
                 signer=self.signer,  # every model and peer message is signed
                 peer_keys=self.peer_keys,
-                gate=GateConfig(margin=options.gate_margin, rollback_margin=max(options.rollback_margin, options.gate_margin),
+                gate=GateConfig(margin=options.gate_margin, rollback_margin=self._rollback_margin(),
                                 paired_z=options.gate_z, validation=options.validation is not None,
                                 canary=self._canary_config())
                 if options.validation is not None or options.canary > 0 else None,
@@ -278,6 +280,10 @@ class CoordinatorDaemon:
         return CanaryConfig(fraction=options.canary, samples=options.canary_samples, max_per_device=options.canary_max_per_device,
                             min_reports=options.canary_min_reports, deadline_s=options.canary_deadline_s,
                             recent_s=max(600.0, options.canary_deadline_s))
+
+    def _rollback_margin(self) -> float:
+        """At least the gate margin (a candidate between the two is held, so they cannot cross)."""
+        return max(self.options.rollback_margin, self.options.gate_margin)
 
     def _check_options(self) -> None:
         """Refuse bad strategy/peering parameters, --inversion fields and --validation files
@@ -314,8 +320,9 @@ class CoordinatorDaemon:
         if self.options.validation is not None:
             split = load_validation(self.options.validation, self.task)
             self.validator = Validator(self.task, split, self.actor.submit).start()
-            log.info("release gate on: candidates are scored on %d validation samples (%s), margin %.3f",
-                     len(split), self.options.validation, self.options.gate_margin)
+            log.info("release gate on: candidates are scored on %d validation samples (%s), margin %.3f, rollback margin %.3f%s",
+                     len(split), self.options.validation, self.options.gate_margin, self._rollback_margin(),
+                     " (raised to the gate margin)" if self._rollback_margin() != self.options.rollback_margin else "")
         if self.options.canary > 0:
             log.info("canary evaluation on: %.0f%% of recent devices (at least %d) score each candidate on %d new labels "
                      "(test-then-train), margin %.3f", 100 * self.options.canary, self.options.canary_min_reports,

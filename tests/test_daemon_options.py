@@ -42,7 +42,15 @@ def test_bad_options_are_refused_before_pretraining(tmp_path: Path, task: Any, c
     with pytest.raises(ConfigError) as err:
         CoordinatorDaemon(options(tmp_path, **changes), task=task)
     assert needle in str(err.value)
-    assert not list((tmp_path / "state").glob("versions/*"))  # nothing initialised
+    assert not (tmp_path / "state").exists()  # nothing written: no lock, no signing key, no version
+
+
+def test_bad_options_leave_an_existing_state_dir_untouched(tmp_path: Path, task: Any) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    with pytest.raises(ConfigError):
+        CoordinatorDaemon(options(tmp_path, strategy_params={"k": 0}), task=task)
+    assert list(state.iterdir()) == []
 
 
 def test_bad_validation_file_is_refused_before_pretraining(tmp_path: Path, task: Any) -> None:
@@ -50,6 +58,7 @@ def test_bad_validation_file_is_refused_before_pretraining(tmp_path: Path, task:
     np.savez(bad, x=np.zeros((4, 3), np.float32), y=np.zeros(4, np.int64))  # wrong input shape for digits
     with pytest.raises(ConfigError, match="--validation"):
         CoordinatorDaemon(options(tmp_path, validation=bad), task=task)
+    assert not (tmp_path / "state").exists()
 
 
 def test_good_options_reach_pretraining(tmp_path: Path, task: Any) -> None:
