@@ -137,7 +137,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       "a worse one is rejected and the training line rolled back. Default: no gate, every version is released")
     gate.add_argument("--gate-margin", type=float, default=0.02, help="accuracy a candidate may lose against the release and still be promoted")
     gate.add_argument("--rollback-margin", type=float, default=0.10, help="a candidate worse than the release by more than this is "
-                      "rejected and the training line rolled back; between the two margins it is held (not released, training goes on)")
+                      "rejected and the training line rolled back; between the two margins it is held (not released, training goes on). "
+                      "Left at its default it is raised to --gate-margin when that is larger (the start log says so); set below it, refused")
     gate.add_argument("--gate-z", type=float, default=1.0, help="classifiers: the margins are applied to a one-sided bound on the paired "
                       "accuracy difference on the same validation samples, d ∓ z·se (1.0 ≈ 84 %% confidence; 0 = the point estimate)")
     gate.add_argument("--canary", type=float, default=0.0, metavar="FRACTION",
@@ -540,6 +541,12 @@ def reload(daemon: CoordinatorDaemon, layered: Layered,
         if after != before:
             apply_logging(fresh.args.log_level, fresh.args.log_format)
             log.warning("SIGHUP: %s changed from %s to %s", key, before, after)
+    for k, v in sorted(fresh.strategy_params.items()):  # the file's [strategy] value that a flag/env/--param beats
+        if k in new.strategy_params and new.strategy_params[k] != v:
+            dest = STRATEGY_FLAGS.get(k)
+            by = f"{_flag(dest)} ({fresh.sources.get(dest)})" if dest is not None and fresh.given(dest) else "--param"
+            log.warning("SIGHUP: [strategy] %s = %r in the config file does not apply: %s sets it to %r "
+                        "(restart without it to use the file)", k, v, by, new.strategy_params[k])
     current = daemon.options
     changes = {k: v for k, v in new.strategy_params.items() if current.strategy_params.get(k) != v}
     removed = sorted(set(current.strategy_params) - set(new.strategy_params))

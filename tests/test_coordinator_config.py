@@ -302,7 +302,8 @@ def test_non_finite_numbers_are_refused(argv: list[str], needle: str) -> None:
 # ---------------------------------------------------------------------- SIGHUP
 
 
-def sighup(toml: str, running: Any, caplog: pytest.LogCaptureFixture, **kw: Any) -> tuple[Any, str]:
+def sighup(toml: str, running: Any, caplog: pytest.LogCaptureFixture, argv: list[str] | None = None,
+           env: dict[str, str] | None = None, **kw: Any) -> tuple[Any, str]:
     """Reload with the file now holding ``toml`` into a daemon stand-in running ``running``'s
     options (no strategy change is applied, so no actor is needed)."""
     import logging
@@ -311,7 +312,7 @@ def sighup(toml: str, running: Any, caplog: pytest.LogCaptureFixture, **kw: Any)
     daemon = SimpleNamespace(options=coordinator_cli.options_from(running.args, running))
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="edgeci.coordinator"):
-        got = coordinator_cli.reload(daemon, running, lambda: layered([], {}, toml), lambda level, fmt: None,  # type: ignore[arg-type]
+        got = coordinator_cli.reload(daemon, running, lambda: layered(argv or [], env or {}, toml), lambda level, fmt: None,  # type: ignore[arg-type]
                                      **kw)
     return got, caplog.text
 
@@ -334,3 +335,20 @@ def test_sighup_compares_metrics_with_the_running_server(caplog: pytest.LogCaptu
     assert "metrics_port" not in text  # back to the running value: nothing to warn about
     _, text = sighup("metrics_port = 19464\n", running, caplog, metrics=("127.0.0.1", 19464))
     assert "metrics_port" not in text and "config reloaded" in text
+
+
+@pytest.mark.parametrize(("argv", "env", "key", "by"), [
+    (["--k", "7"], {}, "k", "--k (flag) sets it to 7"),
+    ([], {"EDGECI_K": "7"}, "k", "--k (env) sets it to 7"),
+    (["--param", "timeout_s=9"], {}, "timeout_s", "--param sets it to 9"),
+])
+def test_sighup_says_when_a_flag_beats_the_file_s_strategy_value(caplog: pytest.LogCaptureFixture, argv: list[str],
+                                                                 env: dict[str, str], key: str, by: str) -> None:
+    """The operator edits [strategy] k and sends SIGHUP, but the daemon was started with --k 7:
+    the edit cannot apply, and the log says why instead of nothing."""
+    running = layered(argv, env, "[strategy]\nk = 5\ntimeout_s = 5\n")
+    edited = "[strategy]\nk = 5\ntimeout_s = 5\n".replace(f"{key} = 5", f"{key} = 6")
+    _, text = sighup(edited, running, caplog, argv=argv, env=env)
+    assert f"[strategy] {key} = 6 in the config file does not apply: {by}" in text
+    assert text.count("does not apply") == 1  # the other value is the file's own
+    assert "config reloaded" in text
