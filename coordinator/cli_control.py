@@ -213,9 +213,10 @@ def _control(args: argparse.Namespace, command: str) -> int:
             seen.wait(max(0.0, deadline - time.monotonic()))
             status = statuses[-1]
             extra = status.get("extra", {})
-            done = any(e.get("action") == command and e.get("nonce") == msg.nonce for e in extra.get("recent_versions", []))
-            if done:
+            done = next((e for e in extra.get("recent_versions", []) if e.get("action") == command and e.get("nonce") == msg.nonce), None)
+            if done is not None:
                 was = "" if command != "unpin" or before.get("pinned") else " (it was not pinned)"
+                was = " (already pinned to it: no new version)" if done.get("unchanged") else was
                 print(f"{command} done{was}: release {extra.get('release')}{' (pinned)' if extra.get('pinned') else ''}, "
                       f"training line {extra.get('training_version')} (was release {before.get('release')})")
                 return 0

@@ -1488,7 +1488,20 @@ class CoordinatorCore:
                                        kid=sig.kid)]
         if not 0 <= msg.version <= max(self._version, self._version_floor):
             raise UnknownVersion(f"no version {msg.version} (latest is {self._version})")
+        if msg.command == "pin" and self._pinned and self._version == self._release_version \
+                and msg.version in (self._release_version, self._pinned_of()):
+            # Pinned to this very model and nothing trained since (e.g. a retried command): a new
+            # number for the same weights would only make every device pull it again.
+            return [note, self._record(ev.now, "pin", self._release_version, of=msg.version, unchanged=True,
+                                       operator=msg.operator, nonce=msg.nonce, kid=sig.kid)]
         return [note, LoadVersion(version=msg.version, command=msg.command, operator=msg.operator, nonce=msg.nonce, kid=sig.kid)]
+
+    def _pinned_of(self) -> int | None:
+        """The version the pinned release copies (its pin / rollback record), if still recorded."""
+        for event in reversed(self._gate_history):
+            if event.get("action") in ("pin", "rollback") and event.get("version") == self._release_version:
+                return int(event.get("of", event["version"]))
+        return None
 
     def _on_version_loaded(self, ev: VersionLoaded) -> list[CoordinatorAction]:
         if ev.weights is None:

@@ -332,6 +332,31 @@ def test_rollback_and_pin_make_an_old_version_the_release_under_a_new_number() -
         GateConfig(validation=False)
 
 
+def test_pinning_the_pinned_release_again_makes_no_new_version() -> None:
+    """A retried ``pin 0`` (or ``pin`` of the pinned copy itself) with nothing trained since: no
+    new number for the same weights (every device would pull it again), the command is confirmed."""
+    c = gated(k=1)
+    c.handle(control("pin", 0))
+    (commit,) = of(c.handle(VersionLoaded(now=51.0, version=0, weights=np.zeros(SPEC.size, np.float32), command="pin")),
+                   CommitVersion)
+    assert commit.version == 1
+    for nonce, version in ((2, 0), (3, 1)):
+        acts = c.handle(control("pin", version, nonce=nonce))
+        assert not of(acts, LoadVersion) and not of(acts, CommitVersion)
+        (rec,) = of(acts, RecordRelease)
+        assert rec.event["unchanged"] and rec.event["nonce"] == nonce and rec.event["version"] == 1
+        assert c.version == 1 and c.status().extra["release"] == 1 and c.status().extra["pinned"]
+    # once the training line moved on, pin rolls it back again (a new version)
+    c.handle(update("d1", 0, 3.0, base=1))
+    assert c.version == 2
+    (load,) = of(c.handle(control("pin", 0, nonce=4)), LoadVersion)
+    assert load.version == 0
+    # unpinned, the same command is a real pin
+    c.handle(VersionLoaded(now=52.0, version=0, weights=np.zeros(SPEC.size, np.float32), command="pin"))
+    c.handle(control("unpin", nonce=5))
+    assert of(c.handle(control("pin", 3, nonce=6)), LoadVersion)
+
+
 def test_release_survives_a_restart() -> None:
     snap = Snapshot(version=7, weights=np.full(SPEC.size, 7.0, np.float32), release_version=5,
                     release_weights=np.full(SPEC.size, 5.0, np.float32), pinned=True)

@@ -162,6 +162,9 @@ def test_rollback_and_pin_on_a_running_coordinator_survive_its_restart(mosquitto
                 idle.stop()
             out = edgeci("pin", "2", "--broker", url, "--region", REGION, "--state-dir", str(state))
             assert out.returncode == 0 and "release 5 (pinned)" in out.stdout, out.stdout + out.stderr
+            out = edgeci("pin", "2", "--broker", url, "--region", REGION, "--state-dir", str(state))  # retried: no version 6
+            assert out.returncode == 0 and "pin done (already pinned to it: no new version): release 5 (pinned), training line 5" \
+                in out.stdout, out.stdout + out.stderr
             push(url, spec, 3, 5, 0.5)  # training goes on; the pinned release does not move
             wait_until(lambda: watcher.extra("training_version") == 6, 30, "training version 6")
             assert watcher.extra("release") == 5 and watcher.extra("pinned") is True
