@@ -479,8 +479,8 @@ class SampleStore:
         and ``0 <= y1 < y2 <= H``, checked after conversion to the stored float32.
         """
         ts = self._timestamp(timestamp)
-        if not isinstance(image, np.ndarray):
-            raise InvalidSample(f"frame must be a numpy array, got {type(image).__name__}")
+        if not isinstance(image, np.ndarray) or isinstance(image, np.ma.MaskedArray):
+            raise InvalidSample(f"frame must be a numpy array (not masked), got {type(image).__name__}")
         if image.dtype != np.uint8:
             raise InvalidSample(f"frame must be uint8, got {image.dtype}")
         if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] < 1 or image.shape[1] < 1:
@@ -1205,8 +1205,8 @@ def _check_meta_value(key: str, value: object) -> MetaValue:
 
 def _encode_values(x: object, shape: tuple[int, ...], kind: str) -> bytes:
     """Validate a float32 array of exactly ``shape``, all finite; its little-endian bytes."""
-    if not isinstance(x, np.ndarray):
-        raise InvalidSample(f"{kind} sample must be a numpy array, got {type(x).__name__}")
+    if not isinstance(x, np.ndarray) or isinstance(x, np.ma.MaskedArray):  # a mask would be dropped, what it hides stored
+        raise InvalidSample(f"{kind} sample must be a numpy array (not masked), got {type(x).__name__}")
     if x.dtype != np.float32:
         raise InvalidSample(f"{kind} sample must be float32, got {x.dtype}")
     if x.ndim != len(shape):

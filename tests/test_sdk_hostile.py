@@ -389,3 +389,28 @@ def test_a_store_belongs_to_the_device_that_made_it(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="holds the samples, sequence numbers and key pins of device 'd1', not 'd2'"):
         unstarted_client(tmp_path, device_id="d2")
     close_unstarted(unstarted_client(tmp_path, device_id="d1"))
+
+
+def test_masked_arrays_are_refused_not_stored_with_the_mask_dropped(tmp_path: Path) -> None:
+    """A masked array hides values (here a NaN) that numpy's conversion keeps and its checks
+    skip: stored, the hidden NaN reached training. Refused on every path that stores or predicts."""
+    hidden = np.ma.masked_array(GOOD.copy(), mask=np.zeros(GOOD.shape, bool))
+    hidden.data[0, 0] = np.nan
+    hidden.mask[0, 0] = True
+    harmless = np.ma.masked_array(GOOD.copy(), mask=False)  # nothing masked: still refused, the caller must say what it means
+    c = unstarted_client(tmp_path, min_samples=1)
+    try:
+        for x in (hidden, harmless):
+            with pytest.raises(InvalidSample, match="masked array"):
+                c.add_sample(x, 1)
+            with pytest.raises(InvalidSample, match="masked array"):
+                c.contract.batch(x)  # what predict validates with
+            with pytest.raises(InvalidSample, match="not masked"):
+                c.store.add(x, 1)  # the store's own check, under the client's
+        with pytest.raises(InvalidSample, match="not masked"):
+            c.store.add_frame(np.ma.masked_array(np.zeros((4, 4, 3), np.uint8)), ())
+        assert c.store.stats().added == 0 and c.submitted == []
+        c.add_sample(hidden.filled(0.5), 1)  # what the message tells the caller to do
+        assert c.store.stats().added == 1
+    finally:
+        close_unstarted(c)

@@ -92,6 +92,8 @@ class InputContract:
     def _array(self, x: npt.ArrayLike) -> npt.NDArray[Any]:
         """``x`` as an array; anything numpy cannot make one of (ragged lists, an ``__array__``
         that raises) is an :class:`InvalidSample` like any other bad input."""
+        if isinstance(x, np.ma.MaskedArray):  # np.asarray would drop the mask and keep what it hides
+            raise self._fail("got a masked array: fill the masked values first (x.filled(value))")
         try:
             return np.asarray(x)
         except Exception as exc:  # the app's object: its conversion may raise anything
