@@ -626,12 +626,16 @@ class Simulation(Driver):
 
     def _integrate(self, update: BufferedUpdate, now: float) -> None:
         """Label-to-model latency: the labels this update trained on that no earlier
-        aggregated update of its device covered are now in the deployed model."""
+        aggregated update of its device covered are now in the deployed model (a continuous
+        device holds all its samples from its start: their latency counts from there)."""
         i = self._index[update.device]
-        times = self.devices[i].plan.label_times
         done = self._integrated[i]
         if update.n_samples > done:
-            self.latencies.extend(now - float(t) for t in times[done : update.n_samples])
+            if self.continuous:  # every sample was there from the device's start (its label times are not used)
+                self.latencies.extend([now - self.devices[i].plan.start_s] * (update.n_samples - done))
+            else:
+                times = self.devices[i].plan.label_times
+                self.latencies.extend(now - float(t) for t in times[done : update.n_samples])
             self._integrated[i] = update.n_samples
 
     def _convert(self, job: ConvertUpdate, me: int, now: float) -> None:

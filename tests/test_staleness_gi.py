@@ -214,3 +214,12 @@ def test_every_policy_gets_a_row_and_gradient_inversion_counts_its_conversions(e
     for policy in POLICY_ORDER:
         assert f"| {policy} |" in table
     assert (tmp_path / "class_accuracy.png").stat().st_size > 10_000
+
+
+def test_label_latency_of_continuous_devices_counts_from_their_start(task: ProcDigitsTask) -> None:
+    """A continuous device holds every sample from its start; its Poisson label times are not
+    used, and measuring from them gave negative label→model latencies (labels 'arriving' after
+    the model that contains them)."""
+    sim, result = simulate(task, tiny(["none"]), f"none tau={TAU}")
+    assert sim.latencies and min(sim.latencies) >= 0
+    assert result.summary["label_latency_p50_s"] >= 0 and result.summary["labels_integrated"] == len(sim.latencies)
