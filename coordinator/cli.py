@@ -109,7 +109,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=30.0, help="SPIN timeout π in seconds")
     p.add_argument("--param", action="append", default=None, metavar="NAME=VALUE", help="a strategy or peering parameter by its config name (repeatable; e.g. --param k=10 --param phi=2); "
                    "EDGECI_PARAM takes comma-separated items (\"k=10,phi=2\"), the file a list (param = [\"k=10\", \"phi=2\"]); "
-                   "the named flags are aliases")
+                   "the named flags are aliases. FedBuff, PORT and NebulaFL forget an invited device that has not reported "
+                   "after forget_after_s = 600 s on a daemon (forget_after_s=none waits for ever, as the papers)")
     p.add_argument("--combine", choices=["models", "deltas"], default="models", help="SPIN: average the buffered models (the paper's rule) or apply each update's delta from its own base version (faster on digits, unstable with stale detection updates)")
     r = p.add_argument_group("robust aggregation (spin, fedbuff, port, fedavg, hierfavg)")
     r.add_argument("--combiner", choices=list(COMBINERS), help="combine the buffer by weighted mean (default), coordinate-wise median, trimmed mean, krum or multi-krum")

@@ -42,6 +42,7 @@ from coordinator.inversion import inversion_config  # the module needs no torch 
 from coordinator.methods import make_method
 from coordinator.metrics import CoordinatorMetrics, stamp_status, status_will
 from coordinator.registry import Registry, RegistryError
+from coordinator.strategies import strategy_params
 from coordinator.strategies.base import BufferedUpdate
 from coordinator.strategies.staleness import needs_driver, policy_of
 from coordinator.validation import Validator, load_validation
@@ -58,6 +59,21 @@ from edge_sdk.wire import topics
 from edge_sdk.wire.codec import Encoding, status_json
 
 log = logging.getLogger("edgeci.coordinator")
+
+DAEMON_FORGET_AFTER_S = 600.0
+"""A daemon's ``forget_after_s`` for strategies that wait for invited devices (FedBuff, PORT,
+NebulaFL) unless the operator sets one (``--param forget_after_s=none`` waits for ever, as the
+papers and the emulator, whose devices never vanish): a device that is invited and then
+uninstalled, wiped or lost would otherwise hold its slot, and with strict K the whole round,
+for ever."""
+
+
+def daemon_strategy_params(strategy: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` plus the daemon's own defaults for what the strategy accepts and was not given."""
+    out = dict(params)
+    if "forget_after_s" in strategy_params(strategy) and "forget_after_s" not in out:
+        out["forget_after_s"] = DAEMON_FORGET_AFTER_S
+    return out
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -236,7 +252,7 @@ class CoordinatorDaemon:
             peering=options.peering,
             coordinator_id=self.coordinator_id,
             ring=options.peers or (self.coordinator_id,),
-            strategy_params=options.strategy_params,
+            strategy_params=daemon_strategy_params(options.strategy, options.strategy_params),
             peering_params=options.peering_params,
         )
         strategy, peering = method.strategy, method.peering
@@ -291,7 +307,8 @@ class CoordinatorDaemon:
         options = self.options
         self._canary_config()
         make_method(options.strategy, peering=options.peering, coordinator_id=self.coordinator_id,
-                    ring=options.peers or (self.coordinator_id,), strategy_params=options.strategy_params,
+                    ring=options.peers or (self.coordinator_id,),
+                    strategy_params=daemon_strategy_params(options.strategy, options.strategy_params),
                     peering_params=options.peering_params)
         if options.inversion_params:
             inversion_config(**dict(options.inversion_params))

@@ -88,3 +88,29 @@ def test_peer_keys_are_trusted_by_coordinator_name(tmp_path: Path, task: Any, mo
         CoordinatorDaemon(options(tmp_path, bundle=pki.bundle_dir("coord-a")), task=task)
     assert seen["coord-b"] == load_public_key(pki.signing_dir / "coord-b.pub")
     assert set(seen) <= {"coord-a", "coord-b"}
+
+
+@pytest.mark.parametrize(("strategy", "params", "expected"), [
+    ("fedbuff", {"k": 3}, 600.0),  # a vanished invited device would hold its slot (and a strict-K round) for ever
+    ("port", {}, 600.0),
+    ("nebula", {}, 600.0),
+    ("fedbuff", {"forget_after_s": 60.0}, 60.0),  # the operator's value
+    ("fedbuff", {"forget_after_s": None}, None),  # --param forget_after_s=none: wait for ever, as the paper
+    ("spin", {"k": 3}, "absent"),  # SPIN never waits for a device: no such parameter
+])
+def test_a_daemon_forgets_vanished_invited_devices_by_default(tmp_path: Path, task: Any, monkeypatch: pytest.MonkeyPatch,
+                                                               strategy: str, params: dict[str, Any], expected: Any) -> None:
+    import coordinator.daemon as daemon_module
+    from coordinator.methods import make_method
+
+    built: list[Any] = []
+
+    def capture(*args: Any, **kwargs: Any) -> Any:
+        built.append(make_method(*args, **kwargs).strategy)
+        raise Pretrained
+
+    monkeypatch.setattr(daemon_module, "make_method", capture)
+    with pytest.raises(Pretrained):
+        CoordinatorDaemon(options(tmp_path, strategy=strategy, strategy_params=params), task=task)
+    config = built[0].config
+    assert getattr(config, "forget_after_s", "absent") == expected

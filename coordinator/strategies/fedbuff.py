@@ -31,7 +31,8 @@ How that maps onto the coordinator core's defer/invite path:
   device with new data, or one re-announcing itself) — event-driven, no timer.
 
 ``forget_after_s`` (default off, as in the paper) lets a real daemon stop waiting for an
-invited device that vanished; the emulator never loses one, so it is not needed there.
+invited device that vanished; the emulator never loses one, so it is not needed there. The
+daemon sets 600 s unless told otherwise (``coordinator.daemon.DAEMON_FORGET_AFTER_S``).
 """
 
 from __future__ import annotations

@@ -76,7 +76,8 @@ speed and charges its price. ``resources = "fixed"`` sends no hint (the device r
 default resource: the ablation "w RR" without randomness). An invited device that never
 reports keeps its planet busy until ``forget_after_s`` (as FedBuff's): then its planet is
 drawn for again, and an update it still sends is buffered as an uninvited one (into the
-lowest-version planet). Off by default (the emulator loses no device); a daemon wants it.
+lowest-version planet). Off by default (the emulator loses no device); a daemon sets 600 s
+unless told otherwise (``coordinator.daemon.DAEMON_FORGET_AFTER_S``).
 """
 
 from __future__ import annotations
