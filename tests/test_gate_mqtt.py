@@ -176,7 +176,7 @@ def test_rollback_and_pin_on_a_running_coordinator_survive_its_restart(mosquitto
             assert watcher.extra("pinned") is True
             versions = edgeci("versions", "--state-dir", str(state), "--json")
             rows = {r["version"]: r for r in json.loads(versions.stdout)["versions"]}
-            assert "rollback" in rows[4]["verdict"] and "pin" in rows[5]["verdict"], versions.stdout
+            assert "rollback" in rows[4]["verdict"] and rows[5]["verdict"] == "pin, pin again", versions.stdout
             out = edgeci("unpin", "--broker", url, "--region", REGION, "--state-dir", str(state))
             assert out.returncode == 0, out.stdout + out.stderr
             push(url, spec, 4, 6, 0.25)
