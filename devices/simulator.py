@@ -53,6 +53,7 @@ per event.
 
 from __future__ import annotations
 
+import heapq
 import random
 import time
 from collections import Counter
@@ -143,6 +144,9 @@ _MSG, _TIMER, _SAMPLE, _TRAINED, _TRAIN_FAILED, _EVAL, _KICK, _HOP, _GATE = (
 """The event kinds as module constants (the dispatch compares them on every event)."""
 _WAITS_ONLINE = frozenset({Kind.MSG, Kind.TIMER})
 """What waits while a device is offline (at the broker / asleep)."""
+COMPACT_MIN = 512
+"""Dead device timers are dropped from the event heap when it reaches this size (and again
+each time it doubles): below it they cost too little to be worth a pass."""
 
 
 @dataclass(slots=True)
@@ -417,6 +421,11 @@ class Simulation(Driver):
         self.update_requests_served = 0
         """PORT's push-pull: trainings cut short at the coordinator's request."""
         self._acting = (0, 0.0)
+        # Dead device timers leave the heap in batches (see _compact_timers).
+        self._compact_at = COMPACT_MIN
+        self._idle_timers_dead = not (s.gate and s.canary > 0)
+        """No canary request can open on a device (the only way its core leaves the timer-idle
+        state without a ScheduleTimer): a timer found idle stays a no-op until it fires."""
 
     @classmethod
     def regional(cls, task: Task, sc: Scenario, method: RunSpec, n_devices: int, seed: int,
@@ -546,7 +555,15 @@ class Simulation(Driver):
         c = self.coords[k]
         me = self.n + k
         for a in actions:
-            if isinstance(a, Publish):
+            t = type(a)  # the common types by identity first (as _device_actions); the rest, subclasses too, by isinstance
+            if t is Publish:
+                self._publish(me, a, now)  # type: ignore[arg-type]
+            elif t is Notify:
+                self.coord_notes[a.kind] += 1  # type: ignore[attr-defined]
+            elif t is PersistUpdate:
+                if self.regions is None:  # kept for label latency until a commit consumes it
+                    self.persisted[a.update.key] = a.update  # type: ignore[attr-defined]
+            elif isinstance(a, Publish):
                 self._publish(me, a, now)
             elif isinstance(a, ScheduleTimer):
                 c.timer_at = a.at
@@ -630,13 +647,16 @@ class Simulation(Driver):
         device holds all its samples from its start: their latency counts from there)."""
         i = self._index[update.device]
         done = self._integrated[i]
-        if update.n_samples > done:
+        times = self.devices[i].plan.label_times
+        n = update.n_samples
+        if n > done:
             if self.continuous:  # every sample was there from the device's start (its label times are not used)
-                self.latencies.extend([now - self.devices[i].plan.start_s] * (update.n_samples - done))
+                self.latencies.extend([now - self.devices[i].plan.start_s] * (n - done))
+            elif n == done + 1 and done < len(times):  # the common case: one new label (no slice, no generator)
+                self.latencies.append(now - float(times[done]))
             else:
-                times = self.devices[i].plan.label_times
-                self.latencies.extend(now - float(t) for t in times[done : update.n_samples])
-            self._integrated[i] = update.n_samples
+                self.latencies.extend(now - float(t) for t in times[done:n])
+            self._integrated[i] = n
 
     def _convert(self, job: ConvertUpdate, me: int, now: float) -> None:
         """Convert a stale update for real, now; charge its measured compute on the virtual
@@ -671,7 +691,7 @@ class Simulation(Driver):
         dev = self.devices[i]
         if kind in _WAITS_ONLINE:
             offline = dev.plan.instance.offline
-            if offline.offline_at(now):
+            if offline.starts and offline.offline_at(now):  # (no call for a device that is never offline)
                 self.push(offline.next_online(now), kind, i, data)  # waits at the broker / sleeps
                 return
         core = dev.core
@@ -746,7 +766,39 @@ class Simulation(Driver):
 
     def _device_timer(self, dev: EmulatedDevice, i: int, at: float, now: float) -> None:
         dev.timer_at = at
-        self.push(at if at >= now else now, _TIMER, i, at)  # max(at, now): the same float
+        heap = self.queue._heap  # Driver.push, inlined
+        heapq.heappush(heap, (at if at >= now else now, next(self.queue._seq), _TIMER, i, at))  # max(at, now): the same float
+        if len(heap) >= self._compact_at:
+            self._compact_timers()
+
+    def _compact_timers(self) -> None:
+        """Drop the device timers that will do nothing when they fire, and rebuild the heap.
+
+        Most device timers die long before they fire (a pull's deadline once the model is
+        there, an update's once it is acked): each would still be pushed, popped, counted as
+        an event and dispatched only to be ignored. Dead are those a later ScheduleTimer
+        replaced (``timer_at`` differs: :meth:`_device_event` ignores them), and — when no
+        canary request can open on a device (``_idle_timers_dead``) — those whose core has no
+        deadline: every deadline a core sets comes with a ScheduleTimer, which replaces this
+        one, so at its time the timer finds the core idle and only clears ``timer_at`` (done
+        here). The heap pops entries in (time, sequence) order, unique keys: the rest keep
+        their order, so only the count of events changes. Runs when the heap has doubled
+        since the last compaction (at least :data:`COMPACT_MIN` entries)."""
+        heap = self.queue._heap
+        devices, n, idle_dead = self.devices, self.n, self._idle_timers_dead
+        kept = []
+        for entry in heap:
+            if entry[2] is _TIMER and entry[3] < n:
+                dev = devices[entry[3]]
+                if dev.timer_at != entry[4]:
+                    continue
+                if idle_dead and dev.core.timer_is_idle():
+                    dev.timer_at = None
+                    continue
+            kept.append(entry)
+        heap[:] = kept
+        heapq.heapify(heap)
+        self._compact_at = max(COMPACT_MIN, 2 * len(heap))
 
     def _device_note(self, dev: EmulatedDevice, i: int, a: Notify, now: float) -> None:
         self.device_notes[a.kind] += 1

@@ -125,6 +125,37 @@ def test_same_scenario_and_seed_give_identical_metrics(strategy: str, params: di
     assert other.rows != runs[0][0], "a different seed is a different run"
 
 
+@pytest.mark.parametrize(("strategy", "params"), [("spin", {"k": 3, "timeout_s": 10.0}), ("fedbuff", {"k": 3, "select": 4, "population": 12})])
+def test_dropping_dead_device_timers_changes_only_the_event_count(strategy: str, params: dict[str, Any],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Simulation._compact_timers: dead device timers (replaced, or on an idle core) leave the
+    heap without firing; every other event keeps its time and order, so the metrics and the
+    non-timer event stream are those of a run that lets them all fire."""
+    import devices.simulator as simulator
+
+    def run(compact_at: int) -> tuple[list[dict[str, float]], dict[str, Any], list[tuple[float, int, int]], int]:
+        monkeypatch.setattr(simulator, "COMPACT_MIN", compact_at)
+        sim = simulate(small_scenario(), strategy, **params)
+        seen: list[tuple[float, int, int]] = []
+        timers = [0]
+
+        def trace(at: float, kind: Kind, target: int, data: Any) -> None:
+            if kind == Kind.TIMER:
+                timers[0] += 1
+            else:
+                seen.append((at, int(kind), target))
+
+        sim.trace = trace
+        result = sim.run()
+        summary = {k: v for k, v in result.summary.items() if k not in ("wall_s", "virtual_per_wall", "events")}
+        return result.rows, summary, seen, timers[0]
+
+    never = run(10**9)  # the heap never reaches it: every timer fires
+    often = run(4)  # compacted whenever the heap doubles from 4 entries
+    assert often[:3] == never[:3]
+    assert often[3] < never[3], "dead timers were dropped"
+
+
 def test_virtual_clock_only_moves_forward() -> None:
     clock = VirtualClock()
     clock.advance_to(5.0)

@@ -145,13 +145,22 @@ class ReadOnlyView:
     The core builds one at start (``self._view = ReadOnlyView(self)``) and passes it
     wherever it now passes ``self`` to ``strategy.*`` and ``peering.*``."""
 
-    __slots__ = ("_core", "_held")
+    __slots__ = ("_core", "_held", "_held_bytes")
+
+    HELD = 40
+    """Read-only views kept: the current vector and the retained versions a fold reads as
+    update bases (``keep_versions`` is 32 by default)..."""
+    HELD_BYTES = 64 << 20
+    """... as long as the vectors they keep alive total at most this (two are always kept):
+    a large model holds no more old versions than before."""
 
     def __init__(self, core: CoordinatorView) -> None:
         self._core = core
-        self._held: list[tuple[Vector, Vector]] = []
-        """(vector, its read-only view) for the last two vectors handed out: the view is
-        made once per vector, not per access (it is read-only: sharing it changes nothing)."""
+        self._held: dict[int, tuple[Vector, Vector]] = {}
+        """By ``id``: (vector, its read-only view) for the vectors handed out last: the view is
+        made once per vector, not per access (it is read-only: sharing it changes nothing).
+        The vector is held here, so its id cannot be reused while it is a key."""
+        self._held_bytes = 0
 
     @property
     def spec(self) -> ModelSpec:
@@ -191,13 +200,15 @@ class ReadOnlyView:
 
     def _read_only(self, w: Vector) -> Vector:
         held = self._held
-        for vector, view in held:
-            if vector is w:  # the very same array (held here, so its id cannot be reused)
-                return view
+        hit = held.get(id(w))
+        if hit is not None and hit[0] is w:  # the very same array (held here, so its id cannot be reused)
+            return hit[1]
         view = _frozen(w)
-        held.append((w, view))
-        if len(held) > 2:
-            del held[0]
+        held[id(w)] = (w, view)
+        self._held_bytes += w.nbytes
+        while len(held) > 2 and (len(held) > self.HELD or self._held_bytes > self.HELD_BYTES):
+            oldest = next(iter(held))  # the first handed out of those kept
+            self._held_bytes -= held.pop(oldest)[0].nbytes
         return view
 
 

@@ -531,7 +531,12 @@ class RobustAggregator:
                         gg += float(np.dot(t, t))
             x = d if self.deltas else w_se
             if acc_se is not None:
-                if first:
+                if a == 1.0:  # x·1 is x exactly: one operation less (the largest weight so far, often every one)
+                    if first:
+                        np.copyto(acc_se, x)
+                    else:
+                        np.add(acc_se, x, out=acc_se)
+                elif first:
                     np.multiply(x, af, out=acc_se)
                 else:
                     np.multiply(x, af, out=t)

@@ -102,18 +102,18 @@ def train_config(hints: Mapping[str, float], defaults: TrainConfig, *, seed: int
     """Hyper-parameters for one job: the coordinator's hints (within :data:`HINT_BOUNDS`), else
     ``defaults``. The one rule for devices and every fleet driver."""
 
-    def hint(name: str, default: float) -> float:
-        lo, hi = HINT_BOUNDS[name]
-        return min(max(float(hints.get(name, default)), lo), hi)
-
-    return TrainConfig(
-        epochs=int(hint("epochs", defaults.epochs)),
-        batch_size=int(hint("batch_size", defaults.batch_size)),
-        lr=hint("lr", defaults.lr),
-        mu=hint("mu", defaults.mu),
-        seed=seed,
-        group=group,
-    )
+    # Each value: min(max(float(hint or default), lo), hi), written out (no closure built and
+    # called four times per job: every emulated training asks).
+    get, bounds = hints.get, HINT_BOUNDS
+    lo, hi = bounds["epochs"]
+    epochs = int(min(max(float(get("epochs", defaults.epochs)), lo), hi))
+    lo, hi = bounds["batch_size"]
+    batch_size = int(min(max(float(get("batch_size", defaults.batch_size)), lo), hi))
+    lo, hi = bounds["lr"]
+    lr = min(max(float(get("lr", defaults.lr)), lo), hi)
+    lo, hi = bounds["mu"]
+    mu = min(max(float(get("mu", defaults.mu)), lo), hi)
+    return TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, mu=mu, seed=seed, group=group)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
