@@ -47,7 +47,7 @@ def test_a_second_device_on_the_same_data_dir_is_refused(mosquitto: MosquittoPro
     """Two `edgeci device` processes with one id and EDGECI_HOME would share one store and its
     sequence numbers: the second is refused while the first runs."""
     first = subprocess.Popen([sys.executable, "-m", "demos.cli", "device", "--broker", mosquitto.url, "--device-id", "d1",
-                              "--duration", "30"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                              "--duration", "600"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                              env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "EDGECI_HOME": str(tmp_path / "home")})
     try:
         lock = tmp_path / "home" / "devices" / "d1" / "device.lock"
