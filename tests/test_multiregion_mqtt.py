@@ -78,6 +78,7 @@ class Coordinator:
         self.start()
 
     def start(self) -> None:
+        self.lines = []  # a restart waits for the new process's "ready", not the killed one's
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
         proc = self.proc
