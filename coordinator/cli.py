@@ -135,7 +135,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     gate = p.add_argument_group("release gate (what devices predict with)")
     gate.add_argument("--validation", type=Path, help="validation set (.npz with x and y): every new version is a candidate, "
                       "released only if its accuracy there is not worse than the release's by more than --gate-margin; "
-                      "a worse one is rejected and the training line rolled back. Default: no gate, every version is released")
+                      "one worse by more than --rollback-margin is rejected and the training line rolled back, one in between is held "
+                      "(not released, training goes on). Default: no gate, every version is released")
     gate.add_argument("--gate-margin", type=float, default=0.02, help="accuracy a candidate may lose against the release and still be promoted")
     gate.add_argument("--rollback-margin", type=float, default=0.10, help="a candidate worse than the release by more than this is "
                       "rejected and the training line rolled back; between the two margins it is held (not released, training goes on). "
