@@ -647,11 +647,12 @@ class Simulation(Driver):
         device holds all its samples from its start: their latency counts from there)."""
         i = self._index[update.device]
         done = self._integrated[i]
-        times = self.devices[i].plan.label_times
         n = update.n_samples
         if n > done:
+            plan = self.devices[i].plan
+            times = plan.label_times
             if self.continuous:  # every sample was there from the device's start (its label times are not used)
-                self.latencies.extend([now - self.devices[i].plan.start_s] * (n - done))
+                self.latencies.extend([now - plan.start_s] * (n - done))
             elif n == done + 1 and done < len(times):  # the common case: one new label (no slice, no generator)
                 self.latencies.append(now - float(times[done]))
             else:
@@ -766,9 +767,8 @@ class Simulation(Driver):
 
     def _device_timer(self, dev: EmulatedDevice, i: int, at: float, now: float) -> None:
         dev.timer_at = at
-        heap = self.queue._heap  # Driver.push, inlined
-        heapq.heappush(heap, (at if at >= now else now, next(self.queue._seq), _TIMER, i, at))  # max(at, now): the same float
-        if len(heap) >= self._compact_at:
+        self.push(at if at >= now else now, _TIMER, i, at)  # max(at, now): the same float
+        if len(self.queue._heap) >= self._compact_at:
             self._compact_timers()
 
     def _compact_timers(self) -> None:
