@@ -18,7 +18,7 @@ from coordinator.pki import Pki
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def device(*argv: str, home: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def device(*argv: str, home: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "demos.cli", "device", *argv], capture_output=True, text=True, timeout=timeout,
                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "EDGECI_HOME": str(home)})
 

@@ -23,6 +23,7 @@ from coordinator.registry import Registry
 from devices.live import LabellingLoop, LabellingUser
 from devices.partition import partition
 from edge_sdk.client import EdgeClient
+from edge_sdk.core.device import Phase
 from edge_sdk.mqtt import MqttTransport
 from edge_sdk.tasks import get_task
 from edge_sdk.tasks.base import Split, TrainConfig
@@ -127,6 +128,23 @@ class Fleet:
         assert not self.loop.errors, self.loop.errors
 
 
+def wait_quiet(fleet: Fleet, watcher: Watcher, timeout: float = 90.0) -> None:
+    """Wait until no device is mid-round or wants to start one, and the coordinator's
+    buffer is empty (the last timeout fired) — twice, a second apart, so a round that
+    starts between the reads is not missed. A dropped pull's retry (3 s) plus the SPIN
+    timeout can outlast any fixed sleep on a loaded machine."""
+    def quiet() -> bool:
+        return all(c.core.state.phase is Phase.IDLE and not c.core.wants_pull() for c in fleet.clients) and watcher.get("buffered") == 0
+
+    def settled() -> bool:
+        if not quiet():
+            return False
+        time.sleep(1.0)
+        return quiet()
+
+    wait_until(settled, timeout, "devices idle, none wanting a round, the coordinator's buffer empty")
+
+
 def latest_weights(state_dir: Path, task: Any) -> tuple[int, np.ndarray]:
     reg = Registry(state_dir, task.spec)
     v = reg.latest()
@@ -148,7 +166,7 @@ def test_fleet_over_mosquitto_improves_and_rejects_bad_input(mosquitto: Mosquitt
             wait_until(lambda: watcher.get("version") >= 15 and fleet.loop.labelled >= 600, 200, "15 versions and 600 labels")
             fleet.loop.stop()
             # let in-flight updates land and the last timeout fire, then the fleet is quiet
-            time.sleep(6.0)
+            wait_quiet(fleet, watcher)
             version, w_end = latest_weights(state, task)
             acc_end = task.evaluate(w_end)["accuracy"]
             print(f"\nheld-out accuracy {acc0:.3f} -> {acc_end:.3f} at version {version}")
@@ -207,7 +225,7 @@ def test_sigkill_restart_loses_nothing_and_applies_nothing_twice(mosquitto: Mosq
             with coordinator_process(mosquitto.url, state, k=4, timeout=1.5):
                 wait_until(lambda: watcher.get("version") >= v_crash + 4, 150, "4 versions after the restart")
                 fleet.loop.stop()
-                time.sleep(8.0)  # retries land, the last timeout fires
+                wait_quiet(fleet, watcher)  # retries land, the last timeout fires
                 reg = Registry(state, fleet.task.spec)
                 versions = reg.versions()
                 assert versions == list(range(versions[0], versions[-1] + 1)), "versions must continue without gaps"

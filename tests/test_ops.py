@@ -377,9 +377,18 @@ def test_coordinator_process_metrics_probes_presence_sighup_and_status(mosquitto
                 return (s["updates_accepted"], s["updates_duplicate"], s["updates_rejected"]) == (3, 1, 2) \
                     and s["version"] == 1 and s["extra"]["devices_online"] == 1
             wait_until(settled, 30, "3 accepted, 1 duplicate, 2 rejected, one aggregation, one device online")
-            time.sleep(1.5)  # the snapshot refreshes at least every second
-            status = status_of(mosquitto.url, region)
-            m = scrape(port)
+            # the metrics follow the status snapshot, refreshed at least every second: wait until
+            # both show the aggregation and the last message (a fixed 1.5 s sleep can lose that race under load)
+            reads: list[tuple[dict[str, Any], dict[Any, float]]] = []
+
+            def agree() -> bool:
+                s, mm = status_of(mosquitto.url, region), scrape(port)
+                reads.append((s, mm))
+                return mm.get(("edgeci_bytes_total", (("direction", "in"),))) == s["extra"]["bytes_in"] \
+                    and mm.get(("edgeci_version", ())) == s["version"] \
+                    and mm.get(("edgeci_aggregations_total", ())) == s["extra"]["aggregations"]
+            wait_until(agree, 20, "the metrics and the status snapshot to show the same version, commits and bytes in")
+            status, m = reads[-1]
             x = status["extra"]
             assert m[("edgeci_updates_total", (("outcome", "accepted"),))] == status["updates_accepted"] == 3
             assert m[("edgeci_updates_total", (("outcome", "duplicate"),))] == status["updates_duplicate"] == 1
