@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         changes = {"target_accuracy": args.target, "duration_s": args.duration}
         scenario = scenario.with_overrides({k: v for k, v in changes.items() if v is not None})
     if args.strategies:
-        scenario = scenario.select([s.strip() for s in args.strategies.split(",") if s.strip()])
+        scenario = scenario.select(scenario.names_in(args.strategies))
     if args.broker:
         return _fleet_mode(scenario, args)
     out: Path = args.out or Path("runs") / "emulate" / slug(scenario.name)

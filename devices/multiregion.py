@@ -93,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(v is not None for v in changes.values()):
         sc = sc.with_overrides({k: v for k, v in changes.items() if v is not None})
     if args.methods:
-        sc = sc.select([m.strip() for m in args.methods.split(",") if m.strip()])
+        sc = sc.select(sc.names_in(args.methods))
     if args.devices:
         sc = sc.with_device_counts([int(n) for n in args.devices.split(",")])
     out: Path = args.out or Path("runs") / "multiregion" / sc.name

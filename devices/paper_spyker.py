@@ -31,7 +31,7 @@ from typing import Any
 
 from devices.scenario import Scenario, load_scenario
 
-__all__ = ["LinkQueue", "format_table", "main", "mean_sd", "method_names", "parser", "run_one", "summarise", "sweep", "time_to"]
+__all__ = ["LinkQueue", "format_table", "main", "mean_sd", "parser", "run_one", "summarise", "sweep", "time_to"]
 
 MODEL_SIZED = 50_000
 """Bytes from which a message counts as a model (an update or a peer model): LeNet-5 is ~247 kB,
@@ -246,22 +246,6 @@ def parser(prog: str, description: str, baseline: str, also: str = "0.85") -> ar
     return p
 
 
-def method_names(text: str, sc: Scenario) -> list[str]:
-    """``--methods``: comma-separated labels or kinds, where a label may itself hold commas
-    (pieces are joined until they name a method)."""
-    known = {name for m in sc.methods for name in (m.label, m.strategy, m.kind)}
-    out: list[str] = []
-    held = ""
-    for piece in text.split(","):
-        held = f"{held},{piece}" if held else piece
-        if held.strip() in known:
-            out.append(held.strip())
-            held = ""
-    if held.strip():
-        out.extend(p.strip() for p in held.split(",") if p.strip())  # unknown: select() names it
-    return out
-
-
 def sweep(p: argparse.ArgumentParser, argv: Sequence[str] | None, out_root: str,
           report: Callable[[Sequence[Mapping[str, Any]], float, str, Sequence[float]], tuple[dict[str, Any], str]],
           table_name: str) -> int:
@@ -279,7 +263,7 @@ def sweep(p: argparse.ArgumentParser, argv: Sequence[str] | None, out_root: str,
     if sc.regions is None:
         p.error(f"{args.scenario} has no [multiregion]")
     if args.methods:
-        sc = sc.select(method_names(args.methods, sc))
+        sc = sc.select(sc.names_in(args.methods))
     if args.devices:
         sc = sc.with_device_counts([int(n) for n in args.devices.split(",")])
     out: Path = args.out or Path("runs") / out_root / (sc.name + ("-quick" if args.quick else ""))

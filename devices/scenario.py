@@ -122,6 +122,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import json
 import math
 import random
 import tomllib
@@ -461,6 +462,21 @@ class Scenario:
     def with_device_counts(self, counts: Sequence[int]) -> Scenario:
         return dataclasses.replace(self, regions=dataclasses.replace(self._regions(), device_counts=tuple(counts)))
 
+    def names_in(self, text: str) -> list[str]:
+        """Split a comma-separated ``--strategies`` / ``--methods`` value into names, where a run
+        label may itself hold commas ("SPIN, λ=5/h"): at each piece the longest run of pieces that
+        names a run wins; an unknown piece stays alone (for :meth:`select` to name it)."""
+        known = {r.label for r in self.runs} | {r.strategy for r in self.runs} | ({r.kind for r in self.runs} if self.regions else set())
+        pieces = text.split(",")
+        out: list[str] = []
+        i = 0
+        while i < len(pieces):
+            j = next((j for j in range(len(pieces), i, -1) if ",".join(pieces[i:j]).strip() in known), i + 1)
+            if name := ",".join(pieces[i:j]).strip():
+                out.append(name)
+            i = j
+        return out
+
     def select(self, names: Sequence[str]) -> Scenario:
         """Only the runs whose label, strategy or kind is in ``names`` (order of ``names``)."""
         chosen: list[RunSpec] = []
@@ -506,9 +522,15 @@ def parse_settings(raw: Mapping[str, Any], *, source: str = "<string>") -> Setti
 
 
 def with_quick(raw: Mapping[str, Any], *, source: str = "<string>") -> dict[str, Any]:
-    """``raw`` with its ``[quick]`` dotted-key overrides applied (and the table removed)."""
-    out = _apply_overrides(raw, raw.get("quick", {}), f"{source}: [quick]")
+    """``raw`` with its ``[quick]`` dotted-key overrides applied (and the table removed). The
+    description, written for the full run ("5 seeds × 1 virtual hour"), is prefixed with what
+    the quick form changes, unless ``[quick]`` gives its own."""
+    quick = raw.get("quick", {})
+    out = _apply_overrides(raw, quick, f"{source}: [quick]")
     out.pop("quick", None)
+    if isinstance(quick, Mapping) and quick and "description" not in quick and out.get("description"):
+        changes = "; ".join(f"{k} = {json.dumps(v, ensure_ascii=False)}" for k, v in quick.items())
+        out["description"] = f"Quick form ({changes}) of this scenario; the rest describes the full run:\n{out['description']}"
     return out
 
 

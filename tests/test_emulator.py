@@ -279,10 +279,28 @@ def test_overrides_quick_and_selection() -> None:
     assert fast.settings.min_samples == 2 and slow.settings.min_samples == 3
     quick = sc.quick()
     assert quick.settings.duration_s == 120 and quick.runs[1].settings.duration_s == 120
+    # a quick form says so: its description was written for the full run
+    assert parse_scenario({**raw, "description": "3 seeds × 1 h"}).quick().description == \
+        "Quick form (duration_s = 120; seeds = [0]) of this scenario; the rest describes the full run:\n3 seeds × 1 h"
+    assert parse_scenario({**raw, "description": "full", "quick": {"seeds": [0], "description": "one seed"}}).quick().description == "one seed"
     assert [r.label for r in sc.select(["fast"]).runs] == ["fast"]
     assert sc.with_seeds([5, 6]).settings.seeds == (5, 6)
     with pytest.raises(ScenarioError, match="no run named"):
         sc.select(["nope"])
+
+
+def test_run_labels_holding_commas_can_be_selected_from_the_command_line() -> None:
+    sc = load_scenario(SCENARIOS / "digits-headline.toml")
+    labels = [r.label for r in sc.runs]
+    commas = [lab for lab in labels if "," in lab]
+    assert len(commas) >= 2  # "SPIN, average of models (paper)", "FedAsync (α=0.6, a=0.5)"
+    text = ",".join([commas[1], "fedbuff", commas[0]])
+    assert sc.names_in(text) == [commas[1], "fedbuff", commas[0]]
+    chosen = [r.label for r in sc.select(sc.names_in(text)).runs]
+    assert chosen[0] == commas[1] and chosen[-1] == commas[0] and len(chosen) == 2 + sum(r.strategy == "fedbuff" for r in sc.runs)
+    assert sc.names_in(" spin , nope,") == ["spin", "nope"]  # an unknown name stays whole for select() to name
+    with pytest.raises(ScenarioError, match="no run named 'nope'"):
+        sc.select(sc.names_in("spin,nope"))
 
 
 def test_shipped_scenarios_are_valid(tmp_path: Path) -> None:

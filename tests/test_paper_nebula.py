@@ -11,7 +11,6 @@ import pytest
 
 from devices.multiregion import PAPER_LATENCY_MS, load_multiregion
 from devices.paper_nebula import BASELINE, cost_summary, format_table, main, report
-from devices.paper_spyker import method_names
 
 SCENARIO = Path(__file__).resolve().parents[1] / "demos" / "scenarios" / "multiregion" / "paper-nebula.toml"
 
@@ -83,7 +82,7 @@ def test_cost_wins_and_savings_from_fixed_summaries() -> None:
 
 def test_methods_whose_labels_hold_commas_can_be_selected() -> None:
     sc = load_multiregion(SCENARIO)
-    names = method_names("NebulaFL (uniform, fixed resource),spin,NebulaFL (reward, fixed resource)", sc)
+    names = sc.names_in("NebulaFL (uniform, fixed resource),spin,NebulaFL (reward, fixed resource)")
     assert names == ["NebulaFL (uniform, fixed resource)", "spin", "NebulaFL (reward, fixed resource)"]
     assert [m.label for m in sc.select(names).methods][:2] == ["NebulaFL (uniform, fixed resource)", BASELINE]
-    assert method_names("nebula,bogus,x", sc) == ["nebula", "bogus", "x"]
+    assert sc.names_in("nebula,bogus,x") == ["nebula", "bogus", "x"]
