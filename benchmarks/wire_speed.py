@@ -1,4 +1,6 @@
-"""Wire v2 against pickle and against the v1 codec, and the cost of serving a 47 MB pull.
+"""The wire codec (raw tensor tail: introduced by protocol v2, framed the same in today's v3, which
+only binds signatures to their topic) against pickle and against the v1 codec, and the cost of
+serving a 47 MB pull. "raw-tail" below is today's codec.
 
 Everything is measured in one process, medians of ``--repeat`` runs, and printed as ratios
 (this machine is shared and noisy; absolute times move, ratios much less):
@@ -12,7 +14,7 @@ Everything is measured in one process, medians of ``--repeat`` runs, and printed
    that returns one new ``bytes``: ``ndarray.tobytes()``, a single copy into a fresh
    allocation (on this VM page faults, not the memcpy, set most of its cost).
 3. **Serving pulls** of a 47 MB model from a real :class:`~coordinator.core.CoordinatorCore`
-   (decode the pull, build, sign and publish the reply): the v2 core encodes each (version,
+   (decode the pull, build, sign and publish the reply): the current core encodes each (version,
    group, encoding) once and only re-signs a small header per pull; "today's path" is the
    v1 codec re-encoding the whole model for every pull (``v1_model_reply`` below, the old
    ``CoordinatorCore._model_reply`` body). Also the digits model for pulls/s of the core alone.
@@ -137,24 +139,24 @@ def main() -> None:
                                "pickle": lambda: pickle.dumps(as_dict), "tobytes": w.tobytes}, args.repeat)
     t_enc, t_enc_v1, t_enc_pk, t_copy = enc["v2"], enc["v1"], enc["pickle"], enc["tobytes"]
     print(f"update of {mb:.1f} MB ({args.floats:,} float32), medians of {args.repeat}")
-    print(f"  decode  v2 {t_dec * 1e6:10.1f} us | v1 {t_dec_v1 * 1e3:8.2f} ms | pickle.loads {t_dec_pk * 1e3:8.2f} ms"
-          f" -> v2 is {t_dec_pk / t_dec:,.0f}x faster than pickle, {t_dec_v1 / t_dec:,.0f}x than v1")
-    print(f"  encode  v2 {t_enc * 1e3:10.2f} ms | v1 {t_enc_v1 * 1e3:8.2f} ms | pickle.dumps {t_enc_pk * 1e3:8.2f} ms"
-          f" -> v2 is {t_enc_pk / t_enc:.2f}x faster than pickle, {t_enc_v1 / t_enc:.2f}x than v1")
-    print(f"          one-copy floor (ndarray.tobytes) {t_copy * 1e3:.2f} ms: v2 takes {t_enc / t_copy:.2f}x it,"
+    print(f"  decode  raw-tail {t_dec * 1e6:10.1f} us | v1 {t_dec_v1 * 1e3:8.2f} ms | pickle.loads {t_dec_pk * 1e3:8.2f} ms"
+          f" -> raw-tail is {t_dec_pk / t_dec:,.0f}x faster than pickle, {t_dec_v1 / t_dec:,.0f}x than v1")
+    print(f"  encode  raw-tail {t_enc * 1e3:10.2f} ms | v1 {t_enc_v1 * 1e3:8.2f} ms | pickle.dumps {t_enc_pk * 1e3:8.2f} ms"
+          f" -> raw-tail is {t_enc_pk / t_enc:.2f}x faster than pickle, {t_enc_v1 / t_enc:.2f}x than v1")
+    print(f"          one-copy floor (ndarray.tobytes) {t_copy * 1e3:.2f} ms: the raw-tail encode takes {t_enc / t_copy:.2f}x it,"
           f" pickle.dumps {t_enc_pk / t_copy:.2f}x (an encoder returning one new bytes copies at least this once)")
 
     big = ModelSpec.build("big", [("body", (args.floats,), "extractor")])
     today = serve_pulls(big, args.pulls, today=True)
     now = serve_pulls(big, args.pulls, today=False)
-    print(f"47 MB model pulls served by one core: today's path {today:.1f}/s, v2 encode-once + signed header "
+    print(f"47 MB model pulls served by one core: v1 path (re-encode per pull) {today:.1f}/s, raw-tail encode-once + signed header "
           f"{now:.1f}/s -> {now / today:.1f}x")
     from edge_sdk.tasks import get_task
 
     digits = get_task("digits").spec
     today_d = serve_pulls(digits, 3000, today=True)
     now_d = serve_pulls(digits, 3000, today=False)
-    print(f"digits pulls served by one core, no broker: v2 core {now_d:,.0f}/s ({1e6 / now_d:.0f} us of CPU per pull: "
+    print(f"digits pulls served by one core, no broker: current core {now_d:,.0f}/s ({1e6 / now_d:.0f} us of CPU per pull: "
           f"decode, rate limit, reply lookup, status at most 4/s); decode + v1 encode alone {today_d:,.0f}/s")
 
 

@@ -731,11 +731,11 @@ def run(args: argparse.Namespace) -> int:
         if args.role == "coordinator":
             stale = [n for n, i in pki.identities.items() if i.role not in ("broker", "coordinator") and n != args.identity]
             if stale:
-                print(f"note: {len(stale)} earlier bundles do not trust {args.identity} yet: run `edgeci pki trust --dir {args.dir}`")
+                print(f"note: {len(stale)} earlier bundle{'s do' if len(stale) != 1 else ' does'} not trust {args.identity} yet: run `edgeci pki trust --dir {args.dir}`")
         if args.role == "operator":
             stale = [n for n, i in pki.identities.items() if i.role == "coordinator"]
             if stale:
-                print(f"note: {len(stale)} coordinators do not obey {args.identity} yet: run `edgeci pki trust --dir {args.dir}` "
+                print(f"note: {len(stale)} coordinator{'s do' if len(stale) != 1 else ' does'} not obey {args.identity} yet: run `edgeci pki trust --dir {args.dir}` "
                       "and re-copy their bundles")
     elif cmd == "acl":
         print(f"ACL written: {pki.write_acl(args.out)}")

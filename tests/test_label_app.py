@@ -592,7 +592,7 @@ def test_person_labels_boxes_and_a_gesture_in_the_window(xvfb: str, mosquitto: A
     task = tiny_detection
     save_model(data / "detect" / "deployed.npz", task.spec, task.initial_weights(), {"version": 0})
     env = {**os.environ, "DISPLAY": xvfb, "QT_QPA_PLATFORM": "xcb", "OMP_NUM_THREADS": "1",
-           "EDGECI_DATA_DIR": str(tmp_path / "sdk")}
+           "EDGECI_HOME": str(tmp_path / "sdk")}
     app = AppProcess([sys.executable, "-m", "demos.cli", "-v", "label", "--source", "synthetic", "--size", "240",
                       "--zoom", "2", "--broker", mosquitto.url, "--region", "t", "--device-id", "tester",
                       "--data-dir", str(data), "--min-samples", "64"], env)
