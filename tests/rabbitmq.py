@@ -25,6 +25,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -32,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator.broker import free_port, wait_for_port
+from coordinator.broker import wait_for_port
 from edge_sdk.errors import ConfigError, TransportError
 
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
@@ -63,6 +64,16 @@ def rabbit_tool(name: str) -> Path:
     return path
 
 
+def distinct_free_ports(n: int) -> list[int]:
+    """``n`` free loopback ports, all different (each socket stays bound until all are picked;
+    separate ``free_port()`` calls may hand out one port twice)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+
+
 def available() -> bool:
     return (RABBIT_BIN / "rabbitmq-server").exists() and shutil.which("epmd") is not None
 
@@ -75,9 +86,10 @@ class RabbitMqCluster:
             raise ConfigError("a cluster needs at least one node")
         self._dir = tempfile.TemporaryDirectory(prefix="edgeci-rabbitmq-")
         self.root = Path(self._dir.name)
-        self.epmd_port = free_port()
+        ports = distinct_free_ports(1 + 3 * nodes)
+        self.epmd_port = ports.pop()
         self.nodes = [
-            RabbitNode(f"rabbit{i}@localhost", free_port(), free_port(), free_port(), self.root / f"rabbit{i}")
+            RabbitNode(f"rabbit{i}@localhost", ports.pop(), ports.pop(), ports.pop(), self.root / f"rabbit{i}")
             for i in range(1, nodes + 1)
         ]
         self._epmd: subprocess.Popen[bytes] | None = None
@@ -143,8 +155,9 @@ class RabbitMqCluster:
 
     # ------------------------------------------------------------------ control
 
-    def ctl(self, node: RabbitNode, *args: str, timeout: float = 60.0) -> str:
-        """``rabbitmqctl -n NODE ARGS`` with the node's environment; TransportError on failure."""
+    def ctl(self, node: RabbitNode, *args: str, timeout: float = 120.0) -> str:
+        """``rabbitmqctl -n NODE ARGS`` with the node's environment; TransportError on failure (each call
+        boots an Erlang VM: seconds when idle, far more under load, hence the long timeout)."""
         cmd = [str(rabbit_tool("rabbitmqctl")), "-n", node.name, *args]
         try:
             out = subprocess.run(cmd, env=self.env(node), capture_output=True, text=True, timeout=timeout, cwd=self.root)

@@ -99,7 +99,7 @@ def test_idle_connections_are_capped_and_the_server_keeps_answering(server: Metr
     idle = [connect(server) for _ in range(6)]  # below the cap of 8: scrapes are served meanwhile
     try:
         assert get(server, "/healthz")[0] == 200
-        assert time.monotonic() - t0 < 0.5  # no SYN dropped by a full listen backlog (retried after 1 s)
+        assert time.monotonic() - t0 < 0.9  # no SYN dropped by a full listen backlog (its retry comes after 1 s)
         idle += [connect(server) for _ in range(2)]
         with connect(server) as extra:  # the ninth: closed at once, no thread
             assert closed_within(extra, 0.5) < 0.5
