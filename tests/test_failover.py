@@ -381,16 +381,22 @@ def test_an_sdk_device_fails_over_to_a_live_region_and_comes_home(mosquitto: Any
         def acked_in(region: str, after: int = 0) -> bool:
             return any(k == "update_acked" and d["in"] == region for k, d in events[after:])
 
+        def failover_to(region: str, after: int) -> int | None:
+            return next((i for i, (k, d) in enumerate(events) if i >= after and k == "failover" and d["to"] == region), None)
+
         wait_until(lambda: acked_in("r1"), 60, "an update acked at home")
+        # (under load, 1 s request timeouts may already have sent the device away and back: only
+        # what follows the kill is this test's)
+        killed_at = len(events)
         r1.close(signal.SIGKILL)
-        wait_until(lambda: any(k == "failover" and d["to"] == "r2" for k, d in events), 30, "failover to r2")
-        [(_, first)] = [(k, d) for k, d in events if k == "failover"]
-        assert first["reason"] in ("coordinator_offline", "timeouts")
-        wait_until(lambda: acked_in("r2"), 60, "an update acked in r2")
+        wait_until(lambda: failover_to("r2", killed_at) is not None, 30, "failover to r2")
+        away = failover_to("r2", killed_at)
+        assert away is not None and events[away][1]["reason"] in ("coordinator_offline", "timeouts")
+        wait_until(lambda: acked_in("r2", away), 60, "an update acked in r2")
         r1 = coordinator("r1")
-        wait_until(lambda: any(k == "failover" and d["to"] == "r1" for k, d in events), 60, "coming home to r1")
-        home = next(i for i, (k, d) in enumerate(events) if k == "failover" and d["to"] == "r1")
-        assert events[home][1]["reason"] == "home_back"
+        wait_until(lambda: failover_to("r1", away) is not None, 60, "coming home to r1")
+        home = failover_to("r1", away)
+        assert home is not None and events[home][1]["reason"] == "home_back"
         wait_until(lambda: acked_in("r1", home), 60, "an update acked at home again")
     finally:
         stop.set()
