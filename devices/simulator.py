@@ -848,7 +848,8 @@ class Simulation(Driver):
             self.compute_s += seconds
             self.cost_compute += cost.compute(dev.plan.region, r, seconds)
             self.resource_use[cost.resources[r]] += 1
-        finish = dev.plan.instance.offline.after_online(now, seconds)
+        offline = dev.offline
+        finish = now + seconds if offline is None else offline.after_online(now, seconds)  # (what after_online gives without windows)
         self._training[i] = (job, now, seconds, result)
         self.push(finish, Kind.TRAINED, i, (job.job_id, result, seconds))
 
