@@ -84,7 +84,7 @@ from __future__ import annotations
 
 import random
 from bisect import bisect_right
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -502,8 +502,11 @@ class CoordinatorCore:
         self._devices: dict[str, None] = dict.fromkeys(snapshot.devices_seen)
         self._devices_committed = len(self._devices)  # the first ones are in the registry already
         # Presence (MQTT last will) and last seen, ordered by recency; bookkeeping only, never
-        # an input to protocol decisions. device -> (online or None if unknown, last seen, version)
-        self._presence: dict[str, tuple[bool | None, float, int]] = {}
+        # an input to protocol decisions. device -> (online or None if unknown, last seen, version).
+        # An OrderedDict: every message moves its device to the end and, past PRESENCE_LIMIT,
+        # the oldest leaves from the front; a dict would make finding that oldest entry a scan
+        # over the slots its earlier evictions left empty (at the limit: ~3.4 µs per message, against ~0.7).
+        self._presence: OrderedDict[str, tuple[bool | None, float, int]] = OrderedDict()
         self._online: set[str] = set()
         self._deferred: dict[str, float] = {}
         self._invites: dict[str, int] = {}
@@ -813,8 +816,7 @@ class CoordinatorCore:
         else:
             self._online.discard(device)
         while len(self._presence) > PRESENCE_LIMIT:
-            oldest = next(iter(self._presence))
-            del self._presence[oldest]
+            oldest, _ = self._presence.popitem(last=False)
             self._online.discard(oldest)
 
     @property

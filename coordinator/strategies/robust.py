@@ -566,16 +566,20 @@ class RobustAggregator:
         af, cf = np.float32(a), np.float32(c)
         for s in range(0, n, _CHUNK):
             e = min(s + _CHUNK, n)
-            d = self._scratch[: e - s]
-            np.subtract(w[s:e], ref[s:e], out=d)
+            d, t = self._scratches(e - s)
+            if e - s == n:  # one block: the whole vectors (the same memory as [0:n], without the slices)
+                w_se, ref_se, acc_se = w, ref, acc
+            else:
+                w_se, ref_se, acc_se = w[s:e], ref[s:e], acc[s:e]
+            np.subtract(w_se, ref_se, out=d)
             np.multiply(d, cf * af, out=d)
             if not (self.deltas or change_only):
-                np.multiply(ref[s:e], af, out=self._scratch2[: e - s])
-                np.add(d, self._scratch2[: e - s], out=d)
+                np.multiply(ref_se, af, out=t)
+                np.add(d, t, out=d)
             if first:
-                np.copyto(acc[s:e], d)
+                np.copyto(acc_se, d)
             else:
-                np.add(acc[s:e], d, out=acc[s:e])
+                np.add(acc_se, d, out=acc_se)
 
     def _blend_row(self, row: np.ndarray, ref: np.ndarray, c: float) -> None:
         cf = np.float32(c)

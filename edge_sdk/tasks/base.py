@@ -34,12 +34,14 @@ import numpy as np
 import numpy.typing as npt
 
 from edge_sdk.errors import InvalidSample
+from edge_sdk.fastinit import fast_init
 from edge_sdk.spec import FULL, ModelSpec, Vector
 
 SampleKind = Literal["array", "frame", "gesture"]
 """What a task's samples are (the table in the module docstring); as ``edge_sdk.store``'s."""
 
 
+@fast_init  # one per local update (every emulated training)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TrainConfig:
     """Local fine-tuning hyper-parameters (SPIN: E epochs over all local samples)."""
@@ -116,6 +118,7 @@ def train_config(hints: Mapping[str, float], defaults: TrainConfig, *, seed: int
     return TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, mu=mu, seed=seed, group=group)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TrainResult:
     weights: Vector
