@@ -63,6 +63,20 @@ def test_live_spin_reconfiguration_checks_types() -> None:
     assert spin.describe()["k"] == 10
 
 
+def test_range_errors_name_the_strategy_or_peering_that_holds_the_parameter() -> None:
+    """A config's own range check does not know its owner; the builder puts it in front, once."""
+    with pytest.raises(ConfigError, match=r"^strategy 'spin': k must be >= 1$"):
+        make_strategy("spin", k=0)
+    with pytest.raises(ConfigError, match=r"^strategy 'fedbuff': k and select must be >= 1$"):
+        make_strategy("fedbuff", k=0)
+    spin = make_strategy("spin")
+    with pytest.raises(ConfigError, match=r"^strategy 'spin': k must be >= 1$"):
+        spin.reconfigure(k=0)  # type: ignore[attr-defined]
+    assert spin.describe()["k"] == 10
+    with pytest.raises(ConfigError, match=r"^spyker: decay_beta must be"):  # named already: not twice
+        make_method("spyker", params={"decay_beta": -1.0})
+
+
 # ---------------------------------------------------------------------- before anything is written
 
 

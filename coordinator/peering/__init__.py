@@ -26,6 +26,7 @@ from coordinator.peering.hier import HierPeerConfig, HierPeering
 from coordinator.peering.nebula import NebulaPeerConfig, NebulaPeering
 from coordinator.peering.spyker import SpykerPeerConfig, SpykerPeering, SyncSpykerPeering
 from coordinator.strategies.base import Strategy
+from coordinator.strategies.params import owned
 from edge_sdk.errors import ConfigError
 
 __all__ = [
@@ -74,6 +75,8 @@ def make_peering(
         config = _CONFIGS[name](**params)
     except TypeError as exc:
         raise ConfigError(f"peering {name!r}: {exc}; known parameters: {', '.join(peering_params(name))}") from exc
+    except ConfigError as exc:  # a range check in the config: say whose parameter it is
+        owned(exc, "peering", name)
     if name == "spyker":
         if config.mode == "sync":
             return SyncSpykerPeering(coordinator_id, ring, config, strategy=strategy)

@@ -45,7 +45,7 @@ from coordinator.strategies.fedopt import FedAdamStrategy, FedOptConfig, FedOptS
 from coordinator.strategies.hfedms import HFedMSConfig, HFedMSStrategy
 from coordinator.strategies.hierfavg import HierEdgeStrategy
 from coordinator.strategies.nebula import NebulaConfig, NebulaStrategy
-from coordinator.strategies.params import check_params
+from coordinator.strategies.params import check_params, owned
 from coordinator.strategies.port import PortConfig, PortStrategy
 from coordinator.strategies.spin import SpinConfig, SpinNoTimeoutStrategy, SpinStrategy
 from coordinator.strategies.spyker import SpykerConfig, SpykerStrategy
@@ -162,6 +162,9 @@ def make_strategy(name: str, **params: Any) -> Strategy:
     except TypeError as exc:
         known = strategy_params(name)
         raise ConfigError(f"strategy {name!r}: {exc}" + (f"; known parameters: {', '.join(known)}" if known else "")) from exc
+    except ConfigError as exc:  # a range check in the config: say whose parameter it is
+        owned(exc, "strategy", name)
+
 
 
 __all__ = [

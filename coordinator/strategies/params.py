@@ -15,11 +15,11 @@ import numbers
 import types
 import typing
 from collections.abc import Mapping
-from typing import Any, Literal, Union
+from typing import Any, Literal, NoReturn, Union
 
 from edge_sdk.errors import ConfigError
 
-__all__ = ["check_params"]
+__all__ = ["check_params", "owned"]
 
 _NO = object()
 """The value does not fit the type (``None`` is a value)."""
@@ -96,3 +96,12 @@ def _describe(hint: Any) -> str:
         return f"a list of {_describe(typing.get_args(hint)[0]).removeprefix('a ').removeprefix('an ')}s"
     return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}.get(
         hint, f"a {getattr(hint, '__name__', hint)}")
+
+
+def owned(exc: ConfigError, kind: str, name: str) -> NoReturn:
+    """Raise ``exc`` with "kind 'name': " in front of its message, or as it is when it names
+    its owner already (a config's range check does not know which strategy holds it)."""
+    text = str(exc)
+    if text.startswith((f"{kind} {name!r}", f"{name}:")):
+        raise exc
+    raise type(exc)(f"{kind} {name!r}: {text}") from exc

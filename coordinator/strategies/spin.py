@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 from coordinator.strategies.base import BufferedUpdate, CoordinatorView, Plan
-from coordinator.strategies.params import check_params
+from coordinator.strategies.params import check_params, owned
 from coordinator.strategies.robust import RobustAggregator, RobustConfig, RobustStrategy
 from edge_sdk.errors import ConfigError
 from edge_sdk.spec import Vector
@@ -81,6 +81,8 @@ class SpinStrategy(RobustStrategy):
             new = replace(self.config, **changes)
         except TypeError as exc:
             raise ConfigError(f"strategy {self.name!r}: {exc}") from exc
+        except ConfigError as exc:  # a range check: say whose parameter it is
+            owned(exc, "strategy", self.name)
         self.config = new
         self.robust.reconfigure(new, deltas=new.combine == "deltas", server_lr=new.server_lr, expected=new.k)
 
