@@ -66,13 +66,6 @@ class LinkProfile:
         if not (self.up_bps > 0 and self.down_bps > 0):
             raise ConfigError(f"link {self.name!r}: up_bps and down_bps must be > 0")
 
-    def up_seconds(self, n_bytes: int) -> float:
-        """Serialisation time of ``n_bytes`` on the uplink (latency not included)."""
-        return n_bytes * 8.0 / self.up_bps
-
-    def down_seconds(self, n_bytes: int) -> float:
-        return n_bytes * 8.0 / self.down_bps
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ComputeProfile:

@@ -93,13 +93,6 @@ def body_float(body: Mapping[str, Any], key: str) -> float:
     return float(value)
 
 
-def body_str(body: Mapping[str, Any], key: str) -> str:
-    value = body.get(key)
-    if not isinstance(value, str):
-        raise MalformedMessage(f"peer body: {key!r} must be a string")
-    return value
-
-
 def body_bool(body: Mapping[str, Any], key: str) -> bool:
     value = body.get(key)
     if not isinstance(value, bool):

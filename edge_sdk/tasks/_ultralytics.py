@@ -29,11 +29,7 @@ from types import ModuleType
 from typing import Any
 
 from edge_sdk._extras import require
-from edge_sdk.paths import HOME_ENV, edgeci_home
-
-DATA_DIR_ENV = HOME_ENV
-"""Environment variable naming the SDK data dir when the caller gives none (``EDGECI_HOME``,
-the one edgeci root: :mod:`edge_sdk.paths`)."""
+from edge_sdk.paths import edgeci_home
 
 _SUBDIR = "ultralytics"
 
@@ -124,7 +120,7 @@ def import_ultralytics(data_dir: Path | str | None = None) -> ModuleType:
 
     Call this (the detection task does) before anything else imports ultralytics; if
     something already did, the offline settings are still enforced but its settings dir
-    stays where that first import put it (see :func:`ultralytics_settings_dir`).
+    stays where that first import put it (ultralytics' ``USER_CONFIG_DIR``).
     """
     if prepare_environment(data_dir):
         config_dir = ultralytics_home(data_dir) / "config"
@@ -140,10 +136,3 @@ def import_ultralytics(data_dir: Path | str | None = None) -> ModuleType:
     if any(settings.get(k) != v for k, v in wanted.items()):
         settings.update(wanted)
     return ultralytics
-
-
-def ultralytics_settings_dir() -> Path:
-    """Where the imported ultralytics keeps its settings (its ``USER_CONFIG_DIR``)."""
-    from ultralytics.utils import USER_CONFIG_DIR
-
-    return Path(USER_CONFIG_DIR)

@@ -24,7 +24,6 @@ MAX_ID_LEN = 64
 NO_VERSION = -1
 UNCHANGED = "unchanged"
 """Model group meaning "the version you already hold": no weights travel."""
-MAX_NONCE = 2**63 - 1
 
 
 _INT_END = 2**63
