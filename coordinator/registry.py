@@ -153,6 +153,10 @@ def _update_from(body: bytes) -> BufferedUpdate:
     fields = msgpack.unpackb(body, raw=False)
     if not isinstance(fields, dict):
         raise ValueError("a pending record must be a map")
+    return _update_of(fields)
+
+
+def _update_of(fields: dict[str, Any]) -> BufferedUpdate:
     weights = decode_tensor(fields.pop("weights"))
     known = {k: v for k, v in fields.items() if k in _UPDATE_FIELDS}
     return BufferedUpdate(weights=np.array(weights, dtype=np.float32), **known)
@@ -883,13 +887,17 @@ class Registry:
         good = len(SEGMENT_MAGIC)
         for end, body in _scan(data):
             try:
-                if body[:16].find(b"kind") >= 0:
-                    fields = msgpack.unpackb(body, raw=False)
-                    if not isinstance(fields, dict) or fields.get("kind") != "version":
+                # The decoded map says what a record is: a version record has a "kind" key, an
+                # update has none (a byte search for "kind" also matched device ids like "kindle-7").
+                fields = msgpack.unpackb(body, raw=False)
+                if not isinstance(fields, dict):
+                    raise ValueError("a record must be a map")
+                if "kind" in fields:
+                    if fields["kind"] != "version":
                         raise ValueError("unknown record kind")
                     versions.append((int(fields["version"]), body))
                 else:
-                    updates.append(_update_from(body))
+                    updates.append(_update_of(fields))
             except Exception as exc:  # checksum fine but unusable: treat as the corrupt tail
                 log.warning("%s: unreadable record at byte %d: %s", path, good, exc)
                 break

@@ -94,6 +94,25 @@ def test_a_batch_is_one_fsync_and_reads_back_in_order(tmp_path, monkeypatch) -> 
     np.testing.assert_array_equal(snap.buffer[7].weights, 6.0)
 
 
+def test_device_ids_that_spell_kind_survive_a_restart(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A record's type comes from its decoded map: an id holding "kind" (in the bytes a search
+    once looked at) is an update like any other, and what follows it in the log survives too."""
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    for u in (upd("a", 1, 1.0), upd("kindle-7", 1, 2.0), upd("kind", 2, 3.0), upd("b", 4, 4.0)):
+        reg.persist_update(u)
+    reg.close()
+    owner = Registry(tmp_path, SPEC)
+    owner.acquire_lock()
+    try:
+        got = owner.load().buffer
+        assert [u.key for u in got] == [("a", 1), ("kindle-7", 1), ("kind", 2), ("b", 4)]
+        assert [float(u.weights[0]) for u in got] == [1.0, 2.0, 3.0, 4.0]
+    finally:
+        owner.close()
+    assert [u.key for u in Registry(tmp_path, SPEC).pending()] == [("a", 1), ("kindle-7", 1), ("kind", 2), ("b", 4)]
+
+
 def test_torn_or_corrupt_tail_record_is_ignored_and_truncated(tmp_path) -> None:  # type: ignore[no-untyped-def]
     reg = Registry(tmp_path, SPEC)
     reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
