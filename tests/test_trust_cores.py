@@ -111,6 +111,26 @@ def test_first_key_is_pinned_durably_and_another_key_is_refused() -> None:
     np.testing.assert_array_equal(d.state.deployed, 3.0)
 
 
+def test_a_model_the_device_refuses_pins_no_key() -> None:
+    """First-use pinning pins the key of an accepted model only: a well-signed model for another
+    model id, or with NaN weights, once pinned its signer and the genuine coordinator's models
+    were then refused as bad_signature (hostile-input audit)."""
+    attacker = Signer.generate()
+    other = encode(ModelMsg(model_id="other", version=5, reply_to=-1, weights=np.zeros(SPEC.size, np.float32)),
+                   signer=attacker, scope=topics.device_scope("r1", "model"))
+    nan = np.full(SPEC.size, np.nan, dtype=np.float32)
+    poisoned = encode(ModelMsg(model_id="toy", version=5, reply_to=-1, weights=nan), signer=attacker,
+                      scope=topics.device_scope("r1", "model"))
+    d = device()
+    for payload, reason in ((other, "unknown_model"), (poisoned, "non_finite")):
+        acts = d.handle(to_dev(0.0, "model", payload))
+        assert notes(acts, "message_rejected")[0].data["reason"] == reason
+        assert not [a for a in acts if isinstance(a, PinKey)] and not d.state.pins
+    acts = d.handle(to_dev(1.0, "model", model(3)))
+    assert [a.kid for a in acts if isinstance(a, PinKey)] == [SIGNER.kid]
+    assert [a.version for a in acts if isinstance(a, DeployModel)] == [3] and d.state.pins == {SIGNER.kid: SIGNER.public_raw}
+
+
 def test_provisioned_keys_are_the_only_ones_trusted() -> None:
     d = device(trusted_keys={SIGNER.kid: SIGNER.public_raw})
     acts = d.handle(to_dev(0.0, "model", model(5, signer=Signer.generate())))  # no first-use pinning

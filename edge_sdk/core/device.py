@@ -457,7 +457,9 @@ class DeviceCore:
             msg = frame.message
             if isinstance(msg, ModelMsg):
                 pin = self._check_signature(frame.signature, topic)
-                actions = pin + self._on_model(msg, ev.now)
+                actions = self._on_model(msg, ev.now)
+                if pin is not None:  # pinned once the model is accepted: a rejected one pins nothing
+                    actions = self._pin(*pin) + actions
             elif isinstance(msg, Ack):
                 if msg.device != self.config.device_id:  # another device's answer, replayed onto our topic
                     raise TopicMismatch(f"an ack for device {msg.device!r} reached {self.config.device_id!r}")
@@ -476,15 +478,16 @@ class DeviceCore:
             s.counters[f"rejected:{exc.reason}"] = s.counters.get(f"rejected:{exc.reason}", 0) + 1
             return [Notify(kind="message_rejected", data={"reason": exc.reason, "detail": str(exc)})]
 
-    def _check_signature(self, sig: SignatureInfo | None, topic: str) -> list[DeviceAction]:
+    def _check_signature(self, sig: SignatureInfo | None, topic: str) -> tuple[str, bytes] | None:
         """Raise unless the model is signed by a trusted (or, first time, pinnable) key, for
         the topic it came on: another region's model replayed here does not verify (and so
-        pins no key either)."""
+        pins no key either). Returns the ``(kid, key)`` to pin (trust on first use) once the
+        model itself is accepted, else None."""
         cfg, s = self.config, self._s
         if sig is None:
             if cfg.require_signature:
                 raise UnsignedMessage("model is not signed")
-            return []
+            return None
         trusted = cfg.trusted_keys or s.pins
         if trusted and trusted.get(sig.kid) != sig.public_raw:
             raise BadSignature(f"model signed by key {sig.kid}, which this device does not trust ({sorted(trusted)})")
@@ -492,12 +495,14 @@ class DeviceCore:
             raise BadSignature("no trusted coordinator keys are configured")
         if not verify(sig.public_raw, sig.signature, sig.signed_for(topics.signing_scope(topic))):
             raise BadSignature(f"model signature by key {sig.kid} does not verify for {topic!r} (another region's model?)")
-        if trusted:
-            return []
-        s.pins[sig.kid] = sig.public_raw
+        return None if trusted else (sig.kid, sig.public_raw)
+
+    def _pin(self, kid: str, public_raw: bytes) -> list[DeviceAction]:
+        s = self._s
+        s.pins[kid] = public_raw
         return [
-            PinKey(region=s.region, kid=sig.kid, public_raw=sig.public_raw),
-            Notify(kind="key_pinned", data={"kid": sig.kid, "region": s.region}),
+            PinKey(region=s.region, kid=kid, public_raw=public_raw),
+            Notify(kind="key_pinned", data={"kid": kid, "region": s.region}),
         ]
 
     def _on_model(self, msg: ModelMsg, now: float) -> list[DeviceAction]:
