@@ -555,7 +555,7 @@ def status_json(status: Status) -> bytes:
 def parse_status_json(payload: bytes) -> dict[str, Any]:
     try:
         data = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: b"[" * 60000
         raise MalformedMessage("status is not JSON") from exc
     if not isinstance(data, dict) or data.get("type") != Status.TYPE:
         raise MalformedMessage("not a status message")
