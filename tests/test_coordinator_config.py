@@ -13,12 +13,17 @@ import numpy as np
 import pytest
 
 from coordinator import cli as coordinator_cli
+from coordinator.core import MessageReceived, PersistUpdate
 from coordinator.methods import make_method
 from coordinator.registry import Registry, RegistryError
 from coordinator.strategies import make_strategy
 from edge_sdk.errors import ConfigError
 from edge_sdk.modelio import save_model
 from edge_sdk.tasks import get_task
+from edge_sdk.wire import topics
+from edge_sdk.wire.codec import encode
+from edge_sdk.wire.messages import Update
+from tests.helpers import SPEC, make_coordinator
 
 # ---------------------------------------------------------------------- strategy parameters
 
@@ -61,6 +66,30 @@ def test_live_spin_reconfiguration_checks_types() -> None:
     with pytest.raises(ConfigError, match="parameter k expects an integer"):
         spin.reconfigure(k="x")  # type: ignore[attr-defined]
     assert spin.describe()["k"] == 10
+
+
+@pytest.mark.parametrize(("strategy", "params"), [
+    ("fedbuff", {"population": 10**20}),  # OverflowError inside handle() when it drew a round
+    ("nebula", {"t_c": 1e-320}),  # OverflowError at the first rotation
+    ("hfedms", {"alpha": 1e308}),  # OverflowError at the first regroup
+    ("fedopt", {"server_lr": 1e30}),  # every aggregation non-finite
+    ("spin", {"k": 10**12}),
+])
+def test_numbers_beyond_any_sane_size_are_refused_at_configuration(strategy: str, params: dict[str, object]) -> None:
+    with pytest.raises(ConfigError, match=r"is out of range: parameters hold numbers up to 1e9"):
+        make_method(strategy, params=params)
+
+
+def test_per_parameter_bounds_and_a_huge_k_that_allocates_as_it_goes() -> None:
+    with pytest.raises(ConfigError, match=r"planets must be 1-1024"):
+        make_method("nebula", params={"planets": 5000})
+    with pytest.raises(ConfigError, match=r"0 < server_lr <= 100"):
+        make_method("fedopt", params={"server_lr": 1e6})
+    # k = 1e9 with a row-storing combiner: rows are allocated as updates come (it preallocated k rows)
+    c = make_coordinator("spin", k=10**9, combiner="median", timeout_s=None)
+    update = Update(device="a", seq=0, model_id="toy", base_version=0, n_samples=1, weights=np.ones(SPEC.size, np.float32))
+    acts = c.handle(MessageReceived(now=0.0, topic=topics.device_topic("r1", "a", "update"), payload=encode(update)))
+    assert any(isinstance(a, PersistUpdate) for a in acts) and c.status().buffered == 1
 
 
 def test_range_errors_name_the_strategy_or_peering_that_holds_the_parameter() -> None:

@@ -60,8 +60,8 @@ class FedOptConfig:
     def __post_init__(self) -> None:
         if self.server_opt not in SERVER_OPTS:
             raise ConfigError(f"server_opt must be one of {SERVER_OPTS}, got {self.server_opt!r}")
-        if not self.server_lr > 0 or not 0 <= self.beta1 < 1 or not 0 <= self.beta2 < 1 or not self.tau > 0:
-            raise ConfigError("need server_lr > 0, 0 <= beta1, beta2 < 1 and tau > 0")
+        if not 0 < self.server_lr <= 100 or not 0 <= self.beta1 < 1 or not 0 <= self.beta2 < 1 or not self.tau > 0:
+            raise ConfigError("need 0 < server_lr <= 100, 0 <= beta1, beta2 < 1 and tau > 0")
         if self.select < 1 or (self.population is not None and self.population < 1):
             raise ConfigError("select and population must be >= 1")
         if self.rounds is not None and self.rounds < 1:

@@ -225,6 +225,9 @@ class NebulaState:
 SELECTIONS = ("none", "uniform", "reward")
 
 
+MAX_PLANETS = 1024
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class NebulaConfig:
     planets: int = 4
@@ -279,8 +282,8 @@ class NebulaConfig:
         make_policy(self.staleness, a=self.a, bound=self.max_staleness)  # validates
         if not (self.a >= 0 and math.isfinite(self.a)):
             raise ConfigError("nebula: a must be a finite number >= 0")
-        if self.planets < 1:
-            raise ConfigError("nebula: planets must be >= 1")
+        if not 1 <= self.planets <= MAX_PLANETS:
+            raise ConfigError(f"nebula: planets must be 1-{MAX_PLANETS} (each is a model copy)")
         if not self.t_c > 0:
             raise ConfigError("nebula: t_c must be > 0")
         if not (self.w_min > 0 and 0 < self.d_min <= 1):

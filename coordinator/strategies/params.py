@@ -24,6 +24,13 @@ __all__ = ["check_params", "owned"]
 _NO = object()
 """The value does not fit the type (``None`` is a value)."""
 
+MAX_MAGNITUDE = 10**9
+MIN_MAGNITUDE = 1e-9
+"""Numbers a parameter may hold: |x| <= 1e9, and a float 0 or at least 1e-9 in size. Past
+these, sizes overflowed or allocated without end (``population = 10**20``, ``planets =
+2**63 - 1``, ``t_c = 1e-320``, ``alpha = 1e308``) out of ``handle``; each config still checks
+its own range."""
+
 
 def check_params(owner: str, config: type, params: Mapping[str, Any]) -> dict[str, Any]:
     """``params`` converted to the field types of ``config`` (an int for a float field becomes a
@@ -39,6 +46,9 @@ def check_params(owner: str, config: type, params: Mapping[str, Any]) -> dict[st
     for key, value in params.items():
         hint = hints.get(key, Any)
         converted = _fit(value, hint)
+        if converted is _NO and _out_of_range(value):
+            raise ConfigError(f"{owner}: parameter {key} = {value!r} is out of range: parameters hold numbers up to 1e9 "
+                              f"in size, and a non-zero float at least 1e-9")
         if converted is _NO:
             raise ConfigError(f"{owner}: parameter {key} expects {_describe(hint)}, got {value!r}")
         out[key] = converted
@@ -74,14 +84,25 @@ def _fit(value: Any, hint: Any) -> Any:
     if isinstance(value, bool):
         return _NO  # True is an int to Python, not to an operator
     if hint is int:
-        return int(value) if isinstance(value, numbers.Integral) else _NO
+        return int(value) if isinstance(value, numbers.Integral) and abs(int(value)) <= MAX_MAGNITUDE else _NO
     if hint is float:
         if not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
             return _NO
-        return float(value)
+        x = float(value)
+        return x if x == 0.0 or MIN_MAGNITUDE <= abs(x) <= MAX_MAGNITUDE else _NO
     if isinstance(hint, type):
         return value if isinstance(value, hint) else _NO
     return value  # an annotation this checker does not know: the dataclass decides
+
+
+def _out_of_range(value: Any) -> bool:
+    """A finite number outside the magnitudes any parameter may hold."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    if isinstance(value, numbers.Integral):
+        return abs(int(value)) > MAX_MAGNITUDE
+    x = float(value)
+    return math.isfinite(x) and x != 0.0 and not MIN_MAGNITUDE <= abs(x) <= MAX_MAGNITUDE
 
 
 def _describe(hint: Any) -> str:

@@ -594,7 +594,7 @@ class RobustAggregator:
         assert self._current is not None
         n = self._current.shape[0]
         if self._rows is None or self._rows.shape[1] != n:
-            self._rows = np.empty((self.expected, n), dtype=np.float32)
+            self._rows = np.empty((min(self.expected, 1024), n), dtype=np.float32)  # grows past: k may be huge
         elif self._n_rows == self._rows.shape[0]:  # more than expected: grow (rare)
             grown = np.empty((2 * self._rows.shape[0], n), dtype=np.float32)
             grown[: self._n_rows] = self._rows[: self._n_rows]
