@@ -125,4 +125,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from devices.report import command_line
+
+    sys.exit(command_line(main, "python -m devices.multiregion"))

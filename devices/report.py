@@ -12,7 +12,7 @@ import csv
 import json
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +20,7 @@ import numpy as np
 
 from devices.scenario import Scenario
 from devices.simulator import RunResult, time_to_target
-from edge_sdk.errors import ConfigError
+from edge_sdk.errors import ConfigError, EdgeciError
 from edge_sdk.tasks.base import Task
 
 if TYPE_CHECKING:
@@ -30,6 +30,7 @@ __all__ = [
     "DATA_ENV",
     "PAPER_SCALING",
     "TORCHVISION_DATASETS",
+    "command_line",
     "format_region_tables",
     "format_table",
     "json_default",
@@ -568,3 +569,15 @@ def plot_staleness(results: Sequence[RunResult], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def command_line(main: Callable[[], int], prog: str) -> int:
+    """Run a ``python -m devices.…`` entry point: a user's mistake (a missing scenario file, an
+    unknown method, bad seeds) is one line on stderr and exit status 2, as from ``edgeci``."""
+    try:
+        return main()
+    except EdgeciError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -265,4 +265,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from devices.report import command_line
+
+    raise SystemExit(command_line(main, "python -m devices.staleness_report"))

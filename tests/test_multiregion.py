@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -248,3 +250,12 @@ def test_the_command_loads_the_task_with_the_scenarios_options(tmp_path: Path, m
     with pytest.raises(Stop):
         main([str(scenario), "--out", str(tmp_path / "out"), "--no-progress"])
     assert seen == [("procdigits", {"size": [6000, 1000]})]
+
+
+@pytest.mark.parametrize("module", ["multiregion", "paper_spyker", "paper_nebula"])
+def test_module_entry_points_report_a_user_mistake_in_one_line(module: str, tmp_path: Path) -> None:
+    """``python -m devices.<module>`` with a missing scenario: one line and exit status 2, no traceback."""
+    proc = subprocess.run([sys.executable, "-m", f"devices.{module}", str(tmp_path / "nosuch.toml")],
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"python -m devices.{module}: error: scenario file not found: {tmp_path / 'nosuch.toml'}"]
