@@ -31,11 +31,11 @@ from edge_sdk.core.events import (
     TimerFired,
     TrainingFinished,
 )
-from edge_sdk.errors import ConfigError
+from edge_sdk.errors import ConfigError, MalformedMessage
 from edge_sdk.signing import Signer
 from edge_sdk.wire import topics
 from edge_sdk.wire.codec import decode, encode
-from edge_sdk.wire.messages import Ack, ModelMsg, PeerMsg, Pull, Update
+from edge_sdk.wire.messages import Ack, Invite, ModelMsg, PeerMsg, Pull, Update
 from tests.helpers import SIGNER, SPEC, make_coordinator, toy_snapshot
 
 DEV = "d1"
@@ -410,3 +410,19 @@ def test_a_replayed_older_model_is_not_taken_as_the_answer_to_a_pull() -> None:
     assert not [a for a in acts if isinstance(a, StartTraining)] and d.state.phase is Phase.PULLING
     acts = d.handle(to_dev(1.2, "model", model(5)))  # the coordinator's answer (reply_to = -1)
     assert [a for a in acts if isinstance(a, StartTraining)]
+
+
+def test_an_invitation_for_another_device_is_refused() -> None:
+    """An invitation names its device, as an ack does: another device's, replayed onto our
+    topic, is a topic mismatch (it sent a pull with that round: hostile-input audit)."""
+    d = device()
+    acts = d.handle(to_dev(0.0, "invite", encode(Invite(device="OTHER", round=3, version=0))))
+    assert notes(acts, "message_rejected")[0].data["reason"] == "topic_mismatch"
+    assert not published(acts) and d.state.counters["rejected:topic_mismatch"] == 1
+
+
+@pytest.mark.parametrize("field", ["loss", "train_seconds"])
+def test_float_fields_refuse_a_bool(field: str) -> None:
+    with pytest.raises(MalformedMessage, match=field):
+        Update(device=DEV, seq=1, model_id="toy", base_version=0, n_samples=1, weights=np.ones(SPEC.size, np.float32),
+               **{field: True})  # type: ignore[arg-type]

@@ -465,6 +465,8 @@ class DeviceCore:
                     raise TopicMismatch(f"an ack for device {msg.device!r} reached {self.config.device_id!r}")
                 actions = self._on_ack(msg, ev.now)
             elif isinstance(msg, Invite):
+                if msg.device != self.config.device_id:  # another device's invitation, replayed onto our topic
+                    raise TopicMismatch(f"an invitation for device {msg.device!r} reached {self.config.device_id!r}")
                 actions = self._on_invite(msg, ev.now)
             elif isinstance(msg, Canary):
                 self._check_trusted(frame.signature, topic, "canary request")

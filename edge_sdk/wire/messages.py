@@ -51,10 +51,10 @@ def _check_int(value: object, what: str, lo: int = 0) -> None:
 
 
 def _check_finite(value: object, what: str) -> None:
-    """A finite int or float (bools are ints here, as ``isinstance`` has it)."""
+    """A finite int or float; not a bool (an int to ``isinstance``, not to a reader of the field)."""
     if type(value) is float and math.isfinite(value):
         return
-    _need(isinstance(value, int | float) and math.isfinite(value), what)
+    _need(isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value), what)
 
 
 def _check_weights(value: object) -> None:
