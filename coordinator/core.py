@@ -1478,9 +1478,14 @@ class CoordinatorCore:
             raise OperatorMismatch(f"control command in the name of {msg.operator!r} signed by key {sig.kid}, which belongs to {name!r}")
         if abs(ev.now - msg.issued_at) > cfg.control_max_age_s:
             raise ReplayedMessage(f"control command issued {ev.now - msg.issued_at:.0f} s from now: too old or from the future")
-        self._control_seen = {k: t for k, t in self._control_seen.items() if ev.now - t <= cfg.control_max_age_s}
+        # A command runs at most max_age after it was issued, and it may be issued up to max_age
+        # ahead of this clock: one executed at t is acceptable until t + 2 max_age, so it is
+        # remembered that long (pruned at t + max_age, a future-dated one ran again once pruned).
+        self._control_seen = {k: t for k, t in self._control_seen.items() if ev.now - t <= 2 * cfg.control_max_age_s}
         if (msg.operator, msg.nonce) in self._control_seen:
             raise ReplayedMessage("control command already executed")
+        if msg.command != "unpin" and not 0 <= msg.version <= max(self._version, self._version_floor):
+            raise UnknownVersion(f"no version {msg.version} (latest is {self._version})")  # refused: not counted as run
         self._control_seen[(msg.operator, msg.nonce)] = ev.now
         self.counters[f"control:{msg.command}"] += 1
         note = Notify(kind="control", data={"command": msg.command, "version": msg.version, "operator": msg.operator})
@@ -1488,8 +1493,6 @@ class CoordinatorCore:
             self._pinned = False
             return [note, self._record(ev.now, "unpin", self._release_version, operator=msg.operator, nonce=msg.nonce,
                                        kid=sig.kid)]
-        if not 0 <= msg.version <= max(self._version, self._version_floor):
-            raise UnknownVersion(f"no version {msg.version} (latest is {self._version})")
         if msg.command == "pin" and self._pinned and self._version == self._release_version \
                 and msg.version in (self._release_version, self._pinned_of()):
             # Pinned to this very model and nothing trained since (e.g. a retried command): a new

@@ -3,6 +3,7 @@ rejected candidate, and signed operator control (rollback / pin / unpin)."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -237,6 +238,24 @@ def test_control_must_be_signed_fresh_and_new() -> None:
     assert not of(c.handle(control("pin", 0, nonce=7)), LoadVersion)  # the same command again
     assert c.counters["reject:replayed"] == 2
     assert of(c.handle(control("pin", 0, signer=SIGNER, nonce=8, operator="c1")), LoadVersion)  # the coordinator's own key
+
+
+def test_a_future_dated_command_runs_once_and_a_refused_one_is_not_counted() -> None:
+    """Issued up to max_age (300 s) ahead of the coordinator's clock, a command is accepted until
+    300 s after its issue time, so it is remembered that long: it was forgotten 300 s after it
+    ran and then ran again (hostile-input audit). A command for a version that does not exist is
+    refused without being counted as run or using up its nonce."""
+    c = gated()
+    ahead = control("pin", 0, at=300.0, nonce=21)  # at now = 50: 250 s ahead, inside the window
+    assert of(c.handle(ahead), LoadVersion)
+    for now in (351.0, 599.0):  # past 50 + 300, still within 300 + 300 of its issue time
+        again = dataclasses.replace(ahead, now=now)
+        assert not of(c.handle(again), LoadVersion)
+    assert c.counters["reject:replayed"] == 2 and c.counters["control:pin"] == 1
+    c2 = gated()
+    assert not of(c2.handle(control("rollback", 10**6, nonce=5)), LoadVersion)
+    assert c2.counters["reject:unknown_version"] == 1 and c2.counters["control:rollback"] == 0
+    assert of(c2.handle(control("rollback", 0, nonce=5)), LoadVersion)  # the nonce was not used up
 
 
 def test_an_operator_cannot_sign_a_command_in_another_operators_name() -> None:
