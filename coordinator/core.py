@@ -1535,16 +1535,20 @@ class CoordinatorCore:
             raise TopicMismatch(f"a {msg.TYPE} message does not belong on a peer topic")
         if msg.sender == self.config.coordinator_id:
             return []  # our own broadcast, echoed by the broker
-        self._check_peer_signature(msg.sender, frame.signature, topics.signing_scope(ev.topic))
+        pin = self._check_peer_signature(msg.sender, frame.signature, topics.signing_scope(ev.topic))
         if msg.weights is not None:
             self.config.spec.check(msg.weights)
+        plan = self.peering.on_message(self._view, msg, ev.now)  # raises for a sender or body it refuses
+        if pin is not None:  # first use: pinned once the peering took the message (a refused one pins nothing)
+            self._peer_pins[msg.sender] = pin
         self.counters["peer_messages"] += 1
-        return self._run_peer_plan(self.peering.on_message(self._view, msg, ev.now), ev.now)
+        return self._run_peer_plan(plan, ev.now)
 
-    def _check_peer_signature(self, sender: str, sig: SignatureInfo | None, scope: str) -> None:
+    def _check_peer_signature(self, sender: str, sig: SignatureInfo | None, scope: str) -> bytes | None:
         """Peers sign everything, for the topic they send to (recipient and kind: a message
         re-routed to another coordinator does not verify there); trust the provisioned keys,
-        each for the coordinator it is named after, or pin each sender's first key."""
+        each for the coordinator it is named after, or pin each sender's first key: returned,
+        for the caller to pin once the message is accepted (else None)."""
         if sig is None:
             raise UnsignedMessage(f"peer message from {sender!r} is not signed")
         trusted = self.config.peer_keys
@@ -1559,7 +1563,7 @@ class CoordinatorCore:
             raise BadSignature(f"peer {sender!r} signed with key {sig.kid}, not the key pinned for it")
         if not verify(sig.public_raw, sig.signature, sig.signed_for(scope)):
             raise BadSignature(f"peer message from {sender!r} has an invalid signature for {scope!r} (re-routed?)")
-        self._peer_pins.setdefault(sender, sig.public_raw)
+        return None if trusted or sender in self._peer_pins else bytes(sig.public_raw)
 
     def _run_peer_plan(self, plan: PeerPlan, now: float) -> list[CoordinatorAction]:
         actions: list[CoordinatorAction] = []

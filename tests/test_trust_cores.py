@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from coordinator.core import CoordinatorConfig, CoordinatorCore, PersistUpdate, StorageChanged
+from coordinator.methods import make_method
 from coordinator.strategies import make_strategy
 from edge_sdk.core.device import DeviceConfig, DeviceCore, Phase
 from edge_sdk.core.events import (
@@ -426,3 +427,26 @@ def test_float_fields_refuse_a_bool(field: str) -> None:
     with pytest.raises(MalformedMessage, match=field):
         Update(device=DEV, seq=1, model_id="toy", base_version=0, n_samples=1, weights=np.ones(SPEC.size, np.float32),
                **{field: True})  # type: ignore[arg-type]
+
+
+def test_a_peer_message_the_peering_refuses_pins_no_key() -> None:
+    """Without provisioned peer keys the first key a ring member signs with is pinned, but only
+    for a message the peering accepts: a refused one (a name outside the ring, an unknown kind)
+    pinned its key, so one forged message named "c2" locked the real c2 out (hostile-input audit)."""
+    method = make_method("spyker", coordinator_id="c1", ring=("c1", "c2"))
+    cfg = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, signer=SIGNER)
+    c = CoordinatorCore(cfg, method.strategy, toy_snapshot(), rng=random.Random(0), peering=method.peering)
+    attacker, real_c2 = Signer.generate(), Signer.generate()
+
+    def peer(sender: str, kind: str, signer: Signer) -> MessageReceived:
+        topic = topics.peer_topic("c1", "beat")
+        msg = PeerMsg(sender=sender, kind=kind, body={"at": 0.0, "age": 1.0, "clients": 0, "hold": False})
+        return MessageReceived(now=0.0, topic=topic, payload=encode(msg, signer=signer, scope=topics.signing_scope(topic)))
+
+    for forged in (peer("c9", "beat", attacker), peer("c2", "bogus", attacker)):
+        c.handle(forged)
+    assert c.counters["reject:malformed"] == 2 and c.counters["peer_messages"] == 0
+    c.handle(peer("c2", "beat", real_c2))  # the real c2 is not refused as signed by the wrong key
+    assert c.counters["reject:bad_signature"] == 0 and c.counters["peer_messages"] == 1
+    c.handle(peer("c2", "beat", attacker))  # and now c2's key is pinned
+    assert c.counters["reject:bad_signature"] == 1
