@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 
 from coordinator.core import CommitVersion, ConvertUpdate
 from coordinator.methods import make_method
+from devices.report import json_default
 from devices.scenario import Scenario, ScenarioError, load_scenario, parse_scenario
 from devices.simulator import COORDINATOR_ID, RunResult, Simulation
 from devices.staleness_report import (
@@ -211,6 +213,9 @@ def test_every_policy_gets_a_row_and_gradient_inversion_counts_its_conversions(e
     assert dropped.summary["strategy"]["robust"]["counts"]["dropped_stale"] >= dropped.summary["stragglers"]["released"] >= 1
     table = write_staleness_report(sc, results, tmp_path)
     assert table == format_staleness_table(summary)
+    assert (tmp_path / "staleness.md").read_text(encoding="utf-8").count(table.strip()) == 1  # what was written
+    written = json.loads((tmp_path / "staleness.json").read_text(encoding="utf-8"))
+    assert written == json.loads(json.dumps(summary, default=json_default))
     for policy in POLICY_ORDER:
         assert f"| {policy} |" in table
     assert (tmp_path / "class_accuracy.png").stat().st_size > 10_000
