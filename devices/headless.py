@@ -86,6 +86,17 @@ def run(args: argparse.Namespace) -> int:
                   f"yet (attempt {attempt}); is one running there? `edgeci status --region {args.region}`", flush=True)
 
     client.on("retry", unanswered)
+
+    older_seen: set[object] = set()
+
+    def older(kind: str, data: dict[str, object]) -> None:  # once per version served
+        if data.get("version") not in older_seen:
+            older_seen.add(data.get("version"))
+            print(f"[{args.device_id}] the coordinator of region {args.region!r} serves version {data.get('version')}, older "
+                  f"than version {data.get('held')} this device holds (a new coordinator, or its state dir reset?): "
+                  f"it waits for a newer one; a fresh --data-dir starts this device over", flush=True)
+
+    client.on("model_older", older)
     already = client.store.stats().added
     user = LabellingUser(
         name=args.device_id,

@@ -499,7 +499,8 @@ class EdgeClient:
         (SCC's stored feature cache was unreadable and starts empty; ``reason``), ``failover`` (the device
         switched regions: ``from``, ``to``, ``reason``, ``after_timeouts``), ``canary`` (asked to score a candidate
         on new labels before training on them), ``canary_reported`` (the paired ``counts`` sent), ``canary_dropped``
-        (``reason``) (or ``*`` for all)."""
+        (``reason``), ``model_older`` (the coordinator answers a pull with a ``version`` older than the one
+        ``held``: a new coordinator or a reset state dir; the device waits for a newer one) (or ``*`` for all)."""
         self._callbacks[kind].append(callback)
 
     def wait_for_version(self, version: int, timeout: float) -> bool:

@@ -409,6 +409,9 @@ def test_a_replayed_older_model_is_not_taken_as_the_answer_to_a_pull() -> None:
     assert d.state.phase is Phase.PULLING
     acts = d.handle(to_dev(1.1, "model", model(3)))  # a captured reply of an older version
     assert not [a for a in acts if isinstance(a, StartTraining)] and d.state.phase is Phase.PULLING
+    # not silence: the app hears that the answer is older than what it holds (a reset coordinator looks the same)
+    assert [n.data for n in notes(acts, "model_older")] == [{"version": 3, "held": 5}]
+    assert d.state.counters["ignored:older_model"] == 1
     acts = d.handle(to_dev(1.2, "model", model(5)))  # the coordinator's answer (reply_to = -1)
     assert [a for a in acts if isinstance(a, StartTraining)]
 

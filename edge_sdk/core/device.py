@@ -536,6 +536,11 @@ class DeviceCore:
             or (msg.reply_to == NO_VERSION and msg.version >= s.deployed_version)
         )
         if not answers_pull:
+            if s.phase is _PULLING and msg.reply_to == NO_VERSION and msg.version < s.deployed_version:
+                # Not silence: the coordinator answers, with a version older than the one held here
+                # (a new coordinator, or its state dir reset); the device waits for a newer one.
+                s.counters["ignored:older_model"] = s.counters.get("ignored:older_model", 0) + 1
+                actions.append(Notify(kind="model_older", data={"version": msg.version, "held": s.deployed_version}))
             return actions
         if s.canary_state == "fetching":
             return actions + self._on_canary_model(msg, full, now)
