@@ -151,6 +151,20 @@ def test_environment_per_command() -> None:
     assert resolve_args(build_parser(["status"]), ["status"], {}).log_level == "warning"  # the command's default
 
 
+def test_logging_flags_after_a_nested_action_name() -> None:
+    """`edgeci pki issue ... -v` and `pki init ... --log-format json`: the flags are taken after
+    the action's name too (they were only after `pki`), and before it as before."""
+    from demos.cli import build_parser, resolve_args
+
+    for argv in (["pki", "init", "--dir", "P", "--log-format", "json", "-v"],
+                 ["pki", "--log-format", "json", "-v", "init", "--dir", "P"],
+                 ["--log-format", "json", "pki", "init", "--dir", "P", "-v"]):
+        args = resolve_args(build_parser(argv), argv, {})
+        assert (args.pki_command, args.log_format, args.log_level) == ("init", "json", "debug"), argv
+    args = resolve_args(build_parser(["pki"]), ["pki", "init", "--dir", "P"], {})
+    assert (args.log_format, args.log_level) == ("text", "warning")  # the command's defaults
+
+
 def test_shipped_example_config_is_valid() -> None:
     example = ROOT / "deploy" / "edgeci-coordinator.toml.example"
     got = layered(["--config", str(example)], files={str(example): example.read_text()})
