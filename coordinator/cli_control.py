@@ -114,7 +114,11 @@ def version_rows(state_dir: Path, last: int = 30) -> tuple[list[dict[str, Any]],
             "of": meta.get("of", meta.get("rejected")),
         }
         rows.append(row)
-    if release.get("release") is None and newest_release is not None:
+    recorded = release.get("release")
+    # Release numbers only grow (a rollback or pin commits a new version), so the later of the
+    # release record and the newest commit's own record is the release now: without a gate,
+    # release.json holds only operator commands, and every commit after an unpin is the release.
+    if newest_release is not None and (not isinstance(recorded, int) or newest_release > recorded):
         release = {**release, "release": newest_release}
         for r in rows:
             if r.get("version") == newest_release and not r.get("verdict") and not r.get("unreadable"):

@@ -185,6 +185,30 @@ def test_status_refuses_a_coordinator_bundle_without_doubled_quotes(tmp_path: Pa
     assert "''" not in str(refused.value) and "the coordinator bundle of 'coord-eu'" in str(refused.value)
 
 
+def test_versions_after_an_operator_command_on_an_ungated_coordinator(tmp_path: Path) -> None:
+    """release.json holds only operator commands without a gate: after `unpin` every commit is the
+    release, but `versions` kept printing the release the last command recorded (README trial)."""
+    import numpy as np
+
+    from coordinator.cli_control import version_rows
+    from coordinator.core import CommitVersion
+    from coordinator.registry import Registry
+    from edge_sdk.tasks import get_task
+
+    spec = get_task("digits").spec
+    reg = Registry(tmp_path, spec)
+    reg.initialise(np.zeros(spec.size, np.float32), now=0.0, source="test")
+    for v in range(1, 6):
+        reg.commit(CommitVersion(version=v, weights=np.full(spec.size, v, np.float32), applied_changed={}, consumed=(),
+                                 metadata={"release": v}))
+        if v == 2:
+            reg.record_release(2, False, {"action": "unpin", "version": 2})
+    rows, release = version_rows(tmp_path)
+    assert release["release"] == 5 and [r["verdict"] for r in rows if r["version"] == 5] == ["release"]
+    reg.record_release(5, True, {"action": "pin", "version": 5})  # a later record wins when it is the newer
+    assert version_rows(tmp_path)[1]["release"] == 5
+
+
 def test_versions_of_a_fresh_state_dir_name_its_release(tmp_path: Path) -> None:
     """Without a gate nothing is in release.json: `versions` printed "release: ?" while v0 was
     the release (`status` said 0). The commits record the release; a fresh dir's is v0."""
