@@ -36,7 +36,7 @@ from edge_sdk.errors import ConfigError, MalformedMessage
 from edge_sdk.signing import Signer
 from edge_sdk.wire import topics
 from edge_sdk.wire.codec import decode, encode
-from edge_sdk.wire.messages import Ack, Invite, ModelMsg, PeerMsg, Pull, Update
+from edge_sdk.wire.messages import Ack, Invite, ModelMsg, PeerMsg, Pull, Recall, Update
 from tests.helpers import SIGNER, SPEC, make_coordinator, toy_snapshot
 
 DEV = "d1"
@@ -453,3 +453,19 @@ def test_a_peer_message_the_peering_refuses_pins_no_key() -> None:
     assert c.counters["reject:bad_signature"] == 0 and c.counters["peer_messages"] == 1
     c.handle(peer("c2", "beat", attacker))  # and now c2's key is pinned
     assert c.counters["reject:bad_signature"] == 1
+
+
+def test_a_recalled_version_replayed_after_the_recall_is_not_deployed() -> None:
+    """A captured, genuinely signed model of a version the coordinator abandoned (rollback, pin)
+    was deployed when replayed after the recall: it was newer than what the device held. The
+    device keeps the region's newest recall and deploys none of its versions (hostile-input audit)."""
+    d = device()
+    d.handle(to_dev(0.0, "model", model(3)))  # serving v3 (its key pinned)
+    topic = topics.recall_topic("r1")
+    recall = encode(Recall(model_id="toy", release=6, abandoned=(4, 5)), signer=SIGNER, scope=topics.signing_scope(topic))
+    assert d.handle(MessageReceived(now=1.0, topic=topic, payload=recall)) == []  # not serving an abandoned one
+    for v in (4, 5):
+        acts = d.handle(to_dev(2.0, "model", model(v)))
+        assert not [a for a in acts if isinstance(a, DeployModel)] and d.state.deployed_version == 3
+    assert d.state.counters["ignored:recalled_model"] == 2
+    assert [a.version for a in d.handle(to_dev(3.0, "model", model(6))) if isinstance(a, DeployModel)] == [6]

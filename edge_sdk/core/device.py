@@ -330,6 +330,9 @@ class DeviceState:
     canary_counts: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
     """both right, only the candidate right, only the release right, both wrong."""
     canary_reports: int = 0
+    recall: Recall | None = None
+    """The region's newest recall: a model of a version it abandoned is never deployed (a
+    captured, genuinely signed reply replayed after the recall)."""
 
 
 class DeviceCore:
@@ -523,7 +526,10 @@ class DeviceCore:
         full = self._assemble(msg)
         # Devices predict with the release only; a newer training-line model is for training.
         is_release = msg.release in (NO_VERSION, msg.version)
-        if full is not None and is_release and msg.version > s.deployed_version:
+        recalled = s.recall is not None and msg.version < s.recall.release and s.recall.covers(msg.version)
+        if recalled:
+            s.counters["ignored:recalled_model"] = s.counters.get("ignored:recalled_model", 0) + 1
+        if full is not None and is_release and msg.version > s.deployed_version and not recalled:
             s.deployed_version, s.deployed = msg.version, full
             actions.append(DeployModel(version=msg.version, weights=full))
             actions.append(Notify(kind="model", data={"version": msg.version, "group": msg.group}))
@@ -789,6 +795,7 @@ class DeviceCore:
         dropped = self._canary_end("region_switch") if s.canary is not None else []  # its versions mean nothing there
         s.region = region
         s.pins = self._pins_by_region.setdefault(region, {})
+        s.recall = None  # another region's coordinator numbers its own versions
         s.failovers += 1
         s.left_home_at = None if region == cfg.region else (s.left_home_at if previous != cfg.region else now)
         self._address(region)
@@ -827,6 +834,8 @@ class DeviceCore:
         self._check_trusted(frame.signature, topic, "recall")
         if msg.model_id != self.config.spec.model_id:
             raise UnknownModel(f"recall of model {msg.model_id!r}, not {self.config.spec.model_id!r}")
+        if s.recall is None or msg.release >= s.recall.release:
+            s.recall = msg
         if not (msg.covers(s.deployed_version) and msg.release > s.deployed_version):
             return []  # serving something else (a retained recall comes again on every connect)
         s.release_wanted = max(s.release_wanted, msg.release)
