@@ -446,6 +446,9 @@ def test_a_device_fetches_the_candidate_scores_new_labels_and_reports_counts_onl
         assert rep.counts == (2, 1, 17, 0) and of(out, StopCanary)
         reports.append(pub)
         assert d.handle(CanaryScored(now=30.0, candidate=1, release=0, candidate_right=True, release_right=True)) == []
+        # the request replayed after the round ended does not start it again (it did: hostile-input audit)
+        assert d.handle(MessageReceived(now=31.0, topic=t, payload=encode(ask, signer=SIGNER, scope=topics.device_scope("r1", "invite")))) == []
+        assert d.state.canary is None
     decided = []
     for pub in reports:
         decided += c.handle(MessageReceived(now=40.0, topic=pub.topic, payload=pub.payload))

@@ -330,6 +330,8 @@ class DeviceState:
     canary_counts: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
     """both right, only the candidate right, only the release right, both wrong."""
     canary_reports: int = 0
+    canary_last: tuple[int, int] = (NO_VERSION, NO_VERSION)
+    """(candidate, release) of the newest canary request taken: none at or below it is served."""
     recall: Recall | None = None
     """The region's newest recall: a model of a version it abandoned is never deployed (a
     captured, genuinely signed reply replayed after the recall)."""
@@ -850,8 +852,11 @@ class DeviceCore:
         current = s.canary
         if current is not None and (msg.candidate, msg.release) <= (current.candidate, current.release):
             return []  # a redelivery, or older than what we evaluate
+        if (msg.candidate, msg.release) <= s.canary_last:
+            return []  # a round this device served already, replayed after it ended
         actions = self._canary_end("replaced") if current is not None else []
         s.canary, s.canary_state, s.canary_deadline, s.canary_counts = msg, "fetch", now + msg.deadline_s, [0, 0, 0, 0]
+        s.canary_last = (msg.candidate, msg.release)
         if msg.release > s.deployed_version:
             s.release_wanted = max(s.release_wanted, msg.release)  # score against the release it names
         actions.append(Notify(kind="canary", data={"candidate": msg.candidate, "release": msg.release, "samples": msg.samples}))
