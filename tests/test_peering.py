@@ -8,11 +8,13 @@ token must be live.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -895,3 +897,21 @@ def test_sync_spyker_on_real_cores_commits_one_model_everywhere() -> None:
     np.testing.assert_array_equal(bus.cores["b"].weights, bus.cores["c"].weights)
     assert float(bus.cores["c"].weights.mean()) > 0  # a's devices reached c's model
     assert bus.cores["b"].peering.describe()["mode"] == "sync"
+
+
+def test_spyker_hears_nothing_from_a_message_it_refuses() -> None:
+    """A beat with a bad field, or a message of an unknown kind, changed the sender's recorded age
+    and time before it was refused (hostile-input audit): fields are read first, kinds checked first."""
+    from coordinator.methods import make_method
+    from coordinator.strategies.base import CoordinatorView
+    from edge_sdk.errors import MalformedMessage
+    from edge_sdk.wire.messages import PeerMsg
+
+    peering = make_method("spyker", coordinator_id="c1", ring=("c1", "c2")).peering
+    view = cast(CoordinatorView, SimpleNamespace(devices_seen=()))
+    before = dataclasses.asdict(peering.info["c2"])  # type: ignore[attr-defined]
+    for kind, body in (("beat", {"at": 5.0, "age": 9.0, "clients": -1, "hold": False}),
+                       ("bogus", {"at": 5.0, "age": 9.0, "clients": 1, "hold": False})):
+        with pytest.raises(MalformedMessage):
+            peering.on_message(view, PeerMsg(sender="c2", kind=kind, body=body), 1.0)
+        assert dataclasses.asdict(peering.info["c2"]) == before  # type: ignore[attr-defined]

@@ -324,12 +324,10 @@ class SpykerPeering(Peering):
 
     def _hear(self, peer: str, now: float, body: Mapping[str, Any]) -> None:
         info = self.info[peer]
+        at, age, clients = body_float(body, "at"), body_float(body, "age"), body_int(body, "clients")  # all, then assign
         info.heard_at = now
-        at = body_float(body, "at")
         if at >= info.age_at:
-            info.age_at = at
-            info.age = body_float(body, "age")
-            info.clients = body_int(body, "clients")
+            info.age_at, info.age, info.clients = at, age, clients
 
     def _base(self, now: float) -> dict[str, Any]:
         return {
@@ -393,6 +391,8 @@ class SpykerPeering(Peering):
     def on_message(self, view: CoordinatorView, msg: PeerMsg, now: float) -> PeerPlan:
         if msg.sender not in self.info:
             raise MalformedMessage(f"spyker: {msg.sender!r} is not in this coordinator's ring")
+        if msg.kind not in ("token", "beat", "model"):  # before anything is heard from it
+            raise MalformedMessage(f"spyker: unknown peer message kind {msg.kind!r}")
         self.now = now
         self.clients_here = len(view.devices_seen)
         body = msg.body
