@@ -172,7 +172,35 @@ def test_paper_preset_is_a_uniform_always_on_lan_fleet() -> None:
 
 def test_measure_compute_fits_the_real_trainer() -> None:
     measured = measure_compute("digits", sizes=(8, 64), epochs=2, repeats=2)
+    assert measured.name == "measured-digits"
     assert measured.sample_epoch_s > 0 and measured.overhead_s >= 0 and measured.spread >= 0
+
+
+def test_measure_compute_recovers_a_known_cost_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a fake clock where a local update of n samples × E epochs takes 0.25 + 0.002 n E
+    seconds (× a fixed jitter per repeat), the fit returns those numbers (the real-trainer test
+    above can only check signs)."""
+    import time
+
+    import edge_sdk.tasks as tasks
+
+    real = tasks.get_task("digits")
+    now = [0.0]
+    jitter = {0: 1.0, 1: 1.1}
+
+    class Timed:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def local_update(self, weights: Any, x: Any, y: Any, config: Any) -> None:
+            now[0] += (0.25 + 0.002 * len(y) * config.epochs) * jitter[config.seed]
+
+    monkeypatch.setattr(tasks, "get_task", lambda name, **kw: Timed())
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    fit = measure_compute("digits", sizes=(10, 40, 160), epochs=3, repeats=2)
+    # the mean over the two jitters is 1.05: slope and intercept scale by it, exactly
+    assert fit.sample_epoch_s == pytest.approx(0.002 * 1.05) and fit.overhead_s == pytest.approx(0.25 * 1.05)
+    assert fit.spread == pytest.approx(float(np.std(np.log([1.0, 1.1]))))
 
 
 # ------------------------------------------------------------------ the quick form of paper-spin
