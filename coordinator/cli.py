@@ -140,7 +140,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     gate.add_argument("--gate-margin", type=float, default=0.02, help="accuracy a candidate may lose against the release and still be promoted")
     gate.add_argument("--rollback-margin", type=float, default=0.10, help="a candidate worse than the release by more than this is "
                       "rejected and the training line rolled back; between the two margins it is held (not released, training goes on). "
-                      "Left at its default it is raised to --gate-margin when that is larger (the start log says so); set below it, refused")
+                      "Left at its default (0.10) it is raised to --gate-margin when that is larger (the start log says so); set below it, refused")
     gate.add_argument("--gate-z", type=float, default=1.0, help="classifiers: the margins are applied to a one-sided bound on the paired "
                       "accuracy difference on the same validation samples, d ∓ z·se (1.0 ≈ 84 %% confidence; 0 = the point estimate)")
     gate.add_argument("--canary", type=float, default=0.0, metavar="FRACTION",
