@@ -343,7 +343,15 @@ def measure_compute(task_name: str = "procdigits", sizes: Sequence[int] = (20, 6
 
 
 if __name__ == "__main__":
-    import sys
+    import argparse
 
-    if "--measure" in sys.argv:
-        print(measure_compute())
+    ap = argparse.ArgumentParser(prog="python -m devices.profiles", description=(
+        "Device profiles for the emulator. --measure times this machine's real local update "
+        "(one thread) and prints the fitted ComputeProfile, as the 'paper' preset was obtained."))
+    ap.add_argument("--measure", action="store_true", help="time the task's local update and print the fitted profile")
+    ap.add_argument("--task", default="procdigits", help="task to time (default: procdigits)")
+    cli = ap.parse_args()
+    if not cli.measure:
+        ap.print_help()
+        raise SystemExit(2)
+    print(measure_compute(cli.task))

@@ -224,3 +224,16 @@ def test_paper_spin_quick_runs_with_strict_k_baselines(isolated_home: None) -> N
     assert results["spin"][0].summary["pulls_deferred"] == 0, "SPIN serves every pull"
     assert results["fedbuff"][0].summary["pulls_deferred"] > 0, "FedBuff serves only the devices it drew"
     assert isinstance(results["port"][0].summary["strategy"]["update_requests"], int)
+
+
+def test_profiles_module_explains_itself() -> None:
+    """`python -m devices.profiles --help` printed nothing and exited 0 (README trial)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    shown = subprocess.run([sys.executable, "-m", "devices.profiles", "--help"], capture_output=True, text=True, cwd=root, timeout=60)
+    assert shown.returncode == 0 and "--measure" in shown.stdout and "--task" in shown.stdout
+    bare = subprocess.run([sys.executable, "-m", "devices.profiles"], capture_output=True, text=True, cwd=root, timeout=60)
+    assert bare.returncode == 2 and "usage: python -m devices.profiles" in bare.stdout
