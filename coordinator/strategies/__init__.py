@@ -166,7 +166,6 @@ def make_strategy(name: str, **params: Any) -> Strategy:
         owned(exc, "strategy", name)
 
 
-
 __all__ = [
     "COMPANIONS",
     "CONFIGS",

@@ -84,12 +84,11 @@ def _fit(value: Any, hint: Any) -> Any:
     if isinstance(value, bool):
         return _NO  # True is an int to Python, not to an operator
     if hint is int:
-        return int(value) if isinstance(value, numbers.Integral) and abs(int(value)) <= MAX_MAGNITUDE else _NO
+        return int(value) if isinstance(value, numbers.Integral) and not _out_of_range(value) else _NO
     if hint is float:
-        if not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        if not isinstance(value, numbers.Real) or not math.isfinite(float(value)) or _out_of_range(value):
             return _NO
-        x = float(value)
-        return x if x == 0.0 or MIN_MAGNITUDE <= abs(x) <= MAX_MAGNITUDE else _NO
+        return float(value)
     if isinstance(hint, type):
         return value if isinstance(value, hint) else _NO
     return value  # an annotation this checker does not know: the dataclass decides
