@@ -36,7 +36,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
-from coordinator.config import Layered, merge_strategy_params
+from coordinator.config import ENV_PREFIX, Layered, merge_strategy_params
 from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
 from coordinator.inversion import inversion_config
 from coordinator.methods import make_method, resolve_names, split_params
@@ -109,7 +109,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=30.0, help="SPIN timeout π in seconds")
     p.add_argument("--param", action="append", default=None, metavar="NAME=VALUE", help="a strategy or peering parameter by its config name (repeatable; e.g. --param k=10 --param phi=2); "
                    "EDGECI_PARAM takes comma-separated items (\"k=10,phi=2\"), the file a list (param = [\"k=10\", \"phi=2\"]); "
-                   "the named flags are aliases. FedBuff, PORT and NebulaFL forget an invited device that has not reported "
+                   "merged per name (flag > environment > file). The named flags are aliases (the stronger layer wins; "
+                   "both in one layer is an error). FedBuff, PORT and NebulaFL forget an invited device that has not reported "
                    "after forget_after_s = 600 s on a daemon (forget_after_s=none waits for ever, as the papers)")
     p.add_argument("--combine", choices=["models", "deltas"], default="models", help="SPIN: average the buffered models (the paper's rule) or apply each update's delta from its own base version (faster on digits, unstable with stale detection updates)")
     r = p.add_argument_group("robust aggregation (spin, fedbuff, port, fedavg, hierfavg)")
@@ -239,17 +240,47 @@ def _check_applies(args: argparse.Namespace, layered: Layered | None, strategy: 
                           f"does not use it (drop it, or choose a method that does)")
 
 
-def _check_twice(args: argparse.Namespace, layered: Layered | None, by_name: Mapping[str, object]) -> None:
-    """``--k 7 --param k=3`` (or the file's ``param`` list with its ``[strategy]`` table) sets one
-    parameter twice: refused, naming both, instead of one silently winning."""
+_RANK = {"default": 0, "file": 1, "env": 2, "flag": 3}
+
+
+def _written(dest: str, source: str, value: object) -> str:
+    """How the user wrote a flag's setting: ``--k 7``, ``EDGECI_K=7``, ``k = 7 in the config file``."""
+    if source == "env":
+        return f"{ENV_PREFIX}{dest.upper()}={value}"
+    return f"{dest} = {value!r} in the config file" if source == "file" else f"{_flag(dest)} {value}"
+
+
+def _written_item(param: str, source: str, value: object) -> str:
+    """How the user wrote a ``--param`` item: ``--param k=3``, ``EDGECI_PARAM k=3``, ``param k=3 in the config file``."""
+    item = f"{param}={value!r}"
+    if source == "env":
+        return f"{ENV_PREFIX}PARAM {item}"
+    return f"param {item} in the config file" if source == "file" else f"--param {item}"
+
+
+def _settle_twice(args: argparse.Namespace, layered: Layered | None, by_name: Mapping[str, object]) -> dict[str, object]:
+    """A parameter set both by its own flag (``--k``) and by name (``--param k=…``, or the
+    file's ``param`` list beside its ``[strategy]`` table): the stronger layer wins (flag >
+    environment > file, as for every option); within one layer it is refused, naming both
+    as the user wrote them, instead of one silently winning. Returns the by-name parameters
+    that stand."""
+    out = dict(by_name)
+    items = layered.item_sources.get("param", {}) if layered is not None else {}
     for dest, (param, _) in (*STRATEGY_FLAG_USERS.items(), *PEERING_FLAG_USERS.items()):
-        if param in by_name and _explicit(args, layered, dest):
-            raise ConfigError(f"{param} is given twice: {_flag(dest)} {getattr(args, dest)} and --param {param}={by_name[param]!r}; "
-                              "keep one")
-    if layered is not None and layered.sources.get("param") == "file":
-        both = sorted(set(by_name) & set(layered.strategy_params))
+        if param not in out or not _explicit(args, layered, dest):
+            continue
+        own = layered.sources.get(dest, "flag") if layered is not None else "flag"
+        named = items.get(param, "flag")
+        if _RANK[own] > _RANK[named]:
+            del out[param]  # e.g. EDGECI_K beats the file's param k=…
+        elif _RANK[own] == _RANK[named]:
+            raise ConfigError(f"{param} is given twice: {_written(dest, own, getattr(args, dest))} and "
+                              f"{_written_item(param, named, by_name[param])}; keep one")
+    if layered is not None:
+        both = sorted(p for p in set(out) & set(layered.strategy_params) if items.get(p) == "file")
         if both:
             raise ConfigError(f"the config file sets {', '.join(both)} both in param and in [strategy]: keep one")
+    return out
 
 
 def _check_finite(args: argparse.Namespace) -> None:
@@ -279,8 +310,7 @@ def options_from(args: argparse.Namespace, layered: Layered | None = None) -> Co
         params.update(_given(args, (("lr_init", "lr"),)))
     if layered is not None and layered.strategy_params:
         params = merge_strategy_params(params, layered.strategy_params, STRATEGY_FLAGS, layered)
-    by_name = parse_params(getattr(args, "param", None) or ())
-    _check_twice(args, layered, by_name)
+    by_name = _settle_twice(args, layered, parse_params(getattr(args, "param", None) or ()))
     params.update(by_name)
     params, generic_peer_params = split_params(strategy, peering, params, strict=False)  # [strategy] / --param: by name
     peers = tuple(c.strip() for c in args.peers.split(",") if c.strip())

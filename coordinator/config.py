@@ -2,7 +2,8 @@
 
 One naming rule links the three: the flag ``--foo-bar`` is the environment variable
 ``EDGECI_FOO_BAR`` and the TOML key ``foo_bar`` (or ``foo-bar``). A repeatable flag (``--param``)
-is a TOML list of strings or one comma-separated string (``EDGECI_PARAM="k=3,timeout_s=5"``). ``--config PATH`` (or
+is a TOML list of strings or one comma-separated string (``EDGECI_PARAM="k=3,timeout_s=5"``), merged per NAME
+across the layers (``--param k=3`` beats the file's ``k=4`` but keeps its ``timeout_s=5``). ``--config PATH`` (or
 ``EDGECI_CONFIG``) names the TOML file. A ``[strategy]`` table holds the strategy's ``name``
 and its parameters, passed through to the strategy, whose config dataclass validates them. An unknown TOML key
 is an error naming the key and the valid ones.
@@ -60,6 +61,8 @@ class Layered:
     strategy_params: dict[str, Any] = field(default_factory=dict)
     """The file's ``[strategy]`` table (flags for the same parameters win, see :func:`merge_strategy_params`)."""
     config_path: Path | None = None
+    item_sources: dict[str, dict[str, Source]] = field(default_factory=dict)
+    """For a repeatable ``NAME=VALUE`` option (``--param``): where each NAME's winning item came from."""
 
     def given(self, dest: str) -> bool:
         """Set by a flag or the environment (stronger than the file's ``[strategy]`` table)."""
@@ -262,8 +265,16 @@ def resolve(
             file_vals, strategy = file_values(options, parse_toml(text, name=str(path)), name=str(path))
     env_vals = env_values(options, env)
     sources: dict[str, Source] = {}
+    item_sources: dict[str, dict[str, Source]] = {}
     for o in options:
-        if o.dest in given:
+        if isinstance(o.action, argparse._AppendAction):  # NAME=VALUE items: merged per NAME across the layers
+            layers: list[tuple[Source, list[str]]] = [("file", file_vals.get(o.dest) or []), ("env", env_vals.get(o.dest) or []),
+                                                      ("flag", (getattr(args, o.dest, None) or []) if o.dest in given else [])]
+            merged = [item for _, items in layers for item in items]  # later items win: the stronger layer's
+            setattr(args, o.dest, merged or getattr(args, o.dest, None))
+            item_sources[o.dest] = {_item_name(item): source for source, items in layers for item in items}
+            sources[o.dest] = next((source for source, items in reversed(layers) if items), "default")
+        elif o.dest in given:
             sources[o.dest] = "flag"
         elif o.dest in env_vals:
             setattr(args, o.dest, env_vals[o.dest])
@@ -275,7 +286,11 @@ def resolve(
             sources[o.dest] = "default"
     if use_file:
         args.config = path
-    return Layered(args=args, sources=sources, strategy_params=strategy, config_path=path)
+    return Layered(args=args, sources=sources, strategy_params=strategy, config_path=path, item_sources=item_sources)
+
+
+def _item_name(item: str) -> str:
+    return item.partition("=")[0].strip()
 
 
 def merge_strategy_params(from_flags: Mapping[str, Any], table: Mapping[str, Any],

@@ -320,13 +320,33 @@ def test_defaults_and_flags_that_apply_are_not_refused() -> None:
 
 @pytest.mark.parametrize(("argv", "env", "toml", "needle"), [
     (["--k", "7", "--param", "k=3"], {}, None, "k is given twice: --k 7 and --param k=3; keep one"),
-    (["--param", "k=3"], {"EDGECI_K": "7"}, None, "k is given twice: --k 7 and --param k=3"),
+    ([], {"EDGECI_K": "7", "EDGECI_PARAM": "k=3"}, None, "k is given twice: EDGECI_K=7 and EDGECI_PARAM k=3; keep one"),
+    ([], {}, 'k = 7\nparam = ["k=3"]\n', "k is given twice: k = 7 in the config file and param k=3 in the config file"),
     (["--strategy", "spyker", "--phi", "2", "--param", "phi=3"], {}, None, "phi is given twice: --phi 2.0 and --param phi=3"),
     ([], {}, 'param = ["k=3"]\n[strategy]\nk = 4\n', "sets k both in param and in [strategy]: keep one"),
+    ([], {"EDGECI_PARAM": "timeout_s=6"}, 'param = ["k=3"]\n[strategy]\nk = 4\n', "sets k both in param and in [strategy]"),
 ])
 def test_one_parameter_given_twice_is_refused(argv: list[str], env: dict[str, str], toml: str | None, needle: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(needle)):
         options(argv, env, toml)
+
+
+def test_named_parameters_merge_per_name_across_the_layers() -> None:
+    """flag > environment > file for each NAME, whichever spelling (own flag, --param, [strategy])."""
+    toml = 'param = ["k=4", "timeout_s=5"]\n'
+    opts = options([], {"EDGECI_PARAM": "k=3"}, toml)
+    assert (opts.strategy_params["k"], opts.strategy_params["timeout_s"]) == (3, 5)  # the file's timeout_s stays
+    opts = options(["--param", "timeout_s=9"], {"EDGECI_PARAM": "k=3"}, toml)
+    assert (opts.strategy_params["k"], opts.strategy_params["timeout_s"]) == (3, 9)
+    assert options(["--param", "k=3"], {"EDGECI_K": "7"}).strategy_params["k"] == 3  # the flag beats the environment
+    assert options([], {"EDGECI_K": "7"}, 'param = ["k=3"]\n').strategy_params["k"] == 7  # the environment beats the file
+    assert options(["--k", "8"], {"EDGECI_PARAM": "k=3"}).strategy_params["k"] == 8
+    opts = options(["--strategy", "spyker"], {"EDGECI_PHI": "2"}, 'param = ["phi=3"]\n')
+    assert opts.peering_params["phi"] == 2.0  # a peering parameter's own flag, from the environment
+    assert options([], {"EDGECI_PARAM": "k=3"}, "[strategy]\nk = 4\n").strategy_params["k"] == 3  # over [strategy]
+    got = layered(["--param", "k=2"], {"EDGECI_PARAM": "k=3,combine=deltas"}, 'param = ["timeout_s=5"]\n')
+    assert got.item_sources["param"] == {"timeout_s": "file", "k": "flag", "combine": "env"}
+    assert got.sources["param"] == "flag"
 
 
 @pytest.mark.parametrize(("argv", "needle"), [
