@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import socket
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,8 @@ from edge_sdk.tasks.detection import (
     DetectionConfig,
     DetectionTask,
     OnnxDetector,
+    _prepare,
+    letterbox,
 )
 from edge_sdk.tasks.scenes import (
     CLASS_NAMES,
@@ -266,15 +270,26 @@ def test_pretrained_model_is_cached_in_the_data_dir(task: DetectionTask, data_di
 
 
 def test_frames_of_any_size_are_letterboxed(task: DetectionTask) -> None:
-    img = make_scenes(1, seed=2, config=SceneConfig(size=96)).images[0][:, 16:80]  # 96 x 64
-    boxes = np.array([[1, 20, 30, 40, 60]], dtype=np.float32)
-    result = task.local_update(
-        task.initial_weights(),
-        [img, img],
-        [boxes, boxes],
-        TrainConfig(epochs=1, batch_size=2, lr=1e-3),
-    )
-    assert np.isfinite(result.loss)
+    """A 96 x 64 frame with one white box: letterboxed to 64 x 64 (scale 2/3, centred,
+    ultralytics' grey bars), the box's target lands on the white pixels, and training on
+    such frames runs."""
+    img = np.zeros((96, 64, 3), dtype=np.uint8)
+    img[30:60, 20:40] = 255  # rows y1:y2, columns x1:x2
+    boxes = np.array([[1, 20, 30, 40, 60]], dtype=np.float32)  # class, x1, y1, x2, y2
+    out, scale, (dx, dy) = letterbox(img, SIZE)
+    assert out.shape == (SIZE, SIZE, 3) and scale == pytest.approx(2 / 3)
+    assert (dx, dy) == ((SIZE - round(64 * 2 / 3)) // 2, 0) == (10, 0)
+    assert (out[:, :dx] == 114).all() and (out[:, dx + 43 :] == 114).all()  # the bars, both sides
+    prep = _prepare([img], [boxes], SIZE)
+    cls, cx, cy, w, h = prep.targets[0][0].tolist()
+    x1, y1, x2, y2 = (cx - w / 2) * SIZE, (cy - h / 2) * SIZE, (cx + w / 2) * SIZE, (cy + h / 2) * SIZE
+    assert cls == 1 and (x1, y1, x2, y2) == pytest.approx((20 * scale + dx, 30 * scale, 40 * scale + dx, 60 * scale))
+    white = (prep.images[0].permute(1, 2, 0).numpy() > 200).all(-1)
+    ys, xs = np.nonzero(white)
+    assert abs(xs.min() - x1) <= 1 and abs(xs.max() + 1 - x2) <= 1 and abs(ys.min() - y1) <= 1 and abs(ys.max() + 1 - y2) <= 1
+    assert letterbox(np.zeros((SIZE, SIZE, 3), np.uint8), SIZE)[1:] == (1.0, (0, 0))  # the right size: untouched
+    result = task.local_update(task.initial_weights(), [img, img], [boxes, boxes], TrainConfig(epochs=1, batch_size=2, lr=1e-3))
+    assert np.isfinite(result.loss) and result.n_samples == 2
 
 
 def test_bad_samples_and_configs_are_refused(task: DetectionTask, frames: SceneSet) -> None:
@@ -310,6 +325,59 @@ def test_evaluate_reports_map_per_class(task: DetectionTask) -> None:
         assert 0.0 <= metrics[key] <= 1.0, key
     assert metrics["accuracy"] == metrics["mAP50"]
     assert metrics["n_images"] == TINY.test_scenes
+
+
+PERFECT_AP = 0.995
+"""What ultralytics' COCO-style AP (101-point interpolation, trapezoid) gives a perfect detector."""
+
+
+def _detections_from_truth(split: SceneSet, *, shift: float = 0.0, wrong_class: bool = False,
+                           every: int = 1) -> list[np.ndarray]:
+    """Detections made from the ground truth (in the letterboxed frame, as ``predict`` gives):
+    each box moved right by ``shift`` of its width, with a wrong class, or only every
+    ``every``-th box of each class (confidence 0.9)."""
+    prep = _prepare(split.images, split.boxes, SIZE)
+    out, seen = [], {}
+    for tgt in prep.targets:
+        t = tgt.numpy()
+        xyxy = np.concatenate([t[:, 1:3] - t[:, 3:5] / 2, t[:, 1:3] + t[:, 3:5] / 2], 1) * SIZE
+        xyxy[:, [0, 2]] += shift * (xyxy[:, 2:3] - xyxy[:, 0:1])
+        cls = (t[:, 0] + 1) % TINY.n_classes if wrong_class else t[:, 0]
+        keep = []
+        for c in t[:, 0].astype(int):
+            seen[c] = seen.get(c, -1) + 1
+            keep.append(seen[c] % every == 0)
+        rows = np.concatenate([xyxy, np.full((len(t), 1), 0.9), cls[:, None]], 1)[np.array(keep, bool)]
+        out.append(rows.astype(np.float32))
+    return out
+
+
+def test_evaluate_scores_known_detections_exactly(task: DetectionTask, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The metric pipeline (matching, IoU thresholds, per-class AP, the known/new split) on
+    detections whose answer is known: the truth itself scores 1, boxes moved by a whole
+    width or labelled with the wrong class score 0, half of each class's boxes recall 0.5."""
+    split = task.scenes().test
+    w = task.initial_weights()
+
+    def score(**kw: Any) -> dict[str, float]:
+        monkeypatch.setattr(task, "predict", lambda *a, **k: _detections_from_truth(split, **kw))
+        return task.evaluate(w)
+
+    perfect = score()
+    for key in ("mAP50", "mAP50_95", "mAP50_known", "ap50_new"):
+        assert perfect[key] == pytest.approx(PERFECT_AP), key
+    assert perfect["precision"] == perfect["recall"] == 1.0
+    counts = Counter(int(c) for b in split.boxes for c in b[:, 0])
+    assert {k for k in perfect if k.startswith("ap50/")} == {f"ap50/{CLASS_NAMES[c]}" for c in counts}
+    assert perfect["n_objects"] == sum(counts.values()) and perfect["n_images"] == len(split)
+    for kw in ({"shift": 1.0}, {"wrong_class": True}):  # IoU 0; the right place with the wrong class
+        assert score(**kw)["mAP50"] == score(**kw)["recall"] == 0.0, kw
+    loose = score(shift=0.2)  # IoU 0.8 / 1.2 = 0.67: a match at 0.50 … 0.65, none at 0.70 … 0.95
+    assert loose["mAP50"] == pytest.approx(PERFECT_AP) and loose["mAP50_95"] == pytest.approx(PERFECT_AP * 4 / 10)
+    half = score(every=2)  # ⌈n/2⌉ of each class's n boxes, all right: AP = that recall (101-point)
+    for c, n in counts.items():
+        assert half[f"ap50/{CLASS_NAMES[c]}"] == pytest.approx(PERFECT_AP * math.ceil(n / 2) / n, abs=0.011), CLASS_NAMES[c]
+    assert half["precision"] == 1.0 and half["recall"] == pytest.approx(np.mean([math.ceil(n / 2) / n for n in counts.values()]))
 
 
 def test_onnx_export_matches_torch_and_detects_in_frame_pixels(
