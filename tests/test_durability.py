@@ -31,6 +31,7 @@ from coordinator.registry import Registry
 from devices.live import LabellingLoop, LabellingUser
 from devices.partition import partition
 from edge_sdk.client import EdgeClient
+from edge_sdk.core.device import Phase
 from edge_sdk.errors import TransportError
 from edge_sdk.mqtt import MqttTransport
 from edge_sdk.spec import FULL
@@ -221,6 +222,34 @@ class Fleet:
         assert not self.loop.errors, self.loop.errors
 
 
+def wait_idle(clients: list[EdgeClient], timeout: float) -> None:
+    """Every device idle (no update waiting for its ack or its retry) and none wanting a round,
+    twice a second apart (a round that starts between the reads is not missed)."""
+    def idle() -> bool:
+        return all(c.core.state.phase is Phase.IDLE and not c.core.wants_pull() for c in clients)
+
+    def settled() -> bool:
+        if not idle():
+            return False
+        time.sleep(1.0)
+        return idle()
+
+    wait_until(settled, timeout, "every device idle, none wanting a round")
+
+
+def applied(accepted: list[tuple[str, int]], disk: DiskWatch) -> bool:
+    """Every update a device saw accepted is in a version the DiskWatch has read."""
+    consumed = {key for _, keys, _ in list(disk.versions.values()) for key in keys}
+    return set(accepted) <= consumed
+
+
+def settle(predicate: Callable[[], bool], timeout: float) -> None:
+    """Poll ``predicate`` up to ``timeout`` seconds without failing: the caller's asserts report."""
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 @contextmanager
 def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
     path.mkdir(parents=True, exist_ok=True)
@@ -284,13 +313,13 @@ def test_full_disk_loses_no_acked_update_and_never_reuses_a_version(mosquitto: M
                 wait_until(lambda: watch.extra("storage_ok") is True, 30, "storage to recover (probe)")
                 wait_until(lambda: watch.get("version") >= v_full + 2, 120, "progress after space is freed")
                 fleet.loop.stop()
-                time.sleep(5.0)  # retries land
+                wait_idle(fleet.clients, 90)  # the deferred updates' retries have landed
                 assert "storage failure" in coord.output
                 storage_log = [line.strip()[:220] for line in coord.lines if "storage" in line or "rebuilt" in line]
             # a restart on the same state dir: what was acked and is still buffered is applied
             with coordinator(mosquitto.url, state, k=4, timeout=1.0):
                 wait_until(lambda: watch.get("buffered", 1) == 0 and fleet is not None and watch.get("updates_accepted") > 0, 60, "buffer drained")
-                time.sleep(2.0)
+                settle(lambda: fleet is not None and disk is not None and applied(fleet.accepted, disk), 30)  # else the asserts below say what is missing
         finally:
             if fleet is not None:
                 fleet.close()
@@ -648,7 +677,7 @@ def test_a_broker_that_drops_qos1_messages_loses_nothing_and_applies_nothing_twi
                         c.add_sample(pool.x[n], int(pool.y[n]))
                 wait_until(functools.partial(all_answered, wave + 1), 150, f"every device's update of wave {wave + 1} to be answered")
             wait_until(lambda: daemon.core.buffer == (), 30, "the last updates to be aggregated")
-            time.sleep(1.0)
+            settle(lambda: applied(accepted, disk), 30)
         finally:
             for c in clients:
                 c.stop()

@@ -138,8 +138,7 @@ def test_forged_models_are_not_deployed_and_are_counted(secure_broker: SecureBro
 def test_seq_jump_and_sample_count_attacks_fail(secure_broker: SecureBroker, fleet: dict[str, Any]) -> None:
     daemon, clients, task = fleet["daemon"], fleet["clients"], fleet["task"]
     mallory = Raw(secure_broker, "mallory", subscriptions=[topics.device_topic(R, "mallory", "ack")])
-    try:
-        time.sleep(0.5)  # the subscription is made on connect
+    try:  # (Raw returns once the broker has acknowledged its subscriptions)
         up = topics.device_topic(R, "mallory", "update")
         mallory.t.publish(up, update("mallory", 1))  # a normal first update: accepted
         wait_until(lambda: len(mallory.acks()) == 1, 15, "mallory's first ack")
@@ -171,7 +170,6 @@ def test_forged_invitation_does_not_bypass_fedbuff_selection(secure_broker: Secu
     ).start()
     mallory = Raw(secure_broker, "mallory", subscriptions=[topics.device_topic(R, "mallory", leaf) for leaf in ("model", "ack")])
     try:
-        time.sleep(0.5)
         spec = daemon.task.spec
         for seq in range(5):  # five pulls, each naming an invitation that was never sent
             pull = Pull(device="mallory", seq=seq, model_id=spec.model_id, invite_round=100 + seq)
