@@ -225,6 +225,18 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str, poll: f
         time.sleep(poll)
 
 
+def wait_steady(predicate: Callable[[], bool], timeout: float, what: str, gap: float = 1.0) -> None:
+    """As :func:`wait_until`, but ``predicate`` must hold twice, ``gap`` seconds apart (a
+    round that starts between two reads is not missed)."""
+    def twice() -> bool:
+        if not predicate():
+            return False
+        time.sleep(gap)
+        return predicate()
+
+    wait_until(twice, timeout, what)
+
+
 class CoordinatorProcess:
     """``edgeci coordinator ARGS`` as a child process, its output collected in ``lines``;
     the constructor returns once it printed "ready" (or fails with its output)."""

@@ -40,7 +40,7 @@ from edge_sdk.tasks.base import Split, TrainConfig
 from edge_sdk.wire import topics
 from edge_sdk.wire.codec import decode, encode, parse_status_json
 from edge_sdk.wire.messages import Ack, ModelMsg, Update
-from tests.helpers import wait_until
+from tests.helpers import wait_steady, wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 REGION = "dur"
@@ -223,18 +223,9 @@ class Fleet:
 
 
 def wait_idle(clients: list[EdgeClient], timeout: float) -> None:
-    """Every device idle (no update waiting for its ack or its retry) and none wanting a round,
-    twice a second apart (a round that starts between the reads is not missed)."""
-    def idle() -> bool:
-        return all(c.core.state.phase is Phase.IDLE and not c.core.wants_pull() for c in clients)
-
-    def settled() -> bool:
-        if not idle():
-            return False
-        time.sleep(1.0)
-        return idle()
-
-    wait_until(settled, timeout, "every device idle, none wanting a round")
+    """Every device idle (no update waiting for its ack or its retry) and none wanting a round."""
+    wait_steady(lambda: all(c.core.state.phase is Phase.IDLE and not c.core.wants_pull() for c in clients), timeout,
+                "every device idle, none wanting a round")
 
 
 def applied(accepted: list[tuple[str, int]], disk: DiskWatch) -> bool:

@@ -30,7 +30,7 @@ from edge_sdk.tasks.base import Split, TrainConfig
 from edge_sdk.wire import topics
 from edge_sdk.wire.codec import decode, encode, parse_status_json
 from edge_sdk.wire.messages import Ack, Update
-from tests.helpers import CoordinatorProcess, wait_until
+from tests.helpers import CoordinatorProcess, wait_steady, wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 REGION = "it"
@@ -133,16 +133,8 @@ def wait_quiet(fleet: Fleet, watcher: Watcher, timeout: float = 90.0) -> None:
     buffer is empty (the last timeout fired) — twice, a second apart, so a round that
     starts between the reads is not missed. A dropped pull's retry (3 s) plus the SPIN
     timeout can outlast any fixed sleep on a loaded machine."""
-    def quiet() -> bool:
-        return all(c.core.state.phase is Phase.IDLE and not c.core.wants_pull() for c in fleet.clients) and watcher.get("buffered") == 0
-
-    def settled() -> bool:
-        if not quiet():
-            return False
-        time.sleep(1.0)
-        return quiet()
-
-    wait_until(settled, timeout, "devices idle, none wanting a round, the coordinator's buffer empty")
+    wait_steady(lambda: all(c.core.state.phase is Phase.IDLE and not c.core.wants_pull() for c in fleet.clients)
+                and watcher.get("buffered") == 0, timeout, "devices idle, none wanting a round, the coordinator's buffer empty")
 
 
 def latest_weights(state_dir: Path, task: Any) -> tuple[int, np.ndarray]:
