@@ -293,7 +293,9 @@ def main() -> int:
                         "carried: the in-process transport, receivers skip the decode; --one/--profile use the first)")
     p.add_argument("--baseline-runs", type=int, default=3,
                    help="fleet scale: runs of the first (baseline) size; its row is their median by µs per event without evaluation")
-    p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--one", type=int, default=None, metavar="DEVICES",
+                   help="run one fleet size in this process and print its measurements as one JSON line "
+                        "(what the fleet-scale table runs per size in a subprocess)")
     args = p.parse_args()
     if args.headline:
         args.duration = args.duration or 3600.0
