@@ -227,9 +227,15 @@ class Registry:
         self._staged: list[BufferedUpdate] = []
         """Updates to be appended with the next write (a commit writes them with its version)."""
         self._unsynced: list[int] = []
-        """Versions committed through the log whose directories are not fsynced yet."""
+        """Versions committed through the log whose directories are not fsynced yet (until a later
+        base is checkpointed: the log before it may then go, see :meth:`_checkpointed`)."""
+        self._synced_dirs: set[int] = set()
+        """Versions whose directory this process fsynced (written durably, a checkpoint, a release):
+        only these are known durable as directories. A version that ``_unsynced`` forgot when a
+        later base was checkpointed is not (its log record may be gone): a release must be synced."""
         self._durable_version = -1
-        """Every version up to this one is durable outside the log (its directory fsynced)."""
+        """The newest checkpointed base: its directory and everything the log held up to it are
+        durable (a version before it is durable as a directory only if in ``_synced_dirs``)."""
         self._logged: dict[int, tuple[Vector, bytes]] = {}
         """Versions in the log (maybe not fsynced yet) whose directories are not written yet."""
         self._dirty_from: int | None = None
@@ -436,6 +442,7 @@ class Registry:
             renamed = True
             if durable:
                 _fsync_dir(self.versions_dir)
+                self._synced_dirs.add(version)
         except BaseException:
             # Not durable: it must not be loaded (and served) by a restart of this process.
             shutil.rmtree(final if renamed else tmp, ignore_errors=True)
@@ -452,6 +459,7 @@ class Registry:
                 os.close(fd)
         _fsync_dir(d)
         _fsync_dir(self.versions_dir)
+        self._synced_dirs.add(version)
 
     def _weights_header(self, w: np.ndarray) -> bytes:
         """The ``.npy`` header of a weights vector (computed once: every version has the same)."""
@@ -505,6 +513,7 @@ class Registry:
                     continue  # the release stays, however old: devices predict with it
                 shutil.rmtree(self.versions_dir / f"{v:09d}", ignore_errors=True)
                 self._is_base.pop(v, None)
+                self._synced_dirs.discard(v)
             versions = [v for v in versions if v >= versions[keep_from] or v in protected]
         # A prune deletes something only with ``step`` versions and its oldest kept one (walked
         # down to a base) above a deletable one: at the first base with a deletable version
@@ -564,8 +573,9 @@ class Registry:
     def record_release(self, release: int, pinned: bool, event: Mapping[str, Any]) -> None:
         """Durably record a gate decision or operator action and the release it leaves
         (``release.json``: the release, the pin, the last 200 events)."""
-        if release in self._unsynced:  # the release must survive a power cut as a directory
-            self._sync_version(release)
+        if release not in self._synced_dirs:  # the release must survive a power cut as a directory: its
+            self._sync_version(release)        # log record may be gone (a base after it was checkpointed)
+        if release in self._unsynced:
             self._unsynced.remove(release)
         record = read_release_record(self.root)
         history = [*record.get("history", [])[-199:], dict(event)]

@@ -612,3 +612,42 @@ def test_pruning_lists_the_versions_once_per_step_not_on_every_commit(tmp_path, 
     kept = real()
     assert kept[-1] == 60 and 8 <= len(kept) < 8 + 2 + 8
     assert "parent" not in json_meta(reg, kept[0])  # the oldest kept is a base
+
+
+def test_a_release_recorded_after_its_log_segment_went_survives_a_power_cut(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The gate may promote a candidate long after it was committed (a canary round): by then a
+    later base was checkpointed and the log segment holding the candidate deleted, while its own
+    directory was written without fsync. ``record_release`` must make it durable. Power cut
+    simulated: every file under versions/ that was never fsynced loses its data."""
+    import os
+
+    synced: set[str] = set()
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.add(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    reg = Registry(tmp_path, SPEC, keep_versions=1000)
+    reg.acquire_lock()
+    try:
+        reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+        n, x = 240, 200  # ~214 commits of digits fill a segment (16 MB); bases every 16 versions
+        for v in range(1, n + 1):  # a gated coordinator: the release stays 0 until the gate promotes
+            reg.append_updates([upd("a", v, float(v))])  # acknowledged after this fsync
+            reg.commit(CommitVersion(version=v, weights=np.full(SPEC.size, v, np.float32), applied_changed={"a": v},
+                                     consumed=(("a", v),), metadata={"created_at": float(v), "release": 0}))
+        weights = str(reg.versions_dir / f"{x:09d}" / "weights.npy")
+        assert weights not in synced  # written without fsync: its log record was the durable copy
+        reg.record_release(x, False, {"action": "promote", "version": x})
+        assert weights in synced
+    finally:
+        reg.close()
+    monkeypatch.setattr(os, "fsync", real)
+    for p in reg.versions_dir.rglob("*"):  # the power cut
+        if p.is_file() and str(p) not in synced:
+            p.write_bytes(b"")
+    snap = Registry(tmp_path, SPEC).load()
+    assert snap is not None and snap.release_version == x and snap.version == n
+    assert np.array_equal(Registry(tmp_path, SPEC).read_version(x)[0], np.full(SPEC.size, x, np.float32))
