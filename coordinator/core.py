@@ -464,6 +464,12 @@ class CoordinatorCore:
             self._abandoned = abandon(self._abandoned, int(r[0]), int(r[1]))
         self._gate = Gate(config.gate) if config.gate is not None else None
         self._gate_history: list[dict[str, Any]] = [dict(h) for h in snapshot.gate_history][-20:]
+        # A candidate committed but not decided before the restart (the process died, or the
+        # rollback after its rejection failed to write and this core was rebuilt): gated again
+        # by start(), so an unapproved training line does not go on as if it had passed.
+        decided = {h.get("version") for h in snapshot.gate_history if isinstance(h, Mapping)}
+        self._regate: int | None = (self._version if self._gate is not None and self._version > self._release_version
+                                    and self._version not in decided and not self._pinned else None)
         self._candidate_devices: dict[int, tuple[str, ...]] = {}
         self._canary_round: CanaryRound | None = None  # the candidate under canary evaluation (one at a time)
         self._canary_weights: Vector = _NO_WEIGHTS
@@ -674,8 +680,26 @@ class CoordinatorCore:
 
     def start(self, now: float) -> list[CoordinatorAction]:
         """Announce status and re-arm timers after (re)start (and the recall, when there is
-        one: a broker without persistence forgot the retained one)."""
-        return [*self._after(now), self._status_action(now), *self._recall(force=True)]
+        one: a broker without persistence forgot the retained one); gate the newest version
+        again if it is a candidate no decision was recorded for."""
+        return [*self._after(now), *self._regate_newest(now), self._status_action(now), *self._recall(force=True)]
+
+    def _regate_newest(self, now: float) -> list[CoordinatorAction]:
+        """The restored training line's undecided candidate, to the gate (once storage works:
+        a rejection commits a rollback). A rollback's own version (the release's weights) is not."""
+        if self._regate is None or not self._storage_ok:
+            return []
+        version, self._regate = self._regate, None
+        if (self._gate is None or version != self._version or version in self._gate.pending
+                or np.array_equal(self._weights, self._release_weights)):
+            return []
+        self._gate.add_candidate(version, self._release_version, ())
+        self.counters["gate_resubmitted"] += 1
+        actions: list[CoordinatorAction] = []
+        if self._gate.config.validation:
+            actions.append(EvaluateCandidate(version=version, weights=self._weights, release_version=self._release_version,
+                                             release_weights=self._release_weights))
+        return actions + self._canary_start(now)
 
     def _recall(self, *, force: bool = False) -> list[CoordinatorAction]:
         """Publish the abandoned ranges (retained) when they changed since the last recall."""
@@ -697,6 +721,7 @@ class CoordinatorCore:
                 self.counters["storage_failures" if not event.ok else "storage_recoveries"] += 1
                 self._status_dirty = True
                 actions.append(Notify(kind="storage", data={"ok": event.ok, "detail": event.detail[:200]}))
+                actions += self._regate_newest(event.now)
         elif isinstance(event, TimerFired):
             # The driver's timer is consumed: re-arm whatever is still pending, even if the
             # wake-up came a little early (monotonic vs wall clock) and the time is unchanged.
@@ -1318,7 +1343,9 @@ class CoordinatorCore:
             self._candidate_devices.pop(v, None)
         record = self._record(now, "reject", version, devices=len(devices), **metrics)
         rollback = self._rollback_training_line(now, rejected=version)
-        return [record, rollback, Notify(kind="rejected_candidate", data={"version": version, "devices": list(devices)[:50], **metrics})]
+        # The commit first: a driver records the decision only once the rollback is durable (a
+        # record of "reject" beside a training line still on the rejected version would be a lie).
+        return [rollback, record, Notify(kind="rejected_candidate", data={"version": version, "devices": list(devices)[:50], **metrics})]
 
     # ------------------------------------------------------------------ canary evaluation (coordinator.canary)
 

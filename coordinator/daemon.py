@@ -535,9 +535,9 @@ class CoordinatorDaemon:
             snapshot = dataclasses.replace(snapshot, buffer=())
         self.core = self._build_core(snapshot)
         self._rebuild = None
-        now = self.clock.now()
-        self.actor.run_actions(self.core.start(now))
+        now = self.clock.now()  # (storage first: start() leaves what would write to a failing disk for later)
         self.actor.run_actions(self.core.handle(StorageChanged(now=now, ok=self._storage_ok, detail=detail)))
+        self.actor.run_actions(self.core.start(now))
         log.warning("core rebuilt from %s at version %d; storage %s", self.registry.root, self.core.version,
                     "ok" if self._storage_ok else f"failing ({detail})")
 

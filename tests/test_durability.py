@@ -461,12 +461,12 @@ class FakeTransport:
 
 
 @contextmanager
-def driver(tmp_path: Path, *, k: int) -> Iterator[tuple[Any, FakeTransport]]:
+def driver(tmp_path: Path, *, k: int, **options: Any) -> Iterator[tuple[Any, FakeTransport]]:
     from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
 
     daemon = CoordinatorDaemon(
         CoordinatorOptions(broker="mqtt://127.0.0.1:1", region=REGION, state_dir=tmp_path / "c",
-                           strategy_params={"k": k, "timeout_s": 3600.0}, storage_probe_s=0.05),
+                           strategy_params={"k": k, "timeout_s": 3600.0}, storage_probe_s=0.05, **options),
         task=get_task("digits"),
     )
     fake = FakeTransport()
@@ -516,6 +516,57 @@ def test_a_failed_log_append_acks_nothing_and_storage_recovers(tmp_path: Path, m
         assert not daemon.actor.errors
     snap = Registry(tmp_path / "c", get_task("digits").spec).load()
     assert snap is not None and sorted(u.key for u in snap.buffer) == [("d0", 1), ("d1", 1), ("d2", 1)]
+
+
+def test_a_rejection_whose_rollback_cannot_be_written_is_not_recorded_and_is_decided_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gate rejects candidate 1 while the disk is full for its rollback commit: no "reject"
+    may reach release.json before the rollback is durable (the rebuilt core would train on from
+    the rejected version, its record saying otherwise). Once space is back the rebuilt core
+    gates version 1 again, rejects it, rolls back, and an update trained from it is refused
+    (durability audit: it used to be recorded, then accepted)."""
+    import errno
+
+    from coordinator.registry import read_release_record
+    from coordinator.validation import save_validation
+
+    task = get_task("digits")
+    save_validation(tmp_path / "val.npz", task.data().test)
+    w = task.pretrained(seed=0)
+    bad = (w + np.random.default_rng(0).normal(0, 0.5, w.shape)).astype(np.float32)
+    full = threading.Event()
+    full.set()
+
+    def history() -> list[tuple[str, int, int]]:
+        return [(e["action"], e["version"], e["release"]) for e in read_release_record(tmp_path / "c").get("history", [])]
+
+    with driver(tmp_path, k=1, validation=tmp_path / "val.npz") as (daemon, fake):
+        stage, probe = daemon.registry.stage_version, daemon.registry.probe
+
+        def stage_version(action: Any) -> None:
+            if action.metadata.get("source") == "rollback" and full.is_set():
+                raise OSError(errno.ENOSPC, "No space left on device")
+            stage(action)
+
+        def probing(n: int) -> None:
+            if full.is_set():
+                raise OSError(errno.ENOSPC, "No space left on device")
+            probe(n)
+
+        monkeypatch.setattr(daemon.registry, "stage_version", stage_version)
+        monkeypatch.setattr(daemon.registry, "probe", probing)
+        daemon._on_message(*update("evil", 1, bad))  # candidate 1, a bad model
+        wait_until(lambda: daemon.storage_failures >= 1, 60, "the rollback's write to fail")
+        assert history() == [] and daemon.core.version == 1  # nothing recorded; rebuilt on version 1
+        full.clear()
+        wait_until(lambda: ("reject", 1, 0) in history(), 60, "version 1 gated again and rejected once space is back")
+        wait_until(lambda: daemon.core.version == 2, 10, "the rollback commit")
+        assert daemon.core.counters["gate_resubmitted"] == 1
+        daemon._on_message(*update("d2", 1, w + 1e-3, base=1))  # trained from the rejected version
+        wait_until(lambda: any(a.device == "d2" for a in fake.acks()), 20, "d2's answer")
+        ((status, reason),) = [(a.status, a.reason) for a in fake.acks() if a.device == "d2"]
+        assert (status, reason) == ("rejected", "base_rejected")
+    assert history() == [("reject", 1, 0)]
 
 
 def test_a_failed_commit_publishes_nothing_after_it_and_burns_its_number(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

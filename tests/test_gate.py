@@ -21,6 +21,7 @@ from coordinator.core import (
     PersistUpdate,
     RecordRelease,
     Snapshot,
+    StorageChanged,
     VersionLoaded,
 )
 from coordinator.gate import Gate, GateConfig, difference_bounds, paired_counts, valid_paired
@@ -128,6 +129,41 @@ def test_a_regressing_candidate_is_rejected_and_the_training_line_rolls_back() -
     assert not of(c.handle(CandidateEvaluated(now=10.0, version=3, candidate_metric=1.0, release_metric=0.8,
                                               release_version=0)), RecordRelease)
     assert reply(c.handle(pull("d9", 0, serve=True))).version == 0
+
+
+def test_the_rollback_after_a_rejection_comes_before_its_record() -> None:
+    """A driver writes a release record at once but a commit only with the batch's fsync: the
+    rollback must come first, so that a failed commit leaves no "reject" beside a training line
+    still on the rejected version (durability audit)."""
+    c = gated(k=1)
+    c.handle(update("bad", 0, 50.0))
+    acts = c.handle(CandidateEvaluated(now=9.0, version=1, candidate_metric=0.3, release_metric=0.8, release_version=0))
+    assert [type(a) for a in acts if isinstance(a, CommitVersion | RecordRelease)] == [CommitVersion, RecordRelease]
+
+
+def test_an_undecided_candidate_restored_as_the_training_line_is_gated_again() -> None:
+    """Restored on a candidate no decision was recorded for (the process died first, or the
+    rollback after its rejection failed to write): start() gates it again — once, not while
+    storage fails, not a decided one, not a rollback's own version (the release's weights)."""
+    snap = Snapshot(version=3, weights=np.full(SPEC.size, 5.0, np.float32), release_version=0,
+                    release_weights=np.zeros(SPEC.size, np.float32))
+    c = gated(snapshot=snap)
+    (ev,) = of(c.start(10.0), EvaluateCandidate)
+    assert (ev.version, ev.release_version) == (3, 0) and c.counters["gate_resubmitted"] == 1
+    assert not of(c.start(11.0), EvaluateCandidate)
+    acts = c.handle(CandidateEvaluated(now=12.0, version=3, candidate_metric=0.3, release_metric=0.8, release_version=0))
+    assert of(acts, RecordRelease)[0].event["action"] == "reject" and of(acts, CommitVersion)[0].metadata["source"] == "rollback"
+    assert c.handle(update("late", 0, 1.0, base=3)) and c.counters["reject:base_rejected"] == 1
+    decided = dataclasses.replace(snap, gate_history=[{"action": "hold", "version": 3, "release": 0}])
+    assert not of(gated(snapshot=decided).start(10.0), EvaluateCandidate)
+    rolled_back = dataclasses.replace(snap, weights=np.zeros(SPEC.size, np.float32))
+    assert not of(gated(snapshot=rolled_back).start(10.0), EvaluateCandidate)
+    assert not of(gated(snapshot=dataclasses.replace(snap, pinned=True)).start(10.0), EvaluateCandidate)
+    failing = gated(snapshot=snap)
+    failing.handle(StorageChanged(now=1.0, ok=False, detail="No space left on device"))
+    assert not of(failing.start(10.0), EvaluateCandidate)
+    (ev,) = of(failing.handle(StorageChanged(now=11.0, ok=True)), EvaluateCandidate)
+    assert ev.version == 3
 
 
 def test_evidence_against_an_old_release_is_asked_again() -> None:
