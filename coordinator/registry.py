@@ -87,6 +87,10 @@ _MAX_RECORD = 1 << 30
 SEGMENT_BYTES = 64 << 20
 """A new segment is started once the current one is this large."""
 _UPDATE_FIELDS = tuple(f.name for f in dataclasses.fields(BufferedUpdate))
+HISTORY_EVENTS = 200
+"""Gate decisions and operator actions kept in ``release.json`` (the newest)."""
+HISTORY_COMMANDS = 1000
+"""Operator commands kept beyond those (each carries its nonce: a replay after a restart is refused)."""
 CHECKPOINT_EVERY = 16
 """Versions committed through the log between two checkpoints (fsync of the newest version dir)."""
 
@@ -182,9 +186,8 @@ def _meta_json(version: int, meta: Mapping[str, Any]) -> bytes:
     return json.dumps({"version": version, **meta}, sort_keys=True).encode()
 
 
-def _scan(data: bytes) -> Iterator[tuple[int, bytes]]:
-    """``(end offset, body)`` of each intact record after the magic; stops at the first bad one."""
-    pos = len(SEGMENT_MAGIC)
+def _scan(data: bytes, pos: int = len(SEGMENT_MAGIC)) -> Iterator[tuple[int, bytes]]:
+    """``(end offset, body)`` of each intact record from ``pos`` (after the magic); stops at the first bad one."""
     while pos + _HEADER.size <= len(data):
         length, crc = _HEADER.unpack_from(data, pos)
         start, end = pos + _HEADER.size, pos + _HEADER.size + length
@@ -195,6 +198,30 @@ def _scan(data: bytes) -> Iterator[tuple[int, bytes]]:
             return
         yield end, body
         pos = end
+
+
+def _decoded(body: bytes) -> dict[str, Any]:
+    fields = msgpack.unpackb(body, raw=False)
+    if not isinstance(fields, dict) or not fields:
+        raise ValueError("a record must be a non-empty map")
+    return fields
+
+
+def _intact_after(data: bytes, pos: int) -> int | None:
+    """Where intact records resume after a bad one at ``pos`` whose length field still reads
+    true (media corruption inside a record): the next record checks out and decodes. None for
+    a torn tail (nothing, zeros or garbage after it: the write that tore was the last)."""
+    length, _ = _HEADER.unpack_from(data, pos)
+    nxt = pos + _HEADER.size + length
+    if length > _MAX_RECORD or nxt + _HEADER.size > len(data):
+        return None
+    for _, body in _scan(data, nxt):
+        try:
+            _decoded(body)
+        except Exception:
+            return None
+        return nxt
+    return None
 
 
 class Registry:
@@ -226,6 +253,8 @@ class Registry:
         """Per log segment: the highest version record it holds."""
         self._staged: list[BufferedUpdate] = []
         """Updates to be appended with the next write (a commit writes them with its version)."""
+        self.corrupt_records = 0
+        """Records skipped inside log segments because they were corrupt with intact ones after them."""
         self._unsynced: list[int] = []
         """Versions committed through the log whose directories are not fsynced yet (until a later
         base is checkpointed: the log before it may then go, see :meth:`_checkpointed`)."""
@@ -572,13 +601,18 @@ class Registry:
 
     def record_release(self, release: int, pinned: bool, event: Mapping[str, Any]) -> None:
         """Durably record a gate decision or operator action and the release it leaves
-        (``release.json``: the release, the pin, the last 200 events)."""
+        (``release.json``: the release, the pin, the last :data:`HISTORY_EVENTS` events, and
+        before them up to :data:`HISTORY_COMMANDS` older operator commands: a restart seeds its
+        replay protection from them, and a busy gate writes 200 decisions inside a command's window)."""
         if release not in self._synced_dirs:  # the release must survive a power cut as a directory: its
             self._sync_version(release)        # log record may be gone (a base after it was checkpointed)
         if release in self._unsynced:
             self._unsynced.remove(release)
         record = read_release_record(self.root)
-        history = [*record.get("history", [])[-199:], dict(event)]
+        old = record.get("history", [])
+        cut = max(0, len(old) - (HISTORY_EVENTS - 1))
+        commands = [e for e in old[:cut] if isinstance(e, dict) and "nonce" in e][-HISTORY_COMMANDS:]
+        history = [*commands, *old[cut:], dict(event)]
         _write_atomic(self.root / RELEASE_FILE, json.dumps({"release": release, "pinned": pinned, "history": history}, indent=1).encode())
 
     def stage(self, updates: Iterable[BufferedUpdate]) -> None:
@@ -895,23 +929,32 @@ class Registry:
         updates: list[BufferedUpdate] = []
         versions: list[tuple[int, bytes]] = []
         good = len(SEGMENT_MAGIC)
-        for end, body in _scan(data):
-            try:
-                # The decoded map says what a record is: a version record has a "kind" key, an
-                # update has none (a byte search for "kind" also matched device ids like "kindle-7").
-                fields = msgpack.unpackb(body, raw=False)
-                if not isinstance(fields, dict):
-                    raise ValueError("a record must be a map")
-                if "kind" in fields:
-                    if fields["kind"] != "version":
-                        raise ValueError("unknown record kind")
-                    versions.append((int(fields["version"]), body))
-                else:
-                    updates.append(_update_of(fields))
-            except Exception as exc:  # checksum fine but unusable: treat as the corrupt tail
-                log.warning("%s: unreadable record at byte %d: %s", path, good, exc)
+        while True:
+            for end, body in _scan(data, good):
+                try:
+                    # The decoded map says what a record is: a version record has a "kind" key, an
+                    # update has none (a byte search for "kind" also matched device ids like "kindle-7").
+                    fields = _decoded(body)
+                    if "kind" in fields:
+                        if fields["kind"] != "version":
+                            raise ValueError("unknown record kind")
+                        versions.append((int(fields["version"]), body))
+                    else:
+                        updates.append(_update_of(fields))
+                except Exception as exc:  # checksum fine but unusable: a bad record (see below)
+                    log.warning("%s: unreadable record at byte %d: %s", path, good, exc)
+                    break
+                good = end
+            resume = _intact_after(data, good) if good + _HEADER.size <= len(data) else None
+            if resume is None:
                 break
-            good = end
+            # A bad record with intact ones after it is not a torn write (only the last write
+            # tears): those after it were acknowledged. Skip it, read on, truncate nothing.
+            log.error("%s: a corrupt record of %d bytes at byte %d with intact records after it (media "
+                      "corruption?): it is skipped, the rest is read, the file is kept as it is",
+                      path, resume - good, good)
+            self.corrupt_records += 1
+            good = resume
         if good < len(data):
             log.warning(
                 "%s: ignoring a torn or corrupt tail of %d bytes after %d intact records%s",

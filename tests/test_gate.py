@@ -571,6 +571,28 @@ def test_an_operator_command_replayed_after_a_restart_is_refused() -> None:
     assert of(restarted.handle(control("pin", 0, nonce=9)), LoadVersion)  # a new command still runs
 
 
+def test_a_command_outlives_a_busy_gate_in_the_release_record(tmp_path: Path) -> None:
+    """release.json keeps the newest 200 events: a busy gate writes that many decisions well
+    inside a command's replay window, which dropped the command's nonce, and the same signed
+    pin replayed after a restart ran again (durability audit). Older commands are kept."""
+    from coordinator.core import LoadVersion, VersionLoaded
+
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    c = gated(k=1)
+    pin = control("pin", 0, nonce=7)
+    (load,) = of(c.handle(pin), LoadVersion)
+    for r in of(c.handle(VersionLoaded(now=51.0, version=0, weights=np.zeros(SPEC.size, np.float32), command="pin",
+                                       operator=load.operator, nonce=load.nonce)), RecordRelease):
+        reg.record_release(0, r.pinned, r.event)  # (this registry holds version 0 only)
+    for v in range(1, 251):  # 250 gate decisions after it
+        reg.record_release(0, True, {"action": "passed", "version": v, "release": 0, "at": 52.0 + v})
+    snap = reg.load()
+    assert snap is not None and len(snap.gate_history) == 201 and snap.gate_history[0]["nonce"] == 7
+    restarted = gated(k=1, snapshot=snap)
+    assert not of(restarted.handle(pin), LoadVersion) and restarted.counters["reject:replayed"] == 1
+
+
 def _ack(actions: Sequence[object]) -> tuple[str, str]:
     (ack,) = [decode(a.payload) for a in actions if isinstance(a, Publish) and a.topic.endswith("/ack")]
     return ack.status, ack.reason

@@ -139,6 +139,41 @@ def test_torn_or_corrupt_tail_record_is_ignored_and_truncated(tmp_path) -> None:
         owner.close()
 
 
+def test_a_corrupt_record_in_the_middle_loses_only_itself(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Only the last write can tear: a bad record with intact ones after it is media corruption,
+    and those after it were acknowledged. It is skipped (said at ERROR, counted), the rest is
+    read, and the file is not cut (it used to be truncated there, every later record with it:
+    durability audit). Zeros after a bad record are still a torn tail."""
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    for seq in range(1, 5):  # one write each: four records
+        reg.append_updates([upd("a", seq, float(seq))])
+    (segment,) = sorted(reg.pending_dir.glob("*.log"))
+    data = bytearray(segment.read_bytes())
+    size = len(encode_record(upd("a", 1, 1.0)))
+    data[len(data) - 3 * size + 40] ^= 0xFF  # inside the second record's body
+    segment.write_bytes(bytes(data))
+    owner = Registry(tmp_path, SPEC)
+    owner.acquire_lock()
+    try:
+        with caplog.at_level("ERROR", logger="edgeci.coordinator"):
+            assert [u.key for u in owner.pending()] == [("a", 1), ("a", 3), ("a", 4)]
+        assert owner.corrupt_records == 1 and "intact records after it" in caplog.text
+        assert segment.stat().st_size == len(data)  # nothing cut
+        np.testing.assert_array_equal(next(u for u in owner.pending() if u.key == ("a", 4)).weights, 4.0)
+    finally:
+        owner.close()
+    with open(segment, "ab") as f:  # and a torn last write followed by zeros is still a tail
+        f.write(encode_record(upd("a", 5, 5.0))[:60] + bytes(64))
+    torn = Registry(tmp_path, SPEC)
+    torn.acquire_lock()
+    try:
+        assert [u.key for u in torn.pending()] == [("a", 1), ("a", 3), ("a", 4)]
+        assert segment.stat().st_size == len(data)  # the tail is cut back to the last intact record
+    finally:
+        torn.close()
+
+
 def test_failed_append_leaves_no_partial_record(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import errno
     import os
