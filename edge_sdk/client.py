@@ -69,7 +69,7 @@ from edge_sdk.paths import device_dir
 from edge_sdk.runtime import Actor, Clock, WallClock
 from edge_sdk.scc import DeviceScc, SccConfig
 from edge_sdk.spec import Vector
-from edge_sdk.store import SampleKind, SampleStore
+from edge_sdk.store import SampleKind, SampleStore, StorageError
 from edge_sdk.tasks import get_task
 from edge_sdk.tasks.base import (
     Task,
@@ -309,6 +309,9 @@ class EdgeClient:
         self._canary: tuple[int, int, Any] | None = None
         """(candidate, release, its predictor): a canary request being scored (test-then-train)."""
         self._callbacks: dict[str, list[Callback]] = defaultdict(list)
+        self._unsaved: PersistDeviceState | None = None
+        """Counters the store could not save (a full disk): no request leaves until they are saved
+        (a restarted device must never reuse a sequence number); the core's retries try again."""
         self._job_ids: dict[int, list[int]] = {}
         self._version_changed = threading.Condition()
         next_seq = int(self.store.get_meta("next_seq", 0) or 0)
@@ -500,7 +503,9 @@ class EdgeClient:
         switched regions: ``from``, ``to``, ``reason``, ``after_timeouts``), ``canary`` (asked to score a candidate
         on new labels before training on them), ``canary_reported`` (the paired ``counts`` sent), ``canary_dropped``
         (``reason``), ``model_older`` (the coordinator answers a pull with a ``version`` older than the one
-        ``held``: a new coordinator or a reset state dir; the device waits for a newer one) (or ``*`` for all)."""
+        ``held``: a new coordinator or a reset state dir; the device waits for a newer one), ``storage`` (``ok``,
+        ``detail``: the store could not save the device's counters, so its requests are held, or can again)
+        (or ``*`` for all)."""
         self._callbacks[kind].append(callback)
 
     def wait_for_version(self, version: int, timeout: float) -> bool:
@@ -595,11 +600,31 @@ class EdgeClient:
             except Exception:
                 log.exception("callback for %s failed", kind)
 
+    def _save_counters(self, action: PersistDeviceState) -> bool:
+        """Save ``next_seq`` / ``trained_upto``; on a storage error keep them to save before the
+        next publish (nothing raises: training and timers go on, so the device never sticks)."""
+        try:
+            self.store.set_meta_many({"next_seq": action.next_seq, "trained_upto": action.trained_upto})
+        except StorageError as exc:
+            if self._unsaved is None:
+                log.error("device %s: cannot save its counters (%s); holding its requests until it can",
+                          self.core.config.device_id, exc)
+                self._emit("storage", {"ok": False, "detail": str(exc)[:200]})
+            self._unsaved = action
+            return False
+        if self._unsaved is not None:
+            self._unsaved = None
+            log.warning("device %s: counters saved again; requests resume", self.core.config.device_id)
+            self._emit("storage", {"ok": True, "detail": ""})
+        return True
+
     def _perform(self, action: object) -> None:
         if isinstance(action, Publish):
+            if self._unsaved is not None and not self._save_counters(self._unsaved):
+                return  # its sequence number is not durable: it must not leave (the core retries it)
             self.transport.publish(action.topic, action.payload, qos=action.qos, retain=action.retain)
         elif isinstance(action, PersistDeviceState):
-            self.store.set_meta_many({"next_seq": action.next_seq, "trained_upto": action.trained_upto})
+            self._save_counters(action if self._unsaved is None or action.next_seq >= self._unsaved.next_seq else self._unsaved)
         elif isinstance(action, PinKey):
             pins = {**self._pins(action.region), action.kid: action.public_raw}
             self.store.set_meta(f"pins.{action.region}", json.dumps({k: v.hex() for k, v in pins.items()}))

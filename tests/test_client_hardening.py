@@ -119,3 +119,72 @@ def test_a_model_deployed_while_predict_builds_its_engine_is_the_one_served(tmp_
         np.testing.assert_array_equal(c.predict(x), np.argmax(task.logits(away, x), axis=1))
     finally:
         _close(c)
+
+
+def test_a_full_disk_at_the_counters_holds_requests_without_sticking_the_device(tmp_path: Any) -> None:
+    """The store cannot save next_seq / trained_upto (a full disk): the training the model asked
+    for still runs (the save used to raise out of the actor and drop it: the core sat in
+    TRAINING for good), and no request leaves with a sequence number the store does not hold
+    (the push's retry used to send it; a restart then reused the number). Once the store
+    works again the retry sends the update (durability audit)."""
+    from edge_sdk.core.device import Phase
+    from edge_sdk.core.events import MessageReceived, SampleAdded, TimerFired, TrainingFinished
+    from edge_sdk.store import StorageError
+    from edge_sdk.tasks import get_task
+    from edge_sdk.wire import topics
+    from edge_sdk.wire.codec import decode, encode
+    from edge_sdk.wire.messages import ModelMsg, Pull, Update
+    from tests.helpers import SIGNER
+
+    w = get_task("digits").pretrained(seed=0)
+    c = unstarted_client(tmp_path, min_samples=2, trusted_keys={SIGNER.kid: SIGNER.public_raw}, request_timeout_s=1.0)
+    sent: list[Any] = []
+
+    def publish(topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        msg = decode(payload)
+        if isinstance(msg, Pull | Update):  # never a number the store would not give back after a restart
+            assert int(c.store.get_meta("next_seq") or 0) > msg.seq, (type(msg).__name__, msg.seq)
+        sent.append(msg)
+
+    jobs: list[Any] = []
+    c.transport.publish = publish
+    c._trainer.submit = lambda fn, job: jobs.append(job)
+    save = c.store.set_meta_many
+    full = {"on": False}
+
+    def set_meta_many(values: Any) -> None:
+        if full["on"]:
+            raise StorageError(f"{tmp_path}/samples.sqlite3: database or disk is full")
+        save(values)
+
+    c.store.set_meta_many = set_meta_many
+
+    def run(event: Any) -> None:
+        c.actor._run_one(lambda now: event)
+
+    def model_for(pull: Pull) -> MessageReceived:
+        msg = ModelMsg(model_id=c.task.spec.model_id, version=0, reply_to=pull.seq, weights=w, release=0)
+        return MessageReceived(now=1.0, topic=topics.device_topic("default", "d1", "model"),
+                               payload=encode(msg, signer=SIGNER, scope=topics.device_scope("default", "model")))
+
+    def last(kind: type) -> Any:
+        return [m for m in sent if isinstance(m, kind)][-1]
+
+    try:
+        c.actor.run_actions(c.core.start(0.0))  # the serving pull
+        run(model_for(last(Pull)))
+        for i in range(2):
+            c.store.add(np.zeros((1, 8, 8), np.float32), i)
+        run(SampleAdded(now=2.0, total=2))  # the training pull
+        full["on"] = True
+        run(model_for(last(Pull)))  # [save the counters (fails), start training]
+        assert not c.actor.errors and len(jobs) == 1 and c.core.state.phase is Phase.TRAINING
+        run(TrainingFinished(now=3.0, job_id=jobs[0].job_id, weights=w + 0.01, n_samples=2))
+        run(TimerFired(now=100.0))  # the push's retry, the disk still full
+        assert not [m for m in sent if isinstance(m, Update)] and c.core.state.phase is Phase.PUSHING
+        full["on"] = False
+        run(TimerFired(now=1000.0))  # the next retry: the counters are saved first, then it leaves
+        update = last(Update)
+        assert int(c.store.get_meta("next_seq")) > update.seq and not c.actor.errors
+    finally:
+        close_unstarted(c)
