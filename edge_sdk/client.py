@@ -627,7 +627,12 @@ class EdgeClient:
             self._save_counters(action if self._unsaved is None or action.next_seq >= self._unsaved.next_seq else self._unsaved)
         elif isinstance(action, PinKey):
             pins = {**self._pins(action.region), action.kid: action.public_raw}
-            self.store.set_meta(f"pins.{action.region}", json.dumps({k: v.hex() for k, v in pins.items()}))
+            try:
+                self.store.set_meta(f"pins.{action.region}", json.dumps({k: v.hex() for k, v in pins.items()}))
+            except StorageError as exc:  # the core holds the pin; the actions after this one must still run
+                log.error("device %s: cannot save the pinned coordinator key %s (%s); it holds until a restart, "
+                          "which pins on first use again", self.core.config.device_id, action.kid, exc)
+                return
             log.info("device %s: pinned coordinator key %s for region %s (trust on first use); models signed by "
                         "any other key will be refused", self.core.config.device_id, action.kid, action.region)
         elif isinstance(action, StartTraining):

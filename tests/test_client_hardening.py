@@ -188,3 +188,35 @@ def test_a_full_disk_at_the_counters_holds_requests_without_sticking_the_device(
         assert int(c.store.get_meta("next_seq")) > update.seq and not c.actor.errors
     finally:
         close_unstarted(c)
+
+
+def test_a_first_use_pin_the_store_cannot_save_still_deploys_the_model(tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """Trust on first use with a full disk: the pin holds in memory (said at ERROR), and the
+    actions after it (deploying the model) still run instead of dying with the save."""
+    from edge_sdk.core.events import MessageReceived
+    from edge_sdk.store import StorageError
+    from edge_sdk.tasks import get_task
+    from edge_sdk.wire import topics
+    from edge_sdk.wire.codec import decode, encode
+    from edge_sdk.wire.messages import ModelMsg, Pull
+    from tests.helpers import SIGNER
+
+    c = unstarted_client(tmp_path, min_samples=10**6)
+    sent: list[Any] = []
+    c.transport.publish = lambda topic, payload, qos=1, retain=False: sent.append(decode(payload))
+
+    def full(key: str, value: Any) -> None:
+        raise StorageError(f"{tmp_path}/samples.sqlite3: database or disk is full")
+
+    c.store.set_meta = full
+    try:
+        c.actor.run_actions(c.core.start(0.0))
+        (pull,) = [m for m in sent if isinstance(m, Pull)]
+        msg = ModelMsg(model_id=c.task.spec.model_id, version=3, reply_to=pull.seq, weights=get_task("digits").pretrained(seed=0), release=3)
+        with caplog.at_level(logging.ERROR):
+            c.actor._run_one(lambda now: MessageReceived(now=1.0, topic=topics.device_topic("default", "d1", "model"),
+                                                         payload=encode(msg, signer=SIGNER, scope=topics.device_scope("default", "model"))))
+        assert not c.actor.errors and c.version == 3
+        assert "cannot save the pinned coordinator key" in caplog.text
+    finally:
+        close_unstarted(c)
