@@ -211,7 +211,7 @@ def _intact_after(data: bytes, pos: int) -> int | None:
     """Where intact records resume after a bad one at ``pos`` whose length field still reads
     true (media corruption inside a record): the next record checks out and decodes. None for
     a torn tail (nothing, zeros or garbage after it: the write that tore was the last)."""
-    length, _ = _HEADER.unpack_from(data, pos)
+    length = int(_HEADER.unpack_from(data, pos)[0])
     nxt = pos + _HEADER.size + length
     if length > _MAX_RECORD or nxt + _HEADER.size > len(data):
         return None
