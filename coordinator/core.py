@@ -684,6 +684,11 @@ class CoordinatorCore:
         again if it is a candidate no decision was recorded for."""
         return [*self._after(now), *self._regate_newest(now), self._status_action(now), *self._recall(force=True)]
 
+    def reannounce(self, now: float) -> list[CoordinatorAction]:
+        """The broker connection came back: the status (its last will may say ``alive: false``, a
+        broker restarted without persistence forgot it) and the recall (retained), again now."""
+        return [self._status_action(now), *self._recall(force=True)]
+
     def _regate_newest(self, now: float) -> list[CoordinatorAction]:
         """The restored training line's undecided candidate, to the gate (once storage works:
         a rejection commits a rollback). A rollback's own version (the release's weights) is not."""

@@ -218,7 +218,10 @@ class CoordinatorDaemon:
             will=(self._status_topic, status_will(options.region, self.coordinator_id)),
             auth=options.auth or (BrokerAuth.from_bundle(options.bundle) if options.bundle is not None else None),
             own_loop=True,
+            on_connection=self._on_connection,
         )
+        self._announced = False
+        """start() announced the status and recall; a later connection is a reconnect."""
         self.actor = Actor(
             f"coordinator-{options.region}", self._handle, self._perform, clock=self.clock,
             on_batch_end=self._end_batch, max_batch=options.max_batch, io=self.transport,
@@ -358,6 +361,7 @@ class CoordinatorDaemon:
         self._probe_thread.start()
         self.transport.start(timeout)
         self.actor.call(lambda: self.actor.run_actions(self.core.start(self.clock.now())))
+        self._announced = True
         self.actor.call(self._refresh_snapshot)
         threading.Thread(target=self._beat, name=f"status-beat-{self.options.region}", daemon=True).start()
         log.info(
@@ -429,6 +433,13 @@ class CoordinatorDaemon:
     def _refresh_snapshot(self) -> None:
         self._snapshot_at = time.perf_counter()
         self.metrics.publish(self.core.status())
+
+    def _on_connection(self, up: bool) -> None:
+        """A reconnect: status and recall again at once, not at the next beat or version (the
+        broker's last will said ``alive: false``, and devices that can fail over leave on it; a
+        broker restarted without persistence holds neither)."""
+        if up and self._announced:
+            self.actor.call(lambda: self.actor.run_actions(self.core.reannounce(self.clock.now())))
 
     def _beat(self) -> None:
         """Refresh the snapshot every second and republish the status every status_interval_s."""

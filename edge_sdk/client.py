@@ -309,6 +309,7 @@ class EdgeClient:
         self._canary: tuple[int, int, Any] | None = None
         """(candidate, release, its predictor): a canary request being scored (test-then-train)."""
         self._callbacks: dict[str, list[Callback]] = defaultdict(list)
+        self._connected_once = False
         self._unsaved: PersistDeviceState | None = None
         """Counters the store could not save (a full disk): no request leaves until they are saved
         (a restarted device must never reuse a sequence number); the core's retries try again."""
@@ -571,6 +572,9 @@ class EdgeClient:
     def _on_connection(self, up: bool) -> None:
         if up:  # paho's thread: one retained publish, no domain logic
             self.transport.publish(self._presence_topic, b"online", retain=True)
+            if self._connected_once:  # a reconnect: the core asks for what it missed (the first: start())
+                self.actor.call(lambda: self.actor.run_actions(self.core.reconnected(self.clock.now())))
+            self._connected_once = True
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         self.actor.submit(lambda now: MessageReceived(now=now, topic=topic, payload=payload))

@@ -166,6 +166,32 @@ def test_an_undecided_candidate_restored_as_the_training_line_is_gated_again() -
     assert ev.version == 3
 
 
+def test_a_reconnected_coordinator_announces_its_status_and_recall_again() -> None:
+    """After a broker restart (no persistence) the retained recall is gone, and an offline
+    device would keep serving an abandoned version: reannounce() gives both again."""
+    c = gated(k=1)
+    assert [a.topic for a in c.reannounce(1.0) if isinstance(a, Publish)] == [topics.status_topic("r1")]  # nothing recalled yet
+    c.handle(update("bad", 0, 50.0))
+    c.handle(CandidateEvaluated(now=9.0, version=1, candidate_metric=0.3, release_metric=0.8, release_version=0))
+    again = [a for a in c.reannounce(10.0) if isinstance(a, Publish)]
+    assert [a.topic for a in again] == [topics.status_topic("r1"), topics.recall_topic("r1")] and all(a.retain for a in again)
+    recall = decode(again[1].payload)
+    assert isinstance(recall, Recall) and recall.covers(1) and recall.release == 0
+
+
+def test_a_reconnected_idle_device_asks_for_the_model_and_a_busy_one_waits() -> None:
+    d = DeviceCore(DeviceConfig(device_id="d1", region="r1", spec=SPEC, min_samples=10**6, trusted_keys={SIGNER.kid: SIGNER.public_raw}),
+                   rng=random.Random(0))
+    (pull,) = [decode(a.payload) for a in d.start(0.0) if isinstance(a, Publish)]
+    assert isinstance(pull, Pull) and pull.serve
+    assert d.reconnected(1.0) == []  # its start's pull is still out: its own retries carry on
+    d.handle(MessageReceived(now=2.0, topic=topics.device_topic("r1", "d1", "model"), payload=encode(
+        ModelMsg(model_id="toy", version=0, reply_to=pull.seq, weights=np.zeros(SPEC.size, np.float32), release=0),
+        signer=SIGNER, scope=topics.device_scope("r1", "model"))))
+    (again,) = [decode(a.payload) for a in d.reconnected(3.0) if isinstance(a, Publish)]
+    assert isinstance(again, Pull) and again.serve and again.have_version == 0
+
+
 def test_evidence_against_an_old_release_is_asked_again() -> None:
     c = gated(k=1)
     c.handle(update("d1", 0, 1.0))

@@ -281,3 +281,56 @@ def test_broker_restart_drivers_reconnect_and_resubscribe(tmp_path: Path) -> Non
             daemon.stop()
     finally:
         broker.stop()
+
+
+def test_after_a_broker_restart_the_status_is_back_at_once_and_an_idle_device_catches_up(tmp_path: Path) -> None:
+    """mosquitto restarts without persistence: its retained status is gone (or, after a long
+    stall, the last will says ``alive: false``). The coordinator publishes it again as soon as
+    it reconnects, not at its next beat (an hour here), and a device that stopped labelling
+    asks for the release it missed while away (it used to keep serving v0 for good)."""
+    from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
+
+    task = get_task("digits")
+    pool = task.data().pool
+    broker = MosquittoProcess().start()
+    port = broker.port
+
+    def restart() -> MosquittoProcess:
+        broker.stop()
+        wait_until(lambda: not daemon.transport.connected, 20, "the coordinator to notice")
+        again = MosquittoProcess(port=port).start()
+        wait_until(lambda: daemon.transport.connected, 60, "the coordinator to reconnect")
+        return again
+
+    try:
+        daemon = CoordinatorDaemon(
+            CoordinatorOptions(broker=broker.url, region=REGION, state_dir=tmp_path / "c", strategy_params={"k": 1, "timeout_s": 5.0},
+                               status_interval_s=3600.0),
+            task=task,
+        ).start()
+        try:
+            broker = restart()  # nothing else on the broker: nothing else makes the coordinator publish
+            watcher = Watcher(broker.url)
+            try:
+                wait_until(lambda: watcher.get("alive", False) is True, 15, "the coordinator's status, retained again")
+            finally:
+                watcher.t.stop()
+            common: dict[str, Any] = {"broker": broker.url, "region": REGION, "task": task, "train": TrainConfig(epochs=1),
+                                      "request_timeout_s": 1.0, "inference": "torch"}
+            busy = EdgeClient(device_id="busy", data_dir=tmp_path / "busy", min_samples=2, **common).start()
+            idle = EdgeClient(device_id="idle", data_dir=tmp_path / "idle", min_samples=10**6, **common).start()
+            try:
+                assert idle.wait_for_version(0, timeout=60)
+                for i in range(2):
+                    busy.add_sample(pool.x[i], int(pool.y[i]))
+                wait_until(lambda: daemon.core.version >= 1 and daemon.core.release[0] >= 1, 60, "version 1 released")
+                assert idle.version == 0  # it labels nothing: no pull, no news of version 1
+                broker = restart()
+                wait_until(lambda: (idle.version or 0) >= 1, 30, "the idle device to fetch the release it missed")
+            finally:
+                busy.stop()
+                idle.stop()
+        finally:
+            daemon.stop()
+    finally:
+        broker.stop()

@@ -423,6 +423,11 @@ class DeviceCore:
         current model to serve predictions with (``serve_on_start``)."""
         return self._kick_off(now)
 
+    def reconnected(self, now: float) -> list[DeviceAction]:
+        """The broker connection came back: an idle device asks again, as after a start (a
+        release it missed while away: neither acks nor a recall that does not cover it say so)."""
+        return self._kick_off(now) if self._s.phase is _IDLE else []
+
     def _kick_off(self, now: float) -> list[DeviceAction]:
         actions = self._maybe_pull(now)
         if not actions and self.config.serve_on_start and self._s.phase is _IDLE:
