@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -46,8 +47,9 @@ from coordinator.strategies import strategy_params
 from coordinator.strategies.base import BufferedUpdate
 from coordinator.strategies.staleness import needs_driver, policy_of
 from coordinator.validation import Validator, load_validation
+from edge_sdk.core.device import MAX_STATUS_BYTES
 from edge_sdk.core.events import MessageReceived, Notify, Publish
-from edge_sdk.errors import ConfigError, TransportError
+from edge_sdk.errors import ConfigError, EdgeciError, TransportError
 from edge_sdk.modelio import load_model
 from edge_sdk.mqtt import BrokerAuth, MqttTransport
 from edge_sdk.runtime import Actor, Clock, WallClock
@@ -56,7 +58,7 @@ from edge_sdk.spec import Vector
 from edge_sdk.tasks import get_task
 from edge_sdk.tasks.base import Task
 from edge_sdk.wire import topics
-from edge_sdk.wire.codec import Encoding, status_json
+from edge_sdk.wire.codec import Encoding, parse_status_json, status_json
 
 log = logging.getLogger("edgeci.coordinator")
 
@@ -207,15 +209,21 @@ class CoordinatorDaemon:
         # ops: metrics snapshot after handled events, liveness stamps and last will on the status topic
         self.metrics = CoordinatorMetrics(problems=self._problems, connected=lambda: self.transport.connected)
         self._status_topic = topics.status_topic(options.region)
+        self._instance = secrets.token_hex(6)
+        """This process, in every status it publishes: another process's live status is another coordinator."""
+        self._started_at = float("inf")
+        self._others: set[tuple[str, str]] = set()
+        self.duplicate_coordinators = 0
+        """Other live coordinators seen publishing this region's status (each said at ERROR once)."""
         self._snapshot_at = 0.0
         self._closing = threading.Event()
         # One thread reads, handles and answers (own_loop): the actor drives paho's loop.
         self.transport = MqttTransport(
             options.broker,
             client_id=self.coordinator_id,
-            subscriptions=self.core.subscriptions(),
+            subscriptions=[*self.core.subscriptions(), self._status_topic],  # (its own: another coordinator's too)
             on_message=self._on_message,
-            will=(self._status_topic, status_will(options.region, self.coordinator_id)),
+            will=(self._status_topic, status_will(options.region, self.coordinator_id, self._instance)),
             auth=options.auth or (BrokerAuth.from_bundle(options.bundle) if options.bundle is not None else None),
             own_loop=True,
             on_connection=self._on_connection,
@@ -231,6 +239,7 @@ class CoordinatorDaemon:
     def _problems(self) -> dict[str, int]:
         """For the metrics endpoint (its thread): counters that only ever grow."""
         return {"publish_refused": self.publish_failures, "storage_failures": self.storage_failures,
+                "duplicate_coordinator": self.duplicate_coordinators,
                 "core_failures": self.core_failures,
                 "messages_dropped": getattr(self.transport, "dropped_messages", 0),
                 "malformed_packets": getattr(self.transport, "malformed_packets", 0),
@@ -337,6 +346,7 @@ class CoordinatorDaemon:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self, timeout: float = 15.0) -> CoordinatorDaemon:
+        self._started_at = self.clock.now()
         if self.options.validation is not None:
             split = load_validation(self.options.validation, self.task)
             self.validator = Validator(self.task, split, self.actor.submit).start()
@@ -384,7 +394,7 @@ class CoordinatorDaemon:
         if last is not None and self.transport.connected:  # straight out: _perform is the actor's
             self.transport.publish(self._status_topic, stamp_status(
                 last, alive=False, now=self.clock.now(), heartbeat_s=self.options.status_interval_s,
-                reason="stopped"), qos=1, retain=True)
+                reason="stopped", instance=self._instance), qos=1, retain=True)
         self._probe_stop.set()
         self.transport.stop()
         if self.validator is not None:
@@ -407,7 +417,34 @@ class CoordinatorDaemon:
     # ------------------------------------------------------------------ IO
 
     def _on_message(self, topic: str, payload: bytes) -> None:
+        if topic == self._status_topic:
+            self._seen_status(payload)
+            return
         self.actor.submit(lambda now: MessageReceived(now=now, topic=topic, payload=payload))
+
+    def _seen_status(self, payload: bytes) -> None:
+        """A status on this region's topic from another live process (not ours, not a status or
+        last will retained from before we started): two coordinators answer the same devices
+        and split the fleet (each its own versions and signing key). Said at ERROR once per
+        process, counted (``duplicate_coordinator`` in /metrics); nothing else changes."""
+        if len(payload) > MAX_STATUS_BYTES:
+            return
+        try:
+            status = parse_status_json(payload)
+        except EdgeciError:
+            return
+        instance, published = status.get("instance"), status.get("published_at")
+        if instance == self._instance or status.get("alive") is not True or not isinstance(published, int | float) \
+                or isinstance(published, bool) or published < self._started_at:
+            return
+        key = (str(status.get("coordinator", "?"))[:100], str(instance)[:40])
+        if key in self._others or len(self._others) >= 64:
+            return
+        self._others.add(key)
+        self.duplicate_coordinators += 1
+        log.error("another coordinator (id %r, process %s) is live on region %r's status topic while this one (id %r) runs: "
+                  "two coordinators on one region answer the same devices with different versions and keys; stop one of them",
+                  key[0], key[1], self.options.region, self.coordinator_id)
 
     def _handle(self, event: Any) -> list[Any]:
         """Actor thread: the core handles the event; then the metrics snapshot is refreshed
@@ -585,7 +622,7 @@ class CoordinatorDaemon:
             if action.topic == self._status_topic:
                 self._last_status = payload
                 closing = self._closing.is_set()
-                payload = stamp_status(payload, alive=not closing, now=self.clock.now(),
+                payload = stamp_status(payload, alive=not closing, now=self.clock.now(), instance=self._instance,
                                        heartbeat_s=self.options.status_interval_s, reason="stopped" if closing else "")
             try:
                 self.transport.publish(action.topic, payload, qos=action.qos, retain=action.retain)

@@ -349,10 +349,12 @@ class MetricsServer:
 # ---------------------------------------------------------------------- liveness on the status topic
 
 
-def stamp_status(payload: bytes, *, alive: bool, now: float, heartbeat_s: float, reason: str = "") -> bytes:
-    """Add ``alive``, ``published_at`` and ``heartbeat_s`` to a status JSON object (a byte
-    splice: the status is published often and is already valid JSON)."""
+def stamp_status(payload: bytes, *, alive: bool, now: float, heartbeat_s: float, reason: str = "", instance: str = "") -> bytes:
+    """Add ``alive``, ``published_at`` and ``heartbeat_s`` (and the process's ``instance``) to a
+    status JSON object (a byte splice: the status is published often and is already valid JSON)."""
     head: dict[str, object] = {"alive": alive, "heartbeat_s": heartbeat_s, "published_at": round(now, 3)}
+    if instance:
+        head["instance"] = instance
     if reason:
         head["reason"] = reason
     prefix = json.dumps(head, sort_keys=True)[:-1].encode()
@@ -362,9 +364,9 @@ def stamp_status(payload: bytes, *, alive: bool, now: float, heartbeat_s: float,
     return prefix + (b"}" if body == b"{}" else b", " + body[1:])
 
 
-def status_will(region: str, coordinator: str) -> bytes:
+def status_will(region: str, coordinator: str, instance: str = "") -> bytes:
     """The coordinator's MQTT last will on its status topic: ``alive: false``."""
     return json.dumps({
         "v": 1, "type": "status", "region": region, "coordinator": coordinator, "alive": False,
-        "reason": "connection lost (last will)",
+        "reason": "connection lost (last will)", **({"instance": instance} if instance else {}),
     }, sort_keys=True).encode()

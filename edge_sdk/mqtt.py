@@ -107,6 +107,10 @@ log = logging.getLogger(__name__)
 
 PASSWORD_ENV = "EDGECI_PASSWORD"
 RECONNECT_MIN_S, RECONNECT_MAX_S = 1, 30
+STABLE_S = 10.0
+"""A connection that lasted this long resets the reconnect backoff; a shorter one keeps it growing."""
+SHORT_DROPS = 3
+"""Connections closed before STABLE_S this many times in a row: likely another client with our id."""
 IOV_MAX = 1024
 READS_PER_WAKEUP = 64
 """own_loop: most ``loop_read`` calls per wake-up while read-ahead bytes remain."""
@@ -320,6 +324,9 @@ class MqttTransport:
         self._stopping = False
         self._reconnect_at: float | None = None
         self._reconnect_delay = RECONNECT_MIN_S
+        self._client_id = client_id
+        self._connected_at: float | None = None
+        self._quick_drops = 0
         self._misc_at = 0.0
         self._loop_ident: int | None = None
         self.auth = auth
@@ -717,7 +724,9 @@ class MqttTransport:
                 self._refusal = f"{reason}{_refusal_hint(str(reason))}"
                 self._settled.set()
             return
-        self._reconnect_at, self._reconnect_delay = None, RECONNECT_MIN_S
+        # The backoff resets only once this connection proves stable (see _handle_disconnect):
+        # two clients with one id take the session from each other at every connect.
+        self._reconnect_at, self._connected_at = None, time.monotonic()
         if self._lost_at is not None:
             log.warning("reconnected to broker %s after %.1f s", self.address.url, time.monotonic() - self._lost_at)
             self._lost_at = None
@@ -738,8 +747,18 @@ class MqttTransport:
 
     def _handle_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if self._connected.is_set() and not self._stopping:  # an outage, or another client took our id
-            self._lost_at = time.monotonic()
-            log.warning("lost the connection to broker %s (%s); reconnecting", self.address.url, reason)
+            self._lost_at = now = time.monotonic()
+            lasted = now - (self._connected_at if self._connected_at is not None else now)
+            if lasted >= STABLE_S:
+                self._reconnect_delay, self._quick_drops = RECONNECT_MIN_S, 0
+            else:
+                self._quick_drops += 1
+            why = "the broker closed it" if str(reason) == "Unspecified error" else str(reason)  # (MQTT 3.1.1 gives no reason)
+            log.warning("lost the connection to broker %s (%s, after %.1f s); reconnecting", self.address.url, why, lasted)
+            if self._quick_drops == SHORT_DROPS:
+                log.error("broker %s closed our connection %d times in a row within %.0f s of accepting it: is another "
+                          "client with the id %r taking over this session (a second coordinator or device started "
+                          "with the same id)?", self.address.url, SHORT_DROPS, STABLE_S, self._client_id)
         self._connected.clear()
         if not self._settled.is_set():
             # Closed before any CONNACK: with TLS 1.3 a rejected client certificate shows

@@ -334,3 +334,40 @@ def test_after_a_broker_restart_the_status_is_back_at_once_and_an_idle_device_ca
             daemon.stop()
     finally:
         broker.stop()
+
+
+@pytest.mark.parametrize("same_id", [False, True])
+def test_a_second_coordinator_on_the_region_is_called_out(tmp_path: Path, caplog: pytest.LogCaptureFixture, same_id: bool) -> None:
+    """Two coordinators on one region (different state dirs) answer the same devices with
+    their own versions and keys, or, with one client id, take the broker session from each
+    other every second. Each says so at ERROR and counts it (``duplicate_coordinator``); the
+    transport names the id being taken over. A coordinator restarted after the first stopped
+    is not another one (the retained status predates it)."""
+    from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
+
+    def daemon(name: str, coordinator_id: str) -> CoordinatorDaemon:
+        return CoordinatorDaemon(CoordinatorOptions(broker=broker.url, region=REGION, state_dir=tmp_path / name,
+                                                    coordinator_id=coordinator_id), task=get_task("digits"))
+
+    broker = MosquittoProcess().start()
+    try:
+        first = daemon("a", "coord-a").start()
+        first.stop()
+        with caplog.at_level("ERROR"):
+            again = daemon("a", "coord-a").start()  # a restart: the retained status is the stopped one's
+            try:
+                time.sleep(1.0)
+                assert again.duplicate_coordinators == 0 and "another coordinator" not in caplog.text
+                other = daemon("b", "coord-a" if same_id else "coord-b").start(timeout=30)
+                try:
+                    wait_until(lambda: again.duplicate_coordinators + other.duplicate_coordinators >= 1, 30,
+                               "one of them to call the other out")
+                    assert "is live on region" in caplog.text
+                    if same_id:
+                        wait_until(lambda: "taking over this session" in caplog.text, 30, "the transport to name the takeover")
+                finally:
+                    other.stop()
+            finally:
+                again.stop()
+    finally:
+        broker.stop()
