@@ -40,10 +40,30 @@ class Clock(Protocol):
 
 
 class WallClock:
-    """Seconds since the epoch: survives restarts, so checkpointed times stay meaningful."""
+    """Seconds since the epoch (they survive restarts, so checkpointed times stay meaningful)
+    that never go back: ``time.time()`` when started, then advanced by ``time.monotonic()``.
+    A system clock set forward is followed at once (a deadline comes early, as it would); one
+    set back is not, or every timer a core armed — request retries, SPIN's π, canary and
+    conversion deadlines — would wait that much longer (an edge device without a real-time
+    clock whose time NTP corrects back, a server stepped at run time)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._wall0, self._mono0 = time.time(), time.monotonic()
 
     def now(self) -> float:
-        return time.time()
+        with self._lock:
+            mono, wall = time.monotonic(), time.time()
+            steady = self._wall0 + (mono - self._mono0)
+            if wall > steady + FORWARD_STEP_S:  # set forward: follow
+                self._wall0, self._mono0 = wall, mono
+                return wall
+            return steady
+
+
+FORWARD_STEP_S = 1.0
+"""A system clock this far ahead of :class:`WallClock`'s own is followed (less: NTP's slewing, which
+moves the monotonic clock too)."""
 
 
 class ActorIO(Protocol):

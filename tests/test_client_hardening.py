@@ -220,3 +220,30 @@ def test_a_first_use_pin_the_store_cannot_save_still_deploys_the_model(tmp_path:
         assert "cannot save the pinned coordinator key" in caplog.text
     finally:
         close_unstarted(c)
+
+
+def test_the_wall_clock_of_the_drivers_follows_a_clock_set_forward_but_never_goes_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A system clock set back 3 h (an RTC-less device corrected by NTP) used to stall every
+    timer a core armed by 3 h: request retries, SPIN's π (network-failure audit). The drivers'
+    clock keeps counting from where it was; set forward, it follows at once."""
+    import time
+
+    from edge_sdk.runtime import WallClock
+
+    wall, mono = [1_000_000.0], [50.0]
+    monkeypatch.setattr(time, "time", lambda: wall[0])
+    monkeypatch.setattr(time, "monotonic", lambda: mono[0])
+    clock = WallClock()
+    assert clock.now() == 1_000_000.0
+    wall[0] -= 3 * 3600.0
+    mono[0] += 2.0
+    wall[0] += 2.0
+    assert clock.now() == 1_000_002.0  # two seconds on, not three hours back
+    wall[0] += 7200.0
+    mono[0] += 1.0
+    wall[0] += 1.0
+    assert clock.now() == 1_000_003.0  # still behind where it was: keep counting
+    wall[0] += 7200.0  # now an hour ahead of it: a clock set forward
+    assert clock.now() == wall[0] == 1_003_603.0
+    mono[0] += 0.5
+    assert clock.now() == wall[0] + 0.5
