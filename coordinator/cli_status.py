@@ -3,7 +3,8 @@
 Reads the retained status from the broker and renders it (``--json``: the raw JSON). Exit
 code 0 when the coordinator is alive, 2 when none is: no retained status, a status whose
 ``alive`` is false (the coordinator stopped, or the broker published its last will), or a
-status older than a few heartbeats (``published_at``, ``heartbeat_s``).
+status older than a few heartbeats (``published_at``, ``heartbeat_s``) with no live one within
+a heartbeat (one that does arrive means the coordinator's clock is behind: said, and alive).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import threading
 import time
 import uuid
@@ -58,30 +60,50 @@ def operator_auth(args: argparse.Namespace) -> BrokerAuth | None:
     return auth_from_args(args)
 
 
-def read_status(broker: str, region: str, timeout: float = 5.0, *, auth: BrokerAuth | None = None) -> dict[str, object]:
-    """The retained status JSON of ``region`` (raises TransportError if none arrives)."""
-    got: list[bytes] = []
-    event = threading.Event()
+class StatusReader:
+    """The region's status topic, read while open: the retained status first, then live ones."""
 
-    def on_message(topic: str, payload: bytes) -> None:
-        if topic != topics.status_topic(region):
+    def __init__(self, broker: str, region: str, timeout: float = 5.0, *, auth: BrokerAuth | None = None) -> None:
+        self.broker, self.region = broker, region
+        self._got: list[bytes] = []
+        self._cond = threading.Condition()
+        self._t = MqttTransport(broker, client_id=f"edgeci-status-{uuid.uuid4().hex[:8]}", subscriptions=[topics.status_topic(region)],
+                                on_message=self._on_message, clean_session=True, auth=auth)
+        self._t.start(timeout)
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        if topic != topics.status_topic(self.region):
             return
         try:
             parse_status_json(payload)
         except MalformedMessage:
             log.warning("ignoring a message on %s that is not a status (%d bytes)", topic, len(payload))
             return
-        got.append(payload)
-        event.set()
+        with self._cond:
+            self._got.append(payload)
+            self._cond.notify_all()
 
-    t = MqttTransport(broker, client_id=f"edgeci-status-{uuid.uuid4().hex[:8]}", subscriptions=[topics.status_topic(region)], on_message=on_message, clean_session=True, auth=auth)
-    t.start(timeout)
+    def status(self, index: int, timeout: float) -> dict[str, object] | None:
+        """The ``index``-th status that arrived (0: the retained one), waiting up to ``timeout`` s."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self._got) > index, timeout):
+                return None
+            return parse_status_json(self._got[index])
+
+    def close(self) -> None:
+        self._t.stop()
+
+
+def read_status(broker: str, region: str, timeout: float = 5.0, *, auth: BrokerAuth | None = None) -> dict[str, object]:
+    """The retained status JSON of ``region`` (raises NoStatus if none arrives)."""
+    reader = StatusReader(broker, region, timeout, auth=auth)
     try:
-        if not event.wait(timeout):
-            raise NoStatus(f"no status for region {region!r} on {broker} within {timeout:.0f} s")
+        status = reader.status(0, timeout)
     finally:
-        t.stop()
-    return parse_status_json(got[-1])
+        reader.close()
+    if status is None:
+        raise NoStatus(f"no status for region {region!r} on {broker} within {timeout:.0f} s")
+    return status
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -276,16 +298,42 @@ def _history_row(event: Mapping[str, Any], now: float) -> list[str]:
             " · ".join(details)]
 
 
+LIVE_WAIT_MAX_S = 120.0
+"""The longest ``edgeci status`` waits for a live status when the retained one looks stale."""
+
+
 def run(args: argparse.Namespace) -> int:
-    try:
-        status = read_status(args.broker, args.region, args.timeout, auth=operator_auth(args))
-    except NoStatus:  # (an unreachable broker is a TransportError: exit 1 with its message)
-        print(f"NOT ALIVE: no coordinator status for region {args.region!r} on {args.broker} "
-              f"(no coordinator has published there, or the broker lost its retained messages)")
-        return NOT_ALIVE
-    alive, _ = liveness(status, time.time(), args.stale_after)
+    reader = StatusReader(args.broker, args.region, args.timeout, auth=operator_auth(args))
+    try:  # (an unreachable broker is a TransportError: exit 1 with its message)
+        status = reader.status(0, args.timeout)
+        if status is None:
+            print(f"NOT ALIVE: no coordinator status for region {args.region!r} on {args.broker} "
+                  f"(no coordinator has published there, or the broker lost its retained messages)")
+            return NOT_ALIVE
+        now, skew = time.time(), None
+        alive, _ = liveness(status, now, args.stale_after)
+        published = status.get("published_at")
+        if alive is False and status.get("alive") is True and isinstance(published, int | float):
+            # Old by this machine's clock, yet not stopped: gone, or the clocks differ. A coordinator
+            # publishes at least once a heartbeat: one that arrives now is live, whatever it says the time is.
+            beat = status.get("heartbeat_s")
+            wait = min(LIVE_WAIT_MAX_S, (float(beat) if isinstance(beat, int | float) else 30.0) + 5.0)
+            print(f"(the retained status is {_ago(now - float(published))} by this machine's clock; "
+                  f"waiting up to {wait:.0f} s for a live one)", file=sys.stderr)
+            live = reader.status(1, wait)
+            stamp = live.get("published_at") if live is not None else None
+            if live is not None and isinstance(stamp, int | float):
+                status, now = live, time.time()
+                skew = now - float(stamp)
+                now = float(stamp)  # judged on its own clock: it just arrived
+                alive, _ = liveness(status, now, args.stale_after)
+    finally:
+        reader.close()
     if args.json:
-        print(json.dumps(status, indent=2, sort_keys=True))
+        print(json.dumps(status if skew is None else {**status, "clock_behind_s": round(skew, 1)}, indent=2, sort_keys=True))
     else:
-        print(render(status, time.time(), args.stale_after))
+        print(render(status, now, args.stale_after))
+        if skew is not None:
+            print(f"  clock: the coordinator's clock is {abs(skew):.0f} s {'behind' if skew > 0 else 'ahead of'} this machine's "
+                  "(its status arrived live; liveness judged on its clock)")
     return NOT_ALIVE if alive is False else 0

@@ -471,3 +471,41 @@ def test_status_after_sigkill_says_not_alive_via_last_will(mosquitto: MosquittoP
     assert "NOT ALIVE" in out.stdout and "last will" in out.stdout
     with pytest.raises(TransportError):  # nothing listens: an error, not "not alive"
         read_status(f"mqtt://127.0.0.1:{free_port()}", region, timeout=1)
+
+
+@pytest.mark.parametrize("live", [True, False])
+def test_status_of_a_coordinator_whose_clock_is_behind_is_judged_by_a_live_status(
+        mosquitto: MosquittoProcess, capsys: pytest.CaptureFixture[str], live: bool) -> None:
+    """The retained status says alive but is two hours old by this machine's clock: the
+    coordinator is gone, or its clock is behind (network-failure audit: it was called dead).
+    ``edgeci status`` waits up to a heartbeat for a live one: if it comes, alive, with the
+    clock difference said; if not, NOT ALIVE as before."""
+    from coordinator import cli_status
+    from edge_sdk.wire.codec import status_json
+
+    region = f"skew{int(live)}"
+    c = make_coordinator("spin", k=2, timeout_s=5.0)
+    behind = 7200.0
+
+    def stamped() -> bytes:
+        body = status_json(c.status()).replace(b'"region": "r1"', f'"region": "{region}"'.encode())
+        return stamp_status(body, alive=True, now=time.time() - behind, heartbeat_s=1.0)
+
+    pub = MqttTransport(mosquitto.url, client_id=f"pub-{region}", subscriptions=[], on_message=lambda *_: None, clean_session=True)
+    pub.start()
+    try:
+        pub.publish(topics.status_topic(region), stamped(), retain=True)
+        if live:
+            threading.Timer(1.5, lambda: pub.publish(topics.status_topic(region), stamped(), retain=True)).start()
+        p = argparse.ArgumentParser()
+        cli_status.add_arguments(p)
+        rc = cli_status.run(p.parse_args(["--broker", mosquitto.url, "--region", region]))
+        out = capsys.readouterr()
+        assert "waiting up to 6 s for a live one" in out.err
+        if live:
+            assert rc == 0 and "ALIVE" in out.out and "the coordinator's clock is 7" in out.out and "behind" in out.out
+        else:
+            assert rc == cli_status.NOT_ALIVE and "more than 13 s" in out.out
+    finally:
+        pub.publish(topics.status_topic(region), b"", retain=True)
+        pub.stop()
