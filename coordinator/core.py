@@ -781,11 +781,13 @@ class CoordinatorCore:
             # The topic's prefix names this device in this region: parse validated both ids
             # in this very string, so replies to the device reuse it (see _device_topic).
             self._inbox = (parsed.device, ev.topic[: len(ev.topic) - len(leaf)])
-            self._track(parsed.device, None, msg, ev.now)
+            self._track(parsed.device, None, ev.now)  # seen: alive, whatever it sent
             device = parsed.device
             if isinstance(msg, Pull | Update):
                 seq = msg.seq
-            return self._dispatch(parsed.device, leaf, msg, ev.now)
+            actions = self._dispatch(parsed.device, leaf, msg, ev.now)
+            self._track_version(parsed.device, msg)  # the version it says it runs: only from a message we took
+            return actions
         except RemoteProtocolError as exc:
             return self._reject(exc, leaf, device, seq)
 
@@ -829,16 +831,25 @@ class CoordinatorCore:
         online = payload == b"online"
         if online != (device in self._online):
             self._status_dirty = True
-        self._track(device, online, None, now)
+        self._track(device, online, now)
         return []
 
-    def _track(self, device: str, online: bool | None, msg: Message | None, now: float) -> None:
-        """Presence bookkeeping: online flag (None keeps it), last seen, the version it runs."""
-        old_online, _, version = self._presence.pop(device, (None, 0.0, NO_VERSION))
+    def _track_version(self, device: str, msg: Message) -> None:
+        """The version an accepted pull or update says the device runs (in place: no reordering)."""
         if isinstance(msg, Pull) and msg.have_version != NO_VERSION:
             version = msg.have_version
         elif isinstance(msg, Update):
             version = msg.base_version
+        else:
+            return
+        entry = self._presence.get(device)
+        if entry is not None and entry[2] != version:
+            self._presence[device] = (entry[0], entry[1], version)
+
+    def _track(self, device: str, online: bool | None, now: float) -> None:
+        """Presence bookkeeping: online flag (None keeps it), last seen (the version it runs:
+        :meth:`_track_version`)."""
+        old_online, _, version = self._presence.pop(device, (None, 0.0, NO_VERSION))
         flag = old_online if online is None else online
         self._presence[device] = (flag, now, version)
         if flag:

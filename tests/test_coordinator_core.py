@@ -213,3 +213,18 @@ def test_an_update_is_checked_for_its_norm_in_the_same_pass_as_for_nan() -> None
         SPEC.check_update(at_limit)
     with pytest.raises(WeightsOutOfRange, match="overflows float32"):
         SPEC.check_update(np.full(SPEC.size, 3e38, np.float32))
+
+
+def test_a_refused_message_shows_its_device_seen_but_not_the_version_it_claims() -> None:
+    """Presence: a refused pull (another model) still says the device is alive, but the
+    version it claims to run is taken only from a message the coordinator accepted (the
+    status used to show whatever a refused message claimed: hostile-input audit)."""
+    c = make_coordinator("spin", k=2, timeout_s=5.0)
+    topic = topics.device_topic("r1", "d1", "pull")
+    c.handle(MessageReceived(now=1.0, topic=topic, payload=encode(Pull(device="d1", seq=0, model_id="other", have_version=10**6))))
+    assert c.counters["reject:unknown_model"] == 1
+    assert c.presence["d1"] == (None, 1.0, -1)  # seen at 1.0; no version claimed by an accepted message
+    c.handle(MessageReceived(now=2.0, topic=topic, payload=encode(Pull(device="d1", seq=1, model_id="toy", have_version=0))))
+    assert c.presence["d1"] == (None, 2.0, 0)
+    c.handle(MessageReceived(now=3.0, topic=topic, payload=encode(Pull(device="d1", seq=2, model_id="other", have_version=7))))
+    assert c.presence["d1"] == (None, 3.0, 0)
