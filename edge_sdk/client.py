@@ -628,7 +628,7 @@ class EdgeClient:
                 return  # its sequence number is not durable: it must not leave (the core retries it)
             self.transport.publish(action.topic, action.payload, qos=action.qos, retain=action.retain)
         elif isinstance(action, PersistDeviceState):
-            self._save_counters(action if self._unsaved is None or action.next_seq >= self._unsaved.next_seq else self._unsaved)
+            self._save_counters(action)  # the newest supersedes an unsaved one (trained_upto may go back)
         elif isinstance(action, PinKey):
             pins = {**self._pins(action.region), action.kid: action.public_raw}
             try:
