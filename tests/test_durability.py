@@ -479,9 +479,12 @@ def driver(tmp_path: Path, *, k: int, **options: Any) -> Iterator[tuple[Any, Fak
 
 
 def in_one_batch(daemon: Any, messages: list[tuple[str, bytes]]) -> None:
-    """Hold the actor, queue the messages, let go: they are handled as one batch."""
-    gate = threading.Event()
-    daemon.actor.call(lambda: gate.wait(10))
+    """Hold the actor, queue the messages, let go: they are handled as one batch. (The actor
+    must be inside the holding call before they are queued: else, on a loaded machine, it
+    could take the first ones into the call's batch and the rest into the next.)"""
+    gate, inside = threading.Event(), threading.Event()
+    daemon.actor.call(lambda: (inside.set(), gate.wait(10)))
+    assert inside.wait(10), "the actor did not take the holding call"
     for topic, payload in messages:
         daemon._on_message(topic, payload)
     gate.set()
