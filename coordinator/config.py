@@ -90,13 +90,13 @@ def options_of(parser: argparse.ArgumentParser, only: Iterable[str] | None = Non
 def given_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
     """Dests set explicitly on the command line (parsed again with every default suppressed)."""
     saved: list[tuple[argparse.Action, Any, bool]] = []
-    for p in _parsers(parser):
+    for p in parsers_of(parser):
         for a in p._actions:
             if isinstance(a, argparse._SubParsersAction):
                 continue
             saved.append((a, a.default, a.required))
             a.default, a.required = argparse.SUPPRESS, False
-    saved_defaults = [(p, dict(p._defaults)) for p in _parsers(parser)]
+    saved_defaults = [(p, dict(p._defaults)) for p in parsers_of(parser)]
     for p, _ in saved_defaults:
         p._defaults.clear()
     try:
@@ -109,12 +109,13 @@ def given_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str
     return set(vars(ns))
 
 
-def _parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+def parsers_of(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """``parser`` and every subparser below it, each once (aliases map to the same parser)."""
     out = [parser]
     for a in parser._actions:
         if isinstance(a, argparse._SubParsersAction):
             for sub in dict.fromkeys(a.choices.values()):
-                out += _parsers(sub)
+                out += parsers_of(sub)
     return out
 
 

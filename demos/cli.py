@@ -187,7 +187,9 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
         p.set_defaults(_module=module)
         if name == chosen:
             importlib.import_module(module).add_arguments(p)
-            for q in (p, *_nested(p)):  # e.g. `edgeci pki issue ... -v`: the flags after any action name too
+            from coordinator.config import parsers_of
+
+            for q in parsers_of(p):  # e.g. `edgeci pki issue ... -v`: the flags after any action name too
                 _add_log_flags(q, top=False)
             if name == "emulate":  # its real-MQTT fleet mode (--broker) connects like a device
                 from edge_sdk.mqtt import TOFU_DEVICES, add_broker_arguments
@@ -196,16 +198,6 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
                     "with --broker: the folder of per-device bundles (PKI/bundles), one per device id of the scenario "
                     "(`edgeci pki issue --role device ID`); a single device's bundle only for a fleet of that one device"))
     return parser
-
-
-def _nested(p: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
-    """The subparsers below ``p`` (a command's own actions), each once."""
-    out: list[argparse.ArgumentParser] = []
-    for action in p._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for q in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
-                out += [q, *_nested(q)]
-    return out
 
 
 def _chosen(argv: Sequence[str]) -> str | None:
