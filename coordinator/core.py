@@ -698,11 +698,18 @@ class CoordinatorCore:
         if (self._gate is None or version != self._version or version in self._gate.pending
                 or np.array_equal(self._weights, self._release_weights)):
             return []
-        self._gate.add_candidate(version, self._release_version, ())
         self.counters["gate_resubmitted"] += 1
+        return self._submit_candidate(self._gate, self._weights, (), now)
+
+    def _submit_candidate(self, gate: Gate, weights: Vector, devices: tuple[str, ...], now: float) -> list[CoordinatorAction]:
+        """The newest version, as a candidate: to the gate, to validation, to a canary round."""
+        self._candidate_devices[self._version] = devices
+        for old in gate.add_candidate(self._version, self._release_version, devices):
+            self._candidate_devices.pop(old, None)
+            self.counters["gate_superseded"] += 1
         actions: list[CoordinatorAction] = []
-        if self._gate.config.validation:
-            actions.append(EvaluateCandidate(version=version, weights=self._weights, release_version=self._release_version,
+        if gate.config.validation:
+            actions.append(EvaluateCandidate(version=self._version, weights=weights, release_version=self._release_version,
                                              release_weights=self._release_weights))
         return actions + self._canary_start(now)
 
@@ -1259,17 +1266,7 @@ class CoordinatorCore:
         if source in ("rollback", "operator"):
             pass  # the caller decides what the release is
         elif self._gate is not None:
-            devices = tuple(meta.get("devices", ()))
-            self._candidate_devices[self._version] = devices
-            for old in self._gate.add_candidate(self._version, self._release_version, devices):
-                self._candidate_devices.pop(old, None)
-                self.counters["gate_superseded"] += 1
-            if self._gate.config.validation:
-                self._pending_actions.append(EvaluateCandidate(
-                    version=self._version, weights=weights,
-                    release_version=self._release_version, release_weights=self._release_weights,
-                ))
-            self._pending_actions += self._canary_start(now)
+            self._pending_actions += self._submit_candidate(self._gate, weights, tuple(meta.get("devices", ())), now)
         elif not self._pinned:
             self._release_version, self._release_weights = self._version, weights
         return CommitVersion(
