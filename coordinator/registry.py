@@ -153,11 +153,15 @@ def _update_body(u: BufferedUpdate) -> bytes:
     return bytes(msgpack.packb(body, use_bin_type=True))
 
 
-def _update_from(body: bytes) -> BufferedUpdate:
+def _decoded(body: bytes) -> dict[str, Any]:
     fields = msgpack.unpackb(body, raw=False)
-    if not isinstance(fields, dict):
-        raise ValueError("a pending record must be a map")
-    return _update_of(fields)
+    if not isinstance(fields, dict) or not fields:
+        raise ValueError("a record must be a non-empty map")
+    return fields
+
+
+def _update_from(body: bytes) -> BufferedUpdate:
+    return _update_of(_decoded(body))
 
 
 def _update_of(fields: dict[str, Any]) -> BufferedUpdate:
@@ -198,13 +202,6 @@ def _scan(data: bytes, pos: int = len(SEGMENT_MAGIC)) -> Iterator[tuple[int, byt
             return
         yield end, body
         pos = end
-
-
-def _decoded(body: bytes) -> dict[str, Any]:
-    fields = msgpack.unpackb(body, raw=False)
-    if not isinstance(fields, dict) or not fields:
-        raise ValueError("a record must be a non-empty map")
-    return fields
 
 
 def _intact_after(data: bytes, pos: int) -> int | None:
