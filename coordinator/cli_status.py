@@ -65,7 +65,7 @@ class StatusReader:
 
     def __init__(self, broker: str, region: str, timeout: float = 5.0, *, auth: BrokerAuth | None = None) -> None:
         self.broker, self.region = broker, region
-        self._got: list[bytes] = []
+        self._got: list[dict[str, object]] = []
         self._cond = threading.Condition()
         self._t = MqttTransport(broker, client_id=f"edgeci-status-{uuid.uuid4().hex[:8]}", subscriptions=[topics.status_topic(region)],
                                 on_message=self._on_message, clean_session=True, auth=auth)
@@ -75,12 +75,12 @@ class StatusReader:
         if topic != topics.status_topic(self.region):
             return
         try:
-            parse_status_json(payload)
+            status = parse_status_json(payload)
         except MalformedMessage:
             log.warning("ignoring a message on %s that is not a status (%d bytes)", topic, len(payload))
             return
         with self._cond:
-            self._got.append(payload)
+            self._got.append(status)
             self._cond.notify_all()
 
     def status(self, index: int, timeout: float) -> dict[str, object] | None:
@@ -88,7 +88,7 @@ class StatusReader:
         with self._cond:
             if not self._cond.wait_for(lambda: len(self._got) > index, timeout):
                 return None
-            return parse_status_json(self._got[index])
+            return self._got[index]
 
     def close(self) -> None:
         self._t.stop()
