@@ -326,7 +326,7 @@ class MqttTransport:
         self._reconnect_delay = RECONNECT_MIN_S
         self._client_id = client_id
         self._connected_at: float | None = None
-        self._quick_drops = 0
+        self._short_drops = 0
         self._misc_at = 0.0
         self._loop_ident: int | None = None
         self.auth = auth
@@ -750,12 +750,12 @@ class MqttTransport:
             self._lost_at = now = time.monotonic()
             lasted = now - (self._connected_at if self._connected_at is not None else now)
             if lasted >= STABLE_S:
-                self._reconnect_delay, self._quick_drops = RECONNECT_MIN_S, 0
+                self._reconnect_delay, self._short_drops = RECONNECT_MIN_S, 0
             else:
-                self._quick_drops += 1
+                self._short_drops += 1
             why = "the broker closed it" if str(reason) == "Unspecified error" else str(reason)  # (MQTT 3.1.1 gives no reason)
             log.warning("lost the connection to broker %s (%s, after %.1f s); reconnecting", self.address.url, why, lasted)
-            if self._quick_drops == SHORT_DROPS:
+            if self._short_drops == SHORT_DROPS:
                 log.error("broker %s closed our connection %d times in a row within %.0f s of accepting it: is another "
                           "client with the id %r taking over this session (a second coordinator or device started "
                           "with the same id)?", self.address.url, SHORT_DROPS, STABLE_S, self._client_id)

@@ -39,6 +39,11 @@ class Clock(Protocol):
     def now(self) -> float: ...
 
 
+FORWARD_STEP_S = 1.0
+"""A system clock this far ahead of :class:`WallClock`'s own is followed (less: NTP's slewing, which
+moves the monotonic clock too)."""
+
+
 class WallClock:
     """Seconds since the epoch (they survive restarts, so checkpointed times stay meaningful)
     that never go back: ``time.time()`` when started, then advanced by ``time.monotonic()``.
@@ -59,11 +64,6 @@ class WallClock:
                 self._wall0, self._mono0 = wall, mono
                 return wall
             return steady
-
-
-FORWARD_STEP_S = 1.0
-"""A system clock this far ahead of :class:`WallClock`'s own is followed (less: NTP's slewing, which
-moves the monotonic clock too)."""
 
 
 class ActorIO(Protocol):
