@@ -41,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=0.05, help="local learning rate, unless the coordinator's hints say otherwise")
     p.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: run until the partition is labelled, then keep serving)")
     p.add_argument("--seed", type=int, default=0, help="seed of the partition, the labelling times and local training")
+    p.add_argument("--refresh", type=float, default=3600.0, metavar="SECONDS",
+                   help="an idle device (no pull for this long, ±10%%) asks for the current release, so it keeps "
+                        "serving the newest one after its labelling ends (default: 3600; 0: off)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         auth=auth_from_args(args),
         bundle=args.bundle,
+        refresh_s=args.refresh or None,
     )
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())

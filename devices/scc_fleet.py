@@ -239,7 +239,8 @@ class StreamFleet(Driver):
             scc = SccConfig(capacity=s.capacity, keep_raw=0, compensate=arm == "scc",
                             fallback="none" if s.fallback == "none" else "global")
         self.clients = [EdgeClient(broker="mqtt://127.0.0.1:1", device_id=f"d{i:03d}", region=REGION, task=task,
-                                   durable=False, seed=seed, min_samples=1, scc=scc) for i in range(n)]
+                                   durable=False, seed=seed, min_samples=1, scc=scc, refresh_s=None)  # the paper's pulls only
+                        for i in range(n)]
         self.instances = _instances(settings, seed, s.rounds * s.round_s)
         self.network = LinkNetwork([c.core.config.device_id for c in self.clients], [d.link for d in self.instances],
                                    region=REGION)

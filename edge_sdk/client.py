@@ -147,6 +147,12 @@ class EdgeClient:
     ``durable=False`` keeps samples and the deployed model in memory only — for emulated
     fleets of hundreds of devices in one process, never for a real device.
 
+    ``refresh_s`` (default an hour, ±10 %): a device that has sent no pull for that long asks
+    for the coordinator's current release, so it predicts with every release even when its
+    user labels nothing (it learns of releases from its own pulls otherwise). The answer is a
+    few bytes when it holds that release already. ``None`` turns it off (e.g. on a metered
+    link: releases then arrive with the device's own pulls, a restart or a reconnect).
+
     ``bundle`` (``edgeci pki issue``): broker credentials and the coordinators' model-signing
     keys this device trusts (``trusted/``; a bundle with none is a ConfigError). Without a
     bundle or ``trusted_keys`` the device trusts the first key that signs a model (trust on
@@ -177,6 +183,7 @@ class EdgeClient:
         bundle: str | Path | None = None,
         trusted_keys: Mapping[str, bytes] | None = None,
         scc: bool | SccConfig = False,
+        refresh_s: float | None = 3600.0,
     ) -> None:
         # Everything is checked before anything touches the disk: a ConfigError leaves no data
         # dir, store or model file behind.
@@ -224,6 +231,7 @@ class EdgeClient:
             fallback_regions=self.regions[1:],
             failover_after=failover_after,
             failback_after_s=failback_after_s,
+            refresh_s=refresh_s,
         )
         # The task declares its sample kind (edge_sdk/tasks/base.py): "gesture" tasks store
         # (T, D) sequences, "frame" tasks frames of any size with boxes, "array" fixed shapes.

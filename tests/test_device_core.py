@@ -21,7 +21,7 @@ from edge_sdk.core.events import (
     TrainingFailed,
     TrainingFinished,
 )
-from edge_sdk.errors import LocalProtocolError
+from edge_sdk.errors import ConfigError, LocalProtocolError
 from edge_sdk.wire import topics
 from edge_sdk.wire.codec import decode, encode
 from edge_sdk.wire.messages import Ack, Invite, ModelMsg, Pull, Update
@@ -366,3 +366,86 @@ def test_an_update_refused_for_its_abandoned_base_is_trained_again(reason: str, 
     assert (start.job.base_version, start.job.n_samples) == (7, 3)  # the same three samples, from the new line
     again = published(c.handle(TrainingFinished(now=4.0, job_id=start.job.job_id, weights=np.ones(SPEC.size, np.float32), n_samples=3)))
     assert isinstance(again[0], Update) and again[0].base_version == 7 and again[0].seq > pull.seq
+
+
+# ---------------------------------------------------------------- refresh (idle devices)
+
+
+def refreshing(refresh_s: float = 100.0, min_samples: int = 3) -> DeviceCore:
+    cfg = DeviceConfig(device_id=DEV, region="r1", spec=SPEC, min_samples=min_samples, request_timeout_s=5.0, refresh_s=refresh_s)
+    return DeviceCore(cfg, rng=random.Random(0))
+
+
+def release(version: int, *, unchanged: bool = False) -> ModelMsg:
+    """The coordinator's answer to a serving pull: release ``version`` (no weights when the
+    device said it holds it)."""
+    if unchanged:
+        return ModelMsg(model_id="toy", version=version, reply_to=-1, weights=np.zeros(0, np.float32), group="unchanged",
+                        release=version)
+    return ModelMsg(model_id="toy", version=version, reply_to=-1, weights=np.full(SPEC.size, float(version), np.float32),
+                    release=version)
+
+
+def timers(actions: list[object]) -> list[float]:
+    return [a.at for a in actions if isinstance(a, ScheduleTimer)]
+
+
+def test_an_idle_device_asks_for_the_release_again_after_refresh_s_without_a_pull() -> None:
+    """A device whose user labels nothing learns of releases only by asking: every
+    ``refresh_s`` (±10 %) without a pull it sends a serving pull; the answer deploys a newer
+    release, or holds no weights when it has that release already."""
+    c = refreshing(100.0)
+    pull = published(c.start(0.0))[0]
+    assert isinstance(pull, Pull) and pull.serve and pull.have_version == -1
+    acts = c.handle(recv(1.0, "model", release(1)))
+    assert any(isinstance(a, DeployModel) and a.version == 1 for a in acts) and c.state.phase is Phase.IDLE
+    [at] = timers(acts)  # idle: the driver's timer is set for the refresh
+    assert 1.0 + 90.0 <= at <= 1.0 + 110.0 and c.state.refresh_at == at
+    assert c.handle(TimerFired(now=at - 1.0)) == [ScheduleTimer(at=at)]  # early (a driver's rounding): set again
+    acts = c.handle(TimerFired(now=at))
+    [again] = published(acts)
+    assert isinstance(again, Pull) and again.serve and again.have_version == 1 and again.seq == pull.seq + 1
+    assert c.state.phase is Phase.PULLING and c.state.counters["refresh_pulls"] == 1
+    acts = c.handle(recv(at + 1.0, "model", release(1, unchanged=True)))  # it has release 1: a few bytes, nothing deployed
+    assert not any(isinstance(a, DeployModel) for a in acts) and c.state.phase is Phase.IDLE
+    [at2] = timers(acts)
+    assert at + 1.0 + 90.0 <= at2 <= at + 1.0 + 110.0
+    acts = c.handle(TimerFired(now=at2))
+    assert isinstance(published(acts)[0], Pull)
+    acts = c.handle(recv(at2 + 1.0, "model", release(4)))  # released meanwhile: deployed
+    assert any(isinstance(a, DeployModel) and a.version == 4 for a in acts)
+    assert c.state.deployed_version == 4
+
+
+def test_refresh_counts_from_the_last_pull_and_never_displaces_a_request_s_deadline() -> None:
+    c = refreshing(100.0)
+    acts = c.handle(recv(0.5, "model", release(1)))  # an unrequested signed release: deployed, device still idle
+    [first] = timers(acts)
+    assert 90.5 <= first <= 110.5
+    assert timers(c.handle(SampleAdded(now=1.0, total=1))) == []  # below D_min: no pull; the timer stays set
+    acts = c.handle(SampleAdded(now=50.0, total=3))  # D_min: a training pull; its deadline is the one timer now
+    assert c.state.phase is Phase.PULLING and c.state.refresh_at is None
+    assert timers(acts) == [c.state.deadline]
+    pull = next(m for m in published(acts) if isinstance(m, Pull))
+    [retry] = published(c.handle(TimerFired(now=first)))  # the refresh is void: the pull's deadline is what fires
+    assert isinstance(retry, Pull) and retry.seq == pull.seq and not retry.serve and "refresh_pulls" not in c.state.counters
+    c.handle(recv(51.0, "model", model(2, pull.seq)))
+    assert c.state.phase is Phase.TRAINING
+    job = c.state.job_id
+    acts = c.handle(TrainingFinished(now=52.0, job_id=job, weights=np.ones(SPEC.size, np.float32), n_samples=3, loss=0.1))
+    upd = published(acts)[0]
+    acts = c.handle(recv(53.0, "ack", Ack(device=DEV, seq=upd.seq, status="accepted", version=2)))
+    assert c.state.phase is Phase.IDLE
+    [at] = timers(acts)  # idle again: the refresh counts from here, not from the first wait
+    assert 53.0 + 90.0 <= at <= 53.0 + 110.0
+
+
+def test_refresh_is_off_by_default_and_checked() -> None:
+    c = core()
+    acts = c.start(0.0)
+    c.handle(recv(1.0, "model", model(1, published(acts)[0].seq)))
+    assert c.state.phase is Phase.IDLE and c.timer_is_idle()
+    assert c.handle(TimerFired(now=10_000.0)) == []  # no refresh without refresh_s
+    for bad in (0, -1.0, float("nan"), float("inf"), True, "60"):
+        with pytest.raises(ConfigError, match="refresh_s"):
+            DeviceConfig(device_id=DEV, region="r1", spec=SPEC, refresh_s=bad)  # type: ignore[arg-type]

@@ -336,6 +336,46 @@ def test_after_a_broker_restart_the_status_is_back_at_once_and_an_idle_device_ca
         broker.stop()
 
 
+def test_a_device_that_labels_nothing_gets_each_release_by_refresh(tmp_path: Path) -> None:
+    """Over mosquitto: a device whose user labels nothing (it never pulls to train) still
+    predicts with the newest release: after ``refresh_s`` without a pull it asks for the
+    release again. Its first refreshes find release 0 unchanged (no weights travel); once
+    another device's update is released, the next one deploys it."""
+    from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
+
+    task = get_task("digits")
+    pool = task.data().pool
+    broker = MosquittoProcess().start()
+    try:
+        daemon = CoordinatorDaemon(
+            CoordinatorOptions(broker=broker.url, region=REGION, state_dir=tmp_path / "c", strategy_params={"k": 1, "timeout_s": 5.0}),
+            task=task,
+        ).start()
+        try:
+            common: dict[str, Any] = {"broker": broker.url, "region": REGION, "task": task, "train": TrainConfig(epochs=1),
+                                      "request_timeout_s": 1.0, "inference": "torch"}
+            idle = EdgeClient(device_id="idle", data_dir=tmp_path / "idle", min_samples=10**6, refresh_s=1.5, **common).start()
+            busy = EdgeClient(device_id="busy", data_dir=tmp_path / "busy", min_samples=2, refresh_s=None, **common).start()
+            try:
+                assert idle.wait_for_version(0, timeout=60)
+                unchanged = daemon.core.counters["pulls_unchanged"]
+                wait_until(lambda: daemon.core.counters["pulls_unchanged"] >= unchanged + 2, 30,
+                           "two refreshes of the idle device, answered 'unchanged'")
+                assert idle.version == 0
+                for i in range(2):
+                    busy.add_sample(pool.x[i], int(pool.y[i]))
+                wait_until(lambda: daemon.core.release[0] >= 1, 60, "version 1 released")
+                wait_until(lambda: (idle.version or 0) >= 1, 30, "the idle device to refresh to release 1")
+                np.testing.assert_array_equal(idle.weights, daemon.core.release[1])
+            finally:
+                busy.stop()
+                idle.stop()
+        finally:
+            daemon.stop()
+    finally:
+        broker.stop()
+
+
 @pytest.mark.parametrize("same_id", [False, True])
 def test_a_second_coordinator_on_the_region_is_called_out(tmp_path: Path, caplog: pytest.LogCaptureFixture, same_id: bool) -> None:
     """Two coordinators on one region (different state dirs) answer the same devices with

@@ -25,7 +25,9 @@ fires, in case the coordinator restarted and forgot it).
 Release and training line. A model message says which version is the coordinator's
 release. The device deploys (predicts with) release versions only; a newer training-line
 model that answers its pull is trained from but not served, and a newer release it hears
-of is fetched with a serving pull when the device is idle.
+of is fetched with a serving pull when the device is idle. A device that stays idle (its
+user labels nothing) asks for the release every ``refresh_s`` if configured: the reply
+holds no weights when it has that release already.
 
 Trust. Every model must carry a valid Ed25519 signature by a key the device trusts: the
 provisioned ``trusted_keys``, or — without any — the first key it sees (trust on first
@@ -93,6 +95,7 @@ Transitions (event → action, new phase)::
     PUSHING   Ack(rejected, other reason)  → Persist, Notify                IDLE
     PUSHING   TimerFired (deadline)        → Publish(update, same seq)     PUSHING
     IDLE      TimerFired (back-off over)   → pull if wanted                IDLE / PULLING
+    IDLE      TimerFired (refresh_s without a pull) → Publish(pull, serve)  PULLING (serving)
     any       signed Model newer than deployed → DeployModel               (unchanged)
     any       signed Recall covering the deployed version → Notify(recalled); when IDLE:
     IDLE      release wanted               → Publish(pull, serve)          PULLING (serving)
@@ -227,6 +230,11 @@ class DeviceConfig:
     """Consecutive request timeouts in the current region before moving to the next one."""
     failback_after_s: float = 60.0
     """Stay at least this long in a fallback region before going home (damps flapping)."""
+    refresh_s: float | None = None
+    """An idle device that has sent no pull for this long (±10 %, drawn per wait) asks for the
+    current release with a serving pull, so a device whose user labels nothing still predicts
+    with every release; the reply holds no weights when it has that release already. None:
+    releases arrive only with the device's own pulls, a restart or a reconnect."""
 
     def __post_init__(self) -> None:
         topics.check_id(self.device_id, "device id")
@@ -240,6 +248,8 @@ class DeviceConfig:
             object.__setattr__(self, name, _count(name, getattr(self, name)))
         for name in ("request_timeout_s", "max_backoff_s", "reannounce_s", "failback_after_s"):
             object.__setattr__(self, name, _seconds(name, getattr(self, name), zero=name == "failback_after_s"))
+        if self.refresh_s is not None:
+            object.__setattr__(self, "refresh_s", _seconds("refresh_s", self.refresh_s, zero=False))
         if self.request_timeout_s > self.max_backoff_s:
             raise ConfigError("need request_timeout_s <= max_backoff_s")
         if self.encoding not in ENCODINGS:  # else the first update fails to encode, stuck in PUSHING
@@ -335,6 +345,9 @@ class DeviceState:
     recall: Recall | None = None
     """The region's newest recall: a model of a version it abandoned is never deployed (a
     captured, genuinely signed reply replayed after the recall)."""
+    refresh_at: float | None = None
+    """When an idle device asks for the release again (``DeviceConfig.refresh_s``); None
+    while it is busy or until it next becomes idle. Any pull it sends clears it."""
 
 
 class DeviceCore:
@@ -360,6 +373,9 @@ class DeviceCore:
             self._pins_by_region[config.region] = trusted_from(pinned)
         self._s = DeviceState(next_seq=next_seq, trained_upto=trained_upto, total=total,
                               pins=self._pins_by_region.setdefault(config.region, {}), region=config.region)
+        self._refresh_s = config.refresh_s
+        self._timer_at: float | None = None
+        """The driver's one timer as this core last set it (kept only with ``refresh_s``)."""
         self._address(config.region)
 
     def _address(self, region: str) -> None:
@@ -375,7 +391,7 @@ class DeviceCore:
         """True when ``handle(TimerFired(...))`` now would return ``[]`` and change nothing
         (no deadline, no canary request open): a driver may skip the call."""
         s = self._s
-        return s.deadline is None and s.canary is None
+        return s.deadline is None and s.canary is None and s.refresh_at is None
 
     def wants_pull(self) -> bool:
         s = self._s
@@ -398,9 +414,28 @@ class DeviceCore:
     # ------------------------------------------------------------------ dispatch
 
     def handle(self, event: DeviceEvent) -> list[DeviceAction]:
-        if self._s.canary is None:
-            return self._handle(event)
-        return self._canary_due(event.now) + self._handle(event)
+        actions = self._handle(event) if self._s.canary is None else self._canary_due(event.now) + self._handle(event)
+        return actions if self._refresh_s is None else self._arm_refresh(event.now, actions, fired=type(event) is TimerFired)
+
+    def _arm_refresh(self, now: float, actions: list[DeviceAction], *, fired: bool = False) -> list[DeviceAction]:
+        """``refresh_s``: an idle device with no deadline of its own sets the driver's timer for
+        its next refresh (drawn when it becomes idle) unless that timer is set already.
+        ``fired``: the driver's timer has just gone off (it is no longer set)."""
+        if fired:
+            self._timer_at = None
+        for a in actions:
+            if type(a) is ScheduleTimer:
+                self._timer_at = a.at
+        s = self._s
+        if s.phase is not _IDLE or s.deadline is not None or s.canary is not None:
+            return actions
+        if s.refresh_at is None:
+            assert self._refresh_s is not None
+            s.refresh_at = now + self._refresh_s * (0.9 + 0.2 * self._rng.random())
+        if self._timer_at == s.refresh_at:
+            return actions
+        self._timer_at = s.refresh_at
+        return [*actions, ScheduleTimer(at=s.refresh_at)]
 
     def _handle(self, event: DeviceEvent) -> list[DeviceAction]:
         # Unrelated event classes: tested in the order of their frequency.
@@ -421,12 +456,14 @@ class DeviceCore:
     def start(self, now: float) -> list[DeviceAction]:
         """Kick off after (re)start: pull if samples are already waiting, else ask for the
         current model to serve predictions with (``serve_on_start``)."""
-        return self._kick_off(now)
+        actions = self._kick_off(now)
+        return actions if self._refresh_s is None else self._arm_refresh(now, actions)
 
     def reconnected(self, now: float) -> list[DeviceAction]:
         """The broker connection came back: an idle device asks again, as after a start (a
         release it missed while away: neither acks nor a recall that does not cover it say so)."""
-        return self._kick_off(now) if self._s.phase is _IDLE else []
+        actions = self._kick_off(now) if self._s.phase is _IDLE else []
+        return actions if self._refresh_s is None else self._arm_refresh(now, actions)
 
     def _kick_off(self, now: float) -> list[DeviceAction]:
         actions = self._maybe_pull(now)
@@ -730,6 +767,9 @@ class DeviceCore:
 
     def _on_timer(self, ev: TimerFired) -> list[DeviceAction]:
         s = self._s
+        if s.deadline is None and s.refresh_at is not None and ev.now >= s.refresh_at and s.phase is _IDLE:
+            s.counters["refresh_pulls"] = s.counters.get("refresh_pulls", 0) + 1
+            return self._send_pull(ev.now, fresh=True, serve=True)  # idle for refresh_s: the release again
         if s.deadline is None or ev.now < s.deadline:
             return [] if s.deadline is None else [ScheduleTimer(at=s.deadline)]
         if s.phase in (_PULLING, _DEFERRED, _PUSHING):
@@ -948,6 +988,7 @@ class DeviceCore:
             s.next_seq += 1
             s.attempts = 0
             s.serving = serve
+            s.refresh_at = None  # the answer tells the release: the next refresh counts from the next idle
             actions.append(self._persist())
             pull = Pull(
                 device=cfg.device_id,
