@@ -49,12 +49,12 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from edge_sdk import signing
 from edge_sdk.errors import ConfigError
+from edge_sdk.mqtt import ANY_REGION
 from edge_sdk.wire.topics import ROOT, check_id
 
 ROLES = ("device", "coordinator", "operator", "broker")
 CA_DAYS = 3650
 LEAF_DAYS = 825
-ANY_REGION = "+"
 
 
 # ---------------------------------------------------------------- files

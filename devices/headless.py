@@ -4,21 +4,16 @@ task's pool at Poisson times, through the real SDK (store, core, MQTT, trainer).
 from __future__ import annotations
 
 import argparse
-import fcntl
 import logging
-import os
 import signal
 import threading
 import time
 from pathlib import Path
-from typing import IO
 
 from devices.live import LabellingLoop, LabellingUser, device_index
 from devices.partition import partition
-from edge_sdk.client import EdgeClient
-from edge_sdk.errors import ConfigError
+from edge_sdk.client import EdgeClient, check_device_bundle
 from edge_sdk.mqtt import TOFU_DEVICES, add_broker_arguments, auth_from_args, read_bundle
-from edge_sdk.paths import device_dir
 from edge_sdk.tasks import get_task
 from edge_sdk.tasks.base import Split, TrainConfig
 
@@ -48,18 +43,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.getLogger("edgeci").setLevel(logging.INFO)
-    if args.bundle is not None:  # the broker's ACL gives the bundle's identity its regions' topics only
-        regions = read_bundle(args.bundle).get("regions") or []
-        if args.region not in regions:
-            raise ConfigError(f"bundle {args.bundle} is for region(s) {', '.join(map(str, regions)) or '(none)'}, not "
-                              f"{args.region!r}: the broker would refuse every topic (--region {regions[0] if regions else 'R'}?)")
+    if args.bundle is not None:  # (before the data dir is made; EdgeClient checks it again)
+        check_device_bundle(Path(args.bundle).expanduser(), read_bundle(args.bundle), args.device_id, [args.region])
     task = get_task(args.model)
     data = task.data()
     index = args.partition if args.partition is not None else device_index(args.device_id, args.fleet_size)
     parts = partition(data.pool.y, args.fleet_size, "dirichlet", alpha=args.alpha, seed=args.seed)
     idx = parts[index]
     data_dir = args.data_dir  # None: the SDK's $EDGECI_HOME/devices/<id>
-    lock = _hold_data_dir(Path(data_dir) if data_dir is not None else device_dir(args.device_id), args.device_id)
     client = EdgeClient(
         broker=args.broker,
         device_id=args.device_id,
@@ -121,28 +112,4 @@ def run(args: argparse.Namespace) -> int:
             break
     loop.stop()
     client.stop()
-    lock.close()
     return 0
-
-
-def _hold_data_dir(path: Path, device_id: str) -> IO[str]:
-    """Hold ``path/device.lock`` (flock) while this device runs: a second ``edgeci device`` on
-    the same data dir (the same id and EDGECI_HOME) would share its store and sequence numbers."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        f = open(path / "device.lock", "a+")  # noqa: SIM115 - held while the device runs
-    except OSError as exc:
-        raise ConfigError(f"data dir {path}: {exc.strerror or exc}") from exc
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise ConfigError(f"device {device_id} already runs from {path} ({holder}): stop it, or give this one "
-                          "another --device-id or --data-dir") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()}\n")
-    f.flush()
-    return f

@@ -39,7 +39,7 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import IO, Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -64,7 +64,7 @@ from edge_sdk.core.events import (
 )
 from edge_sdk.errors import ConfigError, EdgeciError, LocalProtocolError, MissingExtra
 from edge_sdk.modelio import load_model, save_model
-from edge_sdk.mqtt import BrokerAuth, MqttTransport, read_bundle
+from edge_sdk.mqtt import ANY_REGION, BrokerAuth, MqttTransport, read_bundle
 from edge_sdk.paths import device_dir
 from edge_sdk.runtime import Actor, Clock, WallClock
 from edge_sdk.scc import DeviceScc, SccConfig
@@ -118,17 +118,63 @@ class _Exported(NamedTuple):
     path: Path
 
 
-def _saved_meta(meta: object) -> tuple[int, str | None]:
-    """The version (>= 0; 0 if absent) and region (``None`` if absent) of the saved model's
-    meta, as :meth:`EdgeClient._perform` writes it; ConfigError for anything else."""
+def _saved_meta(meta: object) -> tuple[int, str | None, str | None]:
+    """The version (>= 0; 0 if absent), region and signing key id (``None`` if absent) of the
+    saved model's meta, as :meth:`EdgeClient._perform` writes it; ConfigError for anything else."""
     if not isinstance(meta, dict):
         raise ConfigError(f"the saved model's meta is not an object: {meta!r:.80}")
-    version, region = meta.get("version", 0), meta.get("region")
+    version, region, kid = meta.get("version", 0), meta.get("region"), meta.get("kid")
     if isinstance(version, bool) or not isinstance(version, int) or version < 0:
         raise ConfigError(f"the saved model's version is not an int >= 0: {version!r:.80}")
     if region is not None and not isinstance(region, str):
         raise ConfigError(f"the saved model's region is not a string: {region!r:.80}")
-    return version, region
+    if kid is not None and not isinstance(kid, str):
+        raise ConfigError(f"the saved model's signing key id is not a string: {kid!r:.80}")
+    return version, region, kid
+
+
+def check_device_bundle(path: Path, manifest: Mapping[str, Any], device_id: str, regions: Sequence[str]) -> None:
+    """ConfigError unless the bundle is this device's: its identity, a device's role, and
+    every region the device may use (the broker's ACL gives a bundle its regions' topics only;
+    any other identity is a client the broker would let take over that identity's session)."""
+    who, role, allowed = manifest.get("identity"), manifest.get("role", "device"), manifest.get("regions")
+    if who != device_id:
+        raise ConfigError(f"bundle {path} was issued for {who!r}, not for device {device_id!r} (the broker would refuse every topic)")
+    if role != "device":
+        raise ConfigError(f"bundle {path} is a {role}'s, not a device's: a device connecting as {who!r} would take that "
+                          f"{role}'s place on the broker; issue one with `edgeci pki issue --role device ID`")
+    if isinstance(allowed, list) and ANY_REGION not in allowed and (missing := [r for r in regions if r not in allowed]):
+        raise ConfigError(f"bundle {path} is for region(s) {', '.join(map(str, allowed)) or '(none)'}, not "
+                          f"{', '.join(map(repr, missing))}: the broker would refuse every topic there (issue it with "
+                          f"`edgeci pki issue --region {','.join(regions)}`)")
+
+
+def hold_data_dir(path: Path, device_id: str) -> IO[str]:
+    """Hold ``path/device.lock`` (an exclusive flock, released when the file is closed) while
+    a client uses the data dir: a second client on it — another process or this one — would
+    share its store and reuse its sequence numbers. ConfigError naming the holder. Where the
+    platform has no flock (Windows) nothing is locked."""
+    try:
+        f = open(path / "device.lock", "a+")  # noqa: SIM115 - held while the client runs
+    except OSError as exc:
+        raise ConfigError(f"data dir {path}: {exc.strerror or exc}") from exc
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return f
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ConfigError(f"device {device_id} already runs from {path} ({holder}): stop it, or give this one "
+                          "another device id or data dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}\n")
+    f.flush()
+    return f
 
 
 def _make_data_dir(path: Path) -> None:
@@ -205,8 +251,8 @@ class EdgeClient:
         # Provisioning bundle (`edgeci pki issue`): broker credentials, and the coordinators'
         # model-signing keys this device trusts (bundle/trusted/*.pub).
         self.bundle: Path | None = Path(bundle).expanduser() if bundle is not None else None
-        if self.bundle is not None and (who := read_bundle(self.bundle).get("identity")) != device_id:
-            raise ConfigError(f"bundle {self.bundle} was issued for {who!r}, not for device {device_id!r} (the broker would refuse every topic)")
+        if self.bundle is not None:
+            check_device_bundle(self.bundle, read_bundle(self.bundle), device_id, self.regions)
         self.auth: BrokerAuth | None = auth or (BrokerAuth.from_bundle(self.bundle) if self.bundle is not None else None)
         self.trusted_keys: dict[str, bytes] | None = None
         if self.bundle is not None and (self.bundle / "trusted").is_dir():
@@ -273,6 +319,16 @@ class EdgeClient:
         n_classes = int(declared) if declared is not None else self.task.data().n_classes
         if self.data_dir is not None:
             _make_data_dir(self.data_dir)
+        self._dir_lock = hold_data_dir(self.data_dir, device_id) if self.data_dir is not None and durable else None
+        try:
+            self._open_store(cfg, shape, n_classes, durable, scc, seed)
+        except BaseException:
+            if self._dir_lock is not None:
+                self._dir_lock.close()
+            raise
+
+    def _open_store(self, cfg: DeviceConfig, shape: tuple[int, ...] | None, n_classes: int, durable: bool,
+                    scc: bool | SccConfig, seed: int) -> None:
         self.store = SampleStore.open(
             self.data_dir / "samples.sqlite3" if self.data_dir is not None and durable else ":memory:",
             sample_shape=shape if self.sample_kind == "array" else None,
@@ -337,12 +393,25 @@ class EdgeClient:
         self.actor = Actor(f"device-{device_id}", self.core.handle, self._perform, clock=self.clock)
         self._trainer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"train-{device_id}")
         self._started = False
+        self._used = False
+        """start() was called (once only: the actor's thread and the store are not restartable)."""
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self, timeout: float = 15.0) -> EdgeClient:
+        """Connect and begin; at most once per client. If the broker cannot be reached
+        (TransportError, ConfigError) the client is stopped again — no thread, no open store
+        left behind — and a new ``EdgeClient`` is the way to try again."""
+        if self._used:
+            raise LocalProtocolError("this EdgeClient was started before (and stopped, or its start failed): "
+                                     "make a new EdgeClient to connect again")
+        self._used = True
         self.actor.start()
-        self.transport.start(timeout)
+        try:
+            self.transport.start(timeout)
+        except BaseException:
+            self.stop()
+            raise
         self._started = True
         if self.store.recovered_from is not None:
             recovered = dict(self.store.recovered_from)
@@ -354,6 +423,7 @@ class EdgeClient:
         return self
 
     def stop(self) -> None:
+        self._used = True
         if self._started:
             self.transport.publish(self._presence_topic, b"offline", retain=True)  # a clean exit sends no will
             self.transport.stop()
@@ -361,6 +431,8 @@ class EdgeClient:
         self.actor.stop()
         self._trainer.shutdown(wait=True, cancel_futures=True)
         self.store.close()
+        if self._dir_lock is not None:
+            self._dir_lock.close()  # the data dir is free for the next client
         if self._scratch_dir is not None:
             import shutil
 
@@ -565,9 +637,19 @@ class EdgeClient:
             return None
         try:  # NaN or wrong-sized weights (RemoteProtocolError), or meta we did not write: all unreadable
             _, weights, meta = load_model(self._model_path, expect=self.task.spec)
-            version, region = _saved_meta(meta)
+            version, region, kid = _saved_meta(meta)
         except EdgeciError as exc:
             log.warning("device: ignoring the saved model (%s); serving nothing until the coordinator sends one", exc)
+            return None
+        # Served again only while the key that signed it is trusted: the provisioned keys, or (trust
+        # on first use) the keys pinned for its region. A device moved from a trial broker to a
+        # bundle must not serve, nor hold out for versions above, what an untrusted key signed.
+        trusted = self.trusted_keys or self._pins(region or self.regions[0])
+        if (kid is None and self.trusted_keys) or (kid is not None and kid not in trusted):
+            log.warning("device: ignoring the saved model v%d: it was signed by %s, which this device does not trust now "
+                        "(%s); serving nothing until the coordinator sends one", version,
+                        f"key {kid}" if kid is not None else "an unrecorded key (saved by an older SDK)",
+                        f"trusted: {', '.join(sorted(trusted))}" if trusted else "no key trusted yet")
             return None
         self._deployed_region = region
         return version, weights
@@ -653,7 +735,7 @@ class EdgeClient:
             if self._model_path is not None:
                 try:  # a cache for the next start: failing to write it must not stop this deployment
                     save_model(self._model_path, self.task.spec, action.weights,
-                               {"version": action.version, "region": self.core.state.region})
+                               {"version": action.version, "region": self.core.state.region, "kid": action.kid})
                 except OSError as exc:
                     log.warning("device %s: could not save v%d to %s (%s); serving it from memory",
                                 self.core.config.device_id, action.version, self._model_path, exc)

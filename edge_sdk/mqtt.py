@@ -230,6 +230,10 @@ class BrokerAuth:
         return ctx
 
 
+ANY_REGION = "+"
+"""A bundle's ``regions`` entry for every region (operators: ``edgeci pki issue --role operator``)."""
+
+
 def read_bundle(directory: str | Path) -> dict[str, Any]:
     """A provisioning bundle's ``bundle.json`` (see :mod:`coordinator.pki`)."""
     path = Path(directory).expanduser() / "bundle.json"

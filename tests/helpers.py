@@ -213,6 +213,8 @@ def close_unstarted(c: Any) -> None:
     c.actor.stop()
     c._trainer.shutdown(wait=False)
     c.store.close()
+    if c._dir_lock is not None:
+        c._dir_lock.close()
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str, poll: float = 0.05) -> None:

@@ -37,7 +37,7 @@ from edge_sdk.signing import Signer
 from edge_sdk.wire import topics
 from edge_sdk.wire.codec import decode, encode, status_json
 from edge_sdk.wire.messages import Ack, ModelMsg, Pull, Status, Update
-from tests.helpers import SIGNER, SPEC
+from tests.helpers import SIGNER, SPEC, close_unstarted
 
 DEV = "d1"
 
@@ -422,9 +422,7 @@ def _offline_client(tmp_path: Any, **kw: Any) -> Any:
 
 
 def _close(c: Any) -> None:
-    c.actor.stop()
-    c._trainer.shutdown(wait=False)
-    c.store.close()
+    close_unstarted(c)
 
 
 def test_a_restart_after_a_failover_does_not_take_the_other_region_s_version_for_home_s(tmp_path: Any) -> None:

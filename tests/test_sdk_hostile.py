@@ -4,6 +4,7 @@ without losing a counter."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +178,79 @@ def test_a_client_configuration_error_leaves_nothing_on_disk(tmp_path: Path, bad
     assert not data_dir.exists()
 
 
+@pytest.mark.parametrize(
+    ("role", "regions", "device_regions", "error"),
+    [
+        ("coordinator", ["eu"], ["eu"], "is a coordinator's, not a device's"),
+        ("operator", ["+"], ["eu"], "is a operator's, not a device's"),
+        ("device", ["eu"], ["us"], "is for region(s) eu, not 'us'"),
+        ("device", ["eu"], ["eu", "us"], "is for region(s) eu, not 'us'"),  # a failover region the ACL does not give it
+        ("device", ["eu", "us"], ["us", "eu"], None),
+    ],
+)
+def test_a_bundle_is_accepted_only_as_this_device_s_in_its_regions(
+    tmp_path: Path, role: str, regions: list[str], device_regions: list[str], error: str | None,
+) -> None:
+    """SDK trial, finding 1: a coordinator's bundle was taken by EdgeClient, which then took
+    the coordinator's identity on the broker (three disconnects of the real coordinator);
+    a bundle for region eu was taken by a device in us (every topic refused)."""
+    from coordinator.pki import Pki
+    from edge_sdk.client import EdgeClient
+
+    pki = Pki.init(tmp_path / "PKI")
+    if role == "coordinator":  # a device bundle needs a coordinator key issued first; this one is that
+        bundle = pki.issue("x-1", role, regions=regions)
+    else:
+        pki.issue("coord-eu", "coordinator", regions=["eu"])
+        bundle = pki.issue("x-1", role, regions=regions)
+    data_dir = tmp_path / "device"
+    kw: dict[str, Any] = {"broker": "mqtts://127.0.0.1:1", "device_id": "x-1", "task": "digits", "bundle": bundle,
+                          "region": device_regions[0], "regions": device_regions[1:]}
+    if error is None:
+        EdgeClient(data_dir=data_dir, durable=False, **kw).stop()
+        return
+    with pytest.raises(ConfigError, match=re.escape(error)):
+        EdgeClient(data_dir=data_dir, **kw)
+    assert not data_dir.exists()
+
+
+def test_a_failed_start_leaves_no_thread_or_open_store_and_a_second_start_is_a_typed_error(tmp_path: Path) -> None:
+    """SDK trial, finding 2: each failed start() left the actor's thread running and the store
+    open (``with EdgeClient(...)`` never reached __exit__), and a retry raised RuntimeError."""
+    import socket
+    import threading
+
+    from edge_sdk.client import EdgeClient
+    from edge_sdk.errors import LocalProtocolError, TransportError
+    from edge_sdk.store import StoreClosed
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    before = {t.name for t in threading.enumerate()}
+    c = EdgeClient(broker=f"mqtt://127.0.0.1:{port}", device_id="d1", data_dir=tmp_path / "d1")
+    with pytest.raises(TransportError), c:
+        raise AssertionError("never reached")
+    assert {t.name for t in threading.enumerate() if t.is_alive()} - before == set()
+    with pytest.raises(StoreClosed):
+        c.add_sample(GOOD, 1)
+    with pytest.raises(LocalProtocolError, match="make a new EdgeClient"):
+        c.start(timeout=1.0)
+
+
+def test_one_data_dir_serves_one_client_at_a_time(tmp_path: Path) -> None:
+    """SDK trial, finding 9: a second client on a live client's data dir shared its store and
+    could reuse its sequence numbers (only ``edgeci device`` locked it)."""
+    first = unstarted_client(tmp_path)
+    try:
+        with pytest.raises(ConfigError, match="device d1 already runs from"):
+            unstarted_client(tmp_path)
+    finally:
+        first.stop()
+    second = unstarted_client(tmp_path)  # free again once the first stopped
+    second.stop()
+
+
 def test_a_data_dir_that_cannot_be_one_is_a_config_error(tmp_path: Path) -> None:
     from edge_sdk.client import EdgeClient
 
@@ -240,6 +314,78 @@ def test_a_sound_saved_model_is_served(tmp_path: Path) -> None:
         assert (c.version, c.core.state.deployed_version) == (3, 3)
     finally:
         close_unstarted(c)
+
+
+@pytest.mark.parametrize(
+    ("provisioned", "pinned", "kid", "served"),
+    [
+        (True, False, "coord", True),  # signed by a provisioned key
+        (True, False, "trial", False),  # a trial coordinator's model, then a bundle: not served, not held
+        (True, False, None, False),  # saved by an older SDK, no key recorded: not served behind a bundle
+        (False, True, "coord", True),  # trust on first use: the key pinned for its region
+        (False, True, "other", False),
+        (False, False, None, True),  # trust on first use, nothing recorded (as before)
+    ],
+)
+def test_a_saved_model_is_served_only_while_its_signing_key_is_trusted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, provisioned: bool, pinned: bool, kid: str | None, served: bool,
+) -> None:
+    """A device that pinned a trial coordinator's key and is then given a bundle used to serve
+    the trial's model at start, and wait for versions above it from the real coordinator
+    (``model_older``) while its new labels never trained (SDK trial, finding 3)."""
+    import json
+
+    from edge_sdk.signing import Signer
+    from edge_sdk.tasks import get_task
+
+    coord = Signer.generate()
+    names = {"coord": coord.kid, "trial": Signer.generate().kid, "other": Signer.generate().kid}
+    if pinned:
+        c = unstarted_client(tmp_path)
+        c.store.set_meta("pins.default", json.dumps({coord.kid: coord.public_raw.hex()}))
+        close_unstarted(c)
+    meta = {"version": 3, "region": "default", **({} if kid is None else {"kid": names[kid]})}
+    _write_npz(tmp_path / "deployed.npz", get_task("digits").pretrained(seed=0), json.dumps(meta).encode())
+    with caplog.at_level("WARNING", logger="edgeci.device"):
+        c = unstarted_client(tmp_path, trusted_keys={coord.kid: coord.public_raw} if provisioned else None)
+    try:
+        assert (c.version, c.core.state.deployed_version) == ((3, 3) if served else (None, -1))
+        assert ("does not trust now" in caplog.text) is not served
+    finally:
+        close_unstarted(c)
+
+
+def test_a_deployed_model_is_saved_with_its_signing_key_and_served_after_a_restart(tmp_path: Path) -> None:
+    from edge_sdk.core.events import MessageReceived
+    from edge_sdk.signing import Signer
+    from edge_sdk.tasks import get_task
+    from edge_sdk.wire import topics
+    from edge_sdk.wire.codec import encode
+    from edge_sdk.wire.messages import ModelMsg
+
+    spec = get_task("digits").spec
+    coord = Signer.generate()
+    trusted = {coord.kid: coord.public_raw}
+    c = unstarted_client(tmp_path, trusted_keys=trusted)
+    try:
+        topic = topics.device_topic("default", "d1", "model")
+        msg = ModelMsg(model_id=spec.model_id, version=2, reply_to=-1, weights=get_task("digits").pretrained(seed=0), release=2)
+        actions = c.core.handle(MessageReceived(now=0.0, topic=topic, payload=encode(msg, signer=coord, scope=topics.signing_scope(topic))))
+        c.actor.run_actions(actions)
+        assert c.version == 2
+    finally:
+        close_unstarted(c)
+    again = unstarted_client(tmp_path, trusted_keys=trusted)
+    try:
+        assert again.version == 2
+    finally:
+        close_unstarted(again)
+    other = Signer.generate()  # the operator rotated the coordinators' keys: the old model is not served
+    rotated = unstarted_client(tmp_path, trusted_keys={other.kid: other.public_raw})
+    try:
+        assert rotated.version is None
+    finally:
+        close_unstarted(rotated)
 
 
 def _device_with_history(data_dir: Path) -> None:

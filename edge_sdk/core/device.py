@@ -504,7 +504,7 @@ class DeviceCore:
             msg = frame.message
             if isinstance(msg, ModelMsg):
                 pin = self._check_signature(frame.signature, topic)
-                actions = self._on_model(msg, ev.now)
+                actions = self._on_model(msg, ev.now, "" if frame.signature is None else frame.signature.kid)
                 if pin is not None:  # pinned once the model is accepted: a rejected one pins nothing
                     actions = self._pin(*pin) + actions
             elif isinstance(msg, Ack):
@@ -554,7 +554,7 @@ class DeviceCore:
             Notify(kind="key_pinned", data={"kid": kid, "region": s.region}),
         ]
 
-    def _on_model(self, msg: ModelMsg, now: float) -> list[DeviceAction]:
+    def _on_model(self, msg: ModelMsg, now: float, kid: str = "") -> list[DeviceAction]:
         s, cfg = self._s, self.config
         if msg.model_id != cfg.spec.model_id:
             raise UnknownModel(f"model {msg.model_id!r} is not {cfg.spec.model_id!r}")
@@ -575,7 +575,7 @@ class DeviceCore:
             s.counters["ignored:recalled_model"] = s.counters.get("ignored:recalled_model", 0) + 1
         if full is not None and is_release and msg.version > s.deployed_version and not recalled:
             s.deployed_version, s.deployed = msg.version, full
-            actions.append(DeployModel(version=msg.version, weights=full))
+            actions.append(DeployModel(version=msg.version, weights=full, kid=kid))
             actions.append(Notify(kind="model", data={"version": msg.version, "group": msg.group}))
         if msg.release > s.deployed_version and not is_release:
             s.release_wanted = max(s.release_wanted, msg.release)  # fetched by a serving pull when idle

@@ -155,6 +155,9 @@ class DeployModel:
     version: int
     weights: Vector
     group: str = FULL
+    kid: str = ""
+    """The key id that signed it ("" unsigned: the in-process emulator): a driver that saves
+    the model records it, so a later start serves the saved model only while that key is trusted."""
 
 
 @fast_init
