@@ -695,7 +695,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     s = sub.add_parser("broker-conf", help="write a ready mosquitto config (TLS + ACL) and the files it reads",
                        description="edgeci-secure.conf (or edgeci-password.conf with --password) with the listener and "
-                                   "max_packet_size set, and beside it a folder OUT-files/ with copies of what the broker "
+                                   "max_packet_size set, and beside it a folder STEM-files/ (edgeci-files/ for edgeci.conf) with copies of what the broker "
                                    "reads (CA certificate, the broker's certificate and key, the ACL, the CRL or the "
                                    "password hashes): copy both to the broker's host, the rest of PKI/ stays with the "
                                    "operator. After `pki issue` / `revoke` run broker-conf again (it refreshes the copies) "
@@ -709,7 +709,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--user", default=None, help="account mosquitto runs as (started as root, it reads its files only "
                    "after dropping to it): the key and password copies are chowned to it. Default: 'mosquitto' when "
                    "run as root and that account exists; '' for none")
-    s.add_argument("--out", type=Path, required=True, help="the config file to write (its files go to OUT-files/ beside it)")
+    s.add_argument("--out", type=Path, required=True, help="the config file to write (its files go to STEM-files/ beside it: edgeci-files/ for edgeci.conf)")
 
 
 def run(args: argparse.Namespace) -> int:

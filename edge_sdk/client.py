@@ -133,6 +133,14 @@ def _saved_meta(meta: object) -> tuple[int, str | None, str | None]:
     return version, region, kid
 
 
+EVENTS = frozenset({
+    "*", "model", "trained", "update_acked", "update_rejected", "deferred", "retry", "training_failed", "training_unavailable",
+    "message_rejected", "store_recovered", "scc_cache_dropped", "failover", "canary", "canary_reported", "canary_dropped",
+    "model_older", "storage", "key_pinned", "recalled", "seq_conflict",
+})
+"""What :meth:`EdgeClient.on` subscribes to: the device core's notifications and the client's own."""
+
+
 def check_device_bundle(path: Path, manifest: Mapping[str, Any], device_id: str, regions: Sequence[str]) -> None:
     """ConfigError unless the bundle is this device's: its identity, a device's role, and
     every region the device may use (the broker's ACL gives a bundle its regions' topics only;
@@ -576,7 +584,8 @@ class EdgeClient:
         return self._scratch_dir
 
     def on(self, kind: str, callback: Callback) -> None:
-        """Subscribe to notifications: ``model``, ``trained``, ``update_acked``, ``update_rejected``,
+        """Subscribe to notifications (a name not in :data:`EVENTS` is a ConfigError: a typo would
+        never fire): ``model``, ``trained``, ``update_acked``, ``update_rejected``,
         ``deferred``, ``retry``, ``training_failed``, ``training_unavailable`` (a round this
         install cannot train: full rounds without ``[train]``), ``message_rejected``, ``store_recovered``
         (the sample store was corrupt and started clean; ``path``, ``reason``), ``scc_cache_dropped``
@@ -585,8 +594,13 @@ class EdgeClient:
         on new labels before training on them), ``canary_reported`` (the paired ``counts`` sent), ``canary_dropped``
         (``reason``), ``model_older`` (the coordinator answers a pull with a ``version`` older than the one
         ``held``: a new coordinator or a reset state dir; the device waits for a newer one), ``storage`` (``ok``,
-        ``detail``: the store could not save the device's counters, so its requests are held, or can again)
+        ``detail``: the store could not save the device's counters, so its requests are held, or can again),
+        ``key_pinned`` (trust on first use: ``kid``, ``region``), ``recalled`` (the coordinator recalled the
+        deployed version), ``seq_conflict`` (the coordinator holds another update under this device's sequence number: it is sent
+        again under a new one)
         (or ``*`` for all)."""
+        if kind not in EVENTS:
+            raise ConfigError(f"no notification is called {kind!r}; use one of {', '.join(sorted(EVENTS))}")
         self._callbacks[kind].append(callback)
 
     def wait_for_version(self, version: int, timeout: float) -> bool:

@@ -380,7 +380,8 @@ class MqttTransport:
         if a.tls:
             self._client.tls_set_context((auth or BrokerAuth()).ssl_context())
         elif auth is not None and auth.cert_file is not None:
-            raise ConfigError(f"a client certificate needs TLS: use mqtts://{a.host}:8883, not {a.url}")
+            port = 8883 if a.port == 1883 else a.port  # MQTT's TLS port, or the one the user named
+            raise ConfigError(f"a client certificate needs TLS: use mqtts://{a.host}:{port}, not {a.url}")
         elif auth is not None and auth.password is not None and not a.loopback:
             raise ConfigError(f"refusing to send a password in clear text to {a.url}: use mqtts://")
         elif not a.loopback:

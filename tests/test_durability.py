@@ -559,8 +559,10 @@ def test_a_rejection_whose_rollback_cannot_be_written_is_not_recorded_and_is_dec
         monkeypatch.setattr(daemon.registry, "stage_version", stage_version)
         monkeypatch.setattr(daemon.registry, "probe", probing)
         daemon._on_message(*update("evil", 1, bad))  # candidate 1, a bad model
-        wait_until(lambda: daemon.storage_failures >= 1, 60, "the rollback's write to fail")
-        assert history() == [] and daemon.core.version == 1  # nothing recorded; rebuilt on version 1
+        # (the failure is counted first; the core is rebuilt before the next event)
+        wait_until(lambda: daemon.storage_failures >= 1 and daemon.core.version == 1, 60,
+                   "the rollback's write to fail and the core rebuilt on version 1")
+        assert history() == []  # nothing recorded
         full.clear()
         wait_until(lambda: ("reject", 1, 0) in history(), 60, "version 1 gated again and rejected once space is back")
         wait_until(lambda: daemon.core.version == 2, 10, "the rollback commit")

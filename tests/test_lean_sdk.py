@@ -318,9 +318,11 @@ def test_edge_client_trains_with_the_task_s_own_defaults(tmp_path: Path) -> None
     from edge_sdk.tasks.base import TrainConfig
 
     digits = EdgeClient(broker="mqtt://127.0.0.1:9", device_id="d", task="digits", data_dir=tmp_path / "a", seed=7)
+    digits.stop()
     assert digits.train_config == TrainConfig(seed=7)
     task = get_task("digits")
     own = TrainConfig(epochs=3, batch_size=8, lr=1e-3)
     task.default_train = own  # type: ignore[attr-defined]  # a fresh instance: nothing else sees it
     client = EdgeClient(broker="mqtt://127.0.0.1:9", device_id="e", task=task, data_dir=tmp_path / "b", seed=7)
+    client.stop()
     assert (client.train_config.epochs, client.train_config.lr, client.train_config.seed) == (3, 1e-3, 7)

@@ -251,6 +251,26 @@ def test_one_data_dir_serves_one_client_at_a_time(tmp_path: Path) -> None:
     second.stop()
 
 
+def test_on_takes_every_notification_the_device_sends_and_refuses_a_typo(tmp_path: Path) -> None:
+    """SDK trial, finding 5: ``on("modle", cb)`` was accepted and never fired."""
+    import edge_sdk.client as client_module
+    import edge_sdk.core.device as device_module
+
+    sent = {word for line in Path(device_module.__file__).read_text().splitlines() if "kind=" in line  # (x if c else y too)
+            for word in re.findall(r'(?:kind=|\belse )"([a-z_]+)"', line)}
+    sent |= set(re.findall(r'_emit\("([a-z_]+)"', Path(client_module.__file__).read_text()))
+    assert {"model", "update_rejected", "training_unavailable", "storage"} <= sent  # the patterns still find them
+    assert sent <= client_module.EVENTS, sent - client_module.EVENTS
+    c = unstarted_client(tmp_path)
+    try:
+        for kind in sent | {"*"}:
+            c.on(kind, lambda *_: None)
+        with pytest.raises(ConfigError, match="no notification is called 'modle'"):
+            c.on("modle", lambda *_: None)
+    finally:
+        close_unstarted(c)
+
+
 def test_a_data_dir_that_cannot_be_one_is_a_config_error(tmp_path: Path) -> None:
     from edge_sdk.client import EdgeClient
 
