@@ -22,7 +22,7 @@ from edge_sdk.errors import ConfigError
 from edge_sdk.wire import topics
 from edge_sdk.wire.codec import encode, parse_status_json
 from edge_sdk.wire.messages import Update
-from tests.helpers import SPEC, make_coordinator
+from tests.helpers import SPEC, make_coordinator, wait_until
 from tests.test_coordinator_core import acks
 
 
@@ -248,7 +248,7 @@ def test_the_worker_stops_without_running_the_queued_conversions() -> None:
     assert started.wait(10)  # the first one runs; 7 wait in the queue
     stopper = threading.Thread(target=worker.stop)
     stopper.start()
-    time.sleep(0.2)
+    wait_until(lambda: worker._stopping, 10, "stop() to begin")  # then no queued request may start
     release.set()  # the running conversion ends
     stopper.join(10)
     assert not stopper.is_alive() and not worker._thread.is_alive()
