@@ -43,7 +43,7 @@ from coordinator.methods import make_method, resolve_names, split_params
 from coordinator.metrics import MetricsServer
 from coordinator.peering import PEERINGS
 from coordinator.registry import StateDirLocked
-from coordinator.strategies import Strategy, strategy_names
+from coordinator.strategies import CONFIGS, Strategy, strategy_names
 from coordinator.strategies.robust import COMBINERS
 from coordinator.strategies.spin import SpinNoTimeoutStrategy, SpinStrategy
 from coordinator.validation import load_validation
@@ -70,19 +70,21 @@ on the actor thread changes behaviour at once. A strategy may instead offer
 # strategy parameter -> the flag (dest) that sets it; the file's [strategy] table loses to these
 STRATEGY_FLAGS = {"k": "k", "timeout_s": "timeout", "combine": "combine", **{p: p for p in (
     "combiner", "clip_multiplier", "max_staleness", "sample_weight_cap")}}
-AVERAGING = ("spin", "spin-notimeout", "fedbuff", "port", "fedavg", "hierfavg")
-"""Strategies with robust aggregation (coordinator/strategies/robust.py)."""
-STRATEGY_FLAG_USERS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "k": ("k", ("spin", "spin-notimeout", "fedbuff", "port")),
-    "timeout": ("timeout_s", ("spin",)),
-    "combine": ("combine", ("spin", "spin-notimeout")),
-    "eta": ("eta", ("spyker",)),
-    "decay_beta": ("decay_beta", ("spyker",)),
-    "planets": ("planets", ("nebula",)),
-    "rotation": ("t_c", ("nebula",)),
-    **{dest: (dest, AVERAGING) for dest in ("combiner", "clip_multiplier", "max_staleness", "sample_weight_cap")},
-}
-"""Flag (dest) -> (strategy parameter, the strategies that take it)."""
+STRATEGY_FLAG_PARAMS = {"k": "k", "timeout": "timeout_s", "combine": "combine", "eta": "eta", "decay_beta": "decay_beta",
+                        "planets": "planets", "rotation": "t_c",
+                        **{p: p for p in ("combiner", "clip_multiplier", "max_staleness", "sample_weight_cap")}}
+"""Flag (dest) -> the strategy parameter it sets."""
+_FLAG_ONLY_FOR = {"timeout": ("spin",)}
+"""Flags narrower than their parameter: spin-notimeout's config keeps π's field but never waits."""
+
+
+def strategy_flag_users() -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Flag (dest) -> (strategy parameter, the strategies whose config has it): read from the
+    registered configs (``coordinator.strategies.CONFIGS``), so a new strategy with, say, a
+    ``k`` field takes ``--k`` without an entry here."""
+    having = {name: {f.name for f in dataclasses.fields(cfg)} for name, cfg in CONFIGS.items()}
+    return {dest: (param, _FLAG_ONLY_FOR.get(dest) or tuple(n for n, names in having.items() if param in names))
+            for dest, param in STRATEGY_FLAG_PARAMS.items()}
 PEERING_FLAG_USERS: dict[str, tuple[str, tuple[str, ...]]] = {
     **{dest: (param, ("spyker",)) for dest, param in (
         ("h_inter", "h_inter"), ("h_intra", "h_intra"), ("phi", "phi"), ("eta_a", "eta_a"), ("n_clients", "n_clients"),
@@ -227,10 +229,11 @@ def _flag(dest: str) -> str:
 
 def _check_applies(args: argparse.Namespace, layered: Layered | None, strategy: str, peering: str) -> None:
     """A strategy or peering flag given for a method that does not use it is an error, not dropped."""
-    for dest in dict.fromkeys([*STRATEGY_FLAG_USERS, *PEERING_FLAG_USERS]):
+    strategy_users = strategy_flag_users()
+    for dest in dict.fromkeys([*strategy_users, *PEERING_FLAG_USERS]):
         if not _explicit(args, layered, dest):
             continue
-        by_strategy = STRATEGY_FLAG_USERS.get(dest, ("", ()))[1]
+        by_strategy = strategy_users.get(dest, ("", ()))[1]
         by_peering = PEERING_FLAG_USERS.get(dest, ("", ()))[1]
         if strategy in by_strategy or peering in by_peering:
             continue
@@ -266,7 +269,7 @@ def _settle_twice(args: argparse.Namespace, layered: Layered | None, by_name: Ma
     that stand."""
     out = dict(by_name)
     items = layered.item_sources.get("param", {}) if layered is not None else {}
-    for dest, (param, _) in (*STRATEGY_FLAG_USERS.items(), *PEERING_FLAG_USERS.items()):
+    for dest, (param, _) in (*strategy_flag_users().items(), *PEERING_FLAG_USERS.items()):
         if param not in out or not _explicit(args, layered, dest):
             continue
         own = layered.sources.get(dest, "flag") if layered is not None else "flag"
@@ -302,10 +305,12 @@ def options_from(args: argparse.Namespace, layered: Layered | None = None) -> Co
     if strategy == "spin":
         params["timeout_s"] = args.timeout
         params["combine"] = args.combine
-    for dest, (param, users) in STRATEGY_FLAG_USERS.items():
-        if strategy in users and dest not in ("k", "timeout") and getattr(args, dest, None) is not None \
-                and (dest != "combine" or _explicit(args, layered, dest)):  # spin-notimeout: only a given --combine
-            params[param] = getattr(args, dest)
+    for dest, (param, users) in strategy_flag_users().items():
+        if strategy not in users or getattr(args, dest, None) is None or (dest in ("k", "timeout") and param in params):
+            continue
+        if dest in ("k", "timeout", "combine") and not _explicit(args, layered, dest):
+            continue  # their defaults go to spin and friends above; another strategy (spin-notimeout's combine) only a given one
+        params[param] = getattr(args, dest)
     if strategy == "spyker":
         params.update(_given(args, (("lr_init", "lr"),)))
     if layered is not None and layered.strategy_params:

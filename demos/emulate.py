@@ -67,7 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--replot", action="store_true",
                    help="do not simulate: rebuild the tables and plots from the runs already in --out (e.g. with another --target)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads for local training (1 is fastest for tiny models)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for local training (1 is fastest for tiny models; another count sums in "
+                        "another order, so results agree only to float rounding: compare runs made with the same count)")
     p.add_argument("--broker", default=None, help="real-MQTT fleet mode: play the scenario in real time against this broker")
     p.add_argument("--time-scale", type=float, default=1.0, help="real-MQTT mode: virtual seconds per wall second")
     p.add_argument("--region", default="default", help="real-MQTT mode: the coordinator's region")
@@ -78,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
         return _stream_mode(args)
     scenario = load_scenario(args.scenario)
     if args.quick:
+        if "quick" not in scenario.raw:  # said, not silently the full run
+            print(f"note: {args.scenario} has no [quick] table: --quick runs the full scenario", file=sys.stderr)
         scenario = scenario.quick()
     if args.seeds:
         scenario = scenario.with_seeds(parse_seeds(args.seeds))

@@ -426,8 +426,11 @@ def _ratios(per_run: Mapping[str, Any]) -> dict[str, Any]:
             continue
         s = per_run[spin]
         ratio = v["mean_time_to_target_s"] / s["mean_time_to_target_s"] if s["mean_time_to_target_s"] > 0 else None
-        # A censored baseline only gives a lower bound; a censored SPIN makes the ratio meaningless.
+        # A censored baseline only gives a lower bound; a censored SPIN makes the ratio meaningless,
+        # and so does a SPIN that met the target at t = 0 (the starting model already reaches it).
         kind = "exact" if v["all_reached"] and s["all_reached"] else ("lower_bound" if s["all_reached"] else "undefined")
+        if s["all_reached"] and not s["mean_time_to_target_s"] > 0:
+            kind = "at_start"
         out[f"{label} / {spin}"] = {"ratio": ratio, "kind": kind}
     return out
 
@@ -476,7 +479,7 @@ def format_table(scenario: Scenario, summary: Mapping[str, Any]) -> str:
         lines += [
             "",
             "Mean time to other targets (s; ≥ = some seed never reached it"
-            + ("; in brackets: ÷ the matching SPIN run, n/a where SPIN itself missed it" if spin else "") + "):",
+            + ("; in brackets: ÷ the matching SPIN run, n/a where SPIN itself missed it or met it at t = 0" if spin else "") + "):",
             "",
             "| run | " + " | ".join(f"{float(t):.0%}" for t in targets) + " |",
             "|---|" + "---:|" * len(targets),
@@ -498,7 +501,10 @@ def format_table(scenario: Scenario, summary: Mapping[str, Any]) -> str:
     if summary["ratios"]:
         lines += ["", "Time to target relative to SPIN (baseline ÷ SPIN; > 1 means SPIN is faster):", ""]
         for name, r in summary["ratios"].items():
-            if r["ratio"] is None or r["kind"] == "undefined":
+            if r["kind"] == "at_start":
+                lines.append(f"- {name}: undefined (SPIN met the target at t = 0: the starting model already reaches "
+                             f"{target:.0%}; set a higher target_accuracy)")
+            elif r["ratio"] is None or r["kind"] == "undefined":
                 lines.append(f"- {name}: undefined (SPIN did not reach the target on every seed)")
             else:
                 bound = "≥ " if r["kind"] == "lower_bound" else ""

@@ -590,7 +590,7 @@ def parse_scenario(raw: Mapping[str, Any], *, source: str = "<string>") -> Scena
         run_settings = settings
         if overrides:
             patched = _apply_overrides(raw, overrides, f"{where}: overrides")
-            run_settings = _settings(patched, f"{where} (with overrides)")
+            run_settings = parse_settings(patched, source=f"{where} (with overrides)")  # a misspelled key too
         runs.append(RunSpec(label=label, strategy=strategy, params=dict(params), settings=run_settings, overrides=dict(overrides)))
     name = raw.get("name", "scenario")
     description = raw.get("description", "")
@@ -600,7 +600,7 @@ def parse_scenario(raw: Mapping[str, Any], *, source: str = "<string>") -> Scena
         if not isinstance(raw["quick"], dict):
             raise ScenarioError(f"{source}: [quick] must be a table of dotted keys")
         quick_raw = _apply_overrides(raw, raw["quick"], f"{source}: [quick]")
-        _settings(quick_raw, f"{source}: [quick]")
+        parse_settings(quick_raw, source=f"{source}: [quick]")  # checked whether or not --quick is asked for
     reference = raw.get("reference", "")
     if not isinstance(reference, str) or (reference and reference not in labels):
         raise ScenarioError(f"{source}: reference must be one of the run labels ({', '.join(sorted(labels))}), got {reference!r}")

@@ -296,6 +296,7 @@ def test_param_items_keep_commas_inside_values_and_flags_win() -> None:
     (["--eta", "0.5"], {}, None, "--eta is for strategy spyker"),
     (["--strategy", "fedbuff", "--timeout", "5"], {}, None, "--timeout is for strategy spin; strategy 'fedbuff'"),
     (["--strategy", "fedbuff", "--combine", "deltas"], {}, None, "--combine is for strategy spin / spin-notimeout"),
+    (["--strategy", "spin-notimeout", "--timeout", "5"], {}, None, "--timeout is for strategy spin;"),  # it never waits
     (["--strategy", "fedavg", "--k", "0"], {}, None, "--k is for strategy spin / spin-notimeout / fedbuff / port"),
     (["--strategy", "fedasync", "--combiner", "median"], {}, None, "--combiner is for strategy spin / spin-notimeout"),
     (["--strategy", "fedbuff"], {"EDGECI_TIMEOUT": "5"}, None, "--timeout is for strategy spin"),  # env counts as given
@@ -316,6 +317,29 @@ def test_defaults_and_flags_that_apply_are_not_refused() -> None:
     opts = options(["--strategy", "hierfavg", "--kappa2", "3", "--sync-timeout", "9"])
     assert dict(opts.peering_params) == {"kappa2": 3, "sync_timeout_s": 9.0}
     assert options(["--strategy", "nebula", "--rotation", "5"]).strategy_params["t_c"] == 5.0
+    # the strategies whose config has the parameter (researcher trial, finding 4: fedasync, spyker and
+    # nebula take max_staleness, and --max-staleness was refused for them)
+    for strategy in ("fedasync", "spyker", "nebula"):
+        assert options(["--strategy", strategy, "--max-staleness", "5"]).strategy_params["max_staleness"] == 5
+
+
+def test_a_registered_strategy_takes_the_flags_of_its_config_s_fields(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Adding a strategy is its module and one registration: its config's ``k`` and ``combiner``
+    take ``--k`` and ``--combiner`` without an entry in the CLI's tables."""
+    import dataclasses
+
+    import coordinator.strategies as strategies
+
+    @dataclasses.dataclass(frozen=True)
+    class ToyConfig:
+        k: int = 3
+        combiner: str = "mean"
+
+    monkeypatch.setitem(strategies.CONFIGS, "toy", ToyConfig)
+    from coordinator.cli import strategy_flag_users
+
+    users = strategy_flag_users()
+    assert "toy" in users["k"][1] and "toy" in users["combiner"][1] and "toy" not in users["timeout"][1]
 
 
 @pytest.mark.parametrize(("argv", "env", "toml", "needle"), [

@@ -259,6 +259,10 @@ def test_materialise_is_deterministic_and_covers_the_pool() -> None:
     ({"runs": [{"strategy": "spin", "params": {"k": 0}}]}, "k must be >= 1"),
     ({"runs": [{"strategy": "spin"}, {"strategy": "spin"}]}, "duplicate label"),
     ({"runs": [{"strategy": "spin", "overrides": {"data.alpha": -2}}]}, "alpha must be >"),
+    # a misspelled top-level key in a run's overrides or in [quick] (even without --quick): the arm
+    # was silently the reference experiment (researcher trial, findings 1 and 2)
+    ({"runs": [{"strategy": "spin", "overrides": {"duraton_s": 50}}]}, "did you mean 'duration_s'"),
+    ({"quick": {"duraton_s": 50}}, "[quick]: top level: unknown key 'duraton_s'"),
     ({"runs": []}, "at least one [[runs]]"),
     ({"profiles": {"x": {"link": "wifi"}}}, "needs compute and link"),
 ])
@@ -552,3 +556,39 @@ def test_status_is_not_built_per_event_and_only_on_demand_in_the_emulator() -> N
     assert lazy.coord_notes["status"] == published, "the same schedule, announced without a payload"
     assert lazy.rows == eager.rows and lazy.events == eager.events
     assert lazy.coordinator.status().version == lazy.coordinator.version
+
+
+def test_a_target_met_at_the_start_is_reported_as_such_not_as_missed() -> None:
+    """Researcher trial, finding 3: with the starting model already above the target, SPIN's
+    time was 0 and the report said "SPIN did not reach the target on every seed" (n/a in
+    every cell) while summary.json said all_reached."""
+    import types
+
+    from devices.report import _ratios, format_table
+
+    def run(strategy: str, t: float) -> dict[str, Any]:
+        return {"strategy": strategy, "overrides": {}, "time_to_target_s": [t], "mean_time_to_target_s": t, "all_reached": True,
+                "initial_accuracy": 0.81, "final_accuracy": 0.9, "mean_staleness": None, "label_latency_mean_s": None,
+                "bytes_up": 0, "bytes_down": 0, "versions": 3, "updates": 9,
+                "sensitivity": {"0.8": {"reached": 1, "runs": 1, "mean_s": t}}}
+
+    runs = {"spin": run("spin", 0.0), "fedasync": run("fedasync", 0.0)}
+    ratios = _ratios(runs)
+    assert ratios == {"fedasync / spin": {"ratio": None, "kind": "at_start"}}
+    summary = {"target_accuracy": 0.8, "seeds": [0], "duration_s": 300.0, "runs": runs, "ratios": ratios}
+    table = format_table(types.SimpleNamespace(name="s", description=""), summary)  # type: ignore[arg-type]
+    assert "SPIN met the target at t = 0: the starting model already reaches 80%" in table
+    assert "did not reach" not in table
+    runs["spin"] = run("spin", 60.0)  # met later: an exact ratio, as before
+    assert _ratios(runs) == {"fedasync / spin": {"ratio": 0.0, "kind": "exact"}}
+
+
+def test_quick_on_a_scenario_without_a_quick_table_says_it_runs_the_full_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Researcher trial, finding 7: --quick silently ran a 5-seed scenario in full."""
+    scenario = tmp_path / "noquick.toml"
+    scenario.write_text('task = "digits"\n[[runs]]\nstrategy = "spin"\n', encoding="utf-8")
+    parser = argparse.ArgumentParser()
+    emulate.add_arguments(parser)
+    with pytest.raises(ScenarioError, match="target"):  # (stops before running anything)
+        emulate.run(parser.parse_args([str(scenario), "--quick", "--target", "1.5", "--out", str(tmp_path / "o")]))
+    assert "has no [quick] table: --quick runs the full scenario" in capsys.readouterr().err

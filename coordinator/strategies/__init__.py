@@ -1,7 +1,9 @@
 """Aggregation strategies, chosen by name.
 
 ``make_strategy("spin", k=10, timeout_s=30)`` — every strategy is a small class configured by
-a frozen dataclass; adding one is one :func:`register` call (or one entry in ``_FACTORIES``).
+a frozen dataclass; adding one is its module and one :func:`register` call with its factory
+*and* its config (or an entry in both ``_FACTORIES`` and ``CONFIGS``): without the config its
+parameters' names and types go unchecked, and the CLI's named flags (``--k``…) do not reach it.
 
 ========================  =====================================================================
 ``spin``                  serve every pull; aggregate at K updates or after timeout π (000)

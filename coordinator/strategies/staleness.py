@@ -29,7 +29,9 @@ asks the driver for the conversion as an action and gets the result back as an e
 before the strategy sees the update (see :func:`needs_driver`).
 
 Adding a policy: one class with ``name``, ``asynchronous`` and ``judge``, one entry in
-:data:`POLICIES`.
+:data:`POLICIES`. It is built from the parameters every strategy config carries (``a``,
+``max_staleness`` as ``bound``, ``convert_beyond``: see :func:`make_policy`); a policy with a
+parameter of its own also needs that field in the configs of the strategies that use it.
 """
 
 from __future__ import annotations
