@@ -27,7 +27,7 @@ from coordinator.peering import PEERINGS, Peering, make_peering
 from coordinator.peering import peering_params as peering_fields
 from coordinator.strategies import COMPANIONS, Strategy, make_strategy, strategy_names
 from coordinator.strategies import strategy_params as strategy_fields
-from coordinator.strategies.params import check_params
+from coordinator.strategies.params import check_params, did_you_mean
 from edge_sdk.errors import ConfigError
 
 __all__ = ["COMPANIONS", "Method", "make_method", "method_params", "split_params"]
@@ -53,7 +53,7 @@ def resolve_names(strategy: str | None, peering: str | None) -> tuple[str, str]:
     if strategy is None:
         strategy = peering if peering in COMPANIONS else "spin"
     if strategy not in strategy_names():
-        raise ConfigError(f"unknown strategy {strategy!r}; known: {', '.join(strategy_names())}")
+        raise ConfigError(f"unknown strategy {strategy!r}{did_you_mean(strategy, strategy_names())}; known: {', '.join(strategy_names())}")
     companion = COMPANIONS.get(strategy)
     if companion is not None:
         if peering == "none":

@@ -255,7 +255,7 @@ def test_materialise_is_deterministic_and_covers_the_pool() -> None:
     ({"data": {"partition": "zipf"}}, "partition must be one of"),
     ({"training": {"lr": -1}}, "lr must be >"),
     ({"seeds": []}, "seeds must be a non-empty list"),
-    ({"runs": [{"strategy": "spinn"}]}, "unknown strategy 'spinn'"),
+    ({"runs": [{"strategy": "spinn"}]}, "unknown strategy 'spinn' (did you mean 'spin'?)"),
     ({"runs": [{"strategy": "spin", "params": {"k": 0}}]}, "k must be >= 1"),
     ({"runs": [{"strategy": "spin"}, {"strategy": "spin"}]}, "duplicate label"),
     ({"runs": [{"strategy": "spin", "overrides": {"data.alpha": -2}}]}, "alpha must be >"),

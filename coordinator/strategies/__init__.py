@@ -47,7 +47,7 @@ from coordinator.strategies.fedopt import FedAdamStrategy, FedOptConfig, FedOptS
 from coordinator.strategies.hfedms import HFedMSConfig, HFedMSStrategy
 from coordinator.strategies.hierfavg import HierEdgeStrategy
 from coordinator.strategies.nebula import NebulaConfig, NebulaStrategy
-from coordinator.strategies.params import check_params, owned
+from coordinator.strategies.params import check_params, did_you_mean, owned
 from coordinator.strategies.port import PortConfig, PortStrategy
 from coordinator.strategies.spin import SpinConfig, SpinNoTimeoutStrategy, SpinStrategy
 from coordinator.strategies.spyker import SpykerConfig, SpykerStrategy
@@ -155,7 +155,7 @@ def make_strategy(name: str, **params: Any) -> Strategy:
     try:
         factory = _FACTORIES[name]
     except KeyError:
-        raise ConfigError(f"unknown strategy {name!r}; known: {', '.join(strategy_names())}") from None
+        raise ConfigError(f"unknown strategy {name!r}{did_you_mean(name, _FACTORIES)}; known: {', '.join(strategy_names())}") from None
     config = CONFIGS.get(name)
     if config is not None:
         params = check_params(f"strategy {name!r}", config, params)  # names and types; ranges: the config

@@ -10,11 +10,12 @@ str, ``X | None``, ``Literal[...]``, ``tuple[X, ...]``) and each name against th
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import numbers
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal, NoReturn, Union
 
 from edge_sdk.errors import ConfigError
@@ -32,6 +33,12 @@ these, sizes overflowed or allocated without end (``population = 10**20``, ``pla
 its own range."""
 
 
+def did_you_mean(word: str, known: Iterable[str]) -> str:
+    """``" (did you mean 'x'?)"`` for the closest of ``known`` to a misspelled ``word``, else ``""``."""
+    close = difflib.get_close_matches(word, sorted(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def check_params(owner: str, config: type, params: Mapping[str, Any]) -> dict[str, Any]:
     """``params`` converted to the field types of ``config`` (an int for a float field becomes a
     float; a list for a tuple field a tuple); a ConfigError names ``owner`` (e.g. ``strategy
@@ -39,7 +46,8 @@ def check_params(owner: str, config: type, params: Mapping[str, Any]) -> dict[st
     fields = {f.name: f for f in dataclasses.fields(config) if f.init}
     unknown = sorted(set(params) - set(fields))
     if unknown:
-        raise ConfigError(f"{owner}: unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+        raise ConfigError(f"{owner}: unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}"
+                          f"{did_you_mean(unknown[0], fields) if len(unknown) == 1 else ''}; "
                           f"known parameters: {', '.join(sorted(fields))}")
     hints = typing.get_type_hints(config)
     out: dict[str, Any] = {}
