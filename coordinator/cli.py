@@ -506,6 +506,11 @@ def start_daemon(options: CoordinatorOptions, layered: Layered) -> CoordinatorDa
         return CoordinatorDaemon(options)
     except StateDirLocked:
         raise  # another coordinator's state dir: never touch it
+    except OSError as exc:  # a full or failing disk at start: said, not a traceback
+        _undo_failed_init(state_dir, before, missing_from)
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise ConfigError(f"cannot start on state dir {state_dir}: {exc.strerror or exc}{where}; "
+                          "free space or fix the disk, then start again") from exc
     except BaseException:
         _undo_failed_init(state_dir, before, missing_from)
         raise

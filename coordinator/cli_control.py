@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("--to", dest="version", type=_version, required=True, metavar="N", help="version to make the release again")
     elif command == "pin":
         p.add_argument("version", type=_version, metavar="N", help="version to release and hold (no promotions until unpin)")
+    if command in ("rollback", "pin"):
+        p.add_argument("--force", action="store_true",
+                       help="release it even if the release gate rejected it (refused otherwise, with the gate's scores)")
     p.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="MQTT broker URL of the running coordinator")
     p.add_argument("--region", default="default", help="the coordinator's region")
     p.add_argument("--signing-key", type=Path, help="operator signing key (PEM, Ed25519); default: --bundle's signing.key, else STATE_DIR/signing.key")
@@ -208,7 +211,7 @@ def _control(args: argparse.Namespace, command: str) -> int:
         before = statuses[-1].get("extra", {})
         msg = Control(command=command, operator=operator or default_operator(key_path, signer, statuses[-1]),
                       issued_at=time.time(), nonce=random.SystemRandom().randrange(1, 2**63),
-                      version=-1 if version is None else version)
+                      version=-1 if version is None else version, force=bool(getattr(args, "force", False)))
         topic = topics.control_topic(args.region)
         transport.publish(topic, encode(msg, signer=signer, scope=topics.signing_scope(topic)))
         deadline = time.monotonic() + args.wait

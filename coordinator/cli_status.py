@@ -198,7 +198,8 @@ def render(status: Mapping[str, Any], now: float, stale_after: float | None = No
     x: Mapping[str, Any] = status.get("extra") or {}
     alive, why = liveness(status, now, stale_after)
     state = {True: "ALIVE", False: "NOT ALIVE", None: "UNKNOWN"}[alive]
-    out = [f"coordinator {status.get('coordinator', '?')} · region {status.get('region', '?')} · {state}: {why}"]
+    said = f"{state}{why[len('alive'):]}" if alive and why.startswith("alive") else f"{state}: {why}"  # not "ALIVE: alive"
+    out = [f"coordinator {status.get('coordinator', '?')} · region {status.get('region', '?')} · {said}"]
     if "version" not in status:  # e.g. only the last will is retained
         return "\n".join(out)
     params = x.get("strategy_params")
@@ -206,7 +207,8 @@ def render(status: Mapping[str, Any], now: float, stale_after: float | None = No
     out.append(f"model     {x.get('model_id', '?')} · version {status.get('version')} · strategy {strategy}")
     lines = {k: v for k, v in x.items() if ("release" in k or "training" in k) and v not in (None, "", {})}
     for k, v in sorted(lines.items()):
-        out.append(f"{k.replace('_', ' '):<9} {_value(v)}")
+        pinned = " (pinned: no promotions until `edgeci unpin`)" if k == "release" and x.get("pinned") else ""
+        out.append(f"{k.replace('_', ' '):<9} {_value(v)}{pinned}")
     storage = "ok" if x.get("storage_ok", True) else f"FAILING: {x.get('storage_detail') or 'unknown'}"
     out.append(f"storage   {storage}")
     reasons = x.get("rejected_by_reason") or {}

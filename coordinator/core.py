@@ -82,6 +82,7 @@ Transitions::
 
 from __future__ import annotations
 
+import math
 import random
 from bisect import bisect_right
 from collections import Counter, OrderedDict
@@ -102,6 +103,7 @@ from edge_sdk.errors import (
     BadCanaryReport,
     BadSignature,
     ConfigError,
+    GateRejected,
     LocalProtocolError,
     MalformedMessage,
     NotInCohort,
@@ -330,6 +332,10 @@ def abandon(ranges: Sequence[Sequence[int]], first: int, last: int) -> list[Vers
     return merged[-ABANDONED_RANGES:]
 
 
+RATE_NOTE_EVERY_S = 60.0
+"""Pulls dropped by the per-device rate limit are notified (and so logged) at most this often."""
+
+
 @fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CoordinatorConfig:
@@ -464,6 +470,11 @@ class CoordinatorCore:
             self._abandoned = abandon(self._abandoned, int(r[0]), int(r[1]))
         self._gate = Gate(config.gate) if config.gate is not None else None
         self._gate_history: list[dict[str, Any]] = [dict(h) for h in snapshot.gate_history][-20:]
+        self._gate_rejected: dict[int, dict[str, Any]] = {
+            h["version"]: dict(h) for h in snapshot.gate_history
+            if isinstance(h, Mapping) and h.get("action") == "reject" and type(h.get("version")) is int}
+        """Versions the gate rejected (as far back as the release record goes): an operator's
+        rollback or pin of one needs ``force``."""
         # A candidate committed but not decided before the restart (the process died, or the
         # rollback after its rejection failed to write and this core was rebuilt): gated again
         # by start(), so an unapproved training line does not go on as if it had passed.
@@ -520,6 +531,8 @@ class CoordinatorCore:
         self._last_nonce: dict[str, tuple[int, int]] = {}
         self._last_pull_seq: dict[str, int] = {}
         self._tokens: dict[str, tuple[float, float]] = {}
+        self._rate_note: tuple[float, int] | None = None
+        """(when the last ``rate_limited`` notification went out, pulls dropped since)."""
         self._encoded: dict[tuple[Any, ...], bytes] = {}
         self._tensors: dict[tuple[int, str, str], EncodedTensor] = {}
         self._peer_pins: dict[str, bytes] = {}
@@ -796,7 +809,7 @@ class CoordinatorCore:
             self._track_version(parsed.device, msg)  # the version it says it runs: only from a message we took
             return actions
         except RemoteProtocolError as exc:
-            return self._reject(exc, leaf, device, seq)
+            return self._reject(exc, leaf, device, seq, ev.now)
 
     def _dispatch(self, device: str, leaf: str, msg: Message, now: float) -> list[CoordinatorAction]:
         if getattr(msg, "device", device) != device:
@@ -811,12 +824,17 @@ class CoordinatorCore:
             return self._on_canary_report(msg, now)
         raise TopicMismatch(f"a {msg.TYPE} message does not belong on the {leaf!r} topic")
 
-    def _reject(self, exc: RemoteProtocolError, leaf: str, device: str | None, seq: int | None) -> list[CoordinatorAction]:
+    def _reject(self, exc: RemoteProtocolError, leaf: str, device: str | None, seq: int | None, now: float) -> list[CoordinatorAction]:
         self.counters["rejected" if leaf == "update" else "messages_rejected"] += 1
         self.counters[f"reject:{exc.reason}"] += 1
         self._status_dirty = True
-        if isinstance(exc, RateLimited):
-            return []  # a flood must not turn into a flood of notifications
+        if isinstance(exc, RateLimited):  # a flood must not turn into a flood of notifications: one a minute
+            at, dropped = self._rate_note if self._rate_note is not None else (-math.inf, 0)
+            if now - at < RATE_NOTE_EVERY_S:
+                self._rate_note = (at, dropped + 1)
+                return []
+            self._rate_note = (now, 0)
+            return [Notify(kind="rate_limited", data={"device": device, "detail": str(exc)[:200], "dropped_before": dropped})]
         actions: list[CoordinatorAction] = [
             Notify(kind="rejected", data={"reason": exc.reason, "detail": str(exc)[:200], "device": device})
         ]
@@ -1294,6 +1312,8 @@ class CoordinatorCore:
     def _record(self, now: float, action: str, version: int, **extra: Any) -> RecordRelease:
         event = {"at": now, "action": action, "version": version, "release": self._release_version, **extra}
         self._gate_history = [*self._gate_history[-19:], event]
+        if action == "reject":
+            self._gate_rejected[version] = event
         self._status_dirty = True
         return RecordRelease(release=self._release_version, pinned=self._pinned, event=event)
 
@@ -1526,6 +1546,12 @@ class CoordinatorCore:
             raise ReplayedMessage("control command already executed")
         if msg.command != "unpin" and not 0 <= msg.version <= max(self._version, self._version_floor):
             raise UnknownVersion(f"no version {msg.version} (latest is {self._version})")  # refused: not counted as run
+        rejected = self._gate_rejected.get(msg.version) if msg.command != "unpin" else None
+        if rejected is not None and not msg.force:
+            scores = (f": {rejected['candidate_metric']:.3f} against the release's {rejected['release_metric']:.3f}"
+                      if isinstance(rejected.get("candidate_metric"), float) and isinstance(rejected.get("release_metric"), float) else "")
+            raise GateRejected(f"the release gate rejected version {msg.version}{scores}; "
+                               "send the command with --force to release it anyway")
         self._control_seen[(msg.operator, msg.nonce)] = ev.now
         self.counters[f"control:{msg.command}"] += 1
         note = Notify(kind="control", data={"command": msg.command, "version": msg.version, "operator": msg.operator})

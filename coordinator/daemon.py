@@ -208,6 +208,7 @@ class CoordinatorDaemon:
         self._probe_thread = threading.Thread(target=self._probe_loop, name=f"storage-probe-{options.region}", daemon=True)
         # ops: metrics snapshot after handled events, liveness stamps and last will on the status topic
         self.metrics = CoordinatorMetrics(problems=self._problems, connected=lambda: self.transport.connected)
+        self.metrics.count_from(self.core.status())  # Prometheus counters count from this process's start
         self._status_topic = topics.status_topic(options.region)
         self._instance = secrets.token_hex(6)
         """This process, in every status it publishes: another process's live status is another coordinator."""
@@ -682,6 +683,11 @@ class CoordinatorDaemon:
                             action.data.get("detail"))
             elif action.kind == "control":
                 log.info("operator command: %s", action.data)
+            elif action.kind == "rate_limited":  # (at most once a minute: see RATE_NOTE_EVERY_S)
+                d = action.data
+                log.warning("dropping pulls beyond the per-device rate limit: %s; %d more dropped since the last note "
+                            "(a device that pulls this often is misconfigured or hostile; edgeci_rejections_total{reason=\"rate_limited\"})",
+                            d.get("detail"), d.get("dropped_before", 0))
             else:
                 log.debug("%s %s", action.kind, action.data)
         else:

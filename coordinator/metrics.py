@@ -82,11 +82,27 @@ class CoordinatorMetrics:
         for kind in HTTP_PROBLEMS:
             self.http_problems.labels(kind)  # exported at 0 from the start
         self._snapshot: Status | None = None
+        self._baseline: Status | None = None
         self.registry.register(_SnapshotCollector(self))
 
     def publish(self, status: Status) -> None:
         """Actor thread: the latest view (a reference swap: atomic for the readers)."""
         self._snapshot = status
+
+    def count_from(self, status: Status) -> None:
+        """Export the core's counters from ``status`` on (the daemon: the core it restored at
+        start). The status JSON keeps the state dir's totals, restored from the last commit:
+        exported as they are, a restart that lost a buffer's worth of counts made every counter
+        go *down* a little, which Prometheus reads as a reset and then adds the whole total to
+        ``increase()``. Counted from the process's start instead, a restart is an ordinary reset
+        to 0. Within a process an exported counter never goes down either (a core rebuilt from
+        disk after a storage failure restarts from its last commit): it holds until the core's
+        count passes it again."""
+        self._baseline = status
+
+    @property
+    def baseline(self) -> Status | None:
+        return self._baseline
 
     @property
     def snapshot(self) -> Status | None:
@@ -99,6 +115,18 @@ class CoordinatorMetrics:
 class _SnapshotCollector:
     def __init__(self, metrics: CoordinatorMetrics) -> None:
         self._metrics = metrics
+        self._exported: dict[tuple[str, str], float] = {}
+        self._lock = threading.Lock()  # scrapes may come from several HTTP threads
+
+    def _count(self, family: str, label: str, value: float, base: float) -> float:
+        """A core counter as exported: from the baseline on, never going down (see
+        :meth:`CoordinatorMetrics.count_from`)."""
+        key = (family, label)
+        v = max(0.0, float(value) - float(base))
+        with self._lock:
+            v = max(v, self._exported.get(key, 0.0))
+            self._exported[key] = v
+        return v
 
     def describe(self) -> list[Metric]:
         return []  # families depend on the snapshot; nothing to pre-register
@@ -120,46 +148,52 @@ class _SnapshotCollector:
         if s is None:
             return
         x = s.extra
+        b = self._metrics.baseline
+        bx: Mapping[str, Any] = b.extra if b is not None else {}
+        c = self._count
         info = GaugeMetricFamily("edgeci_coordinator_info", "The coordinator's identity (value 1)",
                                  labels=["region", "coordinator", "strategy", "model_id"])
         info.add_metric([s.region, s.coordinator, s.strategy, str(x.get("model_id", ""))], 1)
         yield info
         yield GaugeMetricFamily("edgeci_version", "Current model version", value=s.version)
         updates = CounterMetricFamily("edgeci_updates", "Device updates by outcome", labels=["outcome"])
-        updates.add_metric(["accepted"], s.updates_accepted)
-        updates.add_metric(["duplicate"], s.updates_duplicate)
-        updates.add_metric(["rejected"], s.updates_rejected)
+        updates.add_metric(["accepted"], c("updates", "accepted", s.updates_accepted, b.updates_accepted if b else 0))
+        updates.add_metric(["duplicate"], c("updates", "duplicate", s.updates_duplicate, b.updates_duplicate if b else 0))
+        updates.add_metric(["rejected"], c("updates", "rejected", s.updates_rejected, b.updates_rejected if b else 0))
         yield updates
         reasons = CounterMetricFamily("edgeci_rejections", "Rejected messages (updates and others) by reason",
                                       labels=["reason"])
+        base_reasons = dict(bx.get("rejected_by_reason", {}))
         for reason, n in sorted(dict(x.get("rejected_by_reason", {})).items()):
-            reasons.add_metric([str(reason)], n)
+            reasons.add_metric([str(reason)], c("rejections", str(reason), n, base_reasons.get(reason, 0)))
         yield reasons
         yield CounterMetricFamily("edgeci_messages_rejected", "Rejected messages other than updates",
-                                  value=x.get("messages_rejected", 0))
+                                  value=c("messages_rejected", "", x.get("messages_rejected", 0), bx.get("messages_rejected", 0)))
         pulls = CounterMetricFamily("edgeci_pulls", "Pulls by result", labels=["result"])
         for result in ("served", "deferred", "serving", "unchanged"):
             if f"pulls_{result}" in x:
-                pulls.add_metric([result], x[f"pulls_{result}"])
+                pulls.add_metric([result], c("pulls", result, x[f"pulls_{result}"], bx.get(f"pulls_{result}", 0)))
         yield pulls
         traffic = CounterMetricFamily("edgeci_bytes", "Payload bytes", labels=["direction"])
-        traffic.add_metric(["in"], x.get("bytes_in", 0))
-        traffic.add_metric(["out"], x.get("bytes_out", 0))
+        traffic.add_metric(["in"], c("bytes", "in", x.get("bytes_in", 0), bx.get("bytes_in", 0)))
+        traffic.add_metric(["out"], c("bytes", "out", x.get("bytes_out", 0), bx.get("bytes_out", 0)))
         yield traffic
         yield CounterMetricFamily("edgeci_aggregations", "Aggregations (new versions from updates)",
-                                  value=x.get("aggregations", 0))
+                                  value=c("aggregations", "", x.get("aggregations", 0), bx.get("aggregations", 0)))
         yield GaugeMetricFamily("edgeci_buffered_updates", "Accepted updates waiting for aggregation", value=s.buffered)
         yield GaugeMetricFamily("edgeci_devices_seen", "Devices that pulled or pushed since the state dir began",
                                 value=s.devices_seen)
         yield GaugeMetricFamily("edgeci_devices_online", "Devices whose presence says online (MQTT last will)",
                                 value=x.get("devices_online", 0))
         yield GaugeMetricFamily("edgeci_storage_ok", "1 while storage accepts writes", value=1 if x.get("storage_ok", True) else 0)
-        yield _staleness(x.get("staleness_histogram", {}))
+        base_hist = dict(bx.get("staleness_histogram", {}))
+        yield _staleness({k: c("staleness", str(k), n, base_hist.get(k, 0)) for k, n in dict(x.get("staleness_histogram", {})).items()})
         conv = x.get("conversion")
         if isinstance(conv, dict):  # a converting staleness policy (gradient-inversion, dc-asgd)
             outcomes = CounterMetricFamily("edgeci_conversions", "Stale-update conversions by outcome", labels=["outcome"])
+            bconv: Mapping[str, Any] = bx.get("conversion") or {}
             for outcome in ("requested", "applied", "late", "failed", "no_base", "switched_off"):
-                outcomes.add_metric([outcome], conv.get(outcome, 0))
+                outcomes.add_metric([outcome], c("conversions", outcome, conv.get(outcome, 0), bconv.get(outcome, 0)))
             yield outcomes
             yield GaugeMetricFamily("edgeci_conversion_alpha", "Weight of converted estimates (1 before the switch back, "
                                     "falling to 0 after it)", value=float(conv.get("alpha", 1.0)))
@@ -170,14 +204,18 @@ class _SnapshotCollector:
         if isinstance(canary, dict):  # federated (canary) evaluation for the release gate
             reports = CounterMetricFamily("edgeci_canary_reports", "Canary reports by outcome (rejected: by reason)",
                                           labels=["outcome"])
-            reports.add_metric(["accepted"], canary.get("reports", 0))
+            bgate: Mapping[str, Any] = bx.get("gate") or {}
+            bcanary: Mapping[str, Any] = bgate.get("canary") or {}
+            reports.add_metric(["accepted"], c("canary_reports", "accepted", canary.get("reports", 0), bcanary.get("reports", 0)))
+            base_rej = dict(bcanary.get("rejected_by_reason", {}))
             for reason, n in sorted(dict(canary.get("rejected_by_reason", {})).items()):
-                reports.add_metric([f"rejected:{reason}"], n)
+                reports.add_metric([f"rejected:{reason}"], c("canary_reports", f"rejected:{reason}", n, base_rej.get(reason, 0)))
             yield reports
-            yield CounterMetricFamily("edgeci_canary_rounds", "Canary rounds opened", value=canary.get("rounds", 0))
+            yield CounterMetricFamily("edgeci_canary_rounds", "Canary rounds opened",
+                                      value=c("canary_rounds", "", canary.get("rounds", 0), bcanary.get("rounds", 0)))
 
 
-def _staleness(hist: Mapping[str, int]) -> HistogramMetricFamily:
+def _staleness(hist: Mapping[str, float]) -> HistogramMetricFamily:
     counts = {int(k): int(v) for k, v in hist.items()}
     buckets: list[tuple[str, float]] = []
     for bound in STALENESS_BUCKETS:

@@ -406,6 +406,9 @@ class Registry:
 
     def _read_dir(self, version: int) -> tuple[Vector, dict[str, Any]]:
         d = self.versions_dir / f"{version:09d}"
+        if not d.exists() and (kept := self.versions()) and version < kept[0]:
+            raise RegistryError(f"version {version} was pruned: the state dir keeps the newest {self.keep_versions} versions "
+                                f"and the release (oldest kept: {kept[0]}; `edgeci versions` lists them)")
         path = d / "meta.json"
         try:
             meta = json.loads(path.read_text())
@@ -1006,9 +1009,16 @@ class Registry:
         return self.spec.check(weights), meta, meta_json
 
     def _repair(self, records: dict[int, bytes]) -> None:
-        """Put back (durably) version directories that a crash lost or tore but the log holds."""
+        """Put back (durably) version directories that a crash lost or tore but the log holds.
+        A missing one older than the newest ``keep_versions`` present was pruned, not lost: it
+        stays gone (restoring it logged a warning per version at every restart, and wrote them
+        all again only for the next commit to prune them)."""
+        known = sorted(set(self._version_dirs()) | set(records))
+        floor = known[-self.keep_versions] if len(known) >= self.keep_versions else -1
         for version, body in sorted(records.items()):
             d = self.versions_dir / f"{version:09d}"
+            if version < floor and not d.exists():
+                continue
             if d.exists():
                 try:
                     self.read_version(version)

@@ -78,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
         attempt = data.get("attempt")
         if isinstance(attempt, int) and attempt in (1, 10, 100):
             print(f"[{args.device_id}] no answer to its {data.get('what')} from a coordinator of region {args.region!r} "
-                  f"yet (attempt {attempt}); is one running there? `edgeci status --region {args.region}`", flush=True)
+                  f"yet (attempt {attempt}); is one running there, and does it drop this device's pulls (its log, "
+                  f"rate_limited)? `edgeci status --broker {args.broker} --region {args.region}`", flush=True)
 
     client.on("retry", unanswered)
 

@@ -91,6 +91,12 @@ class UnknownVersion(RemoteProtocolError):
     reason = "unknown_version"
 
 
+class GateRejected(RemoteProtocolError):
+    """An operator's rollback or pin names a version the release gate rejected, without ``force``."""
+
+    reason = "gate_rejected"
+
+
 class RejectedBase(RemoteProtocolError):
     """An update trained from a version the coordinator abandoned (a candidate the release gate
     rejected, one built on it, or a line an operator rolled back past): its weights would bring

@@ -37,7 +37,7 @@ from tests.helpers import SPEC, make_coordinator
     ("fedopt", {"server_lr": "abc"}, "strategy 'fedopt': parameter server_lr expects a finite number, got 'abc'"),
     ("fedbuff", {"late_join": 1}, "parameter late_join expects true or false, got 1"),
     ("nebula", {"resource_prices": [1, "x"]}, "parameter resource_prices expects a list of finite numbers"),
-    ("spin", {"timeout": 30}, "strategy 'spin': unknown parameter 'timeout'; known parameters: "),
+    ("spin", {"timeout": 30}, "strategy 'spin': unknown parameter 'timeout' (did you mean 'timeout_s'?); known parameters: "),
 ])
 def test_strategy_parameters_are_checked_by_name_and_type(strategy: str, params: dict[str, object], needle: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(needle)) as err:
@@ -222,6 +222,22 @@ def test_failed_initialisation_leaves_the_state_dir_as_it_was(
                      capsys)
     assert rc == 1 and "cannot reach broker" in err and "holds model" not in err
     assert list((empty / "versions").iterdir())  # initialised from --init, then the broker was down: v0 is kept
+
+
+def test_a_full_disk_at_start_is_an_error_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                          monkeypatch: pytest.MonkeyPatch, no_pretraining: None) -> None:
+    """Operator trial, finding 4: ENOSPC while opening the state dir ended in a traceback."""
+    import errno
+
+    import coordinator.cli as cli
+
+    def full(*_: object, **__: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "s" / "log"))
+
+    monkeypatch.setattr(cli, "CoordinatorDaemon", full)
+    rc, err = edgeci(["--broker", "mqtt://127.0.0.1:1", "--state-dir", str(tmp_path / "s")], capsys)
+    assert rc == 1 and "cannot start on state dir" in err and "No space left on device" in err, err
+    assert not (tmp_path / "s").exists() or list((tmp_path / "s").iterdir()) == []  # a new dir: what it wrote is gone
 
 
 def test_a_state_dir_that_held_anything_is_never_cleaned(tmp_path: Path, capsys: pytest.CaptureFixture[str],

@@ -80,8 +80,8 @@ def of(actions: Sequence[object], kind: type) -> list:  # type: ignore[type-arg]
 
 
 def control(command: str, version: int = -1, *, signer: Signer | None = OPERATOR, at: float = 50.0, nonce: int = 1,
-            operator: str = "alice") -> MessageReceived:
-    msg = Control(command=command, operator=operator, issued_at=at, nonce=nonce, version=version)
+            operator: str = "alice", force: bool = False) -> MessageReceived:
+    msg = Control(command=command, operator=operator, issued_at=at, nonce=nonce, version=version, force=force)
     topic = topics.control_topic("r1")
     return MessageReceived(now=50.0, topic=topic, payload=encode(msg, signer=signer, scope=topics.signing_scope(topic)))
 
@@ -129,6 +129,29 @@ def test_a_regressing_candidate_is_rejected_and_the_training_line_rolls_back() -
     assert not of(c.handle(CandidateEvaluated(now=10.0, version=3, candidate_metric=1.0, release_metric=0.8,
                                               release_version=0)), RecordRelease)
     assert reply(c.handle(pull("d9", 0, serve=True))).version == 0
+
+
+@pytest.mark.parametrize("command", ["pin", "rollback"])
+def test_releasing_a_version_the_gate_rejected_needs_force_and_survives_a_restart(command: str) -> None:
+    """Operator trial, finding 1: `edgeci pin 3` released a version the gate had rejected
+    (0.583 against 0.728) without a word, and devices were served it."""
+    c = gated(k=1)
+    c.handle(update("bad", 0, 50.0))  # candidate 1
+    acts = c.handle(CandidateEvaluated(now=9.0, version=1, candidate_metric=0.583, release_metric=0.728, release_version=0))
+    assert of(acts, RecordRelease)[0].event["action"] == "reject"
+    assert not of(c.handle(control(command, 1)), LoadVersion)
+    assert c.counters["reject:gate_rejected"] == 1
+    refused = c.status().extra["control_refused"]
+    assert refused["reason"] == "gate_rejected" and "0.583 against the release's 0.728" in refused["detail"]
+    assert "--force" in refused["detail"]
+    (load,) = of(c.handle(control(command, 1, nonce=2, force=True)), LoadVersion)
+    assert load.version == 1
+    # the verdict comes back from the release record after a restart
+    history = [of(acts, RecordRelease)[0].event]
+    again = gated(k=1, snapshot=Snapshot(version=2, weights=np.zeros(SPEC.size, np.float32), release_version=0,
+                                         release_weights=np.zeros(SPEC.size, np.float32), gate_history=history))
+    assert not of(again.handle(control(command, 1, nonce=3)), LoadVersion)
+    assert of(again.handle(control(command, 0, nonce=4)), LoadVersion)  # a version it did not reject: as before
 
 
 def test_the_rollback_after_a_rejection_comes_before_its_record() -> None:

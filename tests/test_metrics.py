@@ -138,3 +138,38 @@ def test_only_get_and_head_are_served(server: MetricsServer, capsys: pytest.Capt
     assert err.value.code in (405, 501)
     assert problems(server)["bad_request"] == 1
     assert capsys.readouterr().err == ""
+
+
+def test_core_counters_count_from_the_process_start_and_never_go_down() -> None:
+    """Operator trial, finding 6: edgeci_updates_total{outcome="accepted"} was 505 before a
+    restart and 501 after it (restored from the last commit), which Prometheus reads as a reset
+    and adds 501 to increase(). Counted from the process's start, a restart is a reset to 0; a
+    core rebuilt from disk mid-run does not take an exported counter down."""
+    from edge_sdk.wire.messages import Status
+
+    def status(accepted: int, bytes_in: int, hist: dict[str, int]) -> Status:
+        return Status(region="r1", coordinator="c1", version=7, updates_accepted=accepted, updates_rejected=0, updates_duplicate=0,
+                      devices_seen=3, buffered=0, extra={"bytes_in": bytes_in, "staleness_histogram": hist})
+
+    def values(m: CoordinatorMetrics) -> dict[str, float]:
+        out = {}
+        for fam in text_string_to_metric_families(m.exposition().decode()):
+            for s in fam.samples:
+                if s.name in ("edgeci_updates_total", "edgeci_bytes_total", "edgeci_staleness_count") and \
+                        s.labels.get("outcome", s.labels.get("direction", "accepted")) in ("accepted", "in"):
+                    out[s.name] = s.value
+        return out
+
+    m = CoordinatorMetrics()
+    m.count_from(status(501, 10_000, {"0": 400, "1": 101}))  # what the restarted core restored
+    m.publish(status(501, 10_000, {"0": 400, "1": 101}))
+    assert values(m) == {"edgeci_updates_total": 0.0, "edgeci_bytes_total": 0.0, "edgeci_staleness_count": 0.0}
+    m.publish(status(505, 10_400, {"0": 402, "1": 103}))
+    assert values(m) == {"edgeci_updates_total": 4.0, "edgeci_bytes_total": 400.0, "edgeci_staleness_count": 4.0}
+    m.publish(status(503, 10_200, {"0": 401, "1": 102}))  # a rebuild from disk: the core's counts went back
+    assert values(m) == {"edgeci_updates_total": 4.0, "edgeci_bytes_total": 400.0, "edgeci_staleness_count": 4.0}
+    m.publish(status(507, 10_600, {"0": 403, "1": 104}))
+    assert values(m) == {"edgeci_updates_total": 6.0, "edgeci_bytes_total": 600.0, "edgeci_staleness_count": 6.0}
+    plain = CoordinatorMetrics()  # without a baseline (a library user publishing one status): the totals
+    plain.publish(status(3, 300, {"0": 3}))
+    assert values(plain)["edgeci_updates_total"] == 3.0

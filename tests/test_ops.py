@@ -257,6 +257,9 @@ def test_status_stamp_liveness_and_render() -> None:
     assert liveness(status, 1000.0 + 3 * 5 + 11)[0] is False  # stale: three beats and a margin
     text = render(status, 1003.0)
     assert "ALIVE" in text and "cam-1" in text and "3 s ago" in text and "accepted 0" in text
+    assert "ALIVE: alive" not in text and "pinned" not in text
+    pinned = {**status, "extra": {**status["extra"], "release": 4, "pinned": True}}  # operator trial: said only in --json
+    assert "release   4 (pinned: no promotions until `edgeci unpin`)" in render(pinned, 1003.0)
     will = json.loads(status_will("r1", "c1"))
     alive, why = liveness(will, 2000.0)
     assert alive is False and "last will" in why and "NOT ALIVE" in render(will, 2000.0)

@@ -58,6 +58,9 @@ def test_versions_are_pruned_and_never_overwritten(tmp_path) -> None:  # type: i
     assert reg.versions() == [3, 4, 5]
     with pytest.raises(RegistryError):
         reg.write_version(5, np.zeros(SPEC.size, np.float32), {})
+    # a rollback to a pruned version says so (operator trial: it read like a corrupt state dir)
+    with pytest.raises(RegistryError, match=r"version 1 was pruned: the state dir keeps the newest 3 versions .*oldest kept: 3"):
+        reg.read_version(1)
     (reg.versions_dir / ".v9-crashed").mkdir()  # a crash mid-write leaves a temp dir
     assert Registry(tmp_path, SPEC).latest() == 5
 
@@ -268,6 +271,30 @@ def test_a_failed_version_write_never_reuses_its_number(tmp_path, monkeypatch) -
         reg.write_version(1, np.ones(SPEC.size, np.float32), {})
     reg.commit(CommitVersion(version=2, weights=np.full(SPEC.size, 2.0, np.float32), applied_changed={}, consumed=(), metadata={}))
     assert reg.versions() == [0, 2]
+
+
+def test_a_restart_does_not_bring_back_pruned_versions_from_the_log(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Operator trial, finding 3: every restart "restored from the pending log" each pruned
+    version the log still held (112 warnings, 112 directories written), for the next commit
+    to prune again; a lost directory among the kept versions is still put back."""
+    import shutil
+
+    reg = Registry(tmp_path, SPEC, keep_versions=3)
+    reg.acquire_lock()
+    try:
+        reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+        for v in range(1, 9):
+            reg.commit(CommitVersion(version=v, weights=np.full(SPEC.size, v, np.float32), applied_changed={}, consumed=(), metadata={}))
+        kept = reg.versions()
+        assert kept[-3:] == [6, 7, 8] and 1 not in kept
+        shutil.rmtree(reg.versions_dir / f"{7:09d}")  # one the crash lost among the kept ones
+        with caplog.at_level("WARNING", logger="edgeci"):
+            snap = reg.load()
+        assert snap is not None and snap.version == 8
+        assert reg.versions() == kept  # 7 is back, nothing older is
+        assert caplog.text.count("restored from the pending log") <= 1
+    finally:
+        reg.close()
 
 
 def test_a_version_is_durable_once_in_the_log_and_its_directory_is_repaired(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

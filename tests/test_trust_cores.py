@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 import tracemalloc
+from typing import Any
 
 import numpy as np
 import pytest
@@ -281,9 +282,11 @@ def test_pull_flood_from_one_client_is_bounded_and_an_honest_device_is_served() 
     topic = topics.device_topic("r1", "mallory", "pull")
     tracemalloc.start()
     replies = 0
+    notes: list[dict[str, Any]] = []
     for i in range(20_000):  # 20,000 pulls in 0.4 s of virtual time
         acts = c.handle(MessageReceived(now=i * 0.00002, topic=topic, payload=pull))
         replies += sum(isinstance(a, Publish) and a.topic.endswith("/model") for a in acts)
+        notes += [a.data for a in acts if isinstance(a, Notify) and a.kind == "rate_limited"]
         if i == 1000:
             tracemalloc.reset_peak()
             base = tracemalloc.get_traced_memory()[0]
@@ -295,6 +298,18 @@ def test_pull_flood_from_one_client_is_bounded_and_an_honest_device_is_served() 
     assert peak < 1_000_000, f"memory grew by {peak} bytes under the flood"
     honest = c.handle(to_coord(0.5, "honest", "pull", Pull(device="honest", seq=0, model_id="toy")))
     assert len(published(honest, "model")) == 1
+    # said once (the operator trial's coordinator logged nothing while it dropped stock devices' pulls),
+    # then at most once a minute with the count in between: a flood is not a flood of log lines
+    assert len(notes) == 1 and notes[0]["device"] == "mallory" and "pulls faster" in notes[0]["detail"]
+    later = c.handle(MessageReceived(now=61.0, topic=topic, payload=pull))
+    later += c.handle(MessageReceived(now=61.0, topic=topic, payload=pull))
+    assert [a.data["dropped_before"] for a in later if isinstance(a, Notify) and a.kind == "rate_limited"] == []  # refilled
+    for _ in range(20):
+        later = c.handle(MessageReceived(now=61.0, topic=topic, payload=pull))
+        if any(isinstance(a, Notify) for a in later):
+            break
+    (note,) = [a.data for a in later if isinstance(a, Notify) and a.kind == "rate_limited"]
+    assert note["dropped_before"] == c.counters["reject:rate_limited"] - 2  # every drop but the two noted
 
 
 def test_new_device_ids_beyond_the_cap_are_refused() -> None:

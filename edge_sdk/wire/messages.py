@@ -285,9 +285,14 @@ class Control:
     issued_at: float
     nonce: int
     version: int = NO_VERSION
+    force: bool = False
+    """Release ``version`` even though the release gate rejected it (otherwise refused: ``gate_rejected``)."""
+    OMIT_AT_DEFAULT: ClassVar[tuple[tuple[str, object], ...]] = (("force", False),)
+    """Added after the command first shipped: a command without it keeps its bytes and decodes to False."""
 
     def __post_init__(self) -> None:
         _need(self.command in CONTROL_COMMANDS, f"command must be one of {CONTROL_COMMANDS}")
+        _need(isinstance(self.force, bool), "force must be a bool")
         _check_id(self.operator, "operator")
         _need(isinstance(self.issued_at, int | float) and math.isfinite(self.issued_at), "issued_at must be finite")
         _check_int(self.nonce, "nonce")
