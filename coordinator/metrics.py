@@ -155,7 +155,11 @@ class _SnapshotCollector:
                                  labels=["region", "coordinator", "strategy", "model_id"])
         info.add_metric([s.region, s.coordinator, s.strategy, str(x.get("model_id", ""))], 1)
         yield info
-        yield GaugeMetricFamily("edgeci_version", "Current model version", value=s.version)
+        yield GaugeMetricFamily("edgeci_version", "Current model version (the training line)", value=s.version)
+        if isinstance(x.get("release"), int):
+            yield GaugeMetricFamily("edgeci_release_version", "The release: the version devices predict with", value=x["release"])
+            yield GaugeMetricFamily("edgeci_release_pinned", "1 while an operator's pin holds the release (no promotions)",
+                                    value=1 if x.get("pinned") else 0)
         updates = CounterMetricFamily("edgeci_updates", "Device updates by outcome", labels=["outcome"])
         updates.add_metric(["accepted"], c("updates", "accepted", s.updates_accepted, b.updates_accepted if b else 0))
         updates.add_metric(["duplicate"], c("updates", "duplicate", s.updates_duplicate, b.updates_duplicate if b else 0))

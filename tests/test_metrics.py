@@ -173,3 +173,10 @@ def test_core_counters_count_from_the_process_start_and_never_go_down() -> None:
     plain = CoordinatorMetrics()  # without a baseline (a library user publishing one status): the totals
     plain.publish(status(3, 300, {"0": 3}))
     assert values(plain)["edgeci_updates_total"] == 3.0
+    # the release beside the training line (operator trial: /metrics had only the training line)
+    released = status(3, 300, {"0": 3})
+    plain.publish(Status(**{**{f: getattr(released, f) for f in ("region", "coordinator", "version", "updates_accepted",
+                                                                 "updates_rejected", "updates_duplicate", "devices_seen",
+                                                                 "buffered")}, "extra": {"release": 5, "pinned": True}}))
+    text = plain.exposition().decode()
+    assert "edgeci_release_version 5.0" in text and "edgeci_release_pinned 1.0" in text and "edgeci_version 7.0" in text
