@@ -694,6 +694,8 @@ def _serve(args: argparse.Namespace, layered: Layered, resolve_again: Callable[[
     from_env = sorted(k for k, v in layered.sources.items() if v == "env")
     if from_env:
         log.info("from the environment: %s", ", ".join(from_env))
+    for name in layered.unknown_env:
+        log.warning("ignoring the environment variable %s: edgeci coordinator has no such option", name)
     daemon = start_daemon(options, layered)
     server: MetricsServer | None = None
     try:

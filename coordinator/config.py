@@ -15,6 +15,7 @@ so tests need neither a process nor a file.
 from __future__ import annotations
 
 import argparse
+import difflib
 import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -26,6 +27,9 @@ from edge_sdk.errors import ConfigError
 
 ENV_PREFIX = "EDGECI_"
 CONFIG_ENV = "EDGECI_CONFIG"
+OTHER_ENV = frozenset({CONFIG_ENV, "EDGECI_HOME", "EDGECI_MNIST_DIR", "EDGECI_DEVICE", "EDGECI_THREADS", "EDGECI_PASSWORD",
+                       "EDGECI_DATA"})
+"""Variables read outside the options (edge_sdk.paths, tasks.procdigits, trainer, mqtt, devices.report)."""
 STRATEGY_TABLE = "strategy"
 NOT_LAYERED = frozenset({"help", "version", "config", "command"})
 """Dests that never come from the environment or the file."""
@@ -63,6 +67,10 @@ class Layered:
     config_path: Path | None = None
     item_sources: dict[str, dict[str, Source]] = field(default_factory=dict)
     """For a repeatable ``NAME=VALUE`` option (``--param``): where each NAME's winning item came from."""
+    unknown_env: list[str] = field(default_factory=list)
+    """``EDGECI_*`` variables this command does not read but that look like a misspelling of one
+    it does, as ``NAME (did you mean OTHER?)`` (a misspelled ``EDGECI_TIMOUT`` in a unit file is
+    otherwise ignored without a word)."""
 
     def given(self, dest: str) -> bool:
         """Set by a flag or the environment (stronger than the file's ``[strategy]`` table)."""
@@ -287,7 +295,21 @@ def resolve(
             sources[o.dest] = "default"
     if use_file:
         args.config = path
-    return Layered(args=args, sources=sources, strategy_params=strategy, config_path=path, item_sources=item_sources)
+    return Layered(args=args, sources=sources, strategy_params=strategy, config_path=path, item_sources=item_sources,
+                   unknown_env=misspelled_env(options_parser or parser, env))
+
+
+def misspelled_env(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> list[str]:
+    """The ``EDGECI_*`` names in ``env`` that ``parser``'s options do not read (nor
+    :data:`OTHER_ENV`) but that are close to one they do: ``NAME (did you mean OTHER?)``.
+    A name close to none may be another command's (one environment serves them all): not listed."""
+    mine = sorted({o.env for p in parsers_of(parser) for o in options_of(p)})
+    out = []
+    for name in sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in OTHER_ENV and k not in mine):
+        close = difflib.get_close_matches(name, mine, n=1, cutoff=0.92)
+        if close:
+            out.append(f"{name} (did you mean {close[0]}?)")
+    return out
 
 
 def _item_name(item: str) -> str:

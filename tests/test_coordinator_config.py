@@ -455,3 +455,13 @@ def test_sighup_says_when_a_flag_beats_the_file_s_strategy_value(caplog: pytest.
     assert f"[strategy] {key} = 6 in the config file does not apply: {by}" in text
     assert text.count("does not apply") == 1  # the other value is the file's own
     assert "config reloaded" in text
+
+
+def test_a_misspelled_environment_variable_is_named_not_ignored() -> None:
+    """Operator trial: EDGECI_TIMOUT in a unit file was ignored without a word. A name close to
+    one of the command's options is reported (the coordinator logs it at WARNING); another
+    command's variable (EDGECI_DATASET is edgeci device's) is not."""
+    got = layered([], {"EDGECI_TIMOUT": "3", "EDGECI_STATEDIR": "/x", "EDGECI_DATASET": "digits", "EDGECI_HOME": "/h",
+                       "EDGECI_K": "4"})
+    assert got.unknown_env == ["EDGECI_STATEDIR (did you mean EDGECI_STATE_DIR?)", "EDGECI_TIMOUT (did you mean EDGECI_TIMEOUT?)"]
+    assert got.args.k == 4
