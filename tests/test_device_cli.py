@@ -39,7 +39,7 @@ def test_a_device_nobody_answers_says_so(mosquitto: MosquittoProcess, tmp_path: 
                  "--duration", "14", home=tmp_path / "home")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "no answer to its pull from a coordinator of region 'nowhere' yet (attempt 1)" in out.stdout, out.stdout
-    assert "edgeci status --region nowhere" in out.stdout
+    assert f"edgeci status --broker {mosquitto.url} --region nowhere" in out.stdout  # the command to run, as it is
 
 
 @pytest.mark.broker
