@@ -57,7 +57,8 @@ from edge_sdk.tasks.base import Task
 __all__ = ["DATA_ENV", "TORCHVISION_DATASETS", "add_arguments", "format_table", "load_task", "parse_seeds", "run", "summarise"]
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("scenario", type=Path, help="scenario TOML (see demos/scenarios/)")
+    p.add_argument("scenario", type=Path, help="scenario TOML (see demos/scenarios/; `python -m devices.profiles` lists the "
+                                               "device, compute, link and availability names it may use)")
     p.add_argument("--strategies", default="", help="comma-separated run labels or strategy names; empty = every run")
     p.add_argument("--seeds", default="", help="seeds, e.g. 0,1,2 or 0-4; empty = the scenario's")
     p.add_argument("--out", type=Path, default=None, help="output directory (default: runs/emulate/<scenario name>)")

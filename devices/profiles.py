@@ -270,6 +270,28 @@ PROFILES: Mapping[str, DeviceProfile] = {
 """Built-in device classes; scenarios may override any field or add their own."""
 
 
+def catalogue() -> str:
+    """The built-in names a scenario may use, with their numbers: device profiles (``[fleet]
+    mix``, ``[profiles.X]``), and the compute, link and availability presets a profile names."""
+    def avail(a: Availability) -> str:
+        night = f"asleep {a.night_hours:g} h from {a.night_start_h:g}:00" if a.night_start_h is not None else "no night"
+        drops = (f"online ~{a.dropout_every_s:g} s, then offline ~{a.dropout_mean_s:g} s (exponential means)"
+                 if a.dropout_every_s else "no dropouts")
+        return f"{night}, {drops}"
+
+    lines = ["device profiles ([fleet] mix = { NAME = share }; [profiles.NAME] overrides or adds one):"]
+    lines += [f"  {p.name:<8} compute {p.compute.name:<8} link {p.link.name:<6} availability {p.availability.name}"
+              for p in PROFILES.values()]
+    lines.append("compute (local training: overhead_s + sample_epoch_s × samples × epochs, log-normal spread):")
+    lines += [f"  {c.name:<8} sample_epoch_s {c.sample_epoch_s:g}, overhead_s {c.overhead_s:g}, spread {c.spread:g}"
+              for c in COMPUTE.values()]
+    lines.append("link (one-way latency, bandwidth up / down):")
+    lines += [f"  {k.name:<8} {k.latency_s * 1000:g} ms, {k.up_bps / 1e6:g} / {k.down_bps / 1e6:g} Mbit/s" for k in LINKS.values()]
+    lines.append("availability:")
+    lines += [f"  {name:<11} {avail(a)}" for name, a in AVAILABILITY.items()]
+    return "\n".join(lines)
+
+
 def fleet_counts(n_devices: int, mix: Mapping[str, float]) -> dict[str, int]:
     """Split ``n_devices`` over profile names in proportion to ``mix`` (largest remainder,
     ties broken by name), so the counts always add up exactly."""
@@ -346,12 +368,9 @@ if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m devices.profiles", description=(
-        "Device profiles for the emulator. --measure times this machine's real local update "
-        "(one thread) and prints the fitted ComputeProfile, as the 'paper' preset was obtained."))
+        "Device profiles for the emulator: without options, the built-in names a scenario may use. --measure times "
+        "this machine's real local update (one thread) and prints the fitted ComputeProfile, as the 'paper' preset was obtained."))
     ap.add_argument("--measure", action="store_true", help="time the task's local update and print the fitted profile")
     ap.add_argument("--task", default="procdigits", help="task to time (default: procdigits)")
     cli = ap.parse_args()
-    if not cli.measure:
-        ap.print_help()
-        raise SystemExit(2)
-    print(measure_compute(cli.task))
+    print(measure_compute(cli.task) if cli.measure else catalogue())

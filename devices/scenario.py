@@ -14,7 +14,8 @@ hour into a sweep. Layout (every table but ``[[runs]]`` is optional)::
 
     [fleet]
     devices = 100
-    mix = { headset = 0.5, phone = 0.3, camera = 0.2 }   # shares of device profiles
+    mix = { headset = 0.5, phone = 0.3, camera = 0.2 }   # shares of device profiles (normalised: they need not add up to 1);
+                                          # `python -m devices.profiles` lists every built-in name below
 
     [profiles.headset]                    # override a built-in profile, or define one
     compute = { sample_epoch_s = 0.4 }    # a name from devices.profiles.COMPUTE or a table

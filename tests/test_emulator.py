@@ -592,3 +592,13 @@ def test_quick_on_a_scenario_without_a_quick_table_says_it_runs_the_full_one(tmp
     with pytest.raises(ScenarioError, match="target"):  # (stops before running anything)
         emulate.run(parser.parse_args([str(scenario), "--quick", "--target", "1.5", "--out", str(tmp_path / "o")]))
     assert "has no [quick] table: --quick runs the full scenario" in capsys.readouterr().err
+
+
+def test_the_profile_catalogue_names_every_built_in_preset() -> None:
+    """Researcher trial, finding 8: the names a scenario may use were listed nowhere."""
+    from devices.profiles import AVAILABILITY, COMPUTE, LINKS, PROFILES, catalogue
+
+    text = catalogue()
+    for name in [*PROFILES, *COMPUTE, *LINKS, *AVAILABILITY]:
+        assert f"  {name} " in text, name
+    assert "night-flaky asleep 8 h from 23:00, online ~1800 s, then offline ~300 s" in text
