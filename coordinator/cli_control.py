@@ -224,7 +224,10 @@ def _control(args: argparse.Namespace, command: str) -> int:
             if done is not None:
                 was = "" if command != "unpin" or before.get("pinned") else " (it was not pinned)"
                 was = " (already pinned to it: no new version)" if done.get("unchanged") else was
-                print(f"{command} done{was}: release {extra.get('release')}{' (pinned)' if extra.get('pinned') else ''}, "
+                said = ["pinned"] if extra.get("pinned") else []
+                said += [f"a copy of version {done.get('of', version)}"] if command != "unpin" else []
+                note = f" ({', '.join(said)})" if said else ""
+                print(f"{command} done{was}: release {extra.get('release')}{note}, "
                       f"training line {extra.get('training_version')} (was release {before.get('release')})")
                 return 0
             refused = extra.get("control_refused") or {}

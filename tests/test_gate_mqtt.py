@@ -154,16 +154,16 @@ def test_rollback_and_pin_on_a_running_coordinator_survive_its_restart(mosquitto
                 wait_until(lambda: idle.version == 3, 30, "the idle device serving release 3")
                 out = edgeci("rollback", "--to", "1", "--broker", url, "--region", REGION, "--state-dir", str(state))
                 assert out.returncode == 0, out.stdout + out.stderr
-                assert "rollback done: release 4" in out.stdout, out.stdout
+                assert "rollback done: release 4 (a copy of version 1)" in out.stdout, out.stdout
                 # the recall reaches it: it serves release 4 (version 1's weights), not the rolled-back 3
                 wait_until(lambda: idle.version == 4, 20, "the idle device to fetch release 4 after the rollback")
                 np.testing.assert_array_equal(idle.weights, np.full(spec.size, 0.01, np.float32))
             finally:
                 idle.stop()
             out = edgeci("pin", "2", "--broker", url, "--region", REGION, "--state-dir", str(state))
-            assert out.returncode == 0 and "release 5 (pinned)" in out.stdout, out.stdout + out.stderr
+            assert out.returncode == 0 and "release 5 (pinned, a copy of version 2)" in out.stdout, out.stdout + out.stderr
             out = edgeci("pin", "2", "--broker", url, "--region", REGION, "--state-dir", str(state))  # retried: no version 6
-            assert out.returncode == 0 and "pin done (already pinned to it: no new version): release 5 (pinned), training line 5" \
+            assert out.returncode == 0 and "pin done (already pinned to it: no new version): release 5 (pinned, a copy of version 2), training line 5" \
                 in out.stdout, out.stdout + out.stderr
             push(url, spec, 3, 5, 0.5)  # training goes on; the pinned release does not move
             wait_until(lambda: watcher.extra("training_version") == 6, 30, "training version 6")
