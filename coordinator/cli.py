@@ -227,9 +227,9 @@ def _flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
 
-def _check_applies(args: argparse.Namespace, layered: Layered | None, strategy: str, peering: str) -> None:
+def _check_applies(args: argparse.Namespace, layered: Layered | None, strategy: str, peering: str,
+                   strategy_users: Mapping[str, tuple[str, tuple[str, ...]]]) -> None:
     """A strategy or peering flag given for a method that does not use it is an error, not dropped."""
-    strategy_users = strategy_flag_users()
     for dest in dict.fromkeys([*strategy_users, *PEERING_FLAG_USERS]):
         if not _explicit(args, layered, dest):
             continue
@@ -261,7 +261,8 @@ def _written_item(param: str, source: str, value: object) -> str:
     return f"param {item} in the config file" if source == "file" else f"--param {item}"
 
 
-def _settle_twice(args: argparse.Namespace, layered: Layered | None, by_name: Mapping[str, object]) -> dict[str, object]:
+def _settle_twice(args: argparse.Namespace, layered: Layered | None, by_name: Mapping[str, object],
+                  strategy_users: Mapping[str, tuple[str, tuple[str, ...]]]) -> dict[str, object]:
     """A parameter set both by its own flag (``--k``) and by name (``--param k=…``, or the
     file's ``param`` list beside its ``[strategy]`` table): the stronger layer wins (flag >
     environment > file, as for every option); within one layer it is refused, naming both
@@ -269,7 +270,7 @@ def _settle_twice(args: argparse.Namespace, layered: Layered | None, by_name: Ma
     that stand."""
     out = dict(by_name)
     items = layered.item_sources.get("param", {}) if layered is not None else {}
-    for dest, (param, _) in (*strategy_flag_users().items(), *PEERING_FLAG_USERS.items()):
+    for dest, (param, _) in (*strategy_users.items(), *PEERING_FLAG_USERS.items()):
         if param not in out or not _explicit(args, layered, dest):
             continue
         own = layered.sources.get(dest, "flag") if layered is not None else "flag"
@@ -298,14 +299,15 @@ def options_from(args: argparse.Namespace, layered: Layered | None = None) -> Co
         raise ConfigError("--state-dir is required (or EDGECI_STATE_DIR, or state_dir in the --config file)")
     strategy, peering = resolve_names(args.strategy, args.peering)  # e.g. --strategy spyker brings its peering
     _check_finite(args)
-    _check_applies(args, layered, strategy, peering)
+    strategy_users = strategy_flag_users()  # read from the registered configs, once
+    _check_applies(args, layered, strategy, peering, strategy_users)
     params: dict[str, object] = {}
     if strategy in ("spin", "spin-notimeout", "fedbuff", "port"):
         params["k"] = args.k
     if strategy == "spin":
         params["timeout_s"] = args.timeout
         params["combine"] = args.combine
-    for dest, (param, users) in strategy_flag_users().items():
+    for dest, (param, users) in strategy_users.items():
         if strategy not in users or getattr(args, dest, None) is None or (dest in ("k", "timeout") and param in params):
             continue
         if dest in ("k", "timeout", "combine") and not _explicit(args, layered, dest):
@@ -315,7 +317,7 @@ def options_from(args: argparse.Namespace, layered: Layered | None = None) -> Co
         params.update(_given(args, (("lr_init", "lr"),)))
     if layered is not None and layered.strategy_params:
         params = merge_strategy_params(params, layered.strategy_params, STRATEGY_FLAGS, layered)
-    by_name = _settle_twice(args, layered, parse_params(getattr(args, "param", None) or ()))
+    by_name = _settle_twice(args, layered, parse_params(getattr(args, "param", None) or ()), strategy_users)
     params.update(by_name)
     params, generic_peer_params = split_params(strategy, peering, params, strict=False)  # [strategy] / --param: by name
     peers = tuple(c.strip() for c in args.peers.split(",") if c.strip())

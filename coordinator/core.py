@@ -334,6 +334,8 @@ def abandon(ranges: Sequence[Sequence[int]], first: int, last: int) -> list[Vers
 
 RATE_NOTE_EVERY_S = 60.0
 """Pulls dropped by the per-device rate limit are notified (and so logged) at most this often."""
+GATE_REJECTED_KEPT = 200
+"""Rejected versions remembered for ``force`` (the release record keeps as many events)."""
 
 
 @fast_init
@@ -473,8 +475,8 @@ class CoordinatorCore:
         self._gate_rejected: dict[int, dict[str, Any]] = {
             h["version"]: dict(h) for h in snapshot.gate_history
             if isinstance(h, Mapping) and h.get("action") == "reject" and type(h.get("version")) is int}
-        """Versions the gate rejected (as far back as the release record goes): an operator's
-        rollback or pin of one needs ``force``."""
+        """Versions the gate rejected (as far back as the release record goes, at most
+        :data:`GATE_REJECTED_KEPT`): an operator's rollback or pin of one needs ``force``."""
         # A candidate committed but not decided before the restart (the process died, or the
         # rollback after its rejection failed to write and this core was rebuilt): gated again
         # by start(), so an unapproved training line does not go on as if it had passed.
@@ -531,7 +533,7 @@ class CoordinatorCore:
         self._last_nonce: dict[str, tuple[int, int]] = {}
         self._last_pull_seq: dict[str, int] = {}
         self._tokens: dict[str, tuple[float, float]] = {}
-        self._rate_note: tuple[float, int] | None = None
+        self._rate_note: tuple[float, int] = (-math.inf, 0)
         """(when the last ``rate_limited`` notification went out, pulls dropped since)."""
         self._encoded: dict[tuple[Any, ...], bytes] = {}
         self._tensors: dict[tuple[int, str, str], EncodedTensor] = {}
@@ -829,7 +831,7 @@ class CoordinatorCore:
         self.counters[f"reject:{exc.reason}"] += 1
         self._status_dirty = True
         if isinstance(exc, RateLimited):  # a flood must not turn into a flood of notifications: one a minute
-            at, dropped = self._rate_note if self._rate_note is not None else (-math.inf, 0)
+            at, dropped = self._rate_note
             if now - at < RATE_NOTE_EVERY_S:
                 self._rate_note = (at, dropped + 1)
                 return []
@@ -1314,6 +1316,8 @@ class CoordinatorCore:
         self._gate_history = [*self._gate_history[-19:], event]
         if action == "reject":
             self._gate_rejected[version] = event
+            if len(self._gate_rejected) > GATE_REJECTED_KEPT:  # bounded: the oldest goes (pruned long since)
+                del self._gate_rejected[next(iter(self._gate_rejected))]
         self._status_dirty = True
         return RecordRelease(release=self._release_version, pinned=self._pinned, event=event)
 

@@ -154,6 +154,16 @@ def test_releasing_a_version_the_gate_rejected_needs_force_and_survives_a_restar
     assert of(again.handle(control(command, 0, nonce=4)), LoadVersion)  # a version it did not reject: as before
 
 
+def test_the_rejected_versions_remembered_for_force_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import coordinator.core as core_module
+
+    monkeypatch.setattr(core_module, "GATE_REJECTED_KEPT", 2)
+    c = gated(k=1)
+    for v in (1, 2, 3):
+        c._record(float(v), "reject", v)
+    assert sorted(c._gate_rejected) == [2, 3]  # the oldest went
+
+
 def test_the_rollback_after_a_rejection_comes_before_its_record() -> None:
     """A driver writes a release record at once but a commit only with the batch's fsync: the
     rollback must come first, so that a failed commit leaves no "reject" beside a training line
