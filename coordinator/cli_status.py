@@ -204,7 +204,8 @@ def render(status: Mapping[str, Any], now: float, stale_after: float | None = No
         return "\n".join(out)
     params = x.get("strategy_params")
     strategy = str(status.get("strategy", "?")) + (f" ({_value(params)})" if isinstance(params, Mapping) and params else "")
-    out.append(f"model     {x.get('model_id', '?')} · version {status.get('version')} · strategy {strategy}")
+    epoch = f" · epoch {x['epoch']}" if isinstance(x.get("epoch"), int) else ""  # the state dir's numbering
+    out.append(f"model     {x.get('model_id', '?')} · version {status.get('version')}{epoch} · strategy {strategy}")
     lines = {k: v for k, v in x.items() if ("release" in k or "training" in k) and v not in (None, "", {})}
     for k, v in sorted(lines.items()):
         pinned = " (pinned: no promotions until `edgeci unpin`)" if k == "release" and x.get("pinned") else ""

@@ -138,6 +138,7 @@ from edge_sdk.wire.codec import (
 )
 from edge_sdk.wire.messages import (
     MAX_RECALL_RANGES,
+    NO_EPOCH,
     NO_VERSION,
     UNCHANGED,
     Ack,
@@ -433,6 +434,9 @@ class Snapshot:
     """The converting policy's switch point (see coordinator.conversion)."""
     abandoned: Sequence[Sequence[int]] = ()
     """Inclusive ranges of versions a rollback abandoned (updates based on them are refused)."""
+    epoch: int = NO_EPOCH
+    """The numbering of this state dir's versions (see ``ModelMsg.epoch``): created with it,
+    so a coordinator that lost its state dir numbers anew in a newer epoch. 0: none (in memory)."""
 
 
 class CoordinatorCore:
@@ -457,6 +461,7 @@ class CoordinatorCore:
         self._weights = np.array(spec.check(np.asarray(snapshot.weights, dtype=np.float32)), copy=True)
         self._version = int(snapshot.version)
         self._version_floor = int(snapshot.version_floor)
+        self._epoch = int(snapshot.epoch)
         self._recovered_from = tuple(snapshot.recovered_from)
         self._history: dict[int, Vector] = {self._version: self._weights}
         if snapshot.release_version >= 0 and snapshot.release_weights is not None and snapshot.release_version != self._version:
@@ -673,6 +678,7 @@ class CoordinatorCore:
                 },
                 "recent_versions": self._gate_history[-10:],
                 "control_refused": self._control_refused,
+                **({"epoch": self._epoch} if self._epoch != NO_EPOCH else {}),
                 "conversion": None if not needs_driver(self._policy) else {
                     "policy": self._policy.name,
                     **self._switch.describe(self._version),
@@ -730,12 +736,12 @@ class CoordinatorCore:
 
     def _recall(self, *, force: bool = False) -> list[CoordinatorAction]:
         """Publish the abandoned ranges (retained) when they changed since the last recall."""
-        if not self._abandoned or not (self._recall_due or force):
+        if not (self._abandoned or self._epoch != NO_EPOCH) or not (self._recall_due or force):
             return []
         self._recall_due = False
         flat = tuple(v for r in self._abandoned[-MAX_RECALL_RANGES:] for v in r)
         topic = topics.recall_topic(self.config.region)
-        msg = Recall(model_id=self.config.spec.model_id, release=self._release_version, abandoned=flat)
+        msg = Recall(model_id=self.config.spec.model_id, release=self._release_version, abandoned=flat, epoch=self._epoch)
         return [self._publish(topic, encode(msg, signer=self.config.signer, scope=topics.signing_scope(topic)), retain=True)]
 
     def handle(self, event: CoordinatorEvent) -> list[CoordinatorAction]:
@@ -931,7 +937,7 @@ class CoordinatorCore:
             return [self._canary_fetch(msg)]
         if msg.serve:
             self.counters["pulls_serving"] += 1
-            return [self._model_reply(msg.device, msg.seq, FULL, msg.have_version, serve=True)]
+            return [self._model_reply(msg.device, msg.seq, FULL, self._held(msg), serve=True)]
         invited = msg.invite_round >= 0 and self._invites.get(msg.device) == msg.invite_round
         if msg.invite_round >= 0 and not invited:
             self.counters["invite_unknown"] += 1  # forged, replayed or from before a restart
@@ -940,11 +946,18 @@ class CoordinatorCore:
                 del self._invites[msg.device]
             self._deferred.pop(msg.device, None)
             self.counters["pulls_served"] += 1
-            return [self._model_reply(msg.device, msg.seq, self._group_for(msg.have_version), msg.have_version)]
+            have = self._held(msg)
+            return [self._model_reply(msg.device, msg.seq, self._group_for(have), have)]
         self._deferred[msg.device] = now
         self.counters["pulls_deferred"] += 1
         ack = Ack(device=msg.device, seq=msg.seq, status="deferred", version=self._version)
         return [self._publish(self._device_topic(msg.device, "ack"), encode(ack))]
+
+    def _held(self, msg: Pull) -> int:
+        """The version the pulling device holds, in this coordinator's numbering: none for a
+        version of another epoch (a device that has not heard of this state dir's reset yet).
+        A pull without one comes from an SDK that predates epochs: taken as before."""
+        return msg.have_version if msg.epoch == self._epoch or msg.epoch == NO_EPOCH else NO_VERSION
 
     def _group_for(self, have_version: int) -> str:
         """LASP: a device already holding the current extractor gets only the partial group."""
@@ -993,6 +1006,7 @@ class CoordinatorCore:
                 spec_fingerprint=cfg.spec.fingerprint,
                 hints=hints,
                 release=self._release_version,
+                epoch=self._epoch,
             )
             tail = self._tensors.get((version, group, cfg.encoding))
             if tail is None:  # one encoding + digest per (version, group, encoding)
@@ -1022,6 +1036,9 @@ class CoordinatorCore:
             raise SeqJump(f"update seq {msg.seq} is more than {cfg.max_seq_jump} above {ref}")
         if msg.n_samples > cfg.max_samples_per_update:
             raise TooManySamples(f"{msg.n_samples} samples claimed; the cap is {cfg.max_samples_per_update}")
+        if msg.epoch != self._epoch and msg.epoch != NO_EPOCH:  # (none: an SDK from before epochs, judged as before)
+            raise RejectedBase(f"trained from version {msg.base_version} of epoch {msg.epoch}; this coordinator numbers in "
+                               f"epoch {self._epoch} (its state dir was created anew): train from {self._version}")
         if msg.base_version > self._version:
             raise UnknownVersion(f"base version {msg.base_version} is newer than current {self._version}")
         if self._abandoned and self.abandoned(msg.base_version):
@@ -1414,7 +1431,7 @@ class CoordinatorCore:
         actions: list[CoordinatorAction] = []
         for device in cohort:
             ask = Canary(device=device, candidate=version, release=self._release_version, samples=cfg.samples,
-                         deadline_s=cfg.report_by_s)
+                         deadline_s=cfg.report_by_s, epoch=self._epoch)
             actions.append(self._publish(topics.device_topic(self.config.region, device, "invite"),
                                          encode(ask, signer=self.config.signer, scope=topics.device_scope(self.config.region, "invite"))))
         return actions
@@ -1469,7 +1486,7 @@ class CoordinatorCore:
         if msg.device not in rnd.cohort:
             raise NotInCohort(f"{msg.device} was not asked to evaluate candidate {msg.canary}")
         self.counters["canary_fetches"] += 1
-        return self._model_reply(msg.device, msg.seq, FULL, msg.have_version, serve=True,
+        return self._model_reply(msg.device, msg.seq, FULL, self._held(msg), serve=True,
                                  candidate=(rnd.candidate, self._canary_weights))
 
     def _canary_status(self) -> dict[str, Any] | None:

@@ -5,6 +5,7 @@ Layout::
     STATE_DIR/
       lock                              flock'ed by the running coordinator (pid, host inside)
       spec.json                         the ModelSpec (checked on every start)
+      epoch                             the numbering's epoch (see below)
       versions/000000007/weights.npy    one directory per committed version,
       versions/000000007/meta.json      written aside and renamed into place (atomic)
       pending/000000000042.log          the write-ahead log in segments: accepted updates and
@@ -47,6 +48,15 @@ written by older releases) or only ``parent`` (the version it was built on),
 a restore walks the parents back to a base (log records first, then directories) and
 replays the changes. Pruning keeps every kept version's chain back to its base.
 
+Epoch: the state dir's numbering (``ModelMsg.epoch``), microseconds since 1970 when it was
+created, signed into every model, recall and canary request. A coordinator that lost its state
+dir counts from version 0 again, but in a newer epoch: devices take that as a new numbering
+instead of waiting for a version above the one they hold, and refuse an older epoch's models (a
+replay). A state dir without the file (made by an older release, or the file removed: do so
+after restoring a state dir from a backup, whose numbers the fleet has seen beyond) gets a new
+epoch at the next start; so does one whose file is unreadable. A new epoch costs the fleet only
+a re-fetch of the release and a second training of updates in flight.
+
 Recovery: :meth:`Registry.load` uses the newest *readable* version; an unreadable newer one
 (truncated ``weights.npy``, bad ``meta.json``) is logged loudly and reported in the snapshot
 (``recovered_from``), and ``version_floor`` keeps the next version number above it.
@@ -65,6 +75,7 @@ import shutil
 import socket
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -96,6 +107,21 @@ CHECKPOINT_EVERY = 16
 
 
 RELEASE_FILE = "release.json"
+EPOCH_FILE = "epoch"
+
+
+def new_epoch() -> int:
+    """An epoch for a numbering that starts now: the wall clock in microseconds."""
+    return time.time_ns() // 1000
+
+
+def read_epoch(state_dir: str | Path) -> int | None:
+    """The state dir's epoch; None when it has none, or an unreadable one."""
+    try:
+        text = (Path(state_dir) / EPOCH_FILE).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() and 0 < int(text) < 2**63 else None
 
 
 def read_release_record(state_dir: str | Path) -> dict[str, Any]:
@@ -597,7 +623,23 @@ class Registry:
         """Write version 0 (the deployed model) into an empty state dir."""
         if self._version_dirs():
             raise RegistryError(f"{self.root} already holds versions")
+        self._write_epoch(new_epoch())
         self.write_version(0, self.spec.check(weights), {"created_at": now, "source": source, "applied_upto": {}})
+
+    def _write_epoch(self, epoch: int) -> None:
+        _write_atomic(self.root / EPOCH_FILE, f"{epoch}\n".encode())
+
+    def _epoch(self) -> int:
+        """The state dir's epoch; a missing or unreadable one is replaced by a new epoch when
+        this registry holds the lock (else 0: a read-only look at a dir without one)."""
+        epoch = read_epoch(self.root)
+        if epoch is not None or not self.locked:
+            return epoch or 0
+        epoch = new_epoch()
+        self._write_epoch(epoch)
+        log.warning("%s had no readable %s file: its versions are numbered in a new epoch (%d) from now on; devices "
+                    "fetch the release again and train the updates they had in flight again", self.root, EPOCH_FILE, epoch)
+        return epoch
 
     def record_release(self, release: int, pinned: bool, event: Mapping[str, Any]) -> None:
         """Durably record a gate decision or operator action and the release it leaves
@@ -1104,5 +1146,6 @@ class Registry:
             conversion_state=dict(meta.get("conversion", {})),
             abandoned=[(int(r[0]), int(r[1])) for r in meta.get("abandoned", [])],
             recovered_from=tuple(skipped),
+            epoch=self._epoch(),
             version_floor=max(max(present, default=-1), max(records, default=-1), self._highest_written),
         )

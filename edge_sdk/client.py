@@ -51,6 +51,7 @@ from edge_sdk.core.events import (
     MessageReceived,
     Notify,
     PersistDeviceState,
+    PinEpoch,
     PinKey,
     Publish,
     SampleAdded,
@@ -118,25 +119,28 @@ class _Exported(NamedTuple):
     path: Path
 
 
-def _saved_meta(meta: object) -> tuple[int, str | None, str | None]:
-    """The version (>= 0; 0 if absent), region and signing key id (``None`` if absent) of the
-    saved model's meta, as :meth:`EdgeClient._perform` writes it; ConfigError for anything else."""
+def _saved_meta(meta: object) -> tuple[int, str | None, str | None, int]:
+    """The version (>= 0; 0 if absent), region, signing key id (``None`` if absent) and epoch (0
+    if absent) of the saved model's meta, as :meth:`EdgeClient._perform` writes it; ConfigError
+    for anything else."""
     if not isinstance(meta, dict):
         raise ConfigError(f"the saved model's meta is not an object: {meta!r:.80}")
-    version, region, kid = meta.get("version", 0), meta.get("region"), meta.get("kid")
+    version, region, kid, epoch = meta.get("version", 0), meta.get("region"), meta.get("kid"), meta.get("epoch", 0)
     if isinstance(version, bool) or not isinstance(version, int) or version < 0:
         raise ConfigError(f"the saved model's version is not an int >= 0: {version!r:.80}")
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch < 2**63:
+        raise ConfigError(f"the saved model's epoch is not an int >= 0: {epoch!r:.80}")
     if region is not None and not isinstance(region, str):
         raise ConfigError(f"the saved model's region is not a string: {region!r:.80}")
     if kid is not None and not isinstance(kid, str):
         raise ConfigError(f"the saved model's signing key id is not a string: {kid!r:.80}")
-    return version, region, kid
+    return version, region, kid, epoch
 
 
 EVENTS = frozenset({
     "*", "model", "trained", "update_acked", "update_rejected", "deferred", "retry", "training_failed", "training_unavailable",
     "message_rejected", "store_recovered", "scc_cache_dropped", "failover", "canary", "canary_reported", "canary_dropped",
-    "model_older", "storage", "key_pinned", "recalled", "seq_conflict",
+    "model_older", "storage", "key_pinned", "recalled", "seq_conflict", "epoch",
 })
 """What :meth:`EdgeClient.on` subscribes to: the device core's notifications and the client's own."""
 
@@ -377,6 +381,7 @@ class EdgeClient:
         self._model_path = self.data_dir / "deployed.npz" if self.data_dir is not None and self.durable else None
         self._lock = threading.Lock()
         self._deployed_region: str | None = None
+        self._deployed_epoch = 0
         self._deployed: tuple[int, Vector] | None = self._load_deployed()
         self._canary: tuple[int, int, Any] | None = None
         """(candidate, release, its predictor): a canary request being scored (test-then-train)."""
@@ -389,11 +394,19 @@ class EdgeClient:
         self._version_changed = threading.Condition()
         next_seq = int(self.store.get_meta("next_seq", 0) or 0)
         trained_upto = int(self.store.get_meta("trained_upto", 0) or 0)
+        epochs = {r: self._epoch(r) for r in self.regions}
+        saved_in = self._deployed_region or self.regions[0]  # (None: saved before regions were recorded)
+        if self._deployed is not None and saved_in in epochs:
+            epochs[saved_in] = max(epochs[saved_in], self._deployed_epoch)
         self.core = DeviceCore(cfg, rng=random.Random(seed), next_seq=next_seq, trained_upto=trained_upto,
-                               total=self._added(), pinned_by_region={r: self._pins(r) for r in self.regions})
+                               total=self._added(), pinned_by_region={r: self._pins(r) for r in self.regions},
+                               epochs=epochs)
         if self._deployed is not None:
             version, self.core.state.deployed = self._deployed
-            if self._deployed_region in (None, self.core.state.region):  # (None: saved before regions were recorded)
+            if self._deployed_epoch != self.core.state.epoch and self._deployed_region in (None, self.core.state.region):
+                log.info("device %s: the saved model is v%d of an older numbering (epoch %d, the region's is %d now); "
+                         "asking for the current one", device_id, version, self._deployed_epoch, self.core.state.epoch)
+            elif self._deployed_region in (None, self.core.state.region):  # (None: saved before regions were recorded)
                 self.core.state.deployed_version = version
             else:  # saved after a failover: the weights keep serving, their number is the other region's
                 log.info("device %s: the saved model is v%d of region %s; asking %s for its current one",
@@ -593,7 +606,9 @@ class EdgeClient:
         switched regions: ``from``, ``to``, ``reason``, ``after_timeouts``), ``canary`` (asked to score a candidate
         on new labels before training on them), ``canary_reported`` (the paired ``counts`` sent), ``canary_dropped``
         (``reason``), ``model_older`` (the coordinator answers a pull with a ``version`` older than the one
-        ``held``: a new coordinator or a reset state dir; the device waits for a newer one), ``storage`` (``ok``,
+        ``held``: a new coordinator of the same numbering; the device waits for a newer one), ``epoch`` (the
+        region's coordinator numbers its versions anew, ``epoch`` after ``previous``: its state dir was created again;
+        the device fetches its release and refuses the numbering before), ``storage`` (``ok``,
         ``detail``: the store could not save the device's counters, so its requests are held, or can again),
         ``key_pinned`` (trust on first use: ``kid``, ``region``), ``recalled`` (the coordinator recalled the
         deployed version), ``seq_conflict`` (the coordinator holds another update under this device's sequence number: it is sent
@@ -651,7 +666,7 @@ class EdgeClient:
             return None
         try:  # NaN or wrong-sized weights (RemoteProtocolError), or meta we did not write: all unreadable
             _, weights, meta = load_model(self._model_path, expect=self.task.spec)
-            version, region, kid = _saved_meta(meta)
+            version, region, kid, epoch = _saved_meta(meta)
         except EdgeciError as exc:
             log.warning("device: ignoring the saved model (%s); serving nothing until the coordinator sends one", exc)
             return None
@@ -665,7 +680,7 @@ class EdgeClient:
                         f"key {kid}" if kid is not None else "an unrecorded key (saved by an older SDK)",
                         f"trusted: {', '.join(sorted(trusted))}" if trusted else "no key trusted yet")
             return None
-        self._deployed_region = region
+        self._deployed_region, self._deployed_epoch = region, epoch
         return version, weights
 
     @property
@@ -682,6 +697,15 @@ class EdgeClient:
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         self.actor.submit(lambda now: MessageReceived(now=now, topic=topic, payload=payload))
+
+    def _epoch(self, region: str) -> int:
+        """The numbering ``region``'s coordinator last announced to this device (``PinEpoch``, durable), 0 if none."""
+        raw = self.store.get_meta(f"epoch.{region}")
+        if isinstance(raw, str) and raw.isdigit() and int(raw) < 2**63:
+            return int(raw)
+        if raw is not None:
+            log.error("device store holds an unreadable epoch for region %s (%.40r): ignoring it", region, raw)
+        return 0
 
     def _pins(self, region: str) -> dict[str, bytes]:
         """Coordinator keys this device pinned on first use for ``region`` (durable)."""
@@ -743,13 +767,28 @@ class EdgeClient:
                 return
             log.info("device %s: pinned coordinator key %s for region %s (trust on first use); models signed by "
                         "any other key will be refused", self.core.config.device_id, action.kid, action.region)
+        elif isinstance(action, PinEpoch):
+            try:
+                self.store.set_meta(f"epoch.{action.region}", str(action.epoch))
+            except StorageError as exc:  # the core holds it; the actions after this one must still run
+                log.error("device %s: cannot save region %s's new epoch %d (%s); it holds until a restart",
+                          self.core.config.device_id, action.region, action.epoch, exc)
+                return
+            if action.previous:
+                log.warning("device %s: region %s's coordinator numbers its versions anew (epoch %d after %d: its state "
+                            "dir was created again); models of the numbering before are refused from now on",
+                            self.core.config.device_id, action.region, action.epoch, action.previous)
+            else:
+                log.info("device %s: region %s's coordinator numbers its versions in epoch %d",
+                         self.core.config.device_id, action.region, action.epoch)
         elif isinstance(action, StartTraining):
             self._trainer.submit(self._train, action.job)
         elif isinstance(action, DeployModel):
             if self._model_path is not None:
                 try:  # a cache for the next start: failing to write it must not stop this deployment
                     save_model(self._model_path, self.task.spec, action.weights,
-                               {"version": action.version, "region": self.core.state.region, "kid": action.kid})
+                               {"version": action.version, "region": self.core.state.region, "kid": action.kid,
+                                "epoch": action.epoch})
                 except OSError as exc:
                     log.warning("device %s: could not save v%d to %s (%s); serving it from memory",
                                 self.core.config.device_id, action.version, self._model_path, exc)

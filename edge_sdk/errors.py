@@ -147,6 +147,13 @@ class ReplayedMessage(RemoteProtocolError):
     reason = "replayed"
 
 
+class StaleEpoch(ReplayedMessage):
+    """A model, recall or canary request numbered in an epoch older than the one the device
+    holds: from before its coordinator's state dir was reset, replayed (or left retained)."""
+
+    reason = "epoch_older"
+
+
 class RateLimited(RemoteProtocolError):
     """A device asked more often than the coordinator answers; the request is dropped."""
 

@@ -411,3 +411,57 @@ def test_a_second_coordinator_on_the_region_is_called_out(tmp_path: Path, caplog
                 again.stop()
     finally:
         broker.stop()
+
+
+def test_a_coordinator_that_lost_its_state_dir_numbers_anew_and_its_devices_follow(tmp_path: Path) -> None:
+    """Over mosquitto: the coordinator's state dir is lost (its signing key kept apart, as a
+    bundle keeps it) and a new one starts from version 0. A device holding version 1 of the
+    numbering before used to wait for a version above 1 for good (``model_older``) and never
+    train again; now the new state dir's epoch reaches it with the retained recall at start: it
+    serves the new release, trains, and the new coordinator accepts its update."""
+    from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
+
+    task = get_task("digits")
+    pool = task.data().pool
+    broker = MosquittoProcess().start()
+    key = tmp_path / "keys" / "signing.key"
+    key.parent.mkdir()
+
+    def coordinator(state: str) -> CoordinatorDaemon:
+        return CoordinatorDaemon(
+            CoordinatorOptions(broker=broker.url, region=REGION, state_dir=tmp_path / state, signing_key=key,
+                               strategy_params={"k": 1, "timeout_s": 5.0}),
+            task=task,
+        ).start()
+
+    try:
+        first = coordinator("c1")
+        dev = EdgeClient(device_id="d1", data_dir=tmp_path / "d1", broker=broker.url, region=REGION, task=task,
+                         train=TrainConfig(epochs=1), request_timeout_s=1.0, inference="torch", min_samples=2)
+        dev.start()
+        try:
+            for i in range(2):
+                dev.add_sample(pool.x[i], int(pool.y[i]))
+            wait_until(lambda: first.core.version >= 1, 60, "version 1")
+            dev.add_sample(pool.x[2], int(pool.y[2]))  # the next pull brings release 1; its training, version 2
+            wait_until(lambda: first.core.version >= 2 and dev.version == 1, 60, "version 2, the device serving 1")
+            old_epoch = dev.core.state.epoch
+            assert old_epoch == first.core.status().extra["epoch"]
+            first.stop()
+            second = coordinator("c2")  # the state dir is gone: a new one, version 0
+            try:
+                new_epoch = second.core.status().extra["epoch"]
+                assert new_epoch > old_epoch and second.core.version == 0
+                wait_until(lambda: dev.core.state.epoch == new_epoch and dev.version == 0, 30,
+                           "the device to take the new numbering and serve its release")
+                np.testing.assert_array_equal(dev.weights, second.core.release[1])
+                for i in range(3, 5):
+                    dev.add_sample(pool.x[i], int(pool.y[i]))
+                wait_until(lambda: second.core.counters["accepted"] >= 1 and second.core.version >= 1, 60,
+                           "the new coordinator to accept the device's update")
+            finally:
+                second.stop()
+        finally:
+            dev.stop()
+    finally:
+        broker.stop()

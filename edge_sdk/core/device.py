@@ -37,6 +37,15 @@ none of the device's requests is deployed only if it is signed and newer than th
 one. On start the device sends a *serving* pull so it can predict with the current model
 before it has labelled anything; that request never starts training.
 
+Epochs. A coordinator numbers its versions in the epoch of its state dir (``ModelMsg.epoch``,
+signed; 0 for the in-process emulator). A signed model or recall of the current region in a newer
+epoch means its coordinator started again on a new state dir, counting from 0: the device
+forgets what it knew by number (deployed version, recall, canary rounds), keeps serving its
+weights, makes the epoch durable (``PinEpoch``) and fetches the release; its update in flight,
+trained in the old numbering, is refused as ``base_rejected`` and its samples trained again. A
+model, recall or canary request of an older epoch is a replay (``epoch_older``; an old retained
+recall is only counted). Pulls and updates carry the epoch their version counts in.
+
 Idempotency under attack. Each update carries a random ``nonce``; a ``duplicate`` ack
 counts as success only when it echoes that nonce (or the coordinator no longer knows it).
 Otherwise someone else took the seq: the device moves past the coordinator's watermark and
@@ -99,6 +108,8 @@ Transitions (event → action, new phase)::
     any       signed Model newer than deployed → DeployModel               (unchanged)
     any       signed Recall covering the deployed version → Notify(recalled); when IDLE:
     IDLE      release wanted               → Publish(pull, serve)          PULLING (serving)
+    any       signed Model / Recall of a newer epoch → PinEpoch, Notify(epoch); forget numbers, fetch the release
+    any       Model / Recall / Canary of an older epoch → Notify(rejected: epoch_older) (old recall: counted only)
     any       unsigned / badly signed / bad bytes → Notify(rejected)       (unchanged)
     PULLING/DEFERRED/PUSHING  failover_after-th timeout in a row
                                            → Persist, SwitchRegion(next), pull  PULLING
@@ -130,6 +141,7 @@ from edge_sdk.core.events import (
     MessageReceived,
     Notify,
     PersistDeviceState,
+    PinEpoch,
     PinKey,
     Publish,
     SampleAdded,
@@ -151,6 +163,7 @@ from edge_sdk.errors import (
     RejectedBase,
     RemoteProtocolError,
     ShapeMismatch,
+    StaleEpoch,
     TopicMismatch,
     UnknownModel,
     UnsignedMessage,
@@ -168,6 +181,7 @@ from edge_sdk.wire.codec import (
     parse_status_json,
 )
 from edge_sdk.wire.messages import (
+    NO_EPOCH,
     NO_VERSION,
     UNCHANGED,
     Ack,
@@ -181,8 +195,8 @@ from edge_sdk.wire.messages import (
 )
 
 DeviceEvent = SampleAdded | MessageReceived | TrainingFinished | TrainingFailed | TimerFired | CanaryScored
-DeviceAction = (Publish | ScheduleTimer | StartTraining | DeployModel | PersistDeviceState | PinKey | Notify | SwitchRegion
-                | StartCanary | StopCanary)
+DeviceAction = (Publish | ScheduleTimer | StartTraining | DeployModel | PersistDeviceState | PinKey | PinEpoch | Notify
+                | SwitchRegion | StartCanary | StopCanary)
 MAX_WATERMARK_JUMP = 100_000
 """The furthest a ``duplicate`` ack may move the device's seq past its own (the coordinator's
 ``max_seq_jump``): a forged ack with a huge watermark would otherwise make every later request
@@ -348,6 +362,11 @@ class DeviceState:
     refresh_at: float | None = None
     """When an idle device asks for the release again (``DeviceConfig.refresh_s``); None
     while it is busy or until it next becomes idle. Any pull it sends clears it."""
+    epoch: int = NO_EPOCH
+    """The current region's numbering (``ModelMsg.epoch``): ``deployed_version`` counts in it;
+    a model, recall or canary request of an older one is refused."""
+    job_epoch: int = NO_EPOCH
+    """The epoch of the model being trained (``job_base_version``'s): sent with its update."""
 
 
 class DeviceCore:
@@ -363,16 +382,24 @@ class DeviceCore:
         total: int = 0,
         pinned: Mapping[str, bytes] | None = None,
         pinned_by_region: Mapping[str, Mapping[str, bytes]] | None = None,
+        epochs: Mapping[str, int] | None = None,
     ) -> None:
         """``pinned``: the home region's trust-on-first-use keys; ``pinned_by_region``: any
-        region's (for devices with fallback regions)."""
+        region's (for devices with fallback regions). ``epochs``: each region's numbering as
+        ``PinEpoch`` last made durable (a restarted device refuses anything older)."""
         self.config = config
         self._rng = rng
         self._pins_by_region = {r: trusted_from(p) for r, p in (pinned_by_region or {}).items()}
         if pinned:
             self._pins_by_region[config.region] = trusted_from(pinned)
+        self._epochs: dict[str, int] = {}
+        for r, e in (epochs or {}).items():
+            if isinstance(e, bool) or not isinstance(e, int) or e < 0:
+                raise ConfigError(f"the epoch of region {r!r} must be an int >= 0, got {e!r}")
+            self._epochs[r] = e
         self._s = DeviceState(next_seq=next_seq, trained_upto=trained_upto, total=total,
-                              pins=self._pins_by_region.setdefault(config.region, {}), region=config.region)
+                              pins=self._pins_by_region.setdefault(config.region, {}), region=config.region,
+                              epoch=self._epochs.get(config.region, NO_EPOCH))
         self._refresh_s = config.refresh_s
         self._timer_at: float | None = None
         """The driver's one timer as this core last set it (kept only with ``refresh_s``)."""
@@ -567,6 +594,8 @@ class DeviceCore:
         if msg.train_group != FULL:
             cfg.spec.group_slice(msg.train_group)  # ShapeMismatch now, not out of handle() after training
         actions: list[DeviceAction] = []
+        if msg.epoch != s.epoch:
+            actions = self._renumber(msg.epoch, "model")
         full = self._assemble(msg)
         # Devices predict with the release only; a newer training-line model is for training.
         is_release = msg.release in (NO_VERSION, msg.version)
@@ -575,7 +604,7 @@ class DeviceCore:
             s.counters["ignored:recalled_model"] = s.counters.get("ignored:recalled_model", 0) + 1
         if full is not None and is_release and msg.version > s.deployed_version and not recalled:
             s.deployed_version, s.deployed = msg.version, full
-            actions.append(DeployModel(version=msg.version, weights=full, kid=kid))
+            actions.append(DeployModel(version=msg.version, weights=full, kid=kid, epoch=msg.epoch))
             actions.append(Notify(kind="model", data={"version": msg.version, "group": msg.group}))
         if msg.release > s.deployed_version and not is_release:
             s.release_wanted = max(s.release_wanted, msg.release)  # fetched by a serving pull when idle
@@ -606,6 +635,7 @@ class DeviceCore:
         s.trained_upto = s.total
         s.job_id += 1
         s.job_base_version = msg.version
+        s.job_epoch = msg.epoch
         s.job_n_samples = s.total
         s.job_group = msg.train_group
         s.phase, s.deadline, s.pending_seq, s.pending_payload = _TRAINING, None, NO_VERSION, b""
@@ -620,6 +650,25 @@ class DeviceCore:
         actions.append(self._persist())
         actions.append(StartTraining(job=job))
         return actions
+
+    def _renumber(self, epoch: int, what: str) -> list[DeviceAction]:
+        """A signed message of the current region in another ``epoch``: an older one is a replay
+        of the numbering before (``StaleEpoch``); a newer one means the region's coordinator
+        counts anew (it lost its state dir): what the device knew by version number (the
+        deployed version, the recall, the canary rounds served) belongs to the old numbering
+        and is forgotten, the weights keep serving. A round in flight ends by itself: its
+        update, of the old epoch, is refused as ``base_rejected`` and its samples trained again."""
+        s = self._s
+        if epoch < s.epoch:
+            raise StaleEpoch(f"{what} of epoch {epoch}, older than this region's {s.epoch}: from before its coordinator's reset")
+        previous = s.epoch
+        s.epoch = self._epochs[s.region] = epoch
+        s.deployed_version, s.release_wanted, s.recall = NO_VERSION, NO_VERSION, None
+        s.canary_last = (NO_VERSION, NO_VERSION)
+        dropped = self._canary_end("epoch_changed") if s.canary is not None else []
+        s.counters["epoch_changed"] = s.counters.get("epoch_changed", 0) + 1
+        return [PinEpoch(region=s.region, epoch=epoch, previous=previous),
+                Notify(kind="epoch", data={"region": s.region, "epoch": epoch, "previous": previous}), *dropped]
 
     def _assemble(self, msg: ModelMsg) -> Vector | None:
         """Full weights for a model message: itself, or a group patched onto our copy."""
@@ -731,6 +780,7 @@ class DeviceCore:
             loss=float(ev.loss) if math.isfinite(ev.loss) else 0.0,
             train_seconds=float(ev.seconds),
             nonce=self._nonce(),
+            epoch=s.job_epoch,
         )
         s.phase = _PUSHING
         s.pending_update = update
@@ -843,6 +893,7 @@ class DeviceCore:
         s.region = region
         s.pins = self._pins_by_region.setdefault(region, {})
         s.recall = None  # another region's coordinator numbers its own versions
+        s.epoch = self._epochs.get(region, NO_EPOCH)
         s.failovers += 1
         s.left_home_at = None if region == cfg.region else (s.left_home_at if previous != cfg.region else now)
         self._address(region)
@@ -881,6 +932,13 @@ class DeviceCore:
         self._check_trusted(frame.signature, topic, "recall")
         if msg.model_id != self.config.spec.model_id:
             raise UnknownModel(f"recall of model {msg.model_id!r}, not {self.config.spec.model_id!r}")
+        if msg.epoch < s.epoch:  # left retained on the broker by the coordinator before its reset: comes on every connect
+            s.counters["ignored:old_epoch"] = s.counters.get("ignored:old_epoch", 0) + 1
+            return []
+        if msg.epoch > s.epoch:  # the region's coordinator counts anew: fetch its release now
+            actions = self._renumber(msg.epoch, "recall")
+            s.recall, s.release_wanted = msg, msg.release
+            return [*actions, *self._maybe_pull(now)]
         if s.recall is None or msg.release >= s.recall.release:
             s.recall = msg
         if not (msg.covers(s.deployed_version) and msg.release > s.deployed_version):
@@ -894,6 +952,11 @@ class DeviceCore:
         s = self._s
         if msg.device != self.config.device_id:
             raise TopicMismatch(f"canary request for {msg.device!r} reached {self.config.device_id!r}")
+        if msg.epoch != s.epoch:  # older: a replay; newer: the device takes the new numbering from a model first
+            if msg.epoch < s.epoch:
+                raise StaleEpoch(f"canary request of epoch {msg.epoch}, older than this region's {s.epoch}")
+            s.counters["ignored:canary_new_epoch"] = s.counters.get("ignored:canary_new_epoch", 0) + 1
+            return []
         current = s.canary
         if current is not None and (msg.candidate, msg.release) <= (current.candidate, current.release):
             return []  # a redelivery, or older than what we evaluate
@@ -999,6 +1062,7 @@ class DeviceCore:
                 invite_round=invite_round,
                 serve=serve,
                 canary=canary,
+                epoch=s.epoch,
             )
             s.pending_payload = encode(pull)
         else:

@@ -158,6 +158,9 @@ class DeployModel:
     kid: str = ""
     """The key id that signed it ("" unsigned: the in-process emulator): a driver that saves
     the model records it, so a later start serves the saved model only while that key is trusted."""
+    epoch: int = 0
+    """The numbering ``version`` is in (``ModelMsg.epoch``): saved with the model, so a later
+    start knows which of the region's numberings the saved version counts in."""
 
 
 @fast_init
@@ -168,6 +171,19 @@ class PinKey:
     region: str
     kid: str
     public_raw: bytes
+
+
+@fast_init
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PinEpoch:
+    """``region``'s coordinator numbers its versions in ``epoch`` now (its state dir was
+    created anew): durably remember it before relying on it, so that after a restart a model
+    of an older epoch (a replay of the numbering before) is still refused."""
+
+    region: str
+    epoch: int
+    previous: int = 0
+    """The epoch before (0: the device knew none for the region: its first contact)."""
 
 
 @fast_init

@@ -24,6 +24,9 @@ MAX_ID_LEN = 64
 NO_VERSION = -1
 UNCHANGED = "unchanged"
 """Model group meaning "the version you already hold": no weights travel."""
+NO_EPOCH = 0
+"""A coordinator without a state dir (the in-process emulator): version numbers of one run only."""
+_EPOCH_OMIT: tuple[tuple[str, object], ...] = (("epoch", NO_EPOCH),)
 
 
 _INT_END = 2**63
@@ -84,7 +87,10 @@ class Pull:
     canary: int = NO_VERSION
     """A canary fetch: the device, asked to evaluate candidate ``canary`` (see :class:`Canary`),
     wants that candidate's weights to score it. Never a training pull; ``-1``: not one."""
-    OMIT_AT_DEFAULT: ClassVar[tuple[tuple[str, object], ...]] = (("canary", NO_VERSION),)
+    epoch: int = NO_EPOCH
+    """The numbering ``have_version`` is in (:attr:`ModelMsg.epoch`): the same number from
+    another epoch is another model."""
+    OMIT_AT_DEFAULT: ClassVar[tuple[tuple[str, object], ...]] = (("canary", NO_VERSION), *_EPOCH_OMIT)
     """Fields the codec leaves out at their default (added after protocol v2 first shipped:
     frames without them are byte-identical to before, and decode to the default)."""
 
@@ -97,6 +103,7 @@ class Pull:
         _check_int(self.invite_round, "invite_round", lo=NO_VERSION)
         _need(isinstance(self.serve, bool), "serve must be a bool")
         _check_int(self.canary, "canary", lo=NO_VERSION)
+        _check_int(self.epoch, "epoch")
 
 
 @fast_init
@@ -119,11 +126,17 @@ class ModelMsg:
     """The coordinator's release (the version devices predict with). A model whose
     ``version`` equals it is the release; a newer one is a training-line candidate that the
     device trains from but does not serve. ``-1``: no gate, every version is a release."""
+    epoch: int = NO_EPOCH
+    """The coordinator's numbering: created with its state dir (microseconds since 1970), so
+    a coordinator that lost its state dir and counts from 0 again numbers in a newer epoch.
+    A device takes a newer epoch as a new numbering and refuses an older one (a replay)."""
+    OMIT_AT_DEFAULT: ClassVar[tuple[tuple[str, object], ...]] = _EPOCH_OMIT
 
     def __post_init__(self) -> None:
         _check_id(self.model_id, "model_id")
         _check_int(self.version, "version")
         _check_int(self.release, "release", lo=NO_VERSION)
+        _check_int(self.epoch, "epoch")
         _check_int(self.reply_to, "reply_to", lo=NO_VERSION)
         _check_id(self.group, "group")
         _check_id(self.train_group, "train_group")
@@ -157,6 +170,10 @@ class Update:
     loss: float = 0.0
     train_seconds: float = 0.0
     nonce: int = 0
+    epoch: int = NO_EPOCH
+    """The epoch of ``base_version`` (:attr:`ModelMsg.epoch`): a coordinator refuses an update
+    trained from another numbering's model (``base_rejected``: the device trains again)."""
+    OMIT_AT_DEFAULT: ClassVar[tuple[tuple[str, object], ...]] = _EPOCH_OMIT
 
     def __post_init__(self) -> None:
         _check_id(self.device, "device")
@@ -165,6 +182,7 @@ class Update:
         _check_int(self.seq, "seq")
         _check_int(self.nonce, "nonce")
         _check_int(self.base_version, "base_version")
+        _check_int(self.epoch, "epoch")
         _check_int(self.n_samples, "n_samples", lo=1)
         _check_weights(self.weights)
         _check_finite(self.loss, "loss must be finite")
@@ -318,9 +336,13 @@ class Canary:
     release: int
     samples: int
     deadline_s: float
+    epoch: int = NO_EPOCH
+    """The numbering ``candidate`` and ``release`` are in (:attr:`ModelMsg.epoch`)."""
+    OMIT_AT_DEFAULT: ClassVar[tuple[tuple[str, object], ...]] = _EPOCH_OMIT
 
     def __post_init__(self) -> None:
         _check_id(self.device, "device")
+        _check_int(self.epoch, "epoch")
         _check_int(self.candidate, "candidate")
         _check_int(self.release, "release")
         _check_int(self.samples, "samples", lo=1)
@@ -379,10 +401,15 @@ class Recall:
     model_id: str
     release: int
     abandoned: tuple[int, ...]
+    epoch: int = NO_EPOCH
+    """The numbering the versions are in (:attr:`ModelMsg.epoch`): a retained recall left on
+    the broker by a coordinator that lost its state dir speaks of an older epoch's versions."""
+    OMIT_AT_DEFAULT: ClassVar[tuple[tuple[str, object], ...]] = _EPOCH_OMIT
 
     def __post_init__(self) -> None:
         _check_id(self.model_id, "model_id")
         _check_int(self.release, "release")
+        _check_int(self.epoch, "epoch")
         flat = self.abandoned
         _need(isinstance(flat, list | tuple) and len(flat) % 2 == 0 and len(flat) <= 2 * MAX_RECALL_RANGES,
               f"abandoned must be at most {MAX_RECALL_RANGES} (lo, hi) pairs, flat")

@@ -1,0 +1,264 @@
+"""A coordinator that lost its state dir counts from version 0 again: epochs.
+
+Before, every device holding a version above what the reset coordinator offered waited for a
+newer one for good (``model_older``), a device holding the reset coordinator's number for
+another model was told "unchanged" and kept its old weights, old updates were folded into the
+new line as if trained from its versions, and a retained recall of the old numbering blocked the
+new one's versions. Each state dir now has an epoch (signed into models, recalls and canary
+requests): a newer one is a new numbering, an older one a replay.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from coordinator.core import Snapshot
+from coordinator.registry import EPOCH_FILE, Registry, read_epoch
+from edge_sdk.core.device import DeviceConfig, DeviceCore, Phase
+from edge_sdk.core.events import (
+    DeployModel,
+    MessageReceived,
+    Notify,
+    PinEpoch,
+    Publish,
+    SampleAdded,
+    StartTraining,
+    TrainingFinished,
+)
+from edge_sdk.errors import ConfigError
+from edge_sdk.wire import topics
+from edge_sdk.wire.codec import decode, encode
+from edge_sdk.wire.messages import Ack, Canary, ModelMsg, Pull, Recall, Update
+from tests.helpers import SIGNER, SPEC, close_unstarted, make_coordinator, unstarted_client
+
+DEV = "d1"
+OLD, NEW = 1_700_000_000_000_000, 1_800_000_000_000_000
+
+
+def device(epochs: dict[str, int] | None = None) -> DeviceCore:
+    cfg = DeviceConfig(device_id=DEV, region="r1", spec=SPEC, min_samples=2, request_timeout_s=5.0)
+    return DeviceCore(cfg, rng=random.Random(0), epochs=epochs)
+
+
+def coordinator(epoch: int, version: int = 0, value: float = 0.0) -> object:
+    snap = Snapshot(version=version, weights=np.full(SPEC.size, value, dtype=np.float32), epoch=epoch)
+    return make_coordinator(k=1, timeout_s=None, snapshot=snap)
+
+
+def model(version: int, epoch: int, value: float = 1.0, reply_to: int = -1) -> MessageReceived:
+    w = np.full(SPEC.size, value, dtype=np.float32)
+    msg = ModelMsg(model_id="toy", version=version, reply_to=reply_to, weights=w, epoch=epoch)
+    topic = topics.device_topic("r1", DEV, "model")
+    return MessageReceived(now=0.0, topic=topic, payload=encode(msg, signer=SIGNER, scope=topics.signing_scope(topic)))
+
+
+def signed(msg: object, topic: str) -> MessageReceived:
+    return MessageReceived(now=1.0, topic=topic, payload=encode(msg, signer=SIGNER, scope=topics.signing_scope(topic)))  # type: ignore[arg-type]
+
+
+def to_coord(leaf: str, payload: bytes, now: float = 1.0) -> MessageReceived:
+    return MessageReceived(now=now, topic=topics.device_topic("r1", DEV, leaf), payload=payload)
+
+
+def published(actions: list[object], leaf: str) -> list[object]:
+    return [decode(a.payload) for a in actions if isinstance(a, Publish) and a.topic.endswith(leaf)]
+
+
+def notes(actions: list[object], kind: str) -> list[Notify]:
+    return [a for a in actions if isinstance(a, Notify) and a.kind == kind]
+
+
+def test_a_reset_coordinator_is_a_new_numbering_and_the_device_trains_again() -> None:
+    """The device holds v5 of the old numbering; the reset coordinator is at v0. Before: the
+    answer was older than what the device held (``model_older``) and it never trained again."""
+    d = device()
+    d.handle(model(5, OLD))
+    assert (d.state.deployed_version, d.state.epoch) == (5, OLD)
+    (pull,) = published(d.handle(SampleAdded(now=1.0, total=2)), "pull")
+    assert isinstance(pull, Pull) and (pull.have_version, pull.epoch) == (5, OLD)
+    c = coordinator(NEW, value=0.5)
+    (reply,) = [a for a in c.handle(to_coord("pull", encode(pull))) if isinstance(a, Publish) and a.topic.endswith("/model")]  # type: ignore[attr-defined]
+    acts = d.handle(MessageReceived(now=1.1, topic=reply.topic, payload=reply.payload))
+    assert [(a.region, a.epoch) for a in acts if isinstance(a, PinEpoch)] == [("r1", NEW)]
+    assert notes(acts, "epoch")[0].data == {"region": "r1", "epoch": NEW, "previous": OLD}
+    assert [(a.version, a.epoch) for a in acts if isinstance(a, DeployModel)] == [(0, NEW)]
+    (job,) = [a.job for a in acts if isinstance(a, StartTraining)]
+    np.testing.assert_array_equal(job.weights, 0.5)  # the new line's v0, not the device's own v5
+    acts = d.handle(TrainingFinished(now=2.0, job_id=job.job_id, weights=job.weights + 1, n_samples=2))
+    (upd,) = published(acts, "update")
+    assert isinstance(upd, Update) and (upd.base_version, upd.epoch) == (0, NEW)
+    acts = c.handle(to_coord("update", encode(upd), now=2.1))  # type: ignore[attr-defined]
+    (ack,) = published(acts, "ack")
+    assert isinstance(ack, Ack) and ack.status == "accepted"
+    assert notes(d.handle(model(5, OLD, value=9.0)), "message_rejected")[0].data["reason"] == "epoch_older"
+
+
+def test_the_same_version_number_of_another_epoch_is_not_unchanged() -> None:
+    """The device holds v0 of the old numbering and the reset coordinator's release is v0 too:
+    "unchanged" (no weights) used to make the device keep — and train — the old v0."""
+    d = device()
+    d.handle(model(0, OLD, value=7.0))
+    (pull,) = published(d.handle(SampleAdded(now=1.0, total=2)), "pull")
+    c = coordinator(NEW, value=0.25)
+    (reply,) = [a for a in c.handle(to_coord("pull", encode(pull))) if isinstance(a, Publish) and a.topic.endswith("/model")]  # type: ignore[attr-defined]
+    msg = decode(reply.payload)
+    assert isinstance(msg, ModelMsg) and msg.group == "full" and msg.epoch == NEW
+    assert c.counters["pulls_unchanged"] == 0  # type: ignore[attr-defined]
+    (job,) = [a.job for a in d.handle(MessageReceived(now=1.1, topic=reply.topic, payload=reply.payload)) if isinstance(a, StartTraining)]
+    np.testing.assert_array_equal(job.weights, 0.25)
+    same = device()  # the same epoch: still "unchanged"
+    same.handle(model(0, NEW, value=0.25))
+    (pull,) = published(same.handle(SampleAdded(now=1.0, total=2)), "pull")
+    (reply,) = [a for a in c.handle(to_coord("pull", encode(pull))) if isinstance(a, Publish) and a.topic.endswith("/model")]  # type: ignore[attr-defined]
+    assert decode(reply.payload).group == "unchanged"  # type: ignore[attr-defined]
+
+
+def test_an_update_trained_in_another_epoch_is_refused_and_its_samples_trained_again() -> None:
+    d = device()
+    d.handle(model(3, OLD))
+    (pull,) = published(d.handle(SampleAdded(now=1.0, total=2)), "pull")
+    (job,) = [a.job for a in d.handle(model(3, OLD, reply_to=pull.seq)) if isinstance(a, StartTraining)]  # type: ignore[attr-defined]
+    (upd,) = published(d.handle(TrainingFinished(now=2.0, job_id=job.job_id, weights=job.weights + 1, n_samples=2)), "update")
+    assert upd.epoch == OLD  # type: ignore[attr-defined]
+    c = coordinator(NEW, version=4)  # a reset coordinator that has already counted past 3
+    (ack,) = published(c.handle(to_coord("update", encode(upd))), "ack")  # type: ignore[attr-defined, arg-type]
+    assert isinstance(ack, Ack) and (ack.status, ack.reason) == ("rejected", "base_rejected")
+    assert c.counters["accepted"] == 0 and c.counters["reject:base_rejected"] == 1  # type: ignore[attr-defined]
+    acts = d.handle(MessageReceived(now=2.1, topic=topics.device_topic("r1", DEV, "ack"), payload=encode(ack)))
+    (again,) = published(acts, "pull")  # the samples are trained again, from the new line
+    assert isinstance(again, Pull) and not again.serve and d.state.phase is Phase.PULLING
+    legacy = Update(device=DEV, seq=upd.seq + 1, model_id="toy", base_version=4, n_samples=1,  # an SDK from before epochs
+                    weights=np.zeros(SPEC.size, np.float32))
+    (ack,) = published(c.handle(to_coord("update", encode(legacy))), "ack")  # type: ignore[attr-defined]
+    assert isinstance(ack, Ack) and ack.status == "accepted"  # judged by its version, as before
+
+
+def test_recalls_of_an_older_epoch_are_ignored_and_a_newer_one_fetches_the_release() -> None:
+    """A reset coordinator's old retained recall stays on the broker: it speaks of the old
+    numbering. The new coordinator's recall (published at its start, even with nothing
+    abandoned) tells idle devices of the new numbering."""
+    d = device()
+    d.handle(model(3, NEW))
+    topic = topics.recall_topic("r1")
+    stale = Recall(model_id="toy", release=9, abandoned=(0, 8), epoch=OLD)
+    assert d.handle(signed(stale, topic)) == []
+    assert d.state.counters["ignored:old_epoch"] == 1 and d.state.deployed_version == 3
+    newer = Recall(model_id="toy", release=0, abandoned=(), epoch=NEW + 1)
+    acts = d.handle(signed(newer, topic))
+    assert [a.epoch for a in acts if isinstance(a, PinEpoch)] == [NEW + 1]
+    (pull,) = published(acts, "pull")
+    assert isinstance(pull, Pull) and pull.serve and (pull.have_version, pull.epoch) == (-1, NEW + 1)
+
+
+def test_the_coordinator_announces_its_epoch_at_start_and_only_with_one() -> None:
+    c = coordinator(NEW)
+    (recall,) = published(c.start(0.0), "recall")  # type: ignore[attr-defined]
+    assert isinstance(recall, Recall) and (recall.epoch, recall.release, recall.abandoned) == (NEW, 0, ())
+    assert c.status().extra["epoch"] == NEW  # type: ignore[attr-defined]
+    from coordinator.cli_status import render
+    from edge_sdk.wire.codec import parse_status_json, status_json
+
+    assert f"version 0 · epoch {NEW} · strategy" in render(parse_status_json(status_json(c.status())), 0.0)  # type: ignore[arg-type, attr-defined]
+    memory = coordinator(0)  # the in-process emulator's: no state dir, no epoch, nothing more on the wire
+    assert published(memory.start(0.0), "recall") == []  # type: ignore[attr-defined]
+    assert "epoch" not in memory.status().extra  # type: ignore[attr-defined]
+
+
+def test_canary_requests_of_another_epoch_are_not_served() -> None:
+    d = device()
+    d.handle(model(3, NEW))
+    invite = topics.device_topic("r1", DEV, "invite")
+    old = Canary(device=DEV, candidate=9, release=3, samples=5, deadline_s=60.0, epoch=OLD)
+    assert notes(d.handle(signed(old, invite)), "message_rejected")[0].data["reason"] == "epoch_older"
+    ahead = Canary(device=DEV, candidate=2, release=1, samples=5, deadline_s=60.0, epoch=NEW + 1)
+    assert d.handle(signed(ahead, invite)) == [] and d.state.canary is None
+    assert d.state.counters["ignored:canary_new_epoch"] == 1
+
+
+def test_a_restarted_device_keeps_refusing_the_numbering_before() -> None:
+    d = device(epochs={"r1": NEW})
+    assert notes(d.handle(model(50, OLD)), "message_rejected")[0].data["reason"] == "epoch_older"
+    assert d.state.deployed is None and d.state.counters["rejected:epoch_older"] == 1
+    assert [a.version for a in d.handle(model(0, NEW)) if isinstance(a, DeployModel)] == [0]
+    with pytest.raises(ConfigError, match="epoch"):
+        device(epochs={"r1": -1})
+
+
+def test_every_state_dir_has_its_own_newer_epoch_kept_across_restarts(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    first = Registry(tmp_path / "a", SPEC)
+    first.acquire_lock()
+    first.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    epoch = first.load().epoch  # type: ignore[union-attr]
+    first.close()
+    assert epoch == read_epoch(tmp_path / "a") and epoch > OLD
+    again = Registry(tmp_path / "a", SPEC)
+    again.acquire_lock()
+    assert again.load().epoch == epoch  # type: ignore[union-attr]
+    again.close()
+    reset = Registry(tmp_path / "b", SPEC)  # the state dir lost: a new one
+    reset.acquire_lock()
+    reset.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    assert reset.load().epoch > epoch  # type: ignore[union-attr]
+    reset.close()
+    (tmp_path / "a" / EPOCH_FILE).write_text("garbage")  # unreadable (or removed after restoring a backup)
+    assert Registry(tmp_path / "a", SPEC).load().epoch == 0  # type: ignore[union-attr]  # a read-only look writes nothing
+    restored = Registry(tmp_path / "a", SPEC)
+    restored.acquire_lock()
+    with caplog.at_level(logging.WARNING, logger="edgeci.registry"):
+        renewed = restored.load().epoch  # type: ignore[union-attr]
+    restored.close()
+    assert renewed > epoch and read_epoch(tmp_path / "a") == renewed and "new epoch" in caplog.text
+
+
+def test_the_client_keeps_the_epoch_and_the_saved_models_numbering(tmp_path: Path) -> None:
+    from edge_sdk.signing import Signer
+    from edge_sdk.tasks import get_task
+
+    spec = get_task("digits").spec
+    coord = Signer.generate()
+    trusted = {coord.kid: coord.public_raw}
+    topic = topics.device_topic("default", "d1", "model")
+
+    def deliver(c: object, version: int, epoch: int) -> None:
+        msg = ModelMsg(model_id=spec.model_id, version=version, reply_to=-1, weights=get_task("digits").pretrained(seed=0),
+                       release=version, epoch=epoch)
+        actions = c.core.handle(MessageReceived(now=0.0, topic=topic, payload=encode(msg, signer=coord, scope=topics.signing_scope(topic))))  # type: ignore[attr-defined]
+        c.actor.run_actions(actions)  # type: ignore[attr-defined]
+
+    c = unstarted_client(tmp_path, trusted_keys=trusted)
+    try:
+        deliver(c, 7, OLD)
+        assert c.version == 7
+    finally:
+        close_unstarted(c)
+    saved = json.loads(bytes(np.load(tmp_path / "deployed.npz")["meta"]).decode())
+    assert saved["epoch"] == OLD
+    c = unstarted_client(tmp_path, trusted_keys=trusted)
+    try:
+        assert (c.core.state.deployed_version, c.core.state.epoch) == (7, OLD)  # served and numbered as before
+        deliver(c, 0, NEW)  # the reset coordinator
+        assert c.version == 0 and c.store.get_meta("epoch.default") == str(NEW)
+    finally:
+        close_unstarted(c)
+    c = unstarted_client(tmp_path, trusted_keys=trusted)
+    try:
+        assert (c.core.state.deployed_version, c.core.state.epoch) == (0, NEW)
+        deliver(c, 9, OLD)  # a replay of the numbering before, after a restart
+        assert c.version == 0 and c.core.state.counters["rejected:epoch_older"] == 1
+    finally:
+        close_unstarted(c)
+    c = unstarted_client(tmp_path, trusted_keys=trusted)
+    c.store.set_meta("epoch.default", str(NEW + 5))  # the epoch moved on, the model saved before it
+    close_unstarted(c)
+    c = unstarted_client(tmp_path, trusted_keys=trusted)
+    try:  # the saved weights serve, but their number counts in no numbering the region uses now
+        assert (c.core.state.deployed_version, c.core.state.epoch) == (-1, NEW + 5)
+        assert c.core.state.deployed is not None
+    finally:
+        close_unstarted(c)
