@@ -394,7 +394,7 @@ def test_digits_contract_accepts_its_shapes_and_explains_rejections() -> None:
     assert contract.batch(np.stack([image[None]] * 3)).shape == (3, 1, 8, 8)
     with pytest.raises(InvalidSample, match=r"values in \[0, 1\].*got values in \[0, 16\]"):
         contract.sample(image * 16)  # raw scikit-learn pixel counts
-    expected = r"digits: expected float32 samples of shape \(1, 8, 8\) \(or \(8, 8\)\)"
+    expected = r"digits: expected float samples of shape \(1, 8, 8\) \(or \(8, 8\)\)"
     for bad in (image[:, :4], np.zeros((2, 8, 8)), image.astype(np.int64), np.full((8, 8), np.inf)):
         with pytest.raises(InvalidSample, match=expected):
             contract.sample(bad)
@@ -412,6 +412,9 @@ def test_gesture_contract_has_no_range_and_no_compact_form() -> None:
     assert contract.sample(wild).shape == (32, 4)
     with pytest.raises(InvalidSample, match="got shape"):
         contract.sample(wild.T)
+    assert contract.sample(wild.astype(np.float64)).dtype == np.float32  # any float dtype, stored as float32
+    with pytest.raises(InvalidSample, match=r"expected float samples.*got values beyond float32's range"):
+        contract.sample(np.full((32, 4), 1e300))  # finite in float64: not "NaN or Inf"
 
 
 def test_one_default_min_samples_per_task() -> None:
@@ -491,7 +494,7 @@ def test_an_undeclared_task_keeps_its_own_shape_and_any_numeric_dtype() -> None:
     contract = input_contract(AppTask())
     assert contract.shape == (3, 2) and contract.value_range is None
     assert contract.sample(np.arange(6, dtype=np.uint8).reshape(3, 2)).dtype == np.float32
-    with pytest.raises(InvalidSample, match=r"apps-own: expected float32 samples of shape \(3, 2\)"):
+    with pytest.raises(InvalidSample, match=r"apps-own: expected numeric samples of shape \(3, 2\)"):
         contract.sample(np.zeros((2, 3)))
     with pytest.raises(InvalidSample):
         contract.sample(np.array([["a", "b"]] * 3))

@@ -78,7 +78,8 @@ class InputContract:
         return tuple(d for d in self.shape if d != 1)
 
     def describe(self) -> str:
-        text = f"float32 samples of shape {self.shape}"
+        kind = "float" if self.floats_only else "numeric"  # any such dtype: stored as float32
+        text = f"{kind} samples of shape {self.shape}"
         if self.compact_shape != self.shape:
             text += f" (or {self.compact_shape})"
         if self.value_range is not None:
@@ -103,9 +104,10 @@ class InputContract:
         numeric = np.issubdtype(xs.dtype, np.number) and not np.issubdtype(xs.dtype, np.complexfloating)
         if not (np.issubdtype(xs.dtype, np.floating) or (numeric and not self.floats_only)):
             raise self._fail(f"got dtype {xs.dtype}")
-        out = np.ascontiguousarray(xs, dtype=np.float32)
+        with np.errstate(over="ignore"):  # float64 beyond float32's range: reported below
+            out = np.ascontiguousarray(xs, dtype=np.float32)
         if not np.isfinite(out).all():
-            raise self._fail("got NaN or Inf")
+            raise self._fail("got NaN or Inf" if not np.isfinite(xs).all() else "got values beyond float32's range")
         if self.value_range is not None and out.size:
             lo, hi = self.value_range
             seen_lo, seen_hi = float(out.min()), float(out.max())
