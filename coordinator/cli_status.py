@@ -213,10 +213,11 @@ def render(status: Mapping[str, Any], now: float, stale_after: float | None = No
     storage = "ok" if x.get("storage_ok", True) else f"FAILING: {x.get('storage_detail') or 'unknown'}"
     out.append(f"storage   {storage}")
     reasons = x.get("rejected_by_reason") or {}
-    why_rej = f" (by reason: {', '.join(f'{k} {v}' for k, v in sorted(reasons.items()))})" if reasons else ""
     out.append(f"updates   accepted {status.get('updates_accepted', 0)} · duplicate {status.get('updates_duplicate', 0)} · "
                f"rejected {status.get('updates_rejected', 0)} · buffered {status.get('buffered', 0)} · "
-               f"other messages rejected {x.get('messages_rejected', 0)}{why_rej}")
+               f"other messages rejected {x.get('messages_rejected', 0)}")
+    if reasons:  # updates' and other messages' together (one counter per reason)
+        out.append(f"rejected  by reason: {', '.join(f'{k} {v}' for k, v in sorted(reasons.items()))}")
     extra_pulls = "".join(f" · {k} {x[f'pulls_{k}']}" for k in ("serving", "unchanged") if f"pulls_{k}" in x)
     out.append(f"pulls     served {x.get('pulls_served', 0)} · deferred {x.get('pulls_deferred', 0)}{extra_pulls} · "
                f"aggregations {x.get('aggregations', 0)} · traffic in {_bytes(x.get('bytes_in'))}, out {_bytes(x.get('bytes_out'))}")

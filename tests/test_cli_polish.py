@@ -74,6 +74,19 @@ def test_status_release_history_is_readable() -> None:
     assert "3215590913792989245" not in text and "e+09" not in text and "1796" not in text
 
 
+def test_status_lists_rejection_reasons_on_their_own_line() -> None:
+    """The reasons (updates' and other messages' alike) used to follow "other messages rejected", as
+    if every rejected update had been some other message (operator trial)."""
+    from coordinator.cli_status import render
+
+    status = {"type": "status", "coordinator": "c", "region": "eu", "alive": True, "published_at": 0.0, "version": 2,
+              "updates_rejected": 3, "extra": {"messages_rejected": 1, "rejected_by_reason": {"base_rejected": 3, "malformed": 1}}}
+    lines = render(status, 0.0).splitlines()
+    (updates,) = [ln for ln in lines if ln.startswith("updates ")]
+    assert updates.endswith("other messages rejected 1") and "base_rejected" not in updates
+    assert "rejected  by reason: base_rejected 3, malformed 1" in lines
+
+
 # ---------------------------------------------------------------------- pretrain --out
 
 
