@@ -698,6 +698,8 @@ def _serve(args: argparse.Namespace, layered: Layered, resolve_again: Callable[[
         log.info("from the environment: %s", ", ".join(from_env))
     for name in layered.unknown_env:
         log.warning("ignoring the environment variable %s: edgeci coordinator has no such option", name)
+    for line in layered.overridden:
+        log.warning("config file value overridden: %s", line)
     daemon = start_daemon(options, layered)
     server: MetricsServer | None = None
     try:

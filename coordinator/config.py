@@ -71,6 +71,10 @@ class Layered:
     """``EDGECI_*`` variables this command does not read but that look like a misspelling of one
     it does, as ``NAME (did you mean OTHER?)`` (a misspelled ``EDGECI_TIMOUT`` in a unit file is
     otherwise ignored without a word)."""
+    overridden: list[str] = field(default_factory=list)
+    """Config-file values that the environment or a flag replaced with another value, as
+    ``KEY = 'file value' in FILE: EDGECI_KEY / --key wins (value)`` (a unit file's
+    ``EDGECI_STATE_DIR`` silently beat the file's ``state_dir``)."""
 
     def given(self, dest: str) -> bool:
         """Set by a flag or the environment (stronger than the file's ``[strategy]`` table)."""
@@ -275,7 +279,14 @@ def resolve(
     env_vals = env_values(options, env)
     sources: dict[str, Source] = {}
     item_sources: dict[str, dict[str, Source]] = {}
+    overridden: list[str] = []
     for o in options:
+        if o.dest in file_vals and not isinstance(o.action, argparse._AppendAction) and (o.dest in given or o.dest in env_vals):
+            value = getattr(args, o.dest) if o.dest in given else env_vals[o.dest]
+            if value != file_vals[o.dest]:
+                by = f"--{o.name}" if o.dest in given else o.env
+                shown = [repr(str(v)) if isinstance(v, Path) else repr(v) for v in (file_vals[o.dest], value)]
+                overridden.append(f"{o.key} = {shown[0]} in {path}: {by} wins ({shown[1]})")
         if isinstance(o.action, argparse._AppendAction):  # NAME=VALUE items: merged per NAME across the layers
             layers: list[tuple[Source, list[str]]] = [("file", file_vals.get(o.dest) or []), ("env", env_vals.get(o.dest) or []),
                                                       ("flag", (getattr(args, o.dest, None) or []) if o.dest in given else [])]
@@ -296,7 +307,7 @@ def resolve(
     if use_file:
         args.config = path
     return Layered(args=args, sources=sources, strategy_params=strategy, config_path=path, item_sources=item_sources,
-                   unknown_env=misspelled_env(options_parser or parser, env))
+                   unknown_env=misspelled_env(options_parser or parser, env), overridden=overridden)
 
 
 def misspelled_env(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> list[str]:

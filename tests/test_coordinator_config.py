@@ -457,6 +457,18 @@ def test_sighup_says_when_a_flag_beats_the_file_s_strategy_value(caplog: pytest.
     assert "config reloaded" in text
 
 
+def test_a_file_value_the_environment_or_a_flag_replaces_is_named() -> None:
+    """Operator trial: the systemd unit's EDGECI_STATE_DIR beat the config file's state_dir, said
+    only at INFO ("from the environment: state_dir"). The coordinator now warns of each file value
+    replaced by another one; the same value given twice is not reported."""
+    got = layered(["--k", "5"], {"EDGECI_STATE_DIR": "/var/lib/edgeci", "EDGECI_REGION": "eu"},
+                  toml='state_dir = "/srv/edgeci"\nk = 3\nregion = "eu"\n')
+    assert str(got.args.state_dir) == "s" and got.args.k == 5  # (the helper passes --state-dir s)
+    assert got.overridden == ["state_dir = '/srv/edgeci' in c.toml: --state-dir wins ('s')", "k = 3 in c.toml: --k wins (5)"]
+    got = layered([], {"EDGECI_TIMEOUT": "9"}, toml="timeout = 2.0\n")
+    assert got.overridden == ["timeout = 2.0 in c.toml: EDGECI_TIMEOUT wins (9.0)"]
+
+
 def test_a_misspelled_environment_variable_is_named_not_ignored() -> None:
     """Operator trial: EDGECI_TIMOUT in a unit file was ignored without a word. A name close to
     one of the command's options is reported (the coordinator logs it at WARNING); another
