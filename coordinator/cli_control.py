@@ -46,6 +46,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("--last", type=_positive, default=30, help="show this many most recent versions (≥ 1)")
         p.add_argument("--json", action="store_true", help="machine-readable output")
         return
+    if command == "new-epoch":
+        p.description = NEW_EPOCH_HELP
+        p.formatter_class = argparse.RawDescriptionHelpFormatter
+        p.add_argument("--state-dir", type=Path, required=True, help="the coordinator's state dir (the coordinator must be stopped)")
+        p.add_argument("--above", type=_epoch, default=0, metavar="EPOCH",
+                       help="the epoch the devices hold (edgeci status: 'epoch_ahead'); the new one is above it and the clock")
+        return
     if command == "rollback":
         p.add_argument("--to", dest="version", type=_version, required=True, metavar="N", help="version to make the release again")
     elif command == "pin":
@@ -64,7 +71,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_broker_arguments(p)
 
 
+NEW_EPOCH_HELP = """Start a new numbering for a coordinator's state dir, above EPOCH and the clock.
+
+Each state dir numbers its versions in an epoch (microseconds since 1970 when it was made),
+signed into every model. Devices take a newer epoch as a new numbering and refuse an older
+one as a replay. Use this when:
+  * edgeci status shows 'epoch_ahead': devices hold a newer numbering than this state dir's (another
+    coordinator of the region ran on another state dir with this signing key, or this host's clock was
+    behind when the state dir was made); they refuse this coordinator's models until it is above theirs;
+  * the state dir was restored from a backup: the fleet has seen its later version numbers already.
+The devices then fetch the release again and train the updates they had in flight again; the
+versions themselves are kept. Stop the coordinator first."""
 _version = bounded(int, 0, rule="versions start at 0")
+_epoch = bounded(int, 0, rule="an epoch is an int >= 0")
 _positive = bounded(int, 1)
 
 
@@ -72,7 +91,39 @@ def run(args: argparse.Namespace) -> int:
     command = args.command
     if command == "versions":
         return _versions(args)
+    if command == "new-epoch":
+        return _new_epoch(args)
     return _control(args, command)
+
+
+def _new_epoch(args: argparse.Namespace) -> int:
+    from coordinator.registry import MAX_EPOCH, Registry, RegistryError, StateDirLocked
+
+    if not (args.state_dir / "versions").is_dir():
+        raise ConfigError(f"{args.state_dir} is not a coordinator state dir (no versions/)")
+    if args.above >= MAX_EPOCH:
+        raise ConfigError(f"--above must be below {MAX_EPOCH}")
+    from edge_sdk.spec import ModelSpec
+
+    try:
+        spec = ModelSpec.from_dict(json.loads((args.state_dir / "spec.json").read_text()))
+    except (OSError, ValueError, EdgeciError) as exc:
+        raise ConfigError(f"{args.state_dir}/spec.json is unreadable ({exc}): is this a coordinator state dir?") from exc
+    registry = Registry(args.state_dir, spec)
+    try:
+        registry.acquire_lock()
+    except StateDirLocked as exc:
+        raise ConfigError(f"{exc}: stop the coordinator first") from exc
+    try:
+        old, new = registry.renew_epoch(args.above)
+    except RegistryError as exc:
+        raise ConfigError(str(exc)) from exc
+    finally:
+        registry.close()
+    print(f"{args.state_dir}: epoch {old or 'none'} -> {new}. At its next start the coordinator announces it (retained "
+          "recall); its devices fetch the release and train their updates in flight again.")
+    return 0
+
 
 
 # ---------------------------------------------------------------------- versions

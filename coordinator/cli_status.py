@@ -206,6 +206,11 @@ def render(status: Mapping[str, Any], now: float, stale_after: float | None = No
     strategy = str(status.get("strategy", "?")) + (f" ({_value(params)})" if isinstance(params, Mapping) and params else "")
     epoch = f" · epoch {x['epoch']}" if isinstance(x.get("epoch"), int) else ""  # the state dir's numbering
     out.append(f"model     {x.get('model_id', '?')} · version {status.get('version')}{epoch} · strategy {strategy}")
+    ahead = x.get("epoch_ahead")
+    if isinstance(ahead, Mapping):
+        out.append(f"WARNING   devices hold a newer numbering (epoch {ahead.get('highest')}, e.g. {ahead.get('device')}; "
+                   f"{ahead.get('messages')} messages) and refuse this coordinator's models: stop it and run "
+                   f"`edgeci new-epoch --state-dir DIR --above {ahead.get('highest')}`")
     lines = {k: v for k, v in x.items() if ("release" in k or "training" in k) and v not in (None, "", {})}
     for k, v in sorted(lines.items()):
         pinned = " (pinned: no promotions until `edgeci unpin`)" if k == "release" and x.get("pinned") else ""

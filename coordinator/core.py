@@ -540,6 +540,10 @@ class CoordinatorCore:
         self._tokens: dict[str, tuple[float, float]] = {}
         self._rate_note: tuple[float, int] = (-math.inf, 0)
         """(when the last ``rate_limited`` notification went out, pulls dropped since)."""
+        self._ahead: tuple[int, str] = (NO_EPOCH, "")
+        """The newest epoch a pull or update said its device holds, above this state dir's (and the
+        last such device): those devices refuse this coordinator's models (see :meth:`_note_ahead`)."""
+        self._ahead_note = -math.inf
         self._encoded: dict[tuple[Any, ...], bytes] = {}
         self._tensors: dict[tuple[int, str, str], EncodedTensor] = {}
         self._peer_pins: dict[str, bytes] = {}
@@ -679,6 +683,8 @@ class CoordinatorCore:
                 "recent_versions": self._gate_history[-10:],
                 "control_refused": self._control_refused,
                 **({"epoch": self._epoch} if self._epoch != NO_EPOCH else {}),
+                **({"epoch_ahead": {"highest": self._ahead[0], "device": self._ahead[1], "messages": c["epoch_ahead"]}}
+                   if self._ahead[0] != NO_EPOCH else {}),
                 "conversion": None if not needs_driver(self._policy) else {
                     "policy": self._policy.name,
                     **self._switch.describe(self._version),
@@ -933,11 +939,12 @@ class CoordinatorCore:
         self._take_token(msg.device, now)
         self._see(msg.device)
         self._last_pull_seq[msg.device] = max(self._last_pull_seq.get(msg.device, -1), msg.seq)
+        ahead = self._note_ahead(msg.device, msg.epoch, now) if msg.epoch > self._epoch else []
         if msg.canary != NO_VERSION:
             return [self._canary_fetch(msg)]
         if msg.serve:
             self.counters["pulls_serving"] += 1
-            return [self._model_reply(msg.device, msg.seq, FULL, self._held(msg), serve=True)]
+            return [*ahead, self._model_reply(msg.device, msg.seq, FULL, self._held(msg), serve=True)]
         invited = msg.invite_round >= 0 and self._invites.get(msg.device) == msg.invite_round
         if msg.invite_round >= 0 and not invited:
             self.counters["invite_unknown"] += 1  # forged, replayed or from before a restart
@@ -947,11 +954,27 @@ class CoordinatorCore:
             self._deferred.pop(msg.device, None)
             self.counters["pulls_served"] += 1
             have = self._held(msg)
-            return [self._model_reply(msg.device, msg.seq, self._group_for(have), have)]
+            return [*ahead, self._model_reply(msg.device, msg.seq, self._group_for(have), have)]
         self._deferred[msg.device] = now
         self.counters["pulls_deferred"] += 1
         ack = Ack(device=msg.device, seq=msg.seq, status="deferred", version=self._version)
-        return [self._publish(self._device_topic(msg.device, "ack"), encode(ack))]
+        return [*ahead, self._publish(self._device_topic(msg.device, "ack"), encode(ack))]
+
+    def _note_ahead(self, device: str, epoch: int, now: float) -> list[CoordinatorAction]:
+        """A device holds a newer numbering than this state dir's: it refuses every model of this
+        one (``epoch_older``). Another coordinator of the region ran on another state dir with this
+        signing key, or this host's clock was behind when the state dir was made; ``edgeci
+        new-epoch`` starts a numbering above it. Counted, in the status, and a notification at most
+        once a minute (a device's claim is not signed: it is reported, never acted on)."""
+        self.counters["epoch_ahead"] += 1
+        if epoch > self._ahead[0]:
+            self._ahead = (epoch, device)
+            self._status_dirty = True
+        if now - self._ahead_note < RATE_NOTE_EVERY_S:
+            return []
+        self._ahead_note = now
+        return [Notify(kind="epoch_ahead", data={"device": device, "epoch": epoch, "highest": self._ahead[0],
+                                                 "own": self._epoch, "count": self.counters["epoch_ahead"]})]
 
     def _held(self, msg: Pull) -> int:
         """The version the pulling device holds, in this coordinator's numbering: none for a
@@ -1037,6 +1060,8 @@ class CoordinatorCore:
         if msg.n_samples > cfg.max_samples_per_update:
             raise TooManySamples(f"{msg.n_samples} samples claimed; the cap is {cfg.max_samples_per_update}")
         if msg.epoch != self._epoch and msg.epoch != NO_EPOCH:  # (none: an SDK from before epochs, judged as before)
+            if msg.epoch > self._epoch:
+                self._pending_actions += self._note_ahead(msg.device, msg.epoch, now)
             raise RejectedBase(f"trained from version {msg.base_version} of epoch {msg.epoch}; this coordinator numbers in "
                                f"epoch {self._epoch} (its state dir was created anew): train from {self._version}")
         if msg.base_version > self._version:

@@ -688,6 +688,14 @@ class CoordinatorDaemon:
                 log.warning("dropping pulls beyond the per-device rate limit: %s; %d more dropped since the last note "
                             "(a device that pulls this often is misconfigured or hostile; edgeci_rejections_total{reason=\"rate_limited\"})",
                             d.get("detail"), d.get("dropped_before", 0))
+            elif action.kind == "epoch_ahead":  # (at most once a minute)
+                d = action.data
+                log.warning("device %s holds a newer version numbering (epoch %s) than this state dir's (%s) and refuses this "
+                            "coordinator's models (%s pulls and updates said so; the newest epoch seen: %s): another "
+                            "coordinator of the region ran on another state dir with this signing key, or this host's clock "
+                            "was behind when the state dir was made. Stop this coordinator and run `edgeci new-epoch "
+                            "--state-dir %s --above %s`", d.get("device"), d.get("epoch"), d.get("own"), d.get("count"),
+                            d.get("highest"), self.registry.root, d.get("highest"))
             else:
                 log.debug("%s %s", action.kind, action.data)
         else:

@@ -115,13 +115,18 @@ def new_epoch() -> int:
     return time.time_ns() // 1000
 
 
+MAX_EPOCH = 2**63 - 1
+
+
 def read_epoch(state_dir: str | Path) -> int | None:
-    """The state dir's epoch; None when it has none, or an unreadable one."""
+    """The state dir's epoch; None when it has none (no file, or contents that are not one).
+    Any other error reading it (EIO, EMFILE) is raised: a storage problem, not a missing epoch
+    (which would start a new numbering for the whole fleet)."""
     try:
         text = (Path(state_dir) / EPOCH_FILE).read_text().strip()
-    except (OSError, UnicodeDecodeError):
+    except (FileNotFoundError, UnicodeDecodeError):
         return None
-    return int(text) if text.isdigit() and 0 < int(text) < 2**63 else None
+    return int(text) if text.isdigit() and 0 < int(text) <= MAX_EPOCH else None
 
 
 def read_release_record(state_dir: str | Path) -> dict[str, Any]:
@@ -628,6 +633,18 @@ class Registry:
 
     def _write_epoch(self, epoch: int) -> None:
         _write_atomic(self.root / EPOCH_FILE, f"{epoch}\n".encode())
+
+    def renew_epoch(self, above: int = 0) -> tuple[int, int]:
+        """Start a new numbering (``edgeci new-epoch``; the lock must be held): an epoch above the
+        current one, ``above`` and the clock. Returns (old, new); old is 0 when there was none."""
+        if not self.locked:
+            raise RegistryError(f"{self.root} must be locked to change its epoch")
+        old = read_epoch(self.root) or 0
+        new = max(new_epoch(), old + 1, above + 1)
+        if new > MAX_EPOCH:
+            raise RegistryError(f"no epoch is left above {max(old, above)} (the largest is {MAX_EPOCH})")
+        self._write_epoch(new)
+        return old, new
 
     def _epoch(self) -> int:
         """The state dir's epoch; a missing or unreadable one is replaced by a new epoch when

@@ -7,6 +7,7 @@
     edgeci emulate        virtual-clock fleet emulation of one or several strategies
     edgeci status         a coordinator's status, readable (or --json); exit 2 if none is alive
     edgeci versions       a coordinator's versions with the release gate's verdicts (reads its state dir)
+    edgeci new-epoch      start a new version numbering for a stopped coordinator's state dir
     edgeci rollback       make an earlier version the release again on a running coordinator
     edgeci pin / unpin    release a version and hold it (no promotions) / let the gate promote again
     edgeci pki            provisioning: CA, identity certificates and bundles, the broker's ACL
@@ -46,6 +47,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "scc-stream": ("demos.scc_stream", "streaming non-IID experiment: no cache vs cached features vs SCC (HFedMS), with LASP"),
     "status": ("coordinator.cli_status", "show a region's coordinator status (readable, or --json); exit 2 when none is alive"),
     "versions": ("coordinator.cli_control", "a coordinator's versions with the release gate's verdicts (reads --state-dir)"),
+    "new-epoch": ("coordinator.cli_control", "start a new version numbering for a stopped coordinator's state dir (devices ahead of it, a restored backup)"),
     "rollback": ("coordinator.cli_control", "make an earlier version the release again on a running coordinator (signed command)"),
     "pin": ("coordinator.cli_control", "release a version and hold it: no promotions until unpin (signed command)"),
     "unpin": ("coordinator.cli_control", "let the gate promote candidates again (signed command)"),

@@ -262,3 +262,132 @@ def test_the_client_keeps_the_epoch_and_the_saved_models_numbering(tmp_path: Pat
         assert c.core.state.deployed is not None
     finally:
         close_unstarted(c)
+
+
+def test_devices_ahead_of_the_state_dir_are_counted_and_reported_never_followed() -> None:
+    """Another coordinator of the region ran on another state dir with this signing key (or this
+    host's clock was behind when the state dir was made): its devices hold a newer epoch and refuse
+    every model of this one. The coordinator cannot follow an unsigned claim; it says so (review)."""
+    from coordinator.cli_status import render
+    from edge_sdk.wire.codec import parse_status_json, status_json
+
+    c = coordinator(OLD, version=2)
+    ahead = Pull(device=DEV, seq=1, model_id="toy", have_version=0, epoch=NEW)
+    acts = c.handle(to_coord("pull", encode(ahead)))  # type: ignore[attr-defined]
+    (note,) = notes(acts, "epoch_ahead")
+    assert note.data == {"device": DEV, "epoch": NEW, "highest": NEW, "own": OLD, "count": 1}
+    (reply,) = published(acts, "model")
+    assert isinstance(reply, ModelMsg) and reply.epoch == OLD and reply.group == "full"  # its own numbering, whole
+    upd = Update(device=DEV, seq=2, model_id="toy", base_version=0, n_samples=1, weights=np.zeros(SPEC.size, np.float32), epoch=NEW + 7)
+    acts = c.handle(to_coord("update", encode(upd), now=5.0))  # type: ignore[attr-defined]
+    assert published(acts, "ack")[0].reason == "base_rejected" and not notes(acts, "epoch_ahead")  # type: ignore[attr-defined]  # (once a minute)
+    assert c.counters["epoch_ahead"] == 2  # type: ignore[attr-defined]
+    assert c.status().extra["epoch_ahead"] == {"highest": NEW + 7, "device": DEV, "messages": 2}  # type: ignore[attr-defined]
+    assert f"edgeci new-epoch --state-dir DIR --above {NEW + 7}" in render(parse_status_json(status_json(c.status())), 0.0)  # type: ignore[arg-type, attr-defined]
+    assert notes(c.handle(to_coord("pull", encode(dataclasses_replace(ahead, seq=3)), now=70.0)), "epoch_ahead")  # type: ignore[attr-defined]
+    assert c._epoch == OLD  # type: ignore[attr-defined]  # reported, never acted on
+
+
+def dataclasses_replace(msg: Pull, **kw: object) -> Pull:
+    import dataclasses
+
+    return dataclasses.replace(msg, **kw)  # type: ignore[arg-type]
+
+
+def test_new_epoch_starts_a_numbering_above_the_devices_and_only_on_a_stopped_coordinator(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from demos.cli import main
+
+    reg = Registry(tmp_path / "s", SPEC)
+    reg.acquire_lock()
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    old = read_epoch(tmp_path / "s")
+    far = 4_000_000_000_000_000  # a clock 60 years ahead made the devices' numbering
+    assert main(["new-epoch", "--state-dir", str(tmp_path / "s"), "--above", str(far)]) != 0  # running: refused
+    assert "stop the coordinator first" in capsys.readouterr().err and read_epoch(tmp_path / "s") == old
+    reg.close()
+    assert main(["new-epoch", "--state-dir", str(tmp_path / "s"), "--above", str(far)]) == 0
+    assert read_epoch(tmp_path / "s") == far + 1 and f"epoch {old} -> {far + 1}" in capsys.readouterr().out
+    assert main(["new-epoch", "--state-dir", str(tmp_path / "s")]) == 0  # after a restore from a backup: above the old one
+    assert read_epoch(tmp_path / "s") == far + 2
+    again = Registry(tmp_path / "s", SPEC)
+    assert again.load().epoch == far + 2 and again.load().version == 0  # type: ignore[union-attr]  # versions kept
+    assert main(["new-epoch", "--state-dir", str(tmp_path / "nothing")]) != 0
+    assert "not a coordinator state dir" in capsys.readouterr().err
+
+
+def test_an_epoch_file_that_cannot_be_read_now_is_a_storage_error_not_a_new_numbering(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A passing EIO or EMFILE used to rotate the epoch: the whole fleet fetched the release and
+    trained its updates in flight again (review). Only a missing file or bad contents start one."""
+    import errno
+
+    reg = Registry(tmp_path, SPEC)
+    reg.acquire_lock()
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    epoch = read_epoch(tmp_path)
+    real = Path.read_text
+
+    def flaky(self: Path, *a: object, **kw: object) -> str:
+        if self.name == EPOCH_FILE:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real(self, *a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "read_text", flaky)
+    with pytest.raises(OSError, match="Too many open files"):
+        reg.load()
+    monkeypatch.undo()
+    assert read_epoch(tmp_path) == epoch and reg.load().epoch == epoch  # type: ignore[union-attr]
+    reg.close()
+
+
+def test_a_part_of_a_model_never_goes_on_weights_of_another_numbering() -> None:
+    """LASP: a captured partial reply of the new numbering, replayed to a device that still holds
+    the old numbering's weights, was patched onto them and deployed (review)."""
+    d = device()
+    d.handle(model(5, OLD, value=7.0))
+    part = np.full(SPEC.group_size("classifier"), 0.5, dtype=np.float32)
+    msg = ModelMsg(model_id="toy", version=1, reply_to=-1, weights=part, group="classifier", epoch=NEW)
+    topic = topics.device_topic("r1", DEV, "model")
+    acts = d.handle(MessageReceived(now=1.0, topic=topic, payload=encode(msg, signer=SIGNER, scope=topics.signing_scope(topic))))
+    assert not [a for a in acts if isinstance(a, DeployModel)] and d.state.deployed_version == -1
+    np.testing.assert_array_equal(d.state.deployed, 7.0)
+
+
+def test_an_unsigned_message_cannot_change_the_numbering() -> None:
+    cfg = DeviceConfig(device_id=DEV, region="r1", spec=SPEC, min_samples=2, require_signature=False)
+    d = DeviceCore(cfg, rng=random.Random(0))
+    topic = topics.device_topic("r1", DEV, "model")
+    msg = ModelMsg(model_id="toy", version=3, reply_to=-1, weights=np.ones(SPEC.size, np.float32), epoch=2**63 - 1)
+    assert notes(d.handle(MessageReceived(now=0.0, topic=topic, payload=encode(msg))), "message_rejected")[0].data["reason"] == "unsigned"
+    recall = Recall(model_id="toy", release=0, abandoned=(), epoch=2**63 - 1)
+    acts = d.handle(MessageReceived(now=0.0, topic=topics.recall_topic("r1"), payload=encode(recall)))
+    assert notes(acts, "message_rejected")[0].data["reason"] == "unsigned" and d.state.epoch == 0
+
+
+def test_a_serving_pull_of_another_numbering_gets_the_whole_release() -> None:
+    d = device()
+    d.handle(model(0, OLD, value=7.0))
+    (pull,) = published(d.start(0.0), "pull")
+    assert isinstance(pull, Pull) and pull.serve and (pull.have_version, pull.epoch) == (0, OLD)
+    c = coordinator(NEW, value=0.25)
+    (reply,) = published(c.handle(to_coord("pull", encode(pull))), "model")  # type: ignore[attr-defined]
+    assert isinstance(reply, ModelMsg) and reply.group == "full" and reply.epoch == NEW
+
+
+def test_a_saved_model_of_a_newer_epoch_than_the_store_knows_sets_the_floor(tmp_path: Path) -> None:
+    """The model was saved but its PinEpoch never reached the store (a full disk): at the next
+    start the saved model's epoch still counts as the region's."""
+    from edge_sdk.tasks import get_task
+
+    task = get_task("digits")
+    spec = task.spec
+    with open(tmp_path / "deployed.npz", "wb") as f:
+        np.savez(f, weights=task.pretrained(seed=0), spec=np.frombuffer(json.dumps(spec.to_dict()).encode(), np.uint8),
+                 meta=np.frombuffer(json.dumps({"version": 4, "region": "default", "epoch": NEW}).encode(), np.uint8))
+    c = unstarted_client(tmp_path)
+    try:
+        assert (c.core.state.deployed_version, c.core.state.epoch) == (4, NEW)
+        assert c.store.get_meta("epoch.default") is None
+    finally:
+        close_unstarted(c)

@@ -595,6 +595,8 @@ class DeviceCore:
             cfg.spec.group_slice(msg.train_group)  # ShapeMismatch now, not out of handle() after training
         actions: list[DeviceAction] = []
         if msg.epoch != s.epoch:
+            if not kid:  # (only where unsigned models are allowed at all: the in-process emulator)
+                raise UnsignedMessage("an unsigned model cannot change the version numbering")
             actions = self._renumber(msg.epoch, "model")
         full = self._assemble(msg)
         # Devices predict with the release only; a newer training-line model is for training.
@@ -677,8 +679,8 @@ class DeviceCore:
         s = self._s
         if msg.group == UNCHANGED:
             return s.deployed if s.deployed_version == msg.version else None
-        if s.deployed is None:
-            return None
+        if s.deployed is None or s.deployed_version == NO_VERSION:
+            return None  # weights of no numbering in use (another region's, an older epoch's): a part cannot go on them
         full = np.array(s.deployed, dtype=np.float32, copy=True)
         full[self.config.spec.group_slice(msg.group)] = msg.weights
         return full
@@ -936,6 +938,8 @@ class DeviceCore:
             s.counters["ignored:old_epoch"] = s.counters.get("ignored:old_epoch", 0) + 1
             return []
         if msg.epoch > s.epoch:  # the region's coordinator counts anew: fetch its release now
+            if frame.signature is None:
+                raise UnsignedMessage("an unsigned recall cannot change the version numbering")
             actions = self._renumber(msg.epoch, "recall")
             s.recall, s.release_wanted = msg, msg.release
             return [*actions, *self._maybe_pull(now)]
