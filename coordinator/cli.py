@@ -162,6 +162,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       "commands in its NAME only (besides this coordinator's own signing key, in its id); default: the "
                       "bundle's operators/")
     o = p.add_argument_group("operations")
+    o.add_argument("--signing-key", type=Path, help="the Ed25519 key (PEM) that signs every model, recall and peer message; "
+                   "default: the bundle's signing.key, else STATE_DIR/signing.key (created 0600 on first start). Keep it "
+                   "apart from the state dir: devices that pinned it on first use refuse any other key, so a state dir "
+                   "lost with its key in it loses them")
     o.add_argument("--metrics-port", type=int, default=0, help="serve /metrics, /healthz and /readyz on this port; 0 = off")
     o.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics server binds")
     o.add_argument("--status-interval", type=float, default=30.0, help="republish the retained status at least every this many seconds (liveness for `edgeci status`)")
@@ -361,6 +365,7 @@ def options_from(args: argparse.Namespace, layered: Layered | None = None) -> Co
         status_interval_s=interval,
         auth=auth_from_args(args),
         bundle=args.bundle,
+        signing_key=getattr(args, "signing_key", None),
     )
 
 
@@ -448,6 +453,9 @@ def check_before_start(options: CoordinatorOptions, layered: Layered) -> None:
         load_validation(options.validation, task)
     if options.init is not None and not _holds_versions(options.state_dir):
         _check_init(options.init, task.spec)
+    if options.signing_key is not None and not Path(options.signing_key).is_file():  # a typo must not mint a new key
+        raise ConfigError(f"--signing-key {options.signing_key}: no such file (copy a state dir's signing.key there, or "
+                          "use a coordinator bundle's); leave the option out to use STATE_DIR/signing.key")
 
 
 def _entries(state_dir: Path) -> set[str] | None:

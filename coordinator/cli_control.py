@@ -76,10 +76,11 @@ NEW_EPOCH_HELP = """Start a new numbering for a coordinator's state dir, above E
 Each state dir numbers its versions in an epoch (microseconds since 1970 when it was made),
 signed into every model. Devices take a newer epoch as a new numbering and refuse an older
 one as a replay. Use this when:
-  * edgeci status shows 'epoch_ahead': devices hold a newer numbering than this state dir's (another
-    coordinator of the region ran on another state dir with this signing key, or this host's clock was
-    behind when the state dir was made); they refuse this coordinator's models until it is above theirs;
-  * the state dir was restored from a backup: the fleet has seen its later version numbers already.
+  * the state dir was restored from a backup: the fleet has seen its later version numbers already
+    (devices holding them wait for a version above theirs; versions would be numbered again);
+  * edgeci status warns that devices are ahead of this state dir (a restored backup as above; another
+    coordinator of the region ran on another state dir with this signing key; this host's clock was
+    behind when the state dir was made): they refuse or outwait this coordinator's models.
 The devices then fetch the release again and train the updates they had in flight again; the
 versions themselves are kept. Stop the coordinator first."""
 _version = bounded(int, 0, rule="versions start at 0")
@@ -113,7 +114,7 @@ def _new_epoch(args: argparse.Namespace) -> int:
     try:
         registry.acquire_lock()
     except StateDirLocked as exc:
-        raise ConfigError(f"{exc}: stop the coordinator first") from exc
+        raise ConfigError(f"{args.state_dir} is in use by a running coordinator: stop it first, then run this again") from exc
     try:
         old, new = registry.renew_epoch(args.above)
     except RegistryError as exc:

@@ -208,8 +208,9 @@ def render(status: Mapping[str, Any], now: float, stale_after: float | None = No
     out.append(f"model     {x.get('model_id', '?')} · version {status.get('version')}{epoch} · strategy {strategy}")
     ahead = x.get("epoch_ahead")
     if isinstance(ahead, Mapping):
-        out.append(f"WARNING   devices hold a newer numbering (epoch {ahead.get('highest')}, e.g. {ahead.get('device')}; "
-                   f"{ahead.get('messages')} messages) and refuse this coordinator's models: stop it and run "
+        out.append(f"WARNING   devices are ahead of this state dir (e.g. {ahead.get('device')}: version {ahead.get('version')} of "
+                   f"epoch {ahead.get('highest')}; {ahead.get('messages')} messages): a restored backup, another coordinator on "
+                   f"another state dir, or a clock behind. They refuse or outwait this coordinator's models: stop it and run "
                    f"`edgeci new-epoch --state-dir DIR --above {ahead.get('highest')}`")
     lines = {k: v for k, v in x.items() if ("release" in k or "training" in k) and v not in (None, "", {})}
     for k, v in sorted(lines.items()):

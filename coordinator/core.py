@@ -540,9 +540,9 @@ class CoordinatorCore:
         self._tokens: dict[str, tuple[float, float]] = {}
         self._rate_note: tuple[float, int] = (-math.inf, 0)
         """(when the last ``rate_limited`` notification went out, pulls dropped since)."""
-        self._ahead: tuple[int, str] = (NO_EPOCH, "")
-        """The newest epoch a pull or update said its device holds, above this state dir's (and the
-        last such device): those devices refuse this coordinator's models (see :meth:`_note_ahead`)."""
+        self._ahead: tuple[int, int, str] = (NO_EPOCH, NO_VERSION, "")
+        """The newest (epoch, version) a pull or update said its device holds beyond this state
+        dir's numbering, and that device: see :meth:`_note_ahead`."""
         self._ahead_note = -math.inf
         self._encoded: dict[tuple[Any, ...], bytes] = {}
         self._tensors: dict[tuple[int, str, str], EncodedTensor] = {}
@@ -683,8 +683,8 @@ class CoordinatorCore:
                 "recent_versions": self._gate_history[-10:],
                 "control_refused": self._control_refused,
                 **({"epoch": self._epoch} if self._epoch != NO_EPOCH else {}),
-                **({"epoch_ahead": {"highest": self._ahead[0], "device": self._ahead[1], "messages": c["epoch_ahead"]}}
-                   if self._ahead[0] != NO_EPOCH else {}),
+                **({"epoch_ahead": {"highest": self._ahead[0], "version": self._ahead[1], "device": self._ahead[2],
+                                    "messages": c["epoch_ahead"]}} if self._ahead[2] else {}),
                 "conversion": None if not needs_driver(self._policy) else {
                     "policy": self._policy.name,
                     **self._switch.describe(self._version),
@@ -939,7 +939,9 @@ class CoordinatorCore:
         self._take_token(msg.device, now)
         self._see(msg.device)
         self._last_pull_seq[msg.device] = max(self._last_pull_seq.get(msg.device, -1), msg.seq)
-        ahead = self._note_ahead(msg.device, msg.epoch, now) if msg.epoch > self._epoch else []
+        ahead = self._note_ahead(msg.device, msg.epoch, msg.have_version, now) if msg.epoch > self._epoch or (
+            msg.have_version > self._version and msg.have_version > self._version_floor
+            and msg.epoch in (self._epoch, NO_EPOCH)) else []
         if msg.canary != NO_VERSION:
             return [self._canary_fetch(msg)]
         if msg.serve:
@@ -960,21 +962,29 @@ class CoordinatorCore:
         ack = Ack(device=msg.device, seq=msg.seq, status="deferred", version=self._version)
         return [*ahead, self._publish(self._device_topic(msg.device, "ack"), encode(ack))]
 
-    def _note_ahead(self, device: str, epoch: int, now: float) -> list[CoordinatorAction]:
-        """A device holds a newer numbering than this state dir's: it refuses every model of this
-        one (``epoch_older``). Another coordinator of the region ran on another state dir with this
-        signing key, or this host's clock was behind when the state dir was made; ``edgeci
-        new-epoch`` starts a numbering above it. Counted, in the status, and a notification at most
-        once a minute (a device's claim is not signed: it is reported, never acted on)."""
+    def _newest(self) -> int:
+        """The newest version number this state dir has given out (an unreadable one included)."""
+        return max(self._version, self._version_floor)
+
+    def _note_ahead(self, device: str, epoch: int, version: int, now: float) -> list[CoordinatorAction]:
+        """A device holds a numbering ahead of this state dir: a newer epoch (it refuses every model
+        of this one, ``epoch_older``), or a version of this epoch above any this dir gave out (it
+        waits for a version above it, ``model_older``). The state dir was restored from a backup,
+        another coordinator of the region ran on another state dir with this signing key, or this
+        host's clock was behind when the dir was made; ``edgeci new-epoch`` starts a numbering above
+        it. Counted, in the status, and a notification at most once a minute (a device's claim is
+        not signed: it is reported, never acted on)."""
         self.counters["epoch_ahead"] += 1
-        if epoch > self._ahead[0]:
-            self._ahead = (epoch, device)
+        if (epoch, version) > self._ahead[:2]:
+            self._ahead = (epoch, version, device)
             self._status_dirty = True
         if now - self._ahead_note < RATE_NOTE_EVERY_S:
             return []
         self._ahead_note = now
-        return [Notify(kind="epoch_ahead", data={"device": device, "epoch": epoch, "highest": self._ahead[0],
-                                                 "own": self._epoch, "count": self.counters["epoch_ahead"]})]
+        return [Notify(kind="epoch_ahead", data={"device": device, "epoch": epoch, "version": version,
+                                                 "highest": self._ahead[0], "highest_version": self._ahead[1],
+                                                 "own": self._epoch, "own_version": self._newest(),
+                                                 "count": self.counters["epoch_ahead"]})]
 
     def _held(self, msg: Pull) -> int:
         """The version the pulling device holds, in this coordinator's numbering: none for a
@@ -1061,10 +1071,12 @@ class CoordinatorCore:
             raise TooManySamples(f"{msg.n_samples} samples claimed; the cap is {cfg.max_samples_per_update}")
         if msg.epoch != self._epoch and msg.epoch != NO_EPOCH:  # (none: an SDK from before epochs, judged as before)
             if msg.epoch > self._epoch:
-                self._pending_actions += self._note_ahead(msg.device, msg.epoch, now)
+                self._pending_actions += self._note_ahead(msg.device, msg.epoch, msg.base_version, now)
             raise RejectedBase(f"trained from version {msg.base_version} of epoch {msg.epoch}; this coordinator numbers in "
-                               f"epoch {self._epoch} (its state dir was created anew): train from {self._version}")
+                               f"epoch {self._epoch} (another numbering: a new state dir, or edgeci new-epoch): train from {self._version}")
         if msg.base_version > self._version:
+            if msg.base_version > self._newest():  # (its epoch is this one's, or none: an SDK without epochs)
+                self._pending_actions += self._note_ahead(msg.device, msg.epoch, msg.base_version, now)
             raise UnknownVersion(f"base version {msg.base_version} is newer than current {self._version}")
         if self._abandoned and self.abandoned(msg.base_version):
             raise RejectedBase(f"base version {msg.base_version} was abandoned by a rollback; train from {self._version}")

@@ -690,11 +690,12 @@ class CoordinatorDaemon:
                             d.get("detail"), d.get("dropped_before", 0))
             elif action.kind == "epoch_ahead":  # (at most once a minute)
                 d = action.data
-                log.warning("device %s holds a newer version numbering (epoch %s) than this state dir's (%s) and refuses this "
-                            "coordinator's models (%s pulls and updates said so; the newest epoch seen: %s): another "
-                            "coordinator of the region ran on another state dir with this signing key, or this host's clock "
-                            "was behind when the state dir was made. Stop this coordinator and run `edgeci new-epoch "
-                            "--state-dir %s --above %s`", d.get("device"), d.get("epoch"), d.get("own"), d.get("count"),
+                log.warning("device %s holds version %s of epoch %s, ahead of this state dir (epoch %s, newest version %s): it "
+                            "refuses this coordinator's models or waits for a version above its own (%s pulls and updates "
+                            "said so; the newest: epoch %s). The state dir was restored from a backup, another coordinator of "
+                            "the region ran on another state dir with this signing key, or this host's clock was behind when "
+                            "the state dir was made. Stop this coordinator and run `edgeci new-epoch --state-dir %s --above %s`",
+                            d.get("device"), d.get("version"), d.get("epoch"), d.get("own"), d.get("own_version"), d.get("count"),
                             d.get("highest"), self.registry.root, d.get("highest"))
             else:
                 log.debug("%s %s", action.kind, action.data)

@@ -41,6 +41,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "serving the newest one after its labelling ends (default: 3600; 0: off)")
 
 
+REFUSAL_HINTS = {
+    "bad_signature": " — the coordinator signs with a key this device does not trust: its key changed (a state dir lost "
+                     "with the key in it, under trust on first use?). Give the device a bundle whose trusted/ has the "
+                     "coordinator's key (`--bundle`): provisioned keys replace the pinned one",
+    "epoch_older": " — the coordinator numbers its versions in an older epoch than this device has seen: its operator "
+                   "runs `edgeci new-epoch --state-dir DIR --above EPOCH` (EPOCH: `edgeci status`)",
+    "unsigned": " — models must be signed by the coordinator",
+}
+
+
 def run(args: argparse.Namespace) -> int:
     logging.getLogger("edgeci").setLevel(logging.INFO)
     if args.bundle is not None:  # (before the data dir is made; EdgeClient checks it again)
@@ -71,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     def show(kind: str, data: dict[str, object]) -> None:
         print(f"[{args.device_id}] {kind}: {data}", flush=True)
 
-    for kind in ("model", "trained", "update_acked", "update_rejected", "deferred", "training_failed", "failover"):
+    for kind in ("model", "trained", "update_acked", "update_rejected", "deferred", "training_failed", "failover", "epoch"):
         client.on(kind, show)
 
     def unanswered(kind: str, data: dict[str, object]) -> None:  # say so once, not silence for ever
@@ -89,10 +99,21 @@ def run(args: argparse.Namespace) -> int:
         if data.get("version") not in older_seen:
             older_seen.add(data.get("version"))
             print(f"[{args.device_id}] the coordinator of region {args.region!r} serves version {data.get('version')}, older "
-                  f"than version {data.get('held')} this device holds (a new coordinator, or its state dir reset?): "
-                  f"it waits for a newer one; a fresh --data-dir starts this device over", flush=True)
+                  f"than version {data.get('held')} this device holds: its state dir was probably restored from a backup. "
+                  f"This device waits for a newer one; its operator gets the fleet going again with `edgeci new-epoch` "
+                  f"(see its --help)", flush=True)
 
     client.on("model_older", older)
+    rejected: dict[object, int] = {}
+
+    def refused(kind: str, data: dict[str, object]) -> None:  # the 1st, 10th, 100th… of each reason: not silence
+        reason = data.get("reason")
+        rejected[reason] = n = rejected.get(reason, 0) + 1
+        if n in (1, 10, 100, 1000):
+            print(f"[{args.device_id}] refused a message ({n}× so far): {reason}: {str(data.get('detail'))[:300]}"
+                  f"{REFUSAL_HINTS.get(str(reason), '')}", flush=True)
+
+    client.on("message_rejected", refused)
     already = client.store.stats().added
     user = LabellingUser(
         name=args.device_id,

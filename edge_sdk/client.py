@@ -307,10 +307,6 @@ class EdgeClient:
             on_connection=self._on_connection,
             auth=self.auth,
         )
-        if not self.trusted_keys:
-            log.info("device %s: no provisioned coordinator keys; it will pin the first key that signs a model "
-                     "(trust on first use: insecure, whoever publishes a signed model first becomes that key). "
-                     "Provision a bundle (`edgeci pki issue`) for fleets.", device_id)
         self.inference = inference
         self.durable = durable
         if durable and data_dir is None:
@@ -398,9 +394,17 @@ class EdgeClient:
         saved_in = self._deployed_region or self.regions[0]  # (None: saved before regions were recorded)
         if self._deployed is not None and saved_in in epochs:
             epochs[saved_in] = max(epochs[saved_in], self._deployed_epoch)
+        pins = {r: self._pins(r) for r in self.regions}
         self.core = DeviceCore(cfg, rng=random.Random(seed), next_seq=next_seq, trained_upto=trained_upto,
-                               total=self._added(), pinned_by_region={r: self._pins(r) for r in self.regions},
-                               epochs=epochs)
+                               total=self._added(), pinned_by_region=pins, epochs=epochs)
+        if not self.trusted_keys and any(pins.values()):
+            log.info("device %s: no provisioned coordinator keys; it trusts the key(s) it pinned on first use (%s) and "
+                     "refuses any other; a bundle (`--bundle`, `edgeci pki issue`) replaces them", device_id,
+                     "; ".join(f"{r}: {', '.join(sorted(p))}" for r, p in pins.items() if p))
+        elif not self.trusted_keys:
+            log.info("device %s: no provisioned coordinator keys; it will pin the first key that signs a model "
+                     "(trust on first use: insecure, whoever publishes a signed model first becomes that key). "
+                     "Provision a bundle (`edgeci pki issue`) for fleets.", device_id)
         if self._deployed is not None:
             version, self.core.state.deployed = self._deployed
             if self._deployed_epoch != self.core.state.epoch and self._deployed_region in (None, self.core.state.region):
@@ -775,8 +779,8 @@ class EdgeClient:
                           self.core.config.device_id, action.region, action.epoch, exc)
                 return
             if action.previous:
-                log.warning("device %s: region %s's coordinator numbers its versions anew (epoch %d after %d: its state "
-                            "dir was created again); models of the numbering before are refused from now on",
+                log.warning("device %s: region %s's coordinator numbers its versions anew (epoch %d after %d: a new state "
+                            "dir, or one given a new epoch); models of the numbering before are refused from now on",
                             self.core.config.device_id, action.region, action.epoch, action.previous)
             else:
                 log.info("device %s: region %s's coordinator numbers its versions in epoch %d",

@@ -67,3 +67,48 @@ def test_a_second_device_on_the_same_data_dir_is_refused(mosquitto: MosquittoPro
             first.stdout.close()
     out = device("--broker", mosquitto.url, "--device-id", "d1", "--duration", "1", home=tmp_path / "home")
     assert out.returncode == 0 and "already runs" not in out.stderr, out.stderr  # free again once the first stopped
+
+
+@pytest.mark.broker
+def test_a_device_says_why_it_refuses_models_and_the_way_out(mosquitto: MosquittoProcess, tmp_path: Path) -> None:
+    """Operator trial: a device that pinned the coordinator's key (trust on first use) refused every
+    model signed by the new key of a coordinator whose state dir was lost with it — and `edgeci
+    device` printed nothing but "no answer to its pull". It now prints each refusal's reason (the
+    1st, 10th, 100th…) with the way out."""
+    from edge_sdk.mqtt import MqttTransport
+    from edge_sdk.signing import Signer
+    from edge_sdk.tasks import get_task
+    from edge_sdk.wire import topics
+    from edge_sdk.wire.codec import encode
+    from edge_sdk.wire.messages import ModelMsg
+
+    proc = subprocess.Popen([sys.executable, "-m", "demos.cli", "device", "--broker", mosquitto.url, "--device-id", "d1",
+                             "--rate", "0.01", "--duration", "60"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "EDGECI_HOME": str(tmp_path / "home")})
+    sender = MqttTransport(mosquitto.url, client_id="coordinators", subscriptions=[], on_message=lambda t, p: None, clean_session=True)
+    sender.start()
+    try:
+        lines: list[str] = []
+        deadline = time.monotonic() + 120
+        while not any("partition" in ln for ln in lines):  # started: subscribed
+            line = proc.stdout.readline() if proc.stdout else ""
+            assert line and time.monotonic() < deadline, "".join(lines)
+            lines.append(line)
+        topic = topics.device_topic("default", "d1", "model")
+        weights = get_task("digits").pretrained(seed=0)
+        for version, key in ((1, Signer.generate()), (2, Signer.generate())):  # the first is pinned, the second refused
+            msg = ModelMsg(model_id="digits-cnn", version=version, reply_to=-1, weights=weights)
+            sender.publish(topic, encode(msg, signer=key, scope=topics.signing_scope(topic)), qos=1)
+            time.sleep(0.5)
+        while not any("refused a message" in ln for ln in lines):
+            line = proc.stdout.readline() if proc.stdout else ""
+            assert line and time.monotonic() < deadline, "".join(lines)
+            lines.append(line)
+        said = next(ln for ln in lines if "refused a message" in ln)
+        assert "(1× so far): bad_signature" in said and "Give the device a bundle" in said, said
+    finally:
+        sender.stop()
+        proc.terminate()
+        proc.wait(timeout=60)
+        if proc.stdout:
+            proc.stdout.close()

@@ -29,6 +29,7 @@ from edge_sdk.core.events import (
     Publish,
     SampleAdded,
     StartTraining,
+    TimerFired,
     TrainingFinished,
 )
 from edge_sdk.errors import ConfigError
@@ -275,14 +276,15 @@ def test_devices_ahead_of_the_state_dir_are_counted_and_reported_never_followed(
     ahead = Pull(device=DEV, seq=1, model_id="toy", have_version=0, epoch=NEW)
     acts = c.handle(to_coord("pull", encode(ahead)))  # type: ignore[attr-defined]
     (note,) = notes(acts, "epoch_ahead")
-    assert note.data == {"device": DEV, "epoch": NEW, "highest": NEW, "own": OLD, "count": 1}
+    assert note.data == {"device": DEV, "epoch": NEW, "version": 0, "highest": NEW, "highest_version": 0, "own": OLD,
+                         "own_version": 2, "count": 1}
     (reply,) = published(acts, "model")
     assert isinstance(reply, ModelMsg) and reply.epoch == OLD and reply.group == "full"  # its own numbering, whole
     upd = Update(device=DEV, seq=2, model_id="toy", base_version=0, n_samples=1, weights=np.zeros(SPEC.size, np.float32), epoch=NEW + 7)
     acts = c.handle(to_coord("update", encode(upd), now=5.0))  # type: ignore[attr-defined]
     assert published(acts, "ack")[0].reason == "base_rejected" and not notes(acts, "epoch_ahead")  # type: ignore[attr-defined]  # (once a minute)
     assert c.counters["epoch_ahead"] == 2  # type: ignore[attr-defined]
-    assert c.status().extra["epoch_ahead"] == {"highest": NEW + 7, "device": DEV, "messages": 2}  # type: ignore[attr-defined]
+    assert c.status().extra["epoch_ahead"] == {"highest": NEW + 7, "version": 0, "device": DEV, "messages": 2}  # type: ignore[attr-defined]
     assert f"edgeci new-epoch --state-dir DIR --above {NEW + 7}" in render(parse_status_json(status_json(c.status())), 0.0)  # type: ignore[arg-type, attr-defined]
     assert notes(c.handle(to_coord("pull", encode(dataclasses_replace(ahead, seq=3)), now=70.0)), "epoch_ahead")  # type: ignore[attr-defined]
     assert c._epoch == OLD  # type: ignore[attr-defined]  # reported, never acted on
@@ -304,7 +306,7 @@ def test_new_epoch_starts_a_numbering_above_the_devices_and_only_on_a_stopped_co
     old = read_epoch(tmp_path / "s")
     far = 4_000_000_000_000_000  # a clock 60 years ahead made the devices' numbering
     assert main(["new-epoch", "--state-dir", str(tmp_path / "s"), "--above", str(far)]) != 0  # running: refused
-    assert "stop the coordinator first" in capsys.readouterr().err and read_epoch(tmp_path / "s") == old
+    assert "in use by a running coordinator: stop it first" in capsys.readouterr().err and read_epoch(tmp_path / "s") == old
     reg.close()
     assert main(["new-epoch", "--state-dir", str(tmp_path / "s"), "--above", str(far)]) == 0
     assert read_epoch(tmp_path / "s") == far + 1 and f"epoch {old} -> {far + 1}" in capsys.readouterr().out
@@ -391,3 +393,53 @@ def test_a_saved_model_of_a_newer_epoch_than_the_store_knows_sets_the_floor(tmp_
         assert c.store.get_meta("epoch.default") is None
     finally:
         close_unstarted(c)
+
+
+def test_devices_ahead_of_a_restored_backup_are_reported() -> None:
+    """Operator trial: a state dir restored from a backup of v41 while devices held v61 of the same
+    epoch stalled the fleet (they wait for a version above 61) with no warning; the coordinator
+    only logged unknown_version rejections. A version above any this state dir gave out is
+    reported as ahead like a newer epoch."""
+    snap = Snapshot(version=41, weights=np.zeros(SPEC.size, np.float32), epoch=OLD, version_floor=41)
+    c = make_coordinator(k=1, timeout_s=None, snapshot=snap)
+    (note,) = notes(c.handle(to_coord("pull", encode(Pull(device=DEV, seq=1, model_id="toy", have_version=61, epoch=OLD)))), "epoch_ahead")
+    assert (note.data["epoch"], note.data["version"], note.data["own_version"]) == (OLD, 61, 41)
+    upd = Update(device=DEV, seq=2, model_id="toy", base_version=61, n_samples=1, weights=np.zeros(SPEC.size, np.float32), epoch=OLD)
+    (ack,) = published(c.handle(to_coord("update", encode(upd), now=2.0)), "ack")
+    assert ack.reason == "unknown_version" and c.counters["epoch_ahead"] == 2  # type: ignore[attr-defined]
+    assert c.status().extra["epoch_ahead"]["version"] == 61
+    within = Snapshot(version=41, weights=np.zeros(SPEC.size, np.float32), epoch=OLD, version_floor=45)
+    c = make_coordinator(k=1, timeout_s=None, snapshot=within)  # 45 was given out (an unreadable newer version): not ahead
+    assert not notes(c.handle(to_coord("pull", encode(Pull(device=DEV, seq=1, model_id="toy", have_version=45, epoch=OLD)))), "epoch_ahead")
+    assert "epoch_ahead" not in c.status().extra
+
+
+def test_a_renumbering_recall_asks_again_at_once_instead_of_after_the_back_off() -> None:
+    """Operator trial: after `edgeci new-epoch` the first aggregation came 20–65 s late: devices whose
+    pulls had gone unanswered waited out their back-off. The recall says the coordinator is back."""
+    d = device()
+    d.handle(model(3, OLD))
+    d.handle(SampleAdded(now=1.0, total=2))
+    for t in (7.0, 20.0, 45.0):  # unanswered: the back-off grows
+        d.handle(TimerFired(now=t))
+    assert d.state.phase is Phase.PULLING and d.state.deadline is not None and d.state.deadline > 60.0
+    recall = Recall(model_id="toy", release=0, abandoned=(), epoch=NEW)
+    acts = d.handle(signed(recall, topics.recall_topic("r1")))
+    (pull,) = published(acts, "pull")
+    assert isinstance(pull, Pull) and not pull.serve and pull.epoch == NEW and pull.have_version == -1
+    assert d.state.deadline is not None and d.state.deadline < 20.0  # a fresh request, the first timeout again
+
+
+def test_the_coordinator_refuses_a_signing_key_file_that_is_not_there(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The README told operators to keep the key apart with --signing-key, which the coordinator did
+    not take (operator trial); a mistyped path must not mint a new key the devices would refuse."""
+    from demos.cli import main
+
+    rc = main(["coordinator", "--state-dir", str(tmp_path / "s"), "--signing-key", str(tmp_path / "nope.key")])
+    assert rc != 0 and "--signing-key" in capsys.readouterr().err and not (tmp_path / "s" / "versions").exists()
+
+
+def test_the_headless_device_says_why_it_refuses_models() -> None:
+    from devices.headless import REFUSAL_HINTS
+
+    assert "edgeci new-epoch" in REFUSAL_HINTS["epoch_older"] and "--bundle" in REFUSAL_HINTS["bad_signature"]

@@ -942,6 +942,8 @@ class DeviceCore:
                 raise UnsignedMessage("an unsigned recall cannot change the version numbering")
             actions = self._renumber(msg.epoch, "recall")
             s.recall, s.release_wanted = msg, msg.release
+            if s.phase is _PULLING or s.phase is _DEFERRED:  # a request waiting out its back-off: the coordinator is back
+                return [*actions, *self._send_pull(now, fresh=True, serve=s.serving)]
             return [*actions, *self._maybe_pull(now)]
         if s.recall is None or msg.release >= s.recall.release:
             s.recall = msg
