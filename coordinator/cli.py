@@ -34,7 +34,7 @@ import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from coordinator.config import ENV_PREFIX, Layered, merge_strategy_params
 from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
@@ -52,6 +52,9 @@ from edge_sdk.modelio import load_model
 from edge_sdk.mqtt import TOFU_PEERS, add_broker_arguments, auth_from_args, parse_broker_url
 from edge_sdk.tasks import get_task
 from edge_sdk.wire.topics import check_id
+
+if TYPE_CHECKING:
+    from edge_sdk.wire.messages import Recall
 
 log = logging.getLogger("edgeci.coordinator")
 
@@ -162,6 +165,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       "commands in its NAME only (besides this coordinator's own signing key, in its id); default: the "
                       "bundle's operators/")
     o = p.add_argument_group("operations")
+    o.add_argument("--take-over", action="store_true",
+                   help="start on a new state dir although the region's devices follow another state dir signed with this "
+                   "key (its retained recall says so): they drop that numbering for this one's version 0. Without it such "
+                   "a start is refused: a mistyped --state-dir would take the fleet over. For a state dir that is lost")
     o.add_argument("--signing-key", type=Path, help="the Ed25519 key (PEM) that signs every model, recall and peer message; "
                    "default: the bundle's signing.key, else STATE_DIR/signing.key (created 0600 on first start). Keep it "
                    "apart from the state dir: devices that pinned it on first use refuse any other key, so a state dir "
@@ -506,10 +513,85 @@ def _first_missing(path: Path) -> Path | None:
     return path
 
 
+def _signing_kid(options: CoordinatorOptions) -> str | None:
+    """The id of the key the daemon will sign with, when it exists outside a new state dir."""
+    from edge_sdk.signing import load_signer
+
+    bundled = options.bundle / "signing.key" if options.bundle is not None else None
+    path = options.signing_key or (bundled if bundled is not None and bundled.exists() else None)
+    return load_signer(path).kid if path is not None else None
+
+
+def region_followers(options: CoordinatorOptions, kid: str, wait_s: float = 1.0) -> Recall | None:
+    """The region's retained recall if it is signed by key ``kid`` (verified): the numbering the
+    devices follow. None when there is none, it is another key's, or the broker cannot be asked
+    (the daemon's own start then says why)."""
+    import threading
+
+    from edge_sdk.mqtt import BrokerAuth, MqttTransport
+    from edge_sdk.signing import verify
+    from edge_sdk.wire import topics
+    from edge_sdk.wire.codec import decode_frame
+    from edge_sdk.wire.messages import Recall
+
+    topic = topics.recall_topic(options.region)
+    got: list[bytes] = []
+    arrived = threading.Event()
+
+    def on(t: str, payload: bytes) -> None:
+        got.append(payload)
+        arrived.set()
+
+    cid = f"{options.coordinator_id or f'coord-{options.region}'}-preflight"[:64]
+    try:
+        probe = MqttTransport(options.broker, client_id=cid, subscriptions=[topic], on_message=on, clean_session=True,
+                              auth=options.auth or (BrokerAuth.from_bundle(options.bundle) if options.bundle is not None else None))
+        probe.start(10.0)
+    except EdgeciError as exc:
+        log.debug("could not read the region's recall before starting: %s", exc)
+        return None
+    try:
+        arrived.wait(wait_s)  # a retained message follows the subscription's answer at once
+    finally:
+        probe.stop()
+    if not got:
+        return None
+    try:
+        frame = decode_frame(got[0])
+    except EdgeciError:
+        return None
+    sig, msg = frame.signature, frame.message
+    if not isinstance(msg, Recall) or sig is None or sig.kid != kid:
+        return None
+    return msg if verify(sig.public_raw, sig.signature, sig.signed_for(topics.signing_scope(topic))) else None
+
+
+def check_take_over(options: CoordinatorOptions, take_over: bool) -> None:
+    """A new state dir with the region's signing key while its devices follow another state dir of
+    that key (the retained recall, signed by it, names another epoch): starting would move the
+    fleet to this one's version 0 within a second. Refused unless ``--take-over``."""
+    if _holds_versions(options.state_dir):
+        return
+    kid = _signing_kid(options)
+    if kid is None:  # a key made with the new state dir: devices that trust the old one refuse it anyway
+        return
+    recall = region_followers(options, kid)
+    if recall is None or recall.epoch == 0:
+        return
+    if take_over:
+        log.warning("taking over region %r: its devices follow epoch %d (release %d) of another state dir with this key; they "
+                    "move to this new state dir's version 0", options.region, recall.epoch, recall.release)
+        return
+    raise ConfigError(f"region {options.region!r}'s devices follow another state dir signed with this key (epoch {recall.epoch}, "
+                      f"release {recall.release}); starting on the new state dir {options.state_dir} would move them to its "
+                      "version 0 at once. Check --state-dir; if that state dir is lost, start again with --take-over")
+
+
 def start_daemon(options: CoordinatorOptions, layered: Layered) -> CoordinatorDaemon:
     """Check the options, then build the daemon; a failure while initialising an empty state
     dir removes what it wrote there, so that a retry with other options starts afresh."""
     check_before_start(options, layered)
+    check_take_over(options, bool(getattr(layered.args, "take_over", False)))
     state_dir = Path(options.state_dir)
     before, missing_from = _entries(state_dir), _first_missing(state_dir)
     try:

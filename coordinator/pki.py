@@ -495,7 +495,9 @@ def acl_rules(ident: Identity) -> list[tuple[str, str]]:
         elif ident.role == "coordinator":
             rules += [("write", f"{base}/dev/+/{leaf}") for leaf in ("model", "ack", "invite")]
             rules += [("read", f"{base}/dev/+/{leaf}") for leaf in ("pull", "update", "presence")]
-            rules += [("readwrite", f"{base}/status"), ("read", f"{base}/control"), ("write", f"{base}/recall")]
+            # recall: readwrite, so a coordinator starting on a new state dir can see which numbering
+            # the region's devices follow (its own key's, another state dir: refused without --take-over)
+            rules += [("readwrite", f"{base}/status"), ("read", f"{base}/control"), ("readwrite", f"{base}/recall")]
         elif ident.role == "operator":
             rules += [("write", f"{base}/control"), ("read", f"{base}/status")]
     if ident.role == "coordinator":

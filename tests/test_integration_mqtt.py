@@ -465,3 +465,38 @@ def test_a_coordinator_that_lost_its_state_dir_numbers_anew_and_its_devices_foll
             dev.stop()
     finally:
         broker.stop()
+
+
+def test_a_new_state_dir_with_the_regions_key_needs_take_over(mosquitto: MosquittoProcess, tmp_path: Path) -> None:
+    """Operator trial: a coordinator started on a new (or mistyped) --state-dir with the region's
+    signing key took the fleet over within a second (the devices followed its new numbering to its
+    version 0). The start now reads the region's retained recall first: signed by this key for
+    another epoch, it is refused unless --take-over (the state dir is really lost)."""
+    from coordinator.cli import check_take_over, region_followers
+    from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
+    from edge_sdk.errors import ConfigError
+    from edge_sdk.signing import Signer, save_signer
+
+    task = get_task("digits")
+    key = tmp_path / "signing.key"
+    signer = Signer.generate()
+    save_signer(signer, key)
+
+    def options(state: str, signing_key: Path = key) -> CoordinatorOptions:
+        return CoordinatorOptions(broker=mosquitto.url, region=REGION, state_dir=tmp_path / state, signing_key=signing_key,
+                                  strategy_params={"k": 1, "timeout_s": 5.0})
+
+    check_take_over(options("fresh"), take_over=False)  # nothing on the region yet: a first start is not a take-over
+    real = CoordinatorDaemon(options("real"), task=task).start()
+    try:  # its recall (with its epoch) is retained once it is out
+        wait_until(lambda: region_followers(options("typo"), signer.kid) is not None, 20, "the retained recall")
+    finally:
+        real.stop()
+    with pytest.raises(ConfigError, match="start again with --take-over"):
+        check_take_over(options("typo"), take_over=False)
+    assert not (tmp_path / "typo").exists()  # refused before anything is written
+    check_take_over(options("typo"), take_over=True)  # the real one is lost: the operator says so
+    check_take_over(options("real"), take_over=False)  # its own state dir: resumes
+    other = tmp_path / "other.key"
+    save_signer(Signer.generate(), other)
+    check_take_over(options("elsewhere", other), take_over=False)  # another key: the devices would refuse it anyway

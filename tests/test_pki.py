@@ -190,7 +190,7 @@ def test_acl_confines_each_identity(pki: Pki) -> None:
     for leaf in ("pull", "update", "presence"):
         assert f"topic read edgeci/v1/eu/dev/+/{leaf}" in coord
     assert "topic readwrite edgeci/v1/peer/#" in coord and "topic read edgeci/v1/eu/control" in coord
-    assert "topic write edgeci/v1/eu/recall" in coord
+    assert "topic readwrite edgeci/v1/eu/recall" in coord
     assert not any("/us/" in line for line in coord)
     assert s["ops"] == ["topic write edgeci/v1/+/control", "topic read edgeci/v1/+/status"]
     # nothing grants '#' at the root, $SYS, or another device's subtree to a device
