@@ -182,11 +182,16 @@ def version_rows(state_dir: Path, last: int = 30) -> tuple[list[dict[str, Any]],
 
 
 def _versions(args: argparse.Namespace) -> int:
+    from coordinator.registry import read_epoch
+
     rows, release = version_rows(args.state_dir, args.last)
+    epoch = read_epoch(args.state_dir)  # the numbering these versions are in (None: from before epochs, or unreadable)
     if args.json:
-        print(json.dumps({"release": release.get("release"), "pinned": release.get("pinned", False), "versions": rows}, indent=1))
+        print(json.dumps({"release": release.get("release"), "pinned": release.get("pinned", False), "epoch": epoch,
+                          "versions": rows}, indent=1))
         return 0
-    print(f"release: {release.get('release', '?')}{' (pinned)' if release.get('pinned') else ''}")
+    print(f"release: {release.get('release', '?')}{' (pinned)' if release.get('pinned') else ''} · "
+          f"epoch {epoch if epoch is not None else 'none (one is made at the next start)'}")
     print(f"{'version':>8}  {'time (UTC)':20}  {'source':12}  {'updates':>7}  {'staleness':>9}  {'cand.':>6}  {'release':>7}  "
           f"{'canary cand/rel (reports, labels)':33}  verdict")
     for r in rows:

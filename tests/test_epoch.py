@@ -443,3 +443,24 @@ def test_the_headless_device_says_why_it_refuses_models() -> None:
     from devices.headless import REFUSAL_HINTS
 
     assert "edgeci new-epoch" in REFUSAL_HINTS["epoch_older"] and "--bundle" in REFUSAL_HINTS["bad_signature"]
+
+
+def test_versions_names_the_epoch_and_status_does_not_show_another_numbering_as_a_version(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Operator trial: `edgeci versions` showed no epoch (lines of two numberings could not be told
+    apart), and `edgeci status` listed a device's version of another numbering (dev-a 0 against
+    release 36) as if it were this one's."""
+    from demos.cli import main
+
+    reg = Registry(tmp_path / "s", SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    epoch = read_epoch(tmp_path / "s")
+    assert main(["versions", "--state-dir", str(tmp_path / "s")]) == 0
+    assert f"release: 0 · epoch {epoch}" in capsys.readouterr().out
+    assert main(["versions", "--state-dir", str(tmp_path / "s"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["epoch"] == epoch
+    c = coordinator(NEW, version=3)
+    for dev, held in (("same", NEW), ("other", OLD)):
+        pull = Pull(device=dev, seq=1, model_id="toy", have_version=2, epoch=held)
+        c.handle(MessageReceived(now=1.0, topic=topics.device_topic("r1", dev, "pull"), payload=encode(pull)))  # type: ignore[attr-defined]
+    assert {d: v for d, (_, _, v) in c.presence.items()} == {"same": 2, "other": -1}  # type: ignore[attr-defined]
