@@ -552,6 +552,9 @@ def region_followers(options: CoordinatorOptions, kid: str, wait_s: float = 1.0)
         return None
     try:
         arrived.wait(wait_s)  # a retained message follows the subscription's answer at once
+        if probe.refused_subscriptions:
+            log.warning("the take-over check is skipped: the broker does not let this coordinator read %s (an ACL from "
+                        "before this release: regenerate it with `edgeci pki broker-conf` and reload mosquitto)", topic)
     finally:
         probe.stop()
     if not got:

@@ -941,7 +941,7 @@ class CoordinatorCore:
         self._last_pull_seq[msg.device] = max(self._last_pull_seq.get(msg.device, -1), msg.seq)
         ahead = self._note_ahead(msg.device, msg.epoch, msg.have_version, now) if msg.epoch > self._epoch or (
             msg.have_version > self._version and msg.have_version > self._version_floor
-            and msg.epoch in (self._epoch, NO_EPOCH)) else []
+            and msg.epoch == self._epoch) else []  # (an SDK from before epochs, 0: new-epoch would not help it)
         if msg.canary != NO_VERSION:
             return [self._canary_fetch(msg)]
         if msg.serve:
@@ -1075,7 +1075,7 @@ class CoordinatorCore:
             raise RejectedBase(f"trained from version {msg.base_version} of epoch {msg.epoch}; this coordinator numbers in "
                                f"epoch {self._epoch} (another numbering: a new state dir, or edgeci new-epoch): train from {self._version}")
         if msg.base_version > self._version:
-            if msg.base_version > self._newest():  # (its epoch is this one's, or none: an SDK without epochs)
+            if msg.base_version > self._newest() and msg.epoch == self._epoch:  # (not an SDK from before epochs)
                 self._pending_actions += self._note_ahead(msg.device, msg.epoch, msg.base_version, now)
             raise UnknownVersion(f"base version {msg.base_version} is newer than current {self._version}")
         if self._abandoned and self.abandoned(msg.base_version):

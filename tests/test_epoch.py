@@ -464,3 +464,27 @@ def test_versions_names_the_epoch_and_status_does_not_show_another_numbering_as_
         pull = Pull(device=dev, seq=1, model_id="toy", have_version=2, epoch=held)
         c.handle(MessageReceived(now=1.0, topic=topics.device_topic("r1", dev, "pull"), payload=encode(pull)))  # type: ignore[attr-defined]
     assert {d: v for d, (_, _, v) in c.presence.items()} == {"same": 2, "other": -1}  # type: ignore[attr-defined]
+
+
+def test_a_new_device_that_trusts_on_first_use_ignores_the_recall_until_it_pins_a_key() -> None:
+    """Review: every coordinator with an epoch announces it on the retained recall at start, which
+    reaches a new trust-on-first-use device before its first model: it was refused as
+    bad_signature, and `edgeci device` printed that the coordinator's key had changed."""
+    d = device()
+    recall = Recall(model_id="toy", release=0, abandoned=(), epoch=NEW)
+    assert d.handle(signed(recall, topics.recall_topic("r1"))) == []
+    assert d.state.counters == {"ignored:recall_before_pin": 1} and d.state.rejected_messages == 0
+    d.handle(model(0, NEW))  # pins the key
+    other = Recall(model_id="toy", release=0, abandoned=(), epoch=NEW + 1)
+    assert d.handle(signed(other, topics.recall_topic("r1")))  # now taken: a newer numbering
+
+
+def test_an_sdk_from_before_epochs_is_not_reported_as_ahead() -> None:
+    """Review: after a take-over, a device with an old SDK (no epoch) holding v61 was reported as
+    ahead with `edgeci new-epoch --above 0`, which cannot help it (it ignores epochs)."""
+    c = coordinator(NEW)
+    old = Pull(device=DEV, seq=1, model_id="toy", have_version=61)
+    assert not notes(c.handle(to_coord("pull", encode(old))), "epoch_ahead")  # type: ignore[attr-defined]
+    upd = Update(device=DEV, seq=2, model_id="toy", base_version=61, n_samples=1, weights=np.zeros(SPEC.size, np.float32))
+    assert published(c.handle(to_coord("update", encode(upd), now=2.0)), "ack")[0].reason == "unknown_version"  # type: ignore[attr-defined]
+    assert c.counters["epoch_ahead"] == 0 and "epoch_ahead" not in c.status().extra  # type: ignore[attr-defined]

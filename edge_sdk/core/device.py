@@ -931,6 +931,11 @@ class DeviceCore:
         msg = frame.message
         if not isinstance(msg, Recall):
             raise TopicMismatch(f"a {msg.TYPE} message does not belong on the recall topic")
+        if frame.signature is not None and not self.config.trusted_keys and not s.pins:
+            # Trust on first use, nothing pinned yet: the retained recall reaches a new device before its first
+            # model does (and pins nothing): not a refusal to report, the first model brings the numbering.
+            s.counters["ignored:recall_before_pin"] = s.counters.get("ignored:recall_before_pin", 0) + 1
+            return []
         self._check_trusted(frame.signature, topic, "recall")
         if msg.model_id != self.config.spec.model_id:
             raise UnknownModel(f"recall of model {msg.model_id!r}, not {self.config.spec.model_id!r}")
