@@ -515,10 +515,10 @@ def _first_missing(path: Path) -> Path | None:
 
 def _signing_kid(options: CoordinatorOptions) -> str | None:
     """The id of the key the daemon will sign with, when it exists outside a new state dir."""
+    from coordinator.daemon import kept_signing_key
     from edge_sdk.signing import load_signer
 
-    bundled = options.bundle / "signing.key" if options.bundle is not None else None
-    path = options.signing_key or (bundled if bundled is not None and bundled.exists() else None)
+    path = kept_signing_key(options)
     return load_signer(path).kid if path is not None else None
 
 

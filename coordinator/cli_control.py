@@ -126,7 +126,6 @@ def _new_epoch(args: argparse.Namespace) -> int:
     return 0
 
 
-
 # ---------------------------------------------------------------------- versions
 
 

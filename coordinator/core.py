@@ -876,7 +876,7 @@ class CoordinatorCore:
     def _track_version(self, device: str, msg: Message) -> None:
         """The version an accepted pull or update says the device runs (in place: no reordering)."""
         if isinstance(msg, Pull) and msg.have_version != NO_VERSION:
-            version = msg.have_version if msg.epoch == self._epoch or msg.epoch == NO_EPOCH else NO_VERSION  # (another numbering's)
+            version = self._held(msg)  # (none for another numbering's)
         elif isinstance(msg, Update):
             version = msg.base_version
         else:

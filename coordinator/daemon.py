@@ -150,6 +150,13 @@ ACTOR_STOP_S = 10.0
 dir is left locked and its files open (the process's exit releases them), never closed under it."""
 
 
+def kept_signing_key(options: CoordinatorOptions) -> Path | None:
+    """The signing key kept apart from the state dir: ``--signing-key``, else the bundle's
+    ``signing.key`` if it has one; None: the state dir's own."""
+    bundled = options.bundle / "signing.key" if options.bundle is not None else None
+    return options.signing_key or (bundled if bundled is not None and bundled.exists() else None)
+
+
 class CoordinatorDaemon:
     """Start with :meth:`start`, stop with :meth:`stop` (SIGTERM handler in the CLI)."""
 
@@ -249,9 +256,7 @@ class CoordinatorDaemon:
     def _signing_key(self) -> Signer:
         """The model-signing key: ``--signing-key`` (e.g. from a PKI bundle), else the state
         dir's own ``signing.key``, created (0600) on first start."""
-        bundled = self.options.bundle / "signing.key" if self.options.bundle is not None else None
-        path = self.options.signing_key or (bundled if bundled is not None and bundled.exists() else None) \
-            or Path(self.options.state_dir) / "signing.key"
+        path = kept_signing_key(self.options) or Path(self.options.state_dir) / "signing.key"
         signer, created = load_or_create_signer(path)
         log.info("%s model-signing key %s (%s)%s", "created" if created else "using", signer.kid, path,
                  ": devices without a provisioned key will pin it on first use" if created else "")

@@ -52,10 +52,11 @@ Epoch: the state dir's numbering (``ModelMsg.epoch``), microseconds since 1970 w
 created, signed into every model, recall and canary request. A coordinator that lost its state
 dir counts from version 0 again, but in a newer epoch: devices take that as a new numbering
 instead of waiting for a version above the one they hold, and refuse an older epoch's models (a
-replay). A state dir without the file (made by an older release, or the file removed: do so
-after restoring a state dir from a backup, whose numbers the fleet has seen beyond) gets a new
-epoch at the next start; so does one whose file is unreadable. A new epoch costs the fleet only
-a re-fetch of the release and a second training of updates in flight.
+replay). A state dir without the file (made by an older release) gets a new epoch at the next
+start; so does one whose file holds no epoch. ``edgeci new-epoch`` (:meth:`Registry.renew_epoch`)
+starts one above a given epoch: after restoring a state dir from a backup, whose numbers the fleet
+has seen beyond. A new epoch costs the fleet only a re-fetch of the release and a second training
+of updates in flight.
 
 Recovery: :meth:`Registry.load` uses the newest *readable* version; an unreadable newer one
 (truncated ``weights.npy``, bad ``meta.json``) is logged loudly and reported in the snapshot

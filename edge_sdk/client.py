@@ -407,14 +407,15 @@ class EdgeClient:
                      "Provision a bundle (`edgeci pki issue`) for fleets.", device_id)
         if self._deployed is not None:
             version, self.core.state.deployed = self._deployed
-            if self._deployed_epoch != self.core.state.epoch and self._deployed_region in (None, self.core.state.region):
-                log.info("device %s: the saved model is v%d of an older numbering (epoch %d, the region's is %d now); "
-                         "asking for the current one", device_id, version, self._deployed_epoch, self.core.state.epoch)
-            elif self._deployed_region in (None, self.core.state.region):  # (None: saved before regions were recorded)
-                self.core.state.deployed_version = version
-            else:  # saved after a failover: the weights keep serving, their number is the other region's
+            if self._deployed_region not in (None, self.core.state.region):  # (None: saved before regions were recorded)
+                # saved after a failover: the weights keep serving, their number is the other region's
                 log.info("device %s: the saved model is v%d of region %s; asking %s for its current one",
                          device_id, version, self._deployed_region, self.core.state.region)
+            elif self._deployed_epoch == self.core.state.epoch:
+                self.core.state.deployed_version = version
+            else:  # the weights keep serving; their number counts in an older numbering
+                log.info("device %s: the saved model is v%d of an older numbering (epoch %d, the region's is %d now); "
+                         "asking for the current one", device_id, version, self._deployed_epoch, self.core.state.epoch)
         self.actor = Actor(f"device-{device_id}", self.core.handle, self._perform, clock=self.clock)
         self._trainer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"train-{device_id}")
         self._started = False
