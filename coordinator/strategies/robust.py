@@ -62,7 +62,7 @@ from coordinator.strategies.staleness import (
     staleness_factor,
 )
 from edge_sdk.errors import ConfigError
-from edge_sdk.spec import FULL, Vector
+from edge_sdk.spec import FULL, Vector, sum_of_squares
 
 __all__ = [
     "COMBINERS",
@@ -523,9 +523,10 @@ class RobustAggregator:
                 row_se = row[s:e] if row is not None else None
             if need_d:
                 np.subtract(w_se, ref_se, out=d)
-                with np.errstate(over="ignore", invalid="ignore"):  # an overflow is redone in float64 below
-                    dd += float(np.dot(d, d))
-                    if current is not None:
+                # An overflow is redone in float64 below.
+                dd += sum_of_squares(d)
+                if current is not None:
+                    with np.errstate(over="ignore", invalid="ignore"):
                         np.subtract(current[s:e], ref_se, out=t)
                         dg += float(np.dot(d, t))
                         gg += float(np.dot(t, t))
