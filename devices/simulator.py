@@ -741,7 +741,7 @@ class Simulation(Driver):
     def _device_actions(self, dev: EmulatedDevice, actions: Sequence[object], now: float) -> None:
         i = dev.plan.index
         for a in actions:
-            t = type(a)  # the four common types by identity (by frequency); the rest, subclasses included, by isinstance
+            t = type(a)  # the six common types by identity (by frequency); the rest, subclasses included, by isinstance
             if t is PersistDeviceState:
                 continue  # in-memory devices never restart
             if t is Notify:
@@ -750,6 +750,10 @@ class Simulation(Driver):
                 self._publish(i, a, now)  # type: ignore[arg-type]
             elif t is ScheduleTimer:
                 self._device_timer(dev, i, a.at, now)  # type: ignore[attr-defined]
+            elif t is StartTraining:  # once per model received (as _device_action, without its isinstance chain)
+                self._start_training(dev, a.job, now)  # type: ignore[attr-defined]
+            elif t is DeployModel:
+                dev.deployed_version, dev.deployed_weights = a.version, a.weights  # type: ignore[attr-defined]
             else:
                 self._device_action(dev, i, a, now)
 

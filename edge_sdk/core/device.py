@@ -465,7 +465,16 @@ class DeviceCore:
         return [*actions, ScheduleTimer(at=s.refresh_at)]
 
     def _handle(self, event: DeviceEvent) -> list[DeviceAction]:
-        # Unrelated event classes: tested in the order of their frequency.
+        t = type(event)  # the common classes by identity (one comparison each, no isinstance call)
+        if t is MessageReceived:
+            return self._on_message(event)  # type: ignore[arg-type]
+        if t is SampleAdded:
+            return self._on_sample(event)  # type: ignore[arg-type]
+        if t is TrainingFinished:
+            return self._on_trained(event)  # type: ignore[arg-type]
+        if t is TimerFired:
+            return self._on_timer(event)  # type: ignore[arg-type]
+        # Unrelated event classes (subclasses too): tested in the order of their frequency.
         if isinstance(event, MessageReceived):
             return self._on_message(event)
         if isinstance(event, TimerFired):
