@@ -400,20 +400,21 @@ class RobustAggregator:
         """``weights``: ``view.weights`` when the caller has it already; ``known``: Σd² per
         update key measured by this fold before a rebuild (same version and weights)."""
         cfg = self.config
+        key, group = u.key, u.group  # (``key`` builds a tuple per access)
         tau = max(view.version - u.base_version, 0)
         factor = staleness_factor(self._policy, tau)  # built with the config (and again on reconfigure)
         if factor is None:
-            self._count("dropped_stale", u.key)
-            self._entries.append(_Entry(key=u.key, group=u.group, weight=0.0))
+            self._count("dropped_stale", key)
+            self._entries.append(_Entry(key=key, group=group, weight=0.0))
             return
         n_weight = float(u.n_samples)
         if cfg.sample_weight_cap:
             median_claim = self._claims.median(cfg.min_known)
-            self._claims.record(u.key, float(u.n_samples))
+            self._claims.record(key, float(u.n_samples))
             if median_claim is not None and n_weight > cfg.sample_weight_cap * median_claim:
                 n_weight = cfg.sample_weight_cap * median_claim
-                self._count("samples_clamped", u.key)
-        sl = view.spec.group_slice(u.group)
+                self._count("samples_clamped", key)
+        sl = view.spec.group_slice(group)
         base = view.weights_at(u.base_version)
         has_base = base is not None
         current = (view.weights if weights is None else weights)[sl]
@@ -438,8 +439,8 @@ class RobustAggregator:
         # Pass 1: the change's norm (and PORT's similarity terms), fused with the optimistic
         # (unclipped) fold when the weight is already known.
         optimistic = mean and weight is not None and self._optimistic
-        acc, a, first = self._acc_target(u.group, sl, weight) if optimistic and weight is not None else (None, 0.0, False)
-        measured = known.get(u.key) if known is not None and need_d and acc is None and row is None and not similarity else None
+        acc, a, first = self._acc_target(group, sl, weight) if optimistic and weight is not None else (None, 0.0, False)
+        measured = known.get(key) if known is not None and need_d and acc is None and row is None and not similarity else None
         if measured is not None and measured[0] is u.weights and measured[1] == u.base_version:
             dd, dg, gg = measured[2], 0.0, 0.0  # pass 1 would only recompute the same Σd² (same arrays, same ops)
         else:
@@ -452,23 +453,23 @@ class RobustAggregator:
         assert weight is not None
         c = 1.0
         if clip:
-            norms = self._norms.get(u.group)
+            norms = self._norms.get(group)
             if norms is None:  # (not setdefault: that would build a window per update)
-                norms = self._norms[u.group] = _Window(cfg.window)
+                norms = self._norms[group] = _Window(cfg.window)
             median_norm = norms.median(cfg.min_known)
             norm = math.sqrt(dd)
-            norms.record(u.key, norm)
+            norms.record(key, norm)
             if median_norm is not None and norm > cfg.clip_multiplier * median_norm:
                 c = cfg.clip_multiplier * median_norm / norm if math.isfinite(norm) else 0.0
-                self._count("clipped", u.key)
+                self._count("clipped", key)
                 # Folded unclipped then corrected in float32, a huge change cancels away the rest
                 # of the sum: the trigger rebuilds the fold clipping before folding (rare: attacks).
                 self._inexact = self._inexact or (optimistic and c < _EXACT_CLIP)
-        entry = _Entry(key=u.key, group=u.group, weight=weight, norm_of=(u.weights, u.base_version, dd) if need_d else None)
+        entry = _Entry(key=key, group=group, weight=weight, norm_of=(u.weights, u.base_version, dd) if need_d else None)
         self._entries.append(entry)
         if mean:
             if acc is None:  # the weight needed pass 1: fold now, clipped
-                acc, a, first = self._acc_target(u.group, sl, weight)
+                acc, a, first = self._acc_target(group, sl, weight)
                 self._fold(w, ref, acc, a, c, first)
             elif c != 1.0:  # pass 2 only for a clipped update
                 self._fold(w, ref, acc, a * (c - 1.0), 1.0, False, change_only=True)
