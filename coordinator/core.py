@@ -313,6 +313,8 @@ PRESENCE_LIMIT = 10_000
 RECENT_DEVICES = 50
 """Per-device rows in the status (the most recently seen)."""
 _NO_WEIGHTS: Vector = np.zeros(0, dtype=np.float32)
+_SEQUENCED = (Pull, Update)
+"""The messages that carry a device's request seq (a tuple: ``Pull | Update`` builds a union per test)."""
 ABANDONED_RANGES = 256
 """Ranges of abandoned training versions remembered (one per rejection or operator rollback,
 merged when they touch); beyond it the oldest are forgotten. 256 ranges are < 8 KB of metadata."""
@@ -817,7 +819,7 @@ class CoordinatorCore:
             self._inbox = (parsed.device, ev.topic[: len(ev.topic) - len(leaf)])
             self._track(parsed.device, None, ev.now)  # seen: alive, whatever it sent
             device = parsed.device
-            if isinstance(msg, Pull | Update):
+            if isinstance(msg, _SEQUENCED):
                 seq = msg.seq
             actions = self._dispatch(parsed.device, leaf, msg, ev.now)
             self._track_version(parsed.device, msg)  # the version it says it runs: only from a message we took
@@ -1255,8 +1257,11 @@ class CoordinatorCore:
                 status_due = self._status_next_at if self._status_dirty and self._status_next_at > now else None
                 conversion_due = min((p.deadline for p in self._parked.values()), default=None) if self._parked else None
                 canary_due = self._canary_round.deadline if self._canary_round is not None else None
-                wakes = [t for t in (plan.wake_at, self.peering.wake_at(), status_due, conversion_due, canary_due) if t is not None]
-                wake = min(wakes) if wakes else None
+                # The earliest of those that are set (min() of them, written out: no list, no call per event)
+                wake = plan.wake_at
+                for t in (self.peering.wake_at(), status_due, conversion_due, canary_due):
+                    if t is not None and (wake is None or t < wake):
+                        wake = t
                 if wake != self._wake_at:
                     self._wake_at = wake
                     if wake is not None:

@@ -571,6 +571,9 @@ class Simulation(Driver):
             elif t is PersistUpdate:
                 if self.regions is None:  # kept for label latency until a commit consumes it
                     self.persisted[a.update.key] = a.update  # type: ignore[attr-defined]
+            elif t is ScheduleTimer:
+                c.timer_at = a.at  # type: ignore[attr-defined]
+                self.push(max(a.at, now), _TIMER, me, a.at)  # type: ignore[attr-defined]
             elif isinstance(a, Publish):
                 self._publish(me, a, now)
             elif isinstance(a, ScheduleTimer):
