@@ -13,8 +13,9 @@ to the smallest (baseline measured in the same run). Goals (issue 13): 100,000 d
 100× real time, peak RSS ≤ 2 GB, cost per event within 1.5× from 1,000 to 100,000 devices.
 
 Two transports, one table each (``--transport``): ``codec`` encodes and decodes every
-message with the codec, as between processes; ``carried`` is the in-process transport
-(:func:`edge_sdk.wire.codec.carry_decoded`): every frame's header is still encoded and its
+message with the codec, as between processes; ``carried`` is the in-process transport, what
+the emulator uses (``Simulation.run(transport="in-process")``, the default of ``edgeci
+emulate``; :func:`edge_sdk.wire.codec.carry_decoded`): every frame's header is still encoded and its
 exact size is what the network model charges, but the weights are not copied into a frame
 (its bytes are built only if someone asks for them) and a receiver in the same process gets
 the message the sender validated at construction instead of parsing it (unsigned Pull /
@@ -33,7 +34,6 @@ training stubbed out. Goal ≥ 100× real time on 2 cores.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
 import json
 import os
@@ -57,7 +57,6 @@ from devices.simulator import RunResult, Simulation, run_spec  # noqa: E402
 from edge_sdk.spec import Vector  # noqa: E402
 from edge_sdk.tasks import Split, Task, TaskData, TrainConfig, TrainResult, get_task  # noqa: E402
 from edge_sdk.trainer import configure_threads  # noqa: E402
-from edge_sdk.wire.codec import carry_decoded  # noqa: E402
 
 GOAL_SPEED = 100.0
 GOAL_RSS_MB = 2048.0
@@ -113,6 +112,18 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
+def interpreter() -> str:
+    """Which CPython runs this, and whether its interpreter is linked into the executable or
+    loaded from libpython (a --enable-shared build without PGO, as pyenv builds by default,
+    runs this emulator 7-13 % slower than Debian's PGO + LTO build of the same 3.11)."""
+    try:
+        shared = "libpython" in Path("/proc/self/maps").read_text()
+    except OSError:
+        shared = None
+    how = {True: "libpython loaded as a shared library", False: "interpreter linked into the executable", None: "linkage unknown"}[shared]
+    return f"CPython {sys.version.split()[0]} at {os.path.realpath(sys.executable)} ({how})"
+
+
 def one_size(devices: int, duration_s: float, rate_per_h: float, seed: int, profile: bool, carried: bool = False) -> dict[str, Any]:
     """Build and run one fleet in this process; return its measurements. ``carried``: the
     in-process transport (:func:`edge_sdk.wire.codec.carry_decoded`): exact frame sizes,
@@ -141,8 +152,7 @@ def one_size(devices: int, duration_s: float, rate_per_h: float, seed: int, prof
 
     sim._evaluate = timed_evaluate  # type: ignore[method-assign]
     cpu0 = time.process_time()
-    with carry_decoded() if carried else contextlib.nullcontext():
-        result = sim.run()
+    result = sim.run(transport="in-process" if carried else "codec")
     cpu = time.process_time() - cpu0
     if prof is not None:
         prof.disable()
@@ -208,6 +218,7 @@ def fleet(args: argparse.Namespace) -> int:
         raise SystemExit(f"unknown transport(s) {unknown}; use {sorted(TRANSPORTS)}")
     print(f"emulator at fleet scale: stub training, digits model, {args.rate:g} labels/h per device, "
           f"{args.duration:,.0f} virtual s, SPIN K=10, one subprocess per size")
+    print(f"  ({interpreter()})")
     print("  (events/s, µs/event and virtual/CPU use the loop's CPU time, which a shared machine does not inflate;"
           " virtual/wall is the same run's wall clock)")
     if args.baseline_runs > 1:
@@ -308,6 +319,7 @@ def main() -> int:
             raise SystemExit(f"unknown transport {transport!r}; use {sorted(TRANSPORTS)}")
         row = one_size(n, args.duration, args.rate, args.seed, profile=args.profile is not None, carried=transport == "carried")
         row["transport"] = transport
+        row["python"] = interpreter()
         print(json.dumps(row))
         return 0
     return fleet(args)

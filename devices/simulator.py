@@ -123,9 +123,11 @@ from edge_sdk.errors import EdgeciError, LocalProtocolError
 from edge_sdk.signing import Signer
 from edge_sdk.tasks.base import Split, Task, TrainConfig, TrainResult
 from edge_sdk.wire import topics
+from edge_sdk.wire.codec import carry_decoded
 
 __all__ = [
     "REGION",
+    "TRANSPORTS",
     "EmulatedCoordinator",
     "EmulatedDevice",
     "LinkNetwork",
@@ -138,6 +140,8 @@ __all__ = [
 
 REGION = "sim"
 COORDINATOR_ID = "coordinator"
+TRANSPORTS = ("in-process", "codec")
+"""How frames travel inside the emulator (:meth:`Simulation.run`)."""
 SINGLE_ID, SINGLE_REGION = "server", "global"
 """A regional run without a peering: its one coordinator's id and topic region."""
 _MSG, _TIMER, _SAMPLE, _TRAINED, _TRAIN_FAILED, _EVAL, _KICK, _HOP, _GATE = (
@@ -461,10 +465,20 @@ class Simulation(Driver):
 
     # ------------------------------------------------------------------ the loop
 
-    def run(self) -> RunResult:
-        """Play the whole run (once) and return its metrics."""
+    def run(self, *, transport: str = "in-process") -> RunResult:
+        """Play the whole run (once) and return its metrics. ``transport``: ``"in-process"``
+        (the default) hands receivers the message each unsigned frame was built from instead
+        of parsing it — sizes stay exact, every check in the cores still runs, the results
+        are the same (:func:`edge_sdk.wire.codec.carry_decoded`); ``"codec"`` builds and
+        parses every frame, as between processes (``benchmarks/emulator_speed.py`` times both)."""
+        if transport not in TRANSPORTS:
+            raise LocalProtocolError(f"unknown transport {transport!r}; use one of {', '.join(TRANSPORTS)}")
         if self.events or self.rows:
             raise LocalProtocolError("a Simulation runs once; make a new one for another run")
+        with carry_decoded(transport == "in-process"):
+            return self._play()
+
+    def _play(self) -> RunResult:
         started = time.perf_counter()
         s = self.settings
         # Every label is known in advance: preloaded (first at equal times, in this order).

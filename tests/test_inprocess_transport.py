@@ -117,11 +117,7 @@ def test_a_carried_frame_is_freed_by_reference_counting_alone() -> None:
 
 def _result(carried: bool, strategy: str, **params: Any) -> tuple[Any, Any]:
     sim = simulate(small_scenario(), strategy, **params)
-    if carried:
-        with codec.carry_decoded():
-            result = sim.run()
-    else:
-        result = sim.run()
+    result = sim.run(transport="in-process" if carried else "codec")
     summary = {k: v for k, v in result.summary.items() if k not in ("wall_s", "virtual_per_wall")}
     return result.rows, summary
 
