@@ -5,6 +5,7 @@ without it."""
 from __future__ import annotations
 
 import gc
+import threading
 import weakref
 from typing import Any
 
@@ -99,6 +100,18 @@ def test_the_size_cap_still_applies_and_other_frames_are_parsed_as_usual() -> No
         assert type(payload) is bytes, "signed, non-f4 and other message types are not carried"
     assert codec.decode_frame(signed).signature is not None
     assert type(codec.encode(CARRIED[0])) is bytes, "outside the block frames are plain bytes"
+
+
+def test_only_the_thread_inside_the_block_carries() -> None:
+    """The emulator switches the transport on for its run: a thread publishing to a real
+    broker meanwhile must still get bytes (a CarriedFrame handed to a socket would fail)."""
+    seen: list[type] = []
+    with codec.carry_decoded():
+        other = threading.Thread(target=lambda: seen.append(type(codec.encode(CARRIED[2]))))
+        other.start()
+        other.join()
+        assert type(codec.encode(CARRIED[2])) is codec.CarriedFrame
+    assert seen == [bytes]
 
 
 def test_a_carried_frame_is_freed_by_reference_counting_alone() -> None:
