@@ -36,7 +36,9 @@ def test_closed_stdout_ends_quietly_with_141(tmp_path: Path) -> None:
     out = cli_into_closed_pipe("versions", "--state-dir", str(tmp_path))
     assert (out.returncode, out.stderr) == (141, "")
     out = cli_into_closed_pipe("--help")
-    assert out.returncode == 0 and out.stderr == ""
+    # argparse from CPython 3.11.4 on swallows the failed write of the help (exit 0); 3.11.2's
+    # (Debian's, the venv's interpreter where it is there) raises it, and main ends with 141.
+    assert out.returncode in (0, 141) and out.stderr == ""
 
 
 def test_a_broken_pipe_that_is_not_stdout_is_not_hidden(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
