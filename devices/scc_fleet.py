@@ -364,7 +364,7 @@ class StreamFleet(Driver):
         self.push(max(at, now), Kind.TIMER, target, at)
 
     def _publish(self, sender: int, action: Publish, now: float) -> None:
-        routed = self.network.route(sender, action.topic, action.payload, action.retain, now)
+        routed = self.network.route(sender, action.topic, action.payload, now)
         if routed is not None:
             self.push(routed[1], Kind.MSG, routed[0], (action.topic, action.payload))
 

@@ -888,7 +888,7 @@ class Simulation(Driver):
         across regions (retained status and stray topics: nobody listens here)."""
         if self.links is not None:
             topic, payload = action.topic, action.payload
-            routed = self.links.route(sender, topic, payload, action.retain, now)
+            routed = self.links.route(sender, topic, payload, now)
             if routed is not None:
                 self.push(routed[1], _MSG, routed[0], (topic, payload))
             return

@@ -179,15 +179,18 @@ def test_broker_delay_is_latency_plus_size_over_bandwidth_per_link_in_fifo_order
     fast = LinkProfile(name="fast", latency_s=0.01, up_bps=8e9, down_bps=8e9)
     broker = LinkNetwork(["a"], [slow], region=REGION, coordinator_link=fast)
     up = "edgeci/v1/sim/dev/a/update"
-    receiver, at = broker.route(0, up, b"x" * 125_000, False, now=0.0)  # type: ignore[misc]
+    receiver, at = broker.route(0, up, b"x" * 125_000, now=0.0)  # type: ignore[misc]
     # 1 Mbit up = 1 s, + 0.1 s latency, + 1 Mbit at 8 Gbit/s, + 0.01 s
     assert receiver == broker.coordinator and at == pytest.approx(1.0 + 0.1 + 125e-6 + 0.01)
-    _, second = broker.route(0, up, b"x" * 125_000, False, now=0.5)  # type: ignore[misc]
+    _, second = broker.route(0, up, b"x" * 125_000, now=0.5)  # type: ignore[misc]
     assert second == pytest.approx(at + 1.0), "the uplink carries one message at a time"
-    _, down = broker.route(broker.coordinator, "edgeci/v1/sim/dev/a/model", b"y" * 250_000, False, now=0.0)  # type: ignore[misc]
+    _, down = broker.route(broker.coordinator, "edgeci/v1/sim/dev/a/model", b"y" * 250_000, now=0.0)  # type: ignore[misc]
     assert down == pytest.approx(2e6 / 8e9 + 0.01 + 1.0 + 0.1)  # 2 Mbit at 2 Mbit/s down
-    assert broker.route(broker.coordinator, "edgeci/v1/sim/status", b"{}", True, now=0.0) is None
-    assert broker.sent[0] == 250_000 and broker.in_flight[broker.coordinator] == 250_000
+    assert broker.route(broker.coordinator, "edgeci/v1/sim/status", b"{}", now=0.0) is None, "nobody subscribes here"
+    assert (broker.device_bytes_up, broker.in_flight_up) == (250_000, 250_000)
+    assert (broker.coordinator_sent, broker.in_flight_down, broker.messages) == (250_000, 250_000, 3)
+    broker.delivered(0, 250_000)
+    assert (broker.in_flight_down, broker.device_bytes_down) == (0, 250_000)
 
 
 def test_bytes_accounting_matches_payload_sizes() -> None:
@@ -196,10 +199,10 @@ def test_bytes_accounting_matches_payload_sizes() -> None:
     sim.trace = lambda now, kind, target, data: delivered.append((target, len(data[1]))) if kind == Kind.MSG else None
     result = sim.run()
     b, coord, c = sim.broker, sim.broker.coordinator, sim.coordinator.counters
-    devices_sent = sum(b.sent[:coord])
+    devices_sent = b.device_bytes_up
     assert devices_sent == result.summary["bytes_up"] > 0
-    assert devices_sent == c["bytes_in"] + b.in_flight[coord], "every device byte reached the coordinator or is in flight"
-    assert b.sent[coord] == c["bytes_out"] == result.summary["bytes_down"] + sum(b.in_flight[:coord])
+    assert devices_sent == c["bytes_in"] + b.in_flight_up, "every device byte reached the coordinator or is in flight"
+    assert b.coordinator_sent == c["bytes_out"] == result.summary["bytes_down"] + b.in_flight_down
     assert sum(size for target, size in delivered if target == coord) == c["bytes_in"]
     assert sum(size for target, size in delivered if target != coord) == result.summary["bytes_down"]
     # A model reply costs about 4 bytes per parameter plus a small msgpack header.

@@ -4,8 +4,9 @@
 :class:`~devices.profiles.LinkProfile`; a message takes
 ``sender uplink (FIFO) + sender latency + receiver downlink (FIFO) + receiver latency``,
 each leg ``bytes × 8 / bandwidth``, one message per link at a time (slots reserved in
-publish order). Every byte is counted per endpoint; nothing is dropped (QoS 1 with a
-persistent session).
+publish order). Every byte is counted, as running totals (devices' uploads and downloads,
+the coordinator's, in flight each way: nothing per device); nothing is dropped (QoS 1 with
+a persistent session).
 
 :class:`RegionNetwork` (several regions): every link has the same bandwidth; a message
 takes ``size / bandwidth`` on the sender's uplink (FIFO), the one-way latency between the
@@ -49,29 +50,23 @@ class LinkNetwork:
                 self._routes[topics.device_topic(region, dev, leaf)] = i
         self._up_free = [0.0] * (n + 1)
         self._down_free = [0.0] * (n + 1)
-        self.sent = [0] * (n + 1)
-        self.received = [0] * (n + 1)
-        self.in_flight = [0] * (n + 1)
         self.messages = 0
         self._device_up = 0
         self._device_down = 0
-        self.retained: dict[str, bytes] = {}
-        self.retained_bytes = 0
-        self.unroutable = 0
+        self.coordinator_sent = 0
+        """Bytes the coordinator has published to devices."""
+        self.in_flight_up = 0
+        """Bytes sent to the coordinator, not yet delivered."""
+        self.in_flight_down = 0
+        """Bytes sent to devices, not yet delivered."""
 
-    def route(self, sender: int, topic: str, payload: bytes, retain: bool, now: float) -> tuple[int, float] | None:
+    def route(self, sender: int, topic: str, payload: bytes, now: float) -> tuple[int, float] | None:
         """Account for one publish; return ``(receiver, arrival time)``, or None for a
-        message nobody subscribes to (retained status, a stray topic)."""
-        size = len(payload)
-        if retain:
-            self.retained[topic] = payload
+        message nobody here subscribes to (the retained status and recall, a stray topic)."""
         receiver = self._routes.get(topic)
         if receiver is None or receiver == sender:
-            if retain:
-                self.retained_bytes += size
-            else:
-                self.unroutable += 1
             return None
+        size = len(payload)
         up, down = self.links[sender], self.links[receiver]
         up_free, down_free = self._up_free, self._down_free
         bits = size * 8.0
@@ -82,17 +77,23 @@ class LinkNetwork:
         free = down_free[receiver]
         start = at_broker if at_broker >= free else free
         down_free[receiver] = done = start + bits / down.down_bps
-        self.sent[sender] += size
-        if sender != self.coordinator:
+        coordinator = self.coordinator
+        if sender == coordinator:
+            self.coordinator_sent += size
+        else:
             self._device_up += size
-        self.in_flight[receiver] += size
+        if receiver == coordinator:
+            self.in_flight_up += size
+        else:
+            self.in_flight_down += size
         self.messages += 1
         return receiver, done + down.latency_s
 
     def delivered(self, receiver: int, size: int) -> None:
-        self.in_flight[receiver] -= size
-        self.received[receiver] += size
-        if receiver != self.coordinator:
+        if receiver == self.coordinator:
+            self.in_flight_up -= size
+        else:
+            self.in_flight_down -= size
             self._device_down += size
 
     @property
