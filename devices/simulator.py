@@ -19,7 +19,10 @@ one-region scenario is the case of one coordinator on per-device links; a region
   model — one region: :class:`~devices.engine.LinkNetwork` (per-device links through one
   broker, every byte counted); regions: :class:`~devices.engine.RegionNetwork` (the region
   latency matrix; a message reaches the receiver's side as a ``HOP``, then queues on its
-  downlink in arrival order). Nothing is dropped.
+  downlink in arrival order). Nothing is dropped. Frames travel in-process by default
+  (:meth:`Simulation.run`): each has its exact size, and its receiver gets the message the
+  sender built and validated instead of parsing the bytes (signed frames are parsed); the
+  results are those of ``transport="codec"``, which builds and parses every frame.
 * **Devices** (:class:`EmulatedDevice`). Labels arrive at the scenario's Poisson times
   (``SampleAdded``); a continuous device (``[device] continuous``, every regional fleet) holds
   all its samples from its start and pulls again as soon as an update is acked.
