@@ -4,12 +4,13 @@
 # no torch) and runs a device from it against a real coordinator (tests/device_venv/).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The interpreter the venv is built on: Debian's CPython 3.11 where it is there (its
-# executable is built with profile-guided optimisation and LTO, the interpreter linked in),
-# else the first python3 on PATH. On this project's machines pyenv's python3 is a
-# --enable-shared build without PGO: the emulator runs 7-13 % slower on it (README,
-# Performance). Another: make setup PYTHON=/path/to/python3.11 (after make clean-venv).
-PYTHON ?= $(shell /usr/bin/python3.11 -c 'import ensurepip, venv' >/dev/null 2>&1 && echo /usr/bin/python3.11 || echo python3)
+# The interpreter a new venv is built on (decided when the venv is made, after the apt step):
+# $VENV_PYTHON if set, else /usr/bin/python3.11 where it can make a venv (Debian's build links
+# the interpreter into the executable, with PGO + LTO), else the first python3 on PATH. On
+# this project's machines pyenv's python3 is a --enable-shared build without PGO: the
+# emulator runs 7-13 % slower on it (README, Performance). An existing venv is kept: to move
+# one, make clean-venv first.
+FIND_PYTHON := $${VENV_PYTHON:-$$(/usr/bin/python3.11 -c 'import ensurepip, venv' >/dev/null 2>&1 && echo /usr/bin/python3.11 || echo python3)}
 STAMP := $(VENV)/.edgeci-installed
 APT_PACKAGES := mosquitto xvfb xdotool rabbitmq-server
 
@@ -34,7 +35,7 @@ $(STAMP): requirements.txt pyproject.toml Makefile
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	test -x $(PY) || $(FIND_PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
