@@ -49,7 +49,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from threading import get_ident
 from typing import Any, Literal, cast
 
 import msgpack
@@ -293,7 +292,7 @@ def encode(msg: Message, *, encoding: Encoding = "f4", signer: Signer | None = N
     for ``scope`` (required with a signer: ``topics.signing_scope`` of the topic it goes to)."""
     header = _fields(msg)
     weights = getattr(msg, "weights", None)
-    carry = signer is None and _CARRY.get() == get_ident() and msg.TYPE in _CARRIED_TYPES
+    carry = signer is None and _CARRY.get() and msg.TYPE in _CARRIED_TYPES
     if weights is None:
         return _carried(msg, header, None) if carry else _frame(header, b"", _EMPTY_DIGEST, signer, scope)
     if carry and encoding == "f4":
@@ -307,7 +306,7 @@ def encode(msg: Message, *, encoding: Encoding = "f4", signer: Signer | None = N
 def encode_spliced(msg: Message, tensor: EncodedTensor, *, signer: Signer | None = None, scope: str | None = None) -> bytes:
     """As :func:`encode`, reusing a tensor encoded once (``msg.weights`` is ignored)."""
     header = _fields(msg)
-    if signer is None and _CARRY.get() == get_ident() and msg.TYPE in _CARRIED_TYPES and tensor.meta["dt"] == "f4":
+    if signer is None and _CARRY.get() and msg.TYPE in _CARRIED_TYPES and tensor.meta["dt"] == "f4":
         return _carried(msg, header, np.frombuffer(tensor.tail, dtype=ENCODINGS["f4"], count=tensor.meta["n"]))
     header["w"] = tensor.meta
     return _frame(header, tensor.tail, tensor.digest if signer is not None else b"", signer, scope)
@@ -367,11 +366,12 @@ class CarriedFrame:
         return f"CarriedFrame({self.frame.message.TYPE}, {self._size} bytes)"
 
 
-_CARRY: ContextVar[int] = ContextVar("edgeci_carry_decoded", default=0)
-"""The thread that is inside :func:`carry_decoded` (0: none), as seen from this context: a
-thread that publishes to a real broker while an emulation runs in another never gets a
-:class:`CarriedFrame`, even where threads inherit their parent's context (free-threaded
-3.14, ``copy_context().run``, ``asyncio.to_thread``)."""
+_CARRY: ContextVar[bool] = ContextVar("edgeci_carry_decoded", default=False)
+"""On inside :func:`carry_decoded`, in that context only: a thread started meanwhile begins
+with an empty context and encodes bytes (CPython 3.11-3.13; a thread that inherits the
+caller's context — free-threaded 3.14's default, ``copy_context().run``,
+``asyncio.to_thread`` — would carry too). A core cannot ask which thread it runs on: the
+codec imports no threading (tests/test_architecture.py)."""
 _CARRIED_TYPES = frozenset({"pull", "model", "update", "ack", "invite"})
 _F4 = ENCODINGS["f4"]
 
@@ -381,7 +381,7 @@ def carry_decoded(enabled: bool = True) -> Iterator[None]:
     """Within this block, frames encoded without a signer carry their decoded message
     (:class:`CarriedFrame`): receivers in this process skip parsing them. For the in-process
     emulator only; the cores and every check stay the same, sizes are exact."""
-    token = _CARRY.set(get_ident() if enabled else 0)
+    token = _CARRY.set(enabled)
     try:
         yield
     finally:
