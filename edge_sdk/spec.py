@@ -45,7 +45,7 @@ def _dot_self(v: npt.NDArray[Any]) -> float:
 
 def _dot_self_ignoring(v: npt.NDArray[Any]) -> float:
     with np.errstate(over="ignore", invalid="ignore"):
-        return float(np.dot(v, v))
+        return _dot_self(v)
 
 
 sum_of_squares: Callable[[npt.NDArray[Any]], float] = (

@@ -129,11 +129,14 @@ def test_a_carried_frame_is_freed_by_reference_counting_alone() -> None:
         gc.enable()
 
 
+def _comparable(result: Any) -> tuple[Any, Any]:
+    """A run's rows and summary, without its wall-clock figures."""
+    return result.rows, {k: v for k, v in result.summary.items() if k not in ("wall_s", "virtual_per_wall")}
+
+
 def _result(carried: bool, strategy: str, **params: Any) -> tuple[Any, Any]:
     sim = simulate(small_scenario(), strategy, **params)
-    result = sim.run(transport="in-process" if carried else "codec")
-    summary = {k: v for k, v in result.summary.items() if k not in ("wall_s", "virtual_per_wall")}
-    return result.rows, summary
+    return _comparable(sim.run(transport="in-process" if carried else "codec"))
 
 
 @pytest.mark.parametrize(("strategy", "params"), [("spin", {"k": 3, "timeout_s": 10.0}), ("fedbuff", {"k": 3, "select": 4, "population": 12})])
@@ -157,17 +160,16 @@ def test_shipped_scenarios_give_the_same_results_on_both_transports(path: str, i
     from devices.report import load_task
     from devices.scenario import load_scenario
     from devices.simulator import Simulation
-    sc = load_scenario(Path(__file__).resolve().parents[1] / "demos" / "scenarios" / path).quick()
-    seed = sc.settings.seeds[0]
 
+    sc = load_scenario(Path(__file__).resolve().parents[1] / "demos" / "scenarios" / path).quick()
     spec = sc.runs[index]
+    task = load_task(spec.settings.task, spec.settings.task_options)
 
     def run(transport: str) -> tuple[Any, Any]:
         method = make_method(spec.strategy, params=spec.params, coordinator_id="coordinator")
-        sim = Simulation(load_task(spec.settings.task, spec.settings.task_options), spec.settings, method.strategy,
-                         peering=method.peering, seed=seed, label=spec.label, params=spec.params)
-        result = sim.run(transport=transport)
-        return result.rows, {k: v for k, v in result.summary.items() if k not in ("wall_s", "virtual_per_wall")}
+        sim = Simulation(task, spec.settings, method.strategy, peering=method.peering, seed=sc.settings.seeds[0],
+                         label=spec.label, params=spec.params)
+        return _comparable(sim.run(transport=transport))
 
     codec_run, carried_run = run("codec"), run("in-process")
     assert codec_run[1]["events"] > 100, "the run must actually do something"
@@ -185,9 +187,6 @@ def test_regional_runs_give_the_same_results_on_both_transports() -> None:
     sc = parse_multiregion(tiny())
     task = get_task("digits", device="cpu")
     for method in sc.methods:
-        runs = []
-        for transport in ("codec", "in-process"):
-            result = Simulation.regional(task, sc, method, 8, 0).run(transport=transport)
-            runs.append((result.rows, {k: v for k, v in result.summary.items() if k not in ("wall_s", "virtual_per_wall")}))
+        runs = [_comparable(Simulation.regional(task, sc, method, 8, 0).run(transport=transport)) for transport in ("codec", "in-process")]
         assert runs[0][1]["updates"] > 0, method.label
         assert runs[1] == runs[0], method.label
