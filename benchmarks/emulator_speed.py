@@ -115,7 +115,7 @@ def peak_rss_mb() -> float:
 def interpreter() -> str:
     """Which CPython runs this, and whether its interpreter is linked into the executable or
     loaded from libpython (a --enable-shared build without PGO, as pyenv builds by default,
-    runs this emulator 7-13 % slower than Debian's PGO + LTO build of the same 3.11)."""
+    takes 6-14 % more CPU for this emulator than Debian's PGO + LTO build of the same 3.11)."""
     try:
         shared = "libpython" in Path("/proc/self/maps").read_text()
     except OSError:
