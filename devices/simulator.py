@@ -152,6 +152,16 @@ _MSG, _TIMER, _SAMPLE, _TRAINED, _TRAIN_FAILED, _EVAL, _KICK, _HOP, _GATE = (
 """The event kinds as module constants (the dispatch compares them on every event)."""
 _WAITS_ONLINE = frozenset({Kind.MSG, Kind.TIMER})
 """What waits while a device is offline (at the broker / asleep)."""
+_DEVICE_ACTIONS = frozenset({PersistDeviceState, Notify, Publish, ScheduleTimer, StartTraining, DeployModel, StartCanary, StopCanary})
+_COORDINATOR_ACTIONS = frozenset({Publish, Notify, PersistUpdate, ScheduleTimer, CommitVersion, EvaluateCandidate, RecordRelease,
+                                  ConvertUpdate, LoadVersion})
+
+
+def _known_base(t: type, known: frozenset[type]) -> type:
+    """The first of ``known`` among ``t``'s bases: actions are dispatched by class, a subclass
+    as the class it extends (``t`` itself when none: an action the emulator has no use for)."""
+    return next((b for b in t.__mro__ if b in known), t)
+
 COMPACT_MIN = 512
 """Dead device timers are dropped from the event heap when it reaches this size (and again
 each time it doubles): below it they cost too little to be worth a pass."""
@@ -580,7 +590,9 @@ class Simulation(Driver):
         c = self.coords[k]
         me = self.n + k
         for a in actions:
-            t = type(a)  # the common types by identity first (as _device_actions); the rest, subclasses too, by isinstance
+            t = type(a)  # by class, as _device_actions
+            if t not in _COORDINATOR_ACTIONS:
+                t = _known_base(t, _COORDINATOR_ACTIONS)
             if t is Publish:
                 self._publish(me, a, now)  # type: ignore[arg-type]
             elif t is Notify:
@@ -591,15 +603,8 @@ class Simulation(Driver):
             elif t is ScheduleTimer:
                 c.timer_at = a.at  # type: ignore[attr-defined]
                 self.push(max(a.at, now), _TIMER, me, a.at)  # type: ignore[attr-defined]
-            elif isinstance(a, Publish):
-                self._publish(me, a, now)
-            elif isinstance(a, ScheduleTimer):
-                c.timer_at = a.at
-                self.push(max(a.at, now), _TIMER, me, a.at)
-            elif isinstance(a, PersistUpdate):
-                if self.regions is None:  # kept for label latency until a commit consumes it
-                    self.persisted[a.update.key] = a.update
-            elif isinstance(a, CommitVersion):
+            elif t is CommitVersion:
+                assert isinstance(a, CommitVersion)
                 c.commit_times[a.version] = now
                 if a.metadata.get("source") == "aggregation":
                     self.aggregated_updates += int(a.metadata.get("n_updates", 0))
@@ -609,15 +614,13 @@ class Simulation(Driver):
                         self._integrate(update, now)
                 if self.stragglers is not None:
                     self._release_held(a.version, a.weights, now)
-            elif isinstance(a, Notify):
-                self.coord_notes[a.kind] += 1
-            elif isinstance(a, EvaluateCandidate):
-                self._score_candidate(a, me, now)
-            elif isinstance(a, RecordRelease):
-                self.releases.append({"t_s": now, "release": a.release, **a.event})
-            elif isinstance(a, ConvertUpdate):
-                self._convert(a, me, now)
-            elif isinstance(a, LoadVersion):  # operator rollback / pin: the emulator keeps no old versions
+            elif t is EvaluateCandidate:
+                self._score_candidate(a, me, now)  # type: ignore[arg-type]
+            elif t is RecordRelease:
+                self.releases.append({"t_s": now, "release": a.release, **a.event})  # type: ignore[attr-defined]
+            elif t is ConvertUpdate:
+                self._convert(a, me, now)  # type: ignore[arg-type]
+            elif t is LoadVersion:  # operator rollback / pin: the emulator keeps no old versions
                 self.push(now, Kind.GATE, me, lambda t, a=a: VersionLoaded(
                     now=t, version=a.version, weights=None, command=a.command, detail="the emulator keeps no registry"))
         if c.take_requests is not None:
@@ -761,7 +764,9 @@ class Simulation(Driver):
     def _device_actions(self, dev: EmulatedDevice, actions: Sequence[object], now: float) -> None:
         i = dev.plan.index
         for a in actions:
-            t = type(a)  # the six common types by identity (by frequency); the rest, subclasses included, by isinstance
+            t = type(a)  # by class, the common ones first (one identity test each); a subclass as its base
+            if t not in _DEVICE_ACTIONS:
+                t = _known_base(t, _DEVICE_ACTIONS)
             if t is PersistDeviceState:
                 continue  # in-memory devices never restart
             if t is Notify:
@@ -770,32 +775,14 @@ class Simulation(Driver):
                 self._publish(i, a, now)  # type: ignore[arg-type]
             elif t is ScheduleTimer:
                 self._device_timer(dev, i, a.at, now)  # type: ignore[attr-defined]
-            elif t is StartTraining:  # once per model received (as _device_action, without its isinstance chain)
+            elif t is StartTraining:
                 self._start_training(dev, a.job, now)  # type: ignore[attr-defined]
             elif t is DeployModel:
                 dev.deployed_version, dev.deployed_weights = a.version, a.weights  # type: ignore[attr-defined]
-            else:
-                self._device_action(dev, i, a, now)
-
-    def _device_action(self, dev: EmulatedDevice, i: int, a: object, now: float) -> None:
-        if isinstance(a, Publish):
-            self._publish(i, a, now)
-        elif isinstance(a, ScheduleTimer):
-            self._device_timer(dev, i, a.at, now)
-        elif isinstance(a, PersistDeviceState):
-            pass  # in-memory devices never restart
-        elif isinstance(a, StartTraining):
-            self._start_training(dev, a.job, now)
-        elif isinstance(a, DeployModel):
-            dev.deployed_version, dev.deployed_weights = a.version, a.weights
-        elif isinstance(a, StartCanary):
-            if callable(getattr(self.task, "logits", None)):  # per-label correctness (not detection): as the client
-                dev.canary = (a.candidate, a.release, np.asarray(a.weights, dtype=np.float32))
-        elif isinstance(a, StopCanary):
-            if dev.canary is not None and dev.canary[0] == a.candidate:
+            elif t is StartCanary and callable(getattr(self.task, "logits", None)):  # per-label correctness (not detection)
+                dev.canary = (a.candidate, a.release, np.asarray(a.weights, dtype=np.float32))  # type: ignore[attr-defined]
+            elif t is StopCanary and dev.canary is not None and dev.canary[0] == a.candidate:  # type: ignore[attr-defined]
                 dev.canary = None
-        elif isinstance(a, Notify):
-            self._device_note(dev, i, a, now)
 
     def _device_timer(self, dev: EmulatedDevice, i: int, at: float, now: float) -> None:
         dev.timer_at = at

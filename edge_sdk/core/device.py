@@ -130,8 +130,9 @@ import dataclasses
 import enum
 import math
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -465,29 +466,12 @@ class DeviceCore:
         return [*actions, ScheduleTimer(at=s.refresh_at)]
 
     def _handle(self, event: DeviceEvent) -> list[DeviceAction]:
-        t = type(event)  # the common classes by identity (one comparison each, no isinstance call)
-        if t is MessageReceived:
-            return self._on_message(event)  # type: ignore[arg-type]
-        if t is SampleAdded:
-            return self._on_sample(event)  # type: ignore[arg-type]
-        if t is TrainingFinished:
-            return self._on_trained(event)  # type: ignore[arg-type]
-        if t is TimerFired:
-            return self._on_timer(event)  # type: ignore[arg-type]
-        # Unrelated event classes (subclasses too): tested in the order of their frequency.
-        if isinstance(event, MessageReceived):
-            return self._on_message(event)
-        if isinstance(event, TimerFired):
-            return self._on_timer(event)
-        if isinstance(event, SampleAdded):
-            return self._on_sample(event)
-        if isinstance(event, TrainingFinished):
-            return self._on_trained(event)
-        if isinstance(event, TrainingFailed):
-            return self._on_train_failed(event)
-        if isinstance(event, CanaryScored):
-            return self._on_canary_scored(event)
-        raise LocalProtocolError(f"DeviceCore cannot handle {type(event).__name__}")
+        handler = _HANDLERS.get(type(event))  # by class (a subclass as the class it extends)
+        if handler is None:
+            handler = next((_HANDLERS[b] for b in type(event).__mro__ if b in _HANDLERS), None)
+            if handler is None:
+                raise LocalProtocolError(f"DeviceCore cannot handle {type(event).__name__}")
+        return handler(self, event)
 
     def start(self, now: float) -> list[DeviceAction]:
         """Kick off after (re)start: pull if samples are already waiting, else ask for the
@@ -1098,3 +1082,14 @@ class DeviceCore:
         cfg = self.config
         base = min(cfg.request_timeout_s * (2 ** min(self._s.attempts, 16)), cfg.max_backoff_s)
         return float(base * (1.0 + 0.1 * self._rng.random()))
+
+
+_HANDLERS: dict[type, Callable[[DeviceCore, Any], list[DeviceAction]]] = {
+    MessageReceived: DeviceCore._on_message,
+    SampleAdded: DeviceCore._on_sample,
+    TrainingFinished: DeviceCore._on_trained,
+    TimerFired: DeviceCore._on_timer,
+    TrainingFailed: DeviceCore._on_train_failed,
+    CanaryScored: DeviceCore._on_canary_scored,
+}
+"""What :meth:`DeviceCore.handle` calls for each event class."""
