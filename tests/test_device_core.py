@@ -449,3 +449,23 @@ def test_refresh_is_off_by_default_and_checked() -> None:
     for bad in (0, -1.0, float("nan"), float("inf"), True, "60"):
         with pytest.raises(ConfigError, match="refresh_s"):
             DeviceConfig(device_id=DEV, region="r1", spec=SPEC, refresh_s=bad)  # type: ignore[arg-type]
+
+
+def test_events_are_dispatched_by_class_and_subclasses_as_their_base() -> None:
+    """DeviceCore.handle looks the handler up by the event's class; a subclass of an event
+    class is handled as that class, and anything else is refused with LocalProtocolError."""
+
+    class LabelledAdded(SampleAdded):  # a driver's own event type, extending one of the core's
+        __slots__ = ()
+
+    c = core(min_samples=1)
+    acts = c.handle(LabelledAdded(now=1.0, total=1))
+    assert c.state.phase is Phase.PULLING and c.state.total == 1
+    assert [type(m) for m in published(acts)] == [Pull]
+
+    class Unrelated:
+        now = 2.0
+
+    with pytest.raises(LocalProtocolError, match="cannot handle Unrelated"):
+        c.handle(Unrelated())  # type: ignore[arg-type]
+    assert c.state.phase is Phase.PULLING and c.state.total == 1
