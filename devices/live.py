@@ -8,6 +8,7 @@ scheduler thread serves the whole fleet: the engine's event queue on a wall cloc
 
 from __future__ import annotations
 
+import math
 import threading
 import zlib
 from collections.abc import Callable, Sequence
@@ -87,8 +88,7 @@ class LabellingLoop:
                 driver.push(float(u.times[0]) / self.time_scale, Kind.SAMPLE, i)
             elif u.rate > 0:
                 driver.push(self._gap(u.rate), Kind.SAMPLE, i)
-        while driver.step() is not None:
-            pass
+        driver.run_until(math.inf)
 
 
 class _LabelDriver(Driver):

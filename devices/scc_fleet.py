@@ -270,8 +270,7 @@ class StreamFleet(Driver):
         self._evaluate(-1, result)
         self._coordinator_actions(self.coordinator.start(0.0), 0.0)
         try:
-            while self.step(s.rounds * s.round_s) is not None:
-                pass
+            self.run_until(s.rounds * s.round_s)
         finally:
             for client in self.clients:
                 client.stop()

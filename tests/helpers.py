@@ -104,10 +104,9 @@ class Link(Driver):
     def add_sample(self, device_id: str, total: int, at: float | None = None) -> None:
         self.push(self.now if at is None else max(at, self.now), Kind.SAMPLE, self._index[device_id], total)
 
-    def run_until(self, t_end: float) -> None:
-        while self.step(t_end) is not None:
-            pass
-        self.clock.advance_to(max(self.now, t_end))
+    def run_until(self, until: float, stop: Callable[[Kind], bool] | None = None) -> None:
+        super().run_until(until, stop)
+        self.clock.advance_to(max(self.now, until))
 
     def restart(self, coordinator: CoordinatorCore) -> None:
         """Replace the coordinator (a crash and restart from its snapshot) and start it."""
