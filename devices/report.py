@@ -42,6 +42,7 @@ __all__ = [
     "plot_regions",
     "plot_staleness",
     "plot_timeline",
+    "read_run",
     "slug",
     "summarise",
     "summarise_regions",
@@ -288,15 +289,17 @@ def write_region_report(sc: MultiRegionScenario, results: Sequence[RunResult], o
 
 def load_region_runs(directory: Path, sc: MultiRegionScenario) -> list[RunResult]:
     """The runs of ``sc``'s methods, fleet sizes and seeds found in ``directory``."""
-    out = []
     labels = {m.label for m in sc.methods}
-    for path in sorted(directory.glob("*.json")):
-        d = json.loads(path.read_text(encoding="utf-8"))
-        if d["label"] not in labels or d["summary"]["devices"] not in sc.device_counts or d["seed"] not in sc.settings.seeds:
-            continue
-        out.append(RunResult(label=d["label"], strategy=d["strategy"], params=d["params"], seed=d["seed"],
-                             target_accuracy=d["target_accuracy"], rows=d["rows"], summary=d["summary"]))
-    return out
+    runs = (read_run(path) for path in sorted(directory.glob("*.json")))
+    return [r for r in runs if r.label in labels and r.summary["devices"] in sc.device_counts and r.seed in sc.settings.seeds]
+
+
+def read_run(path: Path, target_accuracy: float | None = None) -> RunResult:
+    """A run's JSON (:meth:`RunResult.to_json`); ``target_accuracy`` replaces the stored one."""
+    d = json.loads(path.read_text(encoding="utf-8"))
+    return RunResult(label=d["label"], strategy=d["strategy"], params=d["params"], seed=d["seed"],
+                     target_accuracy=d["target_accuracy"] if target_accuracy is None else target_accuracy,
+                     rows=d["rows"], summary=d["summary"])
 
 
 def json_default(value: object) -> object:
@@ -332,9 +335,7 @@ def load_runs(directory: Path, scenario: Scenario) -> list[RunResult]:
             if not path.exists():
                 missing.append(path.name)
                 continue
-            data = json.loads(path.read_text(encoding="utf-8"))
-            results.append(RunResult(label=data["label"], strategy=data["strategy"], params=data["params"], seed=data["seed"],
-                                     target_accuracy=spec.settings.target_accuracy, rows=data["rows"], summary=data["summary"]))
+            results.append(read_run(path, spec.settings.target_accuracy))
     if missing:
         raise ConfigError(f"--replot: {directory} lacks {len(missing)} run file(s), e.g. {missing[0]}; run without --replot first")
     return results

@@ -914,11 +914,16 @@ class Simulation(Driver):
 
     def _metrics(self, c: EmulatedCoordinator) -> dict[str, float]:
         """The task's metrics of ``c``'s deployed model (evaluated once per version)."""
-        version = c.core.version
-        if c.evaluated is None or c.evaluated[0] != version:
-            with np.errstate(over="ignore", invalid="ignore"):  # an attacked model's logits may overflow
-                c.evaluated = (version, self.task.evaluate(c.core.weights))
+        c.evaluated = self._evaluated(c.evaluated, c.core.version, c.core.weights)
         return c.evaluated[1]
+
+    def _evaluated(self, cached: tuple[int, dict[str, float]] | None, version: int,
+                   weights: Any) -> tuple[int, dict[str, float]]:
+        """``cached`` if it holds ``version``'s metrics, else ``version`` with the task's metrics of ``weights``."""
+        if cached is not None and cached[0] == version:
+            return cached
+        with np.errstate(over="ignore", invalid="ignore"):  # an attacked model's logits may overflow
+            return version, self.task.evaluate(weights)
 
     def _evaluate(self, now: float) -> None:
         row = self._row(now) if self.regions is None else self._regions_row(now)
@@ -936,10 +941,8 @@ class Simulation(Driver):
         release_version, release_weights = c.release
         if release_version == version:
             release_metrics = metrics
-        else:
-            if self._release_eval is None or self._release_eval[0] != release_version:
-                with np.errstate(over="ignore", invalid="ignore"):
-                    self._release_eval = (release_version, self.task.evaluate(release_weights))
+        else:  # its own cache: a release held back by the gate lags the deployed version
+            self._release_eval = self._evaluated(self._release_eval, release_version, release_weights)
             release_metrics = self._release_eval[1]
         counters = c.counters
         hist = c.staleness_hist

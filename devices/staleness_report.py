@@ -237,16 +237,14 @@ def write_staleness_report(scenario: Scenario, results: Sequence[RunResult], out
 
 def load_partial(directory: Path, scenario: Scenario) -> list[RunResult]:
     """The stored runs of ``scenario`` that exist under ``directory`` (a partial grid is fine)."""
-    from devices.report import slug
+    from devices.report import read_run, slug
 
     results = []
     for spec in scenario.runs:
         for path in sorted(directory.glob(f"{slug(spec.label)}__seed*.json")):
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if data.get("label") != spec.label:
-                continue
-            results.append(RunResult(label=data["label"], strategy=data["strategy"], params=data["params"], seed=data["seed"],
-                                     target_accuracy=spec.settings.target_accuracy, rows=data["rows"], summary=data["summary"]))
+            run = read_run(path, spec.settings.target_accuracy)
+            if run.label == spec.label:  # not another label with the same slug
+                results.append(run)
     return results
 
 
