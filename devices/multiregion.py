@@ -8,19 +8,25 @@ A regional scenario is an ordinary scenario (:mod:`devices.scenario`) with ``[mu
 (regions, latency matrix, bandwidth, fleet sizes, training time per update) and
 ``[[methods]]`` (strategy + peering, the coordinators' CPU costs); see
 :class:`devices.scenario.Regions` and :class:`devices.simulator.Simulation` for what a run
-does. This module runs every method × fleet size × seed and writes ``time_to_target.md``
-(the comparison at the base fleet size and the scaling multipliers next to the paper's),
-``accuracy.png``, ``scaling.png``, one JSON per run and ``summary.json`` (tables and plots:
+does. This module runs every method × fleet size × seed (:class:`Sweep`, ``--jobs``
+processes; :mod:`devices.paper_spyker` and :mod:`devices.paper_nebula` sweep the same way)
+and writes ``time_to_target.md`` (the comparison at the base fleet size and the scaling
+multipliers next to the paper's), ``accuracy.png`` (with a scaling panel when there are
+several fleet sizes), one JSON per run and ``summary.json`` (tables and plots:
 :mod:`devices.report`).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from devices.scenario import (
     KINDS,
@@ -33,6 +39,7 @@ from devices.scenario import (
     parse_scenario,
 )
 from devices.simulator import RunResult, Simulation, run_regional
+from edge_sdk.tasks.base import Task
 
 __all__ = [
     "KINDS",
@@ -41,22 +48,30 @@ __all__ = [
     "Method",
     "MultiRegionRun",
     "MultiRegionScenario",
+    "Sweep",
+    "SweepRun",
     "Topology",
     "load_multiregion",
     "main",
     "parse_multiregion",
     "run_method",
+    "run_name",
+    "sweep_parser",
 ]
+
+T = TypeVar("T")
 
 MultiRegionScenario = Scenario
 MultiRegionRun = Simulation.regional
 run_method = run_regional
 
 
-def load_multiregion(path: str | Path, *, quick: bool = False) -> Scenario:
-    """A regional scenario file (``[quick]`` applied with ``quick=True``)."""
+def load_multiregion(path: str | Path, *, quick: bool = False, overrides: Mapping[str, Any] | None = None) -> Scenario:
+    """A regional scenario file (``[quick]`` applied with ``quick=True``, then ``overrides``:
+    dotted keys such as ``seeds`` or ``duration_s``)."""
     sc = load_scenario(path)
-    return sc.quick() if quick else sc
+    sc = sc.quick() if quick else sc
+    return sc.with_overrides(overrides) if overrides else sc
 
 
 def parse_multiregion(raw: Mapping[str, object], *, source: str = "<string>") -> Scenario:
@@ -64,64 +79,142 @@ def parse_multiregion(raw: Mapping[str, object], *, source: str = "<string>") ->
     return parse_scenario({"multiregion": {}, **raw}, source=source)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m devices.multiregion", description=(__doc__ or "").split("\n\n")[0])
+# --------------------------------------------------------------------------- sweeps
+
+
+def sweep_parser(prog: str, description: str, out: str) -> argparse.ArgumentParser:
+    """The command line of a :class:`Sweep` (``out``: the default output directory, for --help)."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("scenario", type=Path)
     p.add_argument("--methods", default="", help="comma-separated method labels or kinds (default: all)")
     p.add_argument("--devices", default="", help="fleet sizes, e.g. 100,200,300 (default: the scenario's device_counts)")
     p.add_argument("--seeds", default="", help="seeds, e.g. 0,1 or 0-4 (default: the scenario's)")
     p.add_argument("--duration", type=float, help="virtual seconds per run (cap)")
     p.add_argument("--quick", action="store_true", help="the scenario's [quick] variant")
-    p.add_argument("--out", type=Path, help="output directory (default: runs/multiregion/<name>)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
+    p.add_argument("--out", type=Path, help=f"output directory (default: {out})")
     p.add_argument("--report-only", action="store_true",
-                   help="only rebuild the table and plots from the run JSONs already in --out/runs (e.g. after parallel sweeps)")
+                   help="only rebuild the report from the run JSONs already in --out/runs (e.g. after parallel sweeps)")
+    return p
+
+
+def run_name(label: str, devices: int, seed: int) -> str:
+    """A sweep's run file name, without ``.json``."""
+    return f"{label}__{devices}__seed{seed}".replace(" ", "-").replace("/", "-")
+
+
+_TASKS: dict[str, Task] = {}
+"""Tasks by name and options: a process loads each once per sweep (:meth:`SweepRun.start`)."""
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """One run of a :class:`Sweep`, as a worker process needs it: how to load the scenario
+    (file, ``--quick``, ``--seeds`` / ``--duration``), the method, fleet size and seed, and
+    the folder its JSON goes to."""
+
+    path: str
+    quick: bool
+    overrides: Mapping[str, Any]
+    label: str
+    devices: int
+    seed: int
+    directory: str
+
+    def start(self) -> tuple[Task, Scenario, Method]:
+        """Torch on one thread; the task (once per process), the scenario and this run's method."""
+        from devices.report import load_task
+        from edge_sdk.trainer import configure_threads
+
+        configure_threads(1)
+        sc = load_multiregion(self.path, quick=self.quick, overrides=self.overrides)
+        method = next(m for m in sc.methods if m.label == self.label)
+        key = json.dumps([sc.settings.task, dict(sc.settings.task_options)], sort_keys=True)
+        if key not in _TASKS:
+            _TASKS[key] = load_task(sc.settings.task, sc.settings.task_options)
+        return _TASKS[key], sc, method
+
+    def save(self, data: Mapping[str, Any], *, indent: int | None = None) -> None:
+        """``data`` as this run's JSON (:func:`run_name`) in its folder."""
+        from devices.report import json_default
+
+        path = Path(self.directory) / f"{run_name(self.label, self.devices, self.seed)}.json"
+        path.write_text(json.dumps(data, indent=indent, default=json_default), encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """Every method × fleet size × seed of a regional scenario, as a :func:`sweep_parser`
+    command line chose them (this module's, :mod:`devices.paper_spyker`'s, :mod:`devices.paper_nebula`'s)."""
+
+    scenario: Scenario
+    out: Path
+    runs: tuple[SweepRun, ...]
+
+    @classmethod
+    def from_args(cls, p: argparse.ArgumentParser, args: argparse.Namespace, default_out: Callable[[Scenario], Path]) -> Sweep:
+        """The scenario with the command line's choices, and ``--out`` (made, with ``runs/`` inside)."""
+        from devices.report import parse_seeds
+
+        overrides: dict[str, Any] = {}
+        if args.seeds:
+            overrides["seeds"] = parse_seeds(args.seeds)
+        if args.duration is not None:
+            overrides["duration_s"] = args.duration
+        sc = load_multiregion(args.scenario, quick=args.quick, overrides=overrides)
+        if sc.regions is None:
+            p.error(f"{args.scenario} has no [multiregion]: run it with `edgeci emulate`")
+        if args.methods:
+            sc = sc.select(sc.names_in(args.methods))
+        if args.devices:
+            sc = sc.with_device_counts([int(n) for n in args.devices.split(",")])
+        out: Path = args.out or default_out(sc)
+        (out / "runs").mkdir(parents=True, exist_ok=True)
+        # Seed by seed: a sweep stopped early holds every method on its first seeds (paired).
+        runs = tuple(SweepRun(str(args.scenario), args.quick, overrides, m.label, n, seed, str(out / "runs"))
+                     for seed in sc.settings.seeds for n in sc.device_counts for m in sc.methods)
+        return cls(sc, out, runs)
+
+    def run(self, run: Callable[[SweepRun], T], processes: int = 1) -> list[T]:
+        """``run(r)`` for every run, in order (in ``processes`` worker processes when > 1)."""
+        print(f"{self.scenario.name}: {len(self.runs)} run(s) → {self.out}", file=sys.stderr)
+        _TASKS.clear()  # the task is loaded afresh for each sweep
+        if processes > 1:
+            with ProcessPoolExecutor(processes) as pool:
+                return list(pool.map(run, self.runs))
+        return [run(r) for r in self.runs]
+
+
+def _run(run: SweepRun, *, progress: bool) -> RunResult:
+    """One run of ``python -m devices.multiregion``: progress lines, a line when done, its JSON."""
+    task, sc, m = run.start()
+    n, seed = run.devices, run.seed
+
+    def on_row(now: float, row: Mapping[str, float]) -> None:
+        if progress and int(now) % 10 == 0 and now == int(now):
+            print(f"  {m.label} · {n} devices · seed {seed}: t={now:.0f}s acc {row['accuracy']:.3f} "
+                  f"(min {row['accuracy_min']:.3f}) updates {row['updates']:.0f}", file=sys.stderr)
+
+    r = run_regional(task, sc, m, n, seed, on_row)
+    ttt = r.time_to_target
+    print(f"{m.label} · {n} devices · seed {seed}: time to target "
+          f"{'—' if ttt is None else f'{ttt:.1f} s'}, final {r.summary['final_accuracy']:.3f}, "
+          f"wall {r.summary['wall_s']:.0f} s", file=sys.stderr)
+    run.save(r.to_json(), indent=1)
+    return r
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = sweep_parser("python -m devices.multiregion", (__doc__ or "").split("\n\n")[0], "runs/multiregion/<name>")
+    p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    from devices.report import (
-        json_default,
-        load_region_runs,
-        load_task,
-        parse_seeds,
-        write_region_report,
-    )
-    from edge_sdk.trainer import configure_threads
+    from devices.report import load_region_runs, write_region_report
 
-    sc = load_multiregion(args.scenario, quick=args.quick)
-    if sc.regions is None:
-        p.error(f"{args.scenario} has no [multiregion]: run it with `edgeci emulate`")
-    changes = {"seeds": parse_seeds(args.seeds) if args.seeds else None, "duration_s": args.duration}
-    if any(v is not None for v in changes.values()):
-        sc = sc.with_overrides({k: v for k, v in changes.items() if v is not None})
-    if args.methods:
-        sc = sc.select(sc.names_in(args.methods))
-    if args.devices:
-        sc = sc.with_device_counts([int(n) for n in args.devices.split(",")])
-    out: Path = args.out or Path("runs") / "multiregion" / sc.name
-    (out / "runs").mkdir(parents=True, exist_ok=True)
+    sweep = Sweep.from_args(p, args, lambda sc: Path("runs") / "multiregion" / sc.name)
     if args.report_only:
-        return write_region_report(sc, load_region_runs(out / "runs", sc), out)
-    configure_threads(1)
-    task = load_task(sc.settings.task, sc.settings.task_options)
-    results: list[RunResult] = []
-    total = len(sc.methods) * len(sc.device_counts) * len(sc.settings.seeds)
-    print(f"{sc.name}: {total} run(s) → {out}", file=sys.stderr)
-    for n in sc.device_counts:
-        for m in sc.methods:
-            for seed in sc.settings.seeds:
-                def progress(now: float, row: Mapping[str, float], m: Method = m, n: int = n, seed: int = seed) -> None:
-                    if not args.no_progress and int(now) % 10 == 0 and now == int(now):
-                        print(f"  {m.label} · {n} devices · seed {seed}: t={now:.0f}s acc {row['accuracy']:.3f} "
-                              f"(min {row['accuracy_min']:.3f}) updates {row['updates']:.0f}", file=sys.stderr)
-
-                r = run_regional(task, sc, m, n, seed, progress)
-                results.append(r)
-                ttt = r.time_to_target
-                print(f"{m.label} · {n} devices · seed {seed}: time to target "
-                      f"{'—' if ttt is None else f'{ttt:.1f} s'}, final {r.summary['final_accuracy']:.3f}, "
-                      f"wall {r.summary['wall_s']:.0f} s", file=sys.stderr)
-                slug = f"{m.label}__{n}__seed{seed}".replace(" ", "-").replace("/", "-")
-                (out / "runs" / f"{slug}.json").write_text(json.dumps(r.to_json(), indent=1, default=json_default), encoding="utf-8")
-    return write_region_report(sc, results, out)
+        return write_region_report(sweep.scenario, load_region_runs(sweep.out / "runs", sweep.scenario), sweep.out)
+    results = sweep.run(functools.partial(_run, progress=not args.no_progress), args.jobs)
+    return write_region_report(sweep.scenario, results, sweep.out)
 
 
 if __name__ == "__main__":

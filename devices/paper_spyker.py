@@ -25,11 +25,10 @@ import math
 import sys
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from devices.scenario import Scenario, load_scenario
+from devices.multiregion import Sweep, SweepRun, sweep_parser
 
 __all__ = ["LinkQueue", "format_table", "main", "mean_sd", "parser", "run_one", "summarise", "sweep", "time_to"]
 
@@ -71,24 +70,14 @@ class LinkQueue:
         return mean, max(self.max.values(), default=0)
 
 
-_TASKS: dict[str, Any] = {}
-
-
-def run_one(path: str, quick: bool, overrides: Mapping[str, Any], label: str, n: int, seed: int,
-            out_dir: str | None = None) -> dict[str, Any]:
+def run_one(run: SweepRun) -> dict[str, Any]:
     """One run; returns ``RunResult.to_json()`` with ``link_queue_mean`` / ``link_queue_max`` in
-    its summary (also written to ``out_dir`` as soon as it is done, when given)."""
-    from devices.report import json_default, load_task
+    its summary (also written to the run's folder as soon as it is done)."""
     from devices.simulator import Simulation
-    from edge_sdk.trainer import configure_threads
 
-    configure_threads(1)
-    sc = _load(path, quick, overrides)
-    method = next(m for m in sc.methods if m.label == label)
-    key = json.dumps([sc.settings.task, dict(sc.settings.task_options)], sort_keys=True)
-    if key not in _TASKS:
-        _TASKS[key] = load_task(sc.settings.task, sc.settings.task_options)
-    sim = Simulation.regional(_TASKS[key], sc, method, n, seed)
+    task, sc, method = run.start()
+    label, n, seed = run.label, run.devices, run.seed
+    sim = Simulation.regional(task, sc, method, n, seed)
     network = sim.network
     assert network is not None
     servers = range(sim.n, sim.n + len(sim.coords))
@@ -120,16 +109,8 @@ def run_one(path: str, quick: bool, overrides: Mapping[str, Any], label: str, n:
           f"server downlink queue {down_mean:.1f} / {down_max}, uplink queue {up_mean:.1f} / {up_max}, "
           f"CPU queue {out['summary']['coordinator_queue_mean']:.1f} / "
           f"{out['summary']['coordinator_queue_max']:.0f}, wall {out['summary']['wall_s']:.0f} s", file=sys.stderr, flush=True)
-    if out_dir is not None:
-        slug = f"{label}__{n}__seed{seed}".replace(" ", "-").replace("/", "-")
-        (Path(out_dir) / f"{slug}.json").write_text(json.dumps(out, default=json_default), encoding="utf-8")
+    run.save(out)
     return out
-
-
-def _load(path: str, quick: bool, overrides: Mapping[str, Any]) -> Scenario:
-    sc = load_scenario(path)
-    sc = sc.quick() if quick else sc
-    return sc.with_overrides(dict(overrides)) if overrides else sc
 
 
 def mean_sd(xs: Sequence[float]) -> tuple[float, float]:
@@ -230,60 +211,29 @@ def format_table(summary: Mapping[str, Any]) -> str:
 
 
 def parser(prog: str, description: str, baseline: str, also: str = "0.85") -> argparse.ArgumentParser:
-    """The sweep's command line (shared with :mod:`devices.paper_nebula`)."""
-    p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("scenario", type=Path)
-    p.add_argument("--methods", default="", help="comma-separated method labels or kinds (default: all)")
-    p.add_argument("--devices", default="", help="fleet sizes, e.g. 100,200,300 (default: the scenario's)")
-    p.add_argument("--seeds", default="", help="seeds, e.g. 0-4 (default: the scenario's)")
-    p.add_argument("--duration", type=float, help="virtual seconds per run (cap)")
+    """The sweep's command line (:func:`devices.multiregion.sweep_parser`, shared with
+    :mod:`devices.paper_nebula`) with the baseline and the lower accuracies."""
+    p = sweep_parser(prog, description, "runs/<command>/<name>")
     p.add_argument("--baseline", default=baseline, help="the label wins are counted against")
     p.add_argument("--also", default=also, help="lower accuracies to report the time to, e.g. 0.8,0.85 ('' for none)")
-    p.add_argument("--quick", action="store_true", help="the scenario's [quick] variant")
-    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
-    p.add_argument("--out", type=Path, help="output directory (default: runs/<command>/<name>)")
-    p.add_argument("--report-only", action="store_true", help="rebuild the table from the run JSONs in --out/runs")
     return p
 
 
 def sweep(p: argparse.ArgumentParser, argv: Sequence[str] | None, out_root: str,
           report: Callable[[Sequence[Mapping[str, Any]], float, str, Sequence[float]], tuple[dict[str, Any], str]],
           table_name: str) -> int:
-    """Run every method × fleet size × seed (``--jobs`` processes, one JSON per run), then
-    write ``report(runs, duration, baseline, also)``'s summary and table under ``--out``."""
-    from devices.report import json_default, parse_seeds
+    """Run every method × fleet size × seed (:class:`devices.multiregion.Sweep` of :func:`run_one`),
+    then write ``report(runs, duration, baseline, also)``'s summary and table under ``--out``."""
+    from devices.report import json_default, load_region_runs
 
     args = p.parse_args(argv)
-    overrides: dict[str, Any] = {}
-    if args.seeds:
-        overrides["seeds"] = parse_seeds(args.seeds)
-    if args.duration is not None:
-        overrides["duration_s"] = args.duration
-    sc = _load(str(args.scenario), args.quick, overrides)
-    if sc.regions is None:
-        p.error(f"{args.scenario} has no [multiregion]")
-    if args.methods:
-        sc = sc.select(sc.names_in(args.methods))
-    if args.devices:
-        sc = sc.with_device_counts([int(n) for n in args.devices.split(",")])
-    out: Path = args.out or Path("runs") / out_root / (sc.name + ("-quick" if args.quick else ""))
-    (out / "runs").mkdir(parents=True, exist_ok=True)
-    jobs = [(str(args.scenario), args.quick, overrides, m.label, n, seed, str(out / "runs"))
-            for seed in sc.settings.seeds for n in sc.device_counts for m in sc.methods]
+    plan = Sweep.from_args(p, args, lambda sc: Path("runs") / out_root / (sc.name + ("-quick" if args.quick else "")))
+    sc, out = plan.scenario, plan.out
     if not args.report_only:
-        print(f"{sc.name}: {len(jobs)} run(s) → {out}", file=sys.stderr)
-        if args.jobs > 1:
-            with ProcessPoolExecutor(args.jobs) as pool:
-                for f in [pool.submit(run_one, *job) for job in jobs]:
-                    f.result()
-        else:
-            for job in jobs:
-                run_one(*job)
-    wanted = {(m.label, n, s) for m in sc.methods for n in sc.device_counts for s in sc.settings.seeds}
-    runs = [r for r in (json.loads(f.read_text(encoding="utf-8")) for f in sorted((out / "runs").glob("*.json")))
-            if (r["label"], int(r["summary"]["devices"]), int(r["seed"])) in wanted]
+        plan.run(run_one, args.jobs)
     order = {m.label: i for i, m in enumerate(sc.methods)}
-    runs.sort(key=lambda r: (order[r["label"]], int(r["summary"]["devices"]), int(r["seed"])))
+    runs = sorted((r.to_json() for r in load_region_runs(out / "runs", sc)),
+                  key=lambda r: (order[r["label"]], int(r["summary"]["devices"]), int(r["seed"])))
     also = [float(a) for a in args.also.split(",") if a.strip()]
     summary, table = report(runs, sc.settings.duration_s, args.baseline, also)
     (out / table_name).write_text(table, encoding="utf-8")
