@@ -18,6 +18,8 @@ virtual clock — with a progress bar per run, then writes to ``--out``:
   worst drop below its start, time to the reference run's target
   (:mod:`devices.release_report`).
 
+A regional scenario (``[multiregion]`` and ``[[methods]]``, ``demos/scenarios/multiregion/``) runs
+as ``python -m devices.multiregion`` does (:mod:`devices.multiregion`), its outputs under ``--out``.
 A scenario with a ``[stream]`` table (``demos/scenarios/scc-stream.toml``) is the SCC stream
 experiment instead: EdgeClient devices with SCC on the same engine (:mod:`devices.scc_fleet`),
 reported as a per-seed and a mean ± std table of its arms.
@@ -76,8 +78,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if "stream" in read_toml(args.scenario):  # the SCC stream experiment: its own fleet
+    raw = read_toml(args.scenario)
+    if "stream" in raw:  # the SCC stream experiment: its own fleet
         return _stream_mode(args)
+    if "multiregion" in raw or "methods" in raw:  # regions: the regional sweep
+        return _regions_mode(args)
     scenario = load_scenario(args.scenario)
     if args.quick:
         if "quick" not in scenario.raw:  # said, not silently the full run
@@ -169,6 +174,23 @@ def _stream_mode(args: argparse.Namespace) -> int:
     sc = sc.with_seeds(parse_seeds(args.seeds)) if args.seeds else sc
     configure_threads(args.threads)
     return run_cli(sc, args.out or Path("runs") / "emulate" / slug(sc.name), quiet=args.no_progress)
+
+
+def _regions_mode(args: argparse.Namespace) -> int:
+    """A scenario with ``[multiregion]`` / ``[[methods]]``: ``python -m devices.multiregion``'s
+    sweep, its outputs under ``--out`` (default ``runs/emulate/<name>``)."""
+    from devices.multiregion import main as sweep_regions
+
+    if args.broker or args.target is not None or args.threads != 1:
+        raise ScenarioError("a [multiregion] scenario takes --strategies, --seeds, --duration, --quick, --out, --replot "
+                            "and --no-progress only (one torch thread per run; `python -m devices.multiregion --jobs N` runs N at once)")
+    name = load_scenario(args.scenario).name
+    argv = [str(args.scenario), "--out", str(args.out or Path("runs") / "emulate" / slug(name))]
+    argv += ["--methods", args.strategies] if args.strategies else []
+    argv += ["--seeds", args.seeds] if args.seeds else []
+    argv += ["--duration", repr(args.duration)] if args.duration is not None else []
+    argv += [flag for flag, on in (("--quick", args.quick), ("--report-only", args.replot), ("--no-progress", args.no_progress)) if on]
+    return sweep_regions(argv)
 
 
 # --------------------------------------------------------------------------- real-MQTT seam

@@ -259,3 +259,30 @@ def test_module_entry_points_report_a_user_mistake_in_one_line(module: str, tmp_
                           capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"python -m devices.{module}: error: scenario file not found: {tmp_path / 'nosuch.toml'}"]
+
+
+def test_edgeci_emulate_runs_a_regional_scenario(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`edgeci emulate` hands a [multiregion] scenario to the regional sweep (it used to
+    stop at the first method with "run it with python -m devices.multiregion"), its
+    choices passed on; options that mean nothing there are refused before anything runs."""
+    import json
+
+    from demos.cli import main as edgeci
+    from devices.multiregion import run_name
+
+    raw = tiny()
+    raw["methods"] = [m for m in raw["methods"] if m["kind"] in ("spyker", "single")]
+    path = tmp_path / "regional.toml"
+    path.write_text(_toml(raw))
+    out = tmp_path / "out"
+    assert edgeci(["emulate", str(path), "--out", str(out), "--no-progress", "--strategies", "S", "--duration", "1.0"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["methods"]) == {"S"}
+    assert sorted(p.name for p in (out / "runs").glob("*.json")) == [run_name("S", 8, 0) + ".json"]
+    run = json.loads((out / "runs" / (run_name("S", 8, 0) + ".json")).read_text())
+    assert run["rows"][-1]["t_s"] <= 1.0 and "| S |" in (out / "time_to_target.md").read_text()
+    for refused in (["--target", "0.5"], ["--broker", "mqtt://127.0.0.1:1"], ["--threads", "2"]):
+        capsys.readouterr()
+        assert edgeci(["emulate", str(path), "--out", str(tmp_path / "refused"), *refused]) == 1  # a configuration error
+        assert "error: a [multiregion] scenario takes --strategies" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
