@@ -53,7 +53,7 @@ from devices.report import (
     write_run,
 )
 from devices.scenario import RunSpec, Scenario, ScenarioError, load_scenario, read_toml
-from devices.simulator import RunResult, run_spec
+from devices.simulator import TRANSPORTS, RunResult, run_spec
 from edge_sdk.tasks.base import Task
 
 __all__ = ["DATA_ENV", "TORCHVISION_DATASETS", "add_arguments", "format_table", "load_task", "parse_seeds", "run", "summarise"]
@@ -72,6 +72,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="do not simulate: rebuild the tables and plots from the runs already in --out (e.g. with another --target)")
     p.add_argument("--threads", type=int, default=1, help="torch threads for local training (1 is fastest for tiny models; another count sums in "
                         "another order, so results agree only to float rounding: compare runs made with the same count)")
+    p.add_argument("--transport", choices=TRANSPORTS, default="in-process",
+                   help="how frames travel between the emulated devices and coordinator: in-process (default: exact sizes, "
+                        "the receiver gets the message the sender validated) or codec (every frame built and parsed, as between "
+                        "processes; slower, the same results)")
     p.add_argument("--broker", default=None, help="real-MQTT fleet mode: play the scenario in real time against this broker")
     p.add_argument("--time-scale", type=float, default=1.0, help="real-MQTT mode: virtual seconds per wall second")
     p.add_argument("--region", default="default", help="real-MQTT mode: the coordinator's region")
@@ -113,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         for spec in scenario.runs:
             task = tasks[_task_key(spec)]
             for seed in seeds:
-                result = _one(task, spec, seed, quiet=args.no_progress)
+                result = _one(task, spec, seed, quiet=args.no_progress, transport=args.transport)
                 results.append(result)
                 write_run(out / "runs", result)
 
@@ -147,7 +151,7 @@ def _task_key(spec: RunSpec) -> str:
     return json.dumps([spec.settings.task, dict(spec.settings.task_options)], sort_keys=True)
 
 
-def _one(task: Task, spec: RunSpec, seed: int, *, quiet: bool) -> RunResult:
+def _one(task: Task, spec: RunSpec, seed: int, *, quiet: bool, transport: str) -> RunResult:
     from tqdm import tqdm
 
     duration = spec.settings.duration_s
@@ -158,7 +162,7 @@ def _one(task: Task, spec: RunSpec, seed: int, *, quiet: bool) -> RunResult:
             bar.update(round(now) - bar.n)
             bar.set_postfix_str(f"v{int(row['version'])} acc {row['accuracy']:.3f}", refresh=False)
 
-        result = run_spec(task, spec, seed, progress=progress)
+        result = run_spec(task, spec, seed, progress=progress, transport=transport)
     return result
 
 

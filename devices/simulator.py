@@ -1097,13 +1097,13 @@ class Simulation(Driver):
         return result
 
 
-def run_spec(task: Task, run: RunSpec, seed: int, *, progress: Progress | None = None) -> RunResult:
-    """Run one scenario line (strategy + settings) for one seed."""
+def run_spec(task: Task, run: RunSpec, seed: int, *, progress: Progress | None = None, transport: str = "in-process") -> RunResult:
+    """Run one scenario line (strategy + settings) for one seed (``transport``: :meth:`Simulation.run`'s)."""
     if run.regional:
         raise ScenarioError(f"{run.label!r} is a regional method: run its scenario with `python -m devices.multiregion`")
     method = make_method(run.strategy, params=run.params, coordinator_id=COORDINATOR_ID)
     return Simulation(task, run.settings, method.strategy, peering=method.peering, seed=seed, label=run.label,
-                      params=run.params, progress=progress).run()
+                      params=run.params, progress=progress).run(transport=transport)
 
 
 def run_regional(task: Task, sc: Scenario, method: RunSpec, n_devices: int, seed: int,

@@ -190,3 +190,27 @@ def test_regional_runs_give_the_same_results_on_both_transports() -> None:
         runs = [_comparable(Simulation.regional(task, sc, method, 8, 0).run(transport=transport)) for transport in ("codec", "in-process")]
         assert runs[0][1]["updates"] > 0, method.label
         assert runs[1] == runs[0], method.label
+
+
+def test_edgeci_emulate_transport_option_gives_the_same_files(tmp_path: Path) -> None:
+    """`edgeci emulate --transport codec` builds and parses every frame; the default carries
+    them in-process: every output file that holds no wall-clock time is byte-identical."""
+    import argparse
+
+    from demos import emulate
+
+    scenario = tmp_path / "t.toml"
+    scenario.write_text('name = "t"\ntask = "digits"\nduration_s = 240\neval_every_s = 60\nseeds = [0]\n'
+                        '[fleet]\ndevices = 6\nmix = { laptop = 1 }\n[data]\narrival_rate_per_h = 300\n'
+                        '[device]\nmin_samples = 2\n[training]\nepochs = 1\n'
+                        '[[runs]]\nstrategy = "spin"\nparams = { k = 2, timeout_s = 5.0 }\n', encoding="utf-8")
+    parser = argparse.ArgumentParser()
+    emulate.add_arguments(parser)
+    for transport in ("codec", "in-process"):
+        args = parser.parse_args([str(scenario), "--out", str(tmp_path / transport), "--no-progress", "--transport", transport])
+        assert emulate.run(args) == 0
+    csv = [(tmp_path / t / "runs" / "spin__seed0.csv").read_bytes() for t in ("codec", "in-process")]
+    table = [(tmp_path / t / "time_to_target.md").read_bytes() for t in ("codec", "in-process")]
+    assert csv[0] == csv[1] and len(csv[0].splitlines()) == 6 and table[0] == table[1]
+    with pytest.raises(SystemExit):
+        parser.parse_args([str(scenario), "--transport", "carrier-pigeon"])
