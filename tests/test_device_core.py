@@ -463,6 +463,15 @@ def test_events_are_dispatched_by_class_and_subclasses_as_their_base() -> None:
     assert c.state.phase is Phase.PULLING and c.state.total == 1
     assert [type(m) for m in published(acts)] == [Pull]
 
+    class EarlyTimer(TimerFired):  # with refresh_s, a fired timer is re-armed whatever its class
+        __slots__ = ()
+
+    for cls in (TimerFired, EarlyTimer):
+        r = refreshing(100.0)
+        r.start(0.0)
+        [at] = timers(r.handle(recv(1.0, "model", release(1))))
+        assert timers(r.handle(cls(now=at - 1.0))) == [at]
+
     class Unrelated:
         now = 2.0
 

@@ -132,7 +132,6 @@ import math
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -443,7 +442,7 @@ class DeviceCore:
 
     def handle(self, event: DeviceEvent) -> list[DeviceAction]:
         actions = self._handle(event) if self._s.canary is None else self._canary_due(event.now) + self._handle(event)
-        return actions if self._refresh_s is None else self._arm_refresh(event.now, actions, fired=type(event) is TimerFired)
+        return actions if self._refresh_s is None else self._arm_refresh(event.now, actions, fired=isinstance(event, TimerFired))
 
     def _arm_refresh(self, now: float, actions: list[DeviceAction], *, fired: bool = False) -> list[DeviceAction]:
         """``refresh_s``: an idle device with no deadline of its own sets the driver's timer for
@@ -466,12 +465,13 @@ class DeviceCore:
         return [*actions, ScheduleTimer(at=s.refresh_at)]
 
     def _handle(self, event: DeviceEvent) -> list[DeviceAction]:
-        handler = _HANDLERS.get(type(event))  # by class (a subclass as the class it extends)
-        if handler is None:
-            handler = next((_HANDLERS[b] for b in type(event).__mro__ if b in _HANDLERS), None)
-            if handler is None:
+        name = _HANDLERS.get(type(event))  # by class (a subclass as the class it extends)
+        if name is None:
+            name = next((_HANDLERS[b] for b in type(event).__mro__ if b in _HANDLERS), None)
+            if name is None:
                 raise LocalProtocolError(f"DeviceCore cannot handle {type(event).__name__}")
-        return handler(self, event)
+        handler: Callable[[DeviceEvent], list[DeviceAction]] = getattr(self, name)
+        return handler(event)
 
     def start(self, now: float) -> list[DeviceAction]:
         """Kick off after (re)start: pull if samples are already waiting, else ask for the
@@ -1084,12 +1084,12 @@ class DeviceCore:
         return float(base * (1.0 + 0.1 * self._rng.random()))
 
 
-_HANDLERS: dict[type, Callable[[DeviceCore, Any], list[DeviceAction]]] = {
-    MessageReceived: DeviceCore._on_message,
-    SampleAdded: DeviceCore._on_sample,
-    TrainingFinished: DeviceCore._on_trained,
-    TimerFired: DeviceCore._on_timer,
-    TrainingFailed: DeviceCore._on_train_failed,
-    CanaryScored: DeviceCore._on_canary_scored,
+_HANDLERS: dict[type, str] = {
+    MessageReceived: "_on_message",
+    SampleAdded: "_on_sample",
+    TrainingFinished: "_on_trained",
+    TimerFired: "_on_timer",
+    TrainingFailed: "_on_train_failed",
+    CanaryScored: "_on_canary_scored",
 }
-"""What :meth:`DeviceCore.handle` calls for each event class."""
+"""The :class:`DeviceCore` method that handles each event class (by name: a subclass's override counts)."""
