@@ -100,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
     if args.strategies:
         scenario = scenario.select(scenario.names_in(args.strategies))
     if args.broker:
+        if args.transport != "in-process":
+            raise ScenarioError("--transport is the emulator's; with --broker every message crosses the real broker")
         return _fleet_mode(scenario, args)
     out: Path = args.out or Path("runs") / "emulate" / slug(scenario.name)
     results: list[RunResult] = []
@@ -171,7 +173,8 @@ def _stream_mode(args: argparse.Namespace) -> int:
     from devices.scc_fleet import parse_scc_scenario, run_cli
     from edge_sdk.trainer import configure_threads
 
-    if args.broker or args.replot or args.strategies or args.target is not None or args.duration is not None:
+    if (args.broker or args.replot or args.strategies or args.target is not None or args.duration is not None
+            or args.transport != "in-process"):
         raise ScenarioError("a [stream] scenario takes --quick, --seeds, --out, --threads and --no-progress only")
     sc = parse_scc_scenario(read_toml(args.scenario), source=str(args.scenario))
     sc = sc.quick() if args.quick else sc
@@ -185,14 +188,16 @@ def _regions_mode(args: argparse.Namespace) -> int:
     sweep, its outputs under ``--out`` (default ``runs/emulate/<name>``)."""
     from devices.multiregion import main as sweep_regions
 
-    if args.broker or args.target is not None or args.threads != 1:
+    if args.broker or args.target is not None or args.threads != 1 or args.transport != "in-process":
         raise ScenarioError("a [multiregion] scenario takes --strategies, --seeds, --duration, --quick, --out, --replot "
                             "and --no-progress only (one torch thread per run; `python -m devices.multiregion --jobs N` runs N at once)")
-    name = load_scenario(args.scenario).name
-    argv = [str(args.scenario), "--out", str(args.out or Path("runs") / "emulate" / slug(name))]
-    argv += ["--methods", args.strategies] if args.strategies else []
-    argv += ["--seeds", args.seeds] if args.seeds else []
-    argv += ["--duration", repr(args.duration)] if args.duration is not None else []
+    scenario = load_scenario(args.scenario)
+    if args.quick and "quick" not in scenario.raw:
+        print(f"note: {args.scenario} has no [quick] table: --quick runs the full scenario", file=sys.stderr)
+    argv = [str(args.scenario), f"--out={args.out or Path('runs') / 'emulate' / slug(scenario.name)}"]
+    argv += [f"--methods={args.strategies}"] if args.strategies else []
+    argv += [f"--seeds={args.seeds}"] if args.seeds else []
+    argv += [f"--duration={args.duration!r}"] if args.duration is not None else []
     argv += [flag for flag, on in (("--quick", args.quick), ("--report-only", args.replot), ("--no-progress", args.no_progress)) if on]
     return sweep_regions(argv)
 

@@ -34,6 +34,7 @@ from devices.scenario import (
     PAPER_REGIONS,
     Method,
     Scenario,
+    ScenarioError,
     Topology,
     load_scenario,
     parse_scenario,
@@ -212,7 +213,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     sweep = Sweep.from_args(p, args, lambda sc: Path("runs") / "multiregion" / sc.name)
     if args.report_only:
-        return write_region_report(sweep.scenario, load_region_runs(sweep.out / "runs", sweep.scenario), sweep.out)
+        stored = load_region_runs(sweep.out / "runs", sweep.scenario)
+        if not stored:
+            raise ScenarioError(f"--report-only: {sweep.out / 'runs'} holds no run of this scenario's methods, sizes and seeds; "
+                                "run without it first")
+        return write_region_report(sweep.scenario, stored, sweep.out)
     results = sweep.run(functools.partial(_run, progress=not args.no_progress), args.jobs)
     return write_region_report(sweep.scenario, results, sweep.out)
 

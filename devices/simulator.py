@@ -285,6 +285,9 @@ class Simulation(Driver):
     :meth:`regional`): ``devices`` devices spread over the regions and the method's
     coordinators."""
 
+    transport: str = "in-process"
+    """:meth:`run`'s transport (in the run's summary)."""
+
     def __init__(
         self,
         task: Task,
@@ -488,6 +491,7 @@ class Simulation(Driver):
             raise LocalProtocolError(f"unknown transport {transport!r}; use one of {', '.join(TRANSPORTS)}")
         if self.events or self.rows:
             raise LocalProtocolError("a Simulation runs once; make a new one for another run")
+        self.transport = transport  # in the summary: which one a stored run used
         with carry_decoded(transport == "in-process"):
             return self._play()
 
@@ -1031,6 +1035,7 @@ class Simulation(Driver):
                 "peering": [c.core.peering.describe() for c in self.coords],
                 "wall_s": wall_s,
                 "events": self.events,
+                "transport": self.transport,
             }
             if self.cost is not None:
                 at_target = next((r for r in rows if r["accuracy"] >= s.target_accuracy), None)
@@ -1084,6 +1089,7 @@ class Simulation(Driver):
             "messages": links.messages,
             "staleness_histogram": {str(k): v for k, v in sorted(c.staleness_hist.items())},
             "events": self.events,
+            "transport": self.transport,
             "virtual_s": s.duration_s,
             "wall_s": wall_s,
             "virtual_per_wall": s.duration_s / wall_s if wall_s > 0 else None,

@@ -106,7 +106,8 @@ class Link(Driver):
 
     def run_until(self, until: float, stop: Callable[[Kind], bool] | None = None) -> None:
         super().run_until(until, stop)
-        self.clock.advance_to(max(self.now, until))
+        if stop is None:  # every event due is done: the clock reaches ``until`` (a stop may leave some)
+            self.clock.advance_to(max(self.now, until))
 
     def restart(self, coordinator: CoordinatorCore) -> None:
         """Replace the coordinator (a crash and restart from its snapshot) and start it."""

@@ -130,8 +130,8 @@ def test_a_carried_frame_is_freed_by_reference_counting_alone() -> None:
 
 
 def _comparable(result: Any) -> tuple[Any, Any]:
-    """A run's rows and summary, without its wall-clock figures."""
-    return result.rows, {k: v for k, v in result.summary.items() if k not in ("wall_s", "virtual_per_wall")}
+    """A run's rows and summary, without its wall-clock figures and the transport's name."""
+    return result.rows, {k: v for k, v in result.summary.items() if k not in ("wall_s", "virtual_per_wall", "transport")}
 
 
 def _result(carried: bool, strategy: str, **params: Any) -> tuple[Any, Any]:
@@ -196,6 +196,7 @@ def test_edgeci_emulate_transport_option_gives_the_same_files(tmp_path: Path) ->
     """`edgeci emulate --transport codec` builds and parses every frame; the default carries
     them in-process: every output file that holds no wall-clock time is byte-identical."""
     import argparse
+    import json
 
     from demos import emulate
 
@@ -209,6 +210,9 @@ def test_edgeci_emulate_transport_option_gives_the_same_files(tmp_path: Path) ->
     for transport in ("codec", "in-process"):
         args = parser.parse_args([str(scenario), "--out", str(tmp_path / transport), "--no-progress", "--transport", transport])
         assert emulate.run(args) == 0
+    for transport in ("codec", "in-process"):  # the option reached the run
+        run = json.loads((tmp_path / transport / "runs" / "spin__seed0.json").read_text(encoding="utf-8"))
+        assert run["summary"]["transport"] == transport
     csv = [(tmp_path / t / "runs" / "spin__seed0.csv").read_bytes() for t in ("codec", "in-process")]
     table = [(tmp_path / t / "time_to_target.md").read_bytes() for t in ("codec", "in-process")]
     assert csv[0] == csv[1] and len(csv[0].splitlines()) == 6 and table[0] == table[1]

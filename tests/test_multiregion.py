@@ -275,13 +275,16 @@ def test_edgeci_emulate_runs_a_regional_scenario(tmp_path: Path, capsys: pytest.
     path = tmp_path / "regional.toml"
     path.write_text(_toml(raw))
     out = tmp_path / "out"
-    assert edgeci(["emulate", str(path), "--out", str(out), "--no-progress", "--strategies", "S", "--duration", "1.0"]) == 0
+    assert edgeci(["emulate", str(path), "--out", str(out), "--no-progress", "--strategies", "S", "--duration", "1.0", "--seeds", "0"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["methods"]) == {"S"}
     assert sorted(p.name for p in (out / "runs").glob("*.json")) == [run_name("S", 8, 0) + ".json"]
     run = json.loads((out / "runs" / (run_name("S", 8, 0) + ".json")).read_text())
     assert run["rows"][-1]["t_s"] <= 1.0 and "| S |" in (out / "time_to_target.md").read_text()
-    for refused in (["--target", "0.5"], ["--broker", "mqtt://127.0.0.1:1"], ["--threads", "2"]):
+    capsys.readouterr()
+    assert edgeci(["emulate", str(path), "--out", str(tmp_path / "empty"), "--replot"]) == 1  # nothing stored to report
+    assert "holds no run of this scenario" in capsys.readouterr().err
+    for refused in (["--target", "0.5"], ["--broker", "mqtt://127.0.0.1:1"], ["--threads", "2"], ["--transport", "codec"]):
         capsys.readouterr()
         assert edgeci(["emulate", str(path), "--out", str(tmp_path / "refused"), *refused]) == 1  # a configuration error
         assert "error: a [multiregion] scenario takes --strategies" in capsys.readouterr().err
