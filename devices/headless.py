@@ -4,10 +4,13 @@ task's pool at Poisson times, through the real SDK (store, core, MQTT, trainer).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import threading
 import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 
 from devices.live import LabellingLoop, LabellingUser, device_index
@@ -78,8 +81,21 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
 
+    json_lines = getattr(args, "log_format", "text") == "json"
+
+    def say(event: str, text: str, data: Mapping[str, object] | None = None, level: str = "info") -> None:
+        """A line for whoever runs the device, on stdout: ``[id] text``, or with ``--log-format json``
+        one JSON object (the log's keys ts, level, logger, msg, and device, event, data)."""
+        if not json_lines:
+            print(f"[{args.device_id}] {text}", flush=True)
+            return
+        now = datetime.now(UTC)
+        line = {"ts": now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z", "level": level, "logger": log.name,
+                "msg": text, "device": args.device_id, "event": event, **({"data": dict(data)} if data is not None else {})}
+        print(json.dumps(line, default=str, ensure_ascii=False), flush=True)
+
     def show(kind: str, data: dict[str, object]) -> None:
-        print(f"[{args.device_id}] {kind}: {data}", flush=True)
+        say(kind, f"{kind}: {data}", data)
 
     for kind in ("model", "trained", "update_acked", "update_rejected", "deferred", "training_failed", "failover", "epoch"):
         client.on(kind, show)
@@ -87,9 +103,9 @@ def run(args: argparse.Namespace) -> int:
     def unanswered(kind: str, data: dict[str, object]) -> None:  # say so once, not silence for ever
         attempt = data.get("attempt")
         if isinstance(attempt, int) and attempt in (1, 10, 100):
-            print(f"[{args.device_id}] no answer to its {data.get('what')} from a coordinator of region {args.region!r} "
-                  f"yet (attempt {attempt}); is one running there, and does it drop this device's pulls (its log, "
-                  f"rate_limited)? `edgeci status --broker {args.broker} --region {args.region}`", flush=True)
+            say(kind, f"no answer to its {data.get('what')} from a coordinator of region {args.region!r} "
+                      f"yet (attempt {attempt}); is one running there, and does it drop this device's pulls (its log, "
+                      f"rate_limited)? `edgeci status --broker {args.broker} --region {args.region}`", data, "warning")
 
     client.on("retry", unanswered)
 
@@ -98,10 +114,10 @@ def run(args: argparse.Namespace) -> int:
     def older(kind: str, data: dict[str, object]) -> None:  # once per version served
         if data.get("version") not in older_seen:
             older_seen.add(data.get("version"))
-            print(f"[{args.device_id}] the coordinator of region {args.region!r} serves version {data.get('version')}, older "
-                  f"than version {data.get('held')} this device holds: its state dir was probably restored from a backup. "
-                  f"This device waits for a newer one; its operator gets the fleet going again with `edgeci new-epoch` "
-                  f"(see its --help)", flush=True)
+            say(kind, f"the coordinator of region {args.region!r} serves version {data.get('version')}, older "
+                      f"than version {data.get('held')} this device holds: its state dir was probably restored from a backup. "
+                      f"This device waits for a newer one; its operator gets the fleet going again with `edgeci new-epoch` "
+                      f"(see its --help)", data, "warning")
 
     client.on("model_older", older)
     rejected: dict[object, int] = {}
@@ -110,8 +126,8 @@ def run(args: argparse.Namespace) -> int:
         reason = data.get("reason")
         rejected[reason] = n = rejected.get(reason, 0) + 1
         if n in (1, 10, 100, 1000):
-            print(f"[{args.device_id}] refused a message ({n}× so far): {reason}: {str(data.get('detail'))[:300]}"
-                  f"{REFUSAL_HINTS.get(str(reason), '')}", flush=True)
+            say(kind, f"refused a message ({n}× so far): {reason}: {str(data.get('detail'))[:300]}"
+                      f"{REFUSAL_HINTS.get(str(reason), '')}", data, "warning")
 
     client.on("message_rejected", refused)
     already = client.store.stats().added
@@ -122,11 +138,8 @@ def run(args: argparse.Namespace) -> int:
         rate=args.rate,
     )
     client.start()
-    print(
-        f"device {args.device_id}: partition {index}/{args.fleet_size} ({len(idx)} samples, {already} already labelled), "
-        f"D_min {client.core.config.min_samples}, {args.rate:g} labels/s, broker {args.broker}",
-        flush=True,
-    )
+    say("started", f"device {args.device_id}: partition {index}/{args.fleet_size} ({len(idx)} samples, {already} already "
+                   f"labelled), D_min {client.core.config.min_samples}, {args.rate:g} labels/s, broker {args.broker}")
     loop = LabellingLoop([user], seed=args.seed + index).start()
     t0 = time.monotonic()
     while not done.wait(1.0):

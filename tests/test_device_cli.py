@@ -4,6 +4,7 @@ instead of running silently and exiting 0."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -34,12 +35,23 @@ def test_a_bundle_for_another_region_is_refused_before_connecting(tmp_path: Path
 
 
 @pytest.mark.broker
-def test_a_device_nobody_answers_says_so(mosquitto: MosquittoProcess, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_device_nobody_answers_says_so(mosquitto: MosquittoProcess, tmp_path: Path, fmt: str) -> None:
+    """... on stdout, as text lines or, with --log-format json, one JSON object per line like the log's."""
     out = device("--broker", mosquitto.url, "--region", "nowhere", "--device-id", "d1", "--rate", "20", "--min-samples", "2",
-                 "--duration", "14", home=tmp_path / "home")
+                 "--duration", "14", "--log-format", fmt, home=tmp_path / "home")
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "no answer to its pull from a coordinator of region 'nowhere' yet (attempt 1)" in out.stdout, out.stdout
-    assert f"edgeci status --broker {mosquitto.url} --region nowhere" in out.stdout  # the command to run, as it is
+    if fmt == "json":
+        lines = [json.loads(line) for line in out.stdout.splitlines()]  # every line: nothing printed around them
+        assert lines[0]["event"] == "started" and all(line["device"] == "d1" for line in lines)
+        retry = next(line for line in lines if line["event"] == "retry")
+        assert retry["level"] == "warning" and retry["data"]["attempt"] == 1 and retry["ts"].endswith("Z")
+        text = retry["msg"]
+    else:
+        text = out.stdout
+        assert out.stdout.startswith("[d1] device d1: partition"), out.stdout
+    assert "no answer to its pull from a coordinator of region 'nowhere' yet (attempt 1)" in text, out.stdout
+    assert f"edgeci status --broker {mosquitto.url} --region nowhere" in text  # the command to run, as it is
 
 
 @pytest.mark.broker
