@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import random
 import secrets
 import threading
@@ -62,6 +63,8 @@ from edge_sdk.wire.codec import Encoding, parse_status_json, status_json
 
 log = logging.getLogger("edgeci.coordinator")
 
+STORAGE_WARN_EVERY_S = 60.0
+"""While storage fails, the probe thread warns at most this often (each probe is logged at debug)."""
 DAEMON_FORGET_AFTER_S = 600.0
 """A daemon's ``forget_after_s`` for strategies that wait for invited devices (FedBuff, PORT,
 NebulaFL) unless the operator sets one (``--param forget_after_s=none`` waits for ever, as the
@@ -596,15 +599,23 @@ class CoordinatorDaemon:
                     "ok" if self._storage_ok else f"failing ({detail})")
 
     def _probe_loop(self) -> None:
-        """Probe thread: while storage fails, try a model-sized write + fsync every few seconds."""
+        """Probe thread: while storage fails, try a model-sized write + fsync every few seconds
+        (a warning at most every :data:`STORAGE_WARN_EVERY_S`, with the failed probes since)."""
         size = 4 * self.task.spec.size + (64 << 10)
+        failed, warned_at = 0, -math.inf
         while not self._probe_stop.wait(self.options.storage_probe_s):
             if self._storage_ok:
+                failed, warned_at = 0, -math.inf
                 continue
             try:
                 self.registry.probe(size)
             except OSError as exc:
-                log.info("storage still failing: %s", exc)
+                failed += 1
+                if time.monotonic() - warned_at >= STORAGE_WARN_EVERY_S:
+                    warned_at = time.monotonic()
+                    log.warning("storage still failing (%d probe(s) since it failed): %s", failed, exc)
+                else:
+                    log.debug("storage still failing: %s", exc)
                 continue
             self.actor.call(self._storage_recovered)
 

@@ -898,3 +898,48 @@ def test_finite_updates_whose_sum_overflows_are_refused_and_the_next_honest_one_
     snap = Registry(tmp_path / "c", get_task("digits").spec).load()
     assert snap is not None and snap.version == 1 and not snap.buffer  # nothing hostile in the log
     assert np.isfinite(snap.weights).all() and float(np.abs(snap.weights).max()) < 1e3
+
+
+def test_the_storage_probe_warns_once_a_minute_not_every_probe(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """While the disk fails, the probe thread tries every few seconds: one warning per
+    STORAGE_WARN_EVERY_S with the count of failed probes, each probe at debug; after a
+    recovery the count starts again. (It logged every probe at INFO: noise at the default
+    level, nothing at all at --log-level warning after the first error.)"""
+    import errno
+    import logging
+    from types import SimpleNamespace
+
+    from coordinator import daemon as daemon_mod
+
+    clock = [1000.0]
+    monkeypatch.setattr(daemon_mod.time, "monotonic", lambda: clock[0])
+    ticks = iter(range(200))
+    recovered: list[int] = []
+
+    class Stop:  # one probe per wait; the clock moves 2 s per probe; ends after 200 probes
+        def wait(self, timeout: float) -> bool:
+            i = next(ticks, None)
+            clock[0] += 2.0
+            if i == 120:  # the disk comes back once, then fails again
+                fake._storage_ok = True
+            elif i == 121:
+                fake._storage_ok = False
+            return i is None
+
+    def probe(size: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    fake = SimpleNamespace(task=SimpleNamespace(spec=SimpleNamespace(size=10)), _probe_stop=Stop(), _storage_ok=False,
+                           options=SimpleNamespace(storage_probe_s=2.0), registry=SimpleNamespace(probe=probe),
+                           actor=SimpleNamespace(call=recovered.append), _storage_recovered=None)
+    with caplog.at_level(logging.DEBUG, logger="edgeci.coordinator"):
+        daemon_mod.CoordinatorDaemon._probe_loop(fake)  # type: ignore[arg-type]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    debug = [r for r in caplog.records if r.levelno == logging.DEBUG and "still failing" in r.getMessage()]
+    # 199 failed probes at 2 s each: a warning at the 1st, 31st, 61st, 91st (60 s apart), and again
+    # at the first failure after the recovery (probe 122), then 30 and 60 probes later.
+    assert [w.split(" since")[0] for w in warnings] == ["storage still failing (1 probe(s)", "storage still failing (31 probe(s)",
+                                                        "storage still failing (61 probe(s)", "storage still failing (91 probe(s)",
+                                                        "storage still failing (1 probe(s)", "storage still failing (31 probe(s)",
+                                                        "storage still failing (61 probe(s)"]
+    assert len(warnings) + len(debug) == 199 and recovered == []
