@@ -520,6 +520,7 @@ class EdgeClient:
         With ``inference="onnx"`` (default) an onnxruntime session serves the model; a new
         version is hot-swapped in without failing or blocking a concurrent ``predict``.
         Built-in tasks use their shipped graph; others export theirs once (seconds, torch).
+        After :meth:`stop` it keeps serving the last deployed model (offline; nothing newer arrives).
         """
         with self._lock:
             deployed = self._deployed

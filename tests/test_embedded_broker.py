@@ -94,7 +94,8 @@ def test_sdk_round_trip_on_embedded_broker(tmp_path: Path) -> None:
 
 def test_gesture_device_predicts_with_onnx_and_hot_swaps(tmp_path: Path) -> None:
     """A gesture device: (T, D) sequences through the same SDK; ONNX serves predictions and
-    follows each new version; torch and onnxruntime agree on the deployed model."""
+    follows each new version; torch and onnxruntime agree on the deployed model; after
+    ``stop()`` it still predicts with the last one."""
     task = get_task("gestures")
     pool = task.data().pool
     with EmbeddedBroker() as broker:
@@ -114,8 +115,11 @@ def test_gesture_device_predicts_with_onnx_and_hot_swaps(tmp_path: Path) -> None
             _wait(lambda: client.store.unused_count() == 0, 60)  # trained on and marked
             client.add_sample(pool.x[4], int(pool.y[4]))
             assert client.wait_for_version(1, timeout=60)
-            client.predict(pool.x[:8])
+            served = client.predict(pool.x[:8])
             assert client._engine is not None and client._engine.version == client.version
+            version = client.version
+        # After stop() the device keeps serving its last model (offline inference), the same answers.
+        assert client.version == version and (client.predict(pool.x[:8]) == served).all()
 
 
 def test_lasp_over_mqtt_classifier_only_versions_between_full_syncs(tmp_path: Path) -> None:
