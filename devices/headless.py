@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import signal
 import threading
 import time
@@ -42,6 +43,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refresh", type=float, default=3600.0, metavar="SECONDS",
                    help="an idle device (no pull for this long, ±10%%) asks for the current release, so it keeps "
                         "serving the newest one after its labelling ends (default: 3600; 0: off)")
+
+
+def _plain(value: object) -> object:
+    """``value`` as strict JSON can hold it: numpy scalars as numbers, NaN and ±inf as null."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    item = getattr(value, "item", None)  # a numpy scalar
+    if callable(item) and not isinstance(value, str | bytes):
+        value = item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 REFUSAL_HINTS = {
@@ -91,11 +106,11 @@ def run(args: argparse.Namespace) -> int:
             return
         now = datetime.now(UTC)
         line = {"ts": now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z", "level": level, "logger": log.name,
-                "msg": text, "device": args.device_id, "event": event, **({"data": dict(data)} if data is not None else {})}
-        print(json.dumps(line, default=str, ensure_ascii=False), flush=True)
+                "msg": text, "device": args.device_id, "event": event, **({"data": _plain(data)} if data is not None else {})}
+        print(json.dumps(line, default=str, ensure_ascii=False, allow_nan=False), flush=True)
 
     def show(kind: str, data: dict[str, object]) -> None:
-        say(kind, f"{kind}: {data}", data)
+        say(kind, f"{kind}: {data}", data, "warning" if kind in ("training_failed", "update_rejected") else "info")
 
     for kind in ("model", "trained", "update_acked", "update_rejected", "deferred", "training_failed", "failover", "epoch"):
         client.on(kind, show)
@@ -142,7 +157,15 @@ def run(args: argparse.Namespace) -> int:
                    f"labelled), D_min {client.core.config.min_samples}, {args.rate:g} labels/s, broker {args.broker}")
     loop = LabellingLoop([user], seed=args.seed + index).start()
     t0 = time.monotonic()
+    reported = 0
     while not done.wait(1.0):
+        errors = loop.errors  # samples the store refused (a full disk?): the 1st, 10th, 100th… said, not silence
+        for n in range(reported + 1, len(errors) + 1):
+            if n in (1, 10, 100, 1000) or n % 10000 == 0:
+                exc = errors[n - 1]
+                say("labelling_failed", f"a sample was not stored ({n}× so far): {type(exc).__name__}: {str(exc)[:300]}",
+                    {"failures": n, "error": type(exc).__name__}, "error")
+        reported = len(errors)
         if args.duration and time.monotonic() - t0 >= args.duration:
             break
     loop.stop()

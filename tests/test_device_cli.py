@@ -124,3 +124,16 @@ def test_a_device_says_why_it_refuses_models_and_the_way_out(mosquitto: Mosquitt
         proc.wait(timeout=60)
         if proc.stdout:
             proc.stdout.close()
+
+
+def test_json_lines_hold_strict_json_for_any_event_data() -> None:
+    """A diverged training reports a NaN loss, numpy counters arrive as numpy scalars: the JSON
+    lines carry null and plain numbers (json.dumps would write NaN, which strict parsers refuse)."""
+    import numpy as np
+
+    from devices.headless import _plain
+
+    data = {"loss": float("nan"), "n": np.int64(3), "acc": np.float32(0.5), "seconds": float("inf"), "detail": "é", "l": (np.float64("nan"), 2)}
+    text = json.dumps(_plain(data), allow_nan=False, ensure_ascii=False)
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}")) == {
+        "loss": None, "n": 3, "acc": 0.5, "seconds": None, "detail": "é", "l": [None, 2]}
