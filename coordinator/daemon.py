@@ -63,6 +63,7 @@ from edge_sdk.wire.codec import Encoding, parse_status_json, status_json
 
 log = logging.getLogger("edgeci.coordinator")
 
+_monotonic = time.monotonic  # (the probe's rate limit reads it: a test sets a fake clock here)
 STORAGE_WARN_EVERY_S = 60.0
 """While storage fails, the probe thread warns at most this often (each probe is logged at debug)."""
 DAEMON_FORGET_AFTER_S = 600.0
@@ -611,8 +612,8 @@ class CoordinatorDaemon:
                 self.registry.probe(size)
             except OSError as exc:
                 failed += 1
-                if time.monotonic() - warned_at >= STORAGE_WARN_EVERY_S:
-                    warned_at = time.monotonic()
+                if _monotonic() - warned_at >= STORAGE_WARN_EVERY_S:
+                    warned_at = _monotonic()
                     log.warning("storage still failing (%d probe(s) since it failed): %s", failed, exc)
                 else:
                     log.debug("storage still failing: %s", exc)

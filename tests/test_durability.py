@@ -912,7 +912,7 @@ def test_the_storage_probe_warns_once_a_minute_not_every_probe(monkeypatch: pyte
     from coordinator import daemon as daemon_mod
 
     clock = [1000.0]
-    monkeypatch.setattr(daemon_mod.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(daemon_mod, "_monotonic", lambda: clock[0])
     ticks = iter(range(200))
     recovered: list[int] = []
 
@@ -920,9 +920,9 @@ def test_the_storage_probe_warns_once_a_minute_not_every_probe(monkeypatch: pyte
         def wait(self, timeout: float) -> bool:
             i = next(ticks, None)
             clock[0] += 2.0
-            if i == 120:  # the disk comes back once, then fails again
+            if i == 100:  # the disk comes back once (the next warning is not due yet), then fails again
                 fake._storage_ok = True
-            elif i == 121:
+            elif i == 101:
                 fake._storage_ok = False
             return i is None
 
@@ -936,10 +936,10 @@ def test_the_storage_probe_warns_once_a_minute_not_every_probe(monkeypatch: pyte
         daemon_mod.CoordinatorDaemon._probe_loop(fake)  # type: ignore[arg-type]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     debug = [r for r in caplog.records if r.levelno == logging.DEBUG and "still failing" in r.getMessage()]
-    # 199 failed probes at 2 s each: a warning at the 1st, 31st, 61st, 91st (60 s apart), and again
-    # at the first failure after the recovery (probe 122), then 30 and 60 probes later.
+    # 199 failed probes at 2 s each: a warning at the 1st, 31st, 61st, 91st (60 s apart); after the
+    # recovery at once again (probe 102, 22 s after the last warning), then every 30 probes.
     assert [w.split(" since")[0] for w in warnings] == ["storage still failing (1 probe(s)", "storage still failing (31 probe(s)",
                                                         "storage still failing (61 probe(s)", "storage still failing (91 probe(s)",
                                                         "storage still failing (1 probe(s)", "storage still failing (31 probe(s)",
-                                                        "storage still failing (61 probe(s)"]
+                                                        "storage still failing (61 probe(s)", "storage still failing (91 probe(s)"]
     assert len(warnings) + len(debug) == 199 and recovered == []
