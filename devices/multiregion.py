@@ -170,7 +170,8 @@ class Sweep:
         if args.devices:
             sc = sc.with_device_counts([int(n) for n in args.devices.split(",")])
         out: Path = args.out or default_out(sc)
-        (out / "runs").mkdir(parents=True, exist_ok=True)
+        if not getattr(args, "report_only", False):  # (a report from nothing makes no folders)
+            (out / "runs").mkdir(parents=True, exist_ok=True)
         # Seed by seed: a sweep stopped early holds every method on its first seeds (paired).
         runs = tuple(SweepRun(str(args.scenario), args.quick, overrides, m.label, n, seed, str(out / "runs"))
                      for seed in sc.settings.seeds for n in sc.device_counts for m in sc.methods)

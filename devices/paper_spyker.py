@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from devices.multiregion import Sweep, SweepRun, sweep_parser
+from devices.scenario import ScenarioError
 
 __all__ = ["LinkQueue", "format_table", "main", "mean_sd", "parser", "run_one", "summarise", "sweep", "time_to"]
 
@@ -234,6 +235,8 @@ def sweep(p: argparse.ArgumentParser, argv: Sequence[str] | None, out_root: str,
     order = {m.label: i for i, m in enumerate(sc.methods)}
     runs = sorted((r.to_json() for r in load_region_runs(out / "runs", sc)),
                   key=lambda r: (order[r["label"]], int(r["summary"]["devices"]), int(r["seed"])))
+    if not runs:
+        raise ScenarioError(f"--report-only: {out / 'runs'} holds no run of this scenario's methods, sizes and seeds; run without it first")
     also = [float(a) for a in args.also.split(",") if a.strip()]
     summary, table = report(runs, sc.settings.duration_s, args.baseline, also)
     (out / table_name).write_text(table, encoding="utf-8")

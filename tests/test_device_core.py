@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import numpy as np
 import pytest
@@ -471,6 +472,18 @@ def test_events_are_dispatched_by_class_and_subclasses_as_their_base() -> None:
         r.start(0.0)
         [at] = timers(r.handle(recv(1.0, "model", release(1))))
         assert timers(r.handle(cls(now=at - 1.0))) == [at]
+
+    class Counting(DeviceCore):  # a subclass's override of a handler is the one called
+        seen = 0
+
+        def _on_sample(self, ev: SampleAdded) -> list[Any]:
+            Counting.seen += 1
+            return super()._on_sample(ev)
+
+    counting = Counting(DeviceConfig(device_id=DEV, region="r1", spec=SPEC, min_samples=5), rng=random.Random(0))
+    counting.handle(SampleAdded(now=1.0, total=1))
+    counting.handle(LabelledAdded(now=2.0, total=2))
+    assert Counting.seen == 2 and counting.state.total == 2
 
     class Unrelated:
         now = 2.0

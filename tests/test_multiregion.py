@@ -283,7 +283,7 @@ def test_edgeci_emulate_runs_a_regional_scenario(tmp_path: Path, capsys: pytest.
     assert run["rows"][-1]["t_s"] <= 1.0 and "| S |" in (out / "time_to_target.md").read_text()
     capsys.readouterr()
     assert edgeci(["emulate", str(path), "--out", str(tmp_path / "empty"), "--replot"]) == 1  # nothing stored to report
-    assert "holds no run of this scenario" in capsys.readouterr().err
+    assert "holds no run of this scenario" in capsys.readouterr().err and not (tmp_path / "empty").exists()
     for refused in (["--target", "0.5"], ["--broker", "mqtt://127.0.0.1:1"], ["--threads", "2"], ["--transport", "codec"]):
         capsys.readouterr()
         assert edgeci(["emulate", str(path), "--out", str(tmp_path / "refused"), *refused]) == 1  # a configuration error
