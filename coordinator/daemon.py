@@ -612,8 +612,8 @@ class CoordinatorDaemon:
                 self.registry.probe(size)
             except OSError as exc:
                 failed += 1
-                if _monotonic() - warned_at >= STORAGE_WARN_EVERY_S:
-                    warned_at = _monotonic()
+                if (now := _monotonic()) - warned_at >= STORAGE_WARN_EVERY_S:
+                    warned_at = now
                     log.warning("storage still failing (%d probe(s) since it failed): %s", failed, exc)
                 else:
                     log.debug("storage still failing: %s", exc)

@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     if "stream" in raw:  # the SCC stream experiment: its own fleet
         return _stream_mode(args)
     if "multiregion" in raw or "methods" in raw:  # regions: the regional sweep
-        return _regions_mode(args)
+        return _regions_mode(args, raw)
     scenario = load_scenario(args.scenario)
     if args.quick:
         if "quick" not in scenario.raw:  # said, not silently the full run
@@ -183,7 +183,7 @@ def _stream_mode(args: argparse.Namespace) -> int:
     return run_cli(sc, args.out or Path("runs") / "emulate" / slug(sc.name), quiet=args.no_progress)
 
 
-def _regions_mode(args: argparse.Namespace) -> int:
+def _regions_mode(args: argparse.Namespace, raw: Mapping[str, object]) -> int:
     """A scenario with ``[multiregion]`` / ``[[methods]]``: ``python -m devices.multiregion``'s
     sweep, its outputs under ``--out`` (default ``runs/emulate/<name>``)."""
     from devices.multiregion import main as sweep_regions
@@ -191,10 +191,9 @@ def _regions_mode(args: argparse.Namespace) -> int:
     if args.broker or args.target is not None or args.threads != 1 or args.transport != "in-process":
         raise ScenarioError("a [multiregion] scenario takes --strategies, --seeds, --duration, --quick, --out, --replot "
                             "and --no-progress only (one torch thread per run; `python -m devices.multiregion --jobs N` runs N at once)")
-    scenario = load_scenario(args.scenario)
-    if args.quick and "quick" not in scenario.raw:
+    if args.quick and "quick" not in raw:  # (the sweep loads and checks the scenario itself)
         print(f"note: {args.scenario} has no [quick] table: --quick runs the full scenario", file=sys.stderr)
-    argv = [str(args.scenario), f"--out={args.out or Path('runs') / 'emulate' / slug(scenario.name)}"]
+    argv = [str(args.scenario), f"--out={args.out or Path('runs') / 'emulate' / slug(str(raw['name']))}"]
     argv += [f"--methods={args.strategies}"] if args.strategies else []
     argv += [f"--seeds={args.seeds}"] if args.seeds else []
     argv += [f"--duration={args.duration!r}"] if args.duration is not None else []

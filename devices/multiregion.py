@@ -170,12 +170,22 @@ class Sweep:
         if args.devices:
             sc = sc.with_device_counts([int(n) for n in args.devices.split(",")])
         out: Path = args.out or default_out(sc)
-        if not getattr(args, "report_only", False):  # (a report from nothing makes no folders)
+        if not args.report_only:  # (a report from nothing makes no folders)
             (out / "runs").mkdir(parents=True, exist_ok=True)
         # Seed by seed: a sweep stopped early holds every method on its first seeds (paired).
         runs = tuple(SweepRun(str(args.scenario), args.quick, overrides, m.label, n, seed, str(out / "runs"))
                      for seed in sc.settings.seeds for n in sc.device_counts for m in sc.methods)
         return cls(sc, out, runs)
+
+    def stored(self) -> list[RunResult]:
+        """The runs of this sweep found in ``out/runs`` (a :class:`ScenarioError` when there are none)."""
+        from devices.report import load_region_runs
+
+        found = load_region_runs(self.out / "runs", self.scenario)
+        if not found:
+            raise ScenarioError(f"--report-only: {self.out / 'runs'} holds no run of this scenario's methods, sizes and seeds; "
+                                "run without it first")
+        return found
 
     def run(self, run: Callable[[SweepRun], T], processes: int = 1) -> list[T]:
         """``run(r)`` for every run, in order (in ``processes`` worker processes when > 1)."""
@@ -210,15 +220,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sweep_parser("python -m devices.multiregion", (__doc__ or "").split("\n\n")[0], "runs/multiregion/<name>")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    from devices.report import load_region_runs, write_region_report
+    from devices.report import write_region_report
 
     sweep = Sweep.from_args(p, args, lambda sc: Path("runs") / "multiregion" / sc.name)
     if args.report_only:
-        stored = load_region_runs(sweep.out / "runs", sweep.scenario)
-        if not stored:
-            raise ScenarioError(f"--report-only: {sweep.out / 'runs'} holds no run of this scenario's methods, sizes and seeds; "
-                                "run without it first")
-        return write_region_report(sweep.scenario, stored, sweep.out)
+        return write_region_report(sweep.scenario, sweep.stored(), sweep.out)
     results = sweep.run(functools.partial(_run, progress=not args.no_progress), args.jobs)
     return write_region_report(sweep.scenario, results, sweep.out)
 

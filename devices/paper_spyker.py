@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 from devices.multiregion import Sweep, SweepRun, sweep_parser
-from devices.scenario import ScenarioError
 
 __all__ = ["LinkQueue", "format_table", "main", "mean_sd", "parser", "run_one", "summarise", "sweep", "time_to"]
 
@@ -225,7 +224,7 @@ def sweep(p: argparse.ArgumentParser, argv: Sequence[str] | None, out_root: str,
           table_name: str) -> int:
     """Run every method × fleet size × seed (:class:`devices.multiregion.Sweep` of :func:`run_one`),
     then write ``report(runs, duration, baseline, also)``'s summary and table under ``--out``."""
-    from devices.report import json_default, load_region_runs
+    from devices.report import json_default
 
     args = p.parse_args(argv)
     plan = Sweep.from_args(p, args, lambda sc: Path("runs") / out_root / (sc.name + ("-quick" if args.quick else "")))
@@ -233,10 +232,7 @@ def sweep(p: argparse.ArgumentParser, argv: Sequence[str] | None, out_root: str,
     if not args.report_only:
         plan.run(run_one, args.jobs)
     order = {m.label: i for i, m in enumerate(sc.methods)}
-    runs = sorted((r.to_json() for r in load_region_runs(out / "runs", sc)),
-                  key=lambda r: (order[r["label"]], int(r["summary"]["devices"]), int(r["seed"])))
-    if not runs:
-        raise ScenarioError(f"--report-only: {out / 'runs'} holds no run of this scenario's methods, sizes and seeds; run without it first")
+    runs = sorted((r.to_json() for r in plan.stored()), key=lambda r: (order[r["label"]], int(r["summary"]["devices"]), int(r["seed"])))
     also = [float(a) for a in args.also.split(",") if a.strip()]
     summary, table = report(runs, sc.settings.duration_s, args.baseline, also)
     (out / table_name).write_text(table, encoding="utf-8")
