@@ -421,6 +421,8 @@ class EdgeClient:
         self._started = False
         self._used = False
         """start() was called (once only: the actor's thread and the store are not restartable)."""
+        self._stopped = False
+        """stop() ran: a detector exported after it lives in a folder removed once its session is open."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -459,11 +461,13 @@ class EdgeClient:
         self.store.close()
         if self._dir_lock is not None:
             self._dir_lock.close()  # the data dir is free for the next client
-        if self._scratch_dir is not None:
-            import shutil
+        with self._export_lock:  # not under a detect() that is exporting into the scratch folder
+            self._stopped = True
+            if self._scratch_dir is not None:
+                import shutil
 
-            shutil.rmtree(self._scratch_dir, ignore_errors=True)
-            self._scratch_dir = None
+                shutil.rmtree(self._scratch_dir, ignore_errors=True)
+                self._scratch_dir = None
 
     def __enter__(self) -> EdgeClient:
         return self.start()
@@ -557,7 +561,8 @@ class EdgeClient:
         onnxruntime serves it (letterbox and NMS without torch); each new version is exported
         to ONNX once, on the first ``detect`` after it arrives (seconds; the task's
         ``export_onnx`` needs ``edgeci[detection]``). Concurrent calls keep using the previous
-        version's session until the new one is ready.
+        version's session until the new one is ready. After :meth:`stop` it keeps serving the
+        last deployed model, as :meth:`predict` does, and writes nothing into the data dir.
         """
         if self.sample_kind != "frame":
             raise LocalProtocolError(f"detect serves detectors; this {self.task.name} device predicts classes with predict(x)")
@@ -582,12 +587,19 @@ class EdgeClient:
                 current = self._detector
             if current is not None and current.weights is weights:
                 return current  # another thread exported it meanwhile
-            folder = self.data_dir if self.data_dir is not None and self.durable else self._scratch()
             name = f"deployed-v{version}.onnx"
             if current is not None and current.path.name == name:  # the same number from another region
                 name = f"deployed-v{version}-{self.core.state.region}.onnx"
-            path = Path(export(weights, folder / name))
-            exported = _Exported(version, OnnxDetector(path, threads=1), weights, path)
+            if self._stopped:  # the data dir's lock is released and the scratch folder gone:
+                import tempfile  # the session reads the file when it opens, so the file can go at once
+
+                with tempfile.TemporaryDirectory(prefix="edgeci-detect-") as temporary:
+                    path = Path(export(weights, Path(temporary) / name))
+                    exported = _Exported(version, OnnxDetector(path, threads=1), weights, path)
+            else:
+                folder = self.data_dir if self.data_dir is not None and self.durable else self._scratch()
+                path = Path(export(weights, folder / name))
+                exported = _Exported(version, OnnxDetector(path, threads=1), weights, path)
             with self._lock:
                 self._detector = exported
             if current is not None and current.path != path:

@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -413,7 +414,7 @@ def test_onnx_export_matches_torch_and_detects_in_frame_pixels(
 
 
 def test_a_detection_device_serves_boxes_with_onnxruntime(
-    task: DetectionTask, data_dir: Path, tmp_path: Path
+    task: DetectionTask, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``EdgeClient.detect`` exports the deployed version once and answers as the task's own
     ONNX detector does; a detection device has no ``predict``/``add_sample``, a classifier
@@ -454,6 +455,21 @@ def test_a_detection_device_serves_boxes_with_onnxruntime(
             client.add_sample(scenes.images[0], 1)
     finally:
         client.stop()
+    # After stop() it keeps serving the export it has, and writes nothing more into the data dir
+    # (its lock is released: another client may own it now).
+    before = sorted(p.name for p in tmp_path.iterdir())
+    np.testing.assert_array_equal(client.detect(wide, conf=0.0005), theirs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    # A stopped in-memory device that never exported: the export goes into a temporary folder
+    # that is gone as soon as the session is open (it used to make a scratch folder nothing removed).
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    memory = EdgeClient(broker="mqtt://127.0.0.1:1883", device_id="cam-2", task=task, durable=False)
+    memory._perform(DeployModel(version=1, weights=w))
+    memory.stop()
+    np.testing.assert_array_equal(memory.detect(wide, conf=0.0005), reference.detect(wide, conf=0.0005))
+    assert list(scratch.iterdir()) == []
     digits = EdgeClient(broker="mqtt://127.0.0.1:1883", device_id="d-1", task="digits", durable=False)
     try:
         with pytest.raises(LocalProtocolError):
