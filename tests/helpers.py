@@ -104,10 +104,11 @@ class Link(Driver):
     def add_sample(self, device_id: str, total: int, at: float | None = None) -> None:
         self.push(self.now if at is None else max(at, self.now), Kind.SAMPLE, self._index[device_id], total)
 
-    def run_until(self, until: float, stop: Callable[[Kind], bool] | None = None) -> None:
-        super().run_until(until, stop)
-        if stop is None:  # every event due is done: the clock reaches ``until`` (a stop may leave some)
+    def run_until(self, until: float, stop: Callable[[Kind], bool] | None = None) -> bool:
+        drained = super().run_until(until, stop)
+        if drained:  # every event due is done: the clock reaches ``until`` (a stop that fired leaves it)
             self.clock.advance_to(max(self.now, until))
+        return drained
 
     def restart(self, coordinator: CoordinatorCore) -> None:
         """Replace the coordinator (a crash and restart from its snapshot) and start it."""

@@ -486,6 +486,30 @@ def test_preloaded_events_merge_with_the_heap_in_time_order_and_win_ties() -> No
         d.preload(Kind.SAMPLE, [1.0], [0], [1])
 
 
+def test_run_until_says_whether_it_drained_what_was_due() -> None:
+    class Counter(Driver):
+        def dispatch(self, now: float, kind: Kind, target: int, data: Any) -> None:
+            pass
+
+    d = Counter()
+    for at in (1.0, 2.0, 3.0):
+        d.push(at, Kind.TIMER, 0, None)
+    assert d.run_until(2.5, lambda kind: False) is True and d.events == 2  # a stop that never fires
+    assert d.run_until(10.0, lambda kind: True) is False and d.events == 3  # the stop fired on the last one
+    assert d.run_until(10.0) is True and d.events == 3  # nothing left
+
+
+def test_the_test_link_moves_its_clock_to_the_horizon_only_when_nothing_stopped_it() -> None:
+    from tests.helpers import Link, make_coordinator
+
+    link = Link(coordinator=make_coordinator("spin", k=2, timeout_s=30.0))
+    link.add_device("d0", min_samples=2)
+    link.add_sample("d0", 1, at=1.0)
+    link.add_sample("d0", 2, at=2.0)
+    assert link.run_until(50.0, lambda kind: kind == Kind.SAMPLE) is False and link.now == 1.0  # stopped: the clock stays
+    assert link.run_until(50.0, lambda kind: False) is True and link.now == 50.0  # given, never fired: drained
+
+
 def test_evaluation_rows_count_online_devices_and_trainings_like_a_scan_of_the_fleet() -> None:
     raw = small_scenario(profiles={"flaky": {"base": "phone", "availability": {"dropout_every_s": 60.0, "dropout_mean_s": 45.0}}},
                          fleet={"devices": 10, "mix": {"flaky": 1, "phone": 1}}, eval_every_s=7)

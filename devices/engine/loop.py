@@ -72,9 +72,10 @@ class Driver:
         that cannot halt during this run (no call per event)."""
         return self.halted
 
-    def run_until(self, until: float, stop: Callable[[Kind], bool] | None = None) -> None:
+    def run_until(self, until: float, stop: Callable[[Kind], bool] | None = None) -> bool:
         """Handle every event due by ``until`` in (time, sequence) order; ``stop(kind)``, called
-        after each, ends the loop when true."""
+        after each, ends the loop when true. True when no event due by ``until`` is left (False:
+        ``stop`` or the driver's halt ended it)."""
         pre_at, pre_target, pre_data, pre_kind = self._pre_at, self._pre_target, self._pre_data, self._pre_kind
         n_pre = len(pre_at)
         heap = self.queue._heap
@@ -95,19 +96,19 @@ class Driver:
             elif top is not None and top <= until:
                 at, _, kind, target, data = heappop(heap)
             else:
-                return
+                return True
             if virtual and at >= clock._now:  # type: ignore[attr-defined]
                 clock._now = at  # type: ignore[attr-defined]
             else:
                 advance(at)
             if halted is not None and halted():
-                return
+                return False
             self.events += 1
             if self.trace is not None:
                 self.trace(at, kind, target, data)
             dispatch(at, kind, target, data)
             if stop is not None and stop(kind):
-                return
+                return False
 
     def step(self, until: float = math.inf) -> Kind | None:
         """Handle the next event if it is due by ``until``; return its kind (None: none is,
