@@ -79,6 +79,7 @@ def test_merge_weight_is_the_sigmoid_of_the_relative_age_gap() -> None:
     assert 0.0 <= merge_weight(1, 1e9, 1.5) <= 1.0 and 0.0 <= merge_weight(1e9, 0, 1.5) <= 1.0
 
 
+@settings(deadline=None)  # as every other property test here: a stalled CI worker is not a failure
 @given(
     st.floats(0, 1e4), st.floats(0, 1e4), st.floats(-5, 5), st.floats(-5, 5),
     st.floats(0.1, 3), st.floats(0.05, 1),

@@ -84,10 +84,11 @@ def update_similarity(update: Vector, base: Vector | None, current: Vector) -> f
         return 1.0
     moved = np.asarray(update, np.float64) - base
     progress = np.asarray(current, np.float64) - base
-    norm = float(np.linalg.norm(moved) * np.linalg.norm(progress))
-    if norm == 0.0 or not np.isfinite(norm):
-        return 1.0
-    return float(np.clip(np.dot(moved, progress) / norm, -1.0, 1.0))
+    with np.errstate(over="ignore", invalid="ignore"):  # a non-finite norm is neutral below (and BLAS's spurious flags)
+        norm = float(np.linalg.norm(moved) * np.linalg.norm(progress))
+        if norm == 0.0 or not np.isfinite(norm):
+            return 1.0
+        return float(np.clip(np.dot(moved, progress) / norm, -1.0, 1.0))
 
 
 def port_weights(

@@ -76,19 +76,23 @@ def fit_head(
     rng = np.random.default_rng(seed)
     n_batches = -(-n // batch_size)
     epoch_loss = 0.0
-    for _ in range(epochs):
-        order = rng.permutation(n)
-        epoch_loss = 0.0
-        for idx in np.array_split(order, n_batches):
-            logits = z[idx] @ w.T + b
-            shifted = logits - logits.max(axis=1, keepdims=True)
-            exp = np.exp(shifted)
-            total = exp.sum(axis=1, keepdims=True)
-            rows = np.arange(idx.shape[0])
-            epoch_loss += float((np.log(total[:, 0]) - shifted[rows, y[idx]]).sum())
-            grad = exp / total
-            grad[rows, y[idx]] -= 1.0
-            grad /= idx.shape[0]
-            w -= np.float32(lr) * (grad.T @ z[idx]).astype(np.float32)
-            b -= np.float32(lr) * grad.sum(axis=0).astype(np.float32)
+    # A diverging lr gives inf or NaN, which the caller's checks refuse (the wire encodes finite
+    # weights only); warnings would add nothing. OpenBLAS has also set a spurious "invalid" flag
+    # on small float32 products of finite values (numpy #24067; seen once in this project's CI).
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        for _ in range(epochs):
+            order = rng.permutation(n)
+            epoch_loss = 0.0
+            for idx in np.array_split(order, n_batches):
+                logits = z[idx] @ w.T + b
+                shifted = logits - logits.max(axis=1, keepdims=True)
+                exp = np.exp(shifted)
+                total = exp.sum(axis=1, keepdims=True)
+                rows = np.arange(idx.shape[0])
+                epoch_loss += float((np.log(total[:, 0]) - shifted[rows, y[idx]]).sum())
+                grad = exp / total
+                grad[rows, y[idx]] -= 1.0
+                grad /= idx.shape[0]
+                w -= np.float32(lr) * (grad.T @ z[idx]).astype(np.float32)
+                b -= np.float32(lr) * grad.sum(axis=0).astype(np.float32)
     return w, b, epoch_loss / n
