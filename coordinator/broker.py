@@ -259,6 +259,8 @@ class MosquittoProcess:
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
+        self._port_chosen = not port
+        """The port came from free_port(): another process may take it first; start() then picks another."""
         self.extra_conf = extra_conf
         self.tls = tls
         self.model_bytes = model_bytes
@@ -271,6 +273,7 @@ class MosquittoProcess:
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
         self.log_path: Path | None = None
+        self._failed_log = ""
 
     @property
     def url(self) -> str:
@@ -341,16 +344,33 @@ class MosquittoProcess:
         return exe
 
     def start(self, timeout: float = 10.0) -> MosquittoProcess:
+        for attempt in range(3):
+            try:
+                return self._start(timeout)
+            except TransportError:
+                if not (self._port_chosen and attempt < 2 and "Address already in use" in self._failed_log):
+                    raise
+                self.port = free_port(self.host)  # another process took the free port first: pick another
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float) -> MosquittoProcess:
         self._dir = tempfile.TemporaryDirectory(prefix="edgeci-mosquitto-")
         conf = Path(self._dir.name) / "mosquitto.conf"
         conf.write_text(self.config_text(self._readable_copies(Path(self._dir.name))))
         log_path = self.log_path = Path(self._dir.name) / "mosquitto.log"
         with open(log_path, "wb") as log_file:
             self._proc = subprocess.Popen([self.binary(), "-c", str(conf)], stdout=log_file, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
         try:
             wait_for_port(self.host, self.port, timeout)
+            # Something listens on the port; it is this mosquitto once it logs "running". Another
+            # process already on the port answers too, while this one exits ("Address already in use").
+            while " running" not in self.log_text() and time.monotonic() < deadline:
+                if self._proc.poll() is not None:
+                    raise TransportError(f"mosquitto exited with status {self._proc.returncode} on {self.host}:{self.port}")
+                time.sleep(0.01)
         except TransportError as exc:
-            text = self.log_text()
+            text = self._failed_log = self.log_text()
             self.stop()
             raise TransportError(f"{exc}; mosquitto log:\n{text[-2000:]}") from exc
         return self

@@ -500,3 +500,29 @@ def test_a_new_state_dir_with_the_regions_key_needs_take_over(mosquitto: Mosquit
     other = tmp_path / "other.key"
     save_signer(Signer.generate(), other)
     check_take_over(options("elsewhere", other), take_over=False)  # another key: the devices would refuse it anyway
+
+
+def test_a_mosquitto_whose_port_is_taken_refuses_to_start_or_picks_another(monkeypatch: pytest.MonkeyPatch) -> None:
+    """free_port() lets its port go before mosquitto binds it, so another broker may take it
+    first. The late mosquitto exits ("Address already in use") while the other one answers on
+    the port: start() used to take that answer as its own start. Now an explicit port is a
+    TransportError and a port free_port() picked is picked again."""
+    import coordinator.broker as broker_module
+    from edge_sdk.errors import TransportError
+
+    first = MosquittoProcess().start()
+    try:
+        with pytest.raises(TransportError, match="Address already in use"):
+            MosquittoProcess(port=first.port).start()
+        handed = iter([first.port])  # free_port hands out the port the first broker holds, once
+        real = broker_module.free_port
+        monkeypatch.setattr(broker_module, "free_port", lambda host="127.0.0.1": next(handed, None) or real(host))
+        late = MosquittoProcess()
+        assert late.port == first.port
+        late.start()
+        try:
+            assert late.port != first.port and " running" in late.log_text()
+        finally:
+            late.stop()
+    finally:
+        first.stop()
