@@ -458,16 +458,16 @@ class EdgeClient:
             self._started = False
         self.actor.stop()
         self._trainer.shutdown(wait=True, cancel_futures=True)
-        self.store.close()
-        if self._dir_lock is not None:
-            self._dir_lock.close()  # the data dir is free for the next client
-        with self._export_lock:  # not under a detect() that is exporting into the scratch folder
+        with self._export_lock:  # after a detect() exporting into the data dir or the scratch folder
             self._stopped = True
             if self._scratch_dir is not None:
                 import shutil
 
                 shutil.rmtree(self._scratch_dir, ignore_errors=True)
                 self._scratch_dir = None
+        self.store.close()
+        if self._dir_lock is not None:
+            self._dir_lock.close()  # the data dir is free for the next client
 
     def __enter__(self) -> EdgeClient:
         return self.start()
@@ -602,7 +602,7 @@ class EdgeClient:
                 exported = _Exported(version, OnnxDetector(path, threads=1), weights, path)
             with self._lock:
                 self._detector = exported
-            if current is not None and current.path != path:
+            if current is not None and current.path != path and not self._stopped:  # a stopped client's dir is not its own
                 current.path.unlink(missing_ok=True)
             return exported
 

@@ -453,12 +453,14 @@ def test_a_detection_device_serves_boxes_with_onnxruntime(
             client.predict(scenes.images[0])
         with pytest.raises(LocalProtocolError):
             client.add_sample(scenes.images[0], 1)
+        client._perform(DeployModel(version=4, weights=w))  # arrives; no detect() exports it before stop()
     finally:
         client.stop()
-    # After stop() it keeps serving the export it has, and writes nothing more into the data dir
-    # (its lock is released: another client may own it now).
+    # After stop() it keeps serving the last deployed model, and writes (or removes) nothing in
+    # the data dir: its lock is released, another client may own it now.
     before = sorted(p.name for p in tmp_path.iterdir())
-    np.testing.assert_array_equal(client.detect(wide, conf=0.0005), theirs)
+    assert "deployed-v3-default.onnx" in before
+    np.testing.assert_array_equal(client.detect(wide, conf=0.0005), reference.detect(wide, conf=0.0005))
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     # A stopped in-memory device that never exported: the export goes into a temporary folder
     # that is gone as soon as the session is open (it used to make a scratch folder nothing removed).
@@ -476,6 +478,47 @@ def test_a_detection_device_serves_boxes_with_onnxruntime(
             digits.detect(scenes.images[0])
     finally:
         digits.stop()
+
+
+def test_stop_holds_the_data_dir_until_a_detect_exporting_into_it_is_done(
+    task: DetectionTask, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``detect()`` exporting into the data dir when ``stop()`` runs finishes before the dir's
+    lock is released (it used to write there after another client could hold it)."""
+    import threading
+
+    from edge_sdk.client import EdgeClient, hold_data_dir
+    from edge_sdk.core.events import DeployModel
+    from edge_sdk.errors import ConfigError
+
+    client = EdgeClient(broker="mqtt://127.0.0.1:1883", device_id="cam-3", data_dir=tmp_path, task=task)
+    client._perform(DeployModel(version=1, weights=task.pretrained(seed=0)))
+    started, release = threading.Event(), threading.Event()
+    export = task.export_onnx
+
+    def slow_export(weights: np.ndarray, path: Path, **kwargs: object) -> Path:
+        started.set()
+        release.wait(60)
+        return export(weights, path, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(task, "export_onnx", slow_export)
+    frame = make_scenes(1, seed=9, config=new_class_config(SIZE)).images[0]
+    detecting = threading.Thread(target=client.detect, args=(frame,))
+    detecting.start()
+    assert started.wait(60)
+    stopping = threading.Thread(target=client.stop)
+    stopping.start()
+    stopping.join(0.5)
+    try:
+        with pytest.raises(ConfigError, match="already runs"):
+            hold_data_dir(tmp_path, "cam-3").close()
+    finally:
+        release.set()
+        detecting.join(60)
+        stopping.join(60)
+    assert not detecting.is_alive() and not stopping.is_alive()
+    assert (tmp_path / "deployed-v1.onnx").is_file()
+    hold_data_dir(tmp_path, "cam-3").close()  # free once stop() returned
 
 
 # ---------------------------------------------------------------- offline, data dir
