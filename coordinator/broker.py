@@ -260,7 +260,8 @@ class MosquittoProcess:
         self.host = host
         self.port = port or free_port(host)
         self._port_chosen = not port
-        """The port came from free_port(): another process may take it first; start() then picks another."""
+        """The port came from free_port(): another process may take it first; start() then picks
+        another, so ``port`` and ``url`` are final once start() has returned."""
         self.extra_conf = extra_conf
         self.tls = tls
         self.model_bytes = model_bytes
@@ -362,13 +363,16 @@ class MosquittoProcess:
             self._proc = subprocess.Popen([self.binary(), "-c", str(conf)], stdout=log_file, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         try:
-            wait_for_port(self.host, self.port, timeout)
-            # Something listens on the port; it is this mosquitto once it logs "running". Another
-            # process already on the port answers too, while this one exits ("Address already in use").
-            while " running" not in self.log_text() and time.monotonic() < deadline:
+            # This mosquitto is up once it logs "running" (after opening its listeners; the notice
+            # is in mosquitto's default log_type). Another process on the port would answer a
+            # connect while this one exits at once ("Address already in use"): exit is checked first.
+            while " running" not in self.log_text():
                 if self._proc.poll() is not None:
                     raise TransportError(f"mosquitto exited with status {self._proc.returncode} on {self.host}:{self.port}")
+                if time.monotonic() > deadline:
+                    raise TransportError(f"mosquitto did not log 'running' within {timeout:.0f} s on {self.host}:{self.port}")
                 time.sleep(0.01)
+            wait_for_port(self.host, self.port, max(0.5, deadline - time.monotonic()))
         except TransportError as exc:
             text = self._failed_log = self.log_text()
             self.stop()

@@ -514,6 +514,14 @@ def test_a_mosquitto_whose_port_is_taken_refuses_to_start_or_picks_another(monke
     try:
         with pytest.raises(TransportError, match="Address already in use"):
             MosquittoProcess(port=first.port).start()
+        # A port bound but not listening (another process's socket): nothing answers a connect,
+        # mosquitto exits at once, and start() says so then (it used to wait out its timeout).
+        import socket
+
+        with socket.socket() as bound:
+            bound.bind(("127.0.0.1", 0))
+            with pytest.raises(TransportError, match=r"(?s)exited with status .*Address already in use"):
+                MosquittoProcess(port=bound.getsockname()[1]).start(timeout=60)
         handed = iter([first.port])  # free_port hands out the port the first broker holds, once
         real = broker_module.free_port
         monkeypatch.setattr(broker_module, "free_port", lambda host="127.0.0.1": next(handed, None) or real(host))
