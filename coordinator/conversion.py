@@ -88,10 +88,12 @@ def dc_asgd(stale: Vector, base: Vector, current: Vector, *, lr: float, lam: flo
 
 
 def disparity(a: Vector, b: Vector) -> tuple[float, float]:
-    """(mean absolute difference, cosine distance) between two changes."""
-    l1 = float(np.mean(np.abs(np.subtract(a, b, dtype=np.float32))))
-    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-    cos = float(np.dot(a.astype(np.float64, copy=False), b.astype(np.float64, copy=False)) / (na * nb)) if na > 0 and nb > 0 else 0.0
+    """(mean absolute difference, cosine distance) between two changes (finite ones: the
+    changes are built from validated vectors; the BLAS calls' floating-point flags are ignored)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        l1 = float(np.mean(np.abs(np.subtract(a, b, dtype=np.float32))))
+        na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+        cos = float(np.dot(a.astype(np.float64, copy=False), b.astype(np.float64, copy=False)) / (na * nb)) if na > 0 and nb > 0 else 0.0
     return l1, 1.0 - cos
 
 

@@ -397,3 +397,20 @@ def test_scc_runs_on_a_device_install_without_torch(tmp_path: Path, task: Digits
     finally:
         c.stop()
     np.testing.assert_allclose(np.array(lean["weights"], dtype=np.float32), result.weights, atol=1e-3)
+
+
+def test_a_diverging_head_fit_returns_what_the_update_check_refuses_without_a_warning(task: DigitsTask, w_new: Vector) -> None:
+    """fit_head with an lr far too large: the weights go to inf/NaN under the suite's
+    warnings-as-errors without a RuntimeWarning, and the update check refuses them (typed)."""
+    from edge_sdk.errors import NonFiniteWeights, WeightsOutOfRange
+
+    h = HeadLayout.of(task.spec)
+    x, y = xy(task, [3, 4], 20)
+    z = task.features(w_new, x) * np.float32(1e10)  # with lr 1e30 the logits overflow: inf - inf is NaN
+    w, b, loss = fit_head(z, y, w_new[h.weight].reshape(h.n_classes, h.feature_dim), w_new[h.bias],
+                          epochs=5, batch_size=8, lr=1e30, seed=0)
+    assert not (np.isfinite(w).all() and np.isfinite(b).all()) and np.isnan(loss)
+    candidate = w_new.copy()
+    candidate[h.weight], candidate[h.bias] = w.reshape(-1), b
+    with pytest.raises((NonFiniteWeights, WeightsOutOfRange)):
+        task.spec.check_update(candidate)

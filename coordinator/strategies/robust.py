@@ -249,9 +249,11 @@ def krum_select(rows: np.ndarray, f: int | None, multi: bool) -> list[int]:
     if k <= 2:
         return list(range(k))
     byz = max(0, (k - 3) // 2) if f is None else min(f, k - 1)
-    gram = np.asarray(np.dot(rows, rows.T), dtype=np.float64)
-    sq = np.diag(gram)
-    dist = np.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflowed product scores last, below
+        gram = np.asarray(np.dot(rows, rows.T), dtype=np.float64)  # (OpenBLAS has raised spurious flags here too)
+        sq = np.diag(gram)
+        dist = np.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0)
+    dist[~np.isfinite(dist)] = np.inf
     nearest = max(1, k - byz - 2)
     scores = [float(np.sort(np.delete(dist[i], i))[:nearest].sum()) for i in range(k)]
     order = sorted(range(k), key=lambda i: (scores[i], i))

@@ -74,8 +74,8 @@ class Driver:
 
     def run_until(self, until: float, stop: Callable[[Kind], bool] | None = None) -> bool:
         """Handle every event due by ``until`` in (time, sequence) order; ``stop(kind)``, called
-        after each, ends the loop when true. True when no event due by ``until`` is left (False:
-        ``stop`` or the driver's halt ended it)."""
+        after each, ends the loop when true. True when the loop ran out of events due by ``until``;
+        False when ``stop`` or the driver's halt ended it, even if nothing due was left."""
         pre_at, pre_target, pre_data, pre_kind = self._pre_at, self._pre_target, self._pre_data, self._pre_kind
         n_pre = len(pre_at)
         heap = self.queue._heap
