@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import os
@@ -130,6 +131,16 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
             time.sleep(0.05)
 
 
+def _address_in_use(exc: BaseException) -> bool:
+    """Is EADDRINUSE somewhere in ``exc``'s causes?"""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.EADDRINUSE:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 class EmbeddedBroker:
     """amqtt running on a private event loop thread. ``with EmbeddedBroker() as b: b.url``.
 
@@ -145,6 +156,9 @@ class EmbeddedBroker:
             )
         self.host = host
         self.port = port or free_port(host)
+        self._port_chosen = not port
+        """The port came from free_port(): another process may bind it first; start() then picks
+        another, so ``port`` and ``url`` are final once start() has returned."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._broker: Any = None
@@ -162,6 +176,16 @@ class EmbeddedBroker:
         }
 
     def start(self, timeout: float = 15.0) -> EmbeddedBroker:
+        for attempt in range(3):
+            try:
+                return self._start(timeout)
+            except TransportError as exc:
+                if not (self._port_chosen and attempt < 2 and _address_in_use(exc)):
+                    raise
+                self.port = free_port(self.host)  # another process bound the free port first: pick another
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float) -> EmbeddedBroker:
         from amqtt.broker import Broker
 
         loop = asyncio.new_event_loop()
@@ -188,7 +212,10 @@ class EmbeddedBroker:
         self._thread = threading.Thread(target=run, name="amqtt-broker", daemon=True)
         self._thread.start()
         started.wait(timeout)
-        if failure:
+        if failure:  # the thread has returned: the loop is this thread's to close, and stop() has nothing to do
+            self._thread.join()
+            loop.close()
+            self._loop = self._thread = self._broker = None
             raise TransportError(f"embedded broker failed to start: {failure[0]}") from failure[0]
         if not started.is_set():
             raise TransportError(f"embedded broker did not start within {timeout:.0f} s")

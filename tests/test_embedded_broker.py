@@ -150,3 +150,31 @@ def test_lasp_over_mqtt_classifier_only_versions_between_full_syncs(tmp_path: Pa
             if not full:
                 np.testing.assert_array_equal(after[ext], before[ext])
         assert daemon.core.status().extra["full_sync_every"] == 3
+
+
+def test_an_embedded_broker_whose_port_is_taken_refuses_to_start_or_picks_another(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An explicit port in use is a TransportError after which stop() has nothing to do (it
+    raised RuntimeError on the failed start's loop); a port free_port() picked that another
+    process bound first is picked again, as MosquittoProcess does."""
+    import socket
+
+    import coordinator.broker as broker_module
+    from edge_sdk.errors import TransportError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        refused = EmbeddedBroker(port=port)
+        with pytest.raises(TransportError, match="address already in use"):
+            refused.start()
+        refused.stop()
+        handed = iter([port])  # free_port hands out the taken port, once
+        real = broker_module.free_port
+        monkeypatch.setattr(broker_module, "free_port", lambda host="127.0.0.1": next(handed, None) or real(host))
+        broker = EmbeddedBroker()
+        assert broker.port == port
+        with broker:
+            assert broker.port != port
+            with socket.create_connection(("127.0.0.1", broker.port), timeout=5):
+                pass
