@@ -132,12 +132,17 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
 
 
 def _address_in_use(exc: BaseException) -> bool:
-    """Is EADDRINUSE somewhere in ``exc``'s causes?"""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno == errno.EADDRINUSE:
+    """Is EADDRINUSE anywhere in ``exc``'s causes and contexts (each visited once)?"""
+    todo: list[BaseException] = [exc]
+    seen: set[int] = set()
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.EADDRINUSE:
             return True
-        seen = seen.__cause__ or seen.__context__
+        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
     return False
 
 
@@ -218,6 +223,7 @@ class EmbeddedBroker:
             self._loop = self._thread = self._broker = None
             raise TransportError(f"embedded broker failed to start: {failure[0]}") from failure[0]
         if not started.is_set():
+            self.stop()  # it may still come up: nothing of it is left running
             raise TransportError(f"embedded broker did not start within {timeout:.0f} s")
         return self
 

@@ -503,13 +503,14 @@ def test_stop_holds_the_data_dir_until_a_detect_exporting_into_it_is_done(
 
     monkeypatch.setattr(task, "export_onnx", slow_export)
     frame = make_scenes(1, seed=9, config=new_class_config(SIZE)).images[0]
-    detecting = threading.Thread(target=client.detect, args=(frame,))
+    detecting = threading.Thread(target=client.detect, args=(frame,), daemon=True)
     detecting.start()
     assert started.wait(60)
-    stopping = threading.Thread(target=client.stop)
+    stopping = threading.Thread(target=client.stop, daemon=True)
     stopping.start()
     stopping.join(0.5)
     try:
+        assert stopping.is_alive()  # stop() waits for the export
         with pytest.raises(ConfigError, match="already runs"):
             hold_data_dir(tmp_path, "cam-3").close()
     finally:

@@ -178,3 +178,45 @@ def test_an_embedded_broker_whose_port_is_taken_refuses_to_start_or_picks_anothe
             assert broker.port != port
             with socket.create_connection(("127.0.0.1", broker.port), timeout=5):
                 pass
+
+
+def test_an_embedded_broker_that_does_not_start_in_time_leaves_nothing_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A start past its timeout is a TransportError and the broker does not come up later on
+    its own (its thread went on and bound the port, with nothing left to stop it)."""
+    import asyncio
+    import socket
+    import threading
+
+    from amqtt.broker import Broker
+
+    from edge_sdk.errors import TransportError
+
+    slow_start = Broker.start
+
+    async def late(self: Broker) -> None:
+        await asyncio.sleep(1.0)
+        await slow_start(self)
+
+    monkeypatch.setattr(Broker, "start", late)
+    broker = EmbeddedBroker()
+    with pytest.raises(TransportError, match="did not start within"):
+        broker.start(timeout=0.2)
+    time.sleep(1.5)  # past the slow start
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", broker.port), timeout=2):
+        pass
+    assert not any(t.name == "amqtt-broker" and t.is_alive() for t in threading.enumerate())
+
+
+def test_address_in_use_is_found_through_causes_and_contexts_even_in_a_cycle() -> None:
+    import errno
+
+    from coordinator.broker import _address_in_use
+    from edge_sdk.errors import TransportError
+
+    looped = TransportError("looped")
+    looped.__cause__ = looped  # `raise e from e` is legal: the walk must end
+    assert not _address_in_use(looped)
+    wrapped = TransportError("wrapped")
+    wrapped.__cause__ = ValueError("cause")
+    wrapped.__context__ = OSError(errno.EADDRINUSE, "Address already in use")  # behind a cause that is not it
+    assert _address_in_use(wrapped)

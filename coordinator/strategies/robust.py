@@ -249,8 +249,10 @@ def krum_select(rows: np.ndarray, f: int | None, multi: bool) -> list[int]:
     if k <= 2:
         return list(range(k))
     byz = max(0, (k - 3) // 2) if f is None else min(f, k - 1)
-    with np.errstate(over="ignore", invalid="ignore"):  # an overflowed product scores last, below
-        gram = np.asarray(np.dot(rows, rows.T), dtype=np.float64)  # (OpenBLAS has raised spurious flags here too)
+    # Under errstate for BLAS's spurious flags; a non-finite distance counts as infinitely far (an
+    # overflow cannot happen for updates within MAX_UPDATE_NORM: their products stay near 1e30).
+    with np.errstate(over="ignore", invalid="ignore"):
+        gram = np.asarray(np.dot(rows, rows.T), dtype=np.float64)
         sq = np.diag(gram)
         dist = np.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0)
     dist[~np.isfinite(dist)] = np.inf
