@@ -388,12 +388,17 @@ class MosquittoProcess:
         raise AssertionError("unreachable")
 
     def _start(self, timeout: float) -> MosquittoProcess:
+        exe = self.binary()
         self._dir = tempfile.TemporaryDirectory(prefix="edgeci-mosquitto-")
-        conf = Path(self._dir.name) / "mosquitto.conf"
-        conf.write_text(self.config_text(self._readable_copies(Path(self._dir.name))))
-        log_path = self.log_path = Path(self._dir.name) / "mosquitto.log"
-        with open(log_path, "wb") as log_file:
-            self._proc = subprocess.Popen([self.binary(), "-c", str(conf)], stdout=log_file, stderr=subprocess.STDOUT)
+        try:  # a config, copy or launch that fails leaves no folder behind
+            conf = Path(self._dir.name) / "mosquitto.conf"
+            conf.write_text(self.config_text(self._readable_copies(Path(self._dir.name))))
+            log_path = self.log_path = Path(self._dir.name) / "mosquitto.log"
+            with open(log_path, "wb") as log_file:
+                self._proc = subprocess.Popen([exe, "-c", str(conf)], stdout=log_file, stderr=subprocess.STDOUT)
+        except BaseException:
+            self.stop()
+            raise
         deadline = time.monotonic() + timeout
         try:
             # This mosquitto is up once it logs "running" (after opening its listeners; the notice

@@ -534,3 +534,19 @@ def test_a_mosquitto_whose_port_is_taken_refuses_to_start_or_picks_another(monke
             late.stop()
     finally:
         first.stop()
+
+
+def test_a_mosquitto_that_fails_before_launch_leaves_no_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A config that cannot be written (here: config_text raising) leaves no temporary folder
+    behind (it stayed until garbage collection)."""
+    import tempfile
+
+    def broken(self: MosquittoProcess, overrides: object = None) -> str:
+        raise OSError("no space left (stub)")
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(MosquittoProcess, "config_text", broken)
+    mosquitto = MosquittoProcess()
+    with pytest.raises(OSError, match="stub"):
+        mosquitto.start()
+    assert list(tmp_path.iterdir()) == []
