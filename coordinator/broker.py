@@ -25,8 +25,9 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from edge_sdk.errors import ConfigError, TransportError
 
@@ -146,6 +147,28 @@ def _address_in_use(exc: BaseException) -> bool:
     return False
 
 
+class _PortPicked(Protocol):
+    host: str
+    port: int
+    _port_chosen: bool
+
+
+B = TypeVar("B", bound=_PortPicked)
+
+
+def _start_on_a_free_port(broker: B, start: Callable[[], B], in_use: Callable[[TransportError], bool]) -> B:
+    """``start()``; where it failed because another process bound the port first (``in_use``)
+    and that port came from :func:`free_port`, pick another and start again (three tries)."""
+    for attempt in range(3):
+        try:
+            return start()
+        except TransportError as exc:
+            if not (broker._port_chosen and attempt < 2 and in_use(exc)):
+                raise
+            broker.port = free_port(broker.host)
+    raise AssertionError("unreachable")
+
+
 class EmbeddedBroker:
     """amqtt running on a private event loop thread. ``with EmbeddedBroker() as b: b.url``.
 
@@ -181,14 +204,7 @@ class EmbeddedBroker:
         }
 
     def start(self, timeout: float = 15.0) -> EmbeddedBroker:
-        for attempt in range(3):
-            try:
-                return self._start(timeout)
-            except TransportError as exc:
-                if not (self._port_chosen and attempt < 2 and _address_in_use(exc)):
-                    raise
-                self.port = free_port(self.host)  # another process bound the free port first: pick another
-        raise AssertionError("unreachable")
+        return _start_on_a_free_port(self, lambda: self._start(timeout), _address_in_use)
 
     def _start(self, timeout: float) -> EmbeddedBroker:
         from amqtt.broker import Broker
@@ -378,14 +394,7 @@ class MosquittoProcess:
         return exe
 
     def start(self, timeout: float = 10.0) -> MosquittoProcess:
-        for attempt in range(3):
-            try:
-                return self._start(timeout)
-            except TransportError:
-                if not (self._port_chosen and attempt < 2 and "Address already in use" in self._failed_log):
-                    raise
-                self.port = free_port(self.host)  # another process took the free port first: pick another
-        raise AssertionError("unreachable")
+        return _start_on_a_free_port(self, lambda: self._start(timeout), lambda exc: "Address already in use" in self._failed_log)
 
     def _start(self, timeout: float) -> MosquittoProcess:
         exe = self.binary()
