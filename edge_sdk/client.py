@@ -590,15 +590,14 @@ class EdgeClient:
             name = f"deployed-v{version}.onnx"
             if current is not None and current.path.name == name:  # the same number from another region
                 name = f"deployed-v{version}-{self.core.state.region}.onnx"
-            if self._stopped:  # the data dir's lock is released and the scratch folder gone:
-                import tempfile  # the session reads the file when it opens, so the file can go at once
+            import contextlib
+            import tempfile
 
-                with tempfile.TemporaryDirectory(prefix="edgeci-detect-") as temporary:
-                    path = Path(export(weights, Path(temporary) / name))
-                    exported = _Exported(version, OnnxDetector(path, threads=1), weights, path)
-            else:
-                folder = self.data_dir if self.data_dir is not None and self.durable else self._scratch()
-                path = Path(export(weights, folder / name))
+            # Stopped: the data dir's lock is released and the scratch folder gone; the session
+            # reads the file when it opens, so a temporary folder can go at once.
+            with (tempfile.TemporaryDirectory(prefix="edgeci-detect-") if self._stopped else
+                  contextlib.nullcontext(self.data_dir if self.data_dir is not None and self.durable else self._scratch())) as folder:
+                path = Path(export(weights, Path(folder) / name))
                 exported = _Exported(version, OnnxDetector(path, threads=1), weights, path)
             with self._lock:
                 self._detector = exported
