@@ -1,7 +1,7 @@
 """How fast does the fleet emulator run, and does its cost per event stay flat with fleet size?
 
 **Fleet scale** (the default): 1,000 / 10,000 / 100,000 active devices, each in its own
-subprocess (so peak RSS is per size), on the digits model (9,834 float32 parameters,
+subprocess (so peak RSS is per size), on the digits model (9,802 float32 parameters,
 39 KB per model message) with local training stubbed out (the update is a copy of the
 received model), so what is timed is the simulator, the network model, the codec and the
 two real cores. Every device labels ``--rate`` samples per hour (Poisson, the headline

@@ -52,7 +52,7 @@ HTTP_PROBLEMS = ("timeout", "too_large", "refused", "disconnect", "bad_request",
 """Kinds of ``edgeci_metrics_http_problems_total``: no complete request within the timeout; a
 request line + headers over ``MAX_REQUEST_BYTES``; a connection over ``max_connections``,
 closed on accept; the client hung up (reset, broken pipe); a malformed request or a method
-other than GET; anything else that failed while serving."""
+other than GET and HEAD; anything else that failed while serving."""
 MAX_REQUEST_BYTES = 32 * 1024
 """Request line plus headers: a scrape or probe sends a few hundred bytes."""
 

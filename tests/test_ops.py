@@ -186,6 +186,11 @@ def test_live_strategy_reconfiguration_validates_and_refuses_what_it_cannot() ->
     with pytest.raises(ConfigError):
         coordinator_cli.reconfigure_strategy(spin, {"k": 0})
     assert spin.describe()["k"] == 2  # unchanged after a refused change
+    # The robust-aggregation settings are SPIN parameters too (README: what SIGHUP reloads).
+    robust = {"combiner": "median", "clip_multiplier": 2.0, "sample_weight_cap": 5.0, "max_staleness": 4}
+    coordinator_cli.reconfigure_strategy(spin, robust)
+    for config in (spin.config, spin.robust.config):  # type: ignore[attr-defined]
+        assert {k: getattr(config, k) for k in robust} == robust
     fedavg = make_strategy("fedavg")
     with pytest.raises(ConfigError, match="cannot change"):
         coordinator_cli.reconfigure_strategy(fedavg, {"k": 2})
