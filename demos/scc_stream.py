@@ -27,11 +27,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """``edgeci emulate SCENARIO`` with these options, parsed by emulate's own parser: every
+    option this command does not take keeps emulate's default (a hand-built namespace went
+    stale when emulate gained ``--transport``)."""
     from demos import emulate
 
-    return emulate.run(argparse.Namespace(
-        scenario=args.scenario, seeds=args.seeds, quick=args.quick, out=args.out, threads=args.threads,
-        no_progress=args.no_progress, broker=None, replot=False, strategies="", target=None, duration=None))
+    argv = [str(args.scenario), f"--seeds={args.seeds}", f"--threads={args.threads}"]
+    argv += [f"--out={args.out}"] if args.out is not None else []
+    argv += [flag for flag, on in (("--quick", args.quick), ("--no-progress", args.no_progress)) if on]
+    parser = argparse.ArgumentParser(prog="edgeci emulate")
+    emulate.add_arguments(parser)
+    return emulate.run(parser.parse_args(argv))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -276,6 +276,21 @@ def test_stream_scenario_runs_edge_clients_through_the_engine(tmp_path: Path, ca
     assert [r["accuracy"] for r in runs["scc"]["rows"]] != [r["accuracy"] for r in runs["cache"]["rows"]]
 
 
+def test_scc_stream_command_runs_its_scenario_as_emulate_does(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``edgeci scc-stream --scenario S`` is ``edgeci emulate S``: the same three arms and
+    files (it raised AttributeError on an option emulate gained and it did not pass)."""
+    import json
+
+    from demos.cli import main
+
+    scenario = tmp_path / "small.toml"
+    scenario.write_text(SMALL_STREAM)
+    assert main(["scc-stream", "--scenario", str(scenario), "--seeds", "0", "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert "| seed | lasp | cache | scc | scc − cache |" in capsys.readouterr().out
+    runs = json.loads((tmp_path / "out" / "summary.json").read_text())["runs"]
+    assert {r["arm"] for r in runs} == {"lasp", "cache", "scc"} and all(r["summary"]["versions"] == 7 for r in runs)
+
+
 def test_stream_scenarios_are_validated() -> None:
     import tomllib
 
