@@ -45,6 +45,7 @@ from devices.report import (
     json_default,
     load_runs,
     load_task,
+    output_dir,
     parse_seeds,
     plot_accuracy,
     plot_staleness,
@@ -114,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         from edge_sdk.trainer import configure_threads
 
         configure_threads(args.threads)
-        (out / "runs").mkdir(parents=True, exist_ok=True)
+        output_dir(out / "runs")
         print(f"scenario {scenario.name}: {len(scenario.runs)} run(s) × {len(seeds)} seed(s) → {out}", file=sys.stderr)
         for spec in scenario.runs:
             task = tasks[_task_key(spec)]

@@ -36,6 +36,7 @@ from coordinator.config import bounded
 from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
 from devices.live import LabellingLoop, LabellingUser
 from devices.partition import partition
+from devices.report import output_dir
 from edge_sdk.client import EdgeClient
 from edge_sdk.spec import Vector
 from edge_sdk.tasks import get_task
@@ -160,8 +161,7 @@ def plot(timeline: Timeline, path: Path, title: str, training: Timeline | None =
 def run(args: argparse.Namespace) -> int:
     task = get_task(args.model)
     data = task.data()
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(args.out)
     tmp = tempfile.TemporaryDirectory(prefix="edgeci-run-")
     state_dir = args.state_dir or Path(tmp.name) / "coordinator"
     broker = None if args.broker else EmbeddedBroker().start()

@@ -171,7 +171,9 @@ class Sweep:
             sc = sc.with_device_counts([int(n) for n in args.devices.split(",")])
         out: Path = args.out or default_out(sc)
         if not args.report_only:  # (a report from nothing makes no folders)
-            (out / "runs").mkdir(parents=True, exist_ok=True)
+            from devices.report import output_dir
+
+            output_dir(out / "runs")
         # Seed by seed: a sweep stopped early holds every method on its first seeds (paired).
         runs = tuple(SweepRun(str(args.scenario), args.quick, overrides, m.label, n, seed, str(out / "runs"))
                      for seed in sc.settings.seeds for n in sc.device_counts for m in sc.methods)

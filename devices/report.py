@@ -315,6 +315,17 @@ def slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-") or "run"
 
 
+def output_dir(path: Path, flag: str = "--out") -> Path:
+    """Make ``path`` (and its parents) the folder for a command's outputs, before any work is
+    done: a path that cannot be one (an existing file, a read-only place) is a ConfigError that
+    names ``flag``, not a traceback after the runs."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot make it a folder for the outputs ({exc.strerror or exc})") from None
+    return path
+
+
 def write_run(directory: Path, result: RunResult) -> None:
     stem = f"{slug(result.label)}__seed{result.seed}"
     (directory / f"{stem}.json").write_text(json.dumps(result.to_json(), indent=1, default=json_default), encoding="utf-8")
@@ -337,7 +348,8 @@ def load_runs(directory: Path, scenario: Scenario) -> list[RunResult]:
                 continue
             results.append(read_run(path, spec.settings.target_accuracy))
     if missing:
-        raise ConfigError(f"--replot: {directory} lacks {len(missing)} run file(s), e.g. {missing[0]}; run without --replot first")
+        raise ConfigError(f"--replot: {directory} lacks {len(missing)} run file(s) of these runs and seeds, e.g. {missing[0]}; "
+                          "--replot reads what the same command without it wrote (the same --quick, --seeds and --strategies)")
     return results
 
 

@@ -482,7 +482,10 @@ def format_report(runs: Sequence[ArmRun]) -> str:
 
 def run_cli(sc: SccScenario, out: Path, *, quiet: bool = False) -> int:
     """``edgeci emulate`` for a stream scenario: run, print and write the report."""
+    from devices.report import output_dir
+
     st, se = sc.settings, sc.stream
+    output_dir(out)
     print(f"scenario {sc.name}: {len(se.arms)} arm(s) × {len(st.seeds)} seed(s) → {out}", file=sys.stderr)
 
     def progress(r: ArmRun) -> None:
@@ -497,7 +500,6 @@ def run_cli(sc: SccScenario, out: Path, *, quiet: bool = False) -> int:
             f"{split}, cache Q={se.capacity}; {len(st.seeds)} seeds. Accuracy in %; forgetting = early-class accuracy "
             f"when learned − at the end (pp; early classes = the first {se.early_classes} of each seed's season order).\n\n")
     report = note + format_report(runs) + "\n"
-    out.mkdir(parents=True, exist_ok=True)
     (out / "scc_stream.md").write_text(report, encoding="utf-8")
     (out / "summary.json").write_text(json.dumps({
         "settings": {"stream": asdict(se), "devices": st.devices, "seeds": list(st.seeds), "alpha": st.alpha},

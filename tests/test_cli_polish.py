@@ -138,6 +138,43 @@ def test_pretrain_refuses_an_unwritable_out_before_pretraining(out: str, needle:
     assert sorted(tmp_path.rglob("*")) == before  # no directory made, no probe left
 
 
+@pytest.mark.parametrize("argv", [
+    ["emulate", "demos/scenarios/digits-headline.toml", "--quick"],
+    ["emulate", "demos/scenarios/multiregion/digits-4regions.toml", "--quick"],
+    ["scc-stream", "--quick"],
+    ["run", "--devices", "1", "--duration", "1"],
+], ids=["emulate", "regions", "scc-stream", "run"])
+def test_an_out_that_cannot_be_a_folder_is_one_line_before_any_run(argv: list[str], tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """An existing file as ``--out`` (or a path under one) was a NotADirectoryError or
+    FileExistsError traceback; for scc-stream, only after every run."""
+    import demos.run
+    import devices.scc_fleet
+    import devices.simulator
+
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("work started before --out was checked")
+
+    monkeypatch.setattr(devices.simulator.Simulation, "run", no_work)
+    monkeypatch.setattr(devices.scc_fleet, "run_scenario", no_work)
+    monkeypatch.setattr(demos.run, "EmbeddedBroker", no_work)
+    a_file = tmp_path / "deployed.npz"
+    a_file.write_text("")
+    for out in (a_file, a_file / "sub"):
+        assert main([*argv, "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert f"error: --out {out}" in err and "cannot make it a folder for the outputs" in err, err
+        assert "Traceback" not in err
+    assert a_file.read_text() == ""
+
+
+def test_replot_without_runs_says_which_options_must_match(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["emulate", "demos/scenarios/digits-headline.toml", "--replot", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "lacks" in err and "the same --quick, --seeds and --strategies" in err, err
+
+
 # ---------------------------------------------------------------------- run: its numbers
 
 
