@@ -31,8 +31,9 @@ import os
 import shutil
 import signal
 import threading
+import time
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,7 @@ from edge_sdk.errors import ConfigError, EdgeciError
 from edge_sdk.modelio import load_model
 from edge_sdk.mqtt import TOFU_PEERS, add_broker_arguments, auth_from_args, parse_broker_url
 from edge_sdk.tasks import get_task
+from edge_sdk.wire import topics
 from edge_sdk.wire.topics import check_id
 
 if TYPE_CHECKING:
@@ -167,9 +169,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       "bundle's operators/")
     o = p.add_argument_group("operations")
     o.add_argument("--take-over", action="store_true",
-                   help="start on a new state dir although the region's devices follow another state dir signed with this "
-                   "key (its retained recall says so): they drop that numbering for this one's version 0. Without it such "
-                   "a start is refused: a mistyped --state-dir would take the fleet over. For a state dir that is lost")
+                   help="start although (a) the region's status shows another coordinator, with another signing key, "
+                   "live (two would split the devices: for one that crashed before its last will arrived), or (b) on a new "
+                   "state dir, the region's devices follow another state dir signed with this key (its retained recall says "
+                   "so): they drop that numbering for this one's version 0. Without it such a start is refused: a mistyped "
+                   "--state-dir or --region would take the fleet over. For a coordinator or state dir that is lost")
     o.add_argument("--signing-key", type=Path, help="the Ed25519 key (PEM) that signs every model, recall and peer message; "
                    "default: the bundle's signing.key, else STATE_DIR/signing.key (created 0600 on first start). Keep it "
                    "apart from the state dir: devices that pinned it on first use refuse any other key, so a state dir "
@@ -515,53 +519,57 @@ def _first_missing(path: Path) -> Path | None:
 
 
 def _signing_kid(options: CoordinatorOptions) -> str | None:
-    """The id of the key the daemon will sign with, when it exists outside a new state dir."""
+    """The id of the key the daemon will sign with (kept apart, or the state dir's own), None
+    while it is yet to be made (a new state dir's)."""
     from coordinator.daemon import kept_signing_key
     from edge_sdk.signing import load_signer
 
-    path = kept_signing_key(options)
-    return load_signer(path).kid if path is not None else None
+    path = kept_signing_key(options) or Path(options.state_dir) / "signing.key"
+    return load_signer(path).kid if path.exists() else None
 
 
-def region_followers(options: CoordinatorOptions, kid: str, wait_s: float = 1.0) -> Recall | None:
-    """The region's retained recall if it is signed by key ``kid`` (verified): the numbering the
-    devices follow. None when there is none, it is another key's, or the broker cannot be asked
+def _retained(options: CoordinatorOptions, wanted: Sequence[str], wait_s: float = 1.0) -> dict[str, bytes] | None:
+    """The region's retained messages on ``wanted`` topics, read by one short-lived probe
+    connection (under this coordinator's credentials). None when the broker cannot be asked
     (the daemon's own start then says why)."""
-    import threading
-
     from edge_sdk.mqtt import BrokerAuth, MqttTransport
-    from edge_sdk.signing import verify
-    from edge_sdk.wire import topics
-    from edge_sdk.wire.codec import decode_frame
-    from edge_sdk.wire.messages import Recall
 
-    topic = topics.recall_topic(options.region)
-    got: list[bytes] = []
+    got: dict[str, bytes] = {}
     arrived = threading.Event()
 
     def on(t: str, payload: bytes) -> None:
-        got.append(payload)
-        arrived.set()
+        got.setdefault(t, payload)
+        if len(got) == len(wanted):
+            arrived.set()
 
     cid = f"{options.coordinator_id or f'coord-{options.region}'}-preflight"[:64]
     try:
-        probe = MqttTransport(options.broker, client_id=cid, subscriptions=[topic], on_message=on, clean_session=True,
+        probe = MqttTransport(options.broker, client_id=cid, subscriptions=list(wanted), on_message=on, clean_session=True,
                               auth=options.auth or (BrokerAuth.from_bundle(options.bundle) if options.bundle is not None else None))
         probe.start(10.0)
     except EdgeciError as exc:
-        log.debug("could not read the region's recall before starting: %s", exc)
+        log.debug("could not read the region's retained messages before starting: %s", exc)
         return None
     try:
         arrived.wait(wait_s)  # a retained message follows the subscription's answer at once
-        if probe.refused_subscriptions:
-            log.warning("the take-over check is skipped: the broker does not let this coordinator read %s (an ACL from "
+        for topic in probe.refused_subscriptions:
+            log.warning("a start-up check is skipped: the broker does not let this coordinator read %s (an ACL from "
                         "before this release: regenerate it with `edgeci pki broker-conf` and reload mosquitto)", topic)
     finally:
         probe.stop()
-    if not got:
+    return got
+
+
+def _followed_recall(payload: bytes | None, kid: str, topic: str) -> Recall | None:
+    """``payload`` as a recall signed by key ``kid`` (verified), else None."""
+    from edge_sdk.signing import verify
+    from edge_sdk.wire.codec import decode_frame
+    from edge_sdk.wire.messages import Recall
+
+    if payload is None:
         return None
     try:
-        frame = decode_frame(got[0])
+        frame = decode_frame(payload)
     except EdgeciError:
         return None
     sig, msg = frame.signature, frame.message
@@ -570,16 +578,61 @@ def region_followers(options: CoordinatorOptions, kid: str, wait_s: float = 1.0)
     return msg if verify(sig.public_raw, sig.signature, sig.signed_for(topics.signing_scope(topic))) else None
 
 
+def region_followers(options: CoordinatorOptions, kid: str, wait_s: float = 1.0) -> Recall | None:
+    """The region's retained recall if it is signed by key ``kid`` (verified): the numbering the
+    devices follow. None when there is none, it is another key's, or the broker cannot be asked."""
+    topic = topics.recall_topic(options.region)
+    got = _retained(options, [topic], wait_s)
+    return _followed_recall((got or {}).get(topic), kid, topic)
+
+
+def live_other_coordinator(status_payload: bytes | None, kid: str | None, now: float) -> str | None:
+    """What the region's retained status says of another coordinator that is live now (alive,
+    and fresh by its own heartbeat) and signs with another key than ``kid`` (None: this one's
+    key is yet to be made): a description for the refusal, else None. The same key is this
+    state dir's own earlier process (restarted after a crash, before its last will) or a copy
+    of it, which :func:`check_take_over` judges."""
+    from coordinator.cli_status import liveness
+    from edge_sdk.wire.codec import parse_status_json
+
+    if status_payload is None:
+        return None
+    try:
+        status = parse_status_json(status_payload)
+    except EdgeciError:
+        return None
+    extra = status.get("extra")
+    theirs = extra.get("signing_key") if isinstance(extra, dict) else None
+    alive, why = liveness(status, now)
+    if alive is not True or (kid is not None and theirs == kid):
+        return None
+    return (f"coordinator {str(status.get('coordinator', '?'))[:100]!r} (key {str(theirs or 'none')[:40]}, version "
+            f"{status.get('version')}; {why})")
+
+
 def check_take_over(options: CoordinatorOptions, take_over: bool) -> None:
-    """A new state dir with the region's signing key while its devices follow another state dir of
-    that key (the retained recall, signed by it, names another epoch): starting would move the
-    fleet to this one's version 0 within a second. Refused unless ``--take-over``."""
-    if _holds_versions(options.state_dir):
-        return
+    """Before a start, two checks on the region's retained messages; each refused unless
+    ``--take-over``:
+
+    * another coordinator, with another signing key, is live on the region (its status): two
+      coordinators on one region answer the same devices with different keys and versions,
+      and with the same client id the broker keeps dropping one for the other;
+    * on a state dir that holds no versions yet, the region's devices follow another state dir
+      signed with this key (its recall names an epoch): starting would move the fleet to this
+      one's version 0 within a second."""
+    fresh = not _holds_versions(options.state_dir)
     kid = _signing_kid(options)
-    if kid is None:  # a key made with the new state dir: devices that trust the old one refuse it anyway
-        return
-    recall = region_followers(options, kid)
+    recall_topic, status_topic = topics.recall_topic(options.region), topics.status_topic(options.region)
+    got = _retained(options, [recall_topic, status_topic] if fresh else [status_topic]) or {}
+    other = live_other_coordinator(got.get(status_topic), kid, time.time())
+    if other is not None:
+        if take_over:
+            log.warning("taking over region %r although its status shows %s live", options.region, other)
+        else:
+            raise ConfigError(f"region {options.region!r} already has a live {other}; a second coordinator would split its "
+                              f"devices. Stop that one, or check --region / --state-dir; if it is gone (crashed, its last "
+                              f"will not yet published), start again with --take-over")
+    recall = _followed_recall(got.get(recall_topic), kid, recall_topic) if fresh and kid is not None else None
     if recall is None or recall.epoch == 0:
         return
     if take_over:

@@ -502,6 +502,51 @@ def test_a_new_state_dir_with_the_regions_key_needs_take_over(mosquitto: Mosquit
     check_take_over(options("elsewhere", other), take_over=False)  # another key: the devices would refuse it anyway
 
 
+def test_a_second_coordinator_on_a_live_region_is_refused_unless_take_over(mosquitto: MosquittoProcess, tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """Operator trial: `edgeci coordinator` on a region that already had a live coordinator (a
+    mistyped --state-dir or --region) started: both took client id coord-REGION, the broker kept
+    dropping one for the other, and its new key's recall was refused by every device. The start
+    now reads the region's retained status: live, fresh, another key: refused unless --take-over.
+    The same key (that state dir's own process, restarted) and a stopped one pass."""
+    import json
+    import logging
+
+    from coordinator.cli import check_take_over, live_other_coordinator
+    from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
+    from edge_sdk.errors import ConfigError
+    from edge_sdk.signing import Signer, save_signer
+
+    key, other = tmp_path / "signing.key", tmp_path / "other.key"
+    save_signer(Signer.generate(), key)
+    save_signer(Signer.generate(), other)
+
+    def options(state: str, signing_key: Path | None = key) -> CoordinatorOptions:
+        return CoordinatorOptions(broker=mosquitto.url, region="live-check", state_dir=tmp_path / state, signing_key=signing_key,
+                                  strategy_params={"k": 1, "timeout_s": 5.0})
+
+    check_take_over(options("fresh", None), take_over=False)  # an empty region
+    real = CoordinatorDaemon(options("real"), task=get_task("digits")).start()
+    try:
+        for state, signing_key in (("typo", None), ("typo", other)):  # a key made with the new dir, or another kept one
+            with pytest.raises(ConfigError, match="region 'live-check' already has a live coordinator .* start again with --take-over"):
+                check_take_over(options(state, signing_key), take_over=False)
+        assert not (tmp_path / "typo").exists()  # refused before anything is written
+        check_take_over(options("real"), take_over=False)  # its own key: that state dir's process restarting
+        with caplog.at_level(logging.WARNING, logger="edgeci.coordinator"):
+            check_take_over(options("typo", None), take_over=True)
+        assert "taking over region 'live-check' although its status shows coordinator" in caplog.text
+    finally:
+        real.stop()
+    check_take_over(options("typo", None), take_over=False)  # stopped: its status says so
+    # A status that claims to be alive but is older than three heartbeats (+10 s) is a coordinator gone.
+    old = json.dumps({"type": "status", "v": 3, "region": "r", "coordinator": "c", "alive": True, "heartbeat_s": 30.0,
+                      "published_at": 1000.0, "extra": {"signing_key": "k1"}}).encode()
+    assert live_other_coordinator(old, None, now=1000.0 + 99.0) is not None
+    assert live_other_coordinator(old, None, now=1000.0 + 101.0) is None
+    assert live_other_coordinator(old, "k1", now=1000.0) is None
+
+
 def test_a_mosquitto_whose_port_is_taken_refuses_to_start_or_picks_another(monkeypatch: pytest.MonkeyPatch) -> None:
     """free_port() lets its port go before mosquitto binds it, so another broker may take it
     first. The late mosquitto exits ("Address already in use") while the other one answers on
