@@ -10,13 +10,19 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
+from coordinator.config import bounded
 from devices.live import LabellingLoop, LabellingUser, device_index
 from devices.partition import partition
 from edge_sdk.client import EdgeClient, check_device_bundle
+from edge_sdk.errors import ConfigError
 from edge_sdk.mqtt import TOFU_DEVICES, add_broker_arguments, auth_from_args, read_bundle
 from edge_sdk.tasks import get_task
 from edge_sdk.tasks.base import Split, TrainConfig
@@ -24,25 +30,64 @@ from edge_sdk.tasks.base import Split, TrainConfig
 log = logging.getLogger("edgeci.device")
 
 
+def _finite(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse`` (a :func:`bounded` type) that also refuses ±inf: an infinite α, learning rate or
+    refresh period is no setting, and deeper down it fails with the internal field's name."""
+
+    def check(text: str) -> Any:
+        value = parse(text)
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        return value
+
+    return check
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    # Every number is checked here, so a nonsense value is one line naming its flag (exit 2),
+    # not a traceback from deep inside the partition, the labelling loop or the SDK.
     p.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="MQTT broker URL: mqtts://HOST[:8883] with --bundle in production")
     add_broker_arguments(p, trust=TOFU_DEVICES)
     p.add_argument("--region", default="default", help="region of the coordinator to use")
     p.add_argument("--device-id", required=True, help="this device's id (1-64 of A-Z a-z 0-9 _ . -)")
     p.add_argument("--dataset", "--model", dest="model", default="digits", help="task whose pool is labelled")
     p.add_argument("--data-dir", type=Path, help="SDK data dir (default: $EDGECI_HOME/devices/DEVICE_ID, EDGECI_HOME defaulting to ~/.edgeci)")
-    p.add_argument("--fleet-size", type=int, default=20, help="the pool is split into this many partitions")
-    p.add_argument("--partition", type=int, help="partition index (default: from the device id)")
-    p.add_argument("--alpha", type=float, default=1.0, help="Dirichlet α of the partition")
-    p.add_argument("--rate", type=float, default=0.5, help="labels per second (Poisson)")
-    p.add_argument("--min-samples", type=int, help="D_min before the first pull (default: the task's, edge_sdk/tasks/registry.py)")
-    p.add_argument("--epochs", type=int, default=2, help="local epochs per round, unless the coordinator's hints say otherwise")
-    p.add_argument("--lr", type=float, default=0.05, help="local learning rate, unless the coordinator's hints say otherwise")
-    p.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: run until the partition is labelled, then keep serving)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the partition, the labelling times and local training")
-    p.add_argument("--refresh", type=float, default=3600.0, metavar="SECONDS",
+    p.add_argument("--fleet-size", type=bounded(int, 1), default=20, help="the pool is split into this many partitions")
+    p.add_argument("--partition", type=bounded(int, 0), help="partition index, 0 to fleet size - 1 (default: from the device id)")
+    p.add_argument("--alpha", type=_finite(bounded(float, 0, strict=True)), default=1.0, help="Dirichlet α of the partition")
+    p.add_argument("--rate", type=bounded(float, 0, strict=True), default=0.5, help="labels per second (Poisson)")
+    p.add_argument("--min-samples", type=bounded(int, 1), help="D_min before the first pull (default: the task's, edge_sdk/tasks/registry.py)")
+    p.add_argument("--epochs", type=bounded(int, 1), default=2, help="local epochs per round, unless the coordinator's hints say otherwise")
+    p.add_argument("--lr", type=_finite(bounded(float, 0, strict=True)), default=0.05,
+                   help="local learning rate, unless the coordinator's hints say otherwise")
+    p.add_argument("--duration", type=bounded(float, 0), default=0.0, help="stop after this many seconds (0: run until the partition is labelled, then keep serving)")
+    p.add_argument("--seed", type=bounded(int, 0), default=0, help="seed of the partition, the labelling times and local training")
+    p.add_argument("--refresh", type=_finite(bounded(float, 0, rule="must be above 0 (or 0: off)")), default=3600.0, metavar="SECONDS",
                    help="an idle device (no pull for this long, ±10%%) asks for the current release, so it keeps "
                         "serving the newest one after its labelling ends (default: 3600; 0: off)")
+
+
+def check_partition(args: argparse.Namespace) -> None:
+    """The options' cross-checks that need no data: ``--partition`` names one of ``--fleet-size``'s."""
+    if args.partition is not None and args.partition >= args.fleet_size:
+        raise ConfigError(f"--partition {args.partition} is not a partition of --fleet-size {args.fleet_size}: "
+                          f"they are numbered 0 to {args.fleet_size - 1}")
+
+
+def device_partition(args: argparse.Namespace, labels: npt.NDArray[Any]) -> tuple[int, npt.NDArray[np.int64]]:
+    """This device's partition index and its samples' indices into the pool (``labels``, its ``y``);
+    a partition without samples is an error (its device would label nothing, silently)."""
+    pool_size = len(labels)
+    if args.fleet_size > pool_size:
+        raise ConfigError(f"--fleet-size {args.fleet_size}: the {args.model} pool has {pool_size} samples, so at most "
+                          f"{pool_size} devices (each partition needs a sample)")
+    index = args.partition if args.partition is not None else device_index(args.device_id, args.fleet_size)
+    idx = partition(labels, args.fleet_size, "dirichlet", alpha=args.alpha, seed=args.seed)[index]
+    if not len(idx):
+        raise ConfigError(f"partition {index} of --fleet-size {args.fleet_size} has no samples: Dirichlet α={args.alpha:g} "
+                          f"(--alpha) with --seed {args.seed} gave it none of the {args.model} pool's {pool_size}; a larger "
+                          f"--alpha, another --seed or a smaller --fleet-size gives it some")
+    return index, idx
 
 
 def _plain(value: object) -> object:
@@ -71,13 +116,12 @@ REFUSAL_HINTS = {
 
 def run(args: argparse.Namespace) -> int:
     logging.getLogger("edgeci").setLevel(logging.INFO)
+    check_partition(args)
     if args.bundle is not None:  # (before the data dir is made; EdgeClient checks it again)
         check_device_bundle(Path(args.bundle).expanduser(), read_bundle(args.bundle), args.device_id, [args.region])
     task = get_task(args.model)
     data = task.data()
-    index = args.partition if args.partition is not None else device_index(args.device_id, args.fleet_size)
-    parts = partition(data.pool.y, args.fleet_size, "dirichlet", alpha=args.alpha, seed=args.seed)
-    idx = parts[index]
+    index, idx = device_partition(args, data.pool.y)
     data_dir = args.data_dir  # None: the SDK's $EDGECI_HOME/devices/<id>
     client = EdgeClient(
         broker=args.broker,

@@ -529,7 +529,7 @@ def test_a_second_coordinator_on_a_live_region_is_refused_unless_take_over(mosqu
     real = CoordinatorDaemon(options("real"), task=get_task("digits")).start()
     try:
         for state, signing_key in (("typo", None), ("typo", other)):  # a key made with the new dir, or another kept one
-            with pytest.raises(ConfigError, match="region 'live-check' already has a live coordinator .* start again with --take-over"):
+            with pytest.raises(ConfigError, match=r"region 'live-check' already has a live coordinator .* start again with --take-over"):
                 check_take_over(options(state, signing_key), take_over=False)
         assert not (tmp_path / "typo").exists()  # refused before anything is written
         check_take_over(options("real"), take_over=False)  # its own key: that state dir's process restarting

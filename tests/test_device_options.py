@@ -1,0 +1,99 @@
+"""``edgeci device``'s numbers: a value it cannot use is one line naming its flag and a non-zero
+exit, before the SDK makes its data dir, not a traceback (``--fleet-size 0``, ``--partition 25``),
+a device that labels nothing and exits 0 (``--rate 0``), or an error naming an internal field
+(``min_samples must be …``). Valid values parse and partition as they always did."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from demos.cli import build_parser, main
+
+NOWHERE = "mqtt://127.0.0.1:1"  # (nothing listens: were a bad value let through, the device fails fast, not hangs)
+
+
+def device(tmp_path: Path, *flags: str) -> int:
+    return main(["device", "--device-id", "d1", "--broker", NOWHERE, "--data-dir", str(tmp_path / "data"), *flags])
+
+
+@pytest.mark.parametrize("flag, value, needle", [
+    ("--fleet-size", "0", "argument --fleet-size: must be at least 1, got 0"),
+    ("--fleet-size", "many", "argument --fleet-size: expected an integer, got 'many'"),
+    ("--partition", "-1", "argument --partition: must be at least 0, got -1"),
+    ("--rate", "-1", "argument --rate: must be above 0, got -1"),
+    ("--rate", "0", "argument --rate: must be above 0, got 0"),
+    ("--duration", "-1", "argument --duration: must be at least 0, got -1"),
+    ("--duration", "nan", "argument --duration: must be at least 0, got nan"),
+    ("--epochs", "0", "argument --epochs: must be at least 1, got 0"),
+    ("--lr", "-1", "argument --lr: must be above 0, got -1"),
+    ("--lr", "0", "argument --lr: must be above 0, got 0"),
+    ("--lr", "inf", "argument --lr: must be a finite number, got inf"),
+    ("--alpha", "0", "argument --alpha: must be above 0, got 0"),
+    ("--seed", "-1", "argument --seed: must be at least 0, got -1"),
+    ("--min-samples", "0", "argument --min-samples: must be at least 1, got 0"),
+    ("--refresh", "-5", "argument --refresh: must be above 0 (or 0: off), got -5"),
+    ("--refresh", "inf", "argument --refresh: must be a finite number, got inf"),
+])
+def test_a_number_out_of_range_is_a_usage_error_naming_its_flag(flag: str, value: str, needle: str, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        device(tmp_path, "--duration", "2", flag, value)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == f"edgeci device: error: {needle}", err
+    assert "Traceback" not in err and "min_samples" not in err and "refresh_s" not in err
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (("--partition", "25"), "--partition 25 is not a partition of --fleet-size 20: they are numbered 0 to 19"),
+    (("--partition", "3", "--fleet-size", "3"), "--partition 3 is not a partition of --fleet-size 3: they are numbered 0 to 2"),
+    (("--fleet-size", "2000"), "--fleet-size 2000: the digits pool has 1397 samples, so at most 1397 devices"),
+    # Dirichlet(0.01) over 20 devices leaves partition 0 of seed 0 without a sample
+    (("--alpha", "0.01", "--partition", "0"), "partition 0 of --fleet-size 20 has no samples: Dirichlet α=0.01 (--alpha) "
+                                              "with --seed 0 gave it none of the digits pool's 1397"),
+])
+def test_options_that_disagree_or_leave_no_samples_are_one_line_errors(flags: tuple[str, ...], needle: str, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    assert device(tmp_path, "--duration", "2", *flags) == 1
+    out, err = capsys.readouterr()
+    assert err.startswith(f"edgeci device: error: {needle}") and err.count("\n") == 1, err
+    assert "Traceback" not in err and "started" not in out
+    assert not (tmp_path / "data").exists()  # refused before the SDK made its data dir
+
+
+def parse(*flags: str) -> argparse.Namespace:
+    argv = ["device", "--device-id", "d1", *flags]
+    return build_parser(argv).parse_args(argv)
+
+
+def test_valid_values_and_the_defaults_still_parse() -> None:
+    args = parse("--fleet-size", "1", "--partition", "0", "--rate", "0.25", "--duration", "0", "--refresh", "0",
+                 "--min-samples", "1", "--epochs", "1", "--lr", "1e-3", "--alpha", "0.5", "--seed", "0")
+    assert (args.fleet_size, args.partition, args.rate, args.duration, args.refresh) == (1, 0, 0.25, 0.0, 0.0)
+    assert (args.min_samples, args.epochs, args.lr, args.alpha, args.seed) == (1, 1, 1e-3, 0.5, 0)
+    assert isinstance(args.fleet_size, int) and isinstance(args.duration, float)
+    args = parse()
+    assert (args.fleet_size, args.partition, args.rate, args.duration, args.refresh) == (20, None, 0.5, 0.0, 3600.0)
+    assert (args.min_samples, args.epochs, args.lr, args.alpha, args.seed) == (None, 2, 0.05, 1.0, 0)
+
+
+def test_a_valid_fleet_gets_the_partition_it_always_did() -> None:
+    import numpy as np
+
+    from devices.headless import check_partition, device_partition
+    from devices.live import device_index
+    from devices.partition import partition
+
+    labels = np.arange(200) % 10
+    for flags in ((), ("--partition", "19"), ("--fleet-size", "5", "--partition", "4", "--alpha", "0.5", "--seed", "3")):
+        args = parse(*flags)
+        check_partition(args)
+        index, idx = device_partition(args, labels)
+        expected = args.partition if args.partition is not None else device_index("d1", args.fleet_size)
+        assert index == expected
+        assert np.array_equal(idx, partition(labels, args.fleet_size, "dirichlet", alpha=args.alpha, seed=args.seed)[index])
+        assert len(idx) > 0
