@@ -32,13 +32,12 @@ import shutil
 import signal
 import threading
 import time
-import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from coordinator.config import ENV_PREFIX, Layered, merge_strategy_params
+from coordinator.config import ENV_PREFIX, Layered, merge_strategy_params, param_value
 from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
 from coordinator.inversion import inversion_config
 from coordinator.methods import make_method, resolve_names, split_params
@@ -210,13 +209,7 @@ def parse_params(items: Iterable[str], flag: str = "--param") -> dict[str, objec
         name, raw = name.strip(), raw.strip()
         if not sep or not name.isidentifier():
             raise ConfigError(f"{flag} expects NAME=VALUE, got {item!r}")
-        if raw.lower() in ("none", "null"):
-            out[name] = None
-            continue
-        try:
-            out[name] = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[name] = raw
+        out[name] = param_value(raw)
     return out
 
 

@@ -74,7 +74,9 @@ class Layered:
     overridden: list[str] = field(default_factory=list)
     """Config-file values that the environment or a flag replaced with another value, as
     ``KEY = 'file value' in FILE: EDGECI_KEY / --key wins (value)`` (a unit file's
-    ``EDGECI_STATE_DIR`` silently beat the file's ``state_dir``)."""
+    ``EDGECI_STATE_DIR`` silently beat the file's ``state_dir``). The ``[strategy]`` table's, as
+    ``[strategy] KEY = …``, are added by :func:`merge_strategy_params` (only the command knows
+    which flag sets which parameter)."""
 
     def given(self, dest: str) -> bool:
         """Set by a flag or the environment (stronger than the file's ``[strategy]`` table)."""
@@ -330,14 +332,59 @@ def _item_name(item: str) -> str:
 def merge_strategy_params(from_flags: Mapping[str, Any], table: Mapping[str, Any],
                           flag_of: Mapping[str, str], layered: Layered) -> dict[str, Any]:
     """Strategy parameters: the file's ``[strategy]`` table over the flags' defaults, but a
-    parameter whose flag (``flag_of[param]`` is its dest) was given explicitly keeps it."""
+    parameter whose flag (``flag_of[param]`` is its dest) was given explicitly keeps it.
+
+    Each table value that a flag, the environment or a ``--param`` item (``EDGECI_PARAM``)
+    replaces with another value is added to ``layered.overridden`` (warned of at start, as a
+    top-level key is), as ``[strategy] k = 10 in FILE: EDGECI_K wins (7)``."""
     out = dict(from_flags)
+    named = _named_params(layered)
     for key, value in table.items():
         dest = flag_of.get(key)
         source = layered.sources.get(dest, "default") if dest is not None else "default"
         if source == "file":
             raise ConfigError(f"the config file sets both {dest!r} and [{STRATEGY_TABLE}] {key!r}: keep one")
+        winner: tuple[str, Any] | None = None
+        if dest is not None and source in ("flag", "env"):
+            by = "--" + dest.replace("_", "-") if source == "flag" else ENV_PREFIX + dest.upper()
+            winner = (by, out[key] if key in out else getattr(layered.args, dest, None))
+        item = named.get(key)  # --param / EDGECI_PARAM: beats a weaker own flag (the same layer is refused later)
+        if item is not None and _RANK[item[0]] > _RANK[source]:
+            winner = ("--param" if item[0] == "flag" else f"{ENV_PREFIX}PARAM", item[1])
+        if winner is not None and winner[1] != value:
+            line = f"[{STRATEGY_TABLE}] {key} = {value!r} in {layered.config_path}: {winner[0]} wins ({winner[1]!r})"
+            if line not in layered.overridden:  # options_from may run twice on one Layered
+                layered.overridden.append(line)
         if source in ("flag", "env"):
             continue  # --k 7 (or EDGECI_K) beats [strategy] k
         out[key] = value
     return out
+
+
+_RANK: dict[str, int] = {"default": 0, "file": 1, "env": 2, "flag": 3}
+
+
+def _named_params(layered: Layered) -> dict[str, tuple[Source, Any]]:
+    """``{NAME: (source, value)}`` for the ``--param`` items the environment or a flag gave
+    (the stronger layer's; VALUE read by :func:`param_value`). The
+    file's own ``param`` list beside its ``[strategy]`` table is an error, not an override."""
+    sources = layered.item_sources.get("param", {})
+    out: dict[str, tuple[Source, Any]] = {}
+    for item in getattr(layered.args, "param", None) or ():
+        name, _, raw = item.partition("=")
+        name, raw = name.strip(), raw.strip()
+        source = sources.get(name, "flag")
+        if source in ("flag", "env"):
+            out[name] = (source, param_value(raw))  # later items win, as in the merged list
+    return out
+
+
+def param_value(raw: str) -> Any:
+    """A ``--param NAME=VALUE`` item's VALUE: a TOML value (10, 1.5, true, "x"), ``none`` /
+    ``null`` as None, anything else as the string itself."""
+    if raw.lower() in ("none", "null"):
+        return None
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw

@@ -1,0 +1,110 @@
+"""README: "a file value that a stronger layer replaces is named in a WARNING at start". It was
+for top-level keys only: with the shipped example's ``[strategy] k = 10`` and ``timeout_s = 30.0``,
+``EDGECI_K=7`` and ``--timeout 5`` ran k 7 and timeout 5 with no word about either file value.
+A ``[strategy]`` value that a flag, the environment or ``--param`` replaces with another value
+is now named too; an equal value is not (as for a top-level key)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from coordinator import cli as coordinator_cli
+from coordinator.config import Layered, resolve
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "edgeci-coordinator.toml.example"
+TABLE = '[strategy]\nname = "spin"\nk = 10\ntimeout_s = 30.0\ncombine = "models"\n'
+
+
+def layered(argv: list[str], env: dict[str, str] | None = None, toml: str = TABLE) -> Layered:
+    """The coordinator's options resolved from flags, ``env`` and a config file ``c.toml`` holding ``toml``."""
+    from demos.cli import build_parser
+
+    parser = build_parser(["coordinator"])
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["coordinator"]
+    argv = ["coordinator", "--state-dir", "s", *argv, "--config", "c.toml"]
+    return resolve(parser, argv, env or {}, options_parser=sub, read_text=lambda _: toml)
+
+
+def overridden(argv: list[str], env: dict[str, str] | None = None, toml: str = TABLE) -> tuple[list[str], dict[str, Any]]:
+    """What start warns of (after the options are built, as :func:`coordinator.cli._serve` does) and the strategy's parameters."""
+    got = layered(argv, env, toml)
+    params = dict(coordinator_cli.options_from(got.args, got).strategy_params)
+    return got.overridden, params
+
+
+def test_the_environment_beats_the_file_s_strategy_k() -> None:
+    lines, params = overridden([], {"EDGECI_K": "7"})
+    assert params["k"] == 7
+    assert lines == ["[strategy] k = 10 in c.toml: EDGECI_K wins (7)"]
+
+
+def test_a_flag_beats_the_file_s_strategy_timeout() -> None:
+    lines, params = overridden(["--timeout", "5"])
+    assert params["timeout_s"] == 5.0
+    assert lines == ["[strategy] timeout_s = 30.0 in c.toml: --timeout wins (5.0)"]
+    lines, params = overridden(["--combine", "deltas", "--k", "3"])
+    assert lines == ["[strategy] k = 10 in c.toml: --k wins (3)", "[strategy] combine = 'models' in c.toml: --combine wins ('deltas')"]
+
+
+@pytest.mark.parametrize(("argv", "env", "line", "param", "value"), [
+    (["--param", "k=3"], {}, "[strategy] k = 10 in c.toml: --param wins (3)", "k", 3),
+    ([], {"EDGECI_PARAM": "combine=deltas"}, "[strategy] combine = 'models' in c.toml: EDGECI_PARAM wins ('deltas')",
+     "combine", "deltas"),
+    (["--param", "timeout_s=none"], {}, "[strategy] timeout_s = 30.0 in c.toml: --param wins (None)", "timeout_s", None),
+    # --param beats a weaker own flag (the environment's) and the file: the winner is named, once
+    (["--param", "k=3"], {"EDGECI_K": "7"}, "[strategy] k = 10 in c.toml: --param wins (3)", "k", 3),
+    # the flag's item beats the environment's, and the flag's value is named
+    (["--param", "timeout_s=2"], {"EDGECI_PARAM": "timeout_s=9"}, "[strategy] timeout_s = 30.0 in c.toml: --param wins (2)",
+     "timeout_s", 2),
+])
+def test_a_param_item_beats_the_file_s_strategy_value(argv: list[str], env: dict[str, str], line: str, param: str,
+                                                      value: object) -> None:
+    lines, params = overridden(argv, env)
+    assert params[param] == value
+    assert lines == [line]
+
+
+def test_an_equal_value_is_not_named_but_a_different_one_beside_it_is() -> None:
+    """The top-level rule: the same value given twice is not reported (30 == 30.0 too)."""
+    lines, params = overridden(["--timeout", "30", "--param", "combine=models"], {"EDGECI_K": "10"})
+    assert (params["k"], params["timeout_s"], params["combine"]) == (10, 30.0, "models")
+    assert lines == []
+    lines, _ = overridden(["--timeout", "30", "--param", "combine=deltas"], {"EDGECI_K": "10"})
+    assert lines == ["[strategy] combine = 'models' in c.toml: --param wins ('deltas')"]
+
+
+def test_a_top_level_key_still_warns_beside_the_strategy_table_and_twice_built_options_warn_once() -> None:
+    toml = "metrics_port = 9464\nk = 10\n[strategy]\ntimeout_s = 30.0\n"
+    got = layered(["--metrics-port", "9465", "--timeout", "5"], {"EDGECI_K": "7"}, toml)
+    coordinator_cli.options_from(got.args, got)
+    coordinator_cli.options_from(got.args, got)  # e.g. a check before start: still one line each
+    assert got.overridden == ["k = 10 in c.toml: EDGECI_K wins (7)",  # top-level: the options' order
+                              "metrics_port = 9464 in c.toml: --metrics-port wins (9465)",
+                              "[strategy] timeout_s = 30.0 in c.toml: --timeout wins (5.0)"]
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_the_shipped_example_warns_at_start(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The operator's case end to end: the shipped example, EDGECI_K=7 and --timeout 5, through
+    the coordinator's start (stopped before the daemon is built)."""
+    got = layered(["--timeout", "5"], {"EDGECI_K": "7"}, EXAMPLE.read_text())
+
+    def stop(options: Any, layered: Layered) -> Any:
+        assert options.strategy_params["k"] == 7 and options.strategy_params["timeout_s"] == 5.0
+        raise _Stop
+
+    monkeypatch.setattr(coordinator_cli, "start_daemon", stop)
+    with caplog.at_level(logging.INFO, logger="edgeci.coordinator"), pytest.raises(_Stop):
+        coordinator_cli._serve(got.args, got, None, lambda level, fmt: None, -1)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["config file value overridden: state_dir = '/var/lib/edgeci' in c.toml: --state-dir wins ('s')",
+                        "config file value overridden: [strategy] k = 10 in c.toml: EDGECI_K wins (7)",
+                        "config file value overridden: [strategy] timeout_s = 30.0 in c.toml: --timeout wins (5.0)"]
