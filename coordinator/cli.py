@@ -72,9 +72,6 @@ LIVE_STRATEGY_PARAMS: dict[type[Strategy], frozenset[str]] = {
 on the actor thread changes behaviour at once. A strategy may instead offer
 ``reconfigure(**params) -> None`` (raising ConfigError for what it cannot change)."""
 
-# strategy parameter -> the flag (dest) that sets it; the file's [strategy] table loses to these
-STRATEGY_FLAGS = {"k": "k", "timeout_s": "timeout", "combine": "combine", **{p: p for p in (
-    "combiner", "clip_multiplier", "max_staleness", "sample_weight_cap")}}
 STRATEGY_FLAG_PARAMS = {"k": "k", "timeout": "timeout_s", "combine": "combine", "eta": "eta", "decay_beta": "decay_beta",
                         "planets": "planets", "rotation": "t_c",
                         **{p: p for p in ("combiner", "clip_multiplier", "max_staleness", "sample_weight_cap")}}
@@ -101,6 +98,14 @@ PEERING_FLAG_USERS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 """Flag (dest) -> (peering parameter, the peerings that take it). A flag given for a strategy
 and peering that use it nowhere is an error (:func:`_check_applies`), not silently dropped."""
+STRATEGY_FLAGS: dict[str, str] = {
+    **{param: dest for dest, (param, _) in PEERING_FLAG_USERS.items()},
+    **{param: dest for dest, param in STRATEGY_FLAG_PARAMS.items()},
+    "lr_init": "lr",  # spyker's η_init: --lr
+}
+"""Parameter -> the flag (dest) that sets it, every strategy's and peering's: the file's
+``[strategy]`` table loses to a flag or variable given for it (``--eta`` with ``[strategy]
+eta`` ran the file's value; a peering parameter's flag lost to the table the same way)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -108,3 +108,19 @@ def test_the_shipped_example_warns_at_start(monkeypatch: pytest.MonkeyPatch, cap
     assert warnings == ["config file value overridden: state_dir = '/var/lib/edgeci' in c.toml: --state-dir wins ('s')",
                         "config file value overridden: [strategy] k = 10 in c.toml: EDGECI_K wins (7)",
                         "config file value overridden: [strategy] timeout_s = 30.0 in c.toml: --timeout wins (5.0)"]
+
+
+@pytest.mark.parametrize(("argv", "env", "key", "file_value", "winner", "value"), [
+    (["--eta", "0.3"], {}, "eta", 0.5, "--eta", 0.3),  # a strategy flag outside spin's set
+    ([], {"EDGECI_DECAY_BETA": "0.01"}, "decay_beta", 0.2, "EDGECI_DECAY_BETA", 0.01),
+    (["--h-inter", "9"], {}, "h_inter", 4, "--h-inter", 9.0),  # a peering parameter in the table
+])
+def test_every_strategy_and_peering_flag_beats_the_file_s_table(argv: list[str], env: dict[str, str], key: str,
+                                                                file_value: float, winner: str, value: float) -> None:
+    """Flags outside spin's k / timeout / combine / robust set lost to the file's [strategy]
+    table: ``--eta 0.3`` with ``[strategy] eta = 0.5`` ran 0.5, and a peering parameter's flag
+    lost the same way. Flag > environment > file holds for all of them now."""
+    got = layered(argv, env, f'[strategy]\nname = "spyker"\n{key} = {file_value}\n')
+    options = coordinator_cli.options_from(got.args, got)
+    assert {**options.strategy_params, **options.peering_params}[key] == value
+    assert got.overridden == [f"[strategy] {key} = {file_value!r} in c.toml: {winner} wins ({value!r})"]
