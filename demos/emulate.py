@@ -145,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
         from devices.staleness_report import write_staleness_report
 
         print(write_staleness_report(scenario, results, out))
-    print(f"wrote {out / 'accuracy.png'}, {out / 'staleness.png'}, {out / 'time_to_target.md'}, {out / 'runs'}/", file=sys.stderr)
+    print(f"wrote {out / 'accuracy.png'}, {out / 'staleness.png'}, {out / 'time_to_target.md'}, {out / 'summary.json'}, "
+          f"{out / 'runs'}/", file=sys.stderr)
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -169,6 +170,11 @@ def _fleet_credentials(args: Any, device_ids: Sequence[str] | None = None) -> di
     )
 
 
+def fleet_request_timeout(settings: Any, time_scale: float) -> float:
+    """A device's request timeout in wall seconds: the scenario's, sped up, at least 1 s."""
+    return float(max(settings.request_timeout_s / time_scale, 1.0))
+
+
 def run_fleet(scenario: Any, *, broker: str, time_scale: float, args: Any) -> int:
     """``edgeci emulate SCENARIO.toml --broker URL``: play the scenario's fleet in real time
     (sped up by ``time_scale``) against a running coordinator, one MQTT client per device.
@@ -182,7 +188,7 @@ def run_fleet(scenario: Any, *, broker: str, time_scale: float, args: Any) -> in
 
     from tqdm import tqdm
 
-    from devices.report import parse_seeds, plot_timeline
+    from devices.report import output_dir, parse_seeds, plot_timeline
     from devices.scenario import materialise
     from edge_sdk.tasks import get_task
 
@@ -194,7 +200,7 @@ def run_fleet(scenario: Any, *, broker: str, time_scale: float, args: Any) -> in
     pool = task.data().pool
     plans = materialise(settings, seed, pool.y)
     out = getattr(args, "out", None) or Path("runs/emulate") / f"{scenario.name}-mqtt"
-    out.mkdir(parents=True, exist_ok=True)
+    output_dir(out)
     wall_s = settings.duration_s / time_scale
     eval_s = max(settings.eval_every_s / time_scale, 0.5)
     fleet = MqttFleet(
@@ -204,15 +210,21 @@ def run_fleet(scenario: Any, *, broker: str, time_scale: float, args: Any) -> in
         device_ids=[p.device_id for p in plans],
         min_samples=settings.min_samples,
         train=TrainConfig(epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr, seed=seed),
-        request_timeout_s=max(settings.request_timeout_s / time_scale, 1.0),
+        request_timeout_s=fleet_request_timeout(settings, time_scale),
         time_scale=time_scale, seed=seed, **_fleet_credentials(args, [p.device_id for p in plans]),
     )
     points: list[tuple[float, int, float]] = []  # (wall s, version, accuracy), this thread only
     print(f"{len(plans)} devices connecting to {broker} (region {region}); {settings.duration_s:.0f} virtual s at {time_scale:g}× = {wall_s:.0f} wall s", flush=True)
+    no_answer = f"no model from a coordinator of region {region!r} on {broker}"
+    hint = f"is `edgeci coordinator --region {region}` running there? (--region picks the coordinator's region)"
+    warn_at: float | None = max(10.0, 2 * fleet_request_timeout(settings, time_scale))
     with fleet, tqdm(total=int(wall_s), unit="s", disable=getattr(args, "no_progress", False)) as bar:
         t0 = time.monotonic()
         next_eval = 0.0
         while (elapsed := time.monotonic() - t0) < wall_s:
+            if not points and warn_at is not None and elapsed >= warn_at:
+                tqdm.write(f"warning: {no_answer} after {elapsed:.0f} s; {hint}", file=sys.stderr)
+                warn_at = None
             if elapsed >= next_eval:
                 latest = fleet.latest_weights()
                 if latest is not None:
@@ -239,4 +251,7 @@ def run_fleet(scenario: Any, *, broker: str, time_scale: float, args: Any) -> in
         f"{len(plans)} MQTT devices: accuracy {100 * first[2]:.1f}% (v{first[1]}) → {100 * last[2]:.1f}% (v{last[1]}) | "
         f"updates acked {fleet.stats.acked}, rejected {fleet.stats.rejected} | labelled {fleet.loop.labelled} | {out}"
     )
+    if not points:  # nothing to measure: say so, and fail
+        print(f"error: {no_answer} in {wall_s:.0f} s; {hint}", file=sys.stderr)
+        return 1
     return 0

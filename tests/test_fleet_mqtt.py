@@ -81,3 +81,25 @@ def test_emulate_broker_mode_plays_a_scenario_against_a_coordinator(mosquitto: M
     lines = (tmp_path / "out" / "timeline.csv").read_text().splitlines()
     assert lines[0] == "wall_s,virtual_s,version,accuracy" and len(lines) >= 3
     assert (tmp_path / "out" / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_emulate_broker_mode_without_a_coordinator_says_so_and_fails(mosquitto: MosquittoProcess, tmp_path: Path) -> None:
+    """New-user trial: `edgeci emulate ... --broker URL` on a region no coordinator serves printed
+    `accuracy nan% (v-1) → nan% (v-1)` and exited 0. It now warns while it runs and fails at the end."""
+    import subprocess
+    import sys
+
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(
+        'name = "tiny"\ntask = "digits"\nduration_s = 480\neval_every_s = 60\nseeds = [0]\n[fleet]\ndevices = 3\n'
+        '[data]\narrival_rate_per_h = 360\n[device]\nmin_samples = 3\n[[runs]]\nstrategy = "spin"\n'
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "demos.cli", "emulate", str(scenario), "--broker", mosquitto.url, "--region", "nobody",
+         "--time-scale", "40", "--no-progress", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1],
+    )
+    assert out.returncode == 1, (out.stdout[-2000:], out.stderr[-2000:])
+    said = "no model from a coordinator of region 'nobody' on " + mosquitto.url
+    assert f"warning: {said} after " in out.stderr and f"error: {said} in 12 s" in out.stderr, out.stderr[-2000:]
+    assert "is `edgeci coordinator --region nobody` running there?" in out.stderr
