@@ -133,8 +133,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--full-sync-every", type=int, default=0, metavar="T", help="LASP: full model every T versions, classifier-only versions (and device traffic) in between; 0 = off")
     p.add_argument("--init", type=Path, help="deployed model file (.npz from `edgeci pretrain`) for an empty state dir")
     p.add_argument("--encoding", choices=["f4", "f2", "i1"], default="f4", help="tensor encoding of models sent to devices")
-    p.add_argument("--epochs", type=float, help="training hint sent to devices: local epochs")
-    p.add_argument("--lr", type=float, help="training hint sent to devices: learning rate")
+    p.add_argument("--epochs", type=float, help="training hint sent to devices: local epochs (default: none sent; each "
+                   "device uses its own setting)")
+    p.add_argument("--lr", type=float, help="training hint sent to devices: learning rate (default: none sent; each device "
+                   "uses its own setting; spyker: also its initial rate η_init)")
     p.add_argument("--seed", type=int, default=0, help="seed of the coordinator's random choices (and of the pretrained model)")
     st = p.add_argument_group("stale updates (the staleness policy is a strategy parameter: --param staleness=NAME)")
     st.add_argument("--conversion-deadline", type=float, default=60.0, metavar="S",
@@ -194,11 +196,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--h-intra", type=float, help="spyker: own-age trigger since the last sync (default 350)")
     g.add_argument("--phi", type=float, help="spyker: sigmoid activation φ (default 1.5)")
     g.add_argument("--eta-a", type=float, help="spyker: server aggregation rate η_a (default 0.6)")
-    g.add_argument("--n-clients", type=int, help="spyker: total clients for the default h_inter")
+    g.add_argument("--n-clients", type=int, help="spyker: total clients for the default h_inter (default: the clients the "
+                   "ring reports)")
     g.add_argument("--beacon", type=float, help="spyker: seconds between beats (default 1.0)")
     g.add_argument("--token-timeout", type=float, help="spyker: regenerate the token after this silence (default 5.0)")
     g.add_argument("--stagger", type=float, help="spyker: extra wait per ring rank when regenerating (default 1.0)")
-    g.add_argument("--sync-timeout", type=float, help="spyker / hierfavg: stop waiting for peers' models after this long")
+    g.add_argument("--sync-timeout", type=float, help="spyker / hierfavg: stop waiting for peers' models after this long "
+                   "(default: 10 s for spyker, 60 s for hierfavg)")
     g.add_argument("--rotation", type=float, help="nebula: rotation interval t_c in seconds (default 60)")
     g.add_argument("--planets", type=int, help="nebula: planet models per coordinator (default 4)")
     g.add_argument("--cloud", help="hierfavg: the coordinator that averages the edges (default: first of --peers)")

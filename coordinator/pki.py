@@ -704,8 +704,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                    "and SIGHUP mosquitto.", formatter_class=fmt)
     _dir_argument(s)
     s.add_argument("--broker-name", default="broker", help="the broker identity issued with --role broker")
-    s.add_argument("--port", type=int, default=8883)
-    s.add_argument("--bind", default="0.0.0.0", help="listen address")
+    s.add_argument("--port", type=int, default=8883, help="the TLS listener's port")
+    s.add_argument("--bind", default="0.0.0.0", help="the listener's address (default: 0.0.0.0, every interface: TLS with "
+                   "client certificates; 127.0.0.1 for a broker only this host reaches)")
     s.add_argument("--model-bytes", type=int, default=0, help="largest model's float32 bytes: max_packet_size = this + headroom (0: paho's 256 MiB limit)")
     s.add_argument("--password", action="store_true", help="username/password variant (server certificate only)")
     s.add_argument("--user", default=None, help="account mosquitto runs as (started as root, it reads its files only "

@@ -167,7 +167,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
         default = action.default  # by identity: `0 in (None, False)` is true, and 0 is a real default
-        if "default" in text.lower() or default is None or default is False or default is argparse.SUPPRESS or not action.option_strings:
+        if "default" in text.lower() or default is None or default is False or default is argparse.SUPPRESS or not action.option_strings \
+                or (isinstance(default, str) and not default):  # "" means "not set" too: its help says what then
             return text
         return super()._get_help_string(action)
 
@@ -221,8 +222,10 @@ def resolve_args(parser: argparse.ArgumentParser, argv: Sequence[str], env: Mapp
     """Parse, then fill unset options from ``EDGECI_*`` and (coordinator) the ``--config`` file."""
     from coordinator.config import Layered, resolve
 
-    args = parser.parse_args(list(argv))
+    args, extras = parser.parse_known_args(list(argv))
     command = getattr(args, "command", None)
+    if extras:  # `edgeci run --devcies 3`: the usage of `edgeci run`, not of `edgeci`
+        (_subparser(parser, command) if command else parser).error(f"unrecognized arguments: {' '.join(extras)}")
     if not command:
         return args
     module = importlib.import_module(args._module)

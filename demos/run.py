@@ -75,7 +75,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--combine", choices=["models", "deltas"], default="models", help="SPIN: average the buffered models (paper, default) or apply each update's delta from its base version (faster on digits, unstable with stale detection updates)")
     p.add_argument("--epochs", type=int, default=2, help="local epochs over all samples (default: 2)")
     p.add_argument("--lr", type=float, default=0.05, help="local learning rate (default: 0.05)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the validation split, the devices' partitions, labelling times and local training")
     p.add_argument("--out", type=Path, default=Path("runs/latest"), help="where the plot and metrics go")
     p.add_argument("--state-dir", type=Path, help="coordinator state dir (default: a fresh temp dir)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")

@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_broker_arguments(p, trust=TOFU_DEVICES)
     p.add_argument("--region", default="default", help="region of the coordinator to use")
     p.add_argument("--device-id", required=True, help="this device's id (1-64 of A-Z a-z 0-9 _ . -)")
-    p.add_argument("--dataset", "--model", dest="model", default="digits", help="task whose pool is labelled")
+    p.add_argument("--dataset", "--model", dest="model", metavar="TASK", default="digits", help="task whose pool is labelled")
     p.add_argument("--data-dir", type=Path, help="SDK data dir (default: $EDGECI_HOME/devices/DEVICE_ID, EDGECI_HOME defaulting to ~/.edgeci)")
     p.add_argument("--fleet-size", type=bounded(int, 1), default=20, help="the pool is split into this many partitions")
     p.add_argument("--partition", type=bounded(int, 0), help="partition index, 0 to fleet size - 1 (default: from the device id)")

@@ -240,6 +240,30 @@ def test_help_lists_every_command_and_shows_no_python_none() -> None:
     assert "random seed of the pretraining" in help_of("pretrain")
 
 
+@pytest.mark.parametrize("argv, prog", [
+    (["run", "--devcies", "3"], "edgeci run"),
+    (["coordinator", "--state-dir", "s", "--kk", "3"], "edgeci coordinator"),
+    (["--bogus"], "edgeci"),
+])
+def test_a_mistyped_option_is_refused_by_its_command(argv: list[str], prog: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`edgeci run --devcies 3` printed the usage of `edgeci` (argparse leaves a subcommand's
+    unknown options to the top parser); the user needs the command's."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{prog}: error: unrecognized arguments: {' '.join(argv[-2:] if len(argv) > 1 else argv)}" in err, err
+    assert err.startswith(f"usage: {prog} "), err
+
+
+def test_help_shows_no_empty_default_and_says_the_unstated_ones() -> None:
+    for command in ("emulate", "scc-stream", "coordinator", "run", "device"):
+        assert "(default: )" not in help_of(command), command
+    coordinator = " ".join(help_of("coordinator").split())
+    assert "(default: 10 s for spyker, 60 s for hierfavg)" in coordinator and "(default: none sent;" in coordinator
+    assert "seed of the validation split" in " ".join(help_of("run").split())
+
+
 def test_status_refuses_a_coordinator_bundle_without_doubled_quotes(tmp_path: Path) -> None:
     import json
 
