@@ -435,7 +435,8 @@ class MqttTransport:
     def _raise_connect_error(self, exc: BaseException) -> NoReturn:
         url = self.address.url
         if isinstance(exc, ssl.SSLCertVerificationError):
-            raise TransportError(f"broker {url} presented a certificate we do not trust: {exc.verify_message or exc}") from exc
+            raise TransportError(f"broker {url} presented a certificate we do not trust: {exc.verify_message or exc} (trust the "
+                                 "CA that signed it: --bundle DIR or --ca FILE)") from exc
         if isinstance(exc, ssl.SSLError):
             raise TransportError(f"TLS handshake with broker {url} failed: {exc}") from exc
         raise TransportError(f"cannot reach broker {url}: {exc}") from exc
@@ -776,6 +777,9 @@ class MqttTransport:
                         if has_cert else
                         " (the broker closed the TLS session before accepting us: it requires a client certificate? "
                         "pass --bundle DIR or --cert/--key)")
+            elif not hint:  # plain MQTT to a TLS listener: the broker drops the CONNECT it cannot read
+                hint = (f" (the broker closed the connection before accepting us: is port {self.address.port} a TLS listener? "
+                        f"then mqtts://{self.address.host}:{self.address.port})")
             self._refusal = f"{detail}{hint}"
             self._settled.set()
         if self._on_connection:

@@ -85,13 +85,15 @@ def test_client_without_certificate_cannot_connect(secure_broker: SecureBroker) 
     # a client that does not trust the broker's CA gives up before sending anything
     t = MqttTransport(secure_broker.url, client_id="naive", subscriptions=[], on_message=lambda t, p: None,
                       auth=BrokerAuth.from_bundle(other.bundle_dir("devA")))
-    with pytest.raises(TransportError, match="do not trust"):
+    with pytest.raises(TransportError, match=r"do not trust.*\(trust the CA that signed it: --bundle DIR or --ca FILE\)"):
         t.start(10)
 
-    # plain MQTT on the TLS port gets no session
+    # plain MQTT on the TLS port gets no session, and is told why
     plain = MqttTransport(secure_broker.url.replace("mqtts://", "mqtt://"), client_id="plain", subscriptions=[], on_message=lambda t, p: None)
-    with pytest.raises(TransportError):
+    with pytest.raises(TransportError) as refused:
         plain.start(3)
+    port = secure_broker.url.rsplit(":", 1)[1]
+    assert f"is port {port} a TLS listener? then mqtts://127.0.0.1:{port}" in str(refused.value), refused.value
 
     # ...and the real device connects
     with raw(secure_broker, "devA") as dev:
