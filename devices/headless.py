@@ -23,7 +23,13 @@ from devices.live import LabellingLoop, LabellingUser, device_index
 from devices.partition import partition
 from edge_sdk.client import EdgeClient, check_device_bundle
 from edge_sdk.errors import ConfigError
-from edge_sdk.mqtt import TOFU_DEVICES, add_broker_arguments, auth_from_args, read_bundle
+from edge_sdk.mqtt import (
+    ANY_REGION,
+    TOFU_DEVICES,
+    add_broker_arguments,
+    auth_from_args,
+    read_bundle,
+)
 from edge_sdk.tasks import get_task
 from edge_sdk.tasks.base import Split, TrainConfig
 
@@ -48,7 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     # not a traceback from deep inside the partition, the labelling loop or the SDK.
     p.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="MQTT broker URL: mqtts://HOST[:8883] with --bundle in production")
     add_broker_arguments(p, trust=TOFU_DEVICES)
-    p.add_argument("--region", default="default", help="region of the coordinator to use")
+    p.add_argument("--region", default=None, help="region of the coordinator to use (default: the --bundle's region when it "
+                   "was issued for one, else 'default')")
     p.add_argument("--device-id", required=True, help="this device's id (1-64 of A-Z a-z 0-9 _ . -)")
     p.add_argument("--dataset", "--model", dest="model", metavar="TASK", default="digits", help="task whose pool is labelled")
     p.add_argument("--data-dir", type=Path, help="SDK data dir (default: $EDGECI_HOME/devices/DEVICE_ID, EDGECI_HOME defaulting to ~/.edgeci)")
@@ -117,8 +124,12 @@ REFUSAL_HINTS = {
 def run(args: argparse.Namespace) -> int:
     logging.getLogger("edgeci").setLevel(logging.INFO)
     check_partition(args)
+    manifest = read_bundle(args.bundle) if args.bundle is not None else {}
+    if args.region is None:  # the bundle's one region: `--bundle PKI/bundles/headset-7` alone is enough
+        allowed = manifest.get("regions")
+        args.region = allowed[0] if isinstance(allowed, list) and len(allowed) == 1 and allowed[0] != ANY_REGION else "default"
     if args.bundle is not None:  # (before the data dir is made; EdgeClient checks it again)
-        check_device_bundle(Path(args.bundle).expanduser(), read_bundle(args.bundle), args.device_id, [args.region])
+        check_device_bundle(Path(args.bundle).expanduser(), manifest, args.device_id, [args.region])
     task = get_task(args.model)
     data = task.data()
     index, idx = device_partition(args, data.pool.y)

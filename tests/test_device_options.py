@@ -97,3 +97,38 @@ def test_a_valid_fleet_gets_the_partition_it_always_did() -> None:
         assert index == expected
         assert np.array_equal(idx, partition(labels, args.fleet_size, "dirichlet", alpha=args.alpha, seed=args.seed)[index])
         assert len(idx) > 0
+
+
+@pytest.mark.parametrize("regions, given, expected", [
+    (["eu"], [], "eu"),  # the bundle's one region: --region is not needed
+    (["eu"], ["--region", "eu"], "eu"),
+    (["eu", "us"], ["--region", "us"], "us"),
+    (None, [], "default"),  # no bundle
+])
+def test_the_region_defaults_to_the_bundle_s_one_region(regions: list[str] | None, given: list[str], expected: str,
+                                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`edgeci device --bundle PKI/bundles/headset-7` without --region was refused ("bundle … is
+    for region(s) eu, not 'default'"): the region it was issued for is the one to use."""
+    import json
+
+    import devices.headless
+
+    seen: dict[str, object] = {}
+
+    class Stop(Exception):
+        pass
+
+    def client(**kwargs: object) -> None:
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(devices.headless, "EdgeClient", client)
+    monkeypatch.setattr(devices.headless, "auth_from_args", lambda args: None)
+    flags = list(given)
+    if regions is not None:
+        (tmp_path / "bundle").mkdir()
+        (tmp_path / "bundle" / "bundle.json").write_text(json.dumps({"identity": "d1", "role": "device", "regions": regions}))
+        flags += ["--bundle", str(tmp_path / "bundle")]
+    with pytest.raises(Stop):
+        device(tmp_path, *flags)
+    assert seen["region"] == expected
