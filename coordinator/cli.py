@@ -641,8 +641,8 @@ def check_take_over(options: CoordinatorOptions, take_over: bool) -> None:
         log.warning("taking over region %r: its devices follow epoch %d (release %d) of another state dir with this key; they "
                     "move to this new state dir's version 0", options.region, recall.epoch, recall.release)
         return
-    raise ConfigError(f"region {options.region!r}'s devices follow another state dir signed with this key (epoch {recall.epoch}, "
-                      f"release {recall.release}); starting on the new state dir {options.state_dir} would move them to its "
+    raise ConfigError(f"the devices of region {options.region!r} follow another state dir signed with this key (its last "
+                      f"recall: epoch {recall.epoch}, release {recall.release} then); starting on the new state dir {options.state_dir} would move them to its "
                       "version 0 at once. Check --state-dir; if that state dir is lost, start again with --take-over")
 
 

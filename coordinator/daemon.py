@@ -452,7 +452,7 @@ class CoordinatorDaemon:
             return
         self._others.add(key)
         self.duplicate_coordinators += 1
-        log.error("another coordinator (id %r, process %s) is live on region %r's status topic while this one (id %r) runs: "
+        log.error("another coordinator (id %r, process %s) is live on the status topic of region %r while this one (id %r) runs: "
                   "two coordinators on one region answer the same devices with different versions and keys; stop one of them",
                   key[0], key[1], self.options.region, self.coordinator_id)
 

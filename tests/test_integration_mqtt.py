@@ -402,7 +402,7 @@ def test_a_second_coordinator_on_the_region_is_called_out(tmp_path: Path, caplog
                 try:
                     wait_until(lambda: again.duplicate_coordinators + other.duplicate_coordinators >= 1, 30,
                                "one of them to call the other out")
-                    assert "is live on region" in caplog.text
+                    assert "is live on the status topic of region" in caplog.text
                     if same_id:
                         wait_until(lambda: "taking over this session" in caplog.text, 30, "the transport to name the takeover")
                 finally:
