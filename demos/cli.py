@@ -144,13 +144,14 @@ def setup_logging(level: str, fmt: str = "text") -> None:
         logging.getLogger(name).setLevel(max(numeric, logging.INFO))
 
 
-def _add_log_flags(p: argparse.ArgumentParser, *, top: bool) -> None:
+def _add_log_flags(p: argparse.ArgumentParser, *, top: bool, level: str | None = None) -> None:
     """On the top-level parser with defaults; on subparsers with SUPPRESS so that a value given
-    before the subcommand is not overwritten by the subparser's default."""
+    before the subcommand is not overwritten by the subparser's default (``level``: that
+    command's default level, said in its help)."""
     d: dict[str, Any] = {} if top else {"default": argparse.SUPPRESS}
     g = p.add_argument_group("logging")
     g.add_argument("--log-level", choices=LOG_LEVELS, **({"default": None} if top else d),
-                   help="debug, info, warning or error (default: the command's; info for the coordinator)")
+                   help="debug, info, warning or error (default: " + (f"{level})" if level else "the command's)"))
     g.add_argument("--log-format", choices=("text", "json"), **({"default": "text"} if top else d),
                    help="text lines with ISO-8601 UTC times, or one JSON object per line (default: text)")
     g.add_argument("-v", "--verbose", dest="log_level", action="store_const", const="debug",
@@ -189,11 +190,12 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         p.set_defaults(_module=module)
         if name == chosen:
-            importlib.import_module(module).add_arguments(p)
+            loaded = importlib.import_module(module)
+            loaded.add_arguments(p)
             from coordinator.config import parsers_of
 
             for q in parsers_of(p):  # e.g. `edgeci pki issue ... -v`: the flags after any action name too
-                _add_log_flags(q, top=False)
+                _add_log_flags(q, top=False, level=getattr(loaded, "DEFAULT_LOG_LEVEL", "warning"))
             if name == "emulate":  # its real-MQTT fleet mode (--broker) connects like a device
                 from edge_sdk.mqtt import TOFU_DEVICES, add_broker_arguments
 

@@ -35,6 +35,9 @@ from edge_sdk.tasks.base import Split, TrainConfig
 
 log = logging.getLogger("edgeci.device")
 
+DEFAULT_LOG_LEVEL = "info"
+"""What ``edgeci device`` logs unless ``--log-level`` says otherwise: its progress lines."""
+
 
 def _finite(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     """``parse`` (a :func:`bounded` type) that also refuses ±inf: an infinite α, learning rate or
@@ -122,7 +125,6 @@ REFUSAL_HINTS = {
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.getLogger("edgeci").setLevel(logging.INFO)
     check_partition(args)
     manifest = read_bundle(args.bundle) if args.bundle is not None else {}
     if args.region is None:  # the bundle's one region: `--bundle PKI/bundles/headset-7` alone is enough

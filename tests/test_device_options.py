@@ -132,3 +132,14 @@ def test_the_region_defaults_to_the_bundle_s_one_region(regions: list[str] | Non
     with pytest.raises(Stop):
         device(tmp_path, *flags)
     assert seen["region"] == expected
+
+
+@pytest.mark.parametrize("flags, shown", [([], True), (["--log-level", "warning"], False)])
+def test_the_device_logs_at_info_unless_told_otherwise(flags: list[str], shown: bool, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    """`edgeci device` forced its loggers to INFO, so `--log-level warning` (or error) changed
+    nothing; INFO is now its default level, which the flag overrides."""
+    assert device(tmp_path, "--duration", "1", *flags) == 1  # nothing listens on NOWHERE
+    assert "cannot reach broker" in capsys.readouterr().err
+    said = [r.getMessage() for r in caplog.records if r.name == "edgeci.device" and r.levelname == "INFO"]
+    assert any("no provisioned coordinator keys" in m for m in said) is shown, said
