@@ -127,6 +127,8 @@ from edge_sdk.spec import FULL, ModelSpec, Vector
 from edge_sdk.wire import topics
 from edge_sdk.wire.codec import (
     DEFAULT_MAX_BYTES,
+    PULL_BURST,
+    PULL_REFILL_S,
     EncodedTensor,
     Encoding,
     SignatureInfo,
@@ -367,8 +369,8 @@ class CoordinatorConfig:
     """An update's seq may exceed the device's watermark (or last pull) by at most this."""
     max_samples_per_update: int = 1_000_000
     """Hard cap on the sample count an update may claim (robust weighting bounds the rest)."""
-    pull_burst: float = 8.0
-    pull_refill_s: float = 0.5
+    pull_burst: float = PULL_BURST
+    pull_refill_s: float = PULL_REFILL_S
     """Per-device token bucket for model replies: ``pull_burst`` at once, one more per
     ``pull_refill_s`` seconds; pulls beyond it are dropped and counted (``rate_limited``)."""
     max_devices: int = 1_000_000

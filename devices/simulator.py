@@ -374,6 +374,7 @@ class Simulation(Driver):
                 # One trusted process: signatures are exercised by the unit and broker tests;
                 # a serving pull at start would add events the published results never had.
                 require_signature=False, serve_on_start=False,
+                **s.pull_limits,  # type: ignore[arg-type]  # the coordinator's limit on pulls, which the device paces itself to
             )
             attack = self.attacks.get(plan.index)
             y = pool.y[plan.samples]

@@ -93,8 +93,8 @@ class Link(Driver):
     def now(self) -> float:
         return self.clock.now
 
-    def add_device(self, device_id: str, *, min_samples: int = 2, region: str = "r1", seed: int = 0) -> DeviceCore:
-        cfg = DeviceConfig(device_id=device_id, region=region, spec=SPEC, min_samples=min_samples, request_timeout_s=5.0)
+    def add_device(self, device_id: str, *, min_samples: int = 2, region: str = "r1", seed: int = 0, **config: Any) -> DeviceCore:
+        cfg = DeviceConfig(device_id=device_id, region=region, spec=SPEC, min_samples=min_samples, request_timeout_s=5.0, **config)
         core = DeviceCore(cfg, rng=random.Random(seed))
         self.devices[device_id] = core
         self._ids.append(device_id)

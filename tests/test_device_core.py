@@ -491,3 +491,27 @@ def test_events_are_dispatched_by_class_and_subclasses_as_their_base() -> None:
     with pytest.raises(LocalProtocolError, match="cannot handle Unrelated"):
         c.handle(Unrelated())  # type: ignore[arg-type]
     assert c.state.phase is Phase.PULLING and c.state.total == 1
+
+
+@pytest.mark.parametrize("paced", [True, False])
+def test_a_device_that_labels_fast_paces_its_pulls_to_the_coordinators_limit(paced: bool) -> None:
+    """A device labelling 10 samples/s that trains in 10 ms pulled about once per label, emptied
+    the coordinator's bucket (8 at once, then one per 0.5 s), and each dropped pull cost it a
+    request timeout while its labels piled up. It now holds a pull until the bucket has a token
+    (the ablation, pacing off, is what happened before)."""
+    from tests.helpers import Link, make_coordinator
+
+    link = Link(coordinator=make_coordinator("spin", k=1, timeout_s=1.0), latency=0.01, train_seconds=0.01)
+    dev = link.add_device("fast", min_samples=1, **({} if paced else {"pull_refill_s": 0.0}))
+    link.run_until(0.0)
+    for i in range(1, 201):
+        link.add_sample("fast", i, at=0.1 * i)
+    link.run_until(40.0)
+    dropped = link.coordinator.counters["reject:rate_limited"]
+    if paced:
+        assert dropped == 0
+        assert dev.state.counters["pulls_paced"] > 10
+        assert dev.state.trained_upto == 200  # every label trained by the end, and no request timed out
+        assert not any(n.kind == "retry" for _, n in link.notes)
+    else:
+        assert dropped > 0 and any(n.kind == "retry" for _, n in link.notes)

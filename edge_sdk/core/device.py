@@ -174,6 +174,8 @@ from edge_sdk.wire import topics
 from edge_sdk.wire.codec import (
     DEFAULT_MAX_BYTES,
     ENCODINGS,
+    PULL_BURST,
+    PULL_REFILL_S,
     Encoding,
     SignatureInfo,
     decode_frame,
@@ -203,6 +205,9 @@ MAX_WATERMARK_JUMP = 100_000
 a ``seq_jump`` there, for ever (acks are not signed)."""
 CANARY_FETCH_TRIES = 3
 """A canary fetch unanswered after this many tries abandons the canary request."""
+PULL_MARGIN = 0.25
+"""Tokens a device keeps in hand before it holds a pull (a quarter of ``pull_refill_s``): its
+pulls reach the coordinator after network delays that vary from one to the next."""
 MAX_STATUS_BYTES = 65_536
 """A coordinator status larger than this is not read (it is a few hundred bytes)."""
 
@@ -244,6 +249,13 @@ class DeviceConfig:
     """Consecutive request timeouts in the current region before moving to the next one."""
     failback_after_s: float = 60.0
     """Stay at least this long in a fallback region before going home (damps flapping)."""
+    pull_burst: float = PULL_BURST
+    pull_refill_s: float = PULL_REFILL_S
+    """The coordinator's per-device limit on pulls (its ``pull_burst`` / ``pull_refill_s``): the
+    device holds a pull that would find the bucket empty until a token is due (0: no pacing).
+    A device that labels faster than one sample per ``pull_refill_s`` and trains fast pulled
+    about once per label, emptied the bucket, and waited out a request timeout for each
+    dropped pull (10 s) while its labels piled up."""
     refresh_s: float | None = None
     """An idle device that has sent no pull for this long (±10 %, drawn per wait) asks for the
     current release with a serving pull, so a device whose user labels nothing still predicts
@@ -266,6 +278,9 @@ class DeviceConfig:
             object.__setattr__(self, "refresh_s", _seconds("refresh_s", self.refresh_s, zero=False))
         if self.request_timeout_s > self.max_backoff_s:
             raise ConfigError("need request_timeout_s <= max_backoff_s")
+        if not (math.isfinite(self.pull_burst) and self.pull_burst >= 1 and math.isfinite(self.pull_refill_s)
+                and self.pull_refill_s >= 0):
+            raise ConfigError(f"need pull_burst >= 1 and pull_refill_s >= 0, got {self.pull_burst!r} and {self.pull_refill_s!r}")
         if self.encoding not in ENCODINGS:  # else the first update fails to encode, stuck in PUSHING
             raise ConfigError(f"encoding must be one of {sorted(ENCODINGS)}, got {self.encoding!r}")
 
@@ -327,6 +342,9 @@ class DeviceState:
     prev_trained_upto: int = 0
     updates_acked: int = 0
     rejected_messages: int = 0
+    pull_tokens: float = PULL_BURST
+    """The coordinator's bucket for this device, as the device reckons it (at ``pull_at``)."""
+    pull_at: float = -math.inf
     counters: dict[str, int] = field(default_factory=dict)
     serving: bool = False
     """The request in flight is a serving pull (no training follows)."""
@@ -1033,6 +1051,11 @@ class DeviceCore:
         s = self._s
         if s.phase is _IDLE and (back := self._maybe_fail_back(now)):
             return back
+        if s.phase is _IDLE and (wait := self._pull_wait(now)) > 0 and (
+                s.release_wanted > s.deployed_version or (s.canary is not None and s.canary_state == "fetch") or self.wants_pull()):
+            s.deadline = now + wait  # the timer pulls then, with every label that arrived meanwhile
+            s.counters["pulls_paced"] = s.counters.get("pulls_paced", 0) + 1
+            return [ScheduleTimer(at=s.deadline)]
         if s.phase is _IDLE and s.release_wanted > s.deployed_version:
             s.release_wanted = NO_VERSION
             return self._send_pull(now, fresh=True, serve=True)  # a newer release to predict with
@@ -1071,12 +1094,32 @@ class DeviceCore:
             s.pending_payload = encode(pull)
         else:
             s.attempts += 1
+        self._spend_pull_token(now)
         s.phase = _PULLING
         s.deadline = now + self._timeout()
         actions += [Publish(topic=self._t_pull, payload=s.pending_payload, qos=1), ScheduleTimer(at=s.deadline)]
         if s.attempts:
             actions.append(Notify(kind="retry", data={"what": "pull", "seq": s.pending_seq, "attempt": s.attempts}))
         return actions
+
+    def _pull_tokens(self, now: float) -> float:
+        s, cfg = self._s, self.config
+        if cfg.pull_refill_s <= 0:
+            return cfg.pull_burst
+        return min(cfg.pull_burst, s.pull_tokens + max(0.0, now - s.pull_at) / cfg.pull_refill_s)
+
+    def _pull_wait(self, now: float) -> float:
+        """Seconds until a pull would find a token in the coordinator's bucket, with
+        ``PULL_MARGIN`` to spare (the coordinator counts arrivals, which jitter); 0: pull now."""
+        cfg = self.config
+        if cfg.pull_refill_s <= 0:
+            return 0.0
+        wait = (1.0 + PULL_MARGIN - self._pull_tokens(now)) * cfg.pull_refill_s
+        return wait if now + wait > now else 0.0  # (a timer set for that very instant found a rounding error short)
+
+    def _spend_pull_token(self, now: float) -> None:
+        s = self._s
+        s.pull_tokens, s.pull_at = self._pull_tokens(now) - 1.0, now
 
     def _timeout(self) -> float:
         cfg = self.config

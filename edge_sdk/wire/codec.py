@@ -74,6 +74,11 @@ MAX_HEADER_BYTES = 64 * 1024
 ALIGN = 16
 SIG_DOMAIN = b"edgeci/v3/signature\x00"
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # paho refuses payloads over 268,435,455 bytes
+PULL_BURST = 8.0
+PULL_REFILL_S = 0.5
+"""A coordinator answers a device's pulls from a token bucket: ``PULL_BURST`` at once, one more
+every ``PULL_REFILL_S`` seconds; a pull beyond it is dropped. A device paces its own pulls by
+the same bucket, so an honest one is never dropped (a drop costs it a request timeout)."""
 Encoding = Literal["f4", "f2", "i1"]
 ENCODINGS: dict[str, np.dtype[Any]] = {
     "f4": np.dtype("<f4"),
