@@ -702,9 +702,11 @@ class CoordinatorDaemon:
                 log.info("operator command: %s", action.data)
             elif action.kind == "rate_limited":  # (at most once a minute: see RATE_NOTE_EVERY_S)
                 d = action.data
-                log.warning("dropping pulls beyond the per-device rate limit: %s; %d more dropped since the last note "
-                            "(a device that pulls this often is misconfigured or hostile; edgeci_rejections_total{reason=\"rate_limited\"})",
-                            d.get("detail"), d.get("dropped_before", 0))
+                before = int(d.get("dropped_before", 0) or 0)
+                log.warning("dropping pulls beyond the per-device rate limit: %s%s (edgeci devices pace their pulls to this "
+                            "limit: one that exceeds it runs an older SDK, is misconfigured or hostile; "
+                            "edgeci_rejections_total{reason=\"rate_limited\"} counts every drop)", d.get("detail"),
+                            f"; {before} more pulls (any device) were dropped, unlogged, in the minute before this note" if before else "")
             elif action.kind == "epoch_ahead":  # (at most once a minute)
                 d = action.data
                 log.warning("device %s holds version %s of epoch %s, ahead of this state dir (epoch %s, newest version %s): it "
