@@ -208,6 +208,7 @@ CANARY_FETCH_TRIES = 3
 PULL_MARGIN = 0.25
 """Tokens a device keeps in hand before it holds a pull (a quarter of ``pull_refill_s``): its
 pulls reach the coordinator after network delays that vary from one to the next."""
+_PULL_READY = 1.0 + PULL_MARGIN
 MAX_STATUS_BYTES = 65_536
 """A coordinator status larger than this is not read (it is a few hundred bytes)."""
 
@@ -1112,9 +1113,9 @@ class DeviceCore:
         """Seconds until a pull would find a token in the coordinator's bucket, with
         ``PULL_MARGIN`` to spare (the coordinator counts arrivals, which jitter); 0: pull now."""
         cfg = self.config
-        if cfg.pull_refill_s <= 0:
+        if self._s.pull_tokens >= _PULL_READY or cfg.pull_refill_s <= 0:  # (tokens only refill: ready without the sum)
             return 0.0
-        wait = (1.0 + PULL_MARGIN - self._pull_tokens(now)) * cfg.pull_refill_s
+        wait = (_PULL_READY - self._pull_tokens(now)) * cfg.pull_refill_s
         return wait if now + wait > now else 0.0  # (a timer set for that very instant found a rounding error short)
 
     def _spend_pull_token(self, now: float) -> None:
