@@ -43,7 +43,7 @@ from coordinator.inversion import inversion_config
 from coordinator.methods import make_method, resolve_names, split_params
 from coordinator.metrics import MetricsServer
 from coordinator.peering import PEERINGS
-from coordinator.registry import StateDirLocked
+from coordinator.registry import StateDirLocked, read_epoch
 from coordinator.strategies import CONFIGS, Strategy, strategy_names
 from coordinator.strategies.robust import COMBINERS
 from coordinator.strategies.spin import SpinNoTimeoutStrategy, SpinStrategy
@@ -101,7 +101,7 @@ and peering that use it nowhere is an error (:func:`_check_applies`), not silent
 STRATEGY_FLAGS: dict[str, str] = {
     **{param: dest for dest, (param, _) in PEERING_FLAG_USERS.items()},
     **{param: dest for dest, param in STRATEGY_FLAG_PARAMS.items()},
-    "lr_init": "lr",  # spyker's η_init: --lr
+    "lr_init": "lr",  # spyker's η_init: --lr (for spyker only: for any other strategy --lr is only a device hint)
 }
 """Parameter -> the flag (dest) that sets it, every strategy's and peering's: the file's
 ``[strategy]`` table loses to a flag or variable given for it (``--eta`` with ``[strategy]
@@ -334,7 +334,8 @@ def options_from(args: argparse.Namespace, layered: Layered | None = None) -> Co
     if strategy == "spyker":
         params.update(_given(args, (("lr_init", "lr"),)))
     if layered is not None and layered.strategy_params:
-        params = merge_strategy_params(params, layered.strategy_params, STRATEGY_FLAGS, layered)
+        flag_of = STRATEGY_FLAGS if strategy == "spyker" else {k: v for k, v in STRATEGY_FLAGS.items() if k != "lr_init"}
+        params = merge_strategy_params(params, layered.strategy_params, flag_of, layered)
     by_name = _settle_twice(args, layered, parse_params(getattr(args, "param", None) or ()), strategy_users)
     params.update(by_name)
     params, generic_peer_params = split_params(strategy, peering, params, strict=False)  # [strategy] / --param: by name
@@ -544,7 +545,7 @@ def _retained(options: CoordinatorOptions, wanted: Sequence[str], wait_s: float 
         if len(got) == len(wanted):
             arrived.set()
 
-    cid = f"{options.coordinator_id or f'coord-{options.region}'}-preflight"[:64]
+    cid = f"{(options.coordinator_id or f'coord-{options.region}')[:54]}-preflight"  # never the coordinator's own id
     try:
         probe = MqttTransport(options.broker, client_id=cid, subscriptions=list(wanted), on_message=on, clean_session=True,
                               auth=options.auth or (BrokerAuth.from_bundle(options.bundle) if options.bundle is not None else None))
@@ -588,12 +589,14 @@ def region_followers(options: CoordinatorOptions, kid: str, wait_s: float = 1.0)
     return _followed_recall((got or {}).get(topic), kid, topic)
 
 
-def live_other_coordinator(status_payload: bytes | None, kid: str | None, now: float) -> str | None:
+def live_other_coordinator(status_payload: bytes | None, kid: str | None, now: float, epoch: int | None = None) -> str | None:
     """What the region's retained status says of another coordinator that is live now (alive,
-    and fresh by its own heartbeat) and signs with another key than ``kid`` (None: this one's
-    key is yet to be made): a description for the refusal, else None. The same key is this
-    state dir's own earlier process (restarted after a crash, before its last will) or a copy
-    of it, which :func:`check_take_over` judges."""
+    and fresh by its own heartbeat): one that signs with another key than ``kid`` (None: this
+    one's key is yet to be made), or with this key but numbers in another epoch than this
+    state dir's (``epoch``; None: a new state dir, which :func:`check_take_over` judges by the
+    recall) — another state dir sharing a kept key. A description for the refusal, else None.
+    The same key and epoch is this state dir's own earlier process (restarted after a crash,
+    before its last will)."""
     from coordinator.cli_status import liveness
     from edge_sdk.wire.codec import parse_status_json
 
@@ -605,9 +608,15 @@ def live_other_coordinator(status_payload: bytes | None, kid: str | None, now: f
         return None
     extra = status.get("extra")
     theirs = extra.get("signing_key") if isinstance(extra, dict) else None
+    their_epoch = extra.get("epoch") if isinstance(extra, dict) else None
     alive, why = liveness(status, now)
-    if alive is not True or (kid is not None and theirs == kid):
+    if alive is not True:
         return None
+    if kid is not None and theirs == kid:
+        if epoch is None or not isinstance(their_epoch, int) or their_epoch == epoch:
+            return None  # this state dir's own process (or a new state dir: the recall decides)
+        return (f"coordinator {str(status.get('coordinator', '?'))[:100]!r} with this signing key on another state dir "
+                f"(epoch {their_epoch}, this one's {epoch}; version {status.get('version')}; {why})")
     return (f"coordinator {str(status.get('coordinator', '?'))[:100]!r} (key {str(theirs or 'none')[:40]}, version "
             f"{status.get('version')}; {why})")
 
@@ -626,7 +635,11 @@ def check_take_over(options: CoordinatorOptions, take_over: bool) -> None:
     kid = _signing_kid(options)
     recall_topic, status_topic = topics.recall_topic(options.region), topics.status_topic(options.region)
     got = _retained(options, [recall_topic, status_topic] if fresh else [status_topic]) or {}
-    other = live_other_coordinator(got.get(status_topic), kid, time.time())
+    try:
+        epoch = None if fresh else read_epoch(options.state_dir)
+    except OSError:
+        epoch = None  # (the daemon's start reports the storage error)
+    other = live_other_coordinator(got.get(status_topic), kid, time.time(), epoch)
     if other is not None:
         if take_over:
             log.warning("taking over region %r although its status shows %s live", options.region, other)

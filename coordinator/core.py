@@ -940,7 +940,11 @@ class CoordinatorCore:
         ref = self._accepted_upto.get(msg.device, self._last_pull_seq.get(msg.device))
         if ref is not None and msg.seq > ref + self.config.max_seq_jump:
             raise SeqJump(f"pull seq {msg.seq} is more than {self.config.max_seq_jump} above {ref}")
-        self._take_token(msg.device, now)
+        invited = msg.invite_round >= 0 and self._invites.get(msg.device) == msg.invite_round
+        if not (invited and not msg.serve and msg.canary == NO_VERSION):
+            # An invitation this coordinator sent is answered whatever the bucket: the deferred pull
+            # before it took a token moments ago, and it is deleted once served (one pull per invite).
+            self._take_token(msg.device, now)
         self._see(msg.device)
         self._last_pull_seq[msg.device] = max(self._last_pull_seq.get(msg.device, -1), msg.seq)
         ahead = self._note_ahead(msg.device, msg.epoch, msg.have_version, now) if msg.epoch > self._epoch or (
@@ -951,7 +955,6 @@ class CoordinatorCore:
         if msg.serve:
             self.counters["pulls_serving"] += 1
             return [*ahead, self._model_reply(msg.device, msg.seq, FULL, self._held(msg), serve=True)]
-        invited = msg.invite_round >= 0 and self._invites.get(msg.device) == msg.invite_round
         if msg.invite_round >= 0 and not invited:
             self.counters["invite_unknown"] += 1  # forged, replayed or from before a restart
         if invited or self.strategy.serve_pull(self._view, msg.device, now):

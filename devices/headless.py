@@ -65,7 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fleet-size", type=bounded(int, 1), default=20, help="the pool is split into this many partitions")
     p.add_argument("--partition", type=bounded(int, 0), help="partition index, 0 to fleet size - 1 (default: from the device id)")
     p.add_argument("--alpha", type=_finite(bounded(float, 0, strict=True)), default=1.0, help="Dirichlet α of the partition")
-    p.add_argument("--rate", type=bounded(float, 0, strict=True), default=0.5, help="labels per second (Poisson)")
+    p.add_argument("--rate", type=_finite(bounded(float, 0, strict=True)), default=0.5, help="labels per second (Poisson)")
     p.add_argument("--min-samples", type=bounded(int, 1), help="D_min before the first pull (default: the task's, edge_sdk/tasks/registry.py)")
     p.add_argument("--epochs", type=bounded(int, 1), default=2, help="local epochs per round, unless the coordinator's hints say otherwise")
     p.add_argument("--lr", type=_finite(bounded(float, 0, strict=True)), default=0.05,
@@ -129,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
     manifest = read_bundle(args.bundle) if args.bundle is not None else {}
     if args.region is None:  # the bundle's one region: `--bundle PKI/bundles/headset-7` alone is enough
         allowed = manifest.get("regions")
+        if isinstance(allowed, list) and len(allowed) > 1 and ANY_REGION not in allowed:
+            raise ConfigError(f"bundle {args.bundle} is for regions {', '.join(map(str, allowed))}: pick one with --region")
         args.region = allowed[0] if isinstance(allowed, list) and len(allowed) == 1 and allowed[0] != ANY_REGION else "default"
     if args.bundle is not None:  # (before the data dir is made; EdgeClient checks it again)
         check_device_bundle(Path(args.bundle).expanduser(), manifest, args.device_id, [args.region])

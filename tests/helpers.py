@@ -71,6 +71,7 @@ class Link(Driver):
         train_seconds: float = 1.0,
         duplicate_every: int = 0,
         drop: Callable[[str, bytes], bool] = lambda topic, payload: False,
+        delay: Callable[[str], float] = lambda topic: 0.0,
     ) -> None:
         super().__init__()
         self.coordinator = coordinator
@@ -78,6 +79,8 @@ class Link(Driver):
         self.duplicate_every = duplicate_every
         """Deliver every n-th message twice (QoS 1 redelivery); 0 = never."""
         self.drop = drop
+        self.delay = delay
+        """Extra seconds for a message on this topic (on top of ``latency``): varying delays."""
         self.devices: dict[str, DeviceCore] = {}
         self._index: dict[str, int] = {}
         self._ids: list[str] = []
@@ -147,7 +150,7 @@ class Link(Driver):
         copies = 2 if self.duplicate_every and self._published % self.duplicate_every == 0 else 1
         if action.retain:
             self.retained[action.topic] = action.payload
-        at = self.now + self.latency
+        at = self.now + self.latency + self.delay(action.topic)
         for pattern in self.coordinator.subscriptions():
             if topic_matches(pattern, action.topic):
                 for _ in range(copies):

@@ -110,6 +110,20 @@ def test_the_shipped_example_warns_at_start(monkeypatch: pytest.MonkeyPatch, cap
                         "config file value overridden: [strategy] timeout_s = 30.0 in c.toml: --timeout wins (5.0)"]
 
 
+def test_lr_sets_lr_init_for_spyker_only() -> None:
+    """--lr is a device hint for every strategy and spyker's η_init too: with spin a leftover
+    [strategy] lr_init reaches spin's config, which refuses it, instead of --lr silently dropping it."""
+    from edge_sdk.errors import ConfigError
+
+    got = layered(["--lr", "0.01"], toml='[strategy]\nname = "spin"\nlr_init = 0.05\n')
+    options = coordinator_cli.options_from(got.args, got)
+    assert options.strategy_params["lr_init"] == 0.05 and got.overridden == []
+    with pytest.raises(ConfigError, match="lr_init"):
+        coordinator_cli.check_method(options)  # (what the start runs before writing anything)
+    lines, params = overridden(["--lr", "0.01"], toml='[strategy]\nname = "spyker"\nlr_init = 0.05\n')
+    assert params["lr_init"] == 0.01 and lines == ["[strategy] lr_init = 0.05 in c.toml: --lr wins (0.01)"]
+
+
 @pytest.mark.parametrize(("argv", "env", "key", "file_value", "winner", "value"), [
     (["--eta", "0.3"], {}, "eta", 0.5, "--eta", 0.3),  # a strategy flag outside spin's set
     ([], {"EDGECI_DECAY_BETA": "0.01"}, "decay_beta", 0.2, "EDGECI_DECAY_BETA", 0.01),

@@ -493,25 +493,51 @@ def test_events_are_dispatched_by_class_and_subclasses_as_their_base() -> None:
     assert c.state.phase is Phase.PULLING and c.state.total == 1
 
 
-@pytest.mark.parametrize("paced", [True, False])
-def test_a_device_that_labels_fast_paces_its_pulls_to_the_coordinators_limit(paced: bool) -> None:
+@pytest.mark.parametrize(("strategy", "config", "jitter"), [
+    (("spin", {"k": 1, "timeout_s": 1.0}), {}, False),
+    (("spin", {"k": 1, "timeout_s": 1.0}), {"pull_burst": 1.0}, False),  # a bucket of 1: it waited for 1.25 tokens for ever
+    (("spin", {"k": 1, "timeout_s": 1.0}), {"pull_burst": 1.2}, False),
+    (("spin", {"k": 1, "timeout_s": 1.0}), {}, True),  # half the pulls delayed 0.25 s more: the coordinator counts arrivals
+    (("fedbuff", {"k": 1}), {}, False),  # deferred pull, then an invitation's pull moments later
+    (("spin", {"k": 1, "timeout_s": 1.0}), {"pull_refill_s": 0.0}, False),  # the ablation: pacing off
+], ids=["spin", "burst-1", "burst-1.2", "jitter", "fedbuff-invites", "unpaced"])
+def test_a_device_that_labels_fast_paces_its_pulls_to_the_coordinators_limit(strategy: tuple[str, dict[str, Any]],
+                                                                             config: dict[str, Any], jitter: bool) -> None:
     """A device labelling 10 samples/s that trains in 10 ms pulled about once per label, emptied
     the coordinator's bucket (8 at once, then one per 0.5 s), and each dropped pull cost it a
-    request timeout while its labels piled up. It now holds a pull until the bucket has a token
-    (the ablation, pacing off, is what happened before)."""
+    request timeout while its labels piled up. It now holds a pull until the bucket has a token,
+    counting refill from the coordinator's answer (which took the token on arrival); the pull
+    an invitation asks for is answered whatever the bucket. Pacing off is what happened before."""
     from tests.helpers import Link, make_coordinator
 
-    link = Link(coordinator=make_coordinator("spin", k=1, timeout_s=1.0), latency=0.01, train_seconds=0.01)
-    dev = link.add_device("fast", min_samples=1, **({} if paced else {"pull_refill_s": 0.0}))
+    rng = random.Random(7)
+    delay = (lambda topic: 0.25 * (rng.random() < 0.5) if topic.endswith("/pull") else 0.0) if jitter else (lambda topic: 0.0)
+    name, params = strategy
+    link = Link(coordinator=make_coordinator(name, **params), latency=0.01, train_seconds=0.01, delay=delay)
+    dev = link.add_device("fast", min_samples=1, **config)
     link.run_until(0.0)
     for i in range(1, 201):
         link.add_sample("fast", i, at=0.1 * i)
-    link.run_until(40.0)
+    link.run_until(60.0)
     dropped = link.coordinator.counters["reject:rate_limited"]
-    if paced:
-        assert dropped == 0
-        assert dev.state.counters["pulls_paced"] > 10
-        assert dev.state.trained_upto == 200  # every label trained by the end, and no request timed out
-        assert not any(n.kind == "retry" for _, n in link.notes)
+    retries = [n for _, n in link.notes if n.kind == "retry"]
+    if config.get("pull_refill_s") == 0.0:
+        assert dropped > 0 and retries
     else:
-        assert dropped > 0 and any(n.kind == "retry" for _, n in link.notes)
+        assert dropped == 0 and not retries
+        assert dev.state.counters["pulls_paced"] > 5
+        assert dev.state.trained_upto == 200  # every label trained by the end
+
+
+def test_refresh_pulls_are_paced_too() -> None:
+    """A refresh period below the bucket's refill (refresh_s 0.05 s) drained the bucket; a
+    refresh now waits for a token as every pull does."""
+    from tests.helpers import Link, make_coordinator
+
+    link = Link(coordinator=make_coordinator("spin", k=1, timeout_s=1.0), latency=0.01)
+    dev = link.add_device("idle", min_samples=100, refresh_s=0.05)
+    link.add_sample("idle", 1, at=0.0)  # (an event: the idle core arms its refresh timer)
+    link.run_until(30.0)
+    assert link.coordinator.counters["reject:rate_limited"] == 0
+    assert not [n for _, n in link.notes if n.kind == "retry"]
+    assert 40 <= dev.state.counters["refresh_pulls"] <= 70  # about one per 0.5 s (paced), not one per 0.05 s

@@ -526,8 +526,13 @@ def test_a_second_coordinator_on_a_live_region_is_refused_unless_take_over(mosqu
                                   strategy_params={"k": 1, "timeout_s": 5.0})
 
     check_take_over(options("fresh", None), take_over=False)  # an empty region
+    CoordinatorDaemon(options("old"), task=get_task("digits")).start().stop()  # another state dir, with versions, same kept key
+    time.sleep(0.002)  # (epochs are microseconds of the wall clock: the next state dir's differs)
     real = CoordinatorDaemon(options("real"), task=get_task("digits")).start()
     try:
+        # The same kept key on another state dir that holds versions (a mistyped --state-dir): its epoch differs.
+        with pytest.raises(ConfigError, match="with this signing key on another state dir"):
+            check_take_over(options("old"), take_over=False)
         for state, signing_key in (("typo", None), ("typo", other)):  # a key made with the new dir, or another kept one
             with pytest.raises(ConfigError, match=r"region 'live-check' already has a live coordinator .* start again with --take-over"):
                 check_take_over(options(state, signing_key), take_over=False)
@@ -545,6 +550,9 @@ def test_a_second_coordinator_on_a_live_region_is_refused_unless_take_over(mosqu
     assert live_other_coordinator(old, None, now=1000.0 + 99.0) is not None
     assert live_other_coordinator(old, None, now=1000.0 + 101.0) is None
     assert live_other_coordinator(old, "k1", now=1000.0) is None
+    with_epoch = old.replace(b'"signing_key": "k1"', b'"signing_key": "k1", "epoch": 5')
+    assert live_other_coordinator(with_epoch, "k1", now=1000.0, epoch=5) is None  # this state dir's own process
+    assert live_other_coordinator(with_epoch, "k1", now=1000.0, epoch=6) is not None  # another state dir, same key
 
 
 def test_a_mosquitto_whose_port_is_taken_refuses_to_start_or_picks_another(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -635,6 +635,7 @@ class DeviceCore:
                 s.counters["ignored:older_model"] = s.counters.get("ignored:older_model", 0) + 1
                 actions.append(Notify(kind="model_older", data={"version": msg.version, "held": s.deployed_version}))
             return actions
+        self._pull_answered(now)
         if s.canary_state == "fetching":
             return actions + self._on_canary_model(msg, full, now)
         if full is None:
@@ -702,6 +703,7 @@ class DeviceCore:
         if msg.seq != s.pending_seq:
             return []  # an answer to a request we already gave up on or retried past
         if s.phase is _PULLING and msg.status == "deferred":
+            self._pull_answered(now)
             s.phase = _DEFERRED
             s.attempts = 0
             s.deadline = now + self.config.reannounce_s
@@ -832,6 +834,9 @@ class DeviceCore:
     def _on_timer(self, ev: TimerFired) -> list[DeviceAction]:
         s = self._s
         if s.deadline is None and s.refresh_at is not None and ev.now >= s.refresh_at and s.phase is _IDLE:
+            if (wait := self._pull_wait(ev.now)) > 0:  # paced as every pull (a refresh_s below pull_refill_s drained the bucket)
+                s.refresh_at = ev.now + wait
+                return [ScheduleTimer(at=s.refresh_at)]
             s.counters["refresh_pulls"] = s.counters.get("refresh_pulls", 0) + 1
             return self._send_pull(ev.now, fresh=True, serve=True)  # idle for refresh_s: the release again
         if s.deadline is None or ev.now < s.deadline:
@@ -1113,14 +1118,23 @@ class DeviceCore:
         """Seconds until a pull would find a token in the coordinator's bucket, with
         ``PULL_MARGIN`` to spare (the coordinator counts arrivals, which jitter); 0: pull now."""
         cfg = self.config
-        if self._s.pull_tokens >= _PULL_READY or cfg.pull_refill_s <= 0:  # (tokens only refill: ready without the sum)
+        ready = _PULL_READY if cfg.pull_burst >= _PULL_READY else cfg.pull_burst  # (a bucket of 1: wait until full)
+        if self._s.pull_tokens >= ready or cfg.pull_refill_s <= 0:  # (tokens only refill: ready without the sum)
             return 0.0
-        wait = (_PULL_READY - self._pull_tokens(now)) * cfg.pull_refill_s
+        wait = (ready - self._pull_tokens(now)) * cfg.pull_refill_s
         return wait if now + wait > now else 0.0  # (a timer set for that very instant found a rounding error short)
 
     def _spend_pull_token(self, now: float) -> None:
         s = self._s
         s.pull_tokens, s.pull_at = self._pull_tokens(now) - 1.0, now
+
+    def _pull_answered(self, now: float) -> None:
+        """The coordinator answered the pending pull: it took its token on arrival, at most now,
+        so the bucket refills from now, not from the send (delays that vary from one pull to
+        the next cannot make the device's reckoning exceed the coordinator's)."""
+        s = self._s
+        if now > s.pull_at:
+            s.pull_at = now
 
     def _timeout(self) -> float:
         cfg = self.config
