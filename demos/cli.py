@@ -226,8 +226,11 @@ def resolve_args(parser: argparse.ArgumentParser, argv: Sequence[str], env: Mapp
 
     args, extras = parser.parse_known_args(list(argv))
     command = getattr(args, "command", None)
-    if extras:  # `edgeci run --devcies 3`: the usage of `edgeci run`, not of `edgeci`
-        (_subparser(parser, command) if command else parser).error(f"unrecognized arguments: {' '.join(extras)}")
+    if extras:  # `edgeci run --devcies 3`: the usage of `edgeci run`; `edgeci --bogus run`: of `edgeci`
+        words = list(argv)
+        before = command is None or command not in words or any(
+            x in words[: words.index(command)] for x in extras)
+        (parser if before else _subparser(parser, command)).error(f"unrecognized arguments: {' '.join(extras)}")
     if not command:
         return args
     module = importlib.import_module(args._module)
