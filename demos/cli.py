@@ -230,7 +230,7 @@ def resolve_args(parser: argparse.ArgumentParser, argv: Sequence[str], env: Mapp
         words = list(argv)
         before = command is None or command not in words or any(
             x in words[: words.index(command)] for x in extras)
-        (parser if before else _subparser(parser, command)).error(f"unrecognized arguments: {' '.join(extras)}")
+        (parser if before or command is None else _subparser(parser, command)).error(f"unrecognized arguments: {' '.join(extras)}")
     if not command:
         return args
     module = importlib.import_module(args._module)

@@ -420,6 +420,8 @@ class DeviceCore:
                               pins=self._pins_by_region.setdefault(config.region, {}), region=config.region,
                               epoch=self._epochs.get(config.region, NO_EPOCH))
         self._refresh_s = config.refresh_s
+        self._pull_ready = min(_PULL_READY, config.pull_burst) if config.pull_refill_s > 0 else -math.inf
+        """The tokens a pull waits for (a bucket of 1: until full); -inf: no pacing."""
         self._timer_at: float | None = None
         """The driver's one timer as this core last set it (kept only with ``refresh_s``)."""
         self._address(config.region)
@@ -1057,7 +1059,7 @@ class DeviceCore:
         s = self._s
         if s.phase is _IDLE and (back := self._maybe_fail_back(now)):
             return back
-        if s.phase is _IDLE and (wait := self._pull_wait(now)) > 0 and (
+        if s.phase is _IDLE and s.pull_tokens < self._pull_ready and (wait := self._pull_wait(now)) > 0 and (
                 s.release_wanted > s.deployed_version or (s.canary is not None and s.canary_state == "fetch") or self.wants_pull()):
             s.deadline = now + wait  # the timer pulls then, with every label that arrived meanwhile
             s.counters["pulls_paced"] = s.counters.get("pulls_paced", 0) + 1
@@ -1117,14 +1119,15 @@ class DeviceCore:
     def _pull_wait(self, now: float) -> float:
         """Seconds until a pull would find a token in the coordinator's bucket, with
         ``PULL_MARGIN`` to spare (the coordinator counts arrivals, which jitter); 0: pull now."""
-        cfg = self.config
-        ready = _PULL_READY if cfg.pull_burst >= _PULL_READY else cfg.pull_burst  # (a bucket of 1: wait until full)
-        if self._s.pull_tokens >= ready or cfg.pull_refill_s <= 0:  # (tokens only refill: ready without the sum)
+        ready = self._pull_ready
+        if self._s.pull_tokens >= ready:  # (tokens only refill: ready without the sum; never without pacing)
             return 0.0
-        wait = (ready - self._pull_tokens(now)) * cfg.pull_refill_s
+        wait = (ready - self._pull_tokens(now)) * self.config.pull_refill_s
         return wait if now + wait > now else 0.0  # (a timer set for that very instant found a rounding error short)
 
     def _spend_pull_token(self, now: float) -> None:
+        if self._pull_ready == -math.inf:
+            return  # no pacing: nothing to reckon
         s = self._s
         s.pull_tokens, s.pull_at = self._pull_tokens(now) - 1.0, now
 
