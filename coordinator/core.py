@@ -136,6 +136,7 @@ from edge_sdk.wire.codec import (
     decode_frame,
     encode,
     encode_spliced,
+    pull_tokens,
     status_json,
 )
 from edge_sdk.wire.messages import (
@@ -925,10 +926,7 @@ class CoordinatorCore:
         """Per-device token bucket for replies; raises ``RateLimited`` when it is empty."""
         cfg = self.config
         tokens, last = self._tokens.get(device, (cfg.pull_burst, now))
-        if cfg.pull_refill_s > 0:
-            tokens = min(cfg.pull_burst, tokens + max(0.0, now - last) / cfg.pull_refill_s)
-        else:
-            tokens = cfg.pull_burst
+        tokens = pull_tokens(tokens, last, now, cfg.pull_burst, cfg.pull_refill_s)
         if tokens < 1.0:
             self._tokens[device] = (tokens, now)
             raise RateLimited(f"{device} pulls faster than one per {cfg.pull_refill_s} s")

@@ -181,6 +181,7 @@ from edge_sdk.wire.codec import (
     decode_frame,
     encode,
     parse_status_json,
+    pull_tokens,
 )
 from edge_sdk.wire.messages import (
     NO_EPOCH,
@@ -1112,9 +1113,7 @@ class DeviceCore:
 
     def _pull_tokens(self, now: float) -> float:
         s, cfg = self._s, self.config
-        if cfg.pull_refill_s <= 0:
-            return cfg.pull_burst
-        return min(cfg.pull_burst, s.pull_tokens + max(0.0, now - s.pull_at) / cfg.pull_refill_s)
+        return pull_tokens(s.pull_tokens, s.pull_at, now, cfg.pull_burst, cfg.pull_refill_s)  # (the coordinator's arithmetic)
 
     def _pull_wait(self, now: float) -> float:
         """Seconds until a pull would find a token in the coordinator's bucket, with

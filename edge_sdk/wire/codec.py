@@ -79,6 +79,13 @@ PULL_REFILL_S = 0.5
 """A coordinator answers a device's pulls from a token bucket: ``PULL_BURST`` at once, one more
 every ``PULL_REFILL_S`` seconds; a pull beyond it is dropped. A device paces its own pulls by
 the same bucket, so an honest one is never dropped (a drop costs it a request timeout)."""
+
+
+def pull_tokens(tokens: float, since: float, now: float, burst: float, refill_s: float) -> float:
+    """A pull bucket that held ``tokens`` at ``since``, refilled to ``now`` (full without refill)."""
+    if refill_s <= 0:
+        return burst
+    return min(burst, tokens + max(0.0, now - since) / refill_s)
 Encoding = Literal["f4", "f2", "i1"]
 ENCODINGS: dict[str, np.dtype[Any]] = {
     "f4": np.dtype("<f4"),
