@@ -156,10 +156,14 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: done.set())
 
     json_lines = getattr(args, "log_format", "text") == "json"
+    threshold = logging.getLevelName(str(getattr(args, "log_level", None) or DEFAULT_LOG_LEVEL).upper())
 
     def say(event: str, text: str, data: Mapping[str, object] | None = None, level: str = "info") -> None:
         """A line for whoever runs the device, on stdout: ``[id] text``, or with ``--log-format json``
-        one JSON object (the log's keys ts, level, logger, msg, and device, event, data)."""
+        one JSON object (the log's keys ts, level, logger, msg, and device, event, data). Below
+        ``--log-level`` (``--log-level warning``: only the warnings and errors) nothing is printed."""
+        if logging.getLevelName(level.upper()) < threshold:
+            return
         if not json_lines:
             print(f"[{args.device_id}] {text}", flush=True)
             return

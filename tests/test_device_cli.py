@@ -35,13 +35,17 @@ def test_a_bundle_for_another_region_is_refused_before_connecting(tmp_path: Path
 
 
 @pytest.mark.broker
-@pytest.mark.parametrize("fmt", ["text", "json"])
-def test_a_device_nobody_answers_says_so(mosquitto: MosquittoProcess, tmp_path: Path, fmt: str) -> None:
-    """... on stdout, as text lines or, with --log-format json, one JSON object per line like the log's."""
+@pytest.mark.parametrize("fmt, level", [("text", "info"), ("json", "info"), ("text", "warning")])
+def test_a_device_nobody_answers_says_so(mosquitto: MosquittoProcess, tmp_path: Path, fmt: str, level: str) -> None:
+    """... on stdout, as text lines or, with --log-format json, one JSON object per line like the log's;
+    ``--log-level warning`` keeps the warnings and drops the progress lines (they ignored it)."""
     out = device("--broker", mosquitto.url, "--region", "nowhere", "--device-id", "d1", "--rate", "20", "--min-samples", "2",
-                 "--duration", "14", "--log-format", fmt, home=tmp_path / "home")
+                 "--duration", "14", "--log-format", fmt, "--log-level", level, home=tmp_path / "home")
     assert out.returncode == 0, out.stdout + out.stderr
-    if fmt == "json":
+    if level == "warning":
+        assert "partition" not in out.stdout and out.stdout.startswith("[d1] no answer to its pull"), out.stdout
+        text = out.stdout
+    elif fmt == "json":
         lines = [json.loads(line) for line in out.stdout.splitlines()]  # every line: nothing printed around them
         assert lines[0]["event"] == "started" and all(line["device"] == "d1" for line in lines)
         retry = next(line for line in lines if line["event"] == "retry")
