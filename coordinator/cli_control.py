@@ -4,7 +4,7 @@
 are written atomically) and prints each version with its time, updates, staleness, source
 and the gate's verdicts (validation metrics; promoted, rejected, rolled back, pinned).
 
-``rollback --to N``, ``pin N`` and ``unpin`` act on a *running* coordinator: they publish
+``rollback N`` (or ``--to N``), ``pin N`` and ``unpin`` act on a *running* coordinator: they publish
 a signed command on ``edgeci/v1/{region}/control`` and wait until the coordinator's
 retained status shows the result. The command is signed with an operator key (an
 ``edgeci pki issue --role operator`` bundle's ``signing.key``, or ``--signing-key``) — or, on the
@@ -54,7 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="the epoch the devices hold (edgeci status: 'epoch_ahead'); the new one is above it and the clock")
         return
     if command == "rollback":
-        p.add_argument("--to", dest="version", type=_version, required=True, metavar="N", help="version to make the release again")
+        which = p.add_mutually_exclusive_group(required=True)  # `rollback N`, like `pin N`; `--to N` as before
+        which.add_argument("version", nargs="?", default=None, type=_version, metavar="N", help="version to make the release again")
+        which.add_argument("--to", type=_version, metavar="N", help="the same as N")
     elif command == "pin":
         p.add_argument("version", type=_version, metavar="N", help="version to release and hold (no promotions until unpin)")
     if command in ("rollback", "pin"):
@@ -241,6 +243,8 @@ def _control(args: argparse.Namespace, command: str) -> int:
     key_path = _key_path(args)
     signer = load_signer(key_path)
     version = getattr(args, "version", -1)
+    if getattr(args, "to", None) is not None:
+        version = args.to
     operator = args.operator or _bundle_identity(key_path)
     statuses: list[dict[str, Any]] = []
     seen = threading.Event()

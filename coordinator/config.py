@@ -106,8 +106,8 @@ def given_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str
     saved: list[tuple[argparse.Action, Any, bool]] = []
     for p in parsers_of(parser):
         for a in p._actions:
-            if isinstance(a, argparse._SubParsersAction):
-                continue
+            if isinstance(a, argparse._SubParsersAction) or (not a.option_strings and a.nargs in ("?", "*")):
+                continue  # an optional positional (`rollback [N]`): argparse would feed "==SUPPRESS==" to its type
             saved.append((a, a.default, a.required))
             a.default, a.required = argparse.SUPPRESS, False
     saved_defaults = [(p, dict(p._defaults)) for p in parsers_of(parser)]

@@ -314,3 +314,13 @@ def test_versions_of_a_fresh_state_dir_name_its_release(tmp_path: Path) -> None:
     Registry(tmp_path, spec).initialise(np.zeros(spec.size, np.float32), now=0.0, source="test")
     rows, release = version_rows(tmp_path)
     assert release["release"] == 0 and rows[0]["verdict"] == "release"
+
+
+@pytest.mark.parametrize("argv, needle", [([], "one of the arguments N --to is required"),
+                                          (["3", "--to", "4"], "argument --to: not allowed with argument N"),
+                                          (["-1"], "versions start at 0")])
+def test_rollback_takes_its_version_like_pin_or_with_to(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`pin N` but `rollback --to N` (README trial): rollback now takes N too; one of the two, not both."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["rollback", *argv, "--broker", "mqtt://127.0.0.1:1"])
+    assert exit_.value.code == 2 and needle in capsys.readouterr().err

@@ -196,7 +196,7 @@ def test_rollback_and_pin_on_a_running_coordinator_survive_its_restart(mosquitto
             assert time.monotonic() - started < 25, "a refusal waited for the timeout"
             lost = next(d for d in (state / "versions").iterdir() if d.name.isdigit() and int(d.name) == 3)
             shutil.move(lost, tmp_path / "v3")  # a version the registry no longer has (pruned, lost)
-            out = edgeci("rollback", "--to", "3", "--broker", url, "--region", REGION, "--state-dir", str(state), "--wait", "30")
+            out = edgeci("rollback", "3", "--broker", url, "--region", REGION, "--state-dir", str(state), "--wait", "30")
             assert out.returncode == 1 and "refused rollback: version_unavailable" in out.stdout, out.stdout + out.stderr
             assert any("WARNING" in ln and "operator rollback of version 3 failed" in ln for ln in proc.lines), proc.lines[-5:]
             out = edgeci("unpin", "--broker", url, "--region", REGION, "--state-dir", str(state))
