@@ -88,7 +88,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 @dataclass
 class Timeline:
-    """(wall seconds, version, accuracy) points, filled by the evaluator thread."""
+    """(wall seconds since labelling started, version, accuracy) points, filled by the evaluator
+    thread (the version before any label at 0 s: set-up time is not on the plot's axis)."""
 
     t0: float
     points: list[tuple[float, int, float]] = field(default_factory=list)
@@ -148,7 +149,7 @@ def plot(timeline: Timeline, path: Path, title: str, training: Timeline | None =
         ax.step([p[0] for p in training.points], [100 * p[2] for p in training.points], where="post", color="0.6",
                 lw=0.8, label="training line (candidates)")
     ax.step(t, acc, where="post", label="release: what devices predict with (held-out accuracy)")
-    ax.set_xlabel("wall time (s)")
+    ax.set_xlabel("seconds since labelling started (wall clock)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
@@ -166,8 +167,9 @@ def run(args: argparse.Namespace) -> int:
     state_dir = args.state_dir or Path(tmp.name) / "coordinator"
     broker = None if args.broker else EmbeddedBroker().start()
     url = args.broker or broker.url  # type: ignore[union-attr]
-    timeline = Timeline(t0=time.monotonic())
-    training = Timeline(t0=timeline.t0)
+    started = time.monotonic()
+    timeline = Timeline(t0=started)  # t0 moves to the first label below
+    training = Timeline(t0=started)
     evaluator = Evaluator(task, timeline).start()
     training_evaluator = Evaluator(task, training).start()
     # The coordinator's validation set: a slice of the pool that no device will label.
@@ -203,8 +205,6 @@ def run(args: argparse.Namespace) -> int:
         v0 = coordinator.core.version
         w0 = coordinator.core.weights
         acc0 = float(task.evaluate(w0)["accuracy"])
-        timeline.add(v0, acc0)
-        training.add(v0, acc0)
         coordinator.start()
         train = TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed)
         users = []
@@ -221,6 +221,9 @@ def run(args: argparse.Namespace) -> int:
             ).start()
             clients.append(client)
             users.append(LabellingUser(name=f"device-{i:03d}", stream=Split(x=data.pool.x[idx], y=data.pool.y[idx]), add=client.add_sample, rate=args.rate))
+        timeline.t0 = training.t0 = time.monotonic()  # no label, no commit before this: v0 at 0 s
+        timeline.points.append((0.0, v0, acc0))
+        training.points.append((0.0, v0, acc0))
         loop = LabellingLoop(users, seed=args.seed).start()
         _watch(args, timeline, loop)
         loop.stop()
@@ -245,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
          training if validation is not None else None)
     (out / "metrics.json").write_text(json.dumps({"release": timeline.points, "training": training.points,
                                                   "status": dataclasses.asdict(status)}, indent=1))
-    wall = time.monotonic() - timeline.t0
+    wall = time.monotonic() - started
     gate = status.extra.get("gate") or {}
     candidates = ("no gate: every aggregated version released" if validation is None else
                   f"candidates promoted {gate.get('promoted', 0)}, held {gate.get('held', 0)}, rejected {gate.get('rejected', 0)}")

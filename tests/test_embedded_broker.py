@@ -57,6 +57,7 @@ def test_main_job_on_embedded_broker_improves_accuracy(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["status"]["version"] == training and metrics["status"]["extra"]["release"] == release
+    assert metrics["release"][0][:2] == [0.0, 0] and metrics["training"][0][:2] == [0.0, 0]  # time from the first label
 
 
 def test_sdk_round_trip_on_embedded_broker(tmp_path: Path) -> None:
