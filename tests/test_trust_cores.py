@@ -219,6 +219,39 @@ def test_seq_jump_is_rejected_and_does_not_move_the_watermark() -> None:
     assert isinstance(ack, Ack) and ack.status == "accepted"
 
 
+def test_a_reinstalled_device_starting_again_at_seq_0_is_not_told_its_updates_were_applied() -> None:
+    """A device that lost its store (reinstall, new EDGECI_HOME) numbers from 0 again, below the
+    watermark its earlier install left: every update was answered ``duplicate`` with nonce 0 and
+    the device took that as success — a partition discarded while logged as acked (helper-83)."""
+    c = make_coordinator(k=10, timeout_s=None)
+    for seq in (3, 9, 40):  # the first install's accepted updates
+        c.handle(to_coord(0.1 * seq, DEV, "update", update(DEV, seq, nonce=1000 + seq)))
+    d = device()  # the reinstall: next_seq 0
+    fresh = train_and_push(d, now=10.0)
+    assert fresh.seq < 40
+    (dup,) = published(c.handle(to_coord(11.0, DEV, "update", fresh)), "ack")
+    assert isinstance(dup, Ack) and dup.status == "duplicate" and dup.nonce == 0 and dup.watermark == 40
+    acts = d.handle(to_dev(11.1, "ack", encode(dup)))
+    assert notes(acts, "seq_conflict") and not notes(acts, "update_acked") and d.state.updates_acked == 0
+    (again,) = published(acts, "update")
+    assert isinstance(again, Update) and again.seq == 41
+    np.testing.assert_array_equal(again.weights, fresh.weights)
+    accepted = c.counters["accepted"]
+    (ack,) = published(c.handle(to_coord(11.2, DEV, "update", again)), "ack")
+    assert isinstance(ack, Ack) and ack.status == "accepted" and c.counters["accepted"] == accepted + 1
+    assert notes(d.handle(to_dev(11.3, "ack", encode(ack))), "update_acked") and d.state.updates_acked == 1
+
+
+def test_a_retry_answered_without_a_nonce_at_its_own_seq_is_success() -> None:
+    """After a coordinator restart it no longer knows the nonce of a device's last accepted
+    update: a retry of that seq (watermark == seq) is the device's own update, acknowledged."""
+    d = device()
+    pending = train_and_push(d)
+    dup = Ack(device=DEV, seq=pending.seq, status="duplicate", version=1, nonce=0, watermark=pending.seq)
+    acts = d.handle(to_dev(2.0, "ack", encode(dup)))
+    assert notes(acts, "update_acked") and not published(acts, "update") and d.state.updates_acked == 1
+
+
 def test_a_new_device_cannot_be_poisoned_beyond_its_last_pull() -> None:
     c = make_coordinator(k=10, timeout_s=None)
     c.handle(to_coord(0.0, DEV, "pull", Pull(device=DEV, seq=7, model_id="toy")))

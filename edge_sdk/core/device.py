@@ -47,9 +47,11 @@ model, recall or canary request of an older epoch is a replay (``epoch_older``; 
 recall is only counted). Pulls and updates carry the epoch their version counts in.
 
 Idempotency under attack. Each update carries a random ``nonce``; a ``duplicate`` ack
-counts as success only when it echoes that nonce (or the coordinator no longer knows it).
-Otherwise someone else took the seq: the device moves past the coordinator's watermark and
-sends the same weights again under a fresh seq (``seq_conflicts``). An update deferred for
+counts as success only when it echoes that nonce, or carries none with the device's own seq
+as the watermark (a restarted coordinator no longer knows the nonce of the last update it
+accepted). Otherwise someone else took the seq, or the device numbers below seqs it never sent
+(a reinstall that lost its store starts again at 0): the device moves past the coordinator's
+watermark and sends the same weights again under a fresh seq (``seq_conflicts``). An update deferred for
 the coordinator's storage stays pending and is retried with back-off. A training job that
 fails — or returns non-finite weights — returns the device to IDLE with a back-off. An update
 refused because its base version was abandoned by a rollback (``base_rejected``: the release
@@ -718,7 +720,12 @@ class DeviceCore:
             s.attempts += 1
             s.deadline = now + self._timeout()
             return [ScheduleTimer(at=s.deadline), Notify(kind="deferred", data={"seq": msg.seq, "what": "update", "reason": msg.reason})]
-        if msg.status == "duplicate" and pending is not None and msg.nonce not in (0, pending.nonce):
+        if msg.status == "duplicate" and pending is not None and msg.nonce != pending.nonce and (msg.nonce != 0 or msg.watermark > msg.seq):
+            # Not our update: another nonce under our seq, or no nonce (the coordinator keeps only
+            # the last accepted one's) with a watermark *above* our seq — it accepted later seqs this
+            # device never sent (a reinstall that lost the store and starts again at 0, or a forger)
+            # and applied nothing of ours. Only a watermark equal to our seq without a nonce is our
+            # own update accepted before the coordinator restarted (it forgot the nonce): success.
             if msg.watermark > s.next_seq + MAX_WATERMARK_JUMP:  # forged (see MAX_WATERMARK_JUMP): ignored,
                 s.counters["ignored:watermark_jump"] = s.counters.get("ignored:watermark_jump", 0) + 1
                 return []  # and the update is sent again at its timeout
