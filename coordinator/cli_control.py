@@ -52,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("--state-dir", type=Path, required=True, help="the coordinator's state dir (the coordinator must be stopped)")
         p.add_argument("--above", type=_epoch, default=0, metavar="EPOCH",
                        help="the epoch the devices hold (edgeci status: 'epoch_ahead'); the new one is above it and the clock")
+        p.add_argument("--force", action="store_true",
+                       help="number above an --above more than a day ahead of this host's clock (refused otherwise: devices' "
+                            "epoch claims are unsigned, and no epoch is left above 2^63-1)")
         return
     if command == "rollback":
         which = p.add_mutually_exclusive_group(required=True)  # `rollback N`, like `pin N`; `--to N` as before
@@ -100,12 +103,25 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _new_epoch(args: argparse.Namespace) -> int:
-    from coordinator.registry import MAX_EPOCH, Registry, RegistryError, StateDirLocked
+    from coordinator.registry import (
+        EPOCH_CLOCK_SLACK_S,
+        MAX_EPOCH,
+        Registry,
+        RegistryError,
+        StateDirLocked,
+        epoch_ahead_s,
+    )
 
     if not (args.state_dir / "versions").is_dir():
         raise ConfigError(f"{args.state_dir} is not a coordinator state dir (no versions/)")
     if args.above >= MAX_EPOCH:
         raise ConfigError(f"--above must be below {MAX_EPOCH}")
+    ahead = epoch_ahead_s(args.above, time.time())
+    if ahead > EPOCH_CLOCK_SLACK_S and not args.force:
+        raise ConfigError(f"--above {args.above} is {ahead / 86_400:,.1f} days ahead of this host's clock: only a coordinator whose "
+                          "clock was that far ahead made it, and the epoch a device reports is not signed (a forger can claim "
+                          "any). Every later epoch must be above the new one. Check the clocks and which devices claim it "
+                          "(edgeci status); --force numbers above it anyway")
     from edge_sdk.spec import ModelSpec
 
     try:

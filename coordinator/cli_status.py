@@ -192,6 +192,24 @@ def _gate_line(gate: Mapping[str, Any]) -> str:
     return line
 
 
+def ahead_warning(ahead: Mapping[str, Any], now: float) -> str:
+    """What to do about devices that claim a numbering ahead of the state dir (``epoch_ahead``).
+    The claim is unsigned: an epoch far beyond the clock is named as a likely forgery, and the
+    irreversible ``new-epoch --above`` is not suggested for it."""
+    from coordinator.registry import EPOCH_CLOCK_SLACK_S, epoch_ahead_s
+
+    highest = ahead.get("highest")
+    said = (f"devices claim a numbering ahead of this state dir (e.g. {ahead.get('device')}: version {ahead.get('version')} of "
+            f"epoch {highest}; {ahead.get('messages')} messages, unsigned)")
+    if isinstance(highest, int) and epoch_ahead_s(highest, now) > EPOCH_CLOCK_SLACK_S:
+        return (f"WARNING   {said}: that epoch is {epoch_ahead_s(highest, now) / 86_400:,.0f} days ahead of the clock, so no "
+                f"coordinator of yours made it unless a clock was that far ahead — most likely forged. Do not number above it; "
+                f"find the device (broker logs, its certificate) and revoke it")
+    return (f"WARNING   {said}: a restored backup, another coordinator on another state dir, or a clock behind. They refuse "
+            f"or outwait this coordinator's models: if they are your fleet's, stop it and run "
+            f"`edgeci new-epoch --state-dir DIR --above {highest}`")
+
+
 def render(status: Mapping[str, Any], now: float, stale_after: float | None = None) -> str:
     """The readable view. Keys added later (release, training line, recent versions) are
     shown when present."""
@@ -208,10 +226,7 @@ def render(status: Mapping[str, Any], now: float, stale_after: float | None = No
     out.append(f"model     {x.get('model_id', '?')} · version {status.get('version')}{epoch} · strategy {strategy}")
     ahead = x.get("epoch_ahead")
     if isinstance(ahead, Mapping):
-        out.append(f"WARNING   devices are ahead of this state dir (e.g. {ahead.get('device')}: version {ahead.get('version')} of "
-                   f"epoch {ahead.get('highest')}; {ahead.get('messages')} messages): a restored backup, another coordinator on "
-                   f"another state dir, or a clock behind. They refuse or outwait this coordinator's models: stop it and run "
-                   f"`edgeci new-epoch --state-dir DIR --above {ahead.get('highest')}`")
+        out.append(ahead_warning(ahead, now))
     lines = {k: v for k, v in x.items() if ("release" in k or "training" in k) and v not in (None, "", {})}
     for k, v in sorted(lines.items()):
         pinned = " (pinned: no promotions until `edgeci unpin`)" if k == "release" and x.get("pinned") else ""

@@ -43,7 +43,7 @@ from coordinator.gate import GateConfig
 from coordinator.inversion import inversion_config  # the module needs no torch (the inverter does)
 from coordinator.methods import make_method
 from coordinator.metrics import CoordinatorMetrics, stamp_status, status_will
-from coordinator.registry import Registry, RegistryError
+from coordinator.registry import EPOCH_CLOCK_SLACK_S, Registry, RegistryError, epoch_ahead_s
 from coordinator.strategies import strategy_params
 from coordinator.strategies.base import BufferedUpdate
 from coordinator.strategies.staleness import needs_driver, policy_of
@@ -709,13 +709,20 @@ class CoordinatorDaemon:
                             f"; {before} more pulls (any device) were dropped, unlogged, in the minute before this note" if before else "")
             elif action.kind == "epoch_ahead":  # (at most once a minute)
                 d = action.data
-                log.warning("device %s holds version %s of epoch %s, ahead of this state dir (epoch %s, newest version %s): it "
+                highest = d.get("highest")
+                if isinstance(highest, int) and epoch_ahead_s(highest, time.time()) > EPOCH_CLOCK_SLACK_S:
+                    advice = ("That epoch is %.0f days ahead of this host's clock: most likely forged (the claim is unsigned). "
+                              "Do not number above it; find the device and revoke it" % (epoch_ahead_s(highest, time.time()) / 86_400))
+                else:
+                    advice = (f"The state dir was restored from a backup, another coordinator of the region ran on another state "
+                              f"dir with this signing key, or this host's clock was behind when the state dir was made. If these "
+                              f"are your fleet's devices, stop this coordinator and run `edgeci new-epoch --state-dir "
+                              f"{self.registry.root} --above {highest}`")
+                log.warning("device %s claims version %s of epoch %s, ahead of this state dir (epoch %s, newest version %s): it "
                             "refuses this coordinator's models or waits for a version above its own (%s pulls and updates "
-                            "said so; the newest: epoch %s). The state dir was restored from a backup, another coordinator of "
-                            "the region ran on another state dir with this signing key, or this host's clock was behind when "
-                            "the state dir was made. Stop this coordinator and run `edgeci new-epoch --state-dir %s --above %s`",
+                            "said so, unsigned; the newest: epoch %s). %s",
                             d.get("device"), d.get("version"), d.get("epoch"), d.get("own"), d.get("own_version"), d.get("count"),
-                            d.get("highest"), self.registry.root, d.get("highest"))
+                            highest, advice)
             else:
                 log.debug("%s %s", action.kind, action.data)
         else:

@@ -117,6 +117,16 @@ def new_epoch() -> int:
 
 
 MAX_EPOCH = 2**63 - 1
+EPOCH_CLOCK_SLACK_S = 86_400.0
+"""How far ahead of this host's clock an epoch may be and still come from a coordinator (whose
+clock was that far ahead when it made its state dir). Beyond it, an epoch a device claims —
+unsigned — is most likely forged: ``edgeci new-epoch`` will not number above it without
+``--force`` (every later epoch must be above it, and above ``MAX_EPOCH`` none is left)."""
+
+
+def epoch_ahead_s(epoch: int, now: float) -> float:
+    """Seconds by which ``epoch`` (µs since 1970) is ahead of the wall-clock time ``now``."""
+    return epoch / 1e6 - now
 
 
 def read_epoch(state_dir: str | Path) -> int | None:

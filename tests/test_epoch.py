@@ -285,7 +285,11 @@ def test_devices_ahead_of_the_state_dir_are_counted_and_reported_never_followed(
     assert published(acts, "ack")[0].reason == "base_rejected" and not notes(acts, "epoch_ahead")  # type: ignore[attr-defined]  # (once a minute)
     assert c.counters["epoch_ahead"] == 2  # type: ignore[attr-defined]
     assert c.status().extra["epoch_ahead"] == {"highest": NEW + 7, "version": 0, "device": DEV, "messages": 2}  # type: ignore[attr-defined]
-    assert f"edgeci new-epoch --state-dir DIR --above {NEW + 7}" in render(parse_status_json(status_json(c.status())), 0.0)  # type: ignore[arg-type, attr-defined]
+    shown = render(parse_status_json(status_json(c.status())), NEW / 1e6)  # type: ignore[arg-type, attr-defined]  # the clock then
+    assert f"edgeci new-epoch --state-dir DIR --above {NEW + 7}" in shown and "unsigned" in shown
+    # An epoch no clock could have made: named a likely forgery, and new-epoch --above is not suggested for it.
+    forged = render(parse_status_json(status_json(c.status())), OLD / 1e6 - 10 * 86_400)  # type: ignore[arg-type, attr-defined]
+    assert "most likely forged" in forged and "new-epoch" not in forged
     assert notes(c.handle(to_coord("pull", encode(dataclasses_replace(ahead, seq=3)), now=70.0)), "epoch_ahead")  # type: ignore[attr-defined]
     assert c._epoch == OLD  # type: ignore[attr-defined]  # reported, never acted on
 
@@ -305,10 +309,13 @@ def test_new_epoch_starts_a_numbering_above_the_devices_and_only_on_a_stopped_co
     reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
     old = read_epoch(tmp_path / "s")
     far = 4_000_000_000_000_000  # a clock 60 years ahead made the devices' numbering
-    assert main(["new-epoch", "--state-dir", str(tmp_path / "s"), "--above", str(far)]) != 0  # running: refused
+    assert main(["new-epoch", "--state-dir", str(tmp_path / "s"), "--above", str(far), "--force"]) != 0  # running: refused
     assert "in use by a running coordinator: stop it first" in capsys.readouterr().err and read_epoch(tmp_path / "s") == old
     reg.close()
-    assert main(["new-epoch", "--state-dir", str(tmp_path / "s"), "--above", str(far)]) == 0
+    # An unsigned claim 60 years ahead: likely forged (a device can claim 2^63-2 and leave no epoch above): --force only.
+    assert main(["new-epoch", "--state-dir", str(tmp_path / "s"), "--above", str(far)]) != 0
+    assert "days ahead of this host's clock" in capsys.readouterr().err and read_epoch(tmp_path / "s") == old
+    assert main(["new-epoch", "--state-dir", str(tmp_path / "s"), "--above", str(far), "--force"]) == 0
     assert read_epoch(tmp_path / "s") == far + 1 and f"epoch {old} -> {far + 1}" in capsys.readouterr().out
     assert main(["new-epoch", "--state-dir", str(tmp_path / "s")]) == 0  # after a restore from a backup: above the old one
     assert read_epoch(tmp_path / "s") == far + 2
@@ -488,3 +495,24 @@ def test_an_sdk_from_before_epochs_is_not_reported_as_ahead() -> None:
     upd = Update(device=DEV, seq=2, model_id="toy", base_version=61, n_samples=1, weights=np.zeros(SPEC.size, np.float32))
     assert published(c.handle(to_coord("update", encode(upd), now=2.0)), "ack")[0].reason == "unknown_version"  # type: ignore[attr-defined]
     assert c.counters["epoch_ahead"] == 0 and "epoch_ahead" not in c.status().extra  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("ahead_days, forged", [(0.5, False), (3650.0, True)])
+def test_the_daemon_log_names_an_epoch_far_beyond_the_clock_a_likely_forgery(ahead_days: float, forged: bool,
+                                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """A device's epoch claim is unsigned: one claim of 2^63-2 made the log (and `edgeci status`)
+    tell the operator to run `new-epoch --above 2^63-2`, which leaves no epoch above (helper-83)."""
+    import time
+    import types
+
+    from coordinator.core import Notify
+    from coordinator.daemon import CoordinatorDaemon
+
+    highest = int((time.time() + ahead_days * 86_400) * 1e6)
+    stub = types.SimpleNamespace(registry=types.SimpleNamespace(root="/srv/eu"))
+    data = {"device": DEV, "epoch": highest, "version": 3, "highest": highest, "highest_version": 3, "own": OLD,
+            "own_version": 2, "count": 1}
+    with caplog.at_level("WARNING", logger="edgeci"):
+        CoordinatorDaemon._do(stub, Notify(kind="epoch_ahead", data=data))  # type: ignore[arg-type]
+    (line,) = [r.getMessage() for r in caplog.records if "ahead of this state dir" in r.getMessage()]
+    assert ("most likely forged" in line) is forged and ("new-epoch --state-dir /srv/eu --above" in line) is not forged
