@@ -178,14 +178,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="start although (a) the region's status shows another coordinator, with another signing key, "
                    "live (two would split the devices: for one that crashed before its last will arrived), or (b) on a new "
                    "state dir, the region's devices follow another state dir signed with this key (its retained recall says "
-                   "so): they drop that numbering for this one's version 0. Without it such a start is refused: a mistyped "
-                   "--state-dir or --region would take the fleet over. For a coordinator or state dir that is lost")
+                   "so): they drop that numbering for this one's version 0, or (c) the state dir was last started for another "
+                   "region (its region file). Without it such a start is refused: a mistyped --state-dir or --region would "
+                   "take the fleet over. Use it when the other coordinator or state dir is lost, or to move a state dir to a "
+                   "region on purpose")
     o.add_argument("--signing-key", type=Path, help="the Ed25519 key (PEM) that signs every model, recall and peer message; "
                    "default: the bundle's signing.key, else STATE_DIR/signing.key (created 0600 on first start). Keep it "
                    "apart from the state dir: devices that pinned it on first use refuse any other key, so a state dir "
                    "lost with its key in it loses them")
     o.add_argument("--metrics-port", type=int, default=0, help="serve /metrics, /healthz and /readyz on this port; 0 = off")
-    o.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics server binds")
+    o.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics server binds. Its endpoints have no "
+                   "authentication: bind beyond 127.0.0.1 only on a network you trust (or behind a proxy that checks)")
     o.add_argument("--status-interval", type=float, default=30.0, help="republish the retained status at least every this many seconds (liveness for `edgeci status`)")
     g = p.add_argument_group("peering between regional coordinators")
     g.add_argument("--peering", default="none", choices=PEERINGS, help="model exchange with other coordinators")
@@ -621,9 +624,35 @@ def live_other_coordinator(status_payload: bytes | None, kid: str | None, now: f
             f"{status.get('version')}; {why})")
 
 
+REGION_FILE = "region"
+"""The region a state dir serves (written at each start by the CLI; a state dir from before it has none)."""
+
+
+def recorded_region(state_dir: Path) -> str | None:
+    try:
+        text = (Path(state_dir) / REGION_FILE).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text or None
+
+
+def record_region(state_dir: Path, region: str) -> None:
+    """Write the region file atomically (best effort: a failure is logged, the start goes on)."""
+    path = Path(state_dir) / REGION_FILE
+    try:
+        if recorded_region(state_dir) == region:
+            return
+        tmp = path.with_name(REGION_FILE + ".tmp")
+        tmp.write_text(region + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("could not record the region in %s (%s): a later start cannot check --region against it", path, exc)
+
+
 def check_take_over(options: CoordinatorOptions, take_over: bool) -> None:
-    """Before a start, two checks on the region's retained messages; each refused unless
-    ``--take-over``:
+    """Before a start, three checks, each refused unless ``--take-over``: the state dir serves
+    another region (its ``region`` file: a mistyped ``--region`` would hand one region's
+    versions and key to another's devices); and two on the region's retained messages:
 
     * another coordinator, with another signing key, is live on the region (its status): two
       coordinators on one region answer the same devices with different keys and versions,
@@ -631,6 +660,14 @@ def check_take_over(options: CoordinatorOptions, take_over: bool) -> None:
     * on a state dir that holds no versions yet, the region's devices follow another state dir
       signed with this key (its recall names an epoch): starting would move the fleet to this
       one's version 0 within a second."""
+    recorded = recorded_region(options.state_dir)
+    if recorded is not None and recorded != options.region:
+        if not take_over:
+            raise ConfigError(f"state dir {options.state_dir} serves region {recorded!r}, not {options.region!r}: its versions, "
+                              f"epoch and signing key are {recorded!r}'s, and region {options.region!r}'s devices would take "
+                              f"them. Check --region / --state-dir; to move this state dir to region {options.region!r} on "
+                              f"purpose, start with --take-over")
+        log.warning("moving state dir %s from region %r to region %r (--take-over)", options.state_dir, recorded, options.region)
     fresh = not _holds_versions(options.state_dir)
     kid = _signing_kid(options)
     recall_topic, status_topic = topics.recall_topic(options.region), topics.status_topic(options.region)
@@ -667,7 +704,7 @@ def start_daemon(options: CoordinatorOptions, layered: Layered) -> CoordinatorDa
     state_dir = Path(options.state_dir)
     before, missing_from = _entries(state_dir), _first_missing(state_dir)
     try:
-        return CoordinatorDaemon(options)
+        daemon = CoordinatorDaemon(options)
     except StateDirLocked:
         raise  # another coordinator's state dir: never touch it
     except OSError as exc:  # a full or failing disk at start: said, not a traceback
@@ -678,6 +715,8 @@ def start_daemon(options: CoordinatorOptions, layered: Layered) -> CoordinatorDa
     except BaseException:
         _undo_failed_init(state_dir, before, missing_from)
         raise
+    record_region(state_dir, options.region)
+    return daemon
 
 
 # ---------------------------------------------------------------------- SIGHUP

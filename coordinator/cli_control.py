@@ -277,7 +277,7 @@ def _control(args: argparse.Namespace, command: str) -> int:
                               clean_session=True, auth=operator_auth(args))
     transport.start()
     try:
-        if not seen.wait(10.0):
+        if not seen.wait(min(10.0, args.wait)):  # (--wait bounds the whole command)
             print(f"no coordinator status on region {args.region!r}: is it running?")
             return 2
         alive, why = liveness(statuses[-1], time.time(), None)

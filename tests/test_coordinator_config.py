@@ -477,3 +477,32 @@ def test_a_misspelled_environment_variable_is_named_not_ignored() -> None:
                        "EDGECI_K": "4"})
     assert got.unknown_env == ["EDGECI_STATEDIR (did you mean EDGECI_STATE_DIR?)", "EDGECI_TIMOUT (did you mean EDGECI_TIMEOUT?)"]
     assert got.args.k == 4
+
+
+def test_a_state_dir_started_under_another_region_is_refused_unless_take_over(tmp_path: Path,
+                                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """Operator trial: `edgeci coordinator --region asia --state-dir <eu's dir>` served eu's versions
+    and key to asia's devices without a word (helper-85). A start records the region in the state dir;
+    another region is refused — before any broker is contacted — unless --take-over."""
+    import logging
+
+    from coordinator.cli import check_take_over, record_region, recorded_region
+    from coordinator.daemon import CoordinatorOptions
+    from edge_sdk.errors import ConfigError
+
+    state = tmp_path / "eu"
+    state.mkdir()
+    record_region(state, "eu")
+    assert recorded_region(state) == "eu"
+
+    def options(region: str) -> CoordinatorOptions:  # nothing listens there: a check that reached the broker would fail
+        return CoordinatorOptions(broker="mqtt://127.0.0.1:1", region=region, state_dir=state)
+
+    with pytest.raises(ConfigError, match=r"serves region 'eu', not 'asia'.*--take-over"):
+        check_take_over(options("asia"), take_over=False)
+    with caplog.at_level(logging.WARNING, logger="edgeci"):
+        check_take_over(options("asia"), take_over=True)  # allowed (no retained messages can be read there: nothing else to refuse)
+    assert "moving state dir" in caplog.text and "from region 'eu' to region 'asia'" in caplog.text
+    check_take_over(options("eu"), take_over=False)  # its own region: no question
+    record_region(state, "asia")  # what the start does once the daemon is up
+    assert recorded_region(state) == "asia" and not (state / "region.tmp").exists()

@@ -146,6 +146,7 @@ def test_rollback_and_pin_on_a_running_coordinator_survive_its_restart(mosquitto
             for seq in range(3):  # versions 1, 2, 3 (no gate: each is released)
                 push(url, spec, seq, seq, 0.01 * (seq + 1))
                 wait_until(lambda: watcher.extra("release") == seq + 1, 30, f"version {seq + 1}")  # noqa: B023
+            assert (state / "region").read_text().strip() == REGION  # recorded: a later start under another --region is refused
             # a device that serves release 3 and labels nothing more (it never pulls to train again)
             idle = EdgeClient(broker=url, device_id="idle-1", region=REGION, task=get_task("digits"), durable=False,
                               min_samples=10_000)
