@@ -28,10 +28,12 @@ and a thread that runs the deployed detector (onnxruntime) on the newest frame.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import math
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -304,7 +306,7 @@ class CoordinatorProcess:
     def start(self) -> CoordinatorProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._proc = subprocess.Popen(self._argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True, env=self._env)
+                                      stderr=subprocess.STDOUT, text=True, env=self._env, preexec_fn=_die_with_parent)
         self._reader.start()
         return self
 
@@ -340,6 +342,19 @@ class CoordinatorProcess:
                 self._proc.wait(10)
         if self._reader.is_alive():
             self._reader.join(5)
+
+
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+"""libc's prctl, looked up before any fork (a child between fork and exec must not import)."""
+
+
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM it when the app dies, however it dies (a kill -9
+    left the coordinators running with no app and no broker). Linux sends it when the *thread*
+    that started the child ends: coordinators are started on the main thread. Elsewhere nothing:
+    the app's own SIGTERM / SIGINT handling stops them."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def coordinator_process(what: str, model: str, *, broker: str, region: str, data_dir: Path,
@@ -731,6 +746,11 @@ def run(args: argparse.Namespace) -> int:
     data_dir: Path = (args.data_dir or default_data_dir(args.device_id)).expanduser()
     source = open_source(args.source, size=args.size, seed=args.seed)
     backend: Backend | None = None
+
+    def terminated(signum: int, _frame: object) -> None:  # SIGTERM as `q`: unwind, stop the coordinators and broker
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminated)  # (the default killed the app and left its coordinators running)
     try:
         backend = start_backend(args, data_dir)
         from edge_sdk.tasks.gestures import GESTURES, LENGTH, VELOCITY_GAIN
@@ -745,6 +765,7 @@ def run(args: argparse.Namespace) -> int:
         app = LabelApp(source=source, backend=backend, session=session, data_dir=data_dir, args=args, zoom=args.zoom)
         return app.run()
     finally:
+        signal.signal(signal.SIGTERM, previous)  # a second SIGTERM ends the app: its coordinators die with it
         source.close()
         if backend is not None:
             if backend.detect is not None and backend.detect.core.state.phase.value == "training":

@@ -718,3 +718,87 @@ def test_person_labels_boxes_and_a_gesture_in_the_window(xvfb: str, mosquitto: A
         x, y = store.gestures()
     assert x.shape == (1, LENGTH, 4) and y.tolist() == [1]
     assert x[0, -1, 0] - x[0, 0, 0] > 1.4 and np.abs(x[0, :, 1]).max() < 0.2  # left to right, level
+
+
+def test_sigterm_stops_the_embedded_backend_as_quitting_does(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`kill <edgeci label>` ended the app at once and left both embedded coordinators running
+    (parent PID 1), one still pretraining (helper-85): SIGTERM now unwinds like `q`."""
+    import argparse
+    import signal
+    import types
+
+    import demos.label as label
+
+    stopped: list[str] = []
+    source = types.SimpleNamespace(read=lambda t: np.zeros((60, 80, 3), np.uint8), close=lambda: stopped.append("source"))
+    backend = types.SimpleNamespace(detect=None, detect_task=types.SimpleNamespace(config=types.SimpleNamespace(n_classes=5)),
+                                    stop=lambda: stopped.append("backend"))
+
+    class App:
+        def __init__(self, **kw: Any) -> None:
+            pass
+
+        def run(self) -> int:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)  # the handler interrupts this
+            return 0
+
+    monkeypatch.setattr(label, "check_display", lambda: None)
+    monkeypatch.setattr(label, "open_source", lambda *a, **k: source)
+    monkeypatch.setattr(label, "start_backend", lambda args, data_dir: backend)
+    monkeypatch.setattr(label, "LabelApp", App)
+    args = argparse.Namespace(device_id="tester", fps=10.0, zoom=None, data_dir=tmp_path, source="synthetic", size=80, seed=0,
+                              mode="detect")
+    def unhandled(signum: int, frame: object) -> None:  # what would have killed the app (and this test run)
+        raise AssertionError("run() left SIGTERM to the default action")
+
+    original = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        started = time.monotonic()
+        with pytest.raises(SystemExit) as exit_:
+            label.run(args)
+        assert exit_.value.code == 128 + signal.SIGTERM and time.monotonic() - started < 5
+        assert stopped == ["source", "backend"] and signal.getsignal(signal.SIGTERM) is unhandled
+    finally:
+        signal.signal(signal.SIGTERM, original)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_embedded_coordinators_die_with_a_killed_app(tmp_path: Path) -> None:
+    """Even a kill -9 of the app (no handler runs) takes its coordinator processes with it."""
+    script = (
+        "import sys, os, time\n"
+        "from pathlib import Path\n"
+        "from demos.label import CoordinatorProcess\n"
+        f"p = CoordinatorProcess('x', [sys.executable, '-c', 'import time; time.sleep(60)'], env=dict(os.environ), "
+        f"log_path=Path({str(tmp_path / 'c.log')!r})).start()\n"
+        "print(p._proc.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    app = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert app.stdout is not None
+        child = int(app.stdout.readline())
+        os.kill(child, 0)  # running
+        app.kill()
+        app.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                break
+            with open(f"/proc/{child}/stat") as f:  # a zombie (reaped by init shortly) counts as gone
+                if f.read().split(") ")[1].startswith("Z"):
+                    break
+            time.sleep(0.05)
+        else:
+            os.kill(child, 9)
+            pytest.fail("the coordinator outlived the killed app")
+    finally:
+        if app.poll() is None:
+            app.kill()
+            app.wait(10)
+        if app.stdout is not None:
+            app.stdout.close()
