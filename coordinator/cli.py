@@ -409,7 +409,7 @@ def _holds_versions(state_dir: Path) -> bool:
     return versions.is_dir() and any(versions.iterdir())
 
 
-def _check_init(path: Path, task_spec: Any) -> None:
+def check_init(path: Path, task_spec: Any) -> None:
     """``--init`` is an edgeci model file of the served model (a .npz is a zip archive)."""
     try:
         with open(path, "rb") as f:
@@ -470,7 +470,7 @@ def check_before_start(options: CoordinatorOptions, layered: Layered) -> None:
     if options.validation is not None:
         load_validation(options.validation, task)
     if options.init is not None and not _holds_versions(options.state_dir):
-        _check_init(options.init, task.spec)
+        check_init(options.init, task.spec)
     if options.signing_key is not None and not Path(options.signing_key).is_file():  # a typo must not mint a new key
         raise ConfigError(f"--signing-key {options.signing_key}: no such file (copy a state dir's signing.key there, or "
                           "use a coordinator bundle's); leave the option out to use STATE_DIR/signing.key")

@@ -342,6 +342,8 @@ class CoordinatorProcess:
                 self._proc.wait(10)
         if self._reader.is_alive():
             self._reader.join(5)
+        if self._proc is not None and self._proc.stdout is not None and not self._reader.is_alive():
+            self._proc.stdout.close()  # (the reader is done with it)
 
 
 _PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
@@ -500,6 +502,10 @@ def start_backend(args: argparse.Namespace, data_dir: Path) -> Backend:
                 "detector", "detection", broker=backend.broker_url, region=region,
                 data_dir=data_dir, init=args.init, seed=args.seed).start())
         _start_clients(backend, args, data_dir, region=region, gesture_region=gesture_region)
+        if args.init is not None:  # before the window opens: the coordinator child fails on it out of sight
+            from coordinator.cli import check_init
+
+            check_init(args.init.expanduser(), backend.detect_task.spec)
     except BaseException:
         backend.stop()
         raise

@@ -802,3 +802,21 @@ def test_embedded_coordinators_die_with_a_killed_app(tmp_path: Path) -> None:
             app.wait(10)
         if app.stdout is not None:
             app.stdout.close()
+
+
+def test_an_init_that_is_not_a_detector_is_refused_before_the_window_opens(capsys: pytest.CaptureFixture[str],
+                                                                          monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`edgeci label --init <a digits model>` printed "ready" and opened the window while the
+    embedded detector coordinator had exited on it; the device then pulled for ever (helper-85)."""
+    from demos.cli import main
+    from edge_sdk.modelio import save_model
+    from edge_sdk.tasks import get_task
+
+    digits = get_task("digits")
+    wrong = tmp_path / "digits.npz"
+    save_model(wrong, digits.spec, np.zeros(digits.spec.size, np.float32), {"version": 0})
+    monkeypatch.setenv("QT_QPA_PLATFORM", "offscreen")  # past the display check
+    rc = main(["label", "--source", "synthetic", "--size", "96", "--data-dir", str(tmp_path / "d"), "--init", str(wrong)])
+    err = capsys.readouterr()
+    assert rc == 1 and "edgeci label: error: " in err.err and "digits" in err.err, err.err
+    assert "ready:" not in err.out
