@@ -239,6 +239,9 @@ def render(status: Mapping[str, Any], now: float, stale_after: float | None = No
                f"other messages rejected {x.get('messages_rejected', 0)}")
     if reasons:  # updates' and other messages' together (one counter per reason)
         out.append(f"rejected  by reason: {', '.join(f'{k} {v}' for k, v in sorted(reasons.items()))}")
+    refused = x.get("control_refused_by_reason") or {}
+    if refused:  # verified operator commands that could not run (not hostile: apart from the rejections)
+        out.append(f"operator  commands refused: {', '.join(f'{k} {v}' for k, v in sorted(refused.items()))}")
     extra_pulls = "".join(f" · {k} {x[f'pulls_{k}']}" for k in ("serving", "unchanged") if f"pulls_{k}" in x)
     out.append(f"pulls     served {x.get('pulls_served', 0)} · deferred {x.get('pulls_deferred', 0)}{extra_pulls} · "
                f"aggregations {x.get('aggregations', 0)} · traffic in {_bytes(x.get('bytes_in'))}, out {_bytes(x.get('bytes_out'))}")

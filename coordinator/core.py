@@ -664,6 +664,7 @@ class CoordinatorCore:
                 "bytes_in": c["bytes_in"],
                 "bytes_out": c["bytes_out"],
                 "rejected_by_reason": {k[7:]: v for k, v in c.items() if k.startswith("reject:")},
+                "control_refused_by_reason": {k[16:]: v for k, v in c.items() if k.startswith("control_refused:")},
                 "staleness_histogram": {str(k): v for k, v in sorted(self.staleness_hist.items())},
                 "last_aggregation_at": self._last_aggregation_at,
                 "strategy_params": self.strategy.describe(),
@@ -1579,6 +1580,12 @@ class CoordinatorCore:
     # ------------------------------------------------------------------ operator control
 
     def _on_control(self, ev: MessageReceived) -> list[CoordinatorAction]:
+        """A control message that is not a fresh, new command of the operator whose key signed it
+        (unsigned, another key, another operator's name, out of its window, replayed) is a rejected
+        message like any other (hostile input: raised, counted under ``reject:``); a verified
+        command that cannot run (a version that does not exist, one the gate rejected without
+        ``--force``, one the registry cannot read) is an operator's refusal, counted apart
+        (``control_refused:``, ``edgeci_control_refused_total``): a typo is not a misbehaving device."""
         nonce: int | None = None
         try:
             frame = decode_frame(ev.payload, max_bytes=64 * 1024)
@@ -1586,12 +1593,23 @@ class CoordinatorCore:
             if not isinstance(msg, Control):
                 raise TopicMismatch(f"a {msg.TYPE} message does not belong on the control topic")
             nonce = msg.nonce
-            return self._run_control(ev, msg, frame.signature)
+            sig = self._authenticate_control(ev, msg, frame.signature)
         except RemoteProtocolError as exc:
             self._control_refused = {"at": ev.now, "reason": exc.reason, "detail": str(exc)[:200], "nonce": nonce}
             raise
+        try:
+            return self._run_control(ev, msg, sig)
+        except RemoteProtocolError as exc:
+            return self._refuse_control(ev.now, exc.reason, str(exc), msg.nonce, command=msg.command, version=msg.version)
 
-    def _run_control(self, ev: MessageReceived, msg: Control, sig: SignatureInfo | None) -> list[CoordinatorAction]:
+    def _refuse_control(self, now: float, reason: str, detail: str, nonce: int, **data: Any) -> list[CoordinatorAction]:
+        self._control_refused = {"at": now, "reason": reason, "detail": detail[:200], "nonce": nonce}
+        self.counters[f"control_refused:{reason}"] += 1
+        self._status_dirty = True
+        return [Notify(kind="control_refused", data={**data, "reason": reason, "detail": detail[:200]})]
+
+    def _authenticate_control(self, ev: MessageReceived, msg: Control, sig: SignatureInfo | None) -> SignatureInfo:
+        """The command's signature, once it is shown to be a fresh, new command of the operator it names."""
         cfg = self.config
         if sig is None:
             raise UnsignedMessage("control commands must be signed by an operator key")
@@ -1610,6 +1628,9 @@ class CoordinatorCore:
         self._control_seen = {k: t for k, t in self._control_seen.items() if ev.now - t <= 2 * cfg.control_max_age_s}
         if (msg.operator, msg.nonce) in self._control_seen:
             raise ReplayedMessage("control command already executed")
+        return sig
+
+    def _run_control(self, ev: MessageReceived, msg: Control, sig: SignatureInfo) -> list[CoordinatorAction]:
         if msg.command != "unpin" and not 0 <= msg.version <= max(self._version, self._version_floor):
             raise UnknownVersion(f"no version {msg.version} (latest is {self._version})")  # refused: not counted as run
         rejected = self._gate_rejected.get(msg.version) if msg.command != "unpin" else None
@@ -1642,8 +1663,7 @@ class CoordinatorCore:
 
     def _on_version_loaded(self, ev: VersionLoaded) -> list[CoordinatorAction]:
         if ev.weights is None:
-            self._control_refused = {"at": ev.now, "reason": "version_unavailable", "detail": ev.detail[:200], "nonce": ev.nonce}
-            self._status_dirty = True
+            self._refuse_control(ev.now, "version_unavailable", ev.detail, ev.nonce)  # counted, in the status
             return [Notify(kind="control_failed", data={"command": ev.command, "version": ev.version, "detail": ev.detail[:200]})]
         weights = np.array(self.config.spec.check(np.asarray(ev.weights, dtype=np.float32)), copy=True)
         # Every version after the restored one leaves the training line (what the operator rolled back).

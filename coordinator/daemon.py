@@ -700,6 +700,9 @@ class CoordinatorDaemon:
                             action.data.get("detail"))
             elif action.kind == "control":
                 log.info("operator command: %s", action.data)
+            elif action.kind == "control_refused":  # a verified operator's command that cannot run (the CLI says why too)
+                log.warning("operator %s of version %s refused: %s: %s", action.data.get("command"), action.data.get("version"),
+                            action.data.get("reason"), action.data.get("detail"))
             elif action.kind == "rate_limited":  # (at most once a minute: see RATE_NOTE_EVERY_S)
                 d = action.data
                 before = int(d.get("dropped_before", 0) or 0)

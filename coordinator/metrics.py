@@ -171,6 +171,12 @@ class _SnapshotCollector:
         for reason, n in sorted(dict(x.get("rejected_by_reason", {})).items()):
             reasons.add_metric([str(reason)], c("rejections", str(reason), n, base_reasons.get(reason, 0)))
         yield reasons
+        refused = CounterMetricFamily("edgeci_control_refused", "Verified operator commands that could not run, by reason "
+                                      "(unverified ones are rejected messages)", labels=["reason"])
+        base_refused = dict(bx.get("control_refused_by_reason", {}))
+        for reason, n in sorted(dict(x.get("control_refused_by_reason", {})).items()):
+            refused.add_metric([str(reason)], c("control_refused", str(reason), n, base_refused.get(reason, 0)))
+        yield refused
         yield CounterMetricFamily("edgeci_messages_rejected", "Rejected messages other than updates",
                                   value=c("messages_rejected", "", x.get("messages_rejected", 0), bx.get("messages_rejected", 0)))
         pulls = CounterMetricFamily("edgeci_pulls", "Pulls by result", labels=["result"])

@@ -140,7 +140,7 @@ def test_releasing_a_version_the_gate_rejected_needs_force_and_survives_a_restar
     acts = c.handle(CandidateEvaluated(now=9.0, version=1, candidate_metric=0.583, release_metric=0.728, release_version=0))
     assert of(acts, RecordRelease)[0].event["action"] == "reject"
     assert not of(c.handle(control(command, 1)), LoadVersion)
-    assert c.counters["reject:gate_rejected"] == 1
+    assert c.counters["control_refused:gate_rejected"] == 1 and c.counters["reject:gate_rejected"] == 0
     refused = c.status().extra["control_refused"]
     assert refused["reason"] == "gate_rejected" and "0.583 against the release's 0.728" in refused["detail"]
     assert "--force" in refused["detail"]
@@ -349,7 +349,8 @@ def test_a_future_dated_command_runs_once_and_a_refused_one_is_not_counted() -> 
     assert c.counters["reject:replayed"] == 2 and c.counters["control:pin"] == 1
     c2 = gated()
     assert not of(c2.handle(control("rollback", 10**6, nonce=5)), LoadVersion)
-    assert c2.counters["reject:unknown_version"] == 1 and c2.counters["control:rollback"] == 0
+    assert c2.counters["control_refused:unknown_version"] == 1 and c2.counters["control:rollback"] == 0
+    assert c2.counters["messages_rejected"] == 0 and c2.status().extra["control_refused_by_reason"] == {"unknown_version": 1}
     assert of(c2.handle(control("rollback", 0, nonce=5)), LoadVersion)  # the nonce was not used up
 
 

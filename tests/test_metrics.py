@@ -180,3 +180,18 @@ def test_core_counters_count_from_the_process_start_and_never_go_down() -> None:
                                                                  "buffered")}, "extra": {"release": 5, "pinned": True}}))
     text = plain.exposition().decode()
     assert "edgeci_release_version 5.0" in text and "edgeci_release_pinned 1.0" in text and "edgeci_version 7.0" in text
+
+
+def test_operator_refusals_are_their_own_family_not_rejected_messages() -> None:
+    """A mistyped `edgeci rollback 9999` was counted in edgeci_rejections_total and
+    edgeci_messages_rejected_total, as if a device misbehaved (helper-85)."""
+    from edge_sdk.wire.messages import Status
+
+    m = CoordinatorMetrics()
+    m.publish(Status(region="r1", coordinator="c1", version=7, updates_accepted=0, updates_rejected=0, updates_duplicate=0,
+                     devices_seen=0, buffered=0, extra={"control_refused_by_reason": {"unknown_version": 2, "gate_rejected": 1}}))
+    samples = {(s.name, s.labels.get("reason")): s.value
+               for fam in text_string_to_metric_families(m.exposition().decode()) for s in fam.samples}
+    assert samples[("edgeci_control_refused_total", "unknown_version")] == 2.0
+    assert samples[("edgeci_control_refused_total", "gate_rejected")] == 1.0
+    assert not any(name == "edgeci_rejections_total" for name, _ in samples)
