@@ -43,7 +43,7 @@ from coordinator.inversion import inversion_config
 from coordinator.methods import make_method, resolve_names, split_params
 from coordinator.metrics import MetricsServer
 from coordinator.peering import PEERINGS
-from coordinator.registry import StateDirLocked, read_epoch
+from coordinator.registry import StateDirLocked, read_epoch, read_release_record
 from coordinator.strategies import CONFIGS, Strategy, strategy_names
 from coordinator.strategies.robust import COMBINERS
 from coordinator.strategies.spin import SpinNoTimeoutStrategy, SpinStrategy
@@ -471,9 +471,31 @@ def check_before_start(options: CoordinatorOptions, layered: Layered) -> None:
         load_validation(options.validation, task)
     if options.init is not None and not _holds_versions(options.state_dir):
         check_init(options.init, task.spec)
+    _warn_dropped_settings(options)
     if options.signing_key is not None and not Path(options.signing_key).is_file():  # a typo must not mint a new key
         raise ConfigError(f"--signing-key {options.signing_key}: no such file (copy a state dir's signing.key there, or "
                           "use a coordinator bundle's); leave the option out to use STATE_DIR/signing.key")
+
+
+GATE_VERDICTS = frozenset({"passed", "promote", "hold", "reject"})
+
+
+def _warn_dropped_settings(options: CoordinatorOptions) -> None:
+    """A restart that silently drops what the state dir ran with: the release gate (its verdicts
+    are in release.json; without --validation or --canary every version is released), or an
+    --init that cannot apply (it sets version 0 of a new state dir)."""
+    if not _holds_versions(options.state_dir):
+        return
+    if options.init is not None:
+        log.warning("--init %s is ignored: state dir %s already holds versions (it serves its own); --init sets version 0 "
+                    "of a new state dir", options.init, options.state_dir)
+    if options.validation is None and options.canary <= 0:
+        history = read_release_record(options.state_dir).get("history") or []
+        verdicts = sum(1 for e in history if isinstance(e, dict) and e.get("action") in GATE_VERDICTS)
+        if verdicts:
+            log.warning("state dir %s ran with the release gate (%d verdicts in release.json); started without --validation "
+                        "or --canary, every new version is released untested. Give --validation again to keep the gate",
+                        options.state_dir, verdicts)
 
 
 def _entries(state_dir: Path) -> set[str] | None:

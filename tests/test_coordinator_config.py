@@ -506,3 +506,32 @@ def test_a_state_dir_started_under_another_region_is_refused_unless_take_over(tm
     check_take_over(options("eu"), take_over=False)  # its own region: no question
     record_region(state, "asia")  # what the start does once the daemon is up
     assert recorded_region(state) == "asia" and not (state / "region.tmp").exists()
+
+
+def test_a_restart_that_drops_the_gate_or_ignores_init_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Restarting a gated coordinator without --validation released every later version untested,
+    and an --init for a state dir that holds versions was ignored, both without a word (helper-85)."""
+    import logging
+
+    import numpy as np
+
+    from coordinator.cli import _warn_dropped_settings
+    from coordinator.daemon import CoordinatorOptions
+    from coordinator.registry import Registry
+    from edge_sdk.tasks import get_task
+
+    spec = get_task("digits").spec
+    reg = Registry(tmp_path / "s", spec)
+    reg.initialise(np.zeros(spec.size, np.float32), now=0.0, source="test")
+
+    def warnings(**kw: Any) -> str:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="edgeci"):
+            _warn_dropped_settings(CoordinatorOptions(broker="mqtt://127.0.0.1:1", region="eu", state_dir=tmp_path / "s", **kw))
+        return caplog.text
+
+    assert warnings() == ""  # no gate ever: nothing to say
+    assert "--init" in warnings(init=tmp_path / "model.npz") and "is ignored" in caplog.text
+    reg.record_release(0, False, {"action": "hold", "version": 1, "release": 0, "at": 5.0})
+    assert "ran with the release gate (1 verdicts in release.json)" in warnings()
+    assert warnings(validation=tmp_path / "val.npz") == ""  # the gate given again
