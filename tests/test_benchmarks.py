@@ -25,6 +25,7 @@ def bench(script: str, *argv: str, timeout: float = 120, env: dict[str, str] | N
 @pytest.mark.parametrize(
     ("script", "argv", "flag"),
     [
+        ("aggregation.py", ["--reps", "0"], "--reps"),
         ("lasp_bytes.py", ["-T", "0"], "-T/--full-sync-every"),
         ("lasp_bytes.py", ["--versions", "-3"], "--versions"),
     ],
