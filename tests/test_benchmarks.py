@@ -7,6 +7,7 @@ checked here (they are measurements); what they print is, where it carries a cla
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -26,6 +27,7 @@ def bench(script: str, *argv: str, timeout: float = 120, env: dict[str, str] | N
     ("script", "argv", "flag"),
     [
         ("aggregation.py", ["--reps", "0"], "--reps"),
+        ("commit_throughput.py", ["--updates", "0"], "--updates"),
         ("lasp_bytes.py", ["-T", "0"], "-T/--full-sync-every"),
         ("lasp_bytes.py", ["--versions", "-3"], "--versions"),
     ],
@@ -55,3 +57,16 @@ def test_lasp_coordinator_mode_runs_past_the_pull_limit() -> None:
     assert device_ratio == pytest.approx(counted, abs=0.005)
     assert ideal < counted < 0.35  # the device answers with train_group: 0.400 when it echoed the model's group
     assert "Why the measured ratio is above the ideal" in out.stdout
+
+
+def test_commit_throughput_removes_its_state_dirs(tmp_path: Path) -> None:
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    out = bench("commit_throughput.py", "--updates", "20", "--devices", "4", "--k", "5", env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "removed afterwards" in out.stdout
+    assert list(tmp_path.glob("commit-bench-*")) == []  # (torch may leave its own cache dir there)
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    out = bench("commit_throughput.py", "--updates", "20", "--devices", "4", "--k", "5", "--dir", str(kept), env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [p.name[:13] for p in kept.iterdir()] == ["commit-bench-"]
