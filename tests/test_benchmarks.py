@@ -27,9 +27,11 @@ def bench(script: str, *argv: str, timeout: float = 120, env: dict[str, str] | N
     ("script", "argv", "flag"),
     [
         ("aggregation.py", ["--reps", "0"], "--reps"),
+        ("wire_speed.py", ["--floats", "-5"], "--floats"),
         ("commit_throughput.py", ["--updates", "0"], "--updates"),
         ("lasp_bytes.py", ["-T", "0"], "-T/--full-sync-every"),
         ("lasp_bytes.py", ["--versions", "-3"], "--versions"),
+        ("tls_overhead.py", ["--rounds", "0"], "--rounds"),
     ],
 )
 def test_a_bad_flag_is_one_argparse_line_naming_it(script: str, argv: list[str], flag: str) -> None:
