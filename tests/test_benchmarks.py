@@ -31,7 +31,10 @@ def bench(script: str, *argv: str, timeout: float = 120, env: dict[str, str] | N
         ("commit_throughput.py", ["--updates", "0"], "--updates"),
         ("lasp_bytes.py", ["-T", "0"], "-T/--full-sync-every"),
         ("lasp_bytes.py", ["--versions", "-3"], "--versions"),
+        ("pull_load.py", ["--rates", "abc"], "--rates"),
+        ("pull_load.py", ["--generators", "0"], "--generators"),
         ("tls_overhead.py", ["--rounds", "0"], "--rounds"),
+        ("pull_cpu.py", ["--baseline", "no-such-commit"], "--baseline"),
     ],
 )
 def test_a_bad_flag_is_one_argparse_line_naming_it(script: str, argv: list[str], flag: str) -> None:
