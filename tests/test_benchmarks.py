@@ -36,6 +36,10 @@ def bench(script: str, *argv: str, timeout: float = 120, env: dict[str, str] | N
         ("tls_overhead.py", ["--rounds", "0"], "--rounds"),
         ("emulator_speed.py", ["--sizes", "-5"], "--sizes"),
         ("emulator_speed.py", ["--duration", "-30"], "--duration"),
+        ("inference_latency.py", ["--batch", "0"], "--batch"),
+        ("local_update_speed.py", ["--samples", "-5"], "--samples"),
+        ("local_update_speed.py", ["--repeats", "0"], "--repeats"),
+        ("procdigits_central.py", ["--lr", "inf"], "--lr"),
         ("pull_cpu.py", ["--baseline", "no-such-commit"], "--baseline"),
     ],
 )
