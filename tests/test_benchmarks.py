@@ -40,6 +40,7 @@ def bench(script: str, *argv: str, timeout: float = 120, env: dict[str, str] | N
         ("local_update_speed.py", ["--samples", "-5"], "--samples"),
         ("local_update_speed.py", ["--repeats", "0"], "--repeats"),
         ("procdigits_central.py", ["--lr", "inf"], "--lr"),
+        ("inversion_cost.py", ["--quick", "--iterations", "0"], "--iterations"),
         ("pull_cpu.py", ["--baseline", "no-such-commit"], "--baseline"),
     ],
 )
