@@ -39,6 +39,7 @@ def bench(script: str, *argv: str, timeout: float = 120, env: dict[str, str] | N
         ("inference_latency.py", ["--batch", "0"], "--batch"),
         ("local_update_speed.py", ["--samples", "-5"], "--samples"),
         ("local_update_speed.py", ["--repeats", "0"], "--repeats"),
+        ("detection_finetune.py", ["--onnx-frames", "0"], "--onnx-frames"),
         ("procdigits_central.py", ["--lr", "inf"], "--lr"),
         ("inversion_cost.py", ["--quick", "--iterations", "0"], "--iterations"),
         ("pull_cpu.py", ["--baseline", "no-such-commit"], "--baseline"),
