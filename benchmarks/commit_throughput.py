@@ -18,8 +18,9 @@ one run, on the same disk:
   carries their watermarks); the checkpoint every 16 versions (4 fsyncs) is done by the
   registry's pruning thread, which the committing thread never waits for.
 
-The last line checks the targets: group commit ≥ 4× the per-update files path and ≥ 2,000
-accepted/s.
+The baseline is the per-update files path; the last line checks the targets: group commit
+≥ 4× the per-update files path and ≥ 2,000 accepted/s. The state directories (21–27 MB) are
+removed afterwards, unless ``--dir`` names where to put them: then they are kept.
 
     python benchmarks/commit_throughput.py [--updates 4000] [--devices 200] [--k 10] [--dir DIR]
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 import tempfile
 import threading
@@ -39,6 +41,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._cli import existing_dir, positive_int
 from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
 from coordinator.registry import Registry
 from edge_sdk.tasks import get_task
@@ -155,23 +158,30 @@ def run(variant: str, messages: list[tuple[str, bytes]], state_dir: Path, k: int
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--updates", type=int, default=4000)
-    p.add_argument("--devices", type=int, default=200)
-    p.add_argument("--k", type=int, default=10, help="SPIN aggregates every K updates (a commit: 4 fsyncs)")
-    p.add_argument("--dir", type=Path, default=None, help="where the state dirs go (default: a temp dir on /tmp's disk)")
+    p.add_argument("--updates", type=positive_int, default=4000, help="digits updates in the burst (default 4000)")
+    p.add_argument("--devices", type=positive_int, default=200, help="devices the updates come from, in turn (default 200)")
+    p.add_argument("--k", type=positive_int, default=10, help="SPIN aggregates every K updates (a commit: 4 fsyncs)")
+    p.add_argument("--dir", type=existing_dir, default=None,
+                   help="an existing directory to put the state dirs under, kept afterwards (default: a temporary "
+                        "dir on /tmp's disk, removed afterwards)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     task = get_task("digits")
     weights = task.pretrained(seed=0)
     messages = make_updates(args.updates, args.devices, weights, task.spec.model_id)
     root = Path(tempfile.mkdtemp(prefix="commit-bench-", dir=args.dir))
+    kept = "kept afterwards" if args.dir is not None else "removed afterwards"
     print(f"{args.updates} digits updates ({task.spec.size} params, {len(messages[0][1])} B each) from "
-          f"{args.devices} devices, SPIN K={args.k}, state dirs under {root}")
+          f"{args.devices} devices, SPIN K={args.k}, state dirs under {root} ({kept})")
     results = []
-    for i, variant in enumerate(("per-update files", "per-update log", "group commit")):
-        r = run(variant, messages, root / f"s{i}", args.k)
-        results.append(r)
-        print(f"  {variant:17s} {r['rate']:8.0f} accepted/s  ({r['seconds']:.2f} s, {r['batches']} batches, v{r['version']})")
+    try:
+        for i, variant in enumerate(("per-update files", "per-update log", "group commit")):
+            r = run(variant, messages, root / f"s{i}", args.k)
+            results.append(r)
+            print(f"  {variant:17s} {r['rate']:8.0f} accepted/s  ({r['seconds']:.2f} s, {r['batches']} batches, v{r['version']})")
+    finally:
+        if args.dir is None:
+            shutil.rmtree(root, ignore_errors=True)
     base, log_only, group = (r["rate"] for r in results)
     print(f"group commit vs per-update files: {group / base:.1f}x ; vs per-update log: {group / log_only:.1f}x ; "
           f"{group:.0f} accepted/s")

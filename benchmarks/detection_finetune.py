@@ -4,7 +4,7 @@ Prints, on this machine's CPU:
 
 1. seconds (CPU and wall) to fine-tune YOLOv8n on 64 labelled frames × 5 epochs at each
    ``--finetune-imgsz`` (SPIN reports 5–6 min for 128 × 5 on an M1 CPU), with the ratio to
-   the smallest size measured in the same run;
+   the first size (the baseline; the smallest by default) measured in the same run;
 2. onnxruntime frames per second at 320 and 640 px, network alone and end to end
    (letterbox + network + NMS);
 3. unless ``--skip-map``: mAP50 of the deployed (pretrained on the known classes)
@@ -20,23 +20,57 @@ the first run pretrains). Usage::
 from __future__ import annotations
 
 import argparse
-import tempfile
-import time
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge_sdk.tasks._ultralytics import default_data_dir
-from edge_sdk.tasks.base import TrainConfig
-from edge_sdk.tasks.detection import (
+from benchmarks._cli import comma_list, non_negative_int, positive_int
+
+
+def image_size(text: str) -> int:
+    """A YOLO input size: a positive multiple of 32 (the network's largest stride)."""
+    value = positive_int(text)
+    if value % 32:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 32, got {text}")
+    return int(value)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, default=None, help="SDK data dir (default: $EDGECI_HOME or ~/.edgeci)")
+    parser.add_argument("--threads", type=positive_int, default=2,
+                        help="torch and onnxruntime intra-op threads (default 2)")
+    parser.add_argument("--finetune-imgsz", type=comma_list(image_size), default="96,320",
+                        help="comma-separated fine-tuning sizes, multiples of 32, the first the baseline of the ratios "
+                             "(default 96,320; e.g. 96,320,640)")
+    parser.add_argument("--onnx-frames", type=positive_int, default=50,
+                        help="timed onnxruntime frames per size and mode (default 50)")
+    parser.add_argument("--skip-map", action="store_true", help="skip the mAP50 part (3.)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the frames and the training (default 0)")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # a bad flag exits 2 here, before torch is imported
+
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from edge_sdk.tasks._ultralytics import default_data_dir  # noqa: E402
+from edge_sdk.tasks.base import TrainConfig  # noqa: E402
+from edge_sdk.tasks.detection import (  # noqa: E402
     CLASSIFIER,
     DEFAULT_TRAIN,
     DetectionConfig,
     DetectionTask,
     OnnxDetector,
 )
-from edge_sdk.tasks.scenes import SceneConfig, make_scenes, new_class_config
+from edge_sdk.tasks.scenes import SceneConfig, make_scenes, new_class_config  # noqa: E402
 
 SAMPLES = 64
 EPOCHS = 5
@@ -131,30 +165,13 @@ def bench_map(task: DetectionTask, seed: int) -> np.ndarray:
     return deployed
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=None,
-        help="SDK data dir (default: $EDGECI_HOME or ~/.edgeci)",
-    )
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument(
-        "--finetune-imgsz", default="96,320", help="comma-separated sizes, e.g. 96,320,640"
-    )
-    parser.add_argument("--onnx-frames", type=int, default=50)
-    parser.add_argument("--skip-map", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     data_dir = args.data_dir or default_data_dir()
     task = DetectionTask(DetectionConfig(), data_dir=data_dir)
     print(f"data dir: {task.data_dir}")
-    bench_finetune(task, [int(s) for s in args.finetune_imgsz.split(",")], args.seed)
+    bench_finetune(task, args.finetune_imgsz, args.seed)
     weights = task.initial_weights() if args.skip_map else bench_map(task, args.seed)
     with tempfile.TemporaryDirectory(dir=task.data_dir) as tmp:
         bench_onnx(task, weights, [320, 640], args.threads, args.onnx_frames, Path(tmp))

@@ -10,7 +10,8 @@ IID split of a synthetic pool, D_min = 1), SPIN K = 10, π = 16 s, ``--duration`
 seconds. Printed per size: events, events/s of the event loop, µs per event, µs per label
 (loop CPU over labels: the label rate sets the work), virtual seconds per wall second, peak RSS; then the ratio of the per-event cost at the largest size
 to the smallest (baseline measured in the same run). Goals (issue 13): 100,000 devices ≥
-100× real time, peak RSS ≤ 2 GB, cost per event within 1.5× from 1,000 to 100,000 devices.
+100× real time, peak RSS ≤ 2 GB, cost per event within 1.5× from 1,000 to 100,000 devices;
+with other ``--sizes`` the figures are printed and the goals are not judged.
 
 Two transports, one table each (``--transport``): ``codec`` encodes and decodes every
 message with the codec, as between processes; ``carried`` is the in-process transport, what
@@ -34,22 +35,66 @@ training stubbed out. Goal ≥ 100× real time on 2 cores.
 from __future__ import annotations
 
 import argparse
-import cProfile
-import json
-import os
-import pstats
-import resource
-import subprocess
 import sys
-import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import numpy.typing as npt
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks._cli import (  # noqa: E402
+    comma_list,
+    non_negative_int,
+    one_of,
+    positive_float,
+    positive_int,
+)
+
+TRANSPORTS = {
+    "codec": "every message encoded and decoded by the codec (as between processes)",
+    "carried": "exact frame sizes, the weights never copied into a frame; receivers skip parsing "
+               "(codec.carry_decoded: the in-process transport; same cores, same results)",
+}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=comma_list(positive_int), default="1000,10000,100000",
+                   help="comma-separated fleet sizes (the first is the baseline; the goals are defined at 100,000 devices "
+                        "against 1,000)")
+    p.add_argument("--duration", type=positive_float, default=None, help="virtual seconds per run (fleet: 1800, headline: 3600)")
+    p.add_argument("--rate", type=positive_float, default=2.0, help="labels per device per hour (fleet scale)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the scenario (default 0)")
+    p.add_argument("--headline", action="store_true", help="the 100-device headline scenario with real training instead")
+    p.add_argument("--profile", type=positive_int, default=None, metavar="DEVICES", help="cProfile one fleet size (to stderr)")
+    p.add_argument("--transport", type=comma_list(one_of(*TRANSPORTS)), default="codec,carried",
+                   help="fleet scale: comma-separated transports, each a table (codec: encode + decode every message; "
+                        "carried: the in-process transport, receivers skip the decode; --one/--profile use the first)")
+    p.add_argument("--baseline-runs", type=positive_int, default=3,
+                   help="fleet scale: runs of the first (baseline) size; its row is their median by µs per event without evaluation")
+    p.add_argument("--largest-runs", type=positive_int, default=1,
+                   help="fleet scale: runs of the largest size; its row is their median by loop CPU (of an even count the slower "
+                        "middle one) with the largest peak RSS, and their range is printed")
+    p.add_argument("--one", type=positive_int, default=None, metavar="DEVICES",
+                   help="run one fleet size in this process and print its measurements as one JSON line "
+                        "(what the fleet-scale table runs per size in a subprocess)")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # a bad flag exits 2 here, before torch and the simulator are imported
+
+import cProfile  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import pstats  # noqa: E402
+import resource  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import numpy.typing as npt  # noqa: E402
 
 from coordinator.methods import make_method  # noqa: E402
 from devices.scenario import RunSpec, load_scenario, parse_scenario  # noqa: E402
@@ -61,6 +106,9 @@ from edge_sdk.trainer import configure_threads  # noqa: E402
 GOAL_SPEED = 100.0
 GOAL_RSS_MB = 2048.0
 GOAL_FLAT = 1.5
+GOAL_DEVICES = 100_000
+"""The fleet size the speed and RSS goals are defined at (the flat-cost goal: from GOAL_BASE_DEVICES to it)."""
+GOAL_BASE_DEVICES = 1_000
 
 
 class NoTraining:
@@ -203,19 +251,8 @@ def print_breakdown(stats: pstats.Stats) -> None:
     print(f"  {'simulator + engine + network (the rest)':58s} {rest:7.2f} s  {100 * rest / total:5.1f} %", file=sys.stderr)
 
 
-TRANSPORTS = {
-    "codec": "every message encoded and decoded by the codec (as between processes)",
-    "carried": "exact frame sizes, the weights never copied into a frame; receivers skip parsing "
-               "(codec.carry_decoded: the in-process transport; same cores, same results)",
-}
-
-
 def fleet(args: argparse.Namespace) -> int:
-    sizes = [int(x) for x in args.sizes.split(",")]
-    transports = [t.strip() for t in args.transport.split(",") if t.strip()]
-    unknown = [t for t in transports if t not in TRANSPORTS]
-    if unknown:
-        raise SystemExit(f"unknown transport(s) {unknown}; use {sorted(TRANSPORTS)}")
+    sizes, transports = args.sizes, args.transport
     print(f"emulator at fleet scale: stub training, digits model, {args.rate:g} labels/h per device, "
           f"{args.duration:,.0f} virtual s, SPIN K=10, one subprocess per size")
     print(f"  ({interpreter()})")
@@ -253,23 +290,37 @@ def fleet(args: argparse.Namespace) -> int:
         base, big = rows[0], rows[-1]
         flat = big["us_per_event"] / base["us_per_event"]
         flat_excl = big["us_per_event_excl_eval"] / base["us_per_event_excl_eval"]
+        # The goals are defined at GOAL_DEVICES (speed, RSS) and from GOAL_BASE_DEVICES to it (flat cost):
+        # other sizes are measured and printed, never judged against them.
+        at_goal = big["devices"] == GOAL_DEVICES
+        flat_at_goal = at_goal and base["devices"] == GOAL_BASE_DEVICES
         ok_flat = max(flat, flat_excl) <= GOAL_FLAT
         ok_speed = big["virtual_per_cpu"] >= GOAL_SPEED
         ok_rss = big["peak_rss_mb"] <= GOAL_RSS_MB
-        ok_all = ok_all and ok_flat and ok_speed and ok_rss
+        ok_all = ok_all and (ok_flat or not flat_at_goal) and ((ok_speed and ok_rss) or not at_goal)
+
         def per_label(r: dict[str, Any]) -> float:  # loop CPU without evaluation per label (the label rate sets the work)
             return (float(r["cpu_s"]) - float(r["eval_cpu_s"])) / max(1, int(r["labels"]))
 
+        def verdict(ok: bool, judged: bool, goal: str) -> str:
+            return f"{'meets' if ok else 'MISSES'} {goal}" if judged else f"the goal {goal} is not judged here"
+
+        flat_goal = f"≤ {GOAL_FLAT}×" + ("" if flat_at_goal else f" from {GOAL_BASE_DEVICES:,} to {GOAL_DEVICES:,} devices")
         print(f"  [{transport}] per-event cost {big['devices']:,} vs {base['devices']:,} devices: {flat:.2f}× ({flat_excl:.2f}× without the "
-              f"evaluation schedule) — {'meets' if ok_flat else 'MISSES'} ≤ {GOAL_FLAT}×; per label without evaluation "
+              f"evaluation schedule) — {verdict(ok_flat, flat_at_goal, flat_goal)}; per label without evaluation "
               f"{per_label(big) / per_label(base):.2f}× ({base['events'] / base['labels']:.1f} vs {big['events'] / big['labels']:.1f} "
               f"events per label{': a large heap drops device timers that would do nothing' if big['events'] * base['labels'] < base['events'] * big['labels'] else ''})")
         middle = "median" if len(speeds) % 2 else "slower middle"  # (of an even count: the slower of the two middle runs)
         spread = (f" ({middle} of {len(speeds)} runs: {speeds[0]:.0f}–{speeds[-1]:.0f}×, {sum(v >= GOAL_SPEED for v in speeds)} of "
-                  f"{len(speeds)} ≥ {GOAL_SPEED:.0f}×; peak RSS the largest of them)") if len(speeds) > 1 else ""
-        print(f"  [{transport}] {big['devices']:,} devices: {big['virtual_per_cpu']:.0f}× real time on one core{spread} "
-              f"({'meets' if ok_speed else 'MISSES'} ≥ {GOAL_SPEED:.0f}×), peak RSS {big['peak_rss_mb']:,.0f} MB "
-              f"({'meets' if ok_rss else 'MISSES'} ≤ {GOAL_RSS_MB:,.0f} MB)")
+                  f"{len(speeds)} ≥ {GOAL_SPEED:.0f}×; peak RSS the largest of them)") if len(speeds) > 1 and at_goal else ""
+        if at_goal:
+            print(f"  [{transport}] {big['devices']:,} devices: {big['virtual_per_cpu']:.0f}× real time on one core{spread} "
+                  f"({verdict(ok_speed, True, f'≥ {GOAL_SPEED:.0f}×')}), peak RSS {big['peak_rss_mb']:,.0f} MB "
+                  f"({verdict(ok_rss, True, f'≤ {GOAL_RSS_MB:,.0f} MB')})")
+        else:
+            print(f"  [{transport}] {big['devices']:,} devices: {big['virtual_per_cpu']:.0f}× real time on one core, peak RSS "
+                  f"{big['peak_rss_mb']:,.0f} MB (the goals ≥ {GOAL_SPEED:.0f}× and ≤ {GOAL_RSS_MB:,.0f} MB are defined at "
+                  f"{GOAL_DEVICES:,} devices: not measured in this run)")
     return 0 if ok_all else 1
 
 
@@ -306,35 +357,15 @@ def headline(args: argparse.Namespace) -> int:
     return 0 if worst >= GOAL_SPEED else 1
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="1000,10000,100000", help="comma-separated fleet sizes (the first is the baseline)")
-    p.add_argument("--duration", type=float, default=None, help="virtual seconds per run (fleet: 1800, headline: 3600)")
-    p.add_argument("--rate", type=float, default=2.0, help="labels per device per hour (fleet scale)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--headline", action="store_true", help="the 100-device headline scenario with real training instead")
-    p.add_argument("--profile", type=int, default=None, metavar="DEVICES", help="cProfile one fleet size (to stderr)")
-    p.add_argument("--transport", default="codec,carried",
-                   help="fleet scale: comma-separated transports, each a table (codec: encode + decode every message; "
-                        "carried: the in-process transport, receivers skip the decode; --one/--profile use the first)")
-    p.add_argument("--baseline-runs", type=int, default=3,
-                   help="fleet scale: runs of the first (baseline) size; its row is their median by µs per event without evaluation")
-    p.add_argument("--largest-runs", type=int, default=1,
-                   help="fleet scale: runs of the largest size; its row is their median by loop CPU (of an even count the slower "
-                        "middle one) with the largest peak RSS, and their range is printed")
-    p.add_argument("--one", type=int, default=None, metavar="DEVICES",
-                   help="run one fleet size in this process and print its measurements as one JSON line "
-                        "(what the fleet-scale table runs per size in a subprocess)")
-    args = p.parse_args()
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.headline:
         args.duration = args.duration or 3600.0
         return headline(args)
     args.duration = args.duration or 1800.0
     if args.one is not None or args.profile is not None:
         n = args.one if args.one is not None else args.profile
-        transport = args.transport.split(",")[0].strip()
-        if transport not in TRANSPORTS:
-            raise SystemExit(f"unknown transport {transport!r}; use {sorted(TRANSPORTS)}")
+        transport = args.transport[0]
         row = one_size(n, args.duration, args.rate, args.seed, profile=args.profile is not None, carried=transport == "carried")
         row["transport"] = transport
         row["python"] = interpreter()

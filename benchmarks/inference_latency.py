@@ -1,8 +1,13 @@
 """onnxruntime vs torch inference latency, and the cost of a version swap, per task.
 
-All numbers come from one process, so compare the ratios: torch eager (``no_grad`` on a
-ready module) against :class:`~edge_sdk.inference.InferenceEngine` for one sample and for
-a batch, and a swap by patching initializers against a full torch re-export.
+For the digits and gestures tasks, in one process (compare the ratios):
+
+* inference: :class:`~edge_sdk.inference.InferenceEngine` (onnxruntime) against the baseline,
+  torch eager (``no_grad`` on a ready module), for one sample and for a batch of ``--batch``,
+  calls interleaved, medians of ``--repeats`` (``--repeats`` / 5 for the batch);
+* version swap: patching the new weights into the engine's initializers against the baseline,
+  a full torch re-export to ONNX plus a new onnxruntime session, medians of ``--swaps``
+  (``--swaps`` / 20 re-exports).
 
     .venv/bin/python benchmarks/inference_latency.py [--batch 256] [--repeats 500]
 """
@@ -10,17 +15,41 @@ a batch, and a swap by patching initializers against a full torch re-export.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
-from functools import partial
-from time import perf_counter
+import sys
+from collections.abc import Sequence
+from pathlib import Path
 
-import numpy as np
-import onnxruntime as ort
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge_sdk.inference import InferenceEngine, export_onnx
-from edge_sdk.tasks import get_task
-from edge_sdk.trainer import ClassifierTask
+from benchmarks._cli import positive_int
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=positive_int, default=256, help="samples in the batch case (default 256)")
+    parser.add_argument("--repeats", type=positive_int, default=500,
+                        help="timed calls for one sample; the batch case gets a fifth of them, at least 1 (default 500)")
+    parser.add_argument("--swaps", type=positive_int, default=60,
+                        help="timed swaps by patching; the re-export baseline gets a twentieth, at least 1 (default 60)")
+    parser.add_argument("--threads", type=positive_int, default=1,
+                        help="torch and onnxruntime intra-op threads (default 1)")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # a bad flag exits 2 here, before torch is imported
+
+from collections.abc import Callable  # noqa: E402
+from functools import partial  # noqa: E402
+from time import perf_counter  # noqa: E402
+
+import numpy as np  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import torch  # noqa: E402
+
+from edge_sdk.inference import InferenceEngine, export_onnx  # noqa: E402
+from edge_sdk.tasks import get_task  # noqa: E402
+from edge_sdk.trainer import ClassifierTask  # noqa: E402
 
 
 def time_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -70,7 +99,7 @@ def bench_task(name: str, args: argparse.Namespace) -> None:
     print(f"{name} ({task.spec.size} params)")
     for label, inputs, repeats in (
         ("1 sample", one, args.repeats),
-        (f"batch {args.batch}", batch, args.repeats // 5),
+        (f"batch {args.batch}", batch, max(1, args.repeats // 5)),
     ):
         t_ms, o_ms = interleaved_ms(
             partial(torch_run, inputs), partial(engine.predict, inputs), repeats
@@ -95,13 +124,8 @@ def bench_task(name: str, args: argparse.Namespace) -> None:
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=500)
-    parser.add_argument("--swaps", type=int, default=60)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"{args.threads} thread(s), medians")
     for name in ("digits", "gestures"):

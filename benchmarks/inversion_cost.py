@@ -1,10 +1,10 @@
 """What converting one stale update by gradient inversion costs (paper 001, issue 15).
 
-For each task (``digits``: the 8×8 digits CNN; ``procdigits``: LeNet-5 on 28×28 procedural
-digits, its quick 2,000-image set), one device with ``--samples`` real samples trains
-LocalUpdate′ (5 full-batch SGD steps, lr 0.01, momentum 0.5) from the model of version 0;
-the coordinator converts it to the model of version 1, then the device's next update (from
-version 1) to version 2. Printed per task:
+For each task of ``--tasks`` (``digits``: the 8×8 digits CNN; ``procdigits``: LeNet-5 on
+28×28 procedural digits, its quick 2,000-image set; also ``gestures``), one device with
+``--samples`` real samples trains LocalUpdate′ (5 full-batch SGD steps, lr 0.01, momentum
+0.5) from the model of version 0; the coordinator converts it to the model of version 1,
+then the device's next update (from version 1) to version 2. Printed per task:
 
 * iterations/s and seconds per conversion under an iteration budget (``--iterations``),
   1 torch thread, as a multiple of one plain local update (the baseline, same run);
@@ -14,24 +14,69 @@ version 1) to version 2. Printed per task:
 * the direction of the warm-converted second update against the true fresh one (cosine),
   beside the stale update's change re-applied and the stale model aggregated as it is.
 
+``--quick`` is 32 samples, 20 iterations and no 10 s run; an explicit ``--samples`` or
+``--iterations`` wins over it. Progress goes to stderr (the full run takes minutes).
+
     .venv/bin/python benchmarks/inversion_cost.py [--quick] [--samples 100] [--iterations 100]
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
-from time import perf_counter
-from typing import Any
+import sys
+from collections.abc import Sequence
+from pathlib import Path
 
-import numpy as np
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from coordinator.core import ConvertUpdate
-from coordinator.inversion import GradientInverter, InversionConfig
-from edge_sdk.tasks import get_task
-from edge_sdk.tasks.base import TrainConfig
-from edge_sdk.trainer import ClassifierTask, fit
+from benchmarks._cli import comma_list, one_of, positive_int
+
+QUICK = {"samples": 32, "iterations": 20}
+FULL = {"samples": 100, "iterations": 100}
+TASKS = ("digits", "gestures", "procdigits")
+"""The classifier tasks (procdigits: its quick 2,000-image set)."""
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help=f"{QUICK['samples']} samples, {QUICK['iterations']} iterations, no 10 s run "
+                             "(an explicit --samples or --iterations wins)")
+    parser.add_argument("--samples", type=positive_int, default=None,
+                        help=f"the device's real samples (|D_rec| = half; default {FULL['samples']})")
+    parser.add_argument("--iterations", type=positive_int, default=None,
+                        help=f"inversion iterations per conversion (default {FULL['iterations']})")
+    parser.add_argument("--tasks", type=comma_list(one_of(*TASKS)), default="digits,procdigits",
+                        help=f"comma-separated tasks, of {', '.join(TASKS)} (default digits,procdigits)")
+    args = parser.parse_args(argv)
+    defaults = QUICK if args.quick else FULL
+    args.samples = defaults["samples"] if args.samples is None else args.samples
+    args.iterations = defaults["iterations"] if args.iterations is None else args.iterations
+    return args
+
+
+if __name__ == "__main__":
+    parse_args()  # a bad flag exits 2 here, before torch is imported
+
+from dataclasses import dataclass  # noqa: E402
+from time import perf_counter  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from coordinator.core import ConvertUpdate  # noqa: E402
+from coordinator.inversion import GradientInverter, InversionConfig  # noqa: E402
+from edge_sdk.tasks import get_task  # noqa: E402
+from edge_sdk.tasks.base import TrainConfig  # noqa: E402
+from edge_sdk.trainer import ClassifierTask, fit  # noqa: E402
+
+STARTED = perf_counter()
+
+
+def progress(message: str) -> None:
+    """A progress line on stderr (the tables on stdout stay clean)."""
+    print(f"[{perf_counter() - STARTED:6.1f} s] {message}", file=sys.stderr, flush=True)
 
 HINTS = {"epochs": 5.0, "lr": 0.01}
 
@@ -77,8 +122,11 @@ def request(ticket: int, stale: np.ndarray, base: np.ndarray, target: np.ndarray
 
 
 def measure(name: str, n: int, iterations: int, *, budget_run: bool) -> Row:
+    progress(f"{name}: loading the task and its data")
     task = make_task(name)
     pool = task.data().pool
+    if len(pool.y) < n + 900:  # the device's n samples, then 3 × 300 that move the model between versions
+        raise SystemExit(f"--samples {n}: the {name} pool has {len(pool.y)} samples, this needs --samples + 900")
     x, y = pool.x[:n], pool.y[:n]
     module = task.build_module()
     recipe = TrainConfig(epochs=5, batch_size=n, lr=0.01, seed=1)
@@ -87,6 +135,7 @@ def measure(name: str, n: int, iterations: int, *, budget_run: bool) -> Row:
     def local(w: np.ndarray) -> np.ndarray:
         return fit(module, task.spec, w, x, y, recipe, momentum=0.5).weights
 
+    progress(f"{name}: training the models of versions 0-2 and the device's stale updates")
     v0 = task.initial_weights(seed=0)
     v0 = fit(module, task.spec, v0, pool.x[n : n + 300], pool.y[n : n + 300], moved).weights
     v1 = fit(module, task.spec, v0, pool.x[n + 300 : n + 600], pool.y[n + 300 : n + 600], moved).weights
@@ -94,6 +143,7 @@ def measure(name: str, n: int, iterations: int, *, budget_run: bool) -> Row:
     first, second = request(1, local(v0), v0, v1, n), request(2, local(v1), v1, v2, n)
 
     torch.set_num_threads(1)
+    progress(f"{name}: timing one plain local update (the baseline)")
     local(v0)  # warm-up
     started = perf_counter()
     repeats = 5
@@ -103,7 +153,9 @@ def measure(name: str, n: int, iterations: int, *, budget_run: bool) -> Row:
 
     config = InversionConfig(iterations=iterations, time_budget_s=1e6)
     inverter = GradientInverter(task, task.spec, config)
+    progress(f"{name}: converting the first update ({iterations} iterations, cold)")
     cold_first = inverter.convert(first)
+    progress(f"{name}: converting the second update, warm then cold")
     warm = inverter.convert(second)
     cold = GradientInverter(task, task.spec, config).convert(second)
     assert warm.warm and not cold.warm and not cold_first.warm
@@ -111,6 +163,7 @@ def measure(name: str, n: int, iterations: int, *, budget_run: bool) -> Row:
     fresh_change = local(v2) - v2  # what the device would have sent from version 2
     budget_its = None
     if budget_run:
+        progress(f"{name}: converting under the default 10 s wall-time budget")
         budget_its = GradientInverter(task, task.spec, InversionConfig()).convert(first).iterations
     return Row(
         task=f"{name} ({task.model_id})",
@@ -129,15 +182,11 @@ def measure(name: str, n: int, iterations: int, *, budget_run: bool) -> Row:
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="32 samples, 20 iterations, no 10 s run")
-    parser.add_argument("--samples", type=int, default=100, help="the device's real samples (|D_rec| = half)")
-    parser.add_argument("--iterations", type=int, default=100)
-    parser.add_argument("--tasks", default="digits,procdigits")
-    args = parser.parse_args()
-    n, iterations = (32, 20) if args.quick else (args.samples, args.iterations)
-    rows = [measure(name, n, iterations, budget_run=not args.quick) for name in args.tasks.split(",")]
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    n, iterations = args.samples, args.iterations
+    rows = [measure(name, n, iterations, budget_run=not args.quick) for name in args.tasks]
+    progress("done")
     print(f"\n{n} device samples, |D_rec| = {rows[0].rec}, E = 5, {iterations} iterations, 1 torch thread\n")
     print("| task | params | it/s | s / conversion | × one local update | L1 empty set | L1 cold | L1 warm "
           "| warm / cold | its in 10 s |")

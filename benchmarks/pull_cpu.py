@@ -3,8 +3,9 @@
 Both trees run the same measurement (below) in their own subprocess: a fresh
 ``CoordinatorCore`` (SPIN, digits model; signing on where the tree has it) handles 5,000
 pulls from distinct devices arriving 0.1 ms apart; the best of 3 process-CPU times per
-pull is printed. The baseline is checked out with ``git worktree`` (default: the last
-commit before wire v2, ``6260b18``) into a temporary folder and removed afterwards.
+pull is printed, and the baseline / this tree ratio. The baseline is checked out with ``git
+worktree`` (default: the last commit before wire v2, ``6260b18``) into a temporary folder and
+removed afterwards.
 
     .venv/bin/python benchmarks/pull_cpu.py [--baseline REV]
 
@@ -18,10 +19,13 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._cli import baseline_tree, git_commit  # noqa: E402
+
 MEASURE = r'''
 import random, sys, time
 import numpy as np
@@ -53,26 +57,23 @@ print(best * 1e6)
 '''
 
 
-def measure(tree: Path) -> float:
+def measure(tree: Path, name: str) -> float:
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", MEASURE], cwd=tree, env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", MEASURE], cwd=tree, env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"the measurement failed in {name}:\n{out.stderr.strip()[-2000:]}")
     return float(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--baseline", default="6260b18", help="git revision to compare against")
+    ap.add_argument("--baseline", type=git_commit(ROOT), default="6260b18",
+                    help="git revision (a commit of this repository) to compare against (default 6260b18)")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="edgeci-baseline-") as tmp:
-        base = Path(tmp) / "tree"
-        subprocess.run(["git", "worktree", "add", "-f", "--detach", str(base), args.baseline], cwd=ROOT, check=True,
-                       capture_output=True)
-        try:
-            old = measure(base)
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, check=False, capture_output=True)
-    new = measure(ROOT)
-    print(f"CPU per served digits pull in the core: baseline {args.baseline} {old:.1f} us, this tree {new:.1f} us "
+    with baseline_tree(ROOT, args.baseline) as base:
+        old = measure(base, f"the baseline {args.baseline[:12]}")
+    new = measure(ROOT, "this tree")
+    print(f"CPU per served digits pull in the core: baseline {args.baseline[:12]} {old:.1f} us, this tree {new:.1f} us "
           f"-> {old / new:.2f}x less")
 
 

@@ -39,6 +39,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._cli import (  # noqa: E402
+    baseline_tree,
+    comma_list,
+    git_commit,
+    non_negative_float,
+    positive_float,
+    positive_int,
+)
 from coordinator.broker import MosquittoProcess  # noqa: E402
 
 GENERATOR = r'''
@@ -154,37 +162,33 @@ def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--baseline", default="6260b18", help="the older commit to compare against (default: before wire v2)")
-    p.add_argument("--rates", default="1000,2000,4000", help="offered pulls per second, comma-separated")
-    p.add_argument("--generators", type=int, default=2, help="load-generator processes")
-    p.add_argument("--seconds", type=float, default=10.0, help="measuring window per rate")
-    p.add_argument("--warmup", type=float, default=3.0, help="seconds of load before the window")
-    p.add_argument("--repeat", type=int, default=1, help="measurements per tree and rate (alternating; medians printed)")
+    p.add_argument("--baseline", type=git_commit(ROOT), default="6260b18",
+                   help="the older commit to compare against (default 6260b18: before wire v2)")
+    p.add_argument("--rates", type=comma_list(positive_float), default="1000,2000,4000",
+                   help="offered pulls per second, comma-separated (default 1000,2000,4000)")
+    p.add_argument("--generators", type=positive_int, default=2, help="load-generator processes (default 2)")
+    p.add_argument("--seconds", type=positive_float, default=10.0, help="measuring window per rate (default 10)")
+    p.add_argument("--warmup", type=non_negative_float, default=3.0, help="seconds of load before the window (default 3)")
+    p.add_argument("--repeat", type=positive_int, default=1,
+                   help="measurements per tree and rate (alternating; medians printed; default 1)")
     args = p.parse_args()
-    rates = [float(r) for r in args.rates.split(",") if r.strip()]
-    with tempfile.TemporaryDirectory() as tmp:
-        base = Path(tmp) / "baseline"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(base), args.baseline],
-                       check=True, capture_output=True)
-        try:
-            rows = []
-            for rate in rates:
-                news: list[dict[str, float]] = []
-                olds: list[dict[str, float]] = []
-                for i in range(max(1, args.repeat)):
-                    order = [(ROOT, news), (base, olds)]
-                    for tree, into in order if i % 2 == 0 else order[::-1]:
-                        into.append(measure(tree, rate, args))
-                old, new = median_of(olds), median_of(news)
-                rows.append((rate, old, new))
-                n = f" (median of {len(news)})" if len(news) > 1 else ""
-                print(f"offered {rate:6.0f}/s{n} | baseline {args.baseline}: served {old['served_per_s']:7.0f}/s, CPU "
-                      f"{100 * old['cpu_share']:5.1f} %, {old['cpu_us_per_pull']:6.1f} us/pull | this tree: served "
-                      f"{new['served_per_s']:7.0f}/s, CPU {100 * new['cpu_share']:5.1f} %, {new['cpu_us_per_pull']:6.1f} us/pull "
-                      f"| CPU per pull {old['cpu_us_per_pull'] / new['cpu_us_per_pull']:4.2f}x lower "
-                      f"| load average {os.getloadavg()[0]:.2f}", flush=True)
-        finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)], capture_output=True)
+    with baseline_tree(ROOT, args.baseline) as base:
+        rows = []
+        for rate in args.rates:
+            news: list[dict[str, float]] = []
+            olds: list[dict[str, float]] = []
+            for i in range(args.repeat):
+                order = [(ROOT, news), (base, olds)]
+                for tree, into in order if i % 2 == 0 else order[::-1]:
+                    into.append(measure(tree, rate, args))
+            old, new = median_of(olds), median_of(news)
+            rows.append((rate, old, new))
+            n = f" (median of {len(news)})" if len(news) > 1 else ""
+            print(f"offered {rate:6.0f}/s{n} | baseline {args.baseline[:12]}: served {old['served_per_s']:7.0f}/s, CPU "
+                  f"{100 * old['cpu_share']:5.1f} %, {old['cpu_us_per_pull']:6.1f} us/pull | this tree: served "
+                  f"{new['served_per_s']:7.0f}/s, CPU {100 * new['cpu_share']:5.1f} %, {new['cpu_us_per_pull']:6.1f} us/pull "
+                  f"| CPU per pull {old['cpu_us_per_pull'] / new['cpu_us_per_pull']:4.2f}x lower "
+                  f"| load average {os.getloadavg()[0]:.2f}", flush=True)
     best = max(new["served_per_s"] for _, _, new in rows)
     print(f"most pulls served per second by this tree: {best:.0f} (target 5,000, or CPU per pull halved where the "
           "broker and generators saturate the cores first)")

@@ -40,6 +40,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._cli import positive_float, positive_int  # noqa: E402
 from coordinator.broker import MosquittoProcess  # noqa: E402
 from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions  # noqa: E402
 from coordinator.pki import Pki, acl_text  # noqa: E402
@@ -213,12 +214,16 @@ def measure(setup: Setup, *, init: Path, state: Path, model_id: str, args: argpa
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pulls", type=int, default=2000, help="pulls in the throughput phase")
-    p.add_argument("--latency-pulls", type=int, default=300, help="pulls one at a time for the latency percentiles")
-    p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--big-mb", type=float, default=47.0)
-    p.add_argument("--reps", type=int, default=3, help="big transfers per round")
-    p.add_argument("--rounds", type=int, default=3, help="plain/TLS rounds, interleaved; medians are reported")
+    p.add_argument("--pulls", type=positive_int, default=2000, help="pulls in the throughput phase (default 2000)")
+    p.add_argument("--latency-pulls", type=positive_int, default=300,
+                   help="pulls one at a time for the latency percentiles (default 300)")
+    p.add_argument("--concurrency", type=positive_int, default=32,
+                   help="pulls in flight in the throughput phase (default 32)")
+    p.add_argument("--big-mb", type=positive_float, default=47.0,
+                   help="size in MB of the big model sent to one device (default 47)")
+    p.add_argument("--reps", type=positive_int, default=3, help="big transfers per round (default 3)")
+    p.add_argument("--rounds", type=positive_int, default=3,
+                   help="plain/TLS rounds, interleaved; medians are reported (default 3)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
 

@@ -1,6 +1,6 @@
 """The wire codec (raw tensor tail: introduced by protocol v2, framed the same in today's v3, which
 only binds signatures to their topic) against pickle and against the v1 codec, and the cost of
-serving a 47 MB pull. "raw-tail" below is today's codec.
+serving a 47 MB pull (``--floats`` sets the size). "raw-tail" below is today's codec.
 
 Everything is measured in one process, medians of ``--repeat`` runs, and printed as ratios
 (this machine is shared and noisy; absolute times move, ratios much less):
@@ -31,13 +31,18 @@ import argparse
 import pickle  # noqa: TID251 — the baseline this benchmark compares against, never on the wire
 import random
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import msgpack
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._cli import positive_int
 from coordinator.core import CoordinatorConfig, CoordinatorCore, Snapshot
 from coordinator.strategies import make_strategy
 from edge_sdk.core.events import MessageReceived, Publish
@@ -115,9 +120,10 @@ def serve_pulls(spec: ModelSpec, n_pulls: int, *, today: bool) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--floats", type=int, default=11_750_000, help="47 MB of float32 by default")
-    ap.add_argument("--pulls", type=int, default=20, help="47 MB pulls served per path")
+    ap.add_argument("--repeat", type=positive_int, default=5, help="timed runs of each encode and decode; medians are printed")
+    ap.add_argument("--floats", type=positive_int, default=11_750_000,
+                    help="float32 values in the update and the big model (default 11,750,000: 47 MB)")
+    ap.add_argument("--pulls", type=positive_int, default=20, help="big-model pulls served per path (default 20)")
     args = ap.parse_args()
 
     w = np.random.default_rng(0).normal(size=args.floats).astype(np.float32)
@@ -149,7 +155,7 @@ def main() -> None:
     big = ModelSpec.build("big", [("body", (args.floats,), "extractor")])
     today = serve_pulls(big, args.pulls, today=True)
     now = serve_pulls(big, args.pulls, today=False)
-    print(f"47 MB model pulls served by one core: v1 path (re-encode per pull) {today:.1f}/s, raw-tail encode-once + signed header "
+    print(f"{mb:.1f} MB model pulls served by one core: v1 path (re-encode per pull) {today:.1f}/s, raw-tail encode-once + signed header "
           f"{now:.1f}/s -> {now / today:.1f}x")
     from edge_sdk.tasks import get_task
 
