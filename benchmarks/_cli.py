@@ -12,15 +12,14 @@ before importing it.
 from __future__ import annotations
 
 import argparse
-import math
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from coordinator.config import bounded
+from coordinator.config import bounded, finite
 
 T = TypeVar("T")
 
@@ -28,18 +27,6 @@ positive_int = bounded(int, 1)
 """An int ≥ 1: counts of repetitions, devices, rounds, samples."""
 non_negative_int = bounded(int, 0)
 """An int ≥ 0 (seeds)."""
-
-
-def finite(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    """``parse`` (a :func:`bounded` type) that also refuses ±inf (``bounded`` takes it)."""
-
-    def check(text: str) -> Any:
-        value = parse(text)
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-        return value
-
-    return check
 
 
 positive_float = finite(bounded(float, 0, strict=True))

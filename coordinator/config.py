@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -202,6 +203,19 @@ def bounded(kind: type[int] | type[float], minimum: float, *, strict: bool = Fal
         return value
 
     return parse
+
+
+def finite(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse`` (a :func:`bounded` type) that also refuses ±inf: an infinite rate, learning rate
+    or duration is no setting, and deeper down it fails with some internal field's name."""
+
+    def check(text: str) -> Any:
+        value = parse(text)
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        return value
+
+    return check
 
 
 def _type_name(typ: Callable[[Any], Any] | None) -> str:

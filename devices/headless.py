@@ -10,7 +10,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from coordinator.config import bounded
+from coordinator.config import bounded, finite
 from devices.live import LabellingLoop, LabellingUser, device_index
 from devices.partition import partition
 from edge_sdk.client import EdgeClient, check_device_bundle
@@ -39,19 +39,6 @@ DEFAULT_LOG_LEVEL = "info"
 """What ``edgeci device`` logs unless ``--log-level`` says otherwise: its progress lines."""
 
 
-def _finite(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    """``parse`` (a :func:`bounded` type) that also refuses ±inf: an infinite α, learning rate or
-    refresh period is no setting, and deeper down it fails with the internal field's name."""
-
-    def check(text: str) -> Any:
-        value = parse(text)
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-        return value
-
-    return check
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     # Every number is checked here, so a nonsense value is one line naming its flag (exit 2),
     # not a traceback from deep inside the partition, the labelling loop or the SDK.
@@ -64,15 +51,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, help="SDK data dir (default: $EDGECI_HOME/devices/DEVICE_ID, EDGECI_HOME defaulting to ~/.edgeci)")
     p.add_argument("--fleet-size", type=bounded(int, 1), default=20, help="the pool is split into this many partitions")
     p.add_argument("--partition", type=bounded(int, 0), help="partition index, 0 to fleet size - 1 (default: from the device id)")
-    p.add_argument("--alpha", type=_finite(bounded(float, 0, strict=True)), default=1.0, help="Dirichlet α of the partition")
-    p.add_argument("--rate", type=_finite(bounded(float, 0, strict=True)), default=0.5, help="labels per second (Poisson)")
+    p.add_argument("--alpha", type=finite(bounded(float, 0, strict=True)), default=1.0, help="Dirichlet α of the partition")
+    p.add_argument("--rate", type=finite(bounded(float, 0, strict=True)), default=0.5, help="labels per second (Poisson)")
     p.add_argument("--min-samples", type=bounded(int, 1), help="D_min before the first pull (default: the task's, edge_sdk/tasks/registry.py)")
     p.add_argument("--epochs", type=bounded(int, 1), default=2, help="local epochs per round, unless the coordinator's hints say otherwise")
-    p.add_argument("--lr", type=_finite(bounded(float, 0, strict=True)), default=0.05,
+    p.add_argument("--lr", type=finite(bounded(float, 0, strict=True)), default=0.05,
                    help="local learning rate, unless the coordinator's hints say otherwise")
     p.add_argument("--duration", type=bounded(float, 0), default=0.0, help="stop after this many seconds (0: run until the partition is labelled, then keep serving)")
     p.add_argument("--seed", type=bounded(int, 0), default=0, help="seed of the partition, the labelling times and local training")
-    p.add_argument("--refresh", type=_finite(bounded(float, 0, rule="must be above 0 (or 0: off)")), default=3600.0, metavar="SECONDS",
+    p.add_argument("--refresh", type=finite(bounded(float, 0, rule="must be above 0 (or 0: off)")), default=3600.0, metavar="SECONDS",
                    help="an idle device (no pull for this long, ±10%%) asks for the current release, so it keeps "
                         "serving the newest one after its labelling ends (default: 3600; 0: off)")
 
