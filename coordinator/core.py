@@ -999,8 +999,11 @@ class CoordinatorCore:
         return msg.have_version if msg.epoch == self._epoch or msg.epoch == NO_EPOCH else NO_VERSION
 
     def _group_for(self, have_version: int) -> str:
-        """LASP: a device already holding the current extractor gets only the partial group."""
-        if not self.config.full_sync_every or self.next_version_is_full():
+        """LASP: a device already holding the current extractor gets only the partial group — in a
+        full-sync round too: it trains the whole model (``_train_group``) from the extractor it
+        holds and the head it is sent (the whole vector went down again there: 0.280× instead of
+        0.219× the bytes of full rounds for digits, benchmarks/lasp_bytes.py --coordinator)."""
+        if not self.config.full_sync_every:
             return FULL
         if have_version < self._last_full_version or have_version > self._version:
             return FULL
@@ -1027,8 +1030,8 @@ class CoordinatorCore:
             version, weights = candidate
         if serve:
             group = FULL
-        if have_version == version and group == FULL:
-            group = UNCHANGED  # the device holds this very version: no weights need to travel
+        if have_version == version:
+            group = UNCHANGED  # the device holds this very version: no weights need to travel (nor its head)
             self.counters["pulls_unchanged"] += 1
         hints = {**cfg.hints, **self.peering.hints_for(device)}  # e.g. Spyker's per-device lr decay
         train_group = self._train_group()

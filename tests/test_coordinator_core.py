@@ -158,7 +158,7 @@ def test_lasp_partial_versions_change_only_the_classifier() -> None:
     first = _pull(c, "d1", 0, have=-1)
     assert (first.group, first.train_group) == ("full", "classifier")  # old extractor: full model, train the head
     second = _pull(c, "d1", 1, have=0)
-    assert (second.group, second.train_group) == ("classifier", "classifier")  # current extractor: head only
+    assert (second.group, second.train_group) == ("unchanged", "classifier")  # this very version: nothing travels
     ext, head = SPEC.group_slice("extractor"), SPEC.group_slice("classifier")
     # a full update during a partial round contributes only its classifier slice
     (commit,) = commits(c.handle(upd("d1", 2, 5.0)))
@@ -170,9 +170,11 @@ def test_lasp_partial_versions_change_only_the_classifier() -> None:
     (commit,) = commits(c.handle(MessageReceived(now=0.0, topic=topics.device_topic("r1", "d2", "update"), payload=encode(head_only))))
     assert commit.version == 2
     np.testing.assert_array_equal(commit.weights[head], 2.0)
-    # version 3 is a full sync: devices get (and train) the whole model, the extractor moves
+    # version 3 is a full sync: devices train the whole model, the extractor moves; one holding the
+    # current extractor is sent only the head (the rest would be the bytes it holds), one without it all
     third = _pull(c, "d3", 0, have=1)
-    assert (third.group, third.train_group) == ("full", "full")
+    assert (third.group, third.train_group) == ("classifier", "full")
+    assert (_pull(c, "d5", 0, have=-1).group, _pull(c, "d6", 0, have=-1).train_group) == ("full", "full")
     # a device already holding the current version gets no weights, only the instructions
     same = _pull(c, "d4", 0, have=2)
     assert (same.group, same.train_group, same.weights.size) == ("unchanged", "full", 0)
