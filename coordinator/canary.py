@@ -115,9 +115,10 @@ def pick_cohort(devices: Iterable[str], version: int, config: CanaryConfig) -> t
     return tuple(sorted(chosen[: config.max_cohort]))
 
 
-def eligible(presence: Mapping[str, tuple[bool | None, float, int]], now: float, recent_s: float) -> list[str]:
-    """Devices seen within ``recent_s`` and not known to be offline (presence: online, last seen, version)."""
-    return [d for d, (online, seen, _) in presence.items() if online is not False and now - seen <= recent_s]
+def eligible(presence: Mapping[str, tuple[bool | None, float | None, int]], now: float, recent_s: float) -> list[str]:
+    """Devices seen within ``recent_s`` and not known to be offline (presence: online, last seen
+    or None when not known, version)."""
+    return [d for d, (online, seen, _) in presence.items() if online is not False and seen is not None and now - seen <= recent_s]
 
 
 @dataclass(slots=True)

@@ -535,7 +535,7 @@ class CoordinatorCore:
         # An OrderedDict: every message moves its device to the end and, past PRESENCE_LIMIT,
         # the oldest leaves from the front; a dict would make finding that oldest entry a scan
         # over the slots its earlier evictions left empty (at the limit: ~3.4 µs per message, against ~0.7).
-        self._presence: OrderedDict[str, tuple[bool | None, float, int]] = OrderedDict()
+        self._presence: OrderedDict[str, tuple[bool | None, float | None, int]] = OrderedDict()
         self._online: set[str] = set()
         self._deferred: dict[str, float] = {}
         self._invites: dict[str, int] = {}
@@ -876,7 +876,11 @@ class CoordinatorCore:
         online = payload == b"online"
         if online != (device in self._online):
             self._status_dirty = True
-        self._track(device, online, now)
+        # Presence is retained: a coordinator that (re)starts gets every device's last one at
+        # once, which says nothing of when the device was last seen. Only a change heard live
+        # (a device already known here) is a sighting; else its last seen is unknown until it
+        # sends something (a restart showed every stopped device "seen" at that moment).
+        self._track(device, online, now if device in self._presence else None)
         return []
 
     def _track_version(self, device: str, msg: Message) -> None:
@@ -891,10 +895,10 @@ class CoordinatorCore:
         if entry is not None and entry[2] != version:
             self._presence[device] = (entry[0], entry[1], version)
 
-    def _track(self, device: str, online: bool | None, now: float) -> None:
-        """Presence bookkeeping: online flag (None keeps it), last seen (the version it runs:
-        :meth:`_track_version`)."""
-        old_online, _, version = self._presence.pop(device, (None, 0.0, NO_VERSION))
+    def _track(self, device: str, online: bool | None, now: float | None) -> None:
+        """Presence bookkeeping: online flag (None keeps it), last seen (None: not known) and the
+        version it runs (:meth:`_track_version`)."""
+        old_online, _, version = self._presence.pop(device, (None, None, NO_VERSION))
         flag = old_online if online is None else online
         self._presence[device] = (flag, now, version)
         if flag:
@@ -906,8 +910,9 @@ class CoordinatorCore:
             self._online.discard(oldest)
 
     @property
-    def presence(self) -> Mapping[str, tuple[bool | None, float, int]]:
-        """``{device: (online or None, last seen, version it runs or -1)}``, least recent first."""
+    def presence(self) -> Mapping[str, tuple[bool | None, float | None, int]]:
+        """``{device: (online or None, last seen or None when unknown, version it runs or -1)}``,
+        least recent first."""
         return dict(self._presence)
 
     def _presence_status(self) -> dict[str, Any]:
