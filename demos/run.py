@@ -69,7 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=_positive(float), default=60.0, help="wall seconds of labelling (default: 60)")
     p.add_argument("--rate", type=_positive(float), default=1.0, help="labels per second per device, Poisson (default: 1.0)")
     p.add_argument("--alpha", type=_positive(float), default=1.0, help="Dirichlet α of the non-IID partition (default: 1)")
-    p.add_argument("--min-samples", type=int, default=8, help="D_min before a device's first pull (default: 8)")
+    p.add_argument("--min-samples", type=bounded(int, 1), help="D_min before a device's first pull (default: the task's — "
+                   "digits 8, gestures 16, detection 64; edge_sdk/tasks/registry.py)")
     p.add_argument("--k", type=_positive(int), default=5, help="SPIN: aggregate when K updates are buffered (default: 5)")
     p.add_argument("--timeout", type=_positive(float), default=3.0, help="SPIN: timeout π in seconds (default: 3)")
     p.add_argument("--combine", choices=["models", "deltas"], default="models", help="SPIN: average the buffered models (paper, default) or apply each update's delta from its base version (faster on digits, unstable with stale detection updates)")

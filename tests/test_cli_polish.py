@@ -185,6 +185,7 @@ def test_replot_without_runs_says_which_options_must_match(tmp_path: Path, capsy
     ("--k", "two", "argument --k: expected an integer, got 'two'"),
     ("--validation-size", "0", "0 leaves the release gate no validation set: use --no-gate"),
     ("--validation-size", "-3", "argument --validation-size: must be above 0, got -3"),
+    ("--min-samples", "0", "argument --min-samples: must be at least 1, got 0"),
 ])
 def test_run_refuses_nonsense_numbers_before_writing(flag: str, value: str, needle: str, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
@@ -324,3 +325,13 @@ def test_rollback_takes_its_version_like_pin_or_with_to(argv: list[str], needle:
     with pytest.raises(SystemExit) as exit_:
         main(["rollback", *argv, "--broker", "mqtt://127.0.0.1:1"])
     assert exit_.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_run_takes_the_tasks_d_min_unless_told() -> None:
+    """`edgeci run --model gestures` used D_min 8, not the gesture task's 16 (helper-85): the
+    default is now the task's, as for `edgeci device` and `edgeci label`."""
+    from demos.run import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert p.parse_args([]).min_samples is None and p.parse_args(["--min-samples", "5"]).min_samples == 5
