@@ -229,7 +229,12 @@ def open_source(spec: str, *, size: int, seed: int) -> FrameSource:
     if spec == "synthetic":
         return SyntheticSource(size, seed=seed)
     if spec.isdigit():
-        cap = cv2.VideoCapture(int(spec))
+        quiet = cv2.utils.logging.getLogLevel()
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # each backend's probe printed WARN/ERROR lines
+        try:  # before the one line below that says what is wrong
+            cap = cv2.VideoCapture(int(spec))
+        finally:
+            cv2.utils.logging.setLogLevel(quiet)
         if not cap.isOpened():
             raise ConfigError(
                 f"camera {spec} did not open: no camera with that index, or another program is using it "

@@ -820,3 +820,14 @@ def test_an_init_that_is_not_a_detector_is_refused_before_the_window_opens(capsy
     err = capsys.readouterr()
     assert rc == 1 and "edgeci label: error: " in err.err and "digits" in err.err, err.err
     assert "ready:" not in err.out
+
+
+def test_a_missing_camera_is_one_line_not_a_page_of_opencv_warnings(capfd: pytest.CaptureFixture[str]) -> None:
+    """With no camera, OpenCV's backends printed ~10 WARN/ERROR lines before the app's own
+    clear one (helper-85); the probe runs with OpenCV's logging silenced, then restored."""
+    level = cv2.utils.logging.getLogLevel()
+    with pytest.raises(ConfigError, match="camera 97 did not open"):
+        open_source("97", size=96, seed=0)
+    err = capfd.readouterr().err
+    assert "VIDEOIO" not in err and "WARN" not in err, err
+    assert cv2.utils.logging.getLogLevel() == level
