@@ -404,7 +404,7 @@ def check_state_dir(path: Path) -> None:
         raise ConfigError(f"--state-dir {path}: not writable: {existing} (a read-only filesystem, or another user's)")
 
 
-def _holds_versions(state_dir: Path) -> bool:
+def holds_versions(state_dir: Path) -> bool:
     versions = Path(state_dir) / "versions"
     return versions.is_dir() and any(versions.iterdir())
 
@@ -469,7 +469,7 @@ def check_before_start(options: CoordinatorOptions, layered: Layered) -> None:
     _check_gate(options, layered)
     if options.validation is not None:
         load_validation(options.validation, task)
-    if options.init is not None and not _holds_versions(options.state_dir):
+    if options.init is not None and not holds_versions(options.state_dir):
         check_init(options.init, task.spec)
     _warn_dropped_settings(options)
     if options.signing_key is not None and not Path(options.signing_key).is_file():  # a typo must not mint a new key
@@ -484,7 +484,7 @@ def _warn_dropped_settings(options: CoordinatorOptions) -> None:
     """A restart that silently drops what the state dir ran with: the release gate (its verdicts
     are in release.json; without --validation or --canary every version is released), or an
     --init that cannot apply (it sets version 0 of a new state dir)."""
-    if not _holds_versions(options.state_dir):
+    if not holds_versions(options.state_dir):
         return
     if options.init is not None:
         log.warning("--init %s is ignored: state dir %s already holds versions (it serves its own); --init sets version 0 "
@@ -510,7 +510,7 @@ def _undo_failed_init(state_dir: Path, before: set[str] | None, missing_from: Pa
     """A start that failed on an empty (or missing) state dir leaves it as it was: remove what
     this run created there (lock, spec.json, signing.key, pending/, an empty versions/), never
     anything once a version exists or anything that was there before."""
-    if before or _holds_versions(state_dir):
+    if before or holds_versions(state_dir):
         return
     now = _entries(state_dir)
     if now is None:
@@ -690,7 +690,7 @@ def check_take_over(options: CoordinatorOptions, take_over: bool) -> None:
                               f"them. Check --region / --state-dir; to move this state dir to region {options.region!r} on "
                               f"purpose, start with --take-over")
         log.warning("moving state dir %s from region %r to region %r (--take-over)", options.state_dir, recorded, options.region)
-    fresh = not _holds_versions(options.state_dir)
+    fresh = not holds_versions(options.state_dir)
     kid = _signing_kid(options)
     recall_topic, status_topic = topics.recall_topic(options.region), topics.status_topic(options.region)
     got = _retained(options, [recall_topic, status_topic] if fresh else [status_topic]) or {}

@@ -48,6 +48,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from coordinator.cli import check_init, holds_versions
 from demos.label_ui import (
     Action,
     Key,
@@ -356,12 +357,14 @@ _PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("lin
 
 
 def _die_with_parent() -> None:
-    """In the child before exec (Linux): SIGTERM it when the app dies, however it dies (a kill -9
-    left the coordinators running with no app and no broker). Linux sends it when the *thread*
-    that started the child ends: coordinators are started on the main thread. Elsewhere nothing:
-    the app's own SIGTERM / SIGINT handling stops them."""
+    """In the child before exec (Linux): SIGKILL it when the app dies, however it dies (a kill -9
+    left the coordinators running with no app and no broker). Not SIGTERM: a coordinator acts on
+    that only once it is up, so one still pretraining went on for minutes, holding its state dir's
+    lock; with the app gone its broker is gone too, and a state dir survives a kill -9 by design.
+    Linux sends it when the *thread* that started the child ends: coordinators are started on the
+    main thread. Elsewhere nothing: the app's own SIGTERM / SIGINT handling stops them."""
     if _PRCTL is not None:
-        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        _PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def coordinator_process(what: str, model: str, *, broker: str, region: str, data_dir: Path,
@@ -371,7 +374,9 @@ def coordinator_process(what: str, model: str, *, broker: str, region: str, data
     argv = [sys.executable, "-m", "demos.cli", "coordinator", "--broker", broker, "--region", region,
             "--state-dir", str(state_dir), "--model", model, "--seed", str(seed),
             # one labelling person: every update becomes a version at once
-            "--k", "1", "--timeout", "30"]
+            "--k", "1", "--timeout", "30",
+            # the app's own state dir on its own embedded broker: started again under another --region, it moves
+            "--take-over"]
     if init is not None:
         argv += ["--init", str(init.expanduser().resolve())]
     env = dict(os.environ)
@@ -498,6 +503,8 @@ def start_backend(args: argparse.Namespace, data_dir: Path) -> Backend:
 
         broker = EmbeddedBroker().start()
         backend = Backend(broker_url=broker.url, broker=broker)
+    # A detector state dir that holds versions ignores --init (the coordinator says so): only a new one is checked.
+    check_init_file = args.init is not None and not holds_versions(data_dir / "coordinator" / "detection")
     try:
         if backend.broker is not None:  # children start while this process loads its models
             backend.coordinators.append(coordinator_process(
@@ -507,9 +514,7 @@ def start_backend(args: argparse.Namespace, data_dir: Path) -> Backend:
                 "detector", "detection", broker=backend.broker_url, region=region,
                 data_dir=data_dir, init=args.init, seed=args.seed).start())
         _start_clients(backend, args, data_dir, region=region, gesture_region=gesture_region)
-        if args.init is not None:  # before the window opens: the coordinator child fails on it out of sight
-            from coordinator.cli import check_init
-
+        if check_init_file:  # before the window opens: the coordinator child fails on it out of sight
             check_init(args.init.expanduser(), backend.detect_task.spec)
     except BaseException:
         backend.stop()

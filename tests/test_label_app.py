@@ -765,12 +765,15 @@ def test_sigterm_stops_the_embedded_backend_as_quitting_does(monkeypatch: pytest
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_embedded_coordinators_die_with_a_killed_app(tmp_path: Path) -> None:
-    """Even a kill -9 of the app (no handler runs) takes its coordinator processes with it."""
+    """Even a kill -9 of the app (no handler runs) takes its coordinator processes with it, also one
+    that would not act on SIGTERM yet (helper-87: a pretraining coordinator went on for minutes)."""
     script = (
         "import sys, os, time\n"
         "from pathlib import Path\n"
         "from demos.label import CoordinatorProcess\n"
-        f"p = CoordinatorProcess('x', [sys.executable, '-c', 'import time; time.sleep(60)'], env=dict(os.environ), "
+        # the child ignores SIGTERM, as a coordinator still pretraining in effect does (it acts on it once it is up)
+        f"p = CoordinatorProcess('x', [sys.executable, '-c', 'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        f"print(chr(114) * 3, flush=True); time.sleep(60)'], env=dict(os.environ), "
         f"log_path=Path({str(tmp_path / 'c.log')!r})).start()\n"
         "print(p._proc.pid, flush=True)\n"
         "time.sleep(60)\n"
@@ -780,6 +783,11 @@ def test_embedded_coordinators_die_with_a_killed_app(tmp_path: Path) -> None:
     try:
         assert app.stdout is not None
         child = int(app.stdout.readline())
+        log = tmp_path / "c.log"
+        deadline = time.monotonic() + 30
+        while not (log.exists() and "rrr" in log.read_text()):  # its SIGTERM handler is set
+            assert time.monotonic() < deadline, "the child never started"
+            time.sleep(0.02)
         os.kill(child, 0)  # running
         app.kill()
         app.wait(10)
