@@ -876,11 +876,16 @@ class CoordinatorCore:
         online = payload == b"online"
         if online != (device in self._online):
             self._status_dirty = True
-        # Presence is retained: a coordinator that (re)starts gets every device's last one at
-        # once, which says nothing of when the device was last seen. Only a change heard live
-        # (a device already known here) is a sighting; else its last seen is unknown until it
-        # sends something (a restart showed every stopped device "seen" at that moment).
-        self._track(device, online, now if device in self._presence else None)
+        # Presence is retained: a coordinator that (re)starts or reconnects gets every device's
+        # last one again, which says nothing of when the device was last seen. Only a *change*
+        # of a device already known here is a sighting (it connected, or its will fired); a new
+        # device's last seen stays unknown until it sends something, and a repeat changes
+        # nothing (a restart showed every stopped device "seen" at that moment; a reconnect did too).
+        entry = self._presence.get(device)
+        if entry is None:
+            self._track(device, online, None)
+        elif entry[0] != online:
+            self._track(device, online, now)
         return []
 
     def _track_version(self, device: str, msg: Message) -> None:

@@ -233,9 +233,10 @@ def test_a_refused_message_shows_its_device_seen_but_not_the_version_it_claims()
 
 
 def test_retained_presence_at_start_is_no_sighting() -> None:
-    """After a restart every device's retained presence arrives at once: status showed every
-    stopped device "last seen" at the restart (helper-85). A first presence leaves last seen
-    unknown; a live change of a device already known, or any message from it, is a sighting."""
+    """After a restart (or a reconnect: helper-87) every device's retained presence arrives at once:
+    status showed every stopped device "last seen" then (helper-85). A first presence leaves last
+    seen unknown, a repeat changes nothing; a change of a device already known, or any message
+    from it, is a sighting."""
     c = make_coordinator("spin", k=2, timeout_s=5.0)
     presence = topics.device_topic("r1", "d1", "presence")
     c.handle(MessageReceived(now=100.0, topic=presence, payload=b"offline"))  # retained, delivered at (re)start
@@ -243,6 +244,8 @@ def test_retained_presence_at_start_is_no_sighting() -> None:
     (row,) = c.status().extra["devices"]
     assert row["last_seen"] is None and row["online"] is False
     c.handle(MessageReceived(now=130.0, topic=presence, payload=b"online"))  # heard live: it connected now
+    assert c.presence["d1"] == (True, 130.0, -1)
+    c.handle(MessageReceived(now=5000.0, topic=presence, payload=b"online"))  # the same again: a reconnect's retained copy
     assert c.presence["d1"] == (True, 130.0, -1)
     c.handle(MessageReceived(now=131.0, topic=topics.device_topic("r1", "d1", "pull"),
                              payload=encode(Pull(device="d1", seq=0, model_id="toy", have_version=0))))
