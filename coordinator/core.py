@@ -509,6 +509,9 @@ class CoordinatorCore:
         # its reason and detail at once instead of a timeout. The nonce is the refused message's
         # own (unauthenticated when the signature is what failed): it only says which try this was.
         self._control_refused: dict[str, Any] | None = None
+        # Verified commands that were refused (operator, nonce, command, version, force): the same
+        # one again is a replay (a rejected message), not another operator refusal. In memory only.
+        self._control_refused_seen: dict[tuple[str, int, str, int, bool], float] = {}
         # Whether the abandoned ranges changed since the region's recall topic (retained) last
         # announced them: a device serving an abandoned version fetches the release at once (an
         # operator's rollback reaches idle devices too, not only those that pull for training).
@@ -1610,9 +1613,15 @@ class CoordinatorCore:
         except RemoteProtocolError as exc:
             self._control_refused = {"at": ev.now, "reason": exc.reason, "detail": str(exc)[:200], "nonce": nonce}
             raise
+        refused_key = (msg.operator, msg.nonce, msg.command, msg.version, msg.force)
+        if refused_key in self._control_refused_seen:  # the same refused command again: a replay, not an operator
+            self._control_refused = {"at": ev.now, "reason": ReplayedMessage.reason, "detail": "control command already refused",
+                                     "nonce": msg.nonce}
+            raise ReplayedMessage("control command already refused")
         try:
             return self._run_control(ev, msg, sig)
         except RemoteProtocolError as exc:
+            self._control_refused_seen[refused_key] = ev.now  # (kept as long as executed ones: see _authenticate_control)
             return self._refuse_control(ev.now, exc.reason, str(exc), msg.nonce, command=msg.command, version=msg.version)
 
     def _refuse_control(self, now: float, reason: str, detail: str, nonce: int, **data: Any) -> list[CoordinatorAction]:
@@ -1639,6 +1648,7 @@ class CoordinatorCore:
         # ahead of this clock: one executed at t is acceptable until t + 2 max_age, so it is
         # remembered that long (pruned at t + max_age, a future-dated one ran again once pruned).
         self._control_seen = {k: t for k, t in self._control_seen.items() if ev.now - t <= 2 * cfg.control_max_age_s}
+        self._control_refused_seen = {k: t for k, t in self._control_refused_seen.items() if ev.now - t <= 2 * cfg.control_max_age_s}
         if (msg.operator, msg.nonce) in self._control_seen:
             raise ReplayedMessage("control command already executed")
         return sig

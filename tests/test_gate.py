@@ -749,3 +749,17 @@ def test_abandoned_ranges_merge_and_stay_bounded() -> None:
     assert len(ranges) == ABANDONED_RANGES and ranges[-1] == (3 * ABANDONED_RANGES - 3, 3 * ABANDONED_RANGES - 2)
     c = gated(snapshot=Snapshot(version=20, weights=np.zeros(SPEC.size, np.float32), abandoned=[[3, 5], [9, 9]]))
     assert [v for v in range(12) if c.abandoned(v)] == [3, 4, 5, 9]
+
+
+def test_a_refused_command_replayed_is_a_rejected_message_not_another_refusal() -> None:
+    """A verified command that was refused was not remembered: anyone reading the control topic could
+    replay it, each copy counted as an operator refusal with a WARNING (helper-87). The same signed
+    command again is now `replayed` (a rejection); another command with the same nonce still runs."""
+    c = gated()
+    refused = control("rollback", 10**6, nonce=5)
+    assert not of(c.handle(refused), LoadVersion) and c.counters["control_refused:unknown_version"] == 1
+    for _ in range(3):
+        assert not of(c.handle(refused), LoadVersion)
+    assert c.counters["control_refused:unknown_version"] == 1 and c.counters["reject:replayed"] == 3
+    assert c.status().extra["control_refused"]["reason"] == "replayed"
+    assert of(c.handle(control("rollback", 0, nonce=5)), LoadVersion)
