@@ -44,7 +44,7 @@ from typing import IO, Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from edge_sdk.core.device import DeviceConfig, DeviceCore
+from edge_sdk.core.device import MAX_WATERMARK_JUMP, DeviceConfig, DeviceCore
 from edge_sdk.core.events import (
     CanaryScored,
     DeployModel,
@@ -140,7 +140,7 @@ def _saved_meta(meta: object) -> tuple[int, str | None, str | None, int]:
 EVENTS = frozenset({
     "*", "model", "trained", "update_acked", "update_rejected", "deferred", "retry", "training_failed", "training_unavailable",
     "message_rejected", "store_recovered", "scc_cache_dropped", "failover", "canary", "canary_reported", "canary_dropped",
-    "model_older", "storage", "key_pinned", "recalled", "seq_conflict", "epoch",
+    "model_older", "storage", "key_pinned", "recalled", "seq_conflict", "seq_behind", "epoch",
 })
 """What :meth:`EdgeClient.on` subscribes to: the device core's notifications and the client's own."""
 
@@ -387,6 +387,7 @@ class EdgeClient:
         """Counters the store could not save (a full disk): no request leaves until they are saved
         (a restarted device must never reuse a sequence number); the core's retries try again."""
         self._job_ids: dict[int, list[int]] = {}
+        self._seq_behind_said: object = None  # the watermark last warned about (seq_behind)
         self._version_changed = threading.Condition()
         next_seq = int(self.store.get_meta("next_seq", 0) or 0)
         trained_upto = int(self.store.get_meta("trained_upto", 0) or 0)
@@ -629,7 +630,9 @@ class EdgeClient:
         ``detail``: the store could not save the device's counters, so its requests are held, or can again),
         ``key_pinned`` (trust on first use: ``kid``, ``region``), ``recalled`` (the coordinator recalled the
         deployed version), ``seq_conflict`` (the coordinator holds another update under this device's sequence number: it is sent
-        again under a new one)
+        again under a new one), ``seq_behind`` (``seq``, ``watermark``: it holds updates of this id more than 100,000 seqs
+        ahead — a lost store of a long-used id, or a forged ack — which this device cannot pass on its own; logged once
+        per watermark, and the update stays pending)
         (or ``*`` for all)."""
         if kind not in EVENTS:
             raise ConfigError(f"no notification is called {kind!r}; use one of {', '.join(sorted(EVENTS))}")
@@ -863,6 +866,12 @@ class EdgeClient:
             self.store.mark_used(ids, int(note.data["seq"]))
         elif note.kind == "update_acked":
             self.store.mark_acked(int(note.data["seq"]))
+        elif note.kind == "seq_behind" and note.data.get("watermark") != self._seq_behind_said:
+            self._seq_behind_said = note.data.get("watermark")
+            log.warning("device %s: the coordinator holds updates of this device id up to seq %s, more than %d above this "
+                        "device's %s: its store was lost (a reinstall of a long-used id?) or the ack was forged. Its updates "
+                        "cannot get through: give this device a new --device-id (or restore its store); it keeps retrying",
+                        self.core.config.device_id, note.data.get("watermark"), MAX_WATERMARK_JUMP, note.data.get("seq"))
         self._emit(note.kind, dict(note.data))
 
     def run_training_job(self, job: TrainingJob, config: TrainConfig) -> tuple[TrainResult, list[int]]:

@@ -285,7 +285,8 @@ def test_a_duplicate_ack_cannot_move_the_seq_beyond_what_a_coordinator_accepts()
     c = core()
     upd = _pushing(c)
     forged = Ack(device=DEV, seq=upd.seq, status="duplicate", version=1, nonce=12345, watermark=2**62)
-    assert c.handle(recv(3.0, "ack", forged)) == []
+    (said,) = c.handle(recv(3.0, "ack", forged))  # ignored, and said (the client logs it once per watermark)
+    assert isinstance(said, Notify) and said.kind == "seq_behind" and said.data["watermark"] == 2**62
     assert c.state.next_seq == upd.seq + 1 and c.state.phase is Phase.PUSHING
     assert c.state.counters["ignored:watermark_jump"] == 1
     near = Ack(device=DEV, seq=upd.seq, status="duplicate", version=1, nonce=12345, watermark=upd.seq + MAX_WATERMARK_JUMP)

@@ -242,6 +242,22 @@ def test_a_reinstalled_device_starting_again_at_seq_0_is_not_told_its_updates_we
     assert notes(d.handle(to_dev(11.3, "ack", encode(ack))), "update_acked") and d.state.updates_acked == 1
 
 
+def test_a_reinstall_far_below_its_old_watermark_is_said_not_taken_as_applied() -> None:
+    """The watermark an ack may move a device's seq to is bounded (MAX_WATERMARK_JUMP: acks are not
+    signed); a reinstalled id whose old install sent more requests than that cannot get past it on
+    its own. It keeps its update (retried, never taken as applied) and says why (helper-87)."""
+    c = make_coordinator(k=10, timeout_s=None)
+    c.handle(to_coord(0.0, DEV, "pull", Pull(device=DEV, seq=149_990, model_id="toy")))
+    c.handle(to_coord(0.1, DEV, "update", update(DEV, 150_000, nonce=77)))  # the old install's last update
+    d = device()
+    fresh = train_and_push(d, now=10.0)
+    (dup,) = published(c.handle(to_coord(11.0, DEV, "update", fresh)), "ack")
+    assert isinstance(dup, Ack) and dup.status == "duplicate" and dup.watermark == 150_000
+    acts = d.handle(to_dev(11.1, "ack", encode(dup)))
+    assert notes(acts, "seq_behind") and not notes(acts, "update_acked") and d.state.updates_acked == 0
+    assert d.state.pending_update is not None  # still pending: sent again at its timeout
+
+
 def test_a_retry_answered_without_a_nonce_at_its_own_seq_is_success() -> None:
     """After a coordinator restart it no longer knows the nonce of a device's last accepted
     update: a retry of that seq (watermark == seq) is the device's own update, acknowledged."""

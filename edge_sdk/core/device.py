@@ -728,7 +728,9 @@ class DeviceCore:
             # own update accepted before the coordinator restarted (it forgot the nonce): success.
             if msg.watermark > s.next_seq + MAX_WATERMARK_JUMP:  # forged (see MAX_WATERMARK_JUMP): ignored,
                 s.counters["ignored:watermark_jump"] = s.counters.get("ignored:watermark_jump", 0) + 1
-                return []  # and the update is sent again at its timeout
+                # and the update is sent again at its timeout. Said: a reinstall of a device id that sent
+                # more than MAX_WATERMARK_JUMP requests before cannot get past this on its own.
+                return [Notify(kind="seq_behind", data={"seq": msg.seq, "watermark": msg.watermark, "nonce": msg.nonce})]
             return self._resend_under_new_seq(pending, msg, now)
         s.phase, s.deadline, s.pending_seq, s.pending_payload, s.attempts = _IDLE, None, NO_VERSION, b"", 0
         s.pending_update = None
