@@ -277,7 +277,8 @@ def _control(args: argparse.Namespace, command: str) -> int:
                               clean_session=True, auth=operator_auth(args))
     transport.start()
     try:
-        if not seen.wait(min(10.0, args.wait)):  # (--wait bounds the whole command)
+        started = time.monotonic()  # --wait bounds the whole command: the status, then the outcome
+        if not seen.wait(min(10.0, args.wait)):
             print(f"no coordinator status on region {args.region!r}: is it running?")
             return 2
         alive, why = liveness(statuses[-1], time.time(), None)
@@ -290,7 +291,7 @@ def _control(args: argparse.Namespace, command: str) -> int:
                       version=-1 if version is None else version, force=bool(getattr(args, "force", False)))
         topic = topics.control_topic(args.region)
         transport.publish(topic, encode(msg, signer=signer, scope=topics.signing_scope(topic)))
-        deadline = time.monotonic() + args.wait
+        deadline = started + args.wait
         while time.monotonic() < deadline:
             seen.clear()
             seen.wait(max(0.0, deadline - time.monotonic()))

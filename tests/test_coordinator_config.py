@@ -508,7 +508,8 @@ def test_a_state_dir_started_under_another_region_is_refused_unless_take_over(tm
     assert recorded_region(state) == "asia" and not (state / "region.tmp").exists()
 
 
-def test_a_restart_that_drops_the_gate_or_ignores_init_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_restart_that_drops_the_gate_or_ignores_init_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                               request: pytest.FixtureRequest) -> None:
     """Restarting a gated coordinator without --validation released every later version untested,
     and an --init for a state dir that holds versions was ignored, both without a word (helper-85)."""
     import logging
@@ -523,6 +524,7 @@ def test_a_restart_that_drops_the_gate_or_ignores_init_says_so(tmp_path: Path, c
     spec = get_task("digits").spec
     reg = Registry(tmp_path / "s", spec)
     reg.initialise(np.zeros(spec.size, np.float32), now=0.0, source="test")
+    request.addfinalizer(reg.close)
 
     def warnings(**kw: Any) -> str:
         caplog.clear()
