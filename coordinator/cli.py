@@ -896,9 +896,24 @@ def run(args: argparse.Namespace) -> int:
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     previous_fd = signal.set_wakeup_fd(wake_w)
-    previous = {sig: signal.signal(sig, _ignore) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    starting = threading.Event()
+    starting.set()
+
+    def on_signal(signum: int, frame: object) -> None:
+        # Until the daemon is up (pretraining a first model can take minutes) SIGTERM / SIGINT
+        # stop the start at once: start_daemon removes what it wrote to a new state dir. After
+        # that the wakeup fd carries them to _serve's loop, which shuts down cleanly.
+        if starting.is_set() and signum != signal.SIGHUP:
+            raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
-        return _serve(args, layered, resolve_again, apply_logging, wake_r)
+        return _serve(args, layered, resolve_again, apply_logging, wake_r, started=starting.clear)
+    except SystemExit as exc:
+        if starting.is_set():
+            log.info("signal %s during the start: stopped before the coordinator was up (a new state dir is left as it was)",
+                     signal.Signals(int(exc.code or 0) - 128).name if isinstance(exc.code, int) and exc.code > 128 else exc.code)
+        raise
     finally:
         signal.set_wakeup_fd(previous_fd)
         for sig, handler in previous.items():
@@ -907,12 +922,9 @@ def run(args: argparse.Namespace) -> int:
         os.close(wake_w)
 
 
-def _ignore(signum: int, frame: object) -> None:
-    """The wakeup fd carries the signal; the Python-level handler has nothing to do."""
-
-
 def _serve(args: argparse.Namespace, layered: Layered, resolve_again: Callable[[], Layered] | None,
-           apply_logging: Callable[[str | None, str | None], None], wake_fd: int) -> int:
+           apply_logging: Callable[[str | None, str | None], None], wake_fd: int, *,
+           started: Callable[[], None] = lambda: None) -> int:
     options = options_from(args, layered)
     if layered.config_path is not None:
         log.info("config file %s", layered.config_path)
@@ -924,6 +936,7 @@ def _serve(args: argparse.Namespace, layered: Layered, resolve_again: Callable[[
     for line in layered.overridden:
         log.warning("config file value overridden: %s", line)
     daemon = start_daemon(options, layered)
+    started()  # from here a signal is read by the loop below (the daemon is stopped cleanly)
     server: MetricsServer | None = None
     try:
         if args.metrics_port:

@@ -138,3 +138,31 @@ def test_every_strategy_and_peering_flag_beats_the_file_s_table(argv: list[str],
     options = coordinator_cli.options_from(got.args, got)
     assert {**options.strategy_params, **options.peering_params}[key] == value
     assert got.overridden == [f"[strategy] {key} = {file_value!r} in c.toml: {winner} wins ({value!r})"]
+
+
+def test_sigterm_while_the_coordinator_starts_stops_it_at_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """A coordinator read SIGTERM only once it was up: `kill` (or systemd's stop) during a first
+    start's pretraining waited minutes (helper-87). Until it is up a signal now ends the start."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from demos.cli import main
+
+    entered = threading.Event()
+
+    def slow(options: Any, layered: Layered) -> Any:  # what pretraining a first model looks like from here
+        entered.set()
+        for _ in range(600):
+            time.sleep(0.05)
+        raise AssertionError("the signal did not stop the start")
+
+    monkeypatch.setattr(coordinator_cli, "start_daemon", slow)
+    threading.Thread(target=lambda: entered.wait(10) and os.kill(os.getpid(), signal.SIGTERM), daemon=True).start()
+    started = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="edgeci.coordinator"), pytest.raises(SystemExit) as exit_:
+        main(["coordinator", "--broker", "mqtt://127.0.0.1:1", "--region", "r", "--state-dir", str(tmp_path / "s")])
+    assert exit_.value.code == 128 + signal.SIGTERM and time.monotonic() - started < 10
+    assert "signal SIGTERM during the start: stopped before the coordinator was up" in caplog.text
