@@ -37,7 +37,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from coordinator.config import ENV_PREFIX, Layered, merge_strategy_params, param_value
+from coordinator.config import ENV_PREFIX, Layered, bounded, merge_strategy_params, param_value
 from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
 from coordinator.inversion import inversion_config
 from coordinator.methods import make_method, resolve_names, split_params
@@ -47,6 +47,7 @@ from coordinator.registry import StateDirLocked, read_epoch, read_release_record
 from coordinator.strategies import CONFIGS, Strategy, strategy_names
 from coordinator.strategies.robust import COMBINERS
 from coordinator.strategies.spin import SpinNoTimeoutStrategy, SpinStrategy
+from coordinator.strategies.staleness import policy_names
 from coordinator.validation import load_validation
 from edge_sdk.errors import ConfigError, EdgeciError
 from edge_sdk.modelio import load_model
@@ -137,8 +138,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "device uses its own setting)")
     p.add_argument("--lr", type=float, help="training hint sent to devices: learning rate (default: none sent; each device "
                    "uses its own setting; spyker: also its initial rate η_init)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the coordinator's random choices (and of the pretrained model)")
-    st = p.add_argument_group("stale updates (the staleness policy is a strategy parameter: --param staleness=NAME)")
+    p.add_argument("--seed", type=bounded(int, 0), default=0, help="seed of the coordinator's random choices (and of the pretrained model)")
+    st = p.add_argument_group(f"stale updates (the staleness policy is a strategy parameter: --param staleness=NAME, NAME one of "
+                              f"{', '.join(policy_names())}; with --param a=… (damping), max_staleness=N, convert_beyond=N)")
     st.add_argument("--conversion-deadline", type=float, default=60.0, metavar="S",
                     help="with --param staleness=gradient-inversion (or dc-asgd) and --param convert_beyond=N: updates "
                     "staler than N versions are converted before aggregation; gradient inversion runs on a worker thread "

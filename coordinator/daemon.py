@@ -374,8 +374,8 @@ class CoordinatorDaemon:
 
                 converter = make_inverter(self.task.name, self.task.spec, **dict(self.options.inversion_params))
             self.conversions = ConversionWorker(converter, self.actor.submit, self.clock.now).start()
-            log.info("staleness policy gradient-inversion: updates staler than %s versions are converted on a worker "
-                     "(deadline %.0f s, then damped)", self.core.strategy.describe().get("convert_beyond"),
+            log.info("staleness policy gradient-inversion: updates staler than %g versions are converted on a worker "
+                     "(deadline %.0f s, then damped)", getattr(policy_of(self.core.strategy), "beyond", float("nan")),
                      self.options.conversion_deadline_s)
         self.actor.start()
         self._probe_thread.start()

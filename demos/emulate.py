@@ -55,6 +55,7 @@ from devices.report import (
 )
 from devices.scenario import RunSpec, Scenario, ScenarioError, load_scenario, read_toml
 from devices.simulator import TRANSPORTS, RunResult, run_spec
+from edge_sdk.errors import ConfigError
 from edge_sdk.tasks.base import Task
 
 __all__ = ["DATA_ENV", "TORCHVISION_DATASETS", "add_arguments", "format_table", "load_task", "parse_seeds", "run", "summarise"]
@@ -111,7 +112,12 @@ def run(args: argparse.Namespace) -> int:
         results = load_runs(out / "runs", scenario)
     else:
         # Resolve every task first: a missing dataset fails before any run starts.
-        tasks = {_task_key(r): load_task(r.settings.task, r.settings.task_options) for r in scenario.runs}
+        try:
+            tasks = {_task_key(r): load_task(r.settings.task, r.settings.task_options) for r in scenario.runs}
+        except ScenarioError:
+            raise
+        except ConfigError as exc:  # say which file (the key is in the message: task, task_options)
+            raise ScenarioError(f"{args.scenario}: {exc}") from None
         from edge_sdk.trainer import configure_threads
 
         configure_threads(args.threads)

@@ -76,6 +76,9 @@ def parse_seeds(text: str) -> list[int]:
         if hi < lo:
             raise ConfigError(f"--seeds: empty range {part!r}")
         seeds.extend(range(lo, hi + 1))
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:  # a seed twice would count its run twice in every mean and n
+        raise ConfigError(f"--seeds: seed{'s' if len(repeated) > 1 else ''} {', '.join(map(str, repeated))} given more than once")
     return seeds
 
 

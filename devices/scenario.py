@@ -141,6 +141,7 @@ from coordinator.inversion import InversionConfig
 from coordinator.methods import make_method
 from coordinator.peering import PEERINGS
 from coordinator.strategies import strategy_names
+from coordinator.strategies.params import did_you_mean
 from devices.attacks import AttackPlan
 from devices.labelling import STREAM_ORDERS, arrival_times, stream_order
 from devices.partition import partition
@@ -893,6 +894,10 @@ def _part(value: Any, catalogue: Mapping[str, Any], base: Any, cls: type, where:
         raise ScenarioError(f"{where}: must be a name or a table")
     fields = dict(value)
     start = catalogue.get(fields.pop("base", ""), base)
+    known = [f.name for f in dataclasses.fields(cls) if f.init and f.name != "name"]
+    unknown = sorted(set(fields) - set(known) - {"name"})
+    if unknown:  # (not the dataclass's TypeError: "__init__() got an unexpected keyword argument")
+        raise ScenarioError(f"{where}: unknown key {unknown[0]!r}{did_you_mean(unknown[0], known)}; known: {', '.join(known)}")
     if start is None:
         fields.setdefault("name", name)
         try:

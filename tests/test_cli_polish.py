@@ -335,3 +335,12 @@ def test_run_takes_the_tasks_d_min_unless_told() -> None:
     p = argparse.ArgumentParser()
     add_arguments(p)
     assert p.parse_args([]).min_samples is None and p.parse_args(["--min-samples", "5"]).min_samples == 5
+
+
+@pytest.mark.parametrize("argv", [["pretrain", "--seed", "-1"],
+                                  ["coordinator", "--seed", "-1", "--broker", "mqtt://127.0.0.1:1"]])
+def test_a_negative_seed_is_a_usage_error_not_a_numpy_traceback(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """helper-89: numpy's `ValueError: expected non-negative integer` traceback from deep inside."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and "argument --seed: must be at least 0, got -1" in capsys.readouterr().err

@@ -166,3 +166,20 @@ def test_sigterm_while_the_coordinator_starts_stops_it_at_once(monkeypatch: pyte
         main(["coordinator", "--broker", "mqtt://127.0.0.1:1", "--region", "r", "--state-dir", str(tmp_path / "s")])
     assert exit_.value.code == 128 + signal.SIGTERM and time.monotonic() - started < 10
     assert "signal SIGTERM during the start: stopped before the coordinator was up" in caplog.text
+
+
+@pytest.mark.parametrize("param, key, expected", [
+    ("staleness=none", "staleness", "none"),  # a policy called none: the word, not a null
+    ("max_staleness=none", "max_staleness", None),  # an optional number: none is None
+    ("timeout_s=none", "timeout_s", None),
+])
+def test_none_on_the_command_line_is_the_word_for_a_string_parameter(param: str, key: str, expected: Any) -> None:
+    """`--param staleness=none` was refused ("expects a string, got None"): the parser reads none
+    as a null, which a string parameter now takes as the word (helper-89)."""
+    from coordinator.cli import parse_params
+    from coordinator.methods import make_method
+
+    params = parse_params([param])
+    method = make_method("spin", params=params)
+    config = method.strategy.config
+    assert getattr(config, key) == expected

@@ -629,3 +629,28 @@ def test_the_profile_catalogue_names_every_built_in_preset() -> None:
     for name in [*PROFILES, *COMPUTE, *LINKS, *AVAILABILITY]:
         assert f"  {name} " in text, name
     assert "night-flaky asleep 8 h from 23:00, online ~1800 s, then offline ~300 s" in text
+
+
+def test_scenario_mistakes_a_user_made_are_one_line_naming_file_and_key(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """helper-89's trial: a seed given twice was counted twice in every mean; an unknown task's
+    error did not name the file; a typo inside a [profiles.X] compute table leaked Python's
+    `__init__() got an unexpected keyword argument`."""
+    from demos.cli import main
+
+    with pytest.raises(ConfigError, match="seed 0 given more than once"):
+        emulate.parse_seeds("0,0-2")
+    runs = '[[runs]]\nstrategy = "spin"\n'
+    with pytest.raises(ScenarioError, match=r"\[profiles.headset\] compute: unknown key 'sample_epoch_sx' "
+                                            r"\(did you mean 'sample_epoch_s'\?\); known: sample_epoch_s"):
+        parse_scenario(read_toml_text(tmp_path, 'task = "digits"\n[profiles.headset]\ncompute = { sample_epoch_sx = 0.4 }\n' + runs))
+    bad_task = tmp_path / "bad.toml"
+    bad_task.write_text('task = "digitz"\n' + runs)
+    assert main(["emulate", str(bad_task), "--quick", "--out", str(tmp_path / "out")]) == 1
+    assert f"{bad_task}: unknown task 'digitz'; known: " in capsys.readouterr().err
+
+
+def read_toml_text(tmp_path: Path, text: str) -> dict[str, Any]:
+    path = tmp_path / "s.toml"
+    path.write_text(text)
+    return read_toml(path)

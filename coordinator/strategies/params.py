@@ -71,11 +71,15 @@ def _fit(value: Any, hint: Any) -> Any:
     if hint is type(None) or hint is None:
         return None if value is None else _NO
     if origin is Union or origin is types.UnionType:
+        if value is None and type(None) in typing.get_args(hint):
+            return None  # an optional field: none is None (before a str arm could take it as the word)
         for arm in typing.get_args(hint):
             got = _fit(value, arm)
             if got is not _NO:
                 return got
         return _NO
+    if value is None and (hint is str or (origin is Literal and "none" in typing.get_args(hint))):
+        return "none"  # `--param staleness=none` parses as None (no TOML null exists): here it is the word
     if origin is Literal:
         return value if any(value == c and type(value) is type(c) for c in typing.get_args(hint)) else _NO
     if origin is tuple:
