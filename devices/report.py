@@ -349,7 +349,14 @@ def load_runs(directory: Path, scenario: Scenario) -> list[RunResult]:
             if not path.exists():
                 missing.append(path.name)
                 continue
-            results.append(read_run(path, spec.settings.target_accuracy))
+            run = read_run(path, spec.settings.target_accuracy)
+            stored = run.summary.get("virtual_s")
+            if scenario.regions is None and isinstance(stored, int | float) and stored != spec.settings.duration_s:
+                # (a regional run's virtual_s is where it stopped; a one-region run's is its duration)
+                raise ConfigError(f"--replot: {path.name} is a {stored:g} s run, but this command's {spec.label!r} lasts "
+                                  f"{spec.settings.duration_s:g} s: those files come from other options (--quick?). "
+                                  "--replot reads what the same command without it wrote")
+            results.append(run)
     if missing:
         raise ConfigError(f"--replot: {directory} lacks {len(missing)} run file(s) of these runs and seeds, e.g. {missing[0]}; "
                           "--replot reads what the same command without it wrote (the same --quick, --seeds and --strategies)")

@@ -427,6 +427,9 @@ params = { k = 2, select = 4 }
     assert "time to 60% accuracy" in (out / "time_to_target.md").read_text(encoding="utf-8")
     with pytest.raises(ConfigError, match="lacks"):
         emulate.run(parser.parse_args([str(scenario), "--out", str(out), "--seeds", "7", "--replot"]))
+    # Runs of other options (a --quick run replotted as the full one: helper-89) are refused, not relabelled.
+    with pytest.raises(ConfigError, match=r"spin__seed0.json is a 300 s run, but this command's 'spin' lasts 600 s"):
+        emulate.run(parser.parse_args([str(scenario), "--out", str(out), "--seeds", "0", "--replot", "--duration", "600"]))
     with pytest.raises(TransportError, match="cannot reach broker"):
         emulate.run(parser.parse_args([str(scenario), "--out", str(out), "--broker", "mqtt://127.0.0.1:1"]))
 
