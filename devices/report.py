@@ -421,6 +421,7 @@ def summarise(scenario: Scenario, results: Sequence[RunResult]) -> dict[str, Any
         "seeds": list(scenario.settings.seeds),
         "runs": per_run,
         "ratios": _ratios(per_run),
+        "evaluated_after_start": any(len(r.rows) > 1 for r in results),
     }
 
 
@@ -481,6 +482,11 @@ def format_table(scenario: Scenario, summary: Mapping[str, Any]) -> str:
         f"Virtual time in seconds (commit time of the first evaluated model at or above the target); "
         f"seeds {', '.join(map(str, summary['seeds']))}; duration {summary['duration_s']:,.0f} s. "
         f"Mean: never-reached seeds count as the full duration (shown as ≥).",
+        *([] if summary.get("evaluated_after_start", True) else [
+            "",
+            f"**No run was evaluated after t = 0**: they ended before the first evaluation (every "
+            f"{scenario.settings.eval_every_s:g} s; e.g. a [delay] run stops at its last report version), so the times and "
+            f"accuracies below say nothing; the experiment's own report (staleness.md) has its results."]),
         "",
         "| run | strategy | time to target per seed (s) | mean (s) | acc. start → end | versions | updates | mean staleness | label→model latency (s) | MB up / down |",
         "|---|---|---|---:|---|---:|---:|---:|---:|---|",
@@ -564,10 +570,25 @@ def plot_accuracy(scenario: Scenario, results: Sequence[RunResult], path: Path) 
     ax.set_ylabel("accuracy of the deployed model on the held-out split")
     ax.set_title(f"{scenario.name}: accuracy vs virtual time (mean over seeds, band = min–max)")
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    if all(len(r.rows) <= 1 for r in results):  # e.g. delay runs that stop at a version count before the first evaluation
+        ax.set_xlim(0, max(spec.settings.duration_s for spec in scenario.runs) / scale)
+        ax.text(0.5, 0.5, f"no evaluation after t = 0: the runs ended before the first one (eval_every_s = "
+                f"{scenario.settings.eval_every_s:g} s)", transform=ax.transAxes, ha="center", va="center", fontsize=9)
+    _legend(fig, ax, "lower right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _legend(fig: Any, ax: Any, loc: str) -> None:
+    """The legend at ``loc``; with more than 8 entries beside the axes (the figure widened), not over the data."""
+    n = len(ax.get_legend_handles_labels()[1])
+    if n > 8:
+        width, height = fig.get_size_inches()
+        fig.set_size_inches(width + 4.5, max(height, 0.19 * n + 1.0))
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, borderaxespad=0)
+    else:
+        ax.legend(loc=loc, fontsize=8)
 
 
 def plot_staleness(results: Sequence[RunResult], path: Path) -> None:
@@ -575,10 +596,12 @@ def plot_staleness(results: Sequence[RunResult], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     labels = list(dict.fromkeys(r.label for r in results))
     fig, ax = plt.subplots(figsize=(9, 4.5), dpi=120)
     width = 0.8 / max(len(labels), 1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # staleness is a whole number of versions
     for j, label in enumerate(labels):
         hist: dict[int, int] = {}
         for r in results:
@@ -589,11 +612,12 @@ def plot_staleness(results: Sequence[RunResult], path: Path) -> None:
         if not total:
             continue
         xs = sorted(k for k in hist if k <= 30)
-        ax.bar([x + j * width for x in xs], [hist[x] / total for x in xs], width=width, label=label)
+        offset = (j - (len(labels) - 1) / 2) * width  # each τ's bars centred on its tick
+        ax.bar([x + offset for x in xs], [hist[x] / total for x in xs], width=width, label=label)
     ax.set_xlabel("staleness τ (versions between an update's base and the model it joins; ≤ 30 shown)")
     ax.set_ylabel("fraction of accepted updates")
     ax.set_title("staleness of accepted updates")
-    ax.legend(fontsize=8)
+    _legend(fig, ax, "upper right")
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)

@@ -657,3 +657,27 @@ def read_toml_text(tmp_path: Path, text: str) -> dict[str, Any]:
     path = tmp_path / "s.toml"
     path.write_text(text)
     return read_toml(path)
+
+
+def test_runs_never_evaluated_after_the_start_are_said_so_in_the_table_and_plot(tmp_path: Path) -> None:
+    """helper-89: staleness-gi's quick runs stop at a version count before the first evaluation;
+    the table showed "0.664 → 0.664" and "≥ 1,200 s" for every run as if they meant something,
+    and the accuracy plot was an empty axis from -0.04 to 0.04 min under a legend of 30 entries."""
+    from devices.report import format_table, plot_accuracy, plot_staleness, summarise
+    from devices.simulator import RunResult
+
+    runs = "".join(f'[[runs]]\nstrategy = "spin"\nlabel = "r{i}"\n' for i in range(12))
+    sc = parse_scenario(read_toml_text(tmp_path, 'task = "digits"\nduration_s = 600\neval_every_s = 60\n' + runs))
+    results = [RunResult(label=f"r{i}", strategy="spin", params={}, seed=0, target_accuracy=0.9,
+                         rows=[{"t_s": 0.0, "accuracy": 0.66, "committed_at_s": 0.0, "version": 0.0}],
+                         summary={"staleness_histogram": {"0": 3, "1": 2}, "initial_accuracy": 0.66, "final_accuracy": 0.66,
+                                  "best_accuracy": 0.66, "versions": 25, "updates_accepted": 125, "label_latency_mean_s": 9.0,
+                                  "bytes_up": 1e6, "bytes_down": 1e6}) for i in range(12)]
+    summary = summarise(sc, results)
+    assert summary["evaluated_after_start"] is False
+    assert "**No run was evaluated after t = 0**" in format_table(sc, summary)
+    plot_accuracy(sc, results, tmp_path / "a.png")
+    plot_staleness(results, tmp_path / "s.png")
+    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    results[0].rows.append({"t_s": 60.0, "accuracy": 0.7, "committed_at_s": 30.0, "version": 1.0})
+    assert "No run was evaluated" not in format_table(sc, summarise(sc, results))
