@@ -157,11 +157,13 @@ def convert(option: Option, value: Any, where: str) -> Any:
         value = ",".join(value)  # e.g. peers = ["eu", "us"] for --peers eu,us
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise ConfigError(f"{where}: expected {_type_name(typ)}, got {value!r}")
-    if isinstance(value, str):
-        try:
-            out = typ(value) if typ is not None else value
+    if isinstance(value, str) or (typ is not None and typ not in (float, int)):
+        try:  # (a checked type, e.g. bounded(): it parses the text of a file's number too)
+            out = typ(str(value)) if typ is not None else value
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{where}: expected {_type_name(typ)}, got {value!r}") from exc
+        except argparse.ArgumentTypeError as exc:  # bounded() / finite(): the rule it broke (it was a traceback)
+            raise ConfigError(f"{where}: {exc}") from None
     elif typ is float:
         out = float(value)
     elif typ is int and isinstance(value, int):

@@ -183,3 +183,25 @@ def test_none_on_the_command_line_is_the_word_for_a_string_parameter(param: str,
     method = make_method("spin", params=params)
     config = method.strategy.config
     assert getattr(config, key) == expected
+
+
+@pytest.mark.parametrize("env, text, needle", [
+    ({"EDGECI_SEED": "-1"}, "", "EDGECI_SEED: must be at least 0, got -1"),
+    ({"EDGECI_CONVERSION_DEADLINE": "-5"}, "", "EDGECI_CONVERSION_DEADLINE: must be above 0, got -5"),
+    ({}, "seed = -1\n", "seed: must be at least 0, got -1"),
+])
+def test_a_checked_flag_out_of_range_in_the_environment_or_file_is_one_line(
+        env: dict[str, str], text: str, needle: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A value that a flag's checked type refuses raised argparse.ArgumentTypeError as a traceback
+    when it came from EDGECI_* or the --config file (helper-89's --conversion-deadline trial)."""
+    from demos.cli import main
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    argv = ["coordinator", "--broker", "mqtt://127.0.0.1:1", "--state-dir", str(tmp_path / "s")]
+    if text:
+        (tmp_path / "c.toml").write_text(text)
+        argv += ["--config", str(tmp_path / "c.toml")]
+    assert main(argv) == 2 and needle in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
