@@ -481,9 +481,24 @@ def check_before_start(options: CoordinatorOptions, layered: Layered) -> None:
     if options.init is not None and not holds_versions(options.state_dir):
         check_init(options.init, task.spec)
     _warn_dropped_settings(options)
+    _warn_idle_settings(options)
     if options.signing_key is not None and not Path(options.signing_key).is_file():  # a typo must not mint a new key
         raise ConfigError(f"--signing-key {options.signing_key}: no such file (copy a state dir's signing.key there, or "
                           "use a coordinator bundle's); leave the option out to use STATE_DIR/signing.key")
+
+
+def _warn_idle_settings(options: CoordinatorOptions) -> None:
+    """Staleness settings that do nothing with the policy chosen (accepted silently before)."""
+    from coordinator.strategies.staleness import CONVERSIONS
+
+    params = options.strategy_params
+    policy = str(params.get("staleness", "none"))
+    if "convert_beyond" in params and policy not in CONVERSIONS:
+        log.warning("convert_beyond = %s has no effect with staleness %r: only %s convert stale updates", params["convert_beyond"],
+                    policy, " and ".join(CONVERSIONS))
+    if options.inversion_params and policy != "gradient-inversion":
+        log.warning("--inversion %s has no effect with staleness %r: it sets the gradient-inversion conversion",
+                    ",".join(f"{k}={v}" for k, v in options.inversion_params.items()), policy)
 
 
 GATE_VERDICTS = frozenset({"passed", "promote", "hold", "reject"})

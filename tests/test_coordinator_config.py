@@ -537,3 +537,23 @@ def test_a_restart_that_drops_the_gate_or_ignores_init_says_so(tmp_path: Path, c
     reg.record_release(0, False, {"action": "hold", "version": 1, "release": 0, "at": 5.0})
     assert "ran with the release gate (1 verdicts in release.json)" in warnings()
     assert warnings(validation=tmp_path / "val.npz") == ""  # the gate given again
+
+
+@pytest.mark.parametrize("params, inversion, said", [
+    ({"staleness": "damped", "convert_beyond": 5}, {}, "convert_beyond = 5 has no effect with staleness 'damped'"),
+    ({"staleness": "damped"}, {"iterations": 10}, "--inversion iterations=10 has no effect with staleness 'damped'"),
+    ({"staleness": "gradient-inversion", "convert_beyond": 5}, {"iterations": 10}, ""),
+])
+def test_staleness_settings_that_do_nothing_are_named(params: dict[str, Any], inversion: dict[str, Any], said: str,
+                                                       tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """helper-89: `--param staleness=damped --param convert_beyond=5` or `--inversion …` without
+    gradient inversion were accepted without a word."""
+    import logging
+
+    from coordinator.cli import _warn_idle_settings
+    from coordinator.daemon import CoordinatorOptions
+
+    with caplog.at_level(logging.WARNING, logger="edgeci"):
+        _warn_idle_settings(CoordinatorOptions(broker="mqtt://127.0.0.1:1", region="eu", state_dir=tmp_path,
+                                               strategy_params=params, inversion_params=inversion))
+    assert (said in caplog.text) if said else caplog.text == ""
