@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from coordinator.config import bounded
 from devices.scenario import (
     KINDS,
     PAPER_LATENCY_MS,
@@ -92,7 +93,7 @@ def sweep_parser(prog: str, description: str, out: str) -> argparse.ArgumentPars
     p.add_argument("--seeds", default="", help="seeds, e.g. 0,1 or 0-4 (default: the scenario's)")
     p.add_argument("--duration", type=float, help="virtual seconds per run (cap)")
     p.add_argument("--quick", action="store_true", help="the scenario's [quick] variant")
-    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
+    p.add_argument("--jobs", type=bounded(int, 1), default=1, help="runs in parallel (processes)")
     p.add_argument("--out", type=Path, help=f"output directory (default: {out})")
     p.add_argument("--report-only", action="store_true",
                    help="only rebuild the report from the run JSONs already in --out/runs (e.g. after parallel sweeps)")
@@ -168,7 +169,14 @@ class Sweep:
         if args.methods:
             sc = sc.select(sc.names_in(args.methods))
         if args.devices:
-            sc = sc.with_device_counts([int(n) for n in args.devices.split(",")])
+            regions = len(sc.topology.regions)
+            try:
+                counts = [int(n) for n in args.devices.split(",")]
+            except ValueError:
+                p.error(f"--devices expects fleet sizes like 100,200, got {args.devices!r}")
+            if any(n < regions for n in counts):  # (0 ran the scenario's own fleet, reported as "0 devices")
+                p.error(f"--devices: every fleet size must be at least the number of regions ({regions}), got {args.devices}")
+            sc = sc.with_device_counts(counts)
         out: Path = args.out or default_out(sc)
         if not args.report_only:  # (a report from nothing makes no folders)
             from devices.report import output_dir

@@ -127,7 +127,7 @@ def format_table(summary: Mapping[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = parser("python -m devices.paper_nebula", (__doc__ or "").split("\n\n")[0], BASELINE)
-    return sweep(p, argv, "paper-nebula", report, "paper_nebula.md")
+    return sweep(p, argv, "paper-nebula", report, "paper_nebula.md", needs_cost=True)
 
 
 if __name__ == "__main__":

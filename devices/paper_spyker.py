@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from coordinator.strategies.params import did_you_mean
 from devices.multiregion import Sweep, SweepRun, sweep_parser
 
 __all__ = ["LinkQueue", "format_table", "main", "mean_sd", "parser", "run_one", "summarise", "sweep", "time_to"]
@@ -221,14 +222,21 @@ def parser(prog: str, description: str, baseline: str, also: str = "0.85") -> ar
 
 def sweep(p: argparse.ArgumentParser, argv: Sequence[str] | None, out_root: str,
           report: Callable[[Sequence[Mapping[str, Any]], float, str, Sequence[float]], tuple[dict[str, Any], str]],
-          table_name: str) -> int:
+          table_name: str, needs_cost: bool = False) -> int:
     """Run every method × fleet size × seed (:class:`devices.multiregion.Sweep` of :func:`run_one`),
-    then write ``report(runs, duration, baseline, also)``'s summary and table under ``--out``."""
+    then write ``report(runs, duration, baseline, also)``'s summary and table under ``--out``
+    (``needs_cost``: the report reads the scenario's ``[multiregion.cost]``: checked first)."""
     from devices.report import json_default
 
     args = p.parse_args(argv)
     plan = Sweep.from_args(p, args, lambda sc: Path("runs") / out_root / (sc.name + ("-quick" if args.quick else "")))
     sc, out = plan.scenario, plan.out
+    if needs_cost and (sc.regions is None or sc.regions.cost is None):
+        p.error(f"{args.scenario} has no [multiregion.cost]: this report compares costs (see paper-nebula.toml)")
+    labels = [m.label for m in sc.methods]
+    if args.baseline not in labels:  # (a typo gave a table of "time saving vs nope" and "—" in every cell)
+        p.error(f"--baseline {args.baseline!r} is not one of the methods run{did_you_mean(args.baseline, labels)}: "
+                f"{', '.join(labels)}")
     if not args.report_only:
         plan.run(run_one, args.jobs)
     order = {m.label: i for i, m in enumerate(sc.methods)}

@@ -289,3 +289,24 @@ def test_edgeci_emulate_runs_a_regional_scenario(tmp_path: Path, capsys: pytest.
         assert edgeci(["emulate", str(path), "--out", str(tmp_path / "refused"), *refused]) == 1  # a configuration error
         assert "error: a [multiregion] scenario takes --strategies" in capsys.readouterr().err
     assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.parametrize("module, argv, needle", [
+    ("devices.multiregion", ["digits-4regions.toml", "--devices", "0"], "every fleet size must be at least the number of regions (4)"),
+    ("devices.multiregion", ["digits-4regions.toml", "--jobs", "0"], "argument --jobs: must be at least 1, got 0"),
+    ("devices.paper_nebula", ["paper-spyker.toml"], "has no [multiregion.cost]"),
+    ("devices.paper_nebula", ["paper-nebula.toml", "--baseline", "nope"], "--baseline 'nope' is not one of the methods run"),
+    ("devices.paper_spyker", ["paper-spyker.toml", "--baseline", "FedAsync (1 servr)"], "(did you mean 'FedAsync (1 server)'?)"),
+])
+def test_sweep_command_lines_refuse_what_would_mislabel_or_crash_a_report(module: str, argv: list[str], needle: str,
+                                                                          tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """helper-88: --devices 0 ran the scenario's own fleet reported as "0 devices"; paper_nebula ran
+    every method before a traceback on a scenario without costs; a mistyped --baseline gave a table
+    of "—"; --jobs 0 was taken. Each is a usage error before any run."""
+    import importlib
+
+    main = importlib.import_module(module).main
+    scenario = str(ROOT / "demos" / "scenarios" / "multiregion" / argv[0])
+    with pytest.raises(SystemExit) as exit_:
+        main([scenario, *argv[1:], "--quick", "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2 and needle in capsys.readouterr().err
