@@ -457,6 +457,10 @@ def _check_metrics(host: str, port: int) -> None:
 def check_method(options: CoordinatorOptions) -> None:
     """The strategy and peering with their parameters, built once and thrown away (names, types, ranges)."""
     own_id = options.coordinator_id or f"coord-{options.region}"
+    if options.peering not in (None, "none") and len(set(options.peers or ()) | {own_id}) < 2:
+        # (a ring of one started without a word, then logged every beat of the real ring as "not in this ring")
+        raise ConfigError(f"--peering {options.peering} needs the other coordinators: --peers {own_id},OTHER[,…] (the whole "
+                          "ring, this one included, the same on every coordinator)")
     make_method(options.strategy, peering=options.peering, coordinator_id=own_id, ring=options.peers or (own_id,),
                 strategy_params=options.strategy_params, peering_params=options.peering_params)
 

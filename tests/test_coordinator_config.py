@@ -557,3 +557,19 @@ def test_staleness_settings_that_do_nothing_are_named(params: dict[str, Any], in
         _warn_idle_settings(CoordinatorOptions(broker="mqtt://127.0.0.1:1", region="eu", state_dir=tmp_path,
                                                strategy_params=params, inversion_params=inversion))
     assert (said in caplog.text) if said else caplog.text == ""
+
+
+@pytest.mark.parametrize("peers", [(), ("sa",)])
+def test_a_peering_without_other_coordinators_is_refused(peers: tuple[str, ...], tmp_path: Path) -> None:
+    """helper-88: `--peering spyker` without --peers (or naming only itself) started a ring of one and
+    then logged every beat of the real ring as 'not in this coordinator's ring', about 3 a second."""
+    from coordinator.cli import check_method
+    from coordinator.daemon import CoordinatorOptions
+    from edge_sdk.errors import ConfigError
+
+    options = CoordinatorOptions(broker="mqtt://127.0.0.1:1", region="sa", coordinator_id="sa", state_dir=tmp_path,
+                                 peering="spyker", peers=peers)
+    with pytest.raises(ConfigError, match="--peering spyker needs the other coordinators: --peers sa,OTHER"):
+        check_method(options)
+    check_method(CoordinatorOptions(broker="mqtt://127.0.0.1:1", region="sa", coordinator_id="sa", state_dir=tmp_path,
+                                    peering="spyker", peers=("sa", "eu")))
