@@ -227,6 +227,13 @@ def render(status: Mapping[str, Any], now: float, stale_after: float | None = No
     ahead = x.get("epoch_ahead")
     if isinstance(ahead, Mapping):
         out.append(ahead_warning(ahead, now))
+    peering = x.get("peering")
+    if isinstance(peering, Mapping) and peering.get("name") not in (None, "none"):  # (the whole of it: --json)
+        ring = peering.get("ring")
+        facts = [f"{k.replace('_', ' ')} {({True: 'yes', False: 'no'}[v] if isinstance(v, bool) else _value(v))}" for k, v in peering.items()
+                 if k not in ("name", "ring") and isinstance(v, bool | int | float | str) and v is not None]
+        out.append(f"peering   {peering.get('name')}" + (f" · ring {', '.join(map(str, ring))}" if isinstance(ring, list) else "")
+                   + (f" · {' · '.join(facts)}" if facts else ""))
     lines = {k: v for k, v in x.items() if ("release" in k or "training" in k) and v not in (None, "", {})}
     for k, v in sorted(lines.items()):
         pinned = " (pinned: no promotions until `edgeci unpin`)" if k == "release" and x.get("pinned") else ""

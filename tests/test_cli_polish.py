@@ -344,3 +344,21 @@ def test_a_negative_seed_is_a_usage_error_not_a_numpy_traceback(argv: list[str],
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert exit_.value.code == 2 and "argument --seed: must be at least 0, got -1" in capsys.readouterr().err
+
+
+def test_status_shows_the_peering_in_the_readable_form() -> None:
+    """helper-88: ring, token, ages and merges were only in `edgeci status --json` (extra.peering),
+    which is what an operator checks to see that models are exchanged."""
+    from coordinator.cli_status import render
+
+    now = 1796330000.0
+    peering = {"name": "spyker", "ring": ["eu", "us", "ap"], "holds_token": True, "token": ["eu", "us"], "age": 12.5,
+               "ages": {"us": 11.0}, "merges": 40, "syncs_timed_out": 1}
+    text = render({"type": "status", "coordinator": "eu", "region": "eu", "alive": True, "published_at": now, "version": 3,
+                   "extra": {"peering": peering}}, now)
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("peering")]
+    assert "spyker · ring eu, us, ap" in line and "holds token yes" in line and "merges 40" in line
+    assert "syncs timed out 1" in line and "ages" not in line  # (nested values: --json)
+    plain = render({"type": "status", "coordinator": "eu", "region": "eu", "alive": True, "published_at": now, "version": 3,
+                    "extra": {"peering": {"name": "none"}}}, now)
+    assert not any(ln.startswith("peering") for ln in plain.splitlines())
