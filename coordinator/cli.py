@@ -971,8 +971,12 @@ def _serve(args: argparse.Namespace, layered: Layered, resolve_again: Callable[[
             health, ready = _probes(daemon)
             server = MetricsServer(daemon.metrics, args.metrics_host, args.metrics_port, health=health, ready=ready).start()
         daemon.start()
-        print(f"coordinator {daemon.coordinator_id} ready: region {options.region}, version {daemon.core.version}, "
-              f"peering {daemon.options.peering}", flush=True)
+        ready_line = (f"coordinator {daemon.coordinator_id} ready: region {options.region}, version {daemon.core.version}, "
+                      f"peering {daemon.options.peering}")
+        if getattr(args, "log_format", "text") == "json":
+            log.info(ready_line)  # one JSON line among the others (a plain line there broke line-by-line parsing)
+        else:
+            print(ready_line, flush=True)
         stop = False
         while not stop:
             for signum in os.read(wake_fd, 64):
