@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import json
 import logging
 import math
 import os
@@ -33,6 +34,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -973,8 +975,10 @@ def _serve(args: argparse.Namespace, layered: Layered, resolve_again: Callable[[
         daemon.start()
         ready_line = (f"coordinator {daemon.coordinator_id} ready: region {options.region}, version {daemon.core.version}, "
                       f"peering {daemon.options.peering}")
-        if getattr(args, "log_format", "text") == "json":
-            log.info(ready_line)  # one JSON line among the others (a plain line there broke line-by-line parsing)
+        if getattr(args, "log_format", "text") == "json":  # on stdout as before, as a JSON line like the log's
+            now = datetime.now(UTC)
+            print(json.dumps({"ts": now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z", "level": "info",
+                              "logger": log.name, "msg": ready_line}), flush=True)
         else:
             print(ready_line, flush=True)
         stop = False

@@ -448,7 +448,8 @@ def test_coordinator_process_metrics_probes_presence_sighup_and_status(mosquitto
         logs = [json.loads(line) for line in proc.err if line.strip()]
         assert all(ISO.match(rec["ts"]) and {"level", "logger", "msg"} <= set(rec) for rec in logs)
         assert any(rec["msg"] == "SIGHUP: log_level changed from info to debug" for rec in logs)
-        assert any(f"ready: region {region}, version" in rec["msg"] for rec in logs)  # a JSON line too (it was plain text)
+        ready = [json.loads(line) for line in proc.out if "ready: region" in line]  # a JSON line too (it was plain text)
+        assert ready and ready[0]["level"] == "info" and ISO.match(ready[0]["ts"])
         assert any("cannot reload model without a restart" in rec["msg"] for rec in logs)
         wait_until(lambda: status_of(mosquitto.url, region)["extra"]["strategy_params"]["timeout_s"] == 2.5, 10, "status to show the new timeout")
         config.write_text("region = [\n")  # a broken file: logged, the running config stays
