@@ -1710,10 +1710,15 @@ class CoordinatorCore:
             raise TopicMismatch(f"a {msg.TYPE} message does not belong on a peer topic")
         if msg.sender == self.config.coordinator_id:
             return []  # our own broadcast, echoed by the broker
-        pin = self._check_peer_signature(msg.sender, frame.signature, topics.signing_scope(ev.topic))
-        if msg.weights is not None:
-            self.config.spec.check(msg.weights)
-        plan = self.peering.on_message(self._view, msg, ev.now)  # raises for a sender or body it refuses
+        try:
+            pin = self._check_peer_signature(msg.sender, frame.signature, topics.signing_scope(ev.topic))
+            if msg.weights is not None:
+                self.config.spec.check(msg.weights)
+            plan = self.peering.on_message(self._view, msg, ev.now)  # raises for a sender or body it refuses
+        except RemoteProtocolError as exc:  # say who sent it (a model or peering that differs names no sender itself)
+            if msg.sender in str(exc):
+                raise
+            raise type(exc)(f"from peer {msg.sender!r} ({msg.kind}): {exc}") from None
         if pin is not None:  # first use: pinned once the peering took the message (a refused one pins nothing)
             self._peer_pins[msg.sender] = pin
         self.counters["peer_messages"] += 1

@@ -229,6 +229,7 @@ class CoordinatorDaemon:
         """Other live coordinators seen publishing this region's status (each said at ERROR once)."""
         self._snapshot_at = 0.0
         self._closing = threading.Event()
+        self._rejected_said: dict[tuple[str, str], tuple[float, int]] = {}  # (reason, sender) -> (last logged, not logged since)
         # One thread reads, handles and answers (own_loop): the actor drives paho's loop.
         self.transport = MqttTransport(
             options.broker,
@@ -634,6 +635,23 @@ class CoordinatorDaemon:
         return VersionLoaded(now=now, version=action.version, weights=weights, command=action.command, detail=detail,
                              operator=action.operator, nonce=action.nonce, kid=action.kid)
 
+    def _log_rejected(self, data: Mapping[str, Any]) -> None:
+        """A WARNING per (reason, sender) at most once a minute, with how many were not logged since
+        (a peer with a new key or another model sent ~2 a second, each one a WARNING). Every one is
+        counted in the status and /metrics all the same."""
+        detail = str(data.get("detail", ""))
+        key = (str(data.get("reason")), str(data.get("device") or detail.split(":", 1)[0]))
+        now = time.monotonic()
+        last, held = self._rejected_said.get(key, (-math.inf, 0))
+        if now - last < 60.0:
+            self._rejected_said[key] = (last, held + 1)
+            return
+        self._rejected_said[key] = (now, 0)
+        if len(self._rejected_said) > 1024:  # a bounded memory of who was said (oldest first out)
+            del self._rejected_said[next(iter(self._rejected_said))]
+        log.warning("rejected a message: %s%s", dict(data),
+                    f" ({held} more of these in the last minute, not logged)" if held else "")
+
     def _do(self, action: object) -> None:
         if isinstance(action, Publish):
             payload = action.payload
@@ -694,7 +712,7 @@ class CoordinatorDaemon:
             if action.kind == "status":
                 self._status_due = True  # built once, at the end of the batch
             elif action.kind == "rejected":
-                log.warning("rejected a message: %s", action.data)
+                self._log_rejected(action.data)
             elif action.kind == "control_failed":  # an operator's rollback / pin of a version the registry cannot read
                 log.warning("operator %s of version %s failed: %s", action.data.get("command"), action.data.get("version"),
                             action.data.get("detail"))

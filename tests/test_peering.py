@@ -46,7 +46,7 @@ from coordinator.strategies.nebula import (
     planet_update,
 )
 from coordinator.strategies.spyker import AgeLedger, SpykerConfig, SpykerStrategy, decayed_lr
-from edge_sdk.core.events import MessageReceived, Publish, TimerFired
+from edge_sdk.core.events import MessageReceived, Notify, Publish, TimerFired
 from edge_sdk.errors import ConfigError, MalformedMessage
 from edge_sdk.signing import Signer
 from edge_sdk.wire import topics
@@ -916,3 +916,41 @@ def test_spyker_hears_nothing_from_a_message_it_refuses() -> None:
         with pytest.raises(MalformedMessage):
             peering.on_message(view, PeerMsg(sender="c2", kind=kind, body=body), 1.0)
         assert dataclasses.asdict(peering.info["c2"]) == before  # type: ignore[attr-defined]
+
+
+def test_a_refused_peer_message_names_its_sender() -> None:
+    """helper-88: a peer running another model logged `shape_mismatch: digits-cnn/full: expected 9802
+    values, got 11416` and one on another peering `unknown peer message kind 'beat'`, neither saying
+    which peer sent it."""
+    bus = Bus(["a", "b"])
+    core = bus.cores["a"]
+    b_signer = bus.cores["b"].config.signer
+    topic = topics.peer_topic("all", "beat")
+    wrong = encode(PeerMsg(sender="b", kind="beat", body={"age": 1}, weights=np.zeros(SPEC.size + 3, np.float32)),
+                   signer=b_signer, scope=topics.signing_scope(topic))
+    (note,) = [a for a in core.handle(MessageReceived(now=0.0, topic=topic, payload=wrong)) if isinstance(a, Notify)]
+    assert note.data["reason"] == "shape_mismatch" and note.data["detail"].startswith("from peer 'b' (beat): ")
+
+
+def test_rejected_messages_are_logged_once_a_minute_per_reason_and_sender(caplog: pytest.LogCaptureFixture,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """helper-88: a peer with a new key gave 136 `bad_signature` WARNINGs in 70 s. One per (reason,
+    sender) a minute now, the next one saying how many were not logged (all are counted)."""
+    import logging
+    import types
+
+    from coordinator import daemon as daemon_module
+    from coordinator.daemon import CoordinatorDaemon
+
+    clock = [1000.0]
+    monkeypatch.setattr(daemon_module.time, "monotonic", lambda: clock[0])
+    stub = types.SimpleNamespace(_rejected_said={})
+    ap = {"reason": "bad_signature", "detail": "from peer 'ap' (beat): signed with another key", "device": None}
+    with caplog.at_level(logging.WARNING, logger="edgeci"):
+        for _ in range(5):
+            CoordinatorDaemon._log_rejected(stub, ap)  # type: ignore[arg-type]
+        CoordinatorDaemon._log_rejected(stub, {**ap, "detail": "from peer 'us' (beat): signed with another key"})
+        clock[0] += 61.0
+        CoordinatorDaemon._log_rejected(stub, ap)  # type: ignore[arg-type]
+    said = [r.getMessage() for r in caplog.records if "rejected a message" in r.getMessage()]
+    assert len(said) == 3 and "'ap'" in said[0] and "'us'" in said[1] and "4 more of these in the last minute" in said[2]
