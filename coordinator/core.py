@@ -426,6 +426,8 @@ class Snapshot:
     counters: Mapping[str, int] = field(default_factory=dict)
     last_full_version: int = 0
     peer_state: Mapping[str, Any] = field(default_factory=dict)
+    peer_name: str | None = None
+    """The peering ``peer_state`` belongs to (None: a state dir from before it was recorded)."""
     recovered_from: Sequence[str] = ()
     """Newer versions the registry could not read and skipped (shown in status)."""
     version_floor: int = -1
@@ -459,7 +461,11 @@ class CoordinatorCore:
         self.config = config
         self.strategy = strategy
         self.peering = peering or Peering()
-        self.peering.restore(snapshot.peer_state)
+        self._peering_changed: tuple[str, str] | None = None
+        if snapshot.peer_name not in (None, self.peering.name):  # another peering's state: not this one's to read
+            self._peering_changed = (str(snapshot.peer_name), self.peering.name)
+        else:
+            self.peering.restore(snapshot.peer_state)
         self._rng = rng
         self._last_full_version = int(snapshot.last_full_version)
         spec = config.spec
@@ -718,7 +724,12 @@ class CoordinatorCore:
         """Announce status and re-arm timers after (re)start (and the recall, when there is
         one: a broker without persistence forgot the retained one); gate the newest version
         again if it is a candidate no decision was recorded for."""
-        return [*self._after(now), *self._regate_newest(now), self._status_action(now), *self._recall(force=True)]
+        changed: list[CoordinatorAction] = []
+        if self._peering_changed is not None:  # said once, at the start (the daemon logs it)
+            was, now_name = self._peering_changed
+            changed.append(Notify(kind="peering_changed", data={"was": was, "now": now_name}))
+            self._peering_changed = None
+        return [*changed, *self._after(now), *self._regate_newest(now), self._status_action(now), *self._recall(force=True)]
 
     def reannounce(self, now: float) -> list[CoordinatorAction]:
         """The broker connection came back: the status (its last will may say ``alive: false``, a
@@ -1381,6 +1392,7 @@ class CoordinatorCore:
                 "last_full_version": self._last_full_version,
                 "counters": dict(self.counters),
                 "peering": self.peering.checkpoint(),
+                "peering_name": self.peering.name,
                 **({"conversion": self._switch.checkpoint()} if self._converting else {}),
                 **({"abandoned": [list(r) for r in self._abandoned]} if self._abandoned else {}),
                 "release": self._release_version,

@@ -718,6 +718,10 @@ class CoordinatorDaemon:
                             action.data.get("detail"))
             elif action.kind == "control":
                 log.info("operator command: %s", action.data)
+            elif action.kind == "peering_changed":
+                log.warning("this state dir last ran with peering %r, now %r: the %s state (ages, rounds, …) is not carried "
+                            "over; if the change was not meant, stop and restart with --peering %s", action.data.get("was"),
+                            action.data.get("now"), action.data.get("was"), action.data.get("was"))
             elif action.kind == "control_refused":  # a verified operator's command that cannot run (the CLI says why too)
                 log.warning("operator %s of version %s refused: %s: %s", action.data.get("command"), action.data.get("version"),
                             action.data.get("reason"), action.data.get("detail"))

@@ -1171,6 +1171,7 @@ class Registry:
             counters={str(k): int(v) for k, v in meta.get("counters", {}).items()},
             last_full_version=int(meta.get("last_full_version", version)),
             peer_state=dict(meta.get("peering", {})),
+            peer_name=str(meta["peering_name"]) if isinstance(meta.get("peering_name"), str) else None,
             conversion_state=dict(meta.get("conversion", {})),
             abandoned=[(int(r[0]), int(r[1])) for r in meta.get("abandoned", [])],
             recovered_from=tuple(skipped),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -250,3 +251,36 @@ def test_retained_presence_at_start_is_no_sighting() -> None:
     c.handle(MessageReceived(now=131.0, topic=topics.device_topic("r1", "d1", "pull"),
                              payload=encode(Pull(device="d1", seq=0, model_id="toy", have_version=0))))
     assert c.presence["d1"] == (True, 131.0, 0)
+
+
+def test_a_state_dir_restarted_under_another_peering_says_so_and_does_not_read_its_state(tmp_path: Path) -> None:
+    """helper-88: a state dir made with spyker restarted with --peering nebula resumed silently,
+    handing Spyker's checkpoint (its 'round', …) to NebulaFL's restore. Commits now record the
+    peering's name; another one's state is not restored, and the start says so once."""
+    import random
+
+    from coordinator.core import CoordinatorConfig, CoordinatorCore, Notify
+
+    cfg = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC)
+
+    def core(peer_name: str | None) -> CoordinatorCore:
+        snap = Snapshot(version=3, weights=np.zeros(SPEC.size, np.float32), peer_state={"round": 7}, peer_name=peer_name)
+        return CoordinatorCore(cfg, make_strategy("spin", k=1, timeout_s=None), snap, rng=random.Random(0))
+
+    def changed(c: CoordinatorCore, now: float) -> list[dict[str, object]]:
+        return [dict(a.data) for a in c.start(now) if isinstance(a, Notify) and a.kind == "peering_changed"]
+
+    other = core("spyker")
+    assert changed(other, 0.0) == [{"was": "spyker", "now": "none"}] and changed(other, 1.0) == []
+    assert changed(core("none"), 0.0) == [] and changed(core(None), 0.0) == []  # the same, or a state dir from before
+    (commit,) = commits(other.handle(upd("d1", 0, 1.0, base=3)))
+    assert commit.metadata["peering_name"] == "none"
+    from coordinator.registry import Registry  # and the registry gives it back at the next start
+
+    reg = Registry(tmp_path / "s", SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    reg.commit(CommitVersion(version=1, weights=np.ones(SPEC.size, np.float32), applied_changed={}, consumed=(),
+                             metadata={"peering": {"round": 2}, "peering_name": "spyker"}))
+    loaded = reg.load()
+    reg.close()
+    assert loaded is not None and loaded.peer_name == "spyker" and loaded.peer_state == {"round": 2}
