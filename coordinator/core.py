@@ -446,6 +446,11 @@ class Snapshot:
     so a coordinator that lost its state dir numbers anew in a newer epoch. 0: none (in memory)."""
 
 
+def _command_key(msg: Control) -> tuple[str, int, str, int, bool]:
+    """A verified command as a whole (a refused one is remembered by it: the same one again is a replay)."""
+    return (msg.operator, msg.nonce, msg.command, msg.version, msg.force)
+
+
 class CoordinatorCore:
     """Sans-IO coordinator: ``handle(event) -> list[action]``. See the module docstring."""
 
@@ -1625,15 +1630,10 @@ class CoordinatorCore:
         except RemoteProtocolError as exc:
             self._control_refused = {"at": ev.now, "reason": exc.reason, "detail": str(exc)[:200], "nonce": nonce}
             raise
-        refused_key = (msg.operator, msg.nonce, msg.command, msg.version, msg.force)
-        if refused_key in self._control_refused_seen:  # the same refused command again: a replay, not an operator
-            self._control_refused = {"at": ev.now, "reason": ReplayedMessage.reason, "detail": "control command already refused",
-                                     "nonce": msg.nonce}
-            raise ReplayedMessage("control command already refused")
         try:
             return self._run_control(ev, msg, sig)
         except RemoteProtocolError as exc:
-            self._control_refused_seen[refused_key] = ev.now  # (kept as long as executed ones: see _authenticate_control)
+            self._control_refused_seen[_command_key(msg)] = ev.now  # (kept as long as executed ones: see _authenticate_control)
             return self._refuse_control(ev.now, exc.reason, str(exc), msg.nonce, command=msg.command, version=msg.version)
 
     def _refuse_control(self, now: float, reason: str, detail: str, nonce: int, **data: Any) -> list[CoordinatorAction]:
@@ -1663,6 +1663,8 @@ class CoordinatorCore:
         self._control_refused_seen = {k: t for k, t in self._control_refused_seen.items() if ev.now - t <= 2 * cfg.control_max_age_s}
         if (msg.operator, msg.nonce) in self._control_seen:
             raise ReplayedMessage("control command already executed")
+        if _command_key(msg) in self._control_refused_seen:  # the same refused command again: a replay, not an operator
+            raise ReplayedMessage("control command already refused")
         return sig
 
     def _run_control(self, ev: MessageReceived, msg: Control, sig: SignatureInfo) -> list[CoordinatorAction]:
