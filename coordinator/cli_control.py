@@ -104,21 +104,20 @@ def run(args: argparse.Namespace) -> int:
 
 def _new_epoch(args: argparse.Namespace) -> int:
     from coordinator.registry import (
-        EPOCH_CLOCK_SLACK_S,
         MAX_EPOCH,
         Registry,
         RegistryError,
         StateDirLocked,
-        epoch_ahead_s,
+        days_beyond_clock,
     )
 
     if not (args.state_dir / "versions").is_dir():
         raise ConfigError(f"{args.state_dir} is not a coordinator state dir (no versions/)")
     if args.above >= MAX_EPOCH:
         raise ConfigError(f"--above must be below {MAX_EPOCH}")
-    ahead = epoch_ahead_s(args.above, time.time())
-    if ahead > EPOCH_CLOCK_SLACK_S and not args.force:
-        raise ConfigError(f"--above {args.above} is {ahead / 86_400:,.1f} days ahead of this host's clock: only a coordinator whose "
+    days = days_beyond_clock(args.above, time.time())
+    if days is not None and not args.force:
+        raise ConfigError(f"--above {args.above} is {days:,.1f} days ahead of this host's clock: only a coordinator whose "
                           "clock was that far ahead made it, and the epoch a device reports is not signed (a forger can claim "
                           "any). Every later epoch must be above the new one. Check the clocks and which devices claim it "
                           "(edgeci status); --force numbers above it anyway")

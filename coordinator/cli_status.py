@@ -196,13 +196,14 @@ def ahead_warning(ahead: Mapping[str, Any], now: float) -> str:
     """What to do about devices that claim a numbering ahead of the state dir (``epoch_ahead``).
     The claim is unsigned: an epoch far beyond the clock is named as a likely forgery, and the
     irreversible ``new-epoch --above`` is not suggested for it."""
-    from coordinator.registry import EPOCH_CLOCK_SLACK_S, epoch_ahead_s
+    from coordinator.registry import days_beyond_clock
 
     highest = ahead.get("highest")
     said = (f"devices claim a numbering ahead of this state dir (e.g. {ahead.get('device')}: version {ahead.get('version')} of "
             f"epoch {highest}; {ahead.get('messages')} messages, unsigned)")
-    if isinstance(highest, int) and epoch_ahead_s(highest, now) > EPOCH_CLOCK_SLACK_S:
-        return (f"WARNING   {said}: that epoch is {epoch_ahead_s(highest, now) / 86_400:,.0f} days ahead of the clock, so no "
+    days = days_beyond_clock(highest, now)
+    if days is not None:
+        return (f"WARNING   {said}: that epoch is {days:,.0f} days ahead of the clock, so no "
                 f"coordinator of yours made it unless a clock was that far ahead — most likely forged. Do not number above it; "
                 f"find the device (broker logs, its certificate) and revoke it")
     return (f"WARNING   {said}: a restored backup, another coordinator on another state dir, or a clock behind. They refuse "

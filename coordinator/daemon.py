@@ -43,7 +43,7 @@ from coordinator.gate import GateConfig
 from coordinator.inversion import inversion_config  # the module needs no torch (the inverter does)
 from coordinator.methods import make_method
 from coordinator.metrics import CoordinatorMetrics, stamp_status, status_will
-from coordinator.registry import EPOCH_CLOCK_SLACK_S, Registry, RegistryError, epoch_ahead_s
+from coordinator.registry import Registry, RegistryError, days_beyond_clock
 from coordinator.strategies import strategy_params
 from coordinator.strategies.base import BufferedUpdate
 from coordinator.strategies.staleness import needs_driver, policy_of
@@ -735,9 +735,10 @@ class CoordinatorDaemon:
             elif action.kind == "epoch_ahead":  # (at most once a minute)
                 d = action.data
                 highest = d.get("highest")
-                if isinstance(highest, int) and epoch_ahead_s(highest, time.time()) > EPOCH_CLOCK_SLACK_S:
-                    advice = ("That epoch is %.0f days ahead of this host's clock: most likely forged (the claim is unsigned). "
-                              "Do not number above it; find the device and revoke it" % (epoch_ahead_s(highest, time.time()) / 86_400))
+                days = days_beyond_clock(highest, time.time())
+                if days is not None:
+                    advice = (f"That epoch is {days:.0f} days ahead of this host's clock: most likely forged (the claim is "
+                              "unsigned). Do not number above it; find the device and revoke it")
                 else:
                     advice = (f"The state dir was restored from a backup, another coordinator of the region ran on another state "
                               f"dir with this signing key, or this host's clock was behind when the state dir was made. If these "

@@ -124,9 +124,14 @@ unsigned — is most likely forged: ``edgeci new-epoch`` will not number above i
 ``--force`` (every later epoch must be above it, and above ``MAX_EPOCH`` none is left)."""
 
 
-def epoch_ahead_s(epoch: int, now: float) -> float:
-    """Seconds by which ``epoch`` (µs since 1970) is ahead of the wall-clock time ``now``."""
-    return epoch / 1e6 - now
+def days_beyond_clock(epoch: object, now: float) -> float | None:
+    """Days by which ``epoch`` (µs since 1970) is ahead of the wall-clock time ``now`` when that
+    is more than ``EPOCH_CLOCK_SLACK_S`` (no coordinator made it: most likely forged); None for
+    an epoch within reach of the clock (or not an int)."""
+    if not isinstance(epoch, int):
+        return None
+    ahead_s = epoch / 1e6 - now
+    return ahead_s / 86_400 if ahead_s > EPOCH_CLOCK_SLACK_S else None
 
 
 def read_epoch(state_dir: str | Path) -> int | None:
