@@ -34,7 +34,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,6 +60,7 @@ from coordinator.validation import load_validation
 from edge_sdk.errors import ConfigError, EdgeciError
 from edge_sdk.modelio import load_model
 from edge_sdk.mqtt import TOFU_PEERS, add_broker_arguments, auth_from_args, parse_broker_url
+from edge_sdk.runtime import iso_utc_ms
 from edge_sdk.tasks import get_task
 from edge_sdk.wire import topics
 from edge_sdk.wire.topics import check_id
@@ -976,9 +976,7 @@ def _serve(args: argparse.Namespace, layered: Layered, resolve_again: Callable[[
         ready_line = (f"coordinator {daemon.coordinator_id} ready: region {options.region}, version {daemon.core.version}, "
                       f"peering {daemon.options.peering}")
         if getattr(args, "log_format", "text") == "json":  # on stdout as before, as a JSON line like the log's
-            now = datetime.now(UTC)
-            print(json.dumps({"ts": now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z", "level": "info",
-                              "logger": log.name, "msg": ready_line}), flush=True)
+            print(json.dumps({"ts": iso_utc_ms(time.time()), "level": "info", "logger": log.name, "msg": ready_line}), flush=True)
         else:
             print(ready_line, flush=True)
         stop = False

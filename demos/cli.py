@@ -30,11 +30,11 @@ import signal
 import sys
 import tomllib
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from edge_sdk.errors import EdgeciError
+from edge_sdk.runtime import iso_utc_ms
 
 # subcommand -> (module, one-line help). Modules are imported lazily: `edgeci --help`
 # must not pay for torch.
@@ -84,12 +84,6 @@ def edgeci_version() -> str:
 # ---------------------------------------------------------------------- logging
 
 
-def _iso(created: float) -> str:
-    """``2026-12-02T11:20:03.123Z``: ISO 8601, UTC, milliseconds."""
-    t = datetime.fromtimestamp(created, tz=UTC)
-    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
-
-
 class IsoFormatter(logging.Formatter):
     """``2026-12-02T11:20:03.123Z INFO edgeci.coordinator: message``"""
 
@@ -97,7 +91,7 @@ class IsoFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        return _iso(record.created)
+        return iso_utc_ms(record.created)
 
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
@@ -108,7 +102,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "ts": _iso(record.created),
+            "ts": iso_utc_ms(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),

@@ -11,7 +11,6 @@ import signal
 import threading
 import time
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from edge_sdk.mqtt import (
     auth_from_args,
     read_bundle,
 )
+from edge_sdk.runtime import iso_utc_ms
 from edge_sdk.tasks import get_task
 from edge_sdk.tasks.base import Split, TrainConfig
 
@@ -154,8 +154,7 @@ def run(args: argparse.Namespace) -> int:
         if not json_lines:
             print(f"[{args.device_id}] {text}", flush=True)
             return
-        now = datetime.now(UTC)
-        line = {"ts": now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z", "level": level, "logger": log.name,
+        line = {"ts": iso_utc_ms(time.time()), "level": level, "logger": log.name,
                 "msg": text, "device": args.device_id, "event": event, **({"data": _plain(data)} if data is not None else {})}
         print(json.dumps(line, default=str, ensure_ascii=False, allow_nan=False), flush=True)
 

@@ -28,11 +28,19 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from edge_sdk.core.events import ScheduleTimer, TimerFired
 
 log = logging.getLogger(__name__)
+
+
+def iso_utc_ms(t: float) -> str:
+    """``2026-12-02T11:20:03.123Z``: ISO 8601, UTC, milliseconds, of the Unix time ``t`` (what
+    every log line and JSON progress line carries as its timestamp)."""
+    d = datetime.fromtimestamp(t, tz=UTC)
+    return d.strftime("%Y-%m-%dT%H:%M:%S.") + f"{d.microsecond // 1000:03d}Z"
 
 
 class Clock(Protocol):
