@@ -26,6 +26,7 @@ from coordinator.canary import CanaryConfig
 from coordinator.conversion import ConversionConfig
 from coordinator.conversion_worker import ConversionWorker, Converter
 from coordinator.core import (
+    RATE_NOTE_EVERY_S,
     CommitVersion,
     ConvertUpdate,
     CoordinatorConfig,
@@ -643,7 +644,7 @@ class CoordinatorDaemon:
         key = (str(data.get("reason")), str(data.get("device") or detail.split(":", 1)[0]))
         now = time.monotonic()
         last, held = self._rejected_said.get(key, (-math.inf, 0))
-        if now - last < 60.0:
+        if now - last < RATE_NOTE_EVERY_S:  # (the period of the core's own rate-limit note)
             self._rejected_said[key] = (last, held + 1)
             return
         self._rejected_said[key] = (now, 0)
