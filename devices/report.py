@@ -421,8 +421,14 @@ def summarise(scenario: Scenario, results: Sequence[RunResult]) -> dict[str, Any
         "seeds": list(scenario.settings.seeds),
         "runs": per_run,
         "ratios": _ratios(per_run),
-        "evaluated_after_start": any(len(r.rows) > 1 for r in results),
+        "evaluated_after_start": evaluated_after_start(results),
     }
+
+
+def evaluated_after_start(results: Sequence[RunResult]) -> bool:
+    """Whether any run has an evaluation row after t = 0 (a [delay] run may stop at a version count
+    before the first one: its times and accuracies then say nothing)."""
+    return any(len(r.rows) > 1 for r in results)
 
 
 def sensitivity_targets(target: float) -> list[float]:
@@ -570,7 +576,7 @@ def plot_accuracy(scenario: Scenario, results: Sequence[RunResult], path: Path) 
     ax.set_ylabel("accuracy of the deployed model on the held-out split")
     ax.set_title(f"{scenario.name}: accuracy vs virtual time (mean over seeds, band = min–max)")
     ax.grid(True, alpha=0.3)
-    if all(len(r.rows) <= 1 for r in results):  # e.g. delay runs that stop at a version count before the first evaluation
+    if not evaluated_after_start(results):
         ax.set_xlim(0, max(spec.settings.duration_s for spec in scenario.runs) / scale)
         ax.text(0.5, 0.5, f"no evaluation after t = 0: the runs ended before the first one (eval_every_s = "
                 f"{scenario.settings.eval_every_s:g} s)", transform=ax.transAxes, ha="center", va="center", fontsize=9)
