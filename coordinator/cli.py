@@ -586,10 +586,11 @@ def _signing_kid(options: CoordinatorOptions) -> str | None:
     return load_signer(path).kid if path.exists() else None
 
 
-def _retained(options: CoordinatorOptions, wanted: Sequence[str], wait_s: float = 1.0) -> dict[str, bytes] | None:
+def _retained(options: CoordinatorOptions, wanted: Sequence[str], wait_s: float = 1.0, *,
+              required: bool = False) -> dict[str, bytes] | None:
     """The region's retained messages on ``wanted`` topics, read by one short-lived probe
     connection (under this coordinator's credentials). None when the broker cannot be asked
-    (the daemon's own start then says why)."""
+    (the daemon's own start then says why) — or, ``required``, the TransportError now."""
     from edge_sdk.mqtt import BrokerAuth, MqttTransport
 
     got: dict[str, bytes] = {}
@@ -606,6 +607,8 @@ def _retained(options: CoordinatorOptions, wanted: Sequence[str], wait_s: float 
                               auth=options.auth or (BrokerAuth.from_bundle(options.bundle) if options.bundle is not None else None))
         probe.start(10.0)
     except EdgeciError as exc:
+        if required:
+            raise
         log.debug("could not read the region's retained messages before starting: %s", exc)
         return None
     try:
@@ -711,7 +714,10 @@ def check_take_over(options: CoordinatorOptions, take_over: bool) -> None:
       and with the same client id the broker keeps dropping one for the other;
     * on a state dir that holds no versions yet, the region's devices follow another state dir
       signed with this key (its recall names an epoch): starting would move the fleet to this
-      one's version 0 within a second."""
+      one's version 0 within a second.
+
+    The broker must answer the probe: one that cannot be reached (or refuses these
+    credentials) raises its TransportError here, before the state dir is written."""
     recorded = recorded_region(options.state_dir)
     if recorded is not None and recorded != options.region:
         if not take_over:
@@ -723,7 +729,10 @@ def check_take_over(options: CoordinatorOptions, take_over: bool) -> None:
     fresh = not holds_versions(options.state_dir)
     kid = _signing_kid(options)
     recall_topic, status_topic = topics.recall_topic(options.region), topics.status_topic(options.region)
-    got = _retained(options, [recall_topic, status_topic] if fresh else [status_topic]) or {}
+    # The broker is asked before anything is written: a start that cannot reach it (a typo in
+    # --broker, a wrong port, an untrusted certificate) says so now, not after an empty state
+    # dir's pretraining (minutes for detection), with the error the daemon's start would give.
+    got = _retained(options, [recall_topic, status_topic] if fresh else [status_topic], required=True) or {}
     try:
         epoch = None if fresh else read_epoch(options.state_dir)
     except OSError:

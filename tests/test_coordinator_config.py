@@ -128,6 +128,13 @@ def no_pretraining(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(type(get_task("digits")), "pretrained", pretrained)  # get_task makes a new instance per call
 
 
+@pytest.fixture
+def empty_broker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The start's broker probe answers as a broker with nothing retained (the daemon's own
+    connection, later, still finds nothing listening on 127.0.0.1:1)."""
+    monkeypatch.setattr(coordinator_cli, "_retained", lambda *_, **__: {})
+
+
 def digits_model(path: Path) -> Path:
     spec = get_task("digits").spec
     return save_model(path, spec, np.zeros(spec.size, np.float32))
@@ -204,7 +211,7 @@ def test_metrics_port_in_use_is_refused_before_the_state_dir_is_written(
 
 
 def test_failed_initialisation_leaves_the_state_dir_as_it_was(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str], no_pretraining: None) -> None:
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], no_pretraining: None, empty_broker: None) -> None:
     missing = tmp_path / "new" / "state"
     rc, err = edgeci(["--broker", "mqtt://127.0.0.1:1", "--state-dir", str(missing)], capsys)
     assert rc == 1 and "pretraining failed (stub)" in err
@@ -224,8 +231,19 @@ def test_failed_initialisation_leaves_the_state_dir_as_it_was(
     assert list((empty / "versions").iterdir())  # initialised from --init, then the broker was down: v0 is kept
 
 
+def test_an_unreachable_broker_is_refused_before_the_state_dir_is_written(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], no_pretraining: None) -> None:
+    """Operator trial: a mistyped --broker was found only after an empty state dir's pretraining
+    (minutes for detection), and left the pretrained state dir behind."""
+    state = tmp_path / "new" / "state"
+    rc, err = edgeci(["--broker", "mqtt://127.0.0.1:1", "--state-dir", str(state)], capsys)
+    assert rc == 1 and "cannot reach broker mqtt://127.0.0.1:1" in err, err
+    assert "pretraining failed (stub)" not in err  # stopped before the pretraining
+    assert not (tmp_path / "new").exists()
+
+
 def test_a_full_disk_at_start_is_an_error_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                          monkeypatch: pytest.MonkeyPatch, no_pretraining: None) -> None:
+                                                          monkeypatch: pytest.MonkeyPatch, no_pretraining: None, empty_broker: None) -> None:
     """Operator trial, finding 4: ENOSPC while opening the state dir ended in a traceback."""
     import errno
 
@@ -241,7 +259,7 @@ def test_a_full_disk_at_start_is_an_error_not_a_traceback(tmp_path: Path, capsys
 
 
 def test_a_state_dir_that_held_anything_is_never_cleaned(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                         no_pretraining: None) -> None:
+                                                         no_pretraining: None, empty_broker: None) -> None:
     from coordinator.cli import _undo_failed_init
 
     spec = get_task("digits").spec
@@ -488,22 +506,23 @@ def test_a_state_dir_started_under_another_region_is_refused_unless_take_over(tm
 
     from coordinator.cli import check_take_over, record_region, recorded_region
     from coordinator.daemon import CoordinatorOptions
-    from edge_sdk.errors import ConfigError
+    from edge_sdk.errors import ConfigError, TransportError
 
     state = tmp_path / "eu"
     state.mkdir()
     record_region(state, "eu")
     assert recorded_region(state) == "eu"
 
-    def options(region: str) -> CoordinatorOptions:  # nothing listens there: a check that reached the broker would fail
+    def options(region: str) -> CoordinatorOptions:  # nothing listens there: the region check comes before the broker's
         return CoordinatorOptions(broker="mqtt://127.0.0.1:1", region=region, state_dir=state)
 
     with pytest.raises(ConfigError, match=r"serves region 'eu', not 'asia'.*--take-over"):
         check_take_over(options("asia"), take_over=False)
-    with caplog.at_level(logging.WARNING, logger="edgeci"):
-        check_take_over(options("asia"), take_over=True)  # allowed (no retained messages can be read there: nothing else to refuse)
+    with caplog.at_level(logging.WARNING, logger="edgeci"), pytest.raises(TransportError, match="cannot reach broker"):
+        check_take_over(options("asia"), take_over=True)  # allowed: on to the broker's checks, and nothing listens there
     assert "moving state dir" in caplog.text and "from region 'eu' to region 'asia'" in caplog.text
-    check_take_over(options("eu"), take_over=False)  # its own region: no question
+    with pytest.raises(TransportError, match="cannot reach broker"):
+        check_take_over(options("eu"), take_over=False)  # its own region: no question; on to the broker
     record_region(state, "asia")  # what the start does once the daemon is up
     assert recorded_region(state) == "asia" and not (state / "region.tmp").exists()
 
