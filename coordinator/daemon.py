@@ -67,6 +67,60 @@ log = logging.getLogger("edgeci.coordinator")
 _monotonic = time.monotonic  # (the probe's rate limit reads it: a test sets a fake clock here)
 STORAGE_WARN_EVERY_S = 60.0
 """While storage fails, the probe thread warns at most this often (each probe is logged at debug)."""
+REJECTED_LOG_BUDGET = 20
+"""Rejected-message WARNINGs per :data:`RATE_NOTE_EVERY_S` over all senders (see :class:`RejectedLog`)."""
+REJECTED_LOG_KEYS = 1024
+"""(reason, sender) pairs :class:`RejectedLog` remembers (oldest first out)."""
+
+
+class RejectedLog:
+    """Which rejected messages the daemon logs (every one is counted in the status and /metrics
+    all the same): a WARNING per (reason, sender) at most once per :data:`RATE_NOTE_EVERY_S`,
+    the next one saying how many were held meanwhile (a peer with a new key sent ~2 a second,
+    each one a WARNING); and at most :data:`REJECTED_LOG_BUDGET` of them in that period over all
+    senders — on a plain broker a client can claim a new sender id per message —, the first
+    rejection after such a period saying how many were not logged. Pure: ``note`` returns the
+    lines to log."""
+
+    __slots__ = ("_held", "_held_from", "_logged", "_said", "_window_start")
+
+    def __init__(self) -> None:
+        self._said: dict[tuple[str, str], tuple[float, int]] = {}  # (reason, sender) -> (last logged, held since)
+        self._window_start = -math.inf
+        self._logged = 0
+        self._held = 0  # over the budget, this period
+        self._held_from: set[tuple[str, str]] = set()
+
+    def note(self, data: Mapping[str, Any], now: float) -> list[str]:
+        detail = str(data.get("detail", ""))
+        key = (str(data.get("reason")), str(data.get("device") or detail.split(":", 1)[0]))
+        lines: list[str] = []
+        if now - self._window_start >= RATE_NOTE_EVERY_S:
+            if self._held:
+                lines.append(f"{self._held} more rejected message(s) from {len(self._held_from)} sender(s) in the last minute "
+                             f"were not logged (at most {REJECTED_LOG_BUDGET} such warnings a minute; all are counted in "
+                             "edgeci_rejected_total)")
+            self._window_start, self._logged, self._held = now, 0, 0
+            self._held_from = set()
+        last, held = self._said.get(key, (-math.inf, 0))
+        if now - last < RATE_NOTE_EVERY_S:  # (the period of the core's own rate-limit note)
+            self._said[key] = (last, held + 1)
+            return lines
+        if self._logged >= REJECTED_LOG_BUDGET:
+            self._held += 1
+            if len(self._held_from) < REJECTED_LOG_KEYS:
+                self._held_from.add(key)
+            return lines
+        self._logged += 1
+        self._said.pop(key, None)  # (re-inserted last: the oldest logged is the first out)
+        self._said[key] = (now, 0)
+        if len(self._said) > REJECTED_LOG_KEYS:
+            del self._said[next(iter(self._said))]
+        lines.append(f"rejected a message: {dict(data)}"
+                     + (f" ({held} more of these in the last minute, not logged)" if held else ""))
+        return lines
+
+
 DAEMON_FORGET_AFTER_S = 600.0
 """A daemon's ``forget_after_s`` for strategies that wait for invited devices (FedBuff, PORT,
 NebulaFL) unless the operator sets one (``--param forget_after_s=none`` waits for ever, as the
@@ -230,7 +284,7 @@ class CoordinatorDaemon:
         """Other live coordinators seen publishing this region's status (each said at ERROR once)."""
         self._snapshot_at = 0.0
         self._closing = threading.Event()
-        self._rejected_said: dict[tuple[str, str], tuple[float, int]] = {}  # (reason, sender) -> (last logged, not logged since)
+        self._rejected = RejectedLog()
         # One thread reads, handles and answers (own_loop): the actor drives paho's loop.
         self.transport = MqttTransport(
             options.broker,
@@ -637,21 +691,8 @@ class CoordinatorDaemon:
                              operator=action.operator, nonce=action.nonce, kid=action.kid)
 
     def _log_rejected(self, data: Mapping[str, Any]) -> None:
-        """A WARNING per (reason, sender) at most once a minute, with how many were not logged since
-        (a peer with a new key or another model sent ~2 a second, each one a WARNING). Every one is
-        counted in the status and /metrics all the same."""
-        detail = str(data.get("detail", ""))
-        key = (str(data.get("reason")), str(data.get("device") or detail.split(":", 1)[0]))
-        now = time.monotonic()
-        last, held = self._rejected_said.get(key, (-math.inf, 0))
-        if now - last < RATE_NOTE_EVERY_S:  # (the period of the core's own rate-limit note)
-            self._rejected_said[key] = (last, held + 1)
-            return
-        self._rejected_said[key] = (now, 0)
-        if len(self._rejected_said) > 1024:  # a bounded memory of who was said (oldest first out)
-            del self._rejected_said[next(iter(self._rejected_said))]
-        log.warning("rejected a message: %s%s", dict(data),
-                    f" ({held} more of these in the last minute, not logged)" if held else "")
+        for line in self._rejected.note(data, time.monotonic()):
+            log.warning("%s", line)
 
     def _do(self, action: object) -> None:
         if isinstance(action, Publish):
