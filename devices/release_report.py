@@ -22,12 +22,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from devices.scenario import Scenario
 from devices.simulator import RunResult
 
-__all__ = ["TARGET_AT", "format_release_table", "plot_release", "release_summary", "target_of"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["TARGET_AT", "format_release_table", "plot_release", "release_figure", "release_summary", "target_of"]
 
 TARGET_AT = 0.8
 """The reference's target is its release accuracy at this fraction of the run."""
@@ -154,8 +157,18 @@ def format_release_table(summary: Mapping[str, Any]) -> str:
 
 
 def plot_release(scenario: Scenario, results: Sequence[RunResult], path: Path) -> None:
+    """Write :func:`release_figure` to ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = release_figure(scenario, results)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def release_figure(scenario: Scenario, results: Sequence[RunResult]) -> Figure:
     """Release accuracy (solid) and training-line accuracy (dotted) vs virtual time: ungated
-    runs on the left, gated runs on the right (the reference run, dashed grey, in both)."""
+    runs on the left, gated runs on the right (the reference run, dashed grey, in both).
+    The caller closes it (``plt.close``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -211,5 +224,4 @@ def plot_release(scenario: Scenario, results: Sequence[RunResult], path: Path) -
         ax.legend(loc="lower right", fontsize=7)
     fig.suptitle(f"{scenario.name}: release accuracy vs virtual time")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return fig
