@@ -14,7 +14,7 @@ For scenarios with ``reference = "<run label>"`` (e.g. ``demos/scenarios/attacks
 ``release.md`` (table with per-seed values), ``release.json`` and ``release.png`` (release
 accuracy over virtual time, mean over seeds, band = min–max; the training line dotted;
 ungated runs left (0–100 %, no bands), gated runs right (50–100 %), the reference dashed grey
-in both).
+in both, drawn above the other lines so it shows where they coincide).
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ __all__ = ["TARGET_AT", "format_release_table", "plot_release", "release_figure"
 
 TARGET_AT = 0.8
 """The reference's target is its release accuracy at this fraction of the run."""
+
+_REFERENCE_ZORDER = 3
+"""The reference's release line is drawn above the runs' lines (matplotlib's default: 2)."""
 
 
 def _release(row: Mapping[str, Any]) -> float:
@@ -167,8 +170,8 @@ def plot_release(scenario: Scenario, results: Sequence[RunResult], path: Path) -
 
 def release_figure(scenario: Scenario, results: Sequence[RunResult]) -> Figure:
     """Release accuracy (solid) and training-line accuracy (dotted) vs virtual time: ungated
-    runs on the left, gated runs on the right (the reference run, dashed grey, in both).
-    The caller closes it (``plt.close``)."""
+    runs on the left, gated runs on the right (the reference run, dashed grey, in both and on
+    top). The caller closes it (``plt.close``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,6 +195,9 @@ def release_figure(scenario: Scenario, results: Sequence[RunResult]) -> Figure:
             rel = 100 * np.array([[_release(row) for row in r.rows[:n]] for r in mine])
             train = 100 * np.array([[float(row["accuracy"]) for row in r.rows[:n]] for r in mine])
             ref = spec.label == scenario.reference
+            # Every run starts from the same model, so release lines often coincide with the
+            # reference's: it goes on top (zorder above the default 2 of lines), thinner than the
+            # runs' lines, so their colour shows either side of its dashes and in the gaps.
             (line,) = ax.step(
                 t,
                 rel.mean(axis=0),
@@ -199,7 +205,8 @@ def release_figure(scenario: Scenario, results: Sequence[RunResult]) -> Figure:
                 label=f"{spec.label}: release (n={len(mine)})",
                 linewidth=1.2 if ref else 1.8,
                 linestyle="--" if ref else "-",
-                color="0.45" if ref else None,
+                color="0.3" if ref else None,
+                zorder=_REFERENCE_ZORDER if ref else None,
             )
             if not ref:
                 ax.plot(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,9 @@ import pytest
 from coordinator.strategies import make_strategy
 from demos import emulate
 from devices.attacks import Attack, AttackPlan, assign, flip_labels
-from devices.release_report import release_time_to, target_of
+from devices.release_report import release_figure, release_time_to, target_of
 from devices.scenario import ScenarioError, holdout, load_scenario, materialise, parse_scenario
-from devices.simulator import Simulation
+from devices.simulator import RunResult, Simulation
 from edge_sdk.tasks.base import TrainResult
 from tests.helpers import digits_scenario, single_threaded_digits
 
@@ -224,6 +225,39 @@ def test_release_report_helpers() -> None:
     ]
     assert target_of(rows, 150.0) == 0.8 and target_of(rows, 100.0) == 0.7
     assert release_time_to(rows, 0.7) == 60.0 and release_time_to(rows, 0.95) is None
+
+
+def _release_run(label: str, release: Sequence[float], *, seed: int = 0) -> RunResult:
+    """A run's evaluation rows, one a minute (release = training line), without simulating."""
+    rows = [{"t_s": 60.0 * i, "accuracy": a, "release_accuracy": a} for i, a in enumerate(release)]
+    return RunResult(label=label, strategy="spin", params={}, seed=seed, target_accuracy=0.85, rows=rows)
+
+
+RISING = [0.70 + 0.01 * i for i in range(16)]
+"""Release accuracy over the quick attacks scenario's 15 min; the reference's target is at 12 min."""
+
+
+def test_release_plot_draws_the_reference_above_runs_it_coincides_with() -> None:
+    """Every run starts from the same model, so release lines coincide with the reference's
+    (here all the way): the reference, dashed grey, is drawn above the others in both panels,
+    thinner than the runs' release lines so their colour still shows either side of its dashes."""
+    import matplotlib.pyplot as plt
+
+    sc = load_scenario(SCENARIO).quick().select(["honest", "attacked: no defence", "attacked: robust + gate"])
+    fig = release_figure(sc, [_release_run(spec.label, RISING) for spec in sc.runs])
+    try:
+        assert len(fig.axes) == 2  # ungated (honest, no defence) and gated (robust + gate)
+        for ax in fig.axes:
+            lines = ax.get_lines()
+            ref = [ln for ln in lines if str(ln.get_label()).startswith("honest:")]
+            others = [ln for ln in lines if ln not in ref]
+            assert len(ref) == 1 and others, ax.get_title()
+            assert ref[0].get_linestyle() == "--" and ref[0].get_visible()
+            assert ref[0].get_zorder() > max(ln.get_zorder() for ln in others), ax.get_title()
+            releases = [ln for ln in others if ln.get_linestyle() == "-"]
+            assert releases and ref[0].get_linewidth() < min(ln.get_linewidth() for ln in releases)
+    finally:
+        plt.close(fig)
 
 
 def test_quick_attacks_scenario_defences_hold_and_no_defence_collapses(tmp_path: Path) -> None:
