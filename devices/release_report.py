@@ -11,10 +11,14 @@ For scenarios with ``reference = "<run label>"`` (e.g. ``demos/scenarios/attacks
   and its ratio to the reference run's time on the same seed;
 * the gate's decisions and the robust aggregator's counters.
 
+Without the reference run among the results (``--strategies`` left it out) there is no target:
+the report says so (md note, ``reference_in_runs: false`` and ``not_computed`` in the json, the
+png's title) and the target columns are n/a / None, not "never".
+
 ``release.md`` (table with per-seed values), ``release.json`` and ``release.png`` (release
 accuracy over virtual time, mean over seeds, band = min–max; the training line dotted;
 ungated runs left (0–100 %, no bands), gated runs right (50–100 %), the reference dashed grey
-in both).
+in both, drawn above the other lines so it shows where they coincide).
 """
 
 from __future__ import annotations
@@ -22,19 +26,35 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from devices.scenario import Scenario
 from devices.simulator import RunResult
 
-__all__ = ["TARGET_AT", "format_release_table", "plot_release", "release_summary", "target_of"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["TARGET_AT", "format_release_table", "plot_release", "release_figure", "release_summary", "target_of"]
 
 TARGET_AT = 0.8
 """The reference's target is its release accuracy at this fraction of the run."""
 
+_NOT_COMPUTED_WITHOUT_REFERENCE = (
+    "target", "time_to_target_s", "reference_time_s", "ratio", "worst_ratio", "reached"
+)
+"""The summary's keys that need the reference run's target (None without it)."""
+
+_REFERENCE_ZORDER = 3
+"""The reference's release line is drawn above the runs' lines (matplotlib's default: 2)."""
+
 
 def _release(row: Mapping[str, Any]) -> float:
     return float(row.get("release_accuracy", row["accuracy"]))
+
+
+def _has_reference(scenario: Scenario, results: Sequence[RunResult]) -> bool:
+    """Whether the reference run is among the results (``--strategies`` may leave it out)."""
+    return any(r.label == scenario.reference and r.rows for r in results)
 
 
 def target_of(
@@ -57,7 +77,8 @@ def release_summary(
     scenario: Scenario, results: Sequence[RunResult], *, target_at: float = TARGET_AT
 ) -> dict[str, Any]:
     """Per run label: per-seed start, worst drop, final, time to the reference's target and
-    its ratio to the reference's time; worst values over seeds."""
+    its ratio to the reference's time; worst values over seeds. Without the reference run among
+    ``results`` those are None, listed under ``not_computed``."""
     reference = scenario.reference
     refs = {r.seed: r for r in results if r.label == reference}
     targets: dict[int, tuple[float, float | None]] = {}
@@ -66,7 +87,10 @@ def release_summary(
         target = target_of(ref.rows, duration, target_at)
         if target is not None:
             targets[seed] = (target, release_time_to(ref.rows, target))
-    out: dict[str, Any] = {"reference": reference, "target_at": target_at, "runs": {}}
+    in_runs = _has_reference(scenario, results)
+    out: dict[str, Any] = {"reference": reference, "reference_in_runs": in_runs, "target_at": target_at, "runs": {}}
+    if not in_runs:
+        out["not_computed"] = list(_NOT_COMPUTED_WITHOUT_REFERENCE)
     for spec in scenario.runs:
         mine = sorted(
             (r for r in results if r.label == spec.label and r.rows), key=lambda r: r.seed
@@ -104,7 +128,7 @@ def release_summary(
             "seeds": seeds,
             "worst_drop_points": max(s["drop_points"] for s in seeds),
             "worst_ratio": None if any(x is None for x in ratios) else max(ratios),
-            "reached": sum(s["time_to_target_s"] is not None for s in seeds),
+            "reached": sum(s["time_to_target_s"] is not None for s in seeds) if in_runs else None,
             "mean_final": sum(s["final"] for s in seeds) / len(seeds),
         }
     return out
@@ -118,6 +142,10 @@ def _minutes(x: float | None) -> str:
     return "never" if x is None else f"{x / 60:.1f}"
 
 
+_NA = "n/a"
+"""A cell that needs the reference's target when the reference run is not among the runs."""
+
+
 def format_release_table(summary: Mapping[str, Any]) -> str:
     """Markdown: one line per run (worst over seeds, then per-seed values)."""
     runs = summary["runs"]
@@ -129,10 +157,17 @@ def format_release_table(summary: Mapping[str, Any]) -> str:
         "| per seed: start → min → final, time to target (min), ratio | gate promoted/held/rejected | clipped |",
         "|---|---:|---:|---:|---:|---|---|---:|",
     ]
+    in_runs = summary["reference_in_runs"]
+    if not in_runs:  # said before the table: "never" / "0/1" would read as a missed target
+        lines[1:1] = [
+            "",
+            f"**No target:** the reference run {summary['reference']!r} is not among these runs (left out by "
+            "--strategies), so time to target, its ratio and reached are n/a; run it too for them.",
+        ]
     for label, run in runs.items():
         per_seed = "; ".join(
             f"s{s['seed']}: {_pct(s['start'])} → {_pct(s['min'])} → {_pct(s['final'])}, "
-            f"{_minutes(s['time_to_target_s'])}"
+            f"{_NA if s['target'] is None else _minutes(s['time_to_target_s'])}"
             + (f" ({s['ratio']:.2f}×)" if s["ratio"] is not None else "")
             for s in run["seeds"]
         )
@@ -145,17 +180,28 @@ def format_release_table(summary: Mapping[str, Any]) -> str:
             )
         )
         clipped = sum(int(s["robust_counts"].get("clipped", 0)) for s in run["seeds"])
-        ratio = "—" if run["worst_ratio"] is None else f"{run['worst_ratio']:.2f}×"
+        ratio = _NA if not in_runs else "—" if run["worst_ratio"] is None else f"{run['worst_ratio']:.2f}×"
+        reached = _NA if not in_runs else f"{run['reached']}/{len(run['seeds'])}"
         lines.append(
-            f"| {label} | {run['worst_drop_points']:.1f} | {ratio} | {run['reached']}/{len(run['seeds'])} "
+            f"| {label} | {run['worst_drop_points']:.1f} | {ratio} | {reached} "
             f"| {_pct(run['mean_final'])} | {per_seed} | {gate} | {clipped} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def plot_release(scenario: Scenario, results: Sequence[RunResult], path: Path) -> None:
+    """Write :func:`release_figure` to ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = release_figure(scenario, results)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def release_figure(scenario: Scenario, results: Sequence[RunResult]) -> Figure:
     """Release accuracy (solid) and training-line accuracy (dotted) vs virtual time: ungated
-    runs on the left, gated runs on the right (the reference run, dashed grey, in both)."""
+    runs on the left, gated runs on the right (the reference run, dashed grey, in both and on
+    top). The caller closes it (``plt.close``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -179,6 +225,9 @@ def plot_release(scenario: Scenario, results: Sequence[RunResult], path: Path) -
             rel = 100 * np.array([[_release(row) for row in r.rows[:n]] for r in mine])
             train = 100 * np.array([[float(row["accuracy"]) for row in r.rows[:n]] for r in mine])
             ref = spec.label == scenario.reference
+            # Every run starts from the same model, so release lines often coincide with the
+            # reference's: it goes on top (zorder above the default 2 of lines), thinner than the
+            # runs' lines, so their colour shows either side of its dashes and in the gaps.
             (line,) = ax.step(
                 t,
                 rel.mean(axis=0),
@@ -186,7 +235,8 @@ def plot_release(scenario: Scenario, results: Sequence[RunResult], path: Path) -
                 label=f"{spec.label}: release (n={len(mine)})",
                 linewidth=1.2 if ref else 1.8,
                 linestyle="--" if ref else "-",
-                color="0.45" if ref else None,
+                color="0.3" if ref else None,
+                zorder=_REFERENCE_ZORDER if ref else None,
             )
             if not ref:
                 ax.plot(
@@ -209,7 +259,9 @@ def plot_release(scenario: Scenario, results: Sequence[RunResult], path: Path) -
         ax.set_title(f"{title}: release (solid; dotted = training line), mean{band}", fontsize=9)
         ax.grid(True, alpha=0.3)
         ax.legend(loc="lower right", fontsize=7)
-    fig.suptitle(f"{scenario.name}: release accuracy vs virtual time")
+    title = f"{scenario.name}: release accuracy vs virtual time"
+    if scenario.reference and not _has_reference(scenario, results):
+        title += f"\nreference {scenario.reference!r} not among these runs (left out by --strategies): no reference line"
+    fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return fig

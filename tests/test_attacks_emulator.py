@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,15 @@ import pytest
 from coordinator.strategies import make_strategy
 from demos import emulate
 from devices.attacks import Attack, AttackPlan, assign, flip_labels
-from devices.release_report import release_time_to, target_of
+from devices.release_report import (
+    format_release_table,
+    release_figure,
+    release_summary,
+    release_time_to,
+    target_of,
+)
 from devices.scenario import ScenarioError, holdout, load_scenario, materialise, parse_scenario
-from devices.simulator import Simulation
+from devices.simulator import RunResult, Simulation
 from edge_sdk.tasks.base import TrainResult
 from tests.helpers import digits_scenario, single_threaded_digits
 
@@ -224,6 +231,76 @@ def test_release_report_helpers() -> None:
     ]
     assert target_of(rows, 150.0) == 0.8 and target_of(rows, 100.0) == 0.7
     assert release_time_to(rows, 0.7) == 60.0 and release_time_to(rows, 0.95) is None
+
+
+def _release_run(label: str, release: Sequence[float], *, seed: int = 0) -> RunResult:
+    """A run's evaluation rows, one a minute (release = training line), without simulating."""
+    rows = [{"t_s": 60.0 * i, "accuracy": a, "release_accuracy": a} for i, a in enumerate(release)]
+    return RunResult(label=label, strategy="spin", params={}, seed=seed, target_accuracy=0.85, rows=rows)
+
+
+RISING = [0.70 + 0.01 * i for i in range(16)]
+"""Release accuracy over the quick attacks scenario's 15 min; the reference's target is at 12 min."""
+
+
+def test_release_plot_draws_the_reference_above_runs_it_coincides_with() -> None:
+    """Every run starts from the same model, so release lines coincide with the reference's
+    (here all the way): the reference, dashed grey, is drawn above the others in both panels,
+    thinner than the runs' release lines so their colour still shows either side of its dashes."""
+    import matplotlib.pyplot as plt
+
+    sc = load_scenario(SCENARIO).quick().select(["honest", "attacked: no defence", "attacked: robust + gate"])
+    fig = release_figure(sc, [_release_run(spec.label, RISING) for spec in sc.runs])
+    try:
+        assert len(fig.axes) == 2  # ungated (honest, no defence) and gated (robust + gate)
+        for ax in fig.axes:
+            lines = ax.get_lines()
+            ref = [ln for ln in lines if str(ln.get_label()).startswith("honest:")]
+            others = [ln for ln in lines if ln not in ref]
+            assert len(ref) == 1 and others, ax.get_title()
+            assert ref[0].get_linestyle() == "--" and ref[0].get_visible()
+            assert ref[0].get_zorder() > max(ln.get_zorder() for ln in others), ax.get_title()
+            releases = [ln for ln in others if ln.get_linestyle() == "-"]
+            assert releases and ref[0].get_linewidth() < min(ln.get_linewidth() for ln in releases)
+    finally:
+        plt.close(fig)
+
+
+def test_release_report_without_the_reference_says_what_it_cannot_compute() -> None:
+    """``--strategies`` without the reference run: there is no target, so time to target, ratio
+    and reached are n/a in release.md, None in release.json, and release.png says there is no
+    reference line — not "never" and "0/1 reached", which read as runs that missed the target."""
+    import matplotlib.pyplot as plt
+
+    full = load_scenario(SCENARIO).quick()
+    chosen = ["attacked: no defence", "attacked: robust + gate"]
+    sc = full.select(chosen)
+    results = [_release_run(label, RISING) for label in chosen]
+    summary = release_summary(sc, results)
+    table = format_release_table(summary)
+    assert "never" not in table and "0/1" not in table, table
+    rows = [line for line in table.splitlines() if line.startswith("| attacked")]
+    assert len(rows) == 2 and all("| n/a | n/a |" in row for row in rows), table
+    assert "the reference run 'honest' is not among these runs" in table
+    for label in chosen:
+        run = summary["runs"][label]
+        assert run["reached"] is None and run["worst_ratio"] is None
+        assert run["worst_drop_points"] == 0.0 and run["mean_final"] == pytest.approx(0.85)
+        assert all(s["target"] is None and s["time_to_target_s"] is None for s in run["seeds"])
+    assert summary["reference"] == "honest" and summary["reference_in_runs"] is False
+    assert summary["not_computed"] == ["target", "time_to_target_s", "reference_time_s", "ratio", "worst_ratio", "reached"]
+    fig = release_figure(sc, results)
+    try:
+        assert "reference 'honest' not among these runs" in fig.get_suptitle()
+        assert not [ln for ax in fig.axes for ln in ax.get_lines() if str(ln.get_label()).startswith("honest")]
+    finally:
+        plt.close(fig)
+    # with the reference: its target (85.0 % at 12 min), reached by both, no note
+    summary = release_summary(full.select(["honest", *chosen]), [_release_run(label, RISING) for label in ["honest", *chosen]])
+    table = format_release_table(summary)
+    assert summary["reference_in_runs"] is True and "not_computed" not in summary
+    assert all(run["reached"] == 1 and run["worst_ratio"] == 1.0 for run in summary["runs"].values())
+    assert "not among these runs" not in table and "n/a" not in table
 
 
 def test_quick_attacks_scenario_defences_hold_and_no_defence_collapses(tmp_path: Path) -> None:
