@@ -35,7 +35,7 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from devices.report import (
@@ -222,3 +222,14 @@ def _fleet_mode(scenario: Scenario, args: argparse.Namespace) -> int:
     from devices.mqtt_fleet import run_fleet  # lazy: paho and the MQTT client only for this mode
 
     return int(run_fleet(scenario, broker=args.broker, time_scale=args.time_scale, args=args))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m demos.emulate ARGS`` is ``edgeci emulate ARGS`` (the same error handling and logging)."""
+    from demos.cli import main as cli_main
+
+    return cli_main(["emulate", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -157,7 +157,7 @@ def format_release_table(summary: Mapping[str, Any]) -> str:
         "| per seed: start → min → final, time to target (min), ratio | gate promoted/held/rejected | clipped |",
         "|---|---:|---:|---:|---:|---|---|---:|",
     ]
-    in_runs = summary["reference_in_runs"]
+    in_runs = summary.get("reference_in_runs", True)  # (a summary from before the key: the reference ran)
     if not in_runs:  # said before the table: "never" / "0/1" would read as a missed target
         lines[1:1] = [
             "",

@@ -362,3 +362,11 @@ def test_status_shows_the_peering_in_the_readable_form() -> None:
     plain = render({"type": "status", "coordinator": "eu", "region": "eu", "alive": True, "published_at": now, "version": 3,
                     "extra": {"peering": {"name": "none"}}}, now)
     assert not any(ln.startswith("peering") for ln in plain.splitlines())
+
+
+@pytest.mark.parametrize("module", ["demos.emulate", "demos.scc_stream", "devices.paper_spyker", "devices.multiregion"])
+def test_experiment_modules_run_with_python_m(module: str) -> None:
+    """helper-90: `python -m demos.emulate …` printed nothing and exited 0 (no __main__ block)."""
+    done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0 and done.stdout.startswith("usage: "), (done.stdout[:200], done.stderr[-500:])
