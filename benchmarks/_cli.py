@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 from coordinator.config import bounded, finite
 
@@ -33,6 +34,14 @@ positive_float = finite(bounded(float, 0, strict=True))
 """A finite float > 0: durations, rates, sizes."""
 non_negative_float = finite(bounded(float, 0))
 """A finite float ≥ 0 (a warm-up that may be skipped)."""
+
+
+def usage_error(message: str) -> NoReturn:
+    """A flag's value that only the data can refute (a pool smaller than ``--samples``): the
+    same one line and exit status 2 as argparse's own refusals, after the data is loaded."""
+    prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "benchmark"
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def one_of(*names: str) -> Callable[[str], str]:

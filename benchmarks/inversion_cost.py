@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._cli import comma_list, one_of, positive_int
+from benchmarks._cli import comma_list, one_of, positive_int, usage_error
 
 QUICK = {"samples": 32, "iterations": 20}
 FULL = {"samples": 100, "iterations": 100}
@@ -126,7 +126,7 @@ def measure(name: str, n: int, iterations: int, *, budget_run: bool) -> Row:
     task = make_task(name)
     pool = task.data().pool
     if len(pool.y) < n + 900:  # the device's n samples, then 3 × 300 that move the model between versions
-        raise SystemExit(f"--samples {n}: the {name} pool has {len(pool.y)} samples, this needs --samples + 900")
+        usage_error(f"--samples {n}: the {name} pool has {len(pool.y)} samples, this needs --samples + 900")
     x, y = pool.x[:n], pool.y[:n]
     module = task.build_module()
     recipe = TrainConfig(epochs=5, batch_size=n, lr=0.01, seed=1)

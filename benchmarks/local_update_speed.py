@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._cli import positive_int
+from benchmarks._cli import positive_int, usage_error
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -95,7 +95,7 @@ def bench_task(name: str, args: argparse.Namespace) -> None:
     assert isinstance(task, ClassifierTask)
     pool = task.data().pool
     if args.samples > len(pool.y):
-        raise SystemExit(f"--samples {args.samples}: the {name} pool has only {len(pool.y)} samples")
+        usage_error(f"--samples {args.samples}: the {name} pool has only {len(pool.y)} samples")
     x, y = pool.x[: args.samples], pool.y[: args.samples]
     weights = task.pretrained(seed=0)
 

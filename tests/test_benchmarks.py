@@ -53,6 +53,14 @@ def test_a_bad_flag_is_one_argparse_line_naming_it(script: str, argv: list[str],
     assert not out.stdout  # refused before any measurement
 
 
+def test_samples_beyond_the_pool_are_a_usage_error() -> None:
+    """Noticed in stop 36: the pool-size check (only the loaded data can make it) exited 1."""
+    out = bench("local_update_speed.py", "--samples", "100000", "--repeats", "1", timeout=120)
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    assert "local_update_speed.py: error: --samples 100000: the digits pool has only" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_lasp_coordinator_mode_runs_past_the_pull_limit() -> None:
     """9 rounds: one more pull than the coordinator's burst of 8 (the benchmark once sent every
     pull at t = 0 and crashed on the 9th). The digits row: the whole vector goes down twice (the
