@@ -103,6 +103,21 @@ def test_scenario_file_covers_every_policy_tau_and_alpha() -> None:
     assert len(quick.runs) == len(sc.runs) and quick.settings.seeds == (0,) and quick.settings.epochs == 1
 
 
+def test_the_quick_forms_class_target_lies_above_its_start_and_is_reached_later(task: ProcDigitsTask) -> None:
+    """The quick form pretrains on its 2,000 images, another model, in which class 8 starts at 52 %:
+    the full run's 50 % was met at t = 0 ("0 s" for every policy). Two of its runs, ~1 s each."""
+    full, quick = load_scenario(SCENARIO), load_scenario(SCENARIO).quick()
+    assert all(r.settings.delay.class_target == 0.5 for r in full.runs)  # the full form's, unchanged
+    assert tuple(quick.settings.task_options["size"]) == QUICK_SIZE and quick.settings.seeds == (0,)  # the fixture's task
+    results = [simulate(task, quick, label)[1] for label in ("none tau=10 alpha=0.1", "dc-asgd tau=10 alpha=0.1")]
+    summary = staleness_summary(quick, results)
+    for r in results:
+        start = r.summary["stragglers"]["per_version"][0]
+        assert start["version"] == 0 and start["class_accuracy"] < summary["class_target"]
+    times = [s["time_to_class_target_s"] for row in summary["rows"] for s in row["per_seed"]]
+    assert any(t is not None and t > 0 for t in times), times
+
+
 @pytest.mark.parametrize(("table", "message"), [
     ({"delay": {"devics": 10}}, "did you mean 'devices'"),
     ({"delay": {"versions": 0}}, "versions must be >= 1"),
