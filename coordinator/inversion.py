@@ -240,8 +240,9 @@ class GradientInverter:
         retrain ``target_weights`` on it. Bad vectors raise ``ShapeMismatch`` /
         ``NonFiniteWeights``, a bad sample count ``MalformedMessage``, bad hints
         ``ConfigError``; nothing is kept then."""
+        from edge_sdk.trainer import torch_threads  # (torch: the constructor found it)
+
         started = perf_counter()
-        torch = self._torch
         stale = self.spec.check(np.asarray(request.stale_weights))
         base = self.spec.check(np.asarray(request.base_weights))
         target = self.spec.check(np.asarray(request.target_weights))
@@ -251,12 +252,8 @@ class GradientInverter:
         recipe = self._recipe(request.hints, int(n_samples))
         size = max(1, min(self.config.max_samples, round(self.config.samples_fraction * int(n_samples))))
 
-        previous_threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with torch_threads(1):
             return self._convert(request.device, stale, base, target, size, recipe, started)
-        finally:
-            torch.set_num_threads(previous_threads)
 
     # ------------------------------------------------------------------ internals
 
