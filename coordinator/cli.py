@@ -46,7 +46,7 @@ from coordinator.config import (
     merge_strategy_params,
     param_value,
 )
-from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
+from coordinator.daemon import START_TIMEOUT_S, CoordinatorDaemon, CoordinatorOptions
 from coordinator.inversion import inversion_config
 from coordinator.methods import make_method, resolve_names, split_params
 from coordinator.metrics import MetricsServer
@@ -57,7 +57,7 @@ from coordinator.strategies.robust import COMBINERS
 from coordinator.strategies.spin import SpinNoTimeoutStrategy, SpinStrategy
 from coordinator.strategies.staleness import policy_names
 from coordinator.validation import load_validation
-from edge_sdk.errors import ConfigError, EdgeciError
+from edge_sdk.errors import BrokerRefused, ConfigError, EdgeciError
 from edge_sdk.modelio import load_model
 from edge_sdk.mqtt import TOFU_PEERS, add_broker_arguments, auth_from_args, parse_broker_url
 from edge_sdk.runtime import iso_utc_ms
@@ -589,8 +589,12 @@ def _signing_kid(options: CoordinatorOptions) -> str | None:
 def _retained(options: CoordinatorOptions, wanted: Sequence[str], wait_s: float = 1.0, *,
               required: bool = False) -> dict[str, bytes] | None:
     """The region's retained messages on ``wanted`` topics, read by one short-lived probe
-    connection (under this coordinator's credentials). None when the broker cannot be asked
-    (the daemon's own start then says why) — or, ``required``, the TransportError now."""
+    connection (under this coordinator's credentials, client id ``<id>-preflight``). None when
+    the broker cannot be asked (the daemon's own start then says why) — or, ``required``, the
+    TransportError now when the broker cannot be reached at all (network, TLS, certificate,
+    no answer within the start's own timeout). A broker that answers and refuses the probe
+    (BrokerRefused) is None even then: it may accept only the coordinator's own client id
+    (mosquitto's dynamic security, cloud IoT policies), which the daemon's start then tries."""
     from edge_sdk.mqtt import BrokerAuth, MqttTransport
 
     got: dict[str, bytes] = {}
@@ -605,7 +609,11 @@ def _retained(options: CoordinatorOptions, wanted: Sequence[str], wait_s: float 
     try:
         probe = MqttTransport(options.broker, client_id=cid, subscriptions=list(wanted), on_message=on, clean_session=True,
                               auth=options.auth or (BrokerAuth.from_bundle(options.bundle) if options.bundle is not None else None))
-        probe.start(10.0)
+        probe.start(START_TIMEOUT_S)
+    except BrokerRefused as exc:
+        (log.warning if required else log.debug)(
+            "the start-up checks are skipped: the broker refused their probe connection (client id %s): %s", cid, exc)
+        return None
     except EdgeciError as exc:
         if required:
             raise
@@ -716,8 +724,8 @@ def check_take_over(options: CoordinatorOptions, take_over: bool) -> None:
       signed with this key (its recall names an epoch): starting would move the fleet to this
       one's version 0 within a second.
 
-    The broker must answer the probe: one that cannot be reached (or refuses these
-    credentials) raises its TransportError here, before the state dir is written."""
+    A broker that cannot be reached raises its TransportError here, before the state dir is
+    written; one that refuses the probe skips the two broker checks (see :func:`_retained`)."""
     recorded = recorded_region(options.state_dir)
     if recorded is not None and recorded != options.region:
         if not take_over:
@@ -732,6 +740,7 @@ def check_take_over(options: CoordinatorOptions, take_over: bool) -> None:
     # The broker is asked before anything is written: a start that cannot reach it (a typo in
     # --broker, a wrong port, an untrusted certificate) says so now, not after an empty state
     # dir's pretraining (minutes for detection), with the error the daemon's start would give.
+    # (A refusal of the probe's client id is not this start's: the daemon's own connect decides.)
     got = _retained(options, [recall_topic, status_topic] if fresh else [status_topic], required=True) or {}
     try:
         epoch = None if fresh else read_epoch(options.state_dir)

@@ -67,6 +67,8 @@ log = logging.getLogger("edgeci.coordinator")
 _monotonic = time.monotonic  # (the probe's rate limit reads it: a test sets a fake clock here)
 STORAGE_WARN_EVERY_S = 60.0
 """While storage fails, the probe thread warns at most this often (each probe is logged at debug)."""
+START_TIMEOUT_S = 15.0
+"""How long a start waits for the broker's answer (the CLI's start-up probe waits as long)."""
 REJECTED_LOG_BUDGET = 20
 """Rejected-message WARNINGs per :data:`RATE_NOTE_EVERY_S` over all senders (see :class:`RejectedLog`)."""
 REJECTED_LOG_KEYS = 1024
@@ -411,7 +413,7 @@ class CoordinatorDaemon:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self, timeout: float = 15.0) -> CoordinatorDaemon:
+    def start(self, timeout: float = START_TIMEOUT_S) -> CoordinatorDaemon:
         self._started_at = self.clock.now()
         if self.options.validation is not None:
             split = load_validation(self.options.validation, self.task)

@@ -193,6 +193,11 @@ class TransportError(EdgeciError):
     """The broker could not be reached or refused us (raised by drivers, never by cores)."""
 
 
+class BrokerRefused(TransportError):
+    """The broker answered our CONNECT with a refusal (its CONNACK): the identity, password or
+    client id is not accepted — not a network, TLS or certificate failure."""
+
+
 class MissingExtra(ConfigError, ImportError):
     """An optional dependency of one role is not installed; the message names the extra
     (``pip install 'edgeci[train]'``). Also an ``ImportError``, so import fallbacks work."""

@@ -80,7 +80,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edge_sdk.errors import ConfigError, TransportError
+from edge_sdk.errors import BrokerRefused, ConfigError, TransportError
 from edge_sdk.runtime import wait_io
 
 _PAHO_INTERNALS = (
@@ -342,6 +342,7 @@ class MqttTransport:
         self._settled = threading.Event()  # first CONNACK, or the broker turned us away
         self._subscribed = threading.Event()  # the broker answered our subscriptions (SUBACK)
         self._refusal: str | None = None
+        self._refused_by_connack = False  # the refusal came in a CONNACK (BrokerRefused), not a closed socket
         self._pending_subs: dict[int, list[str]] = {}
         self.refused_subscriptions: set[str] = set()
         """Filters the broker refused (SUBACK failure: its ACL does not let us read them)."""
@@ -397,6 +398,7 @@ class MqttTransport:
     def start(self, timeout: float = 15.0) -> None:
         """Connect and start the network thread; raise ``TransportError`` if no CONNACK in time."""
         self._refusal = self._last_error = None
+        self._refused_by_connack = False
         self._settled.clear()
         self._subscribed.clear()
         deadline = time.monotonic() + timeout
@@ -421,7 +423,8 @@ class MqttTransport:
             refusal = self._refusal
             self.stop()
             if refusal is not None:
-                raise TransportError(f"broker {self.address.url} refused the connection: {refusal}")
+                kind = BrokerRefused if self._refused_by_connack else TransportError
+                raise kind(f"broker {self.address.url} refused the connection: {refusal}")
             raise TransportError(f"no connection to broker {self.address.url} within {timeout:.0f} s")
         # Messages published to us before the broker has our subscriptions are not ours: a
         # started transport receives from the moment start() returns.
@@ -728,6 +731,7 @@ class MqttTransport:
             log.warning("broker %s refused the connection: %s", self.address.url, reason)
             if not self._settled.is_set():
                 self._refusal = f"{reason}{_refusal_hint(str(reason))}"
+                self._refused_by_connack = True
                 self._settled.set()
             return
         # The backoff resets only once this connection proves stable (see _handle_disconnect):

@@ -242,6 +242,31 @@ def test_an_unreachable_broker_is_refused_before_the_state_dir_is_written(
     assert not (tmp_path / "new").exists()
 
 
+def test_a_broker_that_refuses_the_probe_connection_leaves_the_start_to_the_daemon(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """helper-93: a broker that binds an identity to one client id (mosquitto's dynamic security,
+    cloud IoT policies) refuses the probe's `<id>-preflight`; that refused every start, which the
+    daemon's own connect (its own client id) would pass. The probe's refusal skips the checks."""
+    import logging
+
+    from coordinator.cli import check_take_over
+    from coordinator.daemon import CoordinatorOptions
+    from edge_sdk import mqtt
+    from edge_sdk.errors import BrokerRefused, TransportError
+
+    def refused(self: mqtt.MqttTransport, timeout: float = 0.0) -> None:
+        raise BrokerRefused(f"broker {self.address.url} refused the connection: Not authorized")
+
+    options = CoordinatorOptions(broker="mqtt://127.0.0.1:1", region="eu", state_dir=tmp_path / "s")
+    monkeypatch.setattr(mqtt.MqttTransport, "start", refused)
+    with caplog.at_level(logging.WARNING, logger="edgeci"):
+        check_take_over(options, take_over=False)
+    assert "start-up checks are skipped" in caplog.text and "coord-eu-preflight" in caplog.text
+    monkeypatch.undo()
+    with pytest.raises(TransportError, match="cannot reach broker"):  # unreachable stays this start's error
+        check_take_over(options, take_over=False)
+
+
 def test_a_full_disk_at_start_is_an_error_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                           monkeypatch: pytest.MonkeyPatch, no_pretraining: None, empty_broker: None) -> None:
     """Operator trial, finding 4: ENOSPC while opening the state dir ended in a traceback."""

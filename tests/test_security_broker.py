@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.pki import Pki
-from edge_sdk.errors import TransportError
+from edge_sdk.errors import BrokerRefused, TransportError
 from edge_sdk.mqtt import BrokerAuth, MqttTransport, read_bundle
 from edge_sdk.wire import topics
 from tests.helpers import CoordinatorProcess, wait_until
@@ -70,9 +70,10 @@ def settle(inbox: Inbox, expected: int, what: str) -> None:
 def test_client_without_certificate_cannot_connect(secure_broker: SecureBroker) -> None:
     ca_only = BrokerAuth(ca_file=secure_broker.pki.ca_cert_path)
     t = MqttTransport(secure_broker.url, client_id="anonymous", subscriptions=[], on_message=lambda t, p: None, auth=ca_only)
-    with pytest.raises(TransportError, match=r"refused the connection.*certificate"):
+    with pytest.raises(TransportError, match=r"refused the connection.*certificate") as refused:
         t.start(10)
     assert not t.connected
+    assert not isinstance(refused.value, BrokerRefused)  # the TLS session closed before any CONNACK
 
     # a certificate from another CA (same CN as a real device) is refused too
     other = Pki.init(secure_broker.dir.parent / "other-pki")
@@ -319,7 +320,7 @@ def test_password_file_variant_keeps_the_same_acl(tmp_path: Path) -> None:
                                  auth=BrokerAuth(ca_file=ca, username=name, password=pw))
 
         wrong = transport("devA", "not-the-password", [], [])
-        with pytest.raises(TransportError, match="refused the connection"):
+        with pytest.raises(BrokerRefused, match="refused the connection"):  # the broker answered: a CONNACK refusal
             wrong.start(10)
         seen: list[tuple[str, bytes]] = []
         coord = transport("coord-sec", password("coord-sec"), [topics.device_filter(R, "update")], seen)
