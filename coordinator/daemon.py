@@ -13,10 +13,12 @@ import dataclasses
 import logging
 import math
 import random
+import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -77,39 +79,53 @@ REJECTED_LOG_KEYS = 1024
 
 class RejectedLog:
     """Which rejected messages the daemon logs (every one is counted in the status and /metrics
-    all the same): a WARNING per (reason, sender) at most once per :data:`RATE_NOTE_EVERY_S`,
-    the next one saying how many were held meanwhile (a peer with a new key sent ~2 a second,
-    each one a WARNING); and at most :data:`REJECTED_LOG_BUDGET` of them in that period over all
-    senders — on a plain broker a client can claim a new sender id per message —, the first
-    rejection after such a period saying how many were not logged. Pure: ``note`` returns the
-    lines to log."""
+    all the same). A WARNING per (reason, sender) at most once per :data:`RATE_NOTE_EVERY_S`,
+    the next one saying how many were held since (a peer with a new key sent ~2 a second, each
+    one a WARNING); and, per such period, at most :data:`REJECTED_LOG_BUDGET` of them over all
+    senders but the ``exempt`` ones — on a plain broker a client can claim a new sender id per
+    message. The configured peers are exempt (a bounded set): a flood of forged ids cannot hide
+    a real peer's rejections. Once a period is over, :meth:`flush` (the daemon calls it every
+    second) says how many were not logged, by reason. Pure: both return the lines to log."""
 
-    __slots__ = ("_held", "_held_from", "_logged", "_said", "_window_start")
+    __slots__ = ("_exempt", "_held", "_held_from", "_held_reasons", "_logged", "_said", "_window_start")
 
-    def __init__(self) -> None:
+    def __init__(self, exempt: Iterable[str] = ()) -> None:
+        self._exempt = frozenset(exempt)
         self._said: dict[tuple[str, str], tuple[float, int]] = {}  # (reason, sender) -> (last logged, held since)
         self._window_start = -math.inf
         self._logged = 0
         self._held = 0  # over the budget, this period
-        self._held_from: set[tuple[str, str]] = set()
+        self._held_from: set[tuple[str, str]] = set()  # (bounded: REJECTED_LOG_KEYS)
+        self._held_reasons: Counter[str] = Counter()
+
+    def flush(self, now: float) -> list[str]:
+        """The summary of a period that is over (if anything was held), and a new period."""
+        if now - self._window_start < RATE_NOTE_EVERY_S:
+            return []
+        lines: list[str] = []
+        if self._held:
+            reasons = ", ".join(f"{reason} {n}" for reason, n in self._held_reasons.most_common())
+            capped = len(self._held_from) >= REJECTED_LOG_KEYS
+            lines.append(f"{self._held} more rejected message(s) ({reasons}) from {'at least ' if capped else ''}"
+                         f"{len(self._held_from)} (reason, sender) pair(s) were not logged (at most {REJECTED_LOG_BUDGET} "
+                         f"such warnings a minute; all are counted in edgeci_rejected_total)")
+        self._window_start, self._logged, self._held = now, 0, 0
+        self._held_from, self._held_reasons = set(), Counter()
+        return lines
 
     def note(self, data: Mapping[str, Any], now: float) -> list[str]:
         detail = str(data.get("detail", ""))
-        key = (str(data.get("reason")), str(data.get("device") or detail.split(":", 1)[0]))
-        lines: list[str] = []
-        if now - self._window_start >= RATE_NOTE_EVERY_S:
-            if self._held:
-                lines.append(f"{self._held} more rejected message(s) from {len(self._held_from)} sender(s) in the last minute "
-                             f"were not logged (at most {REJECTED_LOG_BUDGET} such warnings a minute; all are counted in "
-                             "edgeci_rejected_total)")
-            self._window_start, self._logged, self._held = now, 0, 0
-            self._held_from = set()
+        sender = str(data.get("device") or detail.split(":", 1)[0])
+        key = (str(data.get("reason")), sender)
+        lines = self.flush(now)
         last, held = self._said.get(key, (-math.inf, 0))
         if now - last < RATE_NOTE_EVERY_S:  # (the period of the core's own rate-limit note)
             self._said[key] = (last, held + 1)
             return lines
-        if self._logged >= REJECTED_LOG_BUDGET:
+        peer = _PEER_SENDER.match(sender)
+        if self._logged >= REJECTED_LOG_BUDGET and not (peer is not None and peer.group(1) in self._exempt):
             self._held += 1
+            self._held_reasons[key[0]] += 1
             if len(self._held_from) < REJECTED_LOG_KEYS:
                 self._held_from.add(key)
             return lines
@@ -119,8 +135,12 @@ class RejectedLog:
         if len(self._said) > REJECTED_LOG_KEYS:
             del self._said[next(iter(self._said))]
         lines.append(f"rejected a message: {dict(data)}"
-                     + (f" ({held} more of these in the last minute, not logged)" if held else ""))
+                     + (f" ({held} more of these since it was last logged, not logged)" if held else ""))
         return lines
+
+
+_PEER_SENDER = re.compile(r"from peer '([^']*)'")
+"""The sender part of a peer message's rejection detail (``from peer 'ap' (beat)``)."""
 
 
 DAEMON_FORGET_AFTER_S = 600.0
@@ -286,7 +306,7 @@ class CoordinatorDaemon:
         """Other live coordinators seen publishing this region's status (each said at ERROR once)."""
         self._snapshot_at = 0.0
         self._closing = threading.Event()
-        self._rejected = RejectedLog()
+        self._rejected = RejectedLog(exempt=options.peers)
         # One thread reads, handles and answers (own_loop): the actor drives paho's loop.
         self.transport = MqttTransport(
             options.broker,
@@ -555,6 +575,7 @@ class CoordinatorDaemon:
                 self.actor.call(lambda: self._perform(
                     Publish(topic=self._status_topic, payload=status_json(self.core.status()), qos=1, retain=True)))
             self.actor.call(self._refresh_snapshot)
+            self.actor.call(self._flush_rejected)
 
     def _perform(self, action: object) -> None:
         """Actor thread. Group commit: an accepted update is appended to the batch's log;
@@ -694,6 +715,10 @@ class CoordinatorDaemon:
 
     def _log_rejected(self, data: Mapping[str, Any]) -> None:
         for line in self._rejected.note(data, time.monotonic()):
+            log.warning("%s", line)
+
+    def _flush_rejected(self) -> None:
+        for line in self._rejected.flush(time.monotonic()):
             log.warning("%s", line)
 
     def _do(self, action: object) -> None:

@@ -944,22 +944,45 @@ def test_rejected_messages_are_logged_once_a_minute_per_reason_and_sender() -> N
         said += rejected.note(ap, now)
     said += rejected.note({**ap, "detail": "from peer 'us' (beat): signed with another key"}, now)
     said += rejected.note(ap, now + 61.0)
-    assert len(said) == 3 and "'ap'" in said[0] and "'us'" in said[1] and "4 more of these in the last minute" in said[2]
+    assert len(said) == 3 and "'ap'" in said[0] and "'us'" in said[1] and "4 more of these since it was last logged" in said[2]
 
 
-def test_rejected_messages_from_ever_new_senders_are_logged_at_most_a_budget_a_minute() -> None:
+def test_rejected_messages_from_ever_new_senders_are_logged_at_most_a_budget_a_minute(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """Noticed in stop 36: on a plain broker a client that claims a new device id per message got
     one WARNING per message (the limit was per sender). At most REJECTED_LOG_BUDGET a minute over
-    all senders now; the first rejection after the minute says how many were not logged."""
-    from coordinator.daemon import REJECTED_LOG_BUDGET, RejectedLog
+    all senders now, the configured peers apart (helper-93: a flood hid a real peer's rejections);
+    once the minute is over the daemon's flush says how many were not logged, by reason."""
+    import logging
+    import types
 
-    rejected, said = RejectedLog(), []
+    from coordinator import daemon as daemon_module
+    from coordinator.daemon import REJECTED_LOG_BUDGET, CoordinatorDaemon, RejectedLog
+
+    rejected, said = RejectedLog(exempt=("eu", "ap")), []
+    peer = {"reason": "bad_signature", "detail": "from peer 'ap' (beat): signed with another key", "device": None}
+    forged_peer = {"reason": "bad_signature", "detail": "from peer 'zz9' (beat): unknown peer", "device": None}
     for i in range(500):
-        said += rejected.note({"reason": "bad_signature", "device": f"d{i}", "detail": "unsigned"}, 1000.0 + i * 0.1)
-    assert len(said) == REJECTED_LOG_BUDGET and all("rejected a message" in line for line in said)
-    later = rejected.note({"reason": "bad_signature", "device": "d9999", "detail": "unsigned"}, 1000.0 + 61.0)
-    assert len(later) == 2 and later[0].startswith(f"{500 - REJECTED_LOG_BUDGET} more rejected message(s) from "
-                                                   f"{500 - REJECTED_LOG_BUDGET} sender(s) in the last minute were not logged")
-    assert "'d9999'" in later[1]
-    quiet = rejected.note({"reason": "bad_signature", "device": "d9998", "detail": "unsigned"}, 1000.0 + 62.0)
-    assert len(quiet) == 1 and "'d9998'" in quiet[0]  # a new minute's budget, nothing held to report
+        now = 1000.0 + i * 0.1
+        said += rejected.note({"reason": "bad_signature", "device": f"d{i}", "detail": "unsigned"}, now)
+        if i in (100, 300):
+            said += rejected.note(peer, now)  # the real peer, after the budget is spent
+            said += rejected.note({**forged_peer, "detail": f"from peer 'x{i}' (beat): unknown peer"}, now)
+    devices = [line for line in said if "'device': 'd" in line]
+    assert len(devices) == REJECTED_LOG_BUDGET and all(line.startswith("rejected a message") for line in devices)
+    assert sum("from peer 'ap'" in line for line in said) == 1  # once a minute, despite the flood
+    assert not any("from peer 'x" in line for line in said)  # a name outside --peers shares the budget
+    assert rejected.flush(1000.0 + 30.0) == []  # the minute is not over
+    clock = [1000.0 + 61.0]
+    monkeypatch.setattr(daemon_module.time, "monotonic", lambda: clock[0])
+    stub = types.SimpleNamespace(_rejected=rejected)
+    with caplog.at_level(logging.WARNING, logger="edgeci"):
+        CoordinatorDaemon._flush_rejected(stub)  # type: ignore[arg-type]  # what the daemon's beat calls every second
+        clock[0] += 1.0
+        CoordinatorDaemon._log_rejected(stub, {"reason": "bad_signature", "device": "d9999", "detail": "unsigned"})  # type: ignore[arg-type]
+    logged = [r.getMessage() for r in caplog.records]
+    held = 500 - REJECTED_LOG_BUDGET + 2  # the devices over the budget and the two names outside --peers
+    assert logged[0].startswith(f"{held} more rejected message(s) (bad_signature {held}) from {held} (reason, sender) "
+                                "pair(s) were not logged"), logged
+    assert len(logged) == 2 and "'d9999'" in logged[1]  # a new minute's budget
+    assert rejected.flush(clock[0] + 61.0) == []  # nothing held since: no summary
