@@ -12,9 +12,10 @@ PY := $(VENV)/bin/python
 # one, make clean-venv first.
 FIND_PYTHON := $${VENV_PYTHON:-$$(/usr/bin/python3.11 -c 'import ensurepip, venv' >/dev/null 2>&1 && echo /usr/bin/python3.11 || echo python3)}
 STAMP := $(VENV)/.edgeci-installed
-# python3.11-venv where Debian's python3.11 is installed: without it that interpreter cannot
-# make the venv, and the slower fallback above is taken.
-APT_PACKAGES := mosquitto xvfb xdotool rabbitmq-server $(if $(wildcard /usr/bin/python3.11),python3.11-venv)
+# python3.11-venv where Debian's python3.11 is installed and no venv exists yet: without it
+# that interpreter cannot make the venv, and the slower fallback above is taken (an existing
+# venv does not need it: no apt step for it then, offline or without sudo).
+APT_PACKAGES := mosquitto xvfb xdotool rabbitmq-server $(if $(wildcard $(PY)),,$(if $(wildcard /usr/bin/python3.11),python3.11-venv))
 
 .PHONY: run test setup lint clean-venv
 run: setup

@@ -37,8 +37,9 @@ non_negative_float = finite(bounded(float, 0))
 
 
 def usage_error(message: str) -> NoReturn:
-    """A flag's value that only the data can refute (a pool smaller than ``--samples``): the
-    same one line and exit status 2 as argparse's own refusals, after the data is loaded."""
+    """A flag's value that only the data can refute (a pool smaller than ``--samples``): a
+    ``prog: error: …`` line and exit status 2 like argparse's own refusals (without its usage
+    line), after the data is loaded."""
     prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "benchmark"
     print(f"{prog}: error: {message}", file=sys.stderr)
     raise SystemExit(2)

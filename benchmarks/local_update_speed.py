@@ -90,12 +90,8 @@ def interleaved_ms(fns: dict[str, Callable[[int], object]], repeats: int) -> dic
     return {name: float(np.median(s) * 1e3) for name, s in samples.items()}
 
 
-def bench_task(name: str, args: argparse.Namespace) -> None:
-    task = get_task(name, device="cpu")
-    assert isinstance(task, ClassifierTask)
-    pool = task.data().pool
-    if args.samples > len(pool.y):
-        usage_error(f"--samples {args.samples}: the {name} pool has only {len(pool.y)} samples")
+def bench_task(task: ClassifierTask, args: argparse.Namespace) -> None:
+    name, pool = task.name, task.data().pool
     x, y = pool.x[: args.samples], pool.y[: args.samples]
     weights = task.pretrained(seed=0)
 
@@ -119,12 +115,18 @@ def bench_task(name: str, args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    tasks = [get_task(name, device="cpu") for name in ("digits", "gestures")]
+    for task in tasks:  # every pool checked before any measurement
+        assert isinstance(task, ClassifierTask)
+        if args.samples > len(task.data().pool.y):
+            usage_error(f"--samples {args.samples}: the {task.name} pool has only {len(task.data().pool.y)} samples")
     print(
         f"{args.samples} samples x {args.epochs} epochs, batch {args.batch_size}, "
         f"{args.threads} thread(s), median of {args.repeats}"
     )
-    for name in ("digits", "gestures"):
-        bench_task(name, args)
+    for task in tasks:
+        assert isinstance(task, ClassifierTask)
+        bench_task(task, args)
 
 
 if __name__ == "__main__":

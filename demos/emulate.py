@@ -74,8 +74,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="do not simulate: rebuild the tables and plots from the runs already in --out (e.g. with another --target)")
     p.add_argument("--threads", type=int, default=1, help="torch threads for local training (1 is fastest for tiny models; another count sums in "
                         "another order, and over a run's many rounds the results drift apart by more than rounding: compare runs "
-                        "made with the same count; the README's use 1). The deployed model is the same under any count "
-                        "(pretraining uses one thread)")
+                        "made with the same count; the README's use 1). A classifier's deployed model is the same under any "
+                        "count (its pretraining uses one thread)")
     p.add_argument("--transport", choices=TRANSPORTS, default="in-process",
                    help="how frames travel between the emulated devices and coordinator: in-process (default: exact sizes, "
                         "the receiver gets the message the sender validated) or codec (every frame built and parsed, as between "

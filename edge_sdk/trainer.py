@@ -125,19 +125,26 @@ seed's deployed model the same under ``--threads``, ``$EDGECI_THREADS`` and any 
 (seconds for these tasks)."""
 
 
+_THREADS_LOCK = threading.RLock()  # (re-entrant: a pinned block may pretrain)
+
+
 @contextlib.contextmanager
 def torch_threads(n: int) -> Iterator[None]:
-    """torch's intra-op thread count ``n`` inside the block, the count before it afterwards.
-    The count is the process's: torch work on other threads meanwhile runs with it too."""
-    before = torch.get_num_threads()
-    if before == n:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    """torch's intra-op thread count ``n`` inside the block, the count before it afterwards
+    (also on an exception). One block at a time (a lock): a second one waits instead of
+    reading the first one's count as the one to restore. With OpenMP the count is per OS
+    thread and taken at a thread's first torch operation: a thread whose first one falls
+    inside the block keeps ``n`` (the callers pin before their threads start torch work)."""
+    with _THREADS_LOCK:
+        before = torch.get_num_threads()
+        if before == n:
+            yield
+            return
+        torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
 
 @contextlib.contextmanager
