@@ -421,18 +421,28 @@ def test_digits_contract_accepts_its_shapes_and_explains_rejections() -> None:
             contract.batch(bad)
 
 
-def test_gesture_contract_has_no_range_and_no_compact_form() -> None:
+def test_gesture_contract_has_a_wide_range_and_no_compact_form() -> None:
+    """helper-92: any finite value was a gesture: one sample of 3e38 made every later training
+    round NaN (the device never trained again), raw pixel coordinates trained a released model
+    with loss 8.6e11. Normalised input, even well beyond the generator's, passes."""
+    from edge_sdk.tasks import get_task
     from edge_sdk.tasks.registry import TASK_INFO
 
     contract = TASK_INFO["gestures"].contract
     assert contract is not None and contract.compact_shape == contract.shape == (32, 4)
-    wild = np.full((32, 4), 40.0)
-    assert contract.sample(wild).shape == (32, 4)
+    wide = np.full((32, 4), 40.0)
+    assert contract.sample(wide).shape == (32, 4)
     with pytest.raises(InvalidSample, match="got shape"):
-        contract.sample(wild.T)
-    assert contract.sample(wild.astype(np.float64)).dtype == np.float32  # any float dtype, stored as float32
+        contract.sample(wide.T)
+    assert contract.sample(wide.astype(np.float64)).dtype == np.float32  # any float dtype, stored as float32
     with pytest.raises(InvalidSample, match=r"expected float samples.*got values beyond float32's range"):
         contract.sample(np.full((32, 4), 1e300))  # finite in float64: not "NaN or Inf"
+    for wild in (np.full((32, 4), 3e38), np.full((32, 4), 960.0), -np.full((32, 4), 65.0)):
+        with pytest.raises(InvalidSample, match=r"with values in \[-64, 64\].*about \[-1.5, 1.5\].*got values in"):
+            contract.sample(wild)
+    data = get_task("gestures").data()
+    for split in (data.pretrain, data.pool, data.test):  # the task's own samples: well inside
+        assert contract.batch(split.x).shape == split.x.shape
 
 
 def test_one_default_min_samples_per_task() -> None:

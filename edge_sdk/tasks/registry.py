@@ -191,8 +191,11 @@ TASK_INFO: dict[str, TaskInfo] = {
         n_classes=8,
         min_samples=16,
         contract=InputContract(
-            task="gestures", shape=(32, 4),
-            hint="32 steps of x, y in about [-1.5, 1.5] and 8 x their per-step differences",
+            # The range refuses raw screen or sensor units (pixel coordinates: hundreds) and
+            # absurd values that would turn the model's weights into NaN at the first round;
+            # positions within ±4 keep velocities (8 x steps) inside it.
+            task="gestures", shape=(32, 4), value_range=(-64.0, 64.0),
+            hint="32 steps of x, y in about [-1.5, 1.5] and 8 x their per-step differences (the step before the first: 0)",
         ),
         class_names=(
             "swipe_left", "swipe_right", "swipe_up", "swipe_down",
