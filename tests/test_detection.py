@@ -293,6 +293,19 @@ def test_frames_of_any_size_are_letterboxed(task: DetectionTask) -> None:
     assert np.isfinite(result.loss) and result.n_samples == 2
 
 
+def test_a_strip_of_a_frame_is_letterboxed_to_one_row(task: DetectionTask) -> None:
+    """helper-92: a frame more than ~2 x imgsz times wider than tall (1 x 5000; 2 x 400 at 64 px)
+    scaled to 0 rows, and cv2.resize's assertion crashed detect() and every later training round
+    that held it. It is one row (or column) now: detect answers, training runs."""
+    for shape in ((1, 5000, 3), (2, 400, 3), (400, 2, 3)):
+        out, scale, _ = letterbox(np.full(shape, 200, np.uint8), SIZE)
+        assert out.shape == (SIZE, SIZE, 3) and (out == 200).any() and scale > 0
+    strip = np.full((2, 400, 3), 200, np.uint8)
+    box = np.array([[0, 10, 0, 300, 2]], dtype=np.float32)
+    result = task.local_update(task.initial_weights(), [strip], [box], TrainConfig(epochs=1, batch_size=1, lr=1e-3))
+    assert np.isfinite(result.loss) and result.n_samples == 1
+
+
 def test_bad_samples_and_configs_are_refused(task: DetectionTask, frames: SceneSet) -> None:
     w = task.initial_weights()
     ok = TrainConfig(epochs=1, batch_size=4, lr=1e-3)

@@ -242,7 +242,7 @@ def letterbox(
     """Resize keeping aspect ratio and pad to ``imgsz`` square; returns image, scale, (dx, dy)."""
     h, w = image.shape[:2]
     scale = min(imgsz / h, imgsz / w)
-    nh, nw = round(h * scale), round(w * scale)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))  # a strip thinner than 1/imgsz of its length: one row
     if (nh, nw) == (imgsz, imgsz) and (h, w) == (imgsz, imgsz):
         return image, 1.0, (0, 0)
     resized = (
