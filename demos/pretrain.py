@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
@@ -40,11 +41,14 @@ def check_out(out: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     task = get_task(args.model)
     check_out(args.out)
+    # (stderr, whatever the log level: a detector's first pretraining of a seed takes minutes)
+    print(f"pretraining {task.spec.model_id} (seed {args.seed}) on the task's pretraining split...", file=sys.stderr, flush=True)
     weights = task.pretrained(seed=args.seed)
     metrics = task.evaluate(weights)
     try:
         save_model(args.out, task.spec, weights, {"version": 0, "task": task.name, "seed": args.seed, **metrics})
     except OSError as exc:  # e.g. the disk filled up while the model was pretrained
         raise ConfigError(f"cannot write --out {args.out}: {exc.strerror or exc}") from exc
-    print(f"{task.spec.model_id}: {task.spec.size} parameters, held-out accuracy {100 * metrics['accuracy']:.1f}% → {args.out}")
+    score = "mAP50" if "mAP50" in metrics else "accuracy"  # (a detector reports mAP50 under "accuracy" too)
+    print(f"{task.spec.model_id}: {task.spec.size} parameters, held-out {score} {100 * metrics[score]:.1f}% → {args.out}")
     return 0

@@ -107,6 +107,27 @@ def test_status_lists_rejection_reasons_on_their_own_line() -> None:
 # ---------------------------------------------------------------------- pretrain --out
 
 
+def test_pretrain_says_what_it_does_and_names_a_detectors_score(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """helper-92: `edgeci pretrain --model detection` was silent for the minutes of a first
+    pretraining (its one progress line is an INFO log) and called the mAP50 'accuracy'."""
+    import types
+
+    from demos import pretrain
+    from edge_sdk.tasks import get_task
+
+    assert main(["pretrain", "--model", "gestures", "--out", str(tmp_path / "g.npz")]) == 0
+    out, err = capsys.readouterr()
+    assert err.startswith("pretraining gesture-cnn1d (seed 0)") and "held-out accuracy" in out
+    digits = get_task("digits")
+    detector_like = types.SimpleNamespace(name="detection", spec=digits.spec, pretrained=digits.pretrained,
+                                          evaluate=lambda w: {"accuracy": 0.5, "mAP50": 0.5, "mAP50_95": 0.25})
+    monkeypatch.setattr(pretrain, "get_task", lambda name: detector_like)
+    assert main(["pretrain", "--model", "detection", "--out", str(tmp_path / "d.npz")]) == 0
+    out = capsys.readouterr().out
+    assert "held-out mAP50 50.0%" in out and "accuracy" not in out
+
+
 @pytest.mark.parametrize("out, needle", [
     ("missing/dir/x.npz", "missing/dir does not exist (create it first)"),
     ("a-file/x.npz", "a-file is not a directory"),
