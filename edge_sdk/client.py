@@ -71,7 +71,7 @@ from edge_sdk.runtime import Actor, Clock, WallClock
 from edge_sdk.scc import DeviceScc, SccConfig
 from edge_sdk.spec import Vector
 from edge_sdk.store import SampleKind, SampleStore, StorageError
-from edge_sdk.tasks import get_task
+from edge_sdk.tasks import get_task, task_name
 from edge_sdk.tasks.base import (
     Task,
     TrainConfig,
@@ -99,6 +99,7 @@ Callback = Callable[[str, dict[str, Any]], None]
 def _resolve_task(name: str) -> Task:
     """The registered task ``name``; on an install without its training stack (``[device]``:
     no torch) a built-in task's declaration, which stores, labels and serves but cannot train."""
+    name = task_name(name)  # (a model id names its task)
     try:
         return get_task(name)
     except MissingExtra:

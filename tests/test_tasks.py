@@ -49,8 +49,16 @@ def test_registry_builds_tasks_by_name() -> None:
 
 
 def test_unknown_task_error_lists_known_names() -> None:
-    with pytest.raises(ConfigError, match="digits, gestures"):
+    with pytest.raises(ConfigError, match=r"digits, gestures.*\(or their models: digits-cnn \(digits\), gesture-cnn1d"):
         get_task("mnist")
+
+
+def test_a_model_id_names_its_task() -> None:
+    """helper-92: `--model gesture-cnn1d` (the name logs and `edgeci status` show) was an unknown task."""
+    from edge_sdk.client import _resolve_task
+
+    assert get_task("gesture-cnn1d").name == _resolve_task("gesture-cnn1d").name == "gestures"
+    assert get_task("digits-cnn").name == "digits"
 
 
 # ----------------------------------------------------------------------------- data splits
