@@ -877,7 +877,10 @@ class CoordinatorCore:
         actions: list[CoordinatorAction] = [
             Notify(kind="rejected", data={"reason": exc.reason, "detail": str(exc)[:200], "device": device})
         ]
-        if device is not None and seq is not None and leaf == "update":
+        if device is not None and seq is not None and leaf in ("update", "pull"):
+            # A refused pull is answered too (helper-92): a device asking for another model (its
+            # task is not this region's) or with a bad field otherwise only timed out and retried,
+            # its app unable to tell "wrong region or model" from "coordinator down".
             ack = Ack(device=device, seq=seq, status="rejected", version=self._version, reason=exc.reason)
             actions.append(self._publish(topics.device_topic(self.config.region, device, "ack"), encode(ack)))
         return actions

@@ -141,7 +141,7 @@ def _saved_meta(meta: object) -> tuple[int, str | None, str | None, int]:
 EVENTS = frozenset({
     "*", "model", "trained", "update_acked", "update_rejected", "deferred", "retry", "training_failed", "training_unavailable",
     "message_rejected", "store_recovered", "scc_cache_dropped", "failover", "canary", "canary_reported", "canary_dropped",
-    "model_older", "storage", "key_pinned", "recalled", "seq_conflict", "seq_behind", "epoch",
+    "model_older", "storage", "key_pinned", "recalled", "seq_conflict", "seq_behind", "epoch", "pull_rejected",
 })
 """What :meth:`EdgeClient.on` subscribes to: the device core's notifications and the client's own."""
 
@@ -389,6 +389,7 @@ class EdgeClient:
         (a restarted device must never reuse a sequence number); the core's retries try again."""
         self._job_ids: dict[int, list[int]] = {}
         self._seq_behind_said: object = None  # the watermark last warned about (seq_behind)
+        self._pull_rejected_said: set[str] = set()  # reasons warned about (pull_rejected)
         self._version_changed = threading.Condition()
         next_seq = int(self.store.get_meta("next_seq", 0) or 0)
         trained_upto = int(self.store.get_meta("trained_upto", 0) or 0)
@@ -633,7 +634,8 @@ class EdgeClient:
         deployed version), ``seq_conflict`` (the coordinator holds another update under this device's sequence number: it is sent
         again under a new one), ``seq_behind`` (``seq``, ``watermark``: it holds updates of this id more than 100,000 seqs
         ahead — a lost store of a long-used id, or a forged ack — which this device cannot pass on its own; logged once
-        per watermark, and the update stays pending)
+        per watermark, and the update stays pending), ``pull_rejected`` (``seq``, ``reason``: the coordinator refused a
+        pull, e.g. ``unknown_model`` when it serves another task; logged once per reason, and the pull is retried)
         (or ``*`` for all)."""
         if kind not in EVENTS:
             raise ConfigError(f"no notification is called {kind!r}; use one of {', '.join(sorted(EVENTS))}")
@@ -873,6 +875,12 @@ class EdgeClient:
                         "device's %s: its store was lost (a reinstall of a long-used id?) or the ack was forged. Its updates "
                         "cannot get through: give this device a new --device-id (or restore its store); it keeps retrying",
                         self.core.config.device_id, note.data.get("watermark"), MAX_WATERMARK_JUMP, note.data.get("seq"))
+        elif note.kind == "pull_rejected" and str(note.data.get("reason")) not in self._pull_rejected_said:
+            self._pull_rejected_said.add(str(note.data.get("reason")))
+            log.warning("device %s: the coordinator of region %s refused its pull (%s)%s; it keeps retrying",
+                        self.core.config.device_id, self.region, note.data.get("reason"),
+                        ": it serves another model than this device's task — check the task and --region"
+                        if note.data.get("reason") == "unknown_model" else "")
         self._emit(note.kind, dict(note.data))
 
     def run_training_job(self, job: TrainingJob, config: TrainConfig) -> tuple[TrainResult, list[int]]:

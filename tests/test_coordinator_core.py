@@ -224,8 +224,10 @@ def test_a_refused_message_shows_its_device_seen_but_not_the_version_it_claims()
     status used to show whatever a refused message claimed: hostile-input audit)."""
     c = make_coordinator("spin", k=2, timeout_s=5.0)
     topic = topics.device_topic("r1", "d1", "pull")
-    c.handle(MessageReceived(now=1.0, topic=topic, payload=encode(Pull(device="d1", seq=0, model_id="other", have_version=10**6))))
+    acts = c.handle(MessageReceived(now=1.0, topic=topic, payload=encode(Pull(device="d1", seq=0, model_id="other", have_version=10**6))))
     assert c.counters["reject:unknown_model"] == 1
+    (answer,) = [decode(a.payload) for a in acts if isinstance(a, Publish) and a.topic == topics.device_topic("r1", "d1", "ack")]  # answered (helper-92), not left to time out
+    assert isinstance(answer, Ack) and (answer.device, answer.seq, answer.status, answer.reason) == ("d1", 0, "rejected", "unknown_model")
     assert c.presence["d1"] == (None, 1.0, -1)  # seen at 1.0; no version claimed by an accepted message
     c.handle(MessageReceived(now=2.0, topic=topic, payload=encode(Pull(device="d1", seq=1, model_id="toy", have_version=0))))
     assert c.presence["d1"] == (None, 2.0, 0)

@@ -152,6 +152,23 @@ def test_deferred_then_invite() -> None:
     assert isinstance(again, Pull) and again.invite_round == 7 and again.seq > pull.seq
 
 
+def test_a_refused_pull_is_said_and_retried_as_before() -> None:
+    """helper-92: a device of another task only timed out and retried. The coordinator answers a
+    refused pull now; the device says so (pull_rejected) and changes nothing else — acks are
+    unsigned, so a forged refusal cannot stop it pulling: the same pull goes again at its timeout."""
+    c = core()
+    pull = published(c.handle(SampleAdded(now=0.0, total=3)))[0]
+    assert isinstance(pull, Pull)
+    deadline = c.state.deadline
+    acts = c.handle(recv(0.1, "ack", Ack(device=DEV, seq=pull.seq, status="rejected", version=4, reason="unknown_model")))
+    assert [(a.kind, a.data["reason"]) for a in acts if isinstance(a, Notify)] == [("pull_rejected", "unknown_model")]
+    assert not [a for a in acts if isinstance(a, Publish)]
+    assert c.state.phase is Phase.PULLING and c.state.deadline == deadline
+    assert c.state.counters["pull_rejected:unknown_model"] == 1
+    again = published(c.handle(TimerFired(now=deadline)))
+    assert len(again) == 1 and isinstance(again[0], Pull)
+
+
 def test_training_failure_retries_on_next_sample() -> None:
     c = core()
     job = to_training(c)

@@ -713,6 +713,11 @@ class DeviceCore:
             s.attempts = 0
             s.deadline = now + self.config.reannounce_s
             return [ScheduleTimer(at=s.deadline), Notify(kind="deferred", data={"seq": msg.seq})]
+        if s.phase is _PULLING and msg.status == "rejected":
+            # Said, and nothing else changes: acks are unsigned, so a forged one must not stop
+            # the device pulling; the pull is sent again at its timeout as before.
+            s.counters[f"pull_rejected:{msg.reason}"] = s.counters.get(f"pull_rejected:{msg.reason}", 0) + 1
+            return [Notify(kind="pull_rejected", data={"seq": msg.seq, "reason": msg.reason, "version": msg.version})]
         if s.phase is not _PUSHING:
             return []
         pending = s.pending_update
