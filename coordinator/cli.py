@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from coordinator.config import (
     ENV_PREFIX,
@@ -586,6 +586,18 @@ def _signing_kid(options: CoordinatorOptions) -> str | None:
     return load_signer(path).kid if path.exists() else None
 
 
+TAKEOVER_WATCH_S = 3.0
+"""How long the start-up probe stays connected to see whether a live client with its client id
+takes it back (see :func:`_probe`): a coordinator reconnects 1 s after losing its connection."""
+
+
+class _Probe(NamedTuple):
+    retained: dict[str, bytes] | None
+    """What :func:`_retained` returns."""
+    taken_over: bool
+    """The broker handed the probe's connection to another client with its id meanwhile."""
+
+
 def _retained(options: CoordinatorOptions, wanted: Sequence[str], wait_s: float = 1.0, *,
               required: bool = False) -> dict[str, bytes] | None:
     """The region's retained messages on ``wanted`` topics, read by one short-lived probe
@@ -595,38 +607,59 @@ def _retained(options: CoordinatorOptions, wanted: Sequence[str], wait_s: float 
     no answer within the start's own timeout). A broker that answers and refuses the probe
     (BrokerRefused) is None even then: it may accept only the coordinator's own client id
     (mosquitto's dynamic security, cloud IoT policies), which the daemon's start then tries."""
+    return _probe(options, wanted, wait_s, required=required).retained
+
+
+def _probe(options: CoordinatorOptions, wanted: Sequence[str], wait_s: float = 1.0, *, required: bool = False,
+           watch: Callable[[dict[str, bytes]], bool] | None = None) -> _Probe:
+    """:func:`_retained`, and whether the probe's connection was taken over. A broker that
+    sets the client id from the identity (``use_username_as_clientid``: edgeci's secure
+    mosquitto configs) gives the probe the coordinator's own id: it disconnects a live
+    coordinator of this identity — whose last will then reads "not alive" — and that
+    coordinator, reconnecting a second later, takes the id back from the probe. Where
+    ``watch(retained)`` says so (the retained status does not show a live coordinator), the
+    probe stays up to :data:`TAKEOVER_WATCH_S` to see that; the live one is back at once."""
     from edge_sdk.mqtt import BrokerAuth, MqttTransport
 
     got: dict[str, bytes] = {}
-    arrived = threading.Event()
+    arrived, lost = threading.Event(), threading.Event()
 
     def on(t: str, payload: bytes) -> None:
         got.setdefault(t, payload)
         if len(got) == len(wanted):
             arrived.set()
 
-    cid = f"{(options.coordinator_id or f'coord-{options.region}')[:54]}-preflight"  # never the coordinator's own id
+    def connection(up: bool) -> None:
+        if not up:
+            lost.set()
+
+    cid = f"{(options.coordinator_id or f'coord-{options.region}')[:54]}-preflight"  # not the coordinator's own id
+    auth = options.auth or (BrokerAuth.from_bundle(options.bundle) if options.bundle is not None else None)
     try:
         probe = MqttTransport(options.broker, client_id=cid, subscriptions=list(wanted), on_message=on, clean_session=True,
-                              auth=options.auth or (BrokerAuth.from_bundle(options.bundle) if options.bundle is not None else None))
+                              auth=auth, on_connection=connection)
         probe.start(START_TIMEOUT_S)
     except BrokerRefused as exc:
         (log.warning if required else log.debug)(
             "the start-up checks are skipped: the broker refused their probe connection (client id %s): %s", cid, exc)
-        return None
+        return _Probe(None, False)
     except EdgeciError as exc:
         if required:
             raise
         log.debug("could not read the region's retained messages before starting: %s", exc)
-        return None
+        return _Probe(None, False)
     try:
         arrived.wait(wait_s)  # a retained message follows the subscription's answer at once
         for topic in probe.refused_subscriptions:
             log.warning("a start-up check is skipped: the broker does not let this coordinator read %s (an ACL from "
                         "before this release: regenerate it with `edgeci pki broker-conf` and reload mosquitto)", topic)
+        # Only an authenticated identity can be a client id the broker assigns (anonymous clients keep theirs).
+        if not lost.is_set() and auth is not None and watch is not None and watch(dict(got)):
+            lost.wait(TAKEOVER_WATCH_S)
+        taken_over = lost.is_set()  # (before stop(): our own disconnect reports a lost connection too)
     finally:
         probe.stop()
-    return got
+    return _Probe(got, taken_over)
 
 
 def _followed_recall(payload: bytes | None, kid: str, topic: str) -> Recall | None:
@@ -741,12 +774,19 @@ def check_take_over(options: CoordinatorOptions, take_over: bool) -> None:
     # --broker, a wrong port, an untrusted certificate) says so now, not after an empty state
     # dir's pretraining (minutes for detection), with the error the daemon's start would give.
     # (A refusal of the probe's client id is not this start's: the daemon's own connect decides.)
-    got = _retained(options, [recall_topic, status_topic] if fresh else [status_topic], required=True) or {}
     try:
         epoch = None if fresh else read_epoch(options.state_dir)
     except OSError:
         epoch = None  # (the daemon's start reports the storage error)
+    probe = _probe(options, [recall_topic, status_topic] if fresh else [status_topic], required=True,
+                   watch=lambda got: live_other_coordinator(got.get(status_topic), kid, time.time(), epoch) is None)
+    got = probe.retained or {}
     other = live_other_coordinator(got.get(status_topic), kid, time.time(), epoch)
+    if other is None and probe.taken_over:
+        other = (f"client with this coordinator's identity: the broker gave the start-up probe that client id (it sets "
+                 f"client ids from identities) and another connection took it back within {TAKEOVER_WATCH_S:.0f} s — a "
+                 "coordinator of this identity is connected (its status read 'not alive': its last will, as the probe "
+                 "displaced it for a moment)")
     if other is not None:
         if take_over:
             log.warning("taking over region %r although its status shows %s live", options.region, other)

@@ -132,7 +132,7 @@ def no_pretraining(monkeypatch: pytest.MonkeyPatch) -> None:
 def empty_broker(monkeypatch: pytest.MonkeyPatch) -> None:
     """The start's broker probe answers as a broker with nothing retained (the daemon's own
     connection, later, still finds nothing listening on 127.0.0.1:1)."""
-    monkeypatch.setattr(coordinator_cli, "_retained", lambda *_, **__: {})
+    monkeypatch.setattr(coordinator_cli, "_probe", lambda *_, **__: coordinator_cli._Probe({}, False))
 
 
 def digits_model(path: Path) -> Path:

@@ -441,6 +441,36 @@ def test_coordinator_cli_and_device_with_bundles(secure_broker: SecureBroker, tm
         assert client.wait_for_version(0, timeout=60), "".join(coord.lines[-20:])
 
 
+def test_a_second_coordinator_of_a_live_identity_is_refused_on_the_secure_broker(secure_broker: SecureBroker,
+                                                                                 tmp_path: Path) -> None:
+    """The secure config sets client ids from identities, so the start-up probe got the live
+    coordinator's own id: it displaced that coordinator, read its last will ('not alive') and let
+    a second coordinator of the identity start on another state dir. The probe now sees the live
+    one take its id back; the displaced coordinator reconnects and serves on."""
+    import numpy as np
+
+    from coordinator.cli import check_take_over
+    from coordinator.daemon import CoordinatorOptions
+    from coordinator.registry import Registry
+    from edge_sdk.errors import ConfigError
+    from edge_sdk.tasks import get_task
+
+    bundle = secure_broker.bundle("coord-sec", "coordinator")
+    task = get_task("digits")
+    other = tmp_path / "other"  # a state dir of its own (another epoch), signing with the identity's key
+    registry = Registry(other, task.spec)
+    registry.initialise(np.zeros(task.spec.size, np.float32), now=time.time(), source="test")
+    registry.close()
+    with CoordinatorProcess("--broker", secure_broker.url, "--region", R, "--id", "coord-sec", "--bundle", str(bundle),
+                            "--state-dir", str(tmp_path / "live"), "--k", "1", "--timeout", "1") as live:
+        options = CoordinatorOptions(broker=secure_broker.url, region=R, state_dir=other, bundle=bundle,
+                                     coordinator_id="coord-sec")
+        with pytest.raises(ConfigError, match=r"live client with this coordinator's identity.*took it back"):
+            check_take_over(options, take_over=False)
+        wait_until(lambda: any("reconnected to broker" in line for line in live.lines), 15, "the live coordinator back")
+        assert live.proc.poll() is None
+
+
 def test_broker_conf_starts_the_secure_broker_as_root_with_its_own_copies(tmp_path: Path) -> None:
     """``edgeci pki broker-conf`` as the README runs it: mosquitto started with it as root drops
     to its own account before reading its files. It referred to PKI/ (0700, root's) and exited
