@@ -241,6 +241,7 @@ def run(args: argparse.Namespace) -> int:
         training_evaluator.close()
         if broker is not None:
             broker.stop()
+        tmp.cleanup()  # also when the coordinator could not start (a bad validation set): no stray temp dir
     status = coordinator.core.status()
     _, v_end, acc_end = timeline.last()
     png = out / "accuracy.png"
@@ -259,7 +260,6 @@ def run(args: argparse.Namespace) -> int:
         f"updates accepted {status.updates_accepted} (rejected {status.updates_rejected}, duplicates {status.updates_duplicate}) | "
         f"samples labelled {loop.labelled if loop else 0} | wall {wall:.1f} s | plot {png}"
     )
-    tmp.cleanup()
     return 0
 
 
