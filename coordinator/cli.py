@@ -159,7 +159,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     "samples_fraction, inversion_lr, epochs, lr, momentum, seed; EDGECI_INVERSION takes comma-separated items, "
                     "the file a list")
     gate = p.add_argument_group("release gate (what devices predict with)")
-    gate.add_argument("--validation", type=Path, help="validation set (.npz with x and y): every new version is a candidate, "
+    gate.add_argument("--validation", type=Path, help="validation set (.npz with x and y; for detection x (uint8 frames), boxes "
+                      "(every frame's class_id, x1, y1, x2, y2 rows, frame after frame) and box_counts (each frame's number "
+                      "of boxes), as coordinator.validation.save_validation writes it; read without pickle): every new version is a candidate, "
                       "released only if its accuracy there is not worse than the release's by more than --gate-margin; "
                       "one worse by more than --rollback-margin is rejected and the training line rolled back, one in between is held "
                       "(not released, training goes on). Default: no gate, every version is released")

@@ -2,7 +2,8 @@
 
 Starts the embedded broker (amqtt, in-process) unless ``--broker`` is given, a SPIN
 coordinator with the release gate on, and N emulated devices whose users label their
-Dirichlet(α) share of the digits pool at Poisson times. The coordinator keeps a validation
+share of the task's pool at Poisson times (Dirichlet(α) by class; frames with boxes IID) and
+train with the task's own defaults (:mod:`devices.headless`, as ``edgeci device``). The coordinator keeps a validation
 set carved out of the pool (no device labels it): each aggregated version is a candidate,
 released to the devices only if it is not worse there than the release. A progress bar
 shows the release and its held-out accuracy; the job ends with one summary line and an
@@ -30,17 +31,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from coordinator.broker import EmbeddedBroker
 from coordinator.config import bounded
 from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
+from devices.headless import fleet_partition, fleet_train_config, labelling_stream
 from devices.live import LabellingLoop, LabellingUser
-from devices.partition import partition
 from devices.report import output_dir
 from edge_sdk.client import EdgeClient
 from edge_sdk.spec import Vector
 from edge_sdk.tasks import get_task
-from edge_sdk.tasks.base import Split, TrainConfig
+from edge_sdk.tasks.base import Split, TaskData, TrainConfig
 
 log = logging.getLogger("edgeci.run")
 
@@ -68,14 +70,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", type=_positive(int), default=20, help="number of devices (default: 20)")
     p.add_argument("--duration", type=_positive(float), default=60.0, help="wall seconds of labelling (default: 60)")
     p.add_argument("--rate", type=_positive(float), default=1.0, help="labels per second per device, Poisson (default: 1.0)")
-    p.add_argument("--alpha", type=_positive(float), default=1.0, help="Dirichlet α of the non-IID partition (default: 1)")
+    p.add_argument("--alpha", type=_positive(float), default=1.0, help="Dirichlet α of the non-IID partition (default: 1); "
+                   "detection's frames with boxes are split IID (a frame has no one label): α is unused")
     p.add_argument("--min-samples", type=bounded(int, 1), help="D_min before a device's first pull (default: the task's — "
                    "digits 8, gestures 16, detection 64; edge_sdk/tasks/registry.py)")
     p.add_argument("--k", type=_positive(int), default=5, help="SPIN: aggregate when K updates are buffered (default: 5)")
     p.add_argument("--timeout", type=_positive(float), default=3.0, help="SPIN: timeout π in seconds (default: 3)")
     p.add_argument("--combine", choices=["models", "deltas"], default="models", help="SPIN: average the buffered models (paper, default) or apply each update's delta from its base version (faster on digits, unstable with stale detection updates)")
-    p.add_argument("--epochs", type=int, default=2, help="local epochs over all samples (default: 2)")
-    p.add_argument("--lr", type=float, default=0.05, help="local learning rate (default: 0.05)")
+    p.add_argument("--epochs", type=int, help="local epochs over all samples (default: the task's — digits, gestures 2; "
+                   "detection 5; edge_sdk/tasks/registry.py)")
+    p.add_argument("--lr", type=float, help="local learning rate (default: the task's — digits, gestures 0.05 (SGD); "
+                   "detection 0.001 (AdamW))")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split, the devices' partitions, labelling times and local training")
     p.add_argument("--out", type=Path, default=Path("runs/latest"), help="where the plot and metrics go")
     p.add_argument("--state-dir", type=Path, help="coordinator state dir (default: a fresh temp dir)")
@@ -160,9 +165,33 @@ def plot(timeline: Timeline, path: Path, title: str, training: Timeline | None =
     plt.close(fig)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FleetPlan:
+    """Who gets which pool samples, and how devices train: decided before anything starts."""
+
+    validation: npt.NDArray[np.int64]
+    """Pool indices the coordinator keeps for the release gate (empty: no gate)."""
+    parts: list[npt.NDArray[np.int64]]
+    """Each device's pool indices."""
+    train: TrainConfig
+
+
+def plan_fleet(args: argparse.Namespace, task: Any, data: TaskData) -> FleetPlan:
+    """The validation slice (``--validation-size``, none with ``--no-gate``), the devices' shares
+    of the rest (:func:`devices.headless.fleet_partition`) and their training configuration
+    (:func:`devices.headless.fleet_train_config`)."""
+    order = np.random.default_rng(args.seed).permutation(len(data.pool.y))
+    n_val = 0 if args.no_gate else validation_count(args.validation_size, len(order))
+    val_idx, label_idx = order[:n_val], order[n_val:]
+    parts = [label_idx[p] for p in fleet_partition(task, data.pool.y[label_idx], args.devices, alpha=args.alpha, seed=args.seed)]
+    return FleetPlan(validation=val_idx.astype(np.int64), parts=parts,
+                     train=fleet_train_config(task, epochs=args.epochs, lr=args.lr, seed=args.seed))
+
+
 def run(args: argparse.Namespace) -> int:
     task = get_task(args.model)
     data = task.data()
+    plan = plan_fleet(args, task, data)
     out = output_dir(args.out)
     tmp = tempfile.TemporaryDirectory(prefix="edgeci-run-")
     state_dir = args.state_dir or Path(tmp.name) / "coordinator"
@@ -174,16 +203,13 @@ def run(args: argparse.Namespace) -> int:
     evaluator = Evaluator(task, timeline).start()
     training_evaluator = Evaluator(task, training).start()
     # The coordinator's validation set: a slice of the pool that no device will label.
-    order = np.random.default_rng(args.seed).permutation(len(data.pool.y))
-    n_val = 0 if args.no_gate else validation_count(args.validation_size, len(order))
-    val_idx, label_idx = order[:n_val], order[n_val:]
+    n_val = len(plan.validation)
     validation = None
     if n_val:
         from coordinator.validation import save_validation
 
         validation = Path(tmp.name) / "validation.npz"
-        save_validation(validation, Split(x=data.pool.x[val_idx], y=data.pool.y[val_idx]))
-    parts = [label_idx[p] for p in partition(data.pool.y[label_idx], args.devices, "dirichlet", alpha=args.alpha, seed=args.seed)]
+        save_validation(validation, Split(x=data.pool.x[plan.validation], y=data.pool.y[plan.validation]))
     clients: list[EdgeClient] = []
     coordinator = None
     loop = None
@@ -207,9 +233,8 @@ def run(args: argparse.Namespace) -> int:
         w0 = coordinator.core.weights
         acc0 = float(task.evaluate(w0)["accuracy"])
         coordinator.start()
-        train = TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed)
         users = []
-        for i, idx in enumerate(parts):
+        for i, idx in enumerate(plan.parts):
             client = EdgeClient(
                 broker=url,
                 device_id=f"device-{i:03d}",
@@ -217,11 +242,12 @@ def run(args: argparse.Namespace) -> int:
                 task=task,
                 data_dir=Path(tmp.name) / f"device-{i:03d}",
                 min_samples=args.min_samples,
-                train=train,
+                train=plan.train,
                 seed=args.seed + i,
             ).start()
             clients.append(client)
-            users.append(LabellingUser(name=f"device-{i:03d}", stream=Split(x=data.pool.x[idx], y=data.pool.y[idx]), add=client.add_sample, rate=args.rate))
+            stream, add = labelling_stream(task, data.pool, idx, client)
+            users.append(LabellingUser(name=f"device-{i:03d}", stream=stream, add=add, rate=args.rate))
         timeline.t0 = training.t0 = time.monotonic()  # no label, no commit before this: v0 at 0 s
         timeline.points.append((0.0, v0, acc0))
         training.points.append((0.0, v0, acc0))
@@ -241,6 +267,7 @@ def run(args: argparse.Namespace) -> int:
         training_evaluator.close()
         if broker is not None:
             broker.stop()
+        tmp.cleanup()  # also when the coordinator could not start (a bad validation set): no stray temp dir
     status = coordinator.core.status()
     _, v_end, acc_end = timeline.last()
     png = out / "accuracy.png"
@@ -259,7 +286,6 @@ def run(args: argparse.Namespace) -> int:
         f"updates accepted {status.updates_accepted} (rejected {status.updates_rejected}, duplicates {status.updates_duplicate}) | "
         f"samples labelled {loop.labelled if loop else 0} | wall {wall:.1f} s | plot {png}"
     )
-    tmp.cleanup()
     return 0
 
 

@@ -1,16 +1,22 @@
 """``edgeci device`` — one headless device whose emulated user labels its share of the
-task's pool at Poisson times, through the real SDK (store, core, MQTT, trainer)."""
+task's pool at Poisson times, through the real SDK (store, core, MQTT, trainer).
+
+The share is a Dirichlet(α) split of a classifier's pool, an IID one of frames with boxes
+(a frame has no one label to skew by: :func:`fleet_partition`); local training uses the
+task's own defaults unless ``--epochs`` / ``--lr`` say otherwise (:func:`fleet_train_config`).
+``edgeci run`` partitions and trains its devices with the same two functions."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
 import signal
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +25,7 @@ import numpy.typing as npt
 
 from coordinator.config import bounded, finite
 from devices.live import LabellingLoop, LabellingUser, device_index
-from devices.partition import partition
+from devices.partition import Partition, partition
 from edge_sdk.client import EdgeClient, check_device_bundle
 from edge_sdk.errors import ConfigError
 from edge_sdk.mqtt import (
@@ -32,6 +38,7 @@ from edge_sdk.mqtt import (
 from edge_sdk.runtime import iso_utc_ms
 from edge_sdk.tasks import get_task
 from edge_sdk.tasks.base import Split, TrainConfig
+from edge_sdk.tasks.registry import default_train_config, sample_kind_of
 
 log = logging.getLogger("edgeci.device")
 
@@ -51,12 +58,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, help="SDK data dir (default: $EDGECI_HOME/devices/DEVICE_ID, EDGECI_HOME defaulting to ~/.edgeci)")
     p.add_argument("--fleet-size", type=bounded(int, 1), default=20, help="the pool is split into this many partitions")
     p.add_argument("--partition", type=bounded(int, 0), help="partition index, 0 to fleet size - 1 (default: from the device id)")
-    p.add_argument("--alpha", type=finite(bounded(float, 0, strict=True)), default=1.0, help="Dirichlet α of the partition")
+    p.add_argument("--alpha", type=finite(bounded(float, 0, strict=True)), default=1.0,
+                   help="Dirichlet α of a classifier's partition (detection's frames with boxes are split IID: α is unused)")
     p.add_argument("--rate", type=finite(bounded(float, 0, strict=True)), default=0.5, help="labels per second (Poisson)")
     p.add_argument("--min-samples", type=bounded(int, 1), help="D_min before the first pull (default: the task's, edge_sdk/tasks/registry.py)")
-    p.add_argument("--epochs", type=bounded(int, 1), default=2, help="local epochs per round, unless the coordinator's hints say otherwise")
-    p.add_argument("--lr", type=finite(bounded(float, 0, strict=True)), default=0.05,
-                   help="local learning rate, unless the coordinator's hints say otherwise")
+    p.add_argument("--epochs", type=bounded(int, 1), help="local epochs per round, unless the coordinator's hints say otherwise "
+                   "(default: the task's — digits, gestures 2; detection 5; edge_sdk/tasks/registry.py)")
+    p.add_argument("--lr", type=finite(bounded(float, 0, strict=True)),
+                   help="local learning rate, unless the coordinator's hints say otherwise (default: the task's — digits, "
+                        "gestures 0.05 (SGD); detection 0.001 (AdamW))")
     p.add_argument("--duration", type=bounded(float, 0), default=0.0, help="stop after this many seconds (0: run until the partition is labelled, then keep serving)")
     p.add_argument("--seed", type=bounded(int, 0), default=0, help="seed of the partition, the labelling times and local training")
     p.add_argument("--refresh", type=finite(bounded(float, 0, rule="must be above 0 (or 0: off)")), default=3600.0, metavar="SECONDS",
@@ -71,15 +81,44 @@ def check_partition(args: argparse.Namespace) -> None:
                           f"they are numbered 0 to {args.fleet_size - 1}")
 
 
-def device_partition(args: argparse.Namespace, labels: npt.NDArray[Any]) -> tuple[int, npt.NDArray[np.int64]]:
-    """This device's partition index and its samples' indices into the pool (``labels``, its ``y``);
-    a partition without samples is an error (its device would label nothing, silently)."""
+def fleet_partition(task: Any, labels: npt.NDArray[Any], n_devices: int, *, alpha: float, seed: int) -> Partition:
+    """A fleet's shares of the pool (``labels``, its ``y``): Dirichlet(``alpha``) by class label, or
+    IID for a task whose samples are frames with boxes — the one split they have (a frame shows
+    several classes; the emulator's scenarios refuse the others for them too)."""
+    if sample_kind_of(task) == "frame":
+        return partition(labels, n_devices, "iid", seed=seed)
+    return partition(labels, n_devices, "dirichlet", alpha=alpha, seed=seed)
+
+
+def fleet_train_config(task: Any, *, epochs: int | None, lr: float | None, seed: int) -> TrainConfig:
+    """Local training as ``EdgeClient`` does it by default — the task's own configuration
+    (:func:`~edge_sdk.tasks.registry.default_train_config`: digits and gestures 2 epochs of SGD at
+    0.05, detection 5 of AdamW at 1e-3) — with ``epochs`` / ``lr`` where the user gave them."""
+    own = default_train_config(task)
+    return dataclasses.replace(own, epochs=own.epochs if epochs is None else epochs, lr=own.lr if lr is None else lr, seed=seed)
+
+
+def labelling_stream(task: Any, pool: Split, idx: npt.NDArray[np.int64], client: EdgeClient) -> tuple[Split, Callable[[Any, int], object]]:
+    """What a :class:`~devices.live.LabellingUser` labels (the pool's ``idx``) and the call that
+    stores one label: ``add_sample`` for classifiers, ``add_frame`` with its boxes for frames.
+    The labelling loop hands ``add`` an integer label, so a frame's stream carries its position
+    in ``idx`` as its label and ``add`` looks its boxes up."""
+    if sample_kind_of(task) != "frame":
+        return Split(x=pool.x[idx], y=pool.y[idx]), client.add_sample
+    boxes = pool.y[idx]
+    return Split(x=pool.x[idx], y=np.arange(len(idx))), lambda frame, i: client.add_frame(frame, boxes[i])
+
+
+def device_partition(args: argparse.Namespace, labels: npt.NDArray[Any], task: Any = None) -> tuple[int, npt.NDArray[np.int64]]:
+    """This device's partition index and its samples' indices into the pool (``labels``, its ``y``,
+    split by :func:`fleet_partition` for ``task``, default ``args.model``); a partition without
+    samples is an error (its device would label nothing, silently)."""
     pool_size = len(labels)
     if args.fleet_size > pool_size:
         raise ConfigError(f"--fleet-size {args.fleet_size}: the {args.model} pool has {pool_size} samples, so at most "
                           f"{pool_size} devices (each partition needs a sample)")
     index = args.partition if args.partition is not None else device_index(args.device_id, args.fleet_size)
-    idx = partition(labels, args.fleet_size, "dirichlet", alpha=args.alpha, seed=args.seed)[index]
+    idx = fleet_partition(args.model if task is None else task, labels, args.fleet_size, alpha=args.alpha, seed=args.seed)[index]
     if not len(idx):
         raise ConfigError(f"partition {index} of --fleet-size {args.fleet_size} has no samples: Dirichlet α={args.alpha:g} "
                           f"(--alpha) with --seed {args.seed} gave it none of the {args.model} pool's {pool_size}; a larger "
@@ -123,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
         check_device_bundle(Path(args.bundle).expanduser(), manifest, args.device_id, [args.region])
     task = get_task(args.model)
     data = task.data()
-    index, idx = device_partition(args, data.pool.y)
+    index, idx = device_partition(args, data.pool.y, task)
     data_dir = args.data_dir  # None: the SDK's $EDGECI_HOME/devices/<id>
     client = EdgeClient(
         broker=args.broker,
@@ -132,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
         task=task,
         data_dir=data_dir,
         min_samples=args.min_samples,
-        train=TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed),
+        train=fleet_train_config(task, epochs=args.epochs, lr=args.lr, seed=args.seed),
         seed=args.seed,
         auth=auth_from_args(args),
         bundle=args.bundle,
@@ -195,12 +234,8 @@ def run(args: argparse.Namespace) -> int:
 
     client.on("message_rejected", refused)
     already = client.store.stats().added
-    user = LabellingUser(
-        name=args.device_id,
-        stream=Split(x=data.pool.x[idx[already:]], y=data.pool.y[idx[already:]]),
-        add=client.add_sample,
-        rate=args.rate,
-    )
+    stream, add = labelling_stream(task, data.pool, idx[already:], client)
+    user = LabellingUser(name=args.device_id, stream=stream, add=add, rate=args.rate)
     client.start()
     say("started", f"device {args.device_id}: partition {index}/{args.fleet_size} ({len(idx)} samples, {already} already "
                    f"labelled), D_min {client.core.config.min_samples}, {args.rate:g} labels/s, broker {args.broker}")

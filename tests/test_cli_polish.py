@@ -4,6 +4,7 @@ release history, ``pretrain --out`` and ``run``'s numbers, help texts."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
@@ -356,6 +357,73 @@ def test_run_takes_the_tasks_d_min_unless_told() -> None:
     p = argparse.ArgumentParser()
     add_arguments(p)
     assert p.parse_args([]).min_samples is None and p.parse_args(["--min-samples", "5"]).min_samples == 5
+
+
+def run_args(*flags: str) -> argparse.Namespace:
+    from demos.run import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return p.parse_args(list(flags))
+
+
+def test_run_plans_a_classifier_fleet_as_it_always_did() -> None:
+    """`make run` (digits): the same validation slice, Dirichlet shares and TrainConfig(2, 0.05) as
+    before the plan took the task's partition and training defaults."""
+    import numpy as np
+
+    from demos.run import plan_fleet, validation_count
+    from devices.partition import partition
+    from edge_sdk.tasks import get_task
+    from edge_sdk.tasks.base import TrainConfig
+
+    task = get_task("digits")
+    data = task.data()
+    args = run_args("--devices", "7", "--alpha", "0.5", "--seed", "2")
+    plan = plan_fleet(args, task, data)
+    order = np.random.default_rng(2).permutation(len(data.pool.y))
+    n_val = validation_count(200, len(order))
+    assert np.array_equal(plan.validation, order[:n_val])
+    label_idx = order[n_val:]
+    old = [label_idx[p] for p in partition(data.pool.y[label_idx], 7, "dirichlet", alpha=0.5, seed=2)]
+    assert len(plan.parts) == 7 and all(np.array_equal(a, b) for a, b in zip(plan.parts, old))
+    assert plan.train == TrainConfig(epochs=2, lr=0.05, seed=2)
+    assert plan_fleet(run_args("--epochs", "1", "--lr", "0.2"), task, data).train == TrainConfig(epochs=1, lr=0.2, seed=0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ultralytics") is None, reason="needs the detection extra (ultralytics)")
+def test_run_starts_a_detection_fleet_with_a_gate_its_coordinator_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """`edgeci run --model detection` stopped at the emulator's `[data] partition = "dirichlet"`
+    error; behind it, its devices trained with SGD's lr 0.05 and its validation file was a pickled
+    object array the coordinator refused. Up to the coordinator's start (no broker, no training)."""
+    import numpy as np
+
+    import demos.run
+    from coordinator.validation import load_validation
+    from edge_sdk.tasks.base import TrainConfig
+
+    monkeypatch.setenv("EDGECI_HOME", str(tmp_path / "home"))
+    seen: dict[str, object] = {}
+
+    class Started(Exception):
+        pass
+
+    def coordinator(options: object, *, task: object, **_: object) -> None:
+        split = load_validation(options.validation, task)  # type: ignore[attr-defined]
+        seen.update(frames=len(split), boxes=sum(len(b) for b in split.y), task=task)
+        raise Started
+
+    monkeypatch.setattr(demos.run, "CoordinatorDaemon", coordinator)
+    with pytest.raises(Started):
+        main(["run", "--model", "detection", "--devices", "3", "--duration", "1", "--no-progress", "--broker",
+              "mqtt://127.0.0.1:1", "--out", str(tmp_path / "out")])
+    assert seen["frames"] == 64 and int(seen["boxes"]) > 0  # a quarter of the 256-frame pool, boxes and all
+    plan = demos.run.plan_fleet(run_args("--model", "detection", "--devices", "3"), seen["task"], seen["task"].data())  # type: ignore[attr-defined]
+    assert [len(p) for p in plan.parts] == [64, 64, 64]  # IID: the rest of the pool, evenly
+    assert sorted(np.concatenate([plan.validation, *plan.parts]).tolist()) == list(range(256))
+    assert plan.train == TrainConfig(epochs=5, batch_size=16, lr=1e-3)
+    assert "partition" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [["pretrain", "--seed", "-1"],

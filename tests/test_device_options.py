@@ -6,6 +6,7 @@ a device that labels nothing and exits 0 (``--rate 0``), or an error naming an i
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -79,7 +80,8 @@ def test_valid_values_and_the_defaults_still_parse() -> None:
     assert isinstance(args.fleet_size, int) and isinstance(args.duration, float)
     args = parse()
     assert (args.fleet_size, args.partition, args.rate, args.duration, args.refresh) == (20, None, 0.5, 0.0, 3600.0)
-    assert (args.min_samples, args.epochs, args.lr, args.alpha, args.seed) == (None, 2, 0.05, 1.0, 0)
+    # --epochs / --lr default to the task's own (fleet_train_config): digits' are the 2 and 0.05 they were
+    assert (args.min_samples, args.epochs, args.lr, args.alpha, args.seed) == (None, None, None, 1.0, 0)
 
 
 def test_a_valid_fleet_gets_the_partition_it_always_did() -> None:
@@ -98,6 +100,81 @@ def test_a_valid_fleet_gets_the_partition_it_always_did() -> None:
         assert index == expected
         assert np.array_equal(idx, partition(labels, args.fleet_size, "dirichlet", alpha=args.alpha, seed=args.seed)[index])
         assert len(idx) > 0
+
+
+def test_frames_with_boxes_are_split_iid_not_by_a_label_they_do_not_have() -> None:
+    """`edgeci device --model detection` always asked for a Dirichlet split and stopped with the
+    emulator's `[data] partition = "dirichlet"` error, naming a setting the command does not have."""
+    import numpy as np
+
+    from devices.headless import check_partition, device_partition
+    from devices.partition import partition
+
+    boxes = np.empty(256, dtype=object)
+    for i in range(len(boxes)):
+        boxes[i] = np.array([[i % 5, 1, 2, 10, 12]], np.float32)
+    seen: list[np.ndarray] = []
+    for index in range(4):
+        args = parse("--model", "detection", "--fleet-size", "4", "--partition", str(index), "--alpha", "0.01", "--seed", "3")
+        check_partition(args)
+        got, idx = device_partition(args, boxes)
+        assert got == index
+        assert np.array_equal(idx, partition(boxes, 4, "iid", seed=3)[index]) and len(idx) == 64  # α is unused
+        seen.append(idx)
+    assert sorted(np.concatenate(seen).tolist()) == list(range(256))
+
+
+def test_local_training_is_the_task_s_own_unless_given() -> None:
+    """Both fleet commands trained with TrainConfig(epochs=2, lr=0.05) whatever the task: a YOLO
+    got SGD's 0.05 (its own is 1e-3, 5 epochs; registry: "destroys a YOLO in one update")."""
+    from devices.headless import fleet_train_config
+    from edge_sdk.tasks.base import TrainConfig
+
+    for task in ("digits", "gestures"):  # what they always had
+        assert fleet_train_config(task, epochs=None, lr=None, seed=4) == TrainConfig(epochs=2, lr=0.05, seed=4)
+        assert fleet_train_config(task, epochs=3, lr=0.1, seed=0) == TrainConfig(epochs=3, lr=0.1, seed=0)
+    assert fleet_train_config("detection", epochs=None, lr=None, seed=1) == TrainConfig(epochs=5, batch_size=16, lr=1e-3, seed=1)
+    assert fleet_train_config("detection", epochs=None, lr=2e-4, seed=1) == TrainConfig(epochs=5, batch_size=16, lr=2e-4, seed=1)
+    assert fleet_train_config("detection", epochs=1, lr=None, seed=1) == TrainConfig(epochs=1, batch_size=16, lr=1e-3, seed=1)
+
+
+@pytest.mark.parametrize("model", [
+    "digits",
+    pytest.param("detection", marks=pytest.mark.skipif(importlib.util.find_spec("ultralytics") is None,
+                                                       reason="needs the detection extra (ultralytics)")),
+])
+def test_a_device_labels_its_share_into_a_real_store(model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """The whole `edgeci device` path short of the broker: its partition, its training config and
+    its labels stored by a real EdgeClient (frames through add_frame with their boxes)."""
+    import devices.headless
+    from edge_sdk.client import EdgeClient
+    from edge_sdk.tasks.base import TrainConfig
+
+    monkeypatch.setenv("EDGECI_HOME", str(tmp_path / "home"))
+    seen: dict[str, object] = {}
+
+    class Offline(EdgeClient):
+        """An EdgeClient that never connects: start() does nothing, stop() notes what was stored."""
+
+        def start(self, timeout: float = 15.0) -> EdgeClient:
+            seen["train"] = self.train_config
+            return self
+
+        def stop(self) -> None:
+            seen["stored"] = self.store.stats().added
+            super().stop()
+
+    monkeypatch.setattr(devices.headless, "EdgeClient", Offline)
+    monkeypatch.setattr(devices.headless, "auth_from_args", lambda args: None)
+    assert device(tmp_path, "--model", model, "--fleet-size", "40", "--partition", "0", "--rate", "200",
+                  "--min-samples", "1000", "--duration", "1") == 0
+    out = capsys.readouterr().out
+    assert "partition 0/40" in out and "not stored" not in out, out
+    share = int(out.split("partition 0/40 (")[1].split(" samples")[0])
+    assert share > 0 and seen["stored"] == share
+    expected = TrainConfig(epochs=5, batch_size=16, lr=1e-3) if model == "detection" else TrainConfig(epochs=2, lr=0.05)
+    assert seen["train"] == expected
 
 
 @pytest.mark.parametrize("regions, given, expected", [
