@@ -36,13 +36,14 @@ import numpy.typing as npt
 from coordinator.broker import EmbeddedBroker
 from coordinator.config import bounded
 from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
-from devices.headless import fleet_partition, fleet_train_config, labelling_stream
+from devices.headless import below_d_min, fleet_partition, fleet_train_config, labelling_stream
 from devices.live import LabellingLoop, LabellingUser
 from devices.report import output_dir
 from edge_sdk.client import EdgeClient
 from edge_sdk.spec import Vector
 from edge_sdk.tasks import get_task
 from edge_sdk.tasks.base import Split, TaskData, TrainConfig
+from edge_sdk.tasks.registry import default_min_samples
 
 log = logging.getLogger("edgeci.run")
 
@@ -192,6 +193,9 @@ def run(args: argparse.Namespace) -> int:
     task = get_task(args.model)
     data = task.data()
     plan = plan_fleet(args, task, data)
+    short = below_d_min([len(p) for p in plan.parts], args.min_samples or default_min_samples(task), fewer="--devices")
+    if short is not None:
+        print(f"note: {short}", file=sys.stderr)
     out = output_dir(args.out)
     tmp = tempfile.TemporaryDirectory(prefix="edgeci-run-")
     state_dir = args.state_dir or Path(tmp.name) / "coordinator"

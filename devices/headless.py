@@ -98,6 +98,19 @@ def fleet_train_config(task: Any, *, epochs: int | None, lr: float | None, seed:
     return dataclasses.replace(own, epochs=own.epochs if epochs is None else epochs, lr=own.lr if lr is None else lr, seed=seed)
 
 
+def below_d_min(shares: list[int], d_min: int, fewer: str = "--fleet-size") -> str | None:
+    """A note when some devices' shares of the pool (their sample counts) are below D_min: such
+    a device labels its whole share and never pulls, so it never trains (helper-94: detection's
+    D_min is 64, and `edgeci run`'s 20 devices got about 10 frames each)."""
+    short = [n for n in shares if n < d_min]
+    if not short:
+        return None
+    who = "this device's share" if len(shares) == 1 else f"{len(short)} of {len(shares)} devices' shares"
+    return (f"{who} of the pool ({min(short)}{'' if len(short) == 1 else f'-{max(short)}'} samples) "
+            f"{'is' if len(short) == 1 else 'are'} below D_min {d_min}: such a device labels them all and never "
+            f"trains; use fewer devices ({fewer}) or a smaller --min-samples")
+
+
 def labelling_stream(task: Any, pool: Split, idx: npt.NDArray[np.int64], client: EdgeClient) -> tuple[Split, Callable[[Any, int], object]]:
     """What a :class:`~devices.live.LabellingUser` labels (the pool's ``idx``) and the call that
     stores one label: ``add_sample`` for classifiers, ``add_frame`` with its boxes for frames.
@@ -239,6 +252,9 @@ def run(args: argparse.Namespace) -> int:
     client.start()
     say("started", f"device {args.device_id}: partition {index}/{args.fleet_size} ({len(idx)} samples, {already} already "
                    f"labelled), D_min {client.core.config.min_samples}, {args.rate:g} labels/s, broker {args.broker}")
+    short = below_d_min([len(idx)], client.core.config.min_samples)
+    if short is not None:
+        say("note", short, level="warning")
     loop = LabellingLoop([user], seed=args.seed + index).start()
     t0 = time.monotonic()
     reported = 0

@@ -426,6 +426,18 @@ def test_run_starts_a_detection_fleet_with_a_gate_its_coordinator_loads(tmp_path
     assert "partition" not in capsys.readouterr().err
 
 
+def test_shares_below_d_min_are_said() -> None:
+    """helper-94: with detection's D_min of 64, `edgeci run`'s default 20 devices got ~10 frames
+    each: they labelled them all and never trained, without a word."""
+    from devices.headless import below_d_min
+
+    assert below_d_min([64, 64, 64], 64) is None
+    note = below_d_min([10, 9, 70], 64)
+    assert note is not None and note.startswith("2 of 3 devices' shares of the pool (9-10 samples) are below D_min 64")
+    one = below_d_min([13], 64)
+    assert one is not None and one.startswith("this device's share of the pool (13 samples) is below D_min 64")
+
+
 @pytest.mark.parametrize("argv", [["pretrain", "--seed", "-1"],
                                   ["coordinator", "--seed", "-1", "--broker", "mqtt://127.0.0.1:1"]])
 def test_a_negative_seed_is_a_usage_error_not_a_numpy_traceback(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
