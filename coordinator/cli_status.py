@@ -269,8 +269,12 @@ def render(status: Mapping[str, Any], now: float, stale_after: float | None = No
         out.append(f"stale     {conv.get('policy', '?')}: {mode} · requested {conv.get('requested', 0)} · applied "
                    f"{conv.get('applied', 0)} · late {conv.get('late', 0)} · failed {conv.get('failed', 0)} · "
                    f"parked {conv.get('parked', 0)}{evidence}")
-    online = x.get("devices_online")
-    out.append(f"devices   seen {status.get('devices_seen', 0)}" + (f" · online {online}" if online is not None else ""))
+    online, tracked = x.get("devices_online"), x.get("devices_tracked")
+    # served: devices whose pull this state dir answered, ever; the table below: every device heard
+    # from lately, a refused one included (helper-92 read "seen 3" above a table of 4)
+    out.append(f"devices   served {status.get('devices_seen', 0)} (since the state dir began)"
+               + (f" · tracked {tracked}" if isinstance(tracked, int) else "")
+               + (f" · online {online}" if online is not None else ""))
     devices = x.get("devices") or []
     if devices:
         rows = [["device", "online", "version", "last seen"]]
@@ -282,7 +286,6 @@ def render(status: Mapping[str, Any], now: float, stale_after: float | None = No
                          str(version) if isinstance(version, int) and version >= 0 else "-",
                          _ago(now - float(seen)) if isinstance(seen, int | float) else "-"])
         out += _table(rows)
-        tracked = x.get("devices_tracked")
         if isinstance(tracked, int) and tracked > len(devices):
             out.append(f"  … {tracked - len(devices)} more (least recently seen)")
     recent = x.get("recent_versions")
