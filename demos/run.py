@@ -36,8 +36,8 @@ import numpy.typing as npt
 from coordinator.broker import EmbeddedBroker
 from coordinator.config import bounded
 from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
-from devices.headless import below_d_min, fleet_partition, fleet_train_config, labelling_stream
-from devices.live import LabellingLoop, LabellingUser
+from devices.headless import below_d_min, fleet_partition, fleet_train_config
+from devices.live import LabellingLoop, LabellingUser, labelling_stream
 from devices.report import output_dir
 from edge_sdk.client import EdgeClient
 from edge_sdk.spec import Vector

@@ -16,7 +16,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from coordinator.config import bounded, finite
-from devices.live import LabellingLoop, LabellingUser, device_index
+from devices.live import LabellingLoop, LabellingUser, device_index, labelling_stream
 from devices.partition import Partition, partition
 from edge_sdk.client import EdgeClient, check_device_bundle
 from edge_sdk.errors import ConfigError
@@ -37,7 +37,7 @@ from edge_sdk.mqtt import (
 )
 from edge_sdk.runtime import iso_utc_ms
 from edge_sdk.tasks import get_task
-from edge_sdk.tasks.base import Split, TrainConfig
+from edge_sdk.tasks.base import TrainConfig
 from edge_sdk.tasks.registry import default_train_config, sample_kind_of
 
 log = logging.getLogger("edgeci.device")
@@ -109,17 +109,6 @@ def below_d_min(shares: list[int], d_min: int, fewer: str = "--fleet-size") -> s
     return (f"{who} of the pool ({min(short)}{'' if len(short) == 1 else f'-{max(short)}'} samples) "
             f"{'is' if len(short) == 1 else 'are'} below D_min {d_min}: such a device labels them all and never "
             f"trains; use fewer devices ({fewer}) or a smaller --min-samples")
-
-
-def labelling_stream(task: Any, pool: Split, idx: npt.NDArray[np.int64], client: EdgeClient) -> tuple[Split, Callable[[Any, int], object]]:
-    """What a :class:`~devices.live.LabellingUser` labels (the pool's ``idx``) and the call that
-    stores one label: ``add_sample`` for classifiers, ``add_frame`` with its boxes for frames.
-    The labelling loop hands ``add`` an integer label, so a frame's stream carries its position
-    in ``idx`` as its label and ``add`` looks its boxes up."""
-    if sample_kind_of(task) != "frame":
-        return Split(x=pool.x[idx], y=pool.y[idx]), client.add_sample
-    boxes = pool.y[idx]
-    return Split(x=pool.x[idx], y=np.arange(len(idx))), lambda frame, i: client.add_frame(frame, boxes[i])
 
 
 def device_partition(args: argparse.Namespace, labels: npt.NDArray[Any], task: Any = None) -> tuple[int, npt.NDArray[np.int64]]:

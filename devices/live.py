@@ -20,6 +20,7 @@ import numpy.typing as npt
 
 from devices.engine import Driver, Kind, ScaledWallClock
 from edge_sdk.tasks.base import Split
+from edge_sdk.tasks.registry import sample_kind_of
 
 
 def device_index(device_id: str, fleet_size: int) -> int:
@@ -51,6 +52,17 @@ class LabellingUser:
     def exhausted(self) -> bool:
         limit = len(self.stream) if self.times is None else min(len(self.stream), len(self.times))
         return self.position >= limit
+
+
+def labelling_stream(task: Any, pool: Split, idx: npt.NDArray[np.int64], client: Any) -> tuple[Split, Callable[[Any, int], object]]:
+    """What a :class:`LabellingUser` labels (the pool's ``idx``) and the call that
+    stores one label: ``add_sample`` for classifiers, ``add_frame`` with its boxes for frames.
+    The labelling loop hands ``add`` an integer label, so a frame's stream carries its position
+    in ``idx`` as its label and ``add`` looks its boxes up. ``client``: an :class:`~edge_sdk.client.EdgeClient`."""
+    if sample_kind_of(task) != "frame":
+        return Split(x=pool.x[idx], y=pool.y[idx]), client.add_sample
+    boxes = pool.y[idx]
+    return Split(x=pool.x[idx], y=np.arange(len(idx))), lambda frame, i: client.add_frame(frame, boxes[i])
 
 
 class LabellingLoop:

@@ -23,12 +23,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from devices.live import LabellingLoop, LabellingUser
+from devices.live import LabellingLoop, LabellingUser, labelling_stream
 from edge_sdk.client import EdgeClient
 from edge_sdk.errors import ConfigError
 from edge_sdk.mqtt import BrokerAuth
 from edge_sdk.spec import Vector
-from edge_sdk.tasks.base import Split, Task, TrainConfig
+from edge_sdk.tasks.base import Task, TrainConfig
 
 log = logging.getLogger("edgeci.fleet")
 
@@ -89,7 +89,8 @@ class MqttFleet:
             client.on("*", self._on_event)
             self.clients.append(client)
             times = None if label_times is None else label_times[i]
-            users.append(LabellingUser(name=name, stream=Split(x=pool.x[idx], y=pool.y[idx]), add=client.add_sample, rate=rate, times=times))
+            stream, add = labelling_stream(task, pool, idx, client)  # (frames with boxes through add_frame)
+            users.append(LabellingUser(name=name, stream=stream, add=add, rate=rate, times=times))
         self._connect_timeout = connect_timeout
         self.loop = LabellingLoop(users, seed=seed, time_scale=time_scale)
 
