@@ -43,7 +43,7 @@ from edge_sdk.client import EdgeClient
 from edge_sdk.spec import Vector
 from edge_sdk.tasks import get_task
 from edge_sdk.tasks.base import Split, TaskData, TrainConfig
-from edge_sdk.tasks.registry import default_min_samples
+from edge_sdk.tasks.registry import default_min_samples, sample_kind_of
 
 log = logging.getLogger("edgeci.run")
 
@@ -143,7 +143,7 @@ class Evaluator:
             self.timeline.add(version, float(self.task.evaluate(weights)["accuracy"]))
 
 
-def plot(timeline: Timeline, path: Path, title: str, training: Timeline | None = None) -> None:
+def plot(timeline: Timeline, path: Path, title: str, training: Timeline | None = None, metric: str = "accuracy") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,9 +155,9 @@ def plot(timeline: Timeline, path: Path, title: str, training: Timeline | None =
     if training is not None and training.points:
         ax.step([p[0] for p in training.points], [100 * p[2] for p in training.points], where="post", color="0.6",
                 lw=0.8, label="training line (candidates)")
-    ax.step(t, acc, where="post", label="release: what devices predict with (held-out accuracy)")
+    ax.step(t, acc, where="post", label=f"release: what devices predict with (held-out {metric})")
     ax.set_xlabel("seconds since labelling started (wall clock)")
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel(f"{metric} (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
@@ -193,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
     task = get_task(args.model)
     data = task.data()
     plan = plan_fleet(args, task, data)
+    metric = "mAP50" if sample_kind_of(task) == "frame" else "accuracy"  # (a detector's "accuracy" is its mAP50)
     short = below_d_min([len(p) for p in plan.parts], args.min_samples or default_min_samples(task), fewer="--devices")
     if short is not None:
         print(f"note: {short}", file=sys.stderr)
@@ -256,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
         timeline.points.append((0.0, v0, acc0))
         training.points.append((0.0, v0, acc0))
         loop = LabellingLoop(users, seed=args.seed).start()
-        _watch(args, timeline, loop)
+        _watch(args, timeline, loop, metric)
         loop.stop()
         # let in-flight training and the last timeout finish so the final version is evaluated
         time.sleep(max(2.0, args.timeout * 1.5))
@@ -277,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
     png = out / "accuracy.png"
     gate_note = "no gate" if validation is None else f"gate on {n_val} validation samples, margin {args.gate_margin:g}"
     plot(timeline, png, f"edgeci run: SPIN (K={args.k}, π={args.timeout:g} s), {args.devices} devices, {task.name}\n{gate_note}",
-         training if validation is not None else None)
+         training if validation is not None else None, metric)
     (out / "metrics.json").write_text(json.dumps({"release": timeline.points, "training": training.points,
                                                   "status": dataclasses.asdict(status)}, indent=1))
     wall = time.monotonic() - started
@@ -285,7 +286,7 @@ def run(args: argparse.Namespace) -> int:
     candidates = ("no gate: every aggregated version released" if validation is None else
                   f"candidates promoted {gate.get('promoted', 0)}, held {gate.get('held', 0)}, rejected {gate.get('rejected', 0)}")
     print(
-        f"release accuracy {100 * acc0:.1f}% → {100 * acc_end:.1f}% | release v{v0} → v{v_end} (training line v{status.version}) | "
+        f"release {metric} {100 * acc0:.1f}% → {100 * acc_end:.1f}% | release v{v0} → v{v_end} (training line v{status.version}) | "
         f"{candidates} | "
         f"updates accepted {status.updates_accepted} (rejected {status.updates_rejected}, duplicates {status.updates_duplicate}) | "
         f"samples labelled {loop.labelled if loop else 0} | wall {wall:.1f} s | plot {png}"
@@ -303,7 +304,7 @@ def validation_count(requested: int, pool: int) -> int:
     return min(requested, cap)
 
 
-def _watch(args: argparse.Namespace, timeline: Timeline, loop: LabellingLoop) -> None:
+def _watch(args: argparse.Namespace, timeline: Timeline, loop: LabellingLoop, metric: str = "accuracy") -> None:
     from tqdm import tqdm
 
     with tqdm(total=int(args.duration), unit="s", disable=args.no_progress, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} s {postfix}") as bar:
@@ -312,6 +313,6 @@ def _watch(args: argparse.Namespace, timeline: Timeline, loop: LabellingLoop) ->
             time.sleep(min(1.0, args.duration - elapsed))
             _, version, acc = timeline.last()
             bar.n = min(int(time.monotonic() - start), int(args.duration))
-            bar.set_postfix_str(f"release v{version} | accuracy {100 * acc:.1f}% | labelled {loop.labelled}")
+            bar.set_postfix_str(f"release v{version} | {metric} {100 * acc:.1f}% | labelled {loop.labelled}")
             if all(u.exhausted for u in loop.users):
                 break
