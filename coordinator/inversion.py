@@ -219,6 +219,8 @@ class GradientInverter:
         info = task_info(factory)
         if info is None or info.contract is None or info.contract.shape != tuple(factory.input_shape):
             return None
+        if info.contract.range_is_a_guard:  # (helper-95: starting gestures from ±64 made every conversion unusable)
+            return None
         return info.contract.value_range
 
     # ------------------------------------------------------------------ public API

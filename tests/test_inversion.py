@@ -241,3 +241,26 @@ def test_missing_torch_names_the_extra(monkeypatch: pytest.MonkeyPatch, case: Ca
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
     with pytest.raises(MissingExtra, match=r"edgeci\[train\]"):
         GradientInverter(case.task, case.task.spec)
+
+
+def test_gestures_invert_from_their_samples_scale_not_the_input_guard() -> None:
+    """helper-95: gestures' input contract refuses values beyond ±64 (a guard: the samples lie
+    within ±8); the inverter took that range for where samples lie, started D_rec there and every
+    conversion came out unusable (L1 914 → 392), so gradient-inversion quietly became damped."""
+    task = get_task("gestures")
+    assert isinstance(task, ClassifierTask)
+    pool = task.data().pool
+    x, y = pool.x[:N_LOCAL], pool.y[:N_LOCAL]
+
+    def train(w: np.ndarray, xs: np.ndarray, ys: np.ndarray, cfg: TrainConfig, momentum: float) -> np.ndarray:
+        return fit(task.build_module(), task.spec, w, xs, ys, cfg, momentum=momentum).weights
+
+    base = task.pretrained(seed=0)
+    stale = train(base, x, y, RECIPE, 0.5)
+    target = train(base, pool.x[500:800], pool.y[500:800], TrainConfig(epochs=3, batch_size=16, lr=0.05, seed=2), 0.0)
+    inverter = GradientInverter(task, task.spec, InversionConfig(iterations=60, time_budget_s=60.0))
+    assert inverter._value_range is None  # not the ±64 guard
+    result = inverter.convert(ConvertUpdate(
+        ticket=1, device="dev-1", kind="gradient-inversion", stale_weights=stale, base_version=3, base_weights=base,
+        target_version=23, target_weights=target, n_samples=N_LOCAL, staleness=20, hints=HINTS, deadline=100.0))
+    assert result.weights is not None and result.l1_after < result.l1_before, (result.l1_before, result.l1_after)

@@ -66,6 +66,9 @@ class InputContract:
     shape: tuple[int, ...]
     value_range: tuple[float, float] | None = None
     """Inclusive bounds every value must lie in (None: any finite value)."""
+    range_is_a_guard: bool = False
+    """``value_range`` only refuses absurd input; the samples lie well inside it (gestures: within
+    ±8 of ±64). Whoever needs where samples lie (the gradient inversion's start) must not use it."""
     hint: str = ""
     """How to get there from the usual raw form, shown in errors (e.g. ``pixels / 16``)."""
     floats_only: bool = True
@@ -194,7 +197,7 @@ TASK_INFO: dict[str, TaskInfo] = {
             # The range refuses raw screen or sensor units (pixel coordinates: hundreds) and
             # absurd values that would turn the model's weights into NaN at the first round;
             # positions within ±4 keep velocities (8 x steps) inside it.
-            task="gestures", shape=(32, 4), value_range=(-64.0, 64.0),
+            task="gestures", shape=(32, 4), value_range=(-64.0, 64.0), range_is_a_guard=True,
             hint="32 steps of x, y in about [-1.5, 1.5] and 8 x their per-step differences (the step before the first: 0)",
         ),
         class_names=(
