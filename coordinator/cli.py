@@ -57,7 +57,7 @@ from coordinator.strategies.robust import COMBINERS
 from coordinator.strategies.spin import SpinNoTimeoutStrategy, SpinStrategy
 from coordinator.strategies.staleness import policy_names
 from coordinator.validation import load_validation
-from edge_sdk.errors import BrokerRefused, ConfigError, EdgeciError
+from edge_sdk.errors import BrokerRefused, ConfigError, EdgeciError, StartRefused
 from edge_sdk.modelio import load_model
 from edge_sdk.mqtt import TOFU_PEERS, add_broker_arguments, auth_from_args, parse_broker_url
 from edge_sdk.runtime import iso_utc_ms
@@ -655,10 +655,12 @@ def _probe(options: CoordinatorOptions, wanted: Sequence[str], wait_s: float = 1
         for topic in probe.refused_subscriptions:
             log.warning("a start-up check is skipped: the broker does not let this coordinator read %s (an ACL from "
                         "before this release: regenerate it with `edgeci pki broker-conf` and reload mosquitto)", topic)
-        # Only an authenticated identity can be a client id the broker assigns (anonymous clients keep theirs).
-        if not lost.is_set() and auth is not None and watch is not None and watch(dict(got)):
-            lost.wait(TAKEOVER_WATCH_S)
-        taken_over = lost.is_set()  # (before stop(): our own disconnect reports a lost connection too)
+        # Only an identity (a certificate, a user name) can be a client id the broker assigns;
+        # a drop before the watch, or on an anonymous connection, is no takeover (helper-95).
+        identity = auth is not None and (auth.cert_file is not None or auth.username is not None)
+        taken_over = False
+        if identity and not lost.is_set() and watch is not None and watch(dict(got)):
+            taken_over = lost.wait(TAKEOVER_WATCH_S)  # (read before stop(): our own disconnect reports one too)
     finally:
         probe.stop()
     return _Probe(got, taken_over)
@@ -764,7 +766,7 @@ def check_take_over(options: CoordinatorOptions, take_over: bool) -> None:
     recorded = recorded_region(options.state_dir)
     if recorded is not None and recorded != options.region:
         if not take_over:
-            raise ConfigError(f"state dir {options.state_dir} serves region {recorded!r}, not {options.region!r}: its versions, "
+            raise StartRefused(f"state dir {options.state_dir} serves region {recorded!r}, not {options.region!r}: its versions, "
                               f"epoch and signing key are {recorded!r}'s, and region {options.region!r}'s devices would take "
                               f"them. Check --region / --state-dir; to move this state dir to region {options.region!r} on "
                               f"purpose, start with --take-over")
@@ -785,15 +787,20 @@ def check_take_over(options: CoordinatorOptions, take_over: bool) -> None:
     got = probe.retained or {}
     other = live_other_coordinator(got.get(status_topic), kid, time.time(), epoch)
     if other is None and probe.taken_over:
-        other = (f"client with this coordinator's identity: the broker gave the start-up probe that client id (it sets "
-                 f"client ids from identities) and another connection took it back within {TAKEOVER_WATCH_S:.0f} s — a "
-                 "coordinator of this identity is connected (its status read 'not alive': its last will, as the probe "
-                 "displaced it for a moment)")
+        identity = options.coordinator_id or f"coord-{options.region}"
+        msg = (f"the broker closed the start-up probe's connection within {TAKEOVER_WATCH_S:.0f} s: on a broker that "
+               f"sets client ids from identities (edgeci's secure configs) that is a live coordinator of identity "
+               f"{identity!r} (on another host, or another state dir) taking its client id back — the probe displaced "
+               "it for a moment, so its status read 'not alive'. Find and stop that one; if the broker or the network "
+               "dropped the probe instead, start again")
+        if not take_over:
+            raise StartRefused(msg)
+        log.warning("starting anyway (--take-over): %s", msg)
     if other is not None:
         if take_over:
             log.warning("taking over region %r although its status shows %s live", options.region, other)
         else:
-            raise ConfigError(f"region {options.region!r} already has a live {other}; a second coordinator would split its "
+            raise StartRefused(f"region {options.region!r} already has a live {other}; a second coordinator would split its "
                               f"devices. Stop that one, or check --region / --state-dir; if it is gone (crashed, its last "
                               f"will not yet published), start again with --take-over")
     recall = _followed_recall(got.get(recall_topic), kid, recall_topic) if fresh and kid is not None else None
@@ -803,7 +810,7 @@ def check_take_over(options: CoordinatorOptions, take_over: bool) -> None:
         log.warning("taking over region %r: its devices follow epoch %d (release %d) of another state dir with this key; they "
                     "move to this new state dir's version 0", options.region, recall.epoch, recall.release)
         return
-    raise ConfigError(f"the devices of region {options.region!r} follow another state dir signed with this key (its last "
+    raise StartRefused(f"the devices of region {options.region!r} follow another state dir signed with this key (its last "
                       f"recall: epoch {recall.epoch}, release {recall.release} then); starting on the new state dir {options.state_dir} would move them to its "
                       "version 0 at once. Check --state-dir; if that state dir is lost, start again with --take-over")
 

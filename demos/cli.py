@@ -306,7 +306,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return int(module.run(args) or 0)
     except EdgeciError as exc:
         print(f"edgeci {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        return int(getattr(exc, "exit_code", 1))  # (StartRefused: 3, which the systemd unit does not restart)
     except KeyboardInterrupt:
         return 130
 

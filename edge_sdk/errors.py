@@ -31,6 +31,15 @@ class ConfigError(LocalProtocolError):
     """A configuration value is out of range or inconsistent."""
 
 
+class StartRefused(ConfigError):
+    """A coordinator start refused as unsafe: another coordinator is live on the region, the
+    state dir serves another region, or the region's devices follow another state dir.
+    ``edgeci coordinator`` exits with :attr:`exit_code` (the systemd unit does not restart it:
+    retrying cannot make it safe, and a retry could displace the live one again)."""
+
+    exit_code = 3
+
+
 class UnsafeCheckpoint(ConfigError):
     """A model file would run code to load (a pickle of objects beyond tensors and known
     model classes); refused without loading it."""

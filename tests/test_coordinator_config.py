@@ -267,6 +267,76 @@ def test_a_broker_that_refuses_the_probe_connection_leaves_the_start_to_the_daem
         check_take_over(options, take_over=False)
 
 
+class _FakeProbe:
+    """An MqttTransport stand-in for the start-up probe: connects at once; ``drop_at`` (seconds
+    after start, None: never) is when the broker closes its connection."""
+
+    drop_at: float | None = None
+
+    def __init__(self, url: str, *, on_connection: Any = None, **_: object) -> None:
+        self.on_connection, self.refused_subscriptions = on_connection, set()
+        self._timer: Any = None
+
+    def start(self, timeout: float = 0.0) -> None:
+        import threading
+
+        if self.drop_at == 0.0:
+            self.on_connection(False)
+        elif self.drop_at is not None:
+            self._timer = threading.Timer(self.drop_at, self.on_connection, args=(False,))
+            self._timer.start()
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self.on_connection(False)  # as the real one: its own disconnect says "lost" too
+
+
+@pytest.mark.parametrize(("drop_at", "auth", "taken_over"), [
+    (None, "cert", False),  # nobody took the id back
+    (0.0, "cert", False),   # dropped before the watch (while reading): a drop, not a takeover
+    (1.5, "cert", True),    # closed during the watch, on an identity: a live client took the id back
+    (1.5, "user", True),
+    (1.5, "ca-only", False),  # TLS without an identity: the broker cannot assign it a client id: not watched
+    (1.5, None, False),       # anonymous: not watched
+])
+def test_only_a_drop_during_the_watch_of_an_identity_is_a_takeover(
+        drop_at: float | None, auth: str | None, taken_over: bool, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """helper-95: any drop (a network blip, a broker restart) during the start, anonymous brokers
+    included, was read as a live coordinator taking its id back, and the start refused."""
+    from coordinator.daemon import CoordinatorOptions
+    from edge_sdk import mqtt
+
+    fake = type("Probe", (_FakeProbe,), {"drop_at": drop_at})
+    monkeypatch.setattr(mqtt, "MqttTransport", fake)
+    monkeypatch.setattr(coordinator_cli, "TAKEOVER_WATCH_S", 3.0)
+    for name in ("ca", "c", "k"):
+        (tmp_path / name).write_text("")
+    ca, cert, key = (tmp_path / name for name in ("ca", "c", "k"))
+    creds = {"cert": lambda: mqtt.BrokerAuth(ca_file=ca, cert_file=cert, key_file=key),
+             "user": lambda: mqtt.BrokerAuth(username="u", password="p"), "ca-only": lambda: mqtt.BrokerAuth(ca_file=ca),
+             None: lambda: None}[auth]()
+    options = CoordinatorOptions(broker="mqtts://127.0.0.1:1", region="eu", state_dir=tmp_path / "s", auth=creds)
+    probe = coordinator_cli._probe(options, ["edgeci/v1/eu/status"], 0.2, required=True, watch=lambda got: True)
+    assert probe.taken_over is taken_over
+
+
+def test_an_unsafe_start_exits_3_which_systemd_does_not_restart(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """helper-95: systemd restarted a refused start every 5 s; each retry displaced the live
+    coordinator again until its reconnect back-off outgrew the watch and a retry got through."""
+    from coordinator.cli import record_region
+
+    state = tmp_path / "eu"
+    state.mkdir()
+    record_region(state, "eu")
+    rc, err = edgeci(["--broker", "mqtt://127.0.0.1:1", "--region", "asia", "--state-dir", str(state)], capsys)
+    assert rc == 3 and "serves region 'eu', not 'asia'" in err
+    unit = (Path(__file__).resolve().parents[1] / "deploy" / "edgeci-coordinator.service").read_text()
+    assert "Restart=on-failure" in unit and "RestartPreventExitStatus=3" in unit
+    rc, err = edgeci(["--broker", "mqtt://127.0.0.1:1", "--state-dir", str(tmp_path / "new")], capsys)
+    assert rc == 1 and "cannot reach broker" in err  # a broker down stays a failure systemd retries
+
+
 def test_a_full_disk_at_start_is_an_error_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                           monkeypatch: pytest.MonkeyPatch, no_pretraining: None, empty_broker: None) -> None:
     """Operator trial, finding 4: ENOSPC while opening the state dir ended in a traceback."""

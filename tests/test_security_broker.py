@@ -452,7 +452,7 @@ def test_a_second_coordinator_of_a_live_identity_is_refused_on_the_secure_broker
     from coordinator.cli import check_take_over
     from coordinator.daemon import CoordinatorOptions
     from coordinator.registry import Registry
-    from edge_sdk.errors import ConfigError
+    from edge_sdk.errors import StartRefused
     from edge_sdk.tasks import get_task
 
     bundle = secure_broker.bundle("coord-sec", "coordinator")
@@ -465,7 +465,7 @@ def test_a_second_coordinator_of_a_live_identity_is_refused_on_the_secure_broker
                             "--state-dir", str(tmp_path / "live"), "--k", "1", "--timeout", "1") as live:
         options = CoordinatorOptions(broker=secure_broker.url, region=R, state_dir=other, bundle=bundle,
                                      coordinator_id="coord-sec")
-        with pytest.raises(ConfigError, match=r"live client with this coordinator's identity.*took it back"):
+        with pytest.raises(StartRefused, match=r"closed the start-up probe's connection.*'coord-sec'.*taking its client id back"):
             check_take_over(options, take_over=False)
         wait_until(lambda: any("reconnected to broker" in line for line in live.lines), 15, "the live coordinator back")
         assert live.proc.poll() is None
