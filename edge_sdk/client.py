@@ -875,12 +875,15 @@ class EdgeClient:
                         "device's %s: its store was lost (a reinstall of a long-used id?) or the ack was forged. Its updates "
                         "cannot get through: give this device a new --device-id (or restore its store); it keeps retrying",
                         self.core.config.device_id, note.data.get("watermark"), MAX_WATERMARK_JUMP, note.data.get("seq"))
-        elif note.kind == "pull_rejected" and str(note.data.get("reason")) not in self._pull_rejected_said:
-            self._pull_rejected_said.add(str(note.data.get("reason")))
-            log.warning("device %s: the coordinator of region %s refused its pull (%s)%s; it keeps retrying",
-                        self.core.config.device_id, self.region, note.data.get("reason"),
-                        ": it serves another model than this device's task — check the task and --region"
-                        if note.data.get("reason") == "unknown_model" else "")
+        elif (note.kind == "pull_rejected" and str(note.data.get("reason")) not in self._pull_rejected_said
+              and len(self._pull_rejected_said) < 16):  # (reasons come in unsigned acks: a bounded set)
+            reason = str(note.data.get("reason"))
+            self._pull_rejected_said.add(reason)
+            # A canary fetch after its round closed is refused in a normal race (and given up after 3 tries).
+            (log.info if reason.startswith("canary") else log.warning)(
+                "device %s: the coordinator of region %s refused its pull (%s)%s; it retries", self.core.config.device_id,
+                self.region, reason, ": it serves another model than this device's task — check the task and the region"
+                if reason == "unknown_model" else "")
         self._emit(note.kind, dict(note.data))
 
     def run_training_job(self, job: TrainingJob, config: TrainConfig) -> tuple[TrainResult, list[int]]:

@@ -167,6 +167,10 @@ def test_a_refused_pull_is_said_and_retried_as_before() -> None:
     assert c.state.counters["pull_rejected:unknown_model"] == 1
     again = published(c.handle(TimerFired(now=deadline)))
     assert len(again) == 1 and isinstance(again[0], Pull)
+    for i in range(40):  # forged acks with ever new reasons (helper-95): the counters stay bounded
+        c.handle(recv(9.0, "ack", Ack(device=DEV, seq=again[0].seq, status="rejected", version=4, reason=f"r{i}" + "x" * 200)))
+    keys = [k for k in c.state.counters if k.startswith("pull_rejected:")]
+    assert len(keys) == 17 and "pull_rejected:other" in keys and max(map(len, keys)) <= len("pull_rejected:") + 64
 
 
 def test_training_failure_retries_on_next_sample() -> None:

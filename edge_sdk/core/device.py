@@ -91,6 +91,7 @@ Transitions (event → action, new phase)::
     PULLING   Model(reply_to = pull seq or -1, not older than deployed)
                                            → DeployModel, Persist, StartTraining  TRAINING
     PULLING   Ack(deferred)                → ScheduleTimer(re-announce)    DEFERRED
+    PULLING   Ack(rejected)                → Notify(pull_rejected)         PULLING (retried at the deadline)
     PULLING   TimerFired (deadline)        → Publish(pull, same seq)       PULLING
     DEFERRED  Invite                       → Publish(pull, invite_round)   PULLING
     DEFERRED  TimerFired (deadline)        → Publish(pull, same seq)       PULLING
@@ -716,8 +717,12 @@ class DeviceCore:
         if s.phase is _PULLING and msg.status == "rejected":
             # Said, and nothing else changes: acks are unsigned, so a forged one must not stop
             # the device pulling; the pull is sent again at its timeout as before.
-            s.counters[f"pull_rejected:{msg.reason}"] = s.counters.get(f"pull_rejected:{msg.reason}", 0) + 1
-            return [Notify(kind="pull_rejected", data={"seq": msg.seq, "reason": msg.reason, "version": msg.version})]
+            reason = msg.reason[:64]  # (an unsigned ack's free text: the counters stay few and short)
+            key = f"pull_rejected:{reason}"
+            if key not in s.counters and sum(k.startswith("pull_rejected:") for k in s.counters) >= 16:
+                key = "pull_rejected:other"
+            s.counters[key] = s.counters.get(key, 0) + 1
+            return [Notify(kind="pull_rejected", data={"seq": msg.seq, "reason": reason, "version": msg.version})]
         if s.phase is not _PUSHING:
             return []
         pending = s.pending_update
