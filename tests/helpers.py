@@ -257,7 +257,7 @@ class CoordinatorProcess:
         self._pump = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout or []), daemon=True)
         self._pump.start()
         try:
-            wait_until(lambda: any("ready" in ln for ln in self.lines) or self.proc.poll() is not None, 120, "coordinator ready")
+            wait_until(lambda: any(" ready: region " in ln for ln in self.lines) or self.proc.poll() is not None, 120, "coordinator ready")
             assert self.proc.poll() is None, "".join(self.lines)
         except BaseException:
             self.close()

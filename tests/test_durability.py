@@ -72,7 +72,7 @@ class Coordinator:
         return "".join(self.lines)
 
     def wait_ready(self) -> Coordinator:
-        wait_until(lambda: any("ready" in line for line in self.lines) or self.proc.poll() is not None, 120, "coordinator ready")
+        wait_until(lambda: any(" ready: region " in line for line in self.lines) or self.proc.poll() is not None, 120, "coordinator ready")
         assert self.proc.poll() is None, self.output
         return self
 

@@ -99,7 +99,7 @@ class Coordinator:
             self.proc.stdout.close()
 
     def wait_ready(self, timeout: float = 120) -> None:
-        wait_until(lambda: any("ready" in line for line in self.lines) or self.poll() is not None, timeout, f"{self.name} ready")
+        wait_until(lambda: any(" ready: region " in line for line in self.lines) or self.poll() is not None, timeout, f"{self.name} ready")
         assert self.poll() is None, "".join(self.lines[-30:])
 
     def poll(self) -> int | None:

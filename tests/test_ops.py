@@ -302,7 +302,7 @@ class Proc:
                        for s, d in ((self.p.stdout, self.out), (self.p.stderr, self.err))]
         for t in self._pumps:
             t.start()
-        wait_until(lambda: any("ready" in line for line in self.out) or self.p.poll() is not None, 120, "coordinator ready")
+        wait_until(lambda: any(" ready: region " in line for line in self.out) or self.p.poll() is not None, 120, "coordinator ready")
         assert self.p.poll() is None, "".join(self.out + self.err)
 
     @staticmethod
