@@ -44,7 +44,7 @@ from coordinator.core import CandidateEvaluated, EvaluateCandidate
 from coordinator.gate import Paired, paired_counts
 from edge_sdk.errors import ConfigError
 from edge_sdk.tasks.base import MAX_BOXES, Split, Task
-from edge_sdk.tasks.registry import sample_kind_of
+from edge_sdk.tasks.registry import sample_kind_of, task_info
 
 log = logging.getLogger("edgeci.coordinator")
 
@@ -126,6 +126,13 @@ def _samples(p: Path, arrays: dict[str, npt.NDArray[Any]], task: Task, n_classes
     x = x.astype(np.float32, copy=False)
     if not np.isfinite(x).all():
         raise ConfigError(f"--validation {p}: x holds NaN or Inf")
+    info = task_info(task)
+    if info is not None and info.contract is not None and info.contract.value_range is not None and x.size:
+        lo, hi = info.contract.value_range  # (helper-95: raw 0-16 pixels would score every candidate wrong)
+        if x.min() < lo or x.max() > hi:
+            hint = f" ({info.contract.hint})" if info.contract.hint else ""
+            raise ConfigError(f"--validation {p}: x holds values in [{x.min():g}, {x.max():g}]; the task's inputs lie in "
+                              f"[{lo:g}, {hi:g}]{hint}")
     if y.size and not (np.isfinite(y).all() and (y == np.round(y)).all() and y.min() >= 0 and y.max() < n_classes):
         raise ConfigError(f"--validation {p}: y must be integer class labels 0 to {n_classes - 1}")
     return Split(x=x, y=y.astype(np.int64))

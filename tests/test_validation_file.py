@@ -142,6 +142,8 @@ def test_a_bad_frames_file_is_one_clear_error(tmp_path: Path, arrays: dict[str, 
     ({"x": np.zeros((3, 1, 8, 8)), "y": [[0, 1, 2]]}, "x must be (N, 1, 8, 8) with N labels"),
     ({"x": np.zeros((3, 8, 8)), "y": [0, 1, 2]}, "x must be (N, 1, 8, 8) with N labels"),
     ({"x": np.full((3, 1, 8, 8), np.inf), "y": [0, 1, 2]}, "x holds NaN or Inf"),
+    ({"x": np.full((3, 1, 8, 8), 16.0), "y": [0, 1, 2]},
+     "x holds values in [16, 16]; the task's inputs lie in [0, 1] (scikit-learn's 0-16 pixel counts divided by 16)"),
 ])
 def test_a_bad_classifier_file_is_one_clear_error(tmp_path: Path, arrays: dict[str, Any], needle: str) -> None:
     with pytest.raises(ConfigError) as err:
