@@ -70,7 +70,7 @@ from edge_sdk.paths import device_dir
 from edge_sdk.runtime import Actor, Clock, WallClock
 from edge_sdk.scc import DeviceScc, SccConfig
 from edge_sdk.spec import Vector
-from edge_sdk.store import SampleKind, SampleStore, StorageError
+from edge_sdk.store import SampleKind, SampleStore, Snapshot, StorageError
 from edge_sdk.tasks import get_task, task_name
 from edge_sdk.tasks.base import (
     Task,
@@ -894,7 +894,7 @@ class EdgeClient:
             frames = list(self.store.frames(ids))  # ids evicted meanwhile are skipped
             images, boxes = [f for f, _ in frames], [b for _, b in frames]
             return self.task.local_update(job.weights, images, boxes, config), ids
-        snap = self.store.snapshot(self.sample_kind)
+        snap = self._within_contract(self.store.snapshot(self.sample_kind))
         ids = [int(i) for i in snap.ids]
         scc = self.scc
         if scc is None:
@@ -906,6 +906,25 @@ class EdgeClient:
             result = self.task.local_update(job.weights, snap.x, snap.y, config)
         scc.age_out(job.weights, snap.ids, snap.x, snap.y)  # older samples live on as features
         return result, ids
+
+    def _within_contract(self, snap: Snapshot) -> Snapshot:
+        """``snap`` without the samples the task's input contract refuses, which are removed from
+        the store (said once per removal): a store written before a contract's range (gestures:
+        ±64) may hold such samples, and one of them would fail every training round."""
+        contract = self.contract
+        if contract is None or contract.value_range is None or not len(snap):
+            return snap
+        lo, hi = contract.value_range
+        flat = snap.x.reshape(len(snap), -1)
+        ok = np.isfinite(flat).all(axis=1) & (flat >= lo).all(axis=1) & (flat <= hi).all(axis=1)
+        if ok.all():
+            return snap
+        bad = [int(i) for i in snap.ids[~ok]]
+        self.store.remove(bad)
+        log.warning("device %s: removed %d stored sample(s) outside the task's input range [%g, %g] (stored before the "
+                    "range was checked?); training goes on with the other %d", self.core.config.device_id, len(bad), lo, hi,
+                    int(ok.sum()))
+        return Snapshot(ids=snap.ids[ok], timestamps=snap.timestamps[ok], x=snap.x[ok], y=snap.y[ok])
 
     def _train(self, job: TrainingJob) -> None:
         """Trainer thread: fine-tune on all local samples, hand the result to the actor."""

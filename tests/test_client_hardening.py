@@ -5,6 +5,7 @@ model deployed while ``predict`` builds its engine is the one served."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -247,3 +248,28 @@ def test_the_wall_clock_of_the_drivers_follows_a_clock_set_forward_but_never_goe
     assert clock.now() == wall[0] == 1_003_603.0
     mono[0] += 0.5
     assert clock.now() == wall[0] + 0.5
+
+
+def test_a_stored_sample_outside_the_input_range_is_removed_not_trained_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """helper-95: a store written before gestures had a range may hold a sample beyond ±64; every
+    training round re-checked the samples (or turned NaN) and failed, for ever. The client drops
+    such samples from the store, says so, and trains on the rest."""
+    from edge_sdk.client import EdgeClient
+    from edge_sdk.tasks import get_task
+    from edge_sdk.tasks.base import TrainConfig
+
+    task = get_task("gestures")
+    pool = task.data().pool
+    c = EdgeClient(broker="mqtt://127.0.0.1:9", device_id="g", data_dir=tmp_path / "dev", task=task)  # never started
+    try:
+        for i in range(4):
+            c.add_sample(pool.x[i], int(pool.y[i]))
+        c.store.add_gesture(np.full((32, 4), 3e38, np.float32), 1)  # as an older SDK stored it (no range then)
+        assert c.store.count() == 5
+        with caplog.at_level(logging.WARNING, logger="edgeci"):
+            result, ids = c.run_training_job(TrainingJob(job_id=1, base_version=0, weights=task.pretrained(seed=0), n_samples=5),
+                                             TrainConfig(epochs=1, batch_size=4, lr=0.05))
+        assert result.n_samples == 4 and len(ids) == 4 and np.isfinite(result.weights).all()
+        assert c.store.count() == 4 and "removed 1 stored sample(s) outside the task's input range [-64, 64]" in caplog.text
+    finally:
+        c.stop()
