@@ -42,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     task = get_task(args.model)
     check_out(args.out)
     # (stderr, whatever the log level: a detector's first pretraining of a seed takes minutes)
-    print(f"pretraining {task.spec.model_id} (seed {args.seed}) on the task's pretraining split...", file=sys.stderr, flush=True)
+    print(f"pretraining {task.spec.model_id} (seed {args.seed}) on the task's pretraining split, or loading its cached "
+          "result...", file=sys.stderr, flush=True)
     weights = task.pretrained(seed=args.seed)
     metrics = task.evaluate(weights)
     try:
