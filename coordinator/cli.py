@@ -460,7 +460,7 @@ def _check_metrics(host: str, port: int) -> None:
 
 def check_method(options: CoordinatorOptions) -> None:
     """The strategy and peering with their parameters, built once and thrown away (names, types, ranges)."""
-    own_id = options.coordinator_id or f"coord-{options.region}"
+    own_id = options.own_id
     if options.peering not in (None, "none") and len(set(options.peers or ()) | {own_id}) < 2:
         # (a ring of one started without a word, then logged every beat of the real ring as "not in this ring")
         raise ConfigError(f"--peering {options.peering} needs the other coordinators: --peers {own_id},OTHER[,…] (the whole "
@@ -477,7 +477,7 @@ def check_before_start(options: CoordinatorOptions, layered: Layered) -> None:
     check_state_dir(options.state_dir)
     parse_broker_url(options.broker)
     check_id(options.region, "--region")
-    check_id(options.coordinator_id or f"coord-{options.region}", "--id (coordinator id)")
+    check_id(options.own_id, "--id (coordinator id)")
     _check_metrics(str(getattr(args, "metrics_host", "127.0.0.1")), int(getattr(args, "metrics_port", 0) or 0))
     task = get_task(options.model)
     check_method(options)
@@ -590,7 +590,9 @@ def _signing_kid(options: CoordinatorOptions) -> str | None:
 
 TAKEOVER_WATCH_S = 3.0
 """How long the start-up probe stays connected to see whether a live client with its client id
-takes it back (see :func:`_probe`): a coordinator reconnects 1 s after losing its connection."""
+takes it back (see :func:`_probe`): a coordinator reconnects 1 s after a first lost connection;
+its back-off doubles after each connection that lasted under 10 s, so starts retried within
+seconds of each other outgrow this (the reason an unsafe start exits 3: no automatic retry)."""
 
 
 class _Probe(NamedTuple):
@@ -635,7 +637,7 @@ def _probe(options: CoordinatorOptions, wanted: Sequence[str], wait_s: float = 1
         if not up:
             lost.set()
 
-    cid = f"{(options.coordinator_id or f'coord-{options.region}')[:54]}-preflight"  # not the coordinator's own id
+    cid = f"{options.own_id[:54]}-preflight"  # not the coordinator's own id
     auth = options.auth or (BrokerAuth.from_bundle(options.bundle) if options.bundle is not None else None)
     try:
         probe = MqttTransport(options.broker, client_id=cid, subscriptions=list(wanted), on_message=on, clean_session=True,
@@ -774,23 +776,22 @@ def check_take_over(options: CoordinatorOptions, take_over: bool) -> None:
     fresh = not holds_versions(options.state_dir)
     kid = _signing_kid(options)
     recall_topic, status_topic = topics.recall_topic(options.region), topics.status_topic(options.region)
-    # The broker is asked before anything is written: a start that cannot reach it (a typo in
-    # --broker, a wrong port, an untrusted certificate) says so now, not after an empty state
-    # dir's pretraining (minutes for detection), with the error the daemon's start would give.
-    # (A refusal of the probe's client id is not this start's: the daemon's own connect decides.)
     try:
         epoch = None if fresh else read_epoch(options.state_dir)
     except OSError:
         epoch = None  # (the daemon's start reports the storage error)
+    # The broker is asked before anything is written: a start that cannot reach it (a typo in
+    # --broker, a wrong port, an untrusted certificate) says so now, not after an empty state
+    # dir's pretraining (minutes for detection), with the error the daemon's start would give.
+    # (A refusal of the probe's client id is not this start's: the daemon's own connect decides.)
     probe = _probe(options, [recall_topic, status_topic] if fresh else [status_topic], required=True,
                    watch=lambda got: live_other_coordinator(got.get(status_topic), kid, time.time(), epoch) is None)
     got = probe.retained or {}
     other = live_other_coordinator(got.get(status_topic), kid, time.time(), epoch)
     if other is None and probe.taken_over:
-        identity = options.coordinator_id or f"coord-{options.region}"
         msg = (f"the broker closed the start-up probe's connection within {TAKEOVER_WATCH_S:.0f} s: on a broker that "
                f"sets client ids from identities (edgeci's secure configs) that is a live coordinator of identity "
-               f"{identity!r} (on another host, or another state dir) taking its client id back — the probe displaced "
+               f"{options.own_id!r} (on another host, or another state dir) taking its client id back — the probe displaced "
                "it for a moment, so its status read 'not alive'. Find and stop that one; if the broker or the network "
                "dropped the probe instead, start again")
         if not take_over:

@@ -225,6 +225,11 @@ class CoordinatorOptions:
     inversion_params: Mapping[str, Any] = field(default_factory=dict)
     """gradient-inversion: ``coordinator.inversion.InversionConfig`` fields (iterations, time_budget_s, ...)."""
 
+    @property
+    def own_id(self) -> str:
+        """The coordinator's id: ``coordinator_id``, else ``coord-<region>``."""
+        return self.coordinator_id or f"coord-{self.region}"
+
 
 ACTOR_STOP_S = 10.0
 """How long :meth:`CoordinatorDaemon.stop` waits for the actor to finish; after that the state
@@ -262,7 +267,7 @@ class CoordinatorDaemon:
         operator_dir = options.operator_keys_dir or (options.bundle / "operators" if options.bundle is not None else None)
         # operators/<name>.pub: the key that may sign control commands in that name
         self.operators = load_named_keys(operator_dir) if operator_dir is not None and Path(operator_dir).is_dir() else {}
-        self.coordinator_id = options.coordinator_id or f"coord-{options.region}"
+        self.coordinator_id = options.own_id
         peer_dir = options.peer_keys_dir or (options.bundle / "trusted" if options.bundle is not None else None)
         self.peer_keys = load_named_keys(peer_dir) if peer_dir is not None and Path(peer_dir).is_dir() else {}
         # Before anything is written: the state dir (lock, signing key) and, for an empty
