@@ -915,8 +915,7 @@ class EdgeClient:
         if contract is None or contract.value_range is None or not len(snap):
             return snap
         lo, hi = contract.value_range
-        flat = snap.x.reshape(len(snap), -1)
-        ok = np.isfinite(flat).all(axis=1) & (flat >= lo).all(axis=1) & (flat <= hi).all(axis=1)
+        ok = contract.rows_within(snap.x)
         if ok.all():
             return snap
         bad = [int(i) for i in snap.ids[~ok]]

@@ -90,6 +90,17 @@ class InputContract:
             text += f" with values in [{lo:g}, {hi:g}]"
         return text + (f" ({self.hint})" if self.hint else "")
 
+    def rows_within(self, xs: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
+        """Per sample of a batch ``(N, …)``: all its values finite and inside :attr:`value_range`
+        (no range: finite). For data stored or written elsewhere; new samples go through
+        :meth:`sample` / :meth:`batch`, which say what is wrong."""
+        flat = np.asarray(xs).reshape(len(xs), -1)
+        ok: npt.NDArray[np.bool_] = np.isfinite(flat).all(axis=1)
+        if self.value_range is not None:
+            lo, hi = self.value_range
+            ok &= (flat >= lo).all(axis=1) & (flat <= hi).all(axis=1)
+        return ok
+
     def _fail(self, problem: str) -> InvalidSample:
         return InvalidSample(f"{self.task}: expected {self.describe()}; {problem}")
 
