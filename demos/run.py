@@ -275,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
         tmp.cleanup()  # also when the coordinator could not start (a bad validation set): no stray temp dir
     status = coordinator.core.status()
     _, v_end, acc_end = timeline.last()
-    png = out / "accuracy.png"
+    png = plot_path(out, metric)
     gate_note = "no gate" if validation is None else f"gate on {n_val} validation samples, margin {args.gate_margin:g}"
     plot(timeline, png, f"edgeci run: SPIN (K={args.k}, π={args.timeout:g} s), {args.devices} devices, {task.name}\n{gate_note}",
          training if validation is not None else None, metric)
@@ -292,6 +292,12 @@ def run(args: argparse.Namespace) -> int:
         f"samples labelled {loop.labelled if loop else 0} | wall {wall:.1f} s | plot {png}"
     )
     return 0
+
+
+def plot_path(out: Path, metric: str) -> Path:
+    """Where the run's plot goes: named for what it plots (``accuracy.png``; a detector's
+    ``map50.png``)."""
+    return out / ("map50.png" if metric == "mAP50" else "accuracy.png")
 
 
 def validation_count(requested: int, pool: int) -> int:

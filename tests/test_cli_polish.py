@@ -426,6 +426,14 @@ def test_run_starts_a_detection_fleet_with_a_gate_its_coordinator_loads(tmp_path
     assert "partition" not in capsys.readouterr().err
 
 
+def test_a_detection_run_names_its_plot_for_its_metric(tmp_path: Path) -> None:
+    """A detection run's plot of mAP50 was written as accuracy.png."""
+    import demos.run
+
+    assert demos.run.plot_path(tmp_path, "mAP50") == tmp_path / "map50.png"
+    assert demos.run.plot_path(tmp_path, "accuracy") == tmp_path / "accuracy.png"
+
+
 def test_shares_below_d_min_are_said() -> None:
     """helper-94: with detection's D_min of 64, `edgeci run`'s default 20 devices got ~10 frames
     each: they labelled them all and never trained, without a word."""
