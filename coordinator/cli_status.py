@@ -270,9 +270,10 @@ def render(status: Mapping[str, Any], now: float, stale_after: float | None = No
                    f"{conv.get('applied', 0)} · late {conv.get('late', 0)} · failed {conv.get('failed', 0)} · "
                    f"parked {conv.get('parked', 0)}{evidence}")
     online, tracked = x.get("devices_online"), x.get("devices_tracked")
-    # served: devices whose pull this state dir answered, ever; the table below: every device heard
-    # from lately, a refused one included (helper-92 read "seen 3" above a table of 4)
-    out.append(f"devices   served {status.get('devices_seen', 0)} (since the state dir began)"
+    # pulled: devices whose pull this state dir took (served, deferred or a canary fetch), ever; the
+    # table below: every device heard from lately, a refused one included (helper-92 read "seen 3"
+    # above a table of 4; "served" counted deferred pulls too)
+    out.append(f"devices   pulled {status.get('devices_seen', 0)} (since the state dir began)"
                + (f" · tracked {tracked}" if isinstance(tracked, int) else "")
                + (f" · online {online}" if online is not None else ""))
     devices = x.get("devices") or []

@@ -263,8 +263,8 @@ def test_status_stamp_liveness_and_render() -> None:
     text = render(status, 1003.0)
     assert "ALIVE" in text and "cam-1" in text and "3 s ago" in text and "accepted 0" in text
     assert "ALIVE: alive" not in text and "pinned" not in text
-    # helper-92 read "devices seen 3" above a table of 4 rows: the count is of devices served
-    assert "devices   served 0 (since the state dir began) · tracked 1 · online 1" in text
+    # helper-92 read "devices seen 3" above a table of 4 rows: the count is of devices that pulled here
+    assert "devices   pulled 0 (since the state dir began) · tracked 1 · online 1" in text
     pinned = {**status, "extra": {**status["extra"], "release": 4, "pinned": True}}  # operator trial: said only in --json
     assert "release   4 (pinned: no promotions until `edgeci unpin`)" in render(pinned, 1003.0)
     will = json.loads(status_will("r1", "c1"))
