@@ -142,6 +142,9 @@ def _minutes(x: float | None) -> str:
     return "never" if x is None else f"{x / 60:.1f}"
 
 
+_WHY_NO_REFERENCE = "left out by --strategies, or without an evaluation"
+"""Why a reference run can be missing: not run, or run without a single evaluation row."""
+
 _NA = "n/a"
 """A cell that needs the reference's target when the reference run is not among the runs."""
 
@@ -161,8 +164,8 @@ def format_release_table(summary: Mapping[str, Any]) -> str:
     if not in_runs:  # said before the table: "never" / "0/1" would read as a missed target
         lines[1:1] = [
             "",
-            f"**No target:** the reference run {summary['reference']!r} is not among these runs (left out by "
-            "--strategies), so time to target, its ratio and reached are n/a; run it too for them.",
+            f"**No target:** the reference run {summary['reference']!r} is not among these runs ({_WHY_NO_REFERENCE}), "
+            "so time to target, its ratio and reached are n/a; run it too for them.",
         ]
     for label, run in runs.items():
         per_seed = "; ".join(
@@ -261,7 +264,7 @@ def release_figure(scenario: Scenario, results: Sequence[RunResult]) -> Figure:
         ax.legend(loc="lower right", fontsize=7)
     title = f"{scenario.name}: release accuracy vs virtual time"
     if scenario.reference and not _has_reference(scenario, results):
-        title += f"\nreference {scenario.reference!r} not among these runs (left out by --strategies): no reference line"
+        title += f"\nreference {scenario.reference!r} not among these runs ({_WHY_NO_REFERENCE}): no reference line"
     fig.suptitle(title)
     fig.tight_layout()
     return fig
