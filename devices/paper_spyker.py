@@ -242,7 +242,9 @@ def sweep(p: argparse.ArgumentParser, argv: Sequence[str] | None, out_root: str,
     order = {m.label: i for i, m in enumerate(sc.methods)}
     runs = sorted((r.to_json() for r in plan.stored()), key=lambda r: (order[r["label"]], int(r["summary"]["devices"]), int(r["seed"])))
     also = [float(a) for a in args.also.split(",") if a.strip()]
-    target = sc.settings.target_accuracy
+    # The runs' own targets: --report-only may read runs made under another target than the
+    # scenario's now (an edited scenario, or full runs read with --quick and --out).
+    target = min({float(r["target_accuracy"]) for r in runs if "target_accuracy" in r} or {sc.settings.target_accuracy})
     if sc.regions is not None and sc.regions.stop_at_target and any(a >= target for a in also):
         # A run stops soon after its target: a higher accuracy's column would read "≥ duration" on every
         # line (the quick forms' targets, 65 and 75 %, lie below the default 85 %).
