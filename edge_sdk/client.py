@@ -44,6 +44,7 @@ from typing import IO, Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from edge_sdk._extras import missing
 from edge_sdk.core.device import MAX_WATERMARK_JUMP, DeviceConfig, DeviceCore
 from edge_sdk.core.events import (
     CanaryScored,
@@ -259,6 +260,9 @@ class EdgeClient:
         self.regions: tuple[str, ...] = tuple(dict.fromkeys([region, *(regions or ())]))
         """This device's region first, then the regions it may fail over to, in order."""
         self.task: Task = _resolve_task(task) if isinstance(task, str) else task
+        if inference == "torch" and isinstance(self.task, DeclaredTask):  # here, not as an AttributeError in predict
+            raise missing("torch", self.task.info.train_extra,
+                          purpose=f"inference='torch' ({self.task.name}; the default inference='onnx' serves without it)")
         if min_samples is None:  # the task's declared D_min (edge_sdk/tasks/registry.py)
             min_samples = default_min_samples(self.task)
         # Provisioning bundle (`edgeci pki issue`): broker credentials, and the coordinators'
@@ -345,6 +349,7 @@ class EdgeClient:
             n_classes=n_classes,
             recover=True,  # a corrupt file is moved aside (counters kept); ``store_recovered`` says so
             counters=("next_seq", "trained_upto"),  # PersistDeviceState's: ints >= 0, or the file is corrupt
+            task=self.task.name,  # another task's store (one device id, two tasks: one default data dir) is refused
         )
         try:
             self._open(cfg, scc, seed)
@@ -639,6 +644,9 @@ class EdgeClient:
         (or ``*`` for all)."""
         if kind not in EVENTS:
             raise ConfigError(f"no notification is called {kind!r}; use one of {', '.join(sorted(EVENTS))}")
+        if not callable(callback):  # else each notification would log a TypeError, far from this call
+            raise ConfigError(f"the callback for {kind!r} must be callable as callback(kind, data), got "
+                              f"{type(callback).__name__} {callback!r:.60}")
         self._callbacks[kind].append(callback)
 
     def wait_for_version(self, version: int, timeout: float) -> bool:

@@ -272,6 +272,7 @@ class SampleStore:
         quota_bytes: int | None,
         frame_encoding: FrameEncoding,
         clock: Callable[[], float],
+        task: str | None = None,
     ) -> None:
         """Private: use :meth:`open`, which validates the arguments and prepares ``conn``."""
         self._conn: sqlite3.Connection | None = conn
@@ -287,6 +288,7 @@ class SampleStore:
         self._quota_bytes = quota_bytes
         self._frame_encoding = frame_encoding
         self._clock = clock
+        self._task = task
         self.unreadable: set[int] = set()
         """Ids of stored samples that no longer decode (bit-rot: bad bytes, NaN, a label out of
         range): left out of :meth:`snapshot` and :meth:`frames`, each logged once, so one bad
@@ -312,6 +314,7 @@ class SampleStore:
         clock: Callable[[], float] = time.time,
         recover: bool = False,
         counters: Sequence[str] = (),
+        task: str | None = None,
     ) -> SampleStore:
         """Open (creating if needed) the store at ``path``: the database file, or an
         existing directory (the SDK's data dir) to hold :data:`DEFAULT_FILENAME`.
@@ -326,6 +329,10 @@ class SampleStore:
         counters it can read (see *Integrity* above) instead of raising :class:`CorruptStore`.
         ``counters``: meta keys that, where set, must hold an int >= 0 (the caller's protocol
         counters, e.g. ``next_seq``): any other value there means the file is corrupt.
+        ``task``: the task whose samples the store holds (the SDK client's), remembered in the
+        file; a store of another task is a :class:`ConfigError`, found before anything is
+        written. A store from before tasks were remembered counts as another task's when it
+        holds or declares samples of a kind the caller does not declare.
         """
         sample_shape_t = _check_shape("sample_shape", sample_shape, ndim=None)
         gesture_shape_t = _check_shape("gesture_shape", gesture_shape, ndim=2)
@@ -354,6 +361,7 @@ class SampleStore:
             quota_bytes=quota_bytes,
             frame_encoding=frame_encoding,
             clock=clock,
+            task=task,
         )
         counter_keys = tuple(_check_meta_key(k) for k in counters)
         try:
@@ -799,6 +807,15 @@ class SampleStore:
     def _reconcile_settings(self, c: sqlite3.Connection) -> None:
         """Adopt stored shapes / n_classes, or store the declared ones; refuse a different task."""
         stored = _stored_settings(c, self._path)
+        if self._task is not None:  # first: nothing below may be written into another task's store
+            owner = stored.get("task")
+            if owner is None and (others := self._kinds_of_another_task(c, stored)):
+                owner = f"another task ({', '.join(others)} samples)"
+            if owner is not None and owner != self._task:
+                raise ConfigError(f"{self._path} holds the samples of {owner if 'task' not in stored else repr(owner)}, "
+                                  f"not of task {self._task!r}: a store serves one task, give each its own data_dir")
+            if "task" not in stored:
+                c.execute("INSERT INTO settings (key, value) VALUES ('task', ?)", (json.dumps(self._task),))
         for kind, key in (("array", "sample_shape"), ("gesture", "gesture_shape")):
             declared = self._shapes[kind]
             if key in stored:
@@ -828,6 +845,14 @@ class SampleStore:
                 "INSERT OR REPLACE INTO settings (key, value) VALUES ('n_classes', ?)",
                 (json.dumps(self._n_classes),),
             )
+
+    def _kinds_of_another_task(self, c: sqlite3.Connection, stored: Mapping[str, Any]) -> list[str]:
+        """The kinds of sample a store without a remembered task holds or declares that this
+        caller does not declare (declaring no shape: frames)."""
+        mine = {kind for kind, shape in self._shapes.items() if shape is not None} or {"frame"}
+        held = {str(kind) for (kind,) in c.execute("SELECT DISTINCT kind FROM samples")}
+        held |= {kind for kind, key in (("array", "sample_shape"), ("gesture", "gesture_shape")) if key in stored}
+        return sorted(held - mine)
 
     def _stored_label(self, sid: int, label: object) -> int:
         """A stored class label, checked as :meth:`add` checked it; else StorageError."""
@@ -1000,6 +1025,8 @@ def _stored_settings(c: sqlite3.Connection, path: Path) -> dict[str, Any]:
         elif key in ("sample_shape", "gesture_shape"):
             ok = isinstance(value, list) and bool(value) and all(_is_count(v) and v >= 1 for v in value)
             value = tuple(value) if ok else value
+        elif key == "task":
+            ok = isinstance(value, str) and bool(value)
         else:
             ok = True
         if not ok:

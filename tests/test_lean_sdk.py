@@ -112,6 +112,31 @@ def test_device_role_stores_validates_and_predicts_without_torch(tmp_path: Path,
     assert report["loaded"] == [] and report["onnxruntime"]
 
 
+_TORCH_INFERENCE = r"""
+import json, os
+from edge_sdk.client import EdgeClient
+from edge_sdk.errors import MissingExtra
+try:
+    EdgeClient(broker="mqtt://127.0.0.1:9", device_id="lean", task="digits", inference="torch")
+    out = {"error": None}
+except MissingExtra as exc:
+    out = {"error": str(exc)}
+out["data_dir"] = os.path.exists(os.path.join(os.environ["EDGECI_HOME"], "devices", "lean"))
+print(json.dumps(out))
+"""
+
+
+def test_torch_inference_without_torch_is_refused_at_construction(tmp_path: Path) -> None:
+    """helper-97: ``EdgeClient(inference="torch")`` on a ``[device]`` install was accepted, and
+    every ``predict`` raised ``AttributeError: 'DeclaredTask' object has no attribute 'logits'``."""
+    proc = _lean(_TORCH_INFERENCE, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["error"] is not None and "inference='torch'" in out["error"], out
+    assert "pip install 'edgeci[train]'" in out["error"]
+    assert out["data_dir"] is False  # refused before anything touched the disk
+
+
 _IMPORT_ERRORS = r"""
 import json
 out = {}

@@ -583,3 +583,43 @@ def test_masked_arrays_are_refused_not_stored_with_the_mask_dropped(tmp_path: Pa
         assert c.store.stats().added == 1
     finally:
         close_unstarted(c)
+
+
+def test_a_store_belongs_to_the_task_that_made_it(tmp_path: Path) -> None:
+    """helper-97: one device id running two tasks shares the default data dir. A digits client
+    opened a gestures device's store without a word, added (1, 8, 8) samples and raised its
+    n_classes to 10; the gestures client then could not open its own store ("may grow, not
+    shrink to 8"). Refused now, before anything is written; a store from before the task was
+    remembered is told by the kind of samples it holds."""
+    from edge_sdk.store import SampleStore
+
+    g = unstarted_client(tmp_path, task="gestures")
+    g.add_sample(np.zeros((32, 4), np.float32), 7)
+    close_unstarted(g)
+    with pytest.raises(ConfigError, match="holds the samples of 'gestures', not of task 'digits'"):
+        unstarted_client(tmp_path)
+    g = unstarted_client(tmp_path, task="gestures")  # untouched: its own task still opens it
+    try:
+        assert len(g.store) == 1 and g.store.stats().added == 1
+    finally:
+        close_unstarted(g)
+
+    legacy = tmp_path / "legacy"  # written before stores remembered their task
+    with SampleStore.open(legacy / "samples.sqlite3", gesture_shape=(32, 4), n_classes=8) as store:
+        store.add_gesture(np.zeros((32, 4), np.float32), 1)
+    with pytest.raises(ConfigError, match=r"holds the samples of another task \(gesture samples\), not of task 'digits'"):
+        unstarted_client(legacy)
+    close_unstarted(unstarted_client(legacy, task="gestures"))  # adopted by its own task
+    with pytest.raises(ConfigError, match="holds the samples of 'gestures'"):
+        unstarted_client(legacy)
+
+
+def test_on_refuses_a_callback_it_could_not_call(tmp_path: Path) -> None:
+    """helper-97: ``on("model", 42)`` was accepted; every model then logged a TypeError."""
+    c = unstarted_client(tmp_path)
+    try:
+        with pytest.raises(ConfigError, match="must be callable"):
+            c.on("model", 42)
+        c.on("model", print)
+    finally:
+        close_unstarted(c)
