@@ -45,6 +45,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edge_sdk._extras import missing
+from edge_sdk.cancellation import stoppable
 from edge_sdk.core.device import MAX_WATERMARK_JUMP, DeviceConfig, DeviceCore
 from edge_sdk.core.events import (
     CanaryScored,
@@ -64,7 +65,13 @@ from edge_sdk.core.events import (
     TrainingFinished,
     TrainingJob,
 )
-from edge_sdk.errors import ConfigError, EdgeciError, LocalProtocolError, MissingExtra
+from edge_sdk.errors import (
+    ConfigError,
+    EdgeciError,
+    LocalProtocolError,
+    MissingExtra,
+    TrainingCancelled,
+)
 from edge_sdk.modelio import load_model, save_model
 from edge_sdk.mqtt import ANY_REGION, BrokerAuth, MqttTransport, read_bundle
 from edge_sdk.paths import device_dir
@@ -426,6 +433,9 @@ class EdgeClient:
                          "asking for the current one", device_id, version, self._deployed_epoch, self.core.state.epoch)
         self.actor = Actor(f"device-{device_id}", self.core.handle, self._perform, clock=self.clock)
         self._trainer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"train-{device_id}")
+        self._stopping = threading.Event()
+        """Set by :meth:`stop`: a training job in progress ends at its next batch (the task's
+        loop calls :func:`edge_sdk.cancellation.checkpoint`)."""
         self._started = False
         self._used = False
         """start() was called (once only: the actor's thread and the store are not restartable)."""
@@ -459,7 +469,14 @@ class EdgeClient:
         return self
 
     def stop(self) -> None:
+        """Go offline (a retained ``offline`` presence), stop the client's threads and close
+        the store; every sample stored so far stays. A training job in progress is cancelled
+        at its next batch — the built-in tasks check between batches; a task of the app's own
+        that does not call :func:`edge_sdk.cancellation.checkpoint` is waited for — and its
+        result is not sent: the next client on this data dir trains again. ``predict()`` keeps serving the last
+        model after it."""
         self._used = True
+        self._stopping.set()
         if self._started:
             self.transport.publish(self._presence_topic, b"offline", retain=True)  # a clean exit sends no will
             self.transport.stop()
@@ -942,7 +959,8 @@ class EdgeClient:
                 log.warning("device %s: training hints out of bounds, clamped: %s", self.core.config.device_id, clamped)
             # epochs, batch size, lr and FedProx's mu from the coordinator's hints, else ours
             config = train_config(job.hints, cfg, seed=cfg.seed + job.job_id, group=job.group)
-            result, ids = self.run_training_job(job, config)
+            with stoppable(self._stopping.is_set):
+                result, ids = self.run_training_job(job, config)
 
             def finished(now: float) -> TrainingFinished:
                 self._remember_job(job.job_id, ids)  # in the actor thread, as _on_notify reads it
@@ -950,6 +968,8 @@ class EdgeClient:
                                         loss=result.loss, seconds=result.seconds)
 
             self.actor.submit(finished)
+        except TrainingCancelled:  # stop(): nothing is sent, the actor is stopping too
+            log.info("device %s: training job %d cancelled: the client is stopping", self.core.config.device_id, job.job_id)
         except MissingExtra as exc:  # a [device] install: classifier-only rounds only
             info = {"job_id": job.job_id, "group": job.group, "reason": str(exc)}
             log.info("device %s: skipping a %s round: %s", self.core.config.device_id, job.group, exc)

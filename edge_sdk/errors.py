@@ -210,3 +210,8 @@ class BrokerRefused(TransportError):
 class MissingExtra(ConfigError, ImportError):
     """An optional dependency of one role is not installed; the message names the extra
     (``pip install 'edgeci[train]'``). Also an ``ImportError``, so import fallbacks work."""
+
+
+class TrainingCancelled(EdgeciError):
+    """Local training stopped between two batches because its client is stopping
+    (:func:`edge_sdk.cancellation.checkpoint`); its result is never sent."""

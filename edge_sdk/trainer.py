@@ -34,6 +34,7 @@ try:
 except ImportError as exc:  # a [device] install serves with onnxruntime and trains with [train]
     raise missing("torch", "train", purpose="local training", cause=exc) from exc
 
+from edge_sdk.cancellation import checkpoint
 from edge_sdk.errors import ConfigError, InvalidSample
 from edge_sdk.spec import FULL, ModelSpec, Vector
 from edge_sdk.tasks.base import Split, TaskData, TrainConfig, TrainResult
@@ -219,6 +220,7 @@ def fit(
         order = torch.from_numpy(rng.permutation(n)).to(dev)
         epoch_loss = torch.zeros((), device=dev)
         for idx in torch.tensor_split(order, n_batches):
+            checkpoint()  # a stopping client does not wait for the rest of the epochs
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(module(xs[idx]), ys[idx])
             objective = loss + 0.5 * config.mu * sum(((p - a) ** 2).sum() for p, a in zip(trainable, anchor, strict=True)) if anchor else loss

@@ -273,3 +273,79 @@ def test_a_stored_sample_outside_the_input_range_is_removed_not_trained_on(tmp_p
         assert c.store.count() == 4 and "removed 1 stored sample(s) outside the task's input range [-64, 64]" in caplog.text
     finally:
         c.stop()
+
+
+def test_training_loops_stop_between_batches_inside_stoppable_only() -> None:
+    """The built-in loops (torch classifiers, the [device] install's numpy head) call
+    ``checkpoint()`` before each batch: inside ``stoppable`` it ends the job there once the
+    client is stopping; outside (the emulator, a task called directly) it does nothing."""
+    from edge_sdk.cancellation import checkpoint, stoppable
+    from edge_sdk.errors import TrainingCancelled
+    from edge_sdk.tasks import get_task
+    from edge_sdk.tasks.linear_head import fit_head
+
+    task = get_task("digits")
+    pool = task.data().pool
+    asked = 0
+
+    def stopped() -> bool:
+        nonlocal asked
+        asked += 1
+        return asked >= 3
+
+    with stoppable(stopped), pytest.raises(TrainingCancelled):
+        task.local_update(task.pretrained(seed=0), pool.x[:64], pool.y[:64], TrainConfig(epochs=50, batch_size=16, lr=0.05))
+    assert asked == 3  # asked before each batch: two ran, the third was not started
+    asked = 0
+    z, y = np.ones((40, 6), np.float32), np.arange(40, dtype=np.int64) % 3
+    with stoppable(stopped), pytest.raises(TrainingCancelled):
+        fit_head(z, y, np.zeros((3, 6), np.float32), np.zeros(3, np.float32), epochs=50, batch_size=8, lr=0.1, seed=0)
+    assert asked == 3
+    checkpoint()  # outside stoppable(): nothing to stop
+    w, b, _ = fit_head(z, y, np.zeros((3, 6), np.float32), np.zeros(3, np.float32), epochs=2, batch_size=8, lr=0.1, seed=0)
+    assert w.shape == (3, 6) and b.shape == (3,)
+
+
+def test_stop_cancels_the_training_job_in_progress(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """helper-97: ``stop()`` 8 s after start waited 65 s for a 60-epoch job, then threw its
+    result away (a phone's OS kills an app that hangs on shutdown). Now the job ends at its
+    next batch, nothing is sent, and the samples stay."""
+    import threading
+
+    import edge_sdk.trainer
+    from edge_sdk.client import EdgeClient
+    from edge_sdk.tasks import get_task
+
+    task = get_task("digits")
+    pool = task.data().pool
+    c = EdgeClient(broker="mqtt://127.0.0.1:1", device_id="d1", data_dir=tmp_path / "dev", task=task,  # never started
+                   train=TrainConfig(epochs=100, batch_size=1, lr=0.01))
+    sent: list[object] = []
+    c.actor.submit = sent.append
+    for i in range(32):
+        c.add_sample(pool.x[i], int(pool.y[i]))
+    sent.clear()  # (each sample's SampleAdded)
+    batches = 0
+    running = threading.Event()
+    real = edge_sdk.trainer.checkpoint
+
+    def counted() -> None:
+        nonlocal batches
+        batches += 1
+        running.set()
+        real()
+
+    monkeypatch.setattr(edge_sdk.trainer, "checkpoint", counted)
+    job = c._trainer.submit(c._train, TrainingJob(job_id=7, base_version=0, weights=task.pretrained(seed=0), n_samples=32))
+    assert running.wait(60), "the job never reached its first batch"
+    with caplog.at_level(logging.INFO, logger="edgeci"):
+        c.stop()
+    assert job.done() and batches < 100 * 32  # it ended long before its 3,200 batches
+    assert "training job 7 cancelled: the client is stopping" in caplog.text
+    assert sent == []  # neither TrainingFinished nor TrainingFailed: nothing to send, nothing to back off
+    again = EdgeClient(broker="mqtt://127.0.0.1:1", device_id="d1", data_dir=tmp_path / "dev", task=task)
+    try:
+        assert again.store.count() == 32
+    finally:
+        close_unstarted(again)

@@ -623,3 +623,21 @@ def test_stays_offline_and_writes_only_inside_the_data_dir(
     assert list(cwd.iterdir()) == []
     if script is _TRAIN_EXPORT:
         assert (data_dir / "detection" / "yolov8n-64.onnx").is_file()
+
+
+def test_a_stopping_client_cancels_detection_training_between_batches(task: DetectionTask, frames: SceneSet) -> None:
+    """EdgeClient.stop() waited for a whole job (minutes of YOLO epochs on a device): the loop
+    asks before each batch inside ``stoppable`` and ends there."""
+    from edge_sdk.cancellation import stoppable
+    from edge_sdk.errors import TrainingCancelled
+
+    asked = 0
+
+    def stopped() -> bool:
+        nonlocal asked
+        asked += 1
+        return asked >= 2
+
+    with stoppable(stopped), pytest.raises(TrainingCancelled):
+        task.local_update(task.initial_weights(), frames.images, frames.boxes, TrainConfig(epochs=20, batch_size=2, lr=1e-3))
+    assert asked == 2  # one batch ran; the second was not started

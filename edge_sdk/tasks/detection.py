@@ -67,6 +67,7 @@ try:
 except ImportError as exc:
     raise missing(exc.name or "torch", "detection", purpose="the detection task", cause=exc) from exc
 
+from edge_sdk.cancellation import checkpoint
 from edge_sdk.errors import ConfigError, InvalidSample, UnsafeCheckpoint
 from edge_sdk.spec import FULL, ModelSpec, Vector
 from edge_sdk.tasks._ultralytics import (
@@ -616,6 +617,7 @@ class DetectionTask:
             order = torch.randperm(n, generator=gen)
             running = 0.0
             for start in range(0, n, batch_size):
+                checkpoint()  # a stopping client does not wait for the rest of the epochs
                 index = order[start : start + batch_size]
                 flip = torch.rand(index.shape[0], generator=gen) < self.config.hflip
                 batch = _batch(prep, index, self.device, flip)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from edge_sdk.cancellation import checkpoint
 from edge_sdk.errors import ConfigError, InvalidSample
 from edge_sdk.spec import ModelSpec
 
@@ -85,6 +86,7 @@ def fit_head(
             order = rng.permutation(n)
             epoch_loss = 0.0
             for idx in np.array_split(order, n_batches):
+                checkpoint()  # a stopping client does not wait for the rest of the epochs
                 logits = z[idx] @ w.T + b
                 shifted = logits - logits.max(axis=1, keepdims=True)
                 exp = np.exp(shifted)
