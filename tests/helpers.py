@@ -212,6 +212,18 @@ def unstarted_client(data_dir: Path, **kw: Any) -> Any:
     return c
 
 
+class StopAfter:
+    """A stop condition for :func:`edge_sdk.cancellation.stoppable` that turns true the
+    ``n``-th time it is asked (a training loop asks before each batch); ``asked`` counts."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.asked = n, 0
+
+    def __call__(self) -> bool:
+        self.asked += 1
+        return self.asked >= self.n
+
+
 def close_unstarted(c: Any) -> None:
     """Undo :func:`unstarted_client`: its actor, trainer and store."""
     c.actor.stop()

@@ -19,7 +19,7 @@ from edge_sdk.tasks.base import (
     hints_out_of_bounds,
     train_config,
 )
-from tests.helpers import close_unstarted, unstarted_client
+from tests.helpers import StopAfter, close_unstarted, unstarted_client
 
 
 def test_training_hints_are_clamped_to_their_bounds() -> None:
@@ -286,21 +286,15 @@ def test_training_loops_stop_between_batches_inside_stoppable_only() -> None:
 
     task = get_task("digits")
     pool = task.data().pool
-    asked = 0
-
-    def stopped() -> bool:
-        nonlocal asked
-        asked += 1
-        return asked >= 3
-
+    stopped = StopAfter(3)
     with stoppable(stopped), pytest.raises(TrainingCancelled):
         task.local_update(task.pretrained(seed=0), pool.x[:64], pool.y[:64], TrainConfig(epochs=50, batch_size=16, lr=0.05))
-    assert asked == 3  # asked before each batch: two ran, the third was not started
-    asked = 0
+    assert stopped.asked == 3  # asked before each batch: two ran, the third was not started
+    stopped = StopAfter(3)
     z, y = np.ones((40, 6), np.float32), np.arange(40, dtype=np.int64) % 3
     with stoppable(stopped), pytest.raises(TrainingCancelled):
         fit_head(z, y, np.zeros((3, 6), np.float32), np.zeros(3, np.float32), epochs=50, batch_size=8, lr=0.1, seed=0)
-    assert asked == 3
+    assert stopped.asked == 3
     checkpoint()  # outside stoppable(): nothing to stop
     w, b, _ = fit_head(z, y, np.zeros((3, 6), np.float32), np.zeros(3, np.float32), epochs=2, batch_size=8, lr=0.1, seed=0)
     assert w.shape == (3, 6) and b.shape == (3,)

@@ -630,14 +630,9 @@ def test_a_stopping_client_cancels_detection_training_between_batches(task: Dete
     asks before each batch inside ``stoppable`` and ends there."""
     from edge_sdk.cancellation import stoppable
     from edge_sdk.errors import TrainingCancelled
+    from tests.helpers import StopAfter
 
-    asked = 0
-
-    def stopped() -> bool:
-        nonlocal asked
-        asked += 1
-        return asked >= 2
-
+    stopped = StopAfter(2)
     with stoppable(stopped), pytest.raises(TrainingCancelled):
         task.local_update(task.initial_weights(), frames.images, frames.boxes, TrainConfig(epochs=20, batch_size=2, lr=1e-3))
-    assert asked == 2  # one batch ran; the second was not started
+    assert stopped.asked == 2  # one batch ran; the second was not started
