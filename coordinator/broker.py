@@ -31,7 +31,7 @@ from typing import Any, Protocol, TypeVar
 
 from edge_sdk.errors import ConfigError, TransportError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("edgeci.broker")
 
 MOSQUITTO_CONF = Path(__file__).with_name("mosquitto") / "edgeci.conf"
 SECURE_CONF = Path(__file__).with_name("mosquitto") / "edgeci-secure.conf"

@@ -103,7 +103,7 @@ were written and tested against (2.2.x) and only if it has every internal they u
 paho's own code runs (slower, same behaviour), so an upgrade of paho cannot break a coordinator
 through them."""
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("edgeci.mqtt")
 
 PASSWORD_ENV = "EDGECI_PASSWORD"
 RECONNECT_MIN_S, RECONNECT_MAX_S = 1, 30

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 from edge_sdk.core.events import ScheduleTimer, TimerFired
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("edgeci.runtime")
 
 
 def iso_utc_ms(t: float) -> str:

@@ -59,7 +59,7 @@ def test_the_client_trains_with_bounded_hints_and_says_so(tmp_path: Any, caplog:
 
     c.run_training_job = run
     try:
-        with caplog.at_level(logging.WARNING, logger="edge_sdk.client"):
+        with caplog.at_level(logging.WARNING, logger="edgeci.device"):
             c._train(_job(c, 1, {"epochs": 1e9, "lr": 0.01}))
         assert (seen[0].epochs, seen[0].lr) == (100, 0.01)  # epochs=1e9 occupied the device for ever
         assert "clamped" in caplog.text and "epochs" in caplog.text

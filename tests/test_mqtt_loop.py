@@ -133,7 +133,7 @@ def test_other_threads_submit_and_publish_and_the_timer_fires(mosquitto: Mosquit
 
 
 def test_survives_a_broker_restart(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="edge_sdk.mqtt")
+    caplog.set_level(logging.WARNING, logger="edgeci.mqtt")
     broker = MosquittoProcess().start()
     port = broker.port
     echo = Echo(broker.url).start()

@@ -343,7 +343,7 @@ def test_broker_urls_and_transport_safety(pki: Pki, caplog: pytest.LogCaptureFix
         transport("mqtt://127.0.0.1:1883", certs)
     with pytest.raises(ConfigError, match="clear text"):
         transport("mqtt://10.1.2.3:1883", BrokerAuth(username="u", password="p"))
-    with caplog.at_level(logging.WARNING, logger="edge_sdk.mqtt"):
+    with caplog.at_level(logging.WARNING, logger="edgeci.mqtt"):
         transport("mqtt://127.0.0.1:1883")
         assert not caplog.records
         transport("mqtt://10.1.2.3:1883")

@@ -102,7 +102,7 @@ YoloModel: TypeAlias = Any
 # settings dir, offline) once, at import. The task's own data dir overrides this default.
 prepare_environment()
 
-_LOG = logging.getLogger(__name__)
+_LOG = logging.getLogger("edgeci.detection")
 
 EXTRACTOR = "extractor"
 CLASSIFIER = "classifier"
