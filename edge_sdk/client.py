@@ -150,6 +150,7 @@ EVENTS = frozenset({
     "*", "model", "trained", "update_acked", "update_rejected", "deferred", "retry", "training_failed", "training_unavailable",
     "message_rejected", "store_recovered", "scc_cache_dropped", "failover", "canary", "canary_reported", "canary_dropped",
     "model_older", "storage", "key_pinned", "recalled", "seq_conflict", "seq_behind", "epoch", "pull_rejected",
+    "connection",
 })
 """What :meth:`EdgeClient.on` subscribes to: the device core's notifications and the client's own."""
 
@@ -533,12 +534,20 @@ class EdgeClient:
         return self.version is not None
 
     @property
+    def connected(self) -> bool:
+        """True while the client is started and connected to its broker (the ``connection``
+        notification says when that changes; labels are stored either way)."""
+        return self._started and self.transport.connected
+
+    @property
     def version(self) -> int | None:
+        """The deployed model's version (what :meth:`predict` uses), None before the first."""
         with self._lock:
             return None if self._deployed is None else self._deployed[0]
 
     @property
     def weights(self) -> Vector | None:
+        """The deployed model's weights (read-only float32), None before the first."""
         with self._lock:
             return None if self._deployed is None else self._deployed[1]
 
@@ -742,6 +751,10 @@ class EdgeClient:
             if self._connected_once:  # a reconnect: the core asks for what it missed (the first: start())
                 self.actor.call(lambda: self.actor.run_actions(self.core.reconnected(self.clock.now())))
             self._connected_once = True
+        elif not self._connected_once:
+            return  # a start that never connected raises from start(): nothing changed
+        info = {"connected": up, "broker": self.transport.address.url}
+        self.actor.call(lambda: self._emit("connection", info))  # (in the actor's thread, as every notification)
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         self.actor.submit(lambda now: MessageReceived(now=now, topic=topic, payload=payload))

@@ -267,13 +267,18 @@ def test_broker_restart_drivers_reconnect_and_resubscribe(tmp_path: Path) -> Non
         ).start()
         client = EdgeClient(broker=broker.url, device_id="phoenix", region=REGION, task=task, data_dir=tmp_path / "d",
                             min_samples=2, train=TrainConfig(epochs=1), request_timeout_s=1.0, inference="torch").start()
+        changes: list[bool] = []  # helper-97: an app could not tell that its broker went away and came back
+        client.on("connection", lambda kind, info: changes.append(info["connected"]))
         try:
+            assert client.connected
             broker.stop()
-            wait_until(lambda: not client.transport.connected and not daemon.transport.connected, 20, "both sides to notice")
+            wait_until(lambda: not client.connected and not daemon.transport.connected, 20, "both sides to notice")
             client.add_sample(pool.x[0], int(pool.y[0]))
             client.add_sample(pool.x[1], int(pool.y[1]))  # pull is sent (queued/retried) while offline
             broker = MosquittoProcess(port=port).start()
-            wait_until(lambda: client.transport.connected and daemon.transport.connected, 60, "reconnection")
+            wait_until(lambda: client.connected and daemon.transport.connected, 60, "reconnection")
+            wait_until(lambda: changes[-1:] == [True], 10, "the connection notification")
+            assert changes[0] is False and changes[-1] is True  # (failed reconnects in between add no True)
             assert client.wait_for_version(0, timeout=60), "the retried pull was never answered"
             wait_until(lambda: daemon.core.version >= 1, 60, "the device's update to be aggregated")
         finally:
