@@ -78,7 +78,14 @@ from edge_sdk.paths import device_dir
 from edge_sdk.runtime import Actor, Clock, WallClock
 from edge_sdk.scc import DeviceScc, SccConfig
 from edge_sdk.spec import Vector
-from edge_sdk.store import SampleKind, SampleStore, Snapshot, StorageError
+from edge_sdk.store import (
+    DEFAULT_QUOTA_BYTES,
+    SampleKind,
+    SampleStore,
+    Snapshot,
+    StorageError,
+    check_quota,
+)
 from edge_sdk.tasks import get_task, task_name
 from edge_sdk.tasks.base import (
     Task,
@@ -221,6 +228,11 @@ class EdgeClient:
     few bytes when it holds that release already. ``None`` turns it off (e.g. on a metered
     link: releases then arrive with the device's own pulls, a restart or a reconnect).
 
+    ``quota_bytes`` (default 512 MiB) and ``quota_samples`` (default none) bound the store of
+    labelled samples on the device (payload bytes, and count; ``None``: no bound). Past a
+    bound, the samples an acknowledged update already trained on go first, oldest first, then
+    the oldest others (see :mod:`edge_sdk.store`).
+
     ``bundle`` (``edgeci pki issue``): broker credentials and the coordinators' model-signing
     keys this device trusts (``trusted/``; a bundle with none is a ConfigError). Without a
     bundle or ``trusted_keys`` the device trusts the first key that signs a model (trust on
@@ -252,6 +264,8 @@ class EdgeClient:
         trusted_keys: Mapping[str, bytes] | None = None,
         scc: bool | SccConfig = False,
         refresh_s: float | None = 3600.0,
+        quota_bytes: int | None = DEFAULT_QUOTA_BYTES,
+        quota_samples: int | None = None,
     ) -> None:
         # Everything is checked before anything touches the disk: a ConfigError leaves no data
         # dir, store or model file behind.
@@ -265,6 +279,9 @@ class EdgeClient:
             raise ConfigError(f"task must be a task name or a Task, got {type(task).__name__} {task!r}")
         if data_dir is not None and not isinstance(data_dir, str | os.PathLike):
             raise ConfigError(f"data_dir must be a path, got {type(data_dir).__name__}")
+        check_quota("quota_bytes", quota_bytes)
+        check_quota("quota_samples", quota_samples)
+        self._quotas = {"quota_bytes": quota_bytes, "quota_samples": quota_samples}
         self.regions: tuple[str, ...] = tuple(dict.fromkeys([region, *(regions or ())]))
         """This device's region first, then the regions it may fail over to, in order."""
         self.task: Task = _resolve_task(task) if isinstance(task, str) else task
@@ -358,6 +375,7 @@ class EdgeClient:
             recover=True,  # a corrupt file is moved aside (counters kept); ``store_recovered`` says so
             counters=("next_seq", "trained_upto"),  # PersistDeviceState's: ints >= 0, or the file is corrupt
             task=self.task.name,  # another task's store (one device id, two tasks: one default data dir) is refused
+            **self._quotas,
         )
         try:
             self._open(cfg, scc, seed)

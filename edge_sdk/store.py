@@ -336,10 +336,10 @@ class SampleStore:
         """
         sample_shape_t = _check_shape("sample_shape", sample_shape, ndim=None)
         gesture_shape_t = _check_shape("gesture_shape", gesture_shape, ndim=2)
-        _check_optional_positive("n_classes", n_classes)
-        _check_optional_positive("quota_samples", quota_samples)
-        _check_optional_positive("quota_bytes", quota_bytes)
-        _check_optional_positive("max_frame_bytes", max_frame_bytes)
+        check_quota("n_classes", n_classes)
+        check_quota("quota_samples", quota_samples)
+        check_quota("quota_bytes", quota_bytes)
+        check_quota("max_frame_bytes", max_frame_bytes)
         if frame_encoding not in get_args(FrameEncoding):
             raise ConfigError(f"frame_encoding must be one of {get_args(FrameEncoding)}")
         if frame_encoding == "png" and not png_available():
@@ -1181,7 +1181,8 @@ def _check_shape(
     return dims
 
 
-def _check_optional_positive(name: str, value: int | None) -> None:
+def check_quota(name: str, value: int | None) -> None:
+    """ConfigError unless ``value`` is None (no quota) or a positive int."""
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

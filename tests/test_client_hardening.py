@@ -343,3 +343,23 @@ def test_stop_cancels_the_training_job_in_progress(tmp_path: Path, monkeypatch: 
         assert again.store.count() == 32
     finally:
         close_unstarted(again)
+
+
+def test_the_app_bounds_the_device_store(tmp_path: Path) -> None:
+    """helper-97: EdgeClient had no quota parameter: every device got the store's 512 MiB.
+    ``quota_samples`` / ``quota_bytes`` reach the store; a bad one is a ConfigError before
+    the data dir exists."""
+    from edge_sdk.client import EdgeClient
+    from edge_sdk.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="quota_bytes must be a positive int or None"):
+        EdgeClient(broker="mqtt://127.0.0.1:1", device_id="d1", data_dir=tmp_path / "bad", quota_bytes=0)
+    assert not (tmp_path / "bad").exists()
+    c = unstarted_client(tmp_path / "dev", quota_samples=3)
+    try:
+        x = np.zeros((8, 8), np.float32)
+        for label in range(5):
+            c.add_sample(x, label)
+        assert c.store.count() == 3 and c.store.stats().evicted == 2  # the oldest two made room
+    finally:
+        close_unstarted(c)
