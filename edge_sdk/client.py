@@ -281,7 +281,7 @@ class EdgeClient:
             raise ConfigError(f"data_dir must be a path, got {type(data_dir).__name__}")
         check_quota("quota_bytes", quota_bytes)
         check_quota("quota_samples", quota_samples)
-        self._quotas = {"quota_bytes": quota_bytes, "quota_samples": quota_samples}
+        self._quota_bytes, self._quota_samples = quota_bytes, quota_samples
         self.regions: tuple[str, ...] = tuple(dict.fromkeys([region, *(regions or ())]))
         """This device's region first, then the regions it may fail over to, in order."""
         self.task: Task = _resolve_task(task) if isinstance(task, str) else task
@@ -375,7 +375,8 @@ class EdgeClient:
             recover=True,  # a corrupt file is moved aside (counters kept); ``store_recovered`` says so
             counters=("next_seq", "trained_upto"),  # PersistDeviceState's: ints >= 0, or the file is corrupt
             task=self.task.name,  # another task's store (one device id, two tasks: one default data dir) is refused
-            **self._quotas,
+            quota_bytes=self._quota_bytes,
+            quota_samples=self._quota_samples,
         )
         try:
             self._open(cfg, scc, seed)
