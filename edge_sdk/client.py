@@ -525,7 +525,10 @@ class EdgeClient:
     def add_sample(self, x: npt.NDArray[Any], label: int, *, timestamp: float | None = None) -> int:
         """Store one labelled sample durably, then let the protocol react (the first pull
         waits for ``min_samples``). ``x`` follows :attr:`contract`; anything else (wrong
-        shape, dtype or value range) is a typed ``InvalidSample`` saying what was expected."""
+        shape, dtype or value range) is a typed ``InvalidSample`` saying what was expected.
+        ``timestamp``: when it was labelled, in seconds since the epoch as ``time.time()``
+        (the default: now); eviction past a quota goes by it, oldest first. Returns the
+        sample's id in the store."""
         if self.sample_kind == "frame":
             raise LocalProtocolError("a detection device stores frames with boxes: use add_frame(image, boxes)")
         assert self.contract is not None
@@ -695,7 +698,12 @@ class EdgeClient:
         self._callbacks[kind].append(callback)
 
     def wait_for_version(self, version: int, timeout: float) -> bool:
-        """Block until a model of at least ``version`` is deployed (for scripts and tests)."""
+        """Block until a model of at least ``version`` is deployed, at most ``timeout`` seconds;
+        True if one is (for scripts and tests)."""
+        if isinstance(version, bool) or not isinstance(version, int | np.integer):
+            raise ConfigError(f"version must be an int, got {type(version).__name__} {version!r:.40}")
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout >= 0:
+            raise ConfigError(f"timeout must be seconds >= 0, got {timeout!r:.40}")
         with self._version_changed:
             return self._version_changed.wait_for(lambda: (v := self.version) is not None and v >= version, timeout)
 

@@ -363,3 +363,18 @@ def test_the_app_bounds_the_device_store(tmp_path: Path) -> None:
         assert c.store.count() == 3 and c.store.stats().evicted == 2  # the oldest two made room
     finally:
         close_unstarted(c)
+
+
+def test_wait_for_version_says_what_it_takes(tmp_path: Path) -> None:
+    """helper-97: wait_for_version("x", 1) raised a bare TypeError from inside a lambda."""
+    from edge_sdk.errors import ConfigError
+
+    c = unstarted_client(tmp_path / "dev")
+    try:
+        with pytest.raises(ConfigError, match="version must be an int"):
+            c.wait_for_version("x", 1)
+        with pytest.raises(ConfigError, match="timeout must be seconds"):
+            c.wait_for_version(0, float("nan"))
+        assert c.wait_for_version(0, 0.01) is False  # nothing deployed: no model
+    finally:
+        close_unstarted(c)
