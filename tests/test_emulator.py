@@ -681,3 +681,15 @@ def test_runs_never_evaluated_after_the_start_are_said_so_in_the_table_and_plot(
     assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
     results[0].rows.append({"t_s": 60.0, "accuracy": 0.7, "committed_at_s": 30.0, "version": 1.0})
     assert "No run was evaluated" not in format_table(sc, summarise(sc, results))
+
+
+def test_the_gestures_scenario_trains_the_gesture_classifier(tmp_path: Path) -> None:
+    """demos/scenarios/gestures-headline.toml (the README's gestures table), shortened: the
+    devices' gesture updates are aggregated and the deployed classifier improves."""
+    sc = load_scenario(SCENARIOS / "gestures-headline.toml")
+    spec = next(r for r in sc.runs if r.strategy == "spin")
+    spec = dataclasses.replace(spec, settings=dataclasses.replace(spec.settings, duration_s=900.0))
+    result = run_spec(emulate.load_task(sc.settings.task), spec, 0)
+    s = result.summary
+    assert s["updates_accepted"] >= 100 and s["versions"] >= 20  # 273 and 57 when written
+    assert result.rows[-1]["accuracy"] > result.rows[0]["accuracy"] + 0.03, (result.rows[0], result.rows[-1])
