@@ -354,10 +354,12 @@ def options_from(args: argparse.Namespace, layered: Layered | None = None) -> Co
         params = merge_strategy_params(params, layered.strategy_params, flag_of, layered)
     by_name = _settle_twice(args, layered, parse_params(getattr(args, "param", None) or ()), strategy_users)
     params.update(by_name)
-    params, generic_peer_params = split_params(strategy, peering, params, strict=False)  # [strategy] / --param: by name
+    # [strategy] / --param: by name. With a peering a name neither side knows is refused here, naming
+    # both sides' parameters (left to the strategy, its error listed only the strategy's).
+    params, generic_peer_params = split_params(strategy, peering, params, strict=peering != "none")
     peers = tuple(c.strip() for c in args.peers.split(",") if c.strip())
     if peering == "none" and peers:
-        raise ConfigError("--peers needs --peering spyker|nebula|hierfavg")
+        raise ConfigError(f"--peers needs --peering {'|'.join(p for p in PEERINGS if p != 'none')}")
     peer_params: dict[str, object] = {param: getattr(args, dest) for dest, (param, users) in PEERING_FLAG_USERS.items()
                                       if peering in users and getattr(args, dest, None) is not None}
     peer_params.update(generic_peer_params)

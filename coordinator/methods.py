@@ -80,10 +80,11 @@ def split_params(strategy: str, peering: str, params: Mapping[str, Any], *,
     if not strict:
         s_known |= set(unknown)
     elif unknown:
+        known = method_params(strategy, peering)
         raise ConfigError(
-            f"unknown parameter(s) {', '.join(unknown)} for strategy {strategy!r}"
+            f"unknown parameter(s) {', '.join(unknown)}{did_you_mean(unknown[0], known)} for strategy {strategy!r}"
             + (f" with peering {peering!r}" if peering != "none" else "")
-            + f"; known parameters: {', '.join(method_params(strategy, peering))}"
+            + f"; known parameters: {', '.join(known)}"
         )
     return ({k: v for k, v in params.items() if k in s_known}, {k: v for k, v in params.items() if k in p_known})
 

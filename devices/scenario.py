@@ -140,7 +140,7 @@ from coordinator.gate import GateConfig
 from coordinator.inversion import InversionConfig
 from coordinator.methods import make_method
 from coordinator.peering import PEERINGS
-from coordinator.strategies import strategy_names
+from coordinator.strategies import COMPANIONS, strategy_names
 from coordinator.strategies.params import did_you_mean
 from devices.attacks import AttackPlan
 from devices.labelling import STREAM_ORDERS, arrival_times, stream_order
@@ -651,8 +651,11 @@ def _parse_regional(raw: Mapping[str, Any], settings: Settings, source: str) -> 
         if kind not in KINDS:
             raise ScenarioError(f"{where}: kind must be one of {KINDS}")
         peering = None if kind == "single" else str(kind)
+        strategy = str(m.get("strategy", "")) or ("fedasync" if peering is None else peering)
+        if strategy == peering and COMPANIONS.get(peering) != peering:  # e.g. a peering that works with any strategy
+            raise ScenarioError(f"{where}: kind {kind!r} has no strategy of its own: name one (strategy = \"fedasync\", …)")
         method = RunSpec(
-            label=str(m.get("label", kind)), strategy=str(m.get("strategy", "")) or ("fedasync" if peering is None else peering),
+            label=str(m.get("label", kind)), strategy=strategy,
             params=dict(m.get("strategy_params", {})), settings=settings, peering=peering, regional=True,
             peering_params=dict(m.get("peering_params", {})), service_ms=float(m.get("service_ms", 2.0)), msg_ms=float(m.get("msg_ms", 0.05)),
         )

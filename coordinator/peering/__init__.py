@@ -13,12 +13,17 @@
 
 The strategies live in :mod:`coordinator.strategies`; a strategy and its peering are wired
 together, once, by :func:`coordinator.methods.make_method`.
+
+Adding a protocol: its module, and here its name in :data:`PEERINGS`, its config dataclass in
+``_CONFIGS`` and its builder in ``_BUILDERS`` (the CLI's ``--peering`` and a regional
+scenario's ``kind`` read ``PEERINGS``; a peering that works with any strategy needs
+``strategy = …`` on its scenario lines).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from coordinator.peering.base import BROADCAST, Peering, PeerPlan, PeerSend
@@ -41,6 +46,20 @@ __all__ = [
 
 PEERINGS = ("none", "spyker", "nebula", "hierfavg")
 _CONFIGS: dict[str, type] = {"spyker": SpykerPeerConfig, "nebula": NebulaPeerConfig, "hierfavg": HierPeerConfig}
+
+
+def _spyker(coordinator_id: str, ring: tuple[str, ...], config: Any, strategy: Strategy | None) -> Peering:
+    cls = SyncSpykerPeering if config.mode == "sync" else SpykerPeering
+    return cls(coordinator_id, ring, config, strategy=strategy)
+
+
+_BUILDERS: dict[str, Callable[[str, tuple[str, ...], Any, Strategy | None], Peering]] = {
+    "spyker": _spyker,
+    "nebula": lambda me, ring, config, strategy: NebulaPeering(me, ring, config, strategy=strategy),
+    "hierfavg": lambda me, ring, config, strategy: HierPeering(me, ring, config, strategy=strategy),
+}
+"""Name -> how its component is built from (coordinator id, ring, config, strategy). A name in
+``PEERINGS`` / ``_CONFIGS`` without one is a ConfigError, never another protocol."""
 
 
 def peering_params(name: str) -> list[str]:
@@ -77,10 +96,7 @@ def make_peering(
         raise ConfigError(f"peering {name!r}: {exc}; known parameters: {', '.join(peering_params(name))}") from exc
     except ConfigError as exc:  # a range check in the config: say whose parameter it is
         owned(exc, "peering", name)
-    if name == "spyker":
-        if config.mode == "sync":
-            return SyncSpykerPeering(coordinator_id, ring, config, strategy=strategy)
-        return SpykerPeering(coordinator_id, ring, config, strategy=strategy)
-    if name == "nebula":
-        return NebulaPeering(coordinator_id, ring, config, strategy=strategy)
-    return HierPeering(coordinator_id, ring, config, strategy=strategy)
+    builder = _BUILDERS.get(name)
+    if builder is None:  # registered by half (PEERINGS / _CONFIGS): it used to fall through to HierPeering
+        raise ConfigError(f"peering {name!r} has a config but no builder in coordinator.peering._BUILDERS")
+    return builder(coordinator_id, ring, config, strategy)
