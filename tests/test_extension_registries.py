@@ -1,4 +1,6 @@
-"""helper-99: defects met while adding a peering by the README's recipe."""
+"""The registries a new peering or scenario kind goes through (helper-99 added a strategy, a
+staleness policy, a peering and a task by the README's recipe): a half-registered name, an
+unknown parameter or a kind without a strategy of its own is a clear error."""
 
 from __future__ import annotations
 
