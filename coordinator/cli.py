@@ -59,7 +59,14 @@ from coordinator.strategies.staleness import policy_names
 from coordinator.validation import load_validation
 from edge_sdk.errors import BrokerRefused, ConfigError, EdgeciError, StartRefused
 from edge_sdk.modelio import load_model
-from edge_sdk.mqtt import TOFU_PEERS, add_broker_arguments, auth_from_args, parse_broker_url
+from edge_sdk.mqtt import (
+    ANY_REGION,
+    TOFU_PEERS,
+    add_broker_arguments,
+    auth_from_args,
+    parse_broker_url,
+    read_bundle,
+)
 from edge_sdk.runtime import iso_utc_ms
 from edge_sdk.tasks import get_task
 from edge_sdk.wire import topics
@@ -480,6 +487,7 @@ def check_before_start(options: CoordinatorOptions, layered: Layered) -> None:
     parse_broker_url(options.broker)
     check_id(options.region, "--region")
     check_id(options.own_id, "--id (coordinator id)")
+    check_coordinator_bundle(options)
     _check_metrics(str(getattr(args, "metrics_host", "127.0.0.1")), int(getattr(args, "metrics_port", 0) or 0))
     task = get_task(options.model)
     check_method(options)
@@ -495,6 +503,30 @@ def check_before_start(options: CoordinatorOptions, layered: Layered) -> None:
     if options.signing_key is not None and not Path(options.signing_key).is_file():  # a typo must not mint a new key
         raise ConfigError(f"--signing-key {options.signing_key}: no such file (copy a state dir's signing.key there, or "
                           "use a coordinator bundle's); leave the option out to use STATE_DIR/signing.key")
+
+
+def check_coordinator_bundle(options: CoordinatorOptions) -> None:
+    """ConfigError unless ``--bundle`` is this coordinator's: a coordinator's role, issued for
+    ``--id`` and for ``--region`` (helper-96: any bundle was taken without a word — a device's made
+    the broker name the coordinator after that device, another region's left every topic refused
+    by the ACL, another identity's messages were refused by the ring, whose trusted/ keys go by identity)."""
+    if options.bundle is None:
+        return
+    path = options.bundle
+    manifest = read_bundle(path)
+    who, role, allowed = manifest.get("identity"), manifest.get("role"), manifest.get("regions")
+    if role != "coordinator":
+        raise ConfigError(f"bundle {path} is a {role}'s ({who!r}), not a coordinator's: connected as {who!r} this "
+                          f"coordinator would take that {role}'s place on the broker; issue one with "
+                          f"`edgeci pki issue --role coordinator {options.own_id} --region {options.region}`")
+    if who != options.own_id:
+        raise ConfigError(f"bundle {path} was issued for coordinator {who!r}, not {options.own_id!r}: the broker names "
+                          f"this connection {who!r} and the other coordinators trust its key as {who!r}; start it with "
+                          f"--id {who}")
+    if isinstance(allowed, list) and ANY_REGION not in allowed and options.region not in allowed:
+        raise ConfigError(f"bundle {path} is for region(s) {', '.join(map(str, allowed)) or '(none)'}, not "
+                          f"{options.region!r}: the broker's ACL would refuse every topic there; check --region, or issue "
+                          f"the bundle for it (`edgeci pki issue --role coordinator {who} --region {options.region} --force`)")
 
 
 def _warn_idle_settings(options: CoordinatorOptions) -> None:

@@ -1753,6 +1753,9 @@ class CoordinatorCore:
             # By name, not by key id: any provisioned coordinator's key used to be accepted for
             # any sender, so one coordinator could speak as another (hold its Spyker token, send
             # its HierFAVG edge model or its Nebula rotation).
+            if sender not in trusted:
+                raise BadSignature(f"peer message from {sender!r}: no key is provisioned for {sender!r} (trusted/ has no "
+                                   f"{sender}.pub: `edgeci pki trust --dir PKI`, then copy the bundle again)")
             if trusted.get(sender) != sig.public_raw:
                 raise BadSignature(f"peer message from {sender!r} signed with key {sig.kid}, which is not "
                                    f"the key provisioned for {sender!r}")

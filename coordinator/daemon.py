@@ -415,6 +415,16 @@ class CoordinatorDaemon:
                     ring=options.peers or (self.coordinator_id,),
                     strategy_params=daemon_strategy_params(options.strategy, options.strategy_params),
                     peering_params=options.peering_params)
+        if self.peer_keys and options.peering not in (None, "none"):
+            # With provisioned keys a peer without one is never heard: every message of its is refused.
+            missing = [p for p in options.peers if p != self.coordinator_id and p not in self.peer_keys]
+            if missing:
+                where = options.peer_keys_dir or (Path(options.bundle) / "trusted" if options.bundle is not None else "?")
+                raise ConfigError(
+                    f"--peers names {', '.join(map(repr, missing))} but {where} holds no key for "
+                    f"{'it' if len(missing) == 1 else 'them'} ({', '.join(p + '.pub' for p in missing)}): its messages would "
+                    f"all be refused. Issue {'it' if len(missing) == 1 else 'them'} (`edgeci pki issue --role coordinator`), "
+                    "run `edgeci pki trust --dir PKI` and copy this bundle again")
         if options.inversion_params:
             inversion_config(**dict(options.inversion_params))
         if options.validation is not None:

@@ -687,3 +687,27 @@ def test_a_peering_without_other_coordinators_is_refused(peers: tuple[str, ...],
         check_method(options)
     check_method(CoordinatorOptions(broker="mqtt://127.0.0.1:1", region="sa", coordinator_id="sa", state_dir=tmp_path,
                                     peering="spyker", peers=("sa", "eu")))
+
+
+@pytest.mark.parametrize(("name", "role", "regions", "argv", "needle"), [
+    ("dev-1", "device", ["eu"], ["--region", "eu"], "a device's"),  # it connected as dev-1, knocking that device off
+    ("coord-ap", "coordinator", ["ap"], ["--region", "zz", "--id", "coord-ap"], "region(s) ap, not 'zz'"),
+    ("coord-ap", "coordinator", ["ap"], ["--region", "ap", "--id", "coord-us"], "--id coord-ap"),
+])
+def test_a_bundle_that_is_not_this_coordinators_is_refused_before_anything_is_written(
+        name: str, role: str, regions: list[str], argv: list[str], needle: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """helper-96: a coordinator took any bundle without a word — a device's (the broker then named it
+    that device), one issued for another region (the ACL refused every topic, the daemon said
+    'ready'), or another id than its identity (its peers' trusted/ name the identity, so a ring
+    refused all its messages). Each is one line now, before the broker or the state dir is touched."""
+    from coordinator.pki import Pki
+    from demos.cli import main
+
+    pki = Pki.init(tmp_path / "pki")
+    pki.issue(name, role, regions=regions)
+    rc = main(["coordinator", "--broker", "mqtts://127.0.0.1:1", "--bundle", str(pki.bundle_dir(name)),
+               "--state-dir", str(tmp_path / "s"), *argv])
+    err = capsys.readouterr().err
+    assert rc == 1 and needle in err and "Traceback" not in err, err
+    assert not (tmp_path / "s").exists()

@@ -114,3 +114,25 @@ def test_a_daemon_forgets_vanished_invited_devices_by_default(tmp_path: Path, ta
         CoordinatorDaemon(options(tmp_path, strategy=strategy, strategy_params=params), task=task)
     config = built[0].config
     assert getattr(config, "forget_after_s", "absent") == expected
+
+
+def test_a_peer_without_a_provisioned_key_is_refused_at_start(tmp_path: Path, task: Any) -> None:
+    """helper-96: coord-a's bundle was issued before coord-b and `edgeci pki trust` was not run, so
+    its trusted/ has no coord-b.pub. With provisioned keys a peer without one is never heard (each
+    of its messages was a WARNING "signed with key …, which is not the key provisioned for
+    'coord-b'", as if coord-b used a wrong key); the start now says which key is missing and how
+    to add it, before anything is written. With the key there the start goes on."""
+    from coordinator.pki import Pki
+
+    pki = Pki.init(tmp_path / "pki")
+    pki.issue("coord-a", "coordinator", regions=["a"])
+    pki.issue("coord-b", "coordinator", regions=["b"])  # no refresh_trust: coord-a does not trust coord-b yet
+    ring = {"bundle": pki.bundle_dir("coord-a"), "coordinator_id": "coord-a", "peering": "spyker",
+            "peers": ("coord-a", "coord-b")}
+    with pytest.raises(ConfigError, match=r"coord-b.*pki trust") as err:
+        CoordinatorDaemon(options(tmp_path, **ring), task=task)
+    assert "coord-b.pub" in str(err.value)
+    assert not (tmp_path / "state").exists()
+    pki.refresh_trust()
+    with pytest.raises(Pretrained):
+        CoordinatorDaemon(options(tmp_path, **ring), task=task)

@@ -533,3 +533,16 @@ def test_a_recalled_version_replayed_after_the_recall_is_not_deployed() -> None:
         assert not [a for a in acts if isinstance(a, DeployModel)] and d.state.deployed_version == 3
     assert d.state.counters["ignored:recalled_model"] == 2
     assert [a.version for a in d.handle(to_dev(3.0, "model", model(6))) if isinstance(a, DeployModel)] == [6]
+
+
+def test_a_peer_without_a_provisioned_key_is_refused_as_such() -> None:
+    """helper-96: a peer with no ``trusted/<id>.pub`` at all was refused as "signed with key …,
+    which is not the key provisioned for 'c2'" — read as c2 using a wrong key, when the bundle
+    only lacked c2's (``edgeci pki trust`` not run). The rejection now says which."""
+    c2_key = Signer.generate()
+    cfg = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, signer=SIGNER,
+                            peer_keys={"c3": Signer.generate().public_raw})
+    c = CoordinatorCore(cfg, make_strategy("spin", k=10, timeout_s=None), toy_snapshot(), rng=random.Random(0))
+    detail = notes(c.handle(_peer("c2", c2_key)), "rejected")[0].data["detail"]
+    assert "no key is provisioned for 'c2'" in detail and "c2.pub" in detail and "pki trust" in detail
+    assert c.counters["reject:bad_signature"] == 1 and c.counters["peer_messages"] == 0
