@@ -1760,7 +1760,11 @@ class CoordinatorCore:
                 raise BadSignature(f"peer message from {sender!r} signed with key {sig.kid}, which is not "
                                    f"the key provisioned for {sender!r}")
         elif self._peer_pins.get(sender, sig.public_raw) != sig.public_raw:
-            raise BadSignature(f"peer {sender!r} signed with key {sig.kid}, not the key pinned for it")
+            # helper-96: a peer whose key changed (its state dir replaced) is refused for good, and a
+            # restart may pin its old key again from messages queued for this one while it was down.
+            # (short: a rejection's detail is cut at 200 characters)
+            raise BadSignature(f"peer {sender!r}: key {sig.kid} is not the one pinned since this start. A new key on purpose? "
+                               "restart this coordinator to pin again (twice if older messages were queued) or use `edgeci pki`")
         if not verify(sig.public_raw, sig.signature, sig.signed_for(scope)):
             raise BadSignature(f"peer message from {sender!r} has an invalid signature for {scope!r} (re-routed?)")
         return None if trusted or sender in self._peer_pins else bytes(sig.public_raw)

@@ -429,8 +429,10 @@ def test_peer_messages_must_be_signed_by_a_provisioned_or_pinned_key() -> None:
     # without provisioned peer keys: the first key a peer signs with is pinned for that peer
     tofu = make_coordinator(k=10, timeout_s=None)
     tofu.handle(_peer("c2", peer_key))
-    tofu.handle(_peer("c2", Signer.generate()))
+    refused = tofu.handle(_peer("c2", Signer.generate()))
     assert tofu.counters["peer_messages"] == 1 and tofu.counters["reject:bad_signature"] == 1
+    # helper-96: a peer with a new key on purpose (a new state dir) was refused for good, without a way out
+    assert "restart this coordinator to pin again" in repr(refused) and "edgeci pki" in repr(refused)
 
 
 def test_a_provisioned_peer_key_speaks_only_for_its_own_coordinator() -> None:
