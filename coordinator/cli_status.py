@@ -235,6 +235,11 @@ def render(status: Mapping[str, Any], now: float, stale_after: float | None = No
                  if k not in ("name", "ring") and isinstance(v, bool | int | float | str) and v is not None]
         out.append(f"peering   {peering.get('name')}" + (f" · ring {', '.join(map(str, ring))}" if isinstance(ring, list) else "")
                    + (f" · {' · '.join(facts)}" if facts else ""))
+    heard = x.get("peers_heard")
+    if isinstance(heard, Mapping) and heard:  # when each peer was last heard from (a silent one: helper-96)
+        out.append("peers     " + " · ".join(
+            f"{peer} " + (f"heard {max(0.0, now - t):.0f} s ago" if isinstance(t, int | float) and not isinstance(t, bool)
+                          else "not heard since the start") for peer, t in heard.items()))
     lines = {k: v for k, v in x.items() if ("release" in k or "training" in k) and v not in (None, "", {})}
     for k, v in sorted(lines.items()):
         pinned = " (pinned: no promotions until `edgeci unpin`)" if k == "release" and x.get("pinned") else ""

@@ -566,6 +566,8 @@ class CoordinatorCore:
         self._encoded: dict[tuple[Any, ...], bytes] = {}
         self._tensors: dict[tuple[int, str, str], EncodedTensor] = {}
         self._peer_pins: dict[str, bytes] = {}
+        self._peer_heard: dict[str, float] = {}
+        """When each peer's last accepted message arrived (``edgeci status``; silent peers)."""
         self._storage_ok = True
         self._storage_detail = ""
         # The decoder's cap follows the model: a full model plus header room, never more.
@@ -683,6 +685,7 @@ class CoordinatorCore:
                 "last_aggregation_at": self._last_aggregation_at,
                 "strategy_params": self.strategy.describe(),
                 "peering": self.peering.describe(),
+                **({"peers_heard": self.peers_heard()} if self.peering.expected_peers()[0] else {}),
                 "full_sync_every": self.config.full_sync_every,
                 "last_full_version": self._last_full_version,
                 "release": self._release_version,
@@ -1738,8 +1741,14 @@ class CoordinatorCore:
             raise type(exc)(f"from peer {msg.sender!r} ({msg.kind}): {exc}") from None
         if pin is not None:  # first use: pinned once the peering took the message (a refused one pins nothing)
             self._peer_pins[msg.sender] = pin
+        self._peer_heard[msg.sender] = ev.now
         self.counters["peer_messages"] += 1
         return self._run_peer_plan(plan, ev.now)
+
+    def peers_heard(self) -> dict[str, float | None]:
+        """Each expected peer (:meth:`Peering.expected_peers`): when its last accepted message
+        arrived, None if none has since this start."""
+        return {p: self._peer_heard.get(p) for p in self.peering.expected_peers()[0]}
 
     def _check_peer_signature(self, sender: str, sig: SignatureInfo | None, scope: str) -> bytes | None:
         """Peers sign everything, for the topic they send to (recipient and kind: a message

@@ -77,6 +77,36 @@ REJECTED_LOG_KEYS = 1024
 """(reason, sender) pairs :class:`RejectedLog` remembers (oldest first out)."""
 
 
+class PeerWatch:
+    """Which expected peers have been silent longer than is normal (helper-96: a peer that was
+    down, mistyped in ``--peers`` or on an unbridged broker was never reported): one WARNING when
+    a silence passes the peering's limit (:meth:`Peering.expected_peers`), one INFO when the peer
+    is heard again. Pure: :meth:`check` returns the (level, line) pairs to log."""
+
+    __slots__ = ("silent",)
+
+    def __init__(self) -> None:
+        self.silent: dict[str, float] = {}
+        """Peers reported silent -> when their silence began (their last message, or the start)."""
+
+    def check(self, heard: Mapping[str, float | None], limit: float | None, started: float,
+              now: float) -> list[tuple[int, str]]:
+        if limit is None:
+            return []
+        out: list[tuple[int, str]] = []
+        for peer, last in heard.items():
+            since = started if last is None or last < started else last
+            quiet = now - since
+            if quiet > limit and peer not in self.silent:
+                self.silent[peer] = since
+                what = "nothing since this coordinator started" if last is None else f"nothing for {quiet:.0f} s"
+                out.append((logging.WARNING, f"peer {peer!r}: {what} (its messages come within {limit:.0f} s): is it "
+                                             "running, with the same --peers and --peering, on this broker or one bridged to it?"))
+            elif quiet <= limit and peer in self.silent:
+                out.append((logging.INFO, f"peer {peer!r} is heard again, after {now - self.silent.pop(peer):.0f} s"))
+        return out
+
+
 class RejectedLog:
     """Which rejected messages the daemon logs (every one is counted in the status and /metrics
     all the same). A WARNING per (reason, sender) at most once per :data:`RATE_NOTE_EVERY_S`,
@@ -312,6 +342,7 @@ class CoordinatorDaemon:
         self._snapshot_at = 0.0
         self._closing = threading.Event()
         self._rejected = RejectedLog(exempt=options.peers)
+        self._peer_watch = PeerWatch()
         # One thread reads, handles and answers (own_loop): the actor drives paho's loop.
         self.transport = MqttTransport(
             options.broker,
@@ -591,6 +622,7 @@ class CoordinatorDaemon:
                     Publish(topic=self._status_topic, payload=status_json(self.core.status()), qos=1, retain=True)))
             self.actor.call(self._refresh_snapshot)
             self.actor.call(self._flush_rejected)
+            self.actor.call(self._check_peers)
 
     def _perform(self, action: object) -> None:
         """Actor thread. Group commit: an accepted update is appended to the batch's log;
@@ -731,6 +763,11 @@ class CoordinatorDaemon:
     def _log_rejected(self, data: Mapping[str, Any]) -> None:
         for line in self._rejected.note(data, time.monotonic()):
             log.warning("%s", line)
+
+    def _check_peers(self) -> None:
+        heard, limit = self.core.peers_heard(), self.core.peering.expected_peers()[1]
+        for level, line in self._peer_watch.check(heard, limit, self._started_at, self.clock.now()):
+            log.log(level, "%s", line)
 
     def _flush_rejected(self) -> None:
         for line in self._rejected.flush(time.monotonic()):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import random
 from pathlib import Path
@@ -986,3 +987,41 @@ def test_rejected_messages_from_ever_new_senders_are_logged_at_most_a_budget_a_m
                                 "pair(s) were not logged"), logged
     assert len(logged) == 2 and "'d9999'" in logged[1]  # a new minute's budget
     assert rejected.flush(clock[0] + 61.0) == []  # nothing held since: no summary
+
+
+def test_status_says_when_each_peer_was_last_heard() -> None:
+    """helper-96: a peer that was down, mistyped in --peers or on an unbridged broker was never
+    reported; the status now lists each expected peer's last accepted message."""
+    from coordinator.cli_status import render
+
+    bus = Bus(["a", "b", "c"])
+    core = bus.cores["a"]
+    assert core.status().extra["peers_heard"] == {"b": None, "c": None}
+    bus.queue.clear()  # (what the three sent at start)
+    bus.now = 50.0
+    sent = [a for a in bus.cores["b"].handle(TimerFired(now=50.0)) if isinstance(a, Publish) and "/peer/" in a.topic]
+    assert sent  # b beats: a hears it; c stays silent
+    for pub in sent:
+        core.handle(MessageReceived(now=50.0, topic=pub.topic, payload=pub.payload))
+    status = json.loads(status_json(core.status()))
+    assert status["extra"]["peers_heard"] == {"b": 50.0, "c": None}
+    assert "peers     b heard 7 s ago · c not heard since the start" in render(status, 57.0)
+    assert SpykerPeering("a", ["a", "b"]).expected_peers() == (("b",), 30.0)
+    assert NebulaPeering("a", ["a", "b", "c"], NebulaPeerConfig(t_c=10.0), strategy=make_strategy("nebula")).expected_peers() \
+        == (("b", "c"), 60.0)  # a rotation from each about every n - 1 rounds: three times that
+    assert Peering().expected_peers() == ((), None)  # no peering, and HierFAVG's edges: no expectation
+
+
+def test_a_silent_peer_is_warned_about_once_and_its_return_said() -> None:
+    from coordinator.daemon import PeerWatch
+
+    watch, started = PeerWatch(), 1000.0
+    assert watch.check({"b": None}, None, started, started + 999) == []  # a peering without expectations
+    assert watch.check({"b": None, "c": 1010.0}, 30.0, started, started + 20) == []
+    (warning,) = watch.check({"b": None, "c": 1010.0}, 30.0, started, started + 35)
+    assert warning[0] == logging.WARNING and "peer 'b': nothing since this coordinator started" in warning[1]
+    assert watch.check({"b": None, "c": 1010.0}, 30.0, started, started + 36) == []  # said once
+    (late,) = watch.check({"b": None, "c": 1010.0}, 30.0, started, started + 41)
+    assert "peer 'c': nothing for 31 s" in late[1]
+    (back,) = watch.check({"b": 1050.0, "c": 1010.0}, 30.0, started, started + 51)
+    assert back[0] == logging.INFO and "peer 'b' is heard again, after 51 s" in back[1]

@@ -75,6 +75,13 @@ class Peering:
     def describe(self) -> dict[str, Any]:
         return {"name": self.name}
 
+    def expected_peers(self) -> tuple[tuple[str, ...], float | None]:
+        """The coordinators this one should hear from, and how long a silence from one of them
+        is normal (None: no expectation, e.g. HierFAVG's edges never hear from each other).
+        A longer silence is reported (``edgeci status``, a WARNING): a peer that is down, or
+        whose ``--peers`` or broker differ, was never said anywhere."""
+        return (), None
+
 
 # ---------------------------------------------------------------- reading peer bodies
 

@@ -185,6 +185,12 @@ class NebulaPeering(Peering):
         self.state.v_stellar = float(state.get("v_stellar", 0.0))
         self.rotations_from = {str(p): int(r) for p, r in dict(state.get("rotations_from", {})).items() if p in self.ring}
 
+    def expected_peers(self) -> tuple[tuple[str, ...], float | None]:
+        """A peer's rotation reaches this coordinator about once every n − 1 rounds of ``t_c``:
+        three times that without one is not normal."""
+        peers = tuple(c for c in self.ring if c != self.me)
+        return peers, 3.0 * max(1, len(peers)) * self.config.t_c
+
     def describe(self) -> dict[str, Any]:
         st = self.state
         return {"name": self.name, "ring": list(self.ring), "t_c": self.config.t_c, "round": self.round,

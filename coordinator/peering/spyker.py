@@ -571,6 +571,10 @@ class SpykerPeering(Peering):
         self.counters.regenerations = int(state.get("regenerations", 0))
         self.counters.syncs_started = int(state.get("syncs_started", 0))
 
+    def expected_peers(self) -> tuple[tuple[str, ...], float | None]:
+        """Every peer beacons each ``beacon_s``: 30 s (at least 10 beacons) of silence is not normal."""
+        return self.peers, max(30.0, 10 * self.config.beacon_s)
+
     def describe(self) -> dict[str, Any]:
         c = self.counters
         return {
