@@ -1160,8 +1160,25 @@ class Registry:
             try:
                 release_weights = self._read_dir(release)[0]
             except RegistryError as exc:
-                log.warning("RECOVERY: the release (version %d) is unreadable (%s): version %d is the release", release, exc, version)
-                release = version
+                # The newest readable *earlier* release (the gate promoted it, or an operator
+                # released it), not the training line's head: that may be a candidate the gate
+                # held or never scored, and making it the release would bypass the gate (helper-98).
+                skipped.append(f"release {release}: {exc}"[:300])
+                earlier = sorted({int(e["release"]) for e in record.get("history", []) if isinstance(e, dict)
+                                  and isinstance(e.get("release"), int) and e["release"] < release}, reverse=True)
+                for older in earlier:
+                    try:
+                        release_weights = self._read_dir(older)[0]
+                    except RegistryError:
+                        continue
+                    log.warning("RECOVERY: the release (version %d) is unreadable (%s): the release before it, version %d, "
+                                "is the release again", release, exc, older)
+                    release = older
+                    break
+                else:
+                    log.warning("RECOVERY: the release (version %d) is unreadable (%s) and no earlier release is readable: "
+                                "version %d, the training line (not necessarily gated), is the release", release, exc, version)
+                    release = version
         return Snapshot(
             release_version=release,
             release_weights=release_weights,
