@@ -154,6 +154,13 @@ def read_release_record(state_dir: str | Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _parses_as_object(path: Path) -> bool:
+    try:
+        return isinstance(json.loads(path.read_bytes()), dict)
+    except (OSError, ValueError):
+        return False
+
+
 class RegistryError(EdgeciError):
     """The state dir is unreadable or belongs to another model."""
 
@@ -1151,6 +1158,18 @@ class Registry:
         # two records is the larger: release.json (gate decisions, operator commands) or the
         # newest commit's metadata (a version released on commit, without a gate).
         record = read_release_record(self.root)
+        if not record and (self.root / RELEASE_FILE).exists() and not _parses_as_object(self.root / RELEASE_FILE):
+            # Said, and kept aside: the next gate decision rewrites the file from {} (helper-98:
+            # a damaged release.json silently lost the gate's history, and the pin with it).
+            kept = self.root / f"{RELEASE_FILE}.unreadable"
+            try:
+                if self.locked:
+                    shutil.copyfile(self.root / RELEASE_FILE, kept)
+            except OSError:
+                pass
+            log.warning("RECOVERY: %s is unreadable: the gate's history and the pin are lost; the release is taken from the "
+                        "newest version's metadata%s", self.root / RELEASE_FILE, f" (a copy is kept as {kept})" if self.locked else "")
+            skipped.append(f"{RELEASE_FILE}: unreadable")
         meta_release = int(meta.get("release", version))
         newer_meta = meta_release > int(record.get("release", -1))
         release = meta_release if newer_meta else int(record["release"])

@@ -703,6 +703,26 @@ def test_an_unreadable_release_falls_back_to_the_release_before_it_not_to_a_held
     assert any("release before it, version 1" in r.getMessage() for r in caplog.records)
 
 
+def test_an_unreadable_release_record_is_said_and_kept_aside(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """helper-98: a damaged release.json was read as {} without a word, and the next gate
+    decision overwrote it: the history (and a pin) gone silently."""
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    reg.write_version(1, np.full(SPEC.size, 1, np.float32), {"applied_upto": {"a": 1}, "release": 1})
+    (tmp_path / "release.json").write_text("{garbage")
+    again = Registry(tmp_path, SPEC)
+    again.acquire_lock()
+    try:
+        with caplog.at_level("WARNING", logger="edgeci.registry"):
+            snap = again.load()
+    finally:
+        again.close()
+    assert snap is not None and snap.version == 1 and snap.release_version == 1
+    assert "release.json: unreadable" in snap.recovered_from
+    assert any("release.json is unreadable" in r.getMessage() for r in caplog.records)
+    assert (tmp_path / "release.json.unreadable").read_text() == "{garbage"
+
+
 def test_a_release_recorded_after_its_log_segment_went_survives_a_power_cut(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """The gate may promote a candidate long after it was committed (a canary round): by then a
     later base was checkpointed and the log segment holding the candidate deleted, while its own
