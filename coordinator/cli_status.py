@@ -246,6 +246,11 @@ def render(status: Mapping[str, Any], now: float, stale_after: float | None = No
         out.append(f"{k.replace('_', ' '):<9} {_value(v)}{pinned}")
     storage = "ok" if x.get("storage_ok", True) else f"FAILING: {x.get('storage_detail') or 'unknown'}"
     out.append(f"storage   {storage}")
+    recovered = x.get("recovered_from")
+    if isinstance(recovered, list) and recovered:  # the start skipped unreadable versions (helper-98: only --json said so)
+        out.append(f"RECOVERY  at start, unreadable and skipped ({len(recovered)}): "
+                   + "; ".join(str(r)[:160] for r in recovered[:3]) + (" …" if len(recovered) > 3 else "")
+                   + " — the coordinator's log has the details")
     reasons = x.get("rejected_by_reason") or {}
     out.append(f"updates   accepted {status.get('updates_accepted', 0)} · duplicate {status.get('updates_duplicate', 0)} · "
                f"rejected {status.get('updates_rejected', 0)} · buffered {status.get('buffered', 0)} · "

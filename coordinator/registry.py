@@ -154,6 +154,13 @@ def read_release_record(state_dir: str | Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _parses_as_object(path: Path) -> bool:
+    try:
+        return isinstance(json.loads(path.read_bytes()), dict)
+    except (OSError, ValueError):
+        return False
+
+
 class RegistryError(EdgeciError):
     """The state dir is unreadable or belongs to another model."""
 
@@ -1151,6 +1158,18 @@ class Registry:
         # two records is the larger: release.json (gate decisions, operator commands) or the
         # newest commit's metadata (a version released on commit, without a gate).
         record = read_release_record(self.root)
+        if not record and (self.root / RELEASE_FILE).exists() and not _parses_as_object(self.root / RELEASE_FILE):
+            # Said, and kept aside: the next gate decision rewrites the file from {} (helper-98:
+            # a damaged release.json silently lost the gate's history, and the pin with it).
+            kept = self.root / f"{RELEASE_FILE}.unreadable"
+            try:
+                if self.locked:
+                    shutil.copyfile(self.root / RELEASE_FILE, kept)
+            except OSError:
+                pass
+            log.warning("RECOVERY: %s is unreadable: the gate's history and the pin are lost; the release is taken from the "
+                        "newest version's metadata%s", self.root / RELEASE_FILE, f" (a copy is kept as {kept})" if self.locked else "")
+            skipped.append(f"{RELEASE_FILE}: unreadable")
         meta_release = int(meta.get("release", version))
         newer_meta = meta_release > int(record.get("release", -1))
         release = meta_release if newer_meta else int(record["release"])
@@ -1160,8 +1179,25 @@ class Registry:
             try:
                 release_weights = self._read_dir(release)[0]
             except RegistryError as exc:
-                log.warning("RECOVERY: the release (version %d) is unreadable (%s): version %d is the release", release, exc, version)
-                release = version
+                # The newest readable *earlier* release (the gate promoted it, or an operator
+                # released it), not the training line's head: that may be a candidate the gate
+                # held or never scored, and making it the release would bypass the gate (helper-98).
+                skipped.append(f"release {release}: {exc}"[:300])
+                earlier = sorted({int(e["release"]) for e in record.get("history", []) if isinstance(e, dict)
+                                  and isinstance(e.get("release"), int) and e["release"] < release}, reverse=True)
+                for older in earlier:
+                    try:
+                        release_weights = self._read_dir(older)[0]
+                    except RegistryError:
+                        continue
+                    log.warning("RECOVERY: the release (version %d) is unreadable (%s): the release before it, version %d, "
+                                "is the release again", release, exc, older)
+                    release = older
+                    break
+                else:
+                    log.warning("RECOVERY: the release (version %d) is unreadable (%s) and no earlier release is readable: "
+                                "version %d, the training line (not necessarily gated), is the release", release, exc, version)
+                    release = version
         return Snapshot(
             release_version=release,
             release_weights=release_weights,

@@ -267,6 +267,9 @@ def test_status_stamp_liveness_and_render() -> None:
     assert "devices   pulled 0 (since the state dir began) · tracked 1 · online 1" in text
     pinned = {**status, "extra": {**status["extra"], "release": 4, "pinned": True}}  # operator trial: said only in --json
     assert "release   4 (pinned: no promotions until `edgeci unpin`)" in render(pinned, 1003.0)
+    assert "RECOVERY" not in text
+    recovered = {**status, "extra": {**status["extra"], "recovered_from": ["53: version 53 is unreadable: weights.npy: EOF"]}}
+    assert "RECOVERY  at start, unreadable and skipped (1): 53: version 53 is unreadable" in render(recovered, 1003.0)  # helper-98
     will = json.loads(status_will("r1", "c1"))
     alive, why = liveness(will, 2000.0)
     assert alive is False and "last will" in why and "NOT ALIVE" in render(will, 2000.0)

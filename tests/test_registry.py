@@ -676,6 +676,53 @@ def test_pruning_lists_the_versions_once_per_step_not_on_every_commit(tmp_path, 
     assert "parent" not in json_meta(reg, kept[0])  # the oldest kept is a base
 
 
+def test_an_unreadable_release_falls_back_to_the_release_before_it_not_to_a_held_candidate(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """helper-98: the release's weights.npy truncated (media damage): the newest version, a
+    candidate the gate *held*, became the release at the next start, bypassing the gate. The
+    release before the unreadable one (promoted by the gate) is the release again, loudly."""
+    reg = Registry(tmp_path, SPEC)
+    reg.acquire_lock()
+    try:
+        reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+        for v in (1, 2, 3):
+            reg.write_version(v, np.full(SPEC.size, v, np.float32), {"applied_upto": {"a": v}, "release": min(v, 2)})
+        reg.record_release(1, False, {"action": "promote", "version": 1, "release": 1})
+        reg.record_release(2, False, {"action": "promote", "version": 2, "release": 2})
+        reg.record_release(2, False, {"action": "hold", "version": 3, "release": 2})
+    finally:
+        reg.close()
+    weights = reg.versions_dir / f"{2:09d}" / "weights.npy"
+    weights.write_bytes(weights.read_bytes()[:40])
+    with caplog.at_level("WARNING", logger="edgeci.registry"):
+        snap = Registry(tmp_path, SPEC).load()
+    assert snap is not None and snap.version == 3
+    assert snap.release_version == 1  # before: 3, the held candidate
+    assert snap.release_weights is not None
+    np.testing.assert_array_equal(snap.release_weights, 1.0)
+    assert any(r.startswith("release 2:") for r in snap.recovered_from)  # the status flag
+    assert any("release before it, version 1" in r.getMessage() for r in caplog.records)
+
+
+def test_an_unreadable_release_record_is_said_and_kept_aside(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """helper-98: a damaged release.json was read as {} without a word, and the next gate
+    decision overwrote it: the history (and a pin) gone silently."""
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    reg.write_version(1, np.full(SPEC.size, 1, np.float32), {"applied_upto": {"a": 1}, "release": 1})
+    (tmp_path / "release.json").write_text("{garbage")
+    again = Registry(tmp_path, SPEC)
+    again.acquire_lock()
+    try:
+        with caplog.at_level("WARNING", logger="edgeci.registry"):
+            snap = again.load()
+    finally:
+        again.close()
+    assert snap is not None and snap.version == 1 and snap.release_version == 1
+    assert "release.json: unreadable" in snap.recovered_from
+    assert any("release.json is unreadable" in r.getMessage() for r in caplog.records)
+    assert (tmp_path / "release.json.unreadable").read_text() == "{garbage"
+
+
 def test_a_release_recorded_after_its_log_segment_went_survives_a_power_cut(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """The gate may promote a candidate long after it was committed (a canary round): by then a
     later base was checkpointed and the log segment holding the candidate deleted, while its own
