@@ -702,8 +702,8 @@ def _probe(options: CoordinatorOptions, wanted: Sequence[str], wait_s: float = 1
     return _Probe(got, taken_over)
 
 
-def _followed_recall(payload: bytes | None, kid: str, topic: str) -> Recall | None:
-    """``payload`` as a recall signed by key ``kid`` (verified), else None."""
+def _signed_recall(payload: bytes | None, topic: str) -> tuple[str, Recall] | None:
+    """``payload`` as a recall with a valid signature for ``topic``: (its key's id, the recall), else None."""
     from edge_sdk.signing import verify
     from edge_sdk.wire.codec import decode_frame
     from edge_sdk.wire.messages import Recall
@@ -715,9 +715,15 @@ def _followed_recall(payload: bytes | None, kid: str, topic: str) -> Recall | No
     except EdgeciError:
         return None
     sig, msg = frame.signature, frame.message
-    if not isinstance(msg, Recall) or sig is None or sig.kid != kid:
+    if not isinstance(msg, Recall) or sig is None:
         return None
-    return msg if verify(sig.public_raw, sig.signature, sig.signed_for(topics.signing_scope(topic))) else None
+    return (sig.kid, msg) if verify(sig.public_raw, sig.signature, sig.signed_for(topics.signing_scope(topic))) else None
+
+
+def _followed_recall(payload: bytes | None, kid: str, topic: str) -> Recall | None:
+    """``payload`` as a recall signed by key ``kid`` (verified), else None."""
+    signed = _signed_recall(payload, topic)
+    return signed[1] if signed is not None and signed[0] == kid else None
 
 
 def region_followers(options: CoordinatorOptions, kid: str, wait_s: float = 1.0) -> Recall | None:
@@ -818,7 +824,7 @@ def check_take_over(options: CoordinatorOptions, take_over: bool) -> None:
     # --broker, a wrong port, an untrusted certificate) says so now, not after an empty state
     # dir's pretraining (minutes for detection), with the error the daemon's start would give.
     # (A refusal of the probe's client id is not this start's: the daemon's own connect decides.)
-    probe = _probe(options, [recall_topic, status_topic] if fresh else [status_topic], required=True,
+    probe = _probe(options, [recall_topic, status_topic], required=True,
                    watch=lambda got: live_other_coordinator(got.get(status_topic), kid, time.time(), epoch) is None)
     got = probe.retained or {}
     other = live_other_coordinator(got.get(status_topic), kid, time.time(), epoch)
@@ -838,7 +844,20 @@ def check_take_over(options: CoordinatorOptions, take_over: bool) -> None:
             raise StartRefused(f"region {options.region!r} already has a live {other}; a second coordinator would split its "
                               f"devices. Stop that one, or check --region / --state-dir; if it is gone (crashed, its last "
                               f"will not yet published), start again with --take-over")
-    recall = _followed_recall(got.get(recall_topic), kid, recall_topic) if fresh and kid is not None else None
+    signed = _signed_recall(got.get(recall_topic), recall_topic)
+    if signed is not None and signed[0] != kid:
+        # helper-98: a mistyped --state-dir (a new key) or another --signing-key started "ready", and the
+        # region's devices, which trust the key of the recall they follow, refused every model of it.
+        what = (f"this state dir's key {kid}" if kid is not None else f"the new key {options.state_dir} would make")
+        msg = (f"the devices of region {options.region!r} follow a coordinator that signs with key {signed[0]} (the "
+               f"region's recall: epoch {signed[1].epoch}, release {signed[1].release}), not {what}: they would refuse "
+               "every model of this one. Check --state-dir and --signing-key / --bundle; to move the region to this key "
+               "on purpose (devices must trust it: a bundle's trusted/, or trust on first use reset), start with --take-over")
+        if not take_over:
+            raise StartRefused(msg)
+        log.warning("taking over region %r with another key (--take-over): %s", options.region, msg)
+        return
+    recall = signed[1] if fresh and signed is not None else None
     if recall is None or recall.epoch == 0:
         return
     if take_over:

@@ -504,7 +504,12 @@ def test_a_new_state_dir_with_the_regions_key_needs_take_over(mosquitto: Mosquit
     check_take_over(options("real"), take_over=False)  # its own state dir: resumes
     other = tmp_path / "other.key"
     save_signer(Signer.generate(), other)
-    check_take_over(options("elsewhere", other), take_over=False)  # another key: the devices would refuse it anyway
+    # Another key (helper-98: a mistyped --state-dir with the state dir's own new key, or another --signing-key):
+    # the region's devices follow this key's recall and would refuse every model: refused too.
+    for state, signing_key in (("elsewhere", other), ("elsewhere", None)):
+        with pytest.raises(ConfigError, match=f"follow a coordinator that signs with key {signer.kid}"):
+            check_take_over(options(state, signing_key), take_over=False)
+    check_take_over(options("elsewhere", None), take_over=True)  # moving the region to a new key, on purpose
 
 
 def test_a_second_coordinator_on_a_live_region_is_refused_unless_take_over(mosquitto: MosquittoProcess, tmp_path: Path,
@@ -548,7 +553,10 @@ def test_a_second_coordinator_on_a_live_region_is_refused_unless_take_over(mosqu
         assert "taking over region 'live-check' although its status shows coordinator" in caplog.text
     finally:
         real.stop()
-    check_take_over(options("typo", None), take_over=False)  # stopped: its status says so
+    # Stopped, its status says so; its devices still follow its key (the region's recall): a new key is refused.
+    with pytest.raises(ConfigError, match="follow a coordinator that signs with key"):
+        check_take_over(options("typo", None), take_over=False)
+    check_take_over(options("typo", other), take_over=True)
     # A status that claims to be alive but is older than three heartbeats (+10 s) is a coordinator gone.
     old = json.dumps({"type": "status", "v": 3, "region": "r", "coordinator": "c", "alive": True, "heartbeat_s": 30.0,
                       "published_at": 1000.0, "extra": {"signing_key": "k1"}}).encode()
