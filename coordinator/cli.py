@@ -498,7 +498,7 @@ def check_before_start(options: CoordinatorOptions, layered: Layered) -> None:
         load_validation(options.validation, task)
     if options.init is not None and not holds_versions(options.state_dir):
         check_init(options.init, task.spec)
-    _warn_dropped_settings(options)
+    _warn_dropped_settings(options, init_in_file=layered.sources.get("init") == "file")
     _warn_idle_settings(options)
     if options.signing_key is not None and not Path(options.signing_key).is_file():  # a typo must not mint a new key
         raise ConfigError(f"--signing-key {options.signing_key}: no such file (copy a state dir's signing.key there, or "
@@ -546,14 +546,15 @@ def _warn_idle_settings(options: CoordinatorOptions) -> None:
 GATE_VERDICTS = frozenset({"passed", "promote", "hold", "reject"})
 
 
-def _warn_dropped_settings(options: CoordinatorOptions) -> None:
+def _warn_dropped_settings(options: CoordinatorOptions, *, init_in_file: bool = False) -> None:
     """A restart that silently drops what the state dir ran with: the release gate (its verdicts
     are in release.json; without --validation or --canary every version is released), or an
-    --init that cannot apply (it sets version 0 of a new state dir)."""
+    --init that cannot apply (it sets version 0 of a new state dir; a config file's ``init``,
+    there for the first start, is said at INFO: helper-98 got the WARNING on every restart)."""
     if not holds_versions(options.state_dir):
         return
     if options.init is not None:
-        log.warning("--init %s is ignored: state dir %s already holds versions (it serves its own); --init sets version 0 "
+        (log.info if init_in_file else log.warning)("--init %s is ignored: state dir %s already holds versions (it serves its own); --init sets version 0 "
                     "of a new state dir", options.init, options.state_dir)
     if options.validation is None and options.canary <= 0:
         history = read_release_record(options.state_dir).get("history") or []

@@ -648,6 +648,11 @@ def test_a_restart_that_drops_the_gate_or_ignores_init_says_so(tmp_path: Path, c
 
     assert warnings() == ""  # no gate ever: nothing to say
     assert "--init" in warnings(init=tmp_path / "model.npz") and "is ignored" in caplog.text
+    caplog.clear()  # a config file's `init` (there for the first start): said at INFO, not a WARNING on every restart
+    with caplog.at_level(logging.INFO, logger="edgeci"):
+        _warn_dropped_settings(CoordinatorOptions(broker="mqtt://127.0.0.1:1", region="eu", state_dir=tmp_path / "s",
+                                                  init=tmp_path / "model.npz"), init_in_file=True)
+    assert [r.levelname for r in caplog.records] == ["INFO"] and "is ignored" in caplog.text
     reg.record_release(0, False, {"action": "hold", "version": 1, "release": 0, "at": 5.0})
     assert "ran with the release gate (1 verdicts in release.json)" in warnings()
     assert warnings(validation=tmp_path / "val.npz") == ""  # the gate given again
