@@ -663,9 +663,11 @@ def _probe(options: CoordinatorOptions, wanted: Sequence[str], wait_s: float = 1
     got: dict[str, bytes] = {}
     arrived, lost = threading.Event(), threading.Event()
 
+    exact = [t for t in wanted if "+" not in t and "#" not in t]  # a filter's matches: collected, not awaited
+
     def on(t: str, payload: bytes) -> None:
         got.setdefault(t, payload)
-        if len(got) == len(wanted):
+        if all(w in got for w in exact):
             arrived.set()
 
     def connection(up: bool) -> None:
@@ -767,6 +769,27 @@ def live_other_coordinator(status_payload: bytes | None, kid: str | None, now: f
             f"{status.get('version')}; {why})")
 
 
+def _live_elsewhere(retained: Mapping[str, bytes], own_id: str, own_status_topic: str, now: float) -> str | None:
+    """The region (and its status) where a coordinator with id ``own_id`` is live now, among the
+    retained statuses of other regions in ``retained``; None if none is."""
+    from coordinator.cli_status import liveness
+    from edge_sdk.wire.codec import parse_status_json
+
+    for topic, payload in retained.items():
+        if topic == own_status_topic or not topic.endswith("/status"):
+            continue
+        try:
+            status = parse_status_json(payload)
+        except EdgeciError:
+            continue
+        if status.get("coordinator") != own_id:
+            continue
+        alive, why = liveness(status, now)
+        if alive is True:
+            return f"region {str(status.get('region', '?'))[:64]!r} (version {status.get('version')}; {why})"
+    return None
+
+
 REGION_FILE = "region"
 """The region a state dir serves (written at each start by the CLI; a state dir from before it has none)."""
 
@@ -825,9 +848,23 @@ def check_take_over(options: CoordinatorOptions, take_over: bool) -> None:
     # --broker, a wrong port, an untrusted certificate) says so now, not after an empty state
     # dir's pretraining (minutes for detection), with the error the daemon's start would give.
     # (A refusal of the probe's client id is not this start's: the daemon's own connect decides.)
-    probe = _probe(options, [recall_topic, status_topic], required=True,
+    # Without an identity (a plain broker) nothing stops a second coordinator taking a live one's client id
+    # from another region (helper-96: `--region ap --id coord-us` and the real coord-us knocked each other
+    # off every few seconds): every region's status is read too. (With one, the id is the identity's.)
+    anonymous = options.bundle is None and (options.auth is None or (options.auth.cert_file is None
+                                                                     and options.auth.username is None))
+    every_status = [f"{topics.ROOT}/+/status"] if anonymous else []
+    probe = _probe(options, [*every_status, recall_topic, status_topic], required=True,
                    watch=lambda got: live_other_coordinator(got.get(status_topic), kid, time.time(), epoch) is None)
     got = probe.retained or {}
+    same_id = _live_elsewhere(got, options.own_id, status_topic, time.time())
+    if same_id is not None:
+        msg = (f"coordinator id {options.own_id!r} is live in {same_id}: a second client with that id would knock it off the "
+               "broker and take its messages. Check --id / --region (each region's coordinator has its own id, "
+               f"coord-<region> by default)")
+        if not take_over:
+            raise StartRefused(msg)
+        log.warning("starting anyway (--take-over): %s", msg)
     other = live_other_coordinator(got.get(status_topic), kid, time.time(), epoch)
     if other is None and probe.taken_over:
         msg = (f"the broker closed the start-up probe's connection within {TAKEOVER_WATCH_S:.0f} s: on a broker that "

@@ -616,3 +616,27 @@ def test_a_mosquitto_that_fails_before_launch_leaves_no_folder(tmp_path: Path, m
     with pytest.raises(OSError, match="stub"):
         mosquitto.start()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_coordinator_id_live_in_another_region_is_refused(mosquitto: MosquittoProcess, tmp_path: Path) -> None:
+    """helper-96: `--region ap --id coord-us` started while coord-us served region us on the same
+    plain broker; the two knocked each other off every few seconds and the impostor took coord-us's
+    messages. Every region's retained status is read at start: that id live elsewhere is refused."""
+    from coordinator.cli import check_take_over
+    from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
+    from edge_sdk.errors import StartRefused
+
+    def options(region: str, cid: str, state: str) -> CoordinatorOptions:
+        return CoordinatorOptions(broker=mosquitto.url, region=region, coordinator_id=cid, state_dir=tmp_path / state,
+                                  strategy_params={"k": 1, "timeout_s": 5.0})
+
+    us = CoordinatorDaemon(options("dup-us", "coord-dup-us", "us"), task=get_task("digits")).start()
+    try:
+        with pytest.raises(StartRefused, match=r"coordinator id 'coord-dup-us' is live in region 'dup-us'"):
+            check_take_over(options("dup-ap", "coord-dup-us", "ap"), take_over=False)
+        assert not (tmp_path / "ap").exists()  # refused before anything is written
+        check_take_over(options("dup-ap", "coord-dup-ap", "ap"), take_over=False)  # its own id: fine
+        check_take_over(options("dup-ap", "coord-dup-us", "ap"), take_over=True)  # said, and allowed
+    finally:
+        us.stop()
+    check_take_over(options("dup-ap", "coord-dup-us", "ap"), take_over=False)  # stopped: its status says so
