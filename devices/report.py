@@ -107,7 +107,7 @@ def load_task(name: str, options: Mapping[str, Any] | None = None) -> Task:
             )
         raise ConfigError(
             f"found {title} files at {found[0]}, but no edgeci task {name!r} is registered "
-            f"(known: {', '.join(known_tasks())}); add one to edge_sdk.tasks.TASKS."
+            f"(known: {', '.join(known_tasks())}); add one to edge_sdk.tasks.registry.TASK_INFO."
         )
     raise ConfigError(f"unknown task {name!r}; known: {', '.join(known_tasks())}")
 

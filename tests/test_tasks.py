@@ -534,3 +534,22 @@ def test_an_undeclared_task_keeps_its_own_shape_and_any_numeric_dtype() -> None:
         contract.sample(np.zeros((2, 3)))
     with pytest.raises(InvalidSample):
         contract.sample(np.array([["a", "b"]] * 3))
+
+
+def test_every_declared_task_loads_by_its_factory() -> None:
+    """One registry (helper-99 found two: a task declared in TASK_INFO only could not be loaded,
+    one listed in TASKS only silently got D_min 16 and no range): each declaration's factory
+    makes the task it declares (detection's class is only imported: its own test builds it)."""
+    import importlib
+
+    from edge_sdk.tasks import TASKS, get_task, known_tasks
+    from edge_sdk.tasks.registry import TASK_INFO
+
+    assert set(known_tasks()) == set(TASK_INFO) and {n: i.factory for n, i in TASK_INFO.items()} == TASKS
+    for name, info in TASK_INFO.items():
+        module, _, cls = info.factory.partition(":")
+        assert isinstance(getattr(importlib.import_module(module), cls), type)
+        if info.sample_kind == "frame":
+            continue
+        task = get_task(name)
+        assert task.name == info.task_name and task.spec.fingerprint == info.spec.fingerprint

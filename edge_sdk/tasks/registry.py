@@ -7,8 +7,9 @@ built-in task is described here by a :class:`TaskInfo` (numpy only), its
 :class:`~edge_sdk.spec.ModelSpec` is read from the spec file shipped next to its ONNX graph
 (``graphs/<model_id>.spec.json``), and :class:`DeclaredTask` stands in for the torch task
 on a ``[device]`` install: it stores, labels and serves, and says which extra to install
-when asked to train. ``tests/test_tasks.py`` checks every declaration against the torch
-task it describes.
+when asked to train. ``tests/test_tasks.py`` loads every declaration's task by its factory and
+checks digits', gestures' and detection's declarations in full against their torch tasks
+(``tests/test_procdigits.py`` procdigits').
 
 The input contract (README, "In an app"): ``add_sample`` takes one sample of exactly
 ``contract.shape``, ``predict`` one sample or a batch ``(N, *contract.shape)``; floating
@@ -156,6 +157,9 @@ class TaskInfo:
 
     name: str
     """Registry name (``get_task(name)``)."""
+    factory: str
+    """The torch task that implements it, ``"module.path:ClassName"`` (imported only when asked
+    for: :func:`edge_sdk.tasks.get_task`; a ``[device]`` install serves :class:`DeclaredTask`)."""
     task_name: str
     """The task object's ``name`` (what its updates and logs say)."""
     model_id: str
@@ -186,6 +190,7 @@ class TaskInfo:
 TASK_INFO: dict[str, TaskInfo] = {
     "digits": TaskInfo(
         name="digits",
+        factory="edge_sdk.tasks.digits:DigitsTask",
         task_name="digits",
         model_id="digits-cnn",
         sample_kind="array",
@@ -199,6 +204,7 @@ TASK_INFO: dict[str, TaskInfo] = {
     ),
     "gestures": TaskInfo(
         name="gestures",
+        factory="edge_sdk.tasks.gestures:GestureTask",
         task_name="gestures",
         model_id="gesture-cnn1d",
         sample_kind="gesture",
@@ -218,6 +224,7 @@ TASK_INFO: dict[str, TaskInfo] = {
     ),
     "procdigits": TaskInfo(
         name="procdigits",
+        factory="edge_sdk.tasks.procdigits:ProcDigitsTask",
         task_name="procdigits",
         model_id="procdigits-lenet5",
         sample_kind="array",
@@ -231,6 +238,7 @@ TASK_INFO: dict[str, TaskInfo] = {
     ),
     "detection": TaskInfo(
         name="detection",
+        factory="edge_sdk.tasks.detection:DetectionTask",
         task_name="yolov8n-detection",
         model_id="yolov8n-detection",
         sample_kind="frame",
@@ -243,7 +251,9 @@ TASK_INFO: dict[str, TaskInfo] = {
         train=TrainConfig(epochs=5, batch_size=16, lr=1e-3),
     ),
 }
-"""Built-in tasks by registry name."""
+"""Tasks by registry name. Adding a task: its module in ``edge_sdk/tasks/`` and its entry here;
+``python -m edge_sdk.tasks.registry --write-graphs`` then makes the ONNX graphs and spec a
+``[device]`` install serves it with (without them such a device says which file is missing)."""
 
 
 def task_info(task: str | Any) -> TaskInfo | None:
@@ -413,11 +423,10 @@ class DeclaredTask:
         raise self._unavailable("evaluation")
 
 
-def write_graphs(
-    out: Path = GRAPHS_DIR, names: tuple[str, ...] = ("digits", "gestures", "procdigits")
-) -> list[Path]:
-    """Export each task's graph (zeros as weights) and spec from torch into ``out``; the
-    detection task ships its spec only (it has its own exporter). Needs ``[train]``."""
+def write_graphs(out: Path = GRAPHS_DIR, names: tuple[str, ...] | None = None) -> list[Path]:
+    """Export each task's graph (zeros as weights) and spec from torch into ``out`` (``names``:
+    every task in :data:`TASK_INFO`); a task of frames ships its spec only (detection has its
+    own exporter). Needs ``[train]``."""
     from edge_sdk.inference import (
         OPSET,
         OnnxTemplate,
@@ -429,7 +438,7 @@ def write_graphs(
 
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name in (*names, "detection"):
+    for name in TASK_INFO if names is None else names:
         info = TASK_INFO[name]
         task: Any = get_task(name)
         params = ",\n".join(json.dumps(entry) for entry in task.spec.to_dict()["params"])
@@ -437,7 +446,7 @@ def write_graphs(
             f'{{"model_id": {json.dumps(info.model_id)}, "opset": {OPSET}, "spec": {{\n'
             f'"model_id": {json.dumps(task.spec.model_id)}, "params": [\n{params}\n]}}}}\n'
         )
-        if name != "detection":
+        if info.sample_kind != "frame":
             # Export with real weights (the exporter folds away all-zero biases), ship zeros.
             proto = export_onnx(task, task.initial_weights(seed=0))
             graph = out / f"{info.model_id}.onnx"
