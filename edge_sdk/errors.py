@@ -85,6 +85,20 @@ class UnknownPeer(RemoteProtocolError):
     reason = "unknown_peer"
 
 
+class RingMismatch(MalformedMessage):
+    """A peer of the ring runs another configuration than this coordinator: another peering
+    protocol, another model, or another ring (``--peers`` lists the same coordinators in the
+    same order everywhere). Refused, naming the option to fix (helper-96)."""
+
+    reason = "ring_mismatch"
+
+
+def other_protocol(name: str, sender: str, kind: str) -> RingMismatch:
+    """A peer message of a kind protocol ``name`` never sends: the peer runs another one."""
+    return RingMismatch(f"{name}: peer {sender!r} sent a {kind[:40]!r} message, which {name} never sends: it runs another "
+                        "peering protocol (--peering must be the same on every coordinator of a ring)")
+
+
 class WeightsOutOfRange(RemoteProtocolError):
     """Finite weights too large for any model (a hostile update whose sum with others would
     overflow float32 in the coordinator's fold): see :data:`edge_sdk.spec.MAX_UPDATE_NORM`."""

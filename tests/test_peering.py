@@ -48,7 +48,7 @@ from coordinator.strategies.nebula import (
 )
 from coordinator.strategies.spyker import AgeLedger, SpykerConfig, SpykerStrategy, decayed_lr
 from edge_sdk.core.events import MessageReceived, Notify, Publish, TimerFired
-from edge_sdk.errors import ConfigError, MalformedMessage
+from edge_sdk.errors import ConfigError, MalformedMessage, UnknownPeer
 from edge_sdk.signing import Signer
 from edge_sdk.wire import topics
 from edge_sdk.wire.codec import decode, encode, parse_status_json, status_json
@@ -314,7 +314,7 @@ def test_spyker_peer_bodies_from_other_processes_are_validated() -> None:
         p.on_message(view, msg_from("a", "gossip", good), 1.0)
     with pytest.raises(MalformedMessage):
         p.on_message(view, msg_from("a", "model", {**good, "sid": [0, 0.0, "a", 0]}), 1.0)  # no weights
-    with pytest.raises(MalformedMessage):
+    with pytest.raises(UnknownPeer):  # (as HierFAVG and NebulaFL say it)
         p.on_message(view, msg_from("z", "beat", good), 1.0)  # not in our ring
 
 
@@ -1025,3 +1025,31 @@ def test_a_silent_peer_is_warned_about_once_and_its_return_said() -> None:
     assert "peer 'c': nothing for 31 s" in late[1]
     (back,) = watch.check({"b": 1050.0, "c": 1010.0}, 30.0, started, started + 51)
     assert back[0] == logging.INFO and "peer 'b' is heard again, after 51 s" in back[1]
+
+
+def test_a_peer_with_another_ring_model_or_protocol_is_refused_as_such() -> None:
+    """helper-96: another --model was found only at the first sync (which then timed out for
+    ever), another ring order never, another --peering as `malformed: unknown peer message kind`,
+    and a coordinator of another ring on the same broker as `malformed`. Each is named now."""
+    bus = Bus(["a", "b", "c"])
+    core, b_signer = bus.cores["a"], bus.cores["b"].config.signer
+    sent = [a for a in bus.cores["b"].handle(TimerFired(now=5.0)) if isinstance(a, Publish) and a.topic.endswith("/beat")]
+    beat = decode(sent[0].payload)
+    assert isinstance(beat, PeerMsg) and beat.body["ring"] == ["a", "b", "c"] and beat.body["spec"] == SPEC.fingerprint
+
+    def deliver(body: dict[str, object], kind: str = "beat", sender: str = "b") -> str:
+        topic = topics.peer_topic("all", kind)
+        payload = encode(PeerMsg(sender=sender, kind=kind, body=body), signer=b_signer, scope=topics.signing_scope(topic))
+        notes = [a for a in core.handle(MessageReceived(now=6.0, topic=topic, payload=payload)) if isinstance(a, Notify)]
+        return f"{notes[0].data['reason']}: {notes[0].data['detail']}" if notes else ""
+
+    assert deliver(dict(beat.body)) == ""  # the same ring and model: heard
+    said = deliver({**beat.body, "ring": ["a", "c", "b"]})
+    assert said.startswith("ring_mismatch") and "--peers must list the same coordinators in the same order" in said
+    said = deliver({**beat.body, "spec": "0123456789abcdef"})
+    assert said.startswith("ring_mismatch") and "serves another model" in said
+    said = deliver({"round": 0, "version": 1.0}, kind="rotate")
+    assert said.startswith("ring_mismatch") and "--peering must be the same" in said
+    assert deliver(dict(beat.body), sender="zz").startswith("unknown_peer")
+    old = {k: v for k, v in beat.body.items() if k not in ("ring", "spec")}
+    assert deliver(old) == ""  # a coordinator from before these fields: heard as before

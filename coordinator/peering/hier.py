@@ -26,7 +26,7 @@ import numpy as np
 from coordinator.peering.base import Peering, PeerPlan, PeerSend, body_int, check_ring, check_sender
 from coordinator.strategies.base import CoordinatorView
 from coordinator.strategies.hierfavg import HierEdgeStrategy
-from edge_sdk.errors import ConfigError, MalformedMessage
+from edge_sdk.errors import ConfigError, MalformedMessage, other_protocol
 from edge_sdk.spec import Vector
 from edge_sdk.wire.messages import PeerMsg
 
@@ -110,7 +110,7 @@ class HierPeering(Peering):
             if round_ < self.cloud_round or not self.gate.waiting:
                 return PeerPlan()  # late answer to a round we gave up on
             return self._resume(msg.weights, round_)
-        raise MalformedMessage(f"hierfavg: unknown peer message kind {msg.kind!r}")
+        raise other_protocol("hierfavg", msg.sender, msg.kind)
 
     def _collect(self, edge: str, round_: int, samples: int, weights: Vector, now: float) -> PeerPlan:
         if round_ < self.cloud_round:

@@ -67,7 +67,7 @@ from coordinator.peering.base import (
 )
 from coordinator.strategies.base import CoordinatorView, Strategy
 from coordinator.strategies.nebula import NebulaStrategy
-from edge_sdk.errors import ConfigError, MalformedMessage
+from edge_sdk.errors import ConfigError, MalformedMessage, other_protocol
 from edge_sdk.wire.messages import PeerMsg
 
 __all__ = ["NebulaPeerConfig", "NebulaPeering", "rotation_target"]
@@ -143,7 +143,7 @@ class NebulaPeering(Peering):
 
     def on_message(self, view: CoordinatorView, msg: PeerMsg, now: float) -> PeerPlan:
         if msg.kind != "rotate":
-            raise MalformedMessage(f"nebula: unknown peer message kind {msg.kind!r}")
+            raise other_protocol("nebula", msg.sender, msg.kind)
         if msg.weights is None:
             raise MalformedMessage("nebula: a rotation carries a master model")
         check_sender("nebula", self.me, self.ring, msg.sender)
