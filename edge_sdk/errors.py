@@ -86,9 +86,9 @@ class UnknownPeer(RemoteProtocolError):
 
 
 class RingMismatch(MalformedMessage):
-    """A peer of the ring runs another configuration than this coordinator: another peering
-    protocol, another model, or another ring (``--peers`` lists the same coordinators in the
-    same order everywhere). Refused, naming the option to fix (helper-96)."""
+    """A peer of the ring runs another configuration than this coordinator (another peering
+    protocol: a message kind this one's never sends). Refused, naming the option to fix
+    (helper-96: it read as ``malformed: unknown peer message kind``)."""
 
     reason = "ring_mismatch"
 

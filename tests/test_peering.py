@@ -1027,15 +1027,14 @@ def test_a_silent_peer_is_warned_about_once_and_its_return_said() -> None:
     assert back[0] == logging.INFO and "peer 'b' is heard again, after 51 s" in back[1]
 
 
-def test_a_peer_with_another_ring_model_or_protocol_is_refused_as_such() -> None:
-    """helper-96: another --model was found only at the first sync (which then timed out for
-    ever), another ring order never, another --peering as `malformed: unknown peer message kind`,
-    and a coordinator of another ring on the same broker as `malformed`. Each is named now."""
+def test_a_peer_of_another_protocol_or_ring_is_refused_as_such() -> None:
+    """helper-96: another --peering was logged as `malformed: unknown peer message kind`, and a
+    coordinator of another ring on the same broker as `malformed`. Each is named now."""
     bus = Bus(["a", "b", "c"])
     core, b_signer = bus.cores["a"], bus.cores["b"].config.signer
     sent = [a for a in bus.cores["b"].handle(TimerFired(now=5.0)) if isinstance(a, Publish) and a.topic.endswith("/beat")]
     beat = decode(sent[0].payload)
-    assert isinstance(beat, PeerMsg) and beat.body["ring"] == ["a", "b", "c"] and beat.body["spec"] == SPEC.fingerprint
+    assert isinstance(beat, PeerMsg)
 
     def deliver(body: dict[str, object], kind: str = "beat", sender: str = "b") -> str:
         topic = topics.peer_topic("all", kind)
@@ -1043,13 +1042,7 @@ def test_a_peer_with_another_ring_model_or_protocol_is_refused_as_such() -> None
         notes = [a for a in core.handle(MessageReceived(now=6.0, topic=topic, payload=payload)) if isinstance(a, Notify)]
         return f"{notes[0].data['reason']}: {notes[0].data['detail']}" if notes else ""
 
-    assert deliver(dict(beat.body)) == ""  # the same ring and model: heard
-    said = deliver({**beat.body, "ring": ["a", "c", "b"]})
-    assert said.startswith("ring_mismatch") and "--peers must list the same coordinators in the same order" in said
-    said = deliver({**beat.body, "spec": "0123456789abcdef"})
-    assert said.startswith("ring_mismatch") and "serves another model" in said
+    assert deliver(dict(beat.body)) == ""  # a member of this ring: heard
     said = deliver({"round": 0, "version": 1.0}, kind="rotate")
     assert said.startswith("ring_mismatch") and "--peering must be the same" in said
     assert deliver(dict(beat.body), sender="zz").startswith("unknown_peer")
-    old = {k: v for k, v in beat.body.items() if k not in ("ring", "spec")}
-    assert deliver(old) == ""  # a coordinator from before these fields: heard as before

@@ -97,7 +97,7 @@ from coordinator.peering.base import (
 )
 from coordinator.strategies.base import CoordinatorView, Strategy
 from coordinator.strategies.spyker import AgeLedger, SpykerStrategy
-from edge_sdk.errors import ConfigError, MalformedMessage, RingMismatch, UnknownPeer, other_protocol
+from edge_sdk.errors import ConfigError, MalformedMessage, UnknownPeer, other_protocol
 from edge_sdk.spec import Vector
 from edge_sdk.wire.messages import PeerMsg
 
@@ -247,8 +247,6 @@ class SpykerPeering(Peering):
         self.ledger = self.strategy.ledger if self.strategy is not None else AgeLedger()
         """Shared with a :class:`SpykerStrategy`; otherwise ours, one unit of age per local version."""
         self.peers = tuple(c for c in self.ring if c != coordinator_id)
-        self.spec_fingerprint = ""
-        """This coordinator's model (its spec's fingerprint), said in beats once known."""
         self.info: dict[str, _PeerInfo] = {c: _PeerInfo() for c in self.peers}
         self.age_prev = 0.0
         self.known: TokenPos | None = None
@@ -338,22 +336,7 @@ class SpykerPeering(Peering):
             "clients": self.clients_here,
             "pos": list(self.known) if self.known is not None else None,
             "hold": self.holding,
-            "ring": list(self.ring),
-            **({"spec": self.spec_fingerprint} if self.spec_fingerprint else {}),
         }
-
-    def _check_same_ring(self, view: CoordinatorView, sender: str, body: Mapping[str, Any]) -> None:
-        """RingMismatch unless ``sender`` runs this ring and model (helper-96: another --model was
-        found at the first sync, which then timed out for ever; another ring order never). Said
-        by its ring and spec fingerprint, which a coordinator from before them does not send."""
-        spec = body.get("spec")
-        if spec is not None and spec != view.spec.fingerprint:
-            raise RingMismatch(f"spyker: peer {sender!r} serves another model (spec {str(spec)[:20]}, this one "
-                               f"{view.spec.fingerprint}): every coordinator of a ring serves the same --model")
-        ring = body.get("ring")
-        if ring is not None and (not isinstance(ring, list) or tuple(ring) != self.ring):
-            raise RingMismatch(f"spyker: peer {sender!r} runs the ring {str(ring)[:120]}, this one {list(self.ring)}: "
-                               "--peers must list the same coordinators in the same order on every coordinator")
 
     def _beat(self, now: float) -> PeerSend:
         self.next_beat_at = now + self.config.beacon_s
@@ -376,7 +359,6 @@ class SpykerPeering(Peering):
     def on_timer(self, view: CoordinatorView, now: float) -> PeerPlan:
         self.now = now
         self.clients_here = len(view.devices_seen)
-        self.spec_fingerprint = view.spec.fingerprint
         if not self.started:
             self.started = True
             self.evidence_at = now
@@ -411,7 +393,6 @@ class SpykerPeering(Peering):
             raise UnknownPeer(f"spyker: {msg.sender!r} is not another coordinator of the ring {list(self.ring)}")
         if msg.kind not in ("token", "beat", "model"):  # before anything is heard from it
             raise other_protocol("spyker", msg.sender, msg.kind)
-        self._check_same_ring(view, msg.sender, msg.body)
         self.now = now
         self.clients_here = len(view.devices_seen)
         body = msg.body
