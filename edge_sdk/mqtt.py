@@ -124,9 +124,12 @@ FAST_MAX_QUEUED = 65_000
 """Fast path: QoS 1 messages kept until acknowledged (sent or waiting); beyond it the oldest waiting one is
 dropped and counted in ``dropped_messages`` (MQTT has 65,535 packet ids)."""
 STOP_DRAIN_S = 2.0
-"""Fast path: the longest :meth:`MqttTransport.stop` waits for QoS 1 messages queued behind
-the unacknowledged ones to go out before it disconnects (a broker that stopped acknowledging
-costs a stop this long)."""
+"""The longest :meth:`MqttTransport.stop` waits for its QoS 1 messages to be sent and
+acknowledged before it disconnects (a broker that stopped acknowledging costs a stop this
+long). Acknowledged, not only sent: mosquitto before 2.0.22 answers a QoS 1 PUBLISH whose
+client closed before its PUBACK went out with "disconnected due to out of memory" — and
+publishes the client's last will over the message just sent (mosquitto #3253: a coordinator's
+retained "stopped" status read "connection lost" about once in 40 stops)."""
 MAX_RECV = 1 << 20
 """Fast path: the most one ``recv`` asks for while a large packet is being read."""
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
@@ -449,6 +452,8 @@ class MqttTransport:
         try:
             if self._fast:
                 self._drain_unsent()
+            else:
+                self._wait_acknowledged()
             with self._lock:
                 self._client.disconnect()
             if self.own_loop:
@@ -465,10 +470,11 @@ class MqttTransport:
     def _drain_unsent(self, timeout: float = STOP_DRAIN_S) -> None:
         """Fast path, at :meth:`stop`: QoS 1 messages still waiting behind the
         ``FAST_MAX_INFLIGHT`` unacknowledged ones (the daemon's final ``alive: false`` status
-        is published last) go out as PUBACKs make room, for up to ``timeout`` while connected
-        and the loop runs on another thread; the DISCONNECT follows. What is left is logged."""
+        is published last) go out as PUBACKs make room, and are acknowledged (see
+        :data:`STOP_DRAIN_S`), for up to ``timeout`` while connected and the loop runs on
+        another thread; the DISCONNECT follows. What is left unsent is logged."""
         with self._lock:
-            if not self._unsent or not self._connected.is_set() or threading.get_ident() == self._loop_ident:
+            if not self._flight or not self._connected.is_set() or threading.get_ident() == self._loop_ident:
                 return
             sock = self._client._sock
             if isinstance(sock, _Corked):
@@ -477,7 +483,7 @@ class MqttTransport:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:
-                if not self._unsent or not self._connected.is_set():
+                if not self._flight or not self._connected.is_set():
                     break
             time.sleep(0.005)
         with self._lock:
@@ -485,6 +491,19 @@ class MqttTransport:
         if left:
             log.warning("broker %s: %d QoS 1 messages not sent before disconnecting (%d unacknowledged ahead of them)",
                         self.address.url, left, len(self._flight) - left)
+
+    def _wait_acknowledged(self, timeout: float = STOP_DRAIN_S) -> None:
+        """paho's path, at :meth:`stop`: wait up to ``timeout`` for paho's QoS 1 messages to be
+        acknowledged (see :data:`STOP_DRAIN_S`), while connected and another thread reads."""
+        if not self._connected.is_set() or threading.get_ident() == self._loop_ident:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self._connected.is_set():
+            with self._lock:
+                waiting = getattr(self._client, "_out_messages", None)
+                if not waiting:
+                    return
+            time.sleep(0.005)
 
     def _finish_disconnect(self, timeout: float = 2.0) -> None:
         """own_loop: write what is queued (the DISCONNECT last; paho then closes the socket)
