@@ -60,12 +60,13 @@ from coordinator.validation import load_validation
 from edge_sdk.errors import BrokerRefused, ConfigError, EdgeciError, StartRefused
 from edge_sdk.modelio import load_model
 from edge_sdk.mqtt import (
-    ANY_REGION,
     TOFU_PEERS,
+    BrokerAuth,
     add_broker_arguments,
     auth_from_args,
     parse_broker_url,
     read_bundle,
+    regions_outside,
 )
 from edge_sdk.runtime import iso_utc_ms
 from edge_sdk.tasks import get_task
@@ -523,8 +524,8 @@ def check_coordinator_bundle(options: CoordinatorOptions) -> None:
         raise ConfigError(f"bundle {path} was issued for coordinator {who!r}, not {options.own_id!r}: the broker names "
                           f"this connection {who!r} and the other coordinators trust its key as {who!r}; start it with "
                           f"--id {who}")
-    if isinstance(allowed, list) and ANY_REGION not in allowed and options.region not in allowed:
-        raise ConfigError(f"bundle {path} is for region(s) {', '.join(map(str, allowed)) or '(none)'}, not "
+    if regions_outside(manifest, [options.region]):
+        raise ConfigError(f"bundle {path} is for region(s) {', '.join(map(str, allowed or ())) or '(none)'}, not "
                           f"{options.region!r}: the broker's ACL would refuse every topic there; check --region, or issue "
                           f"the bundle for it (`edgeci pki issue --role coordinator {who} --region {options.region} --force`)")
 
@@ -554,8 +555,9 @@ def _warn_dropped_settings(options: CoordinatorOptions, *, init_in_file: bool = 
     if not holds_versions(options.state_dir):
         return
     if options.init is not None:
-        (log.info if init_in_file else log.warning)("--init %s is ignored: state dir %s already holds versions (it serves its own); --init sets version 0 "
-                    "of a new state dir", options.init, options.state_dir)
+        say = log.info if init_in_file else log.warning
+        say("--init %s is ignored: state dir %s already holds versions (it serves its own); --init sets version 0 of a new "
+            "state dir", options.init, options.state_dir)
     if options.validation is None and options.canary <= 0:
         history = read_release_record(options.state_dir).get("history") or []
         verdicts = sum(1 for e in history if isinstance(e, dict) and e.get("action") in GATE_VERDICTS)
@@ -649,6 +651,17 @@ def _retained(options: CoordinatorOptions, wanted: Sequence[str], wait_s: float 
     return _probe(options, wanted, wait_s, required=required).retained
 
 
+def _probe_auth(options: CoordinatorOptions) -> BrokerAuth | None:
+    """What the start-up probe connects with: the coordinator's credentials (``--bundle``'s)."""
+    return options.auth or (BrokerAuth.from_bundle(options.bundle) if options.bundle is not None else None)
+
+
+def _has_identity(auth: BrokerAuth | None) -> bool:
+    """Connecting as an identity (a certificate, a user name): a broker may bind the client id
+    to it (edgeci's secure configs); an anonymous connection's id is whatever it says."""
+    return auth is not None and (auth.cert_file is not None or auth.username is not None)
+
+
 def _probe(options: CoordinatorOptions, wanted: Sequence[str], wait_s: float = 1.0, *, required: bool = False,
            watch: Callable[[dict[str, bytes]], bool] | None = None) -> _Probe:
     """:func:`_retained`, and whether the probe's connection was taken over. A broker that
@@ -658,7 +671,7 @@ def _probe(options: CoordinatorOptions, wanted: Sequence[str], wait_s: float = 1
     coordinator, reconnecting a second later, takes the id back from the probe. Where
     ``watch(retained)`` says so (the retained status does not show a live coordinator), the
     probe stays up to :data:`TAKEOVER_WATCH_S` to see that; the live one is back at once."""
-    from edge_sdk.mqtt import BrokerAuth, MqttTransport
+    from edge_sdk.mqtt import MqttTransport
 
     got: dict[str, bytes] = {}
     arrived, lost = threading.Event(), threading.Event()
@@ -675,7 +688,7 @@ def _probe(options: CoordinatorOptions, wanted: Sequence[str], wait_s: float = 1
             lost.set()
 
     cid = f"{options.own_id[:54]}-preflight"  # not the coordinator's own id
-    auth = options.auth or (BrokerAuth.from_bundle(options.bundle) if options.bundle is not None else None)
+    auth = _probe_auth(options)
     try:
         probe = MqttTransport(options.broker, client_id=cid, subscriptions=list(wanted), on_message=on, clean_session=True,
                               auth=auth, on_connection=connection)
@@ -696,9 +709,8 @@ def _probe(options: CoordinatorOptions, wanted: Sequence[str], wait_s: float = 1
                         "before this release: regenerate it with `edgeci pki broker-conf` and reload mosquitto)", topic)
         # Only an identity (a certificate, a user name) can be a client id the broker assigns;
         # a drop before the watch, or on an anonymous connection, is no takeover (helper-95).
-        identity = auth is not None and (auth.cert_file is not None or auth.username is not None)
         taken_over = False
-        if identity and not lost.is_set() and watch is not None and watch(dict(got)):
+        if _has_identity(auth) and not lost.is_set() and watch is not None and watch(dict(got)):
             taken_over = lost.wait(TAKEOVER_WATCH_S)  # (read before stop(): our own disconnect reports one too)
     finally:
         probe.stop()
@@ -851,9 +863,7 @@ def check_take_over(options: CoordinatorOptions, take_over: bool) -> None:
     # Without an identity (a plain broker) nothing stops a second coordinator taking a live one's client id
     # from another region (helper-96: `--region ap --id coord-us` and the real coord-us knocked each other
     # off every few seconds): every region's status is read too. (With one, the id is the identity's.)
-    anonymous = options.bundle is None and (options.auth is None or (options.auth.cert_file is None
-                                                                     and options.auth.username is None))
-    every_status = [f"{topics.ROOT}/+/status"] if anonymous else []
+    every_status = [] if _has_identity(_probe_auth(options)) else [f"{topics.ROOT}/+/status"]
     probe = _probe(options, [*every_status, recall_topic, status_topic], required=True,
                    watch=lambda got: live_other_coordinator(got.get(status_topic), kid, time.time(), epoch) is None)
     got = probe.retained or {}

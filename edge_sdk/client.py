@@ -73,7 +73,7 @@ from edge_sdk.errors import (
     TrainingCancelled,
 )
 from edge_sdk.modelio import load_model, save_model
-from edge_sdk.mqtt import ANY_REGION, BrokerAuth, MqttTransport, read_bundle
+from edge_sdk.mqtt import BrokerAuth, MqttTransport, read_bundle, regions_outside
 from edge_sdk.paths import device_dir
 from edge_sdk.runtime import Actor, Clock, WallClock
 from edge_sdk.scc import DeviceScc, SccConfig
@@ -172,8 +172,8 @@ def check_device_bundle(path: Path, manifest: Mapping[str, Any], device_id: str,
     if role != "device":
         raise ConfigError(f"bundle {path} is a {role}'s, not a device's: a device connecting as {who!r} would take that "
                           f"{role}'s place on the broker; issue one with `edgeci pki issue --role device ID`")
-    if isinstance(allowed, list) and ANY_REGION not in allowed and (missing := [r for r in regions if r not in allowed]):
-        raise ConfigError(f"bundle {path} is for region(s) {', '.join(map(str, allowed)) or '(none)'}, not "
+    if missing := regions_outside(manifest, regions):
+        raise ConfigError(f"bundle {path} is for region(s) {', '.join(map(str, allowed or ())) or '(none)'}, not "
                           f"{', '.join(map(repr, missing))}: the broker would refuse every topic there (issue it with "
                           f"`edgeci pki issue --region {','.join(regions)}`)")
 

@@ -66,7 +66,7 @@ import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NoReturn
@@ -247,6 +247,15 @@ def read_bundle(directory: str | Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or "identity" not in manifest:
         raise ConfigError(f"{path} is not an edgeci bundle manifest")
     return manifest
+
+
+def regions_outside(manifest: Mapping[str, Any], regions: Sequence[str]) -> list[str]:
+    """The ``regions`` a bundle's manifest does not cover (the broker's ACL gives a bundle its
+    regions' topics only; ``+`` or no list: every region)."""
+    allowed = manifest.get("regions")
+    if not isinstance(allowed, list) or ANY_REGION in allowed:
+        return []
+    return [r for r in regions if r not in allowed]
 
 
 TOFU_DEVICES = (
