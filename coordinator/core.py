@@ -661,6 +661,7 @@ class CoordinatorCore:
 
     def status(self) -> Status:
         c = self.counters
+        heard = self.peers_heard()
         return Status(
             region=self.config.region,
             coordinator=self.config.coordinator_id,
@@ -685,7 +686,7 @@ class CoordinatorCore:
                 "last_aggregation_at": self._last_aggregation_at,
                 "strategy_params": self.strategy.describe(),
                 "peering": self.peering.describe(),
-                **({"peers_heard": self.peers_heard()} if self.peering.expected_peers()[0] else {}),
+                **({"peers_heard": heard} if heard else {}),
                 "full_sync_every": self.config.full_sync_every,
                 "last_full_version": self._last_full_version,
                 "release": self._release_version,
