@@ -23,6 +23,7 @@ what needs a restart; an invalid value anywhere in the file keeps the whole runn
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -33,7 +34,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -57,7 +58,7 @@ from coordinator.strategies.robust import COMBINERS
 from coordinator.strategies.spin import SpinNoTimeoutStrategy, SpinStrategy
 from coordinator.strategies.staleness import policy_names
 from coordinator.validation import load_validation
-from edge_sdk.errors import BrokerRefused, ConfigError, EdgeciError, StartRefused
+from edge_sdk.errors import BadOption, BrokerRefused, ConfigError, EdgeciError, StartRefused
 from edge_sdk.modelio import load_model
 from edge_sdk.mqtt import (
     TOFU_PEERS,
@@ -458,8 +459,6 @@ def _check_gate(options: CoordinatorOptions, layered: Layered) -> None:
 
 
 def _check_metrics(host: str, port: int) -> None:
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"--metrics-port must be 0 (off) or a port 1-65535, got {port}")
     if port:
         try:  # the server binds the same way (HTTPServer, SO_REUSEADDR); closed again at once
             HTTPServer((host, port), BaseHTTPRequestHandler).server_close()
@@ -471,6 +470,10 @@ def _check_metrics(host: str, port: int) -> None:
 def check_method(options: CoordinatorOptions) -> None:
     """The strategy and peering with their parameters, built once and thrown away (names, types, ranges)."""
     own_id = options.own_id
+    twice = sorted({p for p in options.peers or () if list(options.peers).count(p) > 1})
+    if twice:
+        raise ConfigError(f"--peers names {', '.join(twice)} more than once: list each coordinator of the ring once, "
+                          "in the same order on every coordinator")
     if options.peering not in (None, "none") and len(set(options.peers or ()) | {own_id}) < 2:
         # (a ring of one started without a word, then logged every beat of the real ring as "not in this ring")
         raise ConfigError(f"--peering {options.peering} needs the other coordinators: --peers {own_id},OTHER[,…] (the whole "
@@ -479,22 +482,41 @@ def check_method(options: CoordinatorOptions) -> None:
                 strategy_params=options.strategy_params, peering_params=options.peering_params)
 
 
+@contextlib.contextmanager
+def bad_options() -> Iterator[None]:
+    """A ConfigError inside is :class:`BadOption` (exit 2, not restarted by the systemd unit):
+    for checks of the values themselves, which no retry can change. A check that reads a file,
+    a port or the broker stays a ConfigError (exit 1: restarted, as the file may appear)."""
+    try:
+        yield
+    except BadOption:
+        raise
+    except StartRefused:
+        raise
+    except ConfigError as exc:
+        raise BadOption(str(exc)) from exc
+
+
 def check_before_start(options: CoordinatorOptions, layered: Layered) -> None:
     """Everything about the options that can be checked without writing anything: the state dir,
     broker URL, ids, metrics address, strategy and peering, gate, --validation and --init.
     The daemon writes the state dir (lock, signing key, pretrained v0) only after this."""
     args = layered.args
     check_state_dir(options.state_dir)
-    parse_broker_url(options.broker)
-    check_id(options.region, "--region")
-    check_id(options.own_id, "--id (coordinator id)")
+    with bad_options():
+        parse_broker_url(options.broker)
+        check_id(options.region, "--region")
+        check_id(options.own_id, "--id (coordinator id)")
+        port = int(getattr(args, "metrics_port", 0) or 0)
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"--metrics-port must be 0 (off) or a port 1-65535, got {port}")
+        task = get_task(options.model)
+        check_method(options)
+        if options.inversion_params:
+            inversion_config(**dict(options.inversion_params))
+        _check_gate(options, layered)
     check_coordinator_bundle(options)
-    _check_metrics(str(getattr(args, "metrics_host", "127.0.0.1")), int(getattr(args, "metrics_port", 0) or 0))
-    task = get_task(options.model)
-    check_method(options)
-    if options.inversion_params:
-        inversion_config(**dict(options.inversion_params))
-    _check_gate(options, layered)
+    _check_metrics(str(getattr(args, "metrics_host", "127.0.0.1")), port)
     if options.validation is not None:
         load_validation(options.validation, task)
     if options.init is not None and not holds_versions(options.state_dir):
@@ -1124,7 +1146,8 @@ def run(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace, layered: Layered, resolve_again: Callable[[], Layered] | None,
            apply_logging: Callable[[str | None, str | None], None], wake_fd: int, *,
            started: Callable[[], None] = lambda: None) -> int:
-    options = options_from(args, layered)
+    with bad_options():
+        options = options_from(args, layered)
     if layered.config_path is not None:
         log.info("config file %s", layered.config_path)
     from_env = sorted(k for k, v in layered.sources.items() if v == "env")

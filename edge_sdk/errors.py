@@ -31,6 +31,15 @@ class ConfigError(LocalProtocolError):
     """A configuration value is out of range or inconsistent."""
 
 
+class BadOption(ConfigError):
+    """An option's value is wrong on its face (a range, a name, a parameter's type): every
+    retry fails the same way. The CLI exits with :attr:`exit_code`, argparse's code for a
+    usage error, which the coordinator's systemd unit does not restart (it restarted a typo in
+    the config file every 5 s, for ever)."""
+
+    exit_code = 2
+
+
 class StartRefused(ConfigError):
     """A coordinator start refused as unsafe: another coordinator is live on the region, the
     state dir serves another region, or the region's devices follow another state dir.

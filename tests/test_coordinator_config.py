@@ -169,23 +169,27 @@ def test_registry_turns_state_dir_os_errors_into_registry_errors(tmp_path: Path)
     reg.close()
 
 
-@pytest.mark.parametrize(("argv", "needle"), [
-    (["--broker", "http://127.0.0.1:1883"], "broker URL must look like"),
-    (["--region", "eu/#"], "invalid --region 'eu/#'"),
-    (["--id", "a b"], "invalid --id (coordinator id) 'a b'"),
-    (["--metrics-port", "99999"], "--metrics-port must be 0 (off) or a port 1-65535, got 99999"),
-    (["--metrics-port", "-1"], "--metrics-port must be 0 (off) or a port"),
-    (["--metrics-host", "no-such-host.invalid", "--metrics-port", "19999"], "cannot serve metrics there"),
-    (["--model", "gestures", "--init", "MODEL"], "expected 'gesture-cnn1d'"),
-    (["--init", "TEXT"], "not an edgeci model file (a .npz written by `edgeci pretrain`)"),
-    (["--init", "MISSING"], "--init"),
-    (["--gate-margin", "1.5"], "--gate-margin must be in [0, 1), got 1.5"),
-    (["--gate-z", "-1"], "--gate-z must be in [0, 10], got -1.0"),
-    (["--gate-margin", "0.5", "--rollback-margin", "0.1"], "--rollback-margin 0.1 is below --gate-margin 0.5"),
-    (["--param", "k=ten"], "parameter k expects an integer, got 'ten'"),
+@pytest.mark.parametrize(("argv", "needle", "code"), [
+    (["--broker", "http://127.0.0.1:1883"], "broker URL must look like", 2),
+    (["--region", "eu/#"], "invalid --region 'eu/#'", 2),
+    (["--id", "a b"], "invalid --id (coordinator id) 'a b'", 2),
+    (["--metrics-port", "99999"], "--metrics-port must be 0 (off) or a port 1-65535, got 99999", 2),
+    (["--metrics-port", "-1"], "--metrics-port must be 0 (off) or a port", 2),
+    (["--metrics-host", "no-such-host.invalid", "--metrics-port", "19999"], "cannot serve metrics there", 1),
+    (["--model", "gestures", "--init", "MODEL"], "expected 'gesture-cnn1d'", 1),
+    (["--init", "TEXT"], "not an edgeci model file (a .npz written by `edgeci pretrain`)", 1),
+    (["--init", "MISSING"], "--init", 1),
+    (["--gate-margin", "1.5"], "--gate-margin must be in [0, 1), got 1.5", 2),
+    (["--gate-z", "-1"], "--gate-z must be in [0, 10], got -1.0", 2),
+    (["--gate-margin", "0.5", "--rollback-margin", "0.1"], "--rollback-margin 0.1 is below --gate-margin 0.5", 2),
+    (["--param", "k=ten"], "parameter k expects an integer, got 'ten'", 2),
+    (["--peering", "spyker", "--peers", "a,b,a"], "--peers names a more than once", 2),
 ])
 def test_bad_options_are_refused_before_the_state_dir_is_written(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str], no_pretraining: None, argv: list[str], needle: str) -> None:
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], no_pretraining: None, argv: list[str], needle: str,
+        code: int) -> None:
+    """Exit 2 (BadOption) for a value wrong on its face, which the systemd unit does not restart;
+    exit 1 where a file or a port decides, which it retries."""
     files = {"MODEL": str(digits_model(tmp_path / "deployed.npz")), "MISSING": str(tmp_path / "missing.npz")}
     (tmp_path / "notes.npz").write_text("not a model\n")
     files["TEXT"] = str(tmp_path / "notes.npz")
@@ -194,7 +198,7 @@ def test_bad_options_are_refused_before_the_state_dir_is_written(
         argv = ["--broker", "mqtt://127.0.0.1:1", *argv]
     state = tmp_path / "state"
     rc, err = edgeci([*argv, "--state-dir", str(state)], capsys)
-    assert rc == 1 and needle in err, err
+    assert rc == code and needle in err, err
     assert not state.exists()  # nothing created: no lock, no signing key, no spec.json
 
 
@@ -332,7 +336,7 @@ def test_an_unsafe_start_exits_3_which_systemd_does_not_restart(tmp_path: Path, 
     rc, err = edgeci(["--broker", "mqtt://127.0.0.1:1", "--region", "asia", "--state-dir", str(state)], capsys)
     assert rc == 3 and "serves region 'eu', not 'asia'" in err
     unit = (Path(__file__).resolve().parents[1] / "deploy" / "edgeci-coordinator.service").read_text()
-    assert "Restart=on-failure" in unit and "RestartPreventExitStatus=3" in unit
+    assert "Restart=on-failure" in unit and "RestartPreventExitStatus=2 3" in unit
     rc, err = edgeci(["--broker", "mqtt://127.0.0.1:1", "--state-dir", str(tmp_path / "new")], capsys)
     assert rc == 1 and "cannot reach broker" in err  # a broker down stays a failure systemd retries
 
