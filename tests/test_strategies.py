@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -379,7 +380,7 @@ def test_staleness_policies_by_name(name: str, params: dict[str, Any], tau: int,
 
 
 def test_staleness_policies_reject_bad_names_and_unconverted_updates_fall_back_to_damping() -> None:
-    with pytest.raises(ConfigError, match="unknown staleness policy"):
+    with pytest.raises(ConfigError, match=re.escape("unknown staleness policy 'gradient-inversions' (did you mean 'gradient-inversion'?); known")):
         make_policy("gradient-inversions")
     with pytest.raises(ConfigError, match="needs a bound"):
         make_policy("drop-beyond")

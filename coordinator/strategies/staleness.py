@@ -41,6 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
+from coordinator.strategies.params import did_you_mean
 from edge_sdk.errors import ConfigError, LocalProtocolError
 
 __all__ = [
@@ -223,7 +224,8 @@ def make_policy(name: str, *, a: float = 0.5, bound: float | None = None, conver
         try:
             factory = POLICIES[name]
         except KeyError:
-            raise ConfigError(f"unknown staleness policy {name!r}; known: {', '.join(policy_names())}") from None
+            raise ConfigError(f"unknown staleness policy {name!r}{did_you_mean(name, policy_names())}; "
+                              f"known: {', '.join(policy_names())}") from None
         policy = factory(a)
     return DropBeyond(bound, policy) if bound is not None else policy
 
