@@ -210,6 +210,23 @@ class _SnapshotCollector:
             yield GaugeMetricFamily("edgeci_conversions_parked", "Updates waiting for their conversion",
                                     value=conv.get("parked", 0))
         gate = x.get("gate")
+        if isinstance(gate, dict):  # the release gate: what it decided, and how far the release trails
+            bgate_all: Mapping[str, Any] = bx.get("gate") or {}
+            decisions = CounterMetricFamily("edgeci_gate_decisions", "Release-gate verdicts on candidates: promoted (released), "
+                                            "held (not shown within the margin; training went on), rejected (worse by more "
+                                            "than the rollback margin; its updates rolled back)", labels=["decision"])
+            for decision in ("promoted", "held", "rejected"):
+                decisions.add_metric([decision], c("gate_decisions", decision, gate.get(decision, 0), bgate_all.get(decision, 0)))
+            yield decisions
+            yield CounterMetricFamily("edgeci_gate_rolled_back_updates", "Device updates undone with a rejected candidate",
+                                      value=c("gate_rolled_back_updates", "", gate.get("rolled_back_updates", 0),
+                                              bgate_all.get("rolled_back_updates", 0)))
+            yield GaugeMetricFamily("edgeci_gate_pending", "Candidates waiting for the gate's verdict",
+                                    value=len(gate.get("pending") or ()))
+            if isinstance(x.get("release"), int):
+                yield GaugeMetricFamily("edgeci_release_behind", "Versions between the training line and the release "
+                                        "(grows while the gate holds or rejects candidates)",
+                                        value=max(0, s.version - int(x["release"])))
         canary = gate.get("canary") if isinstance(gate, dict) else None
         if isinstance(canary, dict):  # federated (canary) evaluation for the release gate
             reports = CounterMetricFamily("edgeci_canary_reports", "Canary reports by outcome (rejected: by reason)",

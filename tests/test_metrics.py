@@ -195,3 +195,34 @@ def test_operator_refusals_are_their_own_family_not_rejected_messages() -> None:
     assert samples[("edgeci_control_refused_total", "unknown_version")] == 2.0
     assert samples[("edgeci_control_refused_total", "gate_rejected")] == 1.0
     assert not any(name == "edgeci_rejections_total" for name, _ in samples)
+
+
+def test_the_release_gate_is_in_the_metrics() -> None:
+    """An operator could alert on a stuck gate only by polling `edgeci status --json`: /metrics
+    had the release but not the verdicts, the pending candidates or how far the release trailed."""
+    from edge_sdk.wire.messages import Status
+
+    def status(version: int, release: int, promoted: int, held: int, rejected: int, pending: list[int]) -> Status:
+        return Status(region="r1", coordinator="c1", version=version, updates_accepted=0, updates_rejected=0,
+                      updates_duplicate=0, devices_seen=0, buffered=0,
+                      extra={"release": release, "gate": {"promoted": promoted, "held": held, "rejected": rejected,
+                                                          "rolled_back_updates": 5 * rejected, "pending": pending}})
+
+    def samples(m: CoordinatorMetrics) -> dict[tuple[str, str | None], float]:
+        return {(s.name, s.labels.get("decision")): s.value
+                for fam in text_string_to_metric_families(m.exposition().decode()) for s in fam.samples}
+
+    m = CoordinatorMetrics()
+    m.count_from(status(10, 8, promoted=6, held=3, rejected=1, pending=[]))  # restored at start: counted from here
+    m.publish(status(14, 9, promoted=7, held=5, rejected=2, pending=[13, 14]))
+    got = samples(m)
+    assert got[("edgeci_gate_decisions_total", "promoted")] == 1.0
+    assert got[("edgeci_gate_decisions_total", "held")] == 2.0
+    assert got[("edgeci_gate_decisions_total", "rejected")] == 1.0
+    assert got[("edgeci_gate_rolled_back_updates_total", None)] == 5.0
+    assert got[("edgeci_gate_pending", None)] == 2.0
+    assert got[("edgeci_release_behind", None)] == 5.0
+    ungated = CoordinatorMetrics()  # no gate: no gate families
+    ungated.publish(Status(region="r1", coordinator="c1", version=3, updates_accepted=0, updates_rejected=0, updates_duplicate=0,
+                           devices_seen=0, buffered=0, extra={"gate": None}))
+    assert not any(name.startswith("edgeci_gate") for name, _ in samples(ungated))
