@@ -513,6 +513,10 @@ class CoordinatorDaemon:
             self.coordinator_id, self.task.spec.model_id, self.core.version, self.options.broker, self.core.strategy.describe(),
             self.options.peering,
         )
+        need = self.core.strategy.devices_per_round()
+        if need is not None:  # (fedadam with its default select waited silently for 20 devices)
+            log.info("%s starts a round only once %d devices wait with new data (%s; --param %s=N to change it): "
+                     "until then their pulls are deferred", self.core.strategy.name, need[0], need[1], need[1])
         return self
 
     def stop(self, *, drain: bool = True) -> None:

@@ -140,7 +140,7 @@ from coordinator.gate import GateConfig
 from coordinator.inversion import InversionConfig
 from coordinator.methods import make_method
 from coordinator.peering import PEERINGS
-from coordinator.strategies import COMPANIONS, strategy_names
+from coordinator.strategies import COMPANIONS, Strategy, strategy_names
 from coordinator.strategies.params import did_you_mean
 from devices.attacks import AttackPlan
 from devices.labelling import STREAM_ORDERS, arrival_times, stream_order
@@ -292,6 +292,16 @@ class RunSpec:
             params.setdefault("select", devices_served)
             params.setdefault("min_devices", devices_served)
         return params
+
+
+def check_devices_per_round(where: str, strategy: Strategy, coordinator: str, devices: int) -> None:
+    """ScenarioError when ``strategy`` waits for more devices than ``coordinator`` serves (the
+    run went to its end with 0 versions and 0 updates, reported as a result)."""
+    need = strategy.devices_per_round()
+    if need is not None and need[0] > devices:
+        raise ScenarioError(f"{where}: {strategy.name} starts a round only once {need[0]} devices wait with new data "
+                            f"({need[1]} = {need[0]}), but {coordinator} serves {devices}: it would never make a version; "
+                            f"set params.{need[1]} to at most {devices}")
 
 
 Method = RunSpec
@@ -577,7 +587,7 @@ def parse_scenario(raw: Mapping[str, Any], *, source: str = "<string>") -> Scena
         if not isinstance(params, dict):
             raise ScenarioError(f"{where}: params must be a table")
         try:
-            make_method(strategy, params=params)  # validates names, parameter names, ranges and pairing
+            built = make_method(strategy, params=params)  # validates names, parameter names, ranges and pairing
         except ConfigError as exc:
             raise ScenarioError(f"{where}: {exc}") from None
         label = run.get("label", strategy)
@@ -593,6 +603,7 @@ def parse_scenario(raw: Mapping[str, Any], *, source: str = "<string>") -> Scena
         if overrides:
             patched = _apply_overrides(raw, overrides, f"{where}: overrides")
             run_settings = parse_settings(patched, source=f"{where} (with overrides)")  # a misspelled key too
+        check_devices_per_round(where, built.strategy, "the coordinator", run_settings.devices)
         runs.append(RunSpec(label=label, strategy=strategy, params=dict(params), settings=run_settings, overrides=dict(overrides)))
     name = raw.get("name", "scenario")
     description = raw.get("description", "")

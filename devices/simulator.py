@@ -98,6 +98,7 @@ from devices.scenario import (
     Scenario,
     ScenarioError,
     Settings,
+    check_devices_per_round,
     gate_config,
     holdout,
     materialise,
@@ -343,6 +344,9 @@ class Simulation(Driver):
                                  strategy_params=method.coordinator_params(served[k], cost=regions.cost, region=places[k][2]))
                      for k, name in enumerate(ring)]
             methods = [(b.strategy, b.peering) for b in built]
+        counts = [n] if regions is None else [served[k] for k in range(len(places))]
+        for (name, _, _), (strat, _), count in zip(places, methods, counts, strict=True):
+            check_devices_per_round(repr(self.label), strat, name, count)  # (--devices, a region's share)
         self.strategy = methods[0][0]
         self.coords: list[EmulatedCoordinator] = []
         for (name, topic_region, region), (strat, peer) in zip(places, methods, strict=True):

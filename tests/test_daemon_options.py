@@ -136,3 +136,21 @@ def test_a_peer_without_a_provisioned_key_is_refused_at_start(tmp_path: Path, ta
     pki.refresh_trust()
     with pytest.raises(Pretrained):
         CoordinatorDaemon(options(tmp_path, **ring), task=task)
+
+
+def test_a_strategy_waiting_for_devices_says_so_at_start(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`--strategy fedadam` waited silently for 20 devices with new data (its default select):
+    with fewer, every pull was deferred and no version was ever made."""
+    import logging
+
+    from edge_sdk.modelio import save_model
+    from tests.test_durability import FakeTransport
+
+    spec = get_task("digits").spec
+    init = save_model(tmp_path / "v0.npz", spec, np.zeros(spec.size, np.float32))
+    daemon = CoordinatorDaemon(options(tmp_path, strategy="fedadam", strategy_params={}, init=init), task=get_task("digits"))
+    daemon.transport = FakeTransport()  # type: ignore[assignment]
+    with caplog.at_level(logging.INFO, logger="edgeci"):
+        daemon.start()
+        daemon.stop()
+    assert "fedadam starts a round only once 20 devices wait with new data (select; --param select=N" in caplog.text

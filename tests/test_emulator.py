@@ -268,11 +268,21 @@ def test_materialise_is_deterministic_and_covers_the_pool() -> None:
     ({"quick": {"duraton_s": 50}}, "[quick]: top level: unknown key 'duraton_s'"),
     ({"runs": []}, "at least one [[runs]]"),
     ({"profiles": {"x": {"link": "wifi"}}}, "needs compute and link"),
+    # fedadam's default select = 20 with 12 devices ran to the end with 0 versions, 0 updates
+    ({"runs": [{"strategy": "fedadam"}]}, "fedadam starts a round only once 20 devices wait with new data (select = 20), "
+                                          "but the coordinator serves 12: it would never make a version; set params.select to at most 12"),
+    ({"runs": [{"strategy": "fedopt", "params": {"select": 5}, "overrides": {"fleet.devices": 4}}]}, "set params.select to at most 4"),
 ])
 def test_scenario_errors_say_where_and_what(patch: dict[str, Any], message: str) -> None:
     with pytest.raises(ScenarioError, match=None) as info:
         parse_scenario(small_scenario(**patch), source="s.toml")
     assert message in str(info.value) and "s.toml" in str(info.value)
+
+
+def test_a_strategy_waiting_for_more_devices_than_the_run_has_is_refused() -> None:
+    sc = parse_scenario(small_scenario(runs=[{"strategy": "fedadam", "params": {"select": 12}}]))  # as many as there are
+    with pytest.raises(ScenarioError, match="but coordinator serves 6: it would never make a version"):
+        Simulation(BlobTask(), dataclasses.replace(sc.settings, devices=6), make_strategy("fedadam", select=12), seed=3)  # (--devices)
 
 
 def test_overrides_quick_and_selection() -> None:

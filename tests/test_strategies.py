@@ -491,3 +491,15 @@ def test_fedbuff_forgets_a_straggler_at_the_wake_up_it_asked_for() -> None:
     wake = strategy._forget_stragglers(since + 1.0)
     assert wake == since + 30.0 and "slow" in strategy.in_flight
     assert strategy._forget_stragglers(wake) is None and not strategy.in_flight
+
+
+def test_strategies_name_the_devices_a_round_waits_for() -> None:
+    """fedadam / fedopt with their default select = 20 and fewer devices never made a version."""
+    assert make_strategy("fedadam").devices_per_round() == (20, "select")
+    assert make_strategy("fedopt", select=5, population=8).devices_per_round() == (8, "population")
+    assert make_strategy("fedavg").devices_per_round() is None  # min_devices 1: a round starts with one
+    assert make_strategy("fedavg", min_devices=4).devices_per_round() == (4, "min_devices")
+    assert make_strategy("hfedms", population=12).devices_per_round() == (12, "population")
+    assert make_strategy("hfedms").devices_per_round() is None
+    for name in ("spin", "fedbuff", "fedasync", "port"):  # a timeout, or a buffer carried across draws
+        assert make_strategy(name).devices_per_round() is None

@@ -136,6 +136,13 @@ class Strategy:
         """Parameters for status and logs."""
         return {"name": self.name}
 
+    def devices_per_round(self) -> tuple[int, str] | None:
+        """How many devices must be waiting with new data, at once, before a round can start,
+        and the parameter that sets it; None where no count of devices holds anything up.
+        Fewer devices than that and no version is ever made: the emulator refuses such a run,
+        the coordinator says it at start."""
+        return None
+
 
 class ReadOnlyView:
     """A :class:`CoordinatorView` over a core that exposes only the view's properties, so a

@@ -58,6 +58,9 @@ class FedAvgStrategy(RobustStrategy):
     def serve_pull(self, view: CoordinatorView, device: str, now: float) -> bool:
         return device in self.participants  # a retried pull of a participant
 
+    def devices_per_round(self) -> tuple[int, str] | None:
+        return (self.config.min_devices, "min_devices") if self.config.min_devices > 1 else None
+
     def on_update(self, view: CoordinatorView, update: BufferedUpdate, now: float) -> None:
         self.robust.observe(view, update)
         self.participants.discard(update.device)

@@ -108,6 +108,10 @@ class FedOptStrategy(Strategy):
     def serve_pull(self, view: CoordinatorView, device: str, now: float) -> bool:
         return device in self.participants
 
+    def devices_per_round(self) -> tuple[int, str] | None:
+        cfg = self.config
+        return (cfg.population, "population") if cfg.population is not None else (cfg.select, "select")
+
     def on_update(self, view: CoordinatorView, update: BufferedUpdate, now: float) -> None:
         self.participants.discard(update.device)
 

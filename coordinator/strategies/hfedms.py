@@ -234,6 +234,9 @@ class HFedMSStrategy(Strategy):
 
     # ------------------------------------------------------------------ hooks
 
+    def devices_per_round(self) -> tuple[int, str] | None:
+        return (self.config.population, "population") if self.config.population is not None else None
+
     def serve_pull(self, view: CoordinatorView, device: str, now: float) -> bool:
         return False  # only an invitation serves: the chain decides who trains on what
 
