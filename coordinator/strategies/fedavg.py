@@ -58,6 +58,9 @@ class FedAvgStrategy(RobustStrategy):
     def serve_pull(self, view: CoordinatorView, device: str, now: float) -> bool:
         return device in self.participants  # a retried pull of a participant
 
+    def selects(self) -> bool:
+        return True
+
     def on_update(self, view: CoordinatorView, update: BufferedUpdate, now: float) -> None:
         self.robust.observe(view, update)
         self.participants.discard(update.device)

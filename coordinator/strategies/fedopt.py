@@ -108,6 +108,9 @@ class FedOptStrategy(Strategy):
     def serve_pull(self, view: CoordinatorView, device: str, now: float) -> bool:
         return device in self.participants
 
+    def selects(self) -> bool:
+        return True
+
     def on_update(self, view: CoordinatorView, update: BufferedUpdate, now: float) -> None:
         self.participants.discard(update.device)
 
