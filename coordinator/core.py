@@ -71,6 +71,7 @@ Transitions::
     Update (duplicate)    Publish(ack duplicate, nonce of the accepted one)
     Update (invalid)      Publish(ack rejected) if sender known; counted
     Update (abandoned base) Publish(ack rejected, reason base_rejected); counted, nothing kept
+    Update (not selected) Publish(ack rejected, reason not_selected): a selecting strategy did not serve it
     TimerFired            plan (and a canary round's deadline: the gate decides on what came in)
     CanaryReport (valid)  gate evidence; a decision → RecordRelease (+ rollback), next round's Canary
     Commit (canary on)    Publish(canary) per cohort device, when no round is open
@@ -107,6 +108,7 @@ from edge_sdk.errors import (
     LocalProtocolError,
     MalformedMessage,
     NotInCohort,
+    NotSelected,
     OperatorMismatch,
     RateLimited,
     RejectedBase,
@@ -554,6 +556,9 @@ class CoordinatorCore:
         self._deferred: dict[str, float] = {}
         self._invites: dict[str, int] = {}
         self._invite_round = 0
+        self._training: set[str] = set()
+        """Devices served a training model since their last accepted update: with a strategy that
+        selects its devices, the only ones whose update is taken (``not_selected`` otherwise)."""
         self._last_nonce: dict[str, tuple[int, int]] = {}
         self._last_pull_seq: dict[str, int] = {}
         self._tokens: dict[str, tuple[float, float]] = {}
@@ -996,6 +1001,7 @@ class CoordinatorCore:
             if invited:
                 del self._invites[msg.device]
             self._deferred.pop(msg.device, None)
+            self._training.add(msg.device)
             self.counters["pulls_served"] += 1
             have = self._held(msg)
             return [*ahead, self._model_reply(msg.device, msg.seq, self._group_for(have), have)]
@@ -1125,6 +1131,11 @@ class CoordinatorCore:
             raise UnknownVersion(f"base version {msg.base_version} is newer than current {self._version}")
         if self._abandoned and self.abandoned(msg.base_version):
             raise RejectedBase(f"base version {msg.base_version} was abandoned by a rollback; train from {self._version}")
+        if msg.device not in self._training and self.strategy.selects():
+            # A device never drawn (or past its one update per invitation) would otherwise fill
+            # the buffer on its own: FedBuff's K updates, FedAvg's round, all of one sender.
+            raise NotSelected(f"{msg.device} was not served a training model by {self.strategy.name}'s selection "
+                              "since its last accepted update")
         cfg.spec.check_update(msg.weights, msg.group)
         if not self._storage_ok:
             self.counters["deferred_storage"] += 1
@@ -1151,6 +1162,7 @@ class CoordinatorCore:
             nonce=msg.nonce,
         )
         self.counters["accepted"] += 1
+        self._training.discard(msg.device)
         self.staleness_hist[update.staleness] += 1
         actions: list[CoordinatorAction] = [PersistUpdate(update=update)]
         if self._converting:

@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from coordinator.peering.base import BROADCAST
 from edge_sdk import signing
 from edge_sdk.errors import ConfigError
 from edge_sdk.mqtt import ANY_REGION
@@ -501,7 +502,9 @@ def acl_rules(ident: Identity) -> list[tuple[str, str]]:
         elif ident.role == "operator":
             rules += [("write", f"{base}/control"), ("read", f"{base}/status")]
     if ident.role == "coordinator":
-        rules.append(("readwrite", f"{ROOT}/peer/#"))
+        # It writes to any peer, and reads only what is addressed to it or to all (what it subscribes
+        # to): with readwrite on peer/# one coordinator read every other's peer traffic.
+        rules += [("write", f"{ROOT}/peer/#"), ("read", f"{ROOT}/peer/{n}/#"), ("read", f"{ROOT}/peer/{BROADCAST}/#")]
     return rules
 
 
@@ -660,7 +663,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s = sub.add_parser("acl", help="write the mosquitto ACL file for every issued identity",
                        description="Generate the mosquitto acl_file from PKI/identities.json: devices write only their "
                                    "own pull/update/presence and read their own model/ack/invite and their region's "
-                                   "status; coordinators serve their region and peer/#; operators write control.",
+                                   "status; coordinators serve their region, write peer/# and read the peer messages for them "
+                                   "and for all; operators write control.",
                        formatter_class=fmt)
     _dir_argument(s)
     s.add_argument("--out", type=Path, help="output file (default: PKI/mosquitto.acl)")

@@ -137,6 +137,15 @@ class RejectedBase(RemoteProtocolError):
     reason = "base_rejected"
 
 
+class NotSelected(RemoteProtocolError):
+    """An update from a device the coordinator did not let train: a strategy that selects its
+    devices (FedBuff, FedAvg, ...) takes one update per training model it served, so a device
+    that was never drawn cannot fill the buffer. Its device trains the same samples again once
+    it is selected (a straggler the coordinator forgot, or one in flight across a restart)."""
+
+    reason = "not_selected"
+
+
 class TopicMismatch(RemoteProtocolError):
     """The message claims a device id other than the topic it arrived on."""
 

@@ -189,7 +189,10 @@ def test_acl_confines_each_identity(pki: Pki) -> None:
         assert f"topic write edgeci/v1/eu/dev/+/{leaf}" in coord
     for leaf in ("pull", "update", "presence"):
         assert f"topic read edgeci/v1/eu/dev/+/{leaf}" in coord
-    assert "topic readwrite edgeci/v1/peer/#" in coord and "topic read edgeci/v1/eu/control" in coord
+    assert "topic write edgeci/v1/peer/#" in coord and "topic read edgeci/v1/eu/control" in coord
+    # peer messages: only those for it and for all (it used to read every other coordinator's)
+    assert [line for line in coord if "/peer/" in line and " read" in line] == [
+        "topic read edgeci/v1/peer/coord-eu/#", "topic read edgeci/v1/peer/all/#"]
     assert "topic readwrite edgeci/v1/eu/recall" in coord
     assert not any("/us/" in line for line in coord)
     assert s["ops"] == ["topic write edgeci/v1/+/control", "topic read edgeci/v1/+/status"]

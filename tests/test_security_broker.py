@@ -151,6 +151,24 @@ def test_device_cannot_read_another_devices_downstream_topics(secure_broker: Sec
         assert dev_b.messages == [(b_model, b"B's model")]
 
 
+def test_a_coordinator_reads_only_the_peer_messages_for_it_and_for_all(secure_broker: SecureBroker) -> None:
+    """A compromised coordinator of one region (its bundle) subscribes to every peer topic:
+    before, its ``readwrite peer/#`` delivered it the other coordinators' exchanges (their
+    models, Spyker tokens) to read or replay; now only its own and the broadcasts."""
+    to_other, to_spy, to_all = (topics.peer_topic("coord-other", "model"), topics.peer_topic("coord-spy", "token"),
+                                topics.peer_topic("all", "beat"))
+    with raw(secure_broker, "coord-other", "coordinator", [topics.peer_filter("coord-other"), topics.peer_filter("all")]) as other, \
+            raw(secure_broker, "coord-spy", "coordinator", [f"{topics.ROOT}/peer/#", f"{topics.ROOT}/#"]) as spy, \
+            raw(secure_broker, "coord-sec", "coordinator") as sender:
+        sender.t.publish(to_other, b"a model for coord-other")
+        sender.t.publish(to_spy, b"a token for coord-spy")
+        sender.t.publish(to_all, b"a beat for all")
+        wait_until(lambda: len(other.messages) == 2 and len(spy.messages) >= 2, 10, "the peer messages")
+        time.sleep(0.3)
+        assert sorted(other.messages) == [(to_all, b"a beat for all"), (to_other, b"a model for coord-other")]
+        assert sorted(set(spy.messages)) == [(to_all, b"a beat for all"), (to_spy, b"a token for coord-spy")]
+
+
 def test_operator_writes_control_devices_do_not(secure_broker: SecureBroker) -> None:
     control = f"{topics.ROOT}/{R}/control"
     with raw(secure_broker, "coord-sec", "coordinator", [control]) as coord, \

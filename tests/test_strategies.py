@@ -503,3 +503,19 @@ def test_strategies_name_the_devices_a_round_waits_for() -> None:
     assert make_strategy("hfedms").devices_per_round() is None
     for name in ("spin", "fedbuff", "fedasync", "port"):  # a timeout, or a buffer carried across draws
         assert make_strategy(name).devices_per_round() is None
+
+
+def test_a_device_in_flight_across_a_fedbuff_restart_trains_its_samples_again_and_gets_through() -> None:
+    """The restarted coordinator did not serve it (``not_selected``): its samples are trained
+    again once it is drawn, not dropped."""
+    link = Link(coordinator=make_coordinator("fedbuff", k=1, select=1, population=1), train_seconds=5.0)
+    link.add_device("d0", min_samples=1)
+    link.add_sample("d0", 1, at=0.0)
+    link.run_until(2.0)  # invited, served, training
+    assert link.devices["d0"].state.phase.name == "TRAINING" and not link.commits
+    link.restart(make_coordinator("fedbuff", k=1, select=1, population=1))
+    link.run_until(200.0)
+    core = link.devices["d0"]
+    assert core.state.counters.get("retrain:not_selected") == 1
+    assert link.coordinator.counters["reject:not_selected"] == 1 and len(link.commits) == 1
+    assert core.state.trained_upto == 1 and core.state.updates_acked == 1

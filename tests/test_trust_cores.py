@@ -318,6 +318,40 @@ def test_a_real_invitation_is_served_once() -> None:
     assert not published(replay, "model") and c.counters["invite_unknown"] == 1
 
 
+@pytest.mark.parametrize("strategy, params", [("fedbuff", {"k": 2, "select": 1, "population": 3}),
+                                              ("fedavg", {"select": 1, "min_devices": 1})])
+def test_updates_from_a_device_never_selected_are_refused(strategy: str, params: dict[str, Any]) -> None:
+    """Updates need no invitation on the wire: before, a device never drawn sent K updates
+    (FedBuff) or one (FedAvg) and they were aggregated, the model becoming its weights."""
+    c = make_coordinator(strategy, **params)
+    for seq in range(1, 4):
+        (ack,) = published(c.handle(to_coord(0.1 * seq, "mallory", "update", update("mallory", seq, value=9.0))), "ack")
+        assert isinstance(ack, Ack) and (ack.status, ack.reason) == ("rejected", "not_selected")
+    assert not c.buffer and c.version == 0 and c.counters["reject:not_selected"] == 3
+
+
+def test_a_selected_device_sends_one_update_per_training_model_served() -> None:
+    c = make_coordinator("fedbuff", k=3, select=1, population=1)
+    (invite,) = published(c.handle(to_coord(0.0, DEV, "pull", Pull(device=DEV, seq=0, model_id="toy"))), "invite")
+    pull = Pull(device=DEV, seq=1, model_id="toy", invite_round=invite.round)  # type: ignore[attr-defined]
+    assert published(c.handle(to_coord(0.1, DEV, "pull", pull)), "model")
+    (ack,) = published(c.handle(to_coord(0.2, DEV, "update", update(DEV, 2))), "ack")
+    assert isinstance(ack, Ack) and ack.status == "accepted"
+    (ack,) = published(c.handle(to_coord(0.3, DEV, "update", update(DEV, 3))), "ack")  # a second, unserved
+    assert isinstance(ack, Ack) and (ack.status, ack.reason) == ("rejected", "not_selected")
+    assert len(c.buffer) == 1
+
+
+def test_a_device_refused_as_not_selected_trains_its_samples_again() -> None:
+    d = device()
+    upd = train_and_push(d)
+    before = d.state.counters.get("retrain:not_selected", 0)
+    ack = Ack(device=DEV, seq=upd.seq, status="rejected", version=0, reason="not_selected")
+    acts = d.handle(to_dev(2.0, "ack", encode(ack)))
+    assert d.state.counters["retrain:not_selected"] == before + 1
+    assert published(acts, "pull"), "it pulls again with the same samples"
+
+
 def test_huge_sample_count_is_refused() -> None:
     c = make_coordinator(k=2, timeout_s=None)
     (ack,) = published(c.handle(to_coord(0.0, DEV, "update", update(DEV, 0, n=2**62))), "ack")

@@ -107,6 +107,11 @@ class Strategy:
     def serve_pull(self, view: CoordinatorView, device: str, now: float) -> bool:
         return True
 
+    def selects(self) -> bool:
+        """True when ``serve_pull`` decides who trains: the core then takes an update only from
+        a device it served a training model since that device's last accepted update."""
+        return False
+
     def plan(self, view: CoordinatorView, now: float, rng: random.Random) -> Plan:
         return Plan()
 

@@ -61,6 +61,9 @@ class FedAvgStrategy(RobustStrategy):
     def devices_per_round(self) -> tuple[int, str] | None:
         return (self.config.min_devices, "min_devices") if self.config.min_devices > 1 else None
 
+    def selects(self) -> bool:
+        return True
+
     def on_update(self, view: CoordinatorView, update: BufferedUpdate, now: float) -> None:
         self.robust.observe(view, update)
         self.participants.discard(update.device)

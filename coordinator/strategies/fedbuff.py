@@ -120,6 +120,9 @@ class FedBuffStrategy(RobustStrategy):
             return True
         return False
 
+    def selects(self) -> bool:
+        return True
+
     def on_update(self, view: CoordinatorView, update: BufferedUpdate, now: float) -> None:
         self.robust.observe(view, update)
         self.in_flight.pop(update.device, None)

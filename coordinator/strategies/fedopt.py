@@ -112,6 +112,9 @@ class FedOptStrategy(Strategy):
         cfg = self.config
         return (cfg.population, "population") if cfg.population is not None else (cfg.select, "select")
 
+    def selects(self) -> bool:
+        return True
+
     def on_update(self, view: CoordinatorView, update: BufferedUpdate, now: float) -> None:
         self.participants.discard(update.device)
 

@@ -240,6 +240,9 @@ class HFedMSStrategy(Strategy):
     def serve_pull(self, view: CoordinatorView, device: str, now: float) -> bool:
         return False  # only an invitation serves: the chain decides who trains on what
 
+    def selects(self) -> bool:
+        return True
+
     def on_update(self, view: CoordinatorView, update: BufferedUpdate, now: float) -> None:
         if update.device == self.expecting:
             if update.base_version != self._invite_version:

@@ -320,6 +320,9 @@ class NebulaStrategy(Strategy):
     def serve_pull(self, view: CoordinatorView, device: str, now: float) -> bool:
         return self.config.selection == "none" or device in self.in_flight
 
+    def selects(self) -> bool:
+        return self.config.selection != "none"
+
     def on_update(self, view: CoordinatorView, update: BufferedUpdate, now: float) -> None:
         slot = self.in_flight.pop(update.device, None)
         if slot is None:

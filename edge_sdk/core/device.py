@@ -57,7 +57,9 @@ fails — or returns non-finite weights — returns the device to IDLE with a ba
 refused because its base version was abandoned by a rollback (``base_rejected``: the release
 gate rejected that candidate, or an operator rolled back past it) was trained from a model the
 coordinator will not build on; its samples are trained again from the current training line
-(``trained_upto`` rolls back, as after a failed job). Other refusals end the round.
+(``trained_upto`` rolls back, as after a failed job); so are those of an update a coordinator
+that selects its devices did not take (``not_selected``: it forgot a straggler or restarted).
+Other refusals end the round.
 
 Failover. A device may list ``fallback_regions`` after its home ``region``. It reads its
 downstream topics and the coordinators' retained status in all of them, and uses one region
@@ -103,7 +105,7 @@ Transitions (event → action, new phase)::
     PUSHING   Ack(accepted | own duplicate)→ Notify, then pull if wanted   IDLE / PULLING
     PUSHING   Ack(duplicate, other nonce)  → Persist, Publish(update, new seq)  PUSHING
     PUSHING   Ack(deferred: storage)       → retry later, same seq         PUSHING
-    PUSHING   Ack(rejected: base_rejected) → Persist, Notify, pull (same samples again)  PULLING
+    PUSHING   Ack(rejected: base_rejected | not_selected) → Persist, Notify, pull (same samples again)  PULLING
     PUSHING   Ack(rejected, other reason)  → Persist, Notify                IDLE
     PUSHING   TimerFired (deadline)        → Publish(update, same seq)     PUSHING
     IDLE      TimerFired (back-off over)   → pull if wanted                IDLE / PULLING
@@ -163,6 +165,7 @@ from edge_sdk.errors import (
     ConfigError,
     LocalProtocolError,
     MalformedMessage,
+    NotSelected,
     RejectedBase,
     RemoteProtocolError,
     ShapeMismatch,
@@ -746,11 +749,13 @@ class DeviceCore:
         s.pending_update = None
         if msg.status in ("accepted", "duplicate"):
             s.updates_acked += 1
-        elif msg.status == "rejected" and msg.reason == RejectedBase.reason:
-            # Trained from a version a rollback abandoned: the samples are in no model the
-            # coordinator keeps. Train them again from the current line (the pull below).
+        elif msg.status == "rejected" and msg.reason in (RejectedBase.reason, NotSelected.reason):
+            # Trained from a version a rollback abandoned, or not taken by a coordinator that did
+            # not select this device (it forgot a straggler, or restarted): the samples are in no
+            # model the coordinator keeps. Train them again from the current line (the pull below).
             s.trained_upto = s.prev_trained_upto
-            s.counters["retrain:base_rejected"] = s.counters.get("retrain:base_rejected", 0) + 1
+            key = f"retrain:{msg.reason}"
+            s.counters[key] = s.counters.get(key, 0) + 1
         persist = self._persist()  # the round is over: its samples acknowledged, refused, or to train again
         note = Notify(
             kind="update_acked" if msg.status != "rejected" else "update_rejected",
