@@ -492,7 +492,10 @@ def acl_rules(ident: Identity) -> list[tuple[str, str]]:
         if ident.role == "device":
             rules += [("write", f"{base}/dev/{n}/{leaf}") for leaf in ("pull", "update", "presence")]
             rules += [("read", f"{base}/dev/{n}/{leaf}") for leaf in ("model", "ack", "invite")]
-            rules += [("read", f"{base}/status"), ("read", f"{base}/recall")]
+            # The status (it names recently seen devices) only to a device with a fallback region,
+            # the one that reads it (failover); every device follows its regions' recall.
+            rules += [("read", f"{base}/status")] if len(ident.regions) > 1 else []
+            rules += [("read", f"{base}/recall")]
         elif ident.role == "coordinator":
             rules += [("write", f"{base}/dev/+/{leaf}") for leaf in ("model", "ack", "invite")]
             rules += [("read", f"{base}/dev/+/{leaf}") for leaf in ("pull", "update", "presence")]
