@@ -929,11 +929,8 @@ class EdgeClient:
         self._job_ids[job_id] = ids
 
     def _on_notify(self, note: Notify) -> None:
-        if note.kind == "trained":
-            ids = self._job_ids.pop(int(note.data["job_id"]), [])
-            self.store.mark_used(ids, int(note.data["seq"]))
-        elif note.kind == "update_acked":
-            self.store.mark_acked(int(note.data["seq"]))
+        if note.kind in ("trained", "update_acked"):
+            self._mark_samples(note)
         elif note.kind == "seq_behind" and note.data.get("watermark") != self._seq_behind_said:
             self._seq_behind_said = note.data.get("watermark")
             log.warning("device %s: the coordinator holds updates of this device id up to seq %s, more than %d above this "
@@ -950,6 +947,22 @@ class EdgeClient:
                 self.region, reason, ": it serves another model than this device's task — check the task and the region"
                 if reason == "unknown_model" else "")
         self._emit(note.kind, dict(note.data))
+
+    def _mark_samples(self, note: Notify) -> None:
+        """Record which update trained on the samples, or that it was acknowledged (the eviction
+        order's input). A store that cannot (a full disk) leaves the samples where they are in that
+        order — they stay longer, never leave early — and the notification and the actions after it
+        still run: raised, the error dropped the app's ``trained`` / ``update_acked`` and the pull
+        that follows an ack, and the exception the actor kept held the store's files open after stop()."""
+        seq = int(note.data["seq"])
+        try:
+            if note.kind == "trained":
+                self.store.mark_used(self._job_ids.pop(int(note.data["job_id"]), []), seq)
+            else:
+                self.store.mark_acked(seq)
+        except StorageError as exc:
+            log.warning("device %s: cannot record update %d's samples as %s (%s); they are evicted later, not earlier",
+                        self.core.config.device_id, seq, "used" if note.kind == "trained" else "acknowledged", exc)
 
     def run_training_job(self, job: TrainingJob, config: TrainConfig) -> tuple[TrainResult, list[int]]:
         """What the trainer thread runs for one job: the result and the sample ids it used.

@@ -191,6 +191,64 @@ def test_a_full_disk_at_the_counters_holds_requests_without_sticking_the_device(
         close_unstarted(c)
 
 
+def test_a_store_that_cannot_mark_samples_still_notifies_and_pulls(tmp_path: Any) -> None:
+    """A full disk at mark_used / mark_acked (the eviction order's bookkeeping): the app still
+    hears ``trained`` and ``update_acked``, and the pull the ack starts still leaves. The error
+    used to escape into the actor, which dropped the notification and the actions after it (the
+    pull waited a request timeout) and kept the exception, whose traceback held the store's
+    files open after stop() (a tmpfs could not be unmounted; device durability audit, h103)."""
+    from edge_sdk.core.events import MessageReceived, SampleAdded, TrainingFinished
+    from edge_sdk.store import StorageError
+    from edge_sdk.tasks import get_task
+    from edge_sdk.wire import topics
+    from edge_sdk.wire.codec import decode, encode
+    from edge_sdk.wire.messages import Ack, ModelMsg, Pull, Update
+    from tests.helpers import SIGNER
+
+    w = get_task("digits").pretrained(seed=0)
+    c = unstarted_client(tmp_path, min_samples=2, trusted_keys={SIGNER.kid: SIGNER.public_raw})
+    sent: list[Any] = []
+    c.transport.publish = lambda topic, payload, qos=1, retain=False: sent.append(decode(payload))
+    jobs: list[Any] = []
+    c._trainer.submit = lambda fn, job: jobs.append(job)
+    heard: list[str] = []
+    c.on("*", lambda kind, data: heard.append(kind))
+
+    def full(*args: Any) -> int:
+        raise StorageError(f"{tmp_path}/samples.sqlite3: database or disk is full")
+
+    def run(event: Any) -> None:
+        c.actor._run_one(lambda now: event)
+
+    def reply(leaf: str, msg: Any) -> MessageReceived:
+        topic = topics.device_topic("default", "d1", leaf)
+        return MessageReceived(now=1.0, topic=topic, payload=encode(msg, signer=SIGNER if leaf == "model" else None,
+                                                                    scope=topics.signing_scope(topic)))
+
+    def last(kind: type) -> Any:
+        return [m for m in sent if isinstance(m, kind)][-1]
+
+    try:
+        c.actor.run_actions(c.core.start(0.0))  # the serving pull
+        run(reply("model", ModelMsg(model_id=c.task.spec.model_id, version=0, reply_to=last(Pull).seq, weights=w, release=0)))
+        for i in range(2):
+            c.store.add(np.zeros((1, 8, 8), np.float32), i)
+        run(SampleAdded(now=2.0, total=2))  # the training pull
+        run(reply("model", ModelMsg(model_id=c.task.spec.model_id, version=0, reply_to=last(Pull).seq, weights=w, release=0)))
+        c.store.mark_used = c.store.mark_acked = full
+        c._remember_job(jobs[0].job_id, [1, 2])
+        run(TrainingFinished(now=3.0, job_id=jobs[0].job_id, weights=w + 0.01, n_samples=2))
+        update = last(Update)
+        c.store.add(np.zeros((1, 8, 8), np.float32), 3)  # a new label meanwhile: the ack starts the next pull
+        run(SampleAdded(now=3.5, total=3))
+        pulls = len([m for m in sent if isinstance(m, Pull)])
+        run(reply("ack", Ack(device="d1", seq=update.seq, status="accepted", version=1)))
+        assert "trained" in heard and "update_acked" in heard, heard
+        assert len([m for m in sent if isinstance(m, Pull)]) == pulls + 1 and not c.actor.errors
+    finally:
+        close_unstarted(c)
+
+
 def test_a_first_use_pin_the_store_cannot_save_still_deploys_the_model(tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
     """Trust on first use with a full disk: the pin holds in memory (said at ERROR), and the
     actions after it (deploying the model) still run instead of dying with the save."""
