@@ -249,6 +249,36 @@ def test_a_store_that_cannot_mark_samples_still_notifies_and_pulls(tmp_path: Any
         close_unstarted(c)
 
 
+def test_a_model_save_on_a_full_disk_leaves_no_partial_file(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Saving the deployed model fails part-way (ENOSPC): the model serves from memory, the file
+    saved before stays whole, and the half-written temporary file is removed. It used to stay
+    (``.deployed.npz.tmp``, as large as the written part of a model) and hold space on the disk
+    that was full (device durability audit, h103: a 2 MB tmpfs)."""
+    import errno
+
+    from edge_sdk import modelio
+    from edge_sdk.core.events import DeployModel
+    from edge_sdk.tasks import get_task
+
+    w = get_task("digits").pretrained(seed=0)
+    c = unstarted_client(tmp_path)
+    try:
+        c._perform(DeployModel(version=1, weights=w))
+        saved = (tmp_path / "deployed.npz").read_bytes()
+
+        def savez(f: Any, **arrays: Any) -> None:
+            f.write(b"x" * 4096)
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(modelio.np, "savez", savez)
+        c._perform(DeployModel(version=2, weights=w + 0.5))
+        assert c.version == 2 and not c.actor.errors
+        assert sorted(p.name for p in tmp_path.glob("*deployed*")) == ["deployed.npz"]
+        assert (tmp_path / "deployed.npz").read_bytes() == saved
+    finally:
+        close_unstarted(c)
+
+
 def test_a_first_use_pin_the_store_cannot_save_still_deploys_the_model(tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
     """Trust on first use with a full disk: the pin holds in memory (said at ERROR), and the
     actions after it (deploying the model) still run instead of dying with the save."""
