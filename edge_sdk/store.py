@@ -55,7 +55,8 @@ Integrity
 ---------
 :meth:`SampleStore.open` runs ``PRAGMA quick_check``, then checks what it cannot see: the
 totals row, the settings and the caller's ``counters`` meta hold values this module writes.
-A file that is not SQLite, is corrupt, or is empty (0 bytes) next to a counters mirror (see
+A file SQLite can only read (its mode, a read-only mount) is a :class:`StorageError` at open,
+not at the first add. A file that is not SQLite, is corrupt, or is empty (0 bytes) next to a counters mirror (see
 below) raises :class:`CorruptStore`, unless ``recover=True`` (what the SDK client uses):
 then the file (with its ``-wal``/``-shm``) is moved aside to
 ``samples.sqlite3.corrupt-<UTC time>``, the counters that can still be read are carried
@@ -404,6 +405,7 @@ class SampleStore:
             _prepare(conn, db_path)
             _check_integrity(conn, db_path)
             _check_contents(conn, db_path, counters)
+            _check_writable(conn, db_path)
             store = cls(conn, db_path, **settings)
             with store._write() as c:
                 store._reconcile_settings(c)
@@ -1062,6 +1064,24 @@ def _check_contents(conn: sqlite3.Connection, path: Path, counters: tuple[str, .
     for key, value in meta:
         if not _is_count(value):
             raise CorruptStore(f"{path}: meta {key!r} holds {value!r:.60}, not a counter")
+
+
+def _check_writable(conn: sqlite3.Connection, path: Path) -> None:
+    """StorageError if SQLite opened the file read-only: it does so without a word when the file
+    may not be written (its mode, a read-only mount, ``chattr +i``), and every add failed later
+    instead. The probe is a write in a transaction rolled back: nothing reaches the disk."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("UPDATE totals SET n = n")
+        finally:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+    except sqlite3.Error as exc:
+        if str(getattr(exc, "sqlite_errorname", "")).startswith("SQLITE_READONLY") or "readonly" in str(exc):
+            raise StorageError(f"{path} cannot be written ({exc}): a sample store must be; check the file's "
+                               "and its folder's owner and mode, and that the disk is mounted read-write") from exc
+        raise StorageError(f"{path}: {exc}") from exc
 
 
 def _salvage(path: Path, counters: tuple[str, ...]) -> dict[str, Any]:

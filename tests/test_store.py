@@ -33,6 +33,7 @@ from edge_sdk.errors import ConfigError, InvalidSample, LocalProtocolError
 from edge_sdk.store import (
     DEFAULT_FILENAME,
     SCHEMA_VERSION,
+    CorruptStore,
     SampleStore,
     SchemaVersionError,
     StorageError,
@@ -429,6 +430,32 @@ def test_metadata_survives_reopen(db: Path) -> None:
         }
         assert [type(v) for v in values.values()] == [int, int, float, str, bytes]
         assert s.get_meta("bad") is None
+
+
+@pytest.mark.parametrize("how", ["read-only open", "file mode 0444"])
+def test_a_store_that_cannot_be_written_is_refused_at_open(db: Path, how: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite opens a file it may not write read-only without a word; the store then opened
+    fine and every add failed (device durability audit, h103). Now the open says so, as a
+    StorageError (not CorruptStore: recover=True must not move a sound store aside), and the
+    file is unchanged."""
+    with open_store(db) as s:
+        s.add(digit(0), 1)
+    before = dump(db)
+    if how == "file mode 0444":
+        if os.geteuid() == 0:
+            pytest.skip("root writes a file whatever its mode")
+        db.chmod(0o444)
+    else:  # what SQLite does when the file's mode or a read-only mount denies writing
+        connect = sqlite3.connect
+        monkeypatch.setattr(sqlite3, "connect", lambda path, **kw: connect(f"file:{path}?mode=ro", uri=True, **kw))
+    try:
+        with pytest.raises(StorageError, match="cannot be written") as info:
+            open_store(db, recover=True)
+        assert not isinstance(info.value, CorruptStore)
+    finally:
+        db.chmod(0o644)
+        monkeypatch.undo()
+    assert dump(db) == before and not list(db.parent.glob("*.corrupt-*"))
 
 
 def test_wal_and_synchronous_full(store: SampleStore, db: Path) -> None:
