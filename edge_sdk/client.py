@@ -527,13 +527,15 @@ class EdgeClient:
         waits for ``min_samples``). ``x`` follows :attr:`contract`; anything else (wrong
         shape, dtype or value range) is a typed ``InvalidSample`` saying what was expected.
         ``timestamp``: when it was labelled, in seconds since the epoch as ``time.time()``
-        (the default: now); eviction past a quota goes by it, oldest first. Returns the
-        sample's id in the store."""
+        (the default: now; more than a day ahead of the clock is an ``InvalidSample``); eviction
+        past a quota goes by it, oldest first. Returns the sample's id in the store."""
         if self.sample_kind == "frame":
             raise LocalProtocolError("a detection device stores frames with boxes: use add_frame(image, boxes)")
         assert self.contract is not None
         sample = self.contract.sample(x)
         label = self.store.check_label(label)  # first: a refused label must not feed the canary
+        if timestamp is not None:
+            self.store.check_timestamp(timestamp)  # (nor a refused timestamp)
         if self._canary is not None:  # test, then train: score it before it joins the training set
             self._canary_score(sample, label)
         sample_id = self.store.add_sample(self.sample_kind, sample, label, timestamp=timestamp)

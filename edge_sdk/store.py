@@ -17,7 +17,10 @@ Sample kinds
   not guess a resampling policy.
 
 Every sample has a timestamp chosen by the caller (the wall clock is read only at the API
-boundary, when none is given). Ids are never reused, even after eviction.
+boundary, when none is given); one more than :data:`MAX_FUTURE_S` (a day) ahead of the clock is
+an :class:`~edge_sdk.errors.InvalidSample` (milliseconds for seconds, a wrong clock): eviction
+goes oldest first, so it would outlive every label made after it. Ids are never reused, even
+after eviction.
 
 Durability
 ----------
@@ -114,6 +117,8 @@ DEFAULT_QUOTA_BYTES: Final = 512 * 1024 * 1024
 _INT64_MAX: Final = 2**63 - 1
 _MAX_BOX_CLASS: Final = 2**24  # box class ids travel as float32, exact up to 2**24
 _NO_BOXES: Final = b""
+MAX_FUTURE_S: Final = 86_400.0
+"""How far ahead of the store's clock a caller's timestamp may be (clock skew, time zones)."""
 
 
 class SchemaVersionError(ConfigError):
@@ -879,12 +884,23 @@ class SampleStore:
             raise ConfigError(f"declare {option} at SampleStore.open before adding {kind} samples")
         return shape
 
+    def check_timestamp(self, timestamp: object) -> float:
+        """The timestamp :meth:`add` would store for ``timestamp`` (``None``: the clock's now),
+        or the InvalidSample it would raise: not a finite number, or more than
+        :data:`MAX_FUTURE_S` ahead of the clock."""
+        return self._timestamp(timestamp)
+
     def _timestamp(self, timestamp: object) -> float:
         value = self._clock() if timestamp is None else timestamp
         if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
             raise InvalidSample(f"timestamp must be a number, got {type(value).__name__}")
         if not math.isfinite(float(value)):
             raise InvalidSample(f"timestamp must be finite, got {value!r}")
+        if timestamp is not None and float(value) > (now := float(self._clock())) + MAX_FUTURE_S:
+            # Eviction goes oldest first: a sample from the future would outlive every label made
+            # after it, and a quota full of them evicted each fresh label at the next add.
+            raise InvalidSample(f"timestamp {float(value):.6g} is {(float(value) - now) / 86_400:.4g} days ahead of the "
+                                "clock: give seconds since the epoch as time.time() does (milliseconds?), or none for now")
         return float(value)
 
     def check_label(self, label: object) -> int:

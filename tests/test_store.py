@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from hypothesis import strategies as st
 from edge_sdk.errors import ConfigError, InvalidSample, LocalProtocolError
 from edge_sdk.store import (
     DEFAULT_FILENAME,
+    MAX_FUTURE_S,
     SCHEMA_VERSION,
     CorruptStore,
     SampleStore,
@@ -256,6 +258,23 @@ def test_eviction_prefers_acknowledged_then_oldest(db: Path) -> None:
         assert s.add(digit(8), 8) > h
 
 
+def test_a_timestamp_from_the_future_is_refused_so_fresh_labels_are_not_evicted(db: Path) -> None:
+    """Timestamps in milliseconds (or from a clock years ahead) were stored: with a quota full of
+    them, eviction (oldest first) kept those and evicted each fresh label at the next add — 9 of
+    10 labels made after 4 such samples were gone, never trained (device durability audit, h103).
+    A day ahead of the store's clock is refused; up to a day (skew, time zones) and the past are not."""
+    now = 1_800_000_000.0
+    with open_store(db, quota_samples=5, clock=lambda: now) as s:
+        with pytest.raises(InvalidSample, match="days ahead of the clock"):
+            s.add(digit(0), 1, timestamp=now * 1000)
+        with pytest.raises(InvalidSample, match="days ahead"):
+            s.check_timestamp(now + MAX_FUTURE_S + 1)
+        skewed = s.add(digit(1), 1, timestamp=now + MAX_FUTURE_S)
+        old = s.add(digit(2), 1, timestamp=0.0)
+        fresh = [s.add(digit(3 + i), 2) for i in range(4)]
+        assert s.ids() == [skewed, *fresh] and old not in s.ids() and s.stats().added == 6
+
+
 def test_equal_timestamps_evict_lowest_id_first(db: Path) -> None:
     with open_store(db, quota_samples=2) as s:
         ids = [s.add(digit(i), i, timestamp=1.0) for i in range(4)]
@@ -338,6 +357,8 @@ BAD_ADDS: dict[str, Callable[[SampleStore], object]] = {
     "gesture label": lambda s: s.add_gesture(gesture(0), 11),
     "timestamp NaN": lambda s: s.add(digit(0), 1, timestamp=float("nan")),
     "timestamp str": lambda s: s.add(digit(0), 1, timestamp="now"),  # type: ignore[arg-type]
+    "timestamp in ms": lambda s: s.add(digit(0), 1, timestamp=time.time() * 1000),
+    "frame timestamp a week ahead": lambda s: s.add_frame(frame(0), timestamp=time.time() + 7 * 86_400),
     "frame float": _frame_adder(np.zeros((4, 4, 3), np.float32)),
     "frame grey": _frame_adder(np.zeros((4, 4), np.uint8)),
     "frame rgba": _frame_adder(np.zeros((4, 4, 4), np.uint8)),
