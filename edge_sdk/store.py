@@ -83,6 +83,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -405,7 +406,7 @@ class SampleStore:
                 str(db_path), timeout=10.0, isolation_level=None, check_same_thread=False
             )
         except sqlite3.Error as exc:
-            raise StorageError(f"cannot open {db_path}: {exc}") from exc
+            raise StorageError(f"cannot open {db_path}: {exc}{_full_disk_hint(db_path)}") from exc
         try:
             _prepare(conn, db_path)
             _check_integrity(conn, db_path)
@@ -1017,7 +1018,21 @@ def _prepare(conn: sqlite3.Connection, path: Path) -> None:
             raise
     except sqlite3.Error as exc:
         error = CorruptStore if _is_corruption(exc) else StorageError
-        raise error(f"cannot use {path} as a sample store: {exc}") from exc
+        raise error(f"cannot use {path} as a sample store: {exc}{_full_disk_hint(path)}") from exc
+
+
+def _full_disk_hint(path: Path) -> str:
+    """What to say after SQLite's error when the store's disk is (nearly) full: SQLite makes its
+    ``-shm`` (32 KiB) and ``-wal`` at open, and says "disk I/O error" when it cannot."""
+    if str(path) == MEMORY:
+        return ""
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return ""
+    if free >= WAL_BYTES:
+        return ""
+    return f" (its disk is full: {free} bytes free; SQLite needs room for its -shm and -wal files to open it)"
 
 
 def _is_corruption(exc: sqlite3.Error) -> bool:
