@@ -199,10 +199,11 @@ def hold_data_dir(path: Path, device_id: str) -> IO[str]:
         f.close()
         raise ConfigError(f"device {device_id} already runs from {path} ({holder}): stop it, or give this one "
                           "another device id or data dir") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()}\n")
-    f.flush()
+    try:  # unbuffered: a write that failed must not be tried again when the file is closed
+        os.ftruncate(f.fileno(), 0)
+        os.write(f.fileno(), f"pid {os.getpid()}\n".encode())
+    except OSError as exc:  # a full disk: the flock holds all the same, only the holder's pid goes unsaid
+        log.warning("data dir %s: could not write this client's pid into device.lock (%s)", path, exc.strerror or exc)
     return f
 
 

@@ -342,7 +342,8 @@ def test_a_device_on_a_full_disk_refuses_labels_loses_none_and_starts_again_once
     full, never returns for a label it did not keep, and works again when space returns, with every
     acknowledged label there after a restart. A client stopped cleanly cannot open its store again
     on a disk that filled meanwhile (SQLite makes its -shm at open); that error used to read 'disk
-    I/O error' and now says the disk is full (device durability audit, h103)."""
+    I/O error' and now says the disk is full; a new device's data dir raised a bare OSError writing
+    its pid into device.lock (device durability audit, h103)."""
     from edge_sdk.store import StorageError
     from tests.helpers import close_unstarted, unstarted_client
 
@@ -373,6 +374,8 @@ def test_a_device_on_a_full_disk_refuses_labels_loses_none_and_starts_again_once
         fill(filler)  # the disk fills while the device is stopped
         with pytest.raises(StorageError, match="its disk is full"):
             unstarted_client(data_dir)
+        with pytest.raises(StorageError, match="its disk is full"):  # a new device: was an OSError writing device.lock
+            unstarted_client(disk / "new")
         filler.unlink()
         c = unstarted_client(data_dir)
         try:
