@@ -296,6 +296,7 @@ class SampleStore:
         self._frame_encoding = frame_encoding
         self._clock = clock
         self._task = task
+        self._said_untrained = False
         self.unreadable: set[int] = set()
         """Ids of stored samples that no longer decode (bit-rot: bad bytes, NaN, a label out of
         range): left out of :meth:`snapshot` and :meth:`frames`, each logged once, so one bad
@@ -796,20 +797,28 @@ class SampleStore:
         if over_n <= 0 and over_bytes <= 0:
             return 0
         victims: list[tuple[int]] = []
+        untrained = 0
         cur = c.execute(
-            "SELECT id, nbytes FROM samples WHERE id IS NOT ? ORDER BY acked DESC, ts, id",
+            "SELECT id, nbytes, used_seq FROM samples WHERE id IS NOT ? ORDER BY acked DESC, ts, id",
             (protect,),
         )
         try:
-            for sid, size in cur:
+            for sid, size, used_seq in cur:
                 if over_n <= 0 and over_bytes <= 0:
                     break
                 victims.append((sid,))
+                untrained += used_seq is None
                 over_n -= 1
                 over_bytes -= size
         finally:
             cur.close()
         c.executemany("DELETE FROM samples WHERE id = ?", victims)
+        if untrained and not self._said_untrained:  # a label lost to training: said once per store
+            self._said_untrained = True
+            log.warning("sample store %s: over its quota (quota_samples=%s, quota_bytes=%s), evicting %d label(s) no "
+                        "update has trained on yet, oldest first (is the device offline, or the quota small for its "
+                        "labelling rate?); said once, stats().evicted counts all", self._path, self._quota_samples,
+                        self._quota_bytes, untrained)
         return len(victims)
 
     def _reconcile_settings(self, c: sqlite3.Connection) -> None:

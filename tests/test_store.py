@@ -275,6 +275,21 @@ def test_a_timestamp_from_the_future_is_refused_so_fresh_labels_are_not_evicted(
         assert s.ids() == [skewed, *fresh] and old not in s.ids() and s.stats().added == 6
 
 
+def test_evicting_labels_no_update_trained_on_is_said_once(db: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A label evicted before any update trained on it is lost to training: the quota's policy,
+    but it went unsaid (a device offline with a full quota; device durability audit, h103)."""
+    with open_store(db, quota_samples=2) as s, caplog.at_level("WARNING", logger="edgeci.store"):
+        first = s.add(digit(0), 1, timestamp=1.0)
+        s.mark_used([first], 0)
+        s.mark_acked(0)
+        s.add(digit(1), 1, timestamp=2.0)
+        s.add(digit(2), 1, timestamp=3.0)  # evicts the acknowledged one: nothing to say
+        assert first not in s.ids() and "no update has trained on" not in caplog.text
+        for i in range(3):
+            s.add(digit(3 + i), 1, timestamp=4.0 + i)
+        assert caplog.text.count("evicting 1 label(s) no update has trained on yet") == 1
+
+
 def test_equal_timestamps_evict_lowest_id_first(db: Path) -> None:
     with open_store(db, quota_samples=2) as s:
         ids = [s.add(digit(i), i, timestamp=1.0) for i in range(4)]
