@@ -420,6 +420,9 @@ class EdgeClient:
         self._unsaved: PersistDeviceState | None = None
         """Counters the store could not save (a full disk): no request leaves until they are saved
         (a restarted device must never reuse a sequence number); the core's retries try again."""
+        self._held: dict[str, Publish] = {}
+        """The newest request per topic held back meanwhile: sent as soon as the counters are saved
+        (the next label stored, or the core's next retry, whichever comes first)."""
         self._job_ids: dict[int, list[int]] = {}
         self._seq_behind_said: object = None  # the watermark last warned about (seq_behind)
         self._pull_rejected_said: set[str] = set()  # reasons warned about (pull_rejected)
@@ -719,6 +722,8 @@ class EdgeClient:
         # The total is read when the actor makes the event, not here: the actor makes its events
         # one at a time, so the totals it reads only grow. Read here, an app thread that stored
         # earlier could submit after one that stored later ("sample total went backwards").
+        if self._unsaved is not None:  # (a hint read outside the actor: it checks again)
+            self.actor.call(self._retry_unsaved)
         self.actor.submit(lambda now: SampleAdded(now=now, total=self._added()))
 
     def _canary_score(self, sample: npt.NDArray[Any], label: int) -> None:
@@ -839,12 +844,22 @@ class EdgeClient:
             self._unsaved = None
             log.warning("device %s: counters saved again; requests resume", self.core.config.device_id)
             self._emit("storage", {"ok": True, "detail": ""})
+            held, self._held = self._held, {}
+            for request in held.values():  # (their retry timers have backed off, up to max_backoff_s)
+                self.transport.publish(request.topic, request.payload, qos=request.qos, retain=request.retain)
         return True
+
+    def _retry_unsaved(self) -> None:
+        """A label was stored, so the disk takes writes again: save the held counters now."""
+        if self._unsaved is not None:
+            self._save_counters(self._unsaved)
 
     def _perform(self, action: object) -> None:
         if isinstance(action, Publish):
+            self._held.pop(action.topic, None)  # superseded by this one
             if self._unsaved is not None and not self._save_counters(self._unsaved):
-                return  # its sequence number is not durable: it must not leave (the core retries it)
+                self._held[action.topic] = action  # its sequence number is not durable: it must not leave yet
+                return
             self.transport.publish(action.topic, action.payload, qos=action.qos, retain=action.retain)
         elif isinstance(action, PersistDeviceState):
             self._save_counters(action)  # the newest supersedes an unsaved one (trained_upto may go back)
@@ -902,6 +917,7 @@ class EdgeClient:
         elif isinstance(action, Notify):
             self._on_notify(action)
         elif isinstance(action, SwitchRegion):
+            self._held.clear()  # the other region's requests; the core asks the new one itself
             log.warning("device %s: %s; now using region %s instead of %s", self.core.config.device_id,
                         action.reason, action.region, action.previous)
         else:

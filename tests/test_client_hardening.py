@@ -191,6 +191,66 @@ def test_a_full_disk_at_the_counters_holds_requests_without_sticking_the_device(
         close_unstarted(c)
 
 
+def test_a_request_held_by_a_full_disk_leaves_with_the_next_label_stored(tmp_path: Any) -> None:
+    """Requests held while the counters cannot be saved went out only at the core's next retry,
+    whose timeout doubles while they are held (up to max_backoff_s, 5 min): on a real 2 MB tmpfs the
+    update stayed unsent 12 s after space returned (device durability audit, h103). The next label
+    the store keeps shows the disk takes writes again: the counters are saved and the held update
+    leaves at once, once."""
+    from edge_sdk.core.events import MessageReceived, SampleAdded, TimerFired, TrainingFinished
+    from edge_sdk.store import StorageError
+    from edge_sdk.tasks import get_task
+    from edge_sdk.wire import topics
+    from edge_sdk.wire.codec import decode, encode
+    from edge_sdk.wire.messages import ModelMsg, Pull, Update
+    from tests.helpers import SIGNER
+
+    w = get_task("digits").pretrained(seed=0)
+    c = unstarted_client(tmp_path, min_samples=2, trusted_keys={SIGNER.kid: SIGNER.public_raw}, request_timeout_s=1.0)
+    sent: list[Any] = []
+    c.transport.publish = lambda topic, payload, qos=1, retain=False: sent.append(decode(payload))
+    jobs: list[Any] = []
+    c._trainer.submit = lambda fn, job: jobs.append(job)
+    c.actor.call = lambda fn: fn()  # the actor's own work, run in place
+    save = c.store.set_meta_many
+    full = {"on": False}
+
+    def set_meta_many(values: Any) -> None:
+        if full["on"]:
+            raise StorageError(f"{tmp_path}/samples.sqlite3: database or disk is full")
+        save(values)
+
+    c.store.set_meta_many = set_meta_many
+
+    def run(event: Any) -> None:
+        c.actor._run_one(lambda now: event)
+
+    def model_for(pull: Pull) -> MessageReceived:
+        msg = ModelMsg(model_id=c.task.spec.model_id, version=0, reply_to=pull.seq, weights=w, release=0)
+        return MessageReceived(now=1.0, topic=topics.device_topic("default", "d1", "model"),
+                               payload=encode(msg, signer=SIGNER, scope=topics.device_scope("default", "model")))
+
+    try:
+        c.actor.run_actions(c.core.start(0.0))
+        run(model_for([m for m in sent if isinstance(m, Pull)][-1]))
+        for i in range(2):
+            c.store.add(np.zeros((1, 8, 8), np.float32), i)
+        run(SampleAdded(now=2.0, total=2))
+        run(model_for([m for m in sent if isinstance(m, Pull)][-1]))
+        full["on"] = True
+        run(TrainingFinished(now=3.0, job_id=jobs[0].job_id, weights=w + 0.01, n_samples=2))
+        run(TimerFired(now=100.0))  # a retry, held too
+        assert not [m for m in sent if isinstance(m, Update)]
+        full["on"] = False
+        c.add_sample(np.zeros((1, 8, 8), np.float32), 3)  # stored: the disk has room again
+        updates = [m for m in sent if isinstance(m, Update)]
+        assert len(updates) == 1 and int(c.store.get_meta("next_seq")) > updates[0].seq and not c.actor.errors
+        c.add_sample(np.zeros((1, 8, 8), np.float32), 4)
+        assert len([m for m in sent if isinstance(m, Update)]) == 1  # sent once
+    finally:
+        close_unstarted(c)
+
+
 def test_a_store_that_cannot_mark_samples_still_notifies_and_pulls(tmp_path: Any) -> None:
     """A full disk at mark_used / mark_acked (the eviction order's bookkeeping): the app still
     hears ``trained`` and ``update_acked``, and the pull the ack starts still leaves. The error
