@@ -199,10 +199,11 @@ def hold_data_dir(path: Path, device_id: str) -> IO[str]:
         f.close()
         raise ConfigError(f"device {device_id} already runs from {path} ({holder}): stop it, or give this one "
                           "another device id or data dir") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()}\n")
-    f.flush()
+    try:  # unbuffered: a write that failed must not be tried again when the file is closed
+        os.ftruncate(f.fileno(), 0)
+        os.write(f.fileno(), f"pid {os.getpid()}\n".encode())
+    except OSError as exc:  # a full disk: the flock holds all the same, only the holder's pid goes unsaid
+        log.warning("data dir %s: could not write this client's pid into device.lock (%s)", path, exc.strerror or exc)
     return f
 
 
@@ -419,6 +420,9 @@ class EdgeClient:
         self._unsaved: PersistDeviceState | None = None
         """Counters the store could not save (a full disk): no request leaves until they are saved
         (a restarted device must never reuse a sequence number); the core's retries try again."""
+        self._held: dict[str, Publish] = {}
+        """The newest request per topic held back meanwhile: sent as soon as the counters are saved
+        (the next label stored, or the core's next retry, whichever comes first)."""
         self._job_ids: dict[int, list[int]] = {}
         self._seq_behind_said: object = None  # the watermark last warned about (seq_behind)
         self._pull_rejected_said: set[str] = set()  # reasons warned about (pull_rejected)
@@ -527,13 +531,15 @@ class EdgeClient:
         waits for ``min_samples``). ``x`` follows :attr:`contract`; anything else (wrong
         shape, dtype or value range) is a typed ``InvalidSample`` saying what was expected.
         ``timestamp``: when it was labelled, in seconds since the epoch as ``time.time()``
-        (the default: now); eviction past a quota goes by it, oldest first. Returns the
-        sample's id in the store."""
+        (the default: now; more than a day ahead of the clock is an ``InvalidSample``); eviction
+        past a quota goes by it, oldest first. Returns the sample's id in the store."""
         if self.sample_kind == "frame":
             raise LocalProtocolError("a detection device stores frames with boxes: use add_frame(image, boxes)")
         assert self.contract is not None
         sample = self.contract.sample(x)
         label = self.store.check_label(label)  # first: a refused label must not feed the canary
+        if timestamp is not None:
+            self.store.check_timestamp(timestamp)  # (nor a refused timestamp)
         if self._canary is not None:  # test, then train: score it before it joins the training set
             self._canary_score(sample, label)
         sample_id = self.store.add_sample(self.sample_kind, sample, label, timestamp=timestamp)
@@ -716,6 +722,8 @@ class EdgeClient:
         # The total is read when the actor makes the event, not here: the actor makes its events
         # one at a time, so the totals it reads only grow. Read here, an app thread that stored
         # earlier could submit after one that stored later ("sample total went backwards").
+        if self._unsaved is not None:  # (a hint read outside the actor: it checks again)
+            self.actor.call(self._retry_unsaved)
         self.actor.submit(lambda now: SampleAdded(now=now, total=self._added()))
 
     def _canary_score(self, sample: npt.NDArray[Any], label: int) -> None:
@@ -836,12 +844,22 @@ class EdgeClient:
             self._unsaved = None
             log.warning("device %s: counters saved again; requests resume", self.core.config.device_id)
             self._emit("storage", {"ok": True, "detail": ""})
+            held, self._held = self._held, {}
+            for request in held.values():  # (their retry timers have backed off, up to max_backoff_s)
+                self.transport.publish(request.topic, request.payload, qos=request.qos, retain=request.retain)
         return True
+
+    def _retry_unsaved(self) -> None:
+        """A label was stored, so the disk takes writes again: save the held counters now."""
+        if self._unsaved is not None:
+            self._save_counters(self._unsaved)
 
     def _perform(self, action: object) -> None:
         if isinstance(action, Publish):
+            self._held.pop(action.topic, None)  # superseded by this one
             if self._unsaved is not None and not self._save_counters(self._unsaved):
-                return  # its sequence number is not durable: it must not leave (the core retries it)
+                self._held[action.topic] = action  # its sequence number is not durable: it must not leave yet
+                return
             self.transport.publish(action.topic, action.payload, qos=action.qos, retain=action.retain)
         elif isinstance(action, PersistDeviceState):
             self._save_counters(action)  # the newest supersedes an unsaved one (trained_upto may go back)
@@ -899,6 +917,7 @@ class EdgeClient:
         elif isinstance(action, Notify):
             self._on_notify(action)
         elif isinstance(action, SwitchRegion):
+            self._held.clear()  # the other region's requests; the core asks the new one itself
             log.warning("device %s: %s; now using region %s instead of %s", self.core.config.device_id,
                         action.reason, action.region, action.previous)
         else:
@@ -929,11 +948,8 @@ class EdgeClient:
         self._job_ids[job_id] = ids
 
     def _on_notify(self, note: Notify) -> None:
-        if note.kind == "trained":
-            ids = self._job_ids.pop(int(note.data["job_id"]), [])
-            self.store.mark_used(ids, int(note.data["seq"]))
-        elif note.kind == "update_acked":
-            self.store.mark_acked(int(note.data["seq"]))
+        if note.kind in ("trained", "update_acked"):
+            self._mark_samples(note)
         elif note.kind == "seq_behind" and note.data.get("watermark") != self._seq_behind_said:
             self._seq_behind_said = note.data.get("watermark")
             log.warning("device %s: the coordinator holds updates of this device id up to seq %s, more than %d above this "
@@ -950,6 +966,22 @@ class EdgeClient:
                 self.region, reason, ": it serves another model than this device's task — check the task and the region"
                 if reason == "unknown_model" else "")
         self._emit(note.kind, dict(note.data))
+
+    def _mark_samples(self, note: Notify) -> None:
+        """Record which update trained on the samples, or that it was acknowledged (the eviction
+        order's input). A store that cannot (a full disk) leaves the samples where they are in that
+        order — they stay longer, never leave early — and the notification and the actions after it
+        still run: raised, the error dropped the app's ``trained`` / ``update_acked`` and the pull
+        that follows an ack, and the exception the actor kept held the store's files open after stop()."""
+        seq = int(note.data["seq"])
+        try:
+            if note.kind == "trained":
+                self.store.mark_used(self._job_ids.pop(int(note.data["job_id"]), []), seq)
+            else:
+                self.store.mark_acked(seq)
+        except StorageError as exc:
+            log.warning("device %s: cannot record update %d's samples as %s (%s); they are evicted later, not earlier",
+                        self.core.config.device_id, seq, "used" if note.kind == "trained" else "acknowledged", exc)
 
     def run_training_job(self, job: TrainingJob, config: TrainConfig) -> tuple[TrainResult, list[int]]:
         """What the trainer thread runs for one job: the result and the sample ids it used.

@@ -18,16 +18,20 @@ def save_model(path: str | Path, spec: ModelSpec, weights: Vector, meta: dict[st
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(
-            f,
-            weights=spec.check(np.ascontiguousarray(weights, dtype=np.float32)),
-            spec=np.frombuffer(json.dumps(spec.to_dict()).encode(), dtype=np.uint8),
-            meta=np.frombuffer(json.dumps(meta or {}).encode(), dtype=np.uint8),
-        )
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(
+                f,
+                weights=spec.check(np.ascontiguousarray(weights, dtype=np.float32)),
+                spec=np.frombuffer(json.dumps(spec.to_dict()).encode(), dtype=np.uint8),
+                meta=np.frombuffer(json.dumps(meta or {}).encode(), dtype=np.uint8),
+            )
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: the half-written file would keep the space the device needs
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

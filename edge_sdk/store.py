@@ -17,7 +17,10 @@ Sample kinds
   not guess a resampling policy.
 
 Every sample has a timestamp chosen by the caller (the wall clock is read only at the API
-boundary, when none is given). Ids are never reused, even after eviction.
+boundary, when none is given); one more than :data:`MAX_FUTURE_S` (a day) ahead of the clock is
+an :class:`~edge_sdk.errors.InvalidSample` (milliseconds for seconds, a wrong clock): eviction
+goes oldest first, so it would outlive every label made after it. Ids are never reused, even
+after eviction.
 
 Durability
 ----------
@@ -55,7 +58,8 @@ Integrity
 ---------
 :meth:`SampleStore.open` runs ``PRAGMA quick_check``, then checks what it cannot see: the
 totals row, the settings and the caller's ``counters`` meta hold values this module writes.
-A file that is not SQLite, is corrupt, or is empty (0 bytes) next to a counters mirror (see
+A file SQLite can only read (its mode, a read-only mount) is a :class:`StorageError` at open,
+not at the first add. A file that is not SQLite, is corrupt, or is empty (0 bytes) next to a counters mirror (see
 below) raises :class:`CorruptStore`, unless ``recover=True`` (what the SDK client uses):
 then the file (with its ``-wal``/``-shm``) is moved aside to
 ``samples.sqlite3.corrupt-<UTC time>``, the counters that can still be read are carried
@@ -79,6 +83,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -113,6 +118,8 @@ DEFAULT_QUOTA_BYTES: Final = 512 * 1024 * 1024
 _INT64_MAX: Final = 2**63 - 1
 _MAX_BOX_CLASS: Final = 2**24  # box class ids travel as float32, exact up to 2**24
 _NO_BOXES: Final = b""
+MAX_FUTURE_S: Final = 86_400.0
+"""How far ahead of the store's clock a caller's timestamp may be (clock skew, time zones)."""
 
 
 class SchemaVersionError(ConfigError):
@@ -289,6 +296,7 @@ class SampleStore:
         self._frame_encoding = frame_encoding
         self._clock = clock
         self._task = task
+        self._said_untrained = False
         self.unreadable: set[int] = set()
         """Ids of stored samples that no longer decode (bit-rot: bad bytes, NaN, a label out of
         range): left out of :meth:`snapshot` and :meth:`frames`, each logged once, so one bad
@@ -399,11 +407,12 @@ class SampleStore:
                 str(db_path), timeout=10.0, isolation_level=None, check_same_thread=False
             )
         except sqlite3.Error as exc:
-            raise StorageError(f"cannot open {db_path}: {exc}") from exc
+            raise StorageError(f"cannot open {db_path}: {exc}{_full_disk_hint(db_path)}") from exc
         try:
             _prepare(conn, db_path)
             _check_integrity(conn, db_path)
             _check_contents(conn, db_path, counters)
+            _check_writable(conn, db_path)
             store = cls(conn, db_path, **settings)
             with store._write() as c:
                 store._reconcile_settings(c)
@@ -788,20 +797,28 @@ class SampleStore:
         if over_n <= 0 and over_bytes <= 0:
             return 0
         victims: list[tuple[int]] = []
+        untrained = 0
         cur = c.execute(
-            "SELECT id, nbytes FROM samples WHERE id IS NOT ? ORDER BY acked DESC, ts, id",
+            "SELECT id, nbytes, used_seq FROM samples WHERE id IS NOT ? ORDER BY acked DESC, ts, id",
             (protect,),
         )
         try:
-            for sid, size in cur:
+            for sid, size, used_seq in cur:
                 if over_n <= 0 and over_bytes <= 0:
                     break
                 victims.append((sid,))
+                untrained += used_seq is None
                 over_n -= 1
                 over_bytes -= size
         finally:
             cur.close()
         c.executemany("DELETE FROM samples WHERE id = ?", victims)
+        if untrained and not self._said_untrained:  # a label lost to training: said once per store
+            self._said_untrained = True
+            log.warning("sample store %s: over its quota (quota_samples=%s, quota_bytes=%s), evicting %d label(s) no "
+                        "update has trained on yet, oldest first (is the device offline, or the quota small for its "
+                        "labelling rate?); said once, stats().evicted counts all", self._path, self._quota_samples,
+                        self._quota_bytes, untrained)
         return len(victims)
 
     def _reconcile_settings(self, c: sqlite3.Connection) -> None:
@@ -877,12 +894,23 @@ class SampleStore:
             raise ConfigError(f"declare {option} at SampleStore.open before adding {kind} samples")
         return shape
 
+    def check_timestamp(self, timestamp: object) -> float:
+        """The timestamp :meth:`add` would store for ``timestamp`` (``None``: the clock's now),
+        or the InvalidSample it would raise: not a finite number, or more than
+        :data:`MAX_FUTURE_S` ahead of the clock."""
+        return self._timestamp(timestamp)
+
     def _timestamp(self, timestamp: object) -> float:
         value = self._clock() if timestamp is None else timestamp
         if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
             raise InvalidSample(f"timestamp must be a number, got {type(value).__name__}")
         if not math.isfinite(float(value)):
             raise InvalidSample(f"timestamp must be finite, got {value!r}")
+        if timestamp is not None and float(value) > (now := float(self._clock())) + MAX_FUTURE_S:
+            # Eviction goes oldest first: a sample from the future would outlive every label made
+            # after it, and a quota full of them evicted each fresh label at the next add.
+            raise InvalidSample(f"timestamp {float(value):.6g} is {(float(value) - now) / 86_400:.4g} days ahead of the "
+                                "clock: give seconds since the epoch as time.time() does (milliseconds?), or none for now")
         return float(value)
 
     def check_label(self, label: object) -> int:
@@ -999,7 +1027,21 @@ def _prepare(conn: sqlite3.Connection, path: Path) -> None:
             raise
     except sqlite3.Error as exc:
         error = CorruptStore if _is_corruption(exc) else StorageError
-        raise error(f"cannot use {path} as a sample store: {exc}") from exc
+        raise error(f"cannot use {path} as a sample store: {exc}{_full_disk_hint(path)}") from exc
+
+
+def _full_disk_hint(path: Path) -> str:
+    """What to say after SQLite's error when the store's disk is (nearly) full: SQLite makes its
+    ``-shm`` (32 KiB) and ``-wal`` at open, and says "disk I/O error" when it cannot."""
+    if str(path) == MEMORY:
+        return ""
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return ""
+    if free >= WAL_BYTES:
+        return ""
+    return f" (its disk is full: {free} bytes free; SQLite needs room for its -shm and -wal files to open it)"
 
 
 def _is_corruption(exc: sqlite3.Error) -> bool:
@@ -1062,6 +1104,24 @@ def _check_contents(conn: sqlite3.Connection, path: Path, counters: tuple[str, .
     for key, value in meta:
         if not _is_count(value):
             raise CorruptStore(f"{path}: meta {key!r} holds {value!r:.60}, not a counter")
+
+
+def _check_writable(conn: sqlite3.Connection, path: Path) -> None:
+    """StorageError if SQLite opened the file read-only: it does so without a word when the file
+    may not be written (its mode, a read-only mount, ``chattr +i``), and every add failed later
+    instead. The probe is a write in a transaction rolled back: nothing reaches the disk."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("UPDATE totals SET n = n")
+        finally:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+    except sqlite3.Error as exc:
+        if str(getattr(exc, "sqlite_errorname", "")).startswith("SQLITE_READONLY") or "readonly" in str(exc):
+            raise StorageError(f"{path} cannot be written ({exc}): a sample store must be; check the file's "
+                               "and its folder's owner and mode, and that the disk is mounted read-write") from exc
+        raise StorageError(f"{path}: {exc}") from exc
 
 
 def _salvage(path: Path, counters: tuple[str, ...]) -> dict[str, Any]:

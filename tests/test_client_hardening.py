@@ -191,6 +191,154 @@ def test_a_full_disk_at_the_counters_holds_requests_without_sticking_the_device(
         close_unstarted(c)
 
 
+def test_a_request_held_by_a_full_disk_leaves_with_the_next_label_stored(tmp_path: Any) -> None:
+    """Requests held while the counters cannot be saved went out only at the core's next retry,
+    whose timeout doubles while they are held (up to max_backoff_s, 5 min): on a real 2 MB tmpfs the
+    update stayed unsent 12 s after space returned (device durability audit, h103). The next label
+    the store keeps shows the disk takes writes again: the counters are saved and the held update
+    leaves at once, once."""
+    from edge_sdk.core.events import MessageReceived, SampleAdded, TimerFired, TrainingFinished
+    from edge_sdk.store import StorageError
+    from edge_sdk.tasks import get_task
+    from edge_sdk.wire import topics
+    from edge_sdk.wire.codec import decode, encode
+    from edge_sdk.wire.messages import ModelMsg, Pull, Update
+    from tests.helpers import SIGNER
+
+    w = get_task("digits").pretrained(seed=0)
+    c = unstarted_client(tmp_path, min_samples=2, trusted_keys={SIGNER.kid: SIGNER.public_raw}, request_timeout_s=1.0)
+    sent: list[Any] = []
+    c.transport.publish = lambda topic, payload, qos=1, retain=False: sent.append(decode(payload))
+    jobs: list[Any] = []
+    c._trainer.submit = lambda fn, job: jobs.append(job)
+    c.actor.call = lambda fn: fn()  # the actor's own work, run in place
+    save = c.store.set_meta_many
+    full = {"on": False}
+
+    def set_meta_many(values: Any) -> None:
+        if full["on"]:
+            raise StorageError(f"{tmp_path}/samples.sqlite3: database or disk is full")
+        save(values)
+
+    c.store.set_meta_many = set_meta_many
+
+    def run(event: Any) -> None:
+        c.actor._run_one(lambda now: event)
+
+    def model_for(pull: Pull) -> MessageReceived:
+        msg = ModelMsg(model_id=c.task.spec.model_id, version=0, reply_to=pull.seq, weights=w, release=0)
+        return MessageReceived(now=1.0, topic=topics.device_topic("default", "d1", "model"),
+                               payload=encode(msg, signer=SIGNER, scope=topics.device_scope("default", "model")))
+
+    try:
+        c.actor.run_actions(c.core.start(0.0))
+        run(model_for([m for m in sent if isinstance(m, Pull)][-1]))
+        for i in range(2):
+            c.store.add(np.zeros((1, 8, 8), np.float32), i)
+        run(SampleAdded(now=2.0, total=2))
+        run(model_for([m for m in sent if isinstance(m, Pull)][-1]))
+        full["on"] = True
+        run(TrainingFinished(now=3.0, job_id=jobs[0].job_id, weights=w + 0.01, n_samples=2))
+        run(TimerFired(now=100.0))  # a retry, held too
+        assert not [m for m in sent if isinstance(m, Update)]
+        full["on"] = False
+        c.add_sample(np.zeros((1, 8, 8), np.float32), 3)  # stored: the disk has room again
+        updates = [m for m in sent if isinstance(m, Update)]
+        assert len(updates) == 1 and int(c.store.get_meta("next_seq")) > updates[0].seq and not c.actor.errors
+        c.add_sample(np.zeros((1, 8, 8), np.float32), 4)
+        assert len([m for m in sent if isinstance(m, Update)]) == 1  # sent once
+    finally:
+        close_unstarted(c)
+
+
+def test_a_store_that_cannot_mark_samples_still_notifies_and_pulls(tmp_path: Any) -> None:
+    """A full disk at mark_used / mark_acked (the eviction order's bookkeeping): the app still
+    hears ``trained`` and ``update_acked``, and the pull the ack starts still leaves. The error
+    used to escape into the actor, which dropped the notification and the actions after it (the
+    pull waited a request timeout) and kept the exception, whose traceback held the store's
+    files open after stop() (a tmpfs could not be unmounted; device durability audit, h103)."""
+    from edge_sdk.core.events import MessageReceived, SampleAdded, TrainingFinished
+    from edge_sdk.store import StorageError
+    from edge_sdk.tasks import get_task
+    from edge_sdk.wire import topics
+    from edge_sdk.wire.codec import decode, encode
+    from edge_sdk.wire.messages import Ack, ModelMsg, Pull, Update
+    from tests.helpers import SIGNER
+
+    w = get_task("digits").pretrained(seed=0)
+    c = unstarted_client(tmp_path, min_samples=2, trusted_keys={SIGNER.kid: SIGNER.public_raw})
+    sent: list[Any] = []
+    c.transport.publish = lambda topic, payload, qos=1, retain=False: sent.append(decode(payload))
+    jobs: list[Any] = []
+    c._trainer.submit = lambda fn, job: jobs.append(job)
+    heard: list[str] = []
+    c.on("*", lambda kind, data: heard.append(kind))
+
+    def full(*args: Any) -> int:
+        raise StorageError(f"{tmp_path}/samples.sqlite3: database or disk is full")
+
+    def run(event: Any) -> None:
+        c.actor._run_one(lambda now: event)
+
+    def reply(leaf: str, msg: Any) -> MessageReceived:
+        topic = topics.device_topic("default", "d1", leaf)
+        return MessageReceived(now=1.0, topic=topic, payload=encode(msg, signer=SIGNER if leaf == "model" else None,
+                                                                    scope=topics.signing_scope(topic)))
+
+    def last(kind: type) -> Any:
+        return [m for m in sent if isinstance(m, kind)][-1]
+
+    try:
+        c.actor.run_actions(c.core.start(0.0))  # the serving pull
+        run(reply("model", ModelMsg(model_id=c.task.spec.model_id, version=0, reply_to=last(Pull).seq, weights=w, release=0)))
+        for i in range(2):
+            c.store.add(np.zeros((1, 8, 8), np.float32), i)
+        run(SampleAdded(now=2.0, total=2))  # the training pull
+        run(reply("model", ModelMsg(model_id=c.task.spec.model_id, version=0, reply_to=last(Pull).seq, weights=w, release=0)))
+        c.store.mark_used = c.store.mark_acked = full
+        c._remember_job(jobs[0].job_id, [1, 2])
+        run(TrainingFinished(now=3.0, job_id=jobs[0].job_id, weights=w + 0.01, n_samples=2))
+        update = last(Update)
+        c.store.add(np.zeros((1, 8, 8), np.float32), 3)  # a new label meanwhile: the ack starts the next pull
+        run(SampleAdded(now=3.5, total=3))
+        pulls = len([m for m in sent if isinstance(m, Pull)])
+        run(reply("ack", Ack(device="d1", seq=update.seq, status="accepted", version=1)))
+        assert "trained" in heard and "update_acked" in heard, heard
+        assert len([m for m in sent if isinstance(m, Pull)]) == pulls + 1 and not c.actor.errors
+    finally:
+        close_unstarted(c)
+
+
+def test_a_model_save_on_a_full_disk_leaves_no_partial_file(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Saving the deployed model fails part-way (ENOSPC): the model serves from memory, the file
+    saved before stays whole, and the half-written temporary file is removed. It used to stay
+    (``.deployed.npz.tmp``, as large as the written part of a model) and hold space on the disk
+    that was full (device durability audit, h103: a 2 MB tmpfs)."""
+    import errno
+
+    from edge_sdk import modelio
+    from edge_sdk.core.events import DeployModel
+    from edge_sdk.tasks import get_task
+
+    w = get_task("digits").pretrained(seed=0)
+    c = unstarted_client(tmp_path)
+    try:
+        c._perform(DeployModel(version=1, weights=w))
+        saved = (tmp_path / "deployed.npz").read_bytes()
+
+        def savez(f: Any, **arrays: Any) -> None:
+            f.write(b"x" * 4096)
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(modelio.np, "savez", savez)
+        c._perform(DeployModel(version=2, weights=w + 0.5))
+        assert c.version == 2 and not c.actor.errors
+        assert sorted(p.name for p in tmp_path.glob("*deployed*")) == ["deployed.npz"]
+        assert (tmp_path / "deployed.npz").read_bytes() == saved
+    finally:
+        close_unstarted(c)
+
+
 def test_a_first_use_pin_the_store_cannot_save_still_deploys_the_model(tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
     """Trust on first use with a full disk: the pin holds in memory (said at ERROR), and the
     actions after it (deploying the model) still run instead of dying with the save."""

@@ -337,6 +337,53 @@ def test_full_disk_loses_no_acked_update_and_never_reuses_a_version(mosquitto: M
 # ---------------------------------------------------------------------- lock and recovery
 
 
+def test_a_device_on_a_full_disk_refuses_labels_loses_none_and_starts_again_once_there_is_room(tmp_path: Path) -> None:
+    """The device's side of a full disk (a 2 MB tmpfs): add_sample raises StorageError once it is
+    full, never returns for a label it did not keep, and works again when space returns, with every
+    acknowledged label there after a restart. A client stopped cleanly cannot open its store again
+    on a disk that filled meanwhile (SQLite makes its -shm at open); that error used to read 'disk
+    I/O error' and now says the disk is full; a new device's data dir raised a bare OSError writing
+    its pid into device.lock (device durability audit, h103)."""
+    from edge_sdk.store import StorageError
+    from tests.helpers import close_unstarted, unstarted_client
+
+    x = np.zeros((1, 8, 8), np.float32)
+    with small_tmpfs(tmp_path / "disk", "2m") as disk:
+        data_dir, filler = disk / "dev", disk / "filler"
+        filler.write_bytes(bytes(512 << 10))  # room made later by removing it
+        c = unstarted_client(data_dir)
+        kept: list[int] = []
+        try:
+            with pytest.raises(StorageError, match="full"):
+                while len(kept) < 100_000:
+                    kept.append(c.add_sample(x, len(kept) % 10))
+            assert len(kept) > 100 and c.store.ids() == kept
+            for _ in range(3):
+                with pytest.raises(StorageError):
+                    c.add_sample(x, 1)
+        finally:
+            close_unstarted(c)
+        filler.unlink()
+        c = unstarted_client(data_dir)
+        try:  # room again: every label it acknowledged, and new ones
+            assert c.store.ids() == kept and c.store.stats().added == len(kept)
+            kept.append(c.add_sample(x, 1))
+        finally:
+            close_unstarted(c)
+        assert not (data_dir / "samples.sqlite3-shm").exists()  # a clean close, with room
+        fill(filler)  # the disk fills while the device is stopped
+        with pytest.raises(StorageError, match="its disk is full"):
+            unstarted_client(data_dir)
+        with pytest.raises(StorageError, match="its disk is full"):  # a new device: was an OSError writing device.lock
+            unstarted_client(disk / "new")
+        filler.unlink()
+        c = unstarted_client(data_dir)
+        try:
+            assert c.store.ids() == kept
+        finally:
+            close_unstarted(c)
+
+
 def test_second_coordinator_on_a_locked_state_dir_is_refused(mosquitto: MosquittoProcess, tmp_path: Path) -> None:
     state = tmp_path / "state"
     with coordinator(mosquitto.url, state) as first:

@@ -5,6 +5,7 @@ without losing a counter."""
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,9 @@ def test_a_refused_label_feeds_nothing_to_the_canary(tmp_path: Path) -> None:
         for label in ["abc", None]:  # were a ValueError and a TypeError
             with pytest.raises(InvalidSample):
                 c.add_sample(GOOD, label)
+        assert c.submitted == [] and c.store.stats().added == 0
+        with pytest.raises(InvalidSample, match="ahead of the clock"):  # milliseconds (h103)
+            c.add_sample(GOOD, 3, timestamp=time.time() * 1000)
         assert c.submitted == [] and c.store.stats().added == 0
         c.add_sample(GOOD, 3)
         events = [make(0.0) for make in c.submitted]

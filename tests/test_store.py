@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,9 @@ from hypothesis import strategies as st
 from edge_sdk.errors import ConfigError, InvalidSample, LocalProtocolError
 from edge_sdk.store import (
     DEFAULT_FILENAME,
+    MAX_FUTURE_S,
     SCHEMA_VERSION,
+    CorruptStore,
     SampleStore,
     SchemaVersionError,
     StorageError,
@@ -255,6 +258,38 @@ def test_eviction_prefers_acknowledged_then_oldest(db: Path) -> None:
         assert s.add(digit(8), 8) > h
 
 
+def test_a_timestamp_from_the_future_is_refused_so_fresh_labels_are_not_evicted(db: Path) -> None:
+    """Timestamps in milliseconds (or from a clock years ahead) were stored: with a quota full of
+    them, eviction (oldest first) kept those and evicted each fresh label at the next add — 9 of
+    10 labels made after 4 such samples were gone, never trained (device durability audit, h103).
+    A day ahead of the store's clock is refused; up to a day (skew, time zones) and the past are not."""
+    now = 1_800_000_000.0
+    with open_store(db, quota_samples=5, clock=lambda: now) as s:
+        with pytest.raises(InvalidSample, match="days ahead of the clock"):
+            s.add(digit(0), 1, timestamp=now * 1000)
+        with pytest.raises(InvalidSample, match="days ahead"):
+            s.check_timestamp(now + MAX_FUTURE_S + 1)
+        skewed = s.add(digit(1), 1, timestamp=now + MAX_FUTURE_S)
+        old = s.add(digit(2), 1, timestamp=0.0)
+        fresh = [s.add(digit(3 + i), 2) for i in range(4)]
+        assert s.ids() == [skewed, *fresh] and old not in s.ids() and s.stats().added == 6
+
+
+def test_evicting_labels_no_update_trained_on_is_said_once(db: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A label evicted before any update trained on it is lost to training: the quota's policy,
+    but it went unsaid (a device offline with a full quota; device durability audit, h103)."""
+    with open_store(db, quota_samples=2) as s, caplog.at_level("WARNING", logger="edgeci.store"):
+        first = s.add(digit(0), 1, timestamp=1.0)
+        s.mark_used([first], 0)
+        s.mark_acked(0)
+        s.add(digit(1), 1, timestamp=2.0)
+        s.add(digit(2), 1, timestamp=3.0)  # evicts the acknowledged one: nothing to say
+        assert first not in s.ids() and "no update has trained on" not in caplog.text
+        for i in range(3):
+            s.add(digit(3 + i), 1, timestamp=4.0 + i)
+        assert caplog.text.count("evicting 1 label(s) no update has trained on yet") == 1
+
+
 def test_equal_timestamps_evict_lowest_id_first(db: Path) -> None:
     with open_store(db, quota_samples=2) as s:
         ids = [s.add(digit(i), i, timestamp=1.0) for i in range(4)]
@@ -337,6 +372,8 @@ BAD_ADDS: dict[str, Callable[[SampleStore], object]] = {
     "gesture label": lambda s: s.add_gesture(gesture(0), 11),
     "timestamp NaN": lambda s: s.add(digit(0), 1, timestamp=float("nan")),
     "timestamp str": lambda s: s.add(digit(0), 1, timestamp="now"),  # type: ignore[arg-type]
+    "timestamp in ms": lambda s: s.add(digit(0), 1, timestamp=time.time() * 1000),
+    "frame timestamp a week ahead": lambda s: s.add_frame(frame(0), timestamp=time.time() + 7 * 86_400),
     "frame float": _frame_adder(np.zeros((4, 4, 3), np.float32)),
     "frame grey": _frame_adder(np.zeros((4, 4), np.uint8)),
     "frame rgba": _frame_adder(np.zeros((4, 4, 4), np.uint8)),
@@ -429,6 +466,32 @@ def test_metadata_survives_reopen(db: Path) -> None:
         }
         assert [type(v) for v in values.values()] == [int, int, float, str, bytes]
         assert s.get_meta("bad") is None
+
+
+@pytest.mark.parametrize("how", ["read-only open", "file mode 0444"])
+def test_a_store_that_cannot_be_written_is_refused_at_open(db: Path, how: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite opens a file it may not write read-only without a word; the store then opened
+    fine and every add failed (device durability audit, h103). Now the open says so, as a
+    StorageError (not CorruptStore: recover=True must not move a sound store aside), and the
+    file is unchanged."""
+    with open_store(db) as s:
+        s.add(digit(0), 1)
+    before = dump(db)
+    if how == "file mode 0444":
+        if os.geteuid() == 0:
+            pytest.skip("root writes a file whatever its mode")
+        db.chmod(0o444)
+    else:  # what SQLite does when the file's mode or a read-only mount denies writing
+        connect = sqlite3.connect
+        monkeypatch.setattr(sqlite3, "connect", lambda path, **kw: connect(f"file:{path}?mode=ro", uri=True, **kw))
+    try:
+        with pytest.raises(StorageError, match="cannot be written") as info:
+            open_store(db, recover=True)
+        assert not isinstance(info.value, CorruptStore)
+    finally:
+        db.chmod(0o644)
+        monkeypatch.undo()
+    assert dump(db) == before and not list(db.parent.glob("*.corrupt-*"))
 
 
 def test_wal_and_synchronous_full(store: SampleStore, db: Path) -> None:
