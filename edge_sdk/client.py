@@ -195,13 +195,16 @@ def hold_data_dir(path: Path, device_id: str) -> IO[str]:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         f.seek(0)
-        holder = f.read().strip() or "another process"
+        words = f.read().split()  # "pid N device ID" (a lock from before: "pid N")
         f.close()
-        raise ConfigError(f"device {device_id} already runs from {path} ({holder}): stop it, or give this one "
-                          "another device id or data dir") from None
+        pid = words[1] if len(words) > 1 and words[0] == "pid" else None
+        holder = words[3][:100] if len(words) > 3 and words[2] == "device" else None
+        who = (f"device {holder}" if holder else "another client") + (f" (pid {pid})" if pid else "")
+        raise ConfigError(f"data dir {path} is in use by {who}: stop it, or give this one (device {device_id}) "
+                          "another data dir") from None
     try:  # unbuffered: a write that failed must not be tried again when the file is closed
         os.ftruncate(f.fileno(), 0)
-        os.write(f.fileno(), f"pid {os.getpid()}\n".encode())
+        os.write(f.fileno(), f"pid {os.getpid()} device {device_id}\n".encode())
     except OSError as exc:  # a full disk: the flock holds all the same, only the holder's pid goes unsaid
         log.warning("data dir %s: could not write this client's pid into device.lock (%s)", path, exc.strerror or exc)
     return f

@@ -75,7 +75,7 @@ def test_a_second_device_on_the_same_data_dir_is_refused(mosquitto: MosquittoPro
         while "partition" not in (line := first.stdout.readline() if first.stdout else ""):  # started: connected
             assert line and time.monotonic() < wait, "the first device did not start"
         out = device("--broker", mosquitto.url, "--device-id", "d1", "--duration", "1", home=tmp_path / "home")
-        assert out.returncode != 0 and "device d1 already runs from" in out.stderr, out.stdout + out.stderr
+        assert out.returncode != 0 and "is in use by device d1 (pid" in out.stderr, out.stdout + out.stderr
     finally:
         first.terminate()
         first.wait(30)

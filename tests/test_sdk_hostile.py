@@ -4,6 +4,7 @@ without losing a counter."""
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from pathlib import Path
@@ -247,8 +248,11 @@ def test_one_data_dir_serves_one_client_at_a_time(tmp_path: Path) -> None:
     could reuse its sequence numbers (only ``edgeci device`` locked it)."""
     first = unstarted_client(tmp_path)
     try:
-        with pytest.raises(ConfigError, match="device d1 already runs from"):
+        with pytest.raises(ConfigError, match=rf"data dir {re.escape(str(tmp_path))} is in use by device d1 \(pid {os.getpid()}\)"):
             unstarted_client(tmp_path)
+        # another id on it names the one running (helper-103: 'device d2 already runs', d1 did)
+        with pytest.raises(ConfigError, match=r"in use by device d1 \(pid \d+\): stop it, or give this one \(device d2\)"):
+            unstarted_client(tmp_path, device_id="d2")
     finally:
         first.stop()
     second = unstarted_client(tmp_path)  # free again once the first stopped
