@@ -613,6 +613,28 @@ def test_a_target_met_at_the_start_is_reported_as_such_not_as_missed() -> None:
     assert _ratios(runs) == {"fedasync / spin": {"ratio": 0.0, "kind": "exact"}}
 
 
+def test_a_short_run_prints_its_seconds_with_decimals() -> None:
+    """helper-101: paper-spin --quick (1 s) printed SPIN's 0.4 s as "0" next to FedBuff's "0 (0.84×)",
+    and its full run (12 s) whole seconds where the README quotes 7.77 s; runs of 100 s or more keep
+    whole seconds (the README's tables)."""
+    import types
+
+    from devices.report import _ratios, format_table
+
+    def run(strategy: str, t: float) -> dict[str, Any]:
+        return {"strategy": strategy, "overrides": {}, "time_to_target_s": [t], "mean_time_to_target_s": t, "all_reached": True,
+                "initial_accuracy": 0.6, "final_accuracy": 0.9, "mean_staleness": None, "label_latency_mean_s": 0.25,
+                "bytes_up": 0, "bytes_down": 0, "versions": 3, "updates": 9,
+                "sensitivity": {"0.8": {"reached": 1, "runs": 1, "mean_s": t}}}
+
+    runs = {"spin": run("spin", 0.4), "fedbuff": run("fedbuff", 0.336)}
+    summary = {"target_accuracy": 0.8, "seeds": [0], "duration_s": 1.0, "runs": runs, "ratios": _ratios(runs)}
+    table = format_table(types.SimpleNamespace(name="s", description=""), summary)  # type: ignore[arg-type]
+    assert "| spin | spin | 0.40 | 0.40 |" in table and "| fedbuff | 0.34 (0.84×) |" in table and "duration 1.00 s" in table
+    summary["duration_s"] = 300.0
+    assert "| spin | spin | 0 | 0 |" in format_table(types.SimpleNamespace(name="s", description=""), summary)  # type: ignore[arg-type]
+
+
 def test_quick_on_a_scenario_without_a_quick_table_says_it_runs_the_full_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Researcher trial, finding 7: --quick silently ran a 5-seed scenario in full."""
     scenario = tmp_path / "noquick.toml"
