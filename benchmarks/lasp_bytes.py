@@ -285,7 +285,7 @@ Why the measured ratio is above the ideal (how the protocol works, not lost byte
   - the whole vector goes down more often than it comes up: on the device's first pull (it holds
     nothing yet) and on the first pull after each full sync (the new extractor); in a full-sync
     round a device holding the current extractor is sent only the head and trains the whole model
-    (until eb4d5af the whole vector went down there too: 0.280x for digits at T=5, 8 rounds);
+    (until 29e1faa the whole vector went down there too: 0.280x for digits at T=5, 8 rounds);
   - 'other B per round' (the pull and the ack; bytes_out does not count the retained status) is
     the same with LASP on or off: next to a small model it weighs a little."""
         )

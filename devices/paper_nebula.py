@@ -24,7 +24,15 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from devices.paper_spyker import mean_sd, parser, summarise, sweep
+from devices.paper_spyker import (
+    SAVING_NOTE,
+    format_saving,
+    mean_sd,
+    parser,
+    saving_bound,
+    summarise,
+    sweep,
+)
 
 __all__ = ["cost_summary", "format_table", "main", "report"]
 
@@ -72,8 +80,10 @@ def cost_summary(runs: Sequence[Mapping[str, Any]], baseline: str) -> dict[str, 
                 theirs = {s: _cost(base[s]) for s in common}
                 row["wins"] = sum(1 for s in common if mine[s][1] and (not theirs[s][1] or mine[s][0] < theirs[s][0]))
                 row["paired"] = len(common)
-                savings = [1 - mine[s][0] / theirs[s][0] for s in common if theirs[s][0] > 0]
+                counted = [s for s in common if theirs[s][0] > 0]
+                savings = [1 - mine[s][0] / theirs[s][0] for s in counted]
                 row["saving_mean"], row["saving_sd"] = mean_sd(savings) if savings else (math.nan, math.nan)
+                row["saving_bound"] = saving_bound(any(not mine[s][1] for s in counted), any(not theirs[s][1] for s in counted))
             out.setdefault(label, {})[str(n)] = row
     return out
 
@@ -108,20 +118,23 @@ def format_table(summary: Mapping[str, Any]) -> str:
                 continue
             per_seed = ", ".join(f"≥ {duration:g}" if t is None else f"{t:.1f}" for t in row["times"].values())
             mean = f"{'' if row['all_reached'] else '≥ '}{row['mean']:.1f} ± {row['sd']:.1f}"
-            saving = f"{100 * row['saving_mean']:+.0f} ± {100 * row['saving_sd']:.0f} %" if "saving_mean" in row else "—"
+            saving = format_saving(row)
             wins = f"{row['wins']}/{row['paired']}" if "wins" in row else "—"
             extra = "".join(f"{'' if row['also'][a]['all_reached'] else '≥ '}{row['also'][a]['mean']:.1f} ± {row['also'][a]['sd']:.1f} | "
                             for a in also)
             costs = ", ".join(_money(c, cost["reached"][s]) for s, c in cost["costs"].items())
             all_hit = all(cost["reached"].values())
             c_mean = f"{'' if all_hit else '≥ '}{1000 * cost['mean']:.2f} ± {1000 * cost['sd']:.2f}"
-            c_saving = f"{100 * cost['saving_mean']:+.0f} ± {100 * cost['saving_sd']:.0f} %" if "saving_mean" in cost else "—"
+            c_saving = format_saving(cost)
             c_wins = f"{cost['wins']}/{cost['paired']}" if "wins" in cost else "—"
             use = ", ".join(f"{k} {100 * v:.0f}%" for k, v in cost["resource_use"].items())
             lines.append(
                 f"| {label} | {n} | {per_seed} | {mean} | {saving} | {wins} | {extra}{costs} | {c_mean} | {c_saving} | {c_wins} | "
                 f"{cost['inter_region_mb_to_target']:.1f} | {100 * cost['compute_share']:.0f}% | {use} | {row['updates']:,.0f} | "
                 f"{row['final_accuracy']:.3f} |")
+    rows = [*(r for e in summary["methods"].values() for r in e.values()), *(r for e in summary["cost"].values() for r in e.values())]
+    if any(r.get("saving_bound") for r in rows):
+        lines += ["", SAVING_NOTE]
     return "\n".join(lines) + "\n"
 
 

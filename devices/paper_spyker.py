@@ -164,6 +164,7 @@ def summarise(runs: Sequence[Mapping[str, Any]], duration: float, baseline: str,
                 savings = [1 - (mine[s] if mine[s] is not None else duration) / (b[s] if b[s] is not None else duration)
                            for s in common]
                 row["saving_mean"], row["saving_sd"] = mean_sd(savings) if savings else (math.nan, math.nan)
+                row["saving_bound"] = saving_bound(any(mine[s] is None for s in common), any(b[s] is None for s in common))
             for acc in also:
                 at = [time_to(seeds[s].get("rows", ()), acc) for s in sorted(seeds)]
                 m, d = mean_sd([t if t is not None else duration for t in at])
@@ -171,6 +172,25 @@ def summarise(runs: Sequence[Mapping[str, Any]], duration: float, baseline: str,
             entry[str(n)] = row
         out["methods"][label] = entry
     return out
+
+
+def saving_bound(mine_missed: bool, base_missed: bool) -> str:
+    """How a mean saving reads when runs missed the target (a miss counts as the run's duration,
+    or its total cost: less than it would take): a missed baseline makes the saving a lower bound,
+    a missed own run an upper bound, misses on both sides neither (helper-101: the quick form
+    printed "-109 ± 0 %" for a Spyker run that never reached the target)."""
+    return {(False, False): "", (False, True): "≥ ", (True, False): "≤ "}.get((mine_missed, base_missed), "? ")
+
+
+def format_saving(row: Mapping[str, Any]) -> str:
+    """The saving cell: mean ± std in %, marked as a bound where misses make it one."""
+    if "saving_mean" not in row:
+        return "—"
+    return f"{row.get('saving_bound', '')}{100 * row['saving_mean']:+.0f} ± {100 * row['saving_sd']:.0f} %"
+
+
+SAVING_NOTE = ("Savings: ≥ / ≤ = a lower / upper bound (some baseline / own runs missed the target and count at the run's "
+               "duration or total cost); ? = misses on both sides, no bound.")
 
 
 def _won(mine: float | None, base: float | None) -> bool:
@@ -199,7 +219,7 @@ def format_table(summary: Mapping[str, Any]) -> str:
                 continue
             per_seed = ", ".join(_t(t, duration) for t in row["times"].values())
             mean = f"{'' if row['all_reached'] else '≥ '}{row['mean']:.1f} ± {row['sd']:.1f}"
-            saving = f"{100 * row['saving_mean']:+.0f} ± {100 * row['saving_sd']:.0f} %" if "saving_mean" in row else "—"
+            saving = format_saving(row)
             wins = f"{row['wins']}/{row['paired']}" if "wins" in row else "—"
             extra = "".join(f"{'' if row['also'][a]['all_reached'] else '≥ '}{row['also'][a]['mean']:.1f} ± {row['also'][a]['sd']:.1f} | "
                             for a in also)
@@ -208,6 +228,8 @@ def format_table(summary: Mapping[str, Any]) -> str:
                 f"{row['uplink_queue_mean']:.1f} / {row['uplink_queue_max']} | "
                 f"{row['cpu_queue_mean']:.1f} / {row['cpu_queue_max']:.0f} | {100 * row['cpu_busy']:.0f}% | {row['updates']:,.0f} | "
                 f"{row['final_accuracy']:.3f} |")
+    if any(row.get("saving_bound") for e in summary["methods"].values() for row in e.values()):
+        lines += ["", SAVING_NOTE]
     return "\n".join(lines) + "\n"
 
 

@@ -473,20 +473,27 @@ def _partner(per_run: Mapping[str, Any], label: str) -> str | None:
     return next((k for k in spins if per_run[k]["overrides"] == per_run[label]["overrides"]), spins[0])
 
 
-def _fmt_s(t: float | None) -> str:
-    return "—" if t is None else f"{t:,.0f}"
+def _fmt_s(t: float | None, digits: int = 0) -> str:
+    return "—" if t is None else f"{t:,.{digits}f}"
+
+
+def _digits(duration_s: float) -> int:
+    """Decimals for the tables' seconds: whole seconds for runs of 100 s or more; shorter runs
+    (paper-spin's 12 s, the 1 s --quick forms) keep two, or 0.4 s printed as "0" (helper-101)."""
+    return 0 if duration_s >= 100 else 2
 
 
 def format_table(scenario: Scenario, summary: Mapping[str, Any]) -> str:
     """The markdown time-to-target table (plus the SPIN-vs-baseline ratios)."""
     target = summary["target_accuracy"]
+    digits = _digits(summary["duration_s"])
     lines = [
         f"### {scenario.name}: time to {target:.0%} accuracy",
         "",
         f"{scenario.description}".strip(),
         "",
         f"Virtual time in seconds (commit time of the first evaluated model at or above the target); "
-        f"seeds {', '.join(map(str, summary['seeds']))}; duration {summary['duration_s']:,.0f} s. "
+        f"seeds {', '.join(map(str, summary['seeds']))}; duration {summary['duration_s']:,.{digits}f} s. "
         f"Mean: never-reached seeds count as the full duration (shown as ≥).",
         *([] if summary.get("evaluated_after_start", True) else [
             "",
@@ -498,11 +505,11 @@ def format_table(scenario: Scenario, summary: Mapping[str, Any]) -> str:
         "|---|---|---|---:|---|---:|---:|---:|---:|---|",
     ]
     for label, v in summary["runs"].items():
-        per_seed = ", ".join(_fmt_s(t) for t in v["time_to_target_s"])
-        mean = ("" if v["all_reached"] else "≥ ") + _fmt_s(v["mean_time_to_target_s"])
+        per_seed = ", ".join(_fmt_s(t, digits) for t in v["time_to_target_s"])
+        mean = ("" if v["all_reached"] else "≥ ") + _fmt_s(v["mean_time_to_target_s"], digits)
         acc = f"{v['initial_accuracy']:.3f} → {v['final_accuracy']:.3f}" if v["final_accuracy"] is not None else "—"
         stale = "—" if v["mean_staleness"] is None else f"{v['mean_staleness']:.2f}"
-        lat = _fmt_s(v["label_latency_mean_s"])
+        lat = _fmt_s(v["label_latency_mean_s"], digits)
         mb = f"{(v['bytes_up'] or 0) / 1e6:.1f} / {(v['bytes_down'] or 0) / 1e6:.1f}"
         lines.append(
             f"| {label} | {v['strategy']} | {per_seed} | {mean} | {acc} | {v['versions']:.0f} | {v['updates']:.0f} | {stale} | {lat} | {mb} |"
@@ -514,17 +521,23 @@ def format_table(scenario: Scenario, summary: Mapping[str, Any]) -> str:
         lines += [
             "",
             "Mean time to other targets (s; ≥ = some seed never reached it"
-            + ("; in brackets: ÷ the matching SPIN run, n/a where SPIN itself missed it or met it at t = 0" if spin else "") + "):",
+            + ("; in brackets: ÷ the SPIN run with the same overrides (a SPIN variant: ÷ the first SPIN run), n/a where "
+               "that run missed it or met it at t = 0" if spin else "") + "):",
             "",
             "| run | " + " | ".join(f"{float(t):.0%}" for t in targets) + " |",
             "|---|" + "---:|" * len(targets),
         ]
         for label, v in runs.items():
             partner = _partner(runs, label)
+            if v["strategy"] == "spin" and partner != spin:
+                # A SPIN variant is compared with the scenario's first SPIN run only: the first SPIN run
+                # that shares its overrides is another variant (attacks.toml printed "attacked: robust +
+                # gate" ÷ "attacked: gate only" as "(0.61×)" under "÷ the matching SPIN run"; helper-101).
+                partner = None
             cells = []
             for t in targets:
                 sens = v["sensitivity"][t]
-                cell = ("" if sens["reached"] == sens["runs"] else "≥ ") + _fmt_s(sens["mean_s"])
+                cell = ("" if sens["reached"] == sens["runs"] else "≥ ") + _fmt_s(sens["mean_s"], digits)
                 ref = runs[partner]["sensitivity"][t] if partner is not None and partner != label else None
                 if ref is not None and ref["reached"] == ref["runs"] and ref["mean_s"] > 0:
                     bound = "" if sens["reached"] == sens["runs"] else "≥ "

@@ -166,8 +166,8 @@ def format_staleness_table(summary: Mapping[str, Any]) -> str:
         lines.append(f"| {row['alpha']:g} | {row['tau']} | {row['policy']} | {row['seeds']} | {accs} | {_pct(row['class_window'])} | {_pct(row['overall_last'])} "
                      f"| {ttt} ({row['reached']}/{row['seeds']}) | {wins} | {conv} |")
     lines += ["", "Per seed (class-c accuracy: at the last report version, and its mean from the first to the last "
-              "report version; Δ = that mean minus damped's; time to the class-c target):", "",
-              "| α | τ | policy | seed | class-c acc @ last | window mean | Δ vs damped | time to target | released staleness |",
+              "report version; Δ = that mean minus damped's, in percentage points; time to the class-c target):", "",
+              "| α | τ | policy | seed | class-c acc @ last | window mean | Δ vs damped (pp) | time to target | released staleness |",
               "|---|---|---|---|---|---|---|---|---|"]
     for row in summary["rows"]:
         last = max(row["class_acc"]) if row["class_acc"] else None
@@ -177,7 +177,7 @@ def format_staleness_table(summary: Mapping[str, Any]) -> str:
             t = s["time_to_class_target_s"]
             stale = s["released_staleness"]
             lines.append(f"| {row['alpha']:g} | {row['tau']} | {row['policy']} | {s['seed']} | {_pct(acc)} | {_pct(s['class_window'])} "
-                         f"| {'—' if delta is None else f'{delta:+.1%}'} | {'—' if t is None else f'{t:.0f} s'} "
+                         f"| {'—' if delta is None else f'{100 * delta:+.1f} pp'} | {'—' if t is None else f'{t:.0f} s'} "
                          f"| {min(stale) if stale else '—'}–{max(stale) if stale else '—'} ({len(stale)}) |")
     return "\n".join(lines) + "\n"
 

@@ -623,6 +623,51 @@ def test_a_target_met_at_the_start_is_reported_as_such_not_as_missed() -> None:
     assert _ratios(runs) == {"fedasync / spin": {"ratio": 0.0, "kind": "exact"}}
 
 
+def test_a_short_run_prints_its_seconds_with_decimals() -> None:
+    """helper-101: paper-spin --quick (1 s) printed SPIN's 0.4 s as "0" next to FedBuff's "0 (0.84×)",
+    and its full run (12 s) whole seconds where the README quotes 7.77 s; runs of 100 s or more keep
+    whole seconds (the README's tables)."""
+    import types
+
+    from devices.report import _ratios, format_table
+
+    def run(strategy: str, t: float) -> dict[str, Any]:
+        return {"strategy": strategy, "overrides": {}, "time_to_target_s": [t], "mean_time_to_target_s": t, "all_reached": True,
+                "initial_accuracy": 0.6, "final_accuracy": 0.9, "mean_staleness": None, "label_latency_mean_s": 0.25,
+                "bytes_up": 0, "bytes_down": 0, "versions": 3, "updates": 9,
+                "sensitivity": {"0.8": {"reached": 1, "runs": 1, "mean_s": t}}}
+
+    runs = {"spin": run("spin", 0.4), "fedbuff": run("fedbuff", 0.336)}
+    summary = {"target_accuracy": 0.8, "seeds": [0], "duration_s": 1.0, "runs": runs, "ratios": _ratios(runs)}
+    table = format_table(types.SimpleNamespace(name="s", description=""), summary)  # type: ignore[arg-type]
+    assert "| spin | spin | 0.40 | 0.40 |" in table and "| fedbuff | 0.34 (0.84×) |" in table and "duration 1.00 s" in table
+    summary["duration_s"] = 300.0
+    assert "| spin | spin | 0 | 0 |" in format_table(types.SimpleNamespace(name="s", description=""), summary)  # type: ignore[arg-type]
+
+
+def test_a_spin_variant_is_divided_by_the_first_spin_run_only() -> None:
+    """helper-101: in attacks.toml (every run SPIN) "attacked: robust + gate" printed "(0.61×)": ÷
+    "attacked: gate only", the first SPIN run with the same overrides, under "÷ the matching SPIN
+    run". A SPIN variant is now compared with the scenario's first SPIN run or not at all; a
+    baseline keeps the SPIN run of its overrides, and a variant of the first run keeps its ratio."""
+    import types
+
+    from devices.report import _ratios, format_table
+
+    def run(strategy: str, t: float, overrides: dict[str, Any]) -> dict[str, Any]:
+        return {"strategy": strategy, "overrides": overrides, "time_to_target_s": [t], "mean_time_to_target_s": t,
+                "all_reached": True, "initial_accuracy": 0.6, "final_accuracy": 0.9, "mean_staleness": None,
+                "label_latency_mean_s": None, "bytes_up": 0, "bytes_down": 0, "versions": 3, "updates": 9,
+                "sensitivity": {"0.8": {"reached": 1, "runs": 1, "mean_s": t}}}
+
+    runs = {"honest": run("spin", 200.0, {"attack": 0}), "honest deltas": run("spin", 100.0, {"attack": 0}),
+            "gate only": run("spin", 800.0, {}), "robust + gate": run("spin", 500.0, {}), "fedbuff": run("fedbuff", 600.0, {})}
+    summary = {"target_accuracy": 0.8, "seeds": [0], "duration_s": 900.0, "runs": runs, "ratios": _ratios(runs)}
+    table = format_table(types.SimpleNamespace(name="s", description=""), summary)  # type: ignore[arg-type]
+    assert "| robust + gate | 500 |" in table and "| gate only | 800 |" in table  # no bracket: not ÷ each other
+    assert "| honest deltas | 100 (0.50×) |" in table and "| fedbuff | 600 (0.75×) |" in table
+
+
 def test_quick_on_a_scenario_without_a_quick_table_says_it_runs_the_full_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Researcher trial, finding 7: --quick silently ran a 5-seed scenario in full."""
     scenario = tmp_path / "noquick.toml"

@@ -77,6 +77,8 @@ def test_cost_wins_and_savings_from_fixed_summaries() -> None:
     summary, table = report(runs, 60.0, BASELINE, [])
     line = next(x for x in table.splitlines() if x.startswith("| N |"))
     assert "10.0, ≥ 60" in line and "1.00, ≥ 4.00" in line and "1/2" in line and "a 75%, b 25%" in line
+    # helper-101: N missed on seed 1 (counted at its duration / total cost): its savings are upper bounds
+    assert row["saving_bound"] == "≤ " and "| ≤ -25 ± 106 % | 1/2 |" in line and "| ≤ -12 ± 124 % | 1/2 |" in line and "Savings: ≥ / ≤" in table
     assert table == format_table(summary)
 
 

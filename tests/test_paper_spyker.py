@@ -111,6 +111,12 @@ def test_summary_counts_per_seed_wins_and_a_miss_as_the_duration() -> None:
     assert row["also"]["0.85"] == {"mean": 5.0, "sd": 1.0, "all_reached": True} and row["also"]["0.9"]["mean"] == 60.0
     table = format_table(out)
     assert "| Spyker | 100 | 10.0, 50.0, ≥ 60 | ≥ 40.0 ± 26.5 |" in table and "| 2/3 | 5.0 ± 1.0 | ≥ 60.0 ± 0.0 |" in table
+    # helper-101: a saving computed from misses is a bound, and says which (here misses on both sides: none)
+    assert row["saving_bound"] == "? " and "| ? -144 ± 308 % | 2/3 |" in table and table.rstrip().endswith("no bound.")
+    one_way = summarise([r for r in runs if r["seed"] != 2], 60.0, "FedAsync")  # only FedAsync missed (seed 1)
+    assert one_way["methods"]["Spyker"]["100"]["saving_bound"] == "≥ " and "| ≥ +33 ± 24 % |" in format_table(one_way)
+    reached = summarise([r for r in runs if r["seed"] == 0], 60.0, "FedAsync")
+    assert "| +50 ± 0 % |" in format_table(reached) and "Savings:" not in format_table(reached)
 
 
 def test_the_paper_spyker_command_quick_form(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -236,6 +236,18 @@ def test_every_policy_gets_a_row_and_gradient_inversion_counts_its_conversions(e
     assert (tmp_path / "class_accuracy.png").stat().st_size > 10_000
 
 
+def test_the_per_seed_difference_to_damped_is_printed_in_points() -> None:
+    """helper-101: a class-c accuracy of 59.3 % against damped's 56.2 % printed "+3.1%" (a relative
+    reading); it is a difference of two accuracies, as the README's table gives it: +3.1 pp."""
+    seed = {"seed": 0, "class_acc": {15: 0.64}, "class_window": 0.593, "time_to_class_target_s": 20.0,
+            "released_staleness": [10, 10], "vs_damped_acc": 0.031}
+    row = {"alpha": 1.0, "tau": 10, "policy": "dc-asgd", "seeds": 1, "class_acc": {15: 0.64}, "class_window": 0.593,
+           "overall_last": 0.726, "time_to_class_target_s": 20.0, "reached": 1, "acc_wins": 1, "time_wins": 1, "compared": 1,
+           "conversions_applied": 0, "conversions_late": 0, "conversion_cpu_s": 0.0, "per_seed": [seed]}
+    table = format_staleness_table({"class": 8, "class_target": 0.62, "reference": "damped", "rows": [row]})
+    assert "| Δ vs damped (pp) |" in table and "| 64.0% | 59.3% | +3.1 pp | 20 s | 10–10 (2) |" in table
+
+
 def test_label_latency_of_continuous_devices_counts_from_their_start(task: ProcDigitsTask) -> None:
     """A continuous device holds every sample from its start; its Poisson label times are not
     used, and measuring from them gave negative label→model latencies (labels 'arriving' after
