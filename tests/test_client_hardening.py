@@ -5,6 +5,7 @@ model deployed while ``predict`` builds its engine is the one served."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,37 @@ def test_a_model_deployed_while_predict_builds_its_engine_is_the_one_served(tmp_
         _close(c)
 
 
+def _full_disk_harness(c: Any, tmp_path: Any, w: Any) -> tuple[dict[str, bool], Callable[[Any], None], Callable[[Any], Any]]:
+    """For an unstarted client ``c``: a switch (``full["on"]``) that makes saving its counters fail
+    as on a full disk, ``run(event)`` through its actor, and ``model_for(pull)``, the signed reply."""
+    from edge_sdk.core.events import MessageReceived
+    from edge_sdk.store import StorageError
+    from edge_sdk.wire import topics
+    from edge_sdk.wire.codec import encode
+    from edge_sdk.wire.messages import ModelMsg
+    from tests.helpers import SIGNER
+
+    save = c.store.set_meta_many
+    full = {"on": False}
+
+    def set_meta_many(values: Any) -> None:
+        if full["on"]:
+            raise StorageError(f"{tmp_path}/samples.sqlite3: database or disk is full")
+        save(values)
+
+    c.store.set_meta_many = set_meta_many
+
+    def run(event: Any) -> None:
+        c.actor._run_one(lambda now: event)
+
+    def model_for(pull: Any) -> Any:
+        msg = ModelMsg(model_id=c.task.spec.model_id, version=0, reply_to=pull.seq, weights=w, release=0)
+        return MessageReceived(now=1.0, topic=topics.device_topic("default", "d1", "model"),
+                               payload=encode(msg, signer=SIGNER, scope=topics.device_scope("default", "model")))
+
+    return full, run, model_for
+
+
 def test_a_full_disk_at_the_counters_holds_requests_without_sticking_the_device(tmp_path: Any) -> None:
     """The store cannot save next_seq / trained_upto (a full disk): the training the model asked
     for still runs (the save used to raise out of the actor and drop it: the core sat in
@@ -129,12 +161,10 @@ def test_a_full_disk_at_the_counters_holds_requests_without_sticking_the_device(
     (the push's retry used to send it; a restart then reused the number). Once the store
     works again the retry sends the update (durability audit)."""
     from edge_sdk.core.device import Phase
-    from edge_sdk.core.events import MessageReceived, SampleAdded, TimerFired, TrainingFinished
-    from edge_sdk.store import StorageError
+    from edge_sdk.core.events import SampleAdded, TimerFired, TrainingFinished
     from edge_sdk.tasks import get_task
-    from edge_sdk.wire import topics
-    from edge_sdk.wire.codec import decode, encode
-    from edge_sdk.wire.messages import ModelMsg, Pull, Update
+    from edge_sdk.wire.codec import decode
+    from edge_sdk.wire.messages import Pull, Update
     from tests.helpers import SIGNER
 
     w = get_task("digits").pretrained(seed=0)
@@ -150,23 +180,7 @@ def test_a_full_disk_at_the_counters_holds_requests_without_sticking_the_device(
     jobs: list[Any] = []
     c.transport.publish = publish
     c._trainer.submit = lambda fn, job: jobs.append(job)
-    save = c.store.set_meta_many
-    full = {"on": False}
-
-    def set_meta_many(values: Any) -> None:
-        if full["on"]:
-            raise StorageError(f"{tmp_path}/samples.sqlite3: database or disk is full")
-        save(values)
-
-    c.store.set_meta_many = set_meta_many
-
-    def run(event: Any) -> None:
-        c.actor._run_one(lambda now: event)
-
-    def model_for(pull: Pull) -> MessageReceived:
-        msg = ModelMsg(model_id=c.task.spec.model_id, version=0, reply_to=pull.seq, weights=w, release=0)
-        return MessageReceived(now=1.0, topic=topics.device_topic("default", "d1", "model"),
-                               payload=encode(msg, signer=SIGNER, scope=topics.device_scope("default", "model")))
+    full, run, model_for = _full_disk_harness(c, tmp_path, w)
 
     def last(kind: type) -> Any:
         return [m for m in sent if isinstance(m, kind)][-1]
@@ -197,12 +211,10 @@ def test_a_request_held_by_a_full_disk_leaves_with_the_next_label_stored(tmp_pat
     update stayed unsent 12 s after space returned (device durability audit, h103). The next label
     the store keeps shows the disk takes writes again: the counters are saved and the held update
     leaves at once, once."""
-    from edge_sdk.core.events import MessageReceived, SampleAdded, TimerFired, TrainingFinished
-    from edge_sdk.store import StorageError
+    from edge_sdk.core.events import SampleAdded, TimerFired, TrainingFinished
     from edge_sdk.tasks import get_task
-    from edge_sdk.wire import topics
-    from edge_sdk.wire.codec import decode, encode
-    from edge_sdk.wire.messages import ModelMsg, Pull, Update
+    from edge_sdk.wire.codec import decode
+    from edge_sdk.wire.messages import Pull, Update
     from tests.helpers import SIGNER
 
     w = get_task("digits").pretrained(seed=0)
@@ -212,23 +224,7 @@ def test_a_request_held_by_a_full_disk_leaves_with_the_next_label_stored(tmp_pat
     jobs: list[Any] = []
     c._trainer.submit = lambda fn, job: jobs.append(job)
     c.actor.call = lambda fn: fn()  # the actor's own work, run in place
-    save = c.store.set_meta_many
-    full = {"on": False}
-
-    def set_meta_many(values: Any) -> None:
-        if full["on"]:
-            raise StorageError(f"{tmp_path}/samples.sqlite3: database or disk is full")
-        save(values)
-
-    c.store.set_meta_many = set_meta_many
-
-    def run(event: Any) -> None:
-        c.actor._run_one(lambda now: event)
-
-    def model_for(pull: Pull) -> MessageReceived:
-        msg = ModelMsg(model_id=c.task.spec.model_id, version=0, reply_to=pull.seq, weights=w, release=0)
-        return MessageReceived(now=1.0, topic=topics.device_topic("default", "d1", "model"),
-                               payload=encode(msg, signer=SIGNER, scope=topics.device_scope("default", "model")))
+    full, run, model_for = _full_disk_harness(c, tmp_path, w)
 
     try:
         c.actor.run_actions(c.core.start(0.0))
