@@ -524,7 +524,7 @@ def test_stop_holds_the_data_dir_until_a_detect_exporting_into_it_is_done(
     stopping.join(0.5)
     try:
         assert stopping.is_alive()  # stop() waits for the export
-        with pytest.raises(ConfigError, match="already runs"):
+        with pytest.raises(ConfigError, match="is in use by device cam-3"):
             hold_data_dir(tmp_path, "cam-3").close()
     finally:
         release.set()
