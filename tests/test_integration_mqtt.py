@@ -407,9 +407,9 @@ def test_a_second_coordinator_on_the_region_is_called_out(tmp_path: Path, caplog
                 assert again.duplicate_coordinators == 0 and "another coordinator" not in caplog.text
                 other = daemon("b", "coord-a" if same_id else "coord-b").start(timeout=30)
                 try:
-                    wait_until(lambda: again.duplicate_coordinators + other.duplicate_coordinators >= 1, 30,
-                               "one of them to call the other out")
-                    assert "is live on the status topic of region" in caplog.text
+                    # (counted, then logged, on the daemon's thread: wait for the line too; CI read it between)
+                    wait_until(lambda: again.duplicate_coordinators + other.duplicate_coordinators >= 1
+                               and "is live on the status topic of region" in caplog.text, 30, "one of them to call the other out")
                     if same_id:
                         wait_until(lambda: "taking over this session" in caplog.text, 30, "the transport to name the takeover")
                 finally:
