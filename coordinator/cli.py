@@ -34,6 +34,7 @@ import shutil
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -470,7 +471,7 @@ def _check_metrics(host: str, port: int) -> None:
 def check_method(options: CoordinatorOptions) -> None:
     """The strategy and peering with their parameters, built once and thrown away (names, types, ranges)."""
     own_id = options.own_id
-    twice = sorted({p for p in options.peers or () if list(options.peers).count(p) > 1})
+    twice = sorted(p for p, n in Counter(options.peers or ()).items() if n > 1)
     if twice:
         raise ConfigError(f"--peers names {', '.join(twice)} more than once: list each coordinator of the ring once, "
                           "in the same order on every coordinator")
@@ -489,9 +490,7 @@ def bad_options() -> Iterator[None]:
     a port or the broker stays a ConfigError (exit 1: restarted, as the file may appear)."""
     try:
         yield
-    except BadOption:
-        raise
-    except StartRefused:
+    except (BadOption, StartRefused):
         raise
     except ConfigError as exc:
         raise BadOption(str(exc)) from exc
