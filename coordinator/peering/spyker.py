@@ -94,10 +94,11 @@ from coordinator.peering.base import (
     body_int,
     body_table,
     check_ring,
+    check_sender,
 )
 from coordinator.strategies.base import CoordinatorView, Strategy
 from coordinator.strategies.spyker import AgeLedger, SpykerStrategy
-from edge_sdk.errors import ConfigError, MalformedMessage, UnknownPeer, other_protocol
+from edge_sdk.errors import ConfigError, MalformedMessage, other_protocol
 from edge_sdk.spec import Vector
 from edge_sdk.wire.messages import PeerMsg
 
@@ -389,8 +390,7 @@ class SpykerPeering(Peering):
         return PeerPlan(sends=tuple(self._check_sync(view, now)))
 
     def on_message(self, view: CoordinatorView, msg: PeerMsg, now: float) -> PeerPlan:
-        if msg.sender not in self.info:  # (another ring on the same broker: helper-96 read it as "malformed")
-            raise UnknownPeer(f"spyker: {msg.sender!r} is not another coordinator of the ring {list(self.ring)}")
+        check_sender("spyker", self.me, self.ring, msg.sender)  # (another ring on the same broker: helper-96 read it as "malformed")
         if msg.kind not in ("token", "beat", "model"):  # before anything is heard from it
             raise other_protocol("spyker", msg.sender, msg.kind)
         self.now = now
