@@ -865,8 +865,10 @@ def test_sync_spyker_config_and_bodies_are_checked() -> None:
         SpykerPeerConfig(mode="sync", period_s=-1.0)
     assert isinstance(make_peering("spyker", coordinator_id="a", ring=["a", "b"]), SpykerPeering)
     a, _, view = sync_server("a", ["a", "b"])
-    with pytest.raises(MalformedMessage):
+    with pytest.raises(UnknownPeer, match="sync-spyker: 'z' is not another coordinator of the ring"):  # (as async Spyker)
         a.on_message(view, msg_from("z", "model", {"round": 1, "age": 1.0}, vec(1.0)), 0.0)
+    with pytest.raises(UnknownPeer):  # itself: a replay of its own broadcast
+        a.on_message(view, msg_from("a", "model", {"round": 1, "age": 1.0}, vec(1.0)), 0.0)
     with pytest.raises(MalformedMessage):
         a.on_message(view, msg_from("b", "model", {"round": 1, "age": 1.0}), 0.0)
     with pytest.raises(MalformedMessage):

@@ -697,8 +697,7 @@ class SyncSpykerPeering(Peering):
         return PeerPlan()
 
     def on_message(self, view: CoordinatorView, msg: PeerMsg, now: float) -> PeerPlan:
-        if msg.sender not in self.peers:
-            raise MalformedMessage(f"sync-spyker: {msg.sender!r} is not in this coordinator's ring")
+        check_sender("sync-spyker", self.me, self.ring, msg.sender)  # (as async Spyker: not "malformed")
         if msg.kind != "model":
             raise other_protocol("sync-spyker", msg.sender, msg.kind)
         if msg.weights is None:
