@@ -16,7 +16,7 @@ a TOML file (``--config``, key ``state_dir``; a ``[strategy]`` table holds the s
 
 Signals: SIGTERM / SIGINT stop cleanly; SIGHUP re-reads the config file and applies what
 can change live (log level and format; SPIN's parameters: k, timeout, combine and the robust-aggregation
-settings combiner, clip_multiplier, sample_weight_cap, max_staleness; no other strategy's) and logs, per key,
+settings combiner, clip_multiplier, sample_weight_cap, max_staleness, device_share; no other strategy's) and logs, per key,
 what needs a restart; an invalid value anywhere in the file keeps the whole running config. ``--metrics-port`` serves ``/metrics``, ``/healthz`` and ``/readyz``.
 """
 

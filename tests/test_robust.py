@@ -370,7 +370,7 @@ def test_cli_flags_reach_the_strategy() -> None:
     assert opts.state_dir == Path("st")
     s = make_strategy(opts.strategy, **dict(opts.strategy_params))
     assert s.describe()["robust"] == {"combiner": "trimmed-mean", "clip_multiplier": 0.0, "max_staleness": 4,
-                                      "sample_weight_cap": 8.0, "counts": {}}
+                                      "sample_weight_cap": 8.0, "device_share": 0.2, "counts": {}}
     default = options_from(p.parse_args(["--state-dir", "st"]))
     assert make_strategy(default.strategy, **dict(default.strategy_params)).describe()["robust"]["clip_multiplier"] == 3.0
 
@@ -391,7 +391,7 @@ def test_emulator_scenarios_pass_robust_parameters_to_the_strategy() -> None:
 
     robust = {"combiner": "median", "clip_multiplier": 2.0, "max_staleness": 3, "sample_weight_cap": 4.0}
     sc = parse_scenario(small_scenario(runs=[{"strategy": "fedbuff", "params": {"k": 3, **robust}}]))
-    assert make_strategy(sc.runs[0].strategy, **sc.runs[0].params).describe()["robust"] == {**robust, "counts": {}}
+    assert make_strategy(sc.runs[0].strategy, **sc.runs[0].params).describe()["robust"] == {**robust, "device_share": 0.2, "counts": {}}
     with pytest.raises((ScenarioError, ConfigError)):
         parse_scenario(small_scenario(runs=[{"strategy": "spin", "params": {"combiner": "mode"}}]))
 
@@ -490,3 +490,100 @@ def test_a_rebuild_after_a_far_clip_reuses_the_measured_norms_bit_for_bit(combin
     rescanned, scans_rescanned = run(False)
     assert reused.tobytes() == rescanned.tobytes()
     assert (scans_reused, scans_rescanned) == (9, 18), "the rebuild measured nothing again"
+
+
+# ------------------------------------------------------------------ one device's share
+
+
+def flood(share: float, *, honest: int = 10, attacks: int = 40) -> tuple[float, float, dict[str, int], int]:
+    """helper-100's red-team run on the core: ``honest`` devices push one small change each
+    (SPIN, K = 10: one version), then one device pushes ``attacks`` updates, each 1,000 in
+    one direction from the model it was served. Returns (the attack's displacement along
+    that direction, the largest honest change norm, the robust counters, versions)."""
+    from tests.test_coordinator_core import commits, upd
+
+    c = make_coordinator(k=10, timeout_s=16.0, device_share=share)
+    rng = np.random.default_rng(7)
+    norms = []
+    for i in range(honest):
+        change = (0.05 * rng.standard_normal(SPEC.size)).astype(np.float32)
+        norms.append(float(np.linalg.norm(change)))
+        c.handle(upd(f"h{i}", 1, weights=np.asarray(c.weights) + change, base=c.version, now=float(i)))
+    assert c.version == 1
+    start = np.array(c.weights, copy=True)
+    u = np.ones(SPEC.size, dtype=np.float32) / np.float32(np.sqrt(SPEC.size))
+    for s in range(1, attacks + 1):
+        commits(c.handle(upd("mallory", s, weights=np.asarray(c.weights) + 1000 * u, base=c.version, now=10.0 + 0.5 * s)))
+    moved = float(np.dot(np.asarray(c.weights) - start, u))
+    return moved, max(norms), c.strategy.describe()["robust"]["counts"], c.version
+
+
+def test_one_device_cannot_fill_the_windows_it_is_clipped_against() -> None:
+    """The clipping and sample-cap windows were the last 50 *updates*: one device's flood
+    became their median and went through unclipped (helper-100: the line moved 4,000 along
+    the attack over 5 versions). With a device's share of each window bounded, the honest
+    median stands (an order statistic of the honest norms: at most the largest) and each
+    version moves the line at most 3 × that along the attack."""
+    moved, largest, counts, versions = flood(0.2)
+    assert versions == 5  # all 40 accepted: clipped, never rejected
+    assert counts["clipped"] == 40 and counts["over_share"] == 35  # (its first 5: the floor, min_known)
+    assert 0 < moved <= 4 * 3 * largest * 1.001  # 4 versions of 10 clipped updates, all one way (1.9 here)
+    unbounded, _, old_counts, _ = flood(1.0)  # the old window: the attack becomes the median after 10 updates
+    assert unbounded > 1000 and old_counts.get("clipped", 0) < 40 and "over_share" not in old_counts
+
+
+def test_a_device_holds_at_most_its_share_of_a_window_and_the_floor_keeps_small_fleets() -> None:
+    from coordinator.strategies.robust import _Window
+
+    w = _Window(50, share=0.2, floor=5)
+    for s in range(30):  # one device alone: it keeps its last 5 (the floor), never more
+        w.record(("a", s), float(s))
+    assert list(w.values) == [("a", s) for s in range(25, 30)] and w.median(5) == 27.0
+    for i in range(45):  # 45 others, one value each: the window fills to 50, "a" still 5 of them
+        w.record((f"d{i}", 0), 1.0)
+    assert len(w.values) == 50 and w.held["a"] == 5 and w.median(5) == 1.0
+    for s in range(30, 60):  # "a" goes on: ⌊0.2 × 50⌋ = 10 of the 50, its newest
+        w.record(("a", s), 1000.0)
+    assert w.held["a"] == 10 and [k for k in w.values if k[0] == "a"] == [("a", s) for s in range(50, 60)]
+    assert w.median(5) == 1.0 and len(w.values) == 50 and sorted(w.sorted) == w.sorted
+    assert sum(w.held.values()) == len(w.values) == len(w.sorted)
+    plain = _Window(50)  # share 1: the last 50 values, whoever sent them
+    for s in range(60):
+        plain.record(("a", s), float(s))
+    assert list(plain.values) == [("a", s) for s in range(10, 60)]
+
+
+def test_device_share_is_checked_and_changes_live() -> None:
+    for bad in (0.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ConfigError, match="device_share"):
+            make_strategy("spin", device_share=bad)
+    s = make_strategy("spin")
+    s.on_update(StaticView(spec=SPEC, version=0, weights=np.zeros(SPEC.size, np.float32)),
+                BufferedUpdate(device="d", seq=1, base_version=0, staleness=0, n_samples=1, weights=np.ones(SPEC.size, np.float32)), 0.0)
+    s.reconfigure(device_share=1.0)  # SIGHUP: the windows keep their values, under the new share
+    robust = getattr(s, "robust")  # noqa: B009
+    assert robust._claims.share == 1.0 and all(w.share == 1.0 for w in robust._norms.values()) and len(robust._claims.values) == 1
+    assert s.describe()["robust"]["device_share"] == 1.0
+    with pytest.raises(ConfigError, match="device_share"):
+        s.reconfigure(device_share=0.0)
+    assert s.describe()["robust"]["device_share"] == 1.0
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 6), st.floats(0, 100, allow_nan=False)), max_size=300),
+       st.integers(1, 60), st.sampled_from([0.1, 0.2, 0.5, 1.0]), st.integers(1, 8))
+def test_a_window_keeps_its_invariants_whatever_arrives(items: list[tuple[int, float]], size: int, share: float,
+                                                        floor: int) -> None:
+    from coordinator.strategies.robust import _Window
+
+    w = _Window(size, share=share, floor=floor)
+    for seq, (d, v) in enumerate(items):
+        w.record((f"d{d}", seq), v)
+        n = len(w.values)
+        assert n <= size and w.sorted == sorted(w.values.values())
+        assert w.held == {dev: sum(1 for k in w.values if k[0] == dev) for dev in w.held} and sum(w.held.values()) == n
+        assert all(c <= max(floor, int(share * n)) or c == 1 for c in w.held.values())
+    again = list(w.values)
+    for seq, (d, _) in enumerate(items):  # a rebuild observes the same updates again: nothing moves
+        assert not w.record((f"d{d}", seq), -1.0)
+    assert list(w.values) == again

@@ -30,7 +30,7 @@ discounts go through :mod:`coordinator.strategies.staleness` (one function, poli
 The averaging strategies (spin, fedbuff, port, fedavg, hierfavg)
 fold updates on arrival and share the robust defences of :mod:`coordinator.strategies.robust`,
 configured through their configs: ``combiner`` (mean | median | trimmed-mean | krum |
-multi-krum), ``clip_multiplier``, ``max_staleness``, ``sample_weight_cap``.
+multi-krum), ``clip_multiplier``, ``max_staleness``, ``sample_weight_cap``, ``device_share``.
 """
 
 from __future__ import annotations

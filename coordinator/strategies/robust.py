@@ -12,7 +12,10 @@ over the model (``combine``):
 2. **Sample-weight cap.** The weight from the claimed ``n_samples`` is clamped to
    ``sample_weight_cap × median`` of the recent claims (window of ``window`` accepted updates,
    active once ``min_known`` claims are known; counted ``samples_clamped``): one device
-   claiming 2^62 samples cannot outweigh the fleet.
+   claiming 2^62 samples cannot outweigh the fleet. In this window and the norms' (3), one
+   device holds at most ``⌊device_share × n⌋`` of the ``n`` values, at least ``min_known``
+   (its most recent; counted ``over_share``): one device pushing faster than the rest
+   cannot fill a window and become the median it is measured against.
 3. **Adaptive clipping.** The change ``d = w_k − w_base`` (the global vector at the update's
    base version, or the current one when the base is no longer retained) is scaled so that
    ``|d| ≤ clip_multiplier × median`` of the recent change norms of that layer group (window
@@ -46,7 +49,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -78,6 +81,8 @@ __all__ = [
 COMBINERS = ("mean", "median", "trimmed-mean", "krum", "multi-krum")
 _CHUNK = 65536
 """Elements per block of the fused loops (two float32 scratch blocks stay in L2)."""
+_GONE = 4096
+"""Keys a window remembers having dropped (more than any buffer a trigger rebuilds holds)."""
 _EXACT_CLIP = 1e-2
 """An update clipped to less than this fraction of its change makes the trigger refold exactly."""
 
@@ -110,6 +115,11 @@ class RobustConfig:
     """Recent accepted updates whose norms and claims set the bounds."""
     min_known: int = 5
     """No clipping / clamping until this many norms / claims are known."""
+    device_share: float = 0.2
+    """The most of each window one device's values may hold: ⌊device_share × values⌋, at
+    least ``min_known`` (its most recent; past that its oldest goes, counted ``over_share``).
+    A device pushing faster than the rest then cannot become the median it is clipped and
+    clamped against; 1 = the plain window of the last ``window`` updates."""
 
     def __post_init__(self) -> None:
         if self.combiner not in COMBINERS:
@@ -131,6 +141,8 @@ class RobustConfig:
             raise ConfigError("krum_f must be >= 0 (or None)")
         if self.window < 1 or self.min_known < 1:
             raise ConfigError("window and min_known must be >= 1")
+        if not 0 < self.device_share <= 1:
+            raise ConfigError("device_share must be in (0, 1] (1: one device may fill the windows)")
 
     def robust_params(self) -> dict[str, Any]:
         return {
@@ -140,6 +152,7 @@ class RobustConfig:
             **({"staleness": self.staleness, "a": self.a} if self.staleness != "none" else {}),
             **({"convert_beyond": self.convert_beyond} if self.staleness in CONVERSIONS else {}),
             "sample_weight_cap": self.sample_weight_cap,
+            "device_share": self.device_share,
         }
 
 
@@ -294,15 +307,29 @@ class _Entry:
 
 
 class _Window:
-    """The last ``size`` values, each recorded once per update key; the median in O(1) from
-    a sorted copy kept alongside (insert and evict by bisection: no sort per update)."""
+    """The last ``size`` values, each recorded once per update key (device, seq); the median
+    in O(1) from a sorted copy kept alongside (insert and evict by bisection: no sort per update).
 
-    __slots__ = ("size", "sorted", "values")
+    One device holds at most ``max(floor, ⌊share · n⌋)`` of the ``n`` values (its most recent:
+    past that, its oldest goes): a device that sends updates faster than the rest cannot fill
+    the window and become the median it is clipped against. ``floor`` (``min_known``) keeps a
+    young window usable by a small fleet; ``share`` 1 is the plain last-``size`` window."""
 
-    def __init__(self, size: int) -> None:
+    __slots__ = ("floor", "gone", "gone_order", "held", "share", "size", "sorted", "values")
+
+    def __init__(self, size: int, share: float = 1.0, floor: int = 1) -> None:
         self.size = size
+        self.share = share
+        self.floor = floor
         self.values: OrderedDict[tuple[str, int], float] = OrderedDict()
         self.sorted: list[float] = []
+        self.held: dict[str, int] = {}
+        """Values per device."""
+        self.gone: set[tuple[str, int]] = set()
+        """The keys dropped last (at most :data:`_GONE`, oldest first in ``gone_order``): a
+        trigger that rebuilds its fold observes its updates again, and a dropped one must not
+        come back in as the newest."""
+        self.gone_order: deque[tuple[str, int]] = deque()
 
     def median(self, min_known: int) -> float | None:
         n = len(self.sorted)
@@ -311,18 +338,47 @@ class _Window:
         s = self.sorted
         return float(s[n // 2]) if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2  # as statistics.median
 
-    def record(self, key: tuple[str, int], value: float) -> None:
-        if key in self.values:
-            return
-        self.values[key] = value
+    def record(self, key: tuple[str, int], value: float) -> bool:
+        """Keep ``value``; False if the key was there already. A device past its share
+        loses its oldest value (True: the caller counts it ``over_share``); else, past
+        ``size``, the oldest value goes. (One in, at most one out.)"""
+        values = self.values
+        if key in values or key in self.gone:
+            return False
+        values[key] = value
         bisect.insort(self.sorted, value)
-        while len(self.values) > self.size:
-            _, old = self.values.popitem(last=False)
-            i = bisect.bisect_left(self.sorted, old)
-            if i < len(self.sorted) and self.sorted[i] == old:
-                del self.sorted[i]
-            else:  # NaN (not ordered): by identity
-                self.sorted.remove(old)
+        held = self.held
+        device = key[0]
+        n = held.get(device, 0) + 1
+        held[device] = n
+        size = self.size
+        kept = len(values) if len(values) <= size else size  # the values left after this call
+        over = n > self.floor and n > self.share * kept  # (⌊share·kept⌋ < n ⇔ share·kept < n)
+        if over:  # only a device past its share pays this scan (at most ``size`` keys)
+            victim = next(k for k in values if k[0] == device)
+        elif len(values) > size:
+            victim = next(iter(values))  # the oldest (an OrderedDict: its first key in O(1))
+            device = victim[0]
+        else:
+            return False
+        old = values.pop(victim)
+        self.gone.add(victim)
+        order = self.gone_order
+        order.append(victim)
+        if len(order) > _GONE:
+            self.gone.discard(order.popleft())
+        n = held[device] - 1
+        if n:
+            held[device] = n
+        else:
+            del held[device]
+        s = self.sorted
+        i = bisect.bisect_left(s, old)
+        if i < len(s) and s[i] == old:
+            del s[i]
+        else:  # NaN (not ordered): by identity
+            s.remove(old)
+        return over
 
 
 def _policy(config: RobustConfig) -> StalenessPolicy:
@@ -350,7 +406,7 @@ class RobustAggregator:
         self.weigher = weigher or _default_weight
         self.wants_similarity = wants_similarity
         self.counters: Counter[str] = Counter()
-        self._claims = _Window(config.window)
+        self._claims = self._window()
         self._norms: dict[str, _Window] = {}
         self._counted: set[tuple[str, tuple[str, int]]] = set()
         self._entries: list[_Entry] = []
@@ -376,8 +432,11 @@ class RobustAggregator:
         self.config, self.deltas, self.server_lr, self.expected = config, deltas, server_lr, max(1, expected)
         self._policy = _policy(config)
         for window in (self._claims, *self._norms.values()):
-            window.size = config.window
+            window.size, window.share, window.floor = config.window, config.device_share, config.min_known
         self._reset()
+
+    def _window(self) -> _Window:
+        return _Window(self.config.window, self.config.device_share, self.config.min_known)
 
     @property
     def folded(self) -> int:
@@ -414,7 +473,8 @@ class RobustAggregator:
         n_weight = float(u.n_samples)
         if cfg.sample_weight_cap:
             median_claim = self._claims.median(cfg.min_known)
-            self._claims.record(key, float(u.n_samples))
+            if self._claims.record(key, float(u.n_samples)):
+                self._count("over_share", key)
             if median_claim is not None and n_weight > cfg.sample_weight_cap * median_claim:
                 n_weight = cfg.sample_weight_cap * median_claim
                 self._count("samples_clamped", key)
@@ -459,10 +519,11 @@ class RobustAggregator:
         if clip:
             norms = self._norms.get(group)
             if norms is None:  # (not setdefault: that would build a window per update)
-                norms = self._norms[group] = _Window(cfg.window)
+                norms = self._norms[group] = self._window()
             median_norm = norms.median(cfg.min_known)
             norm = math.sqrt(dd)
-            norms.record(key, norm)
+            if norms.record(key, norm):
+                self._count("over_share", key)
             if median_norm is not None and norm > cfg.clip_multiplier * median_norm:
                 c = cfg.clip_multiplier * median_norm / norm if math.isfinite(norm) else 0.0
                 self._count("clipped", key)
@@ -759,7 +820,7 @@ class RobustAggregator:
         fill(self._claims, state.get("claims"))
         norms = state.get("norms")
         for group, rows in (norms.items() if isinstance(norms, Mapping) else ()):
-            fill(self._norms.setdefault(str(group), _Window(self.config.window)), rows)
+            fill(self._norms.setdefault(str(group), self._window()), rows)
         counts = state.get("counts")
         for reason, n in (counts.items() if isinstance(counts, Mapping) else ()):
             if isinstance(n, int) and n >= 0:
