@@ -76,6 +76,7 @@ frame encoding/decoding run outside the lock.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import io
@@ -447,6 +448,7 @@ class SampleStore:
             if self._conn is not None:
                 conn, self._conn = self._conn, None
                 conn.close()
+                _MIRROR_FAILING.discard(str(_counters_path(self._path)))  # a store opened again warns afresh
 
     def __enter__(self) -> SampleStore:
         return self
@@ -1164,9 +1166,16 @@ def _counters_path(path: Path) -> Path:
     return path.with_name(path.name + ".counters")
 
 
+_MIRROR_FAILING: set[str] = set()
+"""Mirrors whose last write failed: one WARNING per failing streak, not one per save."""
+
+
 def _write_counters(path: Path, counters: Mapping[str, Any]) -> None:
     """Mirror the integer meta (``next_seq``...) outside SQLite, so that even a store whose
-    every page is garbage can hand its counters over (tmp, fsync, rename)."""
+    every page is garbage can hand its counters over (tmp, fsync, rename). A write that
+    fails (a full disk) leaves the previous mirror and no tmp behind; the mirror only ever
+    raises the counters read back (:meth:`SampleStore.open` takes the larger), so an older
+    one loses nothing the database holds."""
     target = _counters_path(path)
     tmp = target.with_name(f".{target.name}.tmp")
     try:
@@ -1176,7 +1185,16 @@ def _write_counters(path: Path, counters: Mapping[str, Any]) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, target)
     except OSError as exc:  # the database holds the truth; the mirror is a fallback
-        log.warning("could not mirror the store's counters to %s: %s", target, exc)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)  # (a half-written tmp would hold space on a full disk)
+        if str(target) not in _MIRROR_FAILING:
+            _MIRROR_FAILING.add(str(target))
+            log.warning("could not mirror the store's counters to %s: %s (the database still holds them; "
+                        "said once until a write succeeds)", target, exc)
+        return
+    if _MIRROR_FAILING and str(target) in _MIRROR_FAILING:
+        _MIRROR_FAILING.discard(str(target))
+        log.warning("the store's counters are mirrored to %s again", target)
 
 
 def _read_counters(path: Path) -> dict[str, Any]:

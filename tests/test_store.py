@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
+import logging
 import os
 import signal
 import sqlite3
@@ -866,3 +868,40 @@ def test_counters_survive_a_store_that_is_all_garbage(workdir: Path) -> None:
         assert s.get_meta("next_seq") == 77 and s.get_meta("trained_upto") == 5
         assert s.get_meta("name") is None  # unreadable, and not an integer counter
         assert s.stats().added == 5 and s.add(digit(9), 2) == 6  # totals and ids carry on too
+
+
+def test_a_failing_counters_mirror_warns_once_per_streak_and_leaves_no_tmp(workdir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """A full disk fails the mirror's fsync on every save: one WARNING until a write succeeds
+    (there was one per save), the half-written tmp removed (it held space), the previous
+    mirror kept, and a note when it is mirrored again."""
+    import edge_sdk.store as store_mod
+
+    path = workdir / DEFAULT_FILENAME
+    mirror = path.with_name(path.name + ".counters")
+    real_fsync = os.fsync
+
+    def full(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".counters.tmp"):
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    with open_store(path) as s:
+        s.set_meta("next_seq", 5)
+        assert json.loads(mirror.read_text())["meta"]["next_seq"] == 5
+        monkeypatch.setattr(store_mod.os, "fsync", full)
+        with caplog.at_level(logging.WARNING, logger=store_mod.log.name):
+            for seq in range(6, 11):
+                s.set_meta("next_seq", seq)
+            assert s.get_meta("next_seq") == 10  # the database holds the truth
+            assert json.loads(mirror.read_text())["meta"]["next_seq"] == 5  # the last mirror that was written
+            assert not list(workdir.glob(".*.tmp")), "a failed write must not leave its tmp on a full disk"
+            failing = [r for r in caplog.records if "could not mirror" in r.getMessage()]
+            assert len(failing) == 1 and "No space left" in failing[0].getMessage()
+            monkeypatch.setattr(store_mod.os, "fsync", real_fsync)
+            s.set_meta("next_seq", 11)
+            assert json.loads(mirror.read_text())["meta"]["next_seq"] == 11
+            assert any("mirrored to" in r.getMessage() and "again" in r.getMessage() for r in caplog.records)
+            monkeypatch.setattr(store_mod.os, "fsync", full)  # a new streak warns again
+            s.set_meta("next_seq", 12)
+            assert len([r for r in caplog.records if "could not mirror" in r.getMessage()]) == 2
