@@ -303,6 +303,9 @@ class SampleStore:
         range): left out of :meth:`snapshot` and :meth:`frames`, each logged once, so one bad
         row does not fail every training round. They stay until evicted."""
         self.recovered_from: dict[str, Any] | None = None
+        self.full_at_open = False
+        """Opened on a full disk (SQLite's exclusive mode: locked to this process until closed);
+        writes raise StorageError until there is room."""
         """Set when :meth:`open` found the file corrupt and started clean (``recover=True``):
         where the old file went, why, and which counters were carried over."""
 
@@ -404,16 +407,40 @@ class SampleStore:
             # SQLite would make a new store of it, and counters would go backwards, ids be reused
             raise CorruptStore(f"{db_path} is empty, but its counters mirror says it held a store")
         try:
+            return cls._connect(db_path, settings, counters, exclusive=False)
+        except StorageError as exc:
+            if str(db_path) == MEMORY or not db_path.is_file() or not _full_disk_hint(db_path):
+                raise
+            first = exc
+        # A store that exists, on a disk that filled while it was closed: SQLite cannot make its
+        # -shm to open it, but in exclusive locking mode it keeps that index in memory. The store
+        # opens; every write fails (StorageError, as on a disk that fills while open) until there
+        # is room again, and the device can serve its saved model meanwhile.
+        try:
+            store = cls._connect(db_path, settings, counters, exclusive=True)
+        except StorageError:
+            raise first from None
+        store.full_at_open = True
+        log.warning("sample store %s opened on a full disk (%s bytes free): labels are refused until there is room; "
+                    "it is locked to this process meanwhile (SQLite's exclusive mode: no -shm file)",
+                    db_path, _free_bytes(db_path))
+        return store
+
+    @classmethod
+    def _connect(cls, db_path: Path, settings: dict[str, Any], counters: tuple[str, ...], *, exclusive: bool) -> SampleStore:
+        try:
             conn = sqlite3.connect(
                 str(db_path), timeout=10.0, isolation_level=None, check_same_thread=False
             )
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open {db_path}: {exc}{_full_disk_hint(db_path)}") from exc
         try:
+            if exclusive:
+                conn.execute("PRAGMA locking_mode = EXCLUSIVE")  # before the first WAL access: no -shm
             _prepare(conn, db_path)
             _check_integrity(conn, db_path)
             _check_contents(conn, db_path, counters)
-            _check_writable(conn, db_path)
+            _check_writable(conn, db_path, full_ok=exclusive)
             store = cls(conn, db_path, **settings)
             with store._write() as c:
                 store._reconcile_settings(c)
@@ -1035,15 +1062,17 @@ def _prepare(conn: sqlite3.Connection, path: Path) -> None:
 def _full_disk_hint(path: Path) -> str:
     """What to say after SQLite's error when the store's disk is (nearly) full: SQLite makes its
     ``-shm`` (32 KiB) and ``-wal`` at open, and says "disk I/O error" when it cannot."""
-    if str(path) == MEMORY:
-        return ""
-    try:
-        free = shutil.disk_usage(path.parent).free
-    except OSError:
-        return ""
-    if free >= WAL_BYTES:
+    free = _free_bytes(path) if str(path) != MEMORY else None
+    if free is None or free >= WAL_BYTES:
         return ""
     return f" (its disk is full: {free} bytes free; SQLite needs room for its -shm and -wal files to open it)"
+
+
+def _free_bytes(path: Path) -> int | None:
+    try:
+        return shutil.disk_usage(path.parent).free
+    except OSError:
+        return None
 
 
 def _is_corruption(exc: sqlite3.Error) -> bool:
@@ -1108,10 +1137,11 @@ def _check_contents(conn: sqlite3.Connection, path: Path, counters: tuple[str, .
             raise CorruptStore(f"{path}: meta {key!r} holds {value!r:.60}, not a counter")
 
 
-def _check_writable(conn: sqlite3.Connection, path: Path) -> None:
+def _check_writable(conn: sqlite3.Connection, path: Path, *, full_ok: bool = False) -> None:
     """StorageError if SQLite opened the file read-only: it does so without a word when the file
     may not be written (its mode, a read-only mount, ``chattr +i``), and every add failed later
-    instead. The probe is a write in a transaction rolled back: nothing reaches the disk."""
+    instead. The probe is a write in a transaction rolled back: nothing reaches the disk.
+    ``full_ok``: a full disk passes (SQLITE_FULL: writable once there is room)."""
     try:
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -1120,6 +1150,8 @@ def _check_writable(conn: sqlite3.Connection, path: Path) -> None:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
     except sqlite3.Error as exc:
+        if full_ok and (str(getattr(exc, "sqlite_errorname", "")) == "SQLITE_FULL" or "disk is full" in str(exc)):
+            return
         if str(getattr(exc, "sqlite_errorname", "")).startswith("SQLITE_READONLY") or "readonly" in str(exc):
             raise StorageError(f"{path} cannot be written ({exc}): a sample store must be; check the file's "
                                "and its folder's owner and mode, and that the disk is mounted read-write") from exc

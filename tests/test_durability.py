@@ -340,10 +340,11 @@ def test_full_disk_loses_no_acked_update_and_never_reuses_a_version(mosquitto: M
 def test_a_device_on_a_full_disk_refuses_labels_loses_none_and_starts_again_once_there_is_room(tmp_path: Path) -> None:
     """The device's side of a full disk (a 2 MB tmpfs): add_sample raises StorageError once it is
     full, never returns for a label it did not keep, and works again when space returns, with every
-    acknowledged label there after a restart. A client stopped cleanly cannot open its store again
-    on a disk that filled meanwhile (SQLite makes its -shm at open); that error used to read 'disk
-    I/O error' and now says the disk is full; a new device's data dir raised a bare OSError writing
-    its pid into device.lock (device durability audit, h103)."""
+    acknowledged label there after a restart. A client stopped cleanly could not open its store
+    again on a disk that filled meanwhile (SQLite makes its -shm at open: 'disk I/O error'), not
+    even to serve its saved model: now the store opens in SQLite's exclusive mode (no -shm), refuses
+    labels while the disk is full and takes them once there is room. A new device's data dir raised
+    a bare OSError writing its pid into device.lock; it says the disk is full (device durability audit, h103)."""
     from edge_sdk.store import StorageError
     from tests.helpers import close_unstarted, unstarted_client
 
@@ -372,14 +373,24 @@ def test_a_device_on_a_full_disk_refuses_labels_loses_none_and_starts_again_once
             close_unstarted(c)
         assert not (data_dir / "samples.sqlite3-shm").exists()  # a clean close, with room
         fill(filler)  # the disk fills while the device is stopped
-        with pytest.raises(StorageError, match="its disk is full"):
-            unstarted_client(data_dir)
+        c = unstarted_client(data_dir)  # it starts (it could not: SQLite makes its -shm at open), to serve its saved model
+        try:
+            assert c.store.full_at_open and c.store.ids() == kept
+            with pytest.raises(StorageError, match="full"):
+                c.add_sample(x, 1)
+            assert c.store.ids() == kept
+            filler.unlink()  # room again, the device still running: labels are taken
+            kept.append(c.add_sample(x, 2))
+            assert c.store.ids() == kept
+        finally:
+            close_unstarted(c)
+        fill(filler)
         with pytest.raises(StorageError, match="its disk is full"):  # a new device: was an OSError writing device.lock
             unstarted_client(disk / "new")
         filler.unlink()
         c = unstarted_client(data_dir)
         try:
-            assert c.store.ids() == kept
+            assert c.store.ids() == kept and not c.store.full_at_open
         finally:
             close_unstarted(c)
 
