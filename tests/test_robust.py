@@ -587,3 +587,45 @@ def test_a_window_keeps_its_invariants_whatever_arrives(items: list[tuple[int, f
     for seq, (d, _) in enumerate(items):  # a rebuild observes the same updates again: nothing moves
         assert not w.record((f"d{d}", seq), -1.0)
     assert list(w.values) == again
+
+
+def test_a_live_change_of_window_or_share_holds_at_once_and_a_restore_rebuilds_the_window() -> None:
+    """helper-104: a SIGHUP lowering device_share left a device that filled the window holding
+    40 of its 50 values (record drops at most one per value it takes), and a smaller ``window``
+    never shrank it; a restore replayed values through record, judging each device's share
+    against the count at replay, so a restart changed the window. Both now trim once."""
+    view = StaticView(spec=SPEC, version=0, weights=np.zeros(SPEC.size, np.float32))
+
+    def update(device: str, seq: int) -> BufferedUpdate:
+        return BufferedUpdate(device=device, seq=seq, base_version=0, staleness=0, n_samples=1,
+                              weights=np.full(SPEC.size, 1.0 if device == "m" else 0.01, np.float32))
+
+    s = make_strategy("spin", device_share=1.0)
+    robust = getattr(s, "robust")  # noqa: B009
+    for i in range(10):
+        s.on_update(view, update(f"h{i}", 1), 0.0)
+    for seq in range(40):
+        s.on_update(view, update("m", seq), 0.0)
+    assert robust._claims.held["m"] == 40
+    s.reconfigure(device_share=0.2)
+    for w in (robust._claims, *robust._norms.values()):
+        assert w.held["m"] == 5 and len(w.values) == 15  # ⌊0.2 × 15⌋ < 5: the floor (min_known)
+        assert [k for k in w.values if k[0] == "m"] == [("m", seq) for seq in range(35, 40)]  # its newest
+        assert sorted(w.values.values()) == w.sorted
+    s.reconfigure(window=8)
+    assert all(len(w.values) == 8 for w in (robust._claims, *robust._norms.values()))
+    s.reconfigure(window=50)
+
+    live = make_strategy("spin")
+    for i in range(40):
+        live.on_update(view, update(f"o{i}", 1), 0.0)
+    for seq in range(10):
+        live.on_update(view, update("a", seq), 0.0)
+    for i in range(40, 80):
+        live.on_update(view, update(f"o{i}", 1), 0.0)
+    window = getattr(live, "robust")._claims  # noqa: B009
+    assert window.held["a"] == 10 and len(window.values) == 50
+    again = make_strategy("spin")
+    again.restore_state(live.checkpoint())
+    restored = getattr(again, "robust")._claims  # noqa: B009
+    assert list(restored.values.items()) == list(window.values.items()) and restored.sorted == window.sorted

@@ -355,18 +355,21 @@ class _Window:
         kept = len(values) if len(values) <= size else size  # the values left after this call
         over = n > self.floor and n > self.share * kept  # (⌊share·kept⌋ < n ⇔ share·kept < n)
         if over:  # only a device past its share pays this scan (at most ``size`` keys)
-            victim = next(k for k in values if k[0] == device)
+            self._remove(next(k for k in values if k[0] == device))
         elif len(values) > size:
-            victim = next(iter(values))  # the oldest (an OrderedDict: its first key in O(1))
-            device = victim[0]
-        else:
-            return False
-        old = values.pop(victim)
-        self.gone.add(victim)
+            self._remove(next(iter(values)))  # the oldest (an OrderedDict: its first key in O(1))
+        return over
+
+    def _remove(self, key: tuple[str, int]) -> None:
+        """Drop one value (and remember its key: a rebuild must not bring it back)."""
+        old = self.values.pop(key)
+        self.gone.add(key)
         order = self.gone_order
-        order.append(victim)
+        order.append(key)
         if len(order) > _GONE:
             self.gone.discard(order.popleft())
+        held = self.held
+        device = key[0]
         n = held[device] - 1
         if n:
             held[device] = n
@@ -378,7 +381,29 @@ class _Window:
             del s[i]
         else:  # NaN (not ordered): by identity
             s.remove(old)
-        return over
+
+    def trim(self) -> None:
+        """Bring the values within ``size`` and each device within its share, dropping the
+        oldest first: after a live change of either (``record`` drops at most one per value
+        it takes) and after a restore (values loaded as they were, judged once)."""
+        values, held = self.values, self.held
+        while True:
+            kept = min(len(values), self.size)
+            over = next((d for d, n in held.items() if n > self.floor and n > self.share * kept), None)
+            if over is not None:
+                self._remove(next(k for k in values if k[0] == over))
+            elif len(values) > self.size:
+                self._remove(next(iter(values)))
+            else:
+                return
+
+    def load(self, key: tuple[str, int], value: float) -> None:
+        """Take a checkpointed value as it was (call :meth:`trim` once all are in)."""
+        if key in self.values:
+            return
+        self.values[key] = value
+        bisect.insort(self.sorted, value)
+        self.held[key[0]] = self.held.get(key[0], 0) + 1
 
 
 def _policy(config: RobustConfig) -> StalenessPolicy:
@@ -433,6 +458,7 @@ class RobustAggregator:
         self._policy = _policy(config)
         for window in (self._claims, *self._norms.values()):
             window.size, window.share, window.floor = config.window, config.device_share, config.min_known
+            window.trim()  # a smaller window or share holds now, not after the next many updates
         self._reset()
 
     def _window(self) -> _Window:
@@ -815,7 +841,8 @@ class RobustAggregator:
                 if isinstance(row, list) and len(row) == 3 and isinstance(row[0], str) and isinstance(row[1], int):
                     value = float(row[2])
                     if math.isfinite(value) and value >= 0:
-                        window.record((row[0], row[1]), value)
+                        window.load((row[0], row[1]), value)
+            window.trim()
 
         fill(self._claims, state.get("claims"))
         norms = state.get("norms")
