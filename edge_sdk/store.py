@@ -377,11 +377,19 @@ class SampleStore:
         )
         counter_keys = tuple(_check_meta_key(k) for k in counters)
         try:
-            return cls._open_file(db_path, settings, counter_keys)
+            opened = cls._open_file(db_path, settings, counter_keys)
         except CorruptStore as exc:
             if not recover or str(path) == MEMORY:
                 raise
             reason = str(exc)
+        else:
+            if str(path) != MEMORY:
+                try:
+                    opened._catch_up(counter_keys)
+                except BaseException:
+                    opened.close()
+                    raise
+            return opened
         aside = _move_aside(db_path)
         salvaged = _salvage(aside, counter_keys)
         mirrored = _read_counters(db_path)  # never below the mirrored counters
@@ -397,7 +405,11 @@ class SampleStore:
             db_path, reason, aside, salvaged.get("meta", {}),
         )
         store = cls._open_file(db_path, settings, counter_keys)
-        store._carry_over(salvaged)
+        try:
+            store._carry_over(salvaged)
+        except BaseException:  # (a full disk: the connection, in exclusive mode, would hold the file locked)
+            store.close()
+            raise
         store.recovered_from = {"path": str(aside), "reason": reason, "salvaged": salvaged}
         return store
 
@@ -406,10 +418,13 @@ class SampleStore:
         if str(db_path) != MEMORY and db_path.is_file() and db_path.stat().st_size == 0 and _read_counters(db_path):
             # SQLite would make a new store of it, and counters would go backwards, ids be reused
             raise CorruptStore(f"{db_path} is empty, but its counters mirror says it held a store")
+        existed = str(db_path) != MEMORY and db_path.is_file() and db_path.stat().st_size > 0  # (the attempt makes the file)
         try:
             return cls._connect(db_path, settings, counters, exclusive=False)
+        except CorruptStore:
+            raise
         except StorageError as exc:
-            if str(db_path) == MEMORY or not db_path.is_file() or not _full_disk_hint(db_path):
+            if not existed or "locked" in str(exc) or not _full_disk_hint(db_path):
                 raise
             first = exc
         # A store that exists, on a disk that filled while it was closed: SQLite cannot make its
@@ -449,6 +464,30 @@ class SampleStore:
             conn.close()
             raise
         return store
+
+    def _catch_up(self, counters: tuple[str, ...]) -> None:
+        """Counters below their mirror mean the database lost what it held — a recovery whose
+        clean store could not take the salvaged counters (a full disk), a file replaced:
+        raise them to the mirror's (sequence numbers and sample ids are never reused)."""
+        mirrored = _read_counters(self._path)
+        meta = mirrored.get("meta", {})
+        behind = {}
+        for key in counters:
+            value, held = meta.get(key), self.get_meta(key)
+            if isinstance(value, int) and (not isinstance(held, int) or value > held):
+                behind[key] = value
+        with self._read() as c:
+            row = c.execute("SELECT seq FROM sqlite_sequence WHERE name = 'samples'").fetchone()
+        last_id = int(row[0]) if row else 0
+        if not behind and int(mirrored.get("last_id", 0)) <= last_id:
+            return
+        log.warning("sample store %s: counters %s below their mirror %s (the database lost them): raised to the mirror's",
+                    self._path, {k: self.get_meta(k) for k in behind}, behind)
+        with self._write() as c:
+            c.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", list(behind.items()))
+            if int(mirrored.get("last_id", 0)) > last_id:
+                c.execute("DELETE FROM sqlite_sequence WHERE name = 'samples'")
+                c.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('samples', ?)", (int(mirrored["last_id"]),))
 
     def _carry_over(self, salvaged: Mapping[str, Any]) -> None:
         """After a recovery: counters never go backwards (meta, added total, sample ids)."""

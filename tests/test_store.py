@@ -905,3 +905,41 @@ def test_a_failing_counters_mirror_warns_once_per_streak_and_leaves_no_tmp(workd
             monkeypatch.setattr(store_mod.os, "fsync", full)  # a new streak warns again
             s.set_meta("next_seq", 12)
             assert len([r for r in caplog.records if "could not mirror" in r.getMessage()]) == 2
+
+
+def test_counters_below_their_mirror_are_raised_at_open(workdir: Path) -> None:
+    """helper-104: a recovery whose clean store could not take the salvaged counters (a full
+    disk) left a valid empty store; the next start read next_seq from it (None: seqs from 0,
+    acked as duplicates and never applied), since the mirror was read only when recovering.
+    Every open now raises counters below the mirror's (here: the database file deleted)."""
+    path = workdir / DEFAULT_FILENAME
+    with open_store(path, counters=("next_seq", "trained_upto")) as s:
+        ids = [s.add(digit(i), 1) for i in range(30)]
+        s.set_meta_many({"next_seq": 500, "trained_upto": 30})
+    for suffix in ("", "-wal", "-shm"):
+        path.with_name(path.name + suffix).unlink(missing_ok=True)
+    with open_store(path, counters=("next_seq", "trained_upto")) as s:
+        assert s.get_meta("next_seq") == 500 and s.get_meta("trained_upto") == 30
+        assert s.add(digit(99), 2) > max(ids)  # sample ids are not reused either
+    with open_store(path, counters=("next_seq", "trained_upto")) as s:  # caught up once: nothing to say again
+        assert s.get_meta("next_seq") == 500
+
+
+def test_a_new_store_is_never_opened_in_the_full_disk_mode(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """helper-104: the first attempt creates the file, so "it exists" was true for a new store
+    on a nearly full disk, which then opened in exclusive mode; and a locked or corrupt store
+    was opened twice. The fallback is for a store that existed before, on a full disk only."""
+    import edge_sdk.store as store_mod
+
+    calls: list[bool] = []
+
+    def failing(cls: type, db_path: Path, settings: Any, counters: Any, *, exclusive: bool) -> Any:
+        calls.append(exclusive)
+        db_path.write_bytes(b"")  # what SQLite's attempt leaves behind
+        raise store_mod.StorageError("cannot use it: disk I/O error")
+
+    monkeypatch.setattr(store_mod.SampleStore, "_connect", classmethod(failing))
+    monkeypatch.setattr(store_mod, "_full_disk_hint", lambda path: " (its disk is full)")
+    with pytest.raises(store_mod.StorageError, match="disk I/O error"):
+        open_store(workdir / "new.sqlite3")
+    assert calls == [False]
