@@ -303,11 +303,11 @@ class SampleStore:
         range): left out of :meth:`snapshot` and :meth:`frames`, each logged once, so one bad
         row does not fail every training round. They stay until evicted."""
         self.recovered_from: dict[str, Any] | None = None
+        """Set when :meth:`open` found the file corrupt and started clean (``recover=True``):
+        where the old file went, why, and which counters were carried over."""
         self.full_at_open = False
         """Opened on a full disk (SQLite's exclusive mode: locked to this process until closed);
         writes raise StorageError until there is room."""
-        """Set when :meth:`open` found the file corrupt and started clean (``recover=True``):
-        where the old file went, why, and which counters were carried over."""
 
     # ------------------------------------------------------------------ lifecycle
 
