@@ -415,10 +415,11 @@ class SampleStore:
 
     @classmethod
     def _open_file(cls, db_path: Path, settings: dict[str, Any], counters: tuple[str, ...]) -> SampleStore:
-        if str(db_path) != MEMORY and db_path.is_file() and db_path.stat().st_size == 0 and _read_counters(db_path):
+        size = db_path.stat().st_size if str(db_path) != MEMORY and db_path.is_file() else None
+        if size == 0 and _read_counters(db_path):
             # SQLite would make a new store of it, and counters would go backwards, ids be reused
             raise CorruptStore(f"{db_path} is empty, but its counters mirror says it held a store")
-        existed = str(db_path) != MEMORY and db_path.is_file() and db_path.stat().st_size > 0  # (the attempt makes the file)
+        existed = bool(size)  # (before the attempt, which makes the file)
         try:
             return cls._connect(db_path, settings, counters, exclusive=False)
         except CorruptStore:
@@ -471,34 +472,29 @@ class SampleStore:
         raise them to the mirror's (sequence numbers and sample ids are never reused)."""
         mirrored = _read_counters(self._path)
         meta = mirrored.get("meta", {})
-        behind = {}
-        for key in counters:
-            value, held = meta.get(key), self.get_meta(key)
-            if isinstance(value, int) and (not isinstance(held, int) or value > held):
+        held = {key: self.get_meta(key) for key in counters}
+        behind: dict[str, MetaValue] = {}
+        for key, now in held.items():
+            value = meta.get(key)
+            if isinstance(value, int) and (not isinstance(now, int) or value > now):
                 behind[key] = value
         with self._read() as c:
             row = c.execute("SELECT seq FROM sqlite_sequence WHERE name = 'samples'").fetchone()
-        last_id = int(row[0]) if row else 0
-        if not behind and int(mirrored.get("last_id", 0)) <= last_id:
+        last_id, mirrored_id = int(row[0]) if row else 0, int(mirrored.get("last_id", 0))
+        if not behind and mirrored_id <= last_id:
             return
         log.warning("sample store %s: counters %s below their mirror %s (the database lost them): raised to the mirror's",
-                    self._path, {k: self.get_meta(k) for k in behind}, behind)
+                    self._path, {k: held[k] for k in behind}, behind)
         with self._write() as c:
-            c.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", list(behind.items()))
-            if int(mirrored.get("last_id", 0)) > last_id:
-                c.execute("DELETE FROM sqlite_sequence WHERE name = 'samples'")
-                c.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('samples', ?)", (int(mirrored["last_id"]),))
+            _set_counters(c, behind, mirrored_id if mirrored_id > last_id else 0)
 
     def _carry_over(self, salvaged: Mapping[str, Any]) -> None:
         """After a recovery: counters never go backwards (meta, added total, sample ids)."""
         meta = {str(k): v for k, v in salvaged.get("meta", {}).items()}
         added, last_id = int(salvaged.get("added", 0)), int(salvaged.get("last_id", 0))
         with self._write() as c:
-            c.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", list(meta.items()))
+            _set_counters(c, meta, last_id)
             c.execute("UPDATE totals SET added = ?, evicted = ?", (added, added))
-            if last_id > 0:
-                c.execute("DELETE FROM sqlite_sequence WHERE name = 'samples'")
-                c.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('samples', ?)", (last_id,))
 
     @property
     def path(self) -> Path:
@@ -1096,6 +1092,15 @@ def _prepare(conn: sqlite3.Connection, path: Path) -> None:
     except sqlite3.Error as exc:
         error = CorruptStore if _is_corruption(exc) else StorageError
         raise error(f"cannot use {path} as a sample store: {exc}{_full_disk_hint(path)}") from exc
+
+
+def _set_counters(c: sqlite3.Connection, meta: Mapping[str, MetaValue], last_id: int) -> None:
+    """Write counter meta values and, when ``last_id`` > 0, the samples' id sequence (the next
+    id is above it): a recovery's carry-over and an open's catch-up with the mirror."""
+    c.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", list(meta.items()))
+    if last_id > 0:
+        c.execute("DELETE FROM sqlite_sequence WHERE name = 'samples'")
+        c.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('samples', ?)", (last_id,))
 
 
 def _full_disk_hint(path: Path) -> str:
