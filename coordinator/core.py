@@ -83,6 +83,7 @@ Transitions::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from bisect import bisect_right
@@ -1727,6 +1728,10 @@ class CoordinatorCore:
                                              abandon_from=ev.version + 1)
         self._release_version, self._release_weights = commit.version, weights
         self._pinned = ev.command == "pin" or (self._pinned and ev.command == "rollback")
+        # The commit names the release and pin it leaves: it is durable before the release record,
+        # and a restart between the two (or a failed write of the record) must not restore the
+        # release this very commit abandoned, nor gate the operator's choice as a candidate.
+        commit = dataclasses.replace(commit, metadata={**commit.metadata, "release": commit.version, "pinned": self._pinned})
         if self._gate is not None:
             for v in self._gate.drop_above(-1):
                 self._candidate_devices.pop(v, None)

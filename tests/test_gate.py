@@ -738,6 +738,39 @@ def test_the_refusal_survives_a_restart(tmp_path: Path) -> None:
     assert restarted.version == 5 and restarted.counters["reject:base_rejected"] == 2
 
 
+@pytest.mark.parametrize("command", ["rollback", "pin"])
+def test_an_operator_command_whose_release_record_is_lost_keeps_its_release(tmp_path: Path, command: str) -> None:
+    """helper-105: the operator's commit is durable before its release record; a storage failure
+    writing release.json (ENOSPC: the daemon rebuilds its core from the state dir) or a crash
+    between the two left a commit whose metadata named the *old* release and pin. Restored, the
+    release was the version the rollback had just abandoned (2, recalled by its own coordinator),
+    the pin was gone, and the operator's copy went to the gate as a candidate (a real daemon
+    promoted it and every candidate after it, pinned or not). The commit records the release and
+    the pin it leaves now."""
+    registry = Registry(tmp_path, SPEC)
+    registry.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    c = gated(k=1)
+    for v, value in ((1, 1.0), (2, 2.0)):  # releases 1 and 2
+        for a in c.handle(update(f"d{v}", 0, value, base=v - 1)):
+            if isinstance(a, CommitVersion):
+                registry.commit(a)
+        for r in of(c.handle(CandidateEvaluated(now=float(v), version=v, candidate_metric=0.9, release_metric=0.9,
+                                                release_version=v - 1)), RecordRelease):
+            registry.record_release(r.release, r.pinned, r.event)
+    (load,) = of(c.handle(control(command, 1)), LoadVersion)
+    acts = c.handle(VersionLoaded(now=51.0, version=1, weights=np.ones(SPEC.size, np.float32), command=command,
+                                  operator=load.operator, nonce=load.nonce))
+    (commit,) = of(acts, CommitVersion)
+    registry.commit(commit)  # ... and the process dies before the release record
+    registry.close()
+    snap = Registry(tmp_path, SPEC).load()
+    assert snap is not None and (snap.version, snap.release_version, snap.pinned) == (3, 3, command == "pin")
+    restarted = gated(k=1, snapshot=snap)
+    assert restarted.release[0] == 3 and not restarted.abandoned(3) and restarted.abandoned(2)
+    assert not of(restarted.start(60.0), EvaluateCandidate)  # the operator's choice is no candidate
+    assert reply(restarted.handle(pull("d9", 0, serve=True))).version == 3
+
+
 def test_abandoned_ranges_merge_and_stay_bounded() -> None:
     from coordinator.core import ABANDONED_RANGES, abandon
 
