@@ -509,6 +509,10 @@ class CoordinatorCore:
                                     and self._version not in decided and not self._pinned else None)
         self._candidate_devices: dict[int, tuple[str, ...]] = {}
         self._canary_round: CanaryRound | None = None  # the candidate under canary evaluation (one at a time)
+        self._canary_ended: dict[int, int] = {}
+        """Candidates whose round reached its deadline undecided (validation pending): the release it
+        was against. Not asked again against that release: its reports wait for the score, and a device
+        refuses a request for a round it served."""
         self._canary_weights: Vector = _NO_WEIGHTS
         # Executed operator commands (within their age window a replay is refused): seeded from the
         # durable release record, so a restart or a rebuilt core does not run a replayed one again.
@@ -1509,7 +1513,9 @@ class CoordinatorCore:
         cfg = gate.config.canary if gate is not None else None
         if gate is None or cfg is None or self._canary_round is not None:
             return []
-        versions = [v for v in gate.pending if v > self._release_version and v in self._history]
+        self._canary_ended = {v: r for v, r in self._canary_ended.items() if v in gate.pending}
+        versions = [v for v in gate.pending if v > self._release_version and v in self._history
+                    and self._canary_ended.get(v) != self._release_version]
         if not versions:
             return []
         version = max(versions)
@@ -1554,7 +1560,8 @@ class CoordinatorCore:
         self._canary_round, self._canary_weights = None, _NO_WEIGHTS
         self.counters["canary_rounds_expired"] += 1
         decision = self._gate.close_canary(rnd.candidate)
-        if decision is None:  # e.g. still waiting for the validation score
+        if decision is None:  # e.g. still waiting for the validation score: its reports wait with it
+            self._canary_ended[rnd.candidate] = rnd.release
             return self._canary_start(now)
         return self._decided(rnd.candidate, decision, now)
 

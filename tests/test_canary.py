@@ -396,6 +396,28 @@ def test_a_validation_promotion_waits_for_the_cohort_and_a_validation_reject_doe
     assert of(acts, RecordRelease)[0].event["action"] == "reject"  # no need to wait for the cohort
 
 
+def test_reports_outlive_a_round_that_ends_before_the_validation_score() -> None:
+    """helper-105: a round whose deadline passed before the validation score came in was opened
+    again on the same candidate against the same release, which wiped its reports; the devices
+    that had reported refuse the same request again (a round they served), so the validation set
+    decided alone a full deadline later: a candidate every canary device saw as a clear regression
+    was promoted. The reports now wait for the score; no device is asked twice for that round."""
+    c = core(validation=True)
+    seen(c, DEVICES)
+    asked = sorted(invites(candidate(c, 1.0, 5.0)))
+    for d in asked:
+        c.handle(report(d, BAD))
+    seen(c, DEVICES, now=5.0 + CFG.deadline_s - 1)
+    acts = c.handle(TimerFired(now=5.0 + CFG.deadline_s))  # the validation worker is slower than the round
+    assert not invites(acts) and c.status().extra["gate"]["canary"]["round"] is None
+    assert not invites(c.handle(TimerFired(now=5.0 + CFG.deadline_s + 1)))
+    acts = c.handle(CandidateEvaluated(now=5.0 + CFG.deadline_s + 5, version=1, candidate_metric=0.9, release_metric=0.9,
+                                       release_version=0, paired=(3, 3, 200)))
+    (rec,) = of(acts, RecordRelease)
+    assert rec.event["action"] != "promote" and rec.event["canary"]["reports"] == len(asked)
+    assert c.release[0] == 0
+
+
 # ---------------------------------------------------------------------- the device core, end to end
 
 
