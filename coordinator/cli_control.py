@@ -64,7 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("version", type=_version, metavar="N", help="version to release and hold (no promotions until unpin)")
     if command in ("rollback", "pin"):
         p.add_argument("--force", action="store_true",
-                       help="release it even if the release gate rejected it (refused otherwise, with the gate's scores)")
+                       help="release it even if the release gate rejected it, or the candidate it was built on (refused otherwise, "
+                            "with the gate's scores)")
     p.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="MQTT broker URL of the running coordinator")
     p.add_argument("--region", default="default", help="the coordinator's region")
     p.add_argument("--signing-key", type=Path, help="operator signing key (PEM, Ed25519); default: --bundle's signing.key, else STATE_DIR/signing.key")

@@ -1498,7 +1498,8 @@ class CoordinatorCore:
         self.counters["rejected_devices"] += len(devices)
         for v in self._gate.drop_above(version):
             self._candidate_devices.pop(v, None)
-        record = self._record(now, "reject", version, devices=len(devices), **metrics)
+        # ``through``: the newest version built on it (dropped with it): releasing one needs force too.
+        record = self._record(now, "reject", version, devices=len(devices), through=self._version, **metrics)
         rollback = self._rollback_training_line(now, rejected=version)
         # The commit first: a driver records the decision only once the rollback is durable (a
         # record of "reject" beside a training line still on the rejected version would be a lie).
@@ -1697,11 +1698,12 @@ class CoordinatorCore:
     def _run_control(self, ev: MessageReceived, msg: Control, sig: SignatureInfo) -> list[CoordinatorAction]:
         if msg.command != "unpin" and not 0 <= msg.version <= max(self._version, self._version_floor):
             raise UnknownVersion(f"no version {msg.version} (latest is {self._version})")  # refused: not counted as run
-        rejected = self._gate_rejected.get(msg.version) if msg.command != "unpin" else None
+        rejected = self._rejected_lineage(msg.version) if msg.command != "unpin" else None
         if rejected is not None and not msg.force:
             scores = (f": {rejected['candidate_metric']:.3f} against the release's {rejected['release_metric']:.3f}"
                       if isinstance(rejected.get("candidate_metric"), float) and isinstance(rejected.get("release_metric"), float) else "")
-            raise GateRejected(f"the release gate rejected version {msg.version}{scores}; "
+            built_on = "" if rejected["version"] == msg.version else f"version {msg.version} was built on a rejected candidate: "
+            raise GateRejected(f"{built_on}the release gate rejected version {rejected['version']}{scores}; "
                                "send the command with --force to release it anyway")
         self._control_seen[(msg.operator, msg.nonce)] = ev.now
         self.counters[f"control:{msg.command}"] += 1
@@ -1717,6 +1719,18 @@ class CoordinatorCore:
             return [note, self._record(ev.now, "pin", self._release_version, of=msg.version, unchanged=True,
                                        operator=msg.operator, nonce=msg.nonce, kid=sig.kid)]
         return [note, LoadVersion(version=msg.version, command=msg.command, operator=msg.operator, nonce=msg.nonce, kid=sig.kid)]
+
+    def _rejected_lineage(self, version: int) -> dict[str, Any] | None:
+        """The gate's reject record of ``version``, or of the rejected candidate it was built on
+        (a version dropped with it: the rejected model plus training), if still remembered."""
+        hit = self._gate_rejected.get(version)
+        if hit is not None:
+            return hit
+        for rejected, event in self._gate_rejected.items():
+            through = event.get("through")
+            if rejected < version and type(through) is int and version <= through:
+                return event
+        return None
 
     def _pinned_of(self) -> int | None:
         """The version the pinned release copies (its pin / rollback record), if still recorded."""

@@ -709,6 +709,26 @@ def test_an_operator_rollback_abandons_the_versions_after_the_one_it_restores() 
     assert _ack(c.handle(update("d4", 0, 1.5, base=1))) == ("accepted", "")  # the restored version itself is fine
 
 
+def test_releasing_a_version_built_on_a_rejected_candidate_needs_force_too() -> None:
+    """helper-105: `rollback N` / `pin N` of a version built on a candidate the gate rejected (dropped
+    with it, never scored: the rejected model plus a step) ran without --force or a word, while the
+    rejected version itself was refused. The lineage is refused now, naming the rejected version,
+    also after a restart (the reject record says how far it reached)."""
+    c = gated(k=1)
+    bad, built_on_bad, _ = rejected_lineage(c)
+    acts = c.handle(control("rollback", built_on_bad))
+    assert not of(acts, LoadVersion) and c.counters["control_refused:gate_rejected"] == 1
+    detail = c.status().extra["control_refused"]["detail"]
+    assert detail.startswith(f"version {built_on_bad} was built on a rejected candidate: the release gate rejected version {bad}: ")
+    assert "--force" in detail
+    assert of(c.handle(control("pin", built_on_bad, nonce=2, force=True)), LoadVersion)
+    assert of(c.handle(control("rollback", 1, nonce=3)), LoadVersion)  # the release before it: as before
+    restarted = gated(k=1, snapshot=Snapshot(version=c.version, weights=c.weights.copy(), release_version=1,
+                                             release_weights=c.weights.copy(), gate_history=c._gate_history))
+    assert not of(restarted.handle(control("pin", built_on_bad, nonce=4)), LoadVersion)
+    assert of(restarted.handle(control("pin", c.version, nonce=5)), LoadVersion)  # the rollback's own copy is fine
+
+
 def test_the_refusal_survives_a_restart(tmp_path: Path) -> None:
     """The abandoned versions ride in the rollback commit's metadata (durable with it, and in
     every later commit's): a core rebuilt from the state dir still refuses them."""
