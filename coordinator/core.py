@@ -447,6 +447,9 @@ class Snapshot:
     epoch: int = NO_EPOCH
     """The numbering of this state dir's versions (see ``ModelMsg.epoch``): created with it,
     so a coordinator that lost its state dir numbers anew in a newer epoch. 0: none (in memory)."""
+    candidate_devices: Sequence[str] = ()
+    """Devices whose updates built ``version`` (its commit's metadata): left out of its canary
+    cohort when it is gated again after the restart."""
 
 
 def _command_key(msg: Control) -> tuple[str, int, str, int, bool]:
@@ -507,6 +510,7 @@ class CoordinatorCore:
         decided = {h.get("version") for h in snapshot.gate_history if isinstance(h, Mapping)}
         self._regate: int | None = (self._version if self._gate is not None and self._version > self._release_version
                                     and self._version not in decided and not self._pinned else None)
+        self._regate_devices = tuple(snapshot.candidate_devices)
         self._candidate_devices: dict[int, tuple[str, ...]] = {}
         self._canary_round: CanaryRound | None = None  # the candidate under canary evaluation (one at a time)
         self._canary_ended: dict[int, int] = {}
@@ -765,7 +769,7 @@ class CoordinatorCore:
                 or np.array_equal(self._weights, self._release_weights)):
             return []
         self.counters["gate_resubmitted"] += 1
-        return self._submit_candidate(self._gate, self._weights, (), now)
+        return self._submit_candidate(self._gate, self._weights, self._regate_devices, now)
 
     def _submit_candidate(self, gate: Gate, weights: Vector, devices: tuple[str, ...], now: float) -> list[CoordinatorAction]:
         """The newest version, as a candidate: to the gate, to validation, to a canary round."""

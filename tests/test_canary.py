@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,6 +31,7 @@ from coordinator.core import (
     RecordRelease,
 )
 from coordinator.gate import Gate, GateConfig
+from coordinator.registry import Registry
 from coordinator.strategies import make_strategy
 from edge_sdk.core.device import DeviceConfig, DeviceCore, Phase
 from edge_sdk.core.events import (
@@ -416,6 +418,31 @@ def test_reports_outlive_a_round_that_ends_before_the_validation_score() -> None
     (rec,) = of(acts, RecordRelease)
     assert rec.event["action"] != "promote" and rec.event["canary"]["reports"] == len(asked)
     assert c.release[0] == 0
+
+
+def test_a_device_does_not_judge_its_own_candidate_after_a_restart(tmp_path: Path) -> None:
+    """helper-105: the candidate restored undecided is gated again at start, but without the devices
+    that built it: after a restart the device whose update made the candidate was asked to judge it
+    (cohort of every recent device: before the restart it was left out, after it was in). The
+    commit's metadata names them; the snapshot carries them to the new round."""
+    cfg = CanaryConfig(fraction=1.0, samples=20, min_reports=3, deadline_s=100.0, recent_s=1000.0)
+    registry = Registry(tmp_path, SPEC)
+    registry.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    c = core(cfg=cfg)
+    seen(c, [*DEVICES, "trainer"])
+    acts = candidate(c, 1.0, 5.0)  # built by trainer's update
+    for a in of(acts, CommitVersion):
+        registry.commit(a)
+    assert invites(acts) and "trainer" not in invites(acts)
+    registry.close()
+    snap = Registry(tmp_path, SPEC).load()
+    assert snap is not None and tuple(snap.candidate_devices) == ("trainer",)
+    restarted = CoordinatorCore(c.config, make_strategy("spin", k=1, timeout_s=None, clip_multiplier=0.0), snap,
+                                rng=random.Random(0))
+    restarted.start(30.0)
+    seen(restarted, [*DEVICES, "trainer"], now=31.0)
+    asked = invites(restarted.handle(TimerFired(now=32.0)))
+    assert asked and all(m.candidate == 1 for m in asked.values()) and "trainer" not in asked
 
 
 # ---------------------------------------------------------------------- the device core, end to end
