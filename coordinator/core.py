@@ -781,7 +781,7 @@ class CoordinatorCore:
         if gate.config.validation:
             actions.append(EvaluateCandidate(version=self._version, weights=weights, release_version=self._release_version,
                                              release_weights=self._release_weights))
-        return actions + self._canary_start(now)
+        return actions + self._canary_refresh(now)  # (a round whose candidate was just superseded ends)
 
     def _recall(self, *, force: bool = False) -> list[CoordinatorAction]:
         """Publish the abandoned ranges (retained) when they changed since the last recall."""

@@ -445,6 +445,26 @@ def test_a_device_does_not_judge_its_own_candidate_after_a_restart(tmp_path: Pat
     assert asked and all(m.candidate == 1 for m in asked.values()) and "trainer" not in asked
 
 
+def test_a_round_whose_candidate_is_superseded_ends_and_the_newest_gets_one() -> None:
+    """helper-105: a candidate dropped from the gate as superseded (more than ``max_pending`` newer
+    ones) kept its canary round to the deadline: the cohort scored and reported on a candidate no
+    report could decide any more, while the newer candidates waited without a round (a canary
+    promotion needs one). Its round ends now and the newest candidate's opens."""
+    config = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, signer=SIGNER,
+                               gate=GateConfig(validation=False, canary=CFG, max_pending=2))
+    c = CoordinatorCore(config, make_strategy("spin", k=1, timeout_s=None, clip_multiplier=0.0), toy_snapshot(),
+                        rng=random.Random(0))
+    seen(c, DEVICES)
+    asked = sorted(invites(candidate(c, 1.0, 5.0)))
+    candidate(c, 2.0, 6.0, dev="t2")
+    acts = candidate(c, 3.0, 7.0, dev="t3")  # candidate 1 is superseded
+    assert c.status().extra["gate"]["pending"] == [2, 3] and c.counters["gate_superseded"] == 1
+    assert {m.candidate for m in invites(acts).values()} == {3}
+    assert c.status().extra["gate"]["canary"]["round"]["candidate"] == 3
+    c.handle(report(asked[0], GOOD, candidate=1, now=8.0))
+    assert c.counters["canary_reject:canary_unknown_candidate"] == 1 and c.counters["canary_reports"] == 0
+
+
 # ---------------------------------------------------------------------- the device core, end to end
 
 
