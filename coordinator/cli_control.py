@@ -56,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="number above an --above more than a day ahead of this host's clock (refused otherwise: devices' "
                             "epoch claims are unsigned, and no epoch is left above 2^63-1)")
         return
+    if command in ("rollback", "pin", "unpin"):
+        p.epilog = CONTROL_HELP
+        p.formatter_class = argparse.RawDescriptionHelpFormatter
     if command == "rollback":
         which = p.add_mutually_exclusive_group(required=True)  # `rollback N`, like `pin N`; `--to N` as before
         which.add_argument("version", nargs="?", default=None, type=_version, metavar="N", help="version to make the release again")
@@ -89,6 +92,22 @@ one as a replay. Use this when:
     behind when the state dir was made): they refuse or outwait this coordinator's models.
 The devices then fetch the release again and train the updates they had in flight again; the
 versions themselves are kept. Stop the coordinator first."""
+CONTROL_HELP = """What rollback N and pin N do: N's weights become the release and the training line again, under a
+new version number (devices fetch it). The versions after N leave the training line: an update
+trained from one is refused (its device trains again) and a device serving one fetches the release
+at once (the region's recall). pin also stops promotions until unpin; rollback keeps a pin.
+
+The coordinator's refusals, printed at once as "the coordinator refused <command>: <reason>: ...":
+  unknown_version      no such version (edgeci versions lists them)
+  version_unavailable  pruned or unreadable (the state dir keeps the release and the newest 20)
+  gate_rejected        the gate rejected N, or the candidate N was built on: --force releases it anyway
+  bad_signature        a key the coordinator does not trust (its operators/<name>.pub), or a command
+                       signed for another region
+  operator_mismatch    --operator is not the name the coordinator knows the key by
+  replayed             the same command again, or one issued more than 5 minutes off its clock
+
+Exit status: 0 done; 1 refused, not confirmed within --wait, or a local error (key, bundle);
+2 no live coordinator on --region, or a usage error."""
 _version = bounded(int, 0, rule="versions start at 0")
 _epoch = bounded(int, 0, rule="an epoch is an int >= 0")
 _positive = bounded(int, 1)

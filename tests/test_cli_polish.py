@@ -288,6 +288,17 @@ def test_help_shows_no_empty_default_and_says_the_unstated_ones() -> None:
     assert "seed of the validation split" in " ".join(help_of("run").split())
 
 
+@pytest.mark.parametrize("command", ["rollback", "pin", "unpin"])
+def test_control_help_says_what_the_command_does_its_refusals_and_exit_status(command: str) -> None:
+    """helper-105: `edgeci rollback --help` named neither the coordinator's refusals (gate_rejected,
+    version_unavailable, ...) nor the exit status, nor that a rollback abandons the versions after N
+    and keeps a pin."""
+    text = help_of(command)
+    for needed in ("unknown_version", "version_unavailable", "gate_rejected", "bad_signature", "operator_mismatch",
+                   "replayed", "Exit status: 0 done", "rollback keeps a pin", "new version number"):
+        assert needed in text, needed
+
+
 def test_status_refuses_a_coordinator_bundle_without_doubled_quotes(tmp_path: Path) -> None:
     import json
 
