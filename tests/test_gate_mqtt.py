@@ -209,3 +209,52 @@ def test_rollback_and_pin_on_a_running_coordinator_survive_its_restart(mosquitto
         assert out.returncode == 2 and "is not running" in out.stdout, out.stdout + out.stderr  # its last will says stopped
     finally:
         watcher.close()
+
+
+def test_a_pin_whose_release_record_fails_to_write_holds_after_the_coordinator_recovers(
+        mosquitto: MosquittoProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """helper-105: `edgeci pin 1` on a gated coordinator whose release.json write failed (ENOSPC):
+    the daemon rebuilt its core from the state dir, where the pin's commit named the old release
+    and no pin, so the pin was gone, the pinned copy was gated and promoted like any candidate, and
+    so was the next one. The pin holds now (the CLI still cannot confirm it: its record is lost)."""
+    import errno
+
+    task = get_task("digits")
+    data = task.data()
+    save_validation(tmp_path / "val.npz", Split(x=data.test.x[:200], y=data.test.y[:200]))
+    state = tmp_path / "coord"
+    daemon = CoordinatorDaemon(
+        CoordinatorOptions(broker=mosquitto.url, region=REGION, state_dir=state, validation=tmp_path / "val.npz",
+                           strategy_params={"k": 1, "timeout_s": None, "clip_multiplier": 0.0, "sample_weight_cap": 0.0},
+                           status_interval_s=1.0, storage_probe_s=0.5),
+        task=task,
+    ).start()
+    w0 = daemon.core.weights.copy()
+    try:
+        for seq in range(2):  # releases 1 and 2 (a tiny step each: the gate promotes them)
+            t = MqttTransport(mosquitto.url, client_id=f"op-dev-{seq}", subscriptions=[], on_message=lambda *_: None,
+                              clean_session=True)
+            t.start()
+            t.publish(topics.device_topic(REGION, "d1", "update"),
+                      encode(Update(device="d1", seq=seq, model_id=task.spec.model_id, base_version=seq, n_samples=1,
+                                    weights=w0 + np.float32(1e-4 * (seq + 1)), nonce=seq + 1)))
+            t.stop()
+            wait_until(lambda: daemon.core.release[0] == seq + 1, 60, f"release {seq + 1}")  # noqa: B023
+        real = daemon.registry.record_release
+        failed: list[int] = []
+
+        def full_disk(release: int, pinned: bool, event: Any) -> None:
+            if event.get("action") == "pin" and not failed:
+                failed.append(release)
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real(release, pinned, event)
+
+        monkeypatch.setattr(daemon.registry, "record_release", full_disk)
+        out = edgeci("pin", "1", "--broker", mosquitto.url, "--region", REGION, "--state-dir", str(state), "--wait", "8")
+        assert out.returncode == 1 and "did not confirm pin" in out.stdout, out.stdout + out.stderr
+        wait_until(lambda: daemon.core.status().extra["storage_ok"], 30, "storage recovered")
+        assert failed == [3] and daemon.core.release[0] == 3 and daemon.core.status().extra["pinned"]
+        assert daemon.core.counters["gate_resubmitted"] == 0  # the operator's choice is no candidate
+        np.testing.assert_array_equal(daemon.core.release[1], daemon.registry.read_version(1)[0])
+    finally:
+        daemon.stop()
