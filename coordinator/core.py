@@ -447,6 +447,9 @@ class Snapshot:
     epoch: int = NO_EPOCH
     """The numbering of this state dir's versions (see ``ModelMsg.epoch``): created with it,
     so a coordinator that lost its state dir numbers anew in a newer epoch. 0: none (in memory)."""
+    rejected: Sequence[int] = ()
+    """``(candidate, through)`` when ``version`` is the gate's rollback of that rejected candidate
+    (its commit's metadata): the verdict, should its release record be lost."""
     candidate_devices: Sequence[str] = ()
     """Devices whose updates built ``version`` (its commit's metadata): left out of its canary
     cohort when it is gated again after the restart."""
@@ -504,6 +507,10 @@ class CoordinatorCore:
             if isinstance(h, Mapping) and h.get("action") == "reject" and type(h.get("version")) is int}
         """Versions the gate rejected (as far back as the release record goes, at most
         :data:`GATE_REJECTED_KEPT`): an operator's rollback or pin of one needs ``force``."""
+        if len(snapshot.rejected) == 2 and int(snapshot.rejected[0]) not in self._gate_rejected:
+            # The newest commit is the rollback after a rejection whose record did not follow it.
+            rejected, through = (int(v) for v in snapshot.rejected)
+            self._gate_rejected[rejected] = {"action": "reject", "version": rejected, "through": through}
         # A candidate committed but not decided before the restart (the process died, or the
         # rollback after its rejection failed to write and this core was rebuilt): gated again
         # by start(), so an unapproved training line does not go on as if it had passed.

@@ -1217,6 +1217,7 @@ class Registry:
             abandoned=[(int(r[0]), int(r[1])) for r in meta.get("abandoned", [])],
             recovered_from=tuple(skipped),
             epoch=self._epoch(),
+            rejected=(meta["rejected"], version - 1) if meta.get("source") == "rollback" and type(meta.get("rejected")) is int else (),
             candidate_devices=tuple(d for d in meta["devices"] if isinstance(d, str)) if isinstance(meta.get("devices"), list) else (),
             version_floor=max(max(present, default=-1), max(records, default=-1), self._highest_written),
         )

@@ -791,6 +791,30 @@ def test_an_operator_command_whose_release_record_is_lost_keeps_its_release(tmp_
     assert reply(restarted.handle(pull("d9", 0, serve=True))).version == 3
 
 
+def test_a_rejection_whose_record_is_lost_still_needs_force(tmp_path: Path) -> None:
+    """helper-105: the rollback after a rejection is durable before the "reject" record; a crash (or a
+    failed write of release.json) between the two lost the verdict, and `rollback 1` of the rejected
+    candidate then ran without --force. The rollback commit names the candidate it undid (and the
+    versions up to it), which a restart takes as the verdict."""
+    registry = Registry(tmp_path, SPEC)
+    registry.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    c = gated(k=1)
+    for value, base in ((50.0, 0), (51.0, 1)):  # candidate 1 (bad), candidate 2 built on it
+        for a in of(c.handle(update(f"d{base}", 0, value, base=base)), CommitVersion):
+            registry.commit(a)
+    acts = c.handle(CandidateEvaluated(now=9.0, version=1, candidate_metric=0.1, release_metric=0.8, release_version=0))
+    for a in of(acts, CommitVersion):
+        registry.commit(a)  # ... and the process dies before the release record
+    registry.close()
+    snap = Registry(tmp_path, SPEC).load()
+    assert snap is not None and snap.version == 3 and snap.release_version == 0
+    restarted = gated(k=1, snapshot=snap)
+    for nonce, version in ((1, 1), (2, 2)):
+        assert not of(restarted.handle(control("rollback", version, nonce=nonce)), LoadVersion)
+    assert restarted.counters["control_refused:gate_rejected"] == 2
+    assert of(restarted.handle(control("rollback", 1, nonce=3, force=True)), LoadVersion)
+
+
 def test_abandoned_ranges_merge_and_stay_bounded() -> None:
     from coordinator.core import ABANDONED_RANGES, abandon
 
