@@ -84,6 +84,7 @@ Transitions::
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import random
 from bisect import bisect_right
@@ -319,6 +320,10 @@ PRESENCE_LIMIT = 10_000
 RECENT_DEVICES = 50
 """Per-device rows in the status (the most recently seen)."""
 _NO_WEIGHTS: Vector = np.zeros(0, dtype=np.float32)
+_TICKETS = itertools.count(1)
+"""Conversion tickets, unique in the process: a driver that rebuilds its core (a storage failure,
+a core error) may still get the answer to an old core's ticket, which must match nothing in the
+new one (numbered from 1 per core, it was applied to another device's parked update)."""
 _SEQUENCED = (Pull, Update)
 """The messages that carry a device's request seq (a tuple: ``Pull | Update`` builds a union per test)."""
 ABANDONED_RANGES = 256
@@ -553,7 +558,6 @@ class CoordinatorCore:
         self._switch = SwitchTracker(config.conversion, dict(snapshot.conversion_state))
         self._parked: dict[int, _Parked] = {}
         self._parked_devices: dict[str, list[BufferedUpdate]] = {}  # device -> updates queued behind its parked one
-        self._next_ticket = 1
         self._view = ReadOnlyView(self)  # what strategies and peerings see: no mutators, read-only vectors
         self._applied_upto: dict[str, int] = dict(snapshot.applied_upto)
         self._accepted_upto: dict[str, int] = dict(snapshot.applied_upto)
@@ -1236,8 +1240,7 @@ class CoordinatorCore:
                 else:
                     self.counters["conversion_failed"] += 1
             else:
-                ticket = self._next_ticket
-                self._next_ticket += 1
+                ticket = next(_TICKETS)
                 parked = _Parked(update=update, deadline=now + cc.deadline_s, base=base,
                                  target_version=self._version, target=self._weights)
                 self._parked[ticket] = parked

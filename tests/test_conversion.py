@@ -105,6 +105,22 @@ def test_a_devices_later_updates_queue_behind_its_parked_one_in_seq_order() -> N
     np.testing.assert_allclose(commit.weights, 6.0)  # (5 + 7) / 2: the converted update, then the queued one
 
 
+def test_an_answer_to_a_rebuilt_cores_ticket_is_not_applied_to_another_devices_update() -> None:
+    # The daemon rebuilds its core (storage failure, core error) while the worker converts the
+    # old core's request: that answer must not match the new core's own first request.
+    old = converting_core()
+    (req_a,) = [a for a in old.handle(upd("devA", 0, 9.0, base=0)) if isinstance(a, ConvertUpdate)]
+    new = converting_core()
+    (req_b,) = [a for a in new.handle(upd("devB", 0, -3.0, base=0)) if isinstance(a, ConvertUpdate)]
+    assert req_b.ticket != req_a.ticket
+    new.handle(UpdateConverted(now=1.0, ticket=req_a.ticket, weights=np.full(SPEC.size, 5.0, dtype=np.float32)))
+    assert not new.buffer and new.counters["conversion_late_answers"] == 1  # devB's update still waits for its own
+    new.handle(UpdateConverted(now=2.0, ticket=req_b.ticket, weights=np.full(SPEC.size, -1.0, dtype=np.float32)))
+    (u,) = new.buffer
+    assert u.device == "devB"
+    np.testing.assert_allclose(u.weights, -1.0)
+
+
 def test_a_device_flooding_updates_behind_a_conversion_is_deferred_not_buffered() -> None:
     c = converting_core()
     (req,) = [a for a in c.handle(upd("slow", 0, 9.0, base=0)) if isinstance(a, ConvertUpdate)]
