@@ -100,7 +100,7 @@ from coordinator.conversion import ConversionConfig, SwitchTracker, dc_asgd
 from coordinator.gate import Decision, Gate, GateConfig
 from coordinator.peering.base import BROADCAST, Peering, PeerPlan
 from coordinator.strategies.base import BufferedUpdate, Plan, ReadOnlyView, Strategy
-from coordinator.strategies.staleness import Convert, needs_driver, policy_of
+from coordinator.strategies.staleness import Convert, conversion_of, needs_driver, policy_of
 from edge_sdk.core.events import MessageReceived, Notify, Publish, ScheduleTimer, TimerFired
 from edge_sdk.errors import (
     BadCanaryReport,
@@ -637,7 +637,7 @@ class CoordinatorCore:
     @property
     def conversion_policy(self) -> str | None:
         """The converting staleness policy's name (a driver must run its conversions), else None."""
-        return self._policy.name if self._converting else None
+        return conversion_of(self._policy)
 
     @property
     def last_aggregation_at(self) -> float:
@@ -735,7 +735,7 @@ class CoordinatorCore:
                 **({"epoch_ahead": {"highest": self._ahead[0], "version": self._ahead[1], "device": self._ahead[2],
                                     "messages": c["epoch_ahead"]}} if self._ahead[2] else {}),
                 "conversion": None if not needs_driver(self._policy) else {
-                    "policy": self._policy.name,
+                    "policy": conversion_of(self._policy),
                     **self._switch.describe(self._version),
                     "parked": len(self._parked),
                     **{k: c[f"conversion_{k}"] for k in ("requested", "applied", "late", "failed", "no_base", "switched_off")},

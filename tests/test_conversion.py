@@ -152,6 +152,23 @@ def test_dc_asgd_is_computed_by_the_core_without_asking_the_driver() -> None:
     np.testing.assert_allclose(u.weights, dc_asgd(np.full(SPEC.size, 9.0, np.float32), base, current, lr=0.01, lam=0.04), rtol=1e-6)
 
 
+@pytest.mark.parametrize("policy", ["gradient-inversion", "dc-asgd"])
+def test_a_staleness_bound_drops_beyond_it_and_converts_below_it(policy: str) -> None:
+    # max_staleness wraps the policy in drop-beyond; the conversion was off altogether then
+    # (the wrapper is not asynchronous): every stale update got the damped fallback.
+    c = make_coordinator(k=3, timeout_s=None, clip_multiplier=0, sample_weight_cap=0, staleness=policy,
+                         convert_beyond=2, max_staleness=5)
+    for i in range(6):
+        c.handle(upd("fresh", 3 * i, 1.0 + i, base=c.version))
+        c.handle(upd("fresh2", 3 * i, 1.0 + i, base=c.version))
+        c.handle(upd("fresh3", 3 * i, 1.0 + i, base=c.version))
+    assert c.version == 6 and c.conversion_policy == policy
+    assert c.status().extra["conversion"]["policy"] == policy
+    c.handle(upd("slow", 0, 9.0, base=3))  # staleness 3: converted
+    c.handle(upd("old", 0, 9.0, base=0))  # staleness 6 > 5: dropped by the strategy, not converted
+    assert c.counters["conversion_requested" if policy == "gradient-inversion" else "conversion_applied"] == 1
+
+
 def test_dc_asgd_formula() -> None:
     stale, base, current = (np.array(v, dtype=np.float32) for v in ([1.0, 2.0], [0.5, 1.0], [0.7, 1.5]))
     delta, drift = stale - base, current - base

@@ -59,6 +59,7 @@ __all__ = [
     "StalenessPolicy",
     "Use",
     "Verdict",
+    "conversion_of",
     "make_policy",
     "needs_driver",
     "policy_of",
@@ -249,7 +250,14 @@ def staleness_factor(policy: StalenessPolicy, staleness: float) -> float | None:
 
 def needs_driver(policy: StalenessPolicy) -> bool:
     """True for an asynchronous policy: the core must route stale updates through the driver."""
-    return policy.asynchronous
+    return conversion_of(policy) is not None
+
+
+def conversion_of(policy: StalenessPolicy) -> str | None:
+    """The converting policy's name, also under a bound (``max_staleness`` wraps it in a
+    :class:`DropBeyond`, which converts what it does not drop), else None."""
+    inner = policy.inner if isinstance(policy, DropBeyond) else policy
+    return inner.name if inner.asynchronous else None
 
 
 def policy_of(strategy: object) -> StalenessPolicy:
