@@ -57,7 +57,7 @@ from coordinator.registry import StateDirLocked, read_epoch, read_release_record
 from coordinator.strategies import CONFIGS, Strategy, strategy_names
 from coordinator.strategies.robust import COMBINERS
 from coordinator.strategies.spin import SpinNoTimeoutStrategy, SpinStrategy
-from coordinator.strategies.staleness import policy_names
+from coordinator.strategies.staleness import CONVERSIONS, policy_names
 from coordinator.validation import load_validation
 from edge_sdk.errors import BadOption, BrokerRefused, ConfigError, EdgeciError, StartRefused
 from edge_sdk.modelio import load_model
@@ -971,6 +971,12 @@ _SECRET_FIELDS = frozenset({"auth"})
 def reconfigure_strategy(strategy: Strategy, changes: Mapping[str, Any]) -> None:
     """Apply strategy parameter ``changes`` live, or raise ConfigError naming what cannot be.
     Call on the actor thread (the strategy belongs to the core)."""
+    config = getattr(strategy, "config", None)
+    was = getattr(config, "staleness", None)
+    if "staleness" in changes and changes["staleness"] != was and (was in CONVERSIONS or changes["staleness"] in CONVERSIONS):
+        # the core's conversions (worker, versions kept) are set up at the start: only the strategy would change
+        raise ConfigError(f"strategy {strategy.name!r} cannot change staleness from {was!r} to {changes['staleness']!r} "
+                          "while running (a converting policy is set up at the start)")
     hook = getattr(strategy, "reconfigure", None)
     if callable(hook):
         hook(**changes)
@@ -1044,6 +1050,7 @@ def reload(daemon: CoordinatorDaemon, layered: Layered,
 
         def apply() -> None:
             reconfigure_strategy(strategy, changes)
+            daemon.core.refresh_policy()  # the core judges stale updates by the new bound / convert_beyond too
             daemon.actor.run_actions(daemon.core.start(daemon.clock.now()))  # re-plan, re-arm, new status
 
         try:

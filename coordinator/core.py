@@ -765,6 +765,16 @@ class CoordinatorCore:
             self._peering_changed = None
         return [*changed, *self._after(now), *self._regate_newest(now), self._status_action(now), *self._recall(force=True)]
 
+    def refresh_policy(self) -> None:
+        """The strategy's staleness parameters changed (SIGHUP): judge stale updates by them from
+        now on. Turning conversion on or off or changing its kind is a ConfigError (nothing
+        changes): the driver's worker and the versions kept for it are set up at the start."""
+        policy = policy_of(self.strategy)
+        if conversion_of(policy) != conversion_of(self._policy):
+            raise ConfigError(f"the staleness policy cannot change from {self._policy.name!r} to {policy.name!r} "
+                              "while running (a converting policy is set up at the start): restart")
+        self._policy = policy
+
     def reannounce(self, now: float) -> list[CoordinatorAction]:
         """The broker connection came back: the status (its last will may say ``alive: false``, a
         broker restarted without persistence forgot it) and the recall (retained), again now."""

@@ -574,6 +574,46 @@ def test_sighup_says_when_a_flag_beats_the_file_s_strategy_value(caplog: pytest.
     assert "config reloaded" in text
 
 
+def sighup_live(toml: str, running_toml: str, caplog: pytest.LogCaptureFixture) -> tuple[Any, str]:
+    """Reload into a daemon stand-in whose core runs ``running_toml``'s strategy (changes applied
+    on the calling thread, as the actor would)."""
+    import logging
+    from types import SimpleNamespace
+
+    running = layered([], {}, running_toml)
+    opts = coordinator_cli.options_from(running.args, running)
+    core = make_coordinator(opts.strategy, **opts.strategy_params)
+    actor = SimpleNamespace(call=lambda fn: fn(), run_actions=lambda actions: None)
+    daemon = SimpleNamespace(options=opts, core=core, actor=actor, clock=SimpleNamespace(now=lambda: 0.0))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="edgeci.coordinator"):
+        coordinator_cli.reload(daemon, running, lambda: layered([], {}, toml), lambda level, fmt: None)  # type: ignore[arg-type]
+    return core, caplog.text
+
+
+def test_sighup_cannot_turn_a_conversion_on_or_off_and_the_core_takes_its_new_bound(caplog: pytest.LogCaptureFixture) -> None:
+    # Observed: SIGHUP said "staleness is now 'none'" while the core went on converting (and, the
+    # other way round, "now 'gradient-inversion'" with no conversion ever asked): the core's policy
+    # and the daemon's worker are set up at the start; only the strategy changed.
+    from coordinator.core import ConvertUpdate
+    from tests.test_conversion import upd
+
+    table = "[strategy]\nk = 2\ntimeout_s = 600.0\nclip_multiplier = 0.0\nsample_weight_cap = 0.0\nconvert_beyond = 2\n"
+    for was, now in (("gradient-inversion", "none"), ("none", "gradient-inversion"), ("dc-asgd", "gradient-inversion")):
+        core, text = sighup_live(table + f'staleness = "{now}"\n', table + f'staleness = "{was}"\n', caplog)
+        assert "cannot reload strategy parameter staleness without a restart" in text, text
+        assert core.strategy.config.staleness == was and core.conversion_policy == (None if was == "none" else was)
+    # convert_beyond (and max_staleness) change live: the core judges by the new value too
+    core, text = sighup_live(table.replace("convert_beyond = 2", "convert_beyond = 5") + 'staleness = "gradient-inversion"\n',
+                             table + 'staleness = "gradient-inversion"\n', caplog)
+    assert "strategy parameter convert_beyond is now 5" in text, text
+    for i in range(4):
+        core.handle(upd("fresh", 2 * i, 1.0, base=core.version))
+        core.handle(upd("fresh2", 2 * i, 1.0, base=core.version))
+    assert core.version == 4
+    assert not [a for a in core.handle(upd("slow", 0, 9.0, base=0)) if isinstance(a, ConvertUpdate)]  # 4 <= 5: damped
+
+
 def test_a_file_value_the_environment_or_a_flag_replaces_is_named() -> None:
     """Operator trial: the systemd unit's EDGECI_STATE_DIR beat the config file's state_dir, said
     only at INFO ("from the environment: state_dir"). The coordinator now warns of each file value
