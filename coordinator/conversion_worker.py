@@ -38,6 +38,8 @@ class Converter(Protocol):
 
     def convert(self, request: ConvertUpdate) -> Any: ...
 
+    # Optional: ``cancel() -> None`` ends a running ``convert`` early, for good (the worker's stop).
+
 
 def _answer(request: ConvertUpdate, weights: Vector | None, elapsed: float, detail: str, now: float) -> UpdateConverted:
     return UpdateConverted(now=now, ticket=request.ticket, weights=weights, elapsed_s=elapsed, detail=detail)
@@ -74,6 +76,9 @@ class ConversionWorker:
         ``max_queue`` conversions of seconds each). A conversion already running may finish
         within ``timeout``; after that the thread (a daemon thread) is left to end by itself."""
         self._stopping = True
+        cancel = getattr(self.converter, "cancel", None)
+        if callable(cancel):  # a conversion still running at exit aborted the process (torch in a daemon thread)
+            cancel()
         dropped = 0
         with contextlib.suppress(queue.Empty):
             while True:
@@ -99,7 +104,7 @@ class ConversionWorker:
                 result = self.converter.convert(request)
                 weights = getattr(result, "weights", result)
                 weights = None if weights is None else np.asarray(weights, dtype=np.float32)
-                detail = ""
+                detail = "" if weights is not None else "cancelled: stopping" if self._stopping else "no usable estimate"
             except Exception as exc:  # a converter bug must not kill the worker: fall back, logged
                 log.exception("converting device %s's update failed", request.device)
                 weights, detail = None, f"{type(exc).__name__}: {exc}"[:200]

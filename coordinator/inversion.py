@@ -211,6 +211,7 @@ class GradientInverter:
         self._states: OrderedDict[str, _Rec] = OrderedDict()
         self._state_bytes = 0
         self._lock = threading.Lock()
+        self._cancelled = threading.Event()
 
     @staticmethod
     def _range_of(factory: ModelFactoryLike) -> tuple[float, float] | None:
@@ -236,6 +237,12 @@ class GradientInverter:
             rec = self._states.pop(device, None)
             if rec is not None:
                 self._state_bytes -= rec.nbytes
+
+    def cancel(self) -> None:
+        """End a running :meth:`convert` at its next iteration (answered ``weights=None``), and
+        every later one at once: for shutting down (a process that exits while a conversion
+        runs in torch on a daemon thread aborts: "terminate called without an active exception")."""
+        self._cancelled.set()
 
     def convert(self, request: ConvertUpdate) -> ConversionResult:
         """Invert ``request.stale_weights`` (trained from ``base_weights``) into D_rec and
@@ -365,6 +372,8 @@ class GradientInverter:
         # Each pass evaluates the current D_rec (kept if best) and then steps it; the budget
         # check leaves room for one more pass plus the final no-graph LocalUpdate′ (cheaper).
         for step in range(cfg.iterations + 1):
+            if self._cancelled.is_set():
+                break
             tick = perf_counter()
             theta0 = base_t.clone().requires_grad_(True)
             theta = self._unroll(theta0, x, torch.softmax(labels, dim=1), recipe, graph=True)
@@ -399,7 +408,7 @@ class GradientInverter:
 
         if math.isfinite(best_l1):
             self._keep(device, best)  # even when unusable yet: the next warm start goes on from it
-        if not math.isfinite(best_l1) or best_l1 >= zero_l1:
+        if not math.isfinite(best_l1) or best_l1 >= zero_l1 or self._cancelled.is_set():
             # D_rec explains less of the update than an empty set would: nothing to convert with.
             return ConversionResult(weights=None, iterations=iterations, l1_before=l1_before, l1_after=best_l1,
                                     elapsed_s=perf_counter() - started, warm=warm)

@@ -9,8 +9,10 @@ trained on 200 other samples), and the true fresh update LocalUpdate′(target; 
 from __future__ import annotations
 
 import math
+import os
 import sys
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -209,6 +211,44 @@ def test_bad_input_raises_a_typed_error_and_keeps_nothing(case: Case, change: di
     with pytest.raises(error):
         inverter.convert(case.request(**change))
     assert inverter.devices() == []
+
+
+def test_a_process_stopping_its_worker_mid_conversion_exits_cleanly(tmp_path: Path) -> None:
+    # Observed: SIGTERM to `edgeci coordinator` while a conversion ran logged "stopped cleanly",
+    # then "terminate called without an active exception" and died of SIGABRT (exit -6, a core
+    # dump; systemd marks the unit failed): torch still ran on the worker's daemon thread at exit.
+    import subprocess
+
+    script = """
+import threading, time, numpy as np
+from coordinator.conversion_worker import ConversionWorker
+from tests.test_inversion import Case
+case = Case()
+inverter = case.inverter(iterations=1_000_000, time_budget_s=120.0)
+answers = []
+worker = ConversionWorker(inverter, answers.append, time.monotonic).start()
+worker.submit(case.request(deadline=time.monotonic() + 600))
+time.sleep(1.0)
+t0 = time.monotonic()
+worker.stop()
+print("stopped in", round(time.monotonic() - t0, 2), "answers", len(answers), "alive", worker._thread.is_alive())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert done.returncode == 0, (done.returncode, done.stdout, done.stderr[-2000:])
+    assert "alive False" in done.stdout, done.stdout
+
+
+def test_cancel_ends_a_running_conversion_with_no_weights(case: Case) -> None:
+    import threading
+    import time
+
+    inverter = case.inverter(iterations=1_000_000, time_budget_s=120.0)
+    threading.Timer(0.5, inverter.cancel).start()
+    t0 = time.monotonic()
+    result = inverter.convert(case.request())
+    assert result.weights is None and time.monotonic() - t0 < 30
+    assert inverter.convert(case.request()).iterations == 0  # for good: stopping
 
 
 def test_an_unusable_inversion_returns_no_weights(case: Case) -> None:
