@@ -318,6 +318,10 @@ CoordinatorAction = Publish | ScheduleTimer | PersistUpdate | CommitVersion | No
 PRESENCE_LIMIT = 10_000
 """Devices whose presence (online flag, last seen) is tracked; the least recent are forgotten."""
 RECENT_DEVICES = 50
+STALENESS_HISTOGRAM_CAP = 1000
+"""A staleness of this many versions or more is counted at this key: a key per distinct value let
+one device's updates, each from another old version, grow the retained status past the 64 KiB
+devices read (5,001 keys: 56.8 KB)."""
 """Per-device rows in the status (the most recently seen)."""
 _NO_WEIGHTS: Vector = np.zeros(0, dtype=np.float32)
 _TICKETS = itertools.count(1)
@@ -1193,7 +1197,7 @@ class CoordinatorCore:
         )
         self.counters["accepted"] += 1
         self._training.discard(msg.device)
-        self.staleness_hist[update.staleness] += 1
+        self.staleness_hist[min(update.staleness, STALENESS_HISTOGRAM_CAP)] += 1
         actions: list[CoordinatorAction] = [PersistUpdate(update=update)]
         if self._converting:
             actions += self._admit(update, now)

@@ -129,6 +129,22 @@ def test_fedasync_makes_a_version_per_update_through_the_core() -> None:
     assert dict(c.staleness_hist) == {0: 1, 1: 1}
 
 
+def test_the_staleness_histogram_stays_small_whatever_the_bases() -> None:
+    # Observed: one device sending 5,000 updates, each from another old version, made 5,001
+    # histogram keys and a 56.8 KB retained status (devices refuse one over 64 KiB).
+    from edge_sdk.core.device import MAX_STATUS_BYTES
+    from edge_sdk.wire.codec import status_json
+
+    c = make_coordinator(k=1, timeout_s=None)
+    for i in range(1300):
+        c.handle(update_event("honest", i, 0.0, base=c.version))
+    for i in range(1200):  # staleness 100 + 2i: every one different
+        c.handle(update_event("evil", i, 0.0, base=1200 - i))
+    assert len(c.staleness_hist) <= 1001
+    assert c.staleness_hist[1000] == 750  # 1,000 or more versions behind
+    assert len(status_json(c.status())) < MAX_STATUS_BYTES // 4  # at most 1,001 keys
+
+
 # ------------------------------------------------------------------ PORT
 
 
