@@ -498,8 +498,10 @@ class CoordinatorDaemon:
 
                 converter = make_inverter(self.task.name, self.task.spec, **dict(self.options.inversion_params))
             self.conversions = ConversionWorker(converter, self.actor.submit, self.clock.now).start()
+            policy = policy_of(self.core.strategy)
+            policy = getattr(policy, "inner", policy)  # (under a max_staleness bound)
             log.info("staleness policy gradient-inversion: updates staler than %g versions are converted on a worker "
-                     "(deadline %.0f s, then damped)", getattr(policy_of(self.core.strategy), "beyond", float("nan")),
+                     "(deadline %.0f s, then damped)", getattr(policy, "beyond", float("nan")),
                      self.options.conversion_deadline_s)
         self.actor.start()
         self._probe_thread.start()
