@@ -1248,7 +1248,7 @@ class CoordinatorCore:
             elif verdict.kind == "dc-asgd":
                 lr = float(self.config.hints.get("lr", cc.default_lr))
                 weights = dc_asgd(update.weights, base, self._weights, lr=lr, lam=cc.dc_lambda)
-                if bool(np.isfinite(weights).all()):
+                if self._admissible(weights):
                     self.counters["conversion_applied"] += 1
                     update = self._as_fresh(update, weights, self._version, now)
                 else:
@@ -1271,6 +1271,15 @@ class CoordinatorCore:
         self.strategy.on_update(self._view, update, now)
         return []
 
+    def _admissible(self, weights: Vector) -> bool:
+        """A conversion's weights pass what a device's must (its shape, finite, a norm of at most
+        MAX_UPDATE_NORM): DC-ASGD's Δ⊙Δ term made 1.8e30 of an admissible change of 9.9e14."""
+        try:
+            self.config.spec.check_update(weights)
+        except RemoteProtocolError:  # ShapeMismatch, NonFiniteWeights, WeightsOutOfRange
+            return False
+        return True
+
     def _as_fresh(self, update: BufferedUpdate, weights: Vector, target_version: int, now: float) -> BufferedUpdate:
         return BufferedUpdate(
             device=update.device, seq=update.seq, base_version=target_version,
@@ -1285,7 +1294,7 @@ class CoordinatorCore:
             return []
         update = parked.update
         w = ev.weights
-        if w is not None and w.shape == parked.target.shape and w.dtype == np.float32 and bool(np.isfinite(w).all()):
+        if isinstance(w, np.ndarray) and self._admissible(w):
             estimate = np.subtract(w, parked.target, dtype=np.float32)
             stale_delta = np.subtract(update.weights, parked.base, dtype=np.float32)
             self._switch.record(update.device, parked.target_version, estimate, stale_delta)

@@ -169,6 +169,20 @@ def test_a_staleness_bound_drops_beyond_it_and_converts_below_it(policy: str) ->
     assert c.counters["conversion_requested" if policy == "gradient-inversion" else "conversion_applied"] == 1
 
 
+def test_a_dc_asgd_conversion_beyond_the_update_norm_bound_falls_back() -> None:
+    # DC-ASGD's Δ⊙Δ term squares a change: an admissible update (norm below MAX_UPDATE_NORM) came
+    # out with weights of 1e30, past the bound the aggregation's finite arithmetic relies on
+    # (unclipped, it made the next version so large every honest update was then out of range).
+    from edge_sdk.spec import MAX_UPDATE_NORM
+
+    c = converting_core("dc-asgd")
+    value = 0.9 * MAX_UPDATE_NORM / np.sqrt(SPEC.size)
+    c.handle(upd("evil", 0, value, base=0))
+    assert c.counters["conversion_failed"] == 1 and c.counters["conversion_applied"] == 0
+    (u,) = c.buffer
+    assert u.base_version == 0 and float(np.linalg.norm(u.weights.astype(np.float64))) <= MAX_UPDATE_NORM  # its own weights, damped
+
+
 def test_dc_asgd_formula() -> None:
     stale, base, current = (np.array(v, dtype=np.float32) for v in ([1.0, 2.0], [0.5, 1.0], [0.7, 1.5]))
     delta, drift = stale - base, current - base
