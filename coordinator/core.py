@@ -89,7 +89,7 @@ import math
 import random
 from bisect import bisect_right
 from collections import Counter, OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -318,16 +318,12 @@ CoordinatorAction = Publish | ScheduleTimer | PersistUpdate | CommitVersion | No
 PRESENCE_LIMIT = 10_000
 """Devices whose presence (online flag, last seen) is tracked; the least recent are forgotten."""
 RECENT_DEVICES = 50
+"""Per-device rows in the status (the most recently seen)."""
 STALENESS_HISTOGRAM_CAP = 1000
 """A staleness of this many versions or more is counted at this key: a key per distinct value let
 one device's updates, each from another old version, grow the retained status past the 64 KiB
 devices read (5,001 keys: 56.8 KB)."""
-"""Per-device rows in the status (the most recently seen)."""
 _NO_WEIGHTS: Vector = np.zeros(0, dtype=np.float32)
-_TICKETS = itertools.count(1)
-"""Conversion tickets, unique in the process: a driver that rebuilds its core (a storage failure,
-a core error) may still get the answer to an old core's ticket, which must match nothing in the
-new one (numbered from 1 per core, it was applied to another device's parked update)."""
 _SEQUENCED = (Pull, Update)
 """The messages that carry a device's request seq (a tuple: ``Pull | Update`` builds a union per test)."""
 ABANDONED_RANGES = 256
@@ -480,7 +476,12 @@ class CoordinatorCore:
         *,
         rng: random.Random,
         peering: Peering | None = None,
+        tickets: Iterator[int] | None = None,
     ) -> None:
+        """``tickets``: where conversion tickets come from. A driver that rebuilds its core (a
+        storage failure, a core error) passes one source to every core it builds: its worker may
+        still answer an old core's ticket, which must match nothing in the new one (numbered from
+        1 per core, that answer replaced another device's parked update)."""
         self.config = config
         self.strategy = strategy
         self.peering = peering or Peering()
@@ -561,6 +562,7 @@ class CoordinatorCore:
         self._converting = needs_driver(self._policy)
         self._switch = SwitchTracker(config.conversion, dict(snapshot.conversion_state))
         self._parked: dict[int, _Parked] = {}
+        self._tickets = tickets if tickets is not None else itertools.count(1)
         self._parked_devices: dict[str, list[BufferedUpdate]] = {}  # device -> updates queued behind its parked one
         self._view = ReadOnlyView(self)  # what strategies and peerings see: no mutators, read-only vectors
         self._applied_upto: dict[str, int] = dict(snapshot.applied_upto)
@@ -1254,7 +1256,7 @@ class CoordinatorCore:
                 else:
                     self.counters["conversion_failed"] += 1
             else:
-                ticket = next(_TICKETS)
+                ticket = next(self._tickets)
                 parked = _Parked(update=update, deadline=now + cc.deadline_s, base=base,
                                  target_version=self._version, target=self._weights)
                 self._parked[ticket] = parked

@@ -10,6 +10,7 @@ object and hands it to the core, which then also subscribes to ``edgeci/v1/peer/
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import random
@@ -294,6 +295,7 @@ class CoordinatorDaemon:
         self.validator: Validator | None = None
         self._converter = converter
         self.conversions: ConversionWorker | None = None
+        self._tickets = itertools.count(1)  # one source for every core this daemon builds (CoordinatorCore's tickets)
         operator_dir = options.operator_keys_dir or (options.bundle / "operators" if options.bundle is not None else None)
         # operators/<name>.pub: the key that may sign control commands in that name
         self.operators = load_named_keys(operator_dir) if operator_dir is not None and Path(operator_dir).is_dir() else {}
@@ -415,6 +417,7 @@ class CoordinatorDaemon:
             strategy,
             snapshot,
             rng=random.Random(options.seed),
+            tickets=self._tickets,
             peering=peering,
         )
         # The gate may promote any version the core still holds (a canary round lasts minutes;

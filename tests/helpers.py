@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -193,10 +193,11 @@ class Link(Driver):
                 pass
 
 
-def make_coordinator(strategy: str | Strategy = "spin", *, snapshot: Snapshot | None = None, seed: int = 0, **params: object) -> CoordinatorCore:
+def make_coordinator(strategy: str | Strategy = "spin", *, snapshot: Snapshot | None = None, seed: int = 0,
+                     tickets: Iterator[int] | None = None, **params: object) -> CoordinatorCore:
     strat = make_strategy(strategy, **params) if isinstance(strategy, str) else strategy
     cfg = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, signer=SIGNER)
-    return CoordinatorCore(cfg, strat, snapshot or toy_snapshot(), rng=random.Random(seed))
+    return CoordinatorCore(cfg, strat, snapshot or toy_snapshot(), rng=random.Random(seed), tickets=tickets)
 
 
 def unstarted_client(data_dir: Path, **kw: Any) -> Any:

@@ -3,11 +3,15 @@ DC-ASGD, and the switch back to plain aggregation (E1 vs E2, α blending)."""
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+import coordinator.daemon as daemon_module
 from coordinator.conversion import ConversionConfig, SwitchTracker, dc_asgd, disparity
 from coordinator.core import (
     CommitVersion,
@@ -17,8 +21,10 @@ from coordinator.core import (
     Snapshot,
     UpdateConverted,
 )
+from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
 from edge_sdk.core.events import MessageReceived, Publish, ScheduleTimer, TimerFired
 from edge_sdk.errors import ConfigError
+from edge_sdk.tasks import get_task
 from edge_sdk.wire import topics
 from edge_sdk.wire.codec import encode, parse_status_json
 from edge_sdk.wire.messages import Update
@@ -32,10 +38,11 @@ def upd(device: str, seq: int, value: float, *, base: int, now: float = 0.0) -> 
     return MessageReceived(now=now, topic=topics.device_topic("r1", device, "update"), payload=encode(msg))
 
 
-def converting_core(policy: str = "gradient-inversion", *, snapshot: Snapshot | None = None) -> CoordinatorCore:
+def converting_core(policy: str = "gradient-inversion", *, snapshot: Snapshot | None = None,
+                    tickets: Iterator[int] | None = None) -> CoordinatorCore:
     """A SPIN core (no clipping) whose staleness policy converts updates staler than 2."""
     c = make_coordinator(k=2, timeout_s=None, snapshot=snapshot, clip_multiplier=0, sample_weight_cap=0,
-                         staleness=policy, convert_beyond=2)
+                         staleness=policy, convert_beyond=2, tickets=tickets)
     start = c.version
     for i in range(4):  # four versions from two fresh devices
         c.handle(upd("fresh", 2 * i, 1.0 + i, base=c.version))
@@ -107,10 +114,12 @@ def test_a_devices_later_updates_queue_behind_its_parked_one_in_seq_order() -> N
 
 def test_an_answer_to_a_rebuilt_cores_ticket_is_not_applied_to_another_devices_update() -> None:
     # The daemon rebuilds its core (storage failure, core error) while the worker converts the
-    # old core's request: that answer must not match the new core's own first request.
-    old = converting_core()
+    # old core's request: that answer must not match the new core's own first request. The
+    # daemon gives every core it builds one ticket source (the next test).
+    tickets = itertools.count(1)
+    old = converting_core(tickets=tickets)
     (req_a,) = [a for a in old.handle(upd("devA", 0, 9.0, base=0)) if isinstance(a, ConvertUpdate)]
-    new = converting_core()
+    new = converting_core(tickets=tickets)
     (req_b,) = [a for a in new.handle(upd("devB", 0, -3.0, base=0)) if isinstance(a, ConvertUpdate)]
     assert req_b.ticket != req_a.ticket
     new.handle(UpdateConverted(now=1.0, ticket=req_a.ticket, weights=np.full(SPEC.size, 5.0, dtype=np.float32)))
@@ -119,6 +128,26 @@ def test_an_answer_to_a_rebuilt_cores_ticket_is_not_applied_to_another_devices_u
     (u,) = new.buffer
     assert u.device == "devB"
     np.testing.assert_allclose(u.weights, -1.0)
+
+
+def test_every_core_a_daemon_builds_draws_tickets_from_one_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    built: list[dict[str, Any]] = []
+
+    def spy(*args: Any, **kwargs: Any) -> CoordinatorCore:
+        built.append(kwargs)
+        return CoordinatorCore(*args, **kwargs)
+
+    monkeypatch.setattr(daemon_module, "CoordinatorCore", spy)
+    d = CoordinatorDaemon(CoordinatorOptions(broker="mqtt://127.0.0.1:1", region="r", state_dir=tmp_path / "state",
+                                             strategy_params={"staleness": "dc-asgd", "convert_beyond": 2}),
+                          task=get_task("digits"))
+    try:
+        snapshot = d.registry.load()
+        assert snapshot is not None
+        d._build_core(snapshot)  # what a rebuild after a storage failure or a core error calls
+    finally:
+        d.registry.close()
+    assert len(built) == 2 and built[0]["tickets"] is not None and built[0]["tickets"] is built[1]["tickets"]
 
 
 def test_a_device_flooding_updates_behind_a_conversion_is_deferred_not_buffered() -> None:
