@@ -34,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from coordinator.broker import EmbeddedBroker
-from coordinator.config import bounded
+from coordinator.config import bounded, finite
 from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
 from devices.headless import below_d_min, fleet_partition, fleet_train_config
 from devices.live import LabellingLoop, LabellingUser, labelling_stream
@@ -51,7 +51,16 @@ log = logging.getLogger("edgeci.run")
 def _positive(kind: type[int] | type[float]) -> Any:
     """A number above 0 (``--duration -5`` or ``--rate 0`` would run a job that labels nothing
     and still overwrite --out)."""
-    return bounded(kind, 0, strict=True)
+    return finite(bounded(kind, 0, strict=True))
+
+
+def _margin(text: str) -> float:
+    """--gate-margin: an accuracy in [0, 1) (-1 or nan failed later as the gate's
+    "need 0 <= margin <= rollback_margin < 1", naming no flag of this command)."""
+    value = float(finite(bounded(float, 0))(text))
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be below 1, got {text}")
+    return value
 
 
 def _validation_size(text: str) -> int:
@@ -78,9 +87,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=_positive(int), default=5, help="SPIN: aggregate when K updates are buffered (default: 5)")
     p.add_argument("--timeout", type=_positive(float), default=3.0, help="SPIN: timeout π in seconds (default: 3)")
     p.add_argument("--combine", choices=["models", "deltas"], default="models", help="SPIN: average the buffered models (paper, default) or apply each update's delta from its base version (faster on digits, unstable with stale detection updates)")
-    p.add_argument("--epochs", type=int, help="local epochs over all samples (default: the task's — digits, gestures 2; "
+    p.add_argument("--epochs", type=bounded(int, 1), help="local epochs over all samples (default: the task's — digits, gestures 2; "
                    "detection 5; edge_sdk/tasks/registry.py)")
-    p.add_argument("--lr", type=float, help="local learning rate (default: the task's — digits, gestures 0.05 (SGD); "
+    p.add_argument("--lr", type=_positive(float), help="local learning rate (default: the task's — digits, gestures 0.05 (SGD); "
                    "detection 0.001 (AdamW))")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split, the devices' partitions, labelling times and local training")
     p.add_argument("--out", type=Path, default=Path("runs/latest"), help="where the plot and metrics go")
@@ -89,7 +98,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--validation-size", type=_validation_size, default=200,
                    help="pool samples kept at the coordinator for the release gate, at most a quarter of the pool "
                    "(more is capped, with a note); to run without the gate use --no-gate")
-    p.add_argument("--gate-margin", type=float, default=0.02, help="accuracy a candidate may lose against the release and still be released")
+    p.add_argument("--gate-margin", type=_margin, default=0.02, help="accuracy a candidate may lose against the release and still be released")
     p.add_argument("--no-gate", action="store_true", help="release every aggregated version (no validation set)")
 
 

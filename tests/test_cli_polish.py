@@ -208,6 +208,15 @@ def test_replot_without_runs_says_which_options_must_match(tmp_path: Path, capsy
     ("--validation-size", "0", "0 leaves the release gate no validation set: use --no-gate"),
     ("--validation-size", "-3", "argument --validation-size: must be above 0, got -3"),
     ("--min-samples", "0", "argument --min-samples: must be at least 1, got 0"),
+    # (accepted before: --epochs 0 ran, --lr -1 failed every training job with a traceback and exit 0,
+    # --gate-margin -1 failed as "need 0 <= margin <= rollback_margin < 1", --duration inf never ended)
+    ("--epochs", "0", "argument --epochs: must be at least 1, got 0"),
+    ("--lr", "-1", "argument --lr: must be above 0, got -1"),
+    ("--lr", "inf", "argument --lr: must be a finite number, got inf"),
+    ("--duration", "inf", "argument --duration: must be a finite number, got inf"),
+    ("--gate-margin", "-1", "argument --gate-margin: must be at least 0, got -1"),
+    ("--gate-margin", "nan", "argument --gate-margin: must be at least 0, got nan"),
+    ("--gate-margin", "1", "argument --gate-margin: must be below 1, got 1"),
 ])
 def test_run_refuses_nonsense_numbers_before_writing(flag: str, value: str, needle: str, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
