@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.cli_status import liveness, operator_auth
-from coordinator.config import bounded
+from coordinator.config import bounded, finite
 from edge_sdk.errors import ConfigError, EdgeciError
 from edge_sdk.mqtt import MqttTransport, add_broker_arguments, read_bundle
 from edge_sdk.signing import Signer, load_signer
@@ -76,7 +76,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--operator", help="who you are, recorded with the command; the coordinator refuses any name but the "
                    "one it knows the signing key by (default: the identity the operator bundle was issued for; with the "
                    "coordinator's own key, its id; else the key file's name without .key)")
-    p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the coordinator to confirm")
+    # (--wait -1 said "no coordinator status on region ...: is it running?" of a running one)
+    p.add_argument("--wait", type=finite(bounded(float, 0, strict=True)), default=30.0, help="seconds to wait for the coordinator to confirm")
     add_broker_arguments(p)
 
 

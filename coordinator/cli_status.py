@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from coordinator.config import bounded, finite
 from edge_sdk.errors import ConfigError, MalformedMessage, TransportError
 from edge_sdk.mqtt import (
     BrokerAuth,
@@ -110,9 +111,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="mqtts://HOST[:8883] with an operator's --bundle in production")
     add_broker_arguments(p)
     p.add_argument("--region", default="default", help="the coordinator's region")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the retained status")
+    # (--timeout -1 was "no connection to broker ... within -1 s", a broker that was there)
+    p.add_argument("--timeout", type=finite(bounded(float, 0, strict=True)), default=5.0, help="seconds to wait for the retained status")
     p.add_argument("--json", action="store_true", help="print the status JSON (machine form)")
-    p.add_argument("--stale-after", type=float, help="call a status this many seconds old dead (default: 3 heartbeats + 10 s)")
+    p.add_argument("--stale-after", type=finite(bounded(float, 0, strict=True)), help="call a status this many seconds old dead (default: 3 heartbeats + 10 s)")
 
 
 # ---------------------------------------------------------------------- liveness

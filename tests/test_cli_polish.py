@@ -369,6 +369,22 @@ def test_rollback_takes_its_version_like_pin_or_with_to(argv: list[str], needle:
     assert exit_.value.code == 2 and needle in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (["status", "--timeout", "-1"], "edgeci status: error: argument --timeout: must be above 0, got -1"),
+    (["status", "--stale-after", "0"], "edgeci status: error: argument --stale-after: must be above 0, got 0"),
+    (["rollback", "3", "--wait", "-1"], "edgeci rollback: error: argument --wait: must be above 0, got -1"),
+    (["pin", "3", "--wait", "inf"], "edgeci pin: error: argument --wait: must be a finite number, got inf"),
+    (["unpin", "--wait", "0"], "edgeci unpin: error: argument --wait: must be above 0, got 0"),
+])
+def test_a_wait_that_is_no_wait_is_a_usage_error(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`edgeci status --timeout -1` said "no connection to broker ... within -1 s" and `rollback
+    --wait -1` "no coordinator status on region 'eu': is it running?", of a broker and a
+    coordinator that were there."""
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--broker", "mqtt://127.0.0.1:1"])
+    assert exit_.value.code == 2 and needle in capsys.readouterr().err
+
+
 def test_run_takes_the_tasks_d_min_unless_told() -> None:
     """`edgeci run --model gestures` used D_min 8, not the gesture task's 16 (helper-85): the
     default is now the task's, as for `edgeci device` and `edgeci label`."""
