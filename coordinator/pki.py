@@ -85,7 +85,11 @@ def _write_atomic(path: Path, data: bytes, mode: int) -> None:
         f.write(data)
         f.flush()
         os.fsync(fd)
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # (`pki acl --out /tmp` left /.tmp.tmp behind)
+        raise
 
 
 def public_dir(path: Path) -> Path:
@@ -711,7 +715,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                    "and SIGHUP mosquitto.", formatter_class=fmt)
     _dir_argument(s)
     s.add_argument("--broker-name", default="broker", help="the broker identity issued with --role broker")
-    s.add_argument("--port", type=int, default=8883, help="the TLS listener's port")
+    s.add_argument("--port", type=_listener_port, default=8883, help="the TLS listener's port (default: 8883)")
     s.add_argument("--bind", default="0.0.0.0", help="the listener's address (default: 0.0.0.0, every interface: TLS with "
                    "client certificates; 127.0.0.1 for a broker only this host reaches)")
     s.add_argument("--model-bytes", type=int, default=0, help="largest model's float32 bytes: max_packet_size = this + headroom (0: paho's 256 MiB limit)")
@@ -722,7 +726,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--out", type=Path, required=True, help="the config file to write (its files go to STEM-files/ beside it: edgeci-files/ for edgeci.conf)")
 
 
+def _listener_port(text: str) -> int:
+    """--port: 1-65535 (99999 was written into the config, and mosquitto then would not start)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port 1-65535, got {text}")
+    return port
+
+
 def run(args: argparse.Namespace) -> int:
+    """One `edgeci pki` action; a file or folder it cannot write is one line, not a traceback
+    (`pki init --dir FILE`, `pki acl --out /tmp` ended in a FileExistsError / IsADirectoryError)."""
+    try:
+        return _run(args)
+    except OSError as exc:
+        where = exc.filename2 if exc.filename2 is not None else exc.filename
+        why = "exists and is not a folder" if isinstance(exc, FileExistsError) else exc.strerror or str(exc)
+        raise ConfigError(f"{where}: {why}" if where is not None else str(exc)) from exc
+
+
+def _run(args: argparse.Namespace) -> int:
     cmd = args.pki_command
     if cmd == "init":
         Pki.init(args.dir, common_name=args.name, days=args.days, force=args.force)

@@ -377,6 +377,27 @@ def test_cli_init_issue_acl_passwd(tmp_path: Path, capsys: pytest.CaptureFixture
     assert '"username": "cam-1"' in manifest.read_text()
 
 
+def test_cli_a_path_it_cannot_write_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`pki init --dir FILE` and `pki acl --out /tmp` ended in a FileExistsError / IsADirectoryError
+    traceback (and the latter left `/.tmp.tmp` behind); `broker-conf --port 99999` wrote a
+    config mosquitto cannot start with."""
+    d, a_file = tmp_path / "pki", tmp_path / "a-file"
+    a_file.write_text("")
+    assert edgeci(["pki", "init", "--dir", str(a_file)]) == 1
+    assert capsys.readouterr().err == f"edgeci pki: error: {a_file}: exists and is not a folder\n"
+    assert edgeci(["pki", "init", "--dir", str(a_file / "pki")]) == 1
+    assert capsys.readouterr().err == f"edgeci pki: error: {a_file / 'pki'}: Not a directory\n"
+    assert edgeci(["pki", "init", "--dir", str(d)]) == 0
+    a_dir = tmp_path / "a-dir"
+    a_dir.mkdir()
+    assert edgeci(["pki", "acl", "--dir", str(d), "--out", str(a_dir)]) == 1
+    assert capsys.readouterr().err.endswith(f"edgeci pki: error: {a_dir}: Is a directory\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-dir", "a-file", "pki"]  # no .a-dir.tmp left
+    with pytest.raises(SystemExit) as exit_:
+        edgeci(["pki", "broker-conf", "--dir", str(d), "--out", str(tmp_path / "m.conf"), "--port", "99999"])
+    assert exit_.value.code == 2 and "argument --port: must be a port 1-65535, got 99999" in capsys.readouterr().err
+
+
 def test_emulated_fleet_takes_a_folder_of_bundles_or_one_devices_own_bundle(pki: Pki) -> None:
     from devices.mqtt_fleet import _fleet_credentials
 
