@@ -683,7 +683,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                    "ACL is the same, keyed by username. Clients: --bundle, or --username and "
                                    "--password-file (or EDGECI_PASSWORD); never a password on the command line.",
                        formatter_class=fmt)
-    s.add_argument("identity", metavar="ID")
+    s.add_argument("identity", metavar="ID", help="the issued identity to give a password")
     _dir_argument(s)
 
     s = sub.add_parser("revoke", help="put an identity's certificate on the CRL and take it out of the ACL (then SIGHUP mosquitto)",
@@ -694,7 +694,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                    "key leaves signing/ and an operator's command-signing key operators/: run `edgeci pki "
                                    "trust` and redistribute the bundles. The CRL needs the CA key: without it here, run "
                                    "`edgeci pki crl` where it is.", formatter_class=fmt)
-    s.add_argument("identity", metavar="ID")
+    s.add_argument("identity", metavar="ID", help="the issued identity to revoke")
     _dir_argument(s)
 
     s = sub.add_parser("crl", help="rewrite PKI/ca.crl from the revoked certificates (needs the CA key)",
@@ -703,7 +703,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                    "copy it to the broker's crlfile and SIGHUP mosquitto.", formatter_class=fmt)
     _dir_argument(s)
 
-    s = sub.add_parser("trust", help="rewrite every bundle's trusted/ keys (after issuing a new coordinator)")
+    s = sub.add_parser("trust", help="rewrite every bundle's trusted/ keys (after issuing a new coordinator)",
+                       description="Rewrite every bundle's trusted/ (the coordinators' model-signing keys it "
+                                   "trusts: every coordinator of the PKI, or the issue's --trust list) and each "
+                                   "coordinator bundle's operators/ (the operators whose rollback / pin it obeys). "
+                                   "Run it after issuing a coordinator or an operator (`pki issue` says when), "
+                                   "then copy the bundles to their hosts again.", formatter_class=fmt)
     _dir_argument(s)
 
     s = sub.add_parser("broker-conf", help="write a ready mosquitto config (TLS + ACL) and the files it reads",

@@ -451,3 +451,13 @@ def test_a_device_bundle_without_coordinator_keys_is_refused(pki: Pki, tmp_path:
     with pytest.raises(ConfigError, match="pki trust"):
         EdgeClient(broker="mqtts://127.0.0.1:1", device_id="devA", task="digits", bundle=bundle, durable=False,
                    data_dir=tmp_path / "devA")
+
+
+@pytest.mark.parametrize("action, needle", [("trust", "each coordinator bundle's operators/"),
+                                            ("revoke", "the issued identity to revoke"),
+                                            ("passwd", "the issued identity to give a password")])
+def test_every_pki_action_explains_itself(action: str, needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`edgeci pki trust --help` printed its usage and --dir only; revoke's and passwd's ID had no help."""
+    with pytest.raises(SystemExit) as exit_:
+        edgeci(["pki", action, "--help"])
+    assert exit_.value.code == 0 and needle in " ".join(capsys.readouterr().out.split())
