@@ -281,6 +281,9 @@ def add_broker_arguments(p: argparse.ArgumentParser, *, trust: str = "", bundle_
     g = p.add_argument_group(
         "broker authentication",
         "Use an mqtts://HOST[:8883] --broker URL: the broker's certificate is always verified. "
+        "An mqtt:// URL (the default where --broker has one) is plain MQTT: unencrypted, and the trial brokers "
+        "(the embedded one, coordinator/mosquitto/edgeci.conf) let anyone who reaches them connect, read and "
+        "publish: for trials on this machine only. "
         "A password is read from --password-file or the EDGECI_PASSWORD environment variable, never from the command line."
         + (" " + trust if trust else ""),
     )

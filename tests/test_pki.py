@@ -442,6 +442,18 @@ def test_trust_on_first_use_is_called_insecure_where_it_can_happen() -> None:
     assert "insecure" in dockerfile and "trusted/" in dockerfile
 
 
+def test_plain_mqtt_is_called_insecure_in_every_help_that_takes_a_broker() -> None:
+    """The default --broker, mqtt://127.0.0.1:1883, is plain and (on the trial brokers)
+    anonymous; `edgeci status/rollback/pin/unpin/coordinator --help` did not say so."""
+    from demos.cli import build_parser
+
+    for command in ("coordinator", "device", "status", "rollback", "pin", "unpin", "emulate", "label"):
+        parser = build_parser([command])
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+        text = " ".join(sub.format_help().split())
+        assert "plain MQTT: unencrypted" in text and "for trials on this machine only" in text, command
+
+
 def test_a_device_bundle_without_coordinator_keys_is_refused(pki: Pki, tmp_path: Path) -> None:
     """A device given a bundle fell back to trust on first use when the bundle had no
     coordinator keys (issued before any coordinator); now that is a ConfigError naming the fix."""
