@@ -48,7 +48,7 @@ from coordinator.config import (
     merge_strategy_params,
     param_value,
 )
-from coordinator.daemon import START_TIMEOUT_S, CoordinatorDaemon, CoordinatorOptions
+from coordinator.daemon import START_TIMEOUT_S, CoordinatorDaemon, CoordinatorOptions, canary_config
 from coordinator.inversion import inversion_config
 from coordinator.methods import make_method, resolve_names, split_params
 from coordinator.metrics import MetricsServer
@@ -514,7 +514,11 @@ def check_before_start(options: CoordinatorOptions, layered: Layered) -> None:
         if options.inversion_params:
             inversion_config(**dict(options.inversion_params))
         _check_gate(options, layered)
+        canary_config(options)  # (--canary 2 was refused only once connected, with exit 1: restarted for good)
     check_coordinator_bundle(options)
+    if options.operator_keys_dir is not None and not Path(options.operator_keys_dir).is_dir():
+        # (a mistyped folder started a coordinator that obeyed no operator, without a word)
+        raise ConfigError(f"--operator-keys {options.operator_keys_dir}: no such folder (of operator NAME.pub keys)")
     _check_metrics(str(getattr(args, "metrics_host", "127.0.0.1")), port)
     if options.validation is not None:
         load_validation(options.validation, task)

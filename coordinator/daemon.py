@@ -274,6 +274,18 @@ def kept_signing_key(options: CoordinatorOptions) -> Path | None:
     return options.signing_key or (bundled if bundled is not None and bundled.exists() else None)
 
 
+def canary_config(options: CoordinatorOptions) -> CanaryConfig | None:
+    """``--canary`` and its settings (None: off); a ConfigError names what is wrong (also
+    `edgeci coordinator`'s check before it connects: an exit 2, not 1 after the connection)."""
+    if not 0 <= options.canary <= 1:
+        raise ConfigError(f"--canary must be a fraction in [0, 1] (0 = off), got {options.canary}")
+    if options.canary == 0:
+        return None
+    return CanaryConfig(fraction=options.canary, samples=options.canary_samples, max_per_device=options.canary_max_per_device,
+                        min_reports=options.canary_min_reports, deadline_s=options.canary_deadline_s,
+                        recent_s=max(600.0, options.canary_deadline_s))
+
+
 class CoordinatorDaemon:
     """Start with :meth:`start`, stop with :meth:`stop` (SIGTERM handler in the CLI)."""
 
@@ -426,15 +438,7 @@ class CoordinatorDaemon:
         return core
 
     def _canary_config(self) -> CanaryConfig | None:
-        """``--canary`` and its settings (None: off); a ConfigError names what is wrong."""
-        options = self.options
-        if not 0 <= options.canary <= 1:
-            raise ConfigError(f"--canary must be a fraction in [0, 1] (0 = off), got {options.canary}")
-        if options.canary == 0:
-            return None
-        return CanaryConfig(fraction=options.canary, samples=options.canary_samples, max_per_device=options.canary_max_per_device,
-                            min_reports=options.canary_min_reports, deadline_s=options.canary_deadline_s,
-                            recent_s=max(600.0, options.canary_deadline_s))
+        return canary_config(self.options)
 
     def _rollback_margin(self) -> float:
         """At least the gate margin (a candidate between the two is held, so they cannot cross)."""

@@ -205,3 +205,28 @@ def test_a_checked_flag_out_of_range_in_the_environment_or_file_is_one_line(
         argv += ["--config", str(tmp_path / "c.toml")]
     assert main(argv) == 2 and needle in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--canary", "2"], "--canary must be a fraction in [0, 1] (0 = off), got 2.0"),
+    (["--canary", "0.5", "--canary-min-reports", "1"], "canary min_reports must be >= 2"),
+    (["--canary", "0.5", "--canary-samples", "0"], "canary samples must be in [1, "),
+])
+def test_canary_settings_out_of_range_are_exit_2_before_the_broker(flags: list[str], needle: str, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """`edgeci coordinator --canary 2` was refused only after connecting to the broker, with exit 1
+    (the systemd unit restarts that for good); with the broker down it said only that."""
+    from demos.cli import main
+
+    argv = ["coordinator", "--broker", "mqtt://127.0.0.1:1", "--state-dir", str(tmp_path / "s"), *flags]
+    assert main(argv) == 2 and needle in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_missing_operator_keys_folder_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--operator-keys /mistyped` started a coordinator that obeyed no operator's command, silently."""
+    from demos.cli import main
+
+    argv = ["coordinator", "--broker", "mqtt://127.0.0.1:1", "--state-dir", str(tmp_path / "s"),
+            "--operator-keys", str(tmp_path / "nope")]
+    assert main(argv) == 1 and f"--operator-keys {tmp_path / 'nope'}: no such folder" in capsys.readouterr().err
