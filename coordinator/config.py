@@ -40,6 +40,13 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
+class ConfigFileUnreadable(ConfigError):
+    """--config / EDGECI_CONFIG names a file that cannot be read (not there yet, a volume not
+    mounted): exit 1, which the systemd unit retries, where a file that does not parse is 2."""
+
+    exit_code = 1
+
+
 @dataclass(frozen=True, slots=True)
 class Option:
     """One layered option: its dest, the long flag's name (without ``--``) and the action."""
@@ -292,7 +299,7 @@ def resolve(
             try:
                 text = read_text(path)
             except OSError as exc:
-                raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+                raise ConfigFileUnreadable(f"cannot read config file {path}: {exc.strerror or exc}") from exc
             file_vals, strategy = file_values(options, parse_toml(text, name=str(path)), name=str(path))
     env_vals = env_values(options, env)
     sources: dict[str, Source] = {}

@@ -296,7 +296,7 @@ def _main(argv: Sequence[str] | None) -> int:
         args = resolve_args(parser, argv, os.environ)
     except EdgeciError as exc:
         print(f"edgeci: error: {exc}", file=sys.stderr)
-        return 2
+        return int(getattr(exc, "exit_code", 2))  # (ConfigFileUnreadable: 1, retried by the systemd unit)
     if not getattr(args, "command", None):
         parser.print_help()
         return 2

@@ -230,3 +230,17 @@ def test_a_missing_operator_keys_folder_is_refused(tmp_path: Path, capsys: pytes
     argv = ["coordinator", "--broker", "mqtt://127.0.0.1:1", "--state-dir", str(tmp_path / "s"),
             "--operator-keys", str(tmp_path / "nope")]
     assert main(argv) == 1 and f"--operator-keys {tmp_path / 'nope'}: no such folder" in capsys.readouterr().err
+
+
+def test_a_config_file_not_there_is_exit_1_one_that_does_not_parse_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """The unit (EDGECI_CONFIG=/etc/edgeci/coordinator.toml) retries "a file not there yet" (exit 1)
+    and not a value wrong on its face (2); a missing config file exited 2, never retried."""
+    from demos.cli import main
+
+    argv = ["coordinator", "--broker", "mqtt://127.0.0.1:1", "--state-dir", str(tmp_path / "s")]
+    monkeypatch.setenv("EDGECI_CONFIG", str(tmp_path / "not-yet.toml"))
+    assert main(argv) == 1 and f"cannot read config file {tmp_path / 'not-yet.toml'}" in capsys.readouterr().err
+    (tmp_path / "not-yet.toml").write_text("k = \n")
+    assert main(argv) == 2 and "not valid TOML" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
