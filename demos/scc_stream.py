@@ -31,7 +31,11 @@ def run(args: argparse.Namespace) -> int:
     option this command does not take keeps emulate's default (a hand-built namespace went
     stale when emulate gained ``--transport``)."""
     from demos import emulate
+    from devices.scenario import ScenarioError, read_toml
 
+    if "stream" not in read_toml(args.scenario):  # (attacks.toml ran the whole attacks emulation instead)
+        raise ScenarioError(f"{args.scenario} has no [stream] table: scc-stream runs the SCC stream experiment "
+                            "(demos/scenarios/scc-stream.toml); other scenarios run with edgeci emulate")
     argv = [str(args.scenario), f"--seeds={args.seeds}", f"--threads={args.threads}"]
     argv += [f"--out={args.out}"] if args.out is not None else []
     argv += [flag for flag, on in (("--quick", args.quick), ("--no-progress", args.no_progress)) if on]

@@ -191,6 +191,21 @@ def test_an_out_that_cannot_be_a_folder_is_one_line_before_any_run(argv: list[st
     assert a_file.read_text() == ""
 
 
+def test_scc_stream_refuses_a_scenario_without_a_stream_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """`edgeci scc-stream --scenario demos/scenarios/attacks.toml` ran the attacks emulation (77 s
+    here), though its help asks for a scenario with a [stream] table."""
+    import devices.simulator
+
+    def no_work(*_: object, **__: object) -> None:
+        raise AssertionError("ran the scenario")
+
+    monkeypatch.setattr(devices.simulator.Simulation, "run", no_work)
+    code = main(["scc-stream", "--scenario", str(ROOT / "demos/scenarios/attacks.toml"), "--quick", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 1 and "attacks.toml has no [stream] table" in err and "edgeci emulate" in err, err
+
+
 def test_replot_without_runs_says_which_options_must_match(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["emulate", "demos/scenarios/digits-headline.toml", "--replot", "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
