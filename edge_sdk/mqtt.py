@@ -1191,7 +1191,7 @@ def _refusal_hint(reason: str) -> str:
     if "unknown ca" in low or "bad certificate" in low or "certificate unknown" in low:
         return " (the broker does not accept our client certificate: issued by another CA?)"
     if "not authori" in low:
-        return " (the broker's ACL or password file does not know this identity)"
+        return " (the broker's ACL or password file does not know this identity, or its password is wrong)"
     if "bad user name or password" in low:
         return " (wrong username or password)"
     return ""
