@@ -260,7 +260,7 @@ class Pki:
 
     def _ca_key(self) -> ec.EllipticCurvePrivateKey:
         if not self.ca_key_path.exists():
-            raise ConfigError(f"the CA key {self.ca_key_path} is not here (kept offline?): issue from where it is")
+            raise ConfigError(f"the CA key {self.ca_key_path} is not here (kept offline?): run this where it is")
         key = serialization.load_pem_private_key(self.ca_key_path.read_bytes(), password=None)
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise ConfigError(f"{self.ca_key_path} is not an ECDSA key")

@@ -465,6 +465,16 @@ def test_a_device_bundle_without_coordinator_keys_is_refused(pki: Pki, tmp_path:
                    data_dir=tmp_path / "devA")
 
 
+def test_without_the_ca_key_issue_and_crl_say_to_run_where_it_is(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`edgeci pki crl` without ca.key said "issue from where it is"."""
+    d = tmp_path / "pki"
+    Pki.init(d)
+    (d / "ca.key").rename(tmp_path / "ca.key.offline")
+    for argv in (["issue", "--dir", str(d), "--role", "device", "cam-1"], ["crl", "--dir", str(d)]):
+        assert edgeci(["pki", *argv]) == 1
+        assert capsys.readouterr().err == f"edgeci pki: error: the CA key {d / 'ca.key'} is not here (kept offline?): run this where it is\n"
+
+
 @pytest.mark.parametrize("action, needle", [("trust", "each coordinator bundle's operators/"),
                                             ("revoke", "the issued identity to revoke"),
                                             ("passwd", "the issued identity to give a password")])
