@@ -359,8 +359,10 @@ def run(args: argparse.Namespace) -> int:
     try:  # (an unreachable broker is a TransportError: exit 1 with its message)
         status = reader.status(0, args.timeout)
         if status is None:
+            # (--json: on stderr, so that stdout holds JSON or nothing; `| jq` failed on this line)
             print(f"NOT ALIVE: no coordinator status for region {args.region!r} on {args.broker} "
-                  f"(no coordinator has published there, or the broker lost its retained messages)")
+                  f"(no coordinator has published there, or the broker lost its retained messages)",
+                  file=sys.stderr if args.json else sys.stdout)
             return NOT_ALIVE
         now, skew = time.time(), None
         alive, _ = liveness(status, now, args.stale_after)

@@ -475,6 +475,9 @@ def test_status_after_sigkill_says_not_alive_via_last_will(mosquitto: MosquittoP
     region = "gone"
     out = run_cli("status", "--broker", mosquitto.url, "--region", region, "--timeout", "1")
     assert out.returncode == 2 and "no coordinator status" in out.stdout
+    # --json: stdout is JSON or nothing (this line was on stdout, and `edgeci status --json | jq` failed on it)
+    out = run_cli("status", "--json", "--broker", mosquitto.url, "--region", region, "--timeout", "1")
+    assert (out.returncode, out.stdout) == (2, "") and "no coordinator status" in out.stderr, out.stdout + out.stderr
     with coordinator({}, "--broker", mosquitto.url, "--region", region, "--state-dir", str(tmp_path / "s"),
                      "--init", str(init_model)) as proc:
         assert status_of(mosquitto.url, region)["alive"] is True
