@@ -643,8 +643,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        description="Create the CA in --dir: ca.key (0600; keep it offline) and ca.crt "
                                    "(goes into every bundle and the broker's cafile).", epilog=_STEPS, formatter_class=fmt)
     s.add_argument("--dir", type=Path, required=True, help="PKI directory (created 0700)")
-    s.add_argument("--days", type=int, default=CA_DAYS, help="CA validity in days")
-    s.add_argument("--name", default="edgeci CA", help="the CA's common name")
+    s.add_argument("--days", type=int, default=CA_DAYS, help="CA validity in days (default: %(default)s)")
+    s.add_argument("--name", default="edgeci CA", help="the CA's common name (default: %(default)s)")
     s.add_argument("--force", action="store_true", help="replace an existing CA (every bundle must then be re-issued)")
 
     s = sub.add_parser("issue", help="issue a certificate and write the identity's bundle",
@@ -663,7 +663,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                 "first, then failover regions). Default: 'default'; operators: all")
     s.add_argument("--trust", default="", help="comma-separated coordinator ids to trust (default: every coordinator of the PKI)")
     s.add_argument("--host", action="append", default=[], help="broker: extra DNS name or IP in the certificate (repeatable)")
-    s.add_argument("--days", type=int, default=LEAF_DAYS, help="certificate validity in days")
+    s.add_argument("--days", type=int, default=LEAF_DAYS, help="certificate validity in days (default: %(default)s)")
     s.add_argument("--force", action="store_true", help="re-issue an existing identity (new key; the old bundle is replaced "
                                                         "and the old certificate goes on the CRL: SIGHUP mosquitto)")
 
@@ -719,7 +719,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                    "operator. After `pki issue` / `revoke` run broker-conf again (it refreshes the copies) "
                                    "and SIGHUP mosquitto.", formatter_class=fmt)
     _dir_argument(s)
-    s.add_argument("--broker-name", default="broker", help="the broker identity issued with --role broker")
+    s.add_argument("--broker-name", default="broker", help="the broker identity issued with --role broker (default: %(default)s)")
     s.add_argument("--port", type=_listener_port, default=8883, help="the TLS listener's port (default: 8883)")
     s.add_argument("--bind", default="0.0.0.0", help="the listener's address (default: 0.0.0.0, every interface: TLS with "
                    "client certificates; 127.0.0.1 for a broker only this host reaches)")

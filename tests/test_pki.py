@@ -477,9 +477,14 @@ def test_without_the_ca_key_issue_and_crl_say_to_run_where_it_is(tmp_path: Path,
 
 @pytest.mark.parametrize("action, needle", [("trust", "each coordinator bundle's operators/"),
                                             ("revoke", "the issued identity to revoke"),
-                                            ("passwd", "the issued identity to give a password")])
+                                            ("passwd", "the issued identity to give a password"),
+                                            ("init", "CA validity in days (default: 3650)"),
+                                            ("init", "the CA's common name (default: edgeci CA)"),
+                                            ("issue", "certificate validity in days (default: 825)"),
+                                            ("broker-conf", "issued with --role broker (default: broker)")])
 def test_every_pki_action_explains_itself(action: str, needle: str, capsys: pytest.CaptureFixture[str]) -> None:
-    """`edgeci pki trust --help` printed its usage and --dir only; revoke's and passwd's ID had no help."""
+    """`edgeci pki trust --help` printed its usage and --dir only; revoke's and passwd's ID had no help;
+    init's and issue's --days, init's --name and broker-conf's --broker-name did not say their defaults."""
     with pytest.raises(SystemExit) as exit_:
         edgeci(["pki", action, "--help"])
     assert exit_.value.code == 0 and needle in " ".join(capsys.readouterr().out.split())
