@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from coordinator.config import bounded
 from coordinator.peering.base import BROADCAST
 from edge_sdk import signing
 from edge_sdk.errors import ConfigError
@@ -643,7 +644,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        description="Create the CA in --dir: ca.key (0600; keep it offline) and ca.crt "
                                    "(goes into every bundle and the broker's cafile).", epilog=_STEPS, formatter_class=fmt)
     s.add_argument("--dir", type=Path, required=True, help="PKI directory (created 0700)")
-    s.add_argument("--days", type=int, default=CA_DAYS, help="CA validity in days (default: %(default)s)")
+    s.add_argument("--days", type=bounded(int, 1), default=CA_DAYS, help="CA validity in days (default: %(default)s)")
     s.add_argument("--name", default="edgeci CA", help="the CA's common name (default: %(default)s)")
     s.add_argument("--force", action="store_true", help="replace an existing CA (every bundle must then be re-issued)")
 
@@ -663,7 +664,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                 "first, then failover regions). Default: 'default'; operators: all")
     s.add_argument("--trust", default="", help="comma-separated coordinator ids to trust (default: every coordinator of the PKI)")
     s.add_argument("--host", action="append", default=[], help="broker: extra DNS name or IP in the certificate (repeatable)")
-    s.add_argument("--days", type=int, default=LEAF_DAYS, help="certificate validity in days (default: %(default)s)")
+    s.add_argument("--days", type=bounded(int, 1), default=LEAF_DAYS, help="certificate validity in days (default: %(default)s)")
     s.add_argument("--force", action="store_true", help="re-issue an existing identity (new key; the old bundle is replaced "
                                                         "and the old certificate goes on the CRL: SIGHUP mosquitto)")
 
@@ -723,7 +724,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--port", type=_listener_port, default=8883, help="the TLS listener's port (default: 8883)")
     s.add_argument("--bind", default="0.0.0.0", help="the listener's address (default: 0.0.0.0, every interface: TLS with "
                    "client certificates; 127.0.0.1 for a broker only this host reaches)")
-    s.add_argument("--model-bytes", type=int, default=0, help="largest model's float32 bytes: max_packet_size = this + headroom (0: paho's 256 MiB limit)")
+    s.add_argument("--model-bytes", type=bounded(int, 0), default=0, help="largest model's float32 bytes: max_packet_size = this + headroom (0: paho's 256 MiB limit)")
     s.add_argument("--password", action="store_true", help="username/password variant (server certificate only)")
     s.add_argument("--user", default=None, help="account mosquitto runs as (started as root, it reads its files only "
                    "after dropping to it): the key and password copies are chowned to it. Default: 'mosquitto' when "

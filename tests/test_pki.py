@@ -465,6 +465,22 @@ def test_a_device_bundle_without_coordinator_keys_is_refused(pki: Pki, tmp_path:
                    data_dir=tmp_path / "devA")
 
 
+@pytest.mark.parametrize("argv, needle", [(["init", "--days", "-5"], "argument --days: must be at least 1, got -5"),
+                                          (["init", "--days", "0"], "argument --days: must be at least 1, got 0"),
+                                          (["issue", "--role", "device", "cam-1", "--days", "-1"],
+                                           "argument --days: must be at least 1, got -1"),
+                                          (["broker-conf", "--out", "m.conf", "--model-bytes", "-5"],
+                                           "argument --model-bytes: must be at least 0, got -5")])
+def test_a_validity_or_size_out_of_range_is_a_usage_error(argv: list[str], needle: str, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """`pki init --days -5` and `pki issue --days -1` ended in cryptography's ValueError traceback (and
+    init left an empty PKI folder); `--days 0` made a CA that had expired when it was written."""
+    with pytest.raises(SystemExit) as exit_:
+        edgeci(["pki", argv[0], "--dir", str(tmp_path / "pki"), *argv[1:]])
+    assert exit_.value.code == 2 and needle in capsys.readouterr().err
+    assert not (tmp_path / "pki").exists()
+
+
 def test_without_the_ca_key_issue_and_crl_say_to_run_where_it_is(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`edgeci pki crl` without ca.key said "issue from where it is"."""
     d = tmp_path / "pki"
