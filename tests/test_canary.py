@@ -51,9 +51,9 @@ from edge_sdk.errors import (
     ReportTooLarge,
     UnknownCandidate,
 )
-from edge_sdk.signing import Signer
+from edge_sdk.signing import Signer, verify
 from edge_sdk.wire import topics
-from edge_sdk.wire.codec import decode, encode
+from edge_sdk.wire.codec import decode, decode_frame, encode
 from edge_sdk.wire.messages import Canary, CanaryReport, ModelMsg, Pull, Update
 from tests.helpers import SIGNER, SPEC, toy_snapshot
 
@@ -271,6 +271,12 @@ def test_a_commit_opens_a_round_with_signed_requests_to_the_cohort() -> None:
     # lasts, so a device short of `samples` labels still reports inside the round
     assert all(m.deadline_s == CFG.report_by_s == 90.0 for m in asked.values())
     assert CanaryConfig(deadline_s=3600.0).report_by_s == 3540.0
+    # signed by the coordinator's key for the invite topic (a device refuses anything else)
+    for a in of(acts, Publish):
+        if a.topic.endswith("/invite"):
+            sig = decode_frame(a.payload).signature
+            assert sig is not None and sig.public_raw == SIGNER.public_raw, a.topic
+            assert verify(sig.public_raw, sig.signature, sig.signed_for(topics.signing_scope(a.topic))), a.topic
     wakes = [a.at for a in of(acts, ScheduleTimer)]
     for _ in range(5):  # one timer at a time: the earliest wake first, then the round's deadline
         if 5.0 + CFG.deadline_s in wakes:
