@@ -170,7 +170,12 @@ def test_spliced_encoding_equals_encode_and_reuses_the_tail() -> None:
     tensor = EncodedTensor.of(w)
     for reply_to in (1, 2):
         msg = ModelMsg(model_id="m", version=4, reply_to=reply_to, weights=w)
-        assert encode_spliced(msg, tensor, signer=signer, scope="r/dev/model") == encode(msg, signer=signer, scope="r/dev/model")
+        want = encode(msg, signer=signer, scope="r/dev/model")
+        assert encode_spliced(msg, tensor, signer=signer, scope="r/dev/model") == want
+        # the tensor encoded once is what is sent: the message's own weights are not encoded again
+        other = ModelMsg(model_id="m", version=4, reply_to=reply_to, weights=np.zeros_like(w))
+        assert encode_spliced(other, tensor, signer=signer, scope="r/dev/model") == want
+        assert encode_spliced(other, tensor) == encode(msg)
 
 
 @pytest.mark.parametrize(
