@@ -206,6 +206,34 @@ def test_persist_precedes_every_publish_that_uses_a_new_seq() -> None:
     acts = c.handle(SampleAdded(now=0.0, total=3))
     assert isinstance(acts[0], PersistDeviceState) and acts[0].next_seq == 1
     assert isinstance(acts[1], Publish)
+    # every request the device publishes carries a seq below the next_seq already persisted
+    # (a crash right after the publish must not hand the same seq to other data): the first
+    # pull, the update after training, and the resend under a new seq after a seq conflict
+    durable, sent = 0, []
+
+    def check(actions: list[object]) -> None:
+        nonlocal durable
+        for a in actions:
+            if isinstance(a, PersistDeviceState):
+                durable = a.next_seq
+            elif isinstance(a, Publish):
+                msg = decode(a.payload)
+                assert isinstance(msg, Pull | Update) and msg.seq < durable, (msg, durable)
+                sent.append(msg.seq)
+
+    check(acts)
+    (pull,) = published(acts)
+    acts = c.handle(recv(0.1, "model", model(1, pull.seq)))
+    check(acts)
+    job = next(a for a in acts if isinstance(a, StartTraining)).job.job_id
+    acts = c.handle(TrainingFinished(now=1.0, job_id=job, weights=np.ones(SPEC.size, np.float32), n_samples=3))
+    check(acts)
+    (upd,) = published(acts)
+    assert isinstance(upd, Update)
+    # another update holds this seq at the coordinator (a reinstall's): sent again above its watermark
+    acts = c.handle(recv(1.1, "ack", Ack(device=DEV, seq=upd.seq, status="duplicate", version=1, nonce=0, watermark=40)))
+    check(acts)
+    assert sent == [pull.seq, upd.seq, 41]
 
 
 def test_api_misuse_is_local_error() -> None:
