@@ -232,6 +232,17 @@ def test_evidence_against_an_old_release_is_asked_again() -> None:
     c.handle(CandidateEvaluated(now=3.0, version=2, candidate_metric=0.9, release_metric=0.5, release_version=0))
     acts = c.handle(CandidateEvaluated(now=4.0, version=1, candidate_metric=0.9, release_metric=0.5, release_version=0))
     assert not of(acts, EvaluateCandidate) and c.status().extra["release"] == 2  # 1 was superseded by 2
+    # a candidate newer than the release, scored against a release that has moved on: judged again
+    c = gated(k=1)
+    c.handle(update("d1", 0, 1.0))
+    c.handle(update("d2", 0, 2.0, base=1))
+    c.handle(CandidateEvaluated(now=3.0, version=1, candidate_metric=0.9, release_metric=0.5, release_version=0))
+    assert c.status().extra["release"] == 1
+    acts = c.handle(CandidateEvaluated(now=4.0, version=2, candidate_metric=0.9, release_metric=0.5, release_version=0))
+    (again,) = of(acts, EvaluateCandidate)
+    assert (again.version, again.release_version) == (2, 1) and not of(acts, RecordRelease)
+    np.testing.assert_array_equal(again.release_weights, c.release[1])
+    assert c.status().extra["release"] == 1  # the stale evidence decided nothing
 
 
 def test_device_predicts_with_the_release_and_fetches_a_newer_one() -> None:
