@@ -161,6 +161,12 @@ def test_colluding_liars_short_of_a_majority_can_at_most_hold() -> None:
         for d, counts in {"h1": honest, "h2": honest, "l1": liar, "l2": liar}.items():
             gate.pending[1].canary[d] = counts
         assert gate.decide(1) == "hold"
+    # a regression milder than BAD (30 points on each honest device's labels): the two praising
+    # liars outweigh it in the pooled counts, and only the honest half's own reports hold it
+    gate = canary_gate()
+    for d, counts in {"h1": (14, 0, 6, 0), "h2": (14, 0, 6, 0), "l1": PRAISE, "l2": PRAISE}.items():
+        gate.pending[1].canary[d] = counts
+    assert gate.decide(1) == "hold"
     # with trim 2 (min_reports 5) two liars are trimmed and three honest devices decide
     gate = Gate(GateConfig(validation=False, canary=CanaryConfig(trim=2, min_reports=5)))
     gate.add_candidate(1, 0, ())
