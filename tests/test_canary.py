@@ -83,7 +83,7 @@ def test_cohort_is_deterministic_per_candidate_bounded_and_never_too_small() -> 
 
 
 @pytest.mark.parametrize("bad", [dict(fraction=0.0), dict(fraction=1.5), dict(min_reports=1), dict(min_reports=2),
-                                 dict(trim=2, min_reports=4), dict(samples=0),
+                                 dict(trim=2, min_reports=4), dict(trim=-1), dict(trim=17, min_reports=40), dict(samples=0),
                                  dict(samples=20, max_per_device=10), dict(deadline_s=0.0), dict(recent_s=float("inf"))])
 def test_canary_config_is_validated(bad: dict[str, float]) -> None:
     with pytest.raises(ConfigError):
