@@ -273,6 +273,11 @@ def test_a_new_device_cannot_be_poisoned_beyond_its_last_pull() -> None:
     c.handle(to_coord(0.0, DEV, "pull", Pull(device=DEV, seq=7, model_id="toy")))
     (ack,) = published(c.handle(to_coord(0.1, DEV, "update", update(DEV, 7 + 100_001))), "ack")
     assert isinstance(ack, Ack) and ack.reason == "seq_jump"
+    # nor through a forged pull far above its last: refused, the reference for updates unmoved
+    (ack,) = published(c.handle(to_coord(0.2, DEV, "pull", Pull(device=DEV, seq=7 + 100_001, model_id="toy"))), "ack")
+    assert isinstance(ack, Ack) and (ack.status, ack.reason) == ("rejected", "seq_jump")
+    (ack,) = published(c.handle(to_coord(0.3, DEV, "update", update(DEV, 7 + 100_001))), "ack")
+    assert isinstance(ack, Ack) and ack.reason == "seq_jump" and c.counters["reject:seq_jump"] == 3
 
 
 def test_forged_update_under_the_devices_next_seq_cannot_make_it_drop_its_own() -> None:
