@@ -138,6 +138,12 @@ def test_stale_replies_are_ignored_but_newer_model_deploys() -> None:
     acts = c.handle(recv(0.2, "model", model(4, reply_to=999)))
     assert not any(isinstance(a, DeployModel) for a in acts)  # older: ignored
     assert c.handle(recv(0.3, "ack", Ack(device=DEV, seq=12345, status="accepted", version=1))) == []
+    # an answer to a seq the device is not waiting for changes nothing, even one that would
+    # end this pull (deferred, rejected) had it carried the pending seq
+    pending = c.state.pending_seq
+    for status in ("deferred", "rejected"):
+        assert c.handle(recv(0.4, "ack", Ack(device=DEV, seq=pending + 7, status=status, version=1))) == []
+        assert c.state.phase is Phase.PULLING and c.state.pending_seq == pending
 
 
 def test_deferred_then_invite() -> None:
