@@ -310,6 +310,12 @@ def test_spyker_peer_bodies_from_other_processes_are_validated() -> None:
     for body in bad_bodies:
         with pytest.raises(MalformedMessage):
             p.on_message(view, msg_from("a", "beat", body), 1.0)
+    # each field of a token position is checked (a bool is no int, a created_at must be finite)
+    for pos, field in [([-1, 1.0, "a", 0], "epoch"), ([True, 1.0, "a", 0], "epoch"), ([2**62, 1.0, "a", 0], "epoch"),
+                       ([0, float("inf"), "a", 0], "created_at"), ([0, "x", "a", 0], "created_at"), ([0, False, "a", 0], "created_at"),
+                       ([0, 1.0, "a", -1], "hop"), ([0, 1.0, "a", 2**62], "hop"), ([0, 1.0, "a", 1.5], "hop")]:
+        with pytest.raises(MalformedMessage, match=f"bad {field} in token position"):
+            p.on_message(view, msg_from("a", "beat", {**good, "pos": pos}), 1.0)
     with pytest.raises(MalformedMessage):
         p.on_message(view, msg_from("a", "gossip", good), 1.0)
     with pytest.raises(MalformedMessage):
