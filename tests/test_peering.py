@@ -751,6 +751,12 @@ def test_make_peering_validates_names_params_and_pairings() -> None:
         make_peering("nebula", coordinator_id="a", ring=["a", "b"], strategy=make_strategy("spin"))
     with pytest.raises(ConfigError):
         make_peering("spyker", coordinator_id="a", ring=["a", "b"], params={"beacon_s": 10.0, "token_timeout_s": 5.0})
+    for params, needle in [({"phi": 0.0}, "phi must be > 0"), ({"eta_a": 0.0}, "eta_a must be in"), ({"eta_a": 1.5}, "eta_a must be in"),
+                           ({"h_inter": 0.0}, "h_inter must be > 0"), ({"h_intra": 0.0}, "h_intra must be > 0"),
+                           ({"stagger_s": -1.0}, "stagger_s"), ({"sync_timeout_s": 0.0}, "sync_timeout_s > 0"),
+                           ({"min_sync_interval_s": -1.0}, "min_sync_interval_s"), ({"n_clients": 0}, "n_clients must be >= 1")]:
+        with pytest.raises(ConfigError, match=f"spyker: .*{needle}"):
+            make_peering("spyker", coordinator_id="a", ring=["a", "b"], params=params)
     lone = make_peering("spyker", coordinator_id="a", strategy=make_strategy("spyker"))
     assert isinstance(lone, SpykerPeering) and lone.peers == ()
     with pytest.raises(ConfigError):
