@@ -48,7 +48,7 @@ from coordinator.strategies.nebula import (
 )
 from coordinator.strategies.spyker import AgeLedger, SpykerConfig, SpykerStrategy, decayed_lr
 from edge_sdk.core.events import MessageReceived, Notify, Publish, TimerFired
-from edge_sdk.errors import ConfigError, MalformedMessage, UnknownPeer
+from edge_sdk.errors import ConfigError, MalformedMessage, RingMismatch, UnknownPeer
 from edge_sdk.signing import Signer
 from edge_sdk.wire import topics
 from edge_sdk.wire.codec import decode, encode, parse_status_json, status_json
@@ -1060,3 +1060,9 @@ def test_a_peer_of_another_protocol_or_ring_is_refused_as_such() -> None:
     said = deliver({"round": 0, "version": 1.0}, kind="rotate")
     assert said.startswith("ring_mismatch") and "--peering must be the same" in said
     assert deliver(dict(beat.body), sender="zz").startswith("unknown_peer")
+    # NebulaFL and HierFAVG name another protocol too: Spyker's beat reaching them (with a model)
+    nebula = NebulaPeering("a", ["a", "b"], NebulaPeerConfig(t_c=10.0), strategy=NebulaStrategy(NebulaConfig(planets=2)))
+    hier = HierPeering("a", ["a", "b"], HierPeerConfig(kappa2=1), strategy=HierEdgeStrategy(FedAvgConfig()))
+    for peering in (nebula, hier):
+        with pytest.raises(RingMismatch, match="--peering must be the same"):
+            peering.on_message(View(weights=vec(1.0)), msg_from("b", "beat", {**beat.body, "round": 1}, vec(1.0)), 6.0)
