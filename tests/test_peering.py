@@ -757,6 +757,9 @@ def test_make_peering_validates_names_params_and_pairings() -> None:
                            ({"min_sync_interval_s": -1.0}, "min_sync_interval_s"), ({"n_clients": 0}, "n_clients must be >= 1")]:
         with pytest.raises(ConfigError, match=f"spyker: .*{needle}"):
             make_peering("spyker", coordinator_id="a", ring=["a", "b"], params=params)
+    for params, needle in [({"kappa2": 0}, "kappa2 >= 1"), ({"sync_timeout_s": 0.0}, "sync_timeout_s > 0"), ({"cloud": "zz"}, "not in the ring")]:
+        with pytest.raises(ConfigError, match=f"hierfavg: .*{needle}"):
+            make_peering("hierfavg", coordinator_id="a", ring=["a", "b"], params=params, strategy=make_strategy("hierfavg"))
     lone = make_peering("spyker", coordinator_id="a", strategy=make_strategy("spyker"))
     assert isinstance(lone, SpykerPeering) and lone.peers == ()
     with pytest.raises(ConfigError):
