@@ -57,6 +57,8 @@ class ConversionWorker:
         self.failed = 0
         self.busy_s = 0.0
         self._stopping = False
+        self._refused = 0
+        """Requests refused since the queue was last found with room (one warning per spell)."""
 
     def start(self) -> ConversionWorker:
         self._thread.start()
@@ -67,8 +69,15 @@ class ConversionWorker:
             self._queue.put_nowait(request)
         except queue.Full:
             self.failed += 1
-            log.warning("conversion queue full: device %s's update (staleness %d) is applied damped", request.device, request.staleness)
+            self._refused += 1
+            if self._refused == 1:  # once per spell: a device sending stale updates logged a line each
+                log.warning("conversion queue full (%d waiting): device %s's update (staleness %d) is applied damped; "
+                            "more while it stays full are counted, not logged", self._queue.maxsize, request.device, request.staleness)
             self._deliver(partial(_answer, request, None, 0.0, "conversion queue full"))
+            return
+        if self._refused:
+            log.warning("conversion queue has room again: %d update(s) were applied damped while it was full", self._refused)
+            self._refused = 0
 
     def stop(self, timeout: float = STOP_WAIT_S) -> None:
         """Stop without converting what is still queued: those updates are durable and

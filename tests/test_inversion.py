@@ -8,6 +8,7 @@ trained on 200 other samples), and the true fresh update LocalUpdate′(target; 
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -237,6 +238,22 @@ print("stopped in", round(time.monotonic() - t0, 2), "answers", len(answers), "a
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
     assert done.returncode == 0, (done.returncode, done.stdout, done.stderr[-2000:])
     assert "alive False" in done.stdout, done.stdout
+
+
+def test_a_full_conversion_queue_warns_once_per_spell(case: Case, caplog: pytest.LogCaptureFixture) -> None:
+    from coordinator.conversion_worker import ConversionWorker
+
+    answers: list[Any] = []
+    worker = ConversionWorker(case.inverter(), answers.append, lambda: 0.0, max_queue=1)  # not started: the queue only fills
+    requests = [case.request() for _ in range(6)]
+    with caplog.at_level(logging.WARNING, logger="edgeci.coordinator"):
+        for r in requests[:5]:  # one queued, four refused: one warning
+            worker.submit(r)
+        assert worker.failed == 4 and len(answers) == 4
+        assert [m for m in caplog.messages if "queue full" in m] == [caplog.messages[0]] and len(caplog.messages) == 1
+        worker._queue.get_nowait()  # room again: the next is queued and the spell is summed up
+        worker.submit(requests[5])
+    assert "4 update(s) were applied damped" in caplog.messages[-1] and len(caplog.messages) == 2
 
 
 def test_cancel_ends_a_running_conversion_with_no_weights(case: Case) -> None:
