@@ -10,7 +10,7 @@ import pytest
 
 from coordinator.core import CommitVersion, PersistUpdate, Snapshot
 from coordinator.strategies import make_strategy
-from edge_sdk.core.events import MessageReceived, Publish, ScheduleTimer, TimerFired
+from edge_sdk.core.events import MessageReceived, Notify, Publish, ScheduleTimer, TimerFired
 from edge_sdk.errors import ConfigError
 from edge_sdk.wire import topics
 from edge_sdk.wire.codec import decode, encode, parse_status_json
@@ -20,7 +20,8 @@ from tests.helpers import SPEC, make_coordinator
 
 def upd(device: str, seq: int, value: float = 1.0, *, base: int = 0, n: int = 1, **kw: object) -> MessageReceived:
     weights = kw.pop("weights", np.full(SPEC.size, value, dtype=np.float32))
-    msg = Update(device=device, seq=seq, model_id="toy", base_version=base, n_samples=n, weights=weights)  # type: ignore[arg-type]
+    model_id = str(kw.pop("model_id", "toy"))
+    msg = Update(device=device, seq=seq, model_id=model_id, base_version=base, n_samples=n, weights=weights)  # type: ignore[arg-type]
     return MessageReceived(now=float(kw.get("now", 0.0)), topic=topics.device_topic("r1", device, "update"), payload=encode(msg))
 
 
@@ -97,6 +98,7 @@ def test_duplicate_update_is_acked_but_applied_once() -> None:
         (upd("d1", 0, weights=np.full(SPEC.size, np.nan, np.float32)), "non_finite"),
         (upd("d1", 0, weights=np.full(SPEC.size, 3e38, np.float32)), "out_of_range"),  # finite, but sums overflow
         (upd("d1", 0, base=7), "unknown_version"),
+        (upd("d1", 0, model_id="other"), "unknown_model"),  # same layout, another model: not averaged in
         (MessageReceived(now=0.0, topic=topics.device_topic("r1", "d2", "update"), payload=upd("d1", 0).payload), "topic_mismatch"),
     ],
 )
@@ -112,6 +114,22 @@ def test_bad_updates_are_rejected_counted_and_never_applied(event: MessageReceiv
         assert [a.status for a in acks(acts)] == ["rejected"]
     # the coordinator keeps working afterwards
     assert commits(c.handle(upd("d9", 0, 3.0)))
+
+
+def test_a_message_on_another_regions_device_topic_is_refused_and_changes_nothing() -> None:
+    """A coordinator serves its own region's device topics only: an update or pull published
+    under r2's prefix (a wildcard subscription, a misrouted bridge) is neither applied nor answered."""
+    c = make_coordinator(k=1, timeout_s=None)
+    before = c.weights.copy()
+    for leaf, msg in (("update", upd("d1", 0, 5.0).payload), ("pull", encode(Pull(device="d1", seq=0, model_id="toy")))):
+        acts = c.handle(MessageReceived(now=0.0, topic=topics.device_topic("r2", "d1", leaf), payload=msg))  # type: ignore[arg-type]
+        assert [a.data["reason"] for a in acts if isinstance(a, Notify)] == ["topic_mismatch"]
+        assert not [a for a in acts if isinstance(a, Publish) and not a.retain]  # no model, no ack (the status may go)
+        assert not commits(acts) and not any(isinstance(a, PersistUpdate) for a in acts)
+    assert c.counters["reject:topic_mismatch"] == 2 and c.counters["accepted"] == 0
+    assert c.version == 0 and not c.buffer
+    np.testing.assert_array_equal(c.weights, before)
+    assert commits(c.handle(upd("d1", 0, 5.0)))  # the same update on r1's topic is taken
 
 
 def test_restart_drops_applied_and_keeps_pending() -> None:
