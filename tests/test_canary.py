@@ -310,6 +310,24 @@ def test_canary_fetch_serves_the_candidate_to_cohort_members_only() -> None:
     assert c.counters["reject:canary_not_in_cohort"] == 1
 
 
+def test_a_canary_fetch_for_another_candidate_is_refused_and_serves_nothing() -> None:
+    """A cohort member may fetch only the candidate under evaluation: a canary pull naming any
+    other version (a newer candidate still waiting, an old one) is refused with an ack, counted,
+    and neither serves a model nor moves the round."""
+    c = core()
+    seen(c, DEVICES)
+    member = sorted(invites(candidate(c, 1.0, 5.0)))[0]
+    candidate(c, 2.0, 5.5, dev="t2")  # candidate 2 waits for its round
+    for seq, wrong in enumerate((2, 0), start=1):
+        acts = c.handle(msg(member, "pull", Pull(device=member, seq=seq, model_id="toy", serve=True, canary=wrong), 6.0))
+        assert not [a for a in of(acts, Publish) if a.topic.endswith("/model")]
+        (ack,) = [decode(a.payload) for a in of(acts, Publish) if a.topic.endswith("/ack")]
+        assert (ack.status, ack.reason) == ("rejected", "canary_unknown_candidate")  # type: ignore[union-attr]
+    assert c.counters["reject:canary_unknown_candidate"] == 2 and c.counters["canary_fetches"] == 0
+    status = c.status().extra["gate"]["canary"]
+    assert status["round"]["candidate"] == 1 and status["fetches"] == 0
+
+
 def test_hostile_reports_are_typed_counted_and_change_nothing() -> None:
     c = core()
     seen(c, DEVICES)
@@ -556,6 +574,19 @@ def test_a_device_reports_what_it_has_at_the_deadline_and_refuses_unsigned_reque
     (pub,) = [a for a in of(out, Publish) if a.topic.endswith("/update")]
     rep = decode(pub.payload)
     assert isinstance(rep, CanaryReport) and rep.counts == (0, 1, 0, 0) and d.state.canary is None
+
+
+def test_a_canary_request_for_another_device_is_refused() -> None:
+    """A canary request names its device: one for another device, genuinely signed but replayed
+    onto this device's invite topic, is a typed, counted rejection that starts no evaluation."""
+    d = device("a")
+    d.state.deployed_version = 2
+    ask = Canary(device="b", candidate=3, release=2, samples=5, deadline_s=50.0)
+    acts = d.handle(MessageReceived(now=1.0, topic=topics.device_topic("r1", "a", "invite"),
+                                    payload=encode(ask, signer=SIGNER, scope=topics.device_scope("r1", "invite"))))
+    assert [(n.kind, n.data.get("reason")) for n in of(acts, Notify)] == [("message_rejected", "topic_mismatch")]
+    assert not of(acts, Publish) and d.state.counters["rejected:topic_mismatch"] == 1
+    assert d.state.canary is None and d.state.phase is Phase.IDLE
 
 
 def test_an_unanswered_canary_fetch_is_given_up() -> None:
