@@ -439,6 +439,22 @@ def test_a_command_signed_for_another_regions_control_topic_is_refused() -> None
     assert of(c.handle(MessageReceived(now=50.0, topic=topics.control_topic("r1"), payload=for_r1)), LoadVersion)
 
 
+def test_a_message_other_than_a_command_on_the_control_topic_is_refused() -> None:
+    """Only a ``Control`` belongs on the control topic: any other message there, even one signed
+    by an operator's key for that topic, is a typed rejection, counted and shown in the status,
+    that loads no version."""
+    c = gated(k=1)
+    c.handle(update("d1", 0, 1.0))  # version 1
+    topic = topics.control_topic("r1")
+    for other in (Recall(model_id="toy", release=0, abandoned=(1, 1)), Pull(device="alice", seq=1, model_id="toy")):
+        acts = c.handle(MessageReceived(now=50.0, topic=topic, payload=encode(other, signer=OPERATOR, scope=topics.signing_scope(topic))))
+        assert [n.data["reason"] for n in of(acts, Notify)] == ["topic_mismatch"]
+        assert not of(acts, LoadVersion) and not of(acts, CommitVersion) and not of(acts, RecordRelease)
+    assert c.counters["reject:topic_mismatch"] == 2 and c.version == 1
+    assert c.status().extra["control_refused"]["reason"] == "topic_mismatch"
+    assert of(c.handle(control("rollback", 0)), LoadVersion)  # a real command still runs
+
+
 def test_rollback_and_pin_make_an_old_version_the_release_under_a_new_number() -> None:
     c = gated(k=1)
     c.handle(update("d1", 0, 1.0))
