@@ -507,6 +507,33 @@ def test_a_peer_message_re_routed_to_another_coordinator_or_kind_is_refused() ->
     assert c.counters["peer_messages"] == 1
 
 
+def test_a_message_other_than_a_peer_message_on_a_peer_topic_is_refused() -> None:
+    """Only a ``PeerMsg`` belongs on a peer topic: another message there (signed for the topic)
+    is a typed rejection, counted, that neither reaches the peering nor pins the key it bears."""
+    c = make_coordinator(k=10, timeout_s=None)
+    topic = topics.peer_topic("c1", "beat")
+    stray = Update(device="c2", seq=0, model_id="toy", base_version=0, n_samples=1, weights=np.ones(SPEC.size, np.float32))
+    acts = c.handle(MessageReceived(now=0.0, topic=topic, payload=encode(stray, signer=Signer.generate(), scope=topics.signing_scope(topic))))
+    assert [n.data["reason"] for n in notes(acts, "rejected")] == ["topic_mismatch"]
+    assert c.counters["reject:topic_mismatch"] == 1 and c.counters["peer_messages"] == 0 and c.counters["accepted"] == 0
+    assert c.version == 0 and not c.buffer
+    c.handle(_peer("c2", Signer.generate()))  # c2's own key is the first pinned for c2
+    assert c.counters["peer_messages"] == 1 and c.counters["reject:bad_signature"] == 0
+
+
+def test_a_message_on_another_devices_topic_is_refused_and_not_deployed() -> None:
+    """A device acts on its own downstream topics only: a signed model published on another
+    device's model topic (a wildcard subscription, a misrouted bridge) is refused and counted.
+    Model signatures leave the device id out, so the signature alone would not catch it."""
+    d = device()
+    d.handle(to_dev(0.0, "model", model(1)))  # serving v1, the coordinator's key pinned
+    acts = d.handle(to_dev(1.0, "model", model(2), dev="d2"))
+    assert [(a.kind, a.data.get("reason")) for a in acts if isinstance(a, Notify)] == [("message_rejected", "topic_mismatch")]
+    assert not [a for a in acts if isinstance(a, (DeployModel, Publish, PinKey))]
+    assert d.state.deployed_version == 1 and d.state.counters["rejected:topic_mismatch"] == 1
+    assert [a.version for a in d.handle(to_dev(2.0, "model", model(2))) if isinstance(a, DeployModel)] == [2]
+
+
 def test_a_replayed_older_model_is_not_taken_as_the_answer_to_a_pull() -> None:
     d = device()
     d.handle(to_dev(0.0, "model", model(5)))  # holds version 5
