@@ -604,6 +604,38 @@ def test_a_recalled_version_replayed_after_the_recall_is_not_deployed() -> None:
     assert [a.version for a in d.handle(to_dev(3.0, "model", model(6))) if isinstance(a, DeployModel)] == [6]
 
 
+def test_a_message_other_than_a_recall_on_the_recall_topic_is_refused() -> None:
+    """Only a ``Recall`` belongs on the recall topic: a model (even one signed for that topic) or
+    an ack published there is a typed rejection, counted, that deploys and fetches nothing."""
+    d = device()
+    d.handle(to_dev(0.0, "model", model(3)))  # serving v3, the coordinator's key pinned
+    topic = topics.recall_topic("r1")
+    signed_model = encode(ModelMsg(model_id="toy", version=9, reply_to=-1, weights=np.full(SPEC.size, 9.0, np.float32)),
+                          signer=SIGNER, scope=topics.signing_scope(topic))
+    for payload in (signed_model, encode(Ack(device=DEV, seq=0, status="accepted", version=9))):
+        acts = d.handle(MessageReceived(now=1.0, topic=topic, payload=payload))
+        assert [(a.kind, a.data.get("reason")) for a in acts if isinstance(a, Notify)] == [("message_rejected", "topic_mismatch")]
+        assert not [a for a in acts if isinstance(a, (DeployModel, Publish))]
+    assert d.state.counters["rejected:topic_mismatch"] == 2 and d.state.deployed_version == 3
+    assert d.state.recall is None and d.state.release_wanted == -1
+
+
+def test_a_recall_of_another_model_is_refused_and_recalls_nothing() -> None:
+    """A recall names its model: another model's (signed by the region's coordinator, for the
+    region's recall topic) is refused and counted, and neither recalls the version this device
+    serves nor keeps the device from deploying the versions it lists."""
+    d = device()
+    d.handle(to_dev(0.0, "model", model(3)))  # serving v3, the coordinator's key pinned
+    topic = topics.recall_topic("r1")
+    other = encode(Recall(model_id="other", release=6, abandoned=(3, 5)), signer=SIGNER, scope=topics.signing_scope(topic))
+    acts = d.handle(MessageReceived(now=1.0, topic=topic, payload=other))
+    assert [(a.kind, a.data.get("reason")) for a in acts if isinstance(a, Notify)] == [("message_rejected", "unknown_model")]
+    assert not [a for a in acts if isinstance(a, Publish)]
+    assert d.state.counters["rejected:unknown_model"] == 1 and "recalled" not in d.state.counters
+    assert d.state.recall is None and d.state.release_wanted == -1
+    assert [a.version for a in d.handle(to_dev(2.0, "model", model(4))) if isinstance(a, DeployModel)] == [4]
+
+
 def test_a_peer_without_a_provisioned_key_is_refused_as_such() -> None:
     """helper-96: a peer with no ``trusted/<id>.pub`` at all was refused as "signed with key …,
     which is not the key provisioned for 'c2'" — read as c2 using a wrong key, when the bundle
