@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from coordinator.metrics import stamp_status, status_will
-from edge_sdk.core.device import DeviceConfig, DeviceCore, Phase
+from edge_sdk.core.device import MAX_STATUS_BYTES, DeviceConfig, DeviceCore, Phase
 from edge_sdk.core.events import (
     MessageReceived,
     Notify,
@@ -267,6 +267,21 @@ def test_a_hostile_status_is_counted_and_changes_nothing(payload: bytes) -> None
     acts = c.handle(MessageReceived(now=0.5, topic=topics.status_topic("r1"), payload=payload))
     assert [a.kind for a in acts if isinstance(a, Notify)] == ["message_rejected"]
     assert c.state.region == "r1" and c.state.rejected_messages == 1 and c.state.phase is Phase.PULLING
+
+
+def test_a_status_over_the_size_cap_is_refused_however_well_formed() -> None:
+    """A status is small: one over ``MAX_STATUS_BYTES`` is refused before it is parsed, even a
+    well-formed last will (``alive: false``) that would otherwise move the device away."""
+    c = core()
+    c.handle(SampleAdded(now=0.0, total=1))
+    will = json.loads(status_will("r1", "c-r1"))
+    padded = json.dumps({**will, "reason": "x" * MAX_STATUS_BYTES}).encode()
+    assert len(padded) > MAX_STATUS_BYTES
+    acts = c.handle(MessageReceived(now=0.5, topic=topics.status_topic("r1"), payload=padded))
+    assert [(a.kind, a.data.get("reason")) for a in acts if isinstance(a, Notify)] == [("message_rejected", "malformed")]
+    assert not switches(acts) and not [a for a in acts if isinstance(a, Publish)]
+    assert c.state.region == "r1" and c.state.phase is Phase.PULLING and c.state.rejected_messages == 1
+    assert switches(c.handle(status(1.0, "r1", alive=False)))  # the same will, unpadded, is taken
 
 
 def test_topics_of_regions_the_device_does_not_use_are_rejected() -> None:
