@@ -158,6 +158,22 @@ def test_deferred_then_invite() -> None:
     assert isinstance(again, Pull) and again.invite_round == 7 and again.seq > pull.seq
 
 
+def test_an_invitation_is_taken_only_while_deferred() -> None:
+    """An invitation answers a deferred pull: one that arrives while the device trains, pushes or
+    idles (a late or replayed one) sends no pull and leaves the round as it was."""
+    c = core()
+    invite = recv(0.0, "invite", Invite(device=DEV, round=7, version=0))
+    assert c.handle(invite) == [] and c.state.phase is Phase.IDLE  # idle: nothing to pull for
+    job = to_training(c)
+    seq = c.state.next_seq
+    assert c.handle(invite) == [] and c.state.phase is Phase.TRAINING and c.state.next_seq == seq
+    upd = published(c.handle(TrainingFinished(now=2.0, job_id=job, weights=np.ones(SPEC.size, np.float32), n_samples=3)))[0]
+    assert isinstance(upd, Update)
+    assert c.handle(invite) == [] and c.state.phase is Phase.PUSHING and c.state.pending_seq == upd.seq
+    c.handle(recv(2.1, "ack", Ack(device=DEV, seq=upd.seq, status="accepted", version=1)))
+    assert c.state.phase is Phase.IDLE and c.state.updates_acked == 1  # the round ended as if no invitation came
+
+
 def test_a_refused_pull_is_said_and_retried_as_before() -> None:
     """helper-92: a device of another task only timed out and retried. The coordinator answers a
     refused pull now; the device says so (pull_rejected) and changes nothing else — acks are
@@ -185,6 +201,28 @@ def test_training_failure_retries_on_next_sample() -> None:
     acts = c.handle(TrainingFailed(now=1.0, job_id=job, error="boom"))
     assert c.state.phase is Phase.IDLE and any(isinstance(a, Notify) and a.kind == "training_failed" for a in acts)
     assert c.wants_pull()  # the samples were never learned
+
+
+def test_a_stale_training_failure_does_not_end_the_current_round() -> None:
+    """A failure names its job: a late one for an earlier job (or for this job once it finished)
+    neither drops the training in flight nor backs the device off."""
+    c = core()
+    old = to_training(c)
+    upd = published(c.handle(TrainingFinished(now=1.0, job_id=old, weights=np.ones(SPEC.size, np.float32), n_samples=3)))[0]
+    assert isinstance(upd, Update)
+    c.handle(recv(1.1, "ack", Ack(device=DEV, seq=upd.seq, status="accepted", version=1)))
+    pull = published(c.handle(SampleAdded(now=2.0, total=4)))[0]
+    assert isinstance(pull, Pull)
+    acts = c.handle(recv(2.1, "model", model(1, pull.seq)))
+    job = next(a for a in acts if isinstance(a, StartTraining)).job.job_id
+    assert job != old
+    assert c.handle(TrainingFailed(now=3.0, job_id=old, error="late")) == []
+    assert c.state.phase is Phase.TRAINING
+    acts = c.handle(TrainingFinished(now=4.0, job_id=job, weights=np.ones(SPEC.size, np.float32), n_samples=4))
+    (again,) = published(acts)
+    assert isinstance(again, Update) and again.n_samples == 4 and c.state.phase is Phase.PUSHING
+    assert c.handle(TrainingFailed(now=5.0, job_id=job, error="late")) == []  # its job finished: pushing goes on
+    assert c.state.phase is Phase.PUSHING and c.state.pending_seq == again.seq
 
 
 def test_partial_model_patches_deployed_copy() -> None:
