@@ -337,7 +337,9 @@ def _control(args: argparse.Namespace, command: str) -> int:
         reasons = (statuses[-1].get("extra", {}).get("rejected_by_reason") or {})
         grew = sorted(k for k, n in reasons.items() if n > (before.get("rejected_by_reason") or {}).get(k, 0))
         hint = (f"it rejected messages meanwhile ({', '.join(grew)})" if grew else
-                "a key it does not trust, a clock more than 5 minutes off, or a broker ACL that refused the publish")
+                "a key it does not trust, a clock more than 5 minutes off, a broker ACL that refused the publish, "
+                "or its disk failing as it recorded the command (then it may have taken effect: `edgeci status` "
+                "shows the release before you send it again)")
         print(f"the coordinator did not confirm {command} within {args.wait:.0f} s: {hint}; see its log")
         return 1
     finally:
