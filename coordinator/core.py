@@ -60,7 +60,9 @@ flat float32 ``weights``. Devices talk to it over per-device topics (``edge_sdk.
   drops the consumed update files) followed by a retained status publish.
 * Restart: :meth:`CoordinatorCore.restore` takes the last committed snapshot plus the
   persisted-but-unapplied updates. Updates at or below the committed ``applied_upto``
-  watermark were already applied and are dropped, so none is applied twice or lost.
+  watermark were already applied and are dropped, so none is applied twice or lost. The
+  gate's best-release floor comes back from the release record, on the same validation set
+  only (``Snapshot.gate_floor``, :meth:`coordinator.gate.Gate.restore_floor`).
 
 Transitions::
 
@@ -265,6 +267,9 @@ class RecordRelease:
     release: int
     pinned: bool
     event: Mapping[str, Any]
+    floor: Mapping[str, Any] | None = None
+    """The gate's best-release floor and the validation set it was scored on (``Gate.floor``):
+    kept beside the release, restored after a restart for the same set."""
 
 
 @fast_init
@@ -458,6 +463,8 @@ class Snapshot:
     candidate_devices: Sequence[str] = ()
     """Devices whose updates built ``version`` (its commit's metadata): left out of its canary
     cohort when it is gated again after the restart."""
+    gate_floor: Mapping[str, Any] | None = None
+    """The gate's best-release floor as last recorded (``RecordRelease.floor``); None: none."""
 
 
 def _command_key(msg: Control) -> tuple[str, int, str, int, bool]:
@@ -511,6 +518,9 @@ class CoordinatorCore:
         for r in snapshot.abandoned:
             self._abandoned = abandon(self._abandoned, int(r[0]), int(r[1]))
         self._gate = Gate(config.gate) if config.gate is not None else None
+        # The best-release floor survives a restart, but only on the validation set it was scored
+        # on (otherwise each restart would let releases step down one more margin).
+        self._floor_dropped = self._gate.restore_floor(snapshot.gate_floor) if self._gate is not None else None
         self._gate_history: list[dict[str, Any]] = [dict(h) for h in snapshot.gate_history][-20:]
         self._gate_rejected: dict[int, dict[str, Any]] = {
             h["version"]: dict(h) for h in snapshot.gate_history
@@ -769,6 +779,9 @@ class CoordinatorCore:
             was, now_name = self._peering_changed
             changed.append(Notify(kind="peering_changed", data={"was": was, "now": now_name}))
             self._peering_changed = None
+        if self._floor_dropped is not None:  # said once, at the start (the daemon logs it)
+            changed.append(Notify(kind="gate_floor_dropped", data=self._floor_dropped))
+            self._floor_dropped = None
         return [*changed, *self._after(now), *self._regate_newest(now), self._status_action(now), *self._recall(force=True)]
 
     def refresh_policy(self) -> None:
@@ -1478,7 +1491,8 @@ class CoordinatorCore:
             if len(self._gate_rejected) > GATE_REJECTED_KEPT:  # bounded: the oldest goes (pruned long since)
                 del self._gate_rejected[next(iter(self._gate_rejected))]
         self._status_dirty = True
-        return RecordRelease(release=self._release_version, pinned=self._pinned, event=event)
+        return RecordRelease(release=self._release_version, pinned=self._pinned, event=event,
+                             floor=self._gate.floor() if self._gate is not None else None)
 
     def _on_evaluated(self, ev: CandidateEvaluated) -> list[CoordinatorAction]:
         if self._gate is None:

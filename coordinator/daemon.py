@@ -51,7 +51,7 @@ from coordinator.registry import Registry, RegistryError, days_beyond_clock
 from coordinator.strategies import strategy_params
 from coordinator.strategies.base import BufferedUpdate
 from coordinator.strategies.staleness import needs_driver, policy_of
-from coordinator.validation import Validator, load_validation
+from coordinator.validation import Validator, fingerprint, load_validation
 from edge_sdk.core.device import MAX_STATUS_BYTES
 from edge_sdk.core.events import MessageReceived, Notify, Publish
 from edge_sdk.errors import ConfigError, EdgeciError, TransportError
@@ -418,7 +418,8 @@ class CoordinatorDaemon:
                 peer_keys=self.peer_keys,
                 gate=GateConfig(margin=options.gate_margin, rollback_margin=self._rollback_margin(),
                                 paired_z=options.gate_z, validation=options.validation is not None,
-                                canary=self._canary_config())
+                                canary=self._canary_config(),
+                                validation_set=self._validation_set)
                 if options.validation is not None or options.canary > 0 else None,
                 operators=self.operators,
                 conversion=ConversionConfig(deadline_s=options.conversion_deadline_s),
@@ -465,8 +466,9 @@ class CoordinatorDaemon:
                     "run `edgeci pki trust --dir PKI` and copy this bundle again")
         if options.inversion_params:
             inversion_config(**dict(options.inversion_params))
-        if options.validation is not None:
-            load_validation(options.validation, self.task)
+        # Loaded once: the set the validator scores on is the one the gate's floor is fingerprinted by.
+        self._validation = load_validation(options.validation, self.task) if options.validation is not None else None
+        self._validation_set = fingerprint(self._validation) if self._validation is not None else ""
 
     def _initial_snapshot(self) -> Snapshot:
         snap = self.registry.load()
@@ -488,8 +490,8 @@ class CoordinatorDaemon:
 
     def start(self, timeout: float = START_TIMEOUT_S) -> CoordinatorDaemon:
         self._started_at = self.clock.now()
-        if self.options.validation is not None:
-            split = load_validation(self.options.validation, self.task)
+        if self._validation is not None:
+            split = self._validation
             self.validator = Validator(self.task, split, self.actor.submit).start()
             log.info("release gate on: candidates are scored on %d validation samples (%s), margin %.3f, rollback margin %.3f%s",
                      len(split), self.options.validation, self.options.gate_margin, self._rollback_margin(),
@@ -820,7 +822,7 @@ class CoordinatorDaemon:
                 self.validator.submit(action)
         elif isinstance(action, RecordRelease):
             try:
-                self.registry.record_release(action.release, action.pinned, action.event)
+                self.registry.record_release(action.release, action.pinned, action.event, action.floor)
             except OSError as exc:
                 self._storage_failed(f"recording the release: {exc}")
                 return
@@ -856,6 +858,10 @@ class CoordinatorDaemon:
                 log.warning("this state dir last ran with peering %r, now %r: the %s state (ages, rounds, …) is not carried "
                             "over; if the change was not meant, stop and restart with --peering %s", action.data.get("was"),
                             action.data.get("now"), action.data.get("was"), action.data.get("was"))
+            elif action.kind == "gate_floor_dropped":
+                log.info("gate: the best-release floor (%.4f) is not restored: %s (was %s, now %s); the gate starts "
+                         "without one", action.data.get("best"), action.data.get("why"), action.data.get("was"),
+                         action.data.get("now"))
             elif action.kind == "control_refused":  # a verified operator's command that cannot run (the CLI says why too)
                 log.warning("operator %s of version %s refused: %s: %s", action.data.get("command"), action.data.get("version"),
                             action.data.get("reason"), action.data.get("detail"))

@@ -21,6 +21,11 @@ which is the same rule with z = 0.
 
 A candidate must also come within ``margin`` of the best release score seen so far (reset by
 an operator's rollback or pin), so that releases cannot ratchet down one margin at a time.
+That floor is durable (:meth:`Gate.floor`, kept in the release record) together with the
+fingerprint of the validation set it was scored on (``GateConfig.validation_set``): a restart
+restores it only on the same set (:meth:`Gate.restore_floor`), else starts without one — a
+score on other samples is no floor. A canary-only gate has no floor: each round scores on
+different devices' new labels, so its accuracies are not comparable from round to round.
 A candidate that shows a clear regression (worse than the release by more than
 ``rollback_margin``) is *rejected*: the coordinator rolls the training line back to the
 release (as a new version number), drops the candidates built on the bad one, and from then
@@ -51,6 +56,7 @@ without waiting for the cohort.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -79,6 +85,10 @@ class GateConfig:
     """Also require candidate ≥ best release score so far − margin (point estimates)."""
     canary: CanaryConfig | None = None
     """Federated evaluation by a canary cohort (None: off)."""
+    validation_set: str = ""
+    """Fingerprint of the validation samples (:func:`coordinator.validation.fingerprint`): the
+    best-release floor persisted with it is restored after a restart only for the same set
+    ("": unknown, never restored)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.margin < 1 or not self.margin <= self.rollback_margin < 1:
@@ -281,6 +291,31 @@ class Gate:
     def promoted(self, score: float) -> None:
         """A candidate with this validation score became the release."""
         self.best = score if self.best is None else max(self.best, score)
+
+    def floor(self) -> dict[str, object] | None:
+        """The best-release floor as the release record keeps it, with the validation set it
+        was scored on; None when there is none (no score yet, a canary-only gate, a reset)."""
+        if self.best is None or not self.config.validation:
+            return None
+        return {"best": self.best, "validation_set": self.config.validation_set}
+
+    def restore_floor(self, stored: object) -> dict[str, object] | None:
+        """Take a persisted :meth:`floor` back when it was scored on this validation set.
+        Returns what was dropped instead (with the reason), None when nothing was."""
+        if not isinstance(stored, Mapping):
+            return None
+        best, scored_on = stored.get("best"), stored.get("validation_set")
+        if isinstance(best, bool) or not isinstance(best, int | float) or not math.isfinite(best):
+            return None  # not a floor we wrote
+        mine = self.config.validation_set
+        if not self.config.validation:
+            why = "this gate has no validation set (canary only)"
+        elif not mine or scored_on != mine:
+            why = "the validation set differs from the one it was scored on"
+        else:
+            self.best = float(best)
+            return None
+        return {"best": float(best), "was": scored_on, "now": mine if self.config.validation else None, "why": why}
 
     def drop_above(self, version: int) -> list[int]:
         """Forget every candidate newer than ``version`` (after a rollback): returns them."""

@@ -681,9 +681,11 @@ class Registry:
                     "fetch the release again and train the updates they had in flight again", self.root, EPOCH_FILE, epoch)
         return epoch
 
-    def record_release(self, release: int, pinned: bool, event: Mapping[str, Any]) -> None:
+    def record_release(self, release: int, pinned: bool, event: Mapping[str, Any],
+                       floor: Mapping[str, Any] | None = None) -> None:
         """Durably record a gate decision or operator action and the release it leaves
-        (``release.json``: the release, the pin, the last :data:`HISTORY_EVENTS` events, and
+        (``release.json``: the release, the pin, the gate's best-release ``floor`` with the
+        validation set it was scored on, the last :data:`HISTORY_EVENTS` events, and
         before them up to :data:`HISTORY_COMMANDS` older operator commands: a restart seeds its
         replay protection from them, and a busy gate writes 200 decisions inside a command's window)."""
         if release not in self._synced_dirs:  # the release must survive a power cut as a directory: its
@@ -695,7 +697,10 @@ class Registry:
         cut = max(0, len(old) - (HISTORY_EVENTS - 1))
         commands = [e for e in old[:cut] if isinstance(e, dict) and "nonce" in e][-HISTORY_COMMANDS:]
         history = [*commands, *old[cut:], dict(event)]
-        _write_atomic(self.root / RELEASE_FILE, json.dumps({"release": release, "pinned": pinned, "history": history}, indent=1).encode())
+        body: dict[str, Any] = {"release": release, "pinned": pinned, "history": history}
+        if floor is not None:  # (none: the file holds none, and a restart starts without one)
+            body["gate_floor"] = dict(floor)
+        _write_atomic(self.root / RELEASE_FILE, json.dumps(body, indent=1).encode())
 
     def stage(self, updates: Iterable[BufferedUpdate]) -> None:
         """Updates to write with the next append or commit (same fsync). Not durable yet."""
@@ -1203,6 +1208,9 @@ class Registry:
             release_weights=release_weights,
             pinned=pinned,
             gate_history=list(record.get("history", [])),  # (the core shows the last 20; operator commands in all)
+            # A release the record does not know (an operator's command whose record was lost, or
+            # versions released without the gate) is a new bar: the recorded floor is not its.
+            gate_floor=None if newer_meta or not isinstance(record.get("gate_floor"), dict) else dict(record["gate_floor"]),
             version=version,
             weights=weights,
             applied_upto=applied_upto,

@@ -29,6 +29,7 @@ a validation file must never run code — and checks every array):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import threading
@@ -169,6 +170,20 @@ def _frames(p: Path, arrays: dict[str, npt.NDArray[Any]], n_classes: int) -> Spl
     for i, frame_boxes in enumerate(np.split(boxes, np.cumsum(counts)[:-1]) if len(x) else []):
         y[i] = frame_boxes
     return Split(x=x, y=y)
+
+
+def fingerprint(split: Split) -> str:
+    """A hash of the validation samples as loaded (inputs and labels or boxes, with their
+    shapes and dtypes): scores are comparable across restarts only on the same fingerprint
+    (the gate's best-release floor, ``GateConfig.validation_set``)."""
+    digest = hashlib.sha256()
+    y = np.asarray(split.y)
+    labels = [np.asarray(b, dtype=np.float32).reshape(-1, 5) for b in y] if y.dtype == object else [y]
+    for part in (np.asarray(split.x), *labels):
+        part = np.ascontiguousarray(part)
+        digest.update(f"{part.dtype.str}{part.shape};".encode())
+        digest.update(part.tobytes())
+    return "sha256:" + digest.hexdigest()
 
 
 def save_validation(path: str | Path, split: Split) -> None:

@@ -25,7 +25,7 @@ from coordinator.core import (
     VersionLoaded,
 )
 from coordinator.gate import Gate, GateConfig, difference_bounds, paired_counts, valid_paired
-from coordinator.registry import Registry
+from coordinator.registry import Registry, read_release_record
 from coordinator.strategies import make_strategy
 from coordinator.validation import compare
 from coordinator.validation import score as validation_score
@@ -530,6 +530,82 @@ def test_releases_cannot_ratchet_down_one_margin_at_a_time() -> None:
     assert c.status().extra["release"] == 2
 
 
+SET_A, SET_B = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+
+
+def durable(c: CoordinatorCore, registry: Registry) -> CoordinatorCore:
+    """``c`` with the registry's half of the driver: commits and release records are written."""
+    real = c.handle
+
+    def handle(event: object) -> list[object]:
+        actions = real(event)  # type: ignore[arg-type]
+        for a in actions:
+            if isinstance(a, CommitVersion):
+                registry.commit(a)
+            elif isinstance(a, RecordRelease):
+                registry.record_release(a.release, a.pinned, a.event, a.floor)
+        return actions
+
+    c.handle = handle  # type: ignore[method-assign]
+    return c
+
+
+def gated_on(validation_set: str, snapshot: Snapshot | None = None) -> CoordinatorCore:
+    config = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, signer=SIGNER,
+                               gate=GateConfig(margin=0.02, validation_set=validation_set))
+    return CoordinatorCore(config, make_strategy("spin", k=1, timeout_s=None, clip_multiplier=0.0), snapshot or toy_snapshot(),
+                           rng=random.Random(0))
+
+
+@pytest.mark.parametrize(("after_restart", "expected"), [(SET_A, "hold"), (SET_B, "promote")])
+def test_the_best_release_floor_survives_a_restart_on_the_same_validation_set(
+        tmp_path: Path, after_restart: str, expected: str) -> None:
+    """helper-110: the floor (best release 0.90) lived in memory only. Candidate 0.87 against
+    release 2 (0.885) was held; after a restart the same score was promoted, so each restart let
+    the release step down one more margin. The floor is in the release record now, with the
+    validation set it was scored on: restored on that set, dropped (and said once) on another."""
+    registry = Registry(tmp_path, SPEC)
+    registry.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    c = durable(gated_on(SET_A), registry)
+    for seq in range(3):
+        c.handle(update("d1", seq, float(seq + 1), base=seq))
+    for expected_before, version, cand, rel, rel_version in [("promote", 1, 0.90, 0.80, 0), ("promote", 2, 0.885, 0.90, 1),
+                                                            ("hold", 3, 0.87, 0.885, 2)]:
+        acts = c.handle(CandidateEvaluated(now=10.0 + version, version=version, candidate_metric=cand,
+                                           release_metric=rel, release_version=rel_version))
+        assert [r.event["action"] for r in of(acts, RecordRelease)] == [expected_before], version
+    registry.close()
+
+    snap = Registry(tmp_path, SPEC).load()
+    assert snap is not None and snap.release_version == 2 and snap.gate_floor == {"best": 0.90, "validation_set": SET_A}
+    restarted = gated_on(after_restart, snap)
+    dropped = of(restarted.start(20.0), Notify)
+    assert [n.data["best"] for n in dropped if n.kind == "gate_floor_dropped"] == ([] if expected == "hold" else [0.90])
+    restarted.handle(update("d1", 3, 4.0, base=3))  # candidate 4: the same score against the same release
+    acts = restarted.handle(CandidateEvaluated(now=30.0, version=4, candidate_metric=0.87, release_metric=0.885,
+                                               release_version=2))
+    assert [r.event["action"] for r in of(acts, RecordRelease)] == [expected]
+    assert restarted.status().extra["release"] == (2 if expected == "hold" else 4)
+    assert all(n.kind != "gate_floor_dropped" for n in of(restarted.start(40.0), Notify))  # said once
+
+
+def test_the_floor_is_not_restored_for_an_unknown_set_or_a_canary_only_gate() -> None:
+    stored = {"best": 0.9, "validation_set": SET_A}
+    for config in (GateConfig(), GateConfig(validation_set=SET_B)):
+        g = Gate(config)
+        assert g.restore_floor(stored) is not None and g.best is None
+    g = Gate(GateConfig(validation_set=SET_A))
+    assert g.restore_floor(stored) is None and g.best == 0.9 and g.floor() == stored
+    for junk in (None, {}, {"best": "0.9", "validation_set": SET_A}, {"best": float("nan"), "validation_set": SET_A},
+                 {"best": True, "validation_set": SET_A}):
+        g = Gate(GateConfig(validation_set=SET_A))
+        assert g.restore_floor(junk) is None and g.best is None, junk
+    # Canary only: each round scores other devices' new labels, so no score is a floor for later ones.
+    from coordinator.canary import CanaryConfig
+    g = Gate(GateConfig(validation=False, canary=CanaryConfig(), validation_set=SET_A))
+    assert g.restore_floor(stored) is not None and g.best is None and g.floor() is None
+
+
 # ------------------------------------------------------------------ paired evidence
 
 
@@ -803,7 +879,8 @@ def test_an_operator_command_whose_release_record_is_lost_keeps_its_release(tmp_
                 registry.commit(a)
         for r in of(c.handle(CandidateEvaluated(now=float(v), version=v, candidate_metric=0.9, release_metric=0.9,
                                                 release_version=v - 1)), RecordRelease):
-            registry.record_release(r.release, r.pinned, r.event)
+            registry.record_release(r.release, r.pinned, r.event, r.floor)
+    assert read_release_record(tmp_path)["gate_floor"] == {"best": 0.9, "validation_set": ""}
     (load,) = of(c.handle(control(command, 1)), LoadVersion)
     acts = c.handle(VersionLoaded(now=51.0, version=1, weights=np.ones(SPEC.size, np.float32), command=command,
                                   operator=load.operator, nonce=load.nonce))
@@ -812,6 +889,7 @@ def test_an_operator_command_whose_release_record_is_lost_keeps_its_release(tmp_
     registry.close()
     snap = Registry(tmp_path, SPEC).load()
     assert snap is not None and (snap.version, snap.release_version, snap.pinned) == (3, 3, command == "pin")
+    assert snap.gate_floor is None  # the operator's release is the new bar: the recorded floor was the old one's
     restarted = gated(k=1, snapshot=snap)
     assert restarted.release[0] == 3 and not restarted.abandoned(3) and restarted.abandoned(2)
     assert not of(restarted.start(60.0), EvaluateCandidate)  # the operator's choice is no candidate

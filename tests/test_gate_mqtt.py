@@ -243,11 +243,11 @@ def test_a_pin_whose_release_record_fails_to_write_holds_after_the_coordinator_r
         real = daemon.registry.record_release
         failed: list[int] = []
 
-        def full_disk(release: int, pinned: bool, event: Any) -> None:
+        def full_disk(release: int, pinned: bool, event: Any, floor: Any = None) -> None:
             if event.get("action") == "pin" and not failed:
                 failed.append(release)
                 raise OSError(errno.ENOSPC, "No space left on device")
-            real(release, pinned, event)
+            real(release, pinned, event, floor)
 
         monkeypatch.setattr(daemon.registry, "record_release", full_disk)
         out = edgeci("pin", "1", "--broker", mosquitto.url, "--region", REGION, "--state-dir", str(state), "--wait", "8")

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from coordinator.validation import load_validation, save_validation
+from coordinator.validation import fingerprint, load_validation, save_validation
 from edge_sdk.errors import ConfigError
 from edge_sdk.tasks import get_task
 from edge_sdk.tasks.base import MAX_BOXES, Split, TaskData
@@ -77,6 +77,24 @@ def test_a_classifier_split_round_trips_as_before(tmp_path: Path) -> None:
     loaded = load_validation(tmp_path / "val.npz", task)
     assert loaded.x.dtype == np.float32 and loaded.y.dtype == np.int64
     assert np.array_equal(loaded.x, test.x) and np.array_equal(loaded.y, test.y)
+
+
+def test_the_fingerprint_names_the_samples_as_loaded(tmp_path: Path) -> None:
+    """The gate's best-release floor is restored only on the same validation set: the same
+    samples (saved again, another file) give the same fingerprint, one changed label another."""
+    task = get_task("digits")
+    test = task.data().test
+    save_validation(tmp_path / "a.npz", test)
+    np.savez(tmp_path / "b.npz", x=test.x.astype(np.float64), y=test.y.astype(np.int32))
+    same = {fingerprint(load_validation(tmp_path / f"{name}.npz", task)) for name in ("a", "b")}
+    assert len(same) == 1 and next(iter(same)).startswith("sha256:")
+    y = test.y.copy()
+    y[0] = (y[0] + 1) % 10
+    assert fingerprint(Split(x=test.x, y=y)) not in same
+    assert fingerprint(Split(x=test.x[:-1], y=test.y[:-1])) not in same
+    one = frames([[[0, 1, 2, 10, 12]], []])
+    moved = frames([[[0, 1, 2, 10, 13]], []])
+    assert fingerprint(one) == fingerprint(frames([[[0, 1, 2, 10, 12]], []])) != fingerprint(moved)
 
 
 class Payload:
