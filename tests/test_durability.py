@@ -1001,3 +1001,40 @@ def test_the_storage_probe_warns_once_a_minute_not_every_probe(monkeypatch: pyte
                                                         "storage still failing (1 probe(s)", "storage still failing (31 probe(s)",
                                                         "storage still failing (61 probe(s)", "storage still failing (91 probe(s)"]
     assert len(warnings) + len(debug) == 199 and recovered == []
+
+
+def test_the_gate_s_floor_is_restored_for_the_same_validation_file_only(tmp_path: Path,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """helper-110: the best-release floor is recorded in release.json with the fingerprint of the
+    validation samples the daemon loaded. Restarted on the same samples (another file holding
+    them) it is restored in silence; on other samples the gate starts without one, said once."""
+    import logging
+
+    from coordinator.registry import read_release_record
+    from coordinator.validation import fingerprint, load_validation, save_validation
+
+    task = get_task("digits")
+    test = task.data().test
+    save_validation(tmp_path / "a.npz", test)
+    np.savez(tmp_path / "a-again.npz", x=test.x.astype(np.float64), y=test.y)  # the same samples
+    save_validation(tmp_path / "b.npz", Split(x=test.x[:-10], y=test.y[:-10]))
+    w = task.pretrained(seed=0)
+    with driver(tmp_path, k=1, validation=tmp_path / "a.npz") as (daemon, _):
+        daemon._on_message(*update("d1", 1, w + 1e-3))  # candidate 1: scored, decided, recorded
+        wait_until(lambda: "gate_floor" in read_release_record(tmp_path / "c"), 60, "the gate's first decision")
+    floor = read_release_record(tmp_path / "c")["gate_floor"]
+    assert floor["validation_set"] == fingerprint(load_validation(tmp_path / "a.npz", task)) and 0 < floor["best"] <= 1
+
+    def restarted(path: Path) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="edgeci.coordinator"), driver(tmp_path, k=1, validation=path) as (daemon, _):
+            done = threading.Event()
+            daemon.actor.call(done.set)  # after start()'s actions (queued first)
+            assert done.wait(10)
+            best = daemon.core._gate.best
+        assert best == (floor["best"] if path.name == "a-again.npz" else None)
+        return [r.getMessage() for r in caplog.records if "best-release floor" in r.getMessage() and r.levelno == logging.INFO]
+
+    assert restarted(tmp_path / "a-again.npz") == []
+    (said,) = restarted(tmp_path / "b.npz")
+    assert f"({floor['best']:.4f})" in said and "validation set differs" in said
