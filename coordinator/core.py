@@ -388,7 +388,8 @@ class CoordinatorConfig:
     """Per-device token bucket for model replies: ``pull_burst`` at once, one more per
     ``pull_refill_s`` seconds; pulls beyond it are dropped and counted (``rate_limited``)."""
     max_devices: int = 1_000_000
-    """Devices tracked at once; messages from further new ids are rejected (memory bound)."""
+    """Devices tracked at once; messages from further new ids are rejected (memory bound). The
+    update watermarks are capped at as many (an id that only pushes never counts as tracked)."""
     status_interval_s: float = 0.25
     """Publish the retained status at most this often (immediately when the version changes)."""
     status_payload: bool = True
@@ -1157,6 +1158,10 @@ class CoordinatorCore:
         if msg.model_id != cfg.spec.model_id:
             raise UnknownModel(f"this coordinator serves {cfg.spec.model_id!r}, not {msg.model_id!r}")
         watermark = self._accepted_upto.get(msg.device, NO_VERSION)
+        if watermark == NO_VERSION and len(self._accepted_upto) >= cfg.max_devices:
+            # _dispatch's cap counts devices that pulled: an id that only pushes leaves a
+            # watermark (and a nonce) for good, so the watermarks are capped on their own.
+            raise TooManyDevices(f"already holding watermarks for {len(self._accepted_upto)} devices")
         if msg.seq <= watermark:
             self.counters["duplicate"] += 1
             self._status_dirty = True

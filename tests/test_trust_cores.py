@@ -408,6 +408,26 @@ def test_new_device_ids_beyond_the_cap_are_refused() -> None:
     assert len(c.devices_seen) == 3 and c.counters["reject:too_many_devices"] == 7
 
 
+def test_new_device_ids_that_only_push_updates_are_capped_too() -> None:
+    """helper-111: the cap counted devices that *pulled*; an update from an id that never pulled
+    passed it and left a watermark (and a nonce) behind for good. On a plain broker 2,000 such
+    ids under ``max_devices=10`` left 2,000 watermarks (100,000: 33 MB of heap and rising)."""
+    cfg = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, signer=SIGNER, max_devices=3)
+    c = CoordinatorCore(cfg, make_strategy("spin", k=2, timeout_s=None), toy_snapshot(), rng=random.Random(0))
+    for i in range(10):
+        acts = c.handle(to_coord(float(i), f"x{i}", "update", update(f"x{i}", 1, base=c.version)))
+        if i >= 3:  # refused, answered, counted; nothing of it kept
+            (ack,) = published(acts, "ack")
+            assert isinstance(ack, Ack) and ack.status == "rejected" and ack.reason == "too_many_devices"
+            assert not [a for a in acts if isinstance(a, PersistUpdate)]
+    assert sorted(c.applied_upto) == ["x0", "x1"] and len(c.buffer) == 1  # x2's waits for a second one
+    assert c._accepted_upto.keys() == c._last_nonce.keys() == {"x0", "x1", "x2"}
+    assert c.counters["accepted"] == 3 and c.counters["reject:too_many_devices"] == 7
+    # a device already holding a watermark goes on being served, and its next update is taken
+    acts = c.handle(to_coord(20.0, "x0", "update", update("x0", 2, base=c.version)))
+    assert [a for a in acts if isinstance(a, PersistUpdate)] and c.applied_upto["x0"] == 2
+
+
 # ------------------------------------------------------------------ storage failure and training failure
 
 
