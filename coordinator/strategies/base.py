@@ -18,6 +18,7 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, ClassVar, Protocol
 
 from edge_sdk.fastinit import fast_init
@@ -204,7 +205,7 @@ class ReadOnlyView:
 
     @property
     def deferred(self) -> Mapping[str, float]:
-        return dict(self._core.deferred)
+        return MappingProxyType(self._core.deferred)  # read-only, no copy (O(1) per event)
 
     def weights_at(self, version: int) -> Vector | None:
         w = self._core.weights_at(version)
