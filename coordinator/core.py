@@ -902,10 +902,14 @@ class CoordinatorCore:
             # The topic's prefix names this device in this region: parse validated both ids
             # in this very string, so replies to the device reuse it (see _device_topic).
             self._inbox = (parsed.device, ev.topic[: len(ev.topic) - len(leaf)])
-            self._track(parsed.device, None, ev.now)  # seen: alive, whatever it sent
             device = parsed.device
             if isinstance(msg, _SEQUENCED):
                 seq = msg.seq
+            if device not in self._devices and len(self._devices) >= self.config.max_devices:
+                # Before _track: an id refused for room is not "seen" (it took a presence row from a
+                # tracked device, showed in the status and could be drawn into a canary cohort).
+                raise TooManyDevices(f"already tracking {len(self._devices)} devices")
+            self._track(device, None, ev.now)  # seen: alive, whatever it sent
             actions = self._dispatch(parsed.device, leaf, msg, ev.now)
             self._track_version(parsed.device, msg)  # the version it says it runs: only from a message we took
             return actions
@@ -915,8 +919,6 @@ class CoordinatorCore:
     def _dispatch(self, device: str, leaf: str, msg: Message, now: float) -> list[CoordinatorAction]:
         if getattr(msg, "device", device) != device:
             raise TopicMismatch(f"message claims device {getattr(msg, 'device', '')!r} on the topic of {device!r}")
-        if device not in self._devices and len(self._devices) >= self.config.max_devices:
-            raise TooManyDevices(f"already tracking {len(self._devices)} devices")
         if leaf == "pull" and isinstance(msg, Pull):
             return self._on_pull(msg, now)
         if leaf == "update" and isinstance(msg, Update):

@@ -408,6 +408,23 @@ def test_new_device_ids_beyond_the_cap_are_refused() -> None:
     assert len(c.devices_seen) == 3 and c.counters["reject:too_many_devices"] == 7
 
 
+def test_a_device_id_refused_for_room_is_not_seen() -> None:
+    """helper-111: an id refused with ``too_many_devices`` was tracked first: it took one of the
+    presence rows (pushing out a tracked device's), was listed in the status as seen now and was
+    eligible for a canary cohort. A refused message changes nothing but the counters."""
+    cfg = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, signer=SIGNER, max_devices=3)
+    c = CoordinatorCore(cfg, make_strategy("spin", k=10, timeout_s=None), toy_snapshot(), rng=random.Random(0))
+    for i in range(3):
+        c.handle(to_coord(float(i), f"x{i}", "pull", Pull(device=f"x{i}", seq=0, model_id="toy")))
+    before = (c.presence, c.status().extra["devices"])
+    for i in range(10):
+        acts = c.handle(to_coord(10.0 + i, f"y{i}", "pull", Pull(device=f"y{i}", seq=0, model_id="toy")))
+        (ack,) = published(acts, "ack")
+        assert isinstance(ack, Ack) and ack.status == "rejected" and ack.reason == "too_many_devices"
+    assert (c.presence, c.status().extra["devices"]) == before and list(c.presence) == ["x0", "x1", "x2"]
+    assert c.counters["reject:too_many_devices"] == 10
+
+
 def test_new_device_ids_that_only_push_updates_are_capped_too() -> None:
     """helper-111: the cap counted devices that *pulled*; an update from an id that never pulled
     passed it and left a watermark (and a nonce) behind for good. On a plain broker 2,000 such
