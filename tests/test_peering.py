@@ -129,6 +129,21 @@ def test_spyker_strategy_counts_updates_and_decays_fast_clients() -> None:
     assert strategy.lr_hint("fast") == {"lr": pytest.approx(0.5 - 0.05 * 4)}
 
 
+def test_the_ledgers_mean_is_exact_through_counts_and_a_restore() -> None:
+    ledger = AgeLedger()
+    counts = {f"d{i}": 1 + (i * 7) % 13 for i in range(1_000)}
+    for device, n in counts.items():
+        for _ in range(n):
+            ledger.count(device)
+    exact = sum(counts.values()) / len(counts)
+    assert ledger.mean_updates() == exact and ledger.updates == counts
+    again = AgeLedger()
+    again.restore(ledger.checkpoint())  # a restart: the running total comes back with the counts
+    assert again.mean_updates() == exact
+    again.count("new")
+    assert again.mean_updates() == (sum(counts.values()) + 1) / (len(counts) + 1)
+
+
 def test_age_ledger_falls_back_to_one_unit_per_version() -> None:
     ledger = AgeLedger()
     ledger.record(10, 50.0)
