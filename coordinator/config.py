@@ -196,10 +196,12 @@ def _items(value: Any, where: str) -> list[str]:
     raise ConfigError(f"{where}: expected a list of \"NAME=VALUE\" strings (or one comma-separated string), got {value!r}")
 
 
-def bounded(kind: type[int] | type[float], minimum: float, *, strict: bool = False, rule: str = "") -> Callable[[str], Any]:
+def bounded(kind: type[int] | type[float], minimum: float, *, strict: bool = False, below: float | None = None,
+            rule: str = "") -> Callable[[str], Any]:
     """An argparse ``type`` for every command: a ``kind`` (int or float) at least ``minimum``
-    (above it with ``strict``: NaN never is); ``rule``, the error's words for a value out of
-    range (default "must be above M" / "must be at least M")."""
+    (above it with ``strict``: NaN never is) and, with ``below``, under it; ``rule``, the error's
+    words for a value out of range (default "must be above M" / "must be at least M" / "must be
+    below B")."""
 
     def parse(text: str) -> int | float:
         try:
@@ -209,6 +211,8 @@ def bounded(kind: type[int] | type[float], minimum: float, *, strict: bool = Fal
         if not (value > minimum if strict else value >= minimum):
             words = rule or f"must be {'above' if strict else 'at least'} {minimum:g}"
             raise argparse.ArgumentTypeError(f"{words}, got {text}")
+        if below is not None and not value < below:
+            raise argparse.ArgumentTypeError(f"{rule or f'must be below {below:g}'}, got {text}")
         return value
 
     return parse

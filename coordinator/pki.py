@@ -721,7 +721,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                    "and SIGHUP mosquitto.", formatter_class=fmt)
     _dir_argument(s)
     s.add_argument("--broker-name", default="broker", help="the broker identity issued with --role broker (default: %(default)s)")
-    s.add_argument("--port", type=_listener_port, default=8883, help="the TLS listener's port (default: 8883)")
+    # (99999 was written into the config, and mosquitto then would not start)
+    s.add_argument("--port", type=bounded(int, 1, below=65536, rule="must be a port 1-65535"), default=8883,
+                   help="the TLS listener's port (default: 8883)")
     s.add_argument("--bind", default="0.0.0.0", help="the listener's address (default: 0.0.0.0, every interface: TLS with "
                    "client certificates; 127.0.0.1 for a broker only this host reaches)")
     s.add_argument("--model-bytes", type=bounded(int, 0), default=0, help="largest model's float32 bytes: max_packet_size = this + headroom (0: paho's 256 MiB limit)")
@@ -730,17 +732,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "after dropping to it): the key and password copies are chowned to it. Default: 'mosquitto' when "
                    "run as root and that account exists; '' for none")
     s.add_argument("--out", type=Path, required=True, help="the config file to write (its files go to STEM-files/ beside it: edgeci-files/ for edgeci.conf)")
-
-
-def _listener_port(text: str) -> int:
-    """--port: 1-65535 (99999 was written into the config, and mosquitto then would not start)."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port 1-65535, got {text}")
-    return port
 
 
 def run(args: argparse.Namespace) -> int:

@@ -54,15 +54,6 @@ def _positive(kind: type[int] | type[float]) -> Any:
     return finite(bounded(kind, 0, strict=True))
 
 
-def _margin(text: str) -> float:
-    """--gate-margin: an accuracy in [0, 1) (-1 or nan failed later as the gate's
-    "need 0 <= margin <= rollback_margin < 1", naming no flag of this command)."""
-    value = float(finite(bounded(float, 0))(text))
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"must be below 1, got {text}")
-    return value
-
-
 def _validation_size(text: str) -> int:
     if text.strip() == "0":  # (it used to turn the gate off silently)
         raise argparse.ArgumentTypeError("0 leaves the release gate no validation set: use --no-gate to release "
@@ -98,7 +89,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--validation-size", type=_validation_size, default=200,
                    help="pool samples kept at the coordinator for the release gate, at most a quarter of the pool "
                    "(more is capped, with a note); to run without the gate use --no-gate")
-    p.add_argument("--gate-margin", type=_margin, default=0.02, help="accuracy a candidate may lose against the release and still be released")
+    # (-1 or nan failed later as the gate's "need 0 <= margin <= rollback_margin < 1", naming no flag of this command)
+    p.add_argument("--gate-margin", type=finite(bounded(float, 0, below=1)), default=0.02, help="accuracy a candidate may lose against the release and still be released")
     p.add_argument("--no-gate", action="store_true", help="release every aggregated version (no validation set)")
 
 
