@@ -50,7 +50,7 @@ from coordinator.metrics import CoordinatorMetrics, stamp_status, status_will
 from coordinator.registry import Registry, RegistryError, days_beyond_clock
 from coordinator.strategies import strategy_params
 from coordinator.strategies.base import BufferedUpdate
-from coordinator.strategies.staleness import needs_driver, policy_of
+from coordinator.strategies.staleness import converting_policy, needs_driver, policy_of
 from coordinator.validation import Validator, fingerprint, load_validation
 from edge_sdk.core.device import MAX_STATUS_BYTES
 from edge_sdk.core.events import MessageReceived, Notify, Publish
@@ -418,7 +418,7 @@ class CoordinatorDaemon:
                 peer_keys=self.peer_keys,
                 gate=GateConfig(margin=options.gate_margin, rollback_margin=self._rollback_margin(),
                                 paired_z=options.gate_z, validation=options.validation is not None,
-                                canary=self._canary_config(),
+                                canary=canary_config(options),
                                 validation_set=self._validation_set)
                 if options.validation is not None or options.canary > 0 else None,
                 operators=self.operators,
@@ -438,9 +438,6 @@ class CoordinatorDaemon:
         self.registry.keep_versions = max(options.keep_versions, core.config.keep_versions)
         return core
 
-    def _canary_config(self) -> CanaryConfig | None:
-        return canary_config(self.options)
-
     def _rollback_margin(self) -> float:
         """At least the gate margin (a candidate between the two is held, so they cannot cross)."""
         return max(self.options.rollback_margin, self.options.gate_margin)
@@ -449,7 +446,7 @@ class CoordinatorDaemon:
         """Refuse bad strategy/peering parameters, --inversion fields and --validation files
         now, with the ConfigError the later use would raise — not after pretraining."""
         options = self.options
-        self._canary_config()
+        canary_config(options)
         make_method(options.strategy, peering=options.peering, coordinator_id=self.coordinator_id,
                     ring=options.peers or (self.coordinator_id,),
                     strategy_params=daemon_strategy_params(options.strategy, options.strategy_params),
@@ -507,10 +504,8 @@ class CoordinatorDaemon:
 
                 converter = make_inverter(self.task.name, self.task.spec, **dict(self.options.inversion_params))
             self.conversions = ConversionWorker(converter, self.actor.submit, self.clock.now).start()
-            policy = policy_of(self.core.strategy)
-            policy = getattr(policy, "inner", policy)  # (under a max_staleness bound)
             log.info("staleness policy gradient-inversion: updates staler than %g versions are converted on a worker "
-                     "(deadline %.0f s, then damped)", getattr(policy, "beyond", float("nan")),
+                     "(deadline %.0f s, then damped)", getattr(converting_policy(policy_of(self.core.strategy)), "beyond", float("nan")),
                      self.options.conversion_deadline_s)
         self.actor.start()
         self._probe_thread.start()

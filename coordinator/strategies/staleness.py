@@ -60,6 +60,7 @@ __all__ = [
     "Use",
     "Verdict",
     "conversion_of",
+    "converting_policy",
     "make_policy",
     "needs_driver",
     "policy_of",
@@ -253,11 +254,17 @@ def needs_driver(policy: StalenessPolicy) -> bool:
     return conversion_of(policy) is not None
 
 
-def conversion_of(policy: StalenessPolicy) -> str | None:
-    """The converting policy's name, also under a bound (``max_staleness`` wraps it in a
+def converting_policy(policy: StalenessPolicy) -> StalenessPolicy | None:
+    """The converting policy, also under a bound (``max_staleness`` wraps it in a
     :class:`DropBeyond`, which converts what it does not drop), else None."""
     inner = policy.inner if isinstance(policy, DropBeyond) else policy
-    return inner.name if inner.asynchronous else None
+    return inner if inner.asynchronous else None
+
+
+def conversion_of(policy: StalenessPolicy) -> str | None:
+    """The converting policy's name (:func:`converting_policy`), else None."""
+    converting = converting_policy(policy)
+    return converting.name if converting is not None else None
 
 
 def policy_of(strategy: object) -> StalenessPolicy:
