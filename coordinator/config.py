@@ -218,6 +218,19 @@ def bounded(kind: type[int] | type[float], minimum: float, *, strict: bool = Fal
     return parse
 
 
+def task_arg(text: str) -> str:
+    """An argparse ``type`` for ``--model``: a registered task or its model id, refused at
+    parse time (exit 2, before torch loads) rather than when the command first builds the
+    task (exit 1, a runtime failure the systemd unit would retry). Returns the name as given."""
+    from edge_sdk.tasks import task_name
+
+    try:
+        task_name(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def finite(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     """``parse`` (a :func:`bounded` type) that also refuses ±inf: an infinite rate, learning rate
     or duration is no setting, and deeper down it fails with some internal field's name."""

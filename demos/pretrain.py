@@ -7,7 +7,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from coordinator.config import bounded
+from coordinator.config import bounded, task_arg
 from edge_sdk.errors import ConfigError
 from edge_sdk.modelio import save_model
 from edge_sdk.tasks import get_task
@@ -15,7 +15,7 @@ from edge_sdk.tasks.registry import TASK_INFO
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="digits", help=f"task / model: {', '.join(TASK_INFO)}")
+    p.add_argument("--model", default="digits", type=task_arg, help=f"task / model: {', '.join(TASK_INFO)}")
     p.add_argument("--out", type=Path, default=Path("deployed.npz"),
                    help="output model file (.npz), in a directory that exists; an existing file is replaced")
     p.add_argument("--seed", type=bounded(int, 0), default=0, help="random seed of the pretraining (default: 0)")

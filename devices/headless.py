@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from coordinator.config import bounded, finite
+from coordinator.config import bounded, finite, task_arg
 from devices.live import LabellingLoop, LabellingUser, device_index, labelling_stream
 from devices.partition import Partition, partition
 from edge_sdk.client import EdgeClient, check_device_bundle
@@ -54,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--region", default=None, help="region of the coordinator to use (default: the --bundle's region when it "
                    "was issued for one, else 'default')")
     p.add_argument("--device-id", required=True, help="this device's id (1-64 of A-Z a-z 0-9 _ . -)")
-    p.add_argument("--dataset", "--model", dest="model", metavar="TASK", default="digits", help="task whose pool is labelled")
+    p.add_argument("--dataset", "--model", dest="model", metavar="TASK", default="digits", type=task_arg, help="task whose pool is labelled")
     p.add_argument("--data-dir", type=Path, help="SDK data dir (default: $EDGECI_HOME/devices/DEVICE_ID, EDGECI_HOME defaulting to ~/.edgeci)")
     p.add_argument("--fleet-size", type=bounded(int, 1), default=20, help="the pool is split into this many partitions")
     p.add_argument("--partition", type=bounded(int, 0), help="partition index, 0 to fleet size - 1 (default: from the device id)")

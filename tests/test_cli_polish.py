@@ -506,6 +506,19 @@ def test_a_negative_seed_is_a_usage_error_not_a_numpy_traceback(argv: list[str],
     assert exit_.value.code == 2 and "argument --seed: must be at least 0, got -1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("argv", "flag"), [(["run", "--model", "digitz"], "--model"),
+                                            (["pretrain", "--model", "digitz"], "--model"),
+                                            (["device", "--device-id", "d1", "--model", "digitz"], "--dataset/--model")])
+def test_an_unknown_task_is_a_usage_error_in_every_command(argv: list[str], flag: str,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """helper-107: `run`, `pretrain` and `device` found an unknown task only when they first
+    built it (exit 1, which the systemd unit retries), `coordinator` at parse time (exit 2)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"argument {flag}: unknown task 'digitz'; known tasks: detection, digits" in err
+
+
 def test_status_shows_the_peering_in_the_readable_form() -> None:
     """helper-88: ring, token, ages and merges were only in `edgeci status --json` (extra.peering),
     which is what an operator checks to see that models are exchanged."""
