@@ -20,12 +20,20 @@ computed here. This module holds what the core decides with, and nothing that do
 Changes, not raw weights, are compared: an estimate based on version t and a stale update
 based on t − τ differ by the global model's own progress, which says nothing about the
 estimate's quality. The switch is global, as in the paper (one switching point for the run).
+
+The window holds one observation per device, its latest (a new one replaces the device's
+earlier one and counts as the newest): the device chooses its own next update, so E2 is its
+to set (its stale change again: E2 = 0), and three cycles of one device used to switch the
+whole region off. Now ``min_observations`` means that many distinct devices, and a device is
+one entry of the window however often it is converted. The latest rather than the first: the
+switch follows the estimates' quality as training goes on, which a device's newest evidence
+says best. The window is not checkpointed (only the switch point is), as before.
 """
 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,9 +52,10 @@ class ConversionConfig:
     blend_versions: int = 5
     """After the switch point, α falls from 1 to 0 over this many versions."""
     window: int = 10
-    """Observations (E1, E2) averaged for the switch decision."""
+    """Observations (E1, E2) averaged for the switch decision: the latest of each of the last
+    this many devices observed."""
     min_observations: int = 3
-    """No switch before this many observations."""
+    """No switch before this many observations (of as many distinct devices)."""
     match_slack: int = 2
     """An update based on version b is compared with the estimate made for version t when |b − t| ≤ this."""
     max_queued: int = 4
@@ -113,7 +122,7 @@ class SwitchTracker:
     def __init__(self, config: ConversionConfig, state: dict[str, Any] | None = None) -> None:
         self.config = config
         self._estimates: OrderedDict[str, tuple[int, Vector, Vector]] = OrderedDict()
-        self._window: deque[Observation] = deque(maxlen=config.window)
+        self._window: OrderedDict[str, Observation] = OrderedDict()  # device -> its latest, oldest first
         self._bytes = 0
         state = state or {}
         sv = state.get("switch_version")
@@ -164,13 +173,16 @@ class SwitchTracker:
         e1_l1, e1_cos = disparity(estimate, delta)
         e2_l1, e2_cos = disparity(stale_delta, delta)
         obs = Observation(device, target, e1_l1, e2_l1, e1_cos, e2_cos)
-        self._window.append(obs)
+        self._window.pop(device, None)  # one per device: its latest, at the newest end
+        self._window[device] = obs
+        while len(self._window) > self.config.window:
+            self._window.popitem(last=False)
         if self.switch_version is None and self.should_switch():
             self.switch_version = version
         return obs
 
     def should_switch(self) -> bool:
-        w = self._window
+        w = self._window.values()
         if len(w) < self.config.min_observations:
             return False
         return (sum(o.e1_l1 for o in w) > sum(o.e2_l1 for o in w)
@@ -187,7 +199,7 @@ class SwitchTracker:
 
     # -- reporting / persistence
     def describe(self, version: int) -> dict[str, Any]:
-        w = self._window
+        w = list(self._window.values())
         mean = (lambda f: round(sum(f(o) for o in w) / len(w), 6)) if w else (lambda f: None)
         return {
             "mode": "converting" if self.switch_version is None else ("blending" if self.converting(version) else "switched-off"),

@@ -255,6 +255,68 @@ def test_the_tracker_switches_when_the_estimate_is_worse_than_the_stale_update_a
     assert restored.switch_version == sv and not restored.converting(sv + 4)
 
 
+def test_one_device_repeating_its_evidence_is_one_observation_in_the_switch_window() -> None:
+    # The device sets its own next update, so E2 is its to choose: its stale change again
+    # (E2 = 0 < E1). It used to fill the window alone and switch the region off.
+    truth_is_stale = vec(1.0, 0.0, 0.0)
+    t = SwitchTracker(ConversionConfig())  # window 10, at least 3
+    for cycle in range(10):
+        t.record("evil", 10 + cycle, estimate=vec(0.0, 1.0, 0.0), stale_delta=truth_is_stale)
+        obs = t.observe("evil", 10 + cycle, truth_is_stale, version=11 + cycle)
+        assert obs is not None and obs.e1_l1 > obs.e2_l1 == 0.0 and obs.e1_cos > obs.e2_cos == 0.0
+    assert t.switch_version is None and t.describe(30)["observations"] == 1
+    # the same evidence from 3 distinct devices still switches
+    for i, dev in enumerate(("b", "c")):
+        t.record(dev, 30, estimate=vec(0.0, 1.0, 0.0), stale_delta=truth_is_stale)
+        t.observe(dev, 30, truth_is_stale, version=31 + i)
+    assert t.switch_version == 32
+    # a device's latest observation replaces its earlier one, and the window keeps the last `window` devices
+    w = SwitchTracker(ConversionConfig(window=2, min_observations=2))
+    for dev, e1 in (("a", vec(0.0, 1.0, 0.0)), ("b", vec(1.0, 0.0, 0.0)), ("a", vec(1.0, 0.0, 0.0))):
+        w.record(dev, 5, estimate=e1, stale_delta=vec(0.0, 0.0, 1.0))
+        w.observe(dev, 5, vec(1.0, 0.0, 0.0), version=6)
+    assert w.describe(6)["observations"] == 2 and w.describe(6)["e1_cos"] == 0.0  # a's first (e1_cos 1) is gone
+    w.record("c", 5, estimate=vec(1.0, 0.0, 0.0), stale_delta=vec(0.0, 0.0, 1.0))
+    w.observe("c", 5, vec(1.0, 0.0, 0.0), version=7)
+    assert w.describe(7)["observations"] == 2  # b, the least recent device, left
+
+
+def crafted_cycles(c: CoordinatorCore, devices: list[str]) -> None:
+    """Each device in turn: a very stale update, converted to an estimate unlike its stale change,
+    then its next update, based on the conversion's target, equal to that target plus the stale
+    change (E2 = 0 < E1)."""
+    for i, dev in enumerate(devices):
+        base = c.version - 4  # staleness 4 > convert_beyond 2
+        stale_change = np.zeros(SPEC.size, dtype=np.float32)
+        stale_change[0] = 1.0
+        base_weights = c._history.get(base)
+        assert base_weights is not None
+        msg = Update(device=dev, seq=2 * i, model_id="toy", base_version=base, n_samples=4, weights=base_weights + stale_change)
+        acts = c.handle(MessageReceived(now=float(i), topic=topics.device_topic("r1", dev, "update"), payload=encode(msg)))
+        (req,) = [a for a in acts if isinstance(a, ConvertUpdate)]
+        estimate = np.zeros(SPEC.size, dtype=np.float32)
+        estimate[1] = 1.0
+        c.handle(UpdateConverted(now=float(i), ticket=req.ticket, weights=req.target_weights + estimate))
+        nxt = Update(device=dev, seq=2 * i + 1, model_id="toy", base_version=req.target_version, n_samples=4,
+                     weights=req.target_weights + stale_change)
+        acts = c.handle(MessageReceived(now=float(i), topic=topics.device_topic("r1", dev, "update"), payload=encode(nxt)))
+        assert [a.status for a in acks(acts)] == ["accepted"]
+        assert any(isinstance(a, CommitVersion) for a in acts)  # K = 2: the converted update and this one
+
+
+def test_one_device_cannot_switch_conversions_off_for_the_region_three_distinct_devices_can() -> None:
+    c = converting_core()
+    crafted_cycles(c, ["evil"] * 5)  # helper-106's attack: 3 cycles switched the region off
+    conv = c.status().extra["conversion"]
+    assert conv["mode"] == "converting" and conv["observations"] == 1
+    # the next device's very stale update is still converted
+    assert [a for a in c.handle(upd("honest", 0, 9.0, base=c.version - 4)) if isinstance(a, ConvertUpdate)]
+    three = converting_core()
+    crafted_cycles(three, ["d1", "d2", "d3"])
+    conv = three.status().extra["conversion"]
+    assert conv["mode"] == "blending" and conv["switch_version"] == three.version - 1 and conv["observations"] == 3
+
+
 def test_the_tracker_ignores_updates_far_from_the_estimates_version_and_bounds_its_memory() -> None:
     t = SwitchTracker(ConversionConfig(max_tracked=2))
     t.record("a", 10, vec(1.0), vec(1.0))
