@@ -12,8 +12,8 @@ computed here. This module holds what the core decides with, and nothing that do
   leaves an estimate Δ̂ (the change the device would have made from version t) and the stale
   change Δ_s it replaced. When that device's next update arrives trained from (about) version
   t, its true change Δ is known, so E1 = d(Δ̂, Δ) and E2 = d(Δ_s, Δ) can be measured (L1 and
-  cosine distance). Once E1 > E2 on average over the last ``window`` observations for *both*
-  metrics, conversions are worth less than the stale update itself: the tracker switches,
+  cosine distance). Once E1 > E2 for more than half of the last ``window`` devices observed,
+  for *both* metrics, conversions are worth less than the stale update itself: the tracker switches,
   blends α Δ̂ + (1 − α) Δ_s with α falling from 1 to 0 over ``blend_versions`` versions, and
   then stops converting (the policy's damped fallback applies).
 
@@ -28,11 +28,18 @@ whole region off. Now ``min_observations`` means that many distinct devices, and
 one entry of the window however often it is converted. The latest rather than the first: the
 switch follows the estimates' quality as training goes on, which a device's newest evidence
 says best. The window is not checkpointed (only the switch point is), as before.
+
+The (lower) median over devices of E1 − E2, not the average (the paper's): one device that
+chooses its next update to maximise E1 − E2 (its stale change pushed away from the estimate)
+outweighed nine honest devices in the average with one observation (cosine E1 − E2 +0.45
+against their −0.02 each) and switched. With the median it takes more than half of the window's
+devices showing E1 > E2, however large one device makes its own.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -52,8 +59,8 @@ class ConversionConfig:
     blend_versions: int = 5
     """After the switch point, α falls from 1 to 0 over this many versions."""
     window: int = 10
-    """Observations (E1, E2) averaged for the switch decision: the latest of each of the last
-    this many devices observed."""
+    """The switch decision looks at the latest (E1, E2) observation of each of the last this
+    many devices observed."""
     min_observations: int = 3
     """No switch before this many observations (of as many distinct devices)."""
     match_slack: int = 2
@@ -185,8 +192,9 @@ class SwitchTracker:
         w = self._window.values()
         if len(w) < self.config.min_observations:
             return False
-        return (sum(o.e1_l1 for o in w) > sum(o.e2_l1 for o in w)
-                and sum(o.e1_cos for o in w) > sum(o.e2_cos for o in w))
+        # the lower median: > 0 when more than half of the devices have E1 > E2
+        return (statistics.median_low(o.e1_l1 - o.e2_l1 for o in w) > 0
+                and statistics.median_low(o.e1_cos - o.e2_cos for o in w) > 0)
 
     def tracking(self, device: str) -> bool:
         """Whether an estimate for ``device`` waits for its true update."""

@@ -281,6 +281,28 @@ def test_one_device_repeating_its_evidence_is_one_observation_in_the_switch_wind
     assert w.describe(7)["observations"] == 2  # b, the least recent device, left
 
 
+def test_one_device_choosing_its_next_update_cannot_outweigh_honest_devices() -> None:
+    # With one observation per device, a device can still pick the next update that maximises
+    # E1 - E2 (its stale change pushed away from the estimate): on an average, that one
+    # observation outweighed two honest devices whose estimates beat the stale change.
+    t = SwitchTracker(ConversionConfig())
+    truth = vec(1.0, 0.0, 0.0)
+    for i, dev in enumerate(("h1", "h2")):
+        t.record(dev, 10, estimate=vec(0.9, 0.1, 0.0), stale_delta=vec(0.8, 0.3, 0.0))
+        t.observe(dev, 10, truth, version=11 + i)
+    stale, estimate = vec(0.0, 2.0, 0.0), vec(0.0, 1.6, 0.8)  # inverted at cosine 0.89 to its stale change
+    t.record("evil", 12, estimate=estimate, stale_delta=stale)
+    obs = t.observe("evil", 12, stale + 10.0 * (stale - estimate), version=13)
+    assert obs is not None and obs.e1_cos - obs.e2_cos > 0.1 and obs.e1_l1 > obs.e2_l1
+    d = t.describe(13)
+    assert d["e1_l1"] > d["e2_l1"] and d["e1_cos"] > d["e2_cos"]  # the averages say switch ...
+    assert t.switch_version is None  # ... the median device does not
+    for i, dev in enumerate(("evil2", "evil3")):  # a majority of the window's devices does
+        t.record(dev, 12, estimate=estimate, stale_delta=stale)
+        t.observe(dev, 12, stale + 10.0 * (stale - estimate), version=14 + i)
+    assert t.switch_version == 15
+
+
 def crafted_cycles(c: CoordinatorCore, devices: list[str]) -> None:
     """Each device in turn: a very stale update, converted to an estimate unlike its stale change,
     then its next update, based on the conversion's target, equal to that target plus the stale
