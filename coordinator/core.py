@@ -754,7 +754,7 @@ class CoordinatorCore:
                 **({"epoch": self._epoch} if self._epoch != NO_EPOCH else {}),
                 **({"epoch_ahead": {"highest": self._ahead[0], "version": self._ahead[1], "device": self._ahead[2],
                                     "messages": c["epoch_ahead"]}} if self._ahead[2] else {}),
-                "conversion": None if not needs_driver(self._policy) else {
+                "conversion": None if not self._converting else {
                     "policy": conversion_of(self._policy),
                     **self._switch.describe(self._version),
                     "parked": len(self._parked),
