@@ -909,6 +909,10 @@ class CoordinatorCore:
                 # Before _track: an id refused for room is not "seen" (it took a presence row from a
                 # tracked device, showed in the status and could be drawn into a canary cohort).
                 raise TooManyDevices(f"already tracking {len(self._devices)} devices")
+            if isinstance(msg, Update) and device not in self._accepted_upto and len(self._accepted_upto) >= self.config.max_devices:
+                # The pull cap counts devices that pulled: an id that only pushes leaves a watermark
+                # (and a nonce) for good, so the watermarks are capped on their own; before _track too.
+                raise TooManyDevices(f"already holding watermarks for {len(self._accepted_upto)} devices")
             self._track(device, None, ev.now)  # seen: alive, whatever it sent
             actions = self._dispatch(parsed.device, leaf, msg, ev.now)
             self._track_version(parsed.device, msg)  # the version it says it runs: only from a message we took
@@ -1162,11 +1166,7 @@ class CoordinatorCore:
         ack_topic = self._device_topic(msg.device, "ack")
         if msg.model_id != cfg.spec.model_id:
             raise UnknownModel(f"this coordinator serves {cfg.spec.model_id!r}, not {msg.model_id!r}")
-        watermark = self._accepted_upto.get(msg.device, NO_VERSION)
-        if watermark == NO_VERSION and len(self._accepted_upto) >= cfg.max_devices:
-            # _dispatch's cap counts devices that pulled: an id that only pushes leaves a
-            # watermark (and a nonce) for good, so the watermarks are capped on their own.
-            raise TooManyDevices(f"already holding watermarks for {len(self._accepted_upto)} devices")
+        watermark = self._accepted_upto.get(msg.device, NO_VERSION)  # (capped in _on_message)
         if msg.seq <= watermark:
             self.counters["duplicate"] += 1
             self._status_dirty = True

@@ -445,6 +445,23 @@ def test_new_device_ids_that_only_push_updates_are_capped_too() -> None:
     assert [a for a in acts if isinstance(a, PersistUpdate)] and c.applied_upto["x0"] == 2
 
 
+def test_an_id_refused_for_watermark_room_is_not_seen() -> None:
+    """helper-119: the watermark cap refused an update from a new id only after _on_message had
+    tracked it: the refused ids took presence rows, showed in the status as seen now and were
+    eligible for a canary cohort (bd56bdd fixed this for the pull cap only)."""
+    cfg = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, signer=SIGNER, max_devices=3)
+    c = CoordinatorCore(cfg, make_strategy("spin", k=2, timeout_s=None), toy_snapshot(), rng=random.Random(0))
+    for i in range(3):
+        c.handle(to_coord(float(i), f"x{i}", "update", update(f"x{i}", 1, base=c.version)))
+    before = (c.presence, c.status().extra["devices"])
+    for i in range(3, 10):
+        acts = c.handle(to_coord(float(i), f"x{i}", "update", update(f"x{i}", 1, base=c.version)))
+        (ack,) = published(acts, "ack")
+        assert isinstance(ack, Ack) and ack.status == "rejected" and ack.reason == "too_many_devices"
+    assert (c.presence, c.status().extra["devices"]) == before and list(c.presence) == ["x0", "x1", "x2"]
+    assert c.counters["reject:too_many_devices"] == 7
+
+
 def test_a_message_costs_no_copy_of_the_devices_waiting_under_fedbuff() -> None:
     """helper-111: FedBuff plans after every event and read ``view.deferred``, which copied the
     core's map of waiting devices twice: 20,000 distinct ids, one pull each, took 0.49 ms a pull
