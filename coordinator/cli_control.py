@@ -26,8 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from coordinator.cli_status import liveness, operator_auth
-from coordinator.config import bounded, finite
+from coordinator.cli_status import liveness, operator_auth, wait_seconds
+from coordinator.config import bounded
 from edge_sdk.errors import ConfigError, EdgeciError
 from edge_sdk.mqtt import MqttTransport, add_broker_arguments, read_bundle
 from edge_sdk.signing import Signer, load_signer
@@ -77,7 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "one it knows the signing key by (default: the identity the operator bundle was issued for; with the "
                    "coordinator's own key, its id; else the key file's name without .key)")
     # (--wait -1 said "no coordinator status on region ...: is it running?" of a running one)
-    p.add_argument("--wait", type=finite(bounded(float, 0, strict=True)), default=30.0, help="seconds to wait for the coordinator to confirm")
+    p.add_argument("--wait", type=wait_seconds, default=30.0, help="seconds to wait for the coordinator to confirm")
     add_broker_arguments(p)
 
 

@@ -38,6 +38,17 @@ ENV_OPTIONS = ("broker", "region", "bundle", "ca", "cert", "key", "username", "p
 """The coordinator's ``EDGECI_BROKER``, ``EDGECI_REGION`` and broker credentials apply here
 too (not ``EDGECI_TIMEOUT``: that is the coordinator's SPIN timeout)."""
 NOT_ALIVE = 2
+WAIT_LIMIT_S = 1e9
+"""The longest --timeout / --wait: Python's waits overflow from about 9.2e9 s (``threading.TIMEOUT_MAX``;
+`status --timeout 1e10` ended in an OverflowError traceback, `rollback --wait 1e10` after sending the command)."""
+
+
+def wait_seconds(text: str) -> float:
+    """An argparse ``type`` for a wait: a finite number of seconds above 0 and below :data:`WAIT_LIMIT_S`."""
+    value: float = finite(bounded(float, 0, strict=True))(text)
+    if not value < WAIT_LIMIT_S:
+        raise argparse.ArgumentTypeError(f"must be below {WAIT_LIMIT_S:g} seconds, got {text}")
+    return value
 
 
 class NoStatus(TransportError):
@@ -112,7 +123,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_broker_arguments(p)
     p.add_argument("--region", default="default", help="the coordinator's region")
     # (--timeout -1 was "no connection to broker ... within -1 s", a broker that was there)
-    p.add_argument("--timeout", type=finite(bounded(float, 0, strict=True)), default=5.0, help="seconds to wait for the retained status")
+    p.add_argument("--timeout", type=wait_seconds, default=5.0, help="seconds to wait for the retained status")
     p.add_argument("--json", action="store_true", help="print the status JSON (machine form)")
     p.add_argument("--stale-after", type=finite(bounded(float, 0, strict=True)), help="call a status this many seconds old dead (default: 3 heartbeats + 10 s)")
 

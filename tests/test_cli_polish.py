@@ -390,6 +390,9 @@ def test_rollback_takes_its_version_like_pin_or_with_to(argv: list[str], needle:
     (["rollback", "3", "--wait", "-1"], "edgeci rollback: error: argument --wait: must be above 0, got -1"),
     (["pin", "3", "--wait", "inf"], "edgeci pin: error: argument --wait: must be a finite number, got inf"),
     (["unpin", "--wait", "0"], "edgeci unpin: error: argument --wait: must be above 0, got 0"),
+    # helper-119: 1e10 passed as finite and ended in an OverflowError traceback (rollback: after sending)
+    (["status", "--timeout", "1e10"], "edgeci status: error: argument --timeout: must be below 1e+09 seconds, got 1e10"),
+    (["rollback", "3", "--wait", "1e10"], "edgeci rollback: error: argument --wait: must be below 1e+09 seconds, got 1e10"),
 ])
 def test_a_wait_that_is_no_wait_is_a_usage_error(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
     """`edgeci status --timeout -1` said "no connection to broker ... within -1 s" and `rollback
