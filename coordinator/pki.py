@@ -57,6 +57,17 @@ from edge_sdk.wire.topics import ROOT, check_id
 ROLES = ("device", "coordinator", "operator", "broker")
 CA_DAYS = 3650
 LEAF_DAYS = 825
+MAX_DAYS = 365_000
+"""The longest --days (a thousand years): a date past year 9999 has no datetime (`pki init --days
+99999999` ended in OverflowError, leaving an empty PKI folder)."""
+
+
+def _days(text: str) -> int:
+    """An argparse ``type`` for --days: 1 to :data:`MAX_DAYS`."""
+    days: int = bounded(int, 1)(text)
+    if days > MAX_DAYS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_DAYS} (a thousand years), got {text}")
+    return days
 
 
 # ---------------------------------------------------------------- files
@@ -644,7 +655,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        description="Create the CA in --dir: ca.key (0600; keep it offline) and ca.crt "
                                    "(goes into every bundle and the broker's cafile).", epilog=_STEPS, formatter_class=fmt)
     s.add_argument("--dir", type=Path, required=True, help="PKI directory (created 0700)")
-    s.add_argument("--days", type=bounded(int, 1), default=CA_DAYS, help="CA validity in days (default: %(default)s)")
+    s.add_argument("--days", type=_days, default=CA_DAYS, help="CA validity in days (default: %(default)s)")
     s.add_argument("--name", default="edgeci CA", help="the CA's common name (default: %(default)s)")
     s.add_argument("--force", action="store_true", help="replace an existing CA (every bundle must then be re-issued)")
 
@@ -664,7 +675,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                 "first, then failover regions). Default: 'default'; operators: all")
     s.add_argument("--trust", default="", help="comma-separated coordinator ids to trust (default: every coordinator of the PKI)")
     s.add_argument("--host", action="append", default=[], help="broker: extra DNS name or IP in the certificate (repeatable)")
-    s.add_argument("--days", type=bounded(int, 1), default=LEAF_DAYS, help="certificate validity in days (default: %(default)s)")
+    s.add_argument("--days", type=_days, default=LEAF_DAYS, help="certificate validity in days (default: %(default)s)")
     s.add_argument("--force", action="store_true", help="re-issue an existing identity (new key; the old bundle is replaced "
                                                         "and the old certificate goes on the CRL: SIGHUP mosquitto)")
 
