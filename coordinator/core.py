@@ -529,10 +529,13 @@ class CoordinatorCore:
             if isinstance(h, Mapping) and h.get("action") == "reject" and type(h.get("version")) is int}
         """Versions the gate rejected (as far back as the release record goes, at most
         :data:`GATE_REJECTED_KEPT`): an operator's rollback or pin of one needs ``force``."""
+        self._unrecorded_reject: tuple[int, int] | None = None
         if len(snapshot.rejected) == 2 and int(snapshot.rejected[0]) not in self._gate_rejected:
             # The newest commit is the rollback after a rejection whose record did not follow it.
             rejected, through = (int(v) for v in snapshot.rejected)
             self._gate_rejected[rejected] = {"action": "reject", "version": rejected, "through": through}
+            # Recorded by start(): only the newest commit says so, and the next commit would forget it.
+            self._unrecorded_reject = (rejected, through)
         # A candidate committed but not decided before the restart (the process died, or the
         # rollback after its rejection failed to write and this core was rebuilt): gated again
         # by start(), so an unapproved training line does not go on as if it had passed.
@@ -786,6 +789,10 @@ class CoordinatorCore:
         if self._floor_dropped is not None:  # said once, at the start (the daemon logs it)
             changed.append(Notify(kind="gate_floor_dropped", data=self._floor_dropped))
             self._floor_dropped = None
+        if self._unrecorded_reject is not None and self._gate is not None:  # (once: the record makes it durable)
+            rejected, through = self._unrecorded_reject
+            self._unrecorded_reject = None
+            changed.append(self._record(now, "reject", rejected, through=through, recovered=True))
         return [*changed, *self._after(now), *self._regate_newest(now), self._status_action(now), *self._recall(force=True)]
 
     def refresh_policy(self) -> None:

@@ -920,6 +920,40 @@ def test_a_rejection_whose_record_is_lost_still_needs_force(tmp_path: Path) -> N
     assert of(restarted.handle(control("rollback", 1, nonce=3, force=True)), LoadVersion)
 
 
+def test_a_rejection_whose_record_is_lost_is_recorded_at_the_restart(tmp_path: Path) -> None:
+    """helper-119: the verdict taken from the rollback commit (d11336a) lived in memory only; once the
+    next version was committed the newest commit no longer named it, and after a second restart
+    `rollback 1` of the rejected candidate ran without --force. start() records it now."""
+    registry = Registry(tmp_path, SPEC)
+    registry.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    c = gated(k=1)
+    for value, base in ((50.0, 0), (51.0, 1)):  # candidate 1 (bad), candidate 2 built on it
+        for a in of(c.handle(update(f"d{base}", 0, value, base=base)), CommitVersion):
+            registry.commit(a)
+    for a in of(c.handle(CandidateEvaluated(now=9.0, version=1, candidate_metric=0.1, release_metric=0.8, release_version=0)),
+                CommitVersion):
+        registry.commit(a)  # ... and the process dies before the release record
+
+    def run(actions: Sequence[object]) -> None:
+        for a in of(actions, CommitVersion):
+            registry.commit(a)
+        for a in of(actions, RecordRelease):
+            registry.record_release(a.release, a.pinned, a.event, a.floor)
+
+    registry.close()
+    registry = Registry(tmp_path, SPEC)
+    first = gated(k=1, snapshot=registry.load())
+    run(first.start(10.0))
+    run(first.handle(update("d5", 0, 0.5, base=first.version)))  # the line goes on: version 4
+    assert first.version == 4
+    registry.close()
+    again = gated(k=1, snapshot=Registry(tmp_path, SPEC).load())
+    again.start(30.0)
+    for nonce, version in ((1, 1), (2, 2)):
+        assert not of(again.handle(control("rollback", version, nonce=nonce)), LoadVersion)
+    assert again.counters["control_refused:gate_rejected"] == 2
+
+
 def test_abandoned_ranges_merge_and_stay_bounded() -> None:
     from coordinator.core import ABANDONED_RANGES, abandon
 
