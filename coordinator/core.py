@@ -530,6 +530,10 @@ class CoordinatorCore:
         """Versions the gate rejected (as far back as the release record goes, at most
         :data:`GATE_REJECTED_KEPT`): an operator's rollback or pin of one needs ``force``."""
         self._unrecorded_reject: tuple[int, int] | None = None
+        last = snapshot.gate_history[-1] if snapshot.gate_history else None
+        self._unrecorded_command: dict[str, Any] | None = (
+            {k: v for k, v in last.items() if k != "recovered"} if isinstance(last, Mapping) and last.get("recovered") else None)
+        """An operator's command the registry found only in its commit (its record lost): recorded by start()."""
         if len(snapshot.rejected) == 2 and int(snapshot.rejected[0]) not in self._gate_rejected:
             # The newest commit is the rollback after a rejection whose record did not follow it.
             rejected, through = (int(v) for v in snapshot.rejected)
@@ -789,6 +793,10 @@ class CoordinatorCore:
         if self._floor_dropped is not None:  # said once, at the start (the daemon logs it)
             changed.append(Notify(kind="gate_floor_dropped", data=self._floor_dropped))
             self._floor_dropped = None
+        if self._unrecorded_command is not None:  # (once: the record makes it durable)
+            changed.append(RecordRelease(release=self._release_version, pinned=self._pinned, event=self._unrecorded_command,
+                                         floor=self._gate.floor() if self._gate is not None else None))
+            self._unrecorded_command = None
         if self._unrecorded_reject is not None and self._gate is not None:  # (once: the record makes it durable)
             rejected, through = self._unrecorded_reject
             self._unrecorded_reject = None
@@ -1822,12 +1830,13 @@ class CoordinatorCore:
         # The commit names the release and pin it leaves: it is durable before the release record,
         # and a restart between the two (or a failed write of the record) must not restore the
         # release this very commit abandoned, nor gate the operator's choice as a candidate.
-        commit = dataclasses.replace(commit, metadata={**commit.metadata, "release": commit.version, "pinned": self._pinned})
+        # The command (operator, nonce) too: the restart's replay protection and the CLI's confirmation.
+        control = {"operator": ev.operator, "nonce": ev.nonce, **({"kid": ev.kid} if ev.kid else {})} if ev.operator else {}
+        commit = dataclasses.replace(commit, metadata={**commit.metadata, "release": commit.version, "pinned": self._pinned, **control})
         if self._gate is not None:
             for v in self._gate.drop_above(-1):
                 self._candidate_devices.pop(v, None)
             self._gate.best = None  # the operator chose this release: it is the new bar
-        control = {"operator": ev.operator, "nonce": ev.nonce, **({"kid": ev.kid} if ev.kid else {})} if ev.operator else {}
         return [commit, self._record(ev.now, ev.command, commit.version, of=ev.version, **control), *self._canary_refresh(ev.now)]
 
     # ------------------------------------------------------------------ peering

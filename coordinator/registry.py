@@ -1179,6 +1179,14 @@ class Registry:
         newer_meta = meta_release > int(record.get("release", -1))
         release = meta_release if newer_meta else int(record["release"])
         pinned = bool(meta.get("pinned", False)) if newer_meta else bool(record.get("pinned", False))
+        history = list(record.get("history", []))
+        if newer_meta and meta.get("source") == "operator" and type(meta.get("nonce")) is int and isinstance(meta.get("operator"), str):
+            # The operator's command is durable in its commit, its record was lost (a crash or a failed
+            # write between the two): it is in the history again, so a replay of it is refused, the
+            # CLI sees it done, and the core records it again.
+            history.append({"at": float(meta.get("created_at", 0.0)), "action": str(meta.get("command")), "version": version,
+                            "release": meta_release, "of": meta.get("of"), "operator": meta["operator"], "nonce": meta["nonce"],
+                            **({"kid": meta["kid"]} if isinstance(meta.get("kid"), str) else {}), "recovered": True})
         release_weights = None
         if release != version:
             try:
@@ -1207,7 +1215,7 @@ class Registry:
             release_version=release,
             release_weights=release_weights,
             pinned=pinned,
-            gate_history=list(record.get("history", [])),  # (the core shows the last 20; operator commands in all)
+            gate_history=history,  # (the core shows the last 20; operator commands in all)
             # A release the record does not know (an operator's command whose record was lost, or
             # versions released without the gate) is a new bar: the recorded floor is not its.
             gate_floor=None if newer_meta or not isinstance(record.get("gate_floor"), dict) else dict(record["gate_floor"]),

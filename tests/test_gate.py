@@ -896,6 +896,41 @@ def test_an_operator_command_whose_release_record_is_lost_keeps_its_release(tmp_
     assert reply(restarted.handle(pull("d9", 0, serve=True))).version == 3
 
 
+@pytest.mark.parametrize("command", ["rollback", "pin"])
+def test_an_operator_command_whose_release_record_is_lost_is_not_run_again(tmp_path: Path, command: str) -> None:
+    """helper-119: the replay protection of operator commands is seeded from the release record; a
+    crash (or a failed write of release.json) after the command's commit lost it, and the same signed
+    command, replayed within its window, ran again after the restart (another commit, the versions
+    trained since abandoned). The commit names the command now; the restart takes it back and
+    records it again."""
+    registry = Registry(tmp_path, SPEC)
+    registry.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    c = gated(k=1)
+    for a in of(c.handle(update("d1", 0, 1.0)), CommitVersion):
+        registry.commit(a)
+    (load,) = of(c.handle(control(command, 1)), LoadVersion)
+    acts = c.handle(VersionLoaded(now=51.0, version=1, weights=np.ones(SPEC.size, np.float32), command=command,
+                                  operator=load.operator, nonce=load.nonce))
+    for a in of(acts, CommitVersion):
+        registry.commit(a)  # ... and the process dies before the release record
+    registry.close()
+    registry = Registry(tmp_path, SPEC)
+    restarted = gated(k=1, snapshot=registry.load())
+    (record,) = of(restarted.start(60.0), RecordRelease)
+    assert (record.event["action"], record.event["nonce"], record.event["operator"]) == (command, 1, "alice")
+    assert any(e.get("nonce") == 1 for e in restarted.status().extra["recent_versions"])  # the CLI's confirmation
+    assert not of(restarted.handle(control(command, 1)), LoadVersion)
+    assert restarted.counters["reject:replayed"] == 1
+    registry.record_release(record.release, record.pinned, record.event, record.floor)
+    for a in of(restarted.handle(update("d2", 0, 2.0, base=restarted.version)), CommitVersion):
+        registry.commit(a)  # the newest commit no longer names the command
+    registry.close()
+    again = gated(k=1, snapshot=Registry(tmp_path, SPEC).load())
+    assert not of(again.start(61.0), RecordRelease)  # recorded once
+    replayed = again.counters["reject:replayed"]  # (the counters come back from the commit)
+    assert not of(again.handle(control(command, 1)), LoadVersion) and again.counters["reject:replayed"] == replayed + 1
+
+
 def test_a_rejection_whose_record_is_lost_still_needs_force(tmp_path: Path) -> None:
     """helper-105: the rollback after a rejection is durable before the "reject" record; a crash (or a
     failed write of release.json) between the two lost the verdict, and `rollback 1` of the rejected

@@ -18,7 +18,7 @@ import pytest
 
 from coordinator.broker import MosquittoProcess
 from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
-from coordinator.registry import Registry
+from coordinator.registry import Registry, read_release_record
 from coordinator.validation import save_validation
 from devices.partition import partition
 from edge_sdk.client import EdgeClient
@@ -216,7 +216,8 @@ def test_a_pin_whose_release_record_fails_to_write_holds_after_the_coordinator_r
     """helper-105: `edgeci pin 1` on a gated coordinator whose release.json write failed (ENOSPC):
     the daemon rebuilt its core from the state dir, where the pin's commit named the old release
     and no pin, so the pin was gone, the pinned copy was gated and promoted like any candidate, and
-    so was the next one. The pin holds now (the CLI still cannot confirm it: its record is lost)."""
+    so was the next one. The pin holds now, and the recovered core records it again (helper-119: its
+    record was lost, and the CLI could not confirm it), so the CLI confirms it."""
     import errno
 
     task = get_task("digits")
@@ -251,9 +252,10 @@ def test_a_pin_whose_release_record_fails_to_write_holds_after_the_coordinator_r
 
         monkeypatch.setattr(daemon.registry, "record_release", full_disk)
         out = edgeci("pin", "1", "--broker", mosquitto.url, "--region", REGION, "--state-dir", str(state), "--wait", "8")
-        assert out.returncode == 1 and "did not confirm pin" in out.stdout, out.stdout + out.stderr
+        assert out.returncode == 0 and "pin done" in out.stdout, out.stdout + out.stderr
         wait_until(lambda: daemon.core.status().extra["storage_ok"], 30, "storage recovered")
         assert failed == [3] and daemon.core.release[0] == 3 and daemon.core.status().extra["pinned"]
+        assert read_release_record(state)["history"][-1]["action"] == "pin"  # recorded after the recovery
         assert daemon.core.counters["gate_resubmitted"] == 0  # the operator's choice is no candidate
         np.testing.assert_array_equal(daemon.core.release[1], daemon.registry.read_version(1)[0])
     finally:
