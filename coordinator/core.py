@@ -912,6 +912,11 @@ class CoordinatorCore:
                 raise TopicMismatch(f"not one of this region's device topics: {ev.topic[:120]!r}")
             leaf = parsed.leaf
             if leaf == "presence":
+                if (ev.payload and parsed.device not in self._devices and parsed.device not in self._presence
+                        and len(self._devices) >= self.config.max_devices):
+                    # An id refused for room is not "seen" by its presence either (a row in the status,
+                    # online, eligible for a canary cohort): the pull and update caps, on the will topic.
+                    raise TooManyDevices(f"already tracking {len(self._devices)} devices")
                 return self._on_presence(parsed.device, ev.payload, ev.now)
             msg = decode(ev.payload, max_bytes=self._max_bytes)
             # The topic's prefix names this device in this region: parse validated both ids

@@ -462,6 +462,24 @@ def test_an_id_refused_for_watermark_room_is_not_seen() -> None:
     assert c.counters["reject:too_many_devices"] == 7
 
 
+def test_an_id_refused_for_room_is_not_seen_by_its_presence_either() -> None:
+    """helper-119: the presence topic (a device's retained online/offline) bypassed the device cap:
+    with max_devices reached, new ids' presence took presence rows, showed in the status, counted
+    online and made the ids eligible for a canary cohort, where their fetches are refused for room."""
+    cfg = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, signer=SIGNER, max_devices=3)
+    c = CoordinatorCore(cfg, make_strategy("spin", k=10, timeout_s=None), toy_snapshot(), rng=random.Random(0))
+    for i in range(3):
+        c.handle(to_coord(float(i), f"x{i}", "pull", Pull(device=f"x{i}", seq=0, model_id="toy")))
+    c.handle(MessageReceived(now=5.0, topic=topics.device_topic("r1", "x0", "presence"), payload=b"online"))  # tracked: taken
+    before = (c.presence, c.status().extra["devices"], c.status().extra["devices_online"])
+    for i in range(10):
+        for t, payload in ((10.0, b"online"), (20.0, b"offline"), (30.0, b"online")):
+            c.handle(MessageReceived(now=t + i, topic=topics.device_topic("r1", f"y{i}", "presence"), payload=payload))
+    assert (c.presence, c.status().extra["devices"], c.status().extra["devices_online"]) == before
+    assert list(c.presence) == ["x1", "x2", "x0"] and before[2] == 1
+    assert c.counters["reject:too_many_devices"] == 30
+
+
 def test_a_message_costs_no_copy_of_the_devices_waiting_under_fedbuff() -> None:
     """helper-111: FedBuff plans after every event and read ``view.deferred``, which copied the
     core's map of waiting devices twice: 20,000 distinct ids, one pull each, took 0.49 ms a pull
