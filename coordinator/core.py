@@ -532,7 +532,7 @@ class CoordinatorCore:
         self._unrecorded_reject: tuple[int, int] | None = None
         last = snapshot.gate_history[-1] if snapshot.gate_history else None
         self._unrecorded_command: dict[str, Any] | None = (
-            {k: v for k, v in last.items() if k != "recovered"} if isinstance(last, Mapping) and last.get("recovered") else None)
+            {k: v for k, v in last.items() if k != "recovered"} if isinstance(last, Mapping) and last.get("recovered") and "nonce" in last else None)
         """An operator's command the registry found only in its commit (its record lost): recorded by start()."""
         if len(snapshot.rejected) == 2 and int(snapshot.rejected[0]) not in self._gate_rejected:
             # The newest commit is the rollback after a rejection whose record did not follow it.
@@ -800,7 +800,7 @@ class CoordinatorCore:
         if self._unrecorded_reject is not None and self._gate is not None:  # (once: the record makes it durable)
             rejected, through = self._unrecorded_reject
             self._unrecorded_reject = None
-            changed.append(self._record(now, "reject", rejected, through=through, recovered=True))
+            changed.append(self._record(now, "reject", rejected, through=through, from_commit=True))
         return [*changed, *self._after(now), *self._regate_newest(now), self._status_action(now), *self._recall(force=True)]
 
     def refresh_policy(self) -> None:

@@ -983,7 +983,7 @@ def test_a_rejection_whose_record_is_lost_is_recorded_at_the_restart(tmp_path: P
     assert first.version == 4
     registry.close()
     again = gated(k=1, snapshot=Registry(tmp_path, SPEC).load())
-    again.start(30.0)
+    assert not of(again.start(30.0), RecordRelease)  # recorded once
     for nonce, version in ((1, 1), (2, 2)):
         assert not of(again.handle(control("rollback", version, nonce=nonce)), LoadVersion)
     assert again.counters["control_refused:gate_rejected"] == 2
