@@ -101,7 +101,7 @@ import numpy as np
 from coordinator.canary import CanaryRound, eligible, pick_cohort
 from coordinator.conversion import ConversionConfig, SwitchTracker, dc_asgd
 from coordinator.gate import Decision, Gate, GateConfig
-from coordinator.peering.base import BROADCAST, Peering, PeerPlan
+from coordinator.peering.base import BROADCAST, Peering, PeerPlan, Tallies
 from coordinator.strategies.base import BufferedUpdate, Plan, ReadOnlyView, Strategy
 from coordinator.strategies.staleness import Convert, conversion_of, needs_driver, policy_of
 from edge_sdk.core.events import MessageReceived, Notify, Publish, ScheduleTimer, TimerFired
@@ -247,6 +247,9 @@ class CommitVersion:
     devices_added: tuple[str, ...] = ()
     """Devices first seen since the previous commit, in the order they were seen."""
     metadata: Mapping[str, Any]
+    tallies: Tallies | None = None
+    """The peering's per-device counts changed since the previous commit (``Peering.take_tallies``:
+    the registry keeps the cumulative map as it keeps ``applied_upto``); None: it keeps none."""
 
 
 @fast_init
@@ -443,6 +446,9 @@ class Snapshot:
     peer_state: Mapping[str, Any] = field(default_factory=dict)
     peer_name: str | None = None
     """The peering ``peer_state`` belongs to (None: a state dir from before it was recorded)."""
+    peer_tallies: Mapping[str, int] | None = None
+    """The peering's per-device counts at ``version`` (``CommitVersion.tallies`` accumulated by the
+    registry); None: none recorded (older state dirs kept them inside ``peer_state``)."""
     recovered_from: Sequence[str] = ()
     """Newer versions the registry could not read and skipped (shown in status)."""
     version_floor: int = -1
@@ -499,6 +505,8 @@ class CoordinatorCore:
             self._peering_changed = (str(snapshot.peer_name), self.peering.name)
         else:
             self.peering.restore(snapshot.peer_state)
+            if snapshot.peer_tallies is not None:
+                self.peering.restore_tallies(snapshot.peer_tallies)
         self._rng = rng
         self._last_full_version = int(snapshot.last_full_version)
         spec = config.spec
@@ -1496,6 +1504,7 @@ class CoordinatorCore:
             applied_changed={device: self._applied_upto[device] for device, _ in consumed if device in self._applied_upto},
             consumed=consumed,
             devices_added=self._take_devices_added(),
+            tallies=self.peering.take_tallies(),
             metadata={
                 "created_at": now,
                 "strategy": self.strategy.name,

@@ -48,6 +48,14 @@ written by older releases) or only ``parent`` (the version it was built on),
 a restore walks the parents back to a base (log records first, then directories) and
 replays the changes. Pruning keeps every kept version's chain back to its base.
 
+The peering's per-device counts (``CommitVersion.tallies``: Spyker's update counts, ~71 B a
+device) ride on the same chain: a base holds the full map (``tallies``), any other version
+only ``tallies_changed`` (or ``tallies`` again when the peering started its map afresh). A
+base is the one place a full map is needed: chains are at most ``CHECKPOINT_EVERY`` long,
+pruning never takes a base a kept version chains to, and the new value of a changed count is
+never more than the full map. A version without either key holds no counts (older releases
+kept them in the peering's metadata, which the snapshot still carries).
+
 Epoch: the state dir's numbering (``ModelMsg.epoch``), microseconds since 1970 when it was
 created, signed into every model, recall and canary request. A coordinator that lost its state
 dir counts from version 0 again, but in a newer epoch: devices take that as a new numbering
@@ -106,6 +114,12 @@ HISTORY_COMMANDS = 1000
 CHECKPOINT_EVERY = 16
 """Versions committed through the log between two checkpoints (fsync of the newest version dir)."""
 
+
+_CHAIN_KEYS = ("applied_upto", "devices_seen", "parent", "tallies", "tallies_changed")
+"""Metadata keys the registry writes for the cumulative state (never taken from a commit's metadata)."""
+_TallyUndo = tuple[dict[str, int] | None, dict[str, int | None] | None]
+"""How to undo one version's counts: (the previous map, None) when it replaced the map, else
+(None, the changed counts' previous values)."""
 
 RELEASE_FILE = "release.json"
 EPOCH_FILE = "epoch"
@@ -244,6 +258,18 @@ def _meta_json(version: int, meta: Mapping[str, Any]) -> bytes:
     return json.dumps({"version": version, **meta}, sort_keys=True).encode()
 
 
+def _tallies_of(meta: Mapping[str, Any], before: dict[str, int] | None) -> dict[str, int] | None:
+    """The counts at a version of a chain, from its metadata and the counts at its parent."""
+    if "tallies" in meta:
+        return {str(k): int(x) for k, x in meta["tallies"].items()}
+    if "tallies_changed" not in meta:
+        return None  # the peering kept none (or kept them in its own metadata: an older release)
+    if before is None:
+        raise ValueError("count changes without a full map before them")
+    before.update({str(k): int(x) for k, x in meta["tallies_changed"].items()})
+    return before
+
+
 def _scan(data: bytes, pos: int = len(SEGMENT_MAGIC)) -> Iterator[tuple[int, bytes]]:
     """``(end offset, body)`` of each intact record from ``pos`` (after the magic); stops at the first bad one."""
     while pos + _HEADER.size <= len(data):
@@ -324,6 +350,8 @@ class Registry:
         """Cumulative watermarks at ``_state_version`` (the newest version staged or loaded)."""
         self._seen: dict[str, None] = {}
         """Cumulative devices seen at ``_state_version``, in the order first seen."""
+        self._tallies: dict[str, int] | None = None
+        """The peering's cumulative per-device counts at ``_state_version`` (None: none kept)."""
         self._state_version: int | None = None
         """The version whose state ``_applied`` and ``_seen`` hold; None until known."""
         self._base_every = min(CHECKPOINT_EVERY, keep_versions)
@@ -334,7 +362,7 @@ class Registry:
         """Bases staged and not checkpointed yet: committing one fsyncs its directory."""
         self._is_base: dict[int, bool] = {}
         """Known kinds of versions (base or not), for pruning without reading every meta."""
-        self._undo: list[tuple[int | None, dict[str, int | None], int, int, bool]] = []
+        self._undo: list[tuple[int | None, dict[str, int | None], int, int, bool, _TallyUndo]] = []
         """Per version staged since the last fsync, what to put back if that fsync fails."""
         self._outstanding: dict[Path, set[str]] = {}
         """Per log segment: devices with an update in it above their watermark (not applied)."""
@@ -453,7 +481,9 @@ class Registry:
         weights, meta = self._read_dir(version)
         if "parent" in meta:
             try:
-                meta["applied_upto"], meta["devices_seen"] = self._state_of(version, meta, {})
+                meta["applied_upto"], meta["devices_seen"], tallies = self._state_of(version, meta, {})
+                if tallies is not None:
+                    meta["tallies"] = tallies
             except RegistryError as exc:
                 log.debug("version %d: no cumulative watermarks (%s)", version, exc)
         return weights, meta
@@ -482,7 +512,7 @@ class Registry:
         base = "parent" not in meta
         self._is_base[version] = base
         if base and version > (self._state_version if self._state_version is not None else -1):
-            self._set_state(version, meta.get("applied_upto", {}), meta.get("devices_seen", []))
+            self._set_state(version, meta.get("applied_upto", {}), meta.get("devices_seen", []), meta.get("tallies"))
             self._since_base = 0
         self._prune()
 
@@ -711,7 +741,7 @@ class Registry:
         :meth:`flush` (or :meth:`commit`) makes them durable together. Nothing that depends on
         them may leave before that (the driver holds it)."""
         self._ensure_state()
-        meta = {k: v for k, v in action.metadata.items() if k not in ("applied_upto", "devices_seen", "parent")}
+        meta = {k: v for k, v in action.metadata.items() if k not in _CHAIN_KEYS}
         changed = {str(d): int(seq) for d, seq in action.applied_changed.items()}
         added = [d for d in dict.fromkeys(action.devices_added) if d not in self._seen]
         base = self._since_base + 1 >= self._base_every
@@ -722,6 +752,15 @@ class Registry:
             meta["parent"] = self._state_version
             meta["applied_changed"] = changed
             meta["devices_added"] = added
+        tallies = None
+        if action.tallies is not None:
+            tallies = {str(d): int(n) for d, n in action.tallies.changed.items()}
+            if action.tallies.whole or self._tallies is None:
+                meta["tallies"] = tallies  # started afresh: the full map, whatever the version
+            elif base:
+                meta["tallies"] = {**self._tallies, **tallies}
+            else:  # O(changed)
+                meta["tallies_changed"] = tallies
         meta["consumed"] = [[device, seq] for device, seq in action.consumed]
         version = action.version
         # A staged update at or below the watermarks this version leaves is applied by it: any
@@ -737,7 +776,8 @@ class Registry:
         records = [encode_record(u) for u in staged] + [_record(_version_body(version, weights, meta_json))]
         self._append(records, staged, version, sync=False)
         self._logged[version] = (weights, meta_json)
-        self._advance(version, changed, added, base)
+        whole = meta.get("tallies")
+        self._advance(version, changed, added, base, tallies if whole is None else whole, whole=whole is not None)
 
     # ------------------------------------------------------------------ cumulative watermarks
 
@@ -748,11 +788,12 @@ class Registry:
 
     def _ensure_state(self) -> None:
         if self._state_version is None and self.load() is None:  # used without load(): resume as a restart would
-            self._set_state(-1, {}, [])
+            self._set_state(-1, {}, [], None)
 
-    def _set_state(self, version: int, applied: Mapping[str, Any], seen: Iterable[Any]) -> None:
+    def _set_state(self, version: int, applied: Mapping[str, Any], seen: Iterable[Any], tallies: Mapping[str, Any] | None) -> None:
         self._applied = {str(k): int(v) for k, v in applied.items()}
         self._seen = dict.fromkeys(str(d) for d in seen)
+        self._tallies = {str(k): int(v) for k, v in tallies.items()} if tallies is not None else None
         self._state_version = version
         self._undo.clear()
         self._bases.clear()
@@ -760,9 +801,19 @@ class Registry:
             path: {d for d, seq in keys.items() if seq > self._applied.get(d, -1)} for path, keys in self._segment_keys.items()
         }
 
-    def _advance(self, version: int, changed: Mapping[str, int], added: list[str], base: bool) -> None:
-        """Apply a staged version to the cumulative state (undone if its fsync fails)."""
-        self._undo.append((self._state_version, {d: self._applied.get(d) for d in changed}, len(self._seen), self._since_base, base))
+    def _advance(self, version: int, changed: Mapping[str, int], added: list[str], base: bool,
+                 tallies: dict[str, int] | None, *, whole: bool) -> None:
+        """Apply a staged version to the cumulative state (undone if its fsync fails). ``tallies``:
+        the counts it changed (with ``whole``: the full map it holds; None: it holds none)."""
+        undo_tallies: _TallyUndo
+        if tallies is not None and not whole and self._tallies is not None:
+            undo_tallies = (None, {d: self._tallies.get(d) for d in tallies})
+            self._tallies.update(tallies)
+        else:  # replaced: the previous map is kept as it was (never changed in place from here on)
+            undo_tallies = (self._tallies, None)
+            self._tallies = tallies
+        self._undo.append((self._state_version, {d: self._applied.get(d) for d in changed}, len(self._seen), self._since_base, base,
+                           undo_tallies))
         self._applied.update(changed)
         for d in added:
             self._seen[d] = None
@@ -776,7 +827,15 @@ class Registry:
     def _rollback_state(self) -> None:
         """The appends since the last fsync were cut away: so are their versions' changes."""
         while self._undo:
-            previous, old, n_seen, since_base, base = self._undo.pop()
+            previous, old, n_seen, since_base, base, (tallies, old_counts) = self._undo.pop()
+            if old_counts is None:
+                self._tallies = tallies
+            elif self._tallies is not None:
+                for d, n in old_counts.items():
+                    if n is None:
+                        self._tallies.pop(d, None)
+                    else:
+                        self._tallies[d] = n
             if base and self._state_version is not None:
                 self._bases.discard(self._state_version)
             for d, seq in old.items():
@@ -813,10 +872,11 @@ class Registry:
             raise RegistryError(f"version {version}'s metadata is not an object")
         return meta
 
-    def _state_of(self, version: int, meta: Mapping[str, Any], records: Mapping[int, bytes]) -> tuple[dict[str, int], list[str]]:
-        """Cumulative ``applied_upto`` and ``devices_seen`` at ``version``: back along the
-        parents to a base, then the changes replayed. Raises ``RegistryError`` when a link
-        of the chain is unreadable (the version cannot be resumed from)."""
+    def _state_of(self, version: int, meta: Mapping[str, Any],
+                  records: Mapping[int, bytes]) -> tuple[dict[str, int], list[str], dict[str, int] | None]:
+        """Cumulative ``applied_upto``, ``devices_seen`` and tallies (None: none) at ``version``:
+        back along the parents to a base, then the changes replayed. Raises ``RegistryError``
+        when a link of the chain is unreadable (the version cannot be resumed from)."""
         chain: list[Mapping[str, Any]] = []
         v = version
         try:
@@ -832,12 +892,14 @@ class Registry:
                 meta = self._meta_of(v, records)
             applied = {str(k): int(x) for k, x in meta.get("applied_upto", {}).items()}
             seen = dict.fromkeys(str(d) for d in meta.get("devices_seen", []))
+            tallies = _tallies_of(meta, None)
             for m in reversed(chain):
                 applied.update({str(k): int(x) for k, x in m.get("applied_changed", {}).items()})
                 seen.update(dict.fromkeys(str(d) for d in m.get("devices_added", [])))
+                tallies = _tallies_of(m, tallies)
         except (AttributeError, TypeError, ValueError) as exc:
             raise RegistryError(f"version {version}: bad watermarks in its chain (at version {v}): {exc}") from exc
-        return applied, list(seen)
+        return applied, list(seen), tallies
 
     @property
     def unflushed(self) -> bool:
@@ -1146,7 +1208,7 @@ class Registry:
                     weights, meta, _ = self._from_record(records[version])
                 else:
                     weights, meta = self._read_dir(version)
-                applied_upto, devices_seen = self._state_of(version, meta, records)
+                applied_upto, devices_seen, tallies = self._state_of(version, meta, records)
             except RegistryError as exc:
                 log.warning("RECOVERY: %s; falling back to an older version", exc)
                 skipped.append(f"{version}: {exc}"[:300])
@@ -1156,7 +1218,7 @@ class Registry:
             raise RegistryError(f"no readable version in {self.root}: {'; '.join(skipped)}")
         if skipped:
             log.warning("RECOVERY: resuming %s from version %d; %d newer version(s) unreadable", self.root, version, len(skipped))
-        self._set_state(version, applied_upto, devices_seen)
+        self._set_state(version, applied_upto, devices_seen, tallies)
         self._since_base = self._base_every  # the next version is a base: chains stay short
         buffer = [u for u in updates if u.seq > applied_upto.get(u.device, -1)]
         # Release numbers only grow (a rollback releases a *new* version), so the newer of the
@@ -1229,6 +1291,7 @@ class Registry:
             last_full_version=int(meta.get("last_full_version", version)),
             peer_state=dict(meta.get("peering", {})),
             peer_name=str(meta["peering_name"]) if isinstance(meta.get("peering_name"), str) else None,
+            peer_tallies=tallies,  # (_set_state took its own copy)
             conversion_state=dict(meta.get("conversion", {})),
             abandoned=[(int(r[0]), int(r[1])) for r in meta.get("abandoned", [])],
             recovered_from=tuple(skipped),

@@ -2,7 +2,7 @@
 
 Each node is a peering component with a minimal coordinator view (weights, version,
 devices) that commits merged models the way :class:`~coordinator.core.CoordinatorCore`
-does, including ``checkpoint()`` with every commit. The network holds messages until the
+does, including ``checkpoint()`` and ``take_tallies()`` with every commit. The network holds messages until the
 test delivers, drops, duplicates or reorders them; every message really crosses the wire
 codec (msgpack) and every checkpoint really crosses JSON, as with the daemon's registry.
 """
@@ -57,6 +57,8 @@ class Node:
     view: View
     alive: bool = True
     checkpoint: str = "{}"
+    tallies: dict[str, int] | None = None
+    """The peering's per-device counts, accumulated from each commit's changes (as the registry does)."""
     incarnation: int = 0
     broadcasts: list[tuple[int, tuple[Any, ...]]] = field(default_factory=list)
     """(incarnation, sync id) of every model this node broadcast."""
@@ -101,6 +103,11 @@ class Ring:
         node.view.weights = np.asarray(weights, dtype=np.float32)
         node.view.version += 1
         node.checkpoint = json.dumps(node.peering.checkpoint())
+        tallies = node.peering.take_tallies()
+        if tallies is None:
+            node.tallies = None
+        else:
+            node.tallies = {**(node.tallies if node.tallies is not None and not tallies.whole else {}), **tallies.changed}
         self.commits += 1
 
     def deliver(self, index: int) -> None:
@@ -151,6 +158,8 @@ class Ring:
             return
         node.peering = self.make(name)
         node.peering.restore(json.loads(node.checkpoint))
+        if node.tallies is not None:
+            node.peering.restore_tallies(dict(node.tallies))
         node.incarnation += 1
         node.alive = True
         self._apply(node, node.peering.on_timer(node.view, self.now))

@@ -10,6 +10,9 @@ A peering component is sans-IO like the strategies. The coordinator core calls i
 and each returns a :class:`PeerPlan`: messages to send (to one coordinator or to all) and
 optionally a merged model that the core commits as a new version. ``checkpoint()`` is
 stored with every committed version and handed back to ``restore()`` after a restart.
+Per-device counts (Spyker's update counts) are not in it: they grow with the fleet, so each
+commit hands the registry only those that changed (``take_tallies()``, :class:`Tallies`) and
+a restart gets the whole map back from the registry (``restore_tallies()``).
 """
 
 from __future__ import annotations
@@ -45,6 +48,16 @@ class PeerPlan:
     meta: Mapping[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Tallies:
+    """Per-device counts a peering keeps, as one commit hands them to the registry: the new
+    value of each count changed since the previous commit, or with ``whole`` every count (the
+    registry's map starts afresh: a new peering, or one restored without the registry's map)."""
+
+    changed: Mapping[str, int]
+    whole: bool = False
+
+
 class Peering:
     """No peering: a lone coordinator. Subclasses implement the exchange protocols."""
 
@@ -67,6 +80,14 @@ class Peering:
 
     def restore(self, state: Mapping[str, Any]) -> None:
         """Resume from what ``checkpoint()`` returned at the last committed version."""
+
+    def take_tallies(self) -> Tallies | None:
+        """The per-device counts changed since the previous call (once per commit, stored with
+        it in O(changed) instead of O(devices)); None: this peering keeps none."""
+        return None
+
+    def restore_tallies(self, counts: Mapping[str, int]) -> None:
+        """After ``restore()``: every count at the restored version (the registry's map)."""
 
     def hints_for(self, device: str) -> Mapping[str, float]:
         """Training hints for ``device`` that override the coordinator's (default: none)."""

@@ -88,6 +88,7 @@ from coordinator.peering.base import (
     Peering,
     PeerPlan,
     PeerSend,
+    Tallies,
     body_bool,
     body_float,
     body_id,
@@ -546,7 +547,7 @@ class SpykerPeering(Peering):
         if self.answered is not None and (answered is None or self.answered > answered):
             answered = self.answered
         return {
-            "ledger": self.ledger.checkpoint(),
+            "ledger": self.ledger.checkpoint(counts=False),  # the update counts: take_tallies()
             "age_prev": self.age_prev,
             "known": list(self.known) if self.known is not None else None,
             "accepted": list(self.accepted) if self.accepted is not None else None,
@@ -570,6 +571,14 @@ class SpykerPeering(Peering):
                        for peer, sids in dict(state.get("merged", {})).items() if peer in self.info}
         self.counters.regenerations = int(state.get("regenerations", 0))
         self.counters.syncs_started = int(state.get("syncs_started", 0))
+
+    def take_tallies(self) -> Tallies:
+        """The ledger's update counts changed since the previous commit (stored with this one)."""
+        changed, whole = self.ledger.take_changed()
+        return Tallies(changed=changed, whole=whole)
+
+    def restore_tallies(self, counts: Mapping[str, int]) -> None:
+        self.ledger.restore_counts(counts)
 
     def expected_peers(self) -> tuple[tuple[str, ...], float | None]:
         """Every peer beacons each ``beacon_s``: 30 s (at least 10 beacons) of silence is not normal."""
@@ -732,7 +741,14 @@ class SyncSpykerPeering(Peering):
         return self.last_sync_end + self.config.period_s if self.config.period_s > 0 else None
 
     def checkpoint(self) -> dict[str, Any]:
-        return {"ledger": self.ledger.checkpoint(), "age_prev": self.age_prev, "round": self.round, "syncs": self.syncs}
+        return {"ledger": self.ledger.checkpoint(counts=False), "age_prev": self.age_prev, "round": self.round, "syncs": self.syncs}
+
+    def take_tallies(self) -> Tallies:
+        changed, whole = self.ledger.take_changed()
+        return Tallies(changed=changed, whole=whole)
+
+    def restore_tallies(self, counts: Mapping[str, int]) -> None:
+        self.ledger.restore_counts(counts)
 
     def restore(self, state: Mapping[str, Any]) -> None:
         """Resume ages and the round count; a synchronisation in progress is not resumed

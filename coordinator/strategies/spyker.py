@@ -64,6 +64,10 @@ class AgeLedger:
         self.updates: dict[str, int] = {}
         self._total = 0
         """Σ updates (ints, exact): the mean per pull without a pass over every client."""
+        self._changed: set[str] = set()
+        """Devices counted since the last :meth:`take_changed` (a commit stores only theirs)."""
+        self._whole = True
+        """The next :meth:`take_changed` is every count: no commit holds this ledger's map yet."""
         self.hold = False
         """Sync-Spyker: a server synchronisation is in progress; client updates wait in the buffer."""
 
@@ -88,21 +92,46 @@ class AgeLedger:
         """One more update from ``device``."""
         self.updates[device] = self.updates.get(device, 0) + 1
         self._total += 1
+        self._changed.add(device)
 
     def mean_updates(self) -> float:
         """Mean updates per client: every pull's lr hint asks (a sum over 100,000 clients took
         347 µs a pull; the running total gives the same float, the sum of ints being exact)."""
         return self._total / len(self.updates) if self.updates else 0.0
 
-    def checkpoint(self) -> dict[str, Any]:
+    def checkpoint(self, *, counts: bool = True) -> dict[str, Any]:
+        """The ages and, with ``counts``, every update count (O(clients): a commit stores the
+        counts apart, in O(changed), see :meth:`take_changed`)."""
         recent = sorted(self.age_at)[-8:]
-        return {"age": self.age, "age_at": {str(v): self.age_at[v] for v in recent}, "updates": dict(self.updates)}
+        state: dict[str, Any] = {"age": self.age, "age_at": {str(v): self.age_at[v] for v in recent}}
+        if counts:
+            state["updates"] = dict(self.updates)
+        return state
+
+    def take_changed(self) -> tuple[dict[str, int], bool]:
+        """The counts changed since the last call and False, or every count and True (the
+        first call, or the first since a restore that had no counts from the registry)."""
+        whole = self._whole
+        changed = dict(self.updates) if whole else {d: self.updates[d] for d in self._changed}
+        self._changed.clear()
+        self._whole = False
+        return changed, whole
 
     def restore(self, state: Mapping[str, Any]) -> None:
+        """Undo :meth:`checkpoint`; its counts (older state dirs kept them there) are taken
+        too, and stored whole with the next commit."""
         self.age = float(state.get("age", 0.0))
         self.age_at = {int(k): float(v) for k, v in dict(state.get("age_at", {})).items()}
-        self.updates = {str(k): int(v) for k, v in dict(state.get("updates", {})).items()}
+        self.restore_counts(dict(state.get("updates", {})))
+        self._whole = True
+
+    def restore_counts(self, counts: Mapping[str, Any]) -> None:
+        """Every update count at the restored commit (the registry's map): the next commit
+        stores only the counts that change after it."""
+        self.updates = {str(k): int(v) for k, v in counts.items()}
         self._total = sum(self.updates.values())
+        self._changed.clear()
+        self._whole = False
 
 
 
