@@ -1451,8 +1451,8 @@ class CoordinatorCore:
                 "max_staleness": int(max(stal)) if stal else 0,
                 "full_sync": full,
             },
+            aggregated=True,
         )
-        self.strategy.on_aggregated(self._view, now)
         return commit
 
     def _partial(self, u: BufferedUpdate) -> BufferedUpdate:
@@ -1478,8 +1478,11 @@ class CoordinatorCore:
             newest.append(device)
         return tuple(reversed(newest))
 
-    def _commit(self, weights: Vector, now: float, *, consumed: tuple[tuple[str, int], ...], meta: Mapping[str, Any]) -> CommitVersion:
-        """Make ``weights`` the next version (validated: a bug must never deploy NaN)."""
+    def _commit(self, weights: Vector, now: float, *, consumed: tuple[tuple[str, int], ...], meta: Mapping[str, Any],
+                aggregated: bool = False) -> CommitVersion:
+        """Make ``weights`` the next version (validated: a bug must never deploy NaN). ``aggregated``:
+        the strategy's ``on_aggregated`` runs once the version is in place, before the checkpoint
+        is taken (Spyker's age of this version is in it: a restart resumed the age before it)."""
         self.config.spec.check(weights)
         self._version = max(self._version, self._version_floor) + 1  # never reuse a number
         self._weights = weights
@@ -1491,6 +1494,8 @@ class CoordinatorCore:
         if meta.get("full_sync", True):
             self._last_full_version = self._version
         self._status_dirty = True
+        if aggregated:
+            self.strategy.on_aggregated(self._view, now)
         source = meta.get("source")
         if source in ("rollback", "operator"):
             pass  # the caller decides what the release is
@@ -1726,9 +1731,7 @@ class CoordinatorCore:
         self.counters["rolled_back_updates"] += len(self._buffer)
         self._buffer.clear()
         self._first_buffered_at = None
-        commit = self._commit(weights, now, consumed=consumed, meta=meta)
-        self.strategy.on_aggregated(self._view, now)
-        return commit
+        return self._commit(weights, now, consumed=consumed, meta=meta, aggregated=True)
 
     # ------------------------------------------------------------------ operator control
 

@@ -819,10 +819,11 @@ def _schedule(n: int) -> list[str]:
     return (devices + [devices[i % 3] for i in range(n)])[:n]
 
 
-def _ledger_state(core: Any) -> tuple[dict[str, int], float, dict[str, Any]]:
-    """The counts and what devices get from them (the ages are the peering's checkpoint, as before)."""
+def _ledger_state(core: Any) -> tuple[dict[str, int], float, dict[str, Any], float, float | None]:
+    """The counts, what devices get from them, the model's age and the age of its version."""
     ledger = core.strategy.ledger
-    return dict(ledger.updates), ledger.mean_updates(), {d: core.strategy.lr_hint(d) for d in ("d000", "d039", "new")}
+    return (dict(ledger.updates), ledger.mean_updates(), {d: core.strategy.lr_hint(d) for d in ("d000", "d039", "new")},
+            ledger.age, ledger.age_at.get(core.version))
 
 
 def _metas(reg: Registry) -> dict[int, tuple[int, dict[str, Any]]]:
@@ -848,7 +849,7 @@ def test_spyker_commits_store_only_the_counts_they_change_and_restarts_restore_t
         _spyker_update(core, reg, device, seqs.get(device, 0))
         seqs[device] = seqs.get(device, 0) + 1
     want = _ledger_state(core)
-    assert core.version == 100 and want[0]["d000"] == 21 and len(want[0]) == 40
+    assert core.version == 100 and want[0]["d000"] == 21 and len(want[0]) == 40 and want[3:] == (100.0, 100.0)
     metas = _metas(reg)
     changes = [m["tallies_changed"] for _, m in metas.values() if "tallies_changed" in m]
     assert len(changes) > 80 and all(len(c) == 1 for c in changes)  # the one device each commit counted
@@ -864,6 +865,21 @@ def test_spyker_commits_store_only_the_counts_they_change_and_restarts_restore_t
         want = _ledger_state(core)
         assert want[0] == {d: n for d, n in seqs.items()}
         reg.close()
+
+
+def test_a_restart_resumes_spykers_model_age_with_its_last_aggregation(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The checkpoint was taken before the strategy recorded the aggregation's age: a restart
+    resumed the age one aggregation behind (4.0 after 5 updates) and without its version's."""
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    core = _spyker_core(reg.load())
+    for i in range(5):
+        _spyker_update(core, reg, f"d{i}", 0)
+    reg.close()
+    ledger = core.strategy.ledger
+    assert (core.version, ledger.age, ledger.age_at[5]) == (5, 5.0, 5.0)
+    restored = _spyker_core(Registry(tmp_path, SPEC).load()).strategy.ledger
+    assert (restored.age, restored.age_at.get(5)) == (5.0, 5.0)
 
 
 def test_an_old_state_dir_with_the_whole_ledger_in_its_metadata_still_restores(tmp_path) -> None:  # type: ignore[no-untyped-def]
