@@ -64,8 +64,8 @@ class AgeLedger:
         self.updates: dict[str, int] = {}
         self._total = 0
         """Σ updates (ints, exact): the mean per pull without a pass over every client."""
-        self._changed: set[str] = set()
-        """Devices counted since the last :meth:`take_changed` (a commit stores only theirs)."""
+        self._changed: dict[str, None] = {}
+        """Devices counted since the last :meth:`take_changed`, in order (a commit stores only theirs)."""
         self._whole = True
         """The next :meth:`take_changed` is every count: no commit holds this ledger's map yet."""
         self.hold = False
@@ -92,7 +92,7 @@ class AgeLedger:
         """One more update from ``device``."""
         self.updates[device] = self.updates.get(device, 0) + 1
         self._total += 1
-        self._changed.add(device)
+        self._changed[device] = None
 
     def mean_updates(self) -> float:
         """Mean updates per client: every pull's lr hint asks (a sum over 100,000 clients took
