@@ -12,8 +12,10 @@ then train: no label is held back from training) and finally sends a
 :class:`~edge_sdk.wire.messages.CanaryReport` with four counts — both right, only the
 candidate, only the release, neither — never data.
 
-The coordinator accepts a report only for the round's candidate and release, from a cohort
-member, once per device, with at most ``max_per_device`` labels; anything else raises a
+The coordinator accepts a report only for the round's candidate and release, of that round
+(its ``nonce``, echoed; a report without one comes from an SDK that predates nonces and is
+judged as before), from a cohort member, once per device, with at most ``max_per_device``
+labels; anything else raises a
 typed :class:`~edge_sdk.errors.BadCanaryReport`, is counted by reason and changes nothing.
 The gate (:mod:`coordinator.gate`) waits for at least ``min_reports`` devices, drops the
 ``trim`` most favourable and the ``trim`` most unfavourable reports (by only-candidate minus
@@ -23,6 +25,13 @@ are trimmed, or they sit between honest ones. A decision also needs the devices 
 (promotion: fewer than half see a clear regression on their own labels; rejection: more than
 half see one), so colluding liars short of a majority can at most hold a candidate.
 A round ends with the gate's decision, at its deadline, or when the release moves on.
+
+Rounds are not persisted: a restarted coordinator opens a new round on the candidate it gates
+again, often for the same candidate, release and cohort. Each round has its own ``nonce``
+(:func:`round_nonce`), so a device that served the old round takes the new one (it refuses only
+a repeat of a round it took) and a report of the old round is refused (``canary_stale_round``).
+The nonce names the round; it is no secret (the request carrying it is signed, the report
+comes on the device's own topic).
 
 Cohort rule: among the devices seen within ``recent_s`` (and not known offline), rank by
 ``h(device, version)`` — the first 8 bytes of SHA-256 as a number in [0, 1) — and take those
@@ -45,6 +54,7 @@ from edge_sdk.errors import (
     DuplicateReport,
     NotInCohort,
     ReportTooLarge,
+    StaleRound,
     UnknownCandidate,
 )
 from edge_sdk.wire.messages import MAX_CANARY_SAMPLES, CanaryReport
@@ -106,6 +116,14 @@ def draw(device: str, version: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
+def round_nonce(coordinator: str, epoch: int, candidate: int, release: int, opened_at: float, rounds: int) -> int:
+    """A round's nonce in [1, 2**63): from when it opened, so a coordinator that restarted (the
+    same seed, so the same random draws) still names its new round on the same candidate anew;
+    ``rounds`` (opened so far by this core) tells apart rounds opened at one instant."""
+    digest = hashlib.sha256(f"edgeci-canary-round/{coordinator}/{epoch}/{candidate}/{release}/{opened_at!r}/{rounds}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % (2**63 - 1) + 1
+
+
 def pick_cohort(devices: Iterable[str], version: int, config: CanaryConfig) -> tuple[str, ...]:
     """The cohort for candidate ``version`` among the eligible ``devices`` (see the module doc)."""
     ranked = sorted((draw(d, version), d) for d in set(devices))
@@ -129,6 +147,8 @@ class CanaryRound:
     release: int
     cohort: frozenset[str]
     deadline: float
+    nonce: int = 0
+    """This round's :func:`round_nonce`, sent with each request and echoed in each report."""
     reports: dict[str, Counts] = field(default_factory=dict)
 
     def check(self, report: CanaryReport, cap: int) -> Counts:
@@ -136,6 +156,9 @@ class CanaryRound:
         if report.candidate != self.candidate or report.release != self.release:
             raise UnknownCandidate(f"no canary round for candidate {report.candidate} vs release {report.release} "
                                    f"(the round is {self.candidate} vs {self.release})")
+        if report.nonce and report.nonce != self.nonce:  # (none: an SDK from before round nonces, judged as before)
+            raise StaleRound(f"a report of round {report.nonce:x} on candidate {self.candidate}; the open round is "
+                             f"{self.nonce:x} (opened since: the coordinator restarted)")
         if report.device not in self.cohort:
             raise NotInCohort(f"{report.device} was not asked to evaluate candidate {self.candidate}")
         if report.device in self.reports:

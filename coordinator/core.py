@@ -43,6 +43,8 @@ flat float32 ``weights``. Devices talk to it over per-device topics (``edge_sdk.
   at a time is also scored by devices (test-then-train): a signed ``Canary`` on each cohort
   member's invite topic, a canary pull for the candidate's weights, a ``CanaryReport`` of
   paired counts on its update topic — checked, counted by reason when bad, pooled by the gate.
+  Rounds are not persisted: a restart opens a new one, with a new nonce (a report echoing an
+  older round's is refused, ``canary_stale_round``; the devices take the new round).
 * Operator control (``edgeci/v1/{region}/control``): ``rollback`` / ``pin`` / ``unpin``,
   signed by an operator key (or this coordinator's own), in the name that key belongs to
   (``CoordinatorConfig.operators``; the coordinator's own key: its id), fresh and never
@@ -98,7 +100,7 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.canary import CanaryRound, eligible, pick_cohort
+from coordinator.canary import CanaryRound, eligible, pick_cohort, round_nonce
 from coordinator.conversion import ConversionConfig, SwitchTracker, dc_asgd
 from coordinator.gate import Decision, Gate, GateConfig
 from coordinator.peering.base import BROADCAST, Peering, PeerPlan, Tallies
@@ -1625,8 +1627,11 @@ class CoordinatorCore:
             self.counters["canary_no_cohort"] += 1
             return []
         gate.reset_canary(version, expected=len(cohort))
+        # Its own nonce: after a restart the same candidate, release and cohort make a new round (see coordinator.canary).
+        nonce = round_nonce(self.config.coordinator_id, self._epoch, version, self._release_version, now,
+                            self.counters["canary_rounds"])
         self._canary_round = CanaryRound(candidate=version, release=self._release_version, cohort=frozenset(cohort),
-                                         deadline=now + cfg.deadline_s)
+                                         deadline=now + cfg.deadline_s, nonce=nonce)
         self._canary_weights = self._history[version]
         self.counters["canary_rounds"] += 1
         self.counters["canary_invited"] += len(cohort)
@@ -1634,7 +1639,7 @@ class CoordinatorCore:
         actions: list[CoordinatorAction] = []
         for device in cohort:
             ask = Canary(device=device, candidate=version, release=self._release_version, samples=cfg.samples,
-                         deadline_s=cfg.report_by_s, epoch=self._epoch)
+                         deadline_s=cfg.report_by_s, epoch=self._epoch, nonce=nonce)
             actions.append(self._publish(topics.device_topic(self.config.region, device, "invite"),
                                          encode(ask, signer=self.config.signer, scope=topics.device_scope(self.config.region, "invite"))))
         return actions

@@ -209,13 +209,21 @@ class TooManyDevices(RemoteProtocolError):
 
 class BadCanaryReport(RemoteProtocolError):
     """A canary report (or canary fetch) the coordinator cannot accept; ``reason`` says why:
-    no such candidate round, not from its cohort, a second report, more labels than allowed."""
+    no such candidate round, a round that is over, not from its cohort, a second report, more
+    labels than allowed."""
 
     reason = "canary"
 
 
 class UnknownCandidate(BadCanaryReport):
     reason = "canary_unknown_candidate"
+
+
+class StaleRound(BadCanaryReport):
+    """A report for the open round's candidate and release, but of an earlier round (another
+    nonce): sent to the coordinator before it restarted and opened this one."""
+
+    reason = "canary_stale_round"
 
 
 class NotInCohort(BadCanaryReport):

@@ -49,6 +49,7 @@ from edge_sdk.errors import (
     DuplicateReport,
     NotInCohort,
     ReportTooLarge,
+    StaleRound,
     UnknownCandidate,
 )
 from edge_sdk.signing import Signer, verify
@@ -97,8 +98,8 @@ def test_a_gate_needs_a_source_and_canary_alone_is_one() -> None:
 
 
 def test_round_checks_every_report() -> None:
-    rnd = CanaryRound(candidate=3, release=2, cohort=frozenset({"a", "b"}), deadline=10.0)
-    ok = CanaryReport(device="a", candidate=3, release=2, both_right=10, only_candidate=2, only_release=1, both_wrong=7)
+    rnd = CanaryRound(candidate=3, release=2, cohort=frozenset({"a", "b"}), deadline=10.0, nonce=77)
+    ok = CanaryReport(device="a", candidate=3, release=2, both_right=10, only_candidate=2, only_release=1, both_wrong=7, nonce=77)
     assert rnd.check(ok, 20) == (10, 2, 1, 7)
     rnd.reports["a"] = ok.counts
     for report, error in [
@@ -107,6 +108,7 @@ def test_round_checks_every_report() -> None:
         (CanaryReport(device="b", candidate=4, release=2, both_right=1, only_candidate=0, only_release=0, both_wrong=0), UnknownCandidate),
         (CanaryReport(device="b", candidate=3, release=1, both_right=1, only_candidate=0, only_release=0, both_wrong=0), UnknownCandidate),
         (CanaryReport(device="b", candidate=3, release=2, both_right=21, only_candidate=0, only_release=0, both_wrong=0), ReportTooLarge),
+        (CanaryReport(device="b", candidate=3, release=2, both_right=1, only_candidate=0, only_release=0, both_wrong=0, nonce=76), StaleRound),
     ]:
         with pytest.raises(error):
             rnd.check(report, 20)
@@ -254,10 +256,11 @@ def invites(actions: Sequence[object]) -> dict[str, Canary]:
     return out
 
 
-def report(dev: str, counts: tuple[int, int, int, int], candidate: int = 1, release: int = 0, now: float = 20.0) -> MessageReceived:
+def report(dev: str, counts: tuple[int, int, int, int], candidate: int = 1, release: int = 0, now: float = 20.0,
+           nonce: int = 0) -> MessageReceived:
     both, cand, rel, neither = counts
     r = CanaryReport(device=dev, candidate=candidate, release=release, both_right=both, only_candidate=cand,
-                     only_release=rel, both_wrong=neither)
+                     only_release=rel, both_wrong=neither, nonce=nonce)
     return msg(dev, "update", r, now)
 
 
@@ -331,23 +334,28 @@ def test_a_canary_fetch_for_another_candidate_is_refused_and_serves_nothing() ->
 def test_hostile_reports_are_typed_counted_and_change_nothing() -> None:
     c = core()
     seen(c, DEVICES)
-    asked = sorted(invites(candidate(c, 1.0, 5.0)))
+    requests = invites(candidate(c, 1.0, 5.0))
+    asked = sorted(requests)
+    nonce = requests[asked[0]].nonce
     outsider = next(d for d in DEVICES if d not in asked)
     hostile = [
         (report(outsider, (0, 20, 0, 0)), "canary_not_in_cohort"),
         (report(asked[0], (0, 20, 0, 0), candidate=2), "canary_unknown_candidate"),
         (report(asked[0], (0, 20, 0, 0), release=1), "canary_unknown_candidate"),
         (report(asked[0], (0, 21, 0, 0)), "canary_too_many_labels"),
+        (report(asked[0], (0, 20, 0, 0), nonce=nonce % (2**63 - 1) + 1), "canary_stale_round"),  # another round's
     ]
     for event, reason in hostile:
         acts = c.handle(event)
         assert not of(acts, RecordRelease) and not of(acts, CommitVersion)
         assert c.counters[f"canary_reject:{reason}"] >= 1
-    assert c.handle(report(asked[0], GOOD)) == []  # the first real one is taken
-    assert c.handle(report(asked[0], GOOD))[0].data["reason"] == "canary_duplicate"  # type: ignore[attr-defined]
+    assert c.handle(report(asked[0], GOOD, nonce=nonce)) == []  # the first real one is taken
+    assert c.handle(report(asked[0], GOOD, nonce=nonce))[0].data["reason"] == "canary_duplicate"  # type: ignore[attr-defined]
+    assert c.handle(report(asked[1], GOOD)) == []  # without a nonce (an SDK from before them): judged as before
     gate = c.status().extra["gate"]
-    assert gate["canary"]["reports"] == 1 and gate["canary"]["rejected"] == 5
-    assert gate["canary"]["rejected_by_reason"] == {"not_in_cohort": 1, "unknown_candidate": 2, "too_many_labels": 1, "duplicate": 1}
+    assert gate["canary"]["reports"] == 2 and gate["canary"]["rejected"] == 6
+    assert gate["canary"]["rejected_by_reason"] == {"not_in_cohort": 1, "unknown_candidate": 2, "too_many_labels": 1, "duplicate": 1,
+                                                    "stale_round": 1}
     assert gate["pending"] == [1] and c.release[0] == 0
     assert c.counters["rejected"] == 0  # canary reports are not counted as rejected updates
 
@@ -552,6 +560,118 @@ def test_a_device_fetches_the_candidate_scores_new_labels_and_reports_counts_onl
     for pub in reports:
         decided += c.handle(MessageReceived(now=40.0, topic=pub.topic, payload=pub.payload))
     assert of(decided, RecordRelease)[0].event["action"] == "reject"
+
+
+def asks(actions: Sequence[object]) -> dict[str, Publish]:
+    """The signed canary requests among ``actions``, by device: as the broker delivers them."""
+    return {decode(a.payload).device: a for a in of(actions, Publish) if a.topic.endswith("/invite")}  # type: ignore[union-attr]
+
+
+def serve(c: CoordinatorCore, d: DeviceCore, ask: Publish, now: float, good: bool = True) -> list[Publish]:
+    """The device takes the request, fetches the candidate, scores ``samples`` labels: its report
+    (not delivered), or none when it refused the request."""
+    out = relay(c, d, d.handle(MessageReceived(now=now, topic=ask.topic, payload=ask.payload)), now)
+    if not of(out, StartCanary):
+        return []
+    samples = d.state.canary.samples  # type: ignore[union-attr]
+    scored = [a for k in range(samples) for a in d.handle(CanaryScored(now=now + 1 + k, candidate=1, release=0,
+                                                                      candidate_right=good, release_right=True))]
+    return [a for a in of(scored, Publish) if a.topic.endswith("/update")]
+
+
+def test_a_round_reopened_after_a_restart_gets_reports_from_devices_that_reported_before(tmp_path: Path) -> None:
+    """helper-114: rounds are not persisted, so a restarted coordinator opens a new round on the
+    candidate it gates again, asking the same cohort. A device that had reported to the old round
+    refused the new request (it kept the (candidate, release) it served, the same again), so the
+    round ended at its deadline short of reports. Each round now has its own nonce: the device
+    refuses only a repeat of one it served, and the coordinator takes only reports of its round."""
+    cfg = CanaryConfig(fraction=1.0, samples=4, min_reports=3, deadline_s=100.0, recent_s=1000.0)
+    registry = Registry(tmp_path, SPEC)
+    registry.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    booted = registry.load()  # the state dir's epoch: the restarted core numbers in the same one
+    assert booted is not None and booted.epoch != 0
+    config = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, signer=SIGNER, gate=GateConfig(validation=False, canary=cfg))
+    c = CoordinatorCore(config, make_strategy("spin", k=1, timeout_s=None, clip_multiplier=0.0), booted, rng=random.Random(0))
+    fleet = {name: device(name) for name in DEVICES[:3]}
+    for i, d in enumerate(fleet.values()):  # each fetches release 0: seen, and holds the release
+        d.state.release_wanted = 0
+        relay(c, d, d.start(1.0 + 0.01 * i), 1.0 + 0.01 * i)
+    acts = candidate(c, 1.0, 5.0)
+    for a in of(acts, CommitVersion):
+        registry.commit(a)
+    first = asks(acts)
+    assert set(first) == set(fleet)  # the cohort: every device but the trainer
+    early = sorted(fleet)[:2]
+    old_reports = []
+    for name in early:  # two of three report before the restart: the round waits for a third
+        (pub,) = serve(c, fleet[name], first[name], 6.0)
+        old_reports.append(pub)
+        assert not of(c.handle(MessageReceived(now=12.0, topic=pub.topic, payload=pub.payload)), RecordRelease)
+    assert c.counters["canary_reports"] == 2 and c.release[0] == 0
+    registry.close()
+    snap = Registry(tmp_path, SPEC).load()
+    assert snap is not None
+    restarted = CoordinatorCore(c.config, make_strategy("spin", k=1, timeout_s=None, clip_multiplier=0.0), snap,
+                                rng=random.Random(0))
+    restarted.start(30.0)
+    seen(restarted, list(fleet), now=31.0)
+    second = asks(restarted.handle(TimerFired(now=32.0)))
+    assert set(second) == set(fleet)  # the same candidate, release and cohort: a new round
+    nonces = {decode(a.payload).nonce for a in [*first.values(), *second.values()]}  # type: ignore[union-attr]
+    assert len(nonces) == 2 and 0 not in nonces
+    for pub in old_reports:  # sent to the old round, delivered after the restart: refused, counted, nothing moves
+        acts = restarted.handle(MessageReceived(now=32.5, topic=pub.topic, payload=pub.payload))
+        assert [n.data["reason"] for n in of(acts, Notify)] == ["canary_stale_round"]
+        assert not of(acts, RecordRelease) and not of(acts, CommitVersion)
+        assert [p.topic for p in of(acts, Publish)] in ([], [topics.status_topic("r1")])  # (the counts, in the status)
+    canary = restarted.status().extra["gate"]["canary"]
+    assert canary["rejected_by_reason"] == {"stale_round": 2} and canary["reports"] == 0 and canary["round"]["reports"] == 0
+    assert restarted.release[0] == 0 and restarted.status().extra["gate"]["pending"] == [1]
+    d = fleet[early[0]]  # a device refuses a replay of the old round's request: it took that round
+    assert d.handle(MessageReceived(now=32.6, topic=first[early[0]].topic, payload=first[early[0]].payload)) == []
+    decided: list[object] = []
+    for name in sorted(fleet):  # each device serves the new round, the two that reported before too
+        (pub,) = serve(restarted, fleet[name], second[name], 33.0)
+        decided += restarted.handle(MessageReceived(now=40.0, topic=pub.topic, payload=pub.payload))
+    (rec,) = of(decided, RecordRelease)
+    assert rec.event["action"] == "promote" and rec.event["canary"]["reports"] == 3
+    assert restarted.release[0] == 1
+
+
+def test_a_device_takes_a_new_round_of_what_it_evaluates_and_keeps_its_counts() -> None:
+    """helper-114: the coordinator restarted while the device scored: the new round's request (same
+    candidate and release, another nonce) keeps the labels scored so far and the report echoes the
+    new round. A request without a nonce (a coordinator from before them) is served once, as before."""
+    d = device("a")
+    d.state.deployed_version = 2
+    t = topics.device_topic("r1", "a", "invite")
+
+    def ask(nonce: int, at: float) -> list[object]:
+        req = Canary(device="a", candidate=3, release=2, samples=3, deadline_s=50.0, nonce=nonce)
+        return d.handle(MessageReceived(now=at, topic=t, payload=encode(req, signer=SIGNER, scope=topics.device_scope("r1", "invite"))))
+
+    ask(11, 1.0)
+    model = ModelMsg(model_id="toy", version=3, reply_to=-1, weights=np.ones(SPEC.size, np.float32), release=2)
+    assert of(d.handle(MessageReceived(now=2.0, topic=topics.device_topic("r1", "a", "model"),
+                                       payload=encode(model, signer=SIGNER, scope=topics.device_scope("r1", "model")))), StartCanary)
+    d.handle(CanaryScored(now=3.0, candidate=3, release=2, candidate_right=True, release_right=False))
+    out = ask(22, 4.0)  # the restarted coordinator's round
+    assert not of(out, Publish) and not of(out, StopCanary) and of(out, Notify)[0].data["scored"] == 1
+    assert ask(22, 4.5) == [] and ask(11, 4.6) == []  # a redelivery, a replay of the old round
+    out = [a for k in range(2) for a in d.handle(CanaryScored(now=5.0 + k, candidate=3, release=2, candidate_right=True, release_right=True))]
+    (pub,) = of(out, Publish)
+    rep = decode(pub.payload)
+    assert isinstance(rep, CanaryReport) and rep.counts == (2, 1, 0, 0) and rep.nonce == 22
+    assert ask(11, 8.0) == [] and ask(22, 8.1) == [] and d.state.canary is None  # both rounds were taken
+    assert of(ask(33, 9.0), Publish) and d.state.canary_nonces == (11, 22, 33)  # a third round: taken
+    legacy = device("b")
+    legacy.state.deployed_version = 2
+    req = Canary(device="b", candidate=3, release=2, samples=3, deadline_s=50.0)  # no nonce
+    payload = encode(req, signer=SIGNER, scope=topics.device_scope("r1", "invite"))
+    bt = topics.device_topic("r1", "b", "invite")
+    assert of(legacy.handle(MessageReceived(now=1.0, topic=bt, payload=payload)), Publish)
+    legacy.handle(TimerFired(now=60.0))  # nothing scored by the deadline: given up
+    assert legacy.state.canary is None and legacy.handle(MessageReceived(now=61.0, topic=bt, payload=payload)) == []
 
 
 def test_a_device_reports_what_it_has_at_the_deadline_and_refuses_unsigned_requests() -> None:

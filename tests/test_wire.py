@@ -69,6 +69,8 @@ MESSAGES = [
     Pull(device="d1", seq=2, model_id="m", serve=True, canary=5),
     Canary(device="d1", candidate=5, release=4, samples=20, deadline_s=600.0),
     CanaryReport(device="d1", candidate=5, release=4, both_right=15, only_candidate=2, only_release=1, both_wrong=2),
+    Canary(device="d1", candidate=5, release=4, samples=20, deadline_s=600.0, epoch=3, nonce=2**63 - 1),
+    CanaryReport(device="d1", candidate=5, release=4, both_right=15, only_candidate=2, only_release=1, both_wrong=2, nonce=1),
     Recall(model_id="m", release=9, abandoned=(4, 8, 11, 11)),
 ]
 
@@ -207,6 +209,11 @@ def test_spliced_encoding_equals_encode_and_reuses_the_tail() -> None:
         (frame({"type": "canary", "device": "d", "candidate": 2, "release": 1, "samples": 0, "deadline_s": 10.0}), MalformedMessage),
         (frame({"type": "canary", "device": "d", "candidate": 2, "release": 1, "samples": 5, "deadline_s": float("inf")}), MalformedMessage),
         (frame({"type": "pull", "device": "d", "seq": 1, "model_id": "m", "canary": -2}), MalformedMessage),
+        # a canary round's nonce (request and report): an int in [0, 2**63), like every other
+        *[(frame({"type": "canary", "device": "d", "candidate": 2, "release": 1, "samples": 5, "deadline_s": 10.0, "nonce": bad}),
+           MalformedMessage) for bad in (-1, 2**63, True, "7", 1.0, None, [1])],
+        *[(frame({"type": "canary_report", "device": "d", "candidate": 2, "release": 1, "both_right": 1, "only_candidate": 0,
+                  "only_release": 0, "both_wrong": 0, "nonce": bad}), MalformedMessage) for bad in (-1, 2**63, True, "7", 1.0, None, [1])],
         (frame([1, 2, 3]), MalformedMessage),
         (MAGIC + struct.pack("<I", 1 << 30), MalformedMessage),
         (b"\x00\x01", MalformedMessage),
@@ -397,3 +404,11 @@ def test_a_field_added_later_is_absent_at_its_default_so_old_frames_keep_their_b
     assert "canary" not in header(encode(plain)) and header(encode(fetch))["canary"] == 5
     assert decode(encode(plain)) == plain and decode(encode(fetch)) == fetch
     assert len(encode(fetch)) > len(encode(plain))
+    # the canary round's nonce likewise (helper-114): absent at 0, so a request or a report of a side
+    # from before nonces keeps its bytes; a side from before them ignores the field it does not know
+    counts = dict(device="d1", candidate=5, release=4, both_right=1, only_candidate=0, only_release=0, both_wrong=0)
+    for old, new in [(Canary(device="d1", candidate=5, release=4, samples=20, deadline_s=600.0),
+                      Canary(device="d1", candidate=5, release=4, samples=20, deadline_s=600.0, nonce=9)),
+                     (CanaryReport(**counts), CanaryReport(**counts, nonce=9))]:  # type: ignore[arg-type]
+        assert "nonce" not in header(encode(old)) and header(encode(new))["nonce"] == 9
+        assert decode(encode(old)) == old and decode(encode(new)) == new

@@ -85,7 +85,10 @@ predicts with both models before storing the label and feeds back ``CanaryScored
 ``samples`` labels, or at the request's deadline with what it has (checked on every event),
 the device publishes a ``CanaryReport`` — four counts, never data — on its update topic and
 emits ``StopCanary``. A newer request replaces the current one; a canary fetch unanswered
-after three tries, or a region switch, abandons it.
+after three tries, or a region switch, abandons it. Each request names its round (``nonce``,
+echoed in the report): a coordinator that restarted asks for the same candidate and release
+in a new round, which the device takes (keeping what it scored, if it is still scoring); a
+repeat of a round it took is refused, and so is any second request without a nonce.
 
 Transitions (event → action, new phase)::
 
@@ -127,6 +130,7 @@ Transitions (event → action, new phase)::
     IDLE      canary wanted                → Publish(pull, canary=C)        PULLING
     PULLING   Model(version C) answering it → StartCanary                  IDLE
     any       CanaryScored; samples reached / deadline → Publish(report), StopCanary
+    any       Canary(C, R, new nonce) while evaluating (C, R) → Notify(canary): same counts, report to it
 """
 
 from __future__ import annotations
@@ -212,6 +216,9 @@ MAX_WATERMARK_JUMP = 100_000
 a ``seq_jump`` there, for ever (acks are not signed)."""
 CANARY_FETCH_TRIES = 3
 """A canary fetch unanswered after this many tries abandons the canary request."""
+CANARY_NONCES_KEPT = 8
+"""Rounds of one candidate and release whose nonces a device keeps (each restart of the
+coordinator opens one): a repeat of any of them is a replay, not served."""
 PULL_MARGIN = 0.25
 """Tokens a device keeps in hand before it holds a pull (a quarter of ``pull_refill_s``): its
 pulls reach the coordinator after network delays that vary from one to the next."""
@@ -381,7 +388,13 @@ class DeviceState:
     """both right, only the candidate right, only the release right, both wrong."""
     canary_reports: int = 0
     canary_last: tuple[int, int] = (NO_VERSION, NO_VERSION)
-    """(candidate, release) of the newest canary request taken: none at or below it is served."""
+    """(candidate, release) of the newest canary request taken: none below it is served, nor a
+    round of it taken already (:attr:`canary_nonces`)."""
+    canary_nonces: tuple[int, ...] = ()
+    """The rounds (:attr:`Canary.nonce`) of ``canary_last`` taken, the newest
+    ``CANARY_NONCES_KEPT``: a coordinator that restarted asks again for the same candidate and
+    release in a new round, which is served; a repeat of one of these is not (nor, from a
+    coordinator without nonces, any second request)."""
     recall: Recall | None = None
     """The region's newest recall: a model of a version it abandoned is never deployed (a
     captured, genuinely signed reply replayed after the recall)."""
@@ -688,7 +701,7 @@ class DeviceCore:
         previous = s.epoch
         s.epoch = self._epochs[s.region] = epoch
         s.deployed_version, s.release_wanted, s.recall = NO_VERSION, NO_VERSION, None
-        s.canary_last = (NO_VERSION, NO_VERSION)
+        s.canary_last, s.canary_nonces = (NO_VERSION, NO_VERSION), ()
         dropped = self._canary_end("epoch_changed") if s.canary is not None else []
         s.counters["epoch_changed"] = s.counters.get("epoch_changed", 0) + 1
         return [PinEpoch(region=s.region, epoch=epoch, previous=previous),
@@ -1012,14 +1025,22 @@ class DeviceCore:
                 raise StaleEpoch(f"canary request of epoch {msg.epoch}, older than this region's {s.epoch}")
             s.counters["ignored:canary_new_epoch"] = s.counters.get("ignored:canary_new_epoch", 0) + 1
             return []
-        current = s.canary
-        if current is not None and (msg.candidate, msg.release) <= (current.candidate, current.release):
-            return []  # a redelivery, or older than what we evaluate
-        if (msg.candidate, msg.release) <= s.canary_last:
-            return []  # a round this device served already, replayed after it ended
+        current, asked = s.canary, (msg.candidate, msg.release)
+        if current is not None and asked < (current.candidate, current.release):
+            return []  # older than what we evaluate
+        if asked < s.canary_last or (asked == s.canary_last and (msg.nonce in s.canary_nonces or not msg.nonce)):
+            return []  # a redelivery, or a round this device took already, replayed (after it ended)
+        # A new round: of a newer candidate or release, or of the same ones after the coordinator restarted.
+        s.canary_nonces = (*s.canary_nonces, msg.nonce)[-CANARY_NONCES_KEPT:] if asked == s.canary_last else (msg.nonce,)
+        s.canary_last = asked
+        if current is not None and asked == (current.candidate, current.release):
+            # The same evaluation in the restarted coordinator's round: the labels scored so far count
+            # there too; the report goes to it (its nonce) by its deadline.
+            s.canary, s.canary_deadline = msg, now + msg.deadline_s
+            return [Notify(kind="canary", data={"candidate": msg.candidate, "release": msg.release, "samples": msg.samples,
+                                                "scored": sum(s.canary_counts)})]
         actions = self._canary_end("replaced") if current is not None else []
         s.canary, s.canary_state, s.canary_deadline, s.canary_counts = msg, "fetch", now + msg.deadline_s, [0, 0, 0, 0]
-        s.canary_last = (msg.candidate, msg.release)
         if msg.release > s.deployed_version:
             s.release_wanted = max(s.release_wanted, msg.release)  # score against the release it names
         actions.append(Notify(kind="canary", data={"candidate": msg.candidate, "release": msg.release, "samples": msg.samples}))
@@ -1059,7 +1080,7 @@ class DeviceCore:
         assert ask is not None
         both, cand, rel, neither = s.canary_counts
         report = CanaryReport(device=cfg.device_id, candidate=ask.candidate, release=ask.release, both_right=both,
-                              only_candidate=cand, only_release=rel, both_wrong=neither)
+                              only_candidate=cand, only_release=rel, both_wrong=neither, nonce=ask.nonce)
         s.canary_reports += 1
         return [Publish(topic=self._t_update, payload=encode(report), qos=1),
                 Notify(kind="canary_reported", data={"candidate": ask.candidate, "release": ask.release,

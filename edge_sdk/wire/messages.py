@@ -338,11 +338,16 @@ class Canary:
     deadline_s: float
     epoch: int = NO_EPOCH
     """The numbering ``candidate`` and ``release`` are in (:attr:`ModelMsg.epoch`)."""
-    OMIT_AT_DEFAULT: ClassVar[tuple[tuple[str, object], ...]] = _EPOCH_OMIT
+    nonce: int = 0
+    """The round (:class:`~coordinator.canary.CanaryRound`): a coordinator that restarted asks for
+    the same candidate and release again in a new round; the device echoes it in its report and
+    refuses only a round it took already. 0: a coordinator from before round nonces."""
+    OMIT_AT_DEFAULT: ClassVar[tuple[tuple[str, object], ...]] = (("nonce", 0), *_EPOCH_OMIT)
 
     def __post_init__(self) -> None:
         _check_id(self.device, "device")
         _check_int(self.epoch, "epoch")
+        _check_int(self.nonce, "nonce")
         _check_int(self.candidate, "candidate")
         _check_int(self.release, "release")
         _check_int(self.samples, "samples", lo=1)
@@ -366,11 +371,15 @@ class CanaryReport:
     only_candidate: int
     only_release: int
     both_wrong: int
+    nonce: int = 0
+    """The round's :attr:`Canary.nonce`, echoed. 0: a device from before round nonces."""
+    OMIT_AT_DEFAULT: ClassVar[tuple[tuple[str, object], ...]] = (("nonce", 0),)
 
     def __post_init__(self) -> None:
         _check_id(self.device, "device")
         _check_int(self.candidate, "candidate")
         _check_int(self.release, "release")
+        _check_int(self.nonce, "nonce")
         for name in ("both_right", "only_candidate", "only_release", "both_wrong"):
             _check_int(getattr(self, name), name)
         _need(0 < self.n <= MAX_CANARY_SAMPLES, f"a canary report counts 1-{MAX_CANARY_SAMPLES} labels")
