@@ -36,7 +36,7 @@ from edge_sdk.errors import ConfigError, LocalProtocolError
 from edge_sdk.signing import Signer
 from edge_sdk.wire import topics
 from edge_sdk.wire.codec import decode, encode, status_json
-from edge_sdk.wire.messages import Ack, ModelMsg, Pull, Status, Update
+from edge_sdk.wire.messages import Ack, Canary, ModelMsg, Pull, Status, Update
 from tests.helpers import SIGNER, SPEC, close_unstarted
 
 DEV = "d1"
@@ -226,6 +226,32 @@ def test_home_takes_the_device_back_after_the_hold_and_not_mid_round() -> None:
     assert (sw.region, sw.reason) == ("r1", "home_back") and c.state.region == "r1"
     assert c.state.deployed_version == -1 and c.state.deployed is not None  # r1 numbers its own versions
     assert [r for r, _ in sent(c.handle(SampleAdded(now=42.0, total=2)))] == ["r1"]
+
+
+def test_after_a_failover_a_device_serves_the_new_region_s_canary_rounds_and_still_refuses_home_replays() -> None:
+    """helper-114: the (candidate, release) a device last served was kept across a region switch,
+    though the other region numbers its own versions: a device that served candidate 50 at home
+    refused every canary request of the fallback region for a lower candidate (its deployed version
+    is forgotten on a switch; this was not). It is kept per region now: back home, a replay of a
+    home round it took is still refused."""
+    cfg = DeviceConfig(device_id=DEV, region="r1", spec=SPEC, min_samples=5, request_timeout_s=5.0, fallback_regions=("r2",),
+                       failback_after_s=30.0, serve_on_start=False, trusted_keys={SIGNER.kid: SIGNER.public_raw})
+    c = DeviceCore(cfg, rng=random.Random(0))
+
+    def ask(region: str, candidate: int, now: float) -> list[Any]:
+        req = Canary(device=DEV, candidate=candidate, release=candidate - 1, samples=3, deadline_s=5.0, nonce=7)
+        topic = topics.device_topic(region, DEV, "invite")
+        return c.handle(MessageReceived(now=now, topic=topic, payload=encode(req, signer=SIGNER, scope=topics.signing_scope(topic))))
+
+    c.state.deployed_version = 49
+    assert [r for r, _ in sent(ask("r1", 50, 0.5))] == ["r1"] and c.state.canary_last == (50, 49)  # its canary pull
+    c.handle(status(1.0, "r1", alive=False))
+    assert c.state.region == "r2" and c.state.canary is None
+    taken = [n.data for n in ask("r2", 10, 2.0) if isinstance(n, Notify) and n.kind == "canary"]
+    assert [d["candidate"] for d in taken] == [10] and c.state.canary_last == (10, 9)  # was refused: (10, 9) <= (50, 49)
+    c.handle(TimerFired(now=30.0))  # nothing scored by the deadline: given up
+    assert [s.region for s in switches(c.handle(status(31.0, "r1", alive=True)))] == ["r1"]  # home again, after the hold
+    assert c.state.canary_last == (50, 49) and ask("r1", 50, 41.0) == []  # a home round it took, replayed
 
 
 def test_an_idle_device_goes_home_on_the_next_sample_after_the_hold() -> None:

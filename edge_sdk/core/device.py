@@ -75,7 +75,8 @@ coordinator. A pull in flight is sent again to the new region under a fresh seq;
 training or an unacknowledged update came from the old region's line, whose version numbers
 mean nothing to the new coordinator, so it is dropped and its samples are trained again there
 (``trained_upto`` rolls back); an acknowledged update is never undone. ``deployed_version`` is
-forgotten (the new region numbers its own) but the deployed weights keep serving.
+forgotten (the new region numbers its own) but the deployed weights keep serving; the canary
+rounds it took are remembered per region.
 
 Canary evaluation (test-then-train). A signed ``Canary`` on the device's invite topic asks
 it to score candidate C against release R (see :mod:`coordinator.canary`). When idle (after
@@ -436,6 +437,8 @@ class DeviceCore:
             if isinstance(e, bool) or not isinstance(e, int) or e < 0:
                 raise ConfigError(f"the epoch of region {r!r} must be an int >= 0, got {e!r}")
             self._epochs[r] = e
+        self._canary_by_region: dict[str, tuple[tuple[int, int], tuple[int, ...]]] = {}
+        """``canary_last`` and ``canary_nonces`` of the regions not in use: each numbers its own versions."""
         self._s = DeviceState(next_seq=next_seq, trained_upto=trained_upto, total=total,
                               pins=self._pins_by_region.setdefault(config.region, {}), region=config.region,
                               epoch=self._epochs.get(config.region, NO_EPOCH))
@@ -952,6 +955,10 @@ class DeviceCore:
         s.region = region
         s.pins = self._pins_by_region.setdefault(region, {})
         s.recall = None  # another region's coordinator numbers its own versions
+        # The canary rounds taken are kept per region: another numbering's would refuse this one's lower
+        # versions, and coming back, a replay of a round taken here is still refused.
+        self._canary_by_region[previous] = (s.canary_last, s.canary_nonces)
+        s.canary_last, s.canary_nonces = self._canary_by_region.pop(region, ((NO_VERSION, NO_VERSION), ()))
         s.epoch = self._epochs.get(region, NO_EPOCH)
         s.failovers += 1
         s.left_home_at = None if region == cfg.region else (s.left_home_at if previous != cfg.region else now)
