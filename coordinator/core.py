@@ -76,7 +76,8 @@ Transitions::
     Update (invalid)      Publish(ack rejected) if sender known; counted
     Update (abandoned base) Publish(ack rejected, reason base_rejected); counted, nothing kept
     Update (not selected) Publish(ack rejected, reason not_selected): a selecting strategy did not serve it
-    TimerFired            plan (and a canary round's deadline: the gate decides on what came in)
+    TimerFired            plan (and a canary round's deadline: the gate decides on what came in;
+                          with none open, a new try: CANARY_RETRY_S after one found no cohort)
     CanaryReport (valid)  gate evidence; a decision → RecordRelease (+ rollback), next round's Canary
     Commit (canary on)    Publish(canary) per cohort device, when no round is open
     StorageChanged        accept / stop accepting updates
@@ -359,6 +360,9 @@ def abandon(ranges: Sequence[Sequence[int]], first: int, last: int) -> list[Vers
 
 RATE_NOTE_EVERY_S = 60.0
 """Pulls dropped by the per-device rate limit are notified (and so logged) at most this often."""
+CANARY_RETRY_S = 30.0
+"""A canary round that found no cohort (no device seen recently: e.g. right after a restart) is
+tried again this long after, on a timer the core asks for (an idle strategy asks for none)."""
 GATE_REJECTED_KEPT = 200
 """Rejected versions remembered for ``force`` (the release record keeps as many events)."""
 
@@ -564,6 +568,8 @@ class CoordinatorCore:
         was against. Not asked again against that release: its reports wait for the score, and a device
         refuses a request for a round it served."""
         self._canary_weights: Vector = _NO_WEIGHTS
+        self._canary_retry_at: float | None = None
+        """When to try again to open a round that found no cohort (:data:`CANARY_RETRY_S`)."""
         # Executed operator commands (within their age window a replay is refused): seeded from the
         # durable release record, so a restart or a rebuilt core does not run a replayed one again.
         # Who may command, by key id: (the name commands signed with it must give, the key).
@@ -1408,7 +1414,7 @@ class CoordinatorCore:
             if not aggregated and not plan.invite:
                 status_due = self._status_next_at if self._status_dirty and self._status_next_at > now else None
                 conversion_due = min((p.deadline for p in self._parked.values()), default=None) if self._parked else None
-                canary_due = self._canary_round.deadline if self._canary_round is not None else None
+                canary_due = self._canary_round.deadline if self._canary_round is not None else self._canary_retry_at
                 # The earliest of those that are set (min() of them, written out: no list, no call per event)
                 wake = plan.wake_at
                 for t in (self.peering.wake_at(), status_due, conversion_due, canary_due):
@@ -1616,6 +1622,7 @@ class CoordinatorCore:
         self._canary_ended = {v: r for v, r in self._canary_ended.items() if v in gate.pending}
         versions = [v for v in gate.pending if v > self._release_version and v in self._history
                     and self._canary_ended.get(v) != self._release_version]
+        self._canary_retry_at = None
         if not versions:
             return []
         version = max(versions)
@@ -1625,6 +1632,7 @@ class CoordinatorCore:
         cohort = pick_cohort(judges if len(judges) >= cfg.min_reports else recent, version, cfg)
         if not cohort:
             self.counters["canary_no_cohort"] += 1
+            self._canary_retry_at = now + CANARY_RETRY_S
             return []
         gate.reset_canary(version, expected=len(cohort))
         # Its own nonce: after a restart the same candidate, release and cohort make a new round (see coordinator.canary).

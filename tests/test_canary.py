@@ -483,6 +483,33 @@ def test_a_device_does_not_judge_its_own_candidate_after_a_restart(tmp_path: Pat
     assert asked and all(m.candidate == 1 for m in asked.values()) and "trainer" not in asked
 
 
+def test_a_restarted_coordinator_opens_the_round_once_devices_are_seen_again(tmp_path: Path) -> None:
+    """helper-114: the candidate restored undecided is gated again at start, when no device has been
+    seen yet (no cohort). The round was tried again only on a timer, which nothing asked for (SPIN
+    with an empty buffer wakes no one): over mosquitto, the restarted daemon never opened it while its
+    three devices pulled every 2 s. It asks for a wake-up now, and opens the round then."""
+    registry = Registry(tmp_path, SPEC)
+    registry.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    c = core()
+    seen(c, DEVICES)
+    for a in of(candidate(c, 1.0, 5.0), CommitVersion):
+        registry.commit(a)
+    registry.close()
+    snap = Registry(tmp_path, SPEC).load()
+    assert snap is not None
+    restarted = CoordinatorCore(c.config, make_strategy("spin", k=1, timeout_s=None, clip_multiplier=0.0), snap,
+                                rng=random.Random(0))
+    acts = list(restarted.start(30.0))
+    assert not invites(acts) and restarted.counters["canary_no_cohort"] == 1  # nobody seen since the start
+    for i, d in enumerate(DEVICES):  # the devices come back (their next pulls), no timer fires meanwhile
+        acts += restarted.handle(msg(d, "pull", Pull(device=d, seq=0, model_id="toy", serve=True), 31.0 + 0.01 * i))
+    assert not invites(acts)
+    wakes = [a.at for a in of(acts, ScheduleTimer)]
+    assert wakes and 30.0 < wakes[-1] <= 30.0 + CFG.recent_s  # a wake-up asked for
+    asked = invites(restarted.handle(TimerFired(now=wakes[-1])))
+    assert asked and all(m.candidate == 1 for m in asked.values())
+
+
 def test_a_round_whose_candidate_is_superseded_ends_and_the_newest_gets_one() -> None:
     """helper-105: a candidate dropped from the gate as superseded (more than ``max_pending`` newer
     ones) kept its canary round to the deadline: the cohort scored and reported on a candidate no
