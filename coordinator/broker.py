@@ -60,6 +60,17 @@ def queue_limit(model_bytes: int) -> int:
     return min(max(32 * packet_limit(model_bytes), 256 << 20), 4 << 30)
 
 
+def inflight_limit(model_bytes: int) -> int:
+    """mosquitto's ``max_inflight_bytes``: two of the largest messages, at least 4 MiB. The
+    in-flight window comes on top of ``max_queued_bytes``: with only ``max_inflight_messages``
+    (64) a device that subscribes with a persistent session and stops reading held 64 models
+    beyond its queue (16 MiB models: mosquitto 2.0.20 at 2.7 GB, 0.7 GB with this bound). Two
+    keep the update stream to the coordinator pipelined; below 4 MiB / 64 a message stays bounded
+    by the count alone (``benchmarks/inflight_window.py``). mosquitto before 2.0.13 does not
+    keep to the byte limit (each message past it takes two of the 64 slots: 2.1 -> 1.2 GB)."""
+    return max(2 * packet_limit(model_bytes), 4 << 20)
+
+
 def secure_conf(
     *,
     cafile: str | Path,
@@ -73,14 +84,14 @@ def secure_conf(
     crlfile: str | Path | None = None,
 ) -> str:
     """``edgeci-secure.conf`` (or ``edgeci-password.conf`` when ``password_file`` is given)
-    with its paths, listener, ``max_packet_size`` and ``max_queued_bytes`` set; comments and
+    with its paths, listener, ``max_packet_size``, ``max_queued_bytes`` and ``max_inflight_bytes`` set; comments and
     every other setting (``require_certificate``, ``allow_anonymous false``, client id = user)
     as shipped. ``crlfile``: the PKI's ``ca.crl`` (revoked certificates); a client-certificate
     config without one refuses no revoked certificate, which is logged."""
     values = {
         "cafile": str(cafile), "certfile": str(certfile), "keyfile": str(keyfile), "acl_file": str(acl_file),
         "listener": f"{int(port)} {host}", "max_packet_size": str(packet_limit(model_bytes)),
-        "max_queued_bytes": str(queue_limit(model_bytes)),
+        "max_queued_bytes": str(queue_limit(model_bytes)), "max_inflight_bytes": str(inflight_limit(model_bytes)),
     }
     if password_file is not None:
         values["password_file"] = str(password_file)

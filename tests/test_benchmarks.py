@@ -34,6 +34,7 @@ def bench(script: str, *argv: str, timeout: float = 120, env: dict[str, str] | N
         ("pull_load.py", ["--rates", "abc"], "--rates"),
         ("pull_load.py", ["--generators", "0"], "--generators"),
         ("tls_overhead.py", ["--rounds", "0"], "--rounds"),
+        ("inflight_window.py", ["--variants", "0,-1"], "--variants"),
         ("emulator_speed.py", ["--sizes", "-5"], "--sizes"),
         ("emulator_speed.py", ["--duration", "-30"], "--duration"),
         ("inference_latency.py", ["--batch", "0"], "--batch"),

@@ -17,7 +17,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from coordinator.broker import PAHO_MAX_PAYLOAD, packet_limit, queue_limit, secure_conf
+from coordinator.broker import (
+    PAHO_MAX_PAYLOAD,
+    PASSWORD_CONF,
+    SECURE_CONF,
+    inflight_limit,
+    packet_limit,
+    queue_limit,
+    secure_conf,
+)
 from coordinator.pki import Pki, acl_text, mosquitto_hash, write_private
 from demos.cli import main as edgeci
 from edge_sdk.errors import ConfigError
@@ -260,7 +268,8 @@ def test_secure_conf_and_packet_limit(tmp_path: Path) -> None:
     for expected in ("require_certificate true", "use_identity_as_username true", "allow_anonymous false",
                      f"acl_file {files['acl']}", f"cafile {files['ca']}", "listener 18883 127.0.0.1",
                      f"max_packet_size {packet_limit(1_000_000)}", "max_queued_messages 100000",
-                     f"max_queued_bytes {queue_limit(1_000_000)}", "use_username_as_clientid true",
+                     f"max_queued_bytes {queue_limit(1_000_000)}", "max_inflight_messages 64",
+                     f"max_inflight_bytes {inflight_limit(1_000_000)}", "use_username_as_clientid true",
                      "check_retain_source true"):
         assert expected in lines, expected
     assert not any(ln.startswith("crlfile") for ln in lines)  # none given: the line is dropped (and logged)
@@ -273,12 +282,18 @@ def test_secure_conf_and_packet_limit(tmp_path: Path) -> None:
     assert queue_limit(1_000_000) == 256 << 20 and queue_limit(0) == 1 << 30
     assert queue_limit(50_000_000) == 32 * packet_limit(50_000_000) and queue_limit(10**12) == 4 << 30
     assert 1_000_000 < packet_limit(1_000_000) < 1_200_000
+    # in flight on top of the queue: two of the largest messages, at least 4 MiB (tests/test_security_broker.py
+    # shows the bound); the shipped files hold the value for no model size, which secure_conf rewrites
+    assert inflight_limit(1_000_000) == 4 << 20 and inflight_limit(50_000_000) == 2 * packet_limit(50_000_000)
+    for shipped in (SECURE_CONF, PASSWORD_CONF):
+        assert f"max_inflight_bytes {inflight_limit(0)}" in shipped.read_text().splitlines(), shipped
     assert packet_limit(0) == PAHO_MAX_PAYLOAD and packet_limit(10**12) == PAHO_MAX_PAYLOAD
     pw = secure_conf(cafile=files["ca"], certfile=files["crt"], keyfile=files["key"], acl_file=files["acl"],
                      password_file=files["pw"])
     pw_lines = set(pw.splitlines())
     assert f"password_file {files['pw']}" in pw_lines and "allow_anonymous false" in pw_lines
     assert "require_certificate false" in pw_lines and "use_identity_as_username true" not in pw_lines
+    assert f"max_inflight_bytes {inflight_limit(0)}" in pw_lines
     with pytest.raises(ConfigError):
         secure_conf(cafile="a\nlistener 1883", certfile="b", keyfile="c", acl_file="d")
 

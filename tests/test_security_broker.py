@@ -375,6 +375,57 @@ def test_broker_refuses_packets_larger_than_the_model_allows(tmp_path: Path) -> 
         broker.stop()
 
 
+def test_a_device_that_stops_acknowledging_holds_a_bounded_in_flight_window(tmp_path: Path) -> None:
+    """``max_inflight_bytes`` (:func:`~coordinator.broker.inflight_limit`): mosquitto's in-flight window
+    comes on top of ``max_queued_bytes``; with only ``max_inflight_messages`` a device that stops
+    acknowledging its models is sent (and holds) 64 of them. mosquitto 2.0.13 and later send it
+    ``max_inflight_bytes`` of 1 MB models and one more (5); 2.0.11 (Debian 12) does not keep to the
+    byte limit (its queued messages cost two of the 64 slots each: 32 plus the 4 under the limit)."""
+    import re
+    import subprocess
+
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from coordinator.broker import MosquittoProcess, inflight_limit
+
+    model = 1_000_000
+    broker = SecureBroker(tmp_path / "pki", model_bytes=model)
+    try:
+        down = topics.device_topic(R, "devB", "model")
+        bundle = broker.bundle("devB")
+        got: list[int] = []
+        subscribed = threading.Event()
+        stalled = paho.Client(CallbackAPIVersion.VERSION2, client_id="devB", clean_session=False, manual_ack=True)
+        stalled.tls_set(ca_certs=str(bundle / "ca.crt"), certfile=str(bundle / "devB.crt"), keyfile=str(bundle / "devB.key"))
+        stalled.on_message = lambda c, u, msg: got.append(len(msg.payload))  # never acknowledged
+        stalled.on_subscribe = lambda *a: subscribed.set()
+        stalled.on_connect = lambda c, u, f, rc, p: c.subscribe(down, qos=1)
+        host, port = broker.url.removeprefix("mqtts://").rsplit(":", 1)
+        stalled.connect(host, int(port))
+        stalled.loop_start()
+        try:
+            assert subscribed.wait(10)
+            with raw(broker, "coord-sec", "coordinator") as coord:
+                for _ in range(80):
+                    coord.t.publish(down, bytes(model))
+                wait_until(lambda: len(got) >= 1, 10, "the first model at the stalled device")
+                time.sleep(2.0)  # what else the broker would send arrives now
+        finally:
+            stalled.loop_stop()
+            stalled.disconnect()
+    finally:
+        broker.stop()
+    assert set(got) == {model}
+    out = subprocess.run([MosquittoProcess.binary(), "-h"], capture_output=True, text=True).stdout
+    version = tuple(int(x) for x in re.findall(r"version (\d+)\.(\d+)\.(\d+)", out)[0])
+    if version >= (2, 0, 13):
+        assert len(got) == inflight_limit(model) // model + 1
+    else:
+        direct = inflight_limit(model) // model + 1  # under the byte limit, one slot each
+        assert len(got) == direct + (64 - direct) // 2, len(got)
+
+
 # ---------------------------------------------------------------------- main flow over TLS
 
 
