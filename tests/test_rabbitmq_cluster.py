@@ -11,9 +11,11 @@ What this measures about RabbitMQ 3.10 (Debian 12), stated in the README's "Depl
   (``mqtt.retained_message_store``, DETS by default), not replicated. The coordinator's retained
   status (published on node 1) is delivered to a new subscriber on node 1 but *not* to one on
   node 2; a subscriber on node 2 sees only statuses published while it is subscribed (after
-  every accepted update, and every ``status_interval_s``). Devices never rely on a retained
-  message (models and acks are addressed QoS 1 messages), so the main flow is unaffected; point
-  ``edgeci status`` (and anything else reading retained topics) at the coordinator's node.
+  every accepted update, and every ``status_interval_s``). The same holds for the region's
+  retained recall, which devices do read (the epoch; the versions a rollback or pin abandoned).
+  The main flow does not rely on a retained message (models and acks are addressed QoS 1
+  messages), so it is unaffected; point ``edgeci status`` (and anything else reading retained
+  topics) at the coordinator's node.
 """
 
 from __future__ import annotations
@@ -148,6 +150,14 @@ def test_main_flow_across_a_two_node_rabbitmq_cluster(rabbitmq_cluster: RabbitMq
         assert on_node2 is None, (
             "a retained message published on node 1 reached a new subscriber on node 2: RabbitMQ now replicates "
             "retained messages; update the README's Deployment shapes section and this test")
+        # devices do read one retained topic: the region's recall (the epoch, and the versions a rollback or
+        # pin abandoned), announced at start; a device subscribing on node 2 does not get it either
+        recall_topic = topics.recall_topic(REGION)
+        wait_until(lambda: retained(node1, "recall-n1", recall_topic, 2.0) is not None, 20, "the retained recall on node 1")
+        recall_on_node2 = retained(node2, "recall-n2", recall_topic, 3.0)
+        print(f"retained recall (published on node 1): new subscriber on node 2 "
+              f"{'gets it' if recall_on_node2 is not None else 'gets nothing'}")
+        assert recall_on_node2 is None, "the recall reached node 2: update the README's Deployment shapes section and this test"
         live = Listener(node2, "status-live-n2", [topics.status_topic(REGION)])  # live statuses do cross nodes
 
         accepted: list[tuple[str, int]] = []
