@@ -1,7 +1,7 @@
 """What mosquitto's in-flight window costs: a stalled subscriber's memory, and the update
 stream's throughput, with and without ``max_inflight_bytes``, in one run.
 
-    .venv/bin/python benchmarks/inflight_window.py [--model-mb 1] [--variants 0,16777216] [--rounds 3]
+    .venv/bin/python benchmarks/inflight_window.py [--model-mb 1] [--variants 0,4194304] [--rounds 3]
 
 Each variant is a fresh mosquitto on 127.0.0.1 with ``edgeci.conf`` and the production
 configs' queue bounds for a ``--model-mb`` model (``max_packet_size`` and ``max_queued_bytes``
@@ -41,7 +41,7 @@ from benchmarks._cli import (  # noqa: E402
     positive_float,
     positive_int,
 )
-from coordinator.broker import MosquittoProcess, packet_limit, queue_limit  # noqa: E402
+from coordinator.broker import MosquittoProcess, inflight_limit, packet_limit, queue_limit  # noqa: E402
 from edge_sdk.mqtt import MqttTransport  # noqa: E402
 from edge_sdk.runtime import Actor  # noqa: E402
 
@@ -154,8 +154,8 @@ def flow(broker: MosquittoProcess, payload: bytes, publishers: int, messages: in
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-mb", type=positive_float, default=1.0, help="model size in MiB (default 1)")
-    p.add_argument("--variants", type=comma_list(non_negative_int), default=[0, 16 << 20],
-                   help="max_inflight_bytes values to compare (0: none; default 0,16777216)")
+    p.add_argument("--variants", type=comma_list(non_negative_int), default=None,
+                   help="max_inflight_bytes values to compare (0: none; default 0 and what secure_conf sets for --model-mb)")
     p.add_argument("--stalled-messages", type=positive_int, default=400, help="models sent to the stalled subscriber (default 400)")
     p.add_argument("--publishers", type=positive_int, default=4, help="update publishers in the flow (default 4)")
     p.add_argument("--messages", type=positive_int, default=40,
@@ -164,6 +164,8 @@ def main() -> int:
     p.add_argument("--rounds", type=positive_int, default=3, help="rounds, variants alternating (default 3)")
     args = p.parse_args()
     model_bytes = int(args.model_mb * (1 << 20))
+    if args.variants is None:
+        args.variants = [0, inflight_limit(model_bytes)]
     payload = bytes(model_bytes)
     conf = f"max_queued_bytes {queue_limit(model_bytes)}\n"
     results: dict[int, dict[str, list[float]]] = {v: {"before": [], "after": [], "rate": []} for v in args.variants}
