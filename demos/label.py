@@ -49,6 +49,7 @@ import numpy as np
 import numpy.typing as npt
 
 from coordinator.cli import check_init, holds_versions
+from coordinator.config import bounded, finite
 from demos.label_ui import (
     Action,
     Key,
@@ -91,14 +92,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-id", default="labeller", help="this device's id (A-Z a-z 0-9 _ . -)")
     p.add_argument("--data-dir", type=Path,
                    help="where this device keeps its samples, models and caches (default: $EDGECI_HOME/devices/DEVICE_ID, EDGECI_HOME defaulting to ~/.edgeci)")
-    p.add_argument("--min-samples", type=int, default=TASK_INFO["detection"].min_samples,
+    p.add_argument("--min-samples", type=bounded(int, 1), default=TASK_INFO["detection"].min_samples,
                    help="D_min: frames before the first pull (default: the task's, the paper's 64 for YOLOv8)")
-    p.add_argument("--gesture-min-samples", type=int, default=TASK_INFO["gestures"].min_samples, help="D_min for gestures")
+    p.add_argument("--gesture-min-samples", type=bounded(int, 1), default=TASK_INFO["gestures"].min_samples, help="D_min for gestures")
     p.add_argument("--init", type=Path, help="embedded coordinator: deploy this detector model file instead of pretraining one")
     p.add_argument("--size", type=int, default=320, help="side of the synthetic scenes in pixels")
     p.add_argument("--zoom", type=float, help="display scale of the frame (default: fit about 640 px)")
-    p.add_argument("--fps", type=float, default=25.0, help="frame rate cap of the window")
-    p.add_argument("--seed", type=int, default=0, help="synthetic scenes and training seed")
+    p.add_argument("--fps", type=finite(bounded(float, 0.1)), default=25.0, help="frame rate cap of the window (at least 0.1)")
+    p.add_argument("--seed", type=bounded(int, 0), default=0, help="synthetic scenes and training seed (>= 0)")
 
 
 # ---------------------------------------------------------------------- preflight checks
@@ -757,9 +758,13 @@ def run(args: argparse.Namespace) -> int:
     # cheap checks first, so a mistake is reported before seconds of model loading
     check_id(args.device_id, "device id")
     check_display()
-    if args.fps <= 0 or (args.zoom is not None and not 0.1 <= args.zoom <= 8):
-        raise ConfigError("--fps must be positive and --zoom in 0.1..8")
+    if not 0.1 <= args.fps < math.inf or (args.zoom is not None and not 0.1 <= args.zoom <= 8):
+        raise ConfigError("--fps must be at least 0.1 and --zoom in 0.1..8")
     data_dir: Path = (args.data_dir or default_data_dir(args.device_id)).expanduser()
+    try:  # (a file there, or no room: a traceback from deep in the model loading otherwise)
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--data-dir {data_dir} is not a folder this app can use: {exc.strerror or exc}") from exc
     source = open_source(args.source, size=args.size, seed=args.seed)
     backend: Backend | None = None
 

@@ -393,6 +393,40 @@ def test_unreachable_broker_is_a_clear_error(capsys: pytest.CaptureFixture[str],
     assert "video file not found" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("flags", "error"), [
+    (["--seed", "-1"], "argument --seed: must be at least 0"),
+    (["--fps", "nan"], "argument --fps: must be at least 0.1"),
+    (["--fps", "1e-9"], "argument --fps: must be at least 0.1"),
+    (["--fps", "inf"], "argument --fps: must be a finite number"),
+    (["--min-samples", "0"], "argument --min-samples: must be at least 1"),
+    (["--gesture-min-samples", "-3"], "argument --gesture-min-samples: must be at least 1"),
+])
+def test_absurd_numbers_are_refused_by_the_parser(flags: list[str], error: str,
+                                                  capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """`--seed -1` ended in numpy's ValueError traceback, `--fps nan` / `--fps 1e-9` in one from
+    the window loop after the models had loaded (helper-117): each is now argparse's one line."""
+    from demos.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["label", *flags, "--data-dir", str(tmp_path)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert error in err and "Traceback" not in err, err
+
+
+def test_a_data_dir_that_is_a_file_is_one_line(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                                               tmp_path: Path) -> None:
+    """`--data-dir FILE` ended in NotADirectoryError from ultralytics' config set-up (helper-117)."""
+    from demos.cli import main
+
+    monkeypatch.setenv("QT_QPA_PLATFORM", "offscreen")  # past the display check; no window opens
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert main(["label", "--source", "synthetic", "--size", "96", "--data-dir", str(afile)]) == 1
+    err = capsys.readouterr().err
+    assert f"edgeci label: error: --data-dir {afile} is not a folder" in err and "Traceback" not in err, err
+
+
 # ---------------------------------------------------------------------- the detection device
 
 
