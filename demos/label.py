@@ -71,6 +71,7 @@ from demos.label_ui import (
 from edge_sdk.errors import ConfigError, EdgeciError, TransportError
 from edge_sdk.mqtt import TOFU_DEVICES, add_broker_arguments
 from edge_sdk.paths import HOME_ENV, device_dir
+from edge_sdk.store import DEFAULT_MAX_FRAME_BYTES
 from edge_sdk.tasks.registry import TASK_INFO
 
 log = logging.getLogger("edgeci.label")
@@ -193,10 +194,13 @@ class CaptureSource:
         self._period = 1.0 / fps if is_file and 1.0 <= fps <= 240.0 else 0.0
         self._due = 0.0
         self._failures = 0
+        self._raw_nbytes = 0
         first = self._grab()
         if first is None:
             raise ConfigError(f"{name}: opened, but no frame could be read")
         self._last: Frame = first
+        if first.nbytes < self._raw_nbytes:
+            self.name = f"{name} (scaled to {first.shape[1]}x{first.shape[0]})"
         if is_file:
             capture.set(cv2.CAP_PROP_POS_FRAMES, 0)  # that was a check: show the clip from its start
 
@@ -207,7 +211,8 @@ class CaptureSource:
             ok, bgr = self._cap.read()
         if not ok or bgr is None or bgr.ndim != 3:
             return None
-        return np.ascontiguousarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+        self._raw_nbytes = bgr.nbytes
+        return fit_frame(np.ascontiguousarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)))
 
     def read(self, now: float) -> Frame:
         if self._is_file and now < self._due:
@@ -224,6 +229,17 @@ class CaptureSource:
 
     def close(self) -> None:
         self._cap.release()
+
+
+def fit_frame(rgb: Frame, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Frame:
+    """``rgb`` scaled down, aspect kept, to a size the device's store takes (1080p): a 1440p or
+    4K camera's frames were refused at every save. Boxes are drawn on the frame as shown, so
+    they are in the stored frame's pixels."""
+    if rgb.nbytes <= max_bytes:
+        return rgb
+    scale = math.sqrt(max_bytes / rgb.nbytes)
+    size = (max(1, math.floor(rgb.shape[1] * scale)), max(1, math.floor(rgb.shape[0] * scale)))
+    return np.ascontiguousarray(cv2.resize(rgb, size, interpolation=cv2.INTER_AREA))
 
 
 def open_source(spec: str, *, size: int, seed: int) -> FrameSource:

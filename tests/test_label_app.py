@@ -361,6 +361,27 @@ def test_sources_open_or_say_why(tmp_path: Path) -> None:
     assert abs(int(frames[3][0, 0, 0]) - int(frames[0][0, 0, 0])) <= 8  # looped back to the start
 
 
+def test_frames_larger_than_the_store_takes_are_scaled_down(tmp_path: Path) -> None:
+    """A 2560x1440 clip (a 1440p camera) opened and showed, but every labelled frame was
+    refused: "not saved: frame of 11059200 bytes exceeds max_frame_bytes=6220800" (helper-117)."""
+    from edge_sdk.store import DEFAULT_MAX_FRAME_BYTES, SampleStore
+
+    path = tmp_path / "big.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), 10.0, (2560, 1440))
+    for _ in range(2):
+        writer.write(np.full((1440, 2560, 3), (255, 0, 0), np.uint8))  # BGR: blue
+    writer.release()
+    clip = open_source(str(path), size=96, seed=0)
+    frame = clip.read(0.0)
+    clip.close()
+    assert frame.shape == (1080, 1920, 3) and frame.nbytes <= DEFAULT_MAX_FRAME_BYTES
+    assert frame[540, 960, 2] > 200 and frame[540, 960, 0] < 40  # still RGB
+    assert "scaled to 1920x1080" in clip.name
+    with SampleStore.open(tmp_path / "s.sqlite3") as store:
+        store.add_frame(frame, np.array([[0, 10, 10, 50, 50]], np.float32))
+        assert store.count("frame") == 1
+
+
 def test_synthetic_source_is_animated_and_reproducible() -> None:
     a, b = SyntheticSource(96, seed=1), SyntheticSource(96, seed=1)
     assert a.read(0.0).shape == (96, 96, 3)
