@@ -754,7 +754,11 @@ class LabelApp:
         if self.canvas is None:
             return
         folder = self.data_dir / "snapshots"
-        folder.mkdir(parents=True, exist_ok=True)
+        try:  # (no room for the folder, or a file in its place: the app died here, drawn boxes and all)
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            self._notify(Notice(text=f"could not write a snapshot to {folder}: {exc.strerror or exc}", error=True))
+            return
         self._snapshots += 1
         path = folder / f"label-{time.strftime('%Y%m%d-%H%M%S')}-{self._snapshots}.png"
         if not cv2.imwrite(str(path), self.canvas):

@@ -775,6 +775,19 @@ def test_person_labels_boxes_and_a_gesture_in_the_window(xvfb: str, mosquitto: A
     assert x[0, -1, 0] - x[0, 0, 0] > 1.4 and np.abs(x[0, :, 1]).max() < 0.2  # left to right, level
 
 
+def test_a_snapshot_that_cannot_be_written_is_a_notice_not_a_crash(tmp_path: Path) -> None:
+    """`s` with no room for (or a file in place of) the snapshots folder raised OSError out of
+    the window loop: the app died with a traceback, a paused frame's boxes with it (helper-117)."""
+    from demos.label import LabelApp
+
+    (tmp_path / "snapshots").write_text("")
+    app = LabelApp.__new__(LabelApp)  # only what _snapshot reads: no window, no backend
+    app.data_dir, app.canvas, app._snapshots, app.notice = tmp_path, np.zeros((8, 8, 3), np.uint8), 0, None
+    app._snapshot()
+    assert app.notice is not None and app.notice[1].error
+    assert "could not write a snapshot" in app.notice[1].text
+
+
 def test_sigterm_stops_the_embedded_backend_as_quitting_does(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """`kill <edgeci label>` ended the app at once and left both embedded coordinators running
     (parent PID 1), one still pretraining (helper-85): SIGTERM now unwinds like `q`."""
