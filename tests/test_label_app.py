@@ -322,6 +322,35 @@ def test_render_draws_frame_detections_and_pending_box_where_they_belong() -> No
     assert tuple(traced[100, 150]) == MAGENTA
 
 
+def test_a_model_that_outputs_nan_boxes_does_not_crash_the_window(tmp_path: Path) -> None:
+    """A deployed detector whose box head gives NaN with a confident class score (diverged, or
+    a hostile coordinator's) came out of OnnxDetector.detect as a NaN row (NMS keeps it), and the
+    window's render() died on it with "cannot convert float NaN to integer" at every frame, on
+    every start (the model stays deployed) (helper-117). Non-finite boxes are dropped now."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edge_sdk.tasks.detection import OnnxDetector
+
+    # a graph whose output is a constant (1, 4 + 5 classes, 3 anchors): cx, cy, w, h, scores
+    out = np.zeros((1, 9, 3), np.float32)
+    out[0, :4, 0], out[0, 5, 0] = [np.nan, 20, 10, 10], 0.9  # a confident box with a NaN corner
+    out[0, :4, 1], out[0, 6, 1] = [32, 32, 16, 16], 0.8  # a good one
+    out[0, :4, 2], out[0, 7, 2] = [np.inf, 5, np.inf, 5], 0.7
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["output0"], value=numpy_helper.from_array(out))], "constant",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 64, 64])],
+        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, 9, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "nan.onnx"))
+    dets = OnnxDetector(tmp_path / "nan.onnx").detect(np.zeros((64, 64, 3), np.uint8))
+    assert dets.tolist() == [[24.0, 24.0, 40.0, 40.0, pytest.approx(0.8), 2.0]]
+    s = session()
+    render(np.zeros((64, 64, 3), np.uint8), s.view, s.state,
+           Overlay(status=status(), detections=dets, class_names=NAMES, gesture_names=GESTURES))
+
+
 # ---------------------------------------------------------------------- driver checks
 
 

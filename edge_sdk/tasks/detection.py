@@ -966,7 +966,8 @@ class OnnxDetector:
         scores = pred[:, 4:]
         cls = scores.argmax(1)
         best = scores[np.arange(scores.shape[0]), cls]
-        keep = best > conf
+        # a NaN/inf box (a diverged or hostile model) is no detection: NMS kept it, and drawing it failed
+        keep = (best > conf) & np.isfinite(pred[:, :4]).all(axis=1)
         pred, cls, best = pred[keep], cls[keep], best[keep]
         if pred.shape[0] == 0:
             return np.zeros((0, 6), dtype=np.float32)
