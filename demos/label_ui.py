@@ -339,7 +339,7 @@ class LabelSession:
         ch = chr(code) if 0 <= code < 256 else ""
         if code == KEY_ESC or ch == "q":
             return self._quit()
-        if ch.isdigit():
+        if "0" <= ch <= "9":  # (not isdigit(): "²" is a digit to it, and int("²") raises)
             return self._label(int(ch))
         if ch == "u":
             return self._undo()

@@ -208,6 +208,17 @@ def test_session_refusals_and_undo(steps: list[tuple[Any, ...]], expected_phase:
     assert any(isinstance(a, Notice) and expect in a.text for a in out), out
 
 
+@pytest.mark.parametrize("code", [178, 179, 185, 0, -78, 65470, 10**6])
+def test_keys_that_are_not_ascii_digits_label_nothing(code: int) -> None:
+    """The keys "²" (178; its own key on AZERTY keyboards), "³", "¹" passed str.isdigit() and
+    int() raised ValueError out of the window loop (helper-117; this Linux Qt build sends
+    them as -78 ..., others as Latin-1 codes). Any code is a key or nothing, never a crash."""
+    s = session()
+    drag(s, (10, 10), (60, 60))
+    out = s.handle(Key(code=code))
+    assert s.state.phase is Phase.BOX_PENDING and not any(isinstance(a, SaveFrame) for a in out)
+
+
 def test_paused_frame_collects_several_boxes_and_saves_them_together() -> None:
     s = session()
     key(s, " ")
