@@ -51,6 +51,7 @@ import numpy.typing as npt
 from coordinator.cli import check_init, holds_versions
 from coordinator.config import bounded, finite
 from demos.label_ui import (
+    KEY_ESC,
     Action,
     Key,
     LabelSession,
@@ -636,6 +637,8 @@ class LabelApp:
                 self._fps = 0.9 * self._fps + 0.1 / max(dt, 1e-3)
         finally:
             started = time.monotonic()
+            if self.session.state.draft:  # SIGTERM, or the window closed: keep a paused frame's boxes as q does
+                self._dispatch(Key(code=KEY_ESC))
             self.detector.stop()
             cv2.destroyAllWindows()
             cv2.waitKey(1)

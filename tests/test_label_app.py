@@ -19,6 +19,7 @@ import random
 import re
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -826,6 +827,43 @@ def test_a_snapshot_that_cannot_be_written_is_a_notice_not_a_crash(tmp_path: Pat
     app._snapshot()
     assert app.notice is not None and app.notice[1].error
     assert "could not write a snapshot" in app.notice[1].text
+
+
+def test_sigterm_keeps_a_paused_frames_boxes_as_q_does(xvfb: str, mosquitto: Any, tmp_path: Path) -> None:
+    """README: "q / Esc quit; SIGTERM stops it the same way", and q saves a paused frame's boxes
+    ("labelled on purpose"). SIGTERM dropped them: exit 143, nothing stored (helper-117)."""
+    from edge_sdk.store import SampleStore
+
+    data = tmp_path / "device"
+    env = {**os.environ, "DISPLAY": xvfb, "QT_QPA_PLATFORM": "xcb", "OMP_NUM_THREADS": "1",
+           "EDGECI_HOME": str(tmp_path / "sdk")}
+    app = AppProcess([sys.executable, "-m", "demos.cli", "-v", "label", "--source", "synthetic", "--size", "240",
+                      "--zoom", "2", "--broker", mosquitto.url, "--region", "t", "--device-id", "tester",
+                      "--data-dir", str(data)], env)
+
+    def xdo(*args: str) -> str:
+        out = subprocess.run(["xdotool", *args], env=env, capture_output=True, text=True, timeout=20)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    try:
+        app.expect(r"ready: synthetic 240x240 shown at 2x", timeout=90)
+        window = poll("the window", lambda: xdo("search", "--onlyvisible", "--name", "^edgeci label$"), app).split()[0]
+        xdo("key", "--window", window, "space")
+        app.expect(r"paused")
+        xdo("mousemove", "--window", window, "40", "50", "mousedown", "1", "mousemove", "--window", window, "80", "90",
+            "sleep", "0.05", "mousemove", "--window", window, "120", "130", "mouseup", "1")
+        app.expect(r"box \(20, 25, 61, 66\)")
+        xdo("key", "--window", window, "3")
+        app.expect(r"1 box\(es\) on this frame")
+        app.proc.terminate()
+        assert app.proc.wait(60) == 128 + signal.SIGTERM
+        app.expect(r"saved frame \d+ boxes=\[\[3, 20, 25, 61, 66\]\]", timeout=5, anytime=True)
+    finally:
+        app.close()
+    with SampleStore.open(data / "detect" / "samples.sqlite3") as store:
+        frames = list(store.frames())
+    assert len(frames) == 1 and frames[0][1].tolist() == [[3, 20, 25, 61, 66]]
 
 
 def test_sigterm_stops_the_embedded_backend_as_quitting_does(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
