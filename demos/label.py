@@ -82,7 +82,14 @@ NOTICE_S = 4.0
 Frame = npt.NDArray[np.uint8]
 
 
+KEYS_HELP = ("in the window: drag a box, then a digit for its class; u undoes; space pauses the feed to box "
+             "several objects of one frame (space again saves it); g switches to drawing gestures; s saves a "
+             "snapshot of the window; q or Esc quits (SIGTERM too). Labelled frames stay in --data-dir: the "
+             "device sends model updates, never frames.")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = KEYS_HELP  # (the keys were only in the README and the window's bottom bar)
     p.add_argument("--source", default="synthetic",
                    help="a webcam index (0, 1, ...), a video file, or 'synthetic' (animated procedural scenes)")
     p.add_argument("--mode", choices=["detect", "gesture"], default="detect",

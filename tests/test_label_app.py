@@ -476,6 +476,19 @@ def test_absurd_numbers_are_refused_by_the_parser(flags: list[str], error: str,
     assert error in err and "Traceback" not in err, err
 
 
+def test_help_says_the_keys(capsys: pytest.CaptureFixture[str]) -> None:
+    """The window's keys were only in the README and the bottom bar, not in --help (helper-117)."""
+    from demos.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["label", "--help"])
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for words in ("drag a box, then a digit for its class", "u undoes", "space pauses", "g switches",
+                  "s saves a snapshot", "q or Esc quits"):
+        assert words in out, words
+
+
 def test_a_data_dir_that_is_a_file_is_one_line(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
                                                tmp_path: Path) -> None:
     """`--data-dir FILE` ended in NotADirectoryError from ultralytics' config set-up (helper-117)."""
