@@ -517,6 +517,7 @@ def start_backend(args: argparse.Namespace, data_dir: Path) -> Backend:
     """The embedded broker and coordinators (unless ``--broker``), the tasks, the two clients."""
     region = args.region
     gesture_region = args.gesture_region or f"{region}-gestures"
+    _credentials(args)  # its mistakes before the embedded broker, its coordinators and the models start
     if args.broker:
         if args.init is not None:
             raise ConfigError("--init sets the embedded coordinator's model; with --broker give it to "
@@ -552,12 +553,11 @@ def _credentials(args: argparse.Namespace) -> dict[str, Any]:
     regions must include both the detection and the gesture region)."""
     from edge_sdk.mqtt import auth_from_args
 
-    auth = auth_from_args(args)
-    if not args.broker:
-        if auth is not None:
+    if not args.broker:  # (before reading them: a missing bundle was reported as that, not as this mistake)
+        if any(getattr(args, name, None) for name in ("bundle", "ca", "cert", "key", "username", "password_file")):
             raise ConfigError("--bundle/--cert/--username are for an external --broker; the embedded one is anonymous")
         return {}
-    return {"auth": auth, "bundle": args.bundle}
+    return {"auth": auth_from_args(args), "bundle": args.bundle}
 
 
 def _start_clients(backend: Backend, args: argparse.Namespace, data_dir: Path, *,

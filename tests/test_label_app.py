@@ -476,6 +476,21 @@ def test_absurd_numbers_are_refused_by_the_parser(flags: list[str], error: str,
     assert error in err and "Traceback" not in err, err
 
 
+def test_a_bundle_without_broker_is_that_mistake_said_before_the_backend_starts(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`edgeci label --bundle DIR` without --broker started the embedded broker and both
+    coordinators, loaded YOLOv8n, then said "DIR is not an edgeci bundle" for a mistyped DIR
+    instead of the mistake itself (helper-117)."""
+    from demos.cli import main
+
+    monkeypatch.setenv("QT_QPA_PLATFORM", "offscreen")  # past the display check; no window opens
+    rc = main(["label", "--source", "synthetic", "--size", "96", "--bundle", str(tmp_path / "nope"),
+               "--data-dir", str(tmp_path / "d")])
+    captured = capsys.readouterr()
+    assert rc == 1 and "are for an external --broker" in captured.err, captured.err
+    assert "loading YOLOv8n" not in captured.out and not (tmp_path / "d" / "coordinator").exists()
+
+
 def test_help_says_the_keys(capsys: pytest.CaptureFixture[str]) -> None:
     """The window's keys were only in the README and the bottom bar, not in --help (helper-117)."""
     from demos.cli import main
