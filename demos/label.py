@@ -727,7 +727,8 @@ class LabelApp:
             self.running = False
 
     def _notify(self, notice: Notice) -> None:
-        log.info("%s", notice.text)
+        # a refusal reaches the terminal at the default level: "saved frame" lines did, "not saved" ones did not
+        (log.warning if notice.error else log.info)("%s", notice.text)
         self.notice = (time.monotonic(), notice)
 
     def _save_frame(self, action: SaveFrame) -> None:

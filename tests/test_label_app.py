@@ -1013,3 +1013,28 @@ def test_a_missing_camera_is_one_line_not_a_page_of_opencv_warnings(capfd: pytes
     err = capfd.readouterr().err
     assert "VIDEOIO" not in err and "WARN" not in err, err
     assert cv2.utils.logging.getLogLevel() == level
+
+
+def test_a_frame_the_store_refuses_is_said_on_the_terminal_too(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    """A refused save ("not saved: database or disk is full", seen with the data dir on a full
+    tmpfs) was only a notice in the window and an INFO line: at the default log level the
+    terminal showed each "saved frame" line but none of the failures (helper-117)."""
+    import logging
+
+    from demos.label import Backend, LabelApp
+    from edge_sdk.store import DEFAULT_MAX_FRAME_BYTES
+    from tests.helpers import close_unstarted, unstarted_client
+
+    client = unstarted_client(tmp_path, task="detection", min_samples=64)
+    try:
+        app = LabelApp.__new__(LabelApp)  # only what _save_frame reads: no window
+        app.backend, app.notice, app.class_names = Backend(broker_url="mqtt://127.0.0.1:1", detect=client), None, NAMES
+        side = int((DEFAULT_MAX_FRAME_BYTES / 3) ** 0.5) + 8
+        app.held, app.shown = np.zeros((side, side, 3), np.uint8), None  # over the store's frame cap: refused
+        with caplog.at_level(logging.WARNING, logger="edgeci.label"):
+            app._save_frame(SaveFrame(boxes=((1, 2, 2, 20, 20),)))
+        assert client.store.count("frame") == 0
+        assert app.notice is not None and app.notice[1].error and "not saved" in app.notice[1].text
+        assert [r.levelno for r in caplog.records if "not saved" in r.getMessage()] == [logging.WARNING]
+    finally:
+        close_unstarted(client)
