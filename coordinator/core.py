@@ -1880,8 +1880,8 @@ class CoordinatorCore:
             return []  # our own broadcast, echoed by the broker
         try:
             pin = self._check_peer_signature(msg.sender, frame.signature, topics.signing_scope(ev.topic))
-            if msg.weights is not None:
-                self.config.spec.check(msg.weights)
+            if msg.weights is not None:  # bounded as a device's update: float32-max values overflowed the merge
+                self.config.spec.check_update(msg.weights)
             plan = self.peering.on_message(self._view, msg, ev.now)  # raises for a sender or body it refuses
         except RemoteProtocolError as exc:  # say who sent it (a model or peering that differs names no sender itself)
             if msg.sender in str(exc):

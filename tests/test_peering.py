@@ -607,6 +607,26 @@ def test_a_malformed_peer_body_is_rejected_by_the_core_not_fatal() -> None:
     assert core.counters["reject:malformed"] == 1
 
 
+def test_a_peer_model_of_finite_float32_max_values_is_refused_and_changes_nothing() -> None:
+    """helper-115: peer weights were checked for NaN and Inf only. A peer model of 3e38s was merged
+    and committed (a version of 9e37s), and a second one of -3e38s overflowed in the merge: refused
+    only at the commit, after Spyker had counted and recorded the merge. Peer models are bounded as
+    device updates are (MAX_UPDATE_NORM, ``out_of_range``)."""
+    bus = Bus(["a", "b"])
+    core, b_signer = bus.cores["a"], bus.cores["b"].config.signer
+    topic = topics.peer_topic("a", "model")
+    version, weights = core.version, core.weights.copy()
+    for sign, hop in ((1.0, 0), (-1.0, 1)):
+        body = {"at": 1.0, "age": 5.0, "clients": 1, "pos": None, "hold": False, "sid": [9, 0.0, "b", hop]}
+        payload = encode(PeerMsg(sender="b", kind="model", body=body, weights=vec(sign * 3e38)), signer=b_signer,
+                         scope=topics.signing_scope(topic))
+        (note,) = [a for a in core.handle(MessageReceived(now=1.0, topic=topic, payload=payload)) if isinstance(a, Notify)]
+        assert note.data["reason"] == "out_of_range"
+    assert core.counters["reject:out_of_range"] == 2 and core.counters["peer_merges"] == 0
+    assert core.version == version and core.peering.describe()["merges"] == 0
+    np.testing.assert_array_equal(core.weights, weights)
+
+
 # --------------------------------------------------------------------------- NebulaFL
 
 
