@@ -768,6 +768,39 @@ def test_hierfavg_edge_gives_up_on_a_silent_cloud() -> None:
     assert not s.gate.waiting and p.timeouts == 1
 
 
+def test_hierfavg_takes_the_global_model_only_from_the_cloud() -> None:
+    """helper-115: an edge's "global" message was committed verbatim by every other edge (any
+    ring member passed), so one compromised edge set every edge's model. Only the cloud answers."""
+    ring = ["cloud", "e1", "e2"]
+    s = HierEdgeStrategy(FedAvgConfig(select=5, min_devices=1))
+    e1 = HierPeering("e1", ring, HierPeerConfig(kappa2=1, sync_timeout_s=30.0), strategy=s)
+    view = View(weights=vec(1.0))
+    e1.on_version(view, 1.0)
+    with pytest.raises(MalformedMessage, match="not the cloud"):
+        e1.on_message(view, msg_from("e2", "global", {"round": 1}, vec(666.0)), 2.0)
+    assert s.gate.waiting and e1.cloud_round == 1  # still waiting for the cloud's answer
+    plan = e1.on_message(view, msg_from("cloud", "global", {"round": 1}, vec(2.0)), 3.0)
+    assert plan.merged is not None and float(plan.merged[0]) == 2.0 and not s.gate.waiting
+
+
+def test_hierfavg_edge_ignores_and_counts_a_late_global_answer() -> None:
+    """The cloud's answer to a round the edge gave up on (it timed out and resumed alone), or to a
+    round before the one it waits for, is not committed: it would undo the edge's own rounds since."""
+    ring = ["cloud", "e1"]
+    s = HierEdgeStrategy(FedAvgConfig())
+    e1 = HierPeering("e1", ring, HierPeerConfig(kappa2=1, sync_timeout_s=5.0), strategy=s)
+    view = View(weights=vec(0.0))
+    e1.on_version(view, 10.0)
+    e1.on_timer(view, 15.0)  # round 1: the cloud is silent, the edge resumes alone
+    assert not s.gate.waiting and e1.timeouts == 1
+    assert e1.on_message(view, msg_from("cloud", "global", {"round": 1}, vec(9.0)), 16.0).merged is None
+    e1.on_version(view, 17.0)  # round 2: waiting again
+    assert s.gate.waiting and e1.cloud_round == 2
+    assert e1.on_message(view, msg_from("cloud", "global", {"round": 1}, vec(9.0)), 18.0).merged is None  # round 1's, late
+    assert s.gate.waiting and e1.describe()["ignored"] == 2
+    assert e1.on_message(view, msg_from("cloud", "global", {"round": 2}, vec(3.0)), 19.0).merged is not None
+
+
 # --------------------------------------------------------------------------- construction
 
 

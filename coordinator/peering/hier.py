@@ -82,6 +82,8 @@ class HierPeering(Peering):
         self.collect_started = -math.inf
         self.cloud_syncs = 0
         self.timeouts = 0
+        self.ignored = 0
+        """Late answers: a global model or edge model for a cloud round already given up on."""
 
     def on_version(self, view: CoordinatorView, now: float) -> PeerPlan:
         self.edge_rounds += 1
@@ -107,13 +109,17 @@ class HierPeering(Peering):
                 raise MalformedMessage("hierfavg: edge model sent to a coordinator that is not the cloud")
             return self._collect(msg.sender, round_, body_int(msg.body, "samples"), msg.weights, now)
         if msg.kind == "global":
+            if msg.sender != self.cloud:  # helper-115: any edge's "global" was committed by every edge
+                raise MalformedMessage(f"hierfavg: a global model from {msg.sender!r}, which is not the cloud ({self.cloud!r})")
             if round_ < self.cloud_round or not self.gate.waiting:
+                self.ignored += 1
                 return PeerPlan()  # late answer to a round we gave up on
             return self._resume(msg.weights, round_)
         raise other_protocol("hierfavg", msg.sender, msg.kind)
 
     def _collect(self, edge: str, round_: int, samples: int, weights: Vector, now: float) -> PeerPlan:
         if round_ < self.cloud_round:
+            self.ignored += 1
             return PeerPlan()  # an edge that timed out earlier catches up next round
         if not self.collected:
             self.collect_started = now
@@ -165,4 +171,6 @@ class HierPeering(Peering):
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "cloud": self.cloud, "kappa2": self.config.kappa2, "edge_rounds": self.edge_rounds,
                 "cloud_round": self.cloud_round, "waiting": self.gate.waiting, "cloud_syncs": self.cloud_syncs,
-                "timeouts": self.timeouts}
+                "timeouts": self.timeouts,
+                # only once it happens: the status (and the emulator's message sizes) stay as they were
+                **({"ignored": self.ignored} if self.ignored else {})}
