@@ -1004,6 +1004,43 @@ def test_spyker_hears_nothing_from_a_message_it_refuses() -> None:
         assert dataclasses.asdict(peering.info["c2"]) == before  # type: ignore[attr-defined]
 
 
+def test_spyker_refuses_absurd_age_claims_and_changes_nothing() -> None:
+    """helper-115: any finite age was taken. A peer model claiming age 1e300 was merged with the
+    full share and moved the receiver's age to 6e299 (its own updates then no longer count:
+    A + 1 == A); negative ages pulled it down. Ages are in [0, 2**53] now (``malformed``)."""
+    bus = Bus(["a", "b"])
+    core, b_signer = bus.cores["a"], bus.cores["b"].config.signer
+    peering = cast(SpykerPeering, core.peering)
+    version, age, info, known = core.version, peering.age, dataclasses.asdict(peering.info["b"]), peering.known
+    token_ages = {"a": [1.0, 1.0], "b": [1e300, 1.0]}
+    for kind, age_claim, extra in (("model", 1e300, {"sid": [9, 0.0, "b", 0]}), ("model", -1.0, {"sid": [9, 0.0, "b", 1]}),
+                                   ("beat", 2.0**60, {}), ("token", 1.0, {"pos": [9, 0.0, "b", 0], "ages": token_ages})):
+        topic = topics.peer_topic("a", kind)
+        body = {"at": 1.0, "age": age_claim, "clients": 1, "pos": None, "hold": False, **extra}
+        payload = encode(PeerMsg(sender="b", kind=kind, body=body, weights=vec(1.0) if kind == "model" else None),
+                         signer=b_signer, scope=topics.signing_scope(topic))
+        (note,) = [a for a in core.handle(MessageReceived(now=1.0, topic=topic, payload=payload)) if isinstance(a, Notify)]
+        assert note.data["reason"] == "malformed" and "must be an age" in note.data["detail"], kind
+    assert core.version == version and peering.age == age and peering.known == known
+    assert dataclasses.asdict(peering.info["b"]) == info
+
+
+def test_a_refused_spyker_message_is_not_heard_and_its_position_not_learnt() -> None:
+    """helper-115: a model without weights (or a beat without ``hold``) was refused only after its
+    sender's age was recorded and its position learnt, which made a token holder drop its token."""
+    peering = SpykerPeering("a", ["a", "b"], CFG)
+    view = View(weights=vec(0.0))
+    peering.on_timer(view, 0.0)
+    assert peering.holding  # ring[0] of a fresh ring
+    before, known = dataclasses.asdict(peering.info["b"]), peering.known
+    big = [99, 0.0, "b", 0]
+    for kind, body, weights in (("model", {"sid": big}, None), ("beat", {}, None), ("token", {"ages": {"b": [5.0]}}, None)):
+        with pytest.raises(MalformedMessage):
+            peering.on_message(view, msg_from("b", kind, {"at": 5.0, "age": 9.0, "clients": 1, "pos": big, **body}, weights), 1.0)
+    assert peering.holding and peering.known == known and peering.counters.tokens_dropped == 0
+    assert dataclasses.asdict(peering.info["b"]) == before
+
+
 def test_a_refused_peer_message_names_its_sender() -> None:
     """helper-88: a peer running another model logged `shape_mismatch: digits-cnn/full: expected 9802
     values, got 11416` and one on another peering `unknown peer message kind 'beat'`, neither saying

@@ -109,6 +109,9 @@ TokenPos = tuple[int, float, str, int]
 """(epoch, created_at, origin, hop): totally ordered; the first three name one token."""
 
 _KEEP_SIDS = 64
+MAX_AGE = 2.0**53
+"""The largest age a peer may claim: an age counts client updates, and beyond 2**53 a float no
+longer counts them (A + 1 == A)."""
 
 
 # --------------------------------------------------------------------------- maths
@@ -199,6 +202,16 @@ class _PeerInfo:
     clients: int = 0
     heard_at: float = -math.inf
     """Our clock when we last heard anything from it."""
+
+
+def _age(body: Mapping[str, Any], key: str = "age") -> float:
+    """A peer's age claim. helper-115: any finite number was taken, and one model claiming 1e300
+    moved the receiver's age to 6e299 for good (its own updates then no longer counted: A + 1 == A);
+    a negative claim pulled it below zero merge by merge."""
+    age = body_float(body, key)
+    if not 0.0 <= age <= MAX_AGE:
+        raise MalformedMessage(f"peer body: {key!r} must be an age in [0, 2**53], got {age:.3g}")
+    return age
 
 
 def _pos(value: object, what: str = "token position") -> TokenPos:
@@ -326,7 +339,7 @@ class SpykerPeering(Peering):
 
     def _hear(self, peer: str, now: float, body: Mapping[str, Any]) -> None:
         info = self.info[peer]
-        at, age, clients = body_float(body, "at"), body_float(body, "age"), body_int(body, "clients")  # all, then assign
+        at, age, clients = body_float(body, "at"), _age(body), body_int(body, "clients")  # all, then assign
         info.heard_at = now
         if at >= info.age_at:
             info.age_at, info.age, info.clients = at, age, clients
@@ -394,6 +407,7 @@ class SpykerPeering(Peering):
         check_sender("spyker", self.me, self.ring, msg.sender)  # (another ring on the same broker: helper-96 read it as "malformed")
         if msg.kind not in ("token", "beat", "model"):  # before anything is heard from it
             raise other_protocol("spyker", msg.sender, msg.kind)
+        self._check_fields(msg)
         self.now = now
         self.clients_here = len(view.devices_seen)
         body = msg.body
@@ -408,6 +422,32 @@ class SpykerPeering(Peering):
         if msg.kind == "model":
             return self._on_model(view, msg, now)
         raise MalformedMessage(f"spyker: unknown peer message kind {msg.kind!r}")
+
+    def _check_fields(self, msg: PeerMsg) -> None:
+        """Read every field that handling ``msg`` reads, before anything is heard from it: a message
+        refused for one changes nothing. helper-115: a model without weights, or with a bad sync id,
+        a beat without ``hold``, or a token with one bad ``ages`` entry were refused only after the
+        sender's age was recorded and the message's position learnt (which drops our token, rule 3)
+        or, for the token, after the entries before the bad one were taken."""
+        body = msg.body
+        body_float(body, "at")
+        _age(body)
+        body_int(body, "clients")
+        raw = body.get("pos")
+        if raw is not None or msg.kind == "token":
+            _pos(raw)
+        if msg.kind == "beat":
+            body_bool(body, "hold")
+        elif msg.kind == "model":
+            if msg.weights is None:
+                raise MalformedMessage("spyker: a model message needs weights")
+            _pos(body.get("sid"), "sync id")
+        else:
+            for entry in body_table(body, "ages", max_len=len(self.ring) + 1).values():
+                if not isinstance(entry, list) or len(entry) != 2:
+                    raise MalformedMessage("spyker token: ages entries are [age, at]")
+                _age({"age": entry[0]})
+                body_float({"x": entry[1]}, "x")
 
     def hints_for(self, device: str) -> Mapping[str, float]:
         return self.strategy.lr_hint(device) if self.strategy is not None else {}
@@ -444,7 +484,7 @@ class SpykerPeering(Peering):
             if peer in self.info:
                 if not isinstance(entry, list) or len(entry) != 2:
                     raise MalformedMessage("spyker token: ages entries are [age, at]")
-                age, at = body_float({"x": entry[0]}, "x"), body_float({"x": entry[1]}, "x")
+                age, at = _age({"age": entry[0]}), body_float({"x": entry[1]}, "x")
                 info = self.info[peer]
                 if at > info.age_at:
                     info.age, info.age_at = age, at
@@ -472,7 +512,7 @@ class SpykerPeering(Peering):
             self.counters.syncs_joined += 1
             sends.append(self._model(view, sid, now))  # answer first, then merge (Alg. 2 l. 32-33)
         cfg = self.config
-        age_j = body_float(body, "age")
+        age_j = _age(body)
         merged, new_age = server_merge(view.weights, self.age, msg.weights, age_j, phi=cfg.phi, eta_a=cfg.eta_a)
         self.ledger.record(view.version + 1, new_age)  # the core commits the merge as the next version
         done.add(sid)
@@ -712,7 +752,7 @@ class SyncSpykerPeering(Peering):
         if msg.weights is None:
             raise MalformedMessage("sync-spyker: a model message needs weights")
         round_ = body_int(msg.body, "round", lo=1)
-        age = body_float(msg.body, "age")
+        age = _age(msg.body)
         if round_ <= self.round:
             self.ignored += 1  # a round we already closed (we timed out on it)
             return PeerPlan()
