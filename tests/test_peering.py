@@ -242,6 +242,60 @@ def test_each_coordinator_broadcasts_at_most_once_per_sync_id() -> None:
     assert dup.sends == ()
 
 
+def test_a_holder_passes_the_token_when_a_live_peer_never_answers_its_sync() -> None:
+    """Spyker's sync timeout: c beats (so it counts as alive) but never sends its model for a's
+    sync; a merges b's, waits ``sync_timeout_s`` and passes the token on rather than hold it for good."""
+    a = SpykerPeering("a", ["a", "b", "c"], INTRA_ONLY, strategy=SpykerStrategy())
+    view = View(weights=vec(0.0))
+    a.on_timer(view, 0.0)
+    assert a.holding
+
+    def beat(sender: str, now: float) -> None:
+        a.on_message(view, msg_from(sender, "beat", {"at": now, "age": 0.0, "clients": 1, "pos": None, "hold": False}), now)
+
+    a.ledger.record(1, 11.0)  # A − A_prev ≥ h_intra = 10: a starts a sync
+    view.version = 1
+    (model,) = a.on_version(view, 0.5).sends
+    sid = model.body["sid"]
+    assert model.kind == "model" and a.ongoing is not None
+    answer = {"at": 0.6, "age": 0.0, "clients": 1, "pos": sid, "hold": False, "sid": sid}
+    assert a.on_message(view, msg_from("b", "model", answer, vec(1.0)), 0.6).merged is not None
+    for t in (1.0, 2.0, 3.0):
+        beat("b", t)
+        beat("c", t)
+        assert not [s for s in a.on_timer(view, t).sends if s.kind == "token"]
+    assert a.holding and a.ongoing is not None and a.wake_at() <= 0.5 + INTRA_ONLY.sync_timeout_s
+    tokens = [s for s in a.on_timer(view, 0.5 + INTRA_ONLY.sync_timeout_s).sends if s.kind == "token"]
+    assert [t.to for t in tokens] == ["b"] and not a.holding and a.ongoing is None
+    assert a.counters.syncs_timed_out == 1 and a.describe()["syncs_timed_out"] == 1
+
+
+def test_spyker_memory_is_bounded_under_a_flood_of_sync_ids() -> None:
+    """A peer sending models for ever new sync ids leaves at most _KEEP_SIDS of them remembered per
+    peer (merged) and answered (did_broadcast, then a watermark); a model for a sync older than all
+    kept ones is ignored and counted, not merged again."""
+    from coordinator.peering.spyker import _KEEP_SIDS
+
+    b = SpykerPeering("b", ["a", "b"], CFG, strategy=SpykerStrategy())
+    view = View(weights=vec(0.0))
+    b.on_timer(view, 0.0)
+    n = 4 * _KEEP_SIDS
+    for hop in range(n):
+        sid = [0, 0.0, "a", hop]
+        body = {"at": float(hop), "age": 1.0, "clients": 1, "pos": sid, "hold": True, "sid": sid}
+        plan = b.on_message(view, msg_from("a", "model", body, vec(1.0)), float(hop))
+        assert plan.merged is not None and [s.kind for s in plan.sends] == ["model"]  # answered once, merged
+    assert len(b.merged["a"]) == _KEEP_SIDS and len(b.did_broadcast) == _KEEP_SIDS
+    assert b.answered == (0, 0.0, "a", n - _KEEP_SIDS - 1)
+    old = [0, 0.0, "a", 0]
+    plan = b.on_message(view, msg_from("a", "model", {"at": 1e3, "age": 1.0, "clients": 1, "pos": old, "hold": True,
+                                                     "sid": old}, vec(5.0)), 1e3)
+    assert plan.merged is None and plan.sends == () and b.counters.models_ignored == 1
+    assert b.counters.merges == n
+    state = json.loads(json.dumps(b.checkpoint()))
+    assert len(state["merged"]["a"]) == _KEEP_SIDS
+
+
 def test_token_duplicates_and_stale_tokens_are_rejected_and_a_larger_position_drops_ours() -> None:
     p = SpykerPeering("b", ["a", "b", "c"], CFG)
     view = View(weights=vec(0.0))
@@ -674,6 +728,25 @@ def test_nebula_rotation_sends_to_i_plus_r_and_replaces_the_stellar_model() -> N
     np.testing.assert_allclose(st_.stellar, 9.0)
     with pytest.raises(MalformedMessage):
         peers["a"].on_message(view, msg_from("b", "rotate", {"round": 3, "version": "x"}, vec(9.0)), 41.0)
+
+
+def test_nebula_refuses_a_rotation_without_weights_and_changes_nothing() -> None:
+    """A rotation must carry the sender's master: one without weights would have replaced the
+    stellar model by nothing (np.array(None) is a 0-d NaN)."""
+    ring = ["a", "b"]
+    strategy = NebulaStrategy(NebulaConfig(planets=2, t_c=10.0))
+    peer = NebulaPeering("a", ring, NebulaPeerConfig(t_c=10.0), strategy=strategy)
+    view = View(weights=vec(1.0))
+    peer.on_timer(view, 0.0)
+    st_ = strategy.state
+    assert st_.stellar is not None
+    stellar, v_stellar = st_.stellar.copy(), st_.v_stellar
+    with pytest.raises(MalformedMessage, match="carries a master model"):
+        peer.on_message(view, msg_from("b", "rotate", {"round": 1, "version": 3.0}), 1.0)
+    np.testing.assert_array_equal(st_.stellar, stellar)
+    assert st_.v_stellar == v_stellar and peer.rotations_from == {} and peer.received == 0
+    assert peer.on_message(view, msg_from("b", "rotate", {"round": 1, "version": 3.0}, vec(2.0)), 2.0).merged is None
+    assert peer.received == 1 and st_.v_stellar == 3.0  # the same rotation with its master is taken
 
 
 def test_nebula_takes_a_rotation_only_from_the_ring_member_due_to_send_it_and_only_once() -> None:
