@@ -306,6 +306,9 @@ class Pki:
         addresses for a broker's certificate (127.0.0.1 and localhost are always in).
         """
         check_id(name, "identity")
+        if name in ("ca", "signing"):  # helper-115: coordinator "ca" got the CA's certificate as its own
+            raise ConfigError(f"identity name {name!r} is reserved: its {name}.crt / {name}.key would collide with the "
+                              "bundle's ca.crt or signing.key (e.g. coord-ca)")
         if role not in ROLES:
             raise ConfigError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
         previous = self.identities.get(name)

@@ -7,6 +7,7 @@ import argparse
 import logging
 import os
 import shutil
+import ssl
 import stat
 import subprocess
 from pathlib import Path
@@ -170,6 +171,18 @@ def acl_sections(text: str) -> dict[str, list[str]]:
             assert user is not None, "a topic line outside a user section would apply to everyone"
             sections[user].append(line)
     return sections
+
+
+def test_an_identity_named_after_a_bundle_file_is_refused_before_anything_is_written(pki: Pki) -> None:
+    """helper-115: coordinator "ca" (a region's id) got a bundle whose ca.crt, its certificate,
+    was overwritten by the CA's: `edgeci coordinator --bundle` then failed with KEY_VALUES_MISMATCH.
+    Coordinator "signing" wrote its TLS key as signing.key and failed half-issued."""
+    for name, role in (("ca", "coordinator"), ("ca", "device"), ("signing", "coordinator"), ("signing", "device")):
+        with pytest.raises(ConfigError, match="reserved"):
+            pki.issue(name, role, regions=["eu"])
+        assert name not in pki.identities and not pki.bundle_dir(name).exists()
+    bundle = pki.issue("coord-ca", "coordinator", regions=["ca"])
+    ssl.create_default_context(cafile=str(bundle / "ca.crt")).load_cert_chain(bundle / "coord-ca.crt", bundle / "coord-ca.key")
 
 
 def test_acl_confines_each_identity(pki: Pki) -> None:
