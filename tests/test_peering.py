@@ -296,6 +296,28 @@ def test_spyker_memory_is_bounded_under_a_flood_of_sync_ids() -> None:
     assert len(state["merged"]["a"]) == _KEEP_SIDS
 
 
+def test_a_dead_peers_replayed_beats_neither_keep_it_alive_nor_its_token() -> None:
+    """helper-115 (over mosquitto: any client of a plain broker, any coordinator of a TLS one): b's
+    captured beat, replayed every second after b died, kept b alive in a's view, so a passed the
+    token to it; a dead holder's replayed beat (hold) kept its token's evidence fresh, so nobody
+    regenerated. A beat not newer (by its sender's clock) than the sender's last is ignored, counted."""
+    a = SpykerPeering("a", ["a", "b", "c"], INTRA_ONLY, strategy=SpykerStrategy())
+    view = View(weights=vec(0.0))
+    a.on_timer(view, 0.0)
+    a.holding = False  # b holds the token: a regenerates if b goes silent
+    pos = list(a.known) if a.known is not None else None
+    b_beat = {"at": 0.5, "age": 0.0, "clients": 1, "pos": pos, "hold": True}
+    a.on_message(view, msg_from("b", "beat", b_beat), 0.5)  # b's last real beat; then b dies
+    assert a.last_holder == "b" and a.evidence_at == 0.5
+    for t in range(1, 30):
+        a.on_message(view, msg_from("b", "beat", b_beat), float(t))  # replayed
+        a.on_message(view, msg_from("c", "beat", {**b_beat, "at": float(t), "hold": False}), float(t))
+        a.on_timer(view, float(t))
+    assert not a.alive("b", 29.0) and a._successor("a", 29.0) == "c"
+    assert a.holding and a.counters.regenerations == 2  # the bootstrap at 0, then b's silence
+    assert a.describe()["beats_ignored"] == 29
+
+
 def test_token_duplicates_and_stale_tokens_are_rejected_and_a_larger_position_drops_ours() -> None:
     p = SpykerPeering("b", ["a", "b", "c"], CFG)
     view = View(weights=vec(0.0))

@@ -202,6 +202,8 @@ class _PeerInfo:
     clients: int = 0
     heard_at: float = -math.inf
     """Our clock when we last heard anything from it."""
+    beat_at: float = -math.inf
+    """The sender's clock on its newest beat: a beat not newer is a replay (or a duplicate)."""
 
 
 def _age(body: Mapping[str, Any], key: str = "age") -> float:
@@ -240,6 +242,7 @@ class _Counters:
     regenerations: int = 0
     age_pushes: int = 0
     models_ignored: int = 0
+    beats_ignored: int = 0
 
 
 class SpykerPeering(Peering):
@@ -285,6 +288,7 @@ class SpykerPeering(Peering):
         arrive out of order: a set, not a watermark.)"""
         self.got_models: set[str] = set()
         self.next_beat_at = -math.inf
+        self.last_beat_sent_at = -math.inf
         self.last_age_push = -math.inf
         self.started = False
         self.fresh = True
@@ -355,7 +359,11 @@ class SpykerPeering(Peering):
 
     def _beat(self, now: float) -> PeerSend:
         self.next_beat_at = now + self.config.beacon_s
-        return PeerSend(kind="beat", body=self._base(now))
+        body = self._base(now)
+        # Each beat newer than the last (peers ignore one that is not: a replay): a second beat in
+        # the same instant (an age push right after the periodic beat) is stamped a hair later.
+        body["at"] = self.last_beat_sent_at = max(now, math.nextafter(self.last_beat_sent_at, math.inf))
+        return PeerSend(kind="beat", body=body)
 
     def _model(self, view: CoordinatorView, sid: TokenPos, now: float) -> PeerSend:
         self.did_broadcast.add(sid)
@@ -408,9 +416,18 @@ class SpykerPeering(Peering):
         if msg.kind not in ("token", "beat", "model"):  # before anything is heard from it
             raise other_protocol("spyker", msg.sender, msg.kind)
         self._check_fields(msg)
+        body = msg.body
+        if msg.kind == "beat":
+            # helper-115: a dead peer's captured beats, replayed, kept it alive here (the token was
+            # passed to it and lost, again and again) and a dead holder's kept its token's evidence
+            # fresh (no regeneration). A sender's beats carry its clock, which only goes forward.
+            info, at = self.info[msg.sender], body_float(body, "at")
+            if at <= info.beat_at:
+                self.counters.beats_ignored += 1
+                return PeerPlan()
+            info.beat_at = at
         self.now = now
         self.clients_here = len(view.devices_seen)
-        body = msg.body
         self._hear(msg.sender, now, body)
         if msg.kind == "token":
             return PeerPlan(sends=tuple(self._on_token(view, msg.sender, body, now)))
@@ -648,6 +665,7 @@ class SpykerPeering(Peering):
             "regenerations": c.regenerations,
             # only once it happens: the status (and the emulator's message sizes) stay as they were
             **({"models_ignored": c.models_ignored} if c.models_ignored else {}),
+            **({"beats_ignored": c.beats_ignored} if c.beats_ignored else {}),
         }
 
 
