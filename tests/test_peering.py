@@ -771,6 +771,22 @@ def test_nebula_refuses_a_rotation_without_weights_and_changes_nothing() -> None
     assert peer.received == 1 and st_.v_stellar == 3.0  # the same rotation with its master is taken
 
 
+def test_nebula_refuses_an_absurd_rotation_version_and_its_selection_keeps_working() -> None:
+    """helper-115: a rotation claiming version 1.7e308 was taken as v_s; with ``selection = "reward"``
+    every device's weight became 0 and each plan raised ValueError (``rng.choices``)."""
+    strategy = NebulaStrategy(NebulaConfig(planets=2, t_c=10.0, selection="reward"))
+    peer = NebulaPeering("a", ["a", "b"], NebulaPeerConfig(t_c=10.0), strategy=strategy)
+    view = View(weights=vec(0.0))
+    peer.on_timer(view, 0.0)
+    peer.on_timer(view, 10.0)
+    for claim in (1.7e308, 2.0**60):
+        with pytest.raises(MalformedMessage, match="version must be in"):
+            peer.on_message(view, msg_from("b", "rotate", {"round": 1, "version": claim}, vec(1.0)), 11.0)
+    assert strategy.state.v_stellar == 0.0 and peer.received == 0 and peer.rotations_from == {}
+    strategy.score = {"d1": (1.0, 1), "d2": (3.0, 1), "d3": (2.0, 1)}
+    assert sum(strategy.probabilities(["d1", "d2", "d3"], 0)) == pytest.approx(1.0)
+
+
 def test_nebula_takes_a_rotation_only_from_the_ring_member_due_to_send_it_and_only_once() -> None:
     """Any sender's rotate used to replace the stellar model: one from outside the ring, one
     the round does not send here, and an old one replayed (also after a restart)."""
