@@ -1877,7 +1877,11 @@ class CoordinatorCore:
         if not isinstance(msg, PeerMsg):
             raise TopicMismatch(f"a {msg.TYPE} message does not belong on a peer topic")
         if msg.sender == self.config.coordinator_id:
-            return []  # our own broadcast, echoed by the broker
+            signer, sig = self.config.signer, frame.signature
+            if signer is None or (sig is not None and sig.public_raw == signer.public_raw):
+                return []  # our own broadcast, echoed by the broker
+            # helper-115: anyone's frame in this coordinator's name was dropped here uncounted
+            raise BadSignature(f"a peer message in this coordinator's own name ({msg.sender!r}) not signed with its key")
         try:
             pin = self._check_peer_signature(msg.sender, frame.signature, topics.signing_scope(ev.topic))
             if msg.weights is not None:  # bounded as a device's update: float32-max values overflowed the merge

@@ -1152,6 +1152,24 @@ def test_a_refused_spyker_message_is_not_heard_and_its_position_not_learnt() -> 
     assert dataclasses.asdict(peering.info["b"]) == before
 
 
+def test_a_peer_message_forged_in_the_receivers_own_name_is_counted() -> None:
+    """helper-115: a frame claiming to come from the receiving coordinator itself was dropped as
+    the broker's echo of its own broadcast, uncounted, whoever signed it (or nobody)."""
+    bus = Bus(["a", "b"])
+    core = bus.cores["a"]
+    topic = topics.peer_topic("all", "beat")
+    body = {"at": 1.0, "age": 0.0, "clients": 1, "pos": None, "hold": False}
+    for signer in (Signer.generate(), None):
+        msg = PeerMsg(sender="a", kind="beat", body=body)
+        payload = encode(msg, signer=signer, scope=topics.signing_scope(topic)) if signer else encode(msg)
+        (note,) = [x for x in core.handle(MessageReceived(now=1.0, topic=topic, payload=payload)) if isinstance(x, Notify)]
+        assert note.data["reason"] == "bad_signature"
+    assert core.counters["reject:bad_signature"] == 2
+    own = encode(PeerMsg(sender="a", kind="beat", body=body), signer=core.config.signer, scope=topics.signing_scope(topic))
+    assert not [x for x in core.handle(MessageReceived(now=1.5, topic=topic, payload=own)) if isinstance(x, Notify)]
+    assert core.counters["reject:bad_signature"] == 2  # its own echo: dropped, not counted
+
+
 def test_a_refused_peer_message_names_its_sender() -> None:
     """helper-88: a peer running another model logged `shape_mismatch: digits-cnn/full: expected 9802
     values, got 11416` and one on another peering `unknown peer message kind 'beat'`, neither saying
