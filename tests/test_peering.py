@@ -385,6 +385,22 @@ def test_a_restarted_coordinator_resumes_its_ages_but_never_the_token() -> None:
     assert len(ring.holders()) == 1
 
 
+def test_a_checkpointed_position_past_the_cap_is_forgotten_not_a_coordinator_that_cannot_start() -> None:
+    """helper-115: a ring peer's token at epoch (or hop) 2**62 - 1 made an honest coordinator
+    derive 2**62 (regeneration: epoch + 1; a pass: hop + 1) and checkpoint it; its restore then
+    refused its own checkpoint (MalformedMessage: bad epoch), so the coordinator could not start."""
+    p = SpykerPeering("a", ["a", "b"], CFG)
+    good = [1, 2.0, "b", 3]
+    p.restore({"age_prev": 4.0, "known": [2**62, 5.0, "a", 0], "accepted": good, "answered": [1, 2.0, "b", 2**62],
+               "merged": {"b": [[2**62, 5.0, "a", 0], good]}})
+    assert p.known is None and p.answered is None and p.accepted == (1, 2.0, "b", 3)
+    assert p.merged == {"b": {(1, 2.0, "b", 3)}} and p.age_prev == 4.0 and not p.holding
+    assert p.counters.positions_forgotten == 3 and p.describe()["positions_forgotten"] == 3
+    fresh = SpykerPeering("a", ["a", "b"], CFG)
+    fresh.restore({"known": good})
+    assert "positions_forgotten" not in fresh.describe()  # the status says so only once it happened
+
+
 def test_spyker_peer_bodies_from_other_processes_are_validated() -> None:
     p = SpykerPeering("b", ["a", "b"], CFG)
     view = View(weights=vec(0.0))

@@ -243,6 +243,8 @@ class _Counters:
     age_pushes: int = 0
     models_ignored: int = 0
     beats_ignored: int = 0
+    positions_forgotten: int = 0
+    """Checkpointed token positions out of range, dropped at the restore (:meth:`SpykerPeering._restored_pos`)."""
 
 
 class SpykerPeering(Peering):
@@ -623,11 +625,23 @@ class SpykerPeering(Peering):
         self.age_prev = float(state.get("age_prev", 0.0))
         for key in ("known", "accepted", "answered"):
             raw = state.get(key)
-            setattr(self, key, _pos(raw) if raw is not None else None)
-        self.merged = {str(peer): {_pos(sid) for sid in list(sids)[-_KEEP_SIDS:]}
-                       for peer, sids in dict(state.get("merged", {})).items() if peer in self.info}
+            setattr(self, key, self._restored_pos(raw) if raw is not None else None)
+        merged = {str(peer): {self._restored_pos(sid) for sid in list(sids)[-_KEEP_SIDS:]}
+                  for peer, sids in dict(state.get("merged", {})).items() if peer in self.info}
+        self.merged = {peer: {sid for sid in sids if sid is not None} for peer, sids in merged.items()}
         self.counters.regenerations = int(state.get("regenerations", 0))
         self.counters.syncs_started = int(state.get("syncs_started", 0))
+
+    def _restored_pos(self, raw: object) -> TokenPos | None:
+        """A checkpointed position, or None (forgotten, counted) when no peer would take it: a ring
+        peer that sent a position at the cap (epoch or hop 2**62 − 1) made this coordinator derive
+        one past it (hop + 1, epoch + 1), and refusing its own checkpoint kept it from starting
+        at all (helper-115). Forgetting token knowledge is safe: a restart holds no token (rule 5)."""
+        try:
+            return _pos(raw, "checkpointed token position")
+        except MalformedMessage:
+            self.counters.positions_forgotten += 1
+            return None
 
     def take_tallies(self) -> Tallies:
         """The ledger's update counts changed since the previous commit (stored with this one)."""
@@ -666,6 +680,7 @@ class SpykerPeering(Peering):
             # only once it happens: the status (and the emulator's message sizes) stay as they were
             **({"models_ignored": c.models_ignored} if c.models_ignored else {}),
             **({"beats_ignored": c.beats_ignored} if c.beats_ignored else {}),
+            **({"positions_forgotten": c.positions_forgotten} if c.positions_forgotten else {}),
         }
 
 
