@@ -189,6 +189,9 @@ def test_spliced_encoding_equals_encode_and_reuses_the_tail() -> None:
         (frame({"type": "ack", "device": "d", "seq": 1, "status": "maybe", "version": 1}), MalformedMessage),
         (frame({"type": "ack", "device": "d", "seq": -3, "status": "accepted", "version": 1}), MalformedMessage),
         (frame({"type": "ack", "device": 5, "seq": 1, "status": "accepted", "version": 1}), MalformedMessage),
+        (frame({"type": "ack", "device": "d", "seq": 1, "status": "rejected", "version": 1,
+                "reason": "x\nINFO update accepted"}), MalformedMessage),  # a forged log line (helper-117)
+        (frame({"type": "ack", "device": "d", "seq": 1, "status": "rejected", "version": 1, "reason": "\x1b[2J"}), MalformedMessage),
         (frame({"type": "model", "model_id": "m", "version": 1, "reply_to": 0, "w": {"dt": "f8", "n": 1, "l": 8}}, b"\0" * 8), BadTensor),
         (frame({"type": "model", "model_id": "m", "version": 1, "reply_to": 0, "w": {"dt": "f4", "n": 3, "l": 8}}, b"\0" * 8), BadTensor),
         (frame({"type": "model", "model_id": "m", "version": 1, "reply_to": 0, "w": {"dt": "i1", "n": 1, "l": 1, "s": float("nan")}}, b"\0"), BadTensor),

@@ -220,7 +220,10 @@ class Ack:
         _check_int(self.version, "version", lo=NO_VERSION)
         if self.status not in ACK_STATUSES:  # the message is formatted only when it fails
             raise MalformedMessage(f"status must be one of {ACK_STATUSES}")
-        _need(isinstance(self.reason, str) and len(self.reason) <= 256, "reason must be a short string")
+        # printable: devices log and show it (the labelling app's panel); a newline or an escape
+        # sequence from whoever can publish on the ack topic forged log lines (helper-117)
+        _need(isinstance(self.reason, str) and len(self.reason) <= 256 and self.reason.isprintable(),
+              "reason must be a short printable string")
 
 
 @fast_init
