@@ -518,6 +518,7 @@ def start_backend(args: argparse.Namespace, data_dir: Path) -> Backend:
     region = args.region
     gesture_region = args.gesture_region or f"{region}-gestures"
     _credentials(args)  # its mistakes before the embedded broker, its coordinators and the models start
+    check_init_file = False
     if args.broker:
         if args.init is not None:
             raise ConfigError("--init sets the embedded coordinator's model; with --broker give it to "
@@ -527,10 +528,14 @@ def start_backend(args: argparse.Namespace, data_dir: Path) -> Backend:
     else:
         from coordinator.broker import EmbeddedBroker
 
+        # A detector state dir that holds versions ignores --init (the coordinator says so): only a new one is checked.
+        detector_dir = data_dir / "coordinator" / "detection"
+        check_init_file = args.init is not None and not holds_versions(detector_dir)
+        if args.init is not None and not check_init_file:  # said here: the coordinator's log line is out of sight
+            print(f"note: --init {args.init} is not used: {detector_dir} already holds the detector's versions "
+                  "(it goes on from them; delete that folder to start again from the file)", file=sys.stderr)
         broker = EmbeddedBroker().start()
         backend = Backend(broker_url=broker.url, broker=broker)
-    # A detector state dir that holds versions ignores --init (the coordinator says so): only a new one is checked.
-    check_init_file = args.init is not None and not holds_versions(data_dir / "coordinator" / "detection")
     try:
         if backend.broker is not None:  # children start while this process loads its models
             backend.coordinators.append(coordinator_process(

@@ -1004,6 +1004,27 @@ def test_an_init_that_is_not_a_detector_is_refused_before_the_window_opens(capsy
     assert "ready:" not in err.out
 
 
+def test_an_init_a_detector_with_versions_will_not_use_is_said(capsys: pytest.CaptureFixture[str],
+                                                               monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A detector state dir that holds versions goes on from them and ignores --init, even a
+    missing file: only the coordinator child's log said so, out of sight (helper-117)."""
+    from coordinator.broker import EmbeddedBroker
+    from demos.cli import main
+
+    (tmp_path / "d" / "coordinator" / "detection" / "versions" / "000001").mkdir(parents=True)
+
+    def stop_here(self: object) -> None:
+        raise ConfigError("stopped before the broker")
+
+    monkeypatch.setattr(EmbeddedBroker, "start", stop_here)
+    monkeypatch.setenv("QT_QPA_PLATFORM", "offscreen")  # past the display check
+    rc = main(["label", "--source", "synthetic", "--size", "96", "--data-dir", str(tmp_path / "d"),
+               "--init", str(tmp_path / "missing.npz")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "stopped before the broker" in err, err
+    assert f"note: --init {tmp_path / 'missing.npz'} is not used: " in err and "already holds the detector's versions" in err
+
+
 def test_a_missing_camera_is_one_line_not_a_page_of_opencv_warnings(capfd: pytest.CaptureFixture[str]) -> None:
     """With no camera, OpenCV's backends printed ~10 WARN/ERROR lines before the app's own
     clear one (helper-85); the probe runs with OpenCV's logging silenced, then restored."""
