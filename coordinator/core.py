@@ -1628,7 +1628,8 @@ class CoordinatorCore:
         version = max(versions)
         # A device does not judge a candidate built from its own update (unless too few others are around).
         recent = eligible(self._presence, now, cfg.recent_s)
-        judges = [d for d in recent if d not in set(self._candidate_devices.get(version, ()))]
+        built = set(self._candidate_devices.get(version, ()))  # (once: it was rebuilt per recent device)
+        judges = [d for d in recent if d not in built]
         cohort = pick_cohort(judges if len(judges) >= cfg.min_reports else recent, version, cfg)
         if not cohort:
             self.counters["canary_no_cohort"] += 1
