@@ -288,7 +288,9 @@ def render(status: Mapping[str, Any], now: float, stale_after: float | None = No
             mode += f" at version {conv.get('switch_version')} (stale updates are damped)"
         evidence = "" if conv.get("e1_l1") is None else (
             f" · estimate vs stale error (L1) {_value(conv.get('e1_l1'))} vs {_value(conv.get('e2_l1'))}"
-            f" over {conv.get('observations', 0)} devices")
+            f" over {conv.get('observations', 0)} devices"
+            + (f", worse in {conv['worse_l1']} (L1) / {conv['worse_cos']} (cosine): more than half on both switch"
+               if isinstance(conv.get("worse_l1"), int) and isinstance(conv.get("worse_cos"), int) else ""))
         out.append(f"stale     {conv.get('policy', '?')}: {mode} · requested {conv.get('requested', 0)} · applied "
                    f"{conv.get('applied', 0)} · late {conv.get('late', 0)} · failed {conv.get('failed', 0)} · "
                    f"parked {conv.get('parked', 0)}{evidence}")

@@ -216,6 +216,10 @@ class SwitchTracker:
             "observations": len(w),
             "e1_l1": mean(lambda o: o.e1_l1), "e2_l1": mean(lambda o: o.e2_l1),
             "e1_cos": mean(lambda o: o.e1_cos), "e2_cos": mean(lambda o: o.e2_cos),
+            # what decides (should_switch): devices whose estimate did worse than their stale change,
+            # per metric; the switch needs more than half of the window's on both (the means above
+            # can say "worse" while the median device does not)
+            "worse_l1": sum(o.e1_l1 > o.e2_l1 for o in w), "worse_cos": sum(o.e1_cos > o.e2_cos for o in w),
             "tracked_devices": len(self._estimates),
         }
 

@@ -540,6 +540,21 @@ def test_status_shows_the_peering_in_the_readable_form() -> None:
     assert not any(ln.startswith("peering") for ln in plain.splitlines())
 
 
+def test_status_says_how_many_devices_vote_for_the_conversion_switch() -> None:
+    """helper-112: the switch is decided by the median device (more than half of the window's
+    devices with E1 > E2 on both metrics), but the status showed only the means, which can say
+    "worse" while no switch comes."""
+    from coordinator.cli_status import render
+
+    now = 1796330000.0
+    conv = {"policy": "gradient-inversion", "mode": "converting", "observations": 3, "e1_l1": 2.5, "e2_l1": 1.0,
+            "e1_cos": 0.4, "e2_cos": 0.2, "worse_l1": 1, "worse_cos": 1}
+    text = render({"type": "status", "coordinator": "eu", "region": "eu", "alive": True, "published_at": now, "version": 3,
+                   "extra": {"conversion": conv}}, now)
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("stale")]
+    assert "over 3 devices, worse in 1 (L1) / 1 (cosine): more than half on both switch" in line, line
+
+
 @pytest.mark.parametrize("module", ["demos.emulate", "demos.scc_stream", "devices.paper_spyker", "devices.multiregion"])
 def test_experiment_modules_run_with_python_m(module: str) -> None:
     """helper-90: `python -m demos.emulate …` printed nothing and exited 0 (no __main__ block)."""

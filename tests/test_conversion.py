@@ -296,6 +296,7 @@ def test_one_device_choosing_its_next_update_cannot_outweigh_honest_devices() ->
     assert obs is not None and obs.e1_cos - obs.e2_cos > 0.1 and obs.e1_l1 > obs.e2_l1
     d = t.describe(13)
     assert d["e1_l1"] > d["e2_l1"] and d["e1_cos"] > d["e2_cos"]  # the averages say switch ...
+    assert (d["worse_l1"], d["worse_cos"], d["observations"]) == (1, 1, 3)  # (what the status shows decides)
     assert t.switch_version is None  # ... the median device does not
     for i, dev in enumerate(("evil2", "evil3")):  # a majority of the window's devices does
         t.record(dev, 12, estimate=estimate, stale_delta=stale)
