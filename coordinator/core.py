@@ -123,6 +123,7 @@ from edge_sdk.errors import (
     RemoteProtocolError,
     ReplayedMessage,
     SeqJump,
+    ShapeMismatch,
     TooManyDevices,
     TooManySamples,
     TopicMismatch,
@@ -1232,6 +1233,11 @@ class CoordinatorCore:
             raise NotSelected(f"{msg.device} was not served a training model by {self.strategy.name}'s selection "
                               "since its last accepted update")
         cfg.spec.check_update(msg.weights, msg.group)
+        if cfg.full_sync_every and msg.group not in (FULL, cfg.partial_group):
+            # LASP slices every buffered update to the partial group at a partial version: another
+            # group's slice (an extractor-only update) sliced to nothing, and FedAsync, Nebula and
+            # Spyker raised out of handle() on it (a core rebuild per message), SPIN committed it.
+            raise ShapeMismatch(f"LASP takes the whole model or the {cfg.partial_group!r} group, not {msg.group!r}")
         if not self._storage_ok:
             self.counters["deferred_storage"] += 1
             self._status_dirty = True

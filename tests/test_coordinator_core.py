@@ -205,6 +205,36 @@ def test_lasp_partial_versions_change_only_the_classifier() -> None:
     assert c.counters["bytes_out"] > 0
 
 
+@pytest.mark.parametrize("strategy", ["spin", "fedasync", "spyker", "nebula"])
+def test_lasp_refuses_an_update_of_another_group(strategy: str) -> None:
+    """Hostile-device audit (helper-116): between full syncs LASP slices each buffered update to the
+    classifier; an extractor-only update sliced to nothing, and FedAsync, Spyker and Nebula raised
+    ValueError out of handle() (the daemon rebuilt its core per such message), SPIN accepted it. Now
+    a typed rejection, counted, that changes nothing; an honest head-only update still commits."""
+    import random
+
+    from coordinator.core import CoordinatorConfig, CoordinatorCore
+    from tests.helpers import toy_snapshot
+
+    cfg = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, full_sync_every=3)
+    c = CoordinatorCore(cfg, make_strategy(strategy), toy_snapshot(), rng=random.Random(0))
+
+    def update(device: str, group: str, size: int, value: float) -> list[object]:
+        _pull(c, device, 0, have=-1)
+        msg = Update(device=device, seq=1, model_id="toy", base_version=0, n_samples=1,
+                     weights=np.full(size, value, np.float32), group=group)
+        return c.handle(MessageReceived(now=0.0, topic=topics.device_topic("r1", device, "update"), payload=encode(msg)))
+
+    acts = update("evil", "extractor", SPEC.group_size("extractor"), 7.0)
+    (ack,) = acks(acts)
+    assert (ack.status, ack.reason) == ("rejected", "shape_mismatch")
+    assert c.counters["reject:shape_mismatch"] == 1 and c.counters["accepted"] == 0
+    assert not commits(acts) and c.status().buffered == 0 and c.status().version == 0
+    acts = update("d1", "classifier", SPEC.group_size("classifier"), 2.0) + c.handle(TimerFired(now=1e6))
+    assert acks(acts)[0].status == "accepted" and c.counters["accepted"] == 1
+    assert all(not commit.weights[SPEC.group_slice("extractor")].any() for commit in commits(acts))
+
+
 def test_an_early_timer_wake_up_re_arms_the_same_deadline() -> None:
     c = make_coordinator(k=10, timeout_s=5.0)
     (timer,) = [a for a in c.handle(upd("d1", 0, 2.0, now=1.0)) if isinstance(a, ScheduleTimer)]
