@@ -243,6 +243,28 @@ def test_fedbuff_defers_pulls_and_invites_only_deferred_devices() -> None:
     assert device == invited[0] and isinstance(model, ModelMsg) and model.version == c.version
 
 
+def test_fedbuff_serves_a_retried_pull_of_a_device_in_flight() -> None:
+    """The invitation is used up by the first pull it answers; a device whose model reply was lost
+    sends the same pull again (same seq, same invite round) and is served again, then its update is
+    accepted. Without that the retry was deferred, and a strict-K round waited on it for good
+    (prior review: no test covered FedBuffStrategy.serve_pull's in-flight branch)."""
+    c = make_coordinator("fedbuff", k=2, select=1, population=2)
+    invited: list[str] = []
+    for i in range(2):
+        invited += [device for device, _ in sent(c.handle(pull_event(f"d{i}", 0, now=float(i))), "invite")]
+    (device,) = invited
+    other = "d1" if device == "d0" else "d0"
+    first = c.handle(pull_event(device, 1, now=5.0, invite_round=1))
+    assert [d for d, _ in sent(first, "model")] == [device]
+    retried = c.handle(pull_event(device, 1, now=10.0, invite_round=1))  # the reply was lost: the same pull again
+    assert [d for d, _ in sent(retried, "model")] == [device] and not sent(retried, "ack")
+    assert c.counters["pulls_served"] == 2
+    (ack,) = [m for _, m in sent(c.handle(pull_event(other, 1, now=11.0)), "ack")]
+    assert isinstance(ack, Ack) and ack.status == "deferred"  # a device not in flight still waits for a draw
+    (ack,) = [m for _, m in sent(c.handle(update_event(device, 2, 1.0, now=12.0)), "ack")]
+    assert isinstance(ack, Ack) and ack.status == "accepted"
+
+
 def test_fedbuff_with_population_counts_unseen_devices_as_drawn_without_data() -> None:
     # One known device in a population of 1000: it is drawn (and invited) about 1 time in 1000.
     invited = 0
