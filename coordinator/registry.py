@@ -165,12 +165,23 @@ def read_release_record(state_dir: str | Path) -> dict[str, Any]:
         data = json.loads((Path(state_dir) / RELEASE_FILE).read_text())
     except (OSError, ValueError):
         return {}
-    return data if isinstance(data, dict) else {}
+    return data if _is_release_record(data) else {}
+
+
+def _is_release_record(data: object) -> bool:
+    """An object with the field types :meth:`Registry.record_release` writes: an object whose
+    ``release`` was a string or whose ``history`` was a number stopped every start with a bare
+    ValueError or TypeError (helper-116); it is unreadable, as one that is not an object."""
+    if not isinstance(data, dict):
+        return False
+    release, pinned, history = data.get("release", 0), data.get("pinned", False), data.get("history", [])
+    return (type(release) is int and release >= 0 and isinstance(pinned, bool)
+            and isinstance(history, list) and all(isinstance(e, dict) for e in history))
 
 
 def _parses_as_object(path: Path) -> bool:
     try:
-        return isinstance(json.loads(path.read_bytes()), dict)
+        return _is_release_record(json.loads(path.read_bytes()))
     except (OSError, ValueError):
         return False
 
@@ -385,7 +396,10 @@ class Registry:
                 raise RegistryError(f"state dir {self.root}: not writable: {exc.strerror or exc}") from exc
         spec_path = self.root / "spec.json"
         if spec_path.exists():
-            stored = ModelSpec.from_dict(json.loads(spec_path.read_text()))
+            try:
+                stored = ModelSpec.from_dict(json.loads(spec_path.read_text()))
+            except (OSError, ValueError) as exc:  # (bare JSONDecodeError, UnicodeDecodeError, IsADirectoryError before)
+                raise RegistryError(f"{spec_path} is unreadable ({exc}): restore it, or use another --state-dir") from exc
             if stored.fingerprint != spec.fingerprint:
                 raise RegistryError(
                     f"{self.root} holds model {stored.model_id!r} (spec {stored.fingerprint}); "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -724,6 +725,47 @@ def test_an_unreadable_release_record_is_said_and_kept_aside(tmp_path, caplog) -
     assert "release.json: unreadable" in snap.recovered_from
     assert any("release.json is unreadable" in r.getMessage() for r in caplog.records)
     assert (tmp_path / "release.json.unreadable").read_text() == "{garbage"
+
+
+@pytest.mark.parametrize("text", ['{"release": "x"}', '{"release": 0, "history": 5}', '{"release": 0, "history": [3]}',
+                                  '{"release": -2}', '{"release": true}', '{"release": 0, "pinned": "yes"}'])
+def test_a_release_record_with_fields_of_the_wrong_type_is_unreadable_too(tmp_path, caplog, text) -> None:  # type: ignore[no-untyped-def]
+    """helper-116: an object whose fields are not what record_release writes stopped every start
+    (load: int('x') ValueError, list(5) TypeError; the core: dict(3)). Said and kept aside, as a
+    release.json that is not an object; the next gate decision writes it afresh."""
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    reg.write_version(1, np.full(SPEC.size, 1, np.float32), {"applied_upto": {"a": 1}, "release": 1})
+    (tmp_path / "release.json").write_text(text)
+    again = Registry(tmp_path, SPEC)
+    again.acquire_lock()
+    try:
+        with caplog.at_level("WARNING", logger="edgeci.registry"):
+            snap = again.load()
+        assert snap is not None and snap.version == 1 and snap.release_version == 1 and snap.gate_history == []
+        assert "release.json: unreadable" in snap.recovered_from
+        assert (tmp_path / "release.json.unreadable").read_text() == text
+        again.record_release(1, False, {"action": "operator"})
+        assert json.loads((tmp_path / "release.json").read_text())["history"] == [{"action": "operator"}]
+    finally:
+        again.close()
+
+
+@pytest.mark.parametrize("damage", ["{not json", b"\xff\xfe", "dir"])
+def test_an_unreadable_spec_file_is_a_registry_error(tmp_path, damage) -> None:  # type: ignore[no-untyped-def]
+    """helper-116: a damaged spec.json raised a bare JSONDecodeError, UnicodeDecodeError or
+    IsADirectoryError out of Registry(); now the registry's own error, naming the file."""
+    Registry(tmp_path, SPEC)
+    spec = tmp_path / "spec.json"
+    if damage == "dir":
+        spec.unlink()
+        spec.mkdir()
+    elif isinstance(damage, bytes):
+        spec.write_bytes(damage)
+    else:
+        spec.write_text(damage)
+    with pytest.raises(RegistryError, match=r"spec\.json is unreadable"):
+        Registry(tmp_path, SPEC)
 
 
 def test_a_release_recorded_after_its_log_segment_went_survives_a_power_cut(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
