@@ -1047,3 +1047,100 @@ def test_a_spyker_coordinator_killed_mid_commit_restores_the_ledger_of_its_last_
     assert core.version >= reported
     assert core.strategy.ledger.updates == dict(collections.Counter(_schedule(core.version)))
     reg.close()
+
+
+# ---------------------------------------------------------------------- guards without a test (helper-116)
+# Each test below fails with its guard removed from coordinator/registry.py (checked one at a time).
+
+
+def test_keep_versions_below_one_is_a_config_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from edge_sdk.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="keep_versions"):
+        Registry(tmp_path, SPEC, keep_versions=0)
+
+
+@pytest.mark.parametrize("damage", ["nan", "meta_list"])
+def test_a_version_directory_with_nan_weights_or_a_non_object_meta_is_unreadable(tmp_path, damage) -> None:  # type: ignore[no-untyped-def]
+    """Bit rot that still parses: NaN weights (an .npy that loads) or a meta.json that is JSON but
+    not an object. The newest version is skipped, the one before served, its number never reused."""
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    reg.write_version(1, np.full(SPEC.size, 1, np.float32), {"applied_upto": {"a": 1}})
+    d = reg.versions_dir / f"{1:09d}"
+    if damage == "nan":
+        np.save(d / "weights.npy", np.full(SPEC.size, np.nan, np.float32))
+    else:
+        (d / "meta.json").write_text("[1]")
+    snap = Registry(tmp_path, SPEC).load()
+    assert snap is not None and snap.version == 0 and snap.version_floor == 1
+    assert snap.recovered_from and snap.recovered_from[0].startswith("1:")
+    assert np.isfinite(snap.weights).all()
+    with pytest.raises(RegistryError, match="unreadable"):
+        Registry(tmp_path, SPEC).read_version(1)
+
+
+def test_a_version_whose_directory_fsync_fails_after_the_rename_is_not_left_to_be_served(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import coordinator.registry as registry
+
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    real = registry._fsync_dir
+
+    def failing(path):  # type: ignore[no-untyped-def]
+        if str(path) == str(reg.versions_dir):
+            raise OSError(5, "Input/output error")
+        real(path)
+
+    monkeypatch.setattr(registry, "_fsync_dir", failing)
+    with pytest.raises(OSError):
+        reg.write_version(1, np.ones(SPEC.size, np.float32), {"applied_upto": {}})
+    monkeypatch.setattr(registry, "_fsync_dir", real)
+    assert reg.versions() == [0] and not list(reg.versions_dir.glob(".v*"))
+    snap = Registry(tmp_path, SPEC).load()
+    assert snap is not None and snap.version == 0
+
+
+def test_a_temp_directory_left_by_a_crash_does_not_block_that_version(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    (reg.versions_dir / ".v1.tmp").mkdir()
+    (reg.versions_dir / ".v1.tmp" / "weights.npy").write_bytes(b"half")
+    reg.write_version(1, np.ones(SPEC.size, np.float32), {"applied_upto": {}})
+    assert reg.versions() == [0, 1] and not list(reg.versions_dir.glob(".v*"))
+    np.testing.assert_array_equal(reg.read_version(1)[0], 1.0)
+
+
+def test_initialise_refuses_a_state_dir_that_holds_versions(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    with pytest.raises(RegistryError, match="already holds versions"):
+        Registry(tmp_path, SPEC).initialise(np.ones(SPEC.size, np.float32), now=1.0, source="again")
+    np.testing.assert_array_equal(Registry(tmp_path, SPEC).read_version(0)[0], 0.0)
+
+
+def test_renew_epoch_needs_the_lock_and_stops_at_the_largest_epoch(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from coordinator.registry import MAX_EPOCH, read_epoch
+
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    before = read_epoch(tmp_path)
+    with pytest.raises(RegistryError, match="must be locked"):
+        reg.renew_epoch()
+    reg.acquire_lock()
+    try:
+        with pytest.raises(RegistryError, match="no epoch is left"):
+            reg.renew_epoch(above=MAX_EPOCH)
+        assert read_epoch(tmp_path) == before
+        old, new = reg.renew_epoch()
+        assert old == before and new > old and read_epoch(tmp_path) == new
+    finally:
+        reg.close()
+
+
+@pytest.mark.parametrize("text", ["0", str(2**63), "-5", "12abc", ""])
+def test_an_epoch_file_out_of_range_is_no_epoch(tmp_path, text) -> None:  # type: ignore[no-untyped-def]
+    from coordinator.registry import read_epoch
+
+    (tmp_path / "epoch").write_text(text + "\n")
+    assert read_epoch(tmp_path) is None
