@@ -1144,3 +1144,160 @@ def test_an_epoch_file_out_of_range_is_no_epoch(tmp_path, text) -> None:  # type
 
     (tmp_path / "epoch").write_text(text + "\n")
     assert read_epoch(tmp_path) is None
+
+
+def _one_commit(version: int, applied: dict[str, int]) -> CommitVersion:
+    return CommitVersion(version=version, weights=np.full(SPEC.size, float(version), np.float32), applied_changed=applied,
+                         consumed=tuple(applied.items()), metadata={})
+
+
+def test_a_segment_without_the_magic_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    (reg.pending_dir / f"{7:012d}.log").write_bytes(b"NOTALOG\n" + encode_record(upd("a", 1, 1.0)))
+    with pytest.raises(RegistryError, match="not an edgeci pending-update log"):
+        Registry(tmp_path, SPEC).load()
+
+
+def test_a_record_whose_weights_changed_on_disk_fails_its_checksum(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A flipped bit in a record's tensor bytes still decodes (msgpack does not notice): only the
+    crc32 does. The record is dropped, never read back with other weights."""
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    reg.append_updates([upd("a", 1, 1.0), upd("a", 2, 2.0)])
+    (segment,) = sorted(reg.pending_dir.glob("*.log"))
+    data = bytearray(segment.read_bytes())
+    data[-2] ^= 0x01  # inside the last float of the last record: 2.0 -> another finite value
+    segment.write_bytes(bytes(data))
+    pending = Registry(tmp_path, SPEC).pending()
+    assert [u.key for u in pending] == [("a", 1)]
+    np.testing.assert_array_equal(pending[0].weights, 1.0)
+
+
+def test_a_record_longer_than_the_cap_ends_the_segment(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import coordinator.registry as registry
+
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    reg.append_updates([upd("a", 1, 1.0)])
+    assert [u.key for u in Registry(tmp_path, SPEC).pending()] == [("a", 1)]
+    monkeypatch.setattr(registry, "_MAX_RECORD", 100)  # (1 GiB: a length beyond it is garbage, not a record)
+    assert Registry(tmp_path, SPEC).pending() == []
+
+
+def test_a_record_of_an_unknown_kind_never_becomes_a_version(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A checksummed record with ``kind`` other than ``version`` (a later release's, or forged into
+    the log) is a bad record, skipped; it carried a version's fields, and was served as version 7."""
+    import msgpack
+
+    from coordinator.registry import _record
+    from edge_sdk.wire.codec import encode_tensor
+
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    reg.append_updates([upd("a", 1, 1.0)])
+    body = msgpack.packb({"kind": "snapshot", "version": 7, "meta": b'{"version": 7, "applied_upto": {}}',
+                          "weights": encode_tensor(np.full(SPEC.size, 7.0, np.float32), "f4")}, use_bin_type=True)
+    (segment,) = sorted(reg.pending_dir.glob("*.log"))
+    with open(segment, "ab") as f:
+        f.write(_record(body) + encode_record(upd("a", 2, 2.0)))
+    owner = Registry(tmp_path, SPEC)
+    owner.acquire_lock()
+    try:
+        snap = owner.load()
+        assert snap is not None and snap.version == 0 and owner.corrupt_records == 1
+        assert [u.key for u in snap.buffer] == [("a", 1), ("a", 2)]
+    finally:
+        owner.close()
+
+
+def test_a_failed_append_takes_back_the_unsynced_versions_watermarks(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """stage_version appends without fsync; a later append that fails cuts the file back to its last
+    fsync, that version's record with it: its watermarks must go from memory too."""
+    import errno
+    import os
+
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    reg.commit(_one_commit(1, {"a": 1}))
+    reg.stage_version(_one_commit(2, {"b": 5}))
+    assert reg.watermarks()[0] == {"a": 1, "b": 5}
+
+    def full(*args: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(OSError):
+        reg.append_updates([upd("c", 1, 3.0)])
+    monkeypatch.undo()
+    assert reg.watermarks()[0] == {"a": 1}
+    snap = Registry(tmp_path, SPEC).load()
+    assert snap is not None and snap.version == 1 and dict(snap.applied_upto) == {"a": 1}
+
+
+def test_a_failed_flush_cuts_the_unsynced_version_out_of_the_log(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The fsync of a staged version fails: the version was never durable nor published; a restart
+    must not find its record in the log (the bytes may well have reached the page cache)."""
+    import errno
+    import os
+
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    reg.commit(_one_commit(1, {"a": 1}))
+    reg.stage_version(_one_commit(2, {"a": 2}))
+
+    def eio(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", eio)
+    with pytest.raises(OSError):
+        reg.flush()
+    monkeypatch.undo()
+    snap = Registry(tmp_path, SPEC).load()
+    assert snap is not None and snap.version == 1 and dict(snap.applied_upto) == {"a": 1}
+
+
+def test_a_segment_whose_creation_fails_is_not_left_behind(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import errno
+    import os
+
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    assert not list(reg.pending_dir.glob("*.log"))
+
+    def eio(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", eio)
+    with pytest.raises(OSError):
+        reg.append_updates([upd("a", 1, 1.0)])
+    monkeypatch.undo()
+    assert not list(reg.pending_dir.glob("*.log"))
+    reg.append_updates([upd("a", 1, 1.0)])
+    assert [u.key for u in Registry(tmp_path, SPEC).pending()] == [("a", 1)]
+
+
+def test_a_version_naming_itself_as_parent_is_unreadable_not_a_hang(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    reg.write_version(1, np.ones(SPEC.size, np.float32), {"applied_upto": {"a": 1}})
+    meta = reg.versions_dir / f"{1:09d}" / "meta.json"
+    meta.write_text(json.dumps({"version": 1, "parent": 1, "applied_changed": {"a": 1}, "devices_added": []}))
+    snap = Registry(tmp_path, SPEC).load()
+    assert snap is not None and snap.version == 0 and snap.recovered_from[0].startswith("1:")
+
+
+def test_a_segment_cut_short_at_its_creation_is_removed_by_the_lock_holder(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    stub = reg.pending_dir / f"{3:012d}.log"
+    stub.write_bytes(b"EDG")  # a crash while writing the magic
+    assert Registry(tmp_path, SPEC).pending() == [] and stub.exists()  # a reader without the lock leaves it
+    owner = Registry(tmp_path, SPEC)
+    owner.acquire_lock()
+    try:
+        assert owner.load() is not None and not stub.exists()
+    finally:
+        owner.close()
