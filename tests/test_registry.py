@@ -1301,3 +1301,121 @@ def test_a_segment_cut_short_at_its_creation_is_removed_by_the_lock_holder(tmp_p
         assert owner.load() is not None and not stub.exists()
     finally:
         owner.close()
+
+
+def test_a_segment_with_an_update_not_yet_applied_is_kept_after_a_checkpoint(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """An accepted (acknowledged) update that no version applied yet lives only in its segment:
+    however many checkpoints follow, that segment stays until the update is applied."""
+    reg = Registry(tmp_path, SPEC, keep_versions=1)  # every version a base, checkpointed at its commit
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    reg.append_updates([upd("a", 1, 1.0), upd("b", 1, 1.0)])
+    reg._close_segment()  # as after a rotation
+    reg.append_updates([upd("a", 2, 2.0)])
+    for v in (1, 2):
+        reg.commit(_one_commit(v, {"a": v}))
+    assert reg._durable_version == 2
+    snap = Registry(tmp_path, SPEC).load()
+    assert snap is not None and snap.version == 2 and [u.key for u in snap.buffer] == [("b", 1)]
+
+
+def test_pruning_never_deletes_the_release(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    reg = Registry(tmp_path, SPEC, keep_versions=2)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    reg.commit(_one_commit(1, {}))
+    reg.record_release(1, True, {"action": "pin"})
+    for v in range(2, 12):
+        reg.commit(_one_commit(v, {}))
+    assert 1 in reg.versions() and 0 not in reg.versions() and reg.versions()[-1] == 11
+    np.testing.assert_array_equal(Registry(tmp_path, SPEC).read_version(1)[0], 1.0)  # devices predict with it
+
+
+def test_the_lock_holder_removes_a_crashs_temp_version_directories(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    (reg.versions_dir / ".v9.tmp").mkdir()
+    (reg.versions_dir / ".v9.tmp" / "weights.npy").write_bytes(bytes(1000))
+    Registry(tmp_path, SPEC).load()
+    assert (reg.versions_dir / ".v9.tmp").exists()  # a reader without the lock leaves it
+    owner = Registry(tmp_path, SPEC)
+    owner.acquire_lock()
+    try:
+        owner.load()
+        assert not list(reg.versions_dir.glob(".v*"))
+    finally:
+        owner.close()
+
+
+def test_an_unreadable_pending_update_file_of_the_older_layout_is_a_registry_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    (reg.pending_dir / f"a.{1:020d}.upd").write_bytes(b"\xc1 not msgpack")
+    with pytest.raises(RegistryError, match=r"pending update .* is unreadable"):
+        Registry(tmp_path, SPEC).load()
+
+
+def test_a_version_record_whose_meta_is_not_an_object_is_skipped(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import msgpack
+
+    from coordinator.registry import _record
+    from edge_sdk.wire.codec import encode_tensor
+
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    reg.append_updates([upd("a", 1, 1.0)])
+    body = msgpack.packb({"kind": "version", "version": 1, "meta": b"[1, 2]",
+                          "weights": encode_tensor(np.ones(SPEC.size, np.float32), "f4")}, use_bin_type=True)
+    (segment,) = sorted(reg.pending_dir.glob("*.log"))
+    with open(segment, "ab") as f:
+        f.write(_record(body))
+    snap = Registry(tmp_path, SPEC).load()
+    assert snap is not None and snap.version == 0 and snap.recovered_from[0].startswith("1:")
+
+
+def test_a_state_dir_that_is_a_file_or_cannot_be_made_is_a_registry_error(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from pathlib import Path
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RegistryError, match="not a directory"):
+        Registry(tmp_path / "file", SPEC)
+    with pytest.raises(RegistryError, match="not a directory"):
+        Registry(tmp_path / "file" / "sub", SPEC)
+
+    def denied(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise PermissionError(13, "Permission denied")  # (the tests run as root: chmod would not stop them)
+
+    monkeypatch.setattr(Path, "mkdir", denied)
+    with pytest.raises(RegistryError, match="not writable"):
+        Registry(tmp_path / "new", SPEC)
+
+
+@pytest.mark.parametrize("meta", [{"parent": "x"}, {"parent": 0, "applied_changed": [1, 2]}, {"parent": 0, "devices_added": 5}])
+def test_bad_watermarks_in_a_versions_chain_make_it_unreadable(tmp_path, meta) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    reg.write_version(1, np.ones(SPEC.size, np.float32), {"applied_upto": {"a": 1}})
+    (reg.versions_dir / f"{1:09d}" / "meta.json").write_text(json.dumps({"version": 1, **meta}))
+    snap = Registry(tmp_path, SPEC).load()
+    assert snap is not None and snap.version == 0 and snap.recovered_from[0].startswith("1:")
+
+
+def test_an_unreadable_parent_makes_its_children_unreadable_not_a_crash(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    reg.write_version(1, np.ones(SPEC.size, np.float32), {"applied_upto": {"a": 1}})
+    reg.write_version(2, np.full(SPEC.size, 2.0, np.float32), {"parent": 1, "applied_changed": {"a": 2}, "devices_added": []})
+    (reg.versions_dir / f"{1:09d}" / "meta.json").write_text("{not json")
+    snap = Registry(tmp_path, SPEC).load()
+    assert snap is not None and snap.version == 0 and snap.version_floor == 2 and len(snap.recovered_from) == 2
+    assert json.loads((reg.versions_dir / f"{2:09d}" / "meta.json").read_text())["parent"] == 1
+
+
+def test_a_lock_file_that_cannot_be_opened_is_a_registry_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    reg = Registry(tmp_path, SPEC)
+    (tmp_path / "lock").mkdir()
+    with pytest.raises(RegistryError, match="cannot open"):
+        reg.acquire_lock()
+    assert not reg.locked
