@@ -943,3 +943,205 @@ def test_a_new_store_is_never_opened_in_the_full_disk_mode(workdir: Path, monkey
     with pytest.raises(store_mod.StorageError, match="disk I/O error"):
         open_store(workdir / "new.sqlite3")
     assert calls == [False]
+
+
+# ---------------------------------------------------------------------- guards without a test (helper-116)
+# Each test below fails with its guard removed from edge_sdk/store.py (checked one at a time).
+
+
+def test_an_empty_file_next_to_a_counters_mirror_is_a_corrupt_store(workdir: Path) -> None:
+    """A store truncated to 0 bytes: SQLite would quietly make a new store of it. The mirror says
+    it held one, so it is corrupt (moved aside with recover=True, counters carried over)."""
+    path = workdir / DEFAULT_FILENAME
+    with open_store(path, counters=("next_seq",)) as s:
+        s.add(digit(1), 1)
+        s.set_meta("next_seq", 9)
+    for suffix in ("-wal", "-shm"):
+        path.with_name(path.name + suffix).unlink(missing_ok=True)
+    path.write_bytes(b"")
+    with pytest.raises(CorruptStore, match="is empty"):
+        open_store(path, counters=("next_seq",))
+    with open_store(path, counters=("next_seq",), recover=True) as s:
+        assert s.recovered_from is not None and "is empty" in s.recovered_from["reason"]
+        assert s.get_meta("next_seq") == 9 and s.add(digit(2), 2) == 2
+
+
+def _edit(path: Path, *statements: tuple[str, tuple[Any, ...]]) -> None:
+    """Change a closed store's rows behind its back (bit rot, another writer, an old bug)."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        for sql, args in statements:
+            conn.execute(sql, args)
+        conn.commit()
+
+
+NAN_F4 = np.full(SHAPE, np.nan, np.float32).tobytes()
+
+
+@pytest.mark.parametrize(("column", "value"), [
+    ("data", b"\x00" * 12),          # bytes that do not make the declared shape
+    ("data", NAN_F4),                # values add() refuses
+    ("encoding", "f8"),              # an encoding this store never writes for arrays
+    ("shape", "{not json"),          # an unreadable shape
+    ("shape", "[1, 4, 4]"),          # another shape than the store's
+    ("boxes", b"\x00" * 7),          # box bytes that are not whole rows
+    ("label", 99),                   # a class beyond n_classes
+])
+def test_a_damaged_stored_sample_is_a_storage_error_and_left_out_of_training(db: Path, column: str, value: object) -> None:
+    """Every stored row is checked as add() checked it: get() raises StorageError (not a bare
+    ValueError, nor NaN handed back), snapshot() leaves the row out (said once) and trains on the others."""
+    with open_store(db) as s:
+        ids = [s.add(digit(i), i) for i in range(3)]
+    table = "sample_data" if column in ("data", "boxes") else "samples"
+    _edit(db, (f"UPDATE {table} SET {column} = ? WHERE id = ?", (value, ids[1])))
+    with open_store(db) as s:
+        snap = s.snapshot()
+        if column != "boxes":  # (arrays train without their boxes)
+            assert snap.ids.tolist() == [ids[0], ids[2]] and np.isfinite(snap.x).all() and s.unreadable == {ids[1]}
+        if column not in ("shape", "label") or value == "{not json":  # (get() reads any shape and the raw label)
+            with pytest.raises(StorageError):
+                s.get(ids[1])
+
+
+@pytest.mark.parametrize(("column", "value"), [
+    ("data", b"not zlib at all"),
+    ("encoding", "jpeg"),
+    ("shape", "[9, 9, 3]"),
+])
+def test_a_damaged_stored_frame_is_a_storage_error_and_skipped(db: Path, column: str, value: object) -> None:
+    with open_store(db, frame_encoding="npy") as s:
+        ids = [s.add_frame(frame(i), np.zeros((0, 5), np.float32)) for i in range(3)]
+    table = "sample_data" if column == "data" else "samples"
+    _edit(db, (f"UPDATE {table} SET {column} = ? WHERE id = ?", (value, ids[1])))
+    with open_store(db, frame_encoding="npy") as s:
+        assert len(list(s.frames())) == 2 and s.unreadable == {ids[1]}
+        with pytest.raises(StorageError):
+            s.get(ids[1])
+
+
+@pytest.mark.parametrize(("sql", "args"), [
+    ("UPDATE settings SET value = ? WHERE key = 'n_classes'", ("{not json",)),
+    ("UPDATE settings SET value = ? WHERE key = 'n_classes'", ('"ten"',)),
+    ("UPDATE settings SET value = ? WHERE key = 'sample_shape'", ("[0, 8]",)),
+    ("UPDATE totals SET n = ?", (-3,)),
+    ("DELETE FROM totals WHERE one = ?", (1,)),
+    ("UPDATE meta SET value = ? WHERE key = 'next_seq'", ("seven",)),
+    ("INSERT INTO settings (key, value) VALUES ('later', ?)", ("{not json",)),
+])
+def test_settings_totals_and_counters_this_module_never_wrote_are_a_corrupt_store(db: Path, sql: str, args: tuple[Any, ...]) -> None:
+    with open_store(db, counters=("next_seq",)) as s:
+        s.add(digit(1), 1)
+        s.set_meta("next_seq", 4)
+    _edit(db, (sql, args))
+    with pytest.raises(CorruptStore):
+        open_store(db, counters=("next_seq",))
+    with open_store(db, counters=("next_seq",), recover=True) as s:  # a recovery keeps what is a counter
+        assert s.recovered_from is not None and s.get_meta("next_seq") == 4
+    with open_store(db, counters=("next_seq",)) as s:  # and the clean store opens as it is
+        assert s.recovered_from is None and s.get_meta("next_seq") == 4
+
+
+def test_a_counters_mirror_with_values_that_are_not_counters_is_ignored(workdir: Path) -> None:
+    path = workdir / DEFAULT_FILENAME
+    with open_store(path, counters=("next_seq",)) as s:
+        s.add(digit(1), 1)
+        s.set_meta("next_seq", 4)
+    path.with_name(path.name + ".counters").write_text(json.dumps({"added": -5, "last_id": "x", "meta": {"next_seq": "abc"}}))
+    with open_store(path, counters=("next_seq",)) as s:
+        assert s.get_meta("next_seq") == 4 and s.add(digit(2), 2) == 2
+
+
+def test_a_write_that_fails_midway_is_rolled_back_and_the_store_goes_on(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with open_store(db, quota_samples=5) as s:
+        s.add(digit(1), 1)
+
+        def broken(*args: object, **kwargs: object) -> int:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        monkeypatch.setattr(SampleStore, "_evict", broken)
+        with pytest.raises(StorageError):  # (raised in the transaction, after the sample's rows went in)
+            s.add(digit(2), 2)
+        monkeypatch.undo()
+        assert len(s) == 1 and s.stats().added == 1 and s.ids() == [1]
+        s.add(digit(3), 3)  # no transaction left open
+        assert len(s) == 2 and s.stats().added == 2
+
+
+def test_sqlite_errors_on_reads_are_storage_errors(store: SampleStore) -> None:
+    class Failing:
+        def execute(self, *args: object) -> None:
+            raise sqlite3.OperationalError("disk I/O error")
+
+    real, store._conn = store._conn, Failing()  # type: ignore[assignment]
+    try:
+        with pytest.raises(StorageError, match="disk I/O error"):
+            store.count()
+    finally:
+        store._conn = real
+
+
+def test_a_store_on_a_file_system_without_wal_is_refused(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import edge_sdk.store as store_mod
+
+    class NoWal(sqlite3.Connection):
+        def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:  # type: ignore[override]
+            if sql.startswith("PRAGMA journal_mode"):
+                return super().execute("SELECT 'delete'")
+            return super().execute(sql, *args)
+
+    real = sqlite3.connect
+    monkeypatch.setattr(store_mod.sqlite3, "connect", lambda *a, **k: real(*a, factory=NoWal, **k))
+    with pytest.raises(ConfigError, match="refused WAL"):
+        open_store(db)
+
+
+def test_an_existing_store_on_a_full_disk_opens_in_exclusive_mode(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite cannot make the -shm of a store that existed before the disk filled: it opens in
+    exclusive mode (no -shm) and serves reads; the disk-full error was all a start said."""
+    import edge_sdk.store as store_mod
+
+    path = workdir / DEFAULT_FILENAME
+    with open_store(path) as s:
+        s.add(digit(1), 1)
+    real = store_mod.SampleStore._connect.__func__  # type: ignore[attr-defined]
+
+    def no_shm(cls: type, db_path: Path, settings: Any, counters: Any, *, exclusive: bool) -> Any:
+        if not exclusive:
+            raise store_mod.StorageError("cannot use it: disk I/O error")
+        return real(cls, db_path, settings, counters, exclusive=True)
+
+    monkeypatch.setattr(store_mod.SampleStore, "_connect", classmethod(no_shm))
+    monkeypatch.setattr(store_mod, "_full_disk_hint", lambda path: " (its disk is full)")
+    with open_store(path) as s:
+        assert s.full_at_open and len(s) == 1 and s.snapshot().ids.tolist() == [1]
+
+
+def test_a_damaged_page_that_opening_does_not_read_is_caught_by_the_integrity_check(db: Path) -> None:
+    """Only ``PRAGMA quick_check`` reads every page at open: a rotten leaf of the payload table
+    would otherwise fail training later, one snapshot at a time, instead of a recovery now."""
+    with open_store(db) as s:
+        for i in range(200):
+            s.add(digit(i), i % N_CLASSES)
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        pages = [p for (p,) in conn.execute("SELECT pageno FROM dbstat WHERE name = 'sample_data' AND pagetype = 'leaf'")]
+    assert len(pages) > 4
+    with open(db, "r+b") as f:
+        f.seek((pages[len(pages) // 2] - 1) * page_size + 8)  # the cells, behind an intact page header
+        f.write(np.random.default_rng(0).bytes(page_size - 8))
+    with pytest.raises(CorruptStore, match="integrity check"):
+        open_store(db)
+
+
+def test_a_recovery_without_a_mirror_carries_over_only_counters_that_are_counters(db: Path) -> None:
+    """A counter that holds a non-count ('seven') is what made the store corrupt: salvaged as it
+    was, the clean store would hold it too and be corrupt again at the next open."""
+    with open_store(db, counters=("next_seq",)) as s:
+        s.add(digit(1), 1)
+        s.set_meta_many({"next_seq": 4, "note": "kept"})
+    db.with_name(db.name + ".counters").unlink()
+    _edit(db, ("UPDATE meta SET value = ? WHERE key = 'next_seq'", ("seven",)))
+    with open_store(db, counters=("next_seq",), recover=True) as s:
+        assert s.recovered_from is not None and s.get_meta("next_seq") is None and s.get_meta("note") == "kept"
+    with open_store(db, counters=("next_seq",)) as s:
+        assert s.recovered_from is None
