@@ -401,6 +401,37 @@ def test_a_checkpointed_position_past_the_cap_is_forgotten_not_a_coordinator_tha
     assert "positions_forgotten" not in fresh.describe()  # the status says so only once it happened
 
 
+def test_a_position_whose_epoch_jumps_past_the_bound_is_refused_so_the_ring_can_still_regenerate() -> None:
+    """helper-115: one beat (or token, or model) at epoch 2**62 - 1 was learnt, and no honest
+    coordinator could regenerate a token after it (epoch + 1 is past the cap): the ring stalled
+    for good. An epoch may exceed the known one (0 for a coordinator that knows none) by at most
+    MAX_EPOCH_JUMP (``malformed``, nothing learnt), so the cap is 2**40 messages away."""
+    from coordinator.peering.spyker import MAX_EPOCH_JUMP
+
+    view = View(weights=vec(0.0))
+    b = SpykerPeering("b", ["a", "b"], CFG)
+    b.on_timer(view, 0.0)
+    fresh = SpykerPeering("b", ["a", "b"], CFG)  # knows no position at all
+    base = {"at": 1.0, "age": 0.0, "clients": 1, "hold": True}
+    b.on_message(view, msg_from("a", "beat", {**base, "pos": [3, 0.5, "a", 7]}), 1.0)
+    assert b.known == (3, 0.5, "a", 7)
+    for n, (kind, extra) in enumerate((("beat", {}), ("token", {"ages": {}}), ("model", {"hold": False}))):
+        far = [3 + MAX_EPOCH_JUMP + 1, 0.0, "a", 0]
+        body = {**base, "at": 2.0 + n, "pos": far, "sid": far, **extra}
+        for p in (b, fresh):
+            with pytest.raises(MalformedMessage, match="jumps more than"):
+                p.on_message(view, msg_from("a", kind, body, vec(1.0) if kind == "model" else None), 2.0 + n)
+    with pytest.raises(MalformedMessage, match="jumps more than"):  # a model's sync id likewise
+        b.on_message(view, msg_from("a", "model", {**base, "at": 9.0, "pos": None, "sid": [2**62 - 1, 0.0, "a", 0]},
+                                    vec(1.0)), 9.0)
+    assert b.known == (3, 0.5, "a", 7) and fresh.known is None and b.counters.merges == 0 and not b.holding
+    b.on_message(view, msg_from("a", "beat", {**base, "at": 10.0, "pos": [3 + MAX_EPOCH_JUMP, 0.0, "a", 0]}), 10.0)
+    assert b.known == (3 + MAX_EPOCH_JUMP, 0.0, "a", 0)  # a jump of the bound itself is taken
+    b.on_message(view, msg_from("a", "beat", {**base, "at": 11.0, "hold": False, "pos": None}), 11.0)
+    b.on_timer(view, 11.0 + CFG.token_timeout_s)  # a fell silent (as holder): b regenerates past it
+    assert b.holding and b.known is not None and b.known[0] == 4 + MAX_EPOCH_JUMP
+
+
 def test_spyker_peer_bodies_from_other_processes_are_validated() -> None:
     p = SpykerPeering("b", ["a", "b"], CFG)
     view = View(weights=vec(0.0))

@@ -112,6 +112,11 @@ _KEEP_SIDS = 64
 MAX_AGE = 2.0**53
 """The largest age a peer may claim: an age counts client updates, and beyond 2**53 a float no
 longer counts them (A + 1 == A)."""
+MAX_EPOCH_JUMP = 2**22
+"""How far a position's epoch may exceed the largest one known (0 when none is): an epoch grows
+by one per regeneration, each after ``token_timeout_s`` without evidence, so an honest ring never
+gets near it. helper-115: one message at epoch 2**62 - 1 left no honest coordinator able to
+regenerate a token (epoch + 1 is past the cap) for good; now that takes 2**40 messages."""
 
 
 # --------------------------------------------------------------------------- maths
@@ -454,19 +459,25 @@ class SpykerPeering(Peering):
         body_int(body, "clients")
         raw = body.get("pos")
         if raw is not None or msg.kind == "token":
-            _pos(raw)
+            self._plausible(_pos(raw), "token position")
         if msg.kind == "beat":
             body_bool(body, "hold")
         elif msg.kind == "model":
             if msg.weights is None:
                 raise MalformedMessage("spyker: a model message needs weights")
-            _pos(body.get("sid"), "sync id")
+            self._plausible(_pos(body.get("sid"), "sync id"), "sync id")
         else:
             for entry in body_table(body, "ages", max_len=len(self.ring) + 1).values():
                 if not isinstance(entry, list) or len(entry) != 2:
                     raise MalformedMessage("spyker token: ages entries are [age, at]")
                 _age({"age": entry[0]})
                 body_float({"x": entry[1]}, "x")
+
+    def _plausible(self, pos: TokenPos, what: str) -> None:
+        """Refuse a position whose epoch jumps more than :data:`MAX_EPOCH_JUMP` above the known one."""
+        known_epoch = self.known[0] if self.known is not None else 0
+        if pos[0] > known_epoch + MAX_EPOCH_JUMP:
+            raise MalformedMessage(f"peer body: {what} epoch {pos[0]} jumps more than 2**22 above the known {known_epoch}")
 
     def hints_for(self, device: str) -> Mapping[str, float]:
         return self.strategy.lr_hint(device) if self.strategy is not None else {}
