@@ -432,6 +432,26 @@ def test_a_position_whose_epoch_jumps_past_the_bound_is_refused_so_the_ring_can_
     assert b.holding and b.known is not None and b.known[0] == 4 + MAX_EPOCH_JUMP
 
 
+def test_a_relayed_age_stamped_far_in_the_future_does_not_freeze_a_third_peers_age() -> None:
+    """helper-115: a token's ``ages`` entry for c stamped ``at`` = 1e300 was newer than every report
+    c itself would ever send, so b kept the forged age for c for good (its h_inter trigger saw it).
+    An entry stamped more than MAX_CLOCK_AHEAD_S past b's clock is skipped and counted."""
+    from coordinator.peering.spyker import MAX_CLOCK_AHEAD_S
+
+    b = SpykerPeering("b", ["a", "b", "c"], INTRA_ONLY)
+    view = View(weights=vec(0.0))
+    b.on_timer(view, 0.0)
+    base = {"at": 1.0, "age": 0.0, "clients": 1, "hold": False}
+    token = {**base, "pos": [1, 0.5, "a", 1], "ages": {"a": [0.0, 1.0], "c": [100.0, 1e300]}}
+    b.on_message(view, msg_from("a", "token", token), 1.0)
+    assert b.holding and b.info["c"].age == 0.0 and b.describe()["ages_ignored"] == 1
+    b.on_message(view, msg_from("c", "beat", {**base, "at": 2.0, "age": 7.0, "pos": [1, 0.5, "a", 1]}), 2.0)
+    assert b.info["c"].age == 7.0  # c's own report is taken
+    skewed = {**token, "at": 3.0, "pos": [1, 0.5, "a", 3], "ages": {"c": [9.0, 3.0 + MAX_CLOCK_AHEAD_S]}}
+    b.on_message(view, msg_from("a", "token", skewed), 3.0)  # within the clock-skew allowance: taken
+    assert b.info["c"].age == 9.0 and b.counters.ages_ignored == 1
+
+
 def test_spyker_peer_bodies_from_other_processes_are_validated() -> None:
     p = SpykerPeering("b", ["a", "b"], CFG)
     view = View(weights=vec(0.0))

@@ -117,6 +117,10 @@ MAX_EPOCH_JUMP = 2**22
 by one per regeneration, each after ``token_timeout_s`` without evidence, so an honest ring never
 gets near it. helper-115: one message at epoch 2**62 - 1 left no honest coordinator able to
 regenerate a token (epoch + 1 is past the cap) for good; now that takes 2**40 messages."""
+MAX_CLOCK_AHEAD_S = 60.0
+"""How far ahead of the receiver's clock a token's relayed age report may be stamped (clock skew).
+helper-115: an entry stamped 1e300 was newer than anything its coordinator would ever say, so the
+receiver kept that age for it for good; an entry further ahead is skipped (``ages_ignored``)."""
 
 
 # --------------------------------------------------------------------------- maths
@@ -248,6 +252,8 @@ class _Counters:
     age_pushes: int = 0
     models_ignored: int = 0
     beats_ignored: int = 0
+    ages_ignored: int = 0
+    """Relayed age reports stamped too far in the future (:data:`MAX_CLOCK_AHEAD_S`)."""
     positions_forgotten: int = 0
     """Checkpointed token positions out of range, dropped at the restore (:meth:`SpykerPeering._restored_pos`)."""
 
@@ -516,7 +522,9 @@ class SpykerPeering(Peering):
                     raise MalformedMessage("spyker token: ages entries are [age, at]")
                 age, at = _age({"age": entry[0]}), body_float({"x": entry[1]}, "x")
                 info = self.info[peer]
-                if at > info.age_at:
+                if at > now + MAX_CLOCK_AHEAD_S:
+                    self.counters.ages_ignored += 1
+                elif at > info.age_at:
                     info.age, info.age_at = age, at
         self.known = pos
         self.accepted = pos
@@ -691,6 +699,7 @@ class SpykerPeering(Peering):
             # only once it happens: the status (and the emulator's message sizes) stay as they were
             **({"models_ignored": c.models_ignored} if c.models_ignored else {}),
             **({"beats_ignored": c.beats_ignored} if c.beats_ignored else {}),
+            **({"ages_ignored": c.ages_ignored} if c.ages_ignored else {}),
             **({"positions_forgotten": c.positions_forgotten} if c.positions_forgotten else {}),
         }
 
