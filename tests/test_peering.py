@@ -430,6 +430,8 @@ def test_a_position_whose_epoch_jumps_past_the_bound_is_refused_so_the_ring_can_
     b.on_message(view, msg_from("a", "beat", {**base, "at": 11.0, "hold": False, "pos": None}), 11.0)
     b.on_timer(view, 11.0 + CFG.token_timeout_s)  # a fell silent (as holder): b regenerates past it
     assert b.holding and b.known is not None and b.known[0] == 4 + MAX_EPOCH_JUMP
+    fresh.on_message(view, msg_from("a", "beat", {**base, "at": 12.0, "pos": [5, 0.0, "a", 2**61]}), 12.0)
+    assert fresh.known == (5, 0.0, "a", 2**61)  # a late joiner takes any hop (honest tokens pass for ever)
 
 
 def test_a_relayed_age_stamped_far_in_the_future_does_not_freeze_a_third_peers_age() -> None:
