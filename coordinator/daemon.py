@@ -383,6 +383,7 @@ class CoordinatorDaemon:
                 "core_failures": self.core_failures,
                 "messages_dropped": getattr(self.transport, "dropped_messages", 0),
                 "malformed_packets": getattr(self.transport, "malformed_packets", 0),
+                "unsubscribed": getattr(self.transport, "unsubscribed_messages", 0),
                 "actor_errors": self.actor.error_count}
 
     def _signing_key(self) -> Signer:

@@ -137,7 +137,7 @@ class _SnapshotCollector:
             fam = CounterMetricFamily(
                 "edgeci_problems", "What the coordinator process survived, by kind: publishes the transport refused, "
                 "storage failures, events the core raised on (rebuilt from disk), QoS 1 messages dropped after too many went unacknowledged, malformed packets "
-                "from the broker, errors caught in the actor", labels=["kind"])
+                "from the broker, messages the broker delivered on topics we did not subscribe to (unsubscribed), errors caught in the actor", labels=["kind"])
             for kind, n in sorted(problems().items()):
                 fam.add_metric([kind], n)
             yield fam

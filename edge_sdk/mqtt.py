@@ -61,6 +61,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import socket
 import ssl
 import threading
@@ -351,6 +352,7 @@ class MqttTransport:
         self.auth = auth
         self._subs = list(subscriptions)
         self._on_message = on_message
+        self._ours = subscription_matcher(self._subs)
         self._on_connection = on_connection
         self._connected = threading.Event()
         self._lost_at: float | None = None  # when an established connection dropped (for the reconnect's log line)
@@ -372,6 +374,10 @@ class MqttTransport:
         self.dropped_messages = 0
         """Fast path: QoS 1 messages dropped unsent because FAST_MAX_QUEUED were unacknowledged."""
         self.last_malformed: MalformedPacketError | None = None
+        self.unsubscribed_messages = 0
+        """Messages the broker delivered on a topic that matches none of our subscriptions,
+        dropped unread (amqtt 0.12 sends a connecting client the retained messages of every
+        client's filters). A broker's fault, not a peer's: never counted as a rejection."""
         self._sock_list: list[Any] = [None]
         self._client = _Client(
             CallbackAPIVersion.VERSION2,
@@ -642,7 +648,7 @@ class MqttTransport:
         received = sock.received
         try:
             for _ in range(READS_PER_WAKEUP):
-                if client._in_packet["command"] == 0 and not sock.take(self._on_message, self._acked):
+                if client._in_packet["command"] == 0 and not sock.take(self._deliver, self._acked):
                     break  # nothing complete left: wait for the socket
                 client.loop_read()  # the packet take() stopped at (nothing of ours is in paho's flight set: one)
                 if client.socket() is not sock:
@@ -821,7 +827,19 @@ class MqttTransport:
             self._on_connection(False)
 
     def _handle_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
-        self._on_message(message.topic, bytes(message.payload))
+        self._deliver(message.topic, bytes(message.payload))
+
+    def _deliver(self, topic: str, payload: bytes) -> None:
+        """``on_message`` for a topic we subscribed to; anything else is dropped and counted
+        (``unsubscribed_messages``) before any domain code sees it."""
+        if self._ours(topic):
+            self._on_message(topic, payload)
+            return
+        self.unsubscribed_messages += 1
+        if self.unsubscribed_messages % 1000 == 1:
+            log.warning("broker %s delivered a message on %.100r, which none of our subscriptions matches: dropped "
+                        "(%d so far; amqtt sends retained messages of other clients' subscriptions at connect)",
+                        self.address.url, topic, self.unsubscribed_messages)
 
     def _handle_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
         for topic, reason in zip(self._pending_subs.pop(mid, []), reasons):
@@ -1150,6 +1168,26 @@ def _publish_header(topic: str, payload_len: int, qos: int, retain: bool, mid: i
 
 def _nothing() -> None:
     pass
+
+
+def subscription_matcher(filters: Sequence[str]) -> Callable[[str], bool]:
+    """Whether a topic matches any of ``filters`` (MQTT 3.1.1 filters, ``+`` and a final ``#``;
+    a filter starting with a wildcard matches no ``$`` topic), as paho's ``topic_matches_sub``
+    says for each filter, in one compiled regular expression (a call per received message)."""
+    alternatives = []
+    for f in filters:
+        levels = f.split("/")
+        tail = ""
+        if levels[-1] == "#":
+            levels.pop()
+            tail = "(?:/.*)?" if levels else ".*"
+        body = "/".join("[^/]*" if level == "+" else re.escape(level) for level in levels)
+        guard = r"(?!\$)" if f[:1] in ("+", "#") else ""
+        alternatives.append(guard + body + tail)
+    if not alternatives:
+        return lambda topic: False
+    pattern = re.compile("|".join(f"(?:{a})" for a in alternatives), re.DOTALL)
+    return lambda topic: pattern.fullmatch(topic) is not None
 
 
 RECV_LOW_WATER = 5

@@ -879,3 +879,48 @@ def test_wait_io_reports_like_select(high: bool) -> None:
         b.close()
     with pytest.raises(ValueError):
         wait_io([a], [], 0)
+
+
+@pytest.mark.parametrize("own_loop", [True, False], ids=["fast path", "paho's path"])
+def test_a_message_on_a_topic_we_did_not_subscribe_to_is_dropped_counted_and_acknowledged(own_loop: bool) -> None:
+    """amqtt 0.12 sends a connecting client the retained messages of other clients' filters: the
+    transport drops what matches none of its subscriptions before the actor sees it, counts it
+    apart from rejections (``unsubscribed_messages``), and still acknowledges it (QoS 1)."""
+    broker = FakeBroker()
+    got: list[tuple[str, bytes]] = []
+    t = MqttTransport(f"mqtt://127.0.0.1:{broker.port}", "unsub", ["in/#", "edgeci/v1/eu/dev/+/pull"],
+                      on_message=lambda tp, p: got.append((tp, p)), own_loop=own_loop)
+    actor = Actor("unsub-actor", lambda e: [], lambda a: None, io=t) if own_loop else None
+    try:
+        if actor is not None:
+            actor.start()
+        t.start()
+        conn = broker.sessions.get(timeout=10)
+        stray = [("edgeci/v1/eu/status", 0x0101), ("edgeci/v1/eu/dev/d1/presence", 0x0102), ("input", 0x0103)]
+        for topic, mid in [*stray, ("in/ok", 0x0104), ("edgeci/v1/eu/dev/d1/pull", 0x0105)]:
+            conn.sendall(_publish_packet(topic, b"x", mid))
+        acks = [read_packet(conn) for _ in range(5)]
+        assert acks == [(0x40, bytes((1, mid))) for mid in range(1, 6)]  # every one acknowledged, in order
+        wait_until(lambda: len(got) >= 2, 10, "the two subscribed messages")
+        assert got == [("in/ok", b"x"), ("edgeci/v1/eu/dev/d1/pull", b"x")]
+        assert t.unsubscribed_messages == 3 and t.malformed_packets == 0
+        conn.close()
+    finally:
+        t.stop()
+        if actor is not None:
+            actor.stop()
+        broker.close()
+
+
+def test_subscription_matcher_agrees_with_paho() -> None:
+    from edge_sdk.mqtt import subscription_matcher
+
+    filters = ["#", "+", "a/#", "a/+", "a/+/c", "+/b", "/#", "$SYS/#", "+/#", "a", "a/b/c", "a.b/+", "a/+/+"]
+    topics = ["a", "a/b", "a/b/c", "a/b/c/d", "/", "a/", "/a", "$SYS/x", "$SYS", "b", "a//c", "x/b", "a.b/c", "axb/c",
+              "a\nb/b"]
+    for f in filters:
+        ours = subscription_matcher([f])
+        assert [ours(x) for x in topics] == [paho.topic_matches_sub(f, x) for x in topics], f
+    both = subscription_matcher(["a/+", "$SYS/#"])
+    assert [both(x) for x in topics] == [paho.topic_matches_sub("a/+", x) or paho.topic_matches_sub("$SYS/#", x) for x in topics]
+    assert not subscription_matcher([])("a")

@@ -432,7 +432,7 @@ def test_coordinator_process_metrics_probes_presence_sighup_and_status(mosquitto
             assert status["alive"] is True and abs(status["published_at"] - time.time()) < 30
             problems = {labels[0][1]: v for (name, labels), v in m.items() if name == "edgeci_problems_total"}
             assert problems == {"publish_refused": 0, "storage_failures": 0, "duplicate_coordinator": 0, "core_failures": 0, "messages_dropped": 0,
-                                "malformed_packets": 0, "actor_errors": 0}
+                                "malformed_packets": 0, "unsubscribed": 0, "actor_errors": 0}
             assert m[("edgeci_broker_connected", ())] == 1
 
             # -- the readable status, alive
