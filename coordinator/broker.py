@@ -180,6 +180,23 @@ def _start_on_a_free_port(broker: B, start: Callable[[], B], in_use: Callable[[T
     raise AssertionError("unreachable")
 
 
+def _broker_class() -> type[Any]:
+    """amqtt's ``Broker`` less one bug of 0.12: at every CONNECT it sends the client the retained
+    messages of *every* filter any client holds (``_handle_client_session`` walks the broker-wide
+    ``_subscriptions``), so a device got its region's status and its own presence, and a
+    coordinator another region's status. Here a connecting client gets those of its own filters
+    only; a SUBSCRIBE's retained messages are unchanged (the filter is the session's by then)."""
+    from amqtt.broker import Broker
+
+    class OwnRetained(Broker):  # type: ignore[misc]
+        async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int], session: Any) -> None:
+            holders = self._subscriptions.get(subscription[0], ())
+            if any(held.client_id == session.client_id for held, _ in holders):
+                await super()._publish_retained_messages_for_subscription(subscription, session)
+
+    return OwnRetained
+
+
 class EmbeddedBroker:
     """amqtt running on a private event loop thread. ``with EmbeddedBroker() as b: b.url``.
 
@@ -218,8 +235,6 @@ class EmbeddedBroker:
         return _start_on_a_free_port(self, lambda: self._start(timeout), _address_in_use)
 
     def _start(self, timeout: float) -> EmbeddedBroker:
-        from amqtt.broker import Broker
-
         loop = asyncio.new_event_loop()
         self._loop = loop
         started = threading.Event()
@@ -229,7 +244,7 @@ class EmbeddedBroker:
             asyncio.set_event_loop(loop)
 
             async def boot() -> None:
-                self._broker = Broker(self._config(), loop=loop)
+                self._broker = _broker_class()(self._config(), loop=loop)
                 await self._broker.start()
 
             try:

@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -151,6 +152,70 @@ def test_lasp_over_mqtt_classifier_only_versions_between_full_syncs(tmp_path: Pa
             if not full:
                 np.testing.assert_array_equal(after[ext], before[ext])
         assert daemon.core.status().extra["full_sync_every"] == 3
+
+
+def test_a_client_gets_the_retained_messages_of_its_own_filters_only() -> None:
+    """amqtt 0.12 sent a connecting client the retained messages of *every* client's filters: a
+    device got its region's status and its own presence, a coordinator another region's status
+    (helper-117). A SUBSCRIBE still brings the retained messages its filter matches."""
+    import queue
+
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    def client(name: str, got: queue.Queue[tuple[str, bytes]] | None = None) -> tuple[paho.Client, threading.Event]:
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=name, clean_session=False)
+        subscribed = threading.Event()
+        c.on_subscribe = lambda *a: subscribed.set()
+        if got is not None:
+            c.on_message = lambda cl, u, m: got.put((m.topic, bytes(m.payload)))
+        c.connect(broker.host, broker.port)
+        c.loop_start()
+        return c, subscribed
+
+    with EmbeddedBroker() as broker:
+        holder, held = client("coordinator-eu")  # holds the filters whose retained messages went astray
+        holder.subscribe([("edgeci/v1/eu/status", 1), ("edgeci/v1/eu/dev/+/presence", 1)])
+        assert held.wait(10)
+        publisher, _ = client("publisher")
+        for topic, payload in [("edgeci/v1/eu/status", b"status"), ("edgeci/v1/eu/dev/d1/presence", b"online"),
+                               ("edgeci/v1/eu/dev/d1/model", b"mine")]:
+            publisher.publish(topic, payload, qos=1, retain=True).wait_for_publish(10)
+        got: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        for attempt in range(2):  # a first connect, then the same (persistent) session again
+            device, subscribed = client("dev-eu-d1", got)
+            device.subscribe("edgeci/v1/eu/dev/d1/model", qos=1)
+            assert subscribed.wait(10)
+            assert got.get(timeout=10) == ("edgeci/v1/eu/dev/d1/model", b"mine"), attempt
+            time.sleep(0.5)  # what else would have come, has
+            topics = [got.get_nowait()[0] for _ in range(got.qsize())]
+            assert set(topics) <= {"edgeci/v1/eu/dev/d1/model"}, (attempt, topics)
+            device.disconnect()
+            device.loop_stop()
+        for c in (holder, publisher):
+            c.disconnect()
+            c.loop_stop()
+
+
+def test_devices_and_coordinators_of_two_regions_reject_nothing_on_the_embedded_broker(tmp_path: Path) -> None:
+    """helper-117's reproduction: two regions' coordinators and a device started twice on the
+    embedded broker; nobody receives, rejects or drops a message on a topic it did not subscribe to."""
+    task = get_task("digits")
+    with EmbeddedBroker() as broker:
+        eu = CoordinatorDaemon(CoordinatorOptions(broker=broker.url, region="eu", state_dir=tmp_path / "eu"), task=task)
+        us = CoordinatorDaemon(CoordinatorOptions(broker=broker.url, region="us", state_dir=tmp_path / "us"), task=task)
+        with eu, us:
+            for _ in range(2):  # the second start finds its own retained presence ("offline") on the broker
+                rejected: list[dict[str, object]] = []
+                client = EdgeClient(broker=broker.url, device_id="d1", region="eu", task=task, data_dir=tmp_path / "d")
+                client.on("message_rejected", lambda kind, data, rejected=rejected: rejected.append(data))
+                with client:
+                    assert client.wait_for_version(0, timeout=60)
+                    time.sleep(0.5)
+                assert rejected == [] and client.transport.unsubscribed_messages == 0
+            for daemon in (eu, us):
+                assert daemon.core.counters["messages_rejected"] == 0, daemon.core.counters
+                assert daemon.transport.unsubscribed_messages == 0
 
 
 def test_an_embedded_broker_whose_port_is_taken_refuses_to_start_or_picks_another(monkeypatch: pytest.MonkeyPatch) -> None:
