@@ -53,6 +53,7 @@ from coordinator.config import bounded, finite
 from demos.label_ui import (
     KEY_ESC,
     Action,
+    FrameSaved,
     Key,
     LabelSession,
     MouseDown,
@@ -61,6 +62,7 @@ from demos.label_ui import (
     Notice,
     Overlay,
     Quit,
+    SaveFailed,
     SaveFrame,
     SaveGesture,
     Snapshot,
@@ -739,19 +741,26 @@ class LabelApp:
     def _save_frame(self, action: SaveFrame) -> None:
         frame = self.held if self.held is not None else self.shown
         if frame is None:
+            self._saved(SaveFailed(reason="no frame on screen yet"))
             return
         boxes = np.array(action.boxes, dtype=np.float32).reshape(-1, 5)
         try:
             sample_id = self.backend.detect.add_frame(frame, boxes)
-        except EdgeciError as exc:
-            self._notify(Notice(text=f"not saved: {exc}", error=True))
+        except EdgeciError as exc:  # the session puts the boxes back on the held frame (and says why)
+            self._saved(SaveFailed(reason=str(exc)))
             return
+        self._saved(FrameSaved())
         count = self.backend.detect.store.count("frame")
         self._counts = (count, self._counts[1])
         names = ", ".join(self.class_names[int(b[0])] for b in boxes)
         print(f"saved frame {sample_id} boxes={boxes.astype(int).tolist()} ({names}); frames "
               f"{progress(count, self.backend.detect.core.config.min_samples)}", flush=True)
         self._notify(Notice(text=f"saved frame #{sample_id}: {names}"))
+
+    def _saved(self, outcome: FrameSaved | SaveFailed) -> None:
+        """Tell the session how its SaveFrame went (before _dispatch decides whether to hold the frame)."""
+        for action in self.session.handle(outcome):
+            self._perform(action)
 
     def _save_gesture(self, action: SaveGesture) -> None:
         try:

@@ -19,12 +19,21 @@ Box mode (detection)::
     BOX_PENDING digit c (a class)         → SaveFrame([c, box])        LIVE
                 (paused: the box joins the frame's draft instead;      LIVE, still paused)
     BOX_PENDING u                         → drop the box               LIVE
+    BOX_PENDING mouse down                → drop the box, Notice       DRAWING
     LIVE     u (paused, draft non-empty)  → drop the last draft box    LIVE
     LIVE     space                        → pause (hold the frame) / resume: SaveFrame(draft)
+    any      SaveFailed (after a SaveFrame, not quitting)
+                                          → its boxes as the draft, Notice   LIVE, paused
+    any      FrameSaved                   → (the boxes are stored: forgotten)
+
+The driver answers every :class:`SaveFrame` with :class:`FrameSaved` or :class:`SaveFailed`
+(the store refused it: disk full, ...). Until then the session keeps the boxes it asked to
+save; a failure puts them back on the held frame, paused, so nothing labelled is lost and
+space tries again.
 
 Gesture mode: mouse down starts a trajectory, moves extend it, mouse up resamples it to the
 gesture task's ``T x 4`` (x, y, vx, vy) → GESTURE_PENDING; a digit → SaveGesture; ``u``
-drops it. ``g`` switches modes (only with nothing pending), ``s`` asks for a snapshot,
+drops it (so does a new stroke, which says so). ``g`` switches modes (only with nothing pending), ``s`` asks for a snapshot,
 ``q``/Esc quit (a paused draft is saved first: those boxes were labelled on purpose).
 
 While a frame is *held* (``session.frozen``) the driver keeps showing, and finally stores,
@@ -184,7 +193,19 @@ class Key:
     code: int
 
 
-Event: TypeAlias = MouseDown | MouseMove | MouseUp | Key
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FrameSaved:
+    """The driver stored the frame of the last :class:`SaveFrame`."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SaveFailed:
+    """The driver could not store the frame of the last :class:`SaveFrame` (``reason``: why)."""
+
+    reason: str
+
+
+Event: TypeAlias = MouseDown | MouseMove | MouseUp | Key | FrameSaved | SaveFailed
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -249,6 +270,8 @@ class SessionState:
     draft: list[LabelledBox] = field(default_factory=list)
     trajectory: list[Point] = field(default_factory=list)
     pending_gesture: npt.NDArray[np.float32] | None = None
+    saving: tuple[LabelledBox, ...] | None = None
+    """The boxes of a :class:`SaveFrame` whose outcome the driver has not reported yet."""
 
 
 class LabelSession:
@@ -287,6 +310,8 @@ class LabelSession:
     def handle(self, event: Event) -> list[Action]:
         if isinstance(event, Key):
             return self._on_key(event.code)
+        if isinstance(event, FrameSaved | SaveFailed):
+            return self._on_saved(event)
         if self._s.mode == "box":
             return self._on_box_mouse(event)
         return self._on_gesture_mouse(event)
@@ -298,7 +323,11 @@ class LabelSession:
         if isinstance(ev, MouseDown):
             if not self.view.contains(ev.x, ev.y):
                 return []
+            dropped = s.pending_box if s.phase is Phase.BOX_PENDING else None
             s.phase, s.drag_start, s.drag_end, s.pending_box = Phase.DRAWING, (ev.x, ev.y), (ev.x, ev.y), None
+            if dropped is not None:  # (redrawing a bad box is fine; losing one without a word was not)
+                return [Notice(text=f"box {dropped} dropped unlabelled: press its class (0-{self.n_box_classes - 1}) "
+                                    "before drawing the next")]
             return []
         if s.phase is not Phase.DRAWING or s.drag_start is None:
             return []
@@ -318,7 +347,11 @@ class LabelSession:
     def _on_gesture_mouse(self, ev: MouseDown | MouseMove | MouseUp) -> list[Action]:
         s = self._s
         if isinstance(ev, MouseDown):
+            dropped = s.phase is Phase.GESTURE_PENDING and s.pending_gesture is not None
             s.phase, s.trajectory, s.pending_gesture = Phase.RECORDING, [(ev.t, ev.x, ev.y)], None
+            if dropped:
+                return [Notice(text=f"gesture dropped unlabelled: press its class (0-{self.n_gesture_classes - 1}) "
+                                    "before drawing the next")]
             return []
         if s.phase is not Phase.RECORDING:
             return []
@@ -365,7 +398,7 @@ class LabelSession:
             if s.paused:
                 s.draft.append(row)
                 return [Notice(text=f"{len(s.draft)} box(es) on this frame: draw more, space saves it")]
-            return [SaveFrame(boxes=(row,))]
+            return self._save((row,))
         if s.phase is Phase.GESTURE_PENDING and s.pending_gesture is not None:
             seq = s.pending_gesture
             s.pending_gesture, s.trajectory, s.phase = None, [], Phase.LIVE
@@ -397,7 +430,24 @@ class LabelSession:
             return [Notice(text="paused: box several objects, then space saves the frame with all of them")]
         s.paused = False
         draft, s.draft = s.draft, []
-        return [SaveFrame(boxes=tuple(draft))] if draft else [Notice(text="live")]
+        return self._save(tuple(draft)) if draft else [Notice(text="live")]
+
+    def _save(self, boxes: tuple[LabelledBox, ...]) -> list[Action]:
+        """SaveFrame, the boxes kept until the driver says they are stored."""
+        self._s.saving = boxes
+        return [SaveFrame(boxes=boxes)]
+
+    def _on_saved(self, ev: FrameSaved | SaveFailed) -> list[Action]:
+        s = self._s
+        boxes, s.saving = s.saving, None
+        if isinstance(ev, FrameSaved):
+            return []
+        if boxes is None or s.mode != "box" or s.phase is not Phase.LIVE:
+            return [Notice(text=f"not saved: {ev.reason}", error=True)]
+        # back on the held frame, paused, with whatever was drafted since (nothing, in the driver)
+        s.paused, s.draft = True, [*boxes, *s.draft]
+        return [Notice(text=f"not saved: {ev.reason}; its {len(boxes)} box(es) stay on this paused frame: "
+                            "space tries again, u drops the last", error=True)]
 
     def _quit(self) -> list[Action]:
         s = self._s
@@ -410,6 +460,7 @@ class LabelSession:
         s.phase, s.paused, s.draft = Phase.LIVE, False, []
         s.drag_start = s.drag_end = None
         s.pending_box, s.trajectory, s.pending_gesture = None, [], None
+        s.saving = None  # (quitting: there is no frame left to put a failed save's boxes back on)
 
 
 # ---------------------------------------------------------------------- overlay

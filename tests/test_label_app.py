@@ -252,6 +252,53 @@ def test_enter_resumes_and_quit_keeps_a_labelled_draft() -> None:
     assert key(session(), "s") == [Snapshot()]
 
 
+def test_a_refused_save_puts_its_boxes_back_on_the_paused_frame() -> None:
+    """The session dropped a paused frame's draft when it asked for the save, so a store that
+    refused it (disk full) lost every box on that frame (helper-117). Until the driver reports
+    FrameSaved the boxes are kept; SaveFailed puts them back, paused, and space tries again."""
+    from demos.label_ui import FrameSaved, SaveFailed
+
+    s = session()
+    key(s, " ")
+    drag(s, (10, 10), (60, 60))
+    key(s, "1")
+    drag(s, (100, 100), (200, 160))
+    key(s, "0")
+    boxes = ((1, 5, 5, 31, 31), (0, 50, 50, 101, 81))
+    assert key(s, " ") == [SaveFrame(boxes=boxes)]
+    [notice] = s.handle(SaveFailed(reason="database or disk is full"))
+    assert notice.error and "not saved: database or disk is full" in notice.text and "space tries again" in notice.text
+    assert s.state.paused and s.frozen and s.state.draft == list(boxes)  # the same frame, every box
+    assert key(s, " ") == [SaveFrame(boxes=boxes)]  # again, once there is room
+    assert s.handle(FrameSaved()) == [] and not s.state.paused and not s.state.draft and not s.frozen
+    assert s.handle(SaveFailed(reason="late")) == [Notice(text="not saved: late", error=True)] and not s.state.paused
+    # one box, not paused: a refusal keeps it too, on its (paused) frame
+    drag(s, (10, 10), (60, 60))
+    assert key(s, "2") == [SaveFrame(boxes=((2, 5, 5, 31, 31),))]
+    s.handle(SaveFailed(reason="full"))
+    assert s.state.paused and s.state.draft == [(2, 5, 5, 31, 31)]
+    # quitting: there is no frame to go back to
+    assert key(s, "q") == [SaveFrame(boxes=((2, 5, 5, 31, 31),)), Quit()]
+    s.handle(SaveFailed(reason="full"))
+    assert not s.state.paused and not s.state.draft
+
+
+def test_a_new_drag_says_that_it_dropped_the_unlabelled_box() -> None:
+    """Starting a new box while one waited for its class replaced it without a word (helper-117)."""
+    s = session()
+    drag(s, (10, 10), (60, 60))
+    out = s.handle(MouseDown(x=100, y=100, t=1.0))
+    assert [n.text for n in out] == ["box (5, 5, 31, 31) dropped unlabelled: press its class (0-4) before drawing the next"]
+    assert s.state.phase is Phase.DRAWING and s.state.pending_box is None
+    assert s.handle(MouseUp(x=140, y=140, t=1.1))[0].text.startswith("box (50, 50, 71, 71)")
+    key(s, "1")
+    assert s.handle(MouseDown(x=10, y=10, t=2.0)) == []  # nothing was pending: nothing to say
+    g = session(mode="gesture")
+    drag(g, (10, 10), (200, 10))
+    assert g.state.phase is Phase.GESTURE_PENDING
+    assert "gesture dropped unlabelled" in g.handle(MouseDown(x=10, y=10, t=3.0))[0].text
+
+
 def test_drags_start_on_the_image_and_are_clamped_to_it() -> None:
     s = session()  # image 480 x 360 at 2x; the panel lies to its right
     assert s.handle(MouseDown(x=600, y=20, t=0)) == [] and s.state.phase is Phase.LIVE
@@ -1036,6 +1083,41 @@ def test_a_missing_camera_is_one_line_not_a_page_of_opencv_warnings(capfd: pytes
     assert cv2.utils.logging.getLogLevel() == level
 
 
+def test_a_paused_frame_the_store_refuses_keeps_its_boxes_and_its_frame(tmp_path: Path) -> None:
+    """helper-117: with the store refusing (disk full), space on a paused frame with boxes said
+    "not saved" and went live: the boxes and the frame they were drawn on were gone."""
+    from demos.label import Backend, LabelApp
+    from edge_sdk.store import DEFAULT_MAX_FRAME_BYTES
+    from tests.helpers import close_unstarted, unstarted_client
+
+    client = unstarted_client(tmp_path, task="detection", min_samples=64)
+    try:
+        app = LabelApp.__new__(LabelApp)  # only what _dispatch and _save_frame read: no window
+        app.backend, app.notice, app.class_names = Backend(broker_url="mqtt://127.0.0.1:1", detect=client), None, NAMES
+        app.session, app._counts = session(), (0, 0)
+        side = int((DEFAULT_MAX_FRAME_BYTES / 3) ** 0.5) + 8
+        refused = np.zeros((side, side, 3), np.uint8)  # over the store's frame cap: refused, as a full disk is
+        app.held, app.shown = None, refused
+        app._dispatch(Key(code=ord(" ")))
+        assert app.held is refused
+        for a, b, cls in [((10, 10), (60, 60), "1"), ((100, 100), (200, 160), "0")]:
+            for ev in (MouseDown(x=a[0], y=a[1], t=0), MouseUp(x=b[0], y=b[1], t=0.1)):
+                app._dispatch(ev)
+            app._dispatch(Key(code=ord(cls)))
+        app._dispatch(Key(code=ord(" ")))  # save: refused
+        assert client.store.count("frame") == 0
+        assert app.notice is not None and app.notice[1].error and "not saved" in app.notice[1].text
+        assert app.session.state.paused and app.session.state.draft == [(1, 5, 5, 31, 31), (0, 50, 50, 101, 81)]
+        assert app.held is refused  # still the frame they were drawn on
+        app.held = np.zeros((180, 240, 3), np.uint8)  # (room again; the same frame, smaller)
+        app._dispatch(Key(code=ord(" ")))
+        assert client.store.count("frame") == 1 and not app.session.state.draft and app.held is None
+        [(_, stored_boxes, *_)] = list(client.store.frames())
+        assert stored_boxes.tolist() == [[1, 5, 5, 31, 31], [0, 50, 50, 101, 81]]
+    finally:
+        close_unstarted(client)
+
+
 def test_a_frame_the_store_refuses_is_said_on_the_terminal_too(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
     """A refused save ("not saved: database or disk is full", seen with the data dir on a full
     tmpfs) was only a notice in the window and an INFO line: at the default log level the
@@ -1050,6 +1132,7 @@ def test_a_frame_the_store_refuses_is_said_on_the_terminal_too(caplog: pytest.Lo
     try:
         app = LabelApp.__new__(LabelApp)  # only what _save_frame reads: no window
         app.backend, app.notice, app.class_names = Backend(broker_url="mqtt://127.0.0.1:1", detect=client), None, NAMES
+        app.session = session()
         side = int((DEFAULT_MAX_FRAME_BYTES / 3) ** 0.5) + 8
         app.held, app.shown = np.zeros((side, side, 3), np.uint8), None  # over the store's frame cap: refused
         with caplog.at_level(logging.WARNING, logger="edgeci.label"):
