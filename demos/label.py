@@ -51,7 +51,9 @@ import numpy.typing as npt
 from coordinator.cli import check_init, holds_versions
 from coordinator.config import bounded, finite
 from demos.label_ui import (
+    HELP_H,
     KEY_ESC,
+    PANEL_W,
     Action,
     FrameSaved,
     Key,
@@ -67,11 +69,13 @@ from demos.label_ui import (
     SaveGesture,
     Snapshot,
     Status,
+    View,
+    canvas_size,
     fit_view,
     progress,
     render,
 )
-from edge_sdk.errors import ConfigError, EdgeciError, TransportError
+from edge_sdk.errors import BadOption, ConfigError, EdgeciError, TransportError
 from edge_sdk.mqtt import TOFU_DEVICES, add_broker_arguments
 from edge_sdk.paths import HOME_ENV, device_dir
 from edge_sdk.store import DEFAULT_MAX_FRAME_BYTES
@@ -80,6 +84,8 @@ from edge_sdk.tasks.registry import TASK_INFO
 log = logging.getLogger("edgeci.label")
 
 TITLE = "edgeci label"
+MAX_WINDOW_PX = 4096
+"""The window's longest side: `--zoom 8 --size 1024` drew an 8192-pixel one (about 200 MB a frame)."""
 NOTICE_S = 4.0
 Frame = npt.NDArray[np.uint8]
 
@@ -108,7 +114,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gesture-min-samples", type=bounded(int, 1), default=TASK_INFO["gestures"].min_samples, help="D_min for gestures")
     p.add_argument("--init", type=Path, help="embedded coordinator: deploy this detector model file instead of pretraining one")
     p.add_argument("--size", type=int, default=320, help="side of the synthetic scenes in pixels")
-    p.add_argument("--zoom", type=float, help="display scale of the frame (default: fit about 640 px)")
+    p.add_argument("--zoom", type=float, help="display scale of the frame, 0.1..8, the window at most 4096 px a side (default: fit about 640 px)")
     p.add_argument("--fps", type=finite(bounded(float, 0.1)), default=25.0, help="frame rate cap of the window (at least 0.1)")
     p.add_argument("--seed", type=bounded(int, 0), default=0, help="synthetic scenes and training seed (>= 0)")
 
@@ -797,6 +803,17 @@ def default_data_dir(device_id: str) -> Path:
     return device_dir(device_id)  # the SDK's convention: $EDGECI_HOME/devices/<id>
 
 
+def check_window(view: View, source_name: str) -> None:
+    """A window (frame at its zoom, side panel, help bar) over MAX_WINDOW_PX a side is a BadOption."""
+    width, height = canvas_size(view)
+    if max(width, height) <= MAX_WINDOW_PX:
+        return
+    fits = min((MAX_WINDOW_PX - PANEL_W) / view.frame_w, (MAX_WINDOW_PX - HELP_H) / view.frame_h)
+    raise BadOption(f"--zoom {view.scale:g} shows the {view.frame_w}x{view.frame_h} frames of {source_name} in a "
+                    f"{width}x{height} window, over {MAX_WINDOW_PX} pixels a side: use --zoom {math.floor(fits * 10) / 10:g} "
+                    "or less (or no --zoom)")
+
+
 def run(args: argparse.Namespace) -> int:
     from edge_sdk.wire.topics import check_id
 
@@ -818,12 +835,14 @@ def run(args: argparse.Namespace) -> int:
 
     previous = signal.signal(signal.SIGTERM, terminated)  # (the default killed the app and left its coordinators running)
     try:
+        first = source.read(0.0)
+        view = fit_view(first.shape[1], first.shape[0], zoom=args.zoom)
+        check_window(view, source.name)  # before the backend (minutes of pretraining on a first run)
         backend = start_backend(args, data_dir)
         from edge_sdk.tasks.gestures import GESTURES, LENGTH, VELOCITY_GAIN
 
-        first = source.read(0.0)
         session = LabelSession(
-            view=fit_view(first.shape[1], first.shape[0], zoom=args.zoom),
+            view=view,
             n_box_classes=int(backend.detect_task.config.n_classes), n_gesture_classes=len(GESTURES),
             gesture_length=LENGTH, gesture_gain=VELOCITY_GAIN,
             mode="box" if args.mode == "detect" else "gesture",

@@ -564,6 +564,24 @@ def test_a_data_dir_that_is_a_file_is_one_line(capsys: pytest.CaptureFixture[str
     assert f"edgeci label: error: --data-dir {afile} is not a folder" in err and "Traceback" not in err, err
 
 
+@pytest.mark.parametrize(("flags", "fits"), [(["--size", "1024", "--zoom", "8"], "3.6"), (["--size", "640", "--zoom", "7"], "5.8")])
+def test_a_window_over_4096_pixels_is_a_usage_error_before_the_backend_starts(
+        flags: list[str], fits: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`--zoom 8 --size 1024` was accepted and drew an 8192-pixel window, ~200 MB a frame (helper-117)."""
+    import demos.label as label
+    from demos.cli import main
+
+    def no_backend(*a: Any) -> None:
+        raise AssertionError("the backend started")
+
+    monkeypatch.setenv("QT_QPA_PLATFORM", "offscreen")  # past the display check; no window opens
+    monkeypatch.setattr(label, "start_backend", no_backend)
+    assert main(["label", "--source", "synthetic", *flags, "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert "edgeci label: error: --zoom" in err and f"over 4096 pixels a side: use --zoom {fits} or less" in err, err
+
+
 # ---------------------------------------------------------------------- the detection device
 
 
@@ -951,7 +969,7 @@ def test_sigterm_stops_the_embedded_backend_as_quitting_does(monkeypatch: pytest
     import demos.label as label
 
     stopped: list[str] = []
-    source = types.SimpleNamespace(read=lambda t: np.zeros((60, 80, 3), np.uint8), close=lambda: stopped.append("source"))
+    source = types.SimpleNamespace(name="fake", read=lambda t: np.zeros((60, 80, 3), np.uint8), close=lambda: stopped.append("source"))
     backend = types.SimpleNamespace(detect=None, detect_task=types.SimpleNamespace(config=types.SimpleNamespace(n_classes=5)),
                                     stop=lambda: stopped.append("backend"))
 
