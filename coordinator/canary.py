@@ -26,12 +26,20 @@ are trimmed, or they sit between honest ones. A decision also needs the devices 
 half see one), so colluding liars short of a majority can at most hold a candidate.
 A round ends with the gate's decision, at its deadline, or when the release moves on.
 
-Rounds are not persisted: a restarted coordinator opens a new round on the candidate it gates
-again, often for the same candidate, release and cohort. Each round has its own ``nonce``
-(:func:`round_nonce`), so a device that served the old round takes the new one (it refuses only
-a repeat of a round it took) and a report of the old round is refused (``canary_stale_round``).
-The nonce names the round; it is no secret (the request carrying it is signed, the report
-comes on the device's own topic).
+The open round is durable: the core asks the driver to record it (:meth:`CanaryRound.record`,
+the registry's ``canary.json``) when it opens, before its requests go out, and again with each
+accepted report, before the decision that report may bring. A restarted coordinator that gates the
+same candidate against the same release again (in the same epoch) *resumes* that round — its nonce,
+cohort, deadline and the reports recorded — instead of drawing a cohort among the devices seen since
+the restart; it asks the cohort members that have not reported again (a device ignores a request of
+a round it took), and a round whose deadline passed while it was down ends at once, as the deadline
+rule says. A report accepted but not yet recorded when the process died is taken again if the broker
+redelivers it (once: the round keeps one report per device). Without a record (a state dir from
+before it, a record of another candidate) a restarted coordinator opens a new round. Each round
+has its own ``nonce`` (:func:`round_nonce`), so a device that served an old round takes the new one
+(it refuses only a repeat of a round it took) and a report of another round is refused
+(``canary_stale_round``). The nonce names the round; it is no secret (the request carrying it is
+signed, the report comes on the device's own topic).
 
 Cohort rule: among the devices seen within ``recent_s`` (and not known offline), rank by
 ``h(device, version)`` — the first 8 bytes of SHA-256 as a number in [0, 1) — and take those
@@ -46,8 +54,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from edge_sdk.errors import (
     ConfigError,
@@ -166,6 +176,44 @@ class CanaryRound:
         if report.n > cap:
             raise ReportTooLarge(f"{report.n} labels reported; a device may count at most {cap}")
         return report.counts
+
+    def record(self, epoch: int) -> dict[str, Any]:
+        """The round as the registry keeps it (``canary.json``; JSON-ready), in numbering ``epoch``."""
+        return {"candidate": self.candidate, "release": self.release, "epoch": epoch, "nonce": self.nonce,
+                "deadline": self.deadline, "cohort": sorted(self.cohort),
+                "reports": {d: list(c) for d, c in sorted(self.reports.items())}}
+
+    @classmethod
+    def from_record(cls, record: object, epoch: int) -> CanaryRound | None:
+        """The round :meth:`record` wrote, if it is one of numbering ``epoch``; None for anything else
+        (another epoch, a damaged or foreign file: a new round is opened instead)."""
+        if not isinstance(record, Mapping) or record.get("epoch") != epoch:
+            return None
+        candidate, release, nonce, deadline = (record.get(k) for k in ("candidate", "release", "nonce", "deadline"))
+        cohort, reports = record.get("cohort"), record.get("reports")
+        if not (_int(candidate, 0, 2**63 - 1) and _int(release, 0, 2**63 - 1) and _int(nonce, 1, 2**63 - 1)
+                and isinstance(deadline, int | float) and not isinstance(deadline, bool) and math.isfinite(deadline)
+                and isinstance(cohort, list) and 0 < len(cohort) <= MAX_RECORDED_COHORT
+                and all(isinstance(d, str) and _ID.fullmatch(d) for d in cohort) and isinstance(reports, Mapping)):
+            return None
+        members = frozenset(cohort)
+        counts: dict[str, Counts] = {}
+        for device, c in reports.items():
+            if device not in members or not (isinstance(c, list) and len(c) == 4 and all(_int(v, 0, MAX_CANARY_SAMPLES) for v in c)):
+                return None
+            counts[device] = (c[0], c[1], c[2], c[3])
+        assert isinstance(candidate, int) and isinstance(release, int) and isinstance(nonce, int)
+        return cls(candidate=candidate, release=release, cohort=members, deadline=float(deadline), nonce=nonce, reports=counts)
+
+
+MAX_RECORDED_COHORT = 10_000
+"""A recorded cohort larger than this is no record of ours (a core tracks at most 10,000 devices' presence)."""
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+"""A device id, matched whole (as :func:`edge_sdk.wire.topics.check_id` takes it)."""
+
+
+def _int(value: object, lo: int, hi: int) -> bool:
+    return type(value) is int and lo <= value <= hi
 
 
 def trimmed(reports: Mapping[str, Counts], trim: int) -> list[Counts]:

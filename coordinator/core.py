@@ -43,8 +43,11 @@ flat float32 ``weights``. Devices talk to it over per-device topics (``edge_sdk.
   at a time is also scored by devices (test-then-train): a signed ``Canary`` on each cohort
   member's invite topic, a canary pull for the candidate's weights, a ``CanaryReport`` of
   paired counts on its update topic — checked, counted by reason when bad, pooled by the gate.
-  Rounds are not persisted: a restart opens a new one, with a new nonce (a report echoing an
-  older round's is refused, ``canary_stale_round``; the devices take the new round).
+  The open round is recorded (``RecordCanaryRound``) when it opens, before its requests, and
+  with each accepted report, before the decision it may bring: a restart that gates the same
+  candidate against the same release resumes it (nonce, cohort, deadline, reports), so its
+  cohort's reports still count; without a record a restart opens a new round, with a new nonce
+  (a report echoing another round's is refused, ``canary_stale_round``).
 * Operator control (``edgeci/v1/{region}/control``): ``rollback`` / ``pin`` / ``unpin``,
   signed by an operator key (or this coordinator's own), in the name that key belongs to
   (``CoordinatorConfig.operators``; the coordinator's own key: its id), fresh and never
@@ -78,8 +81,10 @@ Transitions::
     Update (not selected) Publish(ack rejected, reason not_selected): a selecting strategy did not serve it
     TimerFired            plan (and a canary round's deadline: the gate decides on what came in;
                           with none open, a new try: CANARY_RETRY_S after one found no cohort)
-    CanaryReport (valid)  gate evidence; a decision → RecordRelease (+ rollback), next round's Canary
-    Commit (canary on)    Publish(canary) per cohort device, when no round is open
+    CanaryReport (valid)  RecordCanaryRound, gate evidence; a decision → RecordRelease (+ rollback), next round
+    Commit (canary on)    RecordCanaryRound, Publish(canary) per cohort device, when no round is open
+    start (regate)        the recorded round of that candidate and release resumed: Publish(canary) to the
+                          members yet to report (past its deadline: it ends, the gate decides on what came in)
     StorageChanged        accept / stop accepting updates
     plan.aggregate        CommitVersion(version + 1), Publish(status, retained)
     plan.invite           Publish(invite) per device
@@ -101,7 +106,7 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.canary import CanaryRound, eligible, pick_cohort, round_nonce
+from coordinator.canary import CanaryConfig, CanaryRound, eligible, pick_cohort, round_nonce
 from coordinator.conversion import ConversionConfig, SwitchTracker, dc_asgd
 from coordinator.gate import Decision, Gate, GateConfig
 from coordinator.peering.base import BROADCAST, Peering, PeerPlan, Tallies
@@ -282,6 +287,16 @@ class RecordRelease:
 
 @fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RecordCanaryRound:
+    """Durably record the open canary round (:meth:`coordinator.canary.CanaryRound.record`: candidate,
+    release, epoch, nonce, deadline, cohort, the reports accepted so far), replacing the last record:
+    a restarted core resumes it (``Snapshot.canary_round``)."""
+
+    round: Mapping[str, Any]
+
+
+@fast_init
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LoadVersion:
     """Read version ``version``'s weights from the registry and answer ``VersionLoaded``."""
 
@@ -327,7 +342,8 @@ class _Parked:
     target: Vector
 
 
-CoordinatorAction = Publish | ScheduleTimer | PersistUpdate | CommitVersion | Notify | EvaluateCandidate | RecordRelease | LoadVersion | ConvertUpdate
+CoordinatorAction = (Publish | ScheduleTimer | PersistUpdate | CommitVersion | Notify | EvaluateCandidate | RecordRelease | RecordCanaryRound
+                     | LoadVersion | ConvertUpdate)
 PRESENCE_LIMIT = 10_000
 """Devices whose presence (online flag, last seen) is tracked; the least recent are forgotten."""
 RECENT_DEVICES = 50
@@ -480,6 +496,9 @@ class Snapshot:
     cohort when it is gated again after the restart."""
     gate_floor: Mapping[str, Any] | None = None
     """The gate's best-release floor as last recorded (``RecordRelease.floor``); None: none."""
+    canary_round: Mapping[str, Any] | None = None
+    """The canary round last recorded (``RecordCanaryRound``); None: none. Resumed when its candidate
+    is gated again against its release, in its epoch (else a new round is opened)."""
 
 
 def _command_key(msg: Control) -> tuple[str, int, str, int, bool]:
@@ -571,6 +590,8 @@ class CoordinatorCore:
         self._canary_weights: Vector = _NO_WEIGHTS
         self._canary_retry_at: float | None = None
         """When to try again to open a round that found no cohort (:data:`CANARY_RETRY_S`)."""
+        self._canary_resume = CanaryRound.from_record(snapshot.canary_round, self._epoch) if snapshot.canary_round else None
+        """The round recorded before the restart: resumed by the first round start, if on its candidate and release."""
         # Executed operator commands (within their age window a replay is refused): seeded from the
         # durable release record, so a restart or a rebuilt core does not run a replayed one again.
         # Who may command, by key id: (the name commands signed with it must give, the key).
@@ -818,7 +839,12 @@ class CoordinatorCore:
             rejected, through = self._unrecorded_reject
             self._unrecorded_reject = None
             changed.append(self._record(now, "reject", rejected, through=through, from_commit=True))
-        return [*changed, *self._after(now), *self._regate_newest(now), self._status_action(now), *self._recall(force=True)]
+        actions = [*changed, *self._after(now), *self._regate_newest(now)]
+        rnd = self._canary_round  # opened or resumed by the regate, after _after armed the timer: its deadline's wake-up
+        if rnd is not None and (self._wake_at is None or rnd.deadline < self._wake_at):
+            self._wake_at = rnd.deadline
+            actions.append(ScheduleTimer(at=rnd.deadline))
+        return [*actions, self._status_action(now), *self._recall(force=True)]
 
     def refresh_policy(self) -> None:
         """The strategy's staleness parameters changed (SIGHUP): judge stale updates by them from
@@ -1632,6 +1658,9 @@ class CoordinatorCore:
         if not versions:
             return []
         version = max(versions)
+        resume, self._canary_resume = self._canary_resume, None
+        if resume is not None and (resume.candidate, resume.release) == (version, self._release_version):
+            return self._canary_resumed(gate, cfg, resume, now)
         # A device does not judge a candidate built from its own update (unless too few others are around).
         recent = eligible(self._presence, now, cfg.recent_s)
         built = set(self._candidate_devices.get(version, ()))  # (once: it was rebuilt per recent device)
@@ -1645,19 +1674,44 @@ class CoordinatorCore:
         # Its own nonce: after a restart the same candidate, release and cohort make a new round (see coordinator.canary).
         nonce = round_nonce(self.config.coordinator_id, self._epoch, version, self._release_version, now,
                             self.counters["canary_rounds"])
-        self._canary_round = CanaryRound(candidate=version, release=self._release_version, cohort=frozenset(cohort),
-                                         deadline=now + cfg.deadline_s, nonce=nonce)
+        rnd = self._canary_round = CanaryRound(candidate=version, release=self._release_version, cohort=frozenset(cohort),
+                                               deadline=now + cfg.deadline_s, nonce=nonce)
         self._canary_weights = self._history[version]
         self.counters["canary_rounds"] += 1
         self.counters["canary_invited"] += len(cohort)
         self._status_dirty = True
+        # Recorded before any device hears of it: a restart resumes it (no device holds a round's nonce unrecorded).
+        return [RecordCanaryRound(round=rnd.record(self._epoch)), *self._canary_requests(rnd, cohort, cfg.samples, cfg.report_by_s)]
+
+    def _canary_requests(self, rnd: CanaryRound, devices: Sequence[str], samples: int, deadline_s: float) -> list[CoordinatorAction]:
+        """The round's signed requests to ``devices``, on their invite topics."""
         actions: list[CoordinatorAction] = []
-        for device in cohort:
-            ask = Canary(device=device, candidate=version, release=self._release_version, samples=cfg.samples,
-                         deadline_s=cfg.report_by_s, epoch=self._epoch, nonce=nonce)
+        for device in devices:
+            ask = Canary(device=device, candidate=rnd.candidate, release=rnd.release, samples=samples,
+                         deadline_s=deadline_s, epoch=self._epoch, nonce=rnd.nonce)
             actions.append(self._publish(topics.device_topic(self.config.region, device, "invite"),
                                          encode(ask, signer=self.config.signer, scope=topics.device_scope(self.config.region, "invite"))))
         return actions
+
+    def _canary_resumed(self, gate: Gate, cfg: CanaryConfig, rnd: CanaryRound, now: float) -> list[CoordinatorAction]:
+        """The round recorded before the restart, on the candidate gated again: the same nonce, cohort
+        and deadline, its recorded reports as evidence; the members yet to report are asked again (one
+        that took the round ignores it). Past its deadline it ends now, as the deadline rule says."""
+        gate.reset_canary(rnd.candidate, expected=len(rnd.cohort))
+        for device, counts in sorted(rnd.reports.items()):
+            gate.record_canary(rnd.candidate, device, counts)
+        self._canary_round, self._canary_weights = rnd, self._history[rnd.candidate]
+        self.counters["canary_resumed"] += 1
+        self._status_dirty = True
+        decision = gate.decide(rnd.candidate)
+        if decision is not None:  # its last report was recorded, the decision it brought was not
+            return self._decided(rnd.candidate, decision, now)
+        if now >= rnd.deadline:  # it ran out while the coordinator was down
+            return self._canary_expire(now)
+        report_by = min(cfg.report_by_s, rnd.deadline - now - (cfg.deadline_s - cfg.report_by_s))
+        if report_by <= 0:
+            return []  # too late to ask anyone new: the reports on their way decide at the deadline
+        return self._canary_requests(rnd, sorted(rnd.cohort - rnd.reports.keys()), cfg.samples, report_by)
 
     def _canary_refresh(self, now: float) -> list[CoordinatorAction]:
         """After a decision or a release change: end the round if its candidate is decided or its
@@ -1684,8 +1738,13 @@ class CoordinatorCore:
         return self._decided(rnd.candidate, decision, now)
 
     def _on_canary_report(self, msg: CanaryReport, now: float) -> list[CoordinatorAction]:
-        """A cohort member's paired counts: checked, then evidence for the gate. A bad one is
-        counted by reason and changes nothing."""
+        """A cohort member's paired counts: checked, recorded with the round, then evidence for the
+        gate. A bad one is counted by reason and changes nothing."""
+        actions: list[CoordinatorAction] = []
+        if self._canary_round is None and self._canary_resume is not None:
+            # Before start(): a broker hands over what it kept while we were down first. The recorded
+            # round is resumed now (its candidate gated again), or its reports would be refused.
+            actions = self._regate_newest(now)
         try:
             rnd = self._canary_round
             if self._gate is None or self._gate.config.canary is None or rnd is None:
@@ -1695,12 +1754,15 @@ class CoordinatorCore:
             self.counters["canary_rejected"] += 1
             self.counters[f"canary_reject:{exc.reason}"] += 1
             self._status_dirty = True
-            return [Notify(kind="rejected", data={"reason": exc.reason, "detail": str(exc)[:200], "device": msg.device})]
+            return [*actions, Notify(kind="rejected", data={"reason": exc.reason, "detail": str(exc)[:200], "device": msg.device})]
         rnd.reports[msg.device] = counts
         self.counters["canary_reports"] += 1
         self._status_dirty = True
+        # Recorded before the decision it may bring: a restart resumes the round with it (and a redelivered
+        # copy is a duplicate then); one that dies before the record takes a redelivered copy, once.
+        actions.append(RecordCanaryRound(round=rnd.record(self._epoch)))
         decision = self._gate.record_canary(rnd.candidate, msg.device, counts)
-        return [] if decision is None else self._decided(rnd.candidate, decision, now)
+        return actions if decision is None else actions + self._decided(rnd.candidate, decision, now)
 
     def _canary_fetch(self, msg: Pull) -> Publish:
         """A cohort member fetches the candidate it was asked to evaluate (never a training pull)."""
@@ -1724,7 +1786,7 @@ class CoordinatorCore:
             "min_reports": cfg.min_reports,
             "round": None if rnd is None else {"candidate": rnd.candidate, "release": rnd.release, "cohort": len(rnd.cohort),
                                                "reports": len(rnd.reports), "deadline": rnd.deadline},
-            **{k: c[f"canary_{k}"] for k in ("rounds", "invited", "fetches", "reports", "rejected", "rounds_expired", "no_cohort")},
+            **{k: c[f"canary_{k}"] for k in ("rounds", "resumed", "invited", "fetches", "reports", "rejected", "rounds_expired", "no_cohort")},
             "rejected_by_reason": {k.split(":", 1)[1].removeprefix("canary_"): v
                                    for k, v in c.items() if k.startswith("canary_reject:")},
         }

@@ -37,6 +37,7 @@ from coordinator.core import (
     EvaluateCandidate,
     LoadVersion,
     PersistUpdate,
+    RecordCanaryRound,
     RecordRelease,
     Snapshot,
     StorageChanged,
@@ -829,6 +830,11 @@ class CoordinatorDaemon:
             if self.on_release is not None:
                 version, weights = self.core.release
                 self.on_release(version, weights)
+        elif isinstance(action, RecordCanaryRound):
+            try:
+                self.registry.record_canary_round(action.round)
+            except OSError as exc:  # nothing after it leaves: no request of an unrecorded round, no decision on an unrecorded report
+                self._storage_failed(f"recording the canary round: {exc}")
         elif isinstance(action, ConvertUpdate):
             if self.conversions is not None:
                 self.conversions.submit(action)

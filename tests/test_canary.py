@@ -28,6 +28,7 @@ from coordinator.core import (
     CoordinatorConfig,
     CoordinatorCore,
     EvaluateCandidate,
+    RecordCanaryRound,
     RecordRelease,
 )
 from coordinator.gate import Gate, GateConfig
@@ -347,11 +348,12 @@ def test_hostile_reports_are_typed_counted_and_change_nothing() -> None:
     ]
     for event, reason in hostile:
         acts = c.handle(event)
-        assert not of(acts, RecordRelease) and not of(acts, CommitVersion)
+        assert not of(acts, RecordRelease) and not of(acts, CommitVersion) and not of(acts, RecordCanaryRound)
         assert c.counters[f"canary_reject:{reason}"] >= 1
-    assert c.handle(report(asked[0], GOOD, nonce=nonce)) == []  # the first real one is taken
+    (rec,) = c.handle(report(asked[0], GOOD, nonce=nonce))  # the first real one is taken: recorded with its round
+    assert isinstance(rec, RecordCanaryRound) and rec.round["reports"] == {asked[0]: list(GOOD)} and rec.round["nonce"] == nonce
     assert c.handle(report(asked[0], GOOD, nonce=nonce))[0].data["reason"] == "canary_duplicate"  # type: ignore[attr-defined]
-    assert c.handle(report(asked[1], GOOD)) == []  # without a nonce (an SDK from before them): judged as before
+    assert of(c.handle(report(asked[1], GOOD)), RecordCanaryRound)  # without a nonce (an SDK from before them): judged as before
     gate = c.status().extra["gate"]
     assert gate["canary"]["reports"] == 2 and gate["canary"]["rejected"] == 6
     assert gate["canary"]["rejected_by_reason"] == {"not_in_cohort": 1, "unknown_candidate": 2, "too_many_labels": 1, "duplicate": 1,
@@ -611,7 +613,9 @@ def test_a_round_reopened_after_a_restart_gets_reports_from_devices_that_reporte
     candidate it gates again, asking the same cohort. A device that had reported to the old round
     refused the new request (it kept the (candidate, release) it served, the same again), so the
     round ended at its deadline short of reports. Each round now has its own nonce: the device
-    refuses only a repeat of one it served, and the coordinator takes only reports of its round."""
+    refuses only a repeat of one it served, and the coordinator takes only reports of its round.
+    (Only the commits are made durable here: no round is recorded, as in a state dir from before
+    the record, so the restart opens a new round.)"""
     cfg = CanaryConfig(fraction=1.0, samples=4, min_reports=3, deadline_s=100.0, recent_s=1000.0)
     registry = Registry(tmp_path, SPEC)
     registry.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
@@ -663,6 +667,188 @@ def test_a_round_reopened_after_a_restart_gets_reports_from_devices_that_reporte
     (rec,) = of(decided, RecordRelease)
     assert rec.event["action"] == "promote" and rec.event["canary"]["reports"] == 3
     assert restarted.release[0] == 1
+
+
+def durable(registry: Registry, actions: Sequence[object]) -> None:
+    """What the daemon makes durable of ``actions``, in their order."""
+    for a in actions:
+        if isinstance(a, CommitVersion):
+            registry.commit(a)
+        elif isinstance(a, RecordCanaryRound):
+            registry.record_canary_round(a.round)
+        elif isinstance(a, RecordRelease):
+            registry.record_release(a.release, a.pinned, a.event, a.floor)
+
+
+def restart(c: CoordinatorCore, registry: Registry, tmp_path: Path) -> tuple[CoordinatorCore, Registry]:
+    """The coordinator process dies (what was not made durable is lost) and starts on its state dir."""
+    registry.close()
+    registry = Registry(tmp_path, SPEC)
+    snap = registry.load()
+    assert snap is not None
+    return CoordinatorCore(c.config, make_strategy("spin", k=1, timeout_s=None, clip_multiplier=0.0), snap, rng=random.Random(0)), registry
+
+
+def opened_round(tmp_path: Path, n: int, cfg: CanaryConfig) -> tuple[CoordinatorCore, Registry, dict[str, DeviceCore], dict[str, Publish]]:
+    """A coordinator on a real state dir, ``n`` devices holding release 0, and candidate 1 (built by
+    "trainer") under a canary round asking all ``n`` (recorded, as the daemon does)."""
+    registry = Registry(tmp_path, SPEC)
+    registry.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    booted = registry.load()
+    assert booted is not None
+    config = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, signer=SIGNER, gate=GateConfig(validation=False, canary=cfg))
+    c = CoordinatorCore(config, make_strategy("spin", k=1, timeout_s=None, clip_multiplier=0.0), booted, rng=random.Random(0))
+    fleet = {name: device(name) for name in DEVICES[:n]}
+    for i, d in enumerate(fleet.values()):
+        d.state.release_wanted = 0
+        relay(c, d, d.start(1.0 + 0.01 * i), 1.0 + 0.01 * i)
+    acts = candidate(c, 1.0, 5.0)
+    durable(registry, acts)
+    requests = asks(acts)
+    assert set(requests) == set(fleet)
+    return c, registry, fleet, requests
+
+
+def deliver(c: CoordinatorCore, pub: Publish, now: float) -> list[object]:
+    return list(c.handle(MessageReceived(now=now, topic=pub.topic, payload=pub.payload)))
+
+
+def test_a_restarted_coordinator_resumes_the_recorded_round_and_its_cohort_reports_to_it(tmp_path: Path) -> None:
+    """helper-114 / helper-120: over MQTT a restarted coordinator drew the new round's cohort among the
+    devices seen since the restart (4 devices: a cohort of 2, below min_reports 3: it could only end
+    held); the devices still scoring the old round send no pulls, and reported to a round that was
+    gone (``canary_stale_round``). The open round is recorded now and resumed: the same nonce, cohort
+    and deadline, the report recorded before the restart kept; the cohort's reports count, even those
+    the broker hands over before start()."""
+    cfg = CanaryConfig(fraction=1.0, samples=4, min_reports=3, deadline_s=100.0, recent_s=1000.0)
+    c, registry, fleet, first = opened_round(tmp_path, 4, cfg)
+    nonce = decode(first["d0"].payload).nonce  # type: ignore[union-attr]
+    (pub,) = serve(c, fleet["d0"], first["d0"], 6.0)
+    durable(registry, deliver(c, pub, 11.0))  # d0 reported before the restart
+    for name in ("d1", "d2"):  # d1 and d2 took the request, fetched the candidate and score (2 labels of 4 so far)
+        out = relay(c, fleet[name], fleet[name].handle(MessageReceived(now=6.0, topic=first[name].topic, payload=first[name].payload)), 6.0)
+        assert of(out, StartCanary)
+        for k in range(2):
+            assert not of(fleet[name].handle(CanaryScored(now=7.0 + k, candidate=1, release=0, candidate_right=True, release_right=True)), Publish)
+    # d3 never got its request (offline, or the broker lost it)
+    restarted, registry = restart(c, registry, tmp_path)
+    # d1 finishes while the coordinator is down: the broker keeps its report and hands it over first
+    done1 = [a for k in range(2) for a in fleet["d1"].handle(CanaryScored(now=20.0 + k, candidate=1, release=0,
+                                                                          candidate_right=True, release_right=True))]
+    (rep1,) = [a for a in of(done1, Publish) if a.topic.endswith("/update")]
+    early = deliver(restarted, rep1, 29.0)  # before start(): the recorded round is resumed for it
+    assert [n.data.get("reason") for n in of(early, Notify) if n.kind == "rejected"] == []
+    assert of(early, RecordCanaryRound) and restarted.counters["canary_resumed"] == 1
+    durable(registry, early)
+    again = asks(early)  # the members yet to report (at the resume, before d1's report) are asked again: the same round
+    assert set(again) == {"d1", "d2", "d3"} and {decode(a.payload).nonce for a in again.values()} == {nonce}  # type: ignore[union-attr]
+    assert all(0 < decode(a.payload).deadline_s <= 105.0 - 29.0 for a in again.values())  # type: ignore[union-attr]
+    acts = list(restarted.start(30.0))
+    assert not asks(acts) and restarted.counters["canary_no_cohort"] == 0 and restarted.counters["canary_rounds"] == 1
+    status = restarted.status().extra["gate"]["canary"]
+    assert status["round"] == {"candidate": 1, "release": 0, "cohort": 4, "reports": 2, "deadline": 105.0} and status["resumed"] == 1
+    assert 105.0 in [a.at for a in of([*early, *acts], ScheduleTimer)]  # its deadline's wake-up
+    for name in ("d1", "d2"):  # a round they took already: ignored
+        assert fleet[name].handle(MessageReceived(now=31.0, topic=again[name].topic, payload=again[name].payload)) == []
+    done2 = [a for k in range(2) for a in fleet["d2"].handle(CanaryScored(now=32.0 + k, candidate=1, release=0,
+                                                                          candidate_right=True, release_right=True))]
+    (rep2,) = [a for a in of(done2, Publish) if a.topic.endswith("/update")]
+    decided = deliver(restarted, rep2, 40.0)
+    (rec,) = of(decided, RecordRelease)
+    assert rec.event["action"] == "promote" and rec.event["canary"]["reports"] == 3 and rec.event["canary"]["n"] == 12
+    assert restarted.release[0] == 1 and restarted.counters["canary_rejected"] == 0
+
+
+def test_a_report_accepted_but_not_recorded_before_a_crash_counts_once(tmp_path: Path) -> None:
+    """The process dies between a report's acceptance and its record: the resumed round lacks it, and
+    the broker redelivers it (QoS 1, never acknowledged): taken then, once. A redelivered report that
+    was recorded is a duplicate; a report of another round is refused. Each is counted and changes
+    nothing, and the decision counts every device once."""
+    cfg = CanaryConfig(fraction=1.0, samples=4, min_reports=3, deadline_s=100.0, recent_s=1000.0)
+    c, registry, fleet, first = opened_round(tmp_path, 3, cfg)
+    nonce = decode(first["d0"].payload).nonce  # type: ignore[union-attr]
+    reports = {name: serve(c, fleet[name], first[name], 6.0)[0] for name in ("d0", "d1")}
+    durable(registry, deliver(c, reports["d0"], 11.0))
+    lost = deliver(c, reports["d1"], 12.0)  # accepted ...
+    assert of(lost, RecordCanaryRound) and c.counters["canary_reports"] == 2  # ... and the process dies before the record
+    restarted, registry = restart(c, registry, tmp_path)
+    acts = list(restarted.start(30.0))
+    durable(registry, acts)
+    assert restarted.status().extra["gate"]["canary"]["round"]["reports"] == 1
+    assert set(asks(acts)) == {"d1", "d2"} and 105.0 in [a.at for a in of(acts, ScheduleTimer)]  # asked again; its deadline's wake-up
+    refused = deliver(restarted, reports["d0"], 31.0)  # recorded before the crash: a duplicate now
+    assert [n.data["reason"] for n in of(refused, Notify) if n.kind == "rejected"] == ["canary_duplicate"]
+    assert not of(refused, RecordCanaryRound) and not of(refused, RecordRelease)
+    stale = report("d2", (4, 0, 0, 0), now=31.5, nonce=nonce % (2**63 - 1) + 1)  # of another round
+    refused = list(restarted.handle(stale))
+    assert [n.data["reason"] for n in of(refused, Notify) if n.kind == "rejected"] == ["canary_stale_round"]
+    assert not of(refused, RecordCanaryRound) and not of(refused, RecordRelease)
+    taken = deliver(restarted, reports["d1"], 32.0)  # its redelivery: taken, once
+    (rec,) = of(taken, RecordCanaryRound)
+    assert sorted(rec.round["reports"]) == ["d0", "d1"] and not of(taken, RecordRelease)
+    durable(registry, taken)
+    assert [n.data["reason"] for n in of(deliver(restarted, reports["d1"], 33.0), Notify) if n.kind == "rejected"] == ["canary_duplicate"]
+    (pub,) = serve(restarted, fleet["d2"], first["d2"], 34.0)
+    (decision,) = of(deliver(restarted, pub, 40.0), RecordRelease)
+    assert decision.event["action"] == "promote" and decision.event["canary"]["reports"] == 3 and decision.event["canary"]["n"] == 12
+    status = restarted.status().extra["gate"]["canary"]
+    assert status["rejected_by_reason"] == {"duplicate": 2, "stale_round": 1}
+
+
+def test_a_round_whose_deadline_passed_while_down_ends_at_the_restart(tmp_path: Path) -> None:
+    """Resumed past its deadline, the round ends at once with what was recorded (2 reports, fewer than
+    min_reports: held, on a canary-only gate); a late report of it is refused and counted."""
+    cfg = CanaryConfig(fraction=1.0, samples=4, min_reports=3, deadline_s=100.0, recent_s=1000.0)
+    c, registry, fleet, first = opened_round(tmp_path, 3, cfg)
+    late = {}
+    for name in ("d0", "d1", "d2"):
+        (late[name],) = serve(c, fleet[name], first[name], 6.0)
+    for name in ("d0", "d1"):
+        durable(registry, deliver(c, late[name], 11.0))
+    restarted, registry = restart(c, registry, tmp_path)
+    acts = list(restarted.start(500.0))  # the deadline was 105
+    (rec,) = of(acts, RecordRelease)
+    assert rec.event["action"] == "hold" and rec.event["canary"]["reports"] == 2
+    assert not asks(acts) and restarted.counters["canary_rounds_expired"] == 1 and restarted.release[0] == 0
+    assert restarted.status().extra["gate"]["canary"]["round"] is None
+    refused = deliver(restarted, late["d2"], 501.0)
+    assert [n.data["reason"] for n in of(refused, Notify) if n.kind == "rejected"] == ["canary_unknown_candidate"]
+    assert not of(refused, RecordRelease) and not of(refused, RecordCanaryRound)
+
+
+def test_a_record_of_another_round_is_not_resumed(tmp_path: Path) -> None:
+    """A record that does not match the candidate gated again, its release or the state dir's epoch,
+    or a damaged file, is not resumed: a new round opens, with a new nonce."""
+    cfg = CanaryConfig(fraction=1.0, samples=4, min_reports=3, deadline_s=100.0, recent_s=1000.0)
+    c, registry, fleet, first = opened_round(tmp_path, 3, cfg)
+    nonce = decode(first["d0"].payload).nonce  # type: ignore[union-attr]
+    recorded = json.loads((tmp_path / "canary.json").read_text())
+    assert recorded["nonce"] == nonce and recorded["cohort"] == ["d0", "d1", "d2"] and recorded["reports"] == {}
+    for changed in ({"epoch": recorded["epoch"] + 1}, {"release": 7}, {"candidate": 9}, None):
+        if changed is None:
+            (tmp_path / "canary.json").write_bytes(b"{not json")
+        else:
+            (tmp_path / "canary.json").write_text(json.dumps({**recorded, **changed}))
+        restarted, registry = restart(c, registry, tmp_path)
+        restarted.start(30.0)
+        seen(restarted, list(fleet), now=31.0)
+        acts = list(restarted.handle(TimerFired(now=32.0)))
+        assert restarted.counters.get("canary_resumed", 0) == 0 and set(asks(acts)) == set(fleet), changed
+        assert {decode(a.payload).nonce for a in asks(acts).values()} != {nonce}  # type: ignore[union-attr]
+    registry.close()
+
+
+@pytest.mark.parametrize("damage", [
+    {"epoch": 0}, {"nonce": 0}, {"nonce": 2**63}, {"candidate": True}, {"candidate": -1}, {"deadline": float("nan")},
+    {"deadline": "soon"}, {"cohort": []}, {"cohort": ["d0", "bad/id"]}, {"cohort": "d0"}, {"reports": {"x": [1, 0, 0, 0]}},
+    {"reports": {"d0": [1, 0, 0]}}, {"reports": {"d0": [-1, 0, 0, 0]}}, {"reports": {"d0": [10_001, 0, 0, 0]}},
+    {"reports": {"d0": [1.0, 0, 0, 0]}}, {"reports": []}])
+def test_a_damaged_round_record_is_refused(damage: dict[str, object]) -> None:
+    rnd = CanaryRound(candidate=3, release=2, cohort=frozenset({"d0", "d1"}), deadline=105.0, nonce=77, reports={"d0": (4, 0, 0, 0)})
+    record = rnd.record(123)
+    again = CanaryRound.from_record(json.loads(json.dumps(record)), 123)
+    assert again == rnd and CanaryRound.from_record(record, 124) is None
+    assert CanaryRound.from_record({**record, **damage}, 123) is None
 
 
 def test_a_device_takes_a_new_round_of_what_it_evaluates_and_keeps_its_counts() -> None:

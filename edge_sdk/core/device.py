@@ -87,9 +87,11 @@ predicts with both models before storing the label and feeds back ``CanaryScored
 the device publishes a ``CanaryReport`` — four counts, never data — on its update topic and
 emits ``StopCanary``. A newer request replaces the current one; a canary fetch unanswered
 after three tries, or a region switch, abandons it. Each request names its round (``nonce``,
-echoed in the report): a coordinator that restarted asks for the same candidate and release
-in a new round, which the device takes (keeping what it scored, if it is still scoring); a
-repeat of a round it took is refused, and so is any second request without a nonce.
+echoed in the report): a coordinator that restarted resumes the round it recorded (the same
+nonce: a request of it again is a repeat, ignored, and the report goes to it), or, without that
+record, asks for the same candidate and release in a new round, which the device takes (keeping
+what it scored, if it is still scoring); a repeat of a round it took is refused, and so is any
+second request without a nonce.
 
 Transitions (event → action, new phase)::
 

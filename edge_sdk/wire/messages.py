@@ -342,9 +342,10 @@ class Canary:
     epoch: int = NO_EPOCH
     """The numbering ``candidate`` and ``release`` are in (:attr:`ModelMsg.epoch`)."""
     nonce: int = 0
-    """The round (:class:`~coordinator.canary.CanaryRound`): a coordinator that restarted asks for
-    the same candidate and release again in a new round; the device echoes it in its report and
-    refuses only a round it took already. 0: a coordinator from before round nonces."""
+    """The round (:class:`~coordinator.canary.CanaryRound`): a coordinator that restarted resumes the
+    round it recorded (this nonce again), or asks for the same candidate and release in a new round;
+    the device echoes it in its report and refuses only a round it took already. 0: a coordinator
+    from before round nonces."""
     OMIT_AT_DEFAULT: ClassVar[tuple[tuple[str, object], ...]] = (("nonce", 0), *_EPOCH_OMIT)
 
     def __post_init__(self) -> None:
