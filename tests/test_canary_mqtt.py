@@ -109,3 +109,61 @@ def test_canary_cohort_alone_rejects_a_scaled_candidate_and_promotes_a_good_one(
     assert rows[1]["canary"]["reports"] >= 3 and "reject" in rows[1]["verdict"]
     assert rows[rollback + 1]["canary"]["candidate"] > rows[rollback + 1]["canary"]["release"]
     assert "promote" in rows[rollback + 1]["verdict"]
+
+
+def test_a_restarted_coordinator_resumes_its_round_and_takes_the_reports_sent_while_it_was_down(
+        mosquitto: MosquittoProcess, tmp_path: Path) -> None:
+    """helper-114 over mosquitto: the coordinator restarted while its cohort scored; the new round's
+    cohort was drawn among the devices seen since the restart (4 devices: 2, below min_reports 3) and
+    the reports of the old round were refused (``canary_stale_round``): the candidate could only be
+    held. The round is recorded now: the restarted coordinator resumes it, and the reports two devices
+    sent while it was down (kept by the broker for its session) decide, with the one recorded before."""
+    task = get_task("digits")
+    data = task.data()
+    release0 = task.pretrained(seed=0)
+    save_model(tmp_path / "init.npz", task.spec, release0, {"version": 0})
+
+    def coordinator(**init: Path) -> CoordinatorDaemon:
+        return CoordinatorDaemon(
+            CoordinatorOptions(broker=mosquitto.url, region=REGION, state_dir=tmp_path / "coord",
+                               strategy_params={"k": 1, "timeout_s": None, "clip_multiplier": 0.0, "sample_weight_cap": 0.0},
+                               canary=1.0, canary_samples=LABELS, canary_min_reports=3, canary_deadline_s=300.0, **init),
+            task=task,
+        ).start()
+
+    daemon = coordinator(init=tmp_path / "init.npz")
+    clients = [EdgeClient(broker=mosquitto.url, device_id=f"dev{i}", region=REGION, task=task, data_dir=tmp_path / f"dev{i}",
+                          min_samples=10_000, train=TrainConfig(seed=i), request_timeout_s=3.0, seed=i).start()
+               for i in range(4)]
+    scored = iter(np.random.default_rng(0).permutation(len(data.test.y)))
+
+    def label(c: EdgeClient) -> None:
+        for _ in range(LABELS):
+            k = next(scored)
+            c.add_sample(data.test.x[k], int(data.test.y[k]))
+
+    try:
+        wait_until(lambda: all(c.version == 0 for c in clients), 30, "devices holding release 0")
+        bad = (np.random.default_rng(1).normal(size=task.spec.size) * 1000).astype(np.float32)
+        publish(mosquitto.url, "mallory", Update(device="mallory", seq=1, model_id=task.spec.model_id, base_version=0,
+                                                 n_samples=50, weights=bad, nonce=1))
+        wait_until(lambda: daemon.core.version == 1, 30, "candidate 1")
+        wait_until(lambda: all(c.core.state.canary is not None and c.core.state.canary_state == "scoring" and c._canary is not None
+                               for c in clients), 60, "devices scoring candidate 1")
+        label(clients[0])
+        wait_until(lambda: daemon.core.counters["canary_reports"] == 1, 30, "dev0's report")
+        daemon.stop()
+        for c in clients[1:3]:  # dev1 and dev2 report while the coordinator is down (dev3 is still scoring)
+            label(c)
+        wait_until(lambda: all(c.core.state.canary is None for c in clients[1:3]), 30, "dev1's and dev2's reports sent")
+        daemon = coordinator()
+        wait_until(lambda: daemon.core.counters["gate_rejected"] == 1, 60, "candidate 1 rejected after the restart")
+        canary = daemon.core.status().extra["gate"]["canary"]
+    finally:
+        for c in clients:
+            c.stop()
+        daemon.stop()
+    history = json.loads((tmp_path / "coord" / "release.json").read_text())["history"]
+    (reject,) = [e for e in history if e["action"] == "reject"]
+    assert reject["version"] == 1 and reject["canary"]["reports"] == 3 and reject["canary"]["n"] == 3 * LABELS
+    assert canary["resumed"] == 1 and canary["rejected_by_reason"] == {}
