@@ -816,6 +816,35 @@ def test_a_round_whose_deadline_passed_while_down_ends_at_the_restart(tmp_path: 
     assert not of(refused, RecordRelease) and not of(refused, RecordCanaryRound)
 
 
+def test_recorded_reports_wait_for_the_validation_score_after_a_restart(tmp_path: Path) -> None:
+    """With a validation set: the round resumed past its deadline ends, and its recorded reports wait
+    for the score of the candidate gated again, which decides on both (pooled)."""
+    cfg = CanaryConfig(fraction=1.0, samples=4, min_reports=3, deadline_s=100.0, recent_s=1000.0)
+    registry = Registry(tmp_path, SPEC)
+    registry.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    booted = registry.load()
+    assert booted is not None
+    config = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, signer=SIGNER, gate=GateConfig(validation=True, canary=cfg))
+    c = CoordinatorCore(config, make_strategy("spin", k=1, timeout_s=None, clip_multiplier=0.0), booted, rng=random.Random(0))
+    seen(c, DEVICES[:3])
+    acts = candidate(c, 1.0, 5.0)
+    durable(registry, acts)
+    nonce = next(iter(invites(acts).values())).nonce
+    taken: list[object] = []
+    for name in DEVICES[:3]:
+        taken += c.handle(report(name, (4, 0, 0, 0), now=10.0, nonce=nonce))
+    durable(registry, taken)
+    assert not of(taken, RecordRelease) and c.release[0] == 0  # all 3 in: waiting for the score
+    restarted, registry = restart(c, registry, tmp_path)
+    acts = list(restarted.start(500.0))
+    assert of(acts, EvaluateCandidate) and not of(acts, RecordRelease) and not asks(acts)
+    assert restarted.counters["canary_rounds_expired"] == 1 and restarted.status().extra["gate"]["pending"] == [1]
+    (rec,) = of(restarted.handle(CandidateEvaluated(now=501.0, version=1, candidate_metric=0.9, release_metric=0.9,
+                                                    release_version=0, paired=(2, 2, 200))), RecordRelease)
+    assert rec.event["action"] == "promote" and rec.event["canary"]["reports"] == 3 and rec.event["paired"] == [2, 2, 200]
+    registry.close()
+
+
 def test_a_record_of_another_round_is_not_resumed(tmp_path: Path) -> None:
     """A record that does not match the candidate gated again, its release or the state dir's epoch,
     or a damaged file, is not resumed: a new round opens, with a new nonce."""
