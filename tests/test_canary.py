@@ -816,6 +816,25 @@ def test_a_round_whose_deadline_passed_while_down_ends_at_the_restart(tmp_path: 
     assert not of(refused, RecordRelease) and not of(refused, RecordCanaryRound)
 
 
+def test_a_decision_lost_after_its_report_was_recorded_is_made_at_the_restart(tmp_path: Path) -> None:
+    """The process dies after the deciding report's record and before the decision's: the resumed
+    round holds enough reports, and the gate decides at the restart (each device once)."""
+    cfg = CanaryConfig(fraction=1.0, samples=4, min_reports=3, deadline_s=100.0, recent_s=1000.0)
+    c, registry, fleet, first = opened_round(tmp_path, 3, cfg)
+    taken: list[object] = []
+    for name in sorted(fleet):
+        (pub,) = serve(c, fleet[name], first[name], 6.0)
+        taken += deliver(c, pub, 11.0)
+    assert of(taken, RecordRelease) and c.release[0] == 1  # decided in memory ...
+    durable(registry, [a for a in taken if isinstance(a, RecordCanaryRound)])  # ... and lost with the process
+    restarted, registry = restart(c, registry, tmp_path)
+    acts = list(restarted.start(30.0))
+    (rec,) = of(acts, RecordRelease)
+    assert rec.event["action"] == "promote" and rec.event["canary"]["reports"] == 3 and rec.event["canary"]["n"] == 12
+    assert restarted.release[0] == 1 and not asks(acts) and restarted.status().extra["gate"]["canary"]["round"] is None
+    registry.close()
+
+
 def test_recorded_reports_wait_for_the_validation_score_after_a_restart(tmp_path: Path) -> None:
     """With a validation set: the round resumed past its deadline ends, and its recorded reports wait
     for the score of the candidate gated again, which decides on both (pooled)."""
