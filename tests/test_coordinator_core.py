@@ -235,6 +235,35 @@ def test_lasp_refuses_an_update_of_another_group(strategy: str) -> None:
     assert all(not commit.weights[SPEC.group_slice("extractor")].any() for commit in commits(acts))
 
 
+def test_lasp_refuses_a_head_trained_on_the_extractor_before_the_last_full_sync() -> None:
+    """helper-116: a classifier-only update trained from a version before the last full sync (a
+    straggler's head, fit to the old extractor) was applied to the new extractor's head."""
+    import random
+
+    from coordinator.core import CoordinatorConfig, CoordinatorCore
+    from tests.helpers import toy_snapshot
+
+    cfg = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, full_sync_every=2)
+    c = CoordinatorCore(cfg, make_strategy("spin", k=1, timeout_s=None), toy_snapshot(), rng=random.Random(0))
+    _pull(c, "late", 0, have=-1)
+    _pull(c, "d1", 0, have=-1)
+    assert [x.version for x in commits(c.handle(upd("d1", 1, 3.0, base=0)))] == [1]  # partial
+    _pull(c, "d1", 2, have=1)
+    assert [x.version for x in commits(c.handle(upd("d1", 3, 5.0, base=1)))] == [2]  # the full sync
+    assert c.last_full_version == 2
+    head = SPEC.group_size("classifier")
+    stale_head = Update(device="late", seq=1, model_id="toy", base_version=1, n_samples=1,
+                        weights=np.full(head, 9.0, np.float32), group="classifier")
+    acts = c.handle(MessageReceived(now=0.0, topic=topics.device_topic("r1", "late", "update"), payload=encode(stale_head)))
+    (ack,) = acks(acts)
+    assert (ack.status, ack.reason) == ("rejected", "base_rejected") and not commits(acts)
+    assert c.counters["reject:base_rejected"] == 1 and c.status().version == 2
+    fresh = Update(device="late", seq=2, model_id="toy", base_version=2, n_samples=1,
+                   weights=np.full(head, 9.0, np.float32), group="classifier")
+    (commit,) = commits(c.handle(MessageReceived(now=0.0, topic=topics.device_topic("r1", "late", "update"), payload=encode(fresh))))
+    np.testing.assert_array_equal(commit.weights[SPEC.group_slice("classifier")], 9.0)  # from the current extractor: taken
+
+
 def test_an_early_timer_wake_up_re_arms_the_same_deadline() -> None:
     c = make_coordinator(k=10, timeout_s=5.0)
     (timer,) = [a for a in c.handle(upd("d1", 0, 2.0, now=1.0)) if isinstance(a, ScheduleTimer)]
