@@ -720,6 +720,14 @@ class CoordinatorDaemon:
         has nothing to aggregate and never tries to commit; they come back on recovery.
         """
         detail = self._rebuild or ""
+        if self._storage_ok and self.registry.unflushed:
+            # An earlier event of the abandoned batch staged a version (in the log, not fsynced):
+            # load() reads it, and the rebuilt core announces it. Durable first; a failed fsync cuts it.
+            try:
+                self.registry.flush()
+            except OSError as exc:
+                self._storage_failed(f"flushing the log before the rebuild: {exc}")
+                detail = self._rebuild or detail
         self._discarding = False
         try:
             snapshot = self.registry.load()

@@ -1038,3 +1038,59 @@ def test_the_gate_s_floor_is_restored_for_the_same_validation_file_only(tmp_path
     assert restarted(tmp_path / "a-again.npz") == []
     (said,) = restarted(tmp_path / "b.npz")
     assert f"({floor['best']:.4f})" in said and "validation set differs" in said
+
+
+def test_a_core_rebuilt_after_an_error_reads_no_version_that_is_not_durable(tmp_path: Path) -> None:
+    """A version staged by an earlier event of the batch (in the log, not fsynced) is what the
+    rebuild's ``load()`` returns: the rebuilt core announced it (status, models) before any fsync,
+    so a power cut then lost a version devices had seen, and its number was used again. The
+    rebuild makes the log durable first (or, if that fsync fails, cuts it: a storage failure)."""
+    w = get_task("digits").pretrained(seed=0)
+    with driver(tmp_path, k=2) as (daemon, _fake):
+        broken = daemon.core
+        real = broken.handle
+        seen: list[Any] = []
+
+        def fail_on_c(event: Any) -> list[Any]:
+            if getattr(event, "topic", "").endswith("/dev/c/update"):
+                raise RuntimeError("boom")
+            return real(event)
+
+        broken.handle = fail_on_c  # type: ignore[method-assign]
+        load = daemon.registry.load
+
+        def watched_load() -> Any:
+            seen.append(daemon.registry.unflushed)
+            return load()
+
+        daemon.registry.load = watched_load  # type: ignore[method-assign]
+        in_one_batch(daemon, [update("a", 1, w), update("b", 1, w + 1e-3), update("c", 1, w)])  # version 1, then the error
+        wait_until(lambda: daemon.core is not broken, 10, "the core rebuilt")
+        assert daemon.core.version == 1
+        assert seen == [False]  # what the rebuilt core starts from is durable
+
+
+def test_a_rebuild_whose_log_fsync_fails_cuts_the_staged_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same rebuild when that fsync fails: a storage failure, the version cut away, the core at version 0."""
+    import errno
+
+    w = get_task("digits").pretrained(seed=0)
+    with driver(tmp_path, k=2) as (daemon, fake):
+        broken = daemon.core
+        real = broken.handle
+
+        def fail_on_c(event: Any) -> list[Any]:
+            if getattr(event, "topic", "").endswith("/dev/c/update"):
+                def eio(fd: int) -> None:
+                    raise OSError(errno.EIO, "Input/output error")
+
+                monkeypatch.setattr(os, "fsync", eio)
+                raise RuntimeError("boom")
+            return real(event)
+
+        broken.handle = fail_on_c  # type: ignore[method-assign]
+        in_one_batch(daemon, [update("a", 1, w), update("b", 1, w + 1e-3), update("c", 1, w)])
+        wait_until(lambda: daemon.core is not broken, 10, "the core rebuilt")
+        assert daemon.core.version == 0 and daemon.storage_failures >= 1 and not fake.acks()
+        monkeypatch.undo()
+    assert Registry(tmp_path / "c", get_task("digits").spec).load().version == 0  # type: ignore[union-attr]
