@@ -121,6 +121,23 @@ def body_float(body: Mapping[str, Any], key: str) -> float:
     return float(value)
 
 
+MAX_COUNT = 2.0**53
+"""The largest count a peer may claim as a float (Spyker's age, NebulaFL's mean version: both
+count updates): beyond it a float no longer counts them (A + 1 == A). helper-115: one Spyker
+model claiming age 1e300 moved the receiver's age to 6e299 for good, a negative one pulled it
+below zero merge by merge, and one NebulaFL rotation claiming version 1.7e308 made every weight
+of the receiver's reward selection 0 (their sum overflowed: ``rng.choices`` raised at each plan)."""
+
+
+def body_count(body: Mapping[str, Any], key: str, what: str) -> float:
+    """``body[key]``, a count claimed as a float: in [0, :data:`MAX_COUNT`]. ``what`` begins the
+    error (``"... must be"``)."""
+    value = body_float(body, key)
+    if not 0.0 <= value <= MAX_COUNT:
+        raise MalformedMessage(f"{what} in [0, 2**53], got {value:.3g}")
+    return value
+
+
 def body_bool(body: Mapping[str, Any], key: str) -> bool:
     value = body.get(key)
     if not isinstance(value, bool):

@@ -60,7 +60,7 @@ from coordinator.peering.base import (
     Peering,
     PeerPlan,
     PeerSend,
-    body_float,
+    body_count,
     body_int,
     check_ring,
     check_sender,
@@ -71,12 +71,6 @@ from edge_sdk.errors import ConfigError, MalformedMessage, other_protocol
 from edge_sdk.wire.messages import PeerMsg
 
 __all__ = ["NebulaPeerConfig", "NebulaPeering", "rotation_target"]
-
-
-MAX_VERSION = 2.0**53
-"""The largest mean planet version a rotation may claim (a version counts updates). helper-115:
-one rotation claiming 1.7e308 made every weight of the receiver's reward selection 0 (their sum
-overflowed), and ``rng.choices`` raised ValueError at each plan."""
 
 
 # --------------------------------------------------------------------------- maths
@@ -153,9 +147,7 @@ class NebulaPeering(Peering):
         if msg.weights is None:
             raise MalformedMessage("nebula: a rotation carries a master model")
         check_sender("nebula", self.me, self.ring, msg.sender)
-        version = body_float(msg.body, "version")
-        if not 0 <= version <= MAX_VERSION:
-            raise MalformedMessage(f"nebula: a rotation's version must be in [0, 2**53], got {version:.3g}")
+        version = body_count(msg.body, "version", "nebula: a rotation's version must be")
         round_ = body_int(msg.body, "round")
         sender = self.ring.index(msg.sender)
         if self.ring[rotation_target(sender, round_, len(self.ring))] != self.me:

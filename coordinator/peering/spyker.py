@@ -90,6 +90,7 @@ from coordinator.peering.base import (
     PeerSend,
     Tallies,
     body_bool,
+    body_count,
     body_float,
     body_id,
     body_int,
@@ -109,9 +110,6 @@ TokenPos = tuple[int, float, str, int]
 """(epoch, created_at, origin, hop): totally ordered; the first three name one token."""
 
 _KEEP_SIDS = 64
-MAX_AGE = 2.0**53
-"""The largest age a peer may claim: an age counts client updates, and beyond 2**53 a float no
-longer counts them (A + 1 == A)."""
 MAX_EPOCH_JUMP = 2**22
 """How far a position's epoch may exceed the largest one known (0 when none is): an epoch grows
 by one per regeneration, each after ``token_timeout_s`` without evidence, so an honest ring never
@@ -216,13 +214,8 @@ class _PeerInfo:
 
 
 def _age(body: Mapping[str, Any], key: str = "age") -> float:
-    """A peer's age claim. helper-115: any finite number was taken, and one model claiming 1e300
-    moved the receiver's age to 6e299 for good (its own updates then no longer counted: A + 1 == A);
-    a negative claim pulled it below zero merge by merge."""
-    age = body_float(body, key)
-    if not 0.0 <= age <= MAX_AGE:
-        raise MalformedMessage(f"peer body: {key!r} must be an age in [0, 2**53], got {age:.3g}")
-    return age
+    """A peer's age claim (:func:`~coordinator.peering.base.body_count`: any finite number was taken)."""
+    return body_count(body, key, f"peer body: {key!r} must be an age")
 
 
 def _pos(value: object, what: str = "token position") -> TokenPos:
