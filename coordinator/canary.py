@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,6 +66,7 @@ from edge_sdk.errors import (
     StaleRound,
     UnknownCandidate,
 )
+from edge_sdk.wire import topics
 from edge_sdk.wire.messages import MAX_CANARY_SAMPLES, CanaryReport
 
 Counts = tuple[int, int, int, int]
@@ -194,7 +194,7 @@ class CanaryRound:
         if not (_int(candidate, 0, 2**63 - 1) and _int(release, 0, 2**63 - 1) and _int(nonce, 1, 2**63 - 1)
                 and isinstance(deadline, int | float) and not isinstance(deadline, bool) and math.isfinite(deadline)
                 and isinstance(cohort, list) and 0 < len(cohort) <= MAX_RECORDED_COHORT
-                and all(isinstance(d, str) and _ID.fullmatch(d) for d in cohort) and isinstance(reports, Mapping)):
+                and all(topics.is_id(d) for d in cohort) and isinstance(reports, Mapping)):
             return None
         members = frozenset(cohort)
         counts: dict[str, Counts] = {}
@@ -208,8 +208,6 @@ class CanaryRound:
 
 MAX_RECORDED_COHORT = 10_000
 """A recorded cohort larger than this is no record of ours (a core tracks at most 10,000 devices' presence)."""
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
-"""A device id, matched whole (as :func:`edge_sdk.wire.topics.check_id` takes it)."""
 
 
 def _int(value: object, lo: int, hi: int) -> bool:

@@ -34,9 +34,14 @@ UPSTREAM: tuple[DeviceLeaf, ...] = ("pull", "update", "presence")
 DOWNSTREAM: tuple[DeviceLeaf, ...] = ("model", "ack", "invite")
 
 
+def is_id(value: object) -> bool:
+    """Whether ``value`` is an id :func:`check_id` takes (for a caller that refuses otherwise)."""
+    return isinstance(value, str) and _ID.match(value) is not None
+
+
 def check_id(value: str, what: str = "id") -> str:
     """Region, device and coordinator ids: 1–64 of ``[A-Za-z0-9_.-]``, no MQTT wildcards."""
-    if not isinstance(value, str) or not _ID.match(value):
+    if not is_id(value):
         raise ConfigError(f"invalid {what} {value!r}: use 1-64 characters of A-Z a-z 0-9 _ . -")
     return value
 
