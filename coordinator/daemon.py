@@ -371,6 +371,8 @@ class CoordinatorDaemon:
         )
         self._announced = False
         """start() announced the status and recall; a later connection is a reconnect."""
+        self._core_started = False
+        """The core's start() ran (actor thread): before it, no event reaches the core (see _start_core)."""
         self.actor = Actor(
             f"coordinator-{options.region}", self._handle, self._perform, clock=self.clock,
             on_batch_end=self._end_batch, max_batch=options.max_batch, io=self.transport,
@@ -512,7 +514,7 @@ class CoordinatorDaemon:
         self.actor.start()
         self._probe_thread.start()
         self.transport.start(timeout)
-        self.actor.call(lambda: self.actor.run_actions(self.core.start(self.clock.now())))
+        self.actor.call(lambda: self._start_core(self.clock.now()))  # (at once if the broker delivered nothing yet)
         self._announced = True
         self.actor.call(self._refresh_snapshot)
         threading.Thread(target=self._beat, name=f"status-beat-{self.options.region}", daemon=True).start()
@@ -592,9 +594,29 @@ class CoordinatorDaemon:
                   "two coordinators on one region answer the same devices with different versions and keys; stop one of them",
                   key[0], key[1], self.options.region, self.coordinator_id)
 
+    def _start_core(self, now: float) -> None:
+        """Actor thread: the core's start() (status, recall, timers, the regate that resumes a
+        recorded canary round, what the restore left to record), once, before any event.
+
+        The session is persistent: the broker delivers what it kept for us while we were down
+        as soon as we connect, while :meth:`start` still waits for the SUBACK — before its own
+        call to start the core is queued. Those messages are in the inbox first; the first of
+        them starts the core here, on its own time stamp, before the core sees it (their
+        canary fetches and reports find the recorded round resumed). Only the order on the actor
+        thread changes: no message is held back, so their PUBACKs leave as before."""
+        if self._core_started:
+            return
+        self._core_started = True
+        self.actor.run_actions(self.core.start(now))
+
     def _handle(self, event: Any) -> list[Any]:
         """Actor thread: the core handles the event; then the metrics snapshot is refreshed
         (at most every 0.2 s; the beat refreshes an idle one every second)."""
+        if not self._core_started:  # a message the broker kept for us, before start()'s own call
+            try:
+                self._start_core(event.now)
+            except Exception as exc:  # as if in the event: rebuilt (and so started) before it
+                self._core_failed(exc)
         if self._rebuild is not None:  # storage failed in the previous event (see _perform)
             self._rebuild_core()
         self._discarding = False
@@ -741,6 +763,7 @@ class CoordinatorDaemon:
         self._rebuild = None
         now = self.clock.now()  # (storage first: start() leaves what would write to a failing disk for later)
         self.actor.run_actions(self.core.handle(StorageChanged(now=now, ok=self._storage_ok, detail=detail)))
+        self._core_started = True  # (its own start: a rebuild before the first start is that start)
         self.actor.run_actions(self.core.start(now))
         log.warning("core rebuilt from %s at version %d; storage %s", self.registry.root, self.core.version,
                     "ok" if self._storage_ok else f"failing ({detail})")
