@@ -9,9 +9,10 @@ devices publish while the coordinator is stopped, the coordinator starts again o
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from edge_sdk.wire.codec import decode, encode
 from edge_sdk.wire.messages import (
     Ack,
     Canary,
+    CanaryReport,
     Control,
     Message,
     ModelMsg,
@@ -222,3 +224,50 @@ def test_an_operator_command_sent_while_the_coordinator_is_down_runs_after_it_st
     assert status.extra["release"] == status.version == 2 and status.extra["recent_versions"][-1]["action"] == "pin"
     assert status.extra["control_refused"] is None and status.extra["messages_rejected"] == 0
 
+
+def test_a_canary_reports_puback_leaves_only_after_the_round_is_recorded(mosquitto: MosquittoProcess, tmp_path: Path) -> None:
+    """Persist-before-ack for canary reports (plain TCP, the transport's fast path): while the
+    daemon writes canary.json with a report, the connection is cut (as by a crash of the
+    process at that moment). The broker never got the report's PUBACK: it delivers the report
+    again on the reconnect, where it is a duplicate of the recorded one (refused, counted). A
+    PUBACK sent on delivery, before the record, would have left the report lost on a crash."""
+    task = get_task("digits")
+    save_model(tmp_path / "init.npz", task.spec, task.pretrained(seed=0), {"version": 0})
+    make = daemon_factory(mosquitto, tmp_path, task, canary=1.0, canary_min_reports=3, canary_deadline_s=300.0,
+                          strategy_params={"k": 1, "timeout_s": None})
+    daemon = make(init=tmp_path / "init.npz").start()
+    devices = [Device(mosquitto.url, f"dev{i}") for i in range(3)]
+    mallory = Device(mosquitto.url, "mallory")
+    writing, cut = threading.Event(), threading.Event()
+    record = daemon.registry.record_canary_round
+
+    def record_then_wait(round_: Mapping[str, Any]) -> None:
+        record(round_)
+        if round_["reports"]:  # (not the round's opening record)
+            writing.set()
+            assert cut.wait(10)
+
+    try:
+        for d in devices:
+            d.send("pull", Pull(device=d.device, seq=1, model_id=task.spec.model_id, serve=True))
+        wait_until(lambda: all(d.models() for d in devices), 15, "the devices' first models")
+        mallory.send("update", Update(device="mallory", seq=1, model_id=task.spec.model_id, base_version=0, n_samples=20,
+                                      weights=weights(task, 1), nonce=1))
+        wait_until(lambda: all(d.canaries() for d in devices), 15, "the canary requests")
+        ask = devices[0].canaries()[0]
+        daemon.registry.record_canary_round = record_then_wait  # type: ignore[method-assign,assignment]
+        devices[0].send("update", CanaryReport(device="dev0", candidate=ask.candidate, release=ask.release, both_right=10,
+                                               only_candidate=0, only_release=0, both_wrong=0, nonce=ask.nonce))
+        assert writing.wait(15), "the report's record"
+        sock: Any = daemon.transport._client._sock  # the connection, as the process dying would leave it
+        getattr(sock, "sock", sock).shutdown(socket.SHUT_RDWR)
+        cut.set()
+        wait_until(lambda: daemon.core.counters["canary_rejected"] >= 1, 30, "the broker's redelivery")
+        counters = dict(daemon.core.counters)
+    finally:
+        cut.set()
+        daemon.stop()
+        for d in (*devices, mallory):
+            d.transport.stop()
+    assert counters["canary_reports"] == 1 and counters["canary_reject:canary_duplicate"] == 1, \
+        {k: v for k, v in counters.items() if k.startswith("canary")}
