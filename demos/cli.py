@@ -294,8 +294,9 @@ def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser(argv)
     try:
         args = resolve_args(parser, argv, os.environ)
-    except EdgeciError as exc:
-        print(f"edgeci: error: {exc}", file=sys.stderr)
+    except EdgeciError as exc:  # (a command's env or config file: named like its other errors)
+        chosen = _chosen(argv)
+        print(f"edgeci {chosen}: error: {exc}" if chosen else f"edgeci: error: {exc}", file=sys.stderr)
         return int(getattr(exc, "exit_code", 2))  # (ConfigFileUnreadable: 1, retried by the systemd unit)
     if not getattr(args, "command", None):
         parser.print_help()

@@ -240,7 +240,11 @@ def test_a_config_file_not_there_is_exit_1_one_that_does_not_parse_2(tmp_path: P
 
     argv = ["coordinator", "--broker", "mqtt://127.0.0.1:1", "--state-dir", str(tmp_path / "s")]
     monkeypatch.setenv("EDGECI_CONFIG", str(tmp_path / "not-yet.toml"))
-    assert main(argv) == 1 and f"cannot read config file {tmp_path / 'not-yet.toml'}" in capsys.readouterr().err
+    assert main(argv) == 1
+    # (the prefix every other error of a command has: `edgeci coordinator: error:`, not `edgeci: error:`)
+    assert capsys.readouterr().err == f"edgeci coordinator: error: cannot read config file {tmp_path / 'not-yet.toml'}: No such file or directory\n"
     (tmp_path / "not-yet.toml").write_text("k = \n")
-    assert main(argv) == 2 and "not valid TOML" in capsys.readouterr().err
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("edgeci coordinator: error: ") and "not valid TOML" in err, err
     assert not (tmp_path / "s").exists()
