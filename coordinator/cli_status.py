@@ -45,9 +45,8 @@ WAIT_LIMIT_S = 1e9
 
 def wait_seconds(text: str) -> float:
     """An argparse ``type`` for a wait: a finite number of seconds above 0 and below :data:`WAIT_LIMIT_S`."""
-    value: float = finite(bounded(float, 0, strict=True))(text)
-    if not value < WAIT_LIMIT_S:
-        raise argparse.ArgumentTypeError(f"must be below {WAIT_LIMIT_S:g} seconds, got {text}")
+    value: float = bounded(float, 0, strict=True, finite=True, below=WAIT_LIMIT_S,
+                           above_rule=f"must be below {WAIT_LIMIT_S:g} seconds")(text)
     return value
 
 

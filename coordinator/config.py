@@ -196,12 +196,20 @@ def _items(value: Any, where: str) -> list[str]:
     raise ConfigError(f"{where}: expected a list of \"NAME=VALUE\" strings (or one comma-separated string), got {value!r}")
 
 
+NOT_FINITE = "must be a finite number"
+"""What :func:`finite` and ``bounded(finite=True)`` say of ±inf and NaN."""
+
+
 def bounded(kind: type[int] | type[float], minimum: float, *, strict: bool = False, below: float | None = None,
-            rule: str = "") -> Callable[[str], Any]:
+            at_most: float | None = None, finite: bool = False, rule: str = "", above_rule: str = "") -> Callable[[str], Any]:
     """An argparse ``type`` for every command: a ``kind`` (int or float) at least ``minimum``
-    (above it with ``strict``: NaN never is) and, with ``below``, under it; ``rule``, the error's
-    words for a value out of range (default "must be above M" / "must be at least M" / "must be
-    below B")."""
+    (above it with ``strict``: NaN never is) and, with ``below``, under it (with ``at_most``, not
+    over it); with ``finite``, never ±inf (checked before the upper bound, as :func:`finite` does
+    after a ``bounded`` without one). ``rule``, the error's words for a value out of range
+    (default "must be above M" / "must be at least M" / "must be below B" / "must be at most B");
+    ``above_rule``, the words for a value over the upper bound only (default ``rule``)."""
+    if below is not None and at_most is not None:
+        raise ValueError("bounded() takes below or at_most, not both")
 
     def parse(text: str) -> int | float:
         try:
@@ -211,8 +219,12 @@ def bounded(kind: type[int] | type[float], minimum: float, *, strict: bool = Fal
         if not (value > minimum if strict else value >= minimum):
             words = rule or f"must be {'above' if strict else 'at least'} {minimum:g}"
             raise argparse.ArgumentTypeError(f"{words}, got {text}")
+        if finite and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{NOT_FINITE}, got {text}")
         if below is not None and not value < below:
-            raise argparse.ArgumentTypeError(f"{rule or f'must be below {below:g}'}, got {text}")
+            raise argparse.ArgumentTypeError(f"{above_rule or rule or f'must be below {below:g}'}, got {text}")
+        if at_most is not None and not value <= at_most:
+            raise argparse.ArgumentTypeError(f"{above_rule or rule or f'must be at most {at_most:g}'}, got {text}")
         return value
 
     return parse
@@ -238,7 +250,7 @@ def finite(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     def check(text: str) -> Any:
         value = parse(text)
         if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+            raise argparse.ArgumentTypeError(f"{NOT_FINITE}, got {text}")
         return value
 
     return check

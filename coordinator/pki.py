@@ -64,9 +64,7 @@ MAX_DAYS = 365_000
 
 def _days(text: str) -> int:
     """An argparse ``type`` for --days: 1 to :data:`MAX_DAYS`."""
-    days: int = bounded(int, 1)(text)
-    if days > MAX_DAYS:
-        raise argparse.ArgumentTypeError(f"must be at most {MAX_DAYS} (a thousand years), got {text}")
+    days: int = bounded(int, 1, at_most=MAX_DAYS, above_rule=f"must be at most {MAX_DAYS} (a thousand years)")(text)
     return days
 
 

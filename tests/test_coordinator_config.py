@@ -760,3 +760,41 @@ def test_a_bundle_that_is_not_this_coordinators_is_refused_before_anything_is_wr
     err = capsys.readouterr().err
     assert rc == 1 and needle in err and "Traceback" not in err, err
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize(("options", "text", "answer"), [
+    ({"at_most": 10}, "10", 10),  # at_most is inclusive, below is not
+    ({"at_most": 10}, "11", "must be at most 10, got 11"),
+    ({"below": 10}, "10", "must be below 10, got 10"),
+    ({"at_most": 10, "rule": "must be 1 to 10"}, "11", "must be 1 to 10, got 11"),
+    ({"at_most": 10, "rule": "must be 1 to 10"}, "0", "must be 1 to 10, got 0"),
+    # above_rule: the words for a value over the upper bound only; the lower bound keeps its own
+    ({"at_most": 10, "above_rule": "must be at most 10 (ten)"}, "11", "must be at most 10 (ten), got 11"),
+    ({"at_most": 10, "above_rule": "must be at most 10 (ten)"}, "0", "must be at least 1, got 0"),
+    ({"below": 10, "above_rule": "must be below 10 seconds"}, "1e3", "must be below 10 seconds, got 1e3"),
+    # finite: ±inf is refused as not finite before the upper bound sees it (what wait_seconds said)
+    ({"below": 10, "finite": True}, "inf", "must be a finite number, got inf"),
+    ({"below": 10}, "inf", "must be below 10, got inf"),
+    ({"finite": True}, "nan", "must be at least 1, got nan"),
+])
+def test_bounded_states_its_upper_bound_in_its_own_words(options: dict[str, Any], text: str, answer: Any) -> None:
+    """`status --timeout` and `pki --days` hand-rolled their upper bounds beside bounded() for the
+    words ("... seconds", "at most 365000 (a thousand years)"); bounded takes them now."""
+    import argparse
+
+    from coordinator.config import bounded
+
+    parse = bounded(float, 1, **options)
+    if isinstance(answer, str):
+        with pytest.raises(argparse.ArgumentTypeError) as refused:
+            parse(text)
+        assert str(refused.value) == answer
+    else:
+        assert parse(text) == answer
+
+
+def test_bounded_takes_one_upper_bound() -> None:
+    from coordinator.config import bounded
+
+    with pytest.raises(ValueError, match="below or at_most, not both"):
+        bounded(int, 0, below=3, at_most=2)

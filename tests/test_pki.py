@@ -498,9 +498,9 @@ def test_a_device_bundle_without_coordinator_keys_is_refused(pki: Pki, tmp_path:
                                           (["issue", "--role", "device", "cam-1", "--days", "-1"],
                                            "argument --days: must be at least 1, got -1"),
                                           # helper-119: past year 9999, OverflowError (init left an empty folder)
-                                          (["init", "--days", "99999999"], "argument --days: must be at most 365000"),
+                                          (["init", "--days", "99999999"], "argument --days: must be at most 365000 (a thousand years), got 99999999"),
                                           (["issue", "--role", "device", "cam-1", "--days", "3000000"],
-                                           "argument --days: must be at most 365000"),
+                                           "argument --days: must be at most 365000 (a thousand years), got 3000000"),
                                           (["broker-conf", "--out", "m.conf", "--model-bytes", "-5"],
                                            "argument --model-bytes: must be at least 0, got -5")])
 def test_a_validity_or_size_out_of_range_is_a_usage_error(argv: list[str], needle: str, tmp_path: Path,
