@@ -40,12 +40,19 @@ from devices.headless import below_d_min, fleet_partition, fleet_train_config
 from devices.live import LabellingLoop, LabellingUser, labelling_stream
 from devices.report import output_dir
 from edge_sdk.client import EdgeClient
+from edge_sdk.mqtt import BrokerAuth
 from edge_sdk.spec import Vector
 from edge_sdk.tasks import get_task
 from edge_sdk.tasks.base import Split, TaskData, TrainConfig
 from edge_sdk.tasks.registry import default_min_samples, sample_kind_of
 
 log = logging.getLogger("edgeci.run")
+
+NO_CREDENTIALS = BrokerAuth(hint=(
+    "`edgeci run` is a trial: it trusts only the system's CAs and has no client certificate; on this broker "
+    "start `edgeci coordinator` and `edgeci device`, each with its bundle from `edgeci pki issue` (README, Security)"))
+"""How run's coordinator and devices connect: as before, with no credentials; a broker that refuses
+them is told of with what run is, not with --bundle/--ca/--cert, flags run does not have."""
 
 
 def _positive(kind: type[int] | type[float]) -> Any:
@@ -223,6 +230,7 @@ def run(args: argparse.Namespace) -> int:
         coordinator = CoordinatorDaemon(
             CoordinatorOptions(
                 broker=url,
+                auth=NO_CREDENTIALS,
                 region="demo",
                 state_dir=state_dir,
                 model=args.model,
@@ -243,6 +251,7 @@ def run(args: argparse.Namespace) -> int:
         for i, idx in enumerate(plan.parts):
             client = EdgeClient(
                 broker=url,
+                auth=NO_CREDENTIALS,
                 device_id=f"device-{i:03d}",
                 region="demo",
                 task=task,

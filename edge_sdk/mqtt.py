@@ -188,6 +188,9 @@ class BrokerAuth:
     ``cert_file`` / ``key_file``: our client certificate (its CN is our MQTT username on a
     broker with ``use_identity_as_username``). ``username`` / ``password``: the password-file
     alternative. Certificates need an ``mqtts://`` URL; so does a password to a remote host.
+    ``hint``: what a connection refused for want of a trusted CA or a client certificate tells
+    the user to do, in place of naming :func:`add_broker_arguments`' flags (``--bundle``, ``--ca``,
+    ``--cert``/``--key``): for a command that has none of them (``edgeci run``).
     """
 
     ca_file: Path | None = None
@@ -195,6 +198,7 @@ class BrokerAuth:
     key_file: Path | None = None
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    hint: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         if (self.cert_file is None) != (self.key_file is None):
@@ -456,11 +460,15 @@ class MqttTransport:
         with self._lock:
             self._client.on_log = None
 
+    def _how(self) -> str:
+        """The command's own words for passing credentials (:attr:`BrokerAuth.hint`), if any."""
+        return self.auth.hint if self.auth is not None else ""
+
     def _raise_connect_error(self, exc: BaseException) -> NoReturn:
         url = self.address.url
         if isinstance(exc, ssl.SSLCertVerificationError):
-            raise TransportError(f"broker {url} presented a certificate we do not trust: {exc.verify_message or exc} (trust the "
-                                 "CA that signed it: --bundle DIR or --ca FILE)") from exc
+            how = self._how() or "trust the CA that signed it: --bundle DIR or --ca FILE"
+            raise TransportError(f"broker {url} presented a certificate we do not trust: {exc.verify_message or exc} ({how})") from exc
         if isinstance(exc, ssl.SSLError):
             raise TransportError(f"TLS handshake with broker {url} failed: {exc}") from exc
         raise TransportError(f"cannot reach broker {url}: {exc}") from exc
@@ -767,7 +775,7 @@ class MqttTransport:
         if getattr(reason, "is_failure", False):
             log.warning("broker %s refused the connection: %s", self.address.url, reason)
             if not self._settled.is_set():
-                self._refusal = f"{reason}{_refusal_hint(str(reason))}"
+                self._refusal = f"{reason}{_refusal_hint(str(reason), self._how())}"
                 self._refused_by_connack = True
                 self._settled.set()
             return
@@ -811,13 +819,14 @@ class MqttTransport:
             # Closed before any CONNACK: with TLS 1.3 a rejected client certificate shows
             # up here (the alert arrives after the handshake), the reason only in paho's log.
             detail = self._last_error or str(reason)
-            hint = _refusal_hint(detail)
+            how = self._how()
+            hint = _refusal_hint(detail, how)
             if not hint and self.address.tls:
                 has_cert = self.auth is not None and self.auth.cert_file is not None
                 hint = (" (the broker closed the TLS session before accepting us: it did not accept our client certificate)"
                         if has_cert else
                         " (the broker closed the TLS session before accepting us: it requires a client certificate? "
-                        "pass --bundle DIR or --cert/--key)")
+                        f"{how or 'pass --bundle DIR or --cert/--key'})")
             elif not hint:  # plain MQTT to a TLS listener: the broker drops the CONNECT it cannot read
                 hint = (f" (the broker closed the connection before accepting us: is port {self.address.port} a TLS listener? "
                         f"then mqtts://{self.address.host}:{self.address.port})")
@@ -1222,10 +1231,12 @@ def _close_sockets_of(exc: BaseException) -> None:
         tb = tb.tb_next
 
 
-def _refusal_hint(reason: str) -> str:
+def _refusal_hint(reason: str, how: str = "") -> str:
+    """Why the broker refused us, in words, and what to pass (``how``: a command's own words,
+    :attr:`BrokerAuth.hint`, in place of the broker flags)."""
     low = reason.lower()
     if "certificate required" in low or "certificate_required" in low:
-        return " (the broker requires a client certificate: pass --bundle DIR or --cert/--key)"
+        return f" (the broker requires a client certificate: {how or 'pass --bundle DIR or --cert/--key'})"
     if "unknown ca" in low or "bad certificate" in low or "certificate unknown" in low:
         return " (the broker does not accept our client certificate: issued by another CA?)"
     if "not authori" in low:

@@ -104,6 +104,26 @@ def test_client_without_certificate_cannot_connect(secure_broker: SecureBroker) 
 # ---------------------------------------------------------------------- the ACL
 
 
+
+@pytest.mark.parametrize("trusted_ca", [False, True])
+def test_run_on_a_secure_broker_names_no_flag_it_does_not_have(trusted_ca: bool, secure_broker: SecureBroker, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """`edgeci run --broker mqtts://...` said "trust the CA that signed it: --bundle DIR or --ca FILE",
+    and, with the CA trusted, "pass --bundle DIR or --cert/--key": run has none of these flags (a
+    trial: one identity would not do for its coordinator and N devices on an ACL'd broker)."""
+    from demos.cli import main
+
+    if trusted_ca:  # (OpenSSL's default verify paths: the system's CAs, here the test CA)
+        monkeypatch.setenv("SSL_CERT_FILE", str(secure_broker.pki.ca_cert_path))
+    rc = main(["run", "--broker", secure_broker.url, "--devices", "2", "--duration", "1", "--no-progress",
+               "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("edgeci run: error: "), err
+    assert ("requires a client certificate" in err) == trusted_ca and ("do not trust" in err) != trusted_ca, err
+    assert "`edgeci run` is a trial" in err and "`edgeci coordinator` and `edgeci device`" in err, err
+    assert not any(flag in err for flag in ("--bundle", "--ca", "--cert", "--key")), err
+
 def test_device_cannot_publish_on_another_devices_topics(secure_broker: SecureBroker) -> None:
     a_update = topics.device_topic(R, "devA", "update")
     b_update = topics.device_topic(R, "devB", "update")
