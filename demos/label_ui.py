@@ -24,6 +24,8 @@ Box mode (detection)::
     LIVE     space                        → pause (hold the frame) / resume: SaveFrame(draft)
     any      SaveFailed (after a SaveFrame, not quitting)
                                           → its boxes as the draft, Notice   LIVE, paused
+    any      SaveFailed (after quitting's SaveFrame)
+                                          → Notice (N boxes not saved, which), Snapshot
     any      FrameSaved                   → (the boxes are stored: forgotten)
 
 The driver answers every :class:`SaveFrame` with :class:`FrameSaved` or :class:`SaveFailed`
@@ -34,7 +36,9 @@ space tries again.
 Gesture mode: mouse down starts a trajectory, moves extend it, mouse up resamples it to the
 gesture task's ``T x 4`` (x, y, vx, vy) → GESTURE_PENDING; a digit → SaveGesture; ``u``
 drops it (so does a new stroke, which says so). ``g`` switches modes (only with nothing pending), ``s`` asks for a snapshot,
-``q``/Esc quit (a paused draft is saved first: those boxes were labelled on purpose).
+``q``/Esc quit (a paused draft is saved first: those boxes were labelled on purpose; if the
+store refuses them then, there is no frame to go back to: the notice lists them, and a
+snapshot of the window, which shows them, is asked for).
 
 While a frame is *held* (``session.frozen``) the driver keeps showing, and finally stores,
 the frame that was on screen when the person pressed the mouse, so the box always belongs
@@ -272,6 +276,8 @@ class SessionState:
     pending_gesture: npt.NDArray[np.float32] | None = None
     saving: tuple[LabelledBox, ...] | None = None
     """The boxes of a :class:`SaveFrame` whose outcome the driver has not reported yet."""
+    quitting: bool = False
+    """``saving`` is the paused frame's draft, saved on the way out (:class:`Quit` follows)."""
 
 
 class LabelSession:
@@ -439,9 +445,13 @@ class LabelSession:
 
     def _on_saved(self, ev: FrameSaved | SaveFailed) -> list[Action]:
         s = self._s
-        boxes, s.saving = s.saving, None
+        boxes, quitting, s.saving, s.quitting = s.saving, s.quitting, None, False
         if isinstance(ev, FrameSaved):
             return []
+        if quitting and boxes is not None:
+            rows = [list(b) for b in boxes]
+            return [Notice(text=f"quitting: {len(boxes)} box(es) of the paused frame were not saved ({ev.reason}): "
+                                f"boxes={rows}; a snapshot of the window shows them", error=True), Snapshot()]
         if boxes is None or s.mode != "box" or s.phase is not Phase.LIVE:
             return [Notice(text=f"not saved: {ev.reason}", error=True)]
         # back on the held frame, paused, with whatever was drafted since (nothing, in the driver)
@@ -451,16 +461,19 @@ class LabelSession:
 
     def _quit(self) -> list[Action]:
         s = self._s
-        actions: list[Action] = [SaveFrame(boxes=tuple(s.draft))] if s.draft else []
+        draft = tuple(s.draft)
         self._reset()
-        return [*actions, Quit()]
+        if not draft:
+            return [Quit()]
+        s.saving, s.quitting = draft, True  # (a refusal is then said with its boxes: there is no frame to go back to)
+        return [SaveFrame(boxes=draft), Quit()]
 
     def _reset(self) -> None:
         s = self._s
         s.phase, s.paused, s.draft = Phase.LIVE, False, []
         s.drag_start = s.drag_end = None
         s.pending_box, s.trajectory, s.pending_gesture = None, [], None
-        s.saving = None  # (quitting: there is no frame left to put a failed save's boxes back on)
+        s.saving, s.quitting = None, False
 
 
 # ---------------------------------------------------------------------- overlay

@@ -277,10 +277,20 @@ def test_a_refused_save_puts_its_boxes_back_on_the_paused_frame() -> None:
     assert key(s, "2") == [SaveFrame(boxes=((2, 5, 5, 31, 31),))]
     s.handle(SaveFailed(reason="full"))
     assert s.state.paused and s.state.draft == [(2, 5, 5, 31, 31)]
-    # quitting: there is no frame to go back to
+    # quitting: there is no frame to go back to; the refusal says which boxes are lost and asks for a
+    # snapshot of the window, which still shows them (it said only "not saved: full")
     assert key(s, "q") == [SaveFrame(boxes=((2, 5, 5, 31, 31),)), Quit()]
-    s.handle(SaveFailed(reason="full"))
+    assert s.handle(SaveFailed(reason="full")) == [
+        Notice(text="quitting: 1 box(es) of the paused frame were not saved (full): boxes=[[2, 5, 5, 31, 31]]; "
+                    "a snapshot of the window shows them", error=True), Snapshot()]
     assert not s.state.paused and not s.state.draft
+    assert s.handle(SaveFailed(reason="late")) == [Notice(text="not saved: late", error=True)]  # said once
+    # a quit whose save goes through says nothing more
+    key(s, " ")
+    drag(s, (10, 10), (60, 60))
+    key(s, "4")
+    assert key(s, "q") == [SaveFrame(boxes=((4, 5, 5, 31, 31),)), Quit()]
+    assert s.handle(FrameSaved()) == [] and s.handle(SaveFailed(reason="late")) == [Notice(text="not saved: late", error=True)]
 
 
 def test_a_new_drag_says_that_it_dropped_the_unlabelled_box() -> None:
@@ -1158,5 +1168,45 @@ def test_a_frame_the_store_refuses_is_said_on_the_terminal_too(caplog: pytest.Lo
         assert client.store.count("frame") == 0
         assert app.notice is not None and app.notice[1].error and "not saved" in app.notice[1].text
         assert [r.levelno for r in caplog.records if "not saved" in r.getMessage()] == [logging.WARNING]
+    finally:
+        close_unstarted(client)
+
+
+def test_quitting_after_a_refused_save_says_which_boxes_are_lost_and_snapshots_them(
+        caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """q on a paused frame whose save the store had refused tried once more and, refused again,
+    said only "not saved: ..." (a notice in a window about to close): nothing said that the
+    frame's boxes were gone, nor which. Now the terminal says how many and which, and the
+    window, which still shows them, is written to --data-dir/snapshots as `s` does."""
+    import logging
+
+    from demos.label import Backend, LabelApp
+    from edge_sdk.store import DEFAULT_MAX_FRAME_BYTES
+    from tests.helpers import close_unstarted, unstarted_client
+
+    client = unstarted_client(tmp_path, task="detection", min_samples=64)
+    try:
+        app = LabelApp.__new__(LabelApp)  # only what _dispatch, _save_frame and _snapshot read: no window
+        app.backend, app.notice, app.class_names = Backend(broker_url="mqtt://127.0.0.1:1", detect=client), None, NAMES
+        app.session, app._counts, app.running = session(), (0, 0), True
+        app.data_dir, app._snapshots = tmp_path / "device", 0
+        side = int((DEFAULT_MAX_FRAME_BYTES / 3) ** 0.5) + 8
+        app.held, app.shown = None, np.zeros((side, side, 3), np.uint8)  # over the store's frame cap: refused
+        app._dispatch(Key(code=ord(" ")))
+        for a, b, cls in [((10, 10), (60, 60), "1"), ((100, 100), (200, 160), "0")]:
+            for ev in (MouseDown(x=a[0], y=a[1], t=0), MouseUp(x=b[0], y=b[1], t=0.1)):
+                app._dispatch(ev)
+            app._dispatch(Key(code=ord(cls)))
+        app._dispatch(Key(code=ord(" ")))  # save: refused, the boxes stay on the paused frame
+        app.canvas = np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)  # (what the window shows)
+        with caplog.at_level(logging.WARNING, logger="edgeci.label"):
+            app._dispatch(Key(code=ord("q")))  # refused again
+        assert client.store.count("frame") == 0 and not app.running
+        said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert said[-1].startswith("quitting: 2 box(es) of the paused frame were not saved (frame of "), said
+        assert said[-1].endswith("boxes=[[1, 5, 5, 31, 31], [0, 50, 50, 101, 81]]; a snapshot of the window shows them")
+        [png] = (tmp_path / "device" / "snapshots").iterdir()
+        assert f"snapshot {png}" in capsys.readouterr().out
+        assert (cv2.imread(str(png)) == app.canvas).all()
     finally:
         close_unstarted(client)
