@@ -1969,6 +1969,8 @@ class CoordinatorCore:
             self._peer_pins[msg.sender] = pin
         self._peer_heard[msg.sender] = ev.now
         self.counters["peer_messages"] += 1
+        if plan.counted:  # (the ignored counts reached the status only with whatever published it next)
+            self._status_dirty = True
         return self._run_peer_plan(plan, ev.now)
 
     def peers_heard(self) -> dict[str, float | None]:

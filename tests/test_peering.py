@@ -307,11 +307,11 @@ def test_a_dead_peers_replayed_beats_neither_keep_it_alive_nor_its_token() -> No
     a.holding = False  # b holds the token: a regenerates if b goes silent
     pos = list(a.known) if a.known is not None else None
     b_beat = {"at": 0.5, "age": 0.0, "clients": 1, "pos": pos, "hold": True}
-    a.on_message(view, msg_from("b", "beat", b_beat), 0.5)  # b's last real beat; then b dies
+    assert not a.on_message(view, msg_from("b", "beat", b_beat), 0.5).counted  # b's last real beat; then b dies
     assert a.last_holder == "b" and a.evidence_at == 0.5
     for t in range(1, 30):
-        a.on_message(view, msg_from("b", "beat", b_beat), float(t))  # replayed
-        a.on_message(view, msg_from("c", "beat", {**b_beat, "at": float(t), "hold": False}), float(t))
+        assert a.on_message(view, msg_from("b", "beat", b_beat), float(t)).counted  # replayed: the status shows it
+        assert not a.on_message(view, msg_from("c", "beat", {**b_beat, "at": float(t), "hold": False}), float(t)).counted
         a.on_timer(view, float(t))
     assert not a.alive("b", 29.0) and a._successor("a", 29.0) == "c"
     assert a.holding and a.counters.regenerations == 2  # the bootstrap at 0, then b's silence
@@ -323,10 +323,11 @@ def test_token_duplicates_and_stale_tokens_are_rejected_and_a_larger_position_dr
     view = View(weights=vec(0.0))
     p.on_timer(view, 0.0)
     base = {"at": 1.0, "age": 0.0, "clients": 0, "hold": False, "ages": {}}
-    p.on_message(view, msg_from("a", "token", {**base, "pos": [1, 5.0, "a", 4]}), 1.0)
+    assert not p.on_message(view, msg_from("a", "token", {**base, "pos": [1, 5.0, "a", 4]}), 1.0).counted
     assert p.holding and p.counters.tokens_accepted == 1
-    p.on_message(view, msg_from("a", "token", {**base, "pos": [1, 5.0, "a", 4]}), 1.1)  # QoS 1 duplicate
-    p.on_message(view, msg_from("c", "token", {**base, "pos": [0, 9.0, "c", 40]}), 1.2)  # older epoch
+    # (counted: the core publishes the status that shows tokens_rejected)
+    assert p.on_message(view, msg_from("a", "token", {**base, "pos": [1, 5.0, "a", 4]}), 1.1).counted  # QoS 1 duplicate
+    assert p.on_message(view, msg_from("c", "token", {**base, "pos": [0, 9.0, "c", 40]}), 1.2).counted  # older epoch
     assert p.counters.tokens_rejected == 2 and p.holding
     # any message carrying a larger position makes the holder drop its token
     p.on_message(view, msg_from("c", "beat", {**base, "pos": [2, 7.0, "c", 0], "hold": True}), 1.3)
@@ -445,12 +446,12 @@ def test_a_relayed_age_stamped_far_in_the_future_does_not_freeze_a_third_peers_a
     b.on_timer(view, 0.0)
     base = {"at": 1.0, "age": 0.0, "clients": 1, "hold": False}
     token = {**base, "pos": [1, 0.5, "a", 1], "ages": {"a": [0.0, 1.0], "c": [100.0, 1e300]}}
-    b.on_message(view, msg_from("a", "token", token), 1.0)
+    assert b.on_message(view, msg_from("a", "token", token), 1.0).counted  # the status shows ages_ignored
     assert b.holding and b.info["c"].age == 0.0 and b.describe()["ages_ignored"] == 1
     b.on_message(view, msg_from("c", "beat", {**base, "at": 2.0, "age": 7.0, "pos": [1, 0.5, "a", 1]}), 2.0)
     assert b.info["c"].age == 7.0  # c's own report is taken
     skewed = {**token, "at": 3.0, "pos": [1, 0.5, "a", 3], "ages": {"c": [9.0, 3.0 + MAX_CLOCK_AHEAD_S]}}
-    b.on_message(view, msg_from("a", "token", skewed), 3.0)  # within the clock-skew allowance: taken
+    assert not b.on_message(view, msg_from("a", "token", skewed), 3.0).counted  # within the clock-skew allowance: taken
     assert b.info["c"].age == 9.0 and b.counters.ages_ignored == 1
 
 
@@ -713,9 +714,15 @@ def test_a_replayed_or_redelivered_peer_model_is_not_merged_again() -> None:
     assert captured, "b sent no model"
     core = bus.cores["a"]
     version, weights, merges = core.version, core.weights.copy(), core.peering.describe()["merges"]
-    for _ in range(3):
+    status_topic = topics.status_topic(core.config.region)
+    for n in range(1, 4):
         bus.now += 60.0
-        bus.run("a", core.handle(MessageReceived(now=bus.now, topic=captured[0].topic, payload=captured[0].payload)))
+        actions = core.handle(MessageReceived(now=bus.now, topic=captured[0].topic, payload=captured[0].payload))
+        # the count reaches the retained status now, as a rejected device message's does (it
+        # waited for whatever published the status next: a commit, a device's message)
+        [status] = [a for a in actions if isinstance(a, Publish) and a.topic == status_topic]
+        assert parse_status_json(status.payload)["extra"]["peering"]["models_ignored"] == n
+        bus.run("a", actions)
     assert core.version == version and core.peering.describe()["merges"] == merges
     np.testing.assert_array_equal(core.weights, weights)
     assert core.peering.describe()["models_ignored"] == 3
@@ -875,7 +882,7 @@ def test_nebula_takes_a_rotation_only_from_the_ring_member_due_to_send_it_and_on
     restored = NebulaPeering("a", ring, NebulaPeerConfig(t_c=10.0), strategy=strategy)
     restored.restore(json.loads(json.dumps(peer.checkpoint())))
     for p in (peer, restored):
-        p.on_message(view, msg_from("b", "rotate", {"round": 3, "version": 7.5}, vec(9.0)), 90.0)  # replayed
+        assert p.on_message(view, msg_from("b", "rotate", {"round": 3, "version": 7.5}, vec(9.0)), 90.0).counted  # replayed
         assert p.ignored == 1
     assert strategy.state.v_stellar == 8.0 and peer.received == 2
     np.testing.assert_allclose(strategy.state.stellar, 8.0)
@@ -973,12 +980,15 @@ def test_hierfavg_edge_ignores_and_counts_a_late_global_answer() -> None:
     e1.on_version(view, 10.0)
     e1.on_timer(view, 15.0)  # round 1: the cloud is silent, the edge resumes alone
     assert not s.gate.waiting and e1.timeouts == 1
-    assert e1.on_message(view, msg_from("cloud", "global", {"round": 1}, vec(9.0)), 16.0).merged is None
+    late = e1.on_message(view, msg_from("cloud", "global", {"round": 1}, vec(9.0)), 16.0)
+    assert late.merged is None and late.counted  # counted: the core publishes the status with it
     e1.on_version(view, 17.0)  # round 2: waiting again
     assert s.gate.waiting and e1.cloud_round == 2
-    assert e1.on_message(view, msg_from("cloud", "global", {"round": 1}, vec(9.0)), 18.0).merged is None  # round 1's, late
+    late = e1.on_message(view, msg_from("cloud", "global", {"round": 1}, vec(9.0)), 18.0)  # round 1's, late
+    assert late.merged is None and late.counted
     assert s.gate.waiting and e1.describe()["ignored"] == 2
-    assert e1.on_message(view, msg_from("cloud", "global", {"round": 2}, vec(3.0)), 19.0).merged is not None
+    answer = e1.on_message(view, msg_from("cloud", "global", {"round": 2}, vec(3.0)), 19.0)
+    assert answer.merged is not None and not answer.counted
 
 
 # --------------------------------------------------------------------------- construction

@@ -46,6 +46,10 @@ class PeerPlan:
     merged: Vector | None = None
     """A new global model to commit (e.g. after merging a peer's model)."""
     meta: Mapping[str, Any] = field(default_factory=dict)
+    counted: bool = False
+    """The peering counted the message as one it ignores (a replayed beat, a model merged already,
+    a late round, a stale token): :meth:`Peering.describe` shows the count in the status, so the
+    core asks for a status publish (throttled) as it does for a device message it rejects."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

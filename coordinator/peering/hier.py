@@ -113,14 +113,14 @@ class HierPeering(Peering):
                 raise MalformedMessage(f"hierfavg: a global model from {msg.sender!r}, which is not the cloud ({self.cloud!r})")
             if round_ < self.cloud_round or not self.gate.waiting:
                 self.ignored += 1
-                return PeerPlan()  # late answer to a round we gave up on
+                return PeerPlan(counted=True)  # late answer to a round we gave up on
             return self._resume(msg.weights, round_)
         raise other_protocol("hierfavg", msg.sender, msg.kind)
 
     def _collect(self, edge: str, round_: int, samples: int, weights: Vector, now: float) -> PeerPlan:
         if round_ < self.cloud_round:
             self.ignored += 1
-            return PeerPlan()  # an edge that timed out earlier catches up next round
+            return PeerPlan(counted=True)  # an edge that timed out earlier catches up next round
         if not self.collected:
             self.collect_started = now
         self.collected[edge] = (samples, np.array(weights, dtype=np.float32, copy=True))

@@ -154,7 +154,7 @@ class NebulaPeering(Peering):
             raise MalformedMessage(f"nebula: in round {round_} {msg.sender} rotates to another coordinator")
         if round_ <= self.rotations_from.get(msg.sender, -1):
             self.ignored += 1  # a replay, or a redelivered rotation: the stellar model moved on since
-            return PeerPlan()
+            return PeerPlan(counted=True)
         self.rotations_from[msg.sender] = round_
         st = self.state
         st.ensure(view.weights)

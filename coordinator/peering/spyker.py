@@ -430,13 +430,16 @@ class SpykerPeering(Peering):
             info, at = self.info[msg.sender], body_float(body, "at")
             if at <= info.beat_at:
                 self.counters.beats_ignored += 1
-                return PeerPlan()
+                return PeerPlan(counted=True)
             info.beat_at = at
         self.now = now
         self.clients_here = len(view.devices_seen)
         self._hear(msg.sender, now, body)
         if msg.kind == "token":
-            return PeerPlan(sends=tuple(self._on_token(view, msg.sender, body, now)))
+            c = self.counters
+            ignored = (c.tokens_rejected, c.ages_ignored)
+            sends = tuple(self._on_token(view, msg.sender, body, now))
+            return PeerPlan(sends=sends, counted=(c.tokens_rejected, c.ages_ignored) != ignored)
         raw = body.get("pos")
         if raw is not None:
             self._learn(_pos(raw))
@@ -536,7 +539,7 @@ class SpykerPeering(Peering):
         done = self.merged.setdefault(msg.sender, set())
         if sid in done or (len(done) >= _KEEP_SIDS and sid < min(done)):
             self.counters.models_ignored += 1  # merged already
-            return PeerPlan()
+            return PeerPlan(counted=True)
         self._learn(sid)
         sends: list[PeerSend] = []
         if not self._was_answered(sid):
@@ -801,7 +804,7 @@ class SyncSpykerPeering(Peering):
         age = _age(msg.body)
         if round_ <= self.round:
             self.ignored += 1  # a round we already closed (we timed out on it)
-            return PeerPlan()
+            return PeerPlan(counted=True)
         sends: list[PeerSend] = []
         if round_ > self.round + 1:  # the others closed rounds without us: catch up
             if self.syncing:
