@@ -256,6 +256,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"  speed-up now/then (virtual s per CPU s): {speedup:.2f}×; cost per label then/now: {per_label:.2f}× "
           f"({'the same labels and trainings in both trees' if same_work else 'the trees drew different work: prefer the per-label ratio'};"
           f" events {then['events']:,} then vs {now['events']:,} now)")
+    pairs = sorted(float(a["cpu_s"]) / float(b["cpu_s"]) for a, b in zip(runs["then"], runs["now"], strict=True))
+    if len(pairs) > 1:  # the machine's speed drifts: how far the ratio moves between the alternating pairs
+        print(f"  speed-up of each pair (run k of then over run k of now): {', '.join(f'{r:.2f}×' for r in pairs)}")
     target = GOAL_SPEED / FILING_SPEED
     verdict = "meets" if speedup >= target else "MISSES"
     if not args.baseline.startswith(DEFAULT_BASELINE) or n != 100_000:
