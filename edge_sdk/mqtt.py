@@ -26,11 +26,22 @@ sees reads ahead and holds the packets paho sends until the loop is about to wai
 publish from another thread returns): one ``recv`` and one ``sendmsg`` per batch instead of
 three ``recv`` per packet read and one ``send`` per packet written.
 
+``manual_ack=True`` (the coordinator daemon): a QoS 1 message's PUBACK tells the broker it may
+forget the message, so it leaves only when the owner says the message is safe. ``on_message``
+takes the PUBACK of the message it is given with :meth:`MqttTransport.hold_ack`; the daemon
+hands the result to :meth:`MqttTransport.ack` once the actor has handled the message and its
+batch is durable. A PUBACK still held when the connection ends is never sent (nor on the next
+connection, whose packet ids are new): with a persistent session the broker delivers the
+message again; :meth:`MqttTransport.redeliver` ends the connection on purpose for that (a batch
+whose storage failed). Messages ``on_message`` does not take (and all of them without
+``manual_ack``) are acknowledged as soon as it returns, as paho does. The same on the fast
+path and on paho's (TLS; ``Client(manual_ack=True)`` and ``Client.ack``).
+
 The fast path (own_loop, plain TCP, paho 2.2.x: ``PAHO_FAST_PATHS``): the data traffic, MQTT
 3.1.1 PUBLISH (QoS 0 and 1) and PUBACK, bypasses paho's per-packet machinery. Incoming
 packets are parsed straight from the read-ahead buffer and handed to ``on_message`` in
 stream order, each QoS 1 one followed by its PUBACK (held with the batch's other writes, as
-paho's was); outgoing PUBLISH packets are a small header plus the caller's payload bytes in
+paho's was; with ``manual_ack`` when the owner acknowledges it); outgoing PUBLISH packets are a small header plus the caller's payload bytes in
 the batch's one ``sendmsg`` (no copy). QoS 1 messages we send stay in our own in-flight
 table until their PUBACK (packet ids from paho's own counter, so never one paho uses), at most
 ``FAST_MAX_INFLIGHT`` unacknowledged (later ones wait, in order), and are all resent, DUP set,
@@ -134,6 +145,10 @@ retained "stopped" status read "connection lost" about once in 40 stops)."""
 MAX_RECV = 1 << 20
 """Fast path: the most one ``recv`` asks for while a large packet is being read."""
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+
+
+HeldAck = tuple[int, int, int]
+"""A PUBACK :meth:`MqttTransport.hold_ack` holds: (connection, packet id, QoS)."""
 
 
 class MalformedPacketError(TransportError):
@@ -339,9 +354,18 @@ class MqttTransport:
         will: tuple[str, bytes] | None = None,
         auth: BrokerAuth | None = None,
         own_loop: bool = False,
+        manual_ack: bool = False,
     ) -> None:
         self.address = parse_broker_url(url)
         self.own_loop = own_loop
+        self.manual_ack = manual_ack
+        """The PUBACK of a QoS 1 message that ``on_message`` takes with :meth:`hold_ack` waits for
+        :meth:`ack` (see :meth:`hold_ack`); every other message is acknowledged once ``on_message`` returns."""
+        self._ack_session = 0  # a held PUBACK is sent only on the connection it came from (see hold_ack)
+        self._delivering: HeldAck | None = None  # the message on_message is being called for, while unclaimed
+        self._take_held = self._deliver_held if manual_ack else None
+        self.redeliveries = 0
+        """Connections closed by :meth:`redeliver` (held PUBACKs withheld, so that the broker sends again)."""
         self._lock = threading.RLock()  # own_loop: every paho call (paho's own thread is not there)
         self._wake: Callable[[], None] = _nothing
         self._started = False
@@ -388,6 +412,7 @@ class MqttTransport:
             client_id=client_id,
             protocol=MQTTProtocolVersion.MQTTv311,
             clean_session=clean_session,
+            manual_ack=manual_ack,
         )
         self._configure_security(auth)
         self._client.max_inflight_messages_set(64)
@@ -481,6 +506,7 @@ class MqttTransport:
             else:
                 self._wait_acknowledged()
             with self._lock:
+                self._ack_session += 1  # PUBACKs still held are never sent: the broker sends those messages again
                 self._client.disconnect()
             if self.own_loop:
                 self._finish_disconnect()
@@ -656,7 +682,7 @@ class MqttTransport:
         received = sock.received
         try:
             for _ in range(READS_PER_WAKEUP):
-                if client._in_packet["command"] == 0 and not sock.take(self._deliver, self._acked):
+                if client._in_packet["command"] == 0 and not sock.take(self._deliver, self._acked, self._take_held):
                     break  # nothing complete left: wait for the socket
                 client.loop_read()  # the packet take() stopped at (nothing of ours is in paho's flight set: one)
                 if client.socket() is not sock:
@@ -793,6 +819,7 @@ class MqttTransport:
         else:
             self._subscribed.set()
         self._connected.set()
+        self._ack_session += 1  # (PUBACKs held on an earlier connection are never sent: see hold_ack)
         if self._fast:  # every unacknowledged QoS 1 message again, in order (paho does its own next)
             self._unsent = deque(self._flight)
             self._send_unsent()
@@ -836,7 +863,77 @@ class MqttTransport:
             self._on_connection(False)
 
     def _handle_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
-        self._deliver(message.topic, bytes(message.payload))
+        if not self.manual_ack or not message.qos:
+            self._deliver(message.topic, bytes(message.payload))
+            return
+        self._delivering = (self._ack_session, message.mid, message.qos)
+        try:
+            self._deliver(message.topic, bytes(message.payload))
+        finally:
+            unclaimed, self._delivering = self._delivering, None
+            if unclaimed is not None:  # on_message kept nothing to make durable: acknowledged now, as paho does
+                client.ack(message.mid, message.qos)
+
+    def _deliver_held(self, topic: str, payload: bytes, mid: int) -> bool:
+        """Fast path, ``manual_ack``: a QoS 1 message; False when its PUBACK is due now (on_message
+        did not take it with :meth:`hold_ack`)."""
+        self._delivering = (self._ack_session, mid, 1)
+        try:
+            self._deliver(topic, payload)
+        finally:
+            unclaimed, self._delivering = self._delivering, None
+        return unclaimed is None
+
+    def hold_ack(self) -> HeldAck | None:
+        """From ``on_message`` (``manual_ack``): the broker gets this message's PUBACK only when
+        :meth:`ack` is given what this returns, not when ``on_message`` returns; None for a QoS 0
+        message or without ``manual_ack``. A PUBACK still held when the connection ends is never
+        sent: with a persistent session the broker delivers the message again on the next
+        connection (so does :meth:`redeliver`)."""
+        held, self._delivering = self._delivering, None
+        return held
+
+    def ack(self, held: Sequence[HeldAck]) -> None:
+        """Send the PUBACKs held by :meth:`hold_ack` (the actor's thread, after the messages'
+        batch is durable), in order; those of an earlier connection are skipped (the broker
+        sends their messages again, with new packet ids)."""
+        if not held:
+            return
+        with self._lock:
+            session = self._ack_session
+            client = self._client
+            sock = client._sock if self._fast else None
+            for s, mid, qos in held:
+                if s != session:
+                    continue
+                if type(sock) is _Corked:
+                    sock.send(bytes((0x40, 2, mid >> 8, mid & 0xFF)))
+                elif client.socket() is not None:
+                    client.ack(mid, qos)
+            if threading.get_ident() != self._loop_ident:
+                self._flush_from_outside()
+
+    def redeliver(self) -> None:
+        """Close the connection without the PUBACKs :meth:`hold_ack` holds (messages whose
+        handling was dropped: the broker sends them again once we reconnect, with the usual
+        backoff). What was written before is flushed first (one try, no wait)."""
+        with self._lock:
+            self._ack_session += 1
+            sock = self._client.socket()
+            if sock is None:
+                return
+            self.redeliveries += 1
+            log.warning("broker %s: closing the connection so that the broker delivers the messages whose handling was "
+                        "dropped again (reconnecting with backoff)", self.address.url)
+            if isinstance(sock, _Corked):
+                with contextlib.suppress(BlockingIOError):
+                    sock.flush()
+                sock = sock.sock
+            shutdown = getattr(sock, "shutdown", None)
+            if shutdown is not None:
+                with contextlib.suppress(OSError):  # paho's next read sees the loss and reconnects
+                    shutdown(socket.SHUT_RDWR)
+        self._wake()
 
     def _deliver(self, topic: str, payload: bytes) -> None:
         """``on_message`` for a topic we subscribed to; anything else is dropped and counted
@@ -951,17 +1048,20 @@ class _Corked:
         self._rbuf, self._rpos = b"".join(self._parts), 0
         self._parts, self._have = [], 0
 
-    def take(self, deliver: Callable[[str, bytes], None], acked: Callable[[int], bool]) -> bool:
+    def take(self, deliver: Callable[[str, bytes], None], acked: Callable[[int], bool],
+             deliver_held: Callable[[str, bytes, int], bool] | None = None) -> bool:
         """The fast path's reader (MQTT 3.1.1). Every complete PUBLISH (QoS 0 or 1) read
         ahead goes to ``deliver(topic, payload)`` in order, a QoS 1 one followed by its
-        PUBACK (held with the other writes, like paho's); every PUBACK goes to ``acked(mid)``.
+        PUBACK (held with the other writes, like paho's) — or, given ``deliver_held``, to
+        ``deliver_held(topic, payload, mid)``, followed by its PUBACK unless that returns True
+        (its owner sends it later); every PUBACK goes to ``acked(mid)``.
         Reads the socket while it has data (a short read: drained). Returns True when paho
         must read next: a complete packet of another kind (or a PUBACK ``acked`` refuses)
         is at the head, or the connection is lost (paho reads the loss, as before); False
         when nothing complete is left. Raises :class:`MalformedPacketError`."""
         may_read = True
         while True:
-            if self._parse(deliver, acked):
+            if self._parse(deliver, acked, deliver_held):
                 return True  # a complete packet for paho is at the head
             # what is left is at most part of a packet: read more while the socket has some
             if not may_read:
@@ -1023,7 +1123,8 @@ class _Corked:
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
             self._lowat = want
 
-    def _parse(self, deliver: Callable[[str, bytes], None], acked: Callable[[int], bool]) -> bool:
+    def _parse(self, deliver: Callable[[str, bytes], None], acked: Callable[[int], bool],
+               deliver_held: Callable[[str, bytes, int], bool] | None) -> bool:
         """take()'s packets from the read-ahead buffer: True when it stopped at a complete
         packet that is paho's, False when what is left is at most part of a packet."""
         buf, pos = self._rbuf, self._rpos
@@ -1060,7 +1161,11 @@ class _Corked:
                     if mid == 0:
                         raise MalformedPacketError("QoS 1 PUBLISH with packet id 0")
                     self._rpos = end
-                    deliver(topic, buf[start:end])
+                    if deliver_held is None:
+                        deliver(topic, buf[start:end])
+                    elif deliver_held(topic, buf[start:end], mid):
+                        pos = end
+                        continue  # its owner sends the PUBACK
                     out.append(bytes((0x40, 2, mid >> 8, mid & 0xFF)))  # its PUBACK, as paho's: after the callback
                 else:
                     self._rpos = end
