@@ -57,7 +57,7 @@ from edge_sdk.core.device import MAX_STATUS_BYTES
 from edge_sdk.core.events import MessageReceived, Notify, Publish
 from edge_sdk.errors import ConfigError, EdgeciError, TransportError
 from edge_sdk.modelio import load_model
-from edge_sdk.mqtt import BrokerAuth, MqttTransport
+from edge_sdk.mqtt import BrokerAuth, HeldAck, MqttTransport
 from edge_sdk.runtime import Actor, Clock, WallClock
 from edge_sdk.signing import Signer, load_named_keys, load_or_create_signer
 from edge_sdk.spec import Vector
@@ -264,6 +264,10 @@ class CoordinatorOptions:
 
 
 ACTOR_STOP_S = 10.0
+OUTAGE_HELD_ACKS = 16
+"""PUBACKs of messages refused while storage fails that are withheld until it works again (see
+CoordinatorDaemon._withhold_while_failing): below mosquitto's default in-flight window (20), so
+the broker keeps delivering the rest."""
 """How long :meth:`CoordinatorDaemon.stop` waits for the actor to finish; after that the state
 dir is left locked and its files open (the process's exit releases them), never closed under it."""
 
@@ -368,7 +372,16 @@ class CoordinatorDaemon:
             auth=options.auth or (BrokerAuth.from_bundle(options.bundle) if options.bundle is not None else None),
             own_loop=True,
             on_connection=self._on_connection,
+            manual_ack=True,
         )
+        self._acks: list[HeldAck] = []
+        """PUBACKs of the batch's messages (actor thread): sent at its end, once what it changed is durable."""
+        self._redeliver = False
+        """The batch dropped what a message changed (storage failed): its PUBACKs are withheld (see _end_batch)."""
+        self._in_hand: HeldAck | None = None
+        """The PUBACK of the message whose event is being handled (actor thread; see _perform)."""
+        self._outage_acks: list[HeldAck] = []
+        """PUBACKs of messages refused while storage fails, withheld until it works again (see _perform)."""
         self._announced = False
         """start() announced the status and recall; a later connection is a reconnect."""
         self._core_started = False
@@ -566,9 +579,19 @@ class CoordinatorDaemon:
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         if topic == self._status_topic:
-            self._seen_status(payload)
+            self._seen_status(payload)  # (nothing to make durable: acknowledged at once)
             return
-        self.actor.submit(lambda now: MessageReceived(now=now, topic=topic, payload=payload))
+        held = self.transport.hold_ack()
+        if held is None:  # QoS 0
+            self.actor.submit(lambda now: MessageReceived(now=now, topic=topic, payload=payload))
+            return
+
+        def received(now: float) -> MessageReceived:  # handled now: acknowledged at the batch's end
+            self._acks.append(held)
+            self._in_hand = held
+            return MessageReceived(now=now, topic=topic, payload=payload)
+
+        self.actor.submit(received)
 
     def _seen_status(self, payload: bytes) -> None:
         """A status on this region's topic from another live process (not ours, not a status or
@@ -612,6 +635,8 @@ class CoordinatorDaemon:
     def _handle(self, event: Any) -> list[Any]:
         """Actor thread: the core handles the event; then the metrics snapshot is refreshed
         (at most every 0.2 s; the beat refreshes an idle one every second)."""
+        if not isinstance(event, MessageReceived):
+            self._in_hand = None  # (received() set it for a message)
         if not self._core_started:  # a message the broker kept for us, before start()'s own call
             try:
                 self._start_core(event.now)
@@ -621,7 +646,8 @@ class CoordinatorDaemon:
             self._rebuild_core()
         self._discarding = False
         if self._rebuild is not None:
-            return []  # the durable state cannot even be read: answer nothing
+            self._redeliver = True
+            return []  # the durable state cannot even be read: answer nothing (the broker sends it again)
         t0 = time.perf_counter()
         try:
             actions = self.core.handle(event)
@@ -686,7 +712,25 @@ class CoordinatorDaemon:
             self._log = []
 
     def _end_batch(self) -> None:
-        """Actor thread, after each batch: one fsync for the batch's updates, then the acks."""
+        """Actor thread, after each batch: one fsync for the batch's updates, its held actions,
+        then the PUBACKs of its messages. Where storage failed, what the batch's messages changed
+        was dropped: no PUBACK of theirs leaves, the connection is closed and the broker delivers
+        them again (the persistent session) once we reconnect; whatever of them was durable
+        comes back as a duplicate, which the core refuses. An event the core raised on is
+        acknowledged (the core was rebuilt; the same message would fail it again)."""
+        done = False
+        try:
+            self._finish_batch()
+            done = True
+        finally:
+            acks, self._acks = self._acks, []
+            redeliver, self._redeliver = self._redeliver or not done, False
+            if redeliver and acks:
+                self.transport.redeliver()
+            else:
+                self.transport.ack(acks)
+
+    def _finish_batch(self) -> None:
         if self._rebuild is None:
             try:
                 self._flush_log()
@@ -710,6 +754,19 @@ class CoordinatorDaemon:
             self._status_due = False
             self._do(Publish(topic=self._status_topic, payload=status_json(self.core.status()), qos=1, retain=True))
 
+    def _withhold_while_failing(self) -> None:
+        """A message refused while storage fails may be refused because of it (a canary report:
+        the recorded round is not resumed until storage works; a device sends its report once
+        and gets no answer): its PUBACK is withheld and, once storage works again, the connection
+        is closed so that the broker delivers it to the recovered core (see _storage_recovered).
+        At most OUTAGE_HELD_ACKS, below the broker's in-flight window, which they keep taken:
+        beyond that (a flood of bad messages in an outage) they are acknowledged as before."""
+        held = self._in_hand
+        if self._storage_ok or held is None or len(self._outage_acks) >= OUTAGE_HELD_ACKS or held not in self._acks:
+            return
+        self._acks.remove(held)
+        self._outage_acks.append(held)
+
     def _core_failed(self, exc: BaseException) -> None:
         """The core raised part-way through an event: its memory may no longer match what is
         durable (an update counted as applied, a buffer cleared). Nothing of the batch that
@@ -725,6 +782,7 @@ class CoordinatorDaemon:
         log.error("storage failure: %s; dropping %d unacknowledged updates and %d held actions, "
                   "deferring updates until storage works again", detail, len(self._log), len(self._held))
         self.storage_failures += 1
+        self._redeliver = True
         self._storage_ok = False
         self._abandon_batch(detail)
 
@@ -797,6 +855,10 @@ class CoordinatorDaemon:
         self._storage_ok = True
         self._rebuild = "recovered"
         self._rebuild_core()
+        if self._outage_acks:  # refused during the outage: the broker delivers them again, to this core
+            log.warning("%d messages refused while storage failed are delivered again", len(self._outage_acks))
+            self._outage_acks = []
+            self.transport.redeliver()
 
     @staticmethod
     def _version_loaded(action: LoadVersion, weights: Vector | None, detail: str, now: float) -> VersionLoaded:
@@ -882,6 +944,7 @@ class CoordinatorDaemon:
                 self._status_due = True  # built once, at the end of the batch
             elif action.kind == "rejected":
                 self._log_rejected(action.data)
+                self._withhold_while_failing()
             elif action.kind == "control_failed":  # an operator's rollback / pin of a version the registry cannot read
                 log.warning("operator %s of version %s failed: %s", action.data.get("command"), action.data.get("version"),
                             action.data.get("detail"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import os
 import signal
@@ -490,6 +491,21 @@ class FakeTransport:
         self._lock = threading.Lock()
         self.refuse: set[str] = set()
         """Topics whose next publish raises TransportError (as paho's publish can)."""
+        self._held = itertools.count(1)
+        self.acked: list[Any] = []
+        """PUBACKs the daemon let go (what :meth:`hold_ack` handed out), in order."""
+        self.redelivered = 0
+        """Calls of :meth:`redeliver` (a real transport closes the connection, withholding the rest)."""
+
+    def hold_ack(self) -> Any:
+        return (0, next(self._held), 1)  # every message is QoS 1 here
+
+    def ack(self, held: Any) -> None:
+        with self._lock:
+            self.acked.extend(held)
+
+    def redeliver(self) -> None:
+        self.redelivered += 1
 
     def start(self, timeout: float = 0.0) -> None:
         pass
@@ -566,6 +582,7 @@ def test_a_failed_log_append_acks_nothing_and_storage_recovers(tmp_path: Path, m
         in_one_batch(daemon, [update(f"d{i}", 1, w) for i in range(3)])
         wait_until(lambda: fake.last_status().get("extra", {}).get("storage_ok") is False, 10, "storage_ok false")
         assert fake.acks() == [], "nothing may be acknowledged that is not durable"
+        assert fake.acked == [] and fake.redelivered == 1, "no PUBACK either: the broker delivers them again"
         assert daemon.core.buffer == () and daemon.core.counters["accepted"] == 0  # rebuilt from disk
         in_one_batch(daemon, [update("d0", 1, w)])  # the device retries while the disk is full
         wait_until(lambda: len(fake.acks()) == 1, 10, "an answer to the retry")
