@@ -264,12 +264,13 @@ class CoordinatorOptions:
 
 
 ACTOR_STOP_S = 10.0
+"""How long :meth:`CoordinatorDaemon.stop` waits for the actor to finish; after that the state
+dir is left locked and its files open (the process's exit releases them), never closed under it."""
+
 OUTAGE_HELD_ACKS = 16
 """PUBACKs of messages refused while storage fails that are withheld until it works again (see
 CoordinatorDaemon._withhold_while_failing): below mosquitto's default in-flight window (20), so
 the broker keeps delivering the rest."""
-"""How long :meth:`CoordinatorDaemon.stop` waits for the actor to finish; after that the state
-dir is left locked and its files open (the process's exit releases them), never closed under it."""
 
 
 def kept_signing_key(options: CoordinatorOptions) -> Path | None:
