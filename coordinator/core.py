@@ -1264,10 +1264,15 @@ class CoordinatorCore:
             # group's slice (an extractor-only update) sliced to nothing, and FedAsync, Nebula and
             # Spyker raised out of handle() on it (a core rebuild per message), SPIN committed it.
             raise ShapeMismatch(f"LASP takes the whole model or the {cfg.partial_group!r} group, not {msg.group!r}")
-        if cfg.full_sync_every and msg.group == cfg.partial_group and msg.base_version < self._last_full_version:
+        if cfg.full_sync_every and msg.base_version < self._last_full_version and (
+                msg.group != FULL or not self.next_version_is_full()):
             # Its head was fit to the extractor before the last full sync: applied to the new one it
             # is another model's head (helper-116's probe: T = 2, SPIN k = 1, the head became all 9s).
-            raise RejectedBase(f"a {msg.group!r} update trained from version {msg.base_version}, before the extractor of "
+            # A whole model too, at a partial version: only its head would be taken (helper-127's
+            # probe, a straggler of a full sync others completed first: the same 9s). At a full
+            # version it is merged whole, a stale update like any other (its extractor comes with it).
+            what = f"a {msg.group!r} update" if msg.group != FULL else f"at partial version {self._version + 1}, a whole model"
+            raise RejectedBase(f"{what} trained from version {msg.base_version}, before the extractor of "
                                f"full sync {self._last_full_version}: train again from {self._version}")
         if not self._storage_ok:
             self.counters["deferred_storage"] += 1

@@ -8,7 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator.core import CommitVersion, PersistUpdate, Snapshot
+from coordinator.core import (
+    CommitVersion,
+    CoordinatorConfig,
+    CoordinatorCore,
+    PersistUpdate,
+    Snapshot,
+)
 from coordinator.strategies import make_strategy
 from edge_sdk.core.events import MessageReceived, Notify, Publish, ScheduleTimer, TimerFired
 from edge_sdk.errors import ConfigError
@@ -262,6 +268,48 @@ def test_lasp_refuses_a_head_trained_on_the_extractor_before_the_last_full_sync(
                    weights=np.full(head, 9.0, np.float32), group="classifier")
     (commit,) = commits(c.handle(MessageReceived(now=0.0, topic=topics.device_topic("r1", "late", "update"), payload=encode(fresh))))
     np.testing.assert_array_equal(commit.weights[SPEC.group_slice("classifier")], 9.0)  # from the current extractor: taken
+
+
+def _lasp_core(t: int, strategy: str = "spin", **params: object) -> CoordinatorCore:
+    import random
+
+    from tests.helpers import toy_snapshot
+
+    cfg = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, full_sync_every=t)
+    return CoordinatorCore(cfg, make_strategy(strategy, **params), toy_snapshot(), rng=random.Random(0))
+
+
+def test_lasp_refuses_a_whole_model_trained_before_the_last_full_sync_at_a_partial_version() -> None:
+    """The whole-model twin of the test above: a straggler sent the whole model to train for a full
+    sync that others completed first; its update, from before that sync, reached a partial version
+    and its head slice (fit to the extractor the sync replaced) became the head: all 9s. Refused
+    there (the device trains again, from the current version); at a full version it is still
+    merged whole, as any stale update of the strategy (the extractor it was fit to comes with it)."""
+    c = _lasp_core(2, "spin", k=1, timeout_s=None)
+    _pull(c, "d1", 0, have=-1)
+    assert [x.version for x in commits(c.handle(upd("d1", 1, 3.0, base=0)))] == [1]  # partial
+    assert _pull(c, "late", 0, have=1).train_group == "full"  # version 2 is a full sync
+    assert _pull(c, "later", 0, have=1).train_group == "full"
+    _pull(c, "d1", 2, have=1)
+    assert [x.version for x in commits(c.handle(upd("d1", 3, 5.0, base=1)))] == [2]  # the full sync, before them
+    assert c.last_full_version == 2 and not c.next_version_is_full()
+    head, ext = SPEC.group_slice("classifier"), SPEC.group_slice("extractor")
+    acts = c.handle(upd("late", 1, 9.0, base=1))
+    (ack,) = acks(acts)
+    assert (ack.status, ack.reason) == ("rejected", "base_rejected") and not commits(acts)
+    assert c.counters["reject:base_rejected"] == 1 and c.counters["accepted"] == 2
+    assert c.status().version == 2 and c.status().buffered == 0
+    # trained again from the current version (its extractor: the one the head is fit to) it is taken
+    assert _pull(c, "late", 2, have=1).version == 2
+    (commit,) = commits(c.handle(upd("late", 3, 9.0, base=2)))
+    assert commit.version == 3 and not commit.metadata["full_sync"]
+    np.testing.assert_array_equal(commit.weights[head], 9.0)
+    np.testing.assert_array_equal(commit.weights[ext], 5.0)
+    # at the full sync (version 4) a whole model from before the last one (2) is merged whole
+    (commit,) = commits(c.handle(upd("later", 1, 7.0, base=1)))
+    assert commit.version == 4 and commit.metadata["full_sync"]
+    np.testing.assert_array_equal(commit.weights, 7.0)
+    assert c.counters["reject:base_rejected"] == 1
 
 
 def test_an_early_timer_wake_up_re_arms_the_same_deadline() -> None:
