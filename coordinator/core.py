@@ -26,6 +26,14 @@ flat float32 ``weights``. Devices talk to it over per-device topics (``edge_sdk.
   whose seq jumps more than ``max_seq_jump`` above the device's watermark (or, for a device
   without one, above its last pull) is rejected (``seq_jump``) and moves nothing; so is one
   claiming more than ``max_samples_per_update`` samples (``n_samples``).
+* LASP (``full_sync_every`` = T): every T-th version is a full sync; in between only the head
+  (``partial_group``) changes and devices train and send only it. An update trained from before
+  the last full sync was fit to the extractor that sync replaced: a head-only one is refused
+  (``base_rejected``: the device trains again from the current version), and a whole model too
+  at a partial version, where only its head would be taken; at a full version it is merged whole.
+  One accepted and then overtaken in the buffer by a full sync that did not consume it (a peer
+  merge, a parked conversion, a restart under another T) is left out of the version by the same
+  rule and consumed by it (counted, ``lasp_dropped_stale``).
 * Release gate (``CoordinatorConfig.gate``, see :mod:`coordinator.gate`): every commit is
   a *candidate* on the training line; devices predict with the *release*. With a gate, the
   core asks the driver to score each candidate against the release (``EvaluateCandidate``)
@@ -78,6 +86,7 @@ Transitions::
     Update (duplicate)    Publish(ack duplicate, nonce of the accepted one)
     Update (invalid)      Publish(ack rejected) if sender known; counted
     Update (abandoned base) Publish(ack rejected, reason base_rejected); counted, nothing kept
+    Update (LASP: fit to an extractor a full sync replaced) the same
     Update (not selected) Publish(ack rejected, reason not_selected): a selecting strategy did not serve it
     TimerFired            plan (and a canary round's deadline: the gate decides on what came in;
                           with none open, a new try: CANARY_RETRY_S after one found no cohort)
@@ -779,6 +788,7 @@ class CoordinatorCore:
                 **({"peers_heard": heard} if heard else {}),
                 "full_sync_every": self.config.full_sync_every,
                 "last_full_version": self._last_full_version,
+                **({"lasp_dropped_stale": c["lasp_dropped_stale"]} if self.config.full_sync_every else {}),
                 "release": self._release_version,
                 "training_version": self._version,
                 "pinned": self._pinned,
@@ -1173,6 +1183,13 @@ class CoordinatorCore:
             return FULL
         return self.config.partial_group
 
+    def _predates_extractor(self, group: str, base_version: int, full: bool) -> bool:
+        """LASP: whether an update trained from ``base_version`` would put a head fit to an
+        extractor that a full sync has replaced since onto the new one: a group's slice (a
+        head) always, a whole model at a partial version (``full`` False: only its head is
+        taken). A whole model at a full version is merged whole (its extractor comes with it)."""
+        return bool(self.config.full_sync_every) and base_version < self._last_full_version and (group != FULL or not full)
+
     def _train_group(self) -> str:
         """LASP: between full syncs devices train (and send) only the partial group."""
         if not self.config.full_sync_every or self.next_version_is_full():
@@ -1264,8 +1281,7 @@ class CoordinatorCore:
             # group's slice (an extractor-only update) sliced to nothing, and FedAsync, Nebula and
             # Spyker raised out of handle() on it (a core rebuild per message), SPIN committed it.
             raise ShapeMismatch(f"LASP takes the whole model or the {cfg.partial_group!r} group, not {msg.group!r}")
-        if cfg.full_sync_every and msg.base_version < self._last_full_version and (
-                msg.group != FULL or not self.next_version_is_full()):
+        if self._predates_extractor(msg.group, msg.base_version, self.next_version_is_full()):
             # Its head was fit to the extractor before the last full sync: applied to the new one it
             # is another model's head (helper-116's probe: T = 2, SPIN k = 1, the head became all 9s).
             # A whole model too, at a partial version: only its head would be taken (helper-127's
@@ -1472,8 +1488,19 @@ class CoordinatorCore:
     def _aggregate(self, now: float) -> CommitVersion:
         updates = tuple(self._buffer)
         full = self.next_version_is_full()
-        used = updates if full else tuple(self._partial(u) for u in updates)
-        new = np.ascontiguousarray(self.strategy.aggregate(self._view, used), dtype=np.float32)
+        applied = updates
+        if self.config.full_sync_every and any(u.base_version < self._last_full_version for u in updates):
+            # Accepted before a full sync that did not consume the buffer (a peer merge), or held
+            # across one (a parked conversion, a restart under another T): the check _on_update
+            # made no longer holds. Left out of this version and consumed with it (counted, in
+            # the commit's metadata): its head was fit to the extractor that sync replaced.
+            applied = tuple(u for u in updates if not self._predates_extractor(u.group, u.base_version, full))
+            self.counters["lasp_dropped_stale"] += len(updates) - len(applied)
+        used = applied if full else tuple(self._partial(u) for u in applied)
+        if used:
+            new = np.ascontiguousarray(self.strategy.aggregate(self._view, used), dtype=np.float32)
+        else:  # every update predated the extractor: a version that changes nothing consumes them
+            new = np.array(self._weights, copy=True)
         if not full:  # LASP: between full syncs only the partial group may change
             keep = np.array(self._weights, copy=True)
             sl = self.config.spec.group_slice(self.config.partial_group)
@@ -1485,21 +1512,22 @@ class CoordinatorCore:
         self._first_buffered_at = None
         self._last_aggregation_at = now
         self.counters["aggregations"] += 1
-        stal = [u.staleness for u in updates]
+        stal = [u.staleness for u in applied]
         commit = self._commit(
             new,
             now,
             consumed=tuple(u.key for u in updates),
             meta={
                 "source": "aggregation",
-                "n_updates": len(updates),
-                "n_samples": int(sum(u.n_samples for u in updates)),
-                "devices": sorted({u.device for u in updates}),
+                "n_updates": len(applied),
+                "n_samples": int(sum(u.n_samples for u in applied)),
+                "devices": sorted({u.device for u in applied}),
                 # sum / len: the exact sum of the ints, one correctly rounded division: the very
                 # float np.mean gives (its float64 sum of ints < 2**53 is exact too); 0.13 us, not 6.6
                 "mean_staleness": sum(stal) / len(stal) if stal else 0.0,
                 "max_staleness": int(max(stal)) if stal else 0,
                 "full_sync": full,
+                **({"lasp_dropped": len(updates) - len(applied)} if len(applied) < len(updates) else {}),
             },
             aggregated=True,
         )

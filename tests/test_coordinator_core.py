@@ -10,11 +10,13 @@ import pytest
 
 from coordinator.core import (
     CommitVersion,
+    ConvertUpdate,
     CoordinatorConfig,
     CoordinatorCore,
     PersistUpdate,
     Snapshot,
 )
+from coordinator.peering.base import Peering, PeerPlan
 from coordinator.strategies import make_strategy
 from edge_sdk.core.events import MessageReceived, Notify, Publish, ScheduleTimer, TimerFired
 from edge_sdk.errors import ConfigError
@@ -310,6 +312,142 @@ def test_lasp_refuses_a_whole_model_trained_before_the_last_full_sync_at_a_parti
     assert commit.version == 4 and commit.metadata["full_sync"]
     np.testing.assert_array_equal(commit.weights, 7.0)
     assert c.counters["reject:base_rejected"] == 1
+
+
+class _MergeAt(Peering):
+    """A peering that commits ``model`` at ``at`` (a peer merge, e.g. Spyker's on its token):
+    a full sync that does not consume the core's buffer."""
+
+    name = "merge-at"
+
+    def __init__(self, at: float, value: float) -> None:
+        self.at: float | None = at
+        self.value = value
+
+    def wake_at(self) -> float | None:
+        return self.at
+
+    def on_timer(self, view: object, now: float) -> PeerPlan:
+        self.at = None
+        return PeerPlan(merged=np.full(SPEC.size, self.value, np.float32))
+
+
+def _head_update(device: str, seq: int, value: float, base: int) -> MessageReceived:
+    msg = Update(device=device, seq=seq, model_id="toy", base_version=base, n_samples=1,
+                 weights=np.full(SPEC.group_size("classifier"), value, np.float32), group="classifier")
+    return MessageReceived(now=0.0, topic=topics.device_topic("r1", device, "update"), payload=encode(msg))
+
+
+@pytest.mark.parametrize("whole", [False, True])
+def test_lasp_leaves_out_an_update_a_peer_merge_overtook_in_the_buffer(whole: bool) -> None:
+    """A peer merge is a full sync (a new extractor) that leaves the buffer in place: an update
+    accepted before it (a head fit to the extractor it replaced; or a whole model, when the merge
+    made the next version partial) reached the next partial version: its head became the head
+    (all 9s). Left out of that version, consumed by it, counted; the one from after the merge is
+    taken. Without a merge in between nothing is left out (the test's second half)."""
+    import random
+
+    from tests.helpers import toy_snapshot
+
+    cfg = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, full_sync_every=3)
+    merge = _MergeAt(at=10.0, value=5.0)
+    # from version 2 the next is a full sync (devices train the whole model for it); from 0 a partial one
+    c = CoordinatorCore(cfg, make_strategy("spin", k=2, timeout_s=None), toy_snapshot(2 if whole else 0),
+                        rng=random.Random(0), peering=merge)
+    head, ext = SPEC.group_slice("classifier"), SPEC.group_slice("extractor")
+    base = c.status().version
+    assert _pull(c, "old", 0, have=base).train_group == ("full" if whole else "classifier")
+    acts = c.handle(upd("old", 1, 9.0, base=base) if whole else _head_update("old", 1, 9.0, base=base))
+    assert acks(acts)[0].status == "accepted" and c.status().buffered == 1
+    (merged,) = commits(c.handle(TimerFired(now=10.0)))  # the peer merge: a full sync
+    assert merged.version == base + 1 and c.last_full_version == base + 1 and not c.next_version_is_full()
+    assert _pull(c, "new", 0, have=base + 1).train_group == "classifier"
+    (commit,) = commits(c.handle(_head_update("new", 1, 2.0, base=base + 1)))
+    assert commit.version == base + 2 and not commit.metadata["full_sync"]
+    np.testing.assert_array_equal(commit.weights[head], 2.0)  # the old code: 5.5 (the mean with 9)
+    np.testing.assert_array_equal(commit.weights[ext], 5.0)
+    assert set(commit.consumed) == {("old", 1), ("new", 1)} and commit.applied_changed == {"old": 1, "new": 1}
+    assert c.counters["lasp_dropped_stale"] == 1 and commit.metadata["lasp_dropped"] == 1
+    assert commit.metadata["n_updates"] == 1 and commit.metadata["devices"] == ["new"]
+    # the same two updates with no merge between them: both taken
+    v = c.status().version
+    _pull(c, "old", 2, have=v)
+    _pull(c, "new", 2, have=v)
+    c.handle(_head_update("old", 3, 9.0, base=v))
+    (commit,) = commits(c.handle(_head_update("new", 3, 2.0, base=v)))
+    np.testing.assert_array_equal(commit.weights[head], 5.5)
+    assert c.counters["lasp_dropped_stale"] == 1 and "lasp_dropped" not in commit.metadata
+
+
+def test_lasp_a_version_whose_every_update_predates_the_extractor_changes_nothing() -> None:
+    """All of the buffer left out (a peer merge overtook it, then the timeout closed the round):
+    a version with the current weights consumes it (durably: the registry drops its files)."""
+    import random
+
+    from tests.helpers import toy_snapshot
+
+    cfg = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, full_sync_every=3)
+    c = CoordinatorCore(cfg, make_strategy("spin", k=2, timeout_s=30.0), toy_snapshot(), rng=random.Random(0),
+                        peering=_MergeAt(at=10.0, value=5.0))
+    c.handle(_head_update("old", 1, 9.0, base=0))
+    (merged,) = commits(c.handle(TimerFired(now=10.0)))
+    (commit,) = commits(c.handle(TimerFired(now=30.0)))
+    assert commit.version == merged.version + 1 and not commit.metadata["full_sync"]
+    np.testing.assert_array_equal(commit.weights, merged.weights)
+    assert commit.consumed == (("old", 1),) and commit.metadata["lasp_dropped"] == 1 and commit.metadata["n_updates"] == 0
+    assert c.status().buffered == 0 and c.status().extra["lasp_dropped_stale"] == 1
+
+
+def test_lasp_leaves_out_a_conversion_a_full_sync_overtook() -> None:
+    """A whole model parked for conversion at a full round, converted to the version before the
+    full sync that others' updates committed meanwhile: at the next (partial) version only its
+    head was taken, fit to the old extractor. Left out, consumed, counted."""
+    import random
+
+    from coordinator.core import UpdateConverted
+    from tests.helpers import toy_snapshot
+
+    cfg = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, full_sync_every=4)
+    strategy = make_strategy("spin", k=2, timeout_s=None, clip_multiplier=0, sample_weight_cap=0,
+                             staleness="gradient-inversion", convert_beyond=2)
+    c = CoordinatorCore(cfg, strategy, toy_snapshot(), rng=random.Random(0))
+    for seq in range(3):  # partial versions 1-3
+        c.handle(_head_update("f1", seq, 1.0, base=c.version))
+        c.handle(_head_update("f2", seq, 1.0, base=c.version))
+    assert c.version == 3 and c.next_version_is_full()
+    (req,) = [a for a in c.handle(upd("slow", 0, 9.0, base=0)) if isinstance(a, ConvertUpdate)]  # staleness 3 > 2
+    assert req.target_version == 3
+    c.handle(upd("a", 0, 4.0, base=3))
+    (full,) = commits(c.handle(upd("b", 0, 4.0, base=3)))
+    assert full.version == 4 and full.metadata["full_sync"] and c.last_full_version == 4
+    c.handle(UpdateConverted(now=1.0, ticket=req.ticket, weights=np.full(SPEC.size, 9.0, np.float32), elapsed_s=1.0))
+    assert [(u.device, u.base_version) for u in c.buffer] == [("slow", 3)]
+    (commit,) = commits(c.handle(_head_update("c", 0, 2.0, base=4)))
+    assert commit.version == 5 and not commit.metadata["full_sync"]
+    np.testing.assert_array_equal(commit.weights[SPEC.group_slice("classifier")], 2.0)
+    np.testing.assert_array_equal(commit.weights[SPEC.group_slice("extractor")], 4.0)
+    assert ("slow", 0) in commit.consumed and c.counters["lasp_dropped_stale"] == 1
+
+
+def test_lasp_a_restart_under_another_schedule_leaves_out_what_the_new_one_makes_partial() -> None:
+    """A whole model from before the last full sync, accepted for a full version (T = 2: 4) and
+    persisted; the coordinator restarts with T = 5, where version 4 is partial: its head alone
+    was taken. Left out, consumed; the update from the current extractor is taken."""
+    import random
+
+    from coordinator.strategies.base import BufferedUpdate
+
+    held = BufferedUpdate(device="old", seq=1, base_version=1, staleness=2, n_samples=1,
+                          weights=np.full(SPEC.size, 9.0, np.float32))
+    snap = Snapshot(version=3, weights=np.full(SPEC.size, 5.0, np.float32), last_full_version=2, buffer=(held,))
+    cfg = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, full_sync_every=5)
+    c = CoordinatorCore(cfg, make_strategy("spin", k=2, timeout_s=None), snap, rng=random.Random(0))
+    assert c.status().buffered == 1 and not c.next_version_is_full()
+    (commit,) = commits(c.handle(_head_update("new", 1, 2.0, base=3)))
+    assert commit.version == 4 and not commit.metadata["full_sync"]
+    np.testing.assert_array_equal(commit.weights[SPEC.group_slice("classifier")], 2.0)  # the old code: 5.5
+    np.testing.assert_array_equal(commit.weights[SPEC.group_slice("extractor")], 5.0)
+    assert set(commit.consumed) == {("old", 1), ("new", 1)} and c.counters["lasp_dropped_stale"] == 1
 
 
 def test_an_early_timer_wake_up_re_arms_the_same_deadline() -> None:
