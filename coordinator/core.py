@@ -33,7 +33,9 @@ flat float32 ``weights``. Devices talk to it over per-device topics (``edge_sdk.
   at a partial version, where only its head would be taken; at a full version it is merged whole.
   One accepted and then overtaken in the buffer by a full sync that did not consume it (a peer
   merge, a parked conversion, a restart under another T) is left out of the version by the same
-  rule and consumed by it (counted, ``lasp_dropped_stale``).
+  rule and consumed by it (counted, ``lasp_dropped_stale``). With T = 0 every version is a full
+  sync: a head-only update (a device told to train the head before a restart switched LASP off)
+  is refused by the same rule.
 * Release gate (``CoordinatorConfig.gate``, see :mod:`coordinator.gate`): every commit is
   a *candidate* on the training line; devices predict with the *release*. With a gate, the
   core asks the driver to score each candidate against the release (``EvaluateCandidate``)
@@ -788,7 +790,7 @@ class CoordinatorCore:
                 **({"peers_heard": heard} if heard else {}),
                 "full_sync_every": self.config.full_sync_every,
                 "last_full_version": self._last_full_version,
-                **({"lasp_dropped_stale": c["lasp_dropped_stale"]} if self.config.full_sync_every else {}),
+                **({"lasp_dropped_stale": c["lasp_dropped_stale"]} if self.config.full_sync_every or c["lasp_dropped_stale"] else {}),
                 "release": self._release_version,
                 "training_version": self._version,
                 "pinned": self._pinned,
@@ -1187,8 +1189,10 @@ class CoordinatorCore:
         """LASP: whether an update trained from ``base_version`` would put a head fit to an
         extractor that a full sync has replaced since onto the new one: a group's slice (a
         head) always, a whole model at a partial version (``full`` False: only its head is
-        taken). A whole model at a full version is merged whole (its extractor comes with it)."""
-        return bool(self.config.full_sync_every) and base_version < self._last_full_version and (group != FULL or not full)
+        taken). A whole model at a full version is merged whole (its extractor comes with it).
+        Without LASP too (T = 0: every version is a full sync): a head a device was told to
+        train before a restart that switched LASP off is still one group's slice."""
+        return base_version < self._last_full_version and (group != FULL or not full)
 
     def _train_group(self) -> str:
         """LASP: between full syncs devices train (and send) only the partial group."""
@@ -1287,7 +1291,7 @@ class CoordinatorCore:
             # A whole model too, at a partial version: only its head would be taken (helper-127's
             # probe, a straggler of a full sync others completed first: the same 9s). At a full
             # version it is merged whole, a stale update like any other (its extractor comes with it).
-            what = f"a {msg.group!r} update" if msg.group != FULL else f"at partial version {self._version + 1}, a whole model"
+            what = f"a {msg.group!r} update" if msg.group != FULL else "at a partial version, a whole model"
             raise RejectedBase(f"{what} trained from version {msg.base_version}, before the extractor of "
                                f"full sync {self._last_full_version}: train again from {self._version}")
         if not self._storage_ok:
@@ -1489,7 +1493,7 @@ class CoordinatorCore:
         updates = tuple(self._buffer)
         full = self.next_version_is_full()
         applied = updates
-        if self.config.full_sync_every and any(u.base_version < self._last_full_version for u in updates):
+        if any(self._predates_extractor(u.group, u.base_version, full) for u in updates):
             # Accepted before a full sync that did not consume the buffer (a peer merge), or held
             # across one (a parked conversion, a restart under another T): the check _on_update
             # made no longer holds. Left out of this version and consumed with it (counted, in

@@ -450,6 +450,27 @@ def test_lasp_a_restart_under_another_schedule_leaves_out_what_the_new_one_makes
     assert set(commit.consumed) == {("old", 1), ("new", 1)} and c.counters["lasp_dropped_stale"] == 1
 
 
+def test_a_restart_without_lasp_still_refuses_a_head_trained_before_the_last_full_sync() -> None:
+    """LASP switched off at a restart (T = 3 → 0): a device told to train the head before it still
+    sends a classifier-only update. Every version is a full sync now; one from the extractor the
+    coordinator holds is taken as before, one from before a later version's extractor overwrote
+    the new head (all 9s) and is refused (base_rejected), as with LASP on."""
+    import random
+
+    snap = Snapshot(version=3, weights=np.full(SPEC.size, 5.0, np.float32), last_full_version=2)
+    cfg = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, full_sync_every=0)
+    c = CoordinatorCore(cfg, make_strategy("spin", k=1, timeout_s=None), snap, rng=random.Random(0))
+    (commit,) = commits(c.handle(_head_update("d1", 1, 2.0, base=2)))  # partial version 3 kept extractor 2
+    assert commit.version == 4 and commit.metadata["full_sync"] and c.last_full_version == 4
+    np.testing.assert_array_equal(commit.weights[SPEC.group_slice("classifier")], 2.0)
+    (commit,) = commits(c.handle(upd("d2", 1, 4.0, base=4)))
+    assert commit.version == 5
+    acts = c.handle(_head_update("d3", 1, 9.0, base=3))
+    (ack,) = acks(acts)
+    assert (ack.status, ack.reason) == ("rejected", "base_rejected") and not commits(acts)
+    assert c.status().version == 5 and c.counters["reject:base_rejected"] == 1
+
+
 def test_an_early_timer_wake_up_re_arms_the_same_deadline() -> None:
     c = make_coordinator(k=10, timeout_s=5.0)
     (timer,) = [a for a in c.handle(upd("d1", 0, 2.0, now=1.0)) if isinstance(a, ScheduleTimer)]
