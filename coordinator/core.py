@@ -32,10 +32,10 @@ flat float32 ``weights``. Devices talk to it over per-device topics (``edge_sdk.
   (``base_rejected``: the device trains again from the current version), and a whole model too
   at a partial version, where only its head would be taken; at a full version it is merged whole.
   One accepted and then overtaken in the buffer by a full sync that did not consume it (a peer
-  merge, a parked conversion, a restart under another T) is left out of the version by the same
-  rule and consumed by it (counted, ``lasp_dropped_stale``). With T = 0 every version is a full
-  sync: a head-only update (a device told to train the head before a restart switched LASP off)
-  is refused by the same rule.
+  merge, a parked conversion, a restart under another T or past versions the registry could not
+  read) is left out of the version by the same rule and consumed by it (counted,
+  ``lasp_dropped_stale``). With T = 0 every version is a full sync: a head-only update (a device
+  told to train the head before a restart switched LASP off) is refused by the same rule.
 * Release gate (``CoordinatorConfig.gate``, see :mod:`coordinator.gate`): every commit is
   a *candidate* on the training line; devices predict with the *release*. With a gate, the
   core asks the driver to score each candidate against the release (``EvaluateCandidate``)
@@ -1191,8 +1191,10 @@ class CoordinatorCore:
         head) always, a whole model at a partial version (``full`` False: only its head is
         taken). A whole model at a full version is merged whole (its extractor comes with it).
         Without LASP too (T = 0: every version is a full sync): a head a device was told to
-        train before a restart that switched LASP off is still one group's slice."""
-        return base_version < self._last_full_version and (group != FULL or not full)
+        train before a restart that switched LASP off is still one group's slice. A base above
+        the current version (only in a buffer restored past versions the registry could not
+        read; _on_update refuses one) was fit to an extractor this coordinator no longer knows."""
+        return (base_version < self._last_full_version or base_version > self._version) and (group != FULL or not full)
 
     def _train_group(self) -> str:
         """LASP: between full syncs devices train (and send) only the partial group."""
@@ -1495,7 +1497,8 @@ class CoordinatorCore:
         applied = updates
         if any(self._predates_extractor(u.group, u.base_version, full) for u in updates):
             # Accepted before a full sync that did not consume the buffer (a peer merge), or held
-            # across one (a parked conversion, a restart under another T): the check _on_update
+            # across one (a parked conversion, a restart under another T or past unreadable
+            # versions): the check _on_update
             # made no longer holds. Left out of this version and consumed with it (counted, in
             # the commit's metadata): its head was fit to the extractor that sync replaced.
             applied = tuple(u for u in updates if not self._predates_extractor(u.group, u.base_version, full))

@@ -471,6 +471,28 @@ def test_a_restart_without_lasp_still_refuses_a_head_trained_before_the_last_ful
     assert c.status().version == 5 and c.counters["reject:base_rejected"] == 1
 
 
+def test_lasp_a_restart_past_unreadable_versions_leaves_out_a_head_trained_on_one_of_them() -> None:
+    """The registry could not read versions 3-4 (full sync 3 among them) and resumed from 2: a
+    head accepted from version 4, fit to full sync 3's extractor (lost), was restored into the
+    buffer and put onto version 2's extractor (all 9s over the head). Its extractor is unknown
+    here: left out, consumed, counted; the whole model from version 2 is merged as before."""
+    import random
+
+    from coordinator.strategies.base import BufferedUpdate
+
+    held = BufferedUpdate(device="old", seq=1, base_version=4, staleness=0, n_samples=1,
+                          weights=np.full(SPEC.group_size("classifier"), 9.0, np.float32), group="classifier")
+    snap = Snapshot(version=2, weights=np.full(SPEC.size, 5.0, np.float32), last_full_version=0, version_floor=4,
+                    buffer=(held,))
+    cfg = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, full_sync_every=3)
+    c = CoordinatorCore(cfg, make_strategy("spin", k=2, timeout_s=None), snap, rng=random.Random(0))
+    assert c.status().buffered == 1
+    (commit,) = commits(c.handle(upd("new", 1, 3.0, base=2)))
+    assert commit.version == 5
+    np.testing.assert_array_equal(commit.weights, 3.0)  # the old code: head 9 over extractor 3
+    assert set(commit.consumed) == {("old", 1), ("new", 1)} and c.counters["lasp_dropped_stale"] == 1
+
+
 def test_an_early_timer_wake_up_re_arms_the_same_deadline() -> None:
     c = make_coordinator(k=10, timeout_s=5.0)
     (timer,) = [a for a in c.handle(upd("d1", 0, 2.0, now=1.0)) if isinstance(a, ScheduleTimer)]
