@@ -1498,9 +1498,9 @@ class CoordinatorCore:
         if any(self._predates_extractor(u.group, u.base_version, full) for u in updates):
             # Accepted before a full sync that did not consume the buffer (a peer merge), or held
             # across one (a parked conversion, a restart under another T or past unreadable
-            # versions): the check _on_update
-            # made no longer holds. Left out of this version and consumed with it (counted, in
-            # the commit's metadata): its head was fit to the extractor that sync replaced.
+            # versions): the check _on_update made no longer holds. Left out of this version and
+            # consumed with it (counted, in the commit's metadata): its head was fit to the
+            # extractor that sync replaced.
             applied = tuple(u for u in updates if not self._predates_extractor(u.group, u.base_version, full))
             self.counters["lasp_dropped_stale"] += len(updates) - len(applied)
         used = applied if full else tuple(self._partial(u) for u in applied)
