@@ -72,6 +72,7 @@ MESSAGES = [
     Canary(device="d1", candidate=5, release=4, samples=20, deadline_s=600.0, epoch=3, nonce=2**63 - 1),
     CanaryReport(device="d1", candidate=5, release=4, both_right=15, only_candidate=2, only_release=1, both_wrong=2, nonce=1),
     Recall(model_id="m", release=9, abandoned=(4, 8, 11, 11)),
+    ModelMsg(model_id="m", version=4, reply_to=-1, weights=np.ones(4, dtype=np.float32), group="b", full_sync=3),
 ]
 
 
@@ -212,6 +213,9 @@ def test_spliced_encoding_equals_encode_and_reuses_the_tail() -> None:
         (frame({"type": "canary", "device": "d", "candidate": 2, "release": 1, "samples": 0, "deadline_s": 10.0}), MalformedMessage),
         (frame({"type": "canary", "device": "d", "candidate": 2, "release": 1, "samples": 5, "deadline_s": float("inf")}), MalformedMessage),
         (frame({"type": "pull", "device": "d", "seq": 1, "model_id": "m", "canary": -2}), MalformedMessage),
+        # a part's full sync: -1 (none) or a version up to the model's own
+        *[(frame({"type": "model", "model_id": "m", "version": 4, "reply_to": -1, "group": "b", "full_sync": bad,
+                  "w": {"dt": "f4", "n": 1, "l": 4}}, b"\0" * 4), MalformedMessage) for bad in (-2, 5, 2**63, True, "3", 1.0, None)],
         # a canary round's nonce (request and report): an int in [0, 2**63), like every other
         *[(frame({"type": "canary", "device": "d", "candidate": 2, "release": 1, "samples": 5, "deadline_s": 10.0, "nonce": bad}),
            MalformedMessage) for bad in (-1, 2**63, True, "7", 1.0, None, [1])],
@@ -246,7 +250,7 @@ _leaf = st.recursive(
     st.sampled_from(["pull", "model", "update", "ack", "invite", "status", "peer", "canary", "canary_report"]),
     st.dictionaries(
         st.sampled_from(["device", "seq", "model_id", "w", "sg", "version", "reply_to", "status", "n_samples", "base_version", "group", "hints", "body", "sender", "kind", "nonce", "serve",
-                         "canary", "candidate", "release", "samples", "deadline_s", "both_right", "only_candidate", "only_release", "both_wrong"]),
+                         "canary", "candidate", "release", "samples", "deadline_s", "both_right", "only_candidate", "only_release", "both_wrong", "full_sync"]),
         _leaf,
     ),
 )
@@ -415,3 +419,27 @@ def test_a_field_added_later_is_absent_at_its_default_so_old_frames_keep_their_b
                      (CanaryReport(**counts), CanaryReport(**counts, nonce=9))]:  # type: ignore[arg-type]
         assert "nonce" not in header(encode(old)) and header(encode(new))["nonce"] == 9
         assert decode(encode(old)) == old and decode(encode(new)) == new
+    # a LASP part's full sync likewise: a model without one (whole, or a part from a coordinator before
+    # the field) keeps its bytes and decodes to -1; a side from before the field ignores it
+    head = np.ones(4, dtype=np.float32)
+    part, named = (ModelMsg(model_id="m", version=4, reply_to=-1, weights=head, group="b", full_sync=f) for f in (-1, 3))
+    assert "full_sync" not in header(encode(part)) and header(encode(named))["full_sync"] == 3
+    assert decode(encode(part)).full_sync == -1 and decode(encode(named)).full_sync == 3  # type: ignore[union-attr]
+    older = frame({"type": "model", "model_id": "m", "version": 4, "reply_to": -1, "group": "b",  # an older coordinator's part
+                   "w": {"dt": "f4", "n": 4, "l": 16}}, head.tobytes())
+    got = decode(older)
+    assert isinstance(got, ModelMsg) and (got.version, got.group, got.full_sync) == (4, "b", -1)
+
+
+def test_a_part_s_full_sync_is_signed_with_the_rest_of_the_model() -> None:
+    """A replayed part must not be able to claim another full sync: the field is in the signed header."""
+    scope = topics.device_scope("r1", "model")
+    msg = ModelMsg(model_id="m", version=4, reply_to=-1, weights=np.ones(4, dtype=np.float32), group="b", full_sync=3)
+    payload = encode(msg, signer=_SIGNER, scope=scope)
+    assert payload.count(b"\xa9full_sync\x03") == 1
+    forged = payload.replace(b"\xa9full_sync\x03", b"\xa9full_sync\x01")  # fixints: the same length
+    good, bad = decode_frame(payload), decode_frame(forged)
+    assert isinstance(bad.message, ModelMsg) and bad.message.full_sync == 1
+    assert good.signature is not None and bad.signature is not None
+    assert verify(good.signature.public_raw, good.signature.signature, good.signature.signed_for(scope))
+    assert not verify(bad.signature.public_raw, bad.signature.signature, bad.signature.signed_for(scope))

@@ -130,13 +130,21 @@ class ModelMsg:
     """The coordinator's numbering: created with its state dir (microseconds since 1970), so
     a coordinator that lost its state dir and counts from 0 again numbers in a newer epoch.
     A device takes a newer epoch as a new numbering and refuses an older one (a replay)."""
-    OMIT_AT_DEFAULT: ClassVar[tuple[tuple[str, object], ...]] = _EPOCH_OMIT
+    full_sync: int = NO_VERSION
+    """LASP: the full sync (a version) whose other groups — the extractor — a part (``group`` one
+    layer group) goes onto: a device patches it only onto weights of that full sync or after it
+    (a signed part is valid region-wide: replayed to a device holding an older extractor, it made
+    a model no coordinator built). ``-1``: not a part, or a coordinator from before this field."""
+    OMIT_AT_DEFAULT: ClassVar[tuple[tuple[str, object], ...]] = (("full_sync", NO_VERSION), *_EPOCH_OMIT)
+    """Fields the codec leaves out at their default (added later: frames without them keep their bytes)."""
 
     def __post_init__(self) -> None:
         _check_id(self.model_id, "model_id")
         _check_int(self.version, "version")
         _check_int(self.release, "release", lo=NO_VERSION)
         _check_int(self.epoch, "epoch")
+        _check_int(self.full_sync, "full_sync", lo=NO_VERSION)
+        _need(self.full_sync <= self.version, "full_sync must not be after version")
         _check_int(self.reply_to, "reply_to", lo=NO_VERSION)
         _check_id(self.group, "group")
         _check_id(self.train_group, "train_group")
