@@ -35,7 +35,9 @@ flat float32 ``weights``. Devices talk to it over per-device topics (``edge_sdk.
   merge, a parked conversion, a restart under another T or past versions the registry could not
   read) is left out of the version by the same rule and consumed by it (counted,
   ``lasp_dropped_stale``). With T = 0 every version is a full sync: a head-only update (a device
-  told to train the head before a restart switched LASP off) is refused by the same rule.
+  told to train the head before a restart switched LASP off) is refused by the same rule. A
+  head-only model reply names the full sync it builds on (``ModelMsg.full_sync``): a device holding
+  an older extractor refuses it (a replayed or misrouted reply) instead of patching it on.
 * Release gate (``CoordinatorConfig.gate``, see :mod:`coordinator.gate`): every commit is
   a *candidate* on the training line; devices predict with the *release*. With a gate, the
   core asks the driver to score each candidate against the release (``EvaluateCandidate``)
@@ -1222,7 +1224,10 @@ class CoordinatorCore:
             self.counters["pulls_unchanged"] += 1
         hints = {**cfg.hints, **self.peering.hints_for(device)}  # e.g. Spyker's per-device lr decay
         train_group = self._train_group()
-        key = (version, self._release_version, group, train_group, cfg.encoding, tuple(sorted(hints.items())))
+        # LASP: a part names the full sync whose extractor it goes onto (every version from it to
+        # this one has that extractor: _group_for sends a part only to a device holding one of them)
+        full_sync = self._last_full_version if group not in (FULL, UNCHANGED) else NO_VERSION
+        key = (version, self._release_version, group, train_group, full_sync, cfg.encoding, tuple(sorted(hints.items())))
         payload = self._encoded.get(key)
         if payload is None:
             msg = ModelMsg(
@@ -1236,6 +1241,7 @@ class CoordinatorCore:
                 hints=hints,
                 release=self._release_version,
                 epoch=self._epoch,
+                full_sync=full_sync,
             )
             tail = self._tensors.get((version, group, cfg.encoding))
             if tail is None:  # one encoding + digest per (version, group, encoding)

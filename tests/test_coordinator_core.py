@@ -211,6 +211,57 @@ def test_lasp_partial_versions_change_only_the_classifier() -> None:
     assert c.last_full_version == 3
     assert _pull(c, "d1", 9, have=1).group == "full"  # its extractor predates the full sync
     assert c.counters["bytes_out"] > 0
+    # a part names the full sync whose extractor it goes onto; whole models and "unchanged" do not
+    assert (first.full_sync, second.full_sync, third.full_sync, same.full_sync) == (-1, -1, 0, -1)
+    (commit,) = commits(c.handle(upd("d3", 2, 4.0, base=3)))
+    assert commit.version == 4 and not commit.metadata["full_sync"]
+    fourth = _pull(c, "d7", 0, have=3)
+    assert (fourth.version, fourth.group, fourth.full_sync) == (4, "classifier", 3)
+
+
+def test_lasp_a_captured_part_replayed_to_a_device_on_an_older_extractor_is_refused() -> None:
+    """helper-127: a signed head-only reply is valid region-wide (its scope names the region, not the
+    device): captured from the broker and replayed to a device holding a version before the last full
+    sync, it was patched onto that device's older extractor and deployed. The reply names its full
+    sync; that device refuses it, and one holding the full sync patches it into the coordinator's
+    very version."""
+    import random
+
+    from edge_sdk.core.device import DeviceConfig, DeviceCore
+    from edge_sdk.core.events import DeployModel
+    from tests.helpers import SIGNER, toy_snapshot
+
+    cfg = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, full_sync_every=3, signer=SIGNER)
+    c = CoordinatorCore(cfg, make_strategy("spin", k=1, timeout_s=None), toy_snapshot(), rng=random.Random(0))
+
+    def reply(device: str, seq: int, have: int, serve: bool = False) -> bytes:
+        pull = Pull(device=device, seq=seq, model_id="toy", have_version=have, serve=serve)
+        acts = c.handle(MessageReceived(now=0.0, topic=topics.device_topic("r1", device, "pull"), payload=encode(pull)))
+        return next(a.payload for a in acts if isinstance(a, Publish) and a.topic.endswith("/model"))
+
+    def device(name: str, payload: bytes) -> DeviceCore:
+        d = DeviceCore(DeviceConfig(device_id=name, region="r1", spec=SPEC, min_samples=3), rng=random.Random(0))
+        d.handle(MessageReceived(now=0.0, topic=topics.device_topic("r1", name, "model"), payload=payload))
+        return d
+
+    old = device("old", reply("old", 0, have=-1, serve=True))  # holds version 0
+    for seq, value in enumerate((1.0, 2.0, 9.0), start=1):  # versions 1, 2 (head only), 3 (the full sync)
+        c.handle(upd("d1", seq, value, base=c.version))
+    holder = device("holder", reply("holder", 0, have=-1, serve=True))  # holds version 3
+    c.handle(upd("d1", 4, 4.0, base=3))
+    assert (c.version, c.last_full_version, old.state.deployed_version, holder.state.deployed_version) == (4, 3, 0, 3)
+    assert not np.array_equal(c.weights[SPEC.group_slice("extractor")], old.state.deployed[SPEC.group_slice("extractor")])  # type: ignore[index]
+    part = reply("d3", 0, have=3)  # for a device holding full sync 3
+    decoded = decode(part)
+    assert isinstance(decoded, ModelMsg) and (decoded.version, decoded.group, decoded.full_sync) == (4, "classifier", 3)
+    acts = old.handle(MessageReceived(now=1.0, topic=topics.device_topic("r1", "old", "model"), payload=part))
+    assert [a.weights.tolist() for a in acts if isinstance(a, DeployModel)] == []  # before: v4's head on v0's extractor
+    assert old.state.deployed_version == 0 and old.state.counters["rejected:extractor_mismatch"] == 1
+    np.testing.assert_array_equal(old.state.deployed, 0.0)  # type: ignore[arg-type]
+    acts = holder.handle(MessageReceived(now=1.0, topic=topics.device_topic("r1", "holder", "model"), payload=part))
+    (deployed,) = [a for a in acts if isinstance(a, DeployModel)]
+    assert deployed.version == 4 and holder.state.rejected_messages == 0
+    np.testing.assert_array_equal(deployed.weights, c.weights)  # the coordinator's version 4, exactly
 
 
 @pytest.mark.parametrize("strategy", ["spin", "fedasync", "spyker", "nebula"])

@@ -234,6 +234,70 @@ def test_partial_model_patches_deployed_copy() -> None:
     np.testing.assert_array_equal(dep.weights[SPEC.group_slice("classifier")], 2.0)
 
 
+def _part(version: int, full_sync: int = -1, value: float = 0.5) -> ModelMsg:
+    head = np.full(SPEC.group_size("classifier"), value, dtype=np.float32)
+    return ModelMsg(model_id="toy", version=version, reply_to=-1, weights=head, group="classifier", full_sync=full_sync)
+
+
+def _holding(version: int, value: float = 7.0) -> DeviceCore:
+    """A device that deployed ``version`` (every weight ``value``) and sits idle."""
+    c = core()
+    whole = ModelMsg(model_id="toy", version=version, reply_to=-1, weights=np.full(SPEC.size, value, np.float32))
+    assert "DeployModel" in kinds(c.handle(recv(0.0, "model", whole))) and c.state.phase is Phase.IDLE
+    return c
+
+
+def test_a_head_built_on_a_later_full_sync_is_refused_not_patched_onto_an_older_extractor() -> None:
+    """helper-127's probe: a signed head-only reply is valid region-wide, and a device holding version 1
+    patched version 4's head (built on full sync 3's extractor) onto version 1's extractor and deployed
+    v4 as [7 x 6, 0.5 x 3], a model no coordinator built (replayed from the broker, or misrouted). The
+    coordinator names the full sync a part builds on (``full_sync``): a device holding a version
+    before it refuses the part, counted, and nothing changes."""
+    c = _holding(1)
+    acts = c.handle(recv(1.0, "model", _part(4, full_sync=3)))
+    assert [a.weights.tolist() for a in acts if isinstance(a, DeployModel)] == []  # the old code: [7.0 x 6, 0.5 x 3]
+    assert kinds(acts) == ["Notify"] and acts[0].kind == "message_rejected"  # type: ignore[attr-defined]
+    assert acts[0].data["reason"] == "extractor_mismatch"  # type: ignore[attr-defined]
+    assert c.state.counters["rejected:extractor_mismatch"] == 1 and c.state.rejected_messages == 1
+    assert c.state.deployed_version == 1 and c.state.phase is Phase.IDLE
+    np.testing.assert_array_equal(c.state.deployed, 7.0)
+    # The same part on a device holding that full sync, then the next on it holding version 4 (the
+    # same extractor): patched.
+    c = _holding(3)
+    for version, head in ((4, 0.5), (5, 0.25)):
+        acts = c.handle(recv(1.0, "model", _part(version, full_sync=3, value=head)))
+        dep = next(a for a in acts if isinstance(a, DeployModel))
+        assert dep.version == version and c.state.rejected_messages == 0
+        np.testing.assert_array_equal(dep.weights[SPEC.group_slice("extractor")], 7.0)
+        np.testing.assert_array_equal(dep.weights[SPEC.group_slice("classifier")], head)
+
+
+def test_a_refused_head_leaves_the_pull_waiting_for_its_answer() -> None:
+    """A replayed part reaching a device whose pull is in flight is refused like any other; the pull
+    stays pending (the same seq, retried at its deadline) and the coordinator's answer — the whole
+    model, since the device's extractor predates the full sync — is trained from."""
+    c = _holding(1)
+    pull = published(c.handle(SampleAdded(now=1.0, total=3)))[0]
+    assert isinstance(pull, Pull) and pull.have_version == 1 and c.state.phase is Phase.PULLING
+    acts = c.handle(recv(1.5, "model", _part(4, full_sync=3)))
+    assert kinds(acts) == ["Notify"] and c.state.phase is Phase.PULLING and c.state.pending_seq == pull.seq
+    answer = ModelMsg(model_id="toy", version=4, reply_to=-1, weights=np.full(SPEC.size, 3.0, np.float32), train_group="classifier")
+    job = next(a for a in c.handle(recv(2.0, "model", answer)) if isinstance(a, StartTraining)).job
+    assert job.base_version == 4 and job.group == "classifier"
+    np.testing.assert_array_equal(job.weights, 3.0)
+
+
+def test_a_head_without_full_sync_is_patched_as_before() -> None:
+    """A coordinator from before ``full_sync`` sends parts without it: a device patches them onto the
+    weights it holds, as it always did (refusing them would leave such a device no model to train
+    between full syncs: every pull answered with the same part)."""
+    c = _holding(1)
+    acts = c.handle(recv(1.0, "model", _part(4)))
+    dep = next(a for a in acts if isinstance(a, DeployModel))
+    np.testing.assert_array_equal(dep.weights[SPEC.group_slice("extractor")], 7.0)
+    np.testing.assert_array_equal(dep.weights[SPEC.group_slice("classifier")], 0.5)
+
+
 def test_garbage_and_foreign_messages_are_counted_not_fatal() -> None:
     c = core()
     acts = c.handle(MessageReceived(now=0.0, topic=topics.device_topic("r1", DEV, "model"), payload=b"\xc1garbage"))

@@ -37,6 +37,13 @@ none of the device's requests is deployed only if it is signed and newer than th
 one. On start the device sends a *serving* pull so it can predict with the current model
 before it has labelled anything; that request never starts training.
 
+LASP parts. Between full syncs a coordinator answers a device that holds the current extractor
+with the head only (``ModelMsg.group``), naming the full sync it builds on (``full_sync``); the
+device patches it onto the weights it serves. A part whose full sync is after the deployed
+version (replayed or misrouted: its signature is valid region-wide) would pair that head with an
+older extractor: refused (``extractor_mismatch``), nothing changes, the device waits for the answer
+to its pull. A part without ``full_sync`` (a coordinator from before it) is patched as before.
+
 Epochs. A coordinator numbers its versions in the epoch of its state dir (``ModelMsg.epoch``,
 signed; 0 for the in-process emulator). A signed model or recall of the current region in a newer
 epoch means its coordinator started again on a new state dir, counting from 0: the device
@@ -122,6 +129,7 @@ Transitions (event → action, new phase)::
     any       signed Model / Recall of a newer epoch → PinEpoch, Notify(epoch); forget numbers, fetch the release
     any       Model / Recall / Canary of an older epoch → Notify(rejected: epoch_older) (old recall: counted only)
     any       unsigned / badly signed / bad bytes → Notify(rejected)       (unchanged)
+    any       signed part of a full sync after the deployed version → Notify(rejected: extractor_mismatch)  (unchanged)
     PULLING/DEFERRED/PUSHING  failover_after-th timeout in a row
                                            → Persist, SwitchRegion(next), pull  PULLING
     any       status(current region, alive: false)
@@ -175,6 +183,7 @@ from edge_sdk.errors import (
     NotSelected,
     RejectedBase,
     RemoteProtocolError,
+    ReplayedMessage,
     ShapeMismatch,
     StaleEpoch,
     TopicMismatch,
@@ -209,6 +218,14 @@ from edge_sdk.wire.messages import (
     Recall,
     Update,
 )
+
+
+class ForeignExtractor(ReplayedMessage):
+    """LASP: a part of a model (its head) built on a full sync after the version this device holds
+    (:attr:`ModelMsg.full_sync`): patched on, it would pair that head with an older extractor."""
+
+    reason = "extractor_mismatch"
+
 
 DeviceEvent = SampleAdded | MessageReceived | TrainingFinished | TrainingFailed | TimerFired | CanaryScored
 DeviceAction = (Publish | ScheduleTimer | StartTraining | DeployModel | PersistDeviceState | PinKey | PinEpoch | Notify
@@ -721,6 +738,12 @@ class DeviceCore:
             return s.deployed if s.deployed_version == msg.version else None
         if s.deployed is None or s.deployed_version == NO_VERSION:
             return None  # weights of no numbering in use (another region's, an older epoch's): a part cannot go on them
+        if s.deployed_version < msg.full_sync:
+            # LASP: the coordinator sends a part only to a device holding its full sync's extractor
+            # or a version after it; this one is replayed or misrouted (its signature holds
+            # region-wide). Without the field (a coordinator from before it): patched as before.
+            raise ForeignExtractor(f"version {msg.version}'s {msg.group!r} goes onto full sync {msg.full_sync}'s "
+                                   f"extractor; this device holds version {s.deployed_version}, before it")
         full = np.array(s.deployed, dtype=np.float32, copy=True)
         full[self.config.spec.group_slice(msg.group)] = msg.weights
         return full
