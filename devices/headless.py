@@ -149,6 +149,8 @@ REFUSAL_HINTS = {
     "epoch_older": " — the coordinator numbers its versions in an older epoch than this device has seen: its operator "
                    "runs `edgeci new-epoch --state-dir DIR --above EPOCH` (EPOCH: `edgeci status`)",
     "unsigned": " — models must be signed by the coordinator",
+    "extractor_mismatch": " — a LASP head built on a newer full sync than the model this device holds (a replayed or "
+                          "misrouted reply): refused; the answer to its pull brings the whole model",
 }
 
 

@@ -195,6 +195,14 @@ class StaleEpoch(ReplayedMessage):
     reason = "epoch_older"
 
 
+class ForeignExtractor(ReplayedMessage):
+    """LASP: a part of a model (its head) built on a full sync after the version the device
+    holds (``ModelMsg.full_sync``): patched on, it would pair that head with an older extractor
+    (a replayed or misrouted reply; its signature holds region-wide)."""
+
+    reason = "extractor_mismatch"
+
+
 class RateLimited(RemoteProtocolError):
     """A device asked more often than the coordinator answers; the request is dropped."""
 

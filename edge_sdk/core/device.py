@@ -178,12 +178,12 @@ from edge_sdk.core.events import (
 from edge_sdk.errors import (
     BadSignature,
     ConfigError,
+    ForeignExtractor,
     LocalProtocolError,
     MalformedMessage,
     NotSelected,
     RejectedBase,
     RemoteProtocolError,
-    ReplayedMessage,
     ShapeMismatch,
     StaleEpoch,
     TopicMismatch,
@@ -218,14 +218,6 @@ from edge_sdk.wire.messages import (
     Recall,
     Update,
 )
-
-
-class ForeignExtractor(ReplayedMessage):
-    """LASP: a part of a model (its head) built on a full sync after the version this device holds
-    (:attr:`ModelMsg.full_sync`): patched on, it would pair that head with an older extractor."""
-
-    reason = "extractor_mismatch"
-
 
 DeviceEvent = SampleAdded | MessageReceived | TrainingFinished | TrainingFailed | TimerFired | CanaryScored
 DeviceAction = (Publish | ScheduleTimer | StartTraining | DeployModel | PersistDeviceState | PinKey | PinEpoch | Notify
