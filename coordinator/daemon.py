@@ -718,14 +718,19 @@ class CoordinatorDaemon:
         was dropped: no PUBACK of theirs leaves, the connection is closed and the broker delivers
         them again (the persistent session) once we reconnect; whatever of them was durable
         comes back as a duplicate, which the core refuses. An event the core raised on is
-        acknowledged (the core was rebuilt; the same message would fail it again)."""
-        done = False
+        acknowledged (the core was rebuilt; the same message would fail it again), and so is a
+        batch whose end raised other than by a storage failure (a bug, handled as if the core had
+        raised: redelivered, the same message would fail again, a connection loop with the batch's
+        unwritten updates kept for every later batch)."""
         try:
             self._finish_batch()
-            done = True
+        except Exception as exc:
+            self._core_failed(exc)  # (drops the log and held actions that failed: no later batch retries them)
+            self._rebuild_core()
+            raise  # the actor logs and counts it
         finally:
             acks, self._acks = self._acks, []
-            redeliver, self._redeliver = self._redeliver or not done, False
+            redeliver, self._redeliver = self._redeliver, False
             if redeliver and acks:
                 self.transport.redeliver()
             else:
