@@ -382,6 +382,8 @@ class CoordinatorDaemon:
         self._in_hand: HeldAck | None = None
         """The PUBACK of the message whose event is being handled (actor thread; see _perform)."""
         self._outage_acks: list[HeldAck] = []
+        self._after_batch: list[Callable[[], None]] = []
+        """Called once the batch's PUBACKs are sent (actor thread; see _settle)."""
         """PUBACKs of messages refused while storage fails, withheld until it works again (see _perform)."""
         self._announced = False
         """start() announced the status and recall; a later connection is a reconnect."""
@@ -558,6 +560,8 @@ class CoordinatorDaemon:
                 last, alive=False, now=self.clock.now(), heartbeat_s=self.options.status_interval_s,
                 reason="stopped", instance=self._instance), qos=1, retain=True)
         self._probe_stop.set()
+        if drain:
+            self._settle(ACTOR_STOP_S)
         self.transport.stop()
         if self.validator is not None:
             self.validator.stop()
@@ -569,6 +573,20 @@ class CoordinatorDaemon:
         else:
             self.registry.close()  # (only the actor's thread touches the registry while it runs)
         self.stopped.set()
+
+    def _settle(self, timeout: float) -> None:
+        """stop(drain): the actor handles what is queued and sends its PUBACKs while still
+        connected (up to ``timeout``). Once the transport disconnects, held PUBACKs are void: what
+        the drain handled after it would come back from the broker to the next start as
+        duplicates (refused, counted, logged). The transport's own wait for the final status's
+        PUBACK covered a backlog only up to its STOP_DRAIN_S."""
+        if not self.actor.alive or self.actor.on_thread:
+            return
+        settled = threading.Event()
+        self.actor.call(lambda: self._after_batch.append(settled.set))
+        if not settled.wait(timeout):
+            log.warning("the backlog was not handled within %.0f s: what is handled after the disconnect comes "
+                        "back from the broker at the next start (refused as duplicates)", timeout)
 
     def __enter__(self) -> CoordinatorDaemon:
         return self.start()
@@ -735,6 +753,9 @@ class CoordinatorDaemon:
                 self.transport.redeliver()
             else:
                 self.transport.ack(acks)
+            settled, self._after_batch = self._after_batch, []
+            for done in settled:  # (see _settle)
+                done()
 
     def _finish_batch(self) -> None:
         if self._rebuild is None:

@@ -222,6 +222,11 @@ class Actor:
         return self._thread.is_alive()
 
     @property
+    def on_thread(self) -> bool:
+        """The caller runs on the actor's own thread (it must not wait for the actor)."""
+        return threading.current_thread() is self._thread
+
+    @property
     def backlog(self) -> int:
         """Items waiting in the inbox (approximate)."""
         return len(self._pending) if self._io is not None else self._inbox.qsize()
