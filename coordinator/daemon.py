@@ -55,7 +55,7 @@ from coordinator.strategies.staleness import converting_policy, needs_driver, po
 from coordinator.validation import Validator, fingerprint, load_validation
 from edge_sdk.core.device import MAX_STATUS_BYTES
 from edge_sdk.core.events import MessageReceived, Notify, Publish
-from edge_sdk.errors import ConfigError, EdgeciError, TransportError
+from edge_sdk.errors import ConfigError, EdgeciError, TransportError, UnknownCandidate
 from edge_sdk.modelio import load_model
 from edge_sdk.mqtt import BrokerAuth, HeldAck, MqttTransport
 from edge_sdk.runtime import Actor, Clock, WallClock
@@ -381,10 +381,10 @@ class CoordinatorDaemon:
         """The batch dropped what a message changed (storage failed): its PUBACKs are withheld (see _end_batch)."""
         self._in_hand: HeldAck | None = None
         """The PUBACK of the message whose event is being handled (actor thread; see _perform)."""
-        self._outage_acks: list[HeldAck] = []
+        self._outage_acks: dict[object, HeldAck] = {}
         self._after_batch: list[Callable[[], None]] = []
         """Called once the batch's PUBACKs are sent (actor thread; see _settle)."""
-        """PUBACKs of messages refused while storage fails, withheld until it works again (see _perform)."""
+        """PUBACKs of messages refused while storage fails, by device, withheld until it works again (see _withhold_while_failing)."""
         self._announced = False
         """start() announced the status and recall; a later connection is a reconnect."""
         self._core_started = False
@@ -781,18 +781,27 @@ class CoordinatorDaemon:
             self._status_due = False
             self._do(Publish(topic=self._status_topic, payload=status_json(self.core.status()), qos=1, retain=True))
 
-    def _withhold_while_failing(self) -> None:
+    def _withhold_while_failing(self, refusal: Mapping[str, Any]) -> None:
         """A message refused while storage fails may be refused because of it (a canary report:
         the recorded round is not resumed until storage works; a device sends its report once
         and gets no answer): its PUBACK is withheld and, once storage works again, the connection
         is closed so that the broker delivers it to the recovered core (see _storage_recovered).
         At most OUTAGE_HELD_ACKS, below the broker's in-flight window, which they keep taken:
-        beyond that (a flood of bad messages in an outage) they are acknowledged as before."""
+        beyond that they are acknowledged as before. Only a refusal the outage can cause
+        (canary_unknown_candidate) and one per device: messages refused for good (malformed bytes,
+        which anyone on a trial broker can send) or a device's flood must not take the places
+        of the reports they are kept for."""
         held = self._in_hand
-        if self._storage_ok or held is None or len(self._outage_acks) >= OUTAGE_HELD_ACKS or held not in self._acks:
+        if self._storage_ok or held is None or held not in self._acks or refusal.get("reason") != UnknownCandidate.reason:
+            return
+        # Those of an earlier connection are void (a reconnect in the outage): their messages came
+        # back, refused again, and may take their places now.
+        self._outage_acks = {d: h for d, h in self._outage_acks.items() if self.transport.is_current(h)}
+        device = refusal.get("device")
+        if device in self._outage_acks or len(self._outage_acks) >= OUTAGE_HELD_ACKS:
             return
         self._acks.remove(held)
-        self._outage_acks.append(held)
+        self._outage_acks[device] = held
 
     def _core_failed(self, exc: BaseException) -> None:
         """The core raised part-way through an event: its memory may no longer match what is
@@ -884,7 +893,7 @@ class CoordinatorDaemon:
         self._rebuild_core()
         if self._outage_acks:  # refused during the outage: the broker delivers them again, to this core
             log.warning("%d messages refused while storage failed are delivered again", len(self._outage_acks))
-            self._outage_acks = []
+            self._outage_acks = {}
             self.transport.redeliver()
 
     @staticmethod
@@ -971,7 +980,7 @@ class CoordinatorDaemon:
                 self._status_due = True  # built once, at the end of the batch
             elif action.kind == "rejected":
                 self._log_rejected(action.data)
-                self._withhold_while_failing()
+                self._withhold_while_failing(action.data)
             elif action.kind == "control_failed":  # an operator's rollback / pin of a version the registry cannot read
                 log.warning("operator %s of version %s failed: %s", action.data.get("command"), action.data.get("version"),
                             action.data.get("detail"))

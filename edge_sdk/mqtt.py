@@ -913,6 +913,10 @@ class MqttTransport:
             if threading.get_ident() != self._loop_ident:
                 self._flush_from_outside()
 
+    def is_current(self, held: HeldAck) -> bool:
+        """``held`` (from :meth:`hold_ack`) is of the current connection: :meth:`ack` would send it."""
+        return held[0] == self._ack_session
+
     def redeliver(self) -> None:
         """Close the connection without the PUBACKs :meth:`hold_ack` holds (messages whose
         handling was dropped: the broker sends them again once we reconnect, with the usual

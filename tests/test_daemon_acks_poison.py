@@ -6,22 +6,34 @@ broker's in-flight window) for ever. Over a real mosquitto on 127.0.0.1 (plain T
 
 from __future__ import annotations
 
+import dataclasses
+import socket
+import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from coordinator.broker import MosquittoProcess
-from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
+from coordinator.daemon import OUTAGE_HELD_ACKS, CoordinatorDaemon, CoordinatorOptions
 from coordinator.strategies.base import BufferedUpdate
 from edge_sdk.modelio import save_model
 from edge_sdk.tasks import get_task
 from edge_sdk.tasks.base import Task
-from edge_sdk.wire.messages import Ack, Update
+from edge_sdk.wire import topics
+from edge_sdk.wire.messages import Ack, Canary, Update
 from tests.helpers import wait_until
-from tests.test_daemon_acks import Device, Net
+from tests.test_daemon_acks import (
+    Device,
+    Net,
+    make_daemon,
+    open_canary_round,
+    recorded_reports,
+    report,
+)
 
 pytestmark = [pytest.mark.broker]
 
@@ -81,3 +93,106 @@ def test_a_message_that_fails_the_batch_end_is_not_redelivered_in_a_loop(net: Ne
             d.transport.stop()
     assert redeliveries == 0 and attempts == 1 and core_failures == 1, (redeliveries, attempts, core_failures)
     assert [(a.status, a.seq) for a in good] == [("accepted", 1)] and accepted == 1, (good, accepted)
+
+
+def test_a_flood_during_a_storage_outage_does_not_take_the_reports_withheld_place(net: Net, tmp_path: Path) -> None:
+    """While storage fails, the daemon withholds the PUBACKs of up to OUTAGE_HELD_ACKS refused
+    messages so that a canary report (refused only because the recorded round is not resumed in
+    an outage) reaches the recovered core. Anyone on the trial broker can send messages that are
+    refused for good (malformed bytes): those must not take the report's place. dev1's report
+    starts the outage (its record fails), OUTAGE_HELD_ACKS + 1 malformed updates follow, then
+    dev0's report; once storage works again both reports are recorded. Before, the malformed
+    messages took the places and dev0's report was acknowledged and refused: lost."""
+    task = get_task("digits")
+    daemon = make_daemon(net, tmp_path, task, init=True, storage_probe_s=0.2)
+    record, probe = daemon.registry.record_canary_round, daemon.registry.probe
+    healthy = threading.Event()
+    failed: list[Mapping[str, Any]] = []
+
+    def record_or_fail(round_: Mapping[str, Any]) -> None:
+        if round_["reports"] and not failed:
+            failed.append(round_)
+            raise OSError(28, "No space left on device (test)")
+        record(round_)
+
+    def probe_until_healthy(size: int) -> None:
+        if not healthy.is_set():
+            raise OSError(28, "No space left on device (test)")
+        probe(size)
+
+    daemon.registry.probe = probe_until_healthy  # type: ignore[method-assign]
+    devices: list[Device] = []
+    try:
+        daemon.start()
+        devices, ask = open_canary_round(net, daemon, task)
+        daemon.registry.record_canary_round = record_or_fail  # type: ignore[method-assign,assignment]
+        asks = {d.device: d.of(Canary)[0] for d in devices[:3]}
+        devices[1].send("update", dataclasses.replace(report(asks["dev1"]), device="dev1"))
+        wait_until(lambda: bool(failed) and daemon.core.counters.get("canary_reject:canary_unknown_candidate", 0) >= 1, 15,
+                   "the outage, dev1's report refused in it")
+        mallory = devices[3]
+        for _ in range(OUTAGE_HELD_ACKS + 1):
+            mallory.transport.publish(topics.device_topic(net.region, "mallory", "update"), b"\x93not an update", qos=1)
+        wait_until(lambda: daemon.core.counters.get("reject:malformed", 0) >= OUTAGE_HELD_ACKS + 1, 15, "the flood refused")
+        devices[0].send("update", report(ask))
+        wait_until(lambda: daemon.core.counters.get("canary_reject:canary_unknown_candidate", 0) >= 2, 15, "dev0's report refused")
+        healthy.set()
+        wait_until(lambda: len(recorded_reports(tmp_path)) >= 2, 20, "both reports recorded after the recovery")
+        recorded = recorded_reports(tmp_path)
+    finally:
+        healthy.set()
+        daemon.stop()
+        for d in devices:
+            d.transport.stop()
+    assert recorded == {"dev0": [10, 0, 0, 0], "dev1": [10, 0, 0, 0]}, recorded
+
+
+def test_a_reconnect_during_an_outage_does_not_void_a_withheld_report(
+        net: Net, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PUBACK withheld in an outage is void once the connection ends (a network blip): the
+    broker delivers the report again, refused again. The void one must not keep its place
+    (OUTAGE_HELD_ACKS is 1 here: one reconnect is enough; at 16, sixteen were): the report is
+    withheld again and recorded after the recovery. Before, the void place was counted, the
+    report's new PUBACK sent at once (refused, lost)."""
+    monkeypatch.setattr("coordinator.daemon.OUTAGE_HELD_ACKS", 1)
+    task = get_task("digits")
+    daemon = make_daemon(net, tmp_path, task, init=True, storage_probe_s=0.2)
+    record, probe = daemon.registry.record_canary_round, daemon.registry.probe
+    healthy = threading.Event()
+    failed: list[Mapping[str, Any]] = []
+
+    def record_or_fail(round_: Mapping[str, Any]) -> None:
+        if round_["reports"] and not failed:
+            failed.append(round_)
+            raise OSError(28, "No space left on device (test)")
+        record(round_)
+
+    def probe_until_healthy(size: int) -> None:
+        if not healthy.is_set():
+            raise OSError(28, "No space left on device (test)")
+        probe(size)
+
+    daemon.registry.probe = probe_until_healthy  # type: ignore[method-assign]
+    devices: list[Device] = []
+
+    def refused() -> int:
+        return int(daemon.core.counters.get("canary_reject:canary_unknown_candidate", 0))
+
+    try:
+        daemon.start()
+        devices, ask = open_canary_round(net, daemon, task)
+        daemon.registry.record_canary_round = record_or_fail  # type: ignore[method-assign,assignment]
+        devices[0].send("update", report(ask))
+        wait_until(lambda: bool(failed) and refused() >= 1, 15, "the outage, dev0's report refused in it")
+        sock: Any = daemon.transport._client._sock
+        getattr(sock, "sock", sock).shutdown(socket.SHUT_RDWR)  # the blip
+        wait_until(lambda: refused() >= 2, 30, "the report delivered again after the reconnect, refused again")
+        healthy.set()
+        wait_until(lambda: recorded_reports(tmp_path) != {}, 20, "the report recorded after the recovery")
+        recorded = recorded_reports(tmp_path)
+    finally:
+        healthy.set()
+        daemon.stop()
+        for d in devices:
+            d.transport.stop()
+    assert recorded == {"dev0": [10, 0, 0, 0]}, recorded
