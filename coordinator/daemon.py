@@ -382,9 +382,9 @@ class CoordinatorDaemon:
         self._in_hand: HeldAck | None = None
         """The PUBACK of the message whose event is being handled (actor thread; see _perform)."""
         self._outage_acks: dict[object, HeldAck] = {}
+        """PUBACKs of messages refused while storage fails, by device, withheld until it works again (see _withhold_while_failing)."""
         self._after_batch: list[Callable[[], None]] = []
         """Called once the batch's PUBACKs are sent (actor thread; see _settle)."""
-        """PUBACKs of messages refused while storage fails, by device, withheld until it works again (see _withhold_while_failing)."""
         self._announced = False
         """start() announced the status and recall; a later connection is a reconnect."""
         self._core_started = False
