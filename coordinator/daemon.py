@@ -671,6 +671,7 @@ class CoordinatorDaemon:
         try:
             actions = self.core.handle(event)
         except Exception as exc:
+            self._settle_earlier()
             self._core_failed(exc)
             raise  # the actor logs and counts it
         t1 = time.perf_counter()
@@ -757,7 +758,7 @@ class CoordinatorDaemon:
             for done in settled:  # (see _settle)
                 done()
 
-    def _finish_batch(self) -> None:
+    def _finish_batch(self, *, status: bool = True) -> None:
         if self._rebuild is None:
             try:
                 self._flush_log()
@@ -777,7 +778,7 @@ class CoordinatorDaemon:
                 self._held = []
                 self._rebuild_core()
                 return
-        if self._status_due:  # the core asked for a status (new version, or due): the batch's last state, once
+        if self._status_due and status:  # the core asked for a status (new version, or due): the batch's last state, once
             self._status_due = False
             self._do(Publish(topic=self._status_topic, payload=status_json(self.core.status()), qos=1, retain=True))
 
@@ -802,6 +803,20 @@ class CoordinatorDaemon:
             return
         self._acks.remove(held)
         self._outage_acks[device] = held
+
+    def _settle_earlier(self) -> None:
+        """The core raised on an event (it returned no actions): what the batch's earlier events
+        hold for durability came from the core before it failed, so it is made durable and
+        performed now, as if the batch had ended before this event; then the core is rebuilt.
+        Dropped with the batch instead, it was lost where no retry comes: a canary report's record
+        held behind an update's fsync, its PUBACK sent at the batch's end all the same. A
+        failure here (storage: see _finish_batch; a bug) drops what is left, as before."""
+        if self._rebuild is not None or not (self._log or self._held or self.registry.unflushed):
+            return
+        try:
+            self._finish_batch(status=False)
+        except Exception:
+            log.exception("making the batch's earlier events durable before the core's rebuild failed")
 
     def _core_failed(self, exc: BaseException) -> None:
         """The core raised part-way through an event: its memory may no longer match what is
