@@ -598,7 +598,15 @@ class CoordinatorDaemon:
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         if topic == self._status_topic:
-            self._seen_status(payload)  # (nothing to make durable: acknowledged at once)
+            self._seen_status(payload)
+            # Nothing to make durable, but its PUBACK must not overtake those held before it (MQTT
+            # 3.1.1 [MQTT-4.6.0-2]: PUBACKs in the order of the PUBLISHes). Sent at once, ahead of
+            # them (our own retained status, read back), it let mosquitto 2.0.11 send a message that
+            # had just arrived before those it had queued for us: a device's older updates came after
+            # a newer one and were refused as duplicates. It leaves with the batch's PUBACKs.
+            held_status = self.transport.hold_ack()
+            if held_status is not None:
+                self.actor.call(lambda: self._acks.append(held_status))
             return
         held = self.transport.hold_ack()
         if held is None:  # QoS 0
