@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from coordinator.broker import MosquittoProcess
+from tests.daemon_rig import Net
 from tests.rabbitmq import RabbitMqCluster
 from tests.secure_broker import SecureBroker
 
@@ -37,6 +38,22 @@ def secure_broker(tmp_path: Path) -> Iterator[SecureBroker]:
         yield broker
     finally:
         broker.stop()
+
+
+# ---------------------------------------------------------------------- a daemon's broker (tests/daemon_rig.py)
+
+
+@pytest.fixture
+def plain_net(mosquitto: MosquittoProcess) -> Net:
+    return Net.plain(mosquitto)
+
+
+@pytest.fixture(params=["plain", "tls"])
+def any_net(request: pytest.FixtureRequest) -> Net:
+    """Each test twice: over plain TCP (the transport's fast path) and the production TLS + ACL broker (paho's path)."""
+    if request.param == "plain":
+        return Net.plain(request.getfixturevalue("mosquitto"))
+    return Net.tls(request.getfixturevalue("secure_broker"))
 
 
 # ---------------------------------------------------------------------- clustered broker

@@ -18,18 +18,9 @@ from typing import Any
 
 import pytest
 
-from edge_sdk.modelio import save_model
-from edge_sdk.tasks import get_task
+from tests.daemon_rig import Net, Rig, report
 from tests.helpers import wait_until
 from tests.secure_broker import SECURE_REGION, SecureBroker
-from tests.test_daemon_acks import (
-    Device,
-    Net,
-    make_daemon,
-    open_canary_round,
-    recorded_reports,
-    report,
-)
 
 pytestmark = [pytest.mark.broker]
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,10 +29,10 @@ RECORD_DELAY_S = 30.0
 
 
 def child(url: str, root: str, bundle: str, init: str, slow_record: str) -> None:
-    """The coordinator process: make_daemon's canary daemon on ``root``; with ``slow_record``
+    """The coordinator process: the rig's canary daemon on ``root``; with ``slow_record``
     a report's record says "recording" and waits before it writes (the test kills it there)."""
     net = Net(url, SECURE_REGION, {"coordinator_id": "coord-sec", "bundle": Path(bundle)}, lambda name: None)
-    daemon = make_daemon(net, Path(root), get_task("digits"), init=init == "1")
+    daemon = Rig(net, Path(root)).make_daemon(init=init == "1")
     if slow_record == "1":
         record = daemon.registry.record_canary_round
 
@@ -77,31 +68,25 @@ class Child:
             self.proc.stdout.close()
 
 
-def test_a_report_whose_coordinator_is_killed_before_its_record_reaches_the_next_one(tmp_path: Path) -> None:
-    task = get_task("digits")
-    secure = SecureBroker(tmp_path / "pki")
-    net = Net(secure.url, SECURE_REGION, {}, secure.bundle)
-    bundle = str(secure.bundle("coord-sec", "coordinator"))
-    devices: list[Device] = []
+def test_a_report_whose_coordinator_is_killed_before_its_record_reaches_the_next_one(secure_broker: SecureBroker,
+                                                                                     tmp_path: Path) -> None:
+    bundle = str(secure_broker.bundle("coord-sec", "coordinator"))
     first: Child | None = None
     second: Child | None = None
-    try:
-        save_model(tmp_path / "init.npz", task.spec, task.pretrained(seed=0), {"version": 0})
-        first = Child(secure.url, str(tmp_path), bundle, "1", "1")
-        devices, ask = open_canary_round(net, None, task)  # type: ignore[arg-type]
-        devices[0].send("update", report(ask))
-        wait_until(lambda: "recording\n" in first.lines, 15, "the report in the first process's hands")  # type: ignore[union-attr]
-        first.kill()  # (the report was handled, its record not yet written)
-        assert recorded_reports(tmp_path) == {}
-        second = Child(secure.url, str(tmp_path), bundle, "0", "0")
-        wait_until(lambda: recorded_reports(tmp_path) != {}, 20, "the report, delivered to the next process")
-        time.sleep(1.0)
-        recorded = recorded_reports(tmp_path)
-    finally:
-        for c in (first, second):
-            if c is not None:
-                c.kill(signal.SIGTERM)
-        for d in devices:
-            d.transport.stop()
-        secure.stop()
+    with Rig(Net(secure_broker.url, SECURE_REGION, {}, secure_broker.bundle), tmp_path) as rig:
+        try:
+            first = Child(secure_broker.url, str(tmp_path), bundle, "1", "1")
+            ask = rig.open_canary_round()
+            rig.devices[0].send("update", report(ask))
+            wait_until(lambda: "recording\n" in first.lines, 15, "the report in the first process's hands")  # type: ignore[union-attr]
+            first.kill()  # (the report was handled, its record not yet written)
+            assert rig.recorded_reports() == {}
+            second = Child(secure_broker.url, str(tmp_path), bundle, "0", "0")
+            wait_until(lambda: rig.recorded_reports() != {}, 20, "the report, delivered to the next process")
+            time.sleep(1.0)
+            recorded = rig.recorded_reports()
+        finally:
+            for c in (first, second):
+                if c is not None:
+                    c.kill(signal.SIGTERM)
     assert recorded == {"dev0": [10, 0, 0, 0]}

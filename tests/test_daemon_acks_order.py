@@ -7,18 +7,16 @@ read off the broker's log.
 from __future__ import annotations
 
 import re
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from coordinator.broker import MosquittoProcess
-from edge_sdk.tasks import get_task
 from edge_sdk.wire import topics
 from edge_sdk.wire.messages import Update
+from tests.daemon_rig import Net, Rig
 from tests.helpers import wait_until
-from tests.test_daemon_acks import Device, Net, make_daemon
 
 pytestmark = [pytest.mark.broker]
 
@@ -41,35 +39,27 @@ def test_a_status_messages_puback_does_not_overtake_the_held_puback_of_an_earlie
     ahead of the update's: mosquitto 2.0.11 then let a message that had just arrived overtake
     those it had queued for the daemon (a device's older updates came after a newer one and were
     refused as duplicates: the 1597 of 1600 of helper-129's update-stream benchmark)."""
-    task = get_task("digits")
     broker = MosquittoProcess(extra_conf="log_type all").start()
-    net = Net(broker.url, "acks", {}, lambda name: None)
-    daemon = make_daemon(net, tmp_path, task, init=True)
-    devices: list[Device] = []
-    paused, resume = threading.Event(), threading.Event()
+    net = Net.plain(broker)
     update_topic, status_topic = topics.device_topic(net.region, "dev0", "update"), topics.status_topic(net.region)
-    weights = (task.pretrained(seed=0) + np.float32(1e-3)).astype(np.float32)
     try:
-        daemon.start()
-        devices = [Device(net, "dev0")]
-        daemon.actor.call(lambda: (paused.set(), resume.wait(15)))  # the actor handles nothing meanwhile
-        assert paused.wait(10)
-        devices[0].send("update", Update(device="dev0", seq=1, model_id=task.spec.model_id, base_version=0, n_samples=20,
-                                         weights=weights, nonce=1))
-        wait_until(lambda: bool(sent_to_coordinator(broker.log_text(), update_topic, r"\d+")), 10, "the update sent to the daemon")
-        devices[0].transport.publish(status_topic, b"{}", qos=1)  # (not a status: _seen_status ignores it)
-        wait_until(lambda: bool(sent_to_coordinator(broker.log_text(), status_topic, "2")), 10, "the status sent to the daemon")
-        resume.set()
-        wait_until(lambda: daemon.core.counters["accepted"] == 1, 15, "the update handled")
-        [(client, update_mid)] = sent_to_coordinator(broker.log_text(), update_topic, r"\d+")
-        [(_, status_mid)] = sent_to_coordinator(broker.log_text(), status_topic, "2")
-        wait_until(lambda: {update_mid, status_mid} <= set(pubacks_from(broker.log_text(), client)), 10, "both PUBACKs")
-        acks = [mid for mid in pubacks_from(broker.log_text(), client) if mid in (update_mid, status_mid)]
+        with Rig(net, tmp_path) as rig:
+            task = rig.task
+            daemon = rig.make_daemon(init=True).start()
+            dev0 = rig.device("dev0")
+            resume = rig.pause_actor()  # the actor handles nothing meanwhile
+            dev0.send("update", Update(device="dev0", seq=1, model_id=task.spec.model_id, base_version=0, n_samples=20,
+                                       weights=(task.pretrained(seed=0) + np.float32(1e-3)).astype(np.float32), nonce=1))
+            wait_until(lambda: bool(sent_to_coordinator(broker.log_text(), update_topic, r"\d+")), 10, "the update sent to the daemon")
+            dev0.transport.publish(status_topic, b"{}", qos=1)  # (not a status: _seen_status ignores it)
+            wait_until(lambda: bool(sent_to_coordinator(broker.log_text(), status_topic, "2")), 10, "the status sent to the daemon")
+            resume.set()
+            wait_until(lambda: daemon.core.counters["accepted"] == 1, 15, "the update handled")
+            [(client, update_mid)] = sent_to_coordinator(broker.log_text(), update_topic, r"\d+")
+            [(_, status_mid)] = sent_to_coordinator(broker.log_text(), status_topic, "2")
+            wait_until(lambda: {update_mid, status_mid} <= set(pubacks_from(broker.log_text(), client)), 10, "both PUBACKs")
+            acks = [mid for mid in pubacks_from(broker.log_text(), client) if mid in (update_mid, status_mid)]
     finally:
-        resume.set()
-        daemon.stop()
-        for d in devices:
-            d.transport.stop()
         broker.stop()
     assert update_mid < status_mid, "sent in this order"
     assert acks == [update_mid, status_mid], f"PUBACKs in the order of the PUBLISHes (MQTT-4.6.0-2), got {acks}"

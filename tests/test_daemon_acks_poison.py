@@ -6,96 +6,57 @@ broker's in-flight window) for ever. Over a real mosquitto on 127.0.0.1 (plain T
 
 from __future__ import annotations
 
-import dataclasses
-import socket
-import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pytest
 
-from coordinator.broker import MosquittoProcess
-from coordinator.daemon import OUTAGE_HELD_ACKS, CoordinatorDaemon, CoordinatorOptions
+from coordinator.daemon import OUTAGE_HELD_ACKS
 from coordinator.strategies.base import BufferedUpdate
-from edge_sdk.modelio import save_model
-from edge_sdk.tasks import get_task
-from edge_sdk.tasks.base import Task
 from edge_sdk.wire import topics
-from edge_sdk.wire.messages import Ack, Canary, Update
+from edge_sdk.wire.messages import Ack, Canary
+from tests.daemon_rig import Net, Rig, report, update
 from tests.helpers import wait_until
-from tests.test_daemon_acks import (
-    Device,
-    Net,
-    make_daemon,
-    open_canary_round,
-    recorded_reports,
-    report,
-)
 
 pytestmark = [pytest.mark.broker]
 
 
-@pytest.fixture
-def net() -> Iterator[Net]:
-    broker = MosquittoProcess().start()
-    try:
-        yield Net(broker.url, "poison", {}, lambda name: None)
-    finally:
-        broker.stop()
-
-
-def update(task: Task, device: str, seq: int) -> Update:
-    weights = (task.pretrained(seed=0) + np.random.default_rng(seq).normal(scale=0.01, size=task.spec.size)).astype(np.float32)
-    return Update(device=device, seq=seq, model_id=task.spec.model_id, base_version=0, n_samples=20, weights=weights, nonce=seq)
-
-
-def test_a_message_that_fails_the_batch_end_is_not_redelivered_in_a_loop(net: Net, tmp_path: Path) -> None:
+def test_a_message_that_fails_the_batch_end_is_not_redelivered_in_a_loop(plain_net: Net, tmp_path: Path) -> None:
     """The batch end raises for one device's update, and would again on every delivery of it
     (here: the log cannot encode it; any bug after the core, in the flush or a held action, is
     alike). It is handled as if the core had raised: the batch dropped, the core rebuilt, the
     message acknowledged. Before, no PUBACK left and the connection was closed for a redelivery
     that failed the same way, in a loop; the update stayed in the batch's log, so every later
     batch failed too: no other device's update was acknowledged again."""
-    task = get_task("digits")
-    save_model(tmp_path / "init.npz", task.spec, task.pretrained(seed=0), {"version": 0})
-    daemon = CoordinatorDaemon(CoordinatorOptions(
-        broker=net.url, region=net.region, state_dir=tmp_path / "coord", init=tmp_path / "init.npz",
-        strategy_params={"k": 10, "timeout_s": None}), task=task)
-    append = daemon.registry.append_updates
-    fails: list[str] = []
+    with Rig(plain_net, tmp_path) as rig:
+        daemon = rig.make_daemon(init=True, canary_round=False, strategy_params={"k": 10, "timeout_s": None})
+        append = daemon.registry.append_updates
+        fails: list[str] = []
 
-    def append_or_fail(updates: Iterable[BufferedUpdate]) -> None:
-        updates = list(updates)
-        if any(u.device == "poison" for u in updates):
-            fails.append("poison")
-            raise ValueError("cannot encode this update (test)")
-        append(updates)
+        def append_or_fail(updates: Iterable[BufferedUpdate]) -> None:
+            updates = list(updates)
+            if any(u.device == "poison" for u in updates):
+                fails.append("poison")
+                raise ValueError("cannot encode this update (test)")
+            append(updates)
 
-    daemon.registry.append_updates = append_or_fail  # type: ignore[method-assign]
-    devices: list[Device] = []
-    try:
+        daemon.registry.append_updates = append_or_fail  # type: ignore[method-assign]
         daemon.start()
-        devices = [Device(net, "poison"), Device(net, "good")]
-        devices[0].send("update", update(task, "poison", 1))
+        poison, good = rig.device("poison"), rig.device("good")
+        poison.send("update", update(rig.task, "poison", 1, seed=1, nonce=1))
         wait_until(lambda: bool(fails), 15, "the failed batch end")
         time.sleep(3.0)  # long enough for several reconnects (backoff from 0.1 s) if it loops
-        devices[1].send("update", update(task, "good", 1))
-        wait_until(lambda: bool(devices[1].of(Ack)), 15, "the good device's Ack")
+        good.send("update", update(rig.task, "good", 1, seed=1, nonce=1))
+        wait_until(lambda: bool(good.of(Ack)), 15, "the good device's Ack")
         redeliveries, attempts, core_failures = daemon.transport.redeliveries, len(fails), daemon.core_failures
         accepted = daemon.core.counters.get("accepted", 0)
-        good = devices[1].of(Ack)
-    finally:
-        daemon.stop()
-        for d in devices:
-            d.transport.stop()
+        acks = good.of(Ack)
     assert redeliveries == 0 and attempts == 1 and core_failures == 1, (redeliveries, attempts, core_failures)
-    assert [(a.status, a.seq) for a in good] == [("accepted", 1)] and accepted == 1, (good, accepted)
+    assert [(a.status, a.seq) for a in acks] == [("accepted", 1)] and accepted == 1, (acks, accepted)
 
 
-def test_a_flood_during_a_storage_outage_does_not_take_the_reports_withheld_place(net: Net, tmp_path: Path) -> None:
+def test_a_flood_during_a_storage_outage_does_not_take_the_reports_withheld_place(plain_net: Net, tmp_path: Path) -> None:
     """While storage fails, the daemon withholds the PUBACKs of up to OUTAGE_HELD_ACKS refused
     messages so that a canary report (refused only because the recorded round is not resumed in
     an outage) reaches the recovered core. Anyone on the trial broker can send messages that are
@@ -103,96 +64,52 @@ def test_a_flood_during_a_storage_outage_does_not_take_the_reports_withheld_plac
     starts the outage (its record fails), OUTAGE_HELD_ACKS + 1 malformed updates follow, then
     dev0's report; once storage works again both reports are recorded. Before, the malformed
     messages took the places and dev0's report was acknowledged and refused: lost."""
-    task = get_task("digits")
-    daemon = make_daemon(net, tmp_path, task, init=True, storage_probe_s=0.2)
-    record, probe = daemon.registry.record_canary_round, daemon.registry.probe
-    healthy = threading.Event()
-    failed: list[Mapping[str, Any]] = []
-
-    def record_or_fail(round_: Mapping[str, Any]) -> None:
-        if round_["reports"] and not failed:
-            failed.append(round_)
-            raise OSError(28, "No space left on device (test)")
-        record(round_)
-
-    def probe_until_healthy(size: int) -> None:
-        if not healthy.is_set():
-            raise OSError(28, "No space left on device (test)")
-        probe(size)
-
-    daemon.registry.probe = probe_until_healthy  # type: ignore[method-assign]
-    devices: list[Device] = []
-    try:
+    with Rig(plain_net, tmp_path) as rig:
+        daemon = rig.make_daemon(init=True, storage_probe_s=0.2)
+        healthy = rig.fail_probes()
         daemon.start()
-        devices, ask = open_canary_round(net, daemon, task)
-        daemon.registry.record_canary_round = record_or_fail  # type: ignore[method-assign,assignment]
+        ask = rig.open_canary_round()
+        failed = rig.fail_first_report_record()
+        devices = rig.devices
         asks = {d.device: d.of(Canary)[0] for d in devices[:3]}
-        devices[1].send("update", dataclasses.replace(report(asks["dev1"]), device="dev1"))
+        devices[1].send("update", report(asks["dev1"], "dev1"))
         wait_until(lambda: bool(failed) and daemon.core.counters.get("canary_reject:canary_unknown_candidate", 0) >= 1, 15,
                    "the outage, dev1's report refused in it")
         mallory = devices[3]
         for _ in range(OUTAGE_HELD_ACKS + 1):
-            mallory.transport.publish(topics.device_topic(net.region, "mallory", "update"), b"\x93not an update", qos=1)
+            mallory.transport.publish(topics.device_topic(plain_net.region, "mallory", "update"), b"\x93not an update", qos=1)
         wait_until(lambda: daemon.core.counters.get("reject:malformed", 0) >= OUTAGE_HELD_ACKS + 1, 15, "the flood refused")
         devices[0].send("update", report(ask))
         wait_until(lambda: daemon.core.counters.get("canary_reject:canary_unknown_candidate", 0) >= 2, 15, "dev0's report refused")
         healthy.set()
-        wait_until(lambda: len(recorded_reports(tmp_path)) >= 2, 20, "both reports recorded after the recovery")
-        recorded = recorded_reports(tmp_path)
-    finally:
-        healthy.set()
-        daemon.stop()
-        for d in devices:
-            d.transport.stop()
+        wait_until(lambda: len(rig.recorded_reports()) >= 2, 20, "both reports recorded after the recovery")
+        recorded = rig.recorded_reports()
     assert recorded == {"dev0": [10, 0, 0, 0], "dev1": [10, 0, 0, 0]}, recorded
 
 
 def test_a_reconnect_during_an_outage_does_not_void_a_withheld_report(
-        net: Net, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        plain_net: Net, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A PUBACK withheld in an outage is void once the connection ends (a network blip): the
     broker delivers the report again, refused again. The void one must not keep its place
     (OUTAGE_HELD_ACKS is 1 here: one reconnect is enough; at 16, sixteen were): the report is
     withheld again and recorded after the recovery. Before, the void place was counted, the
     report's new PUBACK sent at once (refused, lost)."""
     monkeypatch.setattr("coordinator.daemon.OUTAGE_HELD_ACKS", 1)
-    task = get_task("digits")
-    daemon = make_daemon(net, tmp_path, task, init=True, storage_probe_s=0.2)
-    record, probe = daemon.registry.record_canary_round, daemon.registry.probe
-    healthy = threading.Event()
-    failed: list[Mapping[str, Any]] = []
+    with Rig(plain_net, tmp_path) as rig:
+        daemon = rig.make_daemon(init=True, storage_probe_s=0.2)
+        healthy = rig.fail_probes()
 
-    def record_or_fail(round_: Mapping[str, Any]) -> None:
-        if round_["reports"] and not failed:
-            failed.append(round_)
-            raise OSError(28, "No space left on device (test)")
-        record(round_)
+        def refused() -> int:
+            return int(daemon.core.counters.get("canary_reject:canary_unknown_candidate", 0))
 
-    def probe_until_healthy(size: int) -> None:
-        if not healthy.is_set():
-            raise OSError(28, "No space left on device (test)")
-        probe(size)
-
-    daemon.registry.probe = probe_until_healthy  # type: ignore[method-assign]
-    devices: list[Device] = []
-
-    def refused() -> int:
-        return int(daemon.core.counters.get("canary_reject:canary_unknown_candidate", 0))
-
-    try:
         daemon.start()
-        devices, ask = open_canary_round(net, daemon, task)
-        daemon.registry.record_canary_round = record_or_fail  # type: ignore[method-assign,assignment]
-        devices[0].send("update", report(ask))
+        ask = rig.open_canary_round()
+        failed = rig.fail_first_report_record()
+        rig.devices[0].send("update", report(ask))
         wait_until(lambda: bool(failed) and refused() >= 1, 15, "the outage, dev0's report refused in it")
-        sock: Any = daemon.transport._client._sock
-        getattr(sock, "sock", sock).shutdown(socket.SHUT_RDWR)  # the blip
+        rig.cut_connection()  # the blip
         wait_until(lambda: refused() >= 2, 30, "the report delivered again after the reconnect, refused again")
         healthy.set()
-        wait_until(lambda: recorded_reports(tmp_path) != {}, 20, "the report recorded after the recovery")
-        recorded = recorded_reports(tmp_path)
-    finally:
-        healthy.set()
-        daemon.stop()
-        for d in devices:
-            d.transport.stop()
+        wait_until(lambda: rig.recorded_reports() != {}, 20, "the report recorded after the recovery")
+        recorded = rig.recorded_reports()
     assert recorded == {"dev0": [10, 0, 0, 0]}, recorded
