@@ -144,16 +144,22 @@ class NoTraining:
         return self._task.evaluate(weights, split)
 
 
-def fleet_scenario(devices: int, duration_s: float, rate_per_h: float) -> RunSpec:
-    scenario = parse_scenario({
+def fleet_settings(devices: int, duration_s: float, rate_per_h: float) -> dict[str, Any]:
+    """The fleet-scale scenario, as :func:`devices.scenario.parse_scenario` takes it (plain JSON
+    values). ``emulator_then_now.py`` hands it to its adapter in the old tree, so both trees
+    run this one workload."""
+    return {
         "name": "fleet-scale", "task": "digits", "duration_s": duration_s, "eval_every_s": 30.0,
         "fleet": {"devices": devices, "mix": {"headset": 0.5, "phone": 0.3, "camera": 0.2}},
         "data": {"partition": "iid", "arrival_rate_per_h": rate_per_h, "order": "given"},
         "device": {"min_samples": 1},
         "training": {"epochs": 1, "batch_size": 16, "lr": 0.05},
         "runs": [{"strategy": "spin", "params": {"k": 10, "timeout_s": 16.0}}],
-    })
-    return scenario.runs[0]
+    }
+
+
+def fleet_scenario(devices: int, duration_s: float, rate_per_h: float) -> RunSpec:
+    return parse_scenario(fleet_settings(devices, duration_s, rate_per_h)).runs[0]
 
 
 def peak_rss_mb() -> float:

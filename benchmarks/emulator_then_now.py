@@ -66,7 +66,8 @@ GOAL_SPEED = 100.0
 GOAL_RSS_MB = 2048.0
 
 ADAPTER = '''"""Written by benchmarks/emulator_then_now.py: the fleet-scale workload of emulator_speed.py
-on the e32e12d-era simulator API. argv: devices duration_s rate_per_h seed. Prints one JSON line."""
+on the e32e12d-era simulator API. argv: devices duration_s rate_per_h seed settings (the JSON of
+emulator_speed.fleet_settings: the scenario, from this tree). Prints one JSON line."""
 import json, resource, sys, time
 import numpy as np
 from coordinator.strategies import make_strategy
@@ -76,6 +77,7 @@ from edge_sdk.tasks import Split, TaskData, TrainResult, get_task
 from edge_sdk.trainer import configure_threads
 
 devices, duration_s, rate_per_h, seed = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+settings = json.loads(sys.argv[5])
 
 
 class NoTraining:  # as benchmarks/emulator_speed.py's: synthetic pool, the update a copy of the model
@@ -106,14 +108,7 @@ def peak_rss_mb():
 
 
 configure_threads(1)
-spec = parse_scenario({
-    "name": "fleet-scale", "task": "digits", "duration_s": duration_s, "eval_every_s": 30.0,
-    "fleet": {"devices": devices, "mix": {"headset": 0.5, "phone": 0.3, "camera": 0.2}},
-    "data": {"partition": "iid", "arrival_rate_per_h": rate_per_h, "order": "given"},
-    "device": {"min_samples": 1},
-    "training": {"epochs": 1, "batch_size": 16, "lr": 0.05},
-    "runs": [{"strategy": "spin", "params": {"k": 10, "timeout_s": 16.0}}],
-}).runs[0]
+spec = parse_scenario(settings).runs[0]
 per_device = int(rate_per_h * duration_s / 3600.0 * 2 + 8)
 task = NoTraining(get_task("digits", device="cpu"), pool_size=devices * per_device)
 task.pretrained(seed=seed)
@@ -209,7 +204,10 @@ def median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     n, duration = args.devices, args.duration
-    common = [str(n), str(duration), str(args.rate), str(args.seed)]
+    from benchmarks.emulator_speed import fleet_settings  # (after the flags: it imports torch)
+
+    # The old tree runs the scenario this tree's fleet_scenario builds: one settings dict for both.
+    common = [str(n), str(duration), str(args.rate), str(args.seed), json.dumps(fleet_settings(n, duration, args.rate))]
     with tempfile.TemporaryDirectory(prefix="edgeci-then-") as tmp:
         old_tree = extract(args.baseline, Path(tmp))
         old_env = {**os.environ, "PYTHONPATH": str(old_tree)}
