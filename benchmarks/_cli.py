@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
-from coordinator.config import bounded, finite
+from coordinator.config import bounded
 
 T = TypeVar("T")
 
@@ -30,9 +30,9 @@ non_negative_int = bounded(int, 0)
 """An int ≥ 0 (seeds)."""
 
 
-positive_float = finite(bounded(float, 0, strict=True))
+positive_float = bounded(float, 0, strict=True, finite=True)
 """A finite float > 0: durations, rates, sizes."""
-non_negative_float = finite(bounded(float, 0))
+non_negative_float = bounded(float, 0, finite=True)
 """A finite float ≥ 0 (a warm-up that may be skipped)."""
 
 

@@ -44,7 +44,6 @@ from coordinator.config import (
     ENV_PREFIX,
     Layered,
     bounded,
-    finite,
     merge_strategy_params,
     param_value,
 )
@@ -160,7 +159,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=bounded(int, 0), default=0, help="seed of the coordinator's random choices (and of the pretrained model)")
     st = p.add_argument_group(f"stale updates (the staleness policy is a strategy parameter: --param staleness=NAME, NAME one of "
                               f"{', '.join(policy_names())}; with --param a=… (damping), max_staleness=N, convert_beyond=N)")
-    st.add_argument("--conversion-deadline", type=finite(bounded(float, 0, strict=True)), default=60.0, metavar="S",
+    st.add_argument("--conversion-deadline", type=bounded(float, 0, strict=True, finite=True), default=60.0, metavar="S",
                     help="with --param staleness=gradient-inversion (or dc-asgd) and --param convert_beyond=N: updates "
                     "staler than N versions are converted before aggregation; gradient inversion runs on a worker thread "
                     "(needs the [train] extra) and a conversion not back within S seconds falls back to the damped update")

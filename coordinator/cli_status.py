@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from coordinator.config import bounded, finite
+from coordinator.config import bounded
 from edge_sdk.errors import ConfigError, MalformedMessage, TransportError
 from edge_sdk.mqtt import (
     BrokerAuth,
@@ -124,7 +124,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     # (--timeout -1 was "no connection to broker ... within -1 s", a broker that was there)
     p.add_argument("--timeout", type=wait_seconds, default=5.0, help="seconds to wait for the retained status")
     p.add_argument("--json", action="store_true", help="print the status JSON (machine form)")
-    p.add_argument("--stale-after", type=finite(bounded(float, 0, strict=True)), help="call a status this many seconds old dead (default: 3 heartbeats + 10 s)")
+    p.add_argument("--stale-after", type=bounded(float, 0, strict=True, finite=True), help="call a status this many seconds old dead (default: 3 heartbeats + 10 s)")
 
 
 # ---------------------------------------------------------------------- liveness

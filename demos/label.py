@@ -49,7 +49,7 @@ import numpy as np
 import numpy.typing as npt
 
 from coordinator.cli import check_init, holds_versions
-from coordinator.config import bounded, finite
+from coordinator.config import bounded
 from demos.label_ui import (
     HELP_H,
     KEY_ESC,
@@ -115,7 +115,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", type=Path, help="embedded coordinator: deploy this detector model file instead of pretraining one")
     p.add_argument("--size", type=int, default=320, help="side of the synthetic scenes in pixels")
     p.add_argument("--zoom", type=float, help="display scale of the frame, 0.1..8, the window at most 4096 px a side (default: fit about 640 px)")
-    p.add_argument("--fps", type=finite(bounded(float, 0.1)), default=25.0, help="frame rate cap of the window (at least 0.1)")
+    p.add_argument("--fps", type=bounded(float, 0.1, finite=True), default=25.0, help="frame rate cap of the window (at least 0.1)")
     p.add_argument("--seed", type=bounded(int, 0), default=0, help="synthetic scenes and training seed (>= 0)")
 
 

@@ -34,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from coordinator.broker import EmbeddedBroker
-from coordinator.config import bounded, finite, task_arg
+from coordinator.config import bounded, task_arg
 from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
 from devices.headless import below_d_min, fleet_partition, fleet_train_config
 from devices.live import LabellingLoop, LabellingUser, labelling_stream
@@ -58,7 +58,7 @@ them is told of with what run is, not with --bundle/--ca/--cert, flags run does 
 def _positive(kind: type[int] | type[float]) -> Any:
     """A number above 0 (``--duration -5`` or ``--rate 0`` would run a job that labels nothing
     and still overwrite --out)."""
-    return finite(bounded(kind, 0, strict=True))
+    return bounded(kind, 0, strict=True, finite=True)
 
 
 def _validation_size(text: str) -> int:
@@ -97,7 +97,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="pool samples kept at the coordinator for the release gate, at most a quarter of the pool "
                    "(more is capped, with a note); to run without the gate use --no-gate")
     # (-1 or nan failed later as the gate's "need 0 <= margin <= rollback_margin < 1", naming no flag of this command)
-    p.add_argument("--gate-margin", type=finite(bounded(float, 0, below=1)), default=0.02, help="accuracy a candidate may lose against the release and still be released")
+    # (no finite=True: below=1 refuses inf with the flag's own rule, and NaN fails the minimum)
+    p.add_argument("--gate-margin", type=bounded(float, 0, below=1), default=0.02, help="accuracy a candidate may lose against the release and still be released")
     p.add_argument("--no-gate", action="store_true", help="release every aggregated version (no validation set)")
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from coordinator.config import bounded, finite, task_arg
+from coordinator.config import bounded, task_arg
 from devices.live import LabellingLoop, LabellingUser, device_index, labelling_stream
 from devices.partition import Partition, partition
 from edge_sdk.client import EdgeClient, check_device_bundle
@@ -58,18 +58,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, help="SDK data dir (default: $EDGECI_HOME/devices/DEVICE_ID, EDGECI_HOME defaulting to ~/.edgeci)")
     p.add_argument("--fleet-size", type=bounded(int, 1), default=20, help="the pool is split into this many partitions")
     p.add_argument("--partition", type=bounded(int, 0), help="partition index, 0 to fleet size - 1 (default: from the device id)")
-    p.add_argument("--alpha", type=finite(bounded(float, 0, strict=True)), default=1.0,
+    p.add_argument("--alpha", type=bounded(float, 0, strict=True, finite=True), default=1.0,
                    help="Dirichlet α of a classifier's partition (detection's frames with boxes are split IID: α is unused)")
-    p.add_argument("--rate", type=finite(bounded(float, 0, strict=True)), default=0.5, help="labels per second (Poisson)")
+    p.add_argument("--rate", type=bounded(float, 0, strict=True, finite=True), default=0.5, help="labels per second (Poisson)")
     p.add_argument("--min-samples", type=bounded(int, 1), help="D_min before the first pull (default: the task's, edge_sdk/tasks/registry.py)")
     p.add_argument("--epochs", type=bounded(int, 1), help="local epochs per round, unless the coordinator's hints say otherwise "
                    "(default: the task's — digits, gestures 2; detection 5; edge_sdk/tasks/registry.py)")
-    p.add_argument("--lr", type=finite(bounded(float, 0, strict=True)),
+    p.add_argument("--lr", type=bounded(float, 0, strict=True, finite=True),
                    help="local learning rate, unless the coordinator's hints say otherwise (default: the task's — digits, "
                         "gestures 0.05 (SGD); detection 0.001 (AdamW))")
     p.add_argument("--duration", type=bounded(float, 0), default=0.0, help="stop after this many seconds (0: run until the partition is labelled, then keep serving)")
     p.add_argument("--seed", type=bounded(int, 0), default=0, help="seed of the partition, the labelling times and local training")
-    p.add_argument("--refresh", type=finite(bounded(float, 0, rule="must be above 0 (or 0: off)")), default=3600.0, metavar="SECONDS",
+    p.add_argument("--refresh", type=bounded(float, 0, rule="must be above 0 (or 0: off)", finite=True), default=3600.0, metavar="SECONDS",
                    help="an idle device (no pull for this long, ±10%%) asks for the current release, so it keeps "
                         "serving the newest one after its labelling ends (default: 3600; 0: off)")
 
