@@ -239,6 +239,9 @@ def parser(prog: str, description: str, baseline: str, also: str = "0.85") -> ar
     p = sweep_parser(prog, description, "runs/<command>/<name>")
     p.add_argument("--baseline", default=baseline, help="the label wins are counted against")
     p.add_argument("--also", default=also, help="lower accuracies to report the time to, e.g. 0.8,0.85 ('' for none)")
+    # devices.multiregion's sweep takes it (scripts pass it to every sweep); these print no progress lines anyway
+    p.add_argument("--no-progress", action="store_true", help="no per-step progress lines (these sweeps print none: "
+                   "accepted as python -m devices.multiregion accepts it)")
     return p
 
 

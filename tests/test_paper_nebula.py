@@ -11,6 +11,7 @@ import pytest
 
 from devices.multiregion import PAPER_LATENCY_MS, load_multiregion
 from devices.paper_nebula import BASELINE, cost_summary, format_table, main, report
+from devices.scenario import ScenarioError
 
 SCENARIO = Path(__file__).resolve().parents[1] / "demos" / "scenarios" / "multiregion" / "paper-nebula.toml"
 
@@ -88,3 +89,10 @@ def test_methods_whose_labels_hold_commas_can_be_selected() -> None:
     assert names == ["NebulaFL (uniform, fixed resource)", "spin", "NebulaFL (reward, fixed resource)"]
     assert [m.label for m in sc.select(names).methods][:2] == ["NebulaFL (uniform, fixed resource)", BASELINE]
     assert sc.names_in("nebula,bogus,x") == ["nebula", "bogus", "x"]
+
+
+def test_no_progress_is_accepted_as_by_devices_multiregion(tmp_path: Path) -> None:
+    """``--no-progress`` (``python -m devices.multiregion``'s) was refused: "unrecognized
+    arguments" (exit 2). It is taken: here the sweep goes on to say --out holds no runs."""
+    with pytest.raises(ScenarioError, match="holds no run"):
+        main([str(SCENARIO), "--quick", "--no-progress", "--report-only", "--out", str(tmp_path)])

@@ -13,7 +13,7 @@ import pytest
 from devices.multiregion import PAPER_LATENCY_MS, MultiRegionRun, load_multiregion
 from devices.paper_spyker import LinkQueue, format_table, main, summarise
 from devices.report import format_region_tables, load_task, summarise_regions
-from devices.scenario import Scenario
+from devices.scenario import Scenario, ScenarioError
 from devices.simulator import RunResult
 
 SCENARIO = Path(__file__).resolve().parents[1] / "demos" / "scenarios" / "multiregion" / "paper-spyker.toml"
@@ -146,3 +146,10 @@ def test_the_paper_spyker_command_quick_form(tmp_path: Path, capsys: pytest.Capt
     assert main([str(SCENARIO), "--quick", "--report-only", "--methods", "Sync-Spyker (η_init = 0.05 / β = 0.005),FedAsync (1 server)",
                  "--out", str(out)]) == 0
     assert "time to 85%" in (out / "paper_spyker.md").read_text(encoding="utf-8") and "left out" not in capsys.readouterr().err
+
+
+def test_no_progress_is_accepted_as_by_devices_multiregion(tmp_path: Path) -> None:
+    """``--no-progress`` (``python -m devices.multiregion``'s) was refused: "unrecognized
+    arguments" (exit 2). It is taken: here the sweep goes on to say --out holds no runs."""
+    with pytest.raises(ScenarioError, match="holds no run"):
+        main([str(SCENARIO), "--quick", "--no-progress", "--report-only", "--out", str(tmp_path)])
