@@ -169,7 +169,7 @@ def convert(option: Option, value: Any, where: str) -> Any:
             out = typ(str(value)) if typ is not None else value
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{where}: expected {_type_name(typ)}, got {value!r}") from exc
-        except argparse.ArgumentTypeError as exc:  # bounded() / finite(): the rule it broke (it was a traceback)
+        except argparse.ArgumentTypeError as exc:  # bounded(): the rule it broke (it was a traceback)
             raise ConfigError(f"{where}: {exc}") from None
     elif typ is float:
         out = float(value)
@@ -197,16 +197,17 @@ def _items(value: Any, where: str) -> list[str]:
 
 
 NOT_FINITE = "must be a finite number"
-"""What :func:`finite` and ``bounded(finite=True)`` say of ±inf and NaN."""
+"""What ``bounded(finite=True)`` says of ±inf (and config values of ±inf or NaN)."""
 
 
 def bounded(kind: type[int] | type[float], minimum: float, *, strict: bool = False, below: float | None = None,
             at_most: float | None = None, finite: bool = False, rule: str = "", above_rule: str = "") -> Callable[[str], Any]:
     """An argparse ``type`` for every command: a ``kind`` (int or float) at least ``minimum``
     (above it with ``strict``: NaN never is) and, with ``below``, under it (with ``at_most``, not
-    over it); with ``finite``, never ±inf (checked before the upper bound, as :func:`finite` does
-    after a ``bounded`` without one). ``rule``, the error's words for a value out of range
-    (default "must be above M" / "must be at least M" / "must be below B" / "must be at most B");
+    over it); with ``finite``, never ±inf (checked before the upper bound, so an infinite rate
+    or duration is told it is no number rather than too big; NaN fails the minimum first).
+    ``rule``, the error's words for a value out of range (default "must be above M" / "must be at
+    least M" / "must be below B" / "must be at most B");
     ``above_rule``, the words for a value over the upper bound only (default ``rule``)."""
     if below is not None and at_most is not None:
         raise ValueError("bounded() takes below or at_most, not both")
@@ -241,19 +242,6 @@ def task_arg(text: str) -> str:
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
-
-
-def finite(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    """``parse`` (a :func:`bounded` type) that also refuses ±inf: an infinite rate, learning rate
-    or duration is no setting, and deeper down it fails with some internal field's name."""
-
-    def check(text: str) -> Any:
-        value = parse(text)
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{NOT_FINITE}, got {text}")
-        return value
-
-    return check
 
 
 def _type_name(typ: Callable[[Any], Any] | None) -> str:
