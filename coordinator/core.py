@@ -759,8 +759,10 @@ class CoordinatorCore:
         return self._last_full_version
 
     def next_version_is_full(self) -> bool:
+        """LASP: whether the next commit is a full sync, judged on the number it will get (above
+        any version the registry skipped unread: ``_commit``), not on ``version + 1``."""
         t = self.config.full_sync_every
-        return t == 0 or (self._version + 1) % t == 0
+        return t == 0 or (self._newest() + 1) % t == 0
 
     def status(self) -> Status:
         c = self.counters
@@ -1575,7 +1577,7 @@ class CoordinatorCore:
         the strategy's ``on_aggregated`` runs once the version is in place, before the checkpoint
         is taken (Spyker's age of this version is in it: a restart resumed the age before it)."""
         self.config.spec.check(weights)
-        self._version = max(self._version, self._version_floor) + 1  # never reuse a number
+        self._version = self._newest() + 1  # never reuse a number (next_version_is_full counts on it)
         self._weights = weights
         self._encoded.clear()
         self._tensors.clear()

@@ -526,7 +526,8 @@ def test_lasp_a_restart_past_unreadable_versions_leaves_out_a_head_trained_on_on
     """The registry could not read versions 3-4 (full sync 3 among them) and resumed from 2: a
     head accepted from version 4, fit to full sync 3's extractor (lost), was restored into the
     buffer and put onto version 2's extractor (all 9s over the head). Its extractor is unknown
-    here: left out, consumed, counted; the whole model from version 2 is merged as before."""
+    here: left out, consumed, counted; the whole model from version 2 gives the head of version 5,
+    a partial version (T = 3: the number the commit gets, above the skipped ones, decides)."""
     import random
 
     from coordinator.strategies.base import BufferedUpdate
@@ -539,9 +540,34 @@ def test_lasp_a_restart_past_unreadable_versions_leaves_out_a_head_trained_on_on
     c = CoordinatorCore(cfg, make_strategy("spin", k=2, timeout_s=None), snap, rng=random.Random(0))
     assert c.status().buffered == 1
     (commit,) = commits(c.handle(upd("new", 1, 3.0, base=2)))
-    assert commit.version == 5
-    np.testing.assert_array_equal(commit.weights, 3.0)  # the old code: head 9 over extractor 3
+    assert commit.version == 5 and not commit.metadata["full_sync"]
+    np.testing.assert_array_equal(commit.weights[SPEC.group_slice("classifier")], 3.0)  # 939c318: not the held head 9
+    np.testing.assert_array_equal(commit.weights[SPEC.group_slice("extractor")], 5.0)  # version 5 was merged whole (3) before the schedule fix
     assert set(commit.consumed) == {("old", 1), ("new", 1)} and c.counters["lasp_dropped_stale"] == 1
+
+
+@pytest.mark.parametrize(("restored", "floor", "due_full"), [(3, 5, True), (5, 6, False)])
+def test_lasp_the_schedule_after_unreadable_versions_is_the_number_the_commit_gets(
+        restored: int, floor: int, due_full: bool) -> None:
+    """The registry resumed from ``restored`` past unreadable versions up to ``floor``: the next
+    commit is numbered floor + 1 (never reusing one), and whether it is a full sync is that
+    number's (T = 3: 6 full, 7 partial), not restored + 1's. The old code published version 6 (from
+    3) as a partial version (the extractor kept, devices told to train the head) where a full sync
+    was due, and version 7 (from 5) as a full sync where a partial one was: the train group sent,
+    the merge and last_full_version followed restored + 1 (4: partial; 6: full)."""
+    import random
+
+    snap = Snapshot(version=restored, weights=np.full(SPEC.size, 5.0, np.float32), last_full_version=3,
+                    version_floor=floor)
+    cfg = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, full_sync_every=3)
+    c = CoordinatorCore(cfg, make_strategy("spin", k=1, timeout_s=None), snap, rng=random.Random(0))
+    assert _pull(c, "d1", 0, have=-1).train_group == ("full" if due_full else "classifier")
+    (commit,) = commits(c.handle(upd("d1", 1, 2.0, base=restored)))
+    assert commit.version == floor + 1 and commit.metadata["full_sync"] is due_full
+    head, ext = SPEC.group_slice("classifier"), SPEC.group_slice("extractor")
+    np.testing.assert_array_equal(commit.weights[head], 2.0)
+    np.testing.assert_array_equal(commit.weights[ext], 2.0 if due_full else 5.0)
+    assert c.last_full_version == (floor + 1 if due_full else 3)
 
 
 def test_an_early_timer_wake_up_re_arms_the_same_deadline() -> None:
