@@ -122,6 +122,7 @@ import numpy as np
 from coordinator.canary import CanaryConfig, CanaryRound, eligible, pick_cohort, round_nonce
 from coordinator.conversion import ConversionConfig, SwitchTracker, dc_asgd
 from coordinator.gate import Decision, Gate, GateConfig
+from coordinator.methods import check_lasp
 from coordinator.peering.base import BROADCAST, Peering, PeerPlan, Tallies
 from coordinator.strategies.base import BufferedUpdate, Plan, ReadOnlyView, Strategy
 from coordinator.strategies.staleness import Convert, conversion_of, needs_driver, policy_of
@@ -536,6 +537,7 @@ class CoordinatorCore:
         storage failure, a core error) passes one source to every core it builds: its worker may
         still answer an old core's ticket, which must match nothing in the new one (numbered from
         1 per core, that answer replaced another device's parked update)."""
+        check_lasp(strategy, config.full_sync_every)  # (every driver builds a core: the one check they all meet)
         self.config = config
         self.strategy = strategy
         self.peering = peering or Peering()

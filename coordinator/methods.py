@@ -9,6 +9,9 @@ checked in one place:
   coordinator (a ring of one: no messages, but the lr decay reaches devices and the age
   ledger is checkpointed); asking for it with a *different* peering is a ConfigError;
 * a peering that needs a particular strategy refuses any other (the peering checks it);
+* LASP (``full_sync_every`` = T > 1) needs a strategy that can take a head-only version: one
+  that cannot is a ConfigError (:func:`check_lasp`, also run by the coordinator core, which
+  every driver builds);
 * ``params`` are split by name between the strategy's and the peering's config dataclasses
   (a name both know, e.g. NebulaFL's ``t_c``, goes to both); a name neither knows is a
   ConfigError listing the valid ones.
@@ -30,7 +33,14 @@ from coordinator.strategies import strategy_params as strategy_fields
 from coordinator.strategies.params import check_params, did_you_mean
 from edge_sdk.errors import ConfigError
 
-__all__ = ["COMPANIONS", "Method", "make_method", "method_params", "split_params"]
+__all__ = ["COMPANIONS", "NO_LASP", "Method", "check_lasp", "make_method", "method_params", "split_params"]
+
+NO_LASP: dict[str, str] = {
+    "hfedms": "its chain commits whole models: between full syncs only the head of each step would be kept, so "
+              "a group would not start from the round's model, nor would the round's mean be taken whole "
+              "(HFedMS-S is STP + ICG without SCC/LASP)",
+}
+"""Strategies that LASP's partial versions would make do something else than they say, and why."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +76,15 @@ def resolve_names(strategy: str | None, peering: str | None) -> tuple[str, str]:
     return strategy, peering
 
 
+def check_lasp(strategy: Strategy, full_sync_every: int) -> None:
+    """A ConfigError when ``strategy`` cannot run under LASP with period ``full_sync_every``. T = 1
+    (every version a full sync) and 0 (off) suit every strategy."""
+    reason = NO_LASP.get(strategy.name)
+    if full_sync_every > 1 and reason is not None:
+        raise ConfigError(f"strategy {strategy.name!r} cannot run with LASP (full_sync_every = {full_sync_every}): "
+                          f"{reason}; use full_sync_every = 0")
+
+
 def method_params(strategy: str, peering: str) -> list[str]:
     """Every parameter name the pair accepts."""
     return sorted(set(strategy_fields(strategy)) | set(peering_fields(peering)))
@@ -98,11 +117,13 @@ def make_method(
     params: Mapping[str, Any] | None = None,
     strategy_params: Mapping[str, Any] | None = None,
     peering_params: Mapping[str, Any] | None = None,
+    full_sync_every: int = 0,
 ) -> Method:
     """Build a consistent strategy + peering pair; every misconfiguration is a ConfigError.
 
     ``params`` are split by name (see :func:`split_params`); ``strategy_params`` and
-    ``peering_params`` go to one side only (and win over ``params``)."""
+    ``peering_params`` go to one side only (and win over ``params``). ``full_sync_every``: the
+    LASP period the pair will run under (:func:`check_lasp`)."""
     s_name, p_name = resolve_names(strategy, peering)
     s_params, p_params = split_params(s_name, p_name, params or {})
     s_params.update(strategy_params or {})
@@ -110,6 +131,7 @@ def make_method(
     if p_name in PEERING_CONFIGS:
         p_params = check_params(f"peering {p_name!r}", PEERING_CONFIGS[p_name], p_params)
     built = make_strategy(s_name, **s_params)
+    check_lasp(built, full_sync_every)
     ring = tuple(ring) or (coordinator_id,)
     peer = make_peering(p_name, coordinator_id=coordinator_id, ring=ring, strategy=built, params=p_params)
     return Method(strategy=built, peering=peer)

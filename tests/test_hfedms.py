@@ -273,3 +273,72 @@ def test_paper_hfedms_quick_runs_every_arm(isolated_home: None) -> None:
             assert st["chain_breaks"] == 0 and st["devices_with_signal"] > 0
             assert st["groups_per_round"][0] == 10  # f(T) = β
             assert 0 < st["parallel_s"] < st["serial_s"]
+
+
+# ------------------------------------------------------------------ HFedMS and LASP / head-only updates
+
+
+def _hfedms_core(full_sync_every: int) -> tuple[object, HFedMSStrategy]:
+    from coordinator.core import CoordinatorConfig, CoordinatorCore, Snapshot
+
+    strategy = make_strategy("hfedms", beta=1, kappa=1.0, population=2)
+    assert isinstance(strategy, HFedMSStrategy)
+    cfg = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, full_sync_every=full_sync_every)
+    core = CoordinatorCore(cfg, strategy, Snapshot(version=0, weights=np.zeros(SPEC.size, np.float32)), rng=random.Random(0))
+    return core, strategy
+
+
+def test_hfedms_with_lasp_is_refused_at_configuration() -> None:
+    """Between LASP's full syncs the core keeps only the head of what a strategy returns: HFedMS's
+    chain would go on from the last step's extractor instead of the round's model (and at the first
+    partial version, before the fix below, the chain stalled for ever). Refused where the method is
+    built and where the core is, whichever a driver calls; T = 0 and 1 (every version full) run."""
+    with pytest.raises(ConfigError, match="full_sync_every = 2"):
+        _hfedms_core(2)
+    with pytest.raises(ConfigError, match="LASP"):
+        make_method("hfedms", full_sync_every=5)
+    for t in (0, 1):
+        _hfedms_core(t)
+    assert make_method("hfedms", full_sync_every=1).strategy.name == "hfedms"
+    assert make_method("spin", full_sync_every=5).strategy.name == "spin"
+
+
+def test_a_head_only_chain_step_goes_onto_the_served_model_instead_of_stalling_the_chain() -> None:
+    """The invited device sends one group's slice (a device told to train the head before a restart
+    switched LASP off, or a misbehaving one). The old strategy ignored it: the core committed the
+    unchanged model, consumed the update, and the chain waited for ever for that device (nobody
+    else invited, the device not served again). Now the step's model is the served one with that
+    slice trained, and the chain goes on."""
+    from edge_sdk.core.events import MessageReceived, Publish
+    from edge_sdk.wire import topics
+    from edge_sdk.wire.codec import decode, encode
+    from edge_sdk.wire.messages import Invite, Pull, Update
+
+    core, strategy = _hfedms_core(0)
+
+    def handle(device: str, msg: object) -> list[object]:
+        leaf = "update" if isinstance(msg, Update) else "pull"
+        return core.handle(MessageReceived(now=0.0, topic=topics.device_topic("r1", device, leaf), payload=encode(msg)))  # type: ignore[attr-defined, arg-type, no-any-return]
+
+    def invited(actions: list[object]) -> list[tuple[str, Invite]]:
+        out = []
+        for a in actions:
+            if isinstance(a, Publish) and a.topic.endswith("/invite"):
+                m = decode(a.payload)
+                assert isinstance(m, Invite)
+                out.append((topics.parse(a.topic).device, m))
+        return out
+
+    acts = handle("d1", Pull(device="d1", seq=1, model_id="toy")) + handle("d2", Pull(device="d2", seq=1, model_id="toy"))
+    ((first, invite),) = invited(acts)
+    second = ({"d1", "d2"} - {first}).pop()
+    handle(first, Pull(device=first, seq=2, model_id="toy", invite_round=invite.round))
+    head = SPEC.group_slice("classifier")
+    step = Update(device=first, seq=3, model_id="toy", base_version=0, n_samples=1,
+                  weights=np.full(SPEC.group_size("classifier"), 2.0, np.float32), group="classifier")
+    acts = handle(first, step)
+    (commit,) = [a for a in acts if type(a).__name__ == "CommitVersion"]
+    np.testing.assert_array_equal(commit.weights[head], 2.0)  # the old code: 0 (ignored)
+    np.testing.assert_array_equal(commit.weights[SPEC.group_slice("extractor")], 0.0)
+    assert strategy.ignored == 0 and strategy.partial_steps == 1 and strategy.expecting == second
+    assert [d for d, _ in invited(acts)] == [second]  # the old code: nobody, ever

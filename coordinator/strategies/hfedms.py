@@ -231,6 +231,8 @@ class HFedMSStrategy(Strategy):
         self.chain_breaks = 0
         """Chain steps whose update was not built on the version served for it (must stay 0)."""
         self.ignored = 0
+        self.partial_steps = 0
+        """Chain steps taken from one group's slice (put onto the served model); see aggregate."""
 
     # ------------------------------------------------------------------ hooks
 
@@ -299,13 +301,25 @@ class HFedMSStrategy(Strategy):
 
     def aggregate(self, view: CoordinatorView, updates: Sequence[BufferedUpdate]) -> Vector:
         current = np.array(view.weights, dtype=np.float32, copy=True)
-        mine = [u for u in updates if u.device == self.expecting and u.group == FULL]
+        mine = [u for u in updates if u.device == self.expecting]
         self.ignored += len(updates) - len(mine)
         if not mine or self._start is None:
             return current  # nothing of the chain arrived: the line stays where it is
         u = max(mine, key=lambda b: b.seq)
+        # The step's model. A group's slice (a device that trained only its head: one still told to
+        # under LASP before a restart, or a misbehaving one) goes onto the model served for the step
+        # (the current version: the chain does not move while it waits). Ignoring it, as before,
+        # committed the unchanged model and left the chain waiting for ever on a device whose update
+        # was consumed (no other device invited). LASP itself is refused with this strategy
+        # (coordinator.methods.check_lasp): its partial versions would break the chain's resets.
+        if u.group == FULL:
+            trained = np.array(u.weights, dtype=np.float32, copy=True)
+        else:
+            trained = current.copy()
+            trained[view.spec.group_slice(u.group)] = u.weights
+            self.partial_steps += 1
         base = view.weights_at(u.base_version)
-        sig = head_signal(view.spec, self.config.head_group, current if base is None else base, u.weights)
+        sig = head_signal(view.spec, self.config.head_group, current if base is None else base, trained)
         if sig is not None:
             self.features[u.device] = sig
         self.expecting = None
@@ -313,8 +327,8 @@ class HFedMSStrategy(Strategy):
         self._pos += 1
         chain = self.selected[self._chain]
         if self._pos < len(chain):
-            return np.array(u.weights, dtype=np.float32, copy=True)  # the next device continues from here
-        self._results.append((np.array(u.weights, dtype=np.float32, copy=True), self._chain_samples))
+            return trained  # the next device continues from here
+        self._results.append((trained, self._chain_samples))
         self._round_parallel_s = max(self._round_parallel_s, self._chain_s)
         self._chain += 1
         self._pos = 0
@@ -345,6 +359,7 @@ class HFedMSStrategy(Strategy):
             "rounds": c.rounds, "round": self.round, "regroups": self.regroups, "groups_per_round": list(self.group_sizes),
             "round_versions": list(self.round_versions), "serial_s": self.serial_s, "parallel_s": self.parallel_s,
             "chain_breaks": self.chain_breaks, "ignored": self.ignored, "devices_with_signal": len(self.features),
+            **({"partial_steps": self.partial_steps} if self.partial_steps else {}),  # (published outputs as they were)
         }
 
 
