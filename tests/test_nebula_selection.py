@@ -281,3 +281,80 @@ def test_the_emulator_charges_what_the_cost_model_says() -> None:
 def test_a_scenario_without_a_cost_model_reports_no_cost() -> None:
     sc = load_multiregion(SCENARIO.parent / "digits-4regions.toml", quick=True)
     assert sc.regions is not None and sc.regions.cost is None
+
+
+# --------------------------------------------------------------------------- bookkeeping bounded
+
+
+def test_the_planet_of_an_update_lasp_left_out_is_forgotten() -> None:
+    """An invited device's update is given its planet at arrival (``fold_into``) and the entry is
+    dropped when the update is folded. One the core consumed without handing it to the strategy
+    kept its entry for ever: here (LASP T = 12, gradient-inversion) a slow device's whole model,
+    parked for conversion at version 11, is released after the fast device made full sync 12,
+    and left out of partial version 13 (its head was fit to the old extractor). The old code kept
+    one entry per such update: 1, 2, 3 after three cycles; now none."""
+    from coordinator.core import ConvertUpdate, CoordinatorConfig, CoordinatorCore, UpdateConverted
+    from edge_sdk.core.events import MessageReceived, Publish
+    from edge_sdk.wire import topics
+    from edge_sdk.wire.codec import decode, encode
+    from edge_sdk.wire.messages import Invite, ModelMsg, Pull, Update
+    from tests.helpers import toy_snapshot
+
+    method = make_method("nebula", params={"planets": 2, "selection": "uniform", "staleness": "gradient-inversion"})
+    strategy = method.strategy
+    assert isinstance(strategy, NebulaStrategy)
+    cfg = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, full_sync_every=12, keep_versions=16)
+    core = CoordinatorCore(cfg, strategy, toy_snapshot(), rng=random.Random(0), peering=method.peering)
+    seqs: Counter[str] = Counter()
+    invites: dict[str, Invite] = {}
+    clock = [0.0]
+
+    def handle(device: str, msg: Pull | Update) -> list[object]:
+        clock[0] += 1.0  # (a pull a second: under the reply rate limit)
+        leaf = "update" if isinstance(msg, Update) else "pull"
+        acts: list[object] = list(core.handle(MessageReceived(now=clock[0], topic=topics.device_topic("r1", device, leaf),
+                                                              payload=encode(msg))))
+        for a in acts:
+            if isinstance(a, Publish) and a.topic.endswith("/invite"):
+                invite = decode(a.payload)
+                assert isinstance(invite, Invite)
+                invites[topics.parse(a.topic).device] = invite
+        return acts
+
+    def pull(device: str, invite_round: int = -1) -> list[object]:
+        seqs[device] += 1
+        return handle(device, Pull(device=device, seq=seqs[device], model_id="toy", invite_round=invite_round))
+
+    def served(device: str) -> ModelMsg:
+        (model,) = [decode(a.payload) for a in pull(device, invites.pop(device).round)
+                    if isinstance(a, Publish) and a.topic.endswith("/model")]
+        assert isinstance(model, ModelMsg)
+        return model
+
+    def send(device: str, whole: bool, value: float, base: int) -> list[object]:
+        seqs[device] += 1
+        weights = np.full(SPEC.size if whole else SPEC.group_size("classifier"), value, np.float32)
+        return handle(device, Update(device=device, seq=seqs[device], model_id="toy", base_version=base,
+                                     n_samples=1, weights=weights, group="full" if whole else "classifier"))
+
+    def fast_step() -> None:
+        send("fast", served("fast").train_group == "full", 1.0, core.version)
+        pull("fast")
+
+    pull("fast")
+    sizes = []
+    for cycle in range(1, 4):
+        while core.version % 12:
+            fast_step()
+        pull("slow")
+        base = served("slow").version  # 12k
+        while core.version % 12 != 11:
+            fast_step()
+        (convert,) = [a for a in send("slow", True, 9.0, base) if isinstance(a, ConvertUpdate)]  # 11 behind
+        fast_step()  # the full sync
+        core.handle(UpdateConverted(now=clock[0], ticket=convert.ticket, weights=np.full(SPEC.size, 9.0, np.float32),
+                                    elapsed_s=0.1))
+        assert core.version % 12 == 1 and core.counters["lasp_dropped_stale"] == cycle
+        sizes.append(len(strategy.fold_into))
+    assert sizes == [0, 0, 0]  # the old code: [1, 2, 3]
+    assert core.status().buffered == 0

@@ -427,6 +427,16 @@ class NebulaStrategy(Strategy):
             st.versions[j] += 1.0
         return st.master()
 
+    def on_aggregated(self, view: CoordinatorView, now: float) -> None:
+        """Forget the planet of every update a commit consumed without handing it to ``aggregate``
+        (LASP left it out: e.g. a conversion released after the full sync its base predates; a
+        rollback discards the buffer too): its key never comes back (a device's seq only grows),
+        and the entry stayed for ever, one per such update. Entries of updates still buffered are
+        kept. After an ordinary fold there is nothing to do (``aggregate`` popped every entry)."""
+        if self.fold_into:
+            buffered = {u.key for u in view.buffer}
+            self.fold_into = {key: planet for key, planet in self.fold_into.items() if key in buffered}
+
     def describe(self) -> dict[str, Any]:
         st = self.state
         out = {"name": self.name, "planets": st.k, "t_c": self.config.t_c, "versions": list(st.versions),
