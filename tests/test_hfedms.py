@@ -342,3 +342,29 @@ def test_a_head_only_chain_step_goes_onto_the_served_model_instead_of_stalling_t
     np.testing.assert_array_equal(commit.weights[SPEC.group_slice("extractor")], 0.0)
     assert strategy.ignored == 0 and strategy.partial_steps == 1 and strategy.expecting == second
     assert [d for d, _ in invited(acts)] == [second]  # the old code: nobody, ever
+
+
+def test_a_round_end_version_is_the_number_the_commit_gets() -> None:
+    """Resumed from version 2 with 3-5 unreadable (the registry skips them, the next commit is 6):
+    the round's model is version 6. The old code recorded version + 1 at aggregation: 3."""
+    from coordinator.core import CoordinatorConfig, CoordinatorCore, Snapshot
+    from edge_sdk.core.events import MessageReceived, Publish
+    from edge_sdk.wire import topics
+    from edge_sdk.wire.codec import decode, encode
+    from edge_sdk.wire.messages import Invite, Pull, Update
+
+    strategy = make_strategy("hfedms", beta=1, kappa=1.0, population=1)
+    assert isinstance(strategy, HFedMSStrategy)
+    snap = Snapshot(version=2, weights=np.zeros(SPEC.size, np.float32), version_floor=5)
+    core = CoordinatorCore(CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC), strategy, snap, rng=random.Random(0))
+    pull = Pull(device="d1", seq=1, model_id="toy", have_version=2)
+    acts = core.handle(MessageReceived(now=0.0, topic=topics.device_topic("r1", "d1", "pull"), payload=encode(pull)))
+    (invite,) = [decode(a.payload) for a in acts if isinstance(a, Publish) and a.topic.endswith("/invite")]
+    assert isinstance(invite, Invite)
+    pull = Pull(device="d1", seq=2, model_id="toy", have_version=2, invite_round=invite.round)
+    core.handle(MessageReceived(now=1.0, topic=topics.device_topic("r1", "d1", "pull"), payload=encode(pull)))
+    update = Update(device="d1", seq=3, model_id="toy", base_version=2, n_samples=1, weights=np.ones(SPEC.size, np.float32))
+    acts = core.handle(MessageReceived(now=2.0, topic=topics.device_topic("r1", "d1", "update"), payload=encode(update)))
+    (commit,) = [a for a in acts if type(a).__name__ == "CommitVersion"]
+    assert commit.version == 6 and strategy.round == 1
+    assert strategy.round_versions == [6]  # the old code: [3]

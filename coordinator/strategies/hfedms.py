@@ -226,6 +226,7 @@ class HFedMSStrategy(Strategy):
         self.parallel_s = 0.0
         """The same steps with the groups in parallel: Σ over rounds of the longest chain."""
         self.round_versions: list[int] = []
+        self._round_ended = False
         self.group_sizes: list[int] = []
         """Groups per round (M), for the growth curve."""
         self.chain_breaks = 0
@@ -339,8 +340,15 @@ class HFedMSStrategy(Strategy):
         self.in_round = False
         self.round += 1
         self.parallel_s += self._round_parallel_s
-        self.round_versions.append(view.version + 1)
+        self._round_ended = True  # its version is numbered by the commit (on_aggregated)
         return _mean(self._results, weighted=self.config.weighted)
+
+    def on_aggregated(self, view: CoordinatorView, now: float) -> None:
+        """Record the round-end version as committed: not ``version + 1`` at aggregation, which
+        a restart past versions the registry could not read numbers above."""
+        if self._round_ended:
+            self._round_ended = False
+            self.round_versions.append(view.version)
 
     def checkpoint(self) -> dict[str, Any]:
         return {"round": self.round, "regroups": self.regroups}
