@@ -1586,6 +1586,12 @@ class CoordinatorCore:
         self._history[self._version] = weights
         for old in sorted(self._history)[: -self.config.keep_versions]:
             del self._history[old]
+        # Everything but a partial aggregation is a full sync: a peer merge, and a rollback or an
+        # operator's version too, even one that leaves the extractor as it was (a rollback to a release
+        # after the last full sync). That only refuses more than it must (a head trained from the
+        # restored version's extractor is base_rejected and trained again; devices holding it get the
+        # whole model once), never patches a head onto another extractor; and what it refuses is little:
+        # updates from the abandoned versions are refused anyway (_on_update), the buffer is discarded.
         if meta.get("full_sync", True):
             self._last_full_version = self._version
         self._status_dirty = True

@@ -669,3 +669,34 @@ def test_a_state_dir_restarted_under_another_peering_says_so_and_does_not_read_i
     loaded = reg.load()
     reg.close()
     assert loaded is not None and loaded.peer_name == "spyker" and loaded.peer_state == {"round": 2}
+
+
+def test_lasp_a_rollback_is_a_full_sync_even_when_the_extractor_is_unchanged() -> None:
+    """Pins a conservative choice (see _commit): the gate rejects partial version 2 and rolls back
+    to release 1 as version 3; the extractor is the one of full sync 0 throughout, yet version 3
+    counts as a full sync, so a head trained from the release (not abandoned, fit to that very
+    extractor) is refused and trained again. It refuses more than it must; it never makes a
+    model no coordinator built. A head from the rollback itself is taken."""
+    import random
+
+    from coordinator.core import CandidateEvaluated
+    from coordinator.gate import GateConfig
+    from tests.helpers import toy_snapshot
+
+    cfg = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, full_sync_every=5, gate=GateConfig(paired_z=0.0))
+    c = CoordinatorCore(cfg, make_strategy("spin", k=1, timeout_s=None), toy_snapshot(), rng=random.Random(0))
+    c.start(0.0)
+    assert [x.version for x in commits(c.handle(_head_update("a", 1, 1.0, base=0)))] == [1]
+    c.handle(CandidateEvaluated(now=1.0, version=1, candidate_metric=0.9, release_metric=0.5, release_version=0))
+    assert [x.version for x in commits(c.handle(_head_update("b", 1, 9.0, base=1)))] == [2]
+    (rollback,) = commits(c.handle(CandidateEvaluated(now=2.0, version=2, candidate_metric=0.1, release_metric=0.9,
+                                                      release_version=1)))
+    ext = SPEC.group_slice("extractor")
+    assert rollback.version == 3 and rollback.metadata["source"] == "rollback"
+    np.testing.assert_array_equal(rollback.weights[ext], 0.0)  # the extractor of full sync 0, unchanged
+    assert c.last_full_version == 3
+    (ack,) = acks(c.handle(_head_update("c", 1, 2.0, base=1)))
+    assert (ack.status, ack.reason) == ("rejected", "base_rejected")
+    (commit,) = commits(c.handle(_head_update("c", 2, 2.0, base=3)))
+    assert commit.version == 4 and not commit.metadata["full_sync"]
+    np.testing.assert_array_equal(commit.weights[SPEC.group_slice("classifier")], 2.0)
