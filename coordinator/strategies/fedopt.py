@@ -144,20 +144,48 @@ class FedOptStrategy(Strategy):
 
     def aggregate(self, view: CoordinatorView, updates: Sequence[BufferedUpdate]) -> Vector:
         base = np.asarray(view.weights, dtype=np.float32)
-        good = [(u.weights, u.n_samples) for u in updates if u.group == FULL and u.staleness == 0]
+        good = [u for u in updates if u.staleness == 0]
         self.ignored += len(updates) - len(good)
         if not good:
             return base.copy()
-        delta = pseudo_gradient(base, good)
         cfg = self.config
+        if all(u.group == FULL for u in good):
+            delta = pseudo_gradient(base, [(u.weights, u.n_samples) for u in good])
+            if cfg.server_opt == "sgd":
+                return (base + np.float32(cfg.server_lr) * delta).astype(np.float32)
+            m, v = self._moments(base)
+            w, self._m, self._v = fedadam_step(base, delta, m, v, lr=cfg.server_lr,
+                                               beta1=cfg.beta1, beta2=cfg.beta2, tau=cfg.tau)
+            return w
+        # One layer group's slices (LASP's head between full syncs, where the core hands over the
+        # head of each update and keeps only the head of the result; or a head an invited device was
+        # told to train before a restart switched LASP off): Δ is taken per group over the updates
+        # carrying it, whole models first, then each group's mean overwrites its part (as
+        # aggregate.weighted_average: with sgd and η = 1 the step is FedAvg's mean). The optimizer
+        # steps only the coordinates some update carries: Adam's moments elsewhere stay as they were
+        # (a lazy step), neither decayed by a zero Δ nor moved with a part the core would not keep.
+        delta = np.zeros_like(base)
+        covered = np.zeros(base.shape, dtype=bool)
+        for group in sorted({u.group for u in good}, key=lambda g: (g != FULL, g)):
+            sl = view.spec.group_slice(group)
+            delta[sl] = pseudo_gradient(base[sl], [(u.weights, u.n_samples) for u in good if u.group == group])
+            covered[sl] = True
+        out = base.copy()
         if cfg.server_opt == "sgd":
-            return (base + np.float32(cfg.server_lr) * delta).astype(np.float32)
+            out[covered] = base[covered] + np.float32(cfg.server_lr) * delta[covered]
+            return out
+        m, v = self._moments(base)
+        out[covered], m[covered], v[covered] = fedadam_step(base[covered], delta[covered], m[covered], v[covered],
+                                                            lr=cfg.server_lr, beta1=cfg.beta1, beta2=cfg.beta2,
+                                                            tau=cfg.tau)
+        return out
+
+    def _moments(self, base: Vector) -> tuple[Vector, Vector]:
+        """FedAdam's (m, v), whole-model shaped (zeros at the first step or for another model)."""
         if self._m is None or self._v is None or self._m.shape != base.shape:
             self._m = np.zeros_like(base)
             self._v = np.zeros_like(base)
-        w, self._m, self._v = fedadam_step(base, delta, self._m, self._v, lr=cfg.server_lr,
-                                           beta1=cfg.beta1, beta2=cfg.beta2, tau=cfg.tau)
-        return w
+        return self._m, self._v
 
     def checkpoint(self) -> dict[str, Any]:
         return {"round": self.round}

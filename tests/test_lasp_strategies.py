@@ -1,0 +1,178 @@
+"""The aggregation strategies under LASP (``full_sync_every`` = T >= 2), through the core.
+
+At a partial version the core hands a strategy the head slice of each update and keeps only
+the head of what it returns. A strategy must then step the head from those slices (FedOpt's
+server optimizer included: its moments are whole-model shaped and only the head's may move),
+the robust combiners must measure what is applied (the head), and a strategy whose versions
+cannot follow LASP's schedule is refused at configuration (``coordinator.methods.NO_LASP``).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import pytest
+
+from coordinator.core import CommitVersion, CoordinatorConfig, CoordinatorCore
+from coordinator.strategies import make_strategy
+from coordinator.strategies.fedopt import FedOptStrategy, fedadam_step, pseudo_gradient
+from edge_sdk.core.events import MessageReceived, Publish, TimerFired
+from edge_sdk.wire import topics
+from edge_sdk.wire.codec import decode, encode
+from edge_sdk.wire.messages import Invite, ModelMsg, Pull, Update
+from tests.helpers import SPEC, toy_snapshot
+
+EXT, HEAD = SPEC.group_slice("extractor"), SPEC.group_slice("classifier")
+
+
+class Rounds:
+    """A core under LASP and devices that pull, accept an invite, train what they are told
+    (the whole model or the head) and send it: one round per :meth:`round`."""
+
+    def __init__(self, strategy: str, t: int, **params: Any) -> None:
+        self.strategy = make_strategy(strategy, **params)
+        cfg = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, full_sync_every=t)
+        self.core = CoordinatorCore(cfg, self.strategy, toy_snapshot(), rng=random.Random(0))
+        self.seq: dict[str, int] = {}
+        self.served: dict[str, ModelMsg] = {}
+        self.invites: dict[str, Invite] = {}
+        self.now = 0.0
+
+    def _eat(self, actions: list[Any]) -> list[CommitVersion]:
+        out = []
+        for a in actions:
+            if isinstance(a, CommitVersion):
+                out.append(a)
+            elif isinstance(a, Publish) and a.topic.rsplit("/", 1)[-1] in ("model", "invite"):
+                m = decode(a.payload)
+                if isinstance(m, ModelMsg):
+                    self.served[topics.parse(a.topic).device] = m
+                elif isinstance(m, Invite):
+                    self.invites[topics.parse(a.topic).device] = m
+        return out
+
+    def _send(self, device: str, msg: Pull | Update) -> list[CommitVersion]:
+        self.now += 0.01
+        leaf = "update" if isinstance(msg, Update) else "pull"
+        return self._eat(self.core.handle(MessageReceived(now=self.now, topic=topics.device_topic("r1", device, leaf),
+                                                          payload=encode(msg))))
+
+    def _next(self, device: str) -> int:
+        self.seq[device] = self.seq.get(device, 0) + 1
+        return self.seq[device]
+
+    def round(self, values: dict[str, np.ndarray], *, whole: bool = False) -> tuple[list[str], list[CommitVersion]]:
+        """Each device pulls (and pulls again when invited), then sends the part it was told to
+        train, cut from ``values[device]`` (``whole``: the whole vector all the same). Returns the
+        groups the devices were told to train and the commits."""
+        commits = []
+        for device in values:
+            commits += self._send(device, Pull(device=device, seq=self._next(device), model_id="toy"))
+        for device in list(self.invites):
+            invite = self.invites.pop(device)
+            commits += self._send(device, Pull(device=device, seq=self._next(device), model_id="toy",
+                                               invite_round=invite.round))
+        groups = []
+        for device, value in values.items():
+            served = self.served.pop(device)
+            group = served.train_group
+            sent = "full" if whole else group
+            groups.append(group)
+            commits += self._send(device, Update(device=device, seq=self._next(device), model_id="toy",
+                                                 base_version=served.version, n_samples=1 + int(device[1:]),
+                                                 weights=value[SPEC.group_slice(sent)].astype(np.float32), group=sent))
+        self.now += 1e4
+        commits += self._eat(self.core.handle(TimerFired(now=self.now)))
+        return groups, commits
+
+
+def _values(seed: int, devices: int = 3) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {f"d{i}": rng.standard_normal(SPEC.size).astype(np.float32) for i in range(devices)}
+
+
+def _expected_delta(base: np.ndarray, values: dict[str, np.ndarray], sl: slice) -> np.ndarray:
+    return pseudo_gradient(base[sl], [(w[sl], 1 + int(d[1:])) for d, w in values.items()])
+
+
+def test_fedopt_steps_the_head_at_a_partial_version() -> None:
+    """The old FedOpt kept only whole-model updates: at every partial version it counted the
+    heads 'ignored' and the core committed the unchanged model (T = 2: half the rounds' work
+    lost; here version 1's head stayed 0 with ignored 3). With sgd and η = 1 the head is now
+    the sample-weighted mean of the heads (FedAvg's), the extractor kept."""
+    rig = Rounds("fedopt", 2, select=3)
+    values = _values(0)
+    groups, (commit,) = rig.round(values)
+    assert groups == ["classifier"] * 3 and commit.version == 1 and not commit.metadata["full_sync"]
+    expected = sum((1 + i) * values[f"d{i}"][HEAD] for i in range(3)) / 6
+    np.testing.assert_allclose(commit.weights[HEAD], expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(commit.weights[EXT], 0.0)
+    assert isinstance(rig.strategy, FedOptStrategy) and rig.strategy.ignored == 0
+
+
+def test_fedadam_under_lasp_moves_only_the_heads_moments_at_a_partial_version() -> None:
+    """FedAdam's m and v are whole-model shaped. At a partial version Δ is the head's: the head's
+    moments step and the extractor's stay as they were (neither decayed by a zero Δ nor stepped
+    with a part the core drops); a full sync steps every coordinate. The old code stepped nothing
+    at a partial version (head unchanged, heads 'ignored')."""
+    rig = Rounds("fedadam", 2, select=3)
+    strategy = rig.strategy
+    assert isinstance(strategy, FedOptStrategy)
+    cfg = strategy.config
+    step = {"lr": cfg.server_lr, "beta1": cfg.beta1, "beta2": cfg.beta2, "tau": cfg.tau}
+    w = np.zeros(SPEC.size, np.float32)
+    m, v = np.zeros_like(w), np.zeros_like(w)
+    for r, full in enumerate((False, True, False, True)):
+        values = _values(r)
+        groups, (commit,) = rig.round(values)
+        assert groups == ["full" if full else "classifier"] * 3 and commit.metadata["full_sync"] == full
+        sl = slice(0, SPEC.size) if full else HEAD
+        w_sl, m_sl, v_sl = fedadam_step(w[sl], _expected_delta(w, values, sl), m[sl], v[sl], **step)
+        w, m, v = w.copy(), m.copy(), v.copy()
+        w[sl], m[sl], v[sl] = w_sl, m_sl, v_sl
+        np.testing.assert_array_equal(commit.weights, w)
+        assert strategy._m is not None and strategy._v is not None
+        np.testing.assert_array_equal(strategy._m, m)
+        np.testing.assert_array_equal(strategy._v, v)
+    assert strategy.ignored == 0
+    assert not np.array_equal(m[HEAD], m[EXT][: HEAD.stop - HEAD.start])  # the lazy step really differs
+
+
+def test_fedopt_whole_model_rounds_are_as_before() -> None:
+    """Without LASP the step is the one the strategy always took (w + η Δ, bit for bit)."""
+    rig = Rounds("fedopt", 0, select=3, server_lr=0.5)
+    values = _values(7)
+    groups, (commit,) = rig.round(values)
+    assert groups == ["full"] * 3
+    base = np.zeros(SPEC.size, np.float32)
+    delta = pseudo_gradient(base, [(w, 1 + int(d[1:])) for d, w in values.items()])
+    np.testing.assert_array_equal(commit.weights, (base + np.float32(0.5) * delta).astype(np.float32))
+
+
+@pytest.mark.parametrize("combine", ["models", "deltas"])
+def test_krum_at_a_partial_version_chooses_among_the_heads(combine: str) -> None:
+    """Krum's distances are taken over what the version applies. Five whole models reach partial
+    version 1 (accepted: trained from the current extractor; a device may send the whole model
+    when told to train the head): over the whole vectors Krum picks the row with head 5.0 (its
+    extractor agrees with two others), over the heads the cluster at 5.1 wins. Folded whole on
+    arrival, the core hands over the heads and commits 5.1, the extractor kept."""
+    rig = Rounds("spin", 2, k=5, timeout_s=None, combiner="krum", krum_f=1, combine=combine,
+                 clip_multiplier=0.0, sample_weight_cap=0.0)
+    rows = {}
+    for i, (ext, head) in enumerate(((0.0, 1.0), (0.0, 5.0), (0.0, 9.0), (50.0, 5.1), (50.0, 5.2))):
+        w = np.empty(SPEC.size, np.float32)
+        w[EXT], w[HEAD] = ext, head
+        rows[f"d{i}"] = w
+    groups, (commit,) = rig.round(rows, whole=True)
+    assert groups == ["classifier"] * 5 and commit.version == 1 and not commit.metadata["full_sync"]
+    np.testing.assert_array_equal(commit.weights[EXT], 0.0)
+    np.testing.assert_allclose(commit.weights[HEAD], 5.1, rtol=1e-6)
+    strategy = make_strategy("spin", k=5, timeout_s=None, combiner="krum", krum_f=1, combine=combine,
+                             clip_multiplier=0.0, sample_weight_cap=0.0)
+    from coordinator.strategies.base import BufferedUpdate, StaticView
+
+    view = StaticView(spec=SPEC, version=0, weights=np.zeros(SPEC.size, np.float32))
+    whole = [BufferedUpdate(device=d, seq=1, base_version=0, staleness=0, n_samples=1, weights=w) for d, w in rows.items()]
+    np.testing.assert_allclose(strategy.aggregate(view, whole)[HEAD], 5.0, rtol=1e-6)  # what the whole rows choose
