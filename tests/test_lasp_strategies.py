@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 
 from coordinator.core import CommitVersion, CoordinatorConfig, CoordinatorCore
+from coordinator.methods import NO_LASP, make_method
 from coordinator.strategies import make_strategy
 from coordinator.strategies.fedopt import FedOptStrategy, fedadam_step, pseudo_gradient
 from edge_sdk.core.events import MessageReceived, Publish, TimerFired
+from edge_sdk.errors import ConfigError
 from edge_sdk.wire import topics
 from edge_sdk.wire.codec import decode, encode
 from edge_sdk.wire.messages import Invite, ModelMsg, Pull, Update
@@ -149,6 +151,22 @@ def test_fedopt_whole_model_rounds_are_as_before() -> None:
     base = np.zeros(SPEC.size, np.float32)
     delta = pseudo_gradient(base, [(w, 1 + int(d[1:])) for d, w in values.items()])
     np.testing.assert_array_equal(commit.weights, (base + np.float32(0.5) * delta).astype(np.float32))
+
+
+@pytest.mark.parametrize("t", [2, 5])
+def test_fedasync_with_lasp_is_refused_at_configuration(t: int) -> None:
+    """FedAsync makes a version of every update, so an update seldom lands on the version its
+    device was told to train for (a probe, 10 devices of random speed, T = 5, 400 updates taken:
+    3 of 80 full syncs moved the extractor, 697 updates refused base_rejected). Refused where a
+    driver builds it (make_method) and where every driver meets it (the core); T = 0 and 1 run."""
+    with pytest.raises(ConfigError, match=r"fedasync.*LASP"):
+        make_method("fedasync", full_sync_every=t)
+    cfg = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, full_sync_every=t)
+    with pytest.raises(ConfigError, match=r"fedasync.*LASP"):
+        CoordinatorCore(cfg, make_strategy("fedasync"), toy_snapshot(), rng=random.Random(0))
+    for ok in (0, 1):
+        make_method("fedasync", full_sync_every=ok)
+    assert "fedasync" in NO_LASP and "spin" not in NO_LASP
 
 
 @pytest.mark.parametrize("combine", ["models", "deltas"])
