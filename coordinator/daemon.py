@@ -71,6 +71,14 @@ log = logging.getLogger("edgeci.coordinator")
 _monotonic = time.monotonic  # (the probe's rate limit reads it: a test sets a fake clock here)
 STORAGE_WARN_EVERY_S = 60.0
 """While storage fails, the probe thread warns at most this often (each probe is logged at debug)."""
+STORAGE_STABLE_S = 60.0
+"""Storage that fails again within this long of its recovery relapsed (see :data:`STORAGE_BACKOFF_MAX_S`)."""
+STORAGE_BACKOFF_MAX_S = 120.0
+"""After a relapse the daemon resumes no sooner than ``storage_probe_s`` x 2^relapses after the
+failure, at most this long. A write that fails where the probe's works (a version or canary
+record larger than the probe's write on a nearly full disk, one file that cannot be written)
+fails again at each recovery, as the broker delivers its message again: without the backoff,
+a recovery and a redelivery at the probe's pace for ever."""
 START_TIMEOUT_S = 15.0
 """How long a start waits for the broker's answer (the CLI's start-up probe waits as long)."""
 REJECTED_LOG_BUDGET = 20
@@ -341,6 +349,11 @@ class CoordinatorDaemon:
         self._status_due = False
         self._storage_ok = True
         self.storage_failures = 0
+        self.storage_relapses = 0
+        """Storage failures within STORAGE_STABLE_S of a recovery (each doubles the wait before the next one)."""
+        self._relapses = 0  # in a row: the current backoff's exponent
+        self._recovered_at = -math.inf  # (_monotonic) when storage last recovered
+        self._resume_at = -math.inf  # (_monotonic) no recovery before this, whatever the probe says
         self.publish_failures = 0
         """Publishes the transport refused (logged; the batch's other actions still ran)."""
         self.core_failures = 0
@@ -383,6 +396,11 @@ class CoordinatorDaemon:
         """The PUBACK of the message whose event is being handled (actor thread; see _perform)."""
         self._outage_acks: dict[object, HeldAck] = {}
         """PUBACKs of messages refused while storage fails, by device, withheld until it works again (see _withhold_while_failing)."""
+        self._withhold = False
+        """The batch dropped what a message changed while storage was failing already: its PUBACKs are withheld until it works
+        again, then redelivered (see _end_batch): one redelivery per outage, not a reconnect per batch."""
+        self._outage_batches: list[HeldAck] = []
+        """PUBACKs of such batches (actor thread), redelivered by the recovery."""
         self._after_batch: list[Callable[[], None]] = []
         """Called once the batch's PUBACKs are sent (actor thread; see _settle)."""
         self._announced = False
@@ -398,6 +416,7 @@ class CoordinatorDaemon:
     def _problems(self) -> dict[str, int]:
         """For the metrics endpoint (its thread): counters that only ever grow."""
         return {"publish_refused": self.publish_failures, "storage_failures": self.storage_failures,
+                "storage_relapses": self.storage_relapses,
                 "duplicate_coordinator": self.duplicate_coordinators,
                 "core_failures": self.core_failures,
                 "messages_dropped": getattr(self.transport, "dropped_messages", 0),
@@ -672,9 +691,12 @@ class CoordinatorDaemon:
         if self._rebuild is not None:  # storage failed in the previous event (see _perform)
             self._rebuild_core()
         self._discarding = False
-        if self._rebuild is not None:
-            self._redeliver = True
-            return []  # the durable state cannot even be read: answer nothing (the broker sends it again)
+        if self._rebuild is not None:  # the durable state cannot even be read: answer nothing (the broker sends it again)
+            if self._storage_ok:
+                self._redeliver = True
+            else:
+                self._withhold = True  # (once it works again: no reconnect per batch meanwhile)
+            return []
         t0 = time.perf_counter()
         try:
             actions = self.core.handle(event)
@@ -744,7 +766,9 @@ class CoordinatorDaemon:
         then the PUBACKs of its messages. Where storage failed, what the batch's messages changed
         was dropped: no PUBACK of theirs leaves, the connection is closed and the broker delivers
         them again (the persistent session) once we reconnect; whatever of them was durable
-        comes back as a duplicate, which the core refuses. An event the core raised on is
+        comes back as a duplicate, which the core refuses. Where storage was failing already (an
+        outage) they are withheld instead and redelivered by the recovery (_storage_recovered):
+        one reconnect per outage, not one per batch. An event the core raised on is
         acknowledged (the core was rebuilt; the same message would fail it again), and so is a
         batch whose end raised other than by a storage failure (a bug, handled as if the core had
         raised: redelivered, the same message would fail again, a connection loop with the batch's
@@ -758,8 +782,11 @@ class CoordinatorDaemon:
         finally:
             acks, self._acks = self._acks, []
             redeliver, self._redeliver = self._redeliver, False
+            withhold, self._withhold = self._withhold, False
             if redeliver and acks:
                 self.transport.redeliver()
+            elif withhold and acks:  # (those of an earlier connection are void: their messages came back)
+                self._outage_batches = [h for h in self._outage_batches if self.transport.is_current(h)] + acks
             else:
                 self.transport.ack(acks)
             settled, self._after_batch = self._after_batch, []
@@ -841,9 +868,36 @@ class CoordinatorDaemon:
         log.error("storage failure: %s; dropping %d unacknowledged updates and %d held actions, "
                   "deferring updates until storage works again", detail, len(self._log), len(self._held))
         self.storage_failures += 1
-        self._redeliver = True
-        self._storage_ok = False
+        if self._storage_ok:
+            self._redeliver = True  # the batch's messages come back at once, to the core of the outage
+            detail = self._storage_down(detail)
+        else:
+            self._withhold = True  # already in an outage: once storage works again
         self._abandon_batch(detail)
+
+    def _storage_down(self, detail: str) -> str:
+        """Storage works no more: a relapse if it recovered within STORAGE_STABLE_S, and then
+        the probe's next success is taken no sooner than the doubled backoff. The ``detail``
+        the status shows (StorageChanged), saying so."""
+        self._storage_ok = False
+        now = _monotonic()
+        since = now - self._recovered_at
+        if since >= STORAGE_STABLE_S:
+            self._relapses = 0
+            self._resume_at = -math.inf
+            return detail
+        self._relapses += 1
+        self.storage_relapses += 1
+        wait = min(max(self.options.storage_probe_s, STORAGE_BACKOFF_MAX_S), self.options.storage_probe_s * 2 ** self._relapses)
+        self._resume_at = now + wait
+        log.error("storage failed again %.1f s after it recovered (%d time(s) in a row): a write larger than the probe's "
+                  "(%d bytes) on a nearly full disk, or one file that cannot be written? Resuming no sooner than %.0f s from "
+                  "now (doubling up to %.0f s); updates are deferred meanwhile", since, self._relapses,
+                  self._probe_size(), wait, STORAGE_BACKOFF_MAX_S)
+        return f"failed again {since:.0f} s after recovering ({self._relapses}x; next try in {wait:.0f} s): {detail}"
+
+    def _probe_size(self) -> int:
+        return 4 * self.task.spec.size + (64 << 10)
 
     def _abandon_batch(self, reason: str) -> None:
         """Drop what the batch held for durability (the rest of the event's actions too) and
@@ -872,6 +926,8 @@ class CoordinatorDaemon:
             snapshot = self.registry.load()
         except (OSError, RegistryError) as exc:
             log.error("storage failure: cannot reload %s (%s); dropping events until it can", self.registry.root, exc)
+            if self._storage_ok:  # the probe tries again (and paces the redeliveries: see _handle)
+                self._storage_down(f"cannot reload: {exc}")
             return
         assert snapshot is not None
         if not self._storage_ok:
@@ -888,7 +944,7 @@ class CoordinatorDaemon:
     def _probe_loop(self) -> None:
         """Probe thread: while storage fails, try a model-sized write + fsync every few seconds
         (a warning at most every :data:`STORAGE_WARN_EVERY_S`, with the failed probes since)."""
-        size = 4 * self.task.spec.size + (64 << 10)
+        size = 4 * self.task.spec.size + (64 << 10)  # (_probe_size: this loop runs on test fakes too)
         failed, warned_at = 0, -math.inf
         while not self._probe_stop.wait(self.options.storage_probe_s):
             if self._storage_ok:
@@ -907,15 +963,24 @@ class CoordinatorDaemon:
             self.actor.call(self._storage_recovered)
 
     def _storage_recovered(self) -> None:
-        """Actor thread: the probe worked; resume from the durable state, buffer included."""
-        if self._storage_ok or self._rebuild is not None:
+        """Actor thread: the probe worked; resume from the durable state, buffer included (after
+        a relapse only once its backoff has passed: see :meth:`_storage_down`)."""
+        if self._storage_ok:
+            return
+        if (left := self._resume_at - _monotonic()) > 0:
+            log.debug("the storage probe works; resuming in %.0f s (backoff after a relapse)", left)
             return
         log.warning("storage works again: resuming")
         self._storage_ok = True
+        self._recovered_at = _monotonic()
         self._rebuild = "recovered"
         self._rebuild_core()
-        if self._outage_acks:  # refused during the outage: the broker delivers them again, to this core
-            log.warning("%d messages refused while storage failed are delivered again", len(self._outage_acks))
+        if not self._storage_ok:
+            return  # the reload failed: still failing (_rebuild_core said why)
+        withheld = [h for h in self._outage_batches if self.transport.is_current(h)]
+        self._outage_batches = []
+        if self._outage_acks or withheld:  # refused or dropped during the outage: the broker delivers them again, to this core
+            log.warning("%d messages refused while storage failed are delivered again", len(self._outage_acks) + len(withheld))
             self._outage_acks = {}
             self.transport.redeliver()
 

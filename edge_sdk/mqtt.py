@@ -370,6 +370,7 @@ class MqttTransport:
         self._take_held = self._deliver_held if manual_ack else None
         self.redeliveries = 0
         """Connections closed by :meth:`redeliver` (held PUBACKs withheld, so that the broker sends again)."""
+        self._redelivering = False  # the connection's end is redeliver()'s: not a broker problem (see _handle_disconnect)
         self._lock = threading.RLock()  # own_loop: every paho call (paho's own thread is not there)
         self._wake: Callable[[], None] = _nothing
         self._started = False
@@ -832,7 +833,13 @@ class MqttTransport:
             self._on_connection(True)
 
     def _handle_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        if self._connected.is_set() and not self._stopping:  # an outage, or another client took our id
+        on_purpose, self._redelivering = self._redelivering, False
+        if on_purpose and self._connected.is_set() and not self._stopping:
+            # Our own close (redeliver): no sign of an outage or of another client with our id, so
+            # neither a short drop nor a longer backoff; the owner paces its redeliveries.
+            self._lost_at = time.monotonic()
+            self._reconnect_delay = RECONNECT_MIN_S
+        elif self._connected.is_set() and not self._stopping:  # an outage, or another client took our id
             self._lost_at = now = time.monotonic()
             lasted = now - (self._connected_at if self._connected_at is not None else now)
             if lasted >= STABLE_S:
@@ -923,8 +930,9 @@ class MqttTransport:
 
     def redeliver(self) -> None:
         """Close the connection without the PUBACKs :meth:`hold_ack` holds (messages whose
-        handling was dropped: the broker sends them again once we reconnect, with the usual
-        backoff). What is queued before the close, the PUBACKs :meth:`ack` released included, is written
+        handling was dropped: the broker sends them again once we reconnect, after
+        ``RECONNECT_MIN_S``; the owner paces its redeliveries, the backoff does not grow). What
+        is queued before the close, the PUBACKs :meth:`ack` released included, is written
         first (waiting up to ``REDELIVER_FLUSH_S`` for the socket): cut off, their messages
         came back as duplicates."""
         with self._lock:
@@ -934,11 +942,12 @@ class MqttTransport:
                 return
             self.redeliveries += 1
             log.warning("broker %s: closing the connection so that the broker delivers the messages whose handling was "
-                        "dropped again (reconnecting with backoff)", self.address.url)
+                        "dropped again (reconnecting in %g s)", self.address.url, RECONNECT_MIN_S)
             deadline = time.monotonic() + REDELIVER_FLUSH_S
             self._write_queued(sock, deadline)
             if self._client.socket() is None:
                 return  # the write found the connection lost: paho's bookkeeping ran, it reconnects
+            self._redelivering = True
             if isinstance(sock, _Corked):
                 sock = sock.sock
             _wait_sent(sock, deadline)

@@ -1,13 +1,16 @@
 """``MqttTransport.redeliver()`` (manual_ack): the PUBACKs released before it reach the broker
-before the connection closes, on every path (the fast path; paho's, plain and TLS). Over a real mosquitto
+before the connection closes, on every path (the fast path; paho's, plain and TLS), and the close
+is our own: not taken for an outage or for another client with our id. Over a real mosquitto
 (plain, and the production TLS config of ``tests/secure_broker.py``) that the tests pause
 (SIGSTOP) so that what the transport writes backs up in its queue, as under a burst of models.
 """
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,3 +146,30 @@ def test_pubacks_released_before_a_redeliver_are_written_before_the_close(net: N
         holder.stop()
         sender.stop()
     assert again == [], f"{len(again)} acknowledged messages delivered again: {again}"
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "paho-path"])
+def test_redeliveries_in_a_row_are_not_taken_for_another_client_or_an_outage(
+        mosquitto: MosquittoProcess, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, fast: bool) -> None:
+    """Three redeliver() in a row, each within a second of the reconnect: each reconnect comes
+    after RECONNECT_MIN_S, and no ERROR says another client takes our session. Before, they
+    counted as the broker closing short-lived connections: the backoff doubled (1, 2, 4 s) and the
+    third one logged that another client with our id was taking the session over."""
+    if not fast:
+        monkeypatch.setattr(mqtt, "PAHO_FAST_PATHS", False)
+    net = Net(mosquitto.url, "again", mosquitto, None, None)
+    holder = Holder(net)
+    gaps: list[float] = []
+    try:
+        with caplog.at_level(logging.WARNING, logger="edgeci.mqtt"):
+            for n in range(1, 4):
+                t0 = time.monotonic()
+                holder.on_loop(holder.transport.redeliver)
+                wait_until(lambda n=n: holder.connections == n + 1, 15, "the reconnect")
+                gaps.append(time.monotonic() - t0)
+            redeliveries = holder.transport.redeliveries
+    finally:
+        holder.stop()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert redeliveries == 3 and errors == [], (redeliveries, errors)
+    assert max(gaps) < mqtt.RECONNECT_MIN_S + 0.9, gaps
