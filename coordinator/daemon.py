@@ -21,7 +21,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -403,6 +402,10 @@ class CoordinatorDaemon:
         """PUBACKs of such batches (actor thread), redelivered by the recovery."""
         self._after_batch: list[Callable[[], None]] = []
         """Called once the batch's PUBACKs are sent (actor thread; see _settle)."""
+        self._loads = 0
+        """Versions read for an operator's rollback or pin whose :class:`VersionLoaded` event is still queued (actor thread)."""
+        self._after_loads: list[HeldAck] = []
+        """PUBACKs held until no such read is pending (see _end_batch)."""
         self._announced = False
         """start() announced the status and recall; a later connection is a reconnect."""
         self._core_started = False
@@ -783,6 +786,14 @@ class CoordinatorDaemon:
             acks, self._acks = self._acks, []
             redeliver, self._redeliver = self._redeliver, False
             withhold, self._withhold = self._withhold, False
+            if self._loads and not (redeliver or withhold):
+                # An operator's rollback or pin commits its version in a later event (the VersionLoaded
+                # that the read queued): its PUBACK, and those after it (in order), wait for that
+                # event's batch. Sent here, a crash before the commit lost the command.
+                self._after_loads += acks
+                acks = []
+            else:
+                acks, self._after_loads = self._after_loads + acks, []
             if redeliver and acks:
                 self.transport.redeliver()
             elif withhold and acks:  # (those of an earlier connection are void: their messages came back)
@@ -1062,7 +1073,13 @@ class CoordinatorDaemon:
                 weights, detail = self.registry.read_version(action.version)[0], ""
             except RegistryError as exc:
                 weights, detail = None, str(exc)
-            self.actor.submit(partial(self._version_loaded, action, weights, detail))
+            self._loads += 1
+
+            def loaded(now: float) -> VersionLoaded:
+                self._loads -= 1  # (the batch that handles it sends the PUBACKs held for it)
+                return self._version_loaded(action, weights, detail, now)
+
+            self.actor.submit(loaded)
         elif isinstance(action, Notify):
             if action.kind == "status":
                 self._status_due = True  # built once, at the end of the batch

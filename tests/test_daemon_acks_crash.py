@@ -104,15 +104,7 @@ def test_a_report_whose_coordinator_is_killed_before_its_record_reaches_the_next
     assert recorded == {"dev0": [10, 0, 0, 0]}
 
 
-COMMAND_ACKED_BEFORE_ITS_COMMIT = (
-    "the daemon acknowledges the control message at the end of its batch, which only asked for the version "
-    "(LoadVersion); the command's version is committed in a later batch (VersionLoaded): killed in between, the "
-    "broker has its PUBACK and the command is lost (the CLI says 'stopped before confirming'). helper-132, "
-    "coordinator/daemon.py left to its owner")
-
-
-@pytest.mark.parametrize("hold", [pytest.param("commit", marks=pytest.mark.xfail(strict=True, reason=COMMAND_ACKED_BEFORE_ITS_COMMIT)),
-                                  "release"])
+@pytest.mark.parametrize("hold", ["commit", "release"])
 def test_an_operator_command_whose_coordinator_is_killed_before_it_is_durable_runs_once_at_the_next_start(
         secure_broker: SecureBroker, tmp_path: Path, hold: str) -> None:
     """``edgeci pin 0`` with an operator's bundle; the coordinator process is killed while it

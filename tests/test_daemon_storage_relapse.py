@@ -23,16 +23,8 @@ from edge_sdk import mqtt
 from edge_sdk.modelio import save_model
 from edge_sdk.tasks import get_task
 from edge_sdk.wire.messages import Ack
+from tests.daemon_rig import Device, Net, Rig, recorded_reports, report, update
 from tests.helpers import wait_until
-from tests.test_daemon_acks import (
-    Device,
-    Net,
-    make_daemon,
-    open_canary_round,
-    recorded_reports,
-    report,
-)
-from tests.test_daemon_acks_poison import update
 
 pytestmark = [pytest.mark.broker]
 
@@ -61,9 +53,8 @@ def test_a_write_that_fails_where_the_probe_works_backs_off_and_keeps_the_daemon
     another client with its id was taking the session over."""
     monkeypatch.setattr(daemon_mod, "STORAGE_BACKOFF_MAX_S", 3.0, raising=False)
     monkeypatch.setattr(mqtt, "RECONNECT_MIN_S", 0.25)  # (the scenario's times scaled down: see the docstring)
-    task = get_task("digits")
-    daemon = make_daemon(net, tmp_path, task, init=True, storage_probe_s=0.3).start()
-    devices: list[Device] = []
+    rig = Rig(net, tmp_path)
+    daemon = rig.make_daemon(init=True, storage_probe_s=0.3).start()
     record = daemon.registry.record_canary_round
     fails: list[float] = []
     healthy = threading.Event()
@@ -85,10 +76,10 @@ def test_a_write_that_fails_where_the_probe_works_backs_off_and_keeps_the_daemon
     samples: list[bool] = []
     failing: list[str] = []
     try:
-        with caplog.at_level(logging.WARNING):
-            devices, ask = open_canary_round(net, daemon, task)
+        with rig, caplog.at_level(logging.WARNING):
+            ask = rig.open_canary_round()
             daemon.registry.record_canary_round = record_or_fail  # type: ignore[method-assign,assignment]
-            devices[0].send("update", report(ask))
+            rig.devices[0].send("update", report(ask))
             wait_until(lambda: bool(fails), 15, "the failed record")
             start = down_since = time.monotonic()
             while (now := time.monotonic()) - start < 14.0:
@@ -109,9 +100,6 @@ def test_a_write_that_fails_where_the_probe_works_backs_off_and_keeps_the_daemon
             counters = {k: v for k, v in daemon.core.counters.items() if k.startswith("canary") and v}
     finally:
         healthy.set()
-        daemon.stop()
-        for d in devices:
-            d.transport.stop()
     connected = sum(samples) / len(samples)
     print(f"connected {connected:.0%} of the time; longest offline stretch {max(offline):.1f} s; {len(fails)} failed records")
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and "taking over this session" in r.getMessage()]
@@ -154,7 +142,7 @@ def test_an_outage_whose_state_cannot_be_reloaded_withholds_messages_instead_of_
         daemon.start()
         registry.append_updates, registry.load, registry.probe = failing(append), failing(load), failing(probe)  # type: ignore[method-assign]
         devices = [Device(net, "dev1")]
-        devices[0].send("update", update(task, "dev1", 1))
+        devices[0].send("update", update(task, "dev1", 1, seed=1, nonce=1))
         wait_until(lambda: daemon.storage_failures == 1 and daemon.transport.redeliveries == 1, 15, "the failed append")
         time.sleep(6.0)  # the update comes back after the reconnect, and finds the core waiting to be rebuilt
         in_outage = daemon.transport.redeliveries
