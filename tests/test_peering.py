@@ -926,7 +926,8 @@ def test_nebula_restart_keeps_versions_and_the_rotation_clock() -> None:
 def test_hierfavg_edges_wait_for_the_cloud_average() -> None:
     ring = ["cloud", "e1"]
     strategies = {n: HierEdgeStrategy(FedAvgConfig(select=5, min_devices=1)) for n in ring}
-    peers = {n: HierPeering(n, ring, HierPeerConfig(kappa2=1, sync_timeout_s=30.0), strategy=strategies[n]) for n in ring}
+    cfg = HierPeerConfig(kappa2=1, sync_timeout_s=30.0, max_share=1.0)  # plain sample weights (e1 has 3/4)
+    peers = {n: HierPeering(n, ring, cfg, strategy=strategies[n]) for n in ring}
     v_cloud, v_e1 = View(weights=vec(1.0)), View(weights=vec(3.0))
     strategies["cloud"].gate.samples, strategies["e1"].gate.samples = 10, 30
     assert peers["cloud"].on_version(v_cloud, 1.0).merged is None  # waits for e1

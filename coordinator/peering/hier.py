@@ -9,7 +9,8 @@ After every ``kappa2`` edge rounds the edge sends its model and the number of sa
 behind it to the **cloud** (one coordinator of the ring, ``cloud``), and *stops starting
 rounds* until the cloud answers — that is what makes the hierarchy synchronous. The cloud
 waits for the models of every edge for that cloud round (or ``sync_timeout_s``),
-averages them weighted by samples, and broadcasts the result, which every edge (the
+averages them weighted by samples (no edge's share above ``max_share``: the samples are
+each edge's own claim), and broadcasts the result, which every edge (the
 cloud's own included) commits as its next version before resuming its rounds. An edge
 that hears nothing for ``sync_timeout_s`` resumes on its own model.
 """
@@ -30,14 +31,39 @@ from edge_sdk.errors import ConfigError, MalformedMessage, other_protocol
 from edge_sdk.spec import Vector
 from edge_sdk.wire.messages import PeerMsg
 
-__all__ = ["HierPeerConfig", "HierPeering", "weighted_mean"]
+__all__ = ["HierPeerConfig", "HierPeering", "capped_shares", "weighted_mean"]
 
 
-def weighted_mean(models: Sequence[Vector], samples: Sequence[int]) -> Vector:
-    """Σ n_e W_e / Σ n_e (equal weights when no edge reports samples)."""
+def capped_shares(samples: Sequence[float], max_share: float) -> np.ndarray:
+    """Each edge's share of the average, n_e / Σ n, with no share above ``max_share``: the excess
+    of a capped edge goes to the others in proportion to their samples (water-filling), so the
+    order among them is kept. Equal shares when no edge reports samples, or when ``max_share``
+    is below 1 / edges (no share can then meet it)."""
+    w = np.asarray(samples, dtype=np.float64)
+    n = len(w)
+    if w.sum() <= 0 or max_share * n < 1.0:
+        return np.full(n, 1.0 / n)
+    capped = np.zeros(n, dtype=bool)
+    while True:
+        free = ~capped
+        left = 1.0 - max_share * int(capped.sum())
+        total = float(w[free].sum())
+        shares = np.where(capped, max_share, 0.0)
+        shares[free] = left * w[free] / total if total > 0 else left / int(free.sum())
+        over = free & (shares > max_share)
+        if not over.any():
+            return shares
+        capped |= over
+
+
+def weighted_mean(models: Sequence[Vector], samples: Sequence[int], max_share: float = 1.0) -> Vector:
+    """Σ n_e W_e / Σ n_e (equal weights when no edge reports samples), no edge's share above
+    ``max_share`` (:func:`capped_shares`)."""
     w = np.asarray(samples, dtype=np.float64)
     if w.sum() <= 0:
         w = np.ones_like(w)
+    if float(w.max()) / float(w.sum()) > max_share:  # (below it: the sums as before, to the bit)
+        w = capped_shares(samples, max_share)
     acc = np.zeros(np.asarray(models[0]).shape, dtype=np.float64)
     for m, we in zip(models, w, strict=True):
         acc += float(we) * np.asarray(m, dtype=np.float64)
@@ -52,10 +78,17 @@ class HierPeerConfig:
     kappa2: int = 2
     """Edge rounds per cloud round."""
     sync_timeout_s: float = 60.0
+    max_share: float = 0.5
+    """The largest share of the cloud's average any one edge gets, whatever samples it claims: an
+    edge's ``samples`` is its own word (one claiming 10**12 made the average its model), so no
+    edge outweighs all the others together (two edges: equal weights once one has more than half
+    the samples). 1: plain sample weights."""
 
     def __post_init__(self) -> None:
         if self.kappa2 < 1 or not self.sync_timeout_s > 0:
             raise ConfigError("hierfavg: need kappa2 >= 1 and sync_timeout_s > 0")
+        if not 0 < self.max_share <= 1:
+            raise ConfigError("hierfavg: max_share must be in (0, 1]")
 
 
 class HierPeering(Peering):
@@ -84,6 +117,8 @@ class HierPeering(Peering):
         self.timeouts = 0
         self.ignored = 0
         """Late answers: a global model or edge model for a cloud round already given up on."""
+        self.capped = 0
+        """Cloud rounds whose average capped an edge's share at ``max_share`` (its samples claim)."""
 
     def on_version(self, view: CoordinatorView, now: float) -> PeerPlan:
         self.edge_rounds += 1
@@ -130,7 +165,10 @@ class HierPeering(Peering):
 
     def _close_cloud_round(self) -> PeerPlan:
         edges = sorted(self.collected)
-        merged = weighted_mean([self.collected[e][1] for e in edges], [self.collected[e][0] for e in edges])
+        samples = [self.collected[e][0] for e in edges]
+        if sum(samples) > 0 and max(samples) / sum(samples) > self.config.max_share:
+            self.capped += 1
+        merged = weighted_mean([self.collected[e][1] for e in edges], samples, self.config.max_share)
         self.collected = {}
         self.cloud_syncs += 1
         send = PeerSend(kind="global", body={"round": self.cloud_round}, weights=merged)
@@ -173,4 +211,5 @@ class HierPeering(Peering):
                 "cloud_round": self.cloud_round, "waiting": self.gate.waiting, "cloud_syncs": self.cloud_syncs,
                 "timeouts": self.timeouts,
                 # only once it happens: the status (and the emulator's message sizes) stay as they were
-                **({"ignored": self.ignored} if self.ignored else {})}
+                **({"ignored": self.ignored} if self.ignored else {}),
+                **({"capped": self.capped} if self.capped else {})}
