@@ -273,23 +273,24 @@ def test_a_holder_passes_the_token_when_a_live_peer_never_answers_its_sync() -> 
 def test_spyker_memory_is_bounded_under_a_flood_of_sync_ids() -> None:
     """A peer sending models for ever new sync ids leaves at most _KEEP_SIDS of them remembered per
     peer (merged) and answered (did_broadcast, then a watermark); a model for a sync older than all
-    kept ones is ignored and counted, not merged again."""
+    kept ones is ignored and counted, not merged again. (Each a sync id rule 6 lets a peer start
+    with no other holder in between: a regeneration of its own, token_timeout_s after the last.)"""
     from coordinator.peering.spyker import _KEEP_SIDS
 
     b = SpykerPeering("b", ["a", "b"], CFG, strategy=SpykerStrategy())
     view = View(weights=vec(0.0))
     b.on_timer(view, 0.0)
     n = 4 * _KEEP_SIDS
-    for hop in range(n):
-        sid = [0, 0.0, "a", hop]
-        body = {"at": float(hop), "age": 1.0, "clients": 1, "pos": sid, "hold": True, "sid": sid}
-        plan = b.on_message(view, msg_from("a", "model", body, vec(1.0)), float(hop))
+    for epoch in range(n):
+        sid, at = [epoch, 0.0, "a", 0], epoch * CFG.token_timeout_s
+        body = {"at": at, "age": 1.0, "clients": 1, "pos": sid, "hold": True, "sid": sid}
+        plan = b.on_message(view, msg_from("a", "model", body, vec(1.0)), at)
         assert plan.merged is not None and [s.kind for s in plan.sends] == ["model"]  # answered once, merged
     assert len(b.merged["a"]) == _KEEP_SIDS and len(b.did_broadcast) == _KEEP_SIDS
-    assert b.answered == (0, 0.0, "a", n - _KEEP_SIDS - 1)
+    assert b.answered == (n - _KEEP_SIDS - 1, 0.0, "a", 0)
     old = [0, 0.0, "a", 0]
-    plan = b.on_message(view, msg_from("a", "model", {"at": 1e3, "age": 1.0, "clients": 1, "pos": old, "hold": True,
-                                                     "sid": old}, vec(5.0)), 1e3)
+    plan = b.on_message(view, msg_from("a", "model", {"at": 1e4, "age": 1.0, "clients": 1, "pos": old, "hold": True,
+                                                     "sid": old}, vec(5.0)), 1e4)
     assert plan.merged is None and plan.sends == () and b.counters.models_ignored == 1
     assert b.counters.merges == n
     state = json.loads(json.dumps(b.checkpoint()))

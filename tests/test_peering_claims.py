@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 
 from coordinator.peering.hier import HierPeerConfig, HierPeering, capped_shares, weighted_mean
+from coordinator.peering.spyker import SpykerPeerConfig, SpykerPeering, merge_weight
 from coordinator.strategies.fedavg import FedAvgConfig
 from coordinator.strategies.hierfavg import HierEdgeStrategy
+from coordinator.strategies.spyker import SpykerStrategy
 from edge_sdk.errors import ConfigError
 from edge_sdk.wire.codec import decode, encode
 from edge_sdk.wire.messages import PeerMsg
-from tests.peering_harness import SPEC, View
+from tests.peering_harness import SPEC, View, settle, spyker_ring
 
 
 def vec(value: float) -> np.ndarray:
@@ -91,3 +93,86 @@ def test_max_share_is_checked() -> None:
     for bad in (0.0, -0.1, 1.5, float("nan")):
         with pytest.raises(ConfigError, match="max_share"):
             HierPeerConfig(max_share=bad)
+
+
+# --------------------------------------------------------------------------- Spyker: sync ids
+
+SPY = SpykerPeerConfig(h_inter=1e9, h_intra=10.0, beacon_s=1.0, token_timeout_s=4.0, stagger_s=1.0, sync_timeout_s=3.0)
+"""Only the intra-server trigger (the receiver starts no sync of its own in these tests)."""
+
+
+def spyker_body(sid: list[object], at: float, *, hold: bool = True, pos: list[object] | None = None) -> dict[str, object]:
+    return {"at": at, "age": 1.0, "clients": 1, "pos": sid if pos is None else pos, "hold": hold, "sid": sid}
+
+
+def test_a_peer_inventing_sync_ids_gets_one_merge_per_pass_of_the_token_not_one_per_message() -> None:
+    """helper-121's open attack: a ring peer stepped the hop by one per model, each 'the start of its
+    sync' (hold, pos = sid), and every one was merged (share η_a w ≥ 0.3 each) and committed: 50
+    messages made b's model the attacker's. Rule 6: a coordinator holds the next position only once
+    the token moved on through another one (or it regenerated, token_timeout_s later)."""
+    b = SpykerPeering("b", ["a", "b", "c"], SPY, strategy=SpykerStrategy())
+    view = View(weights=vec(0.0))
+    b.on_timer(view, 0.0)
+    merges = 0
+    for hop in range(50):
+        sid = [0, 0.0, "a", hop]
+        plan = b.on_message(view, msg_from("a", "model", spyker_body(sid, 1.0 + 0.01 * hop), vec(100.0)), 1.0 + 0.01 * hop)
+        if plan.merged is not None:
+            merges += 1
+            view.weights, view.version = np.asarray(plan.merged), view.version + 1
+        else:
+            assert plan.counted and plan.sends == ()  # ignored, counted (the status shows it), nothing sent
+    assert merges == 1 and b.counters.merges == 1  # the old code: 50, and b's model 100.0 to float32
+    assert b.counters.models_unexplained == 49 and b.describe()["models_unexplained"] == 49
+    np.testing.assert_allclose(view.weights, 100.0 * 0.6 * merge_weight(0.0, 1.0, 1.5), rtol=1e-6)  # one merge
+    assert b.known == (0, 0.0, "a", 0)  # an ignored model taught nothing (its position was not learnt)
+    # c holds the next position (its beat): the token moved on, a may hold a later one again
+    b.on_message(view, msg_from("c", "beat", {"at": 2.0, "age": 1.0, "clients": 1, "pos": [0, 0.0, "a", 1], "hold": True}), 2.0)
+    plan = b.on_message(view, msg_from("a", "model", spyker_body([0, 0.0, "a", 2], 3.0), vec(100.0)), 3.0)
+    assert plan.merged is not None
+    # c's sync at its position: an answer to it from a is explained too (c was seen holding it)
+    plan = b.on_message(view, msg_from("a", "model", spyker_body([0, 0.0, "a", 1], 3.5, hold=False, pos=[0, 0.0, "a", 2]),
+                                       vec(100.0)), 3.5)
+    assert plan.merged is not None and b.counters.models_unexplained == 49
+
+
+def test_an_answer_to_a_sync_no_holder_explains_is_ignored_and_a_regeneration_is_taken() -> None:
+    b = SpykerPeering("b", ["a", "b", "c"], SPY, strategy=SpykerStrategy())
+    view = View(weights=vec(0.0))
+    b.on_timer(view, 0.0)
+    # "an answer" (no hold) to a sync at a position nobody was seen holding: ignored
+    plan = b.on_message(view, msg_from("a", "model", spyker_body([0, 0.0, "c", 7], 1.0, hold=False), vec(9.0)), 1.0)
+    assert plan.merged is None and plan.counted and b.counters.models_unexplained == 1 and b.known is None
+    assert b.on_message(view, msg_from("a", "model", spyker_body([0, 0.0, "a", 0], 2.0), vec(9.0)), 2.0).merged is not None
+    # a second start by a with nothing in between: only as a regeneration (its own token, hop 0,
+    # a higher epoch) and only token_timeout_s after its last hold
+    early = spyker_body([1, 2.5, "a", 0], 2.5)
+    assert b.on_message(view, msg_from("a", "model", early, vec(9.0)), 2.5).merged is None
+    not_a_regeneration = spyker_body([1, 7.0, "c", 0], 7.0)  # c's token, "started" by a
+    assert b.on_message(view, msg_from("a", "model", not_a_regeneration, vec(9.0)), 7.0).merged is None
+    assert b.counters.models_unexplained == 3
+    late = spyker_body([1, 6.5, "a", 0], 6.5)
+    assert b.on_message(view, msg_from("a", "model", late, vec(9.0)), 6.5).merged is not None
+    # a beat claiming a hold the token cannot explain is not a holder either (and is counted)
+    beat = {"at": 7.5, "age": 1.0, "clients": 1, "pos": [1, 6.5, "a", 1], "hold": True}
+    assert b.on_message(view, msg_from("a", "beat", beat), 7.5).counted and b.counters.holds_ignored == 1
+    plan = b.on_message(view, msg_from("a", "model", spyker_body([1, 6.5, "a", 1], 8.0), vec(9.0)), 8.0)
+    assert plan.merged is None and b.counters.models_unexplained == 4
+
+
+def test_an_honest_ring_leaves_no_model_unexplained() -> None:
+    """Rule 6 costs an honest ring nothing: every sync of a busy ring is merged everywhere."""
+    names = ["a", "b", "c", "d"]
+    ring = spyker_ring(names)
+    settle(ring, 5)
+    rng = random.Random(1)
+    for _ in range(60):
+        ring.local_updates(rng.choice(names), rng.randint(1, 12))
+        settle(ring, rng.choice([0.25, 1.0, 3.0]))
+    peers = [node.peering for node in ring.nodes.values()]
+    assert all(isinstance(p, SpykerPeering) for p in peers)
+    spykers = [p for p in peers if isinstance(p, SpykerPeering)]
+    assert sum(p.counters.syncs_started for p in spykers) >= 20
+    assert [(p.counters.models_unexplained, p.counters.holds_ignored) for p in spykers] == [(0, 0)] * 4
+    broadcasts = [sorted(sid for _, sid in node.broadcasts) for node in ring.nodes.values()]
+    assert all(b == broadcasts[0] for b in broadcasts)  # every sync id answered by every coordinator

@@ -65,6 +65,15 @@ lexicographically. ``(epoch, created_at, origin)`` names one token for its whole
    ``ring[0]`` being the first in line); if that races an existing token, rule 3 keeps
    the larger one.
 
+6. *Sync ids.* A model is merged only for a sync id that a holder explains: the start of a
+   sync by the holder of that position (its model says it holds the sync id), or an answer to a
+   sync this coordinator took part in, or whose holder it saw (``holds``). A coordinator is taken
+   as holding a position above the last one it was seen holding only once the token has moved
+   on: another coordinator was seen holding a later position (this one too, once it passed it
+   on), or it regenerated (its own token, hop 0, a higher epoch, ``token_timeout_s`` later). So
+   a peer starts syncs as the token reaches it, as an honest one does, and a model for a sync id
+   it made up is ignored and counted (``models_unexplained``).
+
 Safety: positions are totally ordered, and a token is only accepted when it is not below
 everything its receiver knows, so two holders of the *same* position cannot coexist
 (only a crash that loses the first one can repeat an acceptance). Two *different* tokens
@@ -247,6 +256,10 @@ class _Counters:
     beats_ignored: int = 0
     ages_ignored: int = 0
     """Relayed age reports stamped too far in the future (:data:`MAX_CLOCK_AHEAD_S`)."""
+    models_unexplained: int = 0
+    """Models for a sync id no holder explains (rule 6): ignored, not merged."""
+    holds_ignored: int = 0
+    """Beats claiming a hold that no token pass or regeneration explains (rule 6): not taken as a holder."""
     positions_forgotten: int = 0
     """Checkpointed token positions out of range, dropped at the restore (:meth:`SpykerPeering._restored_pos`)."""
 
@@ -293,6 +306,10 @@ class SpykerPeering(Peering):
         that many are kept, is ignored, not merged again. (Models of different syncs may
         arrive out of order: a set, not a watermark.)"""
         self.got_models: set[str] = set()
+        self.holds: dict[str, tuple[TokenPos, float]] = {}
+        """Per coordinator, the largest position it was seen holding, and our clock then: from its
+        beats and the syncs it started, each taken only when plausible (:meth:`_plausible_hold`);
+        ours, the positions we passed on. A model's sync id must be one of them (rule 6)."""
         self.next_beat_at = -math.inf
         self.last_beat_sent_at = -math.inf
         self.last_age_push = -math.inf
@@ -421,8 +438,11 @@ class SpykerPeering(Peering):
         check_sender("spyker", self.me, self.ring, msg.sender)  # (another ring on the same broker: helper-96 read it as "malformed")
         if msg.kind not in ("token", "beat", "model"):  # before anything is heard from it
             raise other_protocol("spyker", msg.sender, msg.kind)
-        self._check_fields(msg)
+        self._check_fields(msg, now)
         body = msg.body
+        if msg.kind == "model" and not self._explained(msg.sender, body, _pos(body.get("sid")), now):
+            self.counters.models_unexplained += 1  # rule 6 (before anything is heard: it changes nothing)
+            return PeerPlan(counted=True)
         if msg.kind == "beat":
             # helper-115: a dead peer's captured beats, replayed, kept it alive here (the token was
             # passed to it and lost, again and again) and a dead holder's kept its token's evidence
@@ -444,12 +464,14 @@ class SpykerPeering(Peering):
         if raw is not None:
             self._learn(_pos(raw))
         if msg.kind == "beat":
-            return PeerPlan(sends=tuple(self._on_beat(view, msg.sender, body, now)))
+            holds_ignored = self.counters.holds_ignored
+            sends = tuple(self._on_beat(view, msg.sender, body, now))
+            return PeerPlan(sends=sends, counted=self.counters.holds_ignored != holds_ignored)
         if msg.kind == "model":
             return self._on_model(view, msg, now)
         raise MalformedMessage(f"spyker: unknown peer message kind {msg.kind!r}")
 
-    def _check_fields(self, msg: PeerMsg) -> None:
+    def _check_fields(self, msg: PeerMsg, now: float) -> None:
         """Read every field that handling ``msg`` reads, before anything is heard from it: a message
         refused for one changes nothing. helper-115: a model without weights, or with a bad sync id,
         a beat without ``hold``, or a token with one bad ``ages`` entry were refused only after the
@@ -481,6 +503,48 @@ class SpykerPeering(Peering):
         if pos[0] > known_epoch + MAX_EPOCH_JUMP:
             raise MalformedMessage(f"peer body: {what} epoch {pos[0]} jumps more than 2**22 above the known {known_epoch}")
 
+    def _explained(self, sender: str, body: Mapping[str, Any], sid: TokenPos, now: float) -> bool:
+        """Rule 6: does a holder explain a model's sync id? A sync is started by the holder of a
+        position, at that position: a model is either that start (``hold`` and ``pos`` = sid) or an
+        answer to a sync this coordinator took part in or whose holder it saw. helper-121: each model
+        for an invented sync id (hop + 1 per message) was merged and committed, 3,000 in 14 s.
+        Ignored and counted, not refused: an honest model can be unexplained too, after a restart
+        (an answer to a sync started since the last commit) or with the holders' beats lost."""
+        done = self.merged.get(sender, set())
+        if sid in self.did_broadcast or sid == self.answered or sid in done or (len(done) >= _KEEP_SIDS and sid < min(done)):
+            # a sync we took part in (the last one before a restart: answers to it may come after),
+            # or a replay that _on_model ignores and counts. (Not every sync id up to ``answered``:
+            # positions have no gaps, a peer could invent any number of them below it.)
+            return True
+        raw = body.get("pos")
+        if body.get("hold") is True and raw is not None and _pos(raw) == sid:  # the holder's start
+            prev = self.holds.get(sender)
+            return prev is None or prev[0] == sid or (sid > prev[0] and self._plausible_hold(sender, sid, now))
+        return any(pos == sid for pos, _ in self.holds.values())  # an answer to the sync of a holder we know
+
+    def _plausible_hold(self, peer: str, pos: TokenPos, now: float) -> bool:
+        """Can ``peer`` hold ``pos``, above the last position it was seen holding? A holder passes the
+        token on to another coordinator (rule 1), so only after one was seen holding a later
+        position, or by regenerating (rule 5: a new token of its own, hop 0, at a higher epoch,
+        which takes ``token_timeout_s`` without evidence)."""
+        prev = self.holds.get(peer)
+        if prev is None:
+            return True
+        if any(c != peer and held > prev[0] for c, (held, _) in self.holds.items()):
+            return True
+        epoch, _, origin, hop = pos
+        return epoch > prev[0][0] and origin == peer and hop == 0 and now - prev[1] >= self.config.token_timeout_s
+
+    def _note_hold(self, peer: str, pos: TokenPos, now: float) -> None:
+        """``peer`` says it holds ``pos`` (a beat, or the start of a sync we took)."""
+        prev = self.holds.get(peer)
+        if prev is not None and pos <= prev[0]:
+            return  # the same hold (each beat repeats it), or an older one
+        if self._plausible_hold(peer, pos, now):
+            self.holds[peer] = (pos, now)
+        else:
+            self.counters.holds_ignored += 1
+
     def hints_for(self, device: str) -> Mapping[str, float]:
         return self.strategy.lr_hint(device) if self.strategy is not None else {}
 
@@ -502,9 +566,11 @@ class SpykerPeering(Peering):
 
     def _on_beat(self, view: CoordinatorView, sender: str, body: Mapping[str, Any], now: float) -> list[PeerSend]:
         raw = body.get("pos")
-        if body_bool(body, "hold") and raw is not None and self.known is not None and _pos(raw) >= self.known:
-            self.last_holder = sender
-            self.evidence_at = now
+        if body_bool(body, "hold") and raw is not None:
+            self._note_hold(sender, _pos(raw), now)
+            if self.known is not None and _pos(raw) >= self.known:
+                self.last_holder = sender
+                self.evidence_at = now
         return self._check_sync(view, now) if self.holding else []
 
     def _on_token(self, view: CoordinatorView, sender: str, body: Mapping[str, Any], now: float) -> list[PeerSend]:
@@ -540,6 +606,9 @@ class SpykerPeering(Peering):
         if sid in done or (len(done) >= _KEEP_SIDS and sid < min(done)):
             self.counters.models_ignored += 1  # merged already
             return PeerPlan(counted=True)
+        raw = body.get("pos")
+        if body.get("hold") is True and raw is not None and _pos(raw) == sid:
+            self._note_hold(msg.sender, sid, now)  # its start (_explained found it plausible)
         self._learn(sid)
         sends: list[PeerSend] = []
         if not self._was_answered(sid):
@@ -589,6 +658,8 @@ class SpykerPeering(Peering):
         self.last_sync_end = now
         assert self.known is not None
         successor = self._successor(self.me, now)
+        if successor is not None:  # the token moves on: another coordinator may hold it next (rule 6)
+            self.holds[self.me] = (self.known, now)
         epoch, created, origin, hop = self.known
         pos: TokenPos = (epoch, created, origin, hop + 1)
         if successor is None:  # alone: pass the token to ourselves (a fresh sync id)
@@ -696,6 +767,8 @@ class SpykerPeering(Peering):
             **({"models_ignored": c.models_ignored} if c.models_ignored else {}),
             **({"beats_ignored": c.beats_ignored} if c.beats_ignored else {}),
             **({"ages_ignored": c.ages_ignored} if c.ages_ignored else {}),
+            **({"models_unexplained": c.models_unexplained} if c.models_unexplained else {}),
+            **({"holds_ignored": c.holds_ignored} if c.holds_ignored else {}),
             **({"positions_forgotten": c.positions_forgotten} if c.positions_forgotten else {}),
         }
 
