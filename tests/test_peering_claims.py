@@ -11,12 +11,19 @@ import random
 import numpy as np
 import pytest
 
+from coordinator.peering import make_peering
 from coordinator.peering.hier import HierPeerConfig, HierPeering, capped_shares, weighted_mean
-from coordinator.peering.spyker import SpykerPeerConfig, SpykerPeering, merge_weight
+from coordinator.peering.spyker import (
+    MAX_ROUND_JUMP,
+    SpykerPeerConfig,
+    SpykerPeering,
+    SyncSpykerPeering,
+    merge_weight,
+)
 from coordinator.strategies.fedavg import FedAvgConfig
 from coordinator.strategies.hierfavg import HierEdgeStrategy
 from coordinator.strategies.spyker import SpykerStrategy
-from edge_sdk.errors import ConfigError
+from edge_sdk.errors import ConfigError, MalformedMessage
 from edge_sdk.wire.codec import decode, encode
 from edge_sdk.wire.messages import PeerMsg
 from tests.peering_harness import SPEC, View, settle, spyker_ring
@@ -176,3 +183,35 @@ def test_an_honest_ring_leaves_no_model_unexplained() -> None:
     assert [(p.counters.models_unexplained, p.counters.holds_ignored) for p in spykers] == [(0, 0)] * 4
     broadcasts = [sorted(sid for _, sid in node.broadcasts) for node in ring.nodes.values()]
     assert all(b == broadcasts[0] for b in broadcasts)  # every sync id answered by every coordinator
+
+
+# --------------------------------------------------------------------------- Sync-Spyker: rounds
+
+
+def sync_servers(ring: list[str]) -> dict[str, SyncSpykerPeering]:
+    out = {}
+    for name in ring:
+        p = make_peering("spyker", coordinator_id=name, ring=ring, strategy=SpykerStrategy(),
+                         params={"mode": "sync", "h_intra": 3.0, "sync_timeout_s": 2.0})
+        assert isinstance(p, SyncSpykerPeering)
+        out[name] = p
+    return out
+
+
+def test_a_sync_spyker_round_far_ahead_is_refused_so_the_ring_cannot_be_pushed_past_the_round_cap() -> None:
+    """One model for round 2**63 - 1 made b catch up (round 2**63 - 2) and join that round; its
+    next round, 2**63, is past what a peer reads (``body_int``): c refused it, and so every round
+    after it, for good. A round may exceed the next one by at most MAX_ROUND_JUMP."""
+    servers = sync_servers(["a", "b", "c"])
+    b, c = servers["b"], servers["c"]
+    view = View(weights=vec(0.0))
+    far = {"round": 2**63 - 1, "age": 1.0}
+    with pytest.raises(MalformedMessage, match="jumps more than"):
+        b.on_message(view, msg_from("a", "model", far, vec(9.0)), 1.0)
+    assert b.round == 0 and not b.syncing and b.models == {} and b.describe()["syncs"] == 0  # changed nothing
+    ahead = {"round": 1 + MAX_ROUND_JUMP, "age": 1.0}  # the bound itself: an honest catch-up
+    plan = b.on_message(view, msg_from("a", "model", ahead, vec(9.0)), 2.0)
+    assert b.round == MAX_ROUND_JUMP and b.syncing and [s.body["round"] for s in plan.sends] == [1 + MAX_ROUND_JUMP]
+    # what the old code did with `far`: b's round after closing it, and c reading b's next one
+    with pytest.raises(MalformedMessage, match="'round' must be an int"):
+        c.on_message(view, msg_from("b", "model", {"round": 2**63, "age": 1.0}, vec(1.0)), 3.0)

@@ -124,6 +124,12 @@ MAX_EPOCH_JUMP = 2**22
 by one per regeneration, each after ``token_timeout_s`` without evidence, so an honest ring never
 gets near it. helper-115: one message at epoch 2**62 - 1 left no honest coordinator able to
 regenerate a token (epoch + 1 is past the cap) for good; now that takes 2**40 messages."""
+MAX_ROUND_JUMP = 2**22
+"""Sync-Spyker: how far a peer's round may exceed the receiver's next one (it catches up to it). An
+honest ring closes one round per synchronisation, so a server would have to miss four million of
+them. helper-134: one model for round 2**63 - 1 was taken: the receiver caught up, the ring with it,
+and the next round, 2**63, was past what any peer reads (``body_int``): no synchronisation ever
+completed again, every server merging alone at each timeout. Now that takes 2**41 messages."""
 MAX_CLOCK_AHEAD_S = 60.0
 """How far ahead of the receiver's clock a token's relayed age report may be stamped (clock skew).
 helper-115: an entry stamped 1e300 was newer than anything its coordinator would ever say, so the
@@ -875,6 +881,8 @@ class SyncSpykerPeering(Peering):
             raise MalformedMessage("sync-spyker: a model message needs weights")
         round_ = body_int(msg.body, "round", lo=1)
         age = _age(msg.body)
+        if round_ > self.round + 1 + MAX_ROUND_JUMP:
+            raise MalformedMessage(f"sync-spyker: round {round_} jumps more than 2**22 above the next one ({self.round + 1})")
         if round_ <= self.round:
             self.ignored += 1  # a round we already closed (we timed out on it)
             return PeerPlan(counted=True)
