@@ -215,3 +215,33 @@ def test_a_sync_spyker_round_far_ahead_is_refused_so_the_ring_cannot_be_pushed_p
     # what the old code did with `far`: b's round after closing it, and c reading b's next one
     with pytest.raises(MalformedMessage, match="'round' must be an int"):
         c.on_message(view, msg_from("b", "model", {"round": 2**63, "age": 1.0}, vec(1.0)), 3.0)
+
+
+# --------------------------------------------------------------------------- Spyker: clients
+
+
+def test_a_peer_claiming_huge_client_counts_no_longer_switches_off_the_age_spread_trigger() -> None:
+    """The default h_inter is the ring's client count / 5n, each peer's count its own claim (up to
+    2**63 - 1): one claim of 2**62 made h_inter ~3e17, so no age spread ever started a sync (only
+    h_intra's 350 updates did). A peer's claim counts for at most all the others' together (ours
+    included): one coordinator's word is never the larger part of the ring's count."""
+    b = SpykerPeering("b", ["a", "b", "c"], SpykerPeerConfig(h_intra=1e9, beacon_s=1.0, token_timeout_s=4.0),
+                      strategy=SpykerStrategy())
+    view = View(weights=vec(0.0), devices_seen=tuple(f"d{i}" for i in range(30)))
+    b.on_timer(view, 0.0)
+    base = {"age": 0.0, "hold": False, "pos": None}
+    b.on_message(view, msg_from("c", "beat", {**base, "at": 1.0, "clients": 30}), 1.0)
+    b.on_message(view, msg_from("a", "beat", {**base, "at": 1.0, "clients": 30}), 1.0)
+    assert b.h_inter() == 90 / 15  # honest: (30 + 30 + 30) / (5 * 3)
+    b.on_message(view, msg_from("a", "beat", {**base, "at": 2.0, "clients": 2**62}), 2.0)
+    assert b.h_inter() == (30 + 30 + 60) / 15  # a's claim counts for 60, what b and c have together
+    assert b.describe()["clients_capped"] == ["a"]
+    # b takes a token and its age runs 100 ahead of the others: the age-spread trigger fires
+    token = {"at": 3.0, "age": 0.0, "clients": 2**62, "hold": False, "pos": [0, 0.0, "a", 1], "ages": {}}
+    b.on_message(view, msg_from("a", "token", token), 3.0)
+    b.ledger.record(1, 100.0)
+    view.version = 1
+    plan = b.on_version(view, 3.5)
+    assert [s.kind for s in plan.sends] == ["model"] and b.counters.syncs_started == 1  # the old code: none (h_inter 3e17)
+    b.on_message(view, msg_from("a", "beat", {**base, "at": 4.0, "clients": 45}), 4.0)
+    assert b.h_inter() == (30 + 30 + 45) / 15 and "clients_capped" not in b.describe()  # an honest larger region

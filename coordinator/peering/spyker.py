@@ -340,8 +340,25 @@ class SpykerPeering(Peering):
         cfg = self.config
         if cfg.h_inter is not None:
             return cfg.h_inter
-        total = cfg.n_clients if cfg.n_clients is not None else self.clients_here + sum(p.clients for p in self.info.values())
+        total = cfg.n_clients if cfg.n_clients is not None else self.clients_here + sum(self._clients_counted().values())
         return max(1.0, total / (5.0 * len(self.ring)))
+
+    def _clients_capped(self) -> list[str]:
+        """The peers whose client count the default h_inter caps (:meth:`_clients_counted`) now."""
+        if self.config.h_inter is not None or self.config.n_clients is not None:
+            return []
+        return sorted(p for p, n in self._clients_counted().items() if n < self.info[p].clients)
+
+    def _clients_counted(self) -> dict[str, int]:
+        """Each peer's client count as the default h_inter counts it: its claim, at most all the
+        others' together (ours included). A claim is the peer's own word (up to 2**63 - 1): one of
+        2**62 made h_inter ~3e17 and switched the age-spread trigger off. So no coordinator's word is
+        the larger part of the ring's count: a liar at most doubles it (pin ``n_clients`` or
+        ``h_inter`` to take the claims out of it), an honest region larger than all the others
+        together counts as large as they are."""
+        claims = {p: i.clients for p, i in self.info.items()}
+        everyone = self.clients_here + sum(claims.values())
+        return {p: min(c, everyone - c) for p, c in claims.items()}
 
     def _successor(self, of: str, now: float) -> str | None:
         """The first coordinator after ``of`` on the ring that we believe alive (not ``of``)."""
@@ -759,6 +776,7 @@ class SpykerPeering(Peering):
             "age": round(self.age, 3),
             "ages": {p: round(i.age, 3) for p, i in self.info.items()},
             "h_inter": self.h_inter(),
+            **({"clients_capped": capped} if (capped := self._clients_capped()) else {}),
             "h_intra": self.config.h_intra,
             "syncs_started": c.syncs_started,
             "syncs_joined": c.syncs_joined,
