@@ -14,6 +14,7 @@ import pytest
 from coordinator.peering import make_peering
 from coordinator.peering.hier import HierPeerConfig, HierPeering, capped_shares, weighted_mean
 from coordinator.peering.spyker import (
+    MAX_CLOCK_AHEAD_S,
     MAX_ROUND_JUMP,
     SpykerPeerConfig,
     SpykerPeering,
@@ -141,6 +142,13 @@ def test_a_peer_inventing_sync_ids_gets_one_merge_per_pass_of_the_token_not_one_
     plan = b.on_message(view, msg_from("a", "model", spyker_body([0, 0.0, "a", 1], 3.5, hold=False, pos=[0, 0.0, "a", 2]),
                                        vec(100.0)), 3.5)
     assert plan.merged is not None and b.counters.models_unexplained == 49
+    # a peer stamping its clock ahead (each claim token_timeout_s after the last) gets at most
+    # MAX_CLOCK_AHEAD_S / token_timeout_s of them in advance, then one per token_timeout_s
+    merges, now = b.counters.merges, 4.0
+    for k in range(1, 40):
+        sid = [0, 0.0, "a", 100 + k]
+        b.on_message(view, msg_from("a", "model", spyker_body(sid, now + k * SPY.token_timeout_s), vec(100.0)), now)
+    assert b.counters.merges - merges == MAX_CLOCK_AHEAD_S // SPY.token_timeout_s  # 15 of the 39
 
 
 def test_an_answer_to_a_sync_no_holder_explains_is_ignored_and_a_regeneration_is_taken() -> None:
@@ -151,12 +159,12 @@ def test_an_answer_to_a_sync_no_holder_explains_is_ignored_and_a_regeneration_is
     plan = b.on_message(view, msg_from("a", "model", spyker_body([0, 0.0, "c", 7], 1.0, hold=False), vec(9.0)), 1.0)
     assert plan.merged is None and plan.counted and b.counters.models_unexplained == 1 and b.known is None
     assert b.on_message(view, msg_from("a", "model", spyker_body([0, 0.0, "a", 0], 2.0), vec(9.0)), 2.0).merged is not None
-    # a second start by a with nothing in between: only as a regeneration (its own token, hop 0,
-    # a higher epoch) and only token_timeout_s after its last hold
+    # a second start by a with nothing in between: only once a heard no one for token_timeout_s
+    # (it regenerated, or passed the token to itself), by its clock, at most 60 s ahead of b's
     early = spyker_body([1, 2.5, "a", 0], 2.5)
     assert b.on_message(view, msg_from("a", "model", early, vec(9.0)), 2.5).merged is None
-    not_a_regeneration = spyker_body([1, 7.0, "c", 0], 7.0)  # c's token, "started" by a
-    assert b.on_message(view, msg_from("a", "model", not_a_regeneration, vec(9.0)), 7.0).merged is None
+    far_ahead = spyker_body([1, 3.0, "a", 0], 3.0 + MAX_CLOCK_AHEAD_S + 0.5)
+    assert b.on_message(view, msg_from("a", "model", far_ahead, vec(9.0)), 3.0).merged is None
     assert b.counters.models_unexplained == 3
     late = spyker_body([1, 6.5, "a", 0], 6.5)
     assert b.on_message(view, msg_from("a", "model", late, vec(9.0)), 6.5).merged is not None

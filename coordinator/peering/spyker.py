@@ -70,9 +70,12 @@ lexicographically. ``(epoch, created_at, origin)`` names one token for its whole
    sync this coordinator took part in, or whose holder it saw (``holds``). A coordinator is taken
    as holding a position above the last one it was seen holding only once the token has moved
    on: another coordinator was seen holding a later position (this one too, once it passed it
-   on), or it regenerated (its own token, hop 0, a higher epoch, ``token_timeout_s`` later). So
-   a peer starts syncs as the token reaches it, as an honest one does, and a model for a sync id
-   it made up is ignored and counted (``models_unexplained``).
+   on), or it heard none of them for ``token_timeout_s`` (it regenerated, or passed the token to
+   itself): its clock (``at``) moved on that much since its last hold, and is at most
+   ``MAX_CLOCK_AHEAD_S`` ahead of ours. So a peer starts syncs as the token reaches it, as an
+   honest one does (or one per ``token_timeout_s`` of its clock, after a burst of at most
+   ``MAX_CLOCK_AHEAD_S / token_timeout_s``), and a model for a sync id it made up is ignored and
+   counted (``models_unexplained``).
 
 Safety: positions are totally ordered, and a token is only accepted when it is not below
 everything its receiver knows, so two holders of the *same* position cannot coexist
@@ -313,7 +316,7 @@ class SpykerPeering(Peering):
         arrive out of order: a set, not a watermark.)"""
         self.got_models: set[str] = set()
         self.holds: dict[str, tuple[TokenPos, float]] = {}
-        """Per coordinator, the largest position it was seen holding, and our clock then: from its
+        """Per coordinator, the largest position it was seen holding, and its clock then: from its
         beats and the syncs it started, each taken only when plausible (:meth:`_plausible_hold`);
         ours, the positions we passed on. A model's sync id must be one of them (rule 6)."""
         self.next_beat_at = -math.inf
@@ -542,29 +545,31 @@ class SpykerPeering(Peering):
         raw = body.get("pos")
         if body.get("hold") is True and raw is not None and _pos(raw) == sid:  # the holder's start
             prev = self.holds.get(sender)
-            return prev is None or prev[0] == sid or (sid > prev[0] and self._plausible_hold(sender, sid, now))
+            at = body_float(body, "at")
+            return prev is None or prev[0] == sid or (sid > prev[0] and self._plausible_hold(sender, sid, at, now))
         return any(pos == sid for pos, _ in self.holds.values())  # an answer to the sync of a holder we know
 
-    def _plausible_hold(self, peer: str, pos: TokenPos, now: float) -> bool:
-        """Can ``peer`` hold ``pos``, above the last position it was seen holding? A holder passes the
-        token on to another coordinator (rule 1), so only after one was seen holding a later
-        position, or by regenerating (rule 5: a new token of its own, hop 0, at a higher epoch,
-        which takes ``token_timeout_s`` without evidence)."""
+    def _plausible_hold(self, peer: str, pos: TokenPos, at: float, now: float) -> bool:
+        """Can ``peer`` hold ``pos``, above the last position it was seen holding, saying so at ``at``
+        (its clock)? A holder passes the token on to another coordinator (rule 1), so only after one
+        was seen holding a later position, or once ``peer`` heard none of them for
+        ``token_timeout_s`` (it regenerated, rule 5, or passed the token to itself): its clock has
+        moved on that much since its last hold (and is not more than MAX_CLOCK_AHEAD_S ahead of
+        ours, so a peer cannot claim that time in advance beyond it)."""
         prev = self.holds.get(peer)
         if prev is None:
             return True
         if any(c != peer and held > prev[0] for c, (held, _) in self.holds.items()):
             return True
-        epoch, _, origin, hop = pos
-        return epoch > prev[0][0] and origin == peer and hop == 0 and now - prev[1] >= self.config.token_timeout_s
+        return prev[1] + self.config.token_timeout_s <= at <= now + MAX_CLOCK_AHEAD_S
 
-    def _note_hold(self, peer: str, pos: TokenPos, now: float) -> None:
-        """``peer`` says it holds ``pos`` (a beat, or the start of a sync we took)."""
+    def _note_hold(self, peer: str, pos: TokenPos, at: float, now: float) -> None:
+        """``peer`` says it holds ``pos`` at ``at``, its clock (a beat, or the start of a sync we took)."""
         prev = self.holds.get(peer)
         if prev is not None and pos <= prev[0]:
             return  # the same hold (each beat repeats it), or an older one
-        if self._plausible_hold(peer, pos, now):
-            self.holds[peer] = (pos, now)
+        if self._plausible_hold(peer, pos, at, now):
+            self.holds[peer] = (pos, min(at, now + MAX_CLOCK_AHEAD_S))
         else:
             self.counters.holds_ignored += 1
 
@@ -590,7 +595,7 @@ class SpykerPeering(Peering):
     def _on_beat(self, view: CoordinatorView, sender: str, body: Mapping[str, Any], now: float) -> list[PeerSend]:
         raw = body.get("pos")
         if body_bool(body, "hold") and raw is not None:
-            self._note_hold(sender, _pos(raw), now)
+            self._note_hold(sender, _pos(raw), body_float(body, "at"), now)
             if self.known is not None and _pos(raw) >= self.known:
                 self.last_holder = sender
                 self.evidence_at = now
@@ -631,7 +636,7 @@ class SpykerPeering(Peering):
             return PeerPlan(counted=True)
         raw = body.get("pos")
         if body.get("hold") is True and raw is not None and _pos(raw) == sid:
-            self._note_hold(msg.sender, sid, now)  # its start (_explained found it plausible)
+            self._note_hold(msg.sender, sid, body_float(body, "at"), now)  # its start (_explained found it plausible)
         self._learn(sid)
         sends: list[PeerSend] = []
         if not self._was_answered(sid):
