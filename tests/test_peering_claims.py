@@ -77,6 +77,16 @@ def test_an_edge_claiming_huge_samples_no_longer_makes_the_cloud_average_its_mod
     assert m2.tobytes() == weighted_mean([vec(models[e]) for e in sorted(models)], [honest[e] for e in sorted(models)]).tobytes()
 
 
+def test_a_cloud_round_closed_on_the_clouds_model_alone_is_not_counted_as_capped() -> None:
+    strategy = HierEdgeStrategy(FedAvgConfig(select=5, min_devices=1))
+    cloud = HierPeering("cloud", ["cloud", "e1"], HierPeerConfig(kappa2=1, sync_timeout_s=5.0), strategy=strategy)
+    strategy.gate.samples = 40
+    cloud.on_version(View(weights=vec(3.0)), 1.0)
+    plan = cloud.on_timer(View(weights=vec(3.0)), 6.0)  # e1 silent: the cloud's own model, unchanged
+    assert plan.merged is not None and plan.merged.tobytes() == vec(3.0).tobytes()
+    assert cloud.timeouts == 1 and cloud.capped == 0 and "capped" not in cloud.describe()
+
+
 def test_capped_shares_water_fill_and_keep_the_order() -> None:
     np.testing.assert_allclose(capped_shares([10, 30], 0.5), [0.5, 0.5])
     np.testing.assert_allclose(capped_shares([1, 1, 98], 0.5), [0.25, 0.25, 0.5])

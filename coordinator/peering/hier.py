@@ -166,8 +166,9 @@ class HierPeering(Peering):
     def _close_cloud_round(self) -> PeerPlan:
         edges = sorted(self.collected)
         samples = [self.collected[e][0] for e in edges]
-        if sum(samples) > 0 and max(samples) / sum(samples) > self.config.max_share:
-            self.capped += 1
+        cap = self.config.max_share
+        if len(samples) * cap >= 1 and sum(samples) > 0 and max(samples) / sum(samples) > cap:
+            self.capped += 1  # (a round closed on the cloud's model alone, at a timeout, caps nothing)
         merged = weighted_mean([self.collected[e][1] for e in edges], samples, self.config.max_share)
         self.collected = {}
         self.cloud_syncs += 1
