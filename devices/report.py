@@ -112,13 +112,26 @@ def load_task(name: str, options: Mapping[str, Any] | None = None) -> Task:
     raise ConfigError(f"unknown task {name!r}; known: {', '.join(known_tasks())}")
 
 
-def plot_timeline(points: Sequence[tuple[float, int, float]], path: Path, title: str, *, xlabel: str = "wall time (s)") -> None:
-    """Step plot of ``(seconds, version, accuracy)`` points (accuracy in [0, 1])."""
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend (imported when a plot is drawn)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay ``fig`` out, write it to ``path`` and close it."""
+    fig.tight_layout()
+    fig.savefig(path)
+    pyplot().close(fig)
+
+
+def plot_timeline(points: Sequence[tuple[float, int, float]], path: Path, title: str, *, xlabel: str = "wall time (s)") -> None:
+    """Step plot of ``(seconds, version, accuracy)`` points (accuracy in [0, 1])."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     ax.step([p[0] for p in points], [100 * p[2] for p in points], where="post", label="held-out accuracy of the newest model")
     ax.set_xlabel(xlabel)
@@ -126,9 +139,7 @@ def plot_timeline(points: Sequence[tuple[float, int, float]], path: Path, title:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- multi-region reports
@@ -232,11 +243,7 @@ def format_region_tables(sc: MultiRegionScenario, summary: Mapping[str, Any]) ->
 
 
 def plot_regions(sc: MultiRegionScenario, results: Sequence[RunResult], summary: Mapping[str, Any], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     base = sc.device_counts[0]
     fig, axes = plt.subplots(1, 2 if len(sc.device_counts) > 1 else 1, figsize=(13, 5), dpi=120, squeeze=False)
     ax = axes[0][0]
@@ -274,9 +281,7 @@ def plot_regions(sc: MultiRegionScenario, results: Sequence[RunResult], summary:
         ax2.set_title("scaling with the number of devices (lower is better)")
         ax2.legend(fontsize=8)
         ax2.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+    save_figure(fig, out)
 
 
 def write_region_report(sc: MultiRegionScenario, results: Sequence[RunResult], out: Path) -> int:
@@ -564,12 +569,7 @@ def format_table(scenario: Scenario, summary: Mapping[str, Any]) -> str:
 
 
 def plot_accuracy(scenario: Scenario, results: Sequence[RunResult], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
     long = max(spec.settings.duration_s for spec in scenario.runs) >= 3 * 3600
     unit, scale = ("h", 3600.0) if long else ("min", 60.0)
@@ -594,9 +594,7 @@ def plot_accuracy(scenario: Scenario, results: Sequence[RunResult], path: Path) 
         ax.text(0.5, 0.5, f"no evaluation after t = 0: the runs ended before the first one (eval_every_s = "
                 f"{scenario.settings.eval_every_s:g} s)", transform=ax.transAxes, ha="center", va="center", fontsize=9)
     _legend(fig, ax, "lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _legend(fig: Any, ax: Any, loc: str) -> None:
@@ -611,12 +609,9 @@ def _legend(fig: Any, ax: Any, loc: str) -> None:
 
 
 def plot_staleness(results: Sequence[RunResult], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
+    plt = pyplot()
     labels = list(dict.fromkeys(r.label for r in results))
     fig, ax = plt.subplots(figsize=(9, 4.5), dpi=120)
     width = 0.8 / max(len(labels), 1)
@@ -638,9 +633,7 @@ def plot_staleness(results: Sequence[RunResult], path: Path) -> None:
     ax.set_title("staleness of accepted updates")
     _legend(fig, ax, "upper right")
     ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def command_line(main: Callable[[], int], prog: str) -> int:

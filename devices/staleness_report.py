@@ -184,11 +184,9 @@ def format_staleness_table(summary: Mapping[str, Any]) -> str:
 
 def plot_class_accuracy(scenario: Scenario, results: Sequence[RunResult], path: Path) -> None:
     """Class-c accuracy vs version, one panel per (α, τ), one line per policy (mean over seeds)."""
-    import matplotlib
+    from devices.report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     series: dict[tuple[float, int], dict[str, list[dict[int, float]]]] = {}
     for _, spec, st in _delayed_runs(scenario, results):
         policy, tau, alpha = cell_of(spec)
@@ -216,9 +214,7 @@ def plot_class_accuracy(scenario: Scenario, results: Sequence[RunResult], path: 
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=6, loc="upper left")
     fig.suptitle(f"{scenario.name}: class-{scenario.settings.delay.target_class} accuracy vs version (mean over seeds)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_staleness_report(scenario: Scenario, results: Sequence[RunResult], out: Path, *, class_target: float | None = None) -> str:
