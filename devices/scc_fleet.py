@@ -162,7 +162,7 @@ def parse_scc_scenario(raw: Mapping[str, Any], *, source: str = "<string>") -> S
         drift_noise=_num(table, "drift_noise", d.drift_noise, where, lo=0),
         early_classes=_int(table, "early_classes", d.early_classes, where, lo=1),
         capacity=_int(table, "capacity", d.capacity, where, lo=1),
-        fallback=_choice(table, "fallback", d.fallback, ("global", "none"), where),
+        fallback=_choice(table, "fallback", d.fallback, where, options=("global", "none")),
         calib_epochs=_int(table, "calib_epochs", d.calib_epochs, where, lo=1),
         calib_batch_size=_int(table, "calib_batch_size", d.calib_batch_size, where, lo=1),
         calib_lr=_num(table, "calib_lr", d.calib_lr, where, lo=0, lo_open=True),

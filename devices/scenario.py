@@ -127,7 +127,7 @@ import json
 import math
 import random
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -550,17 +550,6 @@ _TOP = {"name", "description", "task", "duration_s", "eval_every_s", "target_acc
         "fleet", "profiles", "data", "device", "training", "coordinator", "attack", "quick", "runs",
         "task_options", "delay", "inversion",
         "reference", "multiregion", "methods"}
-_SECTIONS: dict[str, set[str]] = {
-    "fleet": {"devices", "mix"},
-    "data": {"partition", "alpha", "labels_each", "arrival_rate_per_h", "order", "initial_samples"},
-    "device": {"min_samples", "request_timeout_s", "reannounce_s", "continuous"},
-    "training": {"epochs", "batch_size", "lr", "mu"},
-    "coordinator": {"keep_versions", "encoding", "validation_size", "gate", "gate_margin", "rollback_margin", "gate_delay_s",
-                    "pull_burst", "pull_refill_s", "gate_z", "canary", "canary_samples", "canary_min_reports", "canary_deadline_s"},
-    "attack": {"label_flip", "flip", "scale", "scale_factor", "huge_samples", "claimed_samples"},
-    "delay": {"devices", "versions", "class", "report_versions", "class_target"},
-    "inversion": {f.name for f in dataclasses.fields(InversionConfig)},
-}
 _RUN_KEYS = {"strategy", "label", "params", "overrides"}
 
 
@@ -736,11 +725,61 @@ def _int(table: Mapping[str, Any], key: str, default: int, where: str, *, lo: in
     return value
 
 
-def _choice(table: Mapping[str, Any], key: str, default: str, options: Sequence[str], where: str) -> str:
+def _choice(table: Mapping[str, Any], key: str, default: str, where: str, *, options: Sequence[str]) -> str:
     value = table.get(key, default)
     if value not in options:
         raise ScenarioError(f"{where}: {key} must be one of {', '.join(options)}, got {value!r}")
     return str(value)
+
+
+def _bool(table: Mapping[str, Any], key: str, default: bool, where: str) -> bool:
+    value = table.get(key, default)
+    if not isinstance(value, bool):
+        raise ScenarioError(f"{where}: {key} must be true or false, got {value!r}")
+    return value
+
+
+Spec = Mapping[str, tuple[Callable[..., Any], Mapping[str, Any]]]
+"""Keys of a table in the order they are checked, each with its reader and the reader's bounds."""
+_POSITIVE: Mapping[str, Any] = {"lo": 0, "lo_open": True}
+_SHARE: Mapping[str, Any] = {"lo": 0, "hi": 1}
+
+
+def _fields(table: Mapping[str, Any], where: str, spec: Spec, defaults: object) -> dict[str, Any]:
+    """``spec``'s keys read from ``table`` in order, a missing one as the attribute of ``defaults``
+    (a key ``defaults`` lacks is read only when given)."""
+    out = {}
+    for key, (read, bounds) in spec.items():
+        default = getattr(defaults, key, None)
+        if default is not None or key in table:
+            out[key] = read(table, key, default, where, **bounds)
+    return out
+
+
+_SPECS: dict[str, Spec] = {
+    "": {"duration_s": (_num, _POSITIVE), "eval_every_s": (_num, _POSITIVE), "target_accuracy": (_num, {**_POSITIVE, "hi": 1})},
+    "data": {"partition": (_choice, {"options": ("iid", "dirichlet", "labels")}), "alpha": (_num, _POSITIVE),
+             "labels_each": (_int, {"lo": 1}), "arrival_rate_per_h": (_num, {"lo": 0}),
+             "order": (_choice, {"options": STREAM_ORDERS}), "initial_samples": (_int, {})},
+    "device": {"min_samples": (_int, {"lo": 1}), "request_timeout_s": (_num, _POSITIVE), "reannounce_s": (_num, _POSITIVE),
+               "continuous": (_bool, {})},
+    "training": {"epochs": (_int, {"lo": 1}), "batch_size": (_int, {"lo": 1}), "lr": (_num, _POSITIVE), "mu": (_num, {"lo": 0})},
+    "coordinator": {"keep_versions": (_int, {"lo": 1}), "encoding": (_choice, {"options": ("f4", "f2", "i1")}),
+                    "validation_size": (_int, {}), "gate": (_bool, {}), "gate_margin": (_num, _SHARE),
+                    "rollback_margin": (_num, _SHARE), "gate_delay_s": (_num, {"lo": 0}),
+                    "pull_burst": (_num, {"lo": 1}), "pull_refill_s": (_num, {"lo": 0}),  # (only when given)
+                    "gate_z": (_num, {"lo": 0, "hi": 10}), "canary": (_num, _SHARE), "canary_samples": (_int, {"lo": 1}),
+                    "canary_min_reports": (_int, {"lo": 2}), "canary_deadline_s": (_num, _POSITIVE)},
+    "attack": {"claimed_samples": (_int, {"lo": 1}), "label_flip": (_num, _SHARE),
+               "flip": (_choice, {"options": ("shift", "permutation")}), "scale": (_num, _SHARE), "scale_factor": (_num, {}),
+               "huge_samples": (_num, _SHARE)},
+}
+_SECTIONS: dict[str, set[str]] = {
+    **{name: set(spec) for name, spec in _SPECS.items() if name},
+    "fleet": {"devices", "mix"},
+    "delay": {"devices", "versions", "class", "report_versions", "class_target"},
+    "inversion": {f.name for f in dataclasses.fields(InversionConfig)},
+}
 
 
 def _section(raw: Mapping[str, Any], name: str, source: str) -> Mapping[str, Any]:
@@ -753,27 +792,24 @@ def _section(raw: Mapping[str, Any], name: str, source: str) -> Mapping[str, Any
 
 def _settings(raw: Mapping[str, Any], source: str) -> Settings:
     d = Settings()
-    top = source
     task = raw.get("task", d.task)
     if not isinstance(task, str) or not task:
-        raise ScenarioError(f"{top}: task must be a task name such as 'digits'")
+        raise ScenarioError(f"{source}: task must be a task name such as 'digits'")
     seeds = raw.get("seeds", list(d.seeds))
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
-        raise ScenarioError(f"{top}: seeds must be a non-empty list of integers >= 0, got {seeds!r}")
-    duration = _num(raw, "duration_s", d.duration_s, top, lo=0, lo_open=True)
-    eval_every = _num(raw, "eval_every_s", d.eval_every_s, top, lo=0, lo_open=True)
-    target = _num(raw, "target_accuracy", d.target_accuracy, top, lo=0, hi=1, lo_open=True)
+        raise ScenarioError(f"{source}: seeds must be a non-empty list of integers >= 0, got {seeds!r}")
+    f: dict[str, Any] = {"task": task, "seeds": tuple(int(s) for s in seeds), **_fields(raw, source, _SPECS[""], d)}
 
     fleet = _section(raw, "fleet", source)
     where = f"{source}: [fleet]"
-    devices = _int(fleet, "devices", d.devices, where, lo=1)
-    profiles = _profiles(raw.get("profiles", {}), source)
+    f["devices"] = _int(fleet, "devices", d.devices, where, lo=1)
+    f["profiles"] = profiles = _profiles(raw.get("profiles", {}), source)
     mix_raw = fleet.get("mix", dict(d.mix))
     if isinstance(mix_raw, str):
         mix_raw = {mix_raw: 1.0}
     if not isinstance(mix_raw, dict) or not mix_raw:
         raise ScenarioError(f"{where}: mix must be a table of profile = share")
-    mix: dict[str, float] = {}
+    f["mix"] = mix = {}
     for name in mix_raw:
         if name not in profiles:
             raise ScenarioError(f"{where}: mix names unknown profile {name!r}; known: {', '.join(sorted(profiles))}")
@@ -781,86 +817,31 @@ def _settings(raw: Mapping[str, Any], source: str) -> Settings:
     if sum(mix.values()) <= 0:
         raise ScenarioError(f"{where}: mix shares must add up to more than 0")
 
-    data = _section(raw, "data", source)
-    where = f"{source}: [data]"
-    part = _choice(data, "partition", d.partition, ("iid", "dirichlet", "labels"), where)
-    alpha = _num(data, "alpha", d.alpha, where, lo=0, lo_open=True)
-    labels_each = _int(data, "labels_each", d.labels_each, where, lo=1)
-    rate = _num(data, "arrival_rate_per_h", d.arrival_rate_per_h, where, lo=0)
-    order = _choice(data, "order", d.order, STREAM_ORDERS, where)
-    initial = _int(data, "initial_samples", d.initial_samples, where)
-
-    dev = _section(raw, "device", source)
-    where = f"{source}: [device]"
-    min_samples = _int(dev, "min_samples", d.min_samples, where, lo=1)
-    request_timeout = _num(dev, "request_timeout_s", d.request_timeout_s, where, lo=0, lo_open=True)
-    reannounce = _num(dev, "reannounce_s", d.reannounce_s, where, lo=0, lo_open=True)
-    continuous = dev.get("continuous", d.continuous)
-    if not isinstance(continuous, bool):
-        raise ScenarioError(f"{where}: continuous must be true or false, got {continuous!r}")
-
-    tr = _section(raw, "training", source)
-    where = f"{source}: [training]"
     td = default_train_config(task, TrainConfig(epochs=d.epochs, batch_size=d.batch_size, lr=d.lr))  # the task's own
-    epochs = _int(tr, "epochs", td.epochs, where, lo=1)
-    batch = _int(tr, "batch_size", td.batch_size, where, lo=1)
-    lr = _num(tr, "lr", td.lr, where, lo=0, lo_open=True)
-    mu = _num(tr, "mu", d.mu, where, lo=0)
-
-    co = _section(raw, "coordinator", source)
+    training = dataclasses.replace(d, epochs=td.epochs, batch_size=td.batch_size, lr=td.lr)
+    for name in ("data", "device", "training", "coordinator"):
+        f |= _fields(_section(raw, name, source), f"{source}: [{name}]", _SPECS[name], training if name == "training" else d)
     where = f"{source}: [coordinator]"
-    keep = _int(co, "keep_versions", d.keep_versions, where, lo=1)
-    encoding = _choice(co, "encoding", d.encoding, ("f4", "f2", "i1"), where)
-    validation_size = _int(co, "validation_size", d.validation_size, where)
-    gate = co.get("gate", d.gate)
-    if not isinstance(gate, bool):
-        raise ScenarioError(f"{where}: gate must be true or false, got {gate!r}")
-    gate_margin = _num(co, "gate_margin", d.gate_margin, where, lo=0, hi=1)
-    rollback_margin = _num(co, "rollback_margin", max(d.rollback_margin, gate_margin), where, lo=0, hi=1)
-    gate_delay = _num(co, "gate_delay_s", d.gate_delay_s, where, lo=0)
-    pull_limits = {k: _num(co, k, 0.0, where, lo=1 if k == "pull_burst" else 0) for k in ("pull_burst", "pull_refill_s") if k in co}
-    gate_keys: dict[str, Any] = {
-        "gate_z": _num(co, "gate_z", d.gate_z, where, lo=0, hi=10),
-        "canary": _num(co, "canary", d.canary, where, lo=0, hi=1),
-        "canary_samples": _int(co, "canary_samples", d.canary_samples, where, lo=1),
-        "canary_min_reports": _int(co, "canary_min_reports", d.canary_min_reports, where, lo=2),
-        "canary_deadline_s": _num(co, "canary_deadline_s", d.canary_deadline_s, where, lo=0, lo_open=True),
-    }
-    if gate:
-        if validation_size < 1 and not gate_keys["canary"]:
+    if "rollback_margin" not in raw.get("coordinator", {}):
+        f["rollback_margin"] = max(d.rollback_margin, f["gate_margin"])  # never below the gate margin
+    f["pull_limits"] = {k: f.pop(k) for k in ("pull_burst", "pull_refill_s") if k in f}
+    if f["gate"]:
+        if f["validation_size"] < 1 and not f["canary"]:
             raise ScenarioError(f"{where}: gate = true needs validation_size >= 1 (the coordinator's validation set) or canary > 0")
         try:
-            gate_config(Settings(task=task, validation_size=validation_size, gate_margin=gate_margin,
-                                 rollback_margin=rollback_margin, **gate_keys))
+            gate_config(Settings(**f))
         except ConfigError as exc:
             raise ScenarioError(f"{where}: {exc}") from None
 
-    at = _section(raw, "attack", source)
     where = f"{source}: [attack]"
-    a = AttackPlan()
-    claimed = _int(at, "claimed_samples", a.claimed_samples, where, lo=1)
-    if claimed >= 2**63:
+    attack = AttackPlan(**_fields(_section(raw, "attack", source), where, _SPECS["attack"], AttackPlan()))
+    if attack.claimed_samples >= 2**63:
         raise ScenarioError(f"{where}: claimed_samples must fit in a signed 64-bit integer")
-    attack = AttackPlan(
-        label_flip=_num(at, "label_flip", a.label_flip, where, lo=0, hi=1),
-        flip=_choice(at, "flip", a.flip, ("shift", "permutation"), where),  # type: ignore[arg-type]
-        scale=_num(at, "scale", a.scale, where, lo=0, hi=1),
-        scale_factor=_num(at, "scale_factor", a.scale_factor, where),
-        huge_samples=_num(at, "huge_samples", a.huge_samples, where, lo=0, hi=1),
-        claimed_samples=claimed,
-    )
     if attack.label_flip + attack.scale + attack.huge_samples > 1:
         raise ScenarioError(f"{where}: label_flip + scale + huge_samples must be <= 1")
 
-    settings = Settings(
-        task=task, duration_s=duration, eval_every_s=eval_every, target_accuracy=target,
-        seeds=tuple(int(s) for s in seeds), devices=devices, mix=mix, profiles=profiles,
-        partition=part, alpha=alpha, labels_each=labels_each, arrival_rate_per_h=rate, order=order, initial_samples=initial,
-        min_samples=min_samples, request_timeout_s=request_timeout, reannounce_s=reannounce,
-        epochs=epochs, batch_size=batch, lr=lr, mu=mu, keep_versions=keep, encoding=encoding,
-        validation_size=validation_size, gate=gate, gate_margin=gate_margin, rollback_margin=rollback_margin,
-        gate_delay_s=gate_delay, **gate_keys, pull_limits=pull_limits, attack=attack, continuous=continuous, **_staleness_settings(raw, source),
-    )
+    settings = Settings(**f, attack=attack, **_staleness_settings(raw, source))
+    part, order = settings.partition, settings.order
     if sample_kind_of(task) == "frame":  # a frame shows several classes: nothing may need one label per sample
         by_label = {f'[data] partition = "{part}"': part != "iid", f'[data] order = "{order}"': order == "by-class",
                     "[attack] label_flip": attack.label_flip > 0, "[delay] devices": settings.delay.active}
