@@ -31,7 +31,6 @@ from edge_sdk.core.events import (
     DeployModel,
     MessageReceived,
     Notify,
-    PersistDeviceState,
     Publish,
     SampleAdded,
     ScheduleTimer,
@@ -117,7 +116,7 @@ class Link(Driver):
         """Replace the coordinator (a crash and restart from its snapshot) and start it."""
         self.coordinator = coordinator
         self._timers.pop(0, None)
-        self._run_coordinator(coordinator.start(self.now))
+        self._act(0, coordinator.start(self.now))
 
     # -------------------------------------------------------------- the engine's events
 
@@ -137,11 +136,8 @@ class Link(Driver):
             ev = TrainingFinished(now=now, job_id=job_id, weights=weights, n_samples=n_samples)
         else:
             raise AssertionError(f"unexpected event {kind!r}")
-        if target == 0:
-            self._run_coordinator(self.coordinator.handle(ev))
-        else:
-            device_id = self._ids[target - 1]
-            self._run_device(device_id, target, self.devices[device_id].handle(ev))
+        core = self.coordinator if target == 0 else self.devices[self._ids[target - 1]]
+        self._act(target, core.handle(ev))
 
     def _route(self, action: Publish) -> None:
         if self.drop(action.topic, action.payload):
@@ -160,37 +156,28 @@ class Link(Driver):
                 for _ in range(copies):
                     self.push(at, Kind.MSG, i, (action.topic, action.payload))
 
-    def _run_coordinator(self, actions: Sequence[object]) -> None:
-        for a in actions:
-            if isinstance(a, Publish):
-                self._route(a)
-            elif isinstance(a, ScheduleTimer):
-                self._timers[0] = a.at
-                self.push(a.at, Kind.TIMER, 0, a.at)
-            elif isinstance(a, CommitVersion):
-                self.commits.append(a)
-            elif isinstance(a, PersistUpdate):
-                self.persisted.append(a)
-            elif isinstance(a, Notify):
-                self.notes.append(("coordinator", a))
-
-    def _run_device(self, device_id: str, index: int, actions: Sequence[object]) -> None:
+    def _act(self, index: int, actions: Sequence[object]) -> None:
+        """Carry out the actions of endpoint ``index`` (0: the coordinator)."""
+        who = "coordinator" if index == 0 else self._ids[index - 1]
         for a in actions:
             if isinstance(a, Publish):
                 self._route(a)
             elif isinstance(a, ScheduleTimer):
                 self._timers[index] = a.at
                 self.push(a.at, Kind.TIMER, index, a.at)
+            elif isinstance(a, Notify):
+                self.notes.append((who, a))
+            elif isinstance(a, CommitVersion):
+                self.commits.append(a)
+            elif isinstance(a, PersistUpdate):
+                self.persisted.append(a)
             elif isinstance(a, StartTraining):
                 job = a.job
                 trained = np.array(job.weights, copy=True) + 1.0  # stand-in for SGD
                 self.push(self.now + self.train_seconds, Kind.TRAINED, index, (job.job_id, trained, job.n_samples))
             elif isinstance(a, DeployModel):
-                self.deployed[device_id] = a.version
-            elif isinstance(a, Notify):
-                self.notes.append((device_id, a))
-            elif isinstance(a, PersistDeviceState):
-                pass
+                self.deployed[who] = a.version
+            # PersistDeviceState: in-memory devices never restart
 
 
 def make_coordinator(strategy: str | Strategy = "spin", *, snapshot: Snapshot | None = None, seed: int = 0,
