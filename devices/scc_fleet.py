@@ -64,10 +64,13 @@ from devices.engine import Driver, Kind, LinkNetwork, job_seed, train_config
 from devices.partition import dirichlet, iid
 from devices.profiles import DeviceInstance, OfflineWindows, fleet_counts
 from devices.scenario import (
+    _POSITIVE,
     ScenarioError,
     Settings,
+    Spec,
     _check_keys,
     _choice,
+    _fields,
     _int,
     _num,
     parse_settings,
@@ -141,6 +144,15 @@ class SccScenario:
         return parse_scc_scenario({**self.raw, "seeds": list(seeds)}, source=self.source)
 
 
+_STREAM: Spec = {
+    "rounds": (_int, {"lo": 1}), "round_s": (_num, _POSITIVE), "timeout_s": (_num, _POSITIVE), "full_sync_every": (_int, {"lo": 1}),
+    "drift_noise": (_num, {"lo": 0}), "early_classes": (_int, {"lo": 1}), "capacity": (_int, {"lo": 1}),
+    "fallback": (_choice, {"options": ("global", "none")}), "calib_epochs": (_int, {"lo": 1}),
+    "calib_batch_size": (_int, {"lo": 1}), "calib_lr": (_num, _POSITIVE),
+}
+"""The ``[stream]`` keys (``arms`` apart), in the order they are checked."""
+
+
 def parse_scc_scenario(raw: Mapping[str, Any], *, source: str = "<string>") -> SccScenario:
     """A scenario with a ``[stream]`` table: the shared sections (task, seeds, ``[fleet]``,
     ``[data]``, ``[training]``, ``[quick]``) as every scenario, plus the stream's own."""
@@ -154,20 +166,7 @@ def parse_scc_scenario(raw: Mapping[str, Any], *, source: str = "<string>") -> S
     arms = table.get("arms", list(d.arms))
     if not isinstance(arms, list) or not arms or any(a not in ARMS for a in arms) or len(set(arms)) != len(arms):
         raise ScenarioError(f"{where}: arms must be a list of distinct names from {', '.join(ARMS)}, got {arms!r}")
-    s = StreamSettings(
-        rounds=_int(table, "rounds", d.rounds, where, lo=1),
-        round_s=_num(table, "round_s", d.round_s, where, lo=0, lo_open=True),
-        timeout_s=_num(table, "timeout_s", d.timeout_s, where, lo=0, lo_open=True),
-        full_sync_every=_int(table, "full_sync_every", d.full_sync_every, where, lo=1),
-        drift_noise=_num(table, "drift_noise", d.drift_noise, where, lo=0),
-        early_classes=_int(table, "early_classes", d.early_classes, where, lo=1),
-        capacity=_int(table, "capacity", d.capacity, where, lo=1),
-        fallback=_choice(table, "fallback", d.fallback, where, options=("global", "none")),
-        calib_epochs=_int(table, "calib_epochs", d.calib_epochs, where, lo=1),
-        calib_batch_size=_int(table, "calib_batch_size", d.calib_batch_size, where, lo=1),
-        calib_lr=_num(table, "calib_lr", d.calib_lr, where, lo=0, lo_open=True),
-        arms=tuple(arms),
-    )
+    s = StreamSettings(**_fields(table, where, _STREAM, d), arms=tuple(arms))
     if s.timeout_s >= s.round_s / 2:
         raise ScenarioError(f"{where}: timeout_s must be < round_s / 2 so every round closes before the next")
     name, description = raw.get("name", "scc-stream"), raw.get("description", "")
