@@ -32,6 +32,9 @@ from devices.paper_spyker import (
     saving_bound,
     summarise,
     sweep,
+    table_lines,
+    time_cells,
+    wins,
 )
 
 __all__ = ["cost_summary", "format_table", "main", "report"]
@@ -102,7 +105,7 @@ def _money(c: float, reached: bool) -> str:
 def format_table(summary: Mapping[str, Any]) -> str:
     """Time and cost to target (costs in milli-dollars), per method and fleet size."""
     duration, baseline = summary["duration_s"], summary["baseline"]
-    also = sorted({a for e in summary["methods"].values() for row in e.values() for a in row.get("also", {})}, key=float)
+    also, rows = table_lines(summary)
     lines = [
         f"| method | devices | time to target per seed (s) | mean ± std (s) | time saving vs {baseline} | wins (time) | "
         + "".join(f"time to {float(a):.0%} (s) | " for a in also)
@@ -110,30 +113,19 @@ def format_table(summary: Mapping[str, Any]) -> str:
         "MB between regions to target | compute share of cost | jobs per resource | updates | final acc. |",
         "|---|---:|---|---:|---:|---:|" + "---:|" * len(also) + "---|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
-    sizes = sorted({int(n) for e in summary["methods"].values() for n in e})
-    for n in sizes:
-        for label, entry in summary["methods"].items():
-            row, cost = entry.get(str(n)), summary["cost"].get(label, {}).get(str(n))
-            if row is None or cost is None:
-                continue
-            per_seed = ", ".join(f"≥ {duration:g}" if t is None else f"{t:.1f}" for t in row["times"].values())
-            mean = f"{'' if row['all_reached'] else '≥ '}{row['mean']:.1f} ± {row['sd']:.1f}"
-            saving = format_saving(row)
-            wins = f"{row['wins']}/{row['paired']}" if "wins" in row else "—"
-            extra = "".join(f"{'' if row['also'][a]['all_reached'] else '≥ '}{row['also'][a]['mean']:.1f} ± {row['also'][a]['sd']:.1f} | "
-                            for a in also)
-            costs = ", ".join(_money(c, cost["reached"][s]) for s, c in cost["costs"].items())
-            all_hit = all(cost["reached"].values())
-            c_mean = f"{'' if all_hit else '≥ '}{1000 * cost['mean']:.2f} ± {1000 * cost['sd']:.2f}"
-            c_saving = format_saving(cost)
-            c_wins = f"{cost['wins']}/{cost['paired']}" if "wins" in cost else "—"
-            use = ", ".join(f"{k} {100 * v:.0f}%" for k, v in cost["resource_use"].items())
-            lines.append(
-                f"| {label} | {n} | {per_seed} | {mean} | {saving} | {wins} | {extra}{costs} | {c_mean} | {c_saving} | {c_wins} | "
-                f"{cost['inter_region_mb_to_target']:.1f} | {100 * cost['compute_share']:.0f}% | {use} | {row['updates']:,.0f} | "
-                f"{row['final_accuracy']:.3f} |")
-    rows = [*(r for e in summary["methods"].values() for r in e.values()), *(r for e in summary["cost"].values() for r in e.values())]
-    if any(r.get("saving_bound") for r in rows):
+    for label, n, row in rows:
+        cost = summary["cost"].get(label, {}).get(str(n))
+        if cost is None:
+            continue
+        costs = ", ".join(_money(c, cost["reached"][s]) for s, c in cost["costs"].items())
+        c_mean = f"{'' if all(cost['reached'].values()) else '≥ '}{1000 * cost['mean']:.2f} ± {1000 * cost['sd']:.2f}"
+        use = ", ".join(f"{k} {100 * v:.0f}%" for k, v in cost["resource_use"].items())
+        lines.append(
+            f"| {label} | {n} | {time_cells(row, duration, also)}{costs} | {c_mean} | {format_saving(cost)} | {wins(cost)} | "
+            f"{cost['inter_region_mb_to_target']:.1f} | {100 * cost['compute_share']:.0f}% | {use} | {row['updates']:,.0f} | "
+            f"{row['final_accuracy']:.3f} |")
+    every_row = [*(r for e in summary["methods"].values() for r in e.values()), *(r for e in summary["cost"].values() for r in e.values())]
+    if any(r.get("saving_bound") for r in every_row):
         lines += ["", SAVING_NOTE]
     return "\n".join(lines) + "\n"
 

@@ -24,7 +24,7 @@ import json
 import math
 import sys
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -201,9 +201,28 @@ def _t(t: float | None, duration: float) -> str:
     return f"≥ {duration:g}" if t is None else f"{t:.1f}"
 
 
+def table_lines(summary: Mapping[str, Any]) -> tuple[list[str], Iterator[tuple[str, int, Mapping[str, Any]]]]:
+    """The ``also`` accuracies of a summary's lines, and its (method, fleet size, line) by fleet size, then method."""
+    also = sorted({a for e in summary["methods"].values() for row in e.values() for a in row.get("also", {})}, key=float)
+    sizes = sorted({int(n) for e in summary["methods"].values() for n in e})
+    return also, ((label, n, e[str(n)]) for n in sizes for label, e in summary["methods"].items() if str(n) in e)
+
+
+def wins(row: Mapping[str, Any]) -> str:
+    return f"{row['wins']}/{row['paired']}" if "wins" in row else "—"
+
+
+def time_cells(row: Mapping[str, Any], duration: float, also: Sequence[str]) -> str:
+    """A line's time columns: per seed, mean ± std, saving and wins over the baseline, then the time to each ``also``."""
+    mean = f"{'' if row['all_reached'] else '≥ '}{row['mean']:.1f} ± {row['sd']:.1f}"
+    extra = "".join(f"{'' if row['also'][a]['all_reached'] else '≥ '}{row['also'][a]['mean']:.1f} ± {row['also'][a]['sd']:.1f} | "
+                    for a in also)
+    return f"{', '.join(_t(t, duration) for t in row['times'].values())} | {mean} | {format_saving(row)} | {wins(row)} | {extra}"
+
+
 def format_table(summary: Mapping[str, Any]) -> str:
     duration, baseline = summary["duration_s"], summary["baseline"]
-    also = sorted({a for e in summary["methods"].values() for row in e.values() for a in row.get("also", {})}, key=float)
+    also, rows = table_lines(summary)
     lines = [
         f"| method | devices | time to target per seed (s) | mean ± std (s) | saving vs {baseline} (mean ± std) | wins | "
         + "".join(f"time to {float(a):.0%}, mean ± std (s) | " for a in also) +
@@ -211,23 +230,12 @@ def format_table(summary: Mapping[str, Any]) -> str:
         "CPU queue mean / max | CPU busy | updates | final acc. |",
         "|---|---:|---|---:|---:|---:|" + "---:|" * (len(also) + 6),
     ]
-    sizes = sorted({int(n) for e in summary["methods"].values() for n in e})
-    for n in sizes:
-        for label, entry in summary["methods"].items():
-            row = entry.get(str(n))
-            if row is None:
-                continue
-            per_seed = ", ".join(_t(t, duration) for t in row["times"].values())
-            mean = f"{'' if row['all_reached'] else '≥ '}{row['mean']:.1f} ± {row['sd']:.1f}"
-            saving = format_saving(row)
-            wins = f"{row['wins']}/{row['paired']}" if "wins" in row else "—"
-            extra = "".join(f"{'' if row['also'][a]['all_reached'] else '≥ '}{row['also'][a]['mean']:.1f} ± {row['also'][a]['sd']:.1f} | "
-                            for a in also)
-            lines.append(
-                f"| {label} | {n} | {per_seed} | {mean} | {saving} | {wins} | {extra}{row['link_queue_mean']:.1f} / {row['link_queue_max']} | "
-                f"{row['uplink_queue_mean']:.1f} / {row['uplink_queue_max']} | "
-                f"{row['cpu_queue_mean']:.1f} / {row['cpu_queue_max']:.0f} | {100 * row['cpu_busy']:.0f}% | {row['updates']:,.0f} | "
-                f"{row['final_accuracy']:.3f} |")
+    for label, n, row in rows:
+        lines.append(
+            f"| {label} | {n} | {time_cells(row, duration, also)}{row['link_queue_mean']:.1f} / {row['link_queue_max']} | "
+            f"{row['uplink_queue_mean']:.1f} / {row['uplink_queue_max']} | "
+            f"{row['cpu_queue_mean']:.1f} / {row['cpu_queue_max']:.0f} | {100 * row['cpu_busy']:.0f}% | {row['updates']:,.0f} | "
+            f"{row['final_accuracy']:.3f} |")
     if any(row.get("saving_bound") for e in summary["methods"].values() for row in e.values()):
         lines += ["", SAVING_NOTE]
     return "\n".join(lines) + "\n"
