@@ -25,7 +25,7 @@ import bisect
 import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from edge_sdk.errors import ConfigError
 
@@ -44,10 +44,8 @@ __all__ = [
     "DeviceProfile",
     "LinkProfile",
     "OfflineWindows",
-    "expected_train_seconds",
     "fleet_counts",
     "measure_compute",
-    "with_overrides",
 ]
 
 
@@ -306,25 +304,6 @@ def fleet_counts(n_devices: int, mix: Mapping[str, float]) -> dict[str, int]:
     for name in sorted(quotas, key=lambda n: (-(quotas[n] - counts[n]), n))[:left]:
         counts[name] += 1
     return counts
-
-
-def with_overrides(profile: DeviceProfile, overrides: Mapping[str, Mapping[str, object]]) -> DeviceProfile:
-    """A copy of ``profile`` with fields of its ``compute``/``link``/``availability`` replaced."""
-    parts: dict[str, object] = {}
-    for part in ("compute", "link", "availability"):
-        if part in overrides:
-            try:
-                parts[part] = replace(getattr(profile, part), **dict(overrides[part]))
-            except TypeError as exc:
-                raise ConfigError(f"profile {profile.name!r}: {part}: {exc}") from exc
-    return replace(profile, **parts)  # type: ignore[arg-type]
-
-
-def expected_train_seconds(profiles: Sequence[DeviceInstance], n_samples: int, epochs: int) -> float:
-    """Mean virtual training time over a fleet for a typical job (to size SPIN's π)."""
-    if not profiles:
-        return 0.0
-    return sum(d.train_seconds(n_samples, epochs) for d in profiles) / len(profiles)
 
 
 def measure_compute(task_name: str = "procdigits", sizes: Sequence[int] = (20, 60, 120, 240), *, epochs: int = 5,
