@@ -98,10 +98,6 @@ def report(runs: Sequence[Mapping[str, Any]], duration: float, baseline: str,
     return summary, format_table(summary)
 
 
-def _money(c: float, reached: bool) -> str:
-    return f"{'' if reached else '≥ '}{1000 * c:.2f}"
-
-
 def format_table(summary: Mapping[str, Any]) -> str:
     """Time and cost to target (costs in milli-dollars), per method and fleet size."""
     duration, baseline = summary["duration_s"], summary["baseline"]
@@ -117,7 +113,7 @@ def format_table(summary: Mapping[str, Any]) -> str:
         cost = summary["cost"].get(label, {}).get(str(n))
         if cost is None:
             continue
-        costs = ", ".join(_money(c, cost["reached"][s]) for s, c in cost["costs"].items())
+        costs = ", ".join(f"{'' if cost['reached'][s] else '≥ '}{1000 * c:.2f}" for s, c in cost["costs"].items())
         c_mean = f"{'' if all(cost['reached'].values()) else '≥ '}{1000 * cost['mean']:.2f} ± {1000 * cost['sd']:.2f}"
         use = ", ".join(f"{k} {100 * v:.0f}%" for k, v in cost["resource_use"].items())
         lines.append(

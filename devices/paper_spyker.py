@@ -159,7 +159,7 @@ def summarise(runs: Sequence[Mapping[str, Any]], duration: float, baseline: str,
                 common = [s for s in seeds if s in base]
                 b = {s: base[s]["time_to_target_s"] for s in common}
                 mine = {s: times[s] for s in common}
-                row["wins"] = sum(1 for s in common if _won(mine[s], b[s]))
+                row["wins"] = sum(1 for s in common if mine[s] is not None and (b[s] is None or mine[s] < b[s]))
                 row["paired"] = len(common)
                 savings = [1 - (mine[s] if mine[s] is not None else duration) / (b[s] if b[s] is not None else duration)
                            for s in common]
@@ -191,10 +191,6 @@ def format_saving(row: Mapping[str, Any]) -> str:
 
 SAVING_NOTE = ("Savings: ≥ / ≤ = a lower / upper bound (some baseline / own runs missed the target and count at the run's "
                "duration or total cost); ? = misses on both sides, no bound.")
-
-
-def _won(mine: float | None, base: float | None) -> bool:
-    return mine is not None and (base is None or mine < base)
 
 
 def _t(t: float | None, duration: float) -> str:

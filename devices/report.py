@@ -145,11 +145,6 @@ def plot_timeline(points: Sequence[tuple[float, int, float]], path: Path, title:
 # --------------------------------------------------------------------------- multi-region reports
 
 
-def _mean_ttt(results: Sequence[RunResult], duration: float) -> tuple[float, bool]:
-    ttts = [r.time_to_target for r in results]
-    return float(np.mean([t if t is not None else duration for t in ttts])), all(t is not None for t in ttts)
-
-
 def summarise_regions(sc: MultiRegionScenario, results: Sequence[RunResult]) -> dict[str, Any]:
     duration = sc.settings.duration_s
     base = sc.device_counts[0]
@@ -161,11 +156,11 @@ def summarise_regions(sc: MultiRegionScenario, results: Sequence[RunResult]) -> 
             mine = [r for r in results if r.label == m.label and r.summary["devices"] == n]
             if not mine:
                 continue
-            mean, reached = _mean_ttt(mine, duration)
+            ttts = [r.time_to_target for r in mine]
             entry["by_devices"][str(n)] = {
-                "time_to_target_s": [r.time_to_target for r in mine],
-                "mean_time_to_target_s": mean,
-                "all_reached": reached,
+                "time_to_target_s": ttts,
+                "mean_time_to_target_s": float(np.mean([t if t is not None else duration for t in ttts])),
+                "all_reached": all(t is not None for t in ttts),
                 "final_accuracy": float(np.mean([r.summary["final_accuracy"] for r in mine])),
                 "updates": float(np.mean([r.summary["updates"] for r in mine])),
                 "updates_to_target": float(np.mean([_updates_at(r) for r in mine])),

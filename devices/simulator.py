@@ -621,8 +621,10 @@ class Simulation(Driver):
                     update = self.persisted.pop(key, None)
                     if update is not None:
                         self._integrate(update, now)
-                if self.stragglers is not None:
-                    self._release_held(a.version, a.weights, now)
+                if self.stragglers is not None:  # record class-c accuracy; send the delayed updates whose τ has passed
+                    self.stragglers.committed(self.task, a.version, a.weights, now)
+                    for sender, held in self.stragglers.due(a.version):
+                        self._send(sender, held, now)
             elif t is EvaluateCandidate:
                 self._score_candidate(a, me, now)  # type: ignore[arg-type]
             elif t is RecordRelease:
@@ -779,11 +781,17 @@ class Simulation(Driver):
             if t is PersistDeviceState:
                 continue  # in-memory devices never restart
             if t is Notify:
-                self._device_note(dev, i, a, now)  # type: ignore[arg-type]
+                self.device_notes[a.kind] += 1  # type: ignore[attr-defined]
+                if self.continuous and a.kind in ("update_acked", "update_rejected"):  # type: ignore[attr-defined]
+                    self.push(now, Kind.SAMPLE, i, dev.core.state.total + 1)  # retrain on the next model
             elif t is Publish:
                 self._publish(i, a, now)  # type: ignore[arg-type]
             elif t is ScheduleTimer:
-                self._device_timer(dev, i, a.at, now)  # type: ignore[attr-defined]
+                at = a.at  # type: ignore[attr-defined]
+                dev.timer_at = at
+                self.push(at if at >= now else now, _TIMER, i, at)  # max(at, now): the same float
+                if len(self.queue._heap) >= self._compact_at:
+                    self._compact_timers()
             elif t is StartTraining:
                 self._start_training(dev, a.job, now)  # type: ignore[attr-defined]
             elif t is DeployModel:
@@ -792,12 +800,6 @@ class Simulation(Driver):
                 dev.canary = (a.candidate, a.release, np.asarray(a.weights, dtype=np.float32))  # type: ignore[attr-defined]
             elif t is StopCanary and dev.canary is not None and dev.canary[0] == a.candidate:  # type: ignore[attr-defined]
                 dev.canary = None
-
-    def _device_timer(self, dev: EmulatedDevice, i: int, at: float, now: float) -> None:
-        dev.timer_at = at
-        self.push(at if at >= now else now, _TIMER, i, at)  # max(at, now): the same float
-        if len(self.queue._heap) >= self._compact_at:
-            self._compact_timers()
 
     def _compact_timers(self) -> None:
         """Drop the device timers that will do nothing when they fire, and rebuild the heap.
@@ -827,11 +829,6 @@ class Simulation(Driver):
         heap[:] = kept
         heapq.heapify(heap)
         self._compact_at = max(COMPACT_MIN, 2 * len(heap))
-
-    def _device_note(self, dev: EmulatedDevice, i: int, a: Notify, now: float) -> None:
-        self.device_notes[a.kind] += 1
-        if self.continuous and a.kind in ("update_acked", "update_rejected"):
-            self.push(now, Kind.SAMPLE, i, dev.core.state.total + 1)  # retrain on the next model
 
     def _canary_score(self, dev: EmulatedDevice, index: int, now: float) -> None:
         """What ``edge_sdk.client`` does with a new label while a canary request is open:
@@ -911,13 +908,6 @@ class Simulation(Driver):
                 if cost is not None:
                     self.cost_transfer += cost.transfer(src, dst, size)
             self.push(at, _HOP, receiver, (action.topic, action.payload))
-
-    def _release_held(self, version: int, weights: Any, now: float) -> None:
-        """A commit: record class-c accuracy; send the delayed updates whose τ has passed."""
-        assert self.stragglers is not None
-        self.stragglers.committed(self.task, version, weights, now)
-        for sender, action in self.stragglers.due(version):
-            self._send(sender, action, now)
 
     # ------------------------------------------------------------------ metrics
 

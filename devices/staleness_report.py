@@ -49,25 +49,15 @@ def _delayed_runs(scenario: Scenario, results: Sequence[RunResult]) -> Iterator[
             yield r, spec, st
 
 
-def _class_at(per_version: Sequence[Mapping[str, float]], version: int) -> float | None:
-    """Class-c accuracy of ``version`` (None: the run never committed it)."""
-    for row in per_version:
-        if int(row["version"]) == version:
-            return float(row["class_accuracy"])
-    return None
+def _at(per_version: Sequence[Mapping[str, float]], version: int, key: str) -> float | None:
+    """``key`` (class-c or overall accuracy) of ``version`` (None: the run never committed it, or has no ``key``)."""
+    return next((float(row[key]) for row in per_version if int(row["version"]) == version and key in row), None)
 
 
 def _class_window(per_version: Sequence[Mapping[str, float]], first: int, last: int) -> float | None:
     """Mean class-c accuracy over versions ``first..last`` (one version's is noisy)."""
     vals = [float(r["class_accuracy"]) for r in per_version if first <= int(r["version"]) <= last]
     return sum(vals) / len(vals) if vals else None
-
-
-def _overall_at(per_version: Sequence[Mapping[str, float]], version: int) -> float | None:
-    for row in per_version:
-        if int(row["version"]) == version and "accuracy" in row:
-            return float(row["accuracy"])
-    return None
 
 
 def _mean(xs: Sequence[float | None]) -> float | None:
@@ -88,9 +78,9 @@ def staleness_summary(scenario: Scenario, results: Sequence[RunResult], *, class
         counters = r.summary.get("conversion_counters", {})
         conversions = r.summary.get("conversions", [])
         cells.setdefault((alpha, tau, policy), {})[r.seed] = {
-            "class_acc": {v: _class_at(pv, v) for v in versions},
+            "class_acc": {v: _at(pv, v, "class_accuracy") for v in versions},
             "class_window": _class_window(pv, versions[0], versions[-1]) if versions else None,
-            "overall_last": _overall_at(pv, versions[-1]) if versions else None,
+            "overall_last": _at(pv, versions[-1], "accuracy") if versions else None,
             "time_to_class_target_s": next((float(row["t_s"]) for row in pv if row["class_accuracy"] >= target), None),
             "reached_version": int(pv[-1]["version"]) if pv else 0,
             "end_s": float(pv[-1]["t_s"]) if pv else 0.0,
