@@ -326,6 +326,7 @@ class Simulation(Driver):
         val_idx, _ = holdout(s, seed, len(pool.y))
         self.validation: Split | None = Split(x=pool.x[val_idx], y=pool.y[val_idx]) if len(val_idx) else None
         # Coordinators: (id, topic region, region index) and their strategy + peering.
+        served = Counter({0: n})  # devices per coordinator
         if regions is None:
             assert strategy is not None
             places, methods = [(COORDINATOR_ID, REGION, 0)], [(strategy, peering)]
@@ -337,16 +338,14 @@ class Simulation(Driver):
                 served = Counter(plan.region for plan in self.plans)
             else:
                 places = [(SINGLE_ID, SINGLE_REGION, names.index(regions.single_server_region))]
-                served = Counter({0: n})
             ring = [p[0] for p in places]
             built = [make_method(method.strategy, peering=method.peering, coordinator_id=name, ring=ring,
                                  peering_params=method.peering_params,
                                  strategy_params=method.coordinator_params(served[k], cost=regions.cost, region=places[k][2]))
                      for k, name in enumerate(ring)]
             methods = [(b.strategy, b.peering) for b in built]
-        counts = [n] if regions is None else [served[k] for k in range(len(places))]
-        for (name, _, _), (strat, _), count in zip(places, methods, counts, strict=True):
-            check_devices_per_round(repr(self.label), strat, name, count)  # (--devices, a region's share)
+        for k, ((name, _, _), (strat, _)) in enumerate(zip(places, methods, strict=True)):
+            check_devices_per_round(repr(self.label), strat, name, served[k])  # (--devices, a region's share)
         self.strategy = methods[0][0]
         self.coords: list[EmulatedCoordinator] = []
         for (name, topic_region, region), (strat, peer) in zip(places, methods, strict=True):
@@ -388,14 +387,14 @@ class Simulation(Driver):
                 seed=seed, defaults=defaults, attack=attack))
         self.continuous = s.continuous or regions is not None
         # The network: per-device links through one broker, or the region latency matrix.
+        self._endpoint_region = [p.region for p in self.plans] + [c.region for c in self.coords]
         self.links: LinkNetwork | None = None
         self.network: RegionNetwork | None = None
         if regions is None:
             self.links = LinkNetwork([p.device_id for p in self.plans], [p.instance.link for p in self.plans], region=REGION)
         else:
             topo = regions.topology
-            self.network = network = RegionNetwork([p.region for p in self.plans] + [c.region for c in self.coords],
-                                                   topo.latency_ms, topo.bandwidth_mbps * 1e6)
+            self.network = network = RegionNetwork(self._endpoint_region, topo.latency_ms, topo.bandwidth_mbps * 1e6)
             for dev in self.devices:
                 r = dev.core.config.region
                 for leaf in topics.UPSTREAM:
@@ -407,7 +406,6 @@ class Simulation(Driver):
         """Regions: bytes on device links and between coordinators (one region: ``links``)."""
         self.cost: CostModel | None = regions.cost if regions is not None else None
         """The regional cost model (``[multiregion.cost]``); None: nothing is charged."""
-        self._endpoint_region = [p.region for p in self.plans] + [c.region for c in self.coords]
         self.bytes_inter_region = 0
         self.cost_compute = 0.0
         self.cost_transfer = 0.0
@@ -1024,24 +1022,21 @@ class Simulation(Driver):
                 "messages": self.network.messages,
                 "bytes_device": self.bytes_device,
                 "bytes_peer": self.bytes_peer,
-                "coordinator_utilisation": rows[-1]["coordinator_utilisation"] if rows else None,
-                "coordinator_queue_mean": rows[-1]["coordinator_queue_mean"] if rows else None,
-                "coordinator_queue_max": rows[-1]["coordinator_queue_max"] if rows else None,
+                **{k: rows[-1][k] if rows else None for k in ("coordinator_utilisation", "coordinator_queue_mean", "coordinator_queue_max")},
                 "peering": [c.core.peering.describe() for c in self.coords],
                 "wall_s": wall_s,
                 "events": self.events,
                 "transport": self.transport,
             }
             if self.cost is not None:
-                at_target = next((r for r in rows if r["accuracy"] >= s.target_accuracy), None)
+                at_target = next((r for r in rows if r["accuracy"] >= s.target_accuracy), {})
                 result.summary |= {
                     "bytes_inter_region": self.bytes_inter_region,
                     "compute_s": self.compute_s,
                     "cost_compute": self.cost_compute,
                     "cost_transfer": self.cost_transfer,
                     "cost_total": self.cost_compute + self.cost_transfer,
-                    "cost_to_target": at_target["cost"] if at_target is not None else None,
-                    "bytes_inter_region_to_target": at_target["bytes_inter_region"] if at_target is not None else None,
+                    **{f"{k}_to_target": at_target.get(k) for k in ("cost", "bytes_inter_region")},
                     "resource_use": dict(sorted(self.resource_use.items())),
                     "strategies": [c.core.strategy.describe() for c in self.coords],
                 }
