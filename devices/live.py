@@ -45,7 +45,6 @@ class LabellingUser:
     rate: float
     times: npt.NDArray[np.float64] | None = None
     """Explicit label times (seconds from start, before time scaling) instead of Poisson."""
-    next_at: float = 0.0
     position: int = 0
 
     @property

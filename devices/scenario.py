@@ -273,10 +273,6 @@ class RunSpec:
         """``spyker`` | ``nebula`` | ``hierfavg`` (one coordinator per region) | ``single``."""
         return self.peering or "single"
 
-    @property
-    def strategy_params(self) -> Mapping[str, Any]:
-        return self.params
-
     def coordinator_params(self, devices_served: int, *, cost: CostModel | None = None, region: int = 0) -> dict[str, Any]:
         """The strategy's parameters in a regional run, with the defaults that depend on
         the fleet: Spyker's η_init is the scenario's lr; a synchronous round (``hierfavg``,
