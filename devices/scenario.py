@@ -891,12 +891,8 @@ def _part(value: Any, catalogue: Mapping[str, Any], base: Any, cls: type, where:
         raise ScenarioError(f"{where}: unknown key {unknown[0]!r}{did_you_mean(unknown[0], known)}; known: {', '.join(known)}")
     if start is None:
         fields.setdefault("name", name)
-        try:
-            return cls(**fields)
-        except (TypeError, ConfigError) as exc:
-            raise ScenarioError(f"{where}: {exc}") from None
     try:
-        return dataclasses.replace(start, **fields)
+        return cls(**fields) if start is None else dataclasses.replace(start, **fields)
     except (TypeError, ConfigError) as exc:
         raise ScenarioError(f"{where}: {exc}") from None
 
