@@ -31,13 +31,18 @@ flat float32 ``weights``. Devices talk to it over per-device topics (``edge_sdk.
   the last full sync was fit to the extractor that sync replaced: a head-only one is refused
   (``base_rejected``: the device trains again from the current version), and a whole model too
   at a partial version, where only its head would be taken; at a full version it is merged whole.
-  One accepted and then overtaken in the buffer by a full sync that did not consume it (a peer
-  merge, a parked conversion, a restart under another T or past versions the registry could not
-  read) is left out of the version by the same rule and consumed by it (counted,
-  ``lasp_dropped_stale``). With T = 0 every version is a full sync: a head-only update (a device
-  told to train the head before a restart switched LASP off) is refused by the same rule. A
-  head-only model reply names the full sync it builds on (``ModelMsg.full_sync``): a device holding
-  an older extractor refuses it (a replayed or misrouted reply) instead of patching it on.
+  A head-only update at a full sync (a straggler of the partial version before it) is refused as
+  well: the sync's whole models replace the extractor it was fit to, and the device trains the
+  whole model for the sync instead. One accepted and then overtaken in the buffer by a full sync
+  that did not consume it (a peer merge, a parked conversion, a restart under another T or past
+  versions the registry could not read) is left out of the version by the same rule and consumed
+  by it (counted, ``lasp_dropped_stale``); so is a head-only update in a full version that also
+  takes whole models (T = 0, a restart under another T). With T = 0 every version is a full
+  sync: a head-only update (a device told to train the head before a restart switched LASP off)
+  from before the last one is refused by the same rule; one alone from the current extractor is
+  taken. A head-only model reply names the full sync it builds on (``ModelMsg.full_sync``): a
+  device holding an older extractor refuses it (a replayed or misrouted reply) instead of
+  patching it on.
 * Release gate (``CoordinatorConfig.gate``, see :mod:`coordinator.gate`): every commit is
   a *candidate* on the training line; devices predict with the *release*. With a gate, the
   core asks the driver to score each candidate against the release (``EvaluateCandidate``)
@@ -90,7 +95,7 @@ Transitions::
     Update (duplicate)    Publish(ack duplicate, nonce of the accepted one)
     Update (invalid)      Publish(ack rejected) if sender known; counted
     Update (abandoned base) Publish(ack rejected, reason base_rejected); counted, nothing kept
-    Update (LASP: fit to an extractor a full sync replaced) the same
+    Update (LASP: fit to an extractor a full sync replaced, or a head at a full sync) the same
     Update (not selected) Publish(ack rejected, reason not_selected): a selecting strategy did not serve it
     TimerFired            plan (and a canary round's deadline: the gate decides on what came in;
                           with none open, a new try: CANARY_RETRY_S after one found no cohort)
@@ -1306,6 +1311,12 @@ class CoordinatorCore:
             what = f"a {msg.group!r} update" if msg.group != FULL else "at a partial version, a whole model"
             raise RejectedBase(f"{what} trained from version {msg.base_version}, before the extractor of "
                                f"full sync {self._last_full_version}: train again from {self._version}")
+        if cfg.full_sync_every and msg.group != FULL and self.next_version_is_full():
+            # A head trained for a partial version that closed without it (a straggler): the version
+            # it would now go into is a full sync, whose whole models replace the extractor it was
+            # fit to (_aggregate leaves it out beside them). Refused here instead of accepted and
+            # dropped, so that the device trains its samples again, the whole model, for the sync.
+            raise RejectedBase(f"a {msg.group!r} update at a full sync: train the whole model from {self._version}")
         if not self._storage_ok:
             self.counters["deferred_storage"] += 1
             self._status_dirty = True
@@ -1511,7 +1522,17 @@ class CoordinatorCore:
             # versions): the check _on_update made no longer holds. Left out of this version and
             # consumed with it (counted, in the commit's metadata): its head was fit to the
             # extractor that sync replaced.
-            applied = tuple(u for u in updates if not self._predates_extractor(u.group, u.base_version, full))
+            applied = tuple(u for u in applied if not self._predates_extractor(u.group, u.base_version, full))
+        if full and any(u.group == FULL for u in applied) and any(u.group != FULL for u in applied):
+            # A full sync with whole models replaces the extractor a head-only update was fit to
+            # (SCC's "semantic drift": a classifier fit to one extractor's features is not one for
+            # another's): left out, as a head from before the last full sync is. Merged in, it was
+            # the version's head (models: a slice overwrites the whole models' mean) or added on
+            # top of their mean change (deltas). Without a whole model the extractor stays and the
+            # head, fit to it, is taken. Heads sent at a LASP full round are refused at receipt;
+            # this meets the rest (T = 0, a restart under another T or past unreadable versions).
+            applied = tuple(u for u in applied if u.group == FULL)
+        if len(applied) < len(updates):
             self.counters["lasp_dropped_stale"] += len(updates) - len(applied)
         used = applied if full else tuple(self._partial(u) for u in applied)
         if used:

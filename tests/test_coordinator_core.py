@@ -421,14 +421,87 @@ def test_lasp_leaves_out_an_update_a_peer_merge_overtook_in_the_buffer(whole: bo
     assert set(commit.consumed) == {("old", 1), ("new", 1)} and commit.applied_changed == {"old": 1, "new": 1}
     assert c.counters["lasp_dropped_stale"] == 1 and commit.metadata["lasp_dropped"] == 1
     assert commit.metadata["n_updates"] == 1 and commit.metadata["devices"] == ["new"]
-    # the same two updates with no merge between them: both taken
+    # the same two updates with no merge between them: both taken (at a partial version: a head is
+    # refused at a full round, so past one with whole models first)
     v = c.status().version
-    _pull(c, "old", 2, have=v)
-    _pull(c, "new", 2, have=v)
-    c.handle(_head_update("old", 3, 9.0, base=v))
-    (commit,) = commits(c.handle(_head_update("new", 3, 2.0, base=v)))
+    if c.next_version_is_full():
+        c.handle(upd("old", 2, 5.0, base=v))
+        c.handle(upd("new", 2, 5.0, base=v))
+        v = c.status().version
+    assert not c.next_version_is_full()
+    _pull(c, "old", 3, have=v)
+    _pull(c, "new", 3, have=v)
+    c.handle(_head_update("old", 4, 9.0, base=v))
+    (commit,) = commits(c.handle(_head_update("new", 4, 2.0, base=v)))
     np.testing.assert_array_equal(commit.weights[head], 5.5)
     assert c.counters["lasp_dropped_stale"] == 1 and "lasp_dropped" not in commit.metadata
+
+
+@pytest.mark.parametrize("combine", ["models", "deltas"])
+def test_lasp_a_head_trained_for_a_partial_version_is_refused_at_the_full_sync_after_it(combine: str) -> None:
+    """helper-138's probe (T = 2, SPIN K = 2): a straggler's head, trained from version 0 for partial
+    version 1, reached the buffer of full sync 2 with a whole model: version 2 was extractor 5 with
+    the straggler's head 9 (models: a slice overwrites the whole models' mean) or 14 (deltas: both
+    mean changes added), a head fit to the extractor that very sync replaced. Now refused at
+    receipt (base_rejected): the device trains the whole model for the full sync, and is taken."""
+    c = _lasp_core(2, "spin", k=2, timeout_s=None, combine=combine, clip_multiplier=0.0)
+    for device in ("d0", "d1", "slow"):
+        assert _pull(c, device, 1, have=-1).train_group == "classifier"  # version 1 is partial
+    c.handle(_head_update("d0", 2, 1.0, base=0))
+    (v1,) = commits(c.handle(_head_update("d1", 2, 1.0, base=0)))
+    assert v1.version == 1 and not v1.metadata["full_sync"] and c.next_version_is_full()
+    assert _pull(c, "d3", 1, have=-1).train_group == "full"
+    assert not commits(c.handle(upd("d3", 2, 5.0, base=1)))
+    acts = c.handle(_head_update("slow", 2, 9.0, base=0))
+    (ack,) = acks(acts)
+    assert (ack.status, ack.reason) == ("rejected", "base_rejected") and not commits(acts)  # old: accepted
+    assert c.counters["reject:base_rejected"] == 1 and c.status().buffered == 1 and c.version == 1
+    again = _pull(c, "slow", 3, have=1)
+    assert (again.version, again.train_group) == (1, "full")
+    (v2,) = commits(c.handle(upd("slow", 4, 7.0, base=1)))
+    assert v2.version == 2 and v2.metadata["full_sync"]
+    np.testing.assert_array_equal(v2.weights, 6.0)  # the whole models' mean: extractor and head
+    assert "lasp_dropped" not in v2.metadata
+
+
+@pytest.mark.parametrize("combine", ["models", "deltas"])
+@pytest.mark.parametrize("case", ["lasp-off", "restart"])
+def test_a_full_version_with_whole_models_leaves_out_a_head_only_update(combine: str, case: str) -> None:
+    """What the receipt check cannot see: a head-only update taken from the extractor the coordinator
+    holds (base = the current version) and a whole model in the buffer of one full version. With
+    LASP off (T = 0, a device told to train the head before a restart) or after a restart under
+    another T that makes the next version full (T = 3 -> 5: 5 is full), the version was extractor 5
+    with the head 9 (models) or 1 + 4 + 8 = 13 (deltas): the head fit to the extractor this version
+    replaces. Left out, consumed and counted (lasp_dropped_stale); the version is the whole model."""
+    import random
+
+    from coordinator.strategies.base import BufferedUpdate
+
+    held = BufferedUpdate(device="d1", seq=1, base_version=4, staleness=0, n_samples=1,
+                          weights=np.full(SPEC.group_size("classifier"), 9.0, np.float32), group="classifier")
+    restart = case == "restart"
+    snap = Snapshot(version=4, weights=np.full(SPEC.size, 1.0, np.float32), last_full_version=3 if restart else 4,
+                    buffer=(held,) if restart else ())
+    cfg = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, full_sync_every=5 if restart else 0)
+    c = CoordinatorCore(cfg, make_strategy("spin", k=2, timeout_s=None, combine=combine, clip_multiplier=0.0),
+                        snap, rng=random.Random(0))
+    assert c.next_version_is_full()
+    if not restart:
+        (ack,) = acks(c.handle(_head_update("d1", 1, 9.0, base=4)))
+        assert ack.status == "accepted"  # T = 0: a head from the current extractor is taken at receipt
+    assert c.status().buffered == 1
+    (commit,) = commits(c.handle(upd("d2", 1, 5.0, base=4)))
+    assert commit.version == 5 and commit.metadata["full_sync"]
+    np.testing.assert_array_equal(commit.weights, 5.0)  # old: head 9 (models) / 13 (deltas)
+    assert set(commit.consumed) == {("d1", 1), ("d2", 1)} and commit.applied_changed == {"d1": 1, "d2": 1}
+    assert c.counters["lasp_dropped_stale"] == 1 and commit.metadata["lasp_dropped"] == 1
+    assert commit.metadata["n_updates"] == 1 and commit.metadata["devices"] == ["d2"]
+    # a head alone at a full version keeps the extractor it was fit to: taken (T = 0)
+    if not restart:
+        (commit,) = commits(c.handle(_head_update("d1", 2, 2.0, base=5)) + c.handle(_head_update("d3", 1, 4.0, base=5)))
+        np.testing.assert_array_equal(commit.weights[SPEC.group_slice("classifier")], 3.0)
+        np.testing.assert_array_equal(commit.weights[SPEC.group_slice("extractor")], 5.0)
+        assert c.counters["lasp_dropped_stale"] == 1
 
 
 def test_lasp_a_version_whose_every_update_predates_the_extractor_changes_nothing() -> None:
