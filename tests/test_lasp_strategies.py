@@ -194,3 +194,40 @@ def test_krum_at_a_partial_version_chooses_among_the_heads(combine: str) -> None
     view = StaticView(spec=SPEC, version=0, weights=np.zeros(SPEC.size, np.float32))
     whole = [BufferedUpdate(device=d, seq=1, base_version=0, staleness=0, n_samples=1, weights=w) for d, w in rows.items()]
     np.testing.assert_allclose(strategy.aggregate(view, whole)[HEAD], 5.0, rtol=1e-6)  # what the whole rows choose
+
+
+@pytest.mark.parametrize("combiner", ["mean", "median", "krum"])
+def test_deltas_equal_models_on_a_buffer_mixing_whole_and_head_only_updates(combiner: str) -> None:
+    """aggregate.fedavg_deltas: "equal to fedavg when every update starts from the current version
+    and η = 1". With whole and head-only updates in one buffer (the core no longer hands a strategy
+    one: a full sync with whole models leaves heads out) deltas added both groups' mean changes to
+    the head: the head stepped twice. Now a group's slice-only updates give that slice in both
+    rules (models' overwrite), the fold and the reference alike."""
+    from coordinator.strategies.aggregate import fedavg, fedavg_deltas
+    from coordinator.strategies.base import BufferedUpdate, StaticView
+
+    rng = np.random.default_rng(7)
+    current = rng.standard_normal(SPEC.size).astype(np.float32)
+    view = StaticView(spec=SPEC, version=3, weights=current)
+
+    def update(device: str, n: int, group: str) -> BufferedUpdate:
+        size = SPEC.size if group == "full" else SPEC.group_size(group)
+        w = (current[SPEC.group_slice(group)] + rng.standard_normal(size)).astype(np.float32)
+        return BufferedUpdate(device=device, seq=1, base_version=3, staleness=0, n_samples=n, weights=w, group=group)
+
+    updates = [update("a", 1, "full"), update("h", 2, "classifier"), update("b", 3, "full")]
+    out = {}
+    for combine in ("models", "deltas"):
+        s = make_strategy("spin", combine=combine, combiner=combiner, clip_multiplier=0.0, sample_weight_cap=0.0)
+        for u in updates:
+            s.on_update(view, u, 0.0)
+        out[combine] = s.aggregate(view, updates)
+    head = updates[1].weights  # the one head-only update: its slice, in every combiner
+    np.testing.assert_allclose(out["models"][HEAD], head, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(out["deltas"][HEAD], head, rtol=0, atol=1e-6)  # old: head + the whole models' change
+    np.testing.assert_allclose(out["deltas"], out["models"], rtol=0, atol=1e-5)
+    if combiner == "mean":
+        reference = fedavg(current, updates, SPEC)
+        np.testing.assert_allclose(out["models"], reference, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(fedavg_deltas(current, updates, SPEC, view.weights_at), reference, rtol=0, atol=1e-6)
+

@@ -1,8 +1,10 @@
 """Aggregation maths: pure functions over flat float32 vectors.
 
-Updates may carry the whole vector or one layer group's slice (LASP). Each slice of the
-new global model is the weighted mean over the updates that carry it; slices no update
-carries keep their current values.
+Updates may carry the whole vector or one layer group's slice (LASP). The whole updates
+give every slice; a group whose slice-only updates are in the buffer takes their mean
+instead (the same in both rules: a model's mean, or the current slice plus their mean
+change); slices no update carries keep their current values. (The core no longer hands a
+strategy such a mix: a full sync with whole models leaves head-only updates out.)
 
 The averaging strategies no longer call ``weighted_average`` / ``fedavg`` / ``fedavg_deltas``
 on the hot path: they fold each update on arrival (:mod:`coordinator.strategies.robust`).
@@ -74,18 +76,25 @@ def fedavg_deltas(
     Equal to :func:`fedavg` when every update starts from the current version and η = 1;
     with stale updates it keeps the progress made since their base instead of dragging the
     model back to it. An update whose base is no longer retained falls back to
-    ``w_k − w`` (model averaging) for its share.
+    ``w_k − w`` (model averaging) for its share. As in :func:`weighted_average`, a group's
+    slice-only updates give that slice alone (its mean change replaces the whole updates'
+    there; adding both changes stepped the slice twice).
     """
     out = np.array(current, dtype=np.float32, copy=True)
     totals: dict[str, float] = {}
     for u in updates:
         totals[u.group] = totals.get(u.group, 0.0) + float(u.n_samples)
-    for u in updates:
-        total = totals[u.group]
+    for group in sorted(totals, key=lambda g: g != "full"):  # full first, then each group's own
+        total = totals[group]
         if total <= 0:
             continue
-        sl = spec.group_slice(u.group)
-        base = base_of(u.base_version)
-        reference = current[sl] if base is None else base[sl]
-        out[sl] += np.float32(server_lr * u.n_samples / total) * (u.weights - reference)
+        sl = spec.group_slice(group)
+        if group != "full":
+            out[sl] = current[sl]
+        for u in updates:
+            if u.group != group:
+                continue
+            base = base_of(u.base_version)
+            reference = current[sl] if base is None else base[sl]
+            out[sl] += np.float32(server_lr * u.n_samples / total) * (u.weights - reference)
     return out

@@ -30,8 +30,8 @@ over the model (``combine``):
 Here ``x_k`` is the (clipped) model ``w_base + c·d`` (``models``: the paper's SPIN rule) or the
 (clipped) change ``c·d`` (``deltas``). Group semantics follow
 :func:`coordinator.strategies.aggregate.weighted_average` / ``fedavg_deltas`` exactly: models —
-full updates first, then each layer group's slice overwrites its part; deltas — every group's
-mean change is added.
+full updates first, then each layer group's slice overwrites its part; deltas — the same, with
+the current slice plus the group's mean change (not added on top of the whole updates' change).
 
 The fold is used only if it was built from exactly the updates the core hands to the trigger
 (same keys, groups, version and current vector); otherwise — updates restored without the
@@ -765,8 +765,9 @@ class RobustAggregator:
                     continue
                 sl = spec.group_slice(g)
                 target = out[sl]
-                self._scale_into(self._acc[g], target, current[sl], self._scale[g] / self._total[g],
-                                 add_to=target if self.deltas else None)
+                # deltas: the group's mean change goes onto the current slice, replacing the whole
+                # updates' there (as models' overwrite; adding both stepped the slice twice)
+                self._scale_into(self._acc[g], target, current[sl], self._scale[g] / self._total[g])
             return out
         out = np.array(current, dtype=np.float32, copy=True)
         assert self._rows is not None or not groups
@@ -777,19 +778,18 @@ class RobustAggregator:
             sl = spec.group_slice(g)
             rows = self._member_rows(members, sl)
             combined = self._reduce(rows, [e.weight for e in members])
-            if self.deltas:
-                out[sl] += np.float32(self.server_lr) * combined
+            if self.deltas:  # onto the current slice (a group's slice replaces the whole updates' there)
+                out[sl] = current[sl] + np.float32(self.server_lr) * combined
             else:
                 out[sl] = combined
         return out
 
-    def _scale_into(self, acc: np.ndarray, out: np.ndarray, current: np.ndarray, factor: float,
-                    add_to: np.ndarray | None = None) -> None:
-        """out = acc·factor (models) or base + η·acc·factor (deltas; base = ``add_to`` or current)."""
+    def _scale_into(self, acc: np.ndarray, out: np.ndarray, current: np.ndarray, factor: float) -> None:
+        """out = acc·factor (models) or current + η·acc·factor (deltas)."""
         if not self.deltas:
             np.multiply(acc, np.float32(factor), out=out)
             return
-        base = current if add_to is None else add_to
+        base = current
         f = np.float32(self.server_lr * factor)
         for s in range(0, acc.shape[0], _CHUNK):
             e = min(s + _CHUNK, acc.shape[0])
