@@ -692,7 +692,7 @@ class CoordinatorCore:
             if u.seq <= self._applied_upto.get(u.device, -1):
                 continue  # applied by the last commit; its file outlived the crash
             self._buffer_update(u)
-            self.strategy.on_restore(self._view, u)  # averaging strategies rebuild their fold
+            self.strategy.on_restore(self._view, self._as_applied(u))  # averaging strategies rebuild their fold
 
     # ------------------------------------------------------------------ view (for strategies)
 
@@ -1349,7 +1349,7 @@ class CoordinatorCore:
             actions += self._admit(update, now)
         else:
             self._buffer_update(update)
-            self.strategy.on_update(self._view, update, now)
+            self.strategy.on_update(self._view, self._as_applied(update), now)
         ack = Ack(device=msg.device, seq=msg.seq, status="accepted", version=self._version)
         return [*actions, self._publish(ack_topic, encode(ack))]
 
@@ -1414,7 +1414,7 @@ class CoordinatorCore:
                     hints=dict(self.config.hints), deadline=parked.deadline,
                 )]
         self._buffer_update(update)
-        self.strategy.on_update(self._view, update, now)
+        self.strategy.on_update(self._view, self._as_applied(update), now)
         return []
 
     def _admissible(self, weights: Vector) -> bool:
@@ -1570,6 +1570,17 @@ class CoordinatorCore:
             aggregated=True,
         )
         return commit
+
+    def _as_applied(self, u: BufferedUpdate) -> BufferedUpdate:
+        """The update as the next version will take it, for the strategy's hooks: a whole model's
+        head at a partial version. The robust fold then measures, clips, counts and records in its
+        norm window what is applied (the head), not the whole change: a huge extractor change
+        with an ordinary head was counted ``clipped`` and put its norm into the whole models'
+        window, while the head went in unclipped. (The trigger refolds from what _aggregate hands
+        over when the two differ: a schedule changed in between.)"""
+        if self.config.full_sync_every and u.group == FULL and not self.next_version_is_full():
+            return self._partial(u)
+        return u
 
     def _partial(self, u: BufferedUpdate) -> BufferedUpdate:
         group = self.config.partial_group

@@ -231,3 +231,39 @@ def test_deltas_equal_models_on_a_buffer_mixing_whole_and_head_only_updates(comb
         np.testing.assert_allclose(out["models"], reference, rtol=0, atol=1e-6)
         np.testing.assert_allclose(fedavg_deltas(current, updates, SPEC, view.weights_at), reference, rtol=0, atol=1e-6)
 
+
+def test_a_whole_model_at_a_partial_version_is_clipped_and_counted_by_its_head() -> None:
+    """At a partial version only a whole model's head is applied, but the fold on arrival measured
+    the whole change: a huge extractor change with an ordinary head was counted ``clipped`` and its
+    norm went into the whole models' window (the median later updates are clipped against), while
+    the head went in unclipped. The hooks now see the head at a partial version: counts and windows
+    describe what is applied. (A huge head is still clipped: the second half.)"""
+    from tests.test_coordinator_core import upd
+
+    strategy = make_strategy("spin", k=1, timeout_s=None, min_known=2, clip_multiplier=3.0, sample_weight_cap=0.0)
+    core = CoordinatorCore(CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, full_sync_every=3),
+                           strategy, toy_snapshot(), rng=random.Random(0))
+
+    def send(device: str, seq: int, ext_step: float, head_step: float) -> CommitVersion:
+        w = core.weights.copy()
+        w[EXT] += ext_step
+        w[HEAD] += head_step
+        (commit,) = [a for a in core.handle(upd(device, seq, weights=w, base=core.version)) if isinstance(a, CommitVersion)]
+        return commit
+
+    for seq in range(1, 7):  # versions 1-6: whole models with ordinary steps (3 and 6 are full syncs)
+        send(f"d{seq % 3}", seq, 0.1, 0.1)
+    assert core.version == 6 and not core.next_version_is_full()
+    before = core.weights.copy()
+    commit = send("x", 1, 1000.0, 0.1)
+    assert commit.version == 7 and not commit.metadata["full_sync"]
+    np.testing.assert_allclose(commit.weights[HEAD] - before[HEAD], 0.1, rtol=1e-5)  # the head, unclipped
+    np.testing.assert_array_equal(commit.weights[EXT], before[EXT])
+    robust = strategy.describe()["robust"]["counts"]
+    norms = strategy.checkpoint()["robust"]["norms"]
+    assert robust.get("clipped", 0) == 0  # old: 1
+    assert [d for d, _, _ in norms["full"]] == ["d0", "d0"]  # the full syncs' (3, 6); old: every whole model's, x's 2449 too
+    assert ["x", 1] in [row[:2] for row in norms["classifier"]]
+    commit = send("y", 1, 0.1, 1000.0)  # version 8, partial: a huge head is clipped, and counted
+    assert np.all(commit.weights[HEAD] - before[HEAD] < 2.0)
+    assert strategy.describe()["robust"]["counts"]["clipped"] == 1
