@@ -431,7 +431,7 @@ def test_coordinator_process_metrics_probes_presence_sighup_and_status(mosquitto
             assert m[("edgeci_commit_seconds_count", ())] == 1 and m[("edgeci_aggregation_seconds_count", ())] == 1
             assert status["alive"] is True and abs(status["published_at"] - time.time()) < 30
             problems = {labels[0][1]: v for (name, labels), v in m.items() if name == "edgeci_problems_total"}
-            assert problems == {"publish_refused": 0, "storage_failures": 0, "duplicate_coordinator": 0, "core_failures": 0, "messages_dropped": 0,
+            assert problems == {"publish_refused": 0, "storage_failures": 0, "storage_relapses": 0, "duplicate_coordinator": 0, "core_failures": 0, "messages_dropped": 0,
                                 "malformed_packets": 0, "unsubscribed": 0, "actor_errors": 0}
             assert m[("edgeci_broker_connected", ())] == 1
 
