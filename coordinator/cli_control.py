@@ -28,6 +28,7 @@ from typing import Any
 
 from coordinator.cli_status import liveness, operator_auth, wait_seconds
 from coordinator.config import bounded
+from coordinator.metrics import WILL_REASON
 from edge_sdk.errors import ConfigError, EdgeciError
 from edge_sdk.mqtt import MqttTransport, add_broker_arguments, read_bundle
 from edge_sdk.signing import Signer, load_signer
@@ -312,6 +313,7 @@ def _control(args: argparse.Namespace, command: str) -> int:
         topic = topics.control_topic(args.region)
         transport.publish(topic, encode(msg, signer=signer, scope=topics.signing_scope(topic)))
         deadline = started + args.wait
+        dropped = False  # its last will was seen (it did not stop: it was cut off)
         while time.monotonic() < deadline:
             seen.clear()
             seen.wait(max(0.0, deadline - time.monotonic()))
@@ -332,11 +334,19 @@ def _control(args: argparse.Namespace, command: str) -> int:
                 print(f"the coordinator refused {command}: {refused.get('reason')}: {refused.get('detail')}")
                 return 1
             if status.get("alive") is False:
+                if status.get("reason") == WILL_REASON:  # the broker lost it: it may come back (a restart, a redelivery)
+                    if not dropped:
+                        print(f"the coordinator of region {args.region!r} lost its broker connection before confirming "
+                              f"{command}: waiting for it to come back (up to --wait {args.wait:g} s)")
+                    dropped = True
+                    continue
                 print(f"the coordinator of region {args.region!r} stopped before confirming {command}")
                 return 1
         reasons = (statuses[-1].get("extra", {}).get("rejected_by_reason") or {})
         grew = sorted(k for k, n in reasons.items() if n > (before.get("rejected_by_reason") or {}).get(k, 0))
-        hint = (f"it rejected messages meanwhile ({', '.join(grew)})" if grew else
+        hint = ("it lost its broker connection and did not come back (the command took effect or the broker keeps "
+                "it for the coordinator's return; `edgeci status` shows the release before you send it again)" if statuses[-1].get("alive") is False else
+                f"it rejected messages meanwhile ({', '.join(grew)})" if grew else
                 "a key it does not trust, a clock more than 5 minutes off, a broker ACL that refused the publish, "
                 "or its disk failing as it recorded the command (then it may have taken effect: `edgeci status` "
                 "shows the release before you send it again)")

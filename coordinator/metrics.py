@@ -429,9 +429,14 @@ def stamp_status(payload: bytes, *, alive: bool, now: float, heartbeat_s: float,
     return prefix + (b"}" if body == b"{}" else b", " + body[1:])
 
 
+WILL_REASON = "connection lost (last will)"
+"""The ``reason`` of the coordinator's last will: the broker lost the connection (a crash, a network
+cut, or the daemon's own close for a redelivery, after which it reconnects and says ``alive`` again)."""
+
+
 def status_will(region: str, coordinator: str, instance: str = "") -> bytes:
     """The coordinator's MQTT last will on its status topic: ``alive: false``."""
     return json.dumps({
         "v": 1, "type": "status", "region": region, "coordinator": coordinator, "alive": False,
-        "reason": "connection lost (last will)", **({"instance": instance} if instance else {}),
+        "reason": WILL_REASON, **({"instance": instance} if instance else {}),
     }, sort_keys=True).encode()
