@@ -155,6 +155,28 @@ def test_age_ledger_falls_back_to_one_unit_per_version() -> None:
     assert len(ledger.age_at) <= 64
 
 
+def test_a_merge_is_aged_under_the_version_it_is_committed_as() -> None:
+    """A merge onto the version a start resumed from waits for its number (a restart may have
+    skipped unreadable versions): the next view's version, or the restored one when the checkpoint
+    was taken before (it is stored with the merge's commit). Once a commit was seen since the
+    start, a merge is the next version at once."""
+    ledger = AgeLedger()
+    ledger.see(2)  # resumed from 2; the registry skipped 3-5
+    ledger.record_merge(2, 30.0)
+    assert ledger.age == 30.0 and ledger.age_at == {}
+    state = json.loads(json.dumps(ledger.checkpoint(counts=False)))
+    ledger.see(6)
+    assert ledger.age_at == {6: 30.0}
+    ledger.record_merge(6, 31.0)
+    assert ledger.age_at == {6: 30.0, 7: 31.0} and "merge_age" not in ledger.checkpoint()
+    restored = AgeLedger()
+    restored.restore(state)  # restarted from the merge's commit, 6
+    assert restored.age == 30.0 and restored.age_at == {}
+    restored.see(6)
+    assert restored.age_at == {6: 30.0}
+    assert restored.age_of(6, 9) == 30.0  # not the fallback, 30 - 3
+
+
 def test_default_h_inter_is_clients_over_five_n() -> None:
     p = SpykerPeering("a", ["a", "b", "c", "d"], SpykerPeerConfig(n_clients=100))
     assert p.h_inter() == 5.0
@@ -583,7 +605,8 @@ def test_ages_converge_when_coordinators_sync(script: list[tuple[int, int]]) -> 
 class Bus:
     """Three real CoordinatorCores joined by an instant in-memory broker."""
 
-    def __init__(self, names: list[str], strategy: str = "spyker", peering: str = "spyker", **peer: object) -> None:
+    def __init__(self, names: list[str], strategy: str = "spyker", peering: str = "spyker",
+                 snapshots: dict[str, Snapshot] | None = None, **peer: object) -> None:
         self.now = 0.0
         self.cores: dict[str, CoordinatorCore] = {}
         self.commits: dict[str, list[CommitVersion]] = {n: [] for n in names}
@@ -593,7 +616,7 @@ class Bus:
             strat = make_strategy(strategy)
             cfg = CoordinatorConfig(region=f"r-{n}", coordinator_id=n, spec=SPEC, hints={"lr": 0.05}, signer=Signer.generate())
             p = make_peering(peering, coordinator_id=n, ring=names, strategy=strat, params=peer)
-            snap = Snapshot(version=0, weights=vec(0.0))
+            snap = (snapshots or {}).get(n) or Snapshot(version=0, weights=vec(0.0))
             self.cores[n] = CoordinatorCore(cfg, strat, snap, rng=random.Random(0), peering=p)
         for n, core in self.cores.items():
             self.run(n, core.start(self.now))
@@ -656,6 +679,30 @@ def test_three_real_cores_exchange_models_and_commit_merges() -> None:
     status = parse_status_json(status_json(bus.cores["a"].status()))  # what the retained status carries
     assert status["extra"]["peering"]["name"] == "spyker" and status["extra"]["peering"]["merges"] >= 1
     assert status["extra"]["peering"]["known_token"] is not None
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_a_merge_after_a_restart_past_unreadable_versions_is_aged_under_its_committed_version(mode: str) -> None:
+    """a resumes from version 2 with 3-5 unreadable (the registry skips them: the next commit is 6)
+    and its first commit is a merge of b's model. Its age belongs to version 6, the number the core
+    gives it; the old code filed it under version + 1 = 3, a version never committed (and version
+    6, asked for by every device trained from it, was aged by the fallback, one unit per version)."""
+    floor = Snapshot(version=2, weights=vec(0.0), version_floor=5)
+    bus = Bus(["b", "a"], snapshots={"a": floor}, mode=mode, h_inter=3.0, h_intra=10.0, beacon_s=1.0, token_timeout_s=4.0)
+    for _ in range(4):
+        bus.advance(0.5)
+    for seq in range(12):
+        bus.send_update("b", "dev-b", seq, 1.0)
+    for _ in range(10):
+        bus.advance(0.5)
+    merges = [c for c in bus.commits["a"] if c.metadata["source"] == "peer"]
+    assert merges and bus.commits["a"][0] is merges[0] and merges[0].version == 6
+    ledger = cast(SpykerStrategy, bus.cores["a"].strategy).ledger
+    age = merges[0].metadata["age"]
+    assert age > 0 and ledger.age_at.get(6) == age
+    assert 3 not in ledger.age_at  # the old code: {3: age}, and no entry for 6
+    later = [c.version for c in bus.commits["a"][1:]]  # each later merge is numbered version + 1 at once
+    assert all(ledger.age_at.get(v) == c.metadata["age"] for v, c in zip(later, bus.commits["a"][1:], strict=True))
 
 
 def test_a_token_re_routed_to_a_third_coordinator_gives_no_second_holder() -> None:

@@ -429,6 +429,7 @@ class SpykerPeering(Peering):
     # ------------------------------------------------------------------ hooks
 
     def on_timer(self, view: CoordinatorView, now: float) -> PeerPlan:
+        self.ledger.see(view.version)  # the number of a merge committed since the last call
         self.now = now
         self.clients_here = len(view.devices_seen)
         if not self.started:
@@ -452,6 +453,7 @@ class SpykerPeering(Peering):
         return PeerPlan(sends=tuple(sends))
 
     def on_version(self, view: CoordinatorView, now: float) -> PeerPlan:
+        self.ledger.see(view.version)
         self.now = now
         self.clients_here = len(view.devices_seen)
         if self.strategy is None:  # another strategy aggregates: one unit of age per version
@@ -645,7 +647,7 @@ class SpykerPeering(Peering):
         cfg = self.config
         age_j = _age(body)
         merged, new_age = server_merge(view.weights, self.age, msg.weights, age_j, phi=cfg.phi, eta_a=cfg.eta_a)
-        self.ledger.record(view.version + 1, new_age)  # the core commits the merge as the next version
+        self.ledger.record_merge(view.version, new_age)  # numbered by the commit (after a restart: not version + 1)
         done.add(sid)
         if len(done) > _KEEP_SIDS:
             done.discard(min(done))
@@ -871,13 +873,14 @@ class SyncSpykerPeering(Peering):
         self.round += 1
         self.models = {}
         self.ledger.hold = False
-        self.ledger.record(view.version + 1, age)  # the core commits the merge as the next version
+        self.ledger.record_merge(view.version, age)  # numbered by the commit (after a restart: not version + 1)
         self.age_prev = age
         self.last_sync_end = now
         self.syncs += 1
         return PeerPlan(merged=merged, meta={"round": self.round, "models": got, "age": age})
 
     def on_version(self, view: CoordinatorView, now: float) -> PeerPlan:
+        self.ledger.see(view.version)
         if self.strategy is None:  # another strategy aggregates: one unit of age per version
             self.ledger.record(view.version, self.ledger.age + 1.0)
         if not self.peers or self.syncing or not self._due(now):
@@ -885,6 +888,7 @@ class SyncSpykerPeering(Peering):
         return PeerPlan(sends=tuple(self._join(view, now)))
 
     def on_timer(self, view: CoordinatorView, now: float) -> PeerPlan:
+        self.ledger.see(view.version)
         if not self.peers:
             return PeerPlan()
         if self.syncing:

@@ -70,13 +70,44 @@ class AgeLedger:
         """The next :meth:`take_changed` is every count: no commit holds this ledger's map yet."""
         self.hold = False
         """Sync-Spyker: a server synchronisation is in progress; client updates wait in the buffer."""
+        self._first_seen: int | None = None
+        """The first version a view showed since this start or restore (:meth:`see`)."""
+        self._merge: tuple[int, float] | None = None
+        """A peer merge waiting for its version number: the version it was merged onto, and its age."""
 
     def record(self, version: int, age: float) -> None:
         self.age = age
+        self._keep(version, age)
+
+    def _keep(self, version: int, age: float) -> None:
         self.age_at[version] = age
         if len(self.age_at) > _KEEP_AGES:
             for v in sorted(self.age_at)[: -_KEEP_AGES]:
                 del self.age_at[v]
+
+    def see(self, version: int) -> None:
+        """The version a coordinator view shows (the strategy and the peering pass it at each call):
+        a peer merge waiting for its number (:meth:`record_merge`) gets the first one above the
+        version it was merged onto, which is the number the core committed it as."""
+        if self._first_seen is None:
+            self._first_seen = version
+        if self._merge is not None and version > self._merge[0]:
+            self._keep(version, self._merge[1])
+            self._merge = None
+
+    def record_merge(self, onto: int, age: float) -> None:
+        """A peer merge onto version ``onto`` (the view's) with age ``age``, which the core commits
+        as its newest version + 1 (``CoordinatorCore._commit``): ``onto + 1`` once a commit was seen
+        since this start (a committed version is above any version the registry skipped unread);
+        before that a restart may have skipped some, and the number is taken from the next view
+        (:meth:`see`). Recording ``onto + 1`` there filed the merge's age under a version that was
+        never committed (3 for the commit numbered 6, resumed from 2 with 3-5 unreadable)."""
+        self.see(onto)
+        if self._first_seen is not None and onto > self._first_seen:
+            self.record(onto + 1, age)
+        else:
+            self.age = age
+            self._merge = (onto, age)
 
     def age_of(self, version: int, current_version: int) -> float:
         """Age of the model at ``version`` (what a client trained from). Versions older
@@ -104,6 +135,8 @@ class AgeLedger:
         counts apart, in O(changed), see :meth:`take_changed`)."""
         recent = sorted(self.age_at)[-8:]
         state: dict[str, Any] = {"age": self.age, "age_at": {str(v): self.age_at[v] for v in recent}}
+        if self._merge is not None:  # this commit is the merge: the restored version is its number
+            state["merge_age"] = self._merge[1]
         if counts:
             state["updates"] = dict(self.updates)
         return state
@@ -122,6 +155,10 @@ class AgeLedger:
         too, and stored whole with the next commit."""
         self.age = float(state.get("age", 0.0))
         self.age_at = {int(k): float(v) for k, v in dict(state.get("age_at", {})).items()}
+        # A new start: the next view shows the restored version, the number of a merge checkpointed
+        # before it had one (the commit it was stored with is that merge).
+        self._first_seen = None
+        self._merge = (-1, float(state["merge_age"])) if "merge_age" in state else None
         self.restore_counts(dict(state.get("updates", {})))
         self._whole = True
 
@@ -177,6 +214,7 @@ class SpykerStrategy(Strategy):
         self.dropped_stale = 0
 
     def plan(self, view: CoordinatorView, now: float, rng: random.Random) -> Plan:
+        self.ledger.see(view.version)  # the number of a peer merge committed since the last call
         return Plan(aggregate=bool(view.buffer) and not self.ledger.hold)
 
     def on_update(self, view: CoordinatorView, update: BufferedUpdate, now: float) -> None:
@@ -184,6 +222,7 @@ class SpykerStrategy(Strategy):
 
     def aggregate(self, view: CoordinatorView, updates: Sequence[BufferedUpdate]) -> Vector:
         cfg, ledger = self.config, self.ledger
+        ledger.see(view.version)
         out = np.array(view.weights, dtype=np.float32, copy=True)
         age = ledger.age
         policy = make_policy(cfg.staleness, a=cfg.a, bound=cfg.max_staleness)
