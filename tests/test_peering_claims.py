@@ -27,7 +27,7 @@ from coordinator.strategies.spyker import SpykerStrategy
 from edge_sdk.errors import ConfigError, MalformedMessage
 from edge_sdk.wire.codec import decode, encode
 from edge_sdk.wire.messages import PeerMsg
-from tests.peering_harness import SPEC, View, settle, spyker_ring
+from tests.peering_harness import SPEC, Envelope, View, settle, spyker_ring
 
 
 def vec(value: float) -> np.ndarray:
@@ -201,6 +201,35 @@ def test_an_honest_ring_leaves_no_model_unexplained() -> None:
     assert [(p.counters.models_unexplained, p.counters.holds_ignored) for p in spykers] == [(0, 0)] * 4
     broadcasts = [sorted(sid for _, sid in node.broadcasts) for node in ring.nodes.values()]
     assert all(b == broadcasts[0] for b in broadcasts)  # every sync id answered by every coordinator
+
+
+@pytest.mark.parametrize("ahead", [1, 10**6])
+def test_a_peers_beats_claiming_the_token_moved_on_no_longer_drop_holders_or_force_regenerations(ahead: int) -> None:
+    """helper-134: d's beats (one a second, 100 s, not holding) claimed the token ``ahead`` hops past
+    the largest position known: each holder that learnt it dropped its token (rule 3) and the real
+    holder's beats, below the known position, were no evidence, so the ring regenerated every
+    token_timeout_s: 21 regenerations at a, b and c instead of 1, 630 merges instead of 927. A
+    position is now learnt from its holder only (a hold rule 6 believes, or the position after it:
+    the pass), and ``ahead`` = 1 shows the next position is not enough from anyone else."""
+    names = ["a", "b", "c", "d"]
+    ring = spyker_ring(names)
+    settle(ring, 5)
+    rng = random.Random(0)
+    at = 1000.0
+    honest = [p for p in (ring.nodes[n].peering for n in "abc") if isinstance(p, SpykerPeering)]
+    for step in range(400):
+        if step % 4 == 0:
+            ring.local_updates(rng.choice(names[:3]), rng.randint(1, 6))
+            epoch, created, origin, hop = max(p.known for p in honest if p.known is not None)
+            at += 1.0
+            beat = {"at": at, "age": 0.0, "clients": 5, "pos": [epoch, created, origin, hop + ahead], "hold": False}
+            for r in "abc":
+                ring.net.append(Envelope("d", r, "beat", encode(PeerMsg(sender="d", kind="beat", body=beat)), [r]))
+        settle(ring, 0.25)
+    assert sum(p.counters.regenerations for p in honest) <= 2  # the old code: 21 (1: ring[0]'s first token)
+    assert sum(p.counters.tokens_dropped for p in honest) == 0  # the old code: 1 (the others never held long)
+    assert sum(p.counters.tokens_passed for p in honest) >= 100  # the old code: 60
+    assert all(p.describe()["positions_ignored"] >= 90 for p in honest)  # d's claims, counted
 
 
 # --------------------------------------------------------------------------- Sync-Spyker: rounds
