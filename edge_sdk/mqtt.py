@@ -143,6 +143,10 @@ long). Acknowledged, not only sent: mosquitto before 2.0.22 answers a QoS 1 PUBL
 client closed before its PUBACK went out with "disconnected due to out of memory" — and
 publishes the client's last will over the message just sent (mosquitto #3253: a coordinator's
 retained "stopped" status read "connection lost" about once in 40 stops)."""
+DISCONNECT_PACKET = b"\xe0\x00"
+"""MQTT 3.1.1 DISCONNECT: :meth:`MqttTransport.redeliver` ends with it, so the broker drops our last
+will (a will says ``alive: false``: devices fail over on it, ``edgeci pin`` took it for a stop)
+and keeps the session, whose unacknowledged messages it sends again at the reconnect [MQTT-4.4.0-1]."""
 REDELIVER_FLUSH_S = 2.0
 """The longest :meth:`MqttTransport.redeliver` waits for the socket to take what is queued
 (the PUBACKs already released among it) before it closes the connection."""
@@ -934,7 +938,8 @@ class MqttTransport:
         ``RECONNECT_MIN_S``; the owner paces its redeliveries, the backoff does not grow). What
         is queued before the close, the PUBACKs :meth:`ack` released included, is written
         first (waiting up to ``REDELIVER_FLUSH_S`` for the socket): cut off, their messages
-        came back as duplicates."""
+        came back as duplicates. Then an MQTT DISCONNECT (:data:`DISCONNECT_PACKET`): the broker
+        keeps the session and drops our last will."""
         with self._lock:
             self._ack_session += 1
             sock = self._client.socket()
@@ -950,6 +955,8 @@ class MqttTransport:
             self._redelivering = True
             if isinstance(sock, _Corked):
                 sock = sock.sock
+            with contextlib.suppress(OSError):  # (ssl.SSLError is one) unsent: the broker publishes our will
+                sock.send(DISCONNECT_PACKET)
             _wait_sent(sock, deadline)
             shutdown = getattr(sock, "shutdown", None)
             if shutdown is not None:

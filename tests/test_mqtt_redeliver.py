@@ -42,6 +42,8 @@ class Net:
     broker: MosquittoProcess
     holder_auth: BrokerAuth | None
     sender_auth: BrokerAuth | None
+    watcher_auth: BrokerAuth | None = None
+    """Who may read the region's status (TLS + ACL: an operator)."""
 
 
 @pytest.fixture(params=["fast-path", "paho-path", "tls"])
@@ -58,7 +60,7 @@ def net(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.Monk
     secure = SecureBroker(tmp_path / "pki")
     try:
         yield Net(secure.url, SECURE_REGION, secure.broker, BrokerAuth.from_bundle(secure.bundle("coord-sec", "coordinator")),
-                  BrokerAuth.from_bundle(secure.bundle("devA")))
+                  BrokerAuth.from_bundle(secure.bundle("devA")), BrokerAuth.from_bundle(secure.bundle("ops", "operator")))
     finally:
         secure.stop()
 
@@ -67,14 +69,14 @@ class Holder:
     """An own-loop, manual-ack transport driven by an actor, as the coordinator daemon's: it
     holds the PUBACK of every message it receives (its region's device updates)."""
 
-    def __init__(self, net: Net) -> None:
+    def __init__(self, net: Net, will: tuple[str, bytes] | None = None) -> None:
         self.got: list[tuple[bytes, HeldAck | None]] = []
         self.lock = threading.Lock()
         self.connections = 0
         self.transport = MqttTransport(net.url, "coord-sec" if net.holder_auth else "holder",
                                        [topics.device_filter(net.region, "update")], on_message=self._on_message,
                                        own_loop=True, manual_ack=True, auth=net.holder_auth,
-                                       on_connection=self._on_connection)
+                                       on_connection=self._on_connection, will=will)
         self.actor = Actor("holder", lambda event: [], lambda action: None, io=self.transport)
         self.actor.start()
         self.transport.start()
@@ -173,3 +175,37 @@ def test_redeliveries_in_a_row_are_not_taken_for_another_client_or_an_outage(
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert redeliveries == 3 and errors == [], (redeliveries, errors)
     assert max(gaps) < mqtt.RECONNECT_MIN_S + 0.9, gaps
+
+
+def test_a_redeliver_gets_the_held_messages_again_without_the_last_will(net: Net) -> None:
+    """The holder (with a last will on its region's status topic, as the coordinator daemon has)
+    holds 3 messages and calls redeliver(): the broker delivers the 3 again after the reconnect,
+    and a watcher on the status topic sees no will. Before, redeliver() shut the socket down
+    without an MQTT DISCONNECT: the broker published the will (``alive: false``), which devices
+    fail over on and ``edgeci pin`` took for a stop, at every redelivery."""
+    status = topics.status_topic(net.region)
+    seen: list[bytes] = []
+    watcher = MqttTransport(net.url, "ops" if net.watcher_auth else "watcher", [status],
+                            on_message=lambda topic, payload: seen.append(payload), clean_session=True, auth=net.watcher_auth)
+    watcher.start()
+    sender = MqttTransport(net.url, "devA", [], on_message=lambda *_: None, clean_session=True, auth=net.sender_auth)
+    sender.start()
+    holder = Holder(net, will=(status, b"the holder's last will"))
+    try:
+        update = topics.device_topic(net.region, "devA", "update")
+        sent = [b"held-%d" % i for i in range(3)]
+        for payload in sent:
+            sender.publish(update, payload, qos=1)
+        wait_until(lambda: holder.payloads() == sent, 10, "the held messages")
+        holder.on_loop(holder.transport.redeliver)
+        wait_until(lambda: holder.connections == 2, 15, "the reconnect")
+        wait_until(lambda: holder.payloads() == sent + sent, 15, "the held messages, delivered again")
+        time.sleep(1.0)  # (a will is published at once when the broker sees the connection lost)
+        holder.transport.publish(status, b"alive", qos=1)  # (the watcher would see the will: it sees this)
+        wait_until(lambda: b"alive" in seen, 10, "the holder's status, on the watcher")
+    finally:
+        holder.stop()
+        watcher.stop()
+        sender.stop()
+    assert holder.transport.redeliveries == 1
+    assert b"the holder's last will" not in seen, seen
