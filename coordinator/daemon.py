@@ -78,6 +78,12 @@ failure, at most this long. A write that fails where the probe's works (a versio
 record larger than the probe's write on a nearly full disk, one file that cannot be written)
 fails again at each recovery, as the broker delivers its message again: without the backoff,
 a recovery and a redelivery at the probe's pace for ever."""
+def probe_bytes(model_size: int) -> int:
+    """What the storage probe writes (and fsyncs) while storage fails: one float32 model of
+    ``model_size`` values and 64 KB more."""
+    return 4 * model_size + (64 << 10)
+
+
 START_TIMEOUT_S = 15.0
 """How long a start waits for the broker's answer (the CLI's start-up probe waits as long)."""
 REJECTED_LOG_BUDGET = 20
@@ -904,11 +910,8 @@ class CoordinatorDaemon:
         log.error("storage failed again %.1f s after it recovered (%d time(s) in a row): a write larger than the probe's "
                   "(%d bytes) on a nearly full disk, or one file that cannot be written? Resuming no sooner than %.0f s from "
                   "now (doubling up to %.0f s); updates are deferred meanwhile", since, self._relapses,
-                  self._probe_size(), wait, STORAGE_BACKOFF_MAX_S)
+                  probe_bytes(self.task.spec.size), wait, STORAGE_BACKOFF_MAX_S)
         return f"failed again {since:.0f} s after recovering ({self._relapses}x; next try in {wait:.0f} s): {detail}"
-
-    def _probe_size(self) -> int:
-        return 4 * self.task.spec.size + (64 << 10)
 
     def _abandon_batch(self, reason: str) -> None:
         """Drop what the batch held for durability (the rest of the event's actions too) and
@@ -955,7 +958,7 @@ class CoordinatorDaemon:
     def _probe_loop(self) -> None:
         """Probe thread: while storage fails, try a model-sized write + fsync every few seconds
         (a warning at most every :data:`STORAGE_WARN_EVERY_S`, with the failed probes since)."""
-        size = 4 * self.task.spec.size + (64 << 10)  # (_probe_size: this loop runs on test fakes too)
+        size = probe_bytes(self.task.spec.size)
         failed, warned_at = 0, -math.inf
         while not self._probe_stop.wait(self.options.storage_probe_s):
             if self._storage_ok:
