@@ -239,6 +239,12 @@ def _age(body: Mapping[str, Any], key: str = "age") -> float:
     return body_count(body, key, f"peer body: {key!r} must be an age")
 
 
+def _starts(body: Mapping[str, Any], sid: TokenPos) -> bool:
+    """A model whose sender says it holds ``sid``: the start of that sync, not an answer."""
+    raw = body.get("pos")
+    return body.get("hold") is True and raw is not None and _pos(raw) == sid
+
+
 def _pos(value: object, what: str = "token position") -> TokenPos:
     if not isinstance(value, list | tuple) or len(value) != 4:
         raise MalformedMessage(f"peer body: {what} must be [epoch, created_at, origin, hop]")
@@ -541,18 +547,22 @@ class SpykerPeering(Peering):
         for an invented sync id (hop + 1 per message) was merged and committed, 3,000 in 14 s.
         Ignored and counted, not refused: an honest model can be unexplained too, after a restart
         (an answer to a sync started since the last commit) or with the holders' beats lost."""
-        done = self.merged.get(sender, set())
-        if sid in self.did_broadcast or sid == self.answered or sid in done or (len(done) >= _KEEP_SIDS and sid < min(done)):
+        if sid in self.did_broadcast or sid == self.answered or self._merged_already(sender, sid):
             # a sync we took part in (the last one before a restart: answers to it may come after),
             # or a replay that _on_model ignores and counts. (Not every sync id up to ``answered``:
             # positions have no gaps, a peer could invent any number of them below it.)
             return True
-        raw = body.get("pos")
-        if body.get("hold") is True and raw is not None and _pos(raw) == sid:  # the holder's start
+        if _starts(body, sid):  # the holder's start
             prev = self.holds.get(sender)
             at = body_float(body, "at")
             return prev is None or prev[0] == sid or (sid > prev[0] and self._plausible_hold(sender, sid, at, now))
         return any(pos == sid for pos, _ in self.holds.values())  # an answer to the sync of a holder we know
+
+    def _merged_already(self, sender: str, sid: TokenPos) -> bool:
+        """``sender``'s model for ``sid`` was merged (or is older than every sync id kept for it:
+        a replay)."""
+        done = self.merged.get(sender, ())
+        return sid in done or (len(done) >= _KEEP_SIDS and sid < min(done))
 
     def _plausible_hold(self, peer: str, pos: TokenPos, at: float, now: float) -> bool:
         """Can ``peer`` hold ``pos``, above the last position it was seen holding, saying so at ``at``
@@ -658,12 +668,11 @@ class SpykerPeering(Peering):
             raise MalformedMessage("spyker: a model message needs weights")
         body = msg.body
         sid = _pos(body.get("sid"), "sync id")
-        done = self.merged.setdefault(msg.sender, set())
-        if sid in done or (len(done) >= _KEEP_SIDS and sid < min(done)):
-            self.counters.models_ignored += 1  # merged already
+        if self._merged_already(msg.sender, sid):
+            self.counters.models_ignored += 1
             return PeerPlan(counted=True)
-        raw = body.get("pos")
-        if body.get("hold") is True and raw is not None and _pos(raw) == sid:
+        done = self.merged.setdefault(msg.sender, set())
+        if _starts(body, sid):
             self._note_hold(msg.sender, sid, body_float(body, "at"), now)  # its start (_explained found it plausible)
         self._learn_from(msg.sender, body)
         self._learn(sid)  # a sync a holder explains (rule 6)
