@@ -789,13 +789,12 @@ class RobustAggregator:
         if not self.deltas:
             np.multiply(acc, np.float32(factor), out=out)
             return
-        base = current
         f = np.float32(self.server_lr * factor)
         for s in range(0, acc.shape[0], _CHUNK):
             e = min(s + _CHUNK, acc.shape[0])
             t = self._scratch[: e - s]
             np.multiply(acc[s:e], f, out=t)
-            np.add(t, base[s:e], out=out[s:e])
+            np.add(t, current[s:e], out=out[s:e])
 
     def _member_rows(self, members: list[_Entry], sl: slice) -> np.ndarray:
         assert self._rows is not None
