@@ -479,7 +479,8 @@ def check_method(options: CoordinatorOptions) -> None:
         raise ConfigError(f"--peering {options.peering} needs the other coordinators: --peers {own_id},OTHER[,…] (the whole "
                           "ring, this one included, the same on every coordinator)")
     make_method(options.strategy, peering=options.peering, coordinator_id=own_id, ring=options.peers or (own_id,),
-                strategy_params=options.strategy_params, peering_params=options.peering_params)
+                strategy_params=options.strategy_params, peering_params=options.peering_params,
+                full_sync_every=options.full_sync_every)
 
 
 @contextlib.contextmanager

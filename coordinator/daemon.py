@@ -498,7 +498,7 @@ class CoordinatorDaemon:
         make_method(options.strategy, peering=options.peering, coordinator_id=self.coordinator_id,
                     ring=options.peers or (self.coordinator_id,),
                     strategy_params=daemon_strategy_params(options.strategy, options.strategy_params),
-                    peering_params=options.peering_params)
+                    peering_params=options.peering_params, full_sync_every=options.full_sync_every)
         if self.peer_keys and options.peering not in (None, "none"):
             # With provisioned keys a peer without one is never heard: every message of its is refused.
             missing = [p for p in options.peers if p != self.coordinator_id and p not in self.peer_keys]

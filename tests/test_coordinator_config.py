@@ -738,6 +738,25 @@ def test_a_peering_without_other_coordinators_is_refused(peers: tuple[str, ...],
                                     peering="spyker", peers=("sa", "eu")))
 
 
+@pytest.mark.parametrize("strategy", ["hfedms", "fedasync"])
+def test_a_strategy_that_cannot_run_lasp_is_refused_with_the_options(strategy: str, tmp_path: Path) -> None:
+    """`--strategy hfedms --full-sync-every 5` passed the option checks (exit 2, no restart) and
+    was refused only when the daemon built its core (coordinator.methods.check_lasp), after the
+    pretraining, as a runtime ConfigError that systemd restarts. Now the option check says it."""
+    from coordinator.cli import check_method
+    from coordinator.daemon import CoordinatorOptions
+    from edge_sdk.errors import ConfigError
+
+    def options(t: int) -> CoordinatorOptions:
+        return CoordinatorOptions(broker="mqtt://127.0.0.1:1", region="sa", state_dir=tmp_path, strategy=strategy,
+                                  strategy_params={}, full_sync_every=t)
+
+    with pytest.raises(ConfigError, match=rf"strategy '{strategy}' cannot run with LASP \(full_sync_every = 5\)"):
+        check_method(options(5))
+    check_method(options(0))
+    check_method(options(1))
+
+
 @pytest.mark.parametrize(("name", "role", "regions", "argv", "needle"), [
     ("dev-1", "device", ["eu"], ["--region", "eu"], "a device's"),  # it connected as dev-1, knocking that device off
     ("coord-ap", "coordinator", ["ap"], ["--region", "zz", "--id", "coord-ap"], "region(s) ap, not 'zz'"),
