@@ -491,6 +491,12 @@ class Snapshot:
     peer_tallies: Mapping[str, int] | None = None
     """The peering's per-device counts at ``version`` (``CommitVersion.tallies`` accumulated by the
     registry); None: none recorded (older state dirs kept them inside ``peer_state``)."""
+    strategy_state: Mapping[str, Any] = field(default_factory=dict)
+    """The strategy's :meth:`~coordinator.strategies.base.Strategy.checkpoint` at ``version`` (the
+    robust defences' windows and counts, a server optimizer's round, ...), restored before the
+    pending updates are replayed into it."""
+    strategy_name: str | None = None
+    """The strategy ``strategy_state`` belongs to: another strategy's state is not restored."""
     recovered_from: Sequence[str] = ()
     """Newer versions the registry could not read and skipped (shown in status)."""
     version_floor: int = -1
@@ -688,6 +694,11 @@ class CoordinatorCore:
         self._status_version = self._version
         self.counters: Counter[str] = Counter(snapshot.counters)
         self.staleness_hist: Counter[int] = Counter()
+        self._strategy_changed: tuple[str, str] | None = None
+        if snapshot.strategy_name not in (None, strategy.name):  # another strategy's state: not this one's to read
+            self._strategy_changed = (str(snapshot.strategy_name), strategy.name)
+        elif snapshot.strategy_state:
+            strategy.restore_state(snapshot.strategy_state)  # before the pending updates go back into it
         for u in sorted(snapshot.buffer, key=lambda u: (u.arrived_at, u.device, u.seq)):
             if u.seq <= self._applied_upto.get(u.device, -1):
                 continue  # applied by the last commit; its file outlived the crash
@@ -851,6 +862,10 @@ class CoordinatorCore:
             was, now_name = self._peering_changed
             changed.append(Notify(kind="peering_changed", data={"was": was, "now": now_name}))
             self._peering_changed = None
+        if self._strategy_changed is not None:  # said once, at the start (the daemon logs it)
+            was, now_name = self._strategy_changed
+            changed.append(Notify(kind="strategy_changed", data={"was": was, "now": now_name}))
+            self._strategy_changed = None
         if self._floor_dropped is not None:  # said once, at the start (the daemon logs it)
             changed.append(Notify(kind="gate_floor_dropped", data=self._floor_dropped))
             self._floor_dropped = None
@@ -1649,6 +1664,7 @@ class CoordinatorCore:
                 **meta,
                 "last_full_version": self._last_full_version,
                 "counters": dict(self.counters),
+                "strategy_state": self.strategy.checkpoint(),
                 "peering": self.peering.checkpoint(),
                 "peering_name": self.peering.name,
                 **({"conversion": self._switch.checkpoint()} if self._converting else {}),

@@ -1332,6 +1332,8 @@ class Registry:
             peer_state=dict(meta.get("peering", {})),
             peer_name=str(meta["peering_name"]) if isinstance(meta.get("peering_name"), str) else None,
             peer_tallies=tallies,  # (_set_state took its own copy)
+            strategy_state=dict(meta["strategy_state"]) if isinstance(meta.get("strategy_state"), dict) else {},
+            strategy_name=str(meta["strategy"]) if isinstance(meta.get("strategy"), str) else None,
             conversion_state=dict(meta.get("conversion", {})),
             abandoned=[(int(r[0]), int(r[1])) for r in meta.get("abandoned", [])],
             recovered_from=tuple(skipped),

@@ -421,6 +421,68 @@ def test_checkpointed_windows_make_a_restart_clip_exactly_like_no_restart() -> N
     assert float(plain.max()) < 5.0, "the ×1000 update was clipped"
 
 
+def test_a_restart_through_the_registry_clips_exactly_like_no_restart(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The test above hands the checkpoint over by hand; this one goes the real way: every action
+    the core returns goes to a real Registry (updates appended, versions committed), and the
+    restarted core is built from ``Registry.load()``, as the daemon does. Before the commit carried
+    the strategy's checkpoint, the restarted windows held only the two pending updates (fewer than
+    ``min_known``), so the ×1000 update went into version 2 unclipped (its max 334)."""
+    from coordinator.registry import Registry
+    from tests.helpers import toy_snapshot
+
+    strategy, params = "spin", {"k": 3, "timeout_s": None, "min_known": 3}
+
+    def run(restart: bool) -> tuple[Vector, dict[str, int]]:
+        reg = Registry(tmp_path / f"{strategy}-{restart}", SPEC)
+        reg.initialise(toy_snapshot().weights, now=0.0, source="test")
+
+        def apply(actions: Sequence[object]) -> list[object]:
+            for a in actions:
+                if isinstance(a, PersistUpdate):
+                    reg.append_updates([a.update])
+                elif isinstance(a, CommitVersion):
+                    reg.commit(a)
+            return list(actions)
+
+        snap = reg.load()
+        assert snap is not None
+        c = make_coordinator(strategy, snapshot=snap, **params)
+        for i in range(3):
+            apply(c.handle(upd(f"d{i}", 0, 1.0 + 0.1 * i, n=10)))
+        assert c.version == 1
+        for i, value in ((0, 1.5), (1, 1000.0)):
+            apply(c.handle(upd(f"d{i}", 1, value, base=1, n=10)))
+        if restart:
+            reg.close()
+            reg = Registry(tmp_path / f"{strategy}-{restart}", SPEC)
+            snap = reg.load()
+            assert snap is not None and snap.version == 1 and len(snap.buffer) == 2 and snap.strategy_name == strategy
+            c = make_coordinator(strategy, snapshot=snap, **params)
+        (commit,) = [a for a in apply(c.handle(upd("d2", 1, 1.4, base=1, n=10))) if isinstance(a, CommitVersion)]
+        reg.close()
+        return commit.weights, c.strategy.describe()["robust"]["counts"]
+
+    plain, plain_counts = run(restart=False)
+    restarted, restarted_counts = run(restart=True)
+    assert plain_counts == restarted_counts == {"clipped": 1}
+    np.testing.assert_array_equal(plain, restarted)
+    assert float(restarted.max()) < 5.0, "the ×1000 update was clipped"
+
+
+def test_a_state_dir_restarted_under_another_strategy_does_not_read_its_state_and_says_so() -> None:
+    from coordinator.core import Notify
+
+    state = {"robust": {"norms": {"full": [["d1", 0, 1.0]] * 1}, "counts": {"clipped": 7}}}
+    snap = Snapshot(version=0, weights=np.zeros(SPEC.size, np.float32), strategy_state=state, strategy_name="fedbuff")
+    other = make_coordinator("spin", snapshot=snap, k=3)
+    assert other.strategy.describe()["robust"]["counts"] == {}
+    said = [dict(a.data) for a in other.start(0.0) if isinstance(a, Notify) and a.kind == "strategy_changed"]
+    assert said == [{"was": "fedbuff", "now": "spin"}]
+    assert not [a for a in other.start(1.0) if isinstance(a, Notify) and a.kind == "strategy_changed"]  # said once
+    same = make_coordinator("fedbuff", snapshot=snap, k=3)
+    assert same.strategy.describe()["robust"]["counts"] == {"clipped": 7}
+
+
 def test_restore_skips_malformed_checkpoint_entries() -> None:
     agg = RobustAggregator(RobustConfig())
     agg.restore({"claims": [["d", 1, 5.0], ["bad"], ["d", "x", 1.0], ["e", 2, float("nan")]], "norms": {"full": 3},
