@@ -118,6 +118,19 @@ class _SnapshotCollector:
         self._exported: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()  # scrapes may come from several HTTP threads
 
+    def _labelled(self, family: str, values: Mapping[str, Any]) -> dict[str, Any]:
+        """``values`` (label -> the core's count) plus every label of ``family`` exported before that
+        the snapshot no longer has, at 0: :meth:`_count` keeps those at what they reached. A core
+        rebuilt from disk (a storage failure, a core error) counts from its last commit, and from
+        nothing what no commit keeps (the staleness histogram): a label left out made its series
+        end, and a bucket left out took the histogram's count, sum and higher buckets down."""
+        out = {str(label): n for label, n in values.items()}
+        with self._lock:
+            held = [label for fam, label in self._exported if fam == family and label not in out]
+        for label in held:
+            out[label] = 0
+        return out
+
     def _count(self, family: str, label: str, value: float, base: float) -> float:
         """A core counter as exported: from the baseline on, never going down (see
         :meth:`CoordinatorMetrics.count_from`)."""
@@ -168,14 +181,14 @@ class _SnapshotCollector:
         reasons = CounterMetricFamily("edgeci_rejections", "Rejected messages (updates and others) by reason",
                                       labels=["reason"])
         base_reasons = dict(bx.get("rejected_by_reason", {}))
-        for reason, n in sorted(dict(x.get("rejected_by_reason", {})).items()):
-            reasons.add_metric([str(reason)], c("rejections", str(reason), n, base_reasons.get(reason, 0)))
+        for reason, n in sorted(self._labelled("rejections", dict(x.get("rejected_by_reason", {}))).items()):
+            reasons.add_metric([reason], c("rejections", reason, n, base_reasons.get(reason, 0)))
         yield reasons
         refused = CounterMetricFamily("edgeci_control_refused", "Verified operator commands that could not run, by reason "
                                       "(unverified ones are rejected messages)", labels=["reason"])
         base_refused = dict(bx.get("control_refused_by_reason", {}))
-        for reason, n in sorted(dict(x.get("control_refused_by_reason", {})).items()):
-            refused.add_metric([str(reason)], c("control_refused", str(reason), n, base_refused.get(reason, 0)))
+        for reason, n in sorted(self._labelled("control_refused", dict(x.get("control_refused_by_reason", {}))).items()):
+            refused.add_metric([reason], c("control_refused", reason, n, base_refused.get(reason, 0)))
         yield refused
         yield CounterMetricFamily("edgeci_messages_rejected", "Rejected messages other than updates",
                                   value=c("messages_rejected", "", x.get("messages_rejected", 0), bx.get("messages_rejected", 0)))
@@ -197,7 +210,8 @@ class _SnapshotCollector:
                                 value=x.get("devices_online", 0))
         yield GaugeMetricFamily("edgeci_storage_ok", "1 while storage accepts writes", value=1 if x.get("storage_ok", True) else 0)
         base_hist = dict(bx.get("staleness_histogram", {}))
-        yield _staleness({k: c("staleness", str(k), n, base_hist.get(k, 0)) for k, n in dict(x.get("staleness_histogram", {})).items()})
+        hist = self._labelled("staleness", dict(x.get("staleness_histogram", {})))
+        yield _staleness({k: c("staleness", k, n, base_hist.get(k, 0)) for k, n in hist.items()})
         conv = x.get("conversion")
         if isinstance(conv, dict):  # a converting staleness policy (gradient-inversion, dc-asgd)
             outcomes = CounterMetricFamily("edgeci_conversions", "Stale-update conversions by outcome", labels=["outcome"])
@@ -235,8 +249,10 @@ class _SnapshotCollector:
             bcanary: Mapping[str, Any] = bgate.get("canary") or {}
             reports.add_metric(["accepted"], c("canary_reports", "accepted", canary.get("reports", 0), bcanary.get("reports", 0)))
             base_rej = dict(bcanary.get("rejected_by_reason", {}))
-            for reason, n in sorted(dict(canary.get("rejected_by_reason", {})).items()):
-                reports.add_metric([f"rejected:{reason}"], c("canary_reports", f"rejected:{reason}", n, base_rej.get(reason, 0)))
+            rejected = {f"rejected:{reason}": n for reason, n in dict(canary.get("rejected_by_reason", {})).items()}
+            for label, n in sorted(self._labelled("canary_reports", rejected).items()):
+                if label.startswith("rejected:"):  # ("accepted" is exported above, always)
+                    reports.add_metric([label], c("canary_reports", label, n, base_rej.get(label[9:], 0)))
             yield reports
             yield CounterMetricFamily("edgeci_canary_rounds", "Canary rounds opened",
                                       value=c("canary_rounds", "", canary.get("rounds", 0), bcanary.get("rounds", 0)))

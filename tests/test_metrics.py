@@ -9,6 +9,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -180,6 +181,72 @@ def test_core_counters_count_from_the_process_start_and_never_go_down() -> None:
                                                                  "buffered")}, "extra": {"release": 5, "pinned": True}}))
     text = plain.exposition().decode()
     assert "edgeci_release_version 5.0" in text and "edgeci_release_pinned 1.0" in text and "edgeci_version 7.0" in text
+
+
+def test_a_core_rebuilt_from_disk_takes_no_histogram_bucket_or_reason_down(tmp_path: Path) -> None:
+    """helper-141: the test above hands the rebuilt core a staleness histogram it does not get. A
+    rebuild (CoordinatorDaemon._rebuild_core: ``registry.load()``, a new core) restores the counters
+    of the last commit and no histogram at all, and the collector exported only the buckets and
+    reasons the new core had: edgeci_staleness_count went from 6 to 3 after a rebuild and three
+    updates, and a rejection reason counted after the last commit left the exposition."""
+    import random
+
+    import numpy as np
+
+    from coordinator.core import (
+        CommitVersion,
+        CoordinatorConfig,
+        CoordinatorCore,
+        MessageReceived,
+        PersistUpdate,
+    )
+    from coordinator.registry import Registry
+    from coordinator.strategies import make_strategy
+    from edge_sdk.wire import topics
+    from edge_sdk.wire.codec import encode
+    from edge_sdk.wire.messages import Update
+    from tests.helpers import SIGNER, SPEC
+
+    registry = Registry(tmp_path, SPEC)
+    registry.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+
+    def core() -> CoordinatorCore:  # built as the daemon builds one, at its start and at each rebuild
+        snapshot = registry.load()
+        assert snapshot is not None
+        return CoordinatorCore(CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, signer=SIGNER),
+                               make_strategy("spin", k=1, timeout_s=None, clip_multiplier=0.0), snapshot, rng=random.Random(0))
+
+    def update(c: CoordinatorCore, seq: int, base: int, *, value: float = 1.0) -> None:
+        msg = Update(device="d1", seq=seq, model_id="toy", base_version=base, n_samples=1,
+                     weights=np.full(SPEC.size, value, np.float32))
+        for a in c.handle(MessageReceived(now=float(seq), topic=topics.device_topic("r1", "d1", "update"), payload=encode(msg))):
+            if isinstance(a, PersistUpdate):
+                registry.persist_update(a.update)
+            elif isinstance(a, CommitVersion):
+                registry.commit(a)
+
+    def exported(m: CoordinatorMetrics) -> dict[tuple[str, str | None], float]:
+        return {(s.name, s.labels.get("reason")): s.value for fam in text_string_to_metric_families(m.exposition().decode())
+                for s in fam.samples if s.name in ("edgeci_staleness_count", "edgeci_staleness_sum", "edgeci_rejections_total")}
+
+    c = core()
+    m = CoordinatorMetrics()
+    m.count_from(c.status())
+    for seq in range(6):  # staleness 0 .. 5 (d1 trains from version 0 each time)
+        update(c, seq, 0)
+    update(c, 6, 0, value=float("nan"))  # rejected (non_finite) after the last commit: no commit keeps its count
+    m.publish(c.status())
+    before = exported(m)
+    assert before[("edgeci_staleness_count", None)] == 6.0 and before[("edgeci_staleness_sum", None)] == 15.0
+    assert before[("edgeci_rejections_total", "non_finite")] == 1.0
+    c = core()  # rebuilt from disk
+    assert c.status().extra["staleness_histogram"] == {} and "non_finite" not in c.status().extra["rejected_by_reason"]
+    for seq in range(7, 10):  # staleness 0: bucket 0 passes its exported 1, buckets 1 .. 5 hold theirs
+        update(c, seq, c.version)
+    m.publish(c.status())
+    after = exported(m)
+    assert after[("edgeci_staleness_count", None)] == 8.0 and after[("edgeci_staleness_sum", None)] == 15.0
+    assert after[("edgeci_rejections_total", "non_finite")] == 1.0
 
 
 def test_operator_refusals_are_their_own_family_not_rejected_messages() -> None:
