@@ -495,6 +495,8 @@ class Snapshot:
     """The strategy's :meth:`~coordinator.strategies.base.Strategy.checkpoint` at ``version`` (the
     robust defences' windows and counts, a server optimizer's round, ...), restored before the
     pending updates are replayed into it."""
+    staleness_hist: Mapping[int, int] = field(default_factory=dict)
+    """Accepted updates by staleness (capped), as of ``version``: the counters' histogram."""
     strategy_name: str | None = None
     """The strategy ``strategy_state`` belongs to: another strategy's state is not restored."""
     recovered_from: Sequence[str] = ()
@@ -693,7 +695,7 @@ class CoordinatorCore:
         self._status_next_at = float("-inf")
         self._status_version = self._version
         self.counters: Counter[str] = Counter(snapshot.counters)
-        self.staleness_hist: Counter[int] = Counter()
+        self.staleness_hist: Counter[int] = Counter(snapshot.staleness_hist)
         self._strategy_changed: tuple[str, str] | None = None
         if snapshot.strategy_name not in (None, strategy.name):  # another strategy's state: not this one's to read
             self._strategy_changed = (str(snapshot.strategy_name), strategy.name)
@@ -1507,8 +1509,16 @@ class CoordinatorCore:
             plan: Plan = self.strategy.plan(self._view, now, self._rng)
             aggregated = plan.aggregate and bool(self._buffer)
             if aggregated:
-                actions.append(self._aggregate(now))
-                actions += self._run_peer_plan(self.peering.on_version(self._view, now), now)
+                commit = self._aggregate(now)
+                peer_plan = self.peering.on_version(self._view, now)
+                # The version's checkpoint is the peering's state once on_version has counted it
+                # (HierFAVG's edge round, Spyker's age under another strategy): taken before, a
+                # restart resumed one version behind, and a cloud round due at it never started.
+                state = self.peering.checkpoint()
+                if state != commit.metadata["peering"]:
+                    commit = dataclasses.replace(commit, metadata={**commit.metadata, "peering": state})
+                actions.append(commit)
+                actions += self._run_peer_plan(peer_plan, now)
             for device in plan.invite:
                 actions.extend(self._invite(device))
             if not aggregated and not plan.invite:
@@ -1664,10 +1674,12 @@ class CoordinatorCore:
                 **meta,
                 "last_full_version": self._last_full_version,
                 "counters": dict(self.counters),
+                "staleness_hist": {str(k): v for k, v in self.staleness_hist.items()},
                 "strategy_state": self.strategy.checkpoint(),
                 "peering": self.peering.checkpoint(),
                 "peering_name": self.peering.name,
-                **({"conversion": self._switch.checkpoint()} if self._converting else {}),
+                # (carried through runs under a policy that does not convert: "kept for the state dir's life")
+                **({"conversion": self._switch.checkpoint()} if self._converting or self._switch.switch_version is not None else {}),
                 **({"abandoned": [list(r) for r in self._abandoned]} if self._abandoned else {}),
                 "release": self._release_version,
                 "pinned": self._pinned,

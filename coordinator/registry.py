@@ -1328,6 +1328,8 @@ class Registry:
             devices_seen=devices_seen,
             last_aggregation_at=float(meta.get("created_at", 0.0)),
             counters={str(k): int(v) for k, v in meta.get("counters", {}).items()},
+            staleness_hist={int(k): v for k, v in meta.get("staleness_hist", {}).items()
+                            if isinstance(k, str) and k.isdigit() and type(v) is int and v >= 0},
             last_full_version=int(meta.get("last_full_version", version)),
             peer_state=dict(meta.get("peering", {})),
             peer_name=str(meta["peering_name"]) if isinstance(meta.get("peering_name"), str) else None,

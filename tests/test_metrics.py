@@ -186,9 +186,10 @@ def test_core_counters_count_from_the_process_start_and_never_go_down() -> None:
 def test_a_core_rebuilt_from_disk_takes_no_histogram_bucket_or_reason_down(tmp_path: Path) -> None:
     """helper-141: the test above hands the rebuilt core a staleness histogram it does not get. A
     rebuild (CoordinatorDaemon._rebuild_core: ``registry.load()``, a new core) restores the counters
-    of the last commit and no histogram at all, and the collector exported only the buckets and
-    reasons the new core had: edgeci_staleness_count went from 6 to 3 after a rebuild and three
-    updates, and a rejection reason counted after the last commit left the exposition."""
+    of the last commit (and, until the commit carried it, no histogram at all), and the collector
+    exported only the buckets and reasons the new core had: a bucket counted after the last commit
+    took edgeci_staleness_count down (8 → 7 here; 6 → 3 with no histogram restored), and a rejection
+    reason counted after the last commit left the exposition."""
     import random
 
     import numpy as np
@@ -214,7 +215,7 @@ def test_a_core_rebuilt_from_disk_takes_no_histogram_bucket_or_reason_down(tmp_p
         snapshot = registry.load()
         assert snapshot is not None
         return CoordinatorCore(CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, signer=SIGNER),
-                               make_strategy("spin", k=1, timeout_s=None, clip_multiplier=0.0), snapshot, rng=random.Random(0))
+                               make_strategy("spin", k=2, timeout_s=None, clip_multiplier=0.0), snapshot, rng=random.Random(0))
 
     def update(c: CoordinatorCore, seq: int, base: int, *, value: float = 1.0) -> None:
         msg = Update(device="d1", seq=seq, model_id="toy", base_version=base, n_samples=1,
@@ -232,20 +233,20 @@ def test_a_core_rebuilt_from_disk_takes_no_histogram_bucket_or_reason_down(tmp_p
     c = core()
     m = CoordinatorMetrics()
     m.count_from(c.status())
-    for seq in range(6):  # staleness 0 .. 5 (d1 trains from version 0 each time)
+    for seq in range(5):  # staleness 0, 0, 1, 1 (versions 1 and 2 commit them), then 2 (pending: d1 trains from version 0)
         update(c, seq, 0)
-    update(c, 6, 0, value=float("nan"))  # rejected (non_finite) after the last commit: no commit keeps its count
+    update(c, 5, 0, value=float("nan"))  # rejected (non_finite) after the last commit: no commit keeps its count
     m.publish(c.status())
     before = exported(m)
-    assert before[("edgeci_staleness_count", None)] == 6.0 and before[("edgeci_staleness_sum", None)] == 15.0
+    assert before[("edgeci_staleness_count", None)] == 5.0 and before[("edgeci_staleness_sum", None)] == 4.0
     assert before[("edgeci_rejections_total", "non_finite")] == 1.0
-    c = core()  # rebuilt from disk
-    assert c.status().extra["staleness_histogram"] == {} and "non_finite" not in c.status().extra["rejected_by_reason"]
-    for seq in range(7, 10):  # staleness 0: bucket 0 passes its exported 1, buckets 1 .. 5 hold theirs
+    c = core()  # rebuilt from disk: the histogram as of version 2 (the pending update's bucket 2 is not in it)
+    assert c.status().extra["staleness_histogram"] == {"0": 2, "1": 2} and "non_finite" not in c.status().extra["rejected_by_reason"]
+    for seq in range(6, 9):  # staleness 0: bucket 0 goes on from 2, bucket 1 holds 2, bucket 2 holds its exported 1
         update(c, seq, c.version)
     m.publish(c.status())
     after = exported(m)
-    assert after[("edgeci_staleness_count", None)] == 8.0 and after[("edgeci_staleness_sum", None)] == 15.0
+    assert after[("edgeci_staleness_count", None)] == 8.0 and after[("edgeci_staleness_sum", None)] == 4.0
     assert after[("edgeci_rejections_total", "non_finite")] == 1.0
 
 
