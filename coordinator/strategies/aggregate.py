@@ -19,13 +19,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from coordinator.strategies.base import BufferedUpdate
-from coordinator.strategies.staleness import polynomial
 from edge_sdk.spec import ModelSpec, Vector
-
-
-def staleness_weight(staleness: int, a: float = 0.5) -> float:
-    """Polynomial staleness damping s(τ) = (τ + 1)^(−a) (see :mod:`coordinator.strategies.staleness`)."""
-    return polynomial(staleness, a)
 
 
 def weighted_average(
