@@ -53,9 +53,5 @@ class EventQueue:
     def next_time(self) -> float | None:
         return self._heap[0][0] if self._heap else None
 
-    def due(self, until: float) -> bool:
-        """Is there an event at or before ``until``?"""
-        return bool(self._heap) and self._heap[0][0] <= until
-
     def __len__(self) -> int:
         return len(self._heap)
