@@ -178,10 +178,6 @@ class OfflineWindows:
             i += 1
         return t + left
 
-    def offline_seconds(self, t0: float, t1: float) -> float:
-        """Total offline time inside ``[t0, t1)``."""
-        return sum(max(0.0, min(e, t1) - max(s, t0)) for s, e in zip(self.starts, self.ends))
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DeviceProfile:

@@ -127,7 +127,6 @@ def test_offline_windows_queries() -> None:
     # 25 s of work from t = 0: 10 s, pause until 30, 15 more s → 45; across the second window too.
     assert w.after_online(0.0, 25.0) == pytest.approx(45.0)
     assert w.after_online(0.0, 40.0) == pytest.approx(70.0)
-    assert w.offline_seconds(0.0, 100.0) == pytest.approx(30.0)
 
 
 def test_night_window_follows_the_clock() -> None:
