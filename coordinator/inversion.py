@@ -27,7 +27,9 @@ the L1 disparity but points the converted update worse (cosine to the true fresh
 0.29–0.53 against 0.58–0.62 unscaled), so it is off by default.
 
 Privacy: D_rec never leaves this object (no logging, no accessor except
-:meth:`GradientInverter._state_for_tests`), and :meth:`forget` drops it with the device.
+:meth:`GradientInverter._state_for_tests`); it is kept in memory only, for at most ``max_devices``
+devices and ``max_state_bytes`` (the least recently converted go first), and lost at a restart.
+:meth:`forget` drops one device's; the coordinator has no "device left" event to call it from.
 """
 
 from __future__ import annotations

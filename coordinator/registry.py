@@ -619,13 +619,6 @@ class Registry:
             self._npy_header = header
         return self._npy_header
 
-    def checkpoint(self) -> None:
-        """Make the newest committed base durable outside the log (fsync its directory), so
-        that log segments holding only older versions and applied updates can be deleted."""
-        bases = [v for v in self._unsynced if v in self._bases]
-        if bases:
-            self._checkpoint(bases[-1])
-
     def _checkpoint(self, version: int) -> None:
         self._sync_version(version)
         self._checkpointed(version)
