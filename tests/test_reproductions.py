@@ -119,6 +119,31 @@ def test_port_requests_an_update_from_a_device_beyond_the_staleness_bound_once()
     assert off.take_update_requests() == ()
 
 
+def test_port_keeps_requests_and_start_versions_only_for_devices_in_flight() -> None:
+    """helper-142: a daemon has no message for PORT's request (nothing drains the list), and a
+    device FedBuff forgets kept its start version: 5,000 stale jobs of one device left 5,000
+    requests for the process's life; a forgotten device that came back was taken for the old
+    version's straggler."""
+    strategy = PortStrategy(PortConfig(k=1, select=1, staleness_bound=3))
+    view = _View(0, ["slow"], {"slow": 0.0})
+    for job in range(50):  # never drained, as on a daemon
+        view.deferred = {"slow": 0.0}
+        assert strategy.plan(view, float(job), random.Random(0)).invite == ("slow",)  # type: ignore[arg-type]
+        view.version += 4  # others' versions commit meanwhile: its base is more than 3 behind
+        strategy.on_aggregated(view, float(job))  # type: ignore[arg-type]
+        del strategy.in_flight["slow"]  # its update arrived (on_update's bookkeeping, the fold not under test)
+        strategy.requested.discard("slow")
+        strategy.started_version.pop("slow")
+    strategy.on_aggregated(view, 99.0)  # type: ignore[arg-type]
+    assert strategy.update_requests == 50 and strategy.take_update_requests() == ()
+    strategy.in_flight["gone"], strategy.started_version["gone"] = 0.0, 0
+    strategy.on_aggregated(view, 100.0)  # type: ignore[arg-type]
+    assert strategy.take_update_requests() == ("gone",)
+    del strategy.in_flight["gone"]  # forgotten (FedBuff's forget_after_s)
+    strategy.on_aggregated(view, 101.0)  # type: ignore[arg-type]
+    assert "gone" not in strategy.started_version and "gone" not in strategy.requested
+
+
 def _slow_fleet(duration_s: float) -> Settings:
     fast = DeviceProfile(name="fast", compute=ComputeProfile(name="fast", sample_epoch_s=0.2, overhead_s=0.5, spread=0.0),
                          link=PROFILES["paper"].link)

@@ -165,6 +165,15 @@ class PortStrategy(FedBuffStrategy):
 
     def on_aggregated(self, view: CoordinatorView, now: float) -> None:
         super().on_aggregated(view, now)
+        # Only devices in flight are kept: one FedBuff forgot (it came back later and was taken for
+        # the old version's straggler) and a request no driver takes (a daemon: the protocol has
+        # no message for it) used to stay for the process's life.
+        if len(self.started_version) > len(self.in_flight):
+            self.started_version = {d: v for d, v in self.started_version.items() if d in self.in_flight}
+        if self.requested:
+            self.requested.intersection_update(self.in_flight)
+        if self._requests:
+            self._requests = [d for d in self._requests if d in self.in_flight]
         if not self.config.request_update:
             return
         bound = self.config.staleness_bound
