@@ -175,3 +175,42 @@ def test_the_staleness_histogram_comes_back_with_the_counters(tmp_path: Path) ->
     assert node.core.status().extra["staleness_histogram"] == hist  # was {}
     assert node.core.counters["accepted"] == 6
     node.registry.close()
+
+
+def test_a_dead_spyker_peers_beats_captured_before_the_last_commit_stay_replays_after_a_restart(tmp_path: Path) -> None:
+    """Beats carry their sender's clock; one not newer than the sender's last is a replay (helper-115).
+    That last beat was in memory only, so after a restart a dead peer's captured beats, replayed in
+    order, kept it alive again (the token passed to it and lost). The commit now carries each peer's
+    newest beat. (Beats after the last commit are not covered: an idle region commits nothing.)"""
+    from edge_sdk.signing import Signer
+    from edge_sdk.wire.messages import PeerMsg
+
+    b_key = Signer.generate()
+    cfg = CoordinatorConfig(region="ra", coordinator_id="a", spec=SPEC, signer=SIGNER,
+                            peer_keys={"b": b_key.public_raw, "c": Signer.generate().public_raw})
+    pp = {"h_inter": 1e9, "beacon_s": 1.0, "token_timeout_s": 4.0, "stagger_s": 1.0, "sync_timeout_s": 3.0}
+
+    def build() -> tuple[Any, Any]:
+        m = make_method("spin", peering="spyker", coordinator_id="a", ring=("a", "b", "c"),
+                        strategy_params={"k": 1, "timeout_s": None}, peering_params=pp)
+        return m.strategy, m.peering
+
+    def beat(at: float, now: float) -> MessageReceived:
+        topic = topics.peer_topic("a", "beat")
+        msg = PeerMsg(sender="b", kind="beat", body={"at": at, "age": 0.0, "clients": 1, "pos": None, "hold": False})
+        return MessageReceived(now=now, topic=topic, payload=encode(msg, signer=b_key, scope=topics.signing_scope(topic)))
+
+    node = Node(tmp_path / "s", cfg, build, init=True)
+    node.start(0.0)
+    for t in range(1, 11):  # b's beats over 10 s; then b dies
+        node.handle(beat(float(t), float(t)))
+    node.handle(update("ra", "d1", 0, node.core.version, 11.0))  # a version: the commit carries b's newest beat
+    assert node.core.version == 1
+    node = node.restart()
+    node.start(200.0)  # peers count as alive for token_timeout_s (4 s) after a start
+    alive = []
+    for t in range(1, 11):  # the captured beats, replayed in order once that has passed
+        node.handle(beat(float(t), 204.0 + t))
+        alive.append(node.core.peering.alive("b", 204.5 + t))
+    assert node.core.peering.describe().get("beats_ignored", 0) == 10 and not any(alive)  # were 0 and all True
+    node.registry.close()

@@ -766,6 +766,9 @@ class SpykerPeering(Peering):
             "merged": {peer: sorted(list(sid) for sid in sids) for peer, sids in self.merged.items()},
             "regenerations": self.counters.regenerations,
             "syncs_started": self.counters.syncs_started,
+            # each peer's newest beat (its clock): a dead peer's beats captured before this commit and
+            # replayed after a restart are replays still (helper-141: they kept it alive again)
+            "beats": {peer: info.beat_at for peer, info in self.info.items() if math.isfinite(info.beat_at)},
         }
 
     def restore(self, state: Mapping[str, Any]) -> None:
@@ -783,6 +786,10 @@ class SpykerPeering(Peering):
         self.merged = {peer: {sid for sid in sids if sid is not None} for peer, sids in merged.items()}
         self.counters.regenerations = int(state.get("regenerations", 0))
         self.counters.syncs_started = int(state.get("syncs_started", 0))
+        beats = state.get("beats")
+        for peer, at in (beats.items() if isinstance(beats, Mapping) else ()):
+            if peer in self.info and type(at) in (int, float) and math.isfinite(at):
+                self.info[peer].beat_at = float(at)
 
     def _restored_pos(self, raw: object) -> TokenPos | None:
         """A checkpointed position, or None (forgotten, counted) when no peer would take it: a ring
