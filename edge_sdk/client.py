@@ -437,8 +437,12 @@ class EdgeClient:
         if self._deployed is not None and saved_in in epochs:
             epochs[saved_in] = max(epochs[saved_in], self._deployed_epoch)
         pins = {r: self._pins(r) for r in self.regions}
+        # Update nonces from the OS on a durable device: from random.Random(seed) every process drew the same
+        # ones, and a reinstall (seqs from 0 again) matched the nonce the coordinator holds for its seq.
+        # In-memory fleets keep them seeded (reproducible emulator runs).
+        nonces = random.SystemRandom() if self.durable else None
         self.core = DeviceCore(cfg, rng=random.Random(seed), next_seq=next_seq, trained_upto=trained_upto,
-                               total=self._added(), pinned_by_region=pins, epochs=epochs)
+                               total=self._added(), pinned_by_region=pins, epochs=epochs, nonces=nonces)
         if not self.trusted_keys and any(pins.values()):
             log.info("device %s: no provisioned coordinator keys; it trusts the key(s) it pinned on first use (%s) and "
                      "refuses any other; a bundle (`--bundle`, `edgeci pki issue`) replaces them", device_id,

@@ -434,12 +434,18 @@ class DeviceCore:
         pinned: Mapping[str, bytes] | None = None,
         pinned_by_region: Mapping[str, Mapping[str, bytes]] | None = None,
         epochs: Mapping[str, int] | None = None,
+        nonces: random.Random | None = None,
     ) -> None:
         """``pinned``: the home region's trust-on-first-use keys; ``pinned_by_region``: any
         region's (for devices with fallback regions). ``epochs``: each region's numbering as
-        ``PinEpoch`` last made durable (a restarted device refuses anything older)."""
+        ``PinEpoch`` last made durable (a restarted device refuses anything older).
+        ``nonces``: where update nonces are drawn (default ``rng``). A device with a durable
+        store passes one seeded from the OS: a seeded ``rng`` draws the same nonces in every
+        process, so a reinstall that starts its seqs again at 0 sent the nonce the coordinator
+        holds for that seq and took its ``duplicate`` for its own update (helper-144)."""
         self.config = config
         self._rng = rng
+        self._nonces = rng if nonces is None else nonces
         self._pins_by_region = {r: trusted_from(p) for r, p in (pinned_by_region or {}).items()}
         if pinned:
             self._pins_by_region[config.region] = trusted_from(pinned)
@@ -823,7 +829,7 @@ class DeviceCore:
         return PersistDeviceState(next_seq=s.next_seq, trained_upto=upto)
 
     def _nonce(self) -> int:
-        return self._rng.randrange(1, 2**63)
+        return self._nonces.randrange(1, 2**63)
 
     def _on_invite(self, msg: Invite, now: float) -> list[DeviceAction]:
         s = self._s
