@@ -432,6 +432,11 @@ class EdgeClient:
         self._version_changed = threading.Condition()
         next_seq = int(self.store.get_meta("next_seq", 0) or 0)
         trained_upto = int(self.store.get_meta("trained_upto", 0) or 0)
+        # The update the last process sent and saw no ack for (the core sends it again, or drops it if unusable).
+        pending, pending_upto = self.store.get_meta("pending_update", b""), self.store.get_meta("pending_upto", 0)
+        if not isinstance(pending, bytes) or isinstance(pending_upto, bool) or not isinstance(pending_upto, int):
+            log.error("device store holds an unreadable pending update: ignoring it (its samples are trained again)")
+            pending, pending_upto = b"", 0
         epochs = {r: self._epoch(r) for r in self.regions}
         saved_in = self._deployed_region or self.regions[0]  # (None: saved before regions were recorded)
         if self._deployed is not None and saved_in in epochs:
@@ -442,7 +447,8 @@ class EdgeClient:
         # In-memory fleets keep them seeded (reproducible emulator runs).
         nonces = random.SystemRandom() if self.durable else None
         self.core = DeviceCore(cfg, rng=random.Random(seed), next_seq=next_seq, trained_upto=trained_upto,
-                               total=self._added(), pinned_by_region=pins, epochs=epochs, nonces=nonces)
+                               total=self._added(), pinned_by_region=pins, epochs=epochs, nonces=nonces,
+                               pending=pending, pending_upto=pending_upto)
         if not self.trusted_keys and any(pins.values()):
             log.info("device %s: no provisioned coordinator keys; it trusts the key(s) it pinned on first use (%s) and "
                      "refuses any other; a bundle (`--bundle`, `edgeci pki issue`) replaces them", device_id,
@@ -836,10 +842,21 @@ class EdgeClient:
                 log.exception("callback for %s failed", kind)
 
     def _save_counters(self, action: PersistDeviceState) -> bool:
-        """Save ``next_seq`` / ``trained_upto``; on a storage error keep them to save before the
-        next publish (nothing raises: training and timers go on, so the device never sticks)."""
+        """Save ``next_seq`` / ``trained_upto`` and the update waiting for its ack, in one transaction;
+        on a storage error keep them to save before the next publish (nothing raises: training and
+        timers go on, so the device never sticks). The update is the large part: a disk with room for
+        the counters but not for it saves the counters alone (a restart then trains its samples again)
+        rather than hold the update back."""
+        counters: dict[str, int | bytes] = {"next_seq": action.next_seq, "trained_upto": action.trained_upto}
         try:
-            self.store.set_meta_many({"next_seq": action.next_seq, "trained_upto": action.trained_upto})
+            try:
+                self.store.set_meta_many({**counters, "pending_update": action.pending, "pending_upto": action.pending_upto})
+            except StorageError as exc:
+                if not action.pending:
+                    raise
+                self.store.set_meta_many({**counters, "pending_update": b"", "pending_upto": 0})
+                log.warning("device %s: saved its counters without update %d (%s): a restart before its ack trains "
+                            "its samples again", self.core.config.device_id, action.next_seq - 1, exc)
         except StorageError as exc:
             if self._unsaved is None:
                 log.error("device %s: cannot save its counters (%s); holding its requests until it can",

@@ -16,7 +16,10 @@ Requests are retried with capped exponential backoff (jittered by the injected r
 answered. A retried pull or update reuses its sequence number, so the coordinator's
 idempotency key ``(device, seq)`` makes a retry harmless. The counters ``next_seq`` and
 ``trained_upto`` are persisted (``PersistDeviceState``) before the message that uses them
-leaves, so a restarted device never reuses a sequence number.
+leaves, so a restarted device never reuses a sequence number. An update waiting for its ack
+is persisted with them (``pending``) and a restarted device sends it again, same seq and nonce,
+before anything else: the coordinator may have applied it already (its ack lost with the
+process), and training the same samples into a new update would apply them twice.
 
 Server-driven strategies (FedBuff, FedAvg) answer a pull with ``Ack(status="deferred")``;
 the device then waits in DEFERRED until an ``Invite`` arrives (or a long re-announce timer
@@ -111,6 +114,7 @@ Transitions (event → action, new phase)::
     DEFERRED  Invite                       → Publish(pull, invite_round)   PULLING
     DEFERRED  TimerFired (deadline)        → Publish(pull, same seq)       PULLING
     IDLE      start                        → Publish(pull, serve)          PULLING (serving)
+    IDLE      start, an update persisted unacked → Publish(update, its seq and nonce)  PUSHING
     PULLING   Model answering a serve pull → DeployModel if newer          IDLE, then pull if wanted
     TRAINING  TrainingFinished(job)        → Persist, Publish(update)      PUSHING
     TRAINING  TrainingFinished(non-finite) → Notify, back-off              IDLE
@@ -435,6 +439,8 @@ class DeviceCore:
         pinned_by_region: Mapping[str, Mapping[str, bytes]] | None = None,
         epochs: Mapping[str, int] | None = None,
         nonces: random.Random | None = None,
+        pending: bytes = b"",
+        pending_upto: int = 0,
     ) -> None:
         """``pinned``: the home region's trust-on-first-use keys; ``pinned_by_region``: any
         region's (for devices with fallback regions). ``epochs``: each region's numbering as
@@ -442,7 +448,9 @@ class DeviceCore:
         ``nonces``: where update nonces are drawn (default ``rng``). A device with a durable
         store passes one seeded from the OS: a seeded ``rng`` draws the same nonces in every
         process, so a reinstall that starts its seqs again at 0 sent the nonce the coordinator
-        holds for that seq and took its ``duplicate`` for its own update (helper-144)."""
+        holds for that seq and took its ``duplicate`` for its own update (helper-144).
+        ``pending`` / ``pending_upto``: the update waiting for its ack and its round's watermark,
+        as the last ``PersistDeviceState`` made them durable: :meth:`start` sends it again."""
         self.config = config
         self._rng = rng
         self._nonces = rng if nonces is None else nonces
@@ -465,6 +473,8 @@ class DeviceCore:
         self._timer_at: float | None = None
         """The driver's one timer as this core last set it (kept only with ``refresh_s``)."""
         self._address(config.region)
+        self._restored: tuple[bytes, int] | None = (bytes(pending), pending_upto) if pending else None
+        """The update a previous process left waiting for its ack: :meth:`start` sends it again."""
 
     def _address(self, region: str) -> None:
         self._t_pull = topics.device_topic(region, self.config.device_id, "pull")
@@ -537,8 +547,35 @@ class DeviceCore:
     def start(self, now: float) -> list[DeviceAction]:
         """Kick off after (re)start: pull if samples are already waiting, else ask for the
         current model to serve predictions with (``serve_on_start``)."""
-        actions = self._kick_off(now)
+        actions = self._resume_pending(now) if self._restored is not None else []
+        actions = actions or self._kick_off(now)
         return actions if self._refresh_s is None else self._arm_refresh(now, actions)
+
+    def _resume_pending(self, now: float) -> list[DeviceAction]:
+        """The update the previous process sent and saw no ack for: send it again, same seq and
+        nonce (the coordinator answers a ``duplicate`` with its nonce if it applied it). Anything
+        that is not such an update of this device (a damaged store) is counted and dropped: the
+        samples are then trained again, as before this was kept."""
+        assert self._restored is not None
+        (payload, upto), self._restored = self._restored, None
+        s, cfg = self._s, self.config
+        try:
+            msg = decode_frame(payload, max_bytes=cfg.max_message_bytes).message
+        except RemoteProtocolError:
+            msg = None
+        if (not isinstance(msg, Update) or msg.device != cfg.device_id or msg.model_id != cfg.spec.model_id
+                or msg.seq >= s.next_seq or not s.trained_upto <= upto <= s.total):
+            s.counters["ignored:pending_unusable"] = s.counters.get("ignored:pending_unusable", 0) + 1
+            return []
+        s.prev_trained_upto, s.trained_upto = s.trained_upto, upto
+        s.job_base_version, s.job_epoch, s.job_group, s.job_n_samples = msg.base_version, msg.epoch, msg.group, upto
+        s.phase, s.pending_update, s.pending_seq, s.pending_payload, s.attempts = _PUSHING, msg, msg.seq, payload, 0
+        s.deadline = now + self._timeout()
+        return [
+            Publish(topic=self._t_update, payload=payload, qos=1),
+            ScheduleTimer(at=s.deadline),
+            Notify(kind="retry", data={"what": "update", "seq": msg.seq, "attempt": 0, "after_restart": True}),
+        ]
 
     def reconnected(self, now: float) -> list[DeviceAction]:
         """The broker connection came back: an idle device asks again, as after a start (a
@@ -821,10 +858,16 @@ class DeviceCore:
 
     def _persist(self) -> PersistDeviceState:
         """The state to make durable: while a round's samples are being trained or pushed, the
-        watermark from before it — a crash or stop then trains them again after the restart
-        (they were lost: ``trained_upto`` was made durable when training started); the round's
-        own once its update is acknowledged."""
+        watermark from before it — a crash or stop while training trains them again after the
+        restart; while pushing, the update itself too (``pending``, with the round's watermark):
+        the restarted device sends it again under its seq, since the coordinator may have applied
+        it; the round's own watermark once its update is acknowledged."""
         s = self._s
+        if s.phase is _PUSHING and s.pending_update is not None and s.region == self.config.region:
+            # The update in flight, to send again after a restart (a restart starts at home: an update
+            # of a fallback region's numbering is not kept, its samples are trained again there).
+            return PersistDeviceState(next_seq=s.next_seq, trained_upto=s.prev_trained_upto, pending=s.pending_payload,
+                                      pending_upto=s.trained_upto)
         upto = s.prev_trained_upto if s.phase is _TRAINING or s.phase is _PUSHING else s.trained_upto
         return PersistDeviceState(next_seq=s.next_seq, trained_upto=upto)
 

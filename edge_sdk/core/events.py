@@ -211,6 +211,11 @@ class PersistDeviceState:
 
     next_seq: int
     trained_upto: int
+    pending: bytes = b""
+    """The encoded update waiting for its ack (b"": none), stored with the counters: a restarted
+    device sends it again, same seq and nonce, instead of training its samples into a second update."""
+    pending_upto: int = 0
+    """``trained_upto`` once that update is acknowledged (the samples its round trained on)."""
 
 
 # ---------------------------------------------------------------- canary evaluation (device side)
