@@ -106,6 +106,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_broker_arguments(p, trust=TOFU_DEVICES)  # --bundle etc.: with --broker only
     p.add_argument("--region", default="default", help="region of the detection coordinator")
     p.add_argument("--gesture-region", help="region of the gesture coordinator (default: REGION-gestures)")
+    p.add_argument("--gesture-bundle", metavar="DIR",
+                   help="with --broker and a client identity (--bundle, --cert or --username): the gesture client's own "
+                        "bundle, a device issued for the gesture region (the broker makes an identity's name its client "
+                        "id, so the detector's and the gesture client's connections cannot share one); its identity is "
+                        "the gesture client's device id")
     p.add_argument("--device-id", default="labeller", help="this device's id (A-Z a-z 0-9 _ . -)")
     p.add_argument("--data-dir", type=Path,
                    help="where this device keeps its samples, models and caches (default: $EDGECI_HOME/devices/DEVICE_ID, EDGECI_HOME defaulting to ~/.edgeci)")
@@ -526,6 +531,7 @@ def start_backend(args: argparse.Namespace, data_dir: Path) -> Backend:
     region = args.region
     gesture_region = args.gesture_region or f"{region}-gestures"
     _credentials(args)  # its mistakes before the embedded broker, its coordinators and the models start
+    _gesture_credentials(args)
     check_init_file = False
     if args.broker:
         if args.init is not None:
@@ -573,6 +579,38 @@ def _credentials(args: argparse.Namespace) -> dict[str, Any]:
     return {"auth": auth_from_args(args), "bundle": args.bundle}
 
 
+def _gesture_credentials(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """The gesture client's device id and broker credentials. A client identity (a bundle's
+    or --cert's name, --username) is the client id on edgeci's brokers
+    (``use_username_as_clientid``): two connections under one replace each other every second,
+    so with one the gesture client needs its own, ``--gesture-bundle``."""
+    from edge_sdk.mqtt import BrokerAuth, read_bundle
+
+    gesture_bundle = getattr(args, "gesture_bundle", None)
+    if not args.broker:
+        if gesture_bundle:
+            raise ConfigError("--gesture-bundle is for an external --broker; the embedded one is anonymous")
+        return args.device_id, {}
+    if gesture_bundle:
+        identity = read_bundle(gesture_bundle).get("identity")
+        if not isinstance(identity, str):
+            raise ConfigError(f"bundle {gesture_bundle} names no identity")
+        if identity == args.device_id:
+            raise ConfigError(f"--gesture-bundle {gesture_bundle} is {identity!r}'s, the detector's identity: the two "
+                              "connections would replace each other; issue the gesture client its own")
+        return identity, {"auth": BrokerAuth.from_bundle(gesture_bundle), "bundle": gesture_bundle}
+    credentials = _credentials(args)
+    auth = credentials["auth"]
+    if auth is not None and (auth.cert_file is not None or auth.username):
+        gesture_region = args.gesture_region or f"{args.region}-gestures"
+        raise ConfigError(
+            "the detector and the gesture client are two broker connections, and the broker makes a client "
+            "identity its client id: under one identity they would replace each other every second. Give the "
+            "gesture client its own: --gesture-bundle DIR, a device issued with `edgeci pki issue --role device "
+            f"{args.device_id}-gestures --region {gesture_region}`")
+    return args.device_id, credentials
+
+
 def _start_clients(backend: Backend, args: argparse.Namespace, data_dir: Path, *,
                    region: str, gesture_region: str) -> None:
     from edge_sdk.client import EdgeClient
@@ -591,10 +629,11 @@ def _start_clients(backend: Backend, args: argparse.Namespace, data_dir: Path, *
     )
     backend.detect.on("*", backend.events.listener("detect"))
     backend.detect.start(timeout=10.0)
+    gesture_id, gesture_credentials = _gesture_credentials(args)
     backend.gesture = EdgeClient(
-        broker=backend.broker_url, device_id=args.device_id, region=gesture_region,
+        broker=backend.broker_url, device_id=gesture_id, region=gesture_region,
         task=get_task("gestures"), data_dir=data_dir / "gesture",
-        min_samples=args.gesture_min_samples, train=TrainConfig(seed=args.seed), seed=args.seed, **_credentials(args),
+        min_samples=args.gesture_min_samples, train=TrainConfig(seed=args.seed), seed=args.seed, **gesture_credentials,
     )
     backend.gesture.on("*", backend.events.listener("gesture"))
     backend.gesture.start(timeout=10.0)

@@ -12,6 +12,7 @@ app's own ``s`` snapshot (its last rendered canvas) is checked too.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import queue
@@ -66,6 +67,7 @@ from demos.label_ui import (
 )
 from edge_sdk.errors import ConfigError, LocalProtocolError, TransportError
 from edge_sdk.tasks.gestures import GESTURES, LENGTH, VELOCITY_GAIN, gesture_path
+from tests.secure_broker import SecureBroker
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ("circle", "square", "triangle", "cross", "star")
@@ -1210,3 +1212,60 @@ def test_quitting_after_a_refused_save_says_which_boxes_are_lost_and_snapshots_t
         assert (cv2.imread(str(png)) == app.canvas).all()
     finally:
         close_unstarted(client)
+
+
+def _fleet_args(*flags: str) -> argparse.Namespace:
+    from demos.label import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(flags))
+
+
+def test_one_identity_for_both_clients_is_refused_before_the_models_load(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """README's `edgeci label --broker mqtts://… --bundle PKI/bundles/headset-7` connected the
+    detector and the gesture client under the bundle's one certificate name, which the broker
+    makes the client id: each connection closed the other's every second (helper-145, a
+    reconnect storm in mosquitto's log). Without a gesture identity it is now said at start."""
+    from coordinator.pki import Pki
+    from demos.cli import main
+
+    pki = Pki.init(tmp_path / "pki")
+    pki.issue("headset-7", "device", regions=["eu", "eu-gestures"])  # both regions: the old checks passed
+    monkeypatch.setenv("QT_QPA_PLATFORM", "offscreen")  # past the display check; no window opens
+    rc = main(["label", "--source", "synthetic", "--size", "96", "--broker", "mqtts://127.0.0.1:1",
+               "--bundle", str(pki.bundle_dir("headset-7")), "--device-id", "headset-7", "--region", "eu",
+               "--data-dir", str(tmp_path / "d")])
+    captured = capsys.readouterr()
+    assert rc == 1 and "--gesture-bundle" in captured.err and "--region eu-gestures" in captured.err, captured.err
+    assert "loading YOLOv8n" not in captured.out
+    rc = main(["label", "--source", "synthetic", "--size", "96", "--broker", "mqtts://127.0.0.1:1",
+               "--bundle", str(pki.bundle_dir("headset-7")), "--device-id", "headset-7", "--region", "eu",
+               "--gesture-bundle", str(pki.bundle_dir("headset-7")), "--data-dir", str(tmp_path / "d")])
+    captured = capsys.readouterr()
+    assert rc == 1 and "the detector's identity" in captured.err, captured.err
+    assert "loading YOLOv8n" not in captured.out
+
+
+def test_a_gesture_bundle_gives_the_gesture_client_its_own_connection(
+        secure_broker: SecureBroker, tmp_path: Path) -> None:
+    """With --gesture-bundle both clients stay connected to the production TLS + ACL broker, each
+    under its own certificate name (the gesture client's device id is that bundle's identity: the
+    client refuses a bundle issued for another)."""
+    from demos.label import start_backend
+
+    detect_bundle = secure_broker.bundle("labA", regions=("sec",))
+    gesture_bundle = secure_broker.bundle("labA-g", regions=("sec-gestures",))
+    args = _fleet_args("--broker", secure_broker.url, "--bundle", str(detect_bundle), "--device-id", "labA",
+                       "--region", "sec", "--gesture-bundle", str(gesture_bundle))
+    backend = start_backend(args, tmp_path / "d")
+    try:
+        assert backend.detect is not None and backend.gesture is not None
+        drops: list[str] = []
+        backend.detect.on("connection", lambda kind, info: drops.append(f"detect {info}"))
+        backend.gesture.on("connection", lambda kind, info: drops.append(f"gesture {info}"))
+        time.sleep(3.0)  # one identity for both: each was closed by the other's reconnect every second
+        assert backend.detect.connected and backend.gesture.connected and drops == [], drops
+    finally:
+        backend.stop()
