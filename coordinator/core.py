@@ -84,7 +84,10 @@ flat float32 ``weights``. Devices talk to it over per-device topics (``edge_sdk.
   persisted-but-unapplied updates. Updates at or below the committed ``applied_upto``
   watermark were already applied and are dropped, so none is applied twice or lost. The
   gate's best-release floor comes back from the release record, on the same validation set
-  only (``Snapshot.gate_floor``, :meth:`coordinator.gate.Gate.restore_floor`).
+  only (``Snapshot.gate_floor``, :meth:`coordinator.gate.Gate.restore_floor`). The abandoned ranges
+  come back from the newest commit and from the release record's decisions (a rejection, an operator's
+  rollback or pin): when the commit that abandoned the restored training line was unreadable (the
+  restart fell back past it), ``start`` rolls the line back to the release again, as a new version.
 
 Transitions::
 
@@ -101,6 +104,7 @@ Transitions::
                           with none open, a new try: CANARY_RETRY_S after one found no cohort)
     CanaryReport (valid)  RecordCanaryRound, gate evidence; a decision → RecordRelease (+ rollback), next round
     Commit (canary on)    RecordCanaryRound, Publish(canary) per cohort device, when no round is open
+    start (line abandoned) CommitVersion(the release's weights), Notify(abandoned_line)
     start (regate)        the recorded round of that candidate and release resumed: Publish(canary) to the
                           members yet to report (past its deadline: it ends, the gate decides on what came in)
     StorageChanged        accept / stop accepting updates
@@ -528,6 +532,25 @@ class Snapshot:
     is gated again against its release, in its epoch (else a new round is opened)."""
 
 
+def _abandoned_by(event: object, *, newest: int) -> VersionRange | None:
+    """The versions a recorded decision abandoned (``_apply_decision``, ``_on_version_loaded``): a
+    rejected candidate through the newest version built on it; an operator's rollback or pin, those
+    after the version it restored up to its own commit. Clipped to ``newest`` (what this state dir
+    has numbered: a record newer than its versions speaks of others); None: nothing."""
+    if not isinstance(event, Mapping) or type(event.get("version")) is not int:
+        return None
+    version, action = int(event["version"]), event.get("action")
+    if action == "reject":
+        through = event.get("through")
+        first, last = version, through if type(through) is int else version
+    elif action in ("rollback", "pin") and type(event.get("of")) is int and not event.get("unchanged"):
+        first, last = int(event["of"]) + 1, version - 1
+    else:
+        return None
+    last = min(last, newest)
+    return (first, last) if 0 <= first <= last else None
+
+
 def _command_key(msg: Control) -> tuple[str, int, str, int, bool]:
     """A verified command as a whole (a refused one is remembered by it: the same one again is a replay)."""
     return (msg.operator, msg.nonce, msg.command, msg.version, msg.force)
@@ -581,6 +604,13 @@ class CoordinatorCore:
         self._abandoned: list[VersionRange] = []
         for r in snapshot.abandoned:
             self._abandoned = abandon(self._abandoned, int(r[0]), int(r[1]))
+        # ... and those the release record's decisions abandoned: the commit that carried them may be
+        # the one a restart could not read, the training line restored one of them (start() leaves it
+        # for the release). Not a range holding the release: then there is none to leave it for.
+        for h in snapshot.gate_history:
+            span = _abandoned_by(h, newest=max(self._version, self._version_floor))
+            if span is not None and not span[0] <= self._release_version <= span[1]:
+                self._abandoned = abandon(self._abandoned, *span)
         self._gate = Gate(config.gate) if config.gate is not None else None
         # The best-release floor survives a restart, but only on the validation set it was scored
         # on (otherwise each restart would let releases step down one more margin).
@@ -879,12 +909,26 @@ class CoordinatorCore:
             rejected, through = self._unrecorded_reject
             self._unrecorded_reject = None
             changed.append(self._record(now, "reject", rejected, through=through, from_commit=True))
+        changed += self._leave_abandoned_line(now)
         actions = [*changed, *self._after(now), *self._regate_newest(now)]
         rnd = self._canary_round  # opened or resumed by the regate, after _after armed the timer: its deadline's wake-up
         if rnd is not None and (self._wake_at is None or rnd.deadline < self._wake_at):
             self._wake_at = rnd.deadline
             actions.append(ScheduleTimer(at=rnd.deadline))
         return [*actions, self._status_action(now), *self._recall(force=True)]
+
+    def _leave_abandoned_line(self, now: float) -> list[CoordinatorAction]:
+        """The restored training line is a version a rollback abandoned (the rollback's commit was
+        unreadable at the restart; its release record says so): back to the release, as a new version,
+        as the rollback did. Not gated again: the gate (or the operator) decided on it already."""
+        was = self._version
+        if not self.abandoned(was) or self._release_version == was or self.abandoned(self._release_version):
+            return []
+        lineage = self._rejected_lineage(was)
+        meta = {"source": "rollback", "of": self._release_version, "recovered": True,
+                **({"rejected": lineage["version"]} if lineage is not None else {})}
+        commit = self._replace_training_line(np.array(self._release_weights, copy=True), now, meta, abandon_from=was)
+        return [commit, Notify(kind="abandoned_line", data={"version": was, "release": self._release_version, "now": commit.version})]
 
     def refresh_policy(self) -> None:
         """The strategy's staleness parameters changed (SIGHUP): judge stale updates by them from

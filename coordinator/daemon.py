@@ -1106,6 +1106,10 @@ class CoordinatorDaemon:
                 log.info("gate: the best-release floor (%.4f) is not restored: %s (was %s, now %s); the gate starts "
                          "without one", action.data.get("best"), action.data.get("why"), action.data.get("was"),
                          action.data.get("now"))
+            elif action.kind == "abandoned_line":  # the rollback that left it was unreadable at the restart
+                log.warning("RECOVERY: the training line restored, version %s, is one a rollback abandoned (release.json says so; "
+                            "the rollback's commit was unreadable): back to the release, version %s, as version %s",
+                            action.data.get("version"), action.data.get("release"), action.data.get("now"))
             elif action.kind == "control_refused":  # a verified operator's command that cannot run (the CLI says why too)
                 log.warning("operator %s of version %s refused: %s: %s", action.data.get("command"), action.data.get("version"),
                             action.data.get("reason"), action.data.get("detail"))

@@ -861,6 +861,86 @@ def test_the_refusal_survives_a_restart(tmp_path: Path) -> None:
     assert restarted.version == 5 and restarted.counters["reject:base_rejected"] == 2
 
 
+def _unreadable(root: Path, version: int) -> None:
+    """Media damage to ``version``, the newest commit: its directory's files read back as garbage, and
+    so does a byte of its log record (the log's last: a log copy would win over the directory)."""
+    for f in (root / "versions" / f"{version:09d}").iterdir():
+        f.write_bytes(b"\0garbage")
+    for segment in sorted(root.rglob("*.log")):
+        data = bytearray(segment.read_bytes())
+        data[-5] ^= 0xFF
+        segment.write_bytes(bytes(data))
+
+
+def _restarted(root: Path, now: float) -> tuple[Registry, CoordinatorCore, list[object]]:
+    """A new process on ``root``: its registry, its core (durable) and what start() did (made durable)."""
+    registry = Registry(root, SPEC)
+    c = durable(gated(k=1, snapshot=registry.load()), registry)
+    start: list[object] = list(c.start(now))
+    for a in start:
+        if isinstance(a, CommitVersion):
+            registry.commit(a)
+        elif isinstance(a, RecordRelease):
+            registry.record_release(a.release, a.pinned, a.event, a.floor)
+    return registry, c, start
+
+
+def test_a_rejected_candidate_does_not_come_back_when_its_rollback_is_unreadable(tmp_path: Path) -> None:
+    """helper-141 (G2): the gate rejected candidate 1 and rolled the line back (version 2; the reject
+    in release.json). Media damage made version 2 unreadable, and the restart resumed from version 1 --
+    the rejected model -- as the training line: not rolled back, not gated again (it was decided), and
+    an update trained from it was accepted and built version 3 on it. The reject record's range is
+    abandoned again and start() rolls the line back to the release, as the rollback had."""
+    registry = Registry(tmp_path, SPEC)
+    registry.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    c = durable(gated(k=1, snapshot=registry.load()), registry)
+    c.handle(update("bad", 0, 50.0))  # candidate 1
+    acts = c.handle(CandidateEvaluated(now=9.0, version=1, candidate_metric=0.3, release_metric=0.8, release_version=0))
+    assert [a.version for a in of(acts, CommitVersion)] == [2] and [r.event["action"] for r in of(acts, RecordRelease)] == ["reject"]
+    registry.close()
+    _unreadable(tmp_path, 2)
+    registry, restarted, start = _restarted(tmp_path, 10.0)
+    assert restarted.status().extra["recovered_from"][0].startswith("2: version 2 is unreadable")
+    (commit,) = of(start, CommitVersion)
+    assert (commit.version, commit.metadata["source"], commit.metadata["of"], commit.metadata["rejected"]) == (3, "rollback", 0, 1)
+    assert restarted.version == 3 and restarted.release[0] == 0 and not restarted.weights.any()  # the release's weights
+    assert not of(start, EvaluateCandidate) and restarted.abandoned(1) and not restarted.abandoned(0)
+    acts = restarted.handle(update("bad2", 0, 60.0, base=1))  # trained from the rejected candidate
+    assert _ack(acts) == ("rejected", "base_rejected") and restarted.version == 3 and not of(acts, PersistUpdate)
+    assert _ack(restarted.handle(update("d1", 0, 0.5, base=3))) == ("accepted", "") and restarted.version == 4
+    registry.close()
+    registry, again, start = _restarted(tmp_path, 20.0)  # the rollback is durable: no second one
+    assert again.version == 4 and again.abandoned(1) and not of(start, CommitVersion) and of(start, EvaluateCandidate)
+
+
+def test_an_operators_abandoned_versions_do_not_come_back_when_the_rollback_is_unreadable(tmp_path: Path) -> None:
+    """The same for an operator's rollback (release 1, candidates 2 and 3 held, `rollback 1` commits
+    version 4): version 4 unreadable, the restart resumed training from version 3, which the rollback
+    had abandoned, and took updates trained from it. The release falls back to 1 (the release
+    before 4); the line goes back to it."""
+    registry = Registry(tmp_path, SPEC)
+    registry.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    c = durable(gated(k=1, snapshot=registry.load()), registry)
+    for v, (value, metric) in enumerate(((1.0, 0.9), (2.0, 0.85), (3.0, 0.85)), start=1):
+        c.handle(update(f"d{v}", 0, value, base=v - 1))
+        c.handle(CandidateEvaluated(now=float(v), version=v, candidate_metric=metric, release_metric=0.9,
+                                    release_version=c.release[0]))
+    assert [e["action"] for e in c.status().extra["recent_versions"]] == ["promote", "hold", "hold"]
+    (load,) = of(c.handle(control("rollback", 1)), LoadVersion)
+    acts = c.handle(VersionLoaded(now=51.0, version=1, weights=registry.read_version(1)[0], command="rollback",
+                                  operator=load.operator, nonce=load.nonce))
+    assert [a.version for a in of(acts, CommitVersion)] == [4] and c.abandoned(3) and c.release[0] == 4
+    registry.close()
+    _unreadable(tmp_path, 4)
+    registry, restarted, start = _restarted(tmp_path, 60.0)
+    assert restarted.release[0] == 1 and restarted.abandoned(2) and restarted.abandoned(3)
+    (commit,) = of(start, CommitVersion)
+    assert commit.version == 5 and commit.metadata["source"] == "rollback" and "rejected" not in commit.metadata
+    np.testing.assert_array_equal(restarted.weights, np.full(SPEC.size, 1.0, np.float32))
+    assert _ack(restarted.handle(update("d9", 0, 3.5, base=3))) == ("rejected", "base_rejected")
+    assert restarted.version == 5
+
+
 @pytest.mark.parametrize("command", ["rollback", "pin"])
 def test_an_operator_command_whose_release_record_is_lost_keeps_its_release(tmp_path: Path, command: str) -> None:
     """helper-105: the operator's commit is durable before its release record; a storage failure
