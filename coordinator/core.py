@@ -68,7 +68,9 @@ flat float32 ``weights``. Devices talk to it over per-device topics (``edge_sdk.
 * Operator control (``edgeci/v1/{region}/control``): ``rollback`` / ``pin`` / ``unpin``,
   signed by an operator key (or this coordinator's own), in the name that key belongs to
   (``CoordinatorConfig.operators``; the coordinator's own key: its id), fresh and never
-  replayed; the release record keeps the operator and the key id. A
+  replayed; the release record keeps the operator and the key id. A verified command that does
+  not run (refused, or failed: its version unreadable) is recorded too (``RecordRefusal``, apart from
+  the release record), so a restarted core still refuses it replayed. A
   rollback asks the driver for the old weights (``LoadVersion``) and commits them as a new
   version that is also the release.
 * Storage: when the driver reports ``StorageChanged(ok=False)`` updates are answered
@@ -310,6 +312,15 @@ class RecordRelease:
 
 @fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RecordRefusal:
+    """Durably record a verified operator command that did not run (``outcome``: ``refused``, or
+    ``failed``: its version could not be read), so that a restarted core refuses its replay too."""
+
+    event: Mapping[str, Any]
+
+
+@fast_init
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RecordCanaryRound:
     """Durably record the open canary round (:meth:`coordinator.canary.CanaryRound.record`: candidate,
     release, epoch, nonce, deadline, cohort, the reports accepted so far), replacing the last record:
@@ -366,7 +377,7 @@ class _Parked:
 
 
 CoordinatorAction = (Publish | ScheduleTimer | PersistUpdate | CommitVersion | Notify | EvaluateCandidate | RecordRelease | RecordCanaryRound
-                     | LoadVersion | ConvertUpdate)
+                     | LoadVersion | ConvertUpdate | RecordRefusal)
 PRESENCE_LIMIT = 10_000
 """Devices whose presence (online flag, last seen) is tracked; the least recent are forgotten."""
 RECENT_DEVICES = 50
@@ -512,6 +523,8 @@ class Snapshot:
     release_weights: Vector | None = None
     pinned: bool = False
     gate_history: Sequence[Mapping[str, Any]] = ()
+    control_refused: Sequence[Mapping[str, Any]] = ()
+    """Verified operator commands that did not run, as recorded (``RecordRefusal``): a replay is refused."""
     conversion_state: Mapping[str, Any] = field(default_factory=dict)
     """The converting policy's switch point (see coordinator.conversion)."""
     abandoned: Sequence[Sequence[int]] = ()
@@ -664,8 +677,18 @@ class CoordinatorCore:
         # own (unauthenticated when the signature is what failed): it only says which try this was.
         self._control_refused: dict[str, Any] | None = None
         # Verified commands that were refused (operator, nonce, command, version, force): the same
-        # one again is a replay (a rejected message), not another operator refusal. In memory only.
+        # one again is a replay (a rejected message), not another operator refusal. Recorded
+        # (RecordRefusal) and seeded here, as is a command that failed (its (operator, nonce) spent).
         self._control_refused_seen: dict[tuple[str, int, str, int, bool], float] = {}
+        for entry in snapshot.control_refused:
+            if not (isinstance(entry, Mapping) and isinstance(entry.get("operator"), str) and type(entry.get("nonce")) is int
+                    and type(entry.get("at")) in (int, float)):
+                continue  # (a damaged entry: its command is forgotten, as before it was recorded)
+            if entry.get("outcome") == "failed":
+                self._control_seen.setdefault((entry["operator"], entry["nonce"]), float(entry["at"]))
+            elif isinstance(entry.get("command"), str) and type(entry.get("version")) is int and type(entry.get("force")) is bool:
+                key = (entry["operator"], entry["nonce"], entry["command"], entry["version"], entry["force"])
+                self._control_refused_seen[key] = float(entry["at"])
         # Whether the abandoned ranges changed since the region's recall topic (retained) last
         # announced them: a device serving an abandoned version fetches the release at once (an
         # operator's rollback reaches idle devices too, not only those that pull for training).
@@ -2004,7 +2027,9 @@ class CoordinatorCore:
             return self._run_control(ev, msg, sig)
         except RemoteProtocolError as exc:
             self._control_refused_seen[_command_key(msg)] = ev.now  # (kept as long as executed ones: see _authenticate_control)
-            return self._refuse_control(ev.now, exc.reason, str(exc), msg.nonce, command=msg.command, version=msg.version)
+            record = RecordRefusal(event={"at": ev.now, "outcome": "refused", "operator": msg.operator, "nonce": msg.nonce,
+                                          "command": msg.command, "version": msg.version, "force": msg.force, "reason": exc.reason})
+            return [*self._refuse_control(ev.now, exc.reason, str(exc), msg.nonce, command=msg.command, version=msg.version), record]
 
     def _refuse_control(self, now: float, reason: str, detail: str, nonce: int, **data: Any) -> list[CoordinatorAction]:
         self._control_refused = {"at": now, "reason": reason, "detail": detail[:200], "nonce": nonce}
@@ -2084,7 +2109,12 @@ class CoordinatorCore:
     def _on_version_loaded(self, ev: VersionLoaded) -> list[CoordinatorAction]:
         if ev.weights is None:
             self._refuse_control(ev.now, "version_unavailable", ev.detail, ev.nonce)  # counted, in the status
-            return [Notify(kind="control_failed", data={"command": ev.command, "version": ev.version, "detail": ev.detail[:200]})]
+            failed: list[CoordinatorAction] = [
+                Notify(kind="control_failed", data={"command": ev.command, "version": ev.version, "detail": ev.detail[:200]})]
+            if ev.operator:  # its (operator, nonce) was spent by _run_control: a replay after a restart is refused too
+                failed.append(RecordRefusal(event={"at": ev.now, "outcome": "failed", "operator": ev.operator, "nonce": ev.nonce,
+                                                   "command": ev.command, "version": ev.version, "reason": "version_unavailable"}))
+            return failed
         weights = np.array(self.config.spec.check(np.asarray(ev.weights, dtype=np.float32)), copy=True)
         # Every version after the restored one leaves the training line (what the operator rolled back).
         commit = self._replace_training_line(weights, ev.now, {"source": "operator", "command": ev.command, "of": ev.version},

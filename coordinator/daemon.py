@@ -37,6 +37,7 @@ from coordinator.core import (
     LoadVersion,
     PersistUpdate,
     RecordCanaryRound,
+    RecordRefusal,
     RecordRelease,
     Snapshot,
     StorageChanged,
@@ -1066,6 +1067,11 @@ class CoordinatorDaemon:
                 self.registry.record_canary_round(action.round)
             except OSError as exc:  # nothing after it leaves: no request of an unrecorded round, no decision on an unrecorded report
                 self._storage_failed(f"recording the canary round: {exc}")
+        elif isinstance(action, RecordRefusal):
+            try:
+                self.registry.record_refusal(action.event)
+            except OSError as exc:  # as a canary round's: the command comes back to the rebuilt core, refused again
+                self._storage_failed(f"recording a refused operator command: {exc}")
         elif isinstance(action, ConvertUpdate):
             if self.conversions is not None:
                 self.conversions.submit(action)

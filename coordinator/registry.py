@@ -8,6 +8,7 @@ Layout::
       epoch                             the numbering's epoch (see below)
       release.json                      the release, the pin, the gate's decisions and operator commands
       canary.json                       the open canary round (see coordinator.canary: resumed after a restart)
+      refused.json                      verified operator commands that did not run (a replay is refused after a restart)
       versions/000000007/weights.npy    one directory per committed version,
       versions/000000007/meta.json      written aside and renamed into place (atomic)
       pending/000000000042.log          the write-ahead log in segments: accepted updates and
@@ -115,6 +116,11 @@ HISTORY_EVENTS = 200
 """Gate decisions and operator actions kept in ``release.json`` (the newest)."""
 HISTORY_COMMANDS = 1000
 """Operator commands kept beyond those (each carries its nonce: a replay after a restart is refused)."""
+REFUSALS_KEPT = 256
+"""Verified operator commands that did not run kept in ``refused.json`` (the newest): a file of their own,
+so that a flood of them (an operator's script gone wrong) never pushes the gate's decisions or the
+executed commands out of ``release.json``; beyond it the oldest are forgotten (a replay of one within
+its window after a restart is refused or run again as the state then says, as before they were kept)."""
 CHECKPOINT_EVERY = 16
 """Versions committed through the log between two checkpoints (fsync of the newest version dir)."""
 
@@ -128,6 +134,7 @@ _TallyUndo = tuple[dict[str, int] | None, dict[str, int | None] | None]
 RELEASE_FILE = "release.json"
 EPOCH_FILE = "epoch"
 CANARY_FILE = "canary.json"
+REFUSED_FILE = "refused.json"
 
 
 def new_epoch() -> int:
@@ -197,6 +204,20 @@ def read_canary_round(state_dir: str | Path) -> dict[str, Any] | None:
                     Path(state_dir) / CANARY_FILE, exc)
         return None
     return data if isinstance(data, dict) else None
+
+
+def read_refusals(state_dir: str | Path) -> list[dict[str, Any]]:
+    """``refused.json`` of a state dir (``[]`` when absent; unreadable: ``[]``, said). The core checks
+    each entry's fields (a damaged one only loses that command's replay protection)."""
+    try:
+        data = json.loads((Path(state_dir) / REFUSED_FILE).read_bytes())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as exc:
+        log.warning("%s is unreadable (%s): the operator commands refused before the restart could be replayed within "
+                    "their window", Path(state_dir) / REFUSED_FILE, exc)
+        return []
+    return [e for e in data if isinstance(e, dict)] if isinstance(data, list) else []
 
 
 def _parses_as_object(path: Path) -> bool:
@@ -764,6 +785,12 @@ class Registry:
         fsync of the dir: 0.8 ms for a 64-device cohort, measured on ext4 on a virtual disk)."""
         _write_atomic(self.root / CANARY_FILE, json.dumps(dict(record)).encode())
 
+    def record_refusal(self, event: Mapping[str, Any]) -> None:
+        """Durably record a verified operator command that did not run (``refused.json``: the newest
+        :data:`REFUSALS_KEPT`, rewritten whole: tmp, fsync, rename, fsync of the dir)."""
+        kept = [*read_refusals(self.root), dict(event)][-REFUSALS_KEPT:]
+        _write_atomic(self.root / REFUSED_FILE, json.dumps(kept).encode())
+
     def stage(self, updates: Iterable[BufferedUpdate]) -> None:
         """Updates to write with the next append or commit (same fsync). Not durable yet."""
         self._staged.extend(updates)
@@ -1314,6 +1341,7 @@ class Registry:
             # versions released without the gate) is a new bar: the recorded floor is not its.
             gate_floor=None if newer_meta or not isinstance(record.get("gate_floor"), dict) else dict(record["gate_floor"]),
             canary_round=read_canary_round(self.root),
+            control_refused=read_refusals(self.root),
             version=version,
             weights=weights,
             applied_upto=applied_upto,

@@ -1094,3 +1094,119 @@ def test_a_refused_command_replayed_is_a_rejected_message_not_another_refusal() 
     assert c.counters["control_refused:unknown_version"] == 1 and c.counters["reject:replayed"] == 3
     assert c.status().extra["control_refused"]["reason"] == "replayed"
     assert of(c.handle(control("rollback", 0, nonce=5)), LoadVersion)
+
+
+def _drive(registry: Registry, c: CoordinatorCore, actions: Sequence[object], now: float) -> list[object]:
+    """The registry's half of the daemon (``CoordinatorDaemon._do``) for ``actions``: commits, records,
+    and an operator's ``LoadVersion`` read from the registry and answered (its actions driven too)."""
+    from coordinator.core import RecordRefusal
+    from coordinator.registry import RegistryError
+
+    done = list(actions)
+    for a in actions:
+        if isinstance(a, CommitVersion):
+            registry.commit(a)
+        elif isinstance(a, RecordRelease):
+            registry.record_release(a.release, a.pinned, a.event, a.floor)
+        elif isinstance(a, RecordRefusal):
+            registry.record_refusal(a.event)
+        elif isinstance(a, LoadVersion):
+            try:
+                weights, detail = registry.read_version(a.version)[0], ""
+            except RegistryError as exc:
+                weights, detail = None, str(exc)
+            done += _drive(registry, c, c.handle(VersionLoaded(now=now, version=a.version, weights=weights, detail=detail,
+                                                               command=a.command, operator=a.operator, nonce=a.nonce,
+                                                               kid=a.kid)), now)
+    return done
+
+
+def _notes(actions: Sequence[object]) -> list[str]:
+    return [a.kind for a in of(actions, Notify) if a.kind != "status"]
+
+
+def test_a_refused_or_failed_command_replayed_after_a_restart_is_refused(tmp_path: Path) -> None:
+    """helper-141 (G3): a verified command that did not run -- `rollback 3` while the newest version was
+    2 (refused: unknown_version), `pin 1` while version 1 could not be read (failed) -- was remembered in
+    memory only. Replayed to the same core it was refused as a replay; replayed within its window after
+    a restart (training had reached version 3 meanwhile) the same signed bytes ran: rollback 3 committed
+    and released a copy of 3, pin 1 pinned version 1. They are recorded (refused.json) and seeded now."""
+    registry = Registry(tmp_path, SPEC)
+    registry.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    c = gated(k=1, snapshot=registry.load())
+    for seq in range(2):
+        _drive(registry, c, c.handle(update("d1", seq, 1.0 + seq, base=seq)), 1.0)
+    assert c.version == 2
+    rollback3, pin1 = control("rollback", 3, nonce=11), control("pin", 1, nonce=12)
+    assert _notes(_drive(registry, c, c.handle(rollback3), 50.0)) == ["control_refused"]
+    aside = tmp_path / "v1-aside"
+    (tmp_path / "versions" / f"{1:09d}").rename(aside)  # version 1 unreadable for a moment
+    assert _notes(_drive(registry, c, c.handle(pin1), 50.0)) == ["control", "control_failed"]
+    aside.rename(tmp_path / "versions" / f"{1:09d}")
+    for replay in (rollback3, pin1):  # the same core: replays
+        assert not of(_drive(registry, c, c.handle(replay), 50.0), LoadVersion)
+    assert c.counters["reject:replayed"] == 2
+    _drive(registry, c, c.handle(update("d1", 2, 3.0, base=2)), 50.0)  # training goes on: version 3 exists now
+    assert c.version == 3 and not c.status().extra["pinned"]
+    registry.close()
+    registry = Registry(tmp_path, SPEC)
+    restarted = gated(k=1, snapshot=registry.load())
+    _drive(registry, restarted, restarted.start(50.0), 50.0)
+    replayed = restarted.counters["reject:replayed"]  # (the counters come back from the commit)
+    for replay in (rollback3, pin1):  # the same signed bytes, within their window, after the restart
+        acts = _drive(registry, restarted, restarted.handle(replay), 50.0)
+        assert not of(acts, LoadVersion) and not of(acts, CommitVersion) and not of(acts, RecordRelease)
+    assert restarted.counters["reject:replayed"] == replayed + 2 and restarted.version == 3
+    assert restarted.release[0] == 0 and not restarted.status().extra["pinned"]
+    acts = _drive(registry, restarted, restarted.handle(control("rollback", 3, nonce=13)), 50.0)  # a new command runs
+    assert [a.version for a in of(acts, CommitVersion)] == [4] and restarted.release[0] == 4
+
+
+def test_refused_commands_are_kept_apart_and_bounded(tmp_path: Path) -> None:
+    """A flood of refused commands (a verified operator's script gone wrong) is kept in refused.json,
+    the newest REFUSALS_KEPT: release.json (the gate's decisions, the executed commands) is untouched."""
+    from coordinator.registry import REFUSALS_KEPT, read_refusals
+
+    registry = Registry(tmp_path, SPEC)
+    registry.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    c = gated(k=1, snapshot=registry.load())
+    _drive(registry, c, c.handle(update("d1", 0, 1.0)), 1.0)
+    _drive(registry, c, c.handle(CandidateEvaluated(now=2.0, version=1, candidate_metric=0.9, release_metric=0.8,
+                                                    release_version=0)), 2.0)
+    before = (tmp_path / "release.json").read_bytes()
+    for nonce in range(REFUSALS_KEPT + 44):
+        _drive(registry, c, c.handle(control("rollback", 99, nonce=nonce)), 50.0)
+    assert c.counters["control_refused:unknown_version"] == REFUSALS_KEPT + 44
+    assert (tmp_path / "release.json").read_bytes() == before
+    kept = read_refusals(tmp_path)
+    assert len(kept) == REFUSALS_KEPT and [e["nonce"] for e in kept] == list(range(44, REFUSALS_KEPT + 44))
+    registry.close()
+    restarted = gated(k=1, snapshot=Registry(tmp_path, SPEC).load())
+    counts = restarted.counters.copy()  # (as of the last commit)
+
+    def grew() -> dict[str, int]:
+        return {k: n for k, n in (restarted.counters - counts).items() if k.startswith(("reject:", "control_refused:"))}
+
+    restarted.handle(control("rollback", 99, nonce=REFUSALS_KEPT + 43))  # the newest: a replay
+    assert grew() == {"reject:replayed": 1}
+    restarted.handle(control("rollback", 99, nonce=0))  # the oldest was forgotten: refused again, as before it was kept
+    assert grew() == {"reject:replayed": 1, "control_refused:unknown_version": 1}
+
+
+def test_a_damaged_refusal_record_forgets_only_the_refusals(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    registry = Registry(tmp_path, SPEC)
+    registry.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    c = gated(k=1, snapshot=registry.load())
+    _drive(registry, c, c.handle(control("rollback", 99, nonce=1)), 50.0)
+    registry.close()
+    refused = tmp_path / "refused.json"
+    good = refused.read_bytes()
+    refused.write_bytes(good[: len(good) // 2])  # torn
+    snap = Registry(tmp_path, SPEC).load()
+    assert snap is not None and snap.control_refused == [] and "refused.json is unreadable" in caplog.text
+    refused.write_text('[{"operator": "alice", "nonce": "1"}, 7, {"outcome": "refused", "at": 50.0, "operator": "alice", '
+                       '"nonce": 2, "command": "rollback", "version": 99, "force": false}]')  # one damaged entry, one good
+    restarted = gated(k=1, snapshot=Registry(tmp_path, SPEC).load())
+    restarted.handle(control("rollback", 99, nonce=2))
+    restarted.handle(control("rollback", 99, nonce=1))
+    assert restarted.counters["reject:replayed"] == 1 and restarted.counters["control_refused:unknown_version"] == 1

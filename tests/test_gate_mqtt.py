@@ -200,6 +200,9 @@ def test_rollback_and_pin_on_a_running_coordinator_survive_its_restart(mosquitto
             out = edgeci("rollback", "3", "--broker", url, "--region", REGION, "--state-dir", str(state), "--wait", "30")
             assert out.returncode == 1 and "refused rollback: version_unavailable" in out.stdout, out.stdout + out.stderr
             assert any("WARNING" in ln and "operator rollback of version 3 failed" in ln for ln in proc.lines), proc.lines[-5:]
+            # the verified ones that did not run are recorded (a replay after a restart is refused); the rogue one is not
+            refused = json.loads((state / "refused.json").read_text())
+            assert [(e["outcome"], e["command"], e["version"]) for e in refused] == [("refused", "rollback", 99), ("failed", "rollback", 3)]
             out = edgeci("unpin", "--broker", url, "--region", REGION, "--state-dir", str(state))
             assert out.returncode == 0 and "unpin done (it was not pinned)" in out.stdout, out.stdout + out.stderr
             assert watcher.extra("release") == 7
