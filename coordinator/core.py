@@ -545,7 +545,7 @@ class Snapshot:
     is gated again against its release, in its epoch (else a new round is opened)."""
 
 
-def _abandoned_by(event: object, *, newest: int) -> VersionRange | None:
+def abandoned_by(event: object, *, newest: int) -> VersionRange | None:
     """The versions a recorded decision abandoned (``_apply_decision``, ``_on_version_loaded``): a
     rejected candidate through the newest version built on it; an operator's rollback or pin, those
     after the version it restored up to its own commit. Clipped to ``newest`` (what this state dir
@@ -621,7 +621,7 @@ class CoordinatorCore:
         # the one a restart could not read, the training line restored one of them (start() leaves it
         # for the release). Not a range holding the release: then there is none to leave it for.
         for h in snapshot.gate_history:
-            span = _abandoned_by(h, newest=max(self._version, self._version_floor))
+            span = abandoned_by(h, newest=max(self._version, self._version_floor))
             if span is not None and not span[0] <= self._release_version <= span[1]:
                 self._abandoned = abandon(self._abandoned, *span)
         self._gate = Gate(config.gate) if config.gate is not None else None

@@ -98,7 +98,7 @@ from typing import IO, Any
 import msgpack
 import numpy as np
 
-from coordinator.core import CommitVersion, Snapshot
+from coordinator.core import CommitVersion, Snapshot, abandoned_by
 from coordinator.strategies.base import BufferedUpdate
 from edge_sdk.errors import ConfigError, EdgeciError
 from edge_sdk.spec import ModelSpec, Vector
@@ -1319,6 +1319,10 @@ class Registry:
                 skipped.append(f"release {release}: {exc}"[:300])
                 earlier = sorted({int(e["release"]) for e in record.get("history", []) if isinstance(e, dict)
                                   and isinstance(e.get("release"), int) and e["release"] < release}, reverse=True)
+                # Not one a later decision abandoned (an operator's rollback past it, a rejection): the
+                # unreadable release may be that very rollback's commit (helper-143).
+                spans = [span for e in history if (span := abandoned_by(e, newest=release)) is not None]
+                earlier = [v for v in earlier if not any(first <= v <= last for first, last in spans)]
                 for older in earlier:
                     try:
                         release_weights = self._read_dir(older)[0]

@@ -941,6 +941,33 @@ def test_an_operators_abandoned_versions_do_not_come_back_when_the_rollback_is_u
     assert restarted.version == 5
 
 
+def test_a_release_the_lost_rollback_abandoned_is_not_the_release_again(tmp_path: Path) -> None:
+    """helper-143: releases 1 and 2 promoted, candidate 3 held, `rollback 1` commits version 4 (the
+    release; 2 and 3 abandoned); version 4 unreadable. The registry fell back to the release before
+    4 in the history, 2 — one the rollback abandoned — so the line and the release stayed on what the
+    operator had rolled back. It skips abandoned releases now: 1, and the line goes back to it."""
+    registry = Registry(tmp_path, SPEC)
+    registry.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    c = durable(gated(k=1, snapshot=registry.load()), registry)
+    for v, (value, metric) in enumerate(((1.0, 0.9), (2.0, 0.9), (3.0, 0.85)), start=1):
+        c.handle(update(f"d{v}", 0, value, base=v - 1))
+        c.handle(CandidateEvaluated(now=float(v), version=v, candidate_metric=metric, release_metric=0.9,
+                                    release_version=c.release[0]))
+    assert [e["action"] for e in c.status().extra["recent_versions"]] == ["promote", "promote", "hold"]
+    (load,) = of(c.handle(control("rollback", 1)), LoadVersion)
+    acts = c.handle(VersionLoaded(now=51.0, version=1, weights=registry.read_version(1)[0], command="rollback",
+                                  operator=load.operator, nonce=load.nonce))
+    assert [a.version for a in of(acts, CommitVersion)] == [4] and c.abandoned(2) and c.release[0] == 4
+    registry.close()
+    _unreadable(tmp_path, 4)
+    registry, restarted, start = _restarted(tmp_path, 60.0)
+    assert restarted.release[0] == 1 and restarted.abandoned(2) and restarted.abandoned(3)  # was release 2, nothing abandoned
+    (commit,) = of(start, CommitVersion)
+    assert commit.version == 5 and commit.metadata["source"] == "rollback"
+    np.testing.assert_array_equal(restarted.weights, np.full(SPEC.size, 1.0, np.float32))
+    assert _ack(restarted.handle(update("d9", 0, 2.5, base=2))) == ("rejected", "base_rejected")
+
+
 @pytest.mark.parametrize("command", ["rollback", "pin"])
 def test_an_operator_command_whose_release_record_is_lost_keeps_its_release(tmp_path: Path, command: str) -> None:
     """helper-105: the operator's commit is durable before its release record; a storage failure
