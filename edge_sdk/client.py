@@ -53,6 +53,7 @@ from edge_sdk.core.events import (
     MessageReceived,
     Notify,
     PersistDeviceState,
+    PinCanary,
     PinEpoch,
     PinKey,
     Publish,
@@ -108,6 +109,8 @@ from edge_sdk.wire import topics
 from edge_sdk.wire.codec import Encoding
 
 log = logging.getLogger("edgeci.device")
+_MAX_CANARY_PIN_CHARS = 1024
+"""A stored canary record (``PinCanary``: a few ints and at most 8 nonces) is far shorter: a longer one is damaged."""
 Callback = Callable[[str, dict[str, Any]], None]
 
 
@@ -448,7 +451,8 @@ class EdgeClient:
         nonces = random.SystemRandom() if self.durable else None
         self.core = DeviceCore(cfg, rng=random.Random(seed), next_seq=next_seq, trained_upto=trained_upto,
                                total=self._added(), pinned_by_region=pins, epochs=epochs, nonces=nonces,
-                               pending=pending, pending_upto=pending_upto)
+                               pending=pending, pending_upto=pending_upto,
+                               canaries=[pin for r in self.regions if (pin := self._canary_taken(r)) is not None])
         if not self.trusted_keys and any(pins.values()):
             log.info("device %s: no provisioned coordinator keys; it trusts the key(s) it pinned on first use (%s) and "
                      "refuses any other; a bundle (`--bundle`, `edgeci pki issue`) replaces them", device_id,
@@ -816,6 +820,21 @@ class EdgeClient:
             log.error("device store holds an unreadable epoch for region %s (%.40r): ignoring it", region, raw)
         return 0
 
+    def _canary_taken(self, region: str) -> PinCanary | None:
+        """The canary rounds this device took in ``region`` (``PinCanary``, durable), None if none."""
+        raw = self.store.get_meta(f"canary.{region}")
+        if raw is None:
+            return None
+        try:
+            if not isinstance(raw, str) or len(raw) > _MAX_CANARY_PIN_CHARS:
+                raise ValueError("not a short JSON text")
+            data = json.loads(raw)
+            return PinCanary(region=region, epoch=data["epoch"], candidate=data["candidate"], release=data["release"],
+                             nonces=tuple(data["nonces"]))
+        except (ValueError, KeyError, TypeError, LocalProtocolError) as exc:
+            log.error("device store holds an unreadable canary record for region %s (%s): ignoring it", region, exc)
+            return None
+
     def _pins(self, region: str) -> dict[str, bytes]:
         """Coordinator keys this device pinned on first use for ``region`` (durable)."""
         raw = self.store.get_meta(f"pins.{region}")
@@ -911,6 +930,14 @@ class EdgeClient:
             else:
                 log.info("device %s: region %s's coordinator numbers its versions in epoch %d",
                          self.core.config.device_id, action.region, action.epoch)
+        elif isinstance(action, PinCanary):
+            record = {"epoch": action.epoch, "candidate": action.candidate, "release": action.release,
+                      "nonces": list(action.nonces)}  # (at most CANARY_NONCES_KEPT: one short record per region)
+            try:
+                self.store.set_meta(f"canary.{action.region}", json.dumps(record))
+            except StorageError as exc:  # the core holds it; the actions after this one must still run
+                log.error("device %s: cannot save the canary round it took (%s); a replay of it after a restart "
+                          "would be taken again", self.core.config.device_id, exc)
         elif isinstance(action, StartTraining):
             self._trainer.submit(self._train, action.job)
         elif isinstance(action, DeployModel):

@@ -39,6 +39,7 @@ from edge_sdk.core.events import (
     CanaryScored,
     MessageReceived,
     Notify,
+    PinCanary,
     Publish,
     ScheduleTimer,
     StartCanary,
@@ -933,6 +934,49 @@ def test_a_device_takes_a_new_round_of_what_it_evaluates_and_keeps_its_counts() 
     assert of(legacy.handle(MessageReceived(now=1.0, topic=bt, payload=payload)), Publish)
     legacy.handle(TimerFired(now=60.0))  # nothing scored by the deadline: given up
     assert legacy.state.canary is None and legacy.handle(MessageReceived(now=61.0, topic=bt, payload=payload)) == []
+
+
+def test_a_canary_round_taken_is_pinned_first_and_refused_after_a_restart() -> None:
+    """helper-144: ``canary_last`` / ``canary_nonces`` lived in memory only, so a restarted device
+    took a replayed round again and scored it. A round taken is pinned (``PinCanary``, before the
+    fetch it causes); a core built with the pins refuses its replay and takes a new round."""
+    t = topics.device_topic("r1", "a", "invite")
+
+    def ask(d: DeviceCore, nonce: int, at: float, epoch: int = 0) -> list[object]:
+        req = Canary(device="a", candidate=3, release=2, samples=3, deadline_s=50.0, nonce=nonce, epoch=epoch)
+        return d.handle(MessageReceived(now=at, topic=t, payload=encode(req, signer=SIGNER, scope=topics.device_scope("r1", "invite"))))
+
+    def restarted(pins: Sequence[PinCanary], epochs: dict[str, int] | None = None) -> DeviceCore:
+        return DeviceCore(DeviceConfig(device_id="a", region="r1", spec=SPEC, min_samples=1000, request_timeout_s=5.0,
+                                       trusted_keys={SIGNER.kid: SIGNER.public_raw}, serve_on_start=False),
+                          rng=random.Random(0), canaries=pins, epochs=epochs)
+
+    first = device("a")
+    out = ask(first, 11, 1.0)
+    pin = out[0]
+    assert pin == PinCanary(region="r1", epoch=0, candidate=3, release=2, nonces=(11,)) and of(out, Publish)
+    again = restarted([pin])
+    assert (again.state.canary_last, again.state.canary_nonces) == ((3, 2), (11,))
+    assert ask(again, 11, 2.0) == [] and again.state.canary is None  # the replay: refused, nothing fetched
+    out = ask(again, 22, 3.0)  # a new round (the coordinator restarted): taken, pinned with the one before
+    assert of(out, PinCanary) == [PinCanary(region="r1", epoch=0, candidate=3, release=2, nonces=(11, 22))] and of(out, Publish)
+    # A pin of the numbering before a reset, or of a region the device does not use, restores nothing.
+    old = PinCanary(region="r1", epoch=1, candidate=3, release=2, nonces=(11,))
+    assert of(ask(restarted([old], {"r1": 2}), 11, 1.0, epoch=2), Publish)
+    assert ask(restarted([PinCanary(region="r1", epoch=2, candidate=3, release=2, nonces=(11,))], {"r1": 2}), 11, 1.0, epoch=2) == []
+    assert of(ask(restarted([PinCanary(region="elsewhere", epoch=0, candidate=3, release=2, nonces=(11,))]), 11, 1.0), Publish)
+    many = restarted([PinCanary(region="r1", epoch=0, candidate=3, release=2, nonces=tuple(range(1, 21)))])
+    assert many.state.canary_nonces == tuple(range(13, 21))  # bounded as in memory: the newest CANARY_NONCES_KEPT
+
+
+@pytest.mark.parametrize("bad", [{"region": ""}, {"epoch": -1}, {"candidate": True}, {"nonces": ()}, {"nonces": (1, "2")},
+                                 {"nonces": [1]}, {"release": 2**63}])
+def test_a_malformed_canary_pin_is_a_local_error(bad: dict[str, object]) -> None:
+    from edge_sdk.errors import LocalProtocolError
+
+    fields: dict[str, object] = {"region": "r1", "epoch": 0, "candidate": 3, "release": 2, "nonces": (11,), **bad}
+    with pytest.raises(LocalProtocolError):
+        PinCanary(**fields)  # type: ignore[arg-type]
 
 
 def test_a_device_reports_what_it_has_at_the_deadline_and_refuses_unsigned_requests() -> None:

@@ -26,7 +26,7 @@ from edge_sdk.tasks.base import TrainConfig
 from edge_sdk.wire import topics
 from edge_sdk.wire.codec import decode, encode
 from edge_sdk.wire.messages import Ack, Update
-from tests.helpers import SPEC, CoordinatorProcess, wait_until
+from tests.helpers import SIGNER, SPEC, CoordinatorProcess, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -176,3 +176,63 @@ def test_a_disk_without_room_for_the_update_still_saves_the_counters(tmp_path: P
         assert (client.store.get_meta("next_seq"), client.store.get_meta("trained_upto"), client.store.get_meta("pending_update")) == (5, 2, b"")
     finally:
         client.stop()
+
+
+def _canary_deliveries(data_dir: Path, payload: bytes, *, lives: int = 2) -> list[list[bool]]:
+    """helper-144's probe on the driver's path: EdgeClients built one after the other on one data
+    dir (never started), each fed the same signed canary request twice; the actions other than
+    publishes and timers are performed by the client as its actor would. Whether each was taken."""
+    from edge_sdk.core.events import MessageReceived, Notify, ScheduleTimer
+
+    topic = topics.device_topic(REGION, "canary-dev", "invite")
+    taken: list[list[bool]] = []
+    for _ in range(lives):
+        client = EdgeClient(broker="mqtt://127.0.0.1:1", device_id="canary-dev", region=REGION, task="digits",
+                            data_dir=data_dir, trusted_keys={SIGNER.kid: SIGNER.public_raw}, refresh_s=None)
+        try:
+            life = []
+            for attempt in (1, 2):
+                actions = client.core.handle(MessageReceived(now=float(attempt), topic=topic, payload=payload))
+                for a in actions:
+                    if not isinstance(a, Publish | ScheduleTimer):
+                        client._perform(a)
+                life.append(any(isinstance(a, Notify) and a.kind == "canary" for a in actions))
+            taken.append(life)
+        finally:
+            client.stop()
+    return taken
+
+
+def _canary_payload(nonce: int) -> bytes:
+    from edge_sdk.wire.messages import Canary
+
+    ask = Canary(device="canary-dev", candidate=5, release=4, samples=10, deadline_s=600.0, nonce=nonce)
+    return encode(ask, signer=SIGNER, scope=topics.device_scope(REGION, "invite"))
+
+
+def test_a_canary_round_taken_is_refused_after_a_restart(tmp_path: Path) -> None:
+    """helper-144: the device refused a second delivery of a round it took, but a restarted device
+    (same data dir) took the same signed request again and scored it: the rounds taken were in
+    memory only. They are saved in the store's meta (one short record per region)."""
+    assert _canary_deliveries(tmp_path, _canary_payload(4242)) == [[True, False], [False, False]]
+    assert _canary_deliveries(tmp_path, _canary_payload(4343), lives=1) == [[True, False]]  # a new round: taken
+    from edge_sdk.store import SampleStore
+
+    with SampleStore.open(tmp_path / "samples.sqlite3") as store:  # one short record per region
+        record = store.get_meta(f"canary.{REGION}")
+    assert isinstance(record, str) and json.loads(record) == {"epoch": 0, "candidate": 5, "release": 4, "nonces": [4242, 4343]}
+
+
+@pytest.mark.parametrize("damaged", ["not json", json.dumps({"epoch": 0}), json.dumps({"epoch": 0, "candidate": 5, "release": 4,
+                                     "nonces": ["x"]}), b"\x00bytes", 7, "[" * 5000])
+def test_a_damaged_canary_record_is_ignored_and_the_device_starts(tmp_path: Path, damaged: Any,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A store whose canary record does not read (bit rot, an old bug) must not stop the device:
+    logged, ignored (a replay of that round is taken again, as before records were kept)."""
+    from edge_sdk.store import SampleStore
+
+    with SampleStore.open(tmp_path / "samples.sqlite3") as store:
+        store.set_meta(f"canary.{REGION}", damaged)
+    with caplog.at_level("ERROR", logger="edgeci.device"):
+        assert _canary_deliveries(tmp_path, _canary_payload(4242), lives=1) == [[True, False]]
+    assert any("unreadable canary record" in r.getMessage() for r in caplog.records)

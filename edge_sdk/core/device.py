@@ -101,7 +101,9 @@ echoed in the report): a coordinator that restarted resumes the round it recorde
 nonce: a request of it again is a repeat, ignored, and the report goes to it), or, without that
 record, asks for the same candidate and release in a new round, which the device takes (keeping
 what it scored, if it is still scoring); a repeat of a round it took is refused, and so is any
-second request without a nonce.
+second request without a nonce. The rounds taken are made durable per region (``PinCanary``, before
+anything else the request causes) and restored at construction (``canaries``), so a restarted
+device refuses the replay too (helper-144: it took the same signed request again and scored it).
 
 Transitions (event → action, new phase)::
 
@@ -141,11 +143,12 @@ Transitions (event → action, new phase)::
     IDLE/PULLING/DEFERRED  status(home, alive: true), away ≥ failback_after_s
                                            → Persist, SwitchRegion(home), pull  PULLING
     any       device message from a region not in use → ignored            (unchanged)
-    any       Canary(C, R) newer than the current one → (release pull,) then when IDLE:
+    any       Canary(C, R) newer than the current one → PinCanary, (release pull,) then when IDLE:
     IDLE      canary wanted                → Publish(pull, canary=C)        PULLING
     PULLING   Model(version C) answering it → StartCanary                  IDLE
     any       CanaryScored; samples reached / deadline → Publish(report), StopCanary
-    any       Canary(C, R, new nonce) while evaluating (C, R) → Notify(canary): same counts, report to it
+    any       Canary(C, R, new nonce) while evaluating (C, R) → PinCanary, Notify(canary): same counts, report to it
+    any       Canary(C, R) of a round taken (before a restart too), or older → ignored   (unchanged)
 """
 
 from __future__ import annotations
@@ -154,7 +157,7 @@ import dataclasses
 import enum
 import math
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -165,6 +168,7 @@ from edge_sdk.core.events import (
     MessageReceived,
     Notify,
     PersistDeviceState,
+    PinCanary,
     PinEpoch,
     PinKey,
     Publish,
@@ -224,8 +228,8 @@ from edge_sdk.wire.messages import (
 )
 
 DeviceEvent = SampleAdded | MessageReceived | TrainingFinished | TrainingFailed | TimerFired | CanaryScored
-DeviceAction = (Publish | ScheduleTimer | StartTraining | DeployModel | PersistDeviceState | PinKey | PinEpoch | Notify
-                | SwitchRegion | StartCanary | StopCanary)
+DeviceAction = (Publish | ScheduleTimer | StartTraining | DeployModel | PersistDeviceState | PinKey | PinEpoch | PinCanary
+                | Notify | SwitchRegion | StartCanary | StopCanary)
 MAX_WATERMARK_JUMP = 100_000
 """The furthest a ``duplicate`` ack may move the device's seq past its own (the coordinator's
 ``max_seq_jump``): a forged ack with a huge watermark would otherwise make every later request
@@ -441,6 +445,7 @@ class DeviceCore:
         nonces: random.Random | None = None,
         pending: bytes = b"",
         pending_upto: int = 0,
+        canaries: Iterable[PinCanary] = (),
     ) -> None:
         """``pinned``: the home region's trust-on-first-use keys; ``pinned_by_region``: any
         region's (for devices with fallback regions). ``epochs``: each region's numbering as
@@ -450,7 +455,10 @@ class DeviceCore:
         process, so a reinstall that starts its seqs again at 0 sent the nonce the coordinator
         holds for that seq and took its ``duplicate`` for its own update (helper-144).
         ``pending`` / ``pending_upto``: the update waiting for its ack and its round's watermark,
-        as the last ``PersistDeviceState`` made them durable: :meth:`start` sends it again."""
+        as the last ``PersistDeviceState`` made them durable: :meth:`start` sends it again.
+        ``canaries``: each region's canary rounds taken, as the last ``PinCanary`` made them
+        durable; one of another epoch than its region's (numbers from before a reset) or of a
+        region not configured is ignored."""
         self.config = config
         self._rng = rng
         self._nonces = rng if nonces is None else nonces
@@ -464,9 +472,13 @@ class DeviceCore:
             self._epochs[r] = e
         self._canary_by_region: dict[str, tuple[tuple[int, int], tuple[int, ...]]] = {}
         """``canary_last`` and ``canary_nonces`` of the regions not in use: each numbers its own versions."""
+        for pin in canaries:
+            if pin.region in config.regions and pin.epoch == self._epochs.get(pin.region, NO_EPOCH):
+                self._canary_by_region[pin.region] = ((pin.candidate, pin.release), pin.nonces[-CANARY_NONCES_KEPT:])
         self._s = DeviceState(next_seq=next_seq, trained_upto=trained_upto, total=total,
                               pins=self._pins_by_region.setdefault(config.region, {}), region=config.region,
                               epoch=self._epochs.get(config.region, NO_EPOCH))
+        self._s.canary_last, self._s.canary_nonces = self._canary_by_region.pop(config.region, ((NO_VERSION, NO_VERSION), ()))
         self._refresh_s = config.refresh_s
         self._pull_ready = min(_PULL_READY, config.pull_burst) if config.pull_refill_s > 0 else -math.inf
         """The tokens a pull waits for (a bucket of 1: until full); -inf: no pacing."""
@@ -1106,13 +1118,15 @@ class DeviceCore:
         # A new round: of a newer candidate or release, or of the same ones after the coordinator restarted.
         s.canary_nonces = (*s.canary_nonces, msg.nonce)[-CANARY_NONCES_KEPT:] if asked == s.canary_last else (msg.nonce,)
         s.canary_last = asked
+        # Durable before anything it causes: a restarted device refuses this round's replay too.
+        pin = PinCanary(region=s.region, epoch=s.epoch, candidate=msg.candidate, release=msg.release, nonces=s.canary_nonces)
         if current is not None and asked == (current.candidate, current.release):
             # The same evaluation in the restarted coordinator's round: the labels scored so far count
             # there too; the report goes to it (its nonce) by its deadline.
             s.canary, s.canary_deadline = msg, now + msg.deadline_s
-            return [Notify(kind="canary", data={"candidate": msg.candidate, "release": msg.release, "samples": msg.samples,
+            return [pin, Notify(kind="canary", data={"candidate": msg.candidate, "release": msg.release, "samples": msg.samples,
                                                 "scored": sum(s.canary_counts)})]
-        actions = self._canary_end("replaced") if current is not None else []
+        actions: list[DeviceAction] = [pin, *(self._canary_end("replaced") if current is not None else [])]
         s.canary, s.canary_state, s.canary_deadline, s.canary_counts = msg, "fetch", now + msg.deadline_s, [0, 0, 0, 0]
         if msg.release > s.deployed_version:
             s.release_wanted = max(s.release_wanted, msg.release)  # score against the release it names

@@ -188,6 +188,32 @@ class PinEpoch:
 
 @fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PinCanary:
+    """The device took a canary round in ``region``: durably remember the newest request taken
+    (``candidate`` against ``release``, numbered in ``epoch``) and its rounds (``nonces``, newest
+    last) before acting on it, so that after a restart a replay of one is still refused
+    (``DeviceCore(canaries=...)`` restores it). One record per region: each replaces the last."""
+
+    region: str
+    epoch: int
+    candidate: int
+    release: int
+    nonces: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.region, str) or not self.region:
+            raise LocalProtocolError(f"a canary pin needs a region, got {self.region!r}")
+        for name in ("epoch", "candidate", "release"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+                raise LocalProtocolError(f"a canary pin's {name} must be an int >= 0, got {value!r}")
+        if not isinstance(self.nonces, tuple) or not self.nonces or any(
+                isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < 2**63 for n in self.nonces):
+            raise LocalProtocolError(f"a canary pin's nonces must be a non-empty tuple of ints >= 0, got {self.nonces!r}")
+
+
+@fast_init
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SwitchRegion:
     """The device now talks to ``region``'s coordinator instead of ``previous``'s (failover,
     or back home). The core already re-addressed its requests and filters replies by region;
