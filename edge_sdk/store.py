@@ -20,7 +20,10 @@ Every sample has a timestamp chosen by the caller (the wall clock is read only a
 boundary, when none is given); one more than :data:`MAX_FUTURE_S` (a day) ahead of the clock is
 an :class:`~edge_sdk.errors.InvalidSample` (milliseconds for seconds, a wrong clock): eviction
 goes oldest first, so it would outlive every label made after it. Ids are never reused, even
-after eviction.
+after eviction — within a store: after a recovery from a file whose pages are all garbage (below)
+the ids and the ``added`` total come from the counters mirror, written at ``set_meta*``, so ids
+handed out after its last write may be given again; nothing of the old store (samples, the SCC
+features kept by id in its meta) is left for them to collide with (helper-144).
 
 Durability
 ----------
