@@ -1000,11 +1000,19 @@ def reconfigure_strategy(strategy: Strategy, changes: Mapping[str, Any]) -> None
 
 
 def _on_actor(daemon: CoordinatorDaemon, fn: Callable[[], None], timeout: float = 10.0) -> None:
-    """Run ``fn`` on the daemon's actor thread and wait for it; re-raise its error here."""
+    """Run ``fn`` on the daemon's actor thread and wait for it; re-raise its error here. Not
+    begun within ``timeout``: it never runs (the ConfigError says so; a call left queued once
+    applied the change after the log said it could not); begun: waited for to its end."""
     done = threading.Event()
     errors: list[BaseException] = []
+    decided = threading.Lock()  # one of the actor (runs it) and the timeout (cancels it) takes it, once
+    state = ["queued"]
 
     def call() -> None:
+        with decided:
+            if state[0] != "queued":
+                return  # the signal's thread gave up on it: never applied
+            state[0] = "running"
         try:
             fn()
         except BaseException as exc:
@@ -1014,7 +1022,13 @@ def _on_actor(daemon: CoordinatorDaemon, fn: Callable[[], None], timeout: float 
 
     daemon.actor.call(call)
     if not done.wait(timeout):
-        raise ConfigError(f"the coordinator did not apply the change within {timeout:.0f} s (busy); try again")
+        with decided:
+            cancelled = state[0] == "queued"
+            if cancelled:
+                state[0] = "cancelled"
+        if cancelled:
+            raise ConfigError(f"the coordinator did not apply the change within {timeout:.0f} s (busy); try again")
+        done.wait()  # begun just now: it ends soon (a strategy's reconfigure and a re-plan)
     if errors:
         raise errors[0]
 
@@ -1050,10 +1064,13 @@ def reload(daemon: CoordinatorDaemon, layered: Layered,
     for k in removed:
         log.warning("SIGHUP: cannot reload strategy parameter %s (removed) without a restart", k)
     if changes:
-        strategy = daemon.core.strategy
+        changed = dataclasses.replace(current, strategy_params={**current.strategy_params, **changes})
 
         def apply() -> None:
-            reconfigure_strategy(strategy, changes)
+            # On the actor, both: the core that runs now (a rebuild after a storage or core failure
+            # replaces it, and its strategy), and the options the next rebuild builds from.
+            reconfigure_strategy(daemon.core.strategy, changes)
+            daemon.options = changed
             daemon.core.refresh_policy()  # the core judges stale updates by the new bound / convert_beyond too
             daemon.actor.run_actions(daemon.core.start(daemon.clock.now()))  # re-plan, re-arm, new status
 
@@ -1063,8 +1080,7 @@ def reload(daemon: CoordinatorDaemon, layered: Layered,
             for k in sorted(changes):
                 log.warning("SIGHUP: cannot reload strategy parameter %s without a restart (%s)", k, exc)
         else:
-            current = dataclasses.replace(current, strategy_params={**current.strategy_params, **changes})
-            daemon.options = current
+            current = changed
             for k, v in sorted(changes.items()):
                 log.warning("SIGHUP: strategy parameter %s is now %r", k, v)
     for f in dataclasses.fields(CoordinatorOptions):

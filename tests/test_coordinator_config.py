@@ -817,3 +817,71 @@ def test_bounded_takes_one_upper_bound() -> None:
 
     with pytest.raises(ValueError, match="below or at_most, not both"):
         bounded(int, 0, below=3, at_most=2)
+
+
+class _RebuildingActor:
+    """A stand-in actor thread that rebuilds the daemon's core from ``daemon.options`` (as
+    ``CoordinatorDaemon._rebuild_core`` does after a storage or core failure) just before
+    (``when="before"``) or just after (``"after"``) it runs a call: the interleaving a
+    failure queued next to SIGHUP's call produces on the real actor."""
+
+    def __init__(self, when: str) -> None:
+        self.when, self.daemon, self.rebuilds = when, None, 0
+
+    def rebuild(self) -> None:
+        opts = self.daemon.options  # type: ignore[attr-defined]
+        self.daemon.core = make_coordinator(opts.strategy, **opts.strategy_params)  # type: ignore[attr-defined]
+        self.rebuilds += 1
+
+    def call(self, fn: Any) -> None:
+        if self.when == "before":
+            self.rebuild()
+        fn()
+        if self.when == "after":
+            self.rebuild()
+
+    def run_actions(self, actions: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_sighup_survives_a_core_rebuild_next_to_it_on_the_actor(caplog: pytest.LogCaptureFixture, when: str) -> None:
+    # helper-146: reload() read daemon.core.strategy on the signal's thread and set daemon.options
+    # there after the actor had applied the change. A rebuild on the actor (storage or core
+    # failure) before the call reconfigured the discarded core's strategy; one after it rebuilt
+    # from the options before they named the change. Either way the log said "k is now 7" and
+    # the running core kept k = 5.
+    import logging
+    from types import SimpleNamespace
+
+    running = layered([], {}, "[strategy]\nk = 5\n")
+    opts = coordinator_cli.options_from(running.args, running)
+    actor = _RebuildingActor(when)
+    daemon = SimpleNamespace(options=opts, core=make_coordinator(opts.strategy, **opts.strategy_params), actor=actor,
+                             clock=SimpleNamespace(now=lambda: 0.0))
+    actor.daemon = daemon  # type: ignore[assignment]
+    with caplog.at_level(logging.INFO, logger="edgeci.coordinator"):
+        coordinator_cli.reload(daemon, running, lambda: layered([], {}, "[strategy]\nk = 7\n"),  # type: ignore[arg-type]
+                               lambda level, fmt: None)
+    assert actor.rebuilds == 1
+    assert "strategy parameter k is now 7" in caplog.text
+    assert daemon.options.strategy_params["k"] == 7
+    assert daemon.core.strategy.config.k == 7  # the core that runs now, not the one the rebuild replaced
+    actor.rebuild()  # and any later rebuild keeps it
+    assert daemon.core.strategy.config.k == 7
+
+
+def test_a_change_the_actor_did_not_apply_in_time_is_never_applied_later() -> None:
+    # helper-146: _on_actor gave up after its timeout and reload() logged "cannot reload", but
+    # the call stayed queued: once the busy actor reached it, the strategy changed after all,
+    # against the log and daemon.options (a later rebuild then reverted it, silently).
+    from types import SimpleNamespace
+
+    queued: list[Any] = []
+    daemon = SimpleNamespace(actor=SimpleNamespace(call=queued.append))
+    applied: list[int] = []
+    with pytest.raises(ConfigError, match="did not apply the change"):
+        coordinator_cli._on_actor(daemon, lambda: applied.append(1), timeout=0.01)  # type: ignore[arg-type]
+    assert len(queued) == 1
+    queued[0]()  # the actor reaches it now
+    assert applied == []
