@@ -605,8 +605,8 @@ class EdgeClient:
         Built-in tasks use their shipped graph; others export theirs once (seconds, torch).
         After :meth:`stop` it keeps serving the last deployed model (offline; nothing newer arrives).
         """
-        with self._lock:
-            deployed = self._deployed
+        with self._lock:  # the pair and the engine together: read apart, a deployment between the two reads
+            deployed, engine = self._deployed, self._engine  # (another region's lower number) let a stale pair into a new engine
         if deployed is None:
             raise LocalProtocolError(
                 "no model to predict with yet: the device asks its coordinator for the current one when it "
@@ -619,7 +619,6 @@ class EdgeClient:
         if self.inference == "torch":
             logits = self.task.logits(deployed[1], batch)  # type: ignore[attr-defined]
             return np.asarray(np.argmax(logits, axis=1), dtype=np.int64)
-        engine = self._engine
         if engine is None:
             from edge_sdk.inference import InferenceEngine
 

@@ -123,6 +123,50 @@ def test_a_model_deployed_while_predict_builds_its_engine_is_the_one_served(tmp_
         _close(c)
 
 
+def test_predict_never_swaps_the_previous_numbering_into_a_newer_engine(tmp_path: Any) -> None:
+    """helper-146: predict read (8, home's weights) under the lock, then the engine outside it.
+    Meanwhile the other region's v3 was deployed (the engine at 8 refused it and was dropped) and
+    another predict built the engine for v3; the first predict then found that engine "behind"
+    its stale 8 and swapped home's model into it. ``version`` said 3 while every predict served
+    home's v8, until the new region's numbering passed 8."""
+    from edge_sdk.core.events import DeployModel
+
+    c = _client(tmp_path)
+    task = c.task
+    home = task.pretrained(seed=0)
+    away = np.zeros_like(home)
+    x = np.zeros((1, *c.contract.shape), np.float32)
+    try:
+        c._perform(DeployModel(version=8, weights=home))
+        c.predict(x)
+        assert c._engine.version == 8
+
+        class Interleaving:
+            """The client's lock; the first time a predict lets go of it, v3 is deployed and a
+            second app thread predicts (building the engine for v3)."""
+
+            def __init__(self, lock: Any) -> None:
+                self.lock, self.fired = lock, False
+
+            def __enter__(self) -> None:
+                self.lock.acquire()
+
+            def __exit__(self, *exc: object) -> None:
+                self.lock.release()
+                if not self.fired:
+                    self.fired = True
+                    c._perform(DeployModel(version=3, weights=away))
+                    c.predict(x)
+
+        c._lock = Interleaving(c._lock)
+        c.predict(x)  # the first app thread, interleaved as above
+        assert c.version == 3
+        assert c._engine.version == 3  # not home's 8
+        np.testing.assert_array_equal(c.predict(x), np.argmax(task.logits(away, x), axis=1))
+    finally:
+        _close(c)
+
+
 def _full_disk_harness(c: Any, tmp_path: Any, w: Any) -> tuple[dict[str, bool], Callable[[Any], None], Callable[[Any], Any]]:
     """For an unstarted client ``c``: a switch (``full["on"]``) that makes saving its counters fail
     as on a full disk, ``run(event)`` through its actor, and ``model_for(pull)``, the signed reply."""
