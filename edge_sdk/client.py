@@ -662,7 +662,9 @@ class EdgeClient:
 
         with self._export_lock:
             with self._lock:
-                current = self._detector
+                current, deployed = self._detector, self._deployed
+            if deployed is not None and deployed[1] is not weights:  # deployed anew while this waited for the lock:
+                version, weights = deployed  # export that (exported, the older one replaced the newer one's session)
             if current is not None and current.weights is weights:
                 return current  # another thread exported it meanwhile
             name = f"deployed-v{version}.onnx"

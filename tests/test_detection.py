@@ -535,6 +535,58 @@ def test_stop_holds_the_data_dir_until_a_detect_exporting_into_it_is_done(
     hold_data_dir(tmp_path, "cam-3").close()  # free once stop() returned
 
 
+def test_a_detect_that_read_an_older_deployment_does_not_export_it_over_the_newer_one(
+    task: DetectionTask, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """helper-146: a detect() read v2, then (before it took the export lock) v3 was deployed and
+    another app thread's detect() exported v3. The first one then exported v2 anyway, put it in
+    place of v3's session and deleted deployed-v3.onnx: seconds of export for nothing, and the
+    next detect() exported v3 again."""
+    from edge_sdk.client import EdgeClient
+    from edge_sdk.core.events import DeployModel
+
+    client = EdgeClient(broker="mqtt://127.0.0.1:1883", device_id="cam-4", data_dir=tmp_path, task=task)
+    exported: list[str] = []
+    export = task.export_onnx
+
+    def counting_export(weights: np.ndarray, path: Path, **kwargs: object) -> Path:
+        exported.append(Path(path).name)
+        return export(weights, path, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(task, "export_onnx", counting_export)
+    frame = make_scenes(1, seed=9, config=new_class_config(SIZE)).images[0]
+    w2, w3 = task.pretrained(seed=0), task.pretrained(seed=0) + np.float32(0.001)
+    try:
+        client._perform(DeployModel(version=2, weights=w2))
+
+        class Interleaving:
+            """The client's lock; the first time a detect lets go of it, v3 is deployed and a
+            second app thread detects."""
+
+            def __init__(self, lock: Any) -> None:
+                self.lock, self.fired = lock, False
+
+            def __enter__(self) -> None:
+                self.lock.acquire()
+
+            def __exit__(self, *exc: object) -> None:
+                self.lock.release()
+                if not self.fired:
+                    self.fired = True
+                    client._perform(DeployModel(version=3, weights=w3))
+                    client.detect(frame)
+
+        client._lock = Interleaving(client._lock)  # type: ignore[assignment]
+        client.detect(frame)  # the first app thread, interleaved as above
+        assert exported == ["deployed-v3.onnx"]  # v2, deployed no more, is not exported
+        assert client._detector is not None and client._detector.version == 3
+        assert (tmp_path / "deployed-v3.onnx").is_file()
+        client.detect(frame)
+        assert exported == ["deployed-v3.onnx"]
+    finally:
+        client.stop()
+
+
 # ---------------------------------------------------------------- offline, data dir
 _GUARD = r"""
 import json, socket, sys
