@@ -424,6 +424,11 @@ class Registry:
         self._janitor: threading.Thread | None = None
         self._janitor_wake = threading.Event()
         self._janitor_stop = False
+        self._pruning = threading.RLock()
+        """Held while versions are deleted, and by the readers of version directories (read_version,
+        load): the pruning thread deleted a directory under a read (helper-146: "version N is
+        unreadable: ... weights.npy: No such file" for an operator's rollback to the oldest kept
+        version, and load() "restored from the pending log" a version half deleted)."""
         self._checkpoint_due = -1
         """With the pruning thread: the base it is to fsync next (the actor never waits for it)."""
         self._checkpoint_done = -1
@@ -533,6 +538,10 @@ class Registry:
     def read_version(self, version: int) -> tuple[Vector, dict[str, Any]]:
         """Weights and metadata of a version directory; the metadata with the cumulative
         ``applied_upto`` and ``devices_seen`` at that version (when its chain is readable)."""
+        with self._pruning:
+            return self._read_version(version)
+
+    def _read_version(self, version: int) -> tuple[Vector, dict[str, Any]]:
         weights, meta = self._read_dir(version)
         if "parent" in meta:
             try:
@@ -654,7 +663,8 @@ class Registry:
         if self._janitor is not None:
             self._janitor_wake.set()  # deleting directories costs as much as writing them
             return
-        self._prune_now()
+        with self._pruning:
+            self._prune_now()
 
     def _prune_now(self) -> None:
         """Delete versions beyond ``keep_versions`` (never the newest ones, never the release)."""
@@ -716,7 +726,8 @@ class Registry:
                     failed = due  # not retried: the next base is
                     log.warning("checkpoint of version %d: %s (the pending log is kept until a later one)", due, exc)
             try:
-                self._prune_now()
+                with self._pruning:  # (not while a version is read: see _pruning)
+                    self._prune_now()
             except OSError as exc:
                 log.warning("pruning old versions: %s", exc)
 
@@ -1251,6 +1262,10 @@ class Registry:
         An unreadable newer version is skipped with a warning; the snapshot then names it in
         ``recovered_from`` and its ``version_floor`` keeps the next version number above it.
         """
+        with self._pruning:
+            return self._load()
+
+    def _load(self) -> Snapshot | None:
         updates, records = self._scan_log()
         if self.locked:
             self._remove_leftovers()

@@ -1419,3 +1419,45 @@ def test_a_lock_file_that_cannot_be_opened_is_a_registry_error(tmp_path) -> None
     with pytest.raises(RegistryError, match="cannot open"):
         reg.acquire_lock()
     assert not reg.locked
+
+
+def test_the_pruning_thread_never_deletes_a_version_while_it_is_read(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """helper-146: the daemon's pruning thread deleted the oldest kept version while the actor read
+    it (an operator's rollback or pin of it): "version 1 is unreadable: ... weights.npy: No such
+    file", 31 times in 600 commits of a stress probe. The read now holds the pruning back."""
+    import threading
+
+    import coordinator.registry as registry_module
+
+    reg = Registry(tmp_path, SPEC, keep_versions=2, background_prune=True)
+    reg.acquire_lock()
+    try:
+        reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+        monkeypatch.setattr(reg, "_prune", lambda: None)  # no pruning while the versions are made
+        for v in (1, 2, 3):
+            _commit(reg, v, {})
+        monkeypatch.undo()
+        assert reg.versions() == [0, 1, 2, 3]  # a prune deletes 1 now (0 is the checkpoint: kept)
+        pruned = threading.Event()
+        prune_now = reg._prune_now
+
+        def prune_and_say() -> None:
+            prune_now()
+            pruned.set()
+
+        monkeypatch.setattr(reg, "_prune_now", prune_and_say)
+        real_load = registry_module.np.load
+
+        def load_while_pruning(*args: Any, **kwargs: Any) -> Any:  # between meta.json and weights.npy
+            reg._janitor_wake.set()
+            pruned.wait(1.0)  # the old code: the pruning thread deletes version 1 here
+            return real_load(*args, **kwargs)
+
+        monkeypatch.setattr(registry_module.np, "load", load_while_pruning)
+        weights, _ = reg.read_version(1)
+        assert float(weights[0]) == 1.0
+        monkeypatch.setattr(registry_module.np, "load", real_load)
+        assert pruned.wait(10)  # and the prune ran once the read was done
+        assert reg.versions() == [0, 2, 3]
+    finally:
+        reg.close()
