@@ -423,6 +423,9 @@ class EdgeClient:
         """(candidate, release, its predictor): a canary request being scored (test-then-train)."""
         self._callbacks: dict[str, list[Callback]] = defaultdict(list)
         self._connected_once = False
+        self._presence_lock = threading.Lock()
+        """stop()'s ``offline`` and a reconnect's ``online`` (paho's thread): one after the other, and
+        none after stop() said offline (a retained ``online`` left a stopped device online)."""
         self._unsaved: PersistDeviceState | None = None
         """Counters the store could not save (a full disk): no request leaves until they are saved
         (a restarted device must never reuse a sequence number); the core's retries try again."""
@@ -517,9 +520,11 @@ class EdgeClient:
         result is not sent: the next client on this data dir trains again. ``predict()`` keeps serving the last
         model after it."""
         self._used = True
-        self._stopping.set()
+        with self._presence_lock:
+            self._stopping.set()
+            if self._started:
+                self.transport.publish(self._presence_topic, b"offline", retain=True)  # a clean exit sends no will
         if self._started:
-            self.transport.publish(self._presence_topic, b"offline", retain=True)  # a clean exit sends no will
             self.transport.stop()
             self._started = False
         self.actor.stop()
@@ -800,7 +805,10 @@ class EdgeClient:
 
     def _on_connection(self, up: bool) -> None:
         if up:  # paho's thread: one retained publish, no domain logic
-            self.transport.publish(self._presence_topic, b"online", retain=True)
+            with self._presence_lock:
+                if self._stopping.is_set():
+                    return  # stop() said offline: a reconnect while it disconnects says nothing after it
+                self.transport.publish(self._presence_topic, b"online", retain=True)
             if self._connected_once:  # a reconnect: the core asks for what it missed (the first: start())
                 self.actor.call(lambda: self.actor.run_actions(self.core.reconnected(self.clock.now())))
             self._connected_once = True

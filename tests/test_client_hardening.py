@@ -566,3 +566,41 @@ def test_wait_for_version_says_what_it_takes(tmp_path: Path) -> None:
         assert c.wait_for_version(0, 0.01) is False  # nothing deployed: no model
     finally:
         close_unstarted(c)
+
+
+def test_a_reconnect_while_stop_says_offline_does_not_leave_the_device_online(tmp_path: Any) -> None:
+    """helper-146: stop() published the retained ``offline`` presence and then disconnected
+    cleanly (no will); a reconnect completing in between (paho's thread, after a lost connection)
+    published ``online`` after it, and that retained ``online`` stayed on the broker for a device
+    that was gone (the coordinator's presence, canary cohorts and ``edgeci status`` count it)."""
+    import threading
+    from types import SimpleNamespace
+
+    c = _client(tmp_path)
+    presence: list[bytes] = []
+    reconnect: list[threading.Thread] = []
+
+    class Transport:
+        """Records presence; the broker connection comes back just as stop() says offline."""
+
+        address = SimpleNamespace(url="mqtt://127.0.0.1:1")
+        connected = True
+
+        def publish(self, topic: str, payload: bytes, **kw: Any) -> None:
+            if topic.endswith("/presence"):
+                presence.append(payload)
+            if payload == b"offline" and not reconnect:  # paho's thread: on_connect of a reconnect
+                t = threading.Thread(target=c._on_connection, args=(True,), daemon=True)
+                reconnect.append(t)
+                t.start()
+                t.join(0.5)  # (the old code: it publishes online here)
+
+        def stop(self) -> None:
+            reconnect[0].join(10)  # its callback has run by the time paho's loop stops
+
+    c.transport = Transport()
+    c._started, c._connected_once = True, True
+    c.stop()
+    assert not reconnect[0].is_alive()
+    assert presence[-1] == b"offline", presence
+    c._dir_lock = None  # (released by stop)
