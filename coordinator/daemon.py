@@ -380,6 +380,9 @@ class CoordinatorDaemon:
         """Other live coordinators seen publishing this region's status (each said at ERROR once)."""
         self._snapshot_at = 0.0
         self._closing = threading.Event()
+        self._status_lock = threading.Lock()
+        """Stamping and publishing a status (actor) and stop()'s final one (its caller's thread):
+        a status stamped alive before stop() began went out after its final ``alive: false``."""
         self._rejected = RejectedLog(exempt=options.peers)
         self._peer_watch = PeerWatch()
         # One thread reads, handles and answers (own_loop): the actor drives paho's loop.
@@ -579,15 +582,16 @@ class CoordinatorDaemon:
         hand: nothing unacknowledged is lost (devices retry), and a backlog cannot delay it."""
         if self.stopped.is_set():
             return
-        self._closing.set()  # from here on every status says alive: false
-        # The last status that went out, not the metrics snapshot: that is refreshed before the
-        # batch's fsync, so it may name a version that never becomes durable (the next run would
-        # then publish other weights under that number).
-        last = self._last_status
-        if last is not None and self.transport.connected:  # straight out: _perform is the actor's
-            self.transport.publish(self._status_topic, stamp_status(
-                last, alive=False, now=self.clock.now(), heartbeat_s=self.options.status_interval_s,
-                reason="stopped", instance=self._instance), qos=1, retain=True)
+        with self._status_lock:  # (an alive status the actor is stamping goes out before this one)
+            self._closing.set()  # from here on every status says alive: false
+            # The last status that went out, not the metrics snapshot: that is refreshed before the
+            # batch's fsync, so it may name a version that never becomes durable (the next run would
+            # then publish other weights under that number).
+            last = self._last_status
+            if last is not None and self.transport.connected:  # straight out: _perform is the actor's
+                self.transport.publish(self._status_topic, stamp_status(
+                    last, alive=False, now=self.clock.now(), heartbeat_s=self.options.status_interval_s,
+                    reason="stopped", instance=self._instance), qos=1, retain=True)
         self._probe_stop.set()
         if drain:
             self._settle(ACTOR_STOP_S)
@@ -1017,19 +1021,23 @@ class CoordinatorDaemon:
         for line in self._rejected.flush(time.monotonic()):
             log.warning("%s", line)
 
+    def _publish(self, action: Publish, payload: bytes) -> None:
+        try:
+            self.transport.publish(action.topic, payload, qos=action.qos, retain=action.retain)
+        except (TransportError, ValueError) as exc:  # one message lost (its device asks again), never
+            self.publish_failures += 1  # the acks, commits and directory writes held behind it
+            log.error("publishing to %s failed: %s", action.topic, exc)
+
     def _do(self, action: object) -> None:
         if isinstance(action, Publish):
-            payload = action.payload
-            if action.topic == self._status_topic:
-                self._last_status = payload
+            if action.topic != self._status_topic:
+                self._publish(action, action.payload)
+                return
+            with self._status_lock:  # stamped and sent before stop()'s final status, or stamped by it as stopped
+                self._last_status = action.payload
                 closing = self._closing.is_set()
-                payload = stamp_status(payload, alive=not closing, now=self.clock.now(), instance=self._instance,
-                                       heartbeat_s=self.options.status_interval_s, reason="stopped" if closing else "")
-            try:
-                self.transport.publish(action.topic, payload, qos=action.qos, retain=action.retain)
-            except (TransportError, ValueError) as exc:  # one message lost (its device asks again), never
-                self.publish_failures += 1  # the acks, commits and directory writes held behind it
-                log.error("publishing to %s failed: %s", action.topic, exc)
+                self._publish(action, stamp_status(action.payload, alive=not closing, now=self.clock.now(), instance=self._instance,
+                                                   heartbeat_s=self.options.status_interval_s, reason="stopped" if closing else ""))
         elif isinstance(action, PersistUpdate):
             self.registry.persist_update(action.update)
         elif isinstance(action, CommitVersion):
