@@ -70,15 +70,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("--force", action="store_true",
                        help="release it even if the release gate rejected it, or the candidate it was built on (refused otherwise, "
                             "with the gate's scores)")
-    p.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="MQTT broker URL of the running coordinator")
-    p.add_argument("--region", default="default", help="the coordinator's region")
+    p.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="MQTT broker URL of the running coordinator (default: %(default)s)")
+    p.add_argument("--region", default="default", help="the coordinator's region (default: %(default)s)")
     p.add_argument("--signing-key", type=Path, help="operator signing key (PEM, Ed25519); default: --bundle's signing.key, else STATE_DIR/signing.key")
     p.add_argument("--state-dir", type=Path, help="the coordinator's state dir (for its signing key when run on its machine)")
     p.add_argument("--operator", help="who you are, recorded with the command; the coordinator refuses any name but the "
                    "one it knows the signing key by (default: the identity the operator bundle was issued for; with the "
                    "coordinator's own key, its id; else the key file's name without .key)")
     # (--wait -1 said "no coordinator status on region ...: is it running?" of a running one)
-    p.add_argument("--wait", type=wait_seconds, default=30.0, help="seconds to wait for the coordinator to confirm")
+    p.add_argument("--wait", type=wait_seconds, default=30.0, help="seconds to wait for the coordinator to confirm (default: %(default)s)")
     add_broker_arguments(p)
 
 
