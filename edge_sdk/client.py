@@ -50,6 +50,7 @@ from edge_sdk.core.device import MAX_WATERMARK_JUMP, DeviceConfig, DeviceCore
 from edge_sdk.core.events import (
     CanaryScored,
     DeployModel,
+    MarkTraining,
     MessageReceived,
     Notify,
     PersistDeviceState,
@@ -159,7 +160,7 @@ def _saved_meta(meta: object) -> tuple[int, str | None, str | None, int]:
 EVENTS = frozenset({
     "*", "model", "trained", "update_acked", "update_rejected", "deferred", "retry", "training_failed", "training_unavailable",
     "message_rejected", "store_recovered", "scc_cache_dropped", "failover", "canary", "canary_reported", "canary_dropped",
-    "model_older", "storage", "key_pinned", "recalled", "seq_conflict", "seq_behind", "epoch", "pull_rejected",
+    "model_older", "storage", "key_pinned", "recalled", "seq_conflict", "seq_behind", "epoch", "pull_rejected", "training_crashed",
     "connection",
 })
 """What :meth:`EdgeClient.on` subscribes to: the device core's notifications and the client's own."""
@@ -434,6 +435,7 @@ class EdgeClient:
         (the next label stored, or the core's next retry, whichever comes first)."""
         self._job_ids: dict[int, list[int]] = {}
         self._seq_behind_said: object = None  # the watermark last warned about (seq_behind)
+        self._mark_failed = False  # the last training mark could not be saved (said once)
         self._pull_rejected_said: set[str] = set()  # reasons warned about (pull_rejected)
         self._version_changed = threading.Condition()
         next_seq = int(self.store.get_meta("next_seq", 0) or 0)
@@ -455,7 +457,8 @@ class EdgeClient:
         self.core = DeviceCore(cfg, rng=random.Random(seed), next_seq=next_seq, trained_upto=trained_upto,
                                total=self._added(), pinned_by_region=pins, epochs=epochs, nonces=nonces,
                                pending=pending, pending_upto=pending_upto,
-                               canaries=[pin for r in self.regions if (pin := self._canary_taken(r)) is not None])
+                               canaries=[pin for r in self.regions if (pin := self._canary_taken(r)) is not None],
+                               training=self._training_mark())
         if not self.trusted_keys and any(pins.values()):
             log.info("device %s: no provisioned coordinator keys; it trusts the key(s) it pinned on first use (%s) and "
                      "refuses any other; a bundle (`--bundle`, `edgeci pki issue`) replaces them", device_id,
@@ -529,6 +532,8 @@ class EdgeClient:
             self._started = False
         self.actor.stop()
         self._trainer.shutdown(wait=True, cancel_futures=True)
+        if not self._stopped:
+            self._clear_training_mark()
         with self._export_lock:  # after a detect() exporting into the data dir or the scratch folder
             self._stopped = True
             if self._scratch_dir is not None:
@@ -539,6 +544,13 @@ class EdgeClient:
         self.store.close()
         if self._dir_lock is not None:
             self._dir_lock.close()  # the data dir is free for the next client
+
+    def _clear_training_mark(self) -> None:
+        """A clean stop ends the job in flight (cancelled, or its result dropped): not a crash. The
+        mark is cleared here (the actor has stopped, the core hears nothing more), keeping its count and hold."""
+        mark = self._training_mark()
+        if mark is not None and mark.in_flight:
+            self._save_training_mark(MarkTraining(in_flight=False, crashes=mark.crashes, hold_until=mark.hold_until))
 
     def __enter__(self) -> EdgeClient:
         return self.start()
@@ -844,6 +856,35 @@ class EdgeClient:
             log.error("device store holds an unreadable canary record for region %s (%s): ignoring it", region, exc)
             return None
 
+    def _training_mark(self) -> MarkTraining | None:
+        """The training mark the last process left (``MarkTraining``, durable), None if none."""
+        raw = self.store.get_meta("training")
+        if raw is None:
+            return None
+        try:
+            if not isinstance(raw, str) or len(raw) > 200:
+                raise ValueError("not a short JSON text")
+            data = json.loads(raw)
+            return MarkTraining(in_flight=data["in_flight"], crashes=data["crashes"], hold_until=data["hold_until"])
+        except (ValueError, KeyError, TypeError, LocalProtocolError) as exc:
+            log.error("device store holds an unreadable training mark (%s): ignoring it (a crash in training before "
+                      "this start is not seen)", exc)
+            return None
+
+    def _save_training_mark(self, mark: MarkTraining) -> None:
+        """Write the training mark; a store that cannot (a full disk) does not hold training back: the job
+        runs unguarded (a crash in it goes unseen, as before marks were kept) and this is said once."""
+        record = {"in_flight": mark.in_flight, "crashes": mark.crashes, "hold_until": mark.hold_until}
+        try:
+            self.store.set_meta("training", json.dumps(record))
+        except StorageError as exc:
+            if not self._mark_failed:
+                self._mark_failed = True
+                log.error("device %s: cannot save its training mark (%s); training goes on, but a crash in it is "
+                          "not seen after a restart (no back-off)", self.core.config.device_id, exc)
+            return
+        self._mark_failed = False
+
     def _pins(self, region: str) -> dict[str, bytes]:
         """Coordinator keys this device pinned on first use for ``region`` (durable)."""
         raw = self.store.get_meta(f"pins.{region}")
@@ -947,6 +988,8 @@ class EdgeClient:
             except StorageError as exc:  # the core holds it; the actions after this one must still run
                 log.error("device %s: cannot save the canary round it took (%s); a replay of it after a restart "
                           "would be taken again", self.core.config.device_id, exc)
+        elif isinstance(action, MarkTraining):
+            self._save_training_mark(action)
         elif isinstance(action, StartTraining):
             self._trainer.submit(self._train, action.job)
         elif isinstance(action, DeployModel):
@@ -1010,6 +1053,10 @@ class EdgeClient:
     def _on_notify(self, note: Notify) -> None:
         if note.kind in ("trained", "update_acked"):
             self._mark_samples(note)
+        elif note.kind == "training_crashed":
+            log.warning("device %s: the last process died while training (%s in a row: killed for memory? a native "
+                        "crash?); no training for %.0f s", self.core.config.device_id, note.data.get("crashes"),
+                        note.data.get("retry_in_s", 0.0))
         elif note.kind == "seq_behind" and note.data.get("watermark") != self._seq_behind_said:
             self._seq_behind_said = note.data.get("watermark")
             log.warning("device %s: the coordinator holds updates of this device id up to seq %s, more than %d above this "

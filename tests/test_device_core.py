@@ -81,7 +81,7 @@ def test_full_cycle_and_every_new_sample_pulls_after_first() -> None:
     c = core()
     job = to_training(c)
     acts = c.handle(TrainingFinished(now=2.0, job_id=job, weights=np.ones(SPEC.size, np.float32), n_samples=3, loss=0.3))
-    assert kinds(acts)[:3] == ["PersistDeviceState", "Publish", "ScheduleTimer"]
+    assert kinds(acts)[:4] == ["MarkTraining", "PersistDeviceState", "Publish", "ScheduleTimer"]  # the job's mark cleared first
     upd = published(acts)[0]
     assert isinstance(upd, Update) and upd.base_version == 1 and upd.n_samples == 3
     acts = c.handle(recv(2.1, "ack", Ack(device=DEV, seq=upd.seq, status="accepted", version=1)))

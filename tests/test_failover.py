@@ -20,6 +20,7 @@ import pytest
 from coordinator.metrics import stamp_status, status_will
 from edge_sdk.core.device import MAX_STATUS_BYTES, DeviceConfig, DeviceCore, Phase
 from edge_sdk.core.events import (
+    MarkTraining,
     MessageReceived,
     Notify,
     PersistDeviceState,
@@ -188,7 +189,8 @@ def test_a_training_job_from_the_old_region_is_dropped() -> None:
     [(_, pull2)] = sent(acts)
     assert isinstance(pull2, Pull) and not pull2.serve  # the samples still need training
     late = c.handle(TrainingFinished(now=1.0, job_id=old_job, weights=np.ones(SPEC.size, np.float32), n_samples=1))
-    assert late == [] and c.state.phase is Phase.PULLING
+    # ignored, but the job has ended: its in-flight mark is cleared (a kill now is no crash in training)
+    assert late == [MarkTraining(in_flight=False, crashes=0)] and c.state.phase is Phase.PULLING
 
 
 def test_a_dead_coordinator_is_left_at_once_and_a_dead_fallback_is_skipped() -> None:

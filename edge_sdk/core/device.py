@@ -56,6 +56,17 @@ trained in the old numbering, is refused as ``base_rejected`` and its samples tr
 model, recall or canary request of an older epoch is a replay (``epoch_older``; an old retained
 recall is only counted). Pulls and updates carry the epoch their version counts in.
 
+Crashes in training. A job that kills the process (the OOM killer on a phone, a native crash in
+torch) raises nothing the core could see, and a supervisor that restarts the app started the same
+job again at once, for ever. So a job is made durable as in flight (``MarkTraining``) before it
+starts and cleared when it ends (finished, failed, or dropped; the driver clears it on a clean stop).
+A device restored with the mark still in flight (``training``) counts the job as failed: the same
+back-off as a failed job, grown by the crashes in a row, with ``Notify(training_crashed)``; from
+``CRASH_LONG_AFTER`` crashes in a row the hold is ``CRASH_HOLD_S``, doubling per crash up to
+``CRASH_HOLD_MAX_S``: it still tries again (the app may have freed memory, the coordinator sent
+other hints), but at most a few times a day. The hold is in the record too, so a restart does not
+end it. A job that finishes resets the count.
+
 Idempotency under attack. Each update carries a random ``nonce``; a ``duplicate`` ack
 counts as success only when it echoes that nonce, or carries none with the device's own seq
 as the watermark (a restarted coordinator no longer knows the nonce of the last update it
@@ -109,18 +120,20 @@ Transitions (event → action, new phase)::
 
     IDLE      SampleAdded and wants_pull   → Publish(pull)                 PULLING
     PULLING   Model(reply_to = pull seq or -1, not older than deployed)
-                                           → DeployModel, Persist, StartTraining  TRAINING
+                                           → DeployModel, Persist, MarkTraining(in flight), StartTraining  TRAINING
     PULLING   Ack(deferred)                → ScheduleTimer(re-announce)    DEFERRED
     PULLING   Ack(rejected)                → Notify(pull_rejected)         PULLING (retried at the deadline)
     PULLING   TimerFired (deadline)        → Publish(pull, same seq)       PULLING
     DEFERRED  Invite                       → Publish(pull, invite_round)   PULLING
     DEFERRED  TimerFired (deadline)        → Publish(pull, same seq)       PULLING
     IDLE      start                        → Publish(pull, serve)          PULLING (serving)
+    IDLE      start, training mark in flight → MarkTraining(cleared), Notify(training_crashed), back-off  IDLE
     IDLE      start, an update persisted unacked → Publish(update, its seq and nonce)  PUSHING
     PULLING   Model answering a serve pull → DeployModel if newer          IDLE, then pull if wanted
-    TRAINING  TrainingFinished(job)        → Persist, Publish(update)      PUSHING
-    TRAINING  TrainingFinished(non-finite) → Notify, back-off              IDLE
-    TRAINING  TrainingFailed(job)          → Notify, back-off              IDLE
+    TRAINING  TrainingFinished(job)        → MarkTraining(cleared), Persist, Publish(update)  PUSHING
+    TRAINING  TrainingFinished(non-finite) → MarkTraining(cleared), Notify, back-off  IDLE
+    TRAINING  TrainingFailed(job)          → MarkTraining(cleared), Notify, back-off  IDLE
+    not TRAINING  TrainingFinished / TrainingFailed of a dropped job → MarkTraining(cleared)  (unchanged)
     PUSHING   Ack(accepted | own duplicate)→ Notify, then pull if wanted   IDLE / PULLING
     PUSHING   Ack(duplicate, other nonce)  → Persist, Publish(update, new seq)  PUSHING
     PUSHING   Ack(deferred: storage)       → retry later, same seq         PUSHING
@@ -165,6 +178,7 @@ import numpy as np
 from edge_sdk.core.events import (
     CanaryScored,
     DeployModel,
+    MarkTraining,
     MessageReceived,
     Notify,
     PersistDeviceState,
@@ -229,7 +243,7 @@ from edge_sdk.wire.messages import (
 
 DeviceEvent = SampleAdded | MessageReceived | TrainingFinished | TrainingFailed | TimerFired | CanaryScored
 DeviceAction = (Publish | ScheduleTimer | StartTraining | DeployModel | PersistDeviceState | PinKey | PinEpoch | PinCanary
-                | Notify | SwitchRegion | StartCanary | StopCanary)
+                | Notify | SwitchRegion | StartCanary | StopCanary | MarkTraining)
 MAX_WATERMARK_JUMP = 100_000
 """The furthest a ``duplicate`` ack may move the device's seq past its own (the coordinator's
 ``max_seq_jump``): a forged ack with a huge watermark would otherwise make every later request
@@ -243,6 +257,15 @@ PULL_MARGIN = 0.25
 """Tokens a device keeps in hand before it holds a pull (a quarter of ``pull_refill_s``): its
 pulls reach the coordinator after network delays that vary from one to the next."""
 _PULL_READY = 1.0 + PULL_MARGIN
+CRASH_LONG_AFTER = 3
+"""Training jobs in a row that died with the process before the device holds training for hours:
+one crash may be bad luck (the user opened the camera), three on the same samples are a job this
+device cannot run now (its memory), and a retry every ``max_backoff_s`` costs a model download and a
+partial training each time."""
+CRASH_HOLD_S = 3600.0
+"""The hold after ``CRASH_LONG_AFTER`` crashes in a row; it doubles with each further crash."""
+CRASH_HOLD_MAX_S = 86_400.0
+"""The longest crash hold: a device keeps trying once a day (memory freed, other hints, a new model)."""
 MAX_STATUS_BYTES = 65_536
 """A coordinator status larger than this is not read (it is a few hundred bytes)."""
 
@@ -387,6 +410,8 @@ class DeviceState:
     hold_until: float = 0.0
     """After a failed training job: no new pull before this time (back-off)."""
     train_failures: int = 0
+    train_crashes: int = 0
+    """Training jobs in a row that died with the process (seen at a restart: ``MarkTraining``)."""
     pins: dict[str, bytes] = field(default_factory=dict)
     seq_conflicts: int = 0
     release_wanted: int = NO_VERSION
@@ -446,6 +471,7 @@ class DeviceCore:
         pending: bytes = b"",
         pending_upto: int = 0,
         canaries: Iterable[PinCanary] = (),
+        training: MarkTraining | None = None,
     ) -> None:
         """``pinned``: the home region's trust-on-first-use keys; ``pinned_by_region``: any
         region's (for devices with fallback regions). ``epochs``: each region's numbering as
@@ -458,7 +484,8 @@ class DeviceCore:
         as the last ``PersistDeviceState`` made them durable: :meth:`start` sends it again.
         ``canaries``: each region's canary rounds taken, as the last ``PinCanary`` made them
         durable; one of another epoch than its region's (numbers from before a reset) or of a
-        region not configured is ignored."""
+        region not configured is ignored. ``training``: the training mark as the last ``MarkTraining``
+        made it durable: one in flight means the last process died training (:meth:`start` backs off)."""
         self.config = config
         self._rng = rng
         self._nonces = rng if nonces is None else nonces
@@ -487,6 +514,10 @@ class DeviceCore:
         self._address(config.region)
         self._restored: tuple[bytes, int] | None = (bytes(pending), pending_upto) if pending else None
         """The update a previous process left waiting for its ack: :meth:`start` sends it again."""
+        self._training = training
+        """The training mark a previous process left: :meth:`start` reads it."""
+        self._marked = False
+        """A ``MarkTraining(in_flight=True)`` went out and was not cleared since."""
 
     def _address(self, region: str) -> None:
         self._t_pull = topics.device_topic(region, self.config.device_id, "pull")
@@ -559,9 +590,40 @@ class DeviceCore:
     def start(self, now: float) -> list[DeviceAction]:
         """Kick off after (re)start: pull if samples are already waiting, else ask for the
         current model to serve predictions with (``serve_on_start``)."""
+        crashed = self._restore_training(now) if self._training is not None else []
         actions = self._resume_pending(now) if self._restored is not None else []
-        actions = actions or self._kick_off(now)
+        actions = crashed + (actions or self._kick_off(now))
         return actions if self._refresh_s is None else self._arm_refresh(now, actions)
+
+    def _restore_training(self, now: float) -> list[DeviceAction]:
+        """The training mark the previous process left: still in flight, its job died with the process
+        (nothing raised): counted as a failed job, backed off, said, and the mark cleared with the count
+        and the hold (a restart during the hold keeps it). A hold further off than the longest one (a
+        damaged record, a clock set back) is cut to it."""
+        assert self._training is not None
+        mark, self._training = self._training, None
+        s, cfg = self._s, self.config
+        s.train_crashes = s.train_failures = mark.crashes
+        if not mark.in_flight:
+            s.hold_until = min(mark.hold_until, now + CRASH_HOLD_MAX_S) if mark.hold_until > now else 0.0
+            return []
+        s.train_crashes = s.train_failures = crashes = mark.crashes + 1
+        backoff = min(cfg.request_timeout_s * 2 ** min(crashes - 1, 16), cfg.max_backoff_s)
+        if crashes >= CRASH_LONG_AFTER:
+            backoff = max(backoff, min(CRASH_HOLD_S * 2 ** min(crashes - CRASH_LONG_AFTER, 16), CRASH_HOLD_MAX_S))
+        s.hold_until = now + backoff
+        s.counters["training_crashed"] = s.counters.get("training_crashed", 0) + 1
+        return [
+            MarkTraining(in_flight=False, crashes=crashes, hold_until=s.hold_until),
+            Notify(kind="training_crashed", data={"crashes": crashes, "retry_in_s": backoff}),
+        ]
+
+    def _unmark(self, *, crashes: int, hold_until: float = 0.0) -> list[DeviceAction]:
+        """The training job in flight ended (or was dropped and has now ended): clear its mark."""
+        if not self._marked:
+            return []
+        self._marked = False
+        return [MarkTraining(in_flight=False, crashes=crashes, hold_until=hold_until)]
 
     def _resume_pending(self, now: float) -> list[DeviceAction]:
         """The update the previous process sent and saw no ack for: send it again, same seq and
@@ -754,6 +816,8 @@ class DeviceCore:
             hints=dict(msg.hints),
         )
         actions.append(self._persist())
+        self._marked = True  # durable before the job starts: a process that dies in it is seen at the restart
+        actions.append(MarkTraining(in_flight=True, crashes=s.train_crashes))
         actions.append(StartTraining(job=job))
         return actions
 
@@ -895,13 +959,14 @@ class DeviceCore:
     def _on_trained(self, ev: TrainingFinished) -> list[DeviceAction]:
         s, cfg = self._s, self.config
         if s.phase is not _TRAINING or ev.job_id != s.job_id:
-            return []
+            return [] if s.phase is _TRAINING else self._unmark(crashes=s.train_crashes)  # a job dropped (region switch)
         weights = np.ascontiguousarray(ev.weights, dtype=np.float32)
         try:
             cfg.spec.check_update(weights)
         except RemoteProtocolError as exc:  # e.g. a diverged run (NaN, or a norm no coordinator takes): never send it
             return self._training_failed(ev.now, f"trainer returned unusable weights: {exc}")
-        s.train_failures = 0
+        s.train_failures = s.train_crashes = 0
+        unmark = self._unmark(crashes=0)
         if s.job_group != FULL:  # LASP: only the group we were asked to train travels
             weights = np.ascontiguousarray(weights[cfg.spec.group_slice(s.job_group)])
         seq = s.next_seq
@@ -924,6 +989,7 @@ class DeviceCore:
         s.pending_seq, s.pending_payload, s.attempts = seq, encode(update, encoding=cfg.encoding), 0
         s.deadline = ev.now + self._timeout()
         return [
+            *unmark,
             self._persist(),
             Publish(topic=self._t_update, payload=s.pending_payload, qos=1),
             ScheduleTimer(at=s.deadline),
@@ -936,7 +1002,7 @@ class DeviceCore:
     def _on_train_failed(self, ev: TrainingFailed) -> list[DeviceAction]:
         s = self._s
         if s.phase is not _TRAINING or ev.job_id != s.job_id:
-            return []
+            return [] if s.phase is _TRAINING else self._unmark(crashes=s.train_crashes)  # a job dropped (region switch)
         return self._training_failed(ev.now, ev.error)
 
     def _training_failed(self, now: float, error: str) -> list[DeviceAction]:
@@ -948,6 +1014,7 @@ class DeviceCore:
         backoff = min(cfg.request_timeout_s * 2 ** min(s.train_failures - 1, 16), cfg.max_backoff_s)
         s.hold_until = s.deadline = now + backoff
         return [
+            *self._unmark(crashes=s.train_crashes),  # (a job that raised is no crash: the count stays as it was)
             ScheduleTimer(at=s.deadline),
             Notify(kind="training_failed", data={"error": error[:500], "retry_in_s": backoff, "failures": s.train_failures}),
         ]
