@@ -236,3 +236,29 @@ def test_a_damaged_canary_record_is_ignored_and_the_device_starts(tmp_path: Path
     with caplog.at_level("ERROR", logger="edgeci.device"):
         assert _canary_deliveries(tmp_path, _canary_payload(4242), lives=1) == [[True, False]]
     assert any("unreadable canary record" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.broker
+def test_a_device_killed_while_training_backs_off_after_the_restart(mosquitto: MosquittoProcess, tmp_path: Path) -> None:
+    """A real device process SIGKILLed inside its training job (as the OOM killer ends one), then
+    started again on the same data dir by its supervisor: it says ``training_crashed`` and does not
+    train until the back-off is over (request_timeout_s 2 s: the first crash's); then it trains and
+    its update is acknowledged. Before, the back-off of a failed job was in memory only and a job
+    that killed the process raised nothing: the restarted device trained the same job at once."""
+    log1, log2 = tmp_path / "run1.jsonl", tmp_path / "run2.jsonl"
+    with CoordinatorProcess("--broker", mosquitto.url, "--region", REGION, "--state-dir", str(tmp_path / "state"),
+                            "--model", "digits", "--k", "1", "--timeout", "2"):
+        first = _child(mosquitto.url, tmp_path / "dev", "hold_in_training", log1)
+        try:
+            wait_until(lambda: log1.exists() and "training_started" in log1.read_text(), 90, "the first job started")
+        finally:
+            first.send_signal(signal.SIGKILL)
+            first.wait(30)
+        second = _child(mosquitto.url, tmp_path / "dev", "finish", log2)
+        assert second.wait(120) == 0
+    run2 = [json.loads(line) for line in log2.read_text().splitlines()]
+    crashed = [n for n in run2 if n["kind"] == "training_crashed"]
+    assert [n["data"]["crashes"] for n in crashed] == [1], run2
+    started = [n for n in run2 if n["kind"] == "training_started"]
+    assert started and started[0]["t"] >= crashed[0]["t"] + crashed[0]["data"]["retry_in_s"] - 0.1, run2  # not at once
+    assert [n["data"]["status"] for n in run2 if n["kind"] == "update_acked"] == ["accepted"], run2
