@@ -39,7 +39,7 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import IO, Any, NamedTuple, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -113,6 +113,7 @@ log = logging.getLogger("edgeci.device")
 _MAX_CANARY_PIN_CHARS = 1024
 """A stored canary record (``PinCanary``: a few ints and at most 8 nonces) is far shorter: a longer one is damaged."""
 Callback = Callable[[str, dict[str, Any]], None]
+_R = TypeVar("_R")
 
 
 def _resolve_task(name: str) -> Task:
@@ -841,35 +842,32 @@ class EdgeClient:
             log.error("device store holds an unreadable epoch for region %s (%.40r): ignoring it", region, raw)
         return 0
 
-    def _canary_taken(self, region: str) -> PinCanary | None:
-        """The canary rounds this device took in ``region`` (``PinCanary``, durable), None if none."""
-        raw = self.store.get_meta(f"canary.{region}")
+    def _meta_record(self, key: str, build: Callable[[dict[str, Any]], _R], *, max_chars: int, what: str) -> _R | None:
+        """A short JSON record the driver keeps in the store's meta, built by ``build`` (None if none).
+        A damaged one (not short JSON text, a field missing or out of range) is said and ignored."""
+        raw = self.store.get_meta(key)
         if raw is None:
             return None
         try:
-            if not isinstance(raw, str) or len(raw) > _MAX_CANARY_PIN_CHARS:
+            if not isinstance(raw, str) or len(raw) > max_chars:
                 raise ValueError("not a short JSON text")
-            data = json.loads(raw)
-            return PinCanary(region=region, epoch=data["epoch"], candidate=data["candidate"], release=data["release"],
-                             nonces=tuple(data["nonces"]))
+            return build(json.loads(raw))
         except (ValueError, KeyError, TypeError, LocalProtocolError) as exc:
-            log.error("device store holds an unreadable canary record for region %s (%s): ignoring it", region, exc)
+            log.error("device store holds an unreadable %s (%s): ignoring it", what, exc)
             return None
+
+    def _canary_taken(self, region: str) -> PinCanary | None:
+        """The canary rounds this device took in ``region`` (``PinCanary``, durable), None if none."""
+        return self._meta_record(
+            f"canary.{region}", lambda d: PinCanary(region=region, epoch=d["epoch"], candidate=d["candidate"],
+                                                    release=d["release"], nonces=tuple(d["nonces"])),
+            max_chars=_MAX_CANARY_PIN_CHARS, what=f"canary record for region {region}")
 
     def _training_mark(self) -> MarkTraining | None:
         """The training mark the last process left (``MarkTraining``, durable), None if none."""
-        raw = self.store.get_meta("training")
-        if raw is None:
-            return None
-        try:
-            if not isinstance(raw, str) or len(raw) > 200:
-                raise ValueError("not a short JSON text")
-            data = json.loads(raw)
-            return MarkTraining(in_flight=data["in_flight"], crashes=data["crashes"], hold_until=data["hold_until"])
-        except (ValueError, KeyError, TypeError, LocalProtocolError) as exc:
-            log.error("device store holds an unreadable training mark (%s): ignoring it (a crash in training before "
-                      "this start is not seen)", exc)
-            return None
+        return self._meta_record(
+            "training", lambda d: MarkTraining(in_flight=d["in_flight"], crashes=d["crashes"], hold_until=d["hold_until"]),
+            max_chars=200, what="training mark (a crash in training before this start is not seen)")
 
     def _save_training_mark(self, mark: MarkTraining) -> None:
         """Write the training mark; a store that cannot (a full disk) does not hold training back: the job
