@@ -200,6 +200,23 @@ def unstarted_client(data_dir: Path, **kw: Any) -> Any:
     return c
 
 
+class ThenOnce:
+    """Wraps a lock: the first time it is released, ``then`` runs (on this thread, outside the lock).
+    Forces another thread's work between two critical sections of the code under test."""
+
+    def __init__(self, lock: Any, then: Callable[[], object]) -> None:
+        self.lock, self.then, self.fired = lock, then, False
+
+    def __enter__(self) -> None:
+        self.lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
+        if not self.fired:
+            self.fired = True
+            self.then()
+
+
 class StopAfter:
     """A stop condition for :func:`edge_sdk.cancellation.stoppable` that turns true the
     ``n``-th time it is asked (a training loop asks before each batch); ``asked`` counts."""

@@ -20,7 +20,7 @@ from edge_sdk.tasks.base import (
     hints_out_of_bounds,
     train_config,
 )
-from tests.helpers import StopAfter, close_unstarted, unstarted_client
+from tests.helpers import StopAfter, ThenOnce, close_unstarted, unstarted_client
 
 
 def test_training_hints_are_clamped_to_their_bounds() -> None:
@@ -98,22 +98,7 @@ def test_a_model_deployed_while_predict_builds_its_engine_is_the_one_served(tmp_
     away = np.zeros_like(home)
     c._deployed = (5, home)
 
-    class Interleaving:
-        """The client's lock; the first time predict lets go of it, v3 is deployed."""
-
-        def __init__(self, lock: Any) -> None:
-            self.lock, self.fired = lock, False
-
-        def __enter__(self) -> None:
-            self.lock.acquire()
-
-        def __exit__(self, *exc: object) -> None:
-            self.lock.release()
-            if not self.fired:
-                self.fired = True
-                c._perform(DeployModel(version=3, weights=away))
-
-    c._lock = Interleaving(c._lock)
+    c._lock = ThenOnce(c._lock, lambda: c._perform(DeployModel(version=3, weights=away)))  # when predict lets go of it
     try:
         x = np.zeros((1, *c.contract.shape), np.float32)
         c.predict(x)
@@ -141,24 +126,11 @@ def test_predict_never_swaps_the_previous_numbering_into_a_newer_engine(tmp_path
         c.predict(x)
         assert c._engine.version == 8
 
-        class Interleaving:
-            """The client's lock; the first time a predict lets go of it, v3 is deployed and a
-            second app thread predicts (building the engine for v3)."""
+        def deploy_and_predict() -> None:  # v3 deployed, and a second app thread predicts (building the engine for v3)
+            c._perform(DeployModel(version=3, weights=away))
+            c.predict(x)
 
-            def __init__(self, lock: Any) -> None:
-                self.lock, self.fired = lock, False
-
-            def __enter__(self) -> None:
-                self.lock.acquire()
-
-            def __exit__(self, *exc: object) -> None:
-                self.lock.release()
-                if not self.fired:
-                    self.fired = True
-                    c._perform(DeployModel(version=3, weights=away))
-                    c.predict(x)
-
-        c._lock = Interleaving(c._lock)
+        c._lock = ThenOnce(c._lock, deploy_and_predict)  # the first time a predict lets go of it
         c.predict(x)  # the first app thread, interleaved as above
         assert c.version == 3
         assert c._engine.version == 3  # not home's 8

@@ -544,6 +544,7 @@ def test_a_detect_that_read_an_older_deployment_does_not_export_it_over_the_newe
     next detect() exported v3 again."""
     from edge_sdk.client import EdgeClient
     from edge_sdk.core.events import DeployModel
+    from tests.helpers import ThenOnce
 
     client = EdgeClient(broker="mqtt://127.0.0.1:1883", device_id="cam-4", data_dir=tmp_path, task=task)
     exported: list[str] = []
@@ -559,24 +560,11 @@ def test_a_detect_that_read_an_older_deployment_does_not_export_it_over_the_newe
     try:
         client._perform(DeployModel(version=2, weights=w2))
 
-        class Interleaving:
-            """The client's lock; the first time a detect lets go of it, v3 is deployed and a
-            second app thread detects."""
+        def deploy_and_detect() -> None:  # v3 deployed, and a second app thread detects
+            client._perform(DeployModel(version=3, weights=w3))
+            client.detect(frame)
 
-            def __init__(self, lock: Any) -> None:
-                self.lock, self.fired = lock, False
-
-            def __enter__(self) -> None:
-                self.lock.acquire()
-
-            def __exit__(self, *exc: object) -> None:
-                self.lock.release()
-                if not self.fired:
-                    self.fired = True
-                    client._perform(DeployModel(version=3, weights=w3))
-                    client.detect(frame)
-
-        client._lock = Interleaving(client._lock)  # type: ignore[assignment]
+        client._lock = ThenOnce(client._lock, deploy_and_detect)  # type: ignore[assignment]  # when a detect lets go of it
         client.detect(frame)  # the first app thread, interleaved as above
         assert exported == ["deployed-v3.onnx"]  # v2, deployed no more, is not exported
         assert client._detector is not None and client._detector.version == 3
