@@ -54,11 +54,20 @@ class ConversionWorker:
         self._queue: queue.Queue[ConvertUpdate | None] = queue.Queue(maxsize=max_queue)
         self._thread = threading.Thread(target=self._run, name="staleness-converter", daemon=True)
         self.done = 0
-        self.failed = 0
+        self._failed_queued = 0
+        """Requests answered without converting by :meth:`submit` (the driver's thread)."""
+        self._failed_run = 0
+        """... and by the worker's thread: two counters, each written by one thread (a shared
+        ``+=`` from both could lose a count)."""
         self.busy_s = 0.0
         self._stopping = False
         self._refused = 0
         """Requests refused since the queue was last found with room (one warning per spell)."""
+
+    @property
+    def failed(self) -> int:
+        """Requests answered without a converted update (queue full, deadline passed, no estimate)."""
+        return self._failed_queued + self._failed_run
 
     def start(self) -> ConversionWorker:
         self._thread.start()
@@ -68,7 +77,7 @@ class ConversionWorker:
         try:
             self._queue.put_nowait(request)
         except queue.Full:
-            self.failed += 1
+            self._failed_queued += 1
             self._refused += 1
             if self._refused == 1:  # once per spell: a device sending stale updates logged a line each
                 log.warning("conversion queue full (%d waiting): device %s's update (staleness %d) is applied damped; "
@@ -105,7 +114,7 @@ class ConversionWorker:
             if self._stopping:
                 continue
             if self._now() >= request.deadline:
-                self.failed += 1
+                self._failed_run += 1
                 self._deliver(partial(_answer, request, None, 0.0, "deadline passed while queued"))
                 continue
             t0 = time.perf_counter()
@@ -120,7 +129,7 @@ class ConversionWorker:
             elapsed = time.perf_counter() - t0
             self.busy_s += elapsed
             if weights is None:
-                self.failed += 1
+                self._failed_run += 1
             else:
                 self.done += 1
             log.info("converted device %s's update (staleness %d → version %d) in %.2f s%s", request.device,
