@@ -295,8 +295,8 @@ TOFU_DEVICES = (
 """What ``--help`` says about trust on first use for commands that run devices (H4's F12)."""
 TOFU_PEERS = (
     "Without a bundle whose trusted/ holds keys, a coordinator with --peers trusts the first key "
-    "each peer signs with (trust on first use): insecure, since whoever publishes on peer/... before that peer "
-    "becomes it. Issue every coordinator with `edgeci pki issue --role coordinator` and pass --bundle: its trusted/ "
+    "each peer signs with (trust on first use, pinned until the process restarts): insecure, since whoever publishes on "
+    "peer/... before that peer (after each restart too) becomes it. Issue every coordinator with `edgeci pki issue --role coordinator` and pass --bundle: its trusted/ "
     "folder holds the other coordinators' keys."
 )
 
