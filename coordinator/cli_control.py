@@ -18,15 +18,17 @@ its outcome are recorded durably in the state dir and survive restarts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
+import sys
 import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from coordinator.cli_status import liveness, operator_auth, wait_seconds
+from coordinator.cli_status import judge_live, liveness, operator_auth, skew_line, wait_seconds
 from coordinator.config import bounded
 from coordinator.metrics import WILL_REASON
 from edge_sdk.errors import ConfigError, EdgeciError
@@ -276,6 +278,15 @@ def default_operator(key_path: Path, signer: Signer, status: dict[str, Any]) -> 
     return key_path.stem
 
 
+def _control_window_s() -> float:
+    """How far off the coordinator's clock a command may be issued (its ``control_max_age_s``)."""
+    from coordinator.core import CoordinatorConfig
+
+    window = next(f.default for f in dataclasses.fields(CoordinatorConfig) if f.name == "control_max_age_s")
+    assert isinstance(window, float)
+    return window
+
+
 def _control(args: argparse.Namespace, command: str) -> int:
     key_path = _key_path(args)
     signer = load_signer(key_path)
@@ -302,10 +313,26 @@ def _control(args: argparse.Namespace, command: str) -> int:
         if not seen.wait(min(10.0, args.wait)):
             print(f"no coordinator status on region {args.region!r}: is it running?")
             return 2
-        alive, why = liveness(statuses[-1], time.time(), None)
+        def next_status(wait: float) -> dict[str, Any] | None:
+            """The next status to arrive within ``wait`` seconds (and --wait), else None."""
+            n, until = len(statuses), min(time.monotonic() + wait, started + args.wait)
+            while len(statuses) <= n and (left := until - time.monotonic()) > 0:
+                seen.clear()
+                if len(statuses) <= n:
+                    seen.wait(left)
+            return statuses[n] if len(statuses) > n else None
+
+        # A status old by this machine's clock may come from a coordinator whose clock is behind (it
+        # accepts commands within the control window of its clock): a live one arriving says so.
+        status, now, alive, skew = judge_live(statuses[-1], None, next_status)
         if alive is False:
-            print(f"the coordinator of region {args.region!r} is not running ({why}): nothing to {command}")
+            print(f"the coordinator of region {args.region!r} is not running ({liveness(status, now, None)[1]}): nothing to {command}")
             return 2
+        if skew is not None:
+            print(skew_line(skew), file=sys.stderr)
+            if abs(skew) > _control_window_s():
+                print(f"it refuses a command issued more than {_control_window_s():.0f} s off its clock: correct the clock "
+                      "that is wrong (NTP), then send the command again", file=sys.stderr)
         before = statuses[-1].get("extra", {})
         msg = Control(command=command, operator=operator or default_operator(key_path, signer, statuses[-1]),
                       issued_at=time.time(), nonce=random.SystemRandom().randrange(1, 2**63),

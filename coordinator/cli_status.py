@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from coordinator.config import bounded
@@ -366,6 +366,37 @@ LIVE_WAIT_MAX_S = 120.0
 """The longest ``edgeci status`` waits for a live status when the retained one looks stale."""
 
 
+def judge_live(status: Mapping[str, Any], stale_after: float | None, next_status: Callable[[float], Mapping[str, Any] | None],
+               wait_max: float = LIVE_WAIT_MAX_S) -> tuple[Mapping[str, Any], float, bool | None, float | None]:
+    """``(status, now, alive, skew)``: ``status`` judged by :func:`liveness` on this machine's clock,
+    unless it is old by that clock yet not stopped: gone, or the clocks differ. A coordinator
+    publishes at least once a heartbeat, so the next status (``next_status(seconds)``: None if none
+    came) that arrives within a heartbeat + 5 s (at most ``wait_max``) is live, whatever time it
+    carries: it is judged on its own clock (``now`` = its ``published_at``) and ``skew`` says how
+    far this machine's clock is ahead of the coordinator's (None: not measured)."""
+    now = time.time()
+    alive, _ = liveness(status, now, stale_after)
+    published = status.get("published_at")
+    if alive is not False or status.get("alive") is not True or not isinstance(published, int | float):
+        return status, now, alive, None
+    beat = status.get("heartbeat_s")
+    wait = min(wait_max, (float(beat) if isinstance(beat, int | float) else 30.0) + 5.0)
+    print(f"(the retained status is {_ago(now - float(published))} by this machine's clock; "
+          f"waiting up to {wait:.0f} s for a live one)", file=sys.stderr)
+    live = next_status(wait)
+    stamp = live.get("published_at") if live is not None else None
+    if live is None or not isinstance(stamp, int | float):
+        return status, now, alive, None
+    skew = time.time() - float(stamp)
+    alive, _ = liveness(live, float(stamp), stale_after)
+    return live, float(stamp), alive, skew
+
+
+def skew_line(skew: float) -> str:
+    return (f"clock: the coordinator's clock is {abs(skew):.0f} s {'behind' if skew > 0 else 'ahead of'} this machine's "
+            "(its status arrived live; liveness judged on its clock)")
+
+
 def run(args: argparse.Namespace) -> int:
     reader = StatusReader(args.broker, args.region, args.timeout, auth=operator_auth(args))
     try:  # (an unreachable broker is a TransportError: exit 1 with its message)
@@ -376,23 +407,8 @@ def run(args: argparse.Namespace) -> int:
                   f"(no coordinator has published there, or the broker lost its retained messages)",
                   file=sys.stderr if args.json else sys.stdout)
             return NOT_ALIVE
-        now, skew = time.time(), None
-        alive, _ = liveness(status, now, args.stale_after)
-        published = status.get("published_at")
-        if alive is False and status.get("alive") is True and isinstance(published, int | float):
-            # Old by this machine's clock, yet not stopped: gone, or the clocks differ. A coordinator
-            # publishes at least once a heartbeat: one that arrives now is live, whatever it says the time is.
-            beat = status.get("heartbeat_s")
-            wait = min(LIVE_WAIT_MAX_S, (float(beat) if isinstance(beat, int | float) else 30.0) + 5.0)
-            print(f"(the retained status is {_ago(now - float(published))} by this machine's clock; "
-                  f"waiting up to {wait:.0f} s for a live one)", file=sys.stderr)
-            live = reader.status(1, wait)
-            stamp = live.get("published_at") if live is not None else None
-            if live is not None and isinstance(stamp, int | float):
-                status, now = live, time.time()
-                skew = now - float(stamp)
-                now = float(stamp)  # judged on its own clock: it just arrived
-                alive, _ = liveness(status, now, args.stale_after)
+        judged, now, alive, skew = judge_live(status, args.stale_after, lambda wait: reader.status(1, wait))
+        status = dict(judged)
     finally:
         reader.close()
     if args.json:
@@ -400,6 +416,5 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(render(status, now, args.stale_after))
         if skew is not None:
-            print(f"  clock: the coordinator's clock is {abs(skew):.0f} s {'behind' if skew > 0 else 'ahead of'} this machine's "
-                  "(its status arrived live; liveness judged on its clock)")
+            print(f"  {skew_line(skew)}")
     return NOT_ALIVE if alive is False else 0
