@@ -57,3 +57,107 @@ def test_an_operator_command_reaches_a_coordinator_whose_clock_is_behind(
         assert "pin done" in out.out and "release 1 (pinned, a copy of version 0)" in out.out, out.out + out.err
         wait_until(lambda: daemon.core.status().extra["pinned"] is True, 10, "the pin")
         assert daemon.core.counters["control:pin"] == 1 and daemon.core.status().extra["messages_rejected"] == 0
+
+
+# ---------------------------------------------------------------------- proposed for coordinator/core.py
+# (helper-153 may not change core.py: the change is proposed in its report; these tests fail until it lands)
+
+CORE_FIX = "proposed change to coordinator/core.py (helper-153's report): not in this tree"
+
+
+@pytest.mark.xfail(strict=True, reason=CORE_FIX + ": the control window is judged on the never-back clock")
+def test_an_operator_command_is_judged_on_the_system_clock_after_it_was_stepped_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NTP steps the coordinator host's clock back 10 min (it was 10 min fast). The drivers' clock
+    never goes back (timers would wait 10 min longer), so it runs 600 s ahead of the system clock
+    and of every honest operator's until the process restarts: every command was refused as
+    ``replayed`` (issued "600 s" ago, the window is 300 s), for ever. The window is judged on the
+    system clock instead; it stays 300 s wide, and a command runs once."""
+    from coordinator.core import LoadVersion
+    from edge_sdk.core.events import MessageReceived
+    from edge_sdk.runtime import WallClock
+    from tests.test_gate import control, gated
+
+    wall, mono = [1_790_000_000.0], [50.0]
+    monkeypatch.setattr(time, "time", lambda: wall[0])
+    monkeypatch.setattr(time, "monotonic", lambda: mono[0])
+    clock, c = WallClock(), gated()
+
+    def handled(issued_at: float, nonce: int) -> bool:
+        """The daemon's event for a command issued at ``issued_at``: does it run?"""
+        ev = control("pin", 0, at=issued_at, nonce=nonce)
+        wall = {"wall": clock.wall()} if hasattr(clock, "wall") else {}  # (as the proposed daemon's _wall())
+        ev = MessageReceived(now=clock.now(), topic=ev.topic, payload=ev.payload, **wall)
+        return any(isinstance(a, LoadVersion) for a in c.handle(ev))
+
+    assert handled(wall[0], 1)
+    wall[0] -= 600.0  # stepped back
+    for _ in range(2):
+        wall[0] += 3600.0
+        mono[0] += 3600.0
+        assert clock.now() - wall[0] == 600.0  # (the drivers' clock: 10 min ahead, as designed)
+    assert handled(wall[0], 2)  # an honest operator, now
+    assert not handled(wall[0], 2)  # replayed
+    assert not handled(wall[0] + 600.0, 3) and not handled(wall[0] - 301.0, 4)  # the window is still 300 s
+    assert c.counters["control:pin"] == 2 and c.counters["reject:replayed"] == 3
+
+
+def _restarted_spin(restart_at: float, arrived_at: float) -> list[float]:
+    """A SPIN core (k = 10, π = 30 s) restarted at ``restart_at`` with one update buffered at
+    ``arrived_at`` by the last process: the times its start() asks to be woken at."""
+    import random
+
+    import numpy as np
+
+    from coordinator.core import CoordinatorConfig, CoordinatorCore, Snapshot
+    from coordinator.strategies import make_strategy
+    from coordinator.strategies.base import BufferedUpdate
+    from edge_sdk.core.events import ScheduleTimer
+    from tests.helpers import SIGNER, SPEC
+
+    buffered = BufferedUpdate(device="d1", seq=1, base_version=3, staleness=0, n_samples=1,
+                              weights=np.ones(SPEC.size, np.float32), arrived_at=arrived_at)
+    snap = Snapshot(version=3, weights=np.zeros(SPEC.size, np.float32), buffer=(buffered,), last_aggregation_at=arrived_at - 10.0)
+    c = CoordinatorCore(CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, signer=SIGNER),
+                        make_strategy("spin", k=10, timeout_s=30.0), snap, rng=random.Random(0))
+    return [a.at for a in c.start(restart_at) if isinstance(a, ScheduleTimer)]
+
+
+def test_spin_timeout_after_an_honest_restart_counts_from_the_buffered_update() -> None:
+    """(The control for the next test: restarted 5 s after the update arrived, π fires 25 s later.)"""
+    t = 1_790_000_000.0
+    assert _restarted_spin(t + 5.0, t) == [t + 30.0]
+
+
+@pytest.mark.xfail(strict=True, reason=CORE_FIX + ": restored times ahead of the restart's clock are kept")
+@pytest.mark.parametrize("behind", [600.0, 86_400.0, 1_790_000_000.0 - 10.0])
+def test_spin_timeout_after_a_restart_whose_clock_is_behind_fires_within_pi(behind: float) -> None:
+    """The coordinator restarts with its clock 10 min, a day or (a box without a battery-backed
+    clock, before NTP) 56 years behind the last process's: SPIN's π counted from the buffered
+    update's arrival by the old clock, so the buffer below K waited 10 min, a day, 56 years
+    longer. Restored times ahead of the restart's clock are taken as now: π fires 30 s on."""
+    t = 1_790_000_000.0
+    assert _restarted_spin(t - behind, t) == [t - behind + 30.0]
+
+
+@pytest.mark.xfail(strict=True, reason=CORE_FIX + ": a resumed canary round keeps a deadline recorded by a clock ahead")
+def test_a_canary_round_resumed_by_a_restart_whose_clock_is_behind_ends_within_its_deadline_s(tmp_path: Path) -> None:
+    """A recorded round (deadline_s 100, 2 reports of 3) resumed by a restart whose clock is a day
+    behind the last process's: its deadline (by the old clock) was a day and 75 s away, and the
+    gate held the candidate — no promotion, no new round — for that day. No longer than a new
+    round's deadline_s now: 101 s after the restart it has ended (held, on 2 reports)."""
+    from coordinator.canary import CanaryConfig
+    from coordinator.core import RecordRelease
+    from edge_sdk.core.events import TimerFired
+    from tests.test_canary import deliver, durable, of, opened_round, restart, serve
+
+    cfg = CanaryConfig(fraction=1.0, samples=4, min_reports=3, deadline_s=100.0, recent_s=1000.0)
+    c, registry, fleet, first = opened_round(tmp_path, 3, cfg)
+    for name in ("d0", "d1"):
+        (pub,) = serve(c, fleet[name], first[name], 6.0)
+        durable(registry, deliver(c, pub, 11.0))
+    restarted, registry = restart(c, registry, tmp_path)
+    now = 30.0 - 86_400.0
+    restarted.start(now)
+    assert restarted.status().extra["gate"]["canary"]["round"]["deadline"] <= now + 100.0
+    (rec,) = of(list(restarted.handle(TimerFired(now=now + 101.0))), RecordRelease)
+    assert rec.event["action"] == "hold" and rec.event["canary"]["reports"] == 2
