@@ -161,3 +161,38 @@ def test_a_canary_round_resumed_by_a_restart_whose_clock_is_behind_ends_within_i
     assert restarted.status().extra["gate"]["canary"]["round"]["deadline"] <= now + 100.0
     (rec,) = of(list(restarted.handle(TimerFired(now=now + 101.0))), RecordRelease)
     assert rec.event["action"] == "hold" and rec.event["canary"]["reports"] == 2
+
+
+# ---------------------------------------------------------------------- Nebula's rotation clock
+
+
+@pytest.mark.parametrize("behind", [0.0, 600.0, 86_400.0])
+def test_nebula_rotates_within_t_c_after_a_restart_whose_clock_is_behind(behind: float) -> None:
+    """Nebula checkpoints its rotation clock (t0, round): last rotation round 4 at t0 + 240 s, the
+    next due at t0 + 300 s; the process dies at t0 + 250 s. Restarted with the clock 10 min or a day
+    behind, the next rotation waited 650 s / 86450 s (models stopped moving around the ring). Now it
+    is due within t_c of the restart; an honest restart (0 behind) is unchanged: due at t0 + 300 s."""
+    import random
+
+    import numpy as np
+
+    from coordinator.core import CoordinatorConfig, CoordinatorCore, Snapshot
+    from coordinator.peering import make_peering
+    from coordinator.strategies import make_strategy
+    from edge_sdk.core.events import Publish, ScheduleTimer, TimerFired
+    from edge_sdk.signing import Signer
+    from tests.helpers import SPEC
+
+    t0, t_c = 1_790_000_000.0, 60.0
+    strategy = make_strategy("nebula", planets=2, t_c=t_c)
+    peering = make_peering("nebula", coordinator_id="a", ring=["a", "b"], strategy=strategy, params={"t_c": t_c})
+    snap = Snapshot(version=3, weights=np.zeros(SPEC.size, np.float32),
+                    peer_state={"t0": t0, "round": 5, "versions": [0.0, 0.0], "v_stellar": 0.0})
+    c = CoordinatorCore(CoordinatorConfig(region="r-a", coordinator_id="a", spec=SPEC, signer=Signer.generate()), strategy, snap,
+                        rng=random.Random(0), peering=peering)
+    now = t0 + 250.0 - behind
+    (wake,) = [a.at for a in c.start(now) if isinstance(a, ScheduleTimer)]
+    assert wake == (t0 + 300.0 if behind == 0.0 else now + t_c)
+    sent = [a for a in c.handle(TimerFired(now=wake)) if isinstance(a, Publish) and "/peer/b/" in a.topic]
+    assert len(sent) == 1 and c.peering.describe()["round"] == 6
+    assert c.peering.describe().get("re_anchored", 0) == (0 if behind == 0.0 else 1)

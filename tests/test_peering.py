@@ -963,7 +963,9 @@ def test_nebula_restart_keeps_versions_and_the_rotation_clock() -> None:
     s2 = NebulaStrategy(NebulaConfig(planets=2))
     p2 = NebulaPeering("a", ring, NebulaPeerConfig(t_c=10.0), strategy=s2)
     p2.restore(state)
-    assert s2.state.versions == [1.0, 0.0] and p2.wake_at() == 110.0
+    # (restored, it asks for on_timer at once: the rotation clock is checked against the restart's clock)
+    assert s2.state.versions == [1.0, 0.0] and p2.wake_at() == -math.inf
+    assert p2.on_timer(view, 105.0).sends == () and p2.wake_at() == 110.0  # an honest restart keeps the clock
     plan = p2.on_timer(view, 135.0)  # rounds missed while down are skipped, not replayed
     assert len(plan.sends) <= 1 and p2.wake_at() == 140.0
 

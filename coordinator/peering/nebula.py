@@ -115,18 +115,29 @@ class NebulaPeering(Peering):
         self.ignored = 0
         self.rotations_from: dict[str, int] = {}
         """The newest rotation round accepted from each peer (an older or equal one is ignored)."""
+        self._restored = False
+        self.re_anchored = 0
+        """Restarts whose clock was behind the checkpointed rotation clock (see :meth:`on_timer`)."""
 
     def wake_at(self) -> float | None:
-        if self.t0 is None:
-            return -math.inf
+        if self.t0 is None or self._restored:
+            return -math.inf  # (restored: on_timer checks the rotation clock against the restart's clock first)
         return self.t0 + self.round * self.config.t_c
 
     def on_timer(self, view: CoordinatorView, now: float) -> PeerPlan:
         st = self.state
+        t_c = self.config.t_c
         if self.t0 is None:
             self.t0 = now
+        elif self._restored and self.t0 + self.round * t_c > now + t_c:
+            # Restarted with a clock behind the last process's (stepped back; a box without a
+            # battery-backed clock before NTP): the next rotation, due at most t_c after the last
+            # one by that clock, was as far away as the clock went back. Due in t_c now; rounds
+            # still only grow (peers refuse an older one).
+            self.t0 = now + t_c - self.round * t_c
+            self.re_anchored += 1
+        self._restored = False
         st.ensure(view.weights)
-        t_c = self.config.t_c
         if now < self.t0 + self.round * t_c:
             return PeerPlan()
         self.round = max(self.round, int((now - self.t0) // t_c))  # rounds missed while down are skipped
@@ -176,6 +187,7 @@ class NebulaPeering(Peering):
             return
         t0 = state.get("t0")
         self.t0 = float(t0) if t0 is not None else None
+        self._restored = self.t0 is not None
         self.round = int(state.get("round", 0))
         versions = [float(v) for v in state.get("versions", [])]
         if len(versions) == self.state.k:
@@ -194,4 +206,4 @@ class NebulaPeering(Peering):
         return {"name": self.name, "ring": list(self.ring), "t_c": self.config.t_c, "round": self.round,
                 "sent": self.sent, "received": self.received, "versions": list(st.versions), "v_stellar": st.v_stellar,
                 # only once it happens: the status (and the emulator's message sizes) stay as they were
-                **({"ignored": self.ignored} if self.ignored else {})}
+                **({"ignored": self.ignored} if self.ignored else {}), **({"re_anchored": self.re_anchored} if self.re_anchored else {})}
