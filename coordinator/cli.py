@@ -662,6 +662,8 @@ class _Probe(NamedTuple):
     """What :func:`_retained` returns."""
     taken_over: bool
     """The broker handed the probe's connection to another client with its id meanwhile."""
+    live: dict[str, bytes] | None = None
+    """The newest message that arrived after the retained one, by topic (see ``_probe``'s ``live``)."""
 
 
 def _retained(options: CoordinatorOptions, wanted: Sequence[str], wait_s: float = 1.0, *,
@@ -688,23 +690,32 @@ def _has_identity(auth: BrokerAuth | None) -> bool:
 
 
 def _probe(options: CoordinatorOptions, wanted: Sequence[str], wait_s: float = 1.0, *, required: bool = False,
-           watch: Callable[[dict[str, bytes]], bool] | None = None) -> _Probe:
+           watch: Callable[[dict[str, bytes]], bool] | None = None,
+           live: Callable[[dict[str, bytes]], tuple[str, float] | None] | None = None) -> _Probe:
     """:func:`_retained`, and whether the probe's connection was taken over. A broker that
     sets the client id from the identity (``use_username_as_clientid``: edgeci's secure
     mosquitto configs) gives the probe the coordinator's own id: it disconnects a live
     coordinator of this identity — whose last will then reads "not alive" — and that
     coordinator, reconnecting a second later, takes the id back from the probe. Where
     ``watch(retained)`` says so (the retained status does not show a live coordinator), the
-    probe stays up to :data:`TAKEOVER_WATCH_S` to see that; the live one is back at once."""
+    probe stays up to :data:`TAKEOVER_WATCH_S` to see that; the live one is back at once. Where
+    ``live(retained)`` names a topic and seconds, the probe waits that long for a message on it
+    after the retained one (``_Probe.live``)."""
     from edge_sdk.mqtt import MqttTransport
 
     got: dict[str, bytes] = {}
-    arrived, lost = threading.Event(), threading.Event()
+    later: dict[str, bytes] = {}
+    arrived, lost, newer = threading.Event(), threading.Event(), threading.Event()
 
     exact = [t for t in wanted if "+" not in t and "#" not in t]  # a filter's matches: collected, not awaited
 
     def on(t: str, payload: bytes) -> None:
-        got.setdefault(t, payload)
+        if t in got:
+            if payload != got[t]:  # (not the retained one again: overlapping subscriptions deliver it twice)
+                later[t] = payload
+                newer.set()
+            return
+        got[t] = payload
         if all(w in got for w in exact):
             arrived.set()
 
@@ -729,6 +740,12 @@ def _probe(options: CoordinatorOptions, wanted: Sequence[str], wait_s: float = 1
         return _Probe(None, False)
     try:
         arrived.wait(wait_s)  # a retained message follows the subscription's answer at once
+        pending = live(dict(got)) if live is not None else None
+        if pending is not None:
+            topic, until = pending[0], time.monotonic() + pending[1]
+            while topic not in later and (left := until - time.monotonic()) > 0:
+                newer.wait(left)
+                newer.clear()
         for topic in probe.refused_subscriptions:
             log.warning("a start-up check is skipped: the broker does not let this coordinator read %s (an ACL from "
                         "before this release: regenerate it with `edgeci pki broker-conf` and reload mosquitto)", topic)
@@ -739,7 +756,7 @@ def _probe(options: CoordinatorOptions, wanted: Sequence[str], wait_s: float = 1
             taken_over = lost.wait(TAKEOVER_WATCH_S)  # (read before stop(): our own disconnect reports one too)
     finally:
         probe.stop()
-    return _Probe(got, taken_over)
+    return _Probe(got, taken_over, dict(later))
 
 
 def _signed_recall(payload: bytes | None, topic: str) -> tuple[str, Recall] | None:
@@ -804,6 +821,17 @@ def live_other_coordinator(status_payload: bytes | None, kid: str | None, now: f
                 f"(epoch {their_epoch}, this one's {epoch}; version {status.get('version')}; {why})")
     return (f"coordinator {str(status.get('coordinator', '?'))[:100]!r} (key {str(theirs or 'none')[:40]}, version "
             f"{status.get('version')}; {why})")
+
+
+def _published_at(payload: bytes | None) -> float | None:
+    """A status's ``published_at`` (its coordinator's clock), if it is one that says."""
+    from edge_sdk.wire.codec import parse_status_json
+
+    try:
+        stamp = parse_status_json(payload).get("published_at") if payload is not None else None
+    except EdgeciError:
+        return None
+    return float(stamp) if isinstance(stamp, int | float) and not isinstance(stamp, bool) else None
 
 
 def _live_elsewhere(retained: Mapping[str, bytes], own_id: str, own_status_topic: str, now: float) -> str | None:
@@ -889,8 +917,23 @@ def check_take_over(options: CoordinatorOptions, take_over: bool) -> None:
     # from another region (helper-96: `--region ap --id coord-us` and the real coord-us knocked each other
     # off every few seconds): every region's status is read too. (With one, the id is the identity's.)
     every_status = [] if _has_identity(_probe_auth(options)) else [f"{topics.ROOT}/+/status"]
+    def stale_other(got: dict[str, bytes]) -> tuple[str, float] | None:
+        """Another coordinator's retained status, alive by its word but old by this host's clock: it is
+        gone, or its clock is behind this one's. It publishes once a heartbeat: wait that long (+ 5 s)."""
+        from coordinator.cli_status import LIVE_WAIT_MAX_S
+        from edge_sdk.wire.codec import parse_status_json
+
+        payload = got.get(status_topic)
+        published = _published_at(payload)
+        if payload is None or published is None or live_other_coordinator(payload, kid, time.time(), epoch) is not None \
+                or live_other_coordinator(payload, kid, published, epoch) is None:
+            return None  # none, live by this clock (refused below), or not one to refuse (this state dir's own)
+        beat = parse_status_json(payload).get("heartbeat_s")
+        return status_topic, min(LIVE_WAIT_MAX_S, (float(beat) if isinstance(beat, int | float) else 30.0) + 5.0)
+
     probe = _probe(options, [*every_status, recall_topic, status_topic], required=True,
-                   watch=lambda got: live_other_coordinator(got.get(status_topic), kid, time.time(), epoch) is None)
+                   watch=lambda got: live_other_coordinator(got.get(status_topic), kid, time.time(), epoch) is None,
+                   live=stale_other)
     got = probe.retained or {}
     same_id = _live_elsewhere(got, options.own_id, status_topic, time.time())
     if same_id is not None:
@@ -901,6 +944,12 @@ def check_take_over(options: CoordinatorOptions, take_over: bool) -> None:
             raise StartRefused(msg)
         log.warning("starting anyway (--take-over): %s", msg)
     other = live_other_coordinator(got.get(status_topic), kid, time.time(), epoch)
+    arrived = (probe.live or {}).get(status_topic)
+    retained_at = _published_at(got.get(status_topic))
+    if other is None and arrived is not None and (stamp := _published_at(arrived)) is not None \
+            and (retained_at is None or stamp > retained_at):
+        # It just arrived: live, whatever time it carries (judged on its own clock, as `edgeci status` does).
+        other = live_other_coordinator(arrived, kid, stamp, epoch)
     if other is None and probe.taken_over:
         msg = (f"the broker closed the start-up probe's connection within {TAKEOVER_WATCH_S:.0f} s: on a broker that "
                f"sets client ids from identities (edgeci's secure configs) that is a live coordinator of identity "

@@ -196,3 +196,54 @@ def test_nebula_rotates_within_t_c_after_a_restart_whose_clock_is_behind(behind:
     sent = [a for a in c.handle(TimerFired(now=wake)) if isinstance(a, Publish) and "/peer/b/" in a.topic]
     assert len(sent) == 1 and c.peering.describe()["round"] == 6
     assert c.peering.describe().get("re_anchored", 0) == (0 if behind == 0.0 else 1)
+
+
+# ---------------------------------------------------------------------- the start-up check
+
+
+@pytest.mark.broker
+def test_a_start_is_refused_beside_a_live_coordinator_whose_clock_is_behind(plain_net: Net, tmp_path: Path) -> None:
+    """Another coordinator (another key) is live on the region, its clock 200 s behind this host's:
+    its retained status, 200 s old by this clock (over 3 heartbeats + 10 s), read "gone", and a
+    second coordinator started beside it — two coordinators answer the same devices (a split
+    fleet). The start-up check now waits a heartbeat for a live status, as ``edgeci status`` does,
+    and refuses. A gone one (its status stops) is still no obstacle."""
+    import json
+    import threading
+
+    from coordinator.cli import check_take_over
+    from coordinator.metrics import stamp_status
+    from edge_sdk.errors import StartRefused
+    from edge_sdk.mqtt import MqttTransport
+    from edge_sdk.wire import topics
+
+    topic = topics.status_topic(plain_net.region)
+    other = MqttTransport(plain_net.url, client_id="other-coordinator", subscriptions=[], on_message=lambda *_: None, clean_session=True)
+    other.start()
+    beating, stop = threading.Event(), threading.Event()
+
+    def beat() -> None:  # its heartbeat (1 s), stamped by its clock, 200 s behind
+        while not stop.is_set():
+            body = json.dumps({"v": 1, "type": "status", "region": plain_net.region, "coordinator": "coord-other",
+                               "version": 7, "extra": {"signing_key": "k-other", "epoch": 1}}).encode()
+            other.publish(topic, stamp_status(body, alive=True, now=time.time() - 200.0, heartbeat_s=1.0, instance="p1"),
+                          qos=1, retain=True)
+            beating.set()
+            stop.wait(1.0)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    options = CoordinatorOptions(broker=plain_net.url, region=plain_net.region, state_dir=tmp_path / "s")
+    try:
+        assert beating.wait(10)
+        time.sleep(0.5)
+        started = time.monotonic()
+        with pytest.raises(StartRefused, match="already has a live coordinator 'coord-other'"):
+            check_take_over(options, take_over=False)
+        assert time.monotonic() - started < 10.0  # a heartbeat (1 s) + 5 s at most
+        stop.set()
+        thread.join(5)
+        check_take_over(options, take_over=False)  # gone: its retained status goes stale, no live one comes
+    finally:
+        stop.set()
+        other.stop()
