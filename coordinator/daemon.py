@@ -376,6 +376,8 @@ class CoordinatorDaemon:
         """This process, in every status it publishes: another process's live status is another coordinator."""
         self._started_at = float("inf")
         self._others: set[tuple[str, str]] = set()
+        self._stamps: dict[str, float] = {}
+        """The newest status stamped before our start, by process (see :meth:`_seen_status`)."""
         self.duplicate_coordinators = 0
         """Other live coordinators seen publishing this region's status (each said at ERROR once)."""
         self._snapshot_at = 0.0
@@ -655,7 +657,8 @@ class CoordinatorDaemon:
 
     def _seen_status(self, payload: bytes) -> None:
         """A status on this region's topic from another live process (not ours, not a status or
-        last will retained from before we started): two coordinators answer the same devices
+        last will retained from before we started; stamped before our start, only once a newer
+        one of that process arrives): two coordinators answer the same devices
         and split the fleet (each its own versions and signing key). Said at ERROR once per
         process, counted (``duplicate_coordinator`` in /metrics); nothing else changes."""
         if len(payload) > MAX_STATUS_BYTES:
@@ -666,8 +669,18 @@ class CoordinatorDaemon:
             return
         instance, published = status.get("instance"), status.get("published_at")
         if instance == self._instance or status.get("alive") is not True or not isinstance(published, int | float) \
-                or isinstance(published, bool) or published < self._started_at:
+                or isinstance(published, bool):
             return
+        if published < self._started_at:
+            # Stamped before this process started by this host's clock: retained from before we
+            # started, or published now by a coordinator whose clock is behind ours (helper-153:
+            # unnoticed for as long as it is behind). A newer status of that process says it is live.
+            process = str(instance)[:40]
+            last = self._stamps.get(process)
+            if last is not None or len(self._stamps) < 64:
+                self._stamps[process] = published if last is None else max(last, published)
+            if last is None or published <= last:
+                return
         key = (str(status.get("coordinator", "?"))[:100], str(instance)[:40])
         if key in self._others or len(self._others) >= 64:
             return

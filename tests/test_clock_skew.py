@@ -247,3 +247,38 @@ def test_a_start_is_refused_beside_a_live_coordinator_whose_clock_is_behind(plai
     finally:
         stop.set()
         other.stop()
+
+
+@pytest.mark.broker
+def test_a_running_coordinator_calls_out_a_second_one_whose_clock_is_behind(plain_net: Net, tmp_path: Path) -> None:
+    """A running coordinator says at ERROR (and counts) another process publishing live statuses on
+    its region; it skipped every status stamped before its own start (a retained one from before),
+    so one from a coordinator whose clock is 200 s behind went unnoticed for the first 200 s of its
+    run (a day behind: a day). A process seen publishing twice, each status newer than the last, is
+    live whatever its clock says; a retained status alone still is not."""
+    import json
+
+    from coordinator.metrics import stamp_status
+    from edge_sdk.mqtt import MqttTransport
+    from edge_sdk.wire import topics
+
+    topic = topics.status_topic(plain_net.region)
+    other = MqttTransport(plain_net.url, client_id="other-coordinator", subscriptions=[], on_message=lambda *_: None, clean_session=True)
+    other.start()
+
+    def beat(stamp: float) -> None:
+        body = json.dumps({"v": 1, "type": "status", "region": plain_net.region, "coordinator": "coord-other", "version": 7}).encode()
+        other.publish(topic, stamp_status(body, alive=True, now=stamp, heartbeat_s=1.0, instance="p-other"), qos=1, retain=True)
+
+    try:
+        with Rig(plain_net, tmp_path) as rig:
+            beat(time.time() - 400.0)  # retained from before this coordinator started
+            daemon = rig.make_daemon(init=True, canary_round=False, status_interval_s=1.0).start()
+            time.sleep(1.0)
+            assert daemon.duplicate_coordinators == 0  # a retained status alone: not a live coordinator
+            for _ in range(3):  # then it beats, its clock 200 s behind
+                beat(time.time() - 200.0)
+                time.sleep(0.3)
+            wait_until(lambda: daemon.duplicate_coordinators == 1, 10, "the second coordinator called out")
+    finally:
+        other.stop()
