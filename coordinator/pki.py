@@ -57,6 +57,11 @@ from edge_sdk.wire.topics import ROOT, check_id
 ROLES = ("device", "coordinator", "operator", "broker")
 CA_DAYS = 3650
 LEAF_DAYS = 825
+BACKDATE = dt.timedelta(days=1)
+"""Certificates and the CRL are valid from this long before they were made: a device whose clock is
+behind this host's (hours apart in one fleet, a clock set by hand, local time taken for UTC) took a
+certificate issued less than that ago for "not yet valid" and could not connect (it was 5 minutes).
+The end of validity is not moved: a clock that is right sees no difference."""
 MAX_DAYS = 365_000
 """The longest --days (a thousand years): a date past year 9999 has no datetime (`pki init --days
 99999999` ended in OverflowError, leaving an empty PKI folder)."""
@@ -208,7 +213,7 @@ class Pki:
             .issuer_name(name)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_before(now - BACKDATE)
             .not_valid_after(now + dt.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
@@ -250,7 +255,7 @@ class Pki:
         builder = (
             x509.CertificateRevocationListBuilder()
             .issuer_name(ca_cert.subject)
-            .last_update(now - dt.timedelta(minutes=5))
+            .last_update(now - BACKDATE)
             .next_update(max(ca_cert.not_valid_after_utc, now + dt.timedelta(days=1)))
         )
         for entry in self.revoked:
@@ -341,7 +346,7 @@ class Pki:
             .issuer_name(ca_cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_before(now - BACKDATE)
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,

@@ -282,3 +282,35 @@ def test_a_running_coordinator_calls_out_a_second_one_whose_clock_is_behind(plai
             wait_until(lambda: daemon.duplicate_coordinators == 1, 10, "the second coordinator called out")
     finally:
         other.stop()
+
+
+# ---------------------------------------------------------------------- certificates
+
+
+@pytest.mark.parametrize(("offset_s", "valid"), [(0.0, True), (-3600.0, True), (-14 * 3600.0, True), (3600.0, True),
+                                                 (-2 * 86_400.0, False)])
+def test_a_fresh_broker_certificate_verifies_on_a_device_whose_clock_is_hours_behind(tmp_path: Path, offset_s: float, valid: bool) -> None:
+    """A broker certificate (and its CA) made a moment ago, verified as a device's TLS does, at the
+    device's time: valid from 5 min before issue, it was "not yet valid" to a device more than 5 min
+    behind the CA host (an hour apart in one fleet, local time taken for UTC) until it aged past the
+    skew. Valid from a day before now; two days behind is still refused (a clock at 1970 needs NTP)."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+    from coordinator.pki import Pki
+
+    pki = Pki.init(tmp_path / "pki")
+    bundle = pki.issue("broker", "broker", hosts=["localhost"])
+    ca = x509.load_pem_x509_certificate((tmp_path / "pki" / "ca.crt").read_bytes())
+    leaf = x509.load_pem_x509_certificate((bundle / "broker.crt").read_bytes())
+    at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=offset_s)
+    verifier = PolicyBuilder().store(Store([ca])).time(at).build_server_verifier(x509.DNSName("localhost"))
+    if valid:
+        verifier.verify(leaf, [])
+    else:
+        with pytest.raises(VerificationError, match="not valid at validation time"):
+            verifier.verify(leaf, [])
+    crl = x509.load_pem_x509_crl(pki.write_crl().read_bytes())
+    assert crl.last_update_utc <= dt.datetime.now(dt.UTC) - dt.timedelta(hours=23)  # (mosquitto checks it on the broker's clock)
