@@ -314,3 +314,23 @@ def test_a_fresh_broker_certificate_verifies_on_a_device_whose_clock_is_hours_be
             verifier.verify(leaf, [])
     crl = x509.load_pem_x509_crl(pki.write_crl().read_bytes())
     assert crl.last_update_utc <= dt.datetime.now(dt.UTC) - dt.timedelta(hours=23)  # (mosquitto checks it on the broker's clock)
+
+
+# ---------------------------------------------------------------------- a device's training hold
+
+
+@pytest.mark.parametrize("behind", [0.0, 3600.0, 86_400.0, 1_790_000_000.0 - 10.0])
+def test_a_device_restarted_with_its_clock_behind_holds_training_no_longer_than_its_back_off(behind: float) -> None:
+    """A training job killed the device process; the restarted one holds training for the first
+    crash's back-off (``request_timeout_s``, 5 s here) and records the hold's end. Restarted again
+    within it, with its clock an hour or a day behind (a headset without a battery-backed clock
+    boots in 1970 until NTP), it held training for the hour, or a day (the longest hold): the
+    hold's end by the old clock, cut only at a day. Now no longer than that crash's back-off."""
+    from edge_sdk.core.events import MarkTraining
+    from tests.test_training_crash import TIMEOUT_S, restarted
+
+    t = 1_790_000_000.0
+    c = restarted(MarkTraining(in_flight=False, crashes=1, hold_until=t + TIMEOUT_S))
+    now = t + 2.0 - behind
+    c.start(now)
+    assert c.state.hold_until - now == (TIMEOUT_S - 2.0 if behind == 0.0 else TIMEOUT_S)

@@ -101,16 +101,21 @@ def test_crashes_in_a_row_grow_the_hold(before: int, hold_s: float) -> None:
 
 
 def test_a_restart_during_the_hold_keeps_it_and_counts_no_crash() -> None:
-    c = restarted(MarkTraining(in_flight=False, crashes=3, hold_until=5000.0))
+    c = restarted(MarkTraining(in_flight=False, crashes=3, hold_until=4000.0))  # 3000 s left of the third crash's hour
     acts = c.start(1000.0)
     assert not notes(acts, "training_crashed") and not training_pulls(acts)
-    assert ScheduleTimer(at=5000.0) in acts
-    assert len(training_pulls(c.handle(TimerFired(now=5000.0)))) == 1
+    assert ScheduleTimer(at=4000.0) in acts
+    assert len(training_pulls(c.handle(TimerFired(now=4000.0)))) == 1
 
 
-def test_a_hold_past_the_longest_is_cut_to_it() -> None:
-    """A damaged record or a clock set back must not stop training for years."""
+def test_a_hold_past_its_back_off_is_cut_to_it() -> None:
+    """A damaged record or a clock set back must not stop training for years; nor longer than the
+    back-off of the crashes recorded (the third crash: an hour; helper-153: it was a day, the longest
+    hold, whatever the count)."""
     c = restarted(MarkTraining(in_flight=False, crashes=3, hold_until=1e12))
+    c.start(1000.0)
+    assert c.state.hold_until == 1000.0 + CRASH_HOLD_S
+    c = restarted(MarkTraining(in_flight=False, crashes=40, hold_until=1e12))
     c.start(1000.0)
     assert c.state.hold_until == 1000.0 + CRASH_HOLD_MAX_S
 

@@ -598,25 +598,34 @@ class DeviceCore:
     def _restore_training(self, now: float) -> list[DeviceAction]:
         """The training mark the previous process left: still in flight, its job died with the process
         (nothing raised): counted as a failed job, backed off, said, and the mark cleared with the count
-        and the hold (a restart during the hold keeps it). A hold further off than the longest one (a
-        damaged record, a clock set back) is cut to it."""
+        and the hold (a restart during the hold keeps it). A hold further off than its crash count's
+        back-off (a damaged record; a clock set back — a device without a battery-backed clock that
+        boots in 1970 held training a day, the longest hold, after a 10 s one) is cut to it."""
         assert self._training is not None
         mark, self._training = self._training, None
-        s, cfg = self._s, self.config
+        s = self._s
         s.train_crashes = s.train_failures = mark.crashes
-        if not mark.in_flight:
-            s.hold_until = min(mark.hold_until, now + CRASH_HOLD_MAX_S) if mark.hold_until > now else 0.0
+        if not mark.in_flight:  # (only a crash's hold is recorded: a failed job's is not)
+            s.hold_until = min(mark.hold_until, now + self._crash_backoff(mark.crashes)) if mark.hold_until > now else 0.0
             return []
         s.train_crashes = s.train_failures = crashes = mark.crashes + 1
-        backoff = min(cfg.request_timeout_s * 2 ** min(crashes - 1, 16), cfg.max_backoff_s)
-        if crashes >= CRASH_LONG_AFTER:
-            backoff = max(backoff, min(CRASH_HOLD_S * 2 ** min(crashes - CRASH_LONG_AFTER, 16), CRASH_HOLD_MAX_S))
+        backoff = self._crash_backoff(crashes)
         s.hold_until = now + backoff
         s.counters["training_crashed"] = s.counters.get("training_crashed", 0) + 1
         return [
             MarkTraining(in_flight=False, crashes=crashes, hold_until=s.hold_until),
             Notify(kind="training_crashed", data={"crashes": crashes, "retry_in_s": backoff}),
         ]
+
+    def _crash_backoff(self, crashes: int) -> float:
+        """The hold after the ``crashes``-th training crash in a row (0: none)."""
+        if crashes < 1:
+            return 0.0
+        cfg = self.config
+        backoff = min(cfg.request_timeout_s * 2 ** min(crashes - 1, 16), cfg.max_backoff_s)
+        if crashes >= CRASH_LONG_AFTER:
+            backoff = max(backoff, min(CRASH_HOLD_S * 2 ** min(crashes - CRASH_LONG_AFTER, 16), CRASH_HOLD_MAX_S))
+        return float(backoff)
 
     def _unmark(self, *, crashes: int, hold_until: float = 0.0) -> list[DeviceAction]:
         """The training job in flight ended (or was dropped and has now ended): clear its mark."""
