@@ -126,7 +126,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -564,6 +564,10 @@ def abandoned_by(event: object, *, newest: int) -> VersionRange | None:
     return (first, last) if 0 <= first <= last else None
 
 
+_K = TypeVar("_K", tuple[str, int], tuple[str, int, str, int, bool])
+"""A remembered control command: (operator, nonce) executed, or refused as a whole (:func:`_command_key`)."""
+
+
 def _command_key(msg: Control) -> tuple[str, int, str, int, bool]:
     """A verified command as a whole (a refused one is remembered by it: the same one again is a replay)."""
     return (msg.operator, msg.nonce, msg.command, msg.version, msg.force)
@@ -669,9 +673,17 @@ class CoordinatorCore:
         self._commanders = {key_id(raw): (name, bytes(raw)) for name, raw in config.operators.items()}
         if config.signer is not None:
             self._commanders.setdefault(config.signer.kid, (config.coordinator_id, config.signer.public_raw))
+        # Each remembered command with the time (on the window's clock, MessageReceived.wall) until
+        # which its window accepts it: issued_at + max_age; a recorded one, at most its run time
+        # ``at`` + 2 max_age (issued up to max_age before or after it ran). See _authenticate_control.
+        spent = 2 * config.control_max_age_s
         self._control_seen: dict[tuple[str, int], float] = {
-            (str(h["operator"]), int(h["nonce"])): float(h.get("at", 0.0))
+            (str(h["operator"]), int(h["nonce"])): float(h.get("at", 0.0)) + spent
             for h in snapshot.gate_history if isinstance(h, Mapping) and "nonce" in h and "operator" in h}
+        self._control_floor: dict[str, float] = {}
+        """Per operator, the newest ``issued_at`` (an upper bound for a recorded one) among the commands
+        forgotten: one issued no later is refused. Only a clock stepped back after they were forgotten
+        brings such a command within its window again, and then it would run twice."""
         # The last control message refused, for the operator's CLI (status ``control_refused``):
         # its reason and detail at once instead of a timeout. The nonce is the refused message's
         # own (unauthenticated when the signature is what failed): it only says which try this was.
@@ -685,10 +697,10 @@ class CoordinatorCore:
                     and type(entry.get("at")) in (int, float)):
                 continue  # (a damaged entry: its command is forgotten, as before it was recorded)
             if entry.get("outcome") == "failed":
-                self._control_seen.setdefault((entry["operator"], entry["nonce"]), float(entry["at"]))
+                self._control_seen.setdefault((entry["operator"], entry["nonce"]), float(entry["at"]) + spent)
             elif isinstance(entry.get("command"), str) and type(entry.get("version")) is int and type(entry.get("force")) is bool:
                 key = (entry["operator"], entry["nonce"], entry["command"], entry["version"], entry["force"])
-                self._control_refused_seen[key] = float(entry["at"])
+                self._control_refused_seen[key] = float(entry["at"]) + spent
         # Whether the abandoned ranges changed since the region's recall topic (retained) last
         # announced them: a device serving an abandoned version fetches the release at once (an
         # operator's rollback reaches idle devices too, not only those that pull for training).
@@ -933,6 +945,12 @@ class CoordinatorCore:
             self._unrecorded_reject = None
             changed.append(self._record(now, "reject", rejected, through=through, from_commit=True))
         changed += self._leave_abandoned_line(now)
+        # A restart whose clock is behind the last process's (stepped back; a box without a battery-backed
+        # clock before NTP): a restored time ahead of now held SPIN's π that much longer (a day behind:
+        # a day; helper-153). Taken as now.
+        self._last_aggregation_at = min(self._last_aggregation_at, now)
+        if self._first_buffered_at is not None:
+            self._first_buffered_at = min(self._first_buffered_at, now)
         actions = [*changed, *self._after(now), *self._regate_newest(now)]
         rnd = self._canary_round  # opened or resumed by the regate, after _after armed the timer: its deadline's wake-up
         if rnd is not None and (self._wake_at is None or rnd.deadline < self._wake_at):
@@ -1884,7 +1902,11 @@ class CoordinatorCore:
     def _canary_resumed(self, gate: Gate, cfg: CanaryConfig, rnd: CanaryRound, now: float) -> list[CoordinatorAction]:
         """The round recorded before the restart, on the candidate gated again: the same nonce, cohort
         and deadline, its recorded reports as evidence; the members yet to report are asked again (one
-        that took the round ignores it). Past its deadline it ends now, as the deadline rule says."""
+        that took the round ignores it). Past its deadline it ends now, as the deadline rule says; a
+        deadline recorded by a clock ahead of this one is no later than a new round's (helper-153: a
+        restart a day behind held the candidate a day)."""
+        if rnd.deadline > now + cfg.deadline_s:
+            rnd.deadline = now + cfg.deadline_s
         gate.reset_canary(rnd.candidate, expected=len(rnd.cohort))
         for device, counts in sorted(rnd.reports.items()):
             gate.record_canary(rnd.candidate, device, counts)
@@ -2026,7 +2048,8 @@ class CoordinatorCore:
         try:
             return self._run_control(ev, msg, sig)
         except RemoteProtocolError as exc:
-            self._control_refused_seen[_command_key(msg)] = ev.now  # (kept as long as executed ones: see _authenticate_control)
+            # (kept as long as executed ones: see _authenticate_control)
+            self._control_refused_seen[_command_key(msg)] = msg.issued_at + self.config.control_max_age_s
             record = RecordRefusal(event={"at": ev.now, "outcome": "refused", "operator": msg.operator, "nonce": msg.nonce,
                                           "command": msg.command, "version": msg.version, "force": msg.force, "reason": exc.reason})
             return [*self._refuse_control(ev.now, exc.reason, str(exc), msg.nonce, command=msg.command, version=msg.version), record]
@@ -2049,18 +2072,34 @@ class CoordinatorCore:
             raise BadSignature(f"control command signed by key {sig.kid} does not verify for {ev.topic!r} (another region's?)")
         if msg.operator != name:
             raise OperatorMismatch(f"control command in the name of {msg.operator!r} signed by key {sig.kid}, which belongs to {name!r}")
-        if abs(ev.now - msg.issued_at) > cfg.control_max_age_s:
-            raise ReplayedMessage(f"control command issued {ev.now - msg.issued_at:.0f} s from now: too old or from the future")
-        # A command runs at most max_age after it was issued, and it may be issued up to max_age
-        # ahead of this clock: one executed at t is acceptable until t + 2 max_age, so it is
-        # remembered that long (pruned at t + max_age, a future-dated one ran again once pruned).
-        self._control_seen = {k: t for k, t in self._control_seen.items() if ev.now - t <= 2 * cfg.control_max_age_s}
-        self._control_refused_seen = {k: t for k, t in self._control_refused_seen.items() if ev.now - t <= 2 * cfg.control_max_age_s}
+        # The window is judged on the system clock (ev.wall), not on ev.now: that one never goes back,
+        # so after the host's clock was stepped back (NTP correcting a fast clock) it ran ahead of every
+        # honest operator's, and every command was refused as replayed until a restart (helper-153).
+        wall = ev.now if ev.wall is None else ev.wall
+        if abs(wall - msg.issued_at) > cfg.control_max_age_s:
+            raise ReplayedMessage(f"control command issued {wall - msg.issued_at:.0f} s from now: too old or from the future")
+        # A command is remembered while its window accepts it (until issued_at + max_age on the same
+        # clock); once forgotten, the operator's floor refuses it, should the clock be stepped back.
+        self._control_seen = self._forget_controls(self._control_seen, wall)
+        self._control_refused_seen = self._forget_controls(self._control_refused_seen, wall)
         if (msg.operator, msg.nonce) in self._control_seen:
             raise ReplayedMessage("control command already executed")
         if _command_key(msg) in self._control_refused_seen:  # the same refused command again: a replay, not an operator
             raise ReplayedMessage("control command already refused")
+        if msg.issued_at <= self._control_floor.get(msg.operator, -math.inf):
+            raise ReplayedMessage("control command issued before one of this operator's that is no longer remembered "
+                                  "(this coordinator's clock was stepped back?)")
         return sig
+
+    def _forget_controls(self, seen: dict[_K, float], wall: float) -> dict[_K, float]:
+        """``seen`` without the commands whose window has closed by ``wall``, each raising its operator's floor."""
+        if all(wall <= until for until in seen.values()):
+            return seen
+        floor, age = self._control_floor, self.config.control_max_age_s
+        for key, until in seen.items():
+            if wall > until and until - age > floor.get(key[0], -math.inf):
+                floor[key[0]] = until - age
+        return {k: until for k, until in seen.items() if wall <= until}
 
     def _run_control(self, ev: MessageReceived, msg: Control, sig: SignatureInfo) -> list[CoordinatorAction]:
         if msg.command != "unpin" and not 0 <= msg.version <= max(self._version, self._version_floor):
@@ -2072,7 +2111,7 @@ class CoordinatorCore:
             built_on = "" if rejected["version"] == msg.version else f"version {msg.version} was built on a rejected candidate: "
             raise GateRejected(f"{built_on}the release gate rejected version {rejected['version']}{scores}; "
                                "send the command with --force to release it anyway")
-        self._control_seen[(msg.operator, msg.nonce)] = ev.now
+        self._control_seen[(msg.operator, msg.nonce)] = msg.issued_at + self.config.control_max_age_s
         self.counters[f"control:{msg.command}"] += 1
         note = Notify(kind="control", data={"command": msg.command, "version": msg.version, "operator": msg.operator})
         if msg.command == "unpin":

@@ -645,15 +645,20 @@ class CoordinatorDaemon:
             return
         held = self.transport.hold_ack()
         if held is None:  # QoS 0
-            self.actor.submit(lambda now: MessageReceived(now=now, topic=topic, payload=payload))
+            self.actor.submit(lambda now: MessageReceived(now=now, topic=topic, payload=payload, wall=self._wall()))
             return
 
         def received(now: float) -> MessageReceived:  # handled now: acknowledged at the batch's end
             self._acks.append(held)
             self._in_hand = held
-            return MessageReceived(now=now, topic=topic, payload=payload)
+            return MessageReceived(now=now, topic=topic, payload=payload, wall=self._wall())
 
         self.actor.submit(received)
+
+    def _wall(self) -> float | None:
+        """The system clock (``WallClock.wall``), for the core's control window; None: a clock without one."""
+        wall = getattr(self.clock, "wall", None)
+        return float(wall()) if callable(wall) else None
 
     def _seen_status(self, payload: bytes) -> None:
         """A status on this region's topic from another live process (not ours, not a status or

@@ -73,6 +73,10 @@ class WallClock:
                 return wall
             return steady
 
+    def wall(self) -> float:
+        """The system clock itself (it may go back): for comparisons with another machine's times."""
+        return time.time()
+
 
 class ActorIO(Protocol):
     """Network IO that an :class:`Actor` drives from its own thread."""

@@ -59,13 +59,10 @@ def test_an_operator_command_reaches_a_coordinator_whose_clock_is_behind(
         assert daemon.core.counters["control:pin"] == 1 and daemon.core.status().extra["messages_rejected"] == 0
 
 
-# ---------------------------------------------------------------------- proposed for coordinator/core.py
-# (helper-153 may not change core.py: the change is proposed in its report; these tests fail until it lands)
-
-CORE_FIX = "proposed change to coordinator/core.py (helper-153's report): not in this tree"
+# ---------------------------------------------------------------------- the core's clocks
+# (proposed by helper-153 with these tests; each failed on the tree before the change)
 
 
-@pytest.mark.xfail(strict=True, reason=CORE_FIX + ": the control window is judged on the never-back clock")
 def test_an_operator_command_is_judged_on_the_system_clock_after_it_was_stepped_back(monkeypatch: pytest.MonkeyPatch) -> None:
     """NTP steps the coordinator host's clock back 10 min (it was 10 min fast). The drivers' clock
     never goes back (timers would wait 10 min longer), so it runs 600 s ahead of the system clock
@@ -128,7 +125,6 @@ def test_spin_timeout_after_an_honest_restart_counts_from_the_buffered_update() 
     assert _restarted_spin(t + 5.0, t) == [t + 30.0]
 
 
-@pytest.mark.xfail(strict=True, reason=CORE_FIX + ": restored times ahead of the restart's clock are kept")
 @pytest.mark.parametrize("behind", [600.0, 86_400.0, 1_790_000_000.0 - 10.0])
 def test_spin_timeout_after_a_restart_whose_clock_is_behind_fires_within_pi(behind: float) -> None:
     """The coordinator restarts with its clock 10 min, a day or (a box without a battery-backed
@@ -139,7 +135,6 @@ def test_spin_timeout_after_a_restart_whose_clock_is_behind_fires_within_pi(behi
     assert _restarted_spin(t - behind, t) == [t - behind + 30.0]
 
 
-@pytest.mark.xfail(strict=True, reason=CORE_FIX + ": a resumed canary round keeps a deadline recorded by a clock ahead")
 def test_a_canary_round_resumed_by_a_restart_whose_clock_is_behind_ends_within_its_deadline_s(tmp_path: Path) -> None:
     """A recorded round (deadline_s 100, 2 reports of 3) resumed by a restart whose clock is a day
     behind the last process's: its deadline (by the old clock) was a day and 75 s away, and the
@@ -334,3 +329,25 @@ def test_a_device_restarted_with_its_clock_behind_holds_training_no_longer_than_
     now = t + 2.0 - behind
     c.start(now)
     assert c.state.hold_until - now == (TIMEOUT_S - 2.0 if behind == 0.0 else TIMEOUT_S)
+
+
+def test_a_command_forgotten_before_the_clock_was_stepped_back_does_not_run_again() -> None:
+    """Judging the window on the system clock lets a step back bring a command the core has already
+    forgotten (its window closed) within its window again: captured on the broker and replayed then,
+    it ran twice. Each operator's floor (the newest issued_at forgotten) refuses it; an honest command
+    issued after the step runs."""
+    from coordinator.core import LoadVersion
+    from edge_sdk.core.events import MessageReceived
+    from tests.test_gate import control, gated
+
+    c, t = gated(), 1_790_000_000.0
+
+    def handled(issued_at: float, nonce: int, wall: float) -> bool:
+        ev = control("pin", 0, at=issued_at, nonce=nonce)
+        return any(isinstance(a, LoadVersion) for a in c.handle(MessageReceived(now=wall, topic=ev.topic, payload=ev.payload, wall=wall)))
+
+    assert handled(t, 1, t)  # run at t
+    assert handled(t + 400.0, 2, t + 400.0)  # 400 s on: command 1's window has closed, it is forgotten
+    assert not handled(t, 1, t + 50.0)  # the clock stepped back 350 s: command 1 is within its window again
+    assert c.counters["reject:replayed"] == 1 and c.counters["control:pin"] == 2
+    assert handled(t + 60.0, 3, t + 60.0)  # an operator after the step (a newer issued_at than anything forgotten)

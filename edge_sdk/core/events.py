@@ -34,9 +34,16 @@ class MessageReceived:
     now: float
     topic: str
     payload: bytes
+    wall: float | None = None
+    """This host's system clock when the message was handled, for comparisons with a time another
+    machine stamped (a control command's ``issued_at``); None: ``now``. The drivers' ``now`` never
+    goes back (:class:`edge_sdk.runtime.WallClock`): after the system clock is stepped back it runs
+    ahead of it, and of every honest clock, by the step until the process restarts."""
 
     def __post_init__(self) -> None:
         _check_time(self.now)
+        if self.wall is not None:
+            _check_time(self.wall)
 
 
 @fast_init
