@@ -551,7 +551,8 @@ class EdgeClient:
         mark is cleared here (the actor has stopped, the core hears nothing more), keeping its count and hold."""
         mark = self._training_mark()
         if mark is not None and mark.in_flight:
-            self._save_training_mark(MarkTraining(in_flight=False, crashes=mark.crashes, hold_until=mark.hold_until))
+            self._save_training_mark(MarkTraining(in_flight=False, crashes=mark.crashes, hold_until=mark.hold_until,
+                                                  failures=mark.failures))
 
     def __enter__(self) -> EdgeClient:
         return self.start()
@@ -866,13 +867,14 @@ class EdgeClient:
     def _training_mark(self) -> MarkTraining | None:
         """The training mark the last process left (``MarkTraining``, durable), None if none."""
         return self._meta_record(
-            "training", lambda d: MarkTraining(in_flight=d["in_flight"], crashes=d["crashes"], hold_until=d["hold_until"]),
+            "training", lambda d: MarkTraining(in_flight=d["in_flight"], crashes=d["crashes"], hold_until=d["hold_until"],
+                                               failures=d.get("failures", 0)),  # (no failures: written before they were kept)
             max_chars=200, what="training mark (a crash in training before this start is not seen)")
 
     def _save_training_mark(self, mark: MarkTraining) -> None:
         """Write the training mark; a store that cannot (a full disk) does not hold training back: the job
         runs unguarded (a crash in it goes unseen, as before marks were kept) and this is said once."""
-        record = {"in_flight": mark.in_flight, "crashes": mark.crashes, "hold_until": mark.hold_until}
+        record = {"in_flight": mark.in_flight, "crashes": mark.crashes, "hold_until": mark.hold_until, "failures": mark.failures}
         try:
             self.store.set_meta("training", json.dumps(record))
         except StorageError as exc:

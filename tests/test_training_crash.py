@@ -80,7 +80,7 @@ def test_a_restart_with_the_mark_in_flight_backs_off_as_a_failed_job() -> None:
     acts = c.start(100.0)
     assert not training_pulls(acts) and c.state.phase is Phase.IDLE
     assert notes(acts, "training_crashed") == [{"crashes": 1, "retry_in_s": TIMEOUT_S}]
-    assert MarkTraining(in_flight=False, crashes=1, hold_until=100.0 + TIMEOUT_S) in acts  # cleared, the count kept
+    assert MarkTraining(in_flight=False, crashes=1, hold_until=100.0 + TIMEOUT_S, failures=1) in acts  # cleared, the counts kept
     assert ScheduleTimer(at=100.0 + TIMEOUT_S) in acts
     assert c.state.train_failures == 1 and c.state.counters["training_crashed"] == 1
     assert not training_pulls(c.handle(TimerFired(now=104.0)))
@@ -123,10 +123,11 @@ def test_a_hold_past_its_back_off_is_cut_to_it() -> None:
 def test_a_finished_job_resets_the_count_and_a_failed_one_keeps_it() -> None:
     c = restarted(MarkTraining(in_flight=False, crashes=2))  # no hold left: trains at once
     job_id, acts = to_training(c)
-    assert MarkTraining(in_flight=True, crashes=2) in acts
+    assert MarkTraining(in_flight=True, crashes=2, failures=2) in acts
     acts = c.handle(TrainingFailed(now=1.0, job_id=job_id, error="RuntimeError: boom"))
-    assert acts[0] == MarkTraining(in_flight=False, crashes=2)  # a job that raised is no crash, nor a success
     assert c.state.hold_until == 1.0 + 4 * TIMEOUT_S  # the third failure in a row (two crashes, then this)
+    # a job that raised is no crash, nor a success; its back-off goes into the record
+    assert acts[0] == MarkTraining(in_flight=False, crashes=2, hold_until=1.0 + 4 * TIMEOUT_S, failures=3)
     (pull,) = training_pulls(c.handle(TimerFired(now=c.state.hold_until)))
     acts = c.handle(model_reply(pull.seq))
     job_id = next(a for a in acts if isinstance(a, StartTraining)).job.job_id
@@ -139,7 +140,36 @@ def test_an_in_memory_device_without_a_mark_starts_as_before() -> None:
     assert not notes(acts, "training_crashed") and len(training_pulls(acts)) == 1
 
 
+def test_a_job_that_raised_keeps_its_back_off_across_a_restart() -> None:
+    """A job that raises every time (not a crash: the process lives) in an app that is restarted (its
+    supervisor, the phone's OS). Before, the mark cleared after the failure held no back-off and the
+    restarted device trained the failing job again at once, its back-off starting from the first again."""
+    c = restarted(None)
+    job_id, _ = to_training(c)
+    acts = c.handle(TrainingFailed(now=1.0, job_id=job_id, error="RuntimeError: boom"))
+    (mark,) = [a for a in acts if isinstance(a, MarkTraining)]
+    again = restarted(mark)
+    acts = again.start(2.0)  # restarted within the back-off
+    assert not training_pulls(acts) and ScheduleTimer(at=1.0 + TIMEOUT_S) in acts
+    assert mark == MarkTraining(in_flight=False, crashes=0, hold_until=1.0 + TIMEOUT_S, failures=1)
+    assert not notes(acts, "training_crashed") and again.state.train_crashes == 0  # it raised: no crash
+    (pull,) = training_pulls(again.handle(TimerFired(now=1.0 + TIMEOUT_S)))
+    acts = again.handle(model_reply(pull.seq))
+    assert MarkTraining(in_flight=True, crashes=0, failures=1) in acts
+    job_id = next(a for a in acts if isinstance(a, StartTraining)).job.job_id
+    acts = again.handle(TrainingFailed(now=10.0, job_id=job_id, error="RuntimeError: boom"))
+    assert notes(acts, "training_failed")[0]["failures"] == 2 and again.state.hold_until == 10.0 + 2 * TIMEOUT_S  # it grows
+
+
+def test_a_crash_after_raised_failures_backs_off_from_all_of_them() -> None:
+    """The failures in a row count a crash too: two raised, then one killed the process: the third back-off."""
+    acts = restarted(MarkTraining(in_flight=True, crashes=0, failures=2)).start(100.0)
+    assert notes(acts, "training_crashed") == [{"crashes": 1, "retry_in_s": 4 * TIMEOUT_S}]
+    assert MarkTraining(in_flight=False, crashes=1, hold_until=100.0 + 4 * TIMEOUT_S, failures=3) in acts
+
+
 @pytest.mark.parametrize("fields", [{"in_flight": "yes"}, {"in_flight": True, "crashes": -1},
+                                    {"in_flight": False, "failures": -1}, {"in_flight": False, "failures": 1.5},
                                     {"in_flight": False, "hold_until": float("nan")}, {"in_flight": True, "crashes": True}])
 def test_a_bad_mark_is_refused(fields: dict[str, Any]) -> None:
     with pytest.raises(LocalProtocolError):
@@ -164,7 +194,7 @@ def test_a_clean_stop_while_training_is_not_a_crash(tmp_path: Path) -> None:
     client = _client(tmp_path)
     client._perform(MarkTraining(in_flight=True, crashes=1))  # a job started; stop() comes before it ends
     client.stop()
-    assert _record(tmp_path) == {"in_flight": False, "crashes": 1, "hold_until": 0.0}
+    assert _record(tmp_path) == {"in_flight": False, "crashes": 1, "hold_until": 0.0, "failures": 0}
     again = _client(tmp_path)
     try:
         assert not notes(again.core.start(1000.0), "training_crashed")
@@ -194,6 +224,41 @@ def test_a_damaged_mark_is_ignored_and_the_device_starts(tmp_path: Path, damaged
     finally:
         client.stop()
     assert any("unreadable training mark" in r.getMessage() for r in caplog.records)
+
+
+def test_a_raised_jobs_back_off_survives_the_driver_and_its_store(tmp_path: Path) -> None:
+    """The real client and store: the record the failed job leaves is read back by the next client on the data dir."""
+    core = restarted(None)  # the marks a core emits around a job that raised, performed by the real client
+    job_id, acts = to_training(core)
+    acts += core.handle(TrainingFailed(now=1.0, job_id=job_id, error="RuntimeError: boom"))
+    client = _client(tmp_path)
+    try:
+        for action in acts:
+            if isinstance(action, MarkTraining):
+                client._perform(action)
+    finally:
+        client.stop()
+    assert _record(tmp_path) == {"in_flight": False, "crashes": 0, "hold_until": 1.0 + TIMEOUT_S, "failures": 1}
+    again = _client(tmp_path)
+    try:
+        again.core.state.total = 100  # samples waiting: only the back-off holds the pull
+        acts = again.core.start(2.0)
+        assert not training_pulls(acts) and ScheduleTimer(at=1.0 + TIMEOUT_S) in acts
+        assert again.core.state.train_failures == 1
+    finally:
+        again.stop()
+
+
+def test_a_record_from_before_failures_reads_as_before(tmp_path: Path) -> None:
+    with SampleStore.open(tmp_path / "samples.sqlite3") as store:
+        store.set_meta("training", json.dumps({"in_flight": False, "crashes": 2, "hold_until": 0.0}))
+    client = _client(tmp_path)
+    try:
+        assert client._training_mark() == MarkTraining(in_flight=False, crashes=2)
+        client.core.start(1000.0)
+        assert client.core.state.train_failures == 2
+    finally:
+        client.stop()
 
 
 def test_a_full_disk_does_not_hold_training_back(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -61,11 +61,13 @@ torch) raises nothing the core could see, and a supervisor that restarts the app
 job again at once, for ever. So a job is made durable as in flight (``MarkTraining``) before it
 starts and cleared when it ends (finished, failed, or dropped; the driver clears it on a clean stop).
 A device restored with the mark still in flight (``training``) counts the job as failed: the same
-back-off as a failed job, grown by the crashes in a row, with ``Notify(training_crashed)``; from
+back-off as a failed job, grown by the failures in a row, with ``Notify(training_crashed)``; from
 ``CRASH_LONG_AFTER`` crashes in a row the hold is ``CRASH_HOLD_S``, doubling per crash up to
 ``CRASH_HOLD_MAX_S``: it still tries again (the app may have freed memory, the coordinator sent
 other hints), but at most a few times a day. The hold is in the record too, so a restart does not
-end it. A job that finishes resets the count.
+end it; so are a job that raised's back-off and the failures in a row (a job that raises every
+time, in an app its supervisor or the phone's OS restarts, was trained again at once on every
+start, its back-off never growing). A job that finishes resets the counts.
 
 Idempotency under attack. Each update carries a random ``nonce``; a ``duplicate`` ack
 counts as success only when it echoes that nonce, or carries none with the device's own seq
@@ -598,41 +600,43 @@ class DeviceCore:
     def _restore_training(self, now: float) -> list[DeviceAction]:
         """The training mark the previous process left: still in flight, its job died with the process
         (nothing raised): counted as a failed job, backed off, said, and the mark cleared with the count
-        and the hold (a restart during the hold keeps it). A hold further off than its crash count's
+        and the hold (a restart during the hold keeps it). A hold further off than its failure count's
         back-off (a damaged record; a clock set back — a device without a battery-backed clock that
         boots in 1970 held training a day, the longest hold, after a 10 s one) is cut to it."""
         assert self._training is not None
         mark, self._training = self._training, None
         s = self._s
-        s.train_crashes = s.train_failures = mark.crashes
-        if not mark.in_flight:  # (only a crash's hold is recorded: a failed job's is not)
-            s.hold_until = min(mark.hold_until, now + self._crash_backoff(mark.crashes)) if mark.hold_until > now else 0.0
+        s.train_crashes, s.train_failures = mark.crashes, max(mark.failures, mark.crashes)  # (a record from before failures: its crashes)
+        if not mark.in_flight:
+            cap = self._backoff(s.train_failures, s.train_crashes)
+            s.hold_until = min(mark.hold_until, now + cap) if mark.hold_until > now else 0.0
             return []
-        s.train_crashes = s.train_failures = crashes = mark.crashes + 1
-        backoff = self._crash_backoff(crashes)
+        s.train_crashes = crashes = mark.crashes + 1
+        s.train_failures = failures = s.train_failures + 1
+        backoff = self._backoff(failures, crashes)
         s.hold_until = now + backoff
         s.counters["training_crashed"] = s.counters.get("training_crashed", 0) + 1
         return [
-            MarkTraining(in_flight=False, crashes=crashes, hold_until=s.hold_until),
+            MarkTraining(in_flight=False, crashes=crashes, hold_until=s.hold_until, failures=failures),
             Notify(kind="training_crashed", data={"crashes": crashes, "retry_in_s": backoff}),
         ]
 
-    def _crash_backoff(self, crashes: int) -> float:
-        """The hold after the ``crashes``-th training crash in a row (0: none)."""
-        if crashes < 1:
+    def _backoff(self, failures: int, crashes: int) -> float:
+        """The hold after ``failures`` failed training jobs in a row, ``crashes`` of them crashes (0: none)."""
+        if failures < 1:
             return 0.0
         cfg = self.config
-        backoff = min(cfg.request_timeout_s * 2 ** min(crashes - 1, 16), cfg.max_backoff_s)
+        backoff = min(cfg.request_timeout_s * 2 ** min(failures - 1, 16), cfg.max_backoff_s)
         if crashes >= CRASH_LONG_AFTER:
             backoff = max(backoff, min(CRASH_HOLD_S * 2 ** min(crashes - CRASH_LONG_AFTER, 16), CRASH_HOLD_MAX_S))
         return float(backoff)
 
-    def _unmark(self, *, crashes: int, hold_until: float = 0.0) -> list[DeviceAction]:
+    def _unmark(self, *, crashes: int, failures: int, hold_until: float = 0.0) -> list[DeviceAction]:
         """The training job in flight ended (or was dropped and has now ended): clear its mark."""
         if not self._marked:
             return []
         self._marked = False
-        return [MarkTraining(in_flight=False, crashes=crashes, hold_until=hold_until)]
+        return [MarkTraining(in_flight=False, crashes=crashes, hold_until=hold_until, failures=failures)]
 
     def _resume_pending(self, now: float) -> list[DeviceAction]:
         """The update the previous process sent and saw no ack for: send it again, same seq and
@@ -826,7 +830,7 @@ class DeviceCore:
         )
         actions.append(self._persist())
         self._marked = True  # durable before the job starts: a process that dies in it is seen at the restart
-        actions.append(MarkTraining(in_flight=True, crashes=s.train_crashes))
+        actions.append(MarkTraining(in_flight=True, crashes=s.train_crashes, failures=s.train_failures))
         actions.append(StartTraining(job=job))
         return actions
 
@@ -968,14 +972,15 @@ class DeviceCore:
     def _on_trained(self, ev: TrainingFinished) -> list[DeviceAction]:
         s, cfg = self._s, self.config
         if s.phase is not _TRAINING or ev.job_id != s.job_id:
-            return [] if s.phase is _TRAINING else self._unmark(crashes=s.train_crashes)  # a job dropped (region switch)
+            return [] if s.phase is _TRAINING else self._unmark(crashes=s.train_crashes, failures=s.train_failures,
+                                                                hold_until=s.hold_until)  # a job dropped (region switch)
         weights = np.ascontiguousarray(ev.weights, dtype=np.float32)
         try:
             cfg.spec.check_update(weights)
         except RemoteProtocolError as exc:  # e.g. a diverged run (NaN, or a norm no coordinator takes): never send it
             return self._training_failed(ev.now, f"trainer returned unusable weights: {exc}")
         s.train_failures = s.train_crashes = 0
-        unmark = self._unmark(crashes=0)
+        unmark = self._unmark(crashes=0, failures=0)
         if s.job_group != FULL:  # LASP: only the group we were asked to train travels
             weights = np.ascontiguousarray(weights[cfg.spec.group_slice(s.job_group)])
         seq = s.next_seq
@@ -1011,7 +1016,8 @@ class DeviceCore:
     def _on_train_failed(self, ev: TrainingFailed) -> list[DeviceAction]:
         s = self._s
         if s.phase is not _TRAINING or ev.job_id != s.job_id:
-            return [] if s.phase is _TRAINING else self._unmark(crashes=s.train_crashes)  # a job dropped (region switch)
+            return [] if s.phase is _TRAINING else self._unmark(crashes=s.train_crashes, failures=s.train_failures,
+                                                                hold_until=s.hold_until)  # a job dropped (region switch)
         return self._training_failed(ev.now, ev.error)
 
     def _training_failed(self, now: float, error: str) -> list[DeviceAction]:
@@ -1023,7 +1029,9 @@ class DeviceCore:
         backoff = min(cfg.request_timeout_s * 2 ** min(s.train_failures - 1, 16), cfg.max_backoff_s)
         s.hold_until = s.deadline = now + backoff
         return [
-            *self._unmark(crashes=s.train_crashes),  # (a job that raised is no crash: the count stays as it was)
+            # A job that raised is no crash (that count stays as it was); its back-off is kept with the mark,
+            # or a restarted app (a supervisor, the phone's OS) trained the failing job again at once, every time.
+            *self._unmark(crashes=s.train_crashes, failures=s.train_failures, hold_until=s.hold_until),
             ScheduleTimer(at=s.deadline),
             Notify(kind="training_failed", data={"error": error[:500], "retry_in_s": backoff, "failures": s.train_failures}),
         ]

@@ -226,18 +226,22 @@ class MarkTraining:
     that a process killed while training (the OOM killer, a native crash) is seen after the restart:
     ``DeviceCore(training=...)`` restores the last record, and one still ``in_flight`` counts as a
     failed job. ``crashes``: jobs in a row that died in flight (reset by a job that finishes);
-    ``hold_until``: no training pull before this time (the clock's seconds: a wall clock survives
-    the restart; 0: none). One record per device: each replaces the last."""
+    ``failures``: jobs in a row that failed, raised or crashed (the back-off's exponent; reset by a
+    job that finishes); ``hold_until``: no training pull before this time (the clock's seconds: a
+    wall clock survives the restart; 0: none). One record per device: each replaces the last."""
 
     in_flight: bool
     crashes: int = 0
     hold_until: float = 0.0
+    failures: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.in_flight, bool):
             raise LocalProtocolError(f"a training mark's in_flight must be a bool, got {self.in_flight!r}")
         if isinstance(self.crashes, bool) or not isinstance(self.crashes, int) or not 0 <= self.crashes < 2**31:
             raise LocalProtocolError(f"a training mark's crashes must be an int >= 0, got {self.crashes!r}")
+        if isinstance(self.failures, bool) or not isinstance(self.failures, int) or not 0 <= self.failures < 2**31:
+            raise LocalProtocolError(f"a training mark's failures must be an int >= 0, got {self.failures!r}")
         if isinstance(self.hold_until, bool) or not isinstance(self.hold_until, int | float) or not (
                 math.isfinite(self.hold_until) and self.hold_until >= 0):
             raise LocalProtocolError(f"a training mark's hold_until must be a finite time >= 0, got {self.hold_until!r}")
