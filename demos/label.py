@@ -104,14 +104,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="start boxing objects (detect) or drawing gestures; g switches")
     p.add_argument("--broker", help="mqtts://HOST[:8883] (or mqtt://HOST:PORT on a trusted network) of a broker with running coordinators (default: start an embedded trial broker on 127.0.0.1 and coordinators, whose keys the device trusts on first use)")
     add_broker_arguments(p, trust=TOFU_DEVICES)  # --bundle etc.: with --broker only
-    p.add_argument("--region", default="default", help="region of the detection coordinator")
-    p.add_argument("--gesture-region", help="region of the gesture coordinator (default: REGION-gestures)")
+    p.add_argument("--region", help="region of the detection coordinator (default: the --bundle's region, else 'default')")
+    p.add_argument("--gesture-region",
+                   help="region of the gesture coordinator (default: the --gesture-bundle's region, else REGION-gestures)")
     p.add_argument("--gesture-bundle", metavar="DIR",
                    help="with --broker and a client identity (--bundle, --cert or --username): the gesture client's own "
                         "bundle, a device issued for the gesture region (the broker makes an identity's name its client "
                         "id, so the detector's and the gesture client's connections cannot share one); its identity is "
-                        "the gesture client's device id")
-    p.add_argument("--device-id", default="labeller", help="this device's id (A-Z a-z 0-9 _ . -)")
+                        "the gesture client's device id and its region the default --gesture-region")
+    p.add_argument("--device-id", help="this device's id (A-Z a-z 0-9 _ . -; default: the --bundle's identity, else 'labeller')")
     p.add_argument("--data-dir", type=Path,
                    help="where this device keeps its samples, models and caches (default: $EDGECI_HOME/devices/DEVICE_ID, EDGECI_HOME defaulting to ~/.edgeci)")
     p.add_argument("--min-samples", type=bounded(int, 1), default=TASK_INFO["detection"].min_samples,
@@ -125,6 +126,75 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------- preflight checks
+
+
+DEFAULT_DEVICE_ID = "labeller"
+DEFAULT_REGION = "default"
+
+
+def _bundle_region(manifest: dict[str, Any]) -> str | None:
+    """The region a bundle was issued for first (``edgeci pki issue --region``), None for one of any region."""
+    from edge_sdk.mqtt import ANY_REGION
+
+    region = manifest.get("region")
+    if isinstance(region, str):
+        return region
+    regions = manifest.get("regions")  # (a manifest written before "region" was)
+    if isinstance(regions, list) and regions and isinstance(regions[0], str) and regions[0] != ANY_REGION:
+        return regions[0]
+    return None
+
+
+def _check_flag_region(flag: str, region: str, bundle_flag: str, bundle: Path, manifest: dict[str, Any]) -> None:
+    from edge_sdk.mqtt import regions_outside
+
+    if regions_outside(manifest, [region]):
+        allowed = ", ".join(str(r) for r in manifest.get("regions") or ()) or "(none)"
+        raise ConfigError(f"{flag} {region} contradicts {bundle_flag} {bundle}, issued for region(s) {allowed}: leave "
+                          f"out {flag} (the bundle names it) or pass a bundle issued for {region}")
+
+
+def resolve_identity(args: argparse.Namespace) -> None:
+    """Fill ``--device-id``, ``--region`` and ``--gesture-region`` from the bundles (``--bundle``,
+    ``--gesture-bundle``: ``edgeci pki issue`` writes the identity and regions into each), else the
+    defaults. A flag that contradicts its bundle is a ConfigError here, before any model loads: the
+    client found it only after YOLOv8n had loaded, and the user had to repeat what the bundle says.
+    Bundles count with ``--broker`` only (without, :func:`_credentials` says that mistake)."""
+    from edge_sdk.client import check_device_bundle
+    from edge_sdk.mqtt import read_bundle
+
+    broker, device_id = getattr(args, "broker", None), getattr(args, "device_id", None)
+    region, gesture_region = getattr(args, "region", None), getattr(args, "gesture_region", None)
+    if broker and getattr(args, "bundle", None):
+        bundle = Path(args.bundle).expanduser()
+        manifest = read_bundle(bundle)
+        identity = manifest.get("identity")
+        if not isinstance(identity, str):
+            raise ConfigError(f"bundle {bundle} names no identity")
+        if device_id is None:
+            device_id = identity
+        elif device_id != identity:
+            raise ConfigError(f"--device-id {device_id} contradicts --bundle {bundle}, issued for {identity!r} (the "
+                              "broker would refuse every topic): leave out --device-id (the bundle names it) or pass "
+                              f"{device_id}'s bundle")
+        if region is None:
+            region = _bundle_region(manifest)
+        else:
+            _check_flag_region("--region", region, "--bundle", bundle, manifest)
+        check_device_bundle(bundle, manifest, identity, [region or DEFAULT_REGION])  # (a device's, not a coordinator's)
+    gesture_bundle = getattr(args, "gesture_bundle", None)
+    if broker and gesture_bundle:
+        bundle = Path(gesture_bundle).expanduser()
+        manifest = read_bundle(bundle)
+        if gesture_region is None:
+            gesture_region = _bundle_region(manifest)
+        else:
+            _check_flag_region("--gesture-region", gesture_region, "--gesture-bundle", bundle, manifest)
+        identity = manifest.get("identity")
+        if isinstance(identity, str):  # (none: _gesture_credentials says so)
+            check_device_bundle(bundle, manifest, identity, [gesture_region or f"{region or DEFAULT_REGION}-gestures"])
+    args.device_id, args.region = device_id or DEFAULT_DEVICE_ID, region or DEFAULT_REGION
+    args.gesture_region = gesture_region
 
 
 def check_display(env: dict[str, str] | None = None, platform: str = sys.platform) -> None:
@@ -528,6 +598,7 @@ class Backend:
 
 def start_backend(args: argparse.Namespace, data_dir: Path) -> Backend:
     """The embedded broker and coordinators (unless ``--broker``), the tasks, the two clients."""
+    resolve_identity(args)  # (again after run(): the flags it filled agree with their bundles)
     region = args.region
     gesture_region = args.gesture_region or f"{region}-gestures"
     _credentials(args)  # its mistakes before the embedded broker, its coordinators and the models start
@@ -857,6 +928,7 @@ def run(args: argparse.Namespace) -> int:
     from edge_sdk.wire.topics import check_id
 
     # cheap checks first, so a mistake is reported before seconds of model loading
+    resolve_identity(args)
     check_id(args.device_id, "device id")
     check_display()
     if not 0.1 <= args.fps < math.inf or (args.zoom is not None and not 0.1 <= args.zoom <= 8):

@@ -1269,3 +1269,67 @@ def test_a_gesture_bundle_gives_the_gesture_client_its_own_connection(
         assert backend.detect.connected and backend.gesture.connected and drops == [], drops
     finally:
         backend.stop()
+
+
+def test_the_bundles_name_the_devices_and_their_regions(secure_broker: SecureBroker, tmp_path: Path) -> None:
+    """`edgeci label --broker … --bundle B --gesture-bundle G` with no --device-id or --region: each
+    client takes its bundle's identity and region (`edgeci pki issue` writes them into bundle.json).
+    Before, the detector was 'labeller' in region 'default', refused by its own bundle check after
+    YOLOv8n had loaded, and the user had to repeat what the bundles say as flags."""
+    from demos.label import start_backend
+
+    detect_bundle = secure_broker.bundle("labB", regions=("sec",))
+    gesture_bundle = secure_broker.bundle("labB-g", regions=("sec-gestures",))
+    args = _fleet_args("--broker", secure_broker.url, "--bundle", str(detect_bundle), "--gesture-bundle", str(gesture_bundle))
+    backend = start_backend(args, tmp_path / "d")
+    try:
+        assert backend.detect is not None and backend.gesture is not None
+        assert (backend.detect.core.config.device_id, backend.detect.region) == ("labB", "sec")
+        assert (backend.gesture.core.config.device_id, backend.gesture.region) == ("labB-g", "sec-gestures")
+        assert backend.detect.connected and backend.gesture.connected
+    finally:
+        backend.stop()
+
+
+@pytest.mark.parametrize(("flags", "said"), [
+    (["--device-id", "headset-8"], "--device-id headset-8 contradicts --bundle"),
+    (["--region", "us"], "--region us contradicts --bundle"),
+    (["--gesture-region", "us-gestures"], "--gesture-region us-gestures contradicts --gesture-bundle"),
+])
+def test_a_flag_that_contradicts_its_bundle_is_refused_before_the_models_load(
+        flags: list[str], said: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    """Before, a --device-id or --region other than the bundle's was found by the client's own bundle check,
+    after YOLOv8n had loaded (4-8 s here), and a --gesture-region after the detector had connected."""
+    import socket as socket_
+
+    from coordinator.pki import Pki
+    from demos.cli import main
+
+    pki = Pki.init(tmp_path / "pki")
+    pki.issue("headset-7", "device", regions=["eu"])
+    pki.issue("headset-7-g", "device", regions=["eu-gestures"])
+    monkeypatch.setenv("QT_QPA_PLATFORM", "offscreen")  # past the display check; no window opens
+    with socket_.socket() as listener:  # a port that takes connections: past check_broker, as a real broker
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        rc = main(["label", "--source", "synthetic", "--size", "96", "--broker", f"mqtts://127.0.0.1:{listener.getsockname()[1]}",
+                   "--bundle", str(pki.bundle_dir("headset-7")), "--gesture-bundle", str(pki.bundle_dir("headset-7-g")),
+                   *flags, "--data-dir", str(tmp_path / "d")])
+    captured = capsys.readouterr()
+    assert rc == 1 and said in captured.err, captured.err
+    assert "loading YOLOv8n" not in captured.out
+
+
+def test_flags_that_agree_with_the_bundles_are_kept_and_no_bundle_keeps_the_defaults(tmp_path: Path) -> None:
+    from coordinator.pki import Pki
+    from demos.label import resolve_identity
+
+    pki = Pki.init(tmp_path / "pki")
+    pki.issue("headset-7", "device", regions=["eu", "us"])
+    args = _fleet_args("--broker", "mqtts://127.0.0.1:1", "--bundle", str(pki.bundle_dir("headset-7")), "--region", "us")
+    resolve_identity(args)
+    assert (args.device_id, args.region, args.gesture_region) == ("headset-7", "us", None)
+    args = _fleet_args()
+    resolve_identity(args)
+    assert (args.device_id, args.region, args.gesture_region) == ("labeller", "default", None)
