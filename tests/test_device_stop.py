@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
 import time
 from pathlib import Path
@@ -35,4 +37,48 @@ def test_stop_with_the_broker_gone_does_not_wait_for_pahos_reconnect_sleep(tmp_p
         started = time.monotonic()
         client.stop()
         took = time.monotonic() - started
+    assert took < 0.5, f"stop() took {took:.2f} s"
+
+
+def _blackhole(port: int) -> list[socket.socket]:
+    """Make ``port`` drop every SYN, as a broker behind a network that went away: a listener whose
+    accept queue is full. Checked: a connect to it times out."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", port))
+    listener.listen(0)
+    held = [listener]
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(("127.0.0.1", port))
+        held.append(filler)
+    with socket.socket() as probe, pytest.raises(TimeoutError):
+        probe.settimeout(0.3)
+        probe.connect(("127.0.0.1", port))
+    return held
+
+
+@pytest.mark.broker
+def test_stop_while_reconnecting_to_an_unreachable_broker_aborts_the_connect(tmp_path: Path) -> None:
+    """The broker's packets are dropped (a phone that lost its network): paho's thread sat in ``connect``
+    for its 5 s connect timeout and stop() joined it (3.5 s measured). stop() now aborts the connect."""
+    broker = MosquittoProcess().start()
+    client = EdgeClient(broker=broker.url, device_id="stopper", region="st", task="digits", data_dir=tmp_path, refresh_s=None)
+    lost = threading.Event()
+    client.on("connection", lambda kind, info: None if info["connected"] else lost.set())
+    client.start()
+    held: list[socket.socket] = []
+    try:
+        broker.stop()
+        held = _blackhole(broker.port)
+        assert lost.wait(10)
+        time.sleep(1.8)  # paho waits 1 s, then tries again: now inside connect (for up to 5 s)
+    finally:
+        started = time.monotonic()
+        client.stop()
+        took = time.monotonic() - started
+        for s in held:
+            s.close()
     assert took < 0.5, f"stop() took {took:.2f} s"
