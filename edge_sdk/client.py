@@ -522,7 +522,16 @@ class EdgeClient:
         at its next batch — the built-in tasks check between batches; a task of the app's own
         that does not call :func:`edge_sdk.cancellation.checkpoint` is waited for — and its
         result is not sent: the next client on this data dir trains again. ``predict()`` keeps serving the last
-        model after it."""
+        model after it.
+
+        What it waits for (milliseconds otherwise): the broker's acknowledgement of what was
+        published, up to 2 s while connected (a broker that stalls); the client's thread, up to
+        10 s, for the events already queued and an app callback in progress (callbacks run on that
+        thread: one that blocks holds stop() that long, and the store is then closed under it);
+        the training job until its next batch (the first job of a process also finishes importing
+        torch, seconds), or to its end for a task that never calls ``checkpoint``: the job reads
+        and writes the store, which must not close under it. A broker that is down or unreachable
+        costs nothing: paho's wait between reconnects and a connect in progress are cut short."""
         self._used = True
         with self._presence_lock:
             self._stopping.set()
@@ -532,6 +541,10 @@ class EdgeClient:
             self.transport.stop()
             self._started = False
         self.actor.stop()
+        if self.actor.alive:  # (its join timed out)
+            log.warning("device %s: the client's thread is still busy after 10 s (an app callback that blocks? "
+                        "callbacks run on that thread and must return quickly); stopping without it",
+                        self.core.config.device_id)
         self._trainer.shutdown(wait=True, cancel_futures=True)
         if not self._stopped:
             self._clear_training_mark()
