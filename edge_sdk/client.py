@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import random
 import threading
@@ -50,6 +51,7 @@ from edge_sdk.core.device import MAX_WATERMARK_JUMP, DeviceConfig, DeviceCore
 from edge_sdk.core.events import (
     CanaryScored,
     DeployModel,
+    MarkRegionDown,
     MarkTraining,
     MessageReceived,
     Notify,
@@ -459,7 +461,8 @@ class EdgeClient:
                                total=self._added(), pinned_by_region=pins, epochs=epochs, nonces=nonces,
                                pending=pending, pending_upto=pending_upto,
                                canaries=[pin for r in self.regions if (pin := self._canary_taken(r)) is not None],
-                               training=self._training_mark())
+                               training=self._training_mark(),
+                               down={r: at for r in self.regions if (at := self._region_down(r)) is not None})
         if not self.trusted_keys and any(pins.values()):
             log.info("device %s: no provisioned coordinator keys; it trusts the key(s) it pinned on first use (%s) and "
                      "refuses any other; a bundle (`--bundle`, `edgeci pki issue`) replaces them", device_id,
@@ -877,6 +880,15 @@ class EdgeClient:
                                                     release=d["release"], nonces=tuple(d["nonces"])),
             max_chars=_MAX_CANARY_PIN_CHARS, what=f"canary record for region {region}")
 
+    def _region_down(self, region: str) -> float | None:
+        """The stamp of ``region``'s status when this device left it after timeouts (``MarkRegionDown``), None if none."""
+        raw = self.store.get_meta(f"down.{region}")
+        if isinstance(raw, float) and math.isfinite(raw):
+            return raw
+        if raw not in (None, ""):
+            log.error("device store holds an unreadable region mark for %s (%.40r): ignoring it", region, raw)
+        return None
+
     def _training_mark(self) -> MarkTraining | None:
         """The training mark the last process left (``MarkTraining``, durable), None if none."""
         return self._meta_record(
@@ -1003,6 +1015,12 @@ class EdgeClient:
                           "would be taken again", self.core.config.device_id, exc)
         elif isinstance(action, MarkTraining):
             self._save_training_mark(action)
+        elif isinstance(action, MarkRegionDown):
+            try:  # "" clears it (the region answered, or said something new)
+                self.store.set_meta(f"down.{action.region}", "" if action.status_at is None else action.status_at)
+            except StorageError as exc:  # the core holds it; the actions after this one must still run
+                log.error("device %s: cannot save that region %s stopped answering (%s); after a restart it is "
+                          "tried again first", self.core.config.device_id, action.region, exc)
         elif isinstance(action, StartTraining):
             self._trainer.submit(self._train, action.job)
         elif isinstance(action, DeployModel):

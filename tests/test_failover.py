@@ -20,6 +20,7 @@ import pytest
 from coordinator.metrics import stamp_status, status_will
 from edge_sdk.core.device import MAX_STATUS_BYTES, DeviceConfig, DeviceCore, Phase
 from edge_sdk.core.events import (
+    MarkRegionDown,
     MarkTraining,
     MessageReceived,
     Notify,
@@ -264,6 +265,78 @@ def test_an_idle_device_goes_home_on_the_next_sample_after_the_hold() -> None:
     assert c.handle(status(5.0, "r1", alive=True)) == []
     acts = c.handle(SampleAdded(now=31.5, total=2))
     assert [s.region for s in switches(acts)] == ["r1"]
+
+
+def _left_home_after_timeouts(c: DeviceCore) -> list[Any]:
+    """Home's coordinator says it is alive (status stamped 0.5), then answers nothing: the device leaves."""
+    assert c.handle(status(0.5, "r1", alive=True)) == []
+    c.handle(SampleAdded(now=1.0, total=1))
+    expire(c)
+    acts = expire(c)
+    assert [(sw.region, sw.reason) for sw in switches(acts)] == [("r2", "timeouts")]
+    return acts
+
+
+def test_the_same_retained_status_again_does_not_take_the_device_back_to_a_mute_home() -> None:
+    """helper-151: home's coordinator stopped answering but its retained status still says alive. The
+    broker sends that status again on every reconnect (and after a restart): the device took it as news,
+    went home after failback_after_s and waited out failover_after timeouts there again."""
+    c = core(failback_after_s=30.0)
+    acts = _left_home_after_timeouts(c)
+    assert MarkRegionDown(region="r1", status_at=0.5) in acts
+    again = MessageReceived(now=200.0, topic=topics.status_topic("r1"), payload=status(0.5, "r1", alive=True).payload)
+    assert not switches(c.handle(again))  # the same status, sent again by the broker (a reconnect)
+    assert c.state.region == "r2" and c.state.counters["ignored:status_unchanged"] == 1
+    acts = c.handle(status(230.0, "r1", alive=True))  # home publishes again: it is back
+    assert MarkRegionDown(region="r1", status_at=None) in acts
+    assert [(sw.region, sw.reason) for sw in switches(acts)] == [("r1", "home_back")]
+
+
+def test_a_restarted_device_moves_on_from_a_home_that_said_nothing_new() -> None:
+    """After a restart the device starts at home; home's retained status, no newer than when it left,
+    sends it on at once instead of after failover_after timeouts (74 s with the defaults)."""
+    cfg = DeviceConfig(device_id=DEV, region="r1", spec=SPEC, min_samples=1, request_timeout_s=5.0, fallback_regions=("r2",))
+    c = DeviceCore(cfg, rng=random.Random(0), total=1, down={"r1": 0.5, "r9": 1.0})  # (a region not configured: ignored)
+    c.start(300.0)
+    acts = c.handle(MessageReceived(now=300.1, topic=topics.status_topic("r1"), payload=status(0.5, "r1", alive=True).payload))
+    assert [(sw.region, sw.reason) for sw in switches(acts)] == [("r2", "status_unchanged")]
+    assert [r for r, _ in sent(acts)] == ["r2"]
+    answer = c.handle(recv(301.0, "r2", "model", model(1, pending(c).seq)))
+    assert not any(isinstance(a, MarkRegionDown) for a in answer)  # (r2 was never marked)
+    with pytest.raises(ConfigError):
+        DeviceCore(cfg, rng=random.Random(0), down={"r1": float("nan")})
+
+
+def test_an_answer_from_a_region_marked_down_clears_its_mark() -> None:
+    cfg = DeviceConfig(device_id=DEV, region="r1", spec=SPEC, min_samples=1, request_timeout_s=5.0, fallback_regions=("r2",))
+    c = DeviceCore(cfg, rng=random.Random(0), total=1, down={"r1": 0.5})
+    c.start(300.0)
+    acts = c.handle(recv(300.5, "r1", "model", model(1, pending(c).seq)))  # home answers after all
+    assert acts[0] == MarkRegionDown(region="r1", status_at=None)
+    assert not switches(c.handle(status(0.5, "r1", alive=True)))  # the old status is just a status now
+
+
+def test_the_region_mark_is_kept_in_the_store_across_a_restart(tmp_path: Any) -> None:
+    c = _offline_client(tmp_path, region="r1", regions=["r1", "r2"])
+    try:
+        c._perform(MarkRegionDown(region="r1", status_at=1234.5))
+    finally:
+        _close(c)
+    c = _offline_client(tmp_path, region="r1", regions=["r1", "r2"])
+    try:
+        c.core.start(2000.0)
+        acts = c.core.handle(MessageReceived(now=2000.1, topic=topics.status_topic("r1"),
+                                             payload=status(1234.5, "r1", alive=True).payload))
+        assert [(sw.region, sw.reason) for sw in switches(acts)] == [("r2", "status_unchanged")]
+        c._perform(MarkRegionDown(region="r1", status_at=None))
+    finally:
+        _close(c)
+    c = _offline_client(tmp_path, region="r1", regions=["r1", "r2"])
+    try:
+        c.core.start(2000.0)
+        assert not switches(c.core.handle(status(1234.5, "r1", alive=True)))  # cleared: read back as none
+    finally:
+        _close(c)
 
 
 def test_each_region_pins_its_own_coordinator_key() -> None:

@@ -99,7 +99,12 @@ training or an unacknowledged update came from the old region's line, whose vers
 mean nothing to the new coordinator, so it is dropped and its samples are trained again there
 (``trained_upto`` rolls back); an acknowledged update is never undone. ``deployed_version`` is
 forgotten (the new region numbers its own) but the deployed weights keep serving; the canary
-rounds it took are remembered per region.
+rounds it took are remembered per region. A region left after timeouts is marked down durably with
+the stamp (``published_at``) of the newest ``alive: true`` status it had published (``MarkRegionDown``):
+the broker sends that same retained status again after a restart or a reconnect, and taking it as
+news sent the device back to a coordinator that does not answer, to wait out ``failover_after``
+timeouts again (74 s with the defaults) every time. A status no newer than the mark leaves the region
+down (and a device in it moves on at once); a newer one, or any answer from the region, clears it.
 
 Canary evaluation (test-then-train). A signed ``Canary`` on the device's invite topic asks
 it to score candidate C against release R (see :mod:`coordinator.canary`). When idle (after
@@ -152,8 +157,10 @@ Transitions (event → action, new phase)::
     any       unsigned / badly signed / bad bytes → Notify(rejected)       (unchanged)
     any       signed part of a full sync after the deployed version → Notify(rejected: extractor_mismatch)  (unchanged)
     PULLING/DEFERRED/PUSHING  failover_after-th timeout in a row
-                                           → Persist, SwitchRegion(next), pull  PULLING
+                                           → MarkRegionDown, Persist, SwitchRegion(next), pull  PULLING
     any       status(current region, alive: false)
+                                           → Persist, SwitchRegion(next), pull  PULLING
+    any       status(alive: true) no newer than the region's down mark → region stays down; if current:
                                            → Persist, SwitchRegion(next), pull  PULLING
     IDLE/PULLING/DEFERRED  status(home, alive: true), away ≥ failback_after_s
                                            → Persist, SwitchRegion(home), pull  PULLING
@@ -180,6 +187,7 @@ import numpy as np
 from edge_sdk.core.events import (
     CanaryScored,
     DeployModel,
+    MarkRegionDown,
     MarkTraining,
     MessageReceived,
     Notify,
@@ -245,7 +253,7 @@ from edge_sdk.wire.messages import (
 
 DeviceEvent = SampleAdded | MessageReceived | TrainingFinished | TrainingFailed | TimerFired | CanaryScored
 DeviceAction = (Publish | ScheduleTimer | StartTraining | DeployModel | PersistDeviceState | PinKey | PinEpoch | PinCanary
-                | Notify | SwitchRegion | StartCanary | StopCanary | MarkTraining)
+                | Notify | SwitchRegion | StartCanary | StopCanary | MarkTraining | MarkRegionDown)
 MAX_WATERMARK_JUMP = 100_000
 """The furthest a ``duplicate`` ack may move the device's seq past its own (the coordinator's
 ``max_seq_jump``): a forged ack with a huge watermark would otherwise make every later request
@@ -424,6 +432,8 @@ class DeviceState:
     """Request timeouts in a row in the current region (reset by any answer from it)."""
     region_alive: dict[str, bool] = field(default_factory=dict)
     """Last word on each region's coordinator: its status, or our own verdict when we left it."""
+    status_at: dict[str, float] = field(default_factory=dict)
+    """The stamp (``published_at``) of the newest ``alive: true`` status of each region's coordinator."""
     left_home_at: float | None = None
     failovers: int = 0
     canary: Canary | None = None
@@ -474,6 +484,7 @@ class DeviceCore:
         pending_upto: int = 0,
         canaries: Iterable[PinCanary] = (),
         training: MarkTraining | None = None,
+        down: Mapping[str, float] | None = None,
     ) -> None:
         """``pinned``: the home region's trust-on-first-use keys; ``pinned_by_region``: any
         region's (for devices with fallback regions). ``epochs``: each region's numbering as
@@ -487,7 +498,9 @@ class DeviceCore:
         ``canaries``: each region's canary rounds taken, as the last ``PinCanary`` made them
         durable; one of another epoch than its region's (numbers from before a reset) or of a
         region not configured is ignored. ``training``: the training mark as the last ``MarkTraining``
-        made it durable: one in flight means the last process died training (:meth:`start` backs off)."""
+        made it durable: one in flight means the last process died training (:meth:`start` backs off).
+        ``down``: the regions left after timeouts, with the stamp of the newest alive status seen from each
+        then, as the last ``MarkRegionDown`` made them durable (a region not configured is ignored)."""
         self.config = config
         self._rng = rng
         self._nonces = rng if nonces is None else nonces
@@ -518,6 +531,14 @@ class DeviceCore:
         """The update a previous process left waiting for its ack: :meth:`start` sends it again."""
         self._training = training
         """The training mark a previous process left: :meth:`start` reads it."""
+        self._down: dict[str, float] = {}
+        """Regions left after timeouts, with the stamp of the newest alive status seen from each then: that
+        status again (retained: a restart, a reconnect) is no news of the coordinator (``MarkRegionDown``)."""
+        for r, at in (down or {}).items():
+            if isinstance(at, bool) or not isinstance(at, int | float) or not math.isfinite(at):
+                raise ConfigError(f"the status stamp of region {r!r} must be a finite time, got {at!r}")
+            if r in config.regions:
+                self._down[r] = float(at)
         self._marked = False
         """A ``MarkTraining(in_flight=True)`` went out and was not cleared since."""
 
@@ -726,6 +747,9 @@ class DeviceCore:
             else:
                 raise TopicMismatch(f"a {msg.TYPE} message is not for devices")
             s.timeouts = 0  # the coordinator we use answers
+            if s.region in self._down:
+                del self._down[s.region]
+                actions = [MarkRegionDown(region=s.region, status_at=None), *actions]
             return actions + self._maybe_fail_back(ev.now)
         except RemoteProtocolError as exc:
             s.rejected_messages += 1
@@ -1074,7 +1098,8 @@ class DeviceCore:
         s = self._s
         if len(payload) > MAX_STATUS_BYTES:
             raise MalformedMessage(f"status of {len(payload)} bytes (cap {MAX_STATUS_BYTES})")
-        alive = parse_status_json(payload).get("alive", True)  # a status without the flag: someone published it
+        status = parse_status_json(payload)
+        alive = status.get("alive", True)  # a status without the flag: someone published it
         if not isinstance(alive, bool):
             raise MalformedMessage(f"status 'alive' must be true or false, got {alive!r}")
         if not alive:
@@ -1082,8 +1107,24 @@ class DeviceCore:
             if region == s.region:
                 return self._switch(now, self._next_region(), "coordinator_offline")
             return []
+        stamp = status.get("published_at")
+        stamp = float(stamp) if isinstance(stamp, int | float) and not isinstance(stamp, bool) and math.isfinite(stamp) else None
+        if stamp is not None and region in self._down and stamp <= self._down[region]:
+            # The status it had when the device's requests there timed out, sent again (retained) after a
+            # restart or a reconnect: its coordinator has said nothing since. Down it stays.
+            s.counters["ignored:status_unchanged"] = s.counters.get("ignored:status_unchanged", 0) + 1
+            s.region_alive[region] = False
+            if region == s.region:
+                return self._switch(now, self._next_region(), "status_unchanged")
+            return []
+        actions: list[DeviceAction] = []
+        if stamp is not None:
+            s.status_at[region] = max(stamp, s.status_at.get(region, stamp))
+        if region in self._down:  # a newer status (or one without a stamp, from an older coordinator)
+            del self._down[region]
+            actions.append(MarkRegionDown(region=region, status_at=None))
         s.region_alive[region] = True  # (again): home may take the device back
-        return self._maybe_fail_back(now)
+        return actions + self._maybe_fail_back(now)
 
     def _next_region(self) -> str:
         """The next region after the current one, cyclically, preferring one not known down."""
@@ -1108,6 +1149,10 @@ class DeviceCore:
             return []
         if reason != "home_back":
             s.region_alive[previous] = False  # our verdict, until its status says otherwise
+        down: list[DeviceAction] = []
+        if reason == "timeouts" and (seen := s.status_at.get(previous)) is not None:
+            self._down[previous] = seen  # that status again (a restart, a reconnect) is no news
+            down.append(MarkRegionDown(region=previous, status_at=seen))
         if s.phase in (_TRAINING, _PUSHING):
             s.trained_upto = s.prev_trained_upto  # trained on the old line: train those samples again
         s.phase, s.deadline, s.pending_seq, s.pending_payload, s.attempts = _IDLE, None, NO_VERSION, b"", 0
@@ -1126,6 +1171,7 @@ class DeviceCore:
         s.left_home_at = None if region == cfg.region else (s.left_home_at if previous != cfg.region else now)
         self._address(region)
         actions: list[DeviceAction] = [
+            *down,
             self._persist(),
             SwitchRegion(region=region, previous=previous, reason=reason,
                          subscribe=tuple(cfg.region_topics(region)), unsubscribe=tuple(cfg.region_topics(previous))),

@@ -249,6 +249,27 @@ class MarkTraining:
 
 @fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MarkRegionDown:
+    """Durably record that the device left ``region`` because its requests there timed out, and the
+    stamp (``published_at``) of the newest ``alive: true`` status it had seen from that region's
+    coordinator then; ``status_at=None``: the region answered or published a newer status (cleared).
+    ``DeviceCore(down=...)`` restores the records: a restarted device (or one whose broker connection
+    came back) is sent the same retained status again, which proves nothing about a coordinator that
+    stopped answering, and must not take it back there to wait out its timeouts again."""
+
+    region: str
+    status_at: float | None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.region, str) or not self.region:
+            raise LocalProtocolError(f"a region mark's region must be a region name, got {self.region!r}")
+        if self.status_at is not None and (isinstance(self.status_at, bool) or not isinstance(self.status_at, int | float)
+                                           or not math.isfinite(self.status_at)):
+            raise LocalProtocolError(f"a region mark's status_at must be a finite time or None, got {self.status_at!r}")
+
+
+@fast_init
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SwitchRegion:
     """The device now talks to ``region``'s coordinator instead of ``previous``'s (failover,
     or back home). The core already re-addressed its requests and filters replies by region;
