@@ -368,3 +368,42 @@ def test_a_round_end_version_is_the_number_the_commit_gets() -> None:
     (commit,) = [a for a in acts if type(a).__name__ == "CommitVersion"]
     assert commit.version == 6 and strategy.round == 1
     assert strategy.round_versions == [6]  # the old code: [3]
+
+
+def test_the_round_lists_in_the_status_keep_the_newest_rounds_only() -> None:
+    """helper-150: ``round_versions`` and ``groups_per_round`` gained an entry per round for the
+    daemon's life, and ``describe()`` is part of the retained status: 10,000 rounds made a 90 KB
+    status, past the 64 KiB a device reads. Now the newest ROUNDS_LISTED of each."""
+    from coordinator.core import CoordinatorConfig, CoordinatorCore, Snapshot
+    from edge_sdk.core.events import MessageReceived, Publish
+    from edge_sdk.wire import topics
+    from edge_sdk.wire.codec import decode, encode, status_json
+    from edge_sdk.wire.messages import Invite, Pull, Update
+
+    listed = 64  # (coordinator.strategies.hfedms.ROUNDS_LISTED, written out, the old code has none)
+    strategy = make_strategy("hfedms", beta=1, kappa=1.0, population=1)
+    assert isinstance(strategy, HFedMSStrategy)
+    core = CoordinatorCore(CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC), strategy,
+                           Snapshot(version=0, weights=np.zeros(SPEC.size, np.float32)), rng=random.Random(0))
+    rng = np.random.default_rng(0)
+    seq, now, sizes = 0, 0.0, {}
+
+    def send(leaf: str, msg: object) -> list[object]:
+        nonlocal seq, now
+        seq, now = seq + 1, now + 1.0
+        return list(core.handle(MessageReceived(now=now, topic=topics.device_topic("r1", "d1", leaf), payload=encode(msg))))
+
+    for r in range(1, 3 * listed + 1):
+        acts = send("pull", Pull(device="d1", seq=seq + 1, model_id="toy", have_version=core.version))
+        (invite,) = [decode(a.payload) for a in acts if isinstance(a, Publish) and a.topic.endswith("/invite")]
+        assert isinstance(invite, Invite)
+        send("pull", Pull(device="d1", seq=seq + 1, model_id="toy", have_version=core.version, invite_round=invite.round))
+        weights = rng.standard_normal(SPEC.size).astype(np.float32)
+        send("update", Update(device="d1", seq=seq + 1, model_id="toy", base_version=core.version, n_samples=1, weights=weights))
+        if r in (2 * listed, 3 * listed):
+            sizes[r] = len(status_json(core.status()))
+    assert strategy.round == 3 * listed
+    described = strategy.describe()
+    assert described["round_versions"] == list(range(2 * listed + 1, 3 * listed + 1))  # one version a round
+    assert described["groups_per_round"] == [1] * listed
+    assert sizes[3 * listed] <= sizes[2 * listed] + 64  # (the counts' digits may grow; the lists do not)

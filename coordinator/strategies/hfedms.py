@@ -33,7 +33,9 @@ therefore run one after another, not side by side — the model sequence (and so
 round, the paper's metric) is exactly STP's, but virtual time is the serial sum of every
 step. ``describe()`` reports both that serial time and the time the same steps would take
 with the groups in parallel (per round, the longest chain). Versions between round ends are
-intermediate chain models; ``describe()["round_versions"]`` lists the round-end versions.
+intermediate chain models; ``describe()["round_versions"]`` lists the round-end versions
+(the newest :data:`ROUNDS_LISTED`, as ``groups_per_round`` does: ``describe()`` is part of the
+retained status every device reads).
 
 ``population`` gates each regroup until that many devices, and all devices seen, wait (as
 ``fedopt``'s); ``rounds`` stops after R
@@ -59,6 +61,9 @@ __all__ = ["HFedMSConfig", "HFedMSStrategy", "group_count", "head_signal", "inte
 
 GROWTH = ("log", "linear", "exp")
 GROUPING = ("icg", "random")
+ROUNDS_LISTED = 64
+"""Rounds whose end version and group count ``describe()`` lists (the newest): at ~9 B a round,
+10,000 rounds made a 90 KB status, past the 64 KiB a device reads (``MAX_STATUS_BYTES``)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -226,9 +231,10 @@ class HFedMSStrategy(Strategy):
         self.parallel_s = 0.0
         """The same steps with the groups in parallel: Σ over rounds of the longest chain."""
         self.round_versions: list[int] = []
+        """The newest :data:`ROUNDS_LISTED` round-end versions."""
         self._round_ended = False
         self.group_sizes: list[int] = []
-        """Groups per round (M), for the growth curve."""
+        """Groups per round (M), for the growth curve: the newest :data:`ROUNDS_LISTED` rounds."""
         self.chain_breaks = 0
         """Chain steps whose update was not built on the version served for it (must stay 0)."""
         self.ignored = 0
@@ -287,7 +293,7 @@ class HFedMSStrategy(Strategy):
             self.groups = [g for g in inter_cluster_groups(waiting, feats, m, rng, iters=cfg.cluster_iters) if g]
             n_sel = max(1, min(len(self.groups), round(cfg.kappa * len(self.groups))))
             self.selected = [self.groups[i] for i in sorted(rng.sample(range(len(self.groups)), n_sel))]
-        self.group_sizes.append(len(self.groups))
+        _append_newest(self.group_sizes, len(self.groups))
         self.in_round = True
         self._chain = 0
         self._pos = 0
@@ -348,7 +354,7 @@ class HFedMSStrategy(Strategy):
         a restart past versions the registry could not read numbers above."""
         if self._round_ended:
             self._round_ended = False
-            self.round_versions.append(view.version)
+            _append_newest(self.round_versions, view.version)
 
     def checkpoint(self) -> dict[str, Any]:
         return {"round": self.round, "regroups": self.regroups}
@@ -369,6 +375,14 @@ class HFedMSStrategy(Strategy):
             "chain_breaks": self.chain_breaks, "ignored": self.ignored, "devices_with_signal": len(self.features),
             **({"partial_steps": self.partial_steps} if self.partial_steps else {}),  # (published outputs as they were)
         }
+
+
+def _append_newest(kept: list[int], value: int) -> None:
+    """Append ``value`` and keep the newest :data:`ROUNDS_LISTED` (one entry per round for as long
+    as a daemon ran grew the retained status past what devices read: helper-150)."""
+    kept.append(value)
+    if len(kept) > ROUNDS_LISTED:
+        del kept[: len(kept) - ROUNDS_LISTED]
 
 
 def _mean(results: Sequence[tuple[Vector, int]], *, weighted: bool) -> Vector:
