@@ -20,6 +20,7 @@ from coordinator.strategies.nebula import (
     cost_factor,
     curiosity,
     performance_reward,
+    performance_rewards,
     selection_probabilities,
     time_factor,
     version_gap,
@@ -177,6 +178,64 @@ def test_curiosity_spreads_the_selection() -> None:
     s.score = {"a": (1.0, 1), "b": (1.0, 1)}
     p_a, p_b = s.probabilities(["a", "b"], 0)
     assert p_b / p_a == pytest.approx(10.0)
+
+
+def test_the_rewards_of_a_whole_selection_are_eq5_per_device_to_the_bit() -> None:
+    rng = random.Random(0)
+    for _ in range(300):
+        scores = [rng.choice([0.0, -1.0, rng.uniform(-2, 5), rng.uniform(0, 1e-9)]) for _ in range(rng.randrange(1, 12))]
+        for gap in (rng.uniform(-5, 5), 0.0, -0.0, 3.0, -3.0):
+            assert performance_rewards(scores, gap) == [performance_reward(sc, scores, gap) for sc in scores]
+    assert performance_rewards([], 1.0) == []
+
+
+def _many_waiting(s: NebulaStrategy, n: int) -> list[str]:
+    """``n`` devices waiting, every other one with a score of its own."""
+    waiting = [f"d{i:06d}" for i in range(n)]
+    s.score = {d: (1.0 + i % 7, 1) for i, d in enumerate(waiting) if i % 2 == 0}
+    s.count = {d: i % 3 for i, d in enumerate(waiting)}
+    return waiting
+
+
+def test_a_reward_selection_among_many_waiting_devices_is_linear() -> None:
+    """helper-150: each candidate's eq. 5 took the max and min of every candidate's score, and each
+    candidate without a score the mean of every score: a plan with one free planet was O(waiting²)
+    (8,000 waiting: 6.7 s; 20,000: 24 s). The same probabilities now take milliseconds."""
+    import time
+
+    s = NebulaStrategy(NebulaConfig(planets=1, selection="reward"))
+    waiting = _many_waiting(s, 20_000)
+    view = _view(waiting)
+    started = time.perf_counter()
+    plan = s.plan(view, 0.0, random.Random(0))
+    took = time.perf_counter() - started
+    assert len(plan.invite) == 1 and plan.invite[0] in waiting
+    assert took < 2.0, f"a plan over {len(waiting)} waiting devices took {took:.1f} s"
+
+
+class _CountingDeferred(dict[str, float]):
+    """``view.deferred`` that counts the passes over it."""
+
+    passes = 0
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        type(self).passes += 1
+        return super().__iter__()
+
+
+def test_a_plan_with_every_planet_busy_does_not_go_over_the_waiting_devices() -> None:
+    """The core plans after every event: with every planet busy the old plan still sorted every
+    waiting device (10,000 waiting: 1.35 ms a pull instead of 0.12), for nothing to invite."""
+    s = NebulaStrategy(NebulaConfig(planets=2, selection="reward"))
+    waiting = _many_waiting(s, 100)
+    deferred = _CountingDeferred(dict.fromkeys(waiting, 0.0))
+    view = StaticView(spec=SPEC, version=0, weights=np.zeros(SPEC.size, dtype=np.float32), deferred=deferred,
+                      devices_seen=tuple(waiting))
+    first = s.plan(view, 0.0, random.Random(0))
+    assert len(first.invite) == 2 and _CountingDeferred.passes == 1
+    for k in range(1, 6):
+        assert s.plan(view, float(k), random.Random(k)).invite == ()
+    assert _CountingDeferred.passes == 1
 
 
 def test_a_planet_behind_prefers_fast_devices_and_one_ahead_slow_ones() -> None:

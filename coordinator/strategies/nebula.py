@@ -96,7 +96,7 @@ from edge_sdk.errors import ConfigError
 from edge_sdk.spec import Vector
 
 __all__ = ["NebulaConfig", "NebulaState", "NebulaStrategy", "choose_resource", "cost_factor", "curiosity", "decay_weight",
-           "master_model", "performance_reward", "planet_update", "selection_probabilities", "time_factor", "version_gap"]
+           "master_model", "performance_reward", "performance_rewards", "planet_update", "selection_probabilities", "time_factor", "version_gap"]
 
 
 # --------------------------------------------------------------------------- maths
@@ -141,6 +141,21 @@ def performance_reward(score: float, scores: Sequence[float], gap: float) -> flo
     if gap > 0:
         return score / top * gap
     return (1.0 - (min(scores) - score) / top) * gap
+
+
+def performance_rewards(scores: Sequence[float], gap: float) -> list[float]:
+    """:func:`performance_reward` of every score in ``scores`` (the same floats), their max and min
+    taken once: per score they made a selection O(candidates²) (helper-150: 8,000 waiting devices,
+    6.7 s a plan)."""
+    if not scores:
+        return []
+    top = max(scores)
+    if top <= 0:
+        return [gap for _ in scores]
+    if gap > 0:
+        return [score / top * gap for score in scores]
+    low = min(scores)
+    return [(1.0 - (low - score) / top) * gap for score in scores]
 
 
 def curiosity(count: int) -> float:
@@ -344,8 +359,10 @@ class NebulaStrategy(Strategy):
 
     def performance_score(self, device: str) -> float:
         seen = self.score.get(device)
-        if seen is not None:
-            return seen[0] / seen[1]
+        return seen[0] / seen[1] if seen is not None else self._unseen_score()
+
+    def _unseen_score(self) -> float:
+        """A device without a score of its own: the mean of the known ones (1.0 if none)."""
         known = [t / n for t, n in self.score.values()]
         return sum(known) / len(known) if known else 1.0
 
@@ -356,8 +373,17 @@ class NebulaStrategy(Strategy):
     def probabilities(self, candidates: Sequence[str], planet: int) -> list[float]:
         """Eq. 7 over ``candidates`` for ``planet`` (``selection = "reward"``)."""
         gap = self.gap(planet)
-        scores = [self.performance_score(d) for d in candidates]
-        rewards = [performance_reward(sc, scores, gap) for sc in scores]
+        unseen: float | None = None  # (the mean over every score: once, not once per candidate without one)
+        scores: list[float] = []
+        for device in candidates:
+            seen = self.score.get(device)
+            if seen is not None:
+                scores.append(seen[0] / seen[1])
+            else:
+                if unseen is None:
+                    unseen = self._unseen_score()
+                scores.append(unseen)
+        rewards = performance_rewards(scores, gap)
         return selection_probabilities(rewards, [curiosity(self.count.get(d, 0)) for d in candidates])
 
     def resource_for(self, device: str, planet: int) -> int | None:
@@ -383,7 +409,8 @@ class NebulaStrategy(Strategy):
                 self.forgotten += 1
         busy = {slot[0] for slot in self.in_flight.values()}
         free = sorted((j for j in range(self.state.k) if j not in busy), key=lambda j: (self.state.versions[j], j))
-        waiting = sorted(d for d in view.deferred if d not in self.in_flight)
+        # (every planet busy: no pass over the waiting devices, which a plan after every event made O(waiting) each)
+        waiting = sorted(d for d in view.deferred if d not in self.in_flight) if free else []
         invite: list[str] = []
         for planet in free:
             if not waiting:
