@@ -279,7 +279,9 @@ def test_fedbuff_with_population_counts_unseen_devices_as_drawn_without_data() -
     assert first == Plan() and strategy2.round == 1
     strategy2.plan(FakeView(devices_seen=["a"], deferred={"a": 1.0}), 2.0, rng)
     assert strategy2.round == 1, "no new pull, no redraw"
-    strategy2.plan(FakeView(devices_seen=["a"], deferred={"a": 3.0}), 3.0, rng)
+    view = FakeView(devices_seen=["a"], deferred={"a": 3.0})
+    assert not strategy2.serve_pull(view, "a", 3.0)  # the pull the core then defers (at 3.0), as it asks first
+    strategy2.plan(view, 3.0, rng)
     assert strategy2.round == 2
 
 
