@@ -33,11 +33,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from coordinator.config import bounded
 from devices.report import (
     DATA_ENV,
     TORCHVISION_DATASETS,
@@ -49,13 +49,14 @@ from devices.report import (
     parse_seeds,
     plot_accuracy,
     plot_staleness,
+    seeds_arg,
     slug,
     summarise,
     write_run,
 )
 from devices.scenario import RunSpec, Scenario, ScenarioError, load_scenario, read_toml
 from devices.simulator import TRANSPORTS, RunResult, run_spec
-from edge_sdk.errors import ConfigError
+from edge_sdk.errors import BadOption, ConfigError
 from edge_sdk.tasks.base import Task
 
 __all__ = ["DATA_ENV", "TORCHVISION_DATASETS", "add_arguments", "format_table", "load_task", "parse_seeds", "run", "summarise"]
@@ -64,7 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("scenario", type=Path, help="scenario TOML (see demos/scenarios/; `python -m devices.profiles` lists the "
                                                "device, compute, link and availability names it may use)")
     p.add_argument("--strategies", default="", help="comma-separated run labels or strategy names; empty = every run")
-    p.add_argument("--seeds", default="", help="seeds, e.g. 0,1,2 or 0-4; empty = the scenario's")
+    p.add_argument("--seeds", type=seeds_arg, default="", help="seeds, e.g. 0,1,2 or 0-4; empty = the scenario's")
     p.add_argument("--out", type=Path, default=None, help="output directory (default: runs/emulate/<scenario name>)")
     p.add_argument("--target", type=float, default=None, help="target accuracy for the tables (default: the scenario's)")
     p.add_argument("--duration", type=float, default=None, help="virtual seconds per run (default: the scenario's)")
@@ -72,7 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--replot", action="store_true",
                    help="do not simulate: rebuild the tables and plots from the runs already in --out (e.g. with another --target)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads for local training (1 is fastest for tiny models; another count sums in "
+    p.add_argument("--threads", type=bounded(int, 1), default=1, help="torch threads for local training (1 is fastest for tiny models; another count sums in "
                         "another order, and over a run's many rounds the results drift apart by more than rounding: compare runs "
                         "made with the same count; the README's use 1). A classifier's deployed model is the same under any "
                         "count (its pretraining uses one thread)")
@@ -81,7 +82,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the receiver gets the message the sender validated) or codec (every frame built and parsed, as between "
                         "processes; slower, the same results)")
     p.add_argument("--broker", default=None, help="real-MQTT fleet mode: play the scenario in real time against this broker")
-    p.add_argument("--time-scale", type=float, default=1.0, help="real-MQTT mode: virtual seconds per wall second")
+    p.add_argument("--time-scale", type=bounded(float, 0, strict=True, finite=True), default=1.0, help="real-MQTT mode: virtual seconds per wall second")
     p.add_argument("--region", default="default", help="real-MQTT mode: the coordinator's region")
 
 
@@ -105,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         scenario = scenario.select(scenario.names_in(args.strategies))
     if args.broker:
         if args.transport != "in-process":
-            raise ScenarioError("--transport is the emulator's; with --broker every message crosses the real broker")
+            raise BadOption("--transport is the emulator's; with --broker every message crosses the real broker")
         return _fleet_mode(scenario, args)
     out: Path = args.out or Path("runs") / "emulate" / slug(scenario.name)
     results: list[RunResult] = []
@@ -219,8 +220,6 @@ def _fleet_mode(scenario: Scenario, args: argparse.Namespace) -> int:
     (signature: ``run_fleet(scenario, *, broker, time_scale, args) -> int``). The fleet it
     plays is :func:`devices.scenario.materialise`'s: the same profiles, partitions and
     labelling streams as the virtual-clock run."""
-    if not math.isfinite(args.time_scale) or args.time_scale <= 0:
-        raise ScenarioError("--time-scale must be > 0")
     from devices.mqtt_fleet import run_fleet  # lazy: paho and the MQTT client only for this mode
 
     return int(run_fleet(scenario, broker=args.broker, time_scale=args.time_scale, args=args))

@@ -14,15 +14,18 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from coordinator.config import bounded
+from devices.report import seeds_arg
+
 SCENARIO = Path(__file__).resolve().parent / "scenarios" / "scc-stream.toml"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scenario", type=Path, default=SCENARIO, help="a scenario TOML with a [stream] table")
-    p.add_argument("--seeds", default="", help="seeds, e.g. 0-19; empty = the scenario's")
+    p.add_argument("--seeds", type=seeds_arg, default="", help="seeds, e.g. 0-19; empty = the scenario's")
     p.add_argument("--quick", action="store_true", help="the scenario's [quick] variant")
     p.add_argument("--out", type=Path, default=None, help="output directory (default: runs/emulate/<scenario name>)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--threads", type=bounded(int, 1), default=1, help="torch threads")
     p.add_argument("--no-progress", action="store_true", help="no per-run lines")
 
 

@@ -8,6 +8,7 @@ use these; nothing here runs a fleet.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import re
@@ -43,6 +44,7 @@ __all__ = [
     "plot_staleness",
     "plot_timeline",
     "read_run",
+    "seeds_arg",
     "slug",
     "summarise",
     "summarise_regions",
@@ -80,6 +82,17 @@ def parse_seeds(text: str) -> list[int]:
     if repeated:  # a seed twice would count its run twice in every mean and n
         raise ConfigError(f"--seeds: seed{'s' if len(repeated) > 1 else ''} {', '.join(map(str, repeated))} given more than once")
     return seeds
+
+
+def seeds_arg(text: str) -> str:
+    """An argparse ``type`` for ``--seeds``: a typo is a usage error at parse time (exit 2,
+    like every other flag's bad value), not a runtime failure. Kept as given ("" = the
+    scenario's seeds)."""
+    try:
+        parse_seeds(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--seeds: ")) from None
+    return text
 
 
 def load_task(name: str, options: Mapping[str, Any] | None = None) -> Task:
