@@ -53,6 +53,7 @@ from devices.report import (
     slug,
     summarise,
     write_run,
+    writing_outputs,
 )
 from devices.scenario import RunSpec, Scenario, ScenarioError, load_scenario, read_toml
 from devices.simulator import TRANSPORTS, RunResult, run_spec
@@ -131,31 +132,33 @@ def run(args: argparse.Namespace) -> int:
             for seed in seeds:
                 result = _one(task, spec, seed, quiet=args.no_progress, transport=args.transport)
                 results.append(result)
-                write_run(out / "runs", result)
+                with writing_outputs(out):
+                    write_run(out / "runs", result)
 
-    summary = summarise(scenario, results)
-    table = format_table(scenario, summary)
-    (out / "time_to_target.md").write_text(table, encoding="utf-8")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=json_default), encoding="utf-8")
-    plot_accuracy(scenario, results, out / "accuracy.png")
-    plot_staleness(results, out / "staleness.png")
-    print(table)
-    if scenario.reference:  # the release report (e.g. attacks.toml): what devices would see
-        from devices.release_report import format_release_table, plot_release, release_summary
+    with writing_outputs(out):  # (a disk that filled up during the runs: one line, not a traceback)
+        summary = summarise(scenario, results)
+        table = format_table(scenario, summary)
+        (out / "time_to_target.md").write_text(table, encoding="utf-8")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=json_default), encoding="utf-8")
+        plot_accuracy(scenario, results, out / "accuracy.png")
+        plot_staleness(results, out / "staleness.png")
+        print(table)
+        if scenario.reference:  # the release report (e.g. attacks.toml): what devices would see
+            from devices.release_report import format_release_table, plot_release, release_summary
 
-        release = release_summary(scenario, results)
-        release_table = format_release_table(release)
-        (out / "release.md").write_text(release_table, encoding="utf-8")
-        (out / "release.json").write_text(json.dumps(release, indent=2, sort_keys=True, default=json_default), encoding="utf-8")
-        plot_release(scenario, results, out / "release.png")
-        print(release_table)
-        print(f"wrote {out / 'release.png'}, {out / 'release.md'}, {out / 'release.json'}", file=sys.stderr)
-    if scenario.settings.delay.active:  # delayed devices (issue 15): policy × τ × α, class-c accuracy
-        from devices.staleness_report import write_staleness_report
+            release = release_summary(scenario, results)
+            release_table = format_release_table(release)
+            (out / "release.md").write_text(release_table, encoding="utf-8")
+            (out / "release.json").write_text(json.dumps(release, indent=2, sort_keys=True, default=json_default), encoding="utf-8")
+            plot_release(scenario, results, out / "release.png")
+            print(release_table)
+            print(f"wrote {out / 'release.png'}, {out / 'release.md'}, {out / 'release.json'}", file=sys.stderr)
+        if scenario.settings.delay.active:  # delayed devices (issue 15): policy × τ × α, class-c accuracy
+            from devices.staleness_report import write_staleness_report
 
-        print(write_staleness_report(scenario, results, out))
-    print(f"wrote {out / 'accuracy.png'}, {out / 'staleness.png'}, {out / 'time_to_target.md'}, {out / 'summary.json'}, "
-          f"{out / 'runs'}/", file=sys.stderr)
+            print(write_staleness_report(scenario, results, out))
+        print(f"wrote {out / 'accuracy.png'}, {out / 'staleness.png'}, {out / 'time_to_target.md'}, {out / 'summary.json'}, "
+              f"{out / 'runs'}/", file=sys.stderr)
     return 0
 
 

@@ -38,7 +38,7 @@ from coordinator.config import bounded, task_arg
 from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
 from devices.headless import below_d_min, fleet_partition, fleet_train_config
 from devices.live import LabellingLoop, LabellingUser, labelling_stream
-from devices.report import output_dir
+from devices.report import output_dir, writing_outputs
 from edge_sdk.client import EdgeClient
 from edge_sdk.mqtt import BrokerAuth
 from edge_sdk.spec import Vector
@@ -288,10 +288,11 @@ def run(args: argparse.Namespace) -> int:
     _, v_end, acc_end = timeline.last()
     png = plot_path(out, metric)
     gate_note = "no gate" if validation is None else f"gate on {n_val} validation samples, margin {args.gate_margin:g}"
-    plot(timeline, png, f"edgeci run: SPIN (K={args.k}, π={args.timeout:g} s), {args.devices} devices, {task.name}\n{gate_note}",
-         training if validation is not None else None, metric)
-    (out / "metrics.json").write_text(json.dumps({"release": timeline.points, "training": training.points,
-                                                  "status": dataclasses.asdict(status)}, indent=1))
+    with writing_outputs(out):  # (a disk that filled up during the run: one line, not a traceback)
+        plot(timeline, png, f"edgeci run: SPIN (K={args.k}, π={args.timeout:g} s), {args.devices} devices, {task.name}\n{gate_note}",
+             training if validation is not None else None, metric)
+        (out / "metrics.json").write_text(json.dumps({"release": timeline.points, "training": training.points,
+                                                      "status": dataclasses.asdict(status)}, indent=1))
     wall = time.monotonic() - started
     gate = status.extra.get("gate") or {}
     candidates = ("no gate: every aggregated version released" if validation is None else

@@ -13,7 +13,8 @@ import csv
 import json
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +51,7 @@ __all__ = [
     "summarise_regions",
     "write_region_report",
     "write_run",
+    "writing_outputs",
 ]
 
 PAPER_SCALING = {
@@ -340,6 +342,20 @@ def output_dir(path: Path, flag: str = "--out") -> Path:
     except OSError as exc:
         raise ConfigError(f"{flag} {path}: cannot make it a folder for the outputs ({exc.strerror or exc})") from None
     return path
+
+
+@contextmanager
+def writing_outputs(out: Path, flag: str = "--out") -> Iterator[None]:
+    """Around the writes of a command's results: an OSError there (the disk filled up during
+    the runs, a file in the way) is one ConfigError line naming ``flag`` and the file, not a
+    traceback."""
+    try:
+        yield
+    except BrokenPipeError:  # our stdout's reader went away (`| head`): the CLI's to handle
+        raise
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise ConfigError(f"cannot write {flag} {out}: {exc.strerror or exc}{where}") from exc
 
 
 def write_run(directory: Path, result: RunResult) -> None:

@@ -1,5 +1,6 @@
 """The operator's error paths (helper-152's audit): a flag's bad value is a usage error
-(exit 2) in every command."""
+(exit 2) in every command, an output that cannot be written is one line (exit 1) rather than
+a traceback after the runs."""
 
 from __future__ import annotations
 
@@ -12,6 +13,26 @@ from demos.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADLINE = str(ROOT / "demos" / "scenarios" / "digits-headline.toml")
+TINY = """
+name = "tiny"
+task = "digits"
+duration_s = 120
+eval_every_s = 60
+target_accuracy = 0.5
+seeds = [0]
+[fleet]
+devices = 4
+mix = { laptop = 1 }
+[data]
+arrival_rate_per_h = 300
+[device]
+min_samples = 2
+[training]
+epochs = 1
+[[runs]]
+strategy = "spin"
+params = { k = 2, timeout_s = 5.0 }
+"""
 
 
 def exit_code(argv: Sequence[str]) -> int:
@@ -40,3 +61,25 @@ def test_a_bad_flag_of_emulate_or_scc_stream_is_a_usage_error(argv: list[str], n
     err = capsys.readouterr().err
     assert f"edgeci {argv[0]}: error: " in err and needle in err and "Traceback" not in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("in_the_way", ["runs/spin__seed0.json", "summary.json"])
+def test_emulate_that_cannot_write_its_results_says_so_in_one_line(in_the_way: str, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A full disk (or a folder where a result file goes) after the runs raised an OSError
+    traceback from write_run / write_text."""
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(TINY, encoding="utf-8")
+    out = tmp_path / "out"
+    (out / in_the_way).mkdir(parents=True)
+    assert main(["emulate", str(scenario), "--out", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"edgeci emulate: error: cannot write --out {out}: Is a directory ({out / in_the_way})" in err, err
+
+
+def test_run_that_cannot_write_its_plot_says_so_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    (out / "accuracy.png").mkdir(parents=True)
+    code = main(["run", "--devices", "2", "--duration", "1", "--timeout", "0.5", "--no-progress", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and f"edgeci run: error: cannot write --out {out}: " in err, err
