@@ -308,7 +308,8 @@ def _main(argv: Sequence[str] | None) -> int:
     except EdgeciError as exc:
         print(f"edgeci {args.command}: error: {exc}", file=sys.stderr)
         return int(getattr(exc, "exit_code", 1))  # (StartRefused: 3, which the systemd unit does not restart)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C: one line (a command may say what it kept), 128 + SIGINT
+        print(f"edgeci {args.command}: interrupted" + (f": {exc}" if str(exc) else ""), file=sys.stderr)
         return 130
 
 

@@ -126,14 +126,19 @@ def run(args: argparse.Namespace) -> int:
 
         configure_threads(args.threads)
         output_dir(out / "runs")
+        total = len(scenario.runs) * len(seeds)
         print(f"scenario {scenario.name}: {len(scenario.runs)} run(s) × {len(seeds)} seed(s) → {out}", file=sys.stderr)
-        for spec in scenario.runs:
-            task = tasks[_task_key(spec)]
-            for seed in seeds:
-                result = _one(task, spec, seed, quiet=args.no_progress, transport=args.transport)
-                results.append(result)
-                with writing_outputs(out):
-                    write_run(out / "runs", result)
+        try:
+            for spec in scenario.runs:
+                task = tasks[_task_key(spec)]
+                for seed in seeds:
+                    result = _one(task, spec, seed, quiet=args.no_progress, transport=args.transport)
+                    results.append(result)
+                    with writing_outputs(out):
+                        write_run(out / "runs", result)
+        except KeyboardInterrupt:  # (Ctrl-C) say what is on disk; the CLI exits 130
+            raise KeyboardInterrupt(f"{len(results)} of {total} run(s) finished, kept in {out / 'runs'}; "
+                                    "no tables or plots written") from None
 
     with writing_outputs(out):  # (a disk that filled up during the runs: one line, not a traceback)
         summary = summarise(scenario, results)

@@ -272,6 +272,9 @@ def run(args: argparse.Namespace) -> int:
         loop.stop()
         # let in-flight training and the last timeout finish so the final version is evaluated
         time.sleep(max(2.0, args.timeout * 1.5))
+    except KeyboardInterrupt:  # (Ctrl-C) say what is kept; the CLI exits 130 after the clean-up below
+        kept = f"; the coordinator's state is in --state-dir {args.state_dir}" if args.state_dir else ""
+        raise KeyboardInterrupt(f"no plot or metrics written to {out}{kept}") from None
     finally:
         if loop is not None:
             loop.stop()

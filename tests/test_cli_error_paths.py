@@ -1,9 +1,14 @@
 """The operator's error paths (helper-152's audit): a flag's bad value is a usage error
 (exit 2) in every command, an output that cannot be written is one line (exit 1) rather than
-a traceback after the runs."""
+a traceback after the runs, and Ctrl-C says what was kept (exit 130)."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -83,3 +88,44 @@ def test_run_that_cannot_write_its_plot_says_so_in_one_line(tmp_path: Path, caps
     code = main(["run", "--devices", "2", "--duration", "1", "--timeout", "0.5", "--no-progress", "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 1 and f"edgeci run: error: cannot write --out {out}: " in err, err
+
+
+def _interrupt_when(argv: list[str], ready: Path, tmp_path: Path) -> tuple[int, str]:
+    """Start ``edgeci ARGV``, SIGINT it (Ctrl-C) once ``ready`` exists; its status and stderr."""
+    env = {**os.environ, "EDGECI_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "demos.cli", *argv], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ready.exists(), f"{ready} never appeared"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, err
+
+
+def test_ctrl_c_in_emulate_says_which_runs_are_kept(tmp_path: Path) -> None:
+    """Ctrl-C exited 130 without a word: which runs were on disk, and that no table was written,
+    the user had to find out."""
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(TINY.replace("seeds = [0]", "seeds = [0, 1, 2, 3, 4, 5, 6, 7]"), encoding="utf-8")
+    out = tmp_path / "out"
+    code, err = _interrupt_when(["emulate", str(scenario), "--out", str(out), "--no-progress"],
+                                out / "runs" / "spin__seed0.json", tmp_path)
+    assert code == 130, err
+    assert "edgeci emulate: interrupted: " in err and f"of 8 run(s) finished, kept in {out / 'runs'}; no tables or plots written" in err, err
+    assert "Traceback" not in err and not (out / "summary.json").exists()
+
+
+def test_ctrl_c_in_run_says_nothing_was_written_and_where_the_state_is(tmp_path: Path) -> None:
+    out, state = tmp_path / "out", tmp_path / "state"
+    code, err = _interrupt_when(["run", "--devices", "2", "--duration", "120", "--no-progress", "--out", str(out),
+                                 "--state-dir", str(state)], state / "spec.json", tmp_path)
+    assert code == 130, err
+    assert f"edgeci run: interrupted: no plot or metrics written to {out}; the coordinator's state is in --state-dir {state}" in err, err
+    assert "Traceback" not in err
