@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.cli_status import judge_live, liveness, operator_auth, skew_line, wait_seconds
-from coordinator.config import bounded
+from coordinator.config import bounded, topic_id
 from coordinator.metrics import WILL_REASON
 from edge_sdk.errors import ConfigError, EdgeciError
 from edge_sdk.mqtt import MqttTransport, add_broker_arguments, read_bundle
@@ -73,7 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="release it even if the release gate rejected it, or the candidate it was built on (refused otherwise, "
                             "with the gate's scores)")
     p.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="MQTT broker URL of the running coordinator (default: %(default)s)")
-    p.add_argument("--region", default="default", help="the coordinator's region (default: %(default)s)")
+    p.add_argument("--region", type=topic_id, default="default", help="the coordinator's region (default: %(default)s)")
     p.add_argument("--signing-key", type=Path, help="operator signing key (PEM, Ed25519); default: --bundle's signing.key, else STATE_DIR/signing.key")
     p.add_argument("--state-dir", type=Path, help="the coordinator's state dir (for its signing key when run on its machine)")
     p.add_argument("--operator", help="who you are, recorded with the command; the coordinator refuses any name but the "

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from coordinator.config import bounded
+from coordinator.config import bounded, topic_id
 from edge_sdk.errors import ConfigError, MalformedMessage, TransportError
 from edge_sdk.mqtt import (
     BrokerAuth,
@@ -120,7 +120,7 @@ def read_status(broker: str, region: str, timeout: float = 5.0, *, auth: BrokerA
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="mqtts://HOST[:8883] with an operator's --bundle in production")
     add_broker_arguments(p)
-    p.add_argument("--region", default="default", help="the coordinator's region")
+    p.add_argument("--region", type=topic_id, default="default", help="the coordinator's region")
     # (--timeout -1 was "no connection to broker ... within -1 s", a broker that was there)
     p.add_argument("--timeout", type=wait_seconds, default=5.0, help="seconds to wait for the retained status")
     p.add_argument("--json", action="store_true", help="print the status JSON (machine form)")

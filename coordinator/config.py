@@ -231,6 +231,18 @@ def bounded(kind: type[int] | type[float], minimum: float, *, strict: bool = Fal
     return parse
 
 
+def topic_id(text: str) -> str:
+    """An argparse ``type`` for an id that is part of MQTT topics (``--region``, ``--device-id``):
+    refused at parse time (exit 2, a usage error), as the coordinator's own ``--region`` is, not
+    when the client first builds a topic (exit 1, a runtime failure)."""
+    from edge_sdk.wire.topics import check_id
+
+    try:
+        return check_id(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def task_arg(text: str) -> str:
     """An argparse ``type`` for ``--model``: a registered task or its model id, refused at
     parse time (exit 2, before torch loads) rather than when the command first builds the

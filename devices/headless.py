@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from coordinator.config import bounded, task_arg
+from coordinator.config import bounded, task_arg, topic_id
 from devices.live import LabellingLoop, LabellingUser, device_index, labelling_stream
 from devices.partition import Partition, partition
 from edge_sdk.client import EdgeClient, check_device_bundle
@@ -51,9 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     # not a traceback from deep inside the partition, the labelling loop or the SDK.
     p.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="MQTT broker URL: mqtts://HOST[:8883] with --bundle in production")
     add_broker_arguments(p, trust=TOFU_DEVICES)
-    p.add_argument("--region", default=None, help="region of the coordinator to use (default: the --bundle's region when it "
+    p.add_argument("--region", type=topic_id, default=None, help="region of the coordinator to use (default: the --bundle's region when it "
                    "was issued for one, else 'default')")
-    p.add_argument("--device-id", required=True, help="this device's id (1-64 of A-Z a-z 0-9 _ . -)")
+    p.add_argument("--device-id", type=topic_id, required=True, help="this device's id (1-64 of A-Z a-z 0-9 _ . -)")
     p.add_argument("--dataset", "--model", dest="model", metavar="TASK", default="digits", type=task_arg, help="task whose pool is labelled")
     p.add_argument("--data-dir", type=Path, help="SDK data dir (default: $EDGECI_HOME/devices/DEVICE_ID, EDGECI_HOME defaulting to ~/.edgeci)")
     p.add_argument("--fleet-size", type=bounded(int, 1), default=20, help="the pool is split into this many partitions")

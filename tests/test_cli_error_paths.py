@@ -129,3 +129,20 @@ def test_ctrl_c_in_run_says_nothing_was_written_and_where_the_state_is(tmp_path:
     assert code == 130, err
     assert f"edgeci run: interrupted: no plot or metrics written to {out}; the coordinator's state is in --state-dir {state}" in err, err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["device", "--device-id", "a/b"], "edgeci device: error: argument --device-id: invalid id 'a/b': use 1-64 characters"),
+    (["device", "--device-id", "d1", "--region", "eu/+"], "edgeci device: error: argument --region: invalid id 'eu/+'"),
+    (["status", "--region", "a/#"], "edgeci status: error: argument --region: invalid id 'a/#'"),
+    (["rollback", "3", "--region", "a/#"], "edgeci rollback: error: argument --region: invalid id 'a/#'"),
+])
+def test_an_id_that_cannot_be_a_topic_level_is_a_usage_error(argv: list[str], needle: str, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """They exited 1 (and said "invalid region", not the flag) once the client started, where
+    the coordinator refuses its own bad --region / --id at parse time with 2."""
+    assert exit_code([*argv, "--broker", "mqtt://127.0.0.1:1", *(["--data-dir", str(tmp_path / "d")] if argv[0] == "device" else [])]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err, err
+    assert not (tmp_path / "d").exists()
+
