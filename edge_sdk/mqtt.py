@@ -93,7 +93,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edge_sdk.errors import BrokerRefused, ConfigError, TransportError
+from edge_sdk.errors import BadOption, BrokerRefused, ConfigError, TransportError
 from edge_sdk.runtime import wait_io
 
 _PAHO_INTERNALS = (
@@ -333,6 +333,10 @@ def auth_from_args(args: argparse.Namespace) -> BrokerAuth | None:
     for attr, name in (("ca", "ca_file"), ("cert", "cert_file"), ("key", "key_file"), ("username", "username")):
         if getattr(args, attr, None):
             given[name] = getattr(args, attr)
+            if attr != "username" and not Path(given[name]).is_file():  # (BrokerAuth's words name its fields, not the flags)
+                raise BadOption(f"--{attr} {given[name]}: no such file")
+    if auth is None and ("cert_file" in given) != ("key_file" in given):
+        raise BadOption("--cert and --key go together: the client certificate and its private key (or a --bundle holding both)")
     password_file = getattr(args, "password_file", None)
     if password_file:
         try:

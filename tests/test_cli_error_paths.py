@@ -146,3 +146,20 @@ def test_an_id_that_cannot_be_a_topic_level_is_a_usage_error(argv: list[str], ne
     assert needle in err and "Traceback" not in err, err
     assert not (tmp_path / "d").exists()
 
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["device", "--device-id", "d1", "--key", "{file}"], "--cert and --key go together"),
+    (["status", "--cert", "{file}"], "--cert and --key go together"),
+    (["status", "--ca", "{missing}"], "--ca {missing}: no such file"),
+    (["device", "--device-id", "d1", "--cert", "{missing}", "--key", "{file}"], "--cert {missing}: no such file"),
+])
+def test_broker_credential_flags_are_named_in_their_errors(argv: list[str], needle: str, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """They said "a client certificate needs both cert_file and key_file" (BrokerAuth's fields)
+    and "/x does not exist" (which flag?), and exited 1 where `edgeci coordinator` exits 2."""
+    file, missing = tmp_path / "some.pem", tmp_path / "missing.pem"
+    file.write_text("not used")
+    argv = [a.format(file=file, missing=missing) for a in argv]
+    assert exit_code([*argv, "--broker", "mqtts://127.0.0.1:1", *(["--data-dir", str(tmp_path / "d")] if argv[0] == "device" else [])]) == 2
+    err = capsys.readouterr().err
+    assert f"edgeci {argv[0]}: error: {needle.format(missing=missing)}" in err and "Traceback" not in err, err
