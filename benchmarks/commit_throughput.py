@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--updates", type=positive_int, default=4000, help="digits updates in the burst (default 4000)")
     p.add_argument("--devices", type=positive_int, default=200, help="devices the updates come from, in turn (default 200)")
-    p.add_argument("--k", type=positive_int, default=10, help="SPIN aggregates every K updates (a commit: 4 fsyncs)")
+    p.add_argument("--k", type=positive_int, default=10, help="SPIN aggregates every K updates (a commit: 4 fsyncs; default 10)")
     p.add_argument("--dir", type=existing_dir, default=None,
                    help="an existing directory to put the state dirs under, kept afterwards (default: a temporary "
                         "dir on /tmp's disk, removed afterwards)")

@@ -61,20 +61,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=comma_list(positive_int), default="1000,10000,100000",
                    help="comma-separated fleet sizes (the first is the baseline; the goals are defined at 100,000 devices "
-                        "against 1,000)")
+                        "against 1,000; default %(default)s)")
     p.add_argument("--duration", type=positive_float, default=None, help="virtual seconds per run (fleet: 1800, headline: 3600)")
-    p.add_argument("--rate", type=positive_float, default=2.0, help="labels per device per hour (fleet scale)")
+    p.add_argument("--rate", type=positive_float, default=2.0, help="labels per device per hour (fleet scale; default %(default)s)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the scenario (default 0)")
     p.add_argument("--headline", action="store_true", help="the 100-device headline scenario with real training instead")
     p.add_argument("--profile", type=positive_int, default=None, metavar="DEVICES", help="cProfile one fleet size (to stderr)")
     p.add_argument("--transport", type=comma_list(one_of(*TRANSPORTS)), default="codec,carried",
                    help="fleet scale: comma-separated transports, each a table (codec: encode + decode every message; "
-                        "carried: the in-process transport, receivers skip the decode; --one/--profile use the first)")
+                        "carried: the in-process transport, receivers skip the decode; --one/--profile use the first; default %(default)s)")
     p.add_argument("--baseline-runs", type=positive_int, default=3,
-                   help="fleet scale: runs of the first (baseline) size; its row is their median by µs per event without evaluation")
+                   help="fleet scale: runs of the first (baseline) size; its row is their median by µs per event without evaluation (default %(default)s)")
     p.add_argument("--largest-runs", type=positive_int, default=1,
                    help="fleet scale: runs of the largest size; its row is their median by loop CPU (of an even count the slower "
-                        "middle one) with the largest peak RSS, and their range is printed")
+                        "middle one) with the largest peak RSS, and their range is printed (default %(default)s)")
     p.add_argument("--one", type=positive_int, default=None, metavar="DEVICES",
                    help="run one fleet size in this process and print its measurements as one JSON line "
                         "(what the fleet-scale table runs per size in a subprocess)")

@@ -120,7 +120,7 @@ def serve_pulls(spec: ModelSpec, n_pulls: int, *, today: bool) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeat", type=positive_int, default=5, help="timed runs of each encode and decode; medians are printed")
+    ap.add_argument("--repeat", type=positive_int, default=5, help="timed runs of each encode and decode; medians are printed (default 5)")
     ap.add_argument("--floats", type=positive_int, default=11_750_000,
                     help="float32 values in the update and the big model (default 11,750,000: 47 MB)")
     ap.add_argument("--pulls", type=positive_int, default=20, help="big-model pulls served per path (default 20)")

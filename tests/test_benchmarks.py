@@ -127,3 +127,20 @@ def test_emulator_then_now_runs_both_trees_on_the_same_fleet() -> None:
     assert int(rows["now"][-4]) > 0
     assert "the same labels and trainings in both trees" in out.stdout
     assert "is not judged: the issue's goals are defined at 100,000 devices" in out.stdout
+
+
+@pytest.mark.parametrize(("script", "flag", "default"), [
+    ("emulator_speed.py", "--sizes", "1000,10000,100000"),
+    ("emulator_speed.py", "--rate", "2.0"),
+    ("emulator_speed.py", "--transport", "codec,carried"),
+    ("emulator_speed.py", "--baseline-runs", "3"),
+    ("emulator_speed.py", "--largest-runs", "1"),
+    ("commit_throughput.py", "--k", "10"),
+    ("wire_speed.py", "--repeat", "5"),
+])
+def test_a_flag_with_a_default_says_it_in_help(script: str, flag: str, default: str) -> None:
+    """helper-152: these flags' --help did not say what they are when not given."""
+    out = bench(script, "--help", env={**os.environ, "COLUMNS": "400"}).stdout
+    options = re.split(r"\n(?=  -)", out.split("options:", 1)[1])
+    text = " ".join(next(o for o in options if o.strip().startswith(f"{flag} ")).split())
+    assert f"default {default})" in text, text
