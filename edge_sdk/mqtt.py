@@ -508,9 +508,13 @@ class MqttTransport:
         if isinstance(exc, ssl.SSLCertVerificationError):
             how = self._how() or "trust the CA that signed it: --bundle DIR or --ca FILE"
             raise TransportError(f"broker {url} presented a certificate we do not trust: {exc.verify_message or exc} ({how})") from exc
+        # TLS to a plain listener: mosquitto drops the ClientHello it cannot read (a reset, or EOF)
+        plain = (f" (the broker closed the connection during the TLS handshake: is port {self.address.port} a plain "
+                 f"MQTT listener? then mqtt://{self.address.host}:{self.address.port})"
+                 if self.address.tls and isinstance(exc, ConnectionResetError | ssl.SSLEOFError) else "")
         if isinstance(exc, ssl.SSLError):
-            raise TransportError(f"TLS handshake with broker {url} failed: {exc}") from exc
-        raise TransportError(f"cannot reach broker {url}: {exc}") from exc
+            raise TransportError(f"TLS handshake with broker {url} failed: {exc}{plain}") from exc
+        raise TransportError(f"cannot reach broker {url}: {exc}{plain}") from exc
 
     def stop(self) -> None:
         self._stopping = True

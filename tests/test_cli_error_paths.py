@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.broker import MosquittoProcess
 from demos.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,3 +164,14 @@ def test_broker_credential_flags_are_named_in_their_errors(argv: list[str], need
     assert exit_code([*argv, "--broker", "mqtts://127.0.0.1:1", *(["--data-dir", str(tmp_path / "d")] if argv[0] == "device" else [])]) == 2
     err = capsys.readouterr().err
     assert f"edgeci {argv[0]}: error: {needle.format(missing=missing)}" in err and "Traceback" not in err, err
+
+
+@pytest.mark.broker
+def test_tls_to_a_plain_listener_says_which_url_to_use(mosquitto: MosquittoProcess, capsys: pytest.CaptureFixture[str]) -> None:
+    """mqtts:// to a plain port said only "[Errno 104] Connection reset by peer"; the reverse
+    mistake (mqtt:// to a TLS port) already said "is port N a TLS listener?"."""
+    tls_url = mosquitto.url.replace("mqtt://", "mqtts://")
+    assert main(["status", "--broker", tls_url, "--timeout", "3"]) == 1
+    err = capsys.readouterr().err
+    plain = mosquitto.url
+    assert f"is port {plain.rsplit(':', 1)[1]} a plain MQTT listener? then {plain})" in err, err
