@@ -95,11 +95,17 @@ def _write_atomic(path: Path, data: bytes, mode: int) -> None:
     if tmp.exists():
         tmp.unlink()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as f:  # closes fd; write() writes every byte
-        os.fchmod(fd, mode)
-        f.write(data)
-        f.flush()
-        os.fsync(fd)
+    try:
+        with os.fdopen(fd, "wb") as f:  # closes fd; write() writes every byte
+            os.fchmod(fd, mode)
+            f.write(data)
+            f.flush()
+            os.fsync(fd)
+    except OSError as exc:  # a full disk: no .NAME.tmp left behind, and the error names the file
+        tmp.unlink(missing_ok=True)
+        if exc.filename is None:  # (write() and fsync() name none: "[Errno 28] No space left on device")
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     try:
         os.replace(tmp, path)
     except OSError:

@@ -175,3 +175,20 @@ def test_tls_to_a_plain_listener_says_which_url_to_use(mosquitto: MosquittoProce
     err = capsys.readouterr().err
     plain = mosquitto.url
     assert f"is port {plain.rsplit(':', 1)[1]} a plain MQTT listener? then {plain})" in err, err
+
+
+def test_pki_on_a_full_disk_names_the_file_and_leaves_no_temporary(tmp_path: Path) -> None:
+    """A full disk (here: a file-size limit, the same failing write() without root) said only
+    "edgeci pki: error: [Errno 28] No space left on device" and left a 0-byte .ca.key.tmp."""
+    import resource
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing us
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))
+
+    pki = tmp_path / "pki"
+    proc = subprocess.run([sys.executable, "-m", "demos.cli", "pki", "init", "--dir", str(pki)], cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"},
+                          capture_output=True, text=True, timeout=120, preexec_fn=small_files)
+    assert proc.returncode == 1 and proc.stderr == f"edgeci pki: error: {pki / 'ca.key'}: File too large\n", proc.stderr
+    assert list(pki.iterdir()) == []
