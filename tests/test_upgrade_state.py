@@ -14,6 +14,7 @@ import random
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from coordinator.core import (
     BufferedUpdate,
@@ -23,7 +24,7 @@ from coordinator.core import (
     MessageReceived,
     Publish,
 )
-from coordinator.registry import Registry
+from coordinator.registry import Registry, RegistryError
 from coordinator.strategies import make_strategy
 from edge_sdk.client import EdgeClient
 from edge_sdk.modelio import save_model
@@ -141,3 +142,21 @@ def test_a_data_dir_of_the_first_tree_keeps_its_samples_counters_and_deployed_mo
     # and the mirror now exists, so a garbage file later still keeps the sequence numbers
     mirror = json.loads((data_dir / "samples.sqlite3.counters").read_text())
     assert mirror["meta"]["next_seq"] == 9
+
+
+@pytest.mark.xfail(strict=True, reason="proposal for coordinator/registry.py (helper-154's report): a log segment of a newer "
+                   "format is named as such, not as 'not an edgeci pending-update log'")
+def test_a_log_segment_of_a_newer_format_says_a_newer_edgeci_wrote_it(tmp_path: Path) -> None:
+    """A downgrade (or a state dir copied back to an older host) must not read as a foreign or corrupt
+    file, which an operator may delete with the acked updates it holds."""
+    root = tmp_path / "state"
+    reg = Registry(root, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    reg.close()
+    (root / "pending" / f"{1:012d}.log").write_bytes(b"EDGLOG2\n" + bytes(64))  # as a later format would start
+    reg = Registry(root, SPEC)
+    try:
+        with pytest.raises(RegistryError, match="newer edgeci"):
+            reg.load()
+    finally:
+        reg.close()
