@@ -1144,6 +1144,11 @@ class Registry:
                 path.unlink(missing_ok=True)  # created, never written: a crash at creation
             return [], []
         if not data.startswith(SEGMENT_MAGIC):
+            if data.startswith(SEGMENT_MAGIC[:6]):  # b"EDGLOG": ours, in a format this edgeci predates (a downgrade)
+                found = data[6:].split(b"\n", 1)[0][:16]
+                raise RegistryError(f"{path} is a pending-update log of format {found!r}, written by a newer edgeci than "
+                                    f"this one (which reads {SEGMENT_MAGIC[6:-1]!r}): upgrade edgeci, and keep the file: "
+                                    "it holds acknowledged updates")
             raise RegistryError(f"{path} is not an edgeci pending-update log")
         updates: list[BufferedUpdate] = []
         versions: list[tuple[int, bytes]] = []

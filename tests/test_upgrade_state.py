@@ -144,8 +144,6 @@ def test_a_data_dir_of_the_first_tree_keeps_its_samples_counters_and_deployed_mo
     assert mirror["meta"]["next_seq"] == 9
 
 
-@pytest.mark.xfail(strict=True, reason="proposal for coordinator/registry.py (helper-154's report): a log segment of a newer "
-                   "format is named as such, not as 'not an edgeci pending-update log'")
 def test_a_log_segment_of_a_newer_format_says_a_newer_edgeci_wrote_it(tmp_path: Path) -> None:
     """A downgrade (or a state dir copied back to an older host) must not read as a foreign or corrupt
     file, which an operator may delete with the acked updates it holds."""
