@@ -53,6 +53,7 @@ from devices.report import (
     slug,
     summarise,
     write_run,
+    write_text_atomic,
     writing_outputs,
 )
 from devices.scenario import RunSpec, Scenario, ScenarioError, load_scenario, read_toml
@@ -143,8 +144,8 @@ def run(args: argparse.Namespace) -> int:
     with writing_outputs(out):  # (a disk that filled up during the runs: one line, not a traceback)
         summary = summarise(scenario, results)
         table = format_table(scenario, summary)
-        (out / "time_to_target.md").write_text(table, encoding="utf-8")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=json_default), encoding="utf-8")
+        write_text_atomic(out / "time_to_target.md", table)
+        write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True, default=json_default))
         plot_accuracy(scenario, results, out / "accuracy.png")
         plot_staleness(results, out / "staleness.png")
         print(table)
@@ -153,8 +154,8 @@ def run(args: argparse.Namespace) -> int:
 
             release = release_summary(scenario, results)
             release_table = format_release_table(release)
-            (out / "release.md").write_text(release_table, encoding="utf-8")
-            (out / "release.json").write_text(json.dumps(release, indent=2, sort_keys=True, default=json_default), encoding="utf-8")
+            write_text_atomic(out / "release.md", release_table)
+            write_text_atomic(out / "release.json", json.dumps(release, indent=2, sort_keys=True, default=json_default))
             plot_release(scenario, results, out / "release.png")
             print(release_table)
             print(f"wrote {out / 'release.png'}, {out / 'release.md'}, {out / 'release.json'}", file=sys.stderr)

@@ -38,7 +38,7 @@ from coordinator.config import bounded, task_arg
 from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
 from devices.headless import below_d_min, fleet_partition, fleet_train_config
 from devices.live import LabellingLoop, LabellingUser, labelling_stream
-from devices.report import output_dir, writing_outputs
+from devices.report import output_dir, replacing, write_text_atomic, writing_outputs
 from edge_sdk.client import EdgeClient
 from edge_sdk.mqtt import BrokerAuth
 from edge_sdk.spec import Vector
@@ -171,7 +171,8 @@ def plot(timeline: Timeline, path: Path, title: str, training: Timeline | None =
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(path)
+    with replacing(path) as tmp:  # (a full disk left a truncated PNG)
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or None)
     plt.close(fig)
 
 
@@ -294,8 +295,8 @@ def run(args: argparse.Namespace) -> int:
     with writing_outputs(out):  # (a disk that filled up during the run: one line, not a traceback)
         plot(timeline, png, f"edgeci run: SPIN (K={args.k}, π={args.timeout:g} s), {args.devices} devices, {task.name}\n{gate_note}",
              training if validation is not None else None, metric)
-        (out / "metrics.json").write_text(json.dumps({"release": timeline.points, "training": training.points,
-                                                      "status": dataclasses.asdict(status)}, indent=1))
+        write_text_atomic(out / "metrics.json", json.dumps({"release": timeline.points, "training": training.points,
+                                                            "status": dataclasses.asdict(status)}, indent=1))
     wall = time.monotonic() - started
     gate = status.extra.get("gate") or {}
     candidates = ("no gate: every aggregated version released" if validation is None else

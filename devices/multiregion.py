@@ -138,10 +138,10 @@ class SweepRun:
 
     def save(self, data: Mapping[str, Any], *, indent: int | None = None) -> None:
         """``data`` as this run's JSON (:func:`run_name`) in its folder."""
-        from devices.report import json_default
+        from devices.report import json_default, write_text_atomic
 
         path = Path(self.directory) / f"{run_name(self.label, self.devices, self.seed)}.json"
-        path.write_text(json.dumps(data, indent=indent, default=json_default), encoding="utf-8")
+        write_text_atomic(path, json.dumps(data, indent=indent, default=json_default))
 
 
 @dataclass(frozen=True)

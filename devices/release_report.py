@@ -196,8 +196,11 @@ def plot_release(scenario: Scenario, results: Sequence[RunResult], path: Path) -
     """Write :func:`release_figure` to ``path``."""
     import matplotlib.pyplot as plt
 
+    from devices.report import replacing
+
     fig = release_figure(scenario, results)
-    fig.savefig(path)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or None)
     plt.close(fig)
 
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import re
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,12 +46,14 @@ __all__ = [
     "plot_staleness",
     "plot_timeline",
     "read_run",
+    "replacing",
     "seeds_arg",
     "slug",
     "summarise",
     "summarise_regions",
     "write_region_report",
     "write_run",
+    "write_text_atomic",
     "writing_outputs",
 ]
 
@@ -138,9 +141,10 @@ def pyplot() -> Any:
 
 
 def save_figure(fig: Any, path: Path) -> None:
-    """Lay ``fig`` out, write it to ``path`` and close it."""
+    """Lay ``fig`` out, write it to ``path`` (atomically, :func:`replacing`) and close it."""
     fig.tight_layout()
-    fig.savefig(path)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or None)  # (the format from the name, not from .tmp)
     pyplot().close(fig)
 
 
@@ -297,8 +301,8 @@ def plot_regions(sc: MultiRegionScenario, results: Sequence[RunResult], summary:
 def write_region_report(sc: MultiRegionScenario, results: Sequence[RunResult], out: Path) -> int:
     summary = summarise_regions(sc, results)
     table = format_region_tables(sc, summary)
-    (out / "time_to_target.md").write_text(table, encoding="utf-8")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=json_default), encoding="utf-8")
+    write_text_atomic(out / "time_to_target.md", table)
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, default=json_default))
     plot_regions(sc, results, summary, out / "accuracy.png")
     print(table)
     print(f"wrote {out / 'time_to_target.md'}, {out / 'accuracy.png'}, {out / 'runs'}/", file=sys.stderr)
@@ -358,11 +362,36 @@ def writing_outputs(out: Path, flag: str = "--out") -> Iterator[None]:
         raise ConfigError(f"cannot write {flag} {out}: {exc.strerror or exc}{where}") from exc
 
 
+@contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temporary file beside ``path`` for the block to write, renamed over ``path`` when the
+    block ends. A write that fails (a full disk) leaves what was there before, or nothing: not a
+    0-byte or half-written result, and no temporary. Its OSError names ``path`` (write() names no
+    file, and the temporary's name means nothing to the user)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and (exc.filename is None or str(exc.filename) == str(tmp)):
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """``path.write_text(text)`` through :func:`replacing` (UTF-8)."""
+    with replacing(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
 def write_run(directory: Path, result: RunResult) -> None:
+    """The run's ``.json`` and (with rows) ``.csv`` in ``directory``, each written atomically."""
     stem = f"{slug(result.label)}__seed{result.seed}"
-    (directory / f"{stem}.json").write_text(json.dumps(result.to_json(), indent=1, default=json_default), encoding="utf-8")
+    write_text_atomic(directory / f"{stem}.json", json.dumps(result.to_json(), indent=1, default=json_default))
     if result.rows:
-        with (directory / f"{stem}.csv").open("w", newline="", encoding="utf-8") as fh:
+        with replacing(directory / f"{stem}.csv") as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(result.rows[0]))
             writer.writeheader()
             writer.writerows(result.rows)

@@ -210,13 +210,13 @@ def plot_class_accuracy(scenario: Scenario, results: Sequence[RunResult], path: 
 def write_staleness_report(scenario: Scenario, results: Sequence[RunResult], out: Path, *, class_target: float | None = None) -> str:
     """Write ``staleness.md``, ``staleness.json`` and ``class_accuracy.png`` under ``out``;
     return the table."""
-    from devices.report import json_default
+    from devices.report import json_default, write_text_atomic
 
     summary = staleness_summary(scenario, results, class_target=class_target)
     table = format_staleness_table(summary)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "staleness.md").write_text(table, encoding="utf-8")
-    (out / "staleness.json").write_text(json.dumps(summary, indent=1, sort_keys=True, default=json_default), encoding="utf-8")
+    write_text_atomic(out / "staleness.md", table)
+    write_text_atomic(out / "staleness.json", json.dumps(summary, indent=1, sort_keys=True, default=json_default))
     plot_class_accuracy(scenario, results, out / "class_accuracy.png")
     return table
 

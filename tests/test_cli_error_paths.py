@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -192,3 +192,63 @@ def test_pki_on_a_full_disk_names_the_file_and_leaves_no_temporary(tmp_path: Pat
                           capture_output=True, text=True, timeout=120, preexec_fn=small_files)
     assert proc.returncode == 1 and proc.stderr == f"edgeci pki: error: {pki / 'ca.key'}: File too large\n", proc.stderr
     assert list(pki.iterdir()) == []
+
+
+def _small_files(limit: int) -> Callable[[], None]:
+    """A subprocess's ``preexec_fn``: files of at most ``limit`` bytes, as on a disk that fills up
+    (the same failing write(), without root or a real full disk)."""
+    import resource
+
+    def preexec() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing us
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return preexec
+
+
+def _edgeci_on_a_small_disk(argv: list[str], limit: int, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1", "EDGECI_HOME": str(tmp_path / "home"),
+           "MPLCONFIGDIR": str(tmp_path / "mpl")}
+    return subprocess.run([sys.executable, "-m", "demos.cli", *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300, preexec_fn=_small_files(limit))
+
+
+def test_emulate_on_a_full_disk_leaves_no_partial_run_file(tmp_path: Path) -> None:
+    """write_run wrote in place: a full disk left a truncated (or 0-byte) run file in runs/, which
+    a later --replot read as a run. Now each file is written aside and renamed: the run's 3 KB
+    JSON does not fit in 1,000 bytes, and nothing of it is left."""
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(TINY, encoding="utf-8")
+    out = tmp_path / "out"
+    proc = _edgeci_on_a_small_disk(["emulate", str(scenario), "--out", str(out), "--no-progress"], 1000, tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert [(p.name, p.stat().st_size) for p in (out / "runs").iterdir()] == []
+    assert proc.stderr.endswith(f"edgeci emulate: error: cannot write --out {out}: File too large "
+                                f"({out / 'runs' / 'spin__seed0.json'})\n"), proc.stderr
+
+
+PLOT_ON_A_SMALL_DISK = """
+import sys
+from pathlib import Path
+from demos.run import Timeline, plot
+timeline = Timeline(t0=0.0, points=[(0.0, 0, 0.1), (5.0, 1, 0.5), (9.0, 2, 0.8)])
+try:
+    plot(timeline, Path(sys.argv[1]), "a run", timeline)
+except OSError as exc:
+    print(f"{type(exc).__name__}: {exc.strerror} ({exc.filename})")
+"""
+
+
+def test_run_on_a_full_disk_keeps_the_previous_plot(tmp_path: Path) -> None:
+    """`edgeci run` drew its plot straight into accuracy.png: on a full disk the previous run's
+    plot (--out runs/latest is every run's default) became a truncated file. Now it is kept.
+    (The plot itself, as the command draws it: the command's coordinator writes a 39 KB model
+    before it, so no file-size limit fails the 30 KB plot alone.)"""
+    png = tmp_path / "out" / "accuracy.png"
+    png.parent.mkdir()
+    png.write_bytes(b"the previous run's plot")
+    proc = subprocess.run([sys.executable, "-c", PLOT_ON_A_SMALL_DISK, str(png)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1", "MPLCONFIGDIR": str(tmp_path / "mpl")},
+                          timeout=120, preexec_fn=_small_files(10_000))
+    assert [p.name for p in png.parent.iterdir()] == ["accuracy.png"] and png.read_bytes() == b"the previous run's plot"
+    assert proc.stdout == f"OSError: File too large ({png})\n", proc.stdout + proc.stderr
