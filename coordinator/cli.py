@@ -435,6 +435,12 @@ def holds_versions(state_dir: Path) -> bool:
 
 def check_init(path: Path, task_spec: Any) -> None:
     """``--init`` is an edgeci model file of the served model (a .npz is a zip archive)."""
+    check_init_file(path)
+    load_model(path, expect=task_spec)
+
+
+def check_init_file(path: Path) -> None:
+    """``--init`` can be read and starts like a model file (a zip archive): what needs no task."""
     try:
         with open(path, "rb") as f:
             head = f.read(4)
@@ -442,7 +448,6 @@ def check_init(path: Path, task_spec: Any) -> None:
         raise ConfigError(f"--init {path}: cannot read it: {exc.strerror or exc}") from exc
     if head != b"PK\x03\x04":
         raise ConfigError(f"--init {path}: not an edgeci model file (a .npz written by `edgeci pretrain`)")
-    load_model(path, expect=task_spec)
 
 
 def _check_gate(options: CoordinatorOptions, layered: Layered) -> None:

@@ -48,7 +48,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from coordinator.cli import check_init, holds_versions
+from coordinator.cli import check_init, check_init_file, holds_versions
 from coordinator.config import bounded
 from demos.label_ui import (
     HELP_H,
@@ -596,27 +596,38 @@ class Backend:
         log.debug("backend stopped in %.1f s", time.monotonic() - started)
 
 
-def start_backend(args: argparse.Namespace, data_dir: Path) -> Backend:
-    """The embedded broker and coordinators (unless ``--broker``), the tasks, the two clients."""
-    resolve_identity(args)  # (again after run(): the flags it filled agree with their bundles)
-    region = args.region
-    gesture_region = args.gesture_region or f"{region}-gestures"
+def check_backend(args: argparse.Namespace, data_dir: Path) -> bool:
+    """What the backend needs that no model and no window does: the credentials, a reachable
+    ``--broker``, a readable ``--init``. Whether ``--init`` is used (it is checked against the
+    detector once that has loaded)."""
     _credentials(args)  # its mistakes before the embedded broker, its coordinators and the models start
     _gesture_credentials(args)
-    check_init_file = False
     if args.broker:
         if args.init is not None:
             raise ConfigError("--init sets the embedded coordinator's model; with --broker give it to "
                               "your coordinator instead (edgeci coordinator --init FILE)")
         check_broker(args.broker)
+        return False
+    # A detector state dir that holds versions ignores --init (the coordinator says so): only a new one is checked.
+    used = args.init is not None and not holds_versions(data_dir / "coordinator" / "detection")
+    if used:
+        check_init_file(args.init.expanduser())
+    return used
+
+
+def start_backend(args: argparse.Namespace, data_dir: Path) -> Backend:
+    """The embedded broker and coordinators (unless ``--broker``), the tasks, the two clients."""
+    resolve_identity(args)  # (again after run(): the flags it filled agree with their bundles)
+    region = args.region
+    gesture_region = args.gesture_region or f"{region}-gestures"
+    init_used = check_backend(args, data_dir)
+    if args.broker:
         backend = Backend(broker_url=args.broker)
     else:
         from coordinator.broker import EmbeddedBroker
 
-        # A detector state dir that holds versions ignores --init (the coordinator says so): only a new one is checked.
         detector_dir = data_dir / "coordinator" / "detection"
-        check_init_file = args.init is not None and not holds_versions(detector_dir)
-        if args.init is not None and not check_init_file:  # said here: the coordinator's log line is out of sight
+        if args.init is not None and not init_used:  # said here: the coordinator's log line is out of sight
             print(f"note: --init {args.init} is not used: {detector_dir} already holds the detector's versions "
                   "(it goes on from them; delete that folder to start again from the file)", file=sys.stderr)
         broker = EmbeddedBroker().start()
@@ -630,7 +641,7 @@ def start_backend(args: argparse.Namespace, data_dir: Path) -> Backend:
                 "detector", "detection", broker=backend.broker_url, region=region,
                 data_dir=data_dir, init=args.init, seed=args.seed).start())
         _start_clients(backend, args, data_dir, region=region, gesture_region=gesture_region)
-        if check_init_file:  # before the window opens: the coordinator child fails on it out of sight
+        if init_used:  # before the window opens: the coordinator child fails on it out of sight
             check_init(args.init.expanduser(), backend.detect_task.spec)
     except BaseException:
         backend.stop()
@@ -913,6 +924,21 @@ def default_data_dir(device_id: str) -> Path:
     return device_dir(device_id)  # the SDK's convention: $EDGECI_HOME/devices/<id>
 
 
+def usable_data_dir(path: Path) -> Path:
+    """``--data-dir``, created if missing, where this app can create files: a file there, a
+    read-only folder or no room is a ConfigError now, not a traceback from deep in the model
+    loading (or a coordinator child that dies out of sight)."""
+    import tempfile
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"--data-dir {path} is not a folder this app can use: {exc.strerror or exc}") from exc
+    return path
+
+
 def check_window(view: View, source_name: str) -> None:
     """A window (frame at its zoom, side panel, help bar) over MAX_WINDOW_PX a side is a BadOption."""
     width, height = canvas_size(view)
@@ -927,17 +953,15 @@ def check_window(view: View, source_name: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from edge_sdk.wire.topics import check_id
 
-    # cheap checks first, so a mistake is reported before seconds of model loading
+    # cheap checks first, so a mistake is reported before seconds of model loading; those that need
+    # no window (bundles, files, the data dir, the broker, the source) before the display: without
+    # one, "no display" hid every other mistake until the app ran under xvfb-run (helper-152)
     resolve_identity(args)
     check_id(args.device_id, "device id")
-    check_display()
     if not 0.1 <= args.fps < math.inf or (args.zoom is not None and not 0.1 <= args.zoom <= 8):
         raise ConfigError("--fps must be at least 0.1 and --zoom in 0.1..8")
-    data_dir: Path = (args.data_dir or default_data_dir(args.device_id)).expanduser()
-    try:  # (a file there, or no room: a traceback from deep in the model loading otherwise)
-        data_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"--data-dir {data_dir} is not a folder this app can use: {exc.strerror or exc}") from exc
+    data_dir = usable_data_dir((args.data_dir or default_data_dir(args.device_id)).expanduser())
+    check_backend(args, data_dir)
     source = open_source(args.source, size=args.size, seed=args.seed)
     backend: Backend | None = None
 
@@ -949,6 +973,7 @@ def run(args: argparse.Namespace) -> int:
         first = source.read(0.0)
         view = fit_view(first.shape[1], first.shape[0], zoom=args.zoom)
         check_window(view, source.name)  # before the backend (minutes of pretraining on a first run)
+        check_display()  # the last check: what it asks for (xvfb-run) is the last thing to fix
         backend = start_backend(args, data_dir)
         from edge_sdk.tasks.gestures import GESTURES, LENGTH, VELOCITY_GAIN
 

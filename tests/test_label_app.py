@@ -23,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -514,6 +515,76 @@ def test_unreachable_broker_is_a_clear_error(capsys: pytest.CaptureFixture[str],
     assert "video file not found" in capsys.readouterr().err
 
 
+def exit_code(argv: list[str]) -> int:
+    """``edgeci ARGV``'s exit status, whether argparse exits or main() returns it."""
+    from demos.cli import main
+
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+
+
+@pytest.mark.parametrize(("flags", "error"), [
+    (["--source", "{tmp}/nope.mp4"], "video file not found: {tmp}/nope.mp4"),
+    (["--data-dir", "{tmp}/afile"], "--data-dir {tmp}/afile is not a folder this app can use"),
+    (["--broker", "mqtt://127.0.0.1:{port}"], "broker mqtt://127.0.0.1:{port} is unreachable"),
+    (["--broker", "mqtts://127.0.0.1:{port}", "--ca", "{tmp}/missing.pem"], "--ca {tmp}/missing.pem: no such file"),
+    (["--bundle", "{tmp}/nope"], "--bundle/--cert/--username are for an external --broker"),
+    (["--broker", "mqtt://127.0.0.1:{port}", "--bundle", "{tmp}/nope"], "{tmp}/nope"),
+    (["--init", "{tmp}/missing.npz"], "--init {tmp}/missing.npz: cannot read it"),
+])
+def test_without_a_display_the_other_mistakes_are_said_first(flags: list[str], error: str, capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The display was checked first: without one, a missing video file, a data dir that is a
+    file, a broker that is down or a missing --ca / --init said only "no display", and the user
+    met each of them only once the app ran under xvfb-run (helper-152). Now the display is the
+    last check. (A bad bundle was already read before it: kept so.)"""
+    import demos.label as label
+    from coordinator.broker import free_port
+
+    def no_backend(*a: Any) -> None:
+        raise AssertionError("the backend started")
+
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("QT_QPA_PLATFORM", raising=False)
+    monkeypatch.setattr(label, "start_backend", no_backend)
+    (tmp_path / "afile").write_text("")
+    values = {"tmp": tmp_path, "port": free_port()}
+    argv = [f.format(**values) for f in flags]
+    data_dir = [] if "--data-dir" in argv else ["--data-dir", str(tmp_path / "d")]
+    code = exit_code(["label", "--source", "synthetic", "--size", "96", *data_dir, *argv])
+    err = capsys.readouterr().err
+    assert code in (1, 2) and "edgeci label: error: " in err and error.format(**values) in err, err
+    assert "no display" not in err and "Traceback" not in err, err
+    # with those fixed, the display is what is left, its advice kept
+    assert exit_code(["label", "--source", "synthetic", "--size", "96", "--data-dir", str(tmp_path / "d")]) == 1
+    assert "no display: DISPLAY is not set" in (err := capsys.readouterr().err) and "xvfb-run -a edgeci label" in err, err
+
+
+def test_a_read_only_data_dir_is_said_before_the_display(tmp_path: Path) -> None:
+    """`--data-dir` was only created (mkdir): a read-only one passed, hidden behind "no display"
+    on a machine without one, and failed later from the model loading. (Run as an ordinary user:
+    root may write anywhere.)"""
+    base = Path(tempfile.mkdtemp(prefix="edgeci-ro-"))  # (pytest's tmp_path is root's alone)
+    try:
+        base.chmod(0o755)
+        read_only = base / "ro"
+        read_only.mkdir(mode=0o555)
+        read_only.chmod(0o555)
+        env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "QT_QPA_PLATFORM")}
+        env.update(PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1", EDGECI_HOME=str(base), HOME=str(base))
+        as_nobody = (lambda: (os.setgroups([]), os.setgid(65534), os.setuid(65534))) if os.geteuid() == 0 else None
+        proc = subprocess.run([sys.executable, "-m", "demos.cli", "label", "--source", "synthetic", "--size", "96",
+                               "--data-dir", str(read_only)], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=120, preexec_fn=as_nobody)
+        assert proc.returncode == 1, proc.stderr
+        assert proc.stderr == f"edgeci label: error: --data-dir {read_only} is not a folder this app can use: Permission denied\n", proc.stderr
+        assert list(read_only.iterdir()) == []
+    finally:
+        shutil.rmtree(base)
+
+
 @pytest.mark.parametrize(("flags", "error"), [
     (["--seed", "-1"], "argument --seed: must be at least 0"),
     (["--fps", "nan"], "argument --fps: must be at least 0.1"),
@@ -995,6 +1066,7 @@ def test_sigterm_stops_the_embedded_backend_as_quitting_does(monkeypatch: pytest
             return 0
 
     monkeypatch.setattr(label, "check_display", lambda: None)
+    monkeypatch.setattr(label, "check_backend", lambda args, data_dir: False)  # (no broker flags in these args)
     monkeypatch.setattr(label, "open_source", lambda *a, **k: source)
     monkeypatch.setattr(label, "start_backend", lambda args, data_dir: backend)
     monkeypatch.setattr(label, "LabelApp", App)
