@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -141,3 +143,48 @@ def test_json_lines_hold_strict_json_for_any_event_data() -> None:
     text = json.dumps(_plain(data), allow_nan=False, ensure_ascii=False)
     assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}")) == {
         "loss": None, "n": 3, "acc": 0.5, "seconds": None, "detail": "é", "l": [None, 2]}
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stopped_device_says_what_it_did_and_where_its_data_is(mosquitto: MosquittoProcess, tmp_path: Path,
+                                                                 signum: signal.Signals) -> None:
+    """Ctrl-C or `kill` stopped `edgeci device` cleanly (exit 0) without a word: how much it had
+    labelled and contributed, which model it held and where its data stayed, the operator had to
+    find out (helper-152). Now one last line says so, from the client's own counters."""
+    from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
+    from edge_sdk.tasks import get_task
+
+    daemon = CoordinatorDaemon(CoordinatorOptions(broker=mosquitto.url, region="r1", state_dir=tmp_path / "coord",
+                                                  strategy_params={"k": 1, "timeout_s": None}),
+                               task=get_task("digits")).start()
+    home = tmp_path / "home"
+    proc = subprocess.Popen([sys.executable, "-m", "demos.cli", "device", "--broker", mosquitto.url, "--region", "r1",
+                             "--device-id", "d1", "--rate", "20", "--min-samples", "4", "--duration", "600"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "EDGECI_HOME": str(home)})
+    try:
+        assert proc.stdout is not None
+        seen: list[str] = []
+        deadline = time.monotonic() + 120
+        while not any("update_acked" in line for line in seen):  # an update accepted
+            line = proc.stdout.readline()
+            assert line and time.monotonic() < deadline, "".join(seen)
+            seen.append(line)
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        daemon.stop()
+    assert proc.returncode == 0, err
+    last = out.splitlines()[-1]
+    stopped = re.fullmatch(r"\[d1\] stopped: (\d+) samples labelled, (\d+) update\(s\) accepted this run, model v(\d+); "
+                           r"data in (.+) \((\d+) samples stored\)", last)
+    assert stopped is not None, out
+    labelled, accepted, version, data_dir, stored = stopped.groups()
+    # (the model: v0, or a newer one if it arrived before the signal)
+    assert int(labelled) >= 4 and int(accepted) >= 1 and int(version) >= 0 and int(stored) == int(labelled), last
+    assert Path(data_dir) == home / "devices" / "d1" and (Path(data_dir) / "samples.sqlite3").exists(), last
+    assert "Traceback" not in err, err
