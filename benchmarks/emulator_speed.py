@@ -27,7 +27,7 @@ both (asserted by ``tests/test_inprocess_transport.py``).
 real local training on one torch thread, SPIN and FedAsync, against the same run with
 training stubbed out. Goal ≥ 100× real time on 2 cores.
 
-    .venv/bin/python benchmarks/emulator_speed.py [--sizes 1000,10000,100000] [--duration 1800] [--rate 2] [--transport codec,carried] [--baseline-runs 3] [--largest-runs 5]
+    .venv/bin/python benchmarks/emulator_speed.py [--sizes 1000,10000,100000] [--duration 1800] [--rate 2] [--transport codec,carried] [--baseline-runs 3] [--largest-runs 1]
     .venv/bin/python benchmarks/emulator_speed.py --profile 100000      # cProfile of one size
     .venv/bin/python benchmarks/emulator_speed.py --headline [--duration 3600]
 """

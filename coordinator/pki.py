@@ -768,9 +768,25 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{where}: {why}" if where is not None else str(exc)) from exc
 
 
+def _create_folder(path: Path, flag: str) -> None:
+    """Make ``path`` (0700) for ``flag``: one that cannot be made is a ConfigError naming the
+    flag, the folder and why (`pki init --dir /proc/x` said only "/proc/x: No such file or
+    directory"). A file in its place is left to :func:`run` ("exists and is not a folder")."""
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        blocker = next((p for p in path.parents if p.exists()), None)
+        why = (f"{blocker} is not a folder" if blocker is not None and not blocker.is_dir()
+               else f"{exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) else ""))
+        raise ConfigError(f"{flag} {path}: cannot create the folder: {why}") from exc
+
+
 def _run(args: argparse.Namespace) -> int:
     cmd = args.pki_command
     if cmd == "init":
+        _create_folder(args.dir, "--dir")
         Pki.init(args.dir, common_name=args.name, days=args.days, force=args.force)
         print(f"CA created: {args.dir / 'ca.crt'} (key {args.dir / 'ca.key'}, 0600: keep it offline)")
         return 0

@@ -334,7 +334,11 @@ def auth_from_args(args: argparse.Namespace) -> BrokerAuth | None:
         if getattr(args, attr, None):
             given[name] = getattr(args, attr)
             if attr != "username" and not Path(given[name]).is_file():  # (BrokerAuth's words name its fields, not the flags)
-                raise BadOption(f"--{attr} {given[name]}: no such file")
+                path = Path(given[name])
+                bundle = " (a bundle: pass it as --bundle)" if (path / "bundle.json").is_file() else ""
+                why = (f"is a directory, not a file{bundle}" if path.is_dir()
+                       else "not a regular file" if path.exists() else "no such file")
+                raise BadOption(f"--{attr} {path}: {why}")
     if auth is None and ("cert_file" in given) != ("key_file" in given):
         raise BadOption("--cert and --key go together: the client certificate and its private key (or a --bundle holding both)")
     password_file = getattr(args, "password_file", None)

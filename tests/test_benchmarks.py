@@ -144,3 +144,26 @@ def test_a_flag_with_a_default_says_it_in_help(script: str, flag: str, default: 
     options = re.split(r"\n(?=  -)", out.split("options:", 1)[1])
     text = " ".join(next(o for o in options if o.strip().startswith(f"{flag} ")).split())
     assert f"default {default})" in text, text
+
+
+def test_emulator_speeds_usage_lines_show_the_defaults() -> None:
+    """helper-152: its docstring (the top of --help) showed `[--largest-runs 5]` where the
+    default is 1. Each `[--flag VALUE]` shown there is the flag's default, where it has one."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("emulator_speed", ROOT / "benchmarks" / "emulator_speed.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    defaults = vars(module.parse_args([]))
+    shown = re.findall(r"\[(--[a-z-]+) ([^\]\s]+)\]", module.__doc__)
+    assert ("--largest-runs", "1") in shown, shown
+    for flag, value in shown:
+        default = defaults[flag.removeprefix("--").replace("-", "_")]
+        if default is None:  # (--duration: the mode's own, said in its help)
+            continue
+        if isinstance(default, list):  # (a comma list, parsed)
+            same = value == ",".join(map(str, default))
+        else:
+            same = float(value) == float(default) if isinstance(default, int | float) else value == str(default)
+        assert same, f"{flag} {value} shown, default {default}"

@@ -153,17 +153,25 @@ def test_an_id_that_cannot_be_a_topic_level_is_a_usage_error(argv: list[str], ne
     (["status", "--cert", "{file}"], "--cert and --key go together"),
     (["status", "--ca", "{missing}"], "--ca {missing}: no such file"),
     (["device", "--device-id", "d1", "--cert", "{missing}", "--key", "{file}"], "--cert {missing}: no such file"),
+    (["status", "--ca", "{folder}"], "--ca {folder}: is a directory, not a file\n"),
+    (["status", "--ca", "{bundle}"], "--ca {bundle}: is a directory, not a file (a bundle: pass it as --bundle)"),
+    (["device", "--device-id", "d1", "--cert", "{folder}", "--key", "{file}"], "--cert {folder}: is a directory, not a file"),
 ])
 def test_broker_credential_flags_are_named_in_their_errors(argv: list[str], needle: str, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     """They said "a client certificate needs both cert_file and key_file" (BrokerAuth's fields)
-    and "/x does not exist" (which flag?), and exited 1 where `edgeci coordinator` exits 2."""
-    file, missing = tmp_path / "some.pem", tmp_path / "missing.pem"
+    and "/x does not exist" (which flag?), and exited 1 where `edgeci coordinator` exits 2. A folder
+    given for a file said "no such file" (helper-152)."""
+    file, missing, folder, bundle = tmp_path / "some.pem", tmp_path / "missing.pem", tmp_path / "folder", tmp_path / "bundle"
     file.write_text("not used")
-    argv = [a.format(file=file, missing=missing) for a in argv]
+    folder.mkdir()
+    bundle.mkdir()
+    (bundle / "bundle.json").write_text("{}")
+    names = {"file": file, "missing": missing, "folder": folder, "bundle": bundle}
+    argv = [a.format(**names) for a in argv]
     assert exit_code([*argv, "--broker", "mqtts://127.0.0.1:1", *(["--data-dir", str(tmp_path / "d")] if argv[0] == "device" else [])]) == 2
     err = capsys.readouterr().err
-    assert f"edgeci {argv[0]}: error: {needle.format(missing=missing)}" in err and "Traceback" not in err, err
+    assert f"edgeci {argv[0]}: error: {needle.format(**names)}" in err and "Traceback" not in err, err
 
 
 @pytest.mark.broker
@@ -252,3 +260,10 @@ def test_run_on_a_full_disk_keeps_the_previous_plot(tmp_path: Path) -> None:
                           timeout=120, preexec_fn=_small_files(10_000))
     assert [p.name for p in png.parent.iterdir()] == ["accuracy.png"] and png.read_bytes() == b"the previous run's plot"
     assert proc.stdout == f"OSError: File too large ({png})\n", proc.stdout + proc.stderr
+
+
+def test_pki_init_where_no_folder_can_be_made_names_the_flag_and_the_folder(capsys: pytest.CaptureFixture[str]) -> None:
+    """`pki init --dir /proc/x` said only "/proc/x: No such file or directory": of what, doing what?"""
+    assert Path("/proc/self").is_dir(), "needs Linux's /proc, where no folder can be made"
+    assert main(["pki", "init", "--dir", "/proc/edgeci-pki"]) == 1
+    assert capsys.readouterr().err == "edgeci pki: error: --dir /proc/edgeci-pki: cannot create the folder: No such file or directory\n"

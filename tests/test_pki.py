@@ -414,7 +414,7 @@ def test_cli_a_path_it_cannot_write_is_one_line(tmp_path: Path, capsys: pytest.C
     assert edgeci(["pki", "init", "--dir", str(a_file)]) == 1
     assert capsys.readouterr().err == f"edgeci pki: error: {a_file}: exists and is not a folder\n"
     assert edgeci(["pki", "init", "--dir", str(a_file / "pki")]) == 1
-    assert capsys.readouterr().err == f"edgeci pki: error: {a_file / 'pki'}: Not a directory\n"
+    assert capsys.readouterr().err == f"edgeci pki: error: --dir {a_file / 'pki'}: cannot create the folder: {a_file} is not a folder\n"
     assert edgeci(["pki", "init", "--dir", str(d)]) == 0
     a_dir = tmp_path / "a-dir"
     a_dir.mkdir()
