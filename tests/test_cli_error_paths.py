@@ -266,4 +266,5 @@ def test_pki_init_where_no_folder_can_be_made_names_the_flag_and_the_folder(caps
     """`pki init --dir /proc/x` said only "/proc/x: No such file or directory": of what, doing what?"""
     assert Path("/proc/self").is_dir(), "needs Linux's /proc, where no folder can be made"
     assert main(["pki", "init", "--dir", "/proc/edgeci-pki"]) == 1
-    assert capsys.readouterr().err == "edgeci pki: error: --dir /proc/edgeci-pki: cannot create the folder: No such file or directory\n"
+    err = capsys.readouterr().err  # (the reason is the kernel's: Linux says "No such file or directory")
+    assert err.startswith("edgeci pki: error: --dir /proc/edgeci-pki: cannot create the folder: ") and err.count("\n") == 1, err
