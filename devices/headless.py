@@ -265,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
     # (a SIGINT / SIGTERM ended it without a word: what it did and where its data is, from the client's counters)
     version, acked = client.version, client.core.state.updates_acked
     model = "no model yet" if version is None else f"model v{version}"
-    say("stopped", f"stopped: {loop.labelled} samples labelled, {acked} update(s) accepted this run, {model}; "
+    say("stopped", f"stopped: {loop.labelled} samples labelled, {acked} update(s) acknowledged this run, {model}; "
                    f"data in {client.data_dir} ({stored} samples stored)",
         {"labelled": loop.labelled, "stored": stored, "updates_accepted": acked, "version": version,
          "data_dir": str(client.data_dir)})

@@ -180,7 +180,7 @@ def test_a_stopped_device_says_what_it_did_and_where_its_data_is(mosquitto: Mosq
         daemon.stop()
     assert proc.returncode == 0, err
     last = out.splitlines()[-1]
-    stopped = re.fullmatch(r"\[d1\] stopped: (\d+) samples labelled, (\d+) update\(s\) accepted this run, model v(\d+); "
+    stopped = re.fullmatch(r"\[d1\] stopped: (\d+) samples labelled, (\d+) update\(s\) acknowledged this run, model v(\d+); "
                            r"data in (.+) \((\d+) samples stored\)", last)
     assert stopped is not None, out
     labelled, accepted, version, data_dir, stored = stopped.groups()
