@@ -46,7 +46,11 @@ the store over a quota, samples are evicted in the same transaction, in this ord
    coordinator), oldest timestamp first;
 2. then any other sample, oldest timestamp first;
 
-ties broken by the lower id. The sample just added is never evicted; a sample that alone
+ties broken by the lower id. Within each of the two, a sample stamped more than
+:data:`MAX_FUTURE_S` ahead of the store's clock goes first (by timestamp, then id): the clock
+itself was ahead when it was labelled (a device booted with a wrong time, then NTP set it right),
+and oldest-first would keep it past every label made after it (helper-153: quota 4, four such
+labels, then four fresh ones kept one fresh label). The sample just added is never evicted; a sample that alone
 exceeds ``quota_bytes`` is rejected with :class:`~edge_sdk.errors.InvalidSample` instead.
 Quotas are runtime policy, not stored: reopening with lower quotas evicts at open, by the
 same order.
@@ -301,6 +305,9 @@ class SampleStore:
         self._clock = clock
         self._task = task
         self._said_untrained = False
+        self._latest_ts: float | None = None
+        """At least every stored timestamp (None: not read yet): eviction looks for samples stamped
+        ahead of the clock only when this is."""
         self.unreadable: set[int] = set()
         """Ids of stored samples that no longer decode (bit-rot: bad bytes, NaN, a label out of
         range): left out of :meth:`snapshot` and :meth:`frames`, each logged once, so one bad
@@ -853,6 +860,8 @@ class SampleStore:
                 "INSERT INTO sample_data (id, data, boxes) VALUES (?, ?, ?)",
                 (sid, row.data, row.boxes),
             )
+            if self._latest_ts is not None:
+                self._latest_ts = max(self._latest_ts, row.timestamp)
             self._evict(c, protect=sid)
         return int(sid)
 
@@ -865,20 +874,37 @@ class SampleStore:
             return 0
         victims: list[tuple[int]] = []
         untrained = 0
-        cur = c.execute(
-            "SELECT id, nbytes, used_seq FROM samples WHERE id IS NOT ? ORDER BY acked DESC, ts, id",
-            (protect,),
-        )
-        try:
-            for sid, size, used_seq in cur:
-                if over_n <= 0 and over_bytes <= 0:
-                    break
-                victims.append((sid,))
-                untrained += used_seq is None
-                over_n -= 1
-                over_bytes -= size
-        finally:
-            cur.close()
+        # Within each class, a sample stamped more than MAX_FUTURE_S ahead of the clock goes first: a
+        # clock that was ahead when it was labelled (then corrected) would keep it past every fresh
+        # label. Range scans on (acked, ts), so samples_by_eviction serves each; only when some
+        # sample may be that far ahead (the usual store has none: one scan, as before the fix).
+        cutoff = float(self._clock()) + MAX_FUTURE_S
+        if self._latest_ts is None:
+            self._latest_ts = max((ts for (ts,) in c.execute(
+                "SELECT MAX(ts) FROM samples WHERE acked = 1 UNION ALL SELECT MAX(ts) FROM samples WHERE acked = 0")
+                if ts is not None), default=-math.inf)
+        columns = "SELECT id, nbytes, used_seq FROM samples"
+        scans: list[tuple[str, tuple[Any, ...]]]
+        if self._latest_ts > cutoff:
+            scans = [(f"{columns} WHERE acked = ? AND ts {op} ? AND id IS NOT ? ORDER BY ts, id", (acked, cutoff, protect))
+                     for acked in (1, 0) for op in (">", "<=")]
+            self._latest_ts = None  # read again at the next eviction: exact once these are gone
+        else:
+            scans = [(f"{columns} WHERE id IS NOT ? ORDER BY acked DESC, ts, id", (protect,))]
+        for sql, args in scans:
+            if over_n <= 0 and over_bytes <= 0:
+                break
+            cur = c.execute(sql, args)
+            try:
+                for sid, size, used_seq in cur:
+                    if over_n <= 0 and over_bytes <= 0:
+                        break
+                    victims.append((sid,))
+                    untrained += used_seq is None
+                    over_n -= 1
+                    over_bytes -= size
+            finally:
+                cur.close()
         c.executemany("DELETE FROM samples WHERE id = ?", victims)
         if untrained and not self._said_untrained:  # a label lost to training: said once per store
             self._said_untrained = True

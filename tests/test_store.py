@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from edge_sdk.errors import ConfigError, InvalidSample, LocalProtocolError
@@ -275,6 +275,45 @@ def test_a_timestamp_from_the_future_is_refused_so_fresh_labels_are_not_evicted(
         old = s.add(digit(2), 1, timestamp=0.0)
         fresh = [s.add(digit(3 + i), 2) for i in range(4)]
         assert s.ids() == [skewed, *fresh] and old not in s.ids() and s.stats().added == 6
+
+
+def test_labels_stamped_by_a_clock_that_was_ahead_are_evicted_before_fresh_ones(db: Path) -> None:
+    """A device that booted with its clock a year ahead stamps its labels a year ahead (the clock's
+    own now is not refused); NTP corrects the clock. Eviction went oldest first, so those labels
+    outlived every fresh one: quota 4, four such labels, then 4 fresh ones kept [2, 3, 4, 8] (fresh
+    labels 5-7 lost, helper-153). Within each class, one stamped more than MAX_FUTURE_S ahead of the
+    clock now goes first; acknowledged ones still go before the rest, and a reopen evicts alike."""
+    year = 365 * 86_400.0
+    now = [1_800_000_000.0 + year]
+    with open_store(db, quota_samples=4, clock=lambda: now[0]) as s:
+        for i in range(4):
+            s.add(digit(i), 1)
+        now[0] -= year  # NTP
+        fresh = [s.add(digit(4 + i), 2) for i in range(4)]
+        assert s.ids() == fresh
+        s.mark_used(fresh[:2], 0)
+        s.mark_acked(0)
+        now[0] += year
+        ahead = s.add(digit(8), 1)  # evicts fresh[0], the oldest acknowledged
+        s.mark_used([ahead], 1)
+        s.mark_acked(1)
+        now[0] -= year
+        new = s.add(digit(9), 3)
+        assert s.ids() == [*fresh[1:], new]  # the acknowledged one stamped ahead, before fresh[1]
+        newer = s.add(digit(10), 3)
+        assert s.ids() == [*fresh[2:], new, newer]  # then the acknowledged fresh[1]
+        now[0] += year
+        ahead = s.add(digit(11), 1)  # evicts fresh[2]: none acknowledged left, the oldest
+        now[0] -= year
+        newest = s.add(digit(12), 3)
+        assert s.ids() == [fresh[3], new, newer, newest]  # unacknowledged: the one stamped ahead first
+        now[0] += year
+    with open_store(db, quota_samples=4, clock=lambda: now[0]) as s:
+        ahead = s.add(digit(13), 1)
+        assert s.ids() == [new, newer, newest, ahead]
+    now[0] -= year
+    with open_store(db, quota_samples=3, clock=lambda: now[0]) as s:
+        assert s.ids() == [new, newer, newest]  # a lower quota at open: the one stamped ahead goes
 
 
 def test_evicting_labels_no_update_trained_on_is_said_once(db: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -612,7 +651,8 @@ class Model:
     acked: bool = False
 
 
-TIMESTAMPS = st.sampled_from([0.0, 1.0, 2.0, 5.0, -3.0])
+TIMESTAMPS = st.sampled_from([0.0, 1.0, 2.0, 5.0, -3.0, None])  # None: the clock's now
+CLOCKS = st.sampled_from([0.0, 3 * MAX_FUTURE_S])  # a clock a few days ahead, then set right (and back)
 OPS = st.one_of(
     st.tuples(
         st.just("add"),
@@ -623,6 +663,7 @@ OPS = st.one_of(
     st.tuples(st.just("mark_used"), st.lists(st.integers(0, 40), max_size=6), st.integers(0, 3)),
     st.tuples(st.just("mark_acked"), st.integers(0, 3)),
     st.tuples(st.just("reopen")),
+    st.tuples(st.just("clock"), CLOCKS),
 )
 
 
@@ -632,6 +673,11 @@ OPS = st.one_of(
     quota_samples=st.one_of(st.none(), st.integers(1, 6)),
     quota_bytes=st.one_of(st.none(), st.integers(400, 1500)),
 )
+@example(  # a label stamped by a clock days ahead, the clock set right: it goes before the older one
+    ops=[("add", "array", 0, 0.0), ("clock", 3 * MAX_FUTURE_S), ("add", "array", 0, None), ("clock", 0.0),
+         ("add", "array", 0, 0.0)],
+    quota_samples=2, quota_bytes=None,
+)
 def test_any_op_sequence_matches_a_reference_model(
     ops: list[tuple[Any, ...]], quota_samples: int | None, quota_bytes: int | None
 ) -> None:
@@ -639,23 +685,35 @@ def test_any_op_sequence_matches_a_reference_model(
     acked_updates: set[int] = set()
     issued: list[int] = []
     small_frame = (4, 5)
+    clock = [0.0]
 
     def over() -> bool:
         too_many = quota_samples is not None and len(model) > quota_samples
         too_big = quota_bytes is not None and sum(m.nbytes for m in model.values()) > quota_bytes
         return too_many or too_big
 
+    def evict_over_quota(protect: int | None) -> None:
+        """Acknowledged first; within each class, stamped more than MAX_FUTURE_S ahead of the clock
+        first; then the oldest timestamp, the lowest id."""
+        while over():
+            victim = min(
+                (k for k in model if k != protect),
+                key=lambda k: (not model[k].acked, model[k].timestamp <= clock[0] + MAX_FUTURE_S, model[k].timestamp, k),
+            )
+            del model[victim]
+
     with scratch_dir() as tmp:
         path = tmp / "p.sqlite3"
 
         def reopen() -> SampleStore:
-            return open_store(path, quota_samples=quota_samples, quota_bytes=quota_bytes)
+            return open_store(path, quota_samples=quota_samples, quota_bytes=quota_bytes, clock=lambda: clock[0])
 
         s = reopen()
         try:
             for n_op, op in enumerate(ops):
                 if op[0] == "add":
                     _, kind, label, ts = op
+                    ts = clock[0] if ts is None else ts
                     if kind == "array":
                         data, boxes = digit(n_op), np.zeros((0, 5), np.float32)
                         sid = s.add(data, label, timestamp=ts)
@@ -672,12 +730,7 @@ def test_any_op_sequence_matches_a_reference_model(
                     stored = s.get(sid)
                     assert stored is not None  # the sample just added is never evicted
                     model[sid] = Model(kind, ts, label, data, boxes, stored.nbytes)
-                    while over():
-                        victim = min(
-                            (k for k in model if k != sid),
-                            key=lambda k: (not model[k].acked, model[k].timestamp, k),
-                        )
-                        del model[victim]
+                    evict_over_quota(protect=sid)
                 elif op[0] == "mark_used":
                     _, picks, seq = op
                     ids = [issued[p % len(issued)] for p in picks] if issued else []
@@ -693,9 +746,12 @@ def test_any_op_sequence_matches_a_reference_model(
                     assert s.mark_acked(seq) == len(newly)
                     for m in newly:
                         m.acked = True
+                elif op[0] == "clock":
+                    clock[0] = op[1]
                 else:
                     s.close()
                     s = reopen()
+                    evict_over_quota(protect=None)
 
                 # invariants after every step
                 assert s.ids() == sorted(model)
