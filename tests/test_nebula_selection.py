@@ -189,6 +189,27 @@ def test_the_rewards_of_a_whole_selection_are_eq5_per_device_to_the_bit() -> Non
     assert performance_rewards([], 1.0) == []
 
 
+def test_the_probabilities_are_eq7_over_eq5_and_eq6_per_device_to_the_bit() -> None:
+    """probabilities() takes the scores and curiosities in passes over the candidates (eq. 6 once per
+    distinct count), for speed: the floats must be those of the formulas taken device by device, or
+    the draws (rng.choices over them) would change."""
+    rng = random.Random(1)
+    for case in range(200):
+        s = NebulaStrategy(NebulaConfig(planets=3, selection="reward", offset_sign=rng.choice([-1, 0, 1])))
+        s.state.versions = [float(rng.randrange(0, 20)) for _ in range(3)]
+        s.state.v_rotation_avg, s.state.stellar_at, s.state.v_stellar = rng.uniform(0, 10), 1.0, rng.uniform(0, 10)
+        devices = [f"d{i}" for i in range(rng.randrange(1, 30))]
+        s.score = {d: (rng.choice([0.0, rng.uniform(0, 50)]), rng.randrange(1, 4)) for d in devices if rng.random() < 0.6}
+        s.count = {d: rng.randrange(0, 6) for d in devices if rng.random() < 0.7}
+        candidates = rng.sample(devices, rng.randrange(1, len(devices) + 1))
+        for planet in range(3):
+            gap = s.gap(planet)
+            scores = [s.performance_score(d) for d in candidates]
+            want = selection_probabilities([performance_reward(sc, scores, gap) for sc in scores],
+                                           [curiosity(s.count.get(d, 0)) for d in candidates])
+            assert s.probabilities(candidates, planet) == want, (case, planet)
+
+
 def _many_waiting(s: NebulaStrategy, n: int) -> list[str]:
     """``n`` devices waiting, every other one with a score of its own."""
     waiting = [f"d{i:06d}" for i in range(n)]

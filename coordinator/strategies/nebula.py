@@ -373,18 +373,17 @@ class NebulaStrategy(Strategy):
     def probabilities(self, candidates: Sequence[str], planet: int) -> list[float]:
         """Eq. 7 over ``candidates`` for ``planet`` (``selection = "reward"``)."""
         gap = self.gap(planet)
-        unseen: float | None = None  # (the mean over every score: once, not once per candidate without one)
-        scores: list[float] = []
-        for device in candidates:
-            seen = self.score.get(device)
-            if seen is not None:
-                scores.append(seen[0] / seen[1])
-            else:
-                if unseen is None:
-                    unseen = self._unseen_score()
-                scores.append(unseen)
+        score_of = self.score.get
+        seen = [score_of(device) for device in candidates]
+        # (the mean over every score: once, not once per candidate without one)
+        unseen = self._unseen_score() if None in seen else 0.0
+        scores = [unseen if sc is None else sc[0] / sc[1] for sc in seen]
         rewards = performance_rewards(scores, gap)
-        return selection_probabilities(rewards, [curiosity(self.count.get(d, 0)) for d in candidates])
+        # eq. 6 once per distinct count (a few), not once per candidate: the same floats
+        count_of = self.count.get
+        counts = [count_of(device, 0) for device in candidates]
+        of_count = {n: curiosity(n) for n in set(counts)}
+        return selection_probabilities(rewards, [of_count[n] for n in counts])
 
     def resource_for(self, device: str, planet: int) -> int | None:
         """Eq. 8–9 (``resources = "cost"``), else None (no hint)."""
@@ -410,6 +409,8 @@ class NebulaStrategy(Strategy):
         busy = {slot[0] for slot in self.in_flight.values()}
         free = sorted((j for j in range(self.state.k) if j not in busy), key=lambda j: (self.state.versions[j], j))
         # (every planet busy: no pass over the waiting devices, which a plan after every event made O(waiting) each)
+        # Sorted whole, not a top few: each draw ranges over every waiting device, uniform by rank and eq. 7 by the
+        # cumulative weights in this order, so the same seed draws the same devices whatever order they deferred in.
         waiting = sorted(d for d in view.deferred if d not in self.in_flight) if free else []
         invite: list[str] = []
         for planet in free:
