@@ -189,7 +189,7 @@ def run_fleet(scenario: Any, *, broker: str, time_scale: float, args: Any) -> in
 
     from tqdm import tqdm
 
-    from devices.report import output_dir, parse_seeds, plot_timeline
+    from devices.report import output_dir, parse_seeds, plot_timeline, replacing, write_text_atomic
     from devices.scenario import materialise
     from edge_sdk.tasks import get_task
 
@@ -237,7 +237,7 @@ def run_fleet(scenario: Any, *, broker: str, time_scale: float, args: Any) -> in
             bar.n = int(elapsed)
             bar.refresh()
             time.sleep(min(0.5, max(0.0, wall_s - elapsed)))
-    with open(out / "timeline.csv", "w", newline="") as f:
+    with replacing(out / "timeline.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["wall_s", "virtual_s", "version", "accuracy"])
         for t, v, acc in points:
@@ -245,7 +245,7 @@ def run_fleet(scenario: Any, *, broker: str, time_scale: float, args: Any) -> in
     plot_timeline(points, out / "accuracy.png", f"{scenario.name}: {len(plans)} MQTT devices, {time_scale:g}× real time")
     summary = {"devices": len(plans), "acked": fleet.stats.acked, "rejected": fleet.stats.rejected,
                "trained": fleet.stats.trained, "labelled": fleet.loop.labelled, "points": points}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
     first = points[0] if points else (0.0, -1, float("nan"))
     last = points[-1] if points else first
     print(

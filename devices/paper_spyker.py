@@ -255,7 +255,7 @@ def sweep(p: argparse.ArgumentParser, argv: Sequence[str] | None, out_root: str,
     """Run every method × fleet size × seed (:class:`devices.multiregion.Sweep` of :func:`run_one`),
     then write ``report(runs, duration, baseline, also)``'s summary and table under ``--out``
     (``needs_cost``: the report reads the scenario's ``[multiregion.cost]``: checked first)."""
-    from devices.report import json_default
+    from devices.report import json_default, write_text_atomic
 
     args = p.parse_args(argv)
     plan = Sweep.from_args(p, args, lambda sc: Path("runs") / out_root / (sc.name + ("-quick" if args.quick else "")))
@@ -281,8 +281,8 @@ def sweep(p: argparse.ArgumentParser, argv: Sequence[str] | None, out_root: str,
               f"{target:g}, and each run stops soon after reaching it", file=sys.stderr)
         also = [a for a in also if a < target]
     summary, table = report(runs, sc.settings.duration_s, args.baseline, also)
-    (out / table_name).write_text(table, encoding="utf-8")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=json_default), encoding="utf-8")
+    write_text_atomic(out / table_name, table)
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=1, default=json_default))
     print(table)
     return 0
 

@@ -499,12 +499,14 @@ def run_cli(sc: SccScenario, out: Path, *, quiet: bool = False) -> int:
             f"{split}, cache Q={se.capacity}; {len(st.seeds)} seeds. Accuracy in %; forgetting = early-class accuracy "
             f"when learned − at the end (pp; early classes = the first {se.early_classes} of each seed's season order).\n\n")
     report = note + format_report(runs) + "\n"
-    (out / "scc_stream.md").write_text(report, encoding="utf-8")
-    (out / "summary.json").write_text(json.dumps({
+    from devices.report import write_text_atomic
+
+    write_text_atomic(out / "scc_stream.md", report)
+    write_text_atomic(out / "summary.json", json.dumps({
         "settings": {"stream": asdict(se), "devices": st.devices, "seeds": list(st.seeds), "alpha": st.alpha},
         "stats": summarise(runs),
         "runs": [{"arm": r.arm, "seed": r.seed, "summary": r.summary, "rows": r.rows} for r in runs],
-    }, indent=1), encoding="utf-8")
+    }, indent=1))
     print(report)
     print(f"wrote {out / 'scc_stream.md'}, {out / 'summary.json'}", file=sys.stderr)
     return 0
