@@ -1046,11 +1046,11 @@ class DeviceCore:
 
     def _training_failed(self, now: float, error: str) -> list[DeviceAction]:
         """Back to IDLE; the samples were not learned, so retry them after a back-off."""
-        s, cfg = self._s, self.config
+        s = self._s
         s.phase = _IDLE
         s.trained_upto = s.prev_trained_upto
         s.train_failures += 1
-        backoff = min(cfg.request_timeout_s * 2 ** min(s.train_failures - 1, 16), cfg.max_backoff_s)
+        backoff = self._backoff(s.train_failures, 0)  # (a job that raised: no crash's long hold)
         s.hold_until = s.deadline = now + backoff
         return [
             # A job that raised is no crash (that count stays as it was); its back-off is kept with the mark,
