@@ -925,7 +925,7 @@ def check_take_over(options: CoordinatorOptions, take_over: bool) -> None:
     def stale_other(got: dict[str, bytes]) -> tuple[str, float] | None:
         """Another coordinator's retained status, alive by its word but old by this host's clock: it is
         gone, or its clock is behind this one's. It publishes once a heartbeat: wait that long (+ 5 s)."""
-        from coordinator.cli_status import LIVE_WAIT_MAX_S
+        from coordinator.cli_status import heartbeat_wait
         from edge_sdk.wire.codec import parse_status_json
 
         payload = got.get(status_topic)
@@ -933,8 +933,7 @@ def check_take_over(options: CoordinatorOptions, take_over: bool) -> None:
         if payload is None or published is None or live_other_coordinator(payload, kid, time.time(), epoch) is not None \
                 or live_other_coordinator(payload, kid, published, epoch) is None:
             return None  # none, live by this clock (refused below), or not one to refuse (this state dir's own)
-        beat = parse_status_json(payload).get("heartbeat_s")
-        return status_topic, min(LIVE_WAIT_MAX_S, (float(beat) if isinstance(beat, int | float) else 30.0) + 5.0)
+        return status_topic, heartbeat_wait(parse_status_json(payload))
 
     probe = _probe(options, [*every_status, recall_topic, status_topic], required=True,
                    watch=lambda got: live_other_coordinator(got.get(status_topic), kid, time.time(), epoch) is None,

@@ -366,6 +366,12 @@ LIVE_WAIT_MAX_S = 120.0
 """The longest ``edgeci status`` waits for a live status when the retained one looks stale."""
 
 
+def heartbeat_wait(status: Mapping[str, Any], wait_max: float = LIVE_WAIT_MAX_S) -> float:
+    """How long to wait for a live coordinator's next status: its heartbeat (30 s if it names none) + 5 s, at most ``wait_max``."""
+    beat = status.get("heartbeat_s")
+    return min(wait_max, (float(beat) if isinstance(beat, int | float) else 30.0) + 5.0)
+
+
 def judge_live(status: Mapping[str, Any], stale_after: float | None, next_status: Callable[[float], Mapping[str, Any] | None],
                wait_max: float = LIVE_WAIT_MAX_S) -> tuple[Mapping[str, Any], float, bool | None, float | None]:
     """``(status, now, alive, skew)``: ``status`` judged by :func:`liveness` on this machine's clock,
@@ -379,8 +385,7 @@ def judge_live(status: Mapping[str, Any], stale_after: float | None, next_status
     published = status.get("published_at")
     if alive is not False or status.get("alive") is not True or not isinstance(published, int | float):
         return status, now, alive, None
-    beat = status.get("heartbeat_s")
-    wait = min(wait_max, (float(beat) if isinstance(beat, int | float) else 30.0) + 5.0)
+    wait = heartbeat_wait(status, wait_max)
     print(f"(the retained status is {_ago(now - float(published))} by this machine's clock; "
           f"waiting up to {wait:.0f} s for a live one)", file=sys.stderr)
     live = next_status(wait)
