@@ -633,9 +633,9 @@ class CoordinatorCore:
         # on (otherwise each restart would let releases step down one more margin).
         self._floor_dropped = self._gate.restore_floor(snapshot.gate_floor) if self._gate is not None else None
         self._gate_history: list[dict[str, Any]] = [dict(h) for h in snapshot.gate_history][-20:]
-        self._gate_rejected: dict[int, dict[str, Any]] = {
-            h["version"]: dict(h) for h in snapshot.gate_history
-            if isinstance(h, Mapping) and h.get("action") == "reject" and type(h.get("version")) is int}
+        rejects = [h for h in snapshot.gate_history
+                   if isinstance(h, Mapping) and h.get("action") == "reject" and type(h.get("version")) is int]
+        self._gate_rejected: dict[int, dict[str, Any]] = {h["version"]: dict(h) for h in rejects[-GATE_REJECTED_KEPT:]}
         """Versions the gate rejected (as far back as the release record goes, at most
         :data:`GATE_REJECTED_KEPT`): an operator's rollback or pin of one needs ``force``."""
         self._unrecorded_reject: tuple[int, int] | None = None

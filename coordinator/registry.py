@@ -116,6 +116,9 @@ HISTORY_EVENTS = 200
 """Gate decisions and operator actions kept in ``release.json`` (the newest)."""
 HISTORY_COMMANDS = 1000
 """Operator commands kept beyond those (each carries its nonce: a replay after a restart is refused)."""
+HISTORY_REJECTS = 200
+"""The gate's rejections kept beyond those too (as many as the core remembers for ``--force``: a
+restart after 200 other decisions released a rejected version without it)."""
 REFUSALS_KEPT = 256
 """Verified operator commands that did not run kept in ``refused.json`` (the newest): a file of their own,
 so that a flood of them (an operator's script gone wrong) never pushes the gate's decisions or the
@@ -776,7 +779,8 @@ class Registry:
         (``release.json``: the release, the pin, the gate's best-release ``floor`` with the
         validation set it was scored on, the last :data:`HISTORY_EVENTS` events, and
         before them up to :data:`HISTORY_COMMANDS` older operator commands: a restart seeds its
-        replay protection from them, and a busy gate writes 200 decisions inside a command's window)."""
+        replay protection from them, and a busy gate writes 200 decisions inside a command's window;
+        and up to :data:`HISTORY_REJECTS` older rejections: a restart seeds ``--force`` from them)."""
         if release not in self._synced_dirs:  # the release must survive a power cut as a directory: its
             self._sync_version(release)        # log record may be gone (a base after it was checkpointed)
         if release in self._unsynced:
@@ -784,8 +788,11 @@ class Registry:
         record = read_release_record(self.root)
         old = record.get("history", [])
         cut = max(0, len(old) - (HISTORY_EVENTS - 1))
-        commands = [e for e in old[:cut] if isinstance(e, dict) and "nonce" in e][-HISTORY_COMMANDS:]
-        history = [*commands, *old[cut:], dict(event)]
+        older = [e for e in old[:cut] if isinstance(e, dict)]
+        commands = [e for e in older if "nonce" in e][-HISTORY_COMMANDS:]
+        rejects = [e for e in older if "nonce" not in e and e.get("action") == "reject"][-HISTORY_REJECTS:]
+        kept = {id(e) for e in (*commands, *rejects)}
+        history = [*(e for e in older if id(e) in kept), *old[cut:], dict(event)]
         body: dict[str, Any] = {"release": release, "pinned": pinned, "history": history}
         if floor is not None:  # (none: the file holds none, and a restart starts without one)
             body["gate_floor"] = dict(floor)

@@ -162,6 +162,10 @@ def test_the_rejected_versions_remembered_for_force_are_bounded(monkeypatch: pyt
     for v in (1, 2, 3):
         c._record(float(v), "reject", v)
     assert sorted(c._gate_rejected) == [2, 3]  # the oldest went
+    history = [{"action": "reject", "version": v, "release": 0} for v in (1, 2, 3)]
+    restarted = gated(k=1, snapshot=Snapshot(version=3, weights=np.zeros(SPEC.size, np.float32), release_version=0,
+                                             release_weights=np.zeros(SPEC.size, np.float32), gate_history=history))
+    assert sorted(restarted._gate_rejected) == [2, 3]  # and from a release record holding more
 
 
 def test_the_rollback_after_a_rejection_comes_before_its_record() -> None:
@@ -754,6 +758,34 @@ def test_a_command_outlives_a_busy_gate_in_the_release_record(tmp_path: Path) ->
     assert snap is not None and len(snap.gate_history) == 201 and snap.gate_history[0]["nonce"] == 7
     restarted = gated(k=1, snapshot=snap)
     assert not of(restarted.handle(pin), LoadVersion) and restarted.counters["reject:replayed"] == 1
+
+
+def test_a_rejection_outlives_a_busy_gate_in_the_release_record(tmp_path: Path) -> None:
+    """The core remembers 200 rejections for ``--force``, but a restart took them only from the
+    release record's newest 200 events: after 250 other decisions, `edgeci pin` of the rejected
+    version ran without --force once the coordinator had restarted, and was refused before it.
+    Older rejections are kept in the record like older commands."""
+    import dataclasses
+
+    from coordinator.core import LoadVersion
+
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    c = gated(k=1)
+    c.handle(update("bad", 0, 50.0))  # candidate 1
+    acts = c.handle(CandidateEvaluated(now=9.0, version=1, candidate_metric=0.3, release_metric=0.8, release_version=0))
+    (reject,) = of(acts, RecordRelease)
+    assert reject.event["action"] == "reject"
+    reg.record_release(0, False, reject.event)  # (this registry holds version 0 only: the release)
+    for v in range(3, 253):  # 250 gate decisions after it
+        reg.record_release(0, False, {"action": "hold", "version": v, "release": 0, "at": 10.0 + v})
+    snap = reg.load()
+    assert snap is not None
+    restarted = gated(k=1, snapshot=dataclasses.replace(snap, version=252))
+    assert not of(restarted.handle(control("pin", 1)), LoadVersion)
+    assert restarted.counters["control_refused:gate_rejected"] == 1
+    assert of(restarted.handle(control("pin", 1, nonce=2, force=True)), LoadVersion)
+    assert len(snap.gate_history) == 201  # the rejection, then the newest 200 events
 
 
 def _ack(actions: Sequence[object]) -> tuple[str, str]:
