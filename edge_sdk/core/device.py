@@ -133,6 +133,7 @@ Transitions (event → action, new phase)::
     PULLING   TimerFired (deadline)        → Publish(pull, same seq)       PULLING
     DEFERRED  Invite                       → Publish(pull, invite_round)   PULLING
     DEFERRED  TimerFired (deadline)        → Publish(pull, same seq)       PULLING
+    DEFERRED  reconnected (a token due)    → Publish(pull, same seq)       PULLING
     IDLE      start                        → Publish(pull, serve)          PULLING (serving)
     IDLE      start, training mark in flight → MarkTraining(cleared), Notify(training_crashed), back-off  IDLE
     IDLE      start, an update persisted unacked → Publish(update, its seq and nonce)  PUSHING
@@ -687,8 +688,19 @@ class DeviceCore:
 
     def reconnected(self, now: float) -> list[DeviceAction]:
         """The broker connection came back: an idle device asks again, as after a start (a
-        release it missed while away: neither acks nor a recall that does not cover it say so)."""
-        actions = self._kick_off(now) if self._s.phase is _IDLE else []
+        release it missed while away: neither acks nor a recall that does not cover it say so).
+        A deferred device sends its pull again, same seq: the invitation it waits for may have
+        gone with a broker restarted without persistence (or a queue it overflowed), and the
+        coordinator's round waited for it until the re-announce (``reannounce_s``, 600 s; helper-157).
+        The coordinator serves the pull of a device its round counts and defers any other again.
+        Held if the coordinator's bucket has no token for it: the re-announce timer stays."""
+        s = self._s
+        if s.phase is _IDLE:
+            actions = self._kick_off(now)
+        elif s.phase is _DEFERRED and self._pull_wait(now) <= 0:
+            actions = self._send_pull(now, fresh=False)
+        else:
+            actions = []
         return actions if self._refresh_s is None else self._arm_refresh(now, actions)
 
     def _kick_off(self, now: float) -> list[DeviceAction]:

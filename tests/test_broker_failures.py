@@ -1,0 +1,128 @@
+"""The broker fails under a live fleet (helper-157's audit): a real mosquitto on 127.0.0.1,
+a coordinator daemon and SDK devices, with :class:`~tests.tcp_proxy.TcpProxy` between a
+client and the broker where the test needs to cut, refuse or silence one client's link.
+
+What the audit found correct (no acknowledged update lost, none applied twice, versions
+contiguous, both sides back on their own) is covered by ``test_integration_mqtt.py`` and
+``test_failover.py``; the tests here are the cases that were not."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from coordinator.broker import MosquittoProcess
+from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
+from edge_sdk.client import EdgeClient
+from edge_sdk.core.device import DeviceConfig, DeviceCore, Phase
+from edge_sdk.core.events import MessageReceived, Publish, SampleAdded
+from edge_sdk.tasks import get_task
+from edge_sdk.tasks.base import TrainConfig
+from edge_sdk.wire import topics
+from edge_sdk.wire.codec import decode, encode
+from edge_sdk.wire.messages import Ack, ModelMsg, Pull
+from tests.helpers import SIGNER, SPEC, wait_until
+from tests.tcp_proxy import TcpProxy
+
+REGION = "bf"
+
+
+def deferred_device(**config: Any) -> tuple[DeviceCore, Pull]:
+    """A device core that has its model and is waiting, deferred, with the pull it was deferred on."""
+    d = DeviceCore(DeviceConfig(device_id="d1", region="r1", spec=SPEC, min_samples=2, trusted_keys={SIGNER.kid: SIGNER.public_raw},
+                                **config), rng=random.Random(0))
+    (serve,) = [decode(a.payload) for a in d.start(0.0) if isinstance(a, Publish)]
+    d.handle(MessageReceived(now=1.0, topic=topics.device_topic("r1", "d1", "model"), payload=encode(
+        ModelMsg(model_id=SPEC.model_id, version=0, reply_to=serve.seq, weights=np.zeros(SPEC.size, np.float32), release=0),
+        signer=SIGNER, scope=topics.device_scope("r1", "model"))))
+    (pull,) = [decode(a.payload) for a in d.handle(SampleAdded(now=2.0, total=2)) if isinstance(a, Publish)]
+    assert isinstance(pull, Pull) and not pull.serve
+    d.handle(MessageReceived(now=3.0, topic=topics.device_topic("r1", "d1", "ack"),
+                             payload=encode(Ack(device="d1", seq=pull.seq, status="deferred", version=0))))
+    assert d.state.phase is Phase.DEFERRED
+    return d, pull
+
+
+def test_a_deferred_device_sends_its_pull_again_when_the_broker_connection_comes_back() -> None:
+    d, pull = deferred_device()
+    (again,) = [decode(a.payload) for a in d.reconnected(4.0) if isinstance(a, Publish)]
+    assert isinstance(again, Pull) and again.seq == pull.seq and again.invite_round == pull.invite_round == -1
+    assert d.state.phase is Phase.PULLING
+
+
+def test_a_deferred_device_without_a_token_for_its_pull_leaves_it_to_the_reannounce_timer() -> None:
+    d, _ = deferred_device(pull_burst=3.0, pull_refill_s=60.0)  # its last whole token went on the deferred pull
+    assert d.reconnected(4.0) == []
+    assert d.state.phase is Phase.DEFERRED
+
+
+@pytest.fixture
+def task() -> Any:
+    return get_task("digits")
+
+
+@pytest.fixture
+def broker() -> Iterator[MosquittoProcess]:
+    """A mosquitto the test may restart on the same port (``restart``: without persistence)."""
+    b = MosquittoProcess().start()
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+def restart(broker: MosquittoProcess) -> None:
+    """Stop mosquitto and start it again on the same port, empty: no sessions, no retained messages."""
+    broker.stop()
+    broker.start()
+
+
+def client(url: str, name: str, tmp: Path, task: Any, **kw: Any) -> EdgeClient:
+    return EdgeClient(broker=url, device_id=name, region=REGION, task=task, data_dir=tmp / name, min_samples=2,
+                      train=TrainConfig(epochs=1), request_timeout_s=2.0, inference="torch", **kw)
+
+
+def label(c: EdgeClient, task: Any, n: int = 2) -> None:
+    pool = task.data().pool
+    for i in range(n):
+        c.add_sample(pool.x[i], int(pool.y[i]))
+
+
+@pytest.mark.broker
+def test_a_deferred_device_whose_invite_the_restarted_broker_lost_asks_again_when_it_reconnects(
+        broker: MosquittoProcess, task: Any, tmp_path: Path) -> None:
+    """FedAvg: device A is deferred (waiting for an invitation). mosquitto restarts without
+    persistence and A's network stays down a little longer than the coordinator's: the round
+    that B's pull starts invites A while A has no session on the new broker, and the invitation
+    is dropped. A used to wait in DEFERRED for its re-announce timer (``reannounce_s``, 600 s)
+    and the round, which has no timeout, with it; now a deferred device sends its pull again
+    (same seq) as soon as it reconnects, and the coordinator, which counts it in the round,
+    serves it."""
+    proxy = TcpProxy(broker.port)
+    daemon = CoordinatorDaemon(CoordinatorOptions(broker=broker.url, region=REGION, state_dir=tmp_path / "c", strategy="fedavg",
+                                                  strategy_params={"select": 2, "min_devices": 2}), task=task).start()
+    a = client(proxy.url, "a", tmp_path, task).start()
+    b = client(broker.url, "b", tmp_path, task).start()
+    try:
+        label(a, task)
+        wait_until(lambda: a.core.state.phase is Phase.DEFERRED, 20, "A to be deferred")
+        proxy.accepting = False  # A's network is down across the restart
+        restart(broker)
+        wait_until(lambda: daemon.transport.connected and b.connected, 30, "the coordinator and B to reconnect")
+        assert not a.connected
+        label(b, task)  # two devices waiting: the round invites both
+        wait_until(lambda: b.core.state.phase not in (Phase.IDLE, Phase.PULLING, Phase.DEFERRED), 20, "B's invitation")
+        proxy.accepting = True
+        wait_until(lambda: a.connected, 30, "A to reconnect")
+        wait_until(lambda: daemon.core.version >= 1, 30, "the round to close with A's update (A was left waiting for an invite)")
+        assert a.core.state.phase is not Phase.DEFERRED
+    finally:
+        a.stop()
+        b.stop()
+        daemon.stop()
+        proxy.close()
