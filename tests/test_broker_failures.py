@@ -150,3 +150,42 @@ def test_an_invited_device_s_retried_pull_is_not_counted_as_a_forged_invitation(
     again = pull(12.0, 1, invites[0].round)  # the model was lost with the broker: the same pull at its timeout
     assert any(isinstance(a, Publish) and a.topic.endswith("/model") for a in again), "a participant is served again"
     assert c.counters["invite_unknown"] == 0
+
+
+@pytest.mark.broker
+def test_a_silently_dropped_coordinator_link_is_noticed_by_keepalive_and_nothing_is_lost_or_applied_twice(
+        broker: MosquittoProcess, task: Any, tmp_path: Path) -> None:
+    """Half-open: a NAT drops the coordinator's connection without a FIN (the proxy stops carrying
+    bytes either way). The coordinator drops the connection after two keepalives without a packet
+    (its PINGREQ unanswered), reconnects, and the device's pull and update sent meanwhile
+    (delivered by the broker into the void, unacknowledged) come again: answered, applied once.
+    Keepalive 2 s here; in production (30 s) helper-157 measured 60.3 s to notice, 61.4 s to be
+    back, and mosquitto's last will for the coordinator after 45.8 s."""
+    import time
+
+    from coordinator.registry import Registry
+
+    proxy = TcpProxy(broker.port)
+    daemon = CoordinatorDaemon(CoordinatorOptions(broker=proxy.url, region=REGION, state_dir=tmp_path / "c",
+                                                  strategy_params={"k": 1, "timeout_s": None}), task=task)
+    daemon.transport._keepalive = 2
+    daemon.start()
+    dev = client(broker.url, "d", tmp_path, task).start()
+    try:
+        label(dev, task)
+        wait_until(lambda: daemon.core.version >= 1 and dev.core.state.phase is Phase.IDLE, 30, "version 1")
+        cut = time.monotonic()
+        proxy.silence()
+        label(dev, task, 4)  # a new round: its pull (and then its update) reach the broker, not the coordinator
+        wait_until(lambda: not daemon.transport.connected, 15, "the coordinator to notice")
+        noticed = time.monotonic() - cut
+        wait_until(lambda: daemon.transport.connected, 15, "the coordinator to reconnect")
+        wait_until(lambda: daemon.core.version >= 2 and dev.core.state.phase is Phase.IDLE, 30, "the device's second update applied")
+        assert 2.0 <= noticed <= 8.0, noticed  # two keepalives without a PINGRESP (paho 2.2): not at once, not never
+        registry = Registry(tmp_path / "c", task.spec)
+        consumed = [tuple(c) for v in registry.versions() for c in registry.read_version(v)[1].get("consumed", [])]
+        assert len(consumed) == len(set(consumed)) == 2, consumed
+    finally:
+        dev.stop()
+        daemon.stop()
+        proxy.close()
