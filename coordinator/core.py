@@ -731,6 +731,10 @@ class CoordinatorCore:
         self._online: set[str] = set()
         self._deferred: dict[str, float] = {}
         self._invites: dict[str, int] = {}
+        self._invites_served: dict[str, tuple[int, int]] = {}
+        """Device -> (invite round, pull seq) of its invited pull last served, until its update is
+        accepted: the same pull again is its retry (the model it was sent lost, e.g. with a broker
+        restarted without persistence: helper-157), not a forged or replayed invitation."""
         self._invite_round = 0
         self._training: set[str] = set()
         """Devices served a training model since their last accepted update: with a strategy that
@@ -1242,11 +1246,12 @@ class CoordinatorCore:
         if msg.serve:
             self.counters["pulls_serving"] += 1
             return [*ahead, self._model_reply(msg.device, msg.seq, FULL, self._held(msg), serve=True)]
-        if msg.invite_round >= 0 and not invited:
+        if msg.invite_round >= 0 and not invited and self._invites_served.get(msg.device) != (msg.invite_round, msg.seq):
             self.counters["invite_unknown"] += 1  # forged, replayed or from before a restart
         if invited or self.strategy.serve_pull(self._view, msg.device, now):
             if invited:
                 del self._invites[msg.device]
+                self._invites_served[msg.device] = (msg.invite_round, msg.seq)
             self._deferred.pop(msg.device, None)
             self._training.add(msg.device)
             self.counters["pulls_served"] += 1
@@ -1445,6 +1450,7 @@ class CoordinatorCore:
         )
         self.counters["accepted"] += 1
         self._training.discard(msg.device)
+        self._invites_served.pop(msg.device, None)
         self.staleness_hist[min(update.staleness, STALENESS_HISTOGRAM_CAP)] += 1
         actions: list[CoordinatorAction] = [PersistUpdate(update=update)]
         if self._converting:

@@ -128,8 +128,6 @@ def test_a_deferred_device_whose_invite_the_restarted_broker_lost_asks_again_whe
         proxy.close()
 
 
-@pytest.mark.xfail(strict=True, reason="coordinator/core.py (helper-157's proposed diff): an invited device's retried pull, "
-                                       "same seq, is counted as an unknown (forged) invitation")
 def test_an_invited_device_s_retried_pull_is_not_counted_as_a_forged_invitation() -> None:
     """A broker restarted without persistence loses the model that answered an invited device's
     pull; the device sends the same pull again (same seq, same invite round) at its timeout.
@@ -150,6 +148,8 @@ def test_an_invited_device_s_retried_pull_is_not_counted_as_a_forged_invitation(
     again = pull(12.0, 1, invites[0].round)  # the model was lost with the broker: the same pull at its timeout
     assert any(isinstance(a, Publish) and a.topic.endswith("/model") for a in again), "a participant is served again"
     assert c.counters["invite_unknown"] == 0
+    pull(13.0, 2, invites[0].round)  # that round again with another pull: not a retry of the served one
+    assert c.counters["invite_unknown"] == 1
 
 
 @pytest.mark.broker
