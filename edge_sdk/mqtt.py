@@ -99,9 +99,11 @@ from edge_sdk.runtime import wait_io
 _PAHO_INTERNALS = (
     "_sock", "_in_packet", "_out_packet", "_mid_generate", "_loop_rc_handle", "_last_msg_out",
     "_last_bytes_received", "_out_message_mutex", "_out_messages", "_do_on_publish", "_easy_log",
-    "_handle_pubackcomp", "_protocol", "_reset_sockets",
+    "_handle_pubackcomp", "_protocol", "_reset_sockets", "_ping_t", "_keepalive", "_msgtime_mutex",
+    "_send_pingreq", "_check_keepalive", "_sock_recv", "_sock_send",
 )
-"""What of paho's the shortcuts touch (a 2.2.x patch release that renamed one turns them off)."""
+"""What of paho's the shortcuts touch (a 2.2.x patch release that renamed one turns them off), the
+slow-link keepalive of :class:`_Client` included."""
 
 
 def _paho_has_internals() -> bool:
@@ -1059,6 +1061,58 @@ class _Client(paho.Client):
         connection attempt in progress (:meth:`abort_connect`)."""
         self._connecting: socket.socket | None = None
         self._connecting_lock = threading.Lock()
+        self.moved_at = time.monotonic()
+        """When bytes last went through the socket, either way (see :meth:`loop_misc`)."""
+        self._unsent_seen = 0
+        self.keepalive_extended = 0
+        """Times a PINGRESP was waited for a keepalive more because bytes still moved (see :meth:`loop_misc`)."""
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        data = super()._sock_recv(bufsize)
+        if data:
+            self.moved_at = time.monotonic()
+        return data
+
+    def _sock_send(self, buf: bytes | bytearray) -> int:
+        n = super()._sock_send(buf)
+        if n > 0:
+            self.moved_at = time.monotonic()
+        return n
+
+    def _link_moving(self, now: float) -> bool:
+        """Bytes went through the link within the keepalive: paho read some, wrote some, or the
+        peer acknowledged some of those the kernel held (a 120 KB message fits in the kernel's send
+        queue whole: paho has finished writing it while the link has hardly begun)."""
+        unsent = _unsent(self._sock) if self._sock is not None else 0
+        if unsent != self._unsent_seen:
+            self._unsent_seen = unsent
+            self.moved_at = now
+        return now - self.moved_at < self._keepalive
+
+    def _check_keepalive(self) -> None:
+        # paho's PINGREQ waits behind the packet being written, and the broker's PINGRESP behind the
+        # one being read: on a slow link (a 2 MB model at 256 kbit/s takes 62 s) paho took the late
+        # answer for a dead broker after 1-2 keepalives (30-60 s), dropped the connection and sent or
+        # got the same packet again from its first byte, for ever. With a PINGREQ out, bytes that still
+        # move say the link is alive; the PINGRESP's own deadline is kept in loop_misc below. A PINGREQ
+        # still goes out every keepalive: the broker must hear from us within 1.5 of them (mosquitto
+        # closed a device that was only reading a model after 3 s of a 2 s keepalive).
+        now = time.monotonic()
+        if PAHO_FAST_PATHS and self._keepalive and self._ping_t > 0 and self._link_moving(now):
+            if now - self._last_msg_out >= self._keepalive:
+                self._send_pingreq()
+                with self._msgtime_mutex:
+                    self._last_msg_out = now
+            return
+        super()._check_keepalive()
+
+    def loop_misc(self) -> MQTTErrorCode:
+        now = time.monotonic()
+        if (PAHO_FAST_PATHS and self._keepalive and self._ping_t > 0 and now - self._ping_t >= self._keepalive
+                and self._link_moving(now)):
+            self._ping_t = now  # the PINGRESP waits behind bytes that move: wait a keepalive more for it
+            self.keepalive_extended += 1
+        return super().loop_misc()
 
     def _create_socket_connection(self) -> socket.socket:
         """paho's TCP connection (``socket.create_connection``), with the socket held while it connects

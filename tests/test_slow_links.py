@@ -1,0 +1,107 @@
+"""Slow, stalling and cut links (``tests/slow_link.py``: a shaping TCP proxy between a client
+and a real mosquitto), on the real transport, devices and coordinator daemon. Models are small and
+links proportionally slow (a 120 KB message at 20 kB/s takes what a 12 MB one takes at 1.6 Mbit/s),
+and keepalives short, so each test takes seconds; ``tests/slow_link_measure.py`` runs the same
+rig at real sizes (the numbers are in the audit report)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from coordinator.broker import MosquittoProcess
+from edge_sdk.mqtt import MqttTransport
+from tests.helpers import wait_until
+from tests.slow_link import SlowLink
+
+pytestmark = [pytest.mark.broker]
+
+
+class Inbox:
+    """A client straight on the broker (no shaping) that keeps what arrives on ``topic``."""
+
+    def __init__(self, url: str, topic: str, client_id: str) -> None:
+        self.got: list[bytes] = []
+        self._lock = threading.Lock()
+        self.transport = MqttTransport(url, client_id=client_id, subscriptions=[topic], on_message=self._on, clean_session=True)
+        self.transport.start()
+
+    def _on(self, topic: str, payload: bytes) -> None:
+        with self._lock:
+            self.got.append(payload)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.got)
+
+
+@pytest.fixture
+def link(mosquitto: MosquittoProcess) -> Iterator[SlowLink]:
+    with SlowLink(mosquitto.port, up_bps=20_000, down_bps=20_000, delay_s=0.05) as shaped:
+        yield shaped
+
+
+def shaped_transport(link: SlowLink, client_id: str, subscriptions: list[str], got: list[bytes], drops: list[float],
+                     keepalive: int = 2) -> MqttTransport:
+    t = MqttTransport(link.url, client_id=client_id, subscriptions=subscriptions, on_message=lambda _t, p: got.append(p),
+                      keepalive=keepalive, on_connection=lambda up: None if up else drops.append(time.monotonic()))
+    t.start(timeout=10)
+    return t
+
+
+def test_an_upload_slower_than_two_keepalives_arrives_once_on_one_connection(mosquitto: MosquittoProcess, link: SlowLink) -> None:
+    """paho queued its PINGREQ behind the 120 KB PUBLISH it was writing (6 s at 20 kB/s) and, with
+    no PINGRESP after a keepalive (2 s), dropped the connection and wrote the message again from its
+    first byte after the reconnect, for ever: nothing arrived. Now a moving packet keeps the link alive."""
+    inbox = Inbox(mosquitto.url, "edgeci/v1/slow/dev/d1/update", "inbox-up")
+    drops: list[float] = []
+    sender = shaped_transport(link, "dev-up", [], [], drops)
+    try:
+        payload = np.random.default_rng(1).bytes(120_000)
+        sender.publish("edgeci/v1/slow/dev/d1/update", payload)
+        wait_until(lambda: inbox.count() >= 1, 25, "the upload at the broker")
+        assert inbox.got == [payload]
+        assert drops == [] and link.connections == 1, f"dropped {len(drops)} times, {link.connections} connections"
+        assert sender._client.keepalive_extended >= 1  # the case it covers did happen
+    finally:
+        sender.stop()
+        inbox.transport.stop()
+
+
+def test_a_download_slower_than_two_keepalives_arrives_on_one_connection(mosquitto: MosquittoProcess, link: SlowLink) -> None:
+    """The same on the way down: the broker's PINGRESP waits behind the model it is sending."""
+    got: list[bytes] = []
+    drops: list[float] = []
+    receiver = shaped_transport(link, "dev-down", ["edgeci/v1/slow/dev/d2/model"], got, drops)
+    sender = MqttTransport(mosquitto.url, client_id="coord-down", subscriptions=[], on_message=lambda _t, _p: None)
+    sender.start()
+    try:
+        payload = np.random.default_rng(2).bytes(120_000)
+        sender.publish("edgeci/v1/slow/dev/d2/model", payload)
+        wait_until(lambda: len(got) >= 1, 25, "the download at the device")
+        assert got == [payload]
+        assert drops == [] and link.connections == 1, f"dropped {len(drops)} times, {link.connections} connections"
+    finally:
+        receiver.stop()
+        sender.stop()
+
+
+def test_a_dead_link_is_still_found_by_the_keepalive(mosquitto: MosquittoProcess, link: SlowLink) -> None:
+    """What the keepalive is for stays: a link that stops moving mid-transfer is dropped after a
+    keepalive without bytes (and then two), not carried for ever."""
+    drops: list[float] = []
+    sender = shaped_transport(link, "dev-dead", [], [], drops)
+    try:
+        sender.publish("edgeci/v1/slow/dev/d3/update", bytes(200_000))
+        time.sleep(1.0)
+        stalled = time.monotonic()
+        link.stall(30)
+        wait_until(lambda: bool(drops), 15, "the keepalive dropping a stalled link")
+        assert drops[0] - stalled < 3 * 2 + 1.5
+    finally:
+        link.stall(0)
+        sender.stop()
