@@ -416,6 +416,8 @@ class MqttTransport:
         """MQTT 3.1.1 data traffic on plain TCP without paho's per-packet code (see :class:`_Corked`)."""
         self._flight: dict[int, list[Any]] = {}  # fast path, QoS 1 out: mid -> [header, payload, sent before]
         self._unsent: deque[int] = deque()  # fast path: mids of _flight not sent on this connection, in order
+        self.resends_skipped = 0
+        """paho's path: QoS 1 publishes not queued because paho held the same message unacknowledged."""
         self.malformed_packets = 0
         """Fast path: packets from the broker that were not valid MQTT 3.1.1 (each dropped the connection)."""
         self.dropped_messages = 0
@@ -607,6 +609,8 @@ class MqttTransport:
                 if threading.get_ident() != self._loop_ident:
                     self._flush_from_outside()  # the loop thread flushes before it waits
             return
+        if qos == 1 and self._unacknowledged_copy(topic, payload, retain):
+            return
         with self._lock:  # own_loop: paho writes it to the socket now when nothing is queued before it
             info = self._client.publish(topic, payload, qos=qos, retain=retain)
             if self.own_loop and threading.get_ident() != self._loop_ident:
@@ -614,6 +618,24 @@ class MqttTransport:
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             # NO_CONN: paho keeps QoS>0 messages queued and sends them after reconnecting.
             raise TransportError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+
+    def _unacknowledged_copy(self, topic: str, payload: bytes, retain: bool) -> bool:
+        """paho's path: paho still holds the same QoS 1 message (topic, payload, retain) unacknowledged,
+        so this publish is not queued again (counted in ``resends_skipped``). MQTT delivers the held one
+        (paho sends it again, DUP set, after a reconnect); a copy behind it only doubles the bytes on the
+        link. A device's request retried after ``request_timeout_s`` while its 2 MB update was still being
+        written at 256 kbit/s (62 s) queued a whole copy per retry, every one sent after the ack, each a
+        ``duplicate`` to the coordinator: the uplink stayed busy with them for minutes."""
+        if not PAHO_FAST_PATHS:
+            return False
+        client = self._client
+        wanted = topic.encode()
+        with client._out_message_mutex:
+            held = any(m.qos == 1 and m._topic == wanted and m.retain == retain and (m.payload is payload or m.payload == payload)
+                       for m in client._out_messages.values())
+        if held:
+            self.resends_skipped += 1
+        return held
 
     # own_loop: the ActorIO side (edge_sdk.runtime.Actor calls these on its thread).
 

@@ -9,14 +9,19 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from coordinator.broker import MosquittoProcess
+from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
+from edge_sdk.client import EdgeClient
 from edge_sdk.mqtt import MqttTransport
+from edge_sdk.tasks.base import TrainConfig
 from tests.helpers import wait_until
 from tests.slow_link import SlowLink
+from tests.slow_link_measure import PaddedTask
 
 pytestmark = [pytest.mark.broker]
 
@@ -105,3 +110,55 @@ def test_a_dead_link_is_still_found_by_the_keepalive(mosquitto: MosquittoProcess
     finally:
         link.stall(0)
         sender.stop()
+
+
+class Fleet:
+    """A coordinator daemon straight on the broker (k = 1: each update a version) and one
+    EdgeClient behind ``link``, on a :class:`PaddedTask` of ``pad`` floats."""
+
+    def __init__(self, broker: MosquittoProcess, link: SlowLink, tmp: Path, *, pad: int, request_timeout_s: float) -> None:
+        self.task = PaddedTask(pad)
+        self.daemon = CoordinatorDaemon(CoordinatorOptions(
+            broker=broker.url, region="slow", state_dir=tmp / "coord", model=self.task.name,
+            strategy_params={"k": 1, "timeout_s": None}), task=self.task).start()
+        self.acks: list[dict[str, object]] = []
+        self.client = EdgeClient(broker=link.url, device_id="d1", region="slow", task=self.task, data_dir=tmp / "d1",
+                                 min_samples=4, train=TrainConfig(epochs=1, lr=0.1), request_timeout_s=request_timeout_s,
+                                 refresh_s=None)
+        self.client.on("update_acked", lambda _kind, data: self.acks.append(data))
+
+    def label(self, n: int = 4) -> None:
+        pool = self.task.data().pool
+        for i in range(n):
+            self.client.add_sample(pool.x[i], int(pool.y[i]))
+
+    def counter(self, name: str) -> int:
+        return int(self.daemon.core.counters.get(name, 0))
+
+    def close(self) -> None:
+        try:
+            self.client.stop()
+        finally:
+            self.daemon.stop()
+
+
+def test_an_update_retried_while_it_is_still_being_sent_goes_once(mosquitto: MosquittoProcess, tmp_path: Path) -> None:
+    """The device's request timeout (here 1 s) ran out while its 100 KB update was still going up
+    (5 s at 20 kB/s); each retry queued a whole copy behind it, sent after the ack, each a
+    ``duplicate`` at the coordinator: 3 copies up for one update. A copy of a message paho still
+    holds unacknowledged is not queued again (MQTT delivers that one, after a reconnect too)."""
+    with SlowLink(mosquitto.port, up_bps=20_000, down_bps=2_000_000, delay_s=0.05) as link:
+        fleet = Fleet(mosquitto, link, tmp_path, pad=25_000, request_timeout_s=1.0)
+        try:
+            fleet.client.start(timeout=10)
+            assert fleet.client.wait_for_version(0, 10)
+            up_before = link.sent_up
+            fleet.label()
+            wait_until(lambda: bool(fleet.acks), 30, "the update's ack")
+            time.sleep(6)  # what a copy queued behind the first would take to arrive
+            assert fleet.acks[0]["status"] == "accepted"
+            assert fleet.counter("accepted") == 1 and fleet.counter("duplicate") == 0, fleet.daemon.core.counters
+            assert link.sent_up - up_before < 1.3 * fleet.task.spec.size * 4, link.sent_up - up_before
+            assert fleet.client.transport.resends_skipped >= 1  # the retries did happen
+        finally:
+            fleet.close()
