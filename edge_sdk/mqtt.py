@@ -103,7 +103,7 @@ _PAHO_INTERNALS = (
     "_send_pingreq", "_check_keepalive", "_sock_recv", "_sock_send",
 )
 """What of paho's the shortcuts touch (a 2.2.x patch release that renamed one turns them off), the
-slow-link keepalive of :class:`_Client` included."""
+slow-link keepalive of :class:`_Client` and :meth:`MqttTransport.receiving` included."""
 
 
 def _paho_has_internals() -> bool:
@@ -154,6 +154,8 @@ REDELIVER_FLUSH_S = 2.0
 (the PUBACKs already released among it) before it closes the connection."""
 MAX_RECV = 1 << 20
 """Fast path: the most one ``recv`` asks for while a large packet is being read."""
+RECEIVING_QUIET_S = 2.0
+""":meth:`MqttTransport.receiving`: a part-read packet whose bytes stopped this long ago no longer counts."""
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 
 
@@ -618,6 +620,16 @@ class MqttTransport:
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             # NO_CONN: paho keeps QoS>0 messages queued and sends them after reconnecting.
             raise TransportError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+
+    def receiving(self) -> bool:
+        """paho's path: a packet from the broker is part-way read and its bytes still arrive (some
+        within :data:`RECEIVING_QUIET_S`). A device holds its request timeout while this is true: the
+        packet may be the answer (an 8 MB model at 1 Mbit/s takes 64 s; retried every 10-20 s, the pull
+        made the coordinator send the whole model again each time, three copies in all)."""
+        if self._fast or not PAHO_FAST_PATHS:
+            return False
+        client = self._client
+        return client._in_packet["to_process"] > 0 and time.monotonic() - client.moved_at < RECEIVING_QUIET_S
 
     def _unacknowledged_copy(self, topic: str, payload: bytes, retain: bool) -> bool:
         """paho's path: paho still holds the same QoS 1 message (topic, payload, retain) unacknowledged,

@@ -162,3 +162,21 @@ def test_an_update_retried_while_it_is_still_being_sent_goes_once(mosquitto: Mos
             assert fleet.client.transport.resends_skipped >= 1  # the retries did happen
         finally:
             fleet.close()
+
+
+def test_a_pull_is_not_retried_while_its_model_is_arriving(mosquitto: MosquittoProcess, tmp_path: Path) -> None:
+    """A 100 KB model takes 5 s down at 20 kB/s; the device's pull, retried after 1 s and 3 s,
+    made the coordinator send it again each time: 3 models down the slow link for one. The request
+    timeout now waits while a packet is still arriving."""
+    with SlowLink(mosquitto.port, up_bps=2_000_000, down_bps=20_000, delay_s=0.05) as link:
+        fleet = Fleet(mosquitto, link, tmp_path, pad=25_000, request_timeout_s=1.0)
+        try:
+            fleet.client.start(timeout=10)
+            assert fleet.client.wait_for_version(0, 30)
+            time.sleep(6)  # a second model sent on a retry would be arriving now
+            served = fleet.counter("pulls_served") + fleet.counter("pulls_serving")
+            assert served == 1, fleet.daemon.core.counters
+            assert link.sent_down < 1.3 * fleet.task.spec.size * 4, link.sent_down
+            assert fleet.client.receiving_holds >= 1
+        finally:
+            fleet.close()
