@@ -488,7 +488,7 @@ class EdgeClient:
                 log.info("device %s: the saved model is v%d of an older numbering (epoch %d, the region's is %d now); "
                          "asking for the current one", device_id, version, self._deployed_epoch, self.core.state.epoch)
         self.receiving_holds = 0
-        """Request timeouts put off because a packet was still arriving (see :meth:`_handle`)."""
+        """Request timeouts put off because a packet was still arriving or going up (see :meth:`_handle`)."""
         self.actor = Actor(f"device-{device_id}", self._handle, self._perform, clock=self.clock)
         self._trainer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"train-{device_id}")
         self._stopping = threading.Event()
@@ -842,12 +842,15 @@ class EdgeClient:
 
     def _handle(self, event: Any) -> list[Any]:
         """The core's ``handle``, with one hold: a request's timeout does not run out while a packet
-        is still arriving (``MqttTransport.receiving``), which may be its answer. On a slow downlink a
-        pull retried every ``request_timeout_s`` while its model arrived made the coordinator send the
-        whole model again per retry (an 8 MB model at 1 Mbit/s: 24 MB down); the timer is looked at
-        again a moment later instead, and fires as before once nothing is arriving."""
+        is still arriving (``MqttTransport.receiving``), which may be its answer, or while what we sent
+        is still going up (``MqttTransport.sending``). On a slow downlink a pull retried every
+        ``request_timeout_s`` while its model arrived made the coordinator send the whole model again
+        per retry (an 8 MB model at 1 Mbit/s: 24 MB down); on a slow uplink an update longer than
+        ``failover_after`` timeouts (10 + 20 + 40 s) made a device with a fallback region leave a
+        working coordinator and drop the update. The timer is looked at again a moment later instead,
+        and fires as before once nothing moves."""
         if (isinstance(event, TimerFired) and self.core.state.phase in _AWAITING_ANSWER
-                and self.transport.receiving()):
+                and (self.transport.receiving() or self.transport.sending())):
             self.receiving_holds += 1
             return [ScheduleTimer(at=event.now + RECEIVING_RECHECK_S)]
         return self.core.handle(event)

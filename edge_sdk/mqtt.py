@@ -631,6 +631,20 @@ class MqttTransport:
         client = self._client
         return client._in_packet["to_process"] > 0 and time.monotonic() - client.moved_at < RECEIVING_QUIET_S
 
+    def sending(self) -> bool:
+        """paho's path: bytes we wrote are still on their way (paho part-way through a packet, or the
+        kernel holding bytes the broker has not acknowledged) and they moved within
+        :data:`RECEIVING_QUIET_S`. A device holds its request timeout while this is true too: its
+        request, or the update it waits on, is still going up (a retry would only be skipped, see
+        ``resends_skipped``, but each timeout counted towards ``failover_after``)."""
+        if self._fast or not PAHO_FAST_PATHS:
+            return False
+        client = self._client
+        now = time.monotonic()
+        with self._lock:
+            unsent = client.kernel_unsent(now)
+            return (bool(client._out_packet) or unsent > 0) and now - client.moved_at < RECEIVING_QUIET_S
+
     def _unacknowledged_copy(self, topic: str, payload: bytes, retain: bool) -> bool:
         """paho's path: paho still holds the same QoS 1 message (topic, payload, retain) unacknowledged,
         so this publish is not queued again (counted in ``resends_skipped``). MQTT delivers the held one
@@ -1117,11 +1131,17 @@ class _Client(paho.Client):
         """Bytes went through the link within the keepalive: paho read some, wrote some, or the
         peer acknowledged some of those the kernel held (a 120 KB message fits in the kernel's send
         queue whole: paho has finished writing it while the link has hardly begun)."""
+        self.kernel_unsent(now)
+        return now - self.moved_at < self._keepalive
+
+    def kernel_unsent(self, now: float) -> int:
+        """Bytes written to the socket that the peer has not acknowledged yet; a change since the
+        last look means the link moved (``moved_at``)."""
         unsent = _unsent(self._sock) if self._sock is not None else 0
         if unsent != self._unsent_seen:
             self._unsent_seen = unsent
             self.moved_at = now
-        return now - self.moved_at < self._keepalive
+        return unsent
 
     def _check_keepalive(self) -> None:
         # paho's PINGREQ waits behind the packet being written, and the broker's PINGRESP behind the

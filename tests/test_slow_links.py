@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -116,7 +117,8 @@ class Fleet:
     """A coordinator daemon straight on the broker (k = 1: each update a version) and one
     EdgeClient behind ``link``, on a :class:`PaddedTask` of ``pad`` floats."""
 
-    def __init__(self, broker: MosquittoProcess, link: SlowLink, tmp: Path, *, pad: int, request_timeout_s: float) -> None:
+    def __init__(self, broker: MosquittoProcess, link: SlowLink, tmp: Path, *, pad: int, request_timeout_s: float,
+                 **device: Any) -> None:
         self.task = PaddedTask(pad)
         self.daemon = CoordinatorDaemon(CoordinatorOptions(
             broker=broker.url, region="slow", state_dir=tmp / "coord", model=self.task.name,
@@ -124,8 +126,10 @@ class Fleet:
         self.acks: list[dict[str, object]] = []
         self.client = EdgeClient(broker=link.url, device_id="d1", region="slow", task=self.task, data_dir=tmp / "d1",
                                  min_samples=4, train=TrainConfig(epochs=1, lr=0.1), request_timeout_s=request_timeout_s,
-                                 refresh_s=None)
+                                 refresh_s=None, **device)
         self.client.on("update_acked", lambda _kind, data: self.acks.append(data))
+        self.failovers: list[dict[str, object]] = []
+        self.client.on("failover", lambda _kind, data: self.failovers.append(data))
 
     def label(self, n: int = 4) -> None:
         pool = self.task.data().pool
@@ -159,7 +163,9 @@ def test_an_update_retried_while_it_is_still_being_sent_goes_once(mosquitto: Mos
             assert fleet.acks[0]["status"] == "accepted"
             assert fleet.counter("accepted") == 1 and fleet.counter("duplicate") == 0, fleet.daemon.core.counters
             assert link.sent_up - up_before < 1.3 * fleet.task.spec.size * 4, link.sent_up - up_before
-            assert fleet.client.transport.resends_skipped >= 1  # the retries did happen
+            # the retries came due: skipped as copies, or (since the request timeout waits while the
+            # update moves) put off
+            assert fleet.client.transport.resends_skipped + fleet.client.receiving_holds >= 1
         finally:
             fleet.close()
 
@@ -178,5 +184,24 @@ def test_a_pull_is_not_retried_while_its_model_is_arriving(mosquitto: MosquittoP
             assert served == 1, fleet.daemon.core.counters
             assert link.sent_down < 1.3 * fleet.task.spec.size * 4, link.sent_down
             assert fleet.client.receiving_holds >= 1
+        finally:
+            fleet.close()
+
+
+def test_a_device_does_not_fail_over_while_its_update_is_still_going_up(mosquitto: MosquittoProcess, tmp_path: Path) -> None:
+    """A device with a fallback region moves there after ``failover_after`` request timeouts in a
+    row, dropping its unacknowledged update (its samples trained again there). An upload longer than
+    those timeouts (defaults: 10 + 20 + 40 s; a 2 MB update at 256 kbit/s takes 62 s, 12 MB at 1 Mbit/s
+    96 s) made a device on a slow link leave a coordinator that was fine. Here: 100 KB at 20 kB/s
+    (5 s), timeouts of 1 s, failover after 2. The timeout now waits while the update still moves."""
+    with SlowLink(mosquitto.port, up_bps=20_000, down_bps=2_000_000, delay_s=0.05) as link:
+        fleet = Fleet(mosquitto, link, tmp_path, pad=25_000, request_timeout_s=1.0, regions=["other"], failover_after=2)
+        try:
+            fleet.client.start(timeout=10)
+            assert fleet.client.wait_for_version(0, 10)
+            fleet.label()
+            wait_until(lambda: bool(fleet.acks) or bool(fleet.failovers), 30, "the update's ack or a failover")
+            assert fleet.failovers == [] and fleet.acks[0]["status"] == "accepted", (fleet.failovers, fleet.acks)
+            assert fleet.counter("accepted") == 1
         finally:
             fleet.close()
