@@ -352,6 +352,7 @@ class EdgeClient:
             will=(self._presence_topic, b"offline"),
             on_connection=self._on_connection,
             auth=self.auth,
+            skip_held_copies=True,  # a retry of a request still going up (slow link) sends no second copy
         )
         self.inference = inference
         self.durable = durable

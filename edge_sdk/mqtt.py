@@ -375,8 +375,13 @@ class MqttTransport:
         auth: BrokerAuth | None = None,
         own_loop: bool = False,
         manual_ack: bool = False,
+        skip_held_copies: bool = False,
     ) -> None:
         self.address = parse_broker_url(url)
+        self.skip_held_copies = skip_held_copies
+        """A QoS 1 publish identical to one paho still holds unacknowledged is not queued again (see
+        :meth:`_unacknowledged_copy`; the device's retries). Off by default: a caller that publishes the
+        same bytes twice on purpose (a test of the coordinator's deduplication) still sends both."""
         self.own_loop = own_loop
         self.manual_ack = manual_ack
         """The PUBACK of a QoS 1 message that ``on_message`` takes with :meth:`hold_ack` waits for
@@ -611,7 +616,7 @@ class MqttTransport:
                 if threading.get_ident() != self._loop_ident:
                     self._flush_from_outside()  # the loop thread flushes before it waits
             return
-        if qos == 1 and self._unacknowledged_copy(topic, payload, retain):
+        if qos == 1 and self.skip_held_copies and self._unacknowledged_copy(topic, payload, retain):
             return
         with self._lock:  # own_loop: paho writes it to the socket now when nothing is queued before it
             info = self._client.publish(topic, payload, qos=qos, retain=retain)

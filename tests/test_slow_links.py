@@ -96,6 +96,32 @@ def test_a_download_slower_than_two_keepalives_arrives_on_one_connection(mosquit
         sender.stop()
 
 
+@pytest.mark.parametrize("skip", [True, False])
+def test_a_copy_of_a_message_still_unacknowledged_is_not_queued_again(mosquitto: MosquittoProcess, link: SlowLink,
+                                                                       skip: bool) -> None:
+    """``skip_held_copies`` (EdgeClient's transport): the same QoS 1 message published again while
+    the first is still going up (2 s at 20 kB/s) is not queued behind it; MQTT delivers the first.
+    Off (the default), both go: a caller may send the same bytes twice on purpose."""
+    inbox = Inbox(mosquitto.url, "edgeci/v1/slow/dev/d4/update", f"inbox-copy-{skip}")
+    drops: list[float] = []
+    sender = MqttTransport(link.url, client_id=f"dev-copy-{skip}", subscriptions=[], on_message=lambda _t, _p: None,
+                           skip_held_copies=skip, on_connection=lambda up: None if up else drops.append(time.monotonic()))
+    sender.start(timeout=10)
+    try:
+        payload = np.random.default_rng(4).bytes(40_000)
+        sender.publish("edgeci/v1/slow/dev/d4/update", payload)
+        sender.publish("edgeci/v1/slow/dev/d4/update", payload)
+        wait_until(lambda: inbox.count() >= 1, 15, "the first copy at the broker")
+        time.sleep(3.0)  # what a second copy takes to follow
+        assert inbox.count() == (1 if skip else 2) and sender.resends_skipped == (1 if skip else 0)
+        assert drops == []
+        sender.publish("edgeci/v1/slow/dev/d4/update", payload)  # acknowledged by now: a retry goes again
+        wait_until(lambda: inbox.count() == (2 if skip else 3), 15, "the copy sent after the acknowledgement")
+    finally:
+        sender.stop()
+        inbox.transport.stop()
+
+
 def test_a_dead_link_is_still_found_by_the_keepalive(mosquitto: MosquittoProcess, link: SlowLink) -> None:
     """What the keepalive is for stays: a link that stops moving mid-transfer is dropped after a
     keepalive without bytes (and then two), not carried for ever."""
