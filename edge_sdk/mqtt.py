@@ -158,7 +158,7 @@ HELD_COPY_SCAN = 64
 """``skip_held_copies``: how many of the newest messages paho holds unacknowledged are looked at for a copy
 (a device holds a few; a burst of 3,000 held made a full scan cost 0.23 ms per publish, measured)."""
 RECEIVING_QUIET_S = 2.0
-""":meth:`MqttTransport.receiving`: a part-read packet whose bytes stopped this long ago no longer counts."""
+""":meth:`MqttTransport.receiving` / ``sending``: bytes that moved this long ago no longer count."""
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 
 
@@ -630,14 +630,17 @@ class MqttTransport:
             raise TransportError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
 
     def receiving(self) -> bool:
-        """paho's path: a packet from the broker is part-way read and its bytes still arrive (some
-        within :data:`RECEIVING_QUIET_S`). A device holds its request timeout while this is true: the
-        packet may be the answer (an 8 MB model at 1 Mbit/s takes 64 s; retried every 10-20 s, the pull
-        made the coordinator send the whole model again each time, three copies in all)."""
+        """paho's path: a packet from the broker is in paho's hands, part-way read or being handed over
+        (``on_message`` not yet returned), and its bytes came in within :data:`RECEIVING_QUIET_S`. A device
+        holds its request timeout while this is true: the packet may be the answer (an 8 MB model at
+        1 Mbit/s takes 64 s; retried every 10-20 s, the pull made the coordinator send the whole model again
+        each time, three copies in all). The hand-over counts: a retry fired between a 47 MB model's last
+        byte and its delivery, and the coordinator sent it again (94 MB down). Small packets, read and
+        delivered in one go, hold nothing (a stream of them cannot keep a timeout from running out)."""
         if self._fast or not PAHO_FAST_PATHS:
             return False
         client = self._client
-        return client._in_packet["to_process"] > 0 and time.monotonic() - client.moved_at < RECEIVING_QUIET_S
+        return client._in_packet["command"] != 0 and time.monotonic() - client.received_at < RECEIVING_QUIET_S
 
     def sending(self) -> bool:
         """paho's path: bytes we wrote are still on their way (paho part-way through a packet, or the
@@ -1122,13 +1125,15 @@ class _Client(paho.Client):
         self.moved_at = time.monotonic()
         """When bytes last went through the socket, either way (see :meth:`loop_misc`)."""
         self._unsent_seen = 0
+        self.received_at = 0.0
+        """When bytes last came in (see :meth:`MqttTransport.receiving`)."""
         self.keepalive_extended = 0
         """Times a PINGRESP was waited for a keepalive more because bytes still moved (see :meth:`loop_misc`)."""
 
     def _sock_recv(self, bufsize: int) -> bytes:
         data = super()._sock_recv(bufsize)
         if data:
-            self.moved_at = time.monotonic()
+            self.moved_at = self.received_at = time.monotonic()
         return data
 
     def _sock_send(self, buf: bytes | bytearray) -> int:
