@@ -1,7 +1,7 @@
 """Slow, stalling and cut links (``tests/slow_link.py``: a shaping TCP proxy between a client
 and a real mosquitto), on the real transport, devices and coordinator daemon. Models are small and
-links proportionally slow (a 120 KB message at 20 kB/s takes what a 12 MB one takes at 1.6 Mbit/s),
-and keepalives short, so each test takes seconds; ``tests/slow_link_measure.py`` runs the same
+links and timeouts scaled down alike (a 120 KB message at 20 kB/s takes 6 s, three 2 s keepalives; a
+12 MB update at 1 Mbit/s takes 96 s, three of EdgeClient's 30 s keepalives), so each test takes seconds; ``tests/slow_link_measure.py`` runs the same
 rig at real sizes (the numbers are in the audit report)."""
 
 from __future__ import annotations
