@@ -115,10 +115,10 @@ from edge_sdk.wire.codec import Encoding
 
 log = logging.getLogger("edgeci.device")
 _MAX_CANARY_PIN_CHARS = 1024
+"""A stored canary record (``PinCanary``: a few ints and at most 8 nonces) is far shorter: a longer one is damaged."""
 RECEIVING_RECHECK_S = 0.5
 """A request timeout held while a packet arrives (:meth:`EdgeClient._handle`) is looked at again this soon."""
 _AWAITING_ANSWER = (Phase.PULLING, Phase.DEFERRED, Phase.PUSHING)
-"""A stored canary record (``PinCanary``: a few ints and at most 8 nonces) is far shorter: a longer one is damaged."""
 Callback = Callable[[str, dict[str, Any]], None]
 _R = TypeVar("_R")
 
