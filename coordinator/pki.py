@@ -7,7 +7,8 @@ module generates confines each username to its own topics. Layout of a PKI direc
     PKI/ca.key  ca.crt                 the CA (ECDSA P-256; ca.key 0600, keep it offline)
     PKI/identities.json                every issued identity: role, regions, serial, expiry;
                                        and every revoked or superseded certificate's serial
-    PKI/ca.crl                         the revocation list (mosquitto's crlfile; re-read on SIGHUP)
+    PKI/ca.crl                         the revocation list (mosquitto's crlfile; re-read on SIGHUP, for
+                                       new connections only: see "Revocation" below)
     PKI/signing/<coordinator>.pub      coordinators' Ed25519 model-signing public keys
     PKI/mosquitto.acl                  generated from identities.json (``pki acl``)
     PKI/mosquitto.passwd               username/password alternative (``pki passwd``)
@@ -24,6 +25,15 @@ Revocation is by certificate and by name: ``revoke`` puts the certificate's seri
 and takes the name out of the ACL (and the password file); issuing a name again (``--force``,
 or after a revocation) puts the old certificate on the CRL too, so a stolen copy of it stays
 refused although the ACL admits the name again.
+
+mosquitto checks the CRL at the TLS handshake only: a reload (SIGHUP) refuses a revoked
+certificate's *next* connection, but a connection it already holds stays open. While the name
+is out of the ACL that connection may read and write nothing; once the name is issued again (the
+replacement headset, or ``--force``) it publishes in that name again, with the revoked
+certificate (helper-159: a stolen headset certificate connected at its revocation published an
+update after the re-issue). So a revocation, and a re-issue of a name that had a certificate
+before, end with a restart of mosquitto, which closes every connection; the clients reconnect
+(the revoked one is refused by the CRL) and send again what was not acknowledged.
 """
 
 from __future__ import annotations
@@ -646,11 +656,17 @@ operator's steps (keep PKI/ca.key offline; copy only bundles/<ID>/ to each host)
 Issuing a new coordinator or operator later: `edgeci pki trust --dir PKI` rewrites every bundle's
 trusted/ (and coordinators' operators/) keys; re-copy the bundles. A new identity: `pki issue`
 rewrites PKI/mosquitto.acl; run broker-conf again, SIGHUP mosquitto. A lost or compromised identity: `edgeci pki
-revoke --dir PKI ID` (its certificate goes on PKI/ca.crl, its name out of the ACL), broker-conf, SIGHUP mosquitto;
-issuing the same ID again later is safe (the old certificate stays on the CRL), as is `--force`.
+revoke --dir PKI ID` (its certificate goes on PKI/ca.crl, its name out of the ACL), broker-conf, then RESTART
+mosquitto (a SIGHUP refuses the certificate's next connection, but leaves open one it holds); issuing the same ID
+again later is safe (the old certificate stays on the CRL), as is `--force`, each followed by a restart too.
 Every connection of one identity replaces its previous one (mosquitto uses the name as client id):
 run `edgeci status` / `rollback` with an operator's bundle, never a coordinator's or a device's.
 """
+
+
+_RESTART = ("restart mosquitto (not only SIGHUP: a reload refuses the certificate's next connection, but a connection "
+            "it already holds stays open, and publishes again once the name is issued again)")
+"""What `pki revoke`, `crl` and the re-issue of a name tell the operator to do to the broker."""
 
 
 def _dir_argument(p: argparse.ArgumentParser) -> None:
@@ -689,7 +705,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--host", action="append", default=[], help="broker: extra DNS name or IP in the certificate (repeatable)")
     s.add_argument("--days", type=_days, default=LEAF_DAYS, help="certificate validity in days (default: %(default)s)")
     s.add_argument("--force", action="store_true", help="re-issue an existing identity (new key; the old bundle is replaced "
-                                                        "and the old certificate goes on the CRL: SIGHUP mosquitto)")
+                                                        "and the old certificate goes on the CRL: restart mosquitto, which "
+                                                        "closes a connection the old certificate holds)")
 
     s = sub.add_parser("acl", help="write the mosquitto ACL file for every issued identity",
                        description="Generate the mosquitto acl_file from PKI/identities.json: devices write only their "
@@ -710,11 +727,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("identity", metavar="ID", help="the issued identity to give a password")
     _dir_argument(s)
 
-    s = sub.add_parser("revoke", help="put an identity's certificate on the CRL and take it out of the ACL (then SIGHUP mosquitto)",
+    s = sub.add_parser("revoke", help="put an identity's certificate on the CRL and take it out of the ACL (then restart mosquitto)",
                        description="Put ID's certificate on PKI/ca.crl, remove ID from identities.json, the generated ACL "
-                                   "and the password file, and delete its bundle: after `kill -HUP <mosquitto>` its "
+                                   "and the password file, and delete its bundle: after a restart of mosquitto its "
                                    "certificate no longer completes a TLS handshake, and its name may read and write "
-                                   "nothing (also if the name is issued again later). A revoked coordinator's model-signing "
+                                   "nothing (also if the name is issued again later). A reload (SIGHUP) is not enough: "
+                                   "mosquitto checks the CRL at the handshake only, and a connection the certificate "
+                                   "already holds publishes again once the name is issued again. A revoked coordinator's model-signing "
                                    "key leaves signing/ and an operator's command-signing key operators/: run `edgeci pki "
                                    "trust` and redistribute the bundles. The CRL needs the CA key: without it here, run "
                                    "`edgeci pki crl` where it is.", formatter_class=fmt)
@@ -724,7 +743,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s = sub.add_parser("crl", help="rewrite PKI/ca.crl from the revoked certificates (needs the CA key)",
                        description="Sign PKI/ca.crl again from identities.json's revoked and superseded certificates "
                                    "(after a revocation made without the CA key at hand, or for a PKI made before CRLs); "
-                                   "copy it to the broker's crlfile and SIGHUP mosquitto.", formatter_class=fmt)
+                                   "copy it to the broker's crlfile and restart mosquitto (a SIGHUP leaves open the connections "
+                                   "a revoked certificate already holds).", formatter_class=fmt)
     _dir_argument(s)
 
     s = sub.add_parser("trust", help="rewrite every bundle's trusted/ keys (after issuing a new coordinator)",
@@ -794,12 +814,13 @@ def _run(args: argparse.Namespace) -> int:
     if cmd == "issue":
         regions = [r.strip() for r in args.region.split(",") if r.strip()]
         trust = [c.strip() for c in args.trust.split(",") if c.strip()]
+        had_one = args.identity in pki.identities or any(r.get("name") == args.identity for r in pki.revoked)
         bundle = pki.issue(args.identity, args.role, regions=regions, trust=trust, days=args.days,
                            hosts=args.host, force=args.force)
         print(f"{args.role} {args.identity}: bundle {bundle} (ACL rewritten: {pki.acl_path}; a running broker needs "
               "`edgeci pki broker-conf` again and a SIGHUP)")
-        if args.force:
-            print(f"the previous certificate of {args.identity} is on {pki.crl_path}: reload mosquitto (kill -HUP) to refuse it")
+        if had_one:  # the name is back in the ACL: a connection its old certificate still holds may publish again
+            print(f"the previous certificate of {args.identity} is on {pki.crl_path}: {_RESTART}")
         if args.role == "coordinator":
             stale = [n for n, i in pki.identities.items() if i.role not in ("broker", "coordinator") and n != args.identity]
             if stale:
@@ -818,15 +839,15 @@ def _run(args: argparse.Namespace) -> int:
         role = pki.identities[args.identity].role if args.identity in pki.identities else ""
         if pki.revoke(args.identity):
             print(f"{args.identity} revoked: certificate on {pki.crl_path}, ACL {pki.acl_path} rewritten; "
-                  "refresh the broker's copies (`edgeci pki broker-conf` again) and reload mosquitto (kill -HUP) to apply")
+                  f"refresh the broker's copies (`edgeci pki broker-conf` again), then {_RESTART}")
         else:
             print(f"{args.identity} revoked from the ACL {pki.acl_path}, but {pki.crl_path} was NOT updated (no CA key "
-                  f"here): run `edgeci pki crl` where ca.key is, copy ca.crl to the broker, then reload mosquitto")
+                  f"here): run `edgeci pki crl` where ca.key is, copy ca.crl to the broker, then {_RESTART}")
         if role in ("coordinator", "operator"):
             print(f"its signing key is no longer trusted by new bundles: run `edgeci pki trust --dir {args.dir}` "
                   "and re-copy the bundles")
     elif cmd == "crl":
-        print(f"CRL written: {pki.write_crl()} ({len(pki.revoked)} certificates); reload mosquitto (kill -HUP)")
+        print(f"CRL written: {pki.write_crl()} ({len(pki.revoked)} certificates); {_RESTART}")
     elif cmd == "trust":
         for name, keys in pki.refresh_trust().items():
             print(f"{name}: trusts {', '.join(keys) or '(no coordinator keys yet)'}")
