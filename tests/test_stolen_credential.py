@@ -27,11 +27,12 @@ from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
 from edge_sdk.client import EdgeClient
 from edge_sdk.errors import TransportError
 from edge_sdk.mqtt import BrokerAuth, MqttTransport
+from edge_sdk.signing import load_or_create_signer
 from edge_sdk.tasks import get_task
 from edge_sdk.tasks.base import TrainConfig
 from edge_sdk.wire import topics
 from edge_sdk.wire.codec import decode, encode
-from edge_sdk.wire.messages import Ack, Update
+from edge_sdk.wire.messages import Ack, PeerMsg, Update
 from tests.helpers import wait_until
 from tests.secure_broker import SECURE_REGION, SecureBroker
 
@@ -250,3 +251,108 @@ def test_one_device_certificate_cannot_fill_a_spin_buffer_with_updates_it_was_ne
     assert statuses == [("rejected", "not_selected")], statuses
     assert daemon.core.counters["reject:not_selected"] == seq
     assert after >= before - 0.02
+
+
+# ---------------------------------------------------------------------- 4. a hostile peer region
+
+
+@pytest.fixture
+def hostile_ring(secure_broker: SecureBroker, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """coord-sec (a real daemon, Spyker peering, release gate on) in a ring with coord-evil, whose
+    operator turned hostile: its real bundle (TLS identity, the model-signing key coord-sec trusts)
+    in a raw client that sends what it likes."""
+    task = get_task("digits")
+    evil = secure_broker.bundle("coord-evil", "coordinator", ("evil",))  # before coord-sec starts: its trusted/ has it
+    split = task.data().test
+    validation = tmp_path / "validation.npz"
+    np.savez(validation, x=split.x[:300], y=split.y[:300])
+    daemon = CoordinatorDaemon(
+        CoordinatorOptions(broker=secure_broker.url, region=R, state_dir=tmp_path / "coord", coordinator_id="coord-sec",
+                           bundle=secure_broker.bundle("coord-sec", "coordinator"), peering="spyker",
+                           peers=("coord-sec", "coord-evil"), validation=validation,
+                           peering_params={"beacon_s": 0.5, "token_timeout_s": 3.0, "h_inter": 10.0}),
+        task=task,
+    ).start()
+    signer, _ = load_or_create_signer(evil / "signing.key")
+    heard: list[PeerMsg] = []
+
+    def on_peer(topic: str, payload: bytes) -> None:
+        msg = decode(payload)
+        if isinstance(msg, PeerMsg) and msg.sender == "coord-sec":
+            heard.append(msg)
+
+    raw = MqttTransport(secure_broker.url, client_id="coord-evil", subscriptions=[topics.peer_filter("coord-evil"), topics.peer_filter("all")],
+                        on_message=on_peer, clean_session=True, auth=BrokerAuth.from_bundle(evil))
+    raw.start(10)
+
+    def send(to: str, kind: str, body: dict[str, Any], weights: Any = None) -> None:
+        topic = topics.peer_topic(to, kind)
+        raw.publish(topic, encode(PeerMsg(sender="coord-evil", kind=kind, body=body, weights=weights), signer=signer,
+                                  scope=topics.signing_scope(topic)))
+
+    try:
+        yield {"daemon": daemon, "task": task, "send": send, "raw": raw, "heard": heard, "signer": signer}
+    finally:
+        raw.stop()
+        daemon.stop()
+
+
+def test_a_hostile_peers_malformed_models_and_bodies_are_refused_typed_and_counted(hostile_ring: dict[str, Any]) -> None:
+    daemon, task, send, raw = hostile_ring["daemon"], hostile_ring["task"], hostile_ring["send"], hostile_ring["raw"]
+    core, size = daemon.core, task.spec.size
+    weights, version = np.array(core.weights, copy=True), core.version
+    sid = [0, 0.0, "coord-sec", 0]
+    model = {"at": time.time(), "age": 5.0, "clients": 1, "pos": sid, "hold": True, "sid": sid}
+    send("coord-sec", "model", model, np.full(size, np.nan, np.float32))
+    send("coord-sec", "model", model, np.zeros(size - 1, np.float32))
+    send("coord-sec", "model", model, np.full(size, 3e38, np.float32))
+    send("all", "beat", {"at": 1e300, "age": 2.0**60, "clients": 2**63 - 1, "pos": [2**63 - 1, 0.0, "x", 0], "hold": True})
+    send("all", "beat", {"at": float("nan"), "age": 1.0, "clients": 1, "pos": None, "hold": False})
+    topic = topics.peer_topic("coord-sec", "model")
+    raw.publish(topic, encode(PeerMsg(sender="coord-evil", kind="model", body=model, weights=weights)))  # unsigned
+    raw.publish(topic, encode(PeerMsg(sender="coord-sec", kind="model", body=model, weights=weights),  # in coord-sec's name
+                              signer=hostile_ring["signer"], scope=topics.signing_scope(topic)))
+    expected = {"reject:non_finite": 1, "reject:shape_mismatch": 1, "reject:out_of_range": 1, "reject:malformed": 2,
+                "reject:unsigned": 1, "reject:bad_signature": 1}
+    wait_until(lambda: all(core.counters[k] >= n for k, n in expected.items()), 15, "every hostile message refused")
+    assert {k: core.counters[k] for k in expected} == expected
+    assert core.version == version and np.array_equal(core.weights, weights)
+    assert core.peering.age == 0.0 and core.counters["peer_merges"] == 0
+
+
+def test_a_hostile_peers_age_claim_cannot_inflate_this_regions_age_past_the_cap(hostile_ring: dict[str, Any]) -> None:
+    """coord-evil plays Spyker well enough to have its models merged: it beats with an age far
+    ahead (the holder then starts a sync) and answers each of coord-sec's syncs, as a member of the
+    ring does, with a poisoned model and age 2**53. Before the fix (measured, this fixture): 3
+    merges set coord-sec's age from 0 to 7.7e15; the gate rejected each merged candidate and rolled
+    the weights back, but not the age, and from then on (by the merge rule) every honest peer's model
+    weighs eta_a x sigmoid(-phi) = 0.11 in coord-sec's merges instead of 0.3. Now each merge takes at most
+    ``age_cap()`` of the claim, counted (``ages_capped``); the gate still keeps the release."""
+    daemon, task, send, heard = hostile_ring["daemon"], hostile_ring["task"], hostile_ring["send"], hostile_ring["heard"]
+    core = daemon.core
+    release = core.release[0]
+    before = _accuracy(task, core.release[1])
+    direction = np.random.default_rng(0).standard_normal(task.spec.size).astype(np.float32)
+    answered: set[tuple[Any, ...]] = set()
+    beat_at = time.time()
+    deadline = time.monotonic() + 60
+    while len(answered) < 2 and time.monotonic() < deadline:
+        beat_at += 0.001
+        send("all", "beat", {"at": beat_at, "age": 1e6, "clients": 1, "pos": None, "hold": False})
+        for msg in [m for m in list(heard) if m.kind == "model"]:
+            sid = tuple(msg.body["sid"])
+            if sid not in answered:
+                answered.add(sid)
+                poisoned = np.asarray(msg.weights, dtype=np.float32) + 3.0 * direction
+                send("coord-sec", "model", {"at": time.time(), "age": float(2**53), "clients": 1, "pos": None,
+                                            "hold": False, "sid": list(sid)}, poisoned)
+        time.sleep(0.3)
+    assert len(answered) == 2, "coord-sec started no synchronisation to answer"
+    wait_until(lambda: core.peering.counters.merges >= 2, 15, "both poisoned models merged")
+    counters, cfg = core.peering.counters, core.peering.config
+    bound = counters.merges * cfg.eta_a * (cfg.h_intra + core.peering.h_inter()) + 1e-6
+    print(f"coord-evil: {counters.merges} merges of age 2**53; coord-sec's age {core.peering.age:.3g} (bound {bound:.0f})")
+    assert core.peering.age <= bound
+    assert counters.ages_capped == counters.merges
+    wait_until(lambda: core.counters["gate_rejected"] >= 1, 30, "the gate's verdict on a merged candidate")
+    assert core.release[0] == release and _accuracy(task, core.release[1]) == before
