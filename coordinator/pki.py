@@ -769,7 +769,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the TLS listener's port (default: 8883)")
     s.add_argument("--bind", default="0.0.0.0", help="the listener's address (default: 0.0.0.0, every interface: TLS with "
                    "client certificates; 127.0.0.1 for a broker only this host reaches)")
-    s.add_argument("--model-bytes", type=bounded(int, 0), default=0, help="largest model's float32 bytes: max_packet_size = this + headroom (0: paho's 256 MiB limit)")
+    s.add_argument("--model-bytes", type=bounded(int, 0), default=0, help="largest model's float32 bytes: max_packet_size = this + headroom "
+                   "(0: paho's 256 MiB limit, which lets any device certificate send the broker and the coordinator 256 MiB messages)")
     s.add_argument("--password", action="store_true", help="username/password variant (server certificate only)")
     s.add_argument("--user", default=None, help="account mosquitto runs as (started as root, it reads its files only "
                    "after dropping to it): the key and password copies are chowned to it. Default: 'mosquitto' when "
@@ -852,7 +853,7 @@ def _run(args: argparse.Namespace) -> int:
         for name, keys in pki.refresh_trust().items():
             print(f"{name}: trusts {', '.join(keys) or '(no coordinator keys yet)'}")
     elif cmd == "broker-conf":
-        from coordinator.broker import secure_conf
+        from coordinator.broker import PAHO_MAX_PAYLOAD, secure_conf
 
         default = mosquitto_account()
         user = (default.pw_name if default is not None else None) if args.user is None else (args.user or None)
@@ -860,5 +861,13 @@ def _run(args: argparse.Namespace) -> int:
         text = secure_conf(port=args.port, host=args.bind, model_bytes=args.model_bytes, **files)
         write_public(args.out, text.encode())
         print(f"mosquitto config written: {args.out}, its files in {files['cafile'].parent}"
-              f"{f' (key readable by {user})' if user else ''}; after `pki issue` / `revoke`, run this again and SIGHUP mosquitto")
+              f"{f' (key readable by {user})' if user else ''}; after `pki issue`, run this again and SIGHUP mosquitto; "
+              "after `pki revoke` (or issuing a name again), run this again and restart mosquitto")
+        if not args.model_bytes:
+            # helper-159: with paho's limit one device certificate sent 5 messages of 200 MiB on its own update
+            # topic: mosquitto peaked at 610 MB, the coordinator 620 MB above its resting size, and an honest
+            # device's update took 48 s instead of 8 to be accepted (the coordinator refused each: too_large).
+            print(f"note: no --model-bytes: max_packet_size is {(PAHO_MAX_PAYLOAD + 1) >> 20} MiB, so any device certificate may send "
+                  "messages that large for the broker and the coordinator to hold; pass --model-bytes (the largest "
+                  "model's float32 bytes, 4 x its parameter count) to refuse anything larger than a model")
     return 0

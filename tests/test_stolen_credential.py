@@ -356,3 +356,29 @@ def test_a_hostile_peers_age_claim_cannot_inflate_this_regions_age_past_the_cap(
     assert counters.ages_capped == counters.merges
     wait_until(lambda: core.counters["gate_rejected"] >= 1, 30, "the gate's verdict on a merged candidate")
     assert core.release[0] == release and _accuracy(task, core.release[1]) == before
+
+
+# ---------------------------------------------------------------------- 5. oversize messages
+
+
+def test_broker_conf_without_a_model_size_says_what_any_device_certificate_may_then_send(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --model-bytes the config keeps paho's 256 MiB packets. Measured (helper-159, one device
+    certificate, 5 x 200 MiB on its own update topic, the coordinator a separate process): mosquitto
+    peaked at 610 MB, the coordinator 620 MB above its resting 777 MB, and an honest device's update
+    was accepted 48.5 s after its labels instead of 8.4 s. broker-conf said nothing about it; now it
+    says so, and with --model-bytes (the packet limit that refuses it, tests/test_security_broker.py)
+    it does not."""
+    from coordinator.pki import Pki
+    from demos.cli import main
+
+    pki = Pki.init(tmp_path / "pki")
+    pki.issue("broker", "broker")
+    assert main(["pki", "broker-conf", "--dir", str(pki.root), "--out", str(tmp_path / "a.conf"), "--user", ""]) == 0
+    said = capsys.readouterr().out
+    assert "max_packet_size 268435455" in (tmp_path / "a.conf").read_text()
+    assert "no --model-bytes: max_packet_size is 256 MiB" in said and "pass --model-bytes" in said, said
+    assert main(["pki", "broker-conf", "--dir", str(pki.root), "--out", str(tmp_path / "b.conf"), "--user", "",
+                 "--model-bytes", str(4 * get_task("digits").spec.size)]) == 0
+    said = capsys.readouterr().out
+    assert "--model-bytes" not in said and "max_packet_size 268435455" not in (tmp_path / "b.conf").read_text()
