@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import pytest
 
+from edge_sdk.core.device import DeviceConfig
 from edge_sdk.core.events import MessageReceived, Notify, Publish, TimerFired
-from edge_sdk.errors import LocalProtocolError
+from edge_sdk.errors import ConfigError, LocalProtocolError
 from edge_sdk.signing import Signer
 from edge_sdk.wire import topics
 from edge_sdk.wire.codec import encode
 from edge_sdk.wire.messages import Recall
-from tests.helpers import SIGNER
+from tests.helpers import SIGNER, SPEC
 from tests.test_trust_cores import device, model, to_dev
 
 
@@ -70,3 +71,11 @@ def test_an_older_recall_after_a_newer_one_does_not_replace_it() -> None:
     assert d.state.recall.release == 6
     d.handle(recall(9, (7, 8)))
     assert d.state.recall.release == 9
+
+
+@pytest.mark.parametrize("value", [0, -1, True, 2.0], ids=["0", "-1", "bool", "float"])
+def test_a_device_count_setting_must_be_an_int_of_at_least_one(value: object) -> None:
+    """device.py:377 (``or`` -> ``and`` in ``_count``): any min_samples was taken."""
+    with pytest.raises(ConfigError, match="min_samples"):
+        DeviceConfig(device_id="d1", region="r1", spec=SPEC, min_samples=value)  # type: ignore[arg-type]
+    assert DeviceConfig(device_id="d1", region="r1", spec=SPEC, min_samples=3).min_samples == 3

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from coordinator.strategies import make_strategy
+from edge_sdk.errors import ConfigError
 from tests.helpers import SPEC, make_coordinator
 from tests.test_coordinator_core import commits, upd
 
@@ -43,3 +44,29 @@ def test_norm_clipping_bounds_an_update_by_the_median_of_the_known_norms(norms: 
     bound = statistics.median(norms[:-1])  # the last update, far larger, is clipped to it
     expected = (sum(norms[:-1]) + bound) / len(norms)
     assert float(np.linalg.norm(commit.weights)) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "params"),
+    [("hfedms", {"alpha": 0.5}), ("hfedms", {"alpha": 0.0}), ("port", {"similarity_weight": 0.5, "staleness_weight": 0.5}),
+     ("port", {"similarity_weight": 0.0, "staleness_weight": 0.0})],
+    ids=["hfedms alpha=0.5", "hfedms alpha=0", "port weights 0.5", "port weights 0"],
+)
+def test_a_parameter_inside_its_documented_range_is_accepted(strategy: str, params: dict[str, float]) -> None:
+    """hfedms.py:95 (``alpha >= 0`` -> ``alpha >= 1``) and port.py:74 (``< 0`` -> ``< 1``): no
+    test built the strategy with a value in [0, 1), which the mutants refused."""
+    s = make_strategy(strategy, **params)
+    assert {k: s.describe()[k] for k in params} == params
+
+
+@pytest.mark.parametrize(
+    ("strategy", "params", "match"),
+    [("hfedms", {"alpha": -0.1}, "alpha"), ("port", {"similarity_weight": -0.1}, "similarity_weight"),
+     ("fedasync", {"staleness": "bogus"}, "staleness policy")],
+    ids=["hfedms alpha<0", "port weight<0", "fedasync unknown policy"],
+)
+def test_a_parameter_outside_its_range_is_a_config_error(strategy: str, params: dict[str, object], match: str) -> None:
+    """fedasync.py:47 (the ``make_policy`` check deleted): an unknown staleness policy was not
+    refused when the strategy was configured."""
+    with pytest.raises(ConfigError, match=match):
+        make_strategy(strategy, **params)

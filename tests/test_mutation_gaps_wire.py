@@ -13,7 +13,7 @@ import pytest
 
 from edge_sdk.errors import MalformedMessage, RemoteProtocolError, UnsupportedProtocol
 from edge_sdk.wire.codec import MAGIC, decode, encode
-from edge_sdk.wire.messages import ModelMsg, Pull, Update
+from edge_sdk.wire.messages import Canary, CanaryReport, ModelMsg, Pull, Update
 
 
 def _frame(header: dict[str, object], tail: bytes = b"") -> bytes:
@@ -147,3 +147,23 @@ def test_a_v1_message_of_any_map_size_is_refused_as_unsupported(keys: int) -> No
     v1 = msgpack.packb({**_PULL_HEADER, **{f"k{i}": i for i in range(keys - 4)}})
     with pytest.raises(UnsupportedProtocol, match="v1"):
         decode(v1)
+
+
+def test_a_canary_asks_for_at_most_10_000_labels_and_a_report_counts_as_many() -> None:
+    """messages.py:332 (``MAX_CANARY_SAMPLES = 10_000`` -> ``10_001``): the bound itself was not
+    tested; it is spelled out here (the constant is what is under test)."""
+    ok = Canary(device="d1", candidate=2, release=1, samples=10_000, deadline_s=60.0)
+    assert decode(encode(ok)) == ok
+    with pytest.raises(MalformedMessage, match="samples"):
+        Canary(device="d1", candidate=2, release=1, samples=10_001, deadline_s=60.0)
+    report = CanaryReport(device="d1", candidate=2, release=1, both_right=9_999, only_candidate=1, only_release=0, both_wrong=0)
+    assert decode(encode(report)) == report
+    with pytest.raises(MalformedMessage, match="canary report"):
+        CanaryReport(device="d1", candidate=2, release=1, both_right=10_000, only_candidate=1, only_release=0, both_wrong=0)
+
+
+def test_a_frame_missing_a_required_field_names_that_field() -> None:
+    """codec.py:537 (``name not in header`` -> ``in``): the error named the first field that was
+    present instead of the one missing."""
+    with pytest.raises(MalformedMessage, match="missing field 'seq'"):
+        decode(_frame({"type": "pull", "device": "d1", "model_id": "toy"}))
