@@ -111,7 +111,7 @@ def make_updates(n: int, devices: int, weights: np.ndarray, model_id: str) -> li
 def run(variant: str, messages: list[tuple[str, bytes]], state_dir: Path, k: int) -> dict[str, Any]:
     task = get_task("digits")
     daemon = CoordinatorDaemon(
-        CoordinatorOptions(
+        CoordinatorOptions(require_pull=False,
             broker="mqtt://127.0.0.1:1", region=REGION, state_dir=state_dir,
             strategy_params={"k": k, "timeout_s": 3600.0}, max_batch=1 if variant != "group commit" else 256,
         ),

@@ -204,6 +204,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "region (its region file). Without it such a start is refused: a mistyped --state-dir or --region would "
                    "take the fleet over. Use it when the other coordinator or state dir is lost, or to move a state dir to a "
                    "region on purpose")
+    o.add_argument("--accept-unpulled-updates", action="store_true",
+                   help="INSECURE: take an update from a device this coordinator served no training model since its last "
+                   "accepted update. By default such an update is refused (not_selected), whatever the strategy: with SPIN "
+                   "one stolen device certificate filled every buffer alone, a thousand updates in seconds; an update costs "
+                   "a served pull now, and pulls are rate-limited per device. After a restart each device's first update "
+                   "trained before it is still taken. Only for clients that push without pulling")
     o.add_argument("--signing-key", type=Path, help="the Ed25519 key (PEM) that signs every model, recall and peer message; "
                    "default: the bundle's signing.key, else STATE_DIR/signing.key (created 0600 on first start). Keep it "
                    "apart from the state dir: devices that pinned it on first use refuse any other key, so a state dir "
@@ -405,6 +411,7 @@ def options_from(args: argparse.Namespace, layered: Layered | None = None) -> Co
         conversion_deadline_s=float(getattr(args, "conversion_deadline", 60.0)),
         inversion_params=parse_params(getattr(args, "inversion", None) or (), "--inversion"),
         status_interval_s=interval,
+        require_pull=not getattr(args, "accept_unpulled_updates", False),
         auth=auth_from_args(args),
         bundle=args.bundle,
         signing_key=getattr(args, "signing_key", None),

@@ -448,6 +448,15 @@ class CoordinatorConfig:
     pull_refill_s: float = PULL_REFILL_S
     """Per-device token bucket for model replies: ``pull_burst`` at once, one more per
     ``pull_refill_s`` seconds; pulls beyond it are dropped and counted (``rate_limited``)."""
+    require_pull: bool = False
+    """Take an update only from a device served a training model since its last accepted update,
+    whatever the strategy (a selecting one always does). Without it a strategy that does not
+    select (SPIN, FedAsync, PORT) took any number of updates from one device that never pulled:
+    one stolen device certificate filled every buffer alone (helper-159: 1,000 updates in 6 s took
+    digits from 0.81 to 0.04). The daemon sets it (``--accept-unpulled-updates`` turns it off);
+    an update costs a served pull then, and pulls are rate-limited per device. Across a restart
+    (the served set is not kept) each device's first update trained from a version up to the
+    restart's is still taken, once."""
     max_devices: int = 1_000_000
     """Devices tracked at once; messages from further new ids are rejected (memory bound). The
     update watermarks are capped at as many (an id that only pushes never counts as tracked)."""
@@ -606,6 +615,7 @@ class CoordinatorCore:
         spec = config.spec
         self._weights = np.array(spec.check(np.asarray(snapshot.weights, dtype=np.float32)), copy=True)
         self._version = int(snapshot.version)
+        self._started_version = self._version
         self._version_floor = int(snapshot.version_floor)
         self._epoch = int(snapshot.epoch)
         self._recovered_from = tuple(snapshot.recovered_from)
@@ -737,6 +747,8 @@ class CoordinatorCore:
         restarted without persistence: helper-157), not a forged or replayed invitation."""
         self._invite_round = 0
         self._training: set[str] = set()
+        self._unpulled_grace: set[str] = set()
+        """Devices whose one update after this core started was taken without a pull it served (``require_pull``)."""
         """Devices served a training model since their last accepted update: with a strategy that
         selects its devices, the only ones whose update is taken (``not_selected`` otherwise)."""
         self._last_nonce: dict[str, tuple[int, int]] = {}
@@ -1262,6 +1274,18 @@ class CoordinatorCore:
         ack = Ack(device=msg.device, seq=msg.seq, status="deferred", version=self._version)
         return [*ahead, self._publish(self._device_topic(msg.device, "ack"), encode(ack))]
 
+    def _unpulled_ok(self, msg: Update) -> bool:
+        """Whether a strategy that does not select takes an update whose device it served no
+        training model since its last accepted one: always, unless ``require_pull``; then only the
+        device's first since this core started, trained from a version above 0 and up to the one it
+        started at (one in flight across a restart: the served set is not kept)."""
+        if not self.config.require_pull:
+            return True
+        if not 0 < msg.base_version <= self._started_version or msg.device in self._unpulled_grace:
+            return False  # (a core started at version 0 had nothing to train from before it)
+        self._unpulled_grace.add(msg.device)
+        return True
+
     def _newest(self) -> int:
         """The newest version number this state dir has given out (an unreadable one included)."""
         return max(self._version, self._version_floor)
@@ -1398,7 +1422,7 @@ class CoordinatorCore:
             raise UnknownVersion(f"base version {msg.base_version} is newer than current {self._version}")
         if self._abandoned and self.abandoned(msg.base_version):
             raise RejectedBase(f"base version {msg.base_version} was abandoned by a rollback; train from {self._version}")
-        if msg.device not in self._training and self.strategy.selects():
+        if msg.device not in self._training and (self.strategy.selects() or not self._unpulled_ok(msg)):
             # A device never drawn (or past its one update per invitation) would otherwise fill
             # the buffer on its own: FedBuff's K updates, FedAvg's round, all of one sender.
             raise NotSelected(f"{msg.device} was not served a training model by {self.strategy.name}'s selection "

@@ -237,6 +237,9 @@ class CoordinatorOptions:
     each key speaks only for the coordinator it is named after. Default: pin each peer's first key."""
     status_interval_s: float = 30.0
     """Republish the retained status (``published_at``) at least this often: a liveness beat."""
+    require_pull: bool = True
+    """Refuse an update from a device served no training model since its last accepted one, whatever
+    the strategy (``CoordinatorConfig.require_pull``; ``--accept-unpulled-updates`` turns it off)."""
     auth: BrokerAuth | None = None
     """Broker credentials for an ``mqtts://`` broker (default: the bundle's, if any)."""
     bundle: Path | None = None
@@ -476,6 +479,7 @@ class CoordinatorDaemon:
                                 validation_set=self._validation_set)
                 if options.validation is not None or options.canary > 0 else None,
                 operators=self.operators,
+                require_pull=options.require_pull,
                 conversion=ConversionConfig(deadline_s=options.conversion_deadline_s),
                 status_payload=False,  # the status JSON is built once per batch (_end_batch), not per version
                 # a converting staleness policy needs the base version of the stale updates it converts

@@ -157,7 +157,7 @@ class Rig:
         not ``canary_round``, then ``options``; ``init``: from the pretrained model (the first start)."""
         if init:
             save_model(self.tmp_path / "init.npz", self.task.spec, self.task.pretrained(seed=0), {"version": 0})
-        self.daemon = CoordinatorDaemon(CoordinatorOptions(
+        self.daemon = CoordinatorDaemon(CoordinatorOptions(require_pull=False,
             broker=self.net.url, region=self.net.region, state_dir=self.tmp_path / "coord",
             init=self.tmp_path / "init.npz" if init else None,
             **{**(CANARY_ROUND if canary_round else {}), **self.net.options, **options}), task=self.task)

@@ -44,7 +44,7 @@ def test_canary_cohort_alone_rejects_a_scaled_candidate_and_promotes_a_good_one(
     release0 = task.pretrained(seed=0)
     save_model(tmp_path / "init.npz", task.spec, release0, {"version": 0})
     daemon = CoordinatorDaemon(
-        CoordinatorOptions(broker=mosquitto.url, region=REGION, state_dir=tmp_path / "coord", init=tmp_path / "init.npz",
+        CoordinatorOptions(require_pull=False, broker=mosquitto.url, region=REGION, state_dir=tmp_path / "coord", init=tmp_path / "init.npz",
                            strategy_params={"k": 1, "timeout_s": None, "clip_multiplier": 0.0, "sample_weight_cap": 0.0},
                            canary=1.0, canary_samples=LABELS, canary_min_reports=3, canary_deadline_s=120.0),
         task=task,
@@ -125,7 +125,7 @@ def test_a_restarted_coordinator_resumes_its_round_and_takes_the_reports_sent_wh
 
     def coordinator(**init: Path) -> CoordinatorDaemon:
         return CoordinatorDaemon(
-            CoordinatorOptions(broker=mosquitto.url, region=REGION, state_dir=tmp_path / "coord",
+            CoordinatorOptions(require_pull=False, broker=mosquitto.url, region=REGION, state_dir=tmp_path / "coord",
                                strategy_params={"k": 1, "timeout_s": None, "clip_multiplier": 0.0, "sample_weight_cap": 0.0},
                                canary=1.0, canary_samples=LABELS, canary_min_reports=3, canary_deadline_s=300.0, **init),
             task=task,

@@ -79,7 +79,7 @@ def test_the_coordinator_serves_pulls_and_updates_while_a_conversion_runs(mosqui
     task = get_task("digits")
     converter = HeldConverter()
     daemon = CoordinatorDaemon(
-        CoordinatorOptions(broker=mosquitto.url, region=REGION, state_dir=tmp_path / "coord", status_interval_s=1.0,
+        CoordinatorOptions(require_pull=False, broker=mosquitto.url, region=REGION, state_dir=tmp_path / "coord", status_interval_s=1.0,
                            strategy_params={"k": 1, "timeout_s": None, "clip_multiplier": 0.0, "sample_weight_cap": 0.0,
                                             "staleness": "gradient-inversion", "convert_beyond": 2}),
         task=task, converter=converter,
@@ -128,7 +128,7 @@ def test_gradient_inversion_converts_a_real_stale_update_on_a_running_coordinato
     task = get_task("digits")
     pool = task.data().pool
     daemon = CoordinatorDaemon(
-        CoordinatorOptions(broker=mosquitto.url, region=REGION, state_dir=tmp_path / "coord", status_interval_s=1.0,
+        CoordinatorOptions(require_pull=False, broker=mosquitto.url, region=REGION, state_dir=tmp_path / "coord", status_interval_s=1.0,
                            strategy_params={"k": 1, "timeout_s": None, "staleness": "gradient-inversion", "convert_beyond": 2},
                            hints={"epochs": 2.0, "lr": 0.05}, inversion_params={"iterations": 30, "time_budget_s": 20.0, "momentum": 0.0}),
         task=task,

@@ -123,7 +123,7 @@ def test_an_outage_whose_state_cannot_be_reloaded_withholds_messages_instead_of_
     transport's backoff the only pace): 3 or more in 6 s."""
     task = get_task("digits")
     save_model(tmp_path / "init.npz", task.spec, task.pretrained(seed=0), {"version": 0})
-    daemon = CoordinatorDaemon(CoordinatorOptions(
+    daemon = CoordinatorDaemon(CoordinatorOptions(require_pull=False,
         broker=net.url, region=net.region, state_dir=tmp_path / "coord", init=tmp_path / "init.npz",
         strategy_params={"k": 10, "timeout_s": None}, storage_probe_s=0.2), task=task)
     registry = daemon.registry

@@ -57,6 +57,7 @@ class Coordinator:
         cmd = [
             sys.executable, "-m", "demos.cli", "coordinator", "--broker", url, "--region", REGION,
             "--state-dir", str(state_dir), "--model", "digits", "--k", str(k), "--timeout", str(timeout),
+            "--accept-unpulled-updates",  # (the tests' raw updates come without a pull)
         ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
         self.lines: list[str] = []
@@ -445,7 +446,7 @@ def test_corrupt_device_store_recovers_with_a_warning_and_seq_moving_on(mosquitt
                           min_samples=2, train=TrainConfig(epochs=1), request_timeout_s=2.0, inference="torch")
 
     daemon = CoordinatorDaemon(
-        CoordinatorOptions(broker=mosquitto.url, region=REGION, state_dir=tmp_path / "c", strategy_params={"k": 1, "timeout_s": 5.0}),
+        CoordinatorOptions(require_pull=False, broker=mosquitto.url, region=REGION, state_dir=tmp_path / "c", strategy_params={"k": 1, "timeout_s": 5.0}),
         task=task,
     ).start()
     try:
@@ -539,7 +540,7 @@ def driver(tmp_path: Path, *, k: int, **options: Any) -> Iterator[tuple[Any, Fak
     from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
 
     daemon = CoordinatorDaemon(
-        CoordinatorOptions(broker="mqtt://127.0.0.1:1", region=REGION, state_dir=tmp_path / "c",
+        CoordinatorOptions(require_pull=False, broker="mqtt://127.0.0.1:1", region=REGION, state_dir=tmp_path / "c",
                            strategy_params={"k": k, "timeout_s": 3600.0}, storage_probe_s=0.05, **options),
         task=get_task("digits"),
     )
@@ -777,7 +778,7 @@ def test_a_broker_that_drops_qos1_messages_loses_nothing_and_applies_nothing_twi
 
     try:
         daemon = CoordinatorDaemon(
-            CoordinatorOptions(broker=broker.url, region=REGION, state_dir=state, strategy_params={"k": 5, "timeout_s": 1.0}),
+            CoordinatorOptions(require_pull=False, broker=broker.url, region=REGION, state_dir=state, strategy_params={"k": 5, "timeout_s": 1.0}),
             task=task,
         ).start()
         disk = DiskWatch(state, task.spec)
@@ -925,7 +926,7 @@ def test_the_registry_keeps_every_version_the_gate_may_still_promote(tmp_path: P
     from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
 
     daemon = CoordinatorDaemon(
-        CoordinatorOptions(broker="mqtt://127.0.0.1:1", region=REGION, state_dir=tmp_path / "c", keep_versions=20,
+        CoordinatorOptions(require_pull=False, broker="mqtt://127.0.0.1:1", region=REGION, state_dir=tmp_path / "c", keep_versions=20,
                            strategy_params={"k": 2, "timeout_s": 3600.0, "staleness": "gradient-inversion"}),
         task=get_task("digits"),
     )

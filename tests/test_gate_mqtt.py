@@ -76,7 +76,7 @@ def test_one_malicious_client_cannot_lower_the_release(mosquitto: MosquittoProce
     releases: list[tuple[int, float]] = []
     # robust aggregation off: the gate alone must stop the attack
     daemon = CoordinatorDaemon(
-        CoordinatorOptions(broker=mosquitto.url, region=REGION, state_dir=tmp_path / "coord",
+        CoordinatorOptions(require_pull=False, broker=mosquitto.url, region=REGION, state_dir=tmp_path / "coord",
                            strategy_params={"k": 3, "timeout_s": 1.5, "clip_multiplier": 0.0, "sample_weight_cap": 0.0},
                            validation=tmp_path / "val.npz", gate_margin=0.02, rollback_margin=0.10),
         task=task, on_release=lambda v, w: releases.append((v, float(task.evaluate(w)["accuracy"]))),
@@ -142,7 +142,7 @@ def test_rollback_and_pin_on_a_running_coordinator_survive_its_restart(mosquitto
     url = mosquitto.url
     watcher = Watcher(url)
     try:
-        with coordinator(url, state, "--clip-multiplier", "0"):
+        with coordinator(url, state, "--clip-multiplier", "0", "--accept-unpulled-updates"):  # (push: raw updates)
             for seq in range(3):  # versions 1, 2, 3 (no gate: each is released)
                 push(url, spec, seq, seq, 0.01 * (seq + 1))
                 wait_until(lambda: watcher.extra("release") == seq + 1, 30, f"version {seq + 1}")  # noqa: B023
@@ -228,7 +228,7 @@ def test_a_pin_whose_release_record_fails_to_write_holds_after_the_coordinator_r
     save_validation(tmp_path / "val.npz", Split(x=data.test.x[:200], y=data.test.y[:200]))
     state = tmp_path / "coord"
     daemon = CoordinatorDaemon(
-        CoordinatorOptions(broker=mosquitto.url, region=REGION, state_dir=state, validation=tmp_path / "val.npz",
+        CoordinatorOptions(require_pull=False, broker=mosquitto.url, region=REGION, state_dir=state, validation=tmp_path / "val.npz",
                            strategy_params={"k": 1, "timeout_s": None, "clip_multiplier": 0.0, "sample_weight_cap": 0.0},
                            status_interval_s=1.0, storage_probe_s=0.5),
         task=task,

@@ -80,11 +80,12 @@ class Watcher:
 
 
 @contextmanager
-def coordinator_process(url: str, state_dir: Path, *, k: int = 5, timeout: float = 2.0) -> Iterator[subprocess.Popen[str]]:
+def coordinator_process(url: str, state_dir: Path, *, k: int = 5, timeout: float = 2.0,
+                        accept_unpulled: bool = False) -> Iterator[subprocess.Popen[str]]:
     """``edgeci coordinator`` as a child process; on leaving, SIGTERM must stop it cleanly
-    (unless the test killed it itself)."""
+    (unless the test killed it itself). ``accept_unpulled``: for a test's raw updates sent without a pull."""
     coord = CoordinatorProcess("--broker", url, "--region", REGION, "--state-dir", str(state_dir), "--model", "digits",
-                               "--k", str(k), "--timeout", str(timeout))
+                               "--k", str(k), "--timeout", str(timeout), *(["--accept-unpulled-updates"] if accept_unpulled else []))
     terminated = False
     try:
         yield coord.proc
@@ -146,7 +147,7 @@ def latest_weights(state_dir: Path, task: Any) -> tuple[int, np.ndarray]:
 
 def test_fleet_over_mosquitto_improves_and_rejects_bad_input(mosquitto: MosquittoProcess, tmp_path: Path) -> None:
     state = tmp_path / "coord"
-    with coordinator_process(mosquitto.url, state, k=5, timeout=2.0):
+    with coordinator_process(mosquitto.url, state, k=5, timeout=2.0, accept_unpulled=True):  # (its probes push raw updates)
         watcher = Watcher(mosquitto.url)
         fleet = Fleet(mosquitto.url, tmp_path, 10, rate=4.0)
         task = fleet.task
@@ -262,7 +263,7 @@ def test_broker_restart_drivers_reconnect_and_resubscribe(tmp_path: Path) -> Non
     port = broker.port
     try:
         daemon = CoordinatorDaemon(
-            CoordinatorOptions(broker=broker.url, region=REGION, state_dir=tmp_path / "c", strategy_params={"k": 1, "timeout_s": 5.0}),
+            CoordinatorOptions(require_pull=False, broker=broker.url, region=REGION, state_dir=tmp_path / "c", strategy_params={"k": 1, "timeout_s": 5.0}),
             task=task,
         ).start()
         client = EdgeClient(broker=broker.url, device_id="phoenix", region=REGION, task=task, data_dir=tmp_path / "d",
@@ -311,7 +312,7 @@ def test_after_a_broker_restart_the_status_is_back_at_once_and_an_idle_device_ca
 
     try:
         daemon = CoordinatorDaemon(
-            CoordinatorOptions(broker=broker.url, region=REGION, state_dir=tmp_path / "c", strategy_params={"k": 1, "timeout_s": 5.0},
+            CoordinatorOptions(require_pull=False, broker=broker.url, region=REGION, state_dir=tmp_path / "c", strategy_params={"k": 1, "timeout_s": 5.0},
                                status_interval_s=3600.0),
             task=task,
         ).start()
@@ -355,7 +356,7 @@ def test_a_device_that_labels_nothing_gets_each_release_by_refresh(tmp_path: Pat
     broker = MosquittoProcess().start()
     try:
         daemon = CoordinatorDaemon(
-            CoordinatorOptions(broker=broker.url, region=REGION, state_dir=tmp_path / "c", strategy_params={"k": 1, "timeout_s": 5.0}),
+            CoordinatorOptions(require_pull=False, broker=broker.url, region=REGION, state_dir=tmp_path / "c", strategy_params={"k": 1, "timeout_s": 5.0}),
             task=task,
         ).start()
         try:
@@ -393,7 +394,7 @@ def test_a_second_coordinator_on_the_region_is_called_out(tmp_path: Path, caplog
     from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
 
     def daemon(name: str, coordinator_id: str) -> CoordinatorDaemon:
-        return CoordinatorDaemon(CoordinatorOptions(broker=broker.url, region=REGION, state_dir=tmp_path / name,
+        return CoordinatorDaemon(CoordinatorOptions(require_pull=False, broker=broker.url, region=REGION, state_dir=tmp_path / name,
                                                     coordinator_id=coordinator_id), task=get_task("digits"))
 
     broker = MosquittoProcess().start()
@@ -436,7 +437,7 @@ def test_a_coordinator_that_lost_its_state_dir_numbers_anew_and_its_devices_foll
 
     def coordinator(state: str) -> CoordinatorDaemon:
         return CoordinatorDaemon(
-            CoordinatorOptions(broker=broker.url, region=REGION, state_dir=tmp_path / state, signing_key=key,
+            CoordinatorOptions(require_pull=False, broker=broker.url, region=REGION, state_dir=tmp_path / state, signing_key=key,
                                strategy_params={"k": 1, "timeout_s": 5.0}),
             task=task,
         ).start()
@@ -490,7 +491,7 @@ def test_a_new_state_dir_with_the_regions_key_needs_take_over(mosquitto: Mosquit
     save_signer(signer, key)
 
     def options(state: str, signing_key: Path = key) -> CoordinatorOptions:
-        return CoordinatorOptions(broker=mosquitto.url, region=REGION, state_dir=tmp_path / state, signing_key=signing_key,
+        return CoordinatorOptions(require_pull=False, broker=mosquitto.url, region=REGION, state_dir=tmp_path / state, signing_key=signing_key,
                                   strategy_params={"k": 1, "timeout_s": 5.0})
 
     check_take_over(options("fresh"), take_over=False)  # nothing on the region yet: a first start is not a take-over
@@ -534,7 +535,7 @@ def test_a_second_coordinator_on_a_live_region_is_refused_unless_take_over(mosqu
     save_signer(Signer.generate(), other)
 
     def options(state: str, signing_key: Path | None = key) -> CoordinatorOptions:
-        return CoordinatorOptions(broker=mosquitto.url, region="live-check", state_dir=tmp_path / state, signing_key=signing_key,
+        return CoordinatorOptions(require_pull=False, broker=mosquitto.url, region="live-check", state_dir=tmp_path / state, signing_key=signing_key,
                                   strategy_params={"k": 1, "timeout_s": 5.0})
 
     check_take_over(options("fresh", None), take_over=False)  # an empty region
@@ -629,7 +630,7 @@ def test_a_coordinator_id_live_in_another_region_is_refused(mosquitto: Mosquitto
     from edge_sdk.errors import StartRefused
 
     def options(region: str, cid: str, state: str) -> CoordinatorOptions:
-        return CoordinatorOptions(broker=mosquitto.url, region=region, coordinator_id=cid, state_dir=tmp_path / state,
+        return CoordinatorOptions(require_pull=False, broker=mosquitto.url, region=region, coordinator_id=cid, state_dir=tmp_path / state,
                                   strategy_params={"k": 1, "timeout_s": 5.0})
 
     us = CoordinatorDaemon(options("dup-us", "coord-dup-us", "us"), task=get_task("digits")).start()

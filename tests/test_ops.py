@@ -374,7 +374,7 @@ def test_coordinator_process_metrics_probes_presence_sighup_and_status(mosquitto
            "EDGECI_INIT": str(init_model)}
     task = get_task("digits")
     with coordinator(env, "--config", str(config), "--metrics-port", str(port), "--log-format", "json",
-                     "--status-interval", "2") as proc:
+                     "--status-interval", "2", "--accept-unpulled-updates") as proc:  # (raw updates below, no pull)
         # -- probes
         code, body = http(f"http://127.0.0.1:{port}/healthz")
         assert code == 200 and json.loads(body)["actor_alive"] is True

@@ -75,7 +75,7 @@ def fleet(secure_broker: SecureBroker, tmp_path: Path) -> Iterator[dict[str, Any
     """A coordinator daemon (its bundle) and two honest devices (theirs) over TLS + ACL."""
     task = get_task("digits")
     daemon = CoordinatorDaemon(
-        CoordinatorOptions(broker=secure_broker.url, region=R, state_dir=tmp_path / "coord", coordinator_id="coord-sec",
+        CoordinatorOptions(require_pull=False, broker=secure_broker.url, region=R, state_dir=tmp_path / "coord", coordinator_id="coord-sec",
                            strategy_params={"k": 2, "timeout_s": 1.0}, bundle=secure_broker.bundle("coord-sec", "coordinator")),
         task=task,
     ).start()
@@ -164,7 +164,7 @@ def test_seq_jump_and_sample_count_attacks_fail(secure_broker: SecureBroker, fle
 
 def test_forged_invitation_does_not_bypass_fedbuff_selection(secure_broker: SecureBroker, tmp_path: Path) -> None:
     daemon = CoordinatorDaemon(
-        CoordinatorOptions(broker=secure_broker.url, region=R, state_dir=tmp_path / "coord", coordinator_id="coord-sec",
+        CoordinatorOptions(require_pull=False, broker=secure_broker.url, region=R, state_dir=tmp_path / "coord", coordinator_id="coord-sec",
                            strategy="fedbuff", strategy_params={"k": 2, "select": 1, "population": 50},
                            bundle=secure_broker.bundle("coord-sec", "coordinator")),
     ).start()

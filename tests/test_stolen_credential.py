@@ -205,9 +205,6 @@ def spin_fleet(secure_broker: SecureBroker, tmp_path: Path) -> Iterator[dict[str
         daemon.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="gap: under a strategy that does not select (SPIN, the default) the core takes "
-                                       "any number of updates from one device without a pull; fix proposed for "
-                                       "coordinator/core.py (helper-159's report)")
 def test_one_device_certificate_cannot_fill_a_spin_buffer_with_updates_it_was_never_served_a_model_for(
         secure_broker: SecureBroker, spin_fleet: dict[str, Any]) -> None:
     """Mallory's certificate (a provisioned headset) never pulls: it sends k = 10 updates with

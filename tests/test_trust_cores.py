@@ -743,3 +743,45 @@ def test_a_peer_without_a_provisioned_key_is_refused_as_such() -> None:
     detail = notes(c.handle(_peer("c2", c2_key)), "rejected")[0].data["detail"]
     assert "no key is provisioned for 'c2'" in detail and "c2.pub" in detail and "pki trust" in detail
     assert c.counters["reject:bad_signature"] == 1 and c.counters["peer_messages"] == 0
+
+
+def _pull_core(version: int = 0) -> CoordinatorCore:
+    cfg = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, signer=SIGNER, require_pull=True)
+    return CoordinatorCore(cfg, make_strategy("spin", k=1, timeout_s=None), toy_snapshot(version), rng=random.Random(0))
+
+
+def _answer(c: CoordinatorCore, now: float, msg: Update) -> tuple[str, str]:
+    (ack,) = published(c.handle(to_coord(now, msg.device, "update", msg)), "/ack")
+    assert isinstance(ack, Ack)
+    return ack.status, ack.reason
+
+
+def test_with_require_pull_an_update_costs_a_served_training_pull_under_spin() -> None:
+    """helper-159: under SPIN (which selects no one) the core took any number of updates from a
+    device that never pulled, so one stolen certificate filled every buffer alone. With
+    ``require_pull`` (the daemon's default) an update is taken only after a training model was
+    served to its device, once per pull; refused ones are counted and change nothing."""
+    c = _pull_core()
+    assert _answer(c, 1.0, update("m", 1, nonce=1)) == ("rejected", "not_selected")
+    assert c.version == 0 and c.counters["reject:not_selected"] == 1
+    c.handle(to_coord(2.0, "m", "pull", Pull(device="m", seq=2, model_id="toy")))
+    assert _answer(c, 3.0, update("m", 3, nonce=3)) == ("accepted", "")
+    assert c.version == 1
+    assert _answer(c, 4.0, update("m", 4, nonce=4, base=1)) == ("rejected", "not_selected")  # one per pull
+    assert c.version == 1 and c.counters["reject:not_selected"] == 2
+    # the strategy's own default (no require_pull): taken as before
+    free = make_coordinator("spin", k=1, timeout_s=None)
+    assert _answer(free, 1.0, update("m", 1, nonce=1)) == ("accepted", "")
+
+
+def test_with_require_pull_an_update_in_flight_across_a_restart_is_taken_once() -> None:
+    """The served set is not kept: after a restart at version 5 a device's update trained from a
+    version up to 5 (pulled from the last process) is taken, once; a second one, one trained from
+    a version the restart did not have, and (a core started at version 0) any are refused."""
+    c = _pull_core(version=5)
+    assert _answer(c, 1.0, update("d", 1, nonce=1, base=4)) == ("accepted", "")
+    assert _answer(c, 2.0, update("d", 2, nonce=2, base=6)) == ("rejected", "not_selected")  # (version 6 is after it)
+    assert _answer(c, 3.0, update("d", 3, nonce=3, base=5)) == ("rejected", "not_selected")  # its one is taken
+    assert _answer(c, 4.0, update("e", 1, nonce=1, base=5)) == ("accepted", "")  # another device's
+    fresh = _pull_core(version=0)
+    assert _answer(fresh, 1.0, update("d", 1, nonce=1)) == ("rejected", "not_selected")
