@@ -747,10 +747,10 @@ class CoordinatorCore:
         restarted without persistence: helper-157), not a forged or replayed invitation."""
         self._invite_round = 0
         self._training: set[str] = set()
-        self._unpulled_grace: set[str] = set()
-        """Devices whose one update after this core started was taken without a pull it served (``require_pull``)."""
         """Devices served a training model since their last accepted update: with a strategy that
         selects its devices, the only ones whose update is taken (``not_selected`` otherwise)."""
+        self._unpulled_grace: set[str] = set()
+        """Devices whose one update after this core started was taken without a pull it served (``require_pull``)."""
         self._last_nonce: dict[str, tuple[int, int]] = {}
         self._last_pull_seq: dict[str, int] = {}
         self._tokens: dict[str, tuple[float, float]] = {}
