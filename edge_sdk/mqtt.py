@@ -1158,6 +1158,10 @@ class _Client(paho.Client):
             self.moved_at = now
         return unsent
 
+    def _ping_out_on_a_moving_link(self, now: float) -> bool:
+        """A PINGREQ is unanswered and bytes still moved within the keepalive (see :meth:`_check_keepalive`)."""
+        return bool(PAHO_FAST_PATHS and self._keepalive and self._ping_t > 0 and self._link_moving(now))
+
     def _check_keepalive(self) -> None:
         # paho's PINGREQ waits behind the packet being written, and the broker's PINGRESP behind the
         # one being read: on a slow link (a 2 MB model at 256 kbit/s takes 62 s) paho took the late
@@ -1167,7 +1171,7 @@ class _Client(paho.Client):
         # still goes out every keepalive: the broker must hear from us within 1.5 of them (mosquitto
         # closed a device that was only reading a model after 3 s of a 2 s keepalive).
         now = time.monotonic()
-        if PAHO_FAST_PATHS and self._keepalive and self._ping_t > 0 and self._link_moving(now):
+        if self._ping_out_on_a_moving_link(now):
             if now - self._last_msg_out >= self._keepalive:
                 self._send_pingreq()
                 with self._msgtime_mutex:
@@ -1177,8 +1181,8 @@ class _Client(paho.Client):
 
     def loop_misc(self) -> MQTTErrorCode:
         now = time.monotonic()
-        if (PAHO_FAST_PATHS and self._keepalive and self._ping_t > 0 and now - self._ping_t >= self._keepalive
-                and self._link_moving(now)):
+        if (PAHO_FAST_PATHS and self._ping_t > 0 and now - self._ping_t >= self._keepalive  # (paho's names: only with them)
+                and self._ping_out_on_a_moving_link(now)):
             self._ping_t = now  # the PINGRESP waits behind bytes that move: wait a keepalive more for it
             self.keepalive_extended += 1
         return super().loop_misc()
