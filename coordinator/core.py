@@ -1277,14 +1277,14 @@ class CoordinatorCore:
     def _unpulled_ok(self, msg: Update) -> bool:
         """Whether a strategy that does not select takes an update whose device it served no
         training model since its last accepted one: always, unless ``require_pull``; then only the
-        device's first since this core started, trained from a version above 0 and up to the one it
-        started at (one in flight across a restart: the served set is not kept)."""
+        device's first accepted since this core started, trained from a version above 0 and up to
+        the one it started at (one in flight across a restart: the served set is not kept). The
+        grace is used up when that update is accepted, not when it passes this check: one deferred
+        (storage, a conversion) or refused by a later check may come again."""
         if not self.config.require_pull:
             return True
-        if not 0 < msg.base_version <= self._started_version or msg.device in self._unpulled_grace:
-            return False  # (a core started at version 0 had nothing to train from before it)
-        self._unpulled_grace.add(msg.device)
-        return True
+        # (a core started at version 0 had nothing to train from before it)
+        return 0 < msg.base_version <= self._started_version and msg.device not in self._unpulled_grace
 
     def _newest(self) -> int:
         """The newest version number this state dir has given out (an unreadable one included)."""
@@ -1473,6 +1473,8 @@ class CoordinatorCore:
             nonce=msg.nonce,
         )
         self.counters["accepted"] += 1
+        if msg.device not in self._training and self.config.require_pull:
+            self._unpulled_grace.add(msg.device)  # (taken by _unpulled_ok's restart grace)
         self._training.discard(msg.device)
         self._invites_served.pop(msg.device, None)
         self.staleness_hist[min(update.staleness, STALENESS_HISTOGRAM_CAP)] += 1

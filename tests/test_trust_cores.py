@@ -785,3 +785,17 @@ def test_with_require_pull_an_update_in_flight_across_a_restart_is_taken_once() 
     assert _answer(c, 4.0, update("e", 1, nonce=1, base=5)) == ("accepted", "")  # another device's
     fresh = _pull_core(version=0)
     assert _answer(fresh, 1.0, update("d", 1, nonce=1)) == ("rejected", "not_selected")
+
+
+def test_with_require_pull_the_restart_grace_survives_a_deferral() -> None:
+    """The restart grace was used up when the update passed the pull check, before the checks
+    after it: an update in flight across a restart that met a storage outage was deferred
+    ("retry later"), and its retry was then refused ``not_selected`` — the device's training
+    wasted. It is used up when the update is accepted."""
+    c = _pull_core(version=5)
+    c.handle(StorageChanged(now=0.0, ok=False, detail="ENOSPC"))
+    assert _answer(c, 1.0, update("d", 1, nonce=1, base=4)) == ("deferred", "storage")
+    c.handle(StorageChanged(now=2.0, ok=True))
+    assert _answer(c, 3.0, update("d", 1, nonce=1, base=4)) == ("accepted", "")
+    assert c.version == 6 and "reject:not_selected" not in c.counters
+    assert _answer(c, 4.0, update("d", 2, nonce=2, base=5)) == ("rejected", "not_selected")  # once
