@@ -924,3 +924,40 @@ def test_subscription_matcher_agrees_with_paho() -> None:
     both = subscription_matcher(["a/+", "$SYS/#"])
     assert [both(x) for x in topics] == [paho.topic_matches_sub("a/+", x) or paho.topic_matches_sub("$SYS/#", x) for x in topics]
     assert not subscription_matcher([])("a")
+
+
+def test_a_refused_tls_handshake_closes_its_socket() -> None:
+    """paho left the TLS socket of a failed handshake to the garbage collector — on every refused
+    reconnection (a revoked certificate, another CA's broker) — which warned ``unclosed
+    <ssl.SSLSocket …>`` when it came; under pytest that failed a revocation test now and then."""
+    import gc
+    import socket
+    import ssl
+    import warnings
+
+    from edge_sdk.mqtt import _Client
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def refuse() -> None:  # accepts and closes: the client's handshake fails
+        with contextlib.suppress(OSError):
+            conn, _ = server.accept()
+            conn.close()
+
+    t = threading.Thread(target=refuse, daemon=True)
+    t.start()
+    client = _Client(CallbackAPIVersion.VERSION2, client_id="tls", protocol=paho.MQTTv311)
+    client.tls_set_context(ssl.create_default_context())
+    client._host = "127.0.0.1"
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always", ResourceWarning)
+            with pytest.raises(OSError):  # (ssl.SSLError and the connection reset are both OSErrors)
+                client._ssl_wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=5))
+            gc.collect()
+        unclosed = [str(w.message) for w in seen if issubclass(w.category, ResourceWarning)]
+        assert unclosed == []
+    finally:
+        t.join(5)
+        server.close()
