@@ -57,7 +57,12 @@ from edge_sdk.core.device import MAX_STATUS_BYTES
 from edge_sdk.core.events import MessageReceived, Notify, Publish
 from edge_sdk.errors import ConfigError, EdgeciError, TransportError, UnknownCandidate
 from edge_sdk.modelio import load_model
-from edge_sdk.mqtt import BrokerAuth, HeldAck, MqttTransport
+from edge_sdk.mqtt import (
+    COORDINATOR_RECONNECT_MAX_S,
+    BrokerAuth,
+    HeldAck,
+    MqttTransport,
+)
 from edge_sdk.runtime import Actor, Clock, WallClock
 from edge_sdk.signing import Signer, load_named_keys, load_or_create_signer
 from edge_sdk.spec import Vector
@@ -401,6 +406,7 @@ class CoordinatorDaemon:
             own_loop=True,
             on_connection=self._on_connection,
             manual_ack=True,
+            reconnect_max_s=COORDINATOR_RECONNECT_MAX_S,  # every device waits on it: back soon after a flapping link settles
         )
         self._acks: list[HeldAck] = []
         """PUBACKs of the batch's messages (actor thread): sent at its end, once what it changed is durable."""

@@ -3,7 +3,8 @@
 paho's network thread never runs domain logic: ``on_message`` only hands ``(topic,
 payload)`` to a callback that enqueues it for the owning actor. Subscriptions are made in
 the connect handler so they survive reconnects; paho's loop reconnects with capped
-exponential backoff (``reconnect_delay_set``). Transport failures surface as
+exponential backoff (``reconnect_delay_set``), each wait drawn from its upper half (jitter: a fleet
+that lost one broker does not come back in step). Transport failures surface as
 :class:`~edge_sdk.errors.TransportError`.
 
 Security: ``mqtts://host[:8883]`` connects over TLS with the broker's certificate always
@@ -19,8 +20,9 @@ non-loopback host it logs a warning.
 :class:`~edge_sdk.runtime.ActorIO` of the actor that owns the core, which waits on its socket
 and calls paho's ``loop_read`` / ``loop_write`` / ``loop_misc`` itself, so a message is
 read, handled and answered on one thread, and a publish from that thread is written to the
-socket at once (no socketpair wake-up). Reconnects keep the same capped exponential backoff
-(1 s doubling to 30 s), attempted from the actor's loop. A lock serialises every paho call,
+socket at once (no socketpair wake-up). Reconnects keep a capped exponential backoff (1 s
+doubling to ``reconnect_max_s``, jittered as paho's), attempted from the actor's loop; it resets
+only after a connection that lasted ``STABLE_S`` (see :data:`COORDINATOR_RECONNECT_MAX_S`). A lock serialises every paho call,
 so ``publish`` and ``stop`` from other threads stay safe. Over plain TCP the socket paho
 sees reads ahead and holds the packets paho sends until the loop is about to wait (or a
 publish from another thread returns): one ``recv`` and one ``sendmsg`` per batch instead of
@@ -72,6 +74,7 @@ import itertools
 import json
 import logging
 import os
+import random
 import re
 import socket
 import ssl
@@ -122,10 +125,20 @@ log = logging.getLogger("edgeci.mqtt")
 
 PASSWORD_ENV = "EDGECI_PASSWORD"
 RECONNECT_MIN_S, RECONNECT_MAX_S = 1, 30
+COORDINATOR_RECONNECT_MAX_S = 5
+"""The coordinator daemon's cap on the reconnect backoff (``reconnect_max_s``): every device waits on
+it. With paho's 30 s, a coordinator on a link cut every 3 s was connected 18 % of the time and waited up
+to 30 s to reconnect, 15 s after the last cut (tests/flap_measure.py, 60 s of flapping; with 5 s: 41 %,
+at most 4.6 s). At most STABLE_S / 2, so the takeover guard holds: two clients with one id take the
+session from each other, each connection lasting only the other's wait (at most this), never STABLE_S."""
 STABLE_S = 10.0
-"""A connection that lasted this long resets the reconnect backoff; a shorter one keeps it growing."""
+"""A connection that lasted this long resets the reconnect backoff; a shorter one keeps it growing
+(own_loop; paho's own loop resets it at every CONNACK)."""
 SHORT_DROPS = 3
-"""Connections closed before STABLE_S this many times in a row: likely another client with our id."""
+"""Connections closed before STABLE_S this many times in a row: a flapping link, or another client with our id."""
+JITTER = 0.5
+"""Each reconnect wait is drawn from [delay × (1 - JITTER), delay]: clients that lost the same broker at
+the same moment (a restart) spread their reconnects instead of arriving together at every doubling."""
 IOV_MAX = 1024
 READS_PER_WAKEUP = 64
 """own_loop: most ``loop_read`` calls per wake-up while read-ahead bytes remain."""
@@ -379,8 +392,15 @@ class MqttTransport:
         own_loop: bool = False,
         manual_ack: bool = False,
         skip_held_copies: bool = False,
+        reconnect_max_s: float = RECONNECT_MAX_S,
+        rng: random.Random | None = None,
     ) -> None:
         self.address = parse_broker_url(url)
+        if not reconnect_max_s >= RECONNECT_MIN_S:
+            raise ConfigError(f"reconnect_max_s must be at least {RECONNECT_MIN_S} s, got {reconnect_max_s}")
+        self._reconnect_max_s = reconnect_max_s
+        self._rng = rng or random.Random()
+        """The reconnect jitter's draws (injected by tests)."""
         self.skip_held_copies = skip_held_copies
         """A QoS 1 publish identical to one paho still holds unacknowledged is not queued again (see
         :meth:`_unacknowledged_copy`; the device's retries). Off by default: a caller that publishes the
@@ -400,10 +420,13 @@ class MqttTransport:
         self._started = False
         self._stopping = False
         self._reconnect_at: float | None = None
-        self._reconnect_delay = RECONNECT_MIN_S
+        self._reconnect_delay: float = RECONNECT_MIN_S
         self._client_id = client_id
         self._connected_at: float | None = None
         self._short_drops = 0
+        self.short_drop_runs = 0
+        """Runs of :data:`SHORT_DROPS` connections in a row closed before STABLE_S (a flapping link, or
+        another client with our id): the first said at WARNING, later ones at INFO."""
         self._misc_at = 0.0
         self._loop_ident: int | None = None
         self.auth = auth
@@ -448,7 +471,8 @@ class MqttTransport:
         self._configure_security(auth)
         self._client.max_inflight_messages_set(64)
         self._client.max_queued_messages_set(0)  # never drop outgoing messages locally
-        self._client.reconnect_delay_set(min_delay=RECONNECT_MIN_S, max_delay=RECONNECT_MAX_S)
+        self._client.reconnect_delay_set(min_delay=RECONNECT_MIN_S, max_delay=int(reconnect_max_s))
+        self._client.jitter = self._jittered
         if will is not None:
             self._client.will_set(will[0], will[1], qos=1, retain=True)
         self._client.on_connect = self._handle_connect
@@ -732,7 +756,7 @@ class MqttTransport:
                         self._misc_at = now + MISC_EVERY_S
                         client.loop_misc()  # keepalive: PINGREQ when due, drop a silent broker
                     if client._sock is None and not self._stopping and self._reconnect_at is None:
-                        self._reconnect_at = time.monotonic() + self._reconnect_delay
+                        self._reconnect_at = time.monotonic() + self._jittered(self._reconnect_delay)
                     return
         with self._lock:
             sock = client.socket()
@@ -758,7 +782,7 @@ class MqttTransport:
                 self._misc_at = now + MISC_EVERY_S
                 client.loop_misc()  # keepalive: PINGREQ when due, drop a silent broker
             if client.socket() is None and not self._stopping and self._reconnect_at is None:
-                self._reconnect_at = time.monotonic() + self._reconnect_delay
+                self._reconnect_at = time.monotonic() + self._jittered(self._reconnect_delay)
 
     # own_loop + plain TCP + paho 2.2 (``_fast``): MQTT 3.1.1 PUBLISH / PUBACK without paho.
 
@@ -847,19 +871,23 @@ class MqttTransport:
             return
         now = time.monotonic()
         if self._reconnect_at is None:
-            self._reconnect_at = now + self._reconnect_delay
+            self._reconnect_at = now + self._jittered(self._reconnect_delay)
         if now < self._reconnect_at:
             return
-        self._reconnect_delay = min(RECONNECT_MAX_S, 2 * self._reconnect_delay)
-        self._reconnect_at = now + self._reconnect_delay
+        self._reconnect_delay = min(self._reconnect_max_s, 2 * self._reconnect_delay)
+        self._reconnect_at = now + self._jittered(self._reconnect_delay)
         try:
             self._client.reconnect()  # the CONNACK comes through loop_read; _handle_connect resubscribes
             self._flush()  # the CONNECT
         except (OSError, ValueError) as exc:
             _close_sockets_of(exc)
-            log.info("reconnecting to broker %s failed (%s); next try in %.0f s", self.address.url, exc, self._reconnect_delay)
+            log.info("reconnecting to broker %s failed (%s); next try in %.1f s", self.address.url, exc, self._reconnect_at - now)
             return
         self._misc_at = 0.0
+
+    def _jittered(self, delay: float) -> float:
+        """A reconnect wait: ``delay`` less up to :data:`JITTER` of it, at random."""
+        return delay * (1.0 - JITTER * self._rng.random())
 
     def _flush_from_outside(self) -> None:
         """Under the lock, on a thread other than the loop's: write now. What the kernel does
@@ -896,7 +924,7 @@ class MqttTransport:
         # two clients with one id take the session from each other at every connect.
         self._reconnect_at, self._connected_at = None, time.monotonic()
         if self._lost_at is not None:
-            log.warning("reconnected to broker %s after %.1f s", self.address.url, time.monotonic() - self._lost_at)
+            log.log(self._drop_level(), "reconnected to broker %s after %.1f s", self.address.url, time.monotonic() - self._lost_at)
             self._lost_at = None
         self._pending_subs.clear()  # SUBACKs of an earlier connection never come
         if self._subs:
@@ -929,11 +957,21 @@ class MqttTransport:
             else:
                 self._short_drops += 1
             why = "the broker closed it" if str(reason) == "Unspecified error" else str(reason)  # (MQTT 3.1.1 gives no reason)
-            log.warning("lost the connection to broker %s (%s, after %.1f s); reconnecting", self.address.url, why, lasted)
             if self._short_drops == SHORT_DROPS:
-                log.error("broker %s closed our connection %d times in a row within %.0f s of accepting it: is another "
-                          "client with the id %r taking over this session (a second coordinator or device started "
-                          "with the same id)?", self.address.url, SHORT_DROPS, STABLE_S, self._client_id)
+                # MQTT 3.1.1 gives no reason: a link cut every few seconds and a second client with our id
+                # (the broker closes the older connection at each CONNECT) look the same from here. Said
+                # at WARNING once; the coordinator daemon tells a second coordinator by its status (ERROR,
+                # duplicate_coordinator). Our own earlier connection, still open at the broker after a
+                # silent drop, is the older one the broker closes when we reconnect: not a drop of ours.
+                self.short_drop_runs += 1
+                log.log(logging.WARNING if self.short_drop_runs == 1 else logging.INFO,
+                        "broker %s: our connection was closed %d times in a row within %.0f s of being accepted: a link that "
+                        "keeps dropping, or another client with the id %r taking over this session (a second coordinator "
+                        "or device started with the same id); reconnecting with backoff, these drops now logged at INFO "
+                        "(%d such run%s so far)", self.address.url, SHORT_DROPS, STABLE_S, self._client_id,
+                        self.short_drop_runs, "" if self.short_drop_runs == 1 else "s")
+            log.log(self._drop_level(), "lost the connection to broker %s (%s, after %.1f s); reconnecting",
+                    self.address.url, why, lasted)
         self._connected.clear()
         if not self._settled.is_set():
             # Closed before any CONNACK: with TLS 1.3 a rejected client certificate shows
@@ -954,6 +992,11 @@ class MqttTransport:
             self._settled.set()
         if self._on_connection:
             self._on_connection(False)
+
+    def _drop_level(self) -> int:
+        """A drop's and a reconnect's log level: INFO once :data:`SHORT_DROPS` short connections in a
+        row have been said (a flapping link: two WARNINGs a flap told nothing new), WARNING otherwise."""
+        return logging.INFO if self._short_drops >= SHORT_DROPS else logging.WARNING
 
     def _handle_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         if not self.manual_ack or not message.qos:
@@ -1129,6 +1172,8 @@ class _Client(paho.Client):
         """When bytes last came in (see :meth:`MqttTransport.receiving`)."""
         self.keepalive_extended = 0
         """Times a PINGRESP was waited for a keepalive more because bytes still moved (see :meth:`loop_misc`)."""
+        self.jitter: Callable[[float], float] = lambda delay: delay
+        """The wait before a reconnect, from paho's back-off delay (:meth:`MqttTransport._jittered`)."""
 
     def _sock_recv(self, bufsize: int) -> bytes:
         data = super()._sock_recv(bufsize)
@@ -1252,7 +1297,7 @@ class _Client(paho.Client):
             delay = self._reconnect_min_delay if self._reconnect_delay is None else min(
                 self._reconnect_delay * 2, self._reconnect_max_delay)
             self._reconnect_delay = delay
-        deadline = time.monotonic() + delay
+        deadline = time.monotonic() + self.jitter(delay)
         while not self._thread_terminate and self._state not in _DISCONNECT_STATES:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self.stopping.wait(min(remaining, 1.0)):

@@ -190,3 +190,132 @@ def test_a_silently_dropped_coordinator_link_is_noticed_by_keepalive_and_nothing
         dev.stop()
         daemon.stop()
         proxy.close()
+
+
+@pytest.mark.broker
+def test_a_coordinator_on_a_flapping_link_comes_back_within_its_capped_backoff_and_says_so_once(
+        broker: MosquittoProcess, task: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A link cut soon after every reconnect (each connection shorter than ``STABLE_S``): the
+    coordinator's reconnect delay doubled up to 30 s (helper-157: connected 26 % of the time while the
+    link flapped every 3 s, 27 s to come back once it was stable), and the transport said at ERROR
+    that another client with its id was taking over, which no one was. Now the coordinator's delay
+    stops at ``COORDINATOR_RECONNECT_MAX_S``, jittered; a connection that lasts ``STABLE_S`` still
+    resets it; and the run of short connections is said once, at WARNING, naming both causes.
+    Times scaled by 1/5: the minimum delay 0.2 s, STABLE_S 2 s, the cap 1 s (was 30 s: 6 s here)."""
+    import logging
+    import time
+
+    from coordinator import daemon as daemon_module
+    from edge_sdk import mqtt
+
+    monkeypatch.setattr(mqtt, "RECONNECT_MIN_S", 0.2)
+    monkeypatch.setattr(mqtt, "STABLE_S", 2.0)
+    monkeypatch.setattr(daemon_module, "COORDINATOR_RECONNECT_MAX_S", 1.0, raising=False)
+    proxy = TcpProxy(broker.port)
+    daemon = CoordinatorDaemon(CoordinatorOptions(broker=proxy.url, region=REGION, state_dir=tmp_path / "c"), task=task).start()
+    transport = daemon.transport
+    gaps: list[float] = []
+
+    def cut_and_time_the_reconnect() -> None:
+        proxy.cut()
+        cut = time.monotonic()
+        wait_until(lambda: not transport.connected, 5, "the cut seen", poll=0.005)
+        wait_until(lambda: transport.connected, 20, "the reconnect", poll=0.005)
+        gaps.append(time.monotonic() - cut)
+
+    try:
+        with caplog.at_level(logging.INFO, logger="edgeci.mqtt"):
+            for _ in range(7):  # 0.2, 0.4, 0.8, then the cap (the old doubling: 1.6, 3.2, 6.4 s)
+                time.sleep(0.1)  # connected, briefly
+                cut_and_time_the_reconnect()
+            time.sleep(2.2)  # a connection that lasts STABLE_S: the delay starts from the minimum again
+            cut_and_time_the_reconnect()
+        assert max(gaps[:-1]) <= 1.0 + 0.4, gaps
+        assert gaps[-1] <= 0.2 + 0.4, gaps
+        # drawn from [delay / 2, delay]: the capped ones are not all the cap
+        assert min(gaps[3:-1]) >= 0.5 - 0.05 and max(gaps[3:-1]) - min(gaps[3:-1]) > 0.01, gaps
+        runs = [r for r in caplog.records if "taking over this session" in r.getMessage()]
+        assert [r.levelno for r in runs] == [logging.WARNING], [(r.levelname, r.getMessage()) for r in runs]
+        assert "a link that keeps dropping" in runs[0].getMessage()
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+        # the run said so: its drops (from the third on) at INFO, not two WARNINGs a flap
+        lost = [r.levelno for r in caplog.records if "lost the connection" in r.getMessage()]
+        assert lost[:3] == [logging.WARNING] * 2 + [logging.INFO] and set(lost[3:-1]) == {logging.INFO}, lost
+        assert lost[-1] == logging.WARNING  # after a connection that lasted STABLE_S: news again
+        assert daemon.duplicate_coordinators == 0
+    finally:
+        daemon.stop()
+        proxy.close()
+
+
+@pytest.mark.broker
+def test_runs_of_short_connections_are_said_once_at_warning_not_as_a_takeover_at_error(
+        broker: MosquittoProcess, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A transport (paho's loop, as a device's) whose link is cut right after each connect, in two runs
+    of three short connections with a stable one between. The transport cannot tell a flapping link from
+    a second client with its id (MQTT 3.1.1 gives no reason for a close): it said at ERROR, at each run,
+    that another client was taking the session over (helper-157 saw it on a flapping link, with no other
+    client). Now: the first run at WARNING naming both causes, the next at INFO, never an ERROR (the
+    daemon calls out a second coordinator by its status, at ERROR: test_integration_mqtt.py)."""
+    import logging
+    import time
+
+    from edge_sdk import mqtt
+    from edge_sdk.mqtt import MqttTransport
+
+    monkeypatch.setattr(mqtt, "STABLE_S", 1.0)
+    proxy = TcpProxy(broker.port)
+    transport = MqttTransport(proxy.url, client_id="flappy", subscriptions=["bf/x"], on_message=lambda _t, _p: None)
+    transport.start()
+    try:
+        with caplog.at_level(logging.INFO, logger="edgeci.mqtt"):
+            for stable in (False, False, False, True, False, False, False):
+                time.sleep(1.2 if stable else 0.05)
+                proxy.cut()
+                wait_until(lambda: not transport.connected, 5, "the cut seen", poll=0.005)
+                wait_until(lambda: transport.connected, 10, "the reconnect", poll=0.005)
+        runs = [r for r in caplog.records if "taking over this session" in r.getMessage()]
+        assert [r.levelno for r in runs] == [logging.WARNING, logging.INFO], [(r.levelname, r.getMessage()) for r in runs]
+        assert "a link that keeps dropping" in runs[0].getMessage() and transport.short_drop_runs == 2
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    finally:
+        transport.stop()
+        proxy.close()
+
+
+@pytest.mark.broker
+def test_a_fleet_that_lost_its_link_at_once_does_not_reconnect_in_step(broker: MosquittoProcess) -> None:
+    """Twelve transports (paho's loop, as devices) lose their connections at the same moment (one cut,
+    as a broker restart does). paho waited exactly 1 s (then 2, 4 ...) for each: all twelve
+    reconnected within a few milliseconds of each other, at every doubling. Each wait is now drawn
+    from [delay / 2, delay]."""
+    import threading
+    import time
+
+    from edge_sdk.mqtt import MqttTransport
+
+    proxy = TcpProxy(broker.port)
+    back: list[float] = []
+    lock = threading.Lock()
+    cut_at = [float("inf")]
+
+    def on_connection(up: bool) -> None:
+        if up and time.monotonic() > cut_at[0]:
+            with lock:
+                back.append(time.monotonic() - cut_at[0])
+
+    fleet = [MqttTransport(proxy.url, client_id=f"fleet-{i}", subscriptions=[], on_message=lambda _t, _p: None,
+                           on_connection=on_connection, clean_session=True) for i in range(12)]
+    try:
+        for t in fleet:
+            t.start()
+        cut_at[0] = time.monotonic()
+        proxy.cut()
+        wait_until(lambda: len(back) == len(fleet), 15, "the fleet back")
+        assert min(back) >= 0.5 - 0.05 and max(back) <= 1.0 + 0.5, sorted(back)
+        assert max(back) - min(back) > 0.15, sorted(back)  # (12 draws over 0.5 s closer than that: p < 1e-4)
+    finally:
+        for t in fleet:
+            t.stop()
+        proxy.close()

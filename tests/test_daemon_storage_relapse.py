@@ -102,7 +102,7 @@ def test_a_write_that_fails_where_the_probe_works_backs_off_and_keeps_the_daemon
         healthy.set()
     connected = sum(samples) / len(samples)
     print(f"connected {connected:.0%} of the time; longest offline stretch {max(offline):.1f} s; {len(fails)} failed records")
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and "taking over this session" in r.getMessage()]
+    errors = [r.getMessage() for r in caplog.records if "taking over this session" in r.getMessage()]  # (said at WARNING since helper-162)
     assert errors == [], errors
     assert max(offline) < 2.0 and connected > 0.5, f"connected {connected:.0%} of the time, offline for {max(offline):.1f} s at a stretch"
     # 0.6, 1.2, 2.4, 3, 3, ... s and a reconnect on either side of each recovery: 6 to 7 in 14 s

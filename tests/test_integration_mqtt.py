@@ -401,7 +401,7 @@ def test_a_second_coordinator_on_the_region_is_called_out(tmp_path: Path, caplog
     try:
         first = daemon("a", "coord-a").start()
         first.stop()
-        with caplog.at_level("ERROR"):
+        with caplog.at_level("WARNING"):
             again = daemon("a", "coord-a").start()  # a restart: the retained status is the stopped one's
             try:
                 time.sleep(1.0)
@@ -411,7 +411,7 @@ def test_a_second_coordinator_on_the_region_is_called_out(tmp_path: Path, caplog
                     # (counted, then logged, on the daemon's thread: wait for the line too; CI read it between)
                     wait_until(lambda: again.duplicate_coordinators + other.duplicate_coordinators >= 1
                                and "is live on the status topic of region" in caplog.text, 30, "one of them to call the other out")
-                    if same_id:
+                    if same_id:  # (at WARNING: from the transport a flapping link looks the same; the ERROR above is the daemon's)
                         wait_until(lambda: "taking over this session" in caplog.text, 30, "the transport to name the takeover")
                 finally:
                     other.stop()
