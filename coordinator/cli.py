@@ -61,6 +61,11 @@ from coordinator.validation import load_validation
 from edge_sdk.errors import BadOption, BrokerRefused, ConfigError, EdgeciError, StartRefused
 from edge_sdk.modelio import load_model
 from edge_sdk.mqtt import (
+    KEEPALIVE_HELP,
+    KEEPALIVE_MAX_S,
+    KEEPALIVE_MIN_S,
+    KEEPALIVE_RULE,
+    KEEPALIVE_S,
     TOFU_PEERS,
     BrokerAuth,
     add_broker_arguments,
@@ -130,6 +135,8 @@ eta`` ran the file's value; a peering parameter's flag lost to the table the sam
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="TOML config file (keys are the flags' names; a [strategy] table for the strategy's name and parameters); also EDGECI_CONFIG")
     p.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="MQTT broker URL: mqtts://HOST[:8883] (TLS) in production, mqtt:// for trials on this machine")
+    p.add_argument("--keepalive", type=bounded(int, KEEPALIVE_MIN_S, at_most=KEEPALIVE_MAX_S, rule=KEEPALIVE_RULE), default=KEEPALIVE_S, metavar="S",
+                   help=KEEPALIVE_HELP)
     add_broker_arguments(p, trust=TOFU_PEERS)
     p.add_argument("--region", default="default", help="region id; devices of this region talk to this coordinator")
     p.add_argument("--state-dir", type=Path, help="durable state: versions, pending updates (resumed on restart); required")
@@ -411,6 +418,7 @@ def options_from(args: argparse.Namespace, layered: Layered | None = None) -> Co
         conversion_deadline_s=float(getattr(args, "conversion_deadline", 60.0)),
         inversion_params=parse_params(getattr(args, "inversion", None) or (), "--inversion"),
         status_interval_s=interval,
+        keepalive_s=int(getattr(args, "keepalive", KEEPALIVE_S)),
         require_pull=not getattr(args, "accept_unpulled_updates", False),
         auth=auth_from_args(args),
         bundle=args.bundle,

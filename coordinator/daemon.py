@@ -59,9 +59,11 @@ from edge_sdk.errors import ConfigError, EdgeciError, TransportError, UnknownCan
 from edge_sdk.modelio import load_model
 from edge_sdk.mqtt import (
     COORDINATOR_RECONNECT_MAX_S,
+    KEEPALIVE_S,
     BrokerAuth,
     HeldAck,
     MqttTransport,
+    check_keepalive,
 )
 from edge_sdk.runtime import Actor, Clock, WallClock
 from edge_sdk.signing import Signer, load_named_keys, load_or_create_signer
@@ -240,6 +242,8 @@ class CoordinatorOptions:
     peer_keys_dir: Path | None = None
     """Folder of trusted peer coordinators' keys, ``<coordinator id>.pub`` (a bundle's ``trusted/``):
     each key speaks only for the coordinator it is named after. Default: pin each peer's first key."""
+    keepalive_s: int = KEEPALIVE_S
+    """The MQTT keepalive (``--keepalive``; :data:`~edge_sdk.mqtt.KEEPALIVE_HELP` says what it trades)."""
     status_interval_s: float = 30.0
     """Republish the retained status (``published_at``) at least this often: a liveness beat."""
     require_pull: bool = True
@@ -406,6 +410,7 @@ class CoordinatorDaemon:
             own_loop=True,
             on_connection=self._on_connection,
             manual_ack=True,
+            keepalive=options.keepalive_s,
             reconnect_max_s=COORDINATOR_RECONNECT_MAX_S,  # every device waits on it: back soon after a flapping link settles
         )
         self._acks: list[HeldAck] = []
@@ -510,6 +515,7 @@ class CoordinatorDaemon:
         """Refuse bad strategy/peering parameters, --inversion fields and --validation files
         now, with the ConfigError the later use would raise — not after pretraining."""
         options = self.options
+        check_keepalive(options.keepalive_s, "--keepalive")
         canary_config(options)
         make_method(options.strategy, peering=options.peering, coordinator_id=self.coordinator_id,
                     ring=options.peers or (self.coordinator_id,),

@@ -30,6 +30,11 @@ from edge_sdk.client import EdgeClient, check_device_bundle
 from edge_sdk.errors import ConfigError
 from edge_sdk.mqtt import (
     ANY_REGION,
+    KEEPALIVE_HELP,
+    KEEPALIVE_MAX_S,
+    KEEPALIVE_MIN_S,
+    KEEPALIVE_RULE,
+    KEEPALIVE_S,
     TOFU_DEVICES,
     add_broker_arguments,
     auth_from_args,
@@ -51,6 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     # not a traceback from deep inside the partition, the labelling loop or the SDK.
     p.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="MQTT broker URL: mqtts://HOST[:8883] with --bundle in production")
     add_broker_arguments(p, trust=TOFU_DEVICES)
+    p.add_argument("--keepalive", type=bounded(int, KEEPALIVE_MIN_S, at_most=KEEPALIVE_MAX_S, rule=KEEPALIVE_RULE), default=KEEPALIVE_S, metavar="S",
+                   help=KEEPALIVE_HELP)
     p.add_argument("--region", type=topic_id, default=None, help="region of the coordinator to use (default: the --bundle's region when it "
                    "was issued for one, else 'default')")
     p.add_argument("--device-id", type=topic_id, required=True, help="this device's id (1-64 of A-Z a-z 0-9 _ . -)")
@@ -180,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
         auth=auth_from_args(args),
         bundle=args.bundle,
         refresh_s=args.refresh or None,
+        keepalive_s=args.keepalive,
     )
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())

@@ -79,7 +79,14 @@ from edge_sdk.errors import (
     TrainingCancelled,
 )
 from edge_sdk.modelio import load_model, save_model
-from edge_sdk.mqtt import BrokerAuth, MqttTransport, read_bundle, regions_outside
+from edge_sdk.mqtt import (
+    KEEPALIVE_S,
+    BrokerAuth,
+    MqttTransport,
+    check_keepalive,
+    read_bundle,
+    regions_outside,
+)
 from edge_sdk.paths import device_dir
 from edge_sdk.runtime import Actor, Clock, WallClock
 from edge_sdk.scc import DeviceScc, SccConfig
@@ -249,6 +256,12 @@ class EdgeClient:
     bound, the samples an acknowledged update already trained on go first, oldest first, then
     the oldest others (see :mod:`edge_sdk.store`).
 
+    ``keepalive_s`` (default 30, 5 to 3600; a ConfigError otherwise): the MQTT keepalive. A broker
+    or link that dies without closing the connection is noticed after about 1.5 of them by the broker
+    (it publishes the device's ``offline`` will) and 2 by the device (it reconnects); a shorter one
+    costs an idle device a ping and its answer every keepalive (about 110 bytes on the wire). A slow
+    transfer is not cut by it (bytes that move keep the link alive).
+
     ``bundle`` (``edgeci pki issue``): broker credentials and the coordinators' model-signing
     keys this device trusts (``trusted/``; a bundle with none is a ConfigError). Without a
     bundle or ``trusted_keys`` the device trusts the first key that signs a model (trust on
@@ -282,6 +295,7 @@ class EdgeClient:
         refresh_s: float | None = 3600.0,
         quota_bytes: int | None = DEFAULT_QUOTA_BYTES,
         quota_samples: int | None = None,
+        keepalive_s: int = KEEPALIVE_S,
     ) -> None:
         # Everything is checked before anything touches the disk: a ConfigError leaves no data
         # dir, store or model file behind.
@@ -297,6 +311,7 @@ class EdgeClient:
             raise ConfigError(f"data_dir must be a path, got {type(data_dir).__name__}")
         check_quota("quota_bytes", quota_bytes)
         check_quota("quota_samples", quota_samples)
+        check_keepalive(keepalive_s)
         self._quota_bytes, self._quota_samples = quota_bytes, quota_samples
         self.regions: tuple[str, ...] = tuple(dict.fromkeys([region, *(regions or ())]))
         """This device's region first, then the regions it may fail over to, in order."""
@@ -353,6 +368,7 @@ class EdgeClient:
             on_connection=self._on_connection,
             auth=self.auth,
             skip_held_copies=True,  # a retry of a request still going up (slow link) sends no second copy
+            keepalive=keepalive_s,
         )
         self.inference = inference
         self.durable = durable

@@ -173,6 +173,18 @@ HELD_COPY_SCAN = 64
 RECEIVING_QUIET_S = 2.0
 """:meth:`MqttTransport.receiving` / ``sending``: bytes that moved this long ago no longer count."""
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+KEEPALIVE_S = 30
+"""The MQTT keepalive of the coordinator and of devices unless ``--keepalive`` / ``keepalive_s`` say otherwise."""
+KEEPALIVE_MIN_S, KEEPALIVE_MAX_S = 5, 3600
+KEEPALIVE_RULE = f"must be a whole number of seconds from {KEEPALIVE_MIN_S} to {KEEPALIVE_MAX_S}"
+KEEPALIVE_HELP = (
+    f"MQTT keepalive in seconds ({KEEPALIVE_MIN_S}-{KEEPALIVE_MAX_S}, default {KEEPALIVE_S}): a broker or link that "
+    "dies without closing the connection (a NAT that forgot it, a radio gone) is noticed after about 1.5 keepalives by "
+    "the broker (it publishes our last will) and after about 2 by us (we reconnect); shorter notices sooner, but "
+    "an idle connection then sends a ping and its answer (2 bytes each, about 110 bytes with TCP/IP headers, "
+    "more over TLS) every keepalive, which a metered link pays for. A slow transfer is never cut by it: while bytes move the link counts as alive"
+)
+"""``--keepalive``'s help (``edgeci coordinator``, ``edgeci device``): what the setting trades."""
 
 
 HeldAck = tuple[int, int, int]
@@ -202,6 +214,15 @@ class BrokerAddress:
             return ipaddress.ip_address(self.host).is_loopback
         except ValueError:
             return False
+
+
+def check_keepalive(value: object, name: str = "keepalive_s") -> int:
+    """``value`` as an MQTT keepalive in whole seconds, :data:`KEEPALIVE_MIN_S`..:data:`KEEPALIVE_MAX_S`;
+    else a :class:`ConfigError` naming ``name`` (the flag or argument)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not KEEPALIVE_MIN_S <= value <= KEEPALIVE_MAX_S:
+        raise ConfigError(f"{name} {KEEPALIVE_RULE}, got {value!r} (below {KEEPALIVE_MIN_S} s pings flood a metered link; above {KEEPALIVE_MAX_S} s a "
+                          "dead broker goes unnoticed for hours)")
+    return value
 
 
 def parse_broker_url(url: str) -> BrokerAddress:
@@ -384,7 +405,7 @@ class MqttTransport:
         subscriptions: Sequence[str],
         on_message: Callable[[str, bytes], None],
         *,
-        keepalive: int = 30,
+        keepalive: int = KEEPALIVE_S,
         clean_session: bool = False,
         on_connection: Callable[[bool], None] | None = None,
         will: tuple[str, bytes] | None = None,
@@ -398,6 +419,8 @@ class MqttTransport:
         self.address = parse_broker_url(url)
         if not reconnect_max_s >= RECONNECT_MIN_S:
             raise ConfigError(f"reconnect_max_s must be at least {RECONNECT_MIN_S} s, got {reconnect_max_s}")
+        if not 1 <= keepalive <= 65535:  # (MQTT's two bytes; 0 would turn the keepalive off)
+            raise ConfigError(f"keepalive must be 1..65535 s, got {keepalive}")
         self._reconnect_max_s = reconnect_max_s
         self._rng = rng or random.Random()
         """The reconnect jitter's draws (injected by tests)."""
