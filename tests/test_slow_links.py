@@ -17,6 +17,7 @@ import pytest
 
 from coordinator.broker import MosquittoProcess
 from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
+from edge_sdk import mqtt
 from edge_sdk.client import EdgeClient
 from edge_sdk.mqtt import MqttTransport
 from edge_sdk.tasks.base import TrainConfig
@@ -231,3 +232,49 @@ def test_a_device_does_not_fail_over_while_its_update_is_still_going_up(mosquitt
             assert fleet.counter("accepted") == 1
         finally:
             fleet.close()
+
+
+@pytest.mark.parametrize("direction", ["update-down", "model-up"])
+def test_a_coordinator_behind_a_slow_link_keeps_its_connection_while_a_large_message_moves(
+        mosquitto: MosquittoProcess, tmp_path: Path, direction: str) -> None:
+    """The coordinator daemon reads and writes its data packets itself (the fast path, PAHO_FAST_PATHS), not
+    through paho's socket calls that the slow-link keepalive watches. Behind a 20 kB/s link with a 2 s
+    keepalive: a 100 KB update coming down to it (5 s), or a 100 KB model going up from it, must arrive
+    once, on the connection it started on. It does, and did before this test (helper-162, 300 KB in 15 s, 7.5
+    keepalives, one connection each way): the fast path's reads keep paho's ``_last_bytes_received``,
+    which paho 2.2's own keepalive check honours (a PINGREQ again, no drop, while bytes come in); its
+    writes move the kernel's unsent count, which :class:`~edge_sdk.mqtt._Client` watches."""
+    slow, fast = 20_000, 2_000_000
+    down, up = (slow, fast) if direction == "update-down" else (fast, slow)
+    task = PaddedTask(25_000)
+    with SlowLink(mosquitto.port, up_bps=up, down_bps=down, delay_s=0.05) as link:
+        daemon = CoordinatorDaemon(CoordinatorOptions(broker=link.url, region="slow", state_dir=tmp_path / "coord", model=task.name,
+                                                      strategy_params={"k": 1, "timeout_s": None}), task=task)
+        daemon.transport._keepalive = 2  # (the scale of the link: 5 s a message, 2.5 keepalives)
+        drops: list[float] = []
+        daemon.transport._on_connection = lambda connected: None if connected else drops.append(time.monotonic())
+        daemon.start(timeout=20)
+        assert daemon.transport._fast or not mqtt.PAHO_FAST_PATHS
+        client = EdgeClient(broker=mosquitto.url, device_id="d1", region="slow", task=task, data_dir=tmp_path / "d1",
+                            min_samples=4, train=TrainConfig(epochs=1, lr=0.1), request_timeout_s=30.0, refresh_s=None)
+        acks: list[dict[str, object]] = []
+        client.on("update_acked", lambda _kind, data: acks.append(data))
+        try:
+            client.start(timeout=10)
+            assert client.wait_for_version(0, 30)
+            pool = task.data().pool
+            t_label = time.monotonic()
+            for i in range(4):
+                client.add_sample(pool.x[i], int(pool.y[i]))
+            wait_until(lambda: bool(acks), 40, "the update's ack")
+            if direction == "update-down":  # the case happened: the update took 2 keepalives and more to come down
+                assert time.monotonic() - t_label >= 2 * 2, time.monotonic() - t_label
+            else:  # the PINGRESP waited behind the model going up, and the link counted as alive meanwhile
+                assert daemon.transport._client.keepalive_extended >= 1
+            assert acks[0]["status"] == "accepted" and daemon.core.counters["accepted"] == 1, (acks, daemon.core.counters)
+            assert drops == [] and link.connections == 1, f"dropped {len(drops)} times, {link.connections} connections"
+            moved = link.sent_down if direction == "update-down" else link.sent_up
+            assert moved >= task.spec.size * 4, moved  # the large message did cross the slow direction
+        finally:
+            client.stop()
+            daemon.stop()
