@@ -1095,6 +1095,7 @@ class CoordinatorCore:
             if parsed.kind != "device" or parsed.region != self.config.region:
                 raise TopicMismatch(f"not one of this region's device topics: {ev.topic[:120]!r}")
             leaf = parsed.leaf
+            device = parsed.device  # the topic names it (parse validated the id): a rejection says whose message it was
             if leaf == "presence":
                 if (ev.payload and parsed.device not in self._devices and parsed.device not in self._presence
                         and len(self._devices) >= self.config.max_devices):
@@ -1106,7 +1107,6 @@ class CoordinatorCore:
             # The topic's prefix names this device in this region: parse validated both ids
             # in this very string, so replies to the device reuse it (see _device_topic).
             self._inbox = (parsed.device, ev.topic[: len(ev.topic) - len(leaf)])
-            device = parsed.device
             if isinstance(msg, _SEQUENCED):
                 seq = msg.seq
             if device not in self._devices and len(self._devices) >= self.config.max_devices:

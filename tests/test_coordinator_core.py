@@ -774,3 +774,21 @@ def test_lasp_a_rollback_is_a_full_sync_even_when_the_extractor_is_unchanged() -
     (commit,) = commits(c.handle(_head_update("c", 2, 2.0, base=3)))
     assert commit.version == 4 and not commit.metadata["full_sync"]
     np.testing.assert_array_equal(commit.weights[SPEC.group_slice("classifier")], 2.0)
+
+
+@pytest.mark.parametrize(("leaf", "payload", "reason"), [
+    ("presence", b"garbage", "malformed"),
+    ("update", b"x" * 2_000_000, "too_large"),
+    ("pull", b"\x00junk", "malformed"),
+])
+def test_a_rejected_message_names_the_device_its_topic_names(leaf: str, payload: bytes, reason: str) -> None:
+    """A presence payload that is neither online nor offline, an update over the size cap and bytes
+    that do not decode were rejected with ``device: None`` (the device was taken from the decoded
+    message's topic only after decoding): the daemon's log could not say whose message it was, and
+    grouped every such rejection under its detail text."""
+    c = make_coordinator("fedavg", select=1, min_devices=1)
+    c.start(0.0)
+    actions = c.handle(MessageReceived(now=1.0, topic=topics.device_topic("r1", "d7", leaf), payload=payload))
+    (rejected,) = [a.data for a in actions if isinstance(a, Notify) and a.kind == "rejected"]
+    assert rejected["reason"] == reason and rejected["device"] == "d7", rejected
+    assert not [a for a in actions if isinstance(a, Publish) and a.topic.endswith("/ack")]  # its seq is unknown: no ack
