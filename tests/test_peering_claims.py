@@ -292,3 +292,29 @@ def test_a_peer_claiming_huge_client_counts_no_longer_switches_off_the_age_sprea
     assert [s.kind for s in plan.sends] == ["model"] and b.counters.syncs_started == 1  # the old code: none (h_inter 3e17)
     b.on_message(view, msg_from("a", "beat", {**base, "at": 4.0, "clients": 45}), 4.0)
     assert b.h_inter() == (30 + 30 + 45) / 15 and "clients_capped" not in b.describe()  # an honest larger region
+
+
+def test_a_hostile_sync_spyker_peers_age_claim_cannot_inflate_this_servers_age_past_the_cap() -> None:
+    """Sync-Spyker merged every server's claimed age without the per-merge cap async Spyker got
+    (helper-159, ``age_cap``): one round with b claiming 2**53 set a's age to ~5e15, and it stayed
+    there (each later round starts from it), so every honest model then weighs eta_a x sigmoid(-phi)
+    in a's merges. Now a claim counts for at most a's age + h_intra + h_inter (counted, ages_capped);
+    the honest round after it is merged as before."""
+    ring = ["a", "b", "c"]
+    a = make_peering("spyker", coordinator_id="a", ring=ring, strategy=SpykerStrategy(),
+                     params={"mode": "sync", "h_intra": 3.0, "h_inter": 2.0, "sync_timeout_s": 2.0})
+    assert isinstance(a, SyncSpykerPeering)
+    view = View(weights=vec(0.0))
+    cap = 0.0 + 3.0 + 2.0  # a's age + h_intra + h_inter
+    a.on_message(view, msg_from("b", "model", {"round": 1, "age": 2.0**53}, vec(1.0)), 1.0)
+    plan = a.on_message(view, msg_from("c", "model", {"round": 1, "age": 2.0}, vec(1.0)), 1.5)
+    assert plan.merged is not None and a.round == 1
+    assert a.age <= cap  # the old code: 5.4e15
+    assert a.describe().get("ages_capped") == 1
+    # the next round, all honest: nothing more capped, a's age where the honest claims put it
+    a.ledger.record(1, a.age + 4.0)
+    view.version = 1
+    assert a.on_version(view, 2.0).sends  # a's own trigger (h_intra 3): it joins round 2
+    a.on_message(view, msg_from("b", "model", {"round": 2, "age": a.age + 1.0}, vec(1.0)), 2.5)
+    a.on_message(view, msg_from("c", "model", {"round": 2, "age": a.age + 2.0}, vec(1.0)), 2.6)
+    assert a.round == 2 and a.age < cap + 6.0 and a.describe().get("ages_capped") == 1

@@ -905,10 +905,28 @@ class SyncSpykerPeering(Peering):
         self.syncs = 0
         self.timeouts = 0
         self.ignored = 0
+        self.ages_capped = 0
+        """Peer models whose age claim exceeded :meth:`age_cap` (merged with the cap as their age)."""
+        self.clients_here = 0
 
     @property
     def age(self) -> float:
         return self.ledger.age
+
+    def age_cap(self) -> float:
+        """The most age a peer's model may claim in a round: ours plus ``h_intra`` + ``h_inter``, as
+        async Spyker's :meth:`SpykerPeering.age_cap` (an honest server joins a round once it gained
+        ``h_intra`` since the last, which every server closed at the same age). helper-161: without
+        it one model claiming 2**53 set this server's age to 4.8e15 for good. Sync servers report no
+        client counts, so the default h_inter (``n_clients / 5n``) counts this server's clients as
+        each server's share."""
+        cfg = self.config
+        if cfg.h_inter is not None:
+            h_inter = cfg.h_inter
+        else:
+            total = cfg.n_clients if cfg.n_clients is not None else self.clients_here * len(self.ring)
+            h_inter = max(1.0, total / (5.0 * len(self.ring)))
+        return self.age + cfg.h_intra + h_inter
 
     @property
     def syncing(self) -> bool:
@@ -943,6 +961,7 @@ class SyncSpykerPeering(Peering):
 
     def on_version(self, view: CoordinatorView, now: float) -> PeerPlan:
         self.ledger.see(view.version)
+        self.clients_here = len(view.devices_seen)
         if self.strategy is None:  # another strategy aggregates: one unit of age per version
             self.ledger.record(view.version, self.ledger.age + 1.0)
         if not self.peers or self.syncing or not self._due(now):
@@ -975,6 +994,11 @@ class SyncSpykerPeering(Peering):
         if round_ <= self.round:
             self.ignored += 1  # a round we already closed (we timed out on it)
             return PeerPlan(counted=True)
+        self.clients_here = len(view.devices_seen)
+        cap = self.age_cap()  # (our age: frozen while we hold, the same as we join now)
+        if age > cap:  # the model is merged with the cap as its age: a lie adds at most eta_a x cap per round
+            self.ages_capped += 1
+            age = cap
         sends: list[PeerSend] = []
         if round_ > self.round + 1:  # the others closed rounds without us: catch up
             if self.syncing:
@@ -1023,4 +1047,5 @@ class SyncSpykerPeering(Peering):
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "mode": "sync", "ring": list(self.ring), "round": self.round, "syncing": self.syncing,
                 "age": round(self.age, 3), "h_intra": self.config.h_intra, "period_s": self.config.period_s,
-                "syncs": self.syncs, "timeouts": self.timeouts, "ignored": self.ignored}
+                "syncs": self.syncs, "timeouts": self.timeouts, "ignored": self.ignored,
+                **({"ages_capped": self.ages_capped} if self.ages_capped else {})}
