@@ -79,6 +79,12 @@ class Peering:
     def wake_at(self) -> float | None:
         return None
 
+    def on_line_replaced(self, view: CoordinatorView, now: float, *, restored: int) -> None:
+        """The training line was replaced by the weights of version ``restored`` (a rollback or an
+        operator's pin: :meth:`coordinator.strategies.base.Strategy.on_line_replaced`): what this
+        peering keeps of the abandoned versions (its own model in a merge still open, an age)
+        goes back to them. Messages already sent are not recalled."""
+
     def checkpoint(self) -> dict[str, Any]:
         return {}
 

@@ -152,6 +152,15 @@ class HierPeering(Peering):
             return self._resume(msg.weights, round_)
         raise other_protocol("hierfavg", msg.sender, msg.kind)
 
+    def on_line_replaced(self, view: CoordinatorView, now: float, *, restored: int) -> None:
+        """The cloud's own model in a round still collecting is the restored one. helper-161: it
+        kept the model it joined with, so the round's average, committed as a new version, brought
+        the rejected model back (its share: its samples over the round's). An edge's model already
+        sent to the cloud is not recalled."""
+        if self.me == self.cloud and self.me in self.collected:
+            samples, _ = self.collected[self.me]
+            self.collected[self.me] = (samples, np.array(view.weights, dtype=np.float32, copy=True))
+
     def _collect(self, edge: str, round_: int, samples: int, weights: Vector, now: float) -> PeerPlan:
         if round_ < self.cloud_round:
             self.ignored += 1

@@ -486,6 +486,14 @@ class SpykerPeering(Peering):
             return PeerPlan()
         return PeerPlan(sends=tuple(self._check_sync(view, now)))
 
+    def on_line_replaced(self, view: CoordinatorView, now: float, *, restored: int) -> None:
+        """The age goes back with the weights (the strategy's hook does it for a shared ledger); the
+        intra-server trigger counts from there. A sync already answered stays answered: peers
+        merged the abandoned model, each under its own gate."""
+        if self.strategy is None:
+            self.ledger.rolled_back(view.version, restored)
+        self.age_prev = min(self.age_prev, self.age)
+
     def on_message(self, view: CoordinatorView, msg: PeerMsg, now: float) -> PeerPlan:
         check_sender("spyker", self.me, self.ring, msg.sender)  # (another ring on the same broker: helper-96 read it as "malformed")
         if msg.kind not in ("token", "beat", "model"):  # before anything is heard from it
@@ -980,6 +988,17 @@ class SyncSpykerPeering(Peering):
         if self._due(now):
             return PeerPlan(sends=tuple(self._join(view, now)))
         return PeerPlan()
+
+    def on_line_replaced(self, view: CoordinatorView, now: float, *, restored: int) -> None:
+        """The age goes back with the weights, and in a round still open our own model is the
+        restored one. helper-161: the round kept the model this server joined with, so a rollback
+        during a synchronisation (the gate deciding while the server holds) was undone at the
+        close: the merge committed the rejected model again, weighted as our own."""
+        if self.strategy is None:
+            self.ledger.rolled_back(view.version, restored)
+        self.age_prev = min(self.age_prev, self.age)
+        if self.syncing and self.me in self.models:
+            self.models[self.me] = (self.age, np.array(view.weights, dtype=np.float32, copy=True))
 
     def on_message(self, view: CoordinatorView, msg: PeerMsg, now: float) -> PeerPlan:
         check_sender("sync-spyker", self.me, self.ring, msg.sender)  # (as async Spyker: not "malformed")

@@ -130,6 +130,14 @@ class Strategy:
     def on_aggregated(self, view: CoordinatorView, now: float) -> None:
         """Bookkeeping hook after a new version is committed."""
 
+    def on_line_replaced(self, view: CoordinatorView, now: float, *, restored: int) -> None:
+        """The training line was replaced (the gate rejected a candidate, or an operator's rollback
+        or pin): ``view.version`` is a new version holding the weights of version ``restored``, and
+        the versions after ``restored`` were abandoned. State built from them that would steer the
+        next versions (FedAdam's moments, Spyker's age, NebulaFL's planets) goes back to
+        ``restored`` or starts afresh from its weights; counters stay. Called after ``on_aggregated``
+        and before the commit's checkpoint is taken."""
+
     def checkpoint(self) -> dict[str, Any]:
         """JSON-able state worth keeping across a restart (e.g. robust aggregation's windows
         and counters); the core may store it with each commit."""

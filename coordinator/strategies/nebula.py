@@ -465,6 +465,16 @@ class NebulaStrategy(Strategy):
             buffered = {u.key for u in view.buffer}
             self.fold_into = {key: planet for key, planet in self.fold_into.items() if key in buffered}
 
+    def on_line_replaced(self, view: CoordinatorView, now: float, *, restored: int) -> None:
+        """Every planet and the stellar model restart from the restored weights, as after a restart
+        (the soft reset that keeps the version weighting, see :mod:`coordinator.peering.nebula`).
+        helper-161: the planets kept the rejected line, and the master is made from them alone: the
+        first aggregation after a rollback committed the rejected model again (plus the update), and
+        the next rotation sent it to a peer."""
+        st = self.state
+        st.planets = st.stellar = None
+        st.ensure(view.weights)
+
     def describe(self) -> dict[str, Any]:
         st = self.state
         out = {"name": self.name, "planets": st.k, "t_c": self.config.t_c, "versions": list(st.versions),

@@ -109,6 +109,14 @@ class AgeLedger:
             self.age = age
             self._merge = (onto, age)
 
+    def rolled_back(self, version: int, restored: int) -> None:
+        """Version ``version`` holds the weights of version ``restored`` (a rollback, an operator's
+        pin): its age is that version's (:meth:`age_of`), not the abandoned line's. helper-161: the
+        age stayed where the rejected line had taken it (a hostile peer's merge, a poisoning burst),
+        so the restored model claimed updates it does not embody: honest peers' models weighed less
+        in its merges, and the claim spread to every peer that merged it."""
+        self.record(version, self.age_of(restored, version))
+
     def age_of(self, version: int, current_version: int) -> float:
         """Age of the model at ``version`` (what a client trained from). Versions older
         than the ledger remembers count one unit of age per version (a lower bound on
@@ -243,6 +251,9 @@ class SpykerStrategy(Strategy):
         if self._next_age is not None:
             self.ledger.record(view.version, self._next_age)
             self._next_age = None
+
+    def on_line_replaced(self, view: CoordinatorView, now: float, *, restored: int) -> None:
+        self.ledger.rolled_back(view.version, restored)  # the update counts (lr decay) stay: devices did that work
 
     def lr_hint(self, device: str) -> Mapping[str, float]:
         """The decayed learning rate for ``device``, or nothing while it is not decayed."""
