@@ -152,6 +152,14 @@ class NebulaPeering(Peering):
         body = {"round": self.round - 1, "version": mean_v}
         return PeerPlan(sends=(PeerSend(kind="rotate", to=target, body=body, weights=master),))
 
+    def ignores(self, msg: PeerMsg, now: float) -> bool:
+        """A rotation from a sender for a round at or below the newest taken from it (a replay)."""
+        round_ = msg.body.get("round")
+        if msg.kind != "rotate" or type(round_) is not int or not 0 <= round_ <= self.rotations_from.get(msg.sender, -1):
+            return False
+        self.ignored += 1
+        return True
+
     def on_message(self, view: CoordinatorView, msg: PeerMsg, now: float) -> PeerPlan:
         if msg.kind != "rotate":
             raise other_protocol("nebula", msg.sender, msg.kind)

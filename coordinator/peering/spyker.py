@@ -494,6 +494,15 @@ class SpykerPeering(Peering):
             self.ledger.rolled_back(view.version, restored)
         self.age_prev = min(self.age_prev, self.age)
 
+    def ignores(self, msg: PeerMsg, now: float) -> bool:
+        """A beat stamped no later than the sender's newest (:meth:`on_message`'s replay rule)."""
+        info = self.info.get(msg.sender)
+        at = msg.body.get("at")
+        if msg.kind != "beat" or info is None or not isinstance(at, int | float) or isinstance(at, bool) or not at <= info.beat_at:
+            return False
+        self.counters.beats_ignored += 1
+        return True
+
     def on_message(self, view: CoordinatorView, msg: PeerMsg, now: float) -> PeerPlan:
         check_sender("spyker", self.me, self.ring, msg.sender)  # (another ring on the same broker: helper-96 read it as "malformed")
         if msg.kind not in ("token", "beat", "model"):  # before anything is heard from it
@@ -999,6 +1008,14 @@ class SyncSpykerPeering(Peering):
         self.age_prev = min(self.age_prev, self.age)
         if self.syncing and self.me in self.models:
             self.models[self.me] = (self.age, np.array(view.weights, dtype=np.float32, copy=True))
+
+    def ignores(self, msg: PeerMsg, now: float) -> bool:
+        """A model for a round this server closed (:meth:`on_message` ignores it)."""
+        round_ = msg.body.get("round")
+        if msg.kind != "model" or msg.sender not in self.peers or type(round_) is not int or not 1 <= round_ <= self.round:
+            return False
+        self.ignored += 1
+        return True
 
     def on_message(self, view: CoordinatorView, msg: PeerMsg, now: float) -> PeerPlan:
         check_sender("sync-spyker", self.me, self.ring, msg.sender)  # (as async Spyker: not "malformed")
