@@ -1748,10 +1748,15 @@ class CoordinatorCore:
         return tuple(reversed(newest))
 
     def _commit(self, weights: Vector, now: float, *, consumed: tuple[tuple[str, int], ...], meta: Mapping[str, Any],
-                aggregated: bool = False) -> CommitVersion:
+                aggregated: bool = False, restored: int | None = None) -> CommitVersion:
         """Make ``weights`` the next version (validated: a bug must never deploy NaN). ``aggregated``:
         the strategy's ``on_aggregated`` runs once the version is in place, before the checkpoint
-        is taken (Spyker's age of this version is in it: a restart resumed the age before it)."""
+        is taken (Spyker's age of this version is in it: a restart resumed the age before it).
+        ``restored``: the weights are version ``restored``'s, replacing the training line (a rollback,
+        an operator's version); the strategy and the peering then put back what they built from the
+        abandoned versions (``on_line_replaced``: FedAdam's moments, Spyker's age, NebulaFL's planets,
+        an open merge's own model — helper-161 measured each carried into the next candidate), also
+        before the checkpoint, so the commit's state is the restored one."""
         self.config.spec.check(weights)
         self._version = self._newest() + 1  # never reuse a number (next_version_is_full counts on it)
         self._weights = weights
@@ -1771,6 +1776,9 @@ class CoordinatorCore:
         self._status_dirty = True
         if aggregated:
             self.strategy.on_aggregated(self._view, now)
+        if restored is not None:
+            self.strategy.on_line_replaced(self._view, now, restored=restored)
+            self.peering.on_line_replaced(self._view, now, restored=restored)
         source = meta.get("source")
         if source in ("rollback", "operator"):
             pass  # the caller decides what the release is
@@ -2055,7 +2063,7 @@ class CoordinatorCore:
         self.counters["rolled_back_updates"] += len(self._buffer)
         self._buffer.clear()
         self._first_buffered_at = None
-        return self._commit(weights, now, consumed=consumed, meta=meta, aggregated=True)
+        return self._commit(weights, now, consumed=consumed, meta=meta, aggregated=True, restored=int(meta["of"]))
 
     # ------------------------------------------------------------------ operator control
 
@@ -2217,6 +2225,12 @@ class CoordinatorCore:
                 return []  # our own broadcast, echoed by the broker
             # helper-115: anyone's frame in this coordinator's name was dropped here uncounted
             raise BadSignature(f"a peer message in this coordinator's own name ({msg.sender!r}) not signed with its key")
+        if self.peering.ignores(msg, ev.now):
+            # One the peering would ignore whoever signed it (a replayed beat; counted there): not verified,
+            # which is most of what it costs (helper-161: a flood of one replayed beat was verified in full
+            # each time, 309-365 us against 34-43 us now, and kept its sender "heard").
+            self._status_dirty = True
+            return []
         try:
             pin = self._check_peer_signature(msg.sender, frame.signature, topics.signing_scope(ev.topic))
             if msg.weights is not None:  # bounded as a device's update: float32-max values overflowed the merge

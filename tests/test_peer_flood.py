@@ -5,8 +5,7 @@ A peer message costs its receiver ~360 us (measured under load: ed25519 verify ~
 verified in full before the peering found it a replay. It also refreshed the sender's "last
 heard" (``peers_heard``, the silence warning) and the ``peer_messages`` count. ``Peering.ignores``
 names what the peering would ignore whoever signed it, from state the message cannot change; the
-core drops such a message before checking its signature (a change to ``CoordinatorCore._on_peer``,
-the lead's file: proposed in helper-161's report; the core-level test is ``xfail`` until then)."""
+core drops such a message before checking its signature (``CoordinatorCore._on_peer``)."""
 
 from __future__ import annotations
 
@@ -94,8 +93,6 @@ def signed_beat(at: float) -> tuple[str, bytes]:
                          scope=topics.signing_scope(topic))
 
 
-@pytest.mark.xfail(strict=True, reason="needs core change: CoordinatorCore._on_peer asks peering.ignores(msg) before "
-                                       "checking the signature (helper-161's report)")
 def test_a_flood_of_one_replayed_beat_is_not_verified_again_nor_keeps_its_sender_heard(
         monkeypatch: pytest.MonkeyPatch) -> None:
     c = spyker_core("a")

@@ -8,9 +8,9 @@ direction), Spyker's age (the restored model claimed the rejected line's updates
 planets (the master is made from them: the rejected model came straight back), Sync-Spyker's own
 model in an open round and the HierFAVG cloud's in a collecting round (merged back at the close).
 
-The hooks are tested here directly; the tests marked ``xfail`` need the core to call them (a
-change to ``CoordinatorCore._replace_training_line``, the lead's file: the diff is in helper-161's
-report) and show the whole path, rollback included, through a real core."""
+The hooks are tested here directly, and through a real core (``CoordinatorCore._commit`` calls
+them for a rollback or an operator's version, before the commit's checkpoint): the whole path,
+rollback included."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from typing import cast
 
 import numpy as np
-import pytest
 
 from coordinator.core import (
     CandidateEvaluated,
@@ -45,8 +44,6 @@ from edge_sdk.wire.codec import decode, encode
 from edge_sdk.wire.messages import PeerMsg, Pull, Update
 from tests.helpers import SIGNER, SPEC
 
-NEEDS_CORE = pytest.mark.xfail(strict=True, reason="needs core change: CoordinatorCore._replace_training_line calls "
-                                                    "strategy/peering.on_line_replaced (helper-161's report)")
 TARGET = np.linspace(-1.0, 1.0, SPEC.size).astype(np.float32)
 
 
@@ -112,7 +109,6 @@ def test_fedadams_moments_start_afresh_when_the_line_is_replaced() -> None:
     assert np.linalg.norm(TARGET - after) < np.linalg.norm(TARGET - release) - 0.1
 
 
-@NEEDS_CORE
 def test_after_a_rejected_fedadam_round_the_next_candidate_moves_toward_the_honest_devices() -> None:
     s = FedOptStrategy(FedOptConfig(server_opt="adam", server_lr=0.05, select=1))
     c = gated_core(s)
@@ -155,7 +151,6 @@ def test_spykers_age_goes_back_to_the_restored_versions() -> None:
     assert led.age == 20.0 - 6.0  # age_of's lower bound: one unit per version
 
 
-@NEEDS_CORE
 def test_a_spyker_coordinators_age_is_the_releases_after_a_rejection() -> None:
     """Three updates make versions 1-3 (age 3); the gate rejects 1: the line goes back to version
     0's weights, and its age to version 0's (the old code: 3, updates it no longer embodies)."""
@@ -183,7 +178,6 @@ def test_nebulas_planets_restart_from_the_restored_weights() -> None:
     assert float(np.max(np.abs(out))) <= 1.0
 
 
-@NEEDS_CORE
 def test_after_a_rejection_nebulas_next_candidate_is_not_the_rejected_model_again() -> None:
     c = gated_core(make_strategy("nebula", planets=2))
     send_pull(c, "evil", 0, 0.0)

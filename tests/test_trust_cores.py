@@ -669,9 +669,9 @@ def test_a_peer_message_the_peering_refuses_pins_no_key() -> None:
     c = CoordinatorCore(cfg, method.strategy, toy_snapshot(), rng=random.Random(0), peering=method.peering)
     attacker, real_c2 = Signer.generate(), Signer.generate()
 
-    def peer(sender: str, kind: str, signer: Signer) -> MessageReceived:
+    def peer(sender: str, kind: str, signer: Signer, at: float = 0.0) -> MessageReceived:
         topic = topics.peer_topic("c1", "beat")
-        msg = PeerMsg(sender=sender, kind=kind, body={"at": 0.0, "age": 1.0, "clients": 0, "hold": False})
+        msg = PeerMsg(sender=sender, kind=kind, body={"at": at, "age": 1.0, "clients": 0, "hold": False})
         return MessageReceived(now=0.0, topic=topic, payload=encode(msg, signer=signer, scope=topics.signing_scope(topic)))
 
     for forged in (peer("c9", "beat", attacker), peer("c2", "bogus", attacker)):
@@ -680,7 +680,7 @@ def test_a_peer_message_the_peering_refuses_pins_no_key() -> None:
     assert c.counters["peer_messages"] == 0
     c.handle(peer("c2", "beat", real_c2))  # the real c2 is not refused as signed by the wrong key
     assert c.counters["reject:bad_signature"] == 0 and c.counters["peer_messages"] == 1
-    c.handle(peer("c2", "beat", attacker))  # and now c2's key is pinned
+    c.handle(peer("c2", "beat", attacker, at=1.0))  # and now c2's key is pinned (a newer beat: not a replay)
     assert c.counters["reject:bad_signature"] == 1
 
 
