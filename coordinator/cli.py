@@ -140,7 +140,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_broker_arguments(p, trust=TOFU_PEERS)
     p.add_argument("--region", default="default", help="region id; devices of this region talk to this coordinator")
     p.add_argument("--state-dir", type=Path, help="durable state: versions, pending updates (resumed on restart); required")
-    p.add_argument("--model", default="digits", help="task / model served")
+    p.add_argument("--model", default="digits", help="task / model served: a built-in task, or an app's own as "
+                   "package.module:Name (on PYTHONPATH) or an edgeci.tasks entry point (see edge_sdk/tasks/__init__.py)")
     p.add_argument("--id", dest="coordinator_id", default="", help="coordinator id (default: coord-REGION)")
     p.add_argument("--strategy", default=None, choices=strategy_names(), help="aggregation strategy (default: spin, or the peering's own)")
     p.add_argument("--k", type=int, default=10, help="aggregate when K updates are buffered (SPIN, FedBuff)")

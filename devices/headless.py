@@ -61,7 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--region", type=topic_id, default=None, help="region of the coordinator to use (default: the --bundle's region when it "
                    "was issued for one, else 'default')")
     p.add_argument("--device-id", type=topic_id, required=True, help="this device's id (1-64 of A-Z a-z 0-9 _ . -)")
-    p.add_argument("--dataset", "--model", dest="model", metavar="TASK", default="digits", type=task_arg, help="task whose pool is labelled")
+    p.add_argument("--dataset", "--model", dest="model", metavar="TASK", default="digits", type=task_arg,
+                   help="task whose pool is labelled: a built-in task, or an app's own as package.module:Name (on PYTHONPATH) "
+                        "or an edgeci.tasks entry point")
     p.add_argument("--data-dir", type=Path, help="SDK data dir (default: $EDGECI_HOME/devices/DEVICE_ID, EDGECI_HOME defaulting to ~/.edgeci)")
     p.add_argument("--fleet-size", type=bounded(int, 1), default=20, help="the pool is split into this many partitions")
     p.add_argument("--partition", type=bounded(int, 0), help="partition index, 0 to fleet size - 1 (default: from the device id)")

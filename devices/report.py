@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -104,11 +105,25 @@ def load_task(name: str, options: Mapping[str, Any] | None = None) -> Task:
     """The task for a scenario (``options``: its ``task_options``, keyword arguments of the
     task). Torchvision datasets are used only if their files are already on disk (under
     ``$EDGECI_DATA``); edgeci never downloads datasets."""
-    from edge_sdk.tasks import get_task, known_tasks
+    from edge_sdk.tasks import entry_point_task, get_task, known_tasks, task_factory
 
     if name in known_tasks():
         try:
             return get_task(name, device="cpu", **dict(options or {}))
+        except TypeError as exc:
+            raise ConfigError(f"task {name!r}: bad task_options {dict(options or {})!r}: {exc}") from None
+    if ":" in name or entry_point_task(name) is not None:  # an app's own task (edge_sdk.tasks.resolve_task)
+        import inspect
+
+        kwargs = dict(options or {})
+        try:
+            params = inspect.signature(task_factory(name)).parameters
+        except (TypeError, ValueError):  # (a builtin or extension callable without a signature)
+            params = MappingProxyType({})
+        if "device" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            kwargs.setdefault("device", "cpu")  # (on the CPU, as the built-in tasks, when its factory takes device=)
+        try:
+            return get_task(name, **kwargs)
         except TypeError as exc:
             raise ConfigError(f"task {name!r}: bad task_options {dict(options or {})!r}: {exc}") from None
     if name in TORCHVISION_DATASETS:

@@ -99,7 +99,7 @@ from edge_sdk.store import (
     StorageError,
     check_quota,
 )
-from edge_sdk.tasks import get_task, task_name
+from edge_sdk.tasks import get_task, resolve_task, task_name
 from edge_sdk.tasks.base import (
     Task,
     TrainConfig,
@@ -115,7 +115,6 @@ from edge_sdk.tasks.registry import (
     default_train_config,
     input_contract,
     sample_kind_of,
-    task_info,
 )
 from edge_sdk.wire import topics
 from edge_sdk.wire.codec import Encoding
@@ -131,15 +130,15 @@ _R = TypeVar("_R")
 
 
 def _resolve_task(name: str) -> Task:
-    """The registered task ``name``; on an install without its training stack (``[device]``:
-    no torch) a built-in task's declaration, which stores, labels and serves but cannot train."""
+    """The task ``name`` names (:func:`edge_sdk.tasks.resolve_task`: a built-in task, its model
+    id, an app's ``package.module:Name`` or ``edgeci.tasks`` entry point); on an install without
+    its training stack (``[device]``: no torch) its declaration, which stores, labels and serves
+    (an app's task: with the graphs its TaskInfo names) but cannot train."""
+    info = resolve_task(name)
     name = task_name(name)  # (a model id names its task)
     try:
         return get_task(name)
     except MissingExtra:
-        info = task_info(name)
-        if info is None:
-            raise
         log.info("task %s: %s not installed, serving only", name, info.train_extra)
         return DeclaredTask(info)
 

@@ -33,6 +33,7 @@ import json
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -42,7 +43,7 @@ import onnxruntime as ort
 from edge_sdk._extras import require
 from edge_sdk.errors import ConfigError, InvalidSample, LocalProtocolError
 from edge_sdk.spec import ModelSpec, Vector
-from edge_sdk.tasks.registry import GRAPHS_DIR
+from edge_sdk.tasks.registry import GRAPHS_DIR, task_info
 
 if TYPE_CHECKING:
     import onnx
@@ -293,11 +294,12 @@ def with_weights(template: onnx.ModelProto, spec: ModelSpec, weights: Vector) ->
     return OnnxTemplate(template.SerializeToString(), spec).patched(weights)
 
 
-def shipped_template(spec: ModelSpec, *, opset: int = OPSET) -> bytes | None:
-    """The shipped graph of ``spec``'s architecture (``GRAPHS_DIR/<model_id>.onnx``), or
-    None when none ships for exactly this spec (same model id and layout) and opset."""
-    graph = GRAPHS_DIR / f"{spec.model_id}.onnx"
-    sidecar = GRAPHS_DIR / f"{spec.model_id}.spec.json"
+def shipped_template(spec: ModelSpec, *, opset: int = OPSET, graphs: Path = GRAPHS_DIR) -> bytes | None:
+    """The shipped graph of ``spec``'s architecture (``graphs/<model_id>.onnx``: the built-in
+    tasks' by default, an app's task's in its TaskInfo's ``graphs`` folder), or None when none
+    ships for exactly this spec (same model id and layout) and opset."""
+    graph = graphs / f"{spec.model_id}.onnx"
+    sidecar = graphs / f"{spec.model_id}.spec.json"
     if not graph.is_file() or not sidecar.is_file():
         return None
     meta = json.loads(sidecar.read_text(encoding="utf-8"))
@@ -331,11 +333,13 @@ def _template(task: ServableTask, weights: Vector, opset: int) -> OnnxTemplate:
         cached = _templates.get(key)
     if cached is not None:
         return cached
-    model = shipped_template(task.spec, opset=opset)
+    info = task_info(task)
+    graphs = info.graphs_dir if info is not None else GRAPHS_DIR
+    model = shipped_template(task.spec, opset=opset, graphs=graphs)
     if model is None:
         if not hasattr(task, "module_for"):
             raise ConfigError(
-                f"no shipped ONNX graph for {task.spec.model_id!r} and the task cannot export one"
+                f"no shipped ONNX graph for {task.spec.model_id!r} (in {graphs}) and the task cannot export one"
             )
         model = onnx_template(task, weights, opset=opset).SerializeToString()  # type: ignore[arg-type]
     template = OnnxTemplate(model, task.spec)

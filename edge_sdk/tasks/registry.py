@@ -153,13 +153,16 @@ class InputContract:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TaskInfo:
-    """A built-in task as a device sees it (see the module docstring)."""
+    """A task as a device sees it (see the module docstring): a built-in one's in
+    :data:`TASK_INFO`, an app's own on its task (``info = TaskInfo(...)``, a class attribute of
+    its factory) or named by its import path itself (:func:`edge_sdk.tasks.resolve_task`)."""
 
     name: str
-    """Registry name (``get_task(name)``)."""
-    factory: str
+    """Registry name (``get_task(name)``); for an app's task, a name of its own (not a built-in's)."""
+    factory: str = ""
     """The torch task that implements it, ``"module.path:ClassName"`` (imported only when asked
-    for: :func:`edge_sdk.tasks.get_task`; a ``[device]`` install serves :class:`DeclaredTask`)."""
+    for: :func:`edge_sdk.tasks.get_task`; a ``[device]`` install serves :class:`DeclaredTask`).
+    Left empty on a factory's own ``info``: the factory named is the one."""
     task_name: str
     """The task object's ``name`` (what its updates and logs say)."""
     model_id: str
@@ -175,6 +178,16 @@ class TaskInfo:
     train: TrainConfig | None = None
     """The task's own local-training defaults (None: the generic :class:`TrainConfig` values)."""
     notes: dict[str, str] = field(default_factory=dict)
+    graphs: str | Path | None = None
+    """The folder of the task's ``<model_id>.spec.json``, ``<model_id>.onnx`` and (for
+    classifier-only rounds) ``<model_id>.features.onnx``, as ``python -m edge_sdk.tasks.registry
+    --write-graphs --task REF --out DIR`` writes them: what a device without torch serves and
+    trains the head with. None: the built-in :data:`GRAPHS_DIR` (an app's task without them
+    needs ``[train]``, which exports its graph on first use)."""
+
+    @property
+    def graphs_dir(self) -> Path:
+        return GRAPHS_DIR if self.graphs is None else Path(self.graphs)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -184,7 +197,7 @@ class TaskInfo:
 
     @property
     def spec(self) -> ModelSpec:
-        return declared_spec(self.model_id)
+        return declared_spec(self.model_id, self.graphs_dir)
 
 
 TASK_INFO: dict[str, TaskInfo] = {
@@ -257,12 +270,24 @@ TASK_INFO: dict[str, TaskInfo] = {
 
 
 def task_info(task: str | Any) -> TaskInfo | None:
-    """The declaration of a registry name, a task's ``name``, or a task object (None for
-    tasks declared nowhere, e.g. an app's own)."""
+    """The declaration of a registry name, a task's ``name``, a task reference
+    (``package.module:Name`` or an ``edgeci.tasks`` entry point: :func:`edge_sdk.tasks.resolve_task`,
+    which imports it), or a task object (its own ``info``, else its name's); None for tasks
+    declared nowhere (an app's own ``Task`` object without ``info``)."""
+    if not isinstance(task, str):
+        own = getattr(task, "info", None)
+        if isinstance(own, TaskInfo):
+            return own
     name = task if isinstance(task, str) else getattr(task, "name", None)
     if name in TASK_INFO:
         return TASK_INFO[name]
-    return next((info for info in TASK_INFO.values() if info.task_name == name), None)
+    found = next((info for info in TASK_INFO.values() if info.task_name == name), None)
+    if found is None and isinstance(task, str) and task:
+        from edge_sdk.tasks import entry_point_task, resolve_task
+
+        if ":" in task or entry_point_task(task) is not None:
+            return resolve_task(task)
+    return found
 
 
 def sample_kind_of(task: Any) -> SampleKind:
@@ -315,14 +340,20 @@ def input_contract(task: Any) -> InputContract:
 
 
 @cache
-def declared_spec(model_id: str) -> ModelSpec:
-    """The spec shipped as ``graphs/<model_id>.spec.json`` (written from the torch model)."""
-    path = GRAPHS_DIR / f"{model_id}.spec.json"
+def declared_spec(model_id: str, graphs: Path = GRAPHS_DIR) -> ModelSpec:
+    """The spec shipped as ``graphs/<model_id>.spec.json`` (written from the torch model; an
+    app's task: in its TaskInfo's ``graphs`` folder)."""
+    path = graphs / f"{model_id}.spec.json"
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"no shipped spec for {model_id!r} ({path}): {exc}") from exc
-    return ModelSpec.from_dict(meta["spec"])
+        spec = ModelSpec.from_dict(meta["spec"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        hint = "" if graphs == GRAPHS_DIR else (" (write it with `python -m edge_sdk.tasks.registry --write-graphs "
+                                                f"--task REF --out {graphs}` where torch is installed)")
+        raise ConfigError(f"no spec for {model_id!r} ({path}): {exc}{hint}") from exc
+    if spec.model_id != model_id:
+        raise ConfigError(f"{path} holds the spec of {spec.model_id!r}, not {model_id!r}")
+    return spec
 
 
 class DeclaredTask:
@@ -406,7 +437,7 @@ class DeclaredTask:
         xs = self.info.contract.batch(x)
         extractor = self.spec.group_slice(EXTRACTOR)
         if self._features_template is None:
-            path = GRAPHS_DIR / f"{self.spec.model_id}.features.onnx"
+            path = self.info.graphs_dir / f"{self.spec.model_id}.features.onnx"
             if extractor.start != 0 or not path.is_file():
                 raise self._unavailable("features without a shipped extractor graph")
             entries = [(p.name, p.shape, p.group) for p in self.spec.params if p.group == EXTRACTOR]
@@ -425,8 +456,10 @@ class DeclaredTask:
 
 def write_graphs(out: Path = GRAPHS_DIR, names: tuple[str, ...] | None = None) -> list[Path]:
     """Export each task's graph (zeros as weights) and spec from torch into ``out`` (``names``:
-    every task in :data:`TASK_INFO`); a task of frames ships its spec only (detection has its
-    own exporter). Needs ``[train]``."""
+    every task in :data:`TASK_INFO`, or any task reference :func:`edge_sdk.tasks.resolve_task`
+    takes, an app's own ``package.module:Name`` included: its TaskInfo's ``graphs`` folder is
+    where they go); a task of frames ships its spec only (detection has its own exporter).
+    Needs ``[train]``."""
     from edge_sdk.inference import (
         OPSET,
         OnnxTemplate,
@@ -434,12 +467,12 @@ def write_graphs(out: Path = GRAPHS_DIR, names: tuple[str, ...] | None = None) -
         export_onnx,
         with_weights,
     )
-    from edge_sdk.tasks import get_task
+    from edge_sdk.tasks import get_task, resolve_task
 
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name in TASK_INFO if names is None else names:
-        info = TASK_INFO[name]
+        info = resolve_task(name)
         task: Any = get_task(name)
         params = ",\n".join(json.dumps(entry) for entry in task.spec.to_dict()["params"])
         text = (
@@ -448,14 +481,16 @@ def write_graphs(out: Path = GRAPHS_DIR, names: tuple[str, ...] | None = None) -
         )
         if info.sample_kind != "frame":
             # Export with real weights (the exporter folds away all-zero biases), ship zeros.
-            proto = export_onnx(task, task.initial_weights(seed=0))
+            weights = task.initial_weights(seed=0) if hasattr(task, "initial_weights") else task.pretrained(seed=0)
+            proto = export_onnx(task, weights)
             graph = out / f"{info.model_id}.onnx"
             graph.write_bytes(with_weights(proto, task.spec, task.spec.zeros()))
             written.append(graph)
+        if info.sample_kind != "frame" and any(p.group == EXTRACTOR for p in task.spec.params):
             # The extractor alone (output "features"), for head-only training without torch.
             extractor = [(p.name, p.shape, p.group) for p in task.spec.params if p.group == EXTRACTOR]
             ext_spec = ModelSpec.build(task.spec.model_id, extractor)
-            features = export_features_onnx(task, task.initial_weights(seed=0)).SerializeToString()
+            features = export_features_onnx(task, weights).SerializeToString()
             graph = out / f"{info.model_id}.features.onnx"
             graph.write_bytes(OnnxTemplate(features, ext_spec).patched(ext_spec.zeros()))
             written.append(graph)
@@ -468,9 +503,12 @@ def write_graphs(out: Path = GRAPHS_DIR, names: tuple[str, ...] | None = None) -
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--write-graphs", action="store_true", help="rebuild graphs/ from torch")
+    parser.add_argument("--task", action="append", metavar="REF",
+                        help="with --write-graphs: only this task (repeatable; an app's own package.module:Name too)")
+    parser.add_argument("--out", type=Path, default=GRAPHS_DIR, help="with --write-graphs: the folder to write (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.write_graphs:
-        for path in write_graphs():
+        for path in write_graphs(args.out, tuple(args.task) if args.task else None):
             print(path, path.stat().st_size, "bytes")
     else:
         for info in TASK_INFO.values():

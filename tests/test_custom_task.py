@@ -1,0 +1,414 @@
+"""Bring your own model: an app's task in its own package, named by import path
+``package.module:Name`` (or an ``edgeci.tasks`` entry point) wherever a task name is taken
+(:func:`edge_sdk.tasks.resolve_task`). The package is written here into a temporary folder,
+outside the repository, and put on ``sys.path`` (and ``PYTHONPATH`` for the subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from coordinator.broker import MosquittoProcess
+from coordinator.validation import load_validation
+from devices.report import load_task
+from devices.scenario import parse_scenario
+from devices.simulator import run_spec
+from edge_sdk.client import EdgeClient
+from edge_sdk.errors import ConfigError
+from edge_sdk.inference import InferenceEngine
+from edge_sdk.modelio import save_model
+from edge_sdk.signing import load_signer
+from edge_sdk.tasks import get_task, resolve_task, task_name
+from edge_sdk.tasks.registry import (
+    default_min_samples,
+    default_train_config,
+    input_contract,
+    sample_kind_of,
+    task_info,
+    write_graphs,
+)
+from edge_sdk.wire import topics
+from edge_sdk.wire.codec import encode
+from edge_sdk.wire.messages import ModelMsg, Update
+from tests.helpers import digits_scenario, wait_until
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = "acme_parts"
+REF = f"{PKG}.tasks:PartsCnn"
+INFO_REF = f"{PKG}.info:TASK"
+
+FILES = {
+    "__init__.py": "",
+    # The declaration, importable without torch: what a [device] install names.
+    "info.py": '''
+        from dataclasses import replace
+        from pathlib import Path
+
+        from edge_sdk.tasks.base import TrainConfig
+        from edge_sdk.tasks.registry import InputContract, TaskInfo
+
+        TASK = TaskInfo(
+            name="acme-parts", factory="acme_parts.tasks:PartsCnn", task_name="acme-parts",
+            model_id="acme-parts-cnn", sample_kind="array", n_classes=3, min_samples=6,
+            contract=InputContract(task="acme-parts", shape=(1, 12, 12), value_range=(0.0, 1.0),
+                                   hint="grey pixels / 255"),
+            class_names=("bar", "ring", "cross"),
+            train=TrainConfig(epochs=3, batch_size=8, lr=0.05),
+            graphs=Path(__file__).resolve().parent / "graphs",
+        )
+        NO_GRAPHS = replace(TASK, factory="acme_parts.tasks:Unshipped", graphs=Path(__file__).resolve().parent / "none")
+    ''',
+    # The torch half: a small CNN on images it makes itself.
+    "tasks.py": '''
+        import numpy as np
+        from torch import nn
+
+        from acme_parts.info import NO_GRAPHS, TASK
+        from edge_sdk.tasks.base import TaskData, TrainConfig
+        from edge_sdk.trainer import Affine, ClassifierTask, SplitModel, stratified_split, take
+
+
+        def make_images(n, seed):
+            """n noisy 12x12 images in [0, 1], each a bar, a ring or a cross somewhere."""
+            rng = np.random.default_rng(seed)
+            x = rng.uniform(0.0, 0.25, size=(n, 1, 12, 12)).astype(np.float32)
+            y = rng.integers(0, 3, size=n)
+            for i, label in enumerate(y):
+                r, c = rng.integers(2, 9, size=2)
+                if label == 0:
+                    x[i, 0, r, c - 2 : c + 3] = 1.0
+                elif label == 1:
+                    x[i, 0, r - 1 : r + 2, c - 1 : c + 2] = 1.0
+                    x[i, 0, r, c] = 0.0
+                else:
+                    x[i, 0, r, c - 1 : c + 2] = 1.0
+                    x[i, 0, r - 1 : r + 2, c] = 1.0
+            return np.clip(x, 0.0, 1.0), y.astype(np.int64)
+
+
+        class PartsCnn(ClassifierTask):
+            info = TASK
+            name = "acme-parts"
+            model_id = "acme-parts-cnn"
+            input_shape = (1, 12, 12)
+            n_classes = 3
+            pretrain_config = TrainConfig(epochs=10, batch_size=8, lr=0.05)
+
+            def build_module(self):
+                extractor = nn.Sequential(
+                    Affine(0.2, 3.0), nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                    nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+                    nn.Linear(16, 16), nn.ReLU(),
+                )
+                return SplitModel(extractor, nn.Linear(16, 3))
+
+            def _make_data(self):
+                x, y = make_images(600, seed=7)
+                pretrain, pool, test = stratified_split(y, n_test=150, pretrain_per_class=3, seed=7)
+                return TaskData(pretrain=take(x, y, pretrain), pool=take(x, y, pool), test=take(x, y, test), n_classes=3)
+
+
+        class Unshipped(PartsCnn):  # no graphs folder: exported on first use where torch is
+            info = NO_GRAPHS
+
+
+        class Liar(PartsCnn):  # declares acme-parts, builds another model
+            model_id = "acme-other"
+
+
+        def no_info():
+            return PartsCnn()
+    ''',
+    "plain.py": '''
+        class Plain:  # a task class without a TaskInfo
+            name = "plain"
+    ''',
+    "clash.py": '''
+        from dataclasses import replace
+
+        from acme_parts.info import TASK
+
+        DIGITS = replace(TASK, model_id="digits-cnn")
+    ''',
+    "broken.py": '''
+        import acme_not_installed_anywhere  # a dependency the app forgot
+    ''',
+    # Imported only if something named it: it leaves a mark.
+    "spy.py": '''
+        from pathlib import Path
+
+        Path(__file__).with_name("SPY_IMPORTED").write_text("imported")
+
+        class Spy:
+            pass
+    ''',
+}
+
+
+@pytest.fixture(scope="module")
+def acme(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The folder holding the app's package (and its entry point's dist-info), on ``sys.path``;
+    its ONNX graphs and spec written by ``write_graphs``, as the app's build would."""
+    root = tmp_path_factory.mktemp("app")
+    pkg = root / PKG
+    pkg.mkdir()
+    for name, text in FILES.items():
+        (pkg / name).write_text(textwrap.dedent(text).lstrip(), encoding="utf-8")
+    dist = root / "acme_parts-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-parts\nVersion: 1.0\n", encoding="utf-8")
+    (dist / "entry_points.txt").write_text(f"[edgeci.tasks]\nacme-parts = {INFO_REF}\nacme-bad = not an import path\n",
+                                           encoding="utf-8")
+    sys.path.insert(0, str(root))
+    try:
+        written = write_graphs(pkg / "graphs", (REF,))
+        assert sorted(p.name for p in written) == ["acme-parts-cnn.features.onnx", "acme-parts-cnn.onnx", "acme-parts-cnn.spec.json"]
+        yield root
+    finally:
+        sys.path.remove(str(root))
+        for name in [m for m in sys.modules if m == PKG or m.startswith(PKG + ".")]:
+            del sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def parts(acme: Path) -> Any:
+    return get_task(REF, device="cpu")
+
+
+def test_an_import_path_an_entry_point_and_the_taskinfo_itself_name_one_task(acme: Path, parts: Any) -> None:
+    info = resolve_task(REF)
+    assert resolve_task(INFO_REF) == info == resolve_task("acme-parts")  # the entry point names the TaskInfo
+    assert (info.name, info.factory, info.model_id, info.graphs_dir) == ("acme-parts", REF, "acme-parts-cnn", acme / PKG / "graphs")
+    assert type(get_task(INFO_REF, device="cpu")).__name__ == type(get_task("acme-parts", device="cpu")).__name__ == "PartsCnn"
+    assert task_name(REF) == REF and task_name("gesture-cnn1d") == "gestures"  # the built-ins as before
+    assert info.spec == parts.spec  # the spec shipped in its graphs folder is the torch task's
+    # What the SDK, the gate and the emulator read of a task: the TaskInfo on the task itself.
+    assert task_info(parts) is parts.info and task_info(REF) == info
+    assert default_min_samples(parts) == 6 and default_min_samples(REF) == 6
+    assert default_train_config(parts).epochs == 3 and default_train_config(REF).batch_size == 8
+    assert input_contract(parts).value_range == (0.0, 1.0) and sample_kind_of(REF) == "array"
+
+
+@pytest.mark.parametrize(("ref", "message"), [
+    ("acme_parts.nothere:Task", "task 'acme_parts.nothere:Task': no module 'acme_parts.nothere'"),
+    ("acme_parts.tasks:Nope", "module acme_parts.tasks has no 'Nope'"),
+    ("acme_parts.plain:Plain", "acme_parts.plain:Plain has no TaskInfo: give it the class attribute `info = TaskInfo("),
+    ("acme_parts.tasks:no_info", "acme_parts.tasks:no_info has no TaskInfo"),
+    ("acme_parts.clash:DIGITS", "is the built-in task 'digits''s: give it its own"),
+    ("acme_parts.broken:X", "importing acme_parts.broken failed: No module named 'acme_not_installed_anywhere'"),
+    ("acme_parts.tasks:Liar", "acme_parts.tasks:Liar built a task unlike its TaskInfo: its spec's model id is 'acme-other'"),
+
+    ("acme parts:X", "an import path is 'package.module:Name'"),
+    ("acme-bad", "its edgeci.tasks entry point is 'not an import path'"),
+    ("acme-nowhere", "unknown task 'acme-nowhere'; known tasks: detection, digits"),
+])
+def test_a_bad_task_reference_is_a_config_error_that_says_what_is_missing(acme: Path, ref: str, message: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        get_task(ref, device="cpu")
+    assert message in str(exc.value)
+    with pytest.raises(ConfigError) as exc:  # the SDK says the same, before anything is written
+        EdgeClient(broker="mqtt://127.0.0.1:9", device_id="d1", task=ref, data_dir=tmp_path / "dev")
+    assert message in str(exc.value)
+    assert not (tmp_path / "dev").exists()
+
+
+def _env(acme: Path, tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGECI_")}
+    env.update(PYTHONPATH=f"{ROOT}{os.pathsep}{acme}", EDGECI_HOME=str(tmp_path / "edgeci"), OMP_NUM_THREADS="1",
+               PYTHONDONTWRITEBYTECODE="1")
+    return env
+
+
+def test_the_cli_refuses_a_bad_reference_as_a_usage_error(acme: Path, tmp_path: Path) -> None:
+    for argv, flag in (
+        (["coordinator", "--state-dir", str(tmp_path / "s"), "--model", "acme_parts.plain:Plain"], "edgeci coordinator: error:"),
+        (["device", "--device-id", "d1", "--dataset", "acme_parts.plain:Plain"], "argument --dataset/--model:"),
+    ):
+        done = subprocess.run([sys.executable, "-m", "demos.cli", *argv], cwd=ROOT, env=_env(acme, tmp_path),
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, done.stderr
+        assert flag in done.stderr and "acme_parts.plain:Plain has no TaskInfo" in done.stderr, done.stderr
+    assert not (tmp_path / "s").exists()
+
+
+class _Coordinator:
+    """``edgeci coordinator --model acme_parts.tasks:PartsCnn`` with the app's package on PYTHONPATH."""
+
+    def __init__(self, env: dict[str, str], *args: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "demos.cli", "coordinator", *args], cwd=ROOT, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self._pump = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout or []), daemon=True)
+        self._pump.start()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._pump.join(10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def test_coordinator_and_two_devices_train_and_serve_the_apps_model(acme: Path, parts: Any, tmp_path: Path,
+                                                                       mosquitto: MosquittoProcess) -> None:
+    """The main flow over a real mosquitto: the coordinator (a subprocess, pretraining the app's
+    model itself and gating on the app's validation set) and two EdgeClients that name the task
+    by its import path, label, train, and predict with the new release. Then a model message
+    signed by the coordinator's own key, and an update, whose model id names a module: refused,
+    and nothing imports it."""
+    data = parts.data()
+    np.savez(tmp_path / "validation.npz", x=data.test.x, y=data.test.y)
+    broker = f"mqtt://127.0.0.1:{mosquitto.port}"
+    state = tmp_path / "state"
+    coordinator = _Coordinator(_env(acme, tmp_path), "--broker", broker, "--region", "eu", "--state-dir", str(state),
+                               "--model", REF, "--validation", str(tmp_path / "validation.npz"), "--gate-margin", "0.5",
+                               "--k", "2", "--timeout", "3")
+    clients: list[EdgeClient] = []
+    try:
+        wait_until(lambda: any(" ready: region " in ln for ln in coordinator.lines) or coordinator.proc.poll() is not None,
+                   120, "coordinator ready")
+        assert coordinator.proc.poll() is None, "".join(coordinator.lines)
+        assert "pretraining the deployed acme-parts model" in "".join(coordinator.lines)
+        rejected: list[dict[str, Any]] = []
+        for i in range(2):
+            client = EdgeClient(broker=broker, region="eu", device_id=f"cam-{i}", task=REF, data_dir=tmp_path / f"cam-{i}")
+            assert type(client.task).__name__ == "PartsCnn" and client.core.config.min_samples == 6  # the TaskInfo's D_min
+            client.on("message_rejected", lambda kind, info: rejected.append(info))
+            clients.append(client.start())
+        for client in clients:
+            assert client.wait_for_version(0, timeout=60), "no release to start from"
+        acked: list[str] = []
+        for i, client in enumerate(clients):
+            client.on("update_acked", lambda kind, info, who=f"cam-{i}": acked.append(who))
+        # A device learns of a release from its own pulls: label, train and push, then label again.
+        for start in (0, 40):
+            for i, client in enumerate(clients):
+                for j in range(start + 20 * i, start + 20 * i + 20):
+                    client.add_sample(data.pool.x[j], int(data.pool.y[j]))
+            if start == 0:
+                wait_until(lambda: {"cam-0", "cam-1"} <= set(acked), 120, "both devices' updates acknowledged")
+        for client in clients:
+            assert client.wait_for_version(1, timeout=120), "".join(coordinator.lines[-20:])
+        for client in clients:  # predicts with the release it holds: the app's graph, its weights
+            weights, version = client.weights, client.version
+            assert weights is not None and version is not None and version >= 1
+            labels = client.predict(data.test.x)
+            agree = float((labels == parts.logits(weights, data.test.x).argmax(axis=1)).mean())
+            assert agree >= 0.98, (version, agree)
+        # Nothing on the wire selects a module: a model id naming one is only compared, and refused.
+        signer = load_signer(state / "signing.key")
+        spy = f"{PKG}.spy:Spy"
+        forged = ModelMsg(model_id=spy, version=10**6, reply_to=-1, weights=parts.spec.zeros())
+        update = Update(device="cam-0", seq=10**6, model_id=spy, base_version=0, n_samples=1, weights=parts.spec.zeros())
+        import paho.mqtt.client as mqtt
+
+        raw = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="forger")
+        raw.connect("127.0.0.1", mosquitto.port)
+        raw.loop_start()
+        try:
+            raw.publish(topics.device_topic("eu", "cam-0", "model"),
+                        encode(forged, signer=signer, scope=topics.device_scope("eu", "model")), qos=1).wait_for_publish(10)
+            raw.publish(topics.device_topic("eu", "cam-1", "update"), encode(update), qos=1).wait_for_publish(10)
+        finally:
+            raw.loop_stop()
+            raw.disconnect()
+        wait_until(lambda: any(r.get("reason") == "unknown_model" for r in rejected), 30, "the forged model refused")
+        assert clients[0].version is not None and clients[0].version < 10**6  # the forged model was not deployed
+        assert f"{PKG}.spy" not in sys.modules and not (acme / PKG / "SPY_IMPORTED").exists()
+    finally:
+        for client in clients:
+            client.stop()
+        coordinator.close()
+    assert not (acme / PKG / "SPY_IMPORTED").exists(), "".join(coordinator.lines[-20:])
+    log = "".join(coordinator.lines)
+    assert "gate: promote version" in log and "Traceback" not in log, log[-3000:]
+
+
+_LEAN = """
+import sys
+for _m in ("torch", "torchvision", "sklearn", "scipy", "onnx", "onnxscript"):
+    sys.modules[_m] = None
+import json
+import numpy as np
+from edge_sdk.client import EdgeClient
+from edge_sdk.errors import ConfigError, MissingExtra
+from edge_sdk.tasks.registry import DeclaredTask
+
+out = {}
+client = EdgeClient(broker="mqtt://127.0.0.1:9", device_id="lean", task=sys.argv[1])  # never started
+out["declared"] = isinstance(client.task, DeclaredTask)
+out["labels"] = client.predict(np.load(sys.argv[2])).tolist()
+out["min_samples"] = client.core.config.min_samples
+client.stop()
+for ref in ("acme_parts.tasks:PartsCnn", "acme_parts.info:NO_GRAPHS"):
+    try:
+        EdgeClient(broker="mqtt://127.0.0.1:9", device_id="lean2", task=ref)
+    except ConfigError as exc:
+        out[ref] = f"{type(exc).__name__}: {exc}"
+out["torch"] = "torch" in sys.modules and sys.modules["torch"] is not None
+print(json.dumps(out))
+"""
+
+
+def test_a_device_without_torch_serves_the_app_model_with_the_graph_its_taskinfo_names(acme: Path, parts: Any,
+                                                                                          tmp_path: Path) -> None:
+    weights = parts.pretrained(seed=0)
+    save_model(tmp_path / "edgeci" / "devices" / "lean" / "deployed.npz", parts.spec, weights, {"version": 3})
+    x = parts.data().test.x
+    np.save(tmp_path / "x.npy", x)
+    done = subprocess.run([sys.executable, "-W", "error", "-c", _LEAN, INFO_REF, str(tmp_path / "x.npy")], cwd=tmp_path,
+                          env=_env(acme, tmp_path), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.splitlines()[-1])
+    assert out["declared"] and out["min_samples"] == 6 and not out["torch"]
+    expected = parts.logits(weights, x).argmax(axis=1)
+    assert float((np.asarray(out["labels"]) == expected).mean()) >= 0.98
+    assert out[REF].startswith("MissingExtra: torch is needed for importing acme_parts.tasks"), out[REF]
+    assert "name a TaskInfo in a module that does not import it" in out[REF]
+    assert "no spec for 'acme-parts-cnn'" in out["acme_parts.info:NO_GRAPHS"]
+    assert "--write-graphs --task REF --out" in out["acme_parts.info:NO_GRAPHS"]
+
+
+def test_with_torch_a_task_without_graphs_exports_its_own_on_first_use(acme: Path) -> None:
+    task = get_task(f"{PKG}.tasks:Unshipped", device="cpu")
+    assert not task_info(task).graphs_dir.exists()  # type: ignore[union-attr]
+    weights = task.pretrained(seed=0)
+    engine = InferenceEngine(task, weights, version=1)  # type: ignore[arg-type]
+    x = task.data().test.x
+    assert (engine.predict(x).labels == task.logits(weights, x).argmax(axis=1)).mean() >= 0.98  # type: ignore[attr-defined]
+
+
+def test_the_gate_checks_the_apps_validation_set_against_its_contract(acme: Path, parts: Any, tmp_path: Path) -> None:
+    x, y = parts.data().test.x, parts.data().test.y
+    np.savez(tmp_path / "raw.npz", x=x * 255, y=y)  # raw pixels: every candidate would score wrong
+    with pytest.raises(ConfigError, match=r"the task's inputs lie in \[0, 1\] \(grey pixels / 255\)"):
+        load_validation(tmp_path / "raw.npz", parts)
+    np.savez(tmp_path / "ok.npz", x=x, y=y)
+    assert len(load_validation(tmp_path / "ok.npz", parts)) == len(y)
+
+
+def test_an_emulator_scenario_runs_the_apps_task_with_its_training_defaults(acme: Path) -> None:
+    raw = digits_scenario(duration_s=1800, devices=8, arrival_rate_per_h=120, device={"min_samples": 12})
+    del raw["training"]  # the task's own defaults (its TaskInfo: 3 epochs, batches of 8)
+    sc = parse_scenario({**raw, "task": REF})
+    assert (sc.settings.epochs, sc.settings.batch_size) == (3, 8)
+    task = load_task(REF)
+    assert str(getattr(task, "device", "")) == "cpu"  # as the built-in tasks in the emulator
+    s = run_spec(task, sc.runs[0], 0).summary
+    assert s["updates_rejected"] == 0 and s["versions"] >= 3
+    assert s["final_accuracy"] > s["initial_accuracy"] + 0.05, s
