@@ -171,8 +171,9 @@ def acme(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
                                            encoding="utf-8")
     sys.path.insert(0, str(root))
     try:
-        written = write_graphs(pkg / "graphs", (REF,))
-        assert sorted(p.name for p in written) == ["acme-parts-cnn.features.onnx", "acme-parts-cnn.onnx", "acme-parts-cnn.spec.json"]
+        written = write_graphs(None, (REF,))  # into its TaskInfo's graphs folder
+        assert sorted(p.relative_to(pkg).as_posix() for p in written) == [
+            "graphs/acme-parts-cnn.features.onnx", "graphs/acme-parts-cnn.onnx", "graphs/acme-parts-cnn.spec.json"]
         yield root
     finally:
         sys.path.remove(str(root))

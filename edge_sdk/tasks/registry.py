@@ -454,11 +454,11 @@ class DeclaredTask:
         raise self._unavailable("evaluation")
 
 
-def write_graphs(out: Path = GRAPHS_DIR, names: tuple[str, ...] | None = None) -> list[Path]:
+def write_graphs(out: Path | None = GRAPHS_DIR, names: tuple[str, ...] | None = None) -> list[Path]:
     """Export each task's graph (zeros as weights) and spec from torch into ``out`` (``names``:
     every task in :data:`TASK_INFO`, or any task reference :func:`edge_sdk.tasks.resolve_task`
-    takes, an app's own ``package.module:Name`` included: its TaskInfo's ``graphs`` folder is
-    where they go); a task of frames ships its spec only (detection has its own exporter).
+    takes, an app's own ``package.module:Name`` included); ``out=None``: each task's own
+    ``graphs`` folder (an app's TaskInfo names it). A task of frames ships its spec only (detection has its own exporter).
     Needs ``[train]``."""
     from edge_sdk.inference import (
         OPSET,
@@ -469,11 +469,12 @@ def write_graphs(out: Path = GRAPHS_DIR, names: tuple[str, ...] | None = None) -
     )
     from edge_sdk.tasks import get_task, resolve_task
 
-    out.mkdir(parents=True, exist_ok=True)
     written = []
     for name in TASK_INFO if names is None else names:
         info = resolve_task(name)
         task: Any = get_task(name)
+        folder = info.graphs_dir if out is None else out
+        folder.mkdir(parents=True, exist_ok=True)
         params = ",\n".join(json.dumps(entry) for entry in task.spec.to_dict()["params"])
         text = (
             f'{{"model_id": {json.dumps(info.model_id)}, "opset": {OPSET}, "spec": {{\n'
@@ -483,7 +484,7 @@ def write_graphs(out: Path = GRAPHS_DIR, names: tuple[str, ...] | None = None) -
             # Export with real weights (the exporter folds away all-zero biases), ship zeros.
             weights = task.initial_weights(seed=0) if hasattr(task, "initial_weights") else task.pretrained(seed=0)
             proto = export_onnx(task, weights)
-            graph = out / f"{info.model_id}.onnx"
+            graph = folder / f"{info.model_id}.onnx"
             graph.write_bytes(with_weights(proto, task.spec, task.spec.zeros()))
             written.append(graph)
         if info.sample_kind != "frame" and any(p.group == EXTRACTOR for p in task.spec.params):
@@ -491,10 +492,10 @@ def write_graphs(out: Path = GRAPHS_DIR, names: tuple[str, ...] | None = None) -
             extractor = [(p.name, p.shape, p.group) for p in task.spec.params if p.group == EXTRACTOR]
             ext_spec = ModelSpec.build(task.spec.model_id, extractor)
             features = export_features_onnx(task, weights).SerializeToString()
-            graph = out / f"{info.model_id}.features.onnx"
+            graph = folder / f"{info.model_id}.features.onnx"
             graph.write_bytes(OnnxTemplate(features, ext_spec).patched(ext_spec.zeros()))
             written.append(graph)
-        sidecar = out / f"{info.model_id}.spec.json"
+        sidecar = folder / f"{info.model_id}.spec.json"
         sidecar.write_text(text, encoding="utf-8")
         written.append(sidecar)
     return written
@@ -505,10 +506,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--write-graphs", action="store_true", help="rebuild graphs/ from torch")
     parser.add_argument("--task", action="append", metavar="REF",
                         help="with --write-graphs: only this task (repeatable; an app's own package.module:Name too)")
-    parser.add_argument("--out", type=Path, default=GRAPHS_DIR, help="with --write-graphs: the folder to write (default: %(default)s)")
+    parser.add_argument("--out", type=Path, help="with --write-graphs: the folder to write (default: each task's own, "
+                        "its TaskInfo's graphs; the built-in tasks': edge_sdk/tasks/graphs)")
     args = parser.parse_args(argv)
     if args.write_graphs:
-        for path in write_graphs(args.out, tuple(args.task) if args.task else None):
+        for path in write_graphs(args.out, tuple(args.task) if args.task else None):  # (None: each task's graphs)
             print(path, path.stat().st_size, "bytes")
     else:
         for info in TASK_INFO.values():
