@@ -24,7 +24,7 @@ from devices.report import load_task
 from devices.scenario import parse_scenario
 from devices.simulator import run_spec
 from edge_sdk.client import EdgeClient
-from edge_sdk.errors import ConfigError
+from edge_sdk.errors import ConfigError, InvalidSample
 from edge_sdk.inference import InferenceEngine
 from edge_sdk.modelio import save_model
 from edge_sdk.signing import load_signer
@@ -198,6 +198,21 @@ def test_an_import_path_an_entry_point_and_the_taskinfo_itself_name_one_task(acm
     assert default_min_samples(parts) == 6 and default_min_samples(REF) == 6
     assert default_train_config(parts).epochs == 3 and default_train_config(REF).batch_size == 8
     assert input_contract(parts).value_range == (0.0, 1.0) and sample_kind_of(REF) == "array"
+
+
+def test_a_task_object_given_to_the_sdk_brings_its_taskinfo(acme: Path, parts: Any, tmp_path: Path) -> None:
+    """EdgeClient(task=obj): the task's own ``info`` gives D_min and the contract (before, an app's
+    task got D_min 16 and any numeric array: raw 0-255 pixels were stored and trained on)."""
+    client = EdgeClient(broker="mqtt://127.0.0.1:9", device_id="d1", task=parts, data_dir=tmp_path / "d1")
+    try:
+        assert client.core.config.min_samples == 6
+        with pytest.raises(InvalidSample, match=r"with values in \[0, 1\] \(grey pixels / 255\); got values in \[200, 200\]"):
+            client.add_sample(np.full((1, 12, 12), 200.0, np.float32), 1)
+        with pytest.raises(InvalidSample, match="got dtype int64"):
+            client.add_sample(np.zeros((12, 12), np.int64), 1)
+        assert client.store.count() == 0
+    finally:
+        client.stop()
 
 
 @pytest.mark.parametrize(("ref", "message"), [
