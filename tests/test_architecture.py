@@ -34,6 +34,7 @@ FORBIDDEN: dict[str, set[str]] = {
     "coordinator": {"devices", "demos"},
     "devices": {"demos"},
     "benchmarks": {"demos"},
+    "examples": {"coordinator", "devices", "demos", "benchmarks"},  # an app's own package: the SDK only
 }
 """Package → the top-level packages it must not import."""
 UNLAYERED = {"demos", "tests", "docs", "deploy", "build"}
