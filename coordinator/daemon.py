@@ -572,7 +572,7 @@ class CoordinatorDaemon:
             if converter is None:
                 from coordinator.inversion import make_inverter  # needs torch (the [train] extra)
 
-                converter = make_inverter(self.task.name, self.task.spec, **dict(self.options.inversion_params))
+                converter = make_inverter(self.task, self.task.spec, **dict(self.options.inversion_params))
             self.conversions = ConversionWorker(converter, self.actor.submit, self.clock.now).start()
             log.info("staleness policy gradient-inversion: updates staler than %g versions are converted on a worker "
                      "(deadline %.0f s, then damped)", getattr(converting_policy(policy_of(self.core.strategy)), "beyond", float("nan")),

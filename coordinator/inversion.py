@@ -42,7 +42,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 
@@ -430,10 +430,11 @@ class GradientInverter:
             return None if rec is None else (rec.x.clone(), rec.label_logits.clone())
 
 
-def make_inverter(task_name: str, spec: ModelSpec, **config: Any) -> GradientInverter:
-    """A :class:`GradientInverter` for registry task ``task_name``; ``config`` are
-    :class:`InversionConfig` fields (unknown ones raise ConfigError)."""
-    return GradientInverter(task_name, spec, inversion_config(**config))
+def make_inverter(task: str | object, spec: ModelSpec, **config: Any) -> GradientInverter:
+    """A :class:`GradientInverter` for ``task``: a task reference (:func:`edge_sdk.tasks.resolve_task`:
+    an app's own task by import path too) or the task itself (the daemon's; one that builds no torch
+    module is a ConfigError); ``config`` are :class:`InversionConfig` fields (unknown ones raise ConfigError)."""
+    return GradientInverter(task if isinstance(task, str) else cast(ModelFactoryLike, task), spec, inversion_config(**config))
 
 
 def inversion_config(**config: Any) -> InversionConfig:

@@ -428,3 +428,30 @@ def test_an_emulator_scenario_runs_the_apps_task_with_its_training_defaults(acme
     s = run_spec(task, sc.runs[0], 0).summary
     assert s["updates_rejected"] == 0 and s["versions"] >= 3
     assert s["final_accuracy"] > s["initial_accuracy"] + 0.05, s
+
+
+def test_a_coordinator_converting_stale_updates_inverts_the_apps_own_model(acme: Path, parts: Any, tmp_path: Path,
+                                                                           mosquitto: MosquittoProcess,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--staleness gradient-inversion`` built its inverter from the task's *name*
+    (``get_task(task.name)``): an app's task named by its import path, without an entry point of
+    that name (its package on PYTHONPATH, as examples/custom_task runs it), made the coordinator
+    refuse to start (``unknown task 'acme-parts'``). The inverter is built from the task itself."""
+    import edge_sdk.tasks
+    from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
+
+    monkeypatch.setattr(edge_sdk.tasks, "entry_point_task", lambda name: None)  # (not installed: no entry point)
+
+    daemon = CoordinatorDaemon(
+        CoordinatorOptions(broker=f"mqtt://127.0.0.1:{mosquitto.port}", region="inv", state_dir=tmp_path / "coord", model=REF,
+                           strategy_params={"k": 1, "timeout_s": None, "staleness": "gradient-inversion", "convert_beyond": 2},
+                           inversion_params={"iterations": 2, "time_budget_s": 5.0}),
+        task=parts,
+    ).start()
+    try:
+        assert daemon.core.conversion_policy == "gradient-inversion"
+        assert daemon.conversions is not None
+        inverter = daemon.conversions.converter
+        assert tuple(inverter.input_shape) == tuple(parts.input_shape) and inverter.n_classes == parts.n_classes
+    finally:
+        daemon.stop()
