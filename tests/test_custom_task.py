@@ -5,6 +5,7 @@ outside the repository, and put on ``sys.path`` (and ``PYTHONPATH`` for the subp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -24,12 +25,15 @@ from devices.report import load_task
 from devices.scenario import parse_scenario
 from devices.simulator import run_spec
 from edge_sdk.client import EdgeClient
-from edge_sdk.errors import ConfigError, InvalidSample
+from edge_sdk.errors import ConfigError, InvalidSample, MissingExtra
 from edge_sdk.inference import InferenceEngine
 from edge_sdk.modelio import save_model
 from edge_sdk.signing import load_signer
 from edge_sdk.tasks import get_task, resolve_task, task_name
+from edge_sdk.tasks.base import TrainConfig
 from edge_sdk.tasks.registry import (
+    GRAPHS_DIR,
+    DeclaredTask,
     default_min_samples,
     default_train_config,
     input_contract,
@@ -370,6 +374,14 @@ client = EdgeClient(broker="mqtt://127.0.0.1:9", device_id="lean", task=sys.argv
 out["declared"] = isinstance(client.task, DeclaredTask)
 out["labels"] = client.predict(np.load(sys.argv[2])).tolist()
 out["min_samples"] = client.core.config.min_samples
+# A classifier-only (LASP) round as the client runs it: the head fitted in numpy on features from
+# the .features.onnx in the TaskInfo's graphs folder.
+from edge_sdk.tasks.base import TrainConfig
+
+head = client.task.local_update(np.load(sys.argv[3]), np.load(sys.argv[4]), np.load(sys.argv[5]),
+                                TrainConfig(epochs=3, batch_size=16, lr=0.05, seed=7, group="classifier"))
+np.save(sys.argv[6], head.weights)
+out["head"] = [head.n_samples, head.loss, head.extra]
 client.stop()
 for ref in ("acme_parts.tasks:PartsCnn", "acme_parts.info:NO_GRAPHS"):
     try:
@@ -386,9 +398,13 @@ def test_a_device_without_torch_serves_the_app_model_with_the_graph_its_taskinfo
     weights = parts.pretrained(seed=0)
     save_model(tmp_path / "edgeci" / "devices" / "lean" / "deployed.npz", parts.spec, weights, {"version": 3})
     x = parts.data().test.x
-    np.save(tmp_path / "x.npy", x)
-    done = subprocess.run([sys.executable, "-W", "error", "-c", _LEAN, INFO_REF, str(tmp_path / "x.npy")], cwd=tmp_path,
-                          env=_env(acme, tmp_path), capture_output=True, text=True, timeout=120)
+    pool = parts.data().pool
+    arrays = {"x": x, "weights": weights, "pool_x": pool.x[:40], "pool_y": pool.y[:40]}
+    for name, array in arrays.items():
+        np.save(tmp_path / f"{name}.npy", array)
+    done = subprocess.run([sys.executable, "-W", "error", "-c", _LEAN, INFO_REF,
+                           *(str(tmp_path / f"{name}.npy") for name in arrays), str(tmp_path / "head.npy")],
+                          cwd=tmp_path, env=_env(acme, tmp_path), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout.splitlines()[-1])
     assert out["declared"] and out["min_samples"] == 6 and not out["torch"]
@@ -398,6 +414,53 @@ def test_a_device_without_torch_serves_the_app_model_with_the_graph_its_taskinfo
     assert "name a TaskInfo in a module that does not import it" in out[REF]
     assert "no spec for 'acme-parts-cnn'" in out["acme_parts.info:NO_GRAPHS"]
     assert "--write-graphs --task REF --out" in out["acme_parts.info:NO_GRAPHS"]
+    # Its classifier-only round is a torch device's: the head to float precision, the extractor
+    # bit-identical. The features graph can only be the app's: the SDK ships none of this model.
+    assert not (GRAPHS_DIR / "acme-parts-cnn.features.onnx").exists()
+    assert (acme / PKG / "graphs" / "acme-parts-cnn.features.onnx").is_file()
+    config = TrainConfig(epochs=3, batch_size=16, lr=0.05, seed=7, group="classifier")
+    expected = parts.local_update(weights, pool.x[:40], pool.y[:40], config)
+    got, head = np.load(tmp_path / "head.npy"), parts.spec.group_slice("classifier")
+    np.testing.assert_array_equal(got[: head.start], weights[: head.start])
+    assert head.stop == len(weights) and not np.array_equal(got[head], weights[head])
+    np.testing.assert_allclose(got[head], expected.weights[head], atol=2e-5)
+    assert out["head"][0] == 40 and out["head"][1] == pytest.approx(expected.loss, rel=1e-4)
+    assert out["head"][2] == {"device": "numpy", "group": "classifier"}
+
+
+def _declared(acme: Path, folder: Path, spec: dict[str, Any] | None = None) -> DeclaredTask:
+    """The app's task as a torch-less device declares it, its graphs folder ``folder`` holding
+    the app's spec.json (or ``spec``) and nothing else."""
+    folder.mkdir()
+    shipped = acme / PKG / "graphs" / "acme-parts-cnn.spec.json"
+    text = shipped.read_text(encoding="utf-8") if spec is None else json.dumps(spec)
+    (folder / "acme-parts-cnn.spec.json").write_text(text, encoding="utf-8")
+    return DeclaredTask(dataclasses.replace(resolve_task(INFO_REF), graphs=folder))
+
+
+def test_a_lean_head_round_says_which_graph_it_lacks_and_leaves_a_deeper_head_to_torch(acme: Path, parts: Any,
+                                                                                      tmp_path: Path) -> None:
+    """A torch-less device's classifier-only round on an app's task: without the TaskInfo's
+    .features.onnx the MissingExtra names that file and how to write it (before: "features
+    without a shipped extractor graph"); a classifier group of two layers, which numpy cannot
+    fit, is a MissingExtra too, so the client skips the round as ``training_unavailable``
+    (before: a ConfigError, logged as a failed training with its traceback, every round)."""
+    pool = parts.data().pool
+    x, y = pool.x[:8], pool.y[:8]
+    config = TrainConfig(group="classifier")
+    lean = _declared(acme, tmp_path / "no-features")
+    with pytest.raises(MissingExtra) as exc:
+        lean.local_update(parts.pretrained(seed=0), x, y, config)
+    assert f"the extractor graph {tmp_path / 'no-features' / 'acme-parts-cnn.features.onnx'}" in str(exc.value)
+    assert "--write-graphs --task REF" in str(exc.value)
+
+    entries = [*(e for e in parts.spec.to_dict()["params"] if e[2] == "extractor"),
+               ["classifier.0.weight", [8, 16], "classifier"], ["classifier.0.bias", [8], "classifier"],
+               ["classifier.2.weight", [3, 8], "classifier"], ["classifier.2.bias", [3], "classifier"]]
+    deeper = _declared(acme, tmp_path / "deeper", {"model_id": "acme-parts-cnn", "opset": 18,
+                                                   "spec": {"model_id": "acme-parts-cnn", "params": entries}})
+    with pytest.raises(MissingExtra, match=r"training a classifier group that is not one linear layer .*edgeci\[train\]"):
+        deeper.local_update(deeper.spec.zeros(), x, y, config)
 
 
 def test_with_torch_a_task_without_graphs_exports_its_own_on_first_use(acme: Path) -> None:

@@ -398,7 +398,10 @@ class DeclaredTask:
             raise self._unavailable(f"training group {config.group!r}")
         started = perf_counter()
         self.spec.check(weights)
-        layout = HeadLayout.of(self.spec, CLASSIFIER)
+        try:
+            layout = HeadLayout.of(self.spec, CLASSIFIER)
+        except ConfigError as exc:  # an app's head of several layers: torch trains it, numpy fits one
+            raise self._unavailable(f"training a classifier group that is not one linear layer ({exc})") from exc
         xs = self.info.contract.batch(x)
         ys = np.asarray(y)
         if ys.ndim != 1 or ys.shape[0] != xs.shape[0] or not np.issubdtype(ys.dtype, np.integer):
@@ -438,8 +441,12 @@ class DeclaredTask:
         extractor = self.spec.group_slice(EXTRACTOR)
         if self._features_template is None:
             path = self.info.graphs_dir / f"{self.spec.model_id}.features.onnx"
-            if extractor.start != 0 or not path.is_file():
-                raise self._unavailable("features without a shipped extractor graph")
+            if extractor.start != 0:
+                raise self._unavailable("features of a model whose extractor group does not come first")
+            if not path.is_file():  # (an app's: its TaskInfo's graphs folder, as it names it)
+                hint = "" if self.info.graphs_dir == GRAPHS_DIR else (
+                    " (written by `python -m edge_sdk.tasks.registry --write-graphs --task REF`)")
+                raise self._unavailable(f"features without the extractor graph {path}{hint}")
             entries = [(p.name, p.shape, p.group) for p in self.spec.params if p.group == EXTRACTOR]
             self._features_template = OnnxTemplate(path.read_bytes(), ModelSpec.build(self.spec.model_id, entries))
         model = self._features_template.patched(np.ascontiguousarray(weights[extractor]))
