@@ -171,7 +171,8 @@ def acme(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     dist = root / "acme_parts-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-parts\nVersion: 1.0\n", encoding="utf-8")
-    (dist / "entry_points.txt").write_text(f"[edgeci.tasks]\nacme-parts = {INFO_REF}\nacme-bad = not an import path\n",
+    (dist / "entry_points.txt").write_text(f"[edgeci.tasks]\nacme-parts = {INFO_REF}\nacme-bad = not an import path\n"
+                                           f"digits = {INFO_REF}\n",
                                            encoding="utf-8")
     sys.path.insert(0, str(root))
     try:
@@ -518,3 +519,53 @@ def test_a_coordinator_converting_stale_updates_inverts_the_apps_own_model(acme:
         assert tuple(inverter.input_shape) == tuple(parts.input_shape) and inverter.n_classes == parts.n_classes
     finally:
         daemon.stop()
+
+
+def _registry(acme: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "edge_sdk.tasks.registry", *args], cwd=ROOT, env=_env(acme, tmp_path),
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_the_registry_lists_installed_entry_points_and_shows_an_apps_declaration(acme: Path, tmp_path: Path) -> None:
+    """``python -m edge_sdk.tasks.registry`` listed the four built-in tasks only: it lists the
+    installed ``edgeci.tasks`` entry points too (one that does not resolve: said, exit 1), each
+    line saying where the task came from; ``--task REF`` shows one task's declaration."""
+    done = _registry(acme, tmp_path)
+    lines = done.stdout.splitlines()
+    assert lines[0].endswith("; 10 classes; D_min 8 (built-in: edge_sdk.tasks.digits:DigitsTask)"), lines
+    assert lines[4:] == [
+        "acme-bad: not loaded: ConfigError: task 'acme-bad': its edgeci.tasks entry point is 'not an import path', not "
+        "'package.module:Name' (entry point acme-bad = not an import path, from acme-parts 1.0)",
+        "acme-parts: float samples of shape (1, 12, 12) (or (12, 12)) with values in [0, 1] (grey pixels / 255); "
+        "3 classes; D_min 6 (entry point acme-parts = acme_parts.info:TASK, from acme-parts 1.0)",
+        # (resolve_task takes the built-in: an entry point of its name can never be named)
+        "digits: ignored, the built-in task 'digits' has this name (entry point digits = acme_parts.info:TASK, "
+        "from acme-parts 1.0)",
+    ], done.stdout
+    assert done.returncode == 1 and "2 edgeci.tasks entry point(s) not usable" in done.stderr, done.stderr
+
+    done = _registry(acme, tmp_path, "--task", "acme-parts", "--task", REF)
+    assert done.returncode == 0, done.stderr
+    first, second = done.stdout.split("\n\n")
+    info_py, tasks_py = acme / PKG / "info.py", acme / PKG / "tasks.py"
+    assert first.splitlines() == [
+        "acme-parts",
+        f"  from         edgeci.tasks entry point acme-parts = acme_parts.info:TASK, from acme-parts 1.0; module acme_parts.info ({info_py})",
+        "  name         acme-parts (its task objects' name 'acme-parts')",
+        "  factory      acme_parts.tasks:PartsCnn (training needs edgeci[train])",
+        "  model id     acme-parts-cnn",
+        "  samples      array: float samples of shape (1, 12, 12) (or (12, 12)) with values in [0, 1] (grey pixels / 255)",
+        "  classes      3: bar, ring, cross",
+        "  D_min        6",
+        "  training     epochs 3, batch size 8, lr 0.05",
+        f"  graphs       {acme / PKG / 'graphs'}: acme-parts-cnn.spec.json, acme-parts-cnn.onnx, acme-parts-cnn.features.onnx",
+    ]
+    assert second.splitlines()[1] == f"  from         import path {REF}; module acme_parts.tasks ({tasks_py})"
+    done = _registry(acme, tmp_path, "--task", "acme_parts.info:NO_GRAPHS")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == (f"  graphs       {acme / PKG / 'none'}: none; missing acme-parts-cnn.spec.json, "
+                                            "acme-parts-cnn.onnx, acme-parts-cnn.features.onnx (`python -m "
+                                            "edge_sdk.tasks.registry --write-graphs --task acme_parts.info:NO_GRAPHS`)")
+    done = _registry(acme, tmp_path, "--task", "acme_parts.plain:Plain")
+    assert done.returncode == 2 and done.stdout == "", done
+    assert "python -m edge_sdk.tasks.registry: error: task 'acme_parts.plain:Plain'" in done.stderr, done.stderr

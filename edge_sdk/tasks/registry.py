@@ -18,6 +18,8 @@ sample may leave out the shape's size-1 axes (an ``(8, 8)`` digit gets its chann
 Anything else is an :class:`~edge_sdk.errors.InvalidSample` that says what was expected —
 raw 0–16 digit pixels included.
 
+    python -m edge_sdk.tasks.registry                  # the tasks: built-in and installed entry points
+    python -m edge_sdk.tasks.registry --task REF       # one task's declaration and where it came from
     python -m edge_sdk.tasks.registry --write-graphs   # rebuild graphs/ (needs [train])
 """
 
@@ -508,22 +510,122 @@ def write_graphs(out: Path | None = GRAPHS_DIR, names: tuple[str, ...] | None = 
     return written
 
 
+def _entry_points() -> dict[str, list[str]]:
+    """The installed ``edgeci.tasks`` entry points: name -> each ``value, from <distribution>``
+    declaring it (several: :func:`edge_sdk.tasks.resolve_task` refuses the name)."""
+    from importlib import metadata
+
+    from edge_sdk.tasks import ENTRY_POINT_GROUP
+
+    found: dict[str, list[str]] = {}
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        dist = ep.dist
+        where = "an unnamed distribution" if dist is None else f"{dist.metadata['Name']} {dist.version}"
+        found.setdefault(ep.name, []).append(f"{ep.value}, from {where}")
+    return found
+
+
+def _origin(ref: str, info: TaskInfo, entry_points: dict[str, list[str]]) -> str:
+    """Where the declaration ``ref`` resolved to came from: the built-in registry, an import path
+    or an entry point (the distribution that installed it), and the module file that holds it."""
+    import sys
+
+    from edge_sdk.tasks import ENTRY_POINT_GROUP, _builtin
+
+    if _builtin(ref) is not None:
+        return "built-in: edge_sdk.tasks.registry.TASK_INFO"
+    if ":" in ref:
+        source, module = f"import path {ref}", ref.partition(":")[0]
+    else:  # (resolved: exactly one entry point of this name, whose value is an import path)
+        declared = entry_points.get(ref, ["?"])
+        source, module = f"{ENTRY_POINT_GROUP} entry point {ref} = {declared[0]}", declared[0].partition(":")[0]
+    path = getattr(sys.modules.get(module), "__file__", None)
+    return f"{source}; module {module}" + (f" ({path})" if path else "")
+
+
+def _summary(info: TaskInfo) -> str:
+    shape = info.contract.describe() if info.contract else "frames with boxes"
+    return f"{shape}; {info.n_classes} classes; D_min {info.min_samples}"
+
+
+def _details(ref: str, info: TaskInfo, entry_points: dict[str, list[str]]) -> list[str]:
+    """One task's declaration, a line a field (``--task REF``)."""
+    train = info.train
+    files = [f"{info.model_id}{ext}" for ext in (".spec.json", ".onnx", ".features.onnx")
+             if ext == ".spec.json" or info.sample_kind != "frame"]
+    folder = info.graphs_dir
+    present = [f for f in files if (folder / f).is_file()]
+    lacking = [f for f in files if f not in present]
+    graphs = f"{folder}: " + (", ".join(present) if present else "none")
+    if lacking:
+        graphs += f"; missing {', '.join(lacking)} (`python -m edge_sdk.tasks.registry --write-graphs --task {ref}`)"
+    lines = [
+        f"{ref}",
+        f"  from         {_origin(ref, info, entry_points)}",
+        f"  name         {info.name} (its task objects' name {info.task_name!r})",
+        f"  factory      {info.factory} (training needs edgeci[{info.train_extra}])",
+        f"  model id     {info.model_id}",
+        f"  samples      {info.sample_kind}: "
+        + (info.contract.describe() if info.contract else "frames with boxes"),
+        f"  classes      {info.n_classes}" + (f": {', '.join(info.class_names)}" if info.class_names else ""),
+        f"  D_min        {info.min_samples}",
+        "  training     " + ("the generic defaults" if train is None else
+                            f"epochs {train.epochs}, batch size {train.batch_size}, lr {train.lr:g}"),
+        f"  graphs       {graphs}",
+    ]
+    lines += [f"  {key:<12} {value}" for key, value in info.notes.items()]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    """List the tasks (the built-in ones and the installed ``edgeci.tasks`` entry points, each
+    with where it came from), show one task's declaration (``--task REF``), or write graphs."""
+    import sys
+
+    from edge_sdk.tasks import _builtin, resolve_task
+
+    parser = argparse.ArgumentParser(prog="python -m edge_sdk.tasks.registry",
+                                     description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--write-graphs", action="store_true", help="rebuild graphs/ from torch")
     parser.add_argument("--task", action="append", metavar="REF",
-                        help="with --write-graphs: only this task (repeatable; an app's own package.module:Name too)")
+                        help="only this task (repeatable; a built-in name or model id, an app's package.module:Name "
+                        "or edgeci.tasks entry point): without --write-graphs, its declaration and where it came from")
     parser.add_argument("--out", type=Path, help="with --write-graphs: the folder to write (default: each task's own, "
                         "its TaskInfo's graphs; the built-in tasks': edge_sdk/tasks/graphs)")
     args = parser.parse_args(argv)
     if args.write_graphs:
         for path in write_graphs(args.out, tuple(args.task) if args.task else None):  # (None: each task's graphs)
             print(path, path.stat().st_size, "bytes")
-    else:
-        for info in TASK_INFO.values():
-            shape = info.contract.describe() if info.contract else "frames with boxes"
-            print(f"{info.name}: {shape}; {info.n_classes} classes; D_min {info.min_samples}")
-
+        return
+    entry_points = _entry_points()
+    if args.task:
+        for i, ref in enumerate(args.task):
+            try:
+                info = resolve_task(ref)
+            except ConfigError as exc:  # (MissingExtra included) a reference that does not resolve: a usage error
+                parser.exit(2, f"{parser.prog}: error: {exc}\n")
+            print(("\n" if i else "") + "\n".join(_details(ref, info, entry_points)))
+        return
+    for info in TASK_INFO.values():
+        print(f"{info.name}: {_summary(info)} (built-in: {info.factory})")
+    failed = 0
+    for name in sorted(entry_points):
+        origin = f"entry point {name} = {'; '.join(entry_points[name])}"
+        builtin = _builtin(name)
+        if builtin is not None:  # resolve_task takes the built-in: the entry point can never be named
+            failed += 1
+            print(f"{name}: ignored, the built-in task {builtin.name!r} has this name ({origin})")
+            continue
+        try:
+            declared = resolve_task(name)
+        except Exception as exc:  # the app's module runs on import and may raise anything: say it, list the rest
+            failed += 1
+            print(f"{name}: not loaded: {type(exc).__name__}: {exc} ({origin})")
+            continue
+        print(f"{name}: {_summary(declared)} ({origin})")
+    if failed:
+        print(f"{failed} edgeci.tasks entry point(s) not usable", file=sys.stderr)
+        raise SystemExit(1)
 
 if __name__ == "__main__":
     main()
