@@ -569,3 +569,71 @@ def test_the_registry_lists_installed_entry_points_and_shows_an_apps_declaration
     done = _registry(acme, tmp_path, "--task", "acme_parts.plain:Plain")
     assert done.returncode == 2 and done.stdout == "", done
     assert "python -m edge_sdk.tasks.registry: error: task 'acme_parts.plain:Plain'" in done.stderr, done.stderr
+
+
+_INSTALLED = """
+import sys
+if sys.argv[1] == "lean":
+    for _m in ("torch", "torchvision", "sklearn", "scipy", "onnx", "onnxscript"):
+        sys.modules[_m] = None
+import json
+from importlib import metadata
+import numpy as np
+from edge_sdk.errors import ConfigError
+from edge_sdk.inference import InferenceEngine
+from edge_sdk.tasks import resolve_task
+from edge_sdk.tasks.registry import DeclaredTask
+
+try:
+    info = resolve_task("acme-parts")
+except ConfigError as exc:
+    print(json.dumps({"error": str(exc)}))
+    raise SystemExit(0)
+(ep,) = metadata.entry_points(group="edgeci.tasks", name="acme-parts")
+task = DeclaredTask(info)
+labels = InferenceEngine(task, task.spec.zeros(), version=0).predict(np.zeros((2, 1, 12, 12), np.float32)).labels
+print(json.dumps({"name": info.name, "factory": info.factory, "module": sys.modules["acme_vision.info"].__file__,
+                  "dist": [ep.dist.metadata["Name"], ep.dist.version], "graphs": str(info.graphs_dir),
+                  "files": sorted(p.name for p in info.graphs_dir.iterdir()), "labels": labels.tolist(),
+                  "torch": sys.modules.get("torch") is not None}))
+"""
+
+
+def test_the_examples_package_installed_by_pip_is_a_task_by_its_entry_point(tmp_path: Path) -> None:
+    """A real install (the other tests put a hand-written dist-info on ``sys.path``): the example's
+    package and its pyproject.toml (``[project.entry-points."edgeci.tasks"]``) copied here, its
+    graphs written, ``pip install --no-deps --no-build-isolation --no-index --target`` (offline:
+    setuptools builds it, nothing is fetched). A process with that folder on its path and torch
+    blocked names the task ``acme-parts``: the installed module's TaskInfo, the graphs shipped
+    as package data, served by onnxruntime. Without the install the name is unknown."""
+    example, src, site = ROOT / "examples" / "custom_task", tmp_path / "src", tmp_path / "site"
+    (src / "acme_vision").mkdir(parents=True)
+    for path in [example / "pyproject.toml", *(example / "acme_vision").glob("*.py")]:
+        (src / path.relative_to(example)).write_bytes(path.read_bytes())
+    env = _env(tmp_path, tmp_path)
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{src}"
+    written = subprocess.run([sys.executable, "-m", "edge_sdk.tasks.registry", "--write-graphs", "--task",
+                              "acme_vision.tasks:AcmeCnn"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert written.returncode == 0, written.stderr
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
+                          "--no-cache-dir", "--disable-pip-version-check", "--quiet", "--target", str(site), str(src)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert pip.returncode == 0, pip.stdout + pip.stderr
+    assert (site / "acme_vision-0.1.0.dist-info" / "entry_points.txt").read_text(encoding="utf-8").split() == [
+        "[edgeci.tasks]", "acme-parts", "=", "acme_vision.info:TASK"]
+
+    def run(path: str) -> dict[str, Any]:
+        env["PYTHONPATH"] = path
+        done = subprocess.run([sys.executable, "-W", "error", "-c", _INSTALLED, "lean"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        out: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
+        return out
+
+    out = run(f"{ROOT}{os.pathsep}{site}")
+    assert out["module"] == str(site / "acme_vision" / "info.py")  # the installed copy, not the example's source
+    assert (out["name"], out["factory"], out["dist"]) == ("acme-parts", "acme_vision.tasks:AcmeCnn", ["acme-vision", "0.1.0"])
+    assert out["graphs"] == str(site / "acme_vision" / "graphs") and out["files"] == [
+        "acme-parts-cnn.features.onnx", "acme-parts-cnn.onnx", "acme-parts-cnn.spec.json"]
+    assert len(out["labels"]) == 2 and not out["torch"]
+    assert "unknown task 'acme-parts'" in run(str(ROOT))["error"]  # the same process without the install
