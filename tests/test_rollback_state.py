@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import cast
 
 import numpy as np
+import pytest
 
 from coordinator.core import (
     CandidateEvaluated,
@@ -35,13 +36,14 @@ from coordinator.strategies import make_strategy
 from coordinator.strategies.base import BufferedUpdate, StaticView, Strategy
 from coordinator.strategies.fedavg import FedAvgConfig
 from coordinator.strategies.fedopt import FedOptConfig, FedOptStrategy
+from coordinator.strategies.hfedms import HFedMSStrategy
 from coordinator.strategies.hierfavg import HierEdgeStrategy
 from coordinator.strategies.nebula import NebulaConfig, NebulaStrategy
 from coordinator.strategies.spyker import SpykerStrategy
-from edge_sdk.core.events import MessageReceived
+from edge_sdk.core.events import MessageReceived, Publish
 from edge_sdk.wire import topics
 from edge_sdk.wire.codec import decode, encode
-from edge_sdk.wire.messages import PeerMsg, Pull, Update
+from edge_sdk.wire.messages import Ack, Invite, ModelMsg, PeerMsg, Pull, Update
 from tests.helpers import SIGNER, SPEC
 
 TARGET = np.linspace(-1.0, 1.0, SPEC.size).astype(np.float32)
@@ -221,3 +223,119 @@ def test_a_hierfavg_cloud_round_open_at_a_rollback_averages_the_restored_model()
     plan = cloud.on_message(StaticView(spec=SPEC, version=4, weights=vec(0.0)), msg, 2.0)
     assert plan.merged is not None
     np.testing.assert_array_equal(plan.merged, vec(0.0))  # the old code: 4.5, half the rejected model
+
+
+# --------------------------------------------------------------------------- HFedMS's open round
+
+
+class ChainFleet:
+    """Devices that pull, take their invitation, train (the served model + ``step``) and pull again,
+    against a real gated core: what an HFedMS chain needs (the core serves only invited pulls)."""
+
+    def __init__(self, core: CoordinatorCore, devices: str) -> None:
+        self.core, self.now = core, 0.0
+        self.seq = dict.fromkeys(devices, 0)
+        self.invite: dict[str, int] = {}
+        self.held: dict[str, tuple[int, np.ndarray]] = {}
+        self.commits: list[CommitVersion] = []
+        for d in devices:
+            self.pull(d)
+
+    def take(self, actions: Sequence[object]) -> list[object]:
+        for a in actions:
+            if isinstance(a, CommitVersion):
+                self.commits.append(a)
+            elif isinstance(a, Publish) and a.topic.endswith("/invite"):
+                msg = decode(a.payload)
+                assert isinstance(msg, Invite)
+                self.invite[topics.parse(a.topic).device] = msg.round
+        return list(actions)
+
+    def _send(self, device: str, msg: Pull | Update) -> list[object]:
+        self.now += 0.1
+        leaf = "update" if isinstance(msg, Update) else "pull"
+        return self.take(_handle(self.core, topics.device_topic("r1", device, leaf), encode(msg), self.now))
+
+    def pull(self, device: str) -> list[object]:
+        self.seq[device] += 1
+        pull = Pull(device=device, seq=self.seq[device], model_id="toy", invite_round=self.invite.pop(device, -1))
+        acts = self._send(device, pull)
+        for a in acts:
+            if isinstance(a, Publish) and a.topic.endswith("/model"):
+                model = decode(a.payload)
+                assert isinstance(model, ModelMsg)
+                self.held[device] = (model.version, np.array(model.weights))
+        return acts
+
+    def train(self, device: str, step: float = 1.0) -> str:
+        """Send the update trained from what ``device`` was served; the ack's status (and reason)."""
+        base, weights = self.held.pop(device)
+        self.seq[device] += 1
+        acts = self._send(device, Update(device=device, seq=self.seq[device], model_id="toy", base_version=base,
+                                         n_samples=10, weights=(weights + step).astype(np.float32)))
+        (ack,) = [decode(a.payload) for a in acts if isinstance(a, Publish) and a.topic.endswith("/ack")]
+        assert isinstance(ack, Ack)
+        self.pull(device)  # deferred: waits for its next invitation
+        return f"{ack.status} {ack.reason}".strip()
+
+    def step(self, device: str | None = None, step: float = 1.0) -> str:
+        """The invited device (the only one, unless named) pulls, trains and sends its update."""
+        if device is None:
+            (device,) = self.invite
+        self.pull(device)
+        return self.train(device, step)
+
+    def decide(self, version: int, *, reject: bool) -> list[object]:
+        self.now += 0.1
+        return self.take(decide(self.core, version, 0.1 if reject else 0.9, 0.5, self.now))
+
+
+def hfedms_fleet() -> tuple[ChainFleet, HFedMSStrategy]:
+    """Round 1 (2 chains of 2, fixed groups): the last device poisons (+50), so the round's model,
+    version 4, is 26.5s; the release is version 0 (0s). Round 2 starts from version 4."""
+    s = make_strategy("hfedms", beta=2, kappa=1.0, population=4, regroup_every=100)
+    assert isinstance(s, HFedMSStrategy)
+    fleet = ChainFleet(gated_core(s), "abcd")
+    for i in range(4):
+        fleet.step(step=50.0 if i == 3 else 1.0)
+    assert [float(c.weights[0]) for c in fleet.commits] == [1.0, 0.0, 1.0, 26.5] and s.in_round
+    return fleet, s
+
+
+@pytest.mark.parametrize("when", ["before round 2's first step", "after round 2's first chain"])
+def test_an_hfedms_round_open_at_a_rollback_starts_again_from_the_restored_model(when: str) -> None:
+    """The gate rejects round 1's model while round 2 (started from it) is open. The old code: the
+    chain's end reset the line to the round's start, the rejected 26.5s (version 7), and the round's
+    mean took the rejected line's group result (15.25s); now both chains run from the rollback's 0s
+    and the round's model is what the honest steps made of it, 2s."""
+    fleet, s = hfedms_fleet()
+    if when != "before round 2's first step":
+        assert [fleet.step(), fleet.step()] == ["accepted", "accepted"]  # chain 1: 26.5 -> 28.5, line reset to 26.5
+    (rollback,) = commits(fleet.decide(4, reject=True))
+    np.testing.assert_array_equal(rollback.weights, vec(0.0))
+    if when != "before round 2's first step":
+        (stale,) = set(fleet.invite) - {s.selected[0][0]}  # invited for chain 2 before the rollback
+        assert fleet.step(stale) == "accepted"  # served the restored model, but not its turn: ignored
+    for _ in range(4):
+        assert fleet.step(s.expecting) == "accepted"
+    after = [float(c.weights[0]) for c in fleet.commits[fleet.commits.index(rollback) + 1:]]
+    assert after == [1.0, 0.0, 1.0, 2.0]  # the old code: [1.0, 26.5, 27.5, 15.25] (first variant)
+    assert s.round == 2 and s.round_versions[-1] == fleet.commits[-1].version and s.chain_breaks == 0
+    assert s.describe()["restarts"] == 1 and s.ignored == (0 if when == "before round 2's first step" else 1)
+
+
+def test_an_hfedms_step_served_the_rejected_line_is_invited_again() -> None:
+    """Round 2's first device was served version 4 when the gate rejected it: its update is refused
+    (base_rejected) and it pulls again. The old code kept waiting for that step: nobody was invited
+    again and the chain stalled for ever (no commit after the rollback)."""
+    fleet, s = hfedms_fleet()
+    (first,) = fleet.invite
+    fleet.pull(first)
+    assert fleet.held[first][0] == 4
+    (rollback,) = commits(fleet.decide(4, reject=True))
+    assert fleet.train(first) == "rejected base_rejected"
+    assert list(fleet.invite) == [first]  # the old code: [] (s.expecting still `first`: waiting for ever)
+    for _ in range(4):
+        assert fleet.step() == "accepted"
+    after = [float(c.weights[0]) for c in fleet.commits[fleet.commits.index(rollback) + 1:]]
+    assert after == [1.0, 0.0, 1.0, 2.0] and s.round == 2 and s.chain_breaks == 0

@@ -35,7 +35,8 @@ step. ``describe()`` reports both that serial time and the time the same steps w
 with the groups in parallel (per round, the longest chain). Versions between round ends are
 intermediate chain models; ``describe()["round_versions"]`` lists the round-end versions
 (the newest :data:`ROUNDS_LISTED`, as ``groups_per_round`` does: ``describe()`` is part of the
-retained status every device reads).
+retained status every device reads). A rollback or an operator's pin while a round is open
+restarts that round, same groups, from the restored model (:meth:`HFedMSStrategy.on_line_replaced`).
 
 ``population`` gates each regroup until that many devices, and all devices seen, wait (as
 ``fedopt``'s); ``rounds`` stops after R
@@ -240,6 +241,11 @@ class HFedMSStrategy(Strategy):
         self.ignored = 0
         self.partial_steps = 0
         """Chain steps taken from one group's slice (put onto the served model); see aggregate."""
+        self.restarts = 0
+        """Rounds restarted from a restored model (a rollback or an operator's pin): see on_line_replaced."""
+        self._reinvite = False
+        """The step in flight was invited before the line was replaced: invite its device again if it
+        comes back uninvited (its update, trained from the replaced line, was refused)."""
 
     # ------------------------------------------------------------------ hooks
 
@@ -267,9 +273,14 @@ class HFedMSStrategy(Strategy):
         buffer = view.buffer
         if buffer and (self.expecting is None or any(u.device == self.expecting for u in buffer)):
             return Plan(aggregate=True)
+        deferred = view.deferred
+        if self.expecting is not None and self._reinvite and self.expecting in deferred:
+            self._invited_at = now  # served the replaced line, refused (base_rejected), pulled again
+            self._invite_version = view.version
+            self._reinvite = False
+            return Plan(invite=(self.expecting,))
         if self.expecting is not None or self.done():
             return Plan()
-        deferred = view.deferred
         if not self.in_round and not self._start_round(view, deferred, rng):
             return Plan()
         device = self.selected[self._chain][self._pos]
@@ -330,6 +341,7 @@ class HFedMSStrategy(Strategy):
         if sig is not None:
             self.features[u.device] = sig
         self.expecting = None
+        self._reinvite = False
         self._chain_samples += max(int(u.n_samples), 0)
         self._pos += 1
         chain = self.selected[self._chain]
@@ -356,6 +368,30 @@ class HFedMSStrategy(Strategy):
             self._round_ended = False
             _append_newest(self.round_versions, view.version)
 
+    def on_line_replaced(self, view: CoordinatorView, now: float, *, restored: int) -> None:
+        """An open round starts again from the restored model, with the same groups: its start
+        model and the group results it had collected go (either may hold the replaced line's
+        model), and so does the chain's position. helper-166: kept, the chain's end reset the line
+        to the round's start (a rejected round-end model of 26.5s came back as the next version
+        after a rollback to 0s) and the round's mean took the rejected line's group results (15.25s
+        where the honest chains made 2s). The device invited for the step in flight: the first
+        step's stays invited (if it was already served the replaced line its update is refused,
+        ``base_rejected``, and it is invited again when it pulls; before, the chain waited for it
+        for ever); another's update, if it comes, is ignored (counted). Rounds and regroups counted
+        stay (``round`` numbers the completed ones)."""
+        if not self.in_round or not self.selected:
+            return  # between rounds: the next one starts from the line, the restored model
+        self.restarts += 1
+        self._start = np.array(view.weights, dtype=np.float32, copy=True)
+        self._results = []
+        self._chain = self._pos = self._chain_samples = 0
+        self._chain_s = self._round_parallel_s = 0.0
+        if self.expecting is not None and self.expecting == self.selected[0][0]:
+            self._invite_version = view.version  # an unused invitation is served the restored version
+            self._reinvite = True
+        else:
+            self.expecting, self._reinvite = None, False
+
     def checkpoint(self) -> dict[str, Any]:
         return {"round": self.round, "regroups": self.regroups}
 
@@ -374,6 +410,7 @@ class HFedMSStrategy(Strategy):
             "round_versions": list(self.round_versions), "serial_s": self.serial_s, "parallel_s": self.parallel_s,
             "chain_breaks": self.chain_breaks, "ignored": self.ignored, "devices_with_signal": len(self.features),
             **({"partial_steps": self.partial_steps} if self.partial_steps else {}),  # (published outputs as they were)
+            **({"restarts": self.restarts} if self.restarts else {}),
         }
 
 
