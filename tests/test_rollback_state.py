@@ -29,6 +29,7 @@ from coordinator.core import (
     Snapshot,
 )
 from coordinator.gate import GateConfig
+from coordinator.methods import make_method
 from coordinator.peering import make_peering
 from coordinator.peering.hier import HierPeerConfig, HierPeering
 from coordinator.peering.spyker import SyncSpykerPeering
@@ -41,6 +42,7 @@ from coordinator.strategies.hierfavg import HierEdgeStrategy
 from coordinator.strategies.nebula import NebulaConfig, NebulaStrategy
 from coordinator.strategies.spyker import SpykerStrategy
 from edge_sdk.core.events import MessageReceived, Publish
+from edge_sdk.errors import MalformedMessage
 from edge_sdk.wire import topics
 from edge_sdk.wire.codec import decode, encode
 from edge_sdk.wire.messages import Ack, Invite, ModelMsg, PeerMsg, Pull, Update
@@ -238,6 +240,7 @@ class ChainFleet:
         self.invite: dict[str, int] = {}
         self.held: dict[str, tuple[int, np.ndarray]] = {}
         self.commits: list[CommitVersion] = []
+        self.peer_out: list[Publish] = []
         for d in devices:
             self.pull(d)
 
@@ -245,6 +248,8 @@ class ChainFleet:
         for a in actions:
             if isinstance(a, CommitVersion):
                 self.commits.append(a)
+            elif isinstance(a, Publish) and "/peer/" in a.topic:
+                self.peer_out.append(a)
             elif isinstance(a, Publish) and a.topic.endswith("/invite"):
                 msg = decode(a.payload)
                 assert isinstance(msg, Invite)
@@ -285,9 +290,10 @@ class ChainFleet:
         self.pull(device)
         return self.train(device, step)
 
-    def decide(self, version: int, *, reject: bool) -> list[object]:
+    def decide(self, version: int, *, reject: bool, of: int = 0) -> list[object]:
+        """The gate's answer on candidate ``version`` against release ``of``."""
         self.now += 0.1
-        return self.take(decide(self.core, version, 0.1 if reject else 0.9, 0.5, self.now))
+        return self.take(decide(self.core, version, 0.1 if reject else 0.9, 0.5, self.now, of=of))
 
 
 def hfedms_fleet() -> tuple[ChainFleet, HFedMSStrategy]:
@@ -339,3 +345,117 @@ def test_an_hfedms_step_served_the_rejected_line_is_invited_again() -> None:
         assert fleet.step() == "accepted"
     after = [float(c.weights[0]) for c in fleet.commits[fleet.commits.index(rollback) + 1:]]
     assert after == [1.0, 0.0, 1.0, 2.0] and s.round == 2 and s.chain_breaks == 0
+
+
+# --------------------------------------------------------------------------- HierFAVG's samples and sent model
+
+
+def hier_fleet(me: str, ring: Sequence[str], kappa2: int) -> tuple[ChainFleet, HierPeering]:
+    """A gated HierFAVG coordinator (FedAvg rounds of one device, ``d``, 10 samples an update)."""
+    method = make_method("hierfavg", coordinator_id=me, ring=ring, strategy_params={"select": 1},
+                         peering_params={"kappa2": kappa2, "sync_timeout_s": 100.0, "max_share": 1.0})
+    cfg = CoordinatorConfig(region="r1", coordinator_id=me, spec=SPEC, signer=SIGNER, gate=GateConfig(margin=0.02))
+    core = CoordinatorCore(cfg, method.strategy, Snapshot(version=0, weights=vec(0.0)), rng=random.Random(0),
+                           peering=method.peering)
+    assert isinstance(method.peering, HierPeering)
+    return ChainFleet(core, "d"), method.peering
+
+
+def deliver(sender: ChainFleet, receiver: ChainFleet) -> list[PeerMsg]:
+    """Hand ``sender``'s peer messages sent so far to ``receiver``; the messages."""
+    sent, sender.peer_out = sender.peer_out, []
+    out = []
+    for pub in sent:
+        receiver.now += 0.1
+        receiver.take(_handle(receiver.core, pub.topic, pub.payload, receiver.now))
+        msg = decode(pub.payload)
+        assert isinstance(msg, PeerMsg)
+        out.append(msg)
+    return out
+
+
+def test_a_hierfavg_edges_samples_go_back_with_the_rolled_back_rounds() -> None:
+    """kappa2 = 3: round 1 (released), round 2 (rejected: back to round 1's model), round 3. The
+    model sent embodies rounds 1 and 3, 20 samples; the old code claimed 30 (the rejected round's
+    10 too), which weighs this edge 1.5x in the cloud's average."""
+    edge, peering = hier_fleet("e1", ["cloud", "e1", "e2"], kappa2=3)
+    edge.step()
+    edge.decide(1, reject=False)
+    edge.step(step=50.0)
+    assert peering.gate.samples == 20
+    (rollback,) = commits(edge.decide(2, reject=True, of=1))
+    np.testing.assert_array_equal(rollback.weights, vec(1.0))
+    assert peering.gate.samples == 10  # the old code: 20
+    edge.step()
+    (pub,) = edge.peer_out
+    sent = decode(pub.payload)
+    assert isinstance(sent, PeerMsg) and sent.kind == "edge"
+    np.testing.assert_array_equal(sent.weights, vec(2.0))  # round 1's 1s + round 3's step
+    assert sent.body["samples"] == 20  # the old code: 30
+
+
+def two_tier() -> tuple[ChainFleet, ChainFleet, HierPeering, HierPeering]:
+    """The cloud and one edge (kappa2 = 1): the edge's round makes 50s and goes to the cloud."""
+    ring = ["cloud", "e1"]
+    (cloud, cp), (edge, ep) = hier_fleet("cloud", ring, 1), hier_fleet("e1", ring, 1)
+    edge.step(step=50.0)
+    (sent,) = deliver(edge, cloud)
+    assert sent.kind == "edge" and float(sent.weights[0]) == 50.0 and "e1" in cp.collected
+    return cloud, edge, cp, ep
+
+
+def test_a_hierfavg_edges_rejected_model_is_replaced_in_the_open_cloud_round() -> None:
+    """The edge's gate rejects the model it sent while the cloud still collects: it sends the
+    restored model for that round instead, and the global model is the cloud's 1s. The old code:
+    the cloud averaged the rejected 50s with its 1s and the edge committed 25.5s."""
+    cloud, edge, cp, ep = two_tier()
+    (rollback,) = commits(edge.decide(1, reject=True))
+    np.testing.assert_array_equal(rollback.weights, vec(0.0))
+    (replacement,) = deliver(edge, cloud)  # the old code: nothing sent
+    assert replacement.body == {"round": 1, "samples": 0, "replaces": True}
+    cloud.step()  # the cloud's own round (1s) closes the cloud round
+    (glob,) = deliver(cloud, edge)
+    assert glob.body == {"round": 1, "replaced": ["e1"]}
+    np.testing.assert_array_equal(edge.commits[-1].weights, vec(1.0))  # the old code: 25.5s
+    assert cp.describe()["replaced"] == 1 and ep.describe()["replaced"] == 1 and not ep.gate.waiting
+
+
+def test_a_hierfavg_edge_ignores_a_global_model_made_with_its_rejected_one() -> None:
+    """The cloud closed the round (its global holds the edge's 50s) before the edge's gate rejected
+    them: the replacement comes too late (ignored, counted), and the edge ignores that global
+    (counted) and goes on from its restored line. The old code committed the global, 25.5s."""
+    cloud, edge, cp, ep = two_tier()
+    cloud.step()
+    assert float(cloud.commits[-1].weights[0]) == 25.5  # the cloud's global (its own gate judges it)
+    glob_out, cloud.peer_out = cloud.peer_out, []
+    (rollback,) = commits(edge.decide(1, reject=True))
+    deliver(edge, cloud)
+    assert cp.ignored == 1 and "e1" not in cp.collected  # the old code: nothing sent
+    cloud.peer_out = glob_out
+    (glob,) = deliver(cloud, edge)
+    assert glob.body == {"round": 1} and float(glob.weights[0]) == 25.5
+    assert edge.commits[-1] is rollback  # the old code: a new version of 25.5s
+    assert ep.ignored == 1 and not ep.gate.waiting
+    assert edge.step() == "accepted" and float(edge.commits[-1].weights[0]) == 1.0  # rounds go on from 0s
+
+
+def test_hierfavgs_replacement_fields_from_a_peer_are_checked() -> None:
+    """A ``replaces`` that is not a boolean, or a ``replaced`` that is not a short list of ids, is
+    a typed error (the core counts it as a refused peer message) and changes nothing."""
+    strategy = HierEdgeStrategy(FedAvgConfig(select=5, min_devices=1))
+    cloud = HierPeering("cloud", ["cloud", "e1"], HierPeerConfig(kappa2=1), strategy=strategy)
+    view = StaticView(spec=SPEC, version=1, weights=vec(0.0))
+    bad_edge = PeerMsg(sender="e1", kind="edge", body={"round": 1, "samples": 1, "replaces": "yes"}, weights=vec(9.0))
+    with pytest.raises(MalformedMessage, match="replaces"):
+        cloud.on_message(view, bad_edge, 1.0)
+    assert cloud.collected == {} and cloud.replaced == 0
+    late = PeerMsg(sender="e1", kind="edge", body={"round": 1, "samples": 1, "replaces": True}, weights=vec(9.0))
+    assert cloud.on_message(view, late, 1.0).counted and cloud.collected == {} and cloud.ignored == 1
+    edge_strategy = HierEdgeStrategy(FedAvgConfig(select=5, min_devices=1))
+    edge = HierPeering("e1", ["cloud", "e1"], HierPeerConfig(kappa2=1), strategy=edge_strategy)
+    edge.on_version(view, 1.0)
+    for replaced in (5, ["cloud", "e1", "e2"], [7], ["no/such id"]):
+        glob = PeerMsg(sender="cloud", kind="global", body={"round": 1, "replaced": replaced}, weights=vec(9.0))
+        with pytest.raises(MalformedMessage):
+            edge.on_message(view, glob, 2.0)
+        assert edge.gate.waiting and edge.ignored == 0

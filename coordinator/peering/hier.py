@@ -13,6 +13,14 @@ averages them weighted by samples (no edge's share above ``max_share``: the samp
 each edge's own claim), and broadcasts the result, which every edge (the
 cloud's own included) commits as its next version before resuming its rounds. An edge
 that hears nothing for ``sync_timeout_s`` resumes on its own model.
+
+A rollback or an operator's pin (:meth:`HierPeering.on_line_replaced`) puts the samples count
+back to the restored version's. If it abandons the model this edge sent for the round it waits
+on, the edge sends the restored model again for that round, marked ``replaces``: a cloud still
+collecting the round takes it instead (a cloud that closed the round, or holds no model of that
+edge, ignores it, counted); the global answer names the edges whose replacement it took
+(``replaced``), and an edge that sent one and is not named ignores that answer (counted) and
+resumes on its own line: the global holds the model its gate abandoned.
 """
 
 from __future__ import annotations
@@ -24,7 +32,16 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from coordinator.peering.base import Peering, PeerPlan, PeerSend, body_int, check_ring, check_sender
+from coordinator.peering.base import (
+    Peering,
+    PeerPlan,
+    PeerSend,
+    body_bool,
+    body_id,
+    body_int,
+    check_ring,
+    check_sender,
+)
 from coordinator.strategies.base import CoordinatorView
 from coordinator.strategies.hierfavg import HierEdgeStrategy
 from edge_sdk.errors import ConfigError, MalformedMessage, other_protocol
@@ -32,6 +49,9 @@ from edge_sdk.spec import Vector
 from edge_sdk.wire.messages import PeerMsg
 
 __all__ = ["HierPeerConfig", "HierPeering", "capped_shares", "weighted_mean"]
+
+SAMPLES_KEPT = 64
+"""Versions whose samples count an edge remembers for a rollback (older ones restore to 0)."""
 
 
 def capped_shares(samples: Sequence[float], max_share: float) -> np.ndarray:
@@ -119,15 +139,32 @@ class HierPeering(Peering):
         """Late answers: a global model or edge model for a cloud round already given up on."""
         self.capped = 0
         """Cloud rounds whose average capped an edge's share at ``max_share`` (its samples claim)."""
+        self.sends = 0
+        """Models sent to (or, the cloud, put into) a cloud round."""
+        self.samples_at: dict[int, tuple[int, int]] = {}
+        """Version → (``sends`` before it, the samples count behind it): what a rollback restores."""
+        self.sent_version: int | None = None
+        """The version of the model in the cloud round this coordinator waits on (None: none)."""
+        self.replacing: int | None = None
+        """The cloud round this edge sent a replacement for (its model there was rolled back)."""
+        self._replacement: tuple[float, PeerSend] | None = None
+        """An edge's replacement to send (at the next timer: on_line_replaced sends nothing itself)."""
+        self.replacements: set[str] = set()
+        """Cloud only: the edges whose model in the open round is a replacement."""
+        self.replaced = 0
+        """Replacements: sent (an edge) or taken into the open round (the cloud)."""
 
     def on_version(self, view: CoordinatorView, now: float) -> PeerPlan:
         self.edge_rounds += 1
+        self._remember(view.version)
         if self.edge_rounds % self.config.kappa2 or len(self.ring) == 1:
             return PeerPlan()
         self.cloud_round += 1
         self.gate.waiting = True
         self.wait_started = now
         samples, self.gate.samples = self.gate.samples, 0
+        self.sends += 1
+        self.sent_version, self.replacing = view.version, None
         weights = np.array(view.weights, dtype=np.float32, copy=True)
         if self.me == self.cloud:
             return self._collect(self.me, self.cloud_round, samples, weights, now)
@@ -142,29 +179,68 @@ class HierPeering(Peering):
         if msg.kind == "edge":
             if self.me != self.cloud:
                 raise MalformedMessage("hierfavg: edge model sent to a coordinator that is not the cloud")
-            return self._collect(msg.sender, round_, body_int(msg.body, "samples"), msg.weights, now)
+            replaces = "replaces" in msg.body and body_bool(msg.body, "replaces")
+            return self._collect(msg.sender, round_, body_int(msg.body, "samples"), msg.weights, now, replaces=replaces)
         if msg.kind == "global":
             if msg.sender != self.cloud:  # helper-115: any edge's "global" was committed by every edge
                 raise MalformedMessage(f"hierfavg: a global model from {msg.sender!r}, which is not the cloud ({self.cloud!r})")
             if round_ < self.cloud_round or not self.gate.waiting:
                 self.ignored += 1
                 return PeerPlan(counted=True)  # late answer to a round we gave up on
+            replaced = msg.body.get("replaced", [])
+            if not isinstance(replaced, list) or len(replaced) > len(self.ring):
+                raise MalformedMessage("hierfavg: 'replaced' must be a list of the ring's coordinators")
+            taken = {body_id(e, "replaced edge") for e in replaced}
+            if self.replacing == round_ and self.me not in taken:
+                self.ignored += 1  # it averaged the model our gate abandoned (closed before our replacement)
+                self.gate.waiting, self.sent_version, self.replacing = False, None, None
+                return PeerPlan(counted=True)
             return self._resume(msg.weights, round_)
         raise other_protocol("hierfavg", msg.sender, msg.kind)
 
     def on_line_replaced(self, view: CoordinatorView, now: float, *, restored: int) -> None:
-        """The cloud's own model in a round still collecting is the restored one. helper-161: it
-        kept the model it joined with, so the round's average, committed as a new version, brought
-        the rejected model back (its share: its samples over the round's). An edge's model already
-        sent to the cloud is not recalled."""
-        if self.me == self.cloud and self.me in self.collected:
-            samples, _ = self.collected[self.me]
-            self.collected[self.me] = (samples, np.array(view.weights, dtype=np.float32, copy=True))
+        """The samples count goes back to the restored version's (0 if it predates the last model
+        sent, or is no longer remembered). If the model in the cloud round we wait on was built after
+        ``restored``, the restored one replaces it: in the cloud's own collection (helper-161), or
+        sent again by an edge, marked ``replaces`` (see the module docstring). helper-166: the count
+        kept the abandoned rounds' samples (an edge rolled back from 2 rounds to 1, then trained one
+        more, claimed 30 samples for a model of 20), and an edge's rejected model already sent came
+        back inside the global model (50s rejected, the cloud's 1s: the edge committed 25.5s)."""
+        sends, count = self.samples_at.get(restored, (-1, 0))
+        waiting_on = self.sent_version if self.gate.waiting else None
+        if waiting_on is not None and waiting_on > restored:
+            claim = count if sends == self.sends - 1 else 0  # behind the restored model, for that round
+            weights = np.array(view.weights, dtype=np.float32, copy=True)
+            if self.me == self.cloud:
+                if self.me in self.collected:
+                    self.collected[self.me] = (claim, weights)
+            else:
+                body = {"round": self.cloud_round, "samples": claim, "replaces": True}
+                self._replacement = (now, PeerSend(kind="edge", to=self.cloud, body=body, weights=weights))
+                self.replaced += 1
+                self.replacing = self.cloud_round
+            self.sent_version = view.version
+            self.gate.samples = 0
+        else:
+            self.gate.samples = count if sends == self.sends else 0
+        self._remember(view.version)
 
-    def _collect(self, edge: str, round_: int, samples: int, weights: Vector, now: float) -> PeerPlan:
+    def _remember(self, version: int) -> None:
+        self.samples_at[version] = (self.sends, self.gate.samples)
+        if len(self.samples_at) > SAMPLES_KEPT:
+            del self.samples_at[min(self.samples_at)]
+
+    def _collect(self, edge: str, round_: int, samples: int, weights: Vector, now: float, *,
+                 replaces: bool = False) -> PeerPlan:
         if round_ < self.cloud_round:
             self.ignored += 1
             return PeerPlan(counted=True)  # an edge that timed out earlier catches up next round
+        if replaces:
+            if edge not in self.collected:  # the round closed before it (or never had its model)
+                self.ignored += 1
+                return PeerPlan(counted=True)
+            self.replaced += 1
+            self.replacements.add(edge)
         if not self.collected:
             self.collect_started = now
         self.collected[edge] = (samples, np.array(weights, dtype=np.float32, copy=True))
@@ -181,26 +257,36 @@ class HierPeering(Peering):
         merged = weighted_mean([self.collected[e][1] for e in edges], samples, self.config.max_share)
         self.collected = {}
         self.cloud_syncs += 1
-        send = PeerSend(kind="global", body={"round": self.cloud_round}, weights=merged)
+        body: dict[str, Any] = {"round": self.cloud_round}
+        if self.replacements:  # (only then: the messages' sizes as they were)
+            body["replaced"] = sorted(self.replacements)
+            self.replacements = set()
+        send = PeerSend(kind="global", body=body, weights=merged)
         plan = self._resume(merged, self.cloud_round)
         return PeerPlan(sends=(send,), merged=plan.merged, meta=plan.meta)
 
     def _resume(self, weights: Vector, round_: int) -> PeerPlan:
-        self.gate.waiting = False
+        self.gate.waiting, self.sent_version, self.replacing = False, None, None
         self.cloud_round = max(self.cloud_round, round_)
         return PeerPlan(merged=np.array(weights, dtype=np.float32, copy=True), meta={"cloud_round": round_})
 
     def on_timer(self, view: CoordinatorView, now: float) -> PeerPlan:
+        if self._replacement is not None:
+            _, send = self._replacement
+            self._replacement = None
+            return PeerPlan(sends=(send,))
         timeout = self.config.sync_timeout_s
         if self.me == self.cloud and self.collected and self.me in self.collected and now >= self.collect_started + timeout:
             self.timeouts += 1
             return self._close_cloud_round()
         if self.gate.waiting and now >= self.wait_started + timeout and self.me != self.cloud:
             self.timeouts += 1
-            self.gate.waiting = False  # the cloud is silent: carry on alone
+            self.gate.waiting, self.sent_version, self.replacing = False, None, None  # the cloud is silent: carry on alone
         return PeerPlan()
 
     def wake_at(self) -> float | None:
+        if self._replacement is not None:
+            return self._replacement[0]
         t = self.config.sync_timeout_s
         wakes = []
         if self.gate.waiting:
@@ -222,4 +308,5 @@ class HierPeering(Peering):
                 "timeouts": self.timeouts,
                 # only once it happens: the status (and the emulator's message sizes) stay as they were
                 **({"ignored": self.ignored} if self.ignored else {}),
-                **({"capped": self.capped} if self.capped else {})}
+                **({"capped": self.capped} if self.capped else {}),
+                **({"replaced": self.replaced} if self.replaced else {})}
