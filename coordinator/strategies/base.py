@@ -130,6 +130,13 @@ class Strategy:
     def on_aggregated(self, view: CoordinatorView, now: float) -> None:
         """Bookkeeping hook after a new version is committed."""
 
+    def candidate(self, view: CoordinatorView) -> bool:
+        """Whether the version just committed (``view.version``, after :meth:`on_aggregated`) is a
+        model for the release gate to judge, or a step inside the strategy's own procedure that no
+        device should predict with (HFedMS's chain steps). The core's call is proposed (helper-166):
+        until it lands every commit is a candidate."""
+        return True
+
     def on_line_replaced(self, view: CoordinatorView, now: float, *, restored: int) -> None:
         """The training line was replaced (the gate rejected a candidate, or an operator's rollback
         or pin): ``view.version`` is a new version holding the weights of version ``restored``, and

@@ -368,6 +368,13 @@ class HFedMSStrategy(Strategy):
             self._round_ended = False
             _append_newest(self.round_versions, view.version)
 
+    def candidate(self, view: CoordinatorView) -> bool:
+        """Only a round's model: a chain step is one device's continuation of another's (on
+        Dirichlet(0.1) shards, one or two classes' worth), and a chain's end puts back the round's
+        start, a copy of a version already judged. Neither is a model to release, and a rejected
+        step only restarts the round (helper-166)."""
+        return bool(self.round_versions) and self.round_versions[-1] == view.version
+
     def on_line_replaced(self, view: CoordinatorView, now: float, *, restored: int) -> None:
         """An open round starts again from the restored model, with the same groups: its start
         model and the group results it had collected go (either may hold the replaced line's
