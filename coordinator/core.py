@@ -1783,7 +1783,8 @@ class CoordinatorCore:
         if source in ("rollback", "operator"):
             pass  # the caller decides what the release is
         elif self._gate is not None:
-            self._pending_actions += self._submit_candidate(self._gate, weights, tuple(meta.get("devices", ())), now)
+            if self.strategy.candidate(self._view):  # (HFedMS: its round's model, not a chain's step)
+                self._pending_actions += self._submit_candidate(self._gate, weights, tuple(meta.get("devices", ())), now)
         elif not self._pinned:
             self._release_version, self._release_weights = self._version, weights
         return CommitVersion(

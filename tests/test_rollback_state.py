@@ -335,10 +335,9 @@ def test_an_hfedms_round_open_at_a_rollback_starts_again_from_the_restored_model
     assert s.describe()["restarts"] == 1 and s.ignored == (0 if when == "before round 2's first step" else 1)
 
 
-@pytest.mark.xfail(strict=True, reason="the core submits every commit to the gate; Strategy.candidate's call is proposed")
 def test_a_gated_hfedms_round_submits_only_its_model_to_the_gate() -> None:
     """A round of 2 chains of 2 devices commits 4 versions: a chain step, the reset to the round's
-    start, a chain step, the round's model. Today the gate is asked to judge all 4 (a chain step
+    start, a chain step, the round's model. The gate was asked to judge all 4 (a chain step
     promoted would be served to every device; one rejected restarts the round); only the round's
     model is one to release."""
     s = make_strategy("hfedms", beta=2, kappa=1.0, population=4, regroup_every=100)

@@ -133,8 +133,8 @@ class Strategy:
     def candidate(self, view: CoordinatorView) -> bool:
         """Whether the version just committed (``view.version``, after :meth:`on_aggregated`) is a
         model for the release gate to judge, or a step inside the strategy's own procedure that no
-        device should predict with (HFedMS's chain steps). The core's call is proposed (helper-166):
-        until it lands every commit is a candidate."""
+        device should predict with (HFedMS's chain steps; helper-166): one that is not is committed
+        to the training line and never submitted to the gate (the release stays where it is)."""
         return True
 
     def on_line_replaced(self, view: CoordinatorView, now: float, *, restored: int) -> None:
