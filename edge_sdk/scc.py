@@ -86,6 +86,7 @@ __all__ = [
     "balanced_quotas",
     "drift_deltas",
     "extractor_digest",
+    "scc_head",
     "select_representatives",
 ]
 
@@ -758,6 +759,37 @@ class SccConfig:
             raise ConfigError(f"fallback must be 'global' or 'none', got {self.fallback!r}")
 
 
+def scc_head(task: Any, *, extractor_group: str = "extractor", classifier_group: str = "classifier") -> HeadLayout:
+    """The head SCC calibrates on ``task``, or a :class:`ConfigError` saying why SCC cannot run
+    on it and what to do. Checked when SCC is set up, so a task SCC cannot serve is refused
+    at construction, never in a round: SCC fits the head in numpy (with or without torch), so
+    the classifier group must be one linear layer; a task without torch (DeclaredTask) needs
+    the extractor graph its features come from."""
+    spec: ModelSpec = task.spec
+    for group in (extractor_group, classifier_group):
+        if group not in spec.group_slices:
+            raise ConfigError(f"SCC needs a {group!r} group; {spec.model_id} has {spec.groups}")
+    if not callable(getattr(task, "features", None)):
+        raise ConfigError(f"SCC needs a task with features(weights, x); {spec.model_id} has none")
+    try:
+        head = HeadLayout.of(spec, classifier_group)
+    except ConfigError:
+        layers = ", ".join(f"{p.name} {tuple(p.shape)}" for p in spec.params if p.group == classifier_group)
+        raise ConfigError(
+            f"SCC cannot run on {spec.model_id}: it fits the {classifier_group!r} group in numpy as one linear "
+            f"layer (weight (classes, features), bias (classes,)), and this model's is {layers}. Make the "
+            f"classifier one linear layer (the layers before it go at the end of the extractor), or run "
+            f"without scc") from None
+    from edge_sdk.tasks.registry import DeclaredTask
+
+    if isinstance(task, DeclaredTask):
+        problem = task.features_problem()
+        if problem is not None:
+            raise ConfigError(f"SCC cannot run on {spec.model_id} without torch: it caches features, and {problem}; "
+                              "run without scc, or install edgeci[train]")
+    return head
+
+
 class DeviceScc:
     """SCC as the SDK client runs it, on one device's :class:`~edge_sdk.store.SampleStore`.
 
@@ -789,18 +821,13 @@ class DeviceScc:
         classifier_group: str = "classifier",
     ) -> None:
         spec: ModelSpec = task.spec
-        for group in (extractor_group, classifier_group):
-            if group not in spec.group_slices:
-                raise ConfigError(f"SCC needs a {group!r} group; {spec.model_id} has {spec.groups}")
-        if not callable(getattr(task, "features", None)):
-            raise ConfigError(f"SCC needs a task with features(weights, x); {spec.model_id} has none")
+        self.head = scc_head(task, extractor_group=extractor_group, classifier_group=classifier_group)
         self.config = config
         self.task = task
         self.spec = spec
         self.store = store
         self.kind = kind
         self.classifier_group = classifier_group
-        self.head = HeadLayout.of(spec, classifier_group)
         self._ext = spec.group_slice(extractor_group)
         self.cache = FeatureCache(capacity=config.capacity)
         self._extractor: F32 | None = None

@@ -637,3 +637,158 @@ def test_the_examples_package_installed_by_pip_is_a_task_by_its_entry_point(tmp_
         "acme-parts-cnn.features.onnx", "acme-parts-cnn.onnx", "acme-parts-cnn.spec.json"]
     assert len(out["labels"]) == 2 and not out["torch"]
     assert "unknown task 'acme-parts'" in run(str(ROOT))["error"]  # the same process without the install
+
+
+# --------------------------------------------------------------------------- SCC on an app's task
+
+_LEAN_SCC = """
+import sys
+for _m in ("torch", "torchvision", "sklearn", "scipy", "onnx", "onnxscript"):
+    sys.modules[_m] = None
+import dataclasses
+import json
+from pathlib import Path
+import numpy as np
+from edge_sdk.client import EdgeClient
+from edge_sdk.core.events import TrainingJob
+from edge_sdk.errors import ConfigError, MissingExtra
+from edge_sdk.scc import DeviceScc, SccConfig
+from edge_sdk.tasks import resolve_task
+from edge_sdk.tasks.base import TrainConfig
+from edge_sdk.tasks.registry import DeclaredTask
+
+weights, x, y, home = np.load(sys.argv[1]), np.load(sys.argv[2]), np.load(sys.argv[3]), Path(sys.argv[4])
+out = {}
+client = EdgeClient(broker="mqtt://127.0.0.1:9", device_id="lean", task="acme_parts.info:TASK", data_dir=home / "one",
+                    scc=SccConfig(keep_raw=8))  # never started
+out["declared"] = isinstance(client.task, DeclaredTask)
+for xi, yi in zip(x, y):
+    client.add_sample(xi, int(yi))
+config = TrainConfig(epochs=3, batch_size=16, lr=0.05, seed=7, group="classifier")
+result, ids = client.run_training_job(TrainingJob(job_id=1, base_version=0, weights=weights, n_samples=len(y),
+                                                  group="classifier"), config)
+np.save(sys.argv[5], result.weights)
+out["round"] = [result.n_samples, len(ids), client.store.count(), len(client.scc.cache)]
+try:
+    client.run_training_job(TrainingJob(job_id=2, base_version=0, weights=weights, n_samples=8),
+                            dataclasses.replace(config, group="full"))
+except MissingExtra as exc:
+    out["full"] = str(exc)
+client.stop()
+for name in ("deeper", "no-features"):
+    try:
+        EdgeClient(broker="mqtt://127.0.0.1:9", device_id="lean", data_dir=home / name, scc=SccConfig(),
+                   task=DeclaredTask(dataclasses.replace(resolve_task("acme_parts.info:TASK"), graphs=home / name)))
+    except ConfigError as exc:
+        out[name] = str(exc)
+out["torch"] = sys.modules.get("torch") is not None
+print(json.dumps(out))
+"""
+
+_DEEPER_ENTRIES = [["classifier.0.weight", [8, 16], "classifier"], ["classifier.0.bias", [8], "classifier"],
+                   ["classifier.2.weight", [3, 8], "classifier"], ["classifier.2.bias", [3], "classifier"]]
+
+
+def test_scc_on_a_device_without_torch_runs_the_apps_one_layer_head_and_refuses_at_start_what_it_cannot(
+        acme: Path, parts: Any, tmp_path: Path) -> None:
+    """``EdgeClient(task=..., scc=SccConfig(...))`` on a torch-less device, an app's task: with a
+    head of one linear layer its classifier-only round is SCC's (the head fitted on the
+    features of the app's .features.onnx, older samples aged out into the cache) and matches a
+    torch device's SCC round; a full round is a MissingExtra (skipped as training_unavailable).
+    Where SCC cannot run, the client refuses at construction, saying why and what to do: a head
+    of two layers (before: ConfigError "group 'classifier' is not one linear layer", nothing
+    about SCC), a graphs folder without the .features.onnx (before: accepted, then every
+    classifier round skipped for the missing graph, SCC never running)."""
+    weights = parts.pretrained(seed=0)
+    pool = parts.data().pool
+    x, y = pool.x[:40], pool.y[:40]
+    for name, array in {"weights": weights, "x": x, "y": y}.items():
+        np.save(tmp_path / f"{name}.npy", array)
+    for name, spec in (("deeper", {"model_id": "acme-parts-cnn", "opset": 18, "spec": {"model_id": "acme-parts-cnn", "params": [
+            *(e for e in parts.spec.to_dict()["params"] if e[2] == "extractor"), *_DEEPER_ENTRIES]}}), ("no-features", None)):
+        _declared(acme, tmp_path / name, spec)
+    done = subprocess.run([sys.executable, "-W", "error", "-c", _LEAN_SCC, *(str(tmp_path / f"{n}.npy") for n in ("weights", "x", "y")),
+                           str(tmp_path), str(tmp_path / "head.npy")],
+                          cwd=tmp_path, env=_env(acme, tmp_path), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.splitlines()[-1])
+    assert out["declared"] and not out["torch"]
+    assert out["round"][:3] == [40, 40, 8] and out["round"][3] > 0  # 32 aged out into the cache (capacity-bounded)
+    assert "training group 'full'" in out["full"] and "edgeci[train]" in out["full"], out["full"]
+    assert out["deeper"].startswith("SCC cannot run on acme-parts-cnn: it fits the 'classifier' group in numpy as one "
+                                    "linear layer"), out["deeper"]
+    assert "classifier.0.weight (8, 16), classifier.0.bias (8,), classifier.2.weight (3, 8)" in out["deeper"]
+    assert "or run without scc" in out["deeper"]
+    assert out["no-features"].startswith("SCC cannot run on acme-parts-cnn without torch: it caches features, and "
+                                         f"features without the extractor graph {tmp_path / 'no-features' / 'acme-parts-cnn.features.onnx'}")
+    assert "run without scc, or install edgeci[train]" in out["no-features"]
+
+    # The same round on a torch device (its features from torch, not the graph): the same head.
+    from edge_sdk.core.events import TrainingJob
+    from edge_sdk.scc import SccConfig
+
+    torch_client = EdgeClient(broker="mqtt://127.0.0.1:9", device_id="full", task=parts, data_dir=tmp_path / "full",
+                              scc=SccConfig(keep_raw=8))
+    try:
+        for xi, yi in zip(x, y):
+            torch_client.add_sample(xi, int(yi))
+        config = TrainConfig(epochs=3, batch_size=16, lr=0.05, seed=7, group="classifier")
+        expected, _ = torch_client.run_training_job(TrainingJob(job_id=1, base_version=0, weights=weights, n_samples=40,
+                                                                group="classifier"), config)
+        assert torch_client.store.count() == 8 and torch_client.scc is not None
+        assert len(torch_client.scc.cache) == out["round"][3]
+    finally:
+        torch_client.stop()
+    got, head = np.load(tmp_path / "head.npy"), parts.spec.group_slice("classifier")
+    np.testing.assert_array_equal(got[: head.start], weights[: head.start])
+    assert not np.array_equal(got[head], weights[head])
+    np.testing.assert_allclose(got[head], expected.weights[head], atol=2e-5)
+
+
+def _deeper(parts: Any, tmp_path: Path) -> Any:
+    """The app's CNN with a classifier of two linear layers, built with torch."""
+    from torch import nn
+
+    from edge_sdk.trainer import SplitModel
+
+    base = type(parts)
+
+    class Deeper(base):  # type: ignore[misc, valid-type]
+        info = dataclasses.replace(base.info, model_id="acme-parts-deeper", graphs=tmp_path / "none")
+        model_id = "acme-parts-deeper"
+
+        def build_module(self) -> Any:
+            module = super().build_module()
+            return SplitModel(module.extractor, nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)))
+
+    return Deeper(device="cpu")
+
+
+def test_scc_on_a_torch_device_refuses_a_head_of_two_layers_at_construction_saying_why(parts: Any, tmp_path: Path) -> None:
+    """With torch too SCC fits the head in numpy (one linear layer): the client refuses a deeper
+    head at construction, naming the layers, SCC and the ways out (before: "group 'classifier'
+    is not one linear layer (weight, bias)"). Without scc the same task constructs."""
+    from edge_sdk.scc import SccConfig
+
+    deeper = _deeper(parts, tmp_path)
+    with pytest.raises(ConfigError) as exc:
+        EdgeClient(broker="mqtt://127.0.0.1:9", device_id="d", task=deeper, data_dir=tmp_path / "scc", scc=SccConfig())
+    assert str(exc.value) == (
+        "SCC cannot run on acme-parts-deeper: it fits the 'classifier' group in numpy as one linear layer (weight "
+        "(classes, features), bias (classes,)), and this model's is classifier.0.weight (8, 16), classifier.0.bias (8,), "
+        "classifier.2.weight (3, 8), classifier.2.bias (3,). Make the classifier one linear layer (the layers before it "
+        "go at the end of the extractor), or run without scc")
+    EdgeClient(broker="mqtt://127.0.0.1:9", device_id="d", task=deeper, data_dir=tmp_path / "plain").stop()
+
+
+@pytest.mark.xfail(strict=True, reason="edge_sdk/client.py checks SCC after opening the store; the proposed call "
+                                       "(scc_head(self.task) beside the frame check) is in helper-168's report")
+def test_scc_refused_at_construction_leaves_no_data_dir(parts: Any, tmp_path: Path) -> None:
+    """EdgeClient's promise: a ConfigError leaves no data dir, store or model file behind."""
+    from edge_sdk.scc import SccConfig
+
+    with pytest.raises(ConfigError, match="SCC cannot run"):
+        EdgeClient(broker="mqtt://127.0.0.1:9", device_id="d", task=_deeper(parts, tmp_path), data_dir=tmp_path / "dev",
+                   scc=SccConfig())
+    assert not (tmp_path / "dev").exists()
+

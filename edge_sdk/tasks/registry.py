@@ -429,6 +429,20 @@ class DeclaredTask:
             extra={"device": "numpy", "group": CLASSIFIER},
         )
 
+    def features_problem(self) -> str | None:
+        """Why :meth:`features` cannot run here (None: it can): frames, an extractor group that
+        does not come first, or no ``<model_id>.features.onnx`` in the graphs folder."""
+        if self.info.contract is None:
+            return "features of frames"
+        if EXTRACTOR not in self.spec.group_slices or self.spec.group_slice(EXTRACTOR).start != 0:
+            return "features of a model whose extractor group does not come first"  # (or it has none)
+        path = self.info.graphs_dir / f"{self.spec.model_id}.features.onnx"
+        if not path.is_file():  # (an app's: its TaskInfo's graphs folder, as it names it)
+            hint = "" if self.info.graphs_dir == GRAPHS_DIR else (
+                " (written by `python -m edge_sdk.tasks.registry --write-graphs --task REF`)")
+            return f"features without the extractor graph {path}{hint}"
+        return None
+
     def features(self, weights: Vector, x: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
         """The extractor's output z = h(x, φ) for a batch, by onnxruntime on the shipped
         ``<model_id>.features.onnx`` with the extractor slice of ``weights``."""
@@ -440,17 +454,14 @@ class DeclaredTask:
         if self.info.contract is None:
             raise self._unavailable("features of frames")
         xs = self.info.contract.batch(x)
-        extractor = self.spec.group_slice(EXTRACTOR)
         if self._features_template is None:
+            problem = self.features_problem()
+            if problem is not None:
+                raise self._unavailable(problem)
             path = self.info.graphs_dir / f"{self.spec.model_id}.features.onnx"
-            if extractor.start != 0:
-                raise self._unavailable("features of a model whose extractor group does not come first")
-            if not path.is_file():  # (an app's: its TaskInfo's graphs folder, as it names it)
-                hint = "" if self.info.graphs_dir == GRAPHS_DIR else (
-                    " (written by `python -m edge_sdk.tasks.registry --write-graphs --task REF`)")
-                raise self._unavailable(f"features without the extractor graph {path}{hint}")
             entries = [(p.name, p.shape, p.group) for p in self.spec.params if p.group == EXTRACTOR]
             self._features_template = OnnxTemplate(path.read_bytes(), ModelSpec.build(self.spec.model_id, entries))
+        extractor = self.spec.group_slice(EXTRACTOR)
         model = self._features_template.patched(np.ascontiguousarray(weights[extractor]))
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1

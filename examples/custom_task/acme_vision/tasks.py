@@ -39,7 +39,8 @@ class AcmeCnn(ClassifierTask):
     pretrain_config = TrainConfig(epochs=10, batch_size=8, lr=0.05)
 
     def build_module(self) -> SplitModel:
-        # Two groups: "extractor" and "classifier" (what LASP and SCC rounds tell apart).
+        # Two groups: "extractor" and "classifier" (what LASP and SCC rounds tell apart). The
+        # classifier is one Linear: SCC and torch-less devices fit it in numpy.
         extractor = nn.Sequential(
             Affine(0.2, 3.0),  # centred inputs
             nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
