@@ -792,3 +792,32 @@ def test_scc_refused_at_construction_leaves_no_data_dir(parts: Any, tmp_path: Pa
                    scc=SccConfig())
     assert not (tmp_path / "dev").exists()
 
+
+def test_a_relative_graphs_folder_is_refused_where_the_taskinfo_is_declared(acme: Path, tmp_path: Path) -> None:
+    """A relative ``graphs`` was read from the current directory at run time: the app started in
+    its package's folder found its graphs, started anywhere else it did not ("no spec for
+    'acme-parts-cnn'"). A TaskInfo is a value (copied with replace(), a factory's class
+    attribute, an entry point's re-export), so the module it belongs to is not knowable: a
+    relative folder is a ConfigError where it is declared, saying how to name the one beside
+    the module."""
+    from edge_sdk.tasks.registry import TaskInfo
+
+    (acme / PKG / "relative.py").write_text(textwrap.dedent('''
+        from dataclasses import replace
+
+        from acme_parts.info import TASK
+
+        RELATIVE = replace(TASK, graphs="graphs")
+    ''').lstrip(), encoding="utf-8")
+    env = _env(acme, tmp_path)
+    for cwd in (acme / PKG, tmp_path):  # the package's folder (where it used to work) and another
+        done = subprocess.run([sys.executable, "-m", "edge_sdk.tasks.registry", "--task", f"{PKG}.relative:RELATIVE"],
+                              cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and done.stdout == "", (cwd, done.stdout, done.stderr)
+        assert ("task 'acme-parts': graphs='graphs' is a relative path, which would be read from the directory the app "
+                "is started in; give an absolute one, e.g. graphs=Path(__file__).resolve().parent / \"graphs\"") in done.stderr
+    with pytest.raises(ConfigError, match="is a relative path"):
+        dataclasses.replace(resolve_task(INFO_REF), graphs=Path("graphs"))
+    assert dataclasses.replace(resolve_task(INFO_REF), graphs=str(acme / PKG / "graphs")).spec == resolve_task(INFO_REF).spec
+    assert TaskInfo(name="x", task_name="x", model_id="m", sample_kind="array", n_classes=2, min_samples=2,
+                    contract=None).graphs_dir == GRAPHS_DIR

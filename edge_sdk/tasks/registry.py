@@ -185,7 +185,18 @@ class TaskInfo:
     classifier-only rounds) ``<model_id>.features.onnx``, as ``python -m edge_sdk.tasks.registry
     --write-graphs --task REF --out DIR`` writes them: what a device without torch serves and
     trains the head with. None: the built-in :data:`GRAPHS_DIR` (an app's task without them
-    needs ``[train]``, which exports its graph on first use)."""
+    needs ``[train]``, which exports its graph on first use). An absolute path (ConfigError
+    otherwise): a relative one would be read from whatever directory the app was started in;
+    ``Path(__file__).resolve().parent / "graphs"`` names the folder beside the declaring module."""
+
+    def __post_init__(self) -> None:
+        # A TaskInfo is a value (copied with replace(), a factory's class attribute, an entry
+        # point's re-export): which module it belongs to is not knowable, so no anchor but "/".
+        if self.graphs is not None and not Path(self.graphs).is_absolute():
+            raise ConfigError(f"task {self.name!r}: graphs={str(self.graphs)!r} is a relative path, which would be "
+                              "read from the directory the app is started in; give an absolute one, e.g. "
+                              "graphs=Path(__file__).resolve().parent / \"graphs\" for the folder beside the module "
+                              "that declares it")
 
     @property
     def graphs_dir(self) -> Path:
