@@ -89,7 +89,7 @@ from edge_sdk.mqtt import (
 )
 from edge_sdk.paths import device_dir
 from edge_sdk.runtime import Actor, Clock, WallClock
-from edge_sdk.scc import DeviceScc, SccConfig
+from edge_sdk.scc import DeviceScc, SccConfig, scc_head
 from edge_sdk.spec import Vector
 from edge_sdk.store import (
     DEFAULT_QUOTA_BYTES,
@@ -356,6 +356,8 @@ class EdgeClient:
         self.sample_kind: SampleKind = sample_kind_of(self.task)
         if scc and self.sample_kind == "frame":
             raise ConfigError("SCC caches classifier features; detection devices cannot use it")
+        if scc:
+            scc_head(self.task)  # a task SCC cannot run on is refused before the disk is touched
         # Presence: retained "online" after every (re)connect, the broker's last will says "offline".
         self._presence_topic = topics.device_topic(region, device_id, "presence")
         # Every region's topics from the start (MqttTransport's subscriptions are fixed): the

@@ -781,8 +781,6 @@ def test_scc_on_a_torch_device_refuses_a_head_of_two_layers_at_construction_sayi
     EdgeClient(broker="mqtt://127.0.0.1:9", device_id="d", task=deeper, data_dir=tmp_path / "plain").stop()
 
 
-@pytest.mark.xfail(strict=True, reason="edge_sdk/client.py checks SCC after opening the store; the proposed call "
-                                       "(scc_head(self.task) beside the frame check) is in helper-168's report")
 def test_scc_refused_at_construction_leaves_no_data_dir(parts: Any, tmp_path: Path) -> None:
     """EdgeClient's promise: a ConfigError leaves no data dir, store or model file behind."""
     from edge_sdk.scc import SccConfig
