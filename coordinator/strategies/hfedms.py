@@ -38,6 +38,16 @@ intermediate chain models; ``describe()["round_versions"]`` lists the round-end 
 retained status every device reads). A rollback or an operator's pin while a round is open
 restarts that round, same groups, from the restored model (:meth:`HFedMSStrategy.on_line_replaced`).
 
+**Liveness** (helper-167). A chain waits for one device at a time; a step that does not come back
+stalled it for ever. The invited device back in the waiting set without its update accepted (the
+core refused it: a seq jump, the sample cap, a wrong shape, NaN; or its invitation was lost) is
+invited again ``step_retries`` times; a step refused again, or not in within ``step_timeout_s``
+(default: 10 × the longest step seen, at least :data:`STEP_TIMEOUT_FLOOR_S`; the next device not
+waiting counts too), goes to another waiting device. Counted in ``describe()`` (``reinvited``,
+``timed_out``, ``reassigned``); the late update of a step given away is consumed, not applied.
+**Restarts**: the open round (its groups, position, start model and group results) is in the
+checkpoint each commit carries, so a restarted coordinator resumes it from the line it left.
+
 ``population`` gates each regroup until that many devices, and all devices seen, wait (as
 ``fedopt``'s); ``rounds`` stops after R
 rounds (the paper reports accuracy after R = 500 rounds).
@@ -45,6 +55,8 @@ rounds (the paper reports accuracy after R = 500 rounds).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 import random
 from collections.abc import Mapping, Sequence
@@ -63,6 +75,10 @@ __all__ = ["HFedMSConfig", "HFedMSStrategy", "group_count", "head_signal", "inte
 GROWTH = ("log", "linear", "exp")
 GROUPING = ("icg", "random")
 ROUNDS_LISTED = 64
+STEP_TIMEOUT_FLOOR_S = 300.0
+"""The least a chain step is waited for when ``step_timeout_s`` is not set (and no step was seen)."""
+STEP_TIMEOUT_FACTOR = 10.0
+"""Without ``step_timeout_s``: a step is waited for this many times the longest step seen."""
 """Rounds whose end version and group count ``describe()`` lists (the newest): at ~9 B a round,
 10,000 rounds made a 90 KB status, past the 64 KiB a device reads (``MAX_STATUS_BYTES``)."""
 
@@ -87,6 +103,12 @@ class HFedMSConfig:
     cluster_iters: int = 10
     head_group: str = "classifier"
     """The layer group whose 1-D parameter (the bias) gives the label-mix signal."""
+    step_timeout_s: float | None = None
+    """How long a chain step (its device's invitation, or the next device's pull) is waited for
+    before it goes to another device. None: 10 × the longest step seen, at least 300 s."""
+    step_retries: int = 1
+    """Times a step whose device came back without its update (refused, invitation lost) is
+    invited again before it goes to another device."""
 
     def __post_init__(self) -> None:
         if self.growth not in GROWTH:
@@ -101,6 +123,10 @@ class HFedMSConfig:
             raise ConfigError("rounds must be >= 1 (or None)")
         if self.cluster_iters < 1:
             raise ConfigError("cluster_iters must be >= 1")
+        if self.step_timeout_s is not None and not 0 < self.step_timeout_s < math.inf:
+            raise ConfigError("step_timeout_s must be > 0 and finite (or None)")
+        if self.step_retries < 0:
+            raise ConfigError("step_retries must be >= 0")
 
 
 def group_count(regroup_index: int, *, alpha: float, beta: int, growth: str = "log", devices: int | None = None) -> int:
@@ -246,6 +272,24 @@ class HFedMSStrategy(Strategy):
         self._reinvite = False
         """The step in flight was invited before the line was replaced: invite its device again if it
         comes back uninvited (its update, trained from the replaced line, was refused)."""
+        self._due_at: float | None = None
+        """When the next step's device (not yet invited) became due: a timeout counts from here."""
+        self._retried = 0
+        self._failed: str | None = None
+        """The device whose step failed (counted): the step waits for another device to take it."""
+        self._longest_step = 0.0
+        self.reinvited = 0
+        """Steps invited again: their device came back without its update (refused, invitation lost)."""
+        self.timed_out = 0
+        """Steps not in within the step timeout (the invited device's update, or the next device's pull)."""
+        self.reassigned = 0
+        """Steps given to another device (after a timeout, or refused again)."""
+        self.restore_refused = 0
+        """Round states from the checkpoint that did not fit (not resumed)."""
+        self._open: dict[str, Any] | None = None
+        """A round state restored from the checkpoint, resumed at the first plan (which knows the spec)."""
+        self._start_b64 = ""
+        self._results_b64: list[list[Any]] = []
 
     # ------------------------------------------------------------------ hooks
 
@@ -265,12 +309,26 @@ class HFedMSStrategy(Strategy):
             step = max(0.0, now - self._invited_at)
             self._chain_s += step
             self.serial_s += step
+            self._longest_step = max(self._longest_step, step)
 
     def done(self) -> bool:
         return self.config.rounds is not None and self.round >= self.config.rounds and not self.in_round
 
+    def step_timeout(self) -> float:
+        """Seconds a chain step is waited for: ``step_timeout_s``, else 10 × the longest seen (≥ 300)."""
+        t = self.config.step_timeout_s
+        return t if t is not None else max(STEP_TIMEOUT_FLOOR_S, STEP_TIMEOUT_FACTOR * self._longest_step)
+
     def plan(self, view: CoordinatorView, now: float, rng: random.Random) -> Plan:
+        if self._open is not None:
+            self._resume(view)
         buffer = view.buffer
+        if buffer and self.expecting is None and self.in_round:
+            # An update of the step due, accepted before a restart (persisted, replayed) and
+            # trained from the line: the step, not a stranger's.
+            due = self.selected[self._chain][self._pos]
+            if any(u.device == due and u.base_version == view.version for u in buffer):
+                self.expecting, self._invite_version, self._invited_at = due, view.version, now
         if buffer and (self.expecting is None or any(u.device == self.expecting for u in buffer)):
             return Plan(aggregate=True)
         deferred = view.deferred
@@ -279,17 +337,70 @@ class HFedMSStrategy(Strategy):
             self._invite_version = view.version
             self._reinvite = False
             return Plan(invite=(self.expecting,))
-        if self.expecting is not None or self.done():
+        if self.expecting is not None:
+            return self._waiting(view, now)
+        if self._failed is not None:
+            return self._give_away(view, now)  # nobody waited when it failed: whoever pulled takes it
+        if self.done():
             return Plan()
         if not self.in_round and not self._start_round(view, deferred, rng):
             return Plan()
         device = self.selected[self._chain][self._pos]
         if device not in deferred:
-            return Plan()  # its pull (after its previous update's ack) is still on the way
+            # Its pull (after its previous update's ack) is on the way; a device gone before its turn
+            # holds the chain up to the step timeout, then the step goes to another.
+            if self._due_at is None:
+                self._due_at = now
+            deadline = self._due_at + self.step_timeout()
+            if now < deadline:
+                return Plan(wake_at=deadline)
+            self._failed = device
+            self.timed_out += 1
+            return self._give_away(view, now)
+        return self._invite(view, now, device)
+
+    def _invite(self, view: CoordinatorView, now: float, device: str) -> Plan:
         self.expecting = device
         self._invited_at = now
         self._invite_version = view.version
+        self._due_at = None
         return Plan(invite=(device,))
+
+    def _waiting(self, view: CoordinatorView, now: float) -> Plan:
+        """The invited device's update is not in: it came back without it (invite it again, or give
+        the step away), its time is up (give it away), or wait, at most until the timeout."""
+        device = self.expecting
+        assert device is not None
+        if device in view.deferred:
+            # Its update was refused (or its invitation lost): it pulled again, uninvited.
+            if self._retried < self.config.step_retries:
+                self._retried += 1
+                self.reinvited += 1
+                return self._invite(view, now, device)
+        else:
+            deadline = self._invited_at + self.step_timeout()
+            if now < deadline:
+                return Plan(wake_at=deadline)
+            self.timed_out += 1
+        self._failed = device
+        return self._give_away(view, now)
+
+    def _give_away(self, view: CoordinatorView, now: float) -> Plan:
+        """The failed step to another waiting device: one with no step left in this round first,
+        else any other; the failed device itself only when nobody else waits. Nobody: the next pull
+        plans again. An update the failed device still sends is consumed, not applied (``ignored``)."""
+        failed = self._failed
+        deferred = view.deferred
+        later = {d for chain in self.selected[self._chain:] for d in chain}
+        others = sorted(d for d in deferred if d != failed)
+        pick = [d for d in others if d not in later] or others or ([failed] if failed is not None and failed in deferred else [])
+        if not pick:
+            self.expecting = None  # nobody waits: whoever pulls first (a pull plans again) takes it
+            return Plan()
+        self.reassigned += 1
+        self._failed = None
+        self._retried = 0
+        return self._invite(view, now, pick[0])
 
     def _start_round(self, view: CoordinatorView, deferred: Mapping[str, float], rng: random.Random) -> bool:
         cfg = self.config
@@ -312,8 +423,14 @@ class HFedMSStrategy(Strategy):
         self._chain_s = 0.0
         self._round_parallel_s = 0.0
         self._results = []
-        self._start = np.array(view.weights, dtype=np.float32, copy=True)
+        self._results_b64 = []
+        self._set_start(view.weights)
+        self._due_at = None
         return True
+
+    def _set_start(self, weights: Vector) -> None:
+        self._start = np.array(weights, dtype=np.float32, copy=True)
+        self._start_b64 = _encode(self._start)
 
     # ------------------------------------------------------------------ the chain
 
@@ -342,12 +459,16 @@ class HFedMSStrategy(Strategy):
             self.features[u.device] = sig
         self.expecting = None
         self._reinvite = False
+        self._retried = 0
+        self._failed = None
+        self._due_at = None
         self._chain_samples += max(int(u.n_samples), 0)
         self._pos += 1
         chain = self.selected[self._chain]
         if self._pos < len(chain):
             return trained  # the next device continues from here
         self._results.append((trained, self._chain_samples))
+        self._results_b64.append([_encode(trained), self._chain_samples])
         self._round_parallel_s = max(self._round_parallel_s, self._chain_s)
         self._chain += 1
         self._pos = 0
@@ -389,8 +510,10 @@ class HFedMSStrategy(Strategy):
         if not self.in_round or not self.selected:
             return  # between rounds: the next one starts from the line, the restored model
         self.restarts += 1
-        self._start = np.array(view.weights, dtype=np.float32, copy=True)
+        self._set_start(view.weights)
         self._results = []
+        self._results_b64 = []
+        self._retried, self._failed, self._due_at = 0, None, None
         self._chain = self._pos = self._chain_samples = 0
         self._chain_s = self._round_parallel_s = 0.0
         if self.expecting is not None and self.expecting == self.selected[0][0]:
@@ -400,13 +523,49 @@ class HFedMSStrategy(Strategy):
             self.expecting, self._reinvite = None, False
 
     def checkpoint(self) -> dict[str, Any]:
-        return {"round": self.round, "regroups": self.regroups}
+        """Rounds and regroups; while a round is open, the round too (its groups, the chain's
+        position, the start model and the group results, float32 in base64): the line a restart
+        resumes from is the version this checkpoint is committed with, the chain's model there."""
+        state: dict[str, Any] = {"round": self.round, "regroups": self.regroups}
+        if self.in_round and self._start is not None:
+            state["open"] = {
+                "selected": [list(chain) for chain in self.selected], "chain": self._chain,
+                "pos": self._pos, "chain_samples": self._chain_samples, "start": self._start_b64,
+                "results": [list(r) for r in self._results_b64], "chain_s": self._chain_s,
+                "round_parallel_s": self._round_parallel_s,
+            }
+        return state
 
     def restore_state(self, state: Mapping[str, Any]) -> None:
         for key in ("round", "regroups"):
             v = state.get(key)
             if isinstance(v, int) and v >= 0:
                 setattr(self, key, v)
+        opened = state.get("open")
+        if opened is None:
+            return
+        if _open_round_ok(opened):
+            self._open = dict(opened)
+        else:
+            self.restore_refused += 1
+
+    def _resume(self, view: CoordinatorView) -> None:
+        """The restored round, once the spec is known: its vectors must be the model's size."""
+        opened, self._open = self._open, None
+        assert opened is not None
+        start = _decode(opened["start"], view.spec.size)
+        results = [(_decode(w, view.spec.size), n) for w, n in opened["results"]]
+        if start is None or any(w is None for w, _n in results):
+            self.restore_refused += 1
+            return
+        self.selected = [list(chain) for chain in opened["selected"]]
+        self.groups = [list(chain) for chain in self.selected]  # (the others are not needed again: a regroup draws anew)
+        self._chain, self._pos, self._chain_samples = opened["chain"], opened["pos"], opened["chain_samples"]
+        self._set_start(start)
+        self._results = [(w, n) for w, n in results if w is not None]
+        self._results_b64 = [list(r) for r in opened["results"]]
+        self._chain_s, self._round_parallel_s = float(opened["chain_s"]), float(opened["round_parallel_s"])
+        self.in_round, self.expecting, self._due_at = True, None, None
 
     def describe(self) -> dict[str, Any]:
         c = self.config
@@ -418,7 +577,49 @@ class HFedMSStrategy(Strategy):
             "chain_breaks": self.chain_breaks, "ignored": self.ignored, "devices_with_signal": len(self.features),
             **({"partial_steps": self.partial_steps} if self.partial_steps else {}),  # (published outputs as they were)
             **({"restarts": self.restarts} if self.restarts else {}),
+            **{k: v for k, v in (("reinvited", self.reinvited), ("timed_out", self.timed_out), ("reassigned", self.reassigned),
+                                 ("restore_refused", self.restore_refused)) if v},
+            **({"step_timeout_s": c.step_timeout_s} if c.step_timeout_s is not None else {}),
         }
+
+
+def _encode(w: Vector) -> str:
+    return base64.b64encode(np.asarray(w, dtype="<f4").tobytes()).decode("ascii")
+
+
+def _decode(text: object, size: int) -> Vector | None:
+    """A checkpointed vector of ``size`` finite float32s, or None."""
+    if not isinstance(text, str) or len(text) != 4 * ((4 * size + 2) // 3):
+        return None
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if len(raw) != 4 * size:
+        return None
+    w = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    return w if bool(np.all(np.isfinite(w))) else None
+
+
+def _open_round_ok(opened: object) -> bool:
+    """Whether a checkpointed round is well formed (its vectors are checked against the spec later)."""
+    if not isinstance(opened, Mapping):
+        return False
+    sel, chain, pos, n = opened.get("selected"), opened.get("chain"), opened.get("pos"), opened.get("chain_samples")
+    if not (isinstance(sel, list) and sel and all(isinstance(c, list) and c and all(isinstance(d, str) for d in c) for c in sel)):
+        return False
+    ints = (chain, pos, n)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ints):
+        return False
+    assert isinstance(chain, int) and isinstance(pos, int)
+    if chain >= len(sel) or pos >= len(sel[chain]):
+        return False
+    results = opened.get("results")
+    if not (isinstance(results, list) and len(results) == chain and all(
+            isinstance(r, list) and len(r) == 2 and isinstance(r[1], int) and r[1] >= 0 for r in results)):
+        return False
+    times = (opened.get("chain_s"), opened.get("round_parallel_s"))
+    return all(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t < math.inf for t in times)
 
 
 def _append_newest(kept: list[int], value: int) -> None:
