@@ -39,7 +39,7 @@ FAULTS = ["nan", "too_many_samples", "wrong_shape", "seq_jump", "offline", "invi
 def chains(**kw: Any) -> tuple[ChainFleet, HFedMSStrategy]:
     """One round of 2 chains of 2 (fixed groups) over devices a-d; an honest step adds 1, so every
     chain makes 2s from the round's 0s and so does the round's mean."""
-    s = make_strategy("hfedms", beta=2, kappa=1.0, population=4, regroup_every=100, rounds=1, **kw)
+    s = make_strategy("hfedms", **{"beta": 2, "kappa": 1.0, "population": 4, "regroup_every": 100, "rounds": 1, **kw})
     assert isinstance(s, HFedMSStrategy)
     cfg = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, signer=SIGNER)
     return ChainFleet(CoordinatorCore(cfg, s, Snapshot(version=0, weights=vec(0.0)), rng=random.Random(0)), "abcd"), s
@@ -232,3 +232,30 @@ def test_a_checkpointed_round_whose_models_are_not_this_spec_is_not_resumed() ->
     view = StaticView(spec=SPEC, version=3, weights=vec(1.0), deferred={"a": 0.0, "b": 0.0}, devices_seen=("a", "b"))
     s.plan(view, 1.0, random.Random(0))
     assert s.restore_refused == 1 and s.regroups == 2  # not resumed: a round of its own, regrouped
+
+
+def test_a_device_gone_before_its_turn_holds_the_chain_up_to_the_timeout() -> None:
+    """Round 1's first device sends its update and is gone (no pull after it). Round 2 (same
+    groups) starts with it: the old code waited for its pull for ever; now the step goes to
+    another device once the step timeout (the 300 s floor) has passed since it became due."""
+    fleet, s = chains(rounds=2)
+    (gone,) = fleet.invite
+    fleet.pull(gone)
+    base, weights = fleet.held.pop(gone)
+    fleet.seq[gone] += 1
+    fleet._send(gone, Update(device=gone, seq=fleet.seq[gone], model_id="toy", base_version=base, n_samples=10,
+                             weights=(weights + 1.0).astype(np.float32)))
+    while s.round < 1:
+        fleet.step()
+    due_at = fleet.now
+    assert s.selected[0][0] == gone and not fleet.invite
+    fleet.now = due_at + 299.0
+    fleet.take(fleet.core.handle(TimerFired(now=fleet.now)))
+    assert not fleet.invite
+    fleet.now = due_at + 301.0
+    fleet.take(fleet.core.handle(TimerFired(now=fleet.now)))
+    (sub,) = fleet.invite
+    assert sub != gone and s.describe()["timed_out"] == 1 and s.describe()["reassigned"] == 1
+    while s.round < 2:
+        fleet.step()
+    assert float(fleet.commits[-1].weights[0]) == 4.0 and s.chain_breaks == 0  # round 2: 2s + 2
