@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -264,11 +264,12 @@ class CoordinatorProcess:
     """``edgeci coordinator ARGS`` as a child process, its output collected in ``lines``;
     the constructor returns once it printed "ready" (or fails with its output)."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, env: Mapping[str, str] | None = None) -> None:
+        """``env``: the child's whole environment (default: ours, with this checkout on PYTHONPATH)."""
         root = Path(__file__).resolve().parents[1]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "demos.cli", "coordinator", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
+            text=True, cwd=root, env=dict(env) if env is not None else {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
         )
         self.lines: list[str] = []
         self._pump = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout or []), daemon=True)

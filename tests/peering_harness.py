@@ -27,6 +27,18 @@ from edge_sdk.wire.messages import PeerMsg
 SPEC = ModelSpec.build("toy", [("body.w", (6,), "extractor"), ("head.w", (3,), "classifier")])
 
 
+def vec(value: float) -> np.ndarray:
+    """A model of SPEC's size, every weight ``value``."""
+    return np.full(SPEC.size, value, dtype=np.float32)
+
+
+def msg_from(sender: str, kind: str, body: dict[str, object], weights: np.ndarray | None = None) -> PeerMsg:
+    """A peer message as the receiver gets it: through the wire codec."""
+    m = decode(encode(PeerMsg(sender=sender, kind=kind, body=body, weights=weights)))
+    assert isinstance(m, PeerMsg)
+    return m
+
+
 @dataclass
 class View:
     """What a peering reads from its coordinator."""

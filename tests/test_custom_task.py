@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ from edge_sdk.tasks.registry import (
 from edge_sdk.wire import topics
 from edge_sdk.wire.codec import encode
 from edge_sdk.wire.messages import ModelMsg, Update
-from tests.helpers import digits_scenario, wait_until
+from tests.helpers import CoordinatorProcess, digits_scenario, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = "acme_parts"
@@ -262,29 +261,6 @@ def test_the_cli_refuses_a_bad_reference_as_a_usage_error(acme: Path, tmp_path: 
     assert not (tmp_path / "s").exists()
 
 
-class _Coordinator:
-    """``edgeci coordinator --model acme_parts.tasks:PartsCnn`` with the app's package on PYTHONPATH."""
-
-    def __init__(self, env: dict[str, str], *args: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "demos.cli", "coordinator", *args], cwd=ROOT, env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-        self._pump = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout or []), daemon=True)
-        self._pump.start()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._pump.join(10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-
 def test_coordinator_and_two_devices_train_and_serve_the_apps_model(acme: Path, parts: Any, tmp_path: Path,
                                                                        mosquitto: MosquittoProcess) -> None:
     """The main flow over a real mosquitto: the coordinator (a subprocess, pretraining the app's
@@ -296,14 +272,11 @@ def test_coordinator_and_two_devices_train_and_serve_the_apps_model(acme: Path, 
     np.savez(tmp_path / "validation.npz", x=data.test.x, y=data.test.y)
     broker = f"mqtt://127.0.0.1:{mosquitto.port}"
     state = tmp_path / "state"
-    coordinator = _Coordinator(_env(acme, tmp_path), "--broker", broker, "--region", "eu", "--state-dir", str(state),
-                               "--model", REF, "--validation", str(tmp_path / "validation.npz"), "--gate-margin", "0.5",
-                               "--k", "2", "--timeout", "3")
+    coordinator = CoordinatorProcess("--broker", broker, "--region", "eu", "--state-dir", str(state), "--model", REF,
+                                     "--validation", str(tmp_path / "validation.npz"), "--gate-margin", "0.5",
+                                     "--k", "2", "--timeout", "3", env=_env(acme, tmp_path))
     clients: list[EdgeClient] = []
     try:
-        wait_until(lambda: any(" ready: region " in ln for ln in coordinator.lines) or coordinator.proc.poll() is not None,
-                   120, "coordinator ready")
-        assert coordinator.proc.poll() is None, "".join(coordinator.lines)
         assert "pretraining the deployed acme-parts model" in "".join(coordinator.lines)
         rejected: list[dict[str, Any]] = []
         for i in range(2):

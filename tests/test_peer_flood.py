@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import random
 
-import numpy as np
 import pytest
 
 import coordinator.core as core_module
@@ -25,22 +24,12 @@ from coordinator.strategies.spyker import SpykerStrategy
 from edge_sdk.core.events import MessageReceived, Publish
 from edge_sdk.signing import Signer
 from edge_sdk.wire import topics
-from edge_sdk.wire.codec import decode, encode
+from edge_sdk.wire.codec import encode
 from edge_sdk.wire.messages import PeerMsg
-from tests.peering_harness import SPEC, View
+from tests.peering_harness import SPEC, View, msg_from, vec
 
 RING = ["a", "b", "c"]
 SIGNERS = {n: Signer.generate() for n in RING}
-
-
-def vec(value: float) -> np.ndarray:
-    return np.full(SPEC.size, value, dtype=np.float32)
-
-
-def peer(sender: str, kind: str, body: dict[str, object], weights: np.ndarray | None = None) -> PeerMsg:
-    m = decode(encode(PeerMsg(sender=sender, kind=kind, body=body, weights=weights)))
-    assert isinstance(m, PeerMsg)
-    return m
 
 
 def beat_body(at: float) -> dict[str, object]:
@@ -50,16 +39,16 @@ def beat_body(at: float) -> dict[str, object]:
 def test_spyker_ignores_a_replayed_beat_and_nothing_else() -> None:
     a = SpykerPeering("a", RING, strategy=SpykerStrategy())
     view = View(weights=vec(0.0))
-    assert not a.ignores(peer("b", "beat", beat_body(5.0)), 1.0)  # nothing taken from b yet
-    a.on_message(view, peer("b", "beat", beat_body(5.0)), 1.0)
-    assert a.ignores(peer("b", "beat", beat_body(5.0)), 2.0)  # the same beat again
-    assert a.ignores(peer("b", "beat", beat_body(4.0)), 2.0)  # an older one
+    assert not a.ignores(msg_from("b", "beat", beat_body(5.0)), 1.0)  # nothing taken from b yet
+    a.on_message(view, msg_from("b", "beat", beat_body(5.0)), 1.0)
+    assert a.ignores(msg_from("b", "beat", beat_body(5.0)), 2.0)  # the same beat again
+    assert a.ignores(msg_from("b", "beat", beat_body(4.0)), 2.0)  # an older one
     assert a.describe()["beats_ignored"] == 2
-    assert not a.ignores(peer("b", "beat", beat_body(6.0)), 2.0)  # newer: handled (and verified)
-    assert not a.ignores(peer("c", "beat", beat_body(1.0)), 2.0)  # another sender
-    assert not a.ignores(peer("b", "beat", {"at": "x"}), 2.0)  # malformed: refused, typed, after the signature
-    assert not a.ignores(peer("b", "model", {**beat_body(1.0), "sid": [0, 0.0, "b", 0]}, vec(1.0)), 2.0)
-    assert not a.ignores(peer("zz", "beat", beat_body(1.0)), 2.0)  # not a ring member: refused as such
+    assert not a.ignores(msg_from("b", "beat", beat_body(6.0)), 2.0)  # newer: handled (and verified)
+    assert not a.ignores(msg_from("c", "beat", beat_body(1.0)), 2.0)  # another sender
+    assert not a.ignores(msg_from("b", "beat", {"at": "x"}), 2.0)  # malformed: refused, typed, after the signature
+    assert not a.ignores(msg_from("b", "model", {**beat_body(1.0), "sid": [0, 0.0, "b", 0]}, vec(1.0)), 2.0)
+    assert not a.ignores(msg_from("zz", "beat", beat_body(1.0)), 2.0)  # not a ring member: refused as such
     assert a.describe()["beats_ignored"] == 2
 
 
@@ -67,14 +56,14 @@ def test_sync_spyker_and_nebula_ignore_rounds_they_closed_or_took() -> None:
     s = make_peering("spyker", coordinator_id="a", ring=RING, strategy=SpykerStrategy(), params={"mode": "sync"})
     assert isinstance(s, SyncSpykerPeering)
     s.round = 3
-    assert s.ignores(peer("b", "model", {"round": 3, "age": 1.0}, vec(1.0)), 1.0) and s.ignored == 1
-    assert not s.ignores(peer("b", "model", {"round": 4, "age": 1.0}, vec(1.0)), 1.0)
-    assert not s.ignores(peer("zz", "model", {"round": 1, "age": 1.0}, vec(1.0)), 1.0)
+    assert s.ignores(msg_from("b", "model", {"round": 3, "age": 1.0}, vec(1.0)), 1.0) and s.ignored == 1
+    assert not s.ignores(msg_from("b", "model", {"round": 4, "age": 1.0}, vec(1.0)), 1.0)
+    assert not s.ignores(msg_from("zz", "model", {"round": 1, "age": 1.0}, vec(1.0)), 1.0)
     n = NebulaPeering("a", RING, strategy=NebulaStrategy())
     n.rotations_from["b"] = 5
-    assert n.ignores(peer("b", "rotate", {"round": 5, "version": 1.0}, vec(1.0)), 1.0) and n.ignored == 1
-    assert not n.ignores(peer("b", "rotate", {"round": 6, "version": 1.0}, vec(1.0)), 1.0)
-    assert not n.ignores(peer("c", "rotate", {"round": 0, "version": 1.0}, vec(1.0)), 1.0)
+    assert n.ignores(msg_from("b", "rotate", {"round": 5, "version": 1.0}, vec(1.0)), 1.0) and n.ignored == 1
+    assert not n.ignores(msg_from("b", "rotate", {"round": 6, "version": 1.0}, vec(1.0)), 1.0)
+    assert not n.ignores(msg_from("c", "rotate", {"round": 0, "version": 1.0}, vec(1.0)), 1.0)
 
 
 def spyker_core(name: str) -> CoordinatorCore:

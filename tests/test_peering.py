@@ -53,16 +53,12 @@ from edge_sdk.signing import Signer
 from edge_sdk.wire import topics
 from edge_sdk.wire.codec import decode, encode, parse_status_json, status_json
 from edge_sdk.wire.messages import ModelMsg, PeerMsg, Pull, Update
-from tests.peering_harness import SPEC, Ring, View, settle, spyker_ring
+from tests.peering_harness import SPEC, Ring, View, msg_from, settle, spyker_ring, vec
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = SpykerPeerConfig(h_inter=3.0, h_intra=10.0, beacon_s=1.0, token_timeout_s=4.0, stagger_s=1.0, sync_timeout_s=3.0)
 INTRA_ONLY = SpykerPeerConfig(h_inter=1e9, h_intra=10.0, beacon_s=1.0, token_timeout_s=4.0, stagger_s=1.0, sync_timeout_s=3.0)
 """Only the intra-server trigger: one sync per trigger, so the token's path is predictable."""
-
-
-def vec(value: float) -> np.ndarray:
-    return np.full(SPEC.size, value, dtype=np.float32)
 
 
 def update(device: str, seq: int, base: int, weights: np.ndarray, n: int = 4) -> BufferedUpdate:
@@ -189,12 +185,6 @@ def test_default_h_inter_is_clients_over_five_n() -> None:
 
 
 # --------------------------------------------------------------------------- Spyker protocol
-
-
-def msg_from(sender: str, kind: str, body: dict[str, object], weights: np.ndarray | None = None) -> PeerMsg:
-    m = decode(encode(PeerMsg(sender=sender, kind=kind, body=body, weights=weights)))
-    assert isinstance(m, PeerMsg)
-    return m
 
 
 def test_a_cold_ring_gets_one_token_from_ring0() -> None:

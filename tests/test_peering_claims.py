@@ -25,20 +25,9 @@ from coordinator.strategies.fedavg import FedAvgConfig
 from coordinator.strategies.hierfavg import HierEdgeStrategy
 from coordinator.strategies.spyker import SpykerStrategy
 from edge_sdk.errors import ConfigError, MalformedMessage
-from edge_sdk.wire.codec import decode, encode
+from edge_sdk.wire.codec import encode
 from edge_sdk.wire.messages import PeerMsg
-from tests.peering_harness import SPEC, Envelope, View, settle, spyker_ring
-
-
-def vec(value: float) -> np.ndarray:
-    return np.full(SPEC.size, value, dtype=np.float32)
-
-
-def msg_from(sender: str, kind: str, body: dict[str, object], weights: np.ndarray | None = None) -> PeerMsg:
-    m = decode(encode(PeerMsg(sender=sender, kind=kind, body=body, weights=weights)))
-    assert isinstance(m, PeerMsg)
-    return m
-
+from tests.peering_harness import Envelope, View, msg_from, settle, spyker_ring, vec
 
 # --------------------------------------------------------------------------- HierFAVG: samples
 
