@@ -381,7 +381,8 @@ class CoordinatorDaemon:
         self._probe_stop = threading.Event()
         self._probe_thread = threading.Thread(target=self._probe_loop, name=f"storage-probe-{options.region}", daemon=True)
         # ops: metrics snapshot after handled events, liveness stamps and last will on the status topic
-        self.metrics = CoordinatorMetrics(problems=self._problems, connected=lambda: self.transport.connected)
+        self.metrics = CoordinatorMetrics(problems=self._problems, connected=lambda: self.transport.connected,
+                                          state_dir=Path(options.state_dir))
         self.metrics.count_from(self.core.status())  # Prometheus counters count from this process's start
         self._status_topic = topics.status_topic(options.region)
         self._instance = secrets.token_hex(6)

@@ -23,15 +23,17 @@ import http.client
 import io
 import json
 import logging
+import os
 import socket
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -61,12 +63,17 @@ class CoordinatorMetrics:
     """The daemon's metrics: latency histograms plus a collector over the latest snapshot."""
 
     def __init__(self, problems: Callable[[], Mapping[str, int]] | None = None,
-                 connected: Callable[[], bool] | None = None) -> None:
+                 connected: Callable[[], bool] | None = None, state_dir: Path | None = None) -> None:
         self.problems = problems
         """Counts of what the process survived, by kind (read at each scrape; any thread)."""
         self.connected = connected
         """Whether the broker connection is up now (``edgeci_broker_connected``; any thread)."""
+        self.state_dir = state_dir
+        """The state dir, whose file system's free and total bytes each scrape reads (a statvfs)."""
         self.registry = CollectorRegistry(auto_describe=True)
+        # process_start_time_seconds (restarts, crash loops), resident memory, open descriptors
+        # (Linux /proc; exports nothing where there is none)
+        ProcessCollector(registry=self.registry)
         self.aggregation_seconds = Histogram(
             "edgeci_aggregation_seconds", "Time to handle an event that produced a new version (strategy combine included)",
             buckets=LATENCY_BUCKETS, registry=self.registry,
@@ -157,6 +164,7 @@ class _SnapshotCollector:
         if self._metrics.connected is not None:
             yield GaugeMetricFamily("edgeci_broker_connected", "1 while the coordinator is connected to its broker",
                                     value=1 if self._metrics.connected() else 0)
+        yield from _disk(self._metrics.state_dir)
         s = self._metrics.snapshot
         if s is None:
             return
@@ -209,6 +217,34 @@ class _SnapshotCollector:
         yield GaugeMetricFamily("edgeci_devices_online", "Devices whose presence says online (MQTT last will)",
                                 value=x.get("devices_online", 0))
         yield GaugeMetricFamily("edgeci_storage_ok", "1 while storage accepts writes", value=1 if x.get("storage_ok", True) else 0)
+        if isinstance(x.get("last_aggregation_at"), (int, float)) and x["last_aggregation_at"] > 0:
+            yield GaugeMetricFamily("edgeci_last_aggregation_timestamp_seconds", "Unix time of the last aggregation "
+                                    "(a new version from device updates; checkpointed, so it survives restarts)",
+                                    value=float(x["last_aggregation_at"]))
+        # Deferred updates: acknowledged "retry later", neither accepted nor rejected. Labels are
+        # fixed here (never read from the wire); a reason is exported once the status carries it.
+        deferred = {"converting": (x.get("conversion") or {}).get("deferred"), "storage": x.get("deferred_storage")}
+        bdeferred = {"converting": (bx.get("conversion") or {}).get("deferred", 0), "storage": bx.get("deferred_storage", 0)}
+        if any(isinstance(v, int) for v in deferred.values()):
+            fam = CounterMetricFamily("edgeci_updates_deferred", "Device updates answered 'retry later', by reason: storage "
+                                      "(the state dir refused writes), converting (the device's queue behind a stale-update "
+                                      "conversion was full)", labels=["reason"])
+            for reason, count in deferred.items():
+                if isinstance(count, int):
+                    fam.add_metric([reason], c("updates_deferred", reason, count, bdeferred[reason] or 0))
+            yield fam
+        heard = x.get("peers_heard")
+        if isinstance(heard, dict) and heard:  # keys: the configured peers (Peering.expected_peers), never a sender's claim
+            known = GaugeMetricFamily("edgeci_peer_heard", "1 once a message from this configured peer was accepted "
+                                      "since this process started", labels=["peer"])
+            last = GaugeMetricFamily("edgeci_peer_last_heard_timestamp_seconds", "Unix time of the last accepted message "
+                                     "from this configured peer (absent until one since this start)", labels=["peer"])
+            for peer, at in sorted(heard.items()):
+                known.add_metric([str(peer)], 0 if at is None else 1)
+                if isinstance(at, (int, float)):
+                    last.add_metric([str(peer)], float(at))
+            yield known
+            yield last
         base_hist = dict(bx.get("staleness_histogram", {}))
         hist = self._labelled("staleness", dict(x.get("staleness_histogram", {})))
         yield _staleness({k: c("staleness", k, n, base_hist.get(k, 0)) for k, n in hist.items()})
@@ -256,6 +292,20 @@ class _SnapshotCollector:
             yield reports
             yield CounterMetricFamily("edgeci_canary_rounds", "Canary rounds opened",
                                       value=c("canary_rounds", "", canary.get("rounds", 0), bcanary.get("rounds", 0)))
+
+
+def _disk(state_dir: Path | None) -> Iterator[Metric]:
+    """Free and total bytes of the state dir's file system (nothing when it cannot be read: the
+    storage failures say so)."""
+    if state_dir is None:
+        return
+    try:
+        st = os.statvfs(state_dir)
+    except OSError:
+        return
+    yield GaugeMetricFamily("edgeci_state_dir_free_bytes", "Bytes available to the coordinator on the state dir's "
+                            "file system", value=st.f_bavail * st.f_frsize)
+    yield GaugeMetricFamily("edgeci_state_dir_size_bytes", "Size of the state dir's file system", value=st.f_blocks * st.f_frsize)
 
 
 def _staleness(hist: Mapping[str, float]) -> HistogramMetricFamily:
