@@ -1,6 +1,6 @@
 # edgeci — `make run` runs the main job, `make test` runs lint, types and the test suite.
-# Both create .venv and install everything on a fresh machine (Debian: mosquitto and
-# rabbitmq-server via apt). `make test` also builds a device-only virtualenv (`.[device]`,
+# Both create .venv and install everything on a fresh machine (Debian: mosquitto,
+# rabbitmq-server and prometheus via apt). `make test` also builds a device-only virtualenv (`.[device]`,
 # no torch) and runs a device from it against a real coordinator (tests/device_venv/).
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -15,7 +15,12 @@ STAMP := $(VENV)/.edgeci-installed
 # python3.11-venv where Debian's python3.11 is installed and no venv exists yet: without it
 # that interpreter cannot make the venv, and the slower fallback above is taken (an existing
 # venv does not need it: no apt step for it then, offline or without sudo).
-APT_PACKAGES := mosquitto xvfb xdotool rabbitmq-server $(if $(wildcard $(PY)),,$(if $(wildcard /usr/bin/python3.11),python3.11-venv))
+# prometheus (with promtool): tests/test_prometheus.py checks deploy/prometheus/ with it and runs it
+# against a real coordinator. It is installed without its Recommends (prometheus-node-exporter and
+# its collectors: smartmontools, nvme-cli, ipmitool, ... 23 more packages, ~45 MB, the tests use none);
+# its Depends are ~320 MB installed (218 MB of it libjs-moment-timezone, for its web UI), ~11 s.
+APT_PACKAGES := mosquitto xvfb xdotool rabbitmq-server prometheus $(if $(wildcard $(PY)),,$(if $(wildcard /usr/bin/python3.11),python3.11-venv))
+APT_NO_RECOMMENDS := prometheus
 
 .PHONY: run test setup lint clean-venv
 run: setup
@@ -36,7 +41,12 @@ $(STAMP): requirements.txt pyproject.toml Makefile
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	  full=""; lean=""; for p in $$missing; do \
+	    case " $(APT_NO_RECOMMENDS) " in *" $$p "*) lean="$$lean $$p";; *) full="$$full $$p";; esac; \
+	  done; \
+	  $$SUDO apt-get update -qq \
+	  && { [ -z "$$full" ] || DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$full; } \
+	  && { [ -z "$$lean" ] || DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$lean; }; \
 	fi
 	test -x $(PY) || $(FIND_PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
