@@ -140,3 +140,15 @@ def test_updates_deferred_by_a_storage_outage_are_counted() -> None:
     assert c.counters["deferred_storage"] == 3  # the core counts them ...
     m.publish(c.status())
     assert values(m)[("edgeci_updates_deferred_total", (("reason", "storage"),))] == 3  # ... /metrics cannot say so yet
+
+
+def test_status_says_when_the_last_aggregation_was() -> None:
+    """Is training advancing: `edgeci status` showed the number of aggregations, not when the last
+    one was (only --json had last_aggregation_at)."""
+    from coordinator.cli_status import render
+
+    base = {"type": "status", "region": "r1", "coordinator": "c1", "alive": True, "published_at": 1000.0, "heartbeat_s": 5.0,
+            "version": 3, "updates_accepted": 4}
+    text = render({**base, "extra": {"aggregations": 2, "last_aggregation_at": 1000.0 - 300}}, 1001.0)
+    assert "aggregations 2 (last 5 min ago) · traffic" in text
+    assert "(last" not in render({**base, "extra": {"aggregations": 0, "last_aggregation_at": 0.0}}, 1001.0)
