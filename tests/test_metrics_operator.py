@@ -152,3 +152,56 @@ def test_status_says_when_the_last_aggregation_was() -> None:
     text = render({**base, "extra": {"aggregations": 2, "last_aggregation_at": 1000.0 - 300}}, 1001.0)
     assert "aggregations 2 (last 5 min ago) · traffic" in text
     assert "(last" not in render({**base, "extra": {"aggregations": 0, "last_aggregation_at": 0.0}}, 1001.0)
+
+
+def test_peer_series_are_the_configured_peers_whatever_else_speaks_on_the_peer_topic() -> None:
+    """edgeci_peer_heard{peer} is one series per configured peer: senders outside --peers (signed
+    with their own keys, copying a real peer's message) are rejected, counted, and add none."""
+    from coordinator.core import CoordinatorConfig, Snapshot
+    from coordinator.peering import make_peering
+    from coordinator.strategies import make_strategy
+    from edge_sdk.core.events import Publish, TimerFired
+    from edge_sdk.signing import Signer
+    from edge_sdk.wire.codec import decode
+    from edge_sdk.wire.messages import PeerMsg
+
+    ring = ["a", "b", "c"]
+
+    def core(name: str) -> CoordinatorCore:
+        strat = make_strategy("spyker")
+        cfg = CoordinatorConfig(region=f"r-{name}", coordinator_id=name, spec=SPEC, hints={"lr": 0.05}, signer=Signer.generate())
+        peering = make_peering("spyker", coordinator_id=name, ring=ring, strategy=strat, params={})
+        c = CoordinatorCore(cfg, strat, Snapshot(version=0, weights=np.zeros(SPEC.size, np.float32)), rng=random.Random(0),
+                            peering=peering)
+        c.start(0.0)
+        return c
+
+    a, b = core("a"), core("b")
+    beats = [p for p in b.handle(TimerFired(now=50.0)) if isinstance(p, Publish) and "/peer/" in p.topic]
+    assert beats
+    for p in beats:
+        a.handle(MessageReceived(now=50.0, topic=p.topic, payload=p.payload))
+    m = CoordinatorMetrics()
+    m.count_from(a.status())
+    m.publish(a.status())
+    got = values(m)
+    assert got[("edgeci_peer_heard", (("peer", "b"),))] == 1 and got[("edgeci_peer_heard", (("peer", "c"),))] == 0
+    assert got[("edgeci_peer_last_heard_timestamp_seconds", (("peer", "b"),))] == 50.0
+    def forge(sender: str, now: float) -> None:
+        for p in beats:
+            real = decode(p.payload)
+            assert isinstance(real, PeerMsg)
+            forged = PeerMsg(sender=sender, kind=real.kind, body=dict(real.body), weights=real.weights)
+            payload = encode(forged, signer=Signer.generate(), scope=topics.signing_scope(p.topic))
+            a.handle(MessageReceived(now=now, topic=p.topic, payload=payload))
+
+    forge("warm", 55.0)  # its reason (unknown_peer) is a series from then on, from the fixed set
+    m.publish(a.status())
+    before = series(m)
+    rejected = a.counters["messages_rejected"]
+    for i in range(100):
+        forge(f"mallory-{i}", 60.0 + i)
+    m.publish(a.status())
+    assert series(m) == before and {dict(ls)["peer"] for n, ls in series(m) if n == "edgeci_peer_heard"} == {"b", "c"}
+    assert a.counters["messages_rejected"] >= rejected + 100  # refused and counted, not silently dropped
+    assert values(m)[("edgeci_peer_last_heard_timestamp_seconds", (("peer", "b"),))] == 50.0
