@@ -88,19 +88,25 @@ class Prometheus:
             "rule_files:\n  - edgeci-alerts.yml\n"
             "scrape_configs:\n  - job_name: edgeci-coordinator\n    scrape_timeout: 1s\n"
             f"    static_configs:\n      - targets: {json.dumps(targets)}\n")
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = (root / "prometheus.log").open("w")
-        self.proc = subprocess.Popen(
-            [exe, f"--config.file={root / 'prometheus.yml'}", f"--storage.tsdb.path={root / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}"], stdout=self.log, stderr=subprocess.STDOUT, cwd=root)
         self._root = root
-        try:
-            wait_until(lambda: self._ready() or self.proc.poll() is not None, 60, "prometheus ready")
-            assert self.proc.poll() is None, (root / "prometheus.log").read_text()
-        except BaseException:
+        for attempt in range(3):  # a free port another process took before prometheus bound it: another port
+            self.port = free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+            self.log = (root / "prometheus.log").open("w")
+            self.proc = subprocess.Popen(
+                [exe, f"--config.file={root / 'prometheus.yml'}", f"--storage.tsdb.path={root / 'data'}",
+                 f"--web.listen-address=127.0.0.1:{self.port}"], stdout=self.log, stderr=subprocess.STDOUT, cwd=root)
+            try:
+                wait_until(lambda: self._ready() or self.proc.poll() is not None, 60, "prometheus ready")
+            except BaseException:
+                self.stop()
+                raise
+            if self.proc.poll() is None:
+                return
             self.stop()
-            raise
+            log = (root / "prometheus.log").read_text()
+            if attempt == 2 or "address already in use" not in log:
+                raise AssertionError(f"prometheus exited with {self.proc.returncode}:\n{log}")
 
     def _ready(self) -> bool:
         try:
