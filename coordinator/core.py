@@ -924,6 +924,7 @@ class CoordinatorCore:
                     "deferred": c["deferred_converting"],
                 },
                 "storage_ok": self._storage_ok,
+                "deferred_storage": c["deferred_storage"],
                 "storage_detail": self._storage_detail,
                 "recovered_from": list(self._recovered_from),
                 **self._presence_status(),

@@ -8,7 +8,6 @@ import random
 from pathlib import Path
 
 import numpy as np
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from coordinator.core import CoordinatorCore, MessageReceived, StorageChanged
@@ -124,8 +123,6 @@ def test_peers_last_aggregation_deferred_updates_and_disk_are_exported(tmp_path:
                 "edgeci_state_dir_free_bytes"} & names
 
 
-@pytest.mark.xfail(strict=True, reason="needs core change: CoordinatorCore.status() does not carry counters['deferred_storage'] "
-                                      "(add \"deferred_storage\": c[\"deferred_storage\"] to its extra)")
 def test_updates_deferred_by_a_storage_outage_are_counted() -> None:
     c = make_coordinator("spin", k=5, timeout_s=None)
     m = CoordinatorMetrics()
