@@ -1032,6 +1032,33 @@ def test_hierfavg_edge_ignores_and_counts_a_late_global_answer() -> None:
     assert answer.merged is not None and not answer.counted
 
 
+def test_hierfavg_cloud_drops_an_edge_model_for_a_round_it_closed() -> None:
+    """Liu et al.'s cloud averages the edge models of one cloud round. The cloud closed round 1 at
+    its timeout without e2; e2's round-1 model (9s) then came in before the cloud's own round 2
+    began: the old code kept it and averaged it into round 2 (the global 5s, a stale model at half
+    weight, and e2's round-2 model never asked for). Now it is dropped, counted (``ignored``), and
+    round 2 averages round 2's models."""
+    ring = ["cloud", "e2"]
+    s = HierEdgeStrategy(FedAvgConfig())
+    cloud = HierPeering("cloud", ring, HierPeerConfig(kappa2=1, sync_timeout_s=5.0, max_share=1.0), strategy=s)
+    cloud.on_version(View(weights=vec(1.0)), 10.0)  # round 1: the cloud's own model
+    closed = cloud.on_timer(View(weights=vec(1.0)), 15.0)  # e2 silent: round 1 closes on the cloud's model
+    assert closed.merged is not None and cloud.timeouts == 1 and cloud.cloud_syncs == 1
+    late = cloud.on_message(View(weights=vec(1.0)), msg_from("e2", "edge", {"round": 1, "samples": 10}, vec(9.0)), 16.0)
+    assert late.merged is None and late.counted and cloud.describe()["ignored"] == 1
+    assert cloud.collected == {} and cloud.wake_at() is None  # the old code: e2's 9s kept (and a wake-up for it)
+    s.gate.samples = 10
+    assert cloud.on_version(View(weights=vec(1.0)), 20.0).merged is None  # round 2: waits for e2's round-2 model
+    plan = cloud.on_message(View(weights=vec(1.0)), msg_from("e2", "edge", {"round": 2, "samples": 10}, vec(3.0)), 21.0)
+    assert plan.merged is not None
+    np.testing.assert_allclose(plan.merged, 2.0)  # (1 + 3) / 2; the old code closed at 20.0 on (1 + 9) / 2 = 5
+    assert plan.sends[0].body == {"round": 2}
+    again = HierPeering("cloud", ring, HierPeerConfig(kappa2=1, sync_timeout_s=5.0), strategy=HierEdgeStrategy(FedAvgConfig()))
+    again.restore(cloud.checkpoint())  # a restart keeps the round it closed
+    assert again.on_message(View(weights=vec(1.0)), msg_from("e2", "edge", {"round": 2, "samples": 10}, vec(9.0)), 22.0).counted
+    assert again.collected == {}
+
+
 # --------------------------------------------------------------------------- construction
 
 

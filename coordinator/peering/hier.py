@@ -12,7 +12,9 @@ waits for the models of every edge for that cloud round (or ``sync_timeout_s``),
 averages them weighted by samples (no edge's share above ``max_share``: the samples are
 each edge's own claim), and broadcasts the result, which every edge (the
 cloud's own included) commits as its next version before resuming its rounds. An edge
-that hears nothing for ``sync_timeout_s`` resumes on its own model.
+that hears nothing for ``sync_timeout_s`` resumes on its own model; its model for a cloud round
+the cloud has already closed is dropped there (counted, ``ignored``): the paper's cloud averages
+one round's edge models, and the edge's next one comes with the next round.
 
 A rollback or an operator's pin (:meth:`HierPeering.on_line_replaced`) puts the samples count
 back to the restored version's. If it abandons the model this edge sent for the round it waits
@@ -132,6 +134,8 @@ class HierPeering(Peering):
         self.wait_started = -math.inf
         self.collected: dict[str, tuple[int, Vector]] = {}
         """Cloud only: the edges' models for ``cloud_round``."""
+        self.closed_round = 0
+        """Cloud only: the last cloud round it closed (an edge model for it or before is late: dropped)."""
         self.collect_started = -math.inf
         self.cloud_syncs = 0
         self.timeouts = 0
@@ -232,9 +236,12 @@ class HierPeering(Peering):
 
     def _collect(self, edge: str, round_: int, samples: int, weights: Vector, now: float, *,
                  replaces: bool = False) -> PeerPlan:
-        if round_ < self.cloud_round:
+        if round_ < self.cloud_round or round_ <= self.closed_round:
+            # Late, for a round already closed: an edge that timed out earlier catches up next round.
+            # helper-172: one in after the close, before the cloud's own next round began (round_ ==
+            # cloud_round), was kept and averaged into the next round, its model from the round before.
             self.ignored += 1
-            return PeerPlan(counted=True)  # an edge that timed out earlier catches up next round
+            return PeerPlan(counted=True)
         if replaces:
             if edge not in self.collected:  # the round closed before it (or never had its model)
                 self.ignored += 1
@@ -256,6 +263,7 @@ class HierPeering(Peering):
             self.capped += 1  # (a round closed on the cloud's model alone, at a timeout, caps nothing)
         merged = weighted_mean([self.collected[e][1] for e in edges], samples, self.config.max_share)
         self.collected = {}
+        self.closed_round = self.cloud_round
         self.cloud_syncs += 1
         body: dict[str, Any] = {"round": self.cloud_round}
         if self.replacements:  # (only then: the messages' sizes as they were)
@@ -296,11 +304,13 @@ class HierPeering(Peering):
         return min(wakes) if wakes else None
 
     def checkpoint(self) -> dict[str, Any]:
-        return {"edge_rounds": self.edge_rounds, "cloud_round": self.cloud_round}
+        return {"edge_rounds": self.edge_rounds, "cloud_round": self.cloud_round,
+                **({"closed_round": self.closed_round} if self.closed_round else {})}
 
     def restore(self, state: Mapping[str, Any]) -> None:
         self.edge_rounds = int(state.get("edge_rounds", 0))
         self.cloud_round = int(state.get("cloud_round", 0))
+        self.closed_round = max(0, min(int(state.get("closed_round", 0)), self.cloud_round))
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "cloud": self.cloud, "kappa2": self.config.kappa2, "edge_rounds": self.edge_rounds,
