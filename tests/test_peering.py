@@ -1059,6 +1059,27 @@ def test_hierfavg_cloud_drops_an_edge_model_for_a_round_it_closed() -> None:
     assert again.collected == {}
 
 
+def test_hierfavg_samples_taken_while_waiting_go_with_the_model_that_holds_them() -> None:
+    """The samples count is not reset at the global merge, on purpose: an update accepted while
+    the edge waits for the cloud (a late participant) stays buffered and is aggregated in the
+    first edge round after the merge, so its samples belong to the next model sent, not the
+    one already sent (reset at the send) nor nowhere (a reset at the merge would drop them)."""
+    s = HierEdgeStrategy(FedAvgConfig(select=5, min_devices=1))
+    e1 = HierPeering("e1", ["cloud", "e1"], HierPeerConfig(kappa2=1), strategy=s)
+    s.gate.samples = 10
+    (sent,) = e1.on_version(View(weights=vec(1.0)), 1.0).sends
+    assert sent.body["samples"] == 10 and s.gate.samples == 0
+    late = BufferedUpdate(device="d9", seq=1, base_version=0, staleness=1, n_samples=7, weights=vec(1.5))
+    view = View(weights=vec(1.0), buffer=(late,))
+    s.on_update(view, late, 1.5)
+    assert not s.plan(view, 1.6, random.Random(0)).aggregate  # waiting: no edge round
+    assert e1.on_message(view, msg_from("cloud", "global", {"round": 1}, vec(2.0)), 2.0).merged is not None
+    assert s.gate.samples == 7
+    assert s.plan(View(weights=vec(2.0), buffer=(late,)), 2.1, random.Random(0)).aggregate  # the first round after it
+    (nxt,) = e1.on_version(View(weights=vec(2.0)), 2.2).sends
+    assert nxt.body == {"round": 2, "samples": 7}
+
+
 # --------------------------------------------------------------------------- construction
 
 

@@ -393,24 +393,52 @@ def deliver(sender: ChainFleet, receiver: ChainFleet) -> list[PeerMsg]:
     return out
 
 
-def test_a_hierfavg_edges_samples_go_back_with_the_rolled_back_rounds() -> None:
-    """kappa2 = 3: round 1 (released), round 2 (rejected: back to round 1's model), round 3. The
-    model sent embodies rounds 1 and 3, 20 samples; the old code claimed 30 (the rejected round's
-    10 too), which weighs this edge 1.5x in the cloud's average."""
+def test_a_hierfavg_edges_samples_and_rounds_go_back_with_the_rolled_back_rounds() -> None:
+    """kappa2 = 3: round 1 (released), round 2 (rejected: back to round 1's model), rounds 3 and 4.
+    helper-166: the samples claimed counted the rejected round's 10 too. helper-172: so did the
+    rounds toward kappa2 (Liu et al.: the cloud averages after kappa2 edge aggregations): the edge
+    sent after round 3 a model of 2 rounds (1 and 3) where the other edges send 3. Now it sends
+    after round 4: 3 rounds, 30 samples."""
     edge, peering = hier_fleet("e1", ["cloud", "e1", "e2"], kappa2=3)
     edge.step()
     edge.decide(1, reject=False)
     edge.step(step=50.0)
-    assert peering.gate.samples == 20
+    assert peering.gate.samples == 20 and peering.edge_rounds == 2
     (rollback,) = commits(edge.decide(2, reject=True, of=1))
     np.testing.assert_array_equal(rollback.weights, vec(1.0))
-    assert peering.gate.samples == 10  # the old code: 20
+    assert peering.gate.samples == 10 and peering.edge_rounds == 1  # before: 20 samples (helper-166), 2 rounds
+    edge.step()
+    assert edge.peer_out == []  # the old code sent here: rounds 1 and 3, 20 samples
     edge.step()
     (pub,) = edge.peer_out
     sent = decode(pub.payload)
     assert isinstance(sent, PeerMsg) and sent.kind == "edge"
-    np.testing.assert_array_equal(sent.weights, vec(2.0))  # round 1's 1s + round 3's step
-    assert sent.body["samples"] == 20  # the old code: 30
+    np.testing.assert_array_equal(sent.weights, vec(3.0))  # round 1's 1s + rounds 3 and 4
+    assert sent.body["samples"] == 30 and peering.edge_rounds == 3
+    assert edge.commits[-1].metadata["peering"]["edge_rounds"] == 3
+
+
+def test_a_hierfavg_edge_rolled_back_to_the_global_counts_rounds_from_there() -> None:
+    """kappa2 = 2: rounds 1-2 sent, the global merged (version 3), round 3 (version 4) rejected:
+    the line goes back to the global. The old code counted round 3 (the next send after one more
+    round, a model of one round); now the next send comes after two rounds from the global."""
+    s = HierEdgeStrategy(FedAvgConfig())
+    e1 = HierPeering("e1", ["cloud", "e1"], HierPeerConfig(kappa2=2), strategy=s)
+
+    def view(version: int) -> StaticView:
+        return StaticView(spec=SPEC, version=version, weights=vec(float(version)))
+
+    sends = []
+    for v in (1, 2):
+        sends += e1.on_version(view(v), float(v)).sends
+    assert len(sends) == 1 and s.gate.waiting
+    glob = decode(encode(PeerMsg(sender="cloud", kind="global", body={"round": 1}, weights=vec(3.0))))
+    assert isinstance(glob, PeerMsg) and e1.on_message(view(2), glob, 2.5).merged is not None  # committed as version 3
+    assert not e1.on_version(view(4), 4.0).sends and e1.edge_rounds == 3
+    e1.on_line_replaced(view(5), 5.0, restored=3)  # round 3 rejected: back to the global
+    assert e1.edge_rounds == 2  # the old code: 3
+    assert not e1.on_version(view(6), 6.0).sends  # the old code sent here
+    assert [p.kind for p in e1.on_version(view(7), 7.0).sends] == ["edge"] and e1.cloud_round == 2
 
 
 def two_tier() -> tuple[ChainFleet, ChainFleet, HierPeering, HierPeering]:

@@ -17,7 +17,8 @@ the cloud has already closed is dropped there (counted, ``ignored``): the paper'
 one round's edge models, and the edge's next one comes with the next round.
 
 A rollback or an operator's pin (:meth:`HierPeering.on_line_replaced`) puts the samples count
-back to the restored version's. If it abandons the model this edge sent for the round it waits
+and the edge rounds counted toward ``kappa2`` back to the restored version's (a rejected edge
+round is no aggregation the model sent holds). If it abandons the model this edge sent for the round it waits
 on, the edge sends the restored model again for that round, marked ``replaces``: a cloud still
 collecting the round takes it instead (a cloud that closed the round, or holds no model of that
 edge, ignores it, counted); the global answer names the edges whose replacement it took
@@ -145,8 +146,11 @@ class HierPeering(Peering):
         """Cloud rounds whose average capped an edge's share at ``max_share`` (its samples claim)."""
         self.sends = 0
         """Models sent to (or, the cloud, put into) a cloud round."""
-        self.samples_at: dict[int, tuple[int, int]] = {}
-        """Version → (``sends`` before it, the samples count behind it): what a rollback restores."""
+        self.samples_at: dict[int, tuple[int, int, int]] = {}
+        """Version → (``sends`` before it, the samples count behind it, ``edge_rounds`` at it): what a
+        rollback restores."""
+        self.rounds_at_send = 0
+        """``edge_rounds`` when the last model was sent (a multiple of ``kappa2``)."""
         self.sent_version: int | None = None
         """The version of the model in the cloud round this coordinator waits on (None: none)."""
         self.replacing: int | None = None
@@ -164,6 +168,7 @@ class HierPeering(Peering):
         if self.edge_rounds % self.config.kappa2 or len(self.ring) == 1:
             return PeerPlan()
         self.cloud_round += 1
+        self.rounds_at_send = self.edge_rounds
         self.gate.waiting = True
         self.wait_started = now
         samples, self.gate.samples = self.gate.samples, 0
@@ -203,14 +208,17 @@ class HierPeering(Peering):
         raise other_protocol("hierfavg", msg.sender, msg.kind)
 
     def on_line_replaced(self, view: CoordinatorView, now: float, *, restored: int) -> None:
-        """The samples count goes back to the restored version's (0 if it predates the last model
-        sent, or is no longer remembered). If the model in the cloud round we wait on was built after
+        """The samples count and the edge rounds counted toward ``kappa2`` go back to the restored
+        version's (0 and the count at the last model sent, if it predates that model or is no longer
+        remembered). If the model in the cloud round we wait on was built after
         ``restored``, the restored one replaces it: in the cloud's own collection (helper-161), or
         sent again by an edge, marked ``replaces`` (see the module docstring). helper-166: the count
         kept the abandoned rounds' samples (an edge rolled back from 2 rounds to 1, then trained one
         more, claimed 30 samples for a model of 20), and an edge's rejected model already sent came
-        back inside the global model (50s rejected, the cloud's 1s: the edge committed 25.5s)."""
-        sends, count = self.samples_at.get(restored, (-1, 0))
+        back inside the global model (50s rejected, the cloud's 1s: the edge committed 25.5s).
+        helper-172: a rejected edge round still counted toward ``kappa2``, so the model sent held
+        fewer edge rounds than the other edges' (kappa2 = 3, one round rejected: 2)."""
+        sends, count, rounds = self.samples_at.get(restored, (-1, 0, 0))
         waiting_on = self.sent_version if self.gate.waiting else None
         if waiting_on is not None and waiting_on > restored:
             claim = count if sends == self.sends - 1 else 0  # behind the restored model, for that round
@@ -227,10 +235,11 @@ class HierPeering(Peering):
             self.gate.samples = 0
         else:
             self.gate.samples = count if sends == self.sends else 0
+            self.edge_rounds = rounds if sends == self.sends else self.rounds_at_send
         self._remember(view.version)
 
     def _remember(self, version: int) -> None:
-        self.samples_at[version] = (self.sends, self.gate.samples)
+        self.samples_at[version] = (self.sends, self.gate.samples, self.edge_rounds)
         if len(self.samples_at) > SAMPLES_KEPT:
             del self.samples_at[min(self.samples_at)]
 
@@ -309,6 +318,7 @@ class HierPeering(Peering):
 
     def restore(self, state: Mapping[str, Any]) -> None:
         self.edge_rounds = int(state.get("edge_rounds", 0))
+        self.rounds_at_send = self.edge_rounds - self.edge_rounds % self.config.kappa2
         self.cloud_round = int(state.get("cloud_round", 0))
         self.closed_round = max(0, min(int(state.get("closed_round", 0)), self.cloud_round))
 
