@@ -38,7 +38,8 @@ one-region scenario is the case of one coordinator on per-device links; a region
   ``CommitVersion`` go to memory (commit times give each version's deployment time); the
   status is built only on demand (``status_payload=False``).
 * **Metrics.** Every ``eval_every_s`` each coordinator's deployed model is evaluated on the
-  task's held-out split (only when its version changed): one region records the release too
+  task's held-out split (only when its version changed; while the training line holds a version
+  its strategy says is no candidate, an HFedMS chain step, the newest that was): one region records the release too
   (``release_accuracy``), bytes, staleness and label latency; regions record the mean,
   minimum and maximum over coordinators and their CPU use, and may stop
   ``2 × eval_every_s`` after the target.
@@ -84,7 +85,7 @@ from coordinator.core import (
 from coordinator.methods import make_method
 from coordinator.peering import Peering
 from coordinator.strategies import Strategy
-from coordinator.strategies.base import BufferedUpdate
+from coordinator.strategies.base import BufferedUpdate, StaticView
 from coordinator.validation import Scored, compare
 from coordinator.validation import score as validation_score
 from devices.attacks import Attack, assign
@@ -237,6 +238,12 @@ class EmulatedCoordinator:
     take_requests: Callable[[], Sequence[str]] | None = None
     """PORT's push-pull: the devices whose in-progress work the strategy asks for now."""
     evaluated: tuple[int, dict[str, float]] | None = None
+    model: tuple[int, Any] | None = None
+    """The newest version its strategy stands by (``Strategy.candidate``), or a rollback's or an
+    operator's: what the metrics score while ``off_line``. Set when the core is built."""
+    off_line: bool = False
+    """The newest commit is no candidate (HFedMS's chain steps and resets: one device's continuation
+    of another's, never the paper's global model): score ``model``, not the training line."""
 
 
 def time_to_target(rows: Sequence[Mapping[str, Any]], target: float) -> float | None:
@@ -360,7 +367,8 @@ class Simulation(Driver):
             )
             rng = random.Random(f"{seed}:coordinator" if regions is None else f"{seed}:coordinator:{name}")
             core = CoordinatorCore(ccfg, strat, Snapshot(version=0, weights=self.initial), rng=rng, peering=peer)
-            self.coords.append(EmulatedCoordinator(core=core, region=region, take_requests=getattr(strat, "take_update_requests", None)))
+            self.coords.append(EmulatedCoordinator(core=core, region=region, take_requests=getattr(strat, "take_update_requests", None),
+                                                   model=(core.version, core.weights)))
         # Devices, each served by the coordinator of its region (or the only one).
         serving = {c.region: k for k, c in enumerate(self.coords)} if len(self.coords) > 1 else {}
         self._serving = [serving.get(p.region, 0) for p in self.plans]
@@ -613,6 +621,11 @@ class Simulation(Driver):
             elif t is CommitVersion:
                 assert isinstance(a, CommitVersion)
                 c.commit_times[a.version] = now
+                if a.metadata.get("source") in ("rollback", "operator") or c.core.strategy.candidate(
+                        StaticView(spec=c.core.config.spec, version=a.version, weights=a.weights)):
+                    c.model, c.off_line = (a.version, a.weights), False
+                else:
+                    c.off_line = True
                 if a.metadata.get("source") == "aggregation":
                     self.aggregated_updates += int(a.metadata.get("n_updates", 0))
                 for key in a.consumed:
@@ -910,8 +923,13 @@ class Simulation(Driver):
     # ------------------------------------------------------------------ metrics
 
     def _metrics(self, c: EmulatedCoordinator) -> dict[str, float]:
-        """The task's metrics of ``c``'s deployed model (evaluated once per version)."""
-        c.evaluated = self._evaluated(c.evaluated, c.core.version, c.core.weights)
+        """The task's metrics of ``c``'s deployed model (evaluated once per version): its training
+        line, or while that holds no candidate (an HFedMS chain step), the newest one that was.
+        helper-172: HFedMS's curves scored every chain step, a model no device is to predict with."""
+        if c.off_line and c.model is not None:
+            c.evaluated = self._evaluated(c.evaluated, *c.model)
+        else:
+            c.evaluated = self._evaluated(c.evaluated, c.core.version, c.core.weights)
         return c.evaluated[1]
 
     def _evaluated(self, cached: tuple[int, dict[str, float]] | None, version: int,
@@ -932,9 +950,10 @@ class Simulation(Driver):
 
     def _row(self, now: float) -> dict[str, float]:
         """One region's row: the deployed model and the release, traffic, staleness, labels."""
-        c = self.coordinator
-        version = c.version
-        metrics = self._metrics(self.coords[0])
+        c, first = self.coordinator, self.coords[0]
+        metrics = self._metrics(first)
+        assert first.evaluated is not None
+        version = first.evaluated[0]  # the version scored: the line's, but while it holds no candidate
         release_version, release_weights = c.release
         if release_version == version:
             release_metrics = metrics
@@ -967,7 +986,7 @@ class Simulation(Driver):
         if "loss" in metrics:
             row["loss"] = float(metrics["loss"])
         if self.stragglers is not None:
-            row["class_accuracy"] = self.stragglers.class_accuracy(self.task, version, c.weights)
+            row["class_accuracy"] = self.stragglers.class_accuracy(self.task, c.version, c.weights)
         return row
 
     def _regions_row(self, now: float) -> dict[str, float]:

@@ -273,6 +273,10 @@ def test_paper_hfedms_quick_runs_every_arm(isolated_home: None) -> None:
             assert st["chain_breaks"] == 0 and st["devices_with_signal"] > 0
             assert st["groups_per_round"][0] == 10  # f(T) = β
             assert 0 < st["parallel_s"] < st["serial_s"]
+            # helper-172: the curve scores round models only (the old emulator scored the line: the
+            # chain steps of β = 10, versions 10 and 17, and at the end 25, mid-round 2)
+            assert {int(r["version"]) for r in result.rows} <= {0, *st["round_versions"]}
+            assert result.rows[-1]["version"] == st["round_versions"][-1]
 
 
 # ------------------------------------------------------------------ HFedMS and LASP / head-only updates

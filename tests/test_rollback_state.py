@@ -349,6 +349,33 @@ def test_a_gated_hfedms_round_submits_only_its_model_to_the_gate() -> None:
     assert fleet.evaluations == [4]  # today: [1, 2, 3, 4]
 
 
+@pytest.mark.xfail(strict=True, reason="needs core change: CoordinatorCore._commit, without a gate, releases a commit only "
+                                       "if Strategy.candidate (helper-172's report)")
+def test_an_ungated_hfedms_releases_only_its_round_models() -> None:
+    """Without a gate every commit became the release: each chain step (one device's continuation
+    of another's) and the chain's reset were what every device predicts with (a serving pull got
+    them), where the paper's global model is the round's only. The chain's next device still
+    trains from the step (the training line); the release stays the round's model."""
+    s = make_strategy("hfedms", beta=2, kappa=1.0, population=4, regroup_every=100)
+    assert isinstance(s, HFedMSStrategy)
+    cfg = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, signer=SIGNER)
+    core = CoordinatorCore(cfg, s, Snapshot(version=0, weights=vec(0.0)), rng=random.Random(0))
+    fleet = ChainFleet(core, "abcd")
+    releases, served = [], []
+    for _ in range(4):
+        fleet.step(step=1.0)
+        releases.append(core.release[0])
+        fleet.seq["e"] = fleet.seq.get("e", 0) + 1  # a device outside the round asks what to predict with
+        for a in fleet._send("e", Pull(device="e", seq=fleet.seq["e"], model_id="toy", serve=True)):
+            if isinstance(a, Publish) and a.topic.endswith("/model"):
+                model = decode(a.payload)
+                assert isinstance(model, ModelMsg)
+                served.append((model.version, float(model.weights[0])))
+    assert [c.version for c in fleet.commits] == [1, 2, 3, 4] and s.round_versions == [4]
+    assert releases == [0, 0, 0, 4]  # today: [1, 2, 3, 4]
+    assert served == [(0, 0.0), (0, 0.0), (0, 0.0), (4, 2.0)]  # today: the chain steps' 1s first
+
+
 def test_an_hfedms_step_served_the_rejected_line_is_invited_again() -> None:
     """Round 2's first device was served version 4 when the gate rejected it: its update is refused
     (base_rejected) and it pulls again. The old code kept waiting for that step: nobody was invited

@@ -35,7 +35,10 @@ step. ``describe()`` reports both that serial time and the time the same steps w
 with the groups in parallel (per round, the longest chain). Versions between round ends are
 intermediate chain models; ``describe()["round_versions"]`` lists the round-end versions
 (the newest :data:`ROUNDS_LISTED`, as ``groups_per_round`` does: ``describe()`` is part of the
-retained status every device reads). A rollback or an operator's pin while a round is open
+retained status every device reads). Only those are candidates (:meth:`HFedMSStrategy.candidate`):
+what a gate judges, and what the emulator scores (the paper's global model is the round's; a chain
+step only goes on to the chain's next device). Without a gate the core still makes every commit
+the release, chain steps included (helper-172 proposed the core's check). A rollback or an operator's pin while a round is open
 restarts that round, same groups, from the restored model (:meth:`HFedMSStrategy.on_line_replaced`).
 
 **Liveness** (helper-167). A chain waits for one device at a time; a step that does not come back
