@@ -45,8 +45,9 @@ def chains(**kw: Any) -> tuple[ChainFleet, HFedMSStrategy]:
     return ChainFleet(CoordinatorCore(cfg, s, Snapshot(version=0, weights=vec(0.0)), rng=random.Random(0)), "abcd"), s
 
 
-def fail(fleet: ChainFleet, device: str, fault: str) -> None:
-    """``device`` answers its invitation with ``fault`` (and, but offline, pulls again: deferred)."""
+def fail(fleet: ChainFleet, device: str, fault: str, *, pull_again: bool = True) -> None:
+    """``device`` answers its invitation with ``fault`` (and, but offline or not ``pull_again``,
+    pulls again: deferred)."""
     if fault == "offline":
         fleet.invite.pop(device)  # gone: never pulls, never sends
         return
@@ -69,7 +70,8 @@ def fail(fleet: ChainFleet, device: str, fault: str) -> None:
     acts = fleet._send(device, Update(device=device, seq=seq, model_id="toy", base_version=base, n_samples=n, weights=w))
     (ack,) = [decode(a.payload) for a in acts if isinstance(a, Publish) and a.topic.endswith("/ack")]
     assert isinstance(ack, Ack) and ack.status == "rejected", ack
-    fleet.pull(device)
+    if pull_again:
+        fleet.pull(device)
 
 
 def run_until_round_ends(fleet: ChainFleet, s: HFedMSStrategy, bad: str, fault: str, horizon_s: float) -> tuple[float, float] | None:
@@ -259,3 +261,62 @@ def test_a_device_gone_before_its_turn_holds_the_chain_up_to_the_timeout() -> No
     while s.round < 2:
         fleet.step()
     assert float(fleet.commits[-1].weights[0]) == 4.0 and s.chain_breaks == 0  # round 2: 2s + 2
+
+
+# --------------------------------------------------------------------------- a step failing mid-chain (helper-172)
+
+
+@pytest.mark.parametrize("fault", [*FAULTS, "refused_silent"])
+def test_a_chain_step_failing_mid_chain_holds_the_chain_at_most_the_step_timeout(fault: str) -> None:
+    """The second step of chain 1 (its device continues the first's model) fails: refused (a seq
+    jump, a short vector, NaN, n_samples 1e9), its invitation lost, its device gone, or refused and
+    then silent (no pull after the refusal, so never back in the waiting set). The chain moves on
+    within 1 s (refused: re-invited once, then reassigned), 60 s (lost invitation) or the step
+    timeout (300 s floor, the next minute's timer: gone, or refused and silent); the round's model
+    is the honest chains' 2s: the step given away continues the first step's model."""
+    fleet, s = chains()
+    (first,) = fleet.invite
+    assert fleet.step(first) == "accepted"
+    (bad,) = fleet.invite
+    assert s._pos == 1 and bad == s.selected[0][1]
+    if fault == "refused_silent":
+        fail(fleet, bad, "seq_jump", pull_again=False)
+        assert bad not in fleet.core.deferred
+    else:
+        fail(fleet, bad, fault)
+    took = run_until_round_ends(fleet, s, bad, "offline" if fault == "refused_silent" else fault, horizon_s=3 * 3600.0)
+    assert took is not None, f"stalled: invited {sorted(fleet.invite)}"
+    moved, _ended = took
+    assert float(fleet.commits[-1].weights[0]) == 2.0 and s.chain_breaks == 0 and s.round == 1
+    d = s.describe()
+    if fault == "invite_lost":
+        assert d["reinvited"] == 1 and "reassigned" not in d and moved < 60.0
+    elif fault in ("offline", "refused_silent"):
+        assert d["timed_out"] == 1 and d["reassigned"] == 1 and 300.0 <= moved <= 360.0
+    else:
+        assert d["reinvited"] == 1 and d["reassigned"] == 1 and "timed_out" not in d and moved < 1.0
+
+
+def test_a_refused_chain_step_whose_next_pull_is_rate_limited_waits_for_its_retry() -> None:
+    """The chain's second device is refused (a seq jump) and its pull after the ack is dropped by
+    the rate limit (one pull per 100 s): it is not in the waiting set, so the chain waits (at most
+    the step timeout). Its retry once the bucket refills puts it back: invited again, its step
+    taken; the round's model is the honest 2s."""
+    s = make_strategy("hfedms", beta=2, kappa=1.0, population=4, regroup_every=100, rounds=1)
+    assert isinstance(s, HFedMSStrategy)
+    cfg = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, signer=SIGNER, pull_burst=1.0, pull_refill_s=100.0)
+    fleet = ChainFleet(CoordinatorCore(cfg, s, Snapshot(version=0, weights=vec(0.0)), rng=random.Random(0)), "abcd")
+    (first,) = fleet.invite
+    assert fleet.step(first) == "accepted"  # (its own pull after the ack: dropped too, it has no step left)
+    (bad,) = fleet.invite
+    fail(fleet, bad, "seq_jump")  # ... and its pull after the refusal
+    assert fleet.core.counters["reject:rate_limited"] == 2 and bad not in fleet.core.deferred
+    fleet.now += 60.0
+    fleet.take(fleet.core.handle(TimerFired(now=fleet.now)))
+    assert not fleet.invite and s.expecting == bad  # waiting for it (the step timeout is 300 s)
+    fleet.now += 60.0  # 120 s after: the bucket holds a token again
+    fleet.pull(bad)
+    assert list(fleet.invite) == [bad] and s.describe()["reinvited"] == 1
+    while s.round < 1:
+        assert fleet.step() == "accepted"
+    assert float(fleet.commits[-1].weights[0]) == 2.0 and s.chain_breaks == 0 and "timed_out" not in s.describe()
