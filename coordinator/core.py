@@ -1786,7 +1786,7 @@ class CoordinatorCore:
         elif self._gate is not None:
             if self.strategy.candidate(self._view):  # (HFedMS: its round's model, not a chain's step)
                 self._pending_actions += self._submit_candidate(self._gate, weights, tuple(meta.get("devices", ())), now)
-        elif not self._pinned:
+        elif not self._pinned and self.strategy.candidate(self._view):  # (HFedMS: a chain's step is no release)
             self._release_version, self._release_weights = self._version, weights
         return CommitVersion(
             version=self._version,

@@ -349,8 +349,6 @@ def test_a_gated_hfedms_round_submits_only_its_model_to_the_gate() -> None:
     assert fleet.evaluations == [4]  # today: [1, 2, 3, 4]
 
 
-@pytest.mark.xfail(strict=True, reason="needs core change: CoordinatorCore._commit, without a gate, releases a commit only "
-                                       "if Strategy.candidate (helper-172's report)")
 def test_an_ungated_hfedms_releases_only_its_round_models() -> None:
     """Without a gate every commit became the release: each chain step (one device's continuation
     of another's) and the chain's reset were what every device predicts with (a serving pull got

@@ -125,7 +125,8 @@ class ModelMsg:
     release: int = NO_VERSION
     """The coordinator's release (the version devices predict with). A model whose
     ``version`` equals it is the release; a newer one is a training-line candidate that the
-    device trains from but does not serve. ``-1``: no gate, every version is a release."""
+    device trains from but does not serve. Without a gate every version the strategy calls a
+    candidate is a release when committed (all of them but HFedMS's chain steps)."""
     epoch: int = NO_EPOCH
     """The coordinator's numbering: created with its state dir (microseconds since 1970), so
     a coordinator that lost its state dir and counts from 0 again numbers in a newer epoch.
