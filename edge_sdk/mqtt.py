@@ -136,6 +136,12 @@ STABLE_S = 10.0
 (own_loop; paho's own loop resets it at every CONNACK)."""
 SHORT_DROPS = 3
 """Connections closed before STABLE_S this many times in a row: a flapping link, or another client with our id."""
+DUPLICATE_RECONNECT_S = 60.0
+"""After :meth:`MqttTransport.yield_session` (its owner found another client using its id): the wait
+before taking the session back from a client that took it within STABLE_S of our connecting. Two
+devices on one id swapped the session every 1.4 s with paho's 1 s back-off (tests/duplicate_measure.py:
+42 swaps each in 60 s, each connection 0.5-1.0 s); with this wait each keeps it for a stretch (the
+other's wait: 30-60 s, jittered), long enough for its rounds, while the other holds its labels."""
 JITTER = 0.5
 """Each reconnect wait is drawn from [delay × (1 - JITTER), delay]: clients that lost the same broker at
 the same moment (a restart) spread their reconnects instead of arriving together at every doubling."""
@@ -447,6 +453,9 @@ class MqttTransport:
         self._client_id = client_id
         self._connected_at: float | None = None
         self._short_drops = 0
+        self._yield_s = 0.0  # yield_session: the wait after a takeover
+        self.yielded = 0
+        """Waits of :meth:`yield_session`'s length after a connection taken over within STABLE_S."""
         self.short_drop_runs = 0
         """Runs of :data:`SHORT_DROPS` connections in a row closed before STABLE_S (a flapping link, or
         another client with our id): the first said at WARNING, later ones at INFO."""
@@ -563,6 +572,16 @@ class MqttTransport:
         # its error text only explains a first connection that fails (_handle_disconnect).
         with self._lock:
             self._client.on_log = None
+
+    def yield_session(self, wait_s: float = DUPLICATE_RECONNECT_S) -> None:
+        """Another client uses our id (the owner's verdict: the broker hands the session to whichever
+        connected last): from now on a connection closed within STABLE_S of being accepted is followed by
+        a wait of ``wait_s`` (jittered) before we connect again, instead of the back-off's 1 s, so one of
+        the two keeps the session for a stretch instead of both swapping it every second. A connection
+        that lasted STABLE_S, and every failed attempt, keep the usual back-off."""
+        if not wait_s > 0:
+            raise ConfigError(f"wait_s must be > 0 s, got {wait_s!r}")
+        self._yield_s = float(wait_s)
 
     def _how(self) -> str:
         """The command's own words for passing credentials (:attr:`BrokerAuth.hint`), if any."""
@@ -979,6 +998,15 @@ class MqttTransport:
                 self._reconnect_delay, self._short_drops = RECONNECT_MIN_S, 0
             else:
                 self._short_drops += 1
+                if self._yield_s:  # another client with our id took the session: leave it to it a while
+                    self.yielded += 1
+                    wait = self._jittered(self._yield_s)
+                    if self.own_loop:
+                        self._reconnect_at = now + wait
+                    else:
+                        self._client.hold_s = wait  # (paho's loop waits it once: _Client._reconnect_wait)
+                    log.info("broker %s: another client with the id %r took the session %.1f s after we connected; "
+                             "leaving it to that client for %.0f s", self.address.url, self._client_id, lasted, wait)
             why = "the broker closed it" if str(reason) == "Unspecified error" else str(reason)  # (MQTT 3.1.1 gives no reason)
             if self._short_drops == SHORT_DROPS:
                 # MQTT 3.1.1 gives no reason: a link cut every few seconds and a second client with our id
@@ -1197,6 +1225,8 @@ class _Client(paho.Client):
         """Times a PINGRESP was waited for a keepalive more because bytes still moved (see :meth:`loop_misc`)."""
         self.jitter: Callable[[float], float] = lambda delay: delay
         """The wait before a reconnect, from paho's back-off delay (:meth:`MqttTransport._jittered`)."""
+        self.hold_s = 0.0
+        """The next reconnect waits at least this long, once (:meth:`MqttTransport.yield_session`)."""
 
     def _sock_recv(self, bufsize: int) -> bytes:
         data = super()._sock_recv(bufsize)
@@ -1320,7 +1350,8 @@ class _Client(paho.Client):
             delay = self._reconnect_min_delay if self._reconnect_delay is None else min(
                 self._reconnect_delay * 2, self._reconnect_max_delay)
             self._reconnect_delay = delay
-        deadline = time.monotonic() + self.jitter(delay)
+        wait, self.hold_s = max(self.jitter(delay), self.hold_s), 0.0
+        deadline = time.monotonic() + wait
         while not self._thread_terminate and self._state not in _DISCONNECT_STATES:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self.stopping.wait(min(remaining, 1.0)):
