@@ -80,6 +80,7 @@ from edge_sdk.errors import (
 )
 from edge_sdk.modelio import load_model, save_model
 from edge_sdk.mqtt import (
+    DUPLICATE_RECONNECT_S,
     KEEPALIVE_S,
     BrokerAuth,
     MqttTransport,
@@ -175,7 +176,7 @@ EVENTS = frozenset({
     "*", "model", "trained", "update_acked", "update_rejected", "deferred", "retry", "training_failed", "training_unavailable",
     "message_rejected", "store_recovered", "scc_cache_dropped", "failover", "canary", "canary_reported", "canary_dropped",
     "model_older", "storage", "key_pinned", "recalled", "seq_conflict", "seq_behind", "epoch", "pull_rejected", "training_crashed",
-    "connection",
+    "connection", "duplicate_id",
 })
 """What :meth:`EdgeClient.on` subscribes to: the device core's notifications and the client's own."""
 
@@ -645,6 +646,14 @@ class EdgeClient:
         return self._started and self.transport.connected
 
     @property
+    def duplicate_id(self) -> bool:
+        """True once this device found another device using its id (a cloned SD card or VM image: the
+        coordinator kept taking updates under this id's sequence numbers that this device never sent).
+        Both keep working, taking turns on the broker (see :data:`~edge_sdk.mqtt.DUPLICATE_RECONNECT_S`);
+        give one of them a new device id and its own data dir, or re-provision it."""
+        return self.core.state.duplicate_id
+
+    @property
     def version(self) -> int | None:
         """The deployed model's version (what :meth:`predict` uses), None before the first."""
         with self._lock:
@@ -772,7 +781,9 @@ class EdgeClient:
         again under a new one), ``seq_behind`` (``seq``, ``watermark``: it holds updates of this id more than 100,000 seqs
         ahead — a lost store of a long-used id, or a forged ack — which this device cannot pass on its own; logged once
         per watermark, and the update stays pending), ``pull_rejected`` (``seq``, ``reason``: the coordinator refused a
-        pull, e.g. ``unknown_model`` when it serves another task; logged once per reason, and the pull is retried)
+        pull, e.g. ``unknown_model`` when it serves another task; logged once per reason, and the pull is retried),
+        ``duplicate_id`` (``device``, ``conflicts``: another device uses this id — a cloned image — said once at
+        ERROR; see :attr:`duplicate_id`)
         (or ``*`` for all)."""
         if kind not in EVENTS:
             raise ConfigError(f"no notification is called {kind!r}; use one of {', '.join(sorted(EVENTS))}")
@@ -1128,6 +1139,15 @@ class EdgeClient:
             log.warning("device %s: the last process died while training (%s in a row: killed for memory? a native "
                         "crash?); no training for %.0f s", self.core.config.device_id, note.data.get("crashes"),
                         note.data.get("retry_in_s", 0.0))
+        elif note.kind == "duplicate_id":  # (the core says it once)
+            self.transport.yield_session()
+            log.error("device %s: another device is using this device id (a cloned SD card or VM image?): the coordinator "
+                      "took updates under this id's sequence numbers that this device never sent (%s times), and the broker "
+                      "hands the id's connection to whichever connected last. Give one of them a new device id with its own "
+                      "data dir (and, with a broker that checks identities, its own bundle: edgeci pki issue), or re-provision "
+                      "it. Meanwhile both keep working, taking turns: this one leaves the connection to the other for about "
+                      "%.0f s each time it is taken over", self.core.config.device_id, note.data.get("conflicts"),
+                      DUPLICATE_RECONNECT_S)
         elif note.kind == "seq_behind" and note.data.get("watermark") != self._seq_behind_said:
             self._seq_behind_said = note.data.get("watermark")
             log.warning("device %s: the coordinator holds updates of this device id up to seq %s, more than %d above this "

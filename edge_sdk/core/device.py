@@ -74,7 +74,9 @@ counts as success only when it echoes that nonce, or carries none with the devic
 as the watermark (a restarted coordinator no longer knows the nonce of the last update it
 accepted). Otherwise someone else took the seq, or the device numbers below seqs it never sent
 (a reinstall that lost its store starts again at 0): the device moves past the coordinator's
-watermark and sends the same weights again under a fresh seq (``seq_conflicts``). An update deferred for
+watermark and sends the same weights again under a fresh seq (``seq_conflicts``); so does an ``accepted`` ack
+that echoes a nonce not its own (a coordinator that echoes it: the update accepted under that seq was
+another sender's). An update deferred for
 the coordinator's storage stays pending and is retried with back-off. A training job that
 fails — or returns non-finite weights — returns the device to IDLE with a back-off. An update
 refused because its base version was abandoned by a rollback (``base_rejected``: the release
@@ -83,6 +85,14 @@ coordinator will not build on; its samples are trained again from the current tr
 (``trained_upto`` rolls back, as after a failed job); so are those of an update a coordinator
 that selects its devices did not take (``not_selected``: it forgot a straggler or restarted).
 Other refusals end the round.
+
+Two devices on one id (a cloned SD card or VM image: the same id and a copy of one store, so the same
+seqs). A reinstall meets the coordinator's watermark once and moves past it for good; a clone keeps
+meeting seqs the other took, so the ``DUPLICATE_CONFLICTS``-th seq conflict in a process is the
+verdict: ``Notify(duplicate_id)`` once, ``state.duplicate_id`` set (the driver says it at ERROR and
+stops taking the MQTT session back at once from the other, which the broker hands to whichever
+connected last). Nothing else changes: each conflict's update is still sent again under a fresh seq,
+so neither clone's samples are lost and none is applied twice (the coordinator's ``(device, seq)``).
 
 Failover. A device may list ``fallback_regions`` after its home ``region``. It reads its
 downstream topics and the coordinators' retained status in all of them, and uses one region
@@ -144,6 +154,8 @@ Transitions (event → action, new phase)::
     not TRAINING  TrainingFinished / TrainingFailed of a dropped job → MarkTraining(cleared)  (unchanged)
     PUSHING   Ack(accepted | own duplicate)→ Notify, then pull if wanted   IDLE / PULLING
     PUSHING   Ack(duplicate, other nonce)  → Persist, Publish(update, new seq)  PUSHING
+    PUSHING   Ack(accepted, other nonce ≠ 0) → Persist, Publish(update, new seq)  PUSHING
+              (either, the DUPLICATE_CONFLICTS-th time) + Notify(duplicate_id), once
     PUSHING   Ack(deferred: storage)       → retry later, same seq         PUSHING
     PUSHING   Ack(rejected: base_rejected | not_selected) → Persist, Notify, pull (same samples again)  PULLING
     PUSHING   Ack(rejected, other reason)  → Persist, Notify                IDLE
@@ -259,6 +271,10 @@ MAX_WATERMARK_JUMP = 100_000
 """The furthest a ``duplicate`` ack may move the device's seq past its own (the coordinator's
 ``max_seq_jump``): a forged ack with a huge watermark would otherwise make every later request
 a ``seq_jump`` there, for ever (acks are not signed)."""
+DUPLICATE_CONFLICTS = 2
+"""Seq conflicts in one process that mean another device uses this id: a reinstall that lost its store
+meets the coordinator's watermark once (it then numbers above it); a clone of this device keeps taking
+seqs (measured with two clones on one id, tests/duplicate_measure.py: 28 conflicts in 60 s)."""
 CANARY_FETCH_TRIES = 3
 """A canary fetch unanswered after this many tries abandons the canary request."""
 CANARY_NONCES_KEPT = 8
@@ -425,6 +441,8 @@ class DeviceState:
     """Training jobs in a row that died with the process (seen at a restart: ``MarkTraining``)."""
     pins: dict[str, bytes] = field(default_factory=dict)
     seq_conflicts: int = 0
+    duplicate_id: bool = False
+    """Another device uses this id (``DUPLICATE_CONFLICTS`` seq conflicts in this process): said once."""
     release_wanted: int = NO_VERSION
     """A release newer than the deployed model was announced: fetch it when idle."""
     region: str = ""
@@ -946,6 +964,10 @@ class DeviceCore:
                 # more than MAX_WATERMARK_JUMP requests before cannot get past this on its own.
                 return [Notify(kind="seq_behind", data={"seq": msg.seq, "watermark": msg.watermark, "nonce": msg.nonce})]
             return self._resend_under_new_seq(pending, msg, now)
+        if msg.status == "accepted" and pending is not None and msg.nonce not in (0, pending.nonce):
+            # Accepted under our seq, but another nonce (a coordinator that echoes it; 0: one that does
+            # not, taken as ours as before): the other sender's update, not ours — ours would be lost.
+            return self._resend_under_new_seq(pending, msg, now)
         s.phase, s.deadline, s.pending_seq, s.pending_payload, s.attempts = _IDLE, None, NO_VERSION, b"", 0
         s.pending_update = None
         if msg.status in ("accepted", "duplicate"):
@@ -979,7 +1001,17 @@ class DeviceCore:
             Publish(topic=self._t_update, payload=s.pending_payload, qos=1),
             ScheduleTimer(at=s.deadline),
             Notify(kind="seq_conflict", data={"old_seq": pending.seq, "new_seq": seq, "watermark": ack.watermark}),
+            *self._duplicate_verdict(),
         ]
+
+    def _duplicate_verdict(self) -> list[DeviceAction]:
+        """``Notify(duplicate_id)`` at the ``DUPLICATE_CONFLICTS``-th seq conflict, once."""
+        s = self._s
+        if s.duplicate_id or s.seq_conflicts < DUPLICATE_CONFLICTS:
+            return []
+        s.duplicate_id = True
+        s.counters["duplicate_id"] = 1
+        return [Notify(kind="duplicate_id", data={"device": self.config.device_id, "conflicts": s.seq_conflicts})]
 
     def _persist(self) -> PersistDeviceState:
         """The state to make durable: while a round's samples are being trained or pushed, the
