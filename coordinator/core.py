@@ -258,6 +258,13 @@ class UpdateConverted:
 CoordinatorEvent = MessageReceived | TimerFired | StorageChanged | CandidateEvaluated | VersionLoaded | UpdateConverted
 
 
+DUPLICATE_DEVICE_CONFLICTS = 2
+"""Updates under a device's last accepted seq with another nonce before the id is called a duplicate
+(two devices on one id: a cloned image). A reinstall that lost its store meets that once."""
+MAX_SEQ_CONFLICT_IDS = 1024
+"""Device ids whose seq conflicts are counted, and duplicate ids remembered (bounded: ids are free)."""
+
+
 @fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PersistUpdate:
@@ -752,6 +759,10 @@ class CoordinatorCore:
         self._unpulled_grace: set[str] = set()
         """Devices whose one update after this core started was taken without a pull it served (``require_pull``)."""
         self._last_nonce: dict[str, tuple[int, int]] = {}
+        # Devices whose last accepted seq came again with another nonce (another sender of that id:
+        # a cloned device image), and how often; the second time the id is called a duplicate, once.
+        self._seq_conflicts: dict[str, int] = {}
+        self._duplicate_ids: set[str] = set()
         self._last_pull_seq: dict[str, int] = {}
         self._tokens: dict[str, tuple[float, float]] = {}
         self._rate_note: tuple[float, int] = (-math.inf, 0)
@@ -930,6 +941,7 @@ class CoordinatorCore:
                 **self._presence_status(),
                 "pulls_serving": c["pulls_serving"],
                 "pulls_unchanged": c["pulls_unchanged"],
+                "duplicate_devices": c["duplicate_device"],
                 "signed": self.config.signer is not None,
                 "signing_key": self.config.signer.kid if self.config.signer is not None else "",
             },
@@ -1406,7 +1418,7 @@ class CoordinatorCore:
             seq_nonce = self._last_nonce.get(msg.device)
             nonce = seq_nonce[1] if seq_nonce is not None and seq_nonce[0] == msg.seq else 0
             ack = Ack(device=msg.device, seq=msg.seq, status="duplicate", version=self._version, nonce=nonce, watermark=watermark)
-            return [self._publish(ack_topic, encode(ack))]
+            return [*self._seq_conflict(msg, nonce), self._publish(ack_topic, encode(ack))]
         ref = watermark if watermark != NO_VERSION else self._last_pull_seq.get(msg.device)
         if ref is not None and msg.seq > ref + cfg.max_seq_jump:
             raise SeqJump(f"update seq {msg.seq} is more than {cfg.max_seq_jump} above {ref}")
@@ -1485,8 +1497,29 @@ class CoordinatorCore:
         else:
             self._buffer_update(update)
             self.strategy.on_update(self._view, self._as_applied(update), now)
-        ack = Ack(device=msg.device, seq=msg.seq, status="accepted", version=self._version)
+        # The nonce echoed: a device that holds the id's session while another one's update is accepted
+        # under the same seq (two devices on one id) cannot take that ack for its own update.
+        ack = Ack(device=msg.device, seq=msg.seq, status="accepted", version=self._version, nonce=msg.nonce)
         return [*actions, self._publish(ack_topic, encode(ack))]
+
+    def _seq_conflict(self, msg: Update, accepted_nonce: int) -> list[CoordinatorAction]:
+        """An update under the seq last accepted from its device, with another nonce: another sender of
+        that id (or a reinstall, once). The second time for one id it is called a duplicate device:
+        counted (``duplicate_device``) and said once (``Notify(duplicate_device)``); nothing else changes
+        (the ack is the ``duplicate`` it was: the sender moves past the watermark with its weights)."""
+        if accepted_nonce in (0, msg.nonce) or msg.nonce == 0 or msg.device in self._duplicate_ids:
+            return []
+        if msg.device not in self._seq_conflicts and len(self._seq_conflicts) >= MAX_SEQ_CONFLICT_IDS:
+            return []  # (bounded: a flood of forged ids costs nothing more)
+        seen = self._seq_conflicts[msg.device] = self._seq_conflicts.get(msg.device, 0) + 1
+        if seen < DUPLICATE_DEVICE_CONFLICTS:
+            return []
+        del self._seq_conflicts[msg.device]
+        if len(self._duplicate_ids) < MAX_SEQ_CONFLICT_IDS:
+            self._duplicate_ids.add(msg.device)
+        self.counters["duplicate_device"] += 1
+        self._status_dirty = True
+        return [Notify(kind="duplicate_device", data={"device": msg.device, "seq": msg.seq})]
 
     def _buffer_update(self, update: BufferedUpdate) -> None:
         if not self._buffer:

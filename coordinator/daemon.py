@@ -1186,6 +1186,12 @@ class CoordinatorDaemon:
                             "said so, unsigned; the newest: epoch %s). %s",
                             d.get("device"), d.get("version"), d.get("epoch"), d.get("own"), d.get("own_version"), d.get("count"),
                             highest, advice)
+            elif action.kind == "duplicate_device":  # (the core says it once per id)
+                log.error("device id %r is used by two devices (a cloned SD card or VM image?): updates under its last "
+                          "accepted sequence number keep coming with another nonce. Both are served (each update applied "
+                          "once), but they take the id's MQTT session from each other; give one of them a new device id "
+                          "with its own data dir (and its own bundle: edgeci pki issue), or re-provision it "
+                          "(edgeci_duplicate_devices counts such ids)", action.data.get("device"))
             else:
                 log.debug("%s %s", action.kind, action.data)
         else:

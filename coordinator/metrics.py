@@ -211,6 +211,9 @@ class _SnapshotCollector:
         yield traffic
         yield CounterMetricFamily("edgeci_aggregations", "Aggregations (new versions from updates)",
                                   value=c("aggregations", "", x.get("aggregations", 0), bx.get("aggregations", 0)))
+        yield CounterMetricFamily("edgeci_duplicate_devices", "Device ids found in use by two devices at once (a cloned "
+                                  "image: updates under one seq with two nonces), each said once at ERROR",
+                                  value=c("duplicate_devices", "", x.get("duplicate_devices", 0), bx.get("duplicate_devices", 0)))
         yield GaugeMetricFamily("edgeci_buffered_updates", "Accepted updates waiting for aggregation", value=s.buffered)
         yield GaugeMetricFamily("edgeci_devices_seen", "Devices that pulled or pushed since the state dir began",
                                 value=s.devices_seen)

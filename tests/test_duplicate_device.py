@@ -5,7 +5,7 @@ connection 0.5-1.0 s; 28 seq conflicts; nothing said but the transport's ambiguo
 
 The device calls it at its second seq conflict (a reinstall has one), says it once at ERROR, shows it
 in ``state.duplicate_id`` and leaves the session to the other for a stretch after each takeover
-(``MqttTransport.yield_session``). The coordinator's side needs coordinator/core.py (xfail here)."""
+(``MqttTransport.yield_session``). The coordinator counts such an id too (`duplicate_devices`) and echoes the nonce in its accepted acks."""
 
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ def test_an_accepted_ack_echoing_another_nonce_is_not_taken_for_this_devices_upd
     """Two clones with one store send the same seq; the coordinator accepts one of them and its
     ``accepted`` ack goes to the id's session, which the other may hold. On main the other took it as
     its own: its round acknowledged, its weights never applied. With a nonce in the ack (a coordinator
-    that echoes it: see the xfail below) the device sends its update again under a new seq; an ack
+    that echoes it) the device sends its update again under a new seq; an ack
     without one (a coordinator from before) is taken as before."""
     d = device()
     mine = train_and_push(d)
@@ -277,8 +277,6 @@ def _interleaved(c: Any) -> list[object]:
     return acts
 
 
-@pytest.mark.xfail(strict=True, reason="needs core change: coordinator/core.py counts an id whose seqs carry two nonces "
-                   "(duplicate_devices in status, Notify(duplicate_device) once per id): see helper-170's report")
 def test_the_coordinator_counts_and_says_once_an_id_used_by_two_devices() -> None:
     c = make_coordinator(k=10, timeout_s=None)
     acts = _interleaved(c)
@@ -296,8 +294,6 @@ def test_a_reinstall_is_not_counted_as_two_devices_on_one_id() -> None:
     assert not notes(acts, "duplicate_device") and not c.counters["duplicate_device"]
 
 
-@pytest.mark.xfail(strict=True, reason="needs core change: coordinator/core.py echoes the update's nonce in its "
-                   "accepted ack, so a clone holding the id's session cannot take the other's for its own")
 def test_an_accepted_ack_echoes_the_updates_nonce() -> None:
     c = make_coordinator(k=10, timeout_s=None)
     (ack,) = published(c.handle(to_coord(0.0, DEV, "update", update(DEV, 1, nonce=77))), "ack")
