@@ -35,9 +35,13 @@ coordinator ``(i + r) mod |C|``, which replaces its stellar model with it (``r �
 own master). Rotation sends one model per coordinator per round and never waits.
 
 Restart: planet *versions*, ``v_s`` and the rotation clock are checkpointed with every
-version; the planet *weights* are not (K model copies per commit would multiply the
-registry's size), so after a restart every planet and the stellar model restart from the
-deployed master — a soft reset that keeps the version weighting.
+version (the strategy's checkpoint adds when the stellar model arrived and the mean version
+last sent). The planet and stellar *weights* (K + 1 model copies) are not in any commit's
+metadata: the strategy hands them over as ``checkpoint_arrays`` for the registry to keep
+beside the newest version only. Where none are kept for the restored version (a registry
+without that support, a missing or damaged file) every planet and the stellar model restart
+from the deployed master — a soft reset that keeps the version weighting — and the strategy
+says so.
 
 The paper's reward-guided container selection and cost-aware resource assignment
 (eq. 4–9) are the strategy's ``selection`` / ``resources`` parameters (off by default: then

@@ -153,6 +153,19 @@ class Strategy:
     def restore_state(self, state: Mapping[str, Any]) -> None:
         """Undo :meth:`checkpoint` at start, before pending updates are restored."""
 
+    def checkpoint_arrays(self) -> dict[str, Vector]:
+        """Model-sized state at the version just committed (FedAdam's moments), by name, for the
+        registry to keep beside the newest version only: one file tagged with that version, written
+        before the commit is acknowledged (never base64 in each commit's JSON, as :meth:`checkpoint`
+        is). Taken with :meth:`checkpoint`; ``{}``: nothing to keep (the default: no file)."""
+        return {}
+
+    def restore_arrays(self, arrays: Mapping[str, Vector] | None) -> str | None:
+        """Undo :meth:`checkpoint_arrays` at start, after :meth:`restore_state`: the arrays kept
+        with the restored version, or None when there are none for it (a file from another version,
+        missing or unreadable). Returns a line for the log when state had to start afresh, else None."""
+        return None
+
     def describe(self) -> dict[str, Any]:
         """Parameters for status and logs."""
         return {"name": self.name}
