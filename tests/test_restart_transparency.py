@@ -197,7 +197,7 @@ KILLS = (1, 5, 12)
 EXPECTED: dict[str, tuple[str, tuple[int, ...]]] = {
     "spin-deltas": (HISTORY, (5, 12)),  # (the first update has no stale base)
     "nebula": (PLANETS, (5, 12)),
-    "port": (ROUNDS, KILLS),
+    "port": (ROUNDS + "; and " + HISTORY, KILLS),  # (PORT's similarity and the clip norms read weights_at(base))
     "fedbuff": (ROUNDS, KILLS),
     "fedavg": (ROUNDS, KILLS),
     "fedopt": (ROUNDS, KILLS),
