@@ -291,6 +291,9 @@ class CommitVersion:
     tallies: Tallies | None = None
     """The peering's per-device counts changed since the previous commit (``Peering.take_tallies``:
     the registry keeps the cumulative map as it keeps ``applied_upto``); None: it keeps none."""
+    arrays: Mapping[str, Vector] = field(default_factory=dict)
+    """The strategy's :meth:`~coordinator.strategies.base.Strategy.checkpoint_arrays` at ``version``
+    (FedAdam's moments): kept by the registry beside the newest version only, not in the metadata."""
 
 
 @fast_init
@@ -522,6 +525,11 @@ class Snapshot:
     peer_tallies: Mapping[str, int] | None = None
     """The peering's per-device counts at ``version`` (``CommitVersion.tallies`` accumulated by the
     registry); None: none recorded (older state dirs kept them inside ``peer_state``)."""
+    strategy_arrays: Mapping[str, Vector] | None = None
+    """The strategy's ``checkpoint_arrays`` kept with ``version`` (None: none kept for it)."""
+    history: Mapping[int, Vector] = field(default_factory=dict)
+    """Versions before ``version`` still on disk (the newest few): ``weights_at`` for the stale
+    updates in ``buffer`` and those arriving after the restart, as before it."""
     strategy_state: Mapping[str, Any] = field(default_factory=dict)
     """The strategy's :meth:`~coordinator.strategies.base.Strategy.checkpoint` at ``version`` (the
     robust defences' windows and counts, a server optimizer's round, ...), restored before the
@@ -626,7 +634,11 @@ class CoordinatorCore:
         self._version_floor = int(snapshot.version_floor)
         self._epoch = int(snapshot.epoch)
         self._recovered_from = tuple(snapshot.recovered_from)
-        self._history: dict[int, Vector] = {self._version: self._weights}
+        self._history: dict[int, Vector] = {
+            v: np.array(spec.check(np.asarray(w, dtype=np.float32)), copy=True)
+            for v, w in sorted(snapshot.history.items())[-(config.keep_versions - 1):] if v < self._version
+        } if config.keep_versions > 1 else {}
+        self._history[self._version] = self._weights
         if snapshot.release_version >= 0 and snapshot.release_weights is not None and snapshot.release_version != self._version:
             self._release_version = int(snapshot.release_version)
             self._release_weights = np.array(spec.check(np.asarray(snapshot.release_weights, dtype=np.float32)), copy=True)
@@ -793,10 +805,15 @@ class CoordinatorCore:
             self._strategy_changed = (str(snapshot.strategy_name), strategy.name)
         elif snapshot.strategy_state:
             strategy.restore_state(snapshot.strategy_state)  # before the pending updates go back into it
+        self._arrays_note = strategy.restore_arrays(snapshot.strategy_arrays) if self._strategy_changed is None else None
         for u in sorted(snapshot.buffer, key=lambda u: (u.arrived_at, u.device, u.seq)):
             if u.seq <= self._applied_upto.get(u.device, -1):
                 continue  # applied by the last commit; its file outlived the crash
             self._buffer_update(u)
+            # Accepted after the commit the counters come from: counted then, lost with the process.
+            # (Exact unless a converting policy kept an update parked across that commit.)
+            self.counters["accepted"] += 1
+            self.staleness_hist[min(u.staleness, STALENESS_HISTOGRAM_CAP)] += 1
             self.strategy.on_restore(self._view, self._as_applied(u))  # averaging strategies rebuild their fold
 
     # ------------------------------------------------------------------ view (for strategies)
@@ -962,6 +979,9 @@ class CoordinatorCore:
             was, now_name = self._strategy_changed
             changed.append(Notify(kind="strategy_changed", data={"was": was, "now": now_name}))
             self._strategy_changed = None
+        if self._arrays_note is not None:  # said once, at the start (the daemon logs it)
+            changed.append(Notify(kind="strategy_state_lost", data={"detail": self._arrays_note}))
+            self._arrays_note = None
         if self._floor_dropped is not None:  # said once, at the start (the daemon logs it)
             changed.append(Notify(kind="gate_floor_dropped", data=self._floor_dropped))
             self._floor_dropped = None
@@ -1828,6 +1848,7 @@ class CoordinatorCore:
             consumed=consumed,
             devices_added=self._take_devices_added(),
             tallies=self.peering.take_tallies(),
+            arrays=self.strategy.checkpoint_arrays(),
             metadata={
                 "created_at": now,
                 "strategy": self.strategy.name,

@@ -1151,6 +1151,8 @@ class CoordinatorDaemon:
                 log.warning("this state dir last ran with strategy %r, now %r: the %s state (the robust defences' windows "
                             "and counts, rounds, …) is not carried over (the new one starts afresh: robust defences from empty windows)",
                             action.data.get("was"), action.data.get("now"), action.data.get("was"))
+            elif action.kind == "strategy_state_lost":  # its model-sized state (FedAdam's moments) not kept for this version
+                log.warning("RECOVERY: %s", action.data.get("detail"))
             elif action.kind == "gate_floor_dropped":
                 log.info("gate: the best-release floor (%.4f) is not restored: %s (was %s, now %s); the gate starts "
                          "without one", action.data.get("best"), action.data.get("why"), action.data.get("was"),

@@ -90,6 +90,7 @@ import socket
 import struct
 import threading
 import time
+import zipfile
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -228,6 +229,10 @@ def _parses_as_object(path: Path) -> bool:
         return _is_release_record(json.loads(path.read_bytes()))
     except (OSError, ValueError):
         return False
+
+
+HISTORY_VERSIONS = 7
+"""Versions before the restored one handed to the core (its ``weights_at``): the daemon's core keeps 8."""
 
 
 class RegistryError(EdgeciError):
@@ -851,6 +856,8 @@ class Registry:
         meta_json = _meta_json(version, meta)
         weights = self.spec.check(np.ascontiguousarray(action.weights, dtype=np.float32))
         records = [encode_record(u) for u in staged] + [_record(_version_body(version, weights, meta_json))]
+        if action.arrays:  # durable before the version's record: acknowledged with it, never after
+            self._write_arrays(version, action.arrays)
         self._append(records, staged, version, sync=False)
         self._logged[version] = (weights, meta_json)
         whole = meta.get("tallies")
@@ -1018,8 +1025,54 @@ class Registry:
                 self._checkpoint_due = version
             else:
                 self._checkpoint(version)
+        if action.arrays:
+            self._drop_arrays(keep=version)
         self._prune()
         self._drop_applied()
+
+    # ------------------------------------------------------------------ the strategy's arrays
+
+    def _arrays_path(self, version: int) -> Path:
+        return self.root / f"strategy-arrays-{version:09d}.npz"
+
+    def _write_arrays(self, version: int, arrays: Mapping[str, Vector]) -> None:
+        """The strategy's model-sized state at ``version``, one .npz tagged with it, atomically
+        (fsynced, then renamed into place). The one of the version before stays until this one's
+        commit is durable (:meth:`_drop_arrays`)."""
+        payload: dict[str, Any] = {str(k): np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}
+        payload["__version__"] = np.array(version, dtype=np.int64)
+        buf = io.BytesIO()
+        np.savez(buf, **payload)
+        _write_atomic(self._arrays_path(version), buf.getvalue())
+
+    def _drop_arrays(self, keep: int) -> None:
+        for path in self.root.glob("strategy-arrays-*.npz"):
+            if path != self._arrays_path(keep):
+                path.unlink(missing_ok=True)
+
+    def _read_arrays(self, version: int) -> dict[str, Vector] | None:
+        """The arrays kept with ``version``, or None (none, another version's, unreadable: said)."""
+        path = self._arrays_path(version)
+        if not path.exists():
+            return None
+        try:
+            with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as npz:  # (no file handle left open on a bad one)
+                if "__version__" not in npz.files or int(npz["__version__"]) != version:
+                    raise ValueError("tagged with another version")
+                return {k: np.asarray(npz[k], dtype=np.float32) for k in npz.files if k != "__version__"}
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            log.warning("RECOVERY: %s is unreadable (%s): the strategy's model-sized state starts afresh", path, exc)
+            return None
+
+    def _read_history(self, version: int, n: int) -> dict[int, Vector]:
+        """Up to ``n`` readable versions before ``version``, newest first (an unreadable one is skipped)."""
+        out: dict[int, Vector] = {}
+        for older in sorted((v for v in self._version_dirs() if v < version), reverse=True)[:n]:
+            try:
+                out[older] = self._read_dir(older)[0]
+            except RegistryError:
+                continue
+        return out
 
     def _drop_applied(self) -> None:
         """Delete log segments whose updates are all applied and whose versions are all at or
@@ -1387,6 +1440,8 @@ class Registry:
             peer_name=str(meta["peering_name"]) if isinstance(meta.get("peering_name"), str) else None,
             peer_tallies=tallies,  # (_set_state took its own copy)
             strategy_state=dict(meta["strategy_state"]) if isinstance(meta.get("strategy_state"), dict) else {},
+            strategy_arrays=self._read_arrays(version),
+            history=self._read_history(version, HISTORY_VERSIONS),
             strategy_name=str(meta["strategy"]) if isinstance(meta.get("strategy"), str) else None,
             conversion_state=dict(meta.get("conversion", {})),
             abandoned=[(int(r[0]), int(r[1])) for r in meta.get("abandoned", [])],
