@@ -63,7 +63,7 @@ METHODS: dict[str, tuple[str, str | None, dict[str, Any], dict[str, Any]]] = {
     "spyker": ("spyker", None, {}, {}),
     "nebula": ("nebula", None, {"t_c": 20.0}, {}),
     "hierfavg": ("hierfavg", None, {"select": 3, "min_devices": 1}, {}),
-    "hfedms": ("hfedms", None, {"population": 6}, {}),
+    "hfedms": ("hfedms", None, {"population": DEVICES}, {}),
     "spin+spyker": ("spin", "spyker", {"k": 3, "timeout_s": 5.0}, {}),
     "fedasync+spyker": ("fedasync", "spyker", {}, {}),
     "fedadam+spyker": ("fedadam", "spyker", {"select": 3}, {}),
@@ -481,3 +481,30 @@ def test_updates_accepted_after_the_last_commit_are_still_counted_after_a_restar
     assert (node.core.version, len(node.core.buffer)) == (1, 2)
     assert (node.core.counters["accepted"], dict(node.core.staleness_hist)) == (5, {0: 3, 1: 2})  # were 3, {0: 3}
     node.registry.close()
+
+
+def test_an_ungated_hfedms_restarted_mid_round_keeps_the_round_model_as_its_release(tmp_path: Path) -> None:
+    """Without a gate an HFedMS chain step is no release (the round's model is): the commit's record
+    names the release, so a coordinator restarted while the line holds a chain step serves the round's
+    model still, not the step it restored as its head."""
+    link = DurableLink(tmp_path, build("hfedms"))
+    for i in range(DEVICES):
+        link.add_device(f"d{i}", min_samples=1, seed=i)
+    link.start()
+    for t in range(1, int(UNTIL) // 4):
+        for i in range(DEVICES):
+            link.add_sample(f"d{i}", t, at=4.0 * t + 0.3 * i)
+    at = 0.0
+    while at < UNTIL:
+        at += 0.5
+        link.run_until(at)
+        version, (release, weights) = link.coordinator.version, link.coordinator.release
+        if release not in (version, 0):  # the line holds a chain step after a round's model was released
+            break
+    else:
+        pytest.fail("no chain step committed after a released round model")
+    link.restart_now()
+    assert link.coordinator.version == version
+    got, got_weights = link.coordinator.release
+    # (with the commit naming its head as the release instead: 3 == 2, the chain step served)
+    assert got == release and np.array_equal(got_weights, weights)
