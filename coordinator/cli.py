@@ -76,6 +76,7 @@ from edge_sdk.mqtt import (
 )
 from edge_sdk.runtime import iso_utc_ms
 from edge_sdk.tasks import get_task
+from edge_sdk.tasks.base import HINT_BOUNDS
 from edge_sdk.wire import topics
 from edge_sdk.wire.topics import check_id
 
@@ -157,13 +158,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--clip-multiplier", type=float, help="clip each update's change to this × the median recent change norm (default 3; 0 disables)")
     r.add_argument("--max-staleness", type=int, help="drop updates staler than this many versions (default: keep all)")
     r.add_argument("--sample-weight-cap", type=float, help="clamp an update's sample-count weight to this × the median recent claim (default 4; 0 disables)")
-    p.add_argument("--full-sync-every", type=int, default=0, metavar="T", help="LASP: full model every T versions, classifier-only versions (and device traffic) in between; 0 = off")
+    p.add_argument("--full-sync-every", type=bounded(int, 0, rule="must be 0 (off) or a number of versions"), default=0, metavar="T", help="LASP: full model every T versions, classifier-only versions (and device traffic) in between; 0 = off")
     p.add_argument("--init", type=Path, help="deployed model file (.npz from `edgeci pretrain`) for an empty state dir")
     p.add_argument("--encoding", choices=["f4", "f2", "i1"], default="f4", help="tensor encoding of models sent to devices")
-    p.add_argument("--epochs", type=float, help="training hint sent to devices: local epochs (default: none sent; each "
-                   "device uses its own setting)")
-    p.add_argument("--lr", type=float, help="training hint sent to devices: learning rate (default: none sent; each device "
-                   "uses its own setting; spyker: also its initial rate η_init)")
+    p.add_argument("--epochs", type=bounded(float, HINT_BOUNDS["epochs"][0], at_most=HINT_BOUNDS["epochs"][1], finite=True),
+                   help=f"training hint sent to devices: local epochs, {HINT_BOUNDS['epochs'][0]:g}-{HINT_BOUNDS['epochs'][1]:g} "
+                   "(devices train whole epochs; default: none sent, each device uses its own setting)")
+    p.add_argument("--lr", type=bounded(float, HINT_BOUNDS["lr"][0], strict=True, at_most=HINT_BOUNDS["lr"][1], finite=True),
+                   help=f"training hint sent to devices: learning rate, above {HINT_BOUNDS['lr'][0]:g} and at most "
+                   f"{HINT_BOUNDS['lr'][1]:g} (default: none sent; each device uses its own setting; spyker: also its "
+                   "initial rate η_init)")
     p.add_argument("--seed", type=bounded(int, 0), default=0, help="seed of the coordinator's random choices (and of the pretrained model)")
     st = p.add_argument_group(f"stale updates (the staleness policy is a strategy parameter: --param staleness=NAME, NAME one of "
                               f"{', '.join(policy_names())}; with --param a=… (damping), max_staleness=N, convert_beyond=N)")
