@@ -31,7 +31,7 @@ from typing import Any
 from coordinator.cli_status import judge_live, liveness, operator_auth, skew_line, wait_seconds
 from coordinator.config import bounded, topic_id
 from coordinator.metrics import WILL_REASON
-from edge_sdk.errors import ConfigError, EdgeciError
+from edge_sdk.errors import BadOption, ConfigError, EdgeciError
 from edge_sdk.mqtt import MqttTransport, add_broker_arguments, read_bundle
 from edge_sdk.signing import Signer, load_signer
 from edge_sdk.wire import topics
@@ -45,14 +45,15 @@ CONFIG_LAYERS = "env"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     command = p.prog.split()[-1]
     if command == "versions":
-        p.add_argument("--state-dir", type=Path, required=True, help="the coordinator's state dir")
+        p.add_argument("--state-dir", type=Path, help="the coordinator's state dir; required (or EDGECI_STATE_DIR)")
         p.add_argument("--last", type=_positive, default=30, help="show this many most recent versions (≥ 1)")
         p.add_argument("--json", action="store_true", help="machine-readable output")
         return
     if command == "new-epoch":
         p.description = NEW_EPOCH_HELP
         p.formatter_class = argparse.RawDescriptionHelpFormatter
-        p.add_argument("--state-dir", type=Path, required=True, help="the coordinator's state dir (the coordinator must be stopped)")
+        p.add_argument("--state-dir", type=Path, help="the coordinator's state dir (the coordinator must be stopped); required "
+                       "(or EDGECI_STATE_DIR)")
         p.add_argument("--above", type=_epoch, default=0, metavar="EPOCH",
                        help="the epoch the devices hold (edgeci status: 'epoch_ahead'); the new one is above it and the clock")
         p.add_argument("--force", action="store_true",
@@ -119,6 +120,10 @@ _positive = bounded(int, 1)
 
 def run(args: argparse.Namespace) -> int:
     command = args.command
+    if command in ("versions", "new-epoch") and getattr(args, "state_dir", None) is None:
+        # (not argparse's required=True: that refused EDGECI_STATE_DIR, which ENV_OPTIONS reads, before it was read)
+        raise BadOption(f"--state-dir is required (or EDGECI_STATE_DIR): the coordinator's state dir that {command} "
+                        f"{'reads' if command == 'versions' else 'renumbers'}")
     if command == "versions":
         return _versions(args)
     if command == "new-epoch":

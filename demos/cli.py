@@ -16,6 +16,14 @@
 
 Every subcommand takes --log-level debug|info|warning|error (-v: debug) and
 --log-format text|json, before or after its name (also EDGECI_LOG_LEVEL, EDGECI_LOG_FORMAT).
+
+Environment (each subcommand's --help names the EDGECI_* variables that set its options):
+    EDGECI_HOME       devices' data, caches and generated datasets (default: ~/.edgeci)
+    EDGECI_DEVICE     torch device for training: cpu, cuda[:N], mps (default: auto, the first available)
+    EDGECI_PASSWORD   the broker password with --username (instead of --password-file)
+    EDGECI_CONFIG     edgeci coordinator's TOML config file (as --config)
+    EDGECI_MNIST_DIR  MNIST/EMNIST IDX files for the procdigits task (default: generated digits)
+    EDGECI_DATA       torchvision dataset files for emulator scenarios (never downloaded)
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import os
 import select
 import signal
 import sys
+import textwrap
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -190,6 +199,7 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
 
             for q in parsers_of(p):  # e.g. `edgeci pki issue ... -v`: the flags after any action name too
                 _add_log_flags(q, top=False, level=getattr(loaded, "DEFAULT_LOG_LEVEL", "warning"))
+            p.epilog = "\n\n".join(part for part in (p.epilog, textwrap.fill(environment_help(p, loaded), 88, break_on_hyphens=False)) if part)
             if name == "emulate":  # its real-MQTT fleet mode (--broker) connects like a device
                 from edge_sdk.mqtt import TOFU_DEVICES, add_broker_arguments
 
@@ -197,6 +207,26 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
                     "with --broker: the folder of per-device bundles (PKI/bundles), one per device id of the scenario "
                     "(`edgeci pki issue --role device ID`); a single device's bundle only for a fleet of that one device"))
     return parser
+
+
+def layered_dests(module: Any) -> tuple[str, ...] | None:
+    """The dests :func:`resolve_args` fills from ``EDGECI_*`` for ``module``'s command (None: every option)."""
+    layers = getattr(module, "CONFIG_LAYERS", "")
+    return None if layers == "env+file" else (*LOG_DESTS, *getattr(module, "ENV_OPTIONS", ())) if layers else LOG_DESTS
+
+
+def environment_help(sub: argparse.ArgumentParser, module: Any) -> str:
+    """The subcommand's epilog: the ``EDGECI_*`` variables :func:`resolve_args` reads for it
+    (made from the same option lists, so it cannot name one that is not read)."""
+    from coordinator.config import options_of
+
+    if getattr(module, "CONFIG_LAYERS", "") == "env+file":
+        return ("Environment and config file: every option can also be set as EDGECI_<OPTION> (--state-dir is "
+                "EDGECI_STATE_DIR; --param and --inversion take comma-separated NAME=VALUE items) or as a key of the "
+                "--config TOML file (also EDGECI_CONFIG; key state_dir or state-dir); a flag wins over the environment, "
+                "which wins over the file. See deploy/edgeci-coordinator.toml.example.")
+    names = [o.env for o in options_of(sub, layered_dests(module))]
+    return f"Environment: {', '.join(dict.fromkeys(names))} set the options of the same names when no flag does."
 
 
 def _chosen(argv: Sequence[str]) -> str | None:
@@ -233,8 +263,8 @@ def resolve_args(parser: argparse.ArgumentParser, argv: Sequence[str], env: Mapp
 
     default_level = getattr(module, "DEFAULT_LOG_LEVEL", "warning")
 
-    # env+file: every option; env: the module's ENV_OPTIONS (or all); else only the logging flags
-    only = None if layers == "env+file" else (*LOG_DESTS, *getattr(module, "ENV_OPTIONS", ())) if layers else LOG_DESTS
+    # env+file: every option; env: the module's ENV_OPTIONS; else only the logging flags
+    only = layered_dests(module)
 
     def layer(environ: Mapping[str, str]) -> Layered:
         layered = resolve(parser, argv, environ, options_parser=sub, use_file=layers == "env+file", only=only)

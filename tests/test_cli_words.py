@@ -50,3 +50,106 @@ def test_coordinator_hint_bounds_are_the_devices() -> None:
     sub = next(a for a in build_parser(["coordinator"])._actions if isinstance(a, argparse._SubParsersAction))
     helps = {a.dest: a.help or "" for a in sub.choices["coordinator"]._actions}
     assert f"{lo:g}-{hi:g}" in helps["epochs"] and f"at most {HINT_BOUNDS['lr'][1]:g}" in helps["lr"]
+
+
+# ---------------------------------------------------------------------- the environment each --help names
+
+ENV_SAMPLES = {"broker": "mqtt://127.0.0.1:1", "region": "r1", "state_dir": "/x", "bundle": "/b", "ca": "/ca.pem",
+               "cert": "/c.pem", "key": "/k.pem", "username": "u", "password_file": "/p", "log_level": "debug",
+               "log_format": "json"}
+"""A valid value for each option the environment-only commands read."""
+
+
+def _sub(name: str) -> argparse.ArgumentParser:
+    parser = build_parser([name])
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+
+
+def _named_env(text: str) -> list[str]:
+    import re
+
+    return sorted(set(re.findall(r"EDGECI_[A-Z_]+[A-Z]", text)))
+
+
+@pytest.mark.parametrize("command", [c for c in __import__("demos.cli").cli.COMMANDS if c != "coordinator"])
+def test_each_help_names_the_environment_variables_it_reads(command: str) -> None:
+    """Every EDGECI_* a subcommand's help names sets that option, and every one that does is named
+    (status / rollback / versions read EDGECI_BROKER, EDGECI_REGION, EDGECI_STATE_DIR, …, and no help said so)."""
+    import importlib
+
+    from coordinator.config import OTHER_ENV, env_values, options_of
+    from demos.cli import COMMANDS, layered_dests
+
+    sub = _sub(command)
+    epilog = sub.epilog or ""
+    named = _named_env(epilog)
+    assert "EDGECI_LOG_LEVEL" in named and "EDGECI_LOG_FORMAT" in named, epilog
+    options = options_of(sub, layered_dests(importlib.import_module(COMMANDS[command][0])))  # what resolve_args layers
+    for name in named:
+        dest = name.removeprefix("EDGECI_").lower()
+        got = env_values(options, {name: ENV_SAMPLES[dest]})
+        assert dest in got, f"edgeci {command} --help names {name}, which it does not read"
+    for other in ("EDGECI_TIMEOUT", "EDGECI_K"):  # the coordinator's own: never named where not read
+        assert other not in named or other in OTHER_ENV
+
+
+def test_every_option_of_an_environment_only_command_read_from_the_environment_is_named() -> None:
+    import importlib
+
+    from coordinator.config import options_of
+    from demos.cli import COMMANDS, layered_dests
+
+    for command, (module, _) in COMMANDS.items():
+        if command == "coordinator":
+            continue
+        sub = _sub(command)
+        read = {o.env for o in options_of(sub, layered_dests(importlib.import_module(module)))}
+        assert read <= set(_named_env(sub.epilog or "")), command
+
+
+def test_coordinator_help_states_the_environment_and_file_rule_it_follows() -> None:
+    from coordinator.config import options_of
+
+    epilog = " ".join((_sub("coordinator").epilog or "").split())
+    assert "EDGECI_<OPTION>" in epilog and "--state-dir is EDGECI_STATE_DIR" in epilog and "EDGECI_CONFIG" in epilog
+    options = options_of(_sub("coordinator"))
+    assert {o.env for o in options} >= {"EDGECI_STATE_DIR", "EDGECI_K", "EDGECI_PARAM", "EDGECI_INVERSION"}
+    args = coordinator_args(env={"EDGECI_K": "7", "EDGECI_PARAM": "phi=2,eta_a=0.5", "EDGECI_METRICS_PORT": "9"})
+    assert (args.k, args.param, args.metrics_port) == (7, ["phi=2", "eta_a=0.5"], 9)
+    argv = ["coordinator"]
+    assert resolve_args(build_parser(argv), argv, {"EDGECI_STATE_DIR": "/s"}).state_dir is not None
+
+
+def test_top_level_help_names_every_variable_read_outside_the_options() -> None:
+    """``edgeci --help`` lists EDGECI_HOME, EDGECI_DEVICE, … (EDGECI_DEVICE was read by every
+    training and named nowhere); each it lists is one the code reads (OTHER_ENV)."""
+    from coordinator.config import OTHER_ENV
+
+    text = build_parser([]).format_help()
+    table = text.split("Environment (", 1)[1]
+    listed = set(_named_env(table)) - {"EDGECI_LOG_LEVEL", "EDGECI_LOG_FORMAT"}
+    assert listed == set(OTHER_ENV) - {"EDGECI_THREADS"}, listed ^ set(OTHER_ENV)
+
+
+@pytest.mark.parametrize("command", ["versions", "new-epoch"])
+def test_state_dir_from_the_environment_is_taken_where_the_help_says_so(command: str, tmp_path: object,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """cli_control reads EDGECI_STATE_DIR (ENV_OPTIONS), but argparse's required=True refused
+    ``edgeci versions`` with it set ("the following arguments are required: --state-dir", exit 2)
+    before the environment was read. Neither given: still exit 2, naming both."""
+    from pathlib import Path
+
+    state = Path(str(tmp_path))
+    (state / "versions").mkdir()
+    monkeypatch.setenv("EDGECI_STATE_DIR", str(state))
+    rc = main([command])
+    out = capsys.readouterr()
+    assert "required" not in out.err, out.err
+    if command == "versions":
+        assert rc == 0 and "release:" in out.out
+    else:  # got as far as reading the state dir (no spec.json in this bare one)
+        assert rc == 1 and "spec.json" in out.err and str(state) in out.err
+    monkeypatch.delenv("EDGECI_STATE_DIR")
+    assert main([command]) == 2
+    assert "--state-dir is required (or EDGECI_STATE_DIR)" in capsys.readouterr().err
