@@ -119,8 +119,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="D_min: frames before the first pull (default: the task's, the paper's 64 for YOLOv8)")
     p.add_argument("--gesture-min-samples", type=bounded(int, 1), default=TASK_INFO["gestures"].min_samples, help="D_min for gestures")
     p.add_argument("--init", type=Path, help="embedded coordinator: deploy this detector model file instead of pretraining one")
-    p.add_argument("--size", type=int, default=320, help="side of the synthetic scenes in pixels")
-    p.add_argument("--zoom", type=float, help="display scale of the frame, 0.1..8, the window at most 4096 px a side (default: fit about 640 px)")
+    p.add_argument("--size", type=bounded(int, 64, at_most=1024, rule="must be 64..1024 pixels"), default=320,
+                   help="side of the synthetic scenes in pixels, 64..1024")
+    p.add_argument("--zoom", type=bounded(float, 0.1, at_most=8, finite=True, rule="must be 0.1..8"), help="display scale of the frame, 0.1..8, the window at most 4096 px a side (default: fit about 640 px)")
     p.add_argument("--fps", type=bounded(float, 0.1, finite=True), default=25.0, help="frame rate cap of the window (at least 0.1)")
     p.add_argument("--seed", type=bounded(int, 0), default=0, help="synthetic scenes and training seed (>= 0)")
 

@@ -89,7 +89,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "detection 5; edge_sdk/tasks/registry.py)")
     p.add_argument("--lr", type=_positive(float), help="local learning rate (default: the task's — digits, gestures 0.05 (SGD); "
                    "detection 0.001 (AdamW))")
-    p.add_argument("--seed", type=int, default=0, help="seed of the validation split, the devices' partitions, labelling times and local training")
+    p.add_argument("--seed", type=bounded(int, 0), default=0, help="seed of the validation split, the devices' partitions, labelling times and local training (>= 0)")
     p.add_argument("--out", type=Path, default=Path("runs/latest"), help="where the plot and metrics go")
     p.add_argument("--state-dir", type=Path, help="coordinator state dir (default: a fresh temp dir)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
