@@ -15,7 +15,8 @@ from edge_sdk.tasks.registry import TASK_INFO
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="digits", type=task_arg, help=f"task / model: {', '.join(TASK_INFO)}")
+    p.add_argument("--model", default="digits", type=task_arg, help=f"task / model: {', '.join(TASK_INFO)}, or an app's own as package.module:Name (on PYTHONPATH) or an "
+                   "edgeci.tasks entry point")
     p.add_argument("--out", type=Path, default=Path("deployed.npz"),
                    help="output model file (.npz), in a directory that exists; an existing file is replaced")
     p.add_argument("--seed", type=bounded(int, 0), default=0, help="random seed of the pretraining (default: 0)")

@@ -74,7 +74,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "signs a model (trust on first use), which is insecure on any broker others can publish to (they "
                    "become the trusted key if they publish first); fleets pass each device a bundle from `edgeci pki "
                    "issue`, whose trusted/ holds the coordinators' keys (README, Security)")
-    p.add_argument("--model", default="digits", type=task_arg, help="task / model (default: digits)")
+    p.add_argument("--model", default="digits", type=task_arg, help="task / model: a built-in task, or an app's own as package.module:Name (on PYTHONPATH) "
+                   "or an edgeci.tasks entry point (default: digits)")
     p.add_argument("--devices", type=_positive(int), default=20, help="number of devices (default: 20)")
     p.add_argument("--duration", type=_positive(float), default=60.0, help="wall seconds of labelling (default: 60)")
     p.add_argument("--rate", type=_positive(float), default=1.0, help="labels per second per device, Poisson (default: 1.0)")

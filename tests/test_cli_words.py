@@ -174,3 +174,15 @@ def test_ranges_the_help_names_are_the_parser_s(argv: list[str], error: str, cap
     assert exit_.value.code == 2 and error in capsys.readouterr().err
     helps = {a.dest: a.help or "" for a in _sub(argv[0])._actions}
     assert {"zoom": "0.1..8", "size": "64..1024", "seed": ">= 0"}[argv[1][2:]] in helps[argv[1][2:]]
+
+
+@pytest.mark.parametrize("command", ["run", "pretrain", "device"])
+def test_a_task_option_s_help_says_it_takes_an_app_s_task(command: str) -> None:
+    """task_arg takes an app's package.module:Name (the README's `edgeci pretrain --model
+    acme_vision.tasks:AcmeCnn`); run's and pretrain's --model help named only the built-in tasks."""
+    from coordinator.config import task_arg
+
+    actions = [a for a in _sub(command)._actions if a.type is task_arg]
+    assert actions
+    for action in actions:
+        assert "package.module:Name" in (action.help or "") and "edgeci.tasks entry point" in (action.help or "")
