@@ -40,6 +40,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from coordinator.canary import CanaryConfig
 from coordinator.config import (
     ENV_PREFIX,
     Layered,
@@ -78,6 +79,7 @@ from edge_sdk.runtime import iso_utc_ms
 from edge_sdk.tasks import get_task
 from edge_sdk.tasks.base import HINT_BOUNDS
 from edge_sdk.wire import topics
+from edge_sdk.wire.messages import MAX_CANARY_SAMPLES
 from edge_sdk.wire.topics import check_id
 
 if TYPE_CHECKING:
@@ -133,6 +135,10 @@ STRATEGY_FLAGS: dict[str, str] = {
 eta`` ran the file's value; a peering parameter's flag lost to the table the same way)."""
 
 
+CANARY_MAX_COHORT = next(f.default for f in dataclasses.fields(CanaryConfig) if f.name == "max_cohort")
+"""The most devices a canary round asks (so the most --canary-min-reports can be)."""
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="TOML config file (keys are the flags' names; a [strategy] table for the strategy's name and parameters); also EDGECI_CONFIG")
     p.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="MQTT broker URL: mqtts://HOST[:8883] (TLS) in production, mqtt:// for trials on this machine")
@@ -186,24 +192,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       "released only if its accuracy there is not worse than the release's by more than --gate-margin; "
                       "one worse by more than --rollback-margin is rejected and the training line rolled back, one in between is held "
                       "(not released, training goes on). Default: no gate, every version is released")
-    gate.add_argument("--gate-margin", type=float, default=0.02, help="accuracy a candidate may lose against the release and still be promoted")
-    gate.add_argument("--rollback-margin", type=float, default=0.10, help="a candidate worse than the release by more than this is "
+    gate.add_argument("--gate-margin", type=float, default=0.02, help="accuracy a candidate may lose against the release and still be promoted, in [0, 1)")
+    gate.add_argument("--rollback-margin", type=float, default=0.10, help="in [0, 1): a candidate worse than the release by more than this is "
                       "rejected and the training line rolled back; between the two margins it is held (not released, training goes on). "
                       "Left at its default (0.10) it is raised to --gate-margin when that is larger (the start log says so); set below it, refused")
     gate.add_argument("--gate-z", type=float, default=1.0, help="classifiers: the margins are applied to a one-sided bound on the paired "
-                      "accuracy difference on the same validation samples, d ∓ z·se (1.0 ≈ 84 %% confidence; 0 = the point estimate)")
+                      "accuracy difference on the same validation samples, d ∓ z·se (1.0 ≈ 84 %% confidence; 0 = the point estimate; at most 10)")
     gate.add_argument("--canary", type=float, default=0.0, metavar="FRACTION",
                       help="federated evaluation: ask this share of recently seen devices (at least --canary-min-reports) to score "
                       "each candidate against the release on their next new labels before training on them (test-then-train) and "
                       "report only paired counts; the gate pools them with --validation's, or decides on them alone. 0 = off")
-    gate.add_argument("--canary-samples", type=int, default=20, help="new labels each canary device scores per candidate")
+    gate.add_argument("--canary-samples", type=int, default=20, help=f"new labels each canary device scores per candidate, 1-{MAX_CANARY_SAMPLES}")
     gate.add_argument("--canary-max-per-device", type=int, default=0,
-                      help="most labels one device's canary report may count (0 = --canary-samples); bounds any one device's weight")
+                      help=f"most labels one device's canary report may count: 0 (= --canary-samples) or --canary-samples to "
+                      f"{MAX_CANARY_SAMPLES}; bounds any one device's weight")
     gate.add_argument("--canary-min-reports", type=int, default=3,
-                      help="device reports needed before canary evidence decides (>= 3: the most favourable and the most "
-                      "unfavourable report are dropped before pooling, so one lying device cannot decide or block)")
+                      help=f"device reports needed before canary evidence decides, 3-{CANARY_MAX_COHORT} (>= 3: the most "
+                      "favourable and the most unfavourable report are dropped before pooling, so one lying device cannot decide "
+                      f"or block; at most the {CANARY_MAX_COHORT} devices a round asks)")
     gate.add_argument("--canary-deadline", type=float, default=600.0,
-                      help="seconds a canary round lasts; then the reports in decide (too few: the candidate is held)")
+                      help="seconds a canary round lasts, above 0 and at most 86400 (a day); then the reports in decide (too few: "
+                      "the candidate is held)")
     gate.add_argument("--operator-keys", type=Path, help="folder of operator NAME.pub keys: each may sign rollback/pin "
                       "commands in its NAME only (besides this coordinator's own signing key, in its id); default: the "
                       "bundle's operators/")
@@ -226,7 +235,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "default: the bundle's signing.key, else STATE_DIR/signing.key (created 0600 on first start). Keep it "
                    "apart from the state dir: devices that pinned it on first use refuse any other key, so a state dir "
                    "lost with its key in it loses them")
-    o.add_argument("--metrics-port", type=int, default=0, help="serve /metrics, /healthz and /readyz on this port; 0 = off")
+    o.add_argument("--metrics-port", type=int, default=0, help="serve /metrics, /healthz and /readyz on this port (1-65535); 0 = off")
     o.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics server binds. Its endpoints have no "
                    "authentication: bind beyond 127.0.0.1 only on a network you trust (or behind a proxy that checks)")
     o.add_argument("--status-interval", type=float, default=30.0, help="republish the retained status at least every this many seconds (liveness for `edgeci status`)")

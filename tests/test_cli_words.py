@@ -186,3 +186,51 @@ def test_a_task_option_s_help_says_it_takes_an_app_s_task(command: str) -> None:
     assert actions
     for action in actions:
         assert "package.module:Name" in (action.help or "") and "edgeci.tasks entry point" in (action.help or "")
+
+
+def _start_checks(*flags: str) -> None:
+    """The option checks `edgeci coordinator` runs before it writes anything (gate, canary)."""
+    from coordinator import cli as coordinator_cli
+    from coordinator.daemon import canary_config
+
+    args = coordinator_args(*flags)
+    options = coordinator_cli.options_from(args, args._layered)
+    coordinator_cli._check_gate(options, args._layered)
+    canary_config(options)
+
+
+@pytest.mark.parametrize(("flag", "words", "inside", "outside"), [
+    ("--gate-margin", "in [0, 1)", ["0", "0.99"], ["1", "-0.01"]),
+    ("--rollback-margin", "in [0, 1)", ["0.5"], ["1"]),
+    ("--gate-z", "at most 10", ["0", "10"], ["10.5", "-1"]),
+    ("--canary-samples", "1-10000", ["1", "10000"], ["0", "10001"]),
+    ("--canary-max-per-device", "--canary-samples to 10000", ["0", "20", "10000"], ["19", "10001"]),
+    ("--canary-min-reports", "3-64", ["3", "64"], ["2", "65"]),
+    ("--canary-deadline", "at most 86400", ["0.5", "86400"], ["0", "86401"]),
+])
+def test_the_ranges_the_coordinator_enforces_are_in_its_help(flag: str, words: str, inside: list[str],
+                                                             outside: list[str]) -> None:
+    """The release gate's and the canary's checks refused values the help gave no range for
+    (--canary-samples 10001, --canary-min-reports 65, --canary-deadline 86401, --gate-margin 1)."""
+    helps = {a.option_strings[0]: " ".join((a.help or "").split()) for a in _sub("coordinator")._actions if a.option_strings}
+    assert words in helps[flag], helps[flag]
+    canary = [] if flag in ("--gate-margin", "--rollback-margin", "--gate-z") else ["--canary", "0.5"]
+    for value in inside:
+        _start_checks(*canary, flag, value)
+    for value in outside:
+        with pytest.raises(ConfigError):
+            _start_checks(*canary, flag, value)
+
+
+def test_metrics_port_range_in_help_and_check(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from coordinator import cli as coordinator_cli
+
+    helps = {a.option_strings[0]: a.help or "" for a in _sub("coordinator")._actions if a.option_strings}
+    assert "(1-65535); 0 = off" in helps["--metrics-port"]
+    args = coordinator_args("--metrics-port", "65536")
+    args.state_dir = Path(str(tmp_path)) / "st"
+    options = coordinator_cli.options_from(args, args._layered)
+    with pytest.raises(ConfigError, match="1-65535"):
+        coordinator_cli.check_before_start(options, args._layered)
