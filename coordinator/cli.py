@@ -151,18 +151,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "package.module:Name (on PYTHONPATH) or an edgeci.tasks entry point (see edge_sdk/tasks/__init__.py)")
     p.add_argument("--id", dest="coordinator_id", default="", help="coordinator id (default: coord-REGION)")
     p.add_argument("--strategy", default=None, choices=strategy_names(), help="aggregation strategy (default: spin, or the peering's own)")
-    p.add_argument("--k", type=int, default=10, help="aggregate when K updates are buffered (SPIN, FedBuff)")
+    users = {dest: ", ".join(names) for dest, (_, names) in strategy_flag_users().items()}  # (from the strategies' configs)
+    p.add_argument("--k", type=int, default=10, help=f"aggregate when K updates are buffered ({users['k']})")
     p.add_argument("--timeout", type=float, default=30.0, help="SPIN timeout π in seconds")
     p.add_argument("--param", action="append", default=None, metavar="NAME=VALUE", help="a strategy or peering parameter by its config name (repeatable; e.g. --param k=10 --param phi=2); "
                    "EDGECI_PARAM takes comma-separated items (\"k=10,phi=2\"), the file a list (param = [\"k=10\", \"phi=2\"]); "
                    "merged per name (flag > environment > file). The named flags are aliases (the stronger layer wins; "
                    "both in one layer is an error). FedBuff, PORT and NebulaFL forget an invited device that has not reported "
                    "after forget_after_s = 600 s on a daemon (forget_after_s=none waits for ever, as the papers)")
-    p.add_argument("--combine", choices=["models", "deltas"], default="models", help="SPIN: average the buffered models (the paper's rule) or apply each update's delta from its own base version (faster on digits, unstable with stale detection updates)")
-    r = p.add_argument_group("robust aggregation (spin, fedbuff, port, fedavg, hierfavg)")
+    p.add_argument("--combine", choices=["models", "deltas"], default="models", help=f"{users['combine']}: average the buffered models (the paper's rule) or apply each update's delta from its own base version (faster on digits, unstable with stale detection updates)")
+    r = p.add_argument_group(f"robust aggregation ({users['combiner']})")
     r.add_argument("--combiner", choices=list(COMBINERS), help="combine the buffer by weighted mean (default), coordinate-wise median, trimmed mean, krum or multi-krum")
     r.add_argument("--clip-multiplier", type=float, help="clip each update's change to this × the median recent change norm (default 3; 0 disables)")
-    r.add_argument("--max-staleness", type=int, help="drop updates staler than this many versions (default: keep all)")
+    r.add_argument("--max-staleness", type=int, help=f"drop updates staler than this many versions (default: keep all; "
+                   f"{users['max_staleness']})")
     r.add_argument("--sample-weight-cap", type=float, help="clamp an update's sample-count weight to this × the median recent claim (default 4; 0 disables)")
     p.add_argument("--full-sync-every", type=bounded(int, 0, rule="must be 0 (off) or a number of versions"), default=0, metavar="T", help="LASP: full model every T versions, classifier-only versions (and device traffic) in between; 0 = off")
     p.add_argument("--init", type=Path, help="deployed model file (.npz from `edgeci pretrain`) for an empty state dir")

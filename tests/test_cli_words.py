@@ -4,6 +4,7 @@ example say is what the parsers and the config loader do (helper-173's audit).""
 from __future__ import annotations
 
 import argparse
+import re
 
 import pytest
 
@@ -66,8 +67,6 @@ def _sub(name: str) -> argparse.ArgumentParser:
 
 
 def _named_env(text: str) -> list[str]:
-    import re
-
     return sorted(set(re.findall(r"EDGECI_[A-Z_]+[A-Z]", text)))
 
 
@@ -234,3 +233,19 @@ def test_metrics_port_range_in_help_and_check(tmp_path: object) -> None:
     options = coordinator_cli.options_from(args, args._layered)
     with pytest.raises(ConfigError, match="1-65535"):
         coordinator_cli.check_before_start(options, args._layered)
+
+
+@pytest.mark.parametrize("dest", ["k", "combine", "combiner", "clip_multiplier", "max_staleness", "sample_weight_cap"])
+def test_a_strategy_flag_s_help_names_every_strategy_that_takes_it(dest: str) -> None:
+    """``--k`` said "(SPIN, FedBuff)" and the robust group "(spin, fedbuff, port, fedavg, hierfavg)",
+    while spin-notimeout and port take --k, spin-notimeout the robust flags, and fedasync, spyker and
+    nebula --max-staleness: a flag given for a strategy that has no such parameter is refused
+    (coordinator.cli._check_applies), so the help must say which do."""
+    from coordinator.cli import strategy_flag_users
+
+    sub = _sub("coordinator")
+    action = next(a for a in sub._actions if a.dest == dest and a.option_strings)
+    group = next(g for g in sub._action_groups if action in g._group_actions)
+    text = " ".join(f"{group.title} {action.help}".split()).replace("- ", "-")
+    missing = [name for name in strategy_flag_users()[dest][1] if not re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text, re.I)]
+    assert not missing, (missing, text)
