@@ -42,9 +42,6 @@ FRAGMENTS = {
     "edgeci device --refresh": "names the flag in prose (its value follows in the sentence)",
     "edgeci device --model detection": "names the task; the device's other required flags are in the code block above it",
     "edgeci emulate --transport codec": "names the option; the scenario file is the sentence's subject",
-    "edgeci pki revoke": "names the action; its full form (`edgeci pki revoke --dir PKI ID`) is checked too",
-    "edgeci pki acl": "names the action in prose",
-    "edgeci pki broker-conf": "names the action; its full form is in the PKI code block",
     "edgeci pretrain --model acme_vision.tasks:AcmeCnn": "an app package the README invents (acme_vision is not installed)",
     "edgeci device --dataset acme_vision.tasks:AcmeCnn": "an app package the README invents (acme_vision is not installed)",
     "edgeci rollback/pin/unpin": "three commands named together",
@@ -183,11 +180,29 @@ def _all_options(parser: argparse.ArgumentParser) -> set[str]:
 
 
 COMMANDS = [c for c in readme_commands() if c.source.strip() not in NOT_COMMANDS]
-FULL = [c for c in COMMANDS if not c.placeholders and c.source.strip() not in FRAGMENTS
-        and not (c.inline and c.kind == "edgeci" and len(c.argv) <= 1)]
-"""Parsed whole: every code-block line, and every inline span with arguments but no placeholder
-(a bare ``edgeci`` or ``edgeci device`` in prose names the command: checked below, as the
-fragments are; a bare ``python -m edge_sdk.tasks.registry`` is a whole command line)."""
+def _names_only(command: Command) -> bool:
+    """An inline ``edgeci``, ``edgeci device`` or ``edgeci pki issue``: prose naming a command (or
+    an action), no option, no value."""
+    words = list(command.argv)
+    if not command.inline or command.kind != "edgeci" or any(w.startswith("-") for w in words):
+        return False
+    if len(words) <= 1:
+        return True
+    parser = _subcommand_parser(words[0])
+    actions = [a for a in (parser._actions if parser else ()) if isinstance(a, argparse._SubParsersAction)]
+    return len(words) == 2 and any(words[1] in a.choices for a in actions)
+
+
+def _subcommand_parser(name: str) -> argparse.ArgumentParser | None:
+    sub = next(a for a in build_parser([name])._actions if isinstance(a, argparse._SubParsersAction))
+    found = sub.choices.get(name)
+    return found if isinstance(found, argparse.ArgumentParser) else None
+
+
+FULL = [c for c in COMMANDS if not c.placeholders and c.source.strip() not in FRAGMENTS and not _names_only(c)]
+"""Parsed whole: every code-block line, and every inline span with an option or value but no
+placeholder (``edgeci``, ``edgeci device`` or ``edgeci pki issue`` in prose names a command: checked
+below, as the fragments are; a bare ``python -m edge_sdk.tasks.registry`` is a whole command line)."""
 PARTIAL = [c for c in COMMANDS if c not in FULL]
 
 
