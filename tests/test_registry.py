@@ -1461,3 +1461,67 @@ def test_the_pruning_thread_never_deletes_a_version_while_it_is_read(tmp_path: A
         assert reg.versions() == [0, 2, 3]
     finally:
         reg.close()
+
+
+# ------------------------------------------------------------------ the strategy's arrays (fa1c199)
+
+
+def _with_arrays(v: int) -> CommitVersion:
+    return CommitVersion(version=v, weights=np.full(SPEC.size, v, np.float32), applied_changed={}, consumed=(),
+                         metadata={"created_at": float(v)}, arrays={"m": np.full(SPEC.size, v, np.float32)})
+
+
+@pytest.mark.xfail(strict=True, reason="needs core/registry change: Registry._drop_arrays(keep=v) deletes the arrays of a "
+                   "later version staged in the same batch (drop only those of versions before v)")
+def test_two_versions_committed_in_one_batch_keep_the_heads_arrays(tmp_path: Any) -> None:
+    """The daemon's group commit (daemon._perform / _finish_batch): every version of a batch is staged,
+    the batch is fsynced once, then each held version's commit runs in order. The head's arrays must
+    outlive the commit of the version before it (helper-174: commit(2) deleted arrays-3, commit(3)
+    deleted arrays-2: none kept, the restart's NebulaFL planets / FedAdam moments started afresh)."""
+    reg = Registry(tmp_path, SPEC)
+    reg.acquire_lock()
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    reg.commit(_with_arrays(1))
+    reg.stage_version(_with_arrays(2))
+    reg.stage_version(_with_arrays(3))
+    reg.flush()
+    reg.commit(_with_arrays(2))
+    reg.commit(_with_arrays(3))
+    reg.close()
+    snap = Registry(tmp_path, SPEC).load()
+    assert snap is not None and snap.version == 3
+    assert snap.strategy_arrays is not None, "the head's arrays were deleted by the commit of the version before it"
+    np.testing.assert_array_equal(snap.strategy_arrays["m"], 3.0)
+
+
+@pytest.mark.xfail(strict=True, reason="needs core/registry change: _write_atomic leaves its .tmp behind when the write or "
+                   "fsync fails (a model-sized .strategy-arrays-N.npz.tmp per failed commit on a full disk)")
+def test_a_full_disk_while_the_arrays_are_written_leaves_no_temp_file(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC on the arrays' fsync: the commit raises OSError (the daemon's storage failure: nothing
+    acknowledged), the version before is what a restart loads, with its arrays; and no partial temp
+    file is left to keep the disk full (each failed commit left one, named after its version)."""
+    import errno
+
+    import coordinator.registry as registry_module
+
+    reg = Registry(tmp_path, SPEC)
+    reg.acquire_lock()
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    reg.commit(_with_arrays(1))
+    real_fsync = os.fsync
+
+    def full(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".npz.tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(registry_module.os, "fsync", full)
+    for v in (2, 3):
+        with pytest.raises(OSError, match="No space"):
+            reg.commit(_with_arrays(v))
+    monkeypatch.undo()
+    reg.close()
+    snap = Registry(tmp_path, SPEC).load()
+    assert snap is not None and snap.version == 1 and snap.strategy_arrays is not None
+    np.testing.assert_array_equal(snap.strategy_arrays["m"], 1.0)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [], "temp files left by the failed writes"
