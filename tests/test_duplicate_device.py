@@ -298,3 +298,70 @@ def test_an_accepted_ack_echoes_the_updates_nonce() -> None:
     c = make_coordinator(k=10, timeout_s=None)
     (ack,) = published(c.handle(to_coord(0.0, DEV, "update", update(DEV, 1, nonce=77))), "ack")
     assert isinstance(ack, Ack) and ack.status == "accepted" and ack.nonce == 77
+
+
+# ------------------------------------------------------------------ seq conflicts: what they must not call a duplicate (helper-174)
+
+
+def test_replays_of_the_ids_own_updates_never_count_as_a_second_device() -> None:
+    """A replay (or the device's own retry: same seq, same nonce) of the last accepted update, and
+    a replay of an older one (any nonce: only the last accepted seq's nonce is known), are
+    answered duplicate and counted as nothing more."""
+    c = make_coordinator(k=10, timeout_s=None)
+    for seq in (1, 2, 3):
+        c.handle(to_coord(float(seq), DEV, "update", update(DEV, seq, nonce=10 + seq)))
+    acts: list[object] = []
+    for _ in range(3):
+        acts += c.handle(to_coord(5.0, DEV, "update", update(DEV, 3, nonce=13)))  # the last one again
+        acts += c.handle(to_coord(5.0, DEV, "update", update(DEV, 1, nonce=99)))  # an older seq, another nonce
+    assert [a.status for a in published(acts, "ack") if isinstance(a, Ack)] == ["duplicate"] * 6
+    assert not notes(acts, "duplicate_device") and c.counters["duplicate_device"] == 0 and not c._seq_conflicts
+
+
+@pytest.mark.xfail(strict=True, reason="needs core change: CoordinatorCore._seq_conflict counts an id's conflicts for the "
+                   "coordinator's lifetime; two single conflicts hundreds of accepted updates apart (two reinstalls or store "
+                   "restores) make an honest id a duplicate (forget a conflict DUPLICATE_QUIET_SEQS seqs before the next)")
+def test_two_lone_conflicts_far_apart_are_not_a_duplicate_device() -> None:
+    """A clone pair conflicts at every seq (one accepted update between two conflicts); one device
+    restored twice meets its last accepted seq once per restore, with its own updates accepted
+    normally in between. helper-174: after 500 accepted updates the second lone conflict was said at
+    ERROR as two devices on one id."""
+    c = make_coordinator(k=10, timeout_s=None)
+    c.handle(to_coord(0.0, DEV, "update", update(DEV, 1, nonce=5)))
+    c.handle(to_coord(1.0, DEV, "update", update(DEV, 1, nonce=6)))  # a first restore: one conflict
+    for seq in range(2, 502):
+        c.handle(to_coord(float(seq), DEV, "update", update(DEV, seq, nonce=1000 + seq)))
+    acts = c.handle(to_coord(600.0, DEV, "update", update(DEV, 501, nonce=7)))  # a second one, 500 updates later
+    assert not notes(acts, "duplicate_device") and c.counters["duplicate_device"] == 0
+    assert notes(_interleaved(make_coordinator(k=10, timeout_s=None)), "duplicate_device")  # a clone pair still is
+
+
+@pytest.mark.xfail(strict=True, reason="needs core change: CoordinatorCore._seq_conflict stops counting new ids once "
+                   "MAX_SEQ_CONFLICT_IDS ids hold one conflict each (forget the oldest instead)")
+def test_a_full_conflict_table_still_finds_a_clone_pair() -> None:
+    """1024 ids with one old conflict each (reinstalls over a fleet's life, or forged ids in a
+    plain-MQTT deployment): a clone pair that starts after them must still be found."""
+    import coordinator.core as core_module
+
+    c = make_coordinator(k=100_000, timeout_s=None)
+    for i in range(core_module.MAX_SEQ_CONFLICT_IDS):
+        c.handle(to_coord(0.0, f"r{i}", "update", update(f"r{i}", 1, nonce=1)))
+        c.handle(to_coord(0.1, f"r{i}", "update", update(f"r{i}", 1, nonce=2)))
+    acts = _interleaved(c)
+    assert [n.data["device"] for n in notes(acts, "duplicate_device")] == [DEV]
+
+
+@pytest.mark.xfail(strict=True, reason="needs core change: past MAX_SEQ_CONFLICT_IDS duplicate ids, CoordinatorCore."
+                   "_seq_conflict says and counts the same id again at every second conflict")
+def test_a_duplicate_id_is_said_and_counted_once_however_many_there_are(monkeypatch: pytest.MonkeyPatch) -> None:
+    import coordinator.core as core_module
+
+    monkeypatch.setattr(core_module, "MAX_SEQ_CONFLICT_IDS", 2)
+    c = make_coordinator(k=100_000, timeout_s=None)
+    said: list[str] = []
+    for d in ("a", "b", "c"):
+        for seq in range(1, 7):
+            for nonce in (100 + seq, 200 + seq):
+                said += [n.data["device"] for n in notes(c.handle(to_coord(1.0, d, "update", update(d, seq, nonce=nonce))),
+                                                         "duplicate_device")]
+    assert said == ["a", "b", "c"] and c.counters["duplicate_device"] == 3
