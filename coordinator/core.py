@@ -262,7 +262,11 @@ DUPLICATE_DEVICE_CONFLICTS = 2
 """Updates under a device's last accepted seq with another nonce before the id is called a duplicate
 (two devices on one id: a cloned image). A reinstall that lost its store meets that once."""
 MAX_SEQ_CONFLICT_IDS = 1024
-"""Device ids whose seq conflicts are counted, and duplicate ids remembered (bounded: ids are free)."""
+"""Device ids whose seq conflicts are counted, and duplicate ids remembered (bounded: ids are free; the
+one that conflicted longest ago is forgotten first)."""
+DUPLICATE_QUIET_SEQS = 16
+"""A conflict this many seqs before an id's next one is forgotten: a clone pair conflicts at every seq
+(measured: 28 in 60 s), one device whose store was restored meets its last accepted seq once per restore."""
 
 
 @fast_init
@@ -773,8 +777,9 @@ class CoordinatorCore:
         self._last_nonce: dict[str, tuple[int, int]] = {}
         # Devices whose last accepted seq came again with another nonce (another sender of that id:
         # a cloned device image), and how often; the second time the id is called a duplicate, once.
-        self._seq_conflicts: dict[str, int] = {}
-        self._duplicate_ids: set[str] = set()
+        self._seq_conflicts: dict[str, tuple[int, int]] = {}
+        """Per id: (conflicts, the seq of the last one), the one longest ago first."""
+        self._duplicate_ids: dict[str, None] = {}
         self._last_pull_seq: dict[str, int] = {}
         self._tokens: dict[str, tuple[float, float]] = {}
         self._rate_note: tuple[float, int] = (-math.inf, 0)
@@ -1529,14 +1534,16 @@ class CoordinatorCore:
         (the ack is the ``duplicate`` it was: the sender moves past the watermark with its weights)."""
         if accepted_nonce in (0, msg.nonce) or msg.nonce == 0 or msg.device in self._duplicate_ids:
             return []
-        if msg.device not in self._seq_conflicts and len(self._seq_conflicts) >= MAX_SEQ_CONFLICT_IDS:
-            return []  # (bounded: a flood of forged ids costs nothing more)
-        seen = self._seq_conflicts[msg.device] = self._seq_conflicts.get(msg.device, 0) + 1
+        count, last = self._seq_conflicts.pop(msg.device, (0, msg.seq))
+        seen = 1 if msg.seq - last > DUPLICATE_QUIET_SEQS else count + 1  # a lone conflict long ago: forgotten
         if seen < DUPLICATE_DEVICE_CONFLICTS:
+            if len(self._seq_conflicts) >= MAX_SEQ_CONFLICT_IDS:  # (bounded: the oldest goes, new ids still count)
+                del self._seq_conflicts[next(iter(self._seq_conflicts))]
+            self._seq_conflicts[msg.device] = (seen, msg.seq)
             return []
-        del self._seq_conflicts[msg.device]
-        if len(self._duplicate_ids) < MAX_SEQ_CONFLICT_IDS:
-            self._duplicate_ids.add(msg.device)
+        if len(self._duplicate_ids) >= MAX_SEQ_CONFLICT_IDS:
+            del self._duplicate_ids[next(iter(self._duplicate_ids))]
+        self._duplicate_ids[msg.device] = None
         self.counters["duplicate_device"] += 1
         self._status_dirty = True
         return [Notify(kind="duplicate_device", data={"device": msg.device, "seq": msg.seq})]

@@ -253,11 +253,15 @@ def _fsync_dir(path: str | Path) -> None:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # (a full disk: a partial temp file must not keep it full)
+        raise
     _fsync_dir(path.parent)
 
 
@@ -437,6 +441,9 @@ class Registry:
         load): the pruning thread deleted a directory under a read (helper-146: "version N is
         unreadable: ... weights.npy: No such file" for an operator's rollback to the oldest kept
         version, and load() "restored from the pending log" a version half deleted)."""
+        self._commit_release: int | None = None
+        """The release the newest commit's metadata names (without a gate it is not in release.json: an
+        HFedMS round's model, behind its chain steps): kept by pruning and made durable like release.json's."""
         self._checkpoint_due = -1
         """With the pruning thread: the base it is to fsync next (the actor never waits for it)."""
         self._checkpoint_done = -1
@@ -663,6 +670,10 @@ class Registry:
 
     def _checkpointed(self, version: int) -> None:
         """``version``'s directory is fsynced: the log before it may go (see :meth:`_drop_applied`)."""
+        release = self._commit_release
+        if release is not None and release < version and release not in self._synced_dirs \
+                and (self.versions_dir / f"{release:09d}").is_dir():
+            self._sync_version(release)  # its log record may go with the log before this base (as record_release)
         self._durable_version = max(self._durable_version, version)
         self._unsynced = [v for v in self._unsynced if v > version]
         self._bases = {v for v in self._bases if v > version}
@@ -682,7 +693,7 @@ class Registry:
             return  # no listing: too few versions written since the last one for a prune to delete any
         versions = self.versions()
         release = read_release_record(self.root).get("release")
-        protected = (release, self._durable_version)
+        protected = (release, self._commit_release, self._durable_version)
         if len(versions) >= step:  # prune in steps
             keep_from = len(versions) - self.keep_versions
             while keep_from > 0 and not self._base_on_disk(versions[keep_from]):
@@ -854,6 +865,8 @@ class Registry:
         self._staged = []
         self._claim(version)
         meta_json = _meta_json(version, meta)
+        if type(action.metadata.get("release")) is int:
+            self._commit_release = int(action.metadata["release"])
         weights = self.spec.check(np.ascontiguousarray(action.weights, dtype=np.float32))
         records = [encode_record(u) for u in staged] + [_record(_version_body(version, weights, meta_json))]
         if action.arrays:  # durable before the version's record: acknowledged with it, never after
@@ -1046,8 +1059,11 @@ class Registry:
         _write_atomic(self._arrays_path(version), buf.getvalue())
 
     def _drop_arrays(self, keep: int) -> None:
+        """Delete the arrays of versions before ``keep`` (a later version's, staged in the same batch
+        and committed next, stays: the daemon commits a batch's versions one after the other)."""
         for path in self.root.glob("strategy-arrays-*.npz"):
-            if path != self._arrays_path(keep):
+            number = path.name[len("strategy-arrays-"):-len(".npz")]
+            if number.isdigit() and int(number) < keep:
                 path.unlink(missing_ok=True)
 
     def _read_arrays(self, version: int) -> dict[str, Vector] | None:
@@ -1357,6 +1373,7 @@ class Registry:
             raise RegistryError(f"no readable version in {self.root}: {'; '.join(skipped)}")
         if skipped:
             log.warning("RECOVERY: resuming %s from version %d; %d newer version(s) unreadable", self.root, version, len(skipped))
+        self._commit_release = int(meta["release"]) if type(meta.get("release")) is int else None
         self._set_state(version, applied_upto, devices_seen, tallies)
         self._since_base = self._base_every  # the next version is a base: chains stay short
         buffer = [u for u in updates if u.seq > applied_upto.get(u.device, -1)]

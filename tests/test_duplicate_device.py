@@ -318,9 +318,6 @@ def test_replays_of_the_ids_own_updates_never_count_as_a_second_device() -> None
     assert not notes(acts, "duplicate_device") and c.counters["duplicate_device"] == 0 and not c._seq_conflicts
 
 
-@pytest.mark.xfail(strict=True, reason="needs core change: CoordinatorCore._seq_conflict counts an id's conflicts for the "
-                   "coordinator's lifetime; two single conflicts hundreds of accepted updates apart (two reinstalls or store "
-                   "restores) make an honest id a duplicate (forget a conflict DUPLICATE_QUIET_SEQS seqs before the next)")
 def test_two_lone_conflicts_far_apart_are_not_a_duplicate_device() -> None:
     """A clone pair conflicts at every seq (one accepted update between two conflicts); one device
     restored twice meets its last accepted seq once per restore, with its own updates accepted
@@ -336,8 +333,6 @@ def test_two_lone_conflicts_far_apart_are_not_a_duplicate_device() -> None:
     assert notes(_interleaved(make_coordinator(k=10, timeout_s=None)), "duplicate_device")  # a clone pair still is
 
 
-@pytest.mark.xfail(strict=True, reason="needs core change: CoordinatorCore._seq_conflict stops counting new ids once "
-                   "MAX_SEQ_CONFLICT_IDS ids hold one conflict each (forget the oldest instead)")
 def test_a_full_conflict_table_still_finds_a_clone_pair() -> None:
     """1024 ids with one old conflict each (reinstalls over a fleet's life, or forged ids in a
     plain-MQTT deployment): a clone pair that starts after them must still be found."""
@@ -351,8 +346,6 @@ def test_a_full_conflict_table_still_finds_a_clone_pair() -> None:
     assert [n.data["device"] for n in notes(acts, "duplicate_device")] == [DEV]
 
 
-@pytest.mark.xfail(strict=True, reason="needs core change: past MAX_SEQ_CONFLICT_IDS duplicate ids, CoordinatorCore."
-                   "_seq_conflict says and counts the same id again at every second conflict")
 def test_a_duplicate_id_is_said_and_counted_once_however_many_there_are(monkeypatch: pytest.MonkeyPatch) -> None:
     import coordinator.core as core_module
 

@@ -1114,8 +1114,6 @@ def test_a_rebuild_whose_log_fsync_fails_cuts_the_staged_version(tmp_path: Path,
     assert Registry(tmp_path / "c", get_task("digits").spec).load().version == 0  # type: ignore[union-attr]
 
 
-@pytest.mark.xfail(strict=True, reason="needs core/registry change: Registry._drop_arrays(keep=v) deletes the arrays of a "
-                   "later version staged in the same batch (drop only those of versions before v)")
 def test_nebula_versions_committed_in_one_batch_keep_the_heads_planets(tmp_path: Path) -> None:
     """NebulaFL commits a version per update: four updates in one batch are four versions staged,
     one fsync, then four held commits. The head's planets must be on disk after them (helper-174:

@@ -1471,8 +1471,6 @@ def _with_arrays(v: int) -> CommitVersion:
                          metadata={"created_at": float(v)}, arrays={"m": np.full(SPEC.size, v, np.float32)})
 
 
-@pytest.mark.xfail(strict=True, reason="needs core/registry change: Registry._drop_arrays(keep=v) deletes the arrays of a "
-                   "later version staged in the same batch (drop only those of versions before v)")
 def test_two_versions_committed_in_one_batch_keep_the_heads_arrays(tmp_path: Any) -> None:
     """The daemon's group commit (daemon._perform / _finish_batch): every version of a batch is staged,
     the batch is fsynced once, then each held version's commit runs in order. The head's arrays must
@@ -1494,8 +1492,6 @@ def test_two_versions_committed_in_one_batch_keep_the_heads_arrays(tmp_path: Any
     np.testing.assert_array_equal(snap.strategy_arrays["m"], 3.0)
 
 
-@pytest.mark.xfail(strict=True, reason="needs core/registry change: _write_atomic leaves its .tmp behind when the write or "
-                   "fsync fails (a model-sized .strategy-arrays-N.npz.tmp per failed commit on a full disk)")
 def test_a_full_disk_while_the_arrays_are_written_leaves_no_temp_file(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """ENOSPC on the arrays' fsync: the commit raises OSError (the daemon's storage failure: nothing
     acknowledged), the version before is what a restart loads, with its arrays; and no partial temp
@@ -1527,9 +1523,6 @@ def test_a_full_disk_while_the_arrays_are_written_leaves_no_temp_file(tmp_path: 
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [], "temp files left by the failed writes"
 
 
-@pytest.mark.xfail(strict=True, reason="needs core/registry change: Registry._prune_now protects only release.json's release; "
-                   "without a gate the release is named by the commits' metadata (9c1b307: an HFedMS round's model) and "
-                   "is pruned once a round has more chain steps than the kept versions")
 def test_a_release_named_only_by_commit_metadata_is_never_pruned(tmp_path: Any) -> None:
     """An ungated HFedMS: version 1 is the round's model, the release; versions 2.. are its chain
     steps, each naming 1 as the release in its metadata (release.json holds nothing: no gate, no
@@ -1550,8 +1543,6 @@ def test_a_release_named_only_by_commit_metadata_is_never_pruned(tmp_path: Any) 
     assert snap.release_version == 1 and snap.recovered_from == ()
 
 
-@pytest.mark.xfail(strict=True, reason="needs core/registry change: a release named only by commit metadata (ungated HFedMS, "
-                   "9c1b307) is never fsynced as a directory, and its log record goes with the log before a later base")
 def test_a_release_named_only_by_commit_metadata_stays_durable(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """A release must survive a power cut as a directory (record_release fsyncs it): its log record
     may be deleted once a base after it is checkpointed. Version 3, the release that the commits'
