@@ -751,9 +751,11 @@ class Registry:
                 log.warning("pruning old versions: %s", exc)
 
     def _remove_leftovers(self) -> None:
-        """Temp directories of a crash mid-write (only while nothing is being written)."""
+        """Temp directories and files of a crash mid-write (only while nothing is being written)."""
         for p in self.versions_dir.glob(".v*"):
             shutil.rmtree(p, ignore_errors=True)
+        for p in self.root.glob(".strategy-arrays-*.npz.tmp"):  # (model-sized: a crash mid-write of the arrays)
+            p.unlink(missing_ok=True)
 
     def initialise(self, weights: Vector, *, now: float, source: str) -> None:
         """Write version 0 (the deployed model) into an empty state dir."""

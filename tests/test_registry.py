@@ -1568,3 +1568,19 @@ def test_a_release_named_only_by_commit_metadata_stays_durable(tmp_path: Any, mo
     _, records = Registry(tmp_path, SPEC)._scan_log()
     synced = str(tmp_path / "versions" / f"{3:09d}" / "weights.npy") in fsynced
     assert synced or 3 in records, f"release 3: directory not fsynced, log record gone (the log holds {sorted(records)})"
+
+
+def test_a_crash_mid_write_of_the_strategy_arrays_leaves_no_temp_file_after_the_next_start(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A crash while the arrays were being written leaves a model-sized ``.tmp`` beside the state
+    dir's files; the next locked start removes it (an unlocked reader leaves it alone)."""
+    Registry(tmp_path, SPEC).initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    left = tmp_path / ".strategy-arrays-000000001.npz.tmp"
+    left.write_bytes(b"\0" * 4096)
+    assert Registry(tmp_path, SPEC).load() is not None and left.exists()
+    reg = Registry(tmp_path, SPEC)
+    reg.acquire_lock()
+    try:
+        assert reg.load() is not None
+        assert not left.exists()
+    finally:
+        reg.close()
