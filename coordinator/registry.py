@@ -1040,8 +1040,7 @@ class Registry:
                 self._checkpoint_due = version
             else:
                 self._checkpoint(version)
-        if action.arrays:
-            self._drop_arrays(keep=version)
+        self._drop_arrays(keep=version)  # (also when this one has none: another strategy's are no use now)
         self._prune()
         self._drop_applied()
 

@@ -1584,3 +1584,19 @@ def test_a_crash_mid_write_of_the_strategy_arrays_leaves_no_temp_file_after_the_
         assert not left.exists()
     finally:
         reg.close()
+
+
+def test_a_version_committed_without_arrays_drops_the_older_ones(tmp_path: Any) -> None:
+    """A state dir restarted under another strategy (FedAdam, then FedAvg): the FedAdam arrays are of
+    no use once a later version is durable, and a model-sized file should not stay for ever."""
+    reg = Registry(tmp_path, SPEC)
+    reg.acquire_lock()
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    reg.commit(_with_arrays(1))
+    assert [p.name for p in tmp_path.glob("strategy-arrays-*.npz")] == ["strategy-arrays-000000001.npz"]
+    reg.commit(CommitVersion(version=2, weights=np.full(SPEC.size, 2, np.float32), applied_changed={}, consumed=(),
+                             metadata={"created_at": 2.0}))
+    reg.close()
+    assert not list(tmp_path.glob("strategy-arrays-*.npz"))
+    snap = Registry(tmp_path, SPEC).load()
+    assert snap is not None and snap.version == 2 and snap.strategy_arrays is None
