@@ -70,6 +70,7 @@ import numpy as np
 import numpy.typing as npt
 
 from coordinator.strategies.base import BufferedUpdate, CoordinatorView, Plan, Strategy
+from coordinator.strategies.draws import Draws
 from edge_sdk.errors import ConfigError
 from edge_sdk.spec import FULL, ModelSpec, Vector
 
@@ -288,11 +289,16 @@ class HFedMSStrategy(Strategy):
         self.reassigned = 0
         """Steps given to another device (after a timeout, or refused again)."""
         self.restore_refused = 0
-        """Round states from the checkpoint that did not fit (not resumed)."""
+        """Parts of the checkpoint that did not fit (not resumed): the open round, the draws' state, a signal."""
+        self.draws = Draws()
+        """The generator the groups are drawn from, kept with each commit (helper-175: a restart drew
+        its next groups from ``random.Random(seed)`` again, as the run's first regroup)."""
         self._open: dict[str, Any] | None = None
         """A round state restored from the checkpoint, resumed at the first plan (which knows the spec)."""
         self._start_b64 = ""
         self._results_b64: list[list[Any]] = []
+        self._step_invited_at: float | None = None
+        """When the step due was invited, if right at the last commit (see on_aggregated)."""
 
     # ------------------------------------------------------------------ hooks
 
@@ -309,10 +315,12 @@ class HFedMSStrategy(Strategy):
         if update.device == self.expecting:
             if update.base_version != self._invite_version:
                 self.chain_breaks += 1
-            step = max(0.0, now - self._invited_at)
-            self._chain_s += step
-            self.serial_s += step
-            self._longest_step = max(self._longest_step, step)
+            self._count_step(max(0.0, now - self._invited_at))
+
+    def _count_step(self, step: float) -> None:
+        self._chain_s += step
+        self.serial_s += step
+        self._longest_step = max(self._longest_step, step)
 
     def done(self) -> bool:
         return self.config.rounds is not None and self.round >= self.config.rounds and not self.in_round
@@ -323,15 +331,32 @@ class HFedMSStrategy(Strategy):
         return t if t is not None else max(STEP_TIMEOUT_FLOOR_S, STEP_TIMEOUT_FACTOR * self._longest_step)
 
     def plan(self, view: CoordinatorView, now: float, rng: random.Random) -> Plan:
+        rng = self.draws.rng(rng)
         if self._open is not None:
             self._resume(view)
         buffer = view.buffer
+        if (buffer and self.expecting is None and not self.in_round and not self.done()
+                and any(u.base_version == view.version for u in buffer)):
+            # Trained from the line with no round open: accepted before a restart, in a round drawn
+            # after the last commit (not in its checkpoint). That round is drawn again, from the same
+            # draws and signals (restored) and the same devices: under ``population`` every device seen
+            # was waiting at the draw, so it is drawn at once from them (waiting for them to pull
+            # again delayed every later step, and the samples they trained on); else from those
+            # waiting now. The update is then its step if it is due. Consumed unapplied at once, as
+            # before, the step's work was lost and the next version differed from the run's (helper-175).
+            waiting = dict.fromkeys(view.devices_seen, now) if self.config.population is not None else view.deferred
+            if not self._start_round(view, waiting, rng):
+                return Plan()  # not enough devices wait yet: the update waits with them
         if buffer and self.expecting is None and self.in_round:
             # An update of the step due, accepted before a restart (persisted, replayed) and
             # trained from the line: the step, not a stranger's.
             due = self.selected[self._chain][self._pos]
-            if any(u.device == due and u.base_version == view.version for u in buffer):
+            replayed = [u for u in buffer if u.device == due and u.base_version == view.version]
+            if replayed:
                 self.expecting, self._invite_version, self._invited_at = due, view.version, now
+                if self._step_invited_at is not None:  # its invitation's time is known: the step counted as it ran
+                    self._count_step(max(0.0, max(u.arrived_at for u in replayed) - self._step_invited_at))
+                    self._step_invited_at = None
         if buffer and (self.expecting is None or any(u.device == self.expecting for u in buffer)):
             return Plan(aggregate=True)
         deferred = view.deferred
@@ -363,6 +388,7 @@ class HFedMSStrategy(Strategy):
         return self._invite(view, now, device)
 
     def _invite(self, view: CoordinatorView, now: float, device: str) -> Plan:
+        self._step_invited_at = None
         self.expecting = device
         self._invited_at = now
         self._invite_version = view.version
@@ -491,6 +517,11 @@ class HFedMSStrategy(Strategy):
         if self._round_ended:
             self._round_ended = False
             _append_newest(self.round_versions, view.version)
+        # The step due is invited right after this commit (this event's plan) if its device waits:
+        # kept with the round, so an update it sends before a restart that loses its commit is timed
+        # from there when replayed (its step's time was lost from serial_s: helper-175).
+        due = self.selected[self._chain][self._pos] if self.in_round and self.expecting is None else None
+        self._step_invited_at = now if due is not None and due in view.deferred and not self.done() else None
 
     def candidate(self, view: CoordinatorView) -> bool:
         """Only a round's model: a chain step is one device's continuation of another's (on
@@ -513,6 +544,7 @@ class HFedMSStrategy(Strategy):
         if not self.in_round or not self.selected:
             return  # between rounds: the next one starts from the line, the restored model
         self.restarts += 1
+        self._step_invited_at = None  # (the step due is invited again from the restored line, if at all)
         self._set_start(view.weights)
         self._results = []
         self._results_b64 = []
@@ -528,7 +560,11 @@ class HFedMSStrategy(Strategy):
     def checkpoint(self) -> dict[str, Any]:
         """Rounds and regroups; while a round is open, the round too (its groups, the chain's
         position, the start model and the group results, float32 in base64): the line a restart
-        resumes from is the version this checkpoint is committed with, the chain's model there."""
+        resumes from is the version this checkpoint is committed with, the chain's model there.
+        helper-175: also what steers the next rounds and what ``describe()`` reports, each only once
+        it is set (a checkpoint from before is restored as it was): the draws' generator, the
+        devices' label-mix signals (float64 in base64: ICG clusters on them), the longest step (the
+        default step timeout), the serial and parallel times, the round lists and the counters."""
         state: dict[str, Any] = {"round": self.round, "regroups": self.regroups}
         if self.in_round and self._start is not None:
             state["open"] = {
@@ -536,7 +572,24 @@ class HFedMSStrategy(Strategy):
                 "pos": self._pos, "chain_samples": self._chain_samples, "start": self._start_b64,
                 "results": [list(r) for r in self._results_b64], "chain_s": self._chain_s,
                 "round_parallel_s": self._round_parallel_s,
+                **({"invited_at": self._step_invited_at} if self._step_invited_at is not None else {}),
             }
+        if self.config.regroup_every > 1 and self.selected:  # the period's groups train T rounds
+            state["period"] = {"groups": [list(g) for g in self.groups], "selected": [list(c) for c in self.selected]}
+        draws = self.draws.checkpoint()
+        if draws is not None:
+            state["draws"] = draws
+        if self.features:
+            state["features"] = {d: _encode64(v) for d, v in sorted(self.features.items())}
+        times = {"serial_s": self.serial_s, "parallel_s": self.parallel_s, "longest_step_s": self._longest_step}
+        state.update({k: v for k, v in times.items() if v})
+        if self.round_versions:
+            state["round_versions"] = list(self.round_versions)
+        if self.group_sizes:
+            state["groups_per_round"] = list(self.group_sizes)
+        counts = {k: getattr(self, k) for k in _COUNTED}
+        if any(counts.values()):
+            state["counts"] = {k: v for k, v in counts.items() if v}
         return state
 
     def restore_state(self, state: Mapping[str, Any]) -> None:
@@ -544,6 +597,44 @@ class HFedMSStrategy(Strategy):
             v = state.get(key)
             if isinstance(v, int) and v >= 0:
                 setattr(self, key, v)
+        counts = state.get("counts", {})
+        counts_ok = isinstance(counts, Mapping) and all(type(counts.get(k, 0)) is int and counts.get(k, 0) >= 0 for k in _COUNTED)
+        if counts_ok:
+            assert isinstance(counts, Mapping)
+            for key in _COUNTED:
+                setattr(self, key, counts.get(key, 0))
+        for key, attr in (("serial_s", "serial_s"), ("parallel_s", "parallel_s"), ("longest_step_s", "_longest_step")):
+            v = state.get(key, 0.0)
+            if type(v) in (int, float) and 0 <= v < math.inf:
+                setattr(self, attr, float(v))
+            else:
+                self.restore_refused += 1
+        if not counts_ok:
+            self.restore_refused += 1  # (after the counters: the count it restored is not overwritten)
+        for key, attr in (("round_versions", "round_versions"), ("groups_per_round", "group_sizes")):
+            values = state.get(key, [])
+            if _ints(values):
+                setattr(self, attr, list(values)[-ROUNDS_LISTED:])
+            else:
+                self.restore_refused += 1
+        if "draws" in state and not self.draws.restore(state["draws"]):
+            self.restore_refused += 1  # (drawn from the core's generator, as before)
+        features = state.get("features", {})
+        if isinstance(features, Mapping):
+            for device, text in features.items():
+                v = _decode64(text)
+                if isinstance(device, str) and v is not None:
+                    self.features[device] = v
+                else:
+                    self.restore_refused += 1
+        period = state.get("period")
+        if period is not None:
+            groups, selected = (period.get(k) for k in ("groups", "selected")) if isinstance(period, Mapping) else (None, None)
+            if _chains_ok(groups) and _chains_ok(selected):
+                assert isinstance(groups, list) and isinstance(selected, list)
+                self.groups, self.selected = [list(g) for g in groups], [list(c) for c in selected]
+            else:
+                self.restore_refused += 1
         opened = state.get("open")
         if opened is None:
             return
@@ -562,13 +653,15 @@ class HFedMSStrategy(Strategy):
             self.restore_refused += 1
             return
         self.selected = [list(chain) for chain in opened["selected"]]
-        self.groups = [list(chain) for chain in self.selected]  # (the others are not needed again: a regroup draws anew)
+        if not self.groups:  # (kept with the period when T > 1; else the others are not needed again: a regroup draws anew)
+            self.groups = [list(chain) for chain in self.selected]
         self._chain, self._pos, self._chain_samples = opened["chain"], opened["pos"], opened["chain_samples"]
         self._set_start(start)
         self._results = [(w, n) for w, n in results if w is not None]
         self._results_b64 = [list(r) for r in opened["results"]]
         self._chain_s, self._round_parallel_s = float(opened["chain_s"]), float(opened["round_parallel_s"])
         self.in_round, self.expecting, self._due_at = True, None, None
+        self._step_invited_at = float(opened["invited_at"]) if "invited_at" in opened else None
 
     def describe(self) -> dict[str, Any]:
         c = self.config
@@ -584,6 +677,34 @@ class HFedMSStrategy(Strategy):
                                  ("restore_refused", self.restore_refused)) if v},
             **({"step_timeout_s": c.step_timeout_s} if c.step_timeout_s is not None else {}),
         }
+
+
+_COUNTED = ("chain_breaks", "ignored", "partial_steps", "restarts", "reinvited", "timed_out", "reassigned", "restore_refused")
+"""Counters ``describe()`` reports, kept in the checkpoint (only those not 0)."""
+SIGNAL_MAX = 4096
+"""The longest label-mix signal a checkpoint may restore (a classifier's bias: one value per class)."""
+
+
+def _encode64(v: npt.NDArray[np.float64]) -> str:
+    return base64.b64encode(np.asarray(v, dtype="<f8").tobytes()).decode("ascii")
+
+
+def _decode64(text: object) -> npt.NDArray[np.float64] | None:
+    """A checkpointed label-mix signal: finite float64s, at most :data:`SIGNAL_MAX`, or None."""
+    if not isinstance(text, str) or not 0 < len(text) <= 4 * ((8 * SIGNAL_MAX + 2) // 3):
+        return None
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if not raw or len(raw) % 8:
+        return None
+    v = np.frombuffer(raw, dtype="<f8").astype(np.float64)
+    return v if bool(np.all(np.isfinite(v))) else None
+
+
+def _ints(values: object) -> bool:
+    return isinstance(values, list) and all(type(v) is int and v >= 0 for v in values)
 
 
 def _encode(w: Vector) -> str:
@@ -604,13 +725,20 @@ def _decode(text: object, size: int) -> Vector | None:
     return w if bool(np.all(np.isfinite(w))) else None
 
 
+def _chains_ok(chains: object) -> bool:
+    """Whether a checkpointed list of groups is one: non-empty lists of device ids."""
+    return isinstance(chains, list) and bool(chains) and all(
+        isinstance(c, list) and c and all(isinstance(d, str) for d in c) for c in chains)
+
+
 def _open_round_ok(opened: object) -> bool:
     """Whether a checkpointed round is well formed (its vectors are checked against the spec later)."""
     if not isinstance(opened, Mapping):
         return False
     sel, chain, pos, n = opened.get("selected"), opened.get("chain"), opened.get("pos"), opened.get("chain_samples")
-    if not (isinstance(sel, list) and sel and all(isinstance(c, list) and c and all(isinstance(d, str) for d in c) for c in sel)):
+    if not _chains_ok(sel):
         return False
+    assert isinstance(sel, list)
     ints = (chain, pos, n)
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ints):
         return False
@@ -621,7 +749,7 @@ def _open_round_ok(opened: object) -> bool:
     if not (isinstance(results, list) and len(results) == chain and all(
             isinstance(r, list) and len(r) == 2 and isinstance(r[1], int) and r[1] >= 0 for r in results)):
         return False
-    times = (opened.get("chain_s"), opened.get("round_parallel_s"))
+    times = (opened.get("chain_s"), opened.get("round_parallel_s"), opened.get("invited_at", 0.0))
     return all(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t < math.inf for t in times)
 
 
