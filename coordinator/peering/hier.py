@@ -161,8 +161,16 @@ class HierPeering(Peering):
         """Cloud only: the edges whose model in the open round is a replacement."""
         self.replaced = 0
         """Replacements: sent (an edge) or taken into the open round (the cloud)."""
+        self.claim_sent = 0
+        """The samples claimed with the model in the cloud round waited on (the cloud's own entry after a restart)."""
+        self.restore_refused = 0
+        """Parts of the checkpoint that did not fit (not restored): the samples count, the round waited on."""
+        self._own_pending = False
+        """The cloud restarted while collecting: its own model goes back in at the first view (_take_own_back)."""
 
     def on_version(self, view: CoordinatorView, now: float) -> PeerPlan:
+        if self._own_pending:
+            self._take_own_back(view)
         self.edge_rounds += 1
         self._remember(view.version)
         if self.edge_rounds % self.config.kappa2 or len(self.ring) == 1:
@@ -172,6 +180,7 @@ class HierPeering(Peering):
         self.gate.waiting = True
         self.wait_started = now
         samples, self.gate.samples = self.gate.samples, 0
+        self.claim_sent = samples
         self.sends += 1
         self.sent_version, self.replacing = view.version, None
         weights = np.array(view.weights, dtype=np.float32, copy=True)
@@ -182,6 +191,8 @@ class HierPeering(Peering):
 
     def on_message(self, view: CoordinatorView, msg: PeerMsg, now: float) -> PeerPlan:
         check_sender("hierfavg", self.me, self.ring, msg.sender)
+        if self._own_pending:
+            self._take_own_back(view)
         if msg.weights is None:
             raise MalformedMessage("hierfavg: peer messages carry a model")
         round_ = body_int(msg.body, "round", lo=1)
@@ -218,6 +229,8 @@ class HierPeering(Peering):
         back inside the global model (50s rejected, the cloud's 1s: the edge committed 25.5s).
         helper-172: a rejected edge round still counted toward ``kappa2``, so the model sent held
         fewer edge rounds than the other edges' (kappa2 = 3, one round rejected: 2)."""
+        if self._own_pending:
+            self._take_own_back(view)
         sends, count, rounds = self.samples_at.get(restored, (-1, 0, 0))
         waiting_on = self.sent_version if self.gate.waiting else None
         if waiting_on is not None and waiting_on > restored:
@@ -288,6 +301,8 @@ class HierPeering(Peering):
         return PeerPlan(merged=np.array(weights, dtype=np.float32, copy=True), meta={"cloud_round": round_})
 
     def on_timer(self, view: CoordinatorView, now: float) -> PeerPlan:
+        if self._own_pending:
+            self._take_own_back(view)
         if self._replacement is not None:
             _, send = self._replacement
             self._replacement = None
@@ -313,14 +328,60 @@ class HierPeering(Peering):
         return min(wakes) if wakes else None
 
     def checkpoint(self) -> dict[str, Any]:
+        """The rounds; once set (a checkpoint from before restores as it was), the samples behind the
+        aggregations since the last model sent and the cloud round this coordinator waits on.
+        helper-175: a restart while waiting forgot it waited: an edge started its rounds at once and
+        ignored the cloud's answer (``not waiting``: a late answer); the cloud, its own model gone from
+        the collection (it closes a round only with its own model in), kept the edges' models for its
+        next round and averaged them with its own from that round. The edges' models the cloud had
+        collected are not kept (model-sized: not in a commit's JSON): it closes on its own model and
+        whatever comes, at the latest after ``sync_timeout_s``."""
+        waiting = self.gate.waiting and self.sent_version is not None and math.isfinite(self.wait_started)
         return {"edge_rounds": self.edge_rounds, "cloud_round": self.cloud_round,
-                **({"closed_round": self.closed_round} if self.closed_round else {})}
+                **({"closed_round": self.closed_round} if self.closed_round else {}),
+                **({"samples": self.gate.samples} if self.gate.samples else {}),
+                **({"waiting": {"version": self.sent_version, "since": self.wait_started, "claim": self.claim_sent,
+                                **({"replacing": self.replacing} if self.replacing is not None else {})}} if waiting else {})}
 
     def restore(self, state: Mapping[str, Any]) -> None:
         self.edge_rounds = int(state.get("edge_rounds", 0))
         self.rounds_at_send = self.edge_rounds - self.edge_rounds % self.config.kappa2
         self.cloud_round = int(state.get("cloud_round", 0))
         self.closed_round = max(0, min(int(state.get("closed_round", 0)), self.cloud_round))
+        samples = state.get("samples", 0)
+        if type(samples) is int and samples >= 0:
+            self.gate.samples = samples
+        else:
+            self.restore_refused += 1
+        waiting = state.get("waiting")
+        if waiting is None or self.cloud_round <= self.closed_round or len(self.ring) == 1:
+            return  # (a cloud round it closed itself is not waited on)
+        if not isinstance(waiting, Mapping):
+            self.restore_refused += 1
+            return
+        version, since, replacing = waiting.get("version"), waiting.get("since"), waiting.get("replacing")
+        claim = waiting.get("claim", 0)
+        if not (type(version) is int and version >= 0 and isinstance(since, (int, float)) and not isinstance(since, bool)
+                and math.isfinite(since)
+                and (replacing is None or replacing == self.cloud_round) and type(claim) is int and claim >= 0):
+            self.restore_refused += 1
+            return
+        self.claim_sent = claim
+        self.gate.waiting, self.sent_version, self.wait_started = True, version, float(since)
+        self.replacing = self.cloud_round if replacing is not None else None
+        self.rounds_at_send = self.edge_rounds
+        if self.me == self.cloud:
+            self._own_pending = True  # its own model, the version it sent, goes back in at the first view
+
+    def _take_own_back(self, view: CoordinatorView) -> None:
+        """The cloud restarted while collecting: its own model, the version it put in, back in the
+        collection (its head while it waits); another head (a rollback since): it waits no longer."""
+        self._own_pending = False
+        if view.version == self.sent_version:
+            self.collect_started = self.wait_started
+            self.collected[self.me] = (self.claim_sent, np.array(view.weights, dtype=np.float32, copy=True))
+        else:
+            self.gate.waiting, self.sent_version, self.replacing = False, None, None
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "cloud": self.cloud, "kappa2": self.config.kappa2, "edge_rounds": self.edge_rounds,
@@ -329,4 +390,5 @@ class HierPeering(Peering):
                 # only once it happens: the status (and the emulator's message sizes) stay as they were
                 **({"ignored": self.ignored} if self.ignored else {}),
                 **({"capped": self.capped} if self.capped else {}),
-                **({"replaced": self.replaced} if self.replaced else {})}
+                **({"replaced": self.replaced} if self.replaced else {}),
+                **({"restore_refused": self.restore_refused} if self.restore_refused else {})}
