@@ -566,13 +566,16 @@ class HFedMSStrategy(Strategy):
         devices' label-mix signals (float64 in base64: ICG clusters on them), the longest step (the
         default step timeout), the serial and parallel times, the round lists and the counters."""
         state: dict[str, Any] = {"round": self.round, "regroups": self.regroups}
+        due = self.selected[self._chain][self._pos] if self.in_round and self.selected else None
+        # When the step due was invited: in flight (its device invited, its update not in), or right at this commit.
+        invited_at = self._invited_at if self.expecting is not None and self.expecting == due else self._step_invited_at
         if self.in_round and self._start is not None:
             state["open"] = {
                 "selected": [list(chain) for chain in self.selected], "chain": self._chain,
                 "pos": self._pos, "chain_samples": self._chain_samples, "start": self._start_b64,
                 "results": [list(r) for r in self._results_b64], "chain_s": self._chain_s,
                 "round_parallel_s": self._round_parallel_s,
-                **({"invited_at": self._step_invited_at} if self._step_invited_at is not None else {}),
+                **({"invited_at": invited_at} if invited_at is not None else {}),
             }
         if self.config.regroup_every > 1 and self.selected:  # the period's groups train T rounds
             state["period"] = {"groups": [list(g) for g in self.groups], "selected": [list(c) for c in self.selected]}

@@ -8,6 +8,7 @@ wires the two.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -47,10 +48,17 @@ class HierEdgeStrategy(FedAvgStrategy):
             return Plan()  # between edge rounds and waiting for the cloud: start nothing
         return super().plan(view, now, self.draws.rng(rng))
 
+    def on_restore(self, view: CoordinatorView, update: BufferedUpdate) -> None:
+        """A replayed update: its device reported (a round restored as drawn no longer waits for it)."""
+        super().on_restore(view, update)
+        self.participants.discard(update.device)
+
     def checkpoint(self) -> dict[str, Any]:
-        """The robust windows, and (helper-175) the rounds counted and the draws' generator."""
+        """The robust windows, and (helper-175) the rounds counted, the draws' generator and an open
+        round (never open at a commit, which closes it; a record of the round as drawn holds one)."""
         draws = self.draws.checkpoint()
-        return {**super().checkpoint(), "round": self.round, **({"draws": draws} if draws is not None else {})}
+        opened = {"participants": sorted(self.participants), "started_at": self.round_started_at} if self.round_started_at is not None else {}
+        return {**super().checkpoint(), "round": self.round, **({"draws": draws} if draws is not None else {}), **opened}
 
     def restore_state(self, state: Mapping[str, Any]) -> None:
         super().restore_state(state)
@@ -61,6 +69,13 @@ class HierEdgeStrategy(FedAvgStrategy):
             self.restore_refused += 1
         if "draws" in state and not self.draws.restore(state["draws"]):
             self.restore_refused += 1  # (drawn from the core's generator, as before)
+        if "started_at" in state:
+            started, participants = state.get("started_at"), state.get("participants")
+            if (isinstance(started, (int, float)) and not isinstance(started, bool) and math.isfinite(started)
+                    and isinstance(participants, list) and all(isinstance(d, str) for d in participants)):
+                self.round_started_at, self.participants = float(started), set(participants)
+            else:
+                self.restore_refused += 1
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), **({"restore_refused": self.restore_refused} if self.restore_refused else {})}
