@@ -86,10 +86,12 @@ failure, at most this long. A write that fails where the probe's works (a versio
 record larger than the probe's write on a nearly full disk, one file that cannot be written)
 fails again at each recovery, as the broker delivers its message again: without the backoff,
 a recovery and a redelivery at the probe's pace for ever."""
-def probe_bytes(model_size: int) -> int:
-    """What the storage probe writes (and fsyncs) while storage fails: one float32 model of
-    ``model_size`` values and 64 KB more."""
-    return 4 * model_size + (64 << 10)
+def probe_bytes(model_size: int, copies: int = 1) -> int:
+    """What the storage probe writes (and fsyncs) while storage fails: ``copies`` float32 models of
+    ``model_size`` values and 64 KB more. A commit writes the version and the strategy's
+    model-sized arrays beside it (FedAdam's 2 moments, NebulaFL's K planets and stellar model): the
+    probe is as large as the last commit's, so a disk it passes on holds the next commit too."""
+    return 4 * model_size * max(1, copies) + (64 << 10)
 
 
 START_TIMEOUT_S = 15.0
@@ -371,6 +373,8 @@ class CoordinatorDaemon:
         """Storage failures within STORAGE_STABLE_S of a recovery (each doubles the wait before the next one)."""
         self._relapses = 0  # in a row: the current backoff's exponent
         self._recovered_at = -math.inf  # (_monotonic) when storage last recovered
+        self.probe_copies = 1
+        """Models the last commit wrote (the version, and the strategy's arrays beside it): the probe's size."""
         self._resume_at = -math.inf  # (_monotonic) no recovery before this, whatever the probe says
         self.publish_failures = 0
         """Publishes the transport refused (logged; the batch's other actions still ran)."""
@@ -792,6 +796,7 @@ class CoordinatorDaemon:
         if isinstance(action, PersistUpdate):
             self._log.append(action.update)
         elif isinstance(action, CommitVersion):
+            self.probe_copies = 1 + len(action.arrays)
             try:  # into the log after the batch's updates, without fsync: the batch's one fsync covers it
                 self.registry.stage(self._log)
                 self.registry.stage_version(action)
@@ -950,7 +955,7 @@ class CoordinatorDaemon:
         log.error("storage failed again %.1f s after it recovered (%d time(s) in a row): a write larger than the probe's "
                   "(%d bytes) on a nearly full disk, or one file that cannot be written? Resuming no sooner than %.0f s from "
                   "now (doubling up to %.0f s); updates are deferred meanwhile", since, self._relapses,
-                  probe_bytes(self.task.spec.size), wait, STORAGE_BACKOFF_MAX_S)
+                  probe_bytes(self.task.spec.size, self.probe_copies), wait, STORAGE_BACKOFF_MAX_S)
         return f"failed again {since:.0f} s after recovering ({self._relapses}x; next try in {wait:.0f} s): {detail}"
 
     def _abandon_batch(self, reason: str) -> None:
@@ -998,14 +1003,13 @@ class CoordinatorDaemon:
     def _probe_loop(self) -> None:
         """Probe thread: while storage fails, try a model-sized write + fsync every few seconds
         (a warning at most every :data:`STORAGE_WARN_EVERY_S`, with the failed probes since)."""
-        size = probe_bytes(self.task.spec.size)
         failed, warned_at = 0, -math.inf
         while not self._probe_stop.wait(self.options.storage_probe_s):
             if self._storage_ok:
                 failed, warned_at = 0, -math.inf
                 continue
             try:
-                self.registry.probe(size)
+                self.registry.probe(probe_bytes(self.task.spec.size, self.probe_copies))
             except OSError as exc:
                 failed += 1
                 if (now := _monotonic()) - warned_at >= STORAGE_WARN_EVERY_S:

@@ -1005,7 +1005,7 @@ def test_the_storage_probe_warns_once_a_minute_not_every_probe(monkeypatch: pyte
     def probe(size: int) -> None:
         raise OSError(errno.EIO, "Input/output error")
 
-    fake = SimpleNamespace(task=SimpleNamespace(spec=SimpleNamespace(size=10)), _probe_stop=Stop(), _storage_ok=False,
+    fake = SimpleNamespace(task=SimpleNamespace(spec=SimpleNamespace(size=10)), _probe_stop=Stop(), _storage_ok=False, probe_copies=1,
                            options=SimpleNamespace(storage_probe_s=2.0), registry=SimpleNamespace(probe=probe),
                            actor=SimpleNamespace(call=recovered.append), _storage_recovered=None)
     with caplog.at_level(logging.DEBUG, logger="edgeci.coordinator"):
@@ -1137,3 +1137,5 @@ def test_nebula_versions_committed_in_one_batch_keep_the_heads_planets(tmp_path:
     snap = Registry(tmp_path / "c", task.spec).load()
     assert snap is not None and snap.version == 4
     assert snap.strategy_arrays is not None and sorted(snap.strategy_arrays) == ["planet0", "planet1", "planet2", "planet3", "stellar"]
+    # and the storage probe is as large as such a commit: the version and its 5 arrays (1 model before)
+    assert daemon.probe_copies == 6
