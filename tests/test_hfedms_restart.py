@@ -26,6 +26,7 @@ from tests.test_restart_transparency import (
     _version_summary,
     distance,
     divergence,
+    start_fleet,
 )
 
 TIMES = ("serial_s", "parallel_s")
@@ -43,13 +44,7 @@ def _make(**params: Any) -> Callable[[], tuple[Any, Any]]:
 
 
 def _run(root: Path, make: Callable[[], tuple[Any, Any]], kill: int | None = None, cut: bool = False) -> DurableLink:
-    link = DurableLink(root, make, kill_after=kill, cut_at_ack=cut)
-    for i in range(DEVICES):
-        link.add_device(f"d{i}", min_samples=1, seed=i)
-    link.start()
-    for t in range(1, int(UNTIL) // 4):
-        for i in range(DEVICES):
-            link.add_sample(f"d{i}", t, at=4.0 * t + 0.3 * i)
+    link = start_fleet(DurableLink(root, make, kill_after=kill, cut_at_ack=cut))
     link.run_until(UNTIL)
     link.registry.close()
     return link

@@ -148,14 +148,19 @@ class DurableLink(Link):
         self.push(self.now + 0.5 + 0.7 * index, Kind.TRAINED, index, (job.job_id, trained, job.n_samples))
 
 
-def run(root: Path, name: str, *, kill_after: int | None = None, cut_at_ack: bool = False) -> DurableLink:
-    link = DurableLink(root, build(name), kill_after=kill_after, cut_at_ack=cut_at_ack)
+def start_fleet(link: DurableLink) -> DurableLink:
+    """The devices, the coordinator's start and every label the run will get (nothing run yet)."""
     for i in range(DEVICES):
         link.add_device(f"d{i}", min_samples=1, seed=i)
     link.start()
     for t in range(1, int(UNTIL) // 4):
         for i in range(DEVICES):
             link.add_sample(f"d{i}", t, at=4.0 * t + 0.3 * i)
+    return link
+
+
+def run(root: Path, name: str, *, kill_after: int | None = None, cut_at_ack: bool = False) -> DurableLink:
+    link = start_fleet(DurableLink(root, build(name), kill_after=kill_after, cut_at_ack=cut_at_ack))
     link.run_until(UNTIL)
     return link
 
@@ -489,13 +494,7 @@ def test_an_ungated_hfedms_restarted_mid_round_keeps_the_round_model_as_its_rele
     """Without a gate an HFedMS chain step is no release (the round's model is): the commit's record
     names the release, so a coordinator restarted while the line holds a chain step serves the round's
     model still, not the step it restored as its head."""
-    link = DurableLink(tmp_path, build("hfedms"))
-    for i in range(DEVICES):
-        link.add_device(f"d{i}", min_samples=1, seed=i)
-    link.start()
-    for t in range(1, int(UNTIL) // 4):
-        for i in range(DEVICES):
-            link.add_sample(f"d{i}", t, at=4.0 * t + 0.3 * i)
+    link = start_fleet(DurableLink(tmp_path, build("hfedms")))
     at = 0.0
     while at < UNTIL:
         at += 0.5
