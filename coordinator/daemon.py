@@ -39,6 +39,7 @@ from coordinator.core import (
     RecordCanaryRound,
     RecordRefusal,
     RecordRelease,
+    RecordSelectionRound,
     Snapshot,
     StorageChanged,
     UpdateConverted,
@@ -1114,6 +1115,11 @@ class CoordinatorDaemon:
                 self.registry.record_canary_round(action.round)
             except OSError as exc:  # nothing after it leaves: no request of an unrecorded round, no decision on an unrecorded report
                 self._storage_failed(f"recording the canary round: {exc}")
+        elif isinstance(action, RecordSelectionRound):
+            try:
+                self.registry.record_selection_round(action.round)
+            except OSError as exc:  # as a canary round's: no invitation of an unrecorded round leaves
+                self._storage_failed(f"recording the selection round: {exc}")
         elif isinstance(action, RecordRefusal):
             try:
                 self.registry.record_refusal(action.event)

@@ -8,6 +8,7 @@ Layout::
       epoch                             the numbering's epoch (see below)
       release.json                      the release, the pin, the gate's decisions and operator commands
       canary.json                       the open canary round (see coordinator.canary: resumed after a restart)
+      round.json                        the selection round last drawn (RecordSelectionRound: resumed by a restart at its version)
       refused.json                      verified operator commands that did not run (a replay is refused after a restart)
       versions/000000007/weights.npy    one directory per committed version,
       versions/000000007/meta.json      written aside and renamed into place (atomic)
@@ -31,7 +32,8 @@ version number reused":
    (the checkpoint; by the pruning thread when the registry has one, so the committing thread
    never waits for it); a release (``record_release``) is fsynced when recorded, and so is the
    open canary round (``record_canary_round``: a file of its own, a few KB rewritten per accepted
-   report, where ``release.json`` would rewrite the whole history, up to ~270 KB, each time).
+   report, where ``release.json`` would rewrite the whole history, up to ~270 KB, each time),
+   and the selection round last drawn (``record_selection_round``, before its invitations leave).
 3. Log segments are deleted once every update in them is at or below the watermarks and
    every version in them is at or below the last checkpoint. Records left by a crash in
    between are dropped on restore (by :meth:`Registry.load` and again by the core); a
@@ -138,6 +140,7 @@ _TallyUndo = tuple[dict[str, int] | None, dict[str, int | None] | None]
 RELEASE_FILE = "release.json"
 EPOCH_FILE = "epoch"
 CANARY_FILE = "canary.json"
+ROUND_FILE = "round.json"
 REFUSED_FILE = "refused.json"
 
 
@@ -206,6 +209,21 @@ def read_canary_round(state_dir: str | Path) -> dict[str, Any] | None:
     except (OSError, ValueError) as exc:
         log.warning("%s is unreadable (%s): the canary round open before the restart is not resumed; a new one opens",
                     Path(state_dir) / CANARY_FILE, exc)
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_selection_round(state_dir: str | Path) -> dict[str, Any] | None:
+    """``round.json`` of a state dir (None when absent; unreadable: None, said). The core takes it
+    only when it was drawn at the restored version by the same strategy, and each strategy checks
+    what it holds: a damaged record only means the round the newest commit holds, as before records."""
+    try:
+        data = json.loads((Path(state_dir) / ROUND_FILE).read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("%s is unreadable (%s): a selection round drawn after the newest version is not resumed",
+                    Path(state_dir) / ROUND_FILE, exc)
         return None
     return data if isinstance(data, dict) else None
 
@@ -820,6 +838,11 @@ class Registry:
         """Durably record the open canary round (``canary.json``, replaced whole: tmp, fsync, rename,
         fsync of the dir: 0.8 ms for a 64-device cohort, measured on ext4 on a virtual disk)."""
         _write_atomic(self.root / CANARY_FILE, json.dumps(dict(record)).encode())
+
+    def record_selection_round(self, record: Mapping[str, Any]) -> None:
+        """Durably record the selection round just drawn (``round.json``, replaced whole: tmp, fsync,
+        rename, fsync of the dir), before its invitations leave."""
+        _write_atomic(self.root / ROUND_FILE, json.dumps(dict(record)).encode())
 
     def record_refusal(self, event: Mapping[str, Any]) -> None:
         """Durably record a verified operator command that did not run (``refused.json``: the newest
@@ -1443,6 +1466,8 @@ class Registry:
             # versions released without the gate) is a new bar: the recorded floor is not its.
             gate_floor=None if newer_meta or not isinstance(record.get("gate_floor"), dict) else dict(record["gate_floor"]),
             canary_round=read_canary_round(self.root),
+            selection_round=read_selection_round(self.root),
+            round_devices=dict(meta["round"]) if isinstance(meta.get("round"), dict) else None,
             control_refused=read_refusals(self.root),
             version=version,
             weights=weights,

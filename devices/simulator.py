@@ -78,6 +78,7 @@ from coordinator.core import (
     LoadVersion,
     PersistUpdate,
     RecordRelease,
+    RecordSelectionRound,
     Snapshot,
     UpdateConverted,
     VersionLoaded,
@@ -156,7 +157,8 @@ _WAITS_ONLINE = frozenset({Kind.MSG, Kind.TIMER})
 """What waits while a device is offline (at the broker / asleep)."""
 _DEVICE_ACTIONS = frozenset({PersistDeviceState, Notify, Publish, ScheduleTimer, StartTraining, DeployModel, StartCanary, StopCanary})
 _COORDINATOR_ACTIONS = frozenset({Publish, Notify, PersistUpdate, ScheduleTimer, CommitVersion, EvaluateCandidate, RecordRelease,
-                                  ConvertUpdate, LoadVersion})
+                                  ConvertUpdate, LoadVersion, RecordSelectionRound})
+"""(RecordSelectionRound: nothing to do, the emulated coordinator never restarts; listed so it is not looked up by its bases.)"""
 
 
 def _known_base(t: type, known: frozenset[type]) -> type:

@@ -63,10 +63,10 @@ def _straight(tmp_path_factory: pytest.TempPathFactory, key: str, make: Callable
     return _STRAIGHT[key]
 
 
-FIRST = ("needs core change: killed before the first commit, the round drawn is not durable, nor are the devices "
-         "seen (devices_added come with a commit): the round drawn again waits for every device to pull again, "
-         "1.56 s later, and the steps after it train on more samples (v7: L2 0.0367). Passes with helper-175's "
-         "proposed RecordSelectionRound")
+FIRST = ("killed at the ack before the first commit: the devices seen (devices_added come with a commit) and those "
+         "waiting (a deferred pull is not recorded) are not durable, and the round drawn in the lost rest of the event "
+         "is drawn again once every device has pulled again, later, and the steps after it train on more samples "
+         "(v7: L2 0.0367)")
 
 
 @pytest.mark.parametrize(("regroup_every", "kill", "cut"), [

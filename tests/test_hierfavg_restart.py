@@ -4,14 +4,14 @@ Sans-IO, as tests/test_peering.py: a restart is the checkpoint through JSON into
 and peering (the core restores the peering first, then the strategy). An edge restarted while it
 waits for the cloud waits still and takes the cloud's answer; a cloud restarted while collecting
 puts its own model back and closes the round with the edges' models; the samples claimed and the
-edge's draws go on. A selection round drawn after the last commit is not durable: the test through
-a real registry stays an xfail until the core keeps it (the proposed change is in helper-175's report)."""
+edge's draws go on. A selection round drawn after the last commit is kept by the core's round record
+(``RecordSelectionRound``): tests/test_restart_transparency.py's ``hierfavg`` cases restart it through a
+real registry."""
 
 from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,6 @@ from coordinator.strategies.base import BufferedUpdate, StaticView
 from coordinator.strategies.fedavg import FedAvgConfig
 from coordinator.strategies.hierfavg import HierEdgeStrategy
 from tests.peering_harness import SPEC, View, msg_from, vec
-from tests.test_restart_transparency import distance, divergence, run
 
 RING = ["cloud", "e1"]
 CFG = HierPeerConfig(kappa2=1, sync_timeout_s=30.0, max_share=1.0)
@@ -122,24 +121,3 @@ def test_a_damaged_hierfavg_peering_state_is_counted_and_changes_nothing(junk: d
     p.restore({"edge_rounds": 3, "cloud_round": 2, **junk})
     assert p.restore_refused == 1 and p.describe()["restore_refused"] == 1
     assert (p.edge_rounds, p.cloud_round, s.gate.waiting, s.gate.samples) == (3, 2, False, 0)
-
-
-ROUND = ("needs core change: a selection round drawn after the last commit is not durable (its participants, "
-         "their invitations and served pulls): the restarted edge aggregates the round's replayed partial buffer at "
-         "once (kill 12: v5 of d0, d1 where the run waited for d3 too) and draws its next rounds from other waiting sets. "
-         "Passes with helper-175's proposed RecordSelectionRound")
-AFTER = (ROUND[:-len("Passes with helper-175's proposed RecordSelectionRound")] + "With RecordSelectionRound still not: "
-         "killed right after the round's invitations, the devices' re-pull at the restart is served (FedAvg's serve_pull) "
-         "before the invitation it ignored, their updates one seq lower (v2-v5), and v6 on differ (L2 0.086)")
-
-
-@pytest.mark.parametrize("kill", [pytest.param(1, marks=pytest.mark.xfail(strict=True, reason=AFTER)),
-                                  pytest.param(5, marks=pytest.mark.xfail(strict=True, reason=ROUND)),
-                                  pytest.param(12, marks=pytest.mark.xfail(strict=True, reason=ROUND))])
-def test_hierfavg_restarted_mid_round_commits_the_runs_versions(tmp_path: Path, kill: int) -> None:
-    straight = run(tmp_path / "straight", "hierfavg")
-    restarted = run(tmp_path / "killed", "hierfavg", kill_after=kill)
-    straight.registry.close()
-    restarted.registry.close()
-    at = divergence(straight.durable, restarted.durable)
-    assert at is None, f"version {straight.durable[at].version}: L2 {distance(straight.durable, restarted.durable, at)}"

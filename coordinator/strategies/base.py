@@ -153,6 +153,18 @@ class Strategy:
     def restore_state(self, state: Mapping[str, Any]) -> None:
         """Undo :meth:`checkpoint` at start, before pending updates are restored."""
 
+    def round_checkpoint(self) -> dict[str, Any]:
+        """The selection round as just drawn, JSON-able: who was drawn, when, the rounds counted and
+        the draws' generator. A commit's :meth:`checkpoint` holds it as of that commit; the core also
+        records it (``RecordSelectionRound``) each time a plan invites, before the invitations leave,
+        so a restart between commits resumes the round as drawn instead of closing it with the
+        replayed part of its buffer or drawing another. ``{}`` (the default): no round to keep."""
+        return {}
+
+    def restore_round(self, state: Mapping[str, Any]) -> None:
+        """Undo :meth:`round_checkpoint` at start: after :meth:`restore_state`, before the updates
+        accepted after the record are replayed (:meth:`on_restore`: their devices have reported)."""
+
     def checkpoint_arrays(self) -> dict[str, Vector]:
         """Model-sized state at the version just committed (FedAdam's moments), by name, for the
         registry to keep beside the newest version only: one file tagged with that version, written

@@ -14,12 +14,14 @@ for real fleets where an invited device may vanish.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from coordinator.strategies.base import BufferedUpdate, CoordinatorView, Plan
+from coordinator.strategies.draws import Draws
 from coordinator.strategies.robust import RobustAggregator, RobustConfig, RobustStrategy
+from coordinator.strategies.rounds import device_list, moment, round_and_draws
 from edge_sdk.errors import ConfigError
 from edge_sdk.spec import Vector
 
@@ -54,6 +56,11 @@ class FedAvgStrategy(RobustStrategy):
         """Invited this round and not yet reported."""
         self.round_started_at: float | None = None
         self.robust = RobustAggregator(self.config, expected=self.config.select)
+        self.draws = Draws()
+        """The generator the participants are drawn from, kept with the round (helper-175: a restart
+        drew from ``random.Random(seed)`` again, the run's first draws)."""
+        self.restore_refused = 0
+        """Parts of a checkpoint or round record that did not fit (not restored)."""
 
     def serve_pull(self, view: CoordinatorView, device: str, now: float) -> bool:
         return device in self.participants  # a retried pull of a participant
@@ -66,6 +73,11 @@ class FedAvgStrategy(RobustStrategy):
 
     def on_update(self, view: CoordinatorView, update: BufferedUpdate, now: float) -> None:
         self.robust.observe(view, update)
+        self.participants.discard(update.device)
+
+    def on_restore(self, view: CoordinatorView, update: BufferedUpdate) -> None:
+        """A replayed update: its device reported (a round restored as drawn no longer waits for it)."""
+        super().on_restore(view, update)
         self.participants.discard(update.device)
 
     def plan(self, view: CoordinatorView, now: float, rng: random.Random) -> Plan:
@@ -85,7 +97,7 @@ class FedAvgStrategy(RobustStrategy):
         waiting = sorted(view.deferred)
         if len(waiting) < cfg.min_devices:
             return Plan()
-        chosen = rng.sample(waiting, min(cfg.select, len(waiting)))
+        chosen = self.draws.rng(rng).sample(waiting, min(cfg.select, len(waiting)))
         self.participants = set(chosen)
         self.round_started_at = now
         self.round += 1
@@ -93,6 +105,31 @@ class FedAvgStrategy(RobustStrategy):
 
     def aggregate(self, view: CoordinatorView, updates: Sequence[BufferedUpdate]) -> Vector:
         return self.robust.combine(view, updates)
+
+    def round_checkpoint(self) -> dict[str, Any]:
+        """The rounds counted, the draws' generator and an open round (never open at a commit,
+        which closes it: a round record holds one)."""
+        draws = self.draws.checkpoint()
+        opened = {"participants": sorted(self.participants), "started_at": self.round_started_at} if self.round_started_at is not None else {}
+        return {"round": self.round, **({"draws": draws} if draws is not None else {}), **opened}
+
+    def restore_round(self, state: Mapping[str, Any]) -> None:
+        self.round, refused = round_and_draws(state, self.round, self.draws)
+        self.restore_refused += refused
+        started, participants = moment(state.get("started_at")), device_list(state.get("participants"))
+        if "started_at" not in state:
+            self.round_started_at, self.participants = None, set()
+        elif started is not None and participants is not None:
+            self.round_started_at, self.participants = started, set(participants)
+        else:
+            self.restore_refused += 1
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {**super().checkpoint(), **self.round_checkpoint()}
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        super().restore_state(state)
+        self.restore_round(state)
 
     def describe(self) -> dict[str, Any]:
         c = self.config
@@ -103,4 +140,5 @@ class FedAvgStrategy(RobustStrategy):
             "round_timeout_s": c.round_timeout_s,
             "round": self.round,
             "robust": self.robust.describe(),
+            **({"restore_refused": self.restore_refused} if self.restore_refused else {}),
         }

@@ -38,12 +38,14 @@ daemon sets 600 s unless told otherwise (``coordinator.daemon.DAEMON_FORGET_AFTE
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from coordinator.strategies.base import BufferedUpdate, CoordinatorView, Plan
+from coordinator.strategies.draws import Draws
 from coordinator.strategies.robust import RobustAggregator, RobustConfig, RobustStrategy
+from coordinator.strategies.rounds import count, device_list, device_times, rows
 from edge_sdk.errors import ConfigError
 from edge_sdk.spec import Vector
 
@@ -103,11 +105,18 @@ class FedBuffStrategy(RobustStrategy):
         self.in_flight: dict[str, float] = {}
         """Devices invited (or let in) and not yet reported, with the time they were let in."""
         self._need_draw = True
-        self._drawn_at = float("-inf")
-        self._deferred_at: float | None = None
-        """The newest time a pull was deferred (``serve_pull`` said no: the core files the device
-        under that time in ``view.deferred``); None until read once off ``view.deferred``."""
+        self._deferrals = 0
+        """Pulls deferred so far (``serve_pull`` said no: the core files the device in ``view.deferred``)."""
+        self._drawn_after = 0
+        """``_deferrals`` at the last draw. Counted, not timed: a pull deferred at the very time of the
+        draw (its own event, after it) is a device the draw did not see; compared by time it waited for
+        a later one, and with the round empty nothing came (a restart's re-announcing devices, all at
+        one instant on a virtual clock: FedBuff drew once and never again)."""
         self.robust = self._make_robust()
+        self.draws = Draws()
+        """The generator rounds are drawn from, kept with the round (a restart drew the run's first rounds again)."""
+        self.restore_refused = 0
+        """Parts of a checkpoint or round record that did not fit (not restored)."""
 
     def _make_robust(self) -> RobustAggregator:
         return RobustAggregator(self.config, expected=max(self.config.k, self.config.select))
@@ -121,8 +130,7 @@ class FedBuffStrategy(RobustStrategy):
             self.late_joiners.remove(device)
             self.in_flight[device] = now
             return True
-        if self._deferred_at is not None:
-            self._deferred_at = max(self._deferred_at, now)
+        self._deferrals += 1
         return False
 
     def selects(self) -> bool:
@@ -130,8 +138,15 @@ class FedBuffStrategy(RobustStrategy):
 
     def on_update(self, view: CoordinatorView, update: BufferedUpdate, now: float) -> None:
         self.robust.observe(view, update)
-        self.in_flight.pop(update.device, None)
-        if self.config.strict_k and not self.in_flight:
+        self._reported(update.device)
+
+    def on_restore(self, view: CoordinatorView, update: BufferedUpdate) -> None:
+        """A replayed update: its device reported (a round restored as drawn no longer waits for it)."""
+        super().on_restore(view, update)
+        self._reported(update.device)
+
+    def _reported(self, device: str) -> None:
+        if self.in_flight.pop(device, None) is not None and self.config.strict_k and not self.in_flight:
             self._need_draw = True  # the round ended short of K: draw the next one now
 
     def on_aggregated(self, view: CoordinatorView, now: float) -> None:
@@ -145,17 +160,14 @@ class FedBuffStrategy(RobustStrategy):
         strict = self.config.strict_k
         if buffered >= self.config.k or (buffered and not self.in_flight and not strict):
             return Plan(aggregate=True)
-        deferred = view.deferred
         empty_round = not self.in_flight and (strict or not buffered)
         invite: tuple[str, ...] = ()
-        if self._deferred_at is None:
-            self._deferred_at = max(deferred.values(), default=float("-inf"))
-        # "A device deferred since the last draw is waiting": the newest deferral, not a pass over
-        # every deferred device after every event (a device that deferred and left stays there until
-        # a draw invites it: 100,000 such ids, 3.3 ms an event). Such an entry leaves only when a draw
-        # invites it (a deferred device is neither in flight nor a late joiner until a draw).
-        if self._need_draw or (empty_round and self._deferred_at > self._drawn_at):
-            invite = self._draw(view, now, rng)
+        # "A device deferred since the last draw is waiting": a count, not a pass over every deferred
+        # device after every event (a device that deferred and left stays there until a draw invites
+        # it: 100,000 such ids, 3.3 ms an event). Such an entry leaves only when a draw invites it (a
+        # deferred device is neither in flight nor a late joiner until a draw).
+        if self._need_draw or (empty_round and self._deferrals > self._drawn_after):
+            invite = self._draw(view, now, self.draws.rng(rng))
         if invite and self.config.forget_after_s is not None:
             wake_at = min(self.in_flight.values()) + self.config.forget_after_s
         return Plan(invite=invite, wake_at=wake_at)
@@ -174,7 +186,7 @@ class FedBuffStrategy(RobustStrategy):
         self.late_joiners = [d for d in drawn if d not in deferred] if cfg.late_join else []
         self.round += 1
         self._need_draw = False
-        self._drawn_at = now
+        self._drawn_after = self._deferrals
         return invite
 
     def _forget_stragglers(self, now: float) -> float | None:
@@ -185,6 +197,36 @@ class FedBuffStrategy(RobustStrategy):
             if since + limit <= now:  # the same sum as the wake-up time below: a wake-up at it always forgets
                 del self.in_flight[device]
         return min(self.in_flight.values()) + limit if self.in_flight else None
+
+    # ------------------------------------------------------------------ durability
+
+    def round_checkpoint(self) -> dict[str, Any]:
+        """The rounds counted, who is in flight since when (a round outlives commits: each
+        aggregation at K refills it), the drawn late joiners, whether a draw is due, and the draws' generator."""
+        draws = self.draws.checkpoint()
+        return {"round": self.round, "in_flight": rows(self.in_flight), "late_joiners": list(self.late_joiners),
+                "need_draw": self._need_draw,
+                **({"draws": draws} if draws is not None else {})}
+
+    def restore_round(self, state: Mapping[str, Any]) -> None:
+        if "in_flight" not in state:
+            return  # a checkpoint from before rounds were kept: the round starts afresh, as it did then
+        rounds, in_flight, late = count(state.get("round")), device_times(state.get("in_flight")), device_list(state.get("late_joiners"))
+        need = state.get("need_draw")
+        if rounds is None or in_flight is None or late is None or not isinstance(need, bool):
+            self.restore_refused += 1  # (the round starts afresh: a draw at the first plan)
+            return
+        # (the deferrals counted are not kept: the core's deferred devices are not either, and pull again)
+        self.round, self.in_flight, self.late_joiners, self._need_draw = rounds, in_flight, late, need
+        if "draws" in state and not self.draws.restore(state["draws"]):
+            self.restore_refused += 1  # (drawn from the core's generator, as before)
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {**super().checkpoint(), **self.round_checkpoint()}
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        super().restore_state(state)
+        self.restore_round(state)
 
     # ------------------------------------------------------------------ maths
 
@@ -204,4 +246,5 @@ class FedBuffStrategy(RobustStrategy):
             "round": self.round,
             "in_flight": len(self.in_flight),
             "robust": self.robust.describe(),
+            **({"restore_refused": self.restore_refused} if self.restore_refused else {}),
         }

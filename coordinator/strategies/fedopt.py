@@ -34,6 +34,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from coordinator.strategies.base import BufferedUpdate, CoordinatorView, Plan, Strategy
+from coordinator.strategies.draws import Draws
+from coordinator.strategies.rounds import device_list, round_and_draws
 from edge_sdk.errors import ConfigError
 from edge_sdk.spec import FULL, Vector
 
@@ -106,6 +108,10 @@ class FedOptStrategy(Strategy):
         """The restored checkpoint says moments were kept with it (see :meth:`restore_arrays`)."""
         self.ignored = 0
         """Updates from devices this strategy did not invite (consumed, not applied)."""
+        self.draws = Draws()
+        """The generator rounds are drawn from, kept with the round (a restart drew the run's first rounds again)."""
+        self.restore_refused = 0
+        """Parts of a checkpoint or round record that did not fit (not restored)."""
 
     def serve_pull(self, view: CoordinatorView, device: str, now: float) -> bool:
         return device in self.participants
@@ -118,6 +124,10 @@ class FedOptStrategy(Strategy):
         return True
 
     def on_update(self, view: CoordinatorView, update: BufferedUpdate, now: float) -> None:
+        self.participants.discard(update.device)
+
+    def on_restore(self, view: CoordinatorView, update: BufferedUpdate) -> None:
+        """A replayed update: its device reported (a round restored as drawn no longer waits for it)."""
         self.participants.discard(update.device)
 
     def done(self) -> bool:
@@ -138,7 +148,7 @@ class FedOptStrategy(Strategy):
         need = cfg.population if cfg.population is not None else cfg.select
         if len(waiting) < need or (cfg.population is not None and len(waiting) < len(view.devices_seen)):
             return Plan()
-        chosen = rng.sample(waiting, min(cfg.select, len(waiting)))
+        chosen = self.draws.rng(rng).sample(waiting, min(cfg.select, len(waiting)))
         self.participants = set(chosen)
         self.in_round = True
         self.round += 1
@@ -198,14 +208,28 @@ class FedOptStrategy(Strategy):
             self._v = np.zeros_like(base)
         return self._m, self._v
 
+    def round_checkpoint(self) -> dict[str, Any]:
+        """The rounds counted, the draws' generator and an open round (never open at a commit,
+        which closes it: a round record holds one)."""
+        draws = self.draws.checkpoint()
+        return {"round": self.round, **({"draws": draws} if draws is not None else {}),
+                **({"participants": sorted(self.participants)} if self.in_round else {})}
+
+    def restore_round(self, state: Mapping[str, Any]) -> None:
+        self.round, refused = round_and_draws(state, self.round, self.draws)
+        self.restore_refused += refused
+        participants = device_list(state.get("participants", []))
+        if participants is None:
+            self.restore_refused += 1
+        else:
+            self.participants, self.in_round = set(participants), "participants" in state
+
     def checkpoint(self) -> dict[str, Any]:
         # "moments": whether checkpoint_arrays has them (a restart without them says it started afresh)
-        return {"round": self.round, **({"moments": True} if self._m is not None and self._v is not None else {})}
+        return {**self.round_checkpoint(), **({"moments": True} if self._m is not None and self._v is not None else {})}
 
     def restore_state(self, state: Mapping[str, Any]) -> None:
-        r = state.get("round")
-        if isinstance(r, int) and r >= 0:
-            self.round = r
+        self.restore_round(state)
         self._had_moments = state.get("moments") is True
 
     def checkpoint_arrays(self) -> dict[str, Vector]:
@@ -236,7 +260,8 @@ class FedOptStrategy(Strategy):
         c = self.config
         return {"name": self.name, "server_opt": c.server_opt, "server_lr": c.server_lr, "beta1": c.beta1,
                 "beta2": c.beta2, "tau": c.tau, "select": c.select, "population": c.population,
-                "rounds": c.rounds, "round": self.round, "ignored": self.ignored}
+                "rounds": c.rounds, "round": self.round, "ignored": self.ignored,
+                **({"restore_refused": self.restore_refused} if self.restore_refused else {})}
 
 
 class FedAdamStrategy(FedOptStrategy):

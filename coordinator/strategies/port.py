@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -54,6 +54,7 @@ import numpy as np
 from coordinator.strategies.base import BufferedUpdate, CoordinatorView, Plan
 from coordinator.strategies.fedbuff import FedBuffConfig, FedBuffStrategy
 from coordinator.strategies.robust import RobustAggregator, UpdateStats
+from coordinator.strategies.rounds import count, device_list
 from edge_sdk.errors import ConfigError
 from edge_sdk.spec import ModelSpec, Vector
 
@@ -162,6 +163,33 @@ class PortStrategy(FedBuffStrategy):
         super().on_update(view, update, now)
         self.started_version.pop(update.device, None)
         self.requested.discard(update.device)
+
+    def on_restore(self, view: CoordinatorView, update: BufferedUpdate) -> None:
+        super().on_restore(view, update)
+        self.started_version.pop(update.device, None)
+        self.requested.discard(update.device)
+
+    def round_checkpoint(self) -> dict[str, Any]:
+        """FedBuff's round, and the versions the devices in flight started from (their base: which
+        of them to ask for their work), those asked and not yet answered, and the requests counted."""
+        return {**super().round_checkpoint(), "started": [[d, v] for d, v in self.started_version.items()],
+                "requested": sorted(self.requested),
+                "pending_requests": list(self._requests), "update_requests": self.update_requests}
+
+    def restore_round(self, state: Mapping[str, Any]) -> None:
+        super().restore_round(state)
+        if "started" not in state:
+            return
+        started = state.get("started")
+        ok = isinstance(started, list) and all(isinstance(r, list) and len(r) == 2 and isinstance(r[0], str) and count(r[1]) is not None
+                                                  for r in started)
+        requested, pending, asked = device_list(state.get("requested")), device_list(state.get("pending_requests")), count(state.get("update_requests"))
+        if not ok or requested is None or pending is None or asked is None:
+            self.restore_refused += 1
+            return
+        assert isinstance(started, list)
+        self.started_version = {str(d): int(v) for d, v in started}
+        self.requested, self._requests, self.update_requests = set(requested), pending, asked
 
     def on_aggregated(self, view: CoordinatorView, now: float) -> None:
         super().on_aggregated(view, now)
