@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from coordinator.core import CommitVersion, CoordinatorConfig, CoordinatorCore, Snapshot
 from coordinator.peering import PEERINGS, make_peering
 from coordinator.peering.base import Peering
-from coordinator.peering.hier import HierPeerConfig, HierPeering, weighted_mean
+from coordinator.peering.hier import MAX_ROUND_GAP, HierPeerConfig, HierPeering, weighted_mean
 from coordinator.peering.nebula import NebulaPeerConfig, NebulaPeering, rotation_target
 from coordinator.peering.spyker import (
     SpykerPeerConfig,
@@ -1078,6 +1078,130 @@ def test_hierfavg_samples_taken_while_waiting_go_with_the_model_that_holds_them(
     assert s.plan(View(weights=vec(2.0), buffer=(late,)), 2.1, random.Random(0)).aggregate  # the first round after it
     (nxt,) = e1.on_version(View(weights=vec(2.0)), 2.2).sends
     assert nxt.body == {"round": 2, "samples": 7}
+
+
+def _hier(name: str, ring: list[str], timeout: float = 5.0) -> tuple[HierEdgeStrategy, HierPeering]:
+    s = HierEdgeStrategy(FedAvgConfig(select=5, min_devices=1))
+    return s, HierPeering(name, ring, HierPeerConfig(kappa2=1, sync_timeout_s=timeout, max_share=1.0), strategy=s)
+
+
+def test_hierfavg_cloud_averages_only_the_open_rounds_models() -> None:
+    """helper-177: the collection was one model per edge, whatever its round. e1 timed out on round 1
+    and sent its round-2 model (5s) while round 1 was open: it replaced e1's round-1 model (3s) and round 1
+    closed on (1 + 5 + 2) / 3. Now round 1 averages round 1's models; e1's round-2 model waits for round 2."""
+    ring = ["cloud", "e1", "e2"]
+    cs, cloud = _hier("cloud", ring)
+    view = View(weights=vec(1.0), version=1)
+    cs.gate.samples = 10
+    assert cloud.on_version(view, 1.0).merged is None  # round 1: the cloud's own model
+    assert cloud.on_message(view, msg_from("e1", "edge", {"round": 1, "samples": 10}, vec(3.0)), 1.5).merged is None
+    assert cloud.on_message(view, msg_from("e1", "edge", {"round": 2, "samples": 10}, vec(5.0)), 2.0).merged is None
+    plan = cloud.on_message(view, msg_from("e2", "edge", {"round": 1, "samples": 10}, vec(2.0)), 2.5)
+    assert plan.merged is not None and plan.sends[0].body == {"round": 1}
+    np.testing.assert_allclose(plan.merged, 2.0)  # (1 + 3 + 2) / 3; the old code: (1 + 5 + 2) / 3
+    assert sorted(cloud.collected) == ["e1"] and cloud.ahead == {}  # round 2 is the one it collects now
+    view = View(weights=vec(2.0), version=3)
+    cs.gate.samples = 10
+    assert cloud.on_version(view, 3.0).merged is None  # round 2: e1's model is in, e2's to come
+    assert sorted(cloud.collected) == ["cloud", "e1"]
+    plan = cloud.on_message(view, msg_from("e2", "edge", {"round": 2, "samples": 10}, vec(8.0)), 3.5)
+    assert plan.merged is not None and plan.sends[0].body == {"round": 2}
+    np.testing.assert_allclose(plan.merged, 5.0)  # (2 + 5 + 8) / 3
+    assert "ignored" not in cloud.describe()
+
+
+def test_hierfavg_an_edge_sending_twice_in_a_round_is_averaged_once() -> None:
+    """A QoS-1 duplicate, or an edge that restarted and sent again: its newest model, once (checked, not a fix:
+    the old code passes)."""
+    ring = ["cloud", "e1"]
+    cs, cloud = _hier("cloud", ring)
+    view = View(weights=vec(1.0), version=1)
+    cs.gate.samples = 10
+    cloud.on_message(view, msg_from("e1", "edge", {"round": 1, "samples": 10}, vec(7.0)), 0.5)
+    cloud.on_message(view, msg_from("e1", "edge", {"round": 1, "samples": 10}, vec(3.0)), 0.6)
+    plan = cloud.on_version(view, 1.0)
+    assert plan.merged is not None
+    np.testing.assert_allclose(plan.merged, 2.0)  # (1 + 3) / 2
+
+
+def test_hierfavg_an_edge_that_outran_a_silent_cloud_takes_its_answers_again() -> None:
+    """helper-177: e1 timed out on 4 cloud rounds while the cloud was down; back, the cloud averaged e1's
+    model for round 5 into its round 1 and answered "round 1", which e1 (waiting on 5) ignored as late;
+    each round the same, one behind e1's: e1 never took a global again (old code: 0 of 5 taken, 5
+    ignored). Now the cloud, with no model for its next round, opens the round e1 is at."""
+    ring = ["cloud", "e1"]
+    _, cloud = _hier("cloud", ring)
+    es, e1 = _hier("e1", ring)
+    cv, ev = View(weights=vec(1.0), version=0), View(weights=vec(3.0), version=0)
+    t = 0.0
+    for _ in range(4):  # the cloud is down: e1's models are lost, it gives up on each round
+        t += 1.0
+        ev.version += 1
+        assert e1.on_version(ev, t).sends
+        t += 5.0
+        e1.on_timer(ev, t)
+    assert e1.timeouts == 4 and e1.cloud_round == 4 and not es.gate.waiting
+    taken = 0
+    for _ in range(5):  # the cloud is back: each round e1 sends its model, then the cloud's own round is due
+        t += 1.0
+        ev.version += 1
+        (send,) = e1.on_version(ev, t).sends
+        cloud.on_message(cv, msg_from("e1", send.kind, send.body, send.weights), t + 0.1)
+        cv.version += 1
+        plan = cloud.on_version(cv, t + 0.2)
+        assert plan.merged is not None  # every model of the round is in: it closes at once
+        (glob,) = plan.sends
+        back = e1.on_message(ev, msg_from("cloud", glob.kind, glob.body, glob.weights), t + 0.3)
+        taken += back.merged is not None
+        if back.merged is None:
+            t += 5.0
+            e1.on_timer(ev, t)
+    assert taken == 5 and e1.ignored == 0 and e1.timeouts == 4
+    assert cloud.cloud_round == e1.cloud_round == 9 and "ignored" not in cloud.describe()
+
+
+def test_hierfavg_the_open_round_does_not_wait_for_an_edge_that_went_on() -> None:
+    """An edge whose model is for a later round sends none for the open one: the round closes without it
+    (the old code took its later model into this round)."""
+    ring = ["cloud", "e1", "e2"]
+    cs, cloud = _hier("cloud", ring)
+    view = View(weights=vec(1.0), version=1)
+    cs.gate.samples = 10
+    cloud.on_version(view, 1.0)
+    cloud.on_message(view, msg_from("e1", "edge", {"round": 1, "samples": 10}, vec(3.0)), 1.1)
+    plan = cloud.on_message(view, msg_from("e2", "edge", {"round": 4, "samples": 10}, vec(9.0)), 1.2)
+    assert plan.merged is not None and plan.sends[0].body == {"round": 1}
+    np.testing.assert_allclose(plan.merged, 2.0)  # (1 + 3) / 2: e2's round-4 model waits for round 4
+    assert cloud.ahead["e2"][0] == 4
+
+
+def test_hierfavg_hostile_edge_models_are_refused_and_change_nothing() -> None:
+    """A round too far ahead (it would move every edge's round counter), NaN, a wrong size, an unknown
+    sender, a round already closed: a typed error or counted (``ignored``); the collection as it was."""
+    from edge_sdk.errors import NonFiniteWeights, ShapeMismatch
+
+    ring = ["cloud", "e1", "e2"]
+    _, cloud = _hier("cloud", ring)
+    view = View(weights=vec(1.0), version=1)
+    cloud.on_version(view, 1.0)
+    cloud.on_message(view, msg_from("e1", "edge", {"round": 1, "samples": 10}, vec(3.0)), 1.1)
+    before = (sorted(cloud.collected), dict(cloud.ahead), cloud.cloud_round, cloud.closed_round)
+    nan = vec(1.0)
+    nan[2] = np.nan
+    bad: list[tuple[PeerMsg, type[Exception]]] = [
+        (msg_from("e2", "edge", {"round": 1 + MAX_ROUND_GAP + 1, "samples": 10}, vec(2.0)), MalformedMessage),
+        (PeerMsg(sender="e2", kind="edge", body={"round": 1, "samples": 10}, weights=nan), NonFiniteWeights),
+        (PeerMsg(sender="e2", kind="edge", body={"round": 1, "samples": 10}, weights=vec(1.0)[:-1]), ShapeMismatch),
+        (msg_from("x9", "edge", {"round": 1, "samples": 10}, vec(2.0)), UnknownPeer),
+        (msg_from("e2", "edge", {"round": 0, "samples": 10}, vec(2.0)), MalformedMessage),
+        (msg_from("e2", "resend", {"round": 1, "at": 2.0}), MalformedMessage),  # only the cloud asks
+    ]
+    for msg, error in bad:
+        with pytest.raises(error):
+            cloud.on_message(view, msg, 2.0)
+        assert (sorted(cloud.collected), dict(cloud.ahead), cloud.cloud_round, cloud.closed_round) == before
+    assert not cloud.on_message(view, msg_from("e2", "edge", {"round": 1 + MAX_ROUND_GAP, "samples": 1}, vec(2.0)), 2.0).counted
+    assert cloud.ahead["e2"][0] == 1 + MAX_ROUND_GAP  # (the largest gap taken: refused one above it)
 
 
 # --------------------------------------------------------------------------- construction

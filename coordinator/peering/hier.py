@@ -16,6 +16,16 @@ that hears nothing for ``sync_timeout_s`` resumes on its own model; its model fo
 the cloud has already closed is dropped there (counted, ``ignored``): the paper's cloud averages
 one round's edge models, and the edge's next one comes with the next round.
 
+The cloud's collection is tagged by round (helper-177): ``collected`` holds the models for the round
+it collects (its own round once its model is in, else the next), ``ahead`` each edge's newest model
+for a later round (an edge that timed out and went on counts its rounds ahead of the cloud's), which
+waits for its round; the open round averages only its own round's models, and does not wait for an
+edge whose model is ahead. When the cloud opens its next round and no edge sent a model for it, it
+opens the newest round an edge sent one for (the rounds between had no cloud: an edge's round counter
+ran ahead while the cloud was silent), so the edges take its answer again; older ones are dropped
+(counted). Before, an edge model for any later round went into the open one, and an edge that had
+timed out while the cloud was down never took a global again (each answer a round behind its own).
+
 A rollback or an operator's pin (:meth:`HierPeering.on_line_replaced`) puts the samples count
 and the edge rounds counted toward ``kappa2`` back to the restored version's (a rejected edge
 round is no aggregation the model sent holds). If it abandons the model this edge sent for the round it waits
@@ -55,6 +65,12 @@ __all__ = ["HierPeerConfig", "HierPeering", "capped_shares", "weighted_mean"]
 
 SAMPLES_KEPT = 64
 """Versions whose samples count an edge remembers for a rollback (older ones restore to 0)."""
+
+MAX_ROUND_GAP = 2**20
+"""How far past the cloud's open round an edge model's round may be. An honest edge gets ahead by one
+round per ``sync_timeout_s`` the cloud is silent (2**20 rounds: 12 days at 1 s); the cloud opens the
+newest round it holds a model for, so a larger claim (refused, malformed) would move every edge's
+round counter that far, toward the 2**63 a peer body's int may hold."""
 
 
 def capped_shares(samples: Sequence[float], max_share: float) -> np.ndarray:
@@ -134,7 +150,9 @@ class HierPeering(Peering):
         self.cloud_round = 0
         self.wait_started = -math.inf
         self.collected: dict[str, tuple[int, Vector]] = {}
-        """Cloud only: the edges' models for ``cloud_round``."""
+        """Cloud only: the (samples, model) of each edge for the round it collects (:meth:`open_round`)."""
+        self.ahead: dict[str, tuple[int, int, Vector, float]] = {}
+        """Cloud only: each edge's newest (round, samples, model, arrival) for a round after the open one."""
         self.closed_round = 0
         """Cloud only: the last cloud round it closed (an edge model for it or before is late: dropped)."""
         self.collect_started = -math.inf
@@ -175,6 +193,8 @@ class HierPeering(Peering):
         self._remember(view.version)
         if self.edge_rounds % self.config.kappa2 or len(self.ring) == 1:
             return PeerPlan()
+        if self.me == self.cloud and not self.collected:  # (no edge is at its next round: it skips to theirs)
+            self._skip_to(max([self.cloud_round + 1, *(held[0] for held in self.ahead.values())]))
         self.cloud_round += 1
         self.rounds_at_send = self.edge_rounds
         self.gate.waiting = True
@@ -185,6 +205,7 @@ class HierPeering(Peering):
         self.sent_version, self.replacing = view.version, None
         weights = np.array(view.weights, dtype=np.float32, copy=True)
         if self.me == self.cloud:
+            self._promote()
             return self._collect(self.me, self.cloud_round, samples, weights, now)
         body = {"round": self.cloud_round, "samples": samples}
         return PeerPlan(sends=(PeerSend(kind="edge", to=self.cloud, body=body, weights=weights),))
@@ -195,6 +216,7 @@ class HierPeering(Peering):
             self._take_own_back(view)
         if msg.weights is None:
             raise MalformedMessage("hierfavg: peer messages carry a model")
+        view.spec.check_update(msg.weights)  # (the core checked it already: a cached pass; sans-IO callers too)
         round_ = body_int(msg.body, "round", lo=1)
         if msg.kind == "edge":
             if self.me != self.cloud:
@@ -256,14 +278,30 @@ class HierPeering(Peering):
         if len(self.samples_at) > SAMPLES_KEPT:
             del self.samples_at[min(self.samples_at)]
 
+    def open_round(self) -> int:
+        """Cloud: the round it collects, its own once its model is in (waiting), else its next."""
+        return self.cloud_round if self.gate.waiting else self.cloud_round + 1
+
     def _collect(self, edge: str, round_: int, samples: int, weights: Vector, now: float, *,
                  replaces: bool = False) -> PeerPlan:
-        if round_ < self.cloud_round or round_ <= self.closed_round:
+        open_round = self.open_round()
+        if round_ < open_round or round_ <= self.closed_round:
             # Late, for a round already closed: an edge that timed out earlier catches up next round.
             # helper-172: one in after the close, before the cloud's own next round began (round_ ==
             # cloud_round), was kept and averaged into the next round, its model from the round before.
             self.ignored += 1
             return PeerPlan(counted=True)
+        if round_ > open_round + MAX_ROUND_GAP:
+            raise MalformedMessage(f"hierfavg: an edge model for round {round_}, {round_ - open_round} after the cloud's open round")
+        if round_ > open_round:
+            # The edge went on without the cloud (timed out): its model waits for its round (helper-177:
+            # it went into the open round, a model of a later round averaged with this round's).
+            held = self.ahead.get(edge)
+            if replaces or (held is not None and held[0] > round_):  # (a replacement: of the open round's only)
+                self.ignored += 1
+                return PeerPlan(counted=True)
+            self.ahead[edge] = (round_, samples, np.array(weights, dtype=np.float32, copy=True), now)
+            return self._close_if_complete()
         if replaces:
             if edge not in self.collected:  # the round closed before it (or never had its model)
                 self.ignored += 1
@@ -273,9 +311,35 @@ class HierPeering(Peering):
         if not self.collected:
             self.collect_started = now
         self.collected[edge] = (samples, np.array(weights, dtype=np.float32, copy=True))
-        if len(self.collected) < len(self.ring) or self.me not in self.collected:
+        return self._close_if_complete()
+
+    def _close_if_complete(self) -> PeerPlan:
+        """Close the open round once the cloud's model is in and every edge sent its model for it, or
+        one for a later round (it went on: no model of this round comes from it)."""
+        if self.me not in self.collected or any(e not in self.collected and e not in self.ahead for e in self.ring):
             return PeerPlan()
         return self._close_cloud_round()
+
+    def _skip_to(self, round_: int) -> None:
+        """The cloud's next round is ``round_``: the models for the rounds before it are dropped (counted)."""
+        if round_ <= self.open_round():
+            return
+        self.ignored += len(self.collected) + sum(held[0] < round_ for held in self.ahead.values())
+        self.collected, self.replacements = {}, set()
+        self.ahead = {e: held for e, held in self.ahead.items() if held[0] >= round_}
+        self.cloud_round = round_ - 1
+
+    def _promote(self) -> None:
+        """The models held for the round the cloud now collects move into its collection."""
+        open_round = self.open_round()
+        due = {e: held for e, held in self.ahead.items() if held[0] == open_round}
+        if not due:
+            return
+        if not self.collected:
+            self.collect_started = min(held[3] for held in due.values())
+        for e, (_, samples, weights, _at) in due.items():
+            self.collected[e] = (samples, weights)
+            del self.ahead[e]
 
     def _close_cloud_round(self) -> PeerPlan:
         edges = sorted(self.collected)
@@ -293,6 +357,7 @@ class HierPeering(Peering):
             self.replacements = set()
         send = PeerSend(kind="global", body=body, weights=merged)
         plan = self._resume(merged, self.cloud_round)
+        self._promote()
         return PeerPlan(sends=(send,), merged=plan.merged, meta=plan.meta)
 
     def _resume(self, weights: Vector, round_: int) -> PeerPlan:
@@ -321,9 +386,11 @@ class HierPeering(Peering):
             return self._replacement[0]
         t = self.config.sync_timeout_s
         wakes = []
-        if self.gate.waiting:
+        # Only what on_timer acts on: an edge's wait, the cloud's round with its own model in (helper-177: the
+        # cloud's own wait needs no timer; a time passed, while nothing acts on it, asks the core for none)
+        if self.gate.waiting and self.me != self.cloud:
             wakes.append(self.wait_started + t)
-        if self.collected:
+        if self.me in self.collected:
             wakes.append(self.collect_started + t)
         return min(wakes) if wakes else None
 
