@@ -26,6 +26,13 @@ ran ahead while the cloud was silent), so the edges take its answer again; older
 (counted). Before, an edge model for any later round went into the open one, and an edge that had
 timed out while the cloud was down never took a global again (each answer a round behind its own).
 
+A restarted cloud has lost the edges' models of the open round (model-sized: not in the commit's
+JSON checkpoint). It asks for them again instead (``resend``, broadcast at its first timer, naming
+the open round and the time it asked): an edge still waiting on that round or a later one sends the
+model it sent again (the version it waits on, with its samples claim), once per request, and waits
+``sync_timeout_s`` from then; the cloud's deadline for the round starts again at the request. An
+edge that gave up on the round sends nothing and the round closes at its deadline, as it would have.
+
 A rollback or an operator's pin (:meth:`HierPeering.on_line_replaced`) puts the samples count
 and the edge rounds counted toward ``kappa2`` back to the restored version's (a rejected edge
 round is no aggregation the model sent holds). If it abandons the model this edge sent for the round it waits
@@ -50,6 +57,7 @@ from coordinator.peering.base import (
     PeerPlan,
     PeerSend,
     body_bool,
+    body_float,
     body_id,
     body_int,
     check_ring,
@@ -185,6 +193,12 @@ class HierPeering(Peering):
         """Parts of the checkpoint that did not fit (not restored): the samples count, the round waited on."""
         self._own_pending = False
         """The cloud restarted while collecting: its own model goes back in at the first view (_take_own_back)."""
+        self._ask_resend = False
+        """The cloud restarted: it asks the edges for the open round's models at its first timer."""
+        self.resent_at = -math.inf
+        """Edge only: the time of the last resend request it answered (a replayed request is not answered)."""
+        self.resends = 0
+        """Resend requests sent (the cloud) or answered with the model again (an edge)."""
 
     def on_version(self, view: CoordinatorView, now: float) -> PeerPlan:
         if self._own_pending:
@@ -214,6 +228,8 @@ class HierPeering(Peering):
         check_sender("hierfavg", self.me, self.ring, msg.sender)
         if self._own_pending:
             self._take_own_back(view)
+        if msg.kind == "resend":
+            return self._resend(view, msg, now)
         if msg.weights is None:
             raise MalformedMessage("hierfavg: peer messages carry a model")
         view.spec.check_update(msg.weights)  # (the core checked it already: a cached pass; sans-IO callers too)
@@ -341,6 +357,27 @@ class HierPeering(Peering):
             self.collected[e] = (samples, weights)
             del self.ahead[e]
 
+    def _resend(self, view: CoordinatorView, msg: PeerMsg, now: float) -> PeerPlan:
+        """An edge: the restarted cloud asks for the models of its open round again."""
+        if msg.sender != self.cloud or msg.weights is not None:
+            raise MalformedMessage(f"hierfavg: a resend request is the cloud's ({self.cloud!r}) and carries no model")
+        round_, asked_at = body_int(msg.body, "round", lo=1), body_float(msg.body, "at")
+        if not self.gate.waiting or self.sent_version is None or self.cloud_round < round_:
+            return PeerPlan()  # nothing sent for that round that it still waits on
+        if asked_at <= self.resent_at:
+            self.ignored += 1  # answered already (a replay would make it send its model again and again)
+            return PeerPlan(counted=True)
+        weights = view.weights if view.version == self.sent_version else view.weights_at(self.sent_version)
+        if weights is None:
+            return PeerPlan()  # (the version it waits on is no longer kept: the round closes at its deadline)
+        self.resent_at, self.wait_started = asked_at, max(self.wait_started, now)
+        self.resends += 1
+        # The model it waits on already holds a replacement's (on_line_replaced set sent_version): sent as
+        # the model, its answer is taken (the restarted cloud knows nothing of a replacement).
+        self.replacing, self._replacement = None, None
+        body = {"round": self.cloud_round, "samples": self.claim_sent}
+        return PeerPlan(sends=(PeerSend(kind="edge", to=self.cloud, body=body, weights=np.array(weights, dtype=np.float32, copy=True)),))
+
     def _close_cloud_round(self) -> PeerPlan:
         edges = sorted(self.collected)
         samples = [self.collected[e][0] for e in edges]
@@ -372,6 +409,12 @@ class HierPeering(Peering):
             _, send = self._replacement
             self._replacement = None
             return PeerPlan(sends=(send,))
+        if self._ask_resend:
+            self._ask_resend = False
+            self.resends += 1
+            if self.collected:  # (its own model, put back): the edges' models come again from now
+                self.collect_started = now
+            return PeerPlan(sends=(PeerSend(kind="resend", body={"round": self.open_round(), "at": now}),))
         timeout = self.config.sync_timeout_s
         if self.me == self.cloud and self.collected and self.me in self.collected and now >= self.collect_started + timeout:
             self.timeouts += 1
@@ -382,12 +425,14 @@ class HierPeering(Peering):
         return PeerPlan()
 
     def wake_at(self) -> float | None:
+        if self._ask_resend:
+            return -math.inf
         if self._replacement is not None:
             return self._replacement[0]
         t = self.config.sync_timeout_s
         wakes = []
-        # Only what on_timer acts on: an edge's wait, the cloud's round with its own model in (helper-177: the
-        # cloud's own wait needs no timer; a time passed, while nothing acts on it, asks the core for none)
+        # Only what on_timer acts on: an edge's wait, the cloud's round with its own model in (helper-177: a
+        # restarted cloud's deadline is later than its own wait's; a time passed asks the core for no timer)
         if self.gate.waiting and self.me != self.cloud:
             wakes.append(self.wait_started + t)
         if self.me in self.collected:
@@ -401,8 +446,8 @@ class HierPeering(Peering):
         ignored the cloud's answer (``not waiting``: a late answer); the cloud, its own model gone from
         the collection (it closes a round only with its own model in), kept the edges' models for its
         next round and averaged them with its own from that round. The edges' models the cloud had
-        collected are not kept (model-sized: not in a commit's JSON): it closes on its own model and
-        whatever comes, at the latest after ``sync_timeout_s``."""
+        collected are not kept (model-sized: not in a commit's JSON): a restarted cloud asks the edges
+        for them again (helper-177, ``resend``: see the module docstring)."""
         waiting = self.gate.waiting and self.sent_version is not None and math.isfinite(self.wait_started)
         return {"edge_rounds": self.edge_rounds, "cloud_round": self.cloud_round,
                 **({"closed_round": self.closed_round} if self.closed_round else {}),
@@ -412,6 +457,8 @@ class HierPeering(Peering):
 
     def restore(self, state: Mapping[str, Any]) -> None:
         self.edge_rounds = int(state.get("edge_rounds", 0))
+        # (a state: a restart, not the first start, which has no round open and no edge waiting on one)
+        self._ask_resend = self.me == self.cloud and len(self.ring) > 1 and bool(state)
         self.rounds_at_send = self.edge_rounds - self.edge_rounds % self.config.kappa2
         self.cloud_round = int(state.get("cloud_round", 0))
         self.closed_round = max(0, min(int(state.get("closed_round", 0)), self.cloud_round))
@@ -458,4 +505,5 @@ class HierPeering(Peering):
                 **({"ignored": self.ignored} if self.ignored else {}),
                 **({"capped": self.capped} if self.capped else {}),
                 **({"replaced": self.replaced} if self.replaced else {}),
+                **({"resends": self.resends} if self.resends else {}),
                 **({"restore_refused": self.restore_refused} if self.restore_refused else {})}
