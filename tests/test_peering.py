@@ -671,6 +671,23 @@ def test_three_real_cores_exchange_models_and_commit_merges() -> None:
     assert status["extra"]["peering"]["known_token"] is not None
 
 
+def test_hierfavg_a_restarted_cloud_core_gets_the_waiting_edges_models_again() -> None:
+    """helper-177, through real cores (signed peer messages, the core's first timer): a cloud restarted
+    while its round 1 was open, the edges waiting on it. The cloud's ``resend`` (no model) reaches both
+    edges, each sends its model again, the round closes at once and every coordinator commits the average."""
+    waiting = {"edge_rounds": 1, "cloud_round": 1}
+    snaps = {n: Snapshot(version=3, weights=vec(w), peer_state={**waiting, "waiting": {"version": 3, "since": 0.5, "claim": 10}},
+                         peer_name="hierfavg") for n, w in (("cloud", 1.0), ("e1", 3.0), ("e2", 5.0))}
+    bus = Bus(["cloud", "e1", "e2"], strategy="hierfavg", peering="hierfavg", snapshots=snaps, kappa2=1, sync_timeout_s=30.0)
+    kinds = [(sender, topics.parse(pub.topic).leaf) for sender, pub in bus.pump()]
+    assert ("cloud", "resend") in kinds and ("e1", "edge") in kinds and ("e2", "edge") in kinds
+    for n in ("cloud", "e1", "e2"):
+        (commit,) = bus.commits[n]
+        assert commit.metadata["source"] == "peer" and commit.metadata["cloud_round"] == 1
+        np.testing.assert_allclose(commit.weights, 3.0)  # (1 + 3 + 5) / 3, 10 samples each
+    assert bus.cores["cloud"].peering.describe()["resends"] == 1 and bus.cores["e1"].peering.describe()["resends"] == 1
+
+
 @pytest.mark.parametrize("mode", ["async", "sync"])
 def test_a_merge_after_a_restart_past_unreadable_versions_is_aged_under_its_committed_version(mode: str) -> None:
     """a resumes from version 2 with 3-5 unreadable (the registry skips them: the next commit is 6)
