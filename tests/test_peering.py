@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from coordinator.core import CommitVersion, CoordinatorConfig, CoordinatorCore, Snapshot
 from coordinator.peering import PEERINGS, make_peering
-from coordinator.peering.base import Peering
+from coordinator.peering.base import Peering, PeerPlan
 from coordinator.peering.hier import MAX_ROUND_GAP, HierPeerConfig, HierPeering, weighted_mean
 from coordinator.peering.nebula import NebulaPeerConfig, NebulaPeering, rotation_target
 from coordinator.peering.spyker import (
@@ -1219,6 +1219,70 @@ def test_hierfavg_hostile_edge_models_are_refused_and_change_nothing() -> None:
         assert (sorted(cloud.collected), dict(cloud.ahead), cloud.cloud_round, cloud.closed_round) == before
     assert not cloud.on_message(view, msg_from("e2", "edge", {"round": 1 + MAX_ROUND_GAP, "samples": 1}, vec(2.0)), 2.0).counted
     assert cloud.ahead["e2"][0] == 1 + MAX_ROUND_GAP  # (the largest gap taken: refused one above it)
+
+
+_CLOUD_OPS = st.lists(st.one_of(
+    # an edge model for the cloud's open round, plus -1 (late) to 2 (ahead)
+    st.tuples(st.just("edge"), st.sampled_from(["e1", "e2"]), st.integers(-1, 2)),
+    st.tuples(st.just("own"), st.just(""), st.just(0)),  # the cloud's own edge round
+    st.tuples(st.just("tick"), st.just(""), st.integers(1, 40)),  # seconds pass (deadlines)
+    st.tuples(st.just("restart"), st.just(""), st.just(0)),  # from the last commit's checkpoint
+), min_size=8, max_size=50)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops=_CLOUD_OPS)
+def test_hierfavg_a_cloud_round_averages_only_its_own_rounds_models_each_once(ops: list[tuple[str, str, int]]) -> None:
+    """helper-177: whatever edge models come (any round, late, ahead, twice), whenever its own rounds and
+    deadlines fall and however often it restarts, every global the cloud sends averages the cloud's model
+    and edge models sent for that very round, and no edge model is in two globals. An edge's model for
+    round r is r at its own position (e1: 1, e2: 2), zeros elsewhere, 1 sample each: a global is decoded
+    from its values."""
+    ring, positions = ["cloud", "e1", "e2"], {"e1": 1, "e2": 2}
+    cs, cloud = _hier("cloud", ring, timeout=30.0)
+    view = View(weights=np.zeros(SPEC.size, dtype=np.float32), version=1)
+    checkpoint, now, averaged = "{}", 0.0, set()
+
+    def edge_model(edge: str, round_: int) -> np.ndarray:
+        w = np.zeros(SPEC.size, dtype=np.float32)
+        w[positions[edge]] = round_
+        return w
+
+    def check(plan: PeerPlan) -> None:
+        nonlocal checkpoint
+        for send in plan.sends:
+            if send.kind != "global":
+                continue
+            round_, merged = send.body["round"], np.asarray(send.weights, dtype=np.float64)
+            inside = [e for e, i in positions.items() if merged[i] != 0]
+            for e in inside:  # (1 + len(inside)) models at 1 sample each: r / n at e's position
+                assert round(merged[positions[e]] * (1 + len(inside))) == round_, (e, merged, round_)
+                assert (e, round_) not in averaged
+                averaged.add((e, round_))
+        if plan.merged is not None:  # committed: the checkpoint a restart resumes from
+            view.version += 1
+            checkpoint = json.dumps(cloud.checkpoint())
+
+    for op, edge, n in ops:
+        if op == "edge":
+            round_ = max(1, cloud.open_round() + n)
+            check(cloud.on_message(view, msg_from(edge, "edge", {"round": round_, "samples": 1}, edge_model(edge, round_)), now))
+        elif op == "own" and not cs.gate.waiting:
+            cs.gate.samples = 1
+            view.version += 1
+            plan = cloud.on_version(view, now)
+            checkpoint = json.dumps(cloud.checkpoint())  # (the core commits the version, then the merge if any)
+            check(plan)
+        elif op == "tick":
+            now += n
+            wake = cloud.wake_at()
+            if wake is not None and now >= wake:
+                check(cloud.on_timer(view, now))
+        elif op == "restart":
+            cs, cloud = _hier("cloud", ring, timeout=30.0)
+            cloud.restore(json.loads(checkpoint))
+            check(cloud.on_timer(view, now))
+    event(f"edge models averaged: {min(len(averaged), 3)}")
 
 
 # --------------------------------------------------------------------------- construction
