@@ -2425,15 +2425,19 @@ class CoordinatorCore:
         return None if trusted or sender in self._peer_pins else bytes(sig.public_raw)
 
     def _run_peer_plan(self, plan: PeerPlan, now: float) -> list[CoordinatorAction]:
+        # The merge's commit first: a driver holds what follows a commit until it is durable, and a
+        # send may carry the merged model (a HierFAVG cloud's global). Sent before it, a crash between
+        # the two left the edges on a global the restarted cloud did not have, and it reopened the round
+        # (helper-177).
         actions: list[CoordinatorAction] = []
-        for send in plan.sends:
-            msg = PeerMsg(sender=self.config.coordinator_id, kind=send.kind, body=send.body, weights=send.weights)
-            topic = topics.peer_topic(send.to, send.kind)
-            actions.append(self._publish(topic, encode(msg, signer=self.config.signer, scope=topics.signing_scope(topic))))
         if plan.merged is not None:
             merged = np.ascontiguousarray(plan.merged, dtype=np.float32)
             self.counters["peer_merges"] += 1
             actions.append(self._commit(merged, now, consumed=(), meta={"source": "peer", **plan.meta}))
+        for send in plan.sends:
+            msg = PeerMsg(sender=self.config.coordinator_id, kind=send.kind, body=send.body, weights=send.weights)
+            topic = topics.peer_topic(send.to, send.kind)
+            actions.append(self._publish(topic, encode(msg, signer=self.config.signer, scope=topics.signing_scope(topic))))
         return actions
 
     def _invite(self, device: str) -> list[CoordinatorAction]:

@@ -688,6 +688,28 @@ def test_hierfavg_a_restarted_cloud_core_gets_the_waiting_edges_models_again() -
     assert bus.cores["cloud"].peering.describe()["resends"] == 1 and bus.cores["e1"].peering.describe()["resends"] == 1
 
 
+def test_hierfavg_the_cloud_sends_its_global_only_after_the_merge_that_makes_it() -> None:
+    """A driver holds what follows a commit until the commit is durable (the daemon's group commit). The
+    cloud's ``global`` came before its merge's commit: the daemon sent it at once and made the version
+    durable after, so a crash in between left the edges on a global the restarted cloud did not have
+    (it reopened the round: helper-177). Now the commit comes first, at every coordinator."""
+    order: dict[str, list[str]] = {}
+
+    class Logged(Bus):
+        def run(self, name: str, actions: list[object]) -> None:
+            order.setdefault(name, []).extend(
+                "commit" if isinstance(a, CommitVersion) else topics.parse(a.topic).leaf
+                for a in actions if isinstance(a, CommitVersion) or (isinstance(a, Publish) and topics.parse(a.topic).kind == "peer"))
+            super().run(name, actions)
+
+    waiting = {"edge_rounds": 1, "cloud_round": 1}
+    snaps = {n: Snapshot(version=3, weights=vec(w), peer_state={**waiting, "waiting": {"version": 3, "since": 0.5, "claim": 10}},
+                         peer_name="hierfavg") for n, w in (("cloud", 1.0), ("e1", 3.0), ("e2", 5.0))}
+    Logged(["cloud", "e1", "e2"], strategy="hierfavg", peering="hierfavg", snapshots=snaps, kappa2=1, sync_timeout_s=30.0).pump()
+    assert "global" in order["cloud"]
+    assert order["cloud"].index("commit") < order["cloud"].index("global"), order["cloud"]
+
+
 @pytest.mark.parametrize("mode", ["async", "sync"])
 def test_a_merge_after_a_restart_past_unreadable_versions_is_aged_under_its_committed_version(mode: str) -> None:
     """a resumes from version 2 with 3-5 unreadable (the registry skips them: the next commit is 6)
