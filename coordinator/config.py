@@ -28,7 +28,7 @@ from edge_sdk.errors import ConfigError
 
 ENV_PREFIX = "EDGECI_"
 CONFIG_ENV = "EDGECI_CONFIG"
-OTHER_ENV = frozenset({CONFIG_ENV, "EDGECI_HOME", "EDGECI_MNIST_DIR", "EDGECI_DEVICE", "EDGECI_THREADS", "EDGECI_PASSWORD",
+OTHER_ENV = frozenset({CONFIG_ENV, "EDGECI_HOME", "EDGECI_MNIST_DIR", "EDGECI_DEVICE", "EDGECI_PASSWORD",
                        "EDGECI_DATA"})
 """Variables read outside the options (edge_sdk.paths, tasks.procdigits, trainer, mqtt, devices.report)."""
 STRATEGY_TABLE = "strategy"

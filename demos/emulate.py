@@ -63,6 +63,10 @@ from edge_sdk.tasks.base import Task
 
 __all__ = ["DATA_ENV", "TORCHVISION_DATASETS", "add_arguments", "format_table", "load_task", "parse_seeds", "run", "summarise"]
 
+CONFIG_LAYERS = "env"
+ENV_OPTIONS = ("threads",)
+"""``EDGECI_THREADS`` sets ``--threads`` (torch's thread count for the emulated devices' training)."""
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("scenario", type=Path, help="scenario TOML (see demos/scenarios/; `python -m devices.profiles` lists the "
                                                "device, compute, link and availability names it may use)")

@@ -42,7 +42,6 @@ from edge_sdk.torchbridge import bind, module_to_vector, spec_from_module, top_l
 
 __all__ = [
     "DEVICE_ENV",
-    "THREADS_ENV",
     "Affine",
     "ClassifierTask",
     "LossFn",
@@ -58,7 +57,6 @@ __all__ = [
 ]
 
 DEVICE_ENV = "EDGECI_DEVICE"
-THREADS_ENV = "EDGECI_THREADS"
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -102,15 +100,9 @@ def select_device(preferred: str | torch.device | None = None) -> torch.device:
 
 
 def configure_threads(n: int | None = None) -> int:
-    """Set torch's intra-op thread count from ``n`` or ``$EDGECI_THREADS`` (unchanged when
-    neither is set); returns the count in effect. Devices share cores, so callers pin it."""
-    if n is None:
-        raw = os.environ.get(THREADS_ENV, "").strip()
-        if raw:
-            try:
-                n = int(raw)
-            except ValueError:
-                raise ConfigError(f"{THREADS_ENV}={raw!r} is not an integer") from None
+    """Set torch's intra-op thread count to ``n`` (unchanged when None); returns the count in
+    effect. Devices share cores, so callers pin it (``edgeci emulate --threads``, which
+    ``$EDGECI_THREADS`` sets like its other options)."""
     if n is not None:
         if n < 1:
             raise ConfigError(f"thread count must be >= 1, got {n}")

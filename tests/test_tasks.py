@@ -324,11 +324,10 @@ def test_unavailable_cuda_is_a_config_error() -> None:
         select_device("cuda")
 
 
-def test_configure_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_configure_threads() -> None:
     before = torch.get_num_threads()
     try:
-        monkeypatch.setenv(trainer.THREADS_ENV, "1")
-        assert trainer.configure_threads() == 1
+        assert trainer.configure_threads(1) == 1 and trainer.configure_threads() == 1  # (None: unchanged)
         with pytest.raises(ConfigError):
             trainer.configure_threads(0)
     finally:
