@@ -273,10 +273,19 @@ def run(args: argparse.Namespace) -> int:
     stored = client.store.stats().added  # (stop() closes the store)
     client.stop()
     # (a SIGINT / SIGTERM ended it without a word: what it did and where its data is, from the client's counters)
-    version, acked = client.version, client.core.state.updates_acked
-    model = "no model yet" if version is None else f"model v{version}"
-    say("stopped", f"stopped: {loop.labelled} samples labelled, {acked} update(s) acknowledged this run, {model}; "
-                   f"data in {client.data_dir} ({stored} samples stored)",
-        {"labelled": loop.labelled, "stored": stored, "updates_accepted": acked, "version": version,
-         "data_dir": str(client.data_dir)})
+    say("stopped", *stopped_line(loop.labelled, client.core.state.updates_acked, client.version, client.data_dir, stored,
+                                 duplicate_id=client.duplicate_id))
     return 0
+
+
+def stopped_line(labelled: int, acked: int, version: int | None, data_dir: Path | None, stored: int, *,
+                 duplicate_id: bool) -> tuple[str, dict[str, Any]]:
+    """The last line: what the run did and where its data is (text, and the JSON line's fields). A
+    device that found its id used by another (a cloned image) says so again here: its ERROR came
+    once, maybe hours before."""
+    model = "no model yet" if version is None else f"model v{version}"
+    clone = "; ANOTHER DEVICE USES THIS ID (see the duplicate_id error above)" if duplicate_id else ""
+    text = (f"stopped: {labelled} samples labelled, {acked} update(s) acknowledged this run, {model}; "
+            f"data in {data_dir} ({stored} samples stored){clone}")
+    return text, {"labelled": labelled, "stored": stored, "updates_accepted": acked, "version": version,
+                  "data_dir": str(data_dir), "duplicate_id": duplicate_id}

@@ -188,3 +188,16 @@ def test_a_stopped_device_says_what_it_did_and_where_its_data_is(mosquitto: Mosq
     assert int(labelled) >= 4 and int(accepted) >= 1 and int(version) >= 0 and int(stored) == int(labelled), last
     assert Path(data_dir) == home / "devices" / "d1" and (Path(data_dir) / "samples.sqlite3").exists(), last
     assert "Traceback" not in err, err
+
+
+def test_the_stopped_line_says_again_that_another_device_uses_this_id() -> None:
+    """A cloned device's one ERROR (helper-170) may be hours before the run ends: its last line says it
+    again, and the JSON line carries it; a device alone on its id ends as before."""
+    from devices.headless import stopped_line
+
+    text, data = stopped_line(12, 3, 4, Path("/d"), 12, duplicate_id=True)
+    assert text.endswith("(12 samples stored); ANOTHER DEVICE USES THIS ID (see the duplicate_id error above)")
+    assert data["duplicate_id"] is True
+    text, data = stopped_line(12, 3, None, Path("/d"), 12, duplicate_id=False)
+    assert text == "stopped: 12 samples labelled, 3 update(s) acknowledged this run, no model yet; data in /d (12 samples stored)"
+    assert data["duplicate_id"] is False
