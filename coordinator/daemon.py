@@ -480,6 +480,13 @@ class CoordinatorDaemon:
             peering_params=options.peering_params,
         )
         strategy, peering = method.strategy, method.peering
+        # A converting staleness policy needs the base version of the stale updates it converts: the
+        # core keeps conversion_history versions, and a restart hands it as many (the registry's
+        # load reads HISTORY_VERSIONS: before, 7 of 48 came back and every update staler than that
+        # fell back to the damped update until 48 new versions were made).
+        keep = options.conversion_history if needs_driver(policy_of(strategy)) else 8
+        if keep - 1 > len(snapshot.history):
+            snapshot = dataclasses.replace(snapshot, history=self.registry.read_history(snapshot.version, keep - 1))
         core = CoordinatorCore(
             CoordinatorConfig(
                 region=options.region,
@@ -499,8 +506,7 @@ class CoordinatorDaemon:
                 require_pull=options.require_pull,
                 conversion=ConversionConfig(deadline_s=options.conversion_deadline_s),
                 status_payload=False,  # the status JSON is built once per batch (_end_batch), not per version
-                # a converting staleness policy needs the base version of the stale updates it converts
-                keep_versions=options.conversion_history if needs_driver(policy_of(strategy)) else 8,
+                keep_versions=keep,
             ),
             strategy,
             snapshot,

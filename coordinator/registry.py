@@ -250,7 +250,8 @@ def _parses_as_object(path: Path) -> bool:
 
 
 HISTORY_VERSIONS = 7
-"""Versions before the restored one handed to the core (its ``weights_at``): the daemon's core keeps 8."""
+"""Versions before the restored one handed to the core (its ``weights_at``): the daemon's core keeps 8
+(a converting staleness policy's keeps more and asks :meth:`Registry.read_history` for them)."""
 
 
 class RegistryError(EdgeciError):
@@ -1103,6 +1104,12 @@ class Registry:
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
             log.warning("RECOVERY: %s is unreadable (%s): the strategy's model-sized state starts afresh", path, exc)
             return None
+
+    def read_history(self, version: int, n: int) -> dict[int, Vector]:
+        """Up to ``n`` readable versions before ``version``, newest first (an unreadable one is
+        skipped): more than :meth:`load` hands back, for a core that keeps more."""
+        with self._pruning:
+            return self._read_history(version, n)
 
     def _read_history(self, version: int, n: int) -> dict[int, Vector]:
         """Up to ``n`` readable versions before ``version``, newest first (an unreadable one is skipped)."""

@@ -414,3 +414,30 @@ def test_the_worker_stops_without_running_the_queued_conversions() -> None:
     stopper.join(10)
     assert not stopper.is_alive() and not worker._thread.is_alive()
     assert runs == [0]  # none of the queued ones ran
+
+
+@pytest.mark.parametrize(("params", "kept"), [({"staleness": "dc-asgd", "convert_beyond": 2}, 29), ({}, 7)])
+def test_a_restarted_converting_coordinator_gets_back_the_versions_it_converts_from(
+        tmp_path: Path, params: dict[str, Any], kept: int) -> None:
+    """A converting staleness policy keeps conversion_history versions (here 30) to convert stale
+    updates from their base; a restart handed its core the registry's 7 (the daemon's default core
+    keeps 8), and every update staler than that fell back to the damped update until 30 new
+    versions were made. Now it gets back as many as it keeps; another strategy as before."""
+    from coordinator.core import CommitVersion
+
+    task = get_task("digits")
+    state = tmp_path / "state"
+    d = CoordinatorDaemon(CoordinatorOptions(broker="mqtt://127.0.0.1:1", region="r", state_dir=state, conversion_history=30,
+                                             strategy_params=params), task=task)
+    try:
+        snapshot = d.registry.load()
+        assert snapshot is not None
+        for v in range(1, 41):
+            d.registry.commit(CommitVersion(version=v, weights=np.full(task.spec.size, v, np.float32), applied_changed={},
+                                            consumed=(), metadata={"strategy": "spin"}))
+        core = d._build_core(d.registry.load())  # type: ignore[arg-type]
+    finally:
+        d.registry.close()
+    held = sorted(v for v in range(41) if core.weights_at(v) is not None)
+    assert held == list(range(40 - kept, 41))
+    assert float(core.weights_at(40 - kept)[0]) == 40 - kept  # type: ignore[index]
