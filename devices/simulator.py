@@ -63,7 +63,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -91,6 +91,7 @@ from coordinator.validation import Scored, compare
 from coordinator.validation import score as validation_score
 from devices.attacks import Attack, assign
 from devices.engine import Driver, Kind, LinkNetwork, RegionNetwork, job_seed, train_config
+from devices.engine.rng import SeededOnUse
 from devices.profiles import OfflineWindows
 from devices.scenario import (
     CostModel,
@@ -377,6 +378,9 @@ class Simulation(Driver):
         defaults = TrainConfig(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr)
         self.attacks = assign(s.attack, n, data.n_classes, seed) if s.attack.active else {}
         self.devices: list[EmulatedDevice] = []
+        # Each core's generator is built on its first draw (a third of a large fleet never draws):
+        # the same draws as ``random.Random(f"{seed}:core:{index}")``, without 2.5 KB per idle device.
+        core_seed = f"{seed}:core:"
         for plan in self.plans:
             dcfg = DeviceConfig(
                 device_id=plan.device_id, region=self.coords[self._serving[plan.index]].core.config.region, spec=spec,
@@ -392,7 +396,7 @@ class Simulation(Driver):
             attack = self.attacks.get(plan.index)
             y = pool.y[plan.samples]
             self.devices.append(EmulatedDevice(
-                plan=plan, core=DeviceCore(dcfg, rng=random.Random(f"{seed}:core:{plan.index}")),
+                plan=plan, core=DeviceCore(dcfg, rng=cast(random.Random, SeededOnUse(core_seed, plan.index))),
                 x=np.ascontiguousarray(pool.x[plan.samples]), y=np.ascontiguousarray(attack.labels(y) if attack is not None else y),
                 seed=seed, defaults=defaults, attack=attack))
         self.continuous = s.continuous or regions is not None

@@ -10,6 +10,7 @@
 ``loop``        :class:`Driver`: the one loop (pop, advance the clock, dispatch) every
                 driver subclasses
 ``training``    the per-device training seed and hints → ``TrainConfig``, written once
+``rng``         :class:`SeededOnUse`: a device core's ``random.Random``, built on its first draw
 ==============  ===================================================================
 
 Drivers (``devices.simulator``, the one fleet runner for one region or several;
