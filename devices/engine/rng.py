@@ -1,11 +1,10 @@
 """A device core's ``random.Random``, seeded on its first draw.
 
 A ``random.Random`` holds the Mersenne Twister's 2.5 KB of state from the moment it is
-built. An emulated fleet gives each device core its own, but a device draws only when it
-sends a request (the timeout's jitter) or a nonce: at 2 labels per hour over 30 minutes
-about a third of 100,000 devices never label, so never draw. Building the generator on the
-first draw keeps every draw the same (seeding is a pure function of the seed) and saves
-their 2.5 KB each (≈ 90 MB of the 100,000-device benchmark's peak RSS).
+built. An emulated fleet gives each device core its own, but a core draws only once it has
+samples (a request's jitter, a nonce): at 2 labels per hour over 30 minutes about a third
+of 100,000 devices never label. The simulator gives those this instead: the same draws
+(seeding is a pure function of the seed), built only if one is ever asked for.
 """
 
 from __future__ import annotations
