@@ -262,6 +262,10 @@ class EdgeClient:
     costs an idle device a ping and its answer every keepalive (about 110 bytes on the wire). A slow
     transfer is not cut by it (bytes that move keep the link alive).
 
+    ``reannounce_s`` (default 600): a device a selecting coordinator (FedAvg, FedBuff, ...) left
+    waiting for an invitation sends its pull again after this long, in case the coordinator
+    forgot it; a coordinator that says it started again is asked at once (``Recall.started``).
+
     ``bundle`` (``edgeci pki issue``): broker credentials and the coordinators' model-signing
     keys this device trusts (``trusted/``; a bundle with none is a ConfigError). Without a
     bundle or ``trusted_keys`` the device trusts the first key that signs a model (trust on
@@ -296,6 +300,7 @@ class EdgeClient:
         quota_bytes: int | None = DEFAULT_QUOTA_BYTES,
         quota_samples: int | None = None,
         keepalive_s: int = KEEPALIVE_S,
+        reannounce_s: float = 600.0,
     ) -> None:
         # Everything is checked before anything touches the disk: a ConfigError leaves no data
         # dir, store or model file behind.
@@ -351,6 +356,7 @@ class EdgeClient:
             failover_after=failover_after,
             failback_after_s=failback_after_s,
             refresh_s=refresh_s,
+            reannounce_s=reannounce_s,
         )
         # The task declares its sample kind (edge_sdk/tasks/base.py): "gesture" tasks store
         # (T, D) sequences, "frame" tasks frames of any size with boxes, "array" fixed shapes.

@@ -23,7 +23,13 @@ process), and training the same samples into a new update would apply them twice
 
 Server-driven strategies (FedBuff, FedAvg) answer a pull with ``Ack(status="deferred")``;
 the device then waits in DEFERRED until an ``Invite`` arrives (or a long re-announce timer
-fires, in case the coordinator restarted and forgot it).
+fires, in case the coordinator restarted and forgot it). A coordinator keeps the devices it
+deferred in memory only, so each start of it stamps the region's retained recall
+(``Recall.started``); a DEFERRED device that sees a stamp newer than the one it saw first sends
+its pull again (same seq) within ``restart_spread_s`` (a random share of it: a fleet deferred
+together does not pull in one burst), paced by the pull bucket. The first stamp a device sees
+(the retained one on connect, or the first after a region switch) is only noted: it names the
+coordinator already running. An older or equal stamp changes nothing (a reconnect, a replay).
 
 Release and training line. A model message says which version is the coordinator's
 release. The device deploys (predicts with) release versions only; a newer training-line
@@ -144,6 +150,8 @@ Transitions (event → action, new phase)::
     DEFERRED  Invite                       → Publish(pull, invite_round)   PULLING
     DEFERRED  TimerFired (deadline)        → Publish(pull, same seq)       PULLING
     DEFERRED  reconnected (a token due)    → Publish(pull, same seq)       PULLING
+    DEFERRED  signed Recall, started newer than the stamp seen → ScheduleTimer(within restart_spread_s)  DEFERRED
+    DEFERRED  TimerFired (that timer)      → Publish(pull, same seq; not a timeout)  PULLING
     IDLE      start                        → Publish(pull, serve)          PULLING (serving)
     IDLE      start, training mark in flight → MarkTraining(cleared), Notify(training_crashed), back-off  IDLE
     IDLE      start, an update persisted unacked → Publish(update, its seq and nonce)  PUSHING
@@ -341,6 +349,10 @@ class DeviceConfig:
     A device that labels faster than one sample per ``pull_refill_s`` and trains fast pulled
     about once per label, emptied the bucket, and waited out a request timeout for each
     dropped pull (10 s) while its labels piled up."""
+    restart_spread_s: float = 5.0
+    """A deferred device that hears its coordinator started again (``Recall.started``) sends its
+    pull again after a random delay up to this long (0: at once): 100,000 devices deferred
+    together reach the restarted coordinator spread over it, not in one burst."""
     refresh_s: float | None = None
     """An idle device that has sent no pull for this long (±10 %, drawn per wait) asks for the
     current release with a serving pull, so a device whose user labels nothing still predicts
@@ -357,8 +369,8 @@ class DeviceConfig:
             raise ConfigError(f"spec must be a ModelSpec, got {type(self.spec).__name__}")
         for name in ("min_samples", "failover_after", "max_message_bytes"):
             object.__setattr__(self, name, _count(name, getattr(self, name)))
-        for name in ("request_timeout_s", "max_backoff_s", "reannounce_s", "failback_after_s"):
-            object.__setattr__(self, name, _seconds(name, getattr(self, name), zero=name == "failback_after_s"))
+        for name in ("request_timeout_s", "max_backoff_s", "reannounce_s", "failback_after_s", "restart_spread_s"):
+            object.__setattr__(self, name, _seconds(name, getattr(self, name), zero=name in ("failback_after_s", "restart_spread_s")))
         if self.refresh_s is not None:
             object.__setattr__(self, "refresh_s", _seconds("refresh_s", self.refresh_s, zero=False))
         if self.request_timeout_s > self.max_backoff_s:
@@ -482,6 +494,12 @@ class DeviceState:
     a model, recall or canary request of an older one is refused."""
     job_epoch: int = NO_EPOCH
     """The epoch of the model being trained (``job_base_version``'s): sent with its update."""
+    coordinator_started: int | None = None
+    """The newest start stamp (``Recall.started``) of the current region's coordinator seen; None
+    until the first (which is only noted)."""
+    restart_repull: bool = False
+    """The DEFERRED deadline is the re-pull after a coordinator's restart, not the re-announce:
+    its firing is no timeout (the coordinator just said it is there)."""
 
 
 class DeviceCore:
@@ -939,6 +957,7 @@ class DeviceCore:
             self._pull_answered(now)
             s.phase = _DEFERRED
             s.attempts = 0
+            s.restart_repull = False
             s.deadline = now + self.config.reannounce_s
             return [ScheduleTimer(at=s.deadline), Notify(kind="deferred", data={"seq": msg.seq})]
         if s.phase is _PULLING and msg.status == "rejected":
@@ -1119,7 +1138,9 @@ class DeviceCore:
             return self._send_pull(ev.now, fresh=True, serve=True)  # idle for refresh_s: the release again
         if s.deadline is None or ev.now < s.deadline:
             return [] if s.deadline is None else [ScheduleTimer(at=s.deadline)]
-        if s.phase in (_PULLING, _DEFERRED, _PUSHING):
+        if s.phase is _DEFERRED and s.restart_repull:
+            s.restart_repull = False  # the coordinator's own announcement, not a request unanswered
+        elif s.phase in (_PULLING, _DEFERRED, _PUSHING):
             s.timeouts += 1
             if self.config.fallback_regions and s.timeouts >= self.config.failover_after:
                 return self._switch(ev.now, self._next_region(), "timeouts")
@@ -1211,6 +1232,7 @@ class DeviceCore:
         s.region = region
         s.pins = self._pins_by_region.setdefault(region, {})
         s.recall = None  # another region's coordinator numbers its own versions
+        s.coordinator_started = None  # and has its own start stamps (on its own clock)
         # The canary rounds taken are kept per region: another numbering's would refuse this one's lower
         # versions, and coming back, a replay of a round taken here is still refused.
         self._canary_by_region[previous] = (s.canary_last, s.canary_nonces)
@@ -1256,6 +1278,10 @@ class DeviceCore:
             # Trust on first use, nothing pinned yet: the retained recall reaches a new device before its first
             # model does (and pins nothing): not a refusal to report, the first model brings the numbering.
             s.counters["ignored:recall_before_pin"] = s.counters.get("ignored:recall_before_pin", 0) + 1
+            if msg.started and s.coordinator_started is None:
+                # Its start stamp is noted (unverified: nothing to check it against), so that the next start's
+                # is news to this device. Under trust on first use whoever publishes first is trusted anyway.
+                s.coordinator_started = msg.started
             return []
         self._check_trusted(frame.signature, topic, "recall")
         if msg.model_id != self.config.spec.model_id:
@@ -1268,17 +1294,46 @@ class DeviceCore:
                 raise UnsignedMessage("an unsigned recall cannot change the version numbering")
             actions = self._renumber(msg.epoch, "recall")
             s.recall, s.release_wanted = msg, msg.release
+            if msg.started:
+                s.coordinator_started = msg.started  # (this branch asks again anyway)
             if s.phase is _PULLING or s.phase is _DEFERRED:  # a request waiting out its back-off: the coordinator is back
                 return [*actions, *self._send_pull(now, fresh=True, serve=s.serving)]
             return [*actions, *self._maybe_pull(now)]
+        repull = self._coordinator_restarted(msg.started, now) if msg.started else []
         if s.recall is None or msg.release >= s.recall.release:
             s.recall = msg
         if not (msg.covers(s.deployed_version) and msg.release > s.deployed_version):
-            return []  # serving something else (a retained recall comes again on every connect)
+            return repull  # serving something else (a retained recall comes again on every connect)
         s.release_wanted = max(s.release_wanted, msg.release)
         s.counters["recalled"] = s.counters.get("recalled", 0) + 1
         note = Notify(kind="recalled", data={"version": s.deployed_version, "release": msg.release})
-        return [note, *self._maybe_pull(now)]
+        return [*repull, note, *self._maybe_pull(now)]
+
+    def _coordinator_restarted(self, started: int, now: float) -> list[DeviceAction]:
+        """A (signed, trusted) start stamp of the region's coordinator: newer than the one seen, the
+        coordinator started again and forgot whom it deferred; a DEFERRED device sends its pull
+        again (same seq) after a random share of ``restart_spread_s``, or when a token is due if
+        later. The first stamp seen and an older or equal one change nothing (the latter counted)."""
+        s = self._s
+        seen = s.coordinator_started
+        if seen is not None and started <= seen:
+            if started < seen:  # a replayed recall of an earlier start
+                s.counters["ignored:old_start"] = s.counters.get("ignored:old_start", 0) + 1
+            return []
+        s.coordinator_started = started
+        if seen is None:
+            return []  # the coordinator running when we connected: our requests reach it already
+        s.counters["coordinator_restarts"] = s.counters.get("coordinator_restarts", 0) + 1
+        if s.phase is not _DEFERRED:
+            return []  # a request in flight is retried by its own timer; an idle device has nothing pending
+        spread = self.config.restart_spread_s
+        delay = max(self._pull_wait(now), spread * self._rng.random() if spread > 0 else 0.0)
+        if delay <= 0:
+            return self._send_pull(now, fresh=False)
+        if s.deadline is not None and s.deadline <= now + delay:
+            return []  # its re-announce is due sooner
+        s.deadline, s.restart_repull = now + delay, True
+        return [ScheduleTimer(at=s.deadline)]
 
     def _on_canary(self, msg: Canary, now: float) -> list[DeviceAction]:
         s = self._s

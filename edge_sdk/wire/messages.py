@@ -426,12 +426,18 @@ class Recall:
     epoch: int = NO_EPOCH
     """The numbering the versions are in (:attr:`ModelMsg.epoch`): a retained recall left on
     the broker by a coordinator that lost its state dir speaks of an older epoch's versions."""
-    OMIT_AT_DEFAULT: ClassVar[tuple[tuple[str, object], ...]] = _EPOCH_OMIT
+    started: int = 0
+    """When the coordinator last started (ms of its clock; 0: a coordinator that does not say). It
+    kept the devices it left waiting for an invitation in memory only: a device waiting (DEFERRED)
+    that sees a newer stamp than the one it saw first sends its pull again, instead of after
+    ``reannounce_s``. Signed with the rest; absent at 0, so an old side's bytes are unchanged."""
+    OMIT_AT_DEFAULT: ClassVar[tuple[tuple[str, object], ...]] = (*_EPOCH_OMIT, ("started", 0))
 
     def __post_init__(self) -> None:
         _check_id(self.model_id, "model_id")
         _check_int(self.release, "release")
         _check_int(self.epoch, "epoch")
+        _check_int(self.started, "started")
         flat = self.abandoned
         _need(isinstance(flat, list | tuple) and len(flat) % 2 == 0 and len(flat) <= 2 * MAX_RECALL_RANGES,
               f"abandoned must be at most {MAX_RECALL_RANGES} (lo, hi) pairs, flat")
