@@ -1,12 +1,17 @@
 """What a restart announcement's herd of re-pulls costs a selecting coordinator core (sans-IO).
 
-A FedAvg core (digits, signed; ``min_devices`` above the fleet, so no round is drawn and every pull
-is answered ``deferred``) takes N pulls from distinct devices: the baseline, their first pulls. A
+A FedAvg core (digits, signed; rounds of 20 drawn once 100 wait: the first round is drawn early and
+the other pulls are answered ``deferred``) takes N pulls from distinct devices: the baseline, their first pulls. A
 core restarted on the same snapshot then takes the same N pulls again (same seqs, as a deferred
 device re-sends after ``Recall.started``), first all at one instant (no device-side spread),
 then spread over ``restart_spread_s`` (5 s, the device default). Printed: process-CPU µs per pull
 (best of 3) and the ratios against the baseline; whatever the CPU, the herd's cost is N such
 pulls, so 100,000 devices cost 10x the N = 10,000 line.
+
+(With ``min_devices`` above the number waiting, FedAvg's plan sorts the whole deferred set on
+every event (``sorted(view.deferred)`` before the count check): 60 µs per pull at N = 2,000,
+175 µs at 10,000. Bounded in practice: past ``min_devices`` waiting a round opens and plan returns
+before the sort.)
 
     .venv/bin/python benchmarks/restart_repull.py [--devices 10000]
 """
@@ -50,11 +55,11 @@ def main() -> None:
         for ev in events:
             core.handle(ev)
         took = (time.process_time() - t0) / n
-        assert len(core.deferred) == n, len(core.deferred)
+        assert len(core.deferred) >= n - 20, len(core.deferred)  # (the round's 20 were invited)
         return took * 1e6
 
     def fresh() -> CoordinatorCore:
-        core = CoordinatorCore(cfg, make_strategy("fedavg", select=20, min_devices=n + 1), snapshot, rng=random.Random(0))
+        core = CoordinatorCore(cfg, make_strategy("fedavg", select=20, min_devices=100), snapshot, rng=random.Random(0))
         core.start(0.0)
         return core
 
