@@ -496,6 +496,11 @@ class CoordinatorConfig:
     """Build the status JSON for each status publish. False (the in-process emulator, where no
     one subscribes to it): on the same schedule the core only says ``Notify(kind="status")``,
     and whoever wants the status calls :meth:`CoordinatorCore.status`."""
+    announce_start: bool = False
+    """Stamp the region's recall (retained) with this start's time, published by every start: the
+    devices this core defers are held in memory only, and a deferred device that sees a newer stamp
+    pulls again at once instead of after its ``reannounce_s`` (600 s). The daemon sets it; the
+    in-process emulator, whose coordinators never restart, leaves it off (its results unchanged)."""
     gate: GateConfig | None = None
     """Promote candidates to the release only on evidence (None: every version is released)."""
     operators: Mapping[str, bytes] = field(default_factory=dict)
@@ -775,6 +780,7 @@ class CoordinatorCore:
         # announced them: a device serving an abandoned version fetches the release at once (an
         # operator's rollback reaches idle devices too, not only those that pull for training).
         self._recall_due = bool(self._abandoned)
+        self._started = 0  # this start's stamp on the recall (ms; 0: none), set by start()
         self._pending_actions: list[CoordinatorAction] = []
         # Converting staleness policies: parked updates wait for the driver's conversion; a
         # device's later updates queue behind its parked one (applied in seq order).
@@ -1058,6 +1064,8 @@ class CoordinatorCore:
         self._last_aggregation_at = min(self._last_aggregation_at, now)
         if self._first_buffered_at is not None:
             self._first_buffered_at = min(self._first_buffered_at, now)
+        if self.config.announce_start:  # (a rebuilt core starts again: it lost whom it deferred too)
+            self._started = max(1, int(now * 1000))
         actions = [*changed, *self._after(now), *self._regate_newest(now)]
         rnd = self._canary_round  # opened or resumed by the regate, after _after armed the timer: its deadline's wake-up
         if rnd is not None and (self._wake_at is None or rnd.deadline < self._wake_at):
@@ -1119,12 +1127,13 @@ class CoordinatorCore:
 
     def _recall(self, *, force: bool = False) -> list[CoordinatorAction]:
         """Publish the abandoned ranges (retained) when they changed since the last recall."""
-        if not (self._abandoned or self._epoch != NO_EPOCH) or not (self._recall_due or force):
+        if not (self._abandoned or self._epoch != NO_EPOCH or self._started) or not (self._recall_due or force):
             return []
         self._recall_due = False
         flat = tuple(v for r in self._abandoned[-MAX_RECALL_RANGES:] for v in r)
         topic = topics.recall_topic(self.config.region)
-        msg = Recall(model_id=self.config.spec.model_id, release=self._release_version, abandoned=flat, epoch=self._epoch)
+        msg = Recall(model_id=self.config.spec.model_id, release=self._release_version, abandoned=flat, epoch=self._epoch,
+                     started=self._started)
         return [self._publish(topic, encode(msg, signer=self.config.signer, scope=topics.signing_scope(topic)), retain=True)]
 
     def handle(self, event: CoordinatorEvent) -> list[CoordinatorAction]:

@@ -506,6 +506,7 @@ class CoordinatorDaemon:
                 require_pull=options.require_pull,
                 conversion=ConversionConfig(deadline_s=options.conversion_deadline_s),
                 status_payload=False,  # the status JSON is built once per batch (_end_batch), not per version
+                announce_start=True,  # deferred devices pull again at once after a restart (Recall.started)
                 keep_versions=keep,
             ),
             strategy,

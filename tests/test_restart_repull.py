@@ -39,8 +39,6 @@ from tests.test_broker_failures import REGION, client, deferred_device, label
 
 REANNOUNCE_S = 20.0
 """The devices' re-announce timer in the daemon test (600 s by default)."""
-NEEDS_CORE = pytest.mark.xfail(strict=True, reason="needs core change: CoordinatorConfig.announce_start, the start stamp "
-                               "on the recall (coordinator/core.py) and the daemon setting it (coordinator/daemon.py)")
 
 
 def _recall(started: int, *, signer: Signer | None = SIGNER, epoch: int = 0, region: str = "r1") -> MessageReceived:
@@ -168,7 +166,6 @@ def _recalls(actions: list[Any]) -> list[Recall]:
     return [decode(a.payload) for a in actions if isinstance(a, Publish) and a.topic == topics.recall_topic("r1")]
 
 
-@NEEDS_CORE
 def test_every_start_of_an_announcing_core_stamps_the_retained_recall() -> None:
     first = _announcing()
     (r1,) = _recalls(first.start(1000.25))
@@ -179,7 +176,6 @@ def test_every_start_of_an_announcing_core_stamps_the_retained_recall() -> None:
     assert r2.started == 2_000_000
 
 
-@NEEDS_CORE
 def test_a_restart_announcement_brings_the_deferred_devices_back_into_the_round() -> None:
     """Sans-IO, end to end: three devices deferred by one core; a core restarted on the same
     snapshot has none waiting; each device hears the new stamp and pulls again; the round is drawn."""
@@ -290,7 +286,6 @@ def restart_to_round(broker: MosquittoProcess, tmp_path: Path, *, timeout_s: flo
         daemon.stop()
 
 
-@NEEDS_CORE
 @pytest.mark.broker
 def test_a_restarted_fedavg_daemon_draws_its_round_within_seconds(mosquitto: MosquittoProcess, tmp_path: Path) -> None:
     """Before: the round came only when a and b re-announced (``reannounce_s`` after their deferral;
