@@ -9,6 +9,8 @@ payloads, messages on wrong topics, forged updates and pull floods. Every ``--sa
 records the coordinator's RSS, open fds, threads, its state dir's size and file count, its /metrics
 counters and the broker's RSS. Prints the table, then each column's growth per hour (least-squares
 slope over the samples after the first ``--warmup`` s, times 3600), then one JSON line of the same.
+``--broker-sessions N`` measures instead what mosquitto keeps for each device id that connected
+once, with clean and with persistent sessions.
 Not collected by pytest (no ``test_`` prefix): the minutes it takes are a measurement, not a test.
 """
 
@@ -282,6 +284,35 @@ def traced_growth(folder: Path, first: float, top: int = 15) -> list[str]:
     return [f"traced heap {base.stem} -> {snaps[-1].stem}: {total / 1e6:+.2f} MB", *(str(s) for s in stats[:top])]
 
 
+def broker_sessions(n: int) -> dict[str, float]:
+    """Bytes of broker RSS per device id that connected once, as a device does (will and retained
+    presence, its downstream subscriptions), with a clean session and with a persistent one: what
+    a broker keeps for every id a churning fleet ever had."""
+    out = {}
+    for clean in (True, False):
+        broker = MosquittoProcess().start()
+        try:
+            pid = broker._proc.pid if broker._proc is not None else 0
+            before = proc_rss_mb(pid)
+            for i in range(n):
+                device = f"churn-{i:06d}"
+                client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"dev-{REGION}-{device}", clean_session=clean)
+                presence = topics.device_topic(REGION, device, "presence")
+                client.will_set(presence, b"offline", qos=1, retain=True)
+                client.connect(broker.host, broker.port)
+                client.loop_start()
+                client.subscribe([*((topics.device_topic(REGION, device, leaf), 1) for leaf in topics.DOWNSTREAM),
+                                  (topics.recall_topic(REGION), 1)])  # (DeviceConfig.region_topics)
+                for state in (b"online", b"offline"):
+                    client.publish(presence, state, qos=1, retain=True).wait_for_publish(10)
+                client.disconnect()
+                client.loop_stop()
+            out["clean" if clean else "persistent"] = (proc_rss_mb(pid) - before) * 2**20 / n
+        finally:
+            broker.stop()
+    return out
+
+
 def slope_per_hour(ts: list[float], ys: list[float]) -> float:
     if len(ts) < 2:
         return float("nan")
@@ -377,7 +408,12 @@ def main() -> None:
     p.add_argument("--tracemalloc", action="store_true", help="trace the coordinator's allocations (slower) and print "
                    "the lines whose heap grew most after the warm-up (tests/soak_site/sitecustomize.py)")
     p.add_argument("--coordinator-arg", action="append", default=[], help="extra `edgeci coordinator` argument (repeatable)")
+    p.add_argument("--broker-sessions", type=int, default=0, metavar="N",
+                   help="only measure the broker's bytes per device id (N ids connect once, clean and persistent sessions)")
     args = p.parse_args()
+    if args.broker_sessions:
+        print(json.dumps({"broker_bytes_per_id": broker_sessions(args.broker_sessions), "ids": args.broker_sessions}))
+        return
     # Run in the background (nohup ... &), SIGINT is ignored: SIGTERM stops it through its finally,
     # which stops the coordinator and the broker it started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))

@@ -1,15 +1,25 @@
 """A real ``edgeci coordinator`` after a churn of 200 devices holds what it held before it: the
 quick form of ``tests/soak_measure.py`` (helper-178's audit). Each device connects, pulls, pushes
-one update and leaves; the bounds are counts, not timings."""
+one update and leaves; the bounds are counts, not timings. And the broker forgets sessions unused
+for long."""
 
 from __future__ import annotations
 
 import os
+import re
 import urllib.request
 from functools import partial
 from pathlib import Path
 
-from coordinator.broker import MosquittoProcess, free_port
+import pytest
+
+from coordinator.broker import (
+    MOSQUITTO_CONF,
+    PASSWORD_CONF,
+    SECURE_CONF,
+    MosquittoProcess,
+    free_port,
+)
 from edge_sdk.tasks import get_task
 from edge_sdk.wire.messages import Ack, ModelMsg, Pull
 from tests.daemon_rig import Device, Net, update
@@ -72,3 +82,11 @@ def test_fds_threads_and_versions_stay_bounded_after_200_devices_come_and_go(mos
         versions = state / "versions"
         wait_until(lambda: len(list(versions.iterdir())) <= 2 * KEEP_VERSIONS, 30, "old versions pruned")
         assert coord.close() == 0
+
+
+@pytest.mark.parametrize("conf", [MOSQUITTO_CONF, SECURE_CONF, PASSWORD_CONF], ids=lambda p: p.name)
+def test_every_shipped_mosquitto_conf_expires_unused_sessions(conf: Path) -> None:
+    """Devices connect with persistent sessions: without an expiry each id that ever connected kept
+    its session on the broker until a restart (``tests/soak_measure.py --broker-sessions``)."""
+    values = [line.split()[1:] for line in conf.read_text().splitlines() if line.split()[:1] == ["persistent_client_expiration"]]
+    assert len(values) == 1 and re.fullmatch(r"[1-9][0-9]*[hdwmy]", " ".join(values[0])), values
