@@ -94,9 +94,9 @@ class FedAvgStrategy(RobustStrategy):
                 return Plan(aggregate=True)
         if view.buffer:
             return Plan(aggregate=True)  # e.g. updates restored after a restart
+        if len(view.deferred) < cfg.min_devices:
+            return Plan()  # (counted before sorting: every pull while too few wait came here, 175 µs at 10,000 waiting)
         waiting = sorted(view.deferred)
-        if len(waiting) < cfg.min_devices:
-            return Plan()
         chosen = self.draws.rng(rng).sample(waiting, min(cfg.select, len(waiting)))
         self.participants = set(chosen)
         self.round_started_at = now

@@ -144,10 +144,11 @@ class FedOptStrategy(Strategy):
             return Plan(aggregate=True)  # restored after a restart, or uninvited: consume
         if self.done():
             return Plan()
-        waiting = sorted(view.deferred)
         need = cfg.population if cfg.population is not None else cfg.select
-        if len(waiting) < need or (cfg.population is not None and len(waiting) < len(view.devices_seen)):
+        waiting_n = len(view.deferred)  # (counted before sorting: every pull while too few wait comes here)
+        if waiting_n < need or (cfg.population is not None and waiting_n < len(view.devices_seen)):
             return Plan()
+        waiting = sorted(view.deferred)
         chosen = self.draws.rng(rng).sample(waiting, min(cfg.select, len(waiting)))
         self.participants = set(chosen)
         self.in_round = True
