@@ -11,13 +11,21 @@ rounds ago) had its unpulled update accepted into the next round."""
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from coordinator.broker import MosquittoProcess
 from coordinator.core import CommitVersion, Snapshot
+from coordinator.registry import ROUND_FILE
+from edge_sdk import mqtt
 from edge_sdk.core.events import TimerFired
-from tests.helpers import make_coordinator
+from edge_sdk.wire.messages import Invite, ModelMsg, Pull
+from tests.daemon_rig import Net, Rig, enospc
+from tests.helpers import make_coordinator, wait_until
 from tests.test_selection_round import _drawn, _pull, _sent, _update
 
 TIMED: dict[str, Any] = {"select": 2, "min_devices": 3, "round_timeout_s": 5.0}
@@ -65,3 +73,54 @@ def test_the_rounds_invitee_that_pulled_after_the_record_is_still_taken() -> Non
     for m in (first, second):
         assert [a.status for a in _sent(restarted.handle(_update(m.device, 3, 11.0, 1.0)), "ack")] == ["accepted"]
     assert restarted.version == 1
+
+
+@pytest.mark.broker
+def test_a_failing_round_record_lets_no_invitation_out_and_the_round_is_drawn_once_it_is_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real FedAvg daemon over mosquitto (rounds of 2 drawn from 3 waiting): writing round.json
+    fails (ENOSPC) for the first draw. No invitation leaves before a record is written, the core is
+    rebuilt (storage_failures 1); the round is drawn again (the failed batch redelivered, or, where
+    the deferred pulls went with the core, the devices' next pulls), and the invitations that leave
+    are the recorded round's, each served a model."""
+    monkeypatch.setattr(mqtt, "RECONNECT_MIN_S", 0.25)
+    broker = MosquittoProcess().start()
+    try:
+        rig = Rig(Net(broker.url, "rounds", {}, lambda name: None), tmp_path)
+        daemon = rig.make_daemon(init=True, canary_round=False, strategy="fedavg", strategy_params={"select": 2, "min_devices": 3},
+                                 storage_probe_s=0.3).start()
+        record, failed, invites_seen_at_record = daemon.registry.record_selection_round, [], []
+
+        def record_or_fail(round_: Mapping[str, Any]) -> None:
+            if not failed:
+                failed.append(round_)
+                raise enospc()
+            invites_seen_at_record.append(sum(len(d.of(Invite)) for d in devices))
+            record(round_)
+
+        daemon.registry.record_selection_round = record_or_fail  # type: ignore[method-assign]
+        model_id = rig.task.spec.model_id
+        with rig:
+            devices = [rig.device(f"dev{i}") for i in range(3)]
+            for d in devices:
+                d.send("pull", Pull(device=d.device, seq=1, model_id=model_id))
+            wait_until(lambda: bool(failed) and daemon.storage_failures == 1, 15, "the failed record")
+            wait_until(lambda: daemon._storage_ok, 15, "storage back")
+            deadline = time.monotonic() + 3.0
+            while time.monotonic() < deadline and not any(d.of(Invite) for d in devices):
+                time.sleep(0.05)
+            if not any(d.of(Invite) for d in devices):
+                for d in devices:
+                    d.send("pull", Pull(device=d.device, seq=2, model_id=model_id))
+            wait_until(lambda: sum(bool(d.of(Invite)) for d in devices) == 2, 15, "the round's two invitations")
+            time.sleep(0.5)  # (a second draw's invitations, were there one)
+            assert sum(len(d.of(Invite)) for d in devices) == 2 and invites_seen_at_record == [0]
+            recorded = json.loads((tmp_path / "coord" / ROUND_FILE).read_text())
+            invited = [d for d in devices if d.of(Invite)]
+            assert sorted(recorded["state"]["participants"]) == sorted(d.device for d in invited)
+            assert sorted(r for _d, r in recorded["round"]["invites"]) == sorted(d.of(Invite)[0].round for d in invited)
+            for d in invited:
+                d.send("pull", Pull(device=d.device, seq=3, model_id=model_id, invite_round=d.of(Invite)[0].round))
+            wait_until(lambda: all(d.of(ModelMsg) for d in invited), 15, "the invited devices' models")
+    finally:
+        broker.stop()
