@@ -89,7 +89,9 @@ def test_a_failing_round_record_lets_no_invitation_out_and_the_round_is_drawn_on
         rig = Rig(Net(broker.url, "rounds", {}, lambda name: None), tmp_path)
         daemon = rig.make_daemon(init=True, canary_round=False, strategy="fedavg", strategy_params={"select": 2, "min_devices": 3},
                                  storage_probe_s=0.3).start()
-        record, failed, invites_seen_at_record = daemon.registry.record_selection_round, [], []
+        record = daemon.registry.record_selection_round
+        failed: list[Mapping[str, Any]] = []
+        invites_seen_at_record: list[int] = []
 
         def record_or_fail(round_: Mapping[str, Any]) -> None:
             if not failed:
@@ -98,7 +100,7 @@ def test_a_failing_round_record_lets_no_invitation_out_and_the_round_is_drawn_on
             invites_seen_at_record.append(sum(len(d.of(Invite)) for d in devices))
             record(round_)
 
-        daemon.registry.record_selection_round = record_or_fail  # type: ignore[method-assign]
+        daemon.registry.record_selection_round = record_or_fail  # type: ignore[method-assign,assignment]
         model_id = rig.task.spec.model_id
         with rig:
             devices = [rig.device(f"dev{i}") for i in range(3)]
