@@ -20,8 +20,15 @@ import numpy as np
 import pytest
 
 from coordinator.broker import MosquittoProcess
-from coordinator.core import CommitVersion, PersistUpdate, RecordSelectionRound, Snapshot
+from coordinator.core import (
+    CommitVersion,
+    CoordinatorCore,
+    PersistUpdate,
+    RecordSelectionRound,
+    Snapshot,
+)
 from coordinator.registry import ROUND_FILE
+from coordinator.strategies.fedbuff import FedBuffStrategy
 from edge_sdk import mqtt
 from edge_sdk.core.events import TimerFired
 from edge_sdk.wire.messages import Invite, ModelMsg, Pull
@@ -129,7 +136,12 @@ def test_a_failing_round_record_lets_no_invitation_out_and_the_round_is_drawn_on
         broker.stop()
 
 
-LATE = {"k": 3, "select": 3, "late_join": True, "strict_k": False}
+LATE: dict[str, Any] = {"k": 3, "select": 3, "late_join": True, "strict_k": False}
+
+
+def _fedbuff(core: CoordinatorCore) -> FedBuffStrategy:
+    assert isinstance(core.strategy, FedBuffStrategy)
+    return core.strategy
 
 
 @pytest.mark.xfail(strict=True, reason="needs core change: a late joiner's update after the round's record is replayed "
@@ -146,11 +158,11 @@ def test_a_fedbuff_late_joiner_that_reported_is_not_let_in_again_after_a_restart
     c.start(0.0)
     for i, d in enumerate(seen, 1):
         c.handle(_pull(d, 1, float(i)))
-    served = sorted(c.strategy.in_flight)
+    served = sorted(_fedbuff(c).in_flight)
     records = [a.round for j, d in enumerate(served) for a in c.handle(_update(d, 2, 7.0 + j, 1.0)) if isinstance(a, RecordSelectionRound)]
-    assert c.version == 1 and len(records) == 1 and c.strategy.late_joiners, (c.version, records, c.strategy.late_joiners)
+    assert c.version == 1 and len(records) == 1 and _fedbuff(c).late_joiners, (c.version, records, _fedbuff(c).late_joiners)
     record = json.loads(json.dumps(records[0]))
-    late = c.strategy.late_joiners[0]
+    late = _fedbuff(c).late_joiners[0]
     assert _sent(c.handle(_pull(late, 3, 12.0)), "model")  # admitted as a late joiner
     persisted = [a.update for a in c.handle(_update(late, 4, 13.0, 2.0)) if isinstance(a, PersistUpdate)]
     assert len(persisted) == 1 and c.version == 1
@@ -160,5 +172,5 @@ def test_a_fedbuff_late_joiner_that_reported_is_not_let_in_again_after_a_restart
     restarted = make_coordinator("fedbuff", snapshot=snap, **LATE)
     restarted.start(20.0)
     assert not _sent(c.handle(_pull(late, 5, 21.0)), "model")  # live: deferred
-    assert late not in restarted.strategy.late_joiners
+    assert late not in _fedbuff(restarted).late_joiners
     assert not _sent(restarted.handle(_pull(late, 5, 21.0)), "model")
