@@ -174,3 +174,24 @@ def test_a_fedbuff_late_joiner_that_reported_is_not_let_in_again_after_a_restart
     assert not _sent(c.handle(_pull(late, 5, 21.0)), "model")  # live: deferred
     assert late not in _fedbuff(restarted).late_joiners
     assert not _sent(restarted.handle(_pull(late, 5, 21.0)), "model")
+
+
+@pytest.mark.xfail(strict=True, reason="needs core change: invitations never pulled are kept for the state dir's life "
+                   "and listed by every commit and round record (helper-180's diff: keep the newest PRESENCE_LIMIT)")
+def test_invitations_never_pulled_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FedAvg, rounds of 1 (round_timeout_s 1): 30 devices each pull once, are drawn and invited, and
+    never pull their invitation (gone). With the bound scaled to 5, the core keeps the 5 newest
+    invitations, and the round block a commit or a record carries lists no more. (Unbounded, 100,000
+    such invitations made a 4.3 MB commit metadata and round record: benchmarks/round_block_cost.py.)"""
+    from coordinator import core as core_mod
+    monkeypatch.setattr(core_mod, "PRESENCE_LIMIT", 5)
+    c = make_coordinator("fedavg", select=1, min_devices=1, round_timeout_s=1.0)
+    c.start(0.0)
+    invited = []
+    for i in range(30):
+        now = 2.0 * i + 1.0
+        (invite,) = _sent(c.handle(_pull(f"gone{i:02d}", 1, now)), "invite")
+        invited.append((invite.device, invite.round))
+        c.handle(TimerFired(now=now + 1.5))  # the round times out without it
+    assert sorted(c._invites.items()) == sorted(invited[-5:])
+    assert len(c._round_block()["invites"]) == 5
