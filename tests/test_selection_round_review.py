@@ -28,6 +28,7 @@ from coordinator.core import (
     Snapshot,
 )
 from coordinator.registry import ROUND_FILE
+from coordinator.strategies.fedavg import FedAvgStrategy
 from coordinator.strategies.fedbuff import FedBuffStrategy
 from edge_sdk import mqtt
 from edge_sdk.core.events import TimerFired
@@ -195,3 +196,40 @@ def test_invitations_never_pulled_are_bounded(monkeypatch: pytest.MonkeyPatch) -
         c.handle(TimerFired(now=now + 1.5))  # the round times out without it
     assert sorted(c._invites.items()) == sorted(invited[-5:])
     assert len(c._round_block()["invites"]) == 5
+
+
+def test_a_fedavg_round_restored_on_a_clock_behind_the_last_process_times_out_from_now() -> None:
+    """A round drawn at t = 1,002 (round_timeout_s 5) and recorded; the restart's clock is behind the
+    last process's (stepped back; a box without a battery-backed clock before NTP): it starts at 10.
+    The restored round's deadline was 1,007: 997 s in which the round waited for devices that had
+    gone (helper-153's case for SPIN's π, here again through the record). Taken as drawn at the restart."""
+    c = make_coordinator("fedavg", **TIMED)
+    c.start(0.0)
+    actions = [a for i in range(3) for a in c.handle(_pull(f"d{i + 1}", 1, 1000.0 + i))]
+    (record,) = [json.loads(json.dumps(a.round)) for a in actions if isinstance(a, RecordSelectionRound)]
+    snap = Snapshot(version=c.version, weights=c.weights.copy(), applied_upto=c.applied_upto, buffer=[],
+                    devices_seen=c.devices_seen, selection_round=record, epoch=0)
+    restarted = make_coordinator("fedavg", snapshot=snap, **TIMED)
+    restarted.start(10.0)
+    strategy = restarted.strategy
+    assert isinstance(strategy, FedAvgStrategy) and strategy.round == 1 and len(strategy.participants) == 2
+    restarted.handle(TimerFired(now=15.0))
+    assert not strategy.participants  # the round is over
+
+
+def test_fedbuff_in_flight_restored_on_a_clock_behind_the_last_process_is_forgotten_from_now() -> None:
+    """FedBuff, forget_after_s 20: the draw at t = 1,000 invites a device, recorded; the restart's clock
+    starts at 10 (stepped back). Its straggler was kept until 1,020 (the device gone, the round's slot
+    held 1,010 s); taken as let in at the restart, it is forgotten at 30."""
+    params: dict[str, Any] = {"k": 2, "select": 1, "forget_after_s": 20.0}
+    c = make_coordinator("fedbuff", **params)
+    c.start(0.0)
+    actions = c.handle(_pull("d1", 1, 1000.0))
+    (record,) = [json.loads(json.dumps(a.round)) for a in actions if isinstance(a, RecordSelectionRound)]
+    assert _fedbuff(c).in_flight == {"d1": 1000.0}
+    snap = Snapshot(version=c.version, weights=c.weights.copy(), applied_upto=c.applied_upto, buffer=[],
+                    devices_seen=c.devices_seen, selection_round=record, epoch=0)
+    restarted = make_coordinator("fedbuff", snapshot=snap, **params)
+    restarted.start(10.0)
+    restarted.handle(TimerFired(now=30.0))
+    assert "d1" not in _fedbuff(restarted).in_flight

@@ -83,6 +83,10 @@ class FedAvgStrategy(RobustStrategy):
     def plan(self, view: CoordinatorView, now: float, rng: random.Random) -> Plan:
         cfg = self.config
         if self.round_started_at is not None:
+            # A round restored on a clock behind the last process's (stepped back: a box without a
+            # battery-backed clock before NTP) waited that much longer (helper-153's case for SPIN's π,
+            # here through the round record): taken as drawn now. (Never ahead on a steady clock.)
+            self.round_started_at = min(self.round_started_at, now)
             deadline = None if cfg.round_timeout_s is None else self.round_started_at + cfg.round_timeout_s
             timed_out = deadline is not None and now >= deadline
             if self.participants and not timed_out:

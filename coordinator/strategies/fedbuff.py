@@ -194,6 +194,8 @@ class FedBuffStrategy(RobustStrategy):
         if limit is None or not self.in_flight:
             return None
         for device, since in list(self.in_flight.items()):
+            if since > now:  # restored on a clock behind the last process's (stepped back): taken as let in now
+                self.in_flight[device] = since = now
             if since + limit <= now:  # the same sum as the wake-up time below: a wake-up at it always forgets
                 del self.in_flight[device]
         return min(self.in_flight.values()) + limit if self.in_flight else None
