@@ -137,6 +137,7 @@ from coordinator.gate import Decision, Gate, GateConfig
 from coordinator.methods import check_lasp
 from coordinator.peering.base import BROADCAST, Peering, PeerPlan, Tallies
 from coordinator.strategies.base import BufferedUpdate, Plan, ReadOnlyView, Strategy
+from coordinator.strategies.rounds import moment
 from coordinator.strategies.staleness import Convert, conversion_of, needs_driver, policy_of
 from edge_sdk.core.events import MessageReceived, Notify, Publish, ScheduleTimer, TimerFired
 from edge_sdk.errors import (
@@ -857,11 +858,21 @@ class CoordinatorCore:
         drawn = self._recorded_round(snapshot)
         block = drawn["round"] if drawn is not None else snapshot.round_devices if self._strategy_changed is None else None
         accepted, invites, invite_round = _round_devices(block)
+        # A device still holding its invitation at the block had not pulled it (served, it is deleted):
+        # only the record's own draw's invitees may have pulled since. The others, as on a live core,
+        # pull first (their invitation is kept): a commit's block let in unpulled every device drawn
+        # for a round that closed without it, however long ago (helper-180).
+        since = drawn.get("invited_from", -1) if drawn is not None else None  # (-1: a record from before the field)
+        pulled = {d for d, r in invites.items() if type(since) is int and r > since}
+        drawn_at = moment(drawn.get("at")) if drawn is not None else None
         reported: set[str] = set()
         for u in sorted(snapshot.buffer, key=lambda u: (u.arrived_at, u.device, u.seq)):
             if u.seq <= self._applied_upto.get(u.device, -1):
                 continue  # applied by the last commit; its file outlived the crash
-            after = u.seq > accepted.get(u.device, u.seq)  # a round device's report after the round's record
+            # A round device's report after the round's record; or, from a device the record did not list
+            # (a late joiner admitted since), one that arrived after it (replayed before restore_round,
+            # the round as drawn put it back among those the round still waits for).
+            after = u.seq > accepted[u.device] if u.device in accepted else drawn_at is not None and u.arrived_at > drawn_at
             if after and drawn is not None:
                 strategy.restore_round(drawn["state"])  # the round as drawn, before the reports it waited for
                 drawn = None
@@ -876,8 +887,8 @@ class CoordinatorCore:
             strategy.restore_round(drawn["state"])
         # The round's devices not yet reported may send the update they were invited for (a selecting
         # strategy takes one only from a device in _training, and the set served was lost with the process).
-        self._training.update(d for d in accepted if d not in reported)
-        self._invites.update((d, r) for d, r in invites.items() if d in self._training)
+        self._training.update(d for d in accepted if d not in reported and (d not in invites or d in pulled))
+        self._invites.update((d, r) for d, r in invites.items() if d not in reported)
         self._invite_round = max(self._invite_round, invite_round)
 
     # ------------------------------------------------------------------ view (for strategies)
@@ -1746,6 +1757,7 @@ class CoordinatorCore:
         if peer_wake is not None and now >= peer_wake:
             actions += self._run_peer_plan(self.peering.on_timer(self._view, now), now)
         invites_at: int | None = None  # where this event's first invitation is: its round's record goes before it
+        numbered = self._invite_round  # the invitations numbered above it are this draw's
         for _ in range(4):  # an aggregation may enable another decision (e.g. new invites)
             plan: Plan = self.strategy.plan(self._view, now, self._rng)
             if plan.invite and invites_at is None:
@@ -1779,7 +1791,7 @@ class CoordinatorCore:
                         actions.append(ScheduleTimer(at=wake))
                 break
         if invites_at is not None:  # (a strategy without round state too: the invitations it sent are the core's)
-            record = {"version": self._version, "epoch": self._epoch, "strategy": self.strategy.name, "at": now,
+            record = {"version": self._version, "epoch": self._epoch, "strategy": self.strategy.name, "at": now, "invited_from": numbered,
                       "state": self.strategy.round_checkpoint(), "round": self._round_block()}
             actions.insert(invites_at, RecordSelectionRound(round=record))
         return actions
@@ -2453,7 +2465,10 @@ class CoordinatorCore:
         if self._deferred.pop(device, None) is None:
             return []
         self._invite_round += 1
+        self._invites.pop(device, None)  # (re-inserted last: the dict's order is the invitations')
         self._invites[device] = self._invite_round
+        if len(self._invites) > PRESENCE_LIMIT:  # a device drawn that never pulls kept its invitation for the state
+            del self._invites[next(iter(self._invites))]  # dir's life, listed by every commit and round record
         invite = Invite(device=device, round=self._invite_round, version=self._version)
         return [self._publish(topics.device_topic(self.config.region, device, "invite"), encode(invite))]
 

@@ -40,8 +40,6 @@ from tests.test_selection_round import _drawn, _pull, _sent, _update
 TIMED: dict[str, Any] = {"select": 2, "min_devices": 3, "round_timeout_s": 5.0}
 
 
-@pytest.mark.xfail(strict=True, reason="needs core change: a restart from a commit puts devices that still held their "
-                   "invitation (never pulled) into _training (helper-180's diff to CoordinatorCore.__init__/_after)")
 def test_an_invitee_that_never_pulled_is_refused_unpulled_after_a_restart_as_before_it() -> None:
     """FedAvg, rounds of 2: one invitee pulls and reports, the other never pulls; the round times out
     and commits version 1. The other's update without a pull: refused by the live core, and by a core
@@ -145,8 +143,6 @@ def _fedbuff(core: CoordinatorCore) -> FedBuffStrategy:
     return core.strategy
 
 
-@pytest.mark.xfail(strict=True, reason="needs core change: a late joiner's update after the round's record is replayed "
-                   "before restore_round, which puts it back among the late joiners (helper-180's diff)")
 def test_a_fedbuff_late_joiner_that_reported_is_not_let_in_again_after_a_restart() -> None:
     """FedBuff with late joiners (K 3, rounds of 3 drawn from 6 seen): the draw after version 1 invites
     the deferred devices it drew and keeps the others as late joiners (recorded). One late joiner pulls
@@ -177,8 +173,6 @@ def test_a_fedbuff_late_joiner_that_reported_is_not_let_in_again_after_a_restart
     assert not _sent(restarted.handle(_pull(late, 5, 21.0)), "model")
 
 
-@pytest.mark.xfail(strict=True, reason="needs core change: invitations never pulled are kept for the state dir's life "
-                   "and listed by every commit and round record (helper-180's diff: keep the newest PRESENCE_LIMIT)")
 def test_invitations_never_pulled_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     """FedAvg, rounds of 1 (round_timeout_s 1): 30 devices each pull once, are drawn and invited, and
     never pull their invitation (gone). With the bound scaled to 5, the core keeps the 5 newest

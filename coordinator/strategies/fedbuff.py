@@ -143,6 +143,8 @@ class FedBuffStrategy(RobustStrategy):
     def on_restore(self, view: CoordinatorView, update: BufferedUpdate) -> None:
         """A replayed update: its device reported (a round restored as drawn no longer waits for it)."""
         super().on_restore(view, update)
+        if update.device in self.late_joiners:  # admitted after the round's record: its admission is not replayed
+            self.late_joiners.remove(update.device)
         self._reported(update.device)
 
     def _reported(self, device: str) -> None:
