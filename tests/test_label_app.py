@@ -68,6 +68,7 @@ from demos.label_ui import (
 )
 from edge_sdk.errors import ConfigError, LocalProtocolError, TransportError
 from edge_sdk.tasks.gestures import GESTURES, LENGTH, VELOCITY_GAIN, gesture_path
+from tests.helpers import wait_until
 from tests.secure_broker import SecureBroker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -1334,6 +1335,10 @@ def test_a_gesture_bundle_gives_the_gesture_client_its_own_connection(
     backend = start_backend(args, tmp_path / "d")
     try:
         assert backend.detect is not None and backend.gesture is not None
+        detect, gesture = backend.detect, backend.gesture
+        # (both up first: on a loaded machine the TLS connects may come after the handlers below,
+        # each a "connection" event that is no drop)
+        wait_until(lambda: detect.connected and gesture.connected, 30, "both clients connected")
         drops: list[str] = []
         backend.detect.on("connection", lambda kind, info: drops.append(f"detect {info}"))
         backend.gesture.on("connection", lambda kind, info: drops.append(f"gesture {info}"))
