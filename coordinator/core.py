@@ -876,7 +876,8 @@ class CoordinatorCore:
             if after and drawn is not None:
                 strategy.restore_round(drawn["state"])  # the round as drawn, before the reports it waited for
                 drawn = None
-            reported.update((u.device,) if after else ())
+            if after:
+                reported.add(u.device)
             self._buffer_update(u)
             # Accepted after the commit the counters come from: counted then, lost with the process.
             # (Exact unless a converting policy kept an update parked across that commit.)

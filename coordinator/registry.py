@@ -198,34 +198,31 @@ def _is_release_record(data: object) -> bool:
             and isinstance(history, list) and all(isinstance(e, dict) for e in history))
 
 
+def _read_round(path: Path, lost: str) -> dict[str, Any] | None:
+    """A round record's JSON object (None when absent; unreadable: None, said with ``lost``, what
+    the restart then does without it). Its reader checks what it holds."""
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("%s is unreadable (%s): %s", path, exc, lost)
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def read_canary_round(state_dir: str | Path) -> dict[str, Any] | None:
     """``canary.json`` of a state dir (None when absent; unreadable: None, said). The core checks
     what it holds (:meth:`coordinator.canary.CanaryRound.from_record`): a damaged record only means a
     new round instead of the recorded one."""
-    try:
-        data = json.loads((Path(state_dir) / CANARY_FILE).read_bytes())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        log.warning("%s is unreadable (%s): the canary round open before the restart is not resumed; a new one opens",
-                    Path(state_dir) / CANARY_FILE, exc)
-        return None
-    return data if isinstance(data, dict) else None
+    return _read_round(Path(state_dir) / CANARY_FILE, "the canary round open before the restart is not resumed; a new one opens")
 
 
 def read_selection_round(state_dir: str | Path) -> dict[str, Any] | None:
     """``round.json`` of a state dir (None when absent; unreadable: None, said). The core takes it
     only when it was drawn at the restored version by the same strategy, and each strategy checks
     what it holds: a damaged record only means the round the newest commit holds, as before records."""
-    try:
-        data = json.loads((Path(state_dir) / ROUND_FILE).read_bytes())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        log.warning("%s is unreadable (%s): a selection round drawn after the newest version is not resumed",
-                    Path(state_dir) / ROUND_FILE, exc)
-        return None
-    return data if isinstance(data, dict) else None
+    return _read_round(Path(state_dir) / ROUND_FILE, "a selection round drawn after the newest version is not resumed")
 
 
 def read_refusals(state_dir: str | Path) -> list[dict[str, Any]]:

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 from coordinator.strategies.base import BufferedUpdate, CoordinatorView, Plan
 from coordinator.strategies.draws import Draws
 from coordinator.strategies.robust import RobustAggregator, RobustConfig, RobustStrategy
-from coordinator.strategies.rounds import device_list, moment, round_and_draws
+from coordinator.strategies.rounds import counted, device_list, moment, round_and_draws
 from edge_sdk.errors import ConfigError
 from edge_sdk.spec import Vector
 
@@ -113,9 +113,8 @@ class FedAvgStrategy(RobustStrategy):
     def round_checkpoint(self) -> dict[str, Any]:
         """The rounds counted, the draws' generator and an open round (never open at a commit,
         which closes it: a round record holds one)."""
-        draws = self.draws.checkpoint()
         opened = {"participants": sorted(self.participants), "started_at": self.round_started_at} if self.round_started_at is not None else {}
-        return {"round": self.round, **({"draws": draws} if draws is not None else {}), **opened}
+        return {**counted(self.round, self.draws), **opened}
 
     def restore_round(self, state: Mapping[str, Any]) -> None:
         self.round, refused = round_and_draws(state, self.round, self.draws)

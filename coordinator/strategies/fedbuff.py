@@ -45,7 +45,7 @@ from typing import Any, ClassVar
 from coordinator.strategies.base import BufferedUpdate, CoordinatorView, Plan
 from coordinator.strategies.draws import Draws
 from coordinator.strategies.robust import RobustAggregator, RobustConfig, RobustStrategy
-from coordinator.strategies.rounds import count, device_list, device_times, rows
+from coordinator.strategies.rounds import count, counted, device_list, device_times, rows
 from edge_sdk.errors import ConfigError
 from edge_sdk.spec import Vector
 
@@ -207,10 +207,8 @@ class FedBuffStrategy(RobustStrategy):
     def round_checkpoint(self) -> dict[str, Any]:
         """The rounds counted, who is in flight since when (a round outlives commits: each
         aggregation at K refills it), the drawn late joiners, whether a draw is due, and the draws' generator."""
-        draws = self.draws.checkpoint()
-        return {"round": self.round, "in_flight": rows(self.in_flight), "late_joiners": list(self.late_joiners),
-                "need_draw": self._need_draw,
-                **({"draws": draws} if draws is not None else {})}
+        return {**counted(self.round, self.draws), "in_flight": rows(self.in_flight), "late_joiners": list(self.late_joiners),
+                "need_draw": self._need_draw}
 
     def restore_round(self, state: Mapping[str, Any]) -> None:
         if "in_flight" not in state:

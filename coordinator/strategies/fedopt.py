@@ -35,7 +35,7 @@ import numpy as np
 
 from coordinator.strategies.base import BufferedUpdate, CoordinatorView, Plan, Strategy
 from coordinator.strategies.draws import Draws
-from coordinator.strategies.rounds import device_list, round_and_draws
+from coordinator.strategies.rounds import counted, device_list, round_and_draws
 from edge_sdk.errors import ConfigError
 from edge_sdk.spec import FULL, Vector
 
@@ -212,9 +212,7 @@ class FedOptStrategy(Strategy):
     def round_checkpoint(self) -> dict[str, Any]:
         """The rounds counted, the draws' generator and an open round (never open at a commit,
         which closes it: a round record holds one)."""
-        draws = self.draws.checkpoint()
-        return {"round": self.round, **({"draws": draws} if draws is not None else {}),
-                **({"participants": sorted(self.participants)} if self.in_round else {})}
+        return {**counted(self.round, self.draws), **({"participants": sorted(self.participants)} if self.in_round else {})}
 
     def restore_round(self, state: Mapping[str, Any]) -> None:
         self.round, refused = round_and_draws(state, self.round, self.draws)

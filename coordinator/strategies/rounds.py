@@ -13,7 +13,7 @@ from typing import Any
 
 from coordinator.strategies.draws import Draws
 
-__all__ = ["count", "device_list", "device_times", "moment", "round_and_draws", "rows"]
+__all__ = ["count", "counted", "device_list", "device_times", "moment", "round_and_draws", "rows"]
 
 
 def count(value: object) -> int | None:
@@ -54,6 +54,13 @@ def device_times(value: object) -> dict[str, float] | None:
 def rows(table: Mapping[str, Any]) -> list[list[Any]]:
     """:func:`device_times`'s form of a table (insertion order kept)."""
     return [[d, v] for d, v in table.items()]
+
+
+def counted(rounds: int, draws: Draws) -> dict[str, Any]:
+    """The rounds counted and the draws' generator (none before the first draw), as
+    :func:`round_and_draws` reads them back."""
+    state = draws.checkpoint()
+    return {"round": rounds, **({"draws": state} if state is not None else {})}
 
 
 def round_and_draws(state: Mapping[str, Any], rounds: int, draws: Draws) -> tuple[int, int]:
