@@ -161,9 +161,20 @@ def test_fleet_over_mosquitto_improves_and_rejects_bad_input(mosquitto: Mosquitt
             # let in-flight updates land and the last timeout fire, then the fleet is quiet
             wait_quiet(fleet, watcher)
             version, w_end = latest_weights(state, task)
-            acc_end = task.evaluate(w_end)["accuracy"]
-            print(f"\nheld-out accuracy {acc0:.3f} -> {acc_end:.3f} at version {version}")
-            assert acc_end > acc0 + 0.05, (acc0, acc_end)
+            # The gain is read over the last ten versions the fleet was served, not the last
+            # one alone: SPIN's rule (the paper's) makes a version that the timeout closes on
+            # one update that device's model, and which skewed device (Dirichlet(1) shares)
+            # is last is luck. Measured from 0.733: the last version 0.756 (once, CI on a
+            # shared host) to 0.911, the median of the last ten 0.896-0.901 (also with two
+            # busy loops beside it).
+            reg = Registry(state, task.spec)
+            recent = [v for v in reg.versions() if v > max(0, version - 10)]
+            accs = [task.evaluate(reg.read_version(v)[0])["accuracy"] for v in recent]
+            acc_end, acc_median = accs[-1], float(np.median(accs))
+            print(f"\nheld-out accuracy {acc0:.3f} -> {acc_end:.3f} at version {version}, "
+                  f"median of versions {recent[0]}-{version} {acc_median:.3f}")
+            assert len(recent) == 10, recent
+            assert acc_median > acc0 + 0.05, (acc0, accs)
             wait_until(lambda: watcher.get("version") == version, 10, "status to report the registry's version")
             assert watcher.get("devices_seen") >= 10
             assert watcher.get("buffered") == 0
