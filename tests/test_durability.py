@@ -843,16 +843,32 @@ def test_actor_drains_what_has_arrived_into_one_batch_and_can_stop_before_a_back
     actor.stop()
     # the call and 3 events, then the other 3: each batch ends once, after its actions
     assert log == ["act0", "act1", "act2", "|", "act3", "act4", "act5", "|"]
-    # stop(drain=False): queued work is abandoned, the batch in hand still ends
-    slow = Actor("backlog", handle, lambda action: time.sleep(0.01), on_batch_end=lambda: log.append("end"), max_batch=4)
+    # stop(drain=False): queued work is abandoned, the batch in hand still ends. The first event's
+    # action holds the actor until stop() has been called: before, the test polled for the first
+    # event and then called stop() while the actor ran on (10 ms an event), so a test thread
+    # descheduled for ~0.1 s in between (a loaded machine) saw more batches than the 8 events
+    # allowed (16 handled with a 0.2 s pause put there).
+    in_hand, release = threading.Event(), threading.Event()
+
+    def perform(action: str) -> None:
+        if action == "act0":
+            in_hand.set()
+            release.wait(10)
+        time.sleep(0.01)
+
+    slow = Actor("backlog", handle, perform, on_batch_end=lambda: log.append("end"), max_batch=4)
     handled.clear()
+    log.clear()
     for i in range(1000):
         slow.submit(functools.partial(lambda i, now: i, i))
     slow.start()
-    wait_until(lambda: len(handled) >= 1, 10, "the first batch to start")
+    assert in_hand.wait(10), "the first batch to start"
     t0 = time.monotonic()
-    slow.stop(drain=False)
-    assert time.monotonic() - t0 < 5 and len(handled) <= 8 and log[-1] == "end"
+    slow.stop(timeout=0, drain=False)  # abandons the queue, returns at once: the actor is held in act0's action
+    release.set()
+    slow.stop(drain=False)  # (waits for the actor)
+    assert time.monotonic() - t0 < 5 and not slow.alive
+    assert handled == [0] and log == ["end"], (len(handled), log)
 
 
 def test_the_final_status_names_only_a_durable_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
