@@ -238,13 +238,16 @@ def close_unstarted(c: Any) -> None:
         c._dir_lock.close()
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str, poll: float = 0.05) -> None:
-    """Poll ``predicate`` until it holds; fail naming ``what`` after ``timeout`` seconds
-    (integration tests only: the cores' tests never wait)."""
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str, poll: float = 0.05,
+               detail: Callable[[], object] | None = None) -> None:
+    """Poll ``predicate`` until it holds; fail naming ``what`` after ``timeout`` seconds, with
+    ``detail()`` (what was seen) appended when given (integration tests only: the cores' tests
+    never wait)."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+            seen = "" if detail is None else f": {detail()!r}"
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}{seen}")
         time.sleep(poll)
 
 
@@ -275,7 +278,8 @@ class CoordinatorProcess:
         self._pump = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout or []), daemon=True)
         self._pump.start()
         try:
-            wait_until(lambda: any(" ready: region " in ln for ln in self.lines) or self.proc.poll() is not None, 120, "coordinator ready")
+            wait_until(lambda: any(" ready: region " in ln for ln in self.lines) or self.proc.poll() is not None, 120, "coordinator ready",
+                       detail=lambda: "".join(self.lines))
             assert self.proc.poll() is None, "".join(self.lines)
         except BaseException:
             self.close()

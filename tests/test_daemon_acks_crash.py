@@ -71,10 +71,11 @@ class Child:
         # 120 s, as tests.helpers.CoordinatorProcess: the start pretrains the digits model (init "1"), 7-8 CPU
         # seconds, 15-23 s here beside the suite's other worker and a busy loop; 60 s ran out in such a run
         try:
-            wait_until(lambda: "ready\n" in self.lines or self.proc.poll() is not None, 120, "the coordinator process")
-        except AssertionError as timed_out:
+            wait_until(lambda: "ready\n" in self.lines or self.proc.poll() is not None, 120, "the coordinator process",
+                       detail=lambda: "".join(self.lines))
+        except AssertionError:
             self.kill()
-            raise AssertionError(f"{timed_out}; it printed: {''.join(self.lines)!r}") from None
+            raise
         assert self.proc.poll() is None, "".join(self.lines)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:

@@ -243,10 +243,7 @@ def test_prometheus_scrapes_a_real_coordinator_and_sees_its_counters(prometheus_
                     return False
                 return prom.query('delta(edgeci_state_dir_free_bytes{job="edgeci-coordinator"}[1h]) < 0') != {}
 
-            try:
-                wait_until(quiet, 15, "no alert pending or firing")
-            except AssertionError as timed_out:
-                raise AssertionError(f"{timed_out}: {alerts}") from None
+            wait_until(quiet, 15, "no alert pending or firing", detail=lambda: alerts)
         finally:
             prom.stop()
 
