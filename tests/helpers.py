@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -263,27 +263,43 @@ def wait_steady(predicate: Callable[[], bool], timeout: float, what: str, gap: f
     wait_until(twice, timeout, what)
 
 
-class CoordinatorProcess:
-    """``edgeci coordinator ARGS`` as a child process, its output collected in ``lines``;
-    the constructor returns once it printed "ready" (or fails with its output)."""
+class ChildProcess:
+    """A Python child process of this checkout (``python ARGV``), its output collected in ``lines``;
+    the constructor returns once ``ready(lines)`` holds (or fails with its output, the child
+    stopped). 120 s: a coordinator's start pretrains the digits model (7-8 CPU seconds, 15-23 s
+    beside the suite's other worker and a busy loop)."""
 
-    def __init__(self, *args: str, env: Mapping[str, str] | None = None) -> None:
-        """``env``: the child's whole environment (default: ours, with this checkout on PYTHONPATH)."""
+    def __init__(self, argv: Sequence[str], ready: Callable[[list[str]], bool], what: str,
+                 env: Mapping[str, str] | None = None, timeout: float = 120.0, wait: bool = True) -> None:
+        """``env``: the child's whole environment (default: ours, with this checkout on PYTHONPATH);
+        ``wait=False``: return at once (:meth:`wait_ready` waits)."""
         root = Path(__file__).resolve().parents[1]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "demos.cli", "coordinator", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, cwd=root, env=dict(env) if env is not None else {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
+            [sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=root,
+            env=dict(env) if env is not None else {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
         )
         self.lines: list[str] = []
         self._pump = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout or []), daemon=True)
         self._pump.start()
+        self._ready, self._what, self._timeout = ready, what, timeout
+        if wait:
+            self.wait_ready()
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_ready(self) -> Self:
+        """Wait until it is ready; if it is not (it stopped, or the timeout), it is killed and the
+        failure has its output."""
         try:
-            wait_until(lambda: any(" ready: region " in ln for ln in self.lines) or self.proc.poll() is not None, 120, "coordinator ready",
-                       detail=lambda: "".join(self.lines))
-            assert self.proc.poll() is None, "".join(self.lines)
+            wait_until(lambda: self._ready(self.lines) or self.proc.poll() is not None, self._timeout, self._what,
+                       detail=lambda: self.output)
+            assert self.proc.poll() is None, self.output
         except BaseException:
-            self.close()
+            self.close(signal.SIGKILL)
             raise
+        return self
 
     @property
     def pid(self) -> int:
@@ -303,11 +319,20 @@ class CoordinatorProcess:
             self.proc.stdout.close()
         return int(self.proc.returncode)
 
-    def __enter__(self) -> CoordinatorProcess:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class CoordinatorProcess(ChildProcess):
+    """``edgeci coordinator ARGS`` as a child process (:class:`ChildProcess`), ready once it
+    printed its "ready" line."""
+
+    def __init__(self, *args: str, env: Mapping[str, str] | None = None, wait: bool = True) -> None:
+        super().__init__(["-m", "demos.cli", "coordinator", *args],
+                         lambda lines: any(" ready: region " in ln for ln in lines), "coordinator ready", env=env, wait=wait)
 
 
 def digits_scenario(*, duration_s: int, devices: int, arrival_rate_per_h: float, **extra: Any) -> dict[str, Any]:

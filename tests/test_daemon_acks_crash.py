@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests.daemon_rig import Net, Rig, report
-from tests.helpers import wait_until
+from tests.helpers import ChildProcess, wait_until
 from tests.secure_broker import SECURE_REGION, SecureBroker
 
 pytestmark = [pytest.mark.broker]
@@ -60,31 +60,12 @@ def child(url: str, root: str, bundle: str, init: str, hold: str) -> None:
     threading.Event().wait()
 
 
-class Child:
+class Child(ChildProcess):
+    """:func:`child` in a process of its own, ready once it printed "ready"."""
+
     def __init__(self, *args: str) -> None:
         code = "import sys; from tests.test_daemon_acks_crash import child; child(*sys.argv[1:])"
-        self.proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
-        self.lines: list[str] = []
-        self._pump = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout or []), daemon=True)
-        self._pump.start()
-        # 120 s, as tests.helpers.CoordinatorProcess: the start pretrains the digits model (init "1"), 7-8 CPU
-        # seconds, 15-23 s here beside the suite's other worker and a busy loop; 60 s ran out in such a run
-        try:
-            wait_until(lambda: "ready\n" in self.lines or self.proc.poll() is not None, 120, "the coordinator process",
-                       detail=lambda: "".join(self.lines))
-        except AssertionError:
-            self.kill()
-            raise
-        assert self.proc.poll() is None, "".join(self.lines)
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(30)
-        self._pump.join(10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        super().__init__(["-c", code, *args], lambda lines: "ready\n" in lines, "the coordinator process")
 
 
 def test_a_report_whose_coordinator_is_killed_before_its_record_reaches_the_next_one(secure_broker: SecureBroker,
@@ -98,7 +79,7 @@ def test_a_report_whose_coordinator_is_killed_before_its_record_reaches_the_next
             ask = rig.open_canary_round()
             rig.devices[0].send("update", report(ask))
             wait_until(lambda: "holding\n" in first.lines, 15, "the report in the first process's hands")  # type: ignore[union-attr]
-            first.kill()  # (the report was handled, its record not yet written)
+            first.close(signal.SIGKILL)  # (the report was handled, its record not yet written)
             assert rig.recorded_reports() == {}
             second = Child(secure_broker.url, str(tmp_path), bundle, "0", "")
             wait_until(lambda: rig.recorded_reports() != {}, 20, "the report, delivered to the next process")
@@ -107,7 +88,7 @@ def test_a_report_whose_coordinator_is_killed_before_its_record_reaches_the_next
         finally:
             for c in (first, second):
                 if c is not None:
-                    c.kill(signal.SIGTERM)
+                    c.close()
     assert recorded == {"dev0": [10, 0, 0, 0]}
 
 
@@ -138,7 +119,7 @@ def test_an_operator_command_whose_coordinator_is_killed_before_it_is_durable_ru
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
         wait_until(lambda: "holding\n" in first.lines or first.proc.poll() is not None, 30,  # type: ignore[union-attr]
                    "the command in the first process's hands")
-        first.kill()
+        first.close(signal.SIGKILL)
         before, _ = version_rows(state)
         assert [r for r in before if r.get("source") == "operator"] == ([] if hold == "commit" else before[-1:]), before
         second = Child(secure_broker.url, str(tmp_path), bundle, "0", "")
@@ -148,7 +129,7 @@ def test_an_operator_command_whose_coordinator_is_killed_before_it_is_durable_ru
     finally:
         for c in (first, second):
             if c is not None:
-                c.kill(signal.SIGTERM)
+                c.close()
         if cli is not None:  # (it ends once the first process's last will says it stopped)
             try:
                 said = cli.communicate(timeout=90)[0]

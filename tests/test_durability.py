@@ -14,9 +14,7 @@ import hashlib
 import itertools
 import json
 import os
-import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -41,7 +39,7 @@ from edge_sdk.tasks.base import Split, TrainConfig
 from edge_sdk.wire import topics
 from edge_sdk.wire.codec import decode, encode, parse_status_json
 from edge_sdk.wire.messages import Ack, ModelMsg, Update
-from tests.helpers import wait_steady, wait_until
+from tests.helpers import CoordinatorProcess, wait_steady, wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 REGION = "dur"
@@ -49,47 +47,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 
-class Coordinator:
-    """``python -m demos.cli coordinator ...`` as a child process, its output collected."""
+class Coordinator(CoordinatorProcess):
+    """``python -m demos.cli coordinator ...`` on ``state_dir`` as a child process (not waited for:
+    :meth:`wait_ready`), its output collected."""
 
     def __init__(self, url: str, state_dir: Path, *, k: int = 4, timeout: float = 1.5) -> None:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-        cmd = [
-            sys.executable, "-m", "demos.cli", "coordinator", "--broker", url, "--region", REGION,
-            "--state-dir", str(state_dir), "--model", "digits", "--k", str(k), "--timeout", str(timeout),
-            "--accept-unpulled-updates",  # (the tests' raw updates come without a pull)
-        ]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
-        self.lines: list[str] = []
-        self._pump = threading.Thread(target=self._read, daemon=True)
-        self._pump.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def wait_ready(self) -> Coordinator:
-        wait_until(lambda: any(" ready: region " in line for line in self.lines) or self.proc.poll() is not None, 120, "coordinator ready")
-        assert self.proc.poll() is None, self.output
-        return self
+        super().__init__("--broker", url, "--region", REGION, "--state-dir", str(state_dir), "--model", "digits",
+                         "--k", str(k), "--timeout", str(timeout),
+                         "--accept-unpulled-updates",  # (the tests' raw updates come without a pull)
+                         wait=False)
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._pump.join(10)
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
-        return int(self.proc.returncode)
+        return self.close()
 
 
 @contextmanager
