@@ -576,6 +576,9 @@ class CoordinatorDaemon:
             log.info("release gate on: candidates are scored on %d validation samples (%s), margin %.3f, rollback margin %.3f%s",
                      len(split), self.options.validation, self.options.gate_margin, self._rollback_margin(),
                      " (raised to the gate margin)" if self._rollback_margin() != self.options.rollback_margin else "")
+        elif self.options.canary <= 0:
+            log.info("release gate off: every new version is released to the devices untested "
+                     "(--validation FILE and/or --canary FRACTION test it before release)")
         if self.options.canary > 0:
             log.info("canary evaluation on: %.0f%% of recent devices (at least %d) score each candidate on %d new labels "
                      "(test-then-train), margin %.3f", 100 * self.options.canary, self.options.canary_min_reports,

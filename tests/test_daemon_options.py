@@ -154,3 +154,37 @@ def test_a_strategy_waiting_for_devices_says_so_at_start(tmp_path: Path, caplog:
         daemon.start()
         daemon.stop()
     assert "fedadam starts a round only once 20 devices wait with new data (select; --param select=N" in caplog.text
+
+
+@pytest.mark.parametrize("gate", ["none", "validation", "canary"])
+def test_a_coordinator_says_at_start_whether_it_tests_versions_before_release(tmp_path: Path, gate: str,
+                                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Without --validation or --canary every version is released untested: the start says so
+    (it said nothing), and says the gate is on when it is."""
+    import logging
+
+    from coordinator.validation import save_validation
+    from edge_sdk.modelio import save_model
+    from edge_sdk.tasks.base import Split
+    from tests.test_durability import FakeTransport
+
+    task = get_task("digits")
+    spec = task.spec
+    init = save_model(tmp_path / "v0.npz", spec, np.zeros(spec.size, np.float32))
+    changes: dict[str, Any] = {"init": init}
+    if gate == "validation":
+        test = task.data().test
+        save_validation(tmp_path / "val.npz", Split(x=test.x[:50], y=test.y[:50]))
+        changes["validation"] = tmp_path / "val.npz"
+    elif gate == "canary":
+        changes["canary"] = 0.2
+    daemon = CoordinatorDaemon(options(tmp_path, **changes), task=task)
+    daemon.transport = FakeTransport()  # type: ignore[assignment]
+    with caplog.at_level(logging.INFO, logger="edgeci"):
+        daemon.start()
+        daemon.stop()
+    said = {"none": "release gate off: every new version is released to the devices untested",
+            "validation": "release gate on: candidates are scored on 50 validation samples",
+            "canary": "canary evaluation on: 20% of recent devices"}
+    for name, line in said.items():
+        assert (line in caplog.text) == (name == gate), (name, caplog.text)
