@@ -151,6 +151,10 @@ def _frames(p: Path, arrays: dict[str, npt.NDArray[Any]], n_classes: int) -> Spl
     if counts.size and (counts.min() < 0 or counts.max() > MAX_BOXES):
         raise ConfigError(f"--validation {p}: box_counts must be 0 to {MAX_BOXES} boxes a frame")
     total = int(counts.sum(dtype=np.int64))
+    if len(x) and total == 0:  # (helper-182: every candidate was promoted, 0.0 not being worse than 0.0)
+        raise ConfigError(f"--validation {p}: its {len(x)} frames hold no boxes: mAP50 is taken over the classes "
+                          "boxed there, so every model would score 0 and the gate could not tell a candidate from the "
+                          "release; box the objects in them")
     if boxes.ndim != 2 or boxes.shape[1] != 5 or (boxes.size and boxes.dtype.kind not in "iuf") or len(boxes) != total:
         raise ConfigError(f"--validation {p}: boxes must be (M, 5) numbers (class_id, x1, y1, x2, y2) with M = "
                           f"box_counts' sum ({total}), got {boxes.dtype} {boxes.shape}")

@@ -840,11 +840,14 @@ def _settings(raw: Mapping[str, Any], source: str) -> Settings:
     part, order = settings.partition, settings.order
     if sample_kind_of(task) == "frame":  # a frame shows several classes: nothing may need one label per sample
         by_label = {f'[data] partition = "{part}"': part != "iid", f'[data] order = "{order}"': order == "by-class",
-                    "[attack] label_flip": attack.label_flip > 0, "[delay] devices": settings.delay.active}
+                    "[attack] label_flip": attack.label_flip > 0, "[delay] devices": settings.delay.active,
+                    # devices score each new label for a canary round; a frame's devices send no report (helper-182)
+                    "[coordinator] canary": settings.gate and settings.canary > 0}
         bad = [key for key, used in by_label.items() if used]
         if bad:
             raise ScenarioError(f"{source}: {bad[0]} needs one class label per sample, but task {task!r} has frames with boxes "
-                                '(use partition = "iid", order = "shuffled" or "given", no label flips or [delay])')
+                                '(use partition = "iid", order = "shuffled" or "given", no label flips, [delay] or canary '
+                                "evaluation: gate on validation_size)")
     return settings
 
 

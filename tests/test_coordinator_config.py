@@ -235,6 +235,26 @@ def test_failed_initialisation_leaves_the_state_dir_as_it_was(
     assert list((empty / "versions").iterdir())  # initialised from --init, then the broker was down: v0 is kept
 
 
+def test_canary_evaluation_of_a_detector_is_refused_at_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """helper-182: detection devices send no canary reports (a frame has no one label to score), so
+    `edgeci coordinator --model detection --canary F` held every candidate once --canary-deadline
+    (600 s) had passed and released nothing (measured over mosquitto: "gate: hold version 1 → release
+    0 {}"), after saying at start that devices would score each candidate. Refused now (exit 2)."""
+    frames_task = get_task("digits")
+    frames_task.sample_kind = "frame"  # type: ignore[attr-defined]  # a detector as the checks see it, without ultralytics
+    monkeypatch.setattr(coordinator_cli, "get_task", lambda name: frames_task)
+    state = tmp_path / "state"
+    rc, err = edgeci(["--broker", "mqtt://127.0.0.1:1", "--model", "detection", "--canary", "0.5", "--state-dir", str(state)],
+                     capsys)
+    assert rc == 2 and "--canary" in err and "send no canary reports" in err and "--validation" in err, err
+    assert not state.exists()
+    monkeypatch.undo()  # a classifier keeps its canary: this start goes on to the broker (down here)
+    rc, err = edgeci(["--broker", "mqtt://127.0.0.1:1", "--model", "digits", "--canary", "0.5", "--state-dir", str(state)],
+                     capsys)
+    assert rc == 1 and "cannot reach broker" in err, err
+
+
 def test_an_unreachable_broker_is_refused_before_the_state_dir_is_written(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], no_pretraining: None) -> None:
     """Operator trial: a mistyped --broker was found only after an empty state dir's pretraining

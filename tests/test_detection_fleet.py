@@ -96,6 +96,8 @@ def _raw(**changes: Any) -> dict[str, Any]:
     ({"data__order": "by-class"}, r'\[data\] order = "by-class"'),
     ({"attack__label_flip": 0.5}, r"\[attack\] label_flip"),
     ({"delay__devices": 1}, r"\[delay\] devices"),
+    # helper-182: detection devices send no canary reports, so every candidate waited out the round and was held
+    ({"coordinator__gate": True, "coordinator__canary": 0.5}, r"\[coordinator\] canary"),
 ])
 def test_a_frame_scenario_that_needs_class_labels_is_refused_when_loaded(change: dict[str, Any], key: str) -> None:
     with pytest.raises(ScenarioError, match=key + r".*'detection' has frames with boxes"):
