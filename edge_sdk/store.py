@@ -576,9 +576,14 @@ class SampleStore:
             raise InvalidSample(f"frame must be uint8, got {image.dtype}")
         if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] < 1 or image.shape[1] < 1:
             raise InvalidSample(f"frame must be HxWx3, got shape {image.shape}")
-        if image.nbytes > self._max_frame_bytes:
+        if image.nbytes > self._max_frame_bytes:  # (helper-182: named only max_frame_bytes, which EdgeClient does not take)
+            bound = ("1920x1080" if self._max_frame_bytes == DEFAULT_MAX_FRAME_BYTES
+                     else f"{self._max_frame_bytes // 3:,}-pixel")
             raise InvalidSample(
-                f"frame of {image.nbytes} bytes exceeds max_frame_bytes={self._max_frame_bytes}"
+                f"a {image.shape[1]}x{image.shape[0]} frame ({image.nbytes:,} bytes) is over the {bound} RGB frames "
+                f"this store takes (max_frame_bytes={self._max_frame_bytes}): downscale it and its boxes by the same "
+                "factor first (training and detect() letterbox every frame to the detector's input size, 96 px by "
+                "default, so nothing is lost)"
             )
         height, width = int(image.shape[0]), int(image.shape[1])
         box_bytes = self._check_boxes(() if boxes is None else boxes, width=width, height=height)

@@ -1278,7 +1278,7 @@ def test_quitting_after_a_refused_save_says_which_boxes_are_lost_and_snapshots_t
             app._dispatch(Key(code=ord("q")))  # refused again
         assert client.store.count("frame") == 0 and not app.running
         said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-        assert said[-1].startswith("quitting: 2 box(es) of the paused frame were not saved (frame of "), said
+        assert said[-1].startswith(f"quitting: 2 box(es) of the paused frame were not saved (a {side}x{side} frame "), said
         assert said[-1].endswith("boxes=[[1, 5, 5, 31, 31], [0, 50, 50, 101, 81]]; a snapshot of the window shows them")
         [png] = (tmp_path / "device" / "snapshots").iterdir()
         assert f"snapshot {png}" in capsys.readouterr().out

@@ -517,6 +517,21 @@ def test_a_frame_with_boxes_none_has_no_boxes(tmp_path: Path) -> None:
         assert stored is not None and stored.boxes.shape == (0, 5)
 
 
+def test_a_frame_over_the_stores_bound_says_to_downscale_it(tmp_path: Path) -> None:
+    """helper-182: a phone's 4K frame was refused as "exceeds max_frame_bytes=6220800", a parameter
+    the app cannot set through EdgeClient; the error now gives the frame's size, the bound in pixels
+    and what to do. Nothing is stored or counted."""
+    c = unstarted_client(tmp_path, task="detection", min_samples=10**6)
+    try:
+        with pytest.raises(InvalidSample, match=r"3840x2160 frame .* over the 1920x1080 .*downscale it and its boxes"):
+            c.add_frame(np.zeros((2160, 3840, 3), np.uint8), [[0, 10, 10, 100, 100]])
+        assert c.store.stats().added == 0 and c.submitted == []
+        c.add_frame(np.zeros((1080, 1920, 3), np.uint8), [[0, 5, 5, 50, 50]])  # 1080p: taken
+        assert c.store.stats().added == 1
+    finally:
+        close_unstarted(c)
+
+
 def test_a_key_pin_that_does_not_match_its_id_is_ignored_not_fatal(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A damaged pins row (key id and key bytes disagree) made EdgeClient() raise ConfigError at
     every start: the device could not start until someone edited its store. It is dropped with an
