@@ -101,8 +101,16 @@ def load_validation(path: str | Path, task: Task) -> Split:
     with loaded as data:
         missing = [name for name in names if name not in data.files]
         if missing:
-            hint = (" (its y, one object array of per-frame boxes, could only be read with pickle: write the set with "
-                    "coordinator.validation.save_validation)" if frames and "y" in data.files else "")
+            hint = ""
+            if frames and "y" in data.files:
+                try:
+                    y = data["y"]
+                except (OSError, ValueError, EOFError):  # an object array: pickle refused
+                    hint = (" (its y, one object array of per-frame boxes, could only be read with pickle: write the set "
+                            "with coordinator.validation.save_validation)")
+                else:  # (helper-182: a classifier's file was said to need pickle)
+                    hint = (f" (its y is {y.dtype} {y.shape}: one class label per sample, a classifier's validation set; "
+                            "a detector's holds frames with their boxes)")
             raise ConfigError(f"--validation {p}: need {need}; it has no {', '.join(missing)} "
                               f"(arrays: {', '.join(data.files) or 'none'}){hint}")
         try:

@@ -120,6 +120,16 @@ def test_a_pickled_object_array_is_refused_and_never_unpickled(tmp_path: Path) -
     assert not marker.exists()
 
 
+def test_a_classifier_s_file_given_to_a_detector_is_named_as_one(tmp_path: Path) -> None:
+    """helper-182: a digits or gestures validation file (x, integer y) given to `--model detection`
+    was said to hold 'one object array of per-frame boxes' that 'could only be read with pickle'."""
+    np.savez(tmp_path / "digits.npz", x=np.zeros((3, 1, 8, 8), np.float32), y=np.array([0, 1, 2]))
+    with pytest.raises(ConfigError) as err:
+        load_validation(tmp_path / "digits.npz", FrameTask())  # type: ignore[arg-type]
+    assert "it has no boxes, box_counts" in str(err.value) and "pickle" not in str(err.value), err.value
+    assert "its y is int64 (3,): one class label per sample, a classifier's validation set" in str(err.value), err.value
+
+
 def write(path: Path, **arrays: Any) -> Path:
     np.savez(path, **{name: np.asarray(value) for name, value in arrays.items()})
     return path
