@@ -120,6 +120,18 @@ class CanaryConfig:
         return self.deadline_s - min(0.1 * self.deadline_s, 60.0)
 
 
+def check_canary_task(task: Any, fraction: float) -> None:
+    """ConfigError when canary evaluation (``fraction`` > 0) is asked of a task whose devices send
+    no reports: frames with boxes have no one label to score (``EdgeClient`` skips the request), so
+    every candidate waited out ``--canary-deadline`` and was held (helper-182, over mosquitto)."""
+    from edge_sdk.tasks.registry import sample_kind_of
+
+    if fraction > 0 and sample_kind_of(task) == "frame":
+        raise ConfigError(f"--canary {fraction:g}: {getattr(task, 'name', task)}'s devices send no canary reports (a frame "
+                          "with boxes has no one label to score), so every candidate would wait --canary-deadline and then "
+                          "be held; gate a detector with --validation (mAP50 on the operator's frames) instead")
+
+
 def draw(device: str, version: int) -> float:
     """The device's deterministic draw in [0, 1) for candidate ``version``."""
     digest = hashlib.sha256(f"edgeci-canary/{version}/{device}".encode()).digest()

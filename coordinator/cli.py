@@ -40,7 +40,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from coordinator.canary import CanaryConfig
+from coordinator.canary import CanaryConfig, check_canary_task
 from coordinator.config import (
     ENV_PREFIX,
     Layered,
@@ -78,7 +78,6 @@ from edge_sdk.mqtt import (
 from edge_sdk.runtime import iso_utc_ms
 from edge_sdk.tasks import get_task
 from edge_sdk.tasks.base import HINT_BOUNDS
-from edge_sdk.tasks.registry import sample_kind_of
 from edge_sdk.wire import topics
 from edge_sdk.wire.messages import MAX_CANARY_SAMPLES
 from edge_sdk.wire.topics import check_id
@@ -552,10 +551,7 @@ def check_before_start(options: CoordinatorOptions, layered: Layered) -> None:
             inversion_config(**dict(options.inversion_params))
         _check_gate(options, layered)
         canary_config(options)  # (--canary 2 was refused only once connected, with exit 1: restarted for good)
-        if options.canary > 0 and sample_kind_of(task) == "frame":  # (helper-182: every candidate was held)
-            raise ConfigError(f"--canary {options.canary:g}: {task.name}'s devices send no canary reports (a frame with "
-                              "boxes has no one label to score), so every candidate would wait --canary-deadline and then "
-                              "be held; gate a detector with --validation (mAP50 on the operator's frames) instead")
+        check_canary_task(task, options.canary)
     check_coordinator_bundle(options)
     if options.operator_keys_dir is not None and not Path(options.operator_keys_dir).is_dir():
         # (a mistyped folder started a coordinator that obeyed no operator, without a word)

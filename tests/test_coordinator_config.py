@@ -255,6 +255,21 @@ def test_canary_evaluation_of_a_detector_is_refused_at_start(tmp_path: Path, mon
     assert rc == 1 and "cannot reach broker" in err, err
 
 
+@pytest.mark.xfail(strict=True, reason="helper-182: CoordinatorDaemon does not call check_canary_task yet; "
+                   "PROPOSED-daemon-canary-frames.diff (daemon.py is not ours to edit)")
+def test_a_daemon_built_in_code_refuses_canary_evaluation_of_a_detector(tmp_path: Path) -> None:
+    """The same refusal for a coordinator built in code (``CoordinatorDaemon``), before the state dir is written."""
+    from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
+
+    frames_task = get_task("digits")
+    frames_task.sample_kind = "frame"  # type: ignore[attr-defined]
+    state = tmp_path / "state"
+    with pytest.raises(ConfigError, match="send no canary reports"):
+        CoordinatorDaemon(CoordinatorOptions(broker="mqtt://127.0.0.1:1", region="r", state_dir=state, canary=0.5),
+                          task=frames_task)
+    assert not state.exists()
+
+
 def test_an_unreachable_broker_is_refused_before_the_state_dir_is_written(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], no_pretraining: None) -> None:
     """Operator trial: a mistyped --broker was found only after an empty state dir's pretraining
