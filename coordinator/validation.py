@@ -178,6 +178,12 @@ def _frames(p: Path, arrays: dict[str, npt.NDArray[Any]], n_classes: int) -> Spl
         frame = int(np.searchsorted(np.cumsum(counts), bad[0], side="right"))
         raise ConfigError(f"--validation {p}: frame {frame} has an empty box or one outside its {width}x{height} pixels "
                           "(need 0 <= x1 < x2 <= W and 0 <= y1 < y2 <= H)")
+    small = np.flatnonzero((x2.astype(np.float64) - x1 < 1) | (y2.astype(np.float64) - y1 < 1))
+    if small.size:  # (helper-182: evaluation drops such boxes; normalised corners left no object to score)
+        i = int(small[0])
+        frame = int(np.searchsorted(np.cumsum(counts), i, side="right"))
+        raise ConfigError(f"--validation {p}: frame {frame} has a box under one pixel ({x2[i] - x1[i]:.3g}x{y2[i] - y1[i]:.3g}): "
+                          "boxes are in the frame's pixels, not normalised to [0, 1]")
     y = np.empty(len(x), dtype=object)
     for i, frame_boxes in enumerate(np.split(boxes, np.cumsum(counts)[:-1]) if len(x) else []):
         y[i] = frame_boxes

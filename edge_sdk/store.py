@@ -567,7 +567,8 @@ class SampleStore:
 
         ``boxes`` is ``(N, 5)`` array-like (``()`` or ``None`` for none); class ids are integers
         (integral floats pass), below ``n_classes`` when set; corners satisfy ``0 <= x1 < x2 <= W``
-        and ``0 <= y1 < y2 <= H``, checked after conversion to the stored float32.
+        and ``0 <= y1 < y2 <= H``, with ``x2 - x1`` and ``y2 - y1`` at least one pixel (normalised
+        corners are refused), checked after conversion to the stored float32.
         """
         ts = self._timestamp(timestamp)
         if not isinstance(image, np.ndarray) or isinstance(image, np.ma.MaskedArray):
@@ -1054,10 +1055,21 @@ class SampleStore:
         if not np.isfinite(coords).all():
             raise InvalidSample("box coordinates must be finite")
         x1, y1, x2, y2 = coords.T
-        if (x2 <= x1).any() or (y2 <= y1).any():
-            raise InvalidSample("degenerate box: need x1 < x2 and y1 < y2")
+        bad = np.flatnonzero((x2 <= x1) | (y2 <= y1))
+        if bad.size:
+            raise InvalidSample(f"degenerate box {bad[0]}: need x1 < x2 and y1 < y2 (rows are class_id, x1, y1, x2, y2 "
+                                "corners in the frame's pixels, not YOLO's normalised cx, cy, w, h)")
         if (x1 < 0).any() or (y1 < 0).any() or (x2 > width).any() or (y2 > height).any():
             raise InvalidSample(f"box outside the {width}x{height} frame")
+        # (helper-182) Under a pixel is no object: normalised corners, which training dropped, the frame then
+        # trained on as background. (Subtracted in float64: float32 could round a 1-pixel box below 1.)
+        w, h = x2.astype(np.float64) - x1, y2.astype(np.float64) - y1
+        small = np.flatnonzero((w < 1) | (h < 1))
+        if small.size:
+            i = int(small[0])
+            raise InvalidSample(f"box {i} is {w[i]:.3g}x{h[i]:.3g} pixels: a box is at least one pixel wide and high, in "
+                                f"the {width}x{height} frame's pixels, not normalised to [0, 1] (multiply x by the "
+                                "width and y by the height)")
         out = np.empty((arr.shape[0], 5), dtype="<f4")
         out[:, 0] = classes
         out[:, 1:] = coords

@@ -532,6 +532,27 @@ def test_a_frame_over_the_stores_bound_says_to_downscale_it(tmp_path: Path) -> N
         close_unstarted(c)
 
 
+def test_box_corners_given_normalised_or_as_yolo_rows_are_refused_saying_so(tmp_path: Path) -> None:
+    """helper-182: corners normalised to [0, 1] (as many labelling tools write them) were stored and
+    counted towards D_min, and training dropped every such box as under one pixel: the frame was
+    trained on as background, teaching the detector that its objects are not there. A box under one
+    pixel is refused now, and a YOLO row (cx, cy, w, h) that makes a degenerate box says what rows are."""
+    c = unstarted_client(tmp_path, task="detection", min_samples=10**6)
+    frame = np.zeros((64, 64, 3), np.uint8)
+    try:
+        with pytest.raises(InvalidSample, match=r"box 0 is 0\.3x0\.3 pixels: .*in the 64x64 frame's pixels, not normalised"):
+            c.add_frame(frame, [[1, 0.2, 0.3, 0.5, 0.6]])
+        with pytest.raises(InvalidSample, match=r"box 1 is 0\.5x20 pixels"):
+            c.add_frame(frame, [[1, 2, 3, 40, 50], [0, 10, 10, 10.5, 30]])
+        with pytest.raises(InvalidSample, match=r"degenerate box 0: .*x1, y1, x2, y2 corners.*not YOLO's normalised cx, cy, w, h"):
+            c.add_frame(frame, [[0, 0.5, 0.5, 0.2, 0.3]])
+        assert c.store.stats().added == 0 and c.submitted == []
+        c.add_frame(frame, [[1, 3, 3, 4, 4], [0, 0, 0, 64, 64]])  # one pixel is an object; so is the whole frame
+        assert c.store.stats().added == 1
+    finally:
+        close_unstarted(c)
+
+
 def test_a_key_pin_that_does_not_match_its_id_is_ignored_not_fatal(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A damaged pins row (key id and key bytes disagree) made EdgeClient() raise ConfigError at
     every start: the device could not start until someone edited its store. It is dropped with an

@@ -158,6 +158,8 @@ BOX = [1, 2, 3, 10, 12]
     ({"x": X2[:0], "boxes": np.zeros((0, 5), np.float32), "box_counts": np.zeros(0, np.int64)}, "holds no samples"),
     # helper-182: frames without one box scored mAP50 0.0 for every model, so the gate promoted every candidate
     ({"x": X2, "boxes": np.zeros((0, 5), np.float32), "box_counts": [0, 0]}, "its 2 frames hold no boxes"),
+    ({"x": X2, "boxes": [BOX, [1, 0.1, 0.2, 0.4, 0.5]], "box_counts": [1, 1]},  # normalised corners (helper-182)
+     "frame 1 has a box under one pixel (0.3x0.3): boxes are in the frame's pixels, not normalised to [0, 1]"),
 ])
 def test_a_bad_frames_file_is_one_clear_error(tmp_path: Path, arrays: dict[str, Any], needle: str) -> None:
     with pytest.raises(ConfigError) as err:
