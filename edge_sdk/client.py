@@ -448,6 +448,7 @@ class EdgeClient:
         """(version, OnnxDetector) serving ``detect``; exported on the first call per version."""
         self._export_lock = threading.Lock()
         self._scratch_dir: Path | None = None
+        self._small_box_said = False  # add_frame's warning about boxes training drops: once
         self._model_path = self.data_dir / "deployed.npz" if self.data_dir is not None and self.durable else None
         self._lock = threading.Lock()
         self._deployed_region: str | None = None
@@ -636,8 +637,31 @@ class EdgeClient:
         if self.sample_kind != "frame":
             raise LocalProtocolError(f"add_frame is for detection devices; this {self.task.name} device takes add_sample")
         sample_id = self.store.add_frame(image, boxes, timestamp=timestamp)
+        if not self._small_box_said:
+            self._say_small_boxes(image, boxes)
         self._sample_added()
         return sample_id
+
+    def _say_small_boxes(self, image: npt.NDArray[np.uint8], boxes: npt.ArrayLike | None) -> None:
+        """Warn (once) of a stored box under one pixel at the detector's input size: training
+        letterboxes the frame to it and drops such a box (helper-182: a 15x15 object in a 1080p
+        frame was never trained on, without a word)."""
+        imgsz = getattr(getattr(self.task, "config", None), "imgsz", None)
+        rows = np.asarray(() if boxes is None else boxes, dtype=np.float64).reshape(-1, 5)
+        if not isinstance(imgsz, int) or not len(rows):
+            return
+        height, width = image.shape[:2]
+        scale = min(imgsz / height, imgsz / width)
+        sides = np.minimum(rows[:, 3] - rows[:, 1], rows[:, 4] - rows[:, 2]) * scale
+        small = np.flatnonzero(sides < 1)
+        if small.size:
+            i = int(small[0])
+            self._small_box_said = True
+            log.warning("device %s: box %d (%gx%g pixels of a %dx%d frame) is under one pixel at the detector's %d-pixel "
+                        "input, so training drops it (the frame still trains, as background there): objects under %.3g "
+                        "pixels in such frames are not learnt; crop the frame around them to label them (said once)",
+                        self.core.config.device_id, i, rows[i, 3] - rows[i, 1], rows[i, 4] - rows[i, 2], width, height,
+                        imgsz, 1 / scale)
 
     @property
     def ready(self) -> bool:

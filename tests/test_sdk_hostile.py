@@ -553,6 +553,31 @@ def test_box_corners_given_normalised_or_as_yolo_rows_are_refused_saying_so(tmp_
         close_unstarted(c)
 
 
+def test_a_box_too_small_to_survive_the_detector_s_input_size_is_stored_with_a_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """helper-182: training letterboxes a frame to the detector's input (96 px) and drops a box under
+    one pixel there, so a 15x15 object boxed in a 1080p frame was never trained on, without a word
+    (the frame teaches that it is background). The frame is stored as before; the app is told once."""
+    import logging
+
+    c = unstarted_client(tmp_path, task="detection", min_samples=10**6)
+    imgsz = getattr(getattr(c.task, "config", None), "imgsz", None)
+    if imgsz is None:
+        pytest.skip("a [device] install's declared detector has no input size")
+    try:
+        with caplog.at_level(logging.WARNING, logger="edgeci.device"):
+            c.add_frame(np.zeros((64, 64, 3), np.uint8), [[0, 5, 5, 15, 15]])  # small frames are enlarged: kept
+            assert not caplog.records
+            c.add_frame(np.zeros((1080, 1920, 3), np.uint8), [[1, 100, 100, 400, 300], [0, 900, 500, 915, 515]])
+            c.add_frame(np.zeros((1080, 1920, 3), np.uint8), [[0, 900, 500, 915, 515]])
+        said = [r.getMessage() for r in caplog.records]
+        assert len(said) == 1 and "box 1 (15x15 pixels of a 1920x1080 frame) is under one pixel at the detector's " \
+            f"{imgsz}-pixel input" in said[0], said
+        assert c.store.stats().added == 3
+    finally:
+        close_unstarted(c)
+
+
 def test_a_key_pin_that_does_not_match_its_id_is_ignored_not_fatal(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A damaged pins row (key id and key bytes disagree) made EdgeClient() raise ConfigError at
     every start: the device could not start until someone edited its store. It is dropped with an
