@@ -1340,8 +1340,10 @@ def test_a_gesture_bundle_gives_the_gesture_client_its_own_connection(
         # each a "connection" event that is no drop)
         wait_until(lambda: detect.connected and gesture.connected, 30, "both clients connected")
         drops: list[str] = []
-        backend.detect.on("connection", lambda kind, info: drops.append(f"detect {info}"))
-        backend.gesture.on("connection", lambda kind, info: drops.append(f"gesture {info}"))
+        # only the drops: the "connection" event of the connect already seen may still be on its way
+        # (helper-182: 1 run in 3 under load failed on "gesture {'connected': True, ...}")
+        backend.detect.on("connection", lambda kind, info: info["connected"] or drops.append(f"detect {info}"))
+        backend.gesture.on("connection", lambda kind, info: info["connected"] or drops.append(f"gesture {info}"))
         time.sleep(3.0)  # one identity for both: each was closed by the other's reconnect every second
         assert backend.detect.connected and backend.gesture.connected and drops == [], drops
     finally:
