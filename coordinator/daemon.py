@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coordinator.canary import CanaryConfig
+from coordinator.canary import CanaryConfig, check_canary_task
 from coordinator.conversion import ConversionConfig
 from coordinator.conversion_worker import ConversionWorker, Converter
 from coordinator.core import (
@@ -530,6 +530,7 @@ class CoordinatorDaemon:
         options = self.options
         check_keepalive(options.keepalive_s, "--keepalive")
         canary_config(options)
+        check_canary_task(self.task, options.canary)  # a detector's devices send no reports: every candidate was held
         make_method(options.strategy, peering=options.peering, coordinator_id=self.coordinator_id,
                     ring=options.peers or (self.coordinator_id,),
                     strategy_params=daemon_strategy_params(options.strategy, options.strategy_params),

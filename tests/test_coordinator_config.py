@@ -255,8 +255,6 @@ def test_canary_evaluation_of_a_detector_is_refused_at_start(tmp_path: Path, mon
     assert rc == 1 and "cannot reach broker" in err, err
 
 
-@pytest.mark.xfail(strict=True, reason="helper-182: CoordinatorDaemon does not call check_canary_task yet; "
-                   "PROPOSED-daemon-canary-frames.diff (daemon.py is not ours to edit)")
 def test_a_daemon_built_in_code_refuses_canary_evaluation_of_a_detector(tmp_path: Path) -> None:
     """The same refusal for a coordinator built in code (``CoordinatorDaemon``), before the state dir is written."""
     from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
