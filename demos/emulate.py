@@ -41,6 +41,7 @@ from coordinator.config import bounded
 from devices.report import (
     DATA_ENV,
     TORCHVISION_DATASETS,
+    MissingDataset,
     format_table,
     json_default,
     load_runs,
@@ -56,7 +57,14 @@ from devices.report import (
     write_text_atomic,
     writing_outputs,
 )
-from devices.scenario import RunSpec, Scenario, ScenarioError, load_scenario, read_toml
+from devices.scenario import (
+    RunSpec,
+    Scenario,
+    ScenarioError,
+    check_task_fits,
+    load_scenario,
+    read_toml,
+)
 from devices.simulator import TRANSPORTS, RunResult, run_spec
 from edge_sdk.errors import BadOption, ConfigError
 from edge_sdk.tasks.base import Task
@@ -126,7 +134,9 @@ def run(args: argparse.Namespace) -> int:
         except ScenarioError:
             raise
         except ConfigError as exc:  # say which file (the key is in the message: task, task_options)
-            raise ScenarioError(f"{args.scenario}: {exc}") from None
+            raise (MissingDataset if isinstance(exc, MissingDataset) else ScenarioError)(f"{args.scenario}: {exc}") from None
+        for spec in scenario.runs:  # (what a run asks of its task's classes: not when that run starts)
+            check_task_fits(spec.settings, tasks[_task_key(spec)], f"{args.scenario}: run {spec.label!r}")
         from edge_sdk.trainer import configure_threads
 
         configure_threads(args.threads)

@@ -68,6 +68,13 @@ MultiRegionRun = Simulation.regional
 run_method = run_regional
 
 
+class NoStoredRuns(ScenarioError):
+    """``--report-only`` (``edgeci emulate --replot``) found no runs to report: what is on disk is
+    missing, not the scenario wrong, so the CLI exits 1 (as a one-region ``--replot``), not 2."""
+
+    exit_code = 1
+
+
 def load_multiregion(path: str | Path, *, quick: bool = False, overrides: Mapping[str, Any] | None = None) -> Scenario:
     """A regional scenario file (``[quick]`` applied with ``quick=True``, then ``overrides``:
     dotted keys such as ``seeds`` or ``duration_s``)."""
@@ -193,7 +200,7 @@ class Sweep:
 
         found = load_region_runs(self.out / "runs", self.scenario)
         if not found:
-            raise ScenarioError(f"--report-only: {self.out / 'runs'} holds no run of this scenario's methods, sizes and seeds; "
+            raise NoStoredRuns(f"--report-only: {self.out / 'runs'} holds no run of this scenario's methods, sizes and seeds; "
                                 "run without it first")
         return found
 

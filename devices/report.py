@@ -101,6 +101,11 @@ def seeds_arg(text: str) -> str:
     return text
 
 
+class MissingDataset(ConfigError):
+    """A task's dataset is not on this machine (edgeci never downloads one): the scenario is right,
+    the files are missing, so the CLI exits 1, not 2 as for a mistake in the scenario."""
+
+
 def load_task(name: str, options: Mapping[str, Any] | None = None) -> Task:
     """The task for a scenario (``options``: its ``task_options``, keyword arguments of the
     task). Torchvision datasets are used only if their files are already on disk (under
@@ -133,7 +138,7 @@ def load_task(name: str, options: Mapping[str, Any] | None = None) -> Task:
         root = Path(os.environ.get(DATA_ENV, Path.home() / ".cache" / "edgeci" / "data"))
         found = [root / f for f in files if (root / f).exists()]
         if not found:
-            raise ConfigError(
+            raise MissingDataset(
                 f"task {name!r} needs the {title} files of torchvision under {root} "
                 f"(e.g. {root / files[0]}); none found. edgeci never downloads datasets: "
                 f"copy them there (or set ${DATA_ENV}) — or use task = \"digits\", which ships with scikit-learn."

@@ -160,7 +160,7 @@ from devices.profiles import (
 )
 from devices.stragglers import DelayPlan
 from edge_sdk.errors import ConfigError
-from edge_sdk.tasks.base import TrainConfig
+from edge_sdk.tasks.base import Task, TrainConfig
 from edge_sdk.tasks.registry import default_train_config, sample_kind_of
 from edge_sdk.wire import topics
 
@@ -176,6 +176,7 @@ __all__ = [
     "ScenarioError",
     "Settings",
     "Topology",
+    "check_task_fits",
     "gate_config",
     "holdout",
     "load_scenario",
@@ -187,7 +188,11 @@ __all__ = [
 
 
 class ScenarioError(ConfigError):
-    """A scenario file is missing, unreadable or has an invalid value (message says where)."""
+    """A scenario file is missing, unreadable or has an invalid value (message says where).
+    The CLI exits with :attr:`exit_code`, 2 as for an option wrong on its face (argparse's usage
+    error, and ``python -m devices.multiregion``'s): running it again fails the same way."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -395,10 +400,9 @@ def parse_cost(raw: Any, n_regions: int, where: str) -> CostModel:
     k = len(names)
 
     def numbers(value: Any, what: str, lo_open: bool) -> tuple[float, ...]:
-        try:
-            out = tuple(float(x) for x in value)
-        except (TypeError, ValueError):
-            raise ScenarioError(f"{where}: {what} must be numbers") from None
+        if not isinstance(value, list) or not all(_is_number(x) for x in value):  # (not "2", nor true)
+            raise ScenarioError(f"{where}: {what} must be numbers, got {value!r}")
+        out = tuple(float(x) for x in value)
         if not all(math.isfinite(x) and (x > 0 if lo_open else x >= 0) for x in out):
             raise ScenarioError(f"{where}: {what} must be finite and {'> 0' if lo_open else '>= 0'}")
         return out
@@ -547,6 +551,10 @@ _TOP = {"name", "description", "task", "duration_s", "eval_every_s", "target_acc
         "task_options", "delay", "inversion",
         "reference", "multiregion", "methods"}
 _RUN_KEYS = {"strategy", "label", "params", "overrides"}
+_SCENARIO_WIDE = {"seeds", "name", "description", "reference", "multiregion", "methods"}
+"""Top-level keys a ``[[runs]]`` line's overrides may not change: the scenario's, not a run's."""
+_BOTH_KINDS = ("{source}: has both [[runs]] and [[methods]] / [multiregion]: a one-region scenario has [[runs]], a regional one "
+               "[multiregion] and [[methods]] (the other tables would be ignored)")
 
 
 def parse_scenario(raw: Mapping[str, Any], *, source: str = "<string>") -> Scenario:
@@ -564,7 +572,7 @@ def parse_scenario(raw: Mapping[str, Any], *, source: str = "<string>") -> Scena
         where = f"{source}: [[runs]] #{i + 1}"
         if not isinstance(run, dict):
             raise ScenarioError(f"{where}: must be a table")
-        _check_keys(run, _RUN_KEYS, where, "[[runs]]")
+        _check_keys(run, _RUN_KEYS, source, f"[[runs]] #{i + 1}")
         strategy = run.get("strategy")
         if not isinstance(strategy, str):
             raise ScenarioError(f"{where}: strategy must be one of {', '.join(strategy_names())}")
@@ -584,6 +592,11 @@ def parse_scenario(raw: Mapping[str, Any], *, source: str = "<string>") -> Scena
         overrides = run.get("overrides", {})
         if not isinstance(overrides, dict):
             raise ScenarioError(f"{where}: overrides must be a table of dotted keys")
+        for dotted in overrides:
+            if dotted.split(".")[0] in _SCENARIO_WIDE:  # (the run would have run with the scenario's)
+                raise ScenarioError(f"{where}: overrides: {dotted!r} is the scenario's, not a run's: every run has the scenario's "
+                                    f"{', '.join(sorted(_SCENARIO_WIDE))} (a run overrides its settings: task, duration_s, "
+                                    "[fleet], [data], [training], …)")
         run_settings = settings
         if overrides:
             patched = _apply_overrides(raw, overrides, f"{where}: overrides")
@@ -594,16 +607,24 @@ def parse_scenario(raw: Mapping[str, Any], *, source: str = "<string>") -> Scena
     description = raw.get("description", "")
     if not isinstance(name, str) or not isinstance(description, str):
         raise ScenarioError(f"{source}: name and description must be strings")
-    if "quick" in raw:
-        if not isinstance(raw["quick"], dict):
-            raise ScenarioError(f"{source}: [quick] must be a table of dotted keys")
-        quick_raw = _apply_overrides(raw, raw["quick"], f"{source}: [quick]")
-        parse_settings(quick_raw, source=f"{source}: [quick]")  # checked whether or not --quick is asked for
+    _check_quick(raw, source)
     reference = raw.get("reference", "")
     if not isinstance(reference, str) or (reference and reference not in labels):
         raise ScenarioError(f"{source}: reference must be one of the run labels ({', '.join(sorted(labels))}), got {reference!r}")
     return Scenario(name=name, description=description, settings=settings, runs=tuple(runs), raw=copy.deepcopy(dict(raw)), source=source,
                     reference=reference)
+
+
+def _check_quick(raw: Mapping[str, Any], source: str, *, regional: bool = False) -> None:
+    """``[quick]``, checked whether or not --quick is asked for: its settings (the runs' own
+    overrides were checked on the full form), or a regional scenario's whole quick form."""
+    if "quick" in raw:
+        if not isinstance(raw["quick"], dict):
+            raise ScenarioError(f"{source}: [quick] must be a table of dotted keys")
+        if regional:
+            parse_scenario(with_quick(raw, source=source), source=f"{source}: [quick]")
+        else:
+            parse_settings(_apply_overrides(raw, raw["quick"], f"{source}: [quick]"), source=f"{source}: [quick]")
 
 
 _MR_KEYS = {"regions", "latency_ms", "bandwidth_mbps", "device_counts", "single_server_region", "train_delay_s", "stop_at_target", "cost"}
@@ -616,60 +637,97 @@ def _parse_regional(raw: Mapping[str, Any], settings: Settings, source: str) -> 
     mr = raw.get("multiregion", {})
     if not isinstance(mr, dict):
         raise ScenarioError(f"{source}: [multiregion] must be a table")
-    unknown = set(mr) - _MR_KEYS
-    if unknown:
-        raise ScenarioError(f"{source}: [multiregion]: unknown keys {sorted(unknown)}; allowed: {sorted(_MR_KEYS)}")
+    if "runs" in raw:
+        raise ScenarioError(_BOTH_KINDS.format(source=source))
+    if "reference" in raw:
+        raise ScenarioError(f"{source}: reference is for [[runs]] scenarios (the release report); a regional scenario has none")
+    _check_keys(mr, _MR_KEYS, source, "[multiregion]")
+    where = f"{source}: [multiregion]"
+    regions = mr.get("regions", list(PAPER_REGIONS))
+    if not isinstance(regions, list) or not regions or not all(isinstance(r, str) for r in regions):
+        raise ScenarioError(f"{where}: regions must be a non-empty list of region names, got {regions!r}")
+    latency_raw = mr.get("latency_ms", [list(row) for row in PAPER_LATENCY_MS])
+    n = len(regions)
+    if (not isinstance(latency_raw, list) or len(latency_raw) != n
+            or not all(isinstance(row, list) and len(row) == n and all(_is_number(x) for x in row) for row in latency_raw)):
+        raise ScenarioError(f"{where}: latency_ms must be a {n}×{n} matrix of numbers (one row per region), got {latency_raw!r}")
+    bandwidth = _num(mr, "bandwidth_mbps", 100.0, where, lo=0, lo_open=True)
     try:
-        regions = tuple(mr.get("regions", PAPER_REGIONS))
-        latency = tuple(tuple(float(x) for x in row) for row in mr.get("latency_ms", PAPER_LATENCY_MS))
-        topology = Topology(regions=regions, latency_ms=latency, bandwidth_mbps=float(mr.get("bandwidth_mbps", 100.0)))
-    except (ConfigError, TypeError, ValueError) as exc:
-        raise ScenarioError(f"{source}: [multiregion]: {exc}") from None
-    counts = tuple(int(n) for n in mr.get("device_counts", [settings.devices]))
-    if not counts or any(n < len(regions) for n in counts):
-        raise ScenarioError(f"{source}: device_counts must each be >= the number of regions")
-    server = str(mr.get("single_server_region", regions[-1]))
-    if server not in regions:
-        raise ScenarioError(f"{source}: single_server_region {server!r} is not one of {list(regions)}")
+        topology = Topology(regions=tuple(regions), latency_ms=tuple(tuple(float(x) for x in row) for row in latency_raw),
+                            bandwidth_mbps=bandwidth)
+    except ConfigError as exc:
+        raise ScenarioError(f"{where}: {exc}") from None
+    counts = mr.get("device_counts", [settings.devices])
+    if not isinstance(counts, list) or not counts or not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
+        raise ScenarioError(f"{where}: device_counts must be a list of fleet sizes (integers), got {counts!r}")
+    if any(c < n for c in counts):
+        raise ScenarioError(f"{where}: device_counts must each be >= the number of regions ({n}), got {counts}")
+    if repeated := sorted({c for c in counts if counts.count(c) > 1}):
+        raise ScenarioError(f"{where}: device_counts: {', '.join(map(str, repeated))} given more than once")
+    server = _choice(mr, "single_server_region", regions[-1], where, options=regions)
     delay = mr.get("train_delay_s", {"mean": 0.15, "sd": 0.0075})
-    if not isinstance(delay, dict) or not float(delay.get("mean", 0)) > 0 or float(delay.get("sd", 0)) < 0:
-        raise ScenarioError(f"{source}: train_delay_s must be {{ mean = > 0, sd = >= 0 }}")
-    cost = parse_cost(mr["cost"], len(regions), f"{source}: [multiregion.cost]") if "cost" in mr else None
+    if not isinstance(delay, dict):
+        raise ScenarioError(f"{where}: train_delay_s must be a table {{ mean = …, sd = … }} (virtual seconds per local update), "
+                            f"got {delay!r}")
+    _check_keys(delay, {"mean", "sd"}, source, "[multiregion] train_delay_s")
+    if "mean" not in delay:
+        raise ScenarioError(f"{where} train_delay_s: needs mean (virtual seconds per local update)")
+    delay_mean = _num(delay, "mean", 0.15, f"{where} train_delay_s", lo=0, lo_open=True)
+    delay_sd = _num(delay, "sd", 0.0, f"{where} train_delay_s", lo=0)
+    stop_at_target = _bool(mr, "stop_at_target", True, where)
+    cost = parse_cost(mr["cost"], n, f"{source}: [multiregion.cost]") if "cost" in mr else None
     methods_raw = raw.get("methods")
     if not isinstance(methods_raw, list) or not methods_raw:
         raise ScenarioError(f"{source}: needs at least one [[methods]] table")
     methods: list[RunSpec] = []
     for i, m in enumerate(methods_raw):
         where = f"{source}: [[methods]] #{i + 1}"
-        if not isinstance(m, dict) or set(m) - _METHOD_KEYS:
-            raise ScenarioError(f"{where}: allowed keys are {sorted(_METHOD_KEYS)}")
-        kind = m.get("kind")
-        if kind not in KINDS:
-            raise ScenarioError(f"{where}: kind must be one of {KINDS}")
-        peering = None if kind == "single" else str(kind)
-        strategy = str(m.get("strategy", "")) or ("fedasync" if peering is None else peering)
+        if not isinstance(m, dict):
+            raise ScenarioError(f"{where}: must be a table (keys: {', '.join(sorted(_METHOD_KEYS))})")
+        _check_keys(m, _METHOD_KEYS, source, f"[[methods]] #{i + 1}")
+        kind = _choice(m, "kind", "", where, options=KINDS)
+        peering = None if kind == "single" else kind
+        strategy = m.get("strategy", "")
+        if not isinstance(strategy, str):
+            raise ScenarioError(f"{where}: strategy must be a strategy name such as \"fedasync\", got {strategy!r}")
+        strategy = strategy or ("fedasync" if peering is None else peering)
         if strategy == peering and COMPANIONS.get(peering) != peering:  # e.g. a peering that works with any strategy
             raise ScenarioError(f"{where}: kind {kind!r} has no strategy of its own: name one (strategy = \"fedasync\", …)")
+        label = m.get("label", kind)
+        if not isinstance(label, str) or not label:
+            raise ScenarioError(f"{where}: label must be a non-empty string, got {label!r}")
+        tables = {}
+        for key in ("strategy_params", "peering_params"):
+            tables[key] = m.get(key, {})
+            if not isinstance(tables[key], dict):
+                raise ScenarioError(f"{where}: {key} must be a table of parameters, got {tables[key]!r}")
         method = RunSpec(
-            label=str(m.get("label", kind)), strategy=strategy,
-            params=dict(m.get("strategy_params", {})), settings=settings, peering=peering, regional=True,
-            peering_params=dict(m.get("peering_params", {})), service_ms=float(m.get("service_ms", 2.0)), msg_ms=float(m.get("msg_ms", 0.05)),
+            label=label, strategy=strategy, params=dict(tables["strategy_params"]), settings=settings, peering=peering, regional=True,
+            peering_params=dict(tables["peering_params"]), service_ms=_num(m, "service_ms", 2.0, where, lo=0),
+            msg_ms=_num(m, "msg_ms", 0.05, where, lo=0),
         )
         try:  # validate names and parameters now, not an hour into a sweep
-            make_method(method.strategy, peering=peering, coordinator_id=regions[0], ring=regions if peering else (),
+            make_method(method.strategy, peering=peering, coordinator_id=regions[0], ring=tuple(regions) if peering else (),
                         peering_params=method.peering_params, strategy_params=method.coordinator_params(1, cost=cost))
         except ConfigError as exc:
             raise ScenarioError(f"{where}: {exc}") from None
         methods.append(method)
     if len({m.label for m in methods}) != len(methods):
         raise ScenarioError(f"{source}: method labels must be unique")
+    name, description = raw.get("name", "multiregion"), raw.get("description", "")
+    if not isinstance(name, str) or not isinstance(description, str):
+        raise ScenarioError(f"{source}: name and description must be strings")
+    _check_quick(raw, source, regional=True)
     return Scenario(
-        name=str(raw.get("name", "multiregion")), description=str(raw.get("description", "")), settings=settings,
+        name=name, description=description, settings=settings,
         runs=tuple(methods), raw=copy.deepcopy(dict(raw)), source=source,
-        regions=Regions(topology=topology, device_counts=counts, single_server_region=server,
-                        train_delay_mean_s=float(delay["mean"]), train_delay_sd_s=float(delay.get("sd", 0.0)),
-                        stop_at_target=bool(mr.get("stop_at_target", True)), cost=cost),
+        regions=Regions(topology=topology, device_counts=tuple(counts), single_server_region=server,
+                        train_delay_mean_s=delay_mean, train_delay_sd_s=delay_sd, stop_at_target=stop_at_target, cost=cost),
     )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _check_keys(table: Mapping[str, Any], allowed: set[str], source: str, where: str) -> None:
@@ -794,6 +852,9 @@ def _settings(raw: Mapping[str, Any], source: str) -> Settings:
     seeds = raw.get("seeds", list(d.seeds))
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
         raise ScenarioError(f"{source}: seeds must be a non-empty list of integers >= 0, got {seeds!r}")
+    if repeated := sorted({s for s in seeds if seeds.count(s) > 1}):  # (each would count twice in every mean)
+        raise ScenarioError(f"{source}: seeds: seed{'s' if len(repeated) > 1 else ''} {', '.join(map(str, repeated))} "
+                            "given more than once")
     f: dict[str, Any] = {"task": task, "seeds": tuple(int(s) for s in seeds), **_fields(raw, source, _SPECS[""], d)}
 
     fleet = _section(raw, "fleet", source)
@@ -837,6 +898,8 @@ def _settings(raw: Mapping[str, Any], source: str) -> Settings:
         raise ScenarioError(f"{where}: label_flip + scale + huge_samples must be <= 1")
 
     settings = Settings(**f, attack=attack, **_staleness_settings(raw, source))
+    if settings.delay.active and settings.delay.devices > settings.devices:
+        raise ScenarioError(f"{source}: [delay]: devices = {settings.delay.devices} but [fleet] devices = {settings.devices}")
     part, order = settings.partition, settings.order
     if sample_kind_of(task) == "frame":  # a frame shows several classes: nothing may need one label per sample
         by_label = {f'[data] partition = "{part}"': part != "iid", f'[data] order = "{order}"': order == "by-class",
@@ -849,6 +912,15 @@ def _settings(raw: Mapping[str, Any], source: str) -> Settings:
                                 '(use partition = "iid", order = "shuffled" or "given", no label flips, [delay] or canary '
                                 "evaluation: gate on validation_size)")
     return settings
+
+
+def check_task_fits(settings: Settings, task: Task, where: str) -> None:
+    """What a run's settings ask of its task's classes: checked once the task is loaded, before
+    the first run starts (its data is read only when a setting needs the class count)."""
+    if settings.partition == "labels" and settings.labels_each > (n := task.data().n_classes):
+        raise ScenarioError(f"{where}: [data] labels_each = {settings.labels_each} but task {settings.task!r} has {n} classes")
+    if settings.delay.active and settings.delay.target_class >= (n := task.data().n_classes):
+        raise ScenarioError(f"{where}: [delay] class = {settings.delay.target_class} but task {settings.task!r} has classes 0 to {n - 1}")
 
 
 def _staleness_settings(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
@@ -887,11 +959,16 @@ def _part(value: Any, catalogue: Mapping[str, Any], base: Any, cls: type, where:
     if not isinstance(value, dict):
         raise ScenarioError(f"{where}: must be a name or a table")
     fields = dict(value)
+    if "base" in fields and fields["base"] not in catalogue:  # (it fell back to the profile's own part)
+        raise ScenarioError(f"{where}: unknown base {fields['base']!r}; known: {', '.join(sorted(catalogue))}")
     start = catalogue.get(fields.pop("base", ""), base)
     known = [f.name for f in dataclasses.fields(cls) if f.init and f.name != "name"]
     unknown = sorted(set(fields) - set(known) - {"name"})
     if unknown:  # (not the dataclass's TypeError: "__init__() got an unexpected keyword argument")
         raise ScenarioError(f"{where}: unknown key {unknown[0]!r}{did_you_mean(unknown[0], known)}; known: {', '.join(known)}")
+    for key in known:  # every field but the name is a number (not "'>' not supported between 'str' and 'int'", nor nan)
+        if key in fields:
+            _num(fields, key, 0.0, where)
     if start is None:
         fields.setdefault("name", name)
     try:

@@ -203,7 +203,7 @@ def test_scc_stream_refuses_a_scenario_without_a_stream_table(tmp_path: Path, mo
     monkeypatch.setattr(devices.simulator.Simulation, "run", no_work)
     code = main(["scc-stream", "--scenario", str(ROOT / "demos/scenarios/attacks.toml"), "--quick", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert code == 1 and "attacks.toml has no [stream] table" in err and "edgeci emulate" in err, err
+    assert code == 2 and "attacks.toml has no [stream] table" in err and "edgeci emulate" in err, err
 
 
 def test_replot_without_runs_says_which_options_must_match(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

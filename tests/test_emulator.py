@@ -711,7 +711,7 @@ def test_scenario_mistakes_a_user_made_are_one_line_naming_file_and_key(tmp_path
         parse_scenario(read_toml_text(tmp_path, 'task = "digits"\n[profiles.headset]\ncompute = { sample_epoch_sx = 0.4 }\n' + runs))
     bad_task = tmp_path / "bad.toml"
     bad_task.write_text('task = "digitz"\n' + runs)
-    assert main(["emulate", str(bad_task), "--quick", "--out", str(tmp_path / "out")]) == 1
+    assert main(["emulate", str(bad_task), "--quick", "--out", str(tmp_path / "out")]) == 2  # a mistake in the scenario: exit 2, as for a bad option
     assert f"{bad_task}: unknown task 'digitz'; known: " in capsys.readouterr().err
 
 

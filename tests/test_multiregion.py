@@ -64,7 +64,7 @@ def test_the_shipped_scenario_is_valid() -> None:
     [
         ({"multiregion": {"latency_ms": [[1.0]]}}, "matrix"),
         ({"multiregion": {"single_server_region": "mars"}}, "single_server_region"),
-        ({"multiregion": {"typo": 1}}, "unknown keys"),
+        ({"multiregion": {"typo": 1}}, "unknown key 'typo'"),
         ({"methods": [{"kind": "gossip"}]}, "kind must be"),
         ({"methods": [{"kind": "spyker", "peering_params": {"h_intr": 3}}]}, "known parameters"),
         ({"methods": [{"kind": "nebula", "strategy": "spin"}]}, "needs strategy 'nebula'"),
@@ -286,7 +286,7 @@ def test_edgeci_emulate_runs_a_regional_scenario(tmp_path: Path, capsys: pytest.
     assert "holds no run of this scenario" in capsys.readouterr().err and not (tmp_path / "empty").exists()
     for refused in (["--target", "0.5"], ["--broker", "mqtt://127.0.0.1:1"], ["--threads", "2"], ["--transport", "codec"]):
         capsys.readouterr()
-        assert edgeci(["emulate", str(path), "--out", str(tmp_path / "refused"), *refused]) == 1  # a configuration error
+        assert edgeci(["emulate", str(path), "--out", str(tmp_path / "refused"), *refused]) == 2  # a usage error (exit 2, as a bad option)
         assert "error: a [multiregion] scenario takes --strategies" in capsys.readouterr().err
     assert not (tmp_path / "refused").exists()
 
