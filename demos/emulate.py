@@ -75,7 +75,37 @@ CONFIG_LAYERS = "env"
 ENV_OPTIONS = ("threads",)
 """``EDGECI_THREADS`` sets ``--threads`` (torch's thread count for the emulated devices' training)."""
 
+HELP = """\
+Runs every [[runs]] line of the scenario (or those --strategies names) on each of its seeds, on the
+same fleet, data and labelling times per seed. The full run is the scenario as written (e.g. 5 seeds
+x 1 virtual hour: minutes to hours of wall time); --quick runs its [quick] table instead (shorter,
+fewer devices or seeds: a smoke test); without one, --quick runs the full scenario (and says so).
+
+Outputs go to --out (default runs/emulate/<scenario name>): runs/<label>__seed<k>.csv and .json
+(one row per evaluation, and the run's summary), time_to_target.md (the table, also printed),
+summary.json, accuracy.png, staleness.png; with reference = "<label>" in the scenario also
+release.md, release.json and release.png; with [delay] devices > 0 the staleness report.
+
+--replot rebuilds the tables and plots from the runs already in --out without simulating (e.g. with
+another --target); give it the same --quick, --seeds and --strategies as the run that wrote them.
+
+A scenario with [multiregion] and [[methods]] (demos/scenarios/multiregion/) runs as
+`python -m devices.multiregion` does; one with [stream] is the SCC stream experiment. The scenario is
+checked completely before anything runs: a mistake in it (a misspelled key, a value out of range, an
+unknown strategy, profile or task) is one line naming the file and the key, and exit status 2."""
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from demos.cli import HelpFormatter
+
+    class EmulateHelp(HelpFormatter):
+        """Keeps the blank lines between the description's paragraphs (each is wrapped on its own)."""
+
+        def _fill_text(self, text: str, width: int, indent: str) -> str:
+            return "\n\n".join(super(EmulateHelp, self)._fill_text(part, width, indent) for part in text.split("\n\n"))
+
+    p.formatter_class = EmulateHelp
+    p.description = f"{p.description}.\n\n{HELP}"
     p.add_argument("scenario", type=Path, help="scenario TOML (see demos/scenarios/; `python -m devices.profiles` lists the "
                                                "device, compute, link and availability names it may use)")
     p.add_argument("--strategies", default="", help="comma-separated run labels or strategy names; empty = every run")

@@ -159,6 +159,19 @@ def test_a_scenario_mistake_is_one_line_and_exit_status_2(tmp_path: Path, capsys
     assert not (tmp_path / "o").exists()
 
 
+def test_emulate_help_says_quick_full_outputs_and_replot(capsys: pytest.CaptureFixture[str]) -> None:
+    from demos.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["emulate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for needle in ("[quick] table", "without one, --quick runs the full scenario",
+                   "runs/emulate/<scenario name>", "time_to_target.md", "summary.json", "accuracy.png", "runs/<label>__seed<k>.csv",
+                   "release.md", "--replot", "the same --quick, --seeds and --strategies",
+                   "[multiregion]", "exit status 2"):
+        assert needle in text, (needle, text)
+
+
 def test_a_dataset_not_on_disk_is_exit_1_not_a_scenario_mistake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """The scenario is right; the machine lacks the files (copy them, run again): exit 1."""
