@@ -38,6 +38,7 @@ from devices.scenario import (
     ScenarioError,
     Topology,
     load_scenario,
+    method_stem,
     parse_scenario,
 )
 from devices.simulator import RunResult, Simulation, run_regional
@@ -109,7 +110,7 @@ def sweep_parser(prog: str, description: str, out: str) -> argparse.ArgumentPars
 
 def run_name(label: str, devices: int, seed: int) -> str:
     """A sweep's run file name, without ``.json``."""
-    return f"{label}__{devices}__seed{seed}".replace(" ", "-").replace("/", "-")
+    return f"{method_stem(label)}__{devices}__seed{seed}"
 
 
 _TASKS: dict[str, Task] = {}

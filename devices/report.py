@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from devices.scenario import Scenario
+from devices.scenario import Scenario, slug
 from devices.simulator import RunResult, time_to_target
 from edge_sdk.errors import ConfigError, EdgeciError
 from edge_sdk.tasks.base import Task
@@ -351,10 +351,6 @@ def json_default(value: object) -> object:
 
 
 # --------------------------------------------------------------------------- single-region reports
-
-
-def slug(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-") or "run"
 
 
 def output_dir(path: Path, flag: str = "--out") -> Path:

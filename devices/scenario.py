@@ -126,6 +126,7 @@ import difflib
 import json
 import math
 import random
+import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -182,8 +183,10 @@ __all__ = [
     "load_scenario",
     "materialise",
     "materialise_regions",
+    "method_stem",
     "parse_cost",
     "parse_scenario",
+    "slug",
 ]
 
 
@@ -557,6 +560,25 @@ _BOTH_KINDS = ("{source}: has both [[runs]] and [[methods]] / [multiregion]: a o
                "[multiregion] and [[methods]] (the other tables would be ignored)")
 
 
+def slug(label: str) -> str:
+    """A run label or scenario name as a file name: a ``[[runs]]`` line's runs are stored as
+    ``runs/<slug>__seed<k>.json`` / ``.csv``."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-") or "run"
+
+
+def method_stem(label: str) -> str:
+    """A ``[[methods]]`` line's label in its run files' names (``<stem>__<devices>__seed<k>``)."""
+    return label.replace(" ", "-").replace("/", "-")
+
+
+def _one_file_name_each(stems: dict[str, str], label: str, stem: str, where: str) -> None:
+    """Refuse a label whose run files would be another label's (``stems``: stem → label so far)."""
+    if stem in stems:
+        raise ScenarioError(f"{where}: labels {stems[stem]!r} and {label!r} both name their run files {stem!r} (in runs/): "
+                            "make them differ in a letter or digit")
+    stems[stem] = label
+
+
 def parse_scenario(raw: Mapping[str, Any], *, source: str = "<string>") -> Scenario:
     """Validate a scenario given as the dict a TOML file parses to: ``[[runs]]`` (one region,
     one coordinator), or ``[multiregion]`` with ``[[methods]]`` (regions, see :class:`Regions`)."""
@@ -568,6 +590,7 @@ def parse_scenario(raw: Mapping[str, Any], *, source: str = "<string>") -> Scena
         raise ScenarioError(f"{source}: needs at least one [[runs]] table (strategy = \"spin\", …)")
     runs: list[RunSpec] = []
     labels: set[str] = set()
+    stems: dict[str, str] = {}
     for i, run in enumerate(runs_raw):
         where = f"{source}: [[runs]] #{i + 1}"
         if not isinstance(run, dict):
@@ -589,6 +612,7 @@ def parse_scenario(raw: Mapping[str, Any], *, source: str = "<string>") -> Scena
         if label in labels:
             raise ScenarioError(f"{where}: duplicate label {label!r} (give each run its own label)")
         labels.add(label)
+        _one_file_name_each(stems, label, f"{slug(label)}__seed<k>", where)
         overrides = run.get("overrides", {})
         if not isinstance(overrides, dict):
             raise ScenarioError(f"{where}: overrides must be a table of dotted keys")
@@ -680,6 +704,7 @@ def _parse_regional(raw: Mapping[str, Any], settings: Settings, source: str) -> 
     if not isinstance(methods_raw, list) or not methods_raw:
         raise ScenarioError(f"{source}: needs at least one [[methods]] table")
     methods: list[RunSpec] = []
+    stems: dict[str, str] = {}
     for i, m in enumerate(methods_raw):
         where = f"{source}: [[methods]] #{i + 1}"
         if not isinstance(m, dict):
@@ -701,6 +726,8 @@ def _parse_regional(raw: Mapping[str, Any], settings: Settings, source: str) -> 
             tables[key] = m.get(key, {})
             if not isinstance(tables[key], dict):
                 raise ScenarioError(f"{where}: {key} must be a table of parameters, got {tables[key]!r}")
+        if label not in {m.label for m in methods}:  # (a repeated label: said below)
+            _one_file_name_each(stems, label, f"{method_stem(label)}__<devices>__seed<k>", where)
         method = RunSpec(
             label=label, strategy=strategy, params=dict(tables["strategy_params"]), settings=settings, peering=peering, regional=True,
             peering_params=dict(tables["peering_params"]), service_ms=_num(m, "service_ms", 2.0, where, lo=0),
@@ -898,6 +925,9 @@ def _settings(raw: Mapping[str, Any], source: str) -> Settings:
         raise ScenarioError(f"{where}: label_flip + scale + huge_samples must be <= 1")
 
     settings = Settings(**f, attack=attack, **_staleness_settings(raw, source))
+    if settings.arrival_rate_per_h == 0 and not settings.initial_samples and not settings.continuous:
+        raise ScenarioError(f"{source}: [data]: arrival_rate_per_h = 0 with no initial_samples and no [device] continuous: "
+                            "no device would ever hold a sample")
     if settings.delay.active and settings.delay.devices > settings.devices:
         raise ScenarioError(f"{source}: [delay]: devices = {settings.delay.devices} but [fleet] devices = {settings.devices}")
     part, order = settings.partition, settings.order

@@ -72,6 +72,9 @@ ONE_REGION_MISTAKES = [
     ("profiles/phone/compute", {"overhead_s": INF}, r"compute: overhead_s must be a finite number, got inf"),
     ("profiles/phone/availability", {"dropout_every_s": 60.0, "dropout_mean_s": NAN}, r"dropout_mean_s must be a finite number, got nan"),
     ("profiles/phone/link", {"down_bps": INF}, r"link: down_bps must be a finite number, got inf"),
+    # no labels ever: the run measured a fleet without data (λ = 0 is for devices that hold their data)
+    ("data/arrival_rate_per_h", 0, r"\[data\]: arrival_rate_per_h = 0 with no initial_samples and no \[device\] continuous: "
+                                   r"no device would ever hold a sample"),
     # more delayed devices than the fleet has: refused only when the first run started
     ("delay", {"devices": 20, "report_versions": [5]}, r"\[delay\]: devices = 20 but \[fleet\] devices = 10"),
     ("runs/1/overrides", {"fleet.devices": 4, "delay.devices": 5, "delay.report_versions": [5]},
@@ -205,3 +208,16 @@ def test_what_the_task_cannot_do_is_refused_before_the_first_run(table: str, mes
     err = capsys.readouterr().err
     assert f"edgeci emulate: error: {path}: {message}" in err and "run(s)" not in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_labels_whose_run_files_would_have_one_name_are_refused() -> None:
+    """Labels that differ only where a file name cannot (non-ASCII, punctuation): the second
+    run's files overwrote the first's, and --replot read one file for both runs."""
+    raw = _with(_with(ONE_REGION, "runs/0/label", "β = 1"), "runs/1/label", "α = 1")
+    with pytest.raises(ScenarioError, match=r"^x\.toml: \[\[runs\]\] #2: labels 'β = 1' and 'α = 1' both name their run files "
+                                            r"'1__seed<k>' \(in runs/\): make them differ in a letter or digit"):
+        parse_scenario(raw, source="x.toml")
+    regional = _with(_with(REGIONAL, "methods/0/label", "S 1"), "methods/1/label", "S/1")
+    with pytest.raises(ScenarioError, match=r"^x\.toml: \[\[methods\]\] #2: labels 'S 1' and 'S/1' both name their run files "
+                                            r"'S-1__<devices>__seed<k>'"):
+        parse_scenario(regional, source="x.toml")
