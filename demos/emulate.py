@@ -166,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
         except ConfigError as exc:  # say which file (the key is in the message: task, task_options)
             raise (MissingDataset if isinstance(exc, MissingDataset) else ScenarioError)(f"{args.scenario}: {exc}") from None
         for spec in scenario.runs:  # (what a run asks of its task's classes: not when that run starts)
-            check_task_fits(spec.settings, tasks[_task_key(spec)], f"{args.scenario}: run {spec.label!r}")
+            check_task_fits(spec.settings, tasks[_task_key(spec)].data, f"{args.scenario}: run {spec.label!r}")
         from edge_sdk.trainer import configure_threads
 
         configure_threads(args.threads)

@@ -37,6 +37,7 @@ from devices.scenario import (
     Scenario,
     ScenarioError,
     Topology,
+    check_task_fits,
     load_scenario,
     method_stem,
     parse_scenario,
@@ -187,7 +188,10 @@ class Sweep:
             sc = sc.with_device_counts(counts)
         out: Path = args.out or default_out(sc)
         if not args.report_only:  # (a report from nothing makes no folders)
-            from devices.report import output_dir
+            from devices.report import load_task, output_dir
+
+            s = sc.settings  # what the methods' shared settings ask of the task: before the first run
+            check_task_fits(s, lambda: load_task(s.task, s.task_options).data(), str(args.scenario))
 
             output_dir(out / "runs")
         # Seed by seed: a sweep stopped early holds every method on its first seeds (paired).

@@ -159,9 +159,12 @@ def parse_scc_scenario(raw: Mapping[str, Any], *, source: str = "<string>") -> S
     table = raw.get("stream")
     if not isinstance(table, dict):
         raise ScenarioError(f"{source}: [stream] must be a table")
+    for key, what in (("runs", "[[runs]]"), ("methods", "[[methods]]"), ("multiregion", "[multiregion]"), ("reference", "reference")):
+        if key in raw:  # (read by the other kinds of scenario: here it would be ignored)
+            raise ScenarioError(f"{source}: a [stream] scenario has no {what}: its arms are [stream] arms")
     settings = parse_settings({k: v for k, v in raw.items() if k != "stream"}, source=source)
     where = f"{source}: [stream]"
-    _check_keys(table, set(StreamSettings.__dataclass_fields__), where, "[stream]")
+    _check_keys(table, set(StreamSettings.__dataclass_fields__), source, "[stream]")
     d = StreamSettings()
     arms = table.get("arms", list(d.arms))
     if not isinstance(arms, list) or not arms or any(a not in ARMS for a in arms) or len(set(arms)) != len(arms):
@@ -172,6 +175,10 @@ def parse_scc_scenario(raw: Mapping[str, Any], *, source: str = "<string>") -> S
     name, description = raw.get("name", "scc-stream"), raw.get("description", "")
     if not isinstance(name, str) or not isinstance(description, str):
         raise ScenarioError(f"{source}: name and description must be strings")
+    if "quick" in raw:  # checked whether or not --quick is asked for
+        if not isinstance(raw["quick"], dict):
+            raise ScenarioError(f"{source}: [quick] must be a table of dotted keys")
+        parse_scc_scenario(with_quick(raw, source=source), source=f"{source}: [quick]")
     return SccScenario(name=name, description=description, settings=settings, stream=s, raw=dict(raw), source=source)
 
 

@@ -161,7 +161,7 @@ from devices.profiles import (
 )
 from devices.stragglers import DelayPlan
 from edge_sdk.errors import ConfigError
-from edge_sdk.tasks.base import Task, TrainConfig
+from edge_sdk.tasks.base import TaskData, TrainConfig
 from edge_sdk.tasks.registry import default_train_config, sample_kind_of
 from edge_sdk.wire import topics
 
@@ -944,13 +944,16 @@ def _settings(raw: Mapping[str, Any], source: str) -> Settings:
     return settings
 
 
-def check_task_fits(settings: Settings, task: Task, where: str) -> None:
-    """What a run's settings ask of its task's classes: checked once the task is loaded, before
-    the first run starts (its data is read only when a setting needs the class count)."""
-    if settings.partition == "labels" and settings.labels_each > (n := task.data().n_classes):
+def check_task_fits(settings: Settings, data: Callable[[], TaskData], where: str) -> None:
+    """What a run's settings ask of its task's data (classes, pool size), checked before the
+    first run starts; ``data`` (the task's ``data``) is called only when a setting needs it."""
+    if settings.partition == "labels" and settings.labels_each > (n := data().n_classes):
         raise ScenarioError(f"{where}: [data] labels_each = {settings.labels_each} but task {settings.task!r} has {n} classes")
-    if settings.delay.active and settings.delay.target_class >= (n := task.data().n_classes):
+    if settings.delay.active and settings.delay.target_class >= (n := data().n_classes):
         raise ScenarioError(f"{where}: [delay] class = {settings.delay.target_class} but task {settings.task!r} has classes 0 to {n - 1}")
+    if settings.validation_size and settings.validation_size > (n := len(data().pool.y)) // 4:
+        raise ScenarioError(f"{where}: [coordinator] validation_size = {settings.validation_size} is over a quarter of task "
+                            f"{settings.task!r}'s {n}-sample pool")
 
 
 def _staleness_settings(raw: Mapping[str, Any], source: str) -> dict[str, Any]:

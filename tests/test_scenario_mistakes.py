@@ -191,6 +191,7 @@ def test_a_dataset_not_on_disk_is_exit_1_not_a_scenario_mistake(tmp_path: Path, 
 @pytest.mark.parametrize(("table", "message"), [
     ('[data]\npartition = "labels"\nlabels_each = 11\n', "run 'b': [data] labels_each = 11 but task 'digits' has 10 classes"),
     ("[delay]\ndevices = 2\nclass = 10\nreport_versions = [3]\n", "run 'b': [delay] class = 10 but task 'digits' has classes 0 to 9"),
+    ("[coordinator]\nvalidation_size = 900\n", "run 'b': [coordinator] validation_size = 900 is over a quarter of task 'digits'"),
 ])
 def test_what_the_task_cannot_do_is_refused_before_the_first_run(table: str, message: str, tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
@@ -200,7 +201,9 @@ def test_what_the_task_cannot_do_is_refused_before_the_first_run(table: str, mes
 
     path = tmp_path / "s.toml"
     fine = table.replace("11", "2").replace("class = 10", "class = 3")
-    key, value = ("data.labels_each", 11) if "labels_each" in table else ("delay.class", 10)  # run b's override: the mistake
+    fine = fine.replace("900", "20")
+    key, value = next(kv for kv in (("data.labels_each", 11), ("delay.class", 10), ("coordinator.validation_size", 900))
+                      if kv[0].split(".")[1] in table)  # run b's override: the mistake
     path.write_text(f'task = "digits"\nduration_s = 60\n[fleet]\ndevices = 4\n{fine}'
                     '[[runs]]\nstrategy = "spin"\nlabel = "a"\nparams = { k = 2 }\n'
                     f'[[runs]]\nstrategy = "spin"\nlabel = "b"\nparams = {{ k = 2 }}\noverrides = {{ "{key}" = {value} }}\n')
@@ -221,3 +224,32 @@ def test_labels_whose_run_files_would_have_one_name_are_refused() -> None:
     with pytest.raises(ScenarioError, match=r"^x\.toml: \[\[methods\]\] #2: labels 'S 1' and 'S/1' both name their run files "
                                             r"'S-1__<devices>__seed<k>'"):
         parse_scenario(regional, source="x.toml")
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"runs": [{"strategy": "spin"}]}, r"a \[stream\] scenario has no \[\[runs\]\]"),
+    ({"methods": [{"kind": "single"}]}, r"a \[stream\] scenario has no \[\[methods\]\]"),
+    ({"reference": "x"}, r"a \[stream\] scenario has no reference"),
+    ({"quick": {"stream.round": 3}}, r"\[quick\]: \[stream\]: unknown key 'round'; did you mean 'rounds'\?"),
+    ({"quick": {"stream.rounds": 0}}, r"\[quick\]: \[stream\]: rounds must be >= 1, got 0"),
+])
+def test_a_stream_scenario_refuses_what_it_would_ignore_and_checks_its_quick_form(change: dict[str, Any], message: str) -> None:
+    from devices.scc_fleet import parse_scc_scenario
+    from devices.scenario import read_toml
+
+    raw = {**read_toml(Path(__file__).resolve().parents[1] / "demos" / "scenarios" / "scc-stream.toml"), **change}
+    with pytest.raises(ScenarioError, match=r"^x\.toml.*" + message):
+        parse_scc_scenario(raw, source="x.toml")
+
+
+def test_a_regional_labels_each_above_the_task_classes_is_refused_before_the_first_run(tmp_path: Path,
+                                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from demos.cli import main
+
+    path = tmp_path / "r.toml"
+    path.write_text('task = "digits"\nduration_s = 2\n[data]\npartition = "labels"\nlabels_each = 11\n[multiregion]\n'
+                    'regions = ["hongkong", "paris"]\nlatency_ms = [[1.0, 100.0], [100.0, 1.0]]\ndevice_counts = [4]\n'
+                    '[[methods]]\nlabel = "F"\nkind = "single"\n')
+    assert main(["emulate", str(path), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert capsys.readouterr().err == f"edgeci emulate: error: {path}: [data] labels_each = 11 but task 'digits' has 10 classes\n"
+    assert not (tmp_path / "o").exists()
