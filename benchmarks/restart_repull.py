@@ -28,6 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._cli import positive_int
 from coordinator.core import CoordinatorConfig, CoordinatorCore, Snapshot
 from coordinator.strategies import make_strategy
 from edge_sdk.core.events import MessageReceived
@@ -40,7 +41,8 @@ from edge_sdk.wire.messages import Pull
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--devices", type=int, default=10_000)
+    parser.add_argument("--devices", type=positive_int, default=10_000,
+                        help="devices that pull, each once, then again after the restart (default 10000)")
     n = parser.parse_args().devices
     spec = get_task("digits").spec
     cfg = CoordinatorConfig(region="bench", coordinator_id="c1", spec=spec, signer=Signer.generate(), max_devices=4 * n)

@@ -27,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._cli import non_negative_int
 from coordinator.core import (
     CommitVersion,
     CoordinatorAction,
@@ -76,7 +77,8 @@ def one_round(stale: int) -> tuple[int, int, float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stale", type=int, nargs="+", default=[0, 10_000, 100_000])
+    parser.add_argument("--stale", type=non_negative_int, nargs="+", default=[0, 10_000, 100_000],
+                        help="stale invitation counts, the first the baseline of the ratios (default 0 10000 100000)")
     counts = parser.parse_args().stale
     rows = {s: min((one_round(s) for _ in range(3)), key=lambda r: r[2]) for s in counts}
     base = rows[counts[0]]

@@ -48,6 +48,8 @@ def bench(script: str, *argv: str, timeout: float = 120, env: dict[str, str] | N
         ("emulator_then_now.py", ["--runs", "0"], "--runs"),
         ("emulator_then_now.py", ["--devices", "-5"], "--devices"),
         ("emulator_then_now.py", ["--transport", "tcp"], "--transport"),
+        ("restart_repull.py", ["--devices", "0"], "--devices"),
+        ("round_block_cost.py", ["--stale", "0", "-5"], "--stale"),
     ],
 )
 def test_a_bad_flag_is_one_argparse_line_naming_it(script: str, argv: list[str], flag: str) -> None:
