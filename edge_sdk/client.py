@@ -1216,7 +1216,11 @@ class EdgeClient:
         Public for emulators that drive a fleet of clients round by round without a broker."""
         if self.sample_kind == "frame":  # (x, y) = frames and their boxes
             ids = self.store.ids("frame")
-            frames = list(self.store.frames(ids))  # ids evicted meanwhile are skipped
+            # ids evicted meanwhile are skipped; each frame shrunk as it is read (a detector's
+            # shrink_frame: what its training makes of it, so the same result) instead of every
+            # frame held whole at once: 1080p frames filling the store's quota are ~0.5 GB
+            shrink = getattr(self.task, "shrink_frame", None)
+            frames = [shrink(f, b) if shrink is not None else (f, b) for f, b in self.store.frames(ids)]
             images, boxes = [f for f, _ in frames], [b for _, b in frames]
             return self.task.local_update(job.weights, images, boxes, config), ids
         snap = self._within_contract(self.store.snapshot(self.sample_kind))

@@ -676,3 +676,57 @@ def test_a_stopping_client_cancels_detection_training_between_batches(task: Dete
     with stoppable(stopped), pytest.raises(TrainingCancelled):
         task.local_update(task.initial_weights(), frames.images, frames.boxes, TrainConfig(epochs=20, batch_size=2, lr=1e-3))
     assert stopped.asked == 2  # one batch ran; the second was not started
+
+
+def _enlarged(frames: SceneSet, fy: int, fx: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The scenes at fy × fx their size (each pixel repeated), boxes scaled with them: frames
+    larger than the detector's input, and not square when fy != fx."""
+    images = [np.ascontiguousarray(img.repeat(fy, axis=0).repeat(fx, axis=1)) for img in frames.images]
+    boxes = [b.astype(np.float32) * np.array([1, fx, fy, fx, fy], np.float32) for b in frames.boxes]
+    return images, boxes
+
+
+def test_a_shrunk_frame_trains_to_the_same_weights_as_the_whole_frame(task: DetectionTask, frames: SceneSet) -> None:
+    """``shrink_frame`` (what EdgeClient now applies to each frame it reads for a job, instead of
+    holding every whole frame at once) is what training makes of a frame: the same update, bit for bit."""
+    images, boxes = _enlarged(frames, 3, 5)
+    shrunk = [task.shrink_frame(img, b) for img, b in zip(images, boxes)]
+    assert all(f.shape == (SIZE, SIZE, 3) and b.shape[1] == 5 for f, b in shrunk)
+    assert sum(len(b) for _, b in shrunk) == sum(len(b) for b in boxes)  # (none under a pixel here)
+    assert all(np.array_equal(task.shrink_frame(f, b)[0], f) and np.array_equal(task.shrink_frame(f, b)[1], b)
+               for f, b in shrunk)  # shrinking twice changes nothing
+    w = task.pretrained(seed=0)
+    cfg = TrainConfig(epochs=1, batch_size=4, lr=1e-3, seed=3)
+    whole = task.local_update(w, images, boxes, cfg)
+    small = task.local_update(w, [f for f, _ in shrunk], [b for _, b in shrunk], cfg)
+    assert np.array_equal(whole.weights, small.weights) and whole.n_samples == small.n_samples == len(images)
+
+
+def test_a_detection_job_holds_frames_at_the_detector_s_input_size(task: DetectionTask, frames: SceneSet,
+                                                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """helper-182: a job decoded every stored frame whole before training letterboxed them (1080p
+    frames filling the store's 512 MiB quota: ~0.5 GB at once). The client hands the task frames
+    shrunk as they are read, and the job trains to the same weights as on the whole frames."""
+    from edge_sdk.client import EdgeClient
+    from edge_sdk.core.events import TrainingJob
+
+    images, boxes = _enlarged(frames, 4, 4)
+    client = EdgeClient(broker="mqtt://127.0.0.1:1", device_id="cam-9", data_dir=tmp_path, task=task, min_samples=10**6)
+    try:
+        for img, b in zip(images, boxes):
+            client.add_frame(img, b)
+        seen: list[tuple[int, ...]] = []
+        train = task.local_update
+
+        def spy(weights: np.ndarray, x: Any, y: Any, config: TrainConfig) -> Any:
+            seen.extend(np.asarray(f).shape for f in x)
+            return train(weights, x, y, config)
+
+        monkeypatch.setattr(task, "local_update", spy)
+        w = task.pretrained(seed=0)
+        cfg = TrainConfig(epochs=1, batch_size=4, lr=1e-3, seed=3)
+        result, ids = client.run_training_job(TrainingJob(job_id=1, base_version=0, weights=w, n_samples=len(images)), cfg)
+    finally:
+        client.stop()
+    assert seen == [(SIZE, SIZE, 3)] * len(images) and len(ids) == len(images)
+    assert np.array_equal(result.weights, train(w, images, boxes, cfg).weights)

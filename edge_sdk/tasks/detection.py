@@ -282,6 +282,21 @@ def _check_frames(
             raise InvalidSample(f"boxes {i}: every box needs x2 > x1 and y2 > y1")
 
 
+def _to_input(
+    image: npt.NDArray[np.uint8], boxes: npt.ArrayLike, imgsz: int
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """One frame as training sees it: letterboxed to ``imgsz``, its boxes' class ids ``(k, 1)``
+    and xyxy corners ``(k, 4)`` moved with it, clipped, and those under one pixel there dropped.
+    On a frame that is already ``imgsz`` square with boxes made by this function it is the
+    identity (``letterbox`` returns the frame, the corners are scaled by 1 and shifted by 0)."""
+    frame, scale, (dx, dy) = letterbox(image, imgsz)
+    b = np.asarray(boxes, dtype=np.float32).reshape(-1, 5)
+    xyxy = b[:, 1:5] * scale + np.array([dx, dy, dx, dy], dtype=np.float32)
+    xyxy = np.clip(xyxy, 0, imgsz)
+    keep = ((xyxy[:, 2] - xyxy[:, 0]) >= 1) & ((xyxy[:, 3] - xyxy[:, 1]) >= 1)
+    return frame, b[keep, :1], xyxy[keep]
+
+
 def _prepare(
     images: Sequence[npt.NDArray[np.uint8]] | npt.NDArray[np.uint8],
     boxes: Sequence[npt.NDArray[Any]] | npt.NDArray[Any],
@@ -291,12 +306,7 @@ def _prepare(
     frames = np.empty((len(images), imgsz, imgsz, 3), dtype=np.uint8)
     targets: list[torch.Tensor] = []
     for i, (img, b) in enumerate(zip(images, boxes)):
-        frames[i], scale, (dx, dy) = letterbox(img, imgsz)
-        b = np.asarray(b, dtype=np.float32).reshape(-1, 5)
-        xyxy = b[:, 1:5] * scale + np.array([dx, dy, dx, dy], dtype=np.float32)
-        xyxy = np.clip(xyxy, 0, imgsz)
-        keep = ((xyxy[:, 2] - xyxy[:, 0]) >= 1) & ((xyxy[:, 3] - xyxy[:, 1]) >= 1)
-        xyxy, cls = xyxy[keep], b[keep, :1]
+        frames[i], cls, xyxy = _to_input(img, b, imgsz)
         cxcywh = (
             np.concatenate([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], 1) / imgsz
         )
@@ -641,6 +651,15 @@ class DetectionTask:
             _LOG.debug("epoch %d/%d: loss %.4f", len(epoch_losses), epochs, epoch_losses[-1])
         model.eval()
         return epoch_losses, components
+
+    def shrink_frame(self, image: npt.NDArray[np.uint8], boxes: npt.ArrayLike) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
+        """``(image, boxes)`` as :meth:`local_update` uses them: the frame letterboxed to
+        ``imgsz`` and its ``(k, 5)`` boxes moved with it (those under one pixel there, which
+        training drops, left out). :meth:`local_update` on shrunk frames gives the same result as
+        on the originals; a device preparing a job holds ``imgsz``² × 3 bytes a frame instead of
+        the whole frame (``EdgeClient`` shrinks each as it reads it from the store)."""
+        frame, cls, xyxy = _to_input(image, boxes, self.config.imgsz)
+        return frame, np.concatenate([cls, xyxy], 1)
 
     def local_update(
         self,
