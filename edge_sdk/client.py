@@ -645,17 +645,18 @@ class EdgeClient:
     def _say_small_boxes(self, image: npt.NDArray[np.uint8], boxes: npt.ArrayLike | None) -> None:
         """Warn (once) of a stored box under one pixel at the detector's input size: training
         letterboxes the frame to it and drops such a box (helper-182: a 15x15 object in a 1080p
-        frame was never trained on, without a word)."""
-        imgsz = getattr(getattr(self.task, "config", None), "imgsz", None)
+        frame was never trained on, without a word). The rule is the task's (``dropped_boxes``)."""
+        dropped = getattr(self.task, "dropped_boxes", None)
         rows = np.asarray(() if boxes is None else boxes, dtype=np.float64).reshape(-1, 5)
-        if not isinstance(imgsz, int) or not len(rows):
+        if dropped is None or not len(rows):
             return
-        height, width = image.shape[:2]
-        scale = min(imgsz / height, imgsz / width)
-        sides = np.minimum(rows[:, 3] - rows[:, 1], rows[:, 4] - rows[:, 2]) * scale
-        small = np.flatnonzero(sides < 1)
+        small = dropped(image.shape, rows)
         if small.size:
             i = int(small[0])
+            height, width = image.shape[:2]
+            detector: Any = self.task  # (a task with dropped_boxes: the detector, with its input size)
+            imgsz = int(detector.config.imgsz)
+            scale = min(imgsz / height, imgsz / width)
             self._small_box_said = True
             log.warning("device %s: box %d (%gx%g pixels of a %dx%d frame) is under one pixel at the detector's %d-pixel "
                         "input, so training drops it (the frame still trains, as background there): objects under %.3g "

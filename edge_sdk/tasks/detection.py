@@ -237,19 +237,24 @@ class _Prepared:
     targets: list[torch.Tensor] = field(default_factory=list)
 
 
+def _letterbox_geometry(h: int, w: int, imgsz: int) -> tuple[float, tuple[int, int], tuple[int, int]]:
+    """A ``h`` × ``w`` frame letterboxed to ``imgsz``: scale, resized (h, w), offset (dx, dy)."""
+    scale = min(imgsz / h, imgsz / w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))  # a strip thinner than 1/imgsz of its length: one row
+    return scale, (nh, nw), ((imgsz - nw) // 2, (imgsz - nh) // 2)
+
+
 def letterbox(
     image: npt.NDArray[np.uint8], imgsz: int
 ) -> tuple[npt.NDArray[np.uint8], float, tuple[int, int]]:
     """Resize keeping aspect ratio and pad to ``imgsz`` square; returns image, scale, (dx, dy)."""
     h, w = image.shape[:2]
-    scale = min(imgsz / h, imgsz / w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))  # a strip thinner than 1/imgsz of its length: one row
+    scale, (nh, nw), (dx, dy) = _letterbox_geometry(h, w, imgsz)
     if (nh, nw) == (imgsz, imgsz) and (h, w) == (imgsz, imgsz):
         return image, 1.0, (0, 0)
     resized = (
         cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR) if (nh, nw) != (h, w) else image
     )
-    dy, dx = (imgsz - nh) // 2, (imgsz - nw) // 2
     out = np.full((imgsz, imgsz, 3), _PAD_VALUE, dtype=np.uint8)
     out[dy : dy + nh, dx : dx + nw] = resized
     return out, scale, (dx, dy)
@@ -290,11 +295,20 @@ def _to_input(
     On a frame that is already ``imgsz`` square with boxes made by this function it is the
     identity (``letterbox`` returns the frame, the corners are scaled by 1 and shifted by 0)."""
     frame, scale, (dx, dy) = letterbox(image, imgsz)
+    b, xyxy, keep = _boxes_at_input(boxes, scale, dx, dy, imgsz)
+    return frame, b[keep, :1], xyxy[keep]
+
+
+def _boxes_at_input(
+    boxes: npt.ArrayLike, scale: float, dx: int, dy: int, imgsz: int
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+    """``boxes`` as float32 ``(k, 5)`` rows, their corners at the letterboxed input (clipped),
+    and which of them training keeps (at least one pixel wide and high there)."""
     b = np.asarray(boxes, dtype=np.float32).reshape(-1, 5)
     xyxy = b[:, 1:5] * scale + np.array([dx, dy, dx, dy], dtype=np.float32)
     xyxy = np.clip(xyxy, 0, imgsz)
     keep = ((xyxy[:, 2] - xyxy[:, 0]) >= 1) & ((xyxy[:, 3] - xyxy[:, 1]) >= 1)
-    return frame, b[keep, :1], xyxy[keep]
+    return b, xyxy, keep
 
 
 def _prepare(
@@ -660,6 +674,13 @@ class DetectionTask:
         the whole frame (``EdgeClient`` shrinks each as it reads it from the store)."""
         frame, cls, xyxy = _to_input(image, boxes, self.config.imgsz)
         return frame, np.concatenate([cls, xyxy], 1)
+
+    def dropped_boxes(self, shape: tuple[int, ...], boxes: npt.ArrayLike) -> npt.NDArray[np.intp]:
+        """Indices of the boxes of a frame of ``shape`` that training drops (under one pixel once
+        the frame is letterboxed to ``imgsz``): the rule :meth:`shrink_frame` applies, without
+        resizing the frame."""
+        scale, _, (dx, dy) = _letterbox_geometry(int(shape[0]), int(shape[1]), self.config.imgsz)
+        return np.flatnonzero(~_boxes_at_input(boxes, scale, dx, dy, self.config.imgsz)[2])
 
     def local_update(
         self,
