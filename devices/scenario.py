@@ -131,7 +131,7 @@ import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import numpy.typing as npt
@@ -682,7 +682,7 @@ def _parse_regional(raw: Mapping[str, Any], settings: Settings, source: str) -> 
     except ConfigError as exc:
         raise ScenarioError(f"{where}: {exc}") from None
     counts = mr.get("device_counts", [settings.devices])
-    if not isinstance(counts, list) or not counts or not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
+    if not isinstance(counts, list) or not counts or not all(_is_int(c) for c in counts):
         raise ScenarioError(f"{where}: device_counts must be a list of fleet sizes (integers), got {counts!r}")
     if any(c < n for c in counts):
         raise ScenarioError(f"{where}: device_counts must each be >= the number of regions ({n}), got {counts}")
@@ -754,7 +754,12 @@ def _parse_regional(raw: Mapping[str, Any], settings: Settings, source: str) -> 
 
 
 def _is_number(value: Any) -> bool:
+    """An int or float as TOML reads them (not a bool, which Python counts as an int)."""
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_keys(table: Mapping[str, Any], allowed: set[str], source: str, where: str) -> None:
@@ -788,7 +793,7 @@ def _apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any], where
 
 def _num(table: Mapping[str, Any], key: str, default: float, where: str, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> float:
     value = table.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if not _is_number(value) or not math.isfinite(value):
         raise ScenarioError(f"{where}: {key} must be a finite number, got {value!r}")
     if lo is not None and (value < lo or (lo_open and value == lo)):
         raise ScenarioError(f"{where}: {key} must be {'>' if lo_open else '>='} {lo}, got {value}")
@@ -799,7 +804,7 @@ def _num(table: Mapping[str, Any], key: str, default: float, where: str, *, lo: 
 
 def _int(table: Mapping[str, Any], key: str, default: int, where: str, *, lo: int = 0) -> int:
     value = table.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not _is_int(value):
         raise ScenarioError(f"{where}: {key} must be an integer, got {value!r}")
     if value < lo:
         raise ScenarioError(f"{where}: {key} must be >= {lo}, got {value}")
@@ -877,7 +882,7 @@ def _settings(raw: Mapping[str, Any], source: str) -> Settings:
     if not isinstance(task, str) or not task:
         raise ScenarioError(f"{source}: task must be a task name such as 'digits'")
     seeds = raw.get("seeds", list(d.seeds))
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+    if not isinstance(seeds, list) or not seeds or not all(_is_int(s) and s >= 0 for s in seeds):
         raise ScenarioError(f"{source}: seeds must be a non-empty list of integers >= 0, got {seeds!r}")
     if repeated := sorted({s for s in seeds if seeds.count(s) > 1}):  # (each would count twice in every mean)
         raise ScenarioError(f"{source}: seeds: seed{'s' if len(repeated) > 1 else ''} {', '.join(map(str, repeated))} "
@@ -964,7 +969,7 @@ def _staleness_settings(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
     dl = _section(raw, "delay", source)
     where = f"{source}: [delay]"
     versions = dl.get("report_versions", [])
-    if not isinstance(versions, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in versions):
+    if not isinstance(versions, list) or not all(_is_int(v) for v in versions):
         raise ScenarioError(f"{where}: report_versions must be a list of versions, got {versions!r}")
     fields: dict[str, Any] = {"devices": _int(dl, "devices", 0, where), "versions": _int(dl, "versions", 10, where, lo=1),
               "target_class": _int(dl, "class", 0, where), "report_versions": tuple(versions),
