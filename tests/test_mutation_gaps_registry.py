@@ -1,0 +1,133 @@
+"""Behaviours of the coordinator's durable registry that no test checked (helper-185's mutation audit).
+
+Each test here kills a mutant of coordinator/registry.py that survived every test covering the
+file; the docstrings name it (file:line at the audit's base commit ac73730, and the mutation)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from coordinator.core import CommitVersion
+from coordinator.registry import Registry
+from tests.helpers import SPEC
+
+
+def _commit(reg: Registry, version: int) -> None:
+    reg.commit(CommitVersion(version=version, weights=np.full(SPEC.size, version, np.float32), applied_changed={},
+                             consumed=(), metadata={}))
+
+
+def _journal(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Every fsync (by the path of its descriptor) and rename, in order."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def rename(src: str, dst: str) -> None:
+        events.append(("rename", str(dst)))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    return events
+
+
+def test_a_durably_written_version_fsyncs_its_files_before_its_directory_is_renamed_into_place(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """registry.py:293 ``os.fsync(fd)`` deleted (in ``_write_file``): version 0 (``initialise``), a
+    version restored from the log and every ``write_version`` were renamed into place with their
+    weights and metadata still in the page cache: a power cut then left a directory that names
+    the version with torn or empty files, and nothing else holds version 0."""
+    reg = Registry(tmp_path, SPEC)
+    events = _journal(monkeypatch)
+    reg.initialise(np.ones(SPEC.size, np.float32), now=0.0, source="test")
+    final = str(reg.versions_dir / f"{0:09d}")
+    renamed = events.index(("rename", final))
+    synced = {Path(p).name for kind, p in events[:renamed] if kind == "fsync"}
+    assert {"weights.npy", "meta.json"} <= synced, events
+
+
+def test_version_files_are_readable_by_the_coordinator_that_wrote_them(tmp_path: Path) -> None:
+    """registry.py:286 mode ``0o644`` -> ``0`` (in ``_write_file``): every version's weights and
+    metadata were created with no permissions at all. The suite runs as root, which reads them
+    anyway; a coordinator running as its own user (the systemd unit's) could not read back a single
+    version at its next start."""
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.ones(SPEC.size, np.float32), now=0.0, source="test")
+    _commit(reg, 1)
+    for v in (0, 1):
+        for name in ("weights.npy", "meta.json"):
+            mode = stat.S_IMODE((reg.versions_dir / f"{v:09d}" / name).stat().st_mode)
+            assert mode & 0o600 == 0o600, f"version {v} {name}: mode {mode:o}"
+
+
+def test_a_storage_probe_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """registry.py:551 ``path.unlink(missing_ok=True)`` deleted (in ``probe``): the driver probes a
+    failing disk with at least one model's size until it takes a write again; each probe then left
+    that many bytes in the state dir, on the very disk that was full, also when the probe failed."""
+    reg = Registry(tmp_path, SPEC)
+    reg.probe(1 << 16)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pending", "spec.json", "versions"]
+
+    def full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        reg.probe(1 << 16)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pending", "spec.json", "versions"]
+
+
+def test_a_numbered_directory_without_metadata_is_not_a_version(tmp_path: Path) -> None:
+    """registry.py:561 ``p.name.isdigit() and (p / "meta.json").exists()`` -> ``or``: a version
+    directory a crash left without its metadata was listed as the newest version (``latest``,
+    ``edgeci versions``), though nothing can be read from it; the load goes on from version 1."""
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.ones(SPEC.size, np.float32), now=0.0, source="test")
+    _commit(reg, 1)
+    (reg.versions_dir / f"{2:09d}").mkdir()  # torn: nothing in it
+    again = Registry(tmp_path, SPEC)
+    assert again.versions() == [0, 1] and again.latest() == 1
+
+
+def test_after_a_restart_pruning_still_deletes_the_versions_an_earlier_process_wrote(tmp_path: Path) -> None:
+    """registry.py:742 ``not isinstance(meta, dict) or "parent" not in meta`` -> ``and`` (in
+    ``_base_on_disk``): every version directory a restart had not written itself read as a chain
+    step, so pruning walked its oldest kept version down to the first and deleted nothing: after a
+    restart the state dir kept every older version (model-sized each) beyond ``keep_versions``."""
+    reg = Registry(tmp_path, SPEC, keep_versions=3)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    for v in (1, 2):
+        reg.write_version(v, np.full(SPEC.size, v, np.float32), {"applied_upto": {}})
+    reg.close()
+    again = Registry(tmp_path, SPEC, keep_versions=3)
+    assert again.load() is not None
+    _commit(again, 3)
+    assert again.versions() == [1, 2, 3]
+    again.close()
+
+
+def test_a_first_update_staged_with_a_version_that_does_not_apply_it_survives_a_restart(tmp_path: Path) -> None:
+    """registry.py:887 ``applied.get(u.device, -1)`` -> ``-0`` (in ``stage_version``): a staged update
+    of a device without a watermark was taken for applied at seq 0, so a device's first update
+    (seq 0), acknowledged with the version committed in the same write, was never written: a
+    restart lost it."""
+    from tests.test_registry import upd
+
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    reg.stage([upd("new", 0, 1.0), upd("old", 3, 2.0)])
+    reg.commit(CommitVersion(version=1, weights=np.ones(SPEC.size, np.float32), applied_changed={"old": 3},
+                             consumed=(("old", 3),), metadata={}, devices_added=("old",)))
+    reg.close()
+    snap = Registry(tmp_path, SPEC).load()
+    assert snap is not None and snap.version == 1
+    assert [u.key for u in snap.buffer] == [("new", 0)]
