@@ -40,6 +40,14 @@ def _journal(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
     return events
 
 
+def _restarted(reg: Registry) -> tuple[int, list[tuple[str, int]]]:
+    """Close ``reg``; what a new process loads from its state dir: the version and the pending updates."""
+    reg.close()
+    snap = Registry(reg.root, SPEC).load()
+    assert snap is not None
+    return snap.version, [u.key for u in snap.buffer]
+
+
 def test_a_durably_written_version_fsyncs_its_files_before_its_directory_is_renamed_into_place(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """registry.py:293 ``os.fsync(fd)`` deleted (in ``_write_file``): version 0 (``initialise``), a
@@ -127,7 +135,102 @@ def test_a_first_update_staged_with_a_version_that_does_not_apply_it_survives_a_
     reg.stage([upd("new", 0, 1.0), upd("old", 3, 2.0)])
     reg.commit(CommitVersion(version=1, weights=np.ones(SPEC.size, np.float32), applied_changed={"old": 3},
                              consumed=(("old", 3),), metadata={}, devices_added=("old",)))
-    reg.close()
-    snap = Registry(tmp_path, SPEC).load()
-    assert snap is not None and snap.version == 1
-    assert [u.key for u in snap.buffer] == [("new", 0)]
+    assert _restarted(reg) == (1, [("new", 0)])
+
+
+def test_an_update_whose_applying_version_failed_its_fsync_is_kept_through_later_commits(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """registry.py:969 ``self._settle(old)`` deleted (in ``_rollback_state``), and registry.py:977
+    ``self._applied.get(d, -1)`` -> ``-0`` (in ``_settle``): when the fsync of a version that applied
+    an update failed, its watermark went back but the log segment holding the update still counted
+    it as applied; the next checkpointed commit deleted that segment, and a restart had lost an
+    update that was acknowledged (durable before the failed version was staged)."""
+    from tests.test_registry import upd
+
+    reg = Registry(tmp_path, SPEC, keep_versions=1)  # every version a base: each commit checkpoints
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    reg.append_updates([upd("a", 0, 1.0)])  # durable: acknowledged
+    reg.stage_version(CommitVersion(version=1, weights=np.ones(SPEC.size, np.float32), applied_changed={"a": 0},
+                                    consumed=(("a", 0),), metadata={}, devices_added=("a",)))
+    real = os.fsync
+
+    def eio(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", eio)
+    with pytest.raises(OSError):
+        reg.flush()
+    monkeypatch.setattr(os, "fsync", real)
+    _commit(reg, 2)  # a version that does not apply it
+    assert _restarted(reg) == (2, [("a", 0)])
+
+
+def test_an_older_layouts_first_update_of_a_device_survives_a_commit_that_does_not_apply_it(tmp_path: Path) -> None:
+    """registry.py:1142 ``self._applied.get(device, -1)`` -> ``-0`` (in ``_drop_applied``): a state
+    dir of the one-file-per-update layout (an older release's) lost a device's first update (seq 0,
+    acknowledged before the upgrade) at the first commit after the upgrade, which took it for
+    applied and deleted its file."""
+    from tests.test_registry import upd
+
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    reg.persist_update_file(upd("old-layout", 0, 1.0))
+    _commit(reg, 1)
+    assert _restarted(reg) == (1, [("old-layout", 0)])
+
+
+def test_the_end_of_a_batch_without_updates_still_makes_its_staged_version_durable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """registry.py:1183 ``self.flush()`` deleted (``append_updates`` of nothing): the daemon ends
+    every batch with ``append_updates(its log)`` ("also of staged versions"); a batch that staged a
+    version and took no update left that version unsynced, its directory and acks to follow."""
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    reg.stage_version(CommitVersion(version=1, weights=np.ones(SPEC.size, np.float32), applied_changed={},
+                                    consumed=(), metadata={}))
+    assert reg.unflushed
+    events = _journal(monkeypatch)
+    reg.append_updates([])
+    assert not reg.unflushed
+    assert [p for kind, p in events if kind == "fsync" and p.endswith(".log")], events
+
+
+def test_a_new_segment_is_started_only_after_the_unsynced_appends_of_the_last_one_are_fsynced(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """registry.py:1191 ``self.flush()`` deleted (in ``_append``, before a new segment): a version
+    staged (appended, not fsynced) at the end of a full segment was never fsynced: the batch's one
+    fsync went to the new segment, and the version and the updates it consumed were acknowledged
+    from the page cache."""
+    import coordinator.registry as registry_module
+    from tests.test_registry import upd
+
+    monkeypatch.setattr(registry_module, "SEGMENT_BYTES", 1)  # every append starts a segment
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    reg.stage_version(CommitVersion(version=1, weights=np.ones(SPEC.size, np.float32), applied_changed={},
+                                    consumed=(), metadata={}))
+    (staged_in,) = {p for p in reg.pending_dir.glob("*.log")}
+    events = _journal(monkeypatch)
+    reg.append_updates([upd("a", 0, 1.0)])
+    assert not reg.unflushed
+    synced = [p for kind, p in events if kind == "fsync"]
+    assert str(staged_in) in synced, events
+
+
+def test_a_segment_holding_a_devices_later_update_is_kept_when_an_earlier_one_is_applied(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """registry.py:1216 ``if u.seq > keys.get(u.device, -1)`` negated (in ``_append``): a segment no
+    longer knew the highest seq of each device it held, so a commit that applied a device's seq 0
+    took the segment for applied, though it also held that device's seq 1; the next checkpoint
+    deleted it, and a restart had lost seq 1 (acknowledged)."""
+    import coordinator.registry as registry_module
+    from tests.test_registry import upd
+
+    monkeypatch.setattr(registry_module, "SEGMENT_BYTES", 1)  # each append its own segment
+    reg = Registry(tmp_path, SPEC, keep_versions=1)  # every version a base: each commit checkpoints
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    reg.append_updates([upd("a", 0, 1.0), upd("a", 1, 2.0)])
+    reg.commit(CommitVersion(version=1, weights=np.ones(SPEC.size, np.float32), applied_changed={"a": 0},
+                             consumed=(("a", 0),), metadata={}, devices_added=("a",)))
+    _commit(reg, 2)
+    assert _restarted(reg) == (2, [("a", 1)])
