@@ -6,12 +6,13 @@ docstrings name it (file:line at the audit's base commit ac73730, and the mutati
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from edge_sdk.store import DEFAULT_FILENAME
+from edge_sdk.store import DEFAULT_FILENAME, CorruptStore
 from tests.test_store import SHAPE, digit, open_store
 
 DIGIT_BYTES = 4 * int(np.prod(SHAPE))
@@ -91,3 +92,67 @@ def test_a_store_exactly_at_quota_bytes_evicts_no_more(tmp_path: Path) -> None:
         ids = [s.add(digit(i), 1, timestamp=float(i)) for i in range(3)]
         assert s.ids() == ids[1:]
         assert s.stats().nbytes == 2 * DIGIT_BYTES and s.stats().evicted == 1
+
+
+def test_a_damaged_task_setting_is_a_corrupt_store(tmp_path: Path) -> None:
+    """store.py:1191 ``key == "task"`` -> ``!=`` (in ``_stored_settings``): a ``task`` setting this
+    module never wrote (not a non-empty string) was taken as it was; the store then refused every
+    task's client with a ConfigError naming a task nobody runs, instead of a corrupt store that a
+    recovery moves aside (counters kept)."""
+    from tests.test_store import _edit
+
+    path = tmp_path / DEFAULT_FILENAME
+    with open_store(path, counters=("next_seq",), task="classification") as s:
+        s.add(digit(0), 1)
+        s.set_meta("next_seq", 3)
+    _edit(path, ("UPDATE settings SET value = ? WHERE key = 'task'", ("7",)))
+    with pytest.raises(CorruptStore, match="task"):
+        open_store(path, counters=("next_seq",), task="classification")
+    with open_store(path, counters=("next_seq",), task="classification", recover=True) as s:
+        assert s.recovered_from is not None and s.get_meta("next_seq") == 3
+
+
+def test_the_counters_mirror_is_fsynced_with_its_contents(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """store.py:1306 ``f.flush()`` deleted (in ``_write_counters``): the mirror's tmp file was
+    fsynced while its JSON was still in Python's buffer, then renamed over the last mirror: after a
+    power cut the mirror, the one copy of ``next_seq`` that survives a store whose every page is
+    garbage, could be empty."""
+    import edge_sdk.store as store_mod
+
+    sizes: list[int] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".counters.tmp"):
+            sizes.append(os.fstat(fd).st_size)
+        real(fd)
+
+    with open_store(tmp_path / DEFAULT_FILENAME, counters=("next_seq",)) as s:
+        monkeypatch.setattr(store_mod.os, "fsync", fsync)
+        s.set_meta("next_seq", 12)
+    assert sizes and all(n > 0 for n in sizes), sizes
+
+
+def test_catching_up_with_the_mirror_numbers_above_an_older_copy_of_the_store(tmp_path: Path) -> None:
+    """store.py:1148 ``DELETE FROM sqlite_sequence ...`` deleted (in ``_set_counters``): a store file
+    put back from an older copy (its id sequence behind the mirror's) got a second sequence row
+    beside its own, and SQLite went on from the older one: ids the device had already handed out
+    (to samples that reached updates and the SCC feature cache) were given again."""
+    import shutil
+
+    path = tmp_path / DEFAULT_FILENAME
+    backup = tmp_path / "backup.sqlite3"
+    with open_store(path, counters=("next_seq",)) as s:
+        for i in range(3):
+            s.add(digit(i), 1)
+        s.set_meta("next_seq", 1)
+    shutil.copyfile(path, backup)
+    with open_store(path, counters=("next_seq",)) as s:
+        ids = [s.add(digit(i), 1) for i in range(3, 6)]
+        s.set_meta("next_seq", 2)
+    for suffix in ("-wal", "-shm"):
+        path.with_name(path.name + suffix).unlink(missing_ok=True)
+    shutil.copyfile(backup, path)
+    with open_store(path, counters=("next_seq",)) as s:
+        assert s.get_meta("next_seq") == 2
+        assert s.add(digit(9), 1) > max(ids)
