@@ -234,3 +234,34 @@ def test_a_segment_holding_a_devices_later_update_is_kept_when_an_earlier_one_is
                              consumed=(("a", 0),), metadata={}, devices_added=("a",)))
     _commit(reg, 2)
     assert _restarted(reg) == (2, [("a", 1)])
+
+
+def test_a_failed_append_is_cut_back_durably(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """registry.py:1227 ``os.fsync(fd)`` deleted (in ``_cut``): after a failed fsync the segment was
+    truncated back to its last durable size but the truncation itself was not made durable, so a
+    power cut could bring back the records of the failed batch, which were never acknowledged."""
+    from tests.test_registry import upd
+
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    reg.append_updates([upd("a", 0, 1.0)])
+    (segment,) = reg.pending_dir.glob("*.log")
+    durable = segment.stat().st_size
+    sizes: list[int] = []
+    real = os.fsync
+    failed: list[bool] = []
+
+    def fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}") == str(segment):
+            if not failed:
+                failed.append(True)
+                raise OSError(5, "Input/output error")
+            sizes.append(os.fstat(fd).st_size)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError):
+        reg.append_updates([upd("a", 1, 2.0)])
+    assert sizes == [durable]  # the cut, fsynced
+    monkeypatch.setattr(os, "fsync", real)
+    assert _restarted(reg) == (0, [("a", 0)])
