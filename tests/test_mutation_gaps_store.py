@@ -156,3 +156,16 @@ def test_catching_up_with_the_mirror_numbers_above_an_older_copy_of_the_store(tm
     with open_store(path, counters=("next_seq",)) as s:
         assert s.get_meta("next_seq") == 2
         assert s.add(digit(9), 1) > max(ids)
+
+
+def test_an_integer_below_64_bits_is_refused_as_meta_with_a_typed_error(tmp_path: Path) -> None:
+    """store.py:1427 ``-(2**63) <= value`` -> ``-(2**64)`` (in ``_check_meta_value``): an int below
+    the 64-bit range passed the check and reached SQLite, which raised a bare OverflowError instead
+    of the typed LocalProtocolError every rejected call raises (and which changes nothing)."""
+    from edge_sdk.errors import LocalProtocolError
+
+    with open_store(tmp_path / DEFAULT_FILENAME) as s:
+        s.set_meta("offset", -(2**63))
+        with pytest.raises(LocalProtocolError, match="64 bits"):
+            s.set_meta_many({"offset": -(2**63) - 1, "next_seq": 9})
+        assert s.get_meta("offset") == -(2**63) and s.get_meta("next_seq") is None
