@@ -265,3 +265,42 @@ def test_a_failed_append_is_cut_back_durably(tmp_path: Path, monkeypatch: pytest
     assert sizes == [durable]  # the cut, fsynced
     monkeypatch.setattr(os, "fsync", real)
     assert _restarted(reg) == (0, [("a", 0)])
+
+
+def test_a_restart_rewrites_a_torn_version_directory_from_its_log_record(tmp_path: Path) -> None:
+    """registry.py:1352 ``self.read_version(version)`` deleted (in ``_repair``): a version directory
+    that exists but was torn by a crash (written without fsync: the log held it) was taken as sound
+    and left torn; the load itself read the log's copy, but once that segment was deleted the
+    version was unreadable (a rollback to it, or the next restart, failed)."""
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    _commit(reg, 1)
+    reg.close()
+    weights = reg.versions_dir / f"{1:09d}" / "weights.npy"
+    weights.write_bytes(weights.read_bytes()[:40])  # torn by a power cut
+    again = Registry(tmp_path, SPEC)
+    again.acquire_lock()
+    try:
+        snap = again.load()
+        assert snap is not None and snap.version == 1 and not snap.recovered_from
+        np.testing.assert_array_equal(np.load(weights), 1.0)  # put back from the log
+    finally:
+        again.close()
+
+
+def test_an_update_in_the_log_twice_is_pending_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """registry.py:1319 ``seen.add(u.key)`` deleted (in ``_scan_log``): an update the log held twice
+    (appended again in a later segment) was handed to the restarted core twice, to be applied twice."""
+    import coordinator.registry as registry_module
+    from tests.test_registry import upd
+
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    reg.append_updates([upd("a", 4, 1.0)])
+    saved = registry_module.SEGMENT_BYTES
+    monkeypatch.setattr(registry_module, "SEGMENT_BYTES", 1)  # the next append: a new segment
+    reg.append_updates([upd("a", 4, 1.0), upd("b", 0, 2.0)])
+    monkeypatch.setattr(registry_module, "SEGMENT_BYTES", saved)
+    assert len(list(reg.pending_dir.glob("*.log"))) == 2
+    assert [u.key for u in reg.pending()] == [("a", 4), ("b", 0)]
+    assert _restarted(reg) == (0, [("a", 4), ("b", 0)])
