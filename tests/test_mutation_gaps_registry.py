@@ -304,3 +304,23 @@ def test_an_update_in_the_log_twice_is_pending_once(tmp_path: Path, monkeypatch:
     assert len(list(reg.pending_dir.glob("*.log"))) == 2
     assert [u.key for u in reg.pending()] == [("a", 4), ("b", 0)]
     assert _restarted(reg) == (0, [("a", 4), ("b", 0)])
+
+
+@pytest.mark.parametrize(("metadata", "rejected"), [
+    ({"source": "rollback", "rejected": 4}, (4, 0)),  # (the rejected version, the one before the rollback)
+    ({"source": "rollback", "of": 0, "recovered": True}, ()),  # the core's recovery rollback without a lineage
+    ({"source": "gate", "rejected": 4}, ()),
+])
+def test_only_a_rollback_that_names_its_rejected_version_restores_a_rejection(
+        tmp_path: Path, metadata: dict[str, object], rejected: tuple[int, ...]) -> None:
+    """registry.py:1497 ``meta.get("source") == "rollback" and type(meta.get("rejected")) is int``
+    -> ``or``: a restart whose newest version was the core's recovery rollback without a rejected
+    lineage (core.py ``_leave_abandoned_line``) failed with a KeyError on ``meta["rejected"]``,
+    and any other commit whose metadata held an int ``rejected`` was restored as a rejection."""
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    reg.commit(CommitVersion(version=1, weights=np.ones(SPEC.size, np.float32), applied_changed={},
+                             consumed=(), metadata=metadata))
+    reg.close()
+    snap = Registry(tmp_path, SPEC).load()
+    assert snap is not None and snap.version == 1 and snap.rejected == rejected
