@@ -324,3 +324,36 @@ def test_only_a_rollback_that_names_its_rejected_version_restores_a_rejection(
     reg.close()
     snap = Registry(tmp_path, SPEC).load()
     assert snap is not None and snap.version == 1 and snap.rejected == rejected
+
+
+def test_an_unreadable_release_falls_back_past_history_entries_without_a_release(tmp_path: Path) -> None:
+    """registry.py:1445 ``isinstance(e, dict) and isinstance(e.get("release"), int) and ...`` -> ``or``:
+    when the release's directory was unreadable, the search for the release before it read
+    ``e["release"]`` of every history entry; one without it (release.json damaged or edited: its
+    entries are only checked to be objects) made the restart fail with a KeyError instead of
+    falling back to the release before."""
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
+    for v in (1, 2):
+        reg.write_version(v, np.full(SPEC.size, v, np.float32), {"applied_upto": {}})
+        reg.record_release(v, False, {"action": "promote", "version": v, "release": v})
+    reg.record_release(2, False, {"action": "note"})  # an entry without a release
+    weights = reg.versions_dir / f"{2:09d}" / "weights.npy"
+    weights.write_bytes(weights.read_bytes()[:40])
+    reg.close()
+    snap = Registry(tmp_path, SPEC).load()
+    assert snap is not None and snap.version == 1 and snap.release_version == 1
+
+
+def test_a_restart_restores_the_release_weights_when_the_release_is_not_the_newest_version(tmp_path: Path) -> None:
+    """registry.py:1439 ``self._read_dir(release)[0]`` -> ``[1]``: a restart whose release is older
+    than the training line's newest version handed the core the release's metadata as its weights."""
+    reg = Registry(tmp_path, SPEC)
+    reg.initialise(np.full(SPEC.size, 3.0, np.float32), now=0.0, source="test")
+    reg.record_release(0, True, {"action": "pin", "version": 0, "release": 0})
+    reg.commit(CommitVersion(version=1, weights=np.ones(SPEC.size, np.float32), applied_changed={}, consumed=(),
+                             metadata={"release": 0, "pinned": True}))  # trained on, not released
+    reg.close()
+    snap = Registry(tmp_path, SPEC).load()
+    assert snap is not None and snap.version == 1 and snap.release_version == 0 and snap.pinned
+    np.testing.assert_array_equal(snap.release_weights, np.full(SPEC.size, 3.0, np.float32))
