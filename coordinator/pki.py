@@ -87,8 +87,9 @@ def _days(text: str) -> int:
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Write a secret: created 0600 (never readable by others, not even for an instant), atomic."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    """Write a secret: created 0600 (never readable by others, not even for an instant), atomic;
+    the folder made for it 0700 (and those made above it 0755)."""
+    _make_dirs(path.parent, 0o700)
     _write_atomic(path, data, 0o600)
 
 
@@ -125,10 +126,21 @@ def _write_atomic(path: Path, data: bytes, mode: int) -> None:
 
 def public_dir(path: Path) -> Path:
     """Create ``path`` (and parents) if missing; a directory created here is 0755 whatever the umask."""
-    if not path.is_dir():
-        path.mkdir(parents=True, exist_ok=True)
-        os.chmod(path, 0o755)
+    _make_dirs(path, 0o755)
     return path
+
+
+def _make_dirs(path: Path, mode: int) -> None:
+    """``path`` with ``mode`` and the folders above it that are missing with 0755, whatever the
+    umask (``mkdir(parents=True)`` gave those above the last the umask's mode: 0777 under umask
+    000, where anyone could swap the folder below for their own)."""
+    if path.is_dir():
+        return
+    missing = [p for p in path.parents if not p.exists()]
+    path.mkdir(parents=True, exist_ok=True, mode=mode)
+    for p in reversed(missing):
+        os.chmod(p, 0o755)
+    os.chmod(path, mode)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -216,7 +228,7 @@ class Pki:
         path = Path(root)
         if (path / "ca.key").exists() and not force:
             raise ConfigError(f"{path} already holds a CA (ca.key); pass --force to replace it and re-issue everything")
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _make_dirs(path, 0o700)
         os.chmod(path, 0o700)
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "edgeci"),
@@ -382,7 +394,7 @@ class Pki:
         bundle = self.bundle_dir(name)
         if bundle.exists() and force:
             shutil.rmtree(bundle)
-        bundle.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _make_dirs(bundle, 0o700)
         os.chmod(bundle, 0o700)
         write_private(bundle / f"{name}.key", _key_pem(key))
         write_public(bundle / f"{name}.crt", _cert_pem(cert))
@@ -794,7 +806,7 @@ def _create_folder(path: Path, flag: str) -> None:
     flag, the folder and why (`pki init --dir /proc/x` said only "/proc/x: No such file or
     directory"). A file in its place is left to :func:`run` ("exists and is not a folder")."""
     try:
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _make_dirs(path, 0o700)
     except FileExistsError:
         raise
     except OSError as exc:
