@@ -137,10 +137,16 @@ def _make_dirs(path: Path, mode: int) -> None:
     if path.is_dir():
         return
     missing = [p for p in path.parents if not p.exists()]
-    path.mkdir(parents=True, exist_ok=True, mode=mode)
-    for p in reversed(missing):
-        os.chmod(p, 0o755)
-    os.chmod(path, mode)
+    for folder, want in [*((p, 0o755) for p in reversed(missing)), (path, mode)]:
+        # Made one at a time with its own mode (the umask can only narrow it: never wider than
+        # wanted, not even before the chmod), then set exactly.
+        try:
+            os.mkdir(folder, want)
+        except FileExistsError:
+            if folder is path and not folder.is_dir():
+                raise
+            continue  # made meanwhile by someone else: left as it is
+        os.chmod(folder, want)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
