@@ -15,6 +15,7 @@ import pytest
 from coordinator.core import CommitVersion
 from coordinator.registry import Registry
 from tests.helpers import SPEC
+from tests.test_registry import upd
 
 
 def _commit(reg: Registry, version: int) -> None:
@@ -128,8 +129,6 @@ def test_a_first_update_staged_with_a_version_that_does_not_apply_it_survives_a_
     of a device without a watermark was taken for applied at seq 0, so a device's first update
     (seq 0), acknowledged with the version committed in the same write, was never written: a
     restart lost it."""
-    from tests.test_registry import upd
-
     reg = Registry(tmp_path, SPEC)
     reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
     reg.stage([upd("new", 0, 1.0), upd("old", 3, 2.0)])
@@ -145,8 +144,6 @@ def test_an_update_whose_applying_version_failed_its_fsync_is_kept_through_later
     an update failed, its watermark went back but the log segment holding the update still counted
     it as applied; the next checkpointed commit deleted that segment, and a restart had lost an
     update that was acknowledged (durable before the failed version was staged)."""
-    from tests.test_registry import upd
-
     reg = Registry(tmp_path, SPEC, keep_versions=1)  # every version a base: each commit checkpoints
     reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
     reg.append_updates([upd("a", 0, 1.0)])  # durable: acknowledged
@@ -170,8 +167,6 @@ def test_an_older_layouts_first_update_of_a_device_survives_a_commit_that_does_n
     dir of the one-file-per-update layout (an older release's) lost a device's first update (seq 0,
     acknowledged before the upgrade) at the first commit after the upgrade, which took it for
     applied and deleted its file."""
-    from tests.test_registry import upd
-
     reg = Registry(tmp_path, SPEC)
     reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
     reg.persist_update_file(upd("old-layout", 0, 1.0))
@@ -202,8 +197,6 @@ def test_a_new_segment_is_started_only_after_the_unsynced_appends_of_the_last_on
     fsync went to the new segment, and the version and the updates it consumed were acknowledged
     from the page cache."""
     import coordinator.registry as registry_module
-    from tests.test_registry import upd
-
     monkeypatch.setattr(registry_module, "SEGMENT_BYTES", 1)  # every append starts a segment
     reg = Registry(tmp_path, SPEC)
     reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
@@ -224,8 +217,6 @@ def test_a_segment_holding_a_devices_later_update_is_kept_when_an_earlier_one_is
     took the segment for applied, though it also held that device's seq 1; the next checkpoint
     deleted it, and a restart had lost seq 1 (acknowledged)."""
     import coordinator.registry as registry_module
-    from tests.test_registry import upd
-
     monkeypatch.setattr(registry_module, "SEGMENT_BYTES", 1)  # each append its own segment
     reg = Registry(tmp_path, SPEC, keep_versions=1)  # every version a base: each commit checkpoints
     reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
@@ -240,8 +231,6 @@ def test_a_failed_append_is_cut_back_durably(tmp_path: Path, monkeypatch: pytest
     """registry.py:1227 ``os.fsync(fd)`` deleted (in ``_cut``): after a failed fsync the segment was
     truncated back to its last durable size but the truncation itself was not made durable, so a
     power cut could bring back the records of the failed batch, which were never acknowledged."""
-    from tests.test_registry import upd
-
     reg = Registry(tmp_path, SPEC)
     reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
     reg.append_updates([upd("a", 0, 1.0)])
@@ -292,8 +281,6 @@ def test_an_update_in_the_log_twice_is_pending_once(tmp_path: Path, monkeypatch:
     """registry.py:1319 ``seen.add(u.key)`` deleted (in ``_scan_log``): an update the log held twice
     (appended again in a later segment) was handed to the restarted core twice, to be applied twice."""
     import coordinator.registry as registry_module
-    from tests.test_registry import upd
-
     reg = Registry(tmp_path, SPEC)
     reg.initialise(np.zeros(SPEC.size, np.float32), now=0.0, source="test")
     reg.append_updates([upd("a", 4, 1.0)])
