@@ -91,6 +91,19 @@ def test_a_token_relaying_an_age_for_a_coordinator_outside_the_ring_is_taken() -
     assert [s.kind for s in plan.sends][:1] == ["beat"]
 
 
+def test_a_beat_is_sent_at_exactly_the_time_wake_at_asked_for() -> None:
+    """spyker.py:474 (``now >= self.next_beat_at`` -> ``>`` in ``on_timer``): the core arms a timer only
+    when ``wake_at`` changes (core.py 1789), so a timer fired at exactly the instant asked for had to
+    send the beat; with the mutant it sent nothing, the wake time stayed the same and no timer came
+    again until another event."""
+    a = SpykerPeering("a", ["a", "b"], SPY, strategy=SpykerStrategy())
+    view = View(weights=vec(1.0))
+    assert [s.kind for s in a.on_timer(view, 0.0).sends] == ["beat"]  # ring[0] of a cold ring: its token's beat
+    assert a.wake_at() == 1.0
+    assert [s.kind for s in a.on_timer(view, 1.0).sends] == ["beat"]
+    assert a.wake_at() == 2.0
+
+
 # --------------------------------------------------------------------------- Sync-Spyker
 
 
