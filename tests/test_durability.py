@@ -505,7 +505,8 @@ class FakeTransport:
 
 
 @contextmanager
-def driver(tmp_path: Path, *, k: int, **options: Any) -> Iterator[tuple[Any, FakeTransport]]:
+def driver(tmp_path: Path, *, k: int, transport: FakeTransport | None = None, **options: Any) -> Iterator[tuple[Any, FakeTransport]]:
+    """A started daemon on ``transport`` (default: a new :class:`FakeTransport`), stopped on exit."""
     from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
 
     daemon = CoordinatorDaemon(
@@ -513,7 +514,7 @@ def driver(tmp_path: Path, *, k: int, **options: Any) -> Iterator[tuple[Any, Fak
                            strategy_params={"k": k, "timeout_s": 3600.0}, storage_probe_s=0.05, **options),
         task=get_task("digits"),
     )
-    fake = FakeTransport()
+    fake = transport if transport is not None else FakeTransport()
     daemon.transport = fake  # type: ignore[assignment]
     daemon.start()
     try:
