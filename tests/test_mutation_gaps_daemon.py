@@ -206,3 +206,56 @@ def test_a_qos_0_message_is_handled(tmp_path: Path) -> None:
         daemon._on_message(topics.device_topic(REGION, "d0", "pull"), encode(pull))
         wait_until(lambda: len(fake.models()) == 1, 10, "the model for the QoS 0 pull")
         assert fake.acked == []
+
+
+class OutageTransport(FakeTransport):
+    """Every PUBACK it hands out belongs to the current connection (no reconnect here)."""
+
+    def is_current(self, held: Any) -> bool:
+        return True
+
+
+def test_a_command_whose_record_fails_inside_an_outage_is_not_acknowledged(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """daemon.py:949 (``_storage_failed``) ``self._withhold = True`` -> ``False`` (helper-188 left it:
+    no test wrote during an outage). Storage already failing (b's update refused), an operator's pin
+    whose version and release record cannot be written either: its PUBACK is withheld, and once storage
+    works again the connection is closed so that the broker delivers the pin again. With the mutant the pin's PUBACK was let go although its release record
+    had failed: the order the pin test above asks for outside an outage. Here the pinned version came
+    back from the pending log at the recovery, so the pin holds in the end either way."""
+    import errno
+
+    w = get_task("digits").pretrained(seed=0)
+    with driver(tmp_path, k=1, transport=OutageTransport()) as (daemon, fake):
+        in_one_batch(daemon, [update("a", 1, w)])
+        wait_until(lambda: daemon.core.version == 1 and len(fake.acked) == 1, 10, "version 1 and the update's PUBACK")
+
+        def full(*args: Any, **kwargs: Any) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        append = daemon.registry.append_updates
+
+        def append_full(updates: Any) -> None:  # (nothing to write: the fsync of what is written works)
+            updates = list(updates)
+            if updates:
+                full()
+            append(updates)
+
+        monkeypatch.setattr(daemon.registry, "append_updates", append_full)
+        monkeypatch.setattr(daemon.registry, "probe", full)
+        monkeypatch.setattr(daemon.registry, "commit", full)
+        in_one_batch(daemon, [update("b", 1, w + 1e-3)])
+        wait_until(lambda: fake.last_status().get("extra", {}).get("storage_ok") is False, 10, "storage_ok false")
+        monkeypatch.setattr(daemon.registry, "record_release", full)
+        failures = daemon.storage_failures
+        topic = topics.control_topic(REGION)
+        pin = Control(command="pin", operator=daemon.coordinator_id, issued_at=time.time(), nonce=7, version=0)
+        in_one_batch(daemon, [(topic, encode(pin, signer=daemon.signer, scope=topics.signing_scope(topic)))])
+        wait_until(lambda: daemon.storage_failures > failures, 10, "the pin's record failing")
+        in_one_batch(daemon, [])  # (one more batch: anything the pin's held there would have been let go by now)
+        assert fake.acked[1:] == [], fake.acked  # b's (refused while failing: it comes again) and the pin's withheld
+        redelivered = fake.redelivered
+        monkeypatch.undo()
+        wait_until(lambda: fake.last_status().get("extra", {}).get("storage_ok") is True, 10, "storage_ok true")
+        assert fake.redelivered > redelivered and fake.acked[1:] == [], fake.acked
+    assert read_release_record(tmp_path / "c")["pinned"] is True  # (the pinned version came back from the pending log)
