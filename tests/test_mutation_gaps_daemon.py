@@ -20,7 +20,7 @@ import pytest
 from coordinator.registry import Registry, read_release_record
 from edge_sdk.tasks import get_task
 from edge_sdk.wire import topics
-from edge_sdk.wire.codec import encode
+from edge_sdk.wire.codec import encode, status_json
 from edge_sdk.wire.messages import Ack, Control, Pull
 from tests.helpers import wait_until
 from tests.test_durability import REGION, FakeTransport, driver, in_one_batch, update
@@ -259,3 +259,19 @@ def test_a_command_whose_record_fails_inside_an_outage_is_not_acknowledged(
         wait_until(lambda: fake.last_status().get("extra", {}).get("storage_ok") is True, 10, "storage_ok true")
         assert fake.redelivered > redelivered and fake.acked[1:] == [], fake.acked
     assert read_release_record(tmp_path / "c")["pinned"] is True  # (the pinned version came back from the pending log)
+
+
+def test_our_own_retained_status_read_back_is_acknowledged_with_the_batch(tmp_path: Path) -> None:
+    """daemon.py:676 (``_on_message``) ``if held_status is not None`` -> ``is None`` (helper-188 left it):
+    the coordinator's own retained status, read back from the broker, was never acknowledged, so it
+    kept a place of the broker's in-flight window for good (and came back at every reconnect). Its
+    PUBACK leaves with the batch's, after those held before it."""
+    w = get_task("digits").pretrained(seed=0)
+    with driver(tmp_path, k=10) as (daemon, fake):
+        in_one_batch(daemon, [update("d0", 1, w)])
+        wait_until(lambda: len(fake.acked) == 1 and fake.last_status(), 10, "d0's PUBACK and a status")
+        status = topics.status_topic(REGION)
+        daemon._on_message(status, status_json(daemon.core.status()))  # (as the broker hands it back)
+        in_one_batch(daemon, [update("d1", 1, w + 1e-3)])
+        wait_until(lambda: len(fake.acked) == 3, 10, "the status's and d1's PUBACKs")
+        assert fake.acked == sorted(fake.acked), fake.acked  # in the order they were held
