@@ -275,3 +275,47 @@ def test_our_own_retained_status_read_back_is_acknowledged_with_the_batch(tmp_pa
         in_one_batch(daemon, [update("d1", 1, w + 1e-3)])
         wait_until(lambda: len(fake.acked) == 3, 10, "the status's and d1's PUBACKs")
         assert fake.acked == sorted(fake.acked), fake.acked  # in the order they were held
+
+
+class KeptMessageTransport(FakeTransport):
+    """The broker delivers a message it kept for the coordinator's persistent session while the
+    connection is made, before :meth:`CoordinatorDaemon.start` queues its own start of the core."""
+
+    daemon: Any = None
+    kept: tuple[str, bytes] | None = None
+
+    def start(self, timeout: float = 0.0) -> None:
+        assert self.daemon is not None and self.kept is not None
+        self.daemon._on_message(*self.kept)
+
+
+def test_a_core_whose_first_start_fails_on_a_kept_message_is_rebuilt_and_handles_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """daemon.py:755 (``_handle``) ``self._core_failed(exc)`` deleted (helper-188 left it): the core's
+    start, run by the first message the broker kept for us, raised and was swallowed: the core stayed
+    half started (no rebuild, the failure not counted) and handled the message as if nothing had
+    happened. The failure is counted and the core rebuilt from the durable state before the message,
+    which is then accepted."""
+    from coordinator.core import CoordinatorCore
+    from coordinator.daemon import CoordinatorDaemon
+
+    calls: list[float] = []
+    start_core, start_daemon = CoordinatorCore.start, CoordinatorDaemon.start
+
+    def failing_once(self: Any, now: float) -> Any:
+        calls.append(now)
+        if len(calls) == 1:
+            raise RuntimeError("the first start fails")
+        return start_core(self, now)
+
+    def start(self: Any, timeout: float = 10.0) -> Any:
+        self.transport.daemon = self
+        return start_daemon(self, timeout)
+
+    monkeypatch.setattr(CoordinatorCore, "start", failing_once)
+    monkeypatch.setattr(CoordinatorDaemon, "start", start)
+    fake = KeptMessageTransport()
+    fake.kept = update("d0", 1, get_task("digits").pretrained(seed=0))
+    with driver(tmp_path, k=10, transport=fake) as (daemon, fake):
+        wait_until(lambda: len(fake.acks("accepted")) == 1 and len(fake.acked) == 1, 10, "d0's update accepted")
+        assert daemon.core_failures == 1 and len(calls) >= 2, (daemon.core_failures, calls)
