@@ -474,6 +474,9 @@ class FakeTransport:
         with self._lock:
             self.acked.extend(held)
 
+    def is_current(self, held: Any) -> bool:
+        return True  # (one connection: no reconnect here)
+
     def redeliver(self) -> None:
         self.redelivered += 1
 

@@ -7,6 +7,7 @@ let go — is journalled together with the registry's durable writes, in the ord
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -66,6 +67,11 @@ class Journal:
     def first(self, pred: Callable[[tuple[Any, ...]], bool]) -> int:
         with self._lock:
             return next((i for i, e in enumerate(self.events) if pred(e)), -1)
+
+
+def full(*args: Any, **kwargs: Any) -> None:
+    """A registry write on a full disk."""
+    raise OSError(errno.ENOSPC, "No space left on device")
 
 
 def _accepted_ack(e: tuple[Any, ...]) -> bool:
@@ -133,16 +139,10 @@ def test_an_outage_core_holds_no_buffered_update_and_the_recovery_brings_the_dur
     outage. That core could aggregate it (a timer, a peer) and try to commit while nothing can be
     written. Here d0's update is durable, d1's append fails: the outage's status says 0 buffered;
     once storage works again d0's update is back (1 buffered), d1's is not (it was never acknowledged)."""
-    import errno
-
     w = get_task("digits").pretrained(seed=0)
     with driver(tmp_path, k=10) as (daemon, fake):
         in_one_batch(daemon, [update("d0", 1, w)])
         wait_until(lambda: len(fake.acks("accepted")) == 1 and fake.last_status().get("buffered") == 1, 10, "d0 accepted")
-
-        def full(*args: Any) -> None:
-            raise OSError(errno.ENOSPC, "No space left on device")
-
         monkeypatch.setattr(daemon.registry, "append_updates", full)
         monkeypatch.setattr(daemon.registry, "probe", full)
         in_one_batch(daemon, [update("d1", 1, w + 1e-3)])
@@ -208,30 +208,19 @@ def test_a_qos_0_message_is_handled(tmp_path: Path) -> None:
         assert fake.acked == []
 
 
-class OutageTransport(FakeTransport):
-    """Every PUBACK it hands out belongs to the current connection (no reconnect here)."""
-
-    def is_current(self, held: Any) -> bool:
-        return True
-
-
 def test_a_command_whose_record_fails_inside_an_outage_is_not_acknowledged(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """daemon.py:949 (``_storage_failed``) ``self._withhold = True`` -> ``False`` (helper-188 left it:
     no test wrote during an outage). Storage already failing (b's update refused), an operator's pin
     whose version and release record cannot be written either: its PUBACK is withheld, and once storage
-    works again the connection is closed so that the broker delivers the pin again. With the mutant the pin's PUBACK was let go although its release record
-    had failed: the order the pin test above asks for outside an outage. Here the pinned version came
-    back from the pending log at the recovery, so the pin holds in the end either way."""
-    import errno
-
+    works again the connection is closed so that the broker delivers the pin again. With the mutant
+    the pin's PUBACK was let go although its release record had failed: the order the pin test above
+    asks for outside an outage. Here the pinned version came back from the pending log at the
+    recovery, so the pin holds in the end either way."""
     w = get_task("digits").pretrained(seed=0)
-    with driver(tmp_path, k=1, transport=OutageTransport()) as (daemon, fake):
+    with driver(tmp_path, k=1) as (daemon, fake):
         in_one_batch(daemon, [update("a", 1, w)])
         wait_until(lambda: daemon.core.version == 1 and len(fake.acked) == 1, 10, "version 1 and the update's PUBACK")
-
-        def full(*args: Any, **kwargs: Any) -> None:
-            raise OSError(errno.ENOSPC, "No space left on device")
 
         append = daemon.registry.append_updates
 
