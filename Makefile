@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 # $VENV_PYTHON if set, else /usr/bin/python3.11 where it can make a venv (Debian's build links
 # the interpreter into the executable, with PGO + LTO), else the first python3 on PATH. On
 # this project's machines pyenv's python3 is a --enable-shared build without PGO: the
-# emulator takes 6-14 % more CPU on it (README, Performance). An existing venv is kept: to move
+# emulator takes 6-14 % more CPU on it (docs/performance.md). An existing venv is kept: to move
 # one, make clean-venv first.
 FIND_PYTHON := $${VENV_PYTHON:-$$(/usr/bin/python3.11 -c 'import ensurepip, venv' >/dev/null 2>&1 && echo /usr/bin/python3.11 || echo python3)}
 STAMP := $(VENV)/.edgeci-installed

@@ -12,7 +12,7 @@ accuracy-over-time PNG (release and training line).
 A trial, not a deployment: the embedded broker is anonymous, unencrypted and bound to
 127.0.0.1 only; devices pin the coordinator's model-signing key on first use. Production
 fleets run mosquitto with ``coordinator/mosquitto/edgeci-secure.conf`` and ``edgeci pki``
-bundles (README, *Security*).
+bundles (docs/security.md).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ log = logging.getLogger("edgeci.run")
 
 NO_CREDENTIALS = BrokerAuth(hint=(
     "`edgeci run` is a trial: it trusts only the system's CAs and has no client certificate; on this broker "
-    "start `edgeci coordinator` and `edgeci device`, each with its bundle from `edgeci pki issue` (README, Security)"))
+    "start `edgeci coordinator` and `edgeci device`, each with its bundle from `edgeci pki issue` (docs/security.md)"))
 """How run's coordinator and devices connect: as before, with no credentials; a broker that refuses
 them is told of with what run is, not with --bundle/--ca/--cert, flags run does not have."""
 
@@ -73,7 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "127.0.0.1 only). Either way a trial: its devices have no bundle, so each trusts the first key that "
                    "signs a model (trust on first use), which is insecure on any broker others can publish to (they "
                    "become the trusted key if they publish first); fleets pass each device a bundle from `edgeci pki "
-                   "issue`, whose trusted/ holds the coordinators' keys (README, Security)")
+                   "issue`, whose trusted/ holds the coordinators' keys (docs/security.md)")
     p.add_argument("--model", default="digits", type=task_arg, help="task / model: a built-in task, or an app's own as package.module:Name (on PYTHONPATH) "
                    "or an edgeci.tasks entry point (default: digits)")
     p.add_argument("--devices", type=_positive(int), default=20, help="number of devices (default: 20)")

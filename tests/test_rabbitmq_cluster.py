@@ -2,7 +2,7 @@
 started by the test on 127.0.0.1, ``tests/rabbitmq.py``) carries the main flow with the
 coordinator on node 1 and the devices on node 2.
 
-What this measures about RabbitMQ 3.10 (Debian 12), stated in the README's "Deployment shapes":
+What this measures about RabbitMQ 3.10 (Debian 12), stated in docs/deployment.md:
 
 * **QoS 1 across nodes** works: every message published at QoS 1 on node 2 reaches a
   ``clean_session=False`` subscriber on node 1 exactly once and in order (the subscriber's queue
@@ -127,7 +127,7 @@ def test_main_flow_across_a_two_node_rabbitmq_cluster(rabbitmq_cluster: RabbitMq
         wait_until(lambda: retained(node2, "kept-n2", kept_topic, 1.0) == b"kept-on-node-2", 10, "the retained probe on node 2")
         from_node1 = retained(node1, "kept-n1", kept_topic, 3.0)
         print(f"retained probe (published on node 2): node 2 yes, node 1 {'yes' if from_node1 is not None else 'no'}")
-        assert from_node1 is None, "retained messages are replicated now: update the README's Deployment shapes"
+        assert from_node1 is None, "retained messages are replicated now: update docs/deployment.md"
     finally:
         source.stop()
         sink.close()
@@ -149,7 +149,7 @@ def test_main_flow_across_a_two_node_rabbitmq_cluster(rabbitmq_cluster: RabbitMq
               f"{'gets it' if on_node2 is not None else 'gets nothing'}")
         assert on_node2 is None, (
             "a retained message published on node 1 reached a new subscriber on node 2: RabbitMQ now replicates "
-            "retained messages; update the README's Deployment shapes section and this test")
+            "retained messages; update docs/deployment.md and this test")
         # devices do read one retained topic: the region's recall (the epoch, and the versions a rollback or
         # pin abandoned), announced at start; a device subscribing on node 2 does not get it either
         recall_topic = topics.recall_topic(REGION)
@@ -157,7 +157,7 @@ def test_main_flow_across_a_two_node_rabbitmq_cluster(rabbitmq_cluster: RabbitMq
         recall_on_node2 = retained(node2, "recall-n2", recall_topic, 3.0)
         print(f"retained recall (published on node 1): new subscriber on node 2 "
               f"{'gets it' if recall_on_node2 is not None else 'gets nothing'}")
-        assert recall_on_node2 is None, "the recall reached node 2: update the README's Deployment shapes section and this test"
+        assert recall_on_node2 is None, "the recall reached node 2: update docs/deployment.md and this test"
         live = Listener(node2, "status-live-n2", [topics.status_topic(REGION)])  # live statuses do cross nodes
 
         accepted: list[tuple[str, int]] = []

@@ -1,9 +1,9 @@
-"""README.md's command lines parse with the real parsers, as written.
+"""The command lines of README.md and of the pages in docs/ parse with the real parsers, as written.
 
-Every ``edgeci …``, ``python -m MODULE …`` and ``.venv/bin/python benchmarks/X.py …`` in the
-README's bash code blocks and inline code spans is handed to its own argparse parser's
+Every ``edgeci …``, ``python -m MODULE …`` and ``.venv/bin/python benchmarks/X.py …`` in their
+bash code blocks and inline code spans is handed to its own argparse parser's
 ``parse_args`` (the commands themselves are never run): a renamed or dropped flag, a choice
-that no longer exists or a value its type refuses fails here, naming the README line.
+that no longer exists or a value its type refuses fails here, naming the file and line.
 
 What is not parsed, and why, is listed in :data:`PLACEHOLDER` and :data:`FRAGMENTS`; a
 fragment's flags must still exist on its command's parser.
@@ -29,6 +29,8 @@ from demos.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+"""The README's pages: each section of the README ends with a link to its whole page here."""
 
 PLACEHOLDER = re.compile(r"^(\.\.\.|….*|.*…|[A-Z][A-Z_]*|<[^>]*>|.*\|.*)$")
 """Words the README writes for "fill in yours": ``...`` / ``…``, an all-capitals name (N, DIR, ID,
@@ -57,19 +59,20 @@ class Command:
     kind: str  # "edgeci", "module" (python -m) or "script" (python path.py)
     target: str  # "" for edgeci, else the module or the script's path
     argv: tuple[str, ...]
-    source: str  # the README text it came from
+    source: str  # the text it came from
     line: int
     inline: bool
+    file: str = "README.md"
 
     @property
     def placeholders(self) -> list[str]:
         return [w for w in self.argv if PLACEHOLDER.match(w) and w not in NOT_PLACEHOLDERS]
 
     def __str__(self) -> str:
-        return f"README.md:{self.line}: {self.source.strip()}"
+        return f"{self.file}:{self.line}: {self.source.strip()}"
 
 
-def _commands_in(text: str, line: int, inline: bool) -> list[Command]:
+def _commands_in(text: str, line: int, inline: bool, file: str) -> list[Command]:
     try:
         words = shlex.split(text, comments=True)
     except ValueError:
@@ -78,19 +81,20 @@ def _commands_in(text: str, line: int, inline: bool) -> list[Command]:
     for i, word in enumerate(words):
         rest = tuple(words[i + 1:])
         if word in ("edgeci", ".venv/bin/edgeci") and (i == 0 or words[i - 1] in ("-a", "xvfb-run")):
-            out.append(Command("edgeci", "", rest, text, line, inline))
+            out.append(Command("edgeci", "", rest, text, line, inline, file))
         elif word in ("python", ".venv/bin/python", "python3") and rest[:1] == ("-m",) and len(rest) > 1:
-            out.append(Command("module", rest[1], rest[2:], text, line, inline))
+            out.append(Command("module", rest[1], rest[2:], text, line, inline, file))
         elif word in ("python", ".venv/bin/python", "python3") and rest[:1] and rest[0].endswith(".py"):
-            out.append(Command("script", rest[0], rest[1:], text, line, inline))
+            out.append(Command("script", rest[0], rest[1:], text, line, inline, file))
         else:
             continue
         break
     return out
 
 
-def readme_commands(text: str | None = None) -> list[Command]:
-    """Every command line of the README: bash code blocks (``\\`` continuations joined) and inline spans."""
+def readme_commands(text: str | None = None, file: str = "README.md") -> list[Command]:
+    """Every command line of the README (or of ``text``, named ``file``): bash code blocks (``\\``
+    continuations joined) and inline spans."""
     text = README.read_text(encoding="utf-8") if text is None else text
     out: list[Command] = []
     for m in re.finditer(r"^```(\w*)\n(.*?)^```", text, re.S | re.M):
@@ -109,10 +113,10 @@ def readme_commands(text: str | None = None) -> list[Command]:
             joined.append((start, pending + raw))
             pending = ""
         for n, line in joined:
-            out += _commands_in(line, n, inline=False)
+            out += _commands_in(line, n, inline=False, file=file)
     prose = re.sub(r"^```.*?^```", lambda m: "\n" * m.group(0).count("\n"), text, flags=re.S | re.M)
     for m in re.finditer(r"(?<!`)`([^`]+)`(?!`)", prose):  # (a span may wrap onto the next line)
-        out += _commands_in(m.group(1), prose.count("\n", 0, m.start()) + 1, inline=True)
+        out += _commands_in(m.group(1), prose.count("\n", 0, m.start()) + 1, inline=True, file=file)
     return out
 
 
@@ -179,7 +183,15 @@ def _all_options(parser: argparse.ArgumentParser) -> set[str]:
     return {s for p in _parsers(parser) for a in p._actions for s in a.option_strings}
 
 
-COMMANDS = [c for c in readme_commands() if c.source.strip() not in NOT_COMMANDS]
+def all_commands() -> list[Command]:
+    """The README's command lines, then each docs/ page's."""
+    out = readme_commands()
+    for page in DOCS:
+        out += readme_commands(page.read_text(encoding="utf-8"), file=f"docs/{page.name}")
+    return out
+
+
+COMMANDS = [c for c in all_commands() if c.source.strip() not in NOT_COMMANDS]
 def _names_only(command: Command) -> bool:
     """An inline ``edgeci``, ``edgeci device`` or ``edgeci pki issue``: prose naming a command (or
     an action), no option, no value."""
@@ -211,14 +223,33 @@ def test_the_readme_has_commands_to_check() -> None:
     kinds = {c.kind for c in FULL}
     assert len(FULL) >= 40 and kinds == {"edgeci", "module", "script"}, [str(c) for c in COMMANDS]
     assert any(c.argv[:1] == ("coordinator",) and "--init" in c.argv for c in FULL)  # a `\`-continued block line
+    files = {c.file for c in FULL}
+    assert {"README.md", "docs/security.md", "docs/guide.md", "docs/results.md"} <= files, sorted(files)  # docs/ is read too
 
 
-@pytest.mark.parametrize("command", FULL, ids=[f"L{c.line}:{' '.join(c.argv[:3])}" for c in FULL])
+def test_the_readme_links_every_page_and_every_link_resolves() -> None:
+    """Each section of the README ends with a link to its page in docs/: every page is linked from the
+    README, and every relative link or image in the README and the pages names a file that exists."""
+    readme = README.read_text(encoding="utf-8")
+    assert DOCS, "no docs/*.md"
+    unlinked = [p.name for p in DOCS if f"](docs/{p.name}" not in readme]
+    assert not unlinked, f"docs pages the README does not link: {unlinked}"
+    broken = []
+    for page in [README, *DOCS]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text(encoding="utf-8")):
+            if "://" in target or target.startswith("#"):
+                continue
+            if not (page.parent / target.split("#", 1)[0]).exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert not broken, broken
+
+
+@pytest.mark.parametrize("command", FULL, ids=[f"{c.file}:L{c.line}:{' '.join(c.argv[:3])}" for c in FULL])
 def test_readme_command_parses(command: Command, capsys: pytest.CaptureFixture[str]) -> None:
     parse(command)
 
 
-@pytest.mark.parametrize("command", PARTIAL, ids=[f"L{c.line}:{' '.join(c.argv[:3])}" for c in PARTIAL])
+@pytest.mark.parametrize("command", PARTIAL, ids=[f"{c.file}:L{c.line}:{' '.join(c.argv[:3])}" for c in PARTIAL])
 def test_readme_fragment_names_real_flags(command: Command) -> None:
     """A command with a placeholder (``--state-dir DIR``) or a prose fragment: every ``--flag``
     in it is one its command has (the subcommand is the first word that is not a placeholder)."""
@@ -238,7 +269,7 @@ def test_readme_fragment_names_real_flags(command: Command) -> None:
             for action in actions:  # `edgeci pki acl`: the action exists
                 assert argv[1] in action.choices, f"{command}: no {name} action {argv[1]!r}"
     else:
-        parser = parser_of(Command(command.kind, command.target, (), command.source, command.line, command.inline))
+        parser = parser_of(Command(command.kind, command.target, (), command.source, command.line, command.inline, command.file))
     known = _all_options(parser)
     flags = [w.split("=", 1)[0] for w in argv if w.startswith("--")]
     unknown = [f for f in flags if f not in known]

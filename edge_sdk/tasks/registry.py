@@ -11,7 +11,7 @@ when asked to train. ``tests/test_tasks.py`` loads every declaration's task by i
 checks digits', gestures' and detection's declarations in full against their torch tasks
 (``tests/test_procdigits.py`` procdigits').
 
-The input contract (README, "In an app"): ``add_sample`` takes one sample of exactly
+The input contract (docs/guide.md, "The SDK in an app"): ``add_sample`` takes one sample of exactly
 ``contract.shape``, ``predict`` one sample or a batch ``(N, *contract.shape)``; floating
 point, finite, inside ``contract.value_range`` when the task has one. One convenience: a
 sample may leave out the shape's size-1 axes (an ``(8, 8)`` digit gets its channel axis).
