@@ -274,7 +274,9 @@ def render(status: Mapping[str, Any], now: float, stale_after: float | None = No
         out.append(f"operator  commands refused: {', '.join(f'{k} {v}' for k, v in sorted(refused.items()))}")
     extra_pulls = "".join(f" · {k} {x[f'pulls_{k}']}" for k in ("serving", "unchanged") if f"pulls_{k}" in x)
     last = x.get("last_aggregation_at")  # is training advancing (helper-171: only --json had it)
-    last_agg = f" (last {_ago(now - last)})" if isinstance(last, int | float) and not isinstance(last, bool) and last > 0 else ""
+    aggregated = x.get("aggregations")  # (a fresh state dir's last_aggregation_at is version 0's creation: no aggregation)
+    last_agg = (f" (last {_ago(now - last)})" if isinstance(last, int | float) and not isinstance(last, bool) and last > 0
+                and isinstance(aggregated, int) and aggregated > 0 else "")
     out.append(f"pulls     served {x.get('pulls_served', 0)} · deferred {x.get('pulls_deferred', 0)}{extra_pulls} · "
                f"aggregations {x.get('aggregations', 0)}{last_agg} · traffic in {_bytes(x.get('bytes_in'))}, "
                f"out {_bytes(x.get('bytes_out'))}")

@@ -149,6 +149,10 @@ def test_status_says_when_the_last_aggregation_was() -> None:
     text = render({**base, "extra": {"aggregations": 2, "last_aggregation_at": 1000.0 - 300}}, 1001.0)
     assert "aggregations 2 (last 5 min ago) · traffic" in text
     assert "(last" not in render({**base, "extra": {"aggregations": 0, "last_aggregation_at": 0.0}}, 1001.0)
+    # A fresh state dir: last_aggregation_at is when version 0 was made (SPIN's π clock starts there), and no
+    # aggregation has happened yet: "aggregations 0 (last 48 s ago)" said one had (helper-190).
+    fresh = render({**base, "version": 0, "extra": {"aggregations": 0, "last_aggregation_at": 1000.0 - 48}}, 1001.0)
+    assert "aggregations 0 · traffic" in fresh and "(last" not in fresh
 
 
 def test_peer_series_are_the_configured_peers_whatever_else_speaks_on_the_peer_topic() -> None:
