@@ -11,7 +11,7 @@
 # The example above is a trial: over plain mqtt:// and without a bundle, devices (and peer
 # coordinators) trust the first model-signing key they see (trust on first use). That is
 # insecure: anyone who can publish on the broker before this coordinator does becomes the key
-# they trust. For a fleet, issue identities with `edgeci pki issue` (README, Security), mount
+# they trust. For a fleet, issue identities with `edgeci pki issue` (docs/security.md), mount
 # this coordinator's bundle read-only and use TLS:
 #   -v /etc/edgeci/PKI/bundles/coord-eu:/bundle:ro -e EDGECI_BUNDLE=/bundle \
 #   -e EDGECI_BROKER=mqtts://broker:8883

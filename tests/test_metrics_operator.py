@@ -1,4 +1,4 @@
-"""What an operator asks of /metrics (README, Operations: the questions and the series that
+"""What an operator asks of /metrics (docs/guide.md, Monitoring: the questions and the series that
 answer them), and that no device can add a time series (helper-171)."""
 
 from __future__ import annotations

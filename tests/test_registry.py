@@ -880,7 +880,7 @@ def _metas(reg: Registry) -> dict[int, tuple[int, dict[str, Any]]]:
 
 
 def test_spyker_commits_store_only_the_counts_they_change_and_restarts_restore_them_exactly(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """README Known gaps: every version's metadata held Spyker's whole age ledger (O(devices)).
+    """docs/security.md, Known gaps: every version's metadata held Spyker's whole age ledger (O(devices)).
     A commit now stores the counts it changed; a restart (a new registry on the state dir, which
     replays the changes from the last full map) gives the ledger back exactly, again and again."""
     reg = Registry(tmp_path, SPEC, keep_versions=100)

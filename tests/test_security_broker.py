@@ -561,7 +561,7 @@ def test_a_second_coordinator_of_a_live_identity_is_refused_on_the_secure_broker
 
 
 def test_broker_conf_starts_the_secure_broker_as_root_with_its_own_copies(tmp_path: Path) -> None:
-    """``edgeci pki broker-conf`` as the README runs it: mosquitto started with it as root drops
+    """``edgeci pki broker-conf`` as docs/security.md runs it: mosquitto started with it as root drops
     to its own account before reading its files. It referred to PKI/ (0700, root's) and exited
     with 'Unable to open acl_file'; now the files it reads are copies beside the config."""
     import os
