@@ -538,8 +538,8 @@ def mosquitto_hash(password: str, *, iterations: int = 101, salt: bytes | None =
 
 def acl_rules(ident: Identity) -> list[tuple[str, str]]:
     """``[(access, topic)]`` for one identity (mosquitto ``topic`` lines). Devices write only
-    their own upstream leaves and read only their own downstream leaves and their regions'
-    status and recall; coordinators serve their regions' devices (and announce recalls to
+    their own upstream leaves and read only their own downstream leaves, their regions'
+    recall and, with a fallback region, their regions' status; coordinators serve their regions' devices (and announce recalls to
     them) and talk to peers; operators write the control topic and read status."""
     rules: list[tuple[str, str]] = []
     n = ident.name
@@ -728,8 +728,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     s = sub.add_parser("acl", help="write the mosquitto ACL file for every issued identity",
                        description="Generate the mosquitto acl_file from PKI/identities.json: devices write only their "
-                                   "own pull/update/presence and read their own model/ack/invite and their region's "
-                                   "status; coordinators serve their region, write peer/# and read the peer messages for them "
+                                   "own pull/update/presence and read their own model/ack/invite, their regions' recall "
+                                   "and, with a fallback region (failover), their regions' status; coordinators serve their region, write peer/# and read the peer messages for them "
                                    "and for all; operators write control.",
                        formatter_class=fmt)
     _dir_argument(s)
