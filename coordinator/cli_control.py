@@ -1,4 +1,4 @@
-"""``edgeci versions`` / ``rollback`` / ``pin`` / ``unpin`` — see and steer the release.
+"""``edgeci versions`` / ``rollback`` / ``pin`` / ``unpin`` — see and steer the release; ``backup``.
 
 ``versions`` reads a coordinator's state dir (safe while it runs: it only reads files that
 are written atomically) and prints each version with its time, updates, staleness, source
@@ -49,6 +49,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("--last", type=_positive, default=30, help="show this many most recent versions (≥ 1)")
         p.add_argument("--json", action="store_true", help="machine-readable output")
         return
+    if command == "backup":
+        p.description = BACKUP_HELP
+        p.formatter_class = argparse.RawDescriptionHelpFormatter
+        p.add_argument("--state-dir", type=Path, help="the coordinator's state dir (running or stopped); required (or EDGECI_STATE_DIR)")
+        p.add_argument("--out", type=Path, required=True, metavar="DIR",
+                       help="where the backup goes: a new path (refused if it exists) outside the state dir")
+        p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+        return
     if command == "new-epoch":
         p.description = NEW_EPOCH_HELP
         p.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -97,6 +105,23 @@ one as a replay. Use this when:
     behind when the state dir was made): they refuse or outwait this coordinator's models.
 The devices then fetch the release again and train the updates they had in flight again; the
 versions themselves are kept. Stop the coordinator first."""
+BACKUP_HELP = """Copy a coordinator's state dir to a new directory and check that the copy loads.
+
+Safe while the coordinator runs (it is not stopped, its lock is not taken): the copy is made in
+the order that keeps it loadable and complete as of its start — the pending-update log, then
+the files beside it (release and gate history, rounds, epoch, signing key), then the versions,
+oldest first — and then opened as a coordinator would open it. A copy that had to skip an
+unreadable version (one caught mid-write) is made again, up to 3 times; only a verified copy is
+renamed into place, fsynced (when the same parts fail to load in the last two copies, the state
+dir itself is damaged: the copy is kept, as the coordinator would load it, and they are named).
+If the state dir holds the model-signing key (signing.key), so does the backup (its mode kept).
+
+To restore: stop the coordinator, move its state dir aside, copy the backup in its place, run
+`edgeci new-epoch --state-dir DIR` (the fleet has seen the versions after the backup), start it.
+Updates acknowledged after the backup was taken are not in it.
+
+Exit status: 0 done; 1 not a state dir, --out's folder missing, or the copy failed or did not
+verify (nothing is left at --out); 2 a usage error (--out exists or is inside the state dir)."""
 CONTROL_HELP = """What rollback N and pin N do: N's weights become the release and the training line again, under a
 new version number (devices fetch it). The versions after N leave the training line: an update
 trained from one is refused (its device trains again) and a device serving one fetches the release
@@ -120,10 +145,12 @@ _positive = bounded(int, 1)
 
 def run(args: argparse.Namespace) -> int:
     command = args.command
-    if command in ("versions", "new-epoch") and getattr(args, "state_dir", None) is None:
+    if command in ("versions", "new-epoch", "backup") and getattr(args, "state_dir", None) is None:
         # (not argparse's required=True: that refused EDGECI_STATE_DIR, which ENV_OPTIONS reads, before it was read)
         raise BadOption(f"--state-dir is required (or EDGECI_STATE_DIR): the coordinator's state dir that {command} "
-                        f"{'reads' if command == 'versions' else 'renumbers'}")
+                        f"{ {'versions': 'reads', 'backup': 'copies'}.get(command, 'renumbers')}")
+    if command == "backup":
+        return _backup(args)
     if command == "versions":
         return _versions(args)
     if command == "new-epoch":
@@ -169,6 +196,39 @@ def _new_epoch(args: argparse.Namespace) -> int:
         registry.close()
     print(f"{args.state_dir}: epoch {old or 'none'} -> {new}. At its next start the coordinator announces it (retained "
           "recall); its devices fetch the release and train their updates in flight again.")
+    return 0
+
+
+# ---------------------------------------------------------------------- backup
+
+
+def _backup(args: argparse.Namespace) -> int:
+    from coordinator.backup import backup
+
+    copied = [0]
+    tty = sys.stderr.isatty() and not args.json
+
+    def progress(n: int) -> None:  # one line, rewritten (a state dir of large models takes a while)
+        copied[0] += n
+        print(f"\rcopying {args.state_dir}: {copied[0] / 1e6:,.1f} MB", end="", file=sys.stderr, flush=True)
+
+    result = backup(args.state_dir, args.out, progress=progress if tty else None)
+    if tty:
+        print(file=sys.stderr)
+    for part in result.damaged:  # (also in --json)
+        print(f"WARNING: the state dir itself cannot load {part}: the coordinator skips it too (a RECOVERY at its start)",
+              file=sys.stderr)
+    if args.json:
+        print(json.dumps({"out": str(result.out), "version": result.version, "release": result.release, "epoch": result.epoch,
+                          "pending_updates": result.pending, "files": result.files, "bytes": result.bytes,
+                          "attempts": result.attempts, "seconds": round(result.seconds, 3), "damaged": list(result.damaged)}))
+        return 0
+    print(f"backed up {args.state_dir} to {result.out}: version {result.version} (release {result.release}, epoch "
+          f"{result.epoch if result.epoch is not None else 'none'}), {result.pending} acknowledged update(s) pending, "
+          f"{result.files} files, {result.bytes / 1e6:,.1f} MB; it loads as a coordinator would load it "
+          f"({result.attempts} attempt{'s' if result.attempts > 1 else ''}, {result.seconds:.1f} s).")
+    print(f"To restore: stop the coordinator, put a copy of {result.out} in place of its state dir, run "
+          "`edgeci new-epoch --state-dir DIR` on it, then start the coordinator.")
     return 0
 
 

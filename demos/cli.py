@@ -8,6 +8,7 @@
     edgeci status         a coordinator's status, readable (or --json); exit 2 if none is alive
     edgeci versions       a coordinator's versions with the release gate's verdicts (reads its state dir)
     edgeci new-epoch      start a new version numbering for a stopped coordinator's state dir
+    edgeci backup         a verified copy of a coordinator's state dir (running or stopped)
     edgeci rollback       make an earlier version the release again on a running coordinator
     edgeci pin / unpin    release a version and hold it (no promotions) / let the gate promote again
     edgeci pki            provisioning: CA, identity certificates and bundles, the broker's ACL
@@ -57,6 +58,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("coordinator.cli_status", "show a region's coordinator status (readable, or --json); exit 2 when none is alive"),
     "versions": ("coordinator.cli_control", "a coordinator's versions with the release gate's verdicts (reads --state-dir)"),
     "new-epoch": ("coordinator.cli_control", "start a new version numbering for a stopped coordinator's state dir (devices ahead of it, a restored backup)"),
+    "backup": ("coordinator.cli_control", "copy a coordinator's state dir and check the copy loads (safe while it runs)"),
     "rollback": ("coordinator.cli_control", "make an earlier version the release again on a running coordinator (signed command)"),
     "pin": ("coordinator.cli_control", "release a version and hold it: no promotions until unpin (signed command)"),
     "unpin": ("coordinator.cli_control", "let the gate promote candidates again (signed command)"),

@@ -1,0 +1,224 @@
+"""``edgeci backup``: a verified copy of a coordinator's state dir, taken while it runs or not.
+
+The registry is written so that whatever a crash leaves on disk loads (a torn last log record
+is cut, an unreadable newer version is skipped). A backup of a running coordinator is not one
+instant of that disk, so the copy is made in the order that keeps it loadable and complete as of
+the moment it began:
+
+1. ``pending/`` first (the log segments): every update acknowledged before the copy began is in
+   them, or in a version; a segment the coordinator deletes meanwhile held only updates a version
+   had applied already (a checkpointed base), and that version is copied later, in step 3.
+2. The files beside them (``spec.json``, ``epoch``, ``region``, ``release.json``, the canary and
+   selection rounds, the refused commands, the signing key, the strategy's arrays), never the
+   ``lock``: no release they name is newer than the versions copied next.
+3. ``versions/``, oldest first: a version's base (the full copy a later one is stored against) is
+   copied before the versions built on it, and pruning only deletes versions no kept one needs.
+
+Updates a version copied in step 3 applied are not pending in the copy; updates that arrived after
+step 1 and no copied version applied are not in it at all — they are after the backup's moment.
+
+The copy is then **verified**: opened as a coordinator would open it (:meth:`Registry.load`, under
+the copy's own lock). A load that had to skip an unreadable version (one caught mid-write, or a
+file deleted under the copy) does not count: the copy is made again (``attempts`` in all). Only a
+verified copy is renamed to ``out``; every file and directory of it is fsynced first.
+
+Restoring one is the operator's step (the coordinator stopped): put the copy in place of the state
+dir and run ``edgeci new-epoch`` on it, since the fleet has already seen the version numbers that
+followed the backup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from coordinator.registry import Registry, RegistryError, _fsync_dir, read_epoch
+from edge_sdk.errors import BadOption, ConfigError, EdgeciError
+from edge_sdk.spec import ModelSpec
+
+__all__ = ["BackupError", "BackupResult", "backup", "check_paths"]
+
+SKIPPED = frozenset({"lock", ".storage-probe"})
+"""Files of the state dir not copied: the running coordinator's flock file and its storage probe's scratch file."""
+
+
+class BackupError(EdgeciError):
+    """The copy could not be made or did not verify (a runtime failure: exit 1)."""
+
+
+@dataclass(frozen=True)
+class BackupResult:
+    out: Path
+    version: int
+    """The newest version the copy loads."""
+    release: int
+    epoch: int | None
+    pending: int
+    """Updates acknowledged and not yet applied, in the copy (a restart replays them)."""
+    files: int
+    bytes: int
+    attempts: int
+    seconds: float
+    damaged: tuple[str, ...] = ()
+    """What the state dir itself cannot load (the same in the last two copies): the coordinator skips it too."""
+
+
+def _copy_file(src: Path, dst: Path) -> int:
+    """Copy one file with its mode and times, fsynced; its size, or -1 if it vanished first (pruned)."""
+    try:
+        shutil.copy2(src, dst)
+    except FileNotFoundError:
+        with contextlib.suppress(FileNotFoundError):
+            dst.unlink()
+        return -1
+    fd = os.open(dst, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return dst.stat().st_size
+
+
+def _listing(path: Path) -> list[Path]:
+    try:
+        return sorted(path.iterdir())
+    except FileNotFoundError:
+        return []
+
+
+def _copy(src: Path, dst: Path, tick: Callable[[int], None]) -> None:
+    """The state dir's files into ``dst`` (which must not exist), in the order the module
+    docstring gives."""
+
+    def one(s: Path, d: Path) -> bool:
+        n = _copy_file(s, d)
+        if n >= 0:
+            tick(n)
+        return n >= 0
+
+    dst.mkdir(parents=True)
+    (dst / "pending").mkdir()
+    for s in _listing(src / "pending"):  # 1. the log
+        if s.is_file():
+            one(s, dst / "pending" / s.name)
+    _fsync_dir(dst / "pending")
+    for s in _listing(src):  # 2. the files beside it (and any folder but the two of steps 1 and 3)
+        if s.name in SKIPPED or s.name in ("pending", "versions"):
+            continue
+        if s.is_file():
+            one(s, dst / s.name)
+        elif s.is_dir():
+            with contextlib.suppress(FileNotFoundError):
+                shutil.copytree(s, dst / s.name, copy_function=lambda a, b: one(Path(a), Path(b)))
+    (dst / "versions").mkdir()
+    versions = [p for p in _listing(src / "versions") if p.name.isdigit()]  # (not a crashed write's temp dir)
+    for vdir in sorted(versions, key=lambda p: int(p.name)):  # 3. oldest first
+        target = dst / "versions" / vdir.name
+        target.mkdir()
+        whole = all(one(s, target / s.name) for s in _listing(vdir) if s.is_file())
+        if not whole or not any(target.iterdir()):  # pruned under the copy: not kept half
+            shutil.rmtree(target)
+        else:
+            _fsync_dir(target)
+    _fsync_dir(dst / "versions")
+    _fsync_dir(dst)
+
+
+class _ThisThread(logging.Filter):
+    """Drops the registry's records from this thread: loading a running coordinator's copy says
+    "version N restored from the pending log" for each version not yet written out as a directory
+    (normal: the log is ahead of the directories), and what it skips is reported by the result."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.thread != self.thread
+
+
+def _verify(copy: Path) -> tuple[int, int, int, list[str]]:
+    """Load the copy as a coordinator would: ``(version, release, pending, skipped)``."""
+    try:
+        spec = ModelSpec.from_dict(json.loads((copy / "spec.json").read_text()))
+    except (OSError, ValueError, EdgeciError) as exc:
+        raise BackupError(f"the copy's spec.json is unreadable: {exc}") from exc
+    registry = Registry(copy, spec)
+    quiet = _ThisThread()
+    logger = logging.getLogger("edgeci.registry")
+    logger.addFilter(quiet)
+    try:
+        registry.acquire_lock()
+        snapshot = registry.load()
+    except RegistryError as exc:
+        return -1, -1, 0, [str(exc)]
+    finally:
+        logger.removeFilter(quiet)
+        registry.close()
+        with contextlib.suppress(FileNotFoundError):
+            (copy / "lock").unlink()
+    if snapshot is None:
+        return -1, -1, 0, ["no version in it"]
+    release = snapshot.release_version if snapshot.release_version >= 0 else snapshot.version
+    return snapshot.version, release, len(snapshot.buffer), list(snapshot.recovered_from)
+
+
+def check_paths(state_dir: Path, out: Path) -> None:
+    """Refuse what cannot be a backup: a path that is not there (exit 1, as for the other state-dir
+    commands) or one wrong on its face (exit 2)."""
+    if not (state_dir / "versions").is_dir() or not (state_dir / "spec.json").is_file():
+        raise ConfigError(f"{state_dir} is not a coordinator state dir (no versions/ or spec.json)")
+    if out.exists():
+        raise BadOption(f"{out} exists: a backup goes to a new path (move the old one aside, or pick another name)")
+    src, dst = state_dir.resolve(), out.resolve()
+    if dst == src or src in dst.parents:
+        raise BadOption(f"{out} is inside the state dir {state_dir}: put the backup elsewhere")
+    if not dst.parent.is_dir():
+        raise ConfigError(f"{out.parent} does not exist: make it first")
+
+
+def backup(state_dir: Path, out: Path, *, attempts: int = 3, progress: Callable[[int], None] | None = None) -> BackupResult:
+    """Copy ``state_dir`` to ``out`` and verify it (see the module docstring).
+
+    Raises :class:`~edge_sdk.errors.ConfigError` for paths that cannot work, :class:`BackupError`
+    when no attempt verified or a write failed (a full disk: nothing is left at ``out``)."""
+    check_paths(state_dir, out)
+    started = time.monotonic()
+    tick = progress or (lambda n: None)
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    problems: list[str] = []
+    before: list[str] | None = None
+    try:
+        for attempt in range(1, attempts + 1):
+            shutil.rmtree(partial, ignore_errors=True)
+            _copy(state_dir, partial, tick)
+            version, release, pending, skipped = _verify(partial)
+            # Skipped in the last two copies alike: the state dir's own damage, not a write caught
+            # mid-way. A copy that loads as the coordinator loads the original is still a backup.
+            damaged = attempt == attempts and version >= 0 and skipped == before
+            if not skipped or damaged:
+                kept = [f for f in partial.rglob("*") if f.is_file()]
+                files, total = len(kept), sum(f.stat().st_size for f in kept)
+                os.rename(partial, out)
+                _fsync_dir(out.parent)
+                return BackupResult(out=out, version=version, release=release, epoch=read_epoch(out), pending=pending,
+                                    files=files, bytes=total, attempts=attempt, seconds=time.monotonic() - started,
+                                    damaged=tuple(skipped))
+            problems.append(f"attempt {attempt}: {'; '.join(skipped)[:300]}")
+            before = skipped
+    except OSError as exc:
+        raise BackupError(f"copying {state_dir} to {out.parent} failed: {exc.strerror or exc}"
+                          f"{' (' + exc.filename + ')' if exc.filename else ''}; nothing was kept") from exc
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    raise BackupError(f"no copy of {state_dir} loaded cleanly in {attempts} attempts ({' | '.join(problems)}); nothing was kept. "
+                      "Is the state dir damaged? `edgeci versions --state-dir` shows what it holds")
+
