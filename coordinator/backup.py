@@ -22,21 +22,25 @@ the copy's own lock). A load that had to skip an unreadable version (one caught 
 file deleted under the copy) does not count: the copy is made again (``attempts`` in all). Only a
 verified copy is renamed to ``out``; every file and directory of it is fsynced first.
 
-Restoring one is the operator's step (the coordinator stopped): put the copy in place of the state
-dir and run ``edgeci new-epoch`` on it, since the fleet has already seen the version numbers that
-followed the backup.
+``edgeci restore`` (:func:`restore`) puts a backup back, the coordinator stopped: it holds the state
+dir's lock throughout (a coordinator started meanwhile is refused), copies the backup beside it,
+gives the copy a new epoch above both the backup's and the replaced state dir's (the fleet has seen
+the version numbers that followed the backup: devices take the new numbering, fetch the release and
+train their updates in flight again), checks that it loads, and only then swaps it in; the state
+dir it replaces is kept beside it, renamed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +48,7 @@ from coordinator.registry import Registry, RegistryError, _fsync_dir, read_epoch
 from edge_sdk.errors import BadOption, ConfigError, EdgeciError
 from edge_sdk.spec import ModelSpec
 
-__all__ = ["BackupError", "BackupResult", "backup", "check_paths"]
+__all__ = ["BackupError", "BackupResult", "RestoreResult", "backup", "check_paths", "restore"]
 
 SKIPPED = frozenset({"lock", ".storage-probe"})
 """Files of the state dir not copied: the running coordinator's flock file and its storage probe's scratch file."""
@@ -222,3 +226,97 @@ def backup(state_dir: Path, out: Path, *, attempts: int = 3, progress: Callable[
     raise BackupError(f"no copy of {state_dir} loaded cleanly in {attempts} attempts ({' | '.join(problems)}); nothing was kept. "
                       "Is the state dir damaged? `edgeci versions --state-dir` shows what it holds")
 
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    state_dir: Path
+    kept: Path | None
+    """Where the state dir the backup replaced now is (None: there was none)."""
+    version: int
+    release: int
+    pending: int
+    old_epoch: int
+    """The newer of the backup's and the replaced state dir's epochs."""
+    new_epoch: int
+    damaged: tuple[str, ...] = ()
+
+
+def _is_state_dir(path: Path) -> bool:
+    return (path / "versions").is_dir() and (path / "spec.json").is_file()
+
+
+@contextlib.contextmanager
+def _held(state_dir: Path) -> Iterator[None]:
+    """The state dir's flock (the one a coordinator holds while it runs), held throughout."""
+    try:
+        f = open(state_dir / "lock", "a+")  # noqa: SIM115 - held for the block
+    except OSError as exc:
+        raise ConfigError(f"cannot open {state_dir / 'lock'}: {exc.strerror or exc}") from exc
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            f.seek(0)
+            raise ConfigError(f"{state_dir} is in use by a running coordinator ({f.read().strip() or 'unknown process'}): "
+                              "stop it first, then restore") from exc
+        yield
+    finally:
+        f.close()
+
+
+def restore(backup_dir: Path, state_dir: Path, *, now: float | None = None) -> RestoreResult:
+    """Put ``backup_dir`` (an ``edgeci backup``) in place of ``state_dir`` (see the module docstring)."""
+    if not _is_state_dir(backup_dir):
+        raise ConfigError(f"{backup_dir} is not a backup of a state dir (no versions/ or spec.json)")
+    src, dst = backup_dir.resolve(), state_dir.resolve()
+    if src == dst or src in dst.parents or dst in src.parents:
+        raise BadOption(f"--from {backup_dir} and --state-dir {state_dir} overlap: restore into another path")
+    if state_dir.exists() and not _is_state_dir(state_dir) and any(state_dir.iterdir()):
+        raise BadOption(f"{state_dir} is not a coordinator state dir and not empty: refusing to replace it")
+    if not dst.parent.is_dir():
+        raise ConfigError(f"{state_dir.parent} does not exist: make it first")
+    spec_text = (backup_dir / "spec.json").read_text()
+    staging = state_dir.parent / f".{state_dir.name}.restoring-{os.getpid()}"
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
+    replaces = _is_state_dir(state_dir)
+    with _held(state_dir) if replaces else contextlib.nullcontext():
+        old = max(read_epoch(backup_dir) or 0, (read_epoch(state_dir) or 0) if replaces else 0)
+        try:
+            shutil.rmtree(staging, ignore_errors=True)
+            _copy(backup_dir, staging, lambda n: None)
+            registry = Registry(staging, ModelSpec.from_dict(json.loads(spec_text)))
+            quiet = _ThisThread()
+            logger = logging.getLogger("edgeci.registry")
+            logger.addFilter(quiet)
+            try:
+                registry.acquire_lock()
+                _, new = registry.renew_epoch(above=old)
+                snapshot = registry.load()
+            finally:
+                logger.removeFilter(quiet)
+                registry.close()
+                with contextlib.suppress(FileNotFoundError):
+                    (staging / "lock").unlink()
+            if snapshot is None:
+                raise BackupError(f"{backup_dir} holds no version: nothing restored")
+            kept = None
+            if replaces:
+                kept = state_dir.parent / f"{state_dir.name}.before-restore-{stamp}"
+                os.rename(state_dir, kept)
+            elif state_dir.exists():
+                state_dir.rmdir()  # (empty: checked above)
+            try:
+                os.rename(staging, state_dir)
+            except OSError:
+                if kept is not None:
+                    os.rename(kept, state_dir)  # put it back: the restore did not happen
+                raise
+            _fsync_dir(state_dir.parent)
+        except (OSError, RegistryError) as exc:
+            raise BackupError(f"restoring {backup_dir} into {state_dir} failed: {exc}; {state_dir} is as it was") from exc
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    release = snapshot.release_version if snapshot.release_version >= 0 else snapshot.version
+    return RestoreResult(state_dir=state_dir, kept=kept, version=snapshot.version, release=release, pending=len(snapshot.buffer),
+                         old_epoch=old, new_epoch=new, damaged=tuple(snapshot.recovered_from))

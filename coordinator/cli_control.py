@@ -1,4 +1,4 @@
-"""``edgeci versions`` / ``rollback`` / ``pin`` / ``unpin`` — see and steer the release; ``backup``.
+"""``edgeci versions`` / ``rollback`` / ``pin`` / ``unpin`` — see and steer the release; ``backup`` / ``restore``.
 
 ``versions`` reads a coordinator's state dir (safe while it runs: it only reads files that
 are written atomically) and prints each version with its time, updates, staleness, source
@@ -56,6 +56,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("--out", type=Path, required=True, metavar="DIR",
                        help="where the backup goes: a new path (refused if it exists) outside the state dir")
         p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+        return
+    if command == "restore":
+        p.description = RESTORE_HELP
+        p.formatter_class = argparse.RawDescriptionHelpFormatter
+        p.add_argument("--from", dest="source", type=Path, required=True, metavar="BACKUP", help="a backup made by edgeci backup")
+        p.add_argument("--state-dir", type=Path, help="the coordinator's state dir to replace (the coordinator stopped), or a new "
+                       "path; required (or EDGECI_STATE_DIR)")
         return
     if command == "new-epoch":
         p.description = NEW_EPOCH_HELP
@@ -116,12 +123,24 @@ renamed into place, fsynced (when the same parts fail to load in the last two co
 dir itself is damaged: the copy is kept, as the coordinator would load it, and they are named).
 If the state dir holds the model-signing key (signing.key), so does the backup (its mode kept).
 
-To restore: stop the coordinator, move its state dir aside, copy the backup in its place, run
-`edgeci new-epoch --state-dir DIR` (the fleet has seen the versions after the backup), start it.
-Updates acknowledged after the backup was taken are not in it.
+To restore: stop the coordinator, run `edgeci restore --from BACKUP --state-dir DIR` (it gives
+the copy a new epoch: the fleet has seen the versions after the backup), start it. Updates
+acknowledged after the backup was taken are not in it.
 
 Exit status: 0 done; 1 not a state dir, --out's folder missing, or the copy failed or did not
 verify (nothing is left at --out); 2 a usage error (--out exists or is inside the state dir)."""
+RESTORE_HELP = """Put a backup (edgeci backup) in place of a stopped coordinator's state dir.
+
+It holds the state dir's lock throughout (a running coordinator: refused; one started meanwhile:
+refused), copies the backup beside the state dir, gives the copy a new epoch above the backup's
+and the replaced state dir's (the fleet has seen the versions after the backup: devices take the
+new numbering, fetch the release and train their updates in flight again — what edgeci new-epoch
+does), checks that it loads, and only then swaps it in. The state dir it replaces is kept beside
+it as STATE_DIR.before-restore-<UTC time>: delete it once the coordinator runs well. Then start
+the coordinator. Updates acknowledged after the backup was taken are lost with the restore.
+
+Exit status: 0 done; 1 the coordinator runs, a path is missing or the copy failed (the state dir
+is as it was); 2 a usage error (the two paths overlap, --state-dir is something else)."""
 CONTROL_HELP = """What rollback N and pin N do: N's weights become the release and the training line again, under a
 new version number (devices fetch it). The versions after N leave the training line: an update
 trained from one is refused (its device trains again) and a device serving one fetches the release
@@ -145,12 +164,14 @@ _positive = bounded(int, 1)
 
 def run(args: argparse.Namespace) -> int:
     command = args.command
-    if command in ("versions", "new-epoch", "backup") and getattr(args, "state_dir", None) is None:
+    if command in ("versions", "new-epoch", "backup", "restore") and getattr(args, "state_dir", None) is None:
         # (not argparse's required=True: that refused EDGECI_STATE_DIR, which ENV_OPTIONS reads, before it was read)
         raise BadOption(f"--state-dir is required (or EDGECI_STATE_DIR): the coordinator's state dir that {command} "
-                        f"{ {'versions': 'reads', 'backup': 'copies'}.get(command, 'renumbers')}")
+                        f"{ {'versions': 'reads', 'backup': 'copies', 'restore': 'replaces'}.get(command, 'renumbers')}")
     if command == "backup":
         return _backup(args)
+    if command == "restore":
+        return _restore(args)
     if command == "versions":
         return _versions(args)
     if command == "new-epoch":
@@ -227,8 +248,22 @@ def _backup(args: argparse.Namespace) -> int:
           f"{result.epoch if result.epoch is not None else 'none'}), {result.pending} acknowledged update(s) pending, "
           f"{result.files} files, {result.bytes / 1e6:,.1f} MB; it loads as a coordinator would load it "
           f"({result.attempts} attempt{'s' if result.attempts > 1 else ''}, {result.seconds:.1f} s).")
-    print(f"To restore: stop the coordinator, put a copy of {result.out} in place of its state dir, run "
-          "`edgeci new-epoch --state-dir DIR` on it, then start the coordinator.")
+    print(f"To restore: stop the coordinator, run `edgeci restore --from {result.out} --state-dir DIR`, start it.")
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    from coordinator.backup import restore
+
+    r = restore(args.source, args.state_dir)
+    for part in r.damaged:
+        print(f"WARNING: the backup cannot load {part}: the coordinator will skip it too (a RECOVERY at its start)", file=sys.stderr)
+    print(f"restored {args.source} into {r.state_dir}: version {r.version} (release {r.release}), {r.pending} acknowledged "
+          f"update(s) pending, epoch {r.old_epoch} -> {r.new_epoch} (devices take the new numbering, fetch the release and "
+          "train their updates in flight again).")
+    if r.kept is not None:
+        print(f"The state dir it replaced is kept as {r.kept}: delete it once the coordinator runs well.")
+    print("Start the coordinator.")
     return 0
 
 

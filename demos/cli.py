@@ -9,6 +9,7 @@
     edgeci versions       a coordinator's versions with the release gate's verdicts (reads its state dir)
     edgeci new-epoch      start a new version numbering for a stopped coordinator's state dir
     edgeci backup         a verified copy of a coordinator's state dir (running or stopped)
+    edgeci restore        put a backup in place of a stopped coordinator's state dir, in a new epoch
     edgeci rollback       make an earlier version the release again on a running coordinator
     edgeci pin / unpin    release a version and hold it (no promotions) / let the gate promote again
     edgeci pki            provisioning: CA, identity certificates and bundles, the broker's ACL
@@ -59,6 +60,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "versions": ("coordinator.cli_control", "a coordinator's versions with the release gate's verdicts (reads --state-dir)"),
     "new-epoch": ("coordinator.cli_control", "start a new version numbering for a stopped coordinator's state dir (devices ahead of it, a restored backup)"),
     "backup": ("coordinator.cli_control", "copy a coordinator's state dir and check the copy loads (safe while it runs)"),
+    "restore": ("coordinator.cli_control", "put a backup in place of a stopped coordinator's state dir, in a new epoch"),
     "rollback": ("coordinator.cli_control", "make an earlier version the release again on a running coordinator (signed command)"),
     "pin": ("coordinator.cli_control", "release a version and hold it: no promotions until unpin (signed command)"),
     "unpin": ("coordinator.cli_control", "let the gate promote candidates again (signed command)"),

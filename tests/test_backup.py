@@ -67,7 +67,7 @@ def test_a_backup_loads_as_the_state_dir_does(tmp_path: Path, capsys: pytest.Cap
         reg.close()
     said = capsys.readouterr().out
     assert "version 5 (release 5, epoch" in said and "2 acknowledged update(s) pending" in said, said
-    assert "edgeci new-epoch --state-dir DIR" in said
+    assert "edgeci restore --from" in said
     assert loaded(out) == loaded(src) and loaded(out)["pending"] == [("a", 6), ("b", 1)]
     assert not (out / "lock").exists() and not list(tmp_path.glob("backups/.eu-1.partial-*"))
     assert (out / "signing.key").stat().st_mode & 0o777 == 0o600
@@ -218,3 +218,53 @@ def test_the_coordinator_moving_on_between_any_two_files_loses_nothing(tmp_path:
     pending = {u.key for u in snap.buffer}
     lost = [k for k in before if k[1] > snap.applied_upto.get(k[0], -1) and k not in pending]
     assert not lost, (lost[:8], snap.version, dict(snap.applied_upto))
+
+
+def test_restore_swaps_the_backup_in_with_a_newer_epoch_and_keeps_the_old_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src, bk = tmp_path / "eu", tmp_path / "bk"
+    reg = state_dir(src)
+    assert main(["backup", "--state-dir", str(src), "--out", str(bk)]) == 0
+    for v in range(6, 9):  # the coordinator goes on after the backup: versions the fleet then sees
+        reg.persist_update(upd("a", v + 1))
+        commit(reg, v, {"a": v + 1}, [("a", v + 1)])
+    live_epoch = registry_module.read_epoch(src)
+    backup_state = loaded(bk)
+    # while it runs: refused, nothing changed
+    capsys.readouterr()
+    assert main(["restore", "--from", str(bk), "--state-dir", str(src)]) == 1
+    assert "is in use by a running coordinator" in capsys.readouterr().err
+    assert loaded(src)["version"] == 8 and sorted(p.name for p in tmp_path.iterdir()) == ["bk", "eu"]
+    reg.close()
+    # stopped: swapped in, numbered above both epochs, the old dir kept aside
+    assert main(["restore", "--from", str(bk), "--state-dir", str(src)]) == 0
+    said = capsys.readouterr().out
+    assert loaded(src) == backup_state and loaded(src)["version"] == 5
+    new_epoch = registry_module.read_epoch(src)
+    assert new_epoch is not None and live_epoch is not None and new_epoch > live_epoch >= (registry_module.read_epoch(bk) or 0)
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("eu.before-restore-")]
+    assert len(kept) == 1 and loaded(kept[0])["version"] == 8
+    assert f"epoch {live_epoch} -> {new_epoch}" in said and str(kept[0]) in said
+    assert not (src / "lock").exists() and not list(tmp_path.glob(".eu.restoring-*"))
+    assert loaded(bk) == backup_state and registry_module.read_epoch(bk) != new_epoch  # the backup itself untouched
+    # into a new path: nothing to keep
+    assert main(["restore", "--from", str(bk), "--state-dir", str(tmp_path / "eu2")]) == 0
+    assert loaded(tmp_path / "eu2") == backup_state and "kept as" not in capsys.readouterr().out
+
+
+def test_restore_refuses_what_is_not_a_backup_or_overlaps(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "eu"
+    state_dir(src).close()
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"x")
+    cases = {
+        ("--from", str(tmp_path / "nothing"), "--state-dir", str(src)): (1, "is not a backup of a state dir"),
+        ("--from", str(src), "--state-dir", str(src / "inner")): (2, "overlap"),
+        ("--from", str(src), "--state-dir", str(tmp_path / "photos")): (2, "is not a coordinator state dir and not empty"),
+    }
+    for argv, (code, why) in cases.items():
+        assert main(["restore", *argv]) == code, argv
+        assert why in capsys.readouterr().err, argv
+    with pytest.raises(SystemExit) as no_from:  # argparse's own usage error
+        main(["restore", "--state-dir", str(src)])
+    assert no_from.value.code == 2 and "--from" in capsys.readouterr().err
+    assert (tmp_path / "photos" / "a.jpg").exists() and loaded(src)["version"] == 5
