@@ -149,26 +149,38 @@ class _ThisThread(logging.Filter):
         return record.thread != self.thread
 
 
-def _verify(copy: Path) -> tuple[int, int, int, list[str]]:
-    """Load the copy as a coordinator would: ``(version, release, pending, skipped)``."""
-    try:
-        spec = ModelSpec.from_dict(json.loads((copy / "spec.json").read_text()))
-    except (OSError, ValueError, EdgeciError) as exc:
-        raise BackupError(f"the copy's spec.json is unreadable: {exc}") from exc
+@contextlib.contextmanager
+def _opened(copy: Path, spec: ModelSpec) -> Iterator[Registry]:
+    """The copy's registry, locked, its records from this thread kept quiet; closed and its lock
+    file removed after (a backup carries no lock)."""
     registry = Registry(copy, spec)
     quiet = _ThisThread()
     logger = logging.getLogger("edgeci.registry")
     logger.addFilter(quiet)
     try:
         registry.acquire_lock()
-        snapshot = registry.load()
-    except RegistryError as exc:
-        return -1, -1, 0, [str(exc)]
+        yield registry
     finally:
         logger.removeFilter(quiet)
         registry.close()
         with contextlib.suppress(FileNotFoundError):
             (copy / "lock").unlink()
+
+
+def _spec_of(path: Path) -> ModelSpec:
+    try:
+        return ModelSpec.from_dict(json.loads((path / "spec.json").read_text()))
+    except (OSError, ValueError, EdgeciError) as exc:
+        raise BackupError(f"{path / 'spec.json'} is unreadable: {exc}") from exc
+
+
+def _verify(copy: Path) -> tuple[int, int, int, list[str]]:
+    """Load the copy as a coordinator would: ``(version, release, pending, skipped)``."""
+    try:
+        with _opened(copy, _spec_of(copy)) as registry:
+            snapshot = registry.load()
+    except RegistryError as exc:
+        return -1, -1, 0, [str(exc)]
     if snapshot is None:
         return -1, -1, 0, ["no version in it"]
     release = snapshot.release_version if snapshot.release_version >= 0 else snapshot.version
@@ -276,7 +288,7 @@ def restore(backup_dir: Path, state_dir: Path, *, now: float | None = None) -> R
         raise BadOption(f"{state_dir} is not a coordinator state dir and not empty: refusing to replace it")
     if not dst.parent.is_dir():
         raise ConfigError(f"{state_dir.parent} does not exist: make it first")
-    spec_text = (backup_dir / "spec.json").read_text()
+    spec = _spec_of(backup_dir)
     staging = state_dir.parent / f".{state_dir.name}.restoring-{os.getpid()}"
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
     replaces = _is_state_dir(state_dir)
@@ -285,19 +297,9 @@ def restore(backup_dir: Path, state_dir: Path, *, now: float | None = None) -> R
         try:
             shutil.rmtree(staging, ignore_errors=True)
             _copy(backup_dir, staging, lambda n: None)
-            registry = Registry(staging, ModelSpec.from_dict(json.loads(spec_text)))
-            quiet = _ThisThread()
-            logger = logging.getLogger("edgeci.registry")
-            logger.addFilter(quiet)
-            try:
-                registry.acquire_lock()
+            with _opened(staging, spec) as registry:
                 _, new = registry.renew_epoch(above=old)
                 snapshot = registry.load()
-            finally:
-                logger.removeFilter(quiet)
-                registry.close()
-                with contextlib.suppress(FileNotFoundError):
-                    (staging / "lock").unlink()
             if snapshot is None:
                 raise BackupError(f"{backup_dir} holds no version: nothing restored")
             kept = None
