@@ -227,21 +227,45 @@ def test_the_readme_has_commands_to_check() -> None:
     assert {"README.md", "docs/security.md", "docs/guide.md", "docs/results.md"} <= files, sorted(files)  # docs/ is read too
 
 
+def _anchors(text: str) -> set[str]:
+    """The #fragments GitHub gives a page's headings (lower case, punctuation but ``-`` and ``_``
+    dropped, spaces as ``-``; a repeated heading gets ``-1``, ``-2`` …), code blocks skipped."""
+    out: set[str] = set()
+    seen: dict[str, int] = {}
+    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    for m in re.finditer(r"^#{1,6} (.+)$", text, re.M):
+        slug = re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        out.add(slug if n == 0 else f"{slug}-{n}")
+    return out
+
+
 def test_the_readme_links_every_page_and_every_link_resolves() -> None:
     """Each section of the README ends with a link to its page in docs/: every page is linked from the
-    README, and every relative link or image in the README and the pages names a file that exists."""
+    README, and every relative link or image in the README and the pages names a file that exists,
+    and a ``#heading`` in it a heading of that page (a renamed heading breaks links silently)."""
     readme = README.read_text(encoding="utf-8")
     assert DOCS, "no docs/*.md"
     unlinked = [p.name for p in DOCS if f"](docs/{p.name}" not in readme]
     assert not unlinked, f"docs pages the README does not link: {unlinked}"
+    anchors = {page.resolve(): _anchors(page.read_text(encoding="utf-8")) for page in [README, *DOCS]}
     broken = []
+    fragments = 0
     for page in [README, *DOCS]:
         for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text(encoding="utf-8")):
-            if "://" in target or target.startswith("#"):
+            if "://" in target:
                 continue
-            if not (page.parent / target.split("#", 1)[0]).exists():
+            file, _, fragment = target.partition("#")
+            dest = (page.parent / file).resolve() if file else page.resolve()
+            if not dest.exists():
                 broken.append(f"{page.relative_to(ROOT)}: {target}")
+            elif fragment and dest in anchors:
+                fragments += 1
+                if fragment not in anchors[dest]:
+                    broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
     assert not broken, broken
+    assert fragments >= 10, fragments  # (the check reads the links it is meant to)
 
 
 @pytest.mark.parametrize("command", FULL, ids=[f"{c.file}:L{c.line}:{' '.join(c.argv[:3])}" for c in FULL])
