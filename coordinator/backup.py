@@ -33,7 +33,6 @@ dir it replaces is kept beside it, renamed.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -44,7 +43,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator.registry import Registry, RegistryError, _fsync_dir, read_epoch
+from coordinator.core import Snapshot
+from coordinator.registry import Registry, RegistryError, StateDirLocked, _fsync_dir, read_epoch
 from edge_sdk.errors import BadOption, ConfigError, EdgeciError
 from edge_sdk.spec import ModelSpec
 
@@ -174,6 +174,10 @@ def _spec_of(path: Path) -> ModelSpec:
         raise BackupError(f"{path / 'spec.json'} is unreadable: {exc}") from exc
 
 
+def _release_of(snapshot: Snapshot) -> int:
+    return snapshot.release_version if snapshot.release_version >= 0 else snapshot.version
+
+
 def _verify(copy: Path) -> tuple[int, int, int, list[str]]:
     """Load the copy as a coordinator would: ``(version, release, pending, skipped)``."""
     try:
@@ -183,8 +187,7 @@ def _verify(copy: Path) -> tuple[int, int, int, list[str]]:
         return -1, -1, 0, [str(exc)]
     if snapshot is None:
         return -1, -1, 0, ["no version in it"]
-    release = snapshot.release_version if snapshot.release_version >= 0 else snapshot.version
-    return snapshot.version, release, len(snapshot.buffer), list(snapshot.recovered_from)
+    return snapshot.version, _release_of(snapshot), len(snapshot.buffer), list(snapshot.recovered_from)
 
 
 def check_paths(state_dir: Path, out: Path) -> None:
@@ -260,21 +263,18 @@ def _is_state_dir(path: Path) -> bool:
 
 @contextlib.contextmanager
 def _held(state_dir: Path) -> Iterator[None]:
-    """The state dir's flock (the one a coordinator holds while it runs), held throughout."""
+    """The state dir's lock, the registry's own (the one a coordinator holds while it runs), held throughout."""
     try:
-        f = open(state_dir / "lock", "a+")  # noqa: SIM115 - held for the block
-    except OSError as exc:
-        raise ConfigError(f"cannot open {state_dir / 'lock'}: {exc.strerror or exc}") from exc
+        registry = Registry(state_dir, _spec_of(state_dir))
+        registry.acquire_lock()
+    except StateDirLocked as exc:
+        raise ConfigError(f"{state_dir} is in use by a running coordinator: stop it first, then restore ({exc})") from exc
+    except RegistryError as exc:
+        raise ConfigError(f"{state_dir} cannot be replaced: {exc}") from exc
     try:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            f.seek(0)
-            raise ConfigError(f"{state_dir} is in use by a running coordinator ({f.read().strip() or 'unknown process'}): "
-                              "stop it first, then restore") from exc
         yield
     finally:
-        f.close()
+        registry.close()
 
 
 def restore(backup_dir: Path, state_dir: Path, *, now: float | None = None) -> RestoreResult:
@@ -319,6 +319,5 @@ def restore(backup_dir: Path, state_dir: Path, *, now: float | None = None) -> R
             raise BackupError(f"restoring {backup_dir} into {state_dir} failed: {exc}; {state_dir} is as it was") from exc
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    release = snapshot.release_version if snapshot.release_version >= 0 else snapshot.version
-    return RestoreResult(state_dir=state_dir, kept=kept, version=snapshot.version, release=release, pending=len(snapshot.buffer),
+    return RestoreResult(state_dir=state_dir, kept=kept, version=snapshot.version, release=_release_of(snapshot), pending=len(snapshot.buffer),
                          old_epoch=old, new_epoch=new, damaged=tuple(snapshot.recovered_from))
