@@ -502,6 +502,11 @@ class CoordinatorConfig:
     devices this core defers are held in memory only, and a deferred device that sees a newer stamp
     pulls again at once instead of after its ``reannounce_s`` (600 s). The daemon sets it; the
     in-process emulator, whose coordinators never restart, leaves it off (its results unchanged)."""
+    announce_releases: bool = False
+    """Publish the region's recall (retained, signed; it carries the release) again whenever the
+    release changes, so that idle devices hear of it (``DeviceConfig.release_spread_s``) instead
+    of at their next hourly refresh. The daemon sets it; the in-process emulator leaves it off
+    (its devices pull on the scenario's schedule only: results unchanged)."""
     gate: GateConfig | None = None
     """Promote candidates to the release only on evidence (None: every version is released)."""
     operators: Mapping[str, bytes] = field(default_factory=dict)
@@ -781,6 +786,7 @@ class CoordinatorCore:
         # announced them: a device serving an abandoned version fetches the release at once (an
         # operator's rollback reaches idle devices too, not only those that pull for training).
         self._recall_due = bool(self._abandoned)
+        self._recall_release = self._release_version  # the release the last recall named (announce_releases)
         self._started = 0  # this start's stamp on the recall (ms; 0: none), set by start()
         self._pending_actions: list[CoordinatorAction] = []
         # Converting staleness policies: parked updates wait for the driver's conversion; a
@@ -1142,6 +1148,7 @@ class CoordinatorCore:
         if not (self._abandoned or self._epoch != NO_EPOCH or self._started) or not (self._recall_due or force):
             return []
         self._recall_due = False
+        self._recall_release = self._release_version
         flat = tuple(v for r in self._abandoned[-MAX_RECALL_RANGES:] for v in r)
         topic = topics.recall_topic(self.config.region)
         msg = Recall(model_id=self.config.spec.model_id, release=self._release_version, abandoned=flat, epoch=self._epoch,
@@ -1187,8 +1194,8 @@ class CoordinatorCore:
             self._pending_actions = []
         if self._status_dirty and (self._version != self._status_version):
             actions.append(self._status_action(now))
-        if self._recall_due:  # after the commit that abandoned them (and set the release)
-            actions += self._recall()
+        if self._recall_due or (self.config.announce_releases and self._release_version != self._recall_release):
+            actions += self._recall(force=True)  # after the commit that abandoned them or set the release
         return actions
 
     # ------------------------------------------------------------------ messages

@@ -507,6 +507,7 @@ class CoordinatorDaemon:
                 conversion=ConversionConfig(deadline_s=options.conversion_deadline_s),
                 status_payload=False,  # the status JSON is built once per batch (_end_batch), not per version
                 announce_start=True,  # deferred devices pull again at once after a restart (Recall.started)
+                announce_releases=True,  # idle devices hear of each release (Recall.release), not an hour later
                 keep_versions=keep,
             ),
             strategy,

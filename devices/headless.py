@@ -81,6 +81,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refresh", type=bounded(float, 0, rule="must be above 0 (or 0: off)", finite=True), default=3600.0, metavar="SECONDS",
                    help="an idle device (no pull for this long, ±10%%) asks for the current release, so it keeps "
                         "serving the newest one after its labelling ends (default: 3600; 0: off)")
+    p.add_argument("--release-spread", type=_spread, default=300.0, metavar="SECONDS",
+                   help="an idle device also hears of each new release (its coordinator's retained recall) and fetches "
+                        "it at a random time within this long, at most once per this long (default: 300; 0: at once; "
+                        "off: only --refresh and its own pulls bring releases)")
+
+
+def _spread(text: str) -> float | None:
+    """``--release-spread``: seconds (0: at once) or ``off``."""
+    return None if text.strip().lower() == "off" else float(bounded(float, 0, finite=True, rule="must be at least 0 (or off)")(text))
 
 
 def check_partition(args: argparse.Namespace) -> None:
@@ -189,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
         auth=auth_from_args(args),
         bundle=args.bundle,
         refresh_s=args.refresh or None,
+        release_spread_s=args.release_spread,
         keepalive_s=args.keepalive,
     )
     done = threading.Event()

@@ -84,7 +84,7 @@ class MqttFleet:
                 min_samples=min_samples, train=TrainConfig(epochs=train.epochs, batch_size=train.batch_size, lr=train.lr, seed=seed + i),
                 seed=seed + i, inference="torch", request_timeout_s=request_timeout_s,
                 auth=auth, bundle=bundles / name if bundles is not None else None,
-                refresh_s=None,  # as the in-process emulator's devices: the scenario's pulls only
+                refresh_s=None, release_spread_s=None,  # as the in-process emulator's devices: the scenario's pulls only
             )
             client.on("*", self._on_event)
             self.clients.append(client)

@@ -251,6 +251,12 @@ class EdgeClient:
     few bytes when it holds that release already. ``None`` turns it off (e.g. on a metered
     link: releases then arrive with the device's own pulls, a restart or a reconnect).
 
+    ``release_spread_s`` (default 300): an idle device also hears of each new release (its
+    coordinator republishes the region's signed, retained recall with it) and fetches it at a
+    random time within this long — and at most once per this long, so a release every 30 s
+    costs an idle device one fetch per about 5 minutes, each of the newest release. 0: at once;
+    ``None``: off (releases then come with ``refresh_s`` and the device's own pulls).
+
     ``quota_bytes`` (default 512 MiB) and ``quota_samples`` (default none) bound the store of
     labelled samples on the device (payload bytes, and count; ``None``: no bound). Past a
     bound, the samples an acknowledged update already trained on go first, oldest first, then
@@ -297,6 +303,7 @@ class EdgeClient:
         trusted_keys: Mapping[str, bytes] | None = None,
         scc: bool | SccConfig = False,
         refresh_s: float | None = 3600.0,
+        release_spread_s: float | None = 300.0,
         quota_bytes: int | None = DEFAULT_QUOTA_BYTES,
         quota_samples: int | None = None,
         keepalive_s: int = KEEPALIVE_S,
@@ -356,6 +363,7 @@ class EdgeClient:
             failover_after=failover_after,
             failback_after_s=failback_after_s,
             refresh_s=refresh_s,
+            release_spread_s=release_spread_s,
             reannounce_s=reannounce_s,
         )
         # The task declares its sample kind (edge_sdk/tasks/base.py): "gesture" tasks store

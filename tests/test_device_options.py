@@ -37,6 +37,8 @@ def device(tmp_path: Path, *flags: str) -> int:
     ("--min-samples", "0", "argument --min-samples: must be at least 1, got 0"),
     ("--refresh", "-5", "argument --refresh: must be above 0 (or 0: off), got -5"),
     ("--refresh", "inf", "argument --refresh: must be a finite number, got inf"),
+    ("--release-spread", "-1", "argument --release-spread: must be at least 0 (or off), got -1"),
+    ("--release-spread", "soon", "argument --release-spread: expected a number, got 'soon'"),
     ("--rate", "inf", "argument --rate: must be a finite number, got inf"),
 ])
 def test_a_number_out_of_range_is_a_usage_error_naming_its_flag(flag: str, value: str, needle: str, tmp_path: Path,

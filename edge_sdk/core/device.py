@@ -36,7 +36,9 @@ release. The device deploys (predicts with) release versions only; a newer train
 model that answers its pull is trained from but not served, and a newer release it hears
 of is fetched with a serving pull when the device is idle. A device that stays idle (its
 user labels nothing) asks for the release every ``refresh_s`` if configured: the reply
-holds no weights when it has that release already.
+holds no weights when it has that release already. With ``release_spread_s`` it also hears
+of each new release from the region's retained recall (a coordinator with
+``announce_releases`` publishes it again per release) and fetches it within that spread.
 
 Trust. Every model must carry a valid Ed25519 signature by a key the device trusts: the
 provisioned ``trusted_keys``, or — without any — the first key it sees (trust on first
@@ -170,6 +172,9 @@ Transitions (event → action, new phase)::
     PUSHING   TimerFired (deadline)        → Publish(update, same seq)     PUSHING
     IDLE      TimerFired (back-off over)   → pull if wanted                IDLE / PULLING
     IDLE      TimerFired (refresh_s without a pull) → Publish(pull, serve)  PULLING (serving)
+    IDLE      signed Recall, release newer than deployed (release_spread_s)
+                                           → ScheduleTimer(refresh within the spread)  IDLE
+    not IDLE  signed Recall, release newer than deployed (release_spread_s) → release wanted  (unchanged)
     any       signed Model newer than deployed → DeployModel               (unchanged)
     any       signed Recall covering the deployed version → Notify(recalled); when IDLE:
     IDLE      release wanted               → Publish(pull, serve)          PULLING (serving)
@@ -358,6 +363,13 @@ class DeviceConfig:
     current release with a serving pull, so a device whose user labels nothing still predicts
     with every release; the reply holds no weights when it has that release already. None:
     releases arrive only with the device's own pulls, a restart or a reconnect."""
+    release_spread_s: float | None = None
+    """An idle device that hears of a release newer than the one it serves (the region's signed,
+    retained recall, which a coordinator with ``announce_releases`` publishes again with each new
+    release) asks for it with a serving pull at a random time within this long, and at most once
+    per this long, instead of at its next ``refresh_s``: 100,000 idle devices fetch a release
+    spread over the window, not in one burst. A busy device fetches it when next idle. 0: at
+    once; None: off (releases arrive with the device's own pulls and ``refresh_s``)."""
 
     def __post_init__(self) -> None:
         topics.check_id(self.device_id, "device id")
@@ -373,6 +385,8 @@ class DeviceConfig:
             object.__setattr__(self, name, _seconds(name, getattr(self, name), zero=name in ("failback_after_s", "restart_spread_s")))
         if self.refresh_s is not None:
             object.__setattr__(self, "refresh_s", _seconds("refresh_s", self.refresh_s, zero=False))
+        if self.release_spread_s is not None:
+            object.__setattr__(self, "release_spread_s", _seconds("release_spread_s", self.release_spread_s, zero=True))
         if self.request_timeout_s > self.max_backoff_s:
             raise ConfigError("need request_timeout_s <= max_backoff_s")
         if not (math.isfinite(self.pull_burst) and self.pull_burst >= 1 and math.isfinite(self.pull_refill_s)
@@ -489,6 +503,10 @@ class DeviceState:
     refresh_at: float | None = None
     """When an idle device asks for the release again (``DeviceConfig.refresh_s``); None
     while it is busy or until it next becomes idle. Any pull it sends clears it."""
+    refresh_for_release: bool = False
+    """``refresh_at`` was brought forward by an announced release (``release_spread_s``)."""
+    release_fetched_at: float = -math.inf
+    """When the device last fetched an announced release: the next waits ``release_spread_s``."""
     epoch: int = NO_EPOCH
     """The current region's numbering (``ModelMsg.epoch``): ``deployed_version`` counts in it;
     a model, recall or canary request of an older one is refused."""
@@ -508,7 +526,7 @@ class DeviceCore:
     # Slots, not an instance dict: an emulated fleet holds 100,000 cores (≈ 150 bytes each
     # less), and each event reads a few of these attributes from the object itself.
     __slots__ = ("_canary_by_region", "_down", "_epochs", "_inbox", "_marked", "_nonces", "_pins_by_region", "_pull_ready",
-                 "_refresh_s", "_restored", "_rng", "_s", "_t_pull", "_t_update", "_timer_at", "_training", "config")
+                 "_refresh_s", "_refreshes", "_restored", "_rng", "_s", "_t_pull", "_t_update", "_timer_at", "_training", "config")
 
     def __init__(
         self,
@@ -564,6 +582,8 @@ class DeviceCore:
                               epoch=self._epochs.get(config.region, NO_EPOCH))
         self._s.canary_last, self._s.canary_nonces = self._canary_by_region.pop(config.region, ((NO_VERSION, NO_VERSION), ()))
         self._refresh_s = config.refresh_s
+        self._refreshes = config.refresh_s is not None or config.release_spread_s is not None
+        """Whether the core keeps the driver's timer for refreshes (``refresh_s``, ``release_spread_s``)."""
         self._pull_ready = min(_PULL_READY, config.pull_burst) if config.pull_refill_s > 0 else -math.inf
         """The tokens a pull waits for (a bucket of 1: until full); -inf: no pacing."""
         self._timer_at: float | None = None
@@ -621,7 +641,7 @@ class DeviceCore:
 
     def handle(self, event: DeviceEvent) -> list[DeviceAction]:
         actions = self._handle(event) if self._s.canary is None else self._canary_due(event.now) + self._handle(event)
-        return actions if self._refresh_s is None else self._arm_refresh(event.now, actions, fired=isinstance(event, TimerFired))
+        return actions if not self._refreshes else self._arm_refresh(event.now, actions, fired=isinstance(event, TimerFired))
 
     def _arm_refresh(self, now: float, actions: list[DeviceAction], *, fired: bool = False) -> list[DeviceAction]:
         """``refresh_s``: an idle device with no deadline of its own sets the driver's timer for
@@ -636,7 +656,8 @@ class DeviceCore:
         if s.phase is not _IDLE or s.deadline is not None or s.canary is not None:
             return actions
         if s.refresh_at is None:
-            assert self._refresh_s is not None
+            if self._refresh_s is None:  # (release_spread_s only: armed when a release is heard)
+                return actions
             s.refresh_at = now + self._refresh_s * (0.9 + 0.2 * self._rng.random())
         if self._timer_at == s.refresh_at:
             return actions
@@ -658,7 +679,7 @@ class DeviceCore:
         crashed = self._restore_training(now) if self._training is not None else []
         actions = self._resume_pending(now) if self._restored is not None else []
         actions = crashed + (actions or self._kick_off(now))
-        return actions if self._refresh_s is None else self._arm_refresh(now, actions)
+        return actions if not self._refreshes else self._arm_refresh(now, actions)
 
     def _restore_training(self, now: float) -> list[DeviceAction]:
         """The training mark the previous process left: still in flight, its job died with the process
@@ -742,7 +763,7 @@ class DeviceCore:
             actions = self._send_pull(now, fresh=False)
         else:
             actions = []
-        return actions if self._refresh_s is None else self._arm_refresh(now, actions)
+        return actions if not self._refreshes else self._arm_refresh(now, actions)
 
     def _kick_off(self, now: float) -> list[DeviceAction]:
         actions = self._maybe_pull(now)
@@ -1134,8 +1155,12 @@ class DeviceCore:
             if (wait := self._pull_wait(ev.now)) > 0:  # paced as every pull (a refresh_s below pull_refill_s drained the bucket)
                 s.refresh_at = ev.now + wait
                 return [ScheduleTimer(at=s.refresh_at)]
-            s.counters["refresh_pulls"] = s.counters.get("refresh_pulls", 0) + 1
-            return self._send_pull(ev.now, fresh=True, serve=True)  # idle for refresh_s: the release again
+            if s.refresh_for_release:
+                s.release_fetched_at = ev.now
+                s.counters["release_pulls"] = s.counters.get("release_pulls", 0) + 1
+            else:
+                s.counters["refresh_pulls"] = s.counters.get("refresh_pulls", 0) + 1
+            return self._send_pull(ev.now, fresh=True, serve=True)  # idle for refresh_s, or a release heard: the release
         if s.deadline is None or ev.now < s.deadline:
             return [] if s.deadline is None else [ScheduleTimer(at=s.deadline)]
         if s.phase is _DEFERRED and s.restart_repull:
@@ -1303,11 +1328,29 @@ class DeviceCore:
         if s.recall is None or msg.release >= s.recall.release:
             s.recall = msg
         if not (msg.covers(s.deployed_version) and msg.release > s.deployed_version):
-            return repull  # serving something else (a retained recall comes again on every connect)
+            # Serving something else (a retained recall comes again on every connect): a newer release is fetched soon.
+            return [*repull, *self._release_heard(msg.release, now)] if msg.release > s.deployed_version else repull
         s.release_wanted = max(s.release_wanted, msg.release)
         s.counters["recalled"] = s.counters.get("recalled", 0) + 1
         note = Notify(kind="recalled", data={"version": s.deployed_version, "release": msg.release})
         return [*repull, note, *self._maybe_pull(now)]
+
+    def _release_heard(self, release: int, now: float) -> list[DeviceAction]:
+        """``release_spread_s``: a signed recall names a release newer than the one served. An idle
+        device brings its refresh forward to a random time within the spread (and at least the spread
+        after its last such fetch); a busy one, or one waiting out a back-off, fetches it when next idle."""
+        spread = self.config.release_spread_s
+        if spread is None:
+            return []
+        s = self._s
+        s.counters["releases_heard"] = s.counters.get("releases_heard", 0) + 1
+        if s.phase is not _IDLE or s.deadline is not None or s.canary is not None:
+            s.release_wanted = max(s.release_wanted, release)
+            return []
+        at = max(now + spread * self._rng.random(), s.release_fetched_at + spread)
+        if s.refresh_at is None or (not s.refresh_for_release and at < s.refresh_at):  # (a fetch drawn already stands)
+            s.refresh_at, s.refresh_for_release = at, True  # (the driver's timer: _arm_refresh, after this event)
+        return []
 
     def _coordinator_restarted(self, started: int, now: float) -> list[DeviceAction]:
         """A (signed, trusted) start stamp of the region's coordinator: newer than the one seen, the
@@ -1453,7 +1496,7 @@ class DeviceCore:
             s.next_seq += 1
             s.attempts = 0
             s.serving = serve
-            s.refresh_at = None  # the answer tells the release: the next refresh counts from the next idle
+            s.refresh_at, s.refresh_for_release = None, False  # the answer tells the release: the next refresh counts from the next idle
             actions.append(self._persist())
             pull = Pull(
                 device=cfg.device_id,
