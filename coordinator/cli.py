@@ -79,7 +79,7 @@ from edge_sdk.runtime import iso_utc_ms
 from edge_sdk.tasks import get_task
 from edge_sdk.tasks.base import HINT_BOUNDS
 from edge_sdk.wire import topics
-from edge_sdk.wire.messages import MAX_CANARY_SAMPLES
+from edge_sdk.wire.messages import MAX_CANARY_SAMPLES, MAX_RELEASE_SPREAD_S
 from edge_sdk.wire.topics import check_id
 
 if TYPE_CHECKING:
@@ -241,6 +241,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics server binds. Its endpoints have no "
                    "authentication: bind beyond 127.0.0.1 only on a network you trust (or behind a proxy that checks)")
     o.add_argument("--status-interval", type=float, default=30.0, help="republish the retained status at least every this many seconds (liveness for `edgeci status`)")
+    o.add_argument("--release-spread", type=bounded(int, 0, at_most=MAX_RELEASE_SPREAD_S), default=0, metavar="SECONDS",
+                   help="idle devices fetch each new release at a random time within at least this many seconds (sent with "
+                   "the region's recall; a device takes the larger of this and its own, the SDK's default 300 s). The "
+                   "broker sends about devices × model size / SECONDS per second while a release goes out: raise it for "
+                   f"big fleets and big models (0 = the devices' own; at most {MAX_RELEASE_SPREAD_S}, a week)")
     g = p.add_argument_group("peering between regional coordinators")
     g.add_argument("--peering", default="none", choices=PEERINGS, help="model exchange with other coordinators")
     g.add_argument("--peers", default="", help="comma-separated coordinator ids in ring order, this one included")
@@ -434,6 +439,7 @@ def options_from(args: argparse.Namespace, layered: Layered | None = None) -> Co
         conversion_deadline_s=float(getattr(args, "conversion_deadline", 60.0)),
         inversion_params=parse_params(getattr(args, "inversion", None) or (), "--inversion"),
         status_interval_s=interval,
+        release_spread_s=int(getattr(args, "release_spread", 0)),
         keepalive_s=int(getattr(args, "keepalive", KEEPALIVE_S)),
         require_pull=not getattr(args, "accept_unpulled_updates", False),
         auth=auth_from_args(args),

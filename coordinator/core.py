@@ -184,6 +184,7 @@ from edge_sdk.wire.codec import (
 )
 from edge_sdk.wire.messages import (
     MAX_RECALL_RANGES,
+    MAX_RELEASE_SPREAD_S,
     NO_EPOCH,
     NO_VERSION,
     UNCHANGED,
@@ -507,6 +508,9 @@ class CoordinatorConfig:
     release changes, so that idle devices hear of it (``DeviceConfig.release_spread_s``) instead
     of at their next hourly refresh. The daemon sets it; the in-process emulator leaves it off
     (its devices pull on the scenario's schedule only: results unchanged)."""
+    release_spread_s: int = 0
+    """Sent with the recall (``Recall.spread_s``): idle devices fetch a release over at least this
+    many seconds (0: each device's own ``release_spread_s``). Size it to the fleet and the model."""
     gate: GateConfig | None = None
     """Promote candidates to the release only on evidence (None: every version is released)."""
     operators: Mapping[str, bytes] = field(default_factory=dict)
@@ -532,6 +536,9 @@ class CoordinatorConfig:
             raise ConfigError("max_seq_jump, max_samples_per_update and max_devices must be >= 1")
         if self.pull_burst < 1 or self.pull_refill_s < 0:
             raise ConfigError("need pull_burst >= 1 and pull_refill_s >= 0")
+        if type(self.release_spread_s) is not int or not 0 <= self.release_spread_s <= MAX_RELEASE_SPREAD_S:
+            raise ConfigError(f"release_spread_s must be whole seconds from 0 to {MAX_RELEASE_SPREAD_S} (a week), "
+                              f"got {self.release_spread_s!r}")
         for name, raw in self.operators.items():
             if not name or len(raw) != PUBLIC_KEY_BYTES:
                 raise ConfigError(f"operator {name!r}: need a name and a {PUBLIC_KEY_BYTES}-byte Ed25519 public key")
@@ -1152,7 +1159,7 @@ class CoordinatorCore:
         flat = tuple(v for r in self._abandoned[-MAX_RECALL_RANGES:] for v in r)
         topic = topics.recall_topic(self.config.region)
         msg = Recall(model_id=self.config.spec.model_id, release=self._release_version, abandoned=flat, epoch=self._epoch,
-                     started=self._started)
+                     started=self._started, spread_s=self.config.release_spread_s)
         return [self._publish(topic, encode(msg, signer=self.config.signer, scope=topics.signing_scope(topic)), retain=True)]
 
     def handle(self, event: CoordinatorEvent) -> list[CoordinatorAction]:

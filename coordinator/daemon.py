@@ -277,6 +277,9 @@ class CoordinatorOptions:
     favourable and the most unfavourable report are dropped before pooling)."""
     canary_deadline_s: float = 600.0
     """A canary round lasts at most this long; then the reports that came in decide."""
+    release_spread_s: int = 0
+    """Idle devices fetch each new release over at least this many seconds (sent with the recall; 0:
+    each device's own ``release_spread_s``, the SDK's default 300 s)."""
     operator_keys_dir: Path | None = None
     """Folder of operator ``*.pub`` keys allowed to sign control commands (besides our own key)."""
     conversion_deadline_s: float = 60.0
@@ -508,6 +511,7 @@ class CoordinatorDaemon:
                 status_payload=False,  # the status JSON is built once per batch (_end_batch), not per version
                 announce_start=True,  # deferred devices pull again at once after a restart (Recall.started)
                 announce_releases=True,  # idle devices hear of each release (Recall.release), not an hour later
+                release_spread_s=options.release_spread_s,
                 keep_versions=keep,
             ),
             strategy,

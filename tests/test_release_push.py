@@ -68,9 +68,9 @@ def model(now: float, version: int, *, reply_to: int = -1) -> MessageReceived:
     return MessageReceived(now=now, topic=topic, payload=encode(msg, signer=SIGNER, scope=topics.signing_scope(topic)))
 
 
-def recall(now: float, release: int, *, signer: Signer | None = SIGNER) -> MessageReceived:
+def recall(now: float, release: int, *, signer: Signer | None = SIGNER, spread_s: int = 0) -> MessageReceived:
     topic = topics.recall_topic("r1")
-    msg = Recall(model_id=SPEC.model_id, release=release, abandoned=(), epoch=0)
+    msg = Recall(model_id=SPEC.model_id, release=release, abandoned=(), epoch=0, spread_s=spread_s)
     return MessageReceived(now=now, topic=topic, payload=encode(msg, signer=signer, scope=topics.signing_scope(topic)))
 
 
@@ -199,12 +199,65 @@ def test_edgeci_device_passes_its_release_spread_to_the_client(flags: tuple[str,
     assert seen["release_spread_s"] == expected and seen["refresh_s"] == 3600.0
 
 
+def test_the_coordinator_s_spread_widens_the_device_s_own_never_narrows_it() -> None:
+    """``Recall.spread_s`` (the coordinator's ``--release-spread``, sized to its fleet and model): a device
+    spreads over the larger of it and its own, and waits that long between such fetches."""
+    times = []
+    for seed in range(200):
+        d = idle_device(60.0, seed=seed)
+        [at] = timers(d.handle(recall(10.0, 2, spread_s=3600)))
+        times.append(at - 10.0)
+    assert min(times) >= 0.0 and max(times) <= 3600.0 and sum(t > 60.0 for t in times) > 150
+    d = idle_device(600.0, seed=1)
+    [at] = timers(d.handle(recall(10.0, 2, spread_s=30)))  # the device's own 600 s is the larger
+    [fetch] = pulls(d.handle(TimerFired(now=at)))
+    d.handle(model(at + 0.1, 2, reply_to=fetch.seq))
+    [nxt] = timers(d.handle(recall(at + 1.0, 3, spread_s=30)))
+    assert nxt >= at + 600.0
+
+
+def test_the_spread_on_the_wire_round_trips_is_absent_at_0_and_bounded() -> None:
+    from edge_sdk.errors import MalformedMessage
+    from edge_sdk.wire.messages import MAX_RELEASE_SPREAD_S
+
+    topic = topics.recall_topic("r1")
+    scope = topics.signing_scope(topic)
+    plain = Recall(model_id=SPEC.model_id, release=3, abandoned=(), epoch=5)
+    assert b"spread_s" not in encode(plain, signer=SIGNER, scope=scope)  # an older side's bytes are unchanged
+    spread = Recall(model_id=SPEC.model_id, release=3, abandoned=(), epoch=5, spread_s=900)
+    assert decode(encode(spread, signer=SIGNER, scope=scope)) == spread
+    for bad in (-1, MAX_RELEASE_SPREAD_S + 1, 1.5, True):
+        with pytest.raises(MalformedMessage, match="spread_s"):
+            Recall(model_id=SPEC.model_id, release=3, abandoned=(), epoch=5, spread_s=bad)  # type: ignore[arg-type]
+
+
+def test_edgeci_coordinator_release_spread_reaches_the_recall(tmp_path: Path) -> None:
+    from coordinator import cli as coordinator_cli
+    from tests.test_cli_words import coordinator_args
+
+    args = coordinator_args("--release-spread", "3600")
+    assert coordinator_cli.options_from(args, args._layered).release_spread_s == 3600
+    args = coordinator_args()
+    assert coordinator_cli.options_from(args, args._layered).release_spread_s == 0
+    for bad in ("-1", "604801", "1.5"):
+        with pytest.raises(SystemExit):
+            coordinator_args("--release-spread", bad)
+    c = coordinator(release_spread_s=900)
+    (r,) = recalls(c.start(0.0))
+    assert r.spread_s == 900
+    (r,) = recalls(c.handle(update("d0", 0, 1.0)))
+    assert (r.release, r.spread_s) == (1, 900)
+    for bad in (-1, 604_801, 2.5):
+        with pytest.raises(ConfigError, match="release_spread_s"):
+            coordinator(release_spread_s=bad)  # type: ignore[arg-type]
+
+
 # ------------------------------------------------------------------ the coordinator core
 
 
-def coordinator(*, announce: bool = True, gate: GateConfig | None = None) -> CoordinatorCore:
+def coordinator(*, announce: bool = True, gate: GateConfig | None = None, release_spread_s: int = 0) -> CoordinatorCore:
     cfg = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, signer=SIGNER, announce_start=True,
-                            announce_releases=announce, gate=gate)
+                            announce_releases=announce, gate=gate, release_spread_s=release_spread_s)
     return CoordinatorCore(cfg, make_strategy("spin", k=1, timeout_s=None, clip_multiplier=0.0), toy_snapshot(), rng=random.Random(0))
 
 
@@ -286,7 +339,7 @@ def test_core_to_core_an_idle_device_ends_on_the_new_release() -> None:
 @pytest.mark.parametrize("spread", [1.0, None], ids=["pushed", "off"])
 def test_over_mosquitto_an_idle_device_deploys_each_release_within_the_spread(tmp_path: Path, spread: float | None) -> None:
     """A real daemon, mosquitto and two SDK devices, neither refreshing (``refresh_s=None``): the busy
-    one's update is released; the idle one, with a spread of 1 s, deploys it within seconds. With the
+    one's update is released; the idle one (its own spread 1 s, the coordinator's 2 s) deploys it within seconds. With the
     push off it stays on release 0 (what every idle device did for up to an hour before)."""
     from coordinator.daemon import CoordinatorDaemon, CoordinatorOptions
 
@@ -296,7 +349,7 @@ def test_over_mosquitto_an_idle_device_deploys_each_release_within_the_spread(tm
     try:
         daemon = CoordinatorDaemon(
             CoordinatorOptions(require_pull=False, broker=broker.url, region="r1", state_dir=tmp_path / "c",
-                               strategy_params={"k": 1, "timeout_s": 5.0}),
+                               strategy_params={"k": 1, "timeout_s": 5.0}, release_spread_s=2),
             task=task,
         ).start()
         try:
@@ -305,6 +358,7 @@ def test_over_mosquitto_an_idle_device_deploys_each_release_within_the_spread(tm
             idle = EdgeClient(device_id="idle", data_dir=tmp_path / "idle", min_samples=10**6, release_spread_s=spread, **common).start()
             busy = EdgeClient(device_id="busy", data_dir=tmp_path / "busy", min_samples=2, release_spread_s=None, **common).start()
             try:
+                assert daemon.core.config.release_spread_s == 2  # --release-spread: sent with each recall (the larger spread)
                 assert idle.wait_for_version(0, timeout=60)
                 for i in range(2):
                     busy.add_sample(pool.x[i], int(pool.y[i]))

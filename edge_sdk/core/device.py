@@ -1329,19 +1329,21 @@ class DeviceCore:
             s.recall = msg
         if not (msg.covers(s.deployed_version) and msg.release > s.deployed_version):
             # Serving something else (a retained recall comes again on every connect): a newer release is fetched soon.
-            return [*repull, *self._release_heard(msg.release, now)] if msg.release > s.deployed_version else repull
+            return [*repull, *self._release_heard(msg.release, msg.spread_s, now)] if msg.release > s.deployed_version else repull
         s.release_wanted = max(s.release_wanted, msg.release)
         s.counters["recalled"] = s.counters.get("recalled", 0) + 1
         note = Notify(kind="recalled", data={"version": s.deployed_version, "release": msg.release})
         return [*repull, note, *self._maybe_pull(now)]
 
-    def _release_heard(self, release: int, now: float) -> list[DeviceAction]:
+    def _release_heard(self, release: int, spread_s: int, now: float) -> list[DeviceAction]:
         """``release_spread_s``: a signed recall names a release newer than the one served. An idle
-        device brings its refresh forward to a random time within the spread (and at least the spread
-        after its last such fetch); a busy one, or one waiting out a back-off, fetches it when next idle."""
-        spread = self.config.release_spread_s
-        if spread is None:
+        device brings its refresh forward to a random time within the spread — the larger of its own
+        and the coordinator's (``Recall.spread_s``) — and at least the spread after its last such fetch;
+        a busy one, or one waiting out a back-off, fetches it when next idle."""
+        own = self.config.release_spread_s
+        if own is None:
             return []
+        spread = max(own, float(spread_s))
         s = self._s
         s.counters["releases_heard"] = s.counters.get("releases_heard", 0) + 1
         if s.phase is not _IDLE or s.deadline is not None or s.canary is not None:

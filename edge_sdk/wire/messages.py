@@ -407,6 +407,8 @@ class CanaryReport:
 
 
 MAX_RECALL_RANGES = 16
+MAX_RELEASE_SPREAD_S = 7 * 86_400
+"""The longest spread a recall may ask devices to fetch a release over (a week)."""
 """Abandoned ranges a recall names (the most recent: older ones are long superseded)."""
 
 
@@ -431,13 +433,20 @@ class Recall:
     kept the devices it left waiting for an invitation in memory only: a device waiting (DEFERRED)
     that sees a newer stamp than the one it saw first sends its pull again, instead of after
     ``reannounce_s``. Signed with the rest; absent at 0, so an old side's bytes are unchanged."""
-    OMIT_AT_DEFAULT: ClassVar[tuple[tuple[str, object], ...]] = (*_EPOCH_OMIT, ("started", 0))
+    spread_s: int = 0
+    """Seconds over which the region's idle devices should fetch the release (the coordinator's
+    ``--release-spread``, sized to its fleet and model): a device spreads its fetch over the larger of
+    this and its own ``release_spread_s``. 0: the devices' own. Absent at 0; a device from before
+    it ignores the field (unknown header fields are not read) and still verifies the signature."""
+    OMIT_AT_DEFAULT: ClassVar[tuple[tuple[str, object], ...]] = (*_EPOCH_OMIT, ("started", 0), ("spread_s", 0))
 
     def __post_init__(self) -> None:
         _check_id(self.model_id, "model_id")
         _check_int(self.release, "release")
         _check_int(self.epoch, "epoch")
         _check_int(self.started, "started")
+        _check_int(self.spread_s, "spread_s")
+        _need(self.spread_s <= MAX_RELEASE_SPREAD_S, f"spread_s must be at most {MAX_RELEASE_SPREAD_S} (a week)")
         flat = self.abandoned
         _need(isinstance(flat, list | tuple) and len(flat) % 2 == 0 and len(flat) <= 2 * MAX_RECALL_RANGES,
               f"abandoned must be at most {MAX_RECALL_RANGES} (lo, hi) pairs, flat")
