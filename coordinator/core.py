@@ -504,10 +504,15 @@ class CoordinatorConfig:
     pulls again at once instead of after its ``reannounce_s`` (600 s). The daemon sets it; the
     in-process emulator, whose coordinators never restart, leaves it off (its results unchanged)."""
     announce_releases: bool = False
-    """Publish the region's recall (retained, signed; it carries the release) again whenever the
-    release changes, so that idle devices hear of it (``DeviceConfig.release_spread_s``) instead
+    """Publish the region's recall (retained, signed; it carries the release) again when the release
+    changes (at most every ``release_announce_s``), so that idle devices hear of it (``DeviceConfig.release_spread_s``) instead
     of at their next hourly refresh. The daemon sets it; the in-process emulator leaves it off
     (its devices pull on the scenario's schedule only: results unchanged)."""
+    release_announce_s: float = 30.0
+    """With ``announce_releases``: a new release is announced at most this often (the recall names
+    the newest release when it goes out; devices fetch the newest when they fetch). Every release of
+    a busy region announced at once sent each connected device a message per version (100,000
+    devices, a version a second: 100,000 messages a second from the broker)."""
     release_spread_s: int = 0
     """Sent with the recall (``Recall.spread_s``): idle devices fetch a release over at least this
     many seconds (0: each device's own ``release_spread_s``). Size it to the fleet and the model."""
@@ -536,6 +541,8 @@ class CoordinatorConfig:
             raise ConfigError("max_seq_jump, max_samples_per_update and max_devices must be >= 1")
         if self.pull_burst < 1 or self.pull_refill_s < 0:
             raise ConfigError("need pull_burst >= 1 and pull_refill_s >= 0")
+        if not (math.isfinite(self.release_announce_s) and self.release_announce_s >= 0):
+            raise ConfigError(f"release_announce_s must be a finite number of seconds >= 0, got {self.release_announce_s!r}")
         if type(self.release_spread_s) is not int or not 0 <= self.release_spread_s <= MAX_RELEASE_SPREAD_S:
             raise ConfigError(f"release_spread_s must be whole seconds from 0 to {MAX_RELEASE_SPREAD_S} (a week), "
                               f"got {self.release_spread_s!r}")
@@ -794,6 +801,7 @@ class CoordinatorCore:
         # operator's rollback reaches idle devices too, not only those that pull for training).
         self._recall_due = bool(self._abandoned)
         self._recall_release = self._release_version  # the release the last recall named (announce_releases)
+        self._recall_next_at = -math.inf  # announce_releases: the next release announcement no sooner than this
         self._started = 0  # this start's stamp on the recall (ms; 0: none), set by start()
         self._pending_actions: list[CoordinatorAction] = []
         # Converting staleness policies: parked updates wait for the driver's conversion; a
@@ -1096,7 +1104,7 @@ class CoordinatorCore:
         if rnd is not None and (self._wake_at is None or rnd.deadline < self._wake_at):
             self._wake_at = rnd.deadline
             actions.append(ScheduleTimer(at=rnd.deadline))
-        return [*actions, self._status_action(now), *self._recall(force=True)]
+        return [*actions, self._status_action(now), *self._recall(now, force=True)]
 
     def _leave_abandoned_line(self, now: float) -> list[CoordinatorAction]:
         """The restored training line is a version a rollback abandoned (the rollback's commit was
@@ -1124,7 +1132,7 @@ class CoordinatorCore:
     def reannounce(self, now: float) -> list[CoordinatorAction]:
         """The broker connection came back: the status (its last will may say ``alive: false``, a
         broker restarted without persistence forgot it) and the recall (retained), again now."""
-        return [self._status_action(now), *self._recall(force=True)]
+        return [self._status_action(now), *self._recall(now, force=True)]
 
     def _regate_newest(self, now: float) -> list[CoordinatorAction]:
         """The restored training line's undecided candidate, to the gate (once storage works:
@@ -1150,17 +1158,22 @@ class CoordinatorCore:
                                              release_weights=self._release_weights))
         return actions + self._canary_refresh(now)  # (a round whose candidate was just superseded ends)
 
-    def _recall(self, *, force: bool = False) -> list[CoordinatorAction]:
+    def _recall(self, now: float, *, force: bool = False) -> list[CoordinatorAction]:
         """Publish the abandoned ranges (retained) when they changed since the last recall."""
         if not (self._abandoned or self._epoch != NO_EPOCH or self._started) or not (self._recall_due or force):
             return []
         self._recall_due = False
         self._recall_release = self._release_version
+        self._recall_next_at = now + self.config.release_announce_s
         flat = tuple(v for r in self._abandoned[-MAX_RECALL_RANGES:] for v in r)
         topic = topics.recall_topic(self.config.region)
         msg = Recall(model_id=self.config.spec.model_id, release=self._release_version, abandoned=flat, epoch=self._epoch,
                      started=self._started, spread_s=self.config.release_spread_s)
         return [self._publish(topic, encode(msg, signer=self.config.signer, scope=topics.signing_scope(topic)), retain=True)]
+
+    def _release_unannounced(self) -> bool:
+        """``announce_releases``: the release changed since the last recall named it."""
+        return self.config.announce_releases and self._release_version != self._recall_release
 
     def handle(self, event: CoordinatorEvent) -> list[CoordinatorAction]:
         if isinstance(event, MessageReceived):
@@ -1201,8 +1214,8 @@ class CoordinatorCore:
             self._pending_actions = []
         if self._status_dirty and (self._version != self._status_version):
             actions.append(self._status_action(now))
-        if self._recall_due or (self.config.announce_releases and self._release_version != self._recall_release):
-            actions += self._recall(force=True)  # after the commit that abandoned them or set the release
+        if self._recall_due or (self._release_unannounced() and now >= self._recall_next_at):
+            actions += self._recall(now, force=True)  # after the commit that abandoned them or set the release
         return actions
 
     # ------------------------------------------------------------------ messages
@@ -1795,9 +1808,10 @@ class CoordinatorCore:
                 status_due = self._status_next_at if self._status_dirty and self._status_next_at > now else None
                 conversion_due = min((p.deadline for p in self._parked.values()), default=None) if self._parked else None
                 canary_due = self._canary_round.deadline if self._canary_round is not None else self._canary_retry_at
+                announce_due = self._recall_next_at if self._release_unannounced() and self._recall_next_at > now else None
                 # The earliest of those that are set (min() of them, written out: no list, no call per event)
                 wake = plan.wake_at
-                for t in (self.peering.wake_at(), status_due, conversion_due, canary_due):
+                for t in (self.peering.wake_at(), status_due, conversion_due, canary_due, announce_due):
                     if t is not None and (wake is None or t < wake):
                         wake = t
                 if wake != self._wake_at:

@@ -277,6 +277,8 @@ class CoordinatorOptions:
     favourable and the most unfavourable report are dropped before pooling)."""
     canary_deadline_s: float = 600.0
     """A canary round lasts at most this long; then the reports that came in decide."""
+    release_announce_s: float = 30.0
+    """A new release is announced to the region's devices (the retained recall) at most this often."""
     release_spread_s: int = 0
     """Idle devices fetch each new release over at least this many seconds (sent with the recall; 0:
     each device's own ``release_spread_s``, the SDK's default 300 s)."""
@@ -512,6 +514,7 @@ class CoordinatorDaemon:
                 announce_start=True,  # deferred devices pull again at once after a restart (Recall.started)
                 announce_releases=True,  # idle devices hear of each release (Recall.release), not an hour later
                 release_spread_s=options.release_spread_s,
+                release_announce_s=options.release_announce_s,
                 keep_versions=keep,
             ),
             strategy,

@@ -255,9 +255,11 @@ def test_edgeci_coordinator_release_spread_reaches_the_recall(tmp_path: Path) ->
 # ------------------------------------------------------------------ the coordinator core
 
 
-def coordinator(*, announce: bool = True, gate: GateConfig | None = None, release_spread_s: int = 0) -> CoordinatorCore:
+def coordinator(*, announce: bool = True, gate: GateConfig | None = None, release_spread_s: int = 0,
+                release_announce_s: float = 0.0) -> CoordinatorCore:
     cfg = CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC, signer=SIGNER, announce_start=True,
-                            announce_releases=announce, gate=gate, release_spread_s=release_spread_s)
+                            announce_releases=announce, gate=gate, release_spread_s=release_spread_s,
+                            release_announce_s=release_announce_s)
     return CoordinatorCore(cfg, make_strategy("spin", k=1, timeout_s=None, clip_multiplier=0.0), toy_snapshot(), rng=random.Random(0))
 
 
@@ -282,6 +284,31 @@ def test_an_announcing_coordinator_republishes_the_retained_recall_with_each_new
         pub = next(a for a in acts if isinstance(a, Publish) and a.topic == topics.recall_topic("r1"))
         assert pub.retain
     assert recalls(c.handle(TimerFired(now=10.0))) == []  # nothing new: nothing sent
+
+
+def test_releases_are_announced_at_most_once_per_interval_each_time_the_newest() -> None:
+    """A busy region makes a version a second; its devices hear of the release at most every
+    ``release_announce_s`` (30 s by default), and the one they hear of is the newest: the core wakes
+    itself for a release made after the last announcement, with no other event to carry it."""
+    c = coordinator(release_announce_s=30.0)
+    (first,) = recalls(c.start(0.0))
+    assert first.release == 0
+    assert CoordinatorConfig(region="r1", coordinator_id="c1", spec=SPEC).release_announce_s == 30.0
+    sent: list[tuple[float, int]] = []
+    wakes: list[float] = []
+    for seq in range(5):
+        acts = c.handle(update(f"d{seq}", 0, 40.0 + seq, base=seq))
+        sent += [(40.0 + seq, r.release) for r in recalls(acts)]
+        wakes += timers(acts)
+    assert c.release[0] == 5 and sent == [(40.0, 1)]  # the first at once (30 s since the start's), then none
+    acts = c.handle(TimerFired(now=wakes[-1]))  # (the status's timer, 0.25 s on)
+    assert recalls(acts) == [] and timers(acts) == [70.0]  # then the core's timer is for the next announcement
+    (late,) = recalls(c.handle(TimerFired(now=70.0)))
+    assert late.release == 5
+    assert recalls(c.handle(TimerFired(now=100.0))) == []  # nothing new: nothing sent
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="release_announce_s"):
+            coordinator(release_announce_s=bad)
 
 
 def test_without_the_flag_no_recall_per_release() -> None:
@@ -349,7 +376,7 @@ def test_over_mosquitto_an_idle_device_deploys_each_release_within_the_spread(tm
     try:
         daemon = CoordinatorDaemon(
             CoordinatorOptions(require_pull=False, broker=broker.url, region="r1", state_dir=tmp_path / "c",
-                               strategy_params={"k": 1, "timeout_s": 5.0}, release_spread_s=2),
+                               strategy_params={"k": 1, "timeout_s": 5.0}, release_spread_s=2, release_announce_s=1.0),
             task=task,
         ).start()
         try:
