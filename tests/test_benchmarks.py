@@ -50,6 +50,8 @@ def bench(script: str, *argv: str, timeout: float = 120, env: dict[str, str] | N
         ("emulator_then_now.py", ["--transport", "tcp"], "--transport"),
         ("restart_repull.py", ["--devices", "0"], "--devices"),
         ("round_block_cost.py", ["--stale", "0", "-5"], "--stale"),
+        ("release_push.py", ["--devices", "0"], "--devices"),
+        ("release_push.py", ["--spread", "-1"], "--spread"),
     ],
 )
 def test_a_bad_flag_is_one_argparse_line_naming_it(script: str, argv: list[str], flag: str) -> None:
@@ -169,3 +171,15 @@ def test_emulator_speeds_usage_lines_show_the_defaults() -> None:
         else:
             same = float(value) == float(default) if isinstance(default, int | float) else value == str(default)
         assert same, f"{flag} {value} shown, default {default}"
+
+
+@pytest.mark.broker
+def test_release_push_runs_both_fleets_and_says_what_it_saw() -> None:
+    """Three idle devices, a spread of 1 s: the pushed fleet is on release 1 within the wait, the
+    refresh-only fleet (refresh_s 3600) is not; one serving pull per pushed device."""
+    out = bench("release_push.py", "--devices", "3", "--spread", "1", timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    pushed = re.search(r"pushed: 3/3 on release 1 within 11 s; .* serving pulls (\d+)", out.stdout)
+    assert pushed and int(pushed.group(1)) == 3, out.stdout
+    assert "refresh only: 0/3 on release 1 within 11 s" in out.stdout, out.stdout
+    assert "pushed 100%, refresh only 0%" in out.stdout, out.stdout
