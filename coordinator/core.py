@@ -1808,7 +1808,8 @@ class CoordinatorCore:
                 status_due = self._status_next_at if self._status_dirty and self._status_next_at > now else None
                 conversion_due = min((p.deadline for p in self._parked.values()), default=None) if self._parked else None
                 canary_due = self._canary_round.deadline if self._canary_round is not None else self._canary_retry_at
-                announce_due = self._recall_next_at if self._release_unannounced() and self._recall_next_at > now else None
+                announce_due = self._recall_next_at if (self.config.announce_releases and self._recall_next_at > now
+                                                        and self._release_version != self._recall_release) else None
                 # The earliest of those that are set (min() of them, written out: no list, no call per event)
                 wake = plan.wake_at
                 for t in (self.peering.wake_at(), status_due, conversion_due, canary_due, announce_due):
