@@ -277,6 +277,16 @@ def _held(state_dir: Path) -> Iterator[None]:
         registry.close()
 
 
+
+def _unused(path: Path) -> Path:
+    """``path``, or ``path-2``, ``path-3``, … when it exists (two restores in one second keep both dirs)."""
+    n = 1
+    candidate = path
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
+
 def restore(backup_dir: Path, state_dir: Path, *, now: float | None = None) -> RestoreResult:
     """Put ``backup_dir`` (an ``edgeci backup``) in place of ``state_dir`` (see the module docstring)."""
     if not _is_state_dir(backup_dir):
@@ -304,7 +314,7 @@ def restore(backup_dir: Path, state_dir: Path, *, now: float | None = None) -> R
                 raise BackupError(f"{backup_dir} holds no version: nothing restored")
             kept = None
             if replaces:
-                kept = state_dir.parent / f"{state_dir.name}.before-restore-{stamp}"
+                kept = _unused(state_dir.parent / f"{state_dir.name}.before-restore-{stamp}")
                 os.rename(state_dir, kept)
             elif state_dir.exists():
                 state_dir.rmdir()  # (empty: checked above)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import coordinator.registry as registry_module
-from coordinator.backup import BackupError, backup
+from coordinator.backup import BackupError, backup, restore
 from coordinator.core import CommitVersion
 from coordinator.registry import Registry
 from coordinator.strategies.base import BufferedUpdate
@@ -268,3 +268,18 @@ def test_restore_refuses_what_is_not_a_backup_or_overlaps(tmp_path: Path, capsys
         main(["restore", "--state-dir", str(src)])
     assert no_from.value.code == 2 and "--from" in capsys.readouterr().err
     assert (tmp_path / "photos" / "a.jpg").exists() and loaded(src)["version"] == 5
+
+
+def test_two_restores_in_one_second_keep_both_replaced_dirs(tmp_path: Path) -> None:
+    """The replaced dir is kept as ``NAME.before-restore-<UTC second>``; a second restore within the
+    same second failed (the name was taken: "Directory not empty"). Now the second is kept as ``…-2``."""
+    src, bk = tmp_path / "eu", tmp_path / "bk"
+    reg = state_dir(src)
+    reg.close()
+    assert main(["backup", "--state-dir", str(src), "--out", str(bk)]) == 0
+    first = restore(bk, src, now=1_800_000_000.0)
+    second = restore(bk, src, now=1_800_000_000.4)
+    assert first.kept is not None and second.kept is not None
+    assert first.kept.name == "eu.before-restore-20270115T080000Z" and second.kept.name == first.kept.name + "-2"
+    assert loaded(first.kept)["version"] == 5 and loaded(second.kept) == loaded(bk) == loaded(src)
+    assert (second.new_epoch or 0) > (first.new_epoch or 0)
