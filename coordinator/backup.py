@@ -277,7 +277,6 @@ def _held(state_dir: Path) -> Iterator[None]:
         registry.close()
 
 
-
 def _unused(path: Path) -> Path:
     """``path``, or ``path-2``, ``path-3``, … when it exists (two restores in one second keep both dirs)."""
     n = 1
@@ -286,6 +285,7 @@ def _unused(path: Path) -> Path:
         n += 1
         candidate = path.with_name(f"{path.name}-{n}")
     return candidate
+
 
 def restore(backup_dir: Path, state_dir: Path, *, now: float | None = None) -> RestoreResult:
     """Put ``backup_dir`` (an ``edgeci backup``) in place of ``state_dir`` (see the module docstring)."""

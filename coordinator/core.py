@@ -1159,7 +1159,8 @@ class CoordinatorCore:
         return actions + self._canary_refresh(now)  # (a round whose candidate was just superseded ends)
 
     def _recall(self, now: float, *, force: bool = False) -> list[CoordinatorAction]:
-        """Publish the abandoned ranges (retained) when they changed since the last recall."""
+        """Publish the abandoned ranges and the release (retained) when the ranges changed since the
+        last recall, or ``force``; the next release announcement is then due ``release_announce_s`` on."""
         if not (self._abandoned or self._epoch != NO_EPOCH or self._started) or not (self._recall_due or force):
             return []
         self._recall_due = False
@@ -1170,10 +1171,6 @@ class CoordinatorCore:
         msg = Recall(model_id=self.config.spec.model_id, release=self._release_version, abandoned=flat, epoch=self._epoch,
                      started=self._started, spread_s=self.config.release_spread_s)
         return [self._publish(topic, encode(msg, signer=self.config.signer, scope=topics.signing_scope(topic)), retain=True)]
-
-    def _release_unannounced(self) -> bool:
-        """``announce_releases``: the release changed since the last recall named it."""
-        return self.config.announce_releases and self._release_version != self._recall_release
 
     def handle(self, event: CoordinatorEvent) -> list[CoordinatorAction]:
         if isinstance(event, MessageReceived):
@@ -1214,8 +1211,10 @@ class CoordinatorCore:
             self._pending_actions = []
         if self._status_dirty and (self._version != self._status_version):
             actions.append(self._status_action(now))
-        if self._recall_due or (self._release_unannounced() and now >= self._recall_next_at):
-            actions += self._recall(now, force=True)  # after the commit that abandoned them or set the release
+        # After the commit that abandoned them, or (announce_releases) one that set a release the last recall did not name.
+        if self._recall_due or (self.config.announce_releases and self._release_version != self._recall_release
+                                and now >= self._recall_next_at):
+            actions += self._recall(now, force=True)
         return actions
 
     # ------------------------------------------------------------------ messages

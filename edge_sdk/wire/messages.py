@@ -407,9 +407,9 @@ class CanaryReport:
 
 
 MAX_RECALL_RANGES = 16
+"""Abandoned ranges a recall names (the most recent: older ones are long superseded)."""
 MAX_RELEASE_SPREAD_S = 7 * 86_400
 """The longest spread a recall may ask devices to fetch a release over (a week)."""
-"""Abandoned ranges a recall names (the most recent: older ones are long superseded)."""
 
 
 @fast_init
