@@ -13,13 +13,14 @@ import numpy as np
 WEIGHTS = [round(0.1 * i - 0.45, 6) for i in range(10)]
 """Every sample's tensor (float32 on the wire)."""
 
-SAMPLES: dict[str, dict[str, Any]] = {
+_OLDEST: dict[str, dict[str, Any]] = {
     "pull": {"device": "dev1", "seq": 7, "model_id": "digits-cnn", "have_version": 3, "n_samples": 12, "invite_round": 2,
              "serve": True, "canary": 5},
-    "model": {"model_id": "digits-cnn", "version": 4, "reply_to": 7, "weights": WEIGHTS, "spec_fingerprint": "ab12",
+    "model": {"model_id": "digits-cnn", "version": 4, "reply_to": 7, "weights": WEIGHTS, "group": "head",
+              "train_group": "head", "spec_fingerprint": "ab12",
               "hints": {"lr": 0.05}, "release": 3},
     "update": {"device": "dev1", "seq": 8, "model_id": "digits-cnn", "base_version": 4, "n_samples": 12,
-               "weights": WEIGHTS, "loss": 0.5, "train_seconds": 1.5, "nonce": 99},
+               "weights": WEIGHTS, "group": "head", "loss": 0.5, "train_seconds": 1.5, "nonce": 99},
     "ack": {"device": "dev1", "seq": 8, "status": "accepted", "version": 5, "reason": "", "nonce": 99, "watermark": 8},
     "invite": {"device": "dev1", "round": 2, "version": 4},
     "status": {"region": "r1", "coordinator": "c1", "version": 5, "updates_accepted": 10, "updates_rejected": 1,
@@ -30,10 +31,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "canary_report": {"device": "dev1", "candidate": 5, "release": 4, "both_right": 15, "only_candidate": 2,
                       "only_release": 1, "both_wrong": 2},
 }
-"""One message of each type the oldest v3 SDK knows, with its fields only (each with a value other than
-its default, so a field dropped in transit shows)."""
-
-NEW_VALUES: dict[str, dict[str, Any]] = {
+_ADDED: dict[str, dict[str, Any]] = {
     "pull": {"epoch": 9},
     "model": {"epoch": 9, "full_sync": 2},
     "update": {"epoch": 9},
@@ -43,7 +41,11 @@ NEW_VALUES: dict[str, dict[str, Any]] = {
     "recall": {"model_id": "digits-cnn", "release": 4, "abandoned": [5, 6], "epoch": 9, "started": 1796688000,
                "spread_s": 300},
 }
-"""Values for the fields added since the oldest v3 SDK (and the types it does not know)."""
+
+VALUES: dict[str, dict[str, Any]] = {name: {**_OLDEST.get(name, {}), **_ADDED.get(name, {})} for name in {*_OLDEST, *_ADDED}}
+"""A value for every field of every message type today (the oldest v3 SDK's fields, then those added
+since), each other than the field's default, so a field dropped in transit shows. Each side builds a
+message from the fields its version has."""
 
 TOPICS: dict[str, str] = {
     "pull": "edgeci/v1/r1/dev/dev1/pull", "model": "edgeci/v1/r1/dev/dev1/model", "update": "edgeci/v1/r1/dev/dev1/update",
@@ -54,10 +56,13 @@ TOPICS: dict[str, str] = {
 """Where each is published (the signing scope a signature binds is taken from it)."""
 
 
-def build(cls: type, kwargs: dict[str, Any]) -> Any:
-    """``cls(**kwargs)`` with the JSON forms turned back: lists of floats into float32 arrays, lists of ints into tuples."""
+def build(cls: type, kwargs: dict[str, Any], only: list[str] | None = None) -> Any:
+    """``cls(**kwargs)`` with the JSON forms turned back (lists of floats into float32 arrays, lists of
+    ints into tuples), leaving out the fields not in ``only`` when given."""
     args = {}
     for k, v in kwargs.items():
+        if only is not None and k not in only:
+            continue
         if k == "weights":
             v = np.asarray(v, np.float32)
         elif isinstance(v, list):

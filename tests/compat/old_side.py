@@ -58,6 +58,7 @@ class Side:
             name = d["id"]
             self.events[name] = []
             extra = {"bundle": d["bundle"]} if d.get("bundle") else {}
+            extra.update(d.get("options", {}))  # keyword arguments this version has (the test knows which)
             c = EdgeClient(broker=cmd["broker"], device_id=name, region=cmd["region"], task=task, data_dir=d["data_dir"],
                            min_samples=d["min_samples"], train=TrainConfig(epochs=1, seed=d.get("seed", 0)),
                            request_timeout_s=3.0, seed=d.get("seed", 0), inference="torch", **extra)
@@ -103,10 +104,16 @@ class Side:
                 "weights_at": None if at is None else digest(core.weights_at(at)),
                 "counters": {k: v for k, v in core.counters.items() if v}}
 
+    def fields(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Each message type this version knows, and its fields in order."""
+        from edge_sdk.wire.messages import MESSAGE_TYPES
+
+        return {"fields": {t: [f.name for f in dataclasses.fields(c)] for t, c in MESSAGE_TYPES.items()}}
+
     def frames(self, cmd: dict[str, Any]) -> dict[str, Any]:
         """Write this version's frame of each sample (``<type>.old.bin``, and signed ``<type>.old.signed.bin``),
         and decode each ``*.new*.bin`` frame in ``dir``: its summary, or the error it raised."""
-        from frames import SAMPLES, TOPICS, build, summary
+        from frames import TOPICS, VALUES, build, summary
 
         from edge_sdk.signing import Signer, verify
         from edge_sdk.wire import topics
@@ -115,8 +122,11 @@ class Side:
 
         out = Path(cmd["dir"])
         signer = Signer.generate()
-        for name, kwargs in SAMPLES.items():
-            msg = build(MESSAGE_TYPES[name], kwargs)
+        fields = self.fields(cmd)["fields"]
+        missing = {t: [f for f in names if f not in VALUES.get(t, {})] for t, names in fields.items()}
+        assert not any(missing.values()), f"no sample value for {missing}"
+        for name in MESSAGE_TYPES:
+            msg = build(MESSAGE_TYPES[name], VALUES[name], only=fields[name])
             (out / f"{name}.old.bin").write_bytes(encode(msg))
             (out / f"{name}.old.signed.bin").write_bytes(encode(msg, signer=signer, scope=topics.signing_scope(TOPICS[name])))
         decoded: dict[str, Any] = {}
@@ -132,8 +142,7 @@ class Side:
             if sig is not None:
                 got["verified"] = verify(sig.public_raw, sig.signature, sig.signed_for(topics.signing_scope(TOPICS[name])))
             decoded[path.name] = got
-        return {"fields": {t: [f.name for f in dataclasses.fields(c)] for t, c in MESSAGE_TYPES.items()},
-                "decoded": decoded, "key": signer.public_raw.hex()}
+        return {"fields": fields, "decoded": decoded, "key": signer.public_raw.hex()}
 
     def stop(self, cmd: dict[str, Any]) -> dict[str, Any]:
         for c in self.clients.values():

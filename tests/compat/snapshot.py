@@ -1,8 +1,8 @@
 """The older edgeci that :mod:`tests.test_sdk_compat` runs against today's code.
 
 ``python -m tests.compat.snapshot COMMIT`` writes ``tests/compat/edgeci-<COMMIT>.tar.gz``: the
-``edge_sdk`` and ``coordinator`` packages at that commit (``git archive``, so the bytes depend
-only on the commit). The tests read the tarball, not git, so they run on a checkout without history."""
+packages :data:`SNAPSHOTS` names at that commit (``git archive``, so the bytes depend only on the
+commit). The tests read the tarball, not git, so they run on a checkout without history."""
 
 from __future__ import annotations
 
@@ -15,6 +15,14 @@ HERE = Path(__file__).resolve().parent
 OLDEST_V3 = "52cbc97"
 """The first commit that speaks wire protocol v3 (2026-12-03, "Signatures bind the topic's scope"):
 the oldest SDK today's coordinator has to serve (an older one is refused with UnsupportedProtocol)."""
+
+
+BEFORE_SPREAD = "d29bf9e"
+"""The last commit before ``Recall.spread_s`` (2026-12-07): its devices already fetch announced
+releases, so a recall carrying the field they do not know must still verify and be taken."""
+
+SNAPSHOTS: dict[str, tuple[str, ...]] = {OLDEST_V3: ("edge_sdk", "coordinator"), BEFORE_SPREAD: ("edge_sdk",)}
+"""Each snapshot and what it holds (the oldest also runs as a coordinator)."""
 
 
 def tarball(commit: str = OLDEST_V3) -> Path:
@@ -31,10 +39,10 @@ def extract(into: Path, commit: str = OLDEST_V3) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("commit", nargs="?", default=OLDEST_V3, help=f"the commit to snapshot (default {OLDEST_V3})")
+    ap.add_argument("commit", choices=sorted(SNAPSHOTS), help="the snapshot to write again")
     args = ap.parse_args()
     out = tarball(args.commit)
-    data = subprocess.run(["git", "archive", "--format=tar.gz", args.commit, "edge_sdk", "coordinator"],
+    data = subprocess.run(["git", "archive", "--format=tar.gz", args.commit, *SNAPSHOTS[args.commit]],
                           cwd=HERE.parent.parent, check=True, capture_output=True).stdout
     out.write_bytes(data)
     print(f"{out} ({len(data):,} bytes)")
