@@ -302,8 +302,18 @@ def plot_regions(sc: MultiRegionScenario, results: Sequence[RunResult], summary:
         labels = list(summary["methods"])
         width = 0.8 / max(len(sc.device_counts) - 1, 1)
         for j, n in enumerate(sc.device_counts[1:]):
-            vals = [summary["methods"][lab]["scaling"].get(str(n), {}).get("time", np.nan) for lab in labels]
-            ax2.bar([i + j * width for i in range(len(labels))], vals, width=width, label=f"{n} vs {base} devices")
+            # as the table: an undefined scaling (the base fleet missed the target) has no bar; a lower
+            # bound (the larger fleet missed it) is hatched and marked "≥"
+            scaling = [summary["methods"][lab]["scaling"].get(str(n), {}) for lab in labels]
+            vals = [np.nan if s.get("kind", "undefined") == "undefined" else s["time"] for s in scaling]
+            xs = [i + j * width for i in range(len(labels))]
+            bars = ax2.bar(xs, vals, width=width, label=f"{n} vs {base} devices")
+            for x, bar, s in zip(xs, bars, scaling, strict=True):
+                if s.get("kind") == "lower_bound":
+                    bar.set_hatch("//")
+                    ax2.annotate("≥", (x, s["time"]), ha="center", va="bottom", fontsize=9)
+                elif s.get("kind", "undefined") == "undefined":
+                    ax2.annotate("—", (x, 0.0), ha="center", va="bottom", fontsize=9, color="0.4")
         for j in range(min(len(sc.device_counts) - 1, 2)):
             paper = [PAPER_SCALING.get("fedasync" if summary["methods"][lab]["kind"] == "single" else summary["methods"][lab]["kind"], (np.nan, np.nan))[j]
                      for lab in labels]
@@ -312,7 +322,8 @@ def plot_regions(sc: MultiRegionScenario, results: Sequence[RunResult], summary:
         ax2.set_xticks([i + width * (len(sc.device_counts) - 2) / 2 for i in range(len(labels))], labels, rotation=15, fontsize=8)
         ax2.axhline(1.0, color="0.5", linewidth=0.8)
         ax2.set_ylabel(f"time to {sc.settings.target_accuracy:.0%} ÷ time at {base} devices")
-        ax2.set_title("scaling with the number of devices (lower is better)")
+        ax2.set_title("scaling with the number of devices (lower is better; ≥ hatched: the larger fleet missed the "
+                      "target, —: the smaller one did)", fontsize=9)
         ax2.legend(fontsize=8)
         ax2.grid(True, axis="y", alpha=0.3)
     save_figure(fig, out)

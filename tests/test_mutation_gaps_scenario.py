@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from devices.report import (
@@ -247,6 +248,29 @@ def test_the_regional_plot_draws_each_method_from_its_own_runs(tmp_path: Path, m
     curves = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines() if not line.get_label().startswith("target")}
     assert curves == {m: [pytest.approx(base + 0.01 * i) for i in range(7)] for m, base in (("S", 0.1), ("F", 0.2), ("H", 0.3))}
     assert [p.get_height() for p in bars.patches][:1] == [3.0]  # S: 45 s at 16 devices over 15 s at 8
+    report.pyplot().close(fig)
+
+
+def test_the_regional_scaling_plot_shows_what_the_table_shows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by helper-198 beside the audit: the scaling bars drew every ratio, so F, whose 8-device
+    fleet missed the target (the table's "—"), got a bar of 1.0, and S's lower bound looked exact.
+    Now an undefined scaling has no bar (a "—" mark), a lower bound is hatched with a "≥" above it,
+    and a method with no run at that size (H) has no bar either."""
+    import devices.report as report
+
+    figures: list[Any] = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: figures.append(fig))
+    sc, results = _regional()
+    summary = summarise_regions(sc, results)
+    report.plot_regions(sc, results, summary, tmp_path / "accuracy.png")
+    (fig,) = figures
+    bars = fig.axes[1]
+    s_bar, f_bar, h_bar = bars.patches[:3]  # S, F, H at 16 devices
+    assert s_bar.get_height() == 3.0 and s_bar.get_hatch() == "//"
+    assert np.isnan(f_bar.get_height()) and np.isnan(h_bar.get_height())
+    marks = {(round(float(t.xy[0]), 3), t.get_text()) for t in bars.texts}
+    assert marks == {(round(s_bar.get_x() + s_bar.get_width() / 2, 3), "≥"), (round(f_bar.get_x() + f_bar.get_width() / 2, 3), "—"),
+                     (round(h_bar.get_x() + h_bar.get_width() / 2, 3), "—")}
     report.pyplot().close(fig)
 
 
