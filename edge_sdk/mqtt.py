@@ -287,7 +287,11 @@ class BrokerAuth:
         manifest = read_bundle(d)
         password = None
         if manifest.get("password_file"):
-            password = (d / str(manifest["password_file"])).read_text().strip()
+            try:
+                password = (d / str(manifest["password_file"])).read_text().strip()
+            except OSError as exc:  # (a traceback at start, and a SIGHUP then stopped the coordinator)
+                raise ConfigError(f"bundle {d}: cannot read its password file {manifest['password_file']}: "
+                                  f"{exc.strerror or exc}") from exc
         return cls(
             ca_file=d / str(manifest.get("ca", "ca.crt")),
             cert_file=d / str(manifest["cert"]) if manifest.get("cert") else None,

@@ -185,18 +185,17 @@ def test_readyz_names_the_version_and_storage_once_started_and_says_not_started_
     assert ready() == (True, {"broker_connected": True, "storage_ok": True, "why": [], "storage_detail": "ok", "version": 7})
 
 
-@pytest.mark.xfail(strict=True, reason="BrokerAuth.from_bundle reads the bundle's password file unguarded: a missing "
-                   "one is a traceback (exit 1) at start; fix in PROPOSED-bundle-password.diff (edge_sdk/mqtt.py)")
 def test_a_bundle_whose_password_file_is_missing_is_one_line_at_start(tmp_path: Path,
                                                                       capsys: pytest.CaptureFixture[str]) -> None:
     """Found beside cli.py:1137's survivor: ``edgeci coordinator --bundle B``, B's manifest naming a
     password file that is not there, ended in a FileNotFoundError traceback from options_from
-    (with the diff: one line; exit 2, as options_from runs inside bad_options)."""
+    (BrokerAuth.from_bundle read it unguarded). Now one line and exit 2, as any other bad option,
+    before the state dir is written."""
     from demos.cli import main
 
     bundle = _bundle_with_password(tmp_path / "b")
     (bundle / "password").unlink()
     rc = main(["coordinator", "--state-dir", str(tmp_path / "s"), "--broker", "mqtt://127.0.0.1:1", "--bundle", str(bundle)])
     err = capsys.readouterr().err
-    assert rc in (1, 2) and "Traceback" not in err and "cannot read its password file password" in err, err
+    assert rc == 2 and "Traceback" not in err and "cannot read its password file password" in err, err
     assert not (tmp_path / "s").exists()
