@@ -1212,9 +1212,10 @@ def _probes(daemon: CoordinatorDaemon) -> tuple[Callable[[], tuple[bool, dict[st
 
     def ready() -> tuple[bool, dict[str, Any]]:
         snap = daemon.metrics.snapshot
-        storage_ok = bool(snap.extra.get("storage_ok", True)) if snap is not None else False
+        # (None before the first snapshot: not known yet, not failing; "not started" says why)
+        storage_ok = bool(snap.extra.get("storage_ok", True)) if snap is not None else None
         connected = daemon.transport.connected
-        why = [w for w, bad in (("not connected to the broker", not connected), ("storage is failing", not storage_ok),
+        why = [w for w, bad in (("not connected to the broker", not connected), ("storage is failing", storage_ok is False),
                                 ("actor thread is dead", not daemon.actor.alive), ("not started", snap is None)) if bad]
         detail: dict[str, Any] = {"broker_connected": connected, "storage_ok": storage_ok, "why": why}
         if snap is not None:
