@@ -279,6 +279,50 @@ def test_todays_device_with_a_coordinator_not_yet_upgraded(mosquitto: MosquittoP
         client.stop()
 
 
+def test_a_coordinator_upgraded_in_place_keeps_its_numbering_key_and_devices(mosquitto: MosquittoProcess,
+                                                                             old_side: OldSide, tmp_path: Path) -> None:
+    """The usual upgrade: the old coordinator stops, today's starts on its state dir, and the devices
+    carry on. Today's goes on from the old one's version and release (no number issued twice), signs
+    with the same key (the devices' pins still verify), and today's device, which trained with the old
+    one, trains with the new one: every update accepted, nothing refused on either side."""
+    state = tmp_path / "coord"
+    old_side.ask("coordinator", options={"broker": mosquitto.url, "region": "inplace", "state_dir": str(state),
+                                         "strategy_params": {"k": 1, "timeout_s": None}, "init": initial_model(tmp_path)})
+    task = get_task("digits")
+    today = Today(broker=mosquitto.url, device_id="dev", region="inplace", task=task, data_dir=tmp_path / "dev",
+                  min_samples=4, train=TrainConfig(epochs=1), request_timeout_s=3.0, inference="torch")
+    client = today.client
+    try:
+        pool = task.data().pool
+        assert client.wait_for_version(0, timeout=60)
+        for i in range(4):
+            client.add_sample(pool.x[i], int(pool.y[i]))
+        wait_until(lambda: today.settled(4), 60, "a round with the old coordinator", poll=0.3, detail=lambda: today.events)
+        before = old_side.ask("coordinator_state")
+        old_side.close()  # the old coordinator stops (the operator upgrades the package)
+        daemon = CoordinatorDaemon(CoordinatorOptions(broker=mosquitto.url, region="inplace", state_dir=state,
+                                                      strategy_params={"k": 1, "timeout_s": None}), task=task).start()
+        try:
+            assert daemon.core.version == before["version"] >= 1 and daemon.core.release[0] == before["release"]
+            assert digest(daemon.core.release[1]) == before["release_weights"]
+            assert daemon.signer.kid in client.core.state.pins  # the key the device pinned from the old one
+            acked, accepted = today.events.count("update_acked"), daemon.core.counters["accepted"]  # (kept across restarts)
+            for i in range(4, 8):
+                client.add_sample(pool.x[i], int(pool.y[i]))
+            wait_until(lambda: today.settled(8), 60, "a round with today's coordinator", poll=0.3,
+                       detail=lambda: (today.events, dict(daemon.core.counters)))
+            assert daemon.core.counters["accepted"] - accepted == today.events.count("update_acked") - acked >= 1
+            assert daemon.core.version > before["version"]  # numbered on from the old one's versions
+            version = client.version
+            assert version is not None and version >= before["release"]
+            assert digest(client.weights) == digest(daemon.core.weights_at(version))
+            assert not refused(dict(client.core.state.counters)) and not coordinator_refused(daemon.core.counters)
+        finally:
+            daemon.stop()
+    finally:
+        client.stop()
+
+
 def test_a_ring_of_regions_upgraded_one_at_a_time(mosquitto: MosquittoProcess, old_side: OldSide, tmp_path: Path) -> None:
     """Spyker peering between today's coordinator (eu) and one not yet upgraded (us), keys pinned on
     first use: eu's device trains, the age gap passes the token, and each side merges the other's
