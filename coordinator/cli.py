@@ -1174,6 +1174,21 @@ def reload(daemon: CoordinatorDaemon, layered: Layered,
             current = changed
             for k, v in sorted(changes.items()):
                 log.warning("SIGHUP: strategy parameter %s is now %r", k, v)
+    if new.release_spread_s != current.release_spread_s:  # sent with the next release's announcement
+        respread = dataclasses.replace(current, release_spread_s=new.release_spread_s)
+
+        def apply_spread() -> None:  # the running core and the options a rebuild builds from
+            daemon.core.config = dataclasses.replace(daemon.core.config, release_spread_s=respread.release_spread_s)
+            daemon.options = respread
+
+        try:
+            _on_actor(daemon, apply_spread)
+        except (EdgeciError, ValueError) as exc:
+            log.warning("SIGHUP: cannot reload release_spread without a restart (%s)", exc)
+        else:
+            log.warning("SIGHUP: release_spread is now %d s (from %d s; sent with the next release's announcement)",
+                        respread.release_spread_s, current.release_spread_s)
+            current = respread
     for f in dataclasses.fields(CoordinatorOptions):
         if f.name == "strategy_params":
             continue

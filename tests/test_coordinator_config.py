@@ -647,6 +647,17 @@ def test_sighup_cannot_turn_a_conversion_on_or_off_and_the_core_takes_its_new_bo
     assert not [a for a in core.handle(upd("slow", 0, 9.0, base=0)) if isinstance(a, ConvertUpdate)]  # 4 <= 5: damped
 
 
+def test_sighup_widens_the_release_spread_live(caplog: pytest.LogCaptureFixture) -> None:
+    """A big model release ahead: the operator widens ``release_spread`` and sends SIGHUP instead of
+    restarting. The running core sends the new spread with its next announcement. (It said "cannot
+    reload release_spread_s without a restart".)"""
+    core, text = sighup_live("release_spread = 600\n", "release_spread = 30\n", caplog)
+    assert "release_spread is now 600 s (from 30 s" in text and "without a restart" not in text, text
+    assert core.config.release_spread_s == 600  # what _recall sends (test_release_push: the recall carries it)
+    core, text = sighup_live("release_spread = 30\n", "release_spread = 30\n", caplog)  # unchanged: left alone
+    assert "release_spread is now" not in text and "reload release_spread" not in text and core.config.release_spread_s == 0
+
+
 def test_a_file_value_the_environment_or_a_flag_replaces_is_named() -> None:
     """Operator trial: the systemd unit's EDGECI_STATE_DIR beat the config file's state_dir, said
     only at INFO ("from the environment: state_dir"). The coordinator now warns of each file value
