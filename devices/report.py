@@ -323,7 +323,7 @@ def plot_regions(sc: MultiRegionScenario, results: Sequence[RunResult], summary:
         ax2.axhline(1.0, color="0.5", linewidth=0.8)
         ax2.set_ylabel(f"time to {sc.settings.target_accuracy:.0%} ÷ time at {base} devices")
         ax2.set_title("scaling with the number of devices (lower is better; ≥ hatched: the larger fleet missed the "
-                      "target, —: the smaller one did)", fontsize=9)
+                      "target; —: no ratio, the smaller fleet missed it or did not run)", fontsize=9)
         ax2.legend(fontsize=8)
         ax2.grid(True, axis="y", alpha=0.3)
     save_figure(fig, out)
