@@ -335,3 +335,32 @@ def test_a_cold_start_steps_at_the_inversion_lr(case: Any) -> None:
     assert warm.warm
     x2 = after._state_for_tests("dev-1")[0]
     assert 0.025 < float((x2 - x1).abs().max()) <= 0.03 + 1e-5
+
+
+def test_a_canary_label_is_scored_only_against_the_release_the_device_holds() -> None:
+    """simulator.py ``_canary_score`` (helper-194's survivor, left then): ``dev.deployed_version !=
+    release`` dropped, a device holding another release than the request names scored its label with
+    that other release, as no real device does (``EdgeClient._canary_score`` returns). With the check,
+    such a label is not scored; a device on the named release scores it, both predictions, once."""
+    from types import SimpleNamespace
+
+    from devices.simulator import Simulation
+    from edge_sdk.core.events import CanaryScored
+    from edge_sdk.tasks import get_task
+
+    task = get_task("digits")
+    weights = task.pretrained(seed=0)
+    data = task.data().pool
+    handled: list[Any] = []
+    sim = SimpleNamespace(task=task, canary_scored=0, _device_actions=lambda dev, actions, now: None)
+    core = SimpleNamespace(handle=lambda event: handled.append(event) or [])
+    dev = SimpleNamespace(canary=(5, 3, weights), deployed_weights=weights, deployed_version=2, x=data.x[:4], y=data.y[:4],
+                          core=core)
+    Simulation._canary_score(sim, dev, 0, 10.0)  # type: ignore[arg-type]
+    assert sim.canary_scored == 0 and handled == []  # it holds release 2; the request names release 3
+    dev.deployed_version = 3
+    Simulation._canary_score(sim, dev, 1, 11.0)  # type: ignore[arg-type]
+    (event,) = handled
+    right = int(np.argmax(task.logits(weights, data.x[1:2]), axis=1)[0]) == int(data.y[1])
+    assert sim.canary_scored == 1 and isinstance(event, CanaryScored)
+    assert (event.candidate, event.release, event.candidate_right, event.release_right) == (5, 3, right, right)
