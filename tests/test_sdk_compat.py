@@ -13,7 +13,6 @@ acknowledged, every canary report counted, every frame verified."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import subprocess
@@ -22,7 +21,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from coordinator.broker import MosquittoProcess
@@ -36,7 +34,7 @@ from edge_sdk.tasks.base import TrainConfig
 from edge_sdk.wire import topics
 from edge_sdk.wire.codec import decode_frame, encode
 from edge_sdk.wire.messages import MESSAGE_TYPES
-from tests.compat.frames import TOPICS, VALUES, build, summary
+from tests.compat.frames import TOPICS, VALUES, build, digest, summary
 from tests.compat.snapshot import BEFORE_SPREAD, OLDEST_V3, SNAPSHOTS, extract
 from tests.helpers import wait_until
 from tests.secure_broker import SECURE_REGION, SecureBroker
@@ -44,10 +42,6 @@ from tests.secure_broker import SECURE_REGION, SecureBroker
 pytestmark = [pytest.mark.broker]
 
 OLD_SIDE = Path(__file__).resolve().parent / "compat" / "old_side.py"
-
-
-def digest(weights: Any) -> str:
-    return hashlib.sha256(np.asarray(weights, np.float32).tobytes()).hexdigest()
 
 
 class OldSide:

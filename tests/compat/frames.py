@@ -71,14 +71,18 @@ def build(cls: type, kwargs: dict[str, Any], only: list[str] | None = None) -> A
     return cls(**args)
 
 
+def digest(weights: Any) -> str:
+    """sha256 of a model's float32 bytes: how both sides compare weights."""
+    return hashlib.sha256(np.asarray(weights, np.float32).tobytes()).hexdigest()
+
+
 def summary(msg: Any) -> dict[str, Any]:
     """A decoded message as JSON: its type and each field, tensors as dtype, shape and a digest of their float32 bytes."""
     out: dict[str, Any] = {"type": msg.TYPE}
     for f in dataclasses.fields(msg):
         v = getattr(msg, f.name)
         if isinstance(v, np.ndarray):
-            a = np.asarray(v, np.float32)
-            v = {"shape": list(a.shape), "sha256": hashlib.sha256(a.tobytes()).hexdigest()}
+            v = {"shape": list(v.shape), "sha256": digest(v)}
         elif isinstance(v, tuple):
             v = list(v)
         out[f.name] = v

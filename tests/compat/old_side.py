@@ -11,18 +11,17 @@ daemon), ``coordinator_state``, ``stop``."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import sys
 import traceback
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from frames import digest  # (next to this file: sys.path[0])
 
 
-def digest(weights: Any) -> str | None:
-    return None if weights is None else hashlib.sha256(np.asarray(weights, np.float32).tobytes()).hexdigest()
+def maybe_digest(weights: Any) -> str | None:
+    return None if weights is None else digest(weights)
 
 
 class Side:
@@ -79,7 +78,7 @@ class Side:
         out = {}
         for name, c in self.clients.items():
             s = c.core.state
-            out[name] = {"version": c.version, "weights": digest(c.weights), "counters": dict(s.counters),
+            out[name] = {"version": c.version, "weights": maybe_digest(c.weights), "counters": dict(s.counters),
                          "events": list(self.events[name]), "canary_state": getattr(s, "canary_state", None),
                          "next_seq": s.next_seq, "total": s.total, "trained_upto": s.trained_upto,
                          "phase": s.phase.value}
@@ -100,8 +99,8 @@ class Side:
         core = self.daemon.core
         version, weights = core.release
         at = cmd.get("weights_at")
-        return {"version": core.version, "release": version, "release_weights": digest(weights),
-                "weights_at": None if at is None else digest(core.weights_at(at)),
+        return {"version": core.version, "release": version, "release_weights": maybe_digest(weights),
+                "weights_at": None if at is None else maybe_digest(core.weights_at(at)),
                 "counters": {k: v for k, v in core.counters.items() if v}}
 
     def fields(self, cmd: dict[str, Any]) -> dict[str, Any]:
