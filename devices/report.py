@@ -304,15 +304,15 @@ def plot_regions(sc: MultiRegionScenario, results: Sequence[RunResult], summary:
         for j, n in enumerate(sc.device_counts[1:]):
             # as the table: an undefined scaling (the base fleet missed the target) has no bar; a lower
             # bound (the larger fleet missed it) is hatched and marked "≥"
-            scaling = [summary["methods"][lab]["scaling"].get(str(n), {}) for lab in labels]
-            vals = [np.nan if s.get("kind", "undefined") == "undefined" else s["time"] for s in scaling]
+            scaling = [summary["methods"][lab]["scaling"].get(str(n), {"kind": "undefined"}) for lab in labels]
+            vals = [np.nan if s["kind"] == "undefined" else s["time"] for s in scaling]
             xs = [i + j * width for i in range(len(labels))]
             bars = ax2.bar(xs, vals, width=width, label=f"{n} vs {base} devices")
             for x, bar, s in zip(xs, bars, scaling, strict=True):
-                if s.get("kind") == "lower_bound":
+                if s["kind"] == "lower_bound":
                     bar.set_hatch("//")
                     ax2.annotate("≥", (x, s["time"]), ha="center", va="bottom", fontsize=9)
-                elif s.get("kind", "undefined") == "undefined":
+                elif s["kind"] == "undefined":
                     ax2.annotate("—", (x, 0.0), ha="center", va="bottom", fontsize=9, color="0.4")
         for j in range(min(len(sc.device_counts) - 1, 2)):
             paper = [PAPER_SCALING.get("fedasync" if summary["methods"][lab]["kind"] == "single" else summary["methods"][lab]["kind"], (np.nan, np.nan))[j]
